@@ -1,0 +1,92 @@
+"""Find the PostgreSQL and PgBouncer binaries the test servers run from."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from asyncpool.testing.errors import HarnessError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CURRENT_PGBOUNCER_SCRIPT = REPO_ROOT / "scripts" / "get-pgbouncer-current.sh"
+
+
+@dataclass(frozen=True)
+class PgBouncerBinary:
+    """One runnable PgBouncer: the command that starts it and the version it reports."""
+
+    command: tuple[str, ...]
+    version: tuple[int, int]
+
+    @property
+    def version_text(self) -> str:
+        return f"{self.version[0]}.{self.version[1]}"
+
+    @property
+    def supports_prepared_statements(self) -> bool:
+        return self.version >= (1, 21)
+
+
+def postgres_bindir() -> Path:
+    """The directory holding `initdb` and `postgres`; `ASYNCPOOL_PG_BINDIR` overrides."""
+    override = os.environ.get("ASYNCPOOL_PG_BINDIR")
+    candidates = [override] if override else []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for cand in candidates:
+        if cand and (Path(cand) / "postgres").exists() and (Path(cand) / "initdb").exists():
+            return Path(cand)
+    raise HarnessError(
+        "PostgreSQL server binaries (initdb, postgres) not found: run scripts/setup.sh, "
+        "install Debian's postgresql package, or set ASYNCPOOL_PG_BINDIR"
+    )
+
+
+def _version_of(command: tuple[str, ...]) -> tuple[int, int]:
+    out = subprocess.run([*command, "--version"], capture_output=True, text=True, check=False)
+    first = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
+    # "PgBouncer 1.18.0"
+    parts = first.split()
+    if len(parts) < 2 or parts[0] != "PgBouncer":
+        raise HarnessError(f"{' '.join(command)} --version printed {first!r}, not a PgBouncer version")
+    major, minor = parts[1].split(".")[:2]
+    return int(major), int(minor)
+
+
+def system_pgbouncer() -> PgBouncerBinary:
+    """The distribution's PgBouncer (1.18 on Debian bookworm); `ASYNCPOOL_PGBOUNCER_LEGACY` overrides."""
+    path = os.environ.get("ASYNCPOOL_PGBOUNCER_LEGACY") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(path).exists():
+        raise HarnessError("pgbouncer not found: run scripts/setup.sh or `apt-get install pgbouncer`")
+    command = (path,)
+    return PgBouncerBinary(command, _version_of(command))
+
+
+def current_pgbouncer() -> PgBouncerBinary:
+    """A PgBouncer >= 1.21, fetched once by scripts/get-pgbouncer-current.sh and cached in .cache/."""
+    path = os.environ.get("ASYNCPOOL_PGBOUNCER_CURRENT")
+    if not path:
+        cached = REPO_ROOT / ".cache" / "pgbouncer-trixie" / "pgbouncer"
+        if cached.exists():
+            path = str(cached)
+        elif CURRENT_PGBOUNCER_SCRIPT.exists():
+            out = subprocess.run(
+                ["bash", str(CURRENT_PGBOUNCER_SCRIPT)], capture_output=True, text=True, check=False
+            )
+            if out.returncode != 0:
+                raise HarnessError(f"could not fetch a current PgBouncer: {out.stderr.strip()[-500:]}")
+            path = out.stdout.strip().splitlines()[-1]
+        else:
+            raise HarnessError("no current PgBouncer: set ASYNCPOOL_PGBOUNCER_CURRENT")
+    command = (path,)
+    binary = PgBouncerBinary(command, _version_of(command))
+    if not binary.supports_prepared_statements:
+        raise HarnessError(f"{path} is PgBouncer {binary.version_text}; the current one must be >= 1.21")
+    return binary

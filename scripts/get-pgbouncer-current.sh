@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Fetches a current PgBouncer (>= 1.21, prepared-statement support) from Debian trixie's packages and
+# unpacks it, with the runtime libraries and dynamic loader it was built against, into a private
+# folder. Nothing is installed system-wide. Prints the path of the launcher script on success.
+# Cached: a second run with the launcher already present does nothing.
+set -euo pipefail
+root_dir=$(cd "$(dirname "$0")/.." && pwd)
+dest=${ASYNCPOOL_PGBOUNCER_CACHE:-$root_dir/.cache/pgbouncer-trixie}
+launcher=$dest/pgbouncer
+if [ -x "$launcher" ] && "$launcher" --version >/dev/null 2>&1; then
+  echo "$launcher"; exit 0
+fi
+mkdir -p "$dest"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+lists=$dest/lists
+mkdir -p "$lists/partial" "$work/debs" "$dest/root"
+uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+[ -n "$uri" ] || uri=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+[ -n "$uri" ] || { echo "cannot find the Debian mirror apt uses" >&2; exit 1; }
+echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" > "$work/trixie.list"
+opts=(-oDir::Etc::SourceList="$work/trixie.list" -oDir::Etc::SourceParts=/dev/null -oDir::State::Lists="$lists"
+      -oDir::Cache="$work/cache" -oAPT::Sandbox::User=root)
+mkdir -p "$work/cache/archives/partial"
+apt-get "${opts[@]}" -qq update >&2
+(cd "$work/debs" && apt-get "${opts[@]}" -qq download pgbouncer libc6 libcares2 libevent-2.1-7t64 \
+  libssl3t64 libsystemd0 libpam0g libcap2 libgcrypt20 liblz4-1 liblzma5 libzstd1 libgpg-error0 \
+  libaudit1 libcap-ng0 >&2)
+for f in "$work"/debs/*.deb; do dpkg -x "$f" "$dest/root"; done
+cat > "$launcher" <<LAUNCH
+#!/bin/sh
+# Runs trixie's pgbouncer through trixie's own loader and libraries.
+r="$dest/root"
+exec "\$r/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "\$r/usr/lib/x86_64-linux-gnu" "\$r/usr/sbin/pgbouncer" "\$@"
+LAUNCH
+chmod +x "$launcher"
+"$launcher" --version >&2
+echo "$launcher"

@@ -1,0 +1,76 @@
+"""Real servers for the suite: one PostgreSQL and two PgBouncers (1.18 and >= 1.21) per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from asyncpool.testing.external import ExternalPgBouncer, external_poolers
+from asyncpool.testing.leftovers import leftover_servers
+
+# Small server pools so a test can saturate them; PostgreSQL's max_connections (60) stays above
+# what both PgBouncers together may open (2 x 10), leaving room for direct connections.
+TEST_POOL_SIZE = 10
+TEST_MAX_CONNECTIONS = 60
+
+Pooler = PgBouncerServer | ExternalPgBouncer
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[ServerStack]:
+    if os.environ.get("ASYNCPOOL_TEST_POSTGRES_DSN"):
+        pytest.skip("ASYNCPOOL_TEST_POSTGRES_DSN is set: tests that need harness-controlled servers skip")
+    servers = ServerStack.start(
+        max_connections=TEST_MAX_CONNECTIONS,
+        pgbouncer_overrides={
+            "default_pool_size": TEST_POOL_SIZE,
+            "max_db_connections": TEST_POOL_SIZE,
+            "max_client_conn": 400,
+            "query_wait_timeout": 20,
+        },
+    )
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(stack: ServerStack) -> PostgresServer:
+    return stack.postgres
+
+
+@pytest.fixture(params=["legacy", "current"], ids=["pgbouncer-1.18", "pgbouncer-current"])
+def pooler(request: pytest.FixtureRequest) -> Pooler:
+    """Each PgBouncer in turn: the distribution's (no prepared statements) and a current one."""
+    external = external_poolers()
+    if external is not None:
+        index = 0 if request.param == "legacy" else 1
+        if index >= len(external):
+            pytest.skip("ASYNCPOOL_TEST_PGBOUNCER_CURRENT_DSN is not set")
+        return external[index]
+    stack: ServerStack = request.getfixturevalue("stack")
+    server: PgBouncerServer = getattr(stack, request.param)
+    return server
+
+
+@pytest.fixture
+def legacy(stack: ServerStack) -> PgBouncerServer:
+    return stack.legacy
+
+
+@pytest.fixture
+def current(stack: ServerStack) -> PgBouncerServer:
+    return stack.current
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any server the harness started outlived it."""
+    left = leftover_servers()
+    if left:
+        lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)
+        print(f"\nharness servers left running after the suite:\n{lines}")  # noqa: T201
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
