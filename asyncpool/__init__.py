@@ -1,0 +1,67 @@
+"""asyncpool: an asyncio PostgreSQL pool for serverless code behind transaction-mode poolers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from asyncpool.config import PoolConfig
+from asyncpool.credentials import CredentialProvider, StaticPassword
+from asyncpool.dsn import Target
+from asyncpool.errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionLeakedError,
+    ConnectionLostError,
+    CredentialsError,
+    PoolClosedError,
+    PoolConfigError,
+    PoolError,
+    PoolerExhaustedError,
+    PoolTimeoutError,
+)
+from asyncpool.observer import PoolObserver
+from asyncpool.pool import Pool, create_pool
+from asyncpool.proxy import PooledConnection
+from asyncpool.stats import PoolStats
+
+if TYPE_CHECKING:
+    from asyncpool.iam import IamAuth
+    from asyncpool.secrets_manager import SecretsManagerAuth
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectError",
+    "ConnectionLeakedError",
+    "ConnectionLostError",
+    "CredentialProvider",
+    "CredentialsError",
+    "IamAuth",
+    "Pool",
+    "PoolClosedError",
+    "PoolConfig",
+    "PoolConfigError",
+    "PoolError",
+    "PoolObserver",
+    "PoolStats",
+    "PoolTimeoutError",
+    "PooledConnection",
+    "PoolerExhaustedError",
+    "SecretsManagerAuth",
+    "StaticPassword",
+    "Target",
+    "create_pool",
+]
+
+# AWS providers pull in aiobotocore (hundreds of ms): import them only when named.
+_LAZY = {"IamAuth": "asyncpool.iam", "SecretsManagerAuth": "asyncpool.secrets_manager"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asyncpool' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

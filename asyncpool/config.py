@@ -1,0 +1,216 @@
+"""Every pool option in one place, with its checks and its `ASYNCPOOL_*` environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from asyncpool.dsn import redact
+from asyncpool.errors import PoolConfigError
+
+if TYPE_CHECKING:
+    import ssl as ssl_module
+
+    from asyncpool.credentials import CredentialProvider
+
+PreparedStatements = Literal["off", "on", "describe-cache"]
+LeakAction = Literal["reclaim", "log"]
+SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+
+ENV_PREFIX = "ASYNCPOOL_"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The options of a `Pool`. Times are in seconds; `None` turns a limit off.
+
+    dsn: ``postgresql://user[:password]@host:port/database[?...]`` (env ``ASYNCPOOL_DSN``).
+        A password in it is used for SCRAM unless `credentials` is given; it is never printed.
+    name: the pool's name in stats, logs, errors and metrics (``db.client.connection.pool.name``).
+    min_size: connections opened by `open()` and kept while idle (default 1).
+    max_size: most connections open at once, in use or idle (default 10).
+    acquire_timeout: how long `acquire()` waits for a connection before `PoolTimeoutError`
+        (default 30). Includes connecting and validating.
+    connect_timeout: how long one connection attempt may take (default 10).
+    max_lifetime: a connection older than this is closed when returned or found idle (default
+        1800); each connection's limit is shortened by up to `lifetime_jitter` (default 10%) so
+        connections opened together do not expire together.
+    max_idle: an idle connection beyond `min_size` unused this long is closed (default 300).
+    validate_after: a connection idle longer than this is checked with a round trip before it is
+        handed out, so one killed while a Lambda environment was frozen, or dropped by the pooler,
+        is replaced unseen (default 1.0; 0 checks every checkout; None never).
+    prepared_statements: ``"off"`` (default) keeps asyncpg's statement cache off so any
+        transaction pooler works (PgBouncer < 1.21, RDS Proxy); ``"on"`` uses named prepared
+        statements (PgBouncer >= 1.21 with ``max_prepared_statements`` > 0, or a direct server);
+        ``"describe-cache"`` caches statement descriptions client-side for one round trip per query
+        through any pooler (see README).
+    statement_cache_size: entries in the statement (or description) cache when it is on (100).
+    statement_cache_ttl: seconds a cached statement/description is kept (None: no limit).
+    leak_timeout: a connection held longer than this is a leak (default 30; None disables).
+    leak_action: ``"reclaim"`` (default) logs, cancels the holder and closes the connection;
+        ``"log"`` only logs, as HikariCP does.
+    credentials: a provider awaited for the password of every new connection (IAM tokens,
+        rotating secrets). Default: the DSN's password.
+    ssl: ``disable``/``prefer``/``require``/``verify-ca``/``verify-full`` or an `ssl.SSLContext`
+        (default: asyncpg's, from the DSN's ``sslmode``).
+    ssl_root_cert: CA bundle path used by ``verify-ca``/``verify-full``.
+    allow_iam_without_tls: let `IamAuth` log in without TLS (local testing only).
+    server_settings: run-time parameters sent at login (not under RDS Proxy: it rejects them).
+    connect_kwargs: extra keyword arguments for `asyncpg.connect`.
+    telemetry: publish OpenTelemetry metrics and spans (default True; costs next to nothing
+        until an application installs the OpenTelemetry SDK).
+    """
+
+    dsn: str | None = field(default=None, repr=False)
+    name: str = "asyncpool"
+    min_size: int = 1
+    max_size: int = 10
+    acquire_timeout: float | None = 30.0
+    connect_timeout: float = 10.0
+    max_lifetime: float | None = 1800.0
+    lifetime_jitter: float = 0.1
+    max_idle: float | None = 300.0
+    validate_after: float | None = 1.0
+    prepared_statements: PreparedStatements = "off"
+    statement_cache_size: int = 100
+    statement_cache_ttl: float | None = None
+    leak_timeout: float | None = 30.0
+    leak_action: LeakAction = "reclaim"
+    credentials: CredentialProvider | None = field(default=None, repr=False)
+    ssl: SslMode | ssl_module.SSLContext | None = None
+    ssl_root_cert: str | None = None
+    allow_iam_without_tls: bool = False
+    server_settings: Mapping[str, str] | None = None
+    connect_kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    telemetry: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr
+        )
+        dsn = f"dsn={redact(self.dsn)!r}, " if self.dsn else ""
+        creds = f", credentials={type(self.credentials).__name__}" if self.credentials else ""
+        return f"PoolConfig({dsn}{shown}{creds})"
+
+    __str__ = __repr__
+
+    def replace(self, **changes: Any) -> PoolConfig:
+        """A copy with `changes` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
+        """Options from ``ASYNCPOOL_<OPTION>`` variables (``ASYNCPOOL_MAX_SIZE=5``...).
+
+        ``none`` (or an empty value) turns an optional limit off. `overrides` win over the
+        environment.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in _ENV_FIELDS:
+                continue
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _parse_env(f.name, raw, _ENV_FIELDS[f.name])
+        values.update(overrides)
+        return cls(**values)
+
+
+# Field name -> (type, may be None). Options that are objects (credentials...) have no variable.
+_ENV_FIELDS: dict[str, tuple[type, bool]] = {
+    "dsn": (str, True),
+    "name": (str, False),
+    "min_size": (int, False),
+    "max_size": (int, False),
+    "acquire_timeout": (float, True),
+    "connect_timeout": (float, False),
+    "max_lifetime": (float, True),
+    "lifetime_jitter": (float, False),
+    "max_idle": (float, True),
+    "validate_after": (float, True),
+    "prepared_statements": (str, False),
+    "statement_cache_size": (int, False),
+    "statement_cache_ttl": (float, True),
+    "leak_timeout": (float, True),
+    "leak_action": (str, False),
+    "ssl": (str, True),
+    "ssl_root_cert": (str, True),
+    "allow_iam_without_tls": (bool, False),
+    "telemetry": (bool, False),
+}
+
+
+def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
+    kind, nullable = spec
+    var = ENV_PREFIX + name.upper()
+    text = raw.strip()
+    if nullable and text.lower() in ("", "none", "null", "off") and kind is not str:
+        return None
+    if nullable and text == "":
+        return None
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise PoolConfigError(f"{var}={raw!r}: write true or false")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number of seconds"
+            hint = " or none" if nullable else ""
+            raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}") from None
+    return text
+
+
+def _check(cfg: PoolConfig) -> None:
+    def fail(message: str) -> None:
+        raise PoolConfigError(f"pool {cfg.name!r}: {message}")
+
+    if not isinstance(cfg.min_size, int) or cfg.min_size < 0:
+        fail(f"min_size={cfg.min_size!r}: must be a whole number >= 0")
+    if not isinstance(cfg.max_size, int) or cfg.max_size < 1:
+        fail(f"max_size={cfg.max_size!r}: must be a whole number >= 1")
+    if cfg.min_size > cfg.max_size:
+        fail(f"min_size={cfg.min_size} is larger than max_size={cfg.max_size}: lower min_size")
+    positive = {
+        "acquire_timeout": cfg.acquire_timeout,
+        "connect_timeout": cfg.connect_timeout,
+        "max_lifetime": cfg.max_lifetime,
+        "max_idle": cfg.max_idle,
+        "leak_timeout": cfg.leak_timeout,
+        "statement_cache_ttl": cfg.statement_cache_ttl,
+    }
+    for key, value in positive.items():
+        if value is not None and (not isinstance(value, int | float) or value <= 0):
+            fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
+    if cfg.validate_after is not None and cfg.validate_after < 0:
+        fail(f"validate_after={cfg.validate_after!r}: must be >= 0 seconds (or None)")
+    if not 0 <= cfg.lifetime_jitter < 1:
+        fail(f"lifetime_jitter={cfg.lifetime_jitter!r}: must be a fraction in [0, 1)")
+    if cfg.prepared_statements not in get_args(PreparedStatements):
+        fail(
+            f"prepared_statements={cfg.prepared_statements!r}: choose one of "
+            + ", ".join(repr(v) for v in get_args(PreparedStatements))
+        )
+    if cfg.leak_action not in get_args(LeakAction):
+        fail(f"leak_action={cfg.leak_action!r}: choose 'reclaim' or 'log'")
+    if not isinstance(cfg.statement_cache_size, int) or cfg.statement_cache_size < 1:
+        fail(f"statement_cache_size={cfg.statement_cache_size!r}: must be a whole number >= 1")
+    if isinstance(cfg.ssl, str) and cfg.ssl not in get_args(SslMode):
+        fail(
+            f"ssl={cfg.ssl!r}: choose one of "
+            + ", ".join(get_args(SslMode))
+            + " or pass an ssl.SSLContext"
+        )
+    if cfg.ssl_root_cert is not None and not os.path.exists(cfg.ssl_root_cert):
+        fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: no such file")

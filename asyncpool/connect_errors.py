@@ -1,0 +1,91 @@
+"""Turn the driver's connect failures into asyncpool errors that say what to fix."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import asyncpg
+
+from asyncpool.dsn import Target, redact
+from asyncpool.errors import (
+    AuthenticationError,
+    ConnectError,
+    PoolerExhaustedError,
+)
+
+_AUTH_STATES = {"28P01", "28000"}
+
+
+def is_auth_failure(exc: BaseException) -> bool:
+    """True when the server refused the credentials (worth a fresh token or secret)."""
+    state = getattr(exc, "sqlstate", None)
+    if state in _AUTH_STATES:
+        return True
+    # PgBouncer reports a bad SCRAM proof as 08P01 with this text.
+    text = str(exc).lower()
+    return "password authentication failed" in text or "sasl authentication failed" in text
+
+
+def translate(exc: BaseException, target: Target, pool_name: str, timeout: float) -> ConnectError:
+    """The asyncpool error for a failed login to `target`; the driver's error becomes its cause."""
+    where = f"pool {pool_name!r} could not connect to {target}"
+    state = getattr(exc, "sqlstate", None)
+    text = redact(str(exc))
+    error: ConnectError
+    if is_auth_failure(exc):
+        error = AuthenticationError(
+            f"{where}: authentication failed for user {target.user!r} ({text}); check the password "
+            "or credentials provider (IAM token user, rotated secret)"
+        )
+    elif isinstance(exc, asyncpg.TooManyConnectionsError) or state == "53300":
+        error = PoolerExhaustedError(
+            f"{where}: the server has no connection slots left ({text}); put a pooler in front, "
+            "lower max_size, or raise the server's max_connections"
+        )
+    elif state == "08P01" and "no more connections" in text.lower():
+        error = PoolerExhaustedError(
+            f"{where}: the pooler refused the login, it has reached max_client_conn ({text}); "
+            "raise PgBouncer's max_client_conn or lower the number/size of pools"
+        )
+    elif state == "3D000":
+        error = ConnectError(f"{where}: database {target.database!r} does not exist ({text})")
+        error.transient = False
+    elif state == "57P03":
+        error = ConnectError(f"{where}: the server is starting up or shutting down ({text})")
+    elif isinstance(exc, asyncio_timeout_types()):
+        error = ConnectError(
+            f"{where}: no answer within connect_timeout={timeout:g}s; check host, port and "
+            "firewall, or raise connect_timeout"
+        )
+    elif isinstance(exc, socket.gaierror):
+        error = ConnectError(f"{where}: unknown host {target.host!r} ({exc.strerror}); check the DSN")
+        error.transient = False
+    elif isinstance(exc, ConnectionRefusedError):
+        error = ConnectError(
+            f"{where}: connection refused; is the server running and is port {target.port} right?"
+        )
+    elif isinstance(exc, ssl.SSLCertVerificationError):
+        error = ConnectError(
+            f"{where}: the server's TLS certificate did not verify ({exc.verify_message}); check "
+            "ssl_root_cert (RDS: the RDS CA bundle; RDS Proxy: Amazon root CAs) and the host name"
+        )
+        error.transient = False
+    elif isinstance(exc, ssl.SSLError) or "ssl" in text.lower():
+        error = ConnectError(f"{where}: TLS failed ({text}); check the ssl mode and CA bundle")
+        error.transient = False
+    elif isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.ConnectionDoesNotExistError):
+        error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
+    elif isinstance(exc, asyncpg.PostgresError):
+        error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
+        error.transient = False
+    else:
+        error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
+    error.__cause__ = exc
+    return error
+
+
+def asyncio_timeout_types() -> tuple[type[BaseException], ...]:
+    import asyncio
+
+    return (TimeoutError, asyncio.TimeoutError)

@@ -1,0 +1,136 @@
+"""Opening one connection: credentials, then `asyncpg.connect`, with errors made clear."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import asyncpg
+
+from asyncpool.config import PoolConfig
+from asyncpool.connect_errors import is_auth_failure, translate
+from asyncpool.credentials import CredentialProvider, StaticPassword
+from asyncpool.dsn import Target, dsn_password, parse_target
+from asyncpool.errors import PoolConfigError
+from asyncpool.observer import ConnectAttempt, PoolObserver
+from asyncpool.tls import ssl_argument
+
+
+class Connector:
+    """Knows how to open a connection for one pool; holds nothing but settings."""
+
+    def __init__(self, config: PoolConfig, observer: PoolObserver) -> None:
+        self.config = config
+        self.observer = observer
+        kw = dict(config.connect_kwargs)
+        self.target: Target = parse_target(
+            config.dsn,
+            host=kw.get("host"),
+            port=kw.get("port"),
+            user=kw.get("user"),
+            database=kw.get("database"),
+        )
+        self.credentials: CredentialProvider | None = config.credentials or _default_credentials(
+            config, kw.pop("password", None)
+        )
+        if self.credentials is not None and self.credentials.requires_tls:
+            _require_tls(config)
+        self._kwargs = self._driver_kwargs(kw)
+
+    def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        kw.setdefault("timeout", cfg.connect_timeout)
+        if cfg.prepared_statements == "off":
+            kw["statement_cache_size"] = 0
+        else:
+            kw["statement_cache_size"] = cfg.statement_cache_size
+            kw["max_cached_statement_lifetime"] = cfg.statement_cache_ttl or 0
+        if cfg.prepared_statements == "describe-cache":
+            from asyncpool.describe_cache import describe_cache_connection_class
+
+            kw["connection_class"] = describe_cache_connection_class(cfg)
+        ssl_arg = ssl_argument(cfg, self.target)
+        if ssl_arg is not None:
+            kw["ssl"] = ssl_arg
+        if cfg.server_settings:
+            kw["server_settings"] = dict(cfg.server_settings)
+        # The pool manages the target through the DSN; explicit host/port/user stay as given.
+        return kw
+
+    async def connect(self) -> asyncpg.Connection:
+        """One new connection; on an authentication failure, refresh credentials and retry once."""
+        try:
+            return await self._attempt()
+        except asyncpg.PostgresError as exc:
+            if (
+                self.credentials is None
+                or not is_auth_failure(exc)
+                or not await self.credentials.refresh(self.target)
+            ):
+                raise self._translate(exc) from None
+        try:
+            return await self._attempt()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise self._translate(exc) from None
+
+    def _translate(self, exc: BaseException) -> Exception:
+        return translate(exc, self.target, self.config.name, self.config.connect_timeout)
+
+    async def _attempt(self) -> asyncpg.Connection:
+        cred_times: list[int] = []
+        provider = self.credentials
+        kwargs = self._kwargs
+        if provider is not None:
+            target = self.target
+
+            async def password() -> str:
+                cred_times.append(time.time_ns())
+                try:
+                    return await provider.password(target)
+                finally:
+                    cred_times.append(time.time_ns())
+
+            kwargs = {**kwargs, "password": password}
+        started = time.time_ns()
+        error: BaseException | None = None
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(self.config.dsn, **kwargs)
+            return conn
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            error = exc
+            if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+                raise self._translate(exc) from None
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.observer.connect_attempted(
+                ConnectAttempt(
+                    target=self.target,
+                    started_ns=started,
+                    ended_ns=time.time_ns(),
+                    credentials_started_ns=cred_times[0] if cred_times else None,
+                    credentials_ended_ns=cred_times[1] if len(cred_times) > 1 else None,
+                    error=error,
+                )
+            )
+
+
+def _default_credentials(config: PoolConfig, explicit: str | None) -> CredentialProvider | None:
+    """The DSN's (or `connect_kwargs`', or PGPASSWORD's) password as a provider, if any."""
+    password = explicit or dsn_password(config.dsn) or os.environ.get("PGPASSWORD")
+    return StaticPassword(password) if password else None
+
+
+def _require_tls(config: PoolConfig) -> None:
+    if config.allow_iam_without_tls:
+        return
+    mode = config.ssl
+    if mode is None or mode in ("disable", "prefer"):
+        raise PoolConfigError(
+            f"pool {config.name!r}: IAM authentication sends a token that must not travel in clear "
+            f"text, but ssl={mode!r}; set ssl='verify-full' with ssl_root_cert (RDS Proxy: Amazon "
+            "root CAs; RDS: the RDS CA bundle), or allow_iam_without_tls=True for local testing"
+        )

@@ -1,0 +1,113 @@
+"""What the pool tells its watchers. Telemetry and logs watch the pool; they never run it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asyncpool.dsn import Target
+    from asyncpool.stats import PoolStats
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectAttempt:
+    """One try at opening a connection, with wall-clock nanosecond times for spans."""
+
+    target: Target
+    started_ns: int
+    ended_ns: int
+    credentials_started_ns: int | None
+    credentials_ended_ns: int | None
+    error: BaseException | None
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended_ns - self.started_ns) / 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class LeakReport:
+    """A connection held past `leak_timeout`."""
+
+    pool_name: str
+    held_seconds: float
+    task_name: str | None
+    acquire_site: str
+    reclaimed: bool
+    target: Target
+
+
+class PoolObserver:
+    """Base watcher: every hook does nothing, so the pool calls them without checking."""
+
+    def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
+        """Called once when the pool opens; `stats()` reads the pool's live numbers."""
+
+    def detach(self) -> None:
+        """Called once when the pool has closed."""
+
+    def connect_attempted(self, attempt: ConnectAttempt) -> None:
+        """A connection attempt ended (`attempt.error` is None when it succeeded)."""
+
+    def connection_closed(self, reason: str) -> None:
+        """A connection left the pool: expired, idle, broken, leaked, failed validation, closing."""
+
+    def acquired(self, wait_seconds: float) -> None:
+        """A caller got a connection after waiting `wait_seconds` (including connect/validate)."""
+
+    def released(self, use_seconds: float) -> None:
+        """A connection came back after `use_seconds` in use."""
+
+    def timed_out(self) -> None:
+        """An acquire gave up after `acquire_timeout`."""
+
+    def validation_failed(self) -> None:
+        """An idle connection failed its checkout check and was replaced."""
+
+    def leaked(self, report: LeakReport) -> None:
+        """A connection was held past `leak_timeout` (reclaimed or only reported)."""
+
+
+class ObserverGroup(PoolObserver):
+    """Several observers seen as one."""
+
+    def __init__(self, observers: list[PoolObserver]) -> None:
+        self.observers = observers
+
+    def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
+        for obs in self.observers:
+            obs.attach(pool_name, stats)
+
+    def detach(self) -> None:
+        for obs in self.observers:
+            obs.detach()
+
+    def connect_attempted(self, attempt: ConnectAttempt) -> None:
+        for obs in self.observers:
+            obs.connect_attempted(attempt)
+
+    def connection_closed(self, reason: str) -> None:
+        for obs in self.observers:
+            obs.connection_closed(reason)
+
+    def acquired(self, wait_seconds: float) -> None:
+        for obs in self.observers:
+            obs.acquired(wait_seconds)
+
+    def released(self, use_seconds: float) -> None:
+        for obs in self.observers:
+            obs.released(use_seconds)
+
+    def timed_out(self) -> None:
+        for obs in self.observers:
+            obs.timed_out()
+
+    def validation_failed(self) -> None:
+        for obs in self.observers:
+            obs.validation_failed()
+
+    def leaked(self, report: LeakReport) -> None:
+        for obs in self.observers:
+            obs.leaked(report)
