@@ -314,9 +314,15 @@ class Pool:
             if self._idle and not self._waiters:
                 record = self._idle.pop()
                 now = loop.time()
-                if record.expired(now) or not record.usable():
+                if not record.usable():
+                    # Closed while idle (server restart, pooler timeout seen by the driver).
+                    self._validation_failures_total += 1
+                    self._observer.validation_failed()
+                    self._count_closed("broken")
+                    return await self._connect_in_slot(deadline, timeout)
+                if record.expired(now):
                     self._spawn(self._close_conn(record.conn))
-                    self._count_closed("expired" if record.usable() else "broken")
+                    self._count_closed("expired")
                     return await self._connect_in_slot(deadline, timeout)
                 after = self.config.validate_after
                 if after is not None and now - record.last_used > after:

@@ -18,6 +18,9 @@ from asyncpool.testing.errors import HarnessError
 TEMP_PREFIX = "asyncpool-harness-"
 
 _live: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
+# Everything this process started, for the leftover check (pids and the workdirs in their args).
+started_pids: list[int] = []
+started_workdirs: list[str] = []
 
 
 def _service_user() -> pwd.struct_passwd | None:
@@ -41,6 +44,7 @@ def make_workdir(kind: str) -> Path:
     if user is not None:
         os.chown(path, user.pw_uid, user.pw_gid)
     path.chmod(0o700)
+    started_workdirs.append(str(path))
     return path
 
 
@@ -99,6 +103,7 @@ class ServerProcess:
         finally:
             log.close()
         _live.add(self)
+        started_pids.append(self.popen.pid)
 
     @property
     def pid(self) -> int | None:

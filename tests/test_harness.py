@@ -1,0 +1,124 @@
+"""The harness really starts PostgreSQL and both PgBouncers, and stops every process it starts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import asyncpg
+import pytest
+
+from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
+from asyncpool.testing.leftovers import leftover_servers
+from asyncpool.testing.pgbouncer import shared_settings
+
+
+async def test_postgres_uses_scram(postgres: PostgresServer) -> None:
+    conn = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        secret = await conn.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+        hba = await conn.fetch("SELECT DISTINCT auth_method FROM pg_hba_file_rules")
+        max_conn = await conn.fetchval("SHOW max_connections")
+    finally:
+        await conn.close()
+    assert secret.startswith("SCRAM-SHA-256$")
+    assert {r["auth_method"] for r in hba} == {"scram-sha-256"}
+    assert int(max_conn) == 60
+
+
+async def test_wrong_password_is_refused(postgres: PostgresServer) -> None:
+    dsn = postgres.dsn().replace(postgres.app.password, "not-the-password")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(dsn)
+
+
+async def test_both_pgbouncer_versions_run_in_transaction_mode(stack: ServerStack) -> None:
+    assert stack.legacy.version < (1, 21) <= stack.current.version
+    for pooler in stack.poolers:
+        config = {row["key"]: row["value"] for row in await pooler.admin("SHOW CONFIG")}
+        assert config["pool_mode"] == "transaction"
+        assert config["auth_type"] == "scram-sha-256"
+        version = (await pooler.admin("SHOW VERSION"))[0]
+        assert pooler.binary.version_text in str(next(iter(version.values())))
+    current_config = {r["key"]: r["value"] for r in await stack.current.admin("SHOW CONFIG")}
+    assert int(current_config["max_prepared_statements"]) > 0
+
+
+def test_shared_settings_are_the_ones_in_use() -> None:
+    settings = shared_settings()
+    assert settings["pool_mode"] == "transaction"
+    assert int(settings["max_client_conn"]) >= 1000
+    assert int(settings["default_pool_size"]) == 50
+
+
+def test_stopped_servers_leave_no_process() -> None:
+    postgres = PostgresServer(max_connections=20).start()
+    bouncer = PgBouncerServer(system_pgbouncer(), postgres).start()
+    current = PgBouncerServer(current_pgbouncer(), postgres).start()
+    servers = [postgres, bouncer, current]
+    pids = [s.process.pid for s in servers if s.process is not None]
+    workdirs = [s.workdir for s in servers]
+    assert len(pids) == 3
+    assert all(_alive(pid) for pid in pids if pid is not None)
+    for server in reversed(servers):
+        server.stop()
+    assert not any(_alive(pid) for pid in pids if pid is not None)
+    assert not any(path is not None and path.exists() for path in workdirs)
+    assert not [pid for pid, _ in leftover_servers() if pid in pids]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+async def test_direct_clients_refused_but_pgbouncer_serves_them_all(stack: ServerStack) -> None:
+    """The reason this project exists: N > max_connections clients, direct vs through PgBouncer."""
+    clients = 80  # max_connections is 60, three of which are reserved for superusers
+    pooler = stack.legacy
+    direct = await asyncio.gather(
+        *[asyncpg.connect(stack.postgres.dsn(), timeout=10) for _ in range(clients)],
+        return_exceptions=True,
+    )
+    opened = [c for c in direct if isinstance(c, asyncpg.Connection)]
+    refused = [e for e in direct if isinstance(e, asyncpg.TooManyConnectionsError)]
+    try:
+        assert refused, "every direct client got in: max_connections is not being enforced"
+        assert len(opened) + len(refused) == clients
+        assert len(opened) <= 60
+    finally:
+        await asyncio.gather(*[c.close() for c in opened])
+
+    peak = 0
+
+    async def client(i: int) -> int:
+        conn = await asyncpg.connect(pooler.dsn(), statement_cache_size=0, timeout=20)
+        try:
+            async with conn.transaction():
+                value: int = await conn.fetchval("SELECT $1::int FROM pg_sleep(0.05)", i)
+                return value
+        finally:
+            await conn.close()
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, await pooler.server_connections())
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(*[client(i) for i in range(clients)])
+    finally:
+        watcher.cancel()
+    assert sorted(results) == list(range(clients))
+    assert 0 < peak <= pooler.pool_size

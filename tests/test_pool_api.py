@@ -1,0 +1,303 @@
+"""The public API of the pool, through both PgBouncers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+import asyncpool
+from asyncpool import Pool, PoolConfig
+from tests.conftest import Pooler
+
+
+@pytest.fixture
+async def pool(pooler: Pooler) -> AsyncIterator[Pool]:
+    async with Pool(pooler.dsn(), name=f"api-{pooler.label}", max_size=4, telemetry=False) as p:
+        yield p
+
+
+async def test_create_pool_returns_an_open_pool(pooler: Pooler) -> None:
+    pool = await asyncpool.create_pool(pooler.dsn(), name="created", min_size=2, telemetry=False)
+    try:
+        stats = pool.stats()
+        assert (stats.name, stats.size, stats.idle, stats.in_use) == ("created", 2, 2, 0)
+        assert await pool.fetchval("SELECT $1::int + 1", 41) == 42
+    finally:
+        await pool.close()
+    assert pool.closed
+    with pytest.raises(asyncpool.PoolClosedError, match="'created' is closed"):
+        await pool.fetchval("SELECT 1")
+
+
+async def test_open_then_use(pooler: Pooler) -> None:
+    pool = Pool(pooler.dsn(), telemetry=False)
+    with pytest.raises(asyncpool.PoolClosedError, match="not open yet"):
+        await pool.fetchval("SELECT 1")
+    await pool.open()
+    try:
+        assert await pool.fetchval("SELECT 2") == 2
+    finally:
+        await pool.close()
+
+
+async def test_query_helpers(pool: Pool) -> None:
+    rows = await pool.fetch("SELECT g FROM generate_series(1, $1::int) g", 3)
+    assert [r["g"] for r in rows] == [1, 2, 3]
+    row = await pool.fetchrow("SELECT $1::text AS a, $2::int AS b", "x", 7)
+    assert (row["a"], row["b"]) == ("x", 7)
+    assert await pool.fetchval("SELECT NULL::int") is None
+    assert await pool.execute("SELECT 1") == "SELECT 1"
+
+
+async def test_transaction_commits_and_rolls_back(pool: Pool, pooler: Pooler) -> None:
+    table = f"tx_{pooler.label.replace('.', '_').replace('-', '_')}"
+    await pool.execute(f"DROP TABLE IF EXISTS {table}")
+    await pool.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    async with pool.transaction() as conn:
+        await conn.execute(f"INSERT INTO {table} VALUES (1)")
+    with pytest.raises(RuntimeError, match="boom"):
+        async with pool.transaction() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (2)")
+            raise RuntimeError("boom")
+    assert [r["id"] for r in await pool.fetch(f"SELECT id FROM {table} ORDER BY id")] == [1]
+    assert pool.stats().in_use == 0
+    await pool.execute(f"DROP TABLE {table}")
+
+
+async def test_executemany(pool: Pool, pooler: Pooler) -> None:
+    table = f"many_{pooler.label.replace('.', '_').replace('-', '_')}"
+    await pool.execute(f"DROP TABLE IF EXISTS {table}")
+    await pool.execute(f"CREATE TABLE {table} (id int, name text)")
+    await pool.executemany(f"INSERT INTO {table} VALUES ($1, $2)", [(i, str(i)) for i in range(50)])
+    assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 50
+    await pool.execute(f"DROP TABLE {table}")
+
+
+async def test_acquire_await_and_release(pool: Pool) -> None:
+    conn = await pool.acquire()
+    assert pool.stats().in_use == 1
+    assert await conn.fetchval("SELECT 3") == 3
+    await pool.release(conn)
+    assert pool.stats().in_use == 0
+    with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+        await conn.fetchval("SELECT 1")
+
+
+async def test_released_connection_cannot_be_used(pool: Pool) -> None:
+    async with pool.acquire() as conn:
+        pass
+    with pytest.raises(asyncpool.PoolError, match="released"):
+        conn.is_in_transaction()
+
+
+async def test_off_mode_has_no_statement_cache(pool: Pool) -> None:
+    async with pool.acquire() as conn:
+        assert conn.raw._stmt_cache.get_max_size() == 0
+
+
+async def test_many_distinct_statements_never_hit_a_missing_prepared_statement(pool: Pool) -> None:
+    """Through PgBouncer 1.18 named statements would fail with InvalidSQLStatementNameError."""
+
+    async def one(i: int) -> int:
+        value: int = await pool.fetchval(f"SELECT $1::int + {i % 17}", i)
+        return value
+
+    results = await asyncio.gather(*[one(i) for i in range(300)])
+    assert results == [i + i % 17 for i in range(300)]
+
+
+async def test_on_mode_through_current_pgbouncer_uses_named_statements(current: Pooler) -> None:
+    async with Pool(current.dsn(), prepared_statements="on", max_size=4, telemetry=False) as pool:
+
+        async def one(i: int) -> int:
+            value: int = await pool.fetchval(f"SELECT $1::int * {i % 5}", i)
+            return value
+
+        results = await asyncio.gather(*[one(i) for i in range(300)])
+        assert results == [i * (i % 5) for i in range(300)]
+        async with pool.acquire() as conn:
+            assert conn.raw._stmt_cache.get_max_size() == 100
+            assert len(conn.raw._stmt_cache) > 0
+
+
+async def test_stats_fields(pool: Pool) -> None:
+    stats = pool.stats()
+    for field in ("name", "size", "idle", "in_use", "waiting", "min_size", "max_size",
+                  "created_total", "closed_total", "timeouts_total", "leaked_total"):
+        assert hasattr(stats, field)
+    assert stats.max_size == 4
+
+
+async def test_timeout_error_names_pool_and_sizes(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), name="tiny", max_size=1, telemetry=False) as pool:
+        async with pool.acquire():
+            with pytest.raises(asyncpool.PoolTimeoutError) as info:
+                async with pool.acquire(timeout=0.2):
+                    pass
+        message = str(info.value)
+        assert "'tiny'" in message
+        assert "size=1" in message
+        assert "in_use=1" in message
+        assert "waiting=" in message
+        assert pool.stats().timeouts_total == 1
+        assert pool.stats().waiting == 0
+
+
+async def test_close_waits_for_held_connections(pool: Pool) -> None:
+    async def hold() -> int:
+        async with pool.acquire() as conn:
+            await asyncio.sleep(0.3)
+            value: int = await conn.fetchval("SELECT 5")
+            return value
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.05)
+    await pool.close(timeout=5)
+    assert await holder == 5
+    assert pool.stats().size == 0
+
+
+async def test_close_terminates_after_timeout(pooler: Pooler) -> None:
+    pool = await asyncpool.create_pool(pooler.dsn(), name="slowclose", telemetry=False)
+    conn = await pool.acquire()
+    await pool.close(timeout=0.1)
+    assert pool.stats().size == 0
+    with pytest.raises(asyncpool.PoolClosedError):
+        await conn.fetchval("SELECT 1")
+
+
+async def test_waiters_fail_when_pool_closes(pooler: Pooler) -> None:
+    pool = await asyncpool.create_pool(pooler.dsn(), max_size=1, telemetry=False)
+    held = await pool.acquire()
+    waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
+    await asyncio.sleep(0.05)
+    assert pool.stats().waiting == 1
+    closing = asyncio.create_task(pool.close(timeout=1))
+    with pytest.raises(asyncpool.PoolClosedError, match="closed while waiting"):
+        await waiter
+    await pool.release(held)
+    await closing
+
+
+async def test_release_does_not_reset_the_session(pooler: Pooler) -> None:
+    """No RESET ALL / UNLISTEN on release: PgBouncer sees no query for acquire+release cycles."""
+
+    async def queries_seen() -> int:
+        rows = await pooler.admin("SHOW STATS")
+        return int(next(r for r in rows if r["database"] == "app")["total_query_count"])
+
+    async with Pool(pooler.dsn(), max_size=1, validate_after=None, telemetry=False) as pool:
+        await pool.fetchval("SELECT 1")
+        before = await queries_seen()
+        for _ in range(50):
+            async with pool.acquire():
+                pass
+        assert await queries_seen() == before
+
+    # Control: asyncpg.Pool's default reset does send queries, and the counter sees them.
+    control = await asyncpg.create_pool(pooler.dsn(), min_size=1, max_size=1, statement_cache_size=0)
+    try:
+        before = await queries_seen()
+        for _ in range(20):
+            async with control.acquire():
+                pass
+        assert await queries_seen() - before >= 20
+    finally:
+        await control.close()
+
+
+async def test_open_transaction_is_rolled_back_on_release(pool: Pool, pooler: Pooler) -> None:
+    table = f"left_open_{pooler.label.replace('.', '_').replace('-', '_')}"
+    await pool.execute(f"DROP TABLE IF EXISTS {table}")
+    await pool.execute(f"CREATE TABLE {table} (id int)")
+    async with pool.acquire() as conn:
+        await conn.execute("BEGIN")
+        await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        raw = conn.raw
+    assert not raw.is_in_transaction()
+    assert pool.stats().idle >= 1
+    assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+    row = await pooler.pool_row()
+    assert row["sv_active"] == 0
+    await pool.execute(f"DROP TABLE {table}")
+
+
+async def test_broken_connection_is_discarded(pool: Pool) -> None:
+    async with pool.acquire() as conn:
+        conn.raw.terminate()
+    stats = pool.stats()
+    assert stats.in_use == 0
+    assert stats.closed_total == 1
+    assert await pool.fetchval("SELECT 9") == 9
+
+
+def test_config_from_env() -> None:
+    env = {
+        "ASYNCPOOL_DSN": "postgresql://u:pw@h:6432/db",
+        "ASYNCPOOL_MAX_SIZE": "3",
+        "ASYNCPOOL_MIN_SIZE": "0",
+        "ASYNCPOOL_ACQUIRE_TIMEOUT": "2.5",
+        "ASYNCPOOL_MAX_LIFETIME": "none",
+        "ASYNCPOOL_PREPARED_STATEMENTS": "on",
+        "ASYNCPOOL_LEAK_TIMEOUT": "10",
+        "ASYNCPOOL_NAME": "envpool",
+    }
+    cfg = PoolConfig.from_env(env)
+    assert (cfg.max_size, cfg.min_size, cfg.acquire_timeout, cfg.max_lifetime) == (3, 0, 2.5, None)
+    assert (cfg.prepared_statements, cfg.leak_timeout, cfg.name) == ("on", 10.0, "envpool")
+    assert "pw" not in repr(cfg)
+    assert "u:***@h:6432" in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"ASYNCPOOL_MAX_SIZE": "lots"}, "ASYNCPOOL_MAX_SIZE='lots': write a whole number"),
+        ({"ASYNCPOOL_MIN_SIZE": "5", "ASYNCPOOL_MAX_SIZE": "2"}, "min_size=5 is larger than max_size=2"),
+        ({"ASYNCPOOL_PREPARED_STATEMENTS": "always"}, "choose one of 'off', 'on', 'describe-cache'"),
+        ({"ASYNCPOOL_ACQUIRE_TIMEOUT": "-1"}, "acquire_timeout=-1.0: must be a number of seconds > 0"),
+    ],
+)
+def test_config_errors_say_what_to_fix(env: dict[str, str], match: str) -> None:
+    with pytest.raises(asyncpool.PoolConfigError, match=match):
+        PoolConfig.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"max_size": 0}, "max_size=0"),
+        ({"min_size": -1}, "min_size=-1"),
+        ({"leak_action": "kill"}, "leak_action='kill'"),
+        ({"validate_after": -1}, "validate_after=-1"),
+        ({"lifetime_jitter": 1.5}, "lifetime_jitter=1.5"),
+    ],
+)
+def test_option_errors(options: dict[str, object], match: str) -> None:
+    with pytest.raises(asyncpool.PoolConfigError, match=match):
+        Pool("postgresql://u@h/db", **options)
+
+
+async def test_wrong_loop_is_refused(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), telemetry=False) as pool:
+
+        def other_loop() -> None:
+            async def use() -> None:
+                await pool.fetchval("SELECT 1")
+
+            with pytest.raises(asyncpool.PoolError, match="another event loop"):
+                asyncio.run(use())
+
+        await asyncio.to_thread(other_loop)
+        assert await pool.fetchval("SELECT 1") == 1
+
+
+async def test_driver_errors_pass_through_and_keep_the_connection(pool: Pool) -> None:
+    with pytest.raises(asyncpg.UndefinedTableError):
+        await pool.fetch("SELECT * FROM no_such_table_here")
+    stats = pool.stats()
+    assert stats.in_use == 0
+    assert stats.closed_total == 0

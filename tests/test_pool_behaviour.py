@@ -1,0 +1,269 @@
+"""Concurrency, cancellation, checkout validation, lifetimes and connection loss, with real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+import asyncpool
+from asyncpool import Pool
+from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from tests.conftest import Pooler
+
+
+async def _baseline(pool: Pool, pooler: Pooler, timeout: float = 5.0) -> None:
+    """Wait until neither the pool nor PgBouncer shows work in flight; fail if it never settles."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        stats = pool.stats()
+        row = await pooler.pool_row()
+        settled = (
+            stats.in_use == 0
+            and stats.waiting == 0
+            and stats.connecting == 0
+            and stats.size <= stats.max_size
+            and stats.idle == stats.size
+            and row["cl_waiting"] == 0
+            and row["sv_active"] == 0
+        )
+        if settled:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"did not return to baseline: {stats} / {row}")
+        await asyncio.sleep(0.05)
+
+
+async def test_many_tasks_share_a_small_pool(pooler: Pooler) -> None:
+    peak_servers = 0
+
+    async def watch() -> None:
+        nonlocal peak_servers
+        while True:
+            peak_servers = max(peak_servers, int((await pooler.pool_row())["sv_active"]))
+            await asyncio.sleep(0.01)
+
+    async with Pool(pooler.dsn(), name="crowd", max_size=5, acquire_timeout=30,
+                    telemetry=False) as pool:
+
+        async def task(i: int) -> int:
+            async with pool.transaction() as conn:
+                value: int = await conn.fetchval("SELECT $1::int FROM pg_sleep(0.002)", i)
+                return value
+
+        watcher = asyncio.create_task(watch())
+        try:
+            results = await asyncio.gather(*[task(i) for i in range(250)])
+        finally:
+            watcher.cancel()
+        assert results == list(range(250))
+        stats = pool.stats()
+        assert stats.size <= 5
+        assert stats.acquired_total == 250
+        assert stats.timeouts_total == 0
+        assert 0 < peak_servers <= 5
+        await _baseline(pool, pooler)
+
+
+async def test_cancellation_storm_returns_to_baseline(pooler: Pooler) -> None:
+    rng = random.Random(1234)
+    async with Pool(pooler.dsn(), name="storm", max_size=4, acquire_timeout=30,
+                    telemetry=False) as pool:
+
+        async def work(i: int) -> None:
+            if i % 3 == 0:
+                async with pool.transaction() as conn:
+                    await conn.execute("SELECT pg_sleep(0.01)")
+            elif i % 3 == 1:
+                async with pool.acquire() as conn:
+                    await conn.fetchval("SELECT pg_sleep(0.005), $1::int", i)
+            else:
+                await pool.fetchval("SELECT $1::int", i)
+
+        for _round in range(4):
+            tasks = [asyncio.create_task(work(i)) for i in range(120)]
+            for _ in range(60):
+                await asyncio.sleep(rng.uniform(0, 0.004))
+                rng.choice(tasks).cancel()
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            unexpected = [e for e in done if e is not None and not isinstance(e, asyncio.CancelledError)]
+            assert not unexpected, unexpected[:3]
+            assert any(isinstance(e, asyncio.CancelledError) for e in done)
+        await _baseline(pool, pooler)
+        # The pool still works at full width afterwards.
+        results = await asyncio.gather(*[pool.fetchval("SELECT $1::int", i) for i in range(40)])
+        assert results == list(range(40))
+        assert pool.stats().in_use == 0
+
+
+async def test_cancel_while_waiting_does_not_lose_the_slot(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        held = await pool.acquire()
+        waiters = [asyncio.create_task(pool.fetchval("SELECT 1")) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert pool.stats().waiting == 5
+        for w in waiters[:4]:
+            w.cancel()
+        await asyncio.sleep(0)
+        await pool.release(held)
+        assert await waiters[4] == 1
+        stats = pool.stats()
+        assert (stats.size, stats.in_use, stats.waiting) == (1, 0, 0)
+
+
+async def test_cancel_during_query_leaves_no_half_used_connection(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+
+        async def slow() -> None:
+            async with pool.transaction() as conn:
+                await conn.execute("SELECT pg_sleep(5)")
+
+        task = asyncio.create_task(slow())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The next user gets a clean connection (no transaction, no query in flight).
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT 7") == 7
+        await _baseline(pool, pooler)
+
+
+@pytest.fixture(scope="module")
+def dropping_poolers(stack: ServerStack) -> Iterator[list[PgBouncerServer]]:
+    """Both PgBouncer versions, closing client connections idle for more than a second."""
+    from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
+
+    servers = [
+        PgBouncerServer(binary(), stack.postgres, {"client_idle_timeout": 1, "default_pool_size": 3})
+        for binary in (system_pgbouncer, current_pgbouncer)
+    ]
+    for s in servers:
+        s.start()
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["pgbouncer-1.18", "pgbouncer-current"])
+async def test_connection_dropped_by_pooler_is_replaced_unseen(
+    dropping_poolers: list[PgBouncerServer], which: int
+) -> None:
+    pooler = dropping_poolers[which]
+    async with Pool(pooler.dsn(), max_size=2, validate_after=0.2, telemetry=False) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+        await asyncio.sleep(2.0)  # PgBouncer's client_idle_timeout closes our idle connection
+        assert await pool.fetchval("SELECT 2") == 2
+        stats = pool.stats()
+        assert stats.validation_failures_total == 1
+        assert stats.created_total == 2
+
+
+async def test_idle_connection_killed_on_server_is_replaced_unseen(postgres: PostgresServer) -> None:
+    async with Pool(postgres.dsn(), max_size=1, validate_after=0.05, telemetry=False) as pool:
+        pid = await pool.fetchval("SELECT pg_backend_pid()")
+        admin = await asyncpg.connect(postgres.admin_dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.1)
+        new_pid = await pool.fetchval("SELECT pg_backend_pid()")
+        assert new_pid != pid
+        assert pool.stats().validation_failures_total == 1
+
+
+async def test_recently_used_connection_is_not_validated(pooler: Pooler) -> None:
+    """Within validate_after the checkout costs no round trip."""
+
+    async def queries_seen() -> int:
+        rows = await pooler.admin("SHOW STATS")
+        return int(next(r for r in rows if r["database"] == "app")["total_query_count"])
+
+    async with Pool(pooler.dsn(), max_size=1, validate_after=30, telemetry=False) as pool:
+        await pool.fetchval("SELECT 1")
+        before = await queries_seen()
+        for _ in range(20):
+            async with pool.acquire():
+                pass
+        assert await queries_seen() == before
+    async with Pool(pooler.dsn(), max_size=1, validate_after=0, telemetry=False) as pool:
+        await pool.fetchval("SELECT 1")
+        before = await queries_seen()
+        for _ in range(20):
+            async with pool.acquire():
+                pass
+        assert await queries_seen() - before == 20
+
+
+async def test_connection_lost_mid_transaction_is_reported_and_slot_restored(
+    pooler: Pooler, postgres: PostgresServer
+) -> None:
+    async with Pool(pooler.dsn(), name="lossy", max_size=2, telemetry=False) as pool:
+        with pytest.raises(asyncpool.ConnectionLostError, match="lost while in use") as info:
+            async with pool.transaction() as conn:
+                backend = await conn.fetchval("SELECT pg_backend_pid()")
+                admin = await asyncpg.connect(postgres.admin_dsn)
+                try:
+                    await admin.fetchval("SELECT pg_terminate_backend($1)", backend)
+                finally:
+                    await admin.close()
+                await asyncio.sleep(0.1)
+                await conn.fetchval("SELECT 1")
+        assert "not committed" in str(info.value)
+        assert info.value.__cause__ is not None
+        stats = pool.stats()
+        assert stats.in_use == 0
+        assert await pool.fetchval("SELECT 11") == 11
+        await _baseline(pool, pooler)
+
+
+async def test_max_lifetime_retires_connections(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), max_size=1, max_lifetime=0.3, lifetime_jitter=0.0,
+                    telemetry=False) as pool:
+        first = await pool.fetchval("SELECT 1")
+        created = pool.stats().created_total
+        await asyncio.sleep(0.4)
+        assert await pool.fetchval("SELECT 1") == first
+        stats = pool.stats()
+        assert stats.created_total == created + 1
+        assert stats.closed_total >= 1
+
+
+def test_lifetime_jitter_spreads_expiry() -> None:
+    from asyncpool.record import expiry
+
+    deadlines = {expiry(0.0, 100.0, 0.2) for _ in range(200)}
+    assert len(deadlines) > 150
+    assert all(80.0 <= d <= 100.0 for d in deadlines if d is not None)
+    assert expiry(0.0, None, 0.2) is None
+
+
+async def test_max_idle_shrinks_to_min_size(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), min_size=1, max_size=4, max_idle=0.3, telemetry=False) as pool:
+        conns = [await pool.acquire() for _ in range(4)]
+        for c in conns:
+            await pool.release(c)
+        assert pool.stats().size == 4
+        deadline = asyncio.get_running_loop().time() + 5
+        while pool.stats().size > 1 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        assert pool.stats().size == 1
+
+
+async def test_min_size_is_restored_in_background(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), min_size=2, max_size=3, max_idle=0.2, telemetry=False) as pool:
+        assert pool.stats().size == 2
+        async with pool.acquire() as conn:
+            conn.raw.terminate()
+        assert pool.stats().size == 1
+        deadline = asyncio.get_running_loop().time() + 5
+        while pool.stats().size < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert pool.stats().size == 2
