@@ -1,0 +1,190 @@
+"""Leak detection that reclaims: cancel the holder, close the connection, say where it was taken."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+import pytest
+
+import asyncpool
+from asyncpool import Pool, PoolConfig
+from tests.conftest import Pooler
+
+LEAK_LOGGER = "asyncpool.leaks"
+
+
+def _line_of_next_statement() -> int:
+    frame = inspect.currentframe()
+    assert frame is not None and frame.f_back is not None
+    return frame.f_back.f_lineno + 1
+
+
+def test_default_leak_timeout_is_30_seconds() -> None:
+    assert PoolConfig().leak_timeout == 30.0
+    assert PoolConfig().leak_action == "reclaim"
+
+
+async def test_default_pool_tracks_leaks_at_30_seconds(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), telemetry=False) as pool:
+        tracker = pool._leaks
+        assert getattr(tracker, "timeout", None) == 30.0
+        async with pool.acquire():
+            assert len(getattr(tracker, "_leases", {})) == 1
+        assert len(getattr(tracker, "_leases", {})) == 0
+
+
+async def test_forever_holder_is_cancelled_and_sees_leak_error(
+    pooler: Pooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LEAK_LOGGER)
+    async with Pool(pooler.dsn(), name="leaky", max_size=1, leak_timeout=0.3,
+                    telemetry=False) as pool:
+
+        async def forgetful() -> None:
+            line = _line_of_next_statement()
+            async with pool.acquire() as conn:
+                forgetful.line = line  # type: ignore[attr-defined]
+                await conn.fetchval("SELECT 1")
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(forgetful(), name="forgetful-handler")
+        with pytest.raises(asyncpool.ConnectionLeakedError, match="leak_timeout"):
+            await asyncio.wait_for(task, 5)
+        assert not task.cancelled()  # it ended with ConnectionLeakedError, not CancelledError
+
+        stats = pool.stats()
+        assert stats.leaked_total == 1
+        assert stats.in_use == 0
+        assert stats.size == 0
+
+        records = [r for r in caplog.records if r.name == LEAK_LOGGER]
+        assert len(records) == 1
+        record = records[0]
+        assert record.levelno == logging.WARNING
+        assert record.asyncpool_pool == "leaky"  # type: ignore[attr-defined]
+        assert record.asyncpool_task == "forgetful-handler"  # type: ignore[attr-defined]
+        assert 0.3 <= record.asyncpool_held_seconds < 3  # type: ignore[attr-defined]
+        site: str = record.asyncpool_acquire_site  # type: ignore[attr-defined]
+        assert f'File "{__file__}", line {forgetful.line}, in forgetful' in site  # type: ignore[attr-defined]
+        assert f"line {forgetful.line}" in record.getMessage()  # type: ignore[attr-defined]
+
+        # The pool serves again.
+        assert await pool.fetchval("SELECT 4") == 4
+
+
+async def test_waiter_gets_the_reclaimed_slot(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.3, acquire_timeout=5,
+                    telemetry=False) as pool:
+
+        async def hog() -> None:
+            async with pool.acquire():
+                await asyncio.sleep(3600)
+
+        hog_task = asyncio.create_task(hog())
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await pool.fetchval("SELECT 8") == 8
+        assert loop.time() - started < 3  # well before the 5 s acquire timeout
+        with pytest.raises(asyncpool.ConnectionLeakedError):
+            await hog_task
+        assert pool.stats().leaked_total == 1
+
+
+async def test_server_connection_is_freed_on_reclaim(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.5, telemetry=False) as pool:
+        holding = asyncio.Event()
+
+        async def stuck_in_transaction() -> None:
+            async with pool.transaction() as conn:
+                await conn.execute("SELECT 1")
+                holding.set()
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(stuck_in_transaction())
+        await holding.wait()
+        assert (await pooler.pool_row())["sv_active"] == 1
+        with pytest.raises(asyncpool.ConnectionLeakedError):
+            await task
+        deadline = asyncio.get_running_loop().time() + 5
+        while (await pooler.pool_row())["sv_active"] != 0:
+            assert asyncio.get_running_loop().time() < deadline, "server connection still active"
+            await asyncio.sleep(0.05)
+        assert pool.stats().leaked_total == 1
+
+
+async def test_touching_the_connection_after_reclaim_raises_leak_error(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.2, telemetry=False) as pool:
+        seen: list[BaseException] = []
+
+        async def stubborn() -> None:
+            async with pool.acquire() as conn:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    try:
+                        await conn.fetchval("SELECT 1")
+                    except asyncpool.ConnectionLeakedError as exc:
+                        seen.append(exc)
+                    raise
+
+        with pytest.raises(asyncpool.ConnectionLeakedError):
+            await asyncio.create_task(stubborn())
+        assert len(seen) == 1
+
+
+async def test_release_just_before_deadline_is_not_touched(
+    pooler: Pooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LEAK_LOGGER)
+    async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.6, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            await asyncio.sleep(0.45)
+            assert await conn.fetchval("SELECT 1") == 1
+        await asyncio.sleep(0.4)  # past where the deadline would have been
+        assert pool.stats().leaked_total == 0
+        assert pool.stats().size == 1
+        assert not [r for r in caplog.records if r.name == LEAK_LOGGER]
+
+
+async def test_later_leases_are_each_checked_on_time(pooler: Pooler) -> None:
+    """One timer serves every lease: a clean return must not delay the next lease's check."""
+    async with Pool(pooler.dsn(), max_size=3, leak_timeout=0.4, telemetry=False) as pool:
+        async with pool.acquire():
+            await asyncio.sleep(0.1)
+
+        async def hold() -> None:
+            async with pool.acquire():
+                await asyncio.sleep(3600)
+
+        tasks = [asyncio.create_task(hold()) for _ in range(2)]
+        done, pending = await asyncio.wait(tasks, timeout=3)
+        assert not pending
+        assert all(isinstance(t.exception(), asyncpool.ConnectionLeakedError) for t in done)
+        assert pool.stats().leaked_total == 2
+
+
+async def test_log_action_reports_without_reclaiming(
+    pooler: Pooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LEAK_LOGGER)
+    async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.2, leak_action="log",
+                    telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            await asyncio.sleep(0.4)
+            assert await conn.fetchval("SELECT 6") == 6  # still usable: not reclaimed
+        messages = [r.getMessage() for r in caplog.records if r.name == LEAK_LOGGER]
+        assert len(messages) == 2
+        assert "leak_action='log'" in messages[0]
+        assert "was returned after" in messages[1]
+        stats = pool.stats()
+        assert (stats.leaked_total, stats.size, stats.closed_total) == (1, 1, 0)
+
+
+async def test_leak_detection_can_be_disabled(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), leak_timeout=None, telemetry=False) as pool:
+        assert not hasattr(pool._leaks, "timeout")
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
