@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for asyncpool: PostgreSQL and PgBouncer binaries (apt), a current
+# PgBouncer (>= 1.21, unpacked from Debian trixie into .cache/), and the Python venv in .venv
+# with every extra. Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+pg_ok=false
+for d in /usr/lib/postgresql/*/bin; do
+  [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && pg_ok=true
+done
+$pg_ok || need_apt+=(postgresql)
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]} with apt-get" >&2
+  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+  $sudo apt-get update -qq
+  # policy-rc.d keeps the packages from starting their own system services.
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -qq "${need_apt[@]}" >&2
+fi
+
+bash scripts/get-pgbouncer-current.sh >/dev/null
+
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$py" -m venv .venv
+fi
+stamp=.venv/.asyncpool-deps
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python dependencies into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >&2
+  .venv/bin/python -m pip install -q -e '.[dev]' >&2
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready" >&2
