@@ -27,7 +27,9 @@ def is_auth_failure(exc: BaseException) -> bool:
     return "password authentication failed" in text or "sasl authentication failed" in text
 
 
-def translate(exc: BaseException, target: Target, pool_name: str, timeout: float) -> ConnectError:
+def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
+    exc: BaseException, target: Target, pool_name: str, timeout: float
+) -> ConnectError:
     """The asyncpool error for a failed login to `target`; the driver's error becomes its cause."""
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)

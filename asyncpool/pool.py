@@ -21,8 +21,8 @@ from asyncpool.errors import (
     PoolError,
     PoolTimeoutError,
 )
-from asyncpool.lease import Lease, LeaseState
 from asyncpool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
+from asyncpool.lease import Lease, LeaseState
 from asyncpool.observer import LeakReport, ObserverGroup, PoolObserver
 from asyncpool.proxy import PooledConnection
 from asyncpool.record import ConnectionRecord
@@ -306,7 +306,9 @@ class Pool:
         self._observer.acquired(now - started)
         return lease
 
-    async def _get_record(self, deadline: float | None, timeout: float | None) -> ConnectionRecord:
+    async def _get_record(  # noqa: PLR0911 - each way to obtain a connection returns at once
+        self, deadline: float | None, timeout: float | None
+    ) -> ConnectionRecord:
         loop = self._require_loop()
         while True:
             if self._closing:
@@ -336,9 +338,9 @@ class Pool:
             got = await self._wait_turn(deadline, timeout)
             if got is _SLOT:
                 return await self._connect_in_slot(deadline, timeout)
-            record = got
             # A connection handed over by release() is fresh from use: no check needed.
-            return record
+            handed: ConnectionRecord = got
+            return handed
 
     async def _wait_turn(self, deadline: float | None, timeout: float | None) -> Any:
         """Queue until release() hands over a connection or a free slot."""

@@ -20,6 +20,6 @@ class Backoff:
         self._attempt = 0
 
     def next_delay(self) -> float:
-        base = min(self.cap, self.initial * (2**self._attempt))
+        base: float = min(self.cap, self.initial * (2.0**self._attempt))
         self._attempt += 1
         return base / 2 + random.uniform(0, base / 2)

@@ -56,7 +56,7 @@ def test_stopped_servers_leave_no_process() -> None:
     postgres = PostgresServer(max_connections=20).start()
     bouncer = PgBouncerServer(system_pgbouncer(), postgres).start()
     current = PgBouncerServer(current_pgbouncer(), postgres).start()
-    servers = [postgres, bouncer, current]
+    servers: list[PostgresServer | PgBouncerServer] = [postgres, bouncer, current]
     pids = [s.process.pid for s in servers if s.process is not None]
     workdirs = [s.workdir for s in servers]
     assert len(pids) == 3

@@ -17,7 +17,8 @@ LEAK_LOGGER = "asyncpool.leaks"
 
 def _line_of_next_statement() -> int:
     frame = inspect.currentframe()
-    assert frame is not None and frame.f_back is not None
+    assert frame is not None
+    assert frame.f_back is not None
     return frame.f_back.f_lineno + 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -276,7 +277,7 @@ def test_config_errors_say_what_to_fix(env: dict[str, str], match: str) -> None:
         ({"lifetime_jitter": 1.5}, "lifetime_jitter=1.5"),
     ],
 )
-def test_option_errors(options: dict[str, object], match: str) -> None:
+def test_option_errors(options: dict[str, Any], match: str) -> None:
     with pytest.raises(asyncpool.PoolConfigError, match=match):
         Pool("postgresql://u@h/db", **options)
 

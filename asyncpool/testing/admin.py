@@ -38,7 +38,7 @@ class AdminConsole:
         for row in await self.admin("SHOW POOLS"):
             if row["database"] == database and row["user"] == user:
                 return row
-        return {key: 0 for key in ("cl_active", "cl_waiting", "maxwait", *_SERVER_STATES)}
+        return dict.fromkeys(("cl_active", "cl_waiting", "maxwait", *_SERVER_STATES), 0)
 
     async def server_connections(self, database: str = "app", user: str = "app") -> int:
         """How many server connections PgBouncer holds for `database`/`user` right now."""

@@ -43,5 +43,6 @@ def external_poolers() -> list[ExternalPgBouncer] | None:
     ):
         url = os.environ.get(var)
         if url:
-            found.append(ExternalPgBouncer(label, url, os.environ.get(var.replace("_DSN", "_ADMIN_DSN")), prepared))
+            admin = os.environ.get(var.replace("_DSN", "_ADMIN_DSN"))
+            found.append(ExternalPgBouncer(label, url, admin, prepared))
     return found or None

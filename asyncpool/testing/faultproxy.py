@@ -1,0 +1,215 @@
+"""A loopback TCP proxy that breaks the network on demand, for fault tests and the soak."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import struct
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+FaultMode = Literal["pass", "stall", "drop", "reset", "half-open"]
+Direction = Literal["replies", "requests"]
+
+_CHUNK = 64 * 1024
+# SO_LINGER on with a zero timeout: close() sends RST instead of FIN.
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+class FaultProxy:
+    """Listens on 127.0.0.1 and forwards each connection to `upstream`, misbehaving on demand.
+
+    Modes, switched at run time with `set_mode`:
+
+    - ``pass``: forward bytes both ways.
+    - ``stall``: a partition. Nothing is forwarded; new connections are accepted but not dialled
+      upstream. Back in ``pass``, every connection carries on where it stopped.
+    - ``drop``: close every connection (FIN to both ends), and each new one once accepted.
+    - ``reset``: as ``drop``, with RST (``SO_LINGER`` 0): peers see ``ECONNRESET``.
+    - ``half-open``: the peer vanished without a word. With ``direction="replies"`` (default)
+      the client's requests still reach the server but its replies are thrown away, so the
+      server may commit what the client never hears about; ``"requests"`` drops the other way.
+      Affected connections stay deaf after ``pass``, as a connection to a vanished peer does.
+
+    Bounded: at most `max_connections` at once (more are reset) and one buffered chunk per
+    direction per connection while stalled.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, max_connections: int = 256) -> None:
+        _require_loopback(upstream_host)
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.max_connections = max_connections
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.mode: FaultMode = "pass"
+        self.direction: Direction = "replies"
+        self.accepted_total = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._links: set[_Link] = set()
+        self._server: asyncio.Server | None = None
+
+    @classmethod
+    def to_dsn(cls, dsn: str, **options: int) -> FaultProxy:
+        """A proxy in front of the host and port a ``postgresql://`` DSN names."""
+        parts = urlsplit(dsn)
+        return cls(parts.hostname or "127.0.0.1", parts.port or 5432, **options)
+
+    def dsn(self, dsn: str) -> str:
+        """`dsn` rewritten to go through this proxy (user, password, database and query kept)."""
+        parts = urlsplit(dsn)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@{self.host}:{self.port}" if userinfo else f"{self.host}:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    @property
+    def connections(self) -> int:
+        """Client connections open through the proxy right now."""
+        return len(self._links)
+
+    async def start(self) -> FaultProxy:
+        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is not None:
+            self._server.close()
+        self._flowing.set()
+        links = list(self._links)
+        for link in links:
+            link.close(reset=False)
+        tasks = [link.task for link in links if link.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> FaultProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def set_mode(self, mode: FaultMode, *, direction: Direction = "replies") -> None:
+        """Switch the fault now: applies to open connections as well as new ones."""
+        self.mode = mode
+        self.direction = direction
+        if mode == "stall":
+            self._flowing.clear()
+            return
+        self._flowing.set()
+        if mode in ("drop", "reset"):
+            for link in list(self._links):
+                link.close(reset=mode == "reset")
+        elif mode == "half-open":
+            for link in self._links:
+                link.deafen(direction)
+
+    # -- forwarding ---------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted_total += 1
+        if self.mode in ("drop", "reset") or len(self._links) >= self.max_connections:
+            _shut(writer, reset=self.mode != "drop")
+            return
+        link = _Link(writer, asyncio.current_task())
+        self._links.add(link)
+        try:
+            # A stalled network does not even reach the server.
+            await self._flowing.wait()
+            if link.closed:
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(
+                    self.upstream_host, self.upstream_port
+                )
+            except OSError:
+                link.close(reset=True)
+                return
+            link.upstream = up_writer
+            if link.closed:  # dropped while dialling
+                link.close(reset=self.mode == "reset")
+                return
+            if self.mode == "half-open":
+                link.deafen(self.direction)
+            await asyncio.gather(
+                self._pump(link, reader, up_writer, "requests"),
+                self._pump(link, up_reader, writer, "replies"),
+            )
+        finally:
+            link.close(reset=False)
+            self._links.discard(link)
+
+    async def _pump(self, link: _Link, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    direction: Direction) -> None:
+        try:
+            while not link.closed:
+                data = await src.read(_CHUNK)
+                if not data:
+                    break
+                await self._flowing.wait()
+                if link.closed:
+                    break
+                if direction in link.deaf:
+                    continue
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            # One end went away: so does the other, as with a real connection.
+            link.close(reset=False)
+
+
+class _Link:
+    """One client connection and, once dialled, its upstream connection."""
+
+    __slots__ = ("client", "closed", "deaf", "task", "upstream")
+
+    def __init__(self, client: asyncio.StreamWriter, task: asyncio.Task[None] | None) -> None:
+        self.client = client
+        self.upstream: asyncio.StreamWriter | None = None
+        self.task = task
+        self.closed = False
+        self.deaf: set[Direction] = set()
+
+    def deafen(self, direction: Direction) -> None:
+        self.deaf.add(direction)
+
+    def close(self, *, reset: bool) -> None:
+        if self.closed and not reset:
+            return
+        self.closed = True
+        _shut(self.client, reset=reset)
+        if self.upstream is not None:
+            _shut(self.upstream, reset=reset)
+
+
+def _shut(writer: asyncio.StreamWriter, *, reset: bool) -> None:
+    if reset:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        writer.transport.abort()
+    elif not writer.is_closing():
+        writer.close()
+
+
+def _require_loopback(host: str) -> None:
+    """Fault traffic stays on this machine."""
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"FaultProxy forwards only to loopback addresses, not {host!r}")
