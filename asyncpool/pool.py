@@ -184,7 +184,8 @@ class Pool:
             record.conn.terminate()
             self._size -= 1
             self._count_closed("pool closed")
-        await asyncio.gather(*closes, *list(self._background), return_exceptions=True)
+        housekeeper = [self._housekeeper] if self._housekeeper is not None else []
+        await asyncio.gather(*closes, *housekeeper, *list(self._background), return_exceptions=True)
         self._leaks.close()
         if self._connector is not None and self._connector.credentials is not None:
             try:
@@ -290,7 +291,8 @@ class Pool:
         if self._idle and not self._waiters:
             record = self._idle[-1]
             after = self.config.validate_after
-            if (after is None or started - record.last_used <= after) and not record.expired(started):
+            fresh = after is None or started - record.last_used <= after
+            if fresh and not record.expired(started) and not record.conn.is_closed():
                 self._idle.pop()
                 return self._checkout(record, started, started, frame)
         deadline = None if timeout is None else started + timeout
@@ -462,6 +464,13 @@ class Pool:
                 return
             if _is_cancelling(conn) or conn.is_in_transaction():
                 await self._reset(conn)
+        except Exception as exc:
+            # Dropping the connection rolls its transaction back and the slot is restored: the
+            # caller's own error (a query timeout, say) must not be replaced by this one.
+            logger.info("pool %r: could not reset a returned connection (%s); closed it",
+                        self.name, type(exc).__name__)
+            self._discard(record, "reset failed")
+            return
         except BaseException:
             conn.terminate()
             self._discard(record, "reset failed")
