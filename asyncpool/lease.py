@@ -26,7 +26,7 @@ class Lease:
     if the lease is reported as a leak.
     """
 
-    __slots__ = ("acquired_at", "frame", "lineno", "reported", "state", "record", "task")
+    __slots__ = ("acquired_at", "frame", "lineno", "record", "reported", "state", "task")
 
     def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None) -> None:
         self.record = record

@@ -8,6 +8,6 @@ from asyncpool.testing.leftovers import leftover_servers
 
 left = leftover_servers(everyone=True)
 for pid, cmd in left:
-    print(f"left running: pid {pid}: {cmd}")  # noqa: T201
-print(f"harness servers left running: {len(left)}")  # noqa: T201
+    print(f"left running: pid {pid}: {cmd}")
+print(f"harness servers left running: {len(left)}")
 sys.exit(1 if left else 0)

@@ -72,5 +72,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     left = leftover_servers()
     if left:
         lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)
-        print(f"\nharness servers left running after the suite:\n{lines}")  # noqa: T201
+        print(f"\nharness servers left running after the suite:\n{lines}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
