@@ -1,0 +1,105 @@
+"""Spans for what the pool does on its own: opening connections and reclaiming leaks.
+
+Query spans are opentelemetry-instrumentation-asyncpg's job; asyncpool makes none, so the two
+together give one trace without duplicates.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.util.types import Attributes
+
+from asyncpool.dsn import Target
+from asyncpool.observer import ConnectAttempt, LeakReport
+from asyncpool.telemetry import semconv as sc
+
+_ERROR = Status(StatusCode.ERROR)
+
+
+class PoolSpans:
+    """Makes one pool's spans. Times come from the pool's records, so spans are made afterwards."""
+
+    def __init__(self, tracer: Tracer, pool_name: str, credentials_provider: str | None) -> None:
+        self._tracer = tracer
+        self._pool_name = pool_name
+        self._credentials: Attributes = (
+            {sc.CREDENTIALS_PROVIDER: credentials_provider} if credentials_provider else {}
+        )
+        self._target: Target | None = None
+        self._target_attributes: Attributes = {}
+
+    def connect(self, attempt: ConnectAttempt) -> None:
+        """A CLIENT span over one connection attempt, with the credential fetch as a child."""
+        attributes = self._attributes_of(attempt.target)
+        span = self._tracer.start_span(
+            f"{sc.CONNECT_SPAN} {attempt.target.database}",
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=attempt.started_ns,
+        )
+        if attempt.credentials_started_ns is not None:
+            child = self._tracer.start_span(
+                sc.CREDENTIALS_SPAN,
+                context=trace.set_span_in_context(span),
+                kind=SpanKind.INTERNAL,
+                attributes=self._credentials,
+                start_time=attempt.credentials_started_ns,
+            )
+            child.end(end_time=attempt.credentials_ended_ns or attempt.ended_ns)
+        if attempt.error is not None:
+            span.set_attribute(sc.ERROR_TYPE, error_type(attempt.error))
+            sqlstate = getattr(attempt.error, "sqlstate", None)
+            if isinstance(sqlstate, str):
+                span.set_attribute(sc.DB_RESPONSE_STATUS_CODE, sqlstate)
+            # No description: a server's message is not ours to copy into a trace backend.
+            span.set_status(_ERROR)
+        span.end(end_time=attempt.ended_ns)
+
+    def leak(self, report: LeakReport, now_ns: int) -> None:
+        """Mark a leak on the span that was current where the connection was acquired.
+
+        The pool handles a leak in the holder's context, so that span is the current one. If it
+        has ended or is not recorded, a span over the holding time carries the event instead.
+        """
+        event = {
+            sc.POOL_NAME: self._pool_name,
+            sc.LEAK_ACTION: "reclaim" if report.reclaimed else "log",
+            sc.LEAK_HELD_SECONDS: round(report.held_seconds, 6),
+            sc.LEAK_TASK: report.task_name or "",
+            sc.CODE_STACKTRACE: report.acquire_site,
+        }
+        current = trace.get_current_span()
+        if current.is_recording():
+            current.add_event(sc.LEAK_EVENT, event, timestamp=now_ns)
+            return
+        span = self._tracer.start_span(
+            sc.LEAK_SPAN,
+            kind=SpanKind.INTERNAL,
+            attributes=self._attributes_of(report.target),
+            start_time=now_ns - int(report.held_seconds * 1e9),
+        )
+        span.add_event(sc.LEAK_EVENT, event, timestamp=now_ns)
+        if report.reclaimed:  # the holder gets ConnectionLeakedError; under "log" it carries on
+            span.set_attribute(sc.ERROR_TYPE, "asyncpool.errors.ConnectionLeakedError")
+            span.set_status(_ERROR)
+        span.end(end_time=now_ns)
+
+    def _attributes_of(self, target: Target) -> Attributes:
+        if target != self._target:
+            self._target = target
+            self._target_attributes = {
+                sc.DB_SYSTEM_NAME: sc.POSTGRESQL,
+                sc.DB_NAMESPACE: target.database,
+                sc.SERVER_ADDRESS: target.host,
+                sc.SERVER_PORT: target.port,
+                sc.POOL_NAME: self._pool_name,
+            }
+        return self._target_attributes
+
+
+def error_type(exc: BaseException) -> str:
+    """The exception's fully qualified class name (``asyncpg.exceptions.InvalidPasswordError``)."""
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
