@@ -51,7 +51,7 @@ class LeakTracker:
                 return
             del leases[oldest]
             try:
-                self._on_leak(oldest)
+                oldest.context.run(self._on_leak, oldest)
             except Exception:
                 logger.exception("leak handler failed")
 

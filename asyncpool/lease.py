@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import traceback
 from types import FrameType
@@ -26,12 +27,14 @@ class Lease:
     if the lease is reported as a leak.
     """
 
-    __slots__ = ("acquired_at", "frame", "lineno", "record", "reported", "state", "task")
+    __slots__ = ("acquired_at", "context", "frame", "lineno", "record", "reported", "state", "task")
 
     def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None) -> None:
         self.record = record
         self.acquired_at = now
         self.task = asyncio.current_task()
+        # The holder's context (its current span): a leak is reported in it, not in the timer's.
+        self.context = contextvars.copy_context()
         self.frame = frame
         # The innermost frame keeps running after acquire(); remember the line it was on.
         self.lineno = frame.f_lineno if frame is not None else 0
