@@ -20,26 +20,41 @@ _AUTH_STATES = {"28P01", "28000"}
 def is_auth_failure(exc: BaseException) -> bool:
     """True when the server refused the credentials (worth a fresh token or secret)."""
     state = getattr(exc, "sqlstate", None)
+    text = str(exc).lower()
+    if "pg_hba.conf" in text:
+        # 28000 too, but no credentials will pass an address/TLS rule.
+        return False
     if state in _AUTH_STATES:
         return True
     # PgBouncer reports a bad SCRAM proof as 08P01 with this text.
-    text = str(exc).lower()
     return "password authentication failed" in text or "sasl authentication failed" in text
 
 
 def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
-    exc: BaseException, target: Target, pool_name: str, timeout: float
+    exc: BaseException, target: Target, pool_name: str, timeout: float,
+    auth_hint: str | None = None,
 ) -> ConnectError:
-    """The asyncpool error for a failed login to `target`; the driver's error becomes its cause."""
+    """The asyncpool error for a failed login to `target`; the driver's error becomes its cause.
+
+    `auth_hint` (from the credentials provider) replaces the generic advice for refused logins.
+    """
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
     text = redact(str(exc))
     error: ConnectError
     if is_auth_failure(exc):
         error = AuthenticationError(
-            f"{where}: authentication failed for user {target.user!r} ({text}); check the password "
-            "or credentials provider (IAM token user, rotated secret)"
+            f"{where}: authentication failed for user {target.user!r} ({text}); "
+            + (auth_hint or "check the password or credentials provider")
         )
+    elif state == "28000" and "pg_hba.conf" in text:
+        need_tls = "no encryption" in text
+        error = ConnectError(
+            f"{where}: the server's pg_hba.conf does not let this connection in ({text}); "
+            + ("it requires TLS: set ssl='verify-full' (or 'require')" if need_tls else
+               "ask for a pg_hba.conf entry for this user, database and address")
+        )
+        error.transient = False
     elif isinstance(exc, asyncpg.TooManyConnectionsError) or state == "53300":
         error = PoolerExhaustedError(
             f"{where}: the server has no connection slots left ({text}); put a pooler in front, "
@@ -68,9 +83,21 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
             f"{where}: connection refused; is the server running and is port {target.port} right?"
         )
     elif isinstance(exc, ssl.SSLCertVerificationError):
+        if "mismatch" in str(exc.verify_message).lower():  # host name or IP address
+            fix = (
+                f"the certificate is not for {target.host!r}: dial the name it was issued for "
+                "(the RDS or RDS Proxy endpoint, not an IP or a CNAME of your own)"
+            )
+        else:
+            fix = "check ssl_root_cert (RDS: the RDS CA bundle; RDS Proxy: the Amazon root CAs)"
         error = ConnectError(
-            f"{where}: the server's TLS certificate did not verify ({exc.verify_message}); check "
-            "ssl_root_cert (RDS: the RDS CA bundle; RDS Proxy: Amazon root CAs) and the host name"
+            f"{where}: the server's TLS certificate did not verify ({exc.verify_message}); {fix}"
+        )
+        error.transient = False
+    elif "rejected ssl upgrade" in text.lower():
+        error = ConnectError(
+            f"{where}: the server does not accept TLS ({text}); turn ssl on at the server, or "
+            "lower the pool's ssl mode if the network is trusted (never with IAM tokens)"
         )
         error.transient = False
     elif isinstance(exc, ssl.SSLError) or "ssl" in text.lower():

@@ -10,11 +10,10 @@ import asyncpg
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect_errors import is_auth_failure, translate
-from asyncpool.credentials import CredentialProvider, StaticPassword
+from asyncpool.credentials import CredentialProvider, StaticPassword, auth_failure_hint
 from asyncpool.dsn import Target, dsn_password, parse_target
-from asyncpool.errors import PoolConfigError
 from asyncpool.observer import ConnectAttempt, PoolObserver
-from asyncpool.tls import ssl_argument
+from asyncpool.tls import require_tls, ssl_argument
 
 
 class Connector:
@@ -35,7 +34,7 @@ class Connector:
             config, kw.pop("password", None)
         )
         if self.credentials is not None and self.credentials.requires_tls:
-            _require_tls(config)
+            require_tls(config)
         self._kwargs = self._driver_kwargs(kw)
 
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +74,8 @@ class Connector:
             raise self._translate(exc) from None
 
     def _translate(self, exc: BaseException) -> Exception:
-        return translate(exc, self.target, self.config.name, self.config.connect_timeout)
+        hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
+        return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint)
 
     async def _attempt(self) -> asyncpg.Connection:
         cred_times: list[int] = []
@@ -122,15 +122,3 @@ def _default_credentials(config: PoolConfig, explicit: str | None) -> Credential
     """The DSN's (or `connect_kwargs`', or PGPASSWORD's) password as a provider, if any."""
     password = explicit or dsn_password(config.dsn) or os.environ.get("PGPASSWORD")
     return StaticPassword(password) if password else None
-
-
-def _require_tls(config: PoolConfig) -> None:
-    if config.allow_iam_without_tls:
-        return
-    mode = config.ssl
-    if mode is None or mode in ("disable", "prefer"):
-        raise PoolConfigError(
-            f"pool {config.name!r}: IAM authentication sends a token that must not travel in clear "
-            f"text, but ssl={mode!r}; set ssl='verify-full' with ssl_root_cert (RDS Proxy: Amazon "
-            "root CAs; RDS: the RDS CA bundle), or allow_iam_without_tls=True for local testing"
-        )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 from asyncpool.dsn import Target
+from asyncpool.errors import CredentialsError
 
 
 @runtime_checkable
@@ -14,6 +16,10 @@ class CredentialProvider(Protocol):
     `password` is called once per connection attempt with the host, port, user and database
     actually dialled. When the server rejects the login as an authentication failure, the pool
     calls `refresh` and, if it returns True, tries once more with a fresh `password`.
+
+    A provider may also define ``auth_failure_hint(target) -> str``: what to check when its
+    credentials are refused for good; the pool adds it to the `AuthenticationError`.
+    Nothing a provider returns or raises may contain the secret itself.
     """
 
     #: Whether logins with these credentials must use TLS (IAM tokens do).
@@ -29,6 +35,20 @@ class CredentialProvider(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class ExplainsAuthFailure(Protocol):
+    """A provider that can say what to check when its credentials are refused."""
+
+    def auth_failure_hint(self, target: Target) -> str: ...
+
+
+def auth_failure_hint(provider: object, target: Target) -> str | None:
+    """The provider's advice for a refused login, if it has any."""
+    if isinstance(provider, ExplainsAuthFailure):
+        return provider.auth_failure_hint(target)
+    return None
+
+
 class StaticPassword:
     """A fixed password (self-hosted PgBouncer with SCRAM-SHA-256). Never shown in reprs."""
 
@@ -36,6 +56,17 @@ class StaticPassword:
 
     def __init__(self, password: str) -> None:
         self._password = password
+
+    @classmethod
+    def from_env(cls, variable: str = "PGPASSWORD") -> StaticPassword:
+        """The password in environment variable `variable` (read now, once)."""
+        value = os.environ.get(variable)
+        if not value:
+            raise CredentialsError(
+                f"environment variable {variable} is not set or empty: set it to the database "
+                "password"
+            )
+        return cls(value)
 
     def __repr__(self) -> str:
         return "StaticPassword(***)"
@@ -51,3 +82,9 @@ class StaticPassword:
 
     async def close(self) -> None:
         return None
+
+    def auth_failure_hint(self, target: Target) -> str:
+        return (
+            f"the password given for user {target.user!r} was refused; fix it in the DSN or "
+            "settings (behind PgBouncer, also check the secret in its auth_file)"
+        )

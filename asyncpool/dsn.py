@@ -9,15 +9,23 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from asyncpool.errors import PoolConfigError
 
 _SCHEMES = ("postgresql", "postgres")
-# user:password@ in a URL, and password=... in a key/value string or query.
-_URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@\s]*:)(?P<secret>[^@\s]*)(?P<post>@)")
-_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.I)
+# user:password@ in a URL (up to the last @ before the host: an unescaped @ in a password must
+# not leave its tail behind), and password=... in a key/value string or query.
+_URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@\s]*:)(?P<secret>[^/\s]*)(?P<post>@)")
+_KV_PASSWORD = re.compile(
+    r"(?P<pre>\b(?:ssl)?password\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.I
+)
+# The signing parts of an RDS IAM token (a presigned URL), should one be quoted back.
+_SIGV4 = re.compile(
+    r"(?P<pre>X-Amz-(?:Signature|Security-Token|Credential)=)(?P<secret>[^&\s'\"]+)", re.I
+)
 
 
 def redact(text: str) -> str:
-    """`text` with every password in a DSN replaced by `***`."""
+    """`text` with every DSN password and IAM token signature replaced by `***`."""
     text = _URL_PASSWORD.sub(lambda m: f"{m['pre']}***{m['post']}", text)
-    return _KV_PASSWORD.sub(lambda m: f"{m['pre']}***", text)
+    text = _KV_PASSWORD.sub(lambda m: f"{m['pre']}***", text)
+    return _SIGV4.sub(lambda m: f"{m['pre']}***", text)
 
 
 @dataclass(frozen=True)

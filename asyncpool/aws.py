@@ -1,0 +1,196 @@
+"""One aiobotocore client per credentials provider, and AWS errors that say what to fix.
+
+aiobotocore is imported on first use, never by ``import asyncpool``: importing it costs a few
+hundred milliseconds and creating a client about 150 ms, so a provider makes one client and keeps
+it until the pool closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import threading
+from typing import Any
+
+from asyncpool.errors import CredentialsError
+
+# Fail within a Lambda's budget rather than after botocore's 60 s defaults.
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 3.0
+MAX_ATTEMPTS = 2
+
+_REGION_LABEL = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+$")
+# An IAM token's credential scope (plain or URL-encoded), or a secret's value in an answer.
+_REVEALING = re.compile(r'rds-db(?:/|%2F)aws4_request|"SecretString"|"SecretBinary"')
+_HIDDEN = "(hidden by asyncpool: it would reveal an IAM token or a secret)"
+
+
+class _SecretLogFilter(logging.Filter):
+    """Redacts the DEBUG records in which botocore shows an IAM token's signing (canonical
+    request, string to sign, signature) or a Secrets Manager answer (the secret's value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # botocore logs the signature in a record of its own, right after the string to sign,
+        # in the same synchronous call: remember per thread that the next one is a token's.
+        self._after_token = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        hide = bool(_REVEALING.search(text))
+        if record.name == "botocore.auth":
+            if text.startswith("Signature") and getattr(self._after_token, "flag", False):
+                hide = True
+            self._after_token.flag = hide and not text.startswith("Signature")
+        if hide:
+            record.msg, record.args = "%s", (_HIDDEN,)
+        return True
+
+
+_SECRET_FILTER = _SecretLogFilter()
+
+
+def hide_secrets_in_botocore_logs() -> None:
+    """Put the redacting filter on botocore's loggers (adding it twice is a no-op).
+
+    Applications that turn on DEBUG logging everywhere would otherwise log every IAM token and
+    every secret value this library fetches.
+    """
+    for name in ("botocore.auth", "botocore.parsers", "botocore.endpoint"):
+        logging.getLogger(name).addFilter(_SECRET_FILTER)
+
+
+def region_in_host(host: str) -> str | None:
+    """The region named in an AWS endpoint (``db.xyz.us-east-1.rds.amazonaws.com``), if any."""
+    name = host.lower().rstrip(".")
+    if not name.endswith((".amazonaws.com", ".amazonaws.com.cn")):
+        return None
+    for label in name.split("."):
+        if _REGION_LABEL.match(label):
+            return label
+    return None
+
+
+class AwsClient:
+    """A lazily created aiobotocore client for one service, reused until `close()`.
+
+    `session` is an ``aiobotocore.session.AioSession`` to take credentials and settings from;
+    by default a new one reads the usual chain (environment, profile, Lambda execution role).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        region: str | None = None,
+        profile: str | None = None,
+        session: Any = None,
+        endpoint_url: str | None = None,
+        no_region_hint: str | None = None,
+    ) -> None:
+        self.service = service
+        self.no_region_hint = no_region_hint
+        self.region = region
+        self.profile = profile
+        self.endpoint_url = endpoint_url
+        self._session = session
+        self._client: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Any:
+        """The client, created on the first call (concurrent first calls share one)."""
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is None:
+                self._client = await self._create()
+        return self._client
+
+    async def _create(self) -> Any:
+        try:
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import AioSession
+        except ImportError:
+            raise CredentialsError(
+                f"AWS {self.service} needs aiobotocore: pip install 'asyncpool[iam]'"
+            ) from None
+        hide_secrets_in_botocore_logs()
+        config = AioConfig(
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        )
+        stack = contextlib.AsyncExitStack()
+        try:
+            session = self._session or AioSession(profile=self.profile)
+            client = await stack.enter_async_context(
+                session.create_client(
+                    self.service,
+                    region_name=self.region,
+                    endpoint_url=self.endpoint_url,
+                    config=config,
+                )
+            )
+        except Exception as exc:
+            await stack.aclose()
+            doing = f"creating the AWS {self.service} client"
+            raise aws_error(exc, doing, self.region, self.no_region_hint) from None
+        self._stack = stack
+        return client
+
+    async def close(self) -> None:
+        """Close the client; a later `get()` makes a new one."""
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+
+def aws_error(
+    exc: BaseException, doing: str, region: str | None, no_region_hint: str | None = None
+) -> CredentialsError:
+    """A `CredentialsError` naming what failed and what to change; never carries a secret."""
+    import botocore.exceptions as bx
+
+    where = f"region {region!r}" if region else "the default region"
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        hint = (
+            "no AWS credentials found: in Lambda give the function an execution role; elsewhere "
+            "set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    elif isinstance(exc, bx.NoRegionError):
+        hint = no_region_hint or "no AWS region: pass region='...' or set AWS_REGION"
+    elif isinstance(exc, bx.InvalidRegionError):
+        hint = f"{region!r} is not a valid AWS region name (e.g. 'us-east-1')"
+    elif isinstance(exc, bx.ProfileNotFound):
+        hint = f"{exc}; check AWS_PROFILE or the profile= argument"
+    elif isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError):
+        hint = (
+            f"could not reach AWS in {where} ({type(exc).__name__}); a Lambda in a VPC needs a "
+            "NAT gateway or an interface VPC endpoint for the service"
+        )
+    elif isinstance(exc, bx.ClientError):
+        hint = _client_error_hint(exc, where)
+    elif isinstance(exc, bx.BotoCoreError):
+        hint = f"{type(exc).__name__}: {exc}"
+    else:
+        hint = f"{type(exc).__name__}: {exc}"
+    return CredentialsError(f"{doing}: {hint}")
+
+
+def _client_error_hint(exc: Any, where: str) -> str:
+    error = exc.response.get("Error", {})
+    code = error.get("Code", "")
+    message = error.get("Message", "")
+    if code in ("UnrecognizedClientException", "InvalidClientTokenId", "InvalidSignatureException"):
+        return (
+            f"AWS rejected the credentials ({code}); check the access key pair or profile, and "
+            "that the clock is right"
+        )
+    if code in ("ExpiredTokenException", "ExpiredToken", "RequestExpired"):
+        return f"the AWS session credentials have expired ({code}); refresh them (aws sso login...)"
+    if code in ("AccessDeniedException", "AccessDenied"):
+        return f"access denied ({message}); grant the role the permission named there"
+    return f"AWS said {code}: {message} ({where})"

@@ -1,0 +1,122 @@
+"""A throwaway certificate authority and server certificate, for TLS tests against PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from asyncpool.testing.process import chown_tree, make_workdir, remove_tree
+
+_VALIDITY = datetime.timedelta(days=2)
+
+
+@dataclass(frozen=True)
+class TestPki:
+    """Files of one test PKI: `ca_cert` signed `server_cert`; `other_ca_cert` signed nothing."""
+
+    __test__ = False  # not a pytest test class
+
+    directory: Path
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    other_ca_cert: Path
+
+    def postgres_settings(self) -> dict[str, str]:
+        """postgresql.conf lines that turn TLS on with this certificate."""
+        return {
+            "ssl": "on",
+            "ssl_cert_file": f"'{self.server_cert}'",
+            "ssl_key_file": f"'{self.server_key}'",
+        }
+
+    def remove(self) -> None:
+        remove_tree(self.directory)
+
+
+def make_test_pki(dns_names: tuple[str, ...] = ("localhost",),
+                  ip_addresses: tuple[str, ...] = ("127.0.0.1",)) -> TestPki:
+    """A CA, a server certificate for `dns_names`/`ip_addresses` signed by it, and an unrelated CA.
+
+    Files live in a private directory the server's OS user owns (PostgreSQL refuses a key file
+    others can read).
+    """
+    directory = make_workdir("tls")
+    ca_key, ca_cert = _authority("asyncpool test CA")
+    _, other_cert = _authority("asyncpool unrelated CA")
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = TestPki(
+        directory=directory,
+        ca_cert=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        other_ca_cert=directory / "other-ca.crt",
+    )
+    pki.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    pki.other_ca_cert.write_bytes(other_cert.public_bytes(serialization.Encoding.PEM))
+    pki.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    pki.server_key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    pki.server_key.chmod(0o600)
+    chown_tree(directory)
+    return pki
+
+
+def _authority(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert

@@ -1,0 +1,350 @@
+"""IamAuth: tokens really signed (checked with an independent SigV4 implementation), one per new
+connection, retried once when refused, refused without TLS, and clear errors for bad AWS setup."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+import asyncpg
+import pytest
+
+from asyncpool import (
+    AuthenticationError,
+    ConnectError,
+    CredentialsError,
+    IamAuth,
+    Pool,
+    PoolConfigError,
+    Target,
+)
+from asyncpool.testing import PostgresServer
+from asyncpool.testing.aws import (
+    ACCESS_KEY_ID,
+    SECRET_ACCESS_KEY,
+    SESSION_TOKEN,
+    aws_environment,
+)
+from asyncpool.testing.sync import run_sync
+from asyncpool.testing.tls import TestPki, make_test_pki
+
+PROXY_HOST = "orders.proxy-c0ffee123456.us-east-1.rds.amazonaws.com"
+
+
+def _apply(monkeypatch: pytest.MonkeyPatch, env: dict[str, str | None]) -> None:
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake static credentials, no region, nothing read from this machine's AWS config."""
+    _apply(monkeypatch, aws_environment())
+
+
+class SigningCounter:
+    """An aiobotocore session that counts client creations and SigV4 signings (its own events)."""
+
+    def __init__(self) -> None:
+        from aiobotocore.session import AioSession
+
+        self.session = AioSession()
+        self.clients = 0
+        self.signings = 0
+        self.session.register("creating-client-class.rds", self._client_created)
+        self.session.register("before-sign.rds.connect", self._signed)
+
+    def _client_created(self, **_: Any) -> None:
+        self.clients += 1
+
+    def _signed(self, **_: Any) -> None:
+        self.signings += 1
+
+
+def sigv4_signature_matches(token: str, secret_key: str) -> bool:
+    """Recompute a presigned URL's SigV4 signature from its parts (AWS's published algorithm)."""
+    url = urlsplit("https://" + token)
+    params = parse_qsl(url.query, keep_blank_values=True)
+    fields = dict(params)
+    signed = sorted((k, v) for k, v in params if k != "X-Amz-Signature")
+    query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in signed)
+    canonical = "\n".join(
+        ["GET", url.path, query, f"host:{url.netloc}", "", "host", hashlib.sha256(b"").hexdigest()]
+    )
+    scope = fields["X-Amz-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(
+        [
+            fields["X-Amz-Algorithm"],
+            fields["X-Amz-Date"],
+            scope,
+            hashlib.sha256(canonical.encode()).hexdigest(),
+        ]
+    )
+    key = ("AWS4" + secret_key).encode()
+    for part in scope.split("/"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, fields["X-Amz-Signature"])
+
+
+# -- the token itself --------------------------------------------------------------------------
+
+
+async def test_token_is_a_sigv4_presigned_connect_url_for_the_dialled_endpoint(aws: None) -> None:
+    auth = IamAuth()
+    try:
+        token = await auth.password(Target(PROXY_HOST, 5432, "orders_app", "orders"))
+    finally:
+        await auth.close()
+    url = urlsplit("https://" + token)
+    fields = dict(parse_qsl(url.query))
+    assert url.netloc == f"{PROXY_HOST}:5432"
+    assert fields["Action"] == "connect"
+    assert fields["DBUser"] == "orders_app"
+    assert fields["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+    assert fields["X-Amz-Expires"] == "900"
+    assert fields["X-Amz-SignedHeaders"] == "host"
+    assert fields["X-Amz-Security-Token"] == SESSION_TOKEN
+    key_id, day, region, service, terminator = fields["X-Amz-Credential"].split("/")
+    # The region came from the host name: IamAuth() was given none and AWS_REGION is unset.
+    assert (key_id, region, service, terminator) == (
+        ACCESS_KEY_ID, "us-east-1", "rds-db", "aws4_request"
+    )
+    signed_at = datetime.datetime.strptime(fields["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
+        tzinfo=datetime.UTC
+    )
+    assert day == signed_at.strftime("%Y%m%d")
+    assert abs(datetime.datetime.now(datetime.UTC) - signed_at) < datetime.timedelta(minutes=5)
+    assert sigv4_signature_matches(token, SECRET_ACCESS_KEY)
+    assert not sigv4_signature_matches(token, SECRET_ACCESS_KEY + "x")
+
+
+async def test_token_host_signs_for_the_real_endpoint_when_tunnelling(aws: None) -> None:
+    auth = IamAuth(token_host=PROXY_HOST, token_port=5432)
+    try:
+        token = await auth.password(Target("127.0.0.1", 15432, "orders_app", "orders"))
+    finally:
+        await auth.close()
+    assert token.startswith(f"{PROXY_HOST}:5432/?Action=connect&DBUser=orders_app&")
+    assert sigv4_signature_matches(token, SECRET_ACCESS_KEY)
+
+
+async def test_signing_client_is_created_once_and_each_call_signs_anew(aws: None) -> None:
+    counter = SigningCounter()
+    auth = IamAuth(session=counter.session)
+    target = Target(PROXY_HOST, 5432, "orders_app", "orders")
+    try:
+        await auth.warm(target)
+        tokens = await asyncio.gather(*(auth.password(target) for _ in range(5)))
+    finally:
+        await auth.close()
+    assert counter.clients == 1
+    assert counter.signings == 6
+    assert all(sigv4_signature_matches(t, SECRET_ACCESS_KEY) for t in tokens)
+
+
+# -- bad AWS set-up ----------------------------------------------------------------------------
+
+
+async def test_region_contradicting_the_host_name_is_refused(aws: None) -> None:
+    auth = IamAuth(region="eu-west-1")
+    with pytest.raises(CredentialsError) as info:
+        await auth.password(Target(PROXY_HOST, 5432, "orders_app", "orders"))
+    message = str(info.value)
+    assert "eu-west-1" in message
+    assert "us-east-1" in message
+    assert "region='us-east-1'" in message
+
+
+async def test_no_region_anywhere_says_how_to_give_one(aws: None) -> None:
+    auth = IamAuth()
+    with pytest.raises(CredentialsError, match=r"pass IamAuth\(region='...'\) or set AWS_REGION"):
+        await auth.password(Target("db.internal.example", 5432, "orders_app", "orders"))
+    await auth.close()
+
+
+async def test_no_aws_credentials_says_where_they_come_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _apply(monkeypatch, aws_environment(credentials=False))
+    auth = IamAuth()
+    with pytest.raises(CredentialsError) as info:
+        await auth.warm(Target(PROXY_HOST, 5432, "orders_app", "orders"))
+    await auth.close()
+    message = str(info.value)
+    assert "no AWS credentials found" in message
+    assert "execution role" in message
+    assert "AWS_ACCESS_KEY_ID" in message
+
+
+async def test_debug_logging_everywhere_never_shows_a_token(
+    aws: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # botocore logs every signing's parts at DEBUG
+    auth = IamAuth()
+    try:
+        token = await auth.password(Target(PROXY_HOST, 5432, "orders_app", "orders"))
+    finally:
+        await auth.close()
+    signature = dict(parse_qsl(urlsplit("https://" + token).query))["X-Amz-Signature"]
+    assert "botocore.auth" in {r.name for r in caplog.records}  # the records exist, redacted
+    assert signature not in caplog.text
+    assert "DBUser=orders_app" not in caplog.text
+
+
+def test_repr_shows_no_credentials(aws: None) -> None:
+    auth = IamAuth(region="us-east-1")
+    assert repr(auth) == "IamAuth(region='us-east-1')"
+
+
+# -- TLS is required ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [None, "disable", "prefer"])
+async def test_pool_refuses_iam_without_tls_before_dialling(aws: None, mode: str | None) -> None:
+    counter = SigningCounter()
+    pool = Pool(
+        f"postgresql://orders_app@{PROXY_HOST}:5432/orders",
+        credentials=IamAuth(session=counter.session),
+        ssl=mode,
+        telemetry=False,
+    )
+    with pytest.raises(PoolConfigError, match="ssl='verify-full'") as info:
+        await pool.open()
+    assert f"{mode!r}" in str(info.value)
+    assert "allow_iam_without_tls=True" in str(info.value)
+    assert counter.signings == 0
+
+
+@pytest.mark.parametrize("dsn_mode", ["require", "verify-ca", "verify-full"])
+def test_tls_from_the_dsn_satisfies_iam(dsn_mode: str) -> None:
+    from asyncpool.config import PoolConfig
+    from asyncpool.tls import require_tls
+
+    config = PoolConfig(dsn=f"postgresql://u@{PROXY_HOST}/db?sslmode={dsn_mode}")
+    require_tls(config)  # raises if the DSN's mode were ignored
+
+
+# -- through a real PostgreSQL with TLS --------------------------------------------------------
+# PostgreSQL cannot check an IAM token (RDS does, with its rds_iam PAM module). Role `iam_user`
+# is let in by pg_hba `trust` over TLS only, standing in for that check; the token's validity is
+# proved above. What runs for real here: the pool, TLS verify-full, the token per connection, and
+# the refusal path against role `iam_denied`, whose password no token matches.
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[TestPki]:
+    made = make_test_pki(dns_names=("localhost",), ip_addresses=())
+    yield made
+    made.remove()
+
+
+@pytest.fixture(scope="module")
+def iam_postgres(pki: TestPki) -> Iterator[PostgresServer]:
+    server = PostgresServer(
+        max_connections=20,
+        settings=pki.postgres_settings(),
+        hba_lines=[
+            "hostnossl all all 127.0.0.1/32 reject",
+            "hostssl app iam_user 127.0.0.1/32 trust",
+        ],
+    )
+    server.start()
+    try:
+        run_sync(_create_roles(server.admin_dsn))
+        yield server
+    finally:
+        server.stop()
+
+
+async def _create_roles(admin_dsn: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute("CREATE ROLE iam_user LOGIN")
+        await conn.execute(f"CREATE ROLE iam_denied LOGIN PASSWORD '{secrets.token_hex(16)}'")
+    finally:
+        await conn.close()
+
+
+def _iam_pool(server: PostgresServer, pki: TestPki, user: str, auth: IamAuth, **options: Any) -> Pool:
+    return Pool(
+        f"postgresql://{user}@localhost:{server.port}/app",
+        credentials=auth,
+        ssl="verify-full",
+        ssl_root_cert=str(pki.ca_cert),
+        telemetry=False,
+        **options,
+    )
+
+
+async def test_every_new_connection_logs_in_with_a_freshly_signed_token(
+    aws: None, iam_postgres: PostgresServer, pki: TestPki
+) -> None:
+    counter = SigningCounter()
+    auth = IamAuth(region="us-east-1", session=counter.session)
+    async with _iam_pool(iam_postgres, pki, "iam_user", auth, min_size=1, max_size=4) as pool:
+        assert counter.signings == 2  # warm() at open, then the min_size connection
+        held = [await pool.acquire() for _ in range(4)]
+        rows = [
+            await conn.fetchrow(
+                "SELECT current_user AS who, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            )
+            for conn in held
+        ]
+        for conn in held:
+            await pool.release(conn)
+        # Reusing idle connections signs nothing.
+        for _ in range(3):
+            assert await pool.fetchval("SELECT 1") == 1
+        created = pool.stats().created_total
+    assert created == 4
+    assert counter.signings == 1 + created
+    assert counter.clients == 1
+    assert all(row["who"] == "iam_user" and row["ssl"] for row in rows)
+
+
+async def test_refused_token_is_signed_again_once_then_fails_with_iam_advice(
+    aws: None, iam_postgres: PostgresServer, pki: TestPki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    counter = SigningCounter()
+    auth = IamAuth(region="us-east-1", session=counter.session)
+    pool = _iam_pool(iam_postgres, pki, "iam_denied", auth, min_size=1)
+    with pytest.raises(AuthenticationError) as info:
+        await pool.open()
+    assert counter.signings == 3  # warm, first login, the one retry
+    message = str(info.value)
+    assert "iam_denied" in message
+    assert "rds-db:connect" in message
+    assert "GRANT rds_iam TO iam_denied" in message
+    for leaked in (SESSION_TOKEN, SECRET_ACCESS_KEY, "X-Amz-Signature"):
+        assert leaked not in message
+        assert leaked not in caplog.text
+        assert leaked not in repr(pool)
+
+
+async def test_allow_iam_without_tls_lets_a_local_test_dial_in_clear(
+    aws: None, iam_postgres: PostgresServer
+) -> None:
+    counter = SigningCounter()
+    pool = Pool(
+        f"postgresql://iam_user@localhost:{iam_postgres.port}/app",
+        credentials=IamAuth(region="us-east-1", session=counter.session),
+        ssl="disable",
+        allow_iam_without_tls=True,
+        telemetry=False,
+    )
+    # The pool dials (and this server's pg_hba then refuses plain TCP): no config refusal.
+    with pytest.raises(ConnectError, match=r"pg_hba\.conf.*it requires TLS"):
+        await pool.open()
+    assert counter.signings == 2
