@@ -1,0 +1,97 @@
+"""FastAPI: a dependency yielding a pooled connection, and a lifespan that survives Mangum.
+
+::
+
+    pool = asyncpool.Pool(config=lambda_config(function_timeout=10))
+    app = FastAPI(lifespan=pool_lifespan(pool))
+    Conn = Annotated[PooledConnection, Depends(pool_connection(pool))]
+
+    @app.get("/items/{item_id}")
+    async def read_item(item_id: int, conn: Conn) -> dict[str, Any]:
+        return dict(await conn.fetchrow("SELECT ...", item_id))
+
+    handler = Mangum(app)
+
+Mangum runs the ASGI lifespan, startup and shutdown, around every invocation; a lifespan that
+opened and closed the pool would reconnect on every request. `pool_lifespan` keeps the pool open
+across those cycles on Lambda and closes it when the environment shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from starlette.requests import Request
+
+from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
+from asyncpool.integrations.invocation import ColdStart, invocation_scope
+from asyncpool.pool import Pool
+from asyncpool.proxy import PooledConnection
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
+
+
+def pool_connection(
+    pool: Pool, *, transaction: bool = False
+) -> Callable[[Request], AsyncIterator[PooledConnection]]:
+    """A dependency yielding a connection from `pool`, released after the endpoint even if it
+    raises. With `transaction`, the endpoint's work is committed when it returns and rolled back
+    when it raises.
+
+    Opens the pool on first use if no lifespan did (``Mangum(app, lifespan="off")``). Under
+    Mangum, the request's Lambda invocation is stamped on asyncpool's logs and spans.
+    """
+    cold_start = ColdStart()
+
+    async def connection(request: Request) -> AsyncIterator[PooledConnection]:
+        await pool.open(wait=False)  # no-op once open
+        checkout = pool.transaction() if transaction else pool.acquire()
+        with _invocation_of(request, cold_start):
+            async with checkout as conn:
+                yield conn
+
+    return connection
+
+
+def _invocation_of(
+    request: Request, cold_start: ColdStart
+) -> contextlib.AbstractContextManager[object]:
+    context = request.scope.get("aws.context")
+    if context is None:
+        return contextlib.nullcontext()
+    return invocation_scope(context, cold_start.take())
+
+
+def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
+    """A FastAPI/Starlette lifespan that opens `pool` at startup.
+
+    `keep_open` (default: True on Lambda, detected by ``AWS_LAMBDA_FUNCTION_NAME``) leaves the
+    pool open at lifespan shutdown, because Mangum shuts the lifespan down after every
+    invocation; the pool is instead closed on SIGTERM or at interpreter exit
+    (`close_on_shutdown`). Pass ``keep_open=True`` to run Mangum outside Lambda (local scripts,
+    tests). Otherwise (uvicorn and other servers) the pool is closed at shutdown.
+
+    On Lambda the pool is opened without connecting: the first request connects, so a database
+    that is down fails that request rather than every lifespan startup.
+    """
+    keep = running_on_lambda() if keep_open is None else keep_open
+    hooked = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        nonlocal hooked
+        if not keep:
+            async with pool:
+                yield
+            return
+        await pool.open(wait=False)
+        if not hooked:
+            close_on_shutdown(pool, asyncio.get_running_loop())
+            hooked = True
+        yield
+
+    return lifespan

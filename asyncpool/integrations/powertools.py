@@ -1,0 +1,116 @@
+"""A Powertools for AWS Lambda middleware that hands each invocation a pooled connection.
+
+::
+
+    from aws_lambda_powertools import Logger, Metrics
+
+    pool = asyncpool.Pool(config=lambda_config(function_timeout=10))
+
+    @logger.inject_lambda_context
+    @metrics.log_metrics
+    @pooled_connection(pool)
+    async def handler(event, context):
+        conn = current_connection()
+        return {"statusCode": 200, "body": str(await conn.fetchval("SELECT 1"))}
+
+Powertools middlewares are synchronous, so this one drives the invocation on a
+`asyncpool.lambda_runner.LambdaRunner` (one loop for the environment's life) and must sit
+innermost, directly on the ``async def``. The connection is released in a ``finally`` whatever the
+handler does: returns, raises, is cancelled at the time limit, or keeps a reference (which then
+refuses use).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+from aws_lambda_powertools.middleware_factory import lambda_handler_decorator
+
+from asyncpool.errors import PoolError
+from asyncpool.lambda_runner import LambdaRunner, get_runner
+from asyncpool.pool import Pool
+from asyncpool.proxy import PooledConnection
+
+logger = logging.getLogger("asyncpool.integrations.powertools")
+
+_connection: ContextVar[PooledConnection | None] = ContextVar(
+    "asyncpool_invocation_connection", default=None
+)
+
+
+def current_connection() -> PooledConnection:
+    """The connection `pooled_connection` took for the invocation being served."""
+    conn = _connection.get()
+    if conn is None:
+        raise PoolError(
+            "no pooled connection here: current_connection() works inside a handler decorated "
+            "with @pooled_connection(pool)"
+        )
+    return conn
+
+
+def pooled_connection(
+    pool: Pool, *, runner: LambdaRunner | None = None, transaction: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Middleware: each invocation gets a connection from `pool` (see `current_connection`).
+
+    The pool is opened on the first invocation, without connecting up front, so a database that
+    is down fails that invocation only. With `transaction`, the handler runs in a transaction
+    committed when it returns and rolled back when it raises. `runner` defaults to the process's
+    `get_runner()`.
+    """
+    if not isinstance(pool, Pool):
+        raise TypeError(f"pooled_connection() takes an asyncpool.Pool, not {type(pool).__name__}")
+    decorate: Callable[[Callable[..., Any]], Callable[..., Any]] = _middleware(
+        pool=pool, runner=runner, transaction=transaction
+    )
+    return decorate
+
+
+@lambda_handler_decorator
+def _middleware(
+    handler: Callable[..., Any],
+    event: Any,
+    context: Any,
+    *,
+    pool: Pool,
+    runner: LambdaRunner | None,
+    transaction: bool,
+    **handler_kwargs: Any,
+) -> Any:
+    async def serve() -> Any:
+        # No-op after the first invocation.
+        await pool.open(wait=False)
+        checkout = pool.transaction() if transaction else pool.acquire()
+        async with checkout as conn:
+            token = _connection.set(conn)
+            try:
+                result = handler(event, context, **handler_kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            finally:
+                _connection.reset(token)
+        _report_still_held(pool)
+        return result
+
+    return (runner or get_runner()).invoke(serve, context)
+
+
+def _report_still_held(pool: Pool) -> None:
+    """An invocation is over: any connection still checked out was leaked by the handler."""
+    held = pool.stats().in_use
+    if held:
+        limit = pool.config.leak_timeout
+        when = f"after leak_timeout={limit:g}s" if limit is not None else "never (leak_timeout=None)"
+        logger.warning(
+            "pool %r: %d connection(s) still checked out after the invocation returned; the pool "
+            "reclaims them %s. Release every connection the handler acquires.",
+            pool.name,
+            held,
+            when,
+            extra={"asyncpool_pool": pool.name, "asyncpool_in_use": held},
+        )

@@ -1,0 +1,146 @@
+"""Run async Lambda handlers on one event loop that lives as long as the execution environment.
+
+The Lambda runtime calls handlers synchronously. ``asyncio.run()`` per invocation closes its loop at
+the end, and with it every asyncpg connection opened on it, so a module-level pool would reconnect
+on every invocation (or fail: a pool is bound to the loop it was opened on). A `LambdaRunner`
+keeps one loop and runs each invocation on it::
+
+    pool = asyncpool.Pool(config=lambda_config(function_timeout=10))
+
+    @async_handler
+    async def handler(event, context):
+        async with pool.acquire() as conn:
+            return {"statusCode": 200, "body": str(await conn.fetchval("SELECT 1"))}
+
+Between invocations the loop does not run (Lambda freezes the environment anyway), so pool
+timers wait too; the pool's checkout validation covers what changed meanwhile.
+
+Each invocation is cancelled `timeout_margin` seconds before the Lambda deadline
+(``context.get_remaining_time_in_millis()``) and raises `HandlerTimeoutError`: held connections are
+rolled back and returned, rather than frozen mid-transaction when Lambda stops the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar, overload
+
+from asyncpool.integrations.invocation import ColdStart, invocation_scope
+
+T = TypeVar("T")
+
+AsyncHandler = Callable[[Any, Any], Awaitable[T]]
+SyncHandler = Callable[[Any, Any], T]
+
+
+class HandlerTimeoutError(TimeoutError):
+    """The invocation was cancelled just before the Lambda timeout, so its connections went back."""
+
+
+class LambdaRunner:
+    """One event loop for the life of a Lambda execution environment.
+
+    `run` many coroutines on it, one at a time, from one thread (the runtime's). `timeout_margin`
+    is how long before the Lambda deadline an invocation is cancelled (default 0.5 s).
+    """
+
+    def __init__(self, *, timeout_margin: float = 0.5, debug: bool | None = None) -> None:
+        if timeout_margin < 0:
+            raise ValueError(f"timeout_margin={timeout_margin!r}: must be >= 0 seconds")
+        self.timeout_margin = timeout_margin
+        self._runner = asyncio.Runner(debug=debug)
+        self._cold_start = ColdStart()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The runner's loop (made on first use)."""
+        return self._runner.get_loop()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` to completion on the runner's loop."""
+        return self._runner.run(coro)
+
+    def invoke(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
+        """Serve one invocation: await ``call()`` within the invocation's scope and time budget."""
+        return self._runner.run(self._serve(call, context))
+
+    async def _serve(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
+        with invocation_scope(context, self._cold_start.take()) as invocation:
+            budget = _time_budget(context, self.timeout_margin)
+            deadline = asyncio.timeout(budget)
+            try:
+                async with deadline:
+                    return await call()
+            except TimeoutError as exc:
+                if not deadline.expired():
+                    raise
+                raise HandlerTimeoutError(
+                    f"invocation {invocation.request_id} was cancelled {self.timeout_margin:g}s "
+                    "before the Lambda timeout so its connections could be rolled back and "
+                    "returned; make the handler faster or raise the function timeout"
+                ) from exc
+
+    def close(self) -> None:
+        """Cancel what is left on the loop and close it (the environment is going away)."""
+        self._runner.close()
+
+    def __enter__(self) -> LambdaRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _time_budget(context: Any, margin: float) -> float | None:
+    """Seconds the invocation may still run, or None if the context does not say."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    seconds = float(remaining()) / 1000
+    return max(0.0, seconds - margin)
+
+
+_default: list[LambdaRunner] = []
+_default_lock = threading.Lock()
+
+
+def get_runner() -> LambdaRunner:
+    """The process's runner, made on first use: the one `async_handler` uses by default."""
+    with _default_lock:
+        if not _default:
+            _default.append(LambdaRunner())
+        return _default[0]
+
+
+@overload
+def async_handler(func: AsyncHandler[T], *, runner: LambdaRunner | None = None) -> SyncHandler[T]:
+    ...
+
+
+@overload
+def async_handler(
+    func: None = None, *, runner: LambdaRunner | None = None
+) -> Callable[[AsyncHandler[T]], SyncHandler[T]]:
+    ...
+
+
+def async_handler(
+    func: AsyncHandler[T] | None = None, *, runner: LambdaRunner | None = None
+) -> SyncHandler[T] | Callable[[AsyncHandler[T]], SyncHandler[T]]:
+    """Turn ``async def handler(event, context)`` into the synchronous handler Lambda calls.
+
+    Every invocation runs on `runner` (default: `get_runner()`), so pools opened by one invocation
+    serve the next ones.
+    """
+
+    def wrap(handler: AsyncHandler[T]) -> SyncHandler[T]:
+        @functools.wraps(handler)
+        def sync_handler(event: Any, context: Any) -> T:
+            return (runner or get_runner()).invoke(lambda: handler(event, context), context)
+
+        return sync_handler
+
+    return wrap if func is None else wrap(func)

@@ -1,0 +1,114 @@
+"""Stand-ins for a Lambda execution environment, for the serverless tests.
+
+`RuntimeThread` is the runtime's thread inside the test process: every call of one environment's
+handler runs on it, so the handler's event loop (a LambdaRunner's, or Mangum's) is never the
+pytest session loop. `HandlerProcess` is a whole environment in a child process, the example
+handler reading invocations from stdin, so a test can freeze it (SIGSTOP) or shut it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from asyncpool.testing.admin import AdminConsole
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[1]
+POWERTOOLS_EXAMPLE = REPO / "examples" / "lambda_powertools"
+
+
+class RuntimeThread:
+    """One thread playing the Lambda runtime's: calls run there, one at a time, in order."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lambda-runtime")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def load_event(path: Path) -> dict[str, Any]:
+    event: dict[str, Any] = json.loads(path.read_text())
+    return event
+
+
+class HandlerProcess:
+    """examples/lambda_powertools/run_local.py --stdin in a child process, against `dsn`."""
+
+    def __init__(self, dsn: str, stderr_path: Path) -> None:
+        env = {**os.environ, "ASYNCPOOL_DSN": dsn, "POWERTOOLS_METRICS_NAMESPACE": "tests"}
+        self._stderr: IO[bytes] = open(stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.stderr_path = stderr_path
+        self.proc = subprocess.Popen(
+            [sys.executable, str(POWERTOOLS_EXAMPLE / "run_local.py"), "--stdin"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        self._results: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read_results, daemon=True)
+        self._reader.start()
+
+    def _read_results(self) -> None:
+        """Keep the result lines; the rest of stdout is Powertools' logs and metrics."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(parsed, dict) and "local_invocation" in parsed:
+                self._results.put(parsed)
+        self._results.put(None)
+
+    async def invoke(self, event: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """Send one event; return the runner's result line (response, error, pool stats)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(event) + "\n")
+        self.proc.stdin.flush()
+        result = await asyncio.to_thread(self._results.get, timeout=timeout)
+        if result is None:
+            raise AssertionError(f"the handler process ended:\n{self.stderr_tail()}")
+        return result
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    async def wait(self, timeout: float = 20.0) -> int:
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    def stderr_tail(self, chars: int = 3000) -> str:
+        return self.stderr_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self._reader.join(10)
+        self._stderr.close()
+
+
+async def app_clients(pooler: AdminConsole) -> list[dict[str, Any]]:
+    """PgBouncer's SHOW CLIENTS rows for the `app` user (the pool's logins)."""
+    return [row for row in await pooler.admin("SHOW CLIENTS") if row["user"] == "app"]

@@ -1,0 +1,79 @@
+"""A Lambda environment frozen while the pooler drops its idle client connection, then thawed.
+
+The example Powertools handler runs in its own process, reading invocations from stdin as the
+Lambda runtime would. SIGSTOP freezes it; its own PgBouncer (``client_idle_timeout=1``, as an RDS
+Proxy's idle client timeout) closes the connection the frozen process still thinks it has;
+SIGCONT thaws it and the next invocation must succeed, the pool having replaced the dead
+connection before the handler saw it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.binaries import system_pgbouncer
+from tests.lambda_env import POWERTOOLS_EXAMPLE, HandlerProcess, app_clients, load_event
+
+HELLO = load_event(POWERTOOLS_EXAMPLE / "events" / "hello.json")
+
+
+@pytest.fixture
+def idle_closing_pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncerServer]:
+    """A PgBouncer of this test's own that closes clients idle for a second."""
+    with PgBouncerServer(system_pgbouncer(), postgres, {"client_idle_timeout": 1}) as server:
+        yield server
+
+
+@pytest.fixture
+def handler_process(idle_closing_pgbouncer: PgBouncerServer, tmp_path: Path) -> Iterator[HandlerProcess]:
+    proc = HandlerProcess(idle_closing_pgbouncer.dsn(), tmp_path / "handler.stderr")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def wait_for_no_clients(pooler: PgBouncerServer, within: float) -> None:
+    deadline = time.monotonic() + within
+    while await app_clients(pooler):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PgBouncer still has the client after {within}s")
+        await asyncio.sleep(0.2)
+
+
+async def test_invocation_after_thaw_succeeds_on_a_replaced_connection(
+    handler_process: HandlerProcess, idle_closing_pgbouncer: PgBouncerServer
+) -> None:
+    warm = await handler_process.invoke(HELLO)
+    assert warm["error"] is None, handler_process.stderr_tail()
+    assert warm["response"]["statusCode"] == 200
+    assert warm["pool"]["created_total"] == 1
+    assert len(await app_clients(idle_closing_pgbouncer)) == 1
+
+    handler_process.signal(signal.SIGSTOP)
+    await wait_for_no_clients(idle_closing_pgbouncer, within=15)
+    handler_process.signal(signal.SIGCONT)
+
+    thawed = await handler_process.invoke(HELLO)
+    assert thawed["error"] is None, handler_process.stderr_tail()
+    assert thawed["response"]["statusCode"] == 200
+    assert "Hello, Ada!" in thawed["response"]["body"]
+    stats = thawed["pool"]
+    # The checkout check found the connection dead and replaced it: one close, one new connection.
+    assert stats["validation_failures_total"] == 1
+    assert stats["closed_total"] == 1
+    assert stats["created_total"] == 2
+    assert stats["acquired_total"] == 2
+    assert stats["in_use"] == 0
+    assert len(await app_clients(idle_closing_pgbouncer)) == 1
+
+    again = await handler_process.invoke(HELLO)
+    assert again["error"] is None
+    assert again["pool"]["created_total"] == 2

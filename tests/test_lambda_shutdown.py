@@ -1,0 +1,74 @@
+"""Shutdown of a Lambda environment: the pool says goodbye to the pooler on SIGTERM.
+
+Lambda may destroy an environment without its sockets ever closing, leaving the pooler holding the
+client slot; with an extension registered it sends SIGTERM first. The example handler registers
+`close_on_shutdown`, so on SIGTERM its connection must end with a Terminate message (PgBouncer
+logs "client close request"), not by the socket vanishing ("client unexpected eof").
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.binaries import system_pgbouncer
+from tests.lambda_env import POWERTOOLS_EXAMPLE, HandlerProcess, app_clients, load_event
+
+HELLO = load_event(POWERTOOLS_EXAMPLE / "events" / "hello.json")
+CLEAN_CLOSE = "client close request"
+VANISHED = "client unexpected eof"
+
+
+@pytest.fixture
+def own_pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncerServer]:
+    """A PgBouncer whose log holds only this test's clients."""
+    with PgBouncerServer(system_pgbouncer(), postgres) as server:
+        yield server
+
+
+def app_disconnects(server: PgBouncerServer) -> list[str]:
+    """PgBouncer's log lines about `app` clients leaving (not the admin console's own logins)."""
+    assert server.process is not None
+    lines = server.process.log_path.read_text(errors="replace").splitlines()
+    return [line for line in lines if " app/app@" in line and "closing because" in line]
+
+
+async def start_warm(server: PgBouncerServer, stderr: Path) -> HandlerProcess:
+    proc = HandlerProcess(server.dsn(), stderr)
+    result = await proc.invoke(HELLO)
+    assert result["error"] is None, proc.stderr_tail()
+    assert len(await app_clients(server)) == 1
+    return proc
+
+
+async def test_sigterm_closes_the_pool_cleanly_and_ends_the_process(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    proc = await start_warm(own_pgbouncer, tmp_path / "handler.stderr")
+    try:
+        proc.signal(signal.SIGTERM)
+        # The hook hands the signal on to the default action: the process still dies of SIGTERM.
+        assert await proc.wait() == -signal.SIGTERM
+    finally:
+        proc.stop()
+    assert await app_clients(own_pgbouncer) == []
+    [goodbye] = app_disconnects(own_pgbouncer)
+    assert CLEAN_CLOSE in goodbye
+
+
+async def test_without_a_goodbye_pgbouncer_sees_the_socket_vanish(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """The control: what the log says when no hook can run (SIGKILL)."""
+    proc = await start_warm(own_pgbouncer, tmp_path / "handler.stderr")
+    try:
+        proc.signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+    finally:
+        proc.stop()
+    [gone] = app_disconnects(own_pgbouncer)
+    assert VANISHED in gone
