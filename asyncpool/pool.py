@@ -423,7 +423,10 @@ class Pool:
         self._connecting += 1
         try:
             await record.conn.execute(_VALIDATION_QUERY, timeout=budget)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # InternalClientError: the server's FATAL (pg_terminate_backend, pooler shutdown) arrived
+        # but the driver has not yet seen the socket close.
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError) as exc:
             logger.info("pool %r: idle connection failed its check (%s); replacing it", self.name,
                         type(exc).__name__)
             self._validation_failures_total += 1
