@@ -1,0 +1,182 @@
+"""Pool metrics through a real OpenTelemetry SDK: semantic-convention names, and numbers that agree
+with `Pool.stats()` after a known workload against the real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+from opentelemetry.sdk.metrics.export import Histogram, Sum
+from opentelemetry.semconv._incubating.metrics import db_metrics
+
+import asyncpool
+from asyncpool import Pool, PoolTimeoutError
+from asyncpool.telemetry import TelemetryObserver
+from asyncpool.telemetry import semconv as sc
+from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
+from tests.telemetry_support import Collected, Sdk, every_instrument_reported
+
+
+@pytest.fixture
+def sdk() -> Iterator[Sdk]:
+    s = Sdk()
+    yield s
+    s.shutdown()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+# The names, kinds and units the semantic conventions give (and asyncpool's own counters), written
+# out rather than read from asyncpool.telemetry.semconv so a typo there fails here.
+EXPECTED = {
+    db_metrics.DB_CLIENT_CONNECTION_COUNT: ("updowncounter", "{connection}"),
+    db_metrics.DB_CLIENT_CONNECTION_MAX: ("updowncounter", "{connection}"),
+    db_metrics.DB_CLIENT_CONNECTION_IDLE_MAX: ("updowncounter", "{connection}"),
+    db_metrics.DB_CLIENT_CONNECTION_IDLE_MIN: ("updowncounter", "{connection}"),
+    db_metrics.DB_CLIENT_CONNECTION_PENDING_REQUESTS: ("updowncounter", "{request}"),
+    db_metrics.DB_CLIENT_CONNECTION_TIMEOUTS: ("counter", "{timeout}"),
+    db_metrics.DB_CLIENT_CONNECTION_CREATE_TIME: ("histogram", "s"),
+    db_metrics.DB_CLIENT_CONNECTION_WAIT_TIME: ("histogram", "s"),
+    db_metrics.DB_CLIENT_CONNECTION_USE_TIME: ("histogram", "s"),
+    "asyncpool.connection.leaks": ("counter", "{connection}"),
+    "asyncpool.connection.validation_failures": ("counter", "{connection}"),
+    "asyncpool.connection.create_errors": ("counter", "{error}"),
+}
+
+
+def test_semantic_convention_names_are_the_published_ones() -> None:
+    assert db_metrics.DB_CLIENT_CONNECTION_COUNT == "db.client.connection.count"
+    assert db_metrics.DB_CLIENT_CONNECTION_PENDING_REQUESTS == "db.client.connection.pending_requests"
+    assert {spec.name for spec in sc.ALL_METRICS} == set(EXPECTED)
+    assert (sc.POOL_NAME, sc.STATE) == (
+        "db.client.connection.pool.name", "db.client.connection.state"
+    )
+
+
+def kind_of(collected: Collected, name: str) -> str:
+    data = collected.metrics[name].data
+    if isinstance(data, Histogram):
+        return "histogram"
+    assert isinstance(data, Sum), type(data)
+    return "counter" if data.is_monotonic else "updowncounter"
+
+
+async def test_every_instrument_has_its_semantic_convention_name_kind_unit_and_attributes(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    async with every_instrument_reported(sdk, postgres, "every-metric") as pool:
+        collected = sdk.collect()
+        stats = pool.stats()
+
+    assert stats.validation_failures_total == 1
+    assert stats.timeouts_total == 1
+    assert stats.leaked_total == 1
+    assert set(collected.metrics) == set(EXPECTED)
+    for name, (kind, unit) in EXPECTED.items():
+        metric = collected.metrics[name]
+        assert (kind_of(collected, name), metric.unit) == (kind, unit), name
+        for point in collected.points(name):
+            assert point.attributes[sc.POOL_NAME] == "every-metric", name
+    states = {p.attributes[sc.STATE] for p in collected.points(sc.CONNECTION_COUNT.name)}
+    assert states == {"idle", "used"}
+    error = collected.point(sc.CREATE_ERRORS.name)
+    assert error.attributes[sc.ERROR_TYPE] == "asyncpg.exceptions.InvalidPasswordError"
+    assert collected.point(sc.LEAKS.name).attributes[sc.LEAK_ACTION] == "reclaim"
+    for histogram in (sc.CREATE_TIME, sc.WAIT_TIME, sc.USE_TIME):
+        assert collected.histogram(histogram.name).explicit_bounds == sc.TIME_BUCKETS
+
+
+async def test_metrics_equal_stats_after_a_known_workload(pooler: Pooler, sdk: Sdk) -> None:
+    release = asyncio.Event()
+
+    async def hold(pool: Pool) -> None:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+            await release.wait()
+
+    async with sdk.pool(pooler.dsn(), name="workload", min_size=1, max_size=3) as pool:
+        for i in range(20):
+            assert await pool.fetchval("SELECT $1::int", i) == i
+        holders = [asyncio.create_task(hold(pool)) for _ in range(5)]
+        await until(lambda: pool.stats().in_use == 3 and pool.stats().waiting == 2)
+
+        busy, collected = pool.stats(), sdk.collect()
+        assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="used") == 3
+        assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="idle") == 0
+        assert collected.value(sc.PENDING_REQUESTS.name) == busy.waiting == 2
+        assert collected.value(sc.CONNECTION_MAX.name) == busy.max_size == 3
+        assert collected.value(sc.CONNECTION_IDLE_MAX.name) == 3
+        assert collected.value(sc.CONNECTION_IDLE_MIN.name) == busy.min_size == 1
+
+        with pytest.raises(PoolTimeoutError):
+            await pool.acquire(timeout=0.05)
+        release.set()
+        await asyncio.gather(*holders)
+
+        done, collected = pool.stats(), sdk.collect()
+        assert done.acquired_total == 25
+        assert collected.histogram(sc.WAIT_TIME.name).count == done.acquired_total
+        assert collected.histogram(sc.USE_TIME.name).count == 25
+        assert collected.histogram(sc.CREATE_TIME.name).count == done.created_total == 3
+        assert collected.value(sc.TIMEOUTS.name) == done.timeouts_total == 1
+        assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="idle") == (
+            done.idle
+        )
+        assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="used") == 0
+        assert collected.value(sc.PENDING_REQUESTS.name) == 0
+        assert sc.VALIDATION_FAILURES.name not in collected.metrics
+        assert sc.LEAKS.name not in collected.metrics
+
+
+async def test_two_pools_on_one_meter_report_side_by_side_until_closed(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    reader = sdk.pool(postgres.dsn(), name="reader", min_size=2, max_size=4)
+    writer = sdk.pool(postgres.dsn(), name="writer", min_size=1, max_size=2)
+    async with reader, writer:
+        async with reader.acquire():
+            collected = sdk.collect()
+            assert collected.value(sc.CONNECTION_MAX.name, db__client__connection__pool__name="reader") == 4
+            assert collected.value(sc.CONNECTION_MAX.name, db__client__connection__pool__name="writer") == 2
+            assert collected.value(
+                sc.CONNECTION_COUNT.name, db__client__connection__pool__name="reader",
+                db__client__connection__state="used",
+            ) == 1
+        await writer.close()
+        names = {p.attributes[sc.POOL_NAME] for p in sdk.collect().points(sc.CONNECTION_MAX.name)}
+        assert names == {"reader"}
+
+
+async def test_an_observer_watches_one_pool(postgres: PostgresServer, sdk: Sdk) -> None:
+    observer = sdk.observer()
+    async with Pool(postgres.dsn(), name="first", min_size=0, telemetry=False,
+                    observers=[observer]):
+        second = Pool(postgres.dsn(), name="second", min_size=0, telemetry=False,
+                      observers=[observer])
+        with pytest.raises(asyncpool.PoolError, match="already watches a pool"):
+            await second.open()
+
+
+async def test_default_pool_publishes_through_the_global_api_without_an_sdk(
+    postgres: PostgresServer,
+) -> None:
+    async with Pool(postgres.dsn(), name="global-noop", min_size=1) as pool:
+        assert isinstance(pool._observer, TelemetryObserver)
+        assert await pool.fetchval("SELECT 41 + 1") == 42
+
+
+def test_import_asyncpool_does_not_load_opentelemetry() -> None:
+    code = (
+        "import sys, asyncpool; "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

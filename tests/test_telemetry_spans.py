@@ -1,0 +1,198 @@
+"""Connection spans, leak events and trace ids on logs, through a real OpenTelemetry SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+
+import asyncpool
+from asyncpool import Pool
+from asyncpool.dsn import Target, dsn_password, parse_target
+from asyncpool.telemetry import semconv as sc
+from asyncpool.telemetry.logs import SPAN_ID, TRACE_ID
+from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
+from tests.telemetry_support import Sdk
+
+
+@pytest.fixture
+def sdk() -> Iterator[Sdk]:
+    s = Sdk()
+    yield s
+    s.shutdown()
+
+
+class SlowSecret:
+    """A credentials provider that takes a moment, like a Secrets Manager call."""
+
+    requires_tls = False
+
+    def __init__(self, password: str) -> None:
+        self._password = password
+        self.calls = 0
+
+    async def password(self, target: Target) -> str:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        return self._password
+
+    async def refresh(self, target: Target) -> bool:
+        return False
+
+    async def warm(self, target: Target) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def ids(span: ReadableSpan) -> tuple[str, str]:
+    context = span.get_span_context()
+    assert context is not None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
+
+
+def times(span: ReadableSpan) -> tuple[int, int]:
+    assert span.start_time is not None
+    assert span.end_time is not None
+    return span.start_time, span.end_time
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+async def test_connect_span_is_a_client_span_in_the_callers_trace(pooler: Pooler, sdk: Sdk) -> None:
+    target = parse_target(pooler.dsn())
+    secret = SlowSecret(dsn_password(pooler.dsn()) or "")
+    async with sdk.pool(pooler.dsn(), name="spans", min_size=0, credentials=secret) as pool:
+        with sdk.tracer.start_as_current_span("GET /orders") as request:
+            assert await pool.fetchval("SELECT 1") == 1
+
+    [connect] = sdk.spans(f"connect {target.database}")
+    [credentials] = sdk.spans(sc.CREDENTIALS_SPAN)
+    assert connect.kind is SpanKind.CLIENT
+    assert dict(connect.attributes or {}) == {
+        sc.DB_SYSTEM_NAME: "postgresql",
+        sc.DB_NAMESPACE: target.database,
+        sc.SERVER_ADDRESS: target.host,
+        sc.SERVER_PORT: target.port,
+        sc.POOL_NAME: "spans",
+    }
+    assert connect.status.status_code is StatusCode.UNSET
+    assert parent_id(connect) == request.get_span_context().span_id
+    assert ids(connect)[0] == ids(credentials)[0]
+
+    assert credentials.kind is SpanKind.INTERNAL
+    assert parent_id(credentials) == connect.get_span_context().span_id  # type: ignore[union-attr]
+    assert dict(credentials.attributes or {}) == {sc.CREDENTIALS_PROVIDER: "SlowSecret"}
+    assert secret.calls == 1
+    connect_start, connect_end = times(connect)
+    credentials_start, credentials_end = times(credentials)
+    assert connect_start <= credentials_start <= credentials_end <= connect_end
+
+
+async def test_failed_login_span_has_error_type_and_the_log_has_the_trace_ids(
+    postgres: PostgresServer, sdk: Sdk, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncpool")
+    dsn = postgres.dsn().replace(postgres.app.password, "wrong-password")
+    async with sdk.pool(dsn, name="bad-login", min_size=0) as pool:
+        with (
+            sdk.tracer.start_as_current_span("GET /orders") as request,
+            pytest.raises(asyncpool.AuthenticationError),
+        ):
+            await pool.fetchval("SELECT 1")
+
+    [connect] = sdk.spans(f"connect {postgres.database}")
+    attributes = dict(connect.attributes or {})
+    assert attributes[sc.ERROR_TYPE] == "asyncpg.exceptions.InvalidPasswordError"
+    assert attributes[sc.DB_RESPONSE_STATUS_CODE] == "28P01"
+    assert connect.status.status_code is StatusCode.ERROR
+    assert connect.status.description is None
+    assert parent_id(connect) == request.get_span_context().span_id
+
+    [failure] = [r for r in caplog.records if r.name == "asyncpool.pool"]
+    assert "authentication failed" in failure.getMessage()
+    assert "wrong-password" not in failure.getMessage()
+    context = request.get_span_context()
+    assert getattr(failure, TRACE_ID) == format(context.trace_id, "032x")
+    assert getattr(failure, SPAN_ID) == format(context.span_id, "016x")
+
+
+async def test_a_reclaimed_leak_is_an_event_on_the_holders_span_and_its_log_names_that_trace(
+    pooler: Pooler, sdk: Sdk, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncpool.leaks")
+    async with sdk.pool(pooler.dsn(), name="leaky", min_size=1, max_size=2,
+                        leak_timeout=0.2) as pool:
+
+        async def bystander() -> None:
+            # Acquires first, so the leak timer is armed from this task's context.
+            with sdk.tracer.start_as_current_span("bystander"):
+                async with pool.acquire():
+                    await asyncio.sleep(0.15)
+
+        async def handler() -> None:
+            with sdk.tracer.start_as_current_span("POST /import"):
+                async with pool.acquire():
+                    await asyncio.sleep(3600)
+
+        other = asyncio.create_task(bystander())
+        await asyncio.sleep(0.01)
+        with pytest.raises(asyncpool.ConnectionLeakedError):
+            await asyncio.wait_for(handler(), 5)
+        await other
+        leaked_total = pool.stats().leaked_total
+        collected = sdk.collect()
+
+    assert leaked_total == 1
+    assert collected.value(sc.LEAKS.name, asyncpool__leak__action="reclaim") == 1
+    [holder] = sdk.spans("POST /import")
+    [event] = [e for e in holder.events if e.name == sc.LEAK_EVENT]
+    attributes = dict(event.attributes or {})
+    assert attributes[sc.POOL_NAME] == "leaky"
+    assert attributes[sc.LEAK_ACTION] == "reclaim"
+    assert float(attributes[sc.LEAK_HELD_SECONDS]) >= 0.2  # type: ignore[arg-type]
+    assert "handler" in str(attributes[sc.CODE_STACKTRACE])
+    [bystander_span] = sdk.spans("bystander")
+    assert not [e for e in bystander_span.events if e.name == sc.LEAK_EVENT]
+    assert not sdk.spans(sc.LEAK_SPAN)
+
+    [record] = [r for r in caplog.records if r.name == "asyncpool.leaks"]
+    assert (getattr(record, TRACE_ID), getattr(record, SPAN_ID)) == ids(holder)
+
+
+async def test_a_leak_outside_any_span_gets_a_span_of_its_own(
+    postgres: PostgresServer, sdk: Sdk, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncpool.leaks")
+    async with sdk.pool(postgres.dsn(), name="untraced", min_size=0, leak_timeout=0.2,
+                        leak_action="log") as pool:
+        conn = await pool.acquire()
+        await until_leaked(pool)
+        await pool.release(conn)
+        collected = sdk.collect()
+
+    assert collected.value(sc.LEAKS.name, asyncpool__leak__action="log") == 1
+    [span] = sdk.spans(sc.LEAK_SPAN)
+    assert span.parent is None
+    assert [e.name for e in span.events] == [sc.LEAK_EVENT]
+    assert dict(span.events[0].attributes or {})[sc.LEAK_ACTION] == "log"
+    # Only logged, not reclaimed: the holder carried on, so this is no error.
+    assert span.status.status_code is StatusCode.UNSET
+    start, end = times(span)
+    assert end - start >= 200_000_000  # it covers the holding time, past leak_timeout
+    leak_log = next(r for r in caplog.records if "past leak_timeout" in r.getMessage())
+    assert (getattr(leak_log, TRACE_ID), getattr(leak_log, SPAN_ID)) == ("0", "0")
+
+
+async def until_leaked(pool: Pool) -> None:
+    async with asyncio.timeout(5):
+        while pool.stats().leaked_total == 0:
+            await asyncio.sleep(0.02)
