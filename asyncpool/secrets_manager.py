@@ -1,0 +1,235 @@
+"""A password read from AWS Secrets Manager, cached, and re-read when a rotation makes it stale."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import re
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from asyncpool.aws import AwsClient, aws_error
+from asyncpool.dsn import Target
+from asyncpool.errors import CredentialsError
+
+logger = logging.getLogger("asyncpool.credentials")
+
+_ARN_REGION = re.compile(r"^arn:aws[a-z-]*:secretsmanager:(?P<region>[a-z0-9-]+):")
+# A failed re-read leaves the cached password in use this long before trying AWS again, so an
+# outage costs one slow call per window rather than one per new connection.
+STALE_GRACE = 30.0
+
+
+
+@dataclass(frozen=True)
+class _Secret:
+    password: str = field(repr=False)
+    version_id: str
+    fetched_at: float
+    expires_at: float
+    generation: int  # counts reads, so a rejected login can tell whether a newer one exists
+
+
+class SecretsManagerAuth:
+    """The password of each new connection, from a Secrets Manager secret.
+
+    The secret is read once and cached for `ttl` seconds. When the server rejects a login (the
+    secret was rotated since it was read), the secret is read again and, if it changed, the
+    login is retried once. Logins rejected together share one read; if AWS cannot be reached
+    when the cache expires, the cached password stays in use (30 s at a time) until it is
+    rejected.
+
+    secret_id: the secret's name or ARN.
+    key: the JSON field holding the password (``"password"``, as RDS-managed secrets have);
+        None when the whole secret string is the password.
+    ttl: seconds a read is trusted (default 300). A rotation is also caught by the retry.
+    region: the secret's region. Default: from the ARN, else the AWS session's (``AWS_REGION``).
+    version_stage: which version to read (default ``AWSCURRENT``).
+    check_username: refuse a secret whose ``username`` field is not the user the pool logs in as
+        (an alternating-users rotation changes it; point the pool at a single-user secret).
+    profile, session, endpoint_url: where AWS credentials and the service come from.
+    """
+
+    requires_tls = False
+
+    def __init__(
+        self,
+        secret_id: str,
+        *,
+        key: str | None = "password",
+        ttl: float = 300.0,
+        region: str | None = None,
+        version_stage: str = "AWSCURRENT",
+        check_username: bool = True,
+        profile: str | None = None,
+        session: Any = None,
+        endpoint_url: str | None = None,
+    ) -> None:
+        if ttl <= 0:
+            raise CredentialsError(f"SecretsManagerAuth ttl={ttl!r}: must be seconds > 0")
+        arn = _ARN_REGION.match(secret_id)
+        if arn and region and arn["region"] != region:
+            raise CredentialsError(
+                f"SecretsManagerAuth(region={region!r}) but secret {secret_id!r} is in "
+                f"{arn['region']!r}: pass region={arn['region']!r} or leave region out"
+            )
+        self.secret_id = secret_id
+        self.key = key
+        self.ttl = ttl
+        self.region = region or (arn["region"] if arn else None)
+        self.version_stage = version_stage
+        self.check_username = check_username
+        self._client = AwsClient(
+            "secretsmanager",
+            region=self.region,
+            profile=profile,
+            session=session,
+            endpoint_url=endpoint_url,
+            no_region_hint=(
+                f"SecretsManagerAuth needs the region of secret {secret_id!r}: pass region='...', "
+                "give the secret's ARN, or set AWS_REGION"
+            ),
+        )
+        self._secret: _Secret | None = None
+        self._reads = 0
+        self._lock = asyncio.Lock()
+        # Which read each connecting task got its password from (see `refresh`).
+        self._given: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"SecretsManagerAuth({self.secret_id!r}, region={self.region!r}, ttl={self.ttl:g})"
+
+    async def password(self, target: Target) -> str:
+        secret = self._secret
+        if secret is None or time.monotonic() >= secret.expires_at:
+            secret = await self._load(target)
+        task = asyncio.current_task()
+        if task is not None:
+            self._given[task] = secret.generation
+        return secret.password
+
+    async def refresh(self, target: Target) -> bool:
+        """Read the secret again after this task's login was rejected; True: worth a retry.
+
+        If another login already read a newer copy since this task got its password, that copy
+        is used without a read. False when the secret has not changed: retrying would fail alike.
+        """
+        task = asyncio.current_task()
+        given = self._given.pop(task, None) if task is not None else None
+        async with self._lock:
+            cached = self._secret
+            if cached is not None and given is not None and cached.generation > given:
+                return True
+            self._secret = await self._fetch(target)
+            return cached is None or self._secret.password != cached.password
+
+    async def warm(self, target: Target) -> None:
+        """Read the secret now, so a missing secret or permission fails at `open()`."""
+        await self.password(target)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def auth_failure_hint(self, target: Target) -> str:
+        version = self._secret.version_id if self._secret else "unknown"
+        return (
+            f"the password in secret {self.secret_id!r} (version {version}, stage "
+            f"{self.version_stage}) was rejected, also after reading the secret again: it does "
+            "not match the database; check the last rotation (its Lambda's logs) and that the "
+            f"secret belongs to user {target.user!r}"
+        )
+
+    async def _load(self, target: Target) -> _Secret:
+        """The cached secret if still good, else a fresh read (one read at a time)."""
+        async with self._lock:
+            cached = self._secret
+            now = time.monotonic()
+            if cached is not None and now < cached.expires_at:
+                return cached
+            try:
+                secret = await self._fetch(target)
+            except CredentialsError as exc:
+                if cached is None:
+                    raise
+                # The server has not refused the copy we hold: better than no connection.
+                logger.warning(
+                    "reading secret %r failed, using the copy read %.0fs ago for %.0fs more: %s",
+                    self.secret_id, now - cached.fetched_at, STALE_GRACE, exc,
+                )
+                secret = dataclasses.replace(cached, expires_at=now + STALE_GRACE)
+            self._secret = secret
+            return secret
+
+    async def _fetch(self, target: Target) -> _Secret:
+        doing = f"reading secret {self.secret_id!r}"
+        client = await self._client.get()
+        try:
+            reply = await client.get_secret_value(
+                SecretId=self.secret_id, VersionStage=self.version_stage
+            )
+        except Exception as exc:
+            raise self._aws_error(exc, doing) from None
+        text = reply.get("SecretString")
+        if text is None:
+            raise CredentialsError(
+                f"{doing}: it holds binary data, not a string; store the password as "
+                'SecretString (JSON like {"username": ..., "password": ...})'
+            )
+        password = self._password_from(text, target, doing)
+        now = time.monotonic()
+        self._reads += 1
+        version = str(reply.get("VersionId", ""))
+        return _Secret(password, version, now, now + self.ttl, self._reads)
+
+    def _password_from(self, text: str, target: Target, doing: str) -> str:
+        if self.key is None:
+            return text
+        try:
+            document = json.loads(text)
+        except ValueError:
+            # The decoder's message can quote the secret: say only where it broke.
+            raise CredentialsError(
+                f"{doing}: the secret is not JSON, so it has no {self.key!r} field; store "
+                '{"username": ..., "password": ...} or pass key=None if the whole secret is the '
+                "password"
+            ) from None
+        if not isinstance(document, dict):
+            raise CredentialsError(f"{doing}: the secret is JSON but not an object")
+        password = document.get(self.key)
+        if not isinstance(password, str) or not password:
+            fields = ", ".join(sorted(map(str, document))) or "none"
+            raise CredentialsError(
+                f"{doing}: no string field {self.key!r} in the secret (fields: {fields}); pass "
+                "key='<field>'"
+            )
+        user = document.get("username")
+        if self.check_username and isinstance(user, str) and user != target.user:
+            raise CredentialsError(
+                f"{doing}: the secret is for user {user!r} but the pool logs in as "
+                f"{target.user!r}; fix the DSN's user, use the right secret (an alternating-users "
+                "rotation switches users: use single-user rotation), or check_username=False"
+            )
+        return password
+
+    def _aws_error(self, exc: Exception, doing: str) -> CredentialsError:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        where = self.region or "the default region"
+        if code == "ResourceNotFoundException":
+            return CredentialsError(
+                f"{doing}: no such secret in {where} (or no version staged "
+                f"{self.version_stage}); check the name or ARN and the region"
+            )
+        if code == "DecryptionFailure":
+            return CredentialsError(
+                f"{doing}: the secret's KMS key cannot be used; grant the role kms:Decrypt on it"
+            )
+        if code == "InvalidRequestException":
+            message = exc.response["Error"].get("Message", "")  # type: ignore[attr-defined]
+            return CredentialsError(f"{doing}: {message} (a secret scheduled for deletion?)")
+        return aws_error(exc, doing, self.region)

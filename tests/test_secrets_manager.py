@@ -1,0 +1,427 @@
+"""SecretsManagerAuth against a local Secrets Manager (moto, over real HTTP): the TTL cache, one
+read shared by concurrent logins, re-reading on a rejected login, and errors that say what to fix
+without showing the secret."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from asyncpool import AuthenticationError, CredentialsError, Pool, SecretsManagerAuth, Target
+from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.aws import LocalAwsEndpoint, aws_environment
+from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
+from asyncpool.testing.ports import free_port
+from asyncpool.testing.process import chown_tree
+from asyncpool.testing.scram import scram_secret
+from asyncpool.testing.sync import run_sync
+
+REGION = "us-east-1"
+TARGET = Target("db.example", 5432, "orders_app", "orders")
+
+
+@pytest.fixture(scope="module")
+def local_aws() -> Iterator[LocalAwsEndpoint]:
+    with LocalAwsEndpoint() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in aws_environment().items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+class SecretStore:
+    """Creates and rotates secrets in the local Secrets Manager, as a rotation Lambda would."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def create(self, value: dict[str, Any] | str, region_tag: str = "") -> str:
+        name = f"test/{region_tag}{secrets.token_hex(6)}"
+        text = value if isinstance(value, str) else json.dumps(value)
+        await self.client.create_secret(Name=name, SecretString=text)
+        return name
+
+    async def put(self, name: str, value: dict[str, Any]) -> None:
+        await self.client.put_secret_value(SecretId=name, SecretString=json.dumps(value))
+
+
+@pytest.fixture
+async def store(aws: None, local_aws: LocalAwsEndpoint) -> AsyncIterator[SecretStore]:
+    from aiobotocore.session import AioSession
+
+    async with AioSession().create_client(
+        "secretsmanager", region_name=REGION, endpoint_url=local_aws.url
+    ) as client:
+        yield SecretStore(client)
+
+
+def _auth(local_aws: LocalAwsEndpoint, secret_id: str, **options: Any) -> SecretsManagerAuth:
+    options.setdefault("region", REGION)
+    return SecretsManagerAuth(secret_id, endpoint_url=local_aws.url, **options)
+
+
+def _credentials(password: str, user: str = TARGET.user) -> dict[str, Any]:
+    return {"username": user, "password": password, "engine": "postgres", "port": 5432}
+
+
+# -- caching -----------------------------------------------------------------------------------
+
+
+async def test_secret_is_read_once_then_served_from_cache(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    password = secrets.token_urlsafe(16)
+    name = await store.create(_credentials(password))
+    auth = _auth(local_aws, name, ttl=3600)
+    before = local_aws.count("GetSecretValue")
+    try:
+        first = await asyncio.gather(*(auth.password(TARGET) for _ in range(10)))
+        again = [await auth.password(TARGET) for _ in range(5)]
+    finally:
+        await auth.close()
+    assert set(first) == set(again) == {password}
+    assert local_aws.count("GetSecretValue") - before == 1
+
+
+async def test_secret_is_read_again_after_the_ttl(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    name = await store.create(_credentials("first-password"))
+    auth = _auth(local_aws, name, ttl=0.2)
+    try:
+        assert await auth.password(TARGET) == "first-password"
+        await store.put(name, _credentials("second-password"))
+        assert await auth.password(TARGET) == "first-password"  # still cached
+        await asyncio.sleep(0.3)
+        assert await auth.password(TARGET) == "second-password"
+    finally:
+        await auth.close()
+
+
+async def test_expired_cache_and_unreachable_secret_keeps_the_copy_and_warns(
+    store: SecretStore, local_aws: LocalAwsEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = await store.create(_credentials("kept-password"))
+    auth = _auth(local_aws, name, ttl=0.2)
+    try:
+        assert await auth.password(TARGET) == "kept-password"
+        await store.client.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+        await asyncio.sleep(0.3)
+        with caplog.at_level(logging.WARNING, logger="asyncpool.credentials"):
+            assert await auth.password(TARGET) == "kept-password"
+        assert f"reading secret {name!r} failed, using the copy" in caplog.text
+        assert "kept-password" not in caplog.text
+        # A rejected login, though, needs a fresh read: now the failure surfaces.
+        with pytest.raises(CredentialsError, match="no such secret"):
+            await auth.refresh(TARGET)
+    finally:
+        await auth.close()
+
+
+# -- re-reading after a rejected login -------------------------------------------------------
+
+
+async def test_refresh_reads_again_and_says_whether_a_retry_can_help(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    name = await store.create(_credentials("old-password"))
+    auth = _auth(local_aws, name, ttl=3600)
+    try:
+        assert await auth.password(TARGET) == "old-password"
+        await store.put(name, _credentials("new-password"))
+        before = local_aws.count("GetSecretValue")
+        assert await auth.refresh(TARGET) is True
+        assert await auth.password(TARGET) == "new-password"
+        # Rejected again with an unchanged secret: one read, and no point retrying.
+        assert await auth.refresh(TARGET) is False
+        assert local_aws.count("GetSecretValue") - before == 2
+    finally:
+        await auth.close()
+
+
+async def test_logins_rejected_together_share_one_read(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    name = await store.create(_credentials("old-password"))
+    auth = _auth(local_aws, name, ttl=3600)
+    all_have_passwords = asyncio.Barrier(8)
+
+    async def rejected_login() -> tuple[str, bool, str]:
+        used = await auth.password(TARGET)
+        await all_have_passwords.wait()
+        retry = await auth.refresh(TARGET)
+        return used, retry, await auth.password(TARGET)
+
+    try:
+        await auth.warm(TARGET)
+        await store.put(name, _credentials("new-password"))
+        before = local_aws.count("GetSecretValue")
+        results = await asyncio.gather(*(rejected_login() for _ in range(8)))
+    finally:
+        await auth.close()
+    assert results == [("old-password", True, "new-password")] * 8
+    assert local_aws.count("GetSecretValue") - before == 1
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+async def test_missing_secret_names_the_secret_and_the_region(
+    aws: None, local_aws: LocalAwsEndpoint
+) -> None:
+    auth = _auth(local_aws, "test/does-not-exist")
+    with pytest.raises(CredentialsError) as info:
+        await auth.warm(TARGET)
+    await auth.close()
+    message = str(info.value)
+    assert "'test/does-not-exist'" in message
+    assert "no such secret in us-east-1" in message
+    assert "check the name or ARN and the region" in message
+
+
+async def test_wrong_region_does_not_find_the_secret_and_says_to_check_the_region(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    password = secrets.token_urlsafe(16)
+    name = await store.create(_credentials(password))
+    auth = _auth(local_aws, name, region="eu-west-1")
+    with pytest.raises(CredentialsError, match=r"no such secret in eu-west-1.*the region"):
+        await auth.password(TARGET)
+    await auth.close()
+
+
+def test_region_contradicting_the_arn_is_refused_at_once() -> None:
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:db/orders-AbCdEf"
+    with pytest.raises(CredentialsError, match=r"is in 'us-east-1': pass region='us-east-1'"):
+        SecretsManagerAuth(arn, region="eu-west-1")
+    assert SecretsManagerAuth(arn).region == "us-east-1"
+
+
+async def test_secret_that_is_not_json_is_explained_without_quoting_it(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    raw = "hunter2-not-json"
+    name = await store.create(raw)
+    auth = _auth(local_aws, name)
+    with pytest.raises(CredentialsError) as info:
+        await auth.password(TARGET)
+    message = str(info.value)
+    assert "is not JSON" in message
+    assert "key=None" in message
+    assert raw not in message
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+    # As the message says: key=None takes the whole string as the password.
+    assert await _auth(local_aws, name, key=None).password(TARGET) == raw
+    await auth.close()
+
+
+async def test_missing_field_lists_field_names_not_values(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    name = await store.create({"username": TARGET.user, "pwd": "s3cret-value"})
+    auth = _auth(local_aws, name)
+    with pytest.raises(CredentialsError) as info:
+        await auth.password(TARGET)
+    await auth.close()
+    message = str(info.value)
+    assert "no string field 'password'" in message
+    assert "fields: pwd, username" in message
+    assert "s3cret-value" not in message
+
+
+async def test_secret_for_another_user_is_refused(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    name = await store.create(_credentials("pw-of-someone-else", user="orders_app_clone"))
+    auth = _auth(local_aws, name)
+    with pytest.raises(CredentialsError) as info:
+        await auth.password(TARGET)
+    await auth.close()
+    message = str(info.value)
+    assert "is for user 'orders_app_clone' but the pool logs in as 'orders_app'" in message
+    assert "single-user rotation" in message
+    assert "pw-of-someone-else" not in message
+
+
+async def test_no_aws_credentials_says_where_they_come_from(
+    monkeypatch: pytest.MonkeyPatch, local_aws: LocalAwsEndpoint
+) -> None:
+    for name, value in aws_environment(credentials=False).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    auth = _auth(local_aws, "test/anything")
+    with pytest.raises(CredentialsError, match=r"no AWS credentials found.*execution role"):
+        await auth.warm(TARGET)
+    await auth.close()
+
+
+async def test_no_region_says_how_to_give_one(aws: None, local_aws: LocalAwsEndpoint) -> None:
+    auth = SecretsManagerAuth("test/plain-name", endpoint_url=local_aws.url)
+    with pytest.raises(CredentialsError, match=re.escape("pass region='...', give the secret's ARN")):
+        await auth.warm(TARGET)
+    await auth.close()
+
+
+async def test_unreachable_endpoint_suggests_the_vpc_route(aws: None) -> None:
+    auth = SecretsManagerAuth(
+        "test/x", region=REGION, endpoint_url=f"http://127.0.0.1:{free_port()}"
+    )
+    with pytest.raises(CredentialsError, match=r"could not reach AWS in region 'us-east-1'.*VPC"):
+        await auth.warm(TARGET)
+    await auth.close()
+
+
+async def test_debug_logging_everywhere_never_shows_the_secret(
+    store: SecretStore, local_aws: LocalAwsEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    password = secrets.token_urlsafe(16)
+    name = await store.create(_credentials(password))
+    caplog.set_level(logging.DEBUG)  # botocore logs every response body at DEBUG
+    auth = _auth(local_aws, name)
+    try:
+        assert await auth.password(TARGET) == password
+    finally:
+        await auth.close()
+    assert "botocore.parsers" in {r.name for r in caplog.records}  # the records exist, redacted
+    assert password not in caplog.text
+    assert password not in repr(auth)
+
+
+def test_ttl_must_be_positive() -> None:
+    with pytest.raises(CredentialsError, match="ttl=0"):
+        SecretsManagerAuth("x", region=REGION, ttl=0)
+
+
+# -- rotation through the real servers ---------------------------------------------------------
+# A rotation Lambda sets the role's new password on the database, then makes it the secret's
+# AWSCURRENT version. Connections the pool opens afterwards start with the cached (old) password,
+# are refused, read the secret again and retry once.
+
+
+class Role:
+    """A login role of the test PostgreSQL whose password the test rotates."""
+
+    def __init__(self, postgres: PostgresServer) -> None:
+        self.postgres = postgres
+        self.name = f"rot_{secrets.token_hex(4)}"
+
+    async def set_password(self, password: str, *, create: bool = False) -> None:
+        conn = await asyncpg.connect(self.postgres.admin_dsn)
+        try:
+            verb = "CREATE ROLE" if create else "ALTER ROLE"
+            await conn.execute(f"{verb} {self.name} LOGIN PASSWORD '{scram_secret(password)}'")
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(scope="module", params=["legacy", "current"])
+def auth_query_pgbouncer(
+    request: pytest.FixtureRequest, postgres: PostgresServer
+) -> Iterator[PgBouncerServer]:
+    """A PgBouncer that looks each login's SCRAM secret up in PostgreSQL (auth_query).
+
+    That is how a rotation reaches PgBouncer. Secrets copied into auth_file do not work for
+    this: measured on 1.18 and 1.24, after a RELOAD with the new secret PgBouncer kept accepting
+    the old password (it caches the SCRAM keys of a user it has logged in) and refused the new.
+    """
+    binary = system_pgbouncer() if request.param == "legacy" else current_pgbouncer()
+    server = PgBouncerServer(
+        binary,
+        postgres,
+        {
+            "default_pool_size": 3,
+            "max_db_connections": 3,
+            "auth_user": postgres.superuser.name,
+            "auth_query": "SELECT usename, passwd FROM pg_shadow WHERE usename = $1",
+        },
+    )
+    server.start()
+    try:
+        # PgBouncer logs in as auth_user with the password itself, not a SCRAM secret.
+        assert server.workdir is not None
+        userlist = server.workdir / "userlist.txt"
+        kept = [
+            line for line in userlist.read_text().splitlines()
+            if not line.startswith(f'"{postgres.superuser.name}" ')
+        ]
+        superuser = f'"{postgres.superuser.name}" "{postgres.superuser.password}"'
+        userlist.write_text("\n".join([*kept, superuser]) + "\n")
+        chown_tree(server.workdir)
+        run_sync(server.admin("RELOAD"))
+        yield server
+    finally:
+        server.stop()
+
+
+async def _rotate_and_connect(
+    store: SecretStore, local_aws: LocalAwsEndpoint, role: Role, host: str, port: int
+) -> None:
+    passwords = [secrets.token_urlsafe(18) for _ in range(4)]
+    await role.set_password(passwords[0], create=True)
+    name = await store.create(_credentials(passwords[0], user=role.name))
+    auth = _auth(local_aws, name, ttl=3600)
+    reads = local_aws.count
+    pool = Pool(f"postgresql://{role.name}@{host}:{port}/app", credentials=auth, min_size=1,
+                max_size=3, telemetry=False)
+    async with pool:
+        assert await pool.fetchval("SELECT current_user") == role.name
+        start = reads("GetSecretValue")
+        assert start >= 1
+
+        # Rotation: the next new connection is refused once, reads the secret, gets in.
+        await role.set_password(passwords[1])
+        await store.put(name, _credentials(passwords[1], user=role.name))
+        pool.expire_all()
+        assert await pool.fetchval("SELECT current_user") == role.name
+        assert reads("GetSecretValue") - start == 1
+
+        # Another rotation hits three new connections at once: all get in, with one read.
+        await role.set_password(passwords[2])
+        await store.put(name, _credentials(passwords[2], user=role.name))
+        pool.expire_all()
+        held = await asyncio.gather(*(pool.acquire() for _ in range(3)))
+        assert [await c.fetchval("SELECT current_user") for c in held] == [role.name] * 3
+        for conn in held:
+            await pool.release(conn)
+        assert reads("GetSecretValue") - start == 2
+
+        # A rotation that changed the database but never the secret: no retry can help.
+        await role.set_password(passwords[3])
+        pool.expire_all()
+        with pytest.raises(AuthenticationError) as info:
+            await pool.fetchval("SELECT 1")
+        assert reads("GetSecretValue") - start == 3
+    message = str(info.value)
+    assert f"the password in secret {name!r}" in message
+    assert "was rejected, also after reading the secret again" in message
+    assert not any(p in message for p in passwords)
+
+
+async def test_rotation_on_postgres_is_followed_by_new_connections(
+    store: SecretStore, local_aws: LocalAwsEndpoint, postgres: PostgresServer
+) -> None:
+    await _rotate_and_connect(store, local_aws, Role(postgres), postgres.host, postgres.port)
+
+
+async def test_rotation_behind_pgbouncer_is_followed_by_new_connections(
+    store: SecretStore, local_aws: LocalAwsEndpoint, auth_query_pgbouncer: PgBouncerServer
+) -> None:
+    bouncer = auth_query_pgbouncer
+    await _rotate_and_connect(store, local_aws, Role(bouncer.postgres), bouncer.host, bouncer.port)
