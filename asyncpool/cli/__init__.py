@@ -1,0 +1,1 @@
+"""The `asyncpool` command: demo, bench and doctor. Not imported by `import asyncpool`."""

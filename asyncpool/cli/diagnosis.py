@@ -1,0 +1,236 @@
+"""From what `asyncpool doctor` observed to findings and a recommended prepared-statement mode.
+
+Pure functions of `Facts`, so every branch can be checked without a server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+from asyncpool.config import PreparedStatements
+
+Level = Literal["ok", "note", "warning", "problem"]
+Pooler = Literal["pgbouncer", "rds-proxy", "unknown"]
+
+#: The first PgBouncer that tracks protocol-level prepared statements in transaction mode.
+PGBOUNCER_PREPARED = (1, 21)
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_UNREACHABLE = 2
+
+
+@dataclass
+class Facts:
+    """Everything the doctor learned; None means it could not tell."""
+
+    target: str  #: user@host:port/database (never a password)
+    host: str
+    connect_error: str | None = None
+    auth_failed: bool = False
+    login_ms: float | None = None
+    server_version: str | None = None
+    tls_in_use: bool | None = None
+    tls_version: str | None = None
+    tls_offered: bool | None = None
+    auth_method: str | None = None
+    sasl_mechanisms: tuple[str, ...] = ()
+    pooler: Pooler | None = None  #: None: connected straight to PostgreSQL
+    pooler_evidence: str | None = None
+    pgbouncer_version: tuple[int, ...] | None = None
+    admin_error: str | None = None
+    pool_mode: str | None = None
+    max_prepared_statements: int | None = None
+    pgbouncer_settings: dict[str, str] = field(default_factory=dict)
+    max_connections: int | None = None
+    connections_in_use: int | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    check: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    prepared_statements: PreparedStatements
+    reason: str
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    findings: list[Finding]
+    recommendation: Recommendation | None
+
+    @property
+    def exit_code(self) -> int:
+        if any(f.check == "connection" and f.level == "problem" for f in self.findings):
+            return EXIT_UNREACHABLE
+        if any(f.level == "problem" for f in self.findings):
+            return EXIT_PROBLEMS
+        return EXIT_OK
+
+
+def version_text(version: tuple[int, ...] | None) -> str:
+    return ".".join(map(str, version)) if version else "of unknown version"
+
+
+def diagnose(f: Facts) -> Diagnosis:
+    if f.connect_error is not None:
+        return Diagnosis([Finding("problem", "connection", f.connect_error)], None)
+    findings = [
+        Finding("ok", "connection", f"logged in to {f.target} in {f.login_ms:.0f} ms"
+                if f.login_ms is not None else f"logged in to {f.target}"),
+        Finding("ok", "server", f"PostgreSQL {f.server_version or '(version not reported)'}"),
+        _tls(f),
+        _auth(f),
+        *_pooler(f),
+    ]
+    return Diagnosis(findings, recommend(f))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.startswith("/"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls(f: Facts) -> Finding:
+    if f.tls_in_use:
+        return Finding("ok", "tls", f"in use ({f.tls_version or 'version unknown'})")
+    offered = {
+        True: "the server offers TLS but this connection did not use it (check sslmode)",
+        False: "the server does not offer TLS",
+        None: "sslmode=disable",
+    }[f.tls_offered]
+    if is_loopback(f.host):
+        return Finding("note", "tls", f"not in use: {offered} (fine on a loopback address)")
+    return Finding(
+        "warning", "tls",
+        f"not in use: {offered}; queries and results cross the network in clear: use "
+        "sslmode=verify-full with the server's CA (RDS: the RDS bundle; RDS Proxy: Amazon "
+        "root CAs)",
+    )
+
+
+def _auth(f: Facts) -> Finding:
+    method = f.auth_method
+    if method == "SCRAM-SHA-256":
+        plus = " (channel binding offered)" if "SCRAM-SHA-256-PLUS" in f.sasl_mechanisms else ""
+        return Finding("ok", "auth", f"SCRAM-SHA-256{plus}")
+    if method == "md5":
+        return Finding("warning", "auth", "md5: deprecated and weaker than SCRAM; set "
+                       "password_encryption=scram-sha-256, reset the password, and use "
+                       "scram-sha-256 in pg_hba.conf (PgBouncer: auth_type)")
+    if method == "password":
+        level: Level = "warning" if f.tls_in_use else "problem"
+        return Finding(level, "auth", "cleartext password: the server asks for the password "
+                       "itself" + ("" if f.tls_in_use else ", and without TLS it travels in "
+                                   "clear") + "; use scram-sha-256")
+    if method == "trust":
+        return Finding("warning", "auth", "trust: the server accepted the login without a "
+                       "password")
+    if method is None:
+        return Finding("note", "auth", "could not tell the authentication method")
+    return Finding("ok", "auth", method)
+
+
+def _pooler(f: Facts) -> list[Finding]:
+    if f.pooler is None:
+        limits = ""
+        if f.max_connections is not None:
+            limits = f" (max_connections={f.max_connections}"
+            if f.connections_in_use is not None:
+                limits += f", {f.connections_in_use} in use now"
+            limits += ")"
+        return [Finding(
+            "note", "pooler",
+            f"none: connected straight to PostgreSQL{limits}. Every Lambda environment holds "
+            "its own server connections; with many of them, put PgBouncer (transaction mode) "
+            "or RDS Proxy in front",
+        )]
+    if f.pooler == "rds-proxy":
+        return [Finding("ok", "pooler", "RDS Proxy (from the host name)")]
+    if f.pooler == "unknown":
+        console = (f"PgBouncer's admin console did not answer: {f.admin_error}"
+                   if f.admin_error else "no PgBouncer admin console answered")
+        return [Finding("note", "pooler", f"a pooler or proxy is in front ({f.pooler_evidence});"
+                        f" {console}")]
+    if f.pool_mode is None:
+        return [Finding(
+            "note", "pooler",
+            f"PgBouncer ({f.pooler_evidence}), settings unread: pass --admin-dsn "
+            "postgresql://ADMIN_USER@HOST:PORT/pgbouncer (a user in admin_users or "
+            "stats_users) to check pool_mode and max_prepared_statements",
+        )]
+    found = [Finding("ok", "pooler", f"PgBouncer {version_text(f.pgbouncer_version)}: "
+                     f"pool_mode={f.pool_mode}, max_prepared_statements="
+                     f"{_prepared_text(f)}")]
+    if f.pool_mode == "session":
+        found.append(Finding(
+            "note", "pool_mode",
+            "session: each client connection keeps a server connection until it disconnects, "
+            "so idle Lambda environments hold server connections; transaction mode is what "
+            "asyncpool is built for",
+        ))
+    elif f.pool_mode == "statement":
+        found.append(Finding(
+            "problem", "pool_mode",
+            "statement: PgBouncer refuses multi-statement transactions, so pool.transaction() "
+            "fails; set pool_mode=transaction",
+        ))
+    settings = ", ".join(f"{k}={v}" for k, v in f.pgbouncer_settings.items())
+    if settings:
+        found.append(Finding("note", "limits", settings))
+    return found
+
+
+def _prepared_text(f: Facts) -> str:
+    if f.pgbouncer_version is not None and f.pgbouncer_version < PGBOUNCER_PREPARED:
+        return "unsupported (needs PgBouncer >= 1.21)"
+    return str(f.max_prepared_statements if f.max_prepared_statements is not None else "unknown")
+
+
+def recommend(f: Facts) -> Recommendation:
+    """The `prepared_statements` mode to run with what was found ("off" when unsure)."""
+    if f.pooler is None:
+        return Recommendation("on", "a direct PostgreSQL connection keeps its named prepared "
+                              "statements: one round trip per cached query")
+    if f.pooler == "rds-proxy":
+        return Recommendation("describe-cache", "RDS Proxy pins a session that uses named "
+                              "prepared statements; describe-cache gets one round trip per "
+                              "query with unnamed statements only")
+    if f.pooler == "unknown":
+        return Recommendation("off", "an unidentified pooler or proxy is in front; 'off' (no "
+                              "named statements) works through any of them")
+    return _pgbouncer_mode(f)
+
+
+def _pgbouncer_mode(f: Facts) -> Recommendation:
+    if f.pool_mode is None:
+        return Recommendation("off", "PgBouncer's version and settings are unknown; 'off' works "
+                              "with every version. With --admin-dsn the doctor can tell whether "
+                              "'on' (>= 1.21 with max_prepared_statements > 0) or "
+                              "'describe-cache' fits")
+    if f.pool_mode == "session":
+        return Recommendation("on", "session pooling gives each client connection the same "
+                              "server connection, so named prepared statements stay valid")
+    if f.pool_mode == "statement":
+        return Recommendation("off", "statement pooling: fix pool_mode first")
+    version = f.pgbouncer_version
+    if version is not None and version >= PGBOUNCER_PREPARED and (f.max_prepared_statements or 0) > 0:
+        return Recommendation("on", f"PgBouncer {version_text(version)} tracks protocol-level "
+                              f"prepared statements (max_prepared_statements="
+                              f"{f.max_prepared_statements}): one round trip per cached query")
+    why = ("max_prepared_statements=0 (set it, e.g. to 200, to use 'on')"
+           if version is not None and version >= PGBOUNCER_PREPARED
+           else "PgBouncer < 1.21 cannot carry named prepared statements across transactions")
+    return Recommendation("describe-cache", f"{why}; describe-cache keeps one round trip per "
+                          "query using unnamed statements only")

@@ -1,0 +1,203 @@
+"""`asyncpool doctor DSN`: connect, look around, and say which settings to use."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+from asyncpool.cli.diagnosis import Diagnosis, Facts, diagnose
+from asyncpool.cli.probe import probe_startup
+from asyncpool.dsn import Target, parse_target, redact
+
+_RDS_PROXY_HOST = re.compile(r"\.proxy-[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com$", re.I)
+# PgBouncer settings worth seeing next to the pool mode.
+_PGBOUNCER_SETTINGS = ("max_client_conn", "default_pool_size", "max_db_connections",
+                       "query_wait_timeout", "auth_type")
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(doctor(args.dsn, args.admin_dsn, args.timeout, args.json, sys.stdout))
+
+
+async def doctor(dsn: str, admin_dsn: str | None, timeout: float, as_json: bool,
+                 out: TextIO) -> int:
+    try:
+        target = parse_target(dsn)
+    except ValueError as exc:
+        out.write(f"asyncpool doctor: {exc}\n")
+        return 2
+    facts = await gather_facts(dsn, target, admin_dsn, timeout)
+    diagnosis = diagnose(facts)
+    out.write(render_json(facts, diagnosis) if as_json else render_text(facts, diagnosis))
+    return diagnosis.exit_code
+
+
+async def gather_facts(dsn: str, target: Target, admin_dsn: str | None,
+                       timeout: float) -> Facts:
+    """Log in once (asyncpg), probe the authentication request, and read PgBouncer if present."""
+    import asyncpg
+
+    from asyncpool.connect_errors import translate
+
+    facts = Facts(target=str(target), host=target.host)
+    started = time.perf_counter()
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout, statement_cache_size=0)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        error = translate(exc, target, "doctor", timeout)
+        # "pool 'doctor' could not connect to X: why; what to do" -> "could not connect ...".
+        facts.connect_error = "could not connect" + str(error).split("could not connect", 1)[-1]
+        facts.auth_failed = type(error).__name__ == "AuthenticationError"
+        return facts
+    try:
+        facts.login_ms = (time.perf_counter() - started) * 1000
+        await _read_connection(conn, facts)
+    finally:
+        await conn.close(timeout=timeout)
+    await _probe(dsn, target, timeout, facts)
+    if facts.pooler is not None or admin_dsn:
+        await _read_pgbouncer(dsn, target, admin_dsn, timeout, facts)
+    return facts
+
+
+async def _read_connection(conn: Any, facts: Facts) -> None:
+    settings = conn.get_settings()
+    facts.server_version = str(getattr(settings, "server_version", "")).split(" ")[0] or None
+    ssl_object = conn._transport.get_extra_info("ssl_object")
+    facts.tls_in_use = ssl_object is not None
+    facts.tls_version = ssl_object.version() if ssl_object is not None else None
+    backend_pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+    if _RDS_PROXY_HOST.search(facts.host):
+        facts.pooler = "rds-proxy"
+        facts.pooler_evidence = "RDS Proxy host name"
+    elif conn.get_server_pid() != backend_pid:
+        # A pooler hands out its own cancel keys, so the process id it announced at login is
+        # not the process that ran our query.
+        facts.pooler = "unknown"
+        facts.pooler_evidence = "the backend key at login is not the server process's id"
+    else:
+        facts.max_connections = int(await conn.fetchval("SHOW max_connections"))
+        facts.connections_in_use = int(await conn.fetchval("SELECT count(*) FROM pg_stat_activity"
+                                                           " WHERE backend_type = 'client backend'"))
+
+
+async def _probe(dsn: str, target: Target, timeout: float, facts: Facts) -> None:
+    query = urlsplit(dsn).query
+    ask_tls = "sslmode=disable" not in query
+    try:
+        probe = await probe_startup(target.host, target.port, target.user, target.database,
+                                    ask_tls=ask_tls, timeout=timeout)
+    except (OSError, TimeoutError, EOFError, asyncio.IncompleteReadError):
+        return
+    facts.tls_offered = probe.tls_offered
+    facts.auth_method = probe.auth_method
+    facts.sasl_mechanisms = probe.sasl_mechanisms
+
+
+def admin_dsn_for(dsn: str) -> str:
+    """The same server and credentials, database ``pgbouncer`` (PgBouncer's admin console)."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/pgbouncer", parts.query, parts.fragment))
+
+
+async def _read_pgbouncer(dsn: str, target: Target, admin_dsn: str | None, timeout: float,
+                          facts: Facts) -> None:
+    try:
+        import psycopg
+    except ModuleNotFoundError:
+        facts.admin_error = "psycopg is not installed (pip install 'asyncpool[bench]')"
+        return
+    console = admin_dsn or admin_dsn_for(dsn)
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            console, autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
+            connect_timeout=max(1, round(timeout)),
+        )
+    except psycopg.Error as exc:
+        text = _server_message(exc)
+        if text == "not allowed":
+            # PgBouncer's answer to a user outside admin_users/stats_users: it is a PgBouncer.
+            facts.pooler = "pgbouncer"
+            facts.pooler_evidence = f"its admin console refused user {target.user!r}"
+        facts.admin_error = text
+        return
+    try:
+        rows = {cmd: await _show(conn, cmd) for cmd in ("VERSION", "CONFIG", "DATABASES", "USERS")}
+    except psycopg.Error as exc:
+        facts.admin_error = redact(str(exc)).strip()
+        return
+    finally:
+        await conn.close()
+    facts.pooler = "pgbouncer"
+    facts.pooler_evidence = "admin console"
+    version = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", str(rows["VERSION"][0].get("version", "")))
+    if version:
+        facts.pgbouncer_version = tuple(int(g) for g in version.groups() if g is not None)
+    config = {str(r["key"]): str(r["value"]) for r in rows["CONFIG"]}
+    facts.max_prepared_statements = int(config.get("max_prepared_statements", "0") or 0)
+    facts.pgbouncer_settings = {k: config[k] for k in _PGBOUNCER_SETTINGS if k in config}
+    facts.pool_mode = _effective_pool_mode(config, rows["DATABASES"], rows["USERS"], target)
+
+
+def _server_message(exc: BaseException) -> str:
+    """The server's own words from a libpq error ("... failed: FATAL:  not allowed")."""
+    text = redact(str(exc)).strip()
+    fatal = re.search(r"FATAL:\s+(.+)", text)
+    return (fatal.group(1) if fatal else text.splitlines()[-1]).strip()
+
+
+async def _show(conn: Any, what: str) -> list[dict[str, Any]]:
+    cur = await conn.execute(f"SHOW {what}".encode())
+    names = [col.name for col in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+
+def _effective_pool_mode(config: dict[str, str], databases: list[dict[str, Any]],
+                         users: list[dict[str, Any]], target: Target) -> str:
+    """PgBouncer's precedence: the user's pool_mode, then the database's, then the default."""
+    for rows, name in ((users, target.user), (databases, target.database)):
+        for row in rows:
+            if row.get("name") == name and row.get("pool_mode"):
+                return str(row["pool_mode"])
+    return config.get("pool_mode", "session")
+
+
+def render_text(facts: Facts, diagnosis: Diagnosis) -> str:
+    lines = [f"asyncpool doctor: {facts.target}", ""]
+    width = max(len(f.check) for f in diagnosis.findings)
+    for finding in diagnosis.findings:
+        lines.append(f"  {finding.level:<8} {finding.check:<{width}}  {finding.message}")
+    rec = diagnosis.recommendation
+    if rec is not None:
+        mode = rec.prepared_statements
+        lines += [
+            "",
+            f'Recommended: prepared_statements="{mode}"',
+            f"  {rec.reason}.",
+            f'  Pool(dsn, prepared_statements="{mode}")  or  ASYNCPOOL_PREPARED_STATEMENTS={mode}',
+        ]
+    problems = sum(f.level == "problem" for f in diagnosis.findings)
+    if rec is None:
+        lines += ["", "Could not check the server: fix the connection first."]
+    else:
+        lines += ["", f"{problems} problem(s) found." if problems else "No problems found."]
+    return "\n".join(lines) + "\n"
+
+
+def render_json(facts: Facts, diagnosis: Diagnosis) -> str:
+    rec = diagnosis.recommendation
+    document = {
+        "target": facts.target,
+        "exit_code": diagnosis.exit_code,
+        "facts": {**asdict(facts), "sasl_mechanisms": list(facts.sasl_mechanisms)},
+        "findings": [asdict(f) for f in diagnosis.findings],
+        "recommendation": asdict(rec) if rec else None,
+    }
+    return json.dumps(document, indent=2) + "\n"

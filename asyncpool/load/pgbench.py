@@ -1,0 +1,142 @@
+"""pgbench through the same target: the C client's throughput is the ceiling Python can aim at."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from asyncpool.config import PreparedStatements
+from asyncpool.dsn import dsn_password, parse_target
+from asyncpool.load.spec import pgbench_script
+
+_NUMBERS = {
+    "transactions": re.compile(r"number of transactions actually processed: (\d+)"),
+    "failed": re.compile(r"number of failed transactions: (\d+)"),
+    "latency_ms": re.compile(r"latency average = ([\d.]+) ms"),
+    "tps": re.compile(r"tps = ([\d.]+) \(without initial connection time\)"),
+}
+
+
+class PgbenchError(RuntimeError):
+    """pgbench is missing or its run failed."""
+
+
+@dataclass(frozen=True)
+class PgbenchResult:
+    target: str
+    clients: int
+    threads: int
+    duration: float
+    protocol: str  #: pgbench -M: extended (unnamed statements) or prepared
+    transactions: int
+    failed: int
+    tps: float
+    latency_avg_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        """A bench JSON ``runs`` entry; pgbench reports only the mean latency."""
+        return {
+            "target": self.target,
+            "driver": "pgbench",
+            "prepared_statements": "on" if self.protocol == "prepared" else "off",
+            "telemetry": "off",
+            "clients": self.clients,
+            "processes": self.threads,
+            "pool_size": 1,
+            "duration_s": self.duration,
+            "queries": self.transactions,
+            "queries_per_s": round(self.tps, 1),
+            "latency_ms": {"p50": None, "p95": None, "p99": None, "mean": self.latency_avg_ms,
+                           "max": None},
+            "errors": {"failed transactions": self.failed} if self.failed else {},
+            "error_count": self.failed,
+            "warmup_errors": {},
+            "connect_errors": 0,
+            "clients_never_served": 0,
+            "leaks_injected": 0,
+            "leaks_reclaimed": 0,
+            "server_connections_max": None,
+            "server_connections_limit": None,
+            "clients_waiting_max": None,
+        }
+
+
+def pgbench_binary() -> str:
+    """pgbench from PATH or next to the PostgreSQL server binaries."""
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    try:
+        from asyncpool.testing.binaries import postgres_bindir
+
+        candidate = postgres_bindir() / "pgbench"
+    except RuntimeError:
+        candidate = None
+    if candidate is not None and candidate.exists():
+        return str(candidate)
+    raise PgbenchError("pgbench not found: install PostgreSQL's client tools (postgresql-contrib)")
+
+
+async def run_pgbench(
+    dsn: str,
+    *,
+    target: str,
+    clients: int,
+    duration: float,
+    query: str,
+    prepared_statements: PreparedStatements,
+    threads: int | None = None,
+) -> PgbenchResult:
+    """Run `query` from `clients` pgbench connections for `duration` seconds."""
+    where = parse_target(dsn)
+    threads = max(1, min(threads or os.cpu_count() or 1, clients))
+    protocol = "prepared" if prepared_statements == "on" else "extended"
+    env = dict(os.environ)
+    password = dsn_password(dsn)
+    if password:
+        env["PGPASSWORD"] = password  # never on the command line, where `ps` would show it
+    with tempfile.TemporaryDirectory(prefix="asyncpool-pgbench-") as tmp:
+        script = Path(tmp) / "query.sql"
+        script.write_text(pgbench_script(query))
+        proc = await asyncio.create_subprocess_exec(
+            pgbench_binary(),
+            "--no-vacuum",
+            f"--client={clients}",
+            f"--jobs={threads}",
+            f"--time={max(1, round(duration))}",
+            f"--protocol={protocol}",
+            f"--file={script}",
+            f"--host={where.host}",
+            f"--port={where.port}",
+            f"--username={where.user}",
+            quote(where.database, safe=""),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        out, err = await proc.communicate()
+    text = out.decode(errors="replace")
+    values = {key: pattern.search(text) for key, pattern in _NUMBERS.items()}
+    if proc.returncode != 0 or values["tps"] is None or values["transactions"] is None:
+        tail = err.decode(errors="replace").strip()[-800:]
+        raise PgbenchError(f"pgbench failed ({proc.returncode}): {tail or text[-800:]}")
+    failed = values["failed"]
+    latency = values["latency_ms"]
+    return PgbenchResult(
+        target=target,
+        clients=clients,
+        threads=threads,
+        duration=float(max(1, round(duration))),
+        protocol=protocol,
+        transactions=int(values["transactions"].group(1)),
+        failed=int(failed.group(1)) if failed else 0,
+        tps=float(values["tps"].group(1)),
+        latency_avg_ms=float(latency.group(1)) if latency else 0.0,
+    )

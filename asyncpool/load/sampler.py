@@ -1,0 +1,156 @@
+"""Watch the server side while load runs: how many server connections are really used."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Protocol
+
+from asyncpool.dsn import parse_target
+from asyncpool.load.result import ServerUse
+
+SAMPLE_INTERVAL = 0.25
+# Server connections in any state: in a transaction, idle, just used, being tested, logging in.
+_SERVER_STATES = ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
+
+
+class Sampler(Protocol):
+    source: str
+
+    async def open(self) -> None: ...
+
+    async def sample(self) -> tuple[int, int | None]:
+        """(server connections now, clients waiting now or None)."""
+
+    async def close(self) -> None: ...
+
+
+class PgBouncerSampler:
+    """`SHOW POOLS` on PgBouncer's admin console, for the target's database and user.
+
+    The console speaks only the simple query protocol, so this uses psycopg's client-side
+    cursor (asyncpg cannot fetch rows there).
+    """
+
+    source = "pgbouncer SHOW POOLS"
+
+    def __init__(self, admin_dsn: str, database: str, user: str) -> None:
+        self._admin_dsn = admin_dsn
+        self._database = database
+        self._user = user
+        self._conn: Any = None
+
+    async def open(self) -> None:
+        import psycopg
+
+        self._conn = await psycopg.AsyncConnection.connect(
+            self._admin_dsn, autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
+            connect_timeout=5,
+        )
+
+    async def sample(self) -> tuple[int, int | None]:
+        cur = await self._conn.execute(b"SHOW POOLS")
+        assert cur.description is not None
+        names = [col.name for col in cur.description]
+        for values in await cur.fetchall():
+            row = dict(zip(names, values, strict=True))
+            if row["database"] == self._database and row["user"] == self._user:
+                servers = sum(int(row.get(key) or 0) for key in _SERVER_STATES)
+                return servers, int(row.get("cl_waiting") or 0)
+        return 0, 0
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+class PostgresSampler:
+    """Backends of the target's user and database in `pg_stat_activity`.
+
+    Opened before the load starts, so it holds its slot even when the server is full.
+    """
+
+    source = "pg_stat_activity"
+
+    def __init__(self, dsn: str, database: str, user: str) -> None:
+        self._dsn = dsn
+        self._database = database
+        self._user = user
+        self._conn: Any = None
+
+    async def open(self) -> None:
+        import asyncpg
+
+        self._conn = await asyncpg.connect(self._dsn, timeout=5, statement_cache_size=0)
+
+    async def sample(self) -> tuple[int, int | None]:
+        count: int = await self._conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND datname = $2 "
+            "AND pid <> pg_backend_pid()",
+            self._user,
+            self._database,
+        )
+        return count, None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close(timeout=2)
+
+
+def make_sampler(kind: str, dsn: str, admin_dsn: str | None,
+                 postgres_dsn: str | None) -> Sampler | None:
+    """The best sampler for a target: PgBouncer's console, else PostgreSQL's view, else none."""
+    where = parse_target(dsn)
+    if kind == "pgbouncer" and admin_dsn:
+        return PgBouncerSampler(admin_dsn, where.database, where.user)
+    direct = postgres_dsn or (dsn if kind == "postgres" else None)
+    if direct:
+        return PostgresSampler(direct, where.database, where.user)
+    return None
+
+
+class SamplingTask:
+    """Samples in the background and keeps the maxima; a failing sampler just stops."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.server_connections_max = 0
+        self.clients_waiting_max: int | None = None
+        self.latest: tuple[int, int | None] | None = None
+        self.samples = 0
+        self.error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            await self.sampler.open()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                servers, waiting = await self.sampler.sample()
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                return
+            self.latest = (servers, waiting)
+            self.samples += 1
+            self.server_connections_max = max(self.server_connections_max, servers)
+            if waiting is not None:
+                self.clients_waiting_max = max(self.clients_waiting_max or 0, waiting)
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    async def stop(self) -> ServerUse | None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.sampler.close()
+        if not self.samples:
+            return None
+        return ServerUse(self.server_connections_max, self.clients_waiting_max, self.samples,
+                         self.sampler.source)

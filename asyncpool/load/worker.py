@@ -1,0 +1,163 @@
+"""A worker process: many simulated function instances on one event loop.
+
+Protocol with the parent (`asyncpool.load.runner`), over one queue: the worker sends
+``("ready", process)`` once its instances are warm, waits for the start event, sends
+``("progress", process, queries, errors)`` twice a second while running, and ends with
+``("report", process, WorkerReport)`` or ``("failed", process, traceback)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import traceback
+from collections import Counter
+from typing import Any
+
+from asyncpool.load.clients import LoadClient, make_client
+from asyncpool.load.result import Tally, WorkerReport, error_name
+from asyncpool.load.spec import LoadSpec
+
+PROGRESS_INTERVAL = 0.5
+_CLOSE_TIMEOUT = 10.0
+
+
+class Instance:
+    """One simulated function instance: its client, and whether it ever got a query through."""
+
+    __slots__ = ("args", "client", "number", "served")
+
+    def __init__(self, spec: LoadSpec, number: int) -> None:
+        self.number = number
+        self.client: LoadClient = make_client(spec, number)
+        self.args = spec.parameters
+        self.served = False
+
+    async def warm_up(self, delay: float, failures: Counter[str]) -> None:
+        """After `delay`, create the pool and run one query, as a cold start would.
+
+        Starts are staggered rather than gated: a refused instance retrying inside its acquire
+        timeout must not hold up the others' logins.
+        """
+        await asyncio.sleep(delay)
+        try:
+            await self.client.open()
+            await self.client.query((0,) * self.args)
+        except Exception as exc:
+            failures[error_name(exc)] += 1
+        else:
+            self.served = True
+
+    async def run(self, end: float, tally: Tally) -> None:
+        """Query back to back until `end` (perf_counter time); count what completes by then."""
+        client = self.client
+        record = tally.histogram.record
+        clock = time.perf_counter
+        width = self.args
+        iteration = 0
+        while True:
+            started = clock()
+            if started >= end:
+                return
+            iteration += 1
+            try:
+                await client.query((iteration,) * width)
+            except Exception as exc:
+                tally.error(exc)
+                await client.after_error()
+                continue
+            done = clock()
+            if done <= end:
+                record(done - started)
+                tally.queries += 1
+                self.served = True
+
+
+def leaking(spec: LoadSpec, number: int) -> bool:
+    """Whether instance `number` injects a leak: `spec.leaks` of them, spread evenly."""
+    if not spec.leaks:
+        return False
+    return number in {i * spec.clients // spec.leaks for i in range(spec.leaks)}
+
+
+def worker_main(spec: LoadSpec, process: int, start: Any, outbox: Any) -> None:
+    """Process entry point (spawned by the runner)."""
+    # Ctrl-C reaches the whole process group: the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Leak reports are counted in the result; their stack traces would flood the terminal.
+    logging.getLogger("asyncpool").addHandler(logging.NullHandler())
+    logging.getLogger("asyncpool").propagate = False
+    try:
+        if spec.telemetry == "sdk":
+            from asyncpool.load.otel import install_sdk
+
+            install_sdk()
+        report = asyncio.run(_run(spec, process, start, outbox))
+    except BaseException:
+        outbox.put(("failed", process, traceback.format_exc()))
+        raise SystemExit(1) from None
+    outbox.put(("report", process, report))
+
+
+async def _run(spec: LoadSpec, process: int, start: Any, outbox: Any) -> WorkerReport:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_refusals)
+    instances = [Instance(spec, n) for n in spec.share(process)]
+    warmup_errors: Counter[str] = Counter()
+    await asyncio.gather(
+        *(inst.warm_up(i / spec.login_rate, warmup_errors) for i, inst in enumerate(instances))
+    )
+    outbox.put(("ready", process))
+    await loop.run_in_executor(None, start.wait)
+
+    tally = Tally()
+    end = time.perf_counter() + spec.duration
+    leakers = [
+        asyncio.create_task(inst.client.leak()) for inst in instances if leaking(spec, inst.number)
+    ]
+    reporter = asyncio.create_task(_report_progress(process, tally, outbox))
+    try:
+        await asyncio.gather(*(inst.run(end, tally) for inst in instances))
+    finally:
+        reporter.cancel()
+        for task in leakers:
+            task.cancel()
+        await asyncio.gather(reporter, *leakers, return_exceptions=True)
+    report = WorkerReport(
+        process=process,
+        clients=len(instances),
+        tally=tally,
+        warmup_errors=warmup_errors,
+        served=sum(inst.served for inst in instances),
+        connect_errors=sum(inst.client.connect_errors() for inst in instances),
+        leaks_injected=len(leakers),
+        leaks_reclaimed=sum(inst.client.leaks_reclaimed() for inst in instances),
+    )
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await asyncio.gather(*(inst.client.close() for inst in instances),
+                                 return_exceptions=True)
+    except TimeoutError:
+        pass  # the process exits next; the servers see the sockets close
+    return report
+
+
+def _quiet_refusals(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Drop asyncpg's "Future exception was never retrieved" noise for refused logins.
+
+    When a server drops a login during TLS negotiation (sslmode=prefer), asyncpg leaves a failed
+    future behind; the refusal itself is already counted.
+    """
+    if isinstance(context.get("exception"), ConnectionError) and "never retrieved" in str(
+        context.get("message", "")
+    ):
+        return
+    loop.default_exception_handler(context)
+
+
+async def _report_progress(process: int, tally: Tally, outbox: Any) -> None:
+    while True:
+        await asyncio.sleep(PROGRESS_INTERVAL)
+        outbox.put(("progress", process, tally.queries, tally.error_count))
