@@ -46,7 +46,8 @@ class AcquireContext:
             return
         if lease.state is LeaseState.LEAKED:
             _raise_leaked(self._pool.name, exc)
-        lost = exc is not None and lease.active and lease.record.conn.is_closed()
+        # A cancelled task must end cancelled, even if its connection died meanwhile.
+        lost = isinstance(exc, Exception) and lease.active and lease.record.conn.is_closed()
         await self._pool._release(lease)
         if lost:
             assert exc is not None

@@ -431,11 +431,11 @@ class Pool:
                         type(exc).__name__)
             self._validation_failures_total += 1
             self._observer.validation_failed()
-            record.conn.terminate()
+            self._terminate(record.conn)
             self._count_closed("failed validation")
             return False
         except BaseException:
-            record.conn.terminate()
+            self._terminate(record.conn)
             self._free_slot()
             self._count_closed("cancelled during validation")
             raise
@@ -465,7 +465,7 @@ class Pool:
             if conn.is_closed():
                 self._discard(record, "broken")
                 return
-            if _is_cancelling(conn) or conn.is_in_transaction():
+            if _is_cancelling(conn) or conn.is_in_transaction() or _has_stale_transaction(conn):
                 await self._reset(conn)
         except Exception as exc:
             # Dropping the connection rolls its transaction back and the slot is restored: the
@@ -475,7 +475,6 @@ class Pool:
             self._discard(record, "reset failed")
             return
         except BaseException:
-            conn.terminate()
             self._discard(record, "reset failed")
             raise
         finally:
@@ -492,6 +491,9 @@ class Pool:
         async with asyncio.timeout(_RELEASE_TIMEOUT):
             if _is_cancelling(conn):
                 await conn._protocol._wait_for_cancellation()
+            # asyncpg keeps a Transaction whose BEGIN failed (timed out, cancelled) as the open
+            # one, so every later transaction() on this connection would be a SAVEPOINT.
+            conn._top_xact = None
             if conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
 
@@ -511,7 +513,7 @@ class Pool:
         if graceful and not record.conn.is_closed():
             self._spawn(self._close_conn(record.conn))
         else:
-            record.conn.terminate()
+            self._terminate(record.conn)
         self._count_closed(reason)
         self._free_slot()
 
@@ -535,6 +537,19 @@ class Pool:
             self._size -= 1
             self._count_closed(reason)
         return records
+
+    def _terminate(self, conn: asyncpg.Connection) -> None:
+        """Close `conn` now, or once asyncpg has sent the cancel request it has in flight:
+        closing that request's socket early crashes PgBouncer 1.18 (pgbouncer#801)."""
+        pending = [t for t in getattr(conn, "_cancellations", ()) if not t.done()]
+        if not pending:
+            conn.terminate()
+            return
+        self._spawn(self._terminate_after(conn, pending))
+
+    async def _terminate_after(self, conn: asyncpg.Connection, pending: list[Any]) -> None:
+        await asyncio.wait(pending, timeout=_RELEASE_TIMEOUT)
+        conn.terminate()
 
     async def _close_conn(self, conn: asyncpg.Connection) -> None:
         try:
@@ -675,6 +690,11 @@ def _is_cancelling(conn: asyncpg.Connection) -> bool:
     proto = getattr(conn, "_protocol", None)
     check = getattr(proto, "_is_cancelling", None)
     return bool(check()) if check is not None else False
+
+
+def _has_stale_transaction(conn: asyncpg.Connection) -> bool:
+    """True when asyncpg still tracks a Transaction object (a failed or abandoned start)."""
+    return getattr(conn, "_top_xact", None) is not None
 
 
 async def create_pool(dsn: str | None = None, **options: Any) -> Pool:

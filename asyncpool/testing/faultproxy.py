@@ -47,6 +47,8 @@ class FaultProxy:
         self.mode: FaultMode = "pass"
         self.direction: Direction = "replies"
         self.accepted_total = 0
+        #: Chunks read from one end and held back by a stall (a request waiting at the partition).
+        self.held = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._links: set[_Link] = set()
@@ -83,10 +85,13 @@ class FaultProxy:
         links = list(self._links)
         for link in links:
             link.close(reset=False)
+        # Closed sockets end every pump; cancelling is only for a pump stuck past that.
         tasks = [link.task for link in links if link.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=5)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -143,6 +148,9 @@ class FaultProxy:
                 self._pump(link, reader, up_writer, "requests"),
                 self._pump(link, up_reader, writer, "replies"),
             )
+        except asyncio.CancelledError:
+            # Only close() cancels this task, and nothing awaits it: end quietly.
+            pass
         finally:
             link.close(reset=False)
             self._links.discard(link)
@@ -154,7 +162,12 @@ class FaultProxy:
                 data = await src.read(_CHUNK)
                 if not data:
                     break
-                await self._flowing.wait()
+                if not self._flowing.is_set():
+                    self.held += 1
+                    try:
+                        await self._flowing.wait()
+                    finally:
+                        self.held -= 1
                 if link.closed:
                     break
                 if direction in link.deaf:

@@ -1,0 +1,1 @@
+"""Fault injection: restarts, pauses, network faults, exhaustion, cancellation, bad input."""

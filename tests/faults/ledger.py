@@ -1,0 +1,108 @@
+"""The "nothing lost" bookkeeping: what each writer was told, checked against what the table holds.
+
+Every write inserts a fresh id in one transaction. A writer is told one of three things:
+committed; failed before COMMIT was sent (the id must be absent); or failed at COMMIT (ambiguous:
+the id may be present, at most once). The primary key turns any replay of a write into a
+`UniqueViolationError` a writer would see, so "never duplicated" is checked too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from asyncpool import Pool
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    """Counts from a verified ledger."""
+
+    committed: int
+    failed: int
+    ambiguous_present: int
+    ambiguous_absent: int
+
+    @property
+    def attempted(self) -> int:
+        return self.committed + self.failed + self.ambiguous_present + self.ambiguous_absent
+
+
+@dataclass
+class Ledger:
+    """A table of unique ids and the outcome each writer saw for its own id."""
+
+    dsn: str  # direct to PostgreSQL: the check must not depend on the pooler under test
+    table: str
+    committed: set[int] = field(default_factory=set)
+    failed: dict[int, BaseException] = field(default_factory=dict)
+    ambiguous: dict[int, BaseException] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    async def create(self) -> Ledger:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute(
+                f"DROP TABLE IF EXISTS {self.table};"
+                f"CREATE TABLE {self.table} (id bigint PRIMARY KEY, at timestamptz DEFAULT now())"
+            )
+        finally:
+            await conn.close()
+        return self
+
+    async def write(self, pool: Pool, *, timeout: float | None = None,
+                    before_commit: Callable[[], Awaitable[None]] | None = None) -> BaseException | None:
+        """One transaction inserting a new id; returns the error the writer saw, if any.
+
+        `before_commit` runs after the insert (a fault to inject there). `CancelledError` is
+        recorded and re-raised: a cancelled writer stays cancelled.
+        """
+        ident = next(self._ids)
+        sent_commit = False
+        try:
+            async with pool.transaction() as conn:
+                await conn.execute(f"INSERT INTO {self.table} (id) VALUES ($1)", ident, timeout=timeout)
+                if before_commit is not None:
+                    await before_commit()
+                # Anything raised from here on comes from COMMIT or the release after it.
+                sent_commit = True
+        except BaseException as exc:
+            (self.ambiguous if sent_commit else self.failed)[ident] = exc
+            if not isinstance(exc, Exception):
+                raise
+            return exc
+        self.committed.add(ident)
+        return None
+
+    @property
+    def errors(self) -> list[BaseException]:
+        return [*self.failed.values(), *self.ambiguous.values()]
+
+    async def verify(self) -> LedgerCheck:
+        """Assert nothing was lost, invented or duplicated; return the counts."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            present = {row["id"] for row in await conn.fetch(f"SELECT id FROM {self.table}")}
+        finally:
+            await conn.close()
+        lost = self.committed - present
+        assert not lost, f"{len(lost)} committed ids are missing: {sorted(lost)[:10]}"
+        ghosts = self.failed.keys() & present
+        assert not ghosts, (
+            f"{len(ghosts)} ids whose writer was told 'failed' were written: "
+            f"{[(i, repr(self.failed[i])) for i in sorted(ghosts)[:5]]}"
+        )
+        strangers = present - self.committed - self.ambiguous.keys()
+        assert not strangers, f"ids nobody wrote are in the table: {sorted(strangers)[:10]}"
+        replays = [e for e in self.errors if isinstance(e, asyncpg.UniqueViolationError)]
+        assert not replays, f"a write was replayed: {replays[:3]}"
+        ambiguous_present = len(self.ambiguous.keys() & present)
+        return LedgerCheck(
+            committed=len(self.committed),
+            failed=len(self.failed),
+            ambiguous_present=ambiguous_present,
+            ambiguous_absent=len(self.ambiguous) - ambiguous_present,
+        )

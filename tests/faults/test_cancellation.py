@@ -1,0 +1,235 @@
+"""Cancellation and timeouts at every await point of a checkout.
+
+Each test parks a task at one await point (a fault proxy holds its bytes, or the pool is full),
+cancels it there, or lets an `asyncio.timeout` expire there, then proves: the task ends with
+exactly that cancellation or timeout, no slot or server connection is lost, every connection
+runs transactions again, and the ledger holds what the writers were told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import asyncpg
+import pytest
+
+from asyncpool import Pool, PooledConnection, PoolTimeoutError
+from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
+
+from .invariants import assert_clear, full_width, settled
+from .ledger import Ledger
+
+POINTS = [
+    "queued",  # waiting for a connection another task holds
+    "connecting",  # opening a new connection
+    "validating",  # the checkout round trip on an idle connection
+    "beginning",  # BEGIN of pool.transaction()
+    "querying",  # a statement running on the server
+    "rolling-back",  # pool.transaction() rolling back after an error in the block
+    "resetting",  # release() rolling back a transaction the caller left open
+    "committing",  # COMMIT of pool.transaction()
+]
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture
+async def proxy(legacy: PgBouncerServer) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(legacy.host, legacy.port) as proxy:
+        yield proxy
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await check():
+        assert loop.time() < deadline, f"the task never reached the {what} point"
+        await asyncio.sleep(0.01)
+
+
+async def _sleeping_on_server(postgres: PostgresServer) -> bool:
+    conn = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+            "AND query LIKE 'SELECT pg_sleep(60)%'"
+        )
+    finally:
+        await conn.close()
+    return count == 1
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+@pytest.mark.parametrize("point", POINTS)
+async def test_interrupted_at_every_await_point(
+    point: str, how: str, *, proxy: FaultProxy, legacy: PgBouncerServer,
+    postgres: PostgresServer, ledger: Ledger,
+) -> None:
+    options: dict[str, Any] = {
+        "queued": {"max_size": 1},
+        "connecting": {"min_size": 0},
+        "validating": {"validate_after": 0},
+    }.get(point, {})
+    config: dict[str, Any] = {"min_size": 1, "max_size": 2, "validate_after": None, "acquire_timeout": 10,
+              "connect_timeout": 10, "telemetry": False, **options}
+    async with Pool(proxy.dsn(legacy.dsn()), name=f"cancel-{point}", **config) as pool:
+        if point != "connecting":
+            await pool.fetchval("SELECT 1")  # an idle connection, used just now
+        held = await pool.acquire() if point == "queued" else None
+        stall = proxy.set_mode
+
+        async def stall_then_fail() -> None:
+            stall("stall")
+            raise Boom
+
+        async def stall_before_commit() -> None:
+            stall("stall")
+
+        async def reset_on_release() -> None:
+            async with pool.acquire() as conn:
+                await conn.execute("BEGIN")
+                await conn.execute(f"INSERT INTO {ledger.table} (id) VALUES (-1)")
+                stall("stall")
+
+        async def idle_check() -> None:
+            stall("stall")
+            await pool.fetchval("SELECT 1")
+
+        operation: dict[str, Callable[[], Awaitable[object]]] = {
+            "queued": lambda: pool.fetchval("SELECT 1"),
+            "connecting": lambda: (stall("stall"), pool.fetchval("SELECT 1"))[1],
+            "validating": idle_check,
+            "beginning": lambda: (stall("stall"), ledger.write(pool))[1],
+            "querying": lambda: pool.execute("SELECT pg_sleep(60)"),
+            "rolling-back": lambda: ledger.write(pool, before_commit=stall_then_fail),
+            "resetting": reset_on_release,
+            "committing": lambda: ledger.write(pool, before_commit=stall_before_commit),
+        }
+        at_point: dict[str, Callable[[], Awaitable[bool]]] = {
+            "queued": lambda: _now(pool.stats().waiting == 1),
+            "connecting": lambda: _now(pool.stats().connecting == 1 and proxy.connections == 1),
+            "validating": lambda: _now(pool.stats().connecting == 1 and proxy.held == 1),
+            "querying": lambda: _sleeping_on_server(postgres),
+        }
+        ready = at_point.get(point, lambda: _now(proxy.held == 1))
+
+        timeouts: list[asyncio.Timeout] = []
+
+        async def run() -> None:
+            if how == "cancel":
+                await operation[point]()
+                return
+            async with asyncio.timeout(None) as cm:
+                timeouts.append(cm)
+                await operation[point]()
+
+        task = asyncio.create_task(run())
+        await _until(ready, point)
+        if how == "cancel":
+            task.cancel()
+        else:
+            timeouts[0].reschedule(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.05)
+        proxy.set_mode("pass")
+        expected = asyncio.CancelledError if how == "cancel" else TimeoutError
+        with pytest.raises(expected) as info:
+            await asyncio.wait_for(task, 15)
+        # The caller sees its own interruption, not an error of the pool's making.
+        assert not isinstance(info.value, PoolTimeoutError)
+        if held is not None:
+            await pool.release(held)
+
+        await settled(pool, legacy)
+        await full_width(pool)
+        # Every connection runs transactions again (none kept a half-started one).
+        errors = await asyncio.gather(*[ledger.write(pool) for _ in range(2 * pool.config.max_size)])
+        assert errors == [None] * len(errors)
+        await ledger.verify()
+        assert await _count(postgres, ledger, -1) == 0
+
+
+async def _now(value: bool) -> bool:
+    return value
+
+
+async def _count(postgres: PostgresServer, ledger: Ledger, ident: int) -> int:
+    conn = await asyncpg.connect(postgres.dsn())
+    try:
+        n: int = await conn.fetchval(f"SELECT count(*) FROM {ledger.table} WHERE id = $1", ident)
+    finally:
+        await conn.close()
+    return n
+
+
+async def test_cancelled_task_ends_cancelled_when_its_connection_dies_too(
+    legacy: PgBouncerServer,
+) -> None:
+    async with Pool(legacy.dsn(), name="doubly-doomed", max_size=1, telemetry=False) as pool:
+        holding: list[PooledConnection] = []
+
+        async def hold() -> None:
+            async with pool.acquire() as conn:
+                holding.append(conn)
+                await conn.execute("SELECT pg_sleep(60)")
+
+        task = asyncio.create_task(hold())
+        await _until(lambda: _now(bool(holding)), "holding")
+        await asyncio.sleep(0.05)
+        holding[0].raw.terminate()  # the connection dies...
+        task.cancel()  # ...as the task is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settled(pool, legacy)
+        assert await pool.fetchval("SELECT 1") == 1
+
+
+async def test_cancellation_storm_loses_nothing(fault_pooler: PgBouncerServer,
+                                                ledger: Ledger) -> None:
+    """Writers cancelled or timed out at random moments, hundreds of times.
+
+    On PgBouncer 1.18 this also checks the pool never closes a connection while asyncpg's
+    cancel request for it is in flight: that crashes 1.18 (pgbouncer#801), taking every
+    client down.
+    """
+    rng = random.Random(20240611)
+    pooler = fault_pooler
+    async with Pool(pooler.dsn(), name="storm", min_size=1, max_size=4, acquire_timeout=10,
+                    validate_after=0.0, telemetry=False) as pool:
+
+        async def writer() -> None:
+            while True:
+                budget = rng.choice([None, rng.uniform(0.0005, 0.02)])
+                cm: AbstractAsyncContextManager[object] = asyncio.timeout(budget)
+                try:
+                    async with cm:
+                        await ledger.write(pool)
+                except TimeoutError:
+                    pass
+
+        for _round in range(4):
+            tasks = [asyncio.create_task(writer()) for _ in range(24)]
+            for _ in range(120):
+                await asyncio.sleep(rng.uniform(0, 0.004))
+                rng.choice(tasks).cancel()
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        check = await ledger.verify()
+        # Interruptions reached writers before and during COMMIT, and some writes got through.
+        assert check.committed > 0
+        assert check.failed > 0
+        assert check.ambiguous_present + check.ambiguous_absent > 0
+        assert_clear(ledger.errors, asyncio.CancelledError, TimeoutError)
+        await settled(pool, pooler)
+        await full_width(pool)
+        errors = await asyncio.gather(*[ledger.write(pool) for _ in range(16)])
+        assert errors == [None] * 16
+        assert pooler.running()
