@@ -1,0 +1,178 @@
+"""Passwords for SCRAM-SHA-256 (DSN, explicit, environment) through PostgreSQL and both
+PgBouncers, the provider protocol's retry-once path, and the errors for a wrong password."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from asyncpool import (
+    AuthenticationError,
+    CredentialProvider,
+    CredentialsError,
+    IamAuth,
+    Pool,
+    PoolObserver,
+    SecretsManagerAuth,
+    StaticPassword,
+    Target,
+)
+from asyncpool.observer import ConnectAttempt
+from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
+
+
+@dataclass
+class AttemptLog(PoolObserver):
+    """Every connection attempt the pool reports."""
+
+    attempts: list[ConnectAttempt] = field(default_factory=list)
+
+    def connect_attempted(self, attempt: ConnectAttempt) -> None:
+        self.attempts.append(attempt)
+
+
+def _pool(dsn: str, observer: PoolObserver | None = None, **options: Any) -> Pool:
+    options = {"min_size": 1, "max_size": 2, "telemetry": False, **options}
+    return Pool(dsn, observers=[observer] if observer else None, **options)
+
+
+def _without_password(dsn: str, password: str) -> str:
+    return dsn.replace(f":{password}@", "@")
+
+
+async def test_password_in_the_dsn_logs_in_through_postgres_and_pgbouncer(
+    postgres: PostgresServer, pooler: Pooler
+) -> None:
+    for dsn in (postgres.dsn(), pooler.dsn()):
+        async with _pool(dsn) as pool:
+            assert await pool.fetchval("SELECT current_user") == "app"
+
+
+async def test_static_password_provider_with_a_dsn_without_password(
+    postgres: PostgresServer, pooler: Pooler
+) -> None:
+    password = postgres.app.password
+    for dsn in (postgres.dsn(), pooler.dsn()):
+        bare = _without_password(dsn, password)
+        assert password not in bare
+        async with _pool(bare, credentials=StaticPassword(password)) as pool:
+            assert await pool.fetchval("SELECT current_user") == "app"
+
+
+async def test_password_from_the_environment(
+    postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare = _without_password(postgres.dsn(), postgres.app.password)
+    monkeypatch.setenv("PGPASSWORD", postgres.app.password)
+    async with _pool(bare) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+    monkeypatch.delenv("PGPASSWORD")
+    monkeypatch.setenv("ORDERS_DB_PASSWORD", postgres.app.password)
+    async with _pool(bare, credentials=StaticPassword.from_env("ORDERS_DB_PASSWORD")) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+
+
+def test_password_from_an_unset_variable_says_which(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ORDERS_DB_PASSWORD", raising=False)
+    with pytest.raises(CredentialsError, match="ORDERS_DB_PASSWORD is not set"):
+        StaticPassword.from_env("ORDERS_DB_PASSWORD")
+
+
+async def test_wrong_password_fails_once_with_advice_and_without_the_password(
+    postgres: PostgresServer, pooler: Pooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "definitely-not-the-password"
+    caplog.set_level(logging.DEBUG, logger="asyncpool")
+    for dsn in (postgres.dsn(), pooler.dsn()):
+        log = AttemptLog()
+        pool = _pool(_without_password(dsn, postgres.app.password), log,
+                     credentials=StaticPassword(wrong))
+        with pytest.raises(AuthenticationError) as info:
+            await pool.open()
+        message = str(info.value)
+        assert "authentication failed for user 'app'" in message
+        assert "fix it in the DSN or settings" in message
+        assert "auth_file" in message
+        assert wrong not in message
+        # A fixed password cannot get better: no second login.
+        assert len(log.attempts) == 1
+    assert wrong not in caplog.text
+
+
+@dataclass
+class Rotating:
+    """A user-written provider: hands out passwords in turn, moving on when asked to refresh."""
+
+    passwords: list[str] = field(repr=False)
+    requires_tls: bool = False
+    calls: int = 0
+    refreshes: int = 0
+
+    async def password(self, target: Target) -> str:
+        self.calls += 1
+        return self.passwords[0]
+
+    async def refresh(self, target: Target) -> bool:
+        self.refreshes += 1
+        if len(self.passwords) == 1:
+            return False
+        self.passwords.pop(0)
+        return True
+
+    async def warm(self, target: Target) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_refused_login_refreshes_the_provider_and_retries_once(
+    postgres: PostgresServer, pooler: Pooler
+) -> None:
+    for dsn in (postgres.dsn(), pooler.dsn()):
+        provider = Rotating(["stale-password", postgres.app.password])
+        log = AttemptLog()
+        bare = _without_password(dsn, postgres.app.password)
+        async with _pool(bare, log, credentials=provider, max_size=3) as pool:
+            held = [await pool.acquire() for _ in range(3)]
+            for conn in held:
+                await pool.release(conn)
+        assert provider.refreshes == 1
+        assert provider.calls == 4  # one refused, then one per connection
+        assert [a.error is None for a in log.attempts] == [False, True, True, True]
+
+
+async def test_provider_that_cannot_produce_a_password_stops_the_pool_with_its_error(
+    postgres: PostgresServer,
+) -> None:
+    class Broken(Rotating):
+        async def password(self, target: Target) -> str:
+            raise CredentialsError(f"no password for {target.user}: the vault is sealed")
+
+    bare = _without_password(postgres.dsn(), postgres.app.password)
+    with pytest.raises(CredentialsError, match="no password for app: the vault is sealed"):
+        await _pool(bare, credentials=Broken([])).open()
+
+
+def test_every_shipped_provider_satisfies_the_protocol() -> None:
+    providers: list[CredentialProvider] = [
+        StaticPassword("x"),
+        IamAuth(region="us-east-1"),
+        SecretsManagerAuth("db/orders", region="us-east-1"),
+        Rotating(["x"]),
+    ]
+    assert all(isinstance(p, CredentialProvider) for p in providers)
+    assert [p.requires_tls for p in providers] == [False, True, False, False]
+
+
+def test_reprs_show_no_password(postgres: PostgresServer) -> None:
+    secret = postgres.app.password
+    pool = Pool(postgres.dsn(), credentials=StaticPassword(secret),
+                connect_kwargs={"password": secret})
+    for text in (repr(pool), repr(pool.config), str(pool.config), repr(StaticPassword(secret))):
+        assert secret not in text
+    assert "credentials=StaticPassword" in repr(pool.config)
