@@ -184,9 +184,7 @@ class ContainerStack:
                 .with_copy_into_container(
                     superuser.password.encode(), postgres_env["POSTGRES_PASSWORD_FILE"], 0o444
                 )
-                .with_copy_into_container(
-                    app.password.encode(), postgres_env["APP_DB_PASSWORD_FILE"], 0o444
-                )
+                .with_copy_into_container(app.password.encode(), postgres_env["APP_DB_PASSWORD_FILE"], 0o444)
                 .with_copy_into_container(
                     INITDB_SCRIPT.read_bytes(), "/docker-entrypoint-initdb.d/10-roles.sh", 0o755
                 )
@@ -214,15 +212,11 @@ class ContainerStack:
                 .with_network(network)
                 .with_exposed_ports(PGBOUNCER_PORT)
                 .with_envs(**pgbouncer_env)
-                .with_copy_into_container(
-                    app.password.encode(), pgbouncer_env["APP_DB_PASSWORD_FILE"], 0o444
-                )
+                .with_copy_into_container(app.password.encode(), pgbouncer_env["APP_DB_PASSWORD_FILE"], 0o444)
                 .with_copy_into_container(
                     admin.password.encode(), pgbouncer_env["PGBOUNCER_ADMIN_PASSWORD_FILE"], 0o444
                 )
-                .waiting_for(
-                    LogMessageWaitStrategy("process up").with_startup_timeout(int(startup_timeout))
-                )
+                .waiting_for(LogMessageWaitStrategy("process up").with_startup_timeout(int(startup_timeout)))
             )
             pgbouncer.start()
             started.append(pgbouncer)

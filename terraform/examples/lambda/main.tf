@@ -13,7 +13,8 @@ data "aws_db_instance" "this" {
 }
 
 locals {
-  use_proxy = var.pooler == "rds-proxy"
+  use_proxy    = var.pooler == "rds-proxy"
+  aws_policies = "arn:${data.aws_partition.current.partition}:iam::aws:policy"
 
   pooler = local.use_proxy ? {
     endpoint          = module.rds_proxy[0].endpoint
@@ -185,12 +186,12 @@ resource "aws_iam_role" "function" {
 # Network interfaces in the VPC and CloudWatch Logs.
 resource "aws_iam_role_policy_attachment" "function_vpc" {
   role       = aws_iam_role.function.name
-  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
+  policy_arn = "${local.aws_policies}/service-role/AWSLambdaVPCAccessExecutionRole"
 }
 
 resource "aws_iam_role_policy_attachment" "function_xray" {
   role       = aws_iam_role.function.name
-  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AWSXRayDaemonWriteAccess"
+  policy_arn = "${local.aws_policies}/AWSXRayDaemonWriteAccess"
 }
 
 # rds-proxy: rds-db:connect as db_username on this proxy, nothing else.

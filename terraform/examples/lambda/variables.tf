@@ -107,24 +107,44 @@ variable "rotation_lambda_arn" {
   description = "rds-proxy: rotation function for the proxy's database password (for example SecretsManagerRDSPostgreSQLRotationSingleUser)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.rotation_lambda_arn == null || can(regex("^arn:aws[a-z-]*:lambda:[a-z0-9-]+:[0-9]{12}:function:[A-Za-z0-9_-]+$", coalesce(var.rotation_lambda_arn, "-")))
+    error_message = "rotation_lambda_arn must be null or a Lambda function ARN."
+  }
 }
 
 variable "app_credentials_secret_arn" {
   description = "pgbouncer: secret with the application's login, JSON {username, password}, shared by PgBouncer and the function."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.app_credentials_secret_arn == null || can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", coalesce(var.app_credentials_secret_arn, "-")))
+    error_message = "app_credentials_secret_arn must be null or a Secrets Manager secret ARN."
+  }
 }
 
 variable "pgbouncer_tls_secret_arn" {
   description = "pgbouncer: secret with PgBouncer's TLS certificate and key, JSON {certificate, private_key}."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.pgbouncer_tls_secret_arn == null || can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", coalesce(var.pgbouncer_tls_secret_arn, "-")))
+    error_message = "pgbouncer_tls_secret_arn must be null or a Secrets Manager secret ARN."
+  }
 }
 
 variable "pgbouncer_ca_path" {
   description = "pgbouncer: path, inside the function package, of the CA bundle that signed PgBouncer's certificate."
   type        = string
   default     = "certs/pgbouncer-ca.pem"
+
+  validation {
+    condition     = !startswith(var.pgbouncer_ca_path, "/") && !strcontains(var.pgbouncer_ca_path, "..") && endswith(var.pgbouncer_ca_path, ".pem")
+    error_message = "pgbouncer_ca_path must be a relative .pem path inside the package."
+  }
 }
 
 variable "prepared_statements" {
@@ -152,6 +172,11 @@ variable "lambda_handler" {
   description = "Handler of the function (module.function)."
   type        = string
   default     = "app.handler"
+
+  validation {
+    condition     = can(regex("^[A-Za-z_][A-Za-z0-9_.]*\\.[A-Za-z_][A-Za-z0-9_]*$", var.lambda_handler))
+    error_message = "lambda_handler must look like module.function."
+  }
 }
 
 variable "lambda_runtime" {

@@ -136,6 +136,11 @@ variable "server_tls_ca_pem" {
   description = "CA bundle (PEM) that signs the database's certificate, for verify-ca/verify-full: the RDS regional bundle (<region>-bundle.pem; the global bundle is too large for a task definition)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.server_tls_ca_pem == null || (strcontains(coalesce(var.server_tls_ca_pem, "-"), "-----BEGIN CERTIFICATE-----") && length(coalesce(var.server_tls_ca_pem, "-")) <= 32768)
+    error_message = "server_tls_ca_pem must be null or PEM certificates (at most 32 KiB: use the regional RDS bundle)."
+  }
 }
 
 variable "image" {
@@ -153,6 +158,11 @@ variable "ecr_repository_arn" {
   description = "ECR repository the image is pulled from, if any: the execution role gets pull rights on it alone."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.ecr_repository_arn == null || can(regex("^arn:aws[a-z-]*:ecr:[a-z0-9-]+:[0-9]{12}:repository/.+$", coalesce(var.ecr_repository_arn, "-")))
+    error_message = "ecr_repository_arn must be null or an ECR repository ARN."
+  }
 }
 
 variable "cpu_architecture" {
@@ -258,6 +268,11 @@ variable "settings_file" {
   description = "PgBouncer tuning file. Null: asyncpool/testing/pgbouncer.ini of this repository, the file the test harness and compose.yaml use."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.settings_file == null || endswith(coalesce(var.settings_file, "-"), ".ini")
+    error_message = "settings_file must be null or the path of a PgBouncer .ini file."
+  }
 }
 
 variable "settings_overrides" {
@@ -275,12 +290,22 @@ variable "dns_name" {
   description = "Optional private DNS name for the service (the name its TLS certificate is issued for), created in route53_zone_id."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.dns_name == null || can(regex("^([a-z0-9]([a-z0-9-]*[a-z0-9])?\\.)+[a-z0-9]([a-z0-9-]*[a-z0-9])?$", coalesce(var.dns_name, "-")))
+    error_message = "dns_name must be null or a lower-case DNS name."
+  }
 }
 
 variable "route53_zone_id" {
   description = "Private hosted zone for dns_name."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.route53_zone_id == null || can(regex("^Z[A-Z0-9]+$", coalesce(var.route53_zone_id, "-")))
+    error_message = "route53_zone_id must be null or a hosted zone id (Z...)."
+  }
 }
 
 variable "log_retention_days" {

@@ -170,7 +170,7 @@ resource "aws_db_proxy" "this" {
     auth_scheme               = "SECRETS"
     description               = "${var.db_username}: IAM token from the client, SCRAM-SHA-256 to PostgreSQL"
     iam_auth                  = "REQUIRED"
-    client_password_auth_type = "POSTGRES_SCRAM_SHA_256"
+    client_password_auth_type = "POSTGRES_SCRAM_SHA_256" # pragma: allowlist secret (an auth method)
     secret_arn                = aws_secretsmanager_secret.db.arn
   }
 

@@ -32,12 +32,22 @@ variable "db_instance_identifier" {
   description = "RDS for PostgreSQL instance behind the proxy. Set this or db_cluster_identifier."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.db_instance_identifier == null || can(regex("^[a-z][a-z0-9-]{0,62}$", var.db_instance_identifier))
+    error_message = "db_instance_identifier must be null or an RDS instance identifier."
+  }
 }
 
 variable "db_cluster_identifier" {
   description = "Aurora PostgreSQL cluster behind the proxy. Set this or db_instance_identifier."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.db_cluster_identifier == null || can(regex("^[a-z][a-z0-9-]{0,62}$", var.db_cluster_identifier))
+    error_message = "db_cluster_identifier must be null or an Aurora cluster identifier."
+  }
 }
 
 variable "db_security_group_id" {
@@ -98,7 +108,7 @@ variable "rotation_lambda_arn" {
   type        = string
 
   validation {
-    condition     = can(regex("^arn:aws[a-z-]*:lambda:[a-z0-9-]+:[0-9]{12}:function:[A-Za-z0-9-_]+$", var.rotation_lambda_arn))
+    condition     = can(regex("^arn:aws[a-z-]*:lambda:[a-z0-9-]+:[0-9]{12}:function:[A-Za-z0-9_-]+$", var.rotation_lambda_arn))
     error_message = "rotation_lambda_arn must be a Lambda function ARN."
   }
 }
