@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import threading
 from typing import Any
@@ -129,7 +130,8 @@ class AwsClient:
             client = await stack.enter_async_context(
                 session.create_client(
                     self.service,
-                    region_name=self.region,
+                    # botocore itself reads only AWS_DEFAULT_REGION; Lambda sets both.
+                    region_name=self.region or os.environ.get("AWS_REGION") or None,
                     endpoint_url=self.endpoint_url,
                     config=config,
                 )

@@ -166,6 +166,19 @@ async def test_region_contradicting_the_host_name_is_refused(aws: None) -> None:
     assert "region='us-east-1'" in message
 
 
+async def test_region_from_aws_region_as_lambda_sets_it(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_REGION", "eu-central-1")  # botocore alone reads AWS_DEFAULT_REGION
+    auth = IamAuth()
+    try:
+        token = await auth.password(Target("db.internal.example", 5432, "orders_app", "orders"))
+    finally:
+        await auth.close()
+    assert "%2Feu-central-1%2Frds-db%2F" in token
+    assert sigv4_signature_matches(token, SECRET_ACCESS_KEY)
+
+
 async def test_no_region_anywhere_says_how_to_give_one(aws: None) -> None:
     auth = IamAuth()
     with pytest.raises(CredentialsError, match=r"pass IamAuth\(region='...'\) or set AWS_REGION"):
