@@ -180,3 +180,23 @@ def test_import_asyncpool_does_not_load_opentelemetry() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_checkout_times_off_skips_only_the_per_checkout_histograms(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    observer = TelemetryObserver(
+        meter_provider=sdk.meter_provider, tracer_provider=sdk.tracer_provider,
+        checkout_times=False,
+    )
+    async with Pool(postgres.dsn(), name="lean", min_size=1, telemetry=False,
+                    observers=[observer]) as pool:
+        for _ in range(3):
+            await pool.fetchval("SELECT 1")
+        collected = sdk.collect()
+        assert pool.stats().acquired_total == 3
+
+    assert sc.WAIT_TIME.name not in collected.metrics
+    assert sc.USE_TIME.name not in collected.metrics
+    assert collected.histogram(sc.CREATE_TIME.name).count == 1
+    assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="idle") == 1

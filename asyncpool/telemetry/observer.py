@@ -33,6 +33,10 @@ class TelemetryObserver(PoolObserver):
 
         Pool(dsn, telemetry=False, observers=[TelemetryObserver(meter_provider=mp, tracer_provider=tp)])
 
+    `checkout_times=False` skips `db.client.connection.wait_time` and `.use_time`, the only
+    metrics recorded on every checkout: with the Python SDK each record costs a few microseconds,
+    which a pool doing thousands of checkouts a second on one core can notice (docs/telemetry.md).
+
     One observer watches one pool.
     """
 
@@ -42,6 +46,7 @@ class TelemetryObserver(PoolObserver):
         *,
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
+        checkout_times: bool = True,
     ) -> None:
         from asyncpool import __version__
 
@@ -58,8 +63,12 @@ class TelemetryObserver(PoolObserver):
         self._reclaimed: Attributes = {}
         self._logged: Attributes = {}
         i = self._instruments
-        self._record_wait = i.wait_time.record
-        self._record_use = i.use_time.record
+        self._record_wait: Callable[[float, Attributes], None] = (
+            i.wait_time.record if checkout_times else _ignore
+        )
+        self._record_use: Callable[[float, Attributes], None] = (
+            i.use_time.record if checkout_times else _ignore
+        )
 
     def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
         if self._attached:
@@ -102,3 +111,7 @@ class TelemetryObserver(PoolObserver):
     def leaked(self, report: LeakReport) -> None:
         self._instruments.leaks.add(1, self._reclaimed if report.reclaimed else self._logged)
         self._spans.leak(report, time.time_ns())
+
+
+def _ignore(value: float, attributes: Attributes) -> None:
+    return None
