@@ -18,6 +18,7 @@ from asyncpool.errors import (
     PoolError,
     PoolerExhaustedError,
     PoolTimeoutError,
+    StaleStatementError,
 )
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import Pool, create_pool
@@ -49,6 +50,7 @@ __all__ = [
     "PooledConnection",
     "PoolerExhaustedError",
     "SecretsManagerAuth",
+    "StaleStatementError",
     "StaticPassword",
     "Target",
     "create_pool",

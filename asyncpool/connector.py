@@ -40,11 +40,12 @@ class Connector:
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
         kw.setdefault("timeout", cfg.connect_timeout)
-        if cfg.prepared_statements == "off":
-            kw["statement_cache_size"] = 0
-        else:
+        if cfg.prepared_statements == "on":
             kw["statement_cache_size"] = cfg.statement_cache_size
             kw["max_cached_statement_lifetime"] = cfg.statement_cache_ttl or 0
+        else:
+            # describe-cache too: it keeps unnamed statements itself, never asyncpg's named ones.
+            kw["statement_cache_size"] = 0
         if cfg.prepared_statements == "describe-cache":
             from asyncpool.describe_cache import describe_cache_connection_class
 

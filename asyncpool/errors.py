@@ -44,5 +44,16 @@ class ConnectionLostError(PoolError):
     """The connection broke while in use (server restart, network loss); the slot was restored."""
 
 
+class StaleStatementError(PoolError):
+    """A statement's cached description (``prepared_statements="describe-cache"``) no longer
+    matches the schema. It was not re-run; the description was dropped and the connection is
+    replaced when released, so the next call describes the statement afresh."""
+
+    #: False when the server refused the statement before running it; True when it may have run.
+    may_have_run: bool = True
+    #: The statement's text (never in the message: it may hold literals).
+    query: str | None = None
+
+
 class CredentialsError(PoolError):
     """A credentials provider could not produce a password (no AWS credentials, bad secret...)."""

@@ -217,6 +217,14 @@ class Pool:
         for record in self._leases:
             record.expires_at = 0.0
 
+    def invalidate_statement_cache(self) -> None:
+        """Forget cached statement descriptions (``prepared_statements="describe-cache"``), e.g.
+        after a migration: every connection describes each statement afresh on its next use.
+        Applies to every pool in this process."""
+        from asyncpool.describe_cache import invalidate_all
+
+        invalidate_all()
+
     # -- checkout -----------------------------------------------------------------------------
 
     def acquire(self, timeout: float | None = _UNSET) -> AcquireContext:
@@ -481,8 +489,11 @@ class Pool:
             if not self._leases and self._all_returned is not None:
                 self._all_returned.set()
         record.last_used = now
-        if self._closing or record.expired(now):
-            self._discard(record, "pool closed" if self._closing else "expired", graceful=True)
+        # describe-cache sets retire_reason when it found a stale statement description.
+        retired = getattr(conn, "retire_reason", None)
+        if self._closing or record.expired(now) or retired:
+            reason = "pool closed" if self._closing else retired or "expired"
+            self._discard(record, reason, graceful=True)
             return
         self._put_idle(record)
 

@@ -1,0 +1,120 @@
+"""Cached statement descriptions of one connection: bounded, optionally timed, invalidated together."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from asyncpool.describe_cache.messages import (
+    DESCRIBE_UNNAMED_STATEMENT,
+    Column,
+    parameter_description,
+    typed_parse,
+)
+
+#: (query text, record class, ignore_custom_codec): what asyncpg keys its own statement cache on.
+Key = tuple[str, type, bool]
+
+
+class Generation:
+    """Bumped by `invalidate_all`; a cache filled under an older generation is dropped on next use."""
+
+    value = 0
+
+
+def invalidate_all() -> None:
+    """Forget every cached description in this process (each is described afresh on next use)."""
+    Generation.value += 1
+
+
+class Description:
+    """What one statement looked like when asyncpg described it, and how to check it still does.
+
+    `statement` is asyncpg's unnamed, "unprepared" statement state (its codecs are reused);
+    `prefix` is the typed Parse plus Describe sent ahead of each reuse; `param_message` and
+    `columns` are what the server must answer to that Describe for the reuse to be safe.
+    """
+
+    __slots__ = ("columns", "expires_at", "param_message", "prefix", "row_message", "statement",
+                 "type_names")
+
+    def __init__(self, statement: Any, expires_at: float | None) -> None:
+        params = [t.oid for t in statement._get_parameters()]
+        attributes = statement._get_attributes()
+        self.statement = statement
+        self.prefix = typed_parse(statement.query, params) + DESCRIBE_UNNAMED_STATEMENT
+        self.param_message = parameter_description(params)
+        self.columns: tuple[Column, ...] = tuple((a.name, a.type.oid) for a in attributes)
+        # A RowDescription already found to match `columns`: later ones are compared as bytes.
+        self.row_message: bytes | None = None
+        self.expires_at = expires_at
+        self.type_names = {a.type.oid: a.type.name for a in attributes}
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeCacheStats:
+    """Counters of one connection's description cache."""
+
+    size: int
+    max_size: int
+    hits: int
+    misses: int
+    stale: int
+    evicted: int
+
+
+class DescriptionCache:
+    """Least-recently-used descriptions, at most `max_size`, each kept at most `ttl` seconds."""
+
+    __slots__ = ("_entries", "_generation", "evicted", "hits", "max_size", "misses", "stale", "ttl")
+
+    def __init__(self, max_size: int, ttl: float | None) -> None:
+        self.max_size = max_size
+        self.ttl = ttl
+        self._entries: OrderedDict[Key, Description] = OrderedDict()
+        self._generation = Generation.value
+        self.hits = self.misses = self.stale = self.evicted = 0
+
+    def get(self, key: Key) -> Description | None:
+        if self._generation != Generation.value:
+            self.clear()
+            self._generation = Generation.value
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires_at is not None and time.monotonic() >= entry.expires_at:
+            del self._entries[key]
+            entry = None
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def generation(self) -> int:
+        """Pass to `put`: a description made while `invalidate_all` ran must not be kept."""
+        return Generation.value
+
+    def put(self, key: Key, statement: Any, generation: int) -> None:
+        if generation != Generation.value:
+            return
+        expires_at = None if self.ttl is None else time.monotonic() + self.ttl
+        self._entries[key] = Description(statement, expires_at)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+            self.evicted += 1
+
+    def discard(self, key: Key) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> DescribeCacheStats:
+        return DescribeCacheStats(len(self._entries), self.max_size, self.hits, self.misses,
+                                  self.stale, self.evicted)

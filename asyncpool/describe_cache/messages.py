@@ -1,0 +1,85 @@
+"""The few PostgreSQL wire messages describe-cache writes or reads, built and parsed in Python."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+#: One result column as a cached description knows it: name and type OID. Those two decide how
+#: asyncpg decodes a value and which key a record gives it; typmods and table OIDs do not.
+Column = tuple[str, int]
+
+_INT32 = struct.Struct("!i")
+_INT16 = struct.Struct("!h")
+# After a column's name in a RowDescription: table OID, attnum, type OID, typlen, typmod, format.
+_FIELD = struct.Struct("!IhIhih")
+
+# Describe the unnamed statement: the server answers ParameterDescription + RowDescription/NoData.
+DESCRIBE_UNNAMED_STATEMENT = b"D" + _INT32.pack(6) + b"S\0"
+
+PARSE_COMPLETE = ord("1")
+PARAMETER_DESCRIPTION = ord("t")
+ROW_DESCRIPTION = ord("T")
+NO_DATA = ord("n")
+DATA_ROW = ord("D")
+ERROR_RESPONSE = ord("E")
+READY_FOR_QUERY = ord("Z")
+PARSE = ord("P")
+# Messages the server may send at any moment; they say nothing about the statement.
+ASYNCHRONOUS = frozenset((ord("N"), ord("S"), ord("A")))
+
+
+def typed_parse(query: str, param_oids: Sequence[int]) -> bytes:
+    """Parse of the unnamed statement with every parameter's type given.
+
+    Fixing the types means the server reads the binary values asyncpg encodes as the types they
+    were encoded for: after a retype it casts them (or refuses), never misreads them.
+    """
+    body = b"".join((
+        b"\0",
+        query.encode("utf-8"),
+        b"\0",
+        _INT16.pack(len(param_oids)),
+        struct.pack(f"!{len(param_oids)}I", *param_oids),
+    ))
+    return b"P" + _INT32.pack(len(body) + 4) + body
+
+
+def parameter_description(param_oids: Sequence[int]) -> bytes:
+    """The ParameterDescription the server sends back for `typed_parse` with these types."""
+    body = _INT16.pack(len(param_oids)) + struct.pack(f"!{len(param_oids)}I", *param_oids)
+    return b"t" + _INT32.pack(len(body) + 4) + body
+
+
+def row_columns(message: bytes | bytearray | memoryview) -> tuple[Column, ...]:
+    """The columns of a whole RowDescription message (type byte and length included)."""
+    data = bytes(message)
+    (count,) = _INT16.unpack_from(data, 5)
+    columns: list[Column] = []
+    pos = 7
+    for _ in range(count):
+        end = data.index(b"\0", pos)
+        type_oid = _FIELD.unpack_from(data, end + 1)[2]
+        columns.append((data[pos:end].decode("utf-8", "replace"), type_oid))
+        pos = end + 1 + _FIELD.size
+    return tuple(columns)
+
+
+def error_sqlstate(message: bytes | bytearray | memoryview) -> str | None:
+    """The SQLSTATE (field ``C``) of a whole ErrorResponse message."""
+    fields = bytes(message[5:]).split(b"\0")
+    for field in fields:
+        if field[:1] == b"C":
+            return field[1:].decode("ascii", "replace")
+    return None
+
+
+def message_header(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
+    """(type, end offset) of the message starting at `pos`, or None until it is all there."""
+    if len(buf) - pos < 5:
+        return None
+    (size,) = _INT32.unpack_from(buf, pos + 1)
+    if size < 4:
+        raise ValueError(f"malformed message length {size}")
+    end = pos + 1 + size
+    return (buf[pos], end) if len(buf) >= end else None

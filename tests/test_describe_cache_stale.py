@@ -1,0 +1,203 @@
+"""After DDL a cached description is stale: the caller gets `StaleStatementError`, never wrong values.
+
+Each test describes statements on a pool's only connection, changes the schema from another
+connection (as a migration would), and runs the statements again through the same PgBouncer.
+"""
+
+from __future__ import annotations
+
+import decimal
+import re
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from asyncpool import Pool, StaleStatementError
+from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
+
+
+@pytest.fixture
+async def pool(pooler: Pooler) -> AsyncIterator[Pool]:
+    async with Pool(pooler.dsn(), name="stale", prepared_statements="describe-cache",
+                    min_size=1, max_size=1, telemetry=False) as p:
+        yield p
+
+
+@pytest.fixture
+async def table(pool: Pool, pooler: Pooler) -> str:
+    name = "dc_stale_" + re.sub(r"\W", "_", pooler.label)
+    await pool.execute(f"""
+        DROP TABLE IF EXISTS {name};
+        CREATE TABLE {name} (id serial PRIMARY KEY, v int, note varchar(10) DEFAULT 'n')
+    """)
+    return name
+
+
+async def migrate(postgres: PostgresServer, sql: str) -> None:
+    """Run DDL on a separate, direct connection, as a deploy's migration would."""
+    conn = await asyncpg.connect(postgres.dsn())
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+DDL_CASES = [
+    pytest.param("ADD COLUMN extra int DEFAULT 7", "column 'extra' added", id="add-column"),
+    pytest.param("DROP COLUMN note", "column 'note' dropped", id="drop-column"),
+    # Same binary width: decoded with the old codec, float4 bytes would read as a wrong int.
+    pytest.param("ALTER COLUMN v TYPE float4", "column 'v' retyped from int4 to float4",
+                 id="retype-int-to-float4"),
+    pytest.param("ALTER COLUMN v TYPE text", "column 'v' retyped from int4 to text",
+                 id="retype-int-to-text"),
+]
+
+
+@pytest.mark.parametrize(("ddl", "cause"), DDL_CASES)
+async def test_result_columns_changed(pool: Pool, table: str, postgres: PostgresServer, ddl: str,
+                                      cause: str) -> None:
+    insert = f"INSERT INTO {table} (v) VALUES ($1) RETURNING *"
+    select = f"SELECT * FROM {table} WHERE v::text = $1"
+    async with pool.acquire() as conn:
+        first = conn.raw
+        for v in (1, 2):  # a miss, then a hit: the description is cached
+            await conn.fetchrow(insert, v)
+            await conn.fetch(select, str(v))
+        assert conn.describe_cache_stats().hits == 2
+
+        await migrate(postgres, f"ALTER TABLE {table} {ddl}")
+
+        with pytest.raises(StaleStatementError, match=re.escape(cause)) as caught:
+            await conn.fetchrow(insert, 3)
+        error = caught.value
+        assert error.may_have_run
+        assert error.query == insert
+        assert "not re-run" in str(error)
+        assert "replaced when released" in str(error)
+        # It ran exactly once: not re-run automatically.
+        assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE v::text = $1", "3") == 1
+        # The rest of this checkout works: the connection's descriptions were all dropped.
+        assert len(await conn.fetch(select, "3")) == 1
+        assert conn.describe_cache_stats().stale == 1
+    assert pool.stats().closed_total == 1
+
+    async with pool.acquire() as conn:
+        assert conn.raw is not first, "the connection that saw a stale description was kept"
+        for v in (4, 5):  # described afresh: a text column now takes text
+            row = await conn.fetchrow(insert, str(v) if "to text" in cause else v)
+            assert str(row["v"]) in (str(v), f"{v}.0")
+        assert conn.describe_cache_stats().stale == 0
+    if "extra" in cause:
+        assert row["extra"] == 7
+    if "float4" in cause:
+        assert row["v"] == 5.0
+    if "note" in cause:
+        assert "note" not in row
+
+
+async def test_stale_inside_a_transaction_rolls_back(pool: Pool, table: str,
+                                                     postgres: PostgresServer) -> None:
+    insert = f"INSERT INTO {table} (v) VALUES ($1) RETURNING *"
+    await pool.fetchrow(insert, 1)
+    await pool.fetchrow(insert, 2)
+    await migrate(postgres, f"ALTER TABLE {table} ADD COLUMN extra int")
+    with pytest.raises(StaleStatementError, match="column 'extra' added"):
+        async with pool.transaction() as conn:
+            await conn.fetchrow(insert, 3)
+    assert await pool.fetchval(f"SELECT count(*) FROM {table} WHERE v = $1", 3) == 0
+    assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 2
+    assert pool.stats().closed_total == 1
+
+
+async def test_parameter_retyped_is_refused_before_running(pool: Pool, table: str,
+                                                           postgres: PostgresServer) -> None:
+    """The cached parameter types travel with every Parse, so a retyped column makes the server
+    refuse the statement: it cannot read int4 bytes as text (or as float4)."""
+    await pool.execute(f"INSERT INTO {table} (v) VALUES (10), (20)")
+    select = f"SELECT id FROM {table} WHERE v = $1"
+    async with pool.acquire() as conn:
+        assert len(await conn.fetch(select, 10)) == 1
+        assert len(await conn.fetch(select, 10)) == 1
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN v TYPE text")
+        with pytest.raises(StaleStatementError, match="no longer fits the schema") as caught:
+            await conn.fetch(select, 10)
+        assert not caught.value.may_have_run
+        assert "It did not run" in str(caught.value)
+        assert isinstance(caught.value.__cause__, asyncpg.UndefinedFunctionError)
+        # Described afresh, $1 is text now.
+        with pytest.raises(asyncpg.DataError):
+            await conn.fetch(select, 10)
+        assert len(await conn.fetch(select, "10")) == 1
+    assert pool.stats().closed_total == 1
+
+
+async def test_parameter_widened_is_cast_not_misread(pool: Pool, table: str,
+                                                     postgres: PostgresServer) -> None:
+    """int4 bytes sent for a column now numeric are cast by the server, as if the caller had
+    written the literal: the stored value is right."""
+    insert = f"INSERT INTO {table} (v) VALUES ($1)"
+    async with pool.acquire() as conn:
+        await conn.execute(insert, 1)
+        await conn.execute(insert, 2)
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN v TYPE numeric(10, 2)")
+        await conn.execute(insert, 7)
+        assert conn.describe_cache_stats().stale == 0
+        stored = await conn.fetchval(f"SELECT v FROM {table} ORDER BY id DESC LIMIT 1")
+        assert stored == decimal.Decimal("7.00")
+
+
+async def test_dropped_table(pool: Pool, table: str, postgres: PostgresServer) -> None:
+    select = f"SELECT v FROM {table} WHERE id = $1"
+    await pool.fetch(select, 1)
+    await pool.fetch(select, 1)
+    await migrate(postgres, f"DROP TABLE {table}")
+    with pytest.raises(StaleStatementError) as caught:
+        await pool.fetch(select, 1)
+    assert isinstance(caught.value.__cause__, asyncpg.UndefinedTableError)
+    assert not caught.value.may_have_run
+    with pytest.raises(asyncpg.UndefinedTableError):  # described afresh: the plain error
+        await pool.fetch(select, 1)
+
+
+async def test_changes_that_do_not_affect_decoding_are_not_errors(
+    pool: Pool, table: str, postgres: PostgresServer
+) -> None:
+    """A wider varchar or a rebuilt table with the same columns decodes the same: no error."""
+    select = f"SELECT id, v, note FROM {table} WHERE id > $1 ORDER BY id"
+    await pool.execute(f"INSERT INTO {table} (v) VALUES (1)")
+    assert len(await pool.fetch(select, 0)) == 1
+    assert len(await pool.fetch(select, 0)) == 1
+    await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN note TYPE varchar(20)")
+    assert [tuple(r) for r in await pool.fetch(select, 0)] == [(1, 1, "n")]
+    await migrate(postgres, f"""
+        DROP TABLE {table};
+        CREATE TABLE {table} (id serial PRIMARY KEY, v int, note varchar(10) DEFAULT 'm');
+        INSERT INTO {table} (v) VALUES (2);
+    """)
+    assert [tuple(r) for r in await pool.fetch(select, 0)] == [(1, 2, "m")]
+    async with pool.acquire() as conn:
+        assert conn.describe_cache_stats().stale == 0
+    assert pool.stats().closed_total == 0
+
+
+async def test_composite_type_changed(pool: Pool, pooler: Pooler, postgres: PostgresServer) -> None:
+    """The column keeps its type OID but the composite gains a field: asyncpg's own check
+    catches it, as without the cache, and the next call decodes the new shape."""
+    suffix = re.sub(r"\W", "_", pooler.label)
+    pair, table = f"dc_stale_pair_{suffix}", f"dc_stale_pairs_{suffix}"
+    await pool.execute(f"""
+        DROP TABLE IF EXISTS {table}; DROP TYPE IF EXISTS {pair};
+        CREATE TYPE {pair} AS (a int, b text);
+        CREATE TABLE {table} (id int, p {pair});
+        INSERT INTO {table} VALUES (1, (1, 'x'));
+    """)
+    select = f"SELECT p FROM {table} WHERE id = $1"
+    async with pool.acquire() as conn:
+        assert tuple(await conn.fetchval(select, 1)) == (1, "x")
+        assert tuple(await conn.fetchval(select, 1)) == (1, "x")
+        await migrate(postgres, f"ALTER TYPE {pair} ADD ATTRIBUTE c int")
+        with pytest.raises(asyncpg.OutdatedSchemaCacheError):
+            await conn.fetchval(select, 1)
+        assert tuple(await conn.fetchval(select, 1)) == (1, "x", None)
