@@ -9,6 +9,7 @@ handler reading invocations from stdin, so a test can freeze it (SIGSTOP) or shu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -16,11 +17,18 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import asyncpg
+
+from asyncpool import Pool, PoolObserver
+from asyncpool.integrations.aws_lambda import lambda_config
+from asyncpool.integrations.invocation import LocalContext
+from asyncpool.lambda_runner import LambdaRunner
 from asyncpool.testing.admin import AdminConsole
 
 T = TypeVar("T")
@@ -42,20 +50,70 @@ class RuntimeThread:
         self._executor.shutdown(wait=True)
 
 
+class Environment:
+    """One execution environment in the test process: a runtime thread, a runner, its pools."""
+
+    def __init__(self, *, timeout_margin: float = 0.5) -> None:
+        self.runtime = RuntimeThread()
+        self.runner = LambdaRunner(timeout_margin=timeout_margin)
+        self._pools: list[Pool] = []
+
+    def pool(
+        self, dsn: str, *, observers: list[PoolObserver] | None = None, **options: Any
+    ) -> Pool:
+        """A pool with the Lambda defaults; the environment closes it at the end."""
+        pool = Pool(config=lambda_config(environ={}, dsn=dsn, **options), observers=observers)
+        self._pools.append(pool)
+        return pool
+
+    async def invoke(
+        self, handler: Callable[[Any, Any], T], event: Any = None, context: Any = None
+    ) -> T:
+        """Call the (synchronous) handler on the runtime thread, as Lambda would."""
+        return await self.runtime.call(handler, event or {}, context or LocalContext())
+
+    async def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Await ``fn()`` on the environment's loop, between invocations."""
+
+        async def call() -> T:
+            return await fn()
+
+        return await self.runtime.call(self.runner.run, call())
+
+    async def close(self) -> None:
+        for pool in self._pools:
+            await self.run(pool.close)
+        await self.runtime.call(self.runner.close)
+        self.runtime.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_table(dsn: str) -> AsyncIterator[str]:
+    """A one-column table of the caller's own (``body text``), dropped afterwards."""
+    name = f"notes_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"CREATE TABLE {name} (body text NOT NULL)")
+        yield name
+        await conn.execute(f"DROP TABLE {name}")
+    finally:
+        await conn.close()
+
+
 def load_event(path: Path) -> dict[str, Any]:
     event: dict[str, Any] = json.loads(path.read_text())
     return event
 
 
 class HandlerProcess:
-    """examples/lambda_powertools/run_local.py --stdin in a child process, against `dsn`."""
+    """examples/lambda_powertools/run_powertools_locally.py --stdin in a child process, against `dsn`."""
 
     def __init__(self, dsn: str, stderr_path: Path) -> None:
         env = {**os.environ, "ASYNCPOOL_DSN": dsn, "POWERTOOLS_METRICS_NAMESPACE": "tests"}
         self._stderr: IO[bytes] = open(stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.stderr_path = stderr_path
         self.proc = subprocess.Popen(
-            [sys.executable, str(POWERTOOLS_EXAMPLE / "run_local.py"), "--stdin"],
+            [sys.executable, str(POWERTOOLS_EXAMPLE / "run_powertools_locally.py"), "--stdin"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -112,3 +170,9 @@ class HandlerProcess:
 async def app_clients(pooler: AdminConsole) -> list[dict[str, Any]]:
     """PgBouncer's SHOW CLIENTS rows for the `app` user (the pool's logins)."""
     return [row for row in await pooler.admin("SHOW CLIENTS") if row["user"] == "app"]
+
+
+def local_port(conn: Any) -> int:
+    """The client-side port of a pooled connection: what PgBouncer's SHOW CLIENTS calls `port`."""
+    port: int = conn.raw._transport.get_extra_info("sockname")[1]
+    return port

@@ -19,6 +19,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+# Log record attributes: the Lambda runtime's own name for the request id, Powertools' for the other.
+REQUEST_ID_FIELD = "aws_request_id"
+COLD_START_FIELD = "cold_start"
+
 
 @dataclass(frozen=True, slots=True)
 class Invocation:
@@ -89,8 +93,8 @@ def _install_log_fields() -> None:
             record = previous(*args, **kwargs)
             invocation = _current.get()
             if invocation is not None and _is_asyncpool_logger(record.name):
-                record.aws_request_id = invocation.request_id
-                record.cold_start = invocation.cold_start
+                setattr(record, REQUEST_ID_FIELD, invocation.request_id)
+                setattr(record, COLD_START_FIELD, invocation.cold_start)
             return record
 
         logging.setLogRecordFactory(factory)

@@ -1,7 +1,7 @@
 """A Powertools Lambda handler behind API Gateway, serving every invocation from one pooled
 connection that stays open while the execution environment is warm.
 
-Configure with ASYNCPOOL_DSN (and any other ASYNCPOOL_* variable); try it with run_local.py.
+Configure with ASYNCPOOL_DSN (and any other ASYNCPOOL_* variable); try it with run_powertools_locally.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Invoke handler.handler the way the Lambda runtime does: one process, one event after another.
+"""Invoke powertools_handler.handler as the Lambda runtime does: one process, one event at a time.
 
-    python examples/lambda_powertools/run_local.py events/hello.json events/missing_name.json
-    python examples/lambda_powertools/run_local.py --repeat 5 events/hello.json
-    python examples/lambda_powertools/run_local.py --stdin < events.jsonl   # one event per line
+    python examples/lambda_powertools/run_powertools_locally.py events/hello.json events/missing_name.json
+    python examples/lambda_powertools/run_powertools_locally.py --repeat 5 events/hello.json
+    python examples/lambda_powertools/run_powertools_locally.py --stdin < events.jsonl   # one event per line
 
 Uses ASYNCPOOL_DSN when set; otherwise starts a throwaway PostgreSQL and PgBouncer (needs their
 binaries, see asyncpool.testing). After each invocation it prints one JSON line,
@@ -45,15 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         # What the Lambda runtime sets, so the code under test takes its Lambda paths.
         os.environ.setdefault("AWS_LAMBDA_FUNCTION_NAME", FUNCTION_NAME)
         sys.path.insert(0, str(HERE))
-        app = importlib.import_module("handler")
+        function = importlib.import_module("powertools_handler")
         try:
             for n, event in enumerate(read_events(args), 1):
-                response, error = invoke(app.handler, event, args.timeout)
-                stats = dataclasses.asdict(app.pool.stats())
+                response, error = invoke(function.handler, event, args.timeout)
+                stats = dataclasses.asdict(function.pool.stats())
                 line = {"local_invocation": n, "response": response, "error": error, "pool": stats}
                 print(json.dumps(line), flush=True)
         finally:
-            get_runner().run(app.pool.close())
+            get_runner().run(function.pool.close())
     return 0
 
 

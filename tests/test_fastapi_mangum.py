@@ -1,0 +1,234 @@
+"""FastAPI on Lambda through Mangum, invoked with API Gateway HTTP API (v2) events.
+
+Mangum runs the ASGI lifespan around every invocation; the pool must survive it. Each test builds
+its app and Mangum handler on a thread standing in for the Lambda runtime's (Mangum uses that
+thread's event loop), against the session's PostgreSQL and PgBouncers.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
+# and the dependencies here are local to each app.
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
+
+import pytest
+from fastapi import Depends, FastAPI, HTTPException
+from mangum import Mangum
+
+from asyncpool import Pool, PooledConnection
+from asyncpool.integrations.aws_lambda import lambda_config
+from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
+from asyncpool.integrations.invocation import LocalContext, current_invocation
+from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
+from tests.lambda_env import REPO, RuntimeThread, app_clients, load_event, local_port, scratch_table
+
+HTTP_API_EVENT = load_event(REPO / "examples" / "fastapi_mangum" / "events" / "hello_v2.json")
+
+
+def http_event(method: str, path: str, query: str = "") -> dict[str, Any]:
+    """The example's API Gateway v2 event, re-aimed at `method path?query`."""
+    event = copy.deepcopy(HTTP_API_EVENT)
+    event["routeKey"] = event["requestContext"]["routeKey"] = f"{method} {path}"
+    event["rawPath"] = event["requestContext"]["http"]["path"] = path
+    event["requestContext"]["http"]["method"] = method
+    event["rawQueryString"] = query
+    event.pop("queryStringParameters", None)
+    return event
+
+
+def build_app(pool: Pool, *, keep_open: bool | None = True) -> FastAPI:
+    app = FastAPI(lifespan=pool_lifespan(pool, keep_open=keep_open))
+    connection = Annotated[PooledConnection, Depends(pool_connection(pool))]
+    transaction = Annotated[PooledConnection, Depends(pool_connection(pool, transaction=True))]
+
+    @app.get("/value")
+    async def value(conn: connection, n: int) -> dict[str, int]:
+        return {"n": await conn.fetchval("SELECT $1::int", n), "port": local_port(conn)}
+
+    @app.get("/boom")
+    async def boom(conn: connection) -> None:
+        await conn.execute("SELECT 1")
+        raise RuntimeError("the endpoint failed")
+
+    @app.post("/notes/{table}")
+    async def add_note(conn: transaction, table: str, body: str, fail: bool = False) -> None:
+        await conn.execute(f"INSERT INTO {table} VALUES ($1)", body)
+        if fail:
+            raise HTTPException(status_code=409, detail="rolled back")
+
+    @app.get("/notes/{table}/count")
+    async def count_notes(conn: connection, table: str) -> int:
+        count: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+        return count
+
+    @app.get("/invocation")
+    async def invocation(conn: connection) -> dict[str, Any]:
+        current = current_invocation()
+        assert current is not None
+        return {"request_id": current.request_id, "cold_start": current.cold_start}
+
+    return app
+
+
+class MangumEnvironment:
+    """One Lambda environment serving `app` through Mangum, on its own runtime thread."""
+
+    def __init__(self, runtime: RuntimeThread, pool: Pool) -> None:
+        self.runtime = runtime
+        self.pool = pool
+        self.handler: Mangum | None = None
+
+    async def start(self, app: FastAPI, lifespan: Literal["auto", "off"] = "auto") -> None:
+        # Made on the runtime thread: Mangum takes that thread's event loop.
+        self.handler = await self.runtime.call(lambda: Mangum(app, lifespan=lifespan))
+
+    async def invoke(self, event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+        assert self.handler is not None
+        response: dict[str, Any] = await self.runtime.call(
+            self.handler, event, context or LocalContext()
+        )
+        return response
+
+    async def close(self) -> None:
+        def close_on_mangums_loop() -> None:
+            loop = asyncio.get_event_loop()
+            loop.run_until_complete(self.pool.close())
+            loop.close()
+
+        if self.handler is not None:
+            await self.runtime.call(close_on_mangums_loop)
+
+
+@pytest.fixture
+def runtime() -> Iterator[RuntimeThread]:
+    thread = RuntimeThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+async def lambda_env(runtime: RuntimeThread, pooler: Pooler) -> AsyncIterator[MangumEnvironment]:
+    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=pooler.dsn())))
+    try:
+        yield env
+    finally:
+        await env.close()
+
+
+@pytest.fixture
+async def notes(postgres: PostgresServer) -> AsyncIterator[str]:
+    async with scratch_table(postgres.dsn()) as name:
+        yield name
+
+
+async def test_many_invocations_share_one_pool_and_connection(
+    lambda_env: MangumEnvironment, pooler: Pooler
+) -> None:
+    pool = lambda_env.pool
+    await lambda_env.start(build_app(pool))
+    ports = set()
+    for n in range(15):
+        response = await lambda_env.invoke(http_event("GET", "/value", f"n={n}"))
+        assert response["statusCode"] == 200
+        body = json.loads(response["body"])
+        assert body["n"] == n
+        ports.add(body["port"])
+        # Mangum's lifespan shutdown ran after this invocation: the pool is still open, and idle.
+        assert not pool.closed
+        assert pool.stats().in_use == 0
+    stats = pool.stats()
+    assert (stats.created_total, stats.acquired_total, stats.closed_total) == (1, 15, 0)
+    [port] = ports
+    assert [int(row["port"]) for row in await app_clients(pooler)].count(port) == 1
+
+
+async def test_endpoint_that_raises_releases_its_connection(lambda_env: MangumEnvironment) -> None:
+    pool = lambda_env.pool
+    await lambda_env.start(build_app(pool))
+    for _ in range(3):
+        response = await lambda_env.invoke(http_event("GET", "/boom"))
+        assert response["statusCode"] == 500
+        assert pool.stats().in_use == 0
+    response = await lambda_env.invoke(http_event("GET", "/value", "n=1"))
+    assert response["statusCode"] == 200
+    assert pool.stats().created_total == 1
+
+
+async def test_transaction_dependency_commits_or_rolls_back(
+    lambda_env: MangumEnvironment, notes: str
+) -> None:
+    pool = lambda_env.pool
+    await lambda_env.start(build_app(pool))
+    kept = await lambda_env.invoke(http_event("POST", f"/notes/{notes}", "body=kept"))
+    lost = await lambda_env.invoke(http_event("POST", f"/notes/{notes}", "body=lost&fail=true"))
+    assert (kept["statusCode"], lost["statusCode"]) == (200, 409)
+    assert pool.stats().in_use == 0
+    count = await lambda_env.invoke(http_event("GET", f"/notes/{notes}/count"))
+    assert json.loads(count["body"]) == 1
+
+
+async def test_invocation_reaches_the_endpoint(runtime: RuntimeThread, postgres: PostgresServer) -> None:
+    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=postgres.dsn())))
+    try:
+        await env.start(build_app(env.pool))
+        contexts = [LocalContext(), LocalContext()]
+        seen = [
+            json.loads((await env.invoke(http_event("GET", "/invocation"), c))["body"])
+            for c in contexts
+        ]
+    finally:
+        await env.close()
+    assert seen == [
+        {"request_id": contexts[0].aws_request_id, "cold_start": True},
+        {"request_id": contexts[1].aws_request_id, "cold_start": False},
+    ]
+
+
+async def test_without_keep_open_mangum_closes_the_pool_after_one_invocation(
+    runtime: RuntimeThread, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why the lifespan keeps the pool open on Lambda: off Lambda it closes at shutdown, and
+    Mangum shuts the lifespan down after every invocation."""
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
+    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=postgres.dsn())))
+    try:
+        await env.start(build_app(env.pool, keep_open=None))
+        response = await env.invoke(http_event("GET", "/value", "n=1"))
+        assert response["statusCode"] == 200
+        assert env.pool.closed
+    finally:
+        await env.close()
+
+
+async def test_on_lambda_the_default_keeps_the_pool_open(
+    runtime: RuntimeThread, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "fastapi-tests")
+    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=postgres.dsn())))
+    try:
+        await env.start(build_app(env.pool, keep_open=None))
+        for n in range(3):
+            response = await env.invoke(http_event("GET", "/value", f"n={n}"))
+            assert response["statusCode"] == 200
+        assert not env.pool.closed
+        assert env.pool.stats().created_total == 1
+    finally:
+        await env.close()
+
+
+async def test_with_mangum_lifespan_off_the_dependency_opens_the_pool(
+    runtime: RuntimeThread, postgres: PostgresServer
+) -> None:
+    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=postgres.dsn())))
+    try:
+        await env.start(build_app(env.pool), lifespan="off")
+        for n in range(3):
+            response = await env.invoke(http_event("GET", "/value", f"n={n}"))
+            assert json.loads(response["body"])["n"] == n
+        assert env.pool.stats().created_total == 1
+    finally:
+        await env.close()

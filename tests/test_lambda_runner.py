@@ -1,0 +1,215 @@
+"""LambdaRunner: one event loop for a Lambda environment, so one pool serves every invocation.
+
+Handlers are called synchronously on a thread standing in for the Lambda runtime's, against the
+session's PostgreSQL and PgBouncers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from asyncpool import Pool, PoolError
+from asyncpool.integrations.invocation import COLD_START_FIELD, REQUEST_ID_FIELD, LocalContext
+from asyncpool.integrations.otel import COLDSTART, INVOCATION_ID, InvocationSpanProcessor
+from asyncpool.lambda_runner import HandlerTimeoutError, async_handler
+from asyncpool.telemetry import TelemetryObserver
+from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
+from tests.lambda_env import Environment, app_clients, local_port
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Environment]:
+    environment = Environment()
+    try:
+        yield environment
+    finally:
+        await environment.close()
+
+
+async def test_asyncio_run_per_invocation_cannot_keep_a_pool(
+    env: Environment, postgres: PostgresServer
+) -> None:
+    """The problem the runner solves: every asyncio.run() makes a new loop, and a pool belongs to
+    the loop it was opened on."""
+    pool = Pool(postgres.dsn(), min_size=0, max_size=1)
+
+    async def first_invocation() -> None:
+        await pool.open()
+
+    async def next_invocation() -> int:
+        value: int = await pool.fetchval("SELECT 1")
+        return value
+
+    await env.runtime.call(asyncio.run, first_invocation())
+    with pytest.raises(PoolError, match=r"another event loop.*lambda_runner"):
+        await env.runtime.call(asyncio.run, next_invocation())
+    pool.terminate()
+
+
+async def test_warm_invocations_share_one_loop_pool_and_connection(
+    env: Environment, pooler: Pooler
+) -> None:
+    pool = env.pool(pooler.dsn())
+
+    @async_handler(runner=env.runner)
+    async def handler(event: dict[str, Any], context: Any) -> dict[str, int]:
+        await pool.open()
+        async with pool.acquire() as conn:
+            value = await conn.fetchval("SELECT $1::int * 2", event["n"])
+            return {"loop": id(asyncio.get_running_loop()), "port": local_port(conn), "value": value}
+
+    results = []
+    for n in range(10):
+        # A bare context object: no get_remaining_time_in_millis, so no deadline.
+        context = SimpleNamespace(aws_request_id=f"req-{n}")
+        results.append(await env.invoke(handler, {"n": n}, context))
+    assert [r["value"] for r in results] == [n * 2 for n in range(10)]
+    assert len({r["loop"] for r in results}) == 1
+    assert len({r["port"] for r in results}) == 1
+    stats = pool.stats()
+    assert (stats.created_total, stats.acquired_total, stats.in_use, stats.idle) == (1, 10, 0, 1)
+    # PgBouncer still has that very client connection logged in.
+    ports = [int(row["port"]) for row in await app_clients(pooler)]
+    assert ports.count(results[0]["port"]) == 1
+
+
+async def test_connection_left_checked_out_is_reclaimed_for_the_next_invocation(
+    env: Environment, pooler: Pooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = env.pool(pooler.dsn(), max_size=1, leak_timeout=0.3)
+
+    @async_handler(runner=env.runner)
+    async def leaky(event: Any, context: Any) -> None:
+        await pool.open()
+        await pool.acquire()  # never released
+
+    @async_handler(runner=env.runner)
+    async def query(event: Any, context: Any) -> int:
+        async with pool.acquire() as conn:
+            value: int = await conn.fetchval("SELECT 7")
+            return value
+
+    leaking_context = LocalContext()
+    await env.invoke(leaky, context=leaking_context)
+    assert pool.stats().in_use == 1
+    # Past leak_timeout while the environment is idle: the loop is not running, nothing fires.
+    await asyncio.sleep(0.4)
+    assert pool.stats().in_use == 1
+    caplog.set_level(logging.WARNING, logger="asyncpool.leaks")
+
+    # The only connection is held, so this invocation waits until the overdue leak timer reclaims it.
+    assert await env.invoke(query) == 7
+    stats = pool.stats()
+    assert (stats.leaked_total, stats.in_use, stats.created_total) == (1, 0, 2)
+    [leak] = [r for r in caplog.records if r.name == "asyncpool.leaks"]
+    # The leak is reported with the invocation that leaked.
+    assert getattr(leak, REQUEST_ID_FIELD) == leaking_context.aws_request_id
+    assert getattr(leak, COLD_START_FIELD) is True
+
+
+async def test_deadline_cancels_the_handler_and_returns_its_connection(
+    env: Environment, pooler: Pooler
+) -> None:
+    pool = env.pool(pooler.dsn())
+
+    @async_handler(runner=env.runner)
+    async def slow(event: Any, context: Any) -> int:
+        await pool.open()
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await asyncio.sleep(30)
+            pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+            return pid
+
+    @async_handler(runner=env.runner)
+    async def in_transaction(event: Any, context: Any) -> bool:
+        async with pool.acquire() as conn:
+            return bool(conn.is_in_transaction())
+
+    # 0.5 s margin before a 0.7 s Lambda deadline: cancelled after about 0.2 s.
+    with pytest.raises(HandlerTimeoutError, match="before the Lambda timeout"):
+        await env.invoke(slow, context=LocalContext(timeout=0.7))
+    assert pool.stats().in_use == 0
+    assert await env.invoke(in_transaction) is False
+    assert pool.stats().created_total == 1
+
+
+async def test_handlers_own_timeout_error_is_not_relabelled(env: Environment) -> None:
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> None:
+        raise TimeoutError("the handler's own")
+
+    with pytest.raises(TimeoutError, match="the handler's own") as caught:
+        await env.invoke(handler)
+    assert type(caught.value) is TimeoutError
+
+
+async def test_invocation_is_stamped_on_asyncpool_records_only(
+    env: Environment, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> None:
+        logging.getLogger("asyncpool.pool").info("from asyncpool")
+        logging.getLogger("app").info("from the app")
+
+    first, second = LocalContext(), LocalContext()
+    await env.invoke(handler, context=first)
+    await env.invoke(handler, context=second)
+    logging.getLogger("asyncpool.pool").info("between invocations")
+
+    ours = [r for r in caplog.records if r.name == "asyncpool.pool"]
+    stamped = [(getattr(r, REQUEST_ID_FIELD), getattr(r, COLD_START_FIELD)) for r in ours[:2]]
+    assert stamped == [
+        (first.aws_request_id, True),
+        (second.aws_request_id, False),
+    ]
+    assert not hasattr(ours[2], REQUEST_ID_FIELD)
+    assert not any(hasattr(r, REQUEST_ID_FIELD) for r in caplog.records if r.name == "app")
+
+
+async def test_connect_spans_carry_the_invocation(env: Environment, pooler: Pooler) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(InvocationSpanProcessor())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    pool = env.pool(
+        pooler.dsn(),
+        max_size=2,
+        telemetry=False,
+        observers=[TelemetryObserver(tracer_provider=provider)],
+    )
+    await env.run(pool.open)  # connects outside any invocation (an init phase)
+
+    @async_handler(runner=env.runner)
+    async def two_at_once(event: Any, context: Any) -> None:
+        async with pool.acquire(), pool.acquire():  # the second one connects
+            pass
+
+    first_invocation_started = time.time_ns()
+    contexts = [LocalContext(), LocalContext()]
+    for context in contexts:
+        await env.invoke(two_at_once, context=context)
+    assert pool.stats().created_total == 2
+
+    spans = exporter.get_finished_spans()
+    assert {s.instrumentation_scope.name for s in spans if s.instrumentation_scope} == {"asyncpool"}
+    # Each connect span has a credentials child, started by the same code: both are stamped.
+    outside = [s.attributes for s in spans if (s.start_time or 0) < first_invocation_started]
+    inside = [s.attributes for s in spans if (s.start_time or 0) > first_invocation_started]
+    assert len(outside) == len(inside) == 2
+    assert not any(INVOCATION_ID in (a or {}) for a in outside)
+    assert [(a or {}).get(INVOCATION_ID) for a in inside] == [contexts[0].aws_request_id] * 2
+    assert [(a or {}).get(COLDSTART) for a in inside] == [True] * 2
