@@ -13,9 +13,10 @@ from opentelemetry.sdk.metrics.export import Histogram, Sum
 from opentelemetry.semconv._incubating.metrics import db_metrics
 
 import asyncpool
-from asyncpool import Pool, PoolTimeoutError
+from asyncpool import Pool, PoolStats, PoolTimeoutError
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.telemetry import semconv as sc
+from asyncpool.telemetry.metrics import instruments_for
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
 from tests.telemetry_support import Collected, Sdk, every_instrument_reported
@@ -200,3 +201,63 @@ async def test_checkout_times_off_skips_only_the_per_checkout_histograms(
     assert sc.USE_TIME.name not in collected.metrics
     assert collected.histogram(sc.CREATE_TIME.name).count == 1
     assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="idle") == 1
+
+
+def test_a_collection_racing_the_event_loop_retries_the_stats_read(sdk: Sdk) -> None:
+    """Readers collect on their own thread; stats() can then meet a waiter queue being changed."""
+    calls = 0
+
+    def racing_stats() -> PoolStats:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("deque mutated during iteration")
+        return PoolStats("racy", 2, 1, 1, 0, 0, 1, 4, 2, 0, 0, 0, 0, 5, 0)
+
+    instruments = instruments_for(sdk.meter_provider, asyncpool.__version__)
+    instruments.watch("racy-key", "racy", racing_stats)
+    try:
+        collected = sdk.collect()
+    finally:
+        instruments.unwatch("racy-key")
+    assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="used") == 1
+    assert collected.value(sc.CONNECTION_MAX.name) == 4
+
+
+# Opens a pool with the default global telemetry, then installs the SDK, as an application whose
+# pool is created at import time would; prints the metrics the SDK then collects.
+_LATE_SDK = """
+import asyncio, sys
+import asyncpool
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+async def main():
+    async with asyncpool.Pool(sys.argv[1], name="early", min_size=1) as pool:
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        await pool.fetchval("SELECT 1")
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    for p in m.data.data_points:
+                        print(m.name, p.attributes.get("db.client.connection.state", "-"),
+                              getattr(p, "value", None), getattr(p, "count", None))
+
+asyncio.run(main())
+"""
+
+
+def test_a_pool_opened_before_the_sdk_is_installed_reports_through_it(
+    postgres: PostgresServer,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _LATE_SDK, postgres.dsn()], capture_output=True, text=True,
+        timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = set(done.stdout.splitlines())
+    assert "db.client.connection.count idle 1 None" in lines
+    assert "db.client.connection.max - 10 None" in lines
+    assert "db.client.connection.wait_time - None 1" in lines  # recorded after the SDK came
