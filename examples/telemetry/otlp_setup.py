@@ -68,8 +68,10 @@ async def main(dsn: str, seconds: float) -> None:
                 with tracer.start_as_current_span("batch"):
                     await asyncio.gather(*(pool.fetchval("SELECT pg_sleep(0.01)") for _ in range(10)))
             print(pool.stats())
+            # While the pool is open: its sizes are read from it at export time (end of an
+            # invocation on Lambda).
+            flush(meter_provider, tracer_provider)
     finally:
-        flush(meter_provider, tracer_provider)
         tracer_provider.shutdown()
         meter_provider.shutdown()
 
