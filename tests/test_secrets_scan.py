@@ -61,6 +61,10 @@ AUDITED: dict[tuple[str, str], str] = {
         "Secret Keyword",
         "eaef1152cbc4449fe7352d429ba1f292c335e1ba",  # pragma: allowlist secret
     ): "tests/test_redaction.py: the value the redaction tests must never see printed",
+    (
+        "Secret Keyword",
+        "6216eaab98a9f9d4a5a3bdea6d21ff5b854003fc",  # pragma: allowlist secret
+    ): "docs/credentials-and-tls.md: token_host=, a host name in an IamAuth example",
 }
 
 

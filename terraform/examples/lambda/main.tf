@@ -16,21 +16,25 @@ locals {
   use_proxy    = var.pooler == "rds-proxy"
   aws_policies = "arn:${data.aws_partition.current.partition}:iam::aws:policy"
 
-  pooler = local.use_proxy ? {
-    endpoint          = module.rds_proxy[0].endpoint
-    port              = module.rds_proxy[0].port
-    user              = module.rds_proxy[0].user
-    region            = module.rds_proxy[0].region
-    security_group_id = module.rds_proxy[0].security_group_id
-    settings          = module.rds_proxy[0].asyncpool_settings
-    } : {
-    endpoint          = module.pgbouncer[0].endpoint
-    port              = module.pgbouncer[0].port
-    user              = module.pgbouncer[0].user
-    region            = module.pgbouncer[0].region
-    security_group_id = module.pgbouncer[0].security_group_id
-    settings          = module.pgbouncer[0].asyncpool_settings
-  }
+  # The outputs of whichever pooler module exists (exactly one has an instance).
+  pooler = concat(
+    [for m in module.rds_proxy : {
+      endpoint          = m.endpoint
+      port              = m.port
+      user              = m.user
+      region            = m.region
+      security_group_id = m.security_group_id
+      settings          = m.asyncpool_settings
+    }],
+    [for m in module.pgbouncer : {
+      endpoint          = m.endpoint
+      port              = m.port
+      user              = m.user
+      region            = m.region
+      security_group_id = m.security_group_id
+      settings          = m.asyncpool_settings
+    }],
+  )[0]
 
   function_environment = merge(
     {
@@ -209,14 +213,20 @@ data "aws_iam_policy_document" "function" {
     resources = [aws_sqs_queue.dlq.arn]
   }
 
+  # The example's key, used through the services that hold data under it: the dead-letter queue,
+  # the function's environment variables and (pgbouncer) the password secret.
   statement {
-    sid       = "DeadLetterQueueKey"
+    sid       = "UseKeyThroughServices"
     actions   = ["kms:GenerateDataKey", "kms:Decrypt"]
     resources = [aws_kms_key.this.arn]
     condition {
       test     = "StringEquals"
       variable = "kms:ViaService"
-      values   = ["sqs.${var.region}.amazonaws.com", "secretsmanager.${var.region}.amazonaws.com"]
+      values = [
+        "sqs.${var.region}.amazonaws.com",
+        "lambda.${var.region}.amazonaws.com",
+        "secretsmanager.${var.region}.amazonaws.com",
+      ]
     }
   }
 
@@ -260,7 +270,7 @@ resource "aws_lambda_function" "this" {
   source_code_hash               = filebase64sha256(var.lambda_package)
   handler                        = var.lambda_handler
   runtime                        = var.lambda_runtime
-  architectures                  = ["arm64"]
+  architectures                  = [var.lambda_architecture]
   memory_size                    = 512
   timeout                        = var.lambda_timeout
   reserved_concurrent_executions = var.reserved_concurrency

@@ -159,7 +159,7 @@ variable "prepared_statements" {
 }
 
 variable "lambda_package" {
-  description = "Path of the function's deployment package (zip with the handler, asyncpool and its dependencies)."
+  description = "Path of the function's deployment package: a zip with the handler, asyncpool and its dependencies built for lambda_architecture (and, for pgbouncer, the CA at pgbouncer_ca_path)."
   type        = string
 
   validation {
@@ -176,6 +176,17 @@ variable "lambda_handler" {
   validation {
     condition     = can(regex("^[A-Za-z_][A-Za-z0-9_.]*\\.[A-Za-z_][A-Za-z0-9_]*$", var.lambda_handler))
     error_message = "lambda_handler must look like module.function."
+  }
+}
+
+variable "lambda_architecture" {
+  description = "Instruction set of the function: the package must hold wheels for it (asyncpg is a compiled extension)."
+  type        = string
+  default     = "arm64"
+
+  validation {
+    condition     = contains(["arm64", "x86_64"], var.lambda_architecture)
+    error_message = "lambda_architecture must be arm64 or x86_64."
   }
 }
 

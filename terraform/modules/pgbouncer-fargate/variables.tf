@@ -112,7 +112,7 @@ variable "tls_secret_arn" {
 }
 
 variable "kms_key_arn" {
-  description = "Customer-managed KMS key that encrypts the secrets above and the service's log group."
+  description = "Customer-managed KMS key that encrypts the secrets above and the service's log group (its key policy must let logs.<region>.amazonaws.com use it)."
   type        = string
 
   validation {
