@@ -68,7 +68,7 @@ class LambdaRunner:
         return self._runner.run(self._serve(call, context))
 
     async def _serve(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
-        with invocation_scope(context, self._cold_start.take()) as invocation:
+        with invocation_scope(context, self._cold_start) as invocation:
             budget = _time_budget(context, self.timeout_margin)
             deadline = asyncio.timeout(budget)
             try:

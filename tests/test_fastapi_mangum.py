@@ -66,7 +66,7 @@ def build_app(pool: Pool, *, keep_open: bool | None = True) -> FastAPI:
         return count
 
     @app.get("/invocation")
-    async def invocation(conn: connection) -> dict[str, Any]:
+    async def invocation(conn: connection, tx: transaction) -> dict[str, Any]:
         current = current_invocation()
         assert current is not None
         return {"request_id": current.request_id, "cold_start": current.cold_start}
@@ -172,7 +172,9 @@ async def test_transaction_dependency_commits_or_rolls_back(
 
 
 async def test_invocation_reaches_the_endpoint(runtime: RuntimeThread, postgres: PostgresServer) -> None:
-    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=postgres.dsn())))
+    """Both dependencies (two connections) agree on the invocation and on its cold start."""
+    config = lambda_config(environ={}, dsn=postgres.dsn(), max_size=2)
+    env = MangumEnvironment(runtime, Pool(config=config))
     try:
         await env.start(build_app(env.pool))
         contexts = [LocalContext(), LocalContext()]

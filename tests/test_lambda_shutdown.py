@@ -8,12 +8,15 @@ logs "client close request"), not by the socket vanishing ("client unexpected eo
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from asyncpool import Pool
+from asyncpool.integrations.aws_lambda import close_on_shutdown
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.binaries import system_pgbouncer
 from tests.lambda_env import POWERTOOLS_EXAMPLE, HandlerProcess, app_clients, load_event
@@ -72,3 +75,25 @@ async def test_without_a_goodbye_pgbouncer_sees_the_socket_vanish(
         proc.stop()
     [gone] = app_disconnects(own_pgbouncer)
     assert VANISHED in gone
+
+
+def test_undo_restores_the_previous_sigterm_handler_but_not_over_a_newer_one() -> None:
+    def earlier(signum: int, frame: object) -> None: ...
+
+    def later(signum: int, frame: object) -> None: ...
+
+    original = signal.signal(signal.SIGTERM, earlier)
+    loop = asyncio.new_event_loop()
+    try:
+        undo = close_on_shutdown(Pool(min_size=0), loop)
+        assert signal.getsignal(signal.SIGTERM) not in (earlier, original)
+        undo()
+        assert signal.getsignal(signal.SIGTERM) is earlier
+
+        undo = close_on_shutdown(Pool(min_size=0), loop)
+        signal.signal(signal.SIGTERM, later)
+        undo()
+        assert signal.getsignal(signal.SIGTERM) is later
+    finally:
+        signal.signal(signal.SIGTERM, original)
+        loop.close()

@@ -90,22 +90,21 @@ def close_on_shutdown(
         done.set()
         _close_pool(pool, loop, budget)
 
+    previous: Any = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        close_now()
+        _pass_on(signum, frame, previous)
+
     atexit.register(close_now)
-    previous: Any = None
-    installed = False
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            close_now()
-            _pass_on(signum, frame, previous)
-
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
         signal.signal(signal.SIGTERM, on_sigterm)
-        installed = True
 
     def undo() -> None:
         atexit.unregister(close_now)
-        if installed and threading.current_thread() is threading.main_thread():
+        # Only if nobody installed a handler of their own since.
+        if in_main_thread and signal.getsignal(signal.SIGTERM) is on_sigterm:
             signal.signal(signal.SIGTERM, previous)
 
     return undo

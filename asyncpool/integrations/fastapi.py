@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -45,25 +46,26 @@ def pool_connection(
     Opens the pool on first use if no lifespan did (``Mangum(app, lifespan="off")``). Under
     Mangum, the request's Lambda invocation is stamped on asyncpool's logs and spans.
     """
-    cold_start = ColdStart()
-
     async def connection(request: Request) -> AsyncIterator[PooledConnection]:
         await pool.open(wait=False)  # no-op once open
         checkout = pool.transaction() if transaction else pool.acquire()
-        with _invocation_of(request, cold_start):
+        with _invocation_of(request, pool):
             async with checkout as conn:
                 yield conn
 
     return connection
 
 
-def _invocation_of(
-    request: Request, cold_start: ColdStart
-) -> contextlib.AbstractContextManager[object]:
+# One per pool, so every dependency on a pool agrees which request was the environment's first.
+_cold_starts: weakref.WeakKeyDictionary[Pool, ColdStart] = weakref.WeakKeyDictionary()
+
+
+def _invocation_of(request: Request, pool: Pool) -> contextlib.AbstractContextManager[object]:
     context = request.scope.get("aws.context")
     if context is None:
         return contextlib.nullcontext()
-    return invocation_scope(context, cold_start.take())
+    cold_start = _cold_starts.setdefault(pool, ColdStart())
+    return invocation_scope(context, cold_start)
 
 
 def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:

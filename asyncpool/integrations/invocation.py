@@ -59,12 +59,20 @@ class ColdStart:
 
 
 @contextlib.contextmanager
-def invocation_scope(context: Any, cold_start: bool) -> Iterator[Invocation]:
-    """Mark the code inside as serving the invocation `context` (a Lambda context object)."""
+def invocation_scope(context: Any, cold_start: ColdStart) -> Iterator[Invocation]:
+    """Mark the code inside as serving the invocation `context` (a Lambda context object).
+
+    Nested scopes for the same request (two FastAPI dependencies) share the outer invocation.
+    """
+    request_id = str(getattr(context, "aws_request_id", None) or "-")
+    outer = _current.get()
+    if outer is not None and outer.request_id == request_id:
+        yield outer
+        return
     invocation = Invocation(
-        request_id=str(getattr(context, "aws_request_id", None) or "-"),
+        request_id=request_id,
         function_name=getattr(context, "function_name", None),
-        cold_start=cold_start,
+        cold_start=cold_start.take(),
     )
     _install_log_fields()
     token = _current.set(invocation)

@@ -1,0 +1,47 @@
+"""lambda_config(): pool defaults for one Lambda execution environment, and who wins over them."""
+
+from __future__ import annotations
+
+import pytest
+
+from asyncpool import PoolConfig
+from asyncpool.integrations.aws_lambda import lambda_config, running_on_lambda
+from asyncpool.lambda_runner import LambdaRunner
+
+
+def test_sized_for_one_invocation_at_a_time_and_checked_after_a_freeze() -> None:
+    cfg = lambda_config(environ={})
+    assert (cfg.min_size, cfg.max_size) == (1, 1)
+    assert cfg.validate_after == 0.5
+    assert cfg.acquire_timeout == cfg.connect_timeout == 5.0
+    # Without the function timeout, leak detection keeps the pool's own default.
+    assert cfg.leak_timeout == PoolConfig().leak_timeout
+
+
+def test_function_timeout_bounds_leaks_and_waits() -> None:
+    cfg = lambda_config(function_timeout=3, environ={})
+    assert cfg.leak_timeout == 3.0
+    assert cfg.acquire_timeout == 1.5
+    assert lambda_config(function_timeout=60, environ={}).acquire_timeout == 5.0
+
+
+def test_environment_beats_the_defaults_and_arguments_beat_the_environment() -> None:
+    env = {"ASYNCPOOL_MAX_SIZE": "3", "ASYNCPOOL_LEAK_TIMEOUT": "none", "ASYNCPOOL_NAME": "orders"}
+    cfg = lambda_config(function_timeout=10, environ=env)
+    assert (cfg.max_size, cfg.leak_timeout, cfg.name) == (3, None, "orders")
+    assert lambda_config(environ=env, max_size=2).max_size == 2
+
+
+def test_rejects_a_function_timeout_that_is_not_positive() -> None:
+    with pytest.raises(ValueError, match="function_timeout"):
+        lambda_config(function_timeout=0, environ={})
+
+
+def test_running_on_lambda_follows_the_runtime_variable() -> None:
+    assert running_on_lambda({"AWS_LAMBDA_FUNCTION_NAME": "orders"})
+    assert not running_on_lambda({})
+
+
+def test_runner_rejects_a_negative_margin() -> None:
+    with pytest.raises(ValueError, match="timeout_margin"):
+        LambdaRunner(timeout_margin=-1)
