@@ -8,6 +8,7 @@ gives it, on the harness's current PgBouncer, then reading SHOW CONFIG back.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -444,3 +445,53 @@ def test_secret_check_catches_a_password_on_the_command_line() -> None:
     doc = load_compose()
     doc["services"]["postgres"]["command"] += ["-c", "PGPASSWORD=oops"]
     assert any("command line" in p for p in secret_problems(doc, env_example()))
+
+
+def dashboard_datasource_problems(dashboard: dict[str, Any], uid: str) -> list[str]:
+    """Every datasource the dashboard names is `uid`, or a Prometheus datasource variable."""
+    problems = []
+    variables = {
+        v["name"]: v for v in dashboard.get("templating", {}).get("list", []) if v.get("type") == "datasource"
+    }
+    refs = {json.dumps(ds, sort_keys=True) for ds in _datasources(dashboard)}
+    if not refs:
+        problems.append("the dashboard names no datasource")
+    for ref in map(json.loads, refs):
+        ds_uid = ref.get("uid", "") if isinstance(ref, dict) else ref
+        name = re.fullmatch(r"\$\{?(\w+)\}?", ds_uid or "")
+        if name:
+            variable = variables.get(name.group(1))
+            if variable is None or variable.get("query") != "prometheus":
+                problems.append(f"{ds_uid} is not a Prometheus datasource variable")
+        elif ds_uid != uid:
+            problems.append(f"datasource {ref} is not the provisioned {uid!r}")
+    return problems
+
+
+def test_the_dashboard_uses_the_provisioned_datasource() -> None:
+    """compose mounts examples/telemetry/grafana-dashboard.json: its queries must reach the
+    Prometheus datasource provisioned next to it (by uid, or through a datasource variable)."""
+    dashboard_path = ROOT / "examples" / "telemetry" / "grafana-dashboard.json"
+    assert dashboard_path.is_file(), "compose.yaml mounts a dashboard that does not exist"
+    dashboard = json.loads(dashboard_path.read_text())
+    provisioned = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text()
+    )
+    uid = provisioned["datasources"][0]["uid"]
+    assert dashboard_datasource_problems(dashboard, uid) == []
+    broken = {"panels": [{"datasource": {"type": "prometheus", "uid": "elsewhere"}}]}
+    assert dashboard_datasource_problems(broken, uid) == [
+        f"datasource {{'type': 'prometheus', 'uid': 'elsewhere'}} is not the provisioned {uid!r}"
+    ]
+
+
+def _datasources(node: Any) -> Iterator[Any]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource" and value:
+                yield value
+            else:
+                yield from _datasources(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _datasources(item)
