@@ -120,6 +120,11 @@ async def test_executemany_and_status_strings(pool: Pool, pooler: Pooler) -> Non
         await conn.executemany(insert, [(i, f"v{i}") for i in range(200)])
         await conn.executemany(insert, [(i, None) for i in range(200, 250)])
         await conn.executemany(insert, [])
+        returned = await conn.fetchmany(f"{insert} RETURNING k", [(900, "a"), (901, "b")])
+        assert [r["k"] for r in returned] == [900, 901]
+        returned = await conn.fetchmany(f"{insert} RETURNING k", [(902, None)])
+        assert [r["k"] for r in returned] == [902]
+        await conn.execute(f"DELETE FROM {table} WHERE k >= $1", 900)
         assert conn.describe_cache_stats().hits >= 1
         assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 250
         assert await conn.fetchval(f"SELECT count(v) FROM {table}") == 200
