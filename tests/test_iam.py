@@ -186,6 +186,13 @@ async def test_no_region_anywhere_says_how_to_give_one(aws: None) -> None:
     await auth.close()
 
 
+async def test_malformed_region_name_is_named(aws: None) -> None:
+    auth = IamAuth(region="us_east_1")
+    with pytest.raises(CredentialsError, match=r"'us_east_1' is not a valid AWS region name"):
+        await auth.password(Target("db.internal.example", 5432, "orders_app", "orders"))
+    await auth.close()
+
+
 async def test_no_aws_credentials_says_where_they_come_from(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
