@@ -125,12 +125,3 @@ def test_checkov_fails_a_planted_misconfiguration(tmp_path: Path) -> None:
     assert planted["summary"]["resource_count"] > 0
     failed = {c["check_id"] for c in planted["results"]["failed_checks"]}
     assert "CKV_AWS_24" in failed, failed  # SSH open to the world
-
-
-def test_an_empty_directory_is_not_a_pass(tmp_path: Path) -> None:
-    """What FIELD-NOTES warns about: nothing to scan gives no summary and no failures."""
-    (tmp_path / "empty.tf").write_text('locals {\n  nothing = "here"\n}\n')
-    empty = run_checkov(tmp_path)
-    summary = empty.get("summary") or {}
-    assert summary.get("resource_count", 0) == 0
-    assert summary.get("passed", 0) == 0
