@@ -175,8 +175,6 @@ def aws_error(
         )
     elif isinstance(exc, bx.ClientError):
         hint = _client_error_hint(exc, where)
-    elif isinstance(exc, bx.BotoCoreError):
-        hint = f"{type(exc).__name__}: {exc}"
     else:
         hint = f"{type(exc).__name__}: {exc}"
     return CredentialsError(f"{doing}: {hint}")

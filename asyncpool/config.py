@@ -56,7 +56,8 @@ class PoolConfig:
         rotating secrets). Default: the DSN's password.
     ssl: ``disable``/``prefer``/``require``/``verify-ca``/``verify-full`` or an `ssl.SSLContext`
         (default: asyncpg's, from the DSN's ``sslmode``).
-    ssl_root_cert: CA bundle path used by ``verify-ca``/``verify-full``.
+    ssl_root_cert: CA bundle path used by ``verify-ca``/``verify-full`` (and ``require``, as
+        libpq does); given without `ssl` or a DSN ``sslmode``, it means ``verify-full``.
     allow_iam_without_tls: let `IamAuth` log in without TLS (local testing only).
     server_settings: run-time parameters sent at login (not under RDS Proxy: it rejects them).
     connect_kwargs: extra keyword arguments for `asyncpg.connect`.
