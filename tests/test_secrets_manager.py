@@ -425,3 +425,24 @@ async def test_rotation_behind_pgbouncer_is_followed_by_new_connections(
 ) -> None:
     bouncer = auth_query_pgbouncer
     await _rotate_and_connect(store, local_aws, Role(bouncer.postgres), bouncer.host, bouncer.port)
+
+
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [
+        ("ExpiredTokenException", "the AWS session credentials have expired"),
+        ("UnrecognizedClientException", "AWS rejected the credentials"),
+        ("AccessDeniedException", "access denied (not allowed here); grant the role"),
+        ("ThrottlingException", "AWS said ThrottlingException: not allowed here"),
+    ],
+)
+def test_aws_error_codes_become_advice(code: str, advice: str) -> None:
+    """Answers the local endpoint cannot give (it accepts any credentials)."""
+    from botocore.exceptions import ClientError
+
+    from asyncpool.aws import aws_error
+
+    exc = ClientError({"Error": {"Code": code, "Message": "not allowed here"}}, "GetSecretValue")
+    error = aws_error(exc, "reading secret 'db/orders'", REGION)
+    assert str(error).startswith("reading secret 'db/orders': ")
+    assert advice in str(error)
