@@ -214,15 +214,19 @@ async def test_cancelled_and_timed_out_reuses_leave_the_connection_usable(pool: 
 async def test_concurrent_clients_share_few_server_connections(pooler: Pooler) -> None:
     """More clients than the PgBouncer has server connections: statements land on whichever
     server connection is free, and an unnamed statement is never missing there."""
+    mood = _name(pooler, "concurrent_mood")
     queries: list[tuple[str, Callable[[int], tuple[Any, ...]], Callable[[int, Any], bool]]] = [
         ("SELECT $1::int + 1", lambda i: (i,), lambda i, r: r == i + 1),
         ("SELECT $1::text || 'x'", lambda i: (str(i),), lambda i, r: r == f"{i}x"),
         ("SELECT count(*) FROM generate_series(1, $1::int)", lambda i: (i % 50 + 1,),
          lambda i, r: r == i % 50 + 1),
         ("SELECT $1::int[]", lambda i: ([i, i],), lambda i, r: r == [i, i]),
+        # A type each new connection must introspect (more statements, run concurrently).
+        (f"SELECT $1::{mood}[]", lambda i: (["a", "b"][: i % 3],), lambda i, r: r == ["a", "b"][: i % 3]),
     ]
     async with Pool(pooler.dsn(), name="dc-concurrent", prepared_statements="describe-cache",
                     min_size=0, max_size=30, telemetry=False) as pool:
+        await pool.execute(f"DROP TYPE IF EXISTS {mood}; CREATE TYPE {mood} AS ENUM ('a', 'b')")
 
         async def client(n: int) -> int:
             wrong = 0

@@ -77,7 +77,11 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
             record_class=record_class,
         )
         if entry is None and self._cacheable(statement):
-            cache.put(key, statement, generation)
+            try:
+                cache.put(key, statement, generation)
+            except pg_exceptions.InternalClientError:  # a codec went missing meanwhile
+                logger.debug("pool %r: statement not cached", self._policy.pool_name,
+                             exc_info=True)
         return result, statement
 
     def _drop_local_statement_cache(self) -> None:

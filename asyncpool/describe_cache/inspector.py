@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -143,7 +144,10 @@ class ReplyInspector(asyncio.Protocol):
         if kind not in _HEAD[self._stage]:
             return Verdict.UNREADABLE
         self._stage += 1
-        return _judge(check, kind, bytes(buf[pos:end]))
+        try:
+            return _judge(check, kind, bytes(buf[pos:end]))
+        except (ValueError, struct.error):  # a malformed RowDescription
+            return Verdict.UNREADABLE
 
     def _decide(self, check: Check, verdict: Verdict, buf: bytes, pos: int) -> None:
         check.verdict = verdict
