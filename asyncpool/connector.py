@@ -68,11 +68,11 @@ class Connector:
                 or not is_auth_failure(exc)
                 or not await self.credentials.refresh(self.target)
             ):
-                raise self._translate(exc) from None
+                raise self._translate(exc) from exc
         try:
             return await self._attempt()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            raise self._translate(exc) from None
+            raise self._translate(exc) from exc
 
     def _translate(self, exc: BaseException) -> Exception:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
@@ -101,7 +101,7 @@ class Connector:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             error = exc
             if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-                raise self._translate(exc) from None
+                raise self._translate(exc) from exc
             raise
         except BaseException as exc:
             error = exc
