@@ -133,7 +133,7 @@ async def every_instrument_reported(
     """An open pool after a workload that makes every instrument report: checkouts, a failed
     login, a dead idle connection replaced at checkout, an acquire timeout and a reclaimed leak."""
     pool = sdk.pool(
-        postgres.dsn(), name=name, min_size=1, max_size=1, validate_after=0, leak_timeout=0.2,
+        postgres.dsn(), name=name, min_size=1, max_size=1, validate_after=0, leak_timeout=0.5,
         credentials=FirstPasswordWrong(postgres.app.password),
     )
     async with pool:

@@ -130,13 +130,14 @@ async def test_a_reclaimed_leak_is_an_event_on_the_holders_span_and_its_log_name
 ) -> None:
     caplog.set_level(logging.WARNING, logger="asyncpool.leaks")
     async with sdk.pool(pooler.dsn(), name="leaky", min_size=1, max_size=2,
-                        leak_timeout=0.2) as pool:
+                        leak_timeout=0.5) as pool:
 
         async def bystander() -> None:
-            # Acquires first, so the leak timer is armed from this task's context.
+            # Acquires first, so the leak timer is armed from this task's context; returns its
+            # connection well within leak_timeout.
             with sdk.tracer.start_as_current_span("bystander"):
                 async with pool.acquire():
-                    await asyncio.sleep(0.15)
+                    await asyncio.sleep(0.05)
 
         async def handler() -> None:
             with sdk.tracer.start_as_current_span("POST /import"):
@@ -158,7 +159,7 @@ async def test_a_reclaimed_leak_is_an_event_on_the_holders_span_and_its_log_name
     attributes = dict(event.attributes or {})
     assert attributes[sc.POOL_NAME] == "leaky"
     assert attributes[sc.LEAK_ACTION] == "reclaim"
-    assert float(attributes[sc.LEAK_HELD_SECONDS]) >= 0.2  # type: ignore[arg-type]
+    assert float(attributes[sc.LEAK_HELD_SECONDS]) > 0.49  # type: ignore[arg-type]  # timers may fire 1 ms early
     assert "handler" in str(attributes[sc.CODE_STACKTRACE])
     [bystander_span] = sdk.spans("bystander")
     assert not [e for e in bystander_span.events if e.name == sc.LEAK_EVENT]
@@ -187,7 +188,7 @@ async def test_a_leak_outside_any_span_gets_a_span_of_its_own(
     # Only logged, not reclaimed: the holder carried on, so this is no error.
     assert span.status.status_code is StatusCode.UNSET
     start, end = times(span)
-    assert end - start >= 200_000_000  # it covers the holding time, past leak_timeout
+    assert end - start > 190_000_000  # it covers the holding time (timers may fire 1 ms early)
     leak_log = next(r for r in caplog.records if "past leak_timeout" in r.getMessage())
     assert (getattr(leak_log, TRACE_ID), getattr(leak_log, SPAN_ID)) == ("0", "0")
 
