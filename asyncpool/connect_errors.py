@@ -114,6 +114,28 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
     return error
 
 
+# Why PgBouncer closed a client connection (the text it sends before closing), and what to do.
+_POOLER_CLOSE_REASONS = {
+    "query_wait_timeout": "PgBouncer found no free server connection within its "
+    "query_wait_timeout: its server pool is saturated; shorten transactions, raise "
+    "default_pool_size (within PostgreSQL's max_connections), or lower the number of clients",
+    "server_login_retry": "PgBouncer cannot log in to PostgreSQL (down, restarting or refusing "
+    "it) and turns clients away for server_login_retry seconds after each failed login",
+    "idle_transaction_timeout": "a transaction sat idle longer than PgBouncer's "
+    "idle_transaction_timeout; do not wait on other work inside a transaction",
+    "query_timeout": "a query ran longer than PgBouncer's query_timeout",
+}
+
+
+def lost_connection_hint(exc: BaseException) -> str:
+    """What a pooler's reason for closing a connection in use means (" ..." or "")."""
+    text = str(exc)
+    for reason, hint in _POOLER_CLOSE_REASONS.items():
+        if reason in text:
+            return f" {hint[0].upper()}{hint[1:]}."
+    return ""
+
+
 def asyncio_timeout_types() -> tuple[type[BaseException], ...]:
     import asyncio
 

@@ -7,6 +7,7 @@ from collections.abc import Generator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from asyncpool.connect_errors import lost_connection_hint
 from asyncpool.errors import ConnectionLeakedError, ConnectionLostError
 from asyncpool.lease import Lease, LeaseState
 from asyncpool.proxy import PooledConnection
@@ -53,7 +54,8 @@ class AcquireContext:
             assert exc is not None
             raise ConnectionLostError(
                 f"pool {self._pool.name!r}: the connection to {self._pool.target} was lost while "
-                f"in use ({type(exc).__name__}: {exc}). An open transaction was not committed "
+                f"in use ({type(exc).__name__}: {exc}).{lost_connection_hint(exc)} An open "
+                "transaction was not committed "
                 "(if it was lost during COMMIT, that commit's outcome is unknown). The pool "
                 "replaced the connection; retry if the work is idempotent."
             ) from exc

@@ -383,13 +383,18 @@ class Pool:
     async def _connect_in_slot(self, deadline: float | None, timeout: float | None) -> ConnectionRecord:
         """Open a connection in a slot this caller already holds; the slot is freed on failure."""
         try:
-            return await self._connect(deadline, timeout)
+            return await self._connect(deadline, timeout, take_released=True)
         except BaseException:
             self._free_slot()
             raise
 
-    async def _connect(self, deadline: float | None, timeout: float | None = None) -> ConnectionRecord:
-        """Open a connection, retrying transient failures with backoff until `deadline`."""
+    async def _connect(self, deadline: float | None, timeout: float | None = None, *,
+                       take_released: bool = False) -> ConnectionRecord:
+        """Open a connection, retrying transient failures with backoff until `deadline`.
+
+        With `take_released`, a connection returned to the pool between attempts is taken
+        instead (a full pooler refuses logins while our own connections come back).
+        """
         loop = self._require_loop()
         assert self._connector is not None
         backoff = Backoff()
@@ -411,8 +416,13 @@ class Pool:
                         logger.warning("pool %r: %s", self.name, exc)
                         raise
                     logger.info("pool %r: %s; retrying in %.2fs", self.name, exc, delay)
-                    await asyncio.sleep(delay)
-                    continue
+                    if not take_released:
+                        await asyncio.sleep(delay)
+                        continue
+                    record = await self._released_within(delay)
+                    if record is None:
+                        continue
+                    return record
                 self._created_total += 1
                 if self._closing:
                     conn.terminate()
@@ -421,6 +431,34 @@ class Pool:
                 return ConnectionRecord(conn, loop.time(), cfg.max_lifetime, cfg.lifetime_jitter)
         finally:
             self._connecting -= 1
+
+    async def _released_within(self, delay: float) -> ConnectionRecord | None:
+        """Wait `delay` between connect attempts in line with the waiters; a connection
+        release() hands over ends the wait. The caller's own slot is then freed."""
+        loop = self._require_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(delay):
+                got = await fut
+        except TimeoutError:
+            if not (fut.done() and not fut.cancelled() and fut.exception() is None):
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+                return None
+            got = fut.result()  # handed over in the instant the delay ran out
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._give_back(fut.result())
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+        # Either way this caller holds one slot too many now: pass it on.
+        self._free_slot()
+        return None if got is _SLOT else got
 
     async def _validate(self, record: ConnectionRecord, deadline: float | None) -> bool:
         """One round trip on a connection that sat idle; False (and closed) if it is dead."""

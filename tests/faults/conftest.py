@@ -29,6 +29,9 @@ def fault_stack() -> Iterator[ServerStack]:
             "max_db_connections": FAULT_POOL_SIZE,
             "max_client_conn": 200,
             "query_wait_timeout": 15,
+            # After a failed login to PostgreSQL (it is restarting), PgBouncer refuses clients
+            # for this long; the default 15 s would make the restart tests slow, not stricter.
+            "server_login_retry": 1,
         },
     )
     try:

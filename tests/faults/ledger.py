@@ -35,7 +35,8 @@ class LedgerCheck:
 class Ledger:
     """A table of unique ids and the outcome each writer saw for its own id."""
 
-    dsn: str  # direct to PostgreSQL: the check must not depend on the pooler under test
+    # Direct to PostgreSQL: the check must not depend on the pooler under test.
+    dsn: str = field(repr=False)
     table: str
     committed: set[int] = field(default_factory=set)
     failed: dict[int, BaseException] = field(default_factory=dict)

@@ -26,15 +26,18 @@ class Load:
         self._stopping = asyncio.Event()
         self._progress = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._failed_writers: set[int] = set()
 
     def start(self) -> Load:
-        self._tasks = [asyncio.create_task(self._writer(), name=f"writer-{i}")
+        self._tasks = [asyncio.create_task(self._writer(i), name=f"writer-{i}")
                        for i in range(self.writers)]
         return self
 
-    async def _writer(self) -> None:
+    async def _writer(self, number: int) -> None:
         while not self._stopping.is_set():
             error = await self.ledger.write(self.pool, timeout=self.timeout)
+            if error is not None:
+                self._failed_writers.add(number)
             self._progress.set()
             if error is not None:
                 await asyncio.sleep(self.pause_after_error)
@@ -52,6 +55,14 @@ class Load:
         goal = len(self.ledger.errors) + count
         async with asyncio.timeout(within):
             while len(self.ledger.errors) < goal:
+                self._progress.clear()
+                await self._progress.wait()
+
+    async def every_writer_fails(self, within: float) -> None:
+        """Wait until each writer has seen a failure from now on: none is stuck in a call."""
+        self._failed_writers.clear()
+        async with asyncio.timeout(within):
+            while len(self._failed_writers) < self.writers:
                 self._progress.clear()
                 await self._progress.wait()
 

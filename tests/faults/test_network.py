@@ -1,0 +1,208 @@
+"""Network faults between the pool and PostgreSQL, injected by a loopback fault proxy.
+
+Whatever the fault, acquire and queries end with a clear error within their timeouts (none
+hangs), no slot is lost, and the pool serves again once the network heals. The last tests
+check the proxy itself does what each mode promises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from asyncpool import ConnectError, ConnectionLostError, Pool, PoolTimeoutError
+from asyncpool.testing import PostgresServer
+from asyncpool.testing.faultproxy import Direction, FaultMode, FaultProxy
+
+from .invariants import full_width, serves_again, settled
+from .ledger import Ledger
+
+# What a caller sees, by fault and by where it meets the fault: opening a new connection,
+# checking an idle one at checkout, or running a query on one it holds. Silence (stall,
+# half-open) becomes a timeout; a closed or reset connection becomes a connection error.
+MATRIX: dict[FaultMode, dict[str, type[BaseException]]] = {
+    "stall": {"new": PoolTimeoutError, "idle": PoolTimeoutError, "held": TimeoutError},
+    "half-open": {"new": PoolTimeoutError, "idle": PoolTimeoutError, "held": TimeoutError},
+    "drop": {"new": ConnectError, "idle": ConnectError, "held": ConnectionLostError},
+    "reset": {"new": ConnectError, "idle": ConnectError, "held": ConnectionLostError},
+}
+CASES = [(mode, where) for mode in MATRIX for where in ("new", "idle", "held")]
+
+
+def _pool(proxy: FaultProxy, postgres: PostgresServer, **options: Any) -> Pool:
+    config: dict[str, Any] = {
+        "name": "netfault", "min_size": 1, "max_size": 2, "acquire_timeout": 0.8,
+        "connect_timeout": 0.3, "validate_after": 0, "telemetry": False,
+        # Statements the network swallows end at the driver's command timeout.
+        "connect_kwargs": {"command_timeout": 0.5},
+    }
+    config.update(options)
+    return Pool(proxy.dsn(postgres.dsn()), **config)
+
+
+@pytest.mark.parametrize(("mode", "where"), CASES, ids=[f"{m}-{w}" for m, w in CASES])
+async def test_network_fault_gives_a_clear_error_then_heals(
+    proxy_to_postgres: FaultProxy, postgres: PostgresServer, mode: FaultMode, where: str
+) -> None:
+    proxy = proxy_to_postgres
+    expected = MATRIX[mode][where]
+    async with _pool(proxy, postgres, min_size=0 if where == "new" else 1) as pool:
+        if where == "held":
+
+            async def use_while_faulted() -> None:
+                async with pool.acquire() as conn:
+                    proxy.set_mode(mode)
+                    await conn.fetchval("SELECT 1")
+
+            # After a timeout asyncpg waits for its cancel request to be answered; a silent
+            # network never answers. Close it later, as TCP keepalive would, so release() ends.
+            timer = asyncio.get_running_loop().call_later(1.5, proxy.set_mode, "drop")
+            try:
+                with pytest.raises(expected) as info:
+                    await use_while_faulted()
+            finally:
+                timer.cancel()
+        else:
+            await pool.fetchval("SELECT 1")  # "idle": a connection, used just now
+            proxy.set_mode(mode)
+            with pytest.raises(expected) as info:
+                await pool.fetchval("SELECT 1")
+        # The caller sees the error of the fault it met, not another one raised over it.
+        assert type(info.value) is expected, repr(info.value)
+        if isinstance(info.value, PoolTimeoutError | ConnectError):
+            assert "'netfault'" in str(info.value)
+        proxy.set_mode("pass")
+        await serves_again(pool, within=10)
+        await settled(pool)
+        await full_width(pool)
+
+
+@pytest.mark.parametrize(("direction", "present"), [("replies", True), ("requests", False)])
+async def test_commit_lost_in_a_half_open_connection_is_ambiguous_not_duplicated(
+    proxy_to_postgres: FaultProxy, postgres: PostgresServer, ledger: Ledger,
+    direction: Direction, present: bool,
+) -> None:
+    """COMMIT sent into a half-open connection: the caller gets a timeout and cannot know the
+    outcome. With the replies lost the server did commit; with the requests lost it did not.
+    Either way the id is there at most once."""
+    proxy = proxy_to_postgres
+
+    async def go_half_open() -> None:
+        proxy.set_mode("half-open", direction=direction)
+
+    async with _pool(proxy, postgres) as pool:
+        timer = asyncio.get_running_loop().call_later(1.5, proxy.set_mode, "drop")
+        try:
+            error = await ledger.write(pool, before_commit=go_half_open)
+        finally:
+            timer.cancel()
+        assert type(error) is TimeoutError
+        assert list(ledger.ambiguous) == [1]
+        proxy.set_mode("pass")
+        await serves_again(pool)
+        check = await ledger.verify()
+        assert (check.ambiguous_present, check.ambiguous_absent) == (int(present), int(not present))
+        await settled(pool)
+
+
+# -- the proxy itself ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A loopback server that echoes, and records what it received."""
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            received.append(data)
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], received
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _connect(proxy: FaultProxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(proxy.host, proxy.port)
+
+
+async def _silent(reader: asyncio.StreamReader) -> bool:
+    try:
+        await asyncio.wait_for(reader.read(1), 0.2)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_proxy_passes_and_stalls_and_heals(echo: tuple[int, list[bytes]]) -> None:
+    port, received = echo
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        reader, writer = await _connect(proxy)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        proxy.set_mode("stall")
+        writer.write(b"held")
+        assert await _silent(reader)
+        assert proxy.held == 1
+        assert received == [b"ping"]
+        proxy.set_mode("pass")
+        assert await reader.readexactly(4) == b"held"
+        writer.close()
+
+
+@pytest.mark.parametrize("mode", ["drop", "reset"])
+async def test_proxy_drops_and_resets(echo: tuple[int, list[bytes]], mode: FaultMode) -> None:
+    port, _ = echo
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        reader, writer = await _connect(proxy)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        proxy.set_mode(mode)
+        if mode == "drop":
+            assert await reader.read(1) == b""  # FIN
+        else:
+            with pytest.raises(ConnectionResetError):
+                await reader.read(1)
+        # New connections meet the same fate.
+        reader2, writer2 = await _connect(proxy)
+        try:
+            assert await reader2.read(1) == b""
+        except ConnectionResetError:
+            assert mode == "reset"
+        writer.close()
+        writer2.close()
+
+
+@pytest.mark.parametrize("direction", ["replies", "requests"])
+async def test_proxy_half_open_stays_deaf(echo: tuple[int, list[bytes]],
+                                          direction: Direction) -> None:
+    port, received = echo
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        reader, writer = await _connect(proxy)
+        proxy.set_mode("half-open", direction=direction)
+        writer.write(b"lost")
+        assert await _silent(reader)
+        # The server got the request only when the replies are the direction lost.
+        assert (b"lost" in b"".join(received)) == (direction == "replies")
+        proxy.set_mode("pass")
+        writer.write(b"more")
+        assert await _silent(reader), "a half-open connection does not come back"
+        fresh_reader, fresh_writer = await _connect(proxy)
+        fresh_writer.write(b"new")
+        assert await fresh_reader.readexactly(3) == b"new"
+        writer.close()
+        fresh_writer.close()
+
+
+def test_proxy_refuses_to_forward_off_this_machine() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        FaultProxy("10.0.0.1", 5432)
