@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from typing import Literal, TextIO
 
@@ -14,11 +15,13 @@ from asyncpool.load.servers import LocalServers
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(demo(args, sys.stdout))
+    # With --json, stdout carries only the document; the narration goes to stderr.
+    return asyncio.run(demo(args, sys.stderr if args.json else sys.stdout, sys.stdout))
 
 
-async def demo(args: argparse.Namespace, out: TextIO) -> int:
-    """Run both phases and print the comparison; exit 1 if the pooled phase had any error."""
+async def demo(args: argparse.Namespace, out: TextIO, results: TextIO) -> int:
+    """Run both phases and print the comparison (narration to `out`, the table or JSON to
+    `results`); exit 1 if the pooled phase had any error or an instance never got through."""
     servers: LocalServers | None = None
     if args.dsn:
         pooled = LoadTarget("PgBouncer", args.dsn, "pgbouncer", admin_dsn=args.admin_dsn,
@@ -57,8 +60,12 @@ async def demo(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         if servers is not None:
             await asyncio.to_thread(servers.stop)
-    _say(out, "\n" + summary_table(first, second))
-    _say(out, "\n" + conclusion(first, second))
+    if args.json:
+        _say(results, json.dumps({"runs": [r.to_json() for r in (first, second) if r]},
+                                 indent=2))
+    else:
+        _say(results, "\n" + summary_table(first, second))
+        _say(results, "\n" + conclusion(first, second))
     return 0 if first.error_count == 0 and first.clients_never_served == 0 else 1
 
 

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--direct-dsn",
                       help="PostgreSQL itself, for the direct contrast (skipped if not given)")
     demo.add_argument("--no-direct", action="store_true", help="skip the direct contrast")
+    demo.add_argument("--json", action="store_true",
+                      help="print both phases as bench JSON runs instead of the table")
     demo.set_defaults(run=_run_demo)
 
     bench = sub.add_parser(

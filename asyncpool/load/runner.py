@@ -227,7 +227,9 @@ def _check_driver_available(spec: LoadSpec) -> None:
     if spec.prepared_statements == "describe-cache":
         needs.append(("asyncpool.describe_cache", "this asyncpool build has no describe-cache mode"))
     if spec.telemetry == "sdk":
-        needs.append(("opentelemetry.sdk", "pip install opentelemetry-sdk"))
+        hint = "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-common"
+        needs.append(("opentelemetry.sdk", hint))
+        needs.append(("opentelemetry.exporter.otlp.proto.common", hint))
     for module, hint in needs:
         with contextlib.suppress(ModuleNotFoundError):
             if importlib.util.find_spec(module) is not None:

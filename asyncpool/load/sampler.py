@@ -67,30 +67,39 @@ class PgBouncerSampler:
 class PostgresSampler:
     """Backends of the target's user and database in `pg_stat_activity`.
 
-    Opened before the load starts, so it holds its slot even when the server is full.
+    Opened before the load starts, so it holds its slot even when the server is full. With
+    `beyond_baseline`, backends that existed before the run (a pooler's idle server
+    connections, other clients) are not counted: only what the run added.
     """
 
     source = "pg_stat_activity"
 
-    def __init__(self, dsn: str, database: str, user: str) -> None:
+    def __init__(self, dsn: str, database: str, user: str, *, beyond_baseline: bool) -> None:
         self._dsn = dsn
         self._database = database
         self._user = user
+        self._beyond_baseline = beyond_baseline
+        self._baseline = 0
         self._conn: Any = None
 
     async def open(self) -> None:
         import asyncpg
 
         self._conn = await asyncpg.connect(self._dsn, timeout=5, statement_cache_size=0)
+        if self._beyond_baseline:
+            self._baseline = await self._count()
 
-    async def sample(self) -> tuple[int, int | None]:
+    async def _count(self) -> int:
         count: int = await self._conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND datname = $2 "
             "AND pid <> pg_backend_pid()",
             self._user,
             self._database,
         )
-        return count, None
+        return count
+
+    async def sample(self) -> tuple[int, int | None]:
+        return max(0, await self._count() - self._baseline), None
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -105,7 +114,10 @@ def make_sampler(kind: str, dsn: str, admin_dsn: str | None,
         return PgBouncerSampler(admin_dsn, where.database, where.user)
     direct = postgres_dsn or (dsn if kind == "postgres" else None)
     if direct:
-        return PostgresSampler(direct, where.database, where.user)
+        # Behind a pooler its pre-existing server connections are what the run reuses: count
+        # them; straight at PostgreSQL, count only the backends the run opened.
+        return PostgresSampler(direct, where.database, where.user,
+                               beyond_baseline=kind == "postgres")
     return None
 
 

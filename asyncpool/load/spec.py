@@ -51,16 +51,30 @@ class LoadSpec:
     leak_timeout: float = 30.0
     #: How long one acquire (connect included) may take; a refused instance retries within it.
     acquire_timeout: float = 5.0
-    #: Instances each process starts per second while warming up (a listen backlog is finite).
-    login_rate: float = 400.0
+    #: Logins in flight at once per process while instances warm up.
+    connect_concurrency: int = 32
 
     def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_choices()
+
+    def _check_numbers(self) -> None:
         if self.clients < 1:
             raise LoadSpecError(f"clients={self.clients}: must be at least 1")
         if not 1 <= self.processes <= self.clients:
             raise LoadSpecError(f"processes={self.processes}: must be between 1 and clients")
         if self.duration <= 0:
             raise LoadSpecError(f"duration={self.duration}: must be > 0 seconds")
+        if self.pool_size < 1:
+            raise LoadSpecError(f"pool_size={self.pool_size}: must be at least 1")
+        if not 0 <= self.leaks <= self.clients:
+            raise LoadSpecError(f"leaks={self.leaks}: must be between 0 and clients")
+        if self.leak_timeout <= 0 or self.acquire_timeout <= 0:
+            raise LoadSpecError("leak_timeout and acquire_timeout must be > 0 seconds")
+        if self.connect_concurrency < 1:
+            raise LoadSpecError(f"connect_concurrency={self.connect_concurrency}: at least 1")
+
+    def _check_choices(self) -> None:
         if self.driver not in DRIVERS:
             raise LoadSpecError(f"driver={self.driver!r}: choose one of {', '.join(DRIVERS)}")
         if self.prepared_statements not in PREPARED_MODES:
@@ -74,14 +88,8 @@ class LoadSpec:
             raise LoadSpecError(f"telemetry={self.telemetry!r}: choose off, api or sdk")
         if self.telemetry != "off" and self.driver != "asyncpool":
             raise LoadSpecError("telemetry applies to the asyncpool driver only")
-        if self.pool_size < 1:
-            raise LoadSpecError(f"pool_size={self.pool_size}: must be at least 1")
-        if not 0 <= self.leaks <= self.clients:
-            raise LoadSpecError(f"leaks={self.leaks}: must be between 0 and clients")
         if self.leaks and self.driver != "asyncpool":
             raise LoadSpecError("leak injection needs the asyncpool driver (others cannot reclaim)")
-        if self.leak_timeout <= 0 or self.acquire_timeout <= 0 or self.login_rate <= 0:
-            raise LoadSpecError("leak_timeout, acquire_timeout and login_rate must be > 0")
 
     def __repr__(self) -> str:
         return (

@@ -21,6 +21,7 @@ from asyncpool.load.result import Tally, WorkerReport, error_name
 from asyncpool.load.spec import LoadSpec
 
 PROGRESS_INTERVAL = 0.5
+SLOW_LOGIN = 0.25
 _CLOSE_TIMEOUT = 10.0
 
 
@@ -35,20 +36,30 @@ class Instance:
         self.args = spec.parameters
         self.served = False
 
-    async def warm_up(self, delay: float, failures: Counter[str]) -> None:
-        """After `delay`, create the pool and run one query, as a cold start would.
+    async def warm_up(self, gate: asyncio.Semaphore, failures: Counter[str]) -> None:
+        """Create the pool and run one query, as a cold start would; failures are counted.
 
-        Starts are staggered rather than gated: a refused instance retrying inside its acquire
-        timeout must not hold up the others' logins.
+        `gate` bounds the logins in flight, so a thousand instances per process do not all
+        start a login at once and time out together. A login still running after
+        `SLOW_LOGIN` gives its place up: a refused instance retrying inside its acquire
+        timeout must not hold up the others.
         """
-        await asyncio.sleep(delay)
+        await gate.acquire()
+        attempt = asyncio.ensure_future(self._first_query())
         try:
-            await self.client.open()
-            await self.client.query((0,) * self.args)
+            await asyncio.wait({attempt}, timeout=SLOW_LOGIN)
+        finally:
+            gate.release()
+        try:
+            await attempt
         except Exception as exc:
             failures[error_name(exc)] += 1
         else:
             self.served = True
+
+    async def _first_query(self) -> None:
+        await self.client.open()
+        await self.client.query((0,) * self.args)
 
     async def run(self, end: float, tally: Tally) -> None:
         """Query back to back until `end` (perf_counter time); count what completes by then."""
@@ -106,9 +117,8 @@ async def _run(spec: LoadSpec, process: int, start: Any, outbox: Any) -> WorkerR
     loop.set_exception_handler(_quiet_refusals)
     instances = [Instance(spec, n) for n in spec.share(process)]
     warmup_errors: Counter[str] = Counter()
-    await asyncio.gather(
-        *(inst.warm_up(i / spec.login_rate, warmup_errors) for i, inst in enumerate(instances))
-    )
+    gate = asyncio.Semaphore(spec.connect_concurrency)
+    await asyncio.gather(*(inst.warm_up(gate, warmup_errors) for inst in instances))
     outbox.put(("ready", process))
     await loop.run_in_executor(None, start.wait)
 

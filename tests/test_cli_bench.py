@@ -1,0 +1,157 @@
+"""`asyncpool bench` against the harness PgBouncers: the JSON it prints follows the documented
+schema (docs/cli.md), every driver and mode gets queries through, errors are counted and fail
+the exit code, and --chart writes a PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncpool.testing import PgBouncerServer, PostgresServer
+
+# The schema documented in docs/cli.md, "asyncpool bench --json".
+NUMBER = (int, float)
+TOP_LEVEL = {
+    "schema": str, "asyncpool_version": str, "created": str, "machine": dict, "target": dict,
+    "query": str, "runs": list, "failures": list, "ok": bool,
+}
+MACHINE = {"cpus": int, "python": str, "platform": str, "load_average": list}
+TARGET = {"label": str, "kind": str, "started_locally": bool,
+          "server_connections_limit": (int, type(None))}
+RUN = {
+    "target": str, "driver": str, "prepared_statements": str, "telemetry": str, "clients": int,
+    "processes": int, "pool_size": int, "duration_s": NUMBER, "queries": int,
+    "queries_per_s": NUMBER, "latency_ms": dict, "errors": dict, "error_count": int,
+    "warmup_errors": dict, "connect_errors": int, "clients_never_served": int,
+    "leaks_injected": int, "leaks_reclaimed": int,
+    "server_connections_max": (int, type(None)), "server_connections_limit": (int, type(None)),
+    "clients_waiting_max": (int, type(None)),
+}
+LATENCY_KEYS = {"p50", "p95", "p99", "mean", "max"}
+
+
+def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "asyncpool.cli", "bench", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _target(pooler: PgBouncerServer) -> list[str]:
+    return ["--dsn", pooler.dsn(), "--admin-dsn", pooler.admin_dsn]
+
+
+def _check_shape(value: dict[str, Any], shape: dict[str, Any], where: str) -> None:
+    assert set(value) == set(shape), f"{where}: keys {sorted(set(value) ^ set(shape))}"
+    for key, kind in shape.items():
+        assert isinstance(value[key], kind), f"{where}.{key}={value[key]!r}"
+        assert not (kind in (int, NUMBER) and isinstance(value[key], bool)), f"{where}.{key}"
+
+
+def _check_document(doc: dict[str, Any]) -> None:
+    _check_shape(doc, TOP_LEVEL, "document")
+    assert doc["schema"] == "asyncpool-bench/1"
+    _check_shape(doc["machine"], MACHINE, "machine")
+    _check_shape(doc["target"], TARGET, "target")
+    for n, run in enumerate(doc["runs"]):
+        _check_shape(run, RUN, f"runs[{n}]")
+        assert set(run["latency_ms"]) == LATENCY_KEYS
+
+
+def _clean_pooled_run(run: dict[str, Any], pool_size: int) -> None:
+    """What every run through a healthy PgBouncer must show."""
+    assert run["queries"] > 0
+    assert run["error_count"] == 0, run["errors"]
+    assert run["errors"] == {}
+    assert run["clients_never_served"] == 0
+    lat = run["latency_ms"]
+    if run["driver"] != "pgbench":
+        # (pgbench reports its own tps, which leaves out its connection set-up time.)
+        assert run["queries_per_s"] == pytest.approx(run["queries"] / run["duration_s"], abs=0.1)
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        # Sampled from SHOW POOLS while the run went on: more clients than server connections.
+        assert 1 <= run["server_connections_max"] <= pool_size
+        assert run["server_connections_max"] < run["clients"]
+    else:
+        assert lat["mean"] > 0
+
+
+def test_sweep_with_raw_asyncpg_and_pgbench_as_json_and_chart(current: PgBouncerServer,
+                                                              tmp_path: Path) -> None:
+    chart = tmp_path / "bench.png"
+    result = _bench(*_target(current), "--clients", "16,32", "--processes", "2", "--duration", "1",
+                    "--driver", "asyncpool,asyncpg", "--prepared-statements", "on",
+                    "--pgbench", "--json", "--chart", str(chart))
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    _check_document(doc)
+    assert doc["ok"] is True
+    assert doc["failures"] == []
+    runs = doc["runs"]
+    assert [(r["driver"], r["clients"]) for r in runs] == [
+        ("asyncpool", 16), ("asyncpg", 16), ("asyncpool", 32), ("asyncpg", 32),
+        ("pgbench", 16), ("pgbench", 32),
+    ]
+    for run in runs:
+        assert run["prepared_statements"] == "on"
+        _clean_pooled_run(run, current.pool_size)
+    assert {r["processes"] for r in runs if r["driver"] != "pgbench"} == {2}
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert current.postgres.app.password not in result.stdout + result.stderr
+
+
+def test_every_driver_and_mode_gets_through_pgbouncer_1_18(legacy: PgBouncerServer) -> None:
+    if importlib.util.find_spec("asyncpool.describe_cache") is None:
+        pytest.skip("this build has no describe-cache mode")
+    result = _bench(*_target(legacy), "--clients", "16", "--processes", "1", "--duration", "1",
+                    "--driver", "asyncpool,asyncpg-pool,psycopg-pool",
+                    "--prepared-statements", "off,describe-cache", "--telemetry", "off,sdk",
+                    "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    _check_document(doc)
+    cases = [(r["driver"], r["prepared_statements"], r["telemetry"]) for r in doc["runs"]]
+    assert cases == [
+        ("asyncpool", "off", "off"), ("asyncpool", "off", "sdk"),
+        ("asyncpool", "describe-cache", "off"), ("asyncpool", "describe-cache", "sdk"),
+        ("asyncpg-pool", "off", "off"), ("psycopg-pool", "off", "off"),
+    ]
+    for run in doc["runs"]:
+        _clean_pooled_run(run, legacy.pool_size)
+
+
+def test_failing_queries_are_counted_by_type_and_fail_the_exit_code(
+    legacy: PgBouncerServer,
+) -> None:
+    result = _bench(*_target(legacy), "--clients", "3", "--processes", "1", "--duration", "0.5",
+                    "--query", "SELECT 1 / ($1::int - $1::int)", "--json")
+    assert result.returncode == 1
+    doc = json.loads(result.stdout)
+    _check_document(doc)
+    (run,) = doc["runs"]
+    assert doc["ok"] is False
+    assert run["queries"] == 0
+    assert set(run["errors"]) == {"DivisionByZeroError"}
+    assert run["error_count"] == run["errors"]["DivisionByZeroError"] > 0
+    # The warm-up query failed too, so no instance was ever served.
+    assert run["warmup_errors"] == {"DivisionByZeroError": 3}
+    assert run["clients_never_served"] == 3
+
+
+def test_the_text_table_compares_runs_at_the_same_size(postgres: PostgresServer) -> None:
+    result = _bench("--dsn", postgres.dsn(), "--clients", "4", "--processes", "1",
+                    "--duration", "0.5", "--driver", "asyncpool,asyncpg")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    assert "queries/s" in header
+    assert "vs first" in header
+    rows = [line for line in lines if line.startswith(("asyncpool ", "asyncpg "))]
+    assert len(rows) == 2
+    assert "1.00x" in rows[0]
+    # Counted from pg_stat_activity beyond what was open before: 4 instances, 4 backends.
+    assert rows[0].split()[-1] in {"1", "2", "3", "4"}

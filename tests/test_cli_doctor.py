@@ -1,0 +1,182 @@
+"""`asyncpool doctor` against the harness servers: PgBouncer 1.18, a current PgBouncer,
+PostgreSQL itself, misconfigured PgBouncers, and servers it cannot log in to."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from asyncpool.cli.diagnosis import Facts, diagnose, recommend
+from asyncpool.cli.doctor import doctor
+from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "asyncpool.cli", "doctor", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def _doctor_json(dsn: str, admin_dsn: str | None = None) -> tuple[int, dict[str, Any]]:
+    out = io.StringIO()
+    code = await doctor(dsn, admin_dsn, 5.0, True, out)
+    return code, json.loads(out.getvalue())
+
+
+def _finding(report: dict[str, Any], check: str) -> dict[str, Any]:
+    found = [f for f in report["findings"] if f["check"] == check]
+    assert len(found) == 1, report["findings"]
+    return found[0]
+
+
+async def test_pgbouncer_1_18_gets_describe_cache(legacy: PgBouncerServer) -> None:
+    code, report = await _doctor_json(legacy.dsn(), legacy.admin_dsn)
+    facts = report["facts"]
+    assert code == 0
+    assert facts["pooler"] == "pgbouncer"
+    assert facts["pgbouncer_version"][:2] == [1, 18]
+    assert facts["pool_mode"] == "transaction"
+    assert facts["auth_method"] == "SCRAM-SHA-256"
+    assert facts["tls_in_use"] is False
+    assert facts["pgbouncer_settings"]["default_pool_size"] == legacy.settings["default_pool_size"]
+    assert report["recommendation"]["prepared_statements"] == "describe-cache"
+    assert "1.21" in _finding(report, "pooler")["message"]
+
+
+async def test_current_pgbouncer_gets_on(current: PgBouncerServer) -> None:
+    code, report = await _doctor_json(current.dsn(), current.admin_dsn)
+    facts = report["facts"]
+    assert code == 0
+    assert tuple(facts["pgbouncer_version"][:2]) >= (1, 21)
+    assert facts["max_prepared_statements"] == int(current.settings["max_prepared_statements"]) > 0
+    assert report["recommendation"]["prepared_statements"] == "on"
+
+
+async def test_a_pgbouncer_whose_console_refuses_the_user_is_still_recognised(
+    current: PgBouncerServer,
+) -> None:
+    code, report = await _doctor_json(current.dsn())  # app is not an admin or stats user
+    assert code == 0
+    assert report["facts"]["pooler"] == "pgbouncer"
+    assert report["facts"]["pool_mode"] is None
+    assert report["recommendation"]["prepared_statements"] == "off"
+    assert "--admin-dsn" in _finding(report, "pooler")["message"]
+
+
+async def test_direct_postgresql_gets_on_and_a_pooler_suggestion(postgres: PostgresServer) -> None:
+    code, report = await _doctor_json(postgres.dsn())
+    facts = report["facts"]
+    assert code == 0
+    assert facts["pooler"] is None
+    assert facts["max_connections"] == postgres.max_connections
+    assert facts["server_version"].split(".")[0].isdigit()
+    assert report["recommendation"]["prepared_statements"] == "on"
+    assert "PgBouncer" in _finding(report, "pooler")["message"]
+
+
+@pytest.fixture
+def odd_pgbouncers(stack: ServerStack) -> Iterator[dict[str, PgBouncerServer]]:
+    """PgBouncers configured the ways the doctor should catch."""
+    configs = {
+        "no-prepared": (stack.current.binary, {"max_prepared_statements": 0}),
+        "session": (stack.current.binary, {"pool_mode": "session"}),
+        "statement": (stack.legacy.binary, {"pool_mode": "statement"}),
+    }
+    started: dict[str, PgBouncerServer] = {}
+    try:
+        for name, (binary, overrides) in configs.items():
+            started[name] = PgBouncerServer(
+                binary, stack.postgres, {"default_pool_size": 2, "max_db_connections": 2,
+                                         **overrides}
+            ).start()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+async def test_misconfigured_pgbouncers(odd_pgbouncers: dict[str, PgBouncerServer]) -> None:
+    bouncer = odd_pgbouncers["no-prepared"]
+    code, report = await _doctor_json(bouncer.dsn(), bouncer.admin_dsn)
+    assert code == 0
+    assert report["facts"]["max_prepared_statements"] == 0
+    assert report["recommendation"]["prepared_statements"] == "describe-cache"
+    assert "max_prepared_statements=0" in report["recommendation"]["reason"]
+
+    bouncer = odd_pgbouncers["session"]
+    code, report = await _doctor_json(bouncer.dsn(), bouncer.admin_dsn)
+    assert code == 0
+    assert report["recommendation"]["prepared_statements"] == "on"
+    assert _finding(report, "pool_mode")["level"] == "note"
+
+    bouncer = odd_pgbouncers["statement"]
+    result = _cli(bouncer.dsn(), "--admin-dsn", bouncer.admin_dsn)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "problem  pool_mode" in result.stdout
+    assert "1 problem(s) found." in result.stdout
+
+
+def test_the_text_report_names_the_mode_to_set(current: PgBouncerServer) -> None:
+    result = _cli(current.dsn(), "--admin-dsn", current.admin_dsn)
+    assert result.returncode == 0, result.stderr
+    assert 'Recommended: prepared_statements="on"' in result.stdout
+    assert "ASYNCPOOL_PREPARED_STATEMENTS=on" in result.stdout
+    assert "No problems found." in result.stdout
+
+
+def test_a_wrong_password_exits_2_without_printing_it(legacy: PgBouncerServer,
+                                                      postgres: PostgresServer) -> None:
+    for dsn in (postgres.dsn(), legacy.dsn()):
+        wrong = dsn.replace(postgres.app.password, "Wr0ng-Passw0rd-xyz")
+        result = _cli(wrong)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "authentication failed" in result.stdout
+        assert "Wr0ng-Passw0rd-xyz" not in result.stdout + result.stderr
+        assert postgres.app.password not in result.stdout + result.stderr
+
+
+def test_an_unreachable_server_exits_2() -> None:
+    from asyncpool.testing.ports import free_port
+
+    result = _cli(f"postgresql://app:pw@127.0.0.1:{free_port()}/app", "--timeout", "2")
+    assert result.returncode == 2
+    assert "connection refused" in result.stdout
+    assert "fix the connection first" in result.stdout
+
+
+# What the doctor concludes from facts a harness server cannot show (remote hosts, RDS Proxy,
+# other authentication methods).
+
+def _facts(**changes: Any) -> Facts:
+    base = {"target": "app@db.example.com:5432/app", "host": "db.example.com", "login_ms": 3.0,
+            "server_version": "16.4", "tls_in_use": True, "tls_version": "TLSv1.3",
+            "auth_method": "SCRAM-SHA-256"}
+    return Facts(**{**base, **changes})
+
+
+def test_an_rds_proxy_gets_describe_cache() -> None:
+    assert recommend(_facts(pooler="rds-proxy")).prepared_statements == "describe-cache"
+
+
+def test_an_unidentified_proxy_gets_off() -> None:
+    assert recommend(_facts(pooler="unknown", pooler_evidence="x")).prepared_statements == "off"
+
+
+def test_no_tls_to_a_remote_host_is_a_warning_and_on_loopback_a_note() -> None:
+    remote = diagnose(_facts(tls_in_use=False, tls_offered=False))
+    assert [f.level for f in remote.findings if f.check == "tls"] == ["warning"]
+    local = diagnose(_facts(host="127.0.0.1", tls_in_use=False, tls_offered=False))
+    assert [f.level for f in local.findings if f.check == "tls"] == ["note"]
+
+
+def test_cleartext_passwords_without_tls_are_a_problem() -> None:
+    report = diagnose(_facts(auth_method="password", tls_in_use=False, tls_offered=False))
+    assert report.exit_code == 1
+    assert diagnose(_facts(auth_method="md5")).exit_code == 0
+    assert [f.level for f in diagnose(_facts(auth_method="md5")).findings
+            if f.check == "auth"] == ["warning"]

@@ -1,0 +1,74 @@
+"""LoadSpec: how instances are spread over processes, placeholders, and the leak spread."""
+
+from __future__ import annotations
+
+import pytest
+
+from asyncpool.load.result import error_name
+from asyncpool.load.spec import LoadSpec, LoadSpecError, pgbench_script, psycopg_query
+from asyncpool.load.worker import leaking
+
+DSN = "postgresql://app:s3cret-pw@127.0.0.1:6432/app"
+
+
+@pytest.mark.parametrize(("clients", "processes"), [(500, 2), (7, 3), (2000, 4), (5, 5)])
+def test_every_instance_runs_in_exactly_one_process(clients: int, processes: int) -> None:
+    spec = LoadSpec(dsn=DSN, clients=clients, processes=processes)
+    shares = [spec.share(n) for n in range(processes)]
+    numbers = [i for share in shares for i in share]
+    assert numbers == list(range(clients))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.parametrize(("clients", "leaks"), [(500, 3), (10, 10), (7, 2), (80, 0)])
+def test_exactly_the_asked_number_of_instances_leak(clients: int, leaks: int) -> None:
+    spec = LoadSpec(dsn=DSN, clients=clients, processes=1, leaks=leaks)
+    assert sum(leaking(spec, n) for n in range(clients)) == leaks
+
+
+def test_placeholders_are_counted_and_translated() -> None:
+    spec = LoadSpec(dsn=DSN, query="SELECT $1::int + $2::int, '50%'")
+    assert spec.parameters == 2
+    assert psycopg_query(spec.query) == "SELECT %s::int + %s::int, '50%%'"
+    assert pgbench_script("SELECT $1::int + 1;") == (
+        "\\set p1 random(1, 1000000)\nSELECT :p1::int + 1;\n"
+    )
+    with pytest.raises(LoadSpecError, match="in order"):
+        psycopg_query("SELECT $2::int, $1::int")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"clients": 0}, "clients"),
+        ({"processes": 3, "clients": 2}, "processes"),
+        ({"duration": 0}, "duration"),
+        ({"driver": "psycopg-pool", "prepared_statements": "describe-cache"}, "asyncpool mode"),
+        ({"driver": "asyncpg", "telemetry": "sdk"}, "telemetry"),
+        ({"driver": "asyncpg", "leaks": 1}, "leak"),
+        ({"leaks": 600}, "leaks"),
+    ],
+)
+def test_impossible_specs_are_refused(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(LoadSpecError, match=message):
+        LoadSpec(dsn=DSN, **changes)  # type: ignore[arg-type]
+
+
+def test_the_repr_never_shows_the_password() -> None:
+    assert "s3cret-pw" not in repr(LoadSpec(dsn=DSN))
+
+
+def test_connect_errors_are_named_with_their_driver_cause() -> None:
+    from asyncpool.errors import PoolerExhaustedError
+
+    class TooManyConnectionsError(Exception):
+        pass
+
+    try:
+        try:
+            raise TooManyConnectionsError("sorry, too many clients already")
+        except TooManyConnectionsError:
+            raise PoolerExhaustedError("refused") from None  # as asyncpool's connector does
+    except PoolerExhaustedError as exc:
+        assert error_name(exc) == "PoolerExhaustedError(TooManyConnectionsError)"
+    assert error_name(ZeroDivisionError()) == "ZeroDivisionError"
