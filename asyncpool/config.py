@@ -192,11 +192,14 @@ def _check(cfg: PoolConfig) -> None:
         "statement_cache_ttl": cfg.statement_cache_ttl,
     }
     for key, value in positive.items():
-        if value is not None and (not isinstance(value, int | float) or value <= 0):
+        # `not value > 0` also refuses NaN, which every comparison lets through.
+        if value is not None and (not isinstance(value, int | float) or not value > 0):
             fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
-    if cfg.validate_after is not None and cfg.validate_after < 0:
+    after = cfg.validate_after
+    if after is not None and (not isinstance(after, int | float) or not after >= 0):
         fail(f"validate_after={cfg.validate_after!r}: must be >= 0 seconds (or None)")
-    if not 0 <= cfg.lifetime_jitter < 1:
+    jitter = cfg.lifetime_jitter
+    if not isinstance(jitter, int | float) or not 0 <= jitter < 1:
         fail(f"lifetime_jitter={cfg.lifetime_jitter!r}: must be a fraction in [0, 1)")
     if cfg.prepared_statements not in get_args(PreparedStatements):
         fail(

@@ -9,9 +9,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from asyncpool.errors import PoolConfigError
 
 _SCHEMES = ("postgresql", "postgres")
-# user:password@ in a URL (up to the last @ before the host: an unescaped @ in a password must
-# not leave its tail behind), and password=... in a key/value string or query.
-_URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@\s]*:)(?P<secret>[^/\s]*)(?P<post>@)")
+# user:password@ in a URL, up to the last @ on the line: a password with an unescaped @, /,
+# space or quote (a DSN typo) must not leave any of itself behind. Hiding more is harmless.
+# Also password=... in a key/value string or query.
+_URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@\s]*:)(?P<secret>[^\n]*)(?P<post>@)")
 _KV_PASSWORD = re.compile(
     r"(?P<pre>\b(?:ssl)?password\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.I
 )

@@ -1,0 +1,216 @@
+"""Bad input: each mistake gives a clear asyncpool error naming what to fix, and no secret.
+
+Every error is checked together with everything chained to it (cause and context) and every
+log record written while it happened: the password must appear in none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import asyncpool
+from asyncpool import (
+    AuthenticationError,
+    ConnectError,
+    Pool,
+    PoolConfig,
+    PoolConfigError,
+    PoolError,
+)
+from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.ports import free_port
+
+from .invariants import chain
+
+# Passwords that break naive redaction: URL delimiters, quotes, spaces, a lone '@'.
+SECRETS = ["Sup3r-s3cret", "p@ss@word", "sl/ash:colon", "hash#q?mark", "quo'te d"]
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    with caplog.at_level(logging.DEBUG):
+        yield caplog
+
+
+def assert_secret_free(exc: BaseException, secrets: list[str], logs: pytest.LogCaptureFixture
+                       ) -> None:
+    texts = [t for e in chain(exc) for t in (str(e), repr(e), *map(str, e.args))]
+    texts += [r.getMessage() for r in logs.records]
+    texts += [str(r.exc_info[1]) for r in logs.records if r.exc_info and r.exc_info[1]]
+    for secret in secrets:
+        leaks = [t for t in texts if secret in t]
+        assert not leaks, f"{secret!r} printed in: {leaks[:3]}"
+
+
+async def _open_fails(dsn: str, **options: Any) -> PoolError:
+    pool = Pool(dsn, name="bad", acquire_timeout=2, connect_timeout=1, telemetry=False, **options)
+    with pytest.raises(PoolError) as info:
+        await pool.open()
+    assert pool.stats().size == 0
+    return info.value
+
+
+# -- the DSN ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+@pytest.mark.parametrize(
+    ("template", "fix"),
+    [
+        ("mysql://app:{pw}@127.0.0.1:5432/app", "postgresql://"),
+        ("postgresql://app:{pw}@127.0.0.1:port/app", "port"),
+        ("host=127.0.0.1 user=app password={pw} dbname=app", "postgresql://"),
+        ("postgresql://app:{pw}@127.0.0.1:99999/app", "port"),
+    ],
+    ids=["wrong-scheme", "port-not-a-number", "key-value-string", "port-out-of-range"],
+)
+async def test_malformed_dsn(template: str, fix: str, secret: str,
+                             logs: pytest.LogCaptureFixture) -> None:
+    dsn = template.format(pw=secret)
+    error = await _open_fails(dsn)
+    assert isinstance(error, PoolConfigError)
+    assert fix in str(error)
+    assert_secret_free(error, [secret], logs)
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_config_repr_hides_the_password(secret: str) -> None:
+    config = PoolConfig(dsn=f"postgresql://app:{secret}@127.0.0.1:5432/app")
+    for text in (repr(config), str(config), repr(Pool(config=config))):
+        assert secret not in text
+    assert "127.0.0.1" in repr(config)
+
+
+# -- where the DSN points --------------------------------------------------------------------
+
+
+async def test_unknown_host(logs: pytest.LogCaptureFixture) -> None:
+    dsn = "postgresql://app:Sup3r-s3cret@no-such-host.invalid:5432/app"  # pragma: allowlist secret
+    error = await _open_fails(dsn)
+    assert type(error) is ConnectError
+    assert "no-such-host.invalid" in str(error)
+    assert "unknown host" in str(error)
+    assert error.transient is False
+    assert_secret_free(error, ["Sup3r-s3cret"], logs)
+
+
+async def test_wrong_port(logs: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    error = await _open_fails(f"postgresql://app:Sup3r-s3cret@127.0.0.1:{port}/app")
+    assert type(error) is ConnectError
+    assert "connection refused" in str(error)
+    assert f"port {port}" in str(error)
+    assert_secret_free(error, ["Sup3r-s3cret"], logs)
+
+
+@pytest.fixture(params=["postgres", "pgbouncer-1.18", "pgbouncer-current"])
+def server(request: pytest.FixtureRequest, postgres: PostgresServer, legacy: PgBouncerServer,
+           current: PgBouncerServer) -> PostgresServer | PgBouncerServer:
+    """PostgreSQL itself and each PgBouncer: each words its refusals differently."""
+    servers: dict[str, PostgresServer | PgBouncerServer] = {
+        "postgres": postgres, "pgbouncer-1.18": legacy, "pgbouncer-current": current,
+    }
+    return servers[request.param]
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+async def test_wrong_password(server: PostgresServer | PgBouncerServer, postgres: PostgresServer,
+                              secret: str, logs: pytest.LogCaptureFixture) -> None:
+    right = server.dsn()
+    wrong = right.replace(postgres.app.password, _quoted(secret))
+    error = await _open_fails(wrong)
+    assert isinstance(error, AuthenticationError)
+    assert "authentication failed for user 'app'" in str(error)
+    assert error.transient is False
+    assert isinstance(error.__cause__, asyncpg.PostgresError)  # the server's own words, chained
+    assert_secret_free(error, [secret, postgres.app.password], logs)
+
+
+async def test_wrong_database(server: PostgresServer | PgBouncerServer, postgres: PostgresServer,
+                              logs: pytest.LogCaptureFixture) -> None:
+    error = await _open_fails(server.dsn(database="no_such_db"))
+    assert isinstance(error, ConnectError)
+    assert "no_such_db" in str(error)
+    assert "does not exist" in str(error)
+    assert error.transient is False
+    assert_secret_free(error, [postgres.app.password], logs)
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+async def test_tls_required_but_the_server_has_none(
+    server: PostgresServer | PgBouncerServer, postgres: PostgresServer, mode: str,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    error = await _open_fails(server.dsn(), ssl=mode)
+    assert type(error) is ConnectError
+    assert "does not accept TLS" in str(error)
+    assert error.transient is False
+    assert_secret_free(error, [postgres.app.password], logs)
+
+
+def _quoted(secret: str) -> str:
+    from urllib.parse import quote
+
+    return quote(secret, safe="")
+
+
+# -- option values ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"min_size": -1}, "min_size"),
+        ({"max_size": 0}, "max_size"),
+        ({"min_size": 5, "max_size": 2}, "min_size=5 is larger than max_size=2"),
+        ({"max_size": "10"}, "max_size"),
+        ({"max_size": 2.5}, "max_size"),
+        ({"acquire_timeout": -1}, "acquire_timeout"),
+        ({"acquire_timeout": float("nan")}, "acquire_timeout"),
+        ({"acquire_timeout": "5"}, "acquire_timeout"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"max_lifetime": -30}, "max_lifetime"),
+        ({"max_idle": 0}, "max_idle"),
+        ({"leak_timeout": -1}, "leak_timeout"),
+        ({"validate_after": -1}, "validate_after"),
+        ({"validate_after": "1"}, "validate_after"),
+        ({"validate_after": float("nan")}, "validate_after"),
+        ({"lifetime_jitter": 1.5}, "lifetime_jitter"),
+        ({"lifetime_jitter": "0.1"}, "lifetime_jitter"),
+        ({"statement_cache_size": 0}, "statement_cache_size"),
+        ({"prepared_statements": "maybe"}, "prepared_statements"),
+        ({"leak_action": "explode"}, "leak_action"),
+        ({"ssl": "required"}, "ssl"),
+        ({"ssl_root_cert": "/no/such/ca.pem"}, "ssl_root_cert"),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None,
+)
+def test_invalid_option_values(options: dict[str, Any], named: str) -> None:
+    dsn = "postgresql://app:Sup3r-s3cret@127.0.0.1:5432/app"
+    with pytest.raises(PoolConfigError) as info:
+        Pool(dsn, name="bad", **options)
+    message = str(info.value)
+    assert named in message
+    assert "'bad'" in message
+    assert "Sup3r-s3cret" not in message
+
+
+def test_invalid_environment_value_names_the_variable() -> None:
+    with pytest.raises(PoolConfigError, match="ASYNCPOOL_MAX_SIZE='lots': write a whole number"):
+        PoolConfig.from_env({"ASYNCPOOL_MAX_SIZE": "lots"})
+
+
+def test_misspelt_option_is_named() -> None:
+    with pytest.raises(TypeError, match="max_sise"):
+        Pool("postgresql://app@127.0.0.1/app", max_sise=5)
+
+
+def test_the_error_types_are_exported() -> None:
+    # Callers catch these by name; the classes the suite asserts on are the public ones.
+    assert asyncpool.PoolConfigError is PoolConfigError
+    assert issubclass(AuthenticationError, ConnectError)
