@@ -61,7 +61,7 @@ class Ledger:
         `before_commit` runs after the insert (a fault to inject there). `CancelledError` is
         recorded and re-raised: a cancelled writer stays cancelled.
         """
-        ident = next(self._ids)
+        ident = self.new_id()
         sent_commit = False
         try:
             async with pool.transaction() as conn:
@@ -77,6 +77,9 @@ class Ledger:
             return exc
         self.committed.add(ident)
         return None
+
+    def new_id(self) -> int:
+        return next(self._ids)
 
     @property
     def errors(self) -> list[BaseException]:
