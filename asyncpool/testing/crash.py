@@ -1,9 +1,9 @@
-"""Rough handling of the private servers: crashes the harness's polite restart() does not do."""
+"""Crashing a test server: the abrupt stop the harness's polite restart() does not do."""
 
 from __future__ import annotations
 
-from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.errors import HarnessError
+from asyncpool.testing.pgbouncer import PgBouncerServer
 from asyncpool.testing.ports import wait_for_port
 
 

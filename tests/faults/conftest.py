@@ -10,8 +10,7 @@ import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
 from asyncpool.testing.faultproxy import FaultProxy
-
-from .ledger import Ledger
+from asyncpool.testing.ledger import Ledger
 
 # Small enough to saturate, large enough for a few pools at once.
 FAULT_POOL_SIZE = 6

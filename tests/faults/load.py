@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from asyncpool import Pool
-
-from .ledger import Ledger
+from asyncpool.testing.ledger import Ledger
 
 
 class Load:

@@ -23,9 +23,8 @@ from asyncpool import (
     PoolError,
 )
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.invariants import chain
 from asyncpool.testing.ports import free_port
-
-from .invariants import chain
 
 # Passwords that break naive redaction: URL delimiters, quotes, spaces, a lone '@'.
 SECRETS = ["Sup3r-s3cret", "p@ss@word", "sl/ash:colon", "hash#q?mark", "quo'te d"]

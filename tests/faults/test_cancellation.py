@@ -20,9 +20,8 @@ import pytest
 from asyncpool import Pool, PooledConnection, PoolTimeoutError
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
-
-from .invariants import assert_clear, full_width, settled
-from .ledger import Ledger
+from asyncpool.testing.invariants import assert_clear, full_width, settled
+from asyncpool.testing.ledger import Ledger
 
 POINTS = [
     "queued",  # waiting for a connection another task holds

@@ -11,9 +11,8 @@ import pytest
 from asyncpool import ConnectionLostError, Pool, PoolerExhaustedError
 from asyncpool.testing import PgBouncerServer, ServerStack
 from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
-
-from .invariants import settled
-from .ledger import Ledger
+from asyncpool.testing.invariants import settled
+from asyncpool.testing.ledger import Ledger
 
 MAX_CLIENTS = 3
 

@@ -22,8 +22,7 @@ import pytest
 
 from asyncpool.testing import ServerStack
 from asyncpool.testing.faultproxy import FaultProxy
-
-from .ledger import Ledger
+from asyncpool.testing.ledger import Ledger
 
 WORKER = Path(__file__).with_name("frozen_worker.py")
 

@@ -16,9 +16,8 @@ import pytest
 from asyncpool import ConnectError, ConnectionLostError, Pool, PoolTimeoutError
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import Direction, FaultMode, FaultProxy
-
-from .invariants import full_width, serves_again, settled
-from .ledger import Ledger
+from asyncpool.testing.invariants import full_width, serves_again, settled
+from asyncpool.testing.ledger import Ledger
 
 # What a caller sees, by fault and by where it meets the fault: opening a new connection,
 # checking an idle one at checkout, or running a query on one it holds. Silence (stall,

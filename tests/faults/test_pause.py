@@ -8,9 +8,9 @@ import pytest
 
 from asyncpool import Pool, PoolTimeoutError
 from asyncpool.testing import PgBouncerServer
+from asyncpool.testing.invariants import assert_clear, full_width, settled
+from asyncpool.testing.ledger import Ledger
 
-from .invariants import assert_clear, full_width, settled
-from .ledger import Ledger
 from .load import Load
 
 WRITERS = 6

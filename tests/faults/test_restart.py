@@ -9,11 +9,11 @@ import pytest
 
 from asyncpool import ConnectError, ConnectionLostError, Pool, PoolTimeoutError
 from asyncpool.testing import PgBouncerServer, ServerStack
+from asyncpool.testing.crash import crash_and_restart
+from asyncpool.testing.invariants import assert_clear, clients_of, full_width, pooler_forgets, settled
+from asyncpool.testing.ledger import Ledger
 
-from .invariants import assert_clear, clients_of, full_width, pooler_forgets, settled
-from .ledger import Ledger
 from .load import Load
-from .servers import crash_and_restart
 
 # What a caller may see while a server restarts: its connection died (ConnectionLostError), no
 # connection could be opened (ConnectError), or none came within acquire_timeout.
