@@ -8,7 +8,12 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect_errors import lost_connection_hint
-from asyncpool.errors import ConnectionLeakedError, ConnectionLostError
+from asyncpool.errors import (
+    ConnectionLeakedError,
+    ConnectionLostError,
+    PoolClosedError,
+    PoolError,
+)
 from asyncpool.lease import Lease, LeaseState
 from asyncpool.proxy import PooledConnection
 
@@ -76,6 +81,18 @@ def _raise_leaked(pool_name: str, exc: BaseException | None) -> None:
     ) from None
 
 
+def _not_committed(pool: Pool, lease: Lease | None) -> PoolError:
+    if lease is not None and lease.state is LeaseState.CLOSED:
+        return PoolClosedError(
+            f"pool {pool.name!r} was closed while this transaction was open: it was not committed"
+        )
+    return ConnectionLostError(
+        f"pool {pool.name!r}: the connection to {pool.target} was lost before COMMIT: the "
+        "transaction was not committed. The pool replaced the connection; retry if the work is "
+        "idempotent."
+    )
+
+
 class TransactionContext(AcquireContext):
     """``async with pool.transaction() as conn``: commit on success, roll back on error."""
 
@@ -107,6 +124,9 @@ class TransactionContext(AcquireContext):
         usable = lease is not None and lease.active and not lease.record.conn.is_closed()
         if not usable or self._tx is None:
             await super().__aexit__(exc_type, exc, tb)
+            if exc is None and self._tx is not None:
+                # The block ended well but its connection is gone: COMMIT was never sent.
+                raise _not_committed(self._pool, lease)
             return
         if exc is not None:
             try:

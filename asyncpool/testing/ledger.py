@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from asyncpool import Pool
+from asyncpool import Pool, PooledConnection
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,11 @@ class Ledger:
         return self
 
     async def write(self, pool: Pool, *, timeout: float | None = None,
-                    before_commit: Callable[[], Awaitable[None]] | None = None) -> BaseException | None:
+                    before_commit: Callable[[PooledConnection], Awaitable[None]] | None = None,
+                    ) -> BaseException | None:
         """One transaction inserting a new id; returns the error the writer saw, if any.
 
-        `before_commit` runs after the insert (a fault to inject there). `CancelledError` is
+        `before_commit(conn)` runs after the insert (a fault to inject there). `CancelledError` is
         recorded and re-raised: a cancelled writer stays cancelled.
         """
         ident = self.new_id()
@@ -76,7 +77,7 @@ class Ledger:
                     ident, timeout=timeout,
                 )
                 if before_commit is not None:
-                    await before_commit()
+                    await before_commit(conn)
                 # Anything raised from here on comes from COMMIT or the release after it.
                 sent_commit = True
         except BaseException as exc:

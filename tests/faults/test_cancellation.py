@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from asyncpool import Pool, PooledConnection, PoolTimeoutError
+from asyncpool import Pool, PoolClosedError, PooledConnection, PoolTimeoutError
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.invariants import assert_clear, full_width, settled
@@ -84,11 +84,11 @@ async def test_interrupted_at_every_await_point(
         held = await pool.acquire() if point == "queued" else None
         stall = proxy.set_mode
 
-        async def stall_then_fail() -> None:
+        async def stall_then_fail(conn: PooledConnection) -> None:
             stall("stall")
             raise Boom
 
-        async def stall_before_commit() -> None:
+        async def stall_before_commit(conn: PooledConnection) -> None:
             stall("stall")
 
         async def reset_on_release() -> None:
@@ -187,6 +187,22 @@ async def test_cancelled_task_ends_cancelled_when_its_connection_dies_too(
             await task
         await settled(pool, legacy)
         assert await pool.fetchval("SELECT 1") == 1
+
+
+async def test_pool_closed_under_an_open_transaction_says_it_was_not_committed(
+    legacy: PgBouncerServer, ledger: Ledger
+) -> None:
+    pool = await Pool(legacy.dsn(), name="closing", max_size=1, telemetry=False).open()
+
+    async def close_the_pool(conn: PooledConnection) -> None:
+        await pool.close(timeout=0)
+
+    error = await ledger.write(pool, before_commit=close_the_pool)
+    assert isinstance(error, PoolClosedError)
+    assert "not committed" in str(error)
+    check = await ledger.verify()
+    # Raised after the block, the ledger counts it as ambiguous; the row must be absent.
+    assert (check.committed, check.ambiguous_absent) == (0, 1)
 
 
 async def test_cancellation_storm_loses_nothing(fault_pooler: PgBouncerServer,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from asyncpool import ConnectError, ConnectionLostError, Pool, PoolTimeoutError
+from asyncpool import ConnectError, ConnectionLostError, Pool, PooledConnection, PoolTimeoutError
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import Direction, FaultMode, FaultProxy
 from asyncpool.testing.invariants import full_width, serves_again, settled
@@ -89,7 +89,7 @@ async def test_commit_lost_in_a_half_open_connection_is_ambiguous_not_duplicated
     Either way the id is there at most once."""
     proxy = proxy_to_postgres
 
-    async def go_half_open() -> None:
+    async def go_half_open(conn: PooledConnection) -> None:
         proxy.set_mode("half-open", direction=direction)
 
     async with _pool(proxy, postgres) as pool:
@@ -104,6 +104,32 @@ async def test_commit_lost_in_a_half_open_connection_is_ambiguous_not_duplicated
         await serves_again(pool)
         check = await ledger.verify()
         assert (check.ambiguous_present, check.ambiguous_absent) == (int(present), int(not present))
+        await settled(pool)
+
+
+@pytest.mark.parametrize("mode", ["drop", "reset"])
+async def test_connection_lost_after_the_last_statement_is_not_reported_committed(
+    proxy_to_postgres: FaultProxy, postgres: PostgresServer, ledger: Ledger, mode: FaultMode
+) -> None:
+    """The block's statements all succeeded, then the connection died before COMMIT was sent:
+    the caller must hear the transaction was not committed."""
+    proxy = proxy_to_postgres
+
+    async def cut(conn: PooledConnection) -> None:
+        proxy.set_mode(mode)
+        async with asyncio.timeout(5):
+            while not conn.is_closed():  # until the driver has seen it
+                await asyncio.sleep(0.01)
+
+    async with _pool(proxy, postgres) as pool:
+        error = await ledger.write(pool, before_commit=cut)
+        assert isinstance(error, ConnectionLostError), repr(error)
+        assert "not committed" in str(error)
+        proxy.set_mode("pass")
+        check = await ledger.verify()
+        # Raised after the block, the ledger counts it as ambiguous; the row must be absent.
+        assert (check.committed, check.ambiguous_absent) == (0, 1)
+        await serves_again(pool)
         await settled(pool)
 
 
