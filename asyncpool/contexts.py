@@ -131,8 +131,11 @@ class TransactionContext(AcquireContext):
         if exc is not None:
             try:
                 await self._tx.rollback()
+            except Exception:  # noqa: S110
+                # The block's own error (or cancellation) is what the caller must see; a failed
+                # rollback leaves the transaction open, and release() resets or drops it.
+                pass
             finally:
-                # A failed rollback leaves the transaction open: release() resets or drops it.
                 await super().__aexit__(exc_type, exc, tb)
             return
         try:

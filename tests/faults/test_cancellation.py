@@ -189,6 +189,31 @@ async def test_cancelled_task_ends_cancelled_when_its_connection_dies_too(
         assert await pool.fetchval("SELECT 1") == 1
 
 
+async def test_cancelled_task_ends_cancelled_when_its_rollback_fails(
+    proxy: FaultProxy, legacy: PgBouncerServer, postgres: PostgresServer
+) -> None:
+    """Cancelled mid-statement, pool.transaction() rolls back; the connection dies during that
+    rollback. The task must still end with its CancelledError, not the rollback's error."""
+    async with Pool(proxy.dsn(legacy.dsn()), name="rollback-dies", max_size=1,
+                    telemetry=False) as pool:
+
+        async def sleep_in_transaction() -> None:
+            async with pool.transaction() as conn:
+                await conn.execute("SELECT pg_sleep(60)")
+
+        task = asyncio.create_task(sleep_in_transaction())
+        await _until(lambda: _sleeping_on_server(postgres), "querying")
+        proxy.set_mode("stall")  # the cancel request and the ROLLBACK wait at the partition
+        task.cancel()
+        await _until(lambda: _now(proxy.connections == 2), "cancel request")
+        proxy.set_mode("reset")  # ... and the connection dies under them
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        proxy.set_mode("pass")
+        await settled(pool, legacy)
+        assert await pool.fetchval("SELECT 1") == 1
+
+
 async def test_pool_closed_under_an_open_transaction_says_it_was_not_committed(
     legacy: PgBouncerServer, ledger: Ledger
 ) -> None:
