@@ -38,7 +38,7 @@ LATENCY_KEYS = {"p50", "p95", "p99", "mean", "max"}
 
 def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asyncpool.cli", "bench", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def _target(pooler: PgBouncerServer) -> list[str]:

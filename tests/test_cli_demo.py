@@ -13,7 +13,7 @@ from asyncpool.testing import PgBouncerServer, PostgresServer
 
 def _demo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asyncpool.cli", "demo", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def test_pooled_then_direct_on_given_servers(legacy: PgBouncerServer,

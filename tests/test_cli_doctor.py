@@ -15,11 +15,12 @@ import pytest
 from asyncpool.cli.diagnosis import Facts, diagnose, recommend
 from asyncpool.cli.doctor import doctor
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from asyncpool.testing.binaries import PgBouncerBinary
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asyncpool.cli", "doctor", *args],
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
 
 
 async def _doctor_json(dsn: str, admin_dsn: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -29,7 +30,7 @@ async def _doctor_json(dsn: str, admin_dsn: str | None = None) -> tuple[int, dic
 
 
 def _finding(report: dict[str, Any], check: str) -> dict[str, Any]:
-    found = [f for f in report["findings"] if f["check"] == check]
+    found: list[dict[str, Any]] = [f for f in report["findings"] if f["check"] == check]
     assert len(found) == 1, report["findings"]
     return found[0]
 
@@ -82,7 +83,7 @@ async def test_direct_postgresql_gets_on_and_a_pooler_suggestion(postgres: Postg
 @pytest.fixture
 def odd_pgbouncers(stack: ServerStack) -> Iterator[dict[str, PgBouncerServer]]:
     """PgBouncers configured the ways the doctor should catch."""
-    configs = {
+    configs: dict[str, tuple[PgBouncerBinary, dict[str, str | int]]] = {
         "no-prepared": (stack.current.binary, {"max_prepared_statements": 0}),
         "session": (stack.current.binary, {"pool_mode": "session"}),
         "statement": (stack.legacy.binary, {"pool_mode": "statement"}),
@@ -155,7 +156,7 @@ def test_an_unreachable_server_exits_2() -> None:
 def _facts(**changes: Any) -> Facts:
     base = {"target": "app@db.example.com:5432/app", "host": "db.example.com", "login_ms": 3.0,
             "server_version": "16.4", "tls_in_use": True, "tls_version": "TLSv1.3",
-            "auth_method": "SCRAM-SHA-256"}
+            "sslmode": "verify-full", "auth_method": "SCRAM-SHA-256"}
     return Facts(**{**base, **changes})
 
 
@@ -165,6 +166,13 @@ def test_an_rds_proxy_gets_describe_cache() -> None:
 
 def test_an_unidentified_proxy_gets_off() -> None:
     assert recommend(_facts(pooler="unknown", pooler_evidence="x")).prepared_statements == "off"
+
+
+def test_unverified_tls_to_a_remote_host_is_a_warning() -> None:
+    report = diagnose(_facts(sslmode="require"))
+    assert [f.level for f in report.findings if f.check == "tls"] == ["warning"]
+    report = diagnose(_facts(sslmode="verify-full"))
+    assert [f.level for f in report.findings if f.check == "tls"] == ["ok"]
 
 
 def test_no_tls_to_a_remote_host_is_a_warning_and_on_loopback_a_note() -> None:
@@ -180,3 +188,51 @@ def test_cleartext_passwords_without_tls_are_a_problem() -> None:
     assert diagnose(_facts(auth_method="md5")).exit_code == 0
     assert [f.level for f in diagnose(_facts(auth_method="md5")).findings
             if f.check == "auth"] == ["warning"]
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Iterator[tuple[PostgresServer, str]]:
+    """A PostgreSQL that refuses connections without TLS, and its CA certificate."""
+    from asyncpool.testing.tls import make_test_pki
+
+    pki = make_test_pki()
+    server = PostgresServer(max_connections=10, settings=pki.postgres_settings(),
+                            hba_lines=["hostnossl all all 127.0.0.1/32 reject"])
+    try:
+        server.start()
+        yield server, str(pki.ca_cert)
+    finally:
+        server.stop()
+        pki.remove()
+
+
+async def test_tls_is_reported_and_the_auth_probe_works_over_it(
+    tls_postgres: tuple[PostgresServer, str],
+) -> None:
+    server, ca = tls_postgres
+    code, report = await _doctor_json(server.dsn(sslmode="verify-full", sslrootcert=ca))
+    facts = report["facts"]
+    assert code == 0, report["findings"]
+    assert facts["tls_in_use"] is True
+    assert facts["tls_version"].startswith("TLSv1.")
+    assert facts["tls_offered"] is True
+    # Read from the server's first message after the TLS handshake, before any password.
+    assert facts["auth_method"] == "SCRAM-SHA-256"
+    assert _finding(report, "tls")["level"] == "ok"
+    assert "verified" in _finding(report, "tls")["message"]
+
+    # sslmode=require encrypts without checking who answers.
+    code, report = await _doctor_json(server.dsn(sslmode="require"))
+    assert code == 0
+    assert report["facts"]["tls_in_use"] is True
+    assert "not verified" in _finding(report, "tls")["message"]
+
+
+async def test_a_server_that_requires_tls_refuses_sslmode_disable(
+    tls_postgres: tuple[PostgresServer, str],
+) -> None:
+    server, _ = tls_postgres
+    code, report = await _doctor_json(server.dsn(sslmode="disable"))
+    assert code == 2
+    assert _finding(report, "connection")["level"] == "problem"
+    assert server.app.password not in json.dumps(report)

@@ -64,11 +64,13 @@ def test_connect_errors_are_named_with_their_driver_cause() -> None:
     class TooManyConnectionsError(Exception):
         pass
 
-    try:
+    def refuse() -> None:
         try:
             raise TooManyConnectionsError("sorry, too many clients already")
         except TooManyConnectionsError:
             raise PoolerExhaustedError("refused") from None  # as asyncpool's connector does
-    except PoolerExhaustedError as exc:
-        assert error_name(exc) == "PoolerExhaustedError(TooManyConnectionsError)"
+
+    with pytest.raises(PoolerExhaustedError) as info:
+        refuse()
+    assert error_name(info.value) == "PoolerExhaustedError(TooManyConnectionsError)"
     assert error_name(ZeroDivisionError()) == "ZeroDivisionError"

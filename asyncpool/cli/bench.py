@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from asyncpool import __version__
 from asyncpool.cli.output import ProgressDisplay, number, table
 from asyncpool.config import PreparedStatements
-from asyncpool.dsn import parse_target
+from asyncpool.dsn import parse_target, redact
 from asyncpool.load import DEFAULT_QUERY, LoadError, LoadSpec, LoadSpecError, LoadTarget, run_load
 from asyncpool.load.servers import LocalServers
 from asyncpool.load.spec import Driver, Telemetry
@@ -57,7 +57,13 @@ def cases(clients: list[int], drivers: list[Driver], modes: list[PreparedStateme
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(bench(args, sys.stdout, sys.stderr))
+    from asyncpool.testing import HarnessError
+
+    try:
+        return asyncio.run(bench(args, sys.stdout, sys.stderr))
+    except HarnessError as exc:
+        print(f"asyncpool bench: {redact(str(exc))}", file=sys.stderr)
+        return 2
 
 
 async def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

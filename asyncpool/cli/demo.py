@@ -10,13 +10,20 @@ from typing import Literal, TextIO
 
 from asyncpool.cli.output import ProgressDisplay, millis, number, table
 from asyncpool.config import PreparedStatements
-from asyncpool.load import LoadResult, LoadSpec, LoadTarget, run_load
+from asyncpool.dsn import redact
+from asyncpool.load import LoadError, LoadResult, LoadSpec, LoadSpecError, LoadTarget, run_load
 from asyncpool.load.servers import LocalServers
 
 
 def run(args: argparse.Namespace) -> int:
+    from asyncpool.testing import HarnessError
+
     # With --json, stdout carries only the document; the narration goes to stderr.
-    return asyncio.run(demo(args, sys.stderr if args.json else sys.stdout, sys.stdout))
+    try:
+        return asyncio.run(demo(args, sys.stderr if args.json else sys.stdout, sys.stdout))
+    except (HarnessError, LoadError, LoadSpecError) as exc:
+        print(f"asyncpool demo: {redact(str(exc))}", file=sys.stderr)
+        return 2
 
 
 async def demo(args: argparse.Namespace, out: TextIO, results: TextIO) -> int:

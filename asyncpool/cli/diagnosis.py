@@ -35,6 +35,7 @@ class Facts:
     tls_in_use: bool | None = None
     tls_version: str | None = None
     tls_offered: bool | None = None
+    sslmode: str = "prefer"  #: as the DSN (or PGSSLMODE) asked; libpq's default is prefer
     auth_method: str | None = None
     sasl_mechanisms: tuple[str, ...] = ()
     pooler: Pooler | None = None  #: None: connected straight to PostgreSQL
@@ -104,7 +105,15 @@ def is_loopback(host: str) -> bool:
 
 def _tls(f: Facts) -> Finding:
     if f.tls_in_use:
-        return Finding("ok", "tls", f"in use ({f.tls_version or 'version unknown'})")
+        version = f.tls_version or "version unknown"
+        if f.sslmode in ("verify-ca", "verify-full"):
+            return Finding("ok", "tls", f"in use ({version}), certificate verified ({f.sslmode})")
+        unverified = (f"in use ({version}) but the server's certificate is not verified "
+                      f"(sslmode={f.sslmode}): anyone in the path can pose as the server")
+        if is_loopback(f.host):
+            return Finding("note", "tls", unverified + " (fine on a loopback address)")
+        return Finding("warning", "tls", unverified + "; use sslmode=verify-full with the "
+                       "server's CA (RDS: the RDS bundle; RDS Proxy: Amazon root CAs)")
     offered = {
         True: "the server offers TLS but this connection did not use it (check sslmode)",
         False: "the server does not offer TLS",

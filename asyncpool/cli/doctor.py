@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import time
 from dataclasses import asdict
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from asyncpool.cli.diagnosis import Diagnosis, Facts, diagnose
 from asyncpool.cli.probe import probe_startup
@@ -89,8 +90,9 @@ async def _read_connection(conn: Any, facts: Facts) -> None:
 
 
 async def _probe(dsn: str, target: Target, timeout: float, facts: Facts) -> None:
-    query = urlsplit(dsn).query
-    ask_tls = "sslmode=disable" not in query
+    modes = parse_qs(urlsplit(dsn).query).get("sslmode")
+    facts.sslmode = modes[0] if modes else os.environ.get("PGSSLMODE", "prefer")
+    ask_tls = facts.sslmode != "disable"
     try:
         probe = await probe_startup(target.host, target.port, target.user, target.database,
                                     ask_tls=ask_tls, timeout=timeout)

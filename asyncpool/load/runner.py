@@ -65,11 +65,6 @@ class Progress:
     clients_waiting: int | None
 
 
-def setup_timeout(spec: LoadSpec) -> float:
-    """How long warm-up may take: logins are a few ms each, refused ones retry for a while."""
-    return 60.0 + spec.clients * 0.05 + spec.acquire_timeout
-
-
 async def run_load(
     spec: LoadSpec,
     target: LoadTarget,
@@ -94,7 +89,7 @@ async def run_load(
             await sampling.start()
         for proc in procs:
             proc.start()
-        await run.wait_ready(setup_timeout(spec))
+        await run.wait_ready(spec.warmup_budget)
         start.set()
         reports = await run.wait_reports(time.monotonic() + spec.duration + _CLOSE_GRACE)
         finished = True

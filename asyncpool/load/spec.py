@@ -99,6 +99,12 @@ class LoadSpec:
         )
 
     @property
+    def warmup_budget(self) -> float:
+        """How long warm-up may take: logins cost a few ms of CPU each, refused ones retry
+        within `acquire_timeout`."""
+        return 60.0 + self.clients * 0.05 + self.acquire_timeout
+
+    @property
     def parameters(self) -> int:
         """How many ``$n`` arguments `query` takes."""
         return max((int(n) for n in _PLACEHOLDER.findall(self.query)), default=0)

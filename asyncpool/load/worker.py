@@ -76,7 +76,8 @@ class Instance:
             try:
                 await client.query((iteration,) * width)
             except Exception as exc:
-                tally.error(exc)
+                if clock() <= end:  # like queries, errors count inside the window only
+                    tally.error(exc)
                 await client.after_error()
                 continue
             done = clock()
@@ -120,7 +121,9 @@ async def _run(spec: LoadSpec, process: int, start: Any, outbox: Any) -> WorkerR
     gate = asyncio.Semaphore(spec.connect_concurrency)
     await asyncio.gather(*(inst.warm_up(gate, warmup_errors) for inst in instances))
     outbox.put(("ready", process))
-    await loop.run_in_executor(None, start.wait)
+    # A parent that died without starting the run must not leave this process behind.
+    if not await loop.run_in_executor(None, start.wait, spec.warmup_budget):
+        raise RuntimeError("the parent never started the run")
 
     tally = Tally()
     end = time.perf_counter() + spec.duration
