@@ -113,7 +113,9 @@ async def run_bouncer(bouncer: Bouncer, runs: list[Run], args: argparse.Namespac
                 result = await measure(run, target, args)
                 results.setdefault(run, []).append(result)
                 print(f"  [{repeat + 1}/{args.repeat}] {run.name}: "
-                      f"{result['queries_per_s']:,.0f} q/s, errors {result['error_count']}, "
+                      f"{result['queries_per_s']:,.0f} q/s, client CPU "
+                      f"{result['client_cpu_us_per_query'] or '-'} µs/query, "
+                      f"errors {result['error_count']}, "
                       f"server connections {result['server_connections_max']}", flush=True)
             order.reverse()
     finally:
@@ -122,6 +124,12 @@ async def run_bouncer(bouncer: Bouncer, runs: list[Run], args: argparse.Namespac
 
 def median_qps(results: list[dict[str, Any]]) -> float:
     return statistics.median(float(r["queries_per_s"]) for r in results)
+
+
+def median_cpu(results: list[dict[str, Any]]) -> str:
+    """Client CPU per query: steadier than queries/s on a busy machine (pgbench: not measured)."""
+    values = [r["client_cpu_us_per_query"] for r in results if r["client_cpu_us_per_query"]]
+    return f"{statistics.median(values):.0f}" if values else "-"
 
 
 def report(chosen: list[Comparison], results: dict[Run, list[dict[str, Any]]]) -> None:
@@ -136,7 +144,9 @@ def report(chosen: list[Comparison], results: dict[Run, list[dict[str, Any]]]) -
         if c.group in ("raw", "scale") and errors[0]:
             verdict += "  ERRORS"
         print(f"[{c.group}] {c.a.name} vs {c.b.name} on PgBouncer {c.a.bouncer}: "
-              f"{a:,.0f} vs {b:,.0f} = {ratio:.2f}x, errors {errors[0]}/{errors[1]}{verdict}")
+              f"{a:,.0f} vs {b:,.0f} = {ratio:.2f}x, client CPU µs/query "
+              f"{median_cpu(results[c.a])} vs {median_cpu(results[c.b])}, "
+              f"errors {errors[0]}/{errors[1]}{verdict}")
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ RUN = {
     "processes": int, "pool_size": int, "duration_s": NUMBER, "queries": int,
     "queries_per_s": NUMBER, "latency_ms": dict, "errors": dict, "error_count": int,
     "warmup_errors": dict, "connect_errors": int, "clients_never_served": int,
-    "leaks_injected": int, "leaks_reclaimed": int,
+    "leaks_injected": int, "leaks_reclaimed": int, "client_cpu_us_per_query": (NUMBER, type(None)),
     "server_connections_max": (int, type(None)), "server_connections_limit": (int, type(None)),
     "clients_waiting_max": (int, type(None)),
 }
@@ -72,6 +72,7 @@ def _clean_pooled_run(run: dict[str, Any], pool_size: int) -> None:
     if run["driver"] != "pgbench":
         # (pgbench reports its own tps, which leaves out its connection set-up time.)
         assert run["queries_per_s"] == pytest.approx(run["queries"] / run["duration_s"], abs=0.1)
+        assert run["client_cpu_us_per_query"] > 0
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
         # Sampled from SHOW POOLS while the run went on: more clients than server connections.
         assert 1 <= run["server_connections_max"] <= pool_size

@@ -236,6 +236,7 @@ def text_report(document: dict[str, Any]) -> str:
             _ms(lat["p95"]),
             _ms(lat["p99"]),
             _ms(lat["mean"]),
+            _ms(r["client_cpu_us_per_query"]),
             number(r["error_count"]),
             "-" if r["server_connections_max"] is None else str(r["server_connections_max"]),
         ])
@@ -244,7 +245,7 @@ def text_report(document: dict[str, Any]) -> str:
     head = (f"{target['label']}, query {document['query']!r}; {machine['cpus']} CPUs, "
             f"load average {machine['load_average'][0]} at start")
     body = table(["run", "clients", "queries/s", "vs first", "p50 ms", "p95 ms", "p99 ms",
-                  "mean ms", "errors", "server conns"], rows)
+                  "mean ms", "CPU µs/query", "errors", "server conns"], rows)
     lines = [head, "", body]
     for failure in document["failures"]:
         lines.append(f"failed: {failure['run']}: {failure['error']}")

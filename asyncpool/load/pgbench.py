@@ -62,6 +62,7 @@ class PgbenchResult:
             "clients_never_served": 0,
             "leaks_injected": 0,
             "leaks_reclaimed": 0,
+            "client_cpu_us_per_query": None,
             "server_connections_max": None,
             "server_connections_limit": None,
             "clients_waiting_max": None,

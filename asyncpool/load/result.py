@@ -52,6 +52,7 @@ class WorkerReport:
     connect_errors: int
     leaks_injected: int
     leaks_reclaimed: int
+    cpu_seconds: float  #: this process's CPU time (user + system) during the window
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class LoadResult:
     clients_never_served: int
     leaks_injected: int
     leaks_reclaimed: int
+    client_cpu_seconds: float
     server: ServerUse | None
     server_limit: int | None
 
@@ -100,6 +102,7 @@ class LoadResult:
             clients_never_served=sum(r.clients - r.served for r in reports),
             leaks_injected=sum(r.leaks_injected for r in reports),
             leaks_reclaimed=sum(r.leaks_reclaimed for r in reports),
+            client_cpu_seconds=sum(r.cpu_seconds for r in reports),
             server=server,
             server_limit=server_limit,
         )
@@ -111,6 +114,15 @@ class LoadResult:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    @property
+    def client_cpu_per_query(self) -> float | None:
+        """Seconds of client CPU per completed query, over all worker processes.
+
+        Less sensitive to a busy machine than queries/s: it is what the client side spends,
+        whoever else is running.
+        """
+        return self.client_cpu_seconds / self.queries if self.queries else None
 
     def to_json(self) -> dict[str, Any]:
         """One entry of the bench JSON ``runs`` list (see docs/cli.md)."""
@@ -141,6 +153,9 @@ class LoadResult:
             "clients_never_served": self.clients_never_served,
             "leaks_injected": self.leaks_injected,
             "leaks_reclaimed": self.leaks_reclaimed,
+            "client_cpu_us_per_query": (
+                round(self.client_cpu_per_query * 1e6, 1) if self.client_cpu_per_query else None
+            ),
             "server_connections_max": self.server.server_connections_max if self.server else None,
             "server_connections_limit": self.server_limit,
             "clients_waiting_max": self.server.clients_waiting_max if self.server else None,

@@ -126,6 +126,7 @@ async def _run(spec: LoadSpec, process: int, start: Any, outbox: Any) -> WorkerR
         raise RuntimeError("the parent never started the run")
 
     tally = Tally()
+    cpu_started = time.process_time()
     end = time.perf_counter() + spec.duration
     leakers = [
         asyncio.create_task(inst.client.leak()) for inst in instances if leaking(spec, inst.number)
@@ -133,6 +134,7 @@ async def _run(spec: LoadSpec, process: int, start: Any, outbox: Any) -> WorkerR
     reporter = asyncio.create_task(_report_progress(process, tally, outbox))
     try:
         await asyncio.gather(*(inst.run(end, tally) for inst in instances))
+        cpu_used = time.process_time() - cpu_started
     finally:
         reporter.cancel()
         for task in leakers:
@@ -147,6 +149,7 @@ async def _run(spec: LoadSpec, process: int, start: Any, outbox: Any) -> WorkerR
         connect_errors=sum(inst.client.connect_errors() for inst in instances),
         leaks_injected=len(leakers),
         leaks_reclaimed=sum(inst.client.leaks_reclaimed() for inst in instances),
+        cpu_seconds=cpu_used,
     )
     try:
         async with asyncio.timeout(_CLOSE_TIMEOUT):
