@@ -33,7 +33,8 @@ class AcquireContext:
         self._lease: Lease | None = None
 
     async def __aenter__(self) -> PooledConnection:
-        lease = await self._pool._acquire(self._timeout, self._frame)
+        pool = self._pool
+        lease = pool._acquire_nowait(self._frame) or await pool._acquire(self._timeout, self._frame)
         self._frame = None
         self._lease = lease
         return PooledConnection(lease, self._pool.name)
@@ -54,7 +55,8 @@ class AcquireContext:
             _raise_leaked(self._pool.name, exc)
         # A cancelled task must end cancelled, even if its connection died meanwhile.
         lost = isinstance(exc, Exception) and lease.active and lease.record.conn.is_closed()
-        await self._pool._release(lease)
+        if self._pool._release_nowait(lease):
+            await self._pool._release_after_reset(lease)
         if lost:
             assert exc is not None
             raise ConnectionLostError(

@@ -77,6 +77,9 @@ class Pool:
         self._background: set[asyncio.Task[Any]] = set()
         self._housekeeper: asyncio.Task[None] | None = None
         self._leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
+        self._validate_after = config.validate_after
+        # Only describe-cache connections can ask to be retired (stale statement description).
+        self._may_retire = config.prepared_statements == "describe-cache"
         self._created_total = 0
         self._closed_total = 0
         self._timeouts_total = 0
@@ -282,6 +285,22 @@ class Pool:
         # The leak report should name the caller of pool.fetch(), not this module.
         return AcquireContext(self, _UNSET, sys._getframe(2))
 
+    def _acquire_nowait(self, frame: FrameType | None) -> Lease | None:
+        """The fast path, without a coroutine: an idle connection, nobody queued ahead, no check
+        due. None when the caller must take the slow path (`_acquire`)."""
+        loop = self._loop
+        if loop is None or self._closing or not self._idle or self._waiters:
+            return None
+        record = self._idle[-1]
+        now = loop.time()
+        after = self._validate_after
+        if (after is not None and now - record.last_used > after) or record.expired(now):
+            return None
+        if record.conn.is_closed() or asyncio.get_running_loop() is not loop:
+            return None
+        self._idle.pop()
+        return self._checkout(record, now, now, frame)
+
     async def _acquire(self, timeout: float | None, frame: FrameType | None) -> Lease:
         """Check out a connection; called by the acquire contexts."""
         loop = self._loop
@@ -294,15 +313,10 @@ class Pool:
             )
         if timeout is _UNSET:
             timeout = self.config.acquire_timeout
+        lease = self._acquire_nowait(frame)
+        if lease is not None:
+            return lease
         started = loop.time()
-        # Fast path: an idle connection, nobody queued ahead, no check due.
-        if self._idle and not self._waiters:
-            record = self._idle[-1]
-            after = self.config.validate_after
-            fresh = after is None or started - record.last_used <= after
-            if fresh and not record.expired(started) and not record.conn.is_closed():
-                self._idle.pop()
-                return self._checkout(record, started, started, frame)
         deadline = None if timeout is None else started + timeout
         record = await self._get_record(deadline, timeout)
         return self._checkout(record, started, loop.time(), frame)
@@ -492,13 +506,19 @@ class Pool:
 
     # -- return -------------------------------------------------------------------------------
 
-    async def _release(self, lease: Lease, error: BaseException | None = None) -> None:
+    async def _release(self, lease: Lease) -> None:
         """Take a connection back. Never loses the slot, even if cancelled part-way."""
+        if self._release_nowait(lease):
+            await self._release_after_reset(lease)
+
+    def _release_nowait(self, lease: Lease) -> bool:
+        """Release without a coroutine when no round trip is needed. True means the connection
+        must be reset first (a query still being cancelled, a transaction left open): the caller
+        then awaits `_release_after_reset`."""
         if lease.state is not LeaseState.ACTIVE:
-            return
+            return False
         record = lease.record
-        loop = self._require_loop()
-        now = loop.time()
+        now = self._require_loop().time()
         lease.state = LeaseState.RELEASED
         lease.forget_site()
         self._leaks.untrack(lease)
@@ -507,12 +527,20 @@ class Pool:
         if lease.reported:
             log_returned(self.name, lease, now - lease.acquired_at)
         conn = record.conn
+        if conn.is_closed():
+            self._discard(record, "broken")
+            self._note_if_all_returned()
+            return False
+        if _is_cancelling(conn) or conn.is_in_transaction() or _has_stale_transaction(conn):
+            return True
+        self._note_if_all_returned()
+        self._settle(record, now)
+        return False
+
+    async def _release_after_reset(self, lease: Lease) -> None:
+        record = lease.record
         try:
-            if conn.is_closed():
-                self._discard(record, "broken")
-                return
-            if _is_cancelling(conn) or conn.is_in_transaction() or _has_stale_transaction(conn):
-                await self._reset(conn)
+            await self._reset(record.conn)
         except Exception as exc:
             # Dropping the connection rolls its transaction back and the slot is restored: the
             # caller's own error (a query timeout, say) must not be replaced by this one.
@@ -524,16 +552,23 @@ class Pool:
             self._discard(record, "reset failed")
             raise
         finally:
-            if not self._leases and self._all_returned is not None:
-                self._all_returned.set()
+            self._note_if_all_returned()
+        self._settle(record, self._require_loop().time())
+
+    def _settle(self, record: ConnectionRecord, now: float) -> None:
+        """Put a returned, clean connection back in service, or retire it."""
         record.last_used = now
-        # describe-cache sets retire_reason when it found a stale statement description.
-        retired = getattr(conn, "retire_reason", None)
+        # describe-cache marks a connection whose statement description went stale.
+        retired = getattr(record.conn, "retire_reason", None) if self._may_retire else None
         if self._closing or record.expired(now) or retired:
             reason = "pool closed" if self._closing else retired or "expired"
             self._discard(record, reason, graceful=True)
             return
         self._put_idle(record)
+
+    def _note_if_all_returned(self) -> None:
+        if not self._leases and self._all_returned is not None:
+            self._all_returned.set()
 
     async def _reset(self, conn: asyncpg.Connection) -> None:
         """Finish a cancelled query and roll back a transaction left open (bounded in time)."""
