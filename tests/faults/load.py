@@ -16,11 +16,10 @@ class Load:
     """
 
     def __init__(self, pool: Pool, ledger: Ledger, writers: int = 8, *,
-                 timeout: float | None = None, pause_after_error: float = 0.02) -> None:
+                 pause_after_error: float = 0.02) -> None:
         self.pool = pool
         self.ledger = ledger
         self.writers = writers
-        self.timeout = timeout
         self.pause_after_error = pause_after_error
         self._stopping = asyncio.Event()
         self._progress = asyncio.Event()
@@ -34,7 +33,7 @@ class Load:
 
     async def _writer(self, number: int) -> None:
         while not self._stopping.is_set():
-            error = await self.ledger.write(self.pool, timeout=self.timeout)
+            error = await self.ledger.write(self.pool)
             if error is not None:
                 self._failed_writers.add(number)
             self._progress.set()
@@ -46,14 +45,6 @@ class Load:
         goal = len(self.ledger.committed) + count
         async with asyncio.timeout(within):
             while len(self.ledger.committed) < goal:
-                self._progress.clear()
-                await self._progress.wait()
-
-    async def errors(self, count: int, within: float) -> None:
-        """Wait until `count` more writes have failed (while a fault lasts)."""
-        goal = len(self.ledger.errors) + count
-        async with asyncio.timeout(within):
-            while len(self.ledger.errors) < goal:
                 self._progress.clear()
                 await self._progress.wait()
 
