@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -53,16 +54,32 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, within: float 
         await asyncio.sleep(0.01)
 
 
-async def _sleeping_on_server(postgres: PostgresServer) -> bool:
-    conn = await asyncpg.connect(postgres.admin_dsn)
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-            "AND query LIKE 'SELECT pg_sleep(60)%'"
-        )
-    finally:
-        await conn.close()
-    return count == 1
+class Sleeper:
+    """A long statement tagged with a token, to find (and end) on the server."""
+
+    def __init__(self, postgres: PostgresServer) -> None:
+        self.postgres = postgres
+        self.token = f"sleeper_{uuid.uuid4().hex[:12]}"
+        self.sql = f"SELECT pg_sleep(60) /* {self.token} */"
+
+    async def _backends(self, action: str) -> int:
+        conn = await asyncpg.connect(self.postgres.admin_dsn)
+        try:
+            count: int = await conn.fetchval(
+                f"SELECT count({action}) FROM pg_stat_activity WHERE state = 'active' "
+                "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+                self.token,
+            )
+        finally:
+            await conn.close()
+        return count
+
+    async def running(self) -> bool:
+        return await self._backends("*") == 1
+
+    async def end(self) -> None:
+        """A backend whose client vanished sleeps on until it next writes: end it now."""
+        await self._backends("pg_terminate_backend(pid)")
 
 
 @pytest.mark.parametrize("how", ["cancel", "timeout"])
@@ -82,6 +99,7 @@ async def test_interrupted_at_every_await_point(
         if point != "connecting":
             await pool.fetchval("SELECT 1")  # an idle connection, used just now
         held = await pool.acquire() if point == "queued" else None
+        sleeper = Sleeper(postgres)
         stall = proxy.set_mode
 
         async def stall_then_fail(conn: PooledConnection) -> None:
@@ -106,7 +124,7 @@ async def test_interrupted_at_every_await_point(
             "connecting": lambda: (stall("stall"), pool.fetchval("SELECT 1"))[1],
             "validating": idle_check,
             "beginning": lambda: (stall("stall"), ledger.write(pool))[1],
-            "querying": lambda: pool.execute("SELECT pg_sleep(60)"),
+            "querying": lambda: pool.execute(sleeper.sql),
             "rolling-back": lambda: ledger.write(pool, before_commit=stall_then_fail),
             "resetting": reset_on_release,
             "committing": lambda: ledger.write(pool, before_commit=stall_before_commit),
@@ -115,7 +133,7 @@ async def test_interrupted_at_every_await_point(
             "queued": lambda: _now(pool.stats().waiting == 1),
             "connecting": lambda: _now(pool.stats().connecting == 1 and proxy.connections == 1),
             "validating": lambda: _now(pool.stats().connecting == 1 and proxy.held == 1),
-            "querying": lambda: _sleeping_on_server(postgres),
+            "querying": sleeper.running,
         }
         ready = at_point.get(point, lambda: _now(proxy.held == 1))
 
@@ -144,6 +162,7 @@ async def test_interrupted_at_every_await_point(
         assert not isinstance(info.value, PoolTimeoutError)
         if held is not None:
             await pool.release(held)
+        await sleeper.end()
 
         await settled(pool, legacy)
         await full_width(pool)
@@ -168,23 +187,24 @@ async def _count(postgres: PostgresServer, ledger: Ledger, ident: int) -> int:
 
 
 async def test_cancelled_task_ends_cancelled_when_its_connection_dies_too(
-    legacy: PgBouncerServer,
+    legacy: PgBouncerServer, postgres: PostgresServer
 ) -> None:
+    sleeper = Sleeper(postgres)
     async with Pool(legacy.dsn(), name="doubly-doomed", max_size=1, telemetry=False) as pool:
         holding: list[PooledConnection] = []
 
         async def hold() -> None:
             async with pool.acquire() as conn:
                 holding.append(conn)
-                await conn.execute("SELECT pg_sleep(60)")
+                await conn.execute(sleeper.sql)
 
         task = asyncio.create_task(hold())
-        await _until(lambda: _now(bool(holding)), "holding")
-        await asyncio.sleep(0.05)
+        await _until(sleeper.running, "querying")
         holding[0].raw.terminate()  # the connection dies...
         task.cancel()  # ...as the task is cancelled
         with pytest.raises(asyncio.CancelledError):
             await task
+        await sleeper.end()
         await settled(pool, legacy)
         assert await pool.fetchval("SELECT 1") == 1
 
@@ -194,15 +214,16 @@ async def test_cancelled_task_ends_cancelled_when_its_rollback_fails(
 ) -> None:
     """Cancelled mid-statement, pool.transaction() rolls back; the connection dies during that
     rollback. The task must still end with its CancelledError, not the rollback's error."""
+    sleeper = Sleeper(postgres)
     async with Pool(proxy.dsn(legacy.dsn()), name="rollback-dies", max_size=1,
                     telemetry=False) as pool:
 
         async def sleep_in_transaction() -> None:
             async with pool.transaction() as conn:
-                await conn.execute("SELECT pg_sleep(60)")
+                await conn.execute(sleeper.sql)
 
         task = asyncio.create_task(sleep_in_transaction())
-        await _until(lambda: _sleeping_on_server(postgres), "querying")
+        await _until(sleeper.running, "querying")
         proxy.set_mode("stall")  # the cancel request and the ROLLBACK wait at the partition
         task.cancel()
         await _until(lambda: _now(proxy.connections == 2), "cancel request")
@@ -210,6 +231,7 @@ async def test_cancelled_task_ends_cancelled_when_its_rollback_fails(
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 15)
         proxy.set_mode("pass")
+        await sleeper.end()
         await settled(pool, legacy)
         assert await pool.fetchval("SELECT 1") == 1
 
