@@ -567,7 +567,8 @@ class Pool:
         self._put_idle(record)
 
     def _note_if_all_returned(self) -> None:
-        if not self._leases and self._all_returned is not None:
+        # Only close() waits for this; skip the Event on the hot path otherwise.
+        if self._closing and not self._leases and self._all_returned is not None:
             self._all_returned.set()
 
     async def _reset(self, conn: asyncpg.Connection) -> None:
