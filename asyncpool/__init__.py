@@ -15,8 +15,8 @@ from asyncpool.errors import (
     CredentialsError,
     PoolClosedError,
     PoolConfigError,
-    PoolError,
     PoolerExhaustedError,
+    PoolError,
     PoolTimeoutError,
     StaleStatementError,
 )

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "== ruff" && .venv/bin/ruff check .
+echo "== ruff" && .venv/bin/ruff check --no-cache .
 echo "== mypy --strict" && .venv/bin/mypy
 echo "== pytest"
 status=0
