@@ -6,9 +6,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff" && .venv/bin/ruff check --no-cache .
 echo "== mypy --strict" && .venv/bin/mypy
+before=$(mktemp)
+trap 'rm -f "$before"' EXIT
+.venv/bin/python scripts/check-no-leftover-servers.py --save "$before"
 echo "== pytest"
 status=0
 .venv/bin/pytest -q -p no:cacheprovider "$@" || status=$?
 echo "== leftover servers"
-.venv/bin/python scripts/check-no-leftover-servers.py || status=1
+.venv/bin/python scripts/check-no-leftover-servers.py --since "$before" || status=1
 exit $status
