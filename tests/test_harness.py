@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 
 import asyncpg
 import pytest
@@ -122,3 +125,27 @@ async def test_direct_clients_refused_but_pgbouncer_serves_them_all(stack: Serve
         watcher.cancel()
     assert sorted(results) == list(range(clients))
     assert 0 < peak <= pooler.pool_size
+
+
+def test_servers_die_with_a_killed_harness() -> None:
+    """A harness killed outright (a CI timeout, SIGKILL: no atexit runs) leaves no server behind."""
+    script = (
+        "import time\n"
+        "from asyncpool.testing import ServerStack\n"
+        "s = ServerStack.start(max_connections=20)\n"
+        "print(' '.join(map(str, s.pids())), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        pids = [int(p) for p in child.stdout.readline().split()]
+        assert len(pids) == 3
+        assert all(_alive(pid) for pid in pids)
+    finally:
+        child.kill()
+        child.wait(10)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _alive(pid)]

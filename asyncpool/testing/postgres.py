@@ -109,6 +109,8 @@ class PostgresServer:
             [str(bindir / "postgres"), "-D", str(self.datadir)],
             self.workdir / "postgres.log",
             self.workdir,
+            # SIGQUIT: PostgreSQL's immediate shutdown, which also stops its backends.
+            death_signal=signal.SIGQUIT,
         )
         self._launch()
         return self

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from asyncpool.testing.errors import HarnessError
@@ -79,8 +83,10 @@ def run_as_service(args: list[str], **kwargs: object) -> subprocess.CompletedPro
 class ServerProcess:
     """A long-running server started by the harness, stopped on `stop()` or at interpreter exit."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, name: str, args: list[str], log_path: Path, cwd: Path,
+                 death_signal: int = signal.SIGKILL) -> None:
         self.name = name
+        self.death_signal = death_signal
         self.args = args
         self.log_path = log_path
         self.cwd = cwd
@@ -100,6 +106,8 @@ class ServerProcess:
                 group=user.pw_gid if user else None,
                 # Own process group: a Ctrl-C in the terminal must not kill servers mid-teardown.
                 start_new_session=True,
+                # The hook calls only prctl() and getppid(): no lock a forked thread could hold.
+                preexec_fn=_die_with_parent(self.death_signal),  # noqa: PLW1509
             )
         finally:
             log.close()
@@ -137,6 +145,32 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+
+def _die_with_parent(sig: int) -> Callable[[], None] | None:
+    """A preexec hook asking Linux to send `sig` to the server when the harness process dies, so
+    a harness killed by a timeout or SIGKILL (where atexit never runs) leaves no server behind.
+
+    Linux ties this to the thread that forks, so it is used only from the main thread (a helper
+    thread ending would otherwise take its servers with it).
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return hook
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def remove_tree(path: Path) -> None:
