@@ -184,7 +184,7 @@ class Pool:
             lease.state = LeaseState.CLOSED
             self._leaks.untrack(lease)
             del self._leases[record]
-            record.conn.terminate()
+            self._terminate(record.conn)
             self._size -= 1
             self._count_closed("pool closed")
         housekeeper = [self._housekeeper] if self._housekeeper is not None else []
@@ -313,9 +313,7 @@ class Pool:
             )
         if timeout is _UNSET:
             timeout = self.config.acquire_timeout
-        lease = self._acquire_nowait(frame)
-        if lease is not None:
-            return lease
+        # The acquire contexts have tried _acquire_nowait() already; this is the slow path.
         started = loop.time()
         deadline = None if timeout is None else started + timeout
         record = await self._get_record(deadline, timeout)
@@ -342,9 +340,7 @@ class Pool:
                 now = loop.time()
                 if not record.usable():
                     # Closed while idle (server restart, pooler timeout seen by the driver).
-                    self._validation_failures_total += 1
-                    self._observer.validation_failed()
-                    self._count_closed("broken")
+                    self._count_failed_check("broken")
                     return await self._connect_in_slot(deadline, timeout)
                 if record.expired(now):
                     self._spawn(self._close_conn(record.conn))
@@ -375,18 +371,25 @@ class Pool:
             async with asyncio.timeout_at(deadline):
                 return await fut
         except BaseException as exc:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            got = self._leave_queue(fut)
+            if got is not None:
                 # Woken in the same instant we gave up (timeout, cancel): pass it on.
-                self._give_back(fut.result())
-            else:
-                fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+                self._give_back(got)
             if isinstance(exc, TimeoutError):
                 self._timeouts_total += 1
                 self._observer.timed_out()
                 raise self._timeout_error(timeout) from None
             raise
+
+    def _leave_queue(self, fut: asyncio.Future[Any]) -> Any:
+        """Step out of the waiters' queue: what release() handed `fut` (a connection or a slot)
+        if it did so before we left, else None (and `fut` will be skipped)."""
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            return fut.result()
+        fut.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(fut)
+        return None
 
     def _give_back(self, got: Any) -> None:
         if got is _SLOT:
@@ -456,19 +459,13 @@ class Pool:
             async with asyncio.timeout(delay):
                 got = await fut
         except TimeoutError:
-            if not (fut.done() and not fut.cancelled() and fut.exception() is None):
-                fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+            got = self._leave_queue(fut)  # handed over in the instant the delay ran out?
+            if got is None:
                 return None
-            got = fut.result()  # handed over in the instant the delay ran out
         except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._give_back(fut.result())
-            else:
-                fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+            got = self._leave_queue(fut)
+            if got is not None:
+                self._give_back(got)
             raise
         # Either way this caller holds one slot too many now: pass it on.
         self._free_slot()
@@ -489,10 +486,8 @@ class Pool:
                 asyncpg.InternalClientError) as exc:
             logger.info("pool %r: idle connection failed its check (%s); replacing it", self.name,
                         type(exc).__name__)
-            self._validation_failures_total += 1
-            self._observer.validation_failed()
             self._terminate(record.conn)
-            self._count_closed("failed validation")
+            self._count_failed_check("failed validation")
             return False
         except BaseException:
             self._terminate(record.conn)
@@ -611,6 +606,12 @@ class Pool:
                 return
         self._size -= 1
 
+    def _count_failed_check(self, reason: str) -> None:
+        """An idle connection failed its checkout check and left the pool."""
+        self._validation_failures_total += 1
+        self._observer.validation_failed()
+        self._count_closed(reason)
+
     def _count_closed(self, reason: str) -> None:
         self._closed_total += 1
         self._observer.connection_closed(reason)
@@ -667,11 +668,9 @@ class Pool:
         task = lease.task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel(_LEAK_CANCEL_MESSAGE)
-        record.conn.terminate()
         self._observer.leaked(report)
         self._discard(record, "leaked")
-        if not self._leases and self._all_returned is not None:
-            self._all_returned.set()
+        self._note_if_all_returned()
 
     # -- housekeeping -------------------------------------------------------------------------
 
