@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -138,11 +137,7 @@ async def every_instrument_reported(
     )
     async with pool:
         pid = await pool.fetchval("SELECT pg_backend_pid()")
-        admin = await asyncpg.connect(postgres.admin_dsn)
-        try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-        finally:
-            await admin.close()
+        assert await postgres.terminate_backend(pid)
         await pool.fetchval("SELECT 1")  # the dead idle connection fails its check
         async with pool.acquire():
             with pytest.raises(asyncpool.PoolTimeoutError):

@@ -186,26 +186,22 @@ async def test_waiters_fail_when_pool_closes(pooler: Pooler) -> None:
 async def test_release_does_not_reset_the_session(pooler: Pooler) -> None:
     """No RESET ALL / UNLISTEN on release: PgBouncer sees no query for acquire+release cycles."""
 
-    async def queries_seen() -> int:
-        rows = await pooler.admin("SHOW STATS")
-        return int(next(r for r in rows if r["database"] == "app")["total_query_count"])
-
     async with Pool(pooler.dsn(), max_size=1, validate_after=None, telemetry=False) as pool:
         await pool.fetchval("SELECT 1")
-        before = await queries_seen()
+        before = await pooler.total_queries()
         for _ in range(50):
             async with pool.acquire():
                 pass
-        assert await queries_seen() == before
+        assert await pooler.total_queries() == before
 
     # Control: asyncpg.Pool's default reset does send queries, and the counter sees them.
     control = await asyncpg.create_pool(pooler.dsn(), min_size=1, max_size=1, statement_cache_size=0)
     try:
-        before = await queries_seen()
+        before = await pooler.total_queries()
         for _ in range(20):
             async with control.acquire():
                 pass
-        assert await queries_seen() - before >= 20
+        assert await pooler.total_queries() - before >= 20
     finally:
         await control.close()
 

@@ -6,7 +6,6 @@ import asyncio
 import random
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
 
 import asyncpool
@@ -168,11 +167,7 @@ async def test_connection_dropped_by_pooler_is_replaced_unseen(
 async def test_idle_connection_killed_on_server_is_replaced_unseen(postgres: PostgresServer) -> None:
     async with Pool(postgres.dsn(), max_size=1, validate_after=0.05, telemetry=False) as pool:
         pid = await pool.fetchval("SELECT pg_backend_pid()")
-        admin = await asyncpg.connect(postgres.admin_dsn)
-        try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-        finally:
-            await admin.close()
+        assert await postgres.terminate_backend(pid)
         await asyncio.sleep(0.1)
         new_pid = await pool.fetchval("SELECT pg_backend_pid()")
         assert new_pid != pid
@@ -182,24 +177,20 @@ async def test_idle_connection_killed_on_server_is_replaced_unseen(postgres: Pos
 async def test_recently_used_connection_is_not_validated(pooler: Pooler) -> None:
     """Within validate_after the checkout costs no round trip."""
 
-    async def queries_seen() -> int:
-        rows = await pooler.admin("SHOW STATS")
-        return int(next(r for r in rows if r["database"] == "app")["total_query_count"])
-
     async with Pool(pooler.dsn(), max_size=1, validate_after=30, telemetry=False) as pool:
         await pool.fetchval("SELECT 1")
-        before = await queries_seen()
+        before = await pooler.total_queries()
         for _ in range(20):
             async with pool.acquire():
                 pass
-        assert await queries_seen() == before
+        assert await pooler.total_queries() == before
     async with Pool(pooler.dsn(), max_size=1, validate_after=0, telemetry=False) as pool:
         await pool.fetchval("SELECT 1")
-        before = await queries_seen()
+        before = await pooler.total_queries()
         for _ in range(20):
             async with pool.acquire():
                 pass
-        assert await queries_seen() - before == 20
+        assert await pooler.total_queries() - before == 20
 
 
 async def test_connection_lost_mid_transaction_is_reported_and_slot_restored(
@@ -209,11 +200,7 @@ async def test_connection_lost_mid_transaction_is_reported_and_slot_restored(
         with pytest.raises(asyncpool.ConnectionLostError, match="lost while in use") as info:
             async with pool.transaction() as conn:
                 backend = await conn.fetchval("SELECT pg_backend_pid()")
-                admin = await asyncpg.connect(postgres.admin_dsn)
-                try:
-                    await admin.fetchval("SELECT pg_terminate_backend($1)", backend)
-                finally:
-                    await admin.close()
+                await postgres.terminate_backend(backend)
                 await asyncio.sleep(0.1)
                 await conn.fetchval("SELECT 1")
         assert "not committed" in str(info.value)

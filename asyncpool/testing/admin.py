@@ -40,6 +40,11 @@ class AdminConsole:
                 return row
         return dict.fromkeys(("cl_active", "cl_waiting", "maxwait", *_SERVER_STATES), 0)
 
+    async def total_queries(self, database: str = "app") -> int:
+        """Queries PgBouncer has forwarded for `database` so far (SHOW STATS, updated live)."""
+        rows = await self.admin("SHOW STATS")
+        return int(next(r for r in rows if r["database"] == database)["total_query_count"])
+
     async def server_connections(self, database: str = "app", user: str = "app") -> int:
         """How many server connections PgBouncer holds for `database`/`user` right now."""
         row = await self.pool_row(database, user)

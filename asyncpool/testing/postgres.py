@@ -186,6 +186,17 @@ class PostgresServer:
             input="CREATE DATABASE app OWNER app;\n",
         )
 
+    async def terminate_backend(self, pid: int) -> bool:
+        """Kill one backend (pg_terminate_backend), as an administrator or a failover would."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            killed: bool = await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await conn.close()
+        return killed
+
     def secret_of(self, role: Role) -> str:
         """The SCRAM verifier PgBouncer's auth_file needs for `role` (read from pg_authid)."""
         import asyncpg
