@@ -10,6 +10,7 @@ import pytest
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
 from asyncpool.testing.external import ExternalPgBouncer, external_poolers
 from asyncpool.testing.leftovers import leftover_servers
+from asyncpool.testing.tls import TestPki, make_test_pki
 
 # Small server pools so a test can saturate them; PostgreSQL's max_connections (60) stays above
 # what both PgBouncers together may open (2 x 10), leaving room for direct connections.
@@ -65,6 +66,28 @@ def legacy(stack: ServerStack) -> PgBouncerServer:
 @pytest.fixture
 def current(stack: ServerStack) -> PgBouncerServer:
     return stack.current
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[TestPki]:
+    """A test CA and a server certificate issued for "localhost" only, so dialling 127.0.0.1 is
+    the wrong-host-name case."""
+    made = make_test_pki(dns_names=("localhost",), ip_addresses=())
+    yield made
+    made.remove()
+
+
+@pytest.fixture(scope="module")
+def tls_postgres(pki: TestPki) -> Iterator[PostgresServer]:
+    """A PostgreSQL of the module's own that accepts TLS connections only."""
+    server = PostgresServer(
+        max_connections=20,
+        settings=pki.postgres_settings(),
+        hba_lines=["hostnossl all all 127.0.0.1/32 reject"],
+    )
+    server.start()
+    yield server
+    server.stop()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

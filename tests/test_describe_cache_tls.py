@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from asyncpool import Pool, StaleStatementError
 from asyncpool.testing import PostgresServer
-from asyncpool.testing.tls import TestPki, make_test_pki
-
-
-@pytest.fixture(scope="module")
-def pki() -> Iterator[TestPki]:
-    made = make_test_pki(dns_names=("localhost",), ip_addresses=())
-    yield made
-    made.remove()
-
-
-@pytest.fixture(scope="module")
-def tls_postgres(pki: TestPki) -> Iterator[PostgresServer]:
-    server = PostgresServer(max_connections=10, settings=pki.postgres_settings(),
-                            hba_lines=["hostnossl all all 127.0.0.1/32 reject"])
-    server.start()
-    yield server
-    server.stop()
+from asyncpool.testing.tls import TestPki
 
 
 async def test_reuse_and_stale_detection_over_tls(tls_postgres: PostgresServer,

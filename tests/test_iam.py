@@ -33,7 +33,7 @@ from asyncpool.testing.aws import (
     aws_environment,
 )
 from asyncpool.testing.sync import run_sync
-from asyncpool.testing.tls import TestPki, make_test_pki
+from asyncpool.testing.tls import TestPki
 
 PROXY_HOST = "orders.proxy-c0ffee123456.us-east-1.rds.amazonaws.com"
 
@@ -260,13 +260,6 @@ def test_tls_from_the_dsn_satisfies_iam(dsn_mode: str) -> None:
 # is let in by pg_hba `trust` over TLS only, standing in for that check; the token's validity is
 # proved above. What runs for real here: the pool, TLS verify-full, the token per connection, and
 # the refusal path against role `iam_denied`, whose password no token matches.
-
-
-@pytest.fixture(scope="module")
-def pki() -> Iterator[TestPki]:
-    made = make_test_pki(dns_names=("localhost",), ip_addresses=())
-    yield made
-    made.remove()
 
 
 @pytest.fixture(scope="module")

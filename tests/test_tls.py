@@ -3,7 +3,6 @@ verify-full, and the errors for the wrong CA, the wrong host name and a server w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,27 +10,7 @@ import pytest
 
 from asyncpool import ConnectError, Pool, PoolConfigError
 from asyncpool.testing import PostgresServer
-from asyncpool.testing.tls import TestPki, make_test_pki
-
-
-@pytest.fixture(scope="module")
-def pki() -> Iterator[TestPki]:
-    # Issued for "localhost" only: dialling 127.0.0.1 is the wrong-host-name case.
-    made = make_test_pki(dns_names=("localhost",), ip_addresses=())
-    yield made
-    made.remove()
-
-
-@pytest.fixture(scope="module")
-def tls_postgres(pki: TestPki) -> Iterator[PostgresServer]:
-    server = PostgresServer(
-        max_connections=20,
-        settings=pki.postgres_settings(),
-        hba_lines=["hostnossl all all 127.0.0.1/32 reject"],
-    )
-    server.start()
-    yield server
-    server.stop()
+from asyncpool.testing.tls import TestPki
 
 
 def _dsn(server: PostgresServer, host: str = "localhost", **params: str) -> str:
