@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -18,6 +19,9 @@ TEST_POOL_SIZE = 10
 TEST_MAX_CONNECTIONS = 60
 
 Pooler = PgBouncerServer | ExternalPgBouncer
+
+if TYPE_CHECKING:
+    from tests.lambda_env import Environment
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +70,18 @@ def legacy(stack: ServerStack) -> PgBouncerServer:
 @pytest.fixture
 def current(stack: ServerStack) -> PgBouncerServer:
     return stack.current
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Environment]:
+    """A simulated Lambda execution environment (its own runtime thread and loop), closed after."""
+    from tests.lambda_env import Environment
+
+    environment = Environment()
+    try:
+        yield environment
+    finally:
+        await environment.close()
 
 
 @pytest.fixture(scope="module")

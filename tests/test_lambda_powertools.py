@@ -32,15 +32,6 @@ class HandlerFailed(Exception):
 
 
 @pytest.fixture
-async def env() -> AsyncIterator[Environment]:
-    environment = Environment()
-    try:
-        yield environment
-    finally:
-        await environment.close()
-
-
-@pytest.fixture
 async def notes(postgres: PostgresServer) -> AsyncIterator[str]:
     async with scratch_table(postgres.dsn()) as name:
         yield name

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,15 +25,6 @@ from asyncpool.telemetry import TelemetryObserver
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
 from tests.lambda_env import Environment, app_clients, local_port
-
-
-@pytest.fixture
-async def env() -> AsyncIterator[Environment]:
-    environment = Environment()
-    try:
-        yield environment
-    finally:
-        await environment.close()
 
 
 async def test_asyncio_run_per_invocation_cannot_keep_a_pool(
