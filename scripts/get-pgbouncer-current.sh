@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Fetches a current PgBouncer (>= 1.21, prepared-statement support) from Debian trixie's packages and
 # unpacks it, with the runtime libraries and dynamic loader it was built against, into a private
-# folder. Nothing is installed system-wide. Prints the path of the launcher script on success.
+# folder (/var/cache/asyncpool as root, .cache/ in the repo otherwise). Nothing is installed
+# system-wide. Prints the path of the launcher script on success.
 # Cached: a second run with the launcher already present does nothing.
 set -euo pipefail
 root_dir=$(cd "$(dirname "$0")/.." && pwd)
-dest=${ASYNCPOOL_PGBOUNCER_CACHE:-$root_dir/.cache/pgbouncer-trixie}
+# As root the servers run as the `postgres` user, which must be able to reach the binary: a clone
+# may sit in a directory only root can enter (mktemp -d), so root keeps it in /var/cache.
+if [ "$(id -u)" -eq 0 ]; then default_dest=/var/cache/asyncpool/pgbouncer-trixie
+else default_dest=$root_dir/.cache/pgbouncer-trixie; fi
+dest=${ASYNCPOOL_PGBOUNCER_CACHE:-$default_dest}
 launcher=$dest/pgbouncer
 if [ -x "$launcher" ] && "$launcher" --version >/dev/null 2>&1; then
   echo "$launcher"; exit 0
 fi
 mkdir -p "$dest"
+# The unprivileged server user must be able to reach and run it whatever the umask.
+chmod a+rx "$(dirname "$dest")"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 lists=$dest/lists
@@ -34,5 +41,6 @@ r="$dest/root"
 exec "\$r/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "\$r/usr/lib/x86_64-linux-gnu" "\$r/usr/sbin/pgbouncer" "\$@"
 LAUNCH
 chmod +x "$launcher"
+chmod -R a+rX "$dest"
 "$launcher" --version >&2
 echo "$launcher"

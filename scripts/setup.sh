@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for asyncpool: PostgreSQL and PgBouncer binaries (apt), a current
-# PgBouncer (>= 1.21, unpacked from Debian trixie into .cache/), and the Python venv in .venv
+# PgBouncer (>= 1.21, unpacked from Debian trixie; see get-pgbouncer-current.sh), and the Python venv in .venv
 # with every extra. Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -69,11 +69,25 @@ def system_pgbouncer() -> PgBouncerBinary:
     return PgBouncerBinary(command, _version_of(command))
 
 
+def current_pgbouncer_cache() -> Path:
+    """Where scripts/get-pgbouncer-current.sh keeps the current PgBouncer (same rule as the script).
+
+    As root the servers run as `postgres`, which may not be able to enter the clone's directory,
+    so root's copy lives in /var/cache/asyncpool.
+    """
+    override = os.environ.get("ASYNCPOOL_PGBOUNCER_CACHE")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/var/cache/asyncpool/pgbouncer-trixie")
+    return REPO_ROOT / ".cache" / "pgbouncer-trixie"
+
+
 def current_pgbouncer() -> PgBouncerBinary:
-    """A PgBouncer >= 1.21, fetched once by scripts/get-pgbouncer-current.sh and cached in .cache/."""
+    """A PgBouncer >= 1.21, fetched once by scripts/get-pgbouncer-current.sh and cached."""
     path = os.environ.get("ASYNCPOOL_PGBOUNCER_CURRENT")
     if not path:
-        cached = REPO_ROOT / ".cache" / "pgbouncer-trixie" / "pgbouncer"
+        cached = current_pgbouncer_cache() / "pgbouncer"
         if cached.exists():
             path = str(cached)
         elif CURRENT_PGBOUNCER_SCRIPT.exists():
