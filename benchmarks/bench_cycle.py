@@ -8,7 +8,9 @@ best and median microseconds per cycle, then the ratios the README quotes:
 
 - asyncpool with leak tracking on vs off (target: at most 2 µs apart);
 - asyncpool vs psycopg_pool (target: no slower);
-- asyncpool vs asyncpg.Pool, with its default reset on release and with a no-op ``reset=``.
+- asyncpool vs asyncpg.Pool, with its default reset on release and with a no-op ``reset=``;
+- asyncpool reporting to an exporting OpenTelemetry SDK, wait/use times recorded through the SDK
+  or aggregated in the pool (`export_checkout_times`), against telemetry off.
 
 Without --dsn a throwaway PostgreSQL is started on 127.0.0.1.
 """
@@ -81,11 +83,30 @@ async def psycopg_pool(dsn: str) -> AsyncIterator[Cycle]:
         await pool.close()
 
 
+@asynccontextmanager
+async def asyncpool_sdk(dsn: str, *, aggregated: bool) -> AsyncIterator[Cycle]:
+    """asyncpool reporting to an OpenTelemetry SDK that exports (encodes) every 10 s."""
+    from asyncpool.load.otel import exporting_meter_provider
+    from asyncpool.telemetry import CheckoutTimes, TelemetryObserver
+
+    times = CheckoutTimes() if aggregated else None
+    provider = exporting_meter_provider(times)
+    observer = TelemetryObserver(meter_provider=provider, checkout_times=times or True)
+    try:
+        async with asyncpool_pool(dsn, telemetry=False, observers=[observer]) as cycle:
+            yield cycle
+    finally:
+        provider.shutdown()
+
+
 CONTENDERS: dict[str, Contender] = {
     "asyncpool, leak tracking on": lambda dsn: asyncpool_pool(dsn, telemetry=False),
     "asyncpool, leak tracking off": lambda dsn: asyncpool_pool(dsn, telemetry=False,
                                                                leak_timeout=None),
     "asyncpool, defaults (telemetry on, no SDK)": asyncpool_pool,
+    "asyncpool, SDK exporting": lambda dsn: asyncpool_sdk(dsn, aggregated=False),
+    "asyncpool, SDK exporting, checkout times aggregated":
+        lambda dsn: asyncpool_sdk(dsn, aggregated=True),
     "asyncpg.Pool, default reset": lambda dsn: asyncpg_pool(dsn, noop_reset=False),
     "asyncpg.Pool, no-op reset=": lambda dsn: asyncpg_pool(dsn, noop_reset=True),
     "psycopg_pool": psycopg_pool,
@@ -131,6 +152,8 @@ def report(samples: dict[str, list[float]]) -> None:
     ours = median["asyncpool, leak tracking on"]
     print()
     print(f"leak tracking cost: {on - off:+.2f} µs per cycle (target <= 2 µs)")
+    for sdk in ("asyncpool, SDK exporting", "asyncpool, SDK exporting, checkout times aggregated"):
+        print(f"{sdk}: {median[sdk] - ours:+.2f} µs per cycle over telemetry off")
     for other in ("psycopg_pool", "asyncpg.Pool, no-op reset=", "asyncpg.Pool, default reset"):
         print(f"asyncpool / {other}: {ours / median[other]:.2f}x the time per cycle"
               + (" (target <= 1.00x)" if other == "psycopg_pool" else ""))

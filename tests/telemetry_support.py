@@ -11,10 +11,14 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
     HistogramDataPoint,
     InMemoryMetricReader,
     Metric,
+    MetricExporter,
+    MetricExportResult,
     MetricReader,
+    MetricsData,
     NumberDataPoint,
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -54,6 +58,39 @@ class Collected:
         point = self.point(name, **attributes)
         assert isinstance(point, HistogramDataPoint)
         return point
+
+
+def metrics_named(data: MetricsData, name: str) -> list[Metric]:
+    """Every metric called `name` in one export (a name twice would be a duplicate series)."""
+    return [
+        metric
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+    ]
+
+
+class CapturingExporter(MetricExporter):
+    """Keeps every batch it is given; `temporality` for every instrument kind when set."""
+
+    def __init__(self, temporality: AggregationTemporality | None = None) -> None:
+        from opentelemetry.sdk.metrics import Histogram
+
+        super().__init__(preferred_temporality={Histogram: temporality} if temporality else None)
+        self.batches: list[MetricsData] = []
+        self.shut_down = False
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
+               **kwargs: Any) -> MetricExportResult:
+        self.batches.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.shut_down = True
 
 
 def _includes(have: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> bool:

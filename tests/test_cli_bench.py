@@ -110,7 +110,7 @@ def test_every_driver_and_mode_gets_through_pgbouncer_1_18(legacy: PgBouncerServ
         pytest.skip("this build has no describe-cache mode")
     result = _bench(*_target(legacy), "--clients", "16", "--processes", "1", "--duration", "1",
                     "--driver", "asyncpool,asyncpg-pool,psycopg-pool",
-                    "--prepared-statements", "off,describe-cache", "--telemetry", "off,sdk",
+                    "--prepared-statements", "off,describe-cache", "--telemetry", "off,sdk,sdk-aggregated",
                     "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
@@ -118,7 +118,9 @@ def test_every_driver_and_mode_gets_through_pgbouncer_1_18(legacy: PgBouncerServ
     cases = [(r["driver"], r["prepared_statements"], r["telemetry"]) for r in doc["runs"]]
     assert cases == [
         ("asyncpool", "off", "off"), ("asyncpool", "off", "sdk"),
+        ("asyncpool", "off", "sdk-aggregated"),
         ("asyncpool", "describe-cache", "off"), ("asyncpool", "describe-cache", "sdk"),
+        ("asyncpool", "describe-cache", "sdk-aggregated"),
         ("asyncpg-pool", "off", "off"), ("psycopg-pool", "off", "off"),
     ]
     for run in doc["runs"]:

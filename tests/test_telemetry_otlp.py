@@ -4,6 +4,7 @@ metrics and spans arrive as OTLP, with their semantic-convention names."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -80,6 +81,7 @@ def test_otlp_example_exports_pool_metrics_and_spans(pooler: Pooler, receiver: R
 
     metric_names: set[str] = set()
     pools: set[str] = set()
+    wait_counts: list[int] = []
     for body in receiver.bodies.get("/v1/metrics", []):
         request = ExportMetricsServiceRequest.FromString(body)
         for resource in request.resource_metrics:
@@ -88,6 +90,8 @@ def test_otlp_example_exports_pool_metrics_and_spans(pooler: Pooler, receiver: R
                     continue
                 for metric in scope.metrics:
                     metric_names.add(metric.name)
+                    if metric.name == "db.client.connection.wait_time":
+                        wait_counts.append(sum(p.count for p in metric.histogram.data_points))
                     for point in (*metric.sum.data_points, *metric.histogram.data_points):
                         for attribute in point.attributes:
                             if attribute.key == "db.client.connection.pool.name":
@@ -98,6 +102,11 @@ def test_otlp_example_exports_pool_metrics_and_spans(pooler: Pooler, receiver: R
         "db.client.connection.wait_time", "db.client.connection.use_time",
     } <= metric_names
     assert pools == {"orders"}
+    # The example aggregates checkout times in the pool (export_checkout_times); the flush while
+    # the pool is open exports every checkout it made (cumulative, the OTLP default).
+    checkouts = int(re.search(r"acquired_total=(\d+)", done.stdout).group(1))  # type: ignore[union-attr]
+    assert checkouts >= 10
+    assert max(wait_counts) == checkouts
 
     span_names: set[str] = set()
     for body in receiver.bodies.get("/v1/traces", []):

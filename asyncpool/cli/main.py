@@ -11,7 +11,7 @@ from asyncpool import __version__
 
 _PREPARED = ("off", "on", "describe-cache")
 _DRIVERS = ("asyncpool", "asyncpg", "asyncpg-pool", "psycopg-pool")
-_TELEMETRY = ("off", "api", "sdk")
+_TELEMETRY = ("off", "api", "sdk", "sdk-aggregated")
 
 
 def _positive_int(text: str) -> int:
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated modes (default: on for a local PgBouncer >= 1.21, "
                        "else off)")
     bench.add_argument("--telemetry", type=_choice_list(_TELEMETRY), default=["off"],
-                       help="asyncpool telemetry: off, api (no SDK), sdk (installed, exporting)")
+                       help="asyncpool telemetry: off, api (no SDK), sdk (installed, exporting), "
+                       "sdk-aggregated (sdk, checkout times aggregated in the pool)")
     bench.add_argument("--query", default=None,
                        help="SQL run by every instance; each $n gets an integer "
                        "(default SELECT $1::int + 1)")

@@ -12,8 +12,10 @@ from asyncpool.dsn import redact
 Driver = Literal["asyncpool", "asyncpg", "asyncpg-pool", "psycopg-pool"]
 DRIVERS: tuple[Driver, ...] = get_args(Driver)
 #: off: pools built with telemetry=False; api: telemetry=True with no SDK installed (the
-#: OpenTelemetry API's no-op providers); sdk: telemetry=True with the SDK installed and exporting.
-Telemetry = Literal["off", "api", "sdk"]
+#: OpenTelemetry API's no-op providers); sdk: telemetry=True with the SDK installed and exporting;
+#: sdk-aggregated: the same, its exporter wrapped with export_checkout_times() so pools aggregate
+#: wait_time and use_time themselves.
+Telemetry = Literal["off", "api", "sdk", "sdk-aggregated"]
 TELEMETRY_MODES: tuple[Telemetry, ...] = get_args(Telemetry)
 PREPARED_MODES: tuple[PreparedStatements, ...] = get_args(PreparedStatements)
 
@@ -85,7 +87,9 @@ class LoadSpec:
         if self.prepared_statements == "describe-cache" and self.driver != "asyncpool":
             raise LoadSpecError("prepared_statements='describe-cache' is an asyncpool mode")
         if self.telemetry not in TELEMETRY_MODES:
-            raise LoadSpecError(f"telemetry={self.telemetry!r}: choose off, api or sdk")
+            raise LoadSpecError(
+                f"telemetry={self.telemetry!r}: choose one of " + ", ".join(TELEMETRY_MODES)
+            )
         if self.telemetry != "off" and self.driver != "asyncpool":
             raise LoadSpecError("telemetry applies to the asyncpool driver only")
         if self.leaks and self.driver != "asyncpool":

@@ -102,10 +102,10 @@ def worker_main(spec: LoadSpec, process: int, start: Any, outbox: Any) -> None:
     logging.getLogger("asyncpool").addHandler(logging.NullHandler())
     logging.getLogger("asyncpool").propagate = False
     try:
-        if spec.telemetry == "sdk":
+        if spec.telemetry in ("sdk", "sdk-aggregated"):
             from asyncpool.load.otel import install_sdk
 
-            install_sdk()
+            install_sdk(aggregate_checkout_times=spec.telemetry == "sdk-aggregated")
         report = asyncio.run(_run(spec, process, start, outbox))
     except BaseException:
         outbox.put(("failed", process, traceback.format_exc()))

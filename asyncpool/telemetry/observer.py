@@ -12,12 +12,13 @@ from asyncpool.errors import PoolError
 from asyncpool.observer import ConnectAttempt, LeakReport, PoolObserver
 from asyncpool.stats import PoolStats
 from asyncpool.telemetry import semconv as sc
+from asyncpool.telemetry.checkout_times import CHECKOUT_TIMES, CheckoutTimes, PoolCheckoutTimes
 from asyncpool.telemetry.logs import add_trace_ids_to_logs
 from asyncpool.telemetry.metrics import Attributes, instruments_for
 from asyncpool.telemetry.spans import PoolSpans, error_type
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.metrics import Histogram, MeterProvider
     from opentelemetry.trace import TracerProvider
 
     from asyncpool.config import PoolConfig
@@ -33,9 +34,14 @@ class TelemetryObserver(PoolObserver):
 
         Pool(dsn, telemetry=False, observers=[TelemetryObserver(meter_provider=mp, tracer_provider=tp)])
 
-    `checkout_times=False` skips `db.client.connection.wait_time` and `.use_time`, the only
-    metrics recorded on every checkout: with the Python SDK each record costs a few microseconds,
-    which a pool doing thousands of checkouts a second on one core can notice (docs/telemetry.md).
+    `checkout_times` decides how `db.client.connection.wait_time` and `.use_time`, the only
+    metrics recorded on every checkout, are recorded:
+
+    - ``True`` (default): through the OpenTelemetry API, about 6 µs per record with the Python
+      SDK; or, for an observer on the global meter provider, aggregated in the pool once an
+      exporter has been wrapped with `export_checkout_times()` (docs/telemetry.md);
+    - a `CheckoutTimes`: aggregated in the pool, exported by the exporters wrapped with it;
+    - ``False``: not recorded.
 
     One observer watches one pool.
     """
@@ -46,7 +52,7 @@ class TelemetryObserver(PoolObserver):
         *,
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
-        checkout_times: bool = True,
+        checkout_times: bool | CheckoutTimes = True,
     ) -> None:
         from asyncpool import __version__
 
@@ -62,13 +68,12 @@ class TelemetryObserver(PoolObserver):
         self._attributes: Attributes = {}
         self._reclaimed: Attributes = {}
         self._logged: Attributes = {}
-        i = self._instruments
-        self._record_wait: Callable[[float, Attributes], None] = (
-            i.wait_time.record if checkout_times else _ignore
-        )
-        self._record_use: Callable[[float, Attributes], None] = (
-            i.use_time.record if checkout_times else _ignore
-        )
+        self._checkout_times = checkout_times
+        self._global_provider = meter_provider is None
+        # The registry and recorder this pool aggregates its checkout times in, if it does.
+        self._aggregated: tuple[CheckoutTimes, PoolCheckoutTimes] | None = None
+        self._record_wait: Callable[[float], None] = _ignore
+        self._record_use: Callable[[float], None] = _ignore
 
     def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
         if self._attached:
@@ -82,16 +87,32 @@ class TelemetryObserver(PoolObserver):
         self._reclaimed = {**self._attributes, sc.LEAK_ACTION: "reclaim"}
         self._logged = {**self._attributes, sc.LEAK_ACTION: "log"}
         self._spans = PoolSpans(self._tracer, pool_name, self._credentials_name)
+        self._choose_checkout_recording(pool_name)
         add_trace_ids_to_logs()
+
+    def _choose_checkout_recording(self, pool_name: str) -> None:
+        times = self._checkout_times
+        if times is True and self._global_provider and CHECKOUT_TIMES.exporting:
+            times = CHECKOUT_TIMES
+        if isinstance(times, CheckoutTimes):
+            recorder = times.recorder(pool_name)
+            self._aggregated = (times, recorder)
+            self._record_wait, self._record_use = recorder.wait, recorder.use
+        elif times:
+            self._record_wait = _recording(self._instruments.wait_time, self._attributes)
+            self._record_use = _recording(self._instruments.use_time, self._attributes)
 
     def detach(self) -> None:
         self._instruments.unwatch(self)
+        if self._aggregated is not None:
+            times, recorder = self._aggregated
+            times.forget(recorder)
 
     def acquired(self, wait_seconds: float) -> None:
-        self._record_wait(wait_seconds, self._attributes)
+        self._record_wait(wait_seconds)
 
     def released(self, use_seconds: float) -> None:
-        self._record_use(use_seconds, self._attributes)
+        self._record_use(use_seconds)
 
     def connect_attempted(self, attempt: ConnectAttempt) -> None:
         if attempt.error is None:
@@ -113,5 +134,15 @@ class TelemetryObserver(PoolObserver):
         self._spans.leak(report, time.time_ns())
 
 
-def _ignore(value: float, attributes: Attributes) -> None:
+def _ignore(value: float) -> None:
     return None
+
+
+def _recording(histogram: Histogram, attributes: Attributes) -> Callable[[float], None]:
+    # A closure over the bound method: functools.partial with a keyword costs three times more.
+    record = histogram.record
+
+    def recorded(value: float) -> None:
+        record(value, attributes)
+
+    return recorded
