@@ -271,3 +271,26 @@ def test_pools_with_default_telemetry_aggregate_once_the_global_exporter_is_wrap
     assert "db.client.connection.wait_time [('defaults', 5)]" in lines
     assert "db.client.connection.use_time [('defaults', 5)]" in lines
 
+
+
+def test_two_wrapped_exporters_each_receive_every_checkout() -> None:
+    times = CheckoutTimes()
+    cumulative, delta = CapturingExporter(), CapturingExporter(AggregationTemporality.DELTA)
+    first = export_checkout_times(cumulative, times)
+    second = export_checkout_times(delta, times)
+    recorder = times.recorder("shared")
+    try:
+        for _ in range(4):
+            recorder.use(0.01)
+        first.export(MetricsData([]))  # drains the pool for both
+        recorder.use(0.01)
+        second.export(MetricsData([]))
+        first.export(MetricsData([]))
+        [delta_point] = histogram_points(delta.batches[-1], sc.USE_TIME.name)
+        [cumulative_point] = histogram_points(cumulative.batches[-1], sc.USE_TIME.name)
+        assert delta_point.count == 5
+        assert cumulative_point.count == 5
+        assert cumulative_point.start_time_unix_nano < cumulative_point.time_unix_nano
+    finally:
+        first.shutdown()
+        second.shutdown()
