@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import asyncpool
 from asyncpool import Pool, PoolConfig
 from asyncpool.dsn import Target
-from asyncpool.telemetry import TelemetryObserver
+from asyncpool.telemetry import CheckoutTimes, TelemetryObserver
 from asyncpool.testing import PostgresServer
 
 
@@ -101,7 +101,10 @@ def _includes(have: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> bool
 class Sdk:
     """A meter provider with an in-memory reader and a tracer provider with an in-memory exporter."""
 
-    def __init__(self, readers: Sequence[MetricReader] = ()) -> None:
+    def __init__(
+        self, readers: Sequence[MetricReader] = (), checkout_times: bool | CheckoutTimes = True
+    ) -> None:
+        self.checkout_times = checkout_times
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader, *readers])
         self.exporter = InMemorySpanExporter()
@@ -111,7 +114,8 @@ class Sdk:
 
     def observer(self, config: PoolConfig | None = None) -> TelemetryObserver:
         return TelemetryObserver(
-            config, meter_provider=self.meter_provider, tracer_provider=self.tracer_provider
+            config, meter_provider=self.meter_provider, tracer_provider=self.tracer_provider,
+            checkout_times=self.checkout_times,
         )
 
     def pool(self, dsn: str, **options: Any) -> Pool:

@@ -23,7 +23,12 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from asyncpool import Pool
-from asyncpool.telemetry import CheckoutTimes, TelemetryObserver, export_checkout_times
+from asyncpool.telemetry import (
+    CheckoutTimes,
+    TelemetryObserver,
+    export_checkout_times,
+    reader_with_checkout_times,
+)
 from asyncpool.telemetry import semconv as sc
 from asyncpool.testing import PostgresServer
 from tests.telemetry_support import CapturingExporter, metrics_named
@@ -294,3 +299,42 @@ def test_two_wrapped_exporters_each_receive_every_checkout() -> None:
     finally:
         first.shutdown()
         second.shutdown()
+
+
+async def test_a_prometheus_scrape_carries_the_pool_aggregated_checkout_times(
+    postgres: PostgresServer,
+) -> None:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    times = CheckoutTimes()
+    reader = reader_with_checkout_times(PrometheusMetricReader, registry=registry, times=times)
+    assert isinstance(reader, PrometheusMetricReader)
+    provider = MeterProvider(metric_readers=[reader])
+    observer = TelemetryObserver(meter_provider=provider, checkout_times=times)
+    try:
+        async with Pool(postgres.dsn(), name="scraped", min_size=1, telemetry=False,
+                        observers=[observer]) as pool:
+            for _ in range(7):
+                await pool.fetchval("SELECT 1")
+            first = generate_latest(registry).decode()
+            await pool.fetchval("SELECT 1")
+            second = generate_latest(registry).decode()
+    finally:
+        provider.shutdown()
+
+    def counts(text: str) -> dict[str, float]:
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name.endswith("_time_seconds_count")
+            and sample.labels.get("db_client_connection_pool_name") == "scraped"
+        }
+
+    wait, use = ("db_client_connection_wait_time_seconds_count",
+                 "db_client_connection_use_time_seconds_count")
+    assert counts(first)[wait] == counts(first)[use] == 7
+    assert counts(second)[wait] == 8  # cumulative across scrapes, as Prometheus expects

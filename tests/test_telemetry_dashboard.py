@@ -18,6 +18,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from asyncpool.telemetry import CheckoutTimes, reader_with_checkout_times
 from asyncpool.testing import PostgresServer
 from tests.telemetry_support import Sdk, every_instrument_reported
 
@@ -68,11 +69,19 @@ def dashboard() -> dict[str, Any]:
     return loaded
 
 
-@pytest.fixture
-async def scraped(postgres: PostgresServer) -> tuple[set[str], set[str], set[str]]:
-    """(sample names, label names, metric family names) scraped after every instrument reported."""
+@pytest.fixture(params=["through-sdk", "aggregated-in-pool"])
+async def scraped(
+    postgres: PostgresServer, request: pytest.FixtureRequest
+) -> tuple[set[str], set[str], set[str]]:
+    """(sample names, label names, metric family names) scraped after every instrument reported,
+    with the checkout times recorded through the SDK, and aggregated in the pool."""
     registry = CollectorRegistry()
-    sdk = Sdk(readers=[PrometheusMetricReader(registry=registry)])
+    if request.param == "through-sdk":
+        sdk = Sdk(readers=[PrometheusMetricReader(registry=registry)])
+    else:
+        times = CheckoutTimes()
+        reader = reader_with_checkout_times(PrometheusMetricReader, registry=registry, times=times)
+        sdk = Sdk(readers=[reader], checkout_times=times)
     try:
         async with every_instrument_reported(sdk, postgres, "dashboard"):
             text = generate_latest(registry).decode()

@@ -13,9 +13,13 @@ from asyncpool.telemetry.logs import TraceContextFilter
 from asyncpool.telemetry.observer import TelemetryObserver
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.metrics.export import MetricExporter
+    from typing import Any, TypeVar
+
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
 
     from asyncpool.telemetry.export import CheckoutTimesExporter
+
+    Reader = TypeVar("Reader", bound=MetricReader)
 
 __all__ = [
     "CHECKOUT_TIMES",
@@ -23,6 +27,7 @@ __all__ = [
     "TelemetryObserver",
     "TraceContextFilter",
     "export_checkout_times",
+    "reader_with_checkout_times",
 ]
 
 
@@ -37,3 +42,13 @@ def export_checkout_times(
     from asyncpool.telemetry.export import export_checkout_times as wrap
 
     return wrap(exporter, times)
+
+
+def reader_with_checkout_times(
+    reader_class: type[Reader], *args: Any, times: CheckoutTimes | None = None, **kwargs: Any
+) -> Reader:
+    """A pull reader (``PrometheusMetricReader``) whose collections carry the pool-aggregated
+    checkout times; see `asyncpool.telemetry.export.reader_with_checkout_times`."""
+    from asyncpool.telemetry.export import reader_with_checkout_times as make
+
+    return make(reader_class, *args, times=times, **kwargs)

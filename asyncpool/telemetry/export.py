@@ -7,7 +7,7 @@ on the API only, so this module is imported only by applications that use it.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
 from opentelemetry.sdk.metrics.export import (
@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics.export import (
     Metric,
     MetricExporter,
     MetricExportResult,
+    MetricReader,
     MetricsData,
     ResourceMetrics,
     ScopeMetrics,
@@ -48,6 +49,30 @@ def export_checkout_times(
     return CheckoutTimesExporter(exporter, CHECKOUT_TIMES if times is None else times)
 
 
+class _Collection:
+    """What a wrapped exporter or reader adds: its consumer's points, in its temporality."""
+
+    def __init__(self, times: CheckoutTimes, temporality: AggregationTemporality) -> None:
+        self.times = times
+        self.temporality = temporality
+        self.consumer = times.subscribe(temporality is AggregationTemporality.CUMULATIVE)
+        self.resource: Resource | None = None
+
+    def added_to(self, metrics_data: MetricsData) -> MetricsData:
+        if metrics_data.resource_metrics:
+            self.resource = metrics_data.resource_metrics[0].resource
+        points = self.times.collect(self.consumer)
+        return with_points(metrics_data, points, self.temporality, self.resource)
+
+    def close(self) -> MetricsData | None:
+        """Stop collecting; what came in since the last collection, if anything."""
+        points = self.times.collect(self.consumer, only_fresh=True)
+        self.times.unsubscribe(self.consumer)
+        if not points:
+            return None
+        return with_points(MetricsData([]), points, self.temporality, self.resource)
+
+
 class CheckoutTimesExporter(MetricExporter):
     """`exporter`, with asyncpool's pool-aggregated checkout times added to each batch."""
 
@@ -62,20 +87,15 @@ class CheckoutTimesExporter(MetricExporter):
             preferred_aggregation=getattr(exporter, "_preferred_aggregation", None),
         )
         self.exporter = exporter
-        self._times = times
-        self._temporality = preferred.get(HistogramInstrument, AggregationTemporality.CUMULATIVE)
-        self._consumer = times.subscribe(self._temporality is AggregationTemporality.CUMULATIVE)
-        self._resource: Resource | None = None
+        self._collection = _Collection(
+            times, preferred.get(HistogramInstrument, AggregationTemporality.CUMULATIVE)
+        )
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
-        if metrics_data.resource_metrics:
-            self._resource = metrics_data.resource_metrics[0].resource
-        points = self._times.collect(self._consumer)
         return self.exporter.export(
-            with_points(metrics_data, points, self._temporality, self._resource),
-            timeout_millis=timeout_millis, **kwargs,
+            self._collection.added_to(metrics_data), timeout_millis=timeout_millis, **kwargs
         )
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -84,14 +104,62 @@ class CheckoutTimesExporter(MetricExporter):
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         # The reader exports only when the SDK has data: the last times of pools closed since
         # the last export would otherwise be lost.
-        points = self._times.collect(self._consumer, only_fresh=True)
-        self._times.unsubscribe(self._consumer)
-        if points:
-            self.exporter.export(
-                with_points(MetricsData([]), points, self._temporality, self._resource),
-                timeout_millis=timeout_millis,
-            )
+        last = self._collection.close()
+        if last is not None:
+            self.exporter.export(last, timeout_millis=timeout_millis)
         self.exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+Reader = TypeVar("Reader", bound=MetricReader)
+_READER_CLASSES: dict[type[MetricReader], type[MetricReader]] = {}
+
+
+def reader_with_checkout_times(
+    reader_class: type[Reader], *args: Any, times: CheckoutTimes | None = None, **kwargs: Any
+) -> Reader:
+    """``reader_class(*args, **kwargs)``, its collections carrying the pool-aggregated checkout
+    times: for pull readers, which have no exporter to wrap::
+
+        reader = reader_with_checkout_times(PrometheusMetricReader)
+
+    Otherwise as `export_checkout_times`.
+    """
+    subclass = _READER_CLASSES.get(reader_class)
+    if subclass is None:
+        subclass = _READER_CLASSES[reader_class] = _collecting_subclass(reader_class)
+    reader = subclass(*args, **kwargs)
+    reader._collect_checkout_times(CHECKOUT_TIMES if times is None else times)  # type: ignore[attr-defined]
+    return cast("Reader", reader)
+
+
+def _collecting_subclass(reader_class: type[MetricReader]) -> type[MetricReader]:
+    # A subclass, because a reader hands what it collects to its own _receive_metrics, the hook
+    # the SDK gives reader implementations.
+    class WithCheckoutTimes(reader_class):  # type: ignore[valid-type, misc]
+        _asyncpool_checkout_times: _Collection
+
+        def _collect_checkout_times(self, times: CheckoutTimes) -> None:
+            temporality = self._instrument_class_temporality.get(
+                HistogramInstrument, AggregationTemporality.CUMULATIVE
+            )
+            self._asyncpool_checkout_times = _Collection(times, temporality)
+
+        def _receive_metrics(
+            self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+        ) -> None:
+            super()._receive_metrics(
+                self._asyncpool_checkout_times.added_to(metrics_data),
+                timeout_millis=timeout_millis, **kwargs,
+            )
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+            self._asyncpool_checkout_times.close()
+            super().shutdown(timeout_millis=timeout_millis, **kwargs)
+
+    WithCheckoutTimes.__name__ = WithCheckoutTimes.__qualname__ = (
+        f"{reader_class.__name__}WithCheckoutTimes"
+    )
+    return WithCheckoutTimes
 
 
 def with_points(
