@@ -14,7 +14,7 @@ from asyncpool.errors import (
     PoolClosedError,
     PoolError,
 )
-from asyncpool.lease import Lease, LeaseState
+from asyncpool.lease import CLOSED, LEAKED, Lease
 from asyncpool.proxy import PooledConnection
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class AcquireContext:
         lease = self._lease
         if lease is None:
             return
-        if lease.state is LeaseState.LEAKED:
+        if lease.state is LEAKED:
             _raise_leaked(self._pool.name, exc)
         # A cancelled task must end cancelled, even if its connection died meanwhile.
         lost = isinstance(exc, Exception) and lease.active and lease.record.conn.is_closed()
@@ -84,7 +84,7 @@ def _raise_leaked(pool_name: str, exc: BaseException | None) -> None:
 
 
 def _not_committed(pool: Pool, lease: Lease | None) -> PoolError:
-    if lease is not None and lease.state is LeaseState.CLOSED:
+    if lease is not None and lease.state is CLOSED:
         return PoolClosedError(
             f"pool {pool.name!r} was closed while this transaction was open: it was not committed"
         )

@@ -22,7 +22,7 @@ from asyncpool.errors import (
     PoolTimeoutError,
 )
 from asyncpool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
-from asyncpool.lease import Lease, LeaseState
+from asyncpool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
 from asyncpool.observer import LeakReport, ObserverGroup, PoolObserver
 from asyncpool.proxy import PooledConnection
 from asyncpool.record import ConnectionRecord
@@ -181,7 +181,7 @@ class Pool:
             except TimeoutError:
                 pass
         for record, lease in list(self._leases.items()):
-            lease.state = LeaseState.CLOSED
+            lease.state = CLOSED
             self._leaks.untrack(lease)
             del self._leases[record]
             self._terminate(record.conn)
@@ -205,7 +205,7 @@ class Pool:
         for rec in self._drain_idle("pool terminated"):
             rec.conn.terminate()
         for record, lease in list(self._leases.items()):
-            lease.state = LeaseState.CLOSED
+            lease.state = CLOSED
             record.conn.terminate()
         self._leases.clear()
         self._leaks.close()
@@ -510,11 +510,11 @@ class Pool:
         """Release without a coroutine when no round trip is needed. True means the connection
         must be reset first (a query still being cancelled, a transaction left open): the caller
         then awaits `_release_after_reset`."""
-        if lease.state is not LeaseState.ACTIVE:
+        if lease.state is not ACTIVE:
             return False
         record = lease.record
         now = self._require_loop().time()
-        lease.state = LeaseState.RELEASED
+        lease.state = RELEASED
         lease.forget_site()
         self._leaks.untrack(lease)
         self._leases.pop(record, None)
@@ -647,7 +647,7 @@ class Pool:
 
     def _on_leak(self, lease: Lease) -> None:
         """Called by the leak tracker when a lease outlives `leak_timeout`."""
-        if lease.state is not LeaseState.ACTIVE:
+        if lease.state is not ACTIVE:
             return
         loop = self._require_loop()
         held = loop.time() - lease.acquired_at
@@ -661,7 +661,7 @@ class Pool:
             lease.reported = True
             self._observer.leaked(report)
             return
-        lease.state = LeaseState.LEAKED
+        lease.state = LEAKED
         lease.forget_site()
         record = lease.record
         self._leases.pop(record, None)

@@ -5,10 +5,31 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
-from asyncpool.lease import Lease, LeaseState
+from asyncpool.lease import ACTIVE, CLOSED, LEAKED, Lease
 
 if TYPE_CHECKING:
     import asyncpg
+
+
+class _Forwarded:
+    """A connection method the proxy hands over without going through `__getattr__`.
+
+    `__getattr__` runs only after normal lookup has failed with an AttributeError, which costs
+    ~0.6 µs; the query methods, used on nearly every checkout, get this descriptor instead.
+    """
+
+    __slots__ = ("name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, proxy: PooledConnection | None, owner: type) -> Any:
+        if proxy is None:
+            return self
+        lease = proxy._lease
+        if lease.state is ACTIVE:
+            return getattr(lease.record.conn, self.name)
+        raise proxy._unusable()
 
 
 class PooledConnection:
@@ -20,24 +41,34 @@ class PooledConnection:
 
     __slots__ = ("_lease", "_pool_name")
 
+    execute = _Forwarded()
+    executemany = _Forwarded()
+    fetch = _Forwarded()
+    fetchval = _Forwarded()
+    fetchrow = _Forwarded()
+    fetchmany = _Forwarded()
+    prepare = _Forwarded()
+    transaction = _Forwarded()
+    cursor = _Forwarded()
+
     def __init__(self, lease: Lease, pool_name: str) -> None:
         self._lease = lease
         self._pool_name = pool_name
 
     def __getattr__(self, name: str) -> Any:
         lease = self._lease
-        if lease.state is LeaseState.ACTIVE:
+        if lease.state is ACTIVE:
             return getattr(lease.record.conn, name)
         raise self._unusable()
 
     def _unusable(self) -> PoolError:
         state = self._lease.state
-        if state is LeaseState.LEAKED:
+        if state is LEAKED:
             return ConnectionLeakedError(
                 f"pool {self._pool_name!r}: this connection was held past leak_timeout and "
                 "reclaimed; release connections promptly or raise leak_timeout"
             )
-        if state is LeaseState.CLOSED:
+        if state is CLOSED:
             return PoolClosedError(f"pool {self._pool_name!r} was closed while this connection was held")
         return PoolError(
             f"pool {self._pool_name!r}: this connection was released back to the pool; "
@@ -48,7 +79,7 @@ class PooledConnection:
     def raw(self) -> asyncpg.Connection:
         """The underlying asyncpg connection (valid only while held)."""
         lease = self._lease
-        if lease.state is LeaseState.ACTIVE:
+        if lease.state is ACTIVE:
             return lease.record.conn
         raise self._unusable()
 
