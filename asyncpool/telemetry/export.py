@@ -1,4 +1,5 @@
-"""An exporter wrapper that adds the pool-aggregated checkout times to every export.
+"""Hand the pool-aggregated checkout times to the SDK's output: an exporter wrapper for push
+exporters (OTLP), a reader subclass for pull readers (Prometheus).
 
 Needs opentelemetry-sdk, which the application that exports already has; asyncpool itself depends
 on the API only, so this module is imported only by applications that use it.
@@ -153,6 +154,7 @@ def _collecting_subclass(reader_class: type[MetricReader]) -> type[MetricReader]
             )
 
         def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+            # A pulled reader has nobody left to hand its last times to.
             self._asyncpool_checkout_times.close()
             super().shutdown(timeout_millis=timeout_millis, **kwargs)
 
