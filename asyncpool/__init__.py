@@ -23,7 +23,7 @@ from asyncpool.errors import (
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import Pool, create_pool
 from asyncpool.proxy import PooledConnection
-from asyncpool.stats import PoolStats
+from asyncpool.stats import PoolStats, StatementCacheStats
 
 if TYPE_CHECKING:
     from asyncpool.iam import IamAuth
@@ -51,6 +51,7 @@ __all__ = [
     "PoolerExhaustedError",
     "SecretsManagerAuth",
     "StaleStatementError",
+    "StatementCacheStats",
     "StaticPassword",
     "Target",
     "create_pool",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -14,6 +14,9 @@ from asyncpool.credentials import CredentialProvider, StaticPassword, auth_failu
 from asyncpool.dsn import Target, dsn_password, parse_target
 from asyncpool.observer import ConnectAttempt, PoolObserver
 from asyncpool.tls import require_tls, ssl_argument
+
+if TYPE_CHECKING:
+    from asyncpool.describe_cache import CacheTotals
 
 
 class Connector:
@@ -35,6 +38,8 @@ class Connector:
         )
         if self.credentials is not None and self.credentials.requires_tls:
             require_tls(config)
+        #: The describe-cache's counts over all connections (describe-cache mode only).
+        self.statement_cache: CacheTotals | None = None
         self._kwargs = self._driver_kwargs(kw)
 
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
@@ -47,9 +52,10 @@ class Connector:
             # describe-cache too: it keeps unnamed statements itself, never asyncpg's named ones.
             kw["statement_cache_size"] = 0
         if cfg.prepared_statements == "describe-cache":
-            from asyncpool.describe_cache import describe_cache_connection_class
+            from asyncpool.describe_cache import CacheTotals, describe_cache_connection_class
 
-            kw["connection_class"] = describe_cache_connection_class(cfg)
+            self.statement_cache = CacheTotals()
+            kw["connection_class"] = describe_cache_connection_class(cfg, self.statement_cache)
         ssl_arg = ssl_argument(cfg, self.target)
         if ssl_arg is not None:
             kw["ssl"] = ssl_arg

@@ -27,7 +27,7 @@ from asyncpool.observer import LeakReport, ObserverGroup, PoolObserver
 from asyncpool.proxy import PooledConnection
 from asyncpool.record import ConnectionRecord
 from asyncpool.retry import Backoff
-from asyncpool.stats import PoolStats
+from asyncpool.stats import PoolStats, StatementCacheStats
 
 logger = logging.getLogger("asyncpool.pool")
 
@@ -728,7 +728,12 @@ class Pool:
             validation_failures_total=self._validation_failures_total,
             acquired_total=self._acquired_total,
             connect_errors_total=self._connect_errors_total,
+            statement_cache=self._statement_cache_stats(),
         )
+
+    def _statement_cache_stats(self) -> StatementCacheStats | None:
+        totals = self._connector.statement_cache if self._connector is not None else None
+        return totals.snapshot() if totals is not None else None
 
     @property
     def closed(self) -> bool:

@@ -6,6 +6,16 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class StatementCacheStats:
+    """Totals of the describe-cache over every connection the pool has had, closed ones included."""
+
+    hits: int  #: executions that reused a cached description (one round trip)
+    misses: int  #: executions that had to describe their statement first
+    stale: int  #: cached descriptions the server's reply contradicted (after DDL)
+    evicted: int  #: descriptions dropped to stay within statement_cache_size
+
+
+@dataclass(frozen=True, slots=True)
 class PoolStats:
     """What `Pool.stats()` returns. Totals count since the pool was created."""
 
@@ -24,3 +34,5 @@ class PoolStats:
     validation_failures_total: int
     acquired_total: int
     connect_errors_total: int
+    #: prepared_statements="describe-cache" only; None in the other modes.
+    statement_cache: StatementCacheStats | None = None

@@ -171,12 +171,16 @@ async def every_instrument_reported(
     sdk: Sdk, postgres: PostgresServer, name: str
 ) -> AsyncIterator[Pool]:
     """An open pool after a workload that makes every instrument report: checkouts, a failed
-    login, a dead idle connection replaced at checkout, an acquire timeout and a reclaimed leak."""
+    login, a dead idle connection replaced at checkout, an acquire timeout, a reclaimed leak, and
+    describe-cache misses and hits."""
     pool = sdk.pool(
         postgres.dsn(), name=name, min_size=1, max_size=1, validate_after=0, leak_timeout=0.5,
         credentials=FirstPasswordWrong(postgres.app.password),
+        prepared_statements="describe-cache",
     )
     async with pool:
+        for i in range(3):
+            assert await pool.fetchval("SELECT $1::int", i) == i
         pid = await pool.fetchval("SELECT pg_backend_pid()")
         assert await postgres.terminate_backend(pid)
         await pool.fetchval("SELECT 1")  # the dead idle connection fails its check

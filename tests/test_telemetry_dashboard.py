@@ -130,7 +130,7 @@ def test_every_metric_the_pool_emits_is_charted(
     charted = set()
     for _, expr, _ in dashboard_queries(dashboard):
         charted.update(promql_references(expr)[0])
-    assert len(families) == 12
+    assert len(families) == 15
     for family in families:
         assert any(name.startswith(family) for name in charted), f"{family} is on no panel"
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
+import asyncpg
 import pytest
 from opentelemetry.sdk.metrics.export import Histogram, Sum
 from opentelemetry.semconv._incubating.metrics import db_metrics
@@ -17,7 +18,7 @@ from asyncpool import Pool, PoolStats, PoolTimeoutError
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.metrics import instruments_for
-from asyncpool.testing import PostgresServer
+from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.conftest import Pooler
 from tests.telemetry_support import Collected, Sdk, every_instrument_reported
 
@@ -50,6 +51,9 @@ EXPECTED = {
     "asyncpool.connection.leaks": ("counter", "{connection}"),
     "asyncpool.connection.validation_failures": ("counter", "{connection}"),
     "asyncpool.connection.create_errors": ("counter", "{error}"),
+    "asyncpool.statement_cache.lookups": ("counter", "{execution}"),
+    "asyncpool.statement_cache.stale": ("counter", "{statement}"),
+    "asyncpool.statement_cache.evictions": ("counter", "{statement}"),
 }
 
 
@@ -91,6 +95,12 @@ async def test_every_instrument_has_its_semantic_convention_name_kind_unit_and_a
     error = collected.point(sc.CREATE_ERRORS.name)
     assert error.attributes[sc.ERROR_TYPE] == "asyncpg.exceptions.InvalidPasswordError"
     assert collected.point(sc.LEAKS.name).attributes[sc.LEAK_ACTION] == "reclaim"
+    cache = stats.statement_cache
+    assert cache is not None
+    assert cache.hits >= 2
+    lookups = sc.CACHE_LOOKUPS.name
+    assert collected.value(lookups, asyncpool__statement_cache__result="hit") == cache.hits
+    assert collected.value(lookups, asyncpool__statement_cache__result="miss") == cache.misses
     for histogram in (sc.CREATE_TIME, sc.WAIT_TIME, sc.USE_TIME):
         assert collected.histogram(histogram.name).explicit_bounds == sc.TIME_BUCKETS
 
@@ -261,3 +271,50 @@ def test_a_pool_opened_before_the_sdk_is_installed_reports_through_it(
     assert "db.client.connection.count idle 1 None" in lines
     assert "db.client.connection.max - 10 None" in lines
     assert "db.client.connection.wait_time - None 1" in lines  # recorded after the SDK came
+
+
+async def test_describe_cache_counts_survive_retired_connections_and_match_stats(
+    legacy: PgBouncerServer, postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """Hits, misses, evictions and a stale description after DDL, through PgBouncer 1.18; the
+    connection the stale description retires takes none of its counts with it."""
+    table = "telemetry_stale"
+    async with sdk.pool(legacy.dsn(), name="cached", min_size=1, max_size=1,
+                        prepared_statements="describe-cache", statement_cache_size=2) as pool:
+        await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int, v int)")
+        for query in ("SELECT $1::int", "SELECT $1::int + 1", "SELECT $1::int + 2"):
+            for i in range(2):
+                await pool.fetchval(query, i)  # a miss, then a hit; the third evicts the first
+        await pool.fetch(f"SELECT * FROM {table} WHERE id = $1", 1)  # miss, evicts another
+        await pool.fetch(f"SELECT * FROM {table} WHERE id = $1", 1)  # hit
+        conn = await asyncpg.connect(postgres.dsn())
+        try:
+            await conn.execute(f"ALTER TABLE {table} ADD COLUMN extra int")
+        finally:
+            await conn.close()
+        with pytest.raises(asyncpool.StaleStatementError):
+            await pool.fetch(f"SELECT * FROM {table} WHERE id = $1", 1)
+        assert await pool.fetchval("SELECT $1::int", 5) == 5  # on a new connection: a miss
+        stats, collected = pool.stats(), sdk.collect()
+        await pool.execute(f"DROP TABLE {table}")
+
+    assert stats.closed_total == 1  # the connection that met the stale description
+    # execute() with no arguments takes asyncpg's simple-query path: no lookup.
+    assert stats.statement_cache == asyncpool.StatementCacheStats(hits=5, misses=5, stale=1,
+                                                                  evicted=2)
+    lookups = sc.CACHE_LOOKUPS.name
+    assert collected.value(lookups, asyncpool__statement_cache__result="hit") == 5
+    assert collected.value(lookups, asyncpool__statement_cache__result="miss") == 5
+    assert collected.value(sc.CACHE_STALE.name) == 1
+    assert collected.value(sc.CACHE_EVICTIONS.name) == 2
+
+
+async def test_pools_not_in_describe_cache_mode_report_no_cache_metrics(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    async with sdk.pool(postgres.dsn(), name="plain", min_size=1) as pool:
+        await pool.fetchval("SELECT $1::int", 1)
+        assert pool.stats().statement_cache is None
+        collected = sdk.collect()
+    for spec in (sc.CACHE_LOOKUPS, sc.CACHE_STALE, sc.CACHE_EVICTIONS):
+        assert spec.name not in collected.metrics

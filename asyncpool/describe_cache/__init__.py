@@ -13,18 +13,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from asyncpool.describe_cache.entries import DescribeCacheStats, invalidate_all
+from asyncpool.describe_cache.entries import CacheTotals, DescribeCacheStats, invalidate_all
 
 if TYPE_CHECKING:
     import asyncpg
 
     from asyncpool.config import PoolConfig
 
-__all__ = ["DescribeCacheStats", "describe_cache_connection_class", "invalidate_all"]
+__all__ = ["CacheTotals", "DescribeCacheStats", "describe_cache_connection_class", "invalidate_all"]
 
 
-def describe_cache_connection_class(config: PoolConfig) -> type[asyncpg.Connection]:
-    """The asyncpg ``connection_class`` for a pool in describe-cache mode.
+def describe_cache_connection_class(
+    config: PoolConfig, totals: CacheTotals
+) -> type[asyncpg.Connection]:
+    """The asyncpg ``connection_class`` for a pool in describe-cache mode; its connections count
+    their cache hits, misses, stale descriptions and evictions into `totals` too.
 
     Raises `PoolConfigError` if the installed asyncpg lacks what the mode builds on. A
     ``connection_class`` given in ``connect_kwargs`` is kept as a base class.
@@ -33,7 +36,7 @@ def describe_cache_connection_class(config: PoolConfig) -> type[asyncpg.Connecti
     from asyncpool.describe_cache.support import require_asyncpg_features
 
     require_asyncpg_features(config.name)
-    policy = Policy(config.name, config.statement_cache_size, config.statement_cache_ttl)
+    policy = Policy(config.name, config.statement_cache_size, config.statement_cache_ttl, totals)
     bases: tuple[type, ...] = (DescribeCacheConnection,)
     user_class = config.connect_kwargs.get("connection_class")
     if user_class is not None and not issubclass(DescribeCacheConnection, user_class):

@@ -10,7 +10,7 @@ import asyncpg
 from asyncpg import exceptions as pg_exceptions
 from asyncpg.protocol import protocol as asyncpg_protocol
 
-from asyncpool.describe_cache.entries import DescribeCacheStats, DescriptionCache, Key
+from asyncpool.describe_cache.entries import CacheTotals, DescribeCacheStats, DescriptionCache, Key
 from asyncpool.describe_cache.inspector import Check, ReplyInspector, Verdict
 from asyncpool.describe_cache.messages import Column
 from asyncpool.describe_cache.support import unsupported_transport_error
@@ -30,6 +30,7 @@ class Policy:
     pool_name: str
     max_size: int
     ttl: float | None
+    totals: CacheTotals
 
 
 class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -51,7 +52,9 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
             transport.abort()
             raise unsupported_transport_error(self._policy.pool_name, transport)
         self.retire_reason: str | None = None
-        self._describe_cache = DescriptionCache(self._policy.max_size, self._policy.ttl)
+        self._describe_cache = DescriptionCache(
+            self._policy.max_size, self._policy.ttl, self._policy.totals
+        )
         self._inspector = ReplyInspector(self._protocol, transport, self._on_verdict)
         transport.set_protocol(self._inspector)
         self._swap = ParseSwap(transport, self._inspector.expect)
@@ -128,7 +131,7 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
         if not _is_stale(check):
             return
         cache.clear()  # one changed table usually means several stale statements
-        cache.stale += 1
+        cache.count_stale()
         self.retire_reason = RETIRE_REASON
         logger.warning("pool %r: %s", self._policy.pool_name, _cause(check))
 

@@ -13,6 +13,7 @@ from asyncpool.describe_cache.messages import (
     parameter_description,
     typed_parse,
 )
+from asyncpool.stats import StatementCacheStats
 
 #: (query text, record class, ignore_custom_codec): what asyncpg keys its own statement cache on.
 Key = tuple[str, type, bool]
@@ -65,14 +66,33 @@ class DescribeCacheStats:
     evicted: int
 
 
+class CacheTotals:
+    """One pool's counts over all its connections' caches, kept as they happen so closing a
+    connection loses none of them."""
+
+    __slots__ = ("evicted", "hits", "misses", "stale")
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.stale = self.evicted = 0
+
+    def snapshot(self) -> StatementCacheStats:
+        return StatementCacheStats(self.hits, self.misses, self.stale, self.evicted)
+
+
 class DescriptionCache:
-    """Least-recently-used descriptions, at most `max_size`, each kept at most `ttl` seconds."""
+    """Least-recently-used descriptions, at most `max_size`, each kept at most `ttl` seconds.
 
-    __slots__ = ("_entries", "_generation", "evicted", "hits", "max_size", "misses", "stale", "ttl")
+    Counts go to the connection's own counters and to its pool's `totals`.
+    """
 
-    def __init__(self, max_size: int, ttl: float | None) -> None:
+    __slots__ = (
+        "_entries", "_generation", "evicted", "hits", "max_size", "misses", "stale", "totals", "ttl",
+    )
+
+    def __init__(self, max_size: int, ttl: float | None, totals: CacheTotals) -> None:
         self.max_size = max_size
         self.ttl = ttl
+        self.totals = totals
         self._entries: OrderedDict[Key, Description] = OrderedDict()
         self._generation = Generation.value
         self.hits = self.misses = self.stale = self.evicted = 0
@@ -87,9 +107,11 @@ class DescriptionCache:
             entry = None
         if entry is None:
             self.misses += 1
+            self.totals.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
+        self.totals.hits += 1
         return entry
 
     def generation(self) -> int:
@@ -105,6 +127,11 @@ class DescriptionCache:
         while len(self._entries) > self.max_size:
             self._entries.popitem(last=False)
             self.evicted += 1
+            self.totals.evicted += 1
+
+    def count_stale(self) -> None:
+        self.stale += 1
+        self.totals.stale += 1
 
     def discard(self, key: Key) -> None:
         self._entries.pop(key, None)

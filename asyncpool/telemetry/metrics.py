@@ -24,7 +24,7 @@ from opentelemetry.metrics import (
     Observation,
 )
 
-from asyncpool.stats import PoolStats
+from asyncpool.stats import PoolStats, StatementCacheStats
 from asyncpool.telemetry import semconv as sc
 
 Attributes = Mapping[str, str]
@@ -36,6 +36,8 @@ class _Watched:
     attributes: Attributes
     idle: Attributes
     used: Attributes
+    hit: Attributes
+    miss: Attributes
 
 
 class PoolInstruments:
@@ -61,6 +63,14 @@ class PoolInstruments:
             meter.create_observable_up_down_counter(
                 spec.name, [callback], unit=spec.unit, description=spec.description
             )
+        for spec, callback in (
+            (sc.CACHE_LOOKUPS, self._observe_cache_lookups),
+            (sc.CACHE_STALE, self._observe_cache(lambda c: c.stale)),
+            (sc.CACHE_EVICTIONS, self._observe_cache(lambda c: c.evicted)),
+        ):
+            meter.create_observable_counter(
+                spec.name, [callback], unit=spec.unit, description=spec.description
+            )
 
     def watch(self, key: object, pool_name: str, stats: Callable[[], PoolStats]) -> Attributes:
         """Report the sizes of the pool `stats` reads; returns the attributes its records use."""
@@ -70,6 +80,8 @@ class PoolInstruments:
             attributes,
             {sc.POOL_NAME: pool_name, sc.STATE: sc.STATE_IDLE},
             {sc.POOL_NAME: pool_name, sc.STATE: sc.STATE_USED},
+            {sc.POOL_NAME: pool_name, sc.CACHE_RESULT: "hit"},
+            {sc.POOL_NAME: pool_name, sc.CACHE_RESULT: "miss"},
         )
         return attributes
 
@@ -98,6 +110,27 @@ class PoolInstruments:
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             return [Observation(value(stats), w.attributes) for w, stats in self._snapshots()]
+
+        return callback
+
+    # Only pools in describe-cache mode report these (stats().statement_cache is None otherwise).
+
+    def _observe_cache_lookups(self, options: CallbackOptions) -> Iterable[Observation]:
+        observations = []
+        for watched, stats in self._snapshots():
+            if stats.statement_cache is not None:
+                observations.append(Observation(stats.statement_cache.hits, watched.hit))
+                observations.append(Observation(stats.statement_cache.misses, watched.miss))
+        return observations
+
+    def _observe_cache(
+        self, value: Callable[[StatementCacheStats], int]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(value(stats.statement_cache), w.attributes)
+                for w, stats in self._snapshots() if stats.statement_cache is not None
+            ]
 
         return callback
 

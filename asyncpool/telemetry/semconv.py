@@ -40,6 +40,7 @@ CREDENTIALS_PROVIDER = "asyncpool.credentials.provider"
 LEAK_ACTION = "asyncpool.leak.action"  # "reclaim" or "log", as `leak_action`
 LEAK_HELD_SECONDS = "asyncpool.leak.held_seconds"
 LEAK_TASK = "asyncpool.leak.task"
+CACHE_RESULT = "asyncpool.statement_cache.result"  # "hit" or "miss"
 
 # -- spans -----------------------------------------------------------------------------------------
 CONNECT_SPAN = "connect"  # named "connect <db.namespace>", after "{operation} {target}"
@@ -99,9 +100,29 @@ CREATE_ERRORS = MetricSpec(
     "Connection attempts that failed (attribute error.type: the driver's exception class).",
 )
 
+# describe-cache only (prepared_statements="describe-cache"): read from stats() at collection.
+CACHE_LOOKUPS = MetricSpec(
+    "asyncpool.statement_cache.lookups", "counter", "{execution}",
+    "Executions that looked their statement up in the describe-cache (attribute "
+    "asyncpool.statement_cache.result: hit, one round trip; miss, described first).",
+    recorded=False,
+)
+CACHE_STALE = MetricSpec(
+    "asyncpool.statement_cache.stale", "counter", "{statement}",
+    "Cached descriptions the server's reply contradicted (a schema change): each raised "
+    "StaleStatementError and retired its connection.",
+    recorded=False,
+)
+CACHE_EVICTIONS = MetricSpec(
+    "asyncpool.statement_cache.evictions", "counter", "{statement}",
+    "Descriptions dropped to stay within statement_cache_size.",
+    recorded=False,
+)
+
 ALL_METRICS: tuple[MetricSpec, ...] = (
     CONNECTION_COUNT, CONNECTION_MAX, CONNECTION_IDLE_MAX, CONNECTION_IDLE_MIN, PENDING_REQUESTS,
     TIMEOUTS, CREATE_TIME, WAIT_TIME, USE_TIME, LEAKS, VALIDATION_FAILURES, CREATE_ERRORS,
+    CACHE_LOOKUPS, CACHE_STALE, CACHE_EVICTIONS,
 )
 
 # Seconds. A checkout from the idle list takes microseconds, a login milliseconds, a queue behind a
