@@ -26,10 +26,7 @@ class _Forwarded:
     def __get__(self, proxy: PooledConnection | None, owner: type) -> Any:
         if proxy is None:
             return self
-        lease = proxy._lease
-        if lease.state is ACTIVE:
-            return getattr(lease.record.conn, self.name)
-        raise proxy._unusable()
+        return getattr(proxy.raw, self.name)
 
 
 class PooledConnection:
@@ -56,10 +53,7 @@ class PooledConnection:
         self._pool_name = pool_name
 
     def __getattr__(self, name: str) -> Any:
-        lease = self._lease
-        if lease.state is ACTIVE:
-            return getattr(lease.record.conn, name)
-        raise self._unusable()
+        return getattr(self.raw, name)
 
     def _unusable(self) -> PoolError:
         state = self._lease.state

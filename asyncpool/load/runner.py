@@ -221,7 +221,7 @@ def _check_driver_available(spec: LoadSpec) -> None:
         needs.append(("psycopg_pool", "pip install 'asyncpool[bench]'"))
     if spec.prepared_statements == "describe-cache":
         needs.append(("asyncpool.describe_cache", "this asyncpool build has no describe-cache mode"))
-    if spec.telemetry in ("sdk", "sdk-aggregated"):
+    if spec.exports_telemetry:
         hint = "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-common"
         needs.append(("opentelemetry.sdk", hint))
         needs.append(("opentelemetry.exporter.otlp.proto.common", hint))

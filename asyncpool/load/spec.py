@@ -95,6 +95,11 @@ class LoadSpec:
         if self.leaks and self.driver != "asyncpool":
             raise LoadSpecError("leak injection needs the asyncpool driver (others cannot reclaim)")
 
+    @property
+    def exports_telemetry(self) -> bool:
+        """Whether the workers install the OpenTelemetry SDK (telemetry sdk or sdk-aggregated)."""
+        return self.telemetry in ("sdk", "sdk-aggregated")
+
     def __repr__(self) -> str:
         return (
             f"LoadSpec(dsn={redact(self.dsn)!r}, clients={self.clients}, "

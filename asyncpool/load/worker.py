@@ -102,7 +102,7 @@ def worker_main(spec: LoadSpec, process: int, start: Any, outbox: Any) -> None:
     logging.getLogger("asyncpool").addHandler(logging.NullHandler())
     logging.getLogger("asyncpool").propagate = False
     try:
-        if spec.telemetry in ("sdk", "sdk-aggregated"):
+        if spec.exports_telemetry:
             from asyncpool.load.otel import install_sdk
 
             install_sdk(aggregate_checkout_times=spec.telemetry == "sdk-aggregated")

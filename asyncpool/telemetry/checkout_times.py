@@ -123,13 +123,13 @@ class Consumer:
         self._last_ns = now_ns
         self._series: dict[tuple[str, str], _Series] = {}
 
-    def add(self, metric: str, pool_name: str, totals: Totals, buckets: int) -> None:
+    def add(self, metric: str, pool_name: str, totals: Totals) -> None:
         if not totals.count:
             return
         self.fresh = True
         series = self._series.get((metric, pool_name))
         if series is None:
-            series = self._series[(metric, pool_name)] = _Series(self._last_ns, Totals(buckets))
+            series = self._series[(metric, pool_name)] = _Series(self._last_ns, Totals(len(totals.counts)))
         series.totals.merge(totals)
 
     def take(self, now_ns: int, bounds: tuple[float, ...]) -> list[Point]:
@@ -191,13 +191,12 @@ class CheckoutTimes:
     def collect(self, consumer: Consumer, only_fresh: bool = False) -> list[Point]:
         """Hand every pool's new times to every consumer; return `consumer`'s points (none when
         `only_fresh` and no time came in since its last collection)."""
-        buckets = len(self.bounds) + 1
         with self._lock:
             for recorder in list(self._recorders):
                 wait, use = recorder.drain()
                 for each in self._consumers:
-                    each.add(sc.WAIT_TIME.name, recorder.pool_name, wait, buckets)
-                    each.add(sc.USE_TIME.name, recorder.pool_name, use, buckets)
+                    each.add(sc.WAIT_TIME.name, recorder.pool_name, wait)
+                    each.add(sc.USE_TIME.name, recorder.pool_name, use)
                 if recorder.closed:
                     self._recorders.remove(recorder)
             if only_fresh and not consumer.fresh:
