@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +60,17 @@ class Collected:
         point = self.point(name, **attributes)
         assert isinstance(point, HistogramDataPoint)
         return point
+
+
+def run_app(script: str, dsn: str) -> list[str]:
+    """Run `script` in a fresh interpreter (its own global providers) with `dsn` as argv[1];
+    its output lines. Fails the test if the script fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, dsn], capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
 
 
 def metrics_named(data: MetricsData, name: str) -> list[Metric]:

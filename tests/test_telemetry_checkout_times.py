@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -31,7 +29,7 @@ from asyncpool.telemetry import (
 )
 from asyncpool.telemetry import semconv as sc
 from asyncpool.testing import PostgresServer
-from tests.telemetry_support import CapturingExporter, metrics_named
+from tests.telemetry_support import CapturingExporter, metrics_named, run_app
 
 TEMPORALITIES = [AggregationTemporality.CUMULATIVE, AggregationTemporality.DELTA]
 
@@ -266,12 +264,7 @@ asyncio.run(main())
 def test_pools_with_default_telemetry_aggregate_once_the_global_exporter_is_wrapped(
     postgres: PostgresServer,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _GLOBAL_SETUP, postgres.dsn()], capture_output=True, text=True,
-        timeout=60, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = run_app(_GLOBAL_SETUP, postgres.dsn())
     assert "checkouts 5" in lines
     assert "db.client.connection.wait_time [('defaults', 5)]" in lines
     assert "db.client.connection.use_time [('defaults', 5)]" in lines

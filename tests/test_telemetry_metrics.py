@@ -20,7 +20,7 @@ from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.metrics import instruments_for
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.conftest import Pooler
-from tests.telemetry_support import Collected, Sdk, every_instrument_reported
+from tests.telemetry_support import Collected, Sdk, every_instrument_reported, run_app
 
 
 @pytest.fixture
@@ -262,12 +262,7 @@ asyncio.run(main())
 def test_a_pool_opened_before_the_sdk_is_installed_reports_through_it(
     postgres: PostgresServer,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _LATE_SDK, postgres.dsn()], capture_output=True, text=True,
-        timeout=60, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = set(done.stdout.splitlines())
+    lines = run_app(_LATE_SDK, postgres.dsn())
     assert "db.client.connection.count idle 1 None" in lines
     assert "db.client.connection.max - 10 None" in lines
     assert "db.client.connection.wait_time - None 1" in lines  # recorded after the SDK came
