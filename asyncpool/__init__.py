@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.config import PoolConfig
-from asyncpool.credentials import CredentialProvider, StaticPassword
-from asyncpool.dsn import Target
+from asyncpool.connect.dsn import Target
+from asyncpool.credentials.provider import CredentialProvider, StaticPassword
 from asyncpool.errors import (
     AuthenticationError,
     ConnectError,
@@ -22,12 +22,12 @@ from asyncpool.errors import (
 )
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import Pool, create_pool
-from asyncpool.proxy import PooledConnection
+from asyncpool.pool.connection import PooledConnection
 from asyncpool.stats import PoolStats, StatementCacheStats
 
 if TYPE_CHECKING:
-    from asyncpool.iam import IamAuth
-    from asyncpool.secrets_manager import SecretsManagerAuth
+    from asyncpool.credentials.iam import IamAuth
+    from asyncpool.credentials.secrets_manager import SecretsManagerAuth
 
 __version__ = "0.1.0"
 
@@ -58,7 +58,10 @@ __all__ = [
 ]
 
 # AWS providers pull in aiobotocore (hundreds of ms): import them only when named.
-_LAZY = {"IamAuth": "asyncpool.iam", "SecretsManagerAuth": "asyncpool.secrets_manager"}
+_LAZY = {
+    "IamAuth": "asyncpool.credentials.iam",
+    "SecretsManagerAuth": "asyncpool.credentials.secrets_manager",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -8,13 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from asyncpool.dsn import redact
+from asyncpool.connect.dsn import redact
 from asyncpool.errors import PoolConfigError
 
 if TYPE_CHECKING:
     import ssl as ssl_module
 
-    from asyncpool.credentials import CredentialProvider
+    from asyncpool.credentials.provider import CredentialProvider
 
 PreparedStatements = Literal["off", "on", "describe-cache"]
 LeakAction = Literal["reclaim", "log"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from asyncpool.dsn import Target
+    from asyncpool.connect.dsn import Target
     from asyncpool.stats import PoolStats
 
 

@@ -84,7 +84,7 @@ async def psycopg_pool(dsn: str) -> AsyncIterator[Cycle]:
 @asynccontextmanager
 async def asyncpool_sdk(dsn: str, *, aggregated: bool) -> AsyncIterator[Cycle]:
     """asyncpool reporting to an OpenTelemetry SDK that exports (encodes) every 10 s."""
-    from asyncpool.load.otel import exporting_meter_provider
+    from asyncpool.load.telemetry_sdk import exporting_meter_provider
     from asyncpool.telemetry import CheckoutTimes, TelemetryObserver
 
     times = CheckoutTimes() if aggregated else None

@@ -49,8 +49,8 @@ def naive_handler(dsn: str) -> Handler:
 def kept_pool_handler(dsn: str) -> Iterator[Handler]:
     from asyncpool import Pool
     from asyncpool.integrations.aws_lambda import lambda_config
+    from asyncpool.integrations.lambda_runner import LambdaRunner
     from asyncpool.integrations.powertools import current_connection, pooled_connection
-    from asyncpool.lambda_runner import LambdaRunner
 
     runner = LambdaRunner()
     pool = Pool(config=lambda_config(environ={}, dsn=dsn))
@@ -70,7 +70,7 @@ def kept_pool_handler(dsn: str) -> Iterator[Handler]:
 
 @contextmanager
 def empty_runner_handler() -> Iterator[Handler]:
-    from asyncpool.lambda_runner import LambdaRunner, async_handler
+    from asyncpool.integrations.lambda_runner import LambdaRunner, async_handler
 
     with LambdaRunner() as runner:
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from asyncpool import IamAuth, Pool
 from asyncpool.integrations.aws_lambda import close_on_shutdown, lambda_config, running_on_lambda
-from asyncpool.lambda_runner import async_handler, get_runner
+from asyncpool.integrations.lambda_runner import async_handler, get_runner
 
 pool = Pool(config=lambda_config(function_timeout=10, name="orders", credentials=IamAuth()))
 close_on_shutdown(pool, get_runner().loop)

@@ -11,7 +11,7 @@ import pytest
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
 from asyncpool.testing.external import ExternalPgBouncer, external_poolers
 from asyncpool.testing.leftovers import leftover_servers
-from asyncpool.testing.tls import TestPki, make_test_pki
+from asyncpool.testing.pki import TestPki, make_test_pki
 
 # Small server pools so a test can saturate them; PostgreSQL's max_connections (60) stays above
 # what both PgBouncers together may open (2 x 10), leaving room for direct connections.

@@ -28,7 +28,7 @@ import asyncpg
 from asyncpool import Pool, PoolObserver
 from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.integrations.invocation import LocalContext
-from asyncpool.lambda_runner import LambdaRunner
+from asyncpool.integrations.lambda_runner import LambdaRunner
 from asyncpool.testing.admin import AdminConsole
 
 T = TypeVar("T")

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import asyncpool
 from asyncpool import Pool, PoolConfig
-from asyncpool.dsn import Target
+from asyncpool.connect.dsn import Target
 from asyncpool.telemetry import CheckoutTimes, TelemetryObserver
 from asyncpool.testing import PostgresServer
 

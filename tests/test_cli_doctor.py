@@ -193,7 +193,7 @@ def test_cleartext_passwords_without_tls_are_a_problem() -> None:
 @pytest.fixture(scope="module")
 def tls_postgres() -> Iterator[tuple[PostgresServer, str]]:
     """A PostgreSQL that refuses connections without TLS, and its CA certificate."""
-    from asyncpool.testing.tls import make_test_pki
+    from asyncpool.testing.pki import make_test_pki
 
     pki = make_test_pki()
     server = PostgresServer(max_connections=10, settings=pki.postgres_settings(),

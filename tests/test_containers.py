@@ -27,8 +27,8 @@ from asyncpool.testing.containers import (
     docker_unavailable_reason,
     pgbouncer_environment,
 )
-from asyncpool.testing.errors import HarnessError
 from asyncpool.testing.external import ExternalPgBouncer
+from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.pgbouncer import shared_settings
 from asyncpool.testing.ports import free_port
 from asyncpool.testing.postgres import Role

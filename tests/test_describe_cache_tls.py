@@ -6,7 +6,7 @@ import pytest
 
 from asyncpool import Pool, StaleStatementError
 from asyncpool.testing import PostgresServer
-from asyncpool.testing.tls import TestPki
+from asyncpool.testing.pki import TestPki
 
 
 async def test_reuse_and_stale_detection_over_tls(tls_postgres: PostgresServer,

@@ -26,14 +26,14 @@ from asyncpool import (
     Target,
 )
 from asyncpool.testing import PostgresServer
-from asyncpool.testing.aws import (
+from asyncpool.testing.aws_endpoint import (
     ACCESS_KEY_ID,
     SECRET_ACCESS_KEY,
     SESSION_TOKEN,
     aws_environment,
 )
+from asyncpool.testing.pki import TestPki
 from asyncpool.testing.sync import run_sync
-from asyncpool.testing.tls import TestPki
 
 PROXY_HOST = "orders.proxy-c0ffee123456.us-east-1.rds.amazonaws.com"
 
@@ -249,7 +249,7 @@ async def test_pool_refuses_iam_without_tls_before_dialling(aws: None, mode: str
 @pytest.mark.parametrize("dsn_mode", ["require", "verify-ca", "verify-full"])
 def test_tls_from_the_dsn_satisfies_iam(dsn_mode: str) -> None:
     from asyncpool.config import PoolConfig
-    from asyncpool.tls import require_tls
+    from asyncpool.connect.tls import require_tls
 
     config = PoolConfig(dsn=f"postgresql://u@{PROXY_HOST}/db?sslmode={dsn_mode}")
     require_tls(config)  # raises if the DSN's mode were ignored

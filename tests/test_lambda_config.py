@@ -6,7 +6,7 @@ import pytest
 
 from asyncpool import PoolConfig
 from asyncpool.integrations.aws_lambda import lambda_config, running_on_lambda
-from asyncpool.lambda_runner import LambdaRunner
+from asyncpool.integrations.lambda_runner import LambdaRunner
 
 
 def test_sized_for_one_invocation_at_a_time_and_checked_after_a_freeze() -> None:

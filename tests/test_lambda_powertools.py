@@ -20,8 +20,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from asyncpool import ConnectionLeakedError, Pool, PooledConnection, PoolError
 from asyncpool.integrations.invocation import REQUEST_ID_FIELD, LocalContext
+from asyncpool.integrations.lambda_runner import HandlerTimeoutError
 from asyncpool.integrations.powertools import current_connection, pooled_connection
-from asyncpool.lambda_runner import HandlerTimeoutError
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
 from tests.lambda_env import Environment, app_clients, local_port, scratch_table

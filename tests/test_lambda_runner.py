@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from asyncpool import Pool, PoolError
 from asyncpool.integrations.invocation import COLD_START_FIELD, REQUEST_ID_FIELD, LocalContext
-from asyncpool.integrations.otel import COLDSTART, INVOCATION_ID, InvocationSpanProcessor
-from asyncpool.lambda_runner import HandlerTimeoutError, async_handler
+from asyncpool.integrations.lambda_runner import HandlerTimeoutError, async_handler
+from asyncpool.integrations.lambda_spans import COLDSTART, INVOCATION_ID, InvocationSpanProcessor
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler

@@ -224,7 +224,7 @@ async def test_max_lifetime_retires_connections(pooler: Pooler) -> None:
 
 
 def test_lifetime_jitter_spreads_expiry() -> None:
-    from asyncpool.record import expiry
+    from asyncpool.pool.record import expiry
 
     deadlines = {expiry(0.0, 100.0, 0.2) for _ in range(200)}
     assert len(deadlines) > 150

@@ -8,7 +8,7 @@ import traceback
 import pytest
 
 from asyncpool import ConnectError, Pool, PoolConfig, PoolConfigError
-from asyncpool.dsn import redact
+from asyncpool.connect.dsn import redact
 from asyncpool.testing.ports import free_port
 
 SECRET = "s3cr3t-Pa55"

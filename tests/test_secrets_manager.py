@@ -17,7 +17,7 @@ import pytest
 
 from asyncpool import AuthenticationError, CredentialsError, Pool, SecretsManagerAuth, Target
 from asyncpool.testing import PgBouncerServer, PostgresServer
-from asyncpool.testing.aws import LocalAwsEndpoint, aws_environment
+from asyncpool.testing.aws_endpoint import LocalAwsEndpoint, aws_environment
 from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
 from asyncpool.testing.ports import free_port
 from asyncpool.testing.process import chown_tree
@@ -440,7 +440,7 @@ def test_aws_error_codes_become_advice(code: str, advice: str) -> None:
     """Answers the local endpoint cannot give (it accepts any credentials)."""
     from botocore.exceptions import ClientError
 
-    from asyncpool.aws import aws_error
+    from asyncpool.credentials.aws_client import aws_error
 
     exc = ClientError({"Error": {"Code": code, "Message": "not allowed here"}}, "GetSecretValue")
     error = aws_error(exc, "reading secret 'db/orders'", REGION)

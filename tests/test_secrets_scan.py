@@ -22,7 +22,7 @@ DETECT_SECRETS = Path(sys.executable).with_name("detect-secrets")
 # False positives are silenced by rule where a rule is sound, by audited hash otherwise.
 #
 # Rule 1, every file: dotted module paths of this package are not secrets (asyncpool/__init__.py
-# maps "SecretsManagerAuth" to "asyncpool.secrets_manager" in its lazy-import table, which the
+# maps "SecretsManagerAuth" to "asyncpool.credentials.secrets_manager" in its lazy-import table, which the
 # keyword plugin reads as a secret).
 EXCLUDE_SECRETS = r"^asyncpool(\.[a-z_]+)+$"
 # Rule 2, Terraform files only: a literal needs quotes in HCL, so a line without any quote holds
@@ -40,11 +40,11 @@ AUDITED: dict[tuple[str, str], str] = {
     (
         "Secret Keyword",
         "26b2e4d71fa9856e473043370df9449dabe2b9aa",  # pragma: allowlist secret
-    ): "asyncpool/testing/aws.py: moto's fake secret key, asyncpool-test-secret-access-key",
+    ): "asyncpool/testing/aws_endpoint.py: moto's fake secret key, asyncpool-test-secret-access-key",
     (
         "Secret Keyword",
         "0df7dba0087b31c56c2e5584e2420424d6fb906a",  # pragma: allowlist secret
-    ): "asyncpool/testing/aws.py: moto's fake session token, asyncpool-test-session-token",
+    ): "asyncpool/testing/aws_endpoint.py: moto's fake session token, asyncpool-test-session-token",
     (
         "Hex High Entropy String",
         "d5662d7353c6257f68cab2a3b0f758cc79b1ac5e",  # pragma: allowlist secret
@@ -190,7 +190,7 @@ def test_the_exclusion_does_not_hide_a_real_secret(tmp_path: Path) -> None:
     """The module-path rule only matches dotted asyncpool paths, not secrets next to them."""
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "lazy.py").write_text(
-        '_LAZY = {"SecretsManagerAuth": "asyncpool.secrets_manager"}\n'
+        '_LAZY = {"SecretsManagerAuth": "asyncpool.credentials.secrets_manager"}\n'
         f'api_secret = "asyncpool-{secrets.token_urlsafe(24)}"\n'  # pragma: allowlist secret
     )
     hits = findings(scan(tmp_path, candidate_files(tmp_path)))

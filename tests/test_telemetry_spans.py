@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import asyncpool
 from asyncpool import Pool
-from asyncpool.dsn import Target, dsn_password, parse_target
+from asyncpool.connect.dsn import Target, dsn_password, parse_target
 from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.logs import SPAN_ID, TRACE_ID
 from asyncpool.testing import PostgresServer

@@ -10,7 +10,7 @@ import pytest
 
 from asyncpool import ConnectError, Pool, PoolConfigError
 from asyncpool.testing import PostgresServer
-from asyncpool.testing.tls import TestPki
+from asyncpool.testing.pki import TestPki
 
 
 def _dsn(server: PostgresServer, host: str = "localhost", **params: str) -> str:
@@ -131,8 +131,8 @@ async def test_server_without_tls_fails_clearly_under_verify_full(
 
 def test_root_cert_that_is_not_pem_is_a_config_error(tmp_path: Path) -> None:
     from asyncpool.config import PoolConfig
-    from asyncpool.dsn import parse_target
-    from asyncpool.tls import ssl_argument
+    from asyncpool.connect.dsn import parse_target
+    from asyncpool.connect.tls import ssl_argument
 
     bogus = tmp_path / "bundle.pem"
     bogus.write_text("not a certificate\n")

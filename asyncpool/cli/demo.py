@@ -10,7 +10,7 @@ from typing import Literal, TextIO
 
 from asyncpool.cli.output import ProgressDisplay, millis, number, table
 from asyncpool.config import PreparedStatements
-from asyncpool.dsn import redact
+from asyncpool.connect.dsn import redact
 from asyncpool.load import LoadError, LoadResult, LoadSpec, LoadSpecError, LoadTarget, run_load
 from asyncpool.load.servers import LocalServers
 

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from asyncpool.cli.diagnosis import Diagnosis, Facts, diagnose
 from asyncpool.cli.probe import probe_startup
-from asyncpool.dsn import Target, parse_target, redact
+from asyncpool.connect.dsn import Target, parse_target, redact
 
 _RDS_PROXY_HOST = re.compile(r"\.proxy-[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com$", re.I)
 # PgBouncer settings worth seeing next to the pool mode.
@@ -45,7 +45,7 @@ async def gather_facts(dsn: str, target: Target, admin_dsn: str | None,
     """Log in once (asyncpg), probe the authentication request, and read PgBouncer if present."""
     import asyncpg
 
-    from asyncpool.connect_errors import translate
+    from asyncpool.connect.failures import translate
 
     facts = Facts(target=str(target), host=target.host)
     started = time.perf_counter()

@@ -9,7 +9,7 @@ Each submodule imports its framework, so import the one you use:
 - `asyncpool.integrations.aws_lambda`: pool defaults for one Lambda execution environment and a
   clean close at shutdown.
 - `asyncpool.integrations.invocation`: the invocation being served (request id, cold start), added
-  to asyncpool's log records; `asyncpool.integrations.otel` adds it to spans.
+  to asyncpool's log records; `asyncpool.integrations.lambda_spans` adds it to spans.
 
-The event loop that keeps a pool alive across invocations is `asyncpool.lambda_runner`.
+The event loop that keeps a pool alive across invocations is `asyncpool.integrations.lambda_runner`.
 """

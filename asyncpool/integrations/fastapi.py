@@ -31,7 +31,7 @@ from starlette.requests import Request
 from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool import Pool
-from asyncpool.proxy import PooledConnection
+from asyncpool.pool.connection import PooledConnection
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 

@@ -1,9 +1,9 @@
 """The Lambda invocation being served: its request id, and whether it is the environment's first.
 
-While an invocation is served (by `asyncpool.lambda_runner`, the Powertools middleware or the
+While an invocation is served (by `asyncpool.integrations.lambda_runner`, the Powertools middleware or the
 FastAPI dependency) every record logged by an ``asyncpool.*`` logger carries ``aws_request_id`` and
 ``cold_start`` attributes, so a JSON formatter shows which invocation a leak or a failed
-connection check belongs to. `asyncpool.integrations.otel` puts the same facts on spans.
+connection check belongs to. `asyncpool.integrations.lambda_spans` puts the same facts on spans.
 """
 
 from __future__ import annotations

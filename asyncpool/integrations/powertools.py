@@ -14,7 +14,7 @@
         return {"statusCode": 200, "body": str(await conn.fetchval("SELECT 1"))}
 
 Powertools middlewares are synchronous, so this one drives the invocation on a
-`asyncpool.lambda_runner.LambdaRunner` (one loop for the environment's life) and must sit
+`asyncpool.integrations.lambda_runner.LambdaRunner` (one loop for the environment's life) and must sit
 innermost, directly on the ``async def``. The connection is released in a ``finally`` whatever the
 handler does: returns, raises, is cancelled at the time limit, or keeps a reference (which then
 refuses use).
@@ -31,9 +31,9 @@ from typing import Any
 from aws_lambda_powertools.middleware_factory import lambda_handler_decorator
 
 from asyncpool.errors import PoolError
-from asyncpool.lambda_runner import LambdaRunner, get_runner
+from asyncpool.integrations.lambda_runner import LambdaRunner, get_runner
 from asyncpool.pool import Pool
-from asyncpool.proxy import PooledConnection
+from asyncpool.pool.connection import PooledConnection
 
 logger = logging.getLogger("asyncpool.integrations.powertools")
 

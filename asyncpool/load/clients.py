@@ -10,7 +10,7 @@ import asyncio
 from typing import Any, Protocol
 
 from asyncpool.load.spec import LoadSpec, psycopg_query
-from asyncpool.retry import Backoff
+from asyncpool.pool.backoff import Backoff
 
 # asyncpg's statement cache size when a driver is told to use prepared statements.
 _CACHE_SIZE = 100

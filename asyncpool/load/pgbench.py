@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from asyncpool.config import PreparedStatements
-from asyncpool.dsn import dsn_password, parse_target
+from asyncpool.connect.dsn import dsn_password, parse_target
 from asyncpool.load.spec import pgbench_script
 
 _NUMBERS = {

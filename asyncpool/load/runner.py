@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from asyncpool.dsn import redact
+from asyncpool.connect.dsn import redact
 from asyncpool.load.result import LoadResult, WorkerReport
 from asyncpool.load.sampler import SamplingTask, make_sampler
 from asyncpool.load.spec import LoadSpec

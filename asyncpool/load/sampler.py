@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import Any, Protocol
 
-from asyncpool.dsn import parse_target
+from asyncpool.connect.dsn import parse_target
 from asyncpool.load.result import ServerUse
 
 SAMPLE_INTERVAL = 0.25

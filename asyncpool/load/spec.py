@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from asyncpool.config import PreparedStatements
-from asyncpool.dsn import redact
+from asyncpool.connect.dsn import redact
 
 Driver = Literal["asyncpool", "asyncpg", "asyncpg-pool", "psycopg-pool"]
 DRIVERS: tuple[Driver, ...] = get_args(Driver)

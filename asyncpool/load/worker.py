@@ -103,7 +103,7 @@ def worker_main(spec: LoadSpec, process: int, start: Any, outbox: Any) -> None:
     logging.getLogger("asyncpool").propagate = False
     try:
         if spec.exports_telemetry:
-            from asyncpool.load.otel import install_sdk
+            from asyncpool.load.telemetry_sdk import install_sdk
 
             install_sdk(aggregate_checkout_times=spec.telemetry == "sdk-aggregated")
         report = asyncio.run(_run(spec, process, start, outbox))

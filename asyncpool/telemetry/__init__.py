@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from asyncpool.telemetry.checkout_times import CHECKOUT_TIMES, CheckoutTimes
 from asyncpool.telemetry.logs import TraceContextFilter
-from asyncpool.telemetry.observer import TelemetryObserver
+from asyncpool.telemetry.telemetry_observer import TelemetryObserver
 
 if TYPE_CHECKING:
     from typing import Any, TypeVar

@@ -10,7 +10,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import Attributes
 
-from asyncpool.dsn import Target
+from asyncpool.connect.dsn import Target
 from asyncpool.observer import ConnectAttempt, LeakReport
 from asyncpool.telemetry import semconv as sc
 

@@ -3,7 +3,7 @@
 Nothing here is imported by `import asyncpool`.
 """
 
-from asyncpool.testing.errors import HarnessError
+from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.pgbouncer import PgBouncerServer
 from asyncpool.testing.postgres import PostgresServer, Role
 from asyncpool.testing.stack import ServerStack

@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from asyncpool.testing.errors import HarnessError
+from asyncpool.testing.harness_error import HarnessError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CURRENT_PGBOUNCER_SCRIPT = REPO_ROOT / "scripts" / "get-pgbouncer-current.sh"

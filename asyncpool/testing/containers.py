@@ -29,8 +29,8 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from asyncpool.testing.binaries import REPO_ROOT
-from asyncpool.testing.errors import HarnessError
 from asyncpool.testing.external import ExternalPgBouncer
+from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.postgres import Role
 from asyncpool.testing.sync import run_sync
 

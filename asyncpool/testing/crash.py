@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asyncpool.testing.errors import HarnessError
+from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.pgbouncer import PgBouncerServer
 from asyncpool.testing.ports import wait_for_port
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from asyncpool.testing.admin import AdminConsole
 from asyncpool.testing.binaries import PgBouncerBinary
-from asyncpool.testing.errors import HarnessError
+from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.ports import free_port, wait_for_port
 from asyncpool.testing.postgres import PostgresServer, Role
 from asyncpool.testing.process import ServerProcess, chown_tree, make_workdir, remove_tree

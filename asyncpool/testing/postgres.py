@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from asyncpool.testing.binaries import postgres_bindir
-from asyncpool.testing.errors import HarnessError
+from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.ports import free_port, wait_for_port
 from asyncpool.testing.process import (
     ServerProcess,

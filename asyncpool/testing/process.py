@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from asyncpool.testing.errors import HarnessError
+from asyncpool.testing.harness_error import HarnessError
 
 # Every temp dir the harness makes carries this prefix, so a leftover server can be found by name.
 TEMP_PREFIX = "asyncpool-harness-"

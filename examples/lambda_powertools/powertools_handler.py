@@ -14,8 +14,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from asyncpool import Pool
 from asyncpool.integrations.aws_lambda import close_on_shutdown, lambda_config
+from asyncpool.integrations.lambda_runner import get_runner
 from asyncpool.integrations.powertools import current_connection, pooled_connection
-from asyncpool.lambda_runner import get_runner
 
 logger = Logger(service="greetings")
 metrics = Metrics(namespace="asyncpool-example", service="greetings")

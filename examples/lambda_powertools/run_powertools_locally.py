@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncpool.integrations.invocation import LocalContext
-from asyncpool.lambda_runner import get_runner
+from asyncpool.integrations.lambda_runner import get_runner
 
 HERE = Path(__file__).resolve().parent
 FUNCTION_NAME = "greetings-local"

@@ -12,8 +12,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from asyncpool.aws import AwsClient, aws_error
-from asyncpool.dsn import Target
+from asyncpool.connect.dsn import Target
+from asyncpool.credentials.aws_client import AwsClient, aws_error
 from asyncpool.errors import CredentialsError
 
 logger = logging.getLogger("asyncpool.credentials")

@@ -7,7 +7,7 @@ import ssl
 
 import asyncpg
 
-from asyncpool.dsn import Target, redact
+from asyncpool.connect.dsn import Target, redact
 from asyncpool.errors import (
     AuthenticationError,
     ConnectError,

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from asyncpool.config import PoolConfig
-from asyncpool.connect_errors import is_auth_failure, translate
-from asyncpool.credentials import CredentialProvider, StaticPassword, auth_failure_hint
-from asyncpool.dsn import Target, dsn_password, parse_target
+from asyncpool.connect.dsn import Target, dsn_password, parse_target
+from asyncpool.connect.failures import is_auth_failure, translate
+from asyncpool.connect.tls import require_tls, ssl_argument
+from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
 from asyncpool.observer import ConnectAttempt, PoolObserver
-from asyncpool.tls import require_tls, ssl_argument
 
 if TYPE_CHECKING:
     from asyncpool.describe_cache import CacheTotals

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from asyncpool.lease import Lease
+from asyncpool.pool.lease import Lease
 
 logger = logging.getLogger("asyncpool.leaks")
 

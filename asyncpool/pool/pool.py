@@ -13,20 +13,20 @@ from typing import Any
 import asyncpg
 
 from asyncpool.config import PoolConfig
-from asyncpool.connector import Connector
-from asyncpool.contexts import AcquireContext, TransactionContext
+from asyncpool.connect.connector import Connector
 from asyncpool.errors import (
     ConnectError,
     PoolClosedError,
     PoolError,
     PoolTimeoutError,
 )
-from asyncpool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
-from asyncpool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
 from asyncpool.observer import LeakReport, ObserverGroup, PoolObserver
-from asyncpool.proxy import PooledConnection
-from asyncpool.record import ConnectionRecord
-from asyncpool.retry import Backoff
+from asyncpool.pool.backoff import Backoff
+from asyncpool.pool.checkout import AcquireContext, TransactionContext
+from asyncpool.pool.connection import PooledConnection
+from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
+from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
+from asyncpool.pool.record import ConnectionRecord
 from asyncpool.stats import PoolStats, StatementCacheStats
 
 logger = logging.getLogger("asyncpool.pool")
@@ -309,7 +309,8 @@ class Pool:
         if asyncio.get_running_loop() is not loop:
             raise PoolError(
                 f"pool {self.name!r} was opened on another event loop; asyncpg connections are "
-                "bound to their loop, so keep one loop for the process (see asyncpool.lambda_runner)"
+                "bound to their loop, so keep one loop for the process "
+                "(see asyncpool.integrations.lambda_runner)"
             )
         if timeout is _UNSET:
             timeout = self.config.acquire_timeout

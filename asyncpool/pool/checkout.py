@@ -7,15 +7,15 @@ from collections.abc import Generator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from asyncpool.connect_errors import lost_connection_hint
+from asyncpool.connect.failures import lost_connection_hint
 from asyncpool.errors import (
     ConnectionLeakedError,
     ConnectionLostError,
     PoolClosedError,
     PoolError,
 )
-from asyncpool.lease import CLOSED, LEAKED, Lease
-from asyncpool.proxy import PooledConnection
+from asyncpool.pool.connection import PooledConnection
+from asyncpool.pool.lease import CLOSED, LEAKED, Lease
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool

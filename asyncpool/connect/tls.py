@@ -16,7 +16,7 @@ from asyncpool.errors import PoolConfigError
 
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
-    from asyncpool.dsn import Target
+    from asyncpool.connect.dsn import Target
 
 _VERIFYING = ("verify-ca", "verify-full")
 # Modes that send nothing an eavesdropper could not read or an impostor could not collect.

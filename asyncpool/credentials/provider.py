@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Protocol, runtime_checkable
 
-from asyncpool.dsn import Target
+from asyncpool.connect.dsn import Target
 from asyncpool.errors import CredentialsError
 
 

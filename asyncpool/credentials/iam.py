@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncpool.aws import AwsClient, aws_error, region_in_host
-from asyncpool.dsn import Target
+from asyncpool.connect.dsn import Target
+from asyncpool.credentials.aws_client import AwsClient, aws_error, region_in_host
 from asyncpool.errors import CredentialsError
 
 

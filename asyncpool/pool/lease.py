@@ -10,7 +10,7 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from asyncpool.record import ConnectionRecord
+    from asyncpool.pool.record import ConnectionRecord
 
 
 class LeaseState(enum.Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
-from asyncpool.lease import ACTIVE, CLOSED, LEAKED, Lease
+from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, Lease
 
 if TYPE_CHECKING:
     import asyncpg

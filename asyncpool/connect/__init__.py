@@ -1,0 +1,1 @@
+"""Opening one connection: the DSN and its target, TLS, the driver call and its failures."""
