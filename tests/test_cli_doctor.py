@@ -62,11 +62,68 @@ async def test_a_pgbouncer_whose_console_refuses_the_user_is_still_recognised(
     current: PgBouncerServer,
 ) -> None:
     code, report = await _doctor_json(current.dsn())  # app is not an admin or stats user
-    assert code == 0
+    assert code == 3  # no problem found, but a check could not run
     assert report["facts"]["pooler"] == "pgbouncer"
     assert report["facts"]["pool_mode"] is None
     assert report["recommendation"]["prepared_statements"] == "off"
-    assert "--admin-dsn" in _finding(report, "pooler")["message"]
+    pooler = _finding(report, "pooler")
+    assert pooler["level"] == "unchecked"
+    assert "'not allowed'" in pooler["message"]
+    assert "--admin-dsn" in pooler["message"]
+    result = _cli(current.dsn())
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "No problems found" not in result.stdout
+    assert "1 check(s) NOT run: pooler" in result.stdout
+
+
+def _without_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` now fails
+
+
+async def test_the_console_is_read_with_asyncpg_alone(
+    current: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg is not a dependency: asyncpg logs in and the doctor reads the rows itself."""
+    _without_psycopg(monkeypatch)
+    code, report = await _doctor_json(current.dsn(), current.admin_dsn)
+    assert code == 0, report["findings"]
+    assert report["facts"]["max_prepared_statements"] == int(
+        current.settings["max_prepared_statements"])
+    assert report["facts"]["pool_mode"] == "transaction"
+    assert report["recommendation"]["prepared_statements"] == "on"
+
+
+async def test_without_asyncpg_access_the_console_is_read_with_psycopg(
+    legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncpool.cli import admin_console
+
+    monkeypatch.setattr(admin_console, "transport_of", lambda conn: None)
+    code, report = await _doctor_json(legacy.dsn(), legacy.admin_dsn)
+    assert code == 0, report["findings"]
+    assert report["facts"]["pgbouncer_version"][:2] == [1, 18]
+    assert report["facts"]["pool_mode"] == "transaction"
+
+
+async def test_with_no_way_to_read_the_console_the_doctor_says_so_loudly(
+    current: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncpool.cli import admin_console, diagnosis
+    from asyncpool.cli.doctor import gather_facts, render_text
+    from asyncpool.connect.dsn import parse_target
+
+    monkeypatch.setattr(admin_console, "transport_of", lambda conn: None)
+    _without_psycopg(monkeypatch)
+    facts = await gather_facts(current.dsn(), parse_target(current.dsn()), current.admin_dsn, 5.0)
+    report = diagnosis.diagnose(facts)
+    text = render_text(facts, report)
+    assert facts.pooler == "pgbouncer"
+    assert report.exit_code == 3
+    assert [f.check for f in report.unchecked] == ["pooler"]
+    assert "NOT checked" in text
+    assert "pip install 'psycopg[binary]'" in text
+    assert "No problems found" not in text
+    assert "1 check(s) NOT run" in text
 
 
 async def test_direct_postgresql_gets_on_and_a_pooler_suggestion(postgres: PostgresServer) -> None:
@@ -118,7 +175,7 @@ async def test_misconfigured_pgbouncers(odd_pgbouncers: dict[str, PgBouncerServe
     bouncer = odd_pgbouncers["statement"]
     result = _cli(bouncer.dsn(), "--admin-dsn", bouncer.admin_dsn)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "problem  pool_mode" in result.stdout
+    assert "problem   pool_mode" in result.stdout
     assert "1 problem(s) found." in result.stdout
 
 

@@ -11,7 +11,8 @@ from typing import Literal
 
 from asyncpool.config import PreparedStatements
 
-Level = Literal["ok", "note", "warning", "problem"]
+#: "unchecked": a check that could not run; its message says why and what would let it run.
+Level = Literal["ok", "note", "warning", "problem", "unchecked"]
 Pooler = Literal["pgbouncer", "rds-proxy", "unknown"]
 
 #: The first PgBouncer that tracks protocol-level prepared statements in transaction mode.
@@ -20,6 +21,7 @@ PGBOUNCER_PREPARED = (1, 21)
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_UNREACHABLE = 2
+EXIT_INCOMPLETE = 3  #: no problem found, but some checks could not run
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Facts:
     pooler_evidence: str | None = None
     pgbouncer_version: tuple[int, ...] | None = None
     admin_error: str | None = None
+    admin_unreadable: bool = False  #: no installed driver could read the admin console's rows
     pool_mode: str | None = None
     max_prepared_statements: int | None = None
     pgbouncer_settings: dict[str, str] = field(default_factory=dict)
@@ -73,7 +76,13 @@ class Diagnosis:
             return EXIT_UNREACHABLE
         if any(f.level == "problem" for f in self.findings):
             return EXIT_PROBLEMS
+        if self.unchecked:
+            return EXIT_INCOMPLETE
         return EXIT_OK
+
+    @property
+    def unchecked(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "unchecked"]
 
 
 def version_text(version: tuple[int, ...] | None) -> str:
@@ -174,10 +183,9 @@ def _pooler(f: Facts) -> list[Finding]:
                         f" {console}")]
     if f.pool_mode is None:
         return [Finding(
-            "note", "pooler",
-            f"PgBouncer ({f.pooler_evidence}), settings unread: pass --admin-dsn "
-            "postgresql://ADMIN_USER@HOST:PORT/pgbouncer (a user in admin_users or "
-            "stats_users) to check pool_mode and max_prepared_statements",
+            "unchecked", "pooler",
+            f"PgBouncer ({f.pooler_evidence}); pool_mode and max_prepared_statements NOT "
+            f"checked: {_console_advice(f)}",
         )]
     found = [Finding("ok", "pooler", f"PgBouncer {version_text(f.pgbouncer_version)}: "
                      f"pool_mode={f.pool_mode}, max_prepared_statements="
@@ -199,6 +207,15 @@ def _pooler(f: Facts) -> list[Finding]:
     if settings:
         found.append(Finding("note", "limits", settings))
     return found
+
+
+def _console_advice(f: Facts) -> str:
+    """Why PgBouncer's admin console was not read, and what would let the doctor read it."""
+    if f.admin_unreadable:
+        return f.admin_error or "no installed driver can read the admin console"
+    why = f"the admin console said {f.admin_error!r}; " if f.admin_error else ""
+    return (why + "pass --admin-dsn postgresql://ADMIN_USER@HOST:PORT/pgbouncer (a user in "
+            "admin_users or stats_users)")
 
 
 def _prepared_text(f: Facts) -> str:
@@ -224,9 +241,10 @@ def recommend(f: Facts) -> Recommendation:
 
 def _pgbouncer_mode(f: Facts) -> Recommendation:
     if f.pool_mode is None:
-        return Recommendation("off", "PgBouncer's version and settings are unknown; 'off' works "
-                              "with every version. With --admin-dsn the doctor can tell whether "
-                              "'on' (>= 1.21 with max_prepared_statements > 0) or "
+        return Recommendation("off", "PgBouncer's version and settings are unknown, so this is "
+                              "the mode that works with every version, not necessarily the "
+                              "fastest; once the doctor can read the admin console it can tell "
+                              "whether 'on' (>= 1.21 with max_prepared_statements > 0) or "
                               "'describe-cache' fits")
     if f.pool_mode == "session":
         return Recommendation("on", "session pooling gives each client connection the same "

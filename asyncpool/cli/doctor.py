@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict
 from typing import Any, TextIO
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 from asyncpool.cli.diagnosis import Diagnosis, Facts, diagnose
 from asyncpool.cli.probe import probe_startup
@@ -103,62 +103,46 @@ async def _probe(dsn: str, target: Target, timeout: float, facts: Facts) -> None
     facts.sasl_mechanisms = probe.sasl_mechanisms
 
 
-def admin_dsn_for(dsn: str) -> str:
-    """The same server and credentials, database ``pgbouncer`` (PgBouncer's admin console)."""
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/pgbouncer", parts.query, parts.fragment))
-
-
 async def _read_pgbouncer(dsn: str, target: Target, admin_dsn: str | None, timeout: float,
                           facts: Facts) -> None:
+    """PgBouncer's version and settings from its admin console: `admin_dsn`, or by default the
+    application's own login with database ``pgbouncer``."""
+    import asyncpg
+
+    from asyncpool.cli.admin_console import ConsoleError, ConsoleUnavailable, read_console
+
+    commands = ["SHOW VERSION", "SHOW CONFIG", "SHOW DATABASES", "SHOW USERS"]
     try:
-        import psycopg
-    except ModuleNotFoundError:
-        facts.admin_error = "psycopg is not installed (pip install 'asyncpool[bench]')"
+        if admin_dsn:
+            rows = await read_console(admin_dsn, commands, timeout)
+        else:
+            rows = await read_console(dsn, commands, timeout, database="pgbouncer")
+    except ConsoleUnavailable as exc:
+        facts.pooler = "pgbouncer"
+        facts.pooler_evidence = "its admin console accepted the login"
+        facts.admin_error = str(exc)
+        facts.admin_unreadable = True
         return
-    console = admin_dsn or admin_dsn_for(dsn)
-    try:
-        conn = await psycopg.AsyncConnection.connect(
-            console, autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
-            connect_timeout=max(1, round(timeout)),
-        )
-    except psycopg.Error as exc:
-        text = _server_message(exc)
+    except (ConsoleError, asyncpg.PostgresError) as exc:
+        text = redact(str(exc)).strip()
         if text == "not allowed":
             # PgBouncer's answer to a user outside admin_users/stats_users: it is a PgBouncer.
             facts.pooler = "pgbouncer"
             facts.pooler_evidence = f"its admin console refused user {target.user!r}"
         facts.admin_error = text
         return
-    try:
-        rows = {cmd: await _show(conn, cmd) for cmd in ("VERSION", "CONFIG", "DATABASES", "USERS")}
-    except psycopg.Error as exc:
-        facts.admin_error = redact(str(exc)).strip()
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+        facts.admin_error = redact(str(exc)).strip() or type(exc).__name__
         return
-    finally:
-        await conn.close()
     facts.pooler = "pgbouncer"
     facts.pooler_evidence = "admin console"
-    version = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", str(rows["VERSION"][0].get("version", "")))
+    version = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", str((rows["SHOW VERSION"] or [{}])[0].get("version")))
     if version:
         facts.pgbouncer_version = tuple(int(g) for g in version.groups() if g is not None)
-    config = {str(r["key"]): str(r["value"]) for r in rows["CONFIG"]}
+    config = {str(r["key"]): str(r["value"]) for r in rows["SHOW CONFIG"]}
     facts.max_prepared_statements = int(config.get("max_prepared_statements", "0") or 0)
     facts.pgbouncer_settings = {k: config[k] for k in _PGBOUNCER_SETTINGS if k in config}
-    facts.pool_mode = _effective_pool_mode(config, rows["DATABASES"], rows["USERS"], target)
-
-
-def _server_message(exc: BaseException) -> str:
-    """The server's own words from a libpq error ("... failed: FATAL:  not allowed")."""
-    text = redact(str(exc)).strip()
-    fatal = re.search(r"FATAL:\s+(.+)", text)
-    return (fatal.group(1) if fatal else text.splitlines()[-1]).strip()
-
-
-async def _show(conn: Any, what: str) -> list[dict[str, Any]]:
-    cur = await conn.execute(f"SHOW {what}".encode())
-    names = [col.name for col in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+    facts.pool_mode = _effective_pool_mode(config, rows["SHOW DATABASES"], rows["SHOW USERS"], target)
 
 
 def _effective_pool_mode(config: dict[str, str], databases: list[dict[str, Any]],
@@ -175,7 +159,7 @@ def render_text(facts: Facts, diagnosis: Diagnosis) -> str:
     lines = [f"asyncpool doctor: {facts.target}", ""]
     width = max(len(f.check) for f in diagnosis.findings)
     for finding in diagnosis.findings:
-        lines.append(f"  {finding.level:<8} {finding.check:<{width}}  {finding.message}")
+        lines.append(f"  {finding.level:<9} {finding.check:<{width}}  {finding.message}")
     rec = diagnosis.recommendation
     if rec is not None:
         mode = rec.prepared_statements
@@ -186,8 +170,13 @@ def render_text(facts: Facts, diagnosis: Diagnosis) -> str:
             f'  Pool(dsn, prepared_statements="{mode}")  or  ASYNCPOOL_PREPARED_STATEMENTS={mode}',
         ]
     problems = sum(f.level == "problem" for f in diagnosis.findings)
+    unchecked = diagnosis.unchecked
     if rec is None:
         lines += ["", "Could not check the server: fix the connection first."]
+    elif unchecked:
+        # Never "No problems found" after a check that did not run.
+        lines += ["", f"{problems} problem(s) found, and {len(unchecked)} check(s) NOT run: "
+                  + ", ".join(f.check for f in unchecked) + " (see above for why and what to do)."]
     else:
         lines += ["", f"{problems} problem(s) found." if problems else "No problems found."]
     return "\n".join(lines) + "\n"
