@@ -32,7 +32,19 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python dependencies into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip >&2
+  # The distribution was renamed asyncpool -> asyncpool-pg: drop an older editable install of it.
+  .venv/bin/python -m pip uninstall -q -y asyncpool >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q -e '.[dev]' >&2
   echo "$want" > "$stamp"
+fi
+# Yelp's detect-secrets, the one pre-commit runs (.pre-commit-config.yaml), in a venv of its own:
+# checkov installs a fork (bc-detect-secrets) over the same module in .venv. tests/test_secrets_scan.py
+# checks .secrets.baseline with both.
+ds_version=$(sed -n 's/^ *rev: v\([0-9.]*\) *# detect-secrets$/\1/p' .pre-commit-config.yaml)
+ds=.cache/detect-secrets-$ds_version
+if [ ! -x "$ds/bin/detect-secrets-hook" ]; then
+  echo "setup: installing detect-secrets $ds_version into $ds" >&2
+  "$py" -m venv "$ds"
+  "$ds/bin/python" -m pip install -q "detect-secrets==$ds_version" >&2
 fi
 echo "setup: ready" >&2

@@ -25,7 +25,7 @@ CHECKOV = Path(sys.executable).with_name("checkov")
 def run_checkov(directory: Path) -> dict[str, Any]:
     """checkov's JSON report for the Terraform in `directory` (one framework: one report)."""
     if not CHECKOV.exists():
-        pytest.fail(f"checkov is not installed next to {sys.executable}: install asyncpool[dev]")
+        pytest.fail(f"checkov is not installed next to {sys.executable}: pip install -e '.[dev]'")
     out = subprocess.run(
         [
             str(CHECKOV),

@@ -1,218 +1,175 @@
-"""detect-secrets over the repository finds nothing, and finds a secret when one is planted.
+"""The secret scan in detect-secrets' own form: `.secrets.baseline` holds the findings audited as
+false positives, and nothing else may turn up.
 
-The scan covers the files git would commit: tracked ones plus untracked ones that .gitignore
-does not exclude (.env, .venv and caches are ignored), so a secret is caught before its commit.
+Two detect-secrets are checked: Yelp's (what pre-commit runs, `.pre-commit-config.yaml`; setup.sh
+installs it into `.cache/detect-secrets-<version>`) and the fork checkov installs into `.venv`
+(bc-detect-secrets, which owns the `detect-secrets` command there). They differ (the fork knows
+fewer plugins, and each flags lines the other does not), so the baseline is written by the fork,
+whose plugin list both can load, and a line only Yelp's flags carries `pragma: allowlist secret`.
+
+A new finding is audited by whoever adds it: `detect-secrets scan --baseline .secrets.baseline`,
+then `detect-secrets audit .secrets.baseline` (mark it a false positive), or `pragma: allowlist
+secret` on its line.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
+import shutil
 import string
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DETECT_SECRETS = Path(sys.executable).with_name("detect-secrets")
-
-# False positives are silenced by rule where a rule is sound, by audited hash otherwise.
-#
-# Rule 1, every file: dotted module paths of this package are not secrets (asyncpool/__init__.py
-# maps "SecretsManagerAuth" to "asyncpool.credentials.secrets_manager" in its lazy-import table, which the
-# keyword plugin reads as a secret).
-EXCLUDE_SECRETS = r"^asyncpool(\.[a-z_]+)+$"
-# Rule 2, Terraform files only: a literal needs quotes in HCL, so a line without any quote holds
-# references and calls (`secrets = local.secrets`, `secret_string_wo = jsonencode({`), which the
-# keyword plugin flags by name alone. Quoted values on .tf lines are still scanned.
-HCL_EXCLUDE_LINES = r"^[^\"']*$"
-# Rule 3, every file: a PostgreSQL URL with a password for a loopback host is a placeholder for a
-# throwaway local server (usage lines, tests); the same URL for any other host is still reported.
-LOOPBACK_DSN_LINES = r"postgres(?:ql)?://[^:/@\s]+:[^@\s]+@(?:127\.0\.0\.1|localhost|\[::1\])[:/]"
-
-# Audited values: (plugin type, hashed_secret) -> where they occur and why they are not secrets.
-# The hash is of the value, so an audit holds wherever the same placeholder appears. A new finding
-# must be audited here (or marked "pragma: allowlist secret" on its line) by whoever adds it.
-AUDITED: dict[tuple[str, str], str] = {
-    (
-        "Secret Keyword",
-        "26b2e4d71fa9856e473043370df9449dabe2b9aa",  # pragma: allowlist secret
-    ): "asyncpool/testing/aws_endpoint.py: moto's fake secret key, asyncpool-test-secret-access-key",
-    (
-        "Secret Keyword",
-        "0df7dba0087b31c56c2e5584e2420424d6fb906a",  # pragma: allowlist secret
-    ): "asyncpool/testing/aws_endpoint.py: moto's fake session token, asyncpool-test-session-token",
-    (
-        "Hex High Entropy String",
-        "d5662d7353c6257f68cab2a3b0f758cc79b1ac5e",  # pragma: allowlist secret
-    ): "examples/lambda_powertools/events/*.json: sample API Gateway apiId abcdef1234",
-    (
-        "Basic Auth Credentials",
-        "1a91d62f7ca67399625a4368a6ab5d4a3baa6073",  # pragma: allowlist secret
-    ): "tests/test_pool_api.py: placeholder DSN u:pw@h",
-    (
-        "Secret Keyword",
-        "d5d1d3f9dfb268f3edb270e670fcec014beb7153",  # pragma: allowlist secret
-    ): "tests/test_secrets_manager.py: moto-backed test value s3cret-value",
-    (
-        "Secret Keyword",
-        "eaef1152cbc4449fe7352d429ba1f292c335e1ba",  # pragma: allowlist secret
-    ): "tests/test_redaction.py: the value the redaction tests must never see printed",
-    (
-        "Secret Keyword",
-        "6216eaab98a9f9d4a5a3bdea6d21ff5b854003fc",  # pragma: allowlist secret
-    ): "docs/credentials-and-tls.md: token_host=, a host name in an IamAuth example",
-}
+BASELINE = ".secrets.baseline"
+FORK_BIN = Path(sys.executable).parent
 
 
-def candidate_files(root: Path) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=root,
-        capture_output=True,
-        check=True,
-    )
-    names = [n for n in out.stdout.decode().split("\0") if n]
-    return sorted(n for n in names if (root / n).is_file())
+def _yelp_bin() -> Path:
+    config = (ROOT / ".pre-commit-config.yaml").read_text()
+    version = re.search(r"rev: v([0-9.]+) +# detect-secrets", config)
+    assert version, "the detect-secrets hook's rev is not pinned in .pre-commit-config.yaml"
+    return ROOT / ".cache" / f"detect-secrets-{version[1]}" / "bin"
 
 
-def _detect_secrets(root: Path, files: list[str], *extra: str) -> dict[str, Any]:
-    if not DETECT_SECRETS.exists():
-        pytest.fail(f"detect-secrets is not installed next to {sys.executable}: install asyncpool[dev]")
-    out = subprocess.run(
-        [
-            str(DETECT_SECRETS),
-            "scan",
-            "--exclude-secrets",
-            EXCLUDE_SECRETS,
-            "--exclude-lines",
-            LOOPBACK_DSN_LINES,
-            *extra,
-            "--",
-            *files,
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    report: dict[str, Any] = json.loads(out.stdout)
+def _fork_bin() -> Path:
+    return FORK_BIN
+
+
+TOOLS: dict[str, Callable[[], Path]] = {"yelp": _yelp_bin, "checkov-fork": _fork_bin}
+
+
+@pytest.fixture(params=sorted(TOOLS))
+def tool(request: pytest.FixtureRequest) -> Path:
+    bindir: Path = TOOLS[request.param]()
+    if not (bindir / "detect-secrets-hook").exists():
+        pytest.fail(f"detect-secrets is not installed in {bindir}: run scripts/setup.sh")
+    return bindir
+
+
+def tracked_files(root: Path) -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
+    return sorted(n for n in out.stdout.decode().split("\0")
+                  if n and n != BASELINE and (root / n).is_file())
+
+
+def rescan(bindir: Path, root: Path, baseline: Path) -> dict[str, Any]:
+    """`detect-secrets scan --baseline` over `root`'s tracked files, into a copy of `baseline`
+    (the scan rewrites the file it is given; the repository's stays as committed)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch) / "baseline-under-test.json"
+        shutil.copy(baseline, work)
+        result = subprocess.run(
+            [str(bindir / "detect-secrets"), "scan", "--baseline", str(work),
+             "--exclude-files", r"^\.secrets\.baseline$"],
+            cwd=root, capture_output=True, text=True, check=False, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        report: dict[str, Any] = json.loads(work.read_text())
     return report
 
 
-def scan(root: Path, files: list[str]) -> dict[str, Any]:
-    """detect-secrets' report for `files` (relative to `root`); no network (no verification).
-
-    Two runs: Terraform files with HCL_EXCLUDE_LINES, everything else without it.
-    """
-    hcl = [f for f in files if f.endswith((".tf", ".tfvars"))]
-    other = [f for f in files if f not in hcl]
-    report = _detect_secrets(root, other) if other else {"results": {}, "plugins_used": []}
-    if hcl:
-        report["results"].update(_detect_secrets(root, hcl, "--exclude-lines", HCL_EXCLUDE_LINES)["results"])
-    return report
+def hook(bindir: Path, root: Path, baseline: Path, files: list[str]) -> subprocess.CompletedProcess[str]:
+    """The pre-commit hook over `files`, against a copy of `baseline` (the hook may update it)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch) / "baseline-for-hook.json"
+        shutil.copy(baseline, work)
+        return subprocess.run(
+            [str(bindir / "detect-secrets-hook"), "--baseline", str(work), *files],
+            cwd=root, capture_output=True, text=True, check=False, timeout=120,
+        )
 
 
-def findings(report: dict[str, Any], audited: dict[tuple[str, str], str] | None = None) -> list[str]:
-    return [
-        f"{name}:{hit['line_number']} {hit['type']}"
-        for name, hits in report["results"].items()
-        for hit in hits
-        if (hit["type"], hit["hashed_secret"]) not in (audited or {})
-    ]
+def unaudited(report: dict[str, Any]) -> list[str]:
+    return [f"{name}:{hit['line_number']} {hit['type']}"
+            for name, hits in report["results"].items() for hit in hits
+            if hit.get("is_secret") is not False]
 
 
-def test_the_repository_holds_no_secret() -> None:
-    files = candidate_files(ROOT)
-    # The scan is not vacuous: it covers the infrastructure and the package.
-    for expected in (
-        "compose.yaml",
-        ".env.example",
-        "terraform/modules/rds-proxy/main.tf",
-        "asyncpool/__init__.py",
-    ):
-        assert expected in files, expected
-    assert ".env" not in files, ".env must be gitignored"
-    report = scan(ROOT, files)
-    assert len(report["plugins_used"]) >= 10, report["plugins_used"]
-    assert findings(report, AUDITED) == []
+def test_the_baseline_holds_only_audited_false_positives(tool: Path) -> None:
+    files = tracked_files(ROOT)
+    for expected in ("compose.yaml", ".env.example", "terraform/modules/rds-proxy/main.tf",
+                     "asyncpool/__init__.py", ".pre-commit-config.yaml"):
+        assert expected in files, expected  # the scan covers the infrastructure and the package
+    assert ".env" not in files, ".env must never be committed"
+    committed = json.loads((ROOT / BASELINE).read_text())
+    assert len(committed["plugins_used"]) >= 20
+    assert unaudited(committed) == [], "every finding in the baseline must be audited"
+    report = rescan(tool, ROOT, ROOT / BASELINE)
+    assert sum(len(h) for h in report["results"].values()) >= 10  # it does find the placeholders
+    assert unaudited(report) == [], (
+        "new findings: audit them (detect-secrets scan --baseline .secrets.baseline; "
+        "detect-secrets audit .secrets.baseline) or mark the line `pragma: allowlist secret`"
+    )
+
+
+def test_the_pre_commit_hook_passes_on_every_tracked_file(tool: Path) -> None:
+    result = hook(tool, ROOT, ROOT / BASELINE, tracked_files(ROOT))
+    # 3: only line numbers of audited findings moved; under pre-commit the hook rewrites the
+    # baseline and asks for it to be added. 1: a finding that is not in the baseline.
+    assert result.returncode in (0, 3), result.stdout[-3000:] + result.stderr[-2000:]
+    assert "Potential secrets" not in result.stdout
 
 
 def _fake_aws_key_id() -> str:
     return "AKIA" + "".join(secrets.choice(string.ascii_uppercase + "234567") for _ in range(16))
 
 
-@pytest.mark.parametrize(
-    ("name", "content"),
-    [
-        ("settings.py", lambda: f'DB_PASSWORD = "{secrets.token_urlsafe(24)}"\n'),
-        ("deploy.env", lambda: f"AWS_ACCESS_KEY_ID={_fake_aws_key_id()}\n"),
-        (
-            "compose.override.yaml",
-            lambda: f"services:\n  db:\n    environment:\n      POSTGRES_PASSWORD: {secrets.token_hex(20)}\n",
-        ),
-        (
-            "main.tf",
-            lambda: 'resource "aws_db_instance" "x" {\n  password = "' + secrets.token_urlsafe(24) + '"\n}\n',
-        ),
-        (
-            "tls.key",
-            lambda: (
-                "-----BEGIN "
-                + "RSA PRIVATE KEY-----\n"
-                + secrets.token_hex(32)
-                + "\n-----END RSA PRIVATE KEY-----\n"
-            ),
-        ),
-    ],
-)
-def test_a_planted_secret_is_found(tmp_path: Path, name: str, content: Any) -> None:
-    """Same candidate list and same scan as above, in a throwaway git repository."""
+def _repo(tmp_path: Path, files: dict[str, str]) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    (tmp_path / ".gitignore").write_text(".env\n")
-    (tmp_path / "clean.txt").write_text("nothing to see\n")
-    (tmp_path / name).write_text(content())  # generated here, so this file itself holds no secret
-    (tmp_path / ".env").write_text(f"IGNORED_PASSWORD={secrets.token_urlsafe(24)}\n")
-    files = candidate_files(tmp_path)
-    assert name in files
-    assert ".env" not in files
-    hits = findings(scan(tmp_path, files))
-    assert any(hit.startswith(f"{name}:") for hit in hits), hits
-    assert not any(hit.startswith("clean.txt") for hit in hits)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    return tmp_path
 
 
-def test_the_exclusion_does_not_hide_a_real_secret(tmp_path: Path) -> None:
-    """The module-path rule only matches dotted asyncpool paths, not secrets next to them."""
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    (tmp_path / "lazy.py").write_text(
-        '_LAZY = {"SecretsManagerAuth": "asyncpool.credentials.secrets_manager"}\n'
-        f'api_secret = "asyncpool-{secrets.token_urlsafe(24)}"\n'  # pragma: allowlist secret
-    )
-    hits = findings(scan(tmp_path, candidate_files(tmp_path)))
-    assert {h.split()[0] for h in hits} == {"lazy.py:2"}, hits
+PLANTED: list[tuple[str, Callable[[], str]]] = [
+    ("settings.py", lambda: f'DB_PASSWORD = "{secrets.token_urlsafe(24)}"\n'),
+    ("deploy.env", lambda: f"AWS_ACCESS_KEY_ID={_fake_aws_key_id()}\n"),
+    ("compose.override.yaml",
+     lambda: f"services:\n  db:\n    environment:\n      POSTGRES_PASSWORD: {secrets.token_hex(20)}\n"),
+    ("main.tf",
+     lambda: 'resource "aws_db_instance" "x" {\n  password = "' + secrets.token_urlsafe(24) + '"\n}\n'),
+    ("tls.key", lambda: ("-----BEGIN " + "RSA PRIVATE KEY-----\n" + secrets.token_hex(32)
+                         + "\n-----END RSA PRIVATE KEY-----\n")),
+    ("dsn.py", lambda: f'DSN = "postgresql://app:{secrets.token_urlsafe(12)}@db.example.internal/app"\n'),
+]
 
 
-def test_the_hcl_rule_still_scans_quoted_values(tmp_path: Path) -> None:
-    """Quote-free .tf lines are skipped; a quoted secret in a .tf file is still found."""
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    (tmp_path / "main.tf").write_text(
-        f'locals {{\n  secrets = local.other_secrets\n  db_password = "{secrets.token_urlsafe(20)}"\n}}\n'
-    )
-    hits = findings(scan(tmp_path, candidate_files(tmp_path)))
-    assert {h.split()[0] for h in hits} == {"main.tf:3"}, hits
+@pytest.mark.parametrize(("name", "content"), PLANTED, ids=[p[0] for p in PLANTED])
+def test_a_planted_secret_is_found(tool: Path, tmp_path: Path, name: str,
+                                   content: Callable[[], str]) -> None:
+    """With the repository's baseline (its plugins and filters), in a throwaway git repository."""
+    # Generated here, so this file itself holds no secret.
+    repo = _repo(tmp_path, {"clean.txt": "nothing to see\n", name: content()})
+    result = hook(tool, repo, ROOT / BASELINE, tracked_files(repo))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"Location:    {name}:" in result.stdout
+    assert "clean.txt" not in result.stdout
+    assert {f.split(":")[0] for f in unaudited(rescan(tool, repo, ROOT / BASELINE))} == {name}
 
 
-def test_the_loopback_rule_keeps_other_hosts(tmp_path: Path) -> None:
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    password = secrets.token_urlsafe(12)
-    (tmp_path / "dsns.py").write_text(
-        f'LOCAL = "postgresql://app:{password}@127.0.0.1:6432/app"\n'
-        f'REMOTE = "postgresql://app:{password}@db.example.internal:5432/app"\n'
-    )
-    hits = findings(scan(tmp_path, candidate_files(tmp_path)))
-    assert {h.split()[0] for h in hits} == {"dsns.py:2"}, hits
+def test_an_audit_excuses_only_the_value_it_was_made_for(tool: Path, tmp_path: Path) -> None:
+    placeholder = 'api_password = "placeholder-for-the-docs"\n'  # pragma: allowlist secret
+    repo = _repo(tmp_path, {"app.py": placeholder})
+    audited = rescan(tool, repo, ROOT / BASELINE)
+    assert {f.split()[0] for f in unaudited(audited)} == {"app.py:1"}
+    for hit in audited["results"]["app.py"]:
+        hit["is_secret"] = False  # what `detect-secrets audit` records for a false positive
+    baseline = tmp_path / "audited.baseline"
+    baseline.write_text(json.dumps(audited))
+    assert hook(tool, repo, baseline, ["app.py"]).returncode == 0
+
+    (repo / "app.py").write_text(placeholder + f'db_password = "{secrets.token_urlsafe(20)}"\n')
+    result = hook(tool, repo, baseline, ["app.py"])
+    assert result.returncode == 1
+    assert "Location:    app.py:2" in result.stdout
+    assert "app.py:1" not in result.stdout

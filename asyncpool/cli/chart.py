@@ -18,7 +18,7 @@ def draw_chart(document: dict[str, Any], path: str) -> None:
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise SystemExit("--chart needs matplotlib: pip install 'asyncpool[bench]'") from None
+        raise SystemExit("--chart needs matplotlib: pip install 'asyncpool-pg[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -116,7 +116,7 @@ class AwsClient:
             from aiobotocore.session import AioSession
         except ImportError:
             raise CredentialsError(
-                f"AWS {self.service} needs aiobotocore: pip install 'asyncpool[iam]'"
+                f"AWS {self.service} needs aiobotocore: pip install 'asyncpool-pg[iam]'"
             ) from None
         hide_secrets_in_botocore_logs()
         config = AioConfig(

@@ -28,6 +28,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from asyncpool.errors import PoolClosedError
 from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool import Pool
@@ -79,6 +80,10 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
 
     On Lambda the pool is opened without connecting: the first request connects, so a database
     that is down fails that request rather than every lifespan startup.
+
+    Testing: ``with TestClient(app) as client:`` runs this lifespan, and every request of the
+    block, on one event loop; once the block ends the pool is closed, so keep one client for the
+    test session or build the app per client (docs/serverless.md, "Testing a FastAPI app").
     """
     keep = running_on_lambda() if keep_open is None else keep_open
     hooked = False
@@ -87,6 +92,13 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
     async def lifespan(app: Any) -> AsyncIterator[None]:
         nonlocal hooked
         if not keep:
+            if pool.closed:
+                raise PoolClosedError(
+                    f"pool {pool.name!r} was closed when this app's previous lifespan ended (a "
+                    "previous `with TestClient(app)` block, say), and a pool cannot be reopened: "
+                    "keep one TestClient for the test session (a session-scoped fixture), or "
+                    "build the app and its pool anew for each client"
+                )
             async with pool:
                 yield
             return

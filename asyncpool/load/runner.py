@@ -218,7 +218,7 @@ def _check_driver_available(spec: LoadSpec) -> None:
 
     needs: list[tuple[str, str]] = []
     if spec.driver == "psycopg-pool":
-        needs.append(("psycopg_pool", "pip install 'asyncpool[bench]'"))
+        needs.append(("psycopg_pool", "pip install 'asyncpool-pg[bench]'"))
     if spec.prepared_statements == "describe-cache":
         needs.append(("asyncpool.describe_cache", "this asyncpool build has no describe-cache mode"))
     if spec.exports_telemetry:

@@ -62,7 +62,7 @@ def docker_unavailable_reason() -> str | None:
     try:
         from testcontainers.core.docker_client import DockerClient
     except ImportError as exc:
-        return f"{UNREACHABLE}testcontainers is not installed ({exc}); install asyncpool[dev]"
+        return f"{UNREACHABLE}testcontainers is not installed ({exc}); pip install -e '.[dev]'"
     try:
         client = DockerClient(timeout=5)
     except Exception as exc:  # docker.errors.DockerException and whatever the transport raises

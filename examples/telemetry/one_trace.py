@@ -10,7 +10,7 @@ the asyncpg instrumentation makes one span per query. Both land under the reques
     ├── BEGIN;  SELECT  COMMIT;      CLIENT   opentelemetry-instrumentation-asyncpg
     └── SELECT                       CLIENT   opentelemetry-instrumentation-asyncpg
 
-    pip install asyncpool opentelemetry-sdk opentelemetry-instrumentation-asyncpg
+    pip install asyncpool-pg opentelemetry-sdk opentelemetry-instrumentation-asyncpg
     ASYNCPOOL_DSN=postgresql://app:secret@127.0.0.1:6432/app python examples/telemetry/one_trace.py
 
 Spans are printed as JSON lines on stdout (swap ConsoleSpanExporter for an OTLP exporter in

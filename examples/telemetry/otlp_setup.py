@@ -1,6 +1,6 @@
 """Export asyncpool's metrics and spans over OTLP (to an OpenTelemetry Collector, Grafana Alloy...).
 
-    pip install asyncpool opentelemetry-sdk opentelemetry-exporter-otlp-proto-http
+    pip install asyncpool-pg opentelemetry-sdk opentelemetry-exporter-otlp-proto-http
     docker compose --profile observability up -d --wait     # the repository's collector on :4318
     ASYNCPOOL_DSN=postgresql://app:secret@127.0.0.1:6432/app python examples/telemetry/otlp_setup.py
 

@@ -1,6 +1,6 @@
 """Serve asyncpool's metrics for Prometheus to scrape, with no collector in between.
 
-    pip install asyncpool opentelemetry-sdk opentelemetry-exporter-prometheus
+    pip install asyncpool-pg opentelemetry-sdk opentelemetry-exporter-prometheus
     ASYNCPOOL_DSN=postgresql://app:secret@127.0.0.1:6432/app python examples/telemetry/prometheus_setup.py
     curl -s http://127.0.0.1:9464/metrics | grep db_client_connection
 

@@ -1,0 +1,86 @@
+"""Testing a FastAPI app that uses asyncpool: the two recipes of docs/serverless.md ("Testing a
+FastAPI app"), `with TestClient(app)` and `httpx.AsyncClient(transport=ASGITransport(app))`, and
+the errors with advice when a test leaves one event loop for another.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
+
+import warnings
+from collections.abc import Iterator
+from typing import Annotated
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+from asyncpool import Pool, PoolClosedError, PooledConnection
+from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
+from asyncpool.testing import PgBouncerServer
+
+with warnings.catch_warnings():
+    # Starlette 1.x suggests httpx2 for its TestClient; the TestClient itself is what users run.
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+
+def build_app(dsn: str) -> tuple[FastAPI, Pool]:
+    """The app as a user writes it: a module-level pool, its lifespan, two dependencies."""
+    pool = Pool(dsn, max_size=2, telemetry=False)
+    app = FastAPI(lifespan=pool_lifespan(pool))
+    connection = Annotated[PooledConnection, Depends(pool_connection(pool))]
+    transaction = Annotated[PooledConnection, Depends(pool_connection(pool, transaction=True))]
+
+    @app.get("/double")
+    async def double(conn: connection, n: int) -> dict[str, int]:
+        return {"n": await conn.fetchval("SELECT $1::int * 2", n)}
+
+    @app.post("/sum")
+    async def total(conn: transaction, n: int) -> dict[str, int]:
+        await conn.execute("CREATE TEMP TABLE t (n int) ON COMMIT DROP")
+        await conn.executemany("INSERT INTO t VALUES ($1)", [(i,) for i in range(n + 1)])
+        return {"sum": await conn.fetchval("SELECT sum(n)::int FROM t")}
+
+    return app, pool
+
+
+@pytest.fixture
+def app_and_pool(legacy: PgBouncerServer) -> Iterator[tuple[FastAPI, Pool]]:
+    app, pool = build_app(legacy.dsn())
+    yield app, pool
+    if not pool.closed:
+        pool.terminate()
+
+
+def test_with_test_client_every_request_shares_one_loop(app_and_pool: tuple[FastAPI, Pool]) -> None:
+    app, pool = app_and_pool
+    with TestClient(app) as client:  # runs the lifespan: the pool opens on the client's loop
+        assert client.get("/double", params={"n": 2}).json() == {"n": 4}
+        assert client.get("/double", params={"n": 3}).json() == {"n": 6}
+        assert client.post("/sum", params={"n": 4}).json() == {"sum": 10}
+        assert pool.stats().created_total == 1  # one connection served every request
+    assert pool.closed  # the lifespan closed it with the client
+
+
+def test_a_second_test_client_on_a_closed_pool_says_what_to_do(
+    app_and_pool: tuple[FastAPI, Pool],
+) -> None:
+    app, _ = app_and_pool
+    with TestClient(app) as client:
+        assert client.get("/double", params={"n": 1}).status_code == 200
+    with pytest.raises(PoolClosedError) as caught, TestClient(app):
+        pass
+    message = str(caught.value)
+    assert "previous `with TestClient(app)` block" in message
+    assert "session-scoped fixture" in message
+
+
+async def test_httpx_async_client_with_asgi_transport(app_and_pool: tuple[FastAPI, Pool]) -> None:
+    app, pool = app_and_pool
+    # ASGITransport runs no lifespan: pool_connection opens the pool on first use, on this loop.
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/double", params={"n": 5})).json() == {"n": 10}
+        assert (await client.post("/sum", params={"n": 3})).json() == {"sum": 6}
+        assert (await client.get("/double", params={"n": 6})).json() == {"n": 12}
+    assert pool.stats().created_total == 1
+    await pool.close()
