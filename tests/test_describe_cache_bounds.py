@@ -13,7 +13,6 @@ import pytest
 import asyncpool
 from asyncpool import Pool, PoolConfigError
 from asyncpool.describe_cache import invalidate_all
-from asyncpool.describe_cache.writer import ParseSwap
 from asyncpool.testing import PgBouncerServer
 from tests.conftest import Pooler
 
@@ -168,12 +167,14 @@ async def test_an_asyncpg_with_another_signature_fails_at_open(
                                     telemetry=False)
 
 
-def test_transports_without_per_instance_methods_are_refused() -> None:
-    class SlottedTransport:  # as uvloop's are: no instance __dict__
-        __slots__ = ()
+async def test_a_connection_opened_without_the_pools_loop_is_refused(
+    legacy: PgBouncerServer,
+) -> None:
+    from asyncpool.config import PoolConfig
+    from asyncpool.describe_cache import CacheTotals, describe_cache_connection_class
 
-        def set_protocol(self, protocol: object) -> None:
-            pass
-
-    assert not ParseSwap.supported(SlottedTransport())
-    assert not ParseSwap.supported(object())
+    cls = describe_cache_connection_class(
+        PoolConfig(dsn=legacy.dsn(), name="bare", prepared_statements="describe-cache"),
+        CacheTotals())
+    with pytest.raises(PoolConfigError, match=r"'bare'.*InterceptingLoop"):
+        await asyncpg.connect(legacy.dsn(), connection_class=cls, statement_cache_size=0)

@@ -17,9 +17,10 @@ import pytest
 
 from asyncpool import Pool
 from asyncpool.config import PreparedStatements
+from asyncpool.describe_cache.check import CHANGED, MATCH, UNREADABLE, Check
 from asyncpool.describe_cache.entries import Description
-from asyncpool.describe_cache.inspector import Check, ReplyInspector, Verdict
-from asyncpool.describe_cache.messages import DATA_ROW, message_header
+from asyncpool.describe_cache.messages import DATA_ROW, PARSE_COMPLETE_MESSAGE, message_header
+from asyncpool.describe_cache.wire import Wire
 from tests.conftest import Pooler
 
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
@@ -144,11 +145,11 @@ async def test_executemany_is_one_round_trip_too(relay: CountingRelay, pooler: P
         assert await conn.fetchval("SELECT count(*) FROM t") == 502
 
 
-# -- the inspector, fed real replies one byte at a time -------------------------------------------
+# -- the Wire's reading side, fed real replies a few bytes at a time -----------------------------
 
 
 class Recorder:
-    """Stands in for asyncpg's protocol: records what the inspector forwards."""
+    """Stands in for asyncpg's protocol: records what the Wire forwards."""
 
     def __init__(self) -> None:
         self.received = bytearray()
@@ -171,6 +172,13 @@ def _messages(reply: bytes) -> list[bytes]:
         pos = head[1]
     assert pos == len(reply)
     return found
+
+
+def _wire(inner: Recorder, transport: FakeTransport, verdicts: list[Check] | None = None) -> Wire:
+    wire = Wire(inner)
+    wire.real = transport
+    wire.on_verdict = (verdicts if verdicts is not None else []).append
+    return wire
 
 
 def _without_data_rows(reply: bytes) -> bytes:
@@ -199,53 +207,58 @@ async def _reply_of_reuse(relay: CountingRelay, pooler: Pooler, ddl: str | None)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
-async def test_inspector_forwards_a_matching_reply_unchanged(relay: CountingRelay, pooler: Pooler,
+async def test_wire_forwards_a_matching_reply_unchanged(relay: CountingRelay, pooler: Pooler,
                                                              chunk: int) -> None:
     description, reply = await _reply_of_reuse(relay, pooler, None)
     description.row_message = None  # take the slow path: compare column by column
     inner, verdicts = Recorder(), list[Check]()
-    inspector = ReplyInspector(inner, FakeTransport(), verdicts.append)  # type: ignore[arg-type]
-    check = Check(description, ("q", asyncpg.Record, False))
-    inspector.expect(check)
+    wire = _wire(inner, FakeTransport(), verdicts)
+    check = Check(description, ("q", asyncpg.Record, False), replay=True)
+    wire.expect(check)
     for pos in range(0, len(reply), chunk):
-        inspector.data_received(reply[pos:pos + chunk])
-    assert check.verdict is Verdict.MATCH
+        wire.data_received(reply[pos:pos + chunk])
+    assert check.verdict == MATCH
     assert verdicts == [check]
     assert bytes(inner.received) == reply
     assert sum(m[0] == DATA_ROW for m in _messages(reply)) == 5
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
-async def test_inspector_drops_the_rows_of_a_changed_reply(relay: CountingRelay, pooler: Pooler,
-                                                           chunk: int) -> None:
+async def test_wire_keeps_the_rows_of_a_changed_reply_to_decode_again(
+    relay: CountingRelay, pooler: Pooler, chunk: int
+) -> None:
     description, reply = await _reply_of_reuse(
         relay, pooler, "ALTER TABLE {table} ALTER COLUMN k TYPE float4")
     transport = FakeTransport()
     inner = Recorder()
-    inspector = ReplyInspector(inner, transport, lambda check: None)  # type: ignore[arg-type]
-    check = Check(description, ("q", asyncpg.Record, False))
-    inspector.expect(check)
+    wire = _wire(inner, transport)
+    check = Check(description, ("q", asyncpg.Record, False), replay=True)
+    wire.expect(check)
     for pos in range(0, len(reply), chunk):
-        inspector.data_received(reply[pos:pos + chunk])
-    assert check.verdict is Verdict.CHANGED
+        wire.data_received(reply[pos:pos + chunk])
+    assert check.verdict == CHANGED
     assert check.found == (("k", 700),)  # float4
-    assert sum(m[0] == DATA_ROW for m in _messages(reply)) == 5
+    messages = _messages(reply)
+    assert sum(m[0] == DATA_ROW for m in messages) == 5
+    # asyncpg's call gets the reply without rows; every message after the head is recorded.
     assert bytes(inner.received) == _without_data_rows(reply)
     assert bytes(inner.received).endswith(reply[-6:])  # ReadyForQuery went through
+    assert b"".join(check.recorded) == PARSE_COMPLETE_MESSAGE + b"".join(messages[3:])
+    assert check.bound
     assert not transport.aborted
-    inspector.data_received(b"after")  # back to forwarding everything
+    wire.data_received(b"after")  # back to forwarding everything
     assert bytes(inner.received).endswith(b"after")
 
 
-async def test_inspector_closes_the_connection_on_a_reply_it_cannot_read(
+async def test_wire_closes_the_connection_on_a_reply_it_cannot_read(
     relay: CountingRelay, pooler: Pooler
 ) -> None:
     description, _ = await _reply_of_reuse(relay, pooler, None)
     transport, inner = FakeTransport(), Recorder()
-    inspector = ReplyInspector(inner, transport, lambda check: None)  # type: ignore[arg-type]
-    check = Check(description, ("q", asyncpg.Record, False))
-    inspector.expect(check)
-    inspector.data_received(b"D\x00\x00\x00\x06\x00\x00")  # a DataRow before any description
-    assert check.verdict is Verdict.UNREADABLE
+    wire = _wire(inner, transport)
+    check = Check(description, ("q", asyncpg.Record, False), replay=True)
+    wire.expect(check)
+    wire.data_received(b"D\x00\x00\x00\x06\x00\x00")  # a DataRow before any description
+    assert check.verdict == UNREADABLE
     assert transport.aborted
     assert inner.received == b""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ class Connector:
             require_tls(config)
         #: The describe-cache's counts over all connections (describe-cache mode only).
         self.statement_cache: CacheTotals | None = None
+        #: Connections are opened through an InterceptingLoop (the one-round-trip path).
+        self._intercept = False
         self._kwargs = self._driver_kwargs(kw)
 
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +59,7 @@ class Connector:
 
             self.statement_cache = CacheTotals()
             kw["connection_class"] = describe_cache_connection_class(cfg, self.statement_cache)
+            self._intercept = True
         ssl_arg = ssl_argument(cfg, self.target)
         if ssl_arg is not None:
             kw["ssl"] = ssl_arg
@@ -99,6 +103,10 @@ class Connector:
                     cred_times.append(time.time_ns())
 
             kwargs = {**kwargs, "password": password}
+        if self._intercept:
+            from asyncpool.describe_cache.wire import InterceptingLoop
+
+            kwargs = {**kwargs, "loop": InterceptingLoop(asyncio.get_running_loop())}
         started = time.time_ns()
         error: BaseException | None = None
         try:

@@ -1,8 +1,9 @@
-"""The asyncpg connection class of describe-cache mode: reuses described statements safely."""
+"""The asyncpg connection class of the one-round-trip path: reuses described statements safely."""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,19 +11,24 @@ import asyncpg
 from asyncpg import exceptions as pg_exceptions
 from asyncpg.protocol import protocol as asyncpg_protocol
 
+from asyncpool.describe_cache.check import CHANGED, MATCH, REJECTED, UNREADABLE, Check
 from asyncpool.describe_cache.entries import CacheTotals, DescribeCacheStats, DescriptionCache, Key
-from asyncpool.describe_cache.inspector import Check, ReplyInspector, Verdict
-from asyncpool.describe_cache.messages import Column
+from asyncpool.describe_cache.messages import (
+    DATA_ROW,
+    PARSE_COMPLETE_MESSAGE,
+    Column,
+    bind_result_formats,
+    row_columns,
+)
 from asyncpool.describe_cache.support import unsupported_transport_error
-from asyncpool.describe_cache.writer import ParseSwap
+from asyncpool.describe_cache.wire import InterceptingLoop, WireTransport, drive
 from asyncpool.errors import StaleStatementError
 
 logger = logging.getLogger("asyncpool.describe_cache")
 
-RETIRE_REASON = "stale statement description"
-# SQLSTATE classes of a refusal to parse a statement that parsed before: the schema it names
-# changed (42: undefined or retyped column, table, function, operator...; 3F: schema).
-_SCHEMA_CLASSES = ("42", "3F")
+RETIRE_REASON = "unreadable or undecodable reply to a reused statement"
+# How a call reaches `_do_execute` (set by the method that knows, read once).
+_ROWS, _DISCARD, _PLAIN = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,62 +43,109 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
     """Keeps each described unnamed statement and reuses it in one round trip.
 
     A reuse sends Parse (with the cached parameter types) + Describe + Bind + Execute + Sync in
-    one write, and the reply's description is checked against the cached one before any row is
-    decoded (see `ReplyInspector`). `retire_reason` is set once a stale description is found:
-    the pool then closes the connection when it comes back.
+    one write. The reply's description is read before asyncpg decodes a row; when it differs,
+    asyncpg's call completes without rows and the recorded rows are decoded again with the new
+    description (after introspecting any type the connection has not seen). A statement the
+    server refuses before running it is described afresh and run by asyncpg's own path, outside
+    a transaction block.
     """
 
-    __slots__ = ("_describe_cache", "_inspector", "_swap", "retire_reason")
+    __slots__ = ("_call", "_describe_cache", "_enums", "_wire", "retire_reason")
     _policy: Policy
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        transport = self._transport
-        if not ParseSwap.supported(transport):
+    def __init__(self, protocol: Any, transport: Any, loop: Any, *args: Any,
+                 **kwargs: Any) -> None:
+        if isinstance(loop, InterceptingLoop):
+            loop = loop.real
+        super().__init__(protocol, transport, loop, *args, **kwargs)
+        if not isinstance(transport, WireTransport):
             transport.abort()
             raise unsupported_transport_error(self._policy.pool_name, transport)
         self.retire_reason: str | None = None
+        self._call = _ROWS
         self._describe_cache = DescriptionCache(
             self._policy.max_size, self._policy.ttl, self._policy.totals
         )
-        self._inspector = ReplyInspector(self._protocol, transport, self._on_verdict)
-        transport.set_protocol(self._inspector)
-        self._swap = ParseSwap(transport, self._inspector.expect)
+        self._wire = transport.wire
+        self._wire.on_verdict = self._on_verdict
+        self._enums: set[int] = set()  # OIDs of the enum types this connection introspected
 
     def describe_cache_stats(self) -> DescribeCacheStats:
-        """Hits, misses, stale descriptions and evictions of this connection's cache."""
+        """Hits, misses, changed descriptions and evictions of this connection's cache."""
         return self._describe_cache.stats()
 
     # -- asyncpg hooks -------------------------------------------------------------------------
 
+    async def _executemany(self, query: str, args: Any, timeout: float | None,
+                           return_rows: bool = False, record_class: type | None = None) -> Any:
+        # fetchmany(): its rows are not kept to decode again, so it takes asyncpg's own path.
+        self._call = _PLAIN if return_rows else _DISCARD
+        try:
+            return await super()._executemany(query, args, timeout, return_rows=return_rows,
+                                              record_class=record_class)
+        finally:
+            self._call = _ROWS
+
     async def _do_execute(self, query: str, executor: Any, timeout: float | None,
                           retry: bool = True, *, ignore_custom_codec: bool = False,
                           record_class: type | None = None) -> tuple[Any, Any]:
-        cache = self._describe_cache
+        call, self._call = self._call, _ROWS
         key: Key = (query, record_class or self._protocol.get_record_class(), ignore_custom_codec)
-        entry = cache.get(key)
-        # While asyncpg still waits for a cancelled query to finish, take its own path.
-        if entry is not None and not self._protocol._is_cancelling():
-            return await self._reuse(Check(entry, key), executor, timeout), entry.statement
-        generation = cache.generation()
-        result, statement = await super()._do_execute(
-            query, executor, timeout, retry, ignore_custom_codec=ignore_custom_codec,
-            record_class=record_class,
-        )
-        if entry is None and self._cacheable(statement):
-            try:
-                cache.put(key, statement, generation)
-            except pg_exceptions.InternalClientError:  # a codec went missing meanwhile
-                logger.debug("pool %r: statement not cached", self._policy.pool_name,
-                             exc_info=True)
-        return result, statement
+        if call != _PLAIN:
+            entry = self._describe_cache.get(key)
+            # While asyncpg still waits for a cancelled query to finish, take its own path.
+            # executemany sends many Binds: an enum parameter sent as text would need each one
+            # rewritten, so such a statement takes asyncpg's own path there.
+            if (entry is not None and not self._protocol._is_cancelling()
+                    and not (call == _DISCARD and entry.text_params)):
+                check = Check(entry, key, replay=call == _ROWS)
+                return await self._reuse(check, executor, timeout, retry)
+        return await self._describe_and_run(key, executor, timeout, retry, call)
+
+    async def _introspect_types(self, typeoids: Any, timeout: float | None) -> Any:
+        types, statement = await super()._introspect_types(typeoids, timeout)
+        self._enums.update(t["oid"] for t in types if t["kind"] == b"e")
+        return types, statement
 
     def _drop_local_statement_cache(self) -> None:
         # asyncpg calls this when codecs or types change (set_type_codec, reload_schema_state).
         super()._drop_local_statement_cache()
         self._describe_cache.clear()
 
-    # -- reuse ---------------------------------------------------------------------------------
+    # -- describing, reusing -------------------------------------------------------------------
+
+    async def _describe_and_run(self, key: Key, executor: Any, timeout: float | None,
+                                retry: bool, call: int) -> tuple[Any, Any]:
+        """Describe (one round trip, plus asyncpg's introspection of types it has not seen),
+        keep the description, then run the call as a reuse: the reply's description is checked
+        like any other, so a change between describing and running cannot be misdecoded (as it
+        can on asyncpg's own path, when introspection ends the describe's transaction)."""
+        query, record_class, ignore_custom_codec = key
+        if call == _PLAIN:
+            result: tuple[Any, Any] = await super()._do_execute(
+                query, executor, timeout, retry, ignore_custom_codec=ignore_custom_codec,
+                record_class=record_class)
+            return result
+        cache = self._describe_cache
+        generation = cache.generation()
+        started = time.monotonic()
+        statement = await self._get_statement(query, timeout, record_class=record_class,
+                                              ignore_custom_codec=ignore_custom_codec)
+        if timeout is not None:
+            timeout -= time.monotonic() - started
+        if self._cacheable(statement):
+            self._keep(key, statement, generation)
+        entry = cache.peek(key)
+        if entry is None or entry.statement is not statement:  # not cacheable, or invalidated
+            return await executor(statement, timeout), statement
+        return await self._reuse(Check(entry, key, replay=call == _ROWS), executor, timeout,
+                                 retry)
+
+    def _keep(self, key: Key, statement: Any, generation: int) -> None:
+        try:
+            self._describe_cache.put(key, statement, generation, self._enums)
+        except pg_exceptions.InternalClientError:  # a codec went missing meanwhile
+            logger.debug("pool %r: statement not cached", self._policy.pool_name, exc_info=True)
 
     def _cacheable(self, statement: Any) -> bool:
         limit = self._config.max_cacheable_statement_size
@@ -102,80 +155,141 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
             and not (limit and len(statement.query) > limit)
         )
 
-    async def _reuse(self, check: Check, executor: Any, timeout: float | None) -> Any:
-        self._swap.arm(check)
+    async def _reuse(self, check: Check, executor: Any, timeout: float | None,
+                     retry: bool) -> tuple[Any, Any]:
+        wire = self._wire
+        generation = self._describe_cache.generation()
+        wire.arm(check)
         try:
             result = await executor(check.description.statement, timeout)
         except pg_exceptions.OutdatedSchemaCacheError:
             # A composite type changed under its codec: as asyncpg does, reload and re-raise.
             await self.reload_schema_state()
             raise
-        except Exception as exc:
-            if _is_stale(check):
-                raise self._stale_error(check, exc) from exc
-            raise
+        except (pg_exceptions.PostgresError, pg_exceptions.InterfaceError) as exc:
+            wire.disarm()
+            if not (retry and self._did_not_run(check, exc)):
+                raise
+        else:
+            if check.verdict == CHANGED and check.replay:
+                return await self._decode_again(check, executor, timeout, generation)
+            return result, check.description.statement
         finally:
-            self._swap.disarm()
-        if _is_stale(check):
-            raise self._stale_error(check)
-        return result
+            wire.disarm()
+        # Described afresh: what asyncpg's own path gives for this call.
+        self._describe_cache.count_miss()
+        return await self._describe_and_run(check.key, executor, timeout, False,
+                                            _ROWS if check.replay else _DISCARD)
+
+    def _did_not_run(self, check: Check, exc: Exception) -> bool:
+        """Whether a failed reuse left no trace, so asyncpg's own path may run the call."""
+        if check.sent is None:
+            # asyncpg refused before sending (an argument its cached codec cannot encode, e.g.
+            # a value too large for a column since widened): describe afresh and let it decide.
+            self._describe_cache.discard(check.key)
+            return not self.is_closed()
+        if not isinstance(exc, pg_exceptions.PostgresError):
+            return False
+        refused = check.verdict == REJECTED or (check.verdict == CHANGED and not check.bound)
+        # In a transaction block the refusal aborted the transaction: nothing can run again.
+        return refused and not self._protocol.is_in_transaction()
 
     def _on_verdict(self, check: Check) -> None:
-        """Called by the inspector as soon as the reply's head is read, even if the caller has
-        been cancelled since: the cache and the connection's fate must not depend on it."""
+        """Called by the Wire as soon as the reply's head is read, even if the caller has been
+        cancelled since: the cache and the connection's fate must not depend on it."""
         verdict = check.verdict
-        if verdict is Verdict.MATCH:
+        if verdict == MATCH:
             return
         cache = self._describe_cache
         cache.discard(check.key)
-        if not _is_stale(check):
+        if verdict == UNREADABLE:
+            cache.clear()
+            self.retire_reason = RETIRE_REASON
+            logger.warning("pool %r: the reply to a reused statement was not the one the "
+                           "protocol promises; the connection was closed",
+                           self._policy.pool_name)
             return
-        cache.clear()  # one changed table usually means several stale statements
         cache.count_stale()
-        self.retire_reason = RETIRE_REASON
-        logger.warning("pool %r: %s", self._policy.pool_name, _cause(check))
+        logger.info("pool %r: %s", self._policy.pool_name, _cause(check))
 
-    def _stale_error(self, check: Check, exc: Exception | None = None) -> StaleStatementError:
-        may_have_run = check.verdict is not Verdict.REJECTED
-        outcome = (
-            "It was sent and may have run (in an open transaction, roll back); its rows were "
-            "not decoded, and it was not re-run."
-            if may_have_run else "It did not run."
-        )
-        error = StaleStatementError(
-            f"pool {self._policy.pool_name!r}: {_cause(check, exc)}. {outcome} The description was "
-            "dropped and this connection will be replaced when released: call again if "
-            "repeating the statement is safe. After a migration, call "
-            "pool.invalidate_statement_cache()."
-        )
-        error.may_have_run = may_have_run
-        error.query = check.description.statement.query
-        return error
+    async def _decode_again(self, check: Check, executor: Any, timeout: float | None,
+                            generation: int) -> tuple[Any, Any]:
+        """Decode the recorded reply with the description it arrived with.
+
+        asyncpg builds the statement from the reply's own ParameterDescription and
+        RowDescription (fed to its prepare, nothing is sent), introspects the types it does not
+        know (the one extra round trip, only for a type new to this connection), and then
+        decodes the recorded rows (fed to the same executor, nothing is sent).
+        """
+        wire = self._wire
+        protocol = self._protocol
+        query, record_class, ignore_custom_codec = check.key
+        described = PARSE_COMPLETE_MESSAGE + check.param_reply + check.row_reply
+        wire.swallowing = True
+        try:
+            statement = drive(
+                protocol.prepare("", query, timeout, ignore_custom_codec=ignore_custom_codec,
+                                 record_class=record_class),
+                lambda: wire.feed(described),
+            )
+        finally:
+            wire.swallowing = False
+            wire.swallowed.clear()
+        for _ in range(5):
+            missing = statement._init_types()
+            if not missing:
+                break
+            types, _ = await self._introspect_types(missing, timeout)
+            protocol.get_settings().register_data_types(types)
+        else:
+            raise pg_exceptions.InternalClientError(
+                "could not resolve the result types of a changed statement")
+        statement._init_codecs()
+        statement.mark_unprepared()
+        columns = len(statement._get_attributes())
+        decodable = True
+
+        def deliver() -> None:
+            nonlocal decodable
+            asked = bind_result_formats(check.sent or b"", columns)
+            wanted = bind_result_formats(b"".join(wire.swallowed), columns)
+            decodable = asked is not None and asked == wanted
+            recorded = check.recorded
+            if not decodable:  # rows in a format the new codecs do not read: drop them
+                recorded = [m for m in recorded if m[0] != DATA_ROW]
+            wire.feed(b"".join(recorded))
+
+        wire.swallowing = True
+        try:
+            result = drive(executor(statement, timeout), deliver)
+        finally:
+            wire.swallowing = False
+            wire.swallowed.clear()
+        if not decodable:
+            self.retire_reason = RETIRE_REASON
+            error = StaleStatementError(
+                f"pool {self._policy.pool_name!r}: {_cause(check)}, and asyncpg decodes the new "
+                "columns in a format other than the one the server was asked for. The "
+                "statement ran; its rows were not decoded. The next call describes it afresh."
+            )
+            error.may_have_run = True
+            error.query = query
+            raise error
+        if self._cacheable(statement):
+            self._keep(check.key, statement, generation)
+        return result, statement
 
 
-def _is_stale(check: Check) -> bool:
-    verdict = check.verdict
-    if verdict is Verdict.REJECTED:
-        return (check.sqlstate or "")[:2] in _SCHEMA_CLASSES
-    return verdict is Verdict.CHANGED or verdict is Verdict.UNREADABLE
-
-
-def _cause(check: Check, exc: Exception | None = None) -> str:
+def _cause(check: Check) -> str:
     description = check.description
-    if check.verdict is Verdict.UNREADABLE:
-        return ("the reply to a reused statement was not the one the protocol promises, so its "
-                "description could not be checked; the connection was closed")
-    if check.verdict is Verdict.REJECTED:
-        refusal = f"{type(exc).__name__}: {exc}" if exc is not None else f"SQLSTATE {check.sqlstate}"
-        return ("a cached statement no longer fits the schema: parsed with its cached parameter "
-                f"types, the server refused it ({refusal})")
     names = description.type_names
-    if check.found is None:
-        return ("the parameter types of a cached statement changed since it was described "
-                "(the schema changed)")
+    if check.verdict == REJECTED:
+        return (f"the server refused a cached statement (SQLSTATE {check.sqlstate}): its "
+                "parameter types no longer fit the schema; it is described afresh")
+    found = check.found if check.found is not None else row_columns(check.row_reply)
     return (f"the result columns of a cached statement changed since it was described: "
-            f"{_changes(description.columns, check.found, names)} (was "
-            f"{_columns(description.columns, names)}; now {_columns(check.found, names)})")
+            f"{_changes(description.columns, found, names)} (was "
+            f"{_columns(description.columns, names)}; now {_columns(found, names)})")
 
 
 def _changes(before: tuple[Column, ...], after: tuple[Column, ...], names: dict[int, str]) -> str:

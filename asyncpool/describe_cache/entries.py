@@ -39,14 +39,21 @@ class Description:
     """
 
     __slots__ = ("columns", "expires_at", "param_message", "prefix", "row_message", "statement",
-                 "type_names")
+                 "text_params", "type_names")
 
-    def __init__(self, statement: Any, expires_at: float | None) -> None:
+    def __init__(self, statement: Any, expires_at: float | None,
+                 enums: frozenset[int] | set[int] = frozenset()) -> None:
         params = [t.oid for t in statement._get_parameters()]
         attributes = statement._get_attributes()
         self.statement = statement
-        self.prefix = typed_parse(statement.query, params) + DESCRIBE_UNNAMED_STATEMENT
-        self.param_message = parameter_description(params)
+        # An enum's binary form is its label, the same bytes as its text form. Sent as text with
+        # the type left to the server, a label still means the same after the enum type was
+        # dropped and recreated (a new OID the Parse could not name) and can never be misread.
+        self.text_params = tuple(i for i, oid in enumerate(params) if oid in enums)
+        declared = [0 if oid in enums else oid for oid in params]
+        self.prefix = typed_parse(statement.query, declared) + DESCRIBE_UNNAMED_STATEMENT
+        # The server describes the parameters it was left to infer: compare only declared ones.
+        self.param_message = parameter_description(declared)
         self.columns: tuple[Column, ...] = tuple((a.name, a.type.oid) for a in attributes)
         # A RowDescription already found to match `columns`: later ones are compared as bytes.
         self.row_message: bytes | None = None
@@ -114,20 +121,29 @@ class DescriptionCache:
         self.totals.hits += 1
         return entry
 
+    def peek(self, key: Key) -> Description | None:
+        """The entry just put (not counted as a hit or a miss)."""
+        return self._entries.get(key)
+
     def generation(self) -> int:
         """Pass to `put`: a description made while `invalidate_all` ran must not be kept."""
         return Generation.value
 
-    def put(self, key: Key, statement: Any, generation: int) -> None:
+    def put(self, key: Key, statement: Any, generation: int,
+            enums: frozenset[int] | set[int] = frozenset()) -> None:
         if generation != Generation.value:
             return
         expires_at = None if self.ttl is None else time.monotonic() + self.ttl
-        self._entries[key] = Description(statement, expires_at)
+        self._entries[key] = Description(statement, expires_at, enums)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_size:
             self._entries.popitem(last=False)
             self.evicted += 1
             self.totals.evicted += 1
+
+    def count_miss(self) -> None:
+        self.misses += 1
+        self.totals.misses += 1
 
     def count_stale(self) -> None:
         self.stale += 1

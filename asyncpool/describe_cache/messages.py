@@ -18,6 +18,7 @@ _FIELD = struct.Struct("!IhIhih")
 DESCRIBE_UNNAMED_STATEMENT = b"D" + _INT32.pack(6) + b"S\0"
 
 PARSE_COMPLETE = ord("1")
+BIND_COMPLETE = ord("2")
 PARAMETER_DESCRIPTION = ord("t")
 ROW_DESCRIPTION = ord("T")
 NO_DATA = ord("n")
@@ -27,6 +28,57 @@ READY_FOR_QUERY = ord("Z")
 PARSE = ord("P")
 # Messages the server may send at any moment; they say nothing about the statement.
 ASYNCHRONOUS = frozenset((ord("N"), ord("S"), ord("A")))
+
+
+#: ParseComplete, as the server sends it.
+PARSE_COMPLETE_MESSAGE = b"1\0\0\0\x04"
+
+
+def bind_result_formats(data: bytes | bytearray, columns: int) -> tuple[int, ...] | None:
+    """The result format code of each of `columns` columns asked for by the first Bind in
+    `data` (a run of whole messages), or None if there is no Bind or its codes do not fit."""
+    pos = 0
+    while pos + 5 <= len(data):
+        (size,) = _INT32.unpack_from(data, pos + 1)
+        end = pos + 1 + size
+        if data[pos] == ord("B"):
+            at = data.index(b"\0", pos + 5) + 1  # portal
+            at = data.index(b"\0", at) + 1  # statement
+            (formats,) = _INT16.unpack_from(data, at)
+            at += 2 + 2 * formats
+            (params,) = _INT16.unpack_from(data, at)
+            at += 2
+            for _ in range(params):
+                (length,) = _INT32.unpack_from(data, at)
+                at += 4 + max(length, 0)
+            (count,) = _INT16.unpack_from(data, at)
+            codes = struct.unpack_from(f"!{count}h", data, at + 2)
+            if count == 0:
+                return (0,) * columns
+            if count == 1:
+                return codes * columns
+            return codes if count == columns else None
+        pos = end
+    return None
+
+
+def bind_with_text_params(bind: bytes | bytearray | memoryview, params: int,
+                          text: tuple[int, ...]) -> bytes:
+    """A Bind of the unnamed portal and statement (one whole message) with the parameters at
+    indexes `text` sent in text format; their bytes are unchanged."""
+    data = bytes(bind)
+    (count,) = _INT16.unpack_from(data, 7)
+    codes = list(struct.unpack_from(f"!{count}h", data, 9))
+    if count == 0:
+        codes = [0] * params
+    elif count == 1:
+        codes = codes * params
+    elif count != params:
+        raise ValueError(f"Bind has {count} parameter formats for {params} parameters")
+    for index in text:
+        codes[index] = 0
+    body = b"\0\0" + struct.pack(f"!h{params}h", params, *codes) + data[9 + 2 * count:]
+    return b"B" + _INT32.pack(len(body) + 4) + body
 
 
 def typed_parse(query: str, param_oids: Sequence[int]) -> bytes:

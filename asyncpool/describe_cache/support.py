@@ -15,14 +15,22 @@ TESTED_ASYNCPG = "0.29 to 0.32"
 # is where every fetch/execute/executemany with arguments meets its statement.
 _DO_EXECUTE_PARAMS = ("query", "executor", "timeout", "retry", "ignore_custom_codec",
                       "record_class")
-_STATEMENT_API = ("_get_attributes", "_get_parameters", "mark_unprepared", "prepared", "query")
+_STATEMENT_API = ("_get_attributes", "_get_parameters", "_init_codecs", "_init_types",
+                  "mark_unprepared", "prepared", "query")
+_PROTOCOL_API = ("_is_cancelling", "get_settings", "is_in_transaction", "prepare")
 
 
 def missing_asyncpg_features() -> list[str]:
     """What describe-cache needs from asyncpg and does not find (empty when all is there)."""
     missing: list[str] = []
-    if "connection_class" not in inspect.signature(asyncpg.connect).parameters:
-        missing.append("asyncpg.connect(connection_class=...)")
+    connect_params = inspect.signature(asyncpg.connect).parameters
+    missing += [f"asyncpg.connect({p}=...)" for p in ("connection_class", "loop")
+                if p not in connect_params]
+    if getattr(asyncpg.Connection, "_introspect_types", None) is None:
+        missing.append("Connection._introspect_types")
+    executemany = getattr(asyncpg.Connection, "_executemany", None)
+    if executemany is None or "return_rows" not in inspect.signature(executemany).parameters:
+        missing.append("Connection._executemany(return_rows=)")
     do_execute = getattr(asyncpg.Connection, "_do_execute", None)
     if do_execute is None:
         missing.append("Connection._do_execute")
@@ -34,8 +42,8 @@ def missing_asyncpg_features() -> list[str]:
     statement = getattr(asyncpg_protocol, "PreparedStatementState", None)
     missing += [f"PreparedStatementState.{name}" for name in _STATEMENT_API
                 if not hasattr(statement, name)]
-    if not hasattr(getattr(asyncpg_protocol, "Protocol", None), "_is_cancelling"):
-        missing.append("Protocol._is_cancelling")
+    protocol = getattr(asyncpg_protocol, "Protocol", None)
+    missing += [f"Protocol.{name}" for name in _PROTOCOL_API if not hasattr(protocol, name)]
     return missing
 
 
@@ -53,7 +61,7 @@ def require_asyncpg_features(pool_name: str) -> None:
 def unsupported_transport_error(pool_name: str, transport: object) -> PoolConfigError:
     kind = f"{type(transport).__module__}.{type(transport).__qualname__}"
     return PoolConfigError(
-        f"pool {pool_name!r}: prepared_statements='describe-cache' reads replies through the "
-        f"asyncio transport, and {kind} does not allow it (uvloop's transports do not); run on "
-        "asyncio's default event loop or use prepared_statements='off'"
+        f"pool {pool_name!r}: this connection class reads replies through the transport the "
+        f"pool gives asyncpg when it connects, and got a {kind}: open it through the pool (or "
+        "pass loop=asyncpool.describe_cache.wire.InterceptingLoop(loop) to asyncpg.connect)"
     )

@@ -1,0 +1,379 @@
+"""Where the one-round-trip path meets the socket: asyncpg's writes and the server's replies.
+
+asyncpg's protocol writes to a transport and is fed by one; this mode needs to put the cached
+typed Parse in place of asyncpg's own and read a reply's head before asyncpg decodes rows. Both
+are done with objects asyncpg is *given* when it connects, not by patching the loop's transport,
+so they work on every event loop (uvloop's transports cannot be patched per instance):
+
+* `InterceptingLoop` is passed as ``asyncpg.connect(loop=...)``: it forwards everything to the
+  running loop, except that the connections it opens put a `Wire` between the real transport and
+  the protocol asyncpg built (TLS upgrades included).
+* `Wire` is both the transport's protocol (the server's bytes reach asyncpg through it) and, via
+  `WireTransport`, the transport asyncpg writes to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from asyncpool.describe_cache.messages import (
+    ASYNCHRONOUS,
+    BIND_COMPLETE,
+    DATA_ROW,
+    ERROR_RESPONSE,
+    NO_DATA,
+    PARAMETER_DESCRIPTION,
+    PARSE,
+    PARSE_COMPLETE,
+    READY_FOR_QUERY,
+    ROW_DESCRIPTION,
+    bind_with_text_params,
+    error_sqlstate,
+    message_header,
+)
+from asyncpool.errors import PoolError
+
+if TYPE_CHECKING:
+    from asyncpool.describe_cache.check import Check
+
+Buffer = bytes | bytearray | memoryview
+
+# The reply's head, in order: ParseComplete, ParameterDescription, RowDescription or NoData.
+_HEAD = ((PARSE_COMPLETE,), (PARAMETER_DESCRIPTION,), (ROW_DESCRIPTION, NO_DATA))
+
+
+class InterceptingLoop:
+    """The running loop, as `asyncpg.connect` sees it: connections it opens get a `Wire`.
+
+    Only ``create_connection``, ``create_unix_connection`` and ``start_tls`` differ; every other
+    attribute is the real loop's (bound methods are cached on first use, so the protocol's
+    per-query ``create_future``/``call_later`` cost one dict lookup).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.real = loop
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.real, name)
+        if callable(value):
+            setattr(self, name, value)
+        return value
+
+    async def create_connection(self, factory: Callable[[], Any], *args: Any,
+                                **kwargs: Any) -> tuple[WireTransport, Any]:
+        return await self._open(self.real.create_connection, factory, *args, **kwargs)
+
+    async def create_unix_connection(self, factory: Callable[[], Any], *args: Any,
+                                     **kwargs: Any) -> tuple[WireTransport, Any]:
+        return await self._open(self.real.create_unix_connection, factory, *args, **kwargs)
+
+    @staticmethod
+    async def _open(opener: Any, factory: Callable[[], Any], *args: Any,
+                    **kwargs: Any) -> tuple[WireTransport, Any]:
+        _, wire = await opener(lambda: Wire(factory()), *args, **kwargs)
+        assert wire.transport is not None
+        return wire.transport, wire.inner
+
+    async def start_tls(self, transport: Any, protocol: Any, *args: Any,
+                        **kwargs: Any) -> WireTransport | None:
+        real = transport.real if isinstance(transport, WireTransport) else transport
+        upgraded = await self.real.start_tls(real, protocol, *args, **kwargs)
+        if upgraded is None:
+            return None
+        # asyncpg calls set_protocol(its protocol) on what we return: the Wire goes in between.
+        wire = Wire(protocol)
+        return wire.attach(upgraded)
+
+
+class WireTransport:
+    """The transport asyncpg's protocol writes to; everything but writing goes to the real one."""
+
+    __slots__ = ("real", "wire", "write", "writelines")
+
+    def __init__(self, real: asyncio.BaseTransport, wire: Wire) -> None:
+        self.real: Any = real
+        self.wire = wire
+        self.write = wire.write
+        self.writelines = wire.writelines
+
+    def set_protocol(self, protocol: Any) -> None:
+        if protocol is not self.wire:
+            self.wire.inner = protocol
+            self.wire.forward = protocol.data_received
+        self.real.set_protocol(self.wire)
+
+    def get_protocol(self) -> Any:
+        return self.wire.inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class Wire(asyncio.Protocol):
+    """Between one connection's transport and asyncpg's protocol.
+
+    Write side: armed with a `Check`, it drops asyncpg's next Parse and sends the cached typed
+    Parse + Describe in the same write as asyncpg's Bind/Execute/Sync. While `swallowing`, it
+    records asyncpg's writes instead of sending them (a reply already received is being decoded
+    again). Read side: for a checked reply it reads the head (ParseComplete,
+    ParameterDescription, RowDescription/NoData) before asyncpg sees any of it, and when the
+    description changed it keeps every DataRow from asyncpg (asyncpg's call completes without
+    rows) while recording the whole reply so that it can be decoded again with the new one.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.forward: Callable[[bytes], None] = inner.data_received
+        self.real: Any = None
+        self.transport: WireTransport | None = None
+        self.on_verdict: Callable[[Check], None] | None = None
+        # write side
+        self._armed: Check | None = None
+        self._parse_seen = False
+        self.swallowing = False
+        self.swallowed: list[bytes] = []
+        # read side
+        self._check: Check | None = None  # reading this check's reply head
+        self._stage = 0
+        self._held = bytearray()
+        self._pos = 0
+        self._holding: Check | None = None  # replaying: rows kept from asyncpg until ReadyForQuery
+
+    # -- asyncio protocol callbacks (the real transport calls these) ---------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.attach(transport)
+        self.inner.connection_made(self.transport)
+
+    def attach(self, transport: asyncio.BaseTransport) -> WireTransport:
+        self.real = transport
+        self.transport = WireTransport(transport, self)
+        return self.transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._check is not None:
+            self._inspect(data)
+        elif self._holding is not None:
+            self._hold(data)
+        else:
+            self.forward(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._check = self._holding = self._armed = None
+        self._held.clear()
+        self.inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    # -- write side ----------------------------------------------------------------------------
+
+    def arm(self, check: Check) -> None:
+        self._armed = check
+        self._parse_seen = False
+
+    def disarm(self) -> None:
+        self._armed = None
+
+    def write(self, data: Buffer) -> None:
+        check = self._armed
+        if check is None:
+            if self.swallowing:
+                self.swallowed.append(bytes(data))
+            else:
+                self.real.write(data)
+        elif self._parse_seen:
+            self._send(check, (data,))
+        elif memoryview(data)[:1] == bytes((PARSE,)):
+            self._parse_seen = True  # asyncpg's untyped Parse: the cached typed one replaces it
+        else:
+            self._unexpected()
+
+    def writelines(self, chunks: Iterable[Buffer]) -> None:
+        check = self._armed
+        if check is None:
+            if self.swallowing:
+                self.swallowed.append(b"".join(chunks))
+            else:
+                self.real.writelines(chunks)
+        elif self._parse_seen:
+            self._send(check, chunks)
+        else:
+            self._unexpected()
+
+    def _unexpected(self) -> None:
+        self._armed = None
+        # Raised inside asyncpg's send: asyncpg fails the call and closes the connection.
+        raise PoolError(
+            "one-round-trip path: asyncpg did not send a reused statement as Parse, then Bind; "
+            "this asyncpg version behaves differently from the tested ones"
+        )
+
+    def _send(self, check: Check, chunks: Iterable[Buffer]) -> None:
+        self._armed = None
+        description = check.description
+        if description.text_params:
+            chunks = [_text_params(b"".join(chunks), description)]
+        data = b"".join((description.prefix, *chunks))
+        check.sent = data
+        self.expect(check)
+        self.real.write(data)
+
+    def expect(self, check: Check) -> None:
+        """The next reply answers `check`'s statement: read its head before asyncpg does."""
+        self._check = check
+        self._stage = 0
+        self._pos = 0
+
+    # -- read side -----------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Give asyncpg a reply that was already received (its writes are being swallowed)."""
+        self.forward(data)
+
+    def _inspect(self, data: bytes) -> None:
+        check = self._check
+        assert check is not None
+        held = self._held
+        if held:
+            held += data
+        buf: bytes | bytearray = held if held else data
+        pos = self._pos
+        verdict: str | None = None
+        while verdict is None:
+            try:
+                head = message_header(buf, pos)
+            except ValueError:
+                verdict = "unreadable"
+                break
+            if head is None:
+                if buf is data:
+                    held += data
+                self._pos = pos
+                return
+            kind, end = head
+            verdict = self._read(check, kind, buf, pos, end)
+            pos = end
+        self._check = None
+        rest = bytes(buf) if buf is held else data
+        self._held = bytearray()
+        self._pos = 0
+        check.verdict = verdict
+        if self.on_verdict is not None:
+            self.on_verdict(check)
+        if verdict == "unreadable":
+            # Framing can no longer be trusted, so neither can any row: end the connection.
+            self.real.abort()
+        elif verdict == "changed" and check.replay:
+            check.recorded = [bytes((PARSE_COMPLETE,)) + b"\0\0\0\x04"]
+            self.forward(rest[:pos])
+            self._holding = check
+            if pos < len(rest):
+                self._hold(rest[pos:])
+        else:
+            self.forward(rest)
+
+    def _read(self, check: Check, kind: int, buf: bytes | bytearray, pos: int,
+              end: int) -> str | None:
+        """Take one message of the reply's head; a verdict once the head says enough."""
+        if kind in ASYNCHRONOUS:
+            return None
+        if kind == ERROR_RESPONSE:
+            check.sqlstate = error_sqlstate(buf[pos:end])
+            return "rejected"
+        if kind not in _HEAD[self._stage]:
+            return "unreadable"
+        self._stage += 1
+        message = bytes(buf[pos:end])
+        try:
+            return check.judge(kind, message)
+        except (ValueError, IndexError):  # a malformed RowDescription
+            return "unreadable"
+
+    def _hold(self, data: bytes) -> None:
+        """Forward the reply without its DataRows, up to and including ReadyForQuery, and
+        record all of it for `check` (to decode again once the new description is known)."""
+        check = self._holding
+        assert check is not None
+        held = self._held
+        held += data
+        kept: list[bytes] = []
+        recorded = check.recorded
+        pos = 0
+        while True:
+            try:
+                head = message_header(held, pos)
+            except ValueError:
+                held.clear()
+                self._holding = None
+                self.real.abort()
+                return
+            if head is None:
+                break
+            kind, end = head
+            message = bytes(held[pos:end])
+            pos = end
+            if kind in ASYNCHRONOUS:
+                kept.append(message)
+                continue
+            recorded.append(message)
+            if kind == BIND_COMPLETE:
+                check.bound = True
+            elif kind == ERROR_RESPONSE and not check.bound:
+                check.sqlstate = error_sqlstate(message)
+            if kind != DATA_ROW:
+                kept.append(message)
+            if kind == READY_FOR_QUERY:
+                self._holding = None
+                if pos < len(held):
+                    kept.append(bytes(held[pos:]))
+                pos = len(held)
+                break
+        del held[:pos]
+        if kept:
+            self.forward(b"".join(kept))
+
+
+def _text_params(data: bytes, description: Any) -> bytes:
+    """asyncpg's Bind/Execute/Sync with the description's enum parameters sent as text."""
+    head = message_header(data, 0)
+    if head is None or head[0] != ord("B"):
+        raise PoolError("one-round-trip path: asyncpg did not send a Bind after its Parse")
+    params = len(description.param_message) - 7 >> 2
+    return bind_with_text_params(data[:head[1]], params, description.text_params) + data[head[1]:]
+
+
+def drive(coro: Any, deliver: Callable[[], None]) -> Any:
+    """Run an asyncpg protocol operation whose writes are being swallowed, without yielding to
+    the event loop: when it waits for its reply, `deliver()` feeds the reply it needs.
+
+    Nothing else can run on the connection meanwhile, and a cancellation of the calling task
+    cannot land half-way.
+    """
+    try:
+        waiter = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    deliver()
+    if waiter is None or not waiter.done():
+        coro.close()
+        raise PoolError("one-round-trip path: asyncpg waited for something other than its reply")
+    waiter._asyncio_future_blocking = False
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coro.close()
+    raise PoolError("one-round-trip path: asyncpg waited twice for one reply")
+
+
+__all__ = ["InterceptingLoop", "Wire", "WireTransport", "drive"]
