@@ -45,9 +45,10 @@ class ConnectionLostError(PoolError):
 
 
 class StaleStatementError(PoolError):
-    """A statement's cached description (``prepared_statements="describe-cache"``) no longer
-    matches the schema. It was not re-run; the description was dropped and the connection is
-    replaced when released, so the next call describes the statement afresh."""
+    """A reused statement's rows could not be decoded (``prepared_statements="describe-cache"``):
+    a result column was retyped to a type asyncpg reads only as text, and the server sent it in
+    binary. It ran and was not re-run; the connection is replaced when released, and the next
+    call describes the statement afresh."""
 
     #: False when the server refused the statement before running it; True when it may have run.
     may_have_run: bool = True

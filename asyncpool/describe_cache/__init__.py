@@ -4,9 +4,8 @@ With asyncpg's statement cache off (what transaction poolers without prepared-st
 need), every query with arguments costs two round trips: Parse/Describe, then Parse/Bind/Execute.
 This mode keeps each connection's described, unnamed statements and reuses them: a repeat sends
 Parse (with the cached parameter types), Describe, Bind, Execute and Sync in one write. The
-server's answer to that Describe is compared with the cached description before any row is
-decoded, so a schema change never yields wrongly decoded values: it raises
-`StaleStatementError` instead (see docs/describe-cache.md).
+server's answer to that Describe is read before any row is decoded: when the schema changed, the
+rows are decoded with the description the reply carries (see docs/describe-cache.md).
 """
 
 from __future__ import annotations

@@ -109,8 +109,8 @@ CACHE_LOOKUPS = MetricSpec(
 )
 CACHE_STALE = MetricSpec(
     "asyncpool.statement_cache.stale", "counter", "{statement}",
-    "Cached descriptions the server's reply contradicted (a schema change): each raised "
-    "StaleStatementError and retired its connection.",
+    "Cached descriptions the server's reply contradicted (a schema change): the call was "
+    "decoded with the reply's description or described afresh.",
     recorded=False,
 )
 CACHE_EVICTIONS = MetricSpec(
