@@ -19,7 +19,12 @@ from asyncpool import Pool
 from asyncpool.config import PreparedStatements
 from asyncpool.describe_cache.check import CHANGED, MATCH, UNREADABLE, Check
 from asyncpool.describe_cache.entries import Description
-from asyncpool.describe_cache.messages import DATA_ROW, PARSE_COMPLETE_MESSAGE, message_header
+from asyncpool.describe_cache.messages import (
+    BIND_COMPLETE_MESSAGE,
+    DATA_ROW,
+    PARSE_COMPLETE_MESSAGE,
+    message_header,
+)
 from asyncpool.describe_cache.wire import Wire
 from tests.conftest import Pooler
 
@@ -243,7 +248,8 @@ async def test_wire_keeps_the_rows_of_a_changed_reply_to_decode_again(
     # asyncpg's call gets the reply without rows; every message after the head is recorded.
     assert bytes(inner.received) == _without_data_rows(reply)
     assert bytes(inner.received).endswith(reply[-6:])  # ReadyForQuery went through
-    assert b"".join(check.recorded) == PARSE_COMPLETE_MESSAGE + b"".join(messages[3:])
+    assert b"".join(check.recorded) == (PARSE_COMPLETE_MESSAGE + BIND_COMPLETE_MESSAGE
+                                        + b"".join(messages[3:]))
     assert check.bound
     assert not transport.aborted
     wire.data_received(b"after")  # back to forwarding everything

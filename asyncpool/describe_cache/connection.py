@@ -11,7 +11,7 @@ import asyncpg
 from asyncpg import exceptions as pg_exceptions
 from asyncpg.protocol import protocol as asyncpg_protocol
 
-from asyncpool.describe_cache.check import CHANGED, MATCH, REJECTED, UNREADABLE, Check
+from asyncpool.describe_cache.check import CHANGED, FAILED, MATCH, REJECTED, UNREADABLE, Check
 from asyncpool.describe_cache.entries import CacheTotals, DescribeCacheStats, DescriptionCache, Key
 from asyncpool.describe_cache.messages import (
     DATA_ROW,
@@ -19,6 +19,7 @@ from asyncpool.describe_cache.messages import (
     Column,
     bind_result_formats,
     row_columns,
+    row_formats,
 )
 from asyncpool.describe_cache.support import unsupported_transport_error
 from asyncpool.describe_cache.wire import InterceptingLoop, WireTransport, drive
@@ -190,15 +191,14 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
             return not self.is_closed()
         if not isinstance(exc, pg_exceptions.PostgresError):
             return False
-        refused = check.verdict == REJECTED or (check.verdict == CHANGED and not check.bound)
         # In a transaction block the refusal aborted the transaction: nothing can run again.
-        return refused and not self._protocol.is_in_transaction()
+        return check.verdict == REJECTED and not self._protocol.is_in_transaction()
 
     def _on_verdict(self, check: Check) -> None:
         """Called by the Wire as soon as the reply's head is read, even if the caller has been
         cancelled since: the cache and the connection's fate must not depend on it."""
         verdict = check.verdict
-        if verdict == MATCH:
+        if verdict in {MATCH, FAILED}:
             return
         cache = self._describe_cache
         cache.discard(check.key)
@@ -224,7 +224,7 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
         wire = self._wire
         protocol = self._protocol
         query, record_class, ignore_custom_codec = check.key
-        described = PARSE_COMPLETE_MESSAGE + check.param_reply + check.row_reply
+        described = PARSE_COMPLETE_MESSAGE + check.description.param_message + check.row_reply
         wire.swallowing = True
         try:
             statement = drive(
@@ -251,9 +251,9 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
 
         def deliver() -> None:
             nonlocal decodable
-            asked = bind_result_formats(check.sent or b"", columns)
+            sent = row_formats(check.row_reply)  # the formats the rows arrived in
             wanted = bind_result_formats(b"".join(wire.swallowed), columns)
-            decodable = asked is not None and asked == wanted
+            decodable = len(sent) == columns and sent == wanted
             recorded = check.recorded
             if not decodable:  # rows in a format the new codecs do not read: drop them
                 recorded = [m for m in recorded if m[0] != DATA_ROW]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncpool.describe_cache.messages import (
-    DESCRIBE_UNNAMED_STATEMENT,
     Column,
     parameter_description,
     typed_parse,
@@ -34,8 +33,10 @@ class Description:
     """What one statement looked like when asyncpg described it, and how to check it still does.
 
     `statement` is asyncpg's unnamed, "unprepared" statement state (its codecs are reused);
-    `prefix` is the typed Parse plus Describe sent ahead of each reuse; `param_message` and
-    `columns` are what the server must answer to that Describe for the reuse to be safe.
+    `prefix` is the typed Parse sent ahead of each reuse (a Describe of the portal follows
+    asyncpg's Bind); `columns` is what the server must answer to that Describe for the rows to be
+    decoded with `statement`; `param_message` describes the parameters, to build the statement
+    again when a reply shows a changed result.
     """
 
     __slots__ = ("columns", "expires_at", "param_message", "prefix", "row_message", "statement",
@@ -51,9 +52,8 @@ class Description:
         # dropped and recreated (a new OID the Parse could not name) and can never be misread.
         self.text_params = tuple(i for i, oid in enumerate(params) if oid in enums)
         declared = [0 if oid in enums else oid for oid in params]
-        self.prefix = typed_parse(statement.query, declared) + DESCRIBE_UNNAMED_STATEMENT
-        # The server describes the parameters it was left to infer: compare only declared ones.
-        self.param_message = parameter_description(declared)
+        self.prefix = typed_parse(statement.query, declared)
+        self.param_message = parameter_description(params)
         self.columns: tuple[Column, ...] = tuple((a.name, a.type.oid) for a in attributes)
         # A RowDescription already found to match `columns`: later ones are compared as bytes.
         self.row_message: bytes | None = None

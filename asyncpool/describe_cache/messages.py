@@ -14,8 +14,9 @@ _INT16 = struct.Struct("!h")
 # After a column's name in a RowDescription: table OID, attnum, type OID, typlen, typmod, format.
 _FIELD = struct.Struct("!IhIhih")
 
-# Describe the unnamed statement: the server answers ParameterDescription + RowDescription/NoData.
-DESCRIBE_UNNAMED_STATEMENT = b"D" + _INT32.pack(6) + b"S\0"
+# Describe the unnamed portal (after its Bind): the server answers RowDescription or NoData, with
+# the format each column will be sent in.
+DESCRIBE_UNNAMED_PORTAL = b"D" + _INT32.pack(6) + b"P\0"
 
 PARSE_COMPLETE = ord("1")
 BIND_COMPLETE = ord("2")
@@ -32,6 +33,7 @@ ASYNCHRONOUS = frozenset((ord("N"), ord("S"), ord("A")))
 
 #: ParseComplete, as the server sends it.
 PARSE_COMPLETE_MESSAGE = b"1\0\0\0\x04"
+BIND_COMPLETE_MESSAGE = b"2\0\0\0\x04"
 
 
 def bind_result_formats(data: bytes | bytearray, columns: int) -> tuple[int, ...] | None:
@@ -98,7 +100,7 @@ def typed_parse(query: str, param_oids: Sequence[int]) -> bytes:
 
 
 def parameter_description(param_oids: Sequence[int]) -> bytes:
-    """The ParameterDescription the server sends back for `typed_parse` with these types."""
+    """A ParameterDescription message for these types."""
     body = _INT16.pack(len(param_oids)) + struct.pack(f"!{len(param_oids)}I", *param_oids)
     return b"t" + _INT32.pack(len(body) + 4) + body
 
@@ -115,6 +117,20 @@ def row_columns(message: bytes | bytearray | memoryview) -> tuple[Column, ...]:
         columns.append((data[pos:end].decode("utf-8", "replace"), type_oid))
         pos = end + 1 + _FIELD.size
     return tuple(columns)
+
+
+def row_formats(message: bytes) -> tuple[int, ...]:
+    """The format code of each column of a whole RowDescription (NoData: none)."""
+    if message[:1] != b"T":
+        return ()
+    (count,) = _INT16.unpack_from(message, 5)
+    formats: list[int] = []
+    pos = 7
+    for _ in range(count):
+        end = message.index(b"\0", pos)
+        formats.append(_FIELD.unpack_from(message, end + 1)[5])
+        pos = end + 1 + _FIELD.size
+    return tuple(formats)
 
 
 def error_sqlstate(message: bytes | bytearray | memoryview) -> str | None:

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 from asyncpool.describe_cache.messages import (
     ASYNCHRONOUS,
     BIND_COMPLETE,
+    BIND_COMPLETE_MESSAGE,
     DATA_ROW,
+    DESCRIBE_UNNAMED_PORTAL,
     ERROR_RESPONSE,
     NO_DATA,
-    PARAMETER_DESCRIPTION,
     PARSE,
     PARSE_COMPLETE,
+    PARSE_COMPLETE_MESSAGE,
     READY_FOR_QUERY,
     ROW_DESCRIPTION,
     bind_with_text_params,
@@ -40,8 +42,12 @@ if TYPE_CHECKING:
 
 Buffer = bytes | bytearray | memoryview
 
-# The reply's head, in order: ParseComplete, ParameterDescription, RowDescription or NoData.
-_HEAD = ((PARSE_COMPLETE,), (PARAMETER_DESCRIPTION,), (ROW_DESCRIPTION, NO_DATA))
+# The reply's head, in order: ParseComplete, BindComplete, RowDescription or NoData.
+_HEAD = ((PARSE_COMPLETE,), (BIND_COMPLETE,), (ROW_DESCRIPTION, NO_DATA))
+# SQLSTATEs (classes) of a Bind refused because the cached types no longer fit: undefined or
+# mismatched types and operators (42), binary data the type cannot read (22P03), format and
+# message mismatches (08), a type OID that no longer exists ("cache lookup failed", XX).
+_REFUSALS = frozenset(("42", "08", "XX", "22P03"))
 
 
 class InterceptingLoop:
@@ -221,9 +227,18 @@ class Wire(asyncio.Protocol):
     def _send(self, check: Check, chunks: Iterable[Buffer]) -> None:
         self._armed = None
         description = check.description
+        data = b"".join(chunks)
+        head = message_header(data, 0)
+        if head is None or head[0] != ord("B"):
+            # executemany whose first arguments failed to encode sends only a Sync: the Parse
+            # must still go first, and there are no rows to read.
+            check.sent = data = description.prefix + data
+            self.real.write(data)
+            return
+        bind = data[:head[1]]
         if description.text_params:
-            chunks = [_text_params(b"".join(chunks), description)]
-        data = b"".join((description.prefix, *chunks))
+            bind = _text_params(bind, description)
+        data = b"".join((description.prefix, bind, DESCRIBE_UNNAMED_PORTAL, data[head[1]:]))
         check.sent = data
         self.expect(check)
         self.real.write(data)
@@ -274,7 +289,7 @@ class Wire(asyncio.Protocol):
             # Framing can no longer be trusted, so neither can any row: end the connection.
             self.real.abort()
         elif verdict == "changed" and check.replay:
-            check.recorded = [bytes((PARSE_COMPLETE,)) + b"\0\0\0\x04"]
+            check.recorded = [PARSE_COMPLETE_MESSAGE, BIND_COMPLETE_MESSAGE]
             self.forward(rest[:pos])
             self._holding = check
             if pos < len(rest):
@@ -288,8 +303,13 @@ class Wire(asyncio.Protocol):
         if kind in ASYNCHRONOUS:
             return None
         if kind == ERROR_RESPONSE:
-            check.sqlstate = error_sqlstate(buf[pos:end])
-            return "rejected"
+            sqlstate = check.sqlstate = error_sqlstate(buf[pos:end]) or ""
+            # At Parse, only a schema change can refuse a statement that parsed before; at Bind
+            # an argument can fail too (a division by zero folded into the plan): that is the
+            # caller's error, not a stale description.
+            if self._stage == 0 or sqlstate[:2] in _REFUSALS or sqlstate in _REFUSALS:
+                return "rejected"
+            return "failed"
         if kind not in _HEAD[self._stage]:
             return "unreadable"
         self._stage += 1
@@ -326,10 +346,6 @@ class Wire(asyncio.Protocol):
                 kept.append(message)
                 continue
             recorded.append(message)
-            if kind == BIND_COMPLETE:
-                check.bound = True
-            elif kind == ERROR_RESPONSE and not check.bound:
-                check.sqlstate = error_sqlstate(message)
             if kind != DATA_ROW:
                 kept.append(message)
             if kind == READY_FOR_QUERY:
@@ -343,13 +359,10 @@ class Wire(asyncio.Protocol):
             self.forward(b"".join(kept))
 
 
-def _text_params(data: bytes, description: Any) -> bytes:
-    """asyncpg's Bind/Execute/Sync with the description's enum parameters sent as text."""
-    head = message_header(data, 0)
-    if head is None or head[0] != ord("B"):
-        raise PoolError("one-round-trip path: asyncpg did not send a Bind after its Parse")
+def _text_params(bind: bytes, description: Any) -> bytes:
+    """asyncpg's Bind with the description's enum parameters sent as text."""
     params = len(description.param_message) - 7 >> 2
-    return bind_with_text_params(data[:head[1]], params, description.text_params) + data[head[1]:]
+    return bind_with_text_params(bind, params, description.text_params)
 
 
 def drive(coro: Any, deliver: Callable[[], None]) -> Any:
