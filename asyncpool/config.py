@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -16,7 +17,9 @@ if TYPE_CHECKING:
 
     from asyncpool.credentials.provider import CredentialProvider
 
-PreparedStatements = Literal["off", "on", "describe-cache"]
+PreparedStatements = Literal["off", "on", "unnamed"]
+#: Former names of modes, still accepted with a DeprecationWarning.
+_RENAMED_MODES = {"describe-cache": "unnamed"}
 LeakAction = Literal["reclaim", "log"]
 SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 
@@ -45,7 +48,7 @@ class PoolConfig:
     prepared_statements: ``"off"`` (default) keeps asyncpg's statement cache off so any
         transaction pooler works (PgBouncer < 1.21, RDS Proxy); ``"on"`` uses named prepared
         statements (PgBouncer >= 1.21 with ``max_prepared_statements`` > 0, or a direct server);
-        ``"describe-cache"`` caches statement descriptions client-side for one round trip per query
+        ``"unnamed"`` caches statement descriptions client-side for one round trip per query
         through any pooler (see README).
     statement_cache_size: entries in the statement (or description) cache when it is on (100).
     statement_cache_ttl: seconds a cached statement/description is kept (None: no limit).
@@ -173,6 +176,15 @@ def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
     return text
 
 
+def _rename_mode(cfg: PoolConfig) -> None:
+    renamed = _RENAMED_MODES.get(cfg.prepared_statements)
+    if renamed is not None:
+        warnings.warn(
+            f"prepared_statements={cfg.prepared_statements!r} is now called {renamed!r}",
+            DeprecationWarning, stacklevel=5)
+        object.__setattr__(cfg, "prepared_statements", renamed)
+
+
 def _check(cfg: PoolConfig) -> None:
     def fail(message: str) -> None:
         raise PoolConfigError(f"pool {cfg.name!r}: {message}")
@@ -201,6 +213,7 @@ def _check(cfg: PoolConfig) -> None:
     jitter = cfg.lifetime_jitter
     if not isinstance(jitter, int | float) or not 0 <= jitter < 1:
         fail(f"lifetime_jitter={cfg.lifetime_jitter!r}: must be a fraction in [0, 1)")
+    _rename_mode(cfg)
     if cfg.prepared_statements not in get_args(PreparedStatements):
         fail(
             f"prepared_statements={cfg.prepared_statements!r}: choose one of "

@@ -45,7 +45,7 @@ class ConnectionLostError(PoolError):
 
 
 class StaleStatementError(PoolError):
-    """A reused statement's rows could not be decoded (``prepared_statements="describe-cache"``):
+    """A reused statement's rows could not be decoded (``prepared_statements="unnamed"``):
     a result column was retyped to a type asyncpg reads only as text, and the server sent it in
     binary. It ran and was not re-run; the connection is replaced when released, and the next
     call describes the statement afresh."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class StatementCacheStats:
-    """Totals of the describe-cache over every connection the pool has had, closed ones included."""
+    """Totals of the description cache over every connection the pool has had, closed ones included."""
 
     hits: int  #: executions that reused a cached description (one round trip)
     misses: int  #: executions that had to describe their statement first
@@ -34,5 +34,5 @@ class PoolStats:
     validation_failures_total: int
     acquired_total: int
     connect_errors_total: int
-    #: prepared_statements="describe-cache" only; None in the other modes.
+    #: prepared_statements="unnamed" only; None in the other modes.
     statement_cache: StatementCacheStats | None = None

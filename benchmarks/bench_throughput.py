@@ -12,7 +12,7 @@ is the median over the repeats and every ratio compares runs of this one invocat
 Groups and targets:
   raw          asyncpool vs raw asyncpg connections, same statement mode   >= 0.95x, no errors
   prepared     prepared_statements="on" vs "off" on the current PgBouncer  >= 2x
-  describe     "describe-cache" vs "off" on PgBouncer 1.18                 >= 1.5x
+  describe     "unnamed" vs "off" on PgBouncer 1.18                 >= 1.5x
                (and vs psycopg_pool, reported)
   telemetry    OpenTelemetry SDK installed and exporting vs telemetry off  >= 0.95x
                (checkout times aggregated in the pool, export_checkout_times();
@@ -74,9 +74,9 @@ def comparisons(clients: int, scale_clients: int) -> list[Comparison]:
         Comparison("raw", run("legacy", "asyncpool", "off"), run("legacy", "asyncpg", "off"), 0.95),
         Comparison("prepared", run("current", "asyncpool", "on"),
                    run("current", "asyncpool", "off"), 2.0),
-        Comparison("describe", run("legacy", "asyncpool", "describe-cache"),
+        Comparison("describe", run("legacy", "asyncpool", "unnamed"),
                    run("legacy", "asyncpool", "off"), 1.5),
-        Comparison("describe", run("legacy", "asyncpool", "describe-cache"),
+        Comparison("describe", run("legacy", "asyncpool", "unnamed"),
                    run("legacy", "psycopg-pool", "off"), None),
         Comparison("telemetry", run("current", "asyncpool", "on", "sdk-aggregated"),
                    run("current", "asyncpool", "on"), 0.95),

@@ -185,11 +185,11 @@ async def every_instrument_reported(
 ) -> AsyncIterator[Pool]:
     """An open pool after a workload that makes every instrument report: checkouts, a failed
     login, a dead idle connection replaced at checkout, an acquire timeout, a reclaimed leak, and
-    describe-cache misses and hits."""
+    description cache misses and hits."""
     pool = sdk.pool(
         postgres.dsn(), name=name, min_size=1, max_size=1, validate_after=0, leak_timeout=0.5,
         credentials=FirstPasswordWrong(postgres.app.password),
-        prepared_statements="describe-cache",
+        prepared_statements="unnamed",
     )
     async with pool:
         for i in range(3):

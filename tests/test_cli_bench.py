@@ -106,11 +106,11 @@ def test_sweep_with_raw_asyncpg_and_pgbench_as_json_and_chart(current: PgBouncer
 
 
 def test_every_driver_and_mode_gets_through_pgbouncer_1_18(legacy: PgBouncerServer) -> None:
-    if importlib.util.find_spec("asyncpool.describe_cache") is None:
-        pytest.skip("this build has no describe-cache mode")
+    if importlib.util.find_spec("asyncpool.unnamed") is None:
+        pytest.skip("this build has no 'unnamed' mode")
     result = _bench(*_target(legacy), "--clients", "16", "--processes", "1", "--duration", "1",
                     "--driver", "asyncpool,asyncpg-pool,psycopg-pool",
-                    "--prepared-statements", "off,describe-cache", "--telemetry", "off,sdk,sdk-aggregated",
+                    "--prepared-statements", "off,unnamed", "--telemetry", "off,sdk,sdk-aggregated",
                     "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
@@ -119,8 +119,8 @@ def test_every_driver_and_mode_gets_through_pgbouncer_1_18(legacy: PgBouncerServ
     assert cases == [
         ("asyncpool", "off", "off"), ("asyncpool", "off", "sdk"),
         ("asyncpool", "off", "sdk-aggregated"),
-        ("asyncpool", "describe-cache", "off"), ("asyncpool", "describe-cache", "sdk"),
-        ("asyncpool", "describe-cache", "sdk-aggregated"),
+        ("asyncpool", "unnamed", "off"), ("asyncpool", "unnamed", "sdk"),
+        ("asyncpool", "unnamed", "sdk-aggregated"),
         ("asyncpg-pool", "off", "off"), ("psycopg-pool", "off", "off"),
     ]
     for run in doc["runs"]:

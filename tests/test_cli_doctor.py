@@ -45,7 +45,7 @@ async def test_pgbouncer_1_18_gets_describe_cache(legacy: PgBouncerServer) -> No
     assert facts["auth_method"] == "SCRAM-SHA-256"
     assert facts["tls_in_use"] is False
     assert facts["pgbouncer_settings"]["default_pool_size"] == legacy.settings["default_pool_size"]
-    assert report["recommendation"]["prepared_statements"] == "describe-cache"
+    assert report["recommendation"]["prepared_statements"] == "unnamed"
     assert "1.21" in _finding(report, "pooler")["message"]
 
 
@@ -163,7 +163,7 @@ async def test_misconfigured_pgbouncers(odd_pgbouncers: dict[str, PgBouncerServe
     code, report = await _doctor_json(bouncer.dsn(), bouncer.admin_dsn)
     assert code == 0
     assert report["facts"]["max_prepared_statements"] == 0
-    assert report["recommendation"]["prepared_statements"] == "describe-cache"
+    assert report["recommendation"]["prepared_statements"] == "unnamed"
     assert "max_prepared_statements=0" in report["recommendation"]["reason"]
 
     bouncer = odd_pgbouncers["session"]
@@ -218,7 +218,7 @@ def _facts(**changes: Any) -> Facts:
 
 
 def test_an_rds_proxy_gets_describe_cache() -> None:
-    assert recommend(_facts(pooler="rds-proxy")).prepared_statements == "describe-cache"
+    assert recommend(_facts(pooler="rds-proxy")).prepared_statements == "unnamed"
 
 
 def test_an_unidentified_proxy_gets_off() -> None:

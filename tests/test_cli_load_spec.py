@@ -43,7 +43,7 @@ def test_placeholders_are_counted_and_translated() -> None:
         ({"clients": 0}, "clients"),
         ({"processes": 3, "clients": 2}, "processes"),
         ({"duration": 0}, "duration"),
-        ({"driver": "psycopg-pool", "prepared_statements": "describe-cache"}, "asyncpool mode"),
+        ({"driver": "psycopg-pool", "prepared_statements": "unnamed"}, "asyncpool mode"),
         ({"driver": "asyncpg", "telemetry": "sdk"}, "telemetry"),
         ({"driver": "asyncpg", "leaks": 1}, "leak"),
         ({"leaks": 600}, "leaks"),

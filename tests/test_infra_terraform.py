@@ -712,10 +712,10 @@ def test_example_wires_the_function_for_each_pooler() -> None:
     # IAM auth for the proxy: the module's connect policy is attached to the function's role.
     attachment = resources_of(example, "aws_iam_role_policy_attachment")["function_connect"]
     assert attr(attachment, "policy_arn") == "${module.rds_proxy[0].connect_policy_arn}"
-    # Prepared-statement modes: describe-cache through RDS Proxy, on through PgBouncer >= 1.21.
+    # Prepared-statement modes: unnamed through RDS Proxy, on through PgBouncer >= 1.21.
     proxy_out = str(named(load_dir(RDS_PROXY), "output")["asyncpool_settings"])
     pgb_out = str(named(load_dir(PGBOUNCER), "output")["asyncpool_settings"])
-    assert "'ASYNCPOOL_PREPARED_STATEMENTS': 'describe-cache'" in proxy_out
+    assert "'ASYNCPOOL_PREPARED_STATEMENTS': 'unnamed'" in proxy_out
     assert "'ASYNCPOOL_PREPARED_STATEMENTS': 'on'" in pgb_out
     for out in (proxy_out, pgb_out):
         assert "'ASYNCPOOL_SSL': 'verify-full'" in out

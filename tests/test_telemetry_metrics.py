@@ -275,7 +275,7 @@ async def test_describe_cache_counts_survive_retired_connections_and_match_stats
     stay with the pool whatever happens to the connection."""
     table = "telemetry_stale"
     async with sdk.pool(legacy.dsn(), name="cached", min_size=1, max_size=1,
-                        prepared_statements="describe-cache", statement_cache_size=2) as pool:
+                        prepared_statements="unnamed", statement_cache_size=2) as pool:
         await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int, v int)")
         for query in ("SELECT $1::int", "SELECT $1::int + 1", "SELECT $1::int + 2"):
             for i in range(2):

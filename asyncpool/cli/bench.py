@@ -40,13 +40,13 @@ class Case:
 
 def cases(clients: list[int], drivers: list[Driver], modes: list[PreparedStatements],
           telemetry: list[Telemetry]) -> list[Case]:
-    """Every meaningful combination, in the order given (describe-cache and telemetry are
+    """Every meaningful combination, in the order given ("unnamed" and telemetry are
     asyncpool options, so other drivers run only with their own settings)."""
     out: list[Case] = []
     for n in clients:
         for driver in drivers:
             for mode in modes:
-                if mode == "describe-cache" and driver != "asyncpool":
+                if mode == "unnamed" and driver != "asyncpool":
                     continue
                 tels: list[Telemetry] = telemetry if driver == "asyncpool" else ["off"]
                 for tel in tels:
@@ -168,7 +168,7 @@ class BenchSession:
     async def run_pgbench(self) -> None:
         from asyncpool.load.pgbench import PgbenchError, run_pgbench
 
-        # pgbench knows unnamed (extended) and named (prepared) statements; describe-cache is
+        # pgbench knows unnamed (extended) and named (prepared) statements; "unnamed" is
         # compared with the unnamed ones.
         pg_modes: list[PreparedStatements] = []
         for mode in self.modes:

@@ -230,8 +230,8 @@ def recommend(f: Facts) -> Recommendation:
         return Recommendation("on", "a direct PostgreSQL connection keeps its named prepared "
                               "statements: one round trip per cached query")
     if f.pooler == "rds-proxy":
-        return Recommendation("describe-cache", "RDS Proxy pins a session that uses named "
-                              "prepared statements; describe-cache gets one round trip per "
+        return Recommendation("unnamed", "RDS Proxy pins a session that uses named "
+                              "prepared statements; 'unnamed' gets one round trip per "
                               "query with unnamed statements only")
     if f.pooler == "unknown":
         return Recommendation("off", "an unidentified pooler or proxy is in front; 'off' (no "
@@ -245,7 +245,7 @@ def _pgbouncer_mode(f: Facts) -> Recommendation:
                               "the mode that works with every version, not necessarily the "
                               "fastest; once the doctor can read the admin console it can tell "
                               "whether 'on' (>= 1.21 with max_prepared_statements > 0) or "
-                              "'describe-cache' fits")
+                              "'unnamed' fits")
     if f.pool_mode == "session":
         return Recommendation("on", "session pooling gives each client connection the same "
                               "server connection, so named prepared statements stay valid")
@@ -259,5 +259,5 @@ def _pgbouncer_mode(f: Facts) -> Recommendation:
     why = ("max_prepared_statements=0 (set it, e.g. to 200, to use 'on')"
            if version is not None and version >= PGBOUNCER_PREPARED
            else "PgBouncer < 1.21 cannot carry named prepared statements across transactions")
-    return Recommendation("describe-cache", f"{why}; describe-cache keeps one round trip per "
+    return Recommendation("unnamed", f"{why}; 'unnamed' keeps one round trip per "
                           "query using unnamed statements only")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from asyncpool import __version__
 
-_PREPARED = ("off", "on", "describe-cache")
+_PREPARED = ("off", "on", "unnamed")
 _DRIVERS = ("asyncpool", "asyncpg", "asyncpg-pool", "psycopg-pool")
 _TELEMETRY = ("off", "api", "sdk", "sdk-aggregated")
 
@@ -41,6 +41,8 @@ def _int_list(text: str) -> list[int]:
 def _choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         values = [part.strip() for part in text.split(",") if part.strip()]
+        # The one-round-trip mode's former name, still accepted.
+        values = ["unnamed" if v == "describe-cache" else v for v in values]
         bad = [v for v in values if v not in choices]
         if bad or not values:
             raise argparse.ArgumentTypeError(

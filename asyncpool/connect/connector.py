@@ -17,7 +17,7 @@ from asyncpool.credentials.provider import CredentialProvider, StaticPassword, a
 from asyncpool.observer import ConnectAttempt, PoolObserver
 
 if TYPE_CHECKING:
-    from asyncpool.describe_cache import CacheTotals
+    from asyncpool.unnamed import CacheTotals
 
 
 class Connector:
@@ -39,7 +39,7 @@ class Connector:
         )
         if self.credentials is not None and self.credentials.requires_tls:
             require_tls(config)
-        #: The describe-cache's counts over all connections (describe-cache mode only).
+        #: The description cache's counts over all connections ("unnamed" mode only).
         self.statement_cache: CacheTotals | None = None
         #: Connections are opened through an InterceptingLoop (the one-round-trip path).
         self._intercept = False
@@ -52,10 +52,10 @@ class Connector:
             kw["statement_cache_size"] = cfg.statement_cache_size
             kw["max_cached_statement_lifetime"] = cfg.statement_cache_ttl or 0
         else:
-            # describe-cache too: it keeps unnamed statements itself, never asyncpg's named ones.
+            # "unnamed" too: it keeps unnamed statements itself, never asyncpg's named ones.
             kw["statement_cache_size"] = 0
-        if cfg.prepared_statements == "describe-cache":
-            from asyncpool.describe_cache import CacheTotals, describe_cache_connection_class
+        if cfg.prepared_statements == "unnamed":
+            from asyncpool.unnamed import CacheTotals, describe_cache_connection_class
 
             self.statement_cache = CacheTotals()
             kw["connection_class"] = describe_cache_connection_class(cfg, self.statement_cache)
@@ -104,7 +104,7 @@ class Connector:
 
             kwargs = {**kwargs, "password": password}
         if self._intercept:
-            from asyncpool.describe_cache.wire import InterceptingLoop
+            from asyncpool.unnamed.wire import InterceptingLoop
 
             kwargs = {**kwargs, "loop": InterceptingLoop(asyncio.get_running_loop())}
         started = time.time_ns()

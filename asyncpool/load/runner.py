@@ -219,8 +219,8 @@ def _check_driver_available(spec: LoadSpec) -> None:
     needs: list[tuple[str, str]] = []
     if spec.driver == "psycopg-pool":
         needs.append(("psycopg_pool", "pip install 'asyncpool-pg[bench]'"))
-    if spec.prepared_statements == "describe-cache":
-        needs.append(("asyncpool.describe_cache", "this asyncpool build has no describe-cache mode"))
+    if spec.prepared_statements == "unnamed":
+        needs.append(("asyncpool.unnamed", "this asyncpool build has no 'unnamed' mode"))
     if spec.exports_telemetry:
         hint = "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-common"
         needs.append(("opentelemetry.sdk", hint))

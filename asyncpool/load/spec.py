@@ -84,8 +84,8 @@ class LoadSpec:
                 f"prepared_statements={self.prepared_statements!r}: choose one of "
                 + ", ".join(PREPARED_MODES)
             )
-        if self.prepared_statements == "describe-cache" and self.driver != "asyncpool":
-            raise LoadSpecError("prepared_statements='describe-cache' is an asyncpool mode")
+        if self.prepared_statements == "unnamed" and self.driver != "asyncpool":
+            raise LoadSpecError("prepared_statements='unnamed' is an asyncpool mode")
         if self.telemetry not in TELEMETRY_MODES:
             raise LoadSpecError(
                 f"telemetry={self.telemetry!r}: choose one of " + ", ".join(TELEMETRY_MODES)

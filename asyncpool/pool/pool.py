@@ -78,8 +78,8 @@ class Pool:
         self._housekeeper: asyncio.Task[None] | None = None
         self._leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
         self._validate_after = config.validate_after
-        # Only describe-cache connections can ask to be retired (stale statement description).
-        self._may_retire = config.prepared_statements == "describe-cache"
+        # Only "unnamed" connections can ask to be retired (stale statement description).
+        self._may_retire = config.prepared_statements == "unnamed"
         self._created_total = 0
         self._closed_total = 0
         self._timeouts_total = 0
@@ -221,10 +221,10 @@ class Pool:
             record.expires_at = 0.0
 
     def invalidate_statement_cache(self) -> None:
-        """Forget cached statement descriptions (``prepared_statements="describe-cache"``), e.g.
+        """Forget cached statement descriptions (``prepared_statements="unnamed"``), e.g.
         after a migration: every connection describes each statement afresh on its next use.
         Applies to every pool in this process."""
-        from asyncpool.describe_cache import invalidate_all
+        from asyncpool.unnamed import invalidate_all
 
         invalidate_all()
 
@@ -554,7 +554,7 @@ class Pool:
     def _settle(self, record: ConnectionRecord, now: float) -> None:
         """Put a returned, clean connection back in service, or retire it."""
         record.last_used = now
-        # describe-cache marks a connection whose statement description went stale.
+        # "unnamed" marks a connection whose statement description went stale.
         retired = getattr(record.conn, "retire_reason", None) if self._may_retire else None
         if self._closing or record.expired(now) or retired:
             reason = "pool closed" if self._closing else retired or "expired"

@@ -113,7 +113,7 @@ class PoolInstruments:
 
         return callback
 
-    # Only pools in describe-cache mode report these (stats().statement_cache is None otherwise).
+    # Only pools in "unnamed" mode report these (stats().statement_cache is None otherwise).
 
     def _observe_cache_lookups(self, options: CallbackOptions) -> Iterable[Observation]:
         observations = []

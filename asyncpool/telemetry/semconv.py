@@ -100,10 +100,10 @@ CREATE_ERRORS = MetricSpec(
     "Connection attempts that failed (attribute error.type: the driver's exception class).",
 )
 
-# describe-cache only (prepared_statements="describe-cache"): read from stats() at collection.
+# "unnamed" only (prepared_statements="unnamed"): read from stats() at collection.
 CACHE_LOOKUPS = MetricSpec(
     "asyncpool.statement_cache.lookups", "counter", "{execution}",
-    "Executions that looked their statement up in the describe-cache (attribute "
+    "Executions that looked their statement up in the description cache (attribute "
     "asyncpool.statement_cache.result: hit, one round trip; miss, described first).",
     recorded=False,
 )

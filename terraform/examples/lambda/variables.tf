@@ -148,13 +148,13 @@ variable "pgbouncer_ca_path" {
 }
 
 variable "prepared_statements" {
-  description = "asyncpool prepared_statements mode; null picks the pooler's: describe-cache for rds-proxy, on for pgbouncer."
+  description = "asyncpool prepared_statements mode; null picks the pooler's: unnamed for rds-proxy, on for pgbouncer."
   type        = string
   default     = null
 
   validation {
-    condition     = var.prepared_statements == null || contains(["off", "on", "describe-cache"], coalesce(var.prepared_statements, "off"))
-    error_message = "prepared_statements must be off, on or describe-cache."
+    condition     = var.prepared_statements == null || contains(["off", "on", "unnamed", "describe-cache"], coalesce(var.prepared_statements, "off"))
+    error_message = "prepared_statements must be off, on or unnamed (describe-cache: its former name)."
   }
 }
 

@@ -52,8 +52,8 @@ output "asyncpool_settings" {
   description = "asyncpool settings that fit this proxy (ASYNCPOOL_* environment variables); credentials are an IamAuth provider for user in region."
   value = {
     # RDS Proxy does not track named prepared statements across its backend connections:
-    # describe-cache (unnamed statements, one round trip) or off, never on.
-    ASYNCPOOL_PREPARED_STATEMENTS = "describe-cache"
+    # unnamed (unnamed statements, one round trip) or off, never on.
+    ASYNCPOOL_PREPARED_STATEMENTS = "unnamed"
     # IAM tokens need TLS; the proxy's certificate chains to Amazon's root CAs (system trust store).
     ASYNCPOOL_SSL = "verify-full"
   }

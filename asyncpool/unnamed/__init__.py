@@ -1,4 +1,4 @@
-"""``prepared_statements="describe-cache"``: one round trip per query through any pooler.
+"""``prepared_statements="unnamed"``: one round trip per query through any pooler.
 
 With asyncpg's statement cache off (what transaction poolers without prepared-statement support
 need), every query with arguments costs two round trips: Parse/Describe, then Parse/Bind/Execute.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from asyncpool.describe_cache.entries import CacheTotals, DescribeCacheStats, invalidate_all
+from asyncpool.unnamed.entries import CacheTotals, DescribeCacheStats, invalidate_all
 
 if TYPE_CHECKING:
     import asyncpg
@@ -25,14 +25,14 @@ __all__ = ["CacheTotals", "DescribeCacheStats", "describe_cache_connection_class
 def describe_cache_connection_class(
     config: PoolConfig, totals: CacheTotals
 ) -> type[asyncpg.Connection]:
-    """The asyncpg ``connection_class`` for a pool in describe-cache mode; its connections count
+    """The asyncpg ``connection_class`` for a pool in "unnamed" mode; its connections count
     their cache hits, misses, stale descriptions and evictions into `totals` too.
 
     Raises `PoolConfigError` if the installed asyncpg lacks what the mode builds on. A
     ``connection_class`` given in ``connect_kwargs`` is kept as a base class.
     """
-    from asyncpool.describe_cache.connection import DescribeCacheConnection, Policy
-    from asyncpool.describe_cache.support import require_asyncpg_features
+    from asyncpool.unnamed.connection import DescribeCacheConnection, Policy
+    from asyncpool.unnamed.support import require_asyncpg_features
 
     require_asyncpg_features(config.name)
     policy = Policy(config.name, config.statement_cache_size, config.statement_cache_ttl, totals)

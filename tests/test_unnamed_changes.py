@@ -21,7 +21,7 @@ from tests.conftest import Pooler
 
 @pytest.fixture
 async def pool(pooler: Pooler) -> AsyncIterator[Pool]:
-    async with Pool(pooler.dsn(), name="stale", prepared_statements="describe-cache",
+    async with Pool(pooler.dsn(), name="stale", prepared_statements="unnamed",
                     min_size=1, max_size=1, telemetry=False) as p:
         yield p
 
@@ -72,7 +72,7 @@ async def test_result_columns_changed(pool: Pool, table: str, postgres: Postgres
 
         await migrate(postgres, f"ALTER TABLE {table} {ddl}")
 
-        with caplog.at_level("INFO", "asyncpool.describe_cache"):
+        with caplog.at_level("INFO", "asyncpool.unnamed"):
             row = await conn.fetchrow(insert, 3)
         assert cause in caplog.text
         assert str(row["v"]) in ("3", "3.0")

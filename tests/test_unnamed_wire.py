@@ -17,15 +17,15 @@ import pytest
 
 from asyncpool import Pool
 from asyncpool.config import PreparedStatements
-from asyncpool.describe_cache.check import CHANGED, MATCH, UNREADABLE, Check
-from asyncpool.describe_cache.entries import Description
-from asyncpool.describe_cache.messages import (
+from asyncpool.unnamed.check import CHANGED, MATCH, UNREADABLE, Check
+from asyncpool.unnamed.entries import Description
+from asyncpool.unnamed.messages import (
     BIND_COMPLETE_MESSAGE,
     DATA_ROW,
     PARSE_COMPLETE_MESSAGE,
     message_header,
 )
-from asyncpool.describe_cache.wire import Wire
+from asyncpool.unnamed.wire import Wire
 from tests.conftest import Pooler
 
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
@@ -132,14 +132,14 @@ async def _trips_per_query(relay: CountingRelay, pooler: Pooler,
 async def test_one_round_trip_per_reused_statement(relay: CountingRelay, pooler: Pooler) -> None:
     assert await _trips_per_query(relay, pooler, "off") == 2
     flushes = relay.sent["H"]
-    assert await _trips_per_query(relay, pooler, "describe-cache") == 1
+    assert await _trips_per_query(relay, pooler, "unnamed") == 1
     # Only the first execution described the statement (Parse/Describe/Flush).
     assert relay.sent["H"] - flushes == 1
     assert relay.statement_names == {b""}, "a named statement would break PgBouncer < 1.21"
 
 
 async def test_executemany_is_one_round_trip_too(relay: CountingRelay, pooler: Pooler) -> None:
-    async with Pool(relay.dsn(pooler.dsn()), name="wire-many", prepared_statements="describe-cache",
+    async with Pool(relay.dsn(pooler.dsn()), name="wire-many", prepared_statements="unnamed",
                     min_size=1, max_size=1, telemetry=False) as pool, pool.transaction() as conn:
         # A temporary table lives on one server connection: use it within one transaction.
         await conn.execute("CREATE TEMP TABLE t (k int) ON COMMIT DROP")
@@ -193,7 +193,7 @@ def _without_data_rows(reply: bytes) -> bytes:
 async def _reply_of_reuse(relay: CountingRelay, pooler: Pooler, ddl: str | None) -> tuple[Any, bytes]:
     """A cached description and the server's real reply to its reuse (after `ddl`, if any)."""
     table = "dc_wire_" + re.sub(r"\W", "_", pooler.label)
-    async with Pool(relay.dsn(pooler.dsn()), name="wire-reply", prepared_statements="describe-cache",
+    async with Pool(relay.dsn(pooler.dsn()), name="wire-reply", prepared_statements="unnamed",
                     min_size=1, max_size=1, telemetry=False) as pool, pool.acquire() as conn:
         query = "SELECT g AS a, g::text AS b FROM generate_series(1, $1::int) g"
         if ddl is not None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from asyncpool.describe_cache.entries import Description, Key
-from asyncpool.describe_cache.messages import (
+from asyncpool.unnamed.entries import Description, Key
+from asyncpool.unnamed.messages import (
     BIND_COMPLETE,
     NO_DATA,
     ROW_DESCRIPTION,

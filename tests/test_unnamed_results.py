@@ -1,4 +1,4 @@
-"""describe-cache returns what asyncpg returns, for every query shape, through both PgBouncers."""
+"""The "unnamed" mode returns what asyncpg returns, for every query shape, through both PgBouncers."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _name(pooler: Pooler, stem: str) -> str:
 
 @pytest.fixture
 async def pool(pooler: Pooler) -> AsyncIterator[Pool]:
-    async with Pool(pooler.dsn(), name=f"dc-{pooler.label}", prepared_statements="describe-cache",
+    async with Pool(pooler.dsn(), name=f"dc-{pooler.label}", prepared_statements="unnamed",
                     min_size=1, max_size=1, telemetry=False) as p:
         yield p
 
@@ -227,7 +227,7 @@ async def test_concurrent_clients_share_few_server_connections(pooler: Pooler) -
         # A type each new connection must introspect (more statements, run concurrently).
         (f"SELECT $1::{mood}[]", lambda i: (["a", "b"][: i % 3],), lambda i, r: r == ["a", "b"][: i % 3]),
     ]
-    async with Pool(pooler.dsn(), name="dc-concurrent", prepared_statements="describe-cache",
+    async with Pool(pooler.dsn(), name="dc-concurrent", prepared_statements="unnamed",
                     min_size=0, max_size=30, telemetry=False) as pool:
         await pool.execute(f"DROP TYPE IF EXISTS {mood}; CREATE TYPE {mood} AS ENUM ('a', 'b')")
 

@@ -12,15 +12,15 @@ import pytest
 
 import asyncpool
 from asyncpool import Pool, PoolConfigError
-from asyncpool.describe_cache import invalidate_all
 from asyncpool.testing import PgBouncerServer
+from asyncpool.unnamed import invalidate_all
 from tests.conftest import Pooler
 
 QUERIES = [f"SELECT $1::int + {n}" for n in range(4)]
 
 
 def _pool(pooler: Pooler, **options: object) -> Pool:
-    return Pool(pooler.dsn(), name="bounds", prepared_statements="describe-cache", min_size=1,
+    return Pool(pooler.dsn(), name="bounds", prepared_statements="unnamed", min_size=1,
                 max_size=2, telemetry=False, **options)  # type: ignore[arg-type]
 
 
@@ -136,7 +136,7 @@ async def test_a_users_connection_class_is_kept(pooler: Pooler) -> None:
         def mine(self) -> str:
             return "mine"
 
-    async with Pool(pooler.dsn(), name="mine", prepared_statements="describe-cache",
+    async with Pool(pooler.dsn(), name="mine", prepared_statements="unnamed",
                     connect_kwargs={"connection_class": Mine}, telemetry=False) as pool, \
             pool.acquire() as conn:
         assert conn.mine() == "mine"
@@ -148,7 +148,7 @@ async def test_a_users_connection_class_is_kept(pooler: Pooler) -> None:
 async def test_an_asyncpg_without_the_hook_fails_at_open(legacy: PgBouncerServer,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(asyncpg.Connection, "_do_execute")
-    pool = Pool(legacy.dsn(), name="old-asyncpg", prepared_statements="describe-cache",
+    pool = Pool(legacy.dsn(), name="old-asyncpg", prepared_statements="unnamed",
                 telemetry=False)
     with pytest.raises(PoolConfigError, match=r"'old-asyncpg'.*Connection\._do_execute.*tested"):
         await pool.open()
@@ -163,7 +163,7 @@ async def test_an_asyncpg_with_another_signature_fails_at_open(
 
     monkeypatch.setattr(asyncpg.Connection, "_do_execute", _do_execute)
     with pytest.raises(PoolConfigError, match=r"record_class"):
-        await asyncpool.create_pool(legacy.dsn(), prepared_statements="describe-cache",
+        await asyncpool.create_pool(legacy.dsn(), prepared_statements="unnamed",
                                     telemetry=False)
 
 
@@ -171,10 +171,22 @@ async def test_a_connection_opened_without_the_pools_loop_is_refused(
     legacy: PgBouncerServer,
 ) -> None:
     from asyncpool.config import PoolConfig
-    from asyncpool.describe_cache import CacheTotals, describe_cache_connection_class
+    from asyncpool.unnamed import CacheTotals, describe_cache_connection_class
 
     cls = describe_cache_connection_class(
-        PoolConfig(dsn=legacy.dsn(), name="bare", prepared_statements="describe-cache"),
+        PoolConfig(dsn=legacy.dsn(), name="bare", prepared_statements="unnamed"),
         CacheTotals())
     with pytest.raises(PoolConfigError, match=r"'bare'.*InterceptingLoop"):
         await asyncpg.connect(legacy.dsn(), connection_class=cls, statement_cache_size=0)
+
+
+def test_the_former_name_still_works_with_a_deprecation_warning() -> None:
+    from asyncpool.config import PoolConfig
+
+    with pytest.warns(DeprecationWarning, match="'describe-cache' is now called 'unnamed'"):
+        config = PoolConfig(dsn="postgresql://u@h/d",
+                            prepared_statements="describe-cache")  # type: ignore[arg-type]
+    assert config.prepared_statements == "unnamed"
+    with pytest.warns(DeprecationWarning, match="now called"):
+        assert PoolConfig.from_env({"ASYNCPOOL_PREPARED_STATEMENTS": "describe-cache"},
+                                   dsn="postgresql://u@h/d").prepared_statements == "unnamed"

@@ -11,9 +11,10 @@ import asyncpg
 from asyncpg import exceptions as pg_exceptions
 from asyncpg.protocol import protocol as asyncpg_protocol
 
-from asyncpool.describe_cache.check import CHANGED, FAILED, MATCH, REJECTED, UNREADABLE, Check
-from asyncpool.describe_cache.entries import CacheTotals, DescribeCacheStats, DescriptionCache, Key
-from asyncpool.describe_cache.messages import (
+from asyncpool.errors import StaleStatementError
+from asyncpool.unnamed.check import CHANGED, FAILED, MATCH, REJECTED, UNREADABLE, Check
+from asyncpool.unnamed.entries import CacheTotals, DescribeCacheStats, DescriptionCache, Key
+from asyncpool.unnamed.messages import (
     DATA_ROW,
     PARSE_COMPLETE_MESSAGE,
     Column,
@@ -21,11 +22,10 @@ from asyncpool.describe_cache.messages import (
     row_columns,
     row_formats,
 )
-from asyncpool.describe_cache.support import unsupported_transport_error
-from asyncpool.describe_cache.wire import InterceptingLoop, WireTransport, drive
-from asyncpool.errors import StaleStatementError
+from asyncpool.unnamed.support import unsupported_transport_error
+from asyncpool.unnamed.wire import InterceptingLoop, WireTransport, drive
 
-logger = logging.getLogger("asyncpool.describe_cache")
+logger = logging.getLogger("asyncpool.unnamed")
 
 RETIRE_REASON = "unreadable or undecodable reply to a reused statement"
 # How a call reaches `_do_execute` (set by the method that knows, read once).

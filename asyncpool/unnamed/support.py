@@ -51,7 +51,7 @@ def require_asyncpg_features(pool_name: str) -> None:
     missing = missing_asyncpg_features()
     if missing:
         raise PoolConfigError(
-            f"pool {pool_name!r}: prepared_statements='describe-cache' needs asyncpg internals "
+            f"pool {pool_name!r}: prepared_statements='unnamed' needs asyncpg internals "
             f"that asyncpg {asyncpg.__version__} lacks ({', '.join(missing)}); it is tested with "
             f"asyncpg {TESTED_ASYNCPG}. Install a tested asyncpg or use "
             "prepared_statements='off'"
@@ -63,5 +63,5 @@ def unsupported_transport_error(pool_name: str, transport: object) -> PoolConfig
     return PoolConfigError(
         f"pool {pool_name!r}: this connection class reads replies through the transport the "
         f"pool gives asyncpg when it connects, and got a {kind}: open it through the pool (or "
-        "pass loop=asyncpool.describe_cache.wire.InterceptingLoop(loop) to asyncpg.connect)"
+        "pass loop=asyncpool.unnamed.wire.InterceptingLoop(loop) to asyncpg.connect)"
     )

@@ -18,7 +18,8 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from asyncpool.describe_cache.messages import (
+from asyncpool.errors import PoolError
+from asyncpool.unnamed.messages import (
     ASYNCHRONOUS,
     BIND_COMPLETE,
     BIND_COMPLETE_MESSAGE,
@@ -35,10 +36,9 @@ from asyncpool.describe_cache.messages import (
     error_sqlstate,
     message_header,
 )
-from asyncpool.errors import PoolError
 
 if TYPE_CHECKING:
-    from asyncpool.describe_cache.check import Check
+    from asyncpool.unnamed.check import Check
 
 Buffer = bytes | bytearray | memoryview
 

@@ -1,4 +1,4 @@
-"""describe-cache over TLS (asyncio's and uvloop's SSL transports): the Wire sits on top of TLS."""
+"""The "unnamed" mode over TLS (asyncio's and uvloop's SSL transports): the Wire sits on top of TLS."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from asyncpool.testing.pki import TestPki
 async def test_reuse_and_changes_over_tls(tls_postgres: PostgresServer, pki: TestPki) -> None:
     dsn = tls_postgres.app.dsn("localhost", tls_postgres.port, tls_postgres.database)
     async with Pool(dsn, name="dc-tls", ssl="verify-full", ssl_root_cert=str(pki.ca_cert),
-                    prepared_statements="describe-cache", min_size=1, max_size=1,
+                    prepared_statements="unnamed", min_size=1, max_size=1,
                     telemetry=False) as pool:
         await pool.execute("CREATE TABLE t (id int, v int); INSERT INTO t VALUES (1, 10)")
         select = "SELECT * FROM t WHERE id = $1"
@@ -41,7 +41,7 @@ def test_over_tls_under_uvloop(tls_postgres: PostgresServer, pki: TestPki) -> No
 async def _tls_round(tls_postgres: PostgresServer, pki: TestPki) -> None:
     dsn = tls_postgres.app.dsn("localhost", tls_postgres.port, tls_postgres.database)
     async with Pool(dsn, name="dc-tls-uv", ssl="verify-full", ssl_root_cert=str(pki.ca_cert),
-                    prepared_statements="describe-cache", min_size=1, max_size=1,
+                    prepared_statements="unnamed", min_size=1, max_size=1,
                     telemetry=False) as pool, pool.acquire() as conn:
         assert "uvloop" in type(asyncio.get_running_loop()).__module__
         assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")

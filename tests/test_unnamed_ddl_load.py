@@ -98,7 +98,7 @@ class Workload:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-@pytest.mark.parametrize("mode", ["describe-cache", "off"])
+@pytest.mark.parametrize("mode", ["unnamed", "off"])
 async def test_migrations_under_concurrent_load(pooler: Pooler, postgres: PostgresServer,
                                                 mode: PreparedStatements) -> None:
     suffix = re.sub(r"\W", "_", f"{pooler.label}_{mode}")
@@ -133,7 +133,7 @@ async def test_migrations_under_concurrent_load(pooler: Pooler, postgres: Postgr
 
             deadline = time.monotonic() + 0.6 + 0.25 * len(MIGRATIONS) + 0.5
             await asyncio.gather(migrate(), *(work.run(deadline) for _ in range(WORKERS)))
-            if mode == "describe-cache":
+            if mode == "unnamed":
                 async with pool.acquire() as conn:
                     totals = pool.stats().statement_cache
                     assert totals is not None

@@ -1,4 +1,4 @@
-"""The few PostgreSQL wire messages describe-cache writes or reads, built and parsed in Python."""
+"""The few PostgreSQL wire messages the "unnamed" mode writes or reads, built and parsed in Python."""
 
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from asyncpool.describe_cache.messages import (
+from asyncpool.stats import StatementCacheStats
+from asyncpool.unnamed.messages import (
     Column,
     parameter_description,
     typed_parse,
 )
-from asyncpool.stats import StatementCacheStats
 
 #: (query text, record class, ignore_custom_codec): what asyncpg keys its own statement cache on.
 Key = tuple[str, type, bool]
