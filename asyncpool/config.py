@@ -45,11 +45,12 @@ class PoolConfig:
     validate_after: a connection idle longer than this is checked with a round trip before it is
         handed out, so one killed while a Lambda environment was frozen, or dropped by the pooler,
         is replaced unseen (default 1.0; 0 checks every checkout; None never).
-    prepared_statements: ``"off"`` (default) keeps asyncpg's statement cache off so any
-        transaction pooler works (PgBouncer < 1.21, RDS Proxy); ``"on"`` uses named prepared
-        statements (PgBouncer >= 1.21 with ``max_prepared_statements`` > 0, or a direct server);
-        ``"unnamed"`` caches statement descriptions client-side for one round trip per query
-        through any pooler (see README).
+    prepared_statements: ``"unnamed"`` (default) keeps each connection's statement descriptions
+        and sends every repeated query as one round trip with the unnamed statement only, so any
+        transaction pooler works (PgBouncer < 1.21, RDS Proxy; docs/describe-cache.md);
+        ``"on"`` uses named prepared statements (PgBouncer >= 1.21 with
+        ``max_prepared_statements`` > 0, or a direct server); ``"off"`` is asyncpg exactly, with
+        its statement cache off (two round trips per query with arguments).
     statement_cache_size: entries in the statement (or description) cache when it is on (100).
     statement_cache_ttl: seconds a cached statement/description is kept (None: no limit).
     leak_timeout: a connection held longer than this is a leak (default 30; None disables).
@@ -78,7 +79,7 @@ class PoolConfig:
     lifetime_jitter: float = 0.1
     max_idle: float | None = 300.0
     validate_after: float | None = 1.0
-    prepared_statements: PreparedStatements = "off"
+    prepared_statements: PreparedStatements = "unnamed"
     statement_cache_size: int = 100
     statement_cache_ttl: float | None = None
     leak_timeout: float | None = 30.0

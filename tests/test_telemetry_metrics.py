@@ -307,10 +307,10 @@ async def test_describe_cache_counts_survive_retired_connections_and_match_stats
     assert collected.value(sc.CACHE_EVICTIONS.name) == 3
 
 
-async def test_pools_not_in_describe_cache_mode_report_no_cache_metrics(
+async def test_pools_not_in_unnamed_mode_report_no_cache_metrics(
     postgres: PostgresServer, sdk: Sdk
 ) -> None:
-    async with sdk.pool(postgres.dsn(), name="plain", min_size=1) as pool:
+    async with sdk.pool(postgres.dsn(), name="plain", min_size=1, prepared_statements="off") as pool:
         await pool.fetchval("SELECT $1::int", 1)
         assert pool.stats().statement_cache is None
         collected = sdk.collect()

@@ -120,7 +120,8 @@ async def test_codec_changes_drop_descriptions(pool: Pool) -> None:
 
 
 async def test_off_mode_has_no_description_cache(pooler: Pooler) -> None:
-    async with Pool(pooler.dsn(), name="off", min_size=1, telemetry=False) as pool, \
+    async with Pool(pooler.dsn(), name="off", prepared_statements="off", min_size=1,
+                    telemetry=False) as pool, \
             pool.acquire() as conn:
         assert not hasattr(conn.raw, "describe_cache_stats")
         assert conn.raw._stmt_cache_enabled is False
