@@ -34,7 +34,7 @@ _offset = itertools.count(1_000_000)  # statement texts never repeat across runs
 
 
 async def _asyncpool(dsn: str, n: int, mode: str, warm: bool) -> tuple[float, float]:
-    async with Pool(dsn, name=f"cold-{mode}", prepared_statements=mode,  # type: ignore[arg-type]
+    async with Pool(dsn, name=f"cold-{mode}", prepared_statements=mode,
                     min_size=1, max_size=1, telemetry=False) as pool, pool.acquire() as conn:
         base = next(_offset) * 10_000
         wall, cpu = time.perf_counter(), time.process_time()
