@@ -7,6 +7,7 @@ connection (as a migration would), and runs the statements again through the sam
 
 from __future__ import annotations
 
+import asyncio
 import decimal
 import re
 from collections.abc import AsyncIterator
@@ -213,3 +214,53 @@ async def test_composite_type_changed(pool: Pool, pooler: Pooler, postgres: Post
         with pytest.raises(asyncpg.OutdatedSchemaCacheError):
             await conn.fetchval(select, 1)
         assert tuple(await conn.fetchval(select, 1)) == (1, "x", None)
+
+
+async def test_cancelled_at_any_await_of_a_changed_reply(pool: Pool, table: str,
+                                                         postgres: PostgresServer) -> None:
+    """Each round changes the table (a column of a new enum type: decoding again needs type
+    introspection, one more await) and cancels the call after a growing delay, so cancellation
+    lands before the reply, while it is held, during introspection or after. The connection
+    must stay usable and the next call must return the right row."""
+    await pool.execute(f"INSERT INTO {table} (v) VALUES (42)")
+    select = f"SELECT * FROM {table} WHERE v = $1"
+    cancelled = 0
+    async with pool.acquire() as conn:
+        for step in range(12):
+            assert (await conn.fetchrow(select, 42))["v"] == 42
+            kind = f"{table}_e{step}"
+            await migrate(postgres, f"CREATE TYPE {kind} AS ENUM ('a', 'b');"
+                                    f"ALTER TABLE {table} ADD COLUMN c{step} {kind} DEFAULT 'b'")
+            try:
+                await asyncio.wait_for(conn.fetchrow(select, 42), timeout=step * 0.0015)
+            except TimeoutError:
+                cancelled += 1
+            row = await conn.fetchrow(select, 42)
+            assert row["v"] == 42
+            assert row[f"c{step}"] == "b"
+    assert cancelled > 0
+    async with pool.acquire() as conn:
+        assert (await conn.fetchrow(select, 42))[f"c{11}"] == "b"
+
+
+def test_changes_under_uvloop(pooler: Pooler, postgres: PostgresServer) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        name = "dc_uv_" + re.sub(r"\W", "_", pooler.label)
+        async with Pool(pooler.dsn(), name="uv", min_size=1, max_size=1,
+                        telemetry=False) as uv_pool:
+            assert "uvloop" in type(asyncio.get_running_loop()).__module__
+            await uv_pool.execute(f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (v int4);"
+                                  f"INSERT INTO {name} VALUES (7)")
+            select = f"SELECT * FROM {name} WHERE v = $1"
+            for _ in range(2):
+                assert (await uv_pool.fetchrow(select, 7))["v"] == 7
+            await migrate(postgres, f"ALTER TABLE {name} ALTER COLUMN v TYPE float4")
+            row = await uv_pool.fetchrow(select, 7)
+            assert row["v"] == 7.0
+            assert isinstance(row["v"], float)
+            assert uv_pool.stats().statement_cache.stale == 1  # type: ignore[union-attr]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
