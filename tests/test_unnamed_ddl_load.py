@@ -4,7 +4,8 @@ Workers read and write a table through PgBouncer (some of them inside transactio
 migration adds, drops and retypes columns (same-width int4 <-> float4 and int8 <-> float8
 included), adds an enum value, moves a column between domains, and drops and recreates the enum
 type (the rename-create-convert-drop recipe for removing an enum value). The same workload runs
-with ``"off"`` as the control: it shows the workload itself gives no error without any cache.
+with ``"off"`` as the control: it shows the workload itself gives no error without any cache
+(and that asyncpg's own path can decode wrong values here; see the note at the end).
 """
 
 from __future__ import annotations
@@ -142,7 +143,12 @@ async def test_migrations_under_concurrent_load(pooler: Pooler, postgres: Postgr
                 assert changed > 0, "no cached description ever met a changed table"
         assert migrations_done == len(MIGRATIONS)
         assert work.errors == [], work.errors[:5]
-        assert work.wrong == [], work.wrong[:5]
+        if mode == "unnamed":
+            assert work.wrong == [], work.wrong[:5]
+        # With "off" (asyncpg as is) wrong values do occur, in about half the runs: asyncpg
+        # describes a statement, introspects a type it has not seen (a separate transaction, so
+        # a migration can land), then parses it again and decodes with the first description.
+        # The control only shows that the workload gives no error without a cache.
         assert work.checked > 200
     finally:
         await admin.execute(f"DROP TABLE IF EXISTS {table}; DROP TYPE IF EXISTS {mood};"
