@@ -186,7 +186,7 @@ def _rename_mode(cfg: PoolConfig) -> None:
         object.__setattr__(cfg, "prepared_statements", renamed)
 
 
-def _check(cfg: PoolConfig) -> None:
+def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option reads best
     def fail(message: str) -> None:
         raise PoolConfigError(f"pool {cfg.name!r}: {message}")
 
@@ -208,6 +208,8 @@ def _check(cfg: PoolConfig) -> None:
         # `not value > 0` also refuses NaN, which every comparison lets through.
         if value is not None and (not isinstance(value, int | float) or not value > 0):
             fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
+    if cfg.connect_timeout is None:
+        fail("connect_timeout=None: a login must have a time limit; give a number of seconds > 0")
     after = cfg.validate_after
     if after is not None and (not isinstance(after, int | float) or not after >= 0):
         fail(f"validate_after={cfg.validate_after!r}: must be >= 0 seconds (or None)")

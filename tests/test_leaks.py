@@ -29,7 +29,7 @@ def test_default_leak_timeout_is_30_seconds() -> None:
 
 async def test_default_pool_tracks_leaks_at_30_seconds(pooler: Pooler) -> None:
     async with Pool(pooler.dsn(), telemetry=False) as pool:
-        tracker = pool._leaks
+        tracker = pool._slots.leaks
         assert getattr(tracker, "timeout", None) == 30.0
         async with pool.acquire():
             assert len(getattr(tracker, "_leases", {})) == 1
@@ -186,6 +186,6 @@ async def test_log_action_reports_without_reclaiming(
 
 async def test_leak_detection_can_be_disabled(pooler: Pooler) -> None:
     async with Pool(pooler.dsn(), leak_timeout=None, telemetry=False) as pool:
-        assert not hasattr(pool._leaks, "timeout")
+        assert not hasattr(pool._slots.leaks, "timeout")
         async with pool.acquire() as conn:
             assert await conn.fetchval("SELECT 1") == 1

@@ -180,7 +180,7 @@ async def test_default_pool_publishes_through_the_global_api_without_an_sdk(
     postgres: PostgresServer,
 ) -> None:
     async with Pool(postgres.dsn(), name="global-noop", min_size=1) as pool:
-        assert isinstance(pool._observer, TelemetryObserver)
+        assert isinstance(pool._slots.observer, TelemetryObserver)
         assert await pool.fetchval("SELECT 41 + 1") == 42
 
 

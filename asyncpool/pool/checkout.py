@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Generator
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from asyncpool.connect.failures import lost_connection_hint
 from asyncpool.errors import (
@@ -15,32 +15,59 @@ from asyncpool.errors import (
     PoolError,
 )
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.lease import CLOSED, LEAKED, Lease
+from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
 
-if TYPE_CHECKING:
-    from asyncpool.pool import Pool
+
+class Checkouts(Protocol):
+    """What the acquire contexts and `PooledConnection` need from a pool, and all they use.
+
+    `asyncpool.pool.slots.Slots` provides it. A checkout tries `checkout_nowait` (no coroutine,
+    the common case) and falls back to `checkout`; a return calls `checkin_nowait`, and awaits
+    `checkin` only when that says a reset (a rollback, a cancel finishing) is needed.
+    """
+
+    name: str
+
+    @property
+    def target(self) -> str: ...
+
+    def checkout_nowait(self, frame: FrameType | None) -> Lease | None: ...
+
+    async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease: ...
+
+    def checkin_nowait(self, lease: Lease) -> bool: ...
+
+    async def checkin(self, lease: Lease) -> None: ...
 
 
 class AcquireContext:
     """``async with pool.acquire() as conn`` / ``conn = await pool.acquire()``."""
 
-    __slots__ = ("_frame", "_lease", "_pool", "_timeout")
+    __slots__ = ("_frame", "_lease", "_owner", "_timeout")
 
-    def __init__(self, pool: Pool, timeout: float | None, frame: FrameType | None) -> None:
-        self._pool = pool
+    def __init__(self, owner: Checkouts, timeout: float | None, frame: FrameType | None) -> None:
+        self._owner = owner
         self._timeout = timeout
         self._frame = frame
         self._lease: Lease | None = None
 
     async def __aenter__(self) -> PooledConnection:
-        pool = self._pool
-        lease = pool._acquire_nowait(self._frame) or await pool._acquire(self._timeout, self._frame)
+        owner = self._owner
+        lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
+        lease.scoped = True
         self._frame = None
         self._lease = lease
-        return PooledConnection(lease, self._pool.name)
+        return PooledConnection(lease, owner)
 
     def __await__(self) -> Generator[Any, None, PooledConnection]:
-        return self.__aenter__().__await__()
+        return self._acquire_unscoped().__await__()
+
+    async def _acquire_unscoped(self) -> PooledConnection:
+        # No block will end this checkout: a leak reclaim must not cancel the holder's task.
+        owner = self._owner
+        lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
+        self._frame = None
+        return PooledConnection(lease, owner)
 
     async def __aexit__(
         self,
@@ -51,16 +78,18 @@ class AcquireContext:
         lease = self._lease
         if lease is None:
             return
+        owner = self._owner
         if lease.state is LEAKED:
-            _raise_leaked(self._pool.name, exc)
+            _raise_leaked(owner.name, lease, exc)
+            return
         # A cancelled task must end cancelled, even if its connection died meanwhile.
-        lost = isinstance(exc, Exception) and lease.active and lease.record.conn.is_closed()
-        if self._pool._release_nowait(lease):
-            await self._pool._release_after_reset(lease)
+        lost = isinstance(exc, Exception) and lease.state is ACTIVE and lease.record.conn.is_closed()
+        if owner.checkin_nowait(lease):
+            await owner.checkin(lease)
         if lost:
             assert exc is not None
             raise ConnectionLostError(
-                f"pool {self._pool.name!r}: the connection to {self._pool.target} was lost while "
+                f"pool {owner.name!r}: the connection to {owner.target} was lost while "
                 f"in use ({type(exc).__name__}: {exc}).{lost_connection_hint(exc)} An open "
                 "transaction was not committed "
                 "(if it was lost during COMMIT, that commit's outcome is unknown). The pool "
@@ -68,28 +97,36 @@ class AcquireContext:
             ) from exc
 
 
-def _raise_leaked(pool_name: str, exc: BaseException | None) -> None:
-    """Turn the cancellation the leak reclaim caused into `ConnectionLeakedError`."""
+def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> None:
+    """Turn the cancellation the leak reclaim caused into `ConnectionLeakedError`.
+
+    The reclaim's cancel request is withdrawn exactly once, wherever it surfaced (in the block,
+    or in the ROLLBACK `pool.transaction()` sends on the way out), so none is left on the task.
+    """
     task = asyncio.current_task()
-    if isinstance(exc, asyncio.CancelledError) and task is not None:
-        if task.cancelling() > 1:
-            # Somebody else cancelled this task too: let their cancellation go on.
-            task.uncancel()
-            return
+    if lease.holder_cancelled and task is not None and task.cancelling():
+        lease.holder_cancelled = False
         task.uncancel()
+        if isinstance(exc, asyncio.CancelledError) and task.cancelling():
+            return  # somebody else cancelled this task too: their cancellation goes on
     raise ConnectionLeakedError(
         f"pool {pool_name!r}: the connection was held past leak_timeout and reclaimed (holder "
         "cancelled, connection closed); release connections promptly or raise leak_timeout"
     ) from None
 
 
-def _not_committed(pool: Pool, lease: Lease | None) -> PoolError:
+def _not_committed(owner: Checkouts, lease: Lease | None) -> PoolError:
     if lease is not None and lease.state is CLOSED:
         return PoolClosedError(
-            f"pool {pool.name!r} was closed while this transaction was open: it was not committed"
+            f"pool {owner.name!r} was closed while this transaction was open: it was not committed"
+        )
+    if lease is not None and lease.state is RELEASED and not lease.record.conn.is_closed():
+        return PoolError(
+            f"pool {owner.name!r}: the connection was released (conn.close()) inside "
+            "pool.transaction(): the transaction was rolled back, not committed"
         )
     return ConnectionLostError(
-        f"pool {pool.name!r}: the connection to {pool.target} was lost before COMMIT: the "
+        f"pool {owner.name!r}: the connection to {owner.target} was lost before COMMIT: the "
         "transaction was not committed. The pool replaced the connection; retry if the work is "
         "idempotent."
     )
@@ -100,9 +137,9 @@ class TransactionContext(AcquireContext):
 
     __slots__ = ("_options", "_tx")
 
-    def __init__(self, pool: Pool, timeout: float | None, frame: FrameType | None,
+    def __init__(self, owner: Checkouts, timeout: float | None, frame: FrameType | None,
                  **options: Any) -> None:
-        super().__init__(pool, timeout, frame)
+        super().__init__(owner, timeout, frame)
         self._options = options
         self._tx: Any = None
 
@@ -128,7 +165,7 @@ class TransactionContext(AcquireContext):
             await super().__aexit__(exc_type, exc, tb)
             if exc is None and self._tx is not None:
                 # The block ended well but its connection is gone: COMMIT was never sent.
-                raise _not_committed(self._pool, lease)
+                raise _not_committed(self._owner, lease)
             return
         if exc is not None:
             try:

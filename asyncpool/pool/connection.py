@@ -10,6 +10,8 @@ from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, Lease
 if TYPE_CHECKING:
     import asyncpg
 
+    from asyncpool.pool.checkout import Checkouts
+
 
 class _Forwarded:
     """A connection method the proxy hands over without going through `__getattr__`.
@@ -36,7 +38,7 @@ class PooledConnection:
     another task now holds; after a leak reclaim it raises `ConnectionLeakedError`.
     """
 
-    __slots__ = ("_lease", "_pool_name")
+    __slots__ = ("_lease", "_owner")
 
     execute = _Forwarded()
     executemany = _Forwarded()
@@ -48,9 +50,28 @@ class PooledConnection:
     transaction = _Forwarded()
     cursor = _Forwarded()
 
-    def __init__(self, lease: Lease, pool_name: str) -> None:
+    def __init__(self, lease: Lease, owner: Checkouts) -> None:
         self._lease = lease
-        self._pool_name = pool_name
+        self._owner = owner
+
+    @property
+    def _pool_name(self) -> str:
+        return self._owner.name
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        """Give the connection back to the pool, as `pool.release(conn)` does.
+
+        The server connection stays open for the next holder: the pool alone decides when a
+        connection goes (code written for asyncpg's pool, or SQLAlchemy's ``NullPool`` with an
+        ``async_creator``, calls close() to give a connection back). A no-op once released.
+        `timeout` is accepted for asyncpg's signature and unused.
+        """
+        lease = self._lease
+        if lease.state is not ACTIVE:
+            return
+        owner = self._owner
+        if owner.checkin_nowait(lease):
+            await owner.checkin(lease)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)

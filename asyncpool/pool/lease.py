@@ -7,7 +7,7 @@ import contextvars
 import enum
 import traceback
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from asyncpool.pool.record import ConnectionRecord
@@ -27,6 +27,9 @@ RELEASED = LeaseState.RELEASED
 LEAKED = LeaseState.LEAKED
 CLOSED = LeaseState.CLOSED
 
+# A coroutine chain deeper than this is cut in leak reports.
+_MAX_FRAMES = 200
+
 
 class Lease:
     """Who holds which connection since when, and where they took it.
@@ -35,20 +38,28 @@ class Lease:
     if the lease is reported as a leak.
     """
 
-    __slots__ = ("acquired_at", "context", "frame", "lasti", "record", "reported", "state", "task")
+    __slots__ = ("acquired_at", "context", "frame", "holder_cancelled", "lasti", "record", "reported",
+                 "scoped", "state", "task")
 
-    def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None) -> None:
+    def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None,
+                 task: asyncio.Task[Any] | None = None,
+                 context: contextvars.Context | None = None) -> None:
         self.record = record
         self.acquired_at = now
-        self.task = asyncio.current_task()
+        # A waiter's lease is made by whoever hands it the connection: it passes the waiter's own.
+        self.task = task or asyncio.current_task()
         # The holder's context (its current span): a leak is reported in it, not in the timer's.
-        self.context = contextvars.copy_context()
+        self.context = context or contextvars.copy_context()
         self.frame = frame
         # The innermost frame keeps running after acquire(); remember the instruction it was on
         # (f_lineno would map it to a line now, ~0.2 µs; only a leak report needs the line).
         self.lasti = frame.f_lasti if frame is not None else 0
         self.state = ACTIVE
         self.reported = False  # logged as a leak under leak_action="log"
+        # Taken by `async with` (the block's exit turns a reclaim into ConnectionLeakedError), not
+        # by `conn = await pool.acquire()`, whose task a reclaim must not cancel.
+        self.scoped = False
+        self.holder_cancelled = False  # a leak reclaim cancelled the holder's task
 
     @property
     def active(self) -> bool:
@@ -58,19 +69,55 @@ class Lease:
         return self.task.get_name() if self.task is not None else None
 
     def acquire_site(self) -> str:
-        """The stack where the connection was acquired, innermost call last."""
+        """The stack where the connection was acquired, outermost call first.
+
+        Only a frame reference and an instruction offset are kept at checkout. The callers are
+        read when a report needs them, from the holding task's chain of suspended coroutines:
+        while the acquiring function still runs, each of its callers waits on the very line that
+        leads to it. If it has returned, the task's current stack is shown instead.
+        """
         frame = self.frame
         if frame is None:
-            return "<acquire site not captured>"
-        outer = traceback.StackSummary.extract(traceback.walk_stack(frame.f_back), lookup_lines=True)
-        outer.reverse()
+            return "<acquire site not captured>\n"
         code = frame.f_code
         inner = traceback.FrameSummary(code.co_filename, _line_at(code, self.lasti), code.co_name)
-        return "".join(traceback.StackSummary.from_list([*outer, inner]).format())
+        chain = _task_frames(self.task)
+        if frame in chain:
+            outer = chain[: chain.index(frame)]
+            return _format([*_summaries(outer), inner])
+        text = _format([inner])
+        if chain:
+            text += "(the function that acquired it has returned; the holding task is now at:)\n"
+            text += _format(_summaries(chain))
+        return text
 
     def forget_site(self) -> None:
         """Drop the frame reference so the holder's locals are not kept alive."""
         self.frame = None
+
+
+def _task_frames(task: asyncio.Task[Any] | None) -> list[FrameType]:
+    """The frames of `task`'s suspended coroutines, outermost first."""
+    frames: list[FrameType] = []
+    if task is None or task.done():
+        return frames
+    coro: Any = task.get_coro()
+    while coro is not None and len(frames) < _MAX_FRAMES:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
+
+
+def _summaries(frames: list[FrameType]) -> list[traceback.FrameSummary]:
+    return [traceback.FrameSummary(f.f_code.co_filename, f.f_lineno, f.f_code.co_name)
+            for f in frames]
+
+
+def _format(summaries: list[traceback.FrameSummary]) -> str:
+    return "".join(traceback.StackSummary.from_list(summaries).format())
 
 
 def _line_at(code: CodeType, lasti: int) -> int:

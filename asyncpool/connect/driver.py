@@ -1,0 +1,150 @@
+"""The asyncpg internals asyncpool relies on, all in this one module, gated on asyncpg's version.
+
+asyncpg has no public way to ask whether a cancelled query is still being cancelled, to forget a
+Transaction whose BEGIN failed, to invalidate the statements, cursors and transactions a previous
+holder obtained (its own pool bumps ``_pool_release_ctr``), or to drop the listeners a holder left.
+Every private name used for that is read here and nowhere else; `tests/test_driver.py` has one test
+per name against a real server, so a new asyncpg that renames one fails there, loudly, not in
+production. Outside the tested versions the names are checked on the class at import: a missing one
+is warned about and the function that needs it falls back to doing nothing (or to a round trip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import asyncpg.protocol
+
+#: asyncpg versions the test suite runs against ([low, high)); pyproject pins the same range.
+TESTED = ((0, 29), (0, 33))
+VERSION: tuple[int, ...] = tuple(int(n) for n in re.findall(r"\d+", asyncpg.__version__)[:2])
+
+#: Connection attributes read or written here, and what each is for.
+CONNECTION_INTERNALS = {
+    "_protocol": "the wire protocol object (cancellation state, transaction status)",
+    "_top_xact": "the Transaction asyncpg tracks, kept even when its BEGIN failed",
+    "_pool_release_ctr": "bumped on release: statements, cursors, transactions of the holder fail",
+    "_cancellations": "cancel requests in flight (their sockets must not be closed early)",
+    "_listeners": "LISTEN callbacks a holder added",
+    "_log_listeners": "server log message callbacks",
+    "_termination_listeners": "callbacks run when the connection closes",
+    "_query_loggers": "callbacks that see every query",
+}
+#: Protocol methods called here.
+PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transaction")
+
+
+def _slots(cls: type) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names.update((slots,) if isinstance(slots, str) else slots)
+    return names
+
+
+def missing_internals() -> list[str]:
+    """The internals above that the installed asyncpg lacks (empty when all are there)."""
+    have = _slots(asyncpg.Connection)
+    missing = [name for name in CONNECTION_INTERNALS if name not in have]
+    proto = asyncpg.protocol.Protocol
+    missing += [f"Protocol.{name}" for name in PROTOCOL_INTERNALS if not hasattr(proto, name)]
+    return missing
+
+
+_MISSING = missing_internals()
+if _MISSING:
+    warnings.warn(
+        f"asyncpg {asyncpg.__version__}: asyncpool did not find {', '.join(_MISSING)} (it is tested "
+        f"with asyncpg {TESTED[0][0]}.{TESTED[0][1]} to <{TESTED[1][0]}.{TESTED[1][1]}); returned "
+        "connections are rolled back with a round trip and held statements are not invalidated",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def tested_version() -> bool:
+    return TESTED[0] <= VERSION < TESTED[1]
+
+
+def _needs_reset(conn: Any) -> bool:
+    """True when a returned connection needs a wait or a round trip before another holder may
+    use it: a query still being cancelled, a transaction left open (or a failed BEGIN asyncpg
+    still tracks), or callbacks the holder registered."""
+    proto = conn._protocol
+    return bool(
+        proto._is_cancelling()
+        or proto.is_in_transaction()
+        or conn._top_xact is not None
+        or conn._listeners
+        or conn._log_listeners
+        or conn._termination_listeners
+        or conn._query_loggers
+    )
+
+
+def _needs_reset_fallback(conn: Any) -> bool:
+    proto = getattr(conn, "_protocol", None)
+    cancelling = getattr(proto, "_is_cancelling", None)
+    return bool(
+        (cancelling is not None and cancelling())
+        or conn.is_in_transaction()
+        or getattr(conn, "_top_xact", None) is not None
+        or getattr(conn, "_listeners", None)
+    )
+
+
+def _invalidate_resources(conn: Any) -> None:
+    """Make the prepared statements, cursors and transactions obtained through `conn` so far
+    raise `asyncpg.InterfaceError` ("released back to the pool"), as asyncpg's pool does."""
+    conn._pool_release_ctr += 1
+
+
+def _invalidate_fallback(conn: Any) -> None:
+    if hasattr(conn, "_pool_release_ctr"):
+        conn._pool_release_ctr += 1
+
+
+# Chosen once, at import: the hot path (every release) runs the direct version.
+needs_reset: Callable[[Any], bool] = _needs_reset_fallback if _MISSING else _needs_reset
+invalidate_resources: Callable[[Any], None] = (
+    _invalidate_fallback if _MISSING else _invalidate_resources
+)
+
+
+def is_cancelling(conn: Any) -> bool:
+    """True while asyncpg is still finishing a query whose task was cancelled."""
+    check = getattr(getattr(conn, "_protocol", None), "_is_cancelling", None)
+    return bool(check()) if check is not None else False
+
+
+async def reset(conn: Any, timeout: float) -> None:
+    """Make a returned connection clean for the next holder (bounded by `timeout`): wait for a
+    cancelled query to finish, forget a Transaction whose BEGIN failed, roll back, and drop the
+    callbacks the holder registered (``UNLISTEN *`` only if it listened)."""
+    async with asyncio.timeout(timeout):
+        if is_cancelling(conn):
+            await conn._protocol._wait_for_cancellation()
+        # asyncpg keeps a Transaction whose BEGIN failed (timed out, cancelled) as the open one,
+        # so every later transaction() on this connection would be a SAVEPOINT.
+        if hasattr(conn, "_top_xact"):
+            conn._top_xact = None
+        if conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+        listened = bool(getattr(conn, "_listeners", None))
+        for name in ("_listeners", "_log_listeners", "_termination_listeners", "_query_loggers"):
+            callbacks = getattr(conn, name, None)
+            if callbacks:
+                callbacks.clear()
+        if listened:
+            await conn.execute("UNLISTEN *")
+
+
+def pending_cancellations(conn: Any) -> list[asyncio.Task[Any]]:
+    """Cancel requests asyncpg still has in flight on `conn`. Closing the connection cancels
+    them, and closing a cancel request's socket early crashes PgBouncer 1.18 (pgbouncer#801)."""
+    return [t for t in getattr(conn, "_cancellations", ()) if not t.done()]

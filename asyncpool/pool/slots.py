@@ -1,0 +1,998 @@
+"""The one owner of a pool's slots.
+
+`Slots` alone holds the idle connections, the callers waiting, the connections held, and the slots
+reserved for connections being opened or checked; a pool's size is their sum, computed, never
+kept. Every way a connection leaves (error, idle reaping, lifetime, `expire_all`, leak reclaim,
+`close`, `terminate`) goes through `retire`, and whatever frees a slot or returns a connection
+hands it straight to the first waiter. Each record's `place` says where it is.
+
+The pool's lifecycle is an explicit `PoolState`; code that awaits re-checks it afterwards, so
+nothing is handed out once `close()` has begun. Bookkeeping is synchronous: between two awaits no
+other task can see a half-moved connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import enum
+import logging
+import math
+import weakref
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from asyncpool.connect import driver
+from asyncpool.connect.failures import translate
+from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
+from asyncpool.observer import LeakReport, PoolObserver
+from asyncpool.pool.backoff import Backoff
+from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
+from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
+from asyncpool.pool.record import CHECKING, IDLE, LEASED, MOVING, RETIRED, ConnectionRecord
+from asyncpool.stats import PoolStats, StatementCacheStats
+
+if TYPE_CHECKING:
+    from asyncpool.config import PoolConfig
+    from asyncpool.connect.connector import Connector
+
+logger = logging.getLogger("asyncpool.pool")
+
+
+class PoolState(enum.Enum):
+    NEW = "new"  # created, not opened
+    OPEN = "open"
+    CLOSING = "closing"  # close() or terminate() has begun: nothing is handed out any more
+    CLOSED = "closed"
+
+
+NEW = PoolState.NEW
+OPEN = PoolState.OPEN
+CLOSING = PoolState.CLOSING
+CLOSED_STATE = PoolState.CLOSED
+
+#: What `Pool.acquire(timeout=...)` receives when the caller gave no timeout.
+UNSET: Any = object()
+# A waiter's future resolves to a Lease, or to this: "a slot is yours, open a connection in it".
+GRANT: Any = object()
+
+_VALIDATION_QUERY = "SELECT 1"
+# How long a returned connection may spend being reset (cancel finishing, ROLLBACK).
+RELEASE_TIMEOUT = 5.0
+# How long a graceful close may take before the connection is terminated.
+_CLOSE_TIMEOUT = 2.0
+_LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaimed"
+
+
+class Waiter:
+    """A caller queued for a connection. `retrying` callers already hold a slot (they are between
+    two login attempts) and take only connections; the others take connections or slots."""
+
+    __slots__ = ("context", "frame", "fut", "retrying", "started", "task")
+
+    def __init__(self, fut: asyncio.Future[Any], frame: FrameType | None, started: float,
+                 retrying: bool) -> None:
+        self.fut = fut
+        self.frame = frame
+        self.started = started
+        self.retrying = retrying
+        self.task = asyncio.current_task()
+        self.context = contextvars.copy_context()
+
+
+class _Progress:
+    """What a slow checkout is doing, for the error it raises if its time runs out."""
+
+    __slots__ = ("deadline", "holding", "last_error", "phase")
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.phase = "waiting"
+        self.last_error: BaseException | None = None
+        self.holding = False  # this caller holds a reserved slot (counted in `connecting`)
+
+
+class Slots:
+    """Owns every connection and slot of one pool; provides the `Checkouts` interface.
+
+    Sizes: ``size = len(idle) + len(leases) + connecting`` and never exceeds ``max_size``;
+    `connecting` counts slots reserved by a caller (opening a connection, validating one, or
+    granted to a waiter that has not run yet).
+    """
+
+    def __init__(self, name: str, config: PoolConfig) -> None:
+        self.name = name
+        self.config = config
+        self.state = NEW
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.connector: Connector | None = None
+        self.observer: PoolObserver = PoolObserver()
+        self.leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
+        self.idle: collections.deque[ConnectionRecord] = collections.deque()
+        self.leases: dict[ConnectionRecord, Lease] = {}
+        self.connecting = 0
+        self.checking: set[ConnectionRecord] = set()
+        self.waiters: collections.deque[Waiter] = collections.deque()
+        self.retrying = 0  # waiters in `waiters` that are between login attempts
+        self.attempts: set[asyncio.Task[Any]] = set()
+        self.background: set[asyncio.Task[Any]] = set()
+        self.housekeeper: asyncio.Task[None] | None = None
+        # Bumped by expire_all(): a login that began before it does not join the pool.
+        self.generation = 0
+        self._drained: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self.validate_after = config.validate_after
+        # Only "unnamed" connections can ask to be retired (`retire_reason`).
+        self._may_retire = config.prepared_statements == "unnamed"
+        self.created_total = 0
+        self.closed_total = 0
+        self.timeouts_total = 0
+        self.leaked_total = 0
+        self.validation_failures_total = 0
+        self.acquired_total = 0
+        self.connect_errors_total = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self, observer: PoolObserver, connector: Connector, wait: bool) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.observer = observer
+        self.connector = connector
+        self._drained = asyncio.Event()
+        self._closed = asyncio.Event()
+        cfg = self.config
+        if cfg.leak_timeout is not None:
+            self.leaks = LeakTracker(cfg.leak_timeout, _weak_on_leak(self))
+        observer.attach(self.name, _weak_stats(self))
+        self.state = OPEN
+        try:
+            if connector.credentials is not None:
+                await connector.credentials.warm(connector.target)
+                self._check_open()
+            if wait and cfg.min_size:
+                await self.fill(cfg.min_size)
+        except BaseException:
+            await self.close(timeout=0)
+            raise
+        self.housekeeper = self.loop.create_task(
+            housekeeping(weakref.ref(self), _housekeeping_period(cfg)), name=f"asyncpool:{self.name}"
+        )
+
+    async def close(self, timeout: float | None) -> None:
+        """Stop handing out connections, wait up to `timeout` for held ones, then terminate.
+
+        Cancelled part-way (a shutdown deadline), it terminates what is left before it ends.
+        """
+        if self.state is CLOSED_STATE:
+            return
+        if self.state is NEW:
+            self.state = CLOSED_STATE
+            return
+        loop = asyncio.get_running_loop()
+        assert self.loop is not None
+        assert self._drained is not None
+        assert self._closed is not None
+        if loop is not self.loop:
+            if self.loop.is_closed():
+                # Its loop is gone (asyncio.run() per call): nothing can be closed politely.
+                self.terminate()
+                return
+            raise PoolError(
+                f"pool {self.name!r}: close() was called on another event loop than the one the "
+                "pool was opened on; call it there (or pool.terminate() from any code on that "
+                "loop's thread)"
+            )
+        if self.state is CLOSING:
+            await self._closed.wait()  # another close() is under way
+            return
+        self.state = CLOSING
+        try:
+            self._stop("pool closed", graceful=True)
+            if not self._is_drained():
+                self._drained.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._drained.wait()
+            # Held past `timeout`, or still being validated or reset: terminated.
+            self._retire_all("pool closed")
+            # Callers woken by the above give their reserved slots back within an iteration.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELEASE_TIMEOUT):
+                    await self._drained.wait()
+            await asyncio.gather(*self._own_tasks(), return_exceptions=True)
+            creds = self.connector.credentials if self.connector is not None else None
+            if creds is not None:
+                try:
+                    await creds.close()
+                except Exception:
+                    logger.exception("pool %r: closing the credentials provider failed", self.name)
+        except BaseException:
+            self.terminate()
+            raise
+        self._finish(close_credentials=False)
+
+    def terminate(self) -> None:
+        """Close every connection now, without waiting; waiters get `PoolClosedError`."""
+        if self.state is CLOSED_STATE:
+            return
+        if self.state is NEW:
+            self.state = CLOSED_STATE
+            return
+        self.state = CLOSING
+        self._stop("pool terminated", graceful=False)
+        self._retire_all("pool terminated")
+        for task in list(self.background):
+            task.cancel()  # graceful closes under way terminate their connection
+        self._finish(close_credentials=True)
+
+    def _stop(self, reason: str, graceful: bool) -> None:
+        """The first, synchronous part of closing: nobody waits, logs in or reaps any more."""
+        waiters = list(self.waiters)
+        self.waiters.clear()
+        self.retrying = 0
+        for waiter in waiters:
+            if not waiter.fut.done():
+                waiter.fut.set_exception(PoolClosedError(f"pool {self.name!r} was closed while waiting"))
+        for attempt in list(self.attempts):
+            attempt.cancel()
+        if self.housekeeper is not None:
+            self.housekeeper.cancel()
+        for record in list(self.idle):
+            self.retire(record, reason, graceful=graceful)
+
+    def _retire_all(self, reason: str) -> None:
+        for record in list(self.idle):
+            self.retire(record, reason)
+        for record, lease in list(self.leases.items()):
+            if lease.state is ACTIVE:
+                lease.state = CLOSED
+            self.retire(record, reason)
+        for record in list(self.checking):
+            self.retire(record, reason)
+
+    def _own_tasks(self) -> list[asyncio.Task[Any]]:
+        tasks = list(self.background)
+        if self.housekeeper is not None:
+            tasks.append(self.housekeeper)
+        return tasks
+
+    def _finish(self, close_credentials: bool) -> None:
+        self.leaks.close()
+        creds = self.connector.credentials if self.connector is not None else None
+        if close_credentials and creds is not None:
+            loop = self.loop
+            if loop is not None and not loop.is_closed():
+                self._spawn(_close_credentials(creds, self.name))
+        self.state = CLOSED_STATE
+        try:
+            self.observer.detach()
+        except Exception:
+            logger.exception("pool %r: an observer failed to detach", self.name)
+        if self._closed is not None:
+            self._closed.set()
+
+    def _is_drained(self) -> bool:
+        return not self.idle and not self.leases and self.connecting == 0
+
+    def _note_drained(self) -> None:
+        if self._drained is not None and self._is_drained():
+            self._drained.set()
+
+    def _check_open(self) -> None:
+        if self.state is not OPEN:
+            raise self.closed_error()
+
+    def closed_error(self) -> PoolClosedError:
+        if self.state is NEW:
+            return PoolClosedError(f"the pool {self.name!r} is not open yet: await pool.open() first")
+        return PoolClosedError(f"the pool {self.name!r} is closed")
+
+    # -- the one exit -------------------------------------------------------------------------
+
+    def retire(self, record: ConnectionRecord, reason: str, *, graceful: bool = False) -> None:
+        """Take `record` out of the pool for good, from wherever it is: close its connection
+        (politely if `graceful`), count it, and give its slot to the first waiter.
+
+        A record being validated keeps its slot: the caller validating it owns that slot and
+        connects a replacement in it (or gives it back).
+        """
+        place = record.place
+        if place is RETIRED:
+            return
+        if place is IDLE:
+            self.idle.remove(record)
+        elif place is LEASED:
+            lease = self.leases.pop(record)
+            self.leaks.untrack(lease)
+            if lease.state is ACTIVE:
+                lease.state = CLOSED
+        elif place is CHECKING:
+            self.checking.discard(record)
+        record.place = RETIRED
+        self.closed_total += 1
+        self.observer.connection_closed(reason)
+        self._close_connection(record.conn, graceful)
+        if place is not CHECKING:
+            self._grant_slot()
+        if self.state is CLOSING:
+            self._note_drained()
+
+    def _close_connection(self, conn: Any, graceful: bool) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            return
+        if graceful and not conn.is_closed():
+            self._spawn(_close_gracefully(conn))
+            return
+        pending = driver.pending_cancellations(conn)
+        if pending:
+            # Closing the connection would cancel asyncpg's cancel request mid-flight, and closing
+            # that request's socket early crashes PgBouncer 1.18 (pgbouncer#801).
+            self._spawn(_terminate_after(conn, pending))
+        else:
+            conn.terminate()
+
+    def _spawn(self, coro: Any) -> None:
+        assert self.loop is not None
+        task = self.loop.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        return len(self.idle) + len(self.leases) + self.connecting
+
+    def _grant_slot(self) -> None:
+        """A slot is free: the first waiter that wants a slot gets it (and will connect). With
+        nobody waiting the pool just got smaller (its size is a sum, nothing to adjust)."""
+        if not self.waiters or self.state is not OPEN:
+            return
+        for waiter in self.waiters:
+            if not waiter.retrying and not waiter.fut.done():
+                break
+        else:
+            return
+        self.waiters.remove(waiter)
+        self.connecting += 1
+        waiter.fut.set_result(GRANT)
+
+    def _release_slot(self) -> None:
+        """A caller gives back the slot it reserved (its login failed, it was cancelled...)."""
+        self.connecting -= 1
+        self._grant_slot()
+        if self.state is CLOSING:
+            self._note_drained()
+
+    def _put(self, record: ConnectionRecord, now: float) -> None:
+        """Put a clean connection (`MOVING`, carrying its slot) back in service: to the first
+        waiter, else idle; or retire it if the pool is closing or it must go."""
+        if self.state is not OPEN:
+            self.retire(record, "pool closed", graceful=True)
+            return
+        retired = getattr(record.conn, "retire_reason", None) if self._may_retire else None
+        if retired or record.expired(now):
+            self.retire(record, retired or "expired", graceful=True)
+            return
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.retrying:
+                self.retrying -= 1
+            if waiter.fut.done():
+                continue  # cancelled; its task has not run yet to leave the queue
+            self._hold(record, Lease(record, now, waiter.frame, waiter.task, waiter.context))
+            waiter.fut.set_result(self.leases[record])
+            if waiter.retrying:
+                # It was between login attempts in a slot of its own, which it no longer needs.
+                self._release_slot()
+            return
+        record.place = IDLE
+        self.idle.append(record)
+
+    def _hold(self, record: ConnectionRecord, lease: Lease) -> None:
+        record.place = LEASED
+        self.leases[record] = lease
+        self.leaks.track(lease)
+
+    # -- checkout (the `Checkouts` interface) -------------------------------------------------
+
+    @property
+    def target(self) -> str:
+        return str(self.connector.target) if self.connector is not None else "<not open>"
+
+    def checkout_nowait(self, frame: FrameType | None) -> Lease | None:
+        """The fast path, without a coroutine: the most recently used idle connection when
+        nobody is queued and no check is due. None sends the caller to `checkout`."""
+        idle = self.idle
+        if not idle or self.waiters or self.state is not OPEN:
+            return None
+        record = idle[-1]
+        loop = self.loop
+        assert loop is not None
+        now = loop.time()
+        if now >= record.check_at or record.conn.is_closed() or asyncio.get_running_loop() is not loop:
+            return None
+        idle.pop()
+        lease = Lease(record, now, frame)
+        record.place = LEASED
+        self.leases[record] = lease
+        self.leaks.track(lease)
+        self.acquired_total += 1
+        self.observer.acquired(0.0)
+        return lease
+
+    async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease:
+        """The slow path: check an idle connection, open one, or wait in line."""
+        loop = self.loop
+        if self.state is not OPEN or loop is None:
+            raise self.closed_error()
+        if asyncio.get_running_loop() is not loop:
+            raise PoolError(
+                f"pool {self.name!r} was opened on another event loop; asyncpg connections are "
+                "bound to their loop, so keep one loop for the process "
+                "(see asyncpool.integrations.lambda_runner)"
+            )
+        if timeout is UNSET:
+            timeout = self.config.acquire_timeout
+        started = loop.time()
+        progress = _Progress(None if timeout is None else started + timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                lease = await self._obtain(started, frame, progress)
+        except TimeoutError:
+            self.timeouts_total += 1
+            self.observer.timed_out()
+            raise self._timeout_error(timeout, progress) from None
+        self.acquired_total += 1
+        self.observer.acquired(loop.time() - started)
+        return lease
+
+    async def _obtain(self, started: float, frame: FrameType | None, progress: _Progress) -> Lease:
+        loop = self.loop
+        assert loop is not None
+        while True:
+            self._check_open()
+            if self.idle and not self.waiters:
+                record = self.idle.pop()
+                record.place = MOVING
+                now = loop.time()
+                if now < record.check_at and not record.conn.is_closed():
+                    lease = Lease(record, now, frame)
+                    self._hold(record, lease)
+                    return lease
+                lease_or_none = await self._check(record, now, frame, progress)
+                if lease_or_none is not None:
+                    return lease_or_none
+                continue
+            if self.size() < self.config.max_size:
+                self.connecting += 1
+                progress.holding = True
+                lease_or_none = await self._connect_for(frame, progress)
+                if lease_or_none is not None:
+                    return lease_or_none
+                continue
+            return await self._wait(started, frame, progress)
+
+    async def _check(self, record: ConnectionRecord, now: float, frame: FrameType | None,
+                     progress: _Progress) -> Lease | None:
+        """An idle connection due a look (`MOVING`): hand it out if it passes, else retire it
+        and open one in its slot. None: the slot went back to the pool, start over."""
+        if record.conn.is_closed():
+            # Closed while idle (server restart, pooler timeout seen by the driver).
+            self._count_failed_check()
+            self.retire(record, "broken")
+            return None
+        if record.expired(now):
+            self.retire(record, "expired", graceful=True)
+            return None
+        record.place = CHECKING
+        self.checking.add(record)
+        self.connecting += 1
+        progress.holding = True
+        progress.phase = "validating"
+        try:
+            ok = await self._validate(record)
+        except BaseException:
+            self.retire(record, "cancelled during validation")
+            progress.holding = False
+            self._release_slot()
+            raise
+        if record.place is not CHECKING:  # retired meanwhile (close, terminate)
+            progress.holding = False
+            self._release_slot()
+            raise self.closed_error()
+        if not ok:
+            self._count_failed_check()
+            self.retire(record, "failed validation")  # its slot stays with this caller
+            return await self._connect_for(frame, progress)
+        self.checking.discard(record)
+        self.connecting -= 1
+        progress.holding = False
+        record.place = MOVING
+        record.stale = False
+        if self.state is not OPEN:
+            self.retire(record, "pool closed", graceful=True)
+            raise self.closed_error()
+        lease = Lease(record, self.loop.time() if self.loop else now, frame)
+        self._hold(record, lease)
+        return lease
+
+    async def _validate(self, record: ConnectionRecord) -> bool:
+        """One round trip on a connection that sat idle; False if it is dead."""
+        try:
+            await record.conn.execute(_VALIDATION_QUERY, timeout=self.config.connect_timeout)
+        # InternalClientError: the server's FATAL (pg_terminate_backend, pooler shutdown) arrived
+        # but the driver has not yet seen the socket close.
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError) as exc:
+            logger.info("pool %r: idle connection failed its check (%s); replacing it", self.name,
+                        type(exc).__name__)
+            return False
+        return True
+
+    def _count_failed_check(self) -> None:
+        self.validation_failures_total += 1
+        self.observer.validation_failed()
+
+    async def _wait(self, started: float, frame: FrameType | None, progress: _Progress) -> Lease:
+        """Queue until a connection is handed over or a slot is granted."""
+        assert self.loop is not None
+        waiter = Waiter(self.loop.create_future(), frame, started, retrying=False)
+        self.waiters.append(waiter)
+        progress.phase = "waiting"
+        try:
+            got = await waiter.fut
+        except BaseException:
+            got = self._leave(waiter)
+            if got is GRANT:
+                self._release_slot()
+            elif got is not None:
+                self._undo_handoff(got)
+            raise
+        if got is GRANT:
+            progress.holding = True
+            connected = await self._connect_for(frame, progress)
+            if connected is None:
+                return await self._obtain(started, frame, progress)
+            return connected
+        lease: Lease = got
+        if lease.state is not ACTIVE or self.state is not OPEN:
+            # close() began after the connection was handed over.
+            self._undo_handoff(lease)
+            raise self.closed_error()
+        return lease
+
+    def _leave(self, waiter: Waiter) -> Any:
+        """Step out of the queue: what was handed to `waiter` before it left (a lease or a
+        slot), or None."""
+        fut = waiter.fut
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            return fut.result()
+        fut.cancel()
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            return None  # already taken out (by close(), or skipped as cancelled)
+        if waiter.retrying:
+            self.retrying -= 1
+        return None
+
+    def _undo_handoff(self, lease: Lease) -> None:
+        """A lease handed to a waiter that gave up in the same instant goes to the next one."""
+        if lease.state is not ACTIVE:
+            return
+        lease.state = RELEASED
+        record = lease.record
+        self.leaks.untrack(lease)
+        del self.leases[record]
+        record.place = MOVING
+        self._put(record, self.loop.time() if self.loop else 0.0)
+
+    async def _connect_for(self, frame: FrameType | None, progress: _Progress) -> Lease | None:
+        """Open a connection in the slot this caller holds (`progress.holding`), retrying
+        transient failures with backoff. Between attempts the caller queues for a returned
+        connection. None: the slot went back to the pool, start over."""
+        loop = self.loop
+        assert loop is not None
+        backoff = Backoff()
+        try:
+            while True:
+                self._check_open()
+                progress.phase = "connecting"
+                generation = self.generation
+                try:
+                    conn = await self._attempt()
+                except ConnectError as exc:
+                    progress.last_error = exc
+                    delay = backoff.next_delay()
+                    deadline = progress.deadline
+                    if not exc.transient or (deadline is not None and loop.time() + delay >= deadline):
+                        # No time left for another try: the caller sees what went wrong.
+                        logger.warning("pool %r: %s", self.name, exc)
+                        raise
+                    logger.info("pool %r: %s; retrying in %.2fs", self.name, exc, delay)
+                    self._check_open()
+                    if self.idle:
+                        # Returned while this caller was logging in: take it instead.
+                        progress.holding = False
+                        self._release_slot()
+                        return None
+                    lease = await self._wait_between_attempts(delay, progress)
+                    if lease is not None:
+                        return lease
+                    continue
+                record = self._new_record(conn)
+                self.connecting -= 1
+                progress.holding = False
+                if self.state is not OPEN:
+                    self.retire(record, "pool closed")
+                    raise self.closed_error()
+                if generation != self.generation:
+                    self.retire(record, "expired by expire_all", graceful=True)
+                    return None
+                lease = Lease(record, loop.time(), frame)
+                self._hold(record, lease)
+                return lease
+        finally:
+            if progress.holding:
+                progress.holding = False
+                self._release_slot()
+
+    def _new_record(self, conn: Any) -> ConnectionRecord:
+        assert self.loop is not None
+        self.created_total += 1
+        cfg = self.config
+        now = self.loop.time()
+        record = ConnectionRecord(conn, now, cfg.max_lifetime, cfg.lifetime_jitter)
+        record.touch(now, self.validate_after)
+        return record
+
+    async def _wait_between_attempts(self, delay: float, progress: _Progress) -> Lease | None:
+        """Wait `delay` in line with the waiters; a connection handed over ends the wait (and
+        frees this caller's slot, see `_put`)."""
+        assert self.loop is not None
+        waiter = Waiter(self.loop.create_future(), None, self.loop.time(), retrying=True)
+        self.waiters.append(waiter)
+        self.retrying += 1
+        try:
+            async with asyncio.timeout(delay):
+                got = await waiter.fut
+        except TimeoutError:
+            got = self._leave(waiter)  # handed over in the instant the delay ran out?
+            if got is None:
+                return None
+        except BaseException:
+            got = self._leave(waiter)
+            if got is not None:
+                progress.holding = False
+                self._undo_handoff(got)
+            raise
+        progress.holding = False
+        lease: Lease = got
+        if lease.state is not ACTIVE or self.state is not OPEN:
+            self._undo_handoff(lease)
+            raise self.closed_error()
+        return lease
+
+    async def _attempt(self) -> Any:
+        """One login, within `connect_timeout`, in a task of its own that close() can stop."""
+        assert self.loop is not None
+        assert self.connector is not None
+        attempt = self.loop.create_task(self.connector.connect())
+        self.attempts.add(attempt)
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                conn = await attempt
+        except BaseException as exc:
+            self.attempts.discard(attempt)
+            self._abandon(attempt)
+            if isinstance(exc, ConnectError):
+                self.connect_errors_total += 1
+                raise
+            if isinstance(exc, TimeoutError):
+                self.connect_errors_total += 1
+                assert self.connector is not None
+                raise translate(exc, self.connector.target, self.name,
+                                self.config.connect_timeout) from None
+            task = asyncio.current_task()
+            if (isinstance(exc, asyncio.CancelledError) and attempt.cancelled()
+                    and task is not None and not task.cancelling()):
+                raise self.closed_error() from None  # close() stopped the login
+            raise
+        self.attempts.discard(attempt)
+        return conn
+
+    def _abandon(self, attempt: asyncio.Task[Any]) -> None:
+        """A login nobody waits for any more: a connection it still opens is closed and counted."""
+        if attempt.done():
+            self._discard_attempt(attempt)
+        else:
+            attempt.cancel()
+            attempt.add_done_callback(self._discard_attempt)
+
+    def _discard_attempt(self, attempt: asyncio.Task[Any]) -> None:
+        if attempt.cancelled() or attempt.exception() is not None:
+            return
+        self.created_total += 1
+        self.closed_total += 1
+        self.observer.connection_closed("abandoned login")
+        self._close_connection(attempt.result(), graceful=False)
+
+    def _timeout_error(self, timeout: float | None, progress: _Progress) -> PoolTimeoutError:
+        s = self.stats()
+        sizes = (f"size={s.size}, in_use={s.in_use}, idle={s.idle}, waiting={s.waiting}, "
+                 f"max_size={s.max_size}")
+        if progress.phase == "waiting":
+            return PoolTimeoutError(
+                f"pool {self.name!r}: no connection within {timeout:g}s ({sizes}); release "
+                "connections sooner, raise max_size or acquire_timeout"
+            )
+        last = f"; last error: {progress.last_error}" if progress.last_error else ""
+        doing = "still connecting to" if progress.phase == "connecting" else "checking a connection to"
+        return PoolTimeoutError(
+            f"pool {self.name!r}: no connection within {timeout:g}s: {doing} {self.target} "
+            f"({sizes}){last}; check that the server or pooler is reachable and accepts logins, "
+            "or raise acquire_timeout"
+        )
+
+    # -- return -------------------------------------------------------------------------------
+
+    def checkin_nowait(self, lease: Lease) -> bool:
+        """Take a connection back without a coroutine when no round trip is needed. True: it
+        needs a reset first, and the caller must await `checkin`."""
+        if lease.state is not ACTIVE:
+            return False
+        lease.state = RELEASED
+        lease.frame = None
+        self.leaks.untrack(lease)
+        record = lease.record
+        loop = self.loop
+        assert loop is not None
+        now = loop.time()
+        self.observer.released(now - lease.acquired_at)
+        if lease.reported:
+            log_returned(self.name, lease, now - lease.acquired_at)
+        conn = record.conn
+        driver.invalidate_resources(conn)
+        if conn.is_closed():
+            self.retire(record, "broken")
+            return False
+        if driver.needs_reset(conn):
+            return True  # still counted in use (leases) until reset
+        del self.leases[record]
+        record.place = MOVING
+        record.touch(now, self.validate_after)
+        self._put(record, now)
+        return False
+
+    async def checkin(self, lease: Lease) -> None:
+        """Finish returning a connection `checkin_nowait` found in need of a reset; the slot is
+        never lost, even if cancelled part-way."""
+        record = lease.record
+        try:
+            await driver.reset(record.conn, RELEASE_TIMEOUT)
+        except Exception as exc:
+            # Dropping the connection rolls its transaction back and the slot is restored: the
+            # caller's own error (a query timeout, say) must not be replaced by this one.
+            logger.info("pool %r: could not reset a returned connection (%s); closed it",
+                        self.name, type(exc).__name__)
+            self.retire(record, "reset failed")
+            return
+        except BaseException:
+            self.retire(record, "reset failed")
+            raise
+        if record.place is not LEASED:
+            return  # retired while it was being reset (close, terminate)
+        del self.leases[record]
+        record.place = MOVING
+        assert self.loop is not None
+        now = self.loop.time()
+        record.touch(now, self.validate_after)
+        self._put(record, now)
+
+    def owns(self, lease: Lease) -> bool:
+        return self.leases.get(lease.record) is lease
+
+    # -- leaks --------------------------------------------------------------------------------
+
+    def on_leak(self, lease: Lease) -> None:
+        """Called by the leak tracker when a lease outlives `leak_timeout`."""
+        if lease.state is not ACTIVE or self.loop is None or self.connector is None:
+            return
+        held = self.loop.time() - lease.acquired_at
+        reclaim = self.config.leak_action == "reclaim"
+        site = lease.acquire_site()
+        report = LeakReport(self.name, held, lease.task_name(), site, reclaim, self.connector.target)
+        log_leak(self.name, lease, held, reclaim, site)
+        self.leaked_total += 1
+        if not reclaim:
+            lease.reported = True
+            self.observer.leaked(report)
+            return
+        lease.state = LEAKED
+        lease.forget_site()
+        task = lease.task
+        # A holder inside `async with` is cancelled, and its block ends in ConnectionLeakedError.
+        # One that took `conn = await pool.acquire()` has no block to turn the cancellation into
+        # that error: only its connection is reclaimed, and its next use raises it.
+        if lease.scoped and task is not None and not task.done() and task is not asyncio.current_task():
+            lease.holder_cancelled = True
+            task.cancel(_LEAK_CANCEL_MESSAGE)
+        self.observer.leaked(report)
+        self.retire(lease.record, "leaked")
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    def expire_all(self) -> None:
+        """Retire every connection: idle ones now, held ones when returned, logins under way
+        when they succeed."""
+        self.generation += 1
+        for record in list(self.idle):
+            self.retire(record, "expired by expire_all", graceful=True)
+        for record in [*self.leases, *self.checking]:
+            record.expires_at = -math.inf
+
+    def mark_stale(self) -> None:
+        """Validate every connection before its next checkout, whatever the clock says."""
+        for record in [*self.idle, *self.leases, *self.checking]:
+            record.stale = True
+            record.check_at = -math.inf
+
+    async def fill(self, count: int) -> None:
+        """Open connections until `count` exist (raising the first failure)."""
+        loop = self.loop
+        assert loop is not None
+        while self.state is OPEN and self.size() < count:
+            self.connecting += 1
+            holding = True
+            try:
+                conn = await self._attempt()
+                record = self._new_record(conn)
+                self.connecting -= 1
+                holding = False
+                record.place = MOVING
+                self._put(record, loop.time())
+            finally:
+                if holding:
+                    self._release_slot()
+
+    def reap(self) -> None:
+        """Retire idle connections that are broken, expired, or idle past max_idle beyond
+        min_size (the least recently used first)."""
+        assert self.loop is not None
+        now = self.loop.time()
+        cfg = self.config
+        surplus = self.size() - cfg.min_size
+        for record in list(self.idle):  # oldest-used first
+            if not record.usable():
+                self.retire(record, "broken")
+            elif record.expired(now):
+                self.retire(record, "expired", graceful=True)
+            elif cfg.max_idle is not None and now - record.last_used > cfg.max_idle and surplus > 0:
+                self.retire(record, "idle", graceful=True)
+            else:
+                continue
+            surplus -= 1
+
+    async def housekeep(self) -> None:
+        self.reap()
+        if self.state is OPEN and self.size() < self.config.min_size:
+            try:
+                await self.fill(self.config.min_size)
+            except (ConnectError, PoolClosedError) as exc:
+                logger.warning("pool %r: could not keep min_size connections: %s", self.name, exc)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """Current sizes and totals. Safe from any thread: it only reads lengths and counters
+        (no lock on the checkout path); read from another thread, fields may come from instants
+        a few instructions apart."""
+        idle = len(self.idle)
+        in_use = len(self.leases)
+        connecting = self.connecting
+        return PoolStats(
+            name=self.name,
+            size=idle + in_use + connecting,
+            idle=idle,
+            in_use=in_use,
+            connecting=connecting,
+            waiting=max(0, len(self.waiters) - self.retrying),
+            min_size=self.config.min_size,
+            max_size=self.config.max_size,
+            created_total=self.created_total,
+            closed_total=self.closed_total,
+            timeouts_total=self.timeouts_total,
+            leaked_total=self.leaked_total,
+            validation_failures_total=self.validation_failures_total,
+            acquired_total=self.acquired_total,
+            connect_errors_total=self.connect_errors_total,
+            statement_cache=self._statement_cache_stats(),
+        )
+
+    def _statement_cache_stats(self) -> StatementCacheStats | None:
+        totals = self.connector.statement_cache if self.connector is not None else None
+        return totals.snapshot() if totals is not None else None
+
+
+def _weak_stats(slots: Slots) -> Callable[[], PoolStats]:
+    """`slots.stats` without keeping the pool alive: observers (a global metrics registry) hold
+    it, and a pool dropped without close() must still be collected."""
+    ref = weakref.ref(slots)
+    name, cfg = slots.name, slots.config
+
+    def stats() -> PoolStats:
+        owner = ref()
+        if owner is not None:
+            return owner.stats()
+        return PoolStats(name, 0, 0, 0, 0, 0, cfg.min_size, cfg.max_size, 0, 0, 0, 0, 0, 0, 0)
+
+    return stats
+
+
+def _weak_on_leak(slots: Slots) -> Callable[[Lease], None]:
+    """`slots.on_leak` for the leak tracker's timer, which must not keep a dropped pool alive."""
+    ref = weakref.ref(slots)
+
+    def on_leak(lease: Lease) -> None:
+        owner = ref()
+        if owner is not None:
+            owner.on_leak(lease)
+
+    return on_leak
+
+
+def _housekeeping_period(cfg: PoolConfig) -> float:
+    limits = [v for v in (cfg.max_idle, cfg.max_lifetime) if v is not None]
+    return min([5.0, *[v / 2 for v in limits]])
+
+
+async def housekeeping(ref: weakref.ref[Slots], period: float) -> None:
+    """Reap idle and expired connections and keep min_size open, every `period`, until the pool
+    closes or is collected. Any error is logged and the next round runs as planned: the schedule
+    comes first, so no failure can stop it (psycopg's ShrinkPool, HikariCP's HouseKeeper)."""
+    while True:
+        await asyncio.sleep(period)
+        slots = ref()
+        if slots is None or slots.state is not OPEN:
+            return
+        try:
+            await slots.housekeep()
+        except Exception:
+            logger.exception("pool %r: housekeeping failed; it runs again in %gs", slots.name, period)
+        del slots  # only a weak reference between rounds: a dropped pool can be collected
+
+
+async def _close_gracefully(conn: Any) -> None:
+    try:
+        pending = driver.pending_cancellations(conn)
+        if pending:
+            await asyncio.wait(pending, timeout=RELEASE_TIMEOUT)
+        await conn.close(timeout=_CLOSE_TIMEOUT)
+    except Exception:
+        conn.terminate()
+    except BaseException:
+        conn.terminate()  # terminate() or a cancelled close() wants it gone now
+        raise
+
+
+async def _terminate_after(conn: Any, pending: list[asyncio.Task[Any]]) -> None:
+    try:
+        await asyncio.wait(pending, timeout=RELEASE_TIMEOUT)
+    finally:
+        conn.terminate()
+
+
+async def _close_credentials(creds: Any, name: str) -> None:
+    try:
+        await creds.close()
+    except Exception:
+        logger.exception("pool %r: closing the credentials provider failed", name)

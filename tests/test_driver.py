@@ -1,0 +1,132 @@
+"""One test per asyncpg internal `asyncpool.connect.driver` relies on, against a real server.
+
+When a new asyncpg renames or changes one of these, the test named after it fails here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from asyncpool.connect import driver
+from asyncpool.testing import PostgresServer
+
+
+@pytest.fixture
+async def conn(postgres: PostgresServer) -> AsyncIterator[Any]:
+    connection = await asyncpg.connect(postgres.dsn(), statement_cache_size=0)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def _cancelled_query(conn: Any) -> None:
+    task = asyncio.ensure_future(conn.execute("SELECT pg_sleep(5)"))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_the_installed_asyncpg_has_every_internal() -> None:
+    assert driver.missing_internals() == []
+    assert driver.tested_version(), f"asyncpg {asyncpg.__version__} is outside {driver.TESTED}"
+
+
+async def test_protocol_is_cancelling_and_wait_for_cancellation(conn: Any) -> None:
+    """`_protocol._is_cancelling()` is True while a cancelled query is being cancelled, and
+    `_protocol._wait_for_cancellation()` waits for that to end."""
+    assert driver.is_cancelling(conn) is False
+    await _cancelled_query(conn)
+    assert driver.is_cancelling(conn) is True
+    assert driver.needs_reset(conn)
+    await asyncio.wait_for(conn._protocol._wait_for_cancellation(), 5)
+    assert driver.is_cancelling(conn) is False
+    assert await conn.fetchval("SELECT 1") == 1
+
+
+async def test_protocol_is_in_transaction(conn: Any) -> None:
+    await conn.execute("BEGIN")
+    assert conn._protocol.is_in_transaction() is True
+    assert driver.needs_reset(conn)
+    await driver.reset(conn, 5)
+    assert conn._protocol.is_in_transaction() is False
+
+
+async def test_top_xact_is_kept_when_begin_fails(conn: Any) -> None:
+    """asyncpg keeps a Transaction whose BEGIN did not complete as `_top_xact`; reset forgets it
+    so the next transaction() is not a SAVEPOINT."""
+    tx = conn.transaction()
+    start = asyncio.ensure_future(tx.start())
+    await asyncio.sleep(0)  # BEGIN sent, its reply not read yet
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    await conn._protocol._wait_for_cancellation()
+    assert conn._top_xact is tx
+    assert driver.needs_reset(conn)
+    await driver.reset(conn, 5)
+    assert conn._top_xact is None
+    async with conn.transaction():
+        assert await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid()") == 1
+
+
+async def test_pool_release_ctr_invalidates_statements_cursors_and_transactions(conn: Any) -> None:
+    stmt = await conn.prepare("SELECT 1")
+    tx = conn.transaction()
+    cursor_factory = conn.cursor("SELECT 1")
+    driver.invalidate_resources(conn)
+    with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+        await stmt.fetchval()
+    with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+        await tx.start()
+    with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+        await cursor_factory.__aiter__().__anext__()
+
+
+async def test_cancellations_hold_the_cancel_request_in_flight(conn: Any) -> None:
+    await _cancelled_query(conn)
+    pending = driver.pending_cancellations(conn)
+    assert pending, "asyncpg sends its CancelRequest from a task kept in Connection._cancellations"
+    await asyncio.wait(pending, timeout=5)
+    assert driver.pending_cancellations(conn) == []
+
+
+async def test_listeners_are_dropped_and_unlistened(conn: Any, postgres: PostgresServer) -> None:
+    seen: list[str] = []
+    await conn.add_listener("core_chan", lambda *args: seen.append(args[-1]))
+    assert conn._listeners
+    assert driver.needs_reset(conn)
+    await driver.reset(conn, 5)
+    assert not conn._listeners
+    assert not driver.needs_reset(conn)
+    other = await asyncpg.connect(postgres.dsn())
+    try:
+        await other.execute("NOTIFY core_chan, 'after release'")
+    finally:
+        await other.close()
+    await asyncio.sleep(0.2)
+    assert seen == []
+    assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+
+
+@pytest.mark.parametrize(
+    ("attribute", "add"),
+    [
+        ("_log_listeners", lambda c: c.add_log_listener(lambda *a: None)),
+        ("_termination_listeners", lambda c: c.add_termination_listener(lambda *a: None)),
+        ("_query_loggers", lambda c: c.add_query_logger(lambda *a: None)),
+    ],
+)
+async def test_callbacks_a_holder_registered_are_dropped(conn: Any, attribute: str, add: Any) -> None:
+    add(conn)
+    assert getattr(conn, attribute)
+    assert driver.needs_reset(conn)
+    await driver.reset(conn, 5)
+    assert not getattr(conn, attribute)
+    assert not driver.needs_reset(conn)

@@ -1,0 +1,442 @@
+"""A fake asyncpg driver, so pool logic can be tested without a server, in milliseconds.
+
+`FakeServer` stands for PostgreSQL (or the pooler) and its faults: logins that are refused, fail
+authentication or hang; connections that die, loudly or silently. `FakeConnection` has the parts
+of `asyncpg.Connection` the pool and its users touch, including the private ones
+`asyncpool.connect.driver` reads, and it behaves like asyncpg where the pool depends on it: one
+operation at a time, a cancelled or timed-out query is cancelled with a request of its own that
+takes a round trip, a Transaction whose BEGIN failed stays `_top_xact`, statements and transactions
+stop working after `_pool_release_ctr` moves (asyncpg's own `ConnectionResource` check).
+
+Use `install(monkeypatch)` (or `patched()`), then give the pool ``connect_kwargs={"fake_server":
+server}``. Every await takes virtual time under `VirtualClockLoop`, so tests run instantly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import selectors
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+from asyncpg.connresource import ConnectionResource
+
+import asyncpool.pool.pool
+from asyncpool.config import PoolConfig
+from asyncpool.connect.dsn import Target
+from asyncpool.errors import AuthenticationError, ConnectError
+from asyncpool.observer import PoolObserver
+
+FAKE_TARGET = Target(host="fake", port=5432, user="app", database="app")
+
+
+class FakeServer:
+    """The database side: what logins do and which connections exist."""
+
+    def __init__(self, *, latency: float = 0.001, login_latency: float = 0.003) -> None:
+        self.latency = latency
+        self.login_latency = login_latency
+        #: "ok", "refuse" (transient ConnectError), "auth" (AuthenticationError), "hang"
+        self.login_mode = "ok"
+        self.connections: list[FakeConnection] = []
+        self.logins = 0
+        #: cancel requests cut short by closing their connection (pgbouncer#801 crashes on it)
+        self.cancels_cut = 0
+        self._ids = itertools.count(1)
+
+    def open_connections(self) -> list[FakeConnection]:
+        return [c for c in self.connections if not c.is_closed()]
+
+    async def login(self) -> FakeConnection:
+        self.logins += 1
+        await asyncio.sleep(self.login_latency)
+        mode = self.login_mode
+        if mode == "hang":
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        if mode == "refuse":
+            raise ConnectError(f"could not connect to {FAKE_TARGET}: the fake server refused the login")
+        if mode == "auth":
+            raise AuthenticationError(f"could not connect to {FAKE_TARGET}: authentication failed")
+        conn = FakeConnection(self, next(self._ids))
+        self.connections.append(conn)
+        return conn
+
+
+class FakeConnector:
+    """Stands in for `asyncpool.connect.connector.Connector`: same constructor, same surface."""
+
+    def __init__(self, config: PoolConfig, observer: PoolObserver) -> None:
+        self.config = config
+        self.observer = observer
+        self.server: FakeServer = config.connect_kwargs["fake_server"]
+        self.target = FAKE_TARGET
+        self.credentials: Any = config.connect_kwargs.get("fake_credentials")
+        self.statement_cache = None
+
+    async def connect(self) -> FakeConnection:
+        return await self.server.login()
+
+
+class FakeCredentials:
+    """A credentials provider that counts its calls."""
+
+    requires_tls = False
+
+    def __init__(self) -> None:
+        self.warmed = 0
+        self.closed = 0
+
+    async def password(self, target: Target) -> str:
+        return "fake"
+
+    async def refresh(self, target: Target) -> bool:
+        return False
+
+    async def warm(self, target: Target) -> None:
+        self.warmed += 1
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+def install(monkeypatch: Any) -> None:
+    """Make pools opened during the test use `FakeConnector`."""
+    monkeypatch.setattr(asyncpool.pool.pool, "Connector", FakeConnector)
+
+
+@contextlib.contextmanager
+def patched() -> Iterator[None]:
+    module: Any = asyncpool.pool.pool
+    saved = module.Connector
+    module.Connector = FakeConnector
+    try:
+        yield
+    finally:
+        module.Connector = saved
+
+
+class _FakeProtocol:
+    def __init__(self, conn: FakeConnection) -> None:
+        self._conn = conn
+
+    def _is_cancelling(self) -> bool:
+        return self._conn._cancel_waiter is not None
+
+    async def _wait_for_cancellation(self) -> None:
+        waiter = self._conn._cancel_waiter
+        if waiter is not None:
+            await asyncio.shield(waiter)
+
+    def is_in_transaction(self) -> bool:
+        return self._conn._in_tx
+
+
+class FakeConnection:
+    """The parts of `asyncpg.Connection` the pool and its users touch."""
+
+    def __init__(self, server: FakeServer, ident: int) -> None:
+        self._server = server
+        self.ident = ident
+        self._loop = asyncio.get_running_loop()
+        self._protocol = _FakeProtocol(self)
+        self._top_xact: Any = None
+        self._pool_release_ctr = 0
+        self._cancellations: set[asyncio.Task[Any]] = set()
+        self._listeners: dict[str, set[Callable[..., Any]]] = {}
+        self._log_listeners: set[Callable[..., Any]] = set()
+        self._termination_listeners: set[Callable[..., Any]] = set()
+        self._query_loggers: set[Callable[..., Any]] = set()
+        self._closed = False
+        self._in_tx = False
+        self._op: asyncio.Future[None] | None = None
+        self._cancel_waiter: asyncio.Future[None] | None = None
+        self._silently_dead = False
+        self.queries: list[str] = []
+        self.closed_how: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<FakeConnection #{self.ident}{' closed' if self._closed else ''}>"
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def die(self) -> None:
+        """The server end went away and the driver noticed (socket closed)."""
+        self._close("died")
+
+    def die_silently(self) -> None:
+        """The server end went away unnoticed: the next operation fails."""
+        self._silently_dead = True
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def terminate(self) -> None:
+        self._close("terminated")
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        if self._closed:
+            return
+        await asyncio.sleep(self._server.latency)  # Terminate message, socket close
+        self._close("closed")
+
+    def _close(self, how: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.closed_how = how
+        if self._op is not None and not self._op.done():
+            self._op.set_exception(
+                asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+            )
+        for task in self._cancellations:
+            if not task.done():
+                self._server.cancels_cut += 1
+                task.cancel()
+        if self._cancel_waiter is not None and not self._cancel_waiter.done():
+            self._cancel_waiter.set_result(None)
+        self._cancel_waiter = None
+        for callback in list(self._termination_listeners):
+            callback(self)
+        self._listeners.clear()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    async def _run(self, query: str, timeout: float | None = None) -> str:
+        if self._closed:
+            raise asyncpg.InterfaceError("cannot perform operation: connection is closed")
+        if self._cancel_waiter is not None:
+            raise asyncpg.InterfaceError("cannot perform operation: another operation is cancelling")
+        if self._op is not None:
+            raise asyncpg.InterfaceError("cannot perform operation: another operation is in progress")
+        loop = self._loop
+        op: asyncio.Future[None] = loop.create_future()
+        self._op = op
+        timer = loop.call_later(self._server.latency, _resolve, op)
+        try:
+            async with asyncio.timeout(timeout):
+                await op
+        except (asyncio.CancelledError, TimeoutError):
+            timer.cancel()
+            if not self._closed:
+                self._start_cancel()
+            raise
+        finally:
+            self._op = None
+        if self._silently_dead:
+            self._close("died")
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        self.queries.append(query)
+        for logger in list(self._query_loggers):
+            logger(query)
+        word = query.split(None, 1)[0].upper() if query.strip() else ""
+        if word in ("BEGIN", "START"):
+            self._in_tx = True
+        elif word in ("COMMIT", "ROLLBACK", "END", "ABORT"):
+            self._in_tx = False
+        elif word == "UNLISTEN":
+            self.queries.append("(unlistened)")
+        return word or "EMPTY"
+
+    def _start_cancel(self) -> None:
+        """asyncpg sends a CancelRequest on a connection of its own and waits for the reply."""
+        loop = self._loop
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._cancel_waiter = waiter
+
+        async def cancel_request() -> None:
+            await asyncio.sleep(self._server.latency)
+            if not waiter.done():
+                waiter.set_result(None)
+            if self._cancel_waiter is waiter:
+                self._cancel_waiter = None
+
+        task = loop.create_task(cancel_request())
+        self._cancellations.add(task)
+        task.add_done_callback(self._cancellations.discard)
+
+    def is_in_transaction(self) -> bool:
+        return self._in_tx
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        return await self._run(query, timeout)
+
+    async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
+        await self._run(query, timeout)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        await self._run(query, timeout)
+        return [args]
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        await self._run(query, timeout)
+        return args
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0,
+                       timeout: float | None = None) -> Any:
+        await self._run(query, timeout)
+        return args[column] if args else 1
+
+    async def fetchmany(self, query: str, args: Any, *, timeout: float | None = None) -> list[Any]:
+        await self._run(query, timeout)
+        return list(args)
+
+    def transaction(self, *, isolation: str | None = None, readonly: bool = False,
+                    deferrable: bool = False) -> FakeTransaction:
+        return FakeTransaction(self)
+
+    async def prepare(self, query: str, **kwargs: Any) -> FakeStatement:
+        await self._run(f"PARSE {query}")
+        return FakeStatement(self, query)
+
+    def cursor(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the fake driver has no cursors")
+
+    async def add_listener(self, channel: str, callback: Callable[..., Any]) -> None:
+        self._listeners.setdefault(channel, set()).add(callback)
+        await self._run(f"LISTEN {channel}")
+
+    def add_log_listener(self, callback: Callable[..., Any]) -> None:
+        self._log_listeners.add(callback)
+
+    def add_query_logger(self, callback: Callable[..., Any]) -> None:
+        self._query_loggers.add(callback)
+
+    def add_termination_listener(self, callback: Callable[..., Any]) -> None:
+        self._termination_listeners.add(callback)
+
+    def notify(self, channel: str, payload: str) -> int:
+        """The server delivers a notification; returns how many callbacks saw it."""
+        callbacks = list(self._listeners.get(channel, ()))
+        for callback in callbacks:
+            callback(self, 0, channel, payload)
+        return len(callbacks)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class FakeTransaction(ConnectionResource):  # type: ignore[misc]
+    """Like asyncpg's Transaction: BEGIN is tracked before it runs; released -> InterfaceError."""
+
+    __slots__ = ("_top",)
+
+    def __init__(self, conn: FakeConnection) -> None:
+        super().__init__(conn)
+        self._top = False
+
+    async def start(self) -> None:
+        self._check_conn_validity("start")
+        conn: FakeConnection = self._connection
+        if conn._top_xact is None:
+            self._top = True
+            conn._top_xact = self  # kept if BEGIN fails, as asyncpg does
+            await conn._run("BEGIN")
+        else:
+            await conn._run("SAVEPOINT sp")
+
+    async def commit(self) -> None:
+        self._check_conn_validity("commit")
+        conn: FakeConnection = self._connection
+        await conn._run("COMMIT" if self._top else "RELEASE SAVEPOINT sp")
+        if self._top:
+            conn._top_xact = None
+
+    async def rollback(self) -> None:
+        self._check_conn_validity("rollback")
+        conn: FakeConnection = self._connection
+        await conn._run("ROLLBACK" if self._top else "ROLLBACK TO SAVEPOINT sp")
+        if self._top:
+            conn._top_xact = None
+
+
+class FakeStatement(ConnectionResource):  # type: ignore[misc]
+    __slots__ = ("_query",)
+
+    def __init__(self, conn: FakeConnection, query: str) -> None:
+        super().__init__(conn)
+        self._query = query
+
+    async def fetchval(self, *args: Any) -> Any:
+        self._check_conn_validity("fetchval")
+        await self._connection._run(f"EXECUTE {self._query}")
+        return args[0] if args else 1
+
+
+# -- a virtual clock ----------------------------------------------------------------------------
+
+
+class _VirtualSelector(selectors.SelectSelector):
+    """Never sleeps: when the loop would wait for its next timer, the clock jumps to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: VirtualClockLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if ready:
+            return ready
+        if timeout is None:
+            raise RuntimeError("virtual clock: nothing is scheduled and nothing is ready: every "
+                               "task waits forever")
+        if timeout > 0 and self.loop is not None:
+            self.loop.now += timeout
+        return []
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock advances only when every task waits for a timer."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        selector = _VirtualSelector()
+        super().__init__(selector)
+        selector.loop = self
+        self.errors: list[dict[str, Any]] = []
+        self.set_exception_handler(lambda loop, context: self.errors.append(context))
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Run every task until the clock has moved `seconds` on."""
+        self.run_until_complete(asyncio.sleep(seconds))
+
+    def settle(self, rounds: int = 200) -> None:
+        """Run what is ready now, without moving the clock."""
+
+        async def drain() -> None:
+            for _ in range(rounds):
+                await asyncio.sleep(0)
+                if not self._ready:  # type: ignore[attr-defined]
+                    return
+
+        self.run_until_complete(drain())
+
+
+def run(coro: Any, *, loop: VirtualClockLoop | None = None) -> Any:
+    """Run `coro` to completion on a fresh virtual-clock loop (closed afterwards)."""
+    own = loop is None
+    loop = loop or VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        if own:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def fake_pool(server: FakeServer, **options: Any) -> asyncpool.pool.pool.Pool:
+    """A pool on `server` (call `install` or `patched` first); telemetry off unless asked."""
+    options.setdefault("name", "unit")
+    options.setdefault("telemetry", False)
+    kwargs = dict(options.pop("connect_kwargs", {}))
+    kwargs["fake_server"] = server
+    return asyncpool.pool.pool.Pool(connect_kwargs=kwargs, **options)

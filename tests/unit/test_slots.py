@@ -1,0 +1,122 @@
+"""The slot owner's bookkeeping, against the fake driver: checkout, return, hand-over, sizes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from asyncpool import PoolClosedError, PoolError, PoolTimeoutError
+from tests.unit.fakes import FakeServer, fake_pool, run
+
+
+def _sizes_add_up(pool: object) -> None:
+    s = pool.stats()  # type: ignore[attr-defined]
+    assert s.size == s.idle + s.in_use + s.connecting <= s.max_size
+
+
+def test_open_fills_min_size_and_close_closes_everything(server: FakeServer) -> None:
+    async def main() -> None:
+        pool = fake_pool(server, min_size=2, max_size=4)
+        await pool.open()
+        assert (pool.stats().size, pool.stats().idle) == (2, 2)
+        await pool.close()
+        s = pool.stats()
+        assert (s.size, s.created_total, s.closed_total) == (0, 2, 2)
+        assert server.open_connections() == []
+        assert pool.closed
+
+    run(main())
+
+
+def test_checkout_takes_the_most_recently_used_and_gives_it_back(server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=2, max_size=2) as pool:
+            async with pool.acquire() as a:
+                first = a.raw
+                assert pool.stats().in_use == 1
+                _sizes_add_up(pool)
+            async with pool.acquire() as b:
+                assert b.raw is first
+            assert pool.stats().acquired_total == 2
+
+    run(main())
+
+
+def test_a_returned_connection_goes_straight_to_the_first_waiter(server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            order: list[int] = []
+
+            async def user(i: int) -> None:
+                async with pool.acquire() as conn:
+                    order.append(i)
+                    await conn.fetchval("SELECT 1")
+
+            await asyncio.gather(*(user(i) for i in range(5)))
+            assert order == [0, 1, 2, 3, 4]
+            assert pool.stats().created_total == 1
+            _sizes_add_up(pool)
+
+    run(main())
+
+
+def test_waiting_ends_in_a_timeout_that_names_the_pool(server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool, pool.acquire():
+            with pytest.raises(PoolTimeoutError, match=r"'unit'.*raise max_size"):
+                await pool.acquire(timeout=0.5)
+            s = pool.stats()
+            assert (s.waiting, s.timeouts_total) == (0, 1)
+
+    run(main())
+
+
+def test_a_broken_connection_is_retired_and_its_slot_reused(server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            async with pool.acquire() as conn:
+                conn.raw.die()
+            s = pool.stats()
+            assert (s.size, s.closed_total) == (0, 1)
+            assert await pool.fetchval("SELECT 1") == 1
+            assert pool.stats().created_total == 2
+
+    run(main())
+
+
+def test_an_open_transaction_is_rolled_back_on_return(server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            async with pool.acquire() as conn:
+                await conn.execute("BEGIN")
+                raw = conn.raw
+            assert raw.queries[-1] == "ROLLBACK"
+            assert not raw.is_in_transaction()
+            assert pool.stats().idle == 1
+
+    run(main())
+
+
+def test_use_after_release_is_refused(server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server) as pool:
+            async with pool.acquire() as conn:
+                pass
+            with pytest.raises(PoolError, match="released back to the pool"):
+                await conn.fetchval("SELECT 1")
+
+    run(main())
+
+
+def test_acquire_on_a_closed_pool_is_refused(server: FakeServer) -> None:
+    async def main() -> None:
+        pool = fake_pool(server)
+        with pytest.raises(PoolClosedError, match="not open yet"):
+            await pool.acquire()
+        await pool.open()
+        await pool.close()
+        with pytest.raises(PoolClosedError, match="closed"):
+            await pool.acquire()
+
+    run(main())
