@@ -121,6 +121,8 @@ class Slots:
         self.retrying = 0  # waiters in `waiters` that are between login attempts
         self.attempts: set[asyncio.Task[Any]] = set()
         self.background: set[asyncio.Task[Any]] = set()
+        # Connections being closed politely, by the task doing it (terminate() cuts them short).
+        self.closing: dict[asyncio.Task[Any], Any] = {}
         self.housekeeper: asyncio.Task[None] | None = None
         # Bumped by expire_all(): a login that began before it does not join the pool.
         self.generation = 0
@@ -226,8 +228,11 @@ class Slots:
         self.state = CLOSING
         self._stop("pool terminated", graceful=False)
         self._retire_all("pool terminated")
-        for task in list(self.background):
-            task.cancel()  # graceful closes under way terminate their connection
+        for conn in list(self.closing.values()):
+            # Graceful closes under way end now, unless a cancel request is still in flight
+            # (they wait for it, bounded, then close).
+            if not driver.pending_cancellations(conn):
+                conn.terminate()
         self._finish(close_credentials=True)
 
     def _stop(self, reason: str, graceful: bool) -> None:
@@ -329,7 +334,9 @@ class Slots:
                 conn.terminate()
             return
         if graceful and not conn.is_closed():
-            self._spawn(_close_gracefully(conn))
+            task = self._spawn(_close_gracefully(conn))
+            self.closing[task] = conn
+            task.add_done_callback(self._closed_gracefully)
             return
         pending = driver.pending_cancellations(conn)
         if pending:
@@ -339,11 +346,15 @@ class Slots:
         else:
             conn.terminate()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         assert self.loop is not None
         task = self.loop.create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
+
+    def _closed_gracefully(self, task: asyncio.Task[Any]) -> None:
+        self.closing.pop(task, None)
 
     # -- slots --------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from asyncpg.connresource import ConnectionResource
 import asyncpool.pool.pool
 from asyncpool.config import PoolConfig
 from asyncpool.connect.dsn import Target
-from asyncpool.errors import AuthenticationError, ConnectError
+from asyncpool.errors import AuthenticationError, ConnectError, PoolerExhaustedError
 from asyncpool.observer import PoolObserver
 
 FAKE_TARGET = Target(host="fake", port=5432, user="app", database="app")
@@ -41,6 +41,8 @@ class FakeServer:
         self.login_latency = login_latency
         #: "ok", "refuse" (transient ConnectError), "auth" (AuthenticationError), "hang"
         self.login_mode = "ok"
+        #: logins are refused (PoolerExhaustedError, transient) while this many are open
+        self.max_connections: int | None = None
         self.connections: list[FakeConnection] = []
         self.logins = 0
         #: cancel requests cut short by closing their connection (pgbouncer#801 crashes on it)
@@ -60,6 +62,10 @@ class FakeServer:
             raise ConnectError(f"could not connect to {FAKE_TARGET}: the fake server refused the login")
         if mode == "auth":
             raise AuthenticationError(f"could not connect to {FAKE_TARGET}: authentication failed")
+        if self.max_connections is not None and len(self.open_connections()) >= self.max_connections:
+            raise PoolerExhaustedError(
+                f"could not connect to {FAKE_TARGET}: no more connections allowed (max_client_conn)"
+            )
         conn = FakeConnection(self, next(self._ids))
         self.connections.append(conn)
         return conn
@@ -156,6 +162,7 @@ class FakeConnection:
         self._silently_dead = False
         self.queries: list[str] = []
         self.closed_how: str | None = None
+        self.closing = False  # close() under way
 
     def __repr__(self) -> str:
         return f"<FakeConnection #{self.ident}{' closed' if self._closed else ''}>"
@@ -181,6 +188,7 @@ class FakeConnection:
     async def close(self, *, timeout: float | None = None) -> None:
         if self._closed:
             return
+        self.closing = True
         await asyncio.sleep(self._server.latency)  # Terminate message, socket close
         self._close("closed")
 
