@@ -47,9 +47,9 @@ class Lease:
         self.record = record
         self.acquired_at = now
         # A waiter's lease is made by whoever hands it the connection: it passes the waiter's own.
-        self.task = task or asyncio.current_task()
+        self.task = asyncio.current_task() if task is None else task
         # The holder's context (its current span): a leak is reported in it, not in the timer's.
-        self.context = context or contextvars.copy_context()
+        self.context = contextvars.copy_context() if context is None else context
         self.frame = frame
         # The innermost frame keeps running after acquire(); remember the instruction it was on
         # (f_lineno would map it to a line now, ~0.2 µs; only a leak report needs the line).
