@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,12 @@ class ConnectAttempt:
     ended_ns: int
     credentials_started_ns: int | None
     credentials_ended_ns: int | None
-    error: BaseException | None
+    #: What went wrong, as the driver or the runtime raised it (None: the attempt succeeded).
+    error: BaseException | None = None
+    #: The class of the error the pool's caller is given for it: `ConnectError` and its
+    #: subclasses for refused logins, `PoolClosedError` when close() stopped the login,
+    #: `PoolTimeoutError` when the caller's acquire ran out of time first.
+    caller_error: type[BaseException] | None = None
 
     @property
     def seconds(self) -> float:
@@ -47,6 +53,11 @@ class PoolObserver:
 
     def detach(self) -> None:
         """Called once when the pool has closed."""
+
+    def pool_statement(self, purpose: str) -> contextlib.AbstractContextManager[object]:
+        """Wraps a statement the pool sends on its own (`purpose`: "validate", the checkout
+        check; "reset", finishing a cancelled query and rolling back), so a tracer can mark it."""
+        return _NOTHING
 
     def connect_attempted(self, attempt: ConnectAttempt) -> None:
         """A connection attempt ended (`attempt.error` is None when it succeeded)."""
@@ -84,6 +95,13 @@ class ObserverGroup(PoolObserver):
         for obs in self.observers:
             obs.detach()
 
+    @contextlib.contextmanager
+    def pool_statement(self, purpose: str) -> Iterator[object]:
+        with contextlib.ExitStack() as stack:
+            for obs in self.observers:
+                stack.enter_context(obs.pool_statement(purpose))
+            yield None
+
     def connect_attempted(self, attempt: ConnectAttempt) -> None:
         for obs in self.observers:
             obs.connect_attempted(attempt)
@@ -111,3 +129,6 @@ class ObserverGroup(PoolObserver):
     def leaked(self, report: LeakReport) -> None:
         for obs in self.observers:
             obs.leaked(report)
+
+
+_NOTHING = contextlib.nullcontext()

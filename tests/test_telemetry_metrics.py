@@ -17,7 +17,7 @@ import asyncpool
 from asyncpool import Pool, PoolStats, PoolTimeoutError
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.telemetry import semconv as sc
-from asyncpool.telemetry.metrics import instruments_for
+from asyncpool.telemetry.metrics import PoolCounts, instruments_for
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.conftest import Pooler
 from tests.telemetry_support import Collected, Sdk, every_instrument_reported, run_app
@@ -92,9 +92,12 @@ async def test_every_instrument_has_its_semantic_convention_name_kind_unit_and_a
             assert point.attributes[sc.POOL_NAME] == "every-metric", name
     states = {p.attributes[sc.STATE] for p in collected.points(sc.CONNECTION_COUNT.name)}
     assert states == {"idle", "used"}
-    error = collected.point(sc.CREATE_ERRORS.name)
-    assert error.attributes[sc.ERROR_TYPE] == "asyncpg.exceptions.InvalidPasswordError"
-    assert collected.point(sc.LEAKS.name).attributes[sc.LEAK_ACTION] == "reclaim"
+    # error.type is what the caller was given, not the driver's exception.
+    errors = {p.attributes[sc.ERROR_TYPE]: p.value for p in collected.points(sc.CREATE_ERRORS.name)}
+    assert errors == {"asyncpool.errors.AuthenticationError": 1, "asyncpool.errors.ConnectError": 0,
+                      "asyncpool.errors.PoolerExhaustedError": 0}
+    assert collected.value(sc.LEAKS.name, asyncpool__leak__action="reclaim") == 1
+    assert collected.value(sc.LEAKS.name, asyncpool__leak__action="log") == 0
     cache = stats.statement_cache
     assert cache is not None
     assert cache.hits >= 2
@@ -143,8 +146,11 @@ async def test_metrics_equal_stats_after_a_known_workload(pooler: Pooler, sdk: S
         )
         assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="used") == 0
         assert collected.value(sc.PENDING_REQUESTS.name) == 0
-        assert sc.VALIDATION_FAILURES.name not in collected.metrics
-        assert sc.LEAKS.name not in collected.metrics
+        # Counters with no event yet report 0 rather than nothing.
+        assert collected.value(sc.VALIDATION_FAILURES.name) == 0
+        assert collected.value(sc.LEAKS.name, asyncpool__leak__action="reclaim") == 0
+        assert collected.value(sc.CREATE_ERRORS.name,
+                               error__type="asyncpool.errors.ConnectError") == 0
 
 
 async def test_two_pools_on_one_meter_report_side_by_side_until_closed(
@@ -225,7 +231,7 @@ def test_a_collection_racing_the_event_loop_retries_the_stats_read(sdk: Sdk) -> 
         return PoolStats("racy", 2, 1, 1, 0, 0, 1, 4, 2, 0, 0, 0, 0, 5, 0)
 
     instruments = instruments_for(sdk.meter_provider, asyncpool.__version__)
-    instruments.watch("racy-key", "racy", racing_stats)
+    instruments.watch("racy-key", "racy", racing_stats, PoolCounts())
     try:
         collected = sdk.collect()
     finally:

@@ -20,6 +20,17 @@ if TYPE_CHECKING:
     from asyncpool.unnamed import CacheTotals
 
 
+class CutShort:
+    """Set by whoever stops a login part-way (the pool, at connect_timeout, close() or the end
+    of the caller's acquire_timeout) to the error class its caller is given, so that the
+    attempt is reported with that error rather than as a bare cancellation."""
+
+    __slots__ = ("caller_error",)
+
+    def __init__(self) -> None:
+        self.caller_error: type[BaseException] = asyncio.CancelledError
+
+
 class Connector:
     """Knows how to open a connection for one pool; holds nothing but settings."""
 
@@ -68,10 +79,12 @@ class Connector:
         # The pool manages the target through the DSN; explicit host/port/user stay as given.
         return kw
 
-    async def connect(self) -> asyncpg.Connection:
-        """One new connection; on an authentication failure, refresh credentials and retry once."""
+    async def connect(self, cut_short: CutShort | None = None) -> asyncpg.Connection:
+        """One new connection; on an authentication failure, refresh credentials and retry once.
+
+        `cut_short` tells, if this login is cancelled, what its caller was told instead."""
         try:
-            return await self._attempt()
+            return await self._attempt(cut_short)
         except asyncpg.PostgresError as exc:
             if (
                 self.credentials is None
@@ -80,7 +93,7 @@ class Connector:
             ):
                 raise self._translate(exc) from exc
         try:
-            return await self._attempt()
+            return await self._attempt(cut_short)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise self._translate(exc) from exc
 
@@ -88,7 +101,7 @@ class Connector:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint)
 
-    async def _attempt(self) -> asyncpg.Connection:
+    async def _attempt(self, cut_short: CutShort | None) -> asyncpg.Connection:
         cred_times: list[int] = []
         provider = self.credentials
         kwargs = self._kwargs
@@ -109,16 +122,26 @@ class Connector:
             kwargs = {**kwargs, "loop": InterceptingLoop(asyncio.get_running_loop())}
         started = time.time_ns()
         error: BaseException | None = None
+        caller_error: type[BaseException] | None = None
         try:
             conn: asyncpg.Connection = await asyncpg.connect(self.config.dsn, **kwargs)
             return conn
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             error = exc
+            translated = self._translate(exc)
+            # A refused login (PostgresError) goes up as it is, for connect() to retry once, and
+            # is translated there: either way the caller is given `translated`'s class.
+            caller_error = type(translated)
             if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-                raise self._translate(exc) from exc
+                raise translated from exc
+            raise
+        except asyncio.CancelledError as exc:
+            error = exc
+            caller_error = cut_short.caller_error if cut_short is not None else type(exc)
             raise
         except BaseException as exc:
             error = exc
+            caller_error = type(exc)
             raise
         finally:
             self.observer.connect_attempted(
@@ -129,6 +152,7 @@ class Connector:
                     credentials_started_ns=cred_times[0] if cred_times else None,
                     credentials_ended_ns=cred_times[1] if len(cred_times) > 1 else None,
                     error=error,
+                    caller_error=caller_error,
                 )
             )
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from asyncpool.connect import driver
+from asyncpool.connect.connector import CutShort
 from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.observer import LeakReport, PoolObserver
@@ -62,6 +63,9 @@ UNSET: Any = object()
 GRANT: Any = object()
 
 _VALIDATION_QUERY = "SELECT 1"
+# asyncio runs a timer up to one clock resolution early: a login cancelled this close to the
+# caller's deadline was cancelled by it.
+_CLOCK_SLACK = 0.01
 # How long a returned connection may spend being reset (cancel finishing, ROLLBACK).
 RELEASE_TIMEOUT = 5.0
 # How long a graceful close may take before the connection is terminated.
@@ -119,7 +123,8 @@ class Slots:
         self.checking: set[ConnectionRecord] = set()
         self.waiters: collections.deque[Waiter] = collections.deque()
         self.retrying = 0  # waiters in `waiters` that are between login attempts
-        self.attempts: set[asyncio.Task[Any]] = set()
+        # Logins in progress, each with what its caller is told if it is stopped part-way.
+        self.attempts: dict[asyncio.Task[Any], CutShort] = {}
         self.background: set[asyncio.Task[Any]] = set()
         # Connections being closed politely, by the task doing it (terminate() cuts them short).
         self.closing: dict[asyncio.Task[Any], Any] = {}
@@ -243,7 +248,8 @@ class Slots:
         for waiter in waiters:
             if not waiter.fut.done():
                 waiter.fut.set_exception(PoolClosedError(f"pool {self.name!r} was closed while waiting"))
-        for attempt in list(self.attempts):
+        for attempt, cut_short in list(self.attempts.items()):
+            cut_short.caller_error = PoolClosedError
             attempt.cancel()
         if self.housekeeper is not None:
             self.housekeeper.cancel()
@@ -539,7 +545,8 @@ class Slots:
     async def _validate(self, record: ConnectionRecord) -> bool:
         """One round trip on a connection that sat idle; False if it is dead."""
         try:
-            await record.conn.execute(_VALIDATION_QUERY, timeout=self.config.connect_timeout)
+            with self.observer.pool_statement("validate"):
+                await record.conn.execute(_VALIDATION_QUERY, timeout=self.config.connect_timeout)
         # InternalClientError: the server's FATAL (pg_terminate_backend, pooler shutdown) arrived
         # but the driver has not yet seen the socket close.
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
@@ -620,7 +627,7 @@ class Slots:
                 progress.phase = "connecting"
                 generation = self.generation
                 try:
-                    conn = await self._attempt()
+                    conn = await self._attempt(progress.deadline)
                 except ConnectError as exc:
                     progress.last_error = exc
                     delay = backoff.next_delay()
@@ -693,32 +700,44 @@ class Slots:
             raise self.closed_error()
         return lease
 
-    async def _attempt(self) -> Any:
-        """One login, within `connect_timeout`, in a task of its own that close() can stop."""
-        assert self.loop is not None
+    async def _attempt(self, deadline: float | None = None) -> Any:
+        """One login, within `connect_timeout`, in a task of its own that close() can stop.
+
+        `deadline`: when the caller's acquire_timeout ends, if it has one. A login stopped
+        part-way is reported (to telemetry) with the error its caller is given instead."""
+        loop = self.loop
+        assert loop is not None
         assert self.connector is not None
-        attempt = self.loop.create_task(self.connector.connect())
-        self.attempts.add(attempt)
+        cut_short = CutShort()
+        attempt = loop.create_task(self.connector.connect(cut_short))
+        self.attempts[attempt] = cut_short
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                conn = await attempt
+                # Shielded so the login is stopped only after `cut_short` says why.
+                conn = await asyncio.shield(attempt)
         except BaseException as exc:
-            self.attempts.discard(attempt)
+            del self.attempts[attempt]
+            task = asyncio.current_task()
+            closed = (isinstance(exc, asyncio.CancelledError) and attempt.cancelled()
+                      and task is not None and not task.cancelling())
+            error: BaseException | None = None
+            if isinstance(exc, TimeoutError):
+                error = translate(exc, self.connector.target, self.name, self.config.connect_timeout)
+                cut_short.caller_error = type(error)
+            elif isinstance(exc, asyncio.CancelledError) and not closed and deadline is not None \
+                    and loop.time() >= deadline - _CLOCK_SLACK:
+                cut_short.caller_error = PoolTimeoutError
             self._abandon(attempt)
             if isinstance(exc, ConnectError):
                 self.connect_errors_total += 1
                 raise
-            if isinstance(exc, TimeoutError):
+            if error is not None:
                 self.connect_errors_total += 1
-                assert self.connector is not None
-                raise translate(exc, self.connector.target, self.name,
-                                self.config.connect_timeout) from None
-            task = asyncio.current_task()
-            if (isinstance(exc, asyncio.CancelledError) and attempt.cancelled()
-                    and task is not None and not task.cancelling()):
+                raise error from None
+            if closed:
                 raise self.closed_error() from None  # close() stopped the login
             raise
-        self.attempts.discard(attempt)
+        del self.attempts[attempt]
         return conn
 
     def _abandon(self, attempt: asyncio.Task[Any]) -> None:
@@ -789,7 +808,8 @@ class Slots:
         never lost, even if cancelled part-way."""
         record = lease.record
         try:
-            await driver.reset(record.conn, RELEASE_TIMEOUT)
+            with self.observer.pool_statement("reset"):
+                await driver.reset(record.conn, RELEASE_TIMEOUT)
         except Exception as exc:
             # Dropping the connection rolls its transaction back and the slot is restored: the
             # caller's own error (a query timeout, say) must not be replaced by this one.

@@ -18,7 +18,8 @@ class MetricSpec:
     kind: InstrumentKind
     unit: str
     description: str
-    #: False for an instrument read from `stats()` at collection time (observable).
+    #: False for an instrument read at collection time (observable): from `stats()`, or from the
+    #: totals the observer keeps.
     recorded: bool = True
 
 
@@ -46,6 +47,10 @@ CACHE_RESULT = "asyncpool.statement_cache.result"  # "hit" or "miss"
 CONNECT_SPAN = "connect"  # named "connect <db.namespace>", after "{operation} {target}"
 CREDENTIALS_SPAN = "asyncpool.credentials"
 LEAK_SPAN = "asyncpool.leak"
+# Parent of the query span of a statement the pool sends on its own: "asyncpool.pool_statement
+# validate" (the checkout check, SELECT 1) or "... reset" (finishing a cancelled query, ROLLBACK).
+POOL_STATEMENT_SPAN = "asyncpool.pool_statement"
+POOL_STATEMENT_PURPOSE = "asyncpool.pool_statement.purpose"
 LEAK_EVENT = "asyncpool.connection.leaked"
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -73,7 +78,7 @@ PENDING_REQUESTS = MetricSpec(
 TIMEOUTS = MetricSpec(
     "db.client.connection.timeouts", "counter", "{timeout}",
     "The number of connection timeouts that have occurred trying to obtain a connection from the "
-    "pool.",
+    "pool.", recorded=False,
 )
 CREATE_TIME = MetricSpec(
     "db.client.connection.create_time", "histogram", "s",
@@ -90,14 +95,17 @@ USE_TIME = MetricSpec(
 LEAKS = MetricSpec(
     "asyncpool.connection.leaks", "counter", "{connection}",
     "Connections held past leak_timeout (attribute asyncpool.leak.action: reclaim or log).",
+    recorded=False,
 )
 VALIDATION_FAILURES = MetricSpec(
     "asyncpool.connection.validation_failures", "counter", "{connection}",
-    "Idle connections that failed their checkout check and were replaced.",
+    "Idle connections that failed their checkout check and were replaced.", recorded=False,
 )
 CREATE_ERRORS = MetricSpec(
     "asyncpool.connection.create_errors", "counter", "{error}",
-    "Connection attempts that failed (attribute error.type: the driver's exception class).",
+    "Connection attempts that failed (attribute error.type: the class of the error the caller "
+    "is given, e.g. asyncpool.errors.AuthenticationError).",
+    recorded=False,
 )
 
 # "unnamed" only (prepared_statements="unnamed"): read from stats() at collection.
@@ -125,9 +133,85 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     CACHE_LOOKUPS, CACHE_STALE, CACHE_EVICTIONS,
 )
 
-# Seconds. A checkout from the idle list takes microseconds, a login milliseconds, a queue behind a
-# saturated pool up to acquire_timeout: the SDK's default buckets (0, 5, 10 ... 10000) suit none.
-TIME_BUCKETS: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+# Seconds: 2**(k/4), from 61 µs (2**-14) to 64 s (2**6), 81 boundaries. A checkout from the idle
+# list takes microseconds, a checkout check or a login milliseconds, a hold up to leak_timeout
+# (30 s): one geometric scale covers them all. Each bucket is 19% wider than the one below it, so a
+# percentile that Prometheus' histogram_quantile() interpolates inside a bucket is off by less than
+# 10% of the true value, whatever the distribution (half the width of the bucket it falls in; an
+# even decade or power-of-two boundary like 0.5 s, where round-number sleeps and timeouts pile up
+# just above it, is off by up to 50% with coarser buckets). The boundaries are also those of an
+# OpenTelemetry exponential histogram of scale 2, so the two can be compared point for point.
+TIME_BUCKETS: tuple[float, ...] = tuple(2.0 ** (k / 4) for k in range(-56, 25))
+
+
+# -- which version of the conventions --------------------------------------------------------------
+SEMCONV_ENV = "ASYNCPOOL_OTEL_SEMCONV"
+
+
+@dataclass(frozen=True, eq=False)
+class Conventions:
+    """The names, attribute keys and time unit of one version of the database conventions."""
+
+    version: str
+    schema_url: str
+    names: dict[str, str]
+    attribute_keys: dict[str, str]
+    time_unit: str  # "s", or "ms" before 1.26
+
+    @property
+    def time_scale(self) -> float:
+        return 1000.0 if self.time_unit == "ms" else 1.0
+
+    def spec(self, spec: MetricSpec) -> MetricSpec:
+        """`spec` as this version names it."""
+        unit = self.time_unit if spec.kind == "histogram" else spec.unit
+        return MetricSpec(self.names.get(spec.name, spec.name), spec.kind, unit, spec.description,
+                          spec.recorded)
+
+    def attributes(self, attributes: dict[str, str]) -> dict[str, str]:
+        return {self.attribute_keys.get(k, k): v for k, v in attributes.items()}
+
+    @property
+    def buckets(self) -> tuple[float, ...]:
+        return tuple(b * self.time_scale for b in TIME_BUCKETS)
+
+
+CURRENT = Conventions("1.44", "https://opentelemetry.io/schemas/1.44.0", {}, {}, "s")
+# The `db.client.connections.*` names that semantic conventions 1.24 and earlier gave, which older
+# instrumentations and dashboards still use (renamed in 1.26, times from ms to s).
+LEGACY = Conventions(
+    "1.24",
+    "https://opentelemetry.io/schemas/1.24.0",
+    {
+        CONNECTION_COUNT.name: "db.client.connections.usage",
+        CONNECTION_MAX.name: "db.client.connections.max",
+        CONNECTION_IDLE_MAX.name: "db.client.connections.idle.max",
+        CONNECTION_IDLE_MIN.name: "db.client.connections.idle.min",
+        PENDING_REQUESTS.name: "db.client.connections.pending_requests",
+        TIMEOUTS.name: "db.client.connections.timeouts",
+        CREATE_TIME.name: "db.client.connections.create_time",
+        WAIT_TIME.name: "db.client.connections.wait_time",
+        USE_TIME.name: "db.client.connections.use_time",
+    },
+    {POOL_NAME: "pool.name", STATE: "state"},
+    "ms",
 )
+CONVENTIONS = {c.version: c for c in (CURRENT, LEGACY)}
+
+
+def conventions(version: str | None = None) -> Conventions:
+    """The conventions `version` names ("1.44", the default, or "1.24"); None reads
+    ``ASYNCPOOL_OTEL_SEMCONV``."""
+    import os
+
+    if version is None:
+        version = os.environ.get(SEMCONV_ENV, "").strip() or CURRENT.version
+    found = CONVENTIONS.get(version)
+    if found is None:
+        from asyncpool.errors import PoolConfigError
+
+        raise PoolConfigError(
+            f"semantic conventions {version!r} (from semconv= or {SEMCONV_ENV}) are not known: "
+            f"use one of {', '.join(sorted(CONVENTIONS))}"
+        )
+    return found

@@ -11,8 +11,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import Attributes
 
 from asyncpool.connect.dsn import Target
+from asyncpool.errors import ConnectionLeakedError
 from asyncpool.observer import ConnectAttempt, LeakReport
 from asyncpool.telemetry import semconv as sc
+from asyncpool.telemetry.metrics import qualified_name
 
 _ERROR = Status(StatusCode.ERROR)
 
@@ -48,7 +50,7 @@ class PoolSpans:
             )
             child.end(end_time=attempt.credentials_ended_ns or attempt.ended_ns)
         if attempt.error is not None:
-            span.set_attribute(sc.ERROR_TYPE, error_type(attempt.error))
+            span.set_attribute(sc.ERROR_TYPE, error_type(attempt))
             sqlstate = getattr(attempt.error, "sqlstate", None)
             if isinstance(sqlstate, str):
                 span.set_attribute(sc.DB_RESPONSE_STATUS_CODE, sqlstate)
@@ -81,7 +83,7 @@ class PoolSpans:
         )
         span.add_event(sc.LEAK_EVENT, event, timestamp=now_ns)
         if report.reclaimed:  # the holder gets ConnectionLeakedError; under "log" it carries on
-            span.set_attribute(sc.ERROR_TYPE, "asyncpool.errors.ConnectionLeakedError")
+            span.set_attribute(sc.ERROR_TYPE, qualified_name(ConnectionLeakedError))
             span.set_status(_ERROR)
         span.end(end_time=now_ns)
 
@@ -98,8 +100,8 @@ class PoolSpans:
         return self._target_attributes
 
 
-def error_type(exc: BaseException) -> str:
-    """The exception's fully qualified class name (``asyncpg.exceptions.InvalidPasswordError``)."""
-    cls = type(exc)
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+def error_type(attempt: ConnectAttempt) -> str:
+    """`error.type` of a failed attempt: the class of the error its caller is given."""
+    if attempt.caller_error is not None:
+        return qualified_name(attempt.caller_error)
+    return qualified_name(type(attempt.error)) if attempt.error is not None else ""

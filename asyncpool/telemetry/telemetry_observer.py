@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from asyncpool.errors import PoolError
 from asyncpool.observer import ConnectAttempt, LeakReport, PoolObserver
@@ -14,7 +16,7 @@ from asyncpool.stats import PoolStats
 from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.checkout_times import CHECKOUT_TIMES, CheckoutTimes, PoolCheckoutTimes
 from asyncpool.telemetry.logs import add_trace_ids_to_logs
-from asyncpool.telemetry.metrics import Attributes, instruments_for
+from asyncpool.telemetry.metrics import Attributes, PoolCounts, instruments_for
 from asyncpool.telemetry.spans import PoolSpans, error_type
 
 if TYPE_CHECKING:
@@ -43,6 +45,13 @@ class TelemetryObserver(PoolObserver):
     - a `CheckoutTimes`: aggregated in the pool, exported by the exporters wrapped with it;
     - ``False``: not recorded.
 
+    `semconv` picks the version of the semantic conventions the metrics follow: ``"1.44"``
+    (default; `db.client.connection.*`, times in seconds) or ``"1.24"`` (the older
+    `db.client.connections.*` names with `pool.name`/`state` attributes and times in ms, for
+    dashboards built on them). None reads ``ASYNCPOOL_OTEL_SEMCONV``. The meter carries the
+    version's schema URL. Checkout times aggregated in the pool follow 1.44 only: with 1.24 they
+    are recorded through the SDK.
+
     One observer watches one pool.
     """
 
@@ -53,10 +62,13 @@ class TelemetryObserver(PoolObserver):
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
         checkout_times: bool | CheckoutTimes = True,
+        semconv: str | None = None,
     ) -> None:
         from asyncpool import __version__
 
-        self._instruments = instruments_for(meter_provider, __version__)
+        self._conventions = sc.conventions(semconv)
+        self._instruments = instruments_for(meter_provider, __version__, self._conventions)
+        self._counts = PoolCounts()
         self._tracer = trace.get_tracer("asyncpool", __version__, tracer_provider)
         # Which provider fetches passwords, for the credentials span (unknown without the config).
         self._credentials_name: str | None = None
@@ -66,8 +78,7 @@ class TelemetryObserver(PoolObserver):
         self._attached = False
         self._spans = PoolSpans(self._tracer, "", None)
         self._attributes: Attributes = {}
-        self._reclaimed: Attributes = {}
-        self._logged: Attributes = {}
+        self._statement_attributes: Attributes = {}
         self._checkout_times = checkout_times
         self._global_provider = meter_provider is None
         # The registry and recorder this pool aggregates its checkout times in, if it does.
@@ -83,9 +94,8 @@ class TelemetryObserver(PoolObserver):
             )
         self._attached = True
         # Attribute dicts are built once here: the hooks below run on every checkout.
-        self._attributes = self._instruments.watch(self, pool_name, stats)
-        self._reclaimed = {**self._attributes, sc.LEAK_ACTION: "reclaim"}
-        self._logged = {**self._attributes, sc.LEAK_ACTION: "log"}
+        self._attributes = self._instruments.watch(self, pool_name, stats, self._counts)
+        self._statement_attributes = {sc.POOL_NAME: pool_name}
         self._spans = PoolSpans(self._tracer, pool_name, self._credentials_name)
         self._choose_checkout_recording(pool_name)
         add_trace_ids_to_logs()
@@ -94,13 +104,14 @@ class TelemetryObserver(PoolObserver):
         times = self._checkout_times
         if times is True and self._global_provider and CHECKOUT_TIMES.exporting:
             times = CHECKOUT_TIMES
-        if isinstance(times, CheckoutTimes):
+        scale = self._conventions.time_scale
+        if isinstance(times, CheckoutTimes) and scale == 1.0:
             recorder = times.recorder(pool_name)
             self._aggregated = (times, recorder)
             self._record_wait, self._record_use = recorder.wait, recorder.use
         elif times:
-            self._record_wait = _recording(self._instruments.wait_time, self._attributes)
-            self._record_use = _recording(self._instruments.use_time, self._attributes)
+            self._record_wait = _recording(self._instruments.wait_time, self._attributes, scale)
+            self._record_use = _recording(self._instruments.use_time, self._attributes, scale)
 
     def detach(self) -> None:
         self._instruments.unwatch(self)
@@ -114,23 +125,32 @@ class TelemetryObserver(PoolObserver):
     def released(self, use_seconds: float) -> None:
         self._record_use(use_seconds)
 
+    def pool_statement(self, purpose: str) -> contextlib.AbstractContextManager[object]:
+        # A parent span that marks the query span opentelemetry-instrumentation-asyncpg makes
+        # for the pool's own SELECT 1 or ROLLBACK, and shows its time inside the request's trace.
+        return self._tracer.start_as_current_span(
+            f"{sc.POOL_STATEMENT_SPAN} {purpose}", kind=SpanKind.INTERNAL,
+            attributes={**self._statement_attributes, sc.POOL_STATEMENT_PURPOSE: purpose},
+        )
+
     def connect_attempted(self, attempt: ConnectAttempt) -> None:
         if attempt.error is None:
-            self._instruments.create_time.record(attempt.seconds, self._attributes)
+            seconds = attempt.seconds * self._conventions.time_scale
+            self._instruments.create_time.record(seconds, self._attributes)
         else:
-            self._instruments.create_errors.add(
-                1, {**self._attributes, sc.ERROR_TYPE: error_type(attempt.error)}
-            )
+            errors = self._counts.create_errors
+            kind = error_type(attempt)
+            errors[kind] = errors.get(kind, 0) + 1
         self._spans.connect(attempt)
 
     def timed_out(self) -> None:
-        self._instruments.timeouts.add(1, self._attributes)
+        self._counts.timeouts += 1
 
     def validation_failed(self) -> None:
-        self._instruments.validation_failures.add(1, self._attributes)
+        self._counts.validation_failures += 1
 
     def leaked(self, report: LeakReport) -> None:
-        self._instruments.leaks.add(1, self._reclaimed if report.reclaimed else self._logged)
+        self._counts.leaks["reclaim" if report.reclaimed else "log"] += 1
         self._spans.leak(report, time.time_ns())
 
 
@@ -138,9 +158,15 @@ def _ignore(value: float) -> None:
     return None
 
 
-def _recording(histogram: Histogram, attributes: Attributes) -> Callable[[float], None]:
+def _recording(histogram: Histogram, attributes: Attributes,
+               scale: float) -> Callable[[float], None]:
     # A closure over the bound method: functools.partial with a keyword costs three times more.
     record = histogram.record
+    if scale != 1.0:
+        def scaled(value: float) -> None:
+            record(value * scale, attributes)
+
+        return scaled
 
     def recorded(value: float) -> None:
         record(value, attributes)

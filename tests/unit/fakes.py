@@ -82,7 +82,7 @@ class FakeConnector:
         self.credentials: Any = config.connect_kwargs.get("fake_credentials")
         self.statement_cache = None
 
-    async def connect(self) -> FakeConnection:
+    async def connect(self, cut_short: object = None) -> FakeConnection:
         return await self.server.login()
 
 
