@@ -39,6 +39,7 @@ class Collected:
     """One collection: metrics by name."""
 
     metrics: dict[str, Metric] = field(default_factory=dict)
+    schema_urls: dict[str, str] = field(default_factory=dict)
 
     def points(self, name: str) -> list[Any]:
         metric = self.metrics.get(name)
@@ -115,9 +116,11 @@ class Sdk:
     """A meter provider with an in-memory reader and a tracer provider with an in-memory exporter."""
 
     def __init__(
-        self, readers: Sequence[MetricReader] = (), checkout_times: bool | CheckoutTimes = True
+        self, readers: Sequence[MetricReader] = (), checkout_times: bool | CheckoutTimes = True,
+        semconv: str | None = None,
     ) -> None:
         self.checkout_times = checkout_times
+        self.semconv = semconv
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader, *readers])
         self.exporter = InMemorySpanExporter()
@@ -128,7 +131,7 @@ class Sdk:
     def observer(self, config: PoolConfig | None = None) -> TelemetryObserver:
         return TelemetryObserver(
             config, meter_provider=self.meter_provider, tracer_provider=self.tracer_provider,
-            checkout_times=self.checkout_times,
+            checkout_times=self.checkout_times, semconv=self.semconv,
         )
 
     def pool(self, dsn: str, **options: Any) -> Pool:
@@ -145,6 +148,7 @@ class Sdk:
             for scope in resource.scope_metrics:
                 for metric in scope.metrics:
                     collected.metrics[metric.name] = metric
+                    collected.schema_urls[metric.name] = scope.schema_url
         return collected
 
     def spans(self, name: str | None = None) -> list[ReadableSpan]:

@@ -322,3 +322,47 @@ async def test_pools_not_in_unnamed_mode_report_no_cache_metrics(
         collected = sdk.collect()
     for spec in (sc.CACHE_LOOKUPS, sc.CACHE_STALE, sc.CACHE_EVICTIONS):
         assert spec.name not in collected.metrics
+
+
+def test_the_meter_carries_the_schema_url_of_the_conventions_it_follows(
+    sdk: Sdk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert sc.conventions().schema_url == "https://opentelemetry.io/schemas/1.44.0"
+    monkeypatch.setenv(sc.SEMCONV_ENV, "1.24")
+    assert sc.conventions() is sc.LEGACY
+    monkeypatch.setenv(sc.SEMCONV_ENV, "1.30")
+    with pytest.raises(asyncpool.PoolConfigError, match=r"1\.24, 1\.44"):
+        TelemetryObserver(meter_provider=sdk.meter_provider)
+
+
+async def test_the_current_conventions_by_default(postgres: PostgresServer, sdk: Sdk) -> None:
+    async with sdk.pool(postgres.dsn(), name="schema", min_size=1):
+        collected = sdk.collect()
+    assert set(collected.schema_urls.values()) == {sc.CURRENT.schema_url}
+
+
+async def test_the_1_24_conventions_for_older_dashboards(postgres: PostgresServer) -> None:
+    """semconv="1.24": db.client.connections.* names, pool.name/state attributes, times in ms."""
+    sdk = Sdk(semconv="1.24")
+    try:
+        async with every_instrument_reported(sdk, postgres, "legacy-names") as pool:
+            collected = sdk.collect()
+            stats = pool.stats()
+    finally:
+        sdk.shutdown()
+    legacy = {sc.LEGACY.spec(spec).name for spec in sc.ALL_METRICS}
+    assert set(collected.metrics) == legacy
+    assert "db.client.connections.usage" in legacy
+    assert "db.client.connection.count" not in legacy
+    assert set(collected.schema_urls.values()) == {sc.LEGACY.schema_url}
+    usage = {p.attributes["state"]: p.value for p in collected.points("db.client.connections.usage")}
+    assert usage == {"idle": stats.idle, "used": stats.in_use}
+    for name in ("create_time", "wait_time", "use_time"):
+        metric = collected.metrics[f"db.client.connections.{name}"]
+        assert metric.unit == "ms"
+        [point] = collected.points(metric.name)
+        assert point.attributes == {"pool.name": "legacy-names"}
+        assert list(point.explicit_bounds) == pytest.approx([b * 1000 for b in sc.TIME_BUCKETS])
+    # One hold spanned an acquire(timeout=0.01) that timed out: at least 10, in ms.
+    assert collected.histogram("db.client.connections.use_time").max >= 10
+    assert collected.value("db.client.connections.timeouts") == stats.timeouts_total == 1

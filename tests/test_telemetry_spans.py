@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -197,3 +197,62 @@ async def until_leaked(pool: Pool) -> None:
     async with asyncio.timeout(5):
         while pool.stats().leaked_total == 0:
             await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def query_spans(sdk: Sdk) -> Iterator[None]:
+    """opentelemetry-instrumentation-asyncpg's query spans, into this test's SDK only."""
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+    instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
+    instrumentor.instrument(tracer_provider=sdk.tracer_provider)
+    yield
+    instrumentor.uninstrument()
+
+
+def _parent(spans: list[ReadableSpan], span: ReadableSpan) -> ReadableSpan | None:
+    wanted = span.parent.span_id if span.parent is not None else None
+    return next((s for s in spans if s.context is not None and s.context.span_id == wanted), None)
+
+
+async def test_the_pools_own_statements_are_marked_in_the_request_trace(
+    postgres: PostgresServer, sdk: Sdk, query_spans: None
+) -> None:
+    """The checkout check (SELECT 1) and the ROLLBACK after a cancelled query sit under an
+    asyncpool.pool_statement span, inside the request's trace; the caller's query does not."""
+    async with sdk.pool(postgres.dsn(), name="own", min_size=1, max_size=1,
+                        validate_after=0) as pool:
+        with sdk.tracer.start_as_current_span("GET /orders"):
+            assert await pool.fetchval("SELECT 41 + 1") == 42
+            async with pool.acquire() as conn:
+                await conn.execute("BEGIN")
+                with pytest.raises(TimeoutError):
+                    await conn.execute("SELECT pg_sleep(5)", timeout=0.1)
+        await until(lambda: pool.stats().idle == 1)
+
+    spans = sdk.spans()
+    request = next(s for s in spans if s.name == "GET /orders")
+    marked = [s for s in spans if s.name.startswith(sc.POOL_STATEMENT_SPAN)]
+    validate, reset = f"{sc.POOL_STATEMENT_SPAN} validate", f"{sc.POOL_STATEMENT_SPAN} reset"
+    # Two checkouts, each checked (validate_after=0); one ROLLBACK after the timed-out query.
+    assert sorted(s.name for s in marked) == [reset, validate, validate]
+    for span in marked:
+        assert span.kind is SpanKind.INTERNAL
+        assert dict(span.attributes or {})[sc.POOL_NAME] == "own"
+        assert _parent(spans, span) is request
+    queries = [s for s in spans if s.kind is SpanKind.CLIENT and not s.name.startswith("connect")]
+    under = {name: [q for q in queries if (p := _parent(spans, q)) is not None and p.name == name]
+             for name in (validate, reset)}
+    assert [q.name for q in under[validate]] == ["SELECT", "SELECT"]
+    assert [q.name for q in under[reset]] == ["ROLLBACK"]
+    ours = [q for q in queries if q not in under[validate] and q not in under[reset]]
+    assert [q.name for q in ours] == ["SELECT", "BEGIN", "SELECT"]
+    assert all(_parent(spans, s) is request for s in ours), [s.name for s in ours]
+
+
+async def until(check: Callable[[], bool], within: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not check():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)

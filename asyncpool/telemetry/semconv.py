@@ -135,12 +135,12 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
 
 # Seconds: 2**(k/4), from 61 µs (2**-14) to 64 s (2**6), 81 boundaries. A checkout from the idle
 # list takes microseconds, a checkout check or a login milliseconds, a hold up to leak_timeout
-# (30 s): one geometric scale covers them all. Each bucket is 19% wider than the one below it, so a
-# percentile that Prometheus' histogram_quantile() interpolates inside a bucket is off by less than
-# 10% of the true value, whatever the distribution (half the width of the bucket it falls in; an
-# even decade or power-of-two boundary like 0.5 s, where round-number sleeps and timeouts pile up
-# just above it, is off by up to 50% with coarser buckets). The boundaries are also those of an
-# OpenTelemetry exponential histogram of scale 2, so the two can be compared point for point.
+# (30 s): one geometric scale covers them all, each bucket 19% wider than the one below. A
+# percentile that Prometheus' histogram_quantile() interpolates inside a bucket is therefore off by
+# at most the bucket's width (19%), a few percent for spread-out durations, and under 10% for the
+# median of a single repeated duration (a fixed sleep). Coarse decade buckets put round-number
+# durations just above a bound (0.5 s) in a bucket twice as wide: a p50 50% off. The boundaries
+# are also those of an OpenTelemetry exponential histogram of scale 2.
 TIME_BUCKETS: tuple[float, ...] = tuple(2.0 ** (k / 4) for k in range(-56, 25))
 
 
