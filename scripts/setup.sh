@@ -20,6 +20,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -qq "${need_apt[@]}" >&2
 fi
 
+# Prometheus (for the dashboard test): only its binary is run, by the tests; the package's own
+# service is not started (no systemd here; RUNLEVEL=1 keeps invoke-rc.d from starting it).
+if ! command -v prometheus >/dev/null 2>&1 && [ ! -x /usr/bin/prometheus ]; then
+  echo "setup: installing prometheus with apt-get" >&2
+  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+  if [ ${#need_apt[@]} -eq 0 ]; then $sudo apt-get update -qq; fi
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -qq --no-install-recommends \
+    prometheus >&2 || echo "setup: prometheus could not be installed; its test will skip" >&2
+fi
+
 bash scripts/get-pgbouncer-current.sh >/dev/null
 
 py=${PYTHON:-python3}
