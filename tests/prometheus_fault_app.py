@@ -15,9 +15,9 @@ from pathlib import Path
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "telemetry"))
-from prometheus_setup import serve_metrics  # noqa: E402
+from prometheus_setup import serve_metrics
 
-import asyncpool  # noqa: E402
+import asyncpool
 
 
 async def hold_half_a_second(pool: asyncpool.Pool, holds: list[float], stop: float) -> None:

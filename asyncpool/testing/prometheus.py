@@ -74,7 +74,7 @@ class PrometheusServer:
             if not self._process.running():
                 raise HarnessError(f"prometheus exited: {self._process.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as reply:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as reply:  # noqa: S310
                     if reply.status == 200:
                         return self
             except OSError:
