@@ -298,3 +298,34 @@ async def test_driver_errors_pass_through_and_keep_the_connection(pool: Pool) ->
     stats = pool.stats()
     assert stats.in_use == 0
     assert stats.closed_total == 0
+
+
+async def test_what_a_holder_obtained_ends_with_its_lease(postgres: Any) -> None:
+    """Statements, cursors and transactions stop working on release, as with asyncpg's pool;
+    listeners are removed (UNLISTEN *); conn.close() gives the connection back, still open."""
+    seen: list[str] = []
+    async with Pool(postgres.dsn(), name="lease-end", min_size=1, max_size=1, telemetry=False,
+                    prepared_statements="on") as pool:
+        async with pool.acquire() as conn:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            stmt = await conn.prepare("SELECT 1")
+            tx = conn.transaction()
+            cursor = conn.cursor("SELECT 1")
+            await conn.add_listener("lease_end", lambda *args: seen.append(args[-1]))
+        async with pool.acquire() as other:
+            assert await other.fetchval("SELECT pg_backend_pid()") == pid
+            async def iterate() -> None:
+                async for _ in cursor:
+                    pass
+
+            for call in (stmt.fetchval, tx.start, iterate):
+                with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+                    await call()
+            assert await other.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+            await other.execute("NOTIFY lease_end, 'not for the previous holder'")
+            await asyncio.sleep(0.1)
+            assert seen == []
+            await other.close()
+            assert pool.stats().idle == 1
+        async with pool.acquire() as again:
+            assert await again.fetchval("SELECT pg_backend_pid()") == pid

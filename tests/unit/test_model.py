@@ -24,7 +24,7 @@ along. After every step (with the loop run until nothing is ready):
 
 CI runs ASYNCPOOL_MODEL_EXAMPLES (default 1,000) examples. The long run:
 
-    ASYNCPOOL_MODEL_EXAMPLES=100000 .venv/bin/pytest tests/unit/test_model.py -q -s
+    ASYNCPOOL_MODEL_EXAMPLES=100000 .venv/bin/pytest tests/unit/test_model.py -q -s --timeout 0
 """
 
 from __future__ import annotations
