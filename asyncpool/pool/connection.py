@@ -35,7 +35,9 @@ class PooledConnection:
     """Forwards every attribute to the asyncpg connection while the lease is active.
 
     After release it refuses use, so a stray reference cannot run a query on a connection that
-    another task now holds; after a leak reclaim it raises `ConnectionLeakedError`.
+    another task now holds; after a leak reclaim it raises `ConnectionLeakedError`. Prepared
+    statements, cursors and transactions obtained through it stop working on release too (asyncpg
+    raises `InterfaceError`), and listeners it added are removed.
     """
 
     __slots__ = ("_lease", "_owner")

@@ -211,7 +211,9 @@ class Slots:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RELEASE_TIMEOUT):
                     await self._drained.wait()
-            await asyncio.gather(*self._own_tasks(), return_exceptions=True)
+            # Shielded: a close() cancelled here must not cancel a close or a terminate that has
+            # not started yet (its coroutine would never run, and its connection stay open).
+            await asyncio.shield(asyncio.gather(*self._own_tasks(), return_exceptions=True))
             creds = self.connector.credentials if self.connector is not None else None
             if creds is not None:
                 try:

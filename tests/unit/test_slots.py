@@ -120,3 +120,36 @@ def test_acquire_on_a_closed_pool_is_refused(server: FakeServer) -> None:
             await pool.acquire()
 
     run(main())
+
+
+def test_close_cancelled_while_a_cancel_request_is_in_flight_still_closes(server: FakeServer) -> None:
+    """Found by the model: close(timeout=0) terminates a connection once asyncpg's cancel request
+    is through; cancelling close() then must not cancel that termination before it starts."""
+
+    async def main() -> None:
+        pool = fake_pool(server, min_size=1, max_size=1, acquire_timeout=None)
+        await pool.open()
+
+        async def user() -> None:
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+
+        first = asyncio.ensure_future(user())
+        second = asyncio.ensure_future(user())
+        await asyncio.sleep(0)
+        first.cancel()  # mid-query: a cancel request goes out, the return waits for it
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(pool.close(timeout=0))
+        for _ in range(10):  # until close() waits for its termination task
+            await asyncio.sleep(0)
+            if pool._slots.background:
+                break
+        assert pool._slots.background
+        closing.cancel()
+        await asyncio.gather(first, second, closing, return_exceptions=True)
+        await asyncio.sleep(30)
+        assert server.open_connections() == []
+        s = pool.stats()
+        assert (s.size, s.closed_total) == (0, s.created_total)
+
+    run(main())
