@@ -12,12 +12,41 @@ if [ "$(id -u)" -eq 0 ]; then default_dest=/var/cache/asyncpool/pgbouncer-trixie
 else default_dest=$root_dir/.cache/pgbouncer-trixie; fi
 dest=${ASYNCPOOL_PGBOUNCER_CACHE:-$default_dest}
 launcher=$dest/pgbouncer
+me=$(id -u)
+
+# untrusted PATH: prints what in PATH, or in a folder above it, a user other than root or this one
+# could have changed (the same rule as asyncpool.testing.binaries.untrusted_paths). Root is about
+# to run what is there.
+untrusted() {
+  local p=$1 owner mode
+  while p=$(dirname "$p"); do
+    read -r owner mode < <(stat -c '%u %a' "$p")
+    mode=$((8#$mode))
+    if [ "$owner" != 0 ] && [ "$owner" != "$me" ]; then echo "$p: owned by uid $owner"; fi
+    if (( (mode & 8#022) != 0 && (mode & 8#1000) == 0 )); then echo "$p: writable by group or others"; fi
+    [ "$p" = / ] && break
+  done
+  [ -e "$1" ] || return 0
+  find "$1" ! -type l \( \( ! -uid 0 ! -uid "$me" \) -o -perm /022 \) -printf '%p: not owned by root or uid '"$me"', or writable by group or others\n'
+}
+problems=$(untrusted "$dest")
+if [ -n "$problems" ]; then
+  echo "refusing to use $dest: someone else could change what runs from it:" >&2
+  echo "$problems" | head -5 >&2
+  echo "remove it (this script fetches it again) or fix the ownership" >&2
+  exit 1
+fi
 if [ -x "$launcher" ] && "$launcher" --version >/dev/null 2>&1; then
   echo "$launcher"; exit 0
 fi
+if [ -z "${ASYNCPOOL_PGBOUNCER_CACHE:-}" ] && [ "$me" -eq 0 ]; then
+  # Our own folder: the unprivileged server user must be able to reach and run it whatever the
+  # umask. An overridden location's parent is the user's: its permissions are left alone.
+  mkdir -p /var/cache/asyncpool
+  chmod 755 /var/cache/asyncpool
+fi
 mkdir -p "$dest"
-# The unprivileged server user must be able to reach and run it whatever the umask.
-chmod a+rx "$(dirname "$dest")"
+chmod 755 "$dest"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 lists=$dest/lists

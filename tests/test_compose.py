@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -195,9 +196,49 @@ def test_compose_parses_with_the_expected_services() -> None:
         assert "profiles" not in doc["services"][name], f"{name} must start by default"
     for name in ("otel-collector", "prometheus", "grafana"):
         assert doc["services"][name]["profiles"] == ["observability"]
+    assert image_pin_problems(doc) == []
+
+
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+DOCKERFILE = ROOT / "deploy" / "pgbouncer" / "Dockerfile"
+
+
+def image_pin_problems(doc: dict[str, Any]) -> list[str]:
+    """Every image is pinned by digest, or built here from a Dockerfile whose base is."""
+    problems = []
     for name, service in doc["services"].items():
-        image_version(service["image"])  # every image pinned to a version
-        assert not service["image"].endswith(":latest"), name
+        image = str(service.get("image", ""))
+        image_version(image)  # and named by its version, for people
+        if "build" in service:
+            dockerfile = ROOT / str(service["build"]) / "Dockerfile"
+            bases = re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), re.MULTILINE)
+            problems += [f"{name}: base {base} is not pinned by digest" for base in bases if not DIGEST.search(base)]
+        elif not DIGEST.search(image):
+            problems.append(f"{name}: {image} is not pinned by digest")
+    return problems
+
+
+def test_image_pin_check_catches_a_tag() -> None:
+    doc = load_compose()
+    doc["services"]["grafana"]["image"] = "grafana/grafana:11.5.0"
+    assert image_pin_problems(doc) == ["grafana: grafana/grafana:11.5.0 is not pinned by digest"]
+
+
+def test_pgbouncer_image_is_the_patched_debian_build() -> None:
+    """The Dockerfile installs Debian's PgBouncer and refuses a build without the 2026 CVE fixes,
+    the same package (1.24.1-1+deb13u2 or later) the harness's current PgBouncer is."""
+    service = load_compose()["services"]["pgbouncer"]
+    assert (ROOT / str(service["build"])).resolve() == DOCKERFILE.parent
+    text = DOCKERFILE.read_text()
+    assert re.search(r"dpkg --compare-versions \"\$installed\" ge 1\.24\.1-1\+deb13u2", text)
+    changelog = Path(current_pgbouncer().command[0]).parent / "root/usr/share/doc/pgbouncer/changelog.Debian.gz"
+    if changelog.exists():  # the harness's own copy, unpacked from the same archive
+        import gzip
+
+        first = gzip.decompress(changelog.read_bytes()).decode().splitlines()[0]
+        version = re.search(r"\(([^)]+)\)", first).group(1)  # type: ignore[union-attr]
+        assert subprocess.run(["dpkg", "--compare-versions", version, "ge", "1.24.1-1+deb13u2"]).returncode == 0
+    assert "PGBOUNCER_ADMIN_USER" not in service["environment"]
 
 
 def test_compose_holds_no_literal_secret() -> None:
@@ -253,7 +294,7 @@ def test_pgbouncer_service_runs_the_shared_settings() -> None:
 
 def test_pgbouncer_check_catches_drift() -> None:
     doc = load_compose()
-    doc["services"]["pgbouncer"]["image"] = "edoburu/pgbouncer:1.18.0"
+    doc["services"]["pgbouncer"]["image"] = "asyncpool-pgbouncer:1.18.0"
     assert any("older than PgBouncer 1.21" in p for p in pgbouncer_problems(doc))
     doc = load_compose()
     doc["services"]["pgbouncer"]["environment"]["PGBOUNCER_OVERRIDES"] = "pool_mode = session"
@@ -334,10 +375,8 @@ def compose_pgbouncer() -> Iterator[tuple[PostgresServer, str, Role]]:
         port = free_port()
         secrets_dir = workdir / "secrets"
         secrets_dir.mkdir()
-        passwords = {
-            "app_db_password": postgres.app.password,
-            "pgbouncer_admin_password": postgres.pgb_admin.password,
-        }
+        stats = Role("pgb_stats", secrets.token_hex(18))
+        passwords = {"app_db_password": postgres.app.password, "pgbouncer_stats_password": stats.password}
         mapped = {}
         for key, value in env.items():
             if value in volume_of:  # a mounted file: use the repository's copy
@@ -359,7 +398,7 @@ def compose_pgbouncer() -> Iterator[tuple[PostgresServer, str, Role]]:
         )
         assert set(mapped) == set(env), "the test must not add settings compose does not give"
         assert mapped["APP_DB_USER"] == postgres.app.name
-        assert env["PGBOUNCER_ADMIN_USER"] == postgres.pgb_admin.name
+        assert env["PGBOUNCER_STATS_USER"] == stats.name
         chown_tree(workdir)
         script = workdir / "entrypoint.sh"
         shutil.copyfile(ENTRYPOINT, script)
@@ -381,7 +420,7 @@ def compose_pgbouncer() -> Iterator[tuple[PostgresServer, str, Role]]:
         process.start()
         if not wait_for_port(postgres.host, port, 20):
             raise AssertionError(f"PgBouncer did not start:\n{process.log_tail()}")
-        yield postgres, f"{postgres.host}:{port}", postgres.pgb_admin
+        yield postgres, f"{postgres.host}:{port}", stats
     finally:
         if process is not None:
             process.stop()
@@ -495,3 +534,18 @@ def _datasources(node: Any) -> Iterator[Any]:
     elif isinstance(node, list):
         for item in node:
             yield from _datasources(item)
+
+
+def test_compose_console_user_reads_but_cannot_stop_anything(
+    compose_pgbouncer: tuple[PostgresServer, str, Role],
+) -> None:
+    """pgb_stats is a stats user: SHOW works; PAUSE, KILL_CLIENT (CVE-2026-6667 in unpatched
+    1.24) and SHUTDOWN are refused, so a client network that reaches the listener cannot stop it."""
+    _, address, stats = compose_pgbouncer
+    host, port = address.split(":")
+    dsn = stats.dsn(host, int(port), "pgbouncer")
+    assert asyncio.run(admin_command(dsn, "SHOW POOLS")) is not None
+    for command in ("PAUSE", "KILL_CLIENT 1", "SHUTDOWN"):
+        with pytest.raises(Exception, match="admin access needed") as refused:
+            asyncio.run(admin_command(dsn, command))
+    assert asyncio.run(admin_command(dsn, "SHOW VERSION"))  # still up

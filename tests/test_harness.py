@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
-from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
+from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer, untrusted_paths
+from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.leftovers import leftover_servers
 from asyncpool.testing.pgbouncer import shared_settings
 
@@ -149,3 +152,76 @@ def test_servers_die_with_a_killed_harness() -> None:
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in pids if _alive(pid)]
+
+
+# -- the cached PgBouncer is run as root: only if nobody else could have changed it ------------
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "get-pgbouncer-current.sh")
+FAKE_LAUNCHER = '#!/bin/sh\n[ -n "$MARK" ] && touch "$MARK"\necho "PgBouncer 1.24.1"\n'
+
+
+def plant_cache(folder: Path, mode: int = 0o755) -> Path:
+    cache = folder / "pgbouncer-trixie"
+    (cache / "root").mkdir(parents=True)
+    launcher = cache / "pgbouncer"
+    launcher.write_text(FAKE_LAUNCHER)
+    launcher.chmod(mode)
+    return cache
+
+
+def run_script(cache: Path, mark: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ASYNCPOOL_PGBOUNCER_CACHE": str(cache), "MARK": str(mark)}
+    return subprocess.run(["bash", SCRIPT], capture_output=True, text=True, env=env, check=False, timeout=30)
+
+
+def test_untrusted_paths_names_what_others_could_change(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir(mode=0o755)
+    cache = plant_cache(base)
+    assert untrusted_paths(cache) == []
+    (cache / "root" / "lib.so").write_text("x")
+    (cache / "root" / "lib.so").chmod(0o664)
+    assert untrusted_paths(cache) == [f"{cache / 'root' / 'lib.so'}: writable by group or others (mode 664)"]
+    (cache / "root" / "lib.so").chmod(0o644)
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(cache / "pgbouncer", 65534, 65534)
+        assert untrusted_paths(cache) == [f"{cache / 'pgbouncer'}: owned by uid 65534, not by root or uid 0"]
+        os.chown(cache / "pgbouncer", 0, 0)
+    base.chmod(0o777)  # a folder above, writable by anyone and not sticky: the cache can be swapped
+    assert untrusted_paths(cache) == [f"{base}: writable by group or others (mode 777)"]
+    base.chmod(0o1777)  # sticky, as /tmp: others cannot rename what is ours
+    assert untrusted_paths(cache) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the check guards running the cache as root")
+def test_harness_refuses_a_cache_others_can_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = plant_cache(tmp_path, mode=0o777)
+    monkeypatch.delenv("ASYNCPOOL_PGBOUNCER_CURRENT", raising=False)
+    monkeypatch.setenv("ASYNCPOOL_PGBOUNCER_CACHE", str(cache))
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("MARK", str(mark))
+    with pytest.raises(HarnessError, match="refusing to run the cached PgBouncer .* writable by group or others"):
+        current_pgbouncer()
+    assert not mark.exists()
+
+
+def test_fetch_script_refuses_a_cache_others_can_change_without_running_it(tmp_path: Path) -> None:
+    cache = plant_cache(tmp_path, mode=0o777)
+    mark = tmp_path / "ran"
+    out = run_script(cache, mark)
+    assert out.returncode == 1
+    assert "writable by group or others" in out.stderr
+    assert not mark.exists(), "the script ran a launcher anyone could have replaced"
+
+
+def test_fetch_script_leaves_an_overridden_cache_parent_alone(tmp_path: Path) -> None:
+    parent = tmp_path / "mine"
+    parent.mkdir()
+    parent.chmod(0o700)
+    cache = plant_cache(parent)
+    mark = tmp_path / "ran"
+    out = run_script(cache, mark)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(cache / "pgbouncer")
+    assert mark.exists()
+    assert stat.S_IMODE(parent.stat().st_mode) == 0o700

@@ -342,10 +342,18 @@ def _pgb_tls_and_secret_problems(doc: Doc, text: str) -> list[str]:
         str(attr(v, "condition")) for v in blocks(named(doc, "variable")["server_tls_sslmode"], "validation")
     )
     allowed = set(re.findall(r"['\"]([a-z-]+)['\"]", mode_rule))
-    if not allowed or not allowed <= {"require", "verify-ca", "verify-full"}:
-        problems.append(f"server_tls_sslmode allows an unencrypted backend link: {sorted(allowed)}")
-    if values["server_tls_sslmode"] not in allowed:
-        problems.append("server_tls_sslmode's default is not allowed by its own validation")
+    if not allowed or not allowed <= {"verify-ca", "verify-full"}:
+        problems.append(f"server_tls_sslmode lets PgBouncer log in to an unverified database: {sorted(allowed)}")
+    if values["server_tls_sslmode"] != "verify-full":
+        problems.append(f"server_tls_sslmode defaults to {values['server_tls_sslmode']!r}, not verify-full")
+    if "default" in named(doc, "variable")["server_tls_ca_pem"]:
+        problems.append("server_tls_ca_pem is optional: the database's CA must be given")
+    if '{ name = "PGBOUNCER_SERVER_TLS_CA", value = var.server_tls_ca_pem }' not in text:
+        problems.append("the database's CA is not passed to PgBouncer")
+    if "PGBOUNCER_ADMIN" in text:
+        problems.append("an admin user (PAUSE, KILL, SHUTDOWN) is configured on the client listener")
+    if '{ name = "PGBOUNCER_STATS_USER", value = ' not in text:
+        problems.append("no read-only console user for doctor and exporters")
     env_names = re.findall(r'\{ name = "([A-Z_]+)", value = ', text)
     secret_names = re.findall(r'\{ name = "([A-Z_]+)", valueFrom = "\$\{var\.[a-z_]+_secret_arn\}', text)
     if any("PASSWORD" in n or n.endswith("_KEY") for n in env_names):
@@ -359,10 +367,19 @@ def _pgb_runtime_problems(doc: Doc, text: str) -> list[str]:
     """A pinned PgBouncer >= 1.21; health checks, an internal NLB, autoscaling, and deployments
     that never exceed the pool budget."""
     problems: list[str] = []
-    image = defaults(doc)["image"]
-    version = re.search(r":v?(\d+)\.(\d+)", image)
-    if not version or (int(version.group(1)), int(version.group(2))) < (1, 21) or image.endswith(":latest"):
-        problems.append(f"image {image!r} is not a pinned PgBouncer >= 1.21")
+    image_variable = named(doc, "variable")["image"]
+    if "default" in image_variable:
+        problems.append(f"image has a default ({attr(image_variable, 'default')!r}): it must be given, by digest")
+    rule = " ".join(str(attr(v, "condition")) for v in blocks(image_variable, "validation"))
+    pattern = re.search(r'regex\("((?:[^"\\]|\\.)*)",\s*var\.image\)', rule)
+    digest = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/pgbouncer@sha256:" + "ab" * 32
+    tagged = ("edoburu/pgbouncer:v1.24.1-p1", "pgbouncer:1.24.1", "pgbouncer:latest", f"pgbouncer:1.24@sha256:{'ab' * 31}")
+    if (
+        not pattern
+        or not re.search(_hcl_string(pattern.group(1)), digest)
+        or any(re.search(_hcl_string(pattern.group(1)), image) for image in tagged)
+    ):
+        problems.append("image is not required to be pinned by digest")
     if '"CMD", "pg_isready"' not in text:
         problems.append("the container has no pg_isready health check")
     for group in resources_of(doc, "aws_lb_target_group").values():
@@ -590,9 +607,34 @@ def test_pgbouncer_module_invariants() -> None:
     [
         (
             "variables.tf",
-            'default     = "edoburu/pgbouncer:v1.24.1-p1"',
-            'default = "edoburu/pgbouncer:1.18.0"',
-            "image",
+            '@sha256:[0-9a-f]{64}$", var.image))',
+            '(@sha256:[0-9a-f]{64}|:v?[0-9.]+)$", var.image))',
+            "pinned by digest",
+        ),
+        (
+            "variables.tf",
+            'variable "image" {\n',
+            'variable "image" {\n  default = "edoburu/pgbouncer:v1.24.1-p1"\n',
+            "must be given",
+        ),
+        ("variables.tf", 'default     = "verify-full"', 'default     = "verify-ca"', "not verify-full"),
+        (
+            "variables.tf",
+            'contains(["verify-ca", "verify-full"], var.server_tls_sslmode)',
+            'contains(["require", "verify-ca", "verify-full"], var.server_tls_sslmode)',
+            "unverified database",
+        ),
+        (
+            "variables.tf",
+            'variable "server_tls_ca_pem" {\n',
+            'variable "server_tls_ca_pem" {\n  default = null\n',
+            "CA must be given",
+        ),
+        (
+            "main.tf",
+            '{ name = "PGBOUNCER_STATS_USER", value = "pgb_stats" },',
+            '{ name = "PGBOUNCER_ADMIN_USER", value = "pgb_admin" },',
+            "admin user",
         ),
         ("variables.tf", "default     = 50\n", "default     = 200\n", "server connections"),
         (
@@ -757,11 +799,8 @@ def test_defaults_pass_their_own_validations() -> None:
 
 
 def test_default_validation_check_catches_a_bad_default() -> None:
-    doc = load_dir(
-        PGBOUNCER,
-        {"variables.tf": ('default     = "edoburu/pgbouncer:v1.24.1-p1"', 'default = "edoburu/pgbouncer"')},
-    )
-    assert any("image" in p for p in default_validation_problems(doc))
+    doc = load_dir(PGBOUNCER, {"variables.tf": ('default     = "verify-full"', 'default     = "require"')})
+    assert any("server_tls_sslmode" in p for p in default_validation_problems(doc))
     doc = load_dir(EXAMPLE, {"variables.tf": ('default     = "python3.12"', 'default     = "python3.9"')})
     assert any("lambda_runtime" in p for p in default_validation_problems(doc))
 

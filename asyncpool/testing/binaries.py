@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +84,52 @@ def current_pgbouncer_cache() -> Path:
     return REPO_ROOT / ".cache" / "pgbouncer-trixie"
 
 
+def untrusted_paths(cache: Path, uid: int | None = None) -> list[str]:
+    """What in `cache` (a cached PgBouncer) someone other than `uid` or root could have changed.
+
+    Checked before the cache is run, as root for the test servers: every file and folder in it,
+    and every folder above it, must belong to root or `uid` and be writable by nobody else (a
+    world-writable folder above is allowed only with the sticky bit, as /tmp has). Each problem
+    is one line naming the path and why.
+    """
+    uid = os.geteuid() if uid is None else uid
+    trusted = {0, uid}
+    problems: list[str] = []
+
+    def check(path: Path, *, above: bool) -> None:
+        info = path.lstat()
+        mode = info.st_mode
+        if info.st_uid not in trusted:
+            problems.append(f"{path}: owned by uid {info.st_uid}, not by root or uid {uid}")
+        sticky_dir = above and stat.S_ISDIR(mode) and bool(mode & stat.S_ISVTX)
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(mode) and not sticky_dir:
+            problems.append(f"{path}: writable by group or others (mode {stat.S_IMODE(mode):o})")
+
+    cache = cache.absolute()
+    for parent in reversed(cache.parents):
+        check(parent, above=True)
+    if not cache.exists():
+        return problems
+    check(cache, above=False)
+    for folder, dirs, files in os.walk(cache):
+        for name in [*dirs, *files]:
+            check(Path(folder) / name, above=False)
+    return problems
+
+
 def current_pgbouncer() -> PgBouncerBinary:
     """A PgBouncer >= 1.21, fetched once by scripts/get-pgbouncer-current.sh and cached."""
     path = os.environ.get("ASYNCPOOL_PGBOUNCER_CURRENT")
     if not path:
-        cached = current_pgbouncer_cache() / "pgbouncer"
+        cache = current_pgbouncer_cache()
+        cached = cache / "pgbouncer"
+        if cached.exists() and os.geteuid() == 0 and (problems := untrusted_paths(cache)):
+            raise HarnessError(
+                f"refusing to run the cached PgBouncer in {cache} as root: "
+                + "; ".join(problems[:5])
+                + f"{' ...' if len(problems) > 5 else ''}. Remove {cache} (scripts/setup.sh fetches it "
+                "again) or fix the ownership."
+            )
         if cached.exists():
             path = str(cached)
         elif CURRENT_PGBOUNCER_SCRIPT.exists():

@@ -129,6 +129,8 @@ module "pgbouncer" {
   db_username               = var.db_username
   db_credentials_secret_arn = var.app_credentials_secret_arn
   tls_secret_arn            = var.pgbouncer_tls_secret_arn
+  image                     = var.pgbouncer_image
+  server_tls_ca_pem         = var.db_ca_pem
   kms_key_arn               = aws_kms_key.this.arn
   client_security_group_ids = [aws_security_group.function.id]
   tags                      = var.tags
@@ -310,8 +312,8 @@ resource "aws_lambda_function" "this" {
       error_message = "pooler = rds-proxy needs rotation_lambda_arn."
     }
     precondition {
-      condition     = local.use_proxy || (var.app_credentials_secret_arn != null && var.pgbouncer_tls_secret_arn != null)
-      error_message = "pooler = pgbouncer needs app_credentials_secret_arn and pgbouncer_tls_secret_arn."
+      condition     = local.use_proxy || (var.app_credentials_secret_arn != null && var.pgbouncer_tls_secret_arn != null && var.pgbouncer_image != null && var.db_ca_pem != null)
+      error_message = "pooler = pgbouncer needs app_credentials_secret_arn, pgbouncer_tls_secret_arn, pgbouncer_image (pinned by digest) and db_ca_pem (the database's CA bundle)."
     }
   }
 }

@@ -136,6 +136,28 @@ variable "pgbouncer_tls_secret_arn" {
   }
 }
 
+variable "pgbouncer_image" {
+  description = "pgbouncer: the PgBouncer image pinned by digest (build deploy/pgbouncer/Dockerfile, push it to ECR, pass <repository>@sha256:<digest>)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.pgbouncer_image == null || can(regex("^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$", coalesce(var.pgbouncer_image, "-")))
+    error_message = "pgbouncer_image must be null or pinned by digest (registry/name@sha256:<64 hex digits>)."
+  }
+}
+
+variable "db_ca_pem" {
+  description = "pgbouncer: the CA bundle (PEM) that signs the database's certificate, so PgBouncer verifies it (verify-full): for RDS the regional bundle, https://truststore.pki.rds.amazonaws.com/<region>/<region>-bundle.pem."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.db_ca_pem == null || strcontains(coalesce(var.db_ca_pem, "-"), "-----BEGIN CERTIFICATE-----")
+    error_message = "db_ca_pem must be null or PEM certificates."
+  }
+}
+
 variable "pgbouncer_ca_path" {
   description = "pgbouncer: path, inside the function package, of the CA bundle that signed PgBouncer's certificate."
   type        = string

@@ -41,28 +41,27 @@ locals {
       { name = "PGBOUNCER_TLS_CERT", valueFrom = "${var.tls_secret_arn}:certificate::" },
       { name = "PGBOUNCER_TLS_KEY", valueFrom = "${var.tls_secret_arn}:private_key::" },
     ],
-    var.admin_credentials_secret_arn == null ? [] : [
-      { name = "PGBOUNCER_ADMIN_PASSWORD", valueFrom = "${var.admin_credentials_secret_arn}:password::" },
+    var.stats_credentials_secret_arn == null ? [] : [
+      { name = "PGBOUNCER_STATS_PASSWORD", valueFrom = "${var.stats_credentials_secret_arn}:password::" },
     ],
   )
-  secret_arns = compact([var.db_credentials_secret_arn, var.tls_secret_arn, var.admin_credentials_secret_arn])
+  secret_arns = compact([var.db_credentials_secret_arn, var.tls_secret_arn, var.stats_credentials_secret_arn])
 
-  environment = concat(
-    [
-      { name = "PGBOUNCER_SETTINGS", value = local.settings_text },
-      { name = "PGBOUNCER_OVERRIDES", value = join("\n", [for k, v in local.overrides : "${k} = ${v}"]) },
-      { name = "PGBOUNCER_CONF_DIR", value = "/tmp/pgbouncer" },
-      { name = "PGBOUNCER_LISTEN_ADDR", value = "0.0.0.0" },
-      { name = "PGBOUNCER_LISTEN_PORT", value = tostring(var.listen_port) },
-      { name = "PGBOUNCER_CLIENT_TLS_SSLMODE", value = "require" },
-      { name = "PGBOUNCER_SERVER_TLS_SSLMODE", value = var.server_tls_sslmode },
-      { name = "DB_HOST", value = var.db_host },
-      { name = "DB_PORT", value = tostring(var.db_port) },
-      { name = "APP_DB_USER", value = var.db_username },
-      { name = "PGBOUNCER_ADMIN_USER", value = "pgb_admin" },
-    ],
-    var.server_tls_ca_pem == null ? [] : [{ name = "PGBOUNCER_SERVER_TLS_CA", value = var.server_tls_ca_pem }],
-  )
+  environment = [
+    { name = "PGBOUNCER_SETTINGS", value = local.settings_text },
+    { name = "PGBOUNCER_OVERRIDES", value = join("\n", [for k, v in local.overrides : "${k} = ${v}"]) },
+    { name = "PGBOUNCER_CONF_DIR", value = "/tmp/pgbouncer" },
+    { name = "PGBOUNCER_LISTEN_ADDR", value = "0.0.0.0" },
+    { name = "PGBOUNCER_LISTEN_PORT", value = tostring(var.listen_port) },
+    { name = "PGBOUNCER_CLIENT_TLS_SSLMODE", value = "require" },
+    { name = "PGBOUNCER_SERVER_TLS_SSLMODE", value = var.server_tls_sslmode },
+    { name = "DB_HOST", value = var.db_host },
+    { name = "DB_PORT", value = tostring(var.db_port) },
+    { name = "APP_DB_USER", value = var.db_username },
+    { name = "PGBOUNCER_SERVER_TLS_CA", value = var.server_tls_ca_pem },
+    # A read-only console user (SHOW only); the entrypoint configures no admin user.
+    { name = "PGBOUNCER_STATS_USER", value = "pgb_stats" },
+  ]
 }
 
 # -- logs ---------------------------------------------------------------------------------------
@@ -403,10 +402,6 @@ resource "aws_ecs_task_definition" "this" {
     precondition {
       condition     = local.max_client_conn * var.min_tasks >= var.min_client_capacity
       error_message = "max_client_conn x min_tasks is below min_client_capacity (${var.min_client_capacity})."
-    }
-    precondition {
-      condition     = var.server_tls_sslmode == "require" || var.server_tls_ca_pem != null
-      error_message = "server_tls_sslmode ${var.server_tls_sslmode} needs server_tls_ca_pem."
     }
   }
 }

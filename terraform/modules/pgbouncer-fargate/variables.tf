@@ -90,14 +90,14 @@ variable "db_credentials_secret_arn" {
   }
 }
 
-variable "admin_credentials_secret_arn" {
-  description = "Optional secret, JSON {\"password\": ...}, for PgBouncer's admin-console user pgb_admin (SHOW POOLS, SHOW STATS; for a metrics exporter). Null: no admin console."
+variable "stats_credentials_secret_arn" {
+  description = "Optional secret, JSON {\"password\": ...}, for PgBouncer's read-only console user pgb_stats (SHOW POOLS, SHOW STATS: for asyncpool doctor or a metrics exporter). It is a stats user, not an admin: it cannot PAUSE, KILL or SHUTDOWN. No admin user is ever configured, since the console is reachable from every client network. Null: no console user."
   type        = string
   default     = null
 
   validation {
-    condition     = var.admin_credentials_secret_arn == null || can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.admin_credentials_secret_arn))
-    error_message = "admin_credentials_secret_arn must be null or a Secrets Manager secret ARN."
+    condition     = var.stats_credentials_secret_arn == null || can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.stats_credentials_secret_arn))
+    error_message = "stats_credentials_secret_arn must be null or a Secrets Manager secret ARN."
   }
 }
 
@@ -122,35 +122,33 @@ variable "kms_key_arn" {
 }
 
 variable "server_tls_sslmode" {
-  description = "TLS from PgBouncer to PostgreSQL: require (encrypted), verify-ca or verify-full (also checked against server_tls_ca_pem)."
+  description = "TLS from PgBouncer to PostgreSQL: verify-full (the default: certificate and host name checked against server_tls_ca_pem) or verify-ca (certificate only). PgBouncer holds the application's password in plain text and logs in with it, so the database's identity is always verified."
   type        = string
-  default     = "require"
+  default     = "verify-full"
 
   validation {
-    condition     = contains(["require", "verify-ca", "verify-full"], var.server_tls_sslmode)
-    error_message = "server_tls_sslmode must be require, verify-ca or verify-full: the backend link is always encrypted."
+    condition     = contains(["verify-ca", "verify-full"], var.server_tls_sslmode)
+    error_message = "server_tls_sslmode must be verify-full or verify-ca: PgBouncer sends the application's password to the database, which must prove who it is."
   }
 }
 
 variable "server_tls_ca_pem" {
-  description = "CA bundle (PEM) that signs the database's certificate, for verify-ca/verify-full: the RDS regional bundle (<region>-bundle.pem; the global bundle is too large for a task definition)."
+  description = "CA bundle (PEM) that signs the database's certificate: for RDS the regional bundle, https://truststore.pki.rds.amazonaws.com/<region>/<region>-bundle.pem (the global bundle is too large for a task definition)."
   type        = string
-  default     = null
 
   validation {
-    condition     = var.server_tls_ca_pem == null || (strcontains(coalesce(var.server_tls_ca_pem, "-"), "-----BEGIN CERTIFICATE-----") && length(coalesce(var.server_tls_ca_pem, "-")) <= 32768)
-    error_message = "server_tls_ca_pem must be null or PEM certificates (at most 32 KiB: use the regional RDS bundle)."
+    condition     = strcontains(var.server_tls_ca_pem, "-----BEGIN CERTIFICATE-----") && length(var.server_tls_ca_pem) <= 32768
+    error_message = "server_tls_ca_pem must be PEM certificates (at most 32 KiB: use the regional RDS bundle)."
   }
 }
 
 variable "image" {
-  description = "PgBouncer image, version >= 1.21 (max_prepared_statements), pinned by tag or digest. It must provide /bin/sh and pg_isready (edoburu/pgbouncer does). Mirror it to ECR in production."
+  description = "PgBouncer image pinned by digest (name@sha256:...): build deploy/pgbouncer/Dockerfile (Debian trixie's PgBouncer 1.24.1 with the 2025-2026 CVE fixes, /bin/sh and pg_isready), push it to your ECR repository and pass the pushed digest. A tag can be moved to other content; a digest cannot."
   type        = string
-  default     = "edoburu/pgbouncer:v1.24.1-p1"
 
   validation {
-    condition     = can(regex("(@sha256:[0-9a-f]{64}|:v?[0-9]+\\.[0-9]+[^:/]*)$", var.image)) && !endswith(var.image, ":latest")
-    error_message = "image must be pinned to a version tag (name:1.24.1...) or a digest (name@sha256:...), never latest."
+    condition     = can(regex("^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$", var.image))
+    error_message = "image must be pinned by digest (registry/name@sha256:<64 hex digits>); a tag alone can be moved to other content."
   }
 }
 
