@@ -200,7 +200,9 @@ def test_harness_refuses_a_cache_others_can_change(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("ASYNCPOOL_PGBOUNCER_CACHE", str(cache))
     mark = tmp_path / "ran"
     monkeypatch.setenv("MARK", str(mark))
-    with pytest.raises(HarnessError, match="refusing to run the cached PgBouncer .* writable by group or others"):
+    with pytest.raises(
+        HarnessError, match=r"refusing to run the cached PgBouncer .* writable by group or others"
+    ):
         current_pgbouncer()
     assert not mark.exists()
 

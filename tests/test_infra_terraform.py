@@ -343,7 +343,9 @@ def _pgb_tls_and_secret_problems(doc: Doc, text: str) -> list[str]:
     )
     allowed = set(re.findall(r"['\"]([a-z-]+)['\"]", mode_rule))
     if not allowed or not allowed <= {"verify-ca", "verify-full"}:
-        problems.append(f"server_tls_sslmode lets PgBouncer log in to an unverified database: {sorted(allowed)}")
+        problems.append(
+            f"server_tls_sslmode lets PgBouncer log in to an unverified database: {sorted(allowed)}"
+        )
     if values["server_tls_sslmode"] != "verify-full":
         problems.append(f"server_tls_sslmode defaults to {values['server_tls_sslmode']!r}, not verify-full")
     if "default" in named(doc, "variable")["server_tls_ca_pem"]:
@@ -369,11 +371,18 @@ def _pgb_runtime_problems(doc: Doc, text: str) -> list[str]:
     problems: list[str] = []
     image_variable = named(doc, "variable")["image"]
     if "default" in image_variable:
-        problems.append(f"image has a default ({attr(image_variable, 'default')!r}): it must be given, by digest")
+        problems.append(
+            f"image has a default ({attr(image_variable, 'default')!r}): it must be given, by digest"
+        )
     rule = " ".join(str(attr(v, "condition")) for v in blocks(image_variable, "validation"))
     pattern = re.search(r'regex\("((?:[^"\\]|\\.)*)",\s*var\.image\)', rule)
     digest = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/pgbouncer@sha256:" + "ab" * 32
-    tagged = ("edoburu/pgbouncer:v1.24.1-p1", "pgbouncer:1.24.1", "pgbouncer:latest", f"pgbouncer:1.24@sha256:{'ab' * 31}")
+    tagged = (
+        "edoburu/pgbouncer:v1.24.1-p1",
+        "pgbouncer:1.24.1",
+        "pgbouncer:latest",
+        f"pgbouncer:1.24@sha256:{'ab' * 31}",
+    )
     if (
         not pattern
         or not re.search(_hcl_string(pattern.group(1)), digest)

@@ -37,7 +37,9 @@ def render(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 def settings(out: str) -> dict[str, str]:
     """The rendered file's own `key = value` lines (the shared file is only %include-d)."""
-    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in out.splitlines() if "=" in line)}
+    return {
+        k.strip(): v.strip() for k, _, v in (line.partition("=") for line in out.splitlines() if "=" in line)
+    }
 
 
 def test_backend_tls_defaults_to_verify_full_and_needs_the_ca(tmp_path: Path) -> None:
@@ -104,5 +106,6 @@ def test_the_shared_file_cannot_grant_console_access(tmp_path: Path) -> None:
     lines = out.stdout.splitlines()
     include = next(i for i, line in enumerate(lines) if line.startswith("%include"))
     admin = [i for i, line in enumerate(lines) if line.startswith("admin_users")]
-    assert admin and admin[-1] > include
+    assert admin
+    assert admin[-1] > include
     assert settings(out.stdout)["admin_users"] == ""
