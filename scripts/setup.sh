@@ -38,14 +38,28 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=.venv/.asyncpool-deps
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/dev.lock | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python dependencies into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip >&2
   # The distribution was renamed asyncpool -> asyncpool-pg: drop an older editable install of it.
   .venv/bin/python -m pip uninstall -q -y asyncpool >/dev/null 2>&1 || true
+  # checkov now lives in its own venv (below); an older .venv still has it and its urllib3 pin.
+  .venv/bin/python -m pip uninstall -q -y checkov >/dev/null 2>&1 || true
+  # First the locked development environment (every file checked against its hash), then the
+  # project itself, which finds its dependencies there.
+  .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.lock >&2
   .venv/bin/python -m pip install -q -e '.[dev]' >&2
   echo "$want" > "$stamp"
+fi
+# checkov (tests/test_infra_checkov.py), in a venv of its own: it pins urllib3 1.26, which has
+# known vulnerabilities, so it stays out of the development environment.
+checkov_version=3.2.459
+ck=.cache/checkov-$checkov_version
+if [ ! -x "$ck/bin/checkov" ]; then
+  echo "setup: installing checkov $checkov_version into $ck" >&2
+  "$py" -m venv "$ck"
+  "$ck/bin/python" -m pip install -q "checkov==$checkov_version" >&2
 fi
 # Yelp's detect-secrets, the one pre-commit runs (.pre-commit-config.yaml), in a venv of its own:
 # checkov installs a fork (bc-detect-secrets) over the same module in .venv. tests/test_secrets_scan.py

@@ -9,9 +9,9 @@ misconfiguration that the same run does fail.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TERRAFORM = ROOT / "terraform"
-CHECKOV = Path(sys.executable).with_name("checkov")
+ROOT_DIR = Path(__file__).resolve().parents[1]
+# scripts/setup.sh installs checkov into a venv of its own (it pins a vulnerable urllib3).
+_VERSION = re.search(r"^checkov_version=(\S+)$", (ROOT_DIR / "scripts/setup.sh").read_text(), re.MULTILINE)
+CHECKOV = ROOT_DIR / ".cache" / f"checkov-{_VERSION.group(1) if _VERSION else 'missing'}" / "bin" / "checkov"
 
 
 def run_checkov(directory: Path) -> dict[str, Any]:
     """checkov's JSON report for the Terraform in `directory` (one framework: one report)."""
     if not CHECKOV.exists():
-        pytest.fail(f"checkov is not installed next to {sys.executable}: pip install -e '.[dev]'")
+        pytest.fail(f"checkov is not installed at {CHECKOV}: run scripts/setup.sh")
     out = subprocess.run(
         [
             str(CHECKOV),
