@@ -57,7 +57,7 @@ def floor_problems(text: str) -> list[str]:
 def locked() -> dict[str, tuple[Version, int]]:
     """name: (version, number of hashes) for every package in the lock."""
     text = LOCK.read_text()
-    found = {}
+    found: dict[str, tuple[Version, int]] = {}
     for block in re.split(r"\n(?=[a-z0-9])", text):
         match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
         if match:
@@ -99,7 +99,7 @@ def test_the_lock_is_current_complete_and_hashed() -> None:
 
 def test_the_development_environment_runs_the_lock() -> None:
     """What .venv has installed is what the lock pins (scripts/setup.sh installs it with hashes)."""
-    differ = {}
+    differ: dict[str, tuple[str, str | None]] = {}
     for name, (version, _) in locked().items():
         try:
             installed = Version(metadata.version(name))
