@@ -20,6 +20,7 @@ import yaml
 from asyncpool.testing.admin import admin_command
 from asyncpool.testing.containers import (
     ENTRYPOINT_SCRIPT,
+    PGBOUNCER_DOCKERFILE_DIR,
     PGBOUNCER_IMAGE,
     POSTGRES_COMMAND,
     POSTGRES_IMAGE,
@@ -64,6 +65,7 @@ def test_the_backend_runs_what_compose_runs() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     assert compose["services"]["postgres"]["image"] == POSTGRES_IMAGE
     assert compose["services"]["pgbouncer"]["image"] == PGBOUNCER_IMAGE
+    assert (ROOT / compose["services"]["pgbouncer"]["build"]).resolve() == PGBOUNCER_DOCKERFILE_DIR
     assert [str(c) for c in compose["services"]["postgres"]["command"]] == POSTGRES_COMMAND
     version = re.search(r":v?(\d+)\.(\d+)", PGBOUNCER_IMAGE)
     assert version is not None

@@ -39,8 +39,12 @@ if TYPE_CHECKING:
     from testcontainers.core.network import Network
 
 # Keep in step with compose.yaml (tests/test_containers.py checks that they are the same).
-POSTGRES_IMAGE = "postgres:17.6-alpine"
-PGBOUNCER_IMAGE = "edoburu/pgbouncer:v1.24.1-p1"
+POSTGRES_IMAGE = (
+    "postgres:17.6-alpine@sha256:ef257d85f76e48da1c64832459b59fcaba1a4dac97bf5d7450c77753542eee94"
+)
+# Built from deploy/pgbouncer/Dockerfile (Debian's patched PgBouncer 1.24.1) when not present.
+PGBOUNCER_IMAGE = "asyncpool-pgbouncer:1.24.1-deb13u2"
+PGBOUNCER_DOCKERFILE_DIR = REPO_ROOT / "deploy" / "pgbouncer"
 POSTGRES_COMMAND = ["postgres", "-c", "max_connections=100", "-c", "password_encryption=scram-sha-256"]
 PGBOUNCER_PORT = 6432
 POSTGRES_ALIAS = "postgres"
@@ -108,12 +112,27 @@ def pgbouncer_environment(
         "DB_PORT": "5432",
         "APP_DB_USER": app.name,
         "APP_DB_PASSWORD_FILE": f"{secrets_dir}/app_db_password",
+        # The throwaway database container has no TLS; named, as the entrypoint requires.
+        "PGBOUNCER_SERVER_TLS_SSLMODE": "disable",
+        # Fault tests PAUSE and RESUME this private, loopback-published PgBouncer: an admin user
+        # here, named explicitly (deployments get only the read-only pgb_stats).
         "PGBOUNCER_ADMIN_USER": admin.name,
         "PGBOUNCER_ADMIN_PASSWORD_FILE": f"{secrets_dir}/pgbouncer_admin_password",
     }
     if overrides:
         env["PGBOUNCER_OVERRIDES"] = "\n".join(f"{k} = {v}" for k, v in overrides.items())
     return env
+
+
+def _build_pgbouncer_image() -> None:
+    """Build deploy/pgbouncer/Dockerfile as PGBOUNCER_IMAGE unless Docker already has it."""
+    import docker  # type: ignore[import-untyped]
+
+    client = docker.from_env()
+    try:
+        client.images.get(PGBOUNCER_IMAGE)
+    except docker.errors.ImageNotFound:
+        client.images.build(path=str(PGBOUNCER_DOCKERFILE_DIR), tag=PGBOUNCER_IMAGE, rm=True)
 
 
 @dataclass
@@ -171,6 +190,7 @@ class ContainerStack:
             "APP_DB_NAME": "app",
             "APP_DB_PASSWORD_FILE": f"{SECRETS_DIR}/app_db_password",
         }
+        _build_pgbouncer_image()
         started: list[DockerContainer] = []
         network = Network().create()
         try:
@@ -208,7 +228,7 @@ class ContainerStack:
                     # max_client_conn = 1000 needs more than the usual 1024 descriptors.
                     ulimits=[{"name": "nofile", "soft": 4096, "hard": 4096}],
                 )
-                .with_command(["/usr/bin/pgbouncer"])
+                .with_command(["/usr/sbin/pgbouncer"])
                 .with_network(network)
                 .with_exposed_ports(PGBOUNCER_PORT)
                 .with_envs(**pgbouncer_env)
