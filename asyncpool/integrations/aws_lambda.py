@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from types import FrameType
@@ -22,6 +26,9 @@ logger = logging.getLogger("asyncpool.integrations.aws_lambda")
 # Lambda gives the runtime 300-500 ms between SIGTERM and the end of the environment when an
 # extension is registered (none at all without one): closing must fit well inside that.
 SHUTDOWN_BUDGET = 0.25
+# After closing, how long the watcher thread leaves the main thread to take the signal itself
+# (when it is not stuck in the runtime client's C call) before ending the process on its own.
+MAIN_THREAD_GRACE = 0.05
 
 
 def running_on_lambda(environ: Mapping[str, str] | None = None) -> bool:
@@ -76,61 +83,205 @@ def close_on_shutdown(
     A Lambda environment can be destroyed without its sockets ever being closed, which leaves the
     pooler holding the client slot until its idle timeout. Lambda sends SIGTERM first when an
     extension is registered: the pool is then closed on `loop` (the loop it was opened on), each
-    connection saying goodbye to the pooler, within `budget` seconds, and the signal goes on to
-    the previous handler (by default the process ends as SIGTERM would have ended it).
+    connection saying goodbye to the pooler, within `budget` seconds, and the process ends as
+    SIGTERM would have ended it (or the signal goes on to the handler installed before).
 
-    The SIGTERM handler is installed only from the main thread (Python's rule); the exit hook
-    always.
+    The Lambda runtime client waits for the next event inside a C call on the main thread unless
+    ``AWS_EXECUTION_ENV`` is ``AWS_Lambda_python3.12`` or later, and Python runs signal handlers
+    only on the main thread, between bytecodes: a plain handler would keep the process alive until
+    Lambda's SIGKILL. So the signal is also taken from a wakeup file descriptor
+    (`signal.set_wakeup_fd`) by a thread of ours, which closes the pool and ends the process
+    (status 143, 128 + SIGTERM) whatever the main thread is doing.
+
+    The SIGTERM hooks are installed only from the main thread (Python's rule); the exit hook
+    always. In a process forked from this one the hooks never touch the inherited sockets.
     """
-    done = threading.Event()
+    hook = _ShutdownHook(pool, loop, budget)
+    return hook.install()
 
-    def close_now() -> None:
-        if done.is_set():
+
+class _ShutdownHook:
+    """Closes one pool once, from whichever thread hears of the shutdown first."""
+
+    def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop, budget: float) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.budget = budget
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._started = False
+        self._finished = threading.Event()
+        self._previous: Any = signal.SIG_DFL
+        self._undone = False
+        # Set when the Python-level handler runs: the main thread then passes the signal on.
+        self._main_thread_took_it = threading.Event()
+
+    def close_now(self) -> None:
+        """Close the pool (once); a second caller waits for the first one's close to end."""
+        with self._lock:
+            first = not self._started
+            self._started = True
+        if not first:
+            self._finished.wait(self.budget + 1.0)
             return
-        done.set()
-        _close_pool(pool, loop, budget)
+        try:
+            # A forked child shares its parent's sockets: saying goodbye on them would end the
+            # parent's sessions. The child's own pools are its business.
+            if os.getpid() == self._pid:
+                _close_pool(self.pool, self.loop, self.budget)
+        finally:
+            self._finished.set()
 
-    previous: Any = signal.getsignal(signal.SIGTERM)
+    def install(self) -> Callable[[], None]:
+        atexit.register(self.close_now)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        watcher: _SignalWatcher | None = None
+        if in_main_thread:
+            self._previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            watcher = _SignalWatcher.start(self._on_sigterm_elsewhere)
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        close_now()
-        _pass_on(signum, frame, previous)
+        def undo() -> None:
+            self._undone = True
+            atexit.unregister(self.close_now)
+            if watcher is not None:
+                watcher.stop()
+            # Only if nobody installed a handler of their own since.
+            if in_main_thread and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._previous)
 
-    atexit.register(close_now)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        return undo
 
-    def undo() -> None:
-        atexit.unregister(close_now)
-        # Only if nobody installed a handler of their own since.
-        if in_main_thread and signal.getsignal(signal.SIGTERM) is on_sigterm:
-            signal.signal(signal.SIGTERM, previous)
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        """The Python-level handler: runs on the main thread, whenever it gets to run bytecode."""
+        self._main_thread_took_it.set()
+        if not self._undone:
+            self.close_now()
+        _pass_on(signum, frame, self._previous)
 
-    return undo
+    def _on_sigterm_elsewhere(self) -> None:
+        """SIGTERM seen by the watcher thread: the main thread may be stuck in C for good."""
+        if self._undone or os.getpid() != self._pid:
+            return
+        self.close_now()
+        if self._main_thread_took_it.wait(MAIN_THREAD_GRACE):
+            return  # it passes the signal on, as without us
+        previous = self._previous
+        if previous is signal.SIG_IGN:
+            return
+        if callable(previous):
+            # Handlers expect the main thread: ask for ours to run there (it passes the signal on).
+            _thread.interrupt_main(signal.SIGTERM)
+            return
+        # The default action: end now, as SIGTERM would (no cleanup), even if the main thread never
+        # returns from the runtime client's C call. The disposition cannot be reset from here.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(128 + signal.SIGTERM)
+
+
+class _SignalWatcher:
+    """A daemon thread reading the signal numbers Python's C-level handler writes to the wakeup fd.
+
+    That write happens as the signal arrives, in whatever thread the kernel picked, even while
+    the main thread is inside a C call that retries on EINTR. Bytes are passed on to a wakeup fd
+    that was set before (an event loop's), so its owner still hears of its signals.
+    """
+
+    def __init__(self, on_sigterm: Callable[[], None]) -> None:
+        self._on_sigterm = on_sigterm
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous_fd = -1
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="asyncpool-sigterm", daemon=True)
+
+    @classmethod
+    def start(cls, on_sigterm: Callable[[], None]) -> _SignalWatcher | None:
+        watcher = cls(on_sigterm)
+        try:
+            watcher._previous_fd = signal.set_wakeup_fd(
+                watcher._write.fileno(), warn_on_full_buffer=False
+            )
+        except (ValueError, OSError):
+            watcher._close_sockets()
+            return None
+        watcher._thread.start()
+        return watcher
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = self._read.recv(512)
+            except OSError:
+                return
+            if not data or self._stopped:
+                return
+            if self._previous_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._previous_fd, data)
+            if signal.SIGTERM in data:
+                try:
+                    self._on_sigterm()
+                except Exception:
+                    logger.exception("closing the pool on SIGTERM failed")
+
+    def stop(self) -> None:
+        """Give the wakeup fd back (if it is still ours) and end the thread."""
+        self._stopped = True
+        with contextlib.suppress(ValueError, OSError):
+            current = signal.set_wakeup_fd(-1)
+            # Someone else's since ours: leave theirs in place.
+            signal.set_wakeup_fd(self._previous_fd if current == self._write.fileno() else current)
+        with contextlib.suppress(OSError):
+            self._write.send(b"\0")
+        self._thread.join(1.0)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        self._read.close()
+        self._write.close()
 
 
 def _close_pool(pool: Pool, loop: asyncio.AbstractEventLoop, budget: float) -> None:
     if pool.closed or loop.is_closed():
         return
     if loop.is_running():
-        # SIGTERM landed in the middle of an invocation, on top of the running loop: nothing can
-        # be awaited here. Drop the connections; the sockets close as the process ends.
-        pool.terminate()
+        if _running_loop() is loop:
+            # SIGTERM landed in the middle of an invocation, on top of the running loop: nothing
+            # can be awaited here. Drop the connections; the sockets close as the process ends.
+            pool.terminate()
+            return
+        # An invocation is running on another thread: close on its loop, within the budget.
+        future = asyncio.run_coroutine_threadsafe(_close_within(pool, budget), loop)
+        try:
+            future.result(budget + 0.1)
+        except Exception:
+            future.cancel()
+            loop.call_soon_threadsafe(pool.terminate)
         return
 
-    async def close() -> None:
-        try:
-            async with asyncio.timeout(budget):
-                await pool.close(timeout=budget / 2)
-        except TimeoutError:
-            pool.terminate()
-            await asyncio.sleep(0)  # let the aborted transports close their sockets
-
     try:
-        loop.run_until_complete(close())
+        loop.run_until_complete(_close_within(pool, budget))
     except Exception:
         logger.exception("pool %r: closing at shutdown failed", pool.name)
+
+
+async def _close_within(pool: Pool, budget: float) -> None:
+    try:
+        async with asyncio.timeout(budget):
+            await pool.close(timeout=budget / 2)
+    except TimeoutError:
+        pool.terminate()
+        await asyncio.sleep(0)  # let the aborted transports close their sockets
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _pass_on(signum: int, frame: FrameType | None, previous: Any) -> None:

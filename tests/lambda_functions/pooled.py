@@ -1,0 +1,57 @@
+"""A Lambda function for the runtime tests: one module-level pool, served by `async_handler`.
+
+Run by ``python -m awslambdaric pooled.handler`` (asyncpool.testing.lambda_runtime) with
+ASYNCPOOL_DSN set. The event's ``op`` picks what the invocation does; every response carries the
+pool's numbers, so a test sees connections made, checked and closed across invocations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from typing import Any
+
+from asyncpool import Pool
+from asyncpool.integrations.aws_lambda import close_on_shutdown, lambda_config
+from asyncpool.integrations.lambda_runner import async_handler, get_runner
+from asyncpool.pool.connection import PooledConnection
+
+pool = Pool(config=lambda_config(function_timeout=10, name="runtime-test"))
+if os.environ.get("TEST_OPEN_AT_INIT"):
+    # Opened (and connected) during INIT: what SnapStart snapshots.
+    get_runner().run(pool.open())
+if not os.environ.get("TEST_NO_SHUTDOWN_HOOK"):
+    close_on_shutdown(pool, get_runner().loop)
+
+# Connections a handler took and did not give back (the "leak" op).
+kept: list[PooledConnection] = []
+
+
+class HandlerFailedError(Exception):
+    """What the "raise" op raises, after using a connection."""
+
+
+@async_handler
+async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    op = event.get("op", "query")
+    await pool.open(wait=False)  # the first invocation opens it; a no-op after
+    result: dict[str, Any] = {"request_id": context.aws_request_id}
+    if op == "query":
+        async with pool.acquire() as conn:
+            result["backend_pid"] = await conn.fetchval("SELECT pg_backend_pid()")
+            result["greeting"] = await conn.fetchval("SELECT 'Hello, ' || $1::text", "Ada")
+    elif op == "raise":
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+            raise HandlerFailedError("the handler failed after its query")
+    elif op == "leak":
+        conn = await pool.acquire()
+        await conn.fetchval("SELECT 1")
+        kept.append(conn)
+    elif op == "sleep":
+        await asyncio.sleep(float(event["seconds"]))
+    elif op != "stats":
+        raise ValueError(f"unknown op {op!r}")
+    result["pool"] = dataclasses.asdict(pool.stats())
+    return result

@@ -1,0 +1,198 @@
+"""Handlers under the real Lambda runtime client (awslambdaric) against a Runtime API emulator.
+
+Each test starts one execution environment, ``python -m awslambdaric pooled.handler``
+(tests/lambda_functions/pooled.py) or an example's handler, talking to
+`asyncpool.testing.lambda_runtime.RuntimeAPI`, and a PgBouncer of its own whose log shows how
+each client left: "client close request" (a Terminate message) or "client unexpected eof".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.binaries import system_pgbouncer
+from asyncpool.testing.lambda_runtime import LambdaProcess, Outcome, RuntimeAPI
+from tests.lambda_env import POWERTOOLS_EXAMPLE, REPO, app_clients, load_event
+
+FUNCTIONS = REPO / "tests" / "lambda_functions"
+CLEAN_CLOSE = "client close request"
+VANISHED = "client unexpected eof"
+
+
+@pytest.fixture
+def own_pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncerServer]:
+    """A PgBouncer whose log holds only this test's clients."""
+    with PgBouncerServer(system_pgbouncer(), postgres) as server:
+        yield server
+
+
+@pytest.fixture
+def runtime_api() -> Iterator[RuntimeAPI]:
+    with RuntimeAPI(function_timeout=10) as api:
+        yield api
+
+
+def environment(
+    api: RuntimeAPI,
+    pooler: PgBouncerServer,
+    tmp_path: Path,
+    *,
+    handler: str = "pooled.handler",
+    execution_env: str | None = "AWS_Lambda_python3.12",
+    env: dict[str, str | None] | None = None,
+) -> LambdaProcess:
+    return LambdaProcess(
+        api,
+        handler,
+        log_path=tmp_path / "runtime.log",
+        path=[FUNCTIONS, POWERTOOLS_EXAMPLE, REPO],
+        env={"ASYNCPOOL_DSN": pooler.dsn(), "POWERTOOLS_METRICS_NAMESPACE": "tests", **(env or {})},
+        execution_env=execution_env,
+    )
+
+
+async def invoke(api: RuntimeAPI, event: Any, timeout: float = 30.0) -> Outcome:
+    return await asyncio.to_thread(api.invoke, event, timeout=timeout)
+
+
+def response(outcome: Outcome, proc: LambdaProcess) -> dict[str, Any]:
+    assert outcome.kind == "response", f"{outcome.body!r}\n{proc.log()[-3000:]}"
+    body: dict[str, Any] = outcome.json()
+    return body
+
+
+def app_disconnects(server: PgBouncerServer) -> list[str]:
+    """PgBouncer's log lines about `app` clients leaving (not the admin console's own logins)."""
+    assert server.process is not None
+    lines = server.process.log_path.read_text(errors="replace").splitlines()
+    return [line for line in lines if " app/app@" in line and "closing because" in line]
+
+
+async def departures(server: PgBouncerServer, within: float = 5.0) -> list[str]:
+    """`app_disconnects` once PgBouncer has noticed the client leave (it logs a moment later)."""
+    deadline = time.monotonic() + within
+    while not (lines := app_disconnects(server)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return lines
+
+
+async def test_warm_invocations_share_one_server_connection(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    with environment(runtime_api, own_pgbouncer, tmp_path) as proc:
+        bodies = [response(await invoke(runtime_api, {"op": "query"}), proc) for _ in range(50)]
+        assert {b["greeting"] for b in bodies} == {"Hello, Ada"}
+        assert len({b["request_id"] for b in bodies}) == 50
+        # One client login and one server session behind it for all 50.
+        assert len({b["backend_pid"] for b in bodies}) == 1
+        last = bodies[-1]["pool"]
+        assert last["created_total"] == 1
+        assert last["acquired_total"] == 50
+        assert last["closed_total"] == 0
+        assert len(await app_clients(own_pgbouncer)) == 1
+
+
+async def test_the_powertools_example_under_the_runtime(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    hello = load_event(POWERTOOLS_EXAMPLE / "events" / "hello.json")
+    missing = load_event(POWERTOOLS_EXAMPLE / "events" / "missing_name.json")
+    with environment(runtime_api, own_pgbouncer, tmp_path, handler="powertools_handler.handler") as proc:
+        ports = set()
+        for event in (hello, missing, hello, hello):
+            body = response(await invoke(runtime_api, event), proc)
+            assert body["statusCode"] in (200, 400)
+            ports |= {row["port"] for row in await app_clients(own_pgbouncer)}
+        assert "Hello, Ada!" in body["body"]
+        assert len(ports) == 1  # one client connection served every invocation
+
+
+async def test_a_raising_handler_is_reported_and_its_connection_released(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    with environment(runtime_api, own_pgbouncer, tmp_path) as proc:
+        response(await invoke(runtime_api, {"op": "query"}), proc)
+        failed = await invoke(runtime_api, {"op": "raise"})
+        assert failed.kind == "error"
+        error = failed.json()
+        assert error["errorType"] == "HandlerFailedError"
+        assert error["requestId"] == failed.request_id
+        stats = response(await invoke(runtime_api, {"op": "stats"}), proc)["pool"]
+        assert stats["in_use"] == 0
+        assert stats["idle"] == 1
+        assert stats["created_total"] == 1  # the connection went back and is reused
+        after = response(await invoke(runtime_api, {"op": "query"}), proc)["pool"]
+        assert after["created_total"] == 1
+        assert after["acquired_total"] == 3
+
+
+@pytest.mark.parametrize(
+    "execution_env", ["AWS_Lambda_python3.11", "AWS_Lambda_python3.12", None],
+    ids=["python3.11", "python3.12", "unset"],
+)
+async def test_sigterm_closes_cleanly_and_the_process_ends_within_a_second(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path, execution_env: str | None
+) -> None:
+    """Under 3.11 and with the variable unset the runtime's main thread waits inside a C call,
+    where no Python signal handler runs: the hook must not keep the process alive there."""
+    with environment(runtime_api, own_pgbouncer, tmp_path, execution_env=execution_env) as proc:
+        response(await invoke(runtime_api, {"op": "query"}), proc)
+        await asyncio.to_thread(runtime_api.wait_idle)  # back in GET /next, as when Lambda stops it
+        assert len(await app_clients(own_pgbouncer)) == 1
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = await asyncio.to_thread(proc.wait, 1.0)
+        took = time.monotonic() - sent
+        assert status is not None, f"still running 1 s after SIGTERM\n{proc.log()[-2000:]}"
+        assert status in (-signal.SIGTERM, 128 + signal.SIGTERM), status
+        assert took < 1.0
+    [goodbye] = await departures(own_pgbouncer)
+    assert await app_clients(own_pgbouncer) == []
+    assert CLEAN_CLOSE in goodbye
+
+
+async def test_without_the_hook_the_default_action_stays(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """The control: no close_on_shutdown, the process dies at once and PgBouncer sees an EOF."""
+    env: dict[str, str | None] = {"TEST_NO_SHUTDOWN_HOOK": "1"}
+    with environment(runtime_api, own_pgbouncer, tmp_path, execution_env=None, env=env) as proc:
+        response(await invoke(runtime_api, {"op": "query"}), proc)
+        await asyncio.to_thread(runtime_api.wait_idle)
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 1.0) == -signal.SIGTERM
+    [gone] = await departures(own_pgbouncer)
+    assert VANISHED in gone
+
+
+async def test_sigterm_during_an_invocation_still_ends_the_process(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    with environment(runtime_api, own_pgbouncer, tmp_path, execution_env=None) as proc:
+        response(await invoke(runtime_api, {"op": "query"}), proc)
+        runtime_api.submit({"op": "sleep", "seconds": 5})
+        await asyncio.sleep(0.3)
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 1.0) is not None, proc.log()[-2000:]
+    await departures(own_pgbouncer)
+    assert await app_clients(own_pgbouncer) == []
+
+
+async def test_warm_invocation_timing(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """Not a benchmark (benchmarks/bench_lambda_runtime.py is): warm invocations stay in the
+    low milliseconds under the real runtime, where one reconnection would cost more."""
+    with environment(runtime_api, own_pgbouncer, tmp_path) as proc:
+        response(await invoke(runtime_api, {"op": "query"}), proc)
+        times = [(await invoke(runtime_api, {"op": "query"})).seconds for _ in range(20)]
+        assert statistics.median(times) < 0.05, times
