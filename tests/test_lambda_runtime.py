@@ -9,6 +9,7 @@ each client left: "client close request" (a Terminate message) or "client unexpe
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import statistics
 import time
@@ -196,3 +197,37 @@ async def test_warm_invocation_timing(
         response(await invoke(runtime_api, {"op": "query"}), proc)
         times = [(await invoke(runtime_api, {"op": "query"})).seconds for _ in range(20)]
         assert statistics.median(times) < 0.05, times
+
+
+def leak_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "past leak_timeout" in line]
+
+
+@pytest.mark.parametrize("log_format", ["Text", "JSON", "Powertools"])
+async def test_a_leak_report_names_the_invocation_that_took_the_connection(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path, log_format: str
+) -> None:
+    """The leak is noticed during the next invocation, whose id the runtime's log filter writes
+    into ``aws_request_id``; the report still carries the acquiring one."""
+    env: dict[str, str | None] = {"ASYNCPOOL_LEAK_TIMEOUT": "1"}
+    if log_format == "JSON":
+        env["AWS_LAMBDA_LOG_FORMAT"] = "JSON"
+    if log_format == "Powertools":
+        env["TEST_POWERTOOLS_LOGGER"] = "1"
+    with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
+        leaking = await invoke(runtime_api, {"op": "leak"})
+        response(leaking, proc)
+        # max_size=1: this one waits for the slot until the leak is reclaimed (1 s), then connects.
+        later = await invoke(runtime_api, {"op": "query"})
+        assert response(later, proc)["pool"]["leaked_total"] == 1
+        [line] = leak_lines(proc.log())
+    if log_format == "Text":
+        # "[WARNING]\t<time>\t<current request id>\tpool ...by task 'lambda-invocation-<id>'..."
+        assert f"\t{later.request_id}\t" in line  # what the runtime stamps
+        assert f"lambda-invocation-{leaking.request_id}" in line
+        return
+    record = json.loads(line)
+    assert record["asyncpool_request_id"] == leaking.request_id
+    assert f"lambda-invocation-{leaking.request_id}" in record["message"]
+    if log_format == "JSON":
+        assert record["requestId"] == later.request_id  # overwritten by the runtime's filter

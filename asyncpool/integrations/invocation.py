@@ -1,9 +1,12 @@
 """The Lambda invocation being served: its request id, and whether it is the environment's first.
 
 While an invocation is served (by `asyncpool.integrations.lambda_runner`, the Powertools middleware or the
-FastAPI dependency) every record logged by an ``asyncpool.*`` logger carries ``aws_request_id`` and
-``cold_start`` attributes, so a JSON formatter shows which invocation a leak or a failed
-connection check belongs to. `asyncpool.integrations.lambda_spans` puts the same facts on spans.
+FastAPI dependency) every record logged by an ``asyncpool.*`` logger carries ``aws_request_id``,
+``asyncpool_request_id`` and ``cold_start`` attributes, so a JSON formatter shows which invocation
+a leak or a failed connection check belongs to. A leak is logged in the context of the checkout,
+so these name the invocation that took the connection; the Lambda runtime's log filter overwrites
+``aws_request_id`` with the current invocation's id, ``asyncpool_request_id`` keeps it.
+`asyncpool.integrations.lambda_spans` puts the same facts on spans.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from typing import Any
 # Log record attributes: the Lambda runtime's own name for the request id, Powertools' for the other.
 REQUEST_ID_FIELD = "aws_request_id"
 COLD_START_FIELD = "cold_start"
+# The same request id under a name of ours. The runtime's log filter (awslambdaric) sets
+# `aws_request_id` to the invocation running *now* on every record it handles, so a leak noticed
+# during a later invocation would lose the id of the one that took the connection; this one stays.
+ASYNCPOOL_REQUEST_ID_FIELD = "asyncpool_request_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,7 @@ def _install_log_fields() -> None:
             invocation = _current.get()
             if invocation is not None and _is_asyncpool_logger(record.name):
                 setattr(record, REQUEST_ID_FIELD, invocation.request_id)
+                setattr(record, ASYNCPOOL_REQUEST_ID_FIELD, invocation.request_id)
                 setattr(record, COLD_START_FIELD, invocation.cold_start)
             return record
 

@@ -69,6 +69,11 @@ class LambdaRunner:
 
     async def _serve(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
         with invocation_scope(context, self._cold_start) as invocation:
+            task = asyncio.current_task()
+            if task is not None:
+                # Leak reports name the holder's task: in any log format, this says which
+                # invocation took the connection.
+                task.set_name(f"lambda-invocation-{invocation.request_id}")
             budget = _time_budget(context, self.timeout_margin)
             deadline = asyncio.timeout(budget)
             try:

@@ -18,6 +18,12 @@ from asyncpool.integrations.lambda_runner import async_handler, get_runner
 from asyncpool.pool.connection import PooledConnection
 
 pool = Pool(config=lambda_config(function_timeout=10, name="runtime-test"))
+if os.environ.get("TEST_POWERTOOLS_LOGGER"):
+    # asyncpool's records through Powertools' JSON formatter, as its docs suggest for libraries.
+    from aws_lambda_powertools import Logger
+    from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+
+    copy_config_to_registered_loggers(source_logger=Logger(service="runtime-test"), include={"asyncpool"})
 if os.environ.get("TEST_OPEN_AT_INIT"):
     # Opened (and connected) during INIT: what SnapStart snapshots.
     get_runner().run(pool.open())
