@@ -10,16 +10,20 @@ connection before the handler saw it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from asyncpool import PoolObserver
+from asyncpool.integrations.lambda_runner import async_handler
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.binaries import system_pgbouncer
-from tests.lambda_env import POWERTOOLS_EXAMPLE, HandlerProcess, app_clients, load_event
+from tests.lambda_env import POWERTOOLS_EXAMPLE, Environment, HandlerProcess, app_clients, load_event
 
 HELLO = load_event(POWERTOOLS_EXAMPLE / "events" / "hello.json")
 
@@ -77,3 +81,46 @@ async def test_invocation_after_thaw_succeeds_on_a_replaced_connection(
     again = await handler_process.invoke(HELLO)
     assert again["error"] is None
     assert again["pool"]["created_total"] == 2
+
+
+class ValidationCounter(PoolObserver):
+    """Counts the round trips the pool makes to check a connection."""
+
+    def __init__(self) -> None:
+        self.validations = 0
+
+    def pool_statement(self, purpose: str) -> contextlib.AbstractContextManager[object]:
+        if purpose == "validate":
+            self.validations += 1
+        return contextlib.nullcontext()
+
+
+async def test_a_connection_the_pooler_closed_during_a_pause_is_replaced_without_a_round_trip(
+    env: Environment, idle_closing_pgbouncer: PgBouncerServer
+) -> None:
+    """The runner lets the loop read the pooler's goodbye before the handler asks for a
+    connection: the dead one is retired as closed, with no SELECT 1 sent into it. The clock is
+    kept out of it (validate_after=3600)."""
+    counter = ValidationCounter()
+    pool = env.runner.attach(
+        env.pool(idle_closing_pgbouncer.dsn(), validate_after=3600, observers=[counter])
+    )
+
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> int:
+        await pool.open(wait=False)
+        async with pool.acquire() as conn:
+            value: int = await conn.fetchval("SELECT 1")
+            return value
+
+    assert await env.invoke(handler) == 1
+    # The loop does not run between invocations: a pause as a frozen environment has.
+    await wait_for_no_clients(idle_closing_pgbouncer, within=15)
+    assert await env.invoke(handler) == 1
+    stats = pool.stats()
+    assert (stats.validation_failures_total, stats.closed_total, stats.created_total) == (1, 1, 2)
+    assert counter.validations == 0
+    # A live connection idle across the boundary still gets its one check.
+    assert await env.invoke(handler) == 1
+    assert counter.validations == 1
+    assert pool.stats().validation_failures_total == 1

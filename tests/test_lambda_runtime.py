@@ -231,3 +231,40 @@ async def test_a_leak_report_names_the_invocation_that_took_the_connection(
     assert f"lambda-invocation-{leaking.request_id}" in record["message"]
     if log_format == "JSON":
         assert record["requestId"] == later.request_id  # overwritten by the runtime's filter
+
+
+@pytest.fixture
+def idle_closing_pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncerServer]:
+    """Closes clients idle for a second, as an RDS Proxy's idle client timeout would."""
+    with PgBouncerServer(system_pgbouncer(), postgres, {"client_idle_timeout": 1}) as server:
+        yield server
+
+
+async def wait_for_no_clients(pooler: PgBouncerServer, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while await app_clients(pooler):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PgBouncer still has the client after {within}s")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("validate_after", ["0.5", "3600"], ids=["clock-says-paused", "clock-says-nothing"])
+async def test_a_frozen_environment_whose_connection_was_closed_serves_the_next_invocation(
+    runtime_api: RuntimeAPI, idle_closing_pgbouncer: PgBouncerServer, tmp_path: Path, validate_after: str
+) -> None:
+    """With ``validate_after=3600`` the clock never asks for a check: only the invocation boundary
+    does, as after a freeze the monotonic clock did not count."""
+    env: dict[str, str | None] = {"ASYNCPOOL_VALIDATE_AFTER": validate_after}
+    with environment(runtime_api, idle_closing_pgbouncer, tmp_path, env=env) as proc:
+        response(await invoke(runtime_api, {"op": "query"}), proc)
+        await asyncio.to_thread(runtime_api.wait_idle)
+        proc.freeze()
+        await wait_for_no_clients(idle_closing_pgbouncer)
+        proc.thaw()
+        thawed = await invoke(runtime_api, {"op": "query"})
+        stats = response(thawed, proc)["pool"]
+        counts = (stats["validation_failures_total"], stats["closed_total"], stats["created_total"])
+        assert counts == (1, 1, 2)
+        assert len(await app_clients(idle_closing_pgbouncer)) == 1
+        again = response(await invoke(runtime_api, {"op": "query"}), proc)["pool"]
+        assert again["created_total"] == 2

@@ -49,6 +49,7 @@ def pool_connection(
     """
     async def connection(request: Request) -> AsyncIterator[PooledConnection]:
         await pool.open(wait=False)  # no-op once open
+        await _after_pause(request, pool)
         checkout = pool.transaction() if transaction else pool.acquire()
         with _invocation_of(request, pool):
             async with checkout as conn:
@@ -59,6 +60,22 @@ def pool_connection(
 
 # One per pool, so every dependency on a pool agrees which request was the environment's first.
 _cold_starts: weakref.WeakKeyDictionary[Pool, ColdStart] = weakref.WeakKeyDictionary()
+# The Lambda request each pool last served, to tell when a new invocation (after a pause) begins.
+_last_request: weakref.WeakKeyDictionary[Pool, str] = weakref.WeakKeyDictionary()
+
+
+async def _after_pause(request: Request, pool: Pool) -> None:
+    """First use of `pool` in a new Lambda invocation: the environment may have been frozen, and
+    its clock may not show it. Let the loop read what arrived meanwhile (a connection the pooler
+    closed is then replaced without a round trip) and check every connection before its use."""
+    context = request.scope.get("aws.context")
+    request_id = getattr(context, "aws_request_id", None)
+    if request_id is None or _last_request.get(pool) == request_id:
+        return
+    _last_request[pool] = request_id
+    for _ in range(3):
+        await asyncio.sleep(0)
+    pool.mark_stale()
 
 
 def _invocation_of(request: Request, pool: Pool) -> contextlib.AbstractContextManager[object]:

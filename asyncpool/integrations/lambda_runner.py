@@ -13,7 +13,12 @@ keeps one loop and runs each invocation on it::
             return {"statusCode": 200, "body": str(await conn.fetchval("SELECT 1"))}
 
 Between invocations the loop does not run (Lambda freezes the environment anyway), so pool
-timers wait too; the pool's checkout validation covers what changed meanwhile.
+timers wait too. A frozen environment's monotonic clock is not known to advance (nor across a
+SnapStart restore), so the runner does not ask it whether a pause happened: every invocation
+first lets the loop read what arrived meanwhile (a connection the pooler closed shows up as
+closed, and is replaced without a round trip), then marks the pools it serves stale
+(`LambdaRunner.attach`), so each connection gets one ``SELECT 1`` before its first use in the
+invocation.
 
 Each invocation is cancelled `timeout_margin` seconds before the Lambda deadline
 (``context.get_remaining_time_in_millis()``) and raises `HandlerTimeoutError`: held connections are
@@ -25,12 +30,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 
+if TYPE_CHECKING:
+    from asyncpool.pool import Pool
+
 T = TypeVar("T")
+P = TypeVar("P", bound="Pool")
+
+# Loop turns given at the start of an invocation to the I/O that arrived while the environment
+# was frozen: one to poll the sockets, one to run the read callbacks, one for the connection-lost
+# callbacks they schedule.
+_SETTLE_TURNS = 3
 
 AsyncHandler = Callable[[Any, Any], Awaitable[T]]
 SyncHandler = Callable[[Any, Any], T]
@@ -53,6 +68,20 @@ class LambdaRunner:
         self.timeout_margin = timeout_margin
         self._runner = asyncio.Runner(debug=debug)
         self._cold_start = ColdStart()
+        self._pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+    def attach(self, pool: P) -> P:
+        """Check `pool`'s connections at the start of every invocation; returns `pool`.
+
+        An environment may have been frozen (or snapshotted and restored) since the last
+        invocation without its clock showing it, while the pooler closed the connection. So every
+        invocation first lets the loop read what arrived during the pause (a closed connection is
+        then replaced without a round trip) and marks the pool stale (`Pool.mark_stale`): each
+        idle connection gets one ``SELECT 1`` before its first use in the invocation.
+        `pooled_connection` attaches its pool.
+        """
+        self._pools.add(pool)
+        return pool
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -69,6 +98,7 @@ class LambdaRunner:
 
     async def _serve(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
         with invocation_scope(context, self._cold_start) as invocation:
+            await self._after_pause()
             task = asyncio.current_task()
             if task is not None:
                 # Leak reports name the holder's task: in any log format, this says which
@@ -87,6 +117,13 @@ class LambdaRunner:
                     "before the Lambda timeout so its connections could be rolled back and "
                     "returned; make the handler faster or raise the function timeout"
                 ) from exc
+
+    async def _after_pause(self) -> None:
+        """What the environment missed while it was not running: read it, and distrust the rest."""
+        for _ in range(_SETTLE_TURNS):
+            await asyncio.sleep(0)
+        for pool in self._pools:
+            pool.mark_stale()
 
     def close(self) -> None:
         """Cancel what is left on the loop and close it (the environment is going away)."""

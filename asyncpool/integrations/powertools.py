@@ -65,6 +65,7 @@ def pooled_connection(
     """
     if not isinstance(pool, Pool):
         raise TypeError(f"pooled_connection() takes an asyncpool.Pool, not {type(pool).__name__}")
+    (runner or get_runner()).attach(pool)
     decorate: Callable[[Callable[..., Any]], Callable[..., Any]] = _middleware(
         pool=pool, runner=runner, transaction=transaction
     )

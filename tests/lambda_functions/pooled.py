@@ -17,7 +17,7 @@ from asyncpool.integrations.aws_lambda import close_on_shutdown, lambda_config
 from asyncpool.integrations.lambda_runner import async_handler, get_runner
 from asyncpool.pool.connection import PooledConnection
 
-pool = Pool(config=lambda_config(function_timeout=10, name="runtime-test"))
+pool = get_runner().attach(Pool(config=lambda_config(function_timeout=10, name="runtime-test")))
 if os.environ.get("TEST_POWERTOOLS_LOGGER"):
     # asyncpool's records through Powertools' JSON formatter, as its docs suggest for libraries.
     from aws_lambda_powertools import Logger
