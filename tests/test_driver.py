@@ -130,3 +130,20 @@ async def test_callbacks_a_holder_registered_are_dropped(conn: Any, attribute: s
     await driver.reset(conn, 5)
     assert not getattr(conn, attribute)
     assert not driver.needs_reset(conn)
+
+
+async def test_execute_described_returns_rows_status_and_columns(conn: Any) -> None:
+    """`_check_open`, `_stmt_exclusive_section` and `_Connection__execute(...,
+    return_status=True)`: one execution's rows, command tag and result columns."""
+    rows, status, attributes = await driver.execute_described(
+        conn, "SELECT $1::int + 1 AS n, 'x'::text AS t", (1,))
+    assert [tuple(r) for r in rows] == [(2, "x")]
+    assert status == "SELECT 1"
+    assert [(a.name, a.type.oid) for a in attributes] == [("n", 23), ("t", 25)]
+    await conn.execute("CREATE TEMP TABLE described (n int)")
+    rows, status, attributes = await driver.execute_described(
+        conn, "INSERT INTO described SELECT generate_series(1, $1::int)", (3,))
+    assert (rows, status, tuple(attributes)) == ([], "INSERT 0 3", ())
+    await conn.close()
+    with pytest.raises(asyncpg.InterfaceError):
+        await driver.execute_described(conn, "SELECT 1", ())

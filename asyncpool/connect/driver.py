@@ -34,9 +34,12 @@ CONNECTION_INTERNALS = {
     "_log_listeners": "server log message callbacks",
     "_termination_listeners": "callbacks run when the connection closes",
     "_query_loggers": "callbacks that see every query",
+    "_stmt_exclusive_section": "one operation at a time (execute_described)",
 }
 #: Protocol methods called here.
 PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transaction")
+#: Connection methods called here (execute_described).
+METHOD_INTERNALS = ("_check_open", "_Connection__execute")
 
 
 def _slots(cls: type) -> set[str]:
@@ -53,6 +56,8 @@ def missing_internals() -> list[str]:
     missing = [name for name in CONNECTION_INTERNALS if name not in have]
     proto = asyncpg.protocol.Protocol
     missing += [f"Protocol.{name}" for name in PROTOCOL_INTERNALS if not hasattr(proto, name)]
+    missing += [f"Connection.{name}" for name in METHOD_INTERNALS
+                if not hasattr(asyncpg.Connection, name)]
     return missing
 
 
@@ -148,3 +153,20 @@ def pending_cancellations(conn: Any) -> list[asyncio.Task[Any]]:
     """Cancel requests asyncpg still has in flight on `conn`. Closing the connection cancels
     them, and closing a cancel request's socket early crashes PgBouncer 1.18 (pgbouncer#801)."""
     return [t for t in getattr(conn, "_cancellations", ()) if not t.done()]
+
+
+async def execute_described(conn: Any, query: str, args: Any,
+                            timeout: float | None = None) -> tuple[list[Any], str | None, Any]:
+    """Run `query` with `args` as ``conn.fetch()`` does (through the connection's statement
+    cache, or the one-round-trip path of ``prepared_statements="unnamed"``) and return its rows,
+    its command tag (``"INSERT 0 1"``) and its result columns (asyncpg ``Attribute`` objects).
+
+    What a DB-API cursor needs from one execution; asyncpg's public API gives the tag and the
+    columns only through ``prepare()``, which costs a round trip of its own on every call when
+    statements are not kept (``"off"``, ``"unnamed"``).
+    """
+    conn._check_open()
+    with conn._stmt_exclusive_section:
+        (rows, status, _completed), statement = await conn._Connection__execute(
+            query, args, 0, timeout, return_status=True)
+    return rows, status.decode() if status else None, statement._get_attributes()

@@ -1,0 +1,347 @@
+"""SQLAlchemy's async engine on an asyncpool pool.
+
+::
+
+    pool = asyncpool.Pool(dsn, prepared_statements="unnamed")   # or "off", or "on"
+    engine = create_async_engine(pool)
+    Session = async_sessionmaker(engine, expire_on_commit=False)
+
+    async with Session() as session, session.begin():
+        session.add(Item(name="x"))
+
+Each SQLAlchemy connection is a checkout of `pool` (SQLAlchemy keeps no pool of its own: it runs
+with ``NullPool``), given back when SQLAlchemy closes it and discarded, its slot freed, when
+SQLAlchemy invalidates it. Statements run as ``conn.fetch()`` does, not through ``prepare()``,
+so they follow the pool's ``prepared_statements`` mode: ``"off"`` stays pooler-safe,
+``"on"`` uses asyncpg's statement cache (PgBouncer >= 1.21), and ``"unnamed"`` costs one round
+trip per repeated statement. No type codec is set on the pool's connections: JSON is decoded
+by SQLAlchemy's own result processing. asyncpool's errors reach the caller as the ``__cause__``
+(and ``.orig``) of SQLAlchemy's exception. See docs/sqlalchemy.md.
+
+SQLAlchemy 2.0 and 2.1 are supported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import deque
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, ClassVar
+
+import asyncpg
+import sqlalchemy
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
+from sqlalchemy.dialects.postgresql import json as pg_json
+from sqlalchemy.dialects.postgresql.base import PGDialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import sqltypes
+from sqlalchemy.util import concurrency
+
+from asyncpool.connect import driver
+from asyncpool.connect.failures import lost_connection_hint
+from asyncpool.errors import (
+    ConnectionLeakedError,
+    ConnectionLostError,
+    PoolClosedError,
+    PoolError,
+)
+from asyncpool.pool import Pool
+from asyncpool.pool.checkout import AcquireContext
+from asyncpool.pool.connection import PooledConnection
+from asyncpool.pool.lease import ACTIVE
+from asyncpool.pool.slots import UNSET
+
+__all__ = ["AsyncpoolDialect", "create_async_engine"]
+
+#: SQLAlchemy 2.0 keeps some adapter state under other names than 2.1.
+SQLALCHEMY_20 = sqlalchemy.__version__.startswith("2.0.")
+_await: Callable[[Any], Any] = getattr(concurrency, "await_", None) or concurrency.await_only
+
+# Frames of these packages are not the application's: a leak report names the first other one.
+_LIBRARY_PREFIXES = ("sqlalchemy.", "asyncpool.", "contextlib", "asyncio.", "greenlet",
+                     "starlette.", "fastapi.", "anyio.")
+_ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|MERGE|INSERT \d+) (\d+)")
+# SQLSTATE classes after which the server has closed the session.
+_GONE_CLASSES = ("08", "57")
+_OperationalError: type[Exception] = sa_asyncpg.AsyncAdapt_asyncpg_dbapi.OperationalError
+_InterfaceError: type[Exception] = sa_asyncpg.AsyncAdapt_asyncpg_dbapi.InterfaceError
+# SQLAlchemy's adapter classes, subclassed below, differ between 2.0 and 2.1 (and are partly
+# typed in 2.1 only): the code below treats them as untyped.
+_CursorBase: Any = sa_asyncpg.AsyncAdapt_asyncpg_cursor
+_ConnectionBase: Any = sa_asyncpg.AsyncAdapt_asyncpg_connection
+_DBAPIBase: Any = sa_asyncpg.AsyncAdapt_asyncpg_dbapi
+_DialectBase: Any = sa_asyncpg.PGDialect_asyncpg
+
+
+def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
+    """An `AsyncEngine` whose connections are checkouts of `pool`.
+
+    `engine_kwargs` go to SQLAlchemy's ``create_async_engine`` (``echo``,
+    ``isolation_level``, ``json_serializer``, ``execution_options``...). Connection options
+    (DSN, credentials, timeouts, statement mode) belong to the pool, and SQLAlchemy's own pool
+    options do not apply: passing ``poolclass``, ``pool_size``, ``creator``,
+    ``async_creator`` or ``connect_args`` raises `sqlalchemy.exc.ArgumentError`.
+
+    ``engine.dispose()`` does not close the pool: close it yourself (``await pool.close()``).
+    The pool opens on first use if it is not open yet.
+    """
+    if not isinstance(pool, Pool):
+        raise sa_exc.ArgumentError(
+            f"create_async_engine() takes an asyncpool.Pool, got {type(pool).__name__}")
+    taken = sorted(set(engine_kwargs) & {"poolclass", "pool", "pool_size", "max_overflow",
+                                         "pool_timeout", "pool_recycle", "creator",
+                                         "async_creator", "connect_args"})
+    if taken:
+        raise sa_exc.ArgumentError(
+            f"asyncpool's SQLAlchemy engine: {', '.join(taken)} cannot be set; the pool "
+            f"{pool.name!r} owns the connections (set sizes, timeouts and connection options "
+            "on the asyncpool.Pool)")
+    if engine_kwargs.get("native_inet_types") is False:
+        raise sa_exc.ArgumentError(
+            "asyncpool's SQLAlchemy engine: native_inet_types=False needs a text codec for "
+            "inet on every connection of the pool; not supported")
+    return _sa_create_async_engine(
+        "postgresql+asyncpool://", poolclass=NullPool, connect_args={"asyncpool": pool},
+        **engine_kwargs,
+    )
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+_error_classes: dict[type[PoolError], type[Exception]] = {}
+
+
+def _dbapi_error(error: PoolError, message: str | None = None) -> Exception:
+    """A DB-API error SQLAlchemy wraps (its ``.orig`` and ``__cause__``) that is also an
+    instance of `error`'s asyncpool class, with the same message and attributes."""
+    kind = type(error)
+    cls = _error_classes.get(kind)
+    if cls is None:
+        base = _InterfaceError if issubclass(kind, ConnectionLeakedError) else _OperationalError
+        cls = type(kind.__name__, (base, kind), {"__module__": __name__,
+                                                 "__doc__": kind.__doc__})
+        _error_classes[kind] = cls
+    translated = cls(str(error) if message is None else message)
+    translated.__dict__.update(error.__dict__)
+    if not SQLALCHEMY_20:
+        translated.orig = error  # type: ignore[attr-defined]
+    return translated
+
+
+def _lost(conn: PooledConnection, pool: Pool, error: BaseException) -> Exception:
+    message = (
+        f"pool {pool.name!r}: the connection to {pool.target} was lost while in use "
+        f"({type(error).__name__}: {error}).{lost_connection_hint(error)} An open transaction "
+        "was not committed (if it was lost during COMMIT, that commit's outcome is unknown). The "
+        "pool replaced the connection; retry if the work is idempotent."
+    )
+    return _dbapi_error(ConnectionLostError(message))
+
+
+def _translate(conn: PooledConnection, pool: Pool, error: BaseException) -> Exception | None:
+    """asyncpool's error for `error`, as a DB-API error, or None if it is not the pool's."""
+    if isinstance(error, PoolError):
+        return _dbapi_error(error)
+    try:
+        raw = conn.raw
+    except PoolError as gone:  # reclaimed as a leak, pool closed, or already given back
+        return _dbapi_error(gone)
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    if isinstance(error, asyncpg.InterfaceError | asyncpg.PostgresError | OSError) and (
+            raw.is_closed() or sqlstate[:2] in _GONE_CLASSES):
+        return _lost(conn, pool, error)
+    return None
+
+
+# -- the DB-API adapter -----------------------------------------------------------------------
+
+
+class _Cursor(_CursorBase):  # type: ignore[misc]
+    """Runs each statement as ``conn.fetch()`` does: through the pool's statement mode, with no
+    ``prepare()`` round trip (server-side cursors keep SQLAlchemy's own path)."""
+
+    async def _prepare_and_execute(self, operation: str, parameters: Any) -> None:
+        adapt: _Connection = self._adapt_connection
+        async with adapt._execute_mutex:
+            if not adapt._in_transaction():
+                await adapt._start_transaction()
+            try:
+                await adapt._check_type_cache_invalidation(self._invalidate_schema_cache_asof)
+                rows, status, attributes = await driver.execute_described(
+                    adapt._connection.raw, operation, parameters or ())
+            except Exception as error:
+                self._handle_exception(error)
+            description = [
+                (attr.name, attr.type.oid, None, None, None, None, None) for attr in attributes
+            ] or None
+            found = _ROWCOUNT.match(status or "")
+            rowcount = int(found.group(1)) if found else -1
+            if SQLALCHEMY_20:
+                self.description = description
+                self.rowcount = rowcount
+            else:
+                self._description = description
+                self._rowcount = rowcount
+            self._rows = deque(rows)
+
+
+class _Connection(_ConnectionBase):  # type: ignore[misc]
+    """One checkout of the pool, as SQLAlchemy's DB-API connection."""
+
+    _asyncpool: Pool
+    _connection: PooledConnection
+
+    def __init__(self, dbapi: Any, connection: PooledConnection, pool: Pool) -> None:
+        # SQLAlchemy's own statement cache stays off: statements go through the pool's mode.
+        super().__init__(dbapi, connection, prepared_statement_cache_size=0)
+        self._asyncpool = pool
+
+    def _in_transaction(self) -> bool:
+        return bool(self._started) if SQLALCHEMY_20 else self._transaction is not None
+
+    def _forget_transaction(self) -> None:
+        self._transaction = None
+        if SQLALCHEMY_20:
+            self._started = False
+
+    def cursor(self, server_side: bool = False) -> Any:
+        if server_side:
+            return super().cursor(server_side=True)
+        return _Cursor(self)
+
+    def _handle_exception(self, error: Exception) -> Any:
+        translated = _translate(self._connection, self._asyncpool, error)
+        if translated is not None:
+            self._forget_transaction()
+            raise translated from error
+        super()._handle_exception(error)
+
+    def close(self) -> None:
+        """Give the connection back to the pool (a broken one is replaced there)."""
+        try:
+            self.rollback()
+        finally:
+            self._forget_transaction()
+            _await(self._connection.close())
+
+    def terminate(self) -> None:
+        """Discard the connection: the pool closes it (waiting for a cancel request in flight
+        first) and frees its slot. What SQLAlchemy calls when it invalidates a connection."""
+        self._forget_transaction()
+        conn: PooledConnection = self._connection
+        lease = conn._lease
+        if lease.state is ACTIVE:
+            self._asyncpool._slots.retire(lease.record, "invalidated by SQLAlchemy")
+
+
+def _application_frame(frame: FrameType | None) -> FrameType | None:
+    """The innermost frame that is not SQLAlchemy's, asyncpool's or asyncio's: where the
+    application asked for the connection (leak reports start there)."""
+    first = frame
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module + ".").startswith(_LIBRARY_PREFIXES):
+            return frame
+        frame = frame.f_back
+    return first
+
+
+async def _checkout(pool: Pool) -> PooledConnection:
+    await pool.open(wait=False)  # no-op once open
+    frame = _application_frame(sys._getframe())
+    conn: PooledConnection = await AcquireContext(pool._slots, UNSET, frame)
+    return conn
+
+
+class _DBAPI(_DBAPIBase):  # type: ignore[misc]
+    def connect(self, *args: Any, **kwargs: Any) -> _Connection:
+        pool = kwargs.pop("asyncpool", None)
+        if not isinstance(pool, Pool) or args or kwargs:
+            raise sa_exc.ArgumentError(
+                "the postgresql+asyncpool dialect connects only through "
+                "asyncpool.integrations.sqlalchemy.create_async_engine(pool)")
+        try:
+            conn = _await(_checkout(pool))
+        except PoolError as error:
+            raise _dbapi_error(error) from error
+        return _Connection(self, conn, pool)
+
+
+# -- JSON: decoded by SQLAlchemy, so the pool's connections keep asyncpg's own codecs ---------
+
+
+def _json_result(dialect: Any) -> Callable[[Any], Any]:
+    loads = dialect._json_deserializer or json.loads
+
+    def process(value: Any) -> Any:
+        # A pool whose connections decode JSON themselves (a codec set for every user through
+        # the pool's set-up hook) hands over Python objects already.
+        if isinstance(value, str | bytes):
+            return loads(value)
+        return value
+
+    return process
+
+
+class _JSON(pg_json.JSON):
+    def result_processor(self, dialect: Any, coltype: object) -> Any:
+        return _json_result(dialect)
+
+
+class _JSONB(pg_json.JSONB):
+    def result_processor(self, dialect: Any, coltype: object) -> Any:
+        return _json_result(dialect)
+
+
+class AsyncpoolDialect(_DialectBase):  # type: ignore[misc]
+    """``postgresql+asyncpool``: SQLAlchemy's asyncpg dialect over an asyncpool pool. Made by
+    `create_async_engine`; a URL alone cannot say which pool to use."""
+
+    driver = "asyncpool"
+    supports_statement_cache = True
+    supports_native_json_deserialization = False
+    colspecs: ClassVar[dict[Any, Any]] = {**_DialectBase.colspecs, sqltypes.JSON: _JSON,
+                                          pg_json.JSONB: _JSONB}
+
+    @classmethod
+    def import_dbapi(cls) -> Any:
+        return _DBAPI(asyncpg)
+
+    @classmethod
+    def get_pool_class(cls, url: Any) -> type[NullPool]:
+        return NullPool
+
+    def create_connect_args(self, url: Any) -> Any:
+        if url.host or url.database or url.username or url.query:
+            raise sa_exc.ArgumentError(
+                "postgresql+asyncpool:// takes no host, database, user or options: they belong to "
+                "the asyncpool.Pool given to create_async_engine(pool)")
+        return [], {}
+
+    def on_connect(self) -> Any:
+        # SQLAlchemy's asyncpg dialect sets json/jsonb codecs on every connection it gets; on a
+        # pool that would reach plain pool users too, cost round trips on every checkout and
+        # clear the connection's statement caches. Only PostgreSQL's own set-up is kept.
+        return PGDialect.on_connect(self)
+
+    def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
+        if isinstance(e, ConnectionLostError | ConnectionLeakedError | PoolClosedError):
+            return True
+        if isinstance(e, PoolError):
+            return False
+        if connection is not None:
+            try:
+                return bool(connection._connection.raw.is_closed())
+            except PoolError:
+                return True
+        return bool(super().is_disconnect(e, None, cursor))
+
+
+registry.register("postgresql.asyncpool", __name__, "AsyncpoolDialect")
