@@ -14,7 +14,11 @@ trap 'rm -f "$before"' EXIT
 .venv/bin/python scripts/check-no-leftover-servers.py --save "$before"
 echo "== pytest"
 status=0
-.venv/bin/pytest -q -p no:cacheprovider "$@" || status=$?
+# Several workers: most of the suite waits on servers, timeouts and sleeps rather than on the CPU
+# (4 workers: about 4.5 instead of 10 minutes on a 2-core machine). ASYNCPOOL_TEST_WORKERS=0 runs
+# everything in one process.
+workers=${ASYNCPOOL_TEST_WORKERS:-4}
+.venv/bin/pytest -q -p no:cacheprovider -n "$workers" "$@" || status=$?
 echo "== leftover servers"
 .venv/bin/python scripts/check-no-leftover-servers.py --since "$before" || status=1
 exit $status
