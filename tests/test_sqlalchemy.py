@@ -4,6 +4,7 @@ modes, connections given back and discarded, codecs, errors, leaks."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from asyncpool import Pool
+from asyncpool import ConnectionLeakedError, ConnectionLostError, Pool, PoolTimeoutError
 from asyncpool.integrations.sqlalchemy import create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
 
@@ -100,3 +101,141 @@ async def test_orm_insert_query_commit_rollback(pool: Pool) -> None:
     assert stats.in_use == 0
     assert stats.closed_total == 0, "a connection SQLAlchemy gave back was closed"
     await engine.dispose()
+
+
+def _current_pool(request: pytest.FixtureRequest) -> PgBouncerServer:
+    return _pooler(request, "current")
+
+
+async def test_json_codecs_do_not_bleed_to_plain_pool_users(
+        request: pytest.FixtureRequest, schema: None) -> None:
+    """One connection, used in turn by plain pool users and SQLAlchemy: pool users get asyncpg's
+    own json/jsonb results (text) before and after, SQLAlchemy gets Python objects."""
+    server = _pooler(request, "legacy")
+    async with Pool(server.dsn(), name="sqla-json", max_size=1, telemetry=False) as pool:
+        query = """SELECT '{"a": 1}'::json, '{"b": [2]}'::jsonb"""
+        before = tuple(await pool.fetchrow(query))
+        assert before == ('{"a": 1}', '{"b": [2]}')
+        engine = create_async_engine(pool)
+        async with engine.connect() as conn:
+            row = (await conn.execute(sa.select(
+                sa.cast(sa.literal('{"a": 1}'), sa.JSON),
+                sa.cast(sa.literal('{"b": [2]}'), sa.dialects.postgresql.JSONB)))).one()
+            assert tuple(row) == ({"a": 1}, {"b": [2]})
+            # The raw connection SQLAlchemy holds is the pool's, with no codec added.
+            raw = await conn.get_raw_connection()
+            assert tuple(await raw.driver_connection.fetchrow(query)) == before
+        Session = async_sessionmaker(engine)
+        async with Session() as session, session.begin():
+            session.add(Item(name="json-bleed", data={"x": [1, 2]}, tags={"y": True}))
+        async with Session() as session:
+            item = (await session.scalars(sa.select(Item).where(Item.name == "json-bleed"))).one()
+            assert (item.data, item.tags) == ({"x": [1, 2]}, {"y": True})
+        after = await pool.fetchrow("SELECT data, tags FROM sqla_items WHERE name = 'json-bleed'")
+        assert tuple(after) == ('{"x": [1, 2]}', '{"y": true}')
+        assert tuple(await pool.fetchrow(query)) == before
+        assert pool.stats().size == 1  # the same connection throughout
+        await engine.dispose()
+
+
+async def test_pool_timeout_is_the_cause(request: pytest.FixtureRequest, schema: None) -> None:
+    server = _pooler(request, "legacy")
+    async with Pool(server.dsn(), name="sqla-timeout", max_size=1, acquire_timeout=0.2,
+                    telemetry=False) as pool:
+        engine = create_async_engine(pool)
+        async with pool.acquire():
+            with pytest.raises(sa.exc.OperationalError) as caught:
+                async with engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+        assert isinstance(caught.value.__cause__, PoolTimeoutError)
+        assert isinstance(caught.value.orig, PoolTimeoutError)
+        assert "sqla-timeout" in str(caught.value)
+        async with engine.connect() as conn:  # the pool serves again
+            assert (await conn.execute(sa.text("SELECT 2"))).scalar() == 2
+        assert pool.stats().in_use == 0
+        await engine.dispose()
+
+
+async def test_server_killed_connection_frees_its_slot(pool: Pool, postgres: PostgresServer) -> None:
+    """The server ends the session under SQLAlchemy: the caller gets ConnectionLostError as the
+    cause, SQLAlchemy discards the connection, and the pool's slot is free again."""
+    import asyncpg
+
+    engine = create_async_engine(pool)
+    Session = async_sessionmaker(engine)
+    closed = pool.stats().closed_total
+    async with Session() as session:
+        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar()
+        admin = await asyncpg.connect(postgres.admin_dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            await session.execute(sa.text("SELECT 1"))
+        assert isinstance(caught.value.__cause__, ConnectionLostError), repr(caught.value)
+        assert caught.value.connection_invalidated
+    await _settled(pool)
+    stats = pool.stats()
+    assert stats.in_use == 0
+    assert stats.closed_total == closed + 1
+    async with Session() as session:  # and serves again
+        assert (await session.execute(sa.text("SELECT 3"))).scalar() == 3
+    await engine.dispose()
+
+
+async def test_cancelled_session_frees_its_slot(pool: Pool) -> None:
+    engine = create_async_engine(pool)
+    Session = async_sessionmaker(engine)
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        async with Session() as session:
+            await session.execute(sa.text("SELECT 1"))
+            started.set()
+            await session.execute(sa.text("SELECT pg_sleep(5)"))
+
+    task = asyncio.create_task(slow())
+    await started.wait()
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _settled(pool)
+    assert pool.stats().in_use == 0
+    async with Session() as session:
+        assert (await session.execute(sa.text("SELECT 4"))).scalar() == 4
+    await _settled(pool)
+    assert pool.stats().in_use == 0
+    await engine.dispose()
+
+
+async def test_leaked_session_points_at_application_code(
+        request: pytest.FixtureRequest, schema: None, caplog: pytest.LogCaptureFixture) -> None:
+    server = _pooler(request, "legacy")
+    async with Pool(server.dsn(), name="sqla-leak", max_size=1, leak_timeout=0.3,
+                    acquire_timeout=5, telemetry=False) as pool:
+        engine = create_async_engine(pool)
+        Session = async_sessionmaker(engine)
+
+        async def forgetful_handler(session: Any) -> None:
+            await session.execute(sa.text("SELECT 5"))  # the line that took the connection
+            await asyncio.sleep(0.8)
+            await session.execute(sa.text("SELECT 6"))
+
+        line = forgetful_handler.__code__.co_firstlineno + 1
+        with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
+            async with Session() as session:
+                with pytest.raises(sa.exc.DBAPIError) as caught:
+                    await forgetful_handler(session)
+        assert isinstance(caught.value.__cause__, ConnectionLeakedError), repr(caught.value)
+        records = [r for r in caplog.records if r.name == "asyncpool.leaks"]
+        assert len(records) == 1
+        site: str = records[0].asyncpool_acquire_site  # type: ignore[attr-defined]
+        assert f'File "{__file__}", line {line}, in forgetful_handler' in site, site
+        assert "sqlalchemy" not in site.rsplit("in forgetful_handler", maxsplit=1)[-1]
+        await _settled(pool)
+        assert pool.stats().in_use == 0
+        async with Session() as session:
+            assert (await session.execute(sa.text("SELECT 7"))).scalar() == 7
+        await engine.dispose()

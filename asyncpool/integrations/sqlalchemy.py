@@ -23,6 +23,7 @@ SQLAlchemy 2.0 and 2.1 are supported.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -70,6 +71,9 @@ _LIBRARY_PREFIXES = ("sqlalchemy.", "asyncpool.", "contextlib", "asyncio.", "gre
 _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|MERGE|INSERT \d+) (\d+)")
 # SQLSTATE classes after which the server has closed the session.
 _GONE_CLASSES = ("08", "57")
+# What asyncpg raises on a connection that broke under it.
+_DRIVER_ERRORS = (asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.PostgresError,
+                  OSError)
 _OperationalError: type[Exception] = sa_asyncpg.AsyncAdapt_asyncpg_dbapi.OperationalError
 _InterfaceError: type[Exception] = sa_asyncpg.AsyncAdapt_asyncpg_dbapi.InterfaceError
 # SQLAlchemy's adapter classes, subclassed below, differ between 2.0 and 2.1 (and are partly
@@ -154,7 +158,7 @@ def _translate(conn: PooledConnection, pool: Pool, error: BaseException) -> Exce
     except PoolError as gone:  # reclaimed as a leak, pool closed, or already given back
         return _dbapi_error(gone)
     sqlstate = getattr(error, "sqlstate", None) or ""
-    if isinstance(error, asyncpg.InterfaceError | asyncpg.PostgresError | OSError) and (
+    if isinstance(error, _DRIVER_ERRORS) and (
             raw.is_closed() or sqlstate[:2] in _GONE_CLASSES):
         return _lost(conn, pool, error)
     return None
@@ -177,6 +181,7 @@ class _Cursor(_CursorBase):  # type: ignore[misc]
                 rows, status, attributes = await driver.execute_described(
                     adapt._connection.raw, operation, parameters or ())
             except Exception as error:
+                await _settle(adapt._connection, error)
                 self._handle_exception(error)
             description = [
                 (attr.name, attr.type.oid, None, None, None, None, None) for attr in attributes
@@ -190,6 +195,25 @@ class _Cursor(_CursorBase):  # type: ignore[misc]
                 self._description = description
                 self._rowcount = rowcount
             self._rows = deque(rows)
+
+
+async def _settle(conn: PooledConnection, error: Exception) -> None:
+    """After a client-side error, give a connection the server is closing a moment to show it.
+
+    When the server ends a session between two statements (pg_terminate_backend, a restart), its
+    FATAL error can reach asyncpg before the end of the stream does: the next statement then
+    fails with "another operation is in progress" on a connection not yet seen closed. Waiting
+    (at most 50 ms, on this error path only) lets it be reported as the lost connection it is.
+    """
+    if not isinstance(error, asyncpg.InterfaceError | asyncpg.InternalClientError | OSError):
+        return
+    for _ in range(10):
+        try:
+            if conn.raw.is_closed():
+                return
+        except PoolError:
+            return
+        await asyncio.sleep(0.005)
 
 
 class _Connection(_ConnectionBase):  # type: ignore[misc]
