@@ -123,8 +123,9 @@ async def test_json_codecs_do_not_bleed_to_plain_pool_users(
                 sa.cast(sa.literal('{"b": [2]}'), sa.dialects.postgresql.JSONB)))).one()
             assert tuple(row) == ({"a": 1}, {"b": [2]})
             # The raw connection SQLAlchemy holds is the pool's, with no codec added.
-            raw = await conn.get_raw_connection()
-            assert tuple(await raw.driver_connection.fetchrow(query)) == before
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            assert tuple(await raw.fetchrow(query)) == before
         Session = async_sessionmaker(engine)
         async with Session() as session, session.begin():
             session.add(Item(name="json-bleed", data={"x": [1, 2]}, tags={"y": True}))
