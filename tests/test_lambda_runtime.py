@@ -268,3 +268,34 @@ async def test_a_frozen_environment_whose_connection_was_closed_serves_the_next_
         assert len(await app_clients(idle_closing_pgbouncer)) == 1
         again = response(await invoke(runtime_api, {"op": "query"}), proc)["pool"]
         assert again["created_total"] == 2
+
+
+async def test_snapstart_restore_of_a_pool_opened_at_init(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """INIT opens the pool (one connection); the before-snapshot hook closes it cleanly; the
+    environment is frozen as a snapshot and restored; the first invocation succeeds."""
+    env: dict[str, str | None] = {
+        "AWS_LAMBDA_INITIALIZATION_TYPE": "snap-start",
+        "TEST_OPEN_AT_INIT": "1",
+    }
+    with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
+        restore_asked = await asyncio.to_thread(runtime_api.restore_requested.wait, 30)
+        assert restore_asked, proc.log()[-3000:]
+        # The hooks ran before /restore/next: nothing is open to be cloned into the snapshot.
+        [goodbye] = await departures(own_pgbouncer)
+        assert CLEAN_CLOSE in goodbye
+        assert await app_clients(own_pgbouncer) == []
+        proc.freeze()  # the snapshot
+        await asyncio.sleep(0.5)
+        proc.thaw()  # restored, maybe in another place and much later
+        restored = time.monotonic()
+        runtime_api.release_restore()
+        first = await invoke(runtime_api, {"op": "query"})
+        took = time.monotonic() - restored
+        stats = response(first, proc)["pool"]
+        assert runtime_api.restore_errors == []
+        assert took < 10.0  # Lambda's restore budget
+        assert stats["created_total"] == 2  # one at INIT, closed for the snapshot; one after
+        assert stats["closed_total"] == 1
+        assert len(await app_clients(own_pgbouncer)) == 1

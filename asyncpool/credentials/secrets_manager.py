@@ -134,6 +134,9 @@ class SecretsManagerAuth:
         await self.password(target)
 
     async def close(self) -> None:
+        """Close the AWS client and forget the secret; a later `password()` reads it again
+        (with a new client), as after a SnapStart restore."""
+        self._secret = None
         await self._client.close()
 
     def auth_failure_hint(self, target: Target) -> str:

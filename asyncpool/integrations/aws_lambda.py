@@ -244,6 +244,68 @@ class _SignalWatcher:
         self._write.close()
 
 
+# Lambda gives SnapStart's before-snapshot and after-restore hooks 10 s together.
+SNAPSHOT_BUDGET = 2.0
+
+
+def register_snapstart_hooks(
+    pool: Pool, loop: asyncio.AbstractEventLoop, *, environ: Mapping[str, str] | None = None
+) -> bool:
+    """Prepare `pool` for Lambda SnapStart when ``snapshot_restore_py`` is importable.
+
+    Before the snapshot: every connection is closed (a Terminate message to the pooler; connections
+    held then close when returned, logins under way when they finish) and the credentials
+    provider drops what must not be cloned into many environments (its AWS client session, a
+    cached secret); both come back on first use. After a restore: the pool is marked stale, so
+    anything opened since is checked before use whatever the clock says. Both run on `loop`, the
+    loop the pool was opened on (`get_runner().loop`), which is idle during INIT.
+
+    Returns False (and registers nothing) when ``snapshot_restore_py`` (installed with the Lambda
+    Python runtimes and ``awslambdaric``) is missing, or when the environment is not being
+    initialised for SnapStart (``AWS_LAMBDA_INITIALIZATION_TYPE`` is not ``snap-start``), where the
+    hooks would never run. `LambdaRunner.attach` calls it.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("AWS_LAMBDA_INITIALIZATION_TYPE") != "snap-start":
+        return False
+    try:
+        from snapshot_restore_py import register_after_restore, register_before_snapshot
+    except ImportError:
+        return False
+    register_before_snapshot(_before_snapshot, pool, loop)
+    register_after_restore(_after_restore, pool)
+    return True
+
+
+def _before_snapshot(pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+    if pool.closed or loop.is_closed() or loop.is_running():
+        return
+    loop.run_until_complete(_prepare_snapshot(pool))
+
+
+async def _prepare_snapshot(pool: Pool) -> None:
+    before = asyncio.all_tasks()
+    pool.expire_all()
+    # The graceful closes expire_all started: wait for their goodbyes to leave.
+    closing = asyncio.all_tasks() - before
+    if closing:
+        await asyncio.wait(closing, timeout=SNAPSHOT_BUDGET)
+    credentials = pool.config.credentials
+    if credentials is not None:
+        try:
+            async with asyncio.timeout(SNAPSHOT_BUDGET):
+                await credentials.close()
+        except Exception:
+            logger.exception("pool %r: closing the credentials provider before a snapshot failed",
+                             pool.name)
+    logger.info("pool %r: connections closed for the snapshot (%d left)", pool.name, pool.stats().size)
+
+
+def _after_restore(pool: Pool) -> None:
+    if not pool.closed:
+        pool.mark_stale()
+
+
 def _close_pool(pool: Pool, loop: asyncio.AbstractEventLoop, budget: float) -> None:
     if pool.closed or loop.is_closed():
         return

@@ -79,8 +79,15 @@ class LambdaRunner:
         then replaced without a round trip) and marks the pool stale (`Pool.mark_stale`): each
         idle connection gets one ``SELECT 1`` before its first use in the invocation.
         `pooled_connection` attaches its pool.
+
+        With Lambda SnapStart (``snapshot_restore_py`` importable) it also registers the pool's
+        before-snapshot and after-restore hooks (`register_snapstart_hooks`).
         """
-        self._pools.add(pool)
+        if pool not in self._pools:
+            from asyncpool.integrations.aws_lambda import register_snapstart_hooks
+
+            self._pools.add(pool)
+            register_snapstart_hooks(pool, self.loop)
         return pool
 
     @property
