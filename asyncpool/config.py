@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from asyncpool.connect.dsn import redact
+from asyncpool.connect.dsn import redact_dsn
 from asyncpool.errors import PoolConfigError
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class PoolConfig:
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr
         )
-        dsn = f"dsn={redact(self.dsn)!r}, " if self.dsn else ""
+        dsn = f"dsn={redact_dsn(self.dsn)!r}, " if self.dsn else ""
         creds = f", credentials={type(self.credentials).__name__}" if self.credentials else ""
         return f"PoolConfig({dsn}{shown}{creds})"
 

@@ -24,10 +24,19 @@ class ConnectionLeakedError(PoolError):
 
 
 class ConnectError(PoolError):
-    """A new connection could not be opened. `__cause__` holds the driver's error."""
+    """A new connection could not be opened.
+
+    The driver's error is not kept as `__cause__` (its frames hold the password, and error
+    trackers record frame locals): what matters of it is copied into `sqlstate` and
+    `driver_error_class`, and its message, with secrets scrubbed, into this one's.
+    """
 
     #: True when retrying later may succeed (server starting, pooler full, network blip).
     transient: bool = True
+    #: The server's SQLSTATE (``"28P01"``...), when the driver's error had one.
+    sqlstate: str | None = None
+    #: The driver error's qualified class name (``"asyncpg.exceptions.InvalidPasswordError"``).
+    driver_error_class: str | None = None
 
 
 class AuthenticationError(ConnectError):

@@ -8,7 +8,8 @@ import traceback
 import pytest
 
 from asyncpool import ConnectError, Pool, PoolConfig, PoolConfigError
-from asyncpool.connect.dsn import redact
+from asyncpool.connect.dsn import DsnError, parse_dsn, redact, redact_dsn
+from asyncpool.connect.failures import translate
 from asyncpool.testing.ports import free_port
 
 SECRET = "s3cr3t-Pa55"
@@ -58,7 +59,8 @@ async def test_bad_dsn_error_shows_the_dsn_redacted() -> None:
     with pytest.raises(PoolConfigError) as info:
         await Pool(f"mysql://app:{SECRET}@db/app", telemetry=False).open()
     assert SECRET not in str(info.value)
-    assert "mysql://app:***@db/app" in str(info.value)
+    assert "pool 'asyncpool': the DSN cannot be used" in str(info.value)
+    assert "scheme 'mysql'" in str(info.value)
 
 
 async def test_connect_failure_error_and_logs_carry_no_password(
@@ -74,3 +76,96 @@ async def test_connect_failure_error_and_logs_carry_no_password(
     assert SECRET not in shown
     assert SECRET not in caplog.text
     assert SECRET not in repr(pool)
+
+
+# --- The DSN guard: parsed once, never quoted -------------------------------------------------
+
+
+
+@pytest.mark.parametrize(
+    ("dsn", "why"),
+    [
+        # The part before an unescaped / is digits: it used to parse as host "app", port 42.
+        ("postgresql://app:42/SECRETpart@host/db", "ends it early"),
+        ("postgresql://app:/SECRETpart@host/db", "ends it early"),
+        ("postgresql://app:pa?SECRETpart@host/db", "ends it early"),
+        ("postgresql://app:pa#SECRETpart@host/db", "fragment"),
+        ("postgresql://app:pa@SECRETpart@host/db", "ends it early"),
+        ("postgresql://app:SECRETpart/host/db", "port is not a number"),
+        ("postgresql://app:pa\uff20SECRETpart@host/db", "non-ASCII"),
+        ("postgresql://app:pa\uff0fSECRETpart@host/db", "non-ASCII"),
+        ("postgresql://app:pa\nSECRETpart@host/db", "line break"),
+        ("postgresql://app:pa SECRETpart@host/db", "space"),
+        ("postgresql://app:%zzSECRETpart@host/db", "two hex digits"),
+        ("postgresql://app:%C3SECRETpart@host/db", "not UTF-8"),
+        ("postgresql://app@host/db?password=a&SECRETpart", "not key=value"),
+        ("postgresql://app@host/db?password=a&SECRETpart=b", "not key=value"),
+        ("postgresql://app@host/db?password=a+SECRETpart", "asyncpg reads as a space"),
+        ("mysql://app:SECRETpart@host/db", "not a postgresql:// URL"),
+    ],
+)
+def test_dsn_guard_refuses_ambiguous_passwords_without_quoting_them(dsn: str, why: str) -> None:
+    with pytest.raises(DsnError, match=why) as info:
+        parse_dsn(dsn)
+    assert "SECRET" not in str(info.value)
+    assert "percent-encode" in str(info.value) or "postgresql://user" in str(info.value)
+    # Nothing chained, and no frame of the parser holds the DSN (error trackers record locals).
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
+    tb = info.value.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith("dsn.py"):
+            assert "SECRET" not in repr(tb.tb_frame.f_locals)
+        tb = tb.tb_next
+    assert redact_dsn(dsn) == "<DSN not shown: it could not be parsed>"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "message"),
+    [
+        ("postgresql://app@h/db?sslmode=verify-full&sslmode=disable", "'sslmode' is given twice"),
+        ("postgresql://app@h/db?host=evil", "host twice"),
+        ("postgresql://app@h:5432/db?port=6432", "port twice"),
+        ("postgresql://app:x@h/db?password=y", "password twice"),
+        ("postgresql://app@h/db?user=root", "user twice"),
+        ("postgresql://app@h/db?dbname=other", "database twice"),
+        ("postgresql://app@h?dbname=a&database=b", "database twice"),
+    ],
+)
+def test_dsn_guard_refuses_a_setting_given_twice(dsn: str, message: str) -> None:
+    with pytest.raises(DsnError, match=message):
+        parse_dsn(dsn)
+
+
+def test_dsn_guard_reads_percent_encoded_passwords_and_rebuilds_the_dsn() -> None:
+    from urllib.parse import quote
+
+    password = "a/b@c#d?e%f&g+h i:j\uff20k\u00e9\n"
+    parsed = parse_dsn(f"postgresql://app:{quote(password, safe='')}@db:6432/app?sslmode=require")
+    assert parsed.password == password
+    assert parsed.target().port == 6432
+    assert parsed.target().host == "db"
+    assert parsed.redacted() == "postgresql://app:***@db:6432/app?sslmode=require"
+    assert parsed.for_driver() == "postgresql://app@db:6432/app?sslmode=require"
+    assert password not in repr(parsed)
+    query = parse_dsn(f"postgresql://app@db/app?password={quote(password, safe='')}")
+    assert query.password == password
+    assert query.redacted() == "postgresql://app:***@db/app"
+    hosts = parse_dsn("postgresql:///app?host=/run/pg,h2&port=5433&user=bob")
+    assert hosts.hosts == (("/run/pg", 5433), ("h2", 5433))
+    assert str(hosts.target()) == "bob@/run/pg:5433/app"
+    assert parse_dsn("postgres://u@[::1]:5433/d").target().host == "::1"
+
+
+def test_translated_errors_keep_sqlstate_and_class_but_no_cause() -> None:
+    import asyncpg
+
+    exc = asyncpg.InvalidPasswordError(f'password authentication failed ("{SECRET}")')
+    target = parse_dsn("postgresql://app@db/app").target()
+    error = translate(exc, target, "p", 1.0, secrets=[SECRET])
+    assert error.sqlstate == "28P01"
+    assert error.driver_error_class == "asyncpg.exceptions.InvalidPasswordError"
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+    assert SECRET not in str(error)
+    assert SECRET[2:7] not in str(error)

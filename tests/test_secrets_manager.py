@@ -17,7 +17,7 @@ import pytest
 
 from asyncpool import AuthenticationError, CredentialsError, Pool, SecretsManagerAuth, Target
 from asyncpool.testing import PgBouncerServer, PostgresServer
-from asyncpool.testing.aws_endpoint import LocalAwsEndpoint, aws_environment
+from asyncpool.testing.aws_endpoint import SESSION_TOKEN, LocalAwsEndpoint, aws_environment
 from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
 from asyncpool.testing.ports import free_port
 from asyncpool.testing.process import chown_tree
@@ -302,6 +302,12 @@ async def test_debug_logging_everywhere_never_shows_the_secret(
     assert "botocore.parsers" in {r.name for r in caplog.records}  # the records exist, redacted
     assert password not in caplog.text
     assert password not in repr(auth)
+    # Nor what would let a log reader replay the signed GetSecretValue request (#23): its
+    # Authorization header, signature, session token and canonical request.
+    assert "botocore.endpoint" in {r.name for r in caplog.records}
+    for revealing in (SESSION_TOKEN, "Signature=", "Authorization", "CanonicalRequest",
+                      "StringToSign", "x-amz-security-token"):
+        assert revealing not in caplog.text
 
 
 def test_ttl_must_be_positive() -> None:

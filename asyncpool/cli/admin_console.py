@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from asyncpool.connect.dsn import ParsedDsn
 
 Row = dict[str, str | None]
 
@@ -33,7 +36,7 @@ class ConsoleError(Exception):
         self.sqlstate = sqlstate
 
 
-async def read_console(dsn: str, commands: list[str], timeout: float,
+async def read_console(dsn: ParsedDsn, commands: list[str], timeout: float,
                        database: str | None = None) -> dict[str, list[Row]]:
     """Each of `commands` (``"SHOW CONFIG"``...) run on the console at `dsn`, as rows of text.
 
@@ -45,7 +48,10 @@ async def read_console(dsn: str, commands: list[str], timeout: float,
     import asyncpg
 
     override = {"database": database} if database else {}
-    conn = await asyncpg.connect(dsn, timeout=timeout, statement_cache_size=0, **override)
+    # The DSN rebuilt from its parsed parts, the password as a keyword: no driver parses (and
+    # quotes in an error) what the user wrote.
+    conn = await asyncpg.connect(dsn.for_driver(), password=dsn.password, timeout=timeout,
+                                 statement_cache_size=0, **override)
     try:
         transport = transport_of(conn)
         if transport is not None:
@@ -62,7 +68,7 @@ def transport_of(conn: Any) -> Any:
     return transport if hasattr(transport, "set_protocol") else None
 
 
-async def _read_with_psycopg(dsn: str, commands: list[str], timeout: float,
+async def _read_with_psycopg(dsn: ParsedDsn, commands: list[str], timeout: float,
                              database: str | None) -> dict[str, list[Row]]:
     try:
         import psycopg
@@ -72,14 +78,17 @@ async def _read_with_psycopg(dsn: str, commands: list[str], timeout: float,
             f"installed: {INSTALL_HINT}"
         ) from None
     override: dict[str, Any] = {"dbname": database} if database else {}
+    if dsn.password:
+        override["password"] = dsn.password
     out: dict[str, list[Row]] = {}
     try:
         pconn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
+            dsn.for_driver(), autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
             connect_timeout=max(1, round(timeout)), **override,
         )
     except psycopg.Error as exc:
-        raise ConsoleError(_libpq_message(exc), getattr(exc, "sqlstate", None)) from None
+        message = _libpq_message(exc, dsn.secrets)
+        raise ConsoleError(message, getattr(exc, "sqlstate", None)) from None
     async with pconn:
         for cmd in commands:
             cur = await pconn.execute(cmd.encode())
@@ -91,13 +100,13 @@ async def _read_with_psycopg(dsn: str, commands: list[str], timeout: float,
     return out
 
 
-def _libpq_message(exc: BaseException) -> str:
+def _libpq_message(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
     """The server's own words from a libpq error (``... failed: FATAL:  not allowed``)."""
     import re
 
-    from asyncpool.connect.dsn import redact
+    from asyncpool.connect.dsn import redact, scrub
 
-    text = redact(str(exc)).strip()
+    text = scrub(redact(str(exc)), secrets).strip()
     fatal = re.search(r"FATAL:\s+(.+)", text)
     return (fatal.group(1) if fatal else (text.splitlines() or [""])[-1]).strip()
 

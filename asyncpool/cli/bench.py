@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from asyncpool import __version__
 from asyncpool.cli.output import ProgressDisplay, number, table
 from asyncpool.config import PreparedStatements
-from asyncpool.connect.dsn import parse_target, redact
+from asyncpool.connect.dsn import DsnError, parse_target, redact
 from asyncpool.load import DEFAULT_QUERY, LoadError, LoadSpec, LoadSpecError, LoadTarget, run_load
 from asyncpool.load.servers import LocalServers
 from asyncpool.load.spec import Driver, Telemetry
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(bench(args, sys.stdout, sys.stderr))
-    except HarnessError as exc:
+    except (HarnessError, DsnError) as exc:
         print(f"asyncpool bench: {redact(str(exc))}", file=sys.stderr)
         return 2
 

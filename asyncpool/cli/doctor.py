@@ -11,11 +11,10 @@ import sys
 import time
 from dataclasses import asdict
 from typing import Any, TextIO
-from urllib.parse import parse_qs, urlsplit
 
 from asyncpool.cli.diagnosis import Diagnosis, Facts, diagnose
 from asyncpool.cli.probe import probe_startup
-from asyncpool.connect.dsn import Target, parse_target, redact
+from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn, redact, scrub
 
 _RDS_PROXY_HOST = re.compile(r"\.proxy-[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com$", re.I)
 # PgBouncer settings worth seeing next to the pool mode.
@@ -30,29 +29,43 @@ def run(args: argparse.Namespace) -> int:
 async def doctor(dsn: str, admin_dsn: str | None, timeout: float, as_json: bool,
                  out: TextIO) -> int:
     try:
-        target = parse_target(dsn)
-    except ValueError as exc:
+        parsed = parse_dsn(dsn)
+    except DsnError as exc:
         out.write(f"asyncpool doctor: {exc}\n")
         return 2
-    facts = await gather_facts(dsn, target, admin_dsn, timeout)
+    try:
+        admin = parse_dsn(admin_dsn) if admin_dsn else None
+    except DsnError as exc:
+        out.write(f"asyncpool doctor: --admin-dsn: {exc}\n")
+        return 2
+    del dsn, admin_dsn  # only the parsed parts from here on (error trackers record locals)
+    facts = await gather_facts(parsed, parsed.target(), admin, timeout)
     diagnosis = diagnose(facts)
     out.write(render_json(facts, diagnosis) if as_json else render_text(facts, diagnosis))
     return diagnosis.exit_code
 
 
-async def gather_facts(dsn: str, target: Target, admin_dsn: str | None,
+async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDsn | str | None,
                        timeout: float) -> Facts:
-    """Log in once (asyncpg), probe the authentication request, and read PgBouncer if present."""
+    """Log in once (asyncpg), probe the authentication request, and read PgBouncer if present.
+
+    asyncpg gets the DSN rebuilt from its parsed parts and the password as a keyword, so no
+    parser (asyncpg's, libpq's) ever sees, or quotes, the text the user wrote."""
     import asyncpg
 
     from asyncpool.connect.failures import translate
 
+    if isinstance(dsn, str):
+        dsn = parse_dsn(dsn)
+    if isinstance(admin_dsn, str):
+        admin_dsn = parse_dsn(admin_dsn)
     facts = Facts(target=str(target), host=target.host)
     started = time.perf_counter()
     try:
-        conn = await asyncpg.connect(dsn, timeout=timeout, statement_cache_size=0)
+        conn = await asyncpg.connect(dsn.for_driver(), password=dsn.password, timeout=timeout,
+                                     statement_cache_size=0)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        error = translate(exc, target, "doctor", timeout)
+        error = translate(exc, target, "doctor", timeout, secrets=dsn.secrets)
         # "pool 'doctor' could not connect to X: why; what to do" -> "could not connect ...".
         facts.connect_error = "could not connect" + str(error).split("could not connect", 1)[-1]
         facts.auth_failed = type(error).__name__ == "AuthenticationError"
@@ -89,9 +102,8 @@ async def _read_connection(conn: Any, facts: Facts) -> None:
                                                            " WHERE backend_type = 'client backend'"))
 
 
-async def _probe(dsn: str, target: Target, timeout: float, facts: Facts) -> None:
-    modes = parse_qs(urlsplit(dsn).query).get("sslmode")
-    facts.sslmode = modes[0] if modes else os.environ.get("PGSSLMODE", "prefer")
+async def _probe(dsn: ParsedDsn, target: Target, timeout: float, facts: Facts) -> None:
+    facts.sslmode = dsn.params.get("sslmode") or os.environ.get("PGSSLMODE", "prefer")
     ask_tls = facts.sslmode != "disable"
     try:
         probe = await probe_startup(target.host, target.port, target.user, target.database,
@@ -103,8 +115,8 @@ async def _probe(dsn: str, target: Target, timeout: float, facts: Facts) -> None
     facts.sasl_mechanisms = probe.sasl_mechanisms
 
 
-async def _read_pgbouncer(dsn: str, target: Target, admin_dsn: str | None, timeout: float,
-                          facts: Facts) -> None:
+async def _read_pgbouncer(dsn: ParsedDsn, target: Target, admin_dsn: ParsedDsn | None,
+                          timeout: float, facts: Facts) -> None:
     """PgBouncer's version and settings from its admin console: `admin_dsn`, or by default the
     application's own login with database ``pgbouncer``."""
     import asyncpg
@@ -124,7 +136,7 @@ async def _read_pgbouncer(dsn: str, target: Target, admin_dsn: str | None, timeo
         facts.admin_unreadable = True
         return
     except (ConsoleError, asyncpg.PostgresError) as exc:
-        text = redact(str(exc)).strip()
+        text = _shown(exc, dsn, admin_dsn)
         if text == "not allowed":
             # PgBouncer's answer to a user outside admin_users/stats_users: it is a PgBouncer.
             facts.pooler = "pgbouncer"
@@ -132,7 +144,7 @@ async def _read_pgbouncer(dsn: str, target: Target, admin_dsn: str | None, timeo
         facts.admin_error = text
         return
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-        facts.admin_error = redact(str(exc)).strip() or type(exc).__name__
+        facts.admin_error = _shown(exc, dsn, admin_dsn) or type(exc).__name__
         return
     facts.pooler = "pgbouncer"
     facts.pooler_evidence = "admin console"
@@ -143,6 +155,12 @@ async def _read_pgbouncer(dsn: str, target: Target, admin_dsn: str | None, timeo
     facts.max_prepared_statements = int(config.get("max_prepared_statements", "0") or 0)
     facts.pgbouncer_settings = {k: config[k] for k in _PGBOUNCER_SETTINGS if k in config}
     facts.pool_mode = _effective_pool_mode(config, rows["SHOW DATABASES"], rows["SHOW USERS"], target)
+
+
+def _shown(exc: BaseException, *dsns: ParsedDsn | None) -> str:
+    """An error's text as doctor prints it: no password, nor any piece of one."""
+    secrets = [s for d in dsns if d is not None for s in d.secrets]
+    return scrub(redact(str(exc)), secrets).strip()
 
 
 def _effective_pool_mode(config: dict[str, str], databases: list[dict[str, Any]],

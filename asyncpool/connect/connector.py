@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from asyncpool.config import PoolConfig
-from asyncpool.connect.dsn import Target, dsn_password, parse_target
-from asyncpool.connect.failures import is_auth_failure, translate
+from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
+from asyncpool.connect.failures import translate
 from asyncpool.connect.tls import require_tls, ssl_argument
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
+from asyncpool.errors import AuthenticationError, ConnectError
 from asyncpool.observer import ConnectAttempt, PoolObserver
 
 if TYPE_CHECKING:
@@ -37,17 +38,31 @@ class Connector:
     def __init__(self, config: PoolConfig, observer: PoolObserver) -> None:
         self.config = config
         self.observer = observer
+        # Parsed once, here; asyncpg gets it rebuilt without the password (`for_driver`).
+        self._dsn: ParsedDsn | None = None
+        problem = None
+        try:
+            self._dsn = parse_dsn(config.dsn) if config.dsn else None
+        except DsnError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise DsnError(f"pool {config.name!r}: {problem}")
         kw = dict(config.connect_kwargs)
-        self.target: Target = parse_target(
-            config.dsn,
+        self.target: Target = (self._dsn or _NO_DSN).target(
             host=kw.get("host"),
             port=kw.get("port"),
             user=kw.get("user"),
             database=kw.get("database"),
         )
+        explicit = kw.pop("password", None)
         self.credentials: CredentialProvider | None = config.credentials or _default_credentials(
-            config, kw.pop("password", None)
+            self._dsn, explicit
         )
+        # Secrets known here, scrubbed from every message a failure produces.
+        known = [*(self._dsn.secrets if self._dsn else ()), explicit]
+        if isinstance(self.credentials, StaticPassword):
+            known.append(self.credentials.reveal())
+        self._secrets = tuple(s for s in known if isinstance(s, str) and s)
         if self.credentials is not None and self.credentials.requires_tls:
             require_tls(config)
         #: The description cache's counts over all connections ("unnamed" mode only).
@@ -82,24 +97,25 @@ class Connector:
     async def connect(self, cut_short: CutShort | None = None) -> asyncpg.Connection:
         """One new connection; on an authentication failure, refresh credentials and retry once.
 
-        `cut_short` tells, if this login is cancelled, what its caller was told instead."""
+        `cut_short` tells, if this login is cancelled, what its caller was told instead.
+        Failures are `ConnectError`s with the driver error's class and SQLSTATE as attributes
+        and no cause or context: the driver's frames hold the password (error trackers record
+        frame locals)."""
+        refused: AuthenticationError
         try:
             return await self._attempt(cut_short)
-        except asyncpg.PostgresError as exc:
-            if (
-                self.credentials is None
-                or not is_auth_failure(exc)
-                or not await self.credentials.refresh(self.target)
-            ):
-                raise self._translate(exc) from exc
-        try:
-            return await self._attempt(cut_short)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            raise self._translate(exc) from exc
+        except AuthenticationError as exc:
+            refused = exc
+        # Outside the except block, so no exception becomes the next one's __context__.
+        if self.credentials is None or not await self.credentials.refresh(self.target):
+            raise refused
+        del refused
+        return await self._attempt(cut_short)
 
-    def _translate(self, exc: BaseException) -> Exception:
+    def _translate(self, exc: BaseException) -> ConnectError:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
-        return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint)
+        return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
+                         secrets=self._secrets)
 
     async def _attempt(self, cut_short: CutShort | None) -> asyncpg.Connection:
         cred_times: list[int] = []
@@ -123,18 +139,15 @@ class Connector:
         started = time.time_ns()
         error: BaseException | None = None
         caller_error: type[BaseException] | None = None
+        dsn = self._dsn.for_driver() if self._dsn is not None else None
         try:
-            conn: asyncpg.Connection = await asyncpg.connect(self.config.dsn, **kwargs)
+            conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
             return conn
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            error = exc
-            translated = self._translate(exc)
-            # A refused login (PostgresError) goes up as it is, for connect() to retry once, and
-            # is translated there: either way the caller is given `translated`'s class.
-            caller_error = type(translated)
-            if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-                raise translated from exc
-            raise
+            # Only what matters is kept (class, SQLSTATE, a scrubbed message): the driver's
+            # exception and its frames are dropped when this block ends.
+            error = self._translate(exc)
+            caller_error = type(error)
         except asyncio.CancelledError as exc:
             error = exc
             caller_error = cut_short.caller_error if cut_short is not None else type(exc)
@@ -155,9 +168,14 @@ class Connector:
                     caller_error=caller_error,
                 )
             )
+        # Raised outside the except block: no __context__ either.
+        raise error
 
 
-def _default_credentials(config: PoolConfig, explicit: str | None) -> CredentialProvider | None:
+_NO_DSN = ParsedDsn("postgresql", None, None, (), None, {})
+
+
+def _default_credentials(dsn: ParsedDsn | None, explicit: str | None) -> CredentialProvider | None:
     """The DSN's (or `connect_kwargs`', or PGPASSWORD's) password as a provider, if any."""
-    password = explicit or dsn_password(config.dsn) or os.environ.get("PGPASSWORD")
+    password = explicit or (dsn.password if dsn else None) or os.environ.get("PGPASSWORD")
     return StaticPassword(password) if password else None

@@ -1,32 +1,105 @@
-"""Reading and redacting PostgreSQL connection strings."""
+"""Reading and redacting PostgreSQL connection strings.
+
+A DSN is parsed once, here, by a guard that never quotes what it reads: its errors say what is
+wrong and how to write it, never which characters were there (a DSN's user info holds a password,
+and a typo in it is exactly when a parser would quote it). A DSN is shown only as rebuilt from its
+parsed parts, with the password replaced (`ParsedDsn.redacted`), and the driver is given a DSN
+rebuilt the same way, without the password (it gets that as a keyword), so asyncpg, libpq and
+asyncpool cannot read one string three ways.
+
+Rejected, with advice to percent-encode: a character that ends the user info early (``/ ? # @``,
+so ``postgresql://app:42/SECRET@host/db`` is not host "app", port 42), a second ``@``, spaces,
+control and non-ASCII characters (the fullwidth at sign and solidus included), a ``%`` not followed by two
+hex digits, a ``+`` in the query (a space to asyncpg, a plus to libpq), a query field without
+``=``, and a setting given twice (asyncpg reads the last ``?host=``, a first-wins reader the first;
+the address and ``?host=`` at once, too).
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import quote, unquote_to_bytes
 
 from asyncpool.errors import PoolConfigError
 
 _SCHEMES = ("postgresql", "postgres")
-# user:password@ in a URL, up to the last @ on the line: a password with an unescaped @, /,
-# space or quote (a DSN typo) must not leave any of itself behind. Hiding more is harmless.
-# Also password=... in a key/value string or query.
+# libpq / asyncpg connection keywords a DSN's query may hold; any other key is a server setting.
+_KEYWORDS = frozenset({
+    "host", "hostaddr", "port", "dbname", "database", "user", "password", "passfile",
+    "sslmode", "sslcert", "sslkey", "sslrootcert", "sslnegotiation", "sslcrl", "sslpassword",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
+    "krbsrvname", "gsslib", "service", "application_name", "connect_timeout", "options",
+    "require_auth", "channel_binding",
+})
+#: Query keys whose values are secrets: held, given to the driver, never shown.
+SECRET_KEYS = frozenset({"password", "sslpassword"})
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+_ENCODE_ADVICE = (
+    "percent-encode the password (and names) with urllib.parse.quote(text, safe=''): / is %2F, "
+    "@ %40, # %23, ? %3F, % %25, & %26, + %2B, a space %20"
+)
+_NOT_SHOWN = "(the DSN is not shown: it may hold a password)"
+_UNPARSEABLE = "<DSN not shown: it could not be parsed>"
+
+# For free text (a driver's or a tool's message): user:password@ in a URL up to the last @ on
+# the line, password=... in a key/value string or query, and an IAM token's signing parts.
 _URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@\s]*:)(?P<secret>[^\n]*)(?P<post>@)")
 _KV_PASSWORD = re.compile(
     r"(?P<pre>\b(?:ssl)?password\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.I
 )
-# The signing parts of an RDS IAM token (a presigned URL), should one be quoted back.
 _SIGV4 = re.compile(
     r"(?P<pre>X-Amz-(?:Signature|Security-Token|Credential)=)(?P<secret>[^&\s'\"]+)", re.I
 )
+#: The shortest piece of a secret that `scrub` hides wherever it appears.
+FRAGMENT = 4
+
+
+class DsnError(PoolConfigError):
+    """A DSN asyncpool will not read. The message says why, never what the DSN holds."""
+
+
+class _Invalid(Exception):
+    """Raised inside the parser; turned into `DsnError` in a frame that holds no DSN."""
 
 
 def redact(text: str) -> str:
-    """`text` with every DSN password and IAM token signature replaced by `***`."""
+    """`text` with every DSN password and IAM token signature replaced by `***`.
+
+    For free text only (a driver's message); a DSN itself is shown with `redact_dsn`.
+    """
     text = _URL_PASSWORD.sub(lambda m: f"{m['pre']}***{m['post']}", text)
     text = _KV_PASSWORD.sub(lambda m: f"{m['pre']}***", text)
     return _SIGV4.sub(lambda m: f"{m['pre']}***", text)
+
+
+def scrub(text: str, secrets: Iterable[str | None]) -> str:
+    """`text` with every piece of `FRAGMENT` or more characters of any of `secrets` replaced by
+    ``***`` (a message that quotes part of a password shows none of it)."""
+    grams: set[str] = set()
+    for secret in secrets:
+        if secret and len(secret) >= FRAGMENT:
+            grams.update(secret[i : i + FRAGMENT] for i in range(len(secret) - FRAGMENT + 1))
+    if not grams or len(text) < FRAGMENT:
+        return text
+    hidden = [False] * len(text)
+    for i in range(len(text) - FRAGMENT + 1):
+        if text[i : i + FRAGMENT] in grams:
+            for j in range(i, i + FRAGMENT):
+                hidden[j] = True
+    if not any(hidden):
+        return text
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if not hidden[i]:
+            out.append(ch)
+        elif i == 0 or not hidden[i - 1]:
+            out.append("***")
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -42,48 +115,269 @@ class Target:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
 
+@dataclass(frozen=True)
+class ParsedDsn:
+    """A DSN's parts, decoded. `password` and secret query values never show in its repr."""
+
+    scheme: str
+    user: str | None
+    password: str | None = field(repr=False)
+    #: (host, port) pairs in order; host "" means the default (a local socket or localhost).
+    hosts: tuple[tuple[str, int | None], ...]
+    database: str | None
+    #: Query parameters, decoded, without ``password``; `SECRET_KEYS` values are never shown.
+    params: Mapping[str, str] = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"ParsedDsn({self.redacted()!r})"
+
+    __str__ = __repr__
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret the DSN holds (to scrub from messages)."""
+        values = [self.password] + [self.params.get(k) for k in SECRET_KEYS]
+        return tuple(v for v in values if v)
+
+    def redacted(self) -> str:
+        """The DSN rebuilt from its parts, every secret written as ``***``."""
+        return self._build(hide=True)
+
+    def for_driver(self) -> str:
+        """The DSN rebuilt, encoded the one way asyncpg and libpq both read, without the
+        password (pass that as a keyword)."""
+        return self._build(hide=False)
+
+    def _build(self, *, hide: bool) -> str:
+        """hide: every secret as ``***``; otherwise the password left out, the rest encoded."""
+        userinfo = ""
+        if self.user is not None:
+            userinfo = _encode(self.user)
+        if hide and self.password:
+            userinfo += ":***"
+        if userinfo:
+            userinfo += "@"
+        hosts = ",".join(
+            (f"[{h}]" if ":" in h else _encode(h)) + (f":{p}" if p is not None else "")
+            for h, p in self.hosts
+        )
+        path = "/" + _encode(self.database) if self.database is not None else ""
+        fields = []
+        for key, value in self.params.items():
+            shown = "***" if hide and key in SECRET_KEYS else _encode(value)
+            fields.append(f"{_encode(key)}={shown}")
+        query = "?" + "&".join(fields) if fields else ""
+        return f"{self.scheme}://{userinfo}{hosts}{path}{query}"
+
+    def target(self, *, host: str | None = None, port: int | None = None,
+               user: str | None = None, database: str | None = None) -> Target:
+        """The first host, port, user and database, with explicit options winning.
+
+        Mirrors libpq's defaults: port 5432, database = user.
+        """
+        first_host, first_port = self.hosts[0] if self.hosts else ("", None)
+        host = host or first_host or "localhost"
+        port = port or first_port or 5432
+        user = user or self.user or "postgres"
+        database = database or self.database or user
+        return Target(host=host, port=port, user=user, database=database)
+
+
+def parse_dsn(dsn: str) -> ParsedDsn:
+    """`dsn` checked and decoded; `DsnError` (never quoting it) when it is not a DSN asyncpool
+    reads one way only."""
+    try:
+        return _parse(dsn)
+    except _Invalid as exc:
+        reason = str(exc)
+    # Raised from a frame that no longer holds the DSN: error trackers record frame locals.
+    del dsn
+    raise DsnError(f"the DSN cannot be used: {reason} {_NOT_SHOWN}")
+
+
+def redact_dsn(dsn: str | None) -> str:
+    """`dsn` rebuilt from its parsed parts with its secrets as ``***`` (or a placeholder)."""
+    if dsn is None:
+        return "None"
+    try:
+        return parse_dsn(dsn).redacted()
+    except DsnError:
+        return _UNPARSEABLE
+
+
 def parse_target(dsn: str | None, *, host: str | None = None, port: int | None = None,
                  user: str | None = None, database: str | None = None) -> Target:
-    """The first host, port, user and database a DSN (plus explicit options) names.
-
-    Mirrors libpq's defaults: port 5432, database = user.
-    """
-    query: dict[str, list[str]] = {}
-    if dsn:
-        parts = urlsplit(dsn)
-        if parts.scheme not in _SCHEMES:
-            raise PoolConfigError(
-                f"DSN {redact(dsn)!r} is not a postgresql:// URL: "
-                "write it as postgresql://user@host:port/database"
-            )
-        query = parse_qs(parts.query)
-        try:
-            dsn_port = parts.port
-        except ValueError as exc:
-            raise PoolConfigError(f"DSN {redact(dsn)!r} has an invalid port: {exc}") from None
-        host = host or (unquote(parts.hostname) if parts.hostname else None)
-        port = port or dsn_port
-        user = user or (unquote(parts.username) if parts.username else None)
-        path_db = unquote(parts.path.lstrip("/"))
-        database = database or path_db or None
-    host = host or _first(query.get("host")) or "localhost"
-    port = port or int(_first(query.get("port")) or 5432)
-    user = user or _first(query.get("user")) or "postgres"
-    database = database or _first(query.get("dbname")) or user
-    if "," in host:
-        host = host.split(",")[0]
-    return Target(host=host, port=port, user=user, database=database)
+    """The first host, port, user and database a DSN (plus explicit options) names."""
+    parsed = parse_dsn(dsn) if dsn else _EMPTY
+    return parsed.target(host=host, port=port, user=user, database=database)
 
 
 def dsn_password(dsn: str | None) -> str | None:
-    """The password written in the DSN, if any."""
-    if not dsn:
+    """The password written in the DSN (user info or ``?password=``), if any."""
+    return parse_dsn(dsn).password if dsn else None
+
+
+def _encode(text: str) -> str:
+    return quote(text, safe="")
+
+
+def _decode(text: str, what: str) -> str:
+    try:
+        return unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Invalid(
+            f"the {what} has percent-encoded bytes that are not UTF-8; encode the text as UTF-8"
+        ) from None
+
+
+def _parse(dsn: str) -> ParsedDsn:
+    if not isinstance(dsn, str):
+        raise _Invalid(f"a DSN is a string, not {type(dsn).__name__}")
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or scheme.lower() not in _SCHEMES:
+        shown = f" (scheme {scheme!r})" if sep and scheme.isalnum() and len(scheme) < 20 else ""
+        raise _Invalid(
+            f"it is not a postgresql:// URL{shown}: write it as "
+            "postgresql://user:password@host:port/database (key=value strings are not read)"
+        )
+    if any(ch.isspace() or not ch.isprintable() or ord(ch) > 127 for ch in rest):
+        raise _Invalid(
+            "it holds a space, a line break, a control or a non-ASCII character (fullwidth "
+            f"\uff20 and \uff0f included): {_ENCODE_ADVICE}"
+        )
+    if "#" in rest:
+        raise _Invalid(f"it holds a # (a DSN has no fragment): {_ENCODE_ADVICE}")
+    if _BAD_PERCENT.search(rest):
+        raise _Invalid(f"it holds a % not followed by two hex digits: {_ENCODE_ADVICE}")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in tail or authority.count("@") > 1:
+        raise _Invalid(
+            "an @ appears after the user info ends (or twice): the password (or user name) "
+            "holds a character that ends it early, one of / ? # @, which would make part of it "
+            f"the host, port or database; {_ENCODE_ADVICE}"
+        )
+    user = password = None
+    if "@" in authority:
+        userinfo, _, hostspec = authority.partition("@")
+        raw_user, colon, raw_password = userinfo.partition(":")
+        user = _decode(raw_user, "user name") or None
+        password = (_decode(raw_password, "password") or None) if colon else None
+    else:
+        hostspec = authority
+    hosts = _hosts(hostspec)
+    path, _, query = tail.partition("?")
+    database = _decode(path[1:], "database name") or None if path else None
+    params = _query(query)
+    database = _take_database(database, params)
+    user = _take(user, params, "user", "user")
+    password = _take(password, params, "password", "password")
+    hosts = _take_hosts(hosts, params)
+    return ParsedDsn(scheme.lower(), user, password, hosts, database, MappingProxyType(params))
+
+
+def _hosts(hostspec: str) -> tuple[tuple[str, int | None], ...]:
+    if not hostspec:
+        return ()
+    hosts: list[tuple[str, int | None]] = []
+    for item in hostspec.split(","):
+        if item.startswith("["):
+            host, bracket, after = item[1:].partition("]")
+            if not bracket or (after and not after.startswith(":")):
+                raise _Invalid("an IPv6 address in it is not written [address]:port")
+            raw_port = after[1:] if after else None
+        else:
+            host, colon, port_text = item.partition(":")
+            raw_port = port_text if colon else None
+            host = _decode(host, "host name")
+        hosts.append((host, _port(raw_port)))
+    return tuple(hosts)
+
+
+def _port(raw: str | None) -> int | None:
+    if raw is None or raw == "":
         return None
-    parts = urlsplit(dsn)
-    if parts.password:
-        return unquote(parts.password)
-    return _first(parse_qs(parts.query).get("password"))
+    if not _PORT.match(raw) or not 1 <= int(raw) <= 65535:
+        raise _Invalid(
+            "a port is not a number from 1 to 65535 (if a password comes before it, the @ "
+            f"after the password is missing or a character in it ends the user info: "
+            f"{_ENCODE_ADVICE})"
+        )
+    return int(raw)
 
 
-def _first(values: list[str] | None) -> str | None:
-    return values[0] if values else None
+def _query(query: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    if not query:
+        return params
+    if "+" in query:
+        raise _Invalid(
+            "its query holds a +, which asyncpg reads as a space and libpq as a plus: "
+            + _ENCODE_ADVICE
+        )
+    fields = query.split("&")
+    has_secret = any(f.partition("=")[0] in SECRET_KEYS for f in fields)
+    for item in fields:
+        raw_key, eq, raw_value = item.partition("=")
+        key = _decode(raw_key, "query key")
+        if not eq or not _SETTING_NAME.match(key) or (has_secret and key not in _KEYWORDS):
+            # Never named: with a password in the query, this may be a piece of it after an &.
+            raise _Invalid(
+                "its query has a field that is not key=value with a known key (when the query "
+                f"holds a password, an & or = in the password splits it: {_ENCODE_ADVICE}); "
+                "give server settings with server_settings=, not in the query"
+            )
+        if key in params:
+            raise _Invalid(
+                f"query key {key!r} is given twice: asyncpg reads the last, other tools the "
+                "first; keep one"
+            )
+        params[key] = _decode(raw_value, f"value of {key!r}")
+    return params
+
+
+# ``?dbname=``/``?user=``/``?password=``/``?host=``/``?port=`` fold into the parts; the same
+# setting in the address and in the query is an error (which one wins depends on the reader).
+
+
+def _conflict(what: str, key: str) -> _Invalid:
+    return _Invalid(f"it gives the {what} twice, in the address and as ?{key}=; keep one")
+
+
+def _take(value: str | None, params: dict[str, str], key: str, what: str) -> str | None:
+    if key not in params:
+        return value
+    if value is not None:
+        raise _conflict(what, key)
+    return params.pop(key) or None
+
+
+def _take_database(database: str | None, params: dict[str, str]) -> str | None:
+    if "dbname" in params and "database" in params:
+        raise _Invalid("it gives the database twice, as ?dbname= and ?database=; keep one")
+    database = _take(database, params, "dbname", "database")
+    return _take(database, params, "database", "database")
+
+
+def _take_hosts(hosts: tuple[tuple[str, int | None], ...],
+                params: dict[str, str]) -> tuple[tuple[str, int | None], ...]:
+    if "host" in params:
+        if hosts:
+            raise _conflict("host", "host")
+        names = params.pop("host").split(",")
+        ports: list[int | None] = [None] * len(names)
+        if "port" in params:
+            texts = params.pop("port").split(",")
+            if len(texts) not in (1, len(names)):
+                raise _Invalid("?port= names neither one port nor one per host")
+            ports = [_port(t) for t in texts] * (len(names) if len(texts) == 1 else 1)
+        return tuple(zip(names, ports, strict=True))
+    if "port" in params:
+        if any(p is not None for _, p in hosts):
+            raise _conflict("port", "port")
+        port = _port(params.pop("port"))
+        return tuple((h, port) for h, _ in hosts) or (("", port),)
+    return hosts
+
+
+_EMPTY = ParsedDsn("postgresql", None, None, (), None, MappingProxyType({}))

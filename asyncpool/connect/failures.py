@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Iterable
 
 import asyncpg
 
-from asyncpool.connect.dsn import Target, redact
+from asyncpool.connect.dsn import Target, redact, scrub
 from asyncpool.errors import (
     AuthenticationError,
     ConnectError,
@@ -32,15 +33,19 @@ def is_auth_failure(exc: BaseException) -> bool:
 
 def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
     exc: BaseException, target: Target, pool_name: str, timeout: float,
-    auth_hint: str | None = None,
+    auth_hint: str | None = None, *, secrets: Iterable[str] = (),
 ) -> ConnectError:
-    """The asyncpool error for a failed login to `target`; the driver's error becomes its cause.
+    """The asyncpool error for a failed login to `target`.
 
+    It keeps the driver error's class (`driver_error_class`) and SQLSTATE (`sqlstate`) and a
+    message with every known secret (`secrets`) scrubbed, but not the driver's error itself: its
+    frames hold the connection parameters, password included, and error trackers record frame
+    locals. Raise it outside the ``except`` block (or ``from None``) so it has no context either.
     `auth_hint` (from the credentials provider) replaces the generic advice for refused logins.
     """
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
-    text = redact(str(exc))
+    text = scrub(redact(str(exc)), secrets)
     error: ConnectError
     if is_auth_failure(exc):
         error = AuthenticationError(
@@ -110,7 +115,16 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
         error.transient = False
     else:
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
-    error.__cause__ = exc
+    return _keep_facts_of(exc, error)
+
+
+def _keep_facts_of(exc: BaseException, error: ConnectError) -> ConnectError:
+    """Copy the driver error's SQLSTATE and class into `error`, and chain nothing to it."""
+    state = getattr(exc, "sqlstate", None)
+    error.sqlstate = state if isinstance(state, str) else None
+    error.driver_error_class = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    error.__cause__ = None
+    error.__suppress_context__ = True
     return error
 
 

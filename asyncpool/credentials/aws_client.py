@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import re
-import threading
 from typing import Any
 
 from asyncpool.errors import CredentialsError
@@ -23,44 +22,83 @@ READ_TIMEOUT = 3.0
 MAX_ATTEMPTS = 2
 
 _REGION_LABEL = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+$")
-# An IAM token's credential scope (plain or URL-encoded), or a secret's value in an answer.
-_REVEALING = re.compile(r'rds-db(?:/|%2F)aws4_request|"SecretString"|"SecretBinary"')
-_HIDDEN = "(hidden by asyncpool: it would reveal an IAM token or a secret)"
+# What in a botocore record would let its reader log in or replay a request: a SigV4
+# Authorization header or signature, a session token, a presigned URL's signing parts (an IAM
+# token), a Secrets Manager answer (the secret's value), AWS credentials themselves.
+_REVEALING = re.compile(
+    r"authorization|x-amz-security-token|x-amz-signature|x-amz-credential|signature=|"
+    r"rds-db(?:/|%2F)aws4_request|secretstring|secretbinary|secretaccesskey|sessiontoken|"
+    r"aws_secret_access_key|aws_session_token",
+    re.I,
+)
+# botocore.auth logs the canonical request (session token included), the string to sign and the
+# signature of every request and every IAM token: only this line of it is worth keeping.
+_AUTH_KEPT = re.compile(r"^Calculating signature using \S+ auth\.?$")
+_HIDDEN = (
+    "(hidden by asyncpool: this botocore record would reveal a signature, a session or IAM "
+    "token, or a secret)"
+)
+# Loggers that handle AWS requests and answers. Filters on a logger apply only to records made on
+# it (not to those of its children), so each gets the filter; getLogger creates the ones not
+# imported yet, and every botocore/aiobotocore logger that exists when a client is made gets it.
+_AWS_LOGGERS = (
+    "botocore.auth", "botocore.endpoint", "botocore.parsers", "botocore.awsrequest",
+    "botocore.httpsession", "botocore.hooks", "botocore.retryhandler", "botocore.retries.standard",
+    "botocore.credentials", "botocore.client", "botocore.utils", "botocore.signers",
+    "aiobotocore.endpoint", "aiobotocore.httpsession", "aiobotocore.credentials",
+    "aiobotocore.parsers", "aiobotocore.client", "aiobotocore.signers", "aiobotocore.utils",
+)
+_AWS_PREFIXES = ("botocore", "aiobotocore", "boto3", "aioboto3", "s3transfer")
 
 
 class _SecretLogFilter(logging.Filter):
-    """Redacts the DEBUG records in which botocore shows an IAM token's signing (canonical
-    request, string to sign, signature) or a Secrets Manager answer (the secret's value)."""
+    """Hides every record in which botocore shows request signing (canonical request, string to
+    sign, signature, Authorization header, session token), an IAM token or a secret's value.
 
-    def __init__(self) -> None:
-        super().__init__()
-        # botocore logs the signature in a record of its own, right after the string to sign,
-        # in the same synchronous call: remember per thread that the next one is a token's.
-        self._after_token = threading.local()
+    The record's message is replaced, not dropped, so a reader still sees that a call was made.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        hide = bool(_REVEALING.search(text))
-        if record.name == "botocore.auth":
-            if text.startswith("Signature") and getattr(self._after_token, "flag", False):
-                hide = True
-            self._after_token.flag = hide and not text.startswith("Signature")
+        try:
+            text = record.getMessage()
+        except Exception:  # a record that cannot be formatted shows nothing of its arguments
+            text = ""
+            hide = True
+        else:
+            hide = bool(_REVEALING.search(text))
+        if record.name == "botocore.auth" and not _AUTH_KEPT.match(text):
+            hide = True
         if hide:
-            record.msg, record.args = "%s", (_HIDDEN,)
+            record.msg, record.args = _HIDDEN, None
+            record.exc_info = record.exc_text = None
         return True
 
 
 _SECRET_FILTER = _SecretLogFilter()
+_FILTERED: set[str] = set()
+# How many loggers existed at the last look (one more: look again).
+_loggers_seen = [-1]
 
 
 def hide_secrets_in_botocore_logs() -> None:
-    """Put the redacting filter on botocore's loggers (adding it twice is a no-op).
+    """Put the redacting filter on botocore's and aiobotocore's loggers (each once).
 
-    Applications that turn on DEBUG logging everywhere would otherwise log every IAM token and
-    every secret value this library fetches.
+    Applications that turn on DEBUG logging everywhere would otherwise log, for every AWS call
+    this library makes, a request a log reader could replay, every IAM token and every secret.
+    Called before and after a client is made and before each call (modules imported
+    meanwhile log too); it costs a length check when no logger was created since.
     """
-    for name in ("botocore.auth", "botocore.parsers", "botocore.endpoint"):
+    if len(logging.Logger.manager.loggerDict) == _loggers_seen[0]:
+        return
+    names = set(_AWS_LOGGERS)
+    names.update(
+        name for name in list(logging.Logger.manager.loggerDict)
+        if name.split(".", 1)[0] in _AWS_PREFIXES
+    )
+    for name in names - _FILTERED:
         logging.getLogger(name).addFilter(_SECRET_FILTER)
+        _FILTERED.add(name)
+    _loggers_seen[0] = len(logging.Logger.manager.loggerDict)
 
 
 def region_in_host(host: str) -> str | None:
@@ -103,6 +141,7 @@ class AwsClient:
 
     async def get(self) -> Any:
         """The client, created on the first call (concurrent first calls share one)."""
+        hide_secrets_in_botocore_logs()
         if self._client is not None:
             return self._client
         async with self._lock:
@@ -141,6 +180,7 @@ class AwsClient:
             doing = f"creating the AWS {self.service} client"
             raise aws_error(exc, doing, self.region, self.no_region_hint) from None
         self._stack = stack
+        hide_secrets_in_botocore_logs()
         return client
 
     async def close(self) -> None:

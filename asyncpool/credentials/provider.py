@@ -71,6 +71,10 @@ class StaticPassword:
     def __repr__(self) -> str:
         return "StaticPassword(***)"
 
+    def reveal(self) -> str:
+        """The password (for scrubbing it from messages; never print it)."""
+        return self._password
+
     async def password(self, target: Target) -> str:
         return self._password
 

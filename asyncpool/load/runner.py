@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from asyncpool.connect.dsn import redact
+from asyncpool.connect.dsn import redact, redact_dsn
 from asyncpool.load.result import LoadResult, WorkerReport
 from asyncpool.load.sampler import SamplingTask, make_sampler
 from asyncpool.load.spec import LoadSpec
@@ -47,7 +47,7 @@ class LoadTarget:
     named_statements: bool = False
 
     def __str__(self) -> str:
-        return f"{self.label} ({redact(self.dsn)})"
+        return f"{self.label} ({redact_dsn(self.dsn)})"
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from asyncpool.config import PreparedStatements
-from asyncpool.connect.dsn import redact
+from asyncpool.connect.dsn import redact_dsn
 
 Driver = Literal["asyncpool", "asyncpg", "asyncpg-pool", "psycopg-pool"]
 DRIVERS: tuple[Driver, ...] = get_args(Driver)
@@ -102,7 +102,7 @@ class LoadSpec:
 
     def __repr__(self) -> str:
         return (
-            f"LoadSpec(dsn={redact(self.dsn)!r}, clients={self.clients}, "
+            f"LoadSpec(dsn={redact_dsn(self.dsn)!r}, clients={self.clients}, "
             f"processes={self.processes}, duration={self.duration}, driver={self.driver!r}, "
             f"prepared_statements={self.prepared_statements!r}, telemetry={self.telemetry!r})"
         )
