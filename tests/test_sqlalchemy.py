@@ -4,8 +4,11 @@ modes, connections given back and discarded, codecs, errors, leaks."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import AsyncIterator
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from asyncpool import ConnectionLeakedError, ConnectionLostError, Pool, PoolTimeoutError
 from asyncpool.integrations.sqlalchemy import create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from tests.test_unnamed_wire import CountingRelay
 
 #: (PgBouncer, statement mode) pairs that must work: 1.18 has no prepared statements.
 MODES = [("legacy", "off"), ("legacy", "unnamed"), ("current", "on"), ("current", "unnamed")]
@@ -240,3 +244,124 @@ async def test_leaked_session_points_at_application_code(
         async with Session() as session:
             assert (await session.execute(sa.text("SELECT 7"))).scalar() == 7
         await engine.dispose()
+
+
+@pytest.fixture
+def statement_log(postgres: PostgresServer) -> Iterator[Callable[[str], collections.Counter[str]]]:
+    """The server logs every parse, bind and execute step (log_min_duration_statement = 0) while
+    the test runs; the returned function counts the steps logged so far for statements whose
+    text contains a marker."""
+    import asyncpg
+
+    async def configure(value: str | None) -> None:
+        admin = await asyncpg.connect(postgres.admin_dsn)
+        try:
+            if value is None:
+                await admin.execute("ALTER SYSTEM RESET log_min_duration_statement")
+            else:
+                await admin.execute(f"ALTER SYSTEM SET log_min_duration_statement = {value}")
+            await admin.execute("SELECT pg_reload_conf()")
+        finally:
+            await admin.close()
+
+    assert postgres.workdir is not None
+    log = postgres.workdir / "postgres.log"
+
+    def steps(marker: str) -> collections.Counter[str]:
+        counts: collections.Counter[str] = collections.Counter()
+        for line in log.read_text(errors="replace").splitlines():
+            found = re.search(r"duration: [\d.]+ ms  (parse|bind|execute) ([^:]*):", line)
+            if found and marker in line:
+                counts[found.group(1)] += 1
+        return counts
+
+    _run_sync(configure("0"))
+    time.sleep(0.3)  # backends read the new setting at their next command
+    try:
+        yield steps
+    finally:
+        _run_sync(configure(None))
+
+
+def _run_sync(coro: Any) -> None:
+    import threading
+
+    thread = threading.Thread(target=asyncio.run, args=(coro,))
+    thread.start()
+    thread.join(30)
+
+
+@pytest.mark.parametrize("case", [
+    ("legacy", "off", 2, 2), ("legacy", "unnamed", 1, 1), ("current", "on", 1, 0),
+    ("current", "unnamed", 1, 1),
+], ids=["1.18-off", "1.18-unnamed", "current-on", "current-unnamed"])
+async def test_round_trips_per_repeated_statement(
+        request: pytest.FixtureRequest, schema: None, case: tuple[str, str, int, int],
+        statement_log: Callable[[str], collections.Counter[str]]) -> None:
+    """Counted on the wire between the client and PgBouncer (each Sync, Flush or simple Query
+    makes the client wait for the server) and in the server's own log (each parse, bind and
+    execute step): SQLAlchemy's statements take the pool's path, not prepare() + execute."""
+    which, mode, trips, parses = case
+    server = _pooler(request, which)
+    marker = f"rt_probe_{which}_{mode}"
+    statement = sa.select(Item.name.label(marker)).where(Item.id == sa.bindparam("i"))
+    repeats = 20
+    async with CountingRelay(server.host, server.port) as relay, \
+            Pool(relay.dsn(server.dsn()), name=f"sqla-trips-{mode}", prepared_statements=mode,
+                 min_size=1, max_size=1, telemetry=False) as pool:
+        engine = create_async_engine(pool)
+        Session = async_sessionmaker(engine)
+
+        async def run(n: int) -> None:
+            async with Session() as session:
+                for i in range(n):
+                    await session.execute(statement, {"i": i})
+
+        await run(3)  # the engine's first connection, describing, introspection
+        sent_before = relay.sent.copy()
+        logged_before = statement_log(marker)
+        await run(repeats)
+        sent = relay.sent - sent_before
+        # BEGIN and ROLLBACK are one simple query each; each statement is a Sync (and a Flush
+        # when it is described first).
+        assert sent["Q"] == 2, sent
+        assert (sent["S"] + sent["H"]) / repeats == trips, sent
+        await asyncio.sleep(0.2)
+        logged = statement_log(marker) - logged_before
+        assert logged["execute"] == repeats, logged
+        assert logged["bind"] == repeats, logged
+        if mode == "on":
+            assert logged["parse"] <= 1, logged  # at most once per server connection
+        else:
+            assert logged["parse"] == parses * repeats, logged
+        if mode != "on":
+            assert relay.statement_names == {b""}, "a named statement breaks PgBouncer < 1.21"
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(("which", "mode"), MODES[:3], ids=["1.18-off", "1.18-unnamed",
+                                                              "current-on"])
+async def test_200_concurrent_sessions_in_four_processes(
+        request: pytest.FixtureRequest, schema: None, which: str, mode: str) -> None:
+    """Four processes, each a pool of 5 under 50 ORM sessions started at once (insert, flush,
+    query, then commit or rollback): no error, every pool back to in_use=0, no connection closed."""
+    import json
+    import os
+    import sys
+
+    server = _pooler(request, which)
+    env = {**os.environ, "ASYNCPOOL_TEST_DSN": server.dsn(), "SQLA_MODE": mode,
+           "SQLA_SESSIONS": "50"}
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.sqlalchemy_worker", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE) for _ in range(4)]
+    results = []
+    for proc in procs:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    for result in results:
+        assert result["error_count"] == 0, result
+        assert result["stored"] == result["committed"] == 40, result
+        assert (result["in_use"], result["closed_total"]) == (0, 0), result
+        assert result["size"] <= 5, result
