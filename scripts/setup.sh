@@ -71,4 +71,16 @@ if [ ! -x "$ds/bin/detect-secrets-hook" ]; then
   "$py" -m venv "$ds"
   "$ds/bin/python" -m pip install -q "detect-secrets==$ds_version" >&2
 fi
+# SQLAlchemy 2.0 for asyncpool.integrations.sqlalchemy's tests (.venv has 2.1): a venv holding only
+# SQLAlchemy 2.0, with .venv's packages behind it (a .pth file). docs/sqlalchemy.md has the command.
+sa20_version=2.0.58
+sa20=.cache/sqlalchemy-2.0
+sa20_site=$sa20/lib/$(.venv/bin/python -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages
+if [ ! -f "$sa20_site/sqlalchemy-$sa20_version.dist-info/METADATA" ]; then
+  echo "setup: installing SQLAlchemy $sa20_version into $sa20" >&2
+  .venv/bin/python -m venv --without-pip "$sa20"
+  .venv/bin/python -m pip install -q --no-deps --upgrade --target "$sa20_site" "sqlalchemy==$sa20_version" >&2
+  .venv/bin/python -c 'import os, sysconfig; print(os.path.realpath(sysconfig.get_path("purelib")))' \
+    > "$sa20_site/_asyncpool_dev_venv.pth"
+fi
 echo "setup: ready" >&2

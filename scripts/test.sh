@@ -19,6 +19,11 @@ status=0
 # everything in one process.
 workers=${ASYNCPOOL_TEST_WORKERS:-4}
 .venv/bin/pytest -q -p no:cacheprovider -n "$workers" "$@" || status=$?
+if [ $# -eq 0 ] && [ -x .cache/sqlalchemy-2.0/bin/python ]; then
+  echo "== SQLAlchemy 2.0 (the integration's tests; .venv has 2.1)"
+  .cache/sqlalchemy-2.0/bin/python -m pytest -q -p no:cacheprovider tests/test_sqlalchemy.py \
+    tests/test_sqlalchemy_example.py || status=$?
+fi
 echo "== leftover servers"
 .venv/bin/python scripts/check-no-leftover-servers.py --since "$before" || status=1
 exit $status

@@ -365,3 +365,23 @@ async def test_200_concurrent_sessions_in_four_processes(
         assert result["stored"] == result["committed"] == 40, result
         assert (result["in_use"], result["closed_total"]) == (0, 0), result
         assert result["size"] <= 5, result
+
+
+async def test_server_side_cursor_streams_inside_its_transaction(pool: Pool) -> None:
+    """``stream()`` keeps SQLAlchemy's own server-side cursor path: a portal inside the
+    transaction, which a transaction pooler keeps on one server connection."""
+    engine = create_async_engine(pool)
+    async with engine.connect() as conn:
+        result = await conn.stream(sa.text("SELECT generate_series(1, 250) AS n"))
+        assert [row.n async for row in result] == list(range(1, 251))
+    await _settled(pool)
+    assert pool.stats().closed_total == 0
+    await engine.dispose()
+
+
+def test_sqlalchemys_own_pool_options_are_refused() -> None:
+    pool = Pool("postgresql://u@127.0.0.1:1/db", telemetry=False)
+    for option, value in [("poolclass", sa.pool.AsyncAdaptedQueuePool), ("pool_size", 5),
+                          ("async_creator", pool.acquire), ("connect_args", {"ssl": True})]:
+        with pytest.raises(sa.exc.ArgumentError, match=option):
+            create_async_engine(pool, **{option: value})

@@ -6,6 +6,8 @@ Each submodule imports its framework, so import the one you use:
   invocation a pooled connection.
 - `asyncpool.integrations.fastapi`: a FastAPI dependency and a lifespan that keeps one pool across
   Mangum's per-invocation lifespans.
+- `asyncpool.integrations.sqlalchemy`: SQLAlchemy's async engine on a pool
+  (`create_async_engine(pool)`).
 - `asyncpool.integrations.aws_lambda`: pool defaults for one Lambda execution environment and a
   clean close at shutdown.
 - `asyncpool.integrations.invocation`: the invocation being served (request id, cold start), added
