@@ -385,3 +385,61 @@ def test_sqlalchemys_own_pool_options_are_refused() -> None:
                           ("async_creator", pool.acquire), ("connect_args", {"ssl": True})]:
         with pytest.raises(sa.exc.ArgumentError, match=option):
             create_async_engine(pool, **{option: value})
+
+
+async def test_invalidate_discards_the_connection_and_frees_its_slot(pool: Pool) -> None:
+    """SQLAlchemy's terminate() (what invalidate() calls) closes the server connection for good:
+    the pool does not get it back, and its slot serves the next checkout."""
+    engine = create_async_engine(pool)
+    closed = pool.stats().closed_total
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        server = raw.raw
+        await conn.invalidate()
+    await _settled(pool)
+    assert server.is_closed()
+    stats = pool.stats()
+    assert (stats.in_use, stats.closed_total) == (0, closed + 1)
+    async with engine.connect() as conn:
+        assert (await conn.execute(sa.text("SELECT 8"))).scalar() == 8
+    await engine.dispose()
+
+
+async def test_sqlalchemys_records_are_kept_and_lent_a_connection_per_checkout(pool: Pool) -> None:
+    """LendingPool keeps SQLAlchemy's records between checkouts (the connect event fires once per
+    record, not per session) while each checkout holds a connection of the pool only while it
+    is checked out; at most max_size records are kept."""
+    engine = create_async_engine(pool)
+    Session = async_sessionmaker(engine)
+    connects = checkouts = 0
+
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def on_connect(*_: Any) -> None:
+        nonlocal connects
+        connects += 1
+
+    @sa.event.listens_for(engine.sync_engine, "checkout")
+    def on_checkout(*_: Any) -> None:
+        nonlocal checkouts
+        checkouts += 1
+
+    for i in range(10):
+        async with Session() as session:
+            assert (await session.execute(sa.text(f"SELECT {i}"))).scalar() == i
+            assert pool.stats().in_use == 1
+        assert pool.stats().in_use == 0
+    assert (connects, checkouts) == (1, 10)
+
+    async def one() -> None:
+        async with Session() as session:
+            await session.execute(sa.text("SELECT pg_sleep(0.05)"))
+
+    await asyncio.gather(*(one() for _ in range(12)))  # more sessions than the pool's 5
+    await _settled(pool)
+    assert pool.stats().in_use == 0
+    lending = engine.sync_engine.pool
+    assert len(lending._spare) <= pool.stats().max_size  # type: ignore[attr-defined]
+    assert pool.stats().closed_total == 0
+    await engine.dispose()
+    assert pool.stats().in_use == 0

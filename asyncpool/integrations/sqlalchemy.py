@@ -9,14 +9,15 @@
     async with Session() as session, session.begin():
         session.add(Item(name="x"))
 
-Each SQLAlchemy connection is a checkout of `pool` (SQLAlchemy keeps no pool of its own: it runs
-with ``NullPool``), given back when SQLAlchemy closes it and discarded, its slot freed, when
-SQLAlchemy invalidates it. Statements run as ``conn.fetch()`` does, not through ``prepare()``,
-so they follow the pool's ``prepared_statements`` mode: ``"off"`` stays pooler-safe,
-``"on"`` uses asyncpg's statement cache (PgBouncer >= 1.21), and ``"unnamed"`` costs one round
-trip per repeated statement. No type codec is set on the pool's connections: JSON is decoded
-by SQLAlchemy's own result processing. asyncpool's errors reach the caller as the ``__cause__``
-(and ``.orig``) of SQLAlchemy's exception. See docs/sqlalchemy.md.
+Each SQLAlchemy connection is a checkout of `pool`: SQLAlchemy keeps no connections of its own
+(its pool, `LendingPool`, keeps only its bookkeeping between checkouts). A connection goes back
+to `pool` when SQLAlchemy returns it, and is discarded, its slot freed, when SQLAlchemy
+invalidates it. Statements run as ``conn.fetch()`` does, not through ``prepare()``, so they follow
+the pool's ``prepared_statements`` mode: ``"off"`` stays pooler-safe, ``"on"`` uses asyncpg's
+statement cache (PgBouncer >= 1.21), and ``"unnamed"`` costs one round trip per repeated
+statement. No type codec is set on the pool's connections: JSON is decoded by SQLAlchemy's own
+result processing. asyncpool's errors reach the caller as the ``__cause__`` (and ``.orig``) of
+SQLAlchemy's exception. See docs/sqlalchemy.md.
 
 SQLAlchemy 2.0 and 2.1 are supported.
 """
@@ -35,13 +36,13 @@ from typing import Any, ClassVar
 import asyncpg
 import sqlalchemy
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import pool as sa_pool
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
 from sqlalchemy.dialects.postgresql import json as pg_json
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
-from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import sqltypes
 from sqlalchemy.util import concurrency
 
@@ -59,7 +60,7 @@ from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE
 from asyncpool.pool.slots import UNSET
 
-__all__ = ["AsyncpoolDialect", "create_async_engine"]
+__all__ = ["AsyncpoolDialect", "LendingPool", "create_async_engine"]
 
 #: SQLAlchemy 2.0 keeps some adapter state under other names than 2.1.
 SQLALCHEMY_20 = sqlalchemy.__version__.startswith("2.0.")
@@ -112,8 +113,8 @@ def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
             "asyncpool's SQLAlchemy engine: native_inet_types=False needs a text codec for "
             "inet on every connection of the pool; not supported")
     return _sa_create_async_engine(
-        "postgresql+asyncpool://", poolclass=NullPool, connect_args={"asyncpool": pool},
-        **engine_kwargs,
+        "postgresql+asyncpool://", poolclass=LendingPool, asyncpool=pool,
+        connect_args={"asyncpool": pool}, **engine_kwargs,
     )
 
 
@@ -255,6 +256,16 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
             self._forget_transaction()
             _await(self._connection.close())
 
+    def _lend(self, connection: PooledConnection) -> None:
+        """Take the next checkout's connection (LendingPool keeps this adapter between them)."""
+        self._forget_transaction()
+        self._connection = connection
+
+    def _give_back(self) -> None:
+        """Return this checkout's connection to the pool; the adapter waits for the next one."""
+        self._forget_transaction()
+        _await(self._connection.close())
+
     def terminate(self) -> None:
         """Discard the connection: the pool closes it (waiting for a cancel request in flight
         first) and frees its slot. What SQLAlchemy calls when it invalidates a connection."""
@@ -298,6 +309,66 @@ class _DBAPI(_DBAPIBase):  # type: ignore[misc]
         return _Connection(self, conn, pool)
 
 
+class LendingPool(sa_pool.Pool):
+    """SQLAlchemy's pool over an asyncpool pool: it keeps SQLAlchemy's connection records and
+    their DB-API adapters between checkouts, and lends each checkout a connection of the
+    asyncpool pool (given back on return). What SQLAlchemy would otherwise build and tear down
+    for every session with ``NullPool`` (a record, an adapter, the connect events) is built once
+    per concurrent session.
+
+    A record invalidated by SQLAlchemy (a lost connection) has had its connection discarded;
+    its next checkout makes a new adapter through the creator. Records kept: at most the pool's
+    ``max_size``. The ``connect`` event fires once per record, not per server connection.
+    """
+
+    def __init__(self, creator: Any, asyncpool: Pool | None = None, **kwargs: Any) -> None:
+        # Not keyword-only: create_engine() passes a pool class only the arguments it names.
+        if asyncpool is None:
+            raise sa_exc.ArgumentError("LendingPool needs the asyncpool.Pool it lends from")
+        super().__init__(creator, **kwargs)
+        self._asyncpool = asyncpool
+        self._spare: list[Any] = []
+
+    def _do_get(self) -> Any:
+        if not self._spare:
+            return self._create_connection()
+        record = self._spare.pop()
+        adapter = record.dbapi_connection
+        if adapter is not None:  # None: invalidated; get_connection() reconnects it
+            try:
+                adapter._lend(_await(_checkout(self._asyncpool)))
+            except PoolError as error:
+                self._spare.append(record)
+                raise _dbapi_error(error) from error
+        return record
+
+    def _do_return_conn(self, record: Any) -> None:
+        adapter = record.dbapi_connection
+        try:
+            if adapter is not None:
+                adapter._give_back()
+        finally:
+            if len(self._spare) < self._asyncpool.config.max_size:
+                self._spare.append(record)
+            else:
+                record.close()
+
+    def recreate(self) -> LendingPool:
+        return self.__class__(
+            self._creator, asyncpool=self._asyncpool, recycle=self._recycle, echo=self.echo,
+            logging_name=self._orig_logging_name, reset_on_return=self._reset_on_return,
+            pre_ping=self._pre_ping, _dispatch=self.dispatch, dialect=self._dialect,
+        )
+
+    def dispose(self) -> None:
+        spare, self._spare = self._spare, []
+        for record in spare:
+            record.close()
+
+    def status(self) -> str:
+        return f"LendingPool over asyncpool pool {self._asyncpool.name!r} ({len(self._spare)} spare)"
+
+
 # -- JSON: decoded by SQLAlchemy, so the pool's connections keep asyncpg's own codecs ---------
 
 
@@ -339,8 +410,8 @@ class AsyncpoolDialect(_DialectBase):  # type: ignore[misc]
         return _DBAPI(asyncpg)
 
     @classmethod
-    def get_pool_class(cls, url: Any) -> type[NullPool]:
-        return NullPool
+    def get_pool_class(cls, url: Any) -> type[sa_pool.Pool]:
+        return LendingPool
 
     def create_connect_args(self, url: Any) -> Any:
         if url.host or url.database or url.username or url.query:
