@@ -443,3 +443,20 @@ async def test_sqlalchemys_records_are_kept_and_lent_a_connection_per_checkout(p
     assert pool.stats().closed_total == 0
     await engine.dispose()
     assert pool.stats().in_use == 0
+
+
+async def test_a_cancelled_statement_is_not_a_lost_connection(pool: Pool) -> None:
+    """statement_timeout (SQLSTATE 57014) is the statement's error: the connection is kept."""
+    engine = create_async_engine(pool)
+    Session = async_sessionmaker(engine)
+    closed = pool.stats().closed_total
+    async with Session() as session:
+        await session.execute(sa.text("SET LOCAL statement_timeout = 50"))
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            await session.execute(sa.text("SELECT pg_sleep(2)"))
+        assert not isinstance(caught.value.__cause__, ConnectionLostError)
+        assert caught.value.orig.sqlstate == "57014"  # type: ignore[union-attr]
+        assert not caught.value.connection_invalidated
+    await _settled(pool)
+    assert (pool.stats().in_use, pool.stats().closed_total) == (0, closed)
+    await engine.dispose()

@@ -70,8 +70,10 @@ _await: Callable[[Any], Any] = getattr(concurrency, "await_", None) or concurren
 _LIBRARY_PREFIXES = ("sqlalchemy.", "asyncpool.", "contextlib", "asyncio.", "greenlet",
                      "starlette.", "fastapi.", "anyio.")
 _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|MERGE|INSERT \d+) (\d+)")
-# SQLSTATE classes after which the server has closed the session.
-_GONE_CLASSES = ("08", "57")
+# SQLSTATEs after which the server has closed the session: connection exceptions (class 08),
+# admin_shutdown, crash_shutdown, cannot_connect_now (not 57014, a cancelled statement).
+_GONE_CLASSES = ("08",)
+_GONE_STATES = ("57P01", "57P02", "57P03")
 # What asyncpg raises on a connection that broke under it.
 _DRIVER_ERRORS = (asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.PostgresError,
                   OSError)
@@ -160,7 +162,7 @@ def _translate(conn: PooledConnection, pool: Pool, error: BaseException) -> Exce
         return _dbapi_error(gone)
     sqlstate = getattr(error, "sqlstate", None) or ""
     if isinstance(error, _DRIVER_ERRORS) and (
-            raw.is_closed() or sqlstate[:2] in _GONE_CLASSES):
+            raw.is_closed() or sqlstate[:2] in _GONE_CLASSES or sqlstate in _GONE_STATES):
         return _lost(conn, pool, error)
     return None
 
