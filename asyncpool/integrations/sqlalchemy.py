@@ -346,14 +346,15 @@ class LendingPool(sa_pool.Pool):
 
     def _do_return_conn(self, record: Any) -> None:
         adapter = record.dbapi_connection
-        try:
-            if adapter is not None:
-                adapter._give_back()
-        finally:
-            if len(self._spare) < self._asyncpool.config.max_size:
-                self._spare.append(record)
-            else:
-                record.close()
+        if adapter is not None:
+            # If this fails (outside SQLAlchemy's greenlet: a session garbage-collected without
+            # being closed), the record is dropped with its checkout, which the pool's leak
+            # detection reclaims.
+            adapter._give_back()
+        if len(self._spare) < self._asyncpool.config.max_size:
+            self._spare.append(record)
+        else:
+            record.close()
 
     def recreate(self) -> LendingPool:
         return self.__class__(
