@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,19 @@ def close_on_shutdown(
     return hook.install()
 
 
+# Hooks installed in this process, to take back in a forked child (see _ShutdownHook.forked).
+_hooks: weakref.WeakSet[_ShutdownHook] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for hook in list(_hooks):
+        hook.forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _ShutdownHook:
     """Closes one pool once, from whichever thread hears of the shutdown first."""
 
@@ -113,6 +127,7 @@ class _ShutdownHook:
         self._finished = threading.Event()
         self._previous: Any = signal.SIG_DFL
         self._undone = False
+        self._watcher: _SignalWatcher | None = None
         # Set when the Python-level handler runs: the main thread then passes the signal on.
         self._main_thread_took_it = threading.Event()
 
@@ -135,22 +150,37 @@ class _ShutdownHook:
     def install(self) -> Callable[[], None]:
         atexit.register(self.close_now)
         in_main_thread = threading.current_thread() is threading.main_thread()
-        watcher: _SignalWatcher | None = None
         if in_main_thread:
             self._previous = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGTERM, self._on_sigterm)
-            watcher = _SignalWatcher.start(self._on_sigterm_elsewhere)
+            self._watcher = _SignalWatcher.start(self._on_sigterm_elsewhere)
+        _hooks.add(self)
 
         def undo() -> None:
             self._undone = True
+            _hooks.discard(self)
             atexit.unregister(self.close_now)
-            if watcher is not None:
-                watcher.stop()
+            if self._watcher is not None:
+                self._watcher.stop()
+                self._watcher = None
             # Only if nobody installed a handler of their own since.
             if in_main_thread and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
                 signal.signal(signal.SIGTERM, self._previous)
 
         return undo
+
+    def forked(self) -> None:
+        """In a forked child: the pool is the parent's, and so is the watcher's socket pair (a
+        signal written there would reach the parent's watcher). Give the child back the
+        SIGTERM handling it had before us; its own pools install their own hooks."""
+        self._undone = True
+        self._watcher = None  # its thread did not survive the fork
+        with contextlib.suppress(ValueError, OSError):
+            # Whatever the wakeup fd is, it was the parent's (ours or a loop's): shared, so not
+            # the child's to write to.
+            signal.set_wakeup_fd(-1)
+            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._previous)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """The Python-level handler: runs on the main thread, whenever it gets to run bytecode."""

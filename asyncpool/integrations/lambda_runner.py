@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -66,7 +67,9 @@ class LambdaRunner:
         if timeout_margin < 0:
             raise ValueError(f"timeout_margin={timeout_margin!r}: must be >= 0 seconds")
         self.timeout_margin = timeout_margin
+        self._debug = debug
         self._runner = asyncio.Runner(debug=debug)
+        self._pid = os.getpid()
         self._cold_start = ColdStart()
         self._pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -93,15 +96,25 @@ class LambdaRunner:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The runner's loop (made on first use)."""
-        return self._runner.get_loop()
+        return self._own().get_loop()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` to completion on the runner's loop."""
-        return self._runner.run(coro)
+        return self._own().run(coro)
 
     def invoke(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
         """Serve one invocation: await ``call()`` within the invocation's scope and time budget."""
-        return self._runner.run(self._serve(call, context))
+        return self._own().run(self._serve(call, context))
+
+    def _own(self) -> asyncio.Runner:
+        """This process's runner. A forked child (a Lambda managed-instance worker) gets a loop
+        of its own: the inherited one's epoll set and self-pipe are shared with the parent, so
+        it is left alone, not even closed. Pools opened on it refuse use in the child."""
+        if os.getpid() != self._pid:
+            self._runner = asyncio.Runner(debug=self._debug)
+            self._pid = os.getpid()
+            self._cold_start = ColdStart()
+        return self._runner
 
     async def _serve(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
         with invocation_scope(context, self._cold_start) as invocation:
@@ -134,7 +147,7 @@ class LambdaRunner:
 
     def close(self) -> None:
         """Cancel what is left on the loop and close it (the environment is going away)."""
-        self._runner.close()
+        self._own().close()
 
     def __enter__(self) -> LambdaRunner:
         return self

@@ -20,6 +20,7 @@ import contextvars
 import enum
 import logging
 import math
+import os
 import weakref
 from collections.abc import Callable
 from types import FrameType
@@ -71,6 +72,20 @@ RELEASE_TIMEOUT = 5.0
 # How long a graceful close may take before the connection is terminated.
 _CLOSE_TIMEOUT = 2.0
 _LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaimed"
+
+# Forks this process has gone through (bumped in the child). A pool remembers the count it was
+# opened at: a different one means it was inherited, and its sockets (and its loop's epoll set)
+# are shared with the parent, so it must neither use nor close them. One int compare on the
+# checkout fast path, where os.getpid() would be a system call.
+_FORKS = [0]
+
+
+def _after_fork_in_child() -> None:
+    _FORKS[0] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Waiter:
@@ -131,6 +146,8 @@ class Slots:
         self.housekeeper: asyncio.Task[None] | None = None
         # Bumped by expire_all(): a login that began before it does not join the pool.
         self.generation = 0
+        self.forks = _FORKS[0]
+        self.pid = os.getpid()
         self._drained: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
         self.validate_after = config.validate_after
@@ -147,6 +164,7 @@ class Slots:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def open(self, observer: PoolObserver, connector: Connector, wait: bool) -> None:
+        self.forks, self.pid = _FORKS[0], os.getpid()
         self.loop = asyncio.get_running_loop()
         self.observer = observer
         self.connector = connector
@@ -179,6 +197,9 @@ class Slots:
             return
         if self.state is NEW:
             self.state = CLOSED_STATE
+            return
+        if self.inherited():
+            self._forget_inherited()
             return
         loop = asyncio.get_running_loop()
         assert self.loop is not None
@@ -232,6 +253,9 @@ class Slots:
         if self.state is NEW:
             self.state = CLOSED_STATE
             return
+        if self.inherited():
+            self._forget_inherited()
+            return
         self.state = CLOSING
         self._stop("pool terminated", graceful=False)
         self._retire_all("pool terminated")
@@ -241,6 +265,16 @@ class Slots:
             if not driver.pending_cancellations(conn):
                 conn.terminate()
         self._finish(close_credentials=True)
+
+    def _forget_inherited(self) -> None:
+        """Closed in a forked child: forget the parent's connections without touching them."""
+        self.idle.clear()
+        self.leases.clear()
+        self.checking.clear()
+        self.waiters.clear()
+        self.attempts.clear()
+        self.connecting = 0
+        self.state = CLOSED_STATE
 
     def _stop(self, reason: str, graceful: bool) -> None:
         """The first, synchronous part of closing: nobody waits, logs in or reaps any more."""
@@ -300,6 +334,18 @@ class Slots:
         if self.state is not OPEN:
             raise self.closed_error()
 
+    def inherited(self) -> bool:
+        """This process is a fork of the one that opened the pool."""
+        return self.forks != _FORKS[0] and self.state is not NEW
+
+    def forked_error(self) -> PoolError:
+        return PoolError(
+            f"pool {self.name!r} was opened in process {self.pid} and this process "
+            f"({os.getpid()}) is a fork of it: its connections belong to the parent, and using or "
+            "closing them here would break the parent's. Create the pool in each process after "
+            "the fork (Lambda managed instances import the handler in each worker)"
+        )
+
     def closed_error(self) -> PoolClosedError:
         if self.state is NEW:
             return PoolClosedError(f"the pool {self.name!r} is not open yet: await pool.open() first")
@@ -336,6 +382,11 @@ class Slots:
             self._note_drained()
 
     def _close_connection(self, conn: Any, graceful: bool) -> None:
+        if self.forks != _FORKS[0]:
+            # Inherited: the socket and its event-loop registration are the parent's too. Leave
+            # them alone: closing through the transport would take the socket out of the epoll
+            # set the parent's loop shares, and a Terminate would end the parent's session.
+            return
         loop = self.loop
         if loop is None or loop.is_closed():
             with contextlib.suppress(Exception):
@@ -431,7 +482,7 @@ class Slots:
         """The fast path, without a coroutine: the most recently used idle connection when
         nobody is queued and no check is due. None sends the caller to `checkout`."""
         idle = self.idle
-        if not idle or self.waiters or self.state is not OPEN:
+        if not idle or self.waiters or self.state is not OPEN or self.forks != _FORKS[0]:
             return None
         record = idle[-1]
         loop = self.loop
@@ -451,6 +502,8 @@ class Slots:
     async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease:
         """The slow path: check an idle connection, open one, or wait in line."""
         loop = self.loop
+        if self.forks != _FORKS[0] and self.state is not NEW:
+            raise self.forked_error()
         if self.state is not OPEN or loop is None:
             raise self.closed_error()
         if asyncio.get_running_loop() is not loop:

@@ -42,9 +42,11 @@ class HandlerFailedError(Exception):
 async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     op = event.get("op", "query")
     await pool.open(wait=False)  # the first invocation opens it; a no-op after
-    result: dict[str, Any] = {"request_id": context.aws_request_id}
+    result: dict[str, Any] = {"request_id": context.aws_request_id, "pid": os.getpid()}
     if op == "query":
         async with pool.acquire() as conn:
+            # Keep this worker busy a while (managed instances: the next event goes elsewhere).
+            await asyncio.sleep(float(event.get("hold", 0)))
             result["backend_pid"] = await conn.fetchval("SELECT pg_backend_pid()")
             result["greeting"] = await conn.fetchval("SELECT 'Hello, ' || $1::text", "Ada")
     elif op == "raise":

@@ -13,77 +13,22 @@ import json
 import signal
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from asyncpool.testing import PgBouncerServer, PostgresServer
-from asyncpool.testing.binaries import system_pgbouncer
-from asyncpool.testing.lambda_runtime import LambdaProcess, Outcome, RuntimeAPI
-from tests.lambda_env import POWERTOOLS_EXAMPLE, REPO, app_clients, load_event
-
-FUNCTIONS = REPO / "tests" / "lambda_functions"
-CLEAN_CLOSE = "client close request"
-VANISHED = "client unexpected eof"
-
-
-@pytest.fixture
-def own_pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncerServer]:
-    """A PgBouncer whose log holds only this test's clients."""
-    with PgBouncerServer(system_pgbouncer(), postgres) as server:
-        yield server
-
-
-@pytest.fixture
-def runtime_api() -> Iterator[RuntimeAPI]:
-    with RuntimeAPI(function_timeout=10) as api:
-        yield api
-
-
-def environment(
-    api: RuntimeAPI,
-    pooler: PgBouncerServer,
-    tmp_path: Path,
-    *,
-    handler: str = "pooled.handler",
-    execution_env: str | None = "AWS_Lambda_python3.12",
-    env: dict[str, str | None] | None = None,
-) -> LambdaProcess:
-    return LambdaProcess(
-        api,
-        handler,
-        log_path=tmp_path / "runtime.log",
-        path=[FUNCTIONS, POWERTOOLS_EXAMPLE, REPO],
-        env={"ASYNCPOOL_DSN": pooler.dsn(), "POWERTOOLS_METRICS_NAMESPACE": "tests", **(env or {})},
-        execution_env=execution_env,
-    )
-
-
-async def invoke(api: RuntimeAPI, event: Any, timeout: float = 30.0) -> Outcome:
-    return await asyncio.to_thread(api.invoke, event, timeout=timeout)
-
-
-def response(outcome: Outcome, proc: LambdaProcess) -> dict[str, Any]:
-    assert outcome.kind == "response", f"{outcome.body!r}\n{proc.log()[-3000:]}"
-    body: dict[str, Any] = outcome.json()
-    return body
-
-
-def app_disconnects(server: PgBouncerServer) -> list[str]:
-    """PgBouncer's log lines about `app` clients leaving (not the admin console's own logins)."""
-    assert server.process is not None
-    lines = server.process.log_path.read_text(errors="replace").splitlines()
-    return [line for line in lines if " app/app@" in line and "closing because" in line]
-
-
-async def departures(server: PgBouncerServer, within: float = 5.0) -> list[str]:
-    """`app_disconnects` once PgBouncer has noticed the client leave (it logs a moment later)."""
-    deadline = time.monotonic() + within
-    while not (lines := app_disconnects(server)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return lines
+from asyncpool.testing import PgBouncerServer
+from asyncpool.testing.lambda_runtime import RuntimeAPI
+from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients, load_event
+from tests.lambda_runtime.support import (
+    CLEAN_CLOSE,
+    VANISHED,
+    departures,
+    environment,
+    invoke,
+    response,
+    wait_for_no_clients,
+)
 
 
 async def test_warm_invocations_share_one_server_connection(
@@ -231,21 +176,6 @@ async def test_a_leak_report_names_the_invocation_that_took_the_connection(
     assert f"lambda-invocation-{leaking.request_id}" in record["message"]
     if log_format == "JSON":
         assert record["requestId"] == later.request_id  # overwritten by the runtime's filter
-
-
-@pytest.fixture
-def idle_closing_pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncerServer]:
-    """Closes clients idle for a second, as an RDS Proxy's idle client timeout would."""
-    with PgBouncerServer(system_pgbouncer(), postgres, {"client_idle_timeout": 1}) as server:
-        yield server
-
-
-async def wait_for_no_clients(pooler: PgBouncerServer, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while await app_clients(pooler):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"PgBouncer still has the client after {within}s")
-        await asyncio.sleep(0.2)
 
 
 @pytest.mark.parametrize("validate_after", ["0.5", "3600"], ids=["clock-says-paused", "clock-says-nothing"])

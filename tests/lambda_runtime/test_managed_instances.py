@@ -1,0 +1,60 @@
+"""Lambda Managed Instances: awslambdaric forks one worker per concurrency slot
+(``AWS_LAMBDA_MAX_CONCURRENCY``), each importing the handler, so each has its pool; and a pool
+inherited across a fork never touches its parent's connections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from asyncpool.testing import PgBouncerServer
+from asyncpool.testing.lambda_runtime import RuntimeAPI
+from tests.lambda_env import REPO, app_clients
+from tests.lambda_runtime.support import (
+    FUNCTIONS,
+    environment,
+    response,
+)
+
+WORKERS = 4
+
+
+async def test_four_workers_each_with_one_connection(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    env: dict[str, str | None] = {"AWS_LAMBDA_MAX_CONCURRENCY": str(WORKERS)}
+    with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
+        for _ in range(3):
+            # As many at once as there are workers, each holding its worker a moment.
+            ids = [runtime_api.submit({"op": "query", "hold": 0.3}) for _ in range(WORKERS)]
+            bodies = [
+                response(await asyncio.to_thread(runtime_api.result, rid, 30), proc) for rid in ids
+            ]
+            assert len({b["pid"] for b in bodies}) == WORKERS, [b["pid"] for b in bodies]
+        # One pool per worker, one connection each, kept across its invocations.
+        assert {b["pool"]["created_total"] for b in bodies} == {1}
+        assert len(await app_clients(own_pgbouncer)) == WORKERS
+
+
+async def test_a_pool_inherited_across_fork_leaves_the_parents_connection_alone(
+    legacy: PgBouncerServer,
+) -> None:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(FUNCTIONS / "forked_pool.py"), legacy.dsn()],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    child = report["child"]
+    assert report["child_status"] == 0, child
+    assert child["fresh_loop"] is True
+    assert "is a fork of it" in child["refused"]
+    assert isinstance(child["own_pid"], int)
+    # The parent's session survived the child's use, terminate() and close() of the pool.
+    assert report["after"] == report["before"]
+    assert (report["parent_created_total"], report["parent_closed_total"]) == (1, 0)
