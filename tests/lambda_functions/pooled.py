@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sys
 from typing import Any
 
 from asyncpool import Pool
@@ -59,7 +60,13 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         kept.append(conn)
     elif op == "sleep":
         await asyncio.sleep(float(event["seconds"]))
+    elif op == "modules":
+        result["telemetry_at_init"] = TELEMETRY_AT_INIT
     elif op != "stats":
         raise ValueError(f"unknown op {op!r}")
     result["pool"] = dataclasses.asdict(pool.stats())
     return result
+
+
+# What INIT imported (the handler module is imported during INIT).
+TELEMETRY_AT_INIT = "asyncpool.telemetry" in sys.modules

@@ -229,3 +229,28 @@ async def test_snapstart_restore_of_a_pool_opened_at_init(
         assert stats["created_total"] == 2  # one at INIT, closed for the snapshot; one after
         assert stats["closed_total"] == 1
         assert len(await app_clients(own_pgbouncer)) == 1
+
+
+async def test_telemetry_is_imported_during_init_not_in_the_first_invocation(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    with environment(runtime_api, own_pgbouncer, tmp_path) as proc:
+        body = response(await invoke(runtime_api, {"op": "modules"}), proc)
+        assert body["telemetry_at_init"] is True
+
+
+async def test_powertools_resolve_async_on_the_runners_loop(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """examples/lambda_powertools/resolver_handler.py: async routes through ``resolve_async``."""
+    hello = load_event(POWERTOOLS_EXAMPLE / "events" / "hello.json")
+    unknown = {**hello, "path": "/nowhere", "resource": "/nowhere"}
+    with environment(runtime_api, own_pgbouncer, tmp_path, handler="resolver_handler.handler") as proc:
+        ports = set()
+        for _ in range(5):
+            body = response(await invoke(runtime_api, hello), proc)
+            assert body["statusCode"] == 200, body
+            assert json.loads(body["body"]) == {"greeting": "Hello, Ada!"}
+            ports |= {row["port"] for row in await app_clients(own_pgbouncer)}
+        assert response(await invoke(runtime_api, unknown), proc)["statusCode"] == 404
+        assert len(ports) == 1  # one kept connection for every invocation

@@ -1,5 +1,5 @@
 """SnapStart hooks in-process: what the before-snapshot hook closes and drops, what the
-after-restore hook marks (the real-runtime restore is in tests/test_lambda_runtime.py)."""
+after-restore hook marks (the real-runtime restore is in test_runtime.py)."""
 
 from __future__ import annotations
 
