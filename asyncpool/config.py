@@ -21,6 +21,7 @@ PreparedStatements = Literal["off", "on", "unnamed"]
 #: Former names of modes, still accepted with a DeprecationWarning.
 _RENAMED_MODES = {"describe-cache": "unnamed"}
 LeakAction = Literal["reclaim", "log"]
+CancelRequests = Literal["auto", "off"]
 SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 
 ENV_PREFIX = "ASYNCPOOL_"
@@ -56,6 +57,12 @@ class PoolConfig:
     leak_timeout: a connection held longer than this is a leak (default 30; None disables).
     leak_action: ``"reclaim"`` (default) logs, cancels the holder and closes the connection;
         ``"log"`` only logs, as HikariCP does.
+    cancel_requests: ``"auto"`` (default) lets a timed-out or cancelled query be cancelled on the
+        server with a cancel request where one can be delivered (the server sent BackendKeyData,
+        and the host is not an RDS Proxy endpoint), and closes the connection instead where not;
+        ``"off"`` always closes it (a PgBouncer fleet on one port without ``peer_id``/``[peers]``,
+        or several PgBouncers behind a load balancer without source-IP stickiness, where a cancel
+        request lands on a process that does not know the query). See docs/poolers.md.
     credentials: a provider awaited for the password of every new connection (IAM tokens,
         rotating secrets). Default: the DSN's password.
     ssl: ``disable``/``prefer``/``require``/``verify-ca``/``verify-full`` or an `ssl.SSLContext`
@@ -84,6 +91,7 @@ class PoolConfig:
     statement_cache_ttl: float | None = None
     leak_timeout: float | None = 30.0
     leak_action: LeakAction = "reclaim"
+    cancel_requests: CancelRequests = "auto"
     credentials: CredentialProvider | None = field(default=None, repr=False)
     ssl: SslMode | ssl_module.SSLContext | None = None
     ssl_root_cert: str | None = None
@@ -146,6 +154,7 @@ _ENV_FIELDS: dict[str, tuple[type, bool]] = {
     "statement_cache_ttl": (float, True),
     "leak_timeout": (float, True),
     "leak_action": (str, False),
+    "cancel_requests": (str, False),
     "ssl": (str, True),
     "ssl_root_cert": (str, True),
     "allow_iam_without_tls": (bool, False),
@@ -224,6 +233,8 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
         )
     if cfg.leak_action not in get_args(LeakAction):
         fail(f"leak_action={cfg.leak_action!r}: choose 'reclaim' or 'log'")
+    if cfg.cancel_requests not in get_args(CancelRequests):
+        fail(f"cancel_requests={cfg.cancel_requests!r}: choose 'auto' or 'off'")
     if not isinstance(cfg.statement_cache_size, int) or cfg.statement_cache_size < 1:
         fail(f"statement_cache_size={cfg.statement_cache_size!r}: must be a whole number >= 1")
     if isinstance(cfg.ssl, str) and cfg.ssl not in get_args(SslMode):

@@ -15,8 +15,8 @@ from typing import Any, TextIO
 from asyncpool.cli.diagnosis import Diagnosis, Facts, diagnose
 from asyncpool.cli.probe import probe_startup
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn, redact, scrub
+from asyncpool.connect.poolers import RDS_PROXY_HOST as _RDS_PROXY_HOST
 
-_RDS_PROXY_HOST = re.compile(r"\.proxy-[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com$", re.I)
 # PgBouncer settings worth seeing next to the pool mode.
 _PGBOUNCER_SETTINGS = ("max_client_conn", "default_pool_size", "max_db_connections",
                        "query_wait_timeout", "auth_type")

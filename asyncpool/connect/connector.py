@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from asyncpool.config import PoolConfig
+from asyncpool.connect import driver
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
 from asyncpool.connect.failures import translate
+from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.tls import require_tls, ssl_argument
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
 from asyncpool.errors import AuthenticationError, ConnectError
@@ -86,6 +88,11 @@ class Connector:
             self.statement_cache = CacheTotals()
             kw["connection_class"] = describe_cache_connection_class(cfg, self.statement_cache)
             self._intercept = True
+        # Cancel requests only where they can arrive; elsewhere a timed-out query's connection
+        # is closed instead of waiting for a statement nobody can stop.
+        cancels = cfg.cancel_requests != "off" and not is_rds_proxy(self.target.host)
+        kw["connection_class"] = driver.cancel_aware_class(kw.get("connection_class"),
+                                                           cancels=cancels)
         ssl_arg = ssl_argument(cfg, self.target)
         if ssl_arg is not None:
             kw["ssl"] = ssl_arg

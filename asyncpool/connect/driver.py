@@ -38,8 +38,10 @@ CONNECTION_INTERNALS = {
 }
 #: Protocol methods called here.
 PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transaction")
+#: Protocol attributes read here: BackendKeyData's two fields (0 until the server sends them).
+KEY_INTERNALS = ("backend_pid", "backend_secret")
 #: Connection methods called here (execute_described).
-METHOD_INTERNALS = ("_check_open", "_Connection__execute")
+METHOD_INTERNALS = ("_check_open", "_Connection__execute", "_cancel_current_command")
 
 
 def _slots(cls: type) -> set[str]:
@@ -55,7 +57,8 @@ def missing_internals() -> list[str]:
     have = _slots(asyncpg.Connection)
     missing = [name for name in CONNECTION_INTERNALS if name not in have]
     proto = asyncpg.protocol.Protocol
-    missing += [f"Protocol.{name}" for name in PROTOCOL_INTERNALS if not hasattr(proto, name)]
+    missing += [f"Protocol.{name}" for name in (*PROTOCOL_INTERNALS, *KEY_INTERNALS)
+                if not hasattr(proto, name)]
     missing += [f"Connection.{name}" for name in METHOD_INTERNALS
                 if not hasattr(asyncpg.Connection, name)]
     return missing
@@ -170,3 +173,61 @@ async def execute_described(conn: Any, query: str, args: Any,
         (rows, status, _completed), statement = await conn._Connection__execute(
             query, args, 0, timeout, return_status=True)
     return rows, status.decode() if status else None, statement._get_attributes()
+
+
+# -- cancel requests ---------------------------------------------------------------------------
+#
+# asyncpg sends a CancelRequest (a new TCP connection carrying the backend's pid and secret key,
+# from BackendKeyData) whenever a query times out or its task is cancelled, then waits for the
+# query to end. Where no cancel can arrive (RDS Proxy sends no BackendKeyData; a PgBouncer fleet
+# on one port without peering hands the request to a process that does not know the key), that
+# wait lasts until the statement ends by itself. The connection class below sends no request
+# there: it closes the connection instead.
+
+
+
+def backend_key(conn: Any) -> tuple[int, int] | None:
+    """The (pid, secret key) the server sent in BackendKeyData, or None if it sent none."""
+    proto = getattr(conn, "_protocol", None)
+    pid = getattr(proto, "backend_pid", 0)
+    secret = getattr(proto, "backend_secret", 0)
+    if not pid and not secret:
+        return None
+    return int(pid), int(secret)
+
+
+def cancel_deliverable(conn: Any) -> bool:
+    """True when a cancel request for `conn` can reach its statement: the pool did not turn
+    cancel requests off (``cancel_requests="off"``) and the server sent BackendKeyData."""
+    if not getattr(conn, "_asyncpool_cancels", True):
+        return False
+    return backend_key(conn) is not None
+
+
+def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> None:
+    if cancel_deliverable(self):
+        _ORIGINAL_CANCEL(self, waiter, cancel_waiter)
+        return
+    # No request can arrive: close the connection instead (on the next loop iteration: asyncpg
+    # is still updating the protocol's state around this call). Closing completes the waiters.
+    if not waiter.done():
+        waiter.set_result(None)
+    self._loop.call_soon(self.terminate)
+
+
+_ORIGINAL_CANCEL: Callable[..., None] = asyncpg.Connection._cancel_current_command
+
+
+def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
+    """An asyncpg ``connection_class`` (a subclass of `base`, asyncpg.Connection by default) whose
+    connections send a cancel request only where it can be delivered (`cancel_deliverable`) and
+    are closed instead otherwise. `cancels=False`: never send one (``cancel_requests="off"``)."""
+    base = base or asyncpg.Connection
+    if not hasattr(asyncpg.Connection, "_cancel_current_command") or not hasattr(
+            asyncpg.protocol.Protocol, "backend_pid"):
+        return base  # an untested asyncpg: keep its own behaviour
+    return type(base.__name__, (base,), {
+        "__slots__": (),
+        "_asyncpool_cancels": cancels,
+        "_cancel_current_command": _cancel_or_terminate,
+    })

@@ -850,6 +850,12 @@ class Slots:
         if conn.is_closed():
             self.retire(record, "broken")
             return False
+        if driver.is_cancelling(conn) and not driver.cancel_deliverable(conn):
+            # No cancel request was sent (none could arrive): the statement would run on and
+            # the wait last as long. The connection goes; the server's statement_timeout or
+            # idle_in_transaction_session_timeout ends what it was doing (docs/poolers.md).
+            self.retire(record, "cancel undeliverable")
+            return False
         if driver.needs_reset(conn):
             return True  # still counted in use (leases) until reset
         del self.leases[record]

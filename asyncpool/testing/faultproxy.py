@@ -33,6 +33,16 @@ class FaultProxy:
       server may commit what the client never hears about; ``"requests"`` drops the other way.
       Affected connections stay deaf after ``pass``, as a connection to a vanished peer does.
 
+    Two protocol-aware faults, set as attributes before connections are made:
+
+    - ``drop_cancels``: a PostgreSQL CancelRequest (a connection of its own) is read and closed
+      without reaching the server, as when it lands on a pooler process that does not know the
+      key. Counted in `cancels_dropped`; `cancels_seen` counts every one.
+    - ``strip_backend_key``: the server's BackendKeyData is removed from the login replies, as
+      RDS Proxy does, so the client has no key to cancel with.
+
+    With either set, the proxy answers a TLS request with "N" itself: those logins are plaintext.
+
     Bounded: at most `max_connections` at once (more are reset) and one buffered chunk per
     direction per connection while stalled.
     """
@@ -47,6 +57,10 @@ class FaultProxy:
         self.mode: FaultMode = "pass"
         self.direction: Direction = "replies"
         self.accepted_total = 0
+        self.drop_cancels = False
+        self.strip_backend_key = False
+        self.cancels_seen = 0
+        self.cancels_dropped = 0
         #: Chunks read from one end and held back by a stall (a request waiting at the partition).
         self.held = 0
         self._flowing = asyncio.Event()
@@ -131,6 +145,11 @@ class FaultProxy:
             await self._flowing.wait()
             if link.closed:
                 return
+            first: bytes | None = b""
+            if self.drop_cancels or self.strip_backend_key:
+                first = await self._first_request(reader, writer)
+                if first is None:
+                    return  # a cancel request, lost
             try:
                 up_reader, up_writer = await asyncio.open_connection(
                     self.upstream_host, self.upstream_port
@@ -144,9 +163,14 @@ class FaultProxy:
                 return
             if self.mode == "half-open":
                 link.deafen(self.direction)
+            if first:
+                up_writer.write(first)
+            replies = up_reader
+            if self.strip_backend_key and first:
+                replies = _KeyStripper(up_reader)  # type: ignore[assignment]
             await asyncio.gather(
                 self._pump(link, reader, up_writer, "requests"),
-                self._pump(link, up_reader, writer, "replies"),
+                self._pump(link, replies, writer, "replies"),
             )
         except asyncio.CancelledError:
             # Only close() cancels this task, and nothing awaits it: end quietly.
@@ -154,6 +178,32 @@ class FaultProxy:
         finally:
             link.close(reset=False)
             self._links.discard(link)
+
+    async def _first_request(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> bytes | None:
+        """The client's first 8 bytes (a length and a request code), TLS refused; None for a
+        cancel request this proxy drops."""
+        first = b""
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            first = await reader.readexactly(8)
+        code = struct.unpack("!ii", first)[1] if len(first) == 8 else 0
+        if code == _SSL_REQUEST_CODE:
+            # No TLS through these faults: refused here, as a server without TLS does; the
+            # client goes on in plaintext (or gives up).
+            writer.write(b"N")
+            first = b""
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                first = await reader.readexactly(8)
+            code = struct.unpack("!ii", first)[1] if len(first) == 8 else 0
+        if code != _CANCEL_REQUEST_CODE:
+            return first
+        self.cancels_seen += 1
+        if not self.drop_cancels:
+            return first
+        self.cancels_dropped += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await reader.readexactly(8)  # pid and key: read, thrown away
+        return None
 
     async def _pump(self, link: _Link, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                     direction: Direction) -> None:
@@ -179,6 +229,33 @@ class FaultProxy:
         finally:
             # One end went away: so does the other, as with a real connection.
             link.close(reset=False)
+
+
+_CANCEL_REQUEST_CODE = 80877102
+_SSL_REQUEST_CODE = 80877103
+
+
+class _KeyStripper:
+    """Reads the server's side of a login and leaves BackendKeyData ('K') out, up to the first
+    ReadyForQuery; then passes bytes through (the proxy refused TLS, so the login is plain)."""
+
+    def __init__(self, src: asyncio.StreamReader) -> None:
+        self.src = src
+        self.done = False
+
+    async def read(self, n: int) -> bytes:
+        if self.done:
+            return await self.src.read(n)
+        try:
+            head = await self.src.readexactly(5)
+            body = await self.src.readexactly(struct.unpack("!i", head[1:])[0] - 4)
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+        if head[:1] == b"Z":
+            self.done = True
+        if head[:1] == b"K":
+            return await self.read(n)
+        return head + body
 
 
 class _Link:

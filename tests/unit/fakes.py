@@ -127,6 +127,9 @@ def patched() -> Iterator[None]:
 class _FakeProtocol:
     def __init__(self, conn: FakeConnection) -> None:
         self._conn = conn
+        # BackendKeyData (a test sets both to 0 for a pooler that sends none, like RDS Proxy).
+        self.backend_pid = 1000 + conn.ident
+        self.backend_secret = 4242
 
     def _is_cancelling(self) -> bool:
         return self._conn._cancel_waiter is not None

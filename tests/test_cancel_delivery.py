@@ -1,0 +1,195 @@
+"""Cancel requests only where they can arrive (#20).
+
+asyncpg cancels a timed-out or cancelled query with a CancelRequest on a new connection and then
+waits for the query to end. RDS Proxy sends no BackendKeyData, so there is no key to cancel with;
+a PgBouncer fleet without peering hands the request to a process that does not know the key.
+Either way the statement runs on, and a pool that waits for it holds the slot for as long. These
+tests put a fault proxy in front of a real server that strips BackendKeyData (as RDS Proxy does)
+or drops cancel requests (a fleet without peering), and prove the pool closes the connection at
+once instead. Without the fallback, each of the timing assertions fails: the release waits for
+RELEASE_TIMEOUT (5 s) while the statement sleeps on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from asyncpool import ConnectionLeakedError, Pool
+from asyncpool.connect import driver
+from asyncpool.testing import PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
+
+FAST = 1.5  # seconds: far below RELEASE_TIMEOUT (5 s), the wait a lost cancel costs
+
+
+def _sleep_sql(token: str, seconds: int = 30) -> str:
+    return f"SELECT pg_sleep({seconds}) /* {token} */"
+
+
+async def _running(postgres: PostgresServer, token: str) -> int:
+    conn = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+            "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", token)
+        return count
+    finally:
+        await conn.close()
+
+
+async def _end(postgres: PostgresServer, token: str) -> None:
+    conn = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", token)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def keyless(postgres: PostgresServer) -> AsyncIterator[FaultProxy]:
+    """The server behind a proxy that keeps BackendKeyData from the client (RDS Proxy)."""
+    async with FaultProxy(postgres.host, postgres.port) as proxy:
+        proxy.strip_backend_key = True
+        yield proxy
+
+
+@pytest.fixture
+async def lost(postgres: PostgresServer) -> AsyncIterator[FaultProxy]:
+    """The server behind a proxy that loses every cancel request (a fleet without peering)."""
+    async with FaultProxy(postgres.host, postgres.port) as proxy:
+        proxy.drop_cancels = True
+        yield proxy
+
+
+async def _time_out_and_release(pool: Pool, token: str) -> float:
+    """A statement that outlives its timeout; how long the release takes."""
+    loop = asyncio.get_running_loop()
+    conn = await pool.acquire()
+    with pytest.raises(TimeoutError):
+        await conn.fetch(_sleep_sql(token), timeout=0.3)
+    started = loop.time()
+    await pool.release(conn)
+    return loop.time() - started
+
+
+async def test_backend_key_is_read_from_the_protocol(postgres: PostgresServer,
+                                                     keyless: FaultProxy) -> None:
+    """`driver.backend_key` reads asyncpg's `_protocol.backend_pid`/`backend_secret`."""
+    conn = await asyncpg.connect(postgres.dsn())
+    try:
+        key = driver.backend_key(conn)
+        assert key is not None
+        assert key[0] == await conn.fetchval("SELECT pg_backend_pid()")
+        assert driver.cancel_deliverable(conn)
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(keyless.dsn(postgres.dsn()))
+    try:
+        assert driver.backend_key(conn) is None
+        assert not driver.cancel_deliverable(conn)
+    finally:
+        await conn.close()
+
+
+async def test_a_delivered_cancel_stops_the_statement_and_keeps_the_connection(
+        postgres: PostgresServer) -> None:
+    token = f"t{uuid.uuid4().hex[:10]}"
+    async with Pool(postgres.dsn(), name="cancel-direct", min_size=0, max_size=1,
+                    telemetry=False) as pool:
+        took = await _time_out_and_release(pool, token)
+        assert took < FAST
+        assert await _running(postgres, token) == 0
+        assert await pool.fetchval("SELECT 1") == 1
+        assert pool.stats().closed_total == 0
+
+
+async def test_without_backend_key_a_timeout_closes_the_connection_at_once(
+        postgres: PostgresServer, keyless: FaultProxy) -> None:
+    """RDS Proxy's case: no key, no cancel request sent, the connection closed; the next caller
+    gets a new one without waiting for the statement."""
+    token = f"t{uuid.uuid4().hex[:10]}"
+    try:
+        async with Pool(keyless.dsn(postgres.dsn()), name="cancel-keyless", min_size=0,
+                        max_size=1, telemetry=False) as pool:
+            took = await _time_out_and_release(pool, token)
+            assert took < FAST, f"release waited {took:.1f}s for a statement nobody can cancel"
+            assert keyless.cancels_seen == 0
+            assert pool.stats().closed_total == 1
+            assert await asyncio.wait_for(pool.fetchval("SELECT 1"), FAST) == 1
+    finally:
+        await _end(postgres, token)
+
+
+async def test_lost_cancels_with_cancel_requests_off(postgres: PostgresServer,
+                                                     lost: FaultProxy) -> None:
+    """A fleet without peering: the key is there but a request would be lost. With
+    cancel_requests="off" none is sent and the connection goes at once."""
+    token = f"t{uuid.uuid4().hex[:10]}"
+    try:
+        async with Pool(lost.dsn(postgres.dsn()), name="cancel-off", min_size=0, max_size=1,
+                        cancel_requests="off", telemetry=False) as pool:
+            took = await _time_out_and_release(pool, token)
+            assert took < FAST
+            assert lost.cancels_seen == 0
+            assert await asyncio.wait_for(pool.fetchval("SELECT 1"), FAST) == 1
+    finally:
+        await _end(postgres, token)
+
+
+async def test_a_lost_cancel_costs_the_release_timeout_when_cancels_are_relied_on(
+        postgres: PostgresServer, lost: FaultProxy) -> None:
+    """What cancel_requests="off" exists for: relying on a cancel that is lost holds the release
+    (and the slot) until RELEASE_TIMEOUT, while the statement sleeps on."""
+    token = f"t{uuid.uuid4().hex[:10]}"
+    try:
+        async with Pool(lost.dsn(postgres.dsn()), name="cancel-lost", min_size=0, max_size=1,
+                        telemetry=False) as pool:
+            took = await _time_out_and_release(pool, token)
+            assert took >= 4.0
+            assert lost.cancels_dropped == 1
+            assert await _running(postgres, token) == 1
+    finally:
+        await _end(postgres, token)
+
+
+async def test_leak_reclaim_without_backend_key(postgres: PostgresServer,
+                                                keyless: FaultProxy) -> None:
+    """Leak reclaim cancels the holder; with no key the connection is closed, not cancelled,
+    and the slot is free at once."""
+    token = f"t{uuid.uuid4().hex[:10]}"
+    loop = asyncio.get_running_loop()
+    try:
+        async with Pool(keyless.dsn(postgres.dsn()), name="cancel-leak", min_size=0, max_size=1,
+                        leak_timeout=0.3, telemetry=False) as pool:
+
+            async def holder() -> None:
+                async with pool.acquire() as conn:
+                    await conn.fetch(_sleep_sql(token))
+
+            task = asyncio.create_task(holder())
+            with pytest.raises(ConnectionLeakedError):
+                await asyncio.wait_for(task, FAST)
+            started = loop.time()
+            assert await asyncio.wait_for(pool.fetchval("SELECT 1"), FAST) == 1
+            assert loop.time() - started < FAST
+            assert keyless.cancels_seen == 0
+            assert pool.stats().leaked_total == 1
+    finally:
+        await _end(postgres, token)
+
+
+async def test_rds_proxy_host_never_sends_cancel_requests() -> None:
+    from asyncpool.connect.poolers import is_rds_proxy
+
+    assert is_rds_proxy("app.proxy-abc123xyz.eu-west-1.rds.amazonaws.com")
+    assert not is_rds_proxy("db.abc123xyz.eu-west-1.rds.amazonaws.com")
+    cls = driver.cancel_aware_class(None, cancels=False)
+    assert issubclass(cls, asyncpg.Connection)
+    assert cls._asyncpool_cancels is False
