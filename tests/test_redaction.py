@@ -90,18 +90,19 @@ async def test_connect_failure_error_and_logs_carry_no_password(
         ("postgresql://app:/SECRETpart@host/db", "ends it early"),
         ("postgresql://app:pa?SECRETpart@host/db", "ends it early"),
         ("postgresql://app:pa#SECRETpart@host/db", "fragment"),
-        ("postgresql://app:pa@SECRETpart@host/db", "ends it early"),
+        ("postgresql://app:pa@SECRETpart@host/db", "ends it early"),  # pragma: allowlist secret
         ("postgresql://app:SECRETpart/host/db", "port is not a number"),
-        ("postgresql://app:pa\uff20SECRETpart@host/db", "non-ASCII"),
-        ("postgresql://app:pa\uff0fSECRETpart@host/db", "non-ASCII"),
-        ("postgresql://app:pa\nSECRETpart@host/db", "line break"),
+        ("postgresql://app:pa\uff20SECRETpart@host/db", "non-ASCII"),  # pragma: allowlist secret
+        ("postgresql://app:pa\uff0fSECRETpart@host/db", "non-ASCII"),  # pragma: allowlist secret
+        ("postgresql://app:pa\nSECRETpart@host/db", "line break"),  # pragma: allowlist secret
+        ("postgresql://app:pa[SECRETpart@host/db", "\\[ or \\]"),
         ("postgresql://app:pa SECRETpart@host/db", "space"),
-        ("postgresql://app:%zzSECRETpart@host/db", "two hex digits"),
-        ("postgresql://app:%C3SECRETpart@host/db", "not UTF-8"),
+        ("postgresql://app:%zzSECRETpart@host/db", "two hex digits"),  # pragma: allowlist secret
+        ("postgresql://app:%C3SECRETpart@host/db", "not UTF-8"),  # pragma: allowlist secret
         ("postgresql://app@host/db?password=a&SECRETpart", "not key=value"),
         ("postgresql://app@host/db?password=a&SECRETpart=b", "not key=value"),
         ("postgresql://app@host/db?password=a+SECRETpart", "asyncpg reads as a space"),
-        ("mysql://app:SECRETpart@host/db", "not a postgresql:// URL"),
+        ("mysql://app:SECRETpart@host/db", "not a postgresql:// URL"),  # pragma: allowlist secret
     ],
 )
 def test_dsn_guard_refuses_ambiguous_passwords_without_quoting_them(dsn: str, why: str) -> None:
@@ -140,7 +141,7 @@ def test_dsn_guard_refuses_a_setting_given_twice(dsn: str, message: str) -> None
 def test_dsn_guard_reads_percent_encoded_passwords_and_rebuilds_the_dsn() -> None:
     from urllib.parse import quote
 
-    password = "a/b@c#d?e%f&g+h i:j\uff20k\u00e9\n"
+    password = "a/b@c#d?e%f&g+h i:j\uff20k\u00e9\n"  # pragma: allowlist secret
     parsed = parse_dsn(f"postgresql://app:{quote(password, safe='')}@db:6432/app?sslmode=require")
     assert parsed.password == password
     assert parsed.target().port == 6432

@@ -41,7 +41,7 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _PORT = re.compile(r"^[0-9]{1,5}$")
 _ENCODE_ADVICE = (
     "percent-encode the password (and names) with urllib.parse.quote(text, safe=''): / is %2F, "
-    "@ %40, # %23, ? %3F, % %25, & %26, + %2B, a space %20"
+    "@ %40, # %23, ? %3F, % %25, & %26, + %2B, [ %5B, ] %5D, a space %20"
 )
 _NOT_SHOWN = "(the DSN is not shown: it may hold a password)"
 _UNPARSEABLE = "<DSN not shown: it could not be parsed>"
@@ -237,8 +237,8 @@ def _parse(dsn: str) -> ParsedDsn:
     if not sep or scheme.lower() not in _SCHEMES:
         shown = f" (scheme {scheme!r})" if sep and scheme.isalnum() and len(scheme) < 20 else ""
         raise _Invalid(
-            f"it is not a postgresql:// URL{shown}: write it as "
-            "postgresql://user:password@host:port/database (key=value strings are not read)"
+            f"it is not a postgresql:// URL{shown}: write it as postgresql://user:"
+            "password@host:port/database (key=value strings are not read)"
         )
     if any(ch.isspace() or not ch.isprintable() or ord(ch) > 127 for ch in rest):
         raise _Invalid(
@@ -260,6 +260,9 @@ def _parse(dsn: str) -> ParsedDsn:
     user = password = None
     if "@" in authority:
         userinfo, _, hostspec = authority.partition("@")
+        if "[" in userinfo or "]" in userinfo:
+            # urllib (so asyncpg) takes a bracket there for an IPv6 address and fails.
+            raise _Invalid(f"the user info holds a [ or ]: {_ENCODE_ADVICE}")
         raw_user, colon, raw_password = userinfo.partition(":")
         user = _decode(raw_user, "user name") or None
         password = (_decode(raw_password, "password") or None) if colon else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import ssl
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
 
 from asyncpool.errors import PoolConfigError
 
@@ -82,7 +81,7 @@ def require_tls(config: PoolConfig) -> None:
 
 
 def _dsn_sslmode(dsn: str | None) -> str | None:
-    if not dsn:
-        return None
-    values = parse_qs(urlsplit(dsn).query).get("sslmode")
-    return values[0] if values else None
+    # The one DSN parser (a repeated sslmode is an error there, not "first one wins").
+    from asyncpool.connect.dsn import parse_dsn
+
+    return parse_dsn(dsn).params.get("sslmode") if dsn else None

@@ -229,9 +229,12 @@ class Slots:
             # Held past `timeout`, or still being validated or reset: terminated.
             self._retire_all("pool closed")
             # Callers woken by the above give their reserved slots back within an iteration.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RELEASE_TIMEOUT):
-                    await self._drained.wait()
+            # (Already drained, nothing will set the event: do not wait RELEASE_TIMEOUT for it.)
+            if not self._is_drained():
+                self._drained.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RELEASE_TIMEOUT):
+                        await self._drained.wait()
             # Shielded: a close() cancelled here must not cancel a close or a terminate that has
             # not started yet (its coroutine would never run, and its connection stay open).
             await asyncio.shield(asyncio.gather(*self._own_tasks(), return_exceptions=True))
