@@ -21,3 +21,19 @@ fi
 } > requirements/dev.lock
 rm requirements/dev.lock.new
 echo "requirements/dev.lock: $(grep -c '^[a-z0-9]' requirements/dev.lock) packages" >&2
+
+# requirements/matrix.lock: what the Lambda and core suites need on Python 3.12 and 3.13
+# (requirements/matrix.in), at the versions dev.lock pins, for every Python version (--universal).
+pins=$(mktemp)
+trap 'rm -f "$pins"' EXIT
+grep -E '^[a-z0-9]' requirements/dev.lock | sed 's/ \\$//' > "$pins"
+"$uv" pip compile requirements/matrix.in -c "$pins" --generate-hashes --universal --python-version 3.12 \
+  --no-header --index-url https://pypi.org/simple --quiet -o requirements/matrix.lock.new
+{
+  echo "# The Python 3.12 / 3.13 test environments (.venv312, .venv313), pinned with hashes: generated"
+  echo "# by scripts/lock.sh from requirements/matrix.in (sha256 $(sha256sum requirements/matrix.in | cut -c1-16)...)"
+  echo "# at requirements/dev.lock's versions, do not edit."
+  cat requirements/matrix.lock.new
+} > requirements/matrix.lock
+rm requirements/matrix.lock.new
+echo "requirements/matrix.lock: $(grep -c '^[a-z0-9]' requirements/matrix.lock) packages" >&2

@@ -52,6 +52,31 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]' >&2
   echo "$want" > "$stamp"
 fi
+# Python 3.12 and 3.13 (the current Lambda runtimes, the only ones with SnapStart): small venvs with
+# what the Lambda and core suites need (requirements/matrix.lock), which scripts/test.sh runs there.
+# The interpreters come from pyenv (PYTHON312 / PYTHON313 override); without one, that run is skipped.
+for v in 3.12 3.13; do
+  var=PYTHON${v/./}
+  interp=${!var:-}
+  if [ -z "$interp" ]; then
+    root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+    interp=$(ls -d "$root"/versions/"$v".*/bin/python"$v" 2>/dev/null | sort -V | tail -1 || true)
+  fi
+  venv=.venv${v/./}
+  if [ -z "$interp" ] || [ ! -x "$interp" ]; then
+    echo "setup: no Python $v found (pyenv, or $var=...): its test run will be skipped" >&2
+    continue
+  fi
+  want=$(sha256sum requirements/matrix.lock | cut -d' ' -f1)
+  if [ "$(cat "$venv/.asyncpool-deps" 2>/dev/null)" != "$want" ]; then
+    echo "setup: building $venv with $interp" >&2
+    rm -rf "$venv"
+    "$interp" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip >&2
+    "$venv/bin/python" -m pip install -q --require-hashes -r requirements/matrix.lock >&2
+    echo "$want" > "$venv/.asyncpool-deps"
+  fi
+done
 # checkov (tests/test_infra_checkov.py), in a venv of its own: it pins urllib3 1.26, which has
 # known vulnerabilities, so it stays out of the development environment.
 checkov_version=3.2.459

@@ -24,6 +24,33 @@ if [ $# -eq 0 ] && [ -x .cache/sqlalchemy-2.0/bin/python ]; then
   .cache/sqlalchemy-2.0/bin/python -m pytest -q -p no:cacheprovider tests/test_sqlalchemy.py \
     tests/test_sqlalchemy_example.py || status=$?
 fi
+# The Lambda and core suites again on Python 3.12 and 3.13 (the current Lambda runtimes, the only
+# ones with SnapStart), in the small venvs scripts/setup.sh builds. Both versions run at once (the
+# suites mostly wait on servers and subprocesses), with the model test at 200 examples instead of
+# 1,000: about 1.5 minutes in all. Only for a whole-suite run; ASYNCPOOL_TEST_MATRIX=0 skips them.
+matrix_tests=(tests/unit tests/lambda_runtime tests/test_lambda_runner.py tests/test_lambda_powertools.py
+              tests/test_lambda_shutdown.py tests/test_lambda_config.py tests/test_freeze_thaw.py)
+if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
+  pids=()
+  logs=$(mktemp -d)
+  for v in 3.12 3.13; do
+    venv=.venv${v/./}
+    if [ ! -x "$venv/bin/python" ]; then
+      echo "== pytest on Python $v: skipped ($venv missing: no Python $v for scripts/setup.sh)"
+      continue
+    fi
+    ASYNCPOOL_MODEL_EXAMPLES=${ASYNCPOOL_MODEL_EXAMPLES:-200} "$venv/bin/python" -m pytest -q \
+      -p no:cacheprovider "${matrix_tests[@]}" > "$logs/python$v.log" 2>&1 &
+    pids+=("$v:$!")
+  done
+  for entry in "${pids[@]}"; do
+    v=${entry%%:*}
+    echo "== pytest on Python $v (Lambda and core suites)"
+    wait "${entry#*:}" || status=$?
+    tail -n 30 "$logs/python$v.log"
+  done
+  rm -rf "$logs"
+fi
 echo "== leftover servers"
 .venv/bin/python scripts/check-no-leftover-servers.py --since "$before" || status=1
 exit $status

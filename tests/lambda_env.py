@@ -110,6 +110,8 @@ class HandlerProcess:
 
     def __init__(self, dsn: str, stderr_path: Path) -> None:
         env = {**os.environ, "ASYNCPOOL_DSN": dsn, "POWERTOOLS_METRICS_NAMESPACE": "tests"}
+        # This checkout's asyncpool, also where it is not installed (the 3.12 / 3.13 test venvs).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self._stderr: IO[bytes] = open(stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.stderr_path = stderr_path
         self.proc = subprocess.Popen(
