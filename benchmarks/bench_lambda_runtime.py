@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_lambda_runtime.py [--cold 5] [--warm 200] [--thaws 5]
         [--handler pooled.handler|powertools_handler.handler] [--execution-env AWS_Lambda_python3.12]
-        [--python PATH] [--dsn DSN]
+        [--python PATH] [--dsn DSN] [--env NAME=VALUE ...]
 
 Runs ``python -m awslambdaric <handler>`` (PyPI ``awslambdaric``) against the Runtime API emulator
 of `asyncpool.testing.lambda_runtime`, as a Lambda container image would run it, and measures
@@ -68,12 +68,13 @@ def measure(args: argparse.Namespace, dsn: str, workdir: Path) -> dict[str, list
     from asyncpool.testing.lambda_runtime import LambdaProcess, RuntimeAPI
 
     event = event_for(args.handler)
+    extra_env: dict[str, str | None] = dict(item.split("=", 1) for item in args.env)
     results: dict[str, list[float]] = {"init": [], "first": [], "warm": [], "thawed": []}
 
     def environment(api: RuntimeAPI, n: int) -> LambdaProcess:
         return LambdaProcess(
             api, args.handler, log_path=workdir / f"runtime-{n}.log", path=PATH,
-            env={"ASYNCPOOL_DSN": dsn, "POWERTOOLS_METRICS_NAMESPACE": "bench"},
+            env={"ASYNCPOOL_DSN": dsn, "POWERTOOLS_METRICS_NAMESPACE": "bench", **extra_env},
             execution_env=args.execution_env, python=args.python,
         )
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--execution-env", default="AWS_Lambda_python3.12")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--dsn")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the runtime process (repeatable)")
     args = parser.parse_args(argv)
     with target(args.dsn) as dsn, tempfile.TemporaryDirectory() as tmp:
         results = measure(args, dsn, Path(tmp))
