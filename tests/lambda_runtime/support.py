@@ -26,12 +26,13 @@ def environment(
     handler: str = "pooled.handler",
     execution_env: str | None = "AWS_Lambda_python3.12",
     env: dict[str, str | None] | None = None,
+    extra_path: list[Path] | None = None,
 ) -> LambdaProcess:
     return LambdaProcess(
         api,
         handler,
         log_path=tmp_path / "runtime.log",
-        path=[FUNCTIONS, POWERTOOLS_EXAMPLE, REPO],
+        path=[*(extra_path or []), FUNCTIONS, POWERTOOLS_EXAMPLE, REPO],
         env={"ASYNCPOOL_DSN": pooler.dsn(), "POWERTOOLS_METRICS_NAMESPACE": "tests", **(env or {})},
         execution_env=execution_env,
     )
