@@ -9,6 +9,7 @@ from asyncpool.connect.dsn import Target
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword
 from asyncpool.errors import (
     AuthenticationError,
+    AuthMethodRefusedError,
     ConnectError,
     ConnectionLeakedError,
     ConnectionLostError,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthMethodRefusedError",
     "AuthenticationError",
     "ConnectError",
     "ConnectionLeakedError",

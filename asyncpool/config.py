@@ -22,7 +22,7 @@ PreparedStatements = Literal["off", "on", "unnamed"]
 _RENAMED_MODES = {"describe-cache": "unnamed"}
 LeakAction = Literal["reclaim", "log"]
 CancelRequests = Literal["auto", "off"]
-SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 ENV_PREFIX = "ASYNCPOOL_"
 
@@ -65,11 +65,23 @@ class PoolConfig:
         request lands on a process that does not know the query). See docs/poolers.md.
     credentials: a provider awaited for the password of every new connection (IAM tokens,
         rotating secrets). Default: the DSN's password.
-    ssl: ``disable``/``prefer``/``require``/``verify-ca``/``verify-full`` or an `ssl.SSLContext`
-        (default: asyncpg's, from the DSN's ``sslmode``).
+    ssl: ``disable``/``allow``/``prefer``/``require``/``verify-ca``/``verify-full`` or an
+        `ssl.SSLContext` (default: the DSN's ``sslmode``, else ``PGSSLMODE``, else ``prefer``).
+        Given in more than one place (this option, the DSN, ``connect_kwargs``), the settings
+        must agree. Credentials are only sent over TLS that verifies the server (below).
     ssl_root_cert: CA bundle path used by ``verify-ca``/``verify-full`` (and ``require``, as
         libpq does); given without `ssl` or a DSN ``sslmode``, it means ``verify-full``.
-    allow_iam_without_tls: let `IamAuth` log in without TLS (local testing only).
+        ``"system"``: the system's CAs.
+    allow_unprotected_credentials: send credentials (a password, an IAM token, a secret) to a
+        server whose certificate and name are not verified, and answer its requests for a
+        cleartext or MD5 password: whoever answers on the port can read or replay them. Without
+        it a pool with credentials needs ``verify-full`` (or a context that checks both),
+        except a password to this machine (loopback, Unix socket), used only for SCRAM.
+    allow_iam_without_tls: deprecated name of `allow_unprotected_credentials`.
+    require_auth: the authentication methods the server may ask for, as libpq's
+        ``require_auth``: a comma-separated list of ``password``, ``md5``, ``scram-sha-256``,
+        ``gss``, ``sspi``, ``none`` (or all negated: ``!password,!md5``). Default: any over
+        verified TLS; otherwise ``scram-sha-256,gss,sspi,none`` (no password is sent).
     server_settings: run-time parameters sent at login (not under RDS Proxy: it rejects them).
     connect_kwargs: extra keyword arguments for `asyncpg.connect`.
     telemetry: publish OpenTelemetry metrics and spans (default True; costs next to nothing
@@ -95,7 +107,9 @@ class PoolConfig:
     credentials: CredentialProvider | None = field(default=None, repr=False)
     ssl: SslMode | ssl_module.SSLContext | None = None
     ssl_root_cert: str | None = None
+    allow_unprotected_credentials: bool = False
     allow_iam_without_tls: bool = False
+    require_auth: str | None = None
     server_settings: Mapping[str, str] | None = None
     connect_kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)
     telemetry: bool = True
@@ -157,7 +171,9 @@ _ENV_FIELDS: dict[str, tuple[type, bool]] = {
     "cancel_requests": (str, False),
     "ssl": (str, True),
     "ssl_root_cert": (str, True),
+    "allow_unprotected_credentials": (bool, False),
     "allow_iam_without_tls": (bool, False),
+    "require_auth": (str, True),
     "telemetry": (bool, False),
 }
 
@@ -243,5 +259,14 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
             + ", ".join(get_args(SslMode))
             + " or pass an ssl.SSLContext"
         )
-    if cfg.ssl_root_cert is not None and not os.path.exists(cfg.ssl_root_cert):
+    if cfg.allow_iam_without_tls:
+        warnings.warn(
+            "allow_iam_without_tls is now called allow_unprotected_credentials (it covers every "
+            "credential)", DeprecationWarning, stacklevel=4)
+    if cfg.require_auth is not None:
+        from asyncpool.connect.tls import parse_require_auth
+
+        parse_require_auth(cfg.require_auth)
+    if (cfg.ssl_root_cert is not None and cfg.ssl_root_cert != "system"
+            and not os.path.exists(cfg.ssl_root_cert)):
         fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: no such file")

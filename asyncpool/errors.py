@@ -67,3 +67,13 @@ class StaleStatementError(PoolError):
 
 class CredentialsError(PoolError):
     """A credentials provider could not produce a password (no AWS credentials, bad secret...)."""
+
+
+class AuthMethodRefusedError(ConnectError):
+    """The server asked for an authentication method the pool does not allow on this connection
+    (a cleartext or MD5 password where the server's certificate is not verified, or a method
+    `require_auth` leaves out). Nothing was sent. Not retried: the same server asks again."""
+
+    transient = False
+    #: The method asked for, as libpq's ``require_auth`` names it (``"password"``, ``"md5"``...).
+    method: str = "password"

@@ -241,18 +241,32 @@ async def test_pool_refuses_iam_without_tls_before_dialling(aws: None, mode: str
     )
     with pytest.raises(PoolConfigError, match="ssl='verify-full'") as info:
         await pool.open()
-    assert f"{mode!r}" in str(info.value)
-    assert "allow_iam_without_tls=True" in str(info.value)
+    assert f"ssl mode {mode or 'prefer'!r}" in str(info.value)
+    assert "allow_unprotected_credentials=True" in str(info.value)
     assert counter.signings == 0
 
 
-@pytest.mark.parametrize("dsn_mode", ["require", "verify-ca", "verify-full"])
-def test_tls_from_the_dsn_satisfies_iam(dsn_mode: str) -> None:
-    from asyncpool.config import PoolConfig
-    from asyncpool.connect.tls import require_tls
+@pytest.mark.parametrize("dsn_mode", ["require", "verify-ca"])
+async def test_tls_that_verifies_less_than_the_name_does_not_satisfy_iam(
+    aws: None, dsn_mode: str
+) -> None:
+    counter = SigningCounter()
+    pool = Pool(f"postgresql://orders_app@{PROXY_HOST}:5432/orders?sslmode={dsn_mode}",
+                credentials=IamAuth(session=counter.session), telemetry=False)
+    with pytest.raises(PoolConfigError, match=f"ssl mode '{dsn_mode}' \\(the DSN's sslmode\\)"):
+        await pool.open()
+    assert counter.signings == 0
 
-    config = PoolConfig(dsn=f"postgresql://u@{PROXY_HOST}/db?sslmode={dsn_mode}")
-    require_tls(config)  # raises if the DSN's mode were ignored
+
+def test_verify_full_from_the_dsn_satisfies_iam() -> None:
+    from asyncpool.config import PoolConfig
+    from asyncpool.connect.tls import check_credentials, resolve_tls
+
+    config = PoolConfig(dsn=f"postgresql://u@{PROXY_HOST}/db?sslmode=verify-full")
+    setting = resolve_tls(config)
+    assert setting.verified
+    assert setting.source == "the DSN's sslmode"
+    check_credentials(config, setting, "token", [PROXY_HOST])  # raises if the DSN were ignored
 
 
 # -- through a real PostgreSQL with TLS --------------------------------------------------------
@@ -346,7 +360,7 @@ async def test_refused_token_is_signed_again_once_then_fails_with_iam_advice(
         assert leaked not in repr(pool)
 
 
-async def test_allow_iam_without_tls_lets_a_local_test_dial_in_clear(
+async def test_allow_unprotected_credentials_lets_a_local_test_dial_in_clear(
     aws: None, iam_postgres: PostgresServer
 ) -> None:
     counter = SigningCounter()
@@ -354,7 +368,7 @@ async def test_allow_iam_without_tls_lets_a_local_test_dial_in_clear(
         f"postgresql://iam_user@localhost:{iam_postgres.port}/app",
         credentials=IamAuth(region="us-east-1", session=counter.session),
         ssl="disable",
-        allow_iam_without_tls=True,
+        allow_unprotected_credentials=True,
         telemetry=False,
     )
     # The pool dials (and this server's pg_hba then refuses plain TCP): no config refusal.

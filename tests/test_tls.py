@@ -131,12 +131,24 @@ async def test_server_without_tls_fails_clearly_under_verify_full(
 
 def test_root_cert_that_is_not_pem_is_a_config_error(tmp_path: Path) -> None:
     from asyncpool.config import PoolConfig
-    from asyncpool.connect.dsn import parse_target
-    from asyncpool.connect.tls import ssl_argument
+    from asyncpool.connect.tls import resolve_tls
 
     bogus = tmp_path / "bundle.pem"
     bogus.write_text("not a certificate\n")
     config = PoolConfig(dsn="postgresql://u@db.example/app", ssl="verify-full",
                         ssl_root_cert=str(bogus))
     with pytest.raises(PoolConfigError, match="could not be loaded as a PEM CA bundle"):
-        ssl_argument(config, parse_target(config.dsn))
+        resolve_tls(config).driver_argument()
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_unverified_tls_logs_in_with_scram_in_every_statement_mode(
+    tls_postgres: PostgresServer, mode: str
+) -> None:
+    """`require` does not verify the server, so the login goes through the auth guard (SCRAM
+    only), over the TLS path, with and without the one-round-trip interceptor; after the login
+    the guard is out of the way."""
+    async with await _open(_dsn(tls_postgres), ssl="require", prepared_statements=mode) as pool:
+        assert (await _tls_facts(pool))[0]
+        assert await pool.fetchval("SELECT $1::int + 1", 41) == 42
+        assert await pool.fetchval("SELECT $1::int + 1", 1) == 2

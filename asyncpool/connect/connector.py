@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect import driver
+from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
 from asyncpool.connect.failures import translate
 from asyncpool.connect.poolers import is_rds_proxy
-from asyncpool.connect.tls import require_tls, ssl_argument
+from asyncpool.connect.tls import (
+    AUTH_METHODS,
+    TlsSetting,
+    allowed_auth_methods,
+    check_credentials,
+    dialled_hosts,
+    require_auth_setting,
+    resolve_tls,
+)
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
 from asyncpool.errors import AuthenticationError, ConnectError
 from asyncpool.observer import ConnectAttempt, PoolObserver
 
 if TYPE_CHECKING:
     from asyncpool.unnamed import CacheTotals
+
+ALL_AUTH_METHODS = frozenset(AUTH_METHODS)
 
 
 class CutShort:
@@ -65,8 +78,20 @@ class Connector:
         if isinstance(self.credentials, StaticPassword):
             known.append(self.credentials.reveal())
         self._secrets = tuple(s for s in known if isinstance(s, str) and s)
-        if self.credentials is not None and self.credentials.requires_tls:
-            require_tls(config)
+        #: The one TLS setting every connection uses (all spellings resolved, or a conflict).
+        self.tls: TlsSetting = resolve_tls(config, list(self._dsn.params.items()) if self._dsn else [])
+        hosts = dialled_hosts(config, [h for h, _ in self._dsn.hosts] if self._dsn else None)
+        if self.credentials is not None:
+            check_credentials(config, self.tls, "token" if self.credentials.requires_tls
+                              else "password", hosts)
+        #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
+        self.require_auth = require_auth_setting(config, self._dsn.params if self._dsn else {})
+        self.auth_methods = allowed_auth_methods(config, self.tls, self.require_auth)
+        if self._dsn is not None and "require_auth" in self._dsn.params:
+            # Read here; asyncpg would send it to the server as a run-time parameter.
+            self._dsn = dataclasses.replace(self._dsn, params=MappingProxyType(
+                {k: v for k, v in self._dsn.params.items() if k != "require_auth"}))
+        self._several_hosts = len(hosts) > 1
         #: The description cache's counts over all connections ("unnamed" mode only).
         self.statement_cache: CacheTotals | None = None
         #: Connections are opened through an InterceptingLoop (the one-round-trip path).
@@ -93,9 +118,7 @@ class Connector:
         cancels = cfg.cancel_requests != "off" and not is_rds_proxy(self.target.host)
         kw["connection_class"] = driver.cancel_aware_class(kw.get("connection_class"),
                                                            cancels=cancels)
-        ssl_arg = ssl_argument(cfg, self.target)
-        if ssl_arg is not None:
-            kw["ssl"] = ssl_arg
+        kw["ssl"] = self.tls.driver_argument()
         if cfg.server_settings:
             kw["server_settings"] = dict(cfg.server_settings)
         # The pool manages the target through the DSN; explicit host/port/user stay as given.
@@ -114,7 +137,8 @@ class Connector:
         except AuthenticationError as exc:
             refused = exc
         # Outside the except block, so no exception becomes the next one's __context__.
-        if self.credentials is None or not await self.credentials.refresh(self.target):
+        if (self.credentials is None or not self.retry_is_safe
+                or not await self.credentials.refresh(self.target)):
             raise refused
         del refused
         return await self._attempt(cut_short)
@@ -123,6 +147,30 @@ class Connector:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
                          secrets=self._secrets)
+
+    @property
+    def retry_is_safe(self) -> bool:
+        """Whether a second credential may follow a refused one: only to the same verified server
+        (one host: with several, which one refused is not known), or where the guard lets nothing
+        but SCRAM through (no password or token is sent)."""
+        if not self.auth_methods & {"password", "md5"}:
+            return True
+        return self.tls.verified and not self._several_hosts
+
+    def _loop(self) -> tuple[AuthGuard | None, Any]:
+        """The loop asyncpg is given: the running one, wrapped by the auth guard (unless the
+        server is verified and every method allowed) and the one-round-trip path's interceptor;
+        None: unwrapped."""
+        loop: Any = asyncio.get_running_loop()
+        guard: AuthGuard | None = None
+        if self.auth_methods != ALL_AUTH_METHODS or not self.tls.verified:
+            guard = AuthGuard(self.auth_methods, once=not self.tls.verified)
+            loop = GuardedLoop(loop, guard)
+        if self._intercept:
+            from asyncpool.unnamed.wire import InterceptingLoop
+
+            loop = InterceptingLoop(loop)
+        return guard, loop if guard is not None or self._intercept else None
 
     async def _attempt(self, cut_short: CutShort | None) -> asyncpg.Connection:
         cred_times: list[int] = []
@@ -139,10 +187,9 @@ class Connector:
                     cred_times.append(time.time_ns())
 
             kwargs = {**kwargs, "password": password}
-        if self._intercept:
-            from asyncpool.unnamed.wire import InterceptingLoop
-
-            kwargs = {**kwargs, "loop": InterceptingLoop(asyncio.get_running_loop())}
+        guard, loop = self._loop()
+        if loop is not None:
+            kwargs = {**kwargs, "loop": loop}
         started = time.time_ns()
         error: BaseException | None = None
         caller_error: type[BaseException] | None = None
@@ -153,7 +200,10 @@ class Connector:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             # Only what matters is kept (class, SQLSTATE, a scrubbed message): the driver's
             # exception and its frames are dropped when this block ends.
-            error = self._translate(exc)
+            if guard is not None and guard.refused is not None:
+                error = refusal_error(guard, self.config, self.target, self.tls, self.require_auth)
+            else:
+                error = self._translate(exc)
             caller_error = type(error)
         except asyncio.CancelledError as exc:
             error = exc

@@ -231,3 +231,10 @@ def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
         "_asyncpool_cancels": cancels,
         "_cancel_current_command": _cancel_or_terminate,
     })
+
+
+def is_wire_protocol(protocol: object) -> bool:
+    """True for asyncpg's PostgreSQL protocol (what reads the server's messages), False for the
+    one-byte TLS negotiation protocol asyncpg connects with first (`asyncpool.connect.authguard`
+    reads the former's Authentication messages)."""
+    return isinstance(protocol, asyncpg.protocol.Protocol)

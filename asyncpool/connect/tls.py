@@ -1,87 +1,379 @@
-"""The `ssl` argument asyncpg gets, built from the pool's `ssl` and `ssl_root_cert` options.
+"""The one TLS setting a pool's connections use, and what it allows credentials to do.
 
-Modes follow libpq's ``sslmode``: ``disable``, ``prefer`` (TLS if offered, unverified),
-``require`` (TLS, unverified), ``verify-ca`` (the chain must lead to `ssl_root_cert`, or the
-system CAs without it) and ``verify-full`` (also the certificate must name the host dialled).
+Every spelling is read here and nowhere else: the `ssl` option (``ASYNCPOOL_SSL``),
+``connect_kwargs["ssl"]``, the DSN's ``sslmode`` and ``sslrootcert``, the `ssl_root_cert` option
+(``ASYNCPOOL_SSL_ROOT_CERT``), an `ssl.SSLContext`, and libpq's ``PGSSLMODE``/``PGSSLROOTCERT``.
+The pool's own settings (option, keyword argument, DSN) must agree when more than one is given:
+two that differ are a `PoolConfigError` naming both, never "the last one wins". The environment
+variables are defaults, used only when the pool's settings say nothing (as in libpq).
+
+Modes follow libpq's ``sslmode``: ``disable``, ``allow``/``prefer`` (TLS if offered,
+unverified), ``require`` (TLS; the chain is checked only when a root certificate is given, as
+libpq does), ``verify-ca`` (the chain must lead to the root certificate, or the system CAs
+without one) and ``verify-full`` (also the certificate must name the host dialled). A root
+certificate given without a mode means ``verify-full``; ``sslrootcert=system`` means the system
+CAs and needs ``verify-full``.
+
+The resolved setting is what asyncpg is given (always explicitly, so asyncpg reads no mode of its
+own), and what the credential rules check (`check_credentials`, `allowed_auth_methods`): a
+credential goes only to a server whose certificate and name were verified, except a password
+(never a token) to this machine, which is then only used for SCRAM.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from asyncpool.errors import PoolConfigError
 
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
-    from asyncpool.connect.dsn import Target
 
-_VERIFYING = ("verify-ca", "verify-full")
-# Modes that send nothing an eavesdropper could not read or an impostor could not collect.
-_UNSAFE_FOR_TOKENS = (None, "disable", "allow", "prefer")
+MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_RANK = {mode: rank for rank, mode in enumerate(MODES)}
+#: `sslrootcert=system`: the system's CAs (libpq 16), which only make sense with verify-full.
+SYSTEM = "system"
+#: What asyncpool sends credentials unprotected under, and its environment variable.
+OPT_OUT = "allow_unprotected_credentials"
+#: Authentication methods, as libpq's ``require_auth`` names them.
+AUTH_METHODS = ("password", "md5", "scram-sha-256", "gss", "sspi", "none")
+#: Methods that send nothing a listener could log in with or read a password from.
+SAFE_AUTH_METHODS = frozenset({"scram-sha-256", "gss", "sspi", "none"})
 
-
-def effective_mode(config: PoolConfig) -> str | ssl.SSLContext | None:
-    """The mode connections will use: the `ssl` option, else the DSN's ``sslmode``, else
-    ``PGSSLMODE``; with only `ssl_root_cert` given, ``verify-full``. None: asyncpg's default
-    (``prefer``)."""
-    if config.ssl is not None:
-        return config.ssl
-    mode = _dsn_sslmode(config.dsn) or os.environ.get("PGSSLMODE") or None
-    if mode is None and config.ssl_root_cert is not None:
-        return "verify-full"
-    return mode
+CredentialKind = Literal["token", "password"]
 
 
-def ssl_argument(config: PoolConfig, target: Target) -> ssl.SSLContext | str | bool | None:
-    """None leaves asyncpg to read the DSN and environment; otherwise the mode or a context."""
-    mode = effective_mode(config)
-    if isinstance(mode, ssl.SSLContext):
-        return mode
-    if config.ssl is None and config.ssl_root_cert is None:
-        return None
-    if mode in _VERIFYING:
-        return verifying_context(config.ssl_root_cert, check_hostname=mode == "verify-full")
-    if mode == "require" and config.ssl_root_cert is not None:
-        # libpq: with a root certificate at hand, require checks the chain as verify-ca does.
-        return verifying_context(config.ssl_root_cert, check_hostname=False)
-    if mode == "disable":
-        return False
-    return mode
+@dataclass(frozen=True)
+class TlsSetting:
+    """The effective TLS setting of a pool's connections, and where it was decided."""
+
+    mode: str
+    #: Which setting decided it ("the ssl option", "the DSN's sslmode", "PGSSLMODE"...).
+    source: str
+    #: The context the user gave, if any (used as it is).
+    context: ssl.SSLContext | None = field(default=None, repr=False)
+    #: CA bundle path (or ``"system"``), and which setting gave it.
+    root_cert: str | None = None
+    root_cert_source: str | None = None
+    #: Client certificate and key (DSN ``sslcert``/``sslkey``, ``PGSSLCERT``/``PGSSLKEY``).
+    client_cert: str | None = None
+    client_key: str | None = field(default=None, repr=False)
+    client_key_password: str | None = field(default=None, repr=False)
+
+    @property
+    def verifies_chain(self) -> bool:
+        if self.context is not None:
+            return self.context.verify_mode == ssl.CERT_REQUIRED
+        if self.mode == "require":
+            return self.root_cert is not None
+        return _RANK[self.mode] >= _RANK["verify-ca"]
+
+    @property
+    def verifies_name(self) -> bool:
+        if self.context is not None:
+            return self.verifies_chain and self.context.check_hostname
+        return self.mode == "verify-full"
+
+    @property
+    def verified(self) -> bool:
+        """True when a connection can only be made to a server whose certificate chains to a
+        trusted CA and names the host dialled (what a credential needs)."""
+        return self.verifies_chain and self.verifies_name
+
+    def describe(self) -> str:
+        if self.context is not None:
+            checks = (
+                "checks the certificate and the host name" if self.verified
+                else "checks the certificate but not the host name" if self.verifies_chain
+                else "checks no certificate (CERT_NONE)"
+            )
+            return f"an ssl.SSLContext that {checks} ({self.source})"
+        return f"ssl mode {self.mode!r} ({self.source})"
+
+    def driver_argument(self) -> ssl.SSLContext | str | bool:
+        """What asyncpg's ``ssl=`` is given: always something, so it reads no mode itself."""
+        if self.context is not None:
+            return self.context
+        if self.mode == "disable":
+            return False
+        if self.mode in ("allow", "prefer") or (self.mode == "require" and not self.root_cert):
+            return self.mode
+        return self._context()
+
+    def _context(self) -> ssl.SSLContext:
+        cafile = None if self.root_cert == SYSTEM else self.root_cert
+        try:
+            ctx = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise PoolConfigError(
+                f"{self.root_cert_source}={self.root_cert!r} could not be loaded as a PEM CA "
+                f"bundle ({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc})"
+            ) from None
+        ctx.check_hostname = self.mode == "verify-full"
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if self.client_cert:
+            password = self.client_key_password
+            try:
+                ctx.load_cert_chain(self.client_cert, self.client_key or None,
+                                    password=(lambda: password or "") if password else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise PoolConfigError(
+                    f"the client certificate {self.client_cert!r} (sslcert/PGSSLCERT) or its key "
+                    f"could not be loaded ({type(exc).__name__})"
+                ) from None
+        return ctx
 
 
 def verifying_context(cafile: str | None, *, check_hostname: bool) -> ssl.SSLContext:
     """A client context that requires a certificate chaining to `cafile` (or the system CAs)."""
-    try:
-        ctx = ssl.create_default_context(cafile=cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise PoolConfigError(
-            f"ssl_root_cert={cafile!r} could not be loaded as a PEM CA bundle ({exc})"
-        ) from None
-    ctx.check_hostname = check_hostname
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    mode = "verify-full" if check_hostname else "verify-ca"
+    return TlsSetting(mode, "verifying_context", root_cert=cafile,
+                      root_cert_source="ssl_root_cert")._context()
 
 
-def require_tls(config: PoolConfig) -> None:
-    """Refuse a mode that would send an IAM token in clear text (or to an unverified server
-    that asked for it unencrypted), unless `allow_iam_without_tls` says this is a local test."""
-    if config.allow_iam_without_tls:
-        return
-    mode = effective_mode(config)
-    if isinstance(mode, ssl.SSLContext) or mode not in _UNSAFE_FOR_TOKENS:
-        return
-    raise PoolConfigError(
-        f"pool {config.name!r}: IAM authentication sends a token that must not travel in clear "
-        f"text, but the ssl mode is {mode!r}; set ssl='verify-full' with ssl_root_cert (RDS: the "
-        "RDS CA bundle; RDS Proxy: the Amazon root CAs), or allow_iam_without_tls=True for a "
-        "local test"
+# -- resolving ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spelling:
+    source: str
+    mode: str
+    context: ssl.SSLContext | None = None
+    shown: str = ""
+
+    def describe(self) -> str:
+        return f"{self.source}={self.shown or repr(self.mode)}"
+
+
+def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = None,
+                environ: Mapping[str, str] | None = None) -> TlsSetting:
+    """The TLS setting `config`'s connections use (`PoolConfigError` on conflicting settings).
+
+    query: the DSN's query fields in order, repeats included (default: read from `config.dsn`).
+    """
+    env = os.environ if environ is None else environ
+    pairs = list(dsn_query(config.dsn) if query is None else query)
+    fail = _failer(config)
+
+    if any(key == "ssl" for key, _ in pairs):
+        fail("the DSN has ssl=..., which is not a libpq setting (asyncpg would send it to the "
+             "server as a run-time parameter): write sslmode=verify-full (or another sslmode)")
+    spellings: list[_Spelling] = []
+    if config.ssl is not None:
+        spellings.append(_spelling("the ssl option", config.ssl, fail))
+    if "ssl" in config.connect_kwargs and config.connect_kwargs["ssl"] is not None:
+        spellings.append(_spelling("connect_kwargs['ssl']", config.connect_kwargs["ssl"], fail))
+    spellings += [_spelling("the DSN's sslmode", v, fail) for v in _values(pairs, "sslmode", fail)]
+    for other in spellings[1:]:
+        first = spellings[0]
+        if other.mode != first.mode or (
+            first.context is not None and other.context is not None
+            and other.context is not first.context
+        ):
+            fail(f"the TLS setting is given twice and the two disagree: {first.describe()} and "
+                 f"{other.describe()}; give it once (the pool does not pick one)")
+    context = next((s.context for s in spellings if s.context is not None), None)
+
+    root_source, root = _root_cert(config, pairs, fail)
+    if context is not None and root is not None:
+        fail(f"{root_source}={root!r} is not used with an ssl.SSLContext: load the CA into the "
+             "context (context.load_verify_locations(cafile=...)) and leave it out")
+
+    mode, source = _mode(spellings, env, root_source if root is not None else None, fail)
+    if root is None and context is None and env.get("PGSSLROOTCERT"):
+        root_source, root = "PGSSLROOTCERT", env["PGSSLROOTCERT"]
+    if root == SYSTEM and context is None and mode != "verify-full":
+        fail(f"{root_source}=system (the system CAs) needs ssl mode 'verify-full', not {mode!r} "
+             f"({source}), as in libpq")
+    if mode in ("disable", "allow", "prefer"):
+        root = root_source = None  # not used: nothing is verified in these modes
+
+    cert = _single(pairs, "sslcert", fail) or env.get("PGSSLCERT") or None
+    key = _single(pairs, "sslkey", fail) or env.get("PGSSLKEY") or None
+    return TlsSetting(
+        mode=mode, source=source, context=context, root_cert=root, root_cert_source=root_source,
+        client_cert=cert, client_key=key, client_key_password=_single(pairs, "sslpassword", fail),
     )
 
 
-def _dsn_sslmode(dsn: str | None) -> str | None:
-    # The one DSN parser (a repeated sslmode is an error there, not "first one wins").
+def _mode(spellings: Sequence[_Spelling], env: Mapping[str, str], root_source: str | None,
+          fail: Any) -> tuple[str, str]:
+    if spellings:
+        return spellings[0].mode, spellings[0].source
+    if env.get("PGSSLMODE"):
+        return _spelling("PGSSLMODE", env["PGSSLMODE"], fail).mode, "PGSSLMODE"
+    if root_source is not None:
+        return "verify-full", f"{root_source} given without a mode"
+    return "prefer", "asyncpg's default: nothing set"
+
+
+def _root_cert(config: PoolConfig, pairs: Sequence[tuple[str, str]],
+               fail: Any) -> tuple[str | None, str | None]:
+    roots = [("the ssl_root_cert option", config.ssl_root_cert)] if config.ssl_root_cert else []
+    roots += [("the DSN's sslrootcert", v) for v in _values(pairs, "sslrootcert", fail)]
+    if len({path for _, path in roots}) > 1:
+        (a_src, a), (b_src, b) = roots[0], next(r for r in roots if r[1] != roots[0][1])
+        fail(f"the root certificate is given twice and the two disagree: {a_src}={a!r} and "
+             f"{b_src}={b!r}; give it once")
+    return roots[0] if roots else (None, None)
+
+
+def dsn_query(dsn: str | None) -> list[tuple[str, str]]:
+    """A DSN's query fields, as the one DSN parser reads them (a repeated key is an error there)."""
     from asyncpool.connect.dsn import parse_dsn
 
-    return parse_dsn(dsn).params.get("sslmode") if dsn else None
+    return list(parse_dsn(dsn).params.items()) if dsn else []
+
+
+def _spelling(source: str, value: Any, fail: Any) -> _Spelling:
+    if isinstance(value, ssl.SSLContext):
+        probe = TlsSetting("require", source, context=value)
+        mode = "verify-full" if probe.verified else "verify-ca" if probe.verifies_chain else "require"
+        return _Spelling(source, mode, value, shown=f"<SSLContext, acts as {mode!r}>")
+    if isinstance(value, bool):
+        return _Spelling(source, "verify-full" if value else "disable", shown=repr(value))
+    if isinstance(value, str) and value.strip().lower() in _RANK:
+        return _Spelling(source, value.strip().lower(), shown=repr(value))
+    fail(f"{source}={value!r}: choose one of {', '.join(MODES)} or pass an ssl.SSLContext")
+    raise AssertionError  # unreachable: fail raises
+
+
+def _values(pairs: Iterable[tuple[str, str]], key: str, fail: Any) -> list[str]:
+    values = [v for k, v in pairs if k == key]
+    if len(values) > 1:
+        shown = " and ".join(repr(v) for v in values)
+        fail(f"the DSN gives {key} {len(values)} times ({shown}); give it once (readers "
+             "differ on which one counts, and the pool does not pick one)")
+    return values
+
+
+def _single(pairs: Iterable[tuple[str, str]], key: str, fail: Any) -> str | None:
+    values = [v for k, v in pairs if k == key]
+    if len(values) > 1:
+        fail(f"the DSN gives {key} {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def _failer(config: PoolConfig) -> Any:
+    def fail(message: str) -> None:
+        raise PoolConfigError(f"pool {config.name!r}: {message}")
+
+    return fail
+
+
+# -- what credentials may do -------------------------------------------------------------------
+
+
+def unprotected_allowed(config: PoolConfig) -> bool:
+    return bool(config.allow_unprotected_credentials or config.allow_iam_without_tls)
+
+
+def check_credentials(config: PoolConfig, setting: TlsSetting, kind: CredentialKind,
+                      hosts: Sequence[str]) -> None:
+    """Refuse, before anything is dialled, a pool that would hand its credential to a server
+    whose certificate and name are not verified.
+
+    A token (sent as it is) needs verified TLS. A password may also go to this machine (every
+    host a loopback address, ``localhost`` or a Unix socket) without it, where it is only used
+    for SCRAM (see `allowed_auth_methods`). `allow_unprotected_credentials` turns this off.
+    """
+    if setting.verified or unprotected_allowed(config):
+        return
+    if kind == "password" and all_local(hosts):
+        return
+    what = (
+        "an IAM token (or another credential sent as it is) is only sent" if kind == "token"
+        else "a password is only sent to another machine"
+    )
+    raise PoolConfigError(
+        f"pool {config.name!r}: {what} over TLS that verifies the server's certificate and name, "
+        f"but the setting is {setting.describe()}, so whoever answers on the port could read or "
+        "collect it; set ssl='verify-full' with ssl_root_cert (RDS: the RDS CA bundle; RDS "
+        "Proxy: the Amazon root CAs), or, only where the network is trusted, "
+        f"{OPT_OUT}=True (ASYNCPOOL_{OPT_OUT.upper()}=true) to send it unprotected"
+    )
+
+
+def require_auth_setting(config: PoolConfig, dsn_params: Mapping[str, str]) -> str | None:
+    """``require_auth`` from the option (``ASYNCPOOL_REQUIRE_AUTH``) or the DSN; both: must agree."""
+    dsn_value = dsn_params.get("require_auth")
+    if (config.require_auth is not None and dsn_value is not None
+            and parse_require_auth(dsn_value) != parse_require_auth(config.require_auth)):
+        raise PoolConfigError(
+            f"pool {config.name!r}: require_auth is given twice and the two disagree: the "
+            f"require_auth option={config.require_auth!r} and the DSN's "
+            f"require_auth={dsn_value!r}; give it once"
+        )
+    return config.require_auth if config.require_auth is not None else dsn_value
+
+
+def allowed_auth_methods(config: PoolConfig, setting: TlsSetting,
+                         require_auth: str | None = None) -> frozenset[str]:
+    """The authentication methods a server may ask for (libpq's ``require_auth``).
+
+    Default: any over verified TLS (or with `allow_unprotected_credentials`); otherwise only
+    those that send no password (SCRAM-SHA-256, GSS, SSPI, none): a request for a cleartext or
+    MD5 password on such a connection is refused before anything is sent.
+    """
+    require_auth = config.require_auth if require_auth is None else require_auth
+    if require_auth is not None:
+        return parse_require_auth(require_auth)
+    if setting.verified or unprotected_allowed(config):
+        return frozenset(AUTH_METHODS)
+    return SAFE_AUTH_METHODS
+
+
+def parse_require_auth(text: str) -> frozenset[str]:
+    """libpq's ``require_auth`` list: ``scram-sha-256,none``, or all negated: ``!password,!md5``."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    negated = [n.startswith("!") for n in names]
+    bare = [n.lstrip("!") for n in names]
+    unknown = [n for n in bare if n not in AUTH_METHODS]
+    if not names or unknown or (any(negated) and not all(negated)):
+        raise PoolConfigError(
+            f"require_auth={text!r}: write a comma-separated list of {', '.join(AUTH_METHODS)} "
+            "(every item negated with ! to allow all others)"
+        )
+    if all(negated):
+        return frozenset(AUTH_METHODS) - set(bare)
+    return frozenset(bare)
+
+
+def dialled_hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every host the pool may dial ("" is asyncpg's default: a local socket, then localhost).
+
+    dsn_hosts: the DSN's hosts as its parser read them (default: read from `config.dsn`)."""
+    env = os.environ if environ is None else environ
+    given = config.connect_kwargs.get("host")
+    if given:
+        return [h.strip() for h in (given.split(",") if isinstance(given, str) else given)]
+    if dsn_hosts is None and config.dsn:
+        from asyncpool.connect.dsn import parse_dsn
+
+        dsn_hosts = [h for h, _ in parse_dsn(config.dsn).hosts]
+    if dsn_hosts and any(dsn_hosts):
+        return list(dsn_hosts)
+    if env.get("PGHOST"):
+        return [h.strip() for h in env["PGHOST"].split(",")]
+    return [""]
+
+
+def all_local(hosts: Iterable[str]) -> bool:
+    """True when every host is this machine: a Unix socket, ``localhost`` or a loopback address."""
+    return all(_local(h) for h in hosts)
+
+
+def _local(host: str) -> bool:
+    host = host.strip()
+    if host in ("", "localhost") or host.startswith("/") or host.startswith("@"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -22,7 +22,10 @@ class CredentialProvider(Protocol):
     Nothing a provider returns or raises may contain the secret itself.
     """
 
-    #: Whether logins with these credentials must use TLS (IAM tokens do).
+    #: True when the credential is sent as it is (a bearer token: an IAM token goes as a
+    #: cleartext password message), so it needs verified TLS even to this machine. False for a
+    #: password, which may also go to a local server without TLS, used there only for SCRAM.
+    #: Either way, other servers need ``verify-full`` (docs/credentials-and-tls.md).
     requires_tls: bool
 
     async def password(self, target: Target) -> str: ...

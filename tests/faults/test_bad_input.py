@@ -94,7 +94,8 @@ def test_config_repr_hides_the_password(secret: str) -> None:
 
 async def test_unknown_host(logs: pytest.LogCaptureFixture) -> None:
     dsn = "postgresql://app:Sup3r-s3cret@no-such-host.invalid:5432/app"  # pragma: allowlist secret
-    error = await _open_fails(dsn)
+    # verify-full: a password goes nowhere else (a PoolConfigError would come first otherwise).
+    error = await _open_fails(dsn, ssl="verify-full")
     assert type(error) is ConnectError
     assert "no-such-host.invalid" in str(error)
     assert "unknown host" in str(error)

@@ -1,0 +1,258 @@
+"""Refusing a server's request for a password it could read, before asyncpg answers it.
+
+libpq's ``require_auth`` lets a client refuse authentication methods; asyncpg has no such
+option, and answers inside its Cython protocol (``AuthenticationCleartextPassword`` with the
+password itself, ``AuthenticationMD5Password`` with a salted hash the server chose the salt of).
+So the server's bytes reach asyncpg's protocol through a `Reader` while the login lasts: it reads
+each Authentication message, and one that asks for a method not allowed is never delivered: the
+connection is aborted, nothing is written, and `AuthGuard.refused` names the method. After
+AuthenticationOk the `Reader` takes itself off the transport (no cost once logged in).
+
+The `Reader` is put in place by `GuardedLoop`, passed to asyncpg as its ``loop``: it forwards
+everything to the running loop except ``create_connection``, ``create_unix_connection`` and
+``start_tls``, whose protocols it wraps (the TLS upgrade included). `asyncpool.unnamed`'s
+`InterceptingLoop` goes around it when both are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from asyncpool.connect import driver
+from asyncpool.errors import AuthMethodRefusedError
+
+if TYPE_CHECKING:
+    from asyncpool.config import PoolConfig
+    from asyncpool.connect.dsn import Target
+    from asyncpool.connect.tls import TlsSetting
+
+# Authentication request codes (PostgreSQL protocol 3.0) and the require_auth names they ask for.
+_OK = 0
+_METHODS = {3: "password", 5: "md5", 7: "gss", 9: "sspi", 10: "scram-sha-256"}
+_WHAT = {
+    "password": "a cleartext password (AuthenticationCleartextPassword)",  # pragma: allowlist secret
+    "md5": "an MD5 password hash (AuthenticationMD5Password) instead of SCRAM",
+    "none": "nothing (it let the login in without authentication)",
+    "scram-sha-256": "SCRAM-SHA-256",
+    "gss": "GSSAPI",
+    "sspi": "SSPI",
+}
+
+
+class AuthGuard:
+    """What one connection attempt allows; records what it refused. Shared by every socket
+    asyncpg opens for the attempt (a TLS try and a plain retry, the hosts of a list)."""
+
+    __slots__ = ("allowed", "once", "refused", "repeated", "sent")
+
+    def __init__(self, allowed: frozenset[str], *, once: bool = False) -> None:
+        self.allowed = allowed
+        #: Answer one password request per attempt at most (the server is not verified: a
+        #: second one is asyncpg's retry without TLS after the first was refused, ``prefer``).
+        self.once = once
+        #: The method a server asked for and was refused (None: nothing refused).
+        self.refused: str | None = None
+        #: A password was answered / a second request was refused under `once`.
+        self.sent = False
+        self.repeated = False
+
+
+def refusal_error(guard: AuthGuard, config: PoolConfig, target: Target, tls: TlsSetting,
+                  require_auth: str | None = None) -> AuthMethodRefusedError:
+    """The error for a login `guard` stopped: what was asked, and the setting that allows it."""
+    method = guard.refused or "password"
+    where = f"pool {config.name!r} did not log in to {target}"
+    asked = f"the server asked for {_WHAT.get(method, method)}"
+    require_auth = config.require_auth if require_auth is None else require_auth
+    if require_auth is not None:
+        message = (f"{where}: {asked}, which require_auth={require_auth!r} does not "
+                   "allow; nothing was sent")
+    else:
+        message = (
+            f"{where}: {asked} on a connection that does not verify the server "
+            f"({tls.describe()}); whoever answers on the port could read or replay it, so "
+            "nothing was sent (only SCRAM-SHA-256 is used there). Use TLS that verifies the "
+            "server (ssl='verify-full' with ssl_root_cert), or, if this server and network are "
+            f"trusted, allow it by name: require_auth='{method},scram-sha-256' (or "
+            "allow_unprotected_credentials=True)"
+        )
+    error = AuthMethodRefusedError(message)
+    error.method = method
+    return error
+
+
+class GuardedLoop:
+    """The running loop, as `asyncpg.connect` sees it: the protocols it connects get a `Reader`."""
+
+    def __init__(self, loop: Any, guard: AuthGuard) -> None:
+        self.real = loop
+        self.guard = guard
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.real, name)
+        if callable(value):
+            setattr(self, name, value)
+        return value
+
+    async def create_connection(self, factory: Callable[[], Any], *args: Any,
+                                **kwargs: Any) -> tuple[Any, Any]:
+        transport, protocol = await self.real.create_connection(self._wrap(factory), *args,
+                                                                **kwargs)
+        return transport, _unwrap(protocol)
+
+    async def create_unix_connection(self, factory: Callable[[], Any], *args: Any,
+                                     **kwargs: Any) -> tuple[Any, Any]:
+        transport, protocol = await self.real.create_unix_connection(self._wrap(factory), *args,
+                                                                     **kwargs)
+        return transport, _unwrap(protocol)
+
+    async def start_tls(self, transport: Any, protocol: Any, *args: Any, **kwargs: Any) -> Any:
+        upgraded = await self.real.start_tls(transport, protocol, *args, **kwargs)
+        # asyncpg then calls set_protocol(its protocol) on what this returns.
+        return None if upgraded is None else GuardedTransport(upgraded, self.guard)
+
+    def _wrap(self, factory: Callable[[], Any]) -> Callable[[], Any]:
+        guard = self.guard
+
+        def make() -> Any:
+            protocol = factory()
+            # The TLS negotiation's protocol reads one byte, not messages: left alone.
+            if driver.is_wire_protocol(getattr(protocol, "inner", protocol)):
+                return Reader(protocol, guard)
+            return protocol
+
+        return make
+
+
+def _unwrap(protocol: Any) -> Any:
+    return protocol.inner if isinstance(protocol, Reader) else protocol
+
+
+class GuardedTransport:
+    """A TLS transport whose first ``set_protocol`` puts a `Reader` in front of the protocol."""
+
+    __slots__ = ("_armed", "guard", "real", "write", "writelines")
+
+    def __init__(self, real: Any, guard: AuthGuard) -> None:
+        self.real = real
+        self.guard = guard
+        self.write = real.write
+        self.writelines = real.writelines
+        self._armed = True
+
+    def set_protocol(self, protocol: Any) -> None:
+        if self._armed:
+            self._armed = False
+            self.real.set_protocol(Reader(protocol, self.guard, self.real))
+        else:
+            self.real.set_protocol(protocol)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class Reader(asyncio.Protocol):
+    """Between a transport and asyncpg's protocol until the login ends (see the module)."""
+
+    def __init__(self, inner: Any, guard: AuthGuard, transport: Any = None) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.transport = transport
+        self._held = bytearray()
+        self._asked = False  # the server asked for some authentication
+        self._closed = False
+        self._through = False  # logged in: everything goes straight to asyncpg
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._through:
+            self.inner.data_received(data)
+            return
+        if self._closed:
+            return
+        held = self._held
+        held += data
+        pos = 0
+        while len(held) - pos >= 5:
+            length = int.from_bytes(held[pos + 1 : pos + 5], "big")
+            end = pos + 1 + length
+            if held[pos] == 0x52:  # 'R': an Authentication message
+                if len(held) - pos < 9:
+                    break
+                code = int.from_bytes(held[pos + 5 : pos + 9], "big", signed=True)
+                if not self._admit(code):
+                    return
+                if code == _OK:
+                    self._done()
+                    return
+            if end > len(held):
+                break
+            pos = end
+        if pos:
+            chunk = bytes(held[:pos])
+            del held[:pos]
+            self.inner.data_received(chunk)
+
+    def _admit(self, code: int) -> bool:
+        """False (and the connection aborted) when authentication request `code` is refused."""
+        guard = self.guard
+        if code == _OK:
+            if not self._asked and "none" not in guard.allowed:
+                self._refuse("none")
+                return False
+            return True
+        method = _METHODS.get(code)
+        if method is None:
+            return True  # a SASL/GSS continuation, or one asyncpg itself refuses
+        if method not in guard.allowed:
+            self._refuse(method)
+            return False
+        if method in ("password", "md5"):
+            if guard.once and guard.sent:
+                self._refuse(method, repeated=True)
+                return False
+            guard.sent = True
+        self._asked = True
+        return True
+
+    def _done(self) -> None:
+        """Logged in: the rest goes to asyncpg, and the transport talks to it directly."""
+        rest = bytes(self._held)
+        self._held.clear()
+        self._through = True
+        if self.transport is not None:
+            # If the transport cannot change protocols, this Reader just keeps forwarding.
+            with contextlib.suppress(Exception):
+                self.transport.set_protocol(self.inner)
+        if rest:
+            self.inner.data_received(rest)
+
+    def _refuse(self, method: str, *, repeated: bool = False) -> None:
+        if repeated:
+            self.guard.repeated = True
+        else:
+            self.guard.refused = method
+        self._held.clear()
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._held.clear()
+        self.inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()

@@ -1,0 +1,270 @@
+"""Issue #23's table, against a fake server on 127.0.0.1 that plays a man in the middle: it refuses
+TLS or offers a certificate that does not verify, then asks for a cleartext password (or an MD5
+hash) and records what it is sent. In every row nothing secret reaches it unless the pool was told
+so by name (`allow_unprotected_credentials`, `require_auth`), and then it does."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from asyncpool import (
+    AuthenticationError,
+    AuthMethodRefusedError,
+    ConnectError,
+    IamAuth,
+    Pool,
+    PoolConfigError,
+    StaticPassword,
+)
+from asyncpool.testing.aws_endpoint import aws_environment
+from asyncpool.testing.mitm import FakeServer
+from asyncpool.testing.pki import TestPki
+
+SECRET = "pw/with:every@special?#&%char s+é"  # pragma: allowlist secret
+ESCAPED = "pw%2Fwith%3Aevery%40special%3F%23%26%25char%20s%2B%C3%A9"
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in aws_environment().items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(params=["refuse", "self-signed"], ids=["tls-refused", "self-signed-cert"])
+async def fake(request: pytest.FixtureRequest) -> AsyncIterator[FakeServer]:
+    async with FakeServer(tls=request.param) as server:
+        yield server
+
+
+def _pool(dsn: str, **options: Any) -> Pool:
+    options.setdefault("telemetry", False)
+    return Pool(dsn, min_size=1, max_size=1, connect_timeout=5, acquire_timeout=5, **options)
+
+
+def _iam(**options: Any) -> IamAuth:
+    return IamAuth(region="us-east-1", **options)
+
+
+def _tokens(fake: FakeServer) -> list[str]:
+    return [r for r in fake.received if "X-Amz-Signature" in r]
+
+
+# -- row 1: default ssl mode, a password in the DSN or StaticPassword ---------------------------
+
+
+@pytest.mark.parametrize("spelling", ["dsn", "static", "connect_kwargs"])
+@pytest.mark.parametrize("auth", ["password", "md5"])
+async def test_default_ssl_with_a_password_sends_nothing(spelling: str, auth: str) -> None:
+    async with FakeServer(tls="self-signed", auth=auth) as fake:  # type: ignore[arg-type]
+        dsn = f"postgresql://app@127.0.0.1:{fake.port}/app"
+        options: dict[str, Any] = {}
+        if spelling == "dsn":
+            dsn = f"postgresql://app:{ESCAPED}@127.0.0.1:{fake.port}/app"
+        elif spelling == "static":
+            options["credentials"] = StaticPassword(SECRET)
+        else:
+            options["connect_kwargs"] = {"password": SECRET}
+        with pytest.raises(AuthMethodRefusedError) as info:
+            await _pool(dsn, **options).open()
+    assert fake.logins  # it was dialled (a local server: the password may be used for SCRAM)
+    assert fake.received == []
+    message = str(info.value)
+    assert f"require_auth='{auth},scram-sha-256'" in message
+    assert "ssl='verify-full'" in message
+    assert SECRET not in message
+    assert info.value.method == auth
+    assert info.value.transient is False
+
+
+async def test_password_over_plain_tcp_to_a_refusing_server_sends_nothing(
+    fake: FakeServer,
+) -> None:
+    with pytest.raises(AuthMethodRefusedError, match="cleartext password"):
+        await _pool(f"postgresql://app:{ESCAPED}@localhost:{fake.port}/app",
+                    ssl="disable").open()
+    assert fake.received == []
+
+
+@pytest.mark.parametrize("spelling", ["dsn", "static"])
+def test_a_password_to_another_machine_needs_verified_tls(spelling: str) -> None:
+    dsn = "postgresql://app@db.internal.example:5432/app"
+    options: dict[str, Any] = {}
+    if spelling == "dsn":
+        dsn = f"postgresql://app:{ESCAPED}@db.internal.example:5432/app"
+    else:
+        options["credentials"] = StaticPassword(SECRET)
+    with pytest.raises(PoolConfigError, match="a password is only sent to another machine") as info:
+        from asyncpool.connect.connector import Connector
+        from asyncpool.observer import PoolObserver
+
+        Connector(_pool(dsn, **options).config, PoolObserver())
+    assert "allow_unprotected_credentials=True" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["option", "dsn"])
+async def test_the_documented_opt_in_sends_the_password(fake: FakeServer, where: str) -> None:
+    """require_auth names the method: then the fake server gets the password (as chosen)."""
+    dsn = f"postgresql://app:{ESCAPED}@127.0.0.1:{fake.port}/app"
+    options: dict[str, Any] = {}
+    if where == "dsn":
+        dsn += "?require_auth=password,scram-sha-256"
+    else:
+        options["require_auth"] = "password,scram-sha-256"
+    with pytest.raises(AuthenticationError):
+        await _pool(dsn, **options).open()
+    assert fake.received == [SECRET]
+
+
+def test_require_auth_given_twice_must_agree() -> None:
+    from asyncpool.connect.connector import Connector
+    from asyncpool.observer import PoolObserver
+
+    config = _pool("postgresql://app@localhost/app?require_auth=password",
+                   require_auth="scram-sha-256").config
+    with pytest.raises(PoolConfigError, match="require_auth is given twice"):
+        Connector(config, PoolObserver())
+
+
+# -- rows 2-7: IamAuth -------------------------------------------------------------------------
+
+
+IAM_REFUSED: list[tuple[str, str, dict[str, Any], str]] = [
+    ("default", "", {}, "ssl mode 'prefer'"),
+    ("ssl=require", "", {"ssl": "require"}, "ssl mode 'require' (the ssl option)"),
+    ("?sslmode=require", "?sslmode=require", {}, "ssl mode 'require' (the DSN's sslmode)"),
+    ("ssl=False", "", {"ssl": "disable"}, "ssl mode 'disable'"),
+    ("kwargs ssl=False", "", {"connect_kwargs": {"ssl": False}}, "ssl mode 'disable'"),
+    ("sslmode twice", "?sslmode=verify-full&sslmode=disable", {},
+     "query key 'sslmode' is given twice"),
+    ("DSN verify-full, kwargs ssl=False", "?sslmode=verify-full",
+     {"connect_kwargs": {"ssl": False}},
+     "connect_kwargs['ssl']=False and the DSN's sslmode='verify-full'"),
+]
+
+
+@pytest.mark.parametrize(("dsn_query", "options", "says"),
+                         [row[1:] for row in IAM_REFUSED], ids=[row[0] for row in IAM_REFUSED])
+async def test_iam_without_verified_tls_is_refused_before_dialling(
+    aws: None, fake: FakeServer, dsn_query: str, options: dict[str, Any], says: str
+) -> None:
+    pool = _pool(f"postgresql://iam_user@localhost:{fake.port}/app{dsn_query}",
+                 credentials=_iam(), **options)
+    with pytest.raises(PoolConfigError) as info:
+        await pool.open()
+    assert says in str(info.value)
+    assert fake.logins == []
+    assert fake.received == []
+
+
+async def test_iam_with_an_sslcontext_that_checks_nothing_is_refused(
+    aws: None, fake: FakeServer
+) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    pool = _pool(f"postgresql://iam_user@localhost:{fake.port}/app", credentials=_iam(),
+                 ssl=context)
+    with pytest.raises(PoolConfigError, match=r"an ssl\.SSLContext that checks no certificate"):
+        await pool.open()
+    assert fake.received == []
+
+
+async def test_iam_with_an_sslcontext_that_skips_the_host_name_is_refused(aws: None) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    pool = _pool("postgresql://iam_user@localhost:5/app", credentials=_iam(), ssl=context)
+    with pytest.raises(PoolConfigError, match="checks the certificate but not the host name"):
+        await pool.open()
+
+
+async def test_iam_with_verify_full_gives_nothing_to_an_impostor(
+    aws: None, fake: FakeServer, pki: TestPki
+) -> None:
+    pool = _pool(f"postgresql://iam_user@localhost:{fake.port}/app", credentials=_iam(),
+                 ssl="verify-full", ssl_root_cert=str(pki.ca_cert))
+    with pytest.raises(ConnectError) as info:
+        await pool.open()
+    expected = "does not accept TLS" if fake.tls == "refuse" else "did not verify"
+    assert expected in str(info.value)
+    assert fake.received == []
+
+
+# -- the documented unprotected setting --------------------------------------------------------
+
+
+@pytest.mark.parametrize("ssl_mode", ["disable", "prefer", "require"])
+async def test_allow_unprotected_credentials_sends_the_token_once(
+    aws: None, fake: FakeServer, ssl_mode: str
+) -> None:
+    if ssl_mode == "require" and fake.tls == "refuse":
+        pytest.skip("require against a server without TLS never logs in")
+    pool = _pool(f"postgresql://iam_user@localhost:{fake.port}/app", credentials=_iam(),
+                 ssl=ssl_mode, allow_unprotected_credentials=True)
+    with pytest.raises(AuthenticationError):
+        await pool.open()
+    # Chosen by name, so the token went; but a refused one is not followed by a second to a
+    # server nobody verified.
+    assert len(_tokens(fake)) == 1
+    assert len(fake.received) == 1
+
+
+async def test_deprecated_allow_iam_without_tls_still_opts_out(aws: None) -> None:
+    async with FakeServer(tls="refuse") as fake:
+        with pytest.warns(DeprecationWarning, match="allow_unprotected_credentials"):
+            pool = _pool(f"postgresql://iam_user@localhost:{fake.port}/app",
+                         credentials=_iam(), ssl="disable", allow_iam_without_tls=True)
+        with pytest.raises(AuthenticationError):
+            await pool.open()
+    assert len(_tokens(fake)) == 1
+
+
+# -- a verified server -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def verified_fake(pki: TestPki) -> AsyncIterator[FakeServer]:
+    """The fake server with a certificate the test CA signed for "localhost": it verifies."""
+    async with FakeServer(tls="certificate", certfile=pki.server_cert,
+                          keyfile=pki.server_key) as server:
+        yield server
+
+
+async def test_a_refused_token_is_retried_once_to_the_same_verified_server(
+    aws: None, verified_fake: FakeServer, pki: TestPki
+) -> None:
+    pool = _pool(f"postgresql://iam_user@localhost:{verified_fake.port}/app",
+                 credentials=_iam(), ssl="verify-full", ssl_root_cert=str(pki.ca_cert))
+    with pytest.raises(AuthenticationError, match="rejected twice"):
+        await pool.open()
+    tokens = _tokens(verified_fake)
+    assert len(tokens) == 2
+    assert tokens[0] != tokens[1] or len(set(tokens)) == 1  # signed per attempt
+    assert all(login.tls for login in verified_fake.logins)
+
+
+async def test_over_verified_tls_a_cleartext_request_is_answered(
+    verified_fake: FakeServer, pki: TestPki
+) -> None:
+    with pytest.raises(AuthenticationError):
+        await _pool(f"postgresql://app:{ESCAPED}@localhost:{verified_fake.port}/app",
+                    ssl="verify-full", ssl_root_cert=str(pki.ca_cert)).open()
+    assert verified_fake.received == [SECRET]
+
+
+async def test_require_auth_refuses_cleartext_even_over_verified_tls(
+    verified_fake: FakeServer, pki: TestPki
+) -> None:
+    with pytest.raises(AuthMethodRefusedError) as info:
+        await _pool(f"postgresql://app:{ESCAPED}@localhost:{verified_fake.port}/app",
+                    ssl="verify-full", ssl_root_cert=str(pki.ca_cert),
+                    require_auth="scram-sha-256").open()
+    assert "require_auth='scram-sha-256' does not allow" in str(info.value)
+    assert verified_fake.received == []

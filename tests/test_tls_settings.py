@@ -1,0 +1,202 @@
+"""The one TLS setting: every spelling read, conflicts refused with both named, and what it lets
+credentials do. No server needed."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncpool import PoolConfigError
+from asyncpool.config import PoolConfig
+from asyncpool.connect.tls import (
+    SAFE_AUTH_METHODS,
+    TlsSetting,
+    all_local,
+    allowed_auth_methods,
+    check_credentials,
+    dialled_hosts,
+    parse_require_auth,
+    resolve_tls,
+)
+
+DSN = "postgresql://app@db.example.com:5432/app"
+
+
+def _resolve(dsn: str = DSN, env: dict[str, str] | None = None, **options: Any) -> TlsSetting:
+    return resolve_tls(PoolConfig(dsn=dsn, **options), environ=env or {})
+
+
+def _context(*, verify: bool, hostname: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = hostname
+    ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+    return ctx
+
+
+@pytest.mark.parametrize(
+    ("dsn_query", "options", "env", "mode", "source"),
+    [
+        ("", {}, {}, "prefer", "asyncpg's default: nothing set"),
+        ("?sslmode=verify-full", {}, {}, "verify-full", "the DSN's sslmode"),
+        ("", {"ssl": "require"}, {}, "require", "the ssl option"),
+        ("", {"connect_kwargs": {"ssl": True}}, {}, "verify-full", "connect_kwargs['ssl']"),
+        ("", {"connect_kwargs": {"ssl": "verify-ca"}}, {}, "verify-ca", "connect_kwargs['ssl']"),
+        ("", {}, {"PGSSLMODE": "verify-full"}, "verify-full", "PGSSLMODE"),
+        # The environment is a default: the pool's own setting wins, as in libpq.
+        ("?sslmode=require", {}, {"PGSSLMODE": "verify-full"}, "require", "the DSN's sslmode"),
+        ("?sslrootcert=system", {}, {}, "verify-full", "the DSN's sslrootcert given without a mode"),
+        ("?sslmode=verify-full", {"ssl": "verify-full"}, {}, "verify-full", "the ssl option"),
+    ],
+)
+def test_every_spelling_is_read(dsn_query: str, options: dict[str, Any], env: dict[str, str],
+                                mode: str, source: str) -> None:
+    setting = _resolve(DSN + dsn_query, env, **options)
+    assert (setting.mode, setting.source) == (mode, source)
+    assert setting.verified is (mode == "verify-full")
+
+
+@pytest.mark.parametrize(
+    ("dsn_query", "options", "names"),
+    [
+        # Repeated keys: the DSN guard refuses them (any key).
+        ("?sslmode=verify-full&sslmode=disable", {}, ["query key 'sslmode' is given twice"]),
+        ("?sslmode=verify-full&sslmode=verify-full", {}, ["query key 'sslmode' is given twice"]),
+        ("?sslmode=verify-full", {"connect_kwargs": {"ssl": False}},
+         ["connect_kwargs['ssl']=False", "the DSN's sslmode='verify-full'"]),
+        ("?sslmode=disable", {"ssl": "verify-full"},
+         ["the ssl option='verify-full'", "the DSN's sslmode='disable'"]),
+        ("", {"ssl": "verify-full", "connect_kwargs": {"ssl": "prefer"}},
+         ["the ssl option='verify-full'", "connect_kwargs['ssl']='prefer'"]),
+        ("?sslmode=verify-full", {"ssl": "CERT_NONE"},
+         ["<SSLContext, acts as 'require'>", "the DSN's sslmode='verify-full'"]),
+        ("?sslrootcert=/a.pem&sslrootcert=/b.pem", {}, ["query key 'sslrootcert' is given twice"]),
+        ("?ssl=true", {}, ["not a libpq setting", "sslmode=verify-full"]),
+        ("?sslrootcert=system&sslmode=require", {}, ["needs ssl mode 'verify-full'"]),
+    ],
+)
+def test_conflicts_are_errors_naming_both(dsn_query: str, options: dict[str, Any],
+                                          names: list[str]) -> None:
+    if options.get("ssl") == "CERT_NONE":
+        options["ssl"] = _context(verify=False, hostname=False)
+    with pytest.raises(PoolConfigError) as info:
+        _resolve(DSN + dsn_query, **options)
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_two_root_certificates_that_differ_are_an_error(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pem", tmp_path / "b.pem"
+    a.write_text("x")
+    b.write_text("x")
+    with pytest.raises(PoolConfigError, match="root certificate is given twice"):
+        _resolve(f"{DSN}?sslrootcert={b}", ssl_root_cert=str(a))
+    assert _resolve(f"{DSN}?sslrootcert={a}", ssl_root_cert=str(a)).root_cert == str(a)
+
+
+def test_a_root_certificate_with_a_context_is_an_error(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    with pytest.raises(PoolConfigError, match="load the CA into the context"):
+        _resolve(ssl=_context(verify=True, hostname=True), ssl_root_cert=str(ca))
+
+
+def test_pgsslrootcert_is_used_when_nothing_else_names_one() -> None:
+    setting = _resolve(f"{DSN}?sslmode=verify-full", {"PGSSLROOTCERT": "/etc/ca.pem"})
+    assert (setting.root_cert, setting.root_cert_source) == ("/etc/ca.pem", "PGSSLROOTCERT")
+
+
+def test_asyncpool_ssl_from_the_environment_must_agree_with_the_dsn() -> None:
+    with pytest.raises(PoolConfigError, match="the ssl option='require'"):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": "require",
+                                         "ASYNCPOOL_DSN": f"{DSN}?sslmode=verify-full"}), environ={})
+
+
+@pytest.mark.parametrize(
+    ("verify", "hostname", "verified", "says"),
+    [
+        (True, True, True, "checks the certificate and the host name"),
+        (True, False, False, "checks the certificate but not the host name"),
+        (False, False, False, "checks no certificate (CERT_NONE)"),
+    ],
+)
+def test_a_context_is_judged_by_what_it_checks(verify: bool, hostname: bool, verified: bool,
+                                               says: str) -> None:
+    setting = _resolve(ssl=_context(verify=verify, hostname=hostname))
+    assert setting.verified is verified
+    assert says in setting.describe()
+
+
+def test_asyncpg_is_always_given_the_setting() -> None:
+    assert _resolve().driver_argument() == "prefer"
+    assert _resolve(ssl="disable").driver_argument() is False
+    ctx = _resolve(f"{DSN}?sslmode=verify-full").driver_argument()
+    assert isinstance(ctx, ssl.SSLContext)
+    assert ctx.check_hostname
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize(
+    ("dsn", "kwargs", "env", "local"),
+    [
+        ("postgresql://a@localhost/db", {}, {}, True),
+        ("postgresql://a@127.0.0.1:5432,[::1]:6432/db", {}, {}, True),
+        ("postgresql://a@/db?host=/var/run/postgresql", {}, {}, True),
+        ("postgresql://a@/db", {}, {}, True),
+        ("postgresql://a@/db", {}, {"PGHOST": "db.example.com"}, False),
+        ("postgresql://a@127.0.0.1,db.example.com/db", {}, {}, False),
+        ("postgresql://a@localhost/db", {"host": "10.0.0.5"}, {}, False),
+        ("postgresql://a@localhost.example.com/db", {}, {}, False),
+    ],
+)
+def test_which_hosts_are_this_machine(dsn: str, kwargs: dict[str, Any], env: dict[str, str],
+                                      local: bool) -> None:
+    config = PoolConfig(dsn=dsn, connect_kwargs=kwargs)
+    assert all_local(dialled_hosts(config, environ=env)) is local
+
+
+def test_credential_rules() -> None:
+    remote = PoolConfig(dsn=DSN)
+    setting = resolve_tls(remote, environ={})
+    with pytest.raises(PoolConfigError, match="a password is only sent to another machine"):
+        check_credentials(remote, setting, "password", ["db.example.com"])
+    with pytest.raises(PoolConfigError, match="an IAM token"):
+        check_credentials(remote, setting, "token", ["localhost"])  # none for tokens
+    check_credentials(remote, setting, "password", ["localhost", "/run/postgresql"])
+    opted_out = PoolConfig(dsn=DSN, allow_unprotected_credentials=True)
+    check_credentials(opted_out, setting, "token", ["db.example.com"])
+    verified = resolve_tls(PoolConfig(dsn=f"{DSN}?sslmode=verify-full"), environ={})
+    check_credentials(remote, verified, "token", ["db.example.com"])
+
+
+def test_allowed_auth_methods() -> None:
+    plain = PoolConfig(dsn=DSN)
+    assert allowed_auth_methods(plain, resolve_tls(plain, environ={})) == SAFE_AUTH_METHODS
+    full = PoolConfig(dsn=f"{DSN}?sslmode=verify-full")
+    assert "password" in allowed_auth_methods(full, resolve_tls(full, environ={}))
+    opted_out = PoolConfig(dsn=DSN, allow_unprotected_credentials=True)
+    assert "md5" in allowed_auth_methods(opted_out, resolve_tls(opted_out, environ={}))
+    strict = PoolConfig(dsn=f"{DSN}?sslmode=verify-full", require_auth="scram-sha-256")
+    assert allowed_auth_methods(strict, resolve_tls(strict, environ={})) == {"scram-sha-256"}
+
+
+def test_require_auth_syntax() -> None:
+    assert parse_require_auth("!password,!md5") == SAFE_AUTH_METHODS
+    assert parse_require_auth("password, scram-sha-256") == {"password", "scram-sha-256"}
+    for bad in ("", "scram", "password,!md5"):
+        with pytest.raises(PoolConfigError, match="require_auth="):
+            parse_require_auth(bad)
+    with pytest.raises(PoolConfigError, match="require_auth="):
+        PoolConfig(require_auth="cleartext")
+    assert PoolConfig.from_env({"ASYNCPOOL_REQUIRE_AUTH": "scram-sha-256"}).require_auth == "scram-sha-256"
+    opt_out = PoolConfig.from_env({"ASYNCPOOL_ALLOW_UNPROTECTED_CREDENTIALS": "true"})
+    assert opt_out.allow_unprotected_credentials
+
+
+def test_repeated_tls_fields_given_directly_are_refused_with_both_values() -> None:
+    """resolve_tls checks repeats itself too (for a query read by another parser)."""
+    config = PoolConfig(dsn=DSN)
+    with pytest.raises(PoolConfigError, match=r"sslmode 2 times \('verify-full' and 'disable'\)"):
+        resolve_tls(config, [("sslmode", "verify-full"), ("sslmode", "disable")], environ={})
