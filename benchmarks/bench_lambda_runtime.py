@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_lambda_runtime.py [--cold 5] [--warm 200] [--thaws 5]
         [--handler pooled.handler|powertools_handler.handler] [--execution-env AWS_Lambda_python3.12]
-        [--python PATH] [--dsn DSN] [--env NAME=VALUE ...]
+        [--snapstart 3] [--python PATH] [--dsn DSN] [--env NAME=VALUE ...]
 
 Runs ``python -m awslambdaric <handler>`` (PyPI ``awslambdaric``) against the Runtime API emulator
 of `asyncpool.testing.lambda_runtime`, as a Lambda container image would run it, and measures
@@ -14,7 +14,10 @@ from the emulator's side:
 - **warm** invocations, one after the other on one environment (one query each; the pool checks
   its connection at every invocation boundary, see docs/serverless.md);
 - **first invocation after a thaw**: the environment is frozen (SIGSTOP) for ``--pause`` seconds
-  between invocations, then thawed (SIGCONT) and invoked.
+  between invocations, then thawed (SIGCONT) and invoked;
+- **SnapStart**: INIT opens the pool, the before-snapshot hook closes it, the process is frozen
+  as the snapshot and thawed; from the restore (``/restore/next`` answered) to the first
+  response (after-restore hooks, a new connection, the query). Lambda allows 10 s.
 
 Without --dsn a throwaway PostgreSQL with PgBouncer 1.18 in front is started on 127.0.0.1.
 Prints medians and ranges in milliseconds.
@@ -69,12 +72,14 @@ def measure(args: argparse.Namespace, dsn: str, workdir: Path) -> dict[str, list
 
     event = event_for(args.handler)
     extra_env: dict[str, str | None] = dict(item.split("=", 1) for item in args.env)
-    results: dict[str, list[float]] = {"init": [], "first": [], "warm": [], "thawed": []}
+    results: dict[str, list[float]] = {
+        "init": [], "first": [], "warm": [], "thawed": [], "snap_init": [], "restored": [],
+    }
 
-    def environment(api: RuntimeAPI, n: int) -> LambdaProcess:
+    def environment(api: RuntimeAPI, n: int, **more: str) -> LambdaProcess:
         return LambdaProcess(
             api, args.handler, log_path=workdir / f"runtime-{n}.log", path=PATH,
-            env={"ASYNCPOOL_DSN": dsn, "POWERTOOLS_METRICS_NAMESPACE": "bench", **extra_env},
+            env={"ASYNCPOOL_DSN": dsn, "POWERTOOLS_METRICS_NAMESPACE": "bench", **extra_env, **more},
             execution_env=args.execution_env, python=args.python,
         )
 
@@ -94,6 +99,20 @@ def measure(args: argparse.Namespace, dsn: str, workdir: Path) -> dict[str, list
                     time.sleep(args.pause)
                     proc.thaw()
                     results["thawed"].append(ok(api.invoke(event)).seconds)
+    snapstart = {"AWS_LAMBDA_INITIALIZATION_TYPE": "snap-start", "TEST_OPEN_AT_INIT": "1"}
+    for n in range(args.snapstart):
+        with RuntimeAPI() as api, environment(api, 100 + n, **snapstart) as proc:
+            if not api.restore_requested.wait(60):
+                raise SystemExit(f"no /restore/next:\n{proc.log()[-2000:]}")
+            assert proc.started_at is not None
+            results["snap_init"].append(time.monotonic() - proc.started_at)
+            proc.freeze()  # the snapshot
+            time.sleep(args.pause)
+            proc.thaw()
+            restored = time.monotonic()
+            api.release_restore()
+            ok(api.invoke(event))
+            results["restored"].append(time.monotonic() - restored)
     return results
 
 
@@ -110,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=200, help="warm invocations")
     parser.add_argument("--thaws", type=int, default=5, help="freeze/thaw cycles")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds frozen per cycle")
+    parser.add_argument("--snapstart", type=int, default=3,
+                        help="SnapStart cycles (pool opened at INIT; pooled.handler only)")
     parser.add_argument("--handler", default="pooled.handler")
     parser.add_argument("--execution-env", default="AWS_Lambda_python3.12")
     parser.add_argument("--python", default=sys.executable)
@@ -126,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cold start (INIT + first invocation):    {summary(cold)}")
     print(f"warm invocation:                          {summary(results['warm'])}")
     print(f"first invocation after a {args.pause:g} s freeze:    {summary(results['thawed'])}")
+    print(f"SnapStart INIT (pool opened, hooks, to /restore/next): {summary(results['snap_init'])}")
+    print(f"SnapStart restore to first response (after-restore hooks, connect, query): "
+          f"{summary(results['restored'])}")
     return 0
 
 

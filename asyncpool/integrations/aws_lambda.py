@@ -60,7 +60,7 @@ def lambda_config(
     Precedence: `overrides`, then ``ASYNCPOOL_*`` environment variables, then these defaults.
 
     Made at module level (the INIT phase), it also imports what the pool will need when it
-    opens in the first invocation (OpenTelemetry, with ``telemetry=True``): `preload_telemetry`.
+    opens in the first invocation (OpenTelemetry, the statement mode): `preload_for_open`.
     """
     defaults: dict[str, Any] = {
         "min_size": 1,
@@ -77,19 +77,24 @@ def lambda_config(
     env = os.environ if environ is None else environ
     defaults = {k: v for k, v in defaults.items() if ENV_PREFIX + k.upper() not in env}
     config = PoolConfig.from_env(env, **{**defaults, **overrides})
-    preload_telemetry(config)
+    preload_for_open(config)
     return config
 
 
-def preload_telemetry(config: PoolConfig) -> None:
-    """Import what a pool with `config` imports when it opens (OpenTelemetry), now.
+def preload_for_open(config: PoolConfig) -> None:
+    """Import now what a pool with `config` imports when it opens and connects.
 
-    A Lambda pool opens in the first invocation, which would pay for the import (measured: 24 ms
-    of a 7 ms invocation). Called at module level, as pools are made, it moves that into INIT.
+    A Lambda pool opens in the first invocation, which would pay for those imports: its
+    OpenTelemetry instrumentation (``telemetry=True``; measured, 24 ms of a first invocation that
+    took 7 ms without it) and the one-round-trip statement mode (``prepared_statements="unnamed"``,
+    the default; 12-40 ms). Called at module level, as pools are made, it moves them into INIT.
     `lambda_config` and `LambdaRunner.attach` call it.
     """
     if config.telemetry:
-        import asyncpool.telemetry  # noqa: F401
+        import asyncpool.telemetry
+    if config.prepared_statements == "unnamed":
+        import asyncpool.unnamed.connection
+        import asyncpool.unnamed.wire  # noqa: F401
 
 
 def close_on_shutdown(
@@ -153,6 +158,12 @@ class _ShutdownHook:
             first = not self._started
             self._started = True
         if not first:
+            if _running_loop() is self.loop:
+                # A signal handler on top of the running loop, while the watcher closes the pool
+                # on that very loop: waiting would stall it. Drop the connections instead.
+                if os.getpid() == self._pid:
+                    self.pool.terminate()
+                return
             self._finished.wait(self.budget + 1.0)
             return
         try:

@@ -85,15 +85,15 @@ class LambdaRunner:
 
         With Lambda SnapStart (``snapshot_restore_py`` importable) it also registers the pool's
         before-snapshot and after-restore hooks (`register_snapstart_hooks`). Called during INIT,
-        it imports what the pool needs when it opens (`preload_telemetry`), so the first
+        it imports what the pool needs when it opens (`preload_for_open`), so the first
         invocation does not.
         """
         if pool not in self._pools:
-            from asyncpool.integrations.aws_lambda import preload_telemetry, register_snapstart_hooks
+            from asyncpool.integrations.aws_lambda import preload_for_open, register_snapstart_hooks
 
             self._pools.add(pool)
             register_snapstart_hooks(pool, self.loop)
-            preload_telemetry(pool.config)
+            preload_for_open(pool.config)
         return pool
 
     @property

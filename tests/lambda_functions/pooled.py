@@ -64,7 +64,7 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     elif op == "sleep":
         await asyncio.sleep(float(event["seconds"]))
     elif op == "modules":
-        result["telemetry_at_init"] = TELEMETRY_AT_INIT
+        result["preloaded_at_init"] = PRELOADED_AT_INIT
     elif op != "stats":
         raise ValueError(f"unknown op {op!r}")
     result["pool"] = dataclasses.asdict(pool.stats())
@@ -72,4 +72,4 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 # What INIT imported (the handler module is imported during INIT).
-TELEMETRY_AT_INIT = "asyncpool.telemetry" in sys.modules
+PRELOADED_AT_INIT = "asyncpool.telemetry" in sys.modules and "asyncpool.unnamed.wire" in sys.modules

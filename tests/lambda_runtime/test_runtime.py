@@ -231,12 +231,12 @@ async def test_snapstart_restore_of_a_pool_opened_at_init(
         assert len(await app_clients(own_pgbouncer)) == 1
 
 
-async def test_telemetry_is_imported_during_init_not_in_the_first_invocation(
+async def test_what_opening_imports_is_imported_during_init_not_in_the_first_invocation(
     runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
 ) -> None:
     with environment(runtime_api, own_pgbouncer, tmp_path) as proc:
         body = response(await invoke(runtime_api, {"op": "modules"}), proc)
-        assert body["telemetry_at_init"] is True
+        assert body["preloaded_at_init"] is True
 
 
 async def test_powertools_resolve_async_on_the_runners_loop(
