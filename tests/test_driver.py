@@ -147,3 +147,20 @@ async def test_execute_described_returns_rows_status_and_columns(conn: Any) -> N
     await conn.close()
     with pytest.raises(asyncpg.InterfaceError):
         await driver.execute_described(conn, "SELECT 1", ())
+
+
+async def test_backend_key_and_request_cancel(conn: Any) -> None:
+    """`_protocol.backend_pid`/`backend_secret` (BackendKeyData) and `_addr`/`_params`: a cancel
+    request of ours (leak reclaim) stops the running statement, tracked in `_cancellations`."""
+    key = driver.backend_key(conn)
+    assert key is not None
+    assert key[0] == conn.get_server_pid()
+    query = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
+    await asyncio.sleep(0.2)
+    task = driver.request_cancel(conn)
+    assert task is not None
+    assert task in driver.pending_cancellations(conn)
+    await asyncio.wait_for(task, 5)
+    with pytest.raises(asyncpg.QueryCanceledError):
+        await asyncio.wait_for(query, 5)
+    assert await conn.fetchval("SELECT 1") == 1

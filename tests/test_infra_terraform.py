@@ -400,7 +400,19 @@ def _pgb_runtime_problems(doc: Doc, text: str) -> list[str]:
             problems.append("the load balancer is not an internal NLB")
     if "readonlyRootFilesystem = true" not in text:
         problems.append("the root file system is writable")
-    return problems + _pgb_scaling_problems(doc)
+    return problems + _pgb_scaling_problems(doc) + _pgb_cancel_problems(doc)
+
+
+def _pgb_cancel_problems(doc: Doc) -> list[str]:
+    """Cancel requests reach the task holding the query: source-IP stickiness on the NLB target
+    group (task addresses change, so no PgBouncer peering; docs/poolers.md)."""
+    problems: list[str] = []
+    for name, group in resources_of(doc, "aws_lb_target_group").items():
+        sticky = blocks(group, "stickiness")
+        if not sticky or attr(sticky[0], "type") != "source_ip" or attr(sticky[0], "enabled") is False:
+            problems.append(f"target group {name}: no source-IP stickiness, so cancel requests "
+                            "land on tasks that do not hold the query")
+    return problems
 
 
 def _pgb_scaling_problems(doc: Doc) -> list[str]:
@@ -664,6 +676,10 @@ def test_pgbouncer_module_invariants() -> None:
             "plain environment variable",
         ),
         ("main.tf", "asyncpool/testing/pgbouncer.ini", "deploy/pgbouncer.ini", "settings_path"),
+        ("main.tf", '    type    = "source_ip"\n', '    type    = "lb_cookie"\n', "source-IP stickiness"),
+        ("main.tf", "    enabled = true\n    type", "    enabled = false\n    type", "source-IP stickiness"),
+        ("main.tf", "  stickiness {\n    enabled = true\n    type    = \"source_ip\"\n  }\n", "",
+         "source-IP stickiness"),
     ],
 )
 def test_pgbouncer_invariants_catch_a_regression(file: str, old: str, new: str, expected: str) -> None:

@@ -50,6 +50,11 @@ class Facts:
     pgbouncer_settings: dict[str, str] = field(default_factory=dict)
     max_connections: int | None = None
     connections_in_use: int | None = None
+    #: The login carried BackendKeyData (False: nothing can be cancelled, as through RDS Proxy).
+    backend_key: bool | None = None
+    #: PgBouncer's so_reuseport and peer_id (SHOW CONFIG; None: not read, or too old for peering).
+    so_reuseport: bool | None = None
+    peer_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ def diagnose(f: Facts) -> Diagnosis:
         _tls(f),
         _auth(f),
         *_pooler(f),
+        *_cancel(f),
     ]
     return Diagnosis(findings, recommend(f))
 
@@ -207,6 +213,36 @@ def _pooler(f: Facts) -> list[Finding]:
     if settings:
         found.append(Finding("note", "limits", settings))
     return found
+
+
+_SAFETY_NET = ("set statement_timeout and idle_in_transaction_session_timeout on the role "
+               "(ALTER ROLE ... SET), so a statement nobody can cancel still ends")
+
+
+def _cancel(f: Facts) -> list[Finding]:
+    """Can a cancel request reach the statement it is for (docs/poolers.md)?"""
+    if f.backend_key is False or f.pooler == "rds-proxy":
+        why = "RDS Proxy" if f.pooler == "rds-proxy" else "the server or pooler"
+        return [Finding("note", "cancel", f"{why} sent no cancel key (BackendKeyData): queries "
+                        "cannot be cancelled; asyncpool closes the connection of a timed-out or "
+                        f"reclaimed query instead (cancel_requests='auto' does it); {_SAFETY_NET}")]
+    if f.pooler != "pgbouncer" or f.pool_mode is None:
+        return []
+    if f.peer_id:
+        return [Finding("ok", "cancel", f"PgBouncer peering is on (peer_id={f.peer_id}): a "
+                        "cancel request reaches the process holding the query")]
+    if f.so_reuseport:
+        return [Finding(
+            "warning", "cancel",
+            "PgBouncer runs with so_reuseport=1 and no peering (peer_id=0): with several "
+            "processes on this port a cancel request lands on one that does not know the query "
+            "and is lost, so timed-out statements run on. Set peer_id and [peers] on every "
+            "process (PgBouncer >= 1.19), or run the pool with cancel_requests='off' "
+            f"(ASYNCPOOL_CANCEL_REQUESTS=off); {_SAFETY_NET}")]
+    return [Finding("note", "cancel", "one PgBouncer process delivers cancel requests; if "
+                    "several PgBouncers share this address (tasks behind a load balancer), "
+                    "give the load balancer source-IP stickiness or configure peering, else "
+                    "run the pool with cancel_requests='off'")]
 
 
 def _console_advice(f: Facts) -> str:

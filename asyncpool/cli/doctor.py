@@ -87,6 +87,9 @@ async def _read_connection(conn: Any, facts: Facts) -> None:
     ssl_object = conn._transport.get_extra_info("ssl_object")
     facts.tls_in_use = ssl_object is not None
     facts.tls_version = ssl_object.version() if ssl_object is not None else None
+    from asyncpool.connect import driver
+
+    facts.backend_key = driver.backend_key(conn) is not None
     backend_pid: int = await conn.fetchval("SELECT pg_backend_pid()")
     if _RDS_PROXY_HOST.search(facts.host):
         facts.pooler = "rds-proxy"
@@ -154,6 +157,10 @@ async def _read_pgbouncer(dsn: ParsedDsn, target: Target, admin_dsn: ParsedDsn |
     config = {str(r["key"]): str(r["value"]) for r in rows["SHOW CONFIG"]}
     facts.max_prepared_statements = int(config.get("max_prepared_statements", "0") or 0)
     facts.pgbouncer_settings = {k: config[k] for k in _PGBOUNCER_SETTINGS if k in config}
+    if "so_reuseport" in config:
+        facts.so_reuseport = config["so_reuseport"] in ("1", "yes", "on", "true")
+    if "peer_id" in config:
+        facts.peer_id = int(config["peer_id"] or 0)
     facts.pool_mode = _effective_pool_mode(config, rows["SHOW DATABASES"], rows["SHOW USERS"], target)
 
 

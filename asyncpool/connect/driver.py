@@ -12,6 +12,7 @@ is warned about and the function that needs it falls back to doing nothing (or t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import warnings
 from collections.abc import Callable
@@ -35,6 +36,8 @@ CONNECTION_INTERNALS = {
     "_termination_listeners": "callbacks run when the connection closes",
     "_query_loggers": "callbacks that see every query",
     "_stmt_exclusive_section": "one operation at a time (execute_described)",
+    "_addr": "the address a cancel request goes to (request_cancel)",
+    "_params": "the connection parameters (TLS) a cancel request uses (request_cancel)",
 }
 #: Protocol methods called here.
 PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transaction")
@@ -238,3 +241,33 @@ def is_wire_protocol(protocol: object) -> bool:
     one-byte TLS negotiation protocol asyncpg connects with first (`asyncpool.connect.authguard`
     reads the former's Authentication messages)."""
     return isinstance(protocol, asyncpg.protocol.Protocol)
+
+
+def request_cancel(conn: Any) -> asyncio.Task[Any] | None:
+    """Send a cancel request for whatever `conn` is running, if one can be delivered; None if
+    not. The task ends once the server (or pooler) has taken the request; it is tracked with
+    asyncpg's own requests, so `pending_cancellations` sees it and closing the connection waits
+    for it (leak reclaim: the statement is cancelled before the connection goes)."""
+    key = backend_key(conn)
+    if key is None or not cancel_deliverable(conn) or conn.is_closed():
+        return None
+    from asyncpg import connect_utils
+
+    cancellations = getattr(conn, "_cancellations", None)
+    if cancellations is None or not hasattr(conn, "_addr") or not hasattr(conn, "_params"):
+        return None
+
+    async def cancel() -> None:
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(_CANCEL_REQUEST_TIMEOUT):
+                await connect_utils._cancel(loop=conn._loop, addr=conn._addr, params=conn._params,
+                                            backend_pid=key[0], backend_secret=key[1])
+
+    task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(cancel())
+    cancellations.add(task)
+    task.add_done_callback(cancellations.discard)
+    return task
+
+
+#: How long a cancel request of ours may take to be taken (connect, send, server closes).
+_CANCEL_REQUEST_TIMEOUT = 5.0

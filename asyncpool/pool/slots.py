@@ -922,6 +922,9 @@ class Slots:
             lease.holder_cancelled = True
             task.cancel(_LEAK_CANCEL_MESSAGE)
         self.observer.leaked(report)
+        # The statement it may be running is cancelled on the server first, where a cancel can
+        # arrive (closing the connection waits for the request); elsewhere it is just closed.
+        driver.request_cancel(lease.record.conn)
         self.retire(lease.record, "leaked")
 
     # -- maintenance --------------------------------------------------------------------------

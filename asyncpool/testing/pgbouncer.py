@@ -39,6 +39,10 @@ class PgBouncerServer(AdminConsole):
         postgres: PostgresServer,
         overrides: dict[str, str | int] | None = None,
         port: int | None = None,
+        *,
+        socket_dir: Path | None = None,
+        extra_ini: list[str] | None = None,
+        stats_only: bool = False,
     ) -> None:
         self.binary = binary
         self.postgres = postgres
@@ -50,6 +54,12 @@ class PgBouncerServer(AdminConsole):
             for key in _PREPARED_ONLY:
                 settings.pop(key, None)
         self.settings = settings
+        #: Where its Unix socket lives (default: its workdir); a fleet's peers reach it there.
+        self.socket_dir = socket_dir
+        #: Lines after the [pgbouncer] section (a fleet's [peers]).
+        self.extra_ini = list(extra_ini or ())
+        #: The console user may only read (SHOW), as pgb_stats in compose and Terraform.
+        self.stats_only = stats_only
         self.workdir: Path | None = None
         self.process: ServerProcess | None = None
 
@@ -110,22 +120,38 @@ class PgBouncerServer(AdminConsole):
             "[pgbouncer]",
             f"listen_addr = {self.host}",
             f"listen_port = {self.port}",
-            f"unix_socket_dir = {self.workdir}",
+            f"unix_socket_dir = {self.socket_dir or self.workdir}",
             f"auth_file = {self.workdir / 'userlist.txt'}",
             f"pidfile = {self.workdir / 'pgbouncer.pid'}",
-            f"admin_users = {pg.pgb_admin.name}",
+            f"admin_users = {'' if self.stats_only else pg.pgb_admin.name}",
             f"stats_users = {pg.pgb_admin.name}",
         ]
         lines += [f"{key} = {value}" for key, value in self.settings.items()]
+        lines += self.extra_ini
         (self.workdir / "pgbouncer.ini").write_text("\n".join(lines) + "\n")
 
     def _launch(self) -> None:
         assert self.process is not None
         self.process.start()
-        if not wait_for_port(self.host, self.port, 20):
+        if not self._wait_until_listening(20):
             tail = self.process.log_tail()
             self.stop()
             raise HarnessError(f"{self.label} did not start on {self.host}:{self.port}:\n{tail}")
+
+    def _wait_until_listening(self, timeout: float) -> bool:
+        if self.socket_dir is None:
+            return wait_for_port(self.host, self.port, timeout)
+        # A fleet shares its TCP port: the first member already answers there, so wait for
+        # this one's own socket.
+        sock = self.socket_dir / f".s.PGSQL.{self.port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sock.exists():
+                return True
+            if self.process is not None and not self.process.running():
+                return False
+            time.sleep(0.05)
+        return False
 
     def running(self) -> bool:
         return self.process is not None and self.process.running()

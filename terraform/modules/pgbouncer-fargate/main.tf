@@ -265,6 +265,16 @@ resource "aws_lb_target_group" "this" {
   deregistration_delay   = 60
   connection_termination = true
 
+  # A cancel request (query timeout, leak reclaim) arrives on a new TCP connection and must reach
+  # the task whose PgBouncer holds the query; any other task drops it. Fargate task addresses
+  # change with every deployment and scaling step, so PgBouncer peering (peer_id + [peers], fixed
+  # addresses) does not fit here: the NLB sends every connection from one client address to the
+  # same task instead. Each task runs one PgBouncer process (no so_reuseport inside a task).
+  stickiness {
+    enabled = true
+    type    = "source_ip"
+  }
+
   health_check {
     protocol            = "TCP"
     port                = "traffic-port"
