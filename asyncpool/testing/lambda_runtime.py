@@ -364,6 +364,17 @@ class LambdaProcess:
     def thaw(self) -> None:
         self.signal(signal.SIGCONT)
 
+    def invoke(self, event: Any, *, timeout: float = 30.0, frozen_between: bool = True) -> Outcome:
+        """One invocation as Lambda serves it: thaw the environment, invoke, and (with
+        `frozen_between`) freeze it again once the runtime is back waiting for the next event."""
+        if frozen_between:
+            self.thaw()
+        outcome = self.api.invoke(event, timeout=timeout)
+        if frozen_between:
+            self.api.wait_idle(timeout)
+            self.freeze()
+        return outcome
+
     def wait(self, timeout: float) -> int | None:
         """The exit status (negative: killed by that signal), or None if still running."""
         assert self.proc is not None

@@ -254,3 +254,30 @@ async def test_powertools_resolve_async_on_the_runners_loop(
             ports |= {row["port"] for row in await app_clients(own_pgbouncer)}
         assert response(await invoke(runtime_api, unknown), proc)["statusCode"] == 404
         assert len(ports) == 1  # one kept connection for every invocation
+
+
+async def test_invocations_frozen_in_between_as_lambda_does(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """SIGSTOP after every response, SIGCONT before every event: the connection is kept."""
+    with environment(runtime_api, own_pgbouncer, tmp_path) as proc:
+        bodies = [
+            response(await asyncio.to_thread(proc.invoke, {"op": "query"}), proc) for _ in range(20)
+        ]
+        assert {b["pool"]["created_total"] for b in bodies} == {1}
+        assert bodies[-1]["pool"]["validation_failures_total"] == 0
+        assert len({b["backend_pid"] for b in bodies}) == 1
+
+
+async def test_the_deadline_cancels_the_handler_and_its_connection_goes_back(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """A 1.5 s function timeout: the runner cancels 0.5 s before the deadline header says."""
+    with RuntimeAPI(function_timeout=1.5) as api, environment(api, own_pgbouncer, tmp_path) as proc:
+        response(await invoke(api, {"op": "query"}), proc)
+        late = await invoke(api, {"op": "query", "hold": 5})
+        assert late.kind == "error", late.body
+        assert late.json()["errorType"] == "HandlerTimeoutError"
+        assert late.seconds < 1.5
+        stats = response(await invoke(api, {"op": "query"}), proc)["pool"]
+        assert (stats["created_total"], stats["in_use"]) == (1, 0)
