@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -15,7 +16,10 @@ from asyncpool.errors import PoolConfigError
 if TYPE_CHECKING:
     import ssl as ssl_module
 
+    import asyncpg
+
     from asyncpool.credentials.provider import CredentialProvider
+    from asyncpool.pool.connection import PooledConnection
 
 PreparedStatements = Literal["off", "on", "unnamed"]
 #: Former names of modes, still accepted with a DeprecationWarning.
@@ -23,6 +27,11 @@ _RENAMED_MODES = {"describe-cache": "unnamed"}
 LeakAction = Literal["reclaim", "log"]
 CancelRequests = Literal["auto", "off"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+#: Called once with each new asyncpg connection (asyncpg's ``init``), e.g. to register codecs.
+InitHook = Callable[["asyncpg.Connection"], Awaitable[object]]
+#: Called with the pooled connection at each checkout (asyncpg's ``setup``).
+SetupHook = Callable[["PooledConnection"], Awaitable[object]]
 
 ENV_PREFIX = "ASYNCPOOL_"
 
@@ -83,7 +92,20 @@ class PoolConfig:
         ``gss``, ``sspi``, ``none`` (or all negated: ``!password,!md5``). Default: any over
         verified TLS; otherwise ``scram-sha-256,gss,sspi,none`` (no password is sent).
     server_settings: run-time parameters sent at login (not under RDS Proxy: it rejects them).
-    connect_kwargs: extra keyword arguments for `asyncpg.connect`.
+    command_timeout: default time limit of each query, as asyncpg's ``command_timeout``
+        (default None: no limit; a call's own ``timeout=`` wins).
+    max_queries: a connection that has run this many queries is closed when returned and
+        replaced, as asyncpg's ``max_queries`` (default None: no limit; `max_lifetime` already
+        renews connections).
+    init: ``async def init(conn)``, awaited once with each new asyncpg connection before it is
+        used (asyncpg's ``init``): register codecs (``conn.set_type_codec``) here. It runs within
+        `connect_timeout`; if it raises, the connection is closed and the error reaches the
+        caller of ``acquire()`` (or ``open()``).
+    setup: ``async def setup(conn)``, awaited with the pooled connection at every checkout
+        (asyncpg's ``setup``). If it raises, the connection is closed, not reused, and the error
+        reaches the caller of ``acquire()``.
+    connect_kwargs: extra keyword arguments for `asyncpg.connect` (``record_class``,
+        ``connection_class``, ``host``...; `Pool` also takes these directly).
     telemetry: publish OpenTelemetry metrics and spans (default True; costs next to nothing
         until an application installs the OpenTelemetry SDK).
     """
@@ -111,6 +133,10 @@ class PoolConfig:
     allow_iam_without_tls: bool = False
     require_auth: str | None = None
     server_settings: Mapping[str, str] | None = None
+    command_timeout: float | None = None
+    max_queries: int | None = None
+    init: InitHook | None = None
+    setup: SetupHook | None = None
     connect_kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)
     telemetry: bool = True
 
@@ -139,6 +165,7 @@ class PoolConfig:
         environment.
         """
         env = os.environ if environ is None else environ
+        warn_unknown_variables(env)
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in _ENV_FIELDS:
@@ -174,8 +201,45 @@ _ENV_FIELDS: dict[str, tuple[type, bool]] = {
     "allow_unprotected_credentials": (bool, False),
     "allow_iam_without_tls": (bool, False),
     "require_auth": (str, True),
+    "command_timeout": (float, True),
+    "max_queries": (int, True),
     "telemetry": (bool, False),
 }
+
+#: ``ASYNCPOOL_*`` variables that are not pool options: read by the telemetry, the test harness
+#: and the benchmarks. Any other unknown one is warned about (a misspelt option).
+OTHER_VARIABLES = frozenset({
+    "ASYNCPOOL_OTEL_SEMCONV",
+    "ASYNCPOOL_PG_BINDIR",
+    "ASYNCPOOL_PGBOUNCER_CACHE",
+    "ASYNCPOOL_PGBOUNCER_CURRENT",
+    "ASYNCPOOL_PGBOUNCER_LEGACY",
+    "ASYNCPOOL_PROMETHEUS",
+    "ASYNCPOOL_MODEL_EXAMPLES",
+})
+#: Prefixes of families of such variables (the test harness's servers).
+OTHER_PREFIXES = ("ASYNCPOOL_TEST_",)
+
+
+def env_variables() -> list[str]:
+    """Every ``ASYNCPOOL_*`` variable that sets a pool option."""
+    return [ENV_PREFIX + name.upper() for name in _ENV_FIELDS]
+
+
+def warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """Warn about each ``ASYNCPOOL_*`` variable that names no option, with the closest one."""
+    known = env_variables()
+    for var in environ:
+        if (not var.startswith(ENV_PREFIX) or var in _ENV_VARIABLES or var in OTHER_VARIABLES
+                or var.startswith(OTHER_PREFIXES)):
+            continue
+        close = difflib.get_close_matches(var, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; the options are {', '.join(known)}"
+        warnings.warn(f"{var} is not an asyncpool option and is ignored{hint}", UserWarning,
+                      stacklevel=4)
+
+
+_ENV_VARIABLES = frozenset(env_variables())
 
 
 def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
@@ -252,7 +316,19 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if cfg.cancel_requests not in get_args(CancelRequests):
         fail(f"cancel_requests={cfg.cancel_requests!r}: choose 'auto' or 'off'")
     if not isinstance(cfg.statement_cache_size, int) or cfg.statement_cache_size < 1:
-        fail(f"statement_cache_size={cfg.statement_cache_size!r}: must be a whole number >= 1")
+        fail(f"statement_cache_size={cfg.statement_cache_size!r}: must be a whole number >= 1 "
+             "(asyncpg's statement_cache_size=0 is prepared_statements='off', which Pool() and "
+             "create_pool() take it for)")
+    if cfg.command_timeout is not None and (
+            not isinstance(cfg.command_timeout, int | float) or not cfg.command_timeout > 0):
+        fail(f"command_timeout={cfg.command_timeout!r}: must be a number of seconds > 0 "
+             "(or None for no limit)")
+    queries = cfg.max_queries
+    if queries is not None and (isinstance(queries, bool) or not isinstance(queries, int) or queries < 1):
+        fail(f"max_queries={queries!r}: must be a whole number >= 1 (or None for no limit)")
+    for hook in ("init", "setup"):
+        if getattr(cfg, hook) is not None and not callable(getattr(cfg, hook)):
+            fail(f"{hook}={getattr(cfg, hook)!r}: must be an async function taking the connection")
     if isinstance(cfg.ssl, str) and cfg.ssl not in get_args(SslMode):
         fail(
             f"ssl={cfg.ssl!r}: choose one of "

@@ -27,13 +27,14 @@ from collections.abc import Awaitable, Callable
 import psycopg
 
 from asyncpool import Pool
+from asyncpool.config import PreparedStatements
 from asyncpool.testing import ServerStack
 
 Runner = Callable[[str, int, int], Awaitable[tuple[float, float]]]
 _offset = itertools.count(1_000_000)  # statement texts never repeat across runs
 
 
-async def _asyncpool(dsn: str, n: int, mode: str, warm: bool) -> tuple[float, float]:
+async def _asyncpool(dsn: str, n: int, mode: PreparedStatements, warm: bool) -> tuple[float, float]:
     async with Pool(dsn, name=f"cold-{mode}", prepared_statements=mode,
                     min_size=1, max_size=1, telemetry=False) as pool, pool.acquire() as conn:
         base = next(_offset) * 10_000

@@ -164,3 +164,12 @@ async def test_backend_key_and_request_cancel(conn: Any) -> None:
     with pytest.raises(asyncpg.QueryCanceledError):
         await asyncio.wait_for(query, 5)
     assert await conn.fetchval("SELECT 1") == 1
+
+
+async def test_protocol_queries_count(conn: Any) -> None:
+    """`_protocol.queries_count` counts the queries run (what ``max_queries`` compares)."""
+    before = driver.queries_count(conn)
+    await conn.fetchval("SELECT 1")
+    await conn.execute("SELECT 1")
+    await conn.fetchval("SELECT $1::int", 1)
+    assert driver.queries_count(conn) == before + 3

@@ -25,6 +25,7 @@ from asyncpool import (
     PoolConfigError,
     Target,
 )
+from asyncpool.config import SslMode
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.aws_endpoint import (
     ACCESS_KEY_ID,
@@ -231,7 +232,7 @@ def test_repr_shows_no_credentials(aws: None) -> None:
 
 
 @pytest.mark.parametrize("mode", [None, "disable", "prefer"])
-async def test_pool_refuses_iam_without_tls_before_dialling(aws: None, mode: str | None) -> None:
+async def test_pool_refuses_iam_without_tls_before_dialling(aws: None, mode: SslMode | None) -> None:
     counter = SigningCounter()
     pool = Pool(
         f"postgresql://orders_app@{PROXY_HOST}:5432/orders",

@@ -27,7 +27,7 @@ from asyncpool.connect.tls import (
     resolve_tls,
 )
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
-from asyncpool.errors import AuthenticationError, ConnectError
+from asyncpool.errors import AuthenticationError, ConnectError, PoolConfigError
 from asyncpool.observer import ConnectAttempt, PoolObserver
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ class Connector:
         if problem is not None:
             raise DsnError(f"pool {config.name!r}: {problem}")
         kw = dict(config.connect_kwargs)
+        require_target(config, kw)
         self.target: Target = (self._dsn or _NO_DSN).target(
             host=kw.get("host"),
             port=kw.get("port"),
@@ -101,6 +102,8 @@ class Connector:
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
         kw.setdefault("timeout", cfg.connect_timeout)
+        if cfg.command_timeout is not None:
+            kw["command_timeout"] = cfg.command_timeout
         if cfg.prepared_statements == "on":
             kw["statement_cache_size"] = cfg.statement_cache_size
             kw["max_cached_statement_lifetime"] = cfg.statement_cache_ttl or 0
@@ -125,12 +128,25 @@ class Connector:
         return kw
 
     async def connect(self, cut_short: CutShort | None = None) -> asyncpg.Connection:
-        """One new connection; on an authentication failure, refresh credentials and retry once.
+        """One new connection, given to the `init` hook; on an authentication failure, refresh
+        credentials and retry once.
 
         `cut_short` tells, if this login is cancelled, what its caller was told instead.
         Failures are `ConnectError`s with the driver error's class and SQLSTATE as attributes
         and no cause or context: the driver's frames hold the password (error trackers record
-        frame locals)."""
+        frame locals). If `init` raises (or is cancelled), the connection is closed and the
+        hook's error goes up as it is, as asyncpg's pool does."""
+        conn = await self._login(cut_short)
+        init = self.config.init
+        if init is not None:
+            try:
+                await init(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+        return conn
+
+    async def _login(self, cut_short: CutShort | None) -> asyncpg.Connection:
         refused: AuthenticationError
         try:
             return await self._attempt(cut_short)
@@ -230,6 +246,22 @@ class Connector:
 
 
 _NO_DSN = ParsedDsn("postgresql", None, None, (), None, {})
+
+#: libpq's environment variables that name a server: with one set, no DSN is needed.
+_LIBPQ_TARGET_VARIABLES = ("PGHOST", "PGPORT", "PGSERVICE", "PGDATABASE")
+
+
+def require_target(config: PoolConfig, connect_kwargs: dict[str, Any]) -> None:
+    """Refuse a pool told nowhere to connect, instead of dialling libpq's defaults."""
+    if config.dsn or any(connect_kwargs.get(k) for k in ("host", "port", "service", "database")):
+        return
+    if any(os.environ.get(var) for var in _LIBPQ_TARGET_VARIABLES):
+        return
+    raise PoolConfigError(
+        f"pool {config.name!r}: no database to connect to: pass a DSN "
+        "(Pool('postgresql://user@host:port/database')), set ASYNCPOOL_DSN, or set libpq's "
+        "PGHOST/PGPORT/PGDATABASE"
+    )
 
 
 def _default_credentials(dsn: ParsedDsn | None, explicit: str | None) -> CredentialProvider | None:

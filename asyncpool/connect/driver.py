@@ -40,7 +40,8 @@ CONNECTION_INTERNALS = {
     "_params": "the connection parameters (TLS) a cancel request uses (request_cancel)",
 }
 #: Protocol methods called here.
-PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transaction")
+PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transaction",
+                      "queries_count")
 #: Protocol attributes read here: BackendKeyData's two fields (0 until the server sends them).
 KEY_INTERNALS = ("backend_pid", "backend_secret")
 #: Connection methods called here (execute_described).
@@ -153,6 +154,11 @@ async def reset(conn: Any, timeout: float) -> None:
                 callbacks.clear()
         if listened:
             await conn.execute("UNLISTEN *")
+
+
+def queries_count(conn: Any) -> int:
+    """How many queries `conn` has run (what asyncpg's pool compares with ``max_queries``)."""
+    return int(getattr(getattr(conn, "_protocol", None), "queries_count", 0))
 
 
 def pending_cancellations(conn: Any) -> list[asyncio.Task[Any]]:

@@ -17,10 +17,13 @@ the address and ``?host=`` at once, too).
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 from asyncpool.errors import PoolConfigError
@@ -169,17 +172,23 @@ class ParsedDsn:
         query = "?" + "&".join(fields) if fields else ""
         return f"{self.scheme}://{userinfo}{hosts}{path}{query}"
 
-    def target(self, *, host: str | None = None, port: int | None = None,
-               user: str | None = None, database: str | None = None) -> Target:
+    def target(self, *, host: Any = None, port: Any = None, user: str | None = None,
+               database: str | None = None, environ: Mapping[str, str] | None = None) -> Target:
         """The first host, port, user and database, with explicit options winning.
 
-        Mirrors libpq's defaults: port 5432, database = user.
+        What the DSN and the options leave out comes from libpq's variables (PGHOST, PGPORT,
+        PGUSER, PGDATABASE), as asyncpg reads them, then libpq's defaults: port 5432, the
+        operating system's user name, database = user.
         """
+        env = os.environ if environ is None else environ
+        # asyncpg also takes lists of hosts and ports: the first is the one dialled first.
+        host = host[0] if isinstance(host, list | tuple) and host else host
+        port = port[0] if isinstance(port, list | tuple) and port else port
         first_host, first_port = self.hosts[0] if self.hosts else ("", None)
-        host = host or first_host or "localhost"
-        port = port or first_port or 5432
-        user = user or self.user or "postgres"
-        database = database or self.database or user
+        host = host or first_host or env.get("PGHOST", "").split(",")[0] or "localhost"
+        port = int(port or first_port or _env_port(env) or 5432)
+        user = user or self.user or env.get("PGUSER") or _os_user()
+        database = database or self.database or env.get("PGDATABASE") or user
         return Target(host=host, port=port, user=user, database=database)
 
 
@@ -205,7 +214,23 @@ def redact_dsn(dsn: str | None) -> str:
         return _UNPARSEABLE
 
 
-def parse_target(dsn: str | None, *, host: str | None = None, port: int | None = None,
+def _env_port(env: Mapping[str, str]) -> int | None:
+    text = env.get("PGPORT", "").split(",")[0].strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise DsnError(f"PGPORT={env.get('PGPORT')!r} is not a port number")
+    return int(text)
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name (a container without a passwd entry)
+        return "postgres"
+
+
+def parse_target(dsn: str | None, *, host: Any = None, port: Any = None,
                  user: str | None = None, database: str | None = None) -> Target:
     """The first host, port, user and database a DSN (plus explicit options) names."""
     parsed = parse_dsn(dsn) if dsn else _EMPTY

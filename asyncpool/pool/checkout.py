@@ -7,6 +7,7 @@ from collections.abc import Generator
 from types import FrameType, TracebackType
 from typing import Any, Protocol
 
+from asyncpool.config import SetupHook
 from asyncpool.connect.failures import lost_connection_hint
 from asyncpool.errors import (
     ConnectionLeakedError,
@@ -27,6 +28,8 @@ class Checkouts(Protocol):
     """
 
     name: str
+    #: Awaited with the connection at each checkout (asyncpg's ``setup``), or None.
+    setup: SetupHook | None
 
     @property
     def target(self) -> str: ...
@@ -38,6 +41,8 @@ class Checkouts(Protocol):
     def checkin_nowait(self, lease: Lease) -> bool: ...
 
     async def checkin(self, lease: Lease) -> None: ...
+
+    def discard(self, lease: Lease, reason: str) -> None: ...
 
 
 class AcquireContext:
@@ -57,7 +62,10 @@ class AcquireContext:
         lease.scoped = True
         self._frame = None
         self._lease = lease
-        return PooledConnection(lease, owner)
+        conn = PooledConnection(lease, owner)
+        if owner.setup is not None:
+            await _set_up(owner, conn)
+        return conn
 
     def __await__(self) -> Generator[Any, None, PooledConnection]:
         return self._acquire_unscoped().__await__()
@@ -67,7 +75,10 @@ class AcquireContext:
         owner = self._owner
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         self._frame = None
-        return PooledConnection(lease, owner)
+        conn = PooledConnection(lease, owner)
+        if owner.setup is not None:
+            await _set_up(owner, conn)
+        return conn
 
     async def __aexit__(
         self,
@@ -95,6 +106,17 @@ class AcquireContext:
                 "(if it was lost during COMMIT, that commit's outcome is unknown). The pool "
                 "replaced the connection; retry if the work is idempotent."
             ) from exc
+
+
+async def _set_up(owner: Checkouts, conn: PooledConnection) -> None:
+    """Run the `setup` hook; if it fails, the connection may be in any state: it is closed
+    rather than reused (as asyncpg's pool does) and the hook's error goes to the caller."""
+    assert owner.setup is not None
+    try:
+        await owner.setup(conn)
+    except BaseException:
+        owner.discard(conn._lease, "setup failed")
+        raise
 
 
 def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> None:

@@ -11,12 +11,13 @@ import contextlib
 import math
 import sys
 import warnings
-from typing import Any
+from typing import Any, Unpack
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError
 from asyncpool.observer import ObserverGroup, PoolObserver
+from asyncpool.options import PoolOptions, resolve
 from asyncpool.pool.checkout import AcquireContext, TransactionContext
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, UNSET, Slots
@@ -26,7 +27,10 @@ from asyncpool.stats import PoolStats
 class Pool:
     """An asyncio pool of asyncpg connections, safe behind transaction-mode poolers.
 
-    Give options as keyword arguments (see `PoolConfig` for each one) or a whole `config`.
+    Give options as keyword arguments (see `PoolConfig` for each one; asyncpg's pool and
+    connect options are taken with asyncpg's meaning, see docs/migration.md) or a whole
+    `config`. Without `config`, the ``ASYNCPOOL_*`` environment variables give the defaults
+    (``ASYNCPOOL_DSN`` the DSN when `dsn` is None) and arguments win.
     Use ``await pool.open()`` or ``async with Pool(...) as pool``; `create_pool` does both.
     """
 
@@ -36,12 +40,9 @@ class Pool:
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
-        **options: Any,
+        **options: Unpack[PoolOptions],
     ) -> None:
-        if config is None:
-            config = PoolConfig(dsn=dsn, **options)
-        elif dsn is not None or options:
-            config = config.replace(**({"dsn": dsn} if dsn is not None else {}), **options)
+        config = resolve(dsn, config, options)
         self.config = config
         self.name = config.name
         self._extra_observers = list(observers or [])
@@ -230,7 +231,16 @@ def _check_timeout(pool_name: str, what: str, timeout: Any) -> None:
         )
 
 
-async def create_pool(dsn: str | None = None, **options: Any) -> Pool:
-    """Create and open a pool: ``pool = await asyncpool.create_pool(dsn, max_size=5)``."""
-    return await Pool(dsn, **options).open()
+async def create_pool(
+    dsn: str | None = None,
+    *,
+    config: PoolConfig | None = None,
+    observers: list[PoolObserver] | None = None,
+    **options: Unpack[PoolOptions],
+) -> Pool:
+    """Create and open a pool: ``pool = await asyncpool.create_pool(dsn, max_size=5)``.
+
+    Takes what `Pool` takes; with no `dsn`, ``ASYNCPOOL_DSN`` (and the other ``ASYNCPOOL_*``
+    variables) configure it."""
+    return await Pool(dsn, config=config, observers=observers, **options).open()
 

@@ -151,6 +151,9 @@ class Slots:
         self._drained: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
         self.validate_after = config.validate_after
+        self.max_queries = config.max_queries
+        #: asyncpg's ``setup`` hook, awaited by the acquire contexts at each checkout.
+        self.setup = config.setup
         # Only "unnamed" connections can ask to be retired (`retire_reason`).
         self._may_retire = config.prepared_statements == "unnamed"
         self.created_total = 0
@@ -453,6 +456,9 @@ class Slots:
         retired = getattr(record.conn, "retire_reason", None) if self._may_retire else None
         if retired or record.expired(now):
             self.retire(record, retired or "expired", graceful=True)
+            return
+        if self.max_queries is not None and driver.queries_count(record.conn) >= self.max_queries:
+            self.retire(record, "max_queries reached", graceful=True)
             return
         waiters = self.waiters
         while waiters:
@@ -892,6 +898,17 @@ class Slots:
         now = self.loop.time()
         record.touch(now, self.validate_after)
         self._put(record, now)
+
+    def discard(self, lease: Lease, reason: str) -> None:
+        """Take back a checkout whose connection must not be used again (its `setup` hook
+        failed): the connection is closed and its slot freed."""
+        if lease.state is not ACTIVE:
+            return
+        lease.state = RELEASED
+        lease.frame = None
+        if self.loop is not None:
+            self.observer.released(self.loop.time() - lease.acquired_at)
+        self.retire(lease.record, reason)
 
     def owns(self, lease: Lease) -> bool:
         return self.leases.get(lease.record) is lease

@@ -192,7 +192,7 @@ def _quoted(secret: str) -> str:
         ({"validate_after": float("nan")}, "validate_after"),
         ({"lifetime_jitter": 1.5}, "lifetime_jitter"),
         ({"lifetime_jitter": "0.1"}, "lifetime_jitter"),
-        ({"statement_cache_size": 0}, "statement_cache_size"),
+        ({"statement_cache_size": -1}, "statement_cache_size"),
         ({"prepared_statements": "maybe"}, "prepared_statements"),
         ({"leak_action": "explode"}, "leak_action"),
         ({"ssl": "required"}, "ssl"),
@@ -216,8 +216,8 @@ def test_invalid_environment_value_names_the_variable() -> None:
 
 
 def test_misspelt_option_is_named() -> None:
-    with pytest.raises(TypeError, match="max_sise"):
-        Pool("postgresql://app@127.0.0.1/app", max_sise=5)
+    with pytest.raises(PoolConfigError, match=r"max_sise=: not an option of Pool\(\); did you mean max_size"):
+        Pool("postgresql://app@127.0.0.1/app", max_sise=5)  # type: ignore[call-arg]
 
 
 def test_the_error_types_are_exported() -> None:

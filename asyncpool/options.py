@@ -1,0 +1,188 @@
+"""The keyword options of `Pool()` and `create_pool()`: asyncpool's own, asyncpg's pool and
+connect options with asyncpg's meaning, and the environment's ``ASYNCPOOL_*`` defaults.
+
+asyncpg's options either map onto an asyncpool option (``timeout`` is `connect_timeout`,
+``max_inactive_connection_lifetime`` is `max_idle`...), go to `asyncpg.connect` unchanged
+(``record_class``, ``host``...), or do not fit, and are refused with the asyncpool way to get
+the same. Unknown names are refused with the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from asyncpool.config import InitHook, LeakAction, PoolConfig, PreparedStatements, SetupHook, SslMode
+from asyncpool.errors import PoolConfigError
+
+if TYPE_CHECKING:
+    import ssl as ssl_module
+
+    import asyncpg
+
+    from asyncpool.credentials.provider import CredentialProvider
+
+
+class PoolOptions(TypedDict, total=False):
+    """Every keyword option `Pool()` and `create_pool()` take (see `PoolConfig` for each of
+    asyncpool's own; the asyncpg ones have asyncpg's meaning, see docs/migration.md)."""
+
+    # asyncpool's own (PoolConfig's fields but dsn)
+    name: str
+    min_size: int
+    max_size: int
+    acquire_timeout: float | None
+    connect_timeout: float
+    max_lifetime: float | None
+    lifetime_jitter: float
+    max_idle: float | None
+    validate_after: float | None
+    prepared_statements: PreparedStatements
+    statement_cache_size: int
+    statement_cache_ttl: float | None
+    leak_timeout: float | None
+    leak_action: LeakAction
+    credentials: CredentialProvider | None
+    ssl: SslMode | ssl_module.SSLContext | None
+    ssl_root_cert: str | None
+    allow_iam_without_tls: bool
+    server_settings: Mapping[str, str] | None
+    command_timeout: float | None
+    max_queries: int | None
+    init: InitHook | None
+    setup: SetupHook | None
+    connect_kwargs: Mapping[str, Any]
+    telemetry: bool
+    # asyncpg's names for asyncpool options
+    timeout: float
+    max_inactive_connection_lifetime: float
+    max_cached_statement_lifetime: float
+    # asyncpg.connect's, passed on to it
+    record_class: type[asyncpg.Record]
+    connection_class: type[asyncpg.Connection]
+    host: str | list[str]
+    port: int | list[int]
+    user: str
+    password: str
+    passfile: str
+    database: str
+    service: str
+    servicefile: str
+    direct_tls: bool
+    target_session_attrs: str
+    krbsrvname: str
+    gsslib: str
+    max_cacheable_statement_size: int
+
+
+#: asyncpg.connect's options that mean the same to asyncpool: given to asyncpg.connect as they are.
+CONNECT_OPTIONS = frozenset({
+    "record_class", "connection_class", "host", "port", "user", "password", "passfile",
+    "database", "service", "servicefile", "direct_tls", "target_session_attrs", "krbsrvname",
+    "gsslib", "max_cacheable_statement_size",
+})
+
+#: asyncpg's names of asyncpool options (0 means "no limit" in asyncpg, None in asyncpool).
+RENAMED = {
+    "timeout": "connect_timeout",
+    "max_inactive_connection_lifetime": "max_idle",
+    "max_cached_statement_lifetime": "statement_cache_ttl",
+}
+_ZERO_IS_NONE = frozenset({"max_inactive_connection_lifetime", "max_cached_statement_lifetime"})
+
+#: asyncpg options with no asyncpool meaning, and what to use instead.
+UNFIT = {
+    "connect": "asyncpool opens its connections itself (credentials, TLS, retries); give a "
+               "rotating password with credentials=, asyncpg.connect options as keywords "
+               "(or connect_kwargs=), and per-connection set-up with init=",
+    "reset": "asyncpool resets a returned connection itself, with no round trip unless it is "
+             "needed (ROLLBACK of an open transaction, UNLISTEN * after LISTEN); run per-checkout "
+             "statements in setup=",
+    "loop": "a pool uses the event loop it is opened on: open it from the loop that uses it "
+            "(see asyncpool.integrations.lambda_runner)",
+    "init_size": "open() opens min_size connections (open(wait=False) opens them in the "
+                 "background)",
+}
+
+_OWN = frozenset(f.name for f in fields(PoolConfig)) - {"dsn"}
+#: Every name Pool() takes as a keyword option.
+VALID = sorted(_OWN | CONNECT_OPTIONS | set(RENAMED) | {"config", "observers"})
+
+
+def translate(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` as `PoolConfig` fields: asyncpg's names mapped, connect options moved into
+    ``connect_kwargs``; unknown and unfit names refused with `PoolConfigError`."""
+    values: dict[str, Any] = {}
+    connect: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in _OWN:
+            if key == "statement_cache_size" and value == 0 and not isinstance(value, bool):
+                continue  # asyncpg's advice behind poolers, below
+            values[key] = value
+        elif key in CONNECT_OPTIONS:
+            connect[key] = value
+        elif key in RENAMED:
+            values[RENAMED[key]] = None if key in _ZERO_IS_NONE and value == 0 else value
+        elif key in UNFIT:
+            raise PoolConfigError(f"{key}=: not an asyncpool option; {UNFIT[key]}")
+        else:
+            raise PoolConfigError(f"{key}=: not an option of Pool(){_closest(key)}")
+    for renamed, own in RENAMED.items():
+        if renamed in options and own in options:
+            raise PoolConfigError(f"{renamed}= and {own}= are the same option: give one")
+    if options.get("statement_cache_size") == 0:
+        _statement_cache_off(options, values)
+    if connect:
+        _check_connect_options(connect)
+        values["connect_kwargs"] = {**options.get("connect_kwargs", {}), **connect}
+    return values
+
+
+def _statement_cache_off(options: Mapping[str, Any], values: dict[str, Any]) -> None:
+    """asyncpg's ``statement_cache_size=0`` (no named prepared statements, the usual advice
+    behind PgBouncer) is ``prepared_statements="off"``."""
+    mode = options.get("prepared_statements", "off")
+    if mode != "off":
+        raise PoolConfigError(
+            f"statement_cache_size=0 with prepared_statements={mode!r}: statement_cache_size=0 "
+            "is asyncpg's way to say prepared_statements='off'; give one of them. Behind a "
+            "pooler, prepared_statements='unnamed' (the default) is also safe and one round "
+            "trip per query; 'on' needs PgBouncer >= 1.21 with max_prepared_statements > 0"
+        )
+    values["prepared_statements"] = "off"
+
+
+def _check_connect_options(connect: Mapping[str, Any]) -> None:
+    import asyncpg
+
+    for key, base in (("record_class", asyncpg.Record), ("connection_class", asyncpg.Connection)):
+        value = connect.get(key)
+        if value is not None and not (isinstance(value, type) and issubclass(value, base)):
+            raise PoolConfigError(
+                f"{key}={value!r}: must be a subclass of {base.__module__}.{base.__qualname__}")
+
+
+def _closest(name: str) -> str:
+    close = difflib.get_close_matches(name, VALID, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}=?" if close else "; see PoolConfig for the options"
+
+
+def resolve(dsn: str | None, config: PoolConfig | None, options: Mapping[str, Any],
+            environ: Mapping[str, str] | None = None) -> PoolConfig:
+    """The `PoolConfig` of ``Pool(dsn, config=config, **options)``.
+
+    Without `config`, ``ASYNCPOOL_*`` variables give the defaults (``ASYNCPOOL_DSN`` the DSN
+    when `dsn` is None) and arguments win; a given `config` is used as it is, with `options`
+    applied over it.
+    """
+    values = translate(options)
+    if dsn is not None:
+        values["dsn"] = dsn
+    if config is not None:
+        if "connect_kwargs" in values and "connect_kwargs" not in options:
+            values["connect_kwargs"] = {**config.connect_kwargs, **values["connect_kwargs"]}
+        return config.replace(**values) if values else config
+    return PoolConfig.from_env(os.environ if environ is None else environ, **values)

@@ -1,0 +1,352 @@
+"""asyncpg's pool options, taken with asyncpg's meaning (one test per option, against real
+servers), those that do not fit refused with the asyncpool equivalent, unknown ones with the
+closest name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import asyncpool
+from asyncpool import Pool, PoolConfig, PoolConfigError, PooledConnection
+from asyncpool.config import PreparedStatements
+from asyncpool.options import translate
+from asyncpool.testing import PgBouncerServer, PostgresServer
+from tests.conftest import Pooler
+
+
+async def _jsonb_codec(conn: Any) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def _target(request: pytest.FixtureRequest, mode: str) -> str:
+    """Where each statement mode is used: "on" through PgBouncer 1.24 (prepared statements),
+    the others through PgBouncer 1.18 (no prepared statements)."""
+    server: PgBouncerServer = request.getfixturevalue("current" if mode == "on" else "legacy")
+    if mode == "on":
+        assert server.supports_prepared_statements
+    return server.dsn()
+
+
+MODES: list[PreparedStatements] = ["off", "on", "unnamed"]
+
+
+def _options(name: str, value: object) -> dict[str, Any]:
+    return {name: value}
+
+
+# -- init, setup ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_init_registers_a_jsonb_codec_on_every_new_connection(
+        request: pytest.FixtureRequest, mode: PreparedStatements) -> None:
+    inits: list[int] = []
+
+    async def init(conn: Any) -> None:
+        await _jsonb_codec(conn)
+        inits.append(id(conn))
+
+    async with Pool(_target(request, mode), name=f"init-{mode}", prepared_statements=mode,
+                    min_size=1, max_size=3, init=init, telemetry=False) as pool:
+        assert len(inits) == 1
+        # Three connections at once: two are opened by these checkouts.
+        async with pool.acquire() as a, pool.acquire() as b, pool.acquire() as c:
+            for conn in (a, b, c):
+                for _ in range(3):  # described, then reused ("unnamed", "on")
+                    assert await conn.fetchval("SELECT $1::jsonb", {"k": [1, 2]}) == {"k": [1, 2]}
+                    assert await conn.fetchval("SELECT '{\"a\": 1}'::jsonb") == {"a": 1}
+                    row = await conn.fetchrow("SELECT $1::int AS n, $2::jsonb AS j", 1, {"x": None})
+                    assert row is not None
+                    assert row["j"] == {"x": None}
+        assert len(set(inits)) == 3
+        # Connections opened later (after expire_all) run init too.
+        pool.expire_all()
+        assert await pool.fetchval("SELECT $1::jsonb", [1]) == [1]
+        assert len(inits) == 4
+
+
+async def test_init_codec_holds_when_unnamed_decodes_a_changed_result(legacy: PgBouncerServer) -> None:
+    """"unnamed" decodes a reused statement's rows with its own cached description, and again
+    with the reply's one when the result changed: both use the codecs init set."""
+    async with Pool(legacy.dsn(), name="init-unnamed-changed", prepared_statements="unnamed",
+                    max_size=1, init=_jsonb_codec, telemetry=False) as pool:
+        await pool.execute("DROP TABLE IF EXISTS dropin_codec")
+        await pool.execute("CREATE TABLE dropin_codec (id int, doc jsonb, note text)")
+        await pool.execute("""INSERT INTO dropin_codec VALUES (1, '{"v": 1}', '{"n": 2}')""")
+        query = "SELECT id, doc FROM dropin_codec WHERE id = $1"
+        try:
+            for _ in range(2):  # described, then reused
+                assert tuple(await pool.fetchrow(query, 1) or ()) == (1, {"v": 1})
+            await pool.execute("ALTER TABLE dropin_codec ALTER id TYPE bigint")
+            # Decoded again with the reply's description: the codec still decodes `doc`.
+            assert tuple(await pool.fetchrow(query, 1) or ()) == (1, {"v": 1})
+            assert tuple(await pool.fetchrow(query, 1) or ()) == (1, {"v": 1})
+            stats = pool.stats().statement_cache
+            assert stats is not None
+            assert stats.stale == 1
+
+            # A column retyped to jsonb: the codec reads jsonb as text, and the reused statement
+            # asked for the old column in binary, so these rows cannot be decoded; the call says
+            # so (docs/describe-cache.md) and the next one decodes with the codec.
+            text_query = "SELECT note FROM dropin_codec WHERE id = $1"
+            assert await pool.fetchval(text_query, 1) == '{"n": 2}'
+            await pool.execute("ALTER TABLE dropin_codec ALTER note TYPE jsonb USING note::jsonb")
+            with pytest.raises(asyncpool.StaleStatementError):
+                await pool.fetchval(text_query, 1)
+            assert await pool.fetchval(text_query, 1) == {"n": 2}
+            assert await pool.fetchval(text_query, 1) == {"n": 2}
+        finally:
+            await pool.execute("DROP TABLE dropin_codec")
+
+
+async def test_init_failure_closes_the_connection_and_reaches_the_caller(pooler: Pooler) -> None:
+    fail = True
+
+    async def init(conn: Any) -> None:
+        if fail:
+            raise RuntimeError("init failed")
+
+    async with Pool(pooler.dsn(), name="init-fails", min_size=0, max_size=2, init=init,
+                    telemetry=False) as pool:
+        with pytest.raises(RuntimeError, match="init failed"):
+            await pool.fetchval("SELECT 1")
+        stats = pool.stats()
+        assert (stats.size, stats.in_use) == (0, 0)
+        fail = False
+        assert await pool.fetchval("SELECT 1") == 1
+
+    with pytest.raises(RuntimeError, match="init failed"):
+        fail = True
+        await asyncpool.create_pool(pooler.dsn(), name="init-fails-open", min_size=1, init=init,
+                                    telemetry=False)
+
+
+async def test_setup_runs_at_each_checkout_with_the_pooled_connection(pooler: Pooler) -> None:
+    seen: list[tuple[PooledConnection, int]] = []
+
+    async def setup(conn: PooledConnection) -> None:
+        seen.append((conn, await conn.fetchval("SELECT pg_backend_pid()")))
+
+    async with Pool(pooler.dsn(), name="setup", max_size=1, setup=setup, telemetry=False) as pool:
+        for _ in range(3):
+            async with pool.acquire() as conn:
+                assert seen[-1][0] is conn
+        conn = await pool.acquire()
+        await pool.release(conn)
+        async with pool.transaction() as conn:
+            assert seen[-1][0] is conn
+        await pool.fetchval("SELECT 1")
+        assert len(seen) == 6
+        assert all(isinstance(c, PooledConnection) for c, _ in seen)
+
+
+async def test_setup_failure_closes_the_connection_and_reaches_the_caller(pooler: Pooler) -> None:
+    fail = True
+
+    async def setup(conn: PooledConnection) -> None:
+        await conn.execute("SELECT 1")
+        if fail:
+            raise RuntimeError("setup failed")
+
+    async with Pool(pooler.dsn(), name="setup-fails", max_size=1, setup=setup,
+                    telemetry=False) as pool:
+        with pytest.raises(RuntimeError, match="setup failed"):
+            async with pool.acquire():
+                pytest.fail("the block must not run")
+        with pytest.raises(RuntimeError, match="setup failed"):
+            await pool.acquire()
+        stats = pool.stats()
+        assert (stats.in_use, stats.closed_total) == (0, 2)
+        fail = False
+        assert await pool.fetchval("SELECT 2") == 2
+
+
+# -- the other options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_command_timeout(request: pytest.FixtureRequest, mode: PreparedStatements) -> None:
+    async with Pool(_target(request, mode), name=f"command-timeout-{mode}", prepared_statements=mode,
+                    max_size=1, command_timeout=0.2, telemetry=False) as pool:
+        assert pool.config.command_timeout == 0.2
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.fetchval("SELECT pg_sleep($1::float)", 3.0)
+        # A call's own timeout wins.
+        assert await pool.fetchval("SELECT pg_sleep($1::float)::text", 0.4, timeout=5) == ""
+
+
+async def test_max_inactive_connection_lifetime_is_max_idle(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), name="max-inactive", min_size=0, max_size=2,
+                    max_inactive_connection_lifetime=0.3, telemetry=False) as pool:
+        assert pool.config.max_idle == 0.3
+        assert await pool.fetchval("SELECT 1") == 1
+        assert pool.stats().size == 1
+        for _ in range(50):
+            if pool.stats().size == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.stats().size == 0
+    assert Pool("postgresql://a@h/d", max_inactive_connection_lifetime=0).config.max_idle is None
+
+
+async def test_max_queries(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), name="max-queries", max_size=1, max_queries=3,
+                    validate_after=None, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            first = conn.raw
+            for _ in range(2):
+                await conn.fetchval("SELECT 1")
+        async with pool.acquire() as conn:
+            assert conn.raw is first  # 2 queries so far
+            await conn.fetchval("SELECT 1")
+        assert pool.stats().closed_total == 1  # the third query reached max_queries
+        async with pool.acquire() as conn:
+            assert conn.raw is not first
+
+
+class _Row(asyncpg.Record):  # type: ignore[misc]
+    def doubled(self) -> int:
+        return int(self["n"]) * 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_record_class(request: pytest.FixtureRequest, mode: PreparedStatements) -> None:
+    async with Pool(_target(request, mode), name=f"record-class-{mode}", prepared_statements=mode,
+                    max_size=1, record_class=_Row, telemetry=False) as pool:
+        for _ in range(2):
+            row = await pool.fetchrow("SELECT $1::int AS n", 21)
+            assert isinstance(row, _Row)
+            assert row.doubled() == 42
+            rows = await pool.fetch("SELECT 4 AS n")
+            assert isinstance(rows[0], _Row)
+
+
+async def test_server_settings(postgres: PostgresServer, legacy: PgBouncerServer) -> None:
+    settings = {"application_name": "dropin-app", "search_path": "pg_catalog"}
+    async with Pool(postgres.dsn(), name="server-settings", max_size=1, server_settings=settings,
+                    telemetry=False) as pool:
+        assert await pool.fetchval("SHOW application_name") == "dropin-app"
+        assert await pool.fetchval("SHOW search_path") == "pg_catalog"
+    async with Pool(legacy.dsn(), name="server-settings-pgbouncer", max_size=1,
+                    server_settings={"application_name": "dropin-pgb"}, telemetry=False) as pool:
+        assert await pool.fetchval("SHOW application_name") == "dropin-pgb"
+
+
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    def marker(self) -> str:
+        return "mine"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_connection_class(request: pytest.FixtureRequest, mode: PreparedStatements) -> None:
+    async with Pool(_target(request, mode), name=f"connection-class-{mode}", prepared_statements=mode,
+                    max_size=1, connection_class=_Connection, telemetry=False) as pool, \
+            pool.acquire() as conn:
+        assert isinstance(conn.raw, _Connection)
+        assert conn.raw.marker() == "mine"
+        assert await conn.fetchval("SELECT $1::int", 5) == 5
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections and never answers a login."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+async def test_timeout_is_connect_timeout(silent_server: int) -> None:
+    pool = Pool(f"postgresql://app@127.0.0.1:{silent_server}/app", name="timeout", min_size=1,
+                timeout=0.3, telemetry=False)
+    assert pool.config.connect_timeout == 0.3
+    with pytest.raises(asyncpool.ConnectError, match=r"no answer within connect_timeout=0\.3s"):
+        await pool.open()  # the first login's failure
+    await pool.close()
+
+
+async def test_statement_cache_size_0_is_off(legacy: PgBouncerServer) -> None:
+    async with Pool(legacy.dsn(), name="cache-0", max_size=1, statement_cache_size=0,
+                    telemetry=False) as pool:
+        assert pool.config.prepared_statements == "off"
+        for i in range(3):
+            assert await pool.fetchval("SELECT $1::int + 1", i) == i + 1
+        assert pool.stats().statement_cache is None
+
+
+# -- mapping, refusals ----------------------------------------------------------------------
+
+
+def test_asyncpg_names_map_to_asyncpool_options() -> None:
+    assert translate({"timeout": 3, "max_inactive_connection_lifetime": 60,
+                      "max_cached_statement_lifetime": 0}) == {
+        "connect_timeout": 3, "max_idle": 60, "statement_cache_ttl": None}
+    assert translate({"statement_cache_size": 0}) == {"prepared_statements": "off"}
+    assert translate({"statement_cache_size": 0, "prepared_statements": "off"}) == {
+        "prepared_statements": "off"}
+    assert translate({"statement_cache_size": 50}) == {"statement_cache_size": 50}
+    assert translate({"host": "db", "port": 6432, "user": "app", "connect_kwargs": {"x": 1}}) == {
+        "connect_kwargs": {"x": 1, "host": "db", "port": 6432, "user": "app"}}
+
+
+def test_connect_options_reach_connect_kwargs_over_a_config() -> None:
+    base = PoolConfig(dsn="postgresql://a@h/d", connect_kwargs={"passfile": "/p"})
+    pool = Pool(config=base, record_class=_Row, timeout=4)
+    assert dict(pool.config.connect_kwargs) == {"passfile": "/p", "record_class": _Row}
+    assert pool.config.connect_timeout == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"statement_cache_size": 0, "prepared_statements": "on"},
+         "statement_cache_size=0 is asyncpg's way to say prepared_statements='off'"),
+        ({"statement_cache_size": 0, "prepared_statements": "unnamed"}, "give one of them"),
+        ({"statement_cache_size": -1}, "statement_cache_size=-1: must be a whole number >= 1 "
+                                       r"\(asyncpg's statement_cache_size=0 is prepared_statements='off'"),
+        ({"timeout": 1, "connect_timeout": 2}, "timeout= and connect_timeout= are the same option"),
+        ({"record_class": dict}, "record_class=<class 'dict'>: must be a subclass of asyncpg"),
+        ({"connection_class": object}, "connection_class=<class 'object'>: must be a subclass"),
+        ({"max_queries": 0}, "max_queries=0: must be a whole number >= 1"),
+        ({"command_timeout": -1}, "command_timeout=-1: must be a number of seconds > 0"),
+        ({"init": "codecs"}, "init='codecs': must be an async function"),
+    ],
+)
+def test_bad_asyncpg_values_say_what_to_do(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(PoolConfigError, match=match):
+        Pool("postgresql://a@h/d", **options)
+
+
+@pytest.mark.parametrize(
+    ("name", "equivalent"),
+    [
+        ("connect", "credentials="),
+        ("reset", "resets a returned connection itself"),
+        ("loop", "the event loop it is opened on"),
+        ("init_size", "open\\(wait=False\\)"),
+    ],
+)
+def test_options_that_do_not_fit_name_the_equivalent(name: str, equivalent: str) -> None:
+    with pytest.raises(PoolConfigError, match=f"{name}=: not an asyncpool option; .*{equivalent}"):
+        Pool("postgresql://a@h/d", **_options(name, object()))
+
+
+@pytest.mark.parametrize(
+    ("name", "closest"),
+    [("max_sise", "max_size"), ("min_szie", "min_size"), ("comand_timeout", "command_timeout"),
+     ("setupp", "setup"), ("max_inactive_connection_life", "max_inactive_connection_lifetime"),
+     ("recordclass", "record_class")],
+)
+async def test_unknown_options_name_the_closest(name: str, closest: str) -> None:
+    with pytest.raises(PoolConfigError,
+                       match=f"{name}=: not an option of Pool\\(\\); did you mean {closest}="):
+        Pool("postgresql://a@h/d", **_options(name, 1))
+    with pytest.raises(PoolConfigError, match=f"did you mean {closest}="):
+        await asyncpool.create_pool("postgresql://a@h/d", **_options(name, 1))

@@ -1,0 +1,150 @@
+"""Pool() and create_pool() configured from the environment: ``ASYNCPOOL_*`` by default, libpq's
+PG* variables honoured and named in errors, and no silent dial of libpq's defaults."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+
+import asyncpool
+from asyncpool import Pool, PoolConfig, PoolConfigError
+from asyncpool.config import OTHER_PREFIXES, OTHER_VARIABLES, env_variables
+from tests.conftest import Pooler
+
+_LIBPQ = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No ASYNCPOOL_* option variable and no libpq target variable."""
+    import os
+
+    for var in list(os.environ):
+        if var in _LIBPQ or var in env_variables():
+            monkeypatch.delenv(var)
+    return monkeypatch
+
+
+async def test_pool_and_create_pool_read_asyncpool_variables(
+        clean_env: pytest.MonkeyPatch, pooler: Pooler) -> None:
+    clean_env.setenv("ASYNCPOOL_DSN", pooler.dsn())
+    clean_env.setenv("ASYNCPOOL_MAX_SIZE", "2")
+    clean_env.setenv("ASYNCPOOL_NAME", "from-env")
+    clean_env.setenv("ASYNCPOOL_PREPARED_STATEMENTS", "off")
+    clean_env.setenv("ASYNCPOOL_TELEMETRY", "false")
+    async with Pool() as pool:
+        assert (pool.name, pool.config.max_size, pool.config.prepared_statements) == (
+            "from-env", 2, "off")
+        assert await pool.fetchval("SELECT $1::int", 7) == 7
+    pool = await asyncpool.create_pool(max_size=3)  # arguments win
+    try:
+        assert (pool.name, pool.config.max_size) == ("from-env", 3)
+        assert await pool.fetchval("SELECT 8") == 8
+    finally:
+        await pool.close()
+
+
+def test_arguments_win_and_a_config_is_taken_as_it_is(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("ASYNCPOOL_DSN", "postgresql://env@envhost/db")
+    clean_env.setenv("ASYNCPOOL_MAX_SIZE", "4")
+    assert Pool().config.dsn == "postgresql://env@envhost/db"
+    pool = Pool("postgresql://arg@arghost/db", max_size=6)
+    assert (pool.config.dsn, pool.config.max_size) == ("postgresql://arg@arghost/db", 6)
+    assert Pool("postgresql://arg@arghost/db").config.max_size == 4
+    given = PoolConfig(dsn="postgresql://cfg@cfghost/db")
+    assert Pool(config=given).config is given
+    assert Pool(config=given, max_size=2).config.max_size == 2
+
+
+def test_unknown_asyncpool_variables_are_warned_about(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("ASYNCPOOL_DSN", "postgresql://a@h/d")
+    clean_env.setenv("ASYNCPOOL_MAX_SISE", "5")
+    clean_env.setenv("ASYNCPOOL_PREPARED_STATEMENT", "off")
+    with pytest.warns(UserWarning, match="is not an asyncpool option") as caught:
+        Pool()
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [
+        "ASYNCPOOL_MAX_SISE is not an asyncpool option and is ignored; did you mean "
+        "ASYNCPOOL_MAX_SIZE?",
+        "ASYNCPOOL_PREPARED_STATEMENT is not an asyncpool option and is ignored; did you mean "
+        "ASYNCPOOL_PREPARED_STATEMENTS?",
+    ]
+    with pytest.warns(UserWarning, match="ASYNCPOOL_MAX_SISE"):
+        PoolConfig.from_env({"ASYNCPOOL_MAX_SISE": "5"})
+
+
+def test_known_non_option_variables_are_not_warned_about(clean_env: pytest.MonkeyPatch) -> None:
+    env = {"ASYNCPOOL_DSN": "postgresql://a@h/d", "ASYNCPOOL_OTEL_SEMCONV": "1.24",
+           "ASYNCPOOL_TEST_POSTGRES_DSN": "postgresql://x@y/z", "ASYNCPOOL_MAX_SIZE": "3"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PoolConfig.from_env(env).max_size == 3
+
+
+def test_every_asyncpool_variable_in_the_repository_is_known() -> None:
+    """A variable added to the code or docs is either an option or listed as another one, so
+    users setting it are not warned."""
+    root = Path(__file__).resolve().parent.parent
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True,
+                           check=True).stdout.split()
+    found: set[str] = set()
+    for name in files:
+        path = root / name
+        if path.suffix in _TEXT and path.is_file():
+            found.update(_VARIABLE.findall(path.read_text(errors="replace")))
+    unknown = sorted(v for v in found if v not in env_variables() and v not in OTHER_VARIABLES
+                     and not v.startswith(OTHER_PREFIXES) and v not in _EXAMPLES_OF_MISTAKES)
+    assert unknown == []
+
+
+_TEXT = {".py", ".md", ".toml", ".yaml", ".yml", ".sh", ".ini", ".tf"}
+_VARIABLE = re.compile(r"\bASYNCPOOL_[A-Z0-9_]*[A-Z0-9](?![A-Za-z0-9_*])")
+_EXAMPLES_OF_MISTAKES = {"ASYNCPOOL_MAX_SISE", "ASYNCPOOL_PREPARED_STATEMENT"}
+
+
+async def test_no_dsn_and_no_environment_is_a_clear_error(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(PoolConfigError, match=r"no database to connect to: pass a DSN .* set "
+                                              r"ASYNCPOOL_DSN, or set libpq's PGHOST"):
+        await asyncpool.create_pool(telemetry=False)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_errors_name_the_pghost_pgport_target(clean_env: pytest.MonkeyPatch,
+                                                    closed_port: int) -> None:
+    clean_env.setenv("PGHOST", "127.0.0.1")
+    clean_env.setenv("PGPORT", str(closed_port))
+    clean_env.setenv("PGUSER", "envuser")
+    clean_env.setenv("PGDATABASE", "envdb")
+    pool = Pool(name="pg-env", min_size=1, connect_timeout=2, telemetry=False)
+    with pytest.raises(asyncpool.ConnectError, match=f"envuser@127.0.0.1:{closed_port}/envdb"):
+        await pool.open()
+    await pool.close()
+    assert pool.target == f"envuser@127.0.0.1:{closed_port}/envdb"
+
+
+async def test_pg_variables_fill_what_the_dsn_leaves_out(clean_env: pytest.MonkeyPatch,
+                                                         pooler: Pooler) -> None:
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(pooler.dsn())
+    assert parts.hostname is not None
+    assert parts.password is not None
+    clean_env.setenv("PGHOST", parts.hostname)
+    clean_env.setenv("PGPORT", str(parts.port))
+    clean_env.setenv("PGPASSWORD", unquote(parts.password))
+    async with Pool(f"postgresql://{parts.username}@/{parts.path.lstrip('/')}", name="pg-partial",
+                    max_size=1, telemetry=False) as pool:
+        assert pool.target == f"{parts.username}@{parts.hostname}:{parts.port}{parts.path}"
+        assert await pool.fetchval("SELECT 1") == 1
