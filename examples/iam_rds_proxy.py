@@ -34,6 +34,7 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     await pool.open()  # already open on Lambda (INIT above); opens it on a local run
     async with pool.acquire() as conn:
         row = await conn.fetchrow("SELECT current_user AS who, now() AS served_at")
+    assert row is not None  # one row, always
     body = {"who": row["who"], "served_at": row["served_at"].isoformat()}
     return {"statusCode": 200, "headers": {"content-type": "application/json"},
             "body": json.dumps(body)}

@@ -173,3 +173,16 @@ async def test_protocol_queries_count(conn: Any) -> None:
     await conn.execute("SELECT 1")
     await conn.fetchval("SELECT $1::int", 1)
     assert driver.queries_count(conn) == before + 3
+
+
+async def test_connection_proxy_base_makes_pooled_connections_asyncpg_connections(
+        postgres: PostgresServer) -> None:
+    """`asyncpg.connection._ConnectionProxy`: asyncpg's Connection metaclass counts instances of
+    its subclasses as Connections (its own pool's proxies are); PooledConnection is one."""
+    import asyncpool
+
+    assert driver.ConnectionProxyBase is asyncpg.connection._ConnectionProxy
+    async with asyncpool.Pool(postgres.dsn(), name="proxy-base", max_size=1, telemetry=False) as pool, \
+            pool.acquire() as conn:
+        assert isinstance(conn, asyncpg.Connection)
+        assert isinstance(conn, asyncpool.PooledConnection)

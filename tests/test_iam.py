@@ -338,7 +338,7 @@ async def test_every_new_connection_logs_in_with_a_freshly_signed_token(
     assert created == 4
     assert counter.signings == 1 + created
     assert counter.clients == 1
-    assert all(row["who"] == "iam_user" and row["ssl"] for row in rows)
+    assert all(row is not None and row["who"] == "iam_user" and row["ssl"] for row in rows)
 
 
 async def test_refused_token_is_signed_again_once_then_fails_with_iam_advice(

@@ -140,7 +140,7 @@ async def test_a_users_connection_class_is_kept(pooler: Pooler) -> None:
     async with Pool(pooler.dsn(), name="mine", prepared_statements="unnamed",
                     connect_kwargs={"connection_class": Mine}, telemetry=False) as pool, \
             pool.acquire() as conn:
-        assert conn.mine() == "mine"
+        assert conn.raw.mine() == "mine"  # a connection_class method: through .raw
         await conn.fetchval(QUERIES[0], 1)
         await conn.fetchval(QUERIES[0], 1)
         assert conn.describe_cache_stats().hits == 1

@@ -125,6 +125,7 @@ async def _trips_per_query(relay: CountingRelay, pooler: Pooler,
         before = relay.round_trips()
         for i in range(20):
             row = await conn.fetchrow(query, i, ["a"])
+            assert row is not None
             assert (row["n"], row["t"]) == (i + 1, ["a"])
         return (relay.round_trips() - before) / 20
 

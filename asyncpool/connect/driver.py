@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import asyncpg.connection
 import asyncpg.protocol
 
 #: asyncpg versions the test suite runs against ([low, high)); pyproject pins the same range.
@@ -46,6 +47,19 @@ PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transac
 KEY_INTERNALS = ("backend_pid", "backend_secret")
 #: Connection methods called here (execute_described).
 METHOD_INTERNALS = ("_check_open", "_Connection__execute", "_cancel_current_command")
+
+
+def _proxy_base() -> type:
+    """asyncpg's base class of its pool's connection proxies: ``isinstance(x, asyncpg.Connection)``
+    is true for instances of its subclasses (``ConnectionMeta.__instancecheck__``)."""
+    base = getattr(asyncpg.connection, "_ConnectionProxy", None)
+    if isinstance(base, type) and base.__dict__.get("__slots__") == ():
+        return base
+    return object
+
+
+#: The base class of `PooledConnection` (object if asyncpg no longer has it).
+ConnectionProxyBase: type = _proxy_base()
 
 
 def _slots(cls: type) -> set[str]:

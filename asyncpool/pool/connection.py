@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from asyncpool.connect.driver import ConnectionProxyBase
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, Lease
 
 if TYPE_CHECKING:
     import asyncpg
+    from asyncpg.cursor import CursorFactory
+    from asyncpg.prepared_stmt import PreparedStatement
+    from asyncpg.transaction import Transaction
 
     from asyncpool.pool.checkout import Checkouts
+    from asyncpool.unnamed import DescribeCacheStats
 
 
 class _Forwarded:
@@ -31,26 +37,126 @@ class _Forwarded:
         return getattr(proxy.raw, self.name)
 
 
-class PooledConnection:
+if TYPE_CHECKING:
+    _Base = object
+else:
+    _Base = ConnectionProxyBase
+
+
+class PooledConnection(_Base):
     """Forwards every attribute to the asyncpg connection while the lease is active.
 
     After release it refuses use, so a stray reference cannot run a query on a connection that
     another task now holds; after a leak reclaim it raises `ConnectionLeakedError`. Prepared
     statements, cursors and transactions obtained through it stop working on release too (asyncpg
     raises `InterfaceError`), and listeners it added are removed.
+
+    It has asyncpg's `Connection` API, typed with asyncpg's signatures (a misspelt method or a
+    wrong argument fails type checking), and ``isinstance(conn, asyncpg.Connection)`` is true,
+    as for the connections asyncpg's own pool hands out. `close()` gives it back to the pool.
     """
 
     __slots__ = ("_lease", "_owner")
 
-    execute = _Forwarded()
-    executemany = _Forwarded()
-    fetch = _Forwarded()
-    fetchval = _Forwarded()
-    fetchrow = _Forwarded()
-    fetchmany = _Forwarded()
-    prepare = _Forwarded()
-    transaction = _Forwarded()
-    cursor = _Forwarded()
+    if TYPE_CHECKING:
+        # asyncpg's Connection API with its signatures (asyncpg 0.29-0.32), for type checkers;
+        # at run time each is the held connection's own method, looked up while the lease is
+        # active (the descriptors and __getattr__ below).
+        async def execute(self, query: str, *args: object, timeout: float | None = None) -> str: ...
+        async def executemany(self, command: str, args: Iterable[Sequence[object]], *,
+                              timeout: float | None = None) -> None: ...
+        async def fetch(self, query: str, *args: object, timeout: float | None = None,
+                        record_class: type[asyncpg.Record] | None = None) -> list[asyncpg.Record]: ...
+        async def fetchval(self, query: str, *args: object, column: int | str = 0,
+                           timeout: float | None = None) -> Any: ...
+        async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
+                           record_class: type[asyncpg.Record] | None = None
+                           ) -> asyncpg.Record | None: ...
+        async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
+                            timeout: float | None = None,
+                            record_class: type[asyncpg.Record] | None = None
+                            ) -> list[asyncpg.Record]: ...
+        async def prepare(self, query: str, *, name: str | None = None,
+                          timeout: float | None = None,
+                          record_class: type[asyncpg.Record] | None = None) -> PreparedStatement: ...
+        def transaction(self, *, isolation: str | None = None, readonly: bool = False,
+                        deferrable: bool = False) -> Transaction: ...
+        def cursor(self, query: str, *args: object, prefetch: int | None = None,
+                   timeout: float | None = None,
+                   record_class: type[asyncpg.Record] | None = None) -> CursorFactory: ...
+        async def copy_from_query(self, query: str, *args: object, output: Any,
+                                  timeout: float | None = None, format: str | None = None,
+                                  oids: bool | None = None, delimiter: str | None = None,
+                                  null: str | None = None, header: bool | None = None,
+                                  quote: str | None = None, escape: str | None = None,
+                                  force_quote: bool | Iterable[str] | None = None,
+                                  encoding: str | None = None) -> str: ...
+        async def copy_from_table(self, table_name: str, *, output: Any,
+                                  columns: Iterable[str] | None = None,
+                                  schema_name: str | None = None, timeout: float | None = None,
+                                  format: str | None = None, oids: bool | None = None,
+                                  delimiter: str | None = None, null: str | None = None,
+                                  header: bool | None = None, quote: str | None = None,
+                                  escape: str | None = None,
+                                  force_quote: bool | Iterable[str] | None = None,
+                                  encoding: str | None = None) -> str: ...
+        async def copy_records_to_table(self, table_name: str, *, records: Iterable[Sequence[object]],
+                                        columns: Iterable[str] | None = None,
+                                        schema_name: str | None = None,
+                                        timeout: float | None = None,
+                                        where: str | None = None) -> str: ...
+        async def copy_to_table(self, table_name: str, *, source: Any,
+                                columns: Iterable[str] | None = None,
+                                schema_name: str | None = None, timeout: float | None = None,
+                                format: str | None = None, oids: bool | None = None,
+                                freeze: bool | None = None, delimiter: str | None = None,
+                                null: str | None = None, header: bool | None = None,
+                                quote: str | None = None, escape: str | None = None,
+                                force_quote: bool | Iterable[str] | None = None,
+                                force_not_null: bool | Iterable[str] | None = None,
+                                force_null: bool | Iterable[str] | None = None,
+                                encoding: str | None = None, where: str | None = None) -> str: ...
+        async def add_listener(self, channel: str,
+                               callback: Callable[..., object]) -> None: ...
+        async def remove_listener(self, channel: str,
+                                  callback: Callable[..., object]) -> None: ...
+        def add_log_listener(self, callback: Callable[..., object]) -> None: ...
+        def remove_log_listener(self, callback: Callable[..., object]) -> None: ...
+        def add_termination_listener(self, callback: Callable[..., object]) -> None: ...
+        def remove_termination_listener(self, callback: Callable[..., object]) -> None: ...
+        def add_query_logger(self, callback: Callable[..., object]) -> None: ...
+        def remove_query_logger(self, callback: Callable[..., object]) -> None: ...
+        def query_logger(self, callback: Callable[..., object]) -> Any: ...
+        def get_server_pid(self) -> int: ...
+        def get_server_version(self) -> Any: ...
+        def get_settings(self) -> Any: ...
+        def get_reset_query(self) -> str: ...
+        def is_closed(self) -> bool: ...
+        def is_in_transaction(self) -> bool: ...
+        def terminate(self) -> None: ...
+        async def reset(self, *, timeout: float | None = None) -> None: ...
+        async def reload_schema_state(self) -> None: ...
+        async def set_type_codec(self, typename: str, *, schema: str = "public",
+                                 encoder: Callable[..., object], decoder: Callable[..., object],
+                                 format: str = "text") -> None: ...
+        async def set_builtin_type_codec(self, typename: str, *, schema: str = "public",
+                                         codec_name: str, format: str | None = None) -> None: ...
+        async def reset_type_codec(self, typename: str, *, schema: str = "public") -> None: ...
+        # prepared_statements="unnamed" only (AttributeError in the other modes).
+        def describe_cache_stats(self) -> DescribeCacheStats: ...
+    else:
+        execute = _Forwarded()
+        executemany = _Forwarded()
+        fetch = _Forwarded()
+        fetchval = _Forwarded()
+        fetchrow = _Forwarded()
+        fetchmany = _Forwarded()
+        prepare = _Forwarded()
+        transaction = _Forwarded()
+        cursor = _Forwarded()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.raw, name)
 
     def __init__(self, lease: Lease, owner: Checkouts) -> None:
         self._lease = lease
@@ -74,9 +180,6 @@ class PooledConnection:
         owner = self._owner
         if owner.checkin_nowait(lease):
             await owner.checkin(lease)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.raw, name)
 
     def _unusable(self) -> PoolError:
         state = self._lease.state

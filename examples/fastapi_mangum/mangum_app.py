@@ -28,6 +28,7 @@ async def hello(conn: Connection, name: str = "world") -> dict[str, Any]:
     row = await conn.fetchrow(
         "SELECT 'Hello, ' || $1::text || '!' AS greeting, now() AS served_at", name
     )
+    assert row is not None  # one row, always
     return {"greeting": row["greeting"], "served_at": row["served_at"].isoformat()}
 
 

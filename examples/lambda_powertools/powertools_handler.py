@@ -36,6 +36,7 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     row = await current_connection().fetchrow(
         "SELECT 'Hello, ' || $1::text || '!' AS greeting, now() AS served_at", name
     )
+    assert row is not None  # one row, always
     metrics.add_metric(name="Greetings", unit=MetricUnit.Count, value=1)
     logger.info("greeted", extra={"name_length": len(name)})
     return _response(200, {"greeting": row["greeting"], "served_at": row["served_at"].isoformat()})

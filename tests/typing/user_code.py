@@ -1,0 +1,72 @@
+"""Code a user coming from asyncpg writes: it must pass ``mypy --strict`` (tests/typing/test_typing.py).
+
+Not run: it is type-checked only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+import asyncpool
+from asyncpool import Pool, PooledConnection
+
+
+class Row(asyncpg.Record):  # type: ignore[misc]  # asyncpg ships no types
+    pass
+
+
+async def init(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def setup(conn: PooledConnection) -> None:
+    await conn.execute("SELECT set_config('app.user', $1, false)", "someone")
+
+
+async def count_orders(conn: asyncpg.Connection) -> int:
+    """A function written against asyncpg's Connection takes a pooled connection too."""
+    value: int = await conn.fetchval("SELECT count(*) FROM orders")
+    return value
+
+
+async def main() -> None:
+    pool = await asyncpool.create_pool(
+        "postgresql://app@db:5432/app",
+        min_size=1,
+        max_size=5,
+        init=init,
+        setup=setup,
+        command_timeout=10,
+        max_inactive_connection_lifetime=60.0,
+        max_queries=10_000,
+        record_class=Row,
+        server_settings={"application_name": "orders"},
+        statement_cache_size=0,
+        timeout=5,
+    )
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO orders (id) VALUES ($1)", 1, timeout=2.0)
+        await conn.executemany("INSERT INTO orders (id) VALUES ($1)", [(2,), (3,)])
+        rows = await conn.fetch("SELECT id FROM orders WHERE id > $1", 0, record_class=Row)
+        ids = [row["id"] for row in rows]
+        row = await conn.fetchrow("SELECT id FROM orders LIMIT 1")
+        if row is not None:
+            ids.append(row["id"])
+        total = await conn.fetchval("SELECT sum(id) FROM orders", column=0)
+        stmt = await conn.prepare("SELECT $1::int")
+        await stmt.fetchval(1)
+        async with conn.transaction(isolation="serializable"):
+            async for record in conn.cursor("SELECT id FROM orders", prefetch=10):
+                ids.append(record["id"])
+        await count_orders(conn)
+        pid: int = conn.get_server_pid()
+        print(ids, total, pid, conn.is_in_transaction(), conn.raw)
+    async with pool.transaction(readonly=True) as conn:
+        await conn.fetchval("SELECT 1")
+    other = Pool(max_size=2, prepared_statements="unnamed", acquire_timeout=None)
+    await other.open()
+    print(await other.fetchval("SELECT $1::int", 1), other.stats().size)
+    await other.close()
+    await pool.close()

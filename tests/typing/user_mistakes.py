@@ -1,0 +1,29 @@
+"""Mistakes ``mypy --strict`` must catch in user code (tests/typing/test_typing.py).
+
+Each line that must fail ends with ``# error: <mypy error code>``; no other line may fail.
+Not run, and left out of the project's own mypy run (pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import asyncpool
+from asyncpool import Pool
+
+
+async def setup_takes_an_int(conn: int) -> None:
+    pass
+
+
+async def main() -> None:
+    pool = await asyncpool.create_pool("postgresql://app@db/app", max_sise=5)  # error: call-arg
+    Pool("postgresql://app@db/app", prepared_statements="maybe")  # error: arg-type
+    Pool("postgresql://app@db/app", acquire_timeout="30s")  # error: arg-type
+    Pool("postgresql://app@db/app", setup=setup_takes_an_int)  # error: arg-type
+    async with pool.acquire() as conn:
+        await conn.fetchvall("SELECT 1")  # error: attr-defined
+        await conn.fetchval(123)  # error: arg-type
+        await conn.execute("SELECT 1", timeout="soon")  # error: arg-type
+        await conn.fetchrow("SELECT 1", column=0)  # error: call-arg
+        conn.transaction(isolation=3)  # error: arg-type
+        await conn.executemany("INSERT INTO t VALUES ($1)", 5)  # error: arg-type
+    await pool.fetchval(42)  # error: arg-type
