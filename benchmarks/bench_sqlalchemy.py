@@ -31,7 +31,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from asyncpool.config import PreparedStatements
 
 CONTENDERS = ("asyncpool-unnamed", "asyncpool-off", "sqlalchemy-off", "sqlalchemy-lru")
 ROWS = 1000
@@ -56,7 +59,8 @@ async def worker(contender: str, instances: int, duration: float, seed: int) -> 
     pools: list[Any] = []
     for _ in range(instances):
         if contender.startswith("asyncpool-"):
-            pool = Pool(dsn, prepared_statements=contender.removeprefix("asyncpool-"),
+            mode = cast("PreparedStatements", contender.removeprefix("asyncpool-"))
+            pool = Pool(dsn, prepared_statements=mode,
                         min_size=0, max_size=1, acquire_timeout=60, leak_timeout=None,
                         telemetry=False)
             pools.append(pool)

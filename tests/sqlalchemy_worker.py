@@ -10,11 +10,13 @@ import asyncio
 import json
 import os
 import sys
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from asyncpool import Pool
+from asyncpool.config import PreparedStatements
 from asyncpool.integrations.sqlalchemy import create_async_engine
 from tests.test_sqlalchemy import Item
 
@@ -25,7 +27,8 @@ async def main() -> dict[str, object]:
     tag = f"conc-{mode}-{os.getpid()}"
     errors: list[str] = []
     committed = 0
-    async with Pool(os.environ["ASYNCPOOL_TEST_DSN"], name=tag, prepared_statements=mode,
+    async with Pool(os.environ["ASYNCPOOL_TEST_DSN"], name=tag,
+                    prepared_statements=cast("PreparedStatements", mode),
                     max_size=5, acquire_timeout=60, telemetry=False) as pool:
         engine = create_async_engine(pool)
         Session = async_sessionmaker(engine, expire_on_commit=False)

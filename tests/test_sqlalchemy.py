@@ -9,7 +9,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from asyncpool import ConnectionLeakedError, ConnectionLostError, Pool, PoolTimeoutError
+from asyncpool.config import PreparedStatements
 from asyncpool.integrations.sqlalchemy import create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.test_unnamed_wire import CountingRelay
@@ -307,7 +308,8 @@ async def test_round_trips_per_repeated_statement(
     statement = sa.select(Item.name.label(marker)).where(Item.id == sa.bindparam("i"))
     repeats = 20
     async with CountingRelay(server.host, server.port) as relay, \
-            Pool(relay.dsn(server.dsn()), name=f"sqla-trips-{mode}", prepared_statements=mode,
+            Pool(relay.dsn(server.dsn()), name=f"sqla-trips-{mode}",
+                 prepared_statements=cast("PreparedStatements", mode),
                  min_size=1, max_size=1, telemetry=False) as pool:
         engine = create_async_engine(pool)
         Session = async_sessionmaker(engine)
