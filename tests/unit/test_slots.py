@@ -153,3 +153,24 @@ def test_close_cancelled_while_a_cancel_request_is_in_flight_still_closes(server
         assert (s.size, s.closed_total) == (0, s.created_total)
 
     run(main())
+
+
+@pytest.mark.parametrize("min_size", [0, 1])
+def test_close_of_a_pool_with_no_connection_left_does_not_wait(server: FakeServer,
+                                                                min_size: int) -> None:
+    """An empty pool (min_size=0 never used, or every login failed) closed at once: close()
+    used to wait RELEASE_TIMEOUT (5 s) for a drained event nothing set."""
+    async def main() -> None:
+        pool = fake_pool(server, min_size=min_size, max_size=2)
+        await pool.open()
+        if min_size:
+            async with pool.acquire() as conn:
+                conn.raw.terminate()  # retired on return: size 0
+        assert pool.stats().size == 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await pool.close()
+        assert loop.time() - started < 0.1
+        assert pool.closed
+
+    run(main())
