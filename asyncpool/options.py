@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from asyncpool.config import InitHook, LeakAction, PoolConfig, PreparedStatements, SetupHook, SslMode
+from asyncpool.config import (
+    CancelRequests,
+    InitHook,
+    LeakAction,
+    PoolConfig,
+    PreparedStatements,
+    SetupHook,
+    SslMode,
+)
 from asyncpool.errors import PoolConfigError
 
 if TYPE_CHECKING:
@@ -54,6 +62,7 @@ class PoolOptions(TypedDict, total=False):
     max_queries: int | None
     init: InitHook | None
     setup: SetupHook | None
+    cancel_requests: CancelRequests
     connect_kwargs: Mapping[str, Any]
     telemetry: bool
     # asyncpg's names for asyncpool options

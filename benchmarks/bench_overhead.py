@@ -29,7 +29,10 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from asyncpool.config import PreparedStatements
 
 QUERY = "SELECT $1::int + 1"
 Query = Callable[[int], Awaitable[Any]]
@@ -56,7 +59,7 @@ async def raw(dsn: str) -> AsyncIterator[Query]:
 
 
 @asynccontextmanager
-async def asyncpool_instance(dsn: str, *, mode: str, scoped: bool) -> AsyncIterator[Query]:
+async def asyncpool_instance(dsn: str, *, mode: PreparedStatements, scoped: bool) -> AsyncIterator[Query]:
     import asyncpool
 
     pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements=mode,

@@ -350,3 +350,12 @@ async def test_unknown_options_name_the_closest(name: str, closest: str) -> None
         Pool("postgresql://a@h/d", **_options(name, 1))
     with pytest.raises(PoolConfigError, match=f"did you mean {closest}="):
         await asyncpool.create_pool("postgresql://a@h/d", **_options(name, 1))
+
+
+def test_every_pool_config_field_is_a_typed_option() -> None:
+    """PoolOptions (what type checkers see of Pool()'s keywords) names every PoolConfig option."""
+    from dataclasses import fields
+
+    from asyncpool.options import PoolOptions
+
+    assert {f.name for f in fields(PoolConfig)} - {"dsn"} <= set(PoolOptions.__annotations__)

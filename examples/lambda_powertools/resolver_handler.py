@@ -36,6 +36,7 @@ async def hello() -> dict[str, Any]:
     row = await current_connection().fetchrow(
         "SELECT 'Hello, ' || $1::text || '!' AS greeting, pg_backend_pid() AS backend", name
     )
+    assert row is not None  # one row, always
     return {"greeting": row["greeting"]}
 
 
