@@ -110,6 +110,8 @@ class PoolConfig:
         until an application installs the OpenTelemetry SDK).
     """
 
+    # A new option also goes in asyncpool.options.PoolOptions (the typed keywords of Pool() and
+    # create_pool(); tests/test_asyncpg_options.py checks that every field is there).
     dsn: str | None = field(default=None, repr=False)
     name: str = "asyncpool"
     min_size: int = 1

@@ -63,6 +63,8 @@ class PoolOptions(TypedDict, total=False):
     init: InitHook | None
     setup: SetupHook | None
     cancel_requests: CancelRequests
+    require_auth: str | None
+    allow_unprotected_credentials: bool
     connect_kwargs: Mapping[str, Any]
     telemetry: bool
     # asyncpg's names for asyncpool options
