@@ -34,7 +34,9 @@ async def time_out(pool: asyncpool.Pool, stop: float) -> None:
     """Hold the only connection while another caller's acquire times out."""
     loop = asyncio.get_running_loop()
     while loop.time() < stop:
-        async with pool.acquire():
+        # The holder may wait: its checkout checks the connection (validate_after=0), a round
+        # trip that can take longer than the pool's 0.05 s on a busy machine.
+        async with pool.acquire(timeout=10):
             with contextlib.suppress(asyncpool.PoolTimeoutError):
                 await pool.fetchval("SELECT 1")
         await asyncio.sleep(0.2)
