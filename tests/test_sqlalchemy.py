@@ -310,7 +310,7 @@ async def test_round_trips_per_repeated_statement(
     async with CountingRelay(server.host, server.port) as relay, \
             Pool(relay.dsn(server.dsn()), name=f"sqla-trips-{mode}",
                  prepared_statements=cast("PreparedStatements", mode),
-                 min_size=1, max_size=1, telemetry=False) as pool:
+                 min_size=1, max_size=1, validate_after=None, telemetry=False) as pool:
         engine = create_async_engine(pool)
         Session = async_sessionmaker(engine)
 
