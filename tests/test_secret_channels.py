@@ -4,10 +4,12 @@ Secrets are generated with every printable ASCII punctuation character, a space,
 fullwidth at sign and solidus, non-ASCII letters, percent sequences (valid and not) and the
 shapes `openssl rand -base64` makes. Each is given through every input a pool reads: DSN user
 info and ``?password=`` (percent-encoded as documented, and as written by hand, unencoded),
-``PGPASSWORD``, ``.pgpass``, `StaticPassword`, Secrets Manager (moto behind a local endpoint) and
-`IamAuth` (the AWS session credentials are the secret, so the IAM token botocore's local signer
-makes carries it). Every login is refused by a real PostgreSQL over verified TLS (the role's
-password is another), or never starts because the DSN is refused.
+``PGPASSWORD``, ``.pgpass``, ``connect_kwargs``, `StaticPassword`, Secrets Manager (moto behind a
+local endpoint: the documented JSON, a bare string where JSON is expected, JSON for another user,
+and a missing secret read with the secret as AWS session token) and `IamAuth` (the AWS session
+credentials are the secret, so the IAM token botocore's local signer makes carries it). Every
+login is refused by a real PostgreSQL over verified TLS (the role's password is another), or never
+starts because the DSN or the secret is refused.
 
 Then every output channel is read: the error's str and repr, everything chained to it, the
 formatted traceback and the locals of every frame in it (what Sentry records), every log record at
@@ -239,12 +241,19 @@ class RecordingIamAuth(IamAuth):
         return token
 
 
-_AWS_NAMES: dict[str, str] = {}
+_AWS_NAMES: dict[tuple[str, str], str] = {}
+# What the Secrets Manager secret holds: the documented JSON, the bare secret where JSON is
+# expected (the decoder's error and frames hold it), JSON for another user (refused after reading).
+_AWS_VALUES: dict[str, Callable[[str], str]] = {
+    "json": lambda secret: json.dumps({"username": "app", "password": secret}),
+    "not json": lambda secret: secret,
+    "other user": lambda secret: json.dumps({"username": "someone_else", "password": secret}),
+}
 
 
-async def _secret_in_aws(servers: Servers, secret: str) -> str:
-    """The name of a Secrets Manager secret holding `secret` (all made at once, one client)."""
-    if not _AWS_NAMES:
+async def _secret_in_aws(servers: Servers, secret: str, kind: str) -> str:
+    """The name of a Secrets Manager secret made from `secret` (each kind made at once)."""
+    if (kind, secret) not in _AWS_NAMES:
         from aiobotocore.session import AioSession
 
         async with AioSession().create_client(
@@ -252,11 +261,9 @@ async def _secret_in_aws(servers: Servers, secret: str) -> str:
         ) as client:
             for value in SECRETS:
                 name = f"channels/{uuid.uuid4().hex}"
-                await client.create_secret(
-                    Name=name, SecretString=json.dumps({"username": "app", "password": value})
-                )
-                _AWS_NAMES[value] = name
-    return _AWS_NAMES[secret]
+                await client.create_secret(Name=name, SecretString=_AWS_VALUES[kind](value))
+                _AWS_NAMES[kind, value] = name
+    return _AWS_NAMES[kind, secret]
 
 
 def _pgpass_line(secret: str, servers: Servers) -> str:
@@ -264,7 +271,7 @@ def _pgpass_line(secret: str, servers: Servers) -> str:
     return f"localhost:{servers.postgres.port}:app:app:{escaped}\n"
 
 
-async def setup_for(  # noqa: PLR0911 - one return per input reads best
+async def setup_for(  # noqa: PLR0911, PLR0912 - one branch per input reads best
     source: str, secret: str, servers: Servers
 ) -> Setup | None:
     """How `source` gives `secret`; None when it cannot hold it (a newline in .pgpass)."""
@@ -290,10 +297,18 @@ async def setup_for(  # noqa: PLR0911 - one return per input reads best
         return Setup(servers.base(), env={"PGPASSFILE": str(path)})
     if source == "StaticPassword":
         return Setup(servers.base(), {"credentials": StaticPassword(secret)}, cli=False)
-    if source == "Secrets Manager":
-        name = await _secret_in_aws(servers, secret)
+    if source == "connect_kwargs":
+        return Setup(servers.base(), {"connect_kwargs": {"password": secret}}, cli=False)
+    if source.startswith("Secrets Manager"):
+        kind = {"Secrets Manager": "json", "Secrets Manager, not JSON": "not json",
+                "Secrets Manager, another user's": "other user"}.get(source)
+        env = {}
+        if kind is None:  # the secret does not exist; the AWS session token is the secret
+            name, env = "channels/missing", {"AWS_SESSION_TOKEN": secret}
+        else:
+            name = await _secret_in_aws(servers, secret, kind)
         auth = SecretsManagerAuth(name, region=REGION, endpoint_url=servers.aws.url)
-        return Setup(servers.base(), {"credentials": auth}, cli=False)
+        return Setup(servers.base(), {"credentials": auth}, env, cli=False)
     if source == "IamAuth":
         env = {"AWS_SESSION_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret}
         return Setup(servers.base(), {"credentials": RecordingIamAuth(REGION)}, env, cli=False)
@@ -302,7 +317,9 @@ async def setup_for(  # noqa: PLR0911 - one return per input reads best
 
 INPUTS = [
     "dsn user info", "dsn user info, unencoded", "dsn ?password=", "dsn ?password=, unencoded",
-    "PGPASSWORD", ".pgpass", "StaticPassword", "Secrets Manager", "IamAuth",
+    "PGPASSWORD", ".pgpass", "connect_kwargs", "StaticPassword", "Secrets Manager",
+    "Secrets Manager, not JSON", "Secrets Manager, another user's",
+    "Secrets Manager, AWS session token", "IamAuth",
 ]
 
 

@@ -176,10 +176,16 @@ class AwsClient:
                 )
             )
         except Exception as exc:
-            await stack.aclose()
-            doing = f"creating the AWS {self.service} client"
-            raise aws_error(exc, doing, self.region, self.no_region_hint) from None
-        self._stack = stack
+            failure = aws_error(exc, f"creating the AWS {self.service} client", self.region,
+                                self.no_region_hint)
+        else:
+            self._stack = stack
+            hide_secrets_in_botocore_logs()
+            return client
+        # Raised outside the except block: botocore's exception (its frames hold the AWS
+        # credentials and signed requests) is neither cause nor context.
+        await stack.aclose()
+        raise failure
         hide_secrets_in_botocore_logs()
         return client
 

@@ -58,8 +58,11 @@ class IamAuth:
                 DBHostname=host, Port=port, DBUsername=target.user, Region=region
             )
         except Exception as exc:
-            raise aws_error(exc, f"signing an IAM token for {target.user}@{host}:{port}", region) from None
-        return token
+            failure = aws_error(exc, f"signing an IAM token for {target.user}@{host}:{port}", region)
+        else:
+            return token
+        # Outside the except block: botocore's frames (the AWS credentials) are not chained.
+        raise failure
 
     async def refresh(self, target: Target) -> bool:
         # The retry signs a new token, which helps when the old one expired on the way (a

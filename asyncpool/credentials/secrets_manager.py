@@ -170,50 +170,62 @@ class SecretsManagerAuth:
             return secret
 
     async def _fetch(self, target: Target) -> _Secret:
+        """A fresh read. Every error is raised outside ``except`` blocks and from frames that no
+        longer hold the answer: botocore's frames and exceptions (signed requests, the JSON
+        decoder's input) are not chained to it, and error trackers record frame locals."""
         doing = f"reading secret {self.secret_id!r}"
         client = await self._client.get()
+        failure: CredentialsError | None = None
         try:
             reply = await client.get_secret_value(
                 SecretId=self.secret_id, VersionStage=self.version_stage
             )
         except Exception as exc:
-            raise self._aws_error(exc, doing) from None
+            failure = self._aws_error(exc, doing)
+        if failure is not None:
+            raise failure
         text = reply.get("SecretString")
+        version = str(reply.get("VersionId", ""))
+        del reply
         if text is None:
             raise CredentialsError(
                 f"{doing}: it holds binary data, not a string; store the password as "
                 'SecretString (JSON like {"username": ..., "password": ...})'
             )
-        password = self._password_from(text, target, doing)
+        found = self._password_from(text, target, doing)
+        del text
+        if isinstance(found, CredentialsError):
+            raise found
         now = time.monotonic()
         self._reads += 1
-        version = str(reply.get("VersionId", ""))
-        return _Secret(password, version, now, now + self.ttl, self._reads)
+        return _Secret(found, version, now, now + self.ttl, self._reads)
 
-    def _password_from(self, text: str, target: Target, doing: str) -> str:
+    def _password_from(self, text: str, target: Target, doing: str) -> str | CredentialsError:
+        """The password in `text`, or the error to raise (returned, not raised here: this
+        frame holds the secret)."""
         if self.key is None:
             return text
         try:
             document = json.loads(text)
         except ValueError:
             # The decoder's message can quote the secret: say only where it broke.
-            raise CredentialsError(
+            return CredentialsError(
                 f"{doing}: the secret is not JSON, so it has no {self.key!r} field; store "
                 '{"username": ..., "password": ...} or pass key=None if the whole secret is the '
                 "password"
-            ) from None
+            )
         if not isinstance(document, dict):
-            raise CredentialsError(f"{doing}: the secret is JSON but not an object")
+            return CredentialsError(f"{doing}: the secret is JSON but not an object")
         password = document.get(self.key)
         if not isinstance(password, str) or not password:
             fields = ", ".join(sorted(map(str, document))) or "none"
-            raise CredentialsError(
+            return CredentialsError(
                 f"{doing}: no string field {self.key!r} in the secret (fields: {fields}); pass "
                 "key='<field>'"
             )
         user = document.get("username")
         if self.check_username and isinstance(user, str) and user != target.user:
-            raise CredentialsError(
+            return CredentialsError(
                 f"{doing}: the secret is for user {user!r} but the pool logs in as "
                 f"{target.user!r}; fix the DSN's user, use the right secret (an alternating-users "
                 "rotation switches users: use single-user rotation), or check_username=False"
@@ -221,7 +233,8 @@ class SecretsManagerAuth:
         return password
 
     def _aws_error(self, exc: Exception, doing: str) -> CredentialsError:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        # botocore errors without an answer (HTTPClientError...) have response=None.
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
         where = self.region or "the default region"
         if code == "ResourceNotFoundException":
             return CredentialsError(
