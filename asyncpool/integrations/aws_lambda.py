@@ -12,7 +12,6 @@ import signal
 import socket
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -118,41 +117,22 @@ def close_on_shutdown(
     The SIGTERM hooks are installed only from the main thread (Python's rule); the exit hook
     always. In a process forked from this one the hooks never touch the inherited sockets.
     """
-    hook = _ShutdownHook(pool, loop, budget)
-    return hook.install()
+    return _shutdown.add(_PoolHook(pool, loop, budget))
 
 
-# Hooks installed in this process, to take back in a forked child (see _ShutdownHook.forked).
-_hooks: weakref.WeakSet[_ShutdownHook] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for hook in list(_hooks):
-        hook.forked()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _ShutdownHook:
-    """Closes one pool once, from whichever thread hears of the shutdown first."""
+class _PoolHook:
+    """One pool to close at shutdown, on its loop, once."""
 
     def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop, budget: float) -> None:
         self.pool = pool
         self.loop = loop
         self.budget = budget
-        self._pid = os.getpid()
+        self.pid = os.getpid()
         self._lock = threading.Lock()
         self._started = False
         self._finished = threading.Event()
-        self._previous: Any = signal.SIG_DFL
-        self._undone = False
-        self._watcher: _SignalWatcher | None = None
-        # Set when the Python-level handler runs: the main thread then passes the signal on.
-        self._main_thread_took_it = threading.Event()
 
-    def close_now(self) -> None:
+    def close(self) -> None:
         """Close the pool (once); a second caller waits for the first one's close to end."""
         with self._lock:
             first = not self._started
@@ -161,7 +141,7 @@ class _ShutdownHook:
             if _running_loop() is self.loop:
                 # A signal handler on top of the running loop, while the watcher closes the pool
                 # on that very loop: waiting would stall it. Drop the connections instead.
-                if os.getpid() == self._pid:
+                if os.getpid() == self.pid:
                     self.pool.terminate()
                 return
             self._finished.wait(self.budget + 1.0)
@@ -169,61 +149,101 @@ class _ShutdownHook:
         try:
             # A forked child shares its parent's sockets: saying goodbye on them would end the
             # parent's sessions. The child's own pools are its business.
-            if os.getpid() == self._pid:
+            if os.getpid() == self.pid:
                 _close_pool(self.pool, self.loop, self.budget)
         finally:
             self._finished.set()
 
-    def install(self) -> Callable[[], None]:
-        atexit.register(self.close_now)
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        if in_main_thread:
-            self._previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._watcher = _SignalWatcher.start(self._on_sigterm_elsewhere)
-        _hooks.add(self)
+
+class _Shutdown:
+    """The process's SIGTERM handling, one for every pool given to `close_on_shutdown`.
+
+    One Python-level handler and one watcher thread, whoever hears the signal first closes the
+    pools one after the other (two threads must not run one loop), then the signal goes on.
+    """
+
+    def __init__(self) -> None:
+        self.hooks: list[_PoolHook] = []
+        self.pid = os.getpid()
+        self.previous: Any = signal.SIG_DFL
+        self.watcher: _SignalWatcher | None = None
+        self.installed = False
+        self.signal_users = 0  # hooks added from the main thread
+        self._closing = threading.Lock()
+        # Set when the Python-level handler runs: the main thread then passes the signal on.
+        self.main_thread_took_it = threading.Event()
+
+    def add(self, hook: _PoolHook) -> Callable[[], None]:
+        atexit.register(hook.close)
+        self.hooks.append(hook)
+        # Signal handlers can only be set from the main thread; a hook added elsewhere is still
+        # closed on SIGTERM when one added from the main thread installed them.
+        wants_signal = threading.current_thread() is threading.main_thread()
+        if wants_signal:
+            self.signal_users += 1
+            self.install()
 
         def undo() -> None:
-            self._undone = True
-            _hooks.discard(self)
-            atexit.unregister(self.close_now)
-            if self._watcher is not None:
-                self._watcher.stop()
-                self._watcher = None
-            # Only if nobody installed a handler of their own since.
-            if in_main_thread and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-                signal.signal(signal.SIGTERM, self._previous)
+            atexit.unregister(hook.close)
+            with contextlib.suppress(ValueError):
+                self.hooks.remove(hook)
+            if wants_signal:
+                self.signal_users -= 1
+                if self.signal_users == 0:
+                    self.uninstall()
 
         return undo
 
-    def forked(self) -> None:
-        """In a forked child: the pool is the parent's, and so is the watcher's socket pair (a
-        signal written there would reach the parent's watcher). Give the child back the
-        SIGTERM handling it had before us; its own pools install their own hooks."""
-        self._undone = True
-        self._watcher = None  # its thread did not survive the fork
-        with contextlib.suppress(ValueError, OSError):
-            # Whatever the wakeup fd is, it was the parent's (ours or a loop's): shared, so not
-            # the child's to write to.
-            signal.set_wakeup_fd(-1)
-            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-                signal.signal(signal.SIGTERM, self._previous)
+    def install(self) -> None:
+        """Our handler and watcher, unless in place (again, if someone replaced the handler)."""
+        current = signal.getsignal(signal.SIGTERM)
+        if current != self.on_sigterm:
+            if not self.installed:
+                self.previous = current
+            elif current is not None:
+                self.previous = current  # theirs, set over ours: chained behind ours now
+            signal.signal(signal.SIGTERM, self.on_sigterm)
+        if self.watcher is None:
+            self.watcher = _SignalWatcher.start(self.on_sigterm_elsewhere)
+        self.installed = True
 
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        """The Python-level handler: runs on the main thread, whenever it gets to run bytecode."""
-        self._main_thread_took_it.set()
-        if not self._undone:
-            self.close_now()
-        _pass_on(signum, frame, self._previous)
-
-    def _on_sigterm_elsewhere(self) -> None:
-        """SIGTERM seen by the watcher thread: the main thread may be stuck in C for good."""
-        if self._undone or os.getpid() != self._pid:
+    def uninstall(self) -> None:
+        if not self.installed:
             return
-        self.close_now()
-        if self._main_thread_took_it.wait(MAIN_THREAD_GRACE):
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        # Only if nobody installed a handler of their own since.
+        if signal.getsignal(signal.SIGTERM) == self.on_sigterm:
+            signal.signal(signal.SIGTERM, self.previous)
+        self.installed = False
+
+    def close_all(self) -> None:
+        with self._closing:
+            for hook in list(self.hooks):
+                hook.close()
+
+    def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        """The Python-level handler: runs on the main thread, whenever it gets to run bytecode."""
+        self.main_thread_took_it.set()
+        if os.getpid() == self.pid:
+            if _running_loop() is not None:
+                # On top of a running loop the watcher may be closing on (and so waiting for):
+                # do not queue behind it.
+                for hook in list(self.hooks):
+                    hook.close()
+            else:
+                self.close_all()
+        _pass_on(signum, frame, self.previous)
+
+    def on_sigterm_elsewhere(self) -> None:
+        """SIGTERM seen by the watcher thread: the main thread may be stuck in C for good."""
+        if os.getpid() != self.pid:
+            return
+        self.close_all()
+        if self.main_thread_took_it.wait(MAIN_THREAD_GRACE):
             return  # it passes the signal on, as without us
-        previous = self._previous
+        previous = self.previous
         if previous is signal.SIG_IGN:
             return
         if callable(previous):
@@ -236,6 +256,35 @@ class _ShutdownHook:
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(128 + signal.SIGTERM)
+
+    def forked(self) -> None:
+        """In a forked child: the pools are the parent's, and so is the watcher's socket pair (a
+        signal written there would reach the parent's watcher). Give the child back the SIGTERM
+        handling it had before us; its own pools install their own hooks."""
+        hooks, self.hooks = self.hooks, []
+        for hook in hooks:
+            with contextlib.suppress(ValueError):
+                atexit.unregister(hook.close)
+        self.watcher = None  # its thread did not survive the fork
+        self.pid = os.getpid()
+        self.signal_users = 0
+        self.main_thread_took_it = threading.Event()
+        self._closing = threading.Lock()  # a parent's thread may have held it at the fork
+        if not self.installed:
+            return
+        self.installed = False
+        with contextlib.suppress(ValueError, OSError):
+            # Whatever the wakeup fd is, it was the parent's (ours or a loop's): shared, so not
+            # the child's to write to.
+            signal.set_wakeup_fd(-1)
+            if signal.getsignal(signal.SIGTERM) == self.on_sigterm:
+                signal.signal(signal.SIGTERM, self.previous)
+
+
+_shutdown = _Shutdown()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_shutdown.forked)
 
 
 class _SignalWatcher:

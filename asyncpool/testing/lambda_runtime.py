@@ -149,12 +149,13 @@ class RuntimeAPI:
         """One invocation: queue `event`, wait for its outcome."""
         return self.result(self.submit(event, request_id=request_id), timeout)
 
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        """Wait until a runtime is waiting in ``GET /next`` with nothing queued: INIT is over, or
-        the last invocation's response is in and the environment would now be frozen."""
+    def wait_idle(self, timeout: float = 30.0, *, runtimes: int = 1) -> None:
+        """Wait until `runtimes` runtimes (managed-instance workers) wait in ``GET /next`` with
+        nothing queued: INIT is over, or the last invocation's response is in and the
+        environment would now be frozen."""
         deadline = time.monotonic() + timeout
         with self._polling:
-            while not (self._waiting_for_next and self._events.empty()):
+            while not (self._waiting_for_next >= runtimes and self._events.empty()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise HarnessError(f"no runtime asked for the next event within {timeout}s")

@@ -33,6 +33,10 @@ if os.environ.get("TEST_OPEN_AT_INIT"):
     get_runner().run(pool.open())
 if not os.environ.get("TEST_NO_SHUTDOWN_HOOK"):
     close_on_shutdown(pool, get_runner().loop)
+# A second pool with its own hook (TEST_SECOND_POOL): both must close at SIGTERM.
+second = Pool(config=lambda_config(function_timeout=10, name="runtime-test-2"))
+if os.environ.get("TEST_SECOND_POOL"):
+    close_on_shutdown(second, get_runner().loop)
 
 # Connections a handler took and did not give back (the "leak" op).
 kept: list[PooledConnection] = []
@@ -53,6 +57,9 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             await asyncio.sleep(float(event.get("hold", 0)))
             result["backend_pid"] = await conn.fetchval("SELECT pg_backend_pid()")
             result["greeting"] = await conn.fetchval("SELECT 'Hello, ' || $1::text", "Ada")
+        if os.environ.get("TEST_SECOND_POOL"):
+            await second.open(wait=False)
+            result["second"] = await second.fetchval("SELECT 2")
     elif op == "raise":
         async with pool.acquire() as conn:
             await conn.fetchval("SELECT 1")

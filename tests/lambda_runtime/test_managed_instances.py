@@ -28,6 +28,8 @@ async def test_four_workers_each_with_one_connection(
     env: dict[str, str | None] = {"AWS_LAMBDA_MAX_CONCURRENCY": str(WORKERS)}
     with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
         for _ in range(3):
+            # Every worker through INIT and waiting, so each takes one of these.
+            await asyncio.to_thread(runtime_api.wait_idle, 60, runtimes=WORKERS)
             # As many at once as there are workers, each holding its worker a moment.
             ids = [runtime_api.submit({"op": "query", "hold": 0.3}) for _ in range(WORKERS)]
             bodies = [

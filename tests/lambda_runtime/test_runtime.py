@@ -106,6 +106,27 @@ async def test_sigterm_closes_cleanly_and_the_process_ends_within_a_second(
     assert CLEAN_CLOSE in goodbye
 
 
+async def test_sigterm_closes_every_pool_of_the_process(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """Two pools, two close_on_shutdown calls: one handler closes both, one after the other."""
+    env: dict[str, str | None] = {"TEST_SECOND_POOL": "1"}
+    with environment(runtime_api, own_pgbouncer, tmp_path, execution_env=None, env=env) as proc:
+        assert response(await invoke(runtime_api, {"op": "query"}), proc)["second"] == 2
+        await asyncio.to_thread(runtime_api.wait_idle)
+        assert len(await app_clients(own_pgbouncer)) == 2
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 1.0) is not None, proc.log()[-2000:]
+    lines = await departures(own_pgbouncer)
+    for _ in range(20):
+        if len(lines) == 2:
+            break
+        await asyncio.sleep(0.1)
+        lines = await departures(own_pgbouncer)
+    assert len(lines) == 2, lines
+    assert all(CLEAN_CLOSE in line for line in lines), lines
+
+
 async def test_without_the_hook_the_default_action_stays(
     runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
 ) -> None:
