@@ -174,3 +174,27 @@ def test_close_of_a_pool_with_no_connection_left_does_not_wait(server: FakeServe
         assert pool.closed
 
     run(main())
+
+
+def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alone(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork is simulated by bumping the count os.register_at_fork keeps in the child."""
+    from asyncpool.pool import slots
+
+    async def main() -> None:
+        pool = fake_pool(server, min_size=2, max_size=2)
+        await pool.open()
+        held = await pool.acquire()
+        monkeypatch.setattr(slots, "_FORKS", [slots._FORKS[0] + 1])
+        with pytest.raises(PoolError, match="is a fork of it"):
+            await pool.acquire()
+        pool.terminate()
+        await pool.close()
+        assert pool.closed
+        # Neither closed nor terminated: the sockets are the parent's.
+        assert len(server.open_connections()) == 2
+        assert all(c.closed_how is None for c in server.connections)
+        del held
+
+    run(main())
