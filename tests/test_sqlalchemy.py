@@ -462,3 +462,23 @@ async def test_a_cancelled_statement_is_not_a_lost_connection(pool: Pool) -> Non
     await _settled(pool)
     assert (pool.stats().in_use, pool.stats().closed_total) == (0, closed)
     await engine.dispose()
+
+
+async def test_isolation_levels_and_autocommit(request: pytest.FixtureRequest, schema: None) -> None:
+    server = _pooler(request, "legacy")
+    async with Pool(server.dsn(), name="sqla-isolation", max_size=1, telemetry=False) as pool:
+        engine = create_async_engine(pool, isolation_level="SERIALIZABLE")
+        async with engine.connect() as conn:
+            level = (await conn.execute(sa.text("SHOW transaction_isolation"))).scalar()
+            assert level == "serializable"
+        auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+        async with auto.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            assert not raw.is_in_transaction()
+        async with engine.connect() as conn:  # the level was reset on return
+            level = (await conn.execute(sa.text("SHOW transaction_isolation"))).scalar()
+            assert level == "serializable"
+        assert (pool.stats().in_use, pool.stats().closed_total) == (0, 0)
+        await engine.dispose()
