@@ -61,8 +61,13 @@ def _tokens(fake: FakeServer) -> list[str]:
 
 @pytest.mark.parametrize("spelling", ["dsn", "static", "connect_kwargs"])
 @pytest.mark.parametrize("auth", ["password", "md5"])
-async def test_default_ssl_with_a_password_sends_nothing(spelling: str, auth: str) -> None:
-    async with FakeServer(tls="self-signed", auth=auth) as fake:  # type: ignore[arg-type]
+@pytest.mark.parametrize("tls", ["refuse", "self-signed"])
+@pytest.mark.parametrize("statements", ["unnamed", "off"])
+async def test_default_ssl_with_a_password_sends_nothing(spelling: str, auth: str, tls: str,
+                                                         statements: str) -> None:
+    """Default ssl mode (prefer): over the self-signed TLS, and over the plain connection asyncpg
+    falls back to when TLS is refused; with and without the one-round-trip interceptor."""
+    async with FakeServer(tls=tls, auth=auth) as fake:  # type: ignore[arg-type]
         dsn = f"postgresql://app@127.0.0.1:{fake.port}/app"
         options: dict[str, Any] = {}
         if spelling == "dsn":
@@ -72,7 +77,7 @@ async def test_default_ssl_with_a_password_sends_nothing(spelling: str, auth: st
         else:
             options["connect_kwargs"] = {"password": SECRET}
         with pytest.raises(AuthMethodRefusedError) as info:
-            await _pool(dsn, **options).open()
+            await _pool(dsn, prepared_statements=statements, **options).open()
     assert fake.logins  # it was dialled (a local server: the password may be used for SCRAM)
     assert fake.received == []
     message = str(info.value)
@@ -268,3 +273,47 @@ async def test_require_auth_refuses_cleartext_even_over_verified_tls(
                     require_auth="scram-sha-256").open()
     assert "require_auth='scram-sha-256' does not allow" in str(info.value)
     assert verified_fake.received == []
+
+
+async def test_no_second_token_when_the_dsn_lists_several_hosts(
+    aws: None, verified_fake: FakeServer, pki: TestPki
+) -> None:
+    """Which host refused the first token is not known: the retry would go elsewhere."""
+    port = verified_fake.port
+    pool = _pool(f"postgresql://iam_user@localhost:{port},localhost:{port}/app",
+                 credentials=_iam(), ssl="verify-full", ssl_root_cert=str(pki.ca_cert))
+    with pytest.raises(AuthenticationError):
+        await pool.open()
+    assert len(_tokens(verified_fake)) == 1
+
+
+# -- asyncpool doctor logs in by the same rules -------------------------------------------------
+
+
+async def test_doctor_gives_an_impostor_nothing(fake: FakeServer) -> None:
+    import io
+    import json
+
+    from asyncpool.cli.doctor import doctor
+
+    out = io.StringIO()
+    code = await doctor(f"postgresql://app:{ESCAPED}@127.0.0.1:{fake.port}/app", None, 5.0, True,
+                        out)
+    assert code == 2
+    assert fake.received == []
+    report = json.loads(out.getvalue())
+    assert "cleartext password" in report["facts"]["connect_error"]
+    assert SECRET not in out.getvalue()
+
+
+async def test_doctor_refuses_a_password_to_another_machine_without_verified_tls() -> None:
+    import io
+
+    from asyncpool.cli.doctor import doctor
+
+    out = io.StringIO()
+    code = await doctor(f"postgresql://app:{ESCAPED}@db.internal.example:5432/app", None, 5.0,
+                        False, out)
+    assert code == 2
+    assert "a password is only sent to another machine" in out.getvalue()
+    assert SECRET not in out.getvalue()

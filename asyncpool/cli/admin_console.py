@@ -15,6 +15,9 @@ import asyncio
 import struct
 from typing import TYPE_CHECKING, Any
 
+from asyncpool.config import PoolConfig
+from asyncpool.connect.authguard import Login
+
 if TYPE_CHECKING:
     from asyncpool.connect.dsn import ParsedDsn
 
@@ -37,7 +40,8 @@ class ConsoleError(Exception):
 
 
 async def read_console(dsn: ParsedDsn, commands: list[str], timeout: float,
-                       database: str | None = None) -> dict[str, list[Row]]:
+                       database: str | None = None, *, login: Login | None = None,
+                       ) -> dict[str, list[Row]]:
     """Each of `commands` (``"SHOW CONFIG"``...) run on the console at `dsn`, as rows of text.
 
     `database` (``"pgbouncer"``) replaces the DSN's database, so the console is reached with the
@@ -47,11 +51,24 @@ async def read_console(dsn: ParsedDsn, commands: list[str], timeout: float,
     """
     import asyncpg
 
-    override = {"database": database} if database else {}
+    override: dict[str, Any] = {"database": database} if database else {}
+    if login is None:
+        # The pool's TLS and credential rules (PoolConfigError where a pool would refuse).
+        login = Login(PoolConfig.from_env(name="doctor", dsn=None), dsn)
     # The DSN rebuilt from its parsed parts, the password as a keyword: no driver parses (and
     # quotes in an error) what the user wrote.
-    conn = await asyncpg.connect(dsn.for_driver(), password=dsn.password, timeout=timeout,
-                                 statement_cache_size=0, **override)
+    refused = None
+    try:
+        conn = await asyncpg.connect(login.driver_dsn(dsn), password=dsn.password,
+                                     timeout=timeout, statement_cache_size=0, **override,
+                                     **login.kwargs())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        refused = login.refusal(dsn.target())
+        if refused is None:
+            raise
+    if refused is not None:
+        # Outside the except block: the driver's error is no __context__.
+        raise ConsoleError(str(refused))
     try:
         transport = transport_of(conn)
         if transport is not None:

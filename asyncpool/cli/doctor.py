@@ -14,8 +14,11 @@ from typing import Any, TextIO
 
 from asyncpool.cli.diagnosis import Diagnosis, Facts, diagnose
 from asyncpool.cli.probe import probe_startup
+from asyncpool.config import PoolConfig
+from asyncpool.connect.authguard import Login
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn, redact, scrub
 from asyncpool.connect.poolers import RDS_PROXY_HOST as _RDS_PROXY_HOST
+from asyncpool.errors import PoolConfigError
 
 # PgBouncer settings worth seeing next to the pool mode.
 _PGBOUNCER_SETTINGS = ("max_client_conn", "default_pool_size", "max_db_connections",
@@ -39,14 +42,21 @@ async def doctor(dsn: str, admin_dsn: str | None, timeout: float, as_json: bool,
         out.write(f"asyncpool doctor: --admin-dsn: {exc}\n")
         return 2
     del dsn, admin_dsn  # only the parsed parts from here on (error trackers record locals)
-    facts = await gather_facts(parsed, parsed.target(), admin, timeout)
+    try:
+        # The pool's rules: a password goes only over verified TLS (or to this machine, SCRAM
+        # only), unless allow_unprotected_credentials says otherwise.
+        login = Login(PoolConfig.from_env(name="doctor", dsn=None), parsed)
+    except PoolConfigError as exc:
+        out.write(f"asyncpool doctor: {exc}\n")
+        return 2
+    facts = await gather_facts(parsed, parsed.target(), admin, timeout, login=login)
     diagnosis = diagnose(facts)
     out.write(render_json(facts, diagnosis) if as_json else render_text(facts, diagnosis))
     return diagnosis.exit_code
 
 
 async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDsn | str | None,
-                       timeout: float) -> Facts:
+                       timeout: float, *, login: Login | None = None) -> Facts:
     """Log in once (asyncpg), probe the authentication request, and read PgBouncer if present.
 
     asyncpg gets the DSN rebuilt from its parsed parts and the password as a keyword, so no
@@ -59,13 +69,16 @@ async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDs
         dsn = parse_dsn(dsn)
     if isinstance(admin_dsn, str):
         admin_dsn = parse_dsn(admin_dsn)
+    if login is None:
+        login = Login(PoolConfig.from_env(name="doctor", dsn=None), dsn)
     facts = Facts(target=str(target), host=target.host)
     started = time.perf_counter()
     try:
-        conn = await asyncpg.connect(dsn.for_driver(), password=dsn.password, timeout=timeout,
-                                     statement_cache_size=0)
+        conn = await asyncpg.connect(login.driver_dsn(dsn), password=dsn.password,
+                                     timeout=timeout, statement_cache_size=0, **login.kwargs())
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        error = translate(exc, target, "doctor", timeout, secrets=dsn.secrets)
+        error = login.refusal(target) or translate(exc, target, "doctor", timeout,
+                                                   secrets=dsn.secrets)
         # "pool 'doctor' could not connect to X: why; what to do" -> "could not connect ...".
         facts.connect_error = "could not connect" + str(error).split("could not connect", 1)[-1]
         facts.auth_failed = type(error).__name__ == "AuthenticationError"
@@ -77,7 +90,7 @@ async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDs
         await conn.close(timeout=timeout)
     await _probe(dsn, target, timeout, facts)
     if facts.pooler is not None or admin_dsn:
-        await _read_pgbouncer(dsn, target, admin_dsn, timeout, facts)
+        await _read_pgbouncer(dsn, target, admin_dsn, timeout, facts, login=login)
     return facts
 
 
@@ -119,7 +132,8 @@ async def _probe(dsn: ParsedDsn, target: Target, timeout: float, facts: Facts) -
 
 
 async def _read_pgbouncer(dsn: ParsedDsn, target: Target, admin_dsn: ParsedDsn | None,
-                          timeout: float, facts: Facts) -> None:
+                          timeout: float, facts: Facts, *, login: Login | None = None,
+                          ) -> None:
     """PgBouncer's version and settings from its admin console: `admin_dsn`, or by default the
     application's own login with database ``pgbouncer``."""
     import asyncpg
@@ -129,9 +143,10 @@ async def _read_pgbouncer(dsn: ParsedDsn, target: Target, admin_dsn: ParsedDsn |
     commands = ["SHOW VERSION", "SHOW CONFIG", "SHOW DATABASES", "SHOW USERS"]
     try:
         if admin_dsn:
-            rows = await read_console(admin_dsn, commands, timeout)
+            admin_login = Login(login.config, admin_dsn) if login is not None else None
+            rows = await read_console(admin_dsn, commands, timeout, login=admin_login)
         else:
-            rows = await read_console(dsn, commands, timeout, database="pgbouncer")
+            rows = await read_console(dsn, commands, timeout, database="pgbouncer", login=login)
     except ConsoleUnavailable as exc:
         facts.pooler = "pgbouncer"
         facts.pooler_evidence = "its admin console accepted the login"

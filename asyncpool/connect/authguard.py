@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
@@ -26,7 +29,7 @@ from asyncpool.errors import AuthMethodRefusedError
 
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
-    from asyncpool.connect.dsn import Target
+    from asyncpool.connect.dsn import ParsedDsn, Target
     from asyncpool.connect.tls import TlsSetting
 
 # Authentication request codes (PostgreSQL protocol 3.0) and the require_auth names they ask for.
@@ -64,7 +67,7 @@ def refusal_error(guard: AuthGuard, config: PoolConfig, target: Target, tls: Tls
                   require_auth: str | None = None) -> AuthMethodRefusedError:
     """The error for a login `guard` stopped: what was asked, and the setting that allows it."""
     method = guard.refused or "password"
-    where = f"pool {config.name!r} did not log in to {target}"
+    where = f"pool {config.name!r} could not connect to {target}"
     asked = f"the server asked for {_WHAT.get(method, method)}"
     require_auth = config.require_auth if require_auth is None else require_auth
     if require_auth is not None:
@@ -101,15 +104,17 @@ class GuardedLoop:
                                 **kwargs: Any) -> tuple[Any, Any]:
         transport, protocol = await self.real.create_connection(self._wrap(factory), *args,
                                                                 **kwargs)
-        return transport, _unwrap(protocol)
+        return _unwrap(transport, protocol)
 
     async def create_unix_connection(self, factory: Callable[[], Any], *args: Any,
                                      **kwargs: Any) -> tuple[Any, Any]:
         transport, protocol = await self.real.create_unix_connection(self._wrap(factory), *args,
                                                                      **kwargs)
-        return transport, _unwrap(protocol)
+        return _unwrap(transport, protocol)
 
     async def start_tls(self, transport: Any, protocol: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(transport, GuardedTransport):
+            transport = transport.real
         upgraded = await self.real.start_tls(transport, protocol, *args, **kwargs)
         # asyncpg then calls set_protocol(its protocol) on what this returns.
         return None if upgraded is None else GuardedTransport(upgraded, self.guard)
@@ -119,16 +124,51 @@ class GuardedLoop:
 
         def make() -> Any:
             protocol = factory()
-            # The TLS negotiation's protocol reads one byte, not messages: left alone.
             if driver.is_wire_protocol(getattr(protocol, "inner", protocol)):
                 return Reader(protocol, guard)
-            return protocol
+            # The TLS negotiation's protocol reads one byte, not messages: it is given a
+            # GuardedTransport, so that the PostgreSQL protocol asyncpg puts on the same socket
+            # when the server declines TLS (``prefer``) is read through a Reader too.
+            return _Negotiation(protocol, guard)
 
         return make
 
 
-def _unwrap(protocol: Any) -> Any:
-    return protocol.inner if isinstance(protocol, Reader) else protocol
+def _unwrap(transport: Any, protocol: Any) -> tuple[Any, Any]:
+    if isinstance(protocol, Reader):
+        return transport, protocol.inner
+    if isinstance(protocol, _Negotiation):
+        return protocol.transport, protocol.inner
+    return transport, protocol
+
+
+class _Negotiation(asyncio.Protocol):
+    """Around asyncpg's TLS negotiation protocol: it sees the transport as a GuardedTransport."""
+
+    def __init__(self, inner: Any, guard: AuthGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.transport: GuardedTransport | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = GuardedTransport(transport, self.guard)
+        self.inner.connection_made(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 class GuardedTransport:
@@ -256,3 +296,50 @@ class Reader(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.inner.resume_writing()
+
+
+class Login:
+    """The pool's TLS and credential rules for a login made outside a pool (``asyncpool doctor``
+    and its admin console reads): the resolved TLS setting, the credential check, and the guard.
+
+    `config` supplies the options a pool in the same environment would have
+    (``PoolConfig.from_env``: ``ASYNCPOOL_SSL``, ``ASYNCPOOL_ALLOW_UNPROTECTED_CREDENTIALS``...).
+    Raises `PoolConfigError` as a pool would (a password to another machine without verified
+    TLS, conflicting settings).
+    """
+
+    def __init__(self, config: PoolConfig, dsn: ParsedDsn) -> None:
+        from asyncpool.connect import tls
+
+        self.config = config
+        self.tls = tls.resolve_tls(config, list(dsn.params.items()))
+        hosts = tls.dialled_hosts(config, [h for h, _ in dsn.hosts])
+        if dsn.password or os.environ.get("PGPASSWORD"):
+            tls.check_credentials(config, self.tls, "password", hosts)
+        self.require_auth = tls.require_auth_setting(config, dsn.params)
+        self.allowed = tls.allowed_auth_methods(config, self.tls, self.require_auth)
+        self.guard: AuthGuard | None = None
+
+    def driver_dsn(self, dsn: ParsedDsn) -> str:
+        """`dsn` for asyncpg: rebuilt without the password, and without ``require_auth`` (read
+        here; asyncpg would send it to the server)."""
+        if "require_auth" in dsn.params:
+            dsn = dataclasses.replace(dsn, params=MappingProxyType(
+                {k: v for k, v in dsn.params.items() if k != "require_auth"}))
+        return dsn.for_driver()
+
+    def kwargs(self) -> dict[str, Any]:
+        """``ssl`` and, unless the server is verified and every method allowed, a guarded
+        ``loop`` for one ``asyncpg.connect`` call (a new guard each call)."""
+        out: dict[str, Any] = {"ssl": self.tls.driver_argument()}
+        self.guard = None
+        if self.allowed != frozenset(_WHAT) or not self.tls.verified:
+            self.guard = AuthGuard(self.allowed, once=not self.tls.verified)
+            out["loop"] = GuardedLoop(asyncio.get_running_loop(), self.guard)
+        return out
+
+    def refusal(self, target: Target) -> AuthMethodRefusedError | None:
+        """The error for the last call's login, if the guard refused what the server asked."""
+        if self.guard is None or self.guard.refused is None:
+            return None
+        return refusal_error(self.guard, self.config, target, self.tls, self.require_auth)
