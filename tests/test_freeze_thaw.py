@@ -124,3 +124,27 @@ async def test_a_connection_the_pooler_closed_during_a_pause_is_replaced_without
     assert await env.invoke(handler) == 1
     assert counter.validations == 1
     assert pool.stats().validation_failures_total == 1
+
+
+async def test_without_the_boundary_check_a_live_connection_is_not_checked(
+    env: Environment, legacy: PgBouncerServer
+) -> None:
+    """check_each_invocation=False: no SELECT 1 while the clock shows no pause."""
+    counter = ValidationCounter()
+    pool = env.runner.attach(
+        env.pool(legacy.dsn(), validate_after=3600, observers=[counter]), check_each_invocation=False
+    )
+
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> int:
+        await pool.open(wait=False)
+        async with pool.acquire() as conn:
+            value: int = await conn.fetchval("SELECT 1")
+            return value
+
+    for _ in range(3):
+        assert await env.invoke(handler) == 1
+    assert counter.validations == 0
+    env.runner.attach(pool)  # the default again
+    assert await env.invoke(handler) == 1
+    assert counter.validations == 1

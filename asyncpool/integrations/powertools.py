@@ -54,18 +54,23 @@ def current_connection() -> PooledConnection:
 
 
 def pooled_connection(
-    pool: Pool, *, runner: LambdaRunner | None = None, transaction: bool = False
+    pool: Pool,
+    *,
+    runner: LambdaRunner | None = None,
+    transaction: bool = False,
+    check_each_invocation: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Middleware: each invocation gets a connection from `pool` (see `current_connection`).
 
     The pool is opened on the first invocation, without connecting up front, so a database that
     is down fails that invocation only. With `transaction`, the handler runs in a transaction
     committed when it returns and rolled back when it raises. `runner` defaults to the process's
-    `get_runner()`.
+    `get_runner()`; the pool is attached to it (`LambdaRunner.attach`, with
+    `check_each_invocation`): its connections are checked at every invocation boundary.
     """
     if not isinstance(pool, Pool):
         raise TypeError(f"pooled_connection() takes an asyncpool.Pool, not {type(pool).__name__}")
-    (runner or get_runner()).attach(pool)
+    (runner or get_runner()).attach(pool, check_each_invocation=check_each_invocation)
     decorate: Callable[[Callable[..., Any]], Callable[..., Any]] = _middleware(
         pool=pool, runner=runner, transaction=transaction
     )

@@ -19,9 +19,8 @@ from asyncpool.integrations.lambda_runner import async_handler, get_runner
 from asyncpool.pool.connection import PooledConnection
 
 pool = Pool(config=lambda_config(function_timeout=10, name="runtime-test"))
-if not os.environ.get("TEST_DETACHED"):
-    # Checked at every invocation boundary (TEST_DETACHED: the clock alone decides, to measure).
-    get_runner().attach(pool)
+# Checked at every invocation boundary (TEST_DETACHED: the clock alone decides, to measure).
+get_runner().attach(pool, check_each_invocation=not os.environ.get("TEST_DETACHED"))
 if os.environ.get("TEST_POWERTOOLS_LOGGER"):
     # asyncpool's records through Powertools' JSON formatter, as its docs suggest for libraries.
     from aws_lambda_powertools import Logger
