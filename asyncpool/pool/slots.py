@@ -21,6 +21,7 @@ import enum
 import logging
 import math
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from types import FrameType
@@ -129,6 +130,7 @@ class Slots:
         self.config = config
         self.state = NEW
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.opened_in = ""  # the name of the thread whose loop opened the pool
         self.connector: Connector | None = None
         self.observer: PoolObserver = PoolObserver()
         self.leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
@@ -169,6 +171,7 @@ class Slots:
     async def open(self, observer: PoolObserver, connector: Connector, wait: bool) -> None:
         self.forks, self.pid = _FORKS[0], os.getpid()
         self.loop = asyncio.get_running_loop()
+        self.opened_in = threading.current_thread().name
         self.observer = observer
         self.connector = connector
         self._drained = asyncio.Event()
@@ -352,6 +355,34 @@ class Slots:
             "the fork (Lambda managed instances import the handler in each worker)"
         )
 
+    def other_loop_error(self, loop: asyncio.AbstractEventLoop) -> PoolError:
+        """Used on a loop it was not opened on: asyncpg connections belong to their loop. The
+        advice depends on what happened to the pool's loop."""
+        here = threading.current_thread().name
+        if loop.is_closed():
+            what = (
+                "the loop that opened it has ended (an asyncio.run() that returned, a test's "
+                "event loop torn down, a TestClient used without `with`)"
+            )
+            advice = (
+                "open the pool on the loop that uses it: in FastAPI's lifespan (and test with "
+                "`with TestClient(app):`), in a pytest fixture with the same loop scope as the "
+                "tests that use it, or on Lambda with asyncpool.integrations.lambda_runner"
+            )
+        elif here != self.opened_in:
+            what = f"its loop runs in thread {self.opened_in!r} and this call comes from thread {here!r}"
+            advice = (
+                "run the call on the pool's loop (asyncio.run_coroutine_threadsafe(coro, loop)) "
+                "or give this thread a pool of its own"
+            )
+        else:
+            what = "this thread now runs a different event loop than the one that opened it"
+            advice = (
+                "keep one loop for the pool's life: open and use it under the same asyncio.run(), "
+                "or on Lambda use asyncpool.integrations.lambda_runner"
+            )
+        return PoolError(f"pool {self.name!r} was opened on another event loop: {what}; {advice}")
+
     def closed_error(self) -> PoolClosedError:
         if self.state is NEW:
             return PoolClosedError(f"the pool {self.name!r} is not open yet: await pool.open() first")
@@ -516,11 +547,7 @@ class Slots:
         if self.state is not OPEN or loop is None:
             raise self.closed_error()
         if asyncio.get_running_loop() is not loop:
-            raise PoolError(
-                f"pool {self.name!r} was opened on another event loop; asyncpg connections are "
-                "bound to their loop, so keep one loop for the process "
-                "(see asyncpool.integrations.lambda_runner)"
-            )
+            raise self.other_loop_error(loop)
         if timeout is UNSET:
             timeout = self.config.acquire_timeout
         started = loop.time()

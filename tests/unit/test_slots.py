@@ -198,3 +198,61 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
         del held
 
     run(main())
+
+
+# -- a pool used on another event loop: the advice fits what happened ---------------------------
+
+
+def test_a_pool_whose_loop_has_ended_says_where_to_open_it(server: FakeServer) -> None:
+    pool = fake_pool(server, min_size=1)
+    run(pool.open())  # that loop is closed when run() returns, as after asyncio.run()
+
+    async def use() -> None:
+        await pool.fetchval("SELECT 1")
+
+    with pytest.raises(PoolError, match="has ended") as refused:
+        run(use())
+    assert "lifespan" in str(refused.value)
+    assert "same loop scope" in str(refused.value)
+
+
+def test_a_pool_used_from_another_thread_says_how_to_reach_its_loop(server: FakeServer) -> None:
+    import threading
+
+    pool = fake_pool(server, min_size=1)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="pool-loop", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(pool.open(), loop).result(10)
+
+        async def use() -> None:
+            await pool.fetchval("SELECT 1")
+
+        with pytest.raises(PoolError, match="runs in thread 'pool-loop'") as refused:
+            asyncio.run(use())
+        assert "run_coroutine_threadsafe" in str(refused.value)
+        # On its own loop it still works.
+        assert asyncio.run_coroutine_threadsafe(pool.fetchval("SELECT 1"), loop).result(10) == 1
+        asyncio.run_coroutine_threadsafe(pool.close(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_pool_used_on_a_second_loop_of_the_same_thread_says_keep_one(server: FakeServer) -> None:
+    pool = fake_pool(server, min_size=1)
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(pool.open())
+
+        async def use() -> None:
+            await pool.fetchval("SELECT 1")
+
+        with pytest.raises(PoolError, match="different event loop") as refused:
+            run(use())
+        assert "keep one loop" in str(refused.value)
+        first.run_until_complete(pool.close())
+    finally:
+        first.close()
