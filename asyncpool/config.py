@@ -91,7 +91,10 @@ class PoolConfig:
         ``require_auth``: a comma-separated list of ``password``, ``md5``, ``scram-sha-256``,
         ``gss``, ``sspi``, ``none`` (or all negated: ``!password,!md5``). Default: any over
         verified TLS; otherwise ``scram-sha-256,gss,sspi,none`` (no password is sent).
-    server_settings: run-time parameters sent at login (not under RDS Proxy: it rejects them).
+    server_settings: run-time parameters. Direct: sent at login. Behind a pooler: the ones it
+        passes on (application_name, client_encoding, DateStyle, TimeZone,
+        standard_conforming_strings) at login, the others set in each `pool.transaction()`
+        (SET LOCAL); a login-only one (``options``...) is a PoolConfigError. docs/poolers.md.
     command_timeout: default time limit of each query, as asyncpg's ``command_timeout``
         (default None: no limit; a call's own ``timeout=`` wins).
     max_queries: a connection that has run this many queries is closed when returned and

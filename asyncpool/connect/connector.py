@@ -17,6 +17,8 @@ from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
 from asyncpool.connect.failures import translate
 from asyncpool.connect.poolers import is_rds_proxy
+from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan
+from asyncpool.connect.startup import plan as plan_startup
 from asyncpool.connect.tls import (
     AUTH_METHODS,
     TlsSetting,
@@ -122,8 +124,17 @@ class Connector:
         kw["connection_class"] = driver.cancel_aware_class(kw.get("connection_class"),
                                                            cancels=cancels)
         kw["ssl"] = self.tls.driver_argument()
-        if cfg.server_settings:
-            kw["server_settings"] = dict(cfg.server_settings)
+        # Behind a pooler only the settings it passes on go at login; the others are set in each
+        # transaction (asyncpool/connect/startup.py). RDS Proxy is known by its name; PgBouncer
+        # by refusing a startup parameter, or by a backend pid that is not the key's.
+        rds = is_rds_proxy(self.target.host)
+        self.startup: StartupPlan = plan_startup(cfg.server_settings, pooled=rds, pool=cfg.name,
+                                                 pooler="RDS Proxy")
+        #: Settings beyond the login-safe ones went at login: the first login checks they held.
+        self._check_startup = not rds and set(self.startup.at_login) != {
+            k for k in self.startup.at_login if k.lower() in LOGIN_SAFE}
+        if self.startup.at_login:
+            kw["server_settings"] = dict(self.startup.at_login)
         # The pool manages the target through the DSN; explicit host/port/user stay as given.
         return kw
 
@@ -136,7 +147,7 @@ class Connector:
         and no cause or context: the driver's frames hold the password (error trackers record
         frame locals). If `init` raises (or is cancelled), the connection is closed and the
         hook's error goes up as it is, as asyncpg's pool does."""
-        conn = await self._login(cut_short)
+        conn = await self._login_with_settings(cut_short)
         init = self.config.init
         if init is not None:
             try:
@@ -145,6 +156,38 @@ class Connector:
                 conn.terminate()
                 raise
         return conn
+
+    async def _login_with_settings(self, cut_short: CutShort | None) -> asyncpg.Connection:
+        """A login with the server settings where the pooler lets them hold: one a pooler refuses
+        for a startup parameter is retried without it; the first login checks they held."""
+        try:
+            conn = await self._login(cut_short)
+        except ConnectError as exc:
+            if not self._check_startup or UNSUPPORTED not in str(exc):
+                raise
+            self._behind_pooler("PgBouncer")
+            return await self._login(cut_short)
+        if self._check_startup:
+            try:
+                pooled = conn.get_server_pid() != await conn.fetchval("SELECT pg_backend_pid()")
+                if pooled:
+                    # The pooler dropped them (ignore_startup_parameters): set per transaction.
+                    self._behind_pooler("a pooler (the backend pid is not the cancel key's)")
+                self._check_startup = False
+            except BaseException:
+                conn.terminate()
+                raise
+        return conn
+
+    def _behind_pooler(self, pooler: str) -> None:
+        """Plan the settings again for a pooler, for this and every later login."""
+        self._check_startup = False
+        self.startup = plan_startup(self.config.server_settings, pooled=True,
+                                    pool=self.config.name, pooler=pooler)
+        if self.startup.at_login:
+            self._kwargs["server_settings"] = dict(self.startup.at_login)
+        else:
+            self._kwargs.pop("server_settings", None)
 
     async def _login(self, cut_short: CutShort | None) -> asyncpg.Connection:
         refused: AuthenticationError

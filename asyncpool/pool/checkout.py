@@ -44,6 +44,9 @@ class Checkouts(Protocol):
 
     def discard(self, lease: Lease, reason: str) -> None: ...
 
+    @property
+    def transaction_sql(self) -> str | None: ...
+
 
 class AcquireContext:
     """``async with pool.acquire() as conn`` / ``conn = await pool.acquire()``."""
@@ -170,6 +173,10 @@ class TransactionContext(AcquireContext):
         try:
             self._tx = conn.raw.transaction(**self._options)
             await self._tx.start()
+            settings = self._owner.transaction_sql
+            if settings is not None:
+                # server_settings a pooler would not keep, for this transaction (SET LOCAL).
+                await conn.raw.execute(settings)
         except BaseException as exc:
             await super().__aexit__(type(exc), exc, exc.__traceback__)
             raise

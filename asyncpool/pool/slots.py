@@ -515,6 +515,12 @@ class Slots:
     # -- checkout (the `Checkouts` interface) -------------------------------------------------
 
     @property
+    def transaction_sql(self) -> str | None:
+        """What `pool.transaction()` runs after BEGIN: server_settings a pooler would not keep."""
+        connector = self.connector
+        return connector.startup.transaction_sql if connector is not None else None
+
+    @property
     def target(self) -> str:
         return str(self.connector.target) if self.connector is not None else "<not open>"
 

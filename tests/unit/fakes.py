@@ -27,6 +27,7 @@ from asyncpg.connresource import ConnectionResource
 import asyncpool.pool.pool
 from asyncpool.config import PoolConfig
 from asyncpool.connect.dsn import Target
+from asyncpool.connect.startup import StartupPlan
 from asyncpool.errors import AuthenticationError, ConnectError, PoolerExhaustedError
 from asyncpool.observer import PoolObserver
 
@@ -81,6 +82,7 @@ class FakeConnector:
         self.target = FAKE_TARGET
         self.credentials: Any = config.connect_kwargs.get("fake_credentials")
         self.statement_cache = None
+        self.startup = StartupPlan({})
 
     async def connect(self, cut_short: object = None) -> FakeConnection:
         return await self.server.login()

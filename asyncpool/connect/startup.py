@@ -1,0 +1,81 @@
+"""Which `server_settings` can be sent at login, and what to do with the others (#20).
+
+A transaction pooler hands each transaction to any server connection, so a setting holds only
+if every server connection has it. PgBouncer passes on a short list of startup parameters (it
+tracks them per client and sets them on the server connection it lends) and refuses any other
+("unsupported startup parameter"), or drops it silently when it is in
+`ignore_startup_parameters`; RDS Proxy refuses `options`. So behind a pooler asyncpool sends the
+tracked ones at login and applies the rest inside each `pool.transaction()` with
+``set_config(name, value, true)`` (``SET LOCAL``): they hold for that transaction, on whichever
+server connection runs it. Statements outside `pool.transaction()` run with the role's settings:
+for a setting that must hold everywhere, set it on the role (``ALTER ROLE app SET ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from asyncpool.errors import PoolConfigError
+
+#: Startup parameters PgBouncer tracks and forwards (and RDS Proxy accepts), lower-case.
+LOGIN_SAFE = frozenset({"application_name", "client_encoding", "datestyle", "timezone",
+                        "standard_conforming_strings"})
+#: Parameters that cannot be changed once a session has started (or, for `options`, that are a
+#: command line, not a setting): through a transaction pooler they cannot hold at all.
+LOGIN_ONLY = frozenset({"options", "log_connections", "log_disconnections",
+                        "ignore_system_indexes", "post_auth_delay", "jit_debugging_support",
+                        "jit_profiling_support", "session_preload_libraries"})
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+#: The message of PgBouncer's refusal of a startup parameter.
+UNSUPPORTED = "unsupported startup parameter"
+
+
+@dataclass(frozen=True)
+class StartupPlan:
+    """What is sent at login, and what is set in each transaction (`transaction_sql`)."""
+
+    at_login: dict[str, str]
+    per_transaction: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def transaction_sql(self) -> str | None:
+        """One simple-protocol statement setting every per-transaction value (None: nothing)."""
+        if not self.per_transaction:
+            return None
+        calls = ", ".join(f"set_config({_literal(k)}, {_literal(v)}, true)"
+                          for k, v in self.per_transaction.items())
+        return f"SELECT {calls}"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def check_names(settings: Mapping[str, str], pool: str) -> None:
+    for name in settings:
+        if not _NAME.match(name):
+            raise PoolConfigError(f"pool {pool!r}: server_settings key {name!r} is not a setting "
+                                  "name")
+
+
+def plan(settings: Mapping[str, str] | None, *, pooled: bool, pool: str,
+         pooler: str = "a transaction pooler") -> StartupPlan:
+    """Everything at login when `pooled` is False; else the login-safe ones at login and the
+    rest per transaction. Raises PoolConfigError for one that cannot hold behind a pooler."""
+    settings = dict(settings or {})
+    check_names(settings, pool)
+    if not pooled:
+        return StartupPlan(settings)
+    stuck = sorted(k for k in settings if k.lower() in LOGIN_ONLY)
+    if stuck:
+        raise PoolConfigError(
+            f"pool {pool!r}: server_settings {', '.join(stuck)} cannot hold through {pooler}: "
+            "it is read only at login, and the pooler neither passes it on nor lets it be set "
+            "later. Set it on the role instead (ALTER ROLE ... SET, as a superuser where "
+            "needed), or connect directly"
+        )
+    at_login = {k: v for k, v in settings.items() if k.lower() in LOGIN_SAFE}
+    rest = {k: v for k, v in settings.items() if k.lower() not in LOGIN_SAFE}
+    return StartupPlan(at_login, rest)

@@ -1,0 +1,76 @@
+"""server_settings behind a pooler (#20): the ones PgBouncer passes on go at login, the others
+are set in each pool.transaction() (SET LOCAL), one that cannot hold is a PoolConfigError.
+Through PgBouncer 1.18 and current (which refuse "unsupported startup parameter" jit) and direct.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from asyncpool import Pool, PoolConfigError
+from asyncpool.connect.startup import plan
+from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
+
+SETTINGS = {"application_name": "fleet-app", "jit": "off", "statement_timeout": "4321ms",
+            "search_path": "app, public"}
+
+
+async def _seen(pool: Pool) -> dict[str, str]:
+    async with pool.transaction() as conn:
+        row = await conn.fetchrow(
+            "SELECT current_setting('application_name') AS application_name, "
+            "current_setting('jit') AS jit, current_setting('statement_timeout') "
+            "AS statement_timeout, current_setting('search_path') AS search_path")
+    assert row is not None
+    return dict(row)
+
+
+async def test_settings_hold_in_transactions_through_pgbouncer(pooler: Pooler) -> None:
+    async with Pool(pooler.dsn(), name="startup", min_size=0, max_size=2,
+                    server_settings=SETTINGS, telemetry=False) as pool:
+        for _ in range(3):  # several transactions, whatever server connection runs them
+            assert await _seen(pool) == SETTINGS
+        # Outside a transaction only the login-safe ones hold (the role's settings otherwise).
+        assert await pool.fetchval("SELECT current_setting('application_name')") == "fleet-app"
+
+
+async def test_settings_are_sent_at_login_direct(postgres: PostgresServer) -> None:
+    async with Pool(postgres.dsn(), name="startup-direct", min_size=0, max_size=1,
+                    server_settings=SETTINGS, telemetry=False) as pool:
+        assert await _seen(pool) == SETTINGS
+        assert await pool.fetchval("SHOW jit") == "off"  # a session setting here
+        assert pool._slots.transaction_sql is None
+
+
+async def test_a_login_only_setting_through_pgbouncer_is_a_config_error(pooler: Pooler) -> None:
+    """`options` (dropped by PgBouncer's ignore_startup_parameters) cannot hold behind it."""
+    async with Pool(pooler.dsn(), name="startup-options", min_size=0, max_size=1,
+                    server_settings={"options": "-c work_mem=64MB"}, telemetry=False) as pool:
+        with pytest.raises(PoolConfigError, match="options cannot hold through"):
+            await pool.fetchval("SELECT 1")
+
+
+async def test_a_login_only_setting_direct_is_kept(postgres: PostgresServer) -> None:
+    async with Pool(postgres.dsn(), name="startup-options-direct", min_size=0, max_size=1,
+                    server_settings={"options": "-c work_mem=64MB"}, telemetry=False) as pool:
+        assert await pool.fetchval("SHOW work_mem") == "64MB"
+
+
+async def test_rds_proxy_plan_and_errors() -> None:
+    planned = plan(SETTINGS, pooled=True, pool="p", pooler="RDS Proxy")
+    assert planned.at_login == {"application_name": "fleet-app"}
+    assert planned.transaction_sql == (
+        "SELECT set_config('jit', 'off', true), set_config('statement_timeout', '4321ms', true), "
+        "set_config('search_path', 'app, public', true)")
+    with pytest.raises(PoolConfigError, match="RDS Proxy"):
+        plan({"options": "-c jit=off"}, pooled=True, pool="p", pooler="RDS Proxy")
+    with pytest.raises(PoolConfigError, match="not a setting name"):
+        plan({"jit; DROP": "x"}, pooled=False, pool="p")
+    assert plan({"x": "it's"}, pooled=True, pool="p").transaction_sql == (
+        "SELECT set_config('x', 'it''s', true)")
+    pool = Pool("postgresql://app@db.proxy-abc123.eu-west-1.rds.amazonaws.com/app", min_size=0,
+                server_settings={"options": "-c jit=off"}, telemetry=False)
+    with pytest.raises(PoolConfigError, match="RDS Proxy"):
+        await pool.open()
+    await pool.close()
