@@ -156,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds per connection attempt (default 5)")
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.set_defaults(run=_run_doctor)
+
+    plan = sub.add_parser(
+        "plan",
+        help="check that a Lambda fleet's connections fit the pooler and the database",
+        description="clients = instances x workers x max_size, against PgBouncer's "
+        "max_client_conn and default_pool_size (per process) or RDS Proxy's share, and "
+        "PostgreSQL's max_connections; limits are read through --dsn / --admin-dsn where not "
+        "given. Exit 0: fits; 1: does not fit (says what to change); 3: a limit is unknown.",
+    )
+    from asyncpool.cli.plan import add_arguments
+
+    add_arguments(plan)
+    plan.set_defaults(run=_run_plan)
     return parser
 
 
@@ -173,6 +186,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _run_doctor(args: argparse.Namespace) -> int:
     from asyncpool.cli.doctor import run
+
+    return run(args)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from asyncpool.cli.plan import run
 
     return run(args)
 
