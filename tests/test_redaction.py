@@ -170,3 +170,16 @@ def test_translated_errors_keep_sqlstate_and_class_but_no_cause() -> None:
     assert error.__suppress_context__
     assert SECRET not in str(error)
     assert SECRET[2:7] not in str(error)
+
+
+def test_bench_refuses_a_malformed_admin_dsn_before_starting_and_never_quotes_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from asyncpool.cli.main import main
+
+    code = main(["bench", "--dsn", "postgresql://app@127.0.0.1:1/app", "--clients", "1",
+                 "--admin-dsn", f"postgresql://pgb_stats:{SECRET}/x@127.0.0.1:1/pgbouncer"])
+    shown = capsys.readouterr()
+    assert code == 2
+    assert "percent-encode" in shown.err
+    assert SECRET[:6] not in shown.out + shown.err

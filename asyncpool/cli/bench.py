@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from asyncpool import __version__
 from asyncpool.cli.output import ProgressDisplay, number, table
 from asyncpool.config import PreparedStatements
-from asyncpool.connect.dsn import DsnError, parse_target, redact
+from asyncpool.connect.dsn import DsnError, parse_dsn, parse_target, redact
 from asyncpool.load import DEFAULT_QUERY, LoadError, LoadSpec, LoadSpecError, LoadTarget, run_load
 from asyncpool.load.servers import LocalServers
 from asyncpool.load.spec import Driver, Telemetry
@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
 async def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run the matrix; exit 0 when every run finished with zero errors, else 1."""
     servers: LocalServers | None = None
+    for given in (args.admin_dsn, args.postgres_dsn):
+        if given:
+            parse_dsn(given)  # the guard: refused before anything starts, and never quoted
     if args.dsn:
         where = parse_target(args.dsn)
         target = LoadTarget(

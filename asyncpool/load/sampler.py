@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import Any, Protocol
 
-from asyncpool.connect.dsn import parse_target
+from asyncpool.connect.dsn import parse_dsn, parse_target, redact
 from asyncpool.load.result import ServerUse
 
 SAMPLE_INTERVAL = 0.25
@@ -35,7 +35,8 @@ class PgBouncerSampler:
     source = "pgbouncer SHOW POOLS"
 
     def __init__(self, admin_dsn: str, database: str, user: str) -> None:
-        self._admin_dsn = admin_dsn
+        # Parsed by the guard (never quoted); libpq gets it rebuilt, the password as a keyword.
+        self._admin_dsn = parse_dsn(admin_dsn)
         self._database = database
         self._user = user
         self._conn: Any = None
@@ -43,9 +44,11 @@ class PgBouncerSampler:
     async def open(self) -> None:
         import psycopg
 
+        dsn = self._admin_dsn
+        extra: dict[str, Any] = {"password": dsn.password} if dsn.password else {}
         self._conn = await psycopg.AsyncConnection.connect(
-            self._admin_dsn, autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
-            connect_timeout=5,
+            dsn.for_driver(), autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
+            connect_timeout=5, **extra,
         )
 
     async def sample(self) -> tuple[int, int | None]:
@@ -75,7 +78,7 @@ class PostgresSampler:
     source = "pg_stat_activity"
 
     def __init__(self, dsn: str, database: str, user: str, *, beyond_baseline: bool) -> None:
-        self._dsn = dsn
+        self._dsn = parse_dsn(dsn)
         self._database = database
         self._user = user
         self._beyond_baseline = beyond_baseline
@@ -85,7 +88,8 @@ class PostgresSampler:
     async def open(self) -> None:
         import asyncpg
 
-        self._conn = await asyncpg.connect(self._dsn, timeout=5, statement_cache_size=0)
+        self._conn = await asyncpg.connect(self._dsn.for_driver(), password=self._dsn.password,
+                                           timeout=5, statement_cache_size=0)
         if self._beyond_baseline:
             self._baseline = await self._count()
 
@@ -137,7 +141,7 @@ class SamplingTask:
         try:
             await self.sampler.open()
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = f"{type(exc).__name__}: {redact(str(exc))}"
             return
         self._task = asyncio.create_task(self._loop())
 
@@ -146,7 +150,7 @@ class SamplingTask:
             try:
                 servers, waiting = await self.sampler.sample()
             except Exception as exc:
-                self.error = f"{type(exc).__name__}: {exc}"
+                self.error = f"{type(exc).__name__}: {redact(str(exc))}"
                 return
             self.latest = (servers, waiting)
             self.samples += 1
