@@ -7,6 +7,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+#: A per-checkout hook: `PoolObserver.acquired` or `.released`, given seconds.
+Hook = Callable[[float], None]
+
 if TYPE_CHECKING:
     from asyncpool.connect.dsn import Target
     from asyncpool.stats import PoolStats
@@ -71,6 +74,19 @@ class PoolObserver:
     def released(self, use_seconds: float) -> None:
         """A connection came back after `use_seconds` in use."""
 
+    def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
+        """What the pool calls on every checkout for `acquired` and `released`, or None for a
+        hook that does nothing: the pool then skips the call. Asked once, after `attach`.
+
+        By default the bound methods, or None where a subclass does not override them; an
+        observer whose hooks may do nothing (telemetry with checkout times not recorded) says so
+        here, or hands over the callable they would forward to.
+        """
+        cls = type(self)
+        acquired = self.acquired if cls.acquired is not PoolObserver.acquired else None
+        released = self.released if cls.released is not PoolObserver.released else None
+        return acquired, released
+
     def timed_out(self) -> None:
         """An acquire gave up after `acquire_timeout`."""
 
@@ -114,6 +130,11 @@ class ObserverGroup(PoolObserver):
         for obs in self.observers:
             obs.acquired(wait_seconds)
 
+    def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
+        pairs = [obs.checkout_hooks() for obs in self.observers]
+        return (_together([a for a, _ in pairs if a is not None]),
+                _together([r for _, r in pairs if r is not None]))
+
     def released(self, use_seconds: float) -> None:
         for obs in self.observers:
             obs.released(use_seconds)
@@ -132,3 +153,16 @@ class ObserverGroup(PoolObserver):
 
 
 _NOTHING = contextlib.nullcontext()
+
+
+def _together(hooks: list[Hook]) -> Hook | None:
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def each(seconds: float) -> None:
+        for hook in hooks:
+            hook(seconds)
+
+    return each

@@ -123,109 +123,169 @@ CONTENDERS: dict[str, Instance] = {
 }
 
 
-async def single_case(dsn: str, args: argparse.Namespace) -> dict[str, list[float]]:
+def _order(names: list[str]) -> list[str]:
+    """Raw asyncpg between the two asyncpool contenders the targets are about, the others after:
+    reversed every pass, raw asyncpg's block is always next to theirs."""
+    first = [n for n in (POOL_FETCHVAL, RAW, POOL_ACQUIRE) if n in names]
+    return first + [n for n in names if n not in first]
+
+
+async def single_case(dsn: str, args: argparse.Namespace) -> Samples:
     """µs of client CPU per query for each contender, one instance each, queries back to back.
 
-    All contenders are open at once and take turns in short blocks (`--block` queries), so load
-    from elsewhere on the machine falls on them alike; each block is one sample.
+    All contenders are open at once and take turns in short blocks (`--block` queries), order
+    reversed every pass, so load from elsewhere on the machine falls on them alike; each block is
+    one sample, and each pass gives one paired difference per contender (its block minus raw
+    asyncpg's block of the same pass).
     """
-    samples: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    samples = Samples(list(CONTENDERS))
     async with AsyncExitStack() as stack:
         queries = {name: await stack.enter_async_context(make(dsn)) for name, make in CONTENDERS.items()}
         for query in queries.values():  # warm-up: first executions, allocator, caches
             for i in range(200):
                 await query(i)
-        order = list(queries)
-        blocks = max(1, args.queries // args.block)
+        order = _order(list(queries))
+        passes = max(1, args.queries // args.block)
+        clock = time.process_time
         for r in range(args.rounds):
-            for _ in range(blocks):
+            for _ in range(passes):
+                measured: dict[str, float] = {}
                 for name in order:
                     query = queries[name]
-                    started = time.process_time()
+                    started = clock()
                     for i in range(args.block):
                         await query(i)
-                    samples[name].append((time.process_time() - started) / args.block * 1e6)
+                    measured[name] = (clock() - started) / args.block * 1e6
+                samples.add_pass(measured)
                 order.reverse()
-            print(f"  [single {r + 1}/{args.rounds}] "
-                  + ", ".join(f"{n}: {statistics.median(v[-blocks:]):.1f}" for n, v in samples.items()),
-                  flush=True)
+            print(f"  [single {r + 1}/{args.rounds}] " + samples.last(passes), flush=True)
     return samples
 
 
-async def fleet_round(make: Instance, dsn: str, instances: int, seconds: float) -> tuple[float, int]:
-    """µs of client CPU per query and queries run, `instances` instances querying at once."""
-    async with AsyncExitStack() as stack:
-        opened = await asyncio.gather(*(stack.enter_async_context(make(dsn)) for _ in range(instances)))
-        counts = [0] * instances
-        measuring = asyncio.Event()
-        stop = asyncio.Event()
+async def fleet_case(dsn: str, args: argparse.Namespace) -> Samples:
+    """µs of client CPU per query, `--instances` instances of each contender querying at once.
 
-        async def loop(n: int, query: Query) -> None:
+    Every contender's instances are opened up front (one process, all through the same PgBouncer)
+    and take turns: one contender's instances run while the others' wait on a gate; after a
+    warm-up (the previous contender's queries drain meanwhile) the client CPU and the queries
+    completed over `--seconds` make one sample. The order is reversed every pass.
+    """
+    names = [n for n in CONTENDERS if args.all or n not in (ASYNCPG_POOL, PSYCOPG_POOL)]
+    samples = Samples(names)
+    stop = False
+    async with AsyncExitStack() as stack:
+        gates = {name: asyncio.Event() for name in names}
+        counts = dict.fromkeys(names, 0)
+        tasks: list[asyncio.Task[None]] = []
+
+        async def worker(name: str, query: Query) -> None:
+            gate = gates[name]
             i = 0
-            while not stop.is_set():
+            while True:
+                if not gate.is_set():
+                    await gate.wait()
+                if stop:
+                    return
                 await query(i)
                 i += 1
-                if measuring.is_set():
-                    counts[n] += 1
+                counts[name] += 1
 
-        tasks = [asyncio.create_task(loop(n, q)) for n, q in enumerate(opened)]
-        await asyncio.sleep(min(1.0, seconds / 3))  # warm-up
-        gc.collect()
-        started = time.process_time()
-        measuring.set()
-        await asyncio.sleep(seconds)
-        measuring.clear()
-        used = time.process_time() - started
-        stop.set()
-        await asyncio.gather(*tasks)
-        total = sum(counts)
-        return used / total * 1e6, total
-
-
-async def fleet_case(dsn: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    order = list(CONTENDERS)
-    for r in range(args.rounds):
-        for name in order:
-            value, total = await fleet_round(CONTENDERS[name], dsn, args.instances, args.seconds)
-            samples[name].append(value)
-            print(f"  [fleet {r + 1}/{args.rounds}] {name}: {value:.1f} µs/query "
-                  f"({total / args.seconds:,.0f} q/s)", flush=True)
-        order.reverse()
+        for name in names:
+            make = CONTENDERS[name]
+            opened: list[Query] = []
+            for chunk in range(0, args.instances, 100):  # not 500 logins at once
+                n = min(100, args.instances - chunk)
+                opened += await asyncio.gather(*(stack.enter_async_context(make(dsn)) for _ in range(n)))
+            tasks += [asyncio.create_task(worker(name, q)) for q in opened]
+            print(f"  [fleet] opened {args.instances} x {name}", flush=True)
+        order = _order(names)
+        try:
+            for r in range(args.rounds):
+                measured: dict[str, float] = {}
+                for name in order:
+                    gates[name].set()
+                    await asyncio.sleep(args.warmup)
+                    gc.collect()
+                    done = counts[name]
+                    started = time.process_time()
+                    await asyncio.sleep(args.seconds)
+                    used = time.process_time() - started
+                    total = counts[name] - done
+                    gates[name].clear()
+                    measured[name] = used / total * 1e6
+                    print(f"  [fleet {r + 1}/{args.rounds}] {name}: {measured[name]:.1f} µs/query "
+                          f"({total / args.seconds:,.0f} q/s)", flush=True)
+                samples.add_pass(measured)
+                order.reverse()
+        finally:
+            stop = True
+            for gate in gates.values():
+                gate.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return samples
 
 
-def report(case: str, samples: dict[str, list[float]], target: float) -> None:
-    median = {name: statistics.median(values) for name, values in samples.items()}
-    spread = {name: (min(v), max(v)) for name, v in samples.items()}
-    base = median[RAW]
-    print(f"\n== {case}: median client CPU µs per query (min-max over the rounds)")
-    for name in samples:
-        lo, hi = spread[name]
-        print(f"  {name:<48} {median[name]:7.1f}  ({lo:.1f}-{hi:.1f})  extra {median[name] - base:+6.1f}")
+class Samples:
+    """Per contender: µs of client CPU per query for each sample, and per pass its difference to
+    raw asyncpg's sample of the same pass (next to it in time)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.cpu: dict[str, list[float]] = {n: [] for n in names}
+        self.extra: dict[str, list[float]] = {n: [] for n in names}
+
+    def add_pass(self, measured: dict[str, float]) -> None:
+        base = measured[RAW]
+        for name, cpu in measured.items():
+            self.cpu[name].append(cpu)
+            self.extra[name].append(cpu - base)
+
+    def last(self, passes: int) -> str:
+        return ", ".join(f"{n}: {statistics.median(v[-passes:]):.1f}" for n, v in self.cpu.items())
+
+
+def report(case: str, samples: Samples, target: float) -> bool:
+    """Print one case; True when both asyncpool contenders met `target`."""
+    med = statistics.median
+    base = med(samples.cpu[RAW])
+    print(f"\n== {case}: client CPU µs per query, median (min-max) of {len(samples.cpu[RAW])} "
+          "samples; extra = median of the paired differences to raw asyncpg (interquartile range)")
+    for name, values in samples.cpu.items():
+        diffs = samples.extra[name]
+        q = statistics.quantiles(diffs, n=4) if len(diffs) >= 2 else [diffs[0]] * 3
+        print(f"  {name:<48} {med(values):7.1f} ({min(values):.1f}-{max(values):.1f})  "
+              f"extra {med(diffs):+6.1f} ({q[0]:+.1f}..{q[2]:+.1f})")
+    met = True
     for name in (POOL_FETCHVAL, POOL_ACQUIRE):
-        extra = median[name] - base
+        extra = med(samples.extra[name])
         verdict = "met" if extra <= target else "MISSED"
+        met = met and extra <= target
         print(f"  {name}: {extra:+.1f} µs/query over raw asyncpg (target <= {target:g}): {verdict}; "
-              f"raw / it = {base / median[name]:.2f}x")
+              f"raw / it = {base / med(samples.cpu[name]):.3f}x")
     for other in (ASYNCPG_POOL, PSYCOPG_POOL):
-        print(f"  {POOL_ACQUIRE} / {other}: {median[POOL_ACQUIRE] / median[other]:.2f}x the CPU per query")
+        if other in samples.cpu:
+            print(f"  {POOL_ACQUIRE} / {other}: "
+                  f"{med(samples.cpu[POOL_ACQUIRE]) / med(samples.cpu[other]):.2f}x the CPU per query")
+    return met
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--queries", type=int, default=4000, help="single: queries per round")
-    parser.add_argument("--block", type=int, default=100, help="single: queries per sample")
+    parser.add_argument("--block", type=int, default=50, help="single: queries per sample")
     parser.add_argument("--instances", type=int, default=500, help="fleet: instances per process")
-    parser.add_argument("--seconds", type=float, default=3.0, help="fleet: measured window per round")
+    parser.add_argument("--seconds", type=float, default=2.0, help="fleet: measured window per turn")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="fleet: seconds a contender runs before its window (the last one drains)")
+    parser.add_argument("--all", action="store_true",
+                        help="fleet: asyncpg.Pool and psycopg_pool too (1,000 more connections)")
     parser.add_argument("--only", choices=["single", "fleet"])
     args = parser.parse_args()
 
     from asyncpool.testing import ServerStack
 
     stack = ServerStack.start(max_connections=80,
-                              pgbouncer_overrides={"max_client_conn": args.instances + 200})
+                              pgbouncer_overrides={"max_client_conn": args.instances * 6 + 200})
     try:
         results = {}
         if args.only in (None, "single"):

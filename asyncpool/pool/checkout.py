@@ -92,23 +92,37 @@ class AcquireContext:
         lease = self._lease
         if lease is None:
             return
-        owner = self._owner
-        if lease.state is LEAKED:
-            _raise_leaked(owner.name, lease, exc)
+        if exc is None and lease.state is ACTIVE:  # the common case: a clean return
+            owner = self._owner
+            if owner.checkin_nowait(lease):
+                await owner.checkin(lease)
             return
-        # A cancelled task must end cancelled, even if its connection died meanwhile.
-        lost = isinstance(exc, Exception) and lease.state is ACTIVE and lease.record.conn.is_closed()
-        if owner.checkin_nowait(lease):
-            await owner.checkin(lease)
-        if lost:
-            assert exc is not None
-            raise ConnectionLostError(
-                f"pool {owner.name!r}: the connection to {owner.target} was lost while "
-                f"in use ({type(exc).__name__}: {exc}).{lost_connection_hint(exc)} An open "
-                "transaction was not committed "
-                "(if it was lost during COMMIT, that commit's outcome is unknown). The pool "
-                "replaced the connection; retry if the work is idempotent."
-            ) from exc
+        await end_checkout(self._owner, lease, exc)
+
+
+async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None) -> None:
+    """Give back the connection of a checkout whose block (or single statement) ended with `exc`,
+    or found its lease no longer active; raise what the holder must see instead, if anything.
+
+    Returning means: let `exc` (if any) go on. The end of ``async with pool.acquire()`` and of
+    the query helpers (``pool.fetchval()``...), which take the clean return inline.
+    """
+    if lease.state is LEAKED:
+        _raise_leaked(owner.name, lease, exc)
+        return
+    # A cancelled task must end cancelled, even if its connection died meanwhile.
+    lost = isinstance(exc, Exception) and lease.state is ACTIVE and lease.record.conn.is_closed()
+    if owner.checkin_nowait(lease):
+        await owner.checkin(lease)
+    if lost:
+        assert exc is not None
+        raise ConnectionLostError(
+            f"pool {owner.name!r}: the connection to {owner.target} was lost while "
+            f"in use ({type(exc).__name__}: {exc}).{lost_connection_hint(exc)} An open "
+            "transaction was not committed "
+            "(if it was lost during COMMIT, that commit's outcome is unknown). The pool "
+            "replaced the connection; retry if the work is idempotent."
+        ) from exc
 
 
 async def _set_up(owner: Checkouts, conn: PooledConnection) -> None:

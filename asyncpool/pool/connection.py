@@ -34,7 +34,10 @@ class _Forwarded:
     def __get__(self, proxy: PooledConnection | None, owner: type) -> Any:
         if proxy is None:
             return self
-        return getattr(proxy.raw, self.name)
+        lease = proxy._lease  # proxy.raw, inline
+        if lease.state is ACTIVE:
+            return getattr(lease.record.conn, self.name)
+        raise proxy._unusable()
 
 
 if TYPE_CHECKING:

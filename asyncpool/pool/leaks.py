@@ -50,8 +50,12 @@ class LeakTracker:
                 self._arm(deadline)
                 return
             del leases[oldest]
+            context = oldest.context
             try:
-                oldest.context.run(self._on_leak, oldest)
+                if context is None:
+                    self._on_leak(oldest)
+                else:
+                    context.run(self._on_leak, oldest)
             except Exception:
                 logger.exception("leak handler failed")
 

@@ -42,14 +42,15 @@ class Lease:
                  "scoped", "state", "task")
 
     def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None,
-                 task: asyncio.Task[Any] | None = None,
-                 context: contextvars.Context | None = None) -> None:
+                 task: asyncio.Task[Any] | None, context: contextvars.Context | None) -> None:
         self.record = record
         self.acquired_at = now
-        # A waiter's lease is made by whoever hands it the connection: it passes the waiter's own.
-        self.task = asyncio.current_task() if task is None else task
+        # The holding task (a waiter's lease is made by whoever hands it the connection: it passes
+        # the waiter's own).
+        self.task = task
         # The holder's context (its current span): a leak is reported in it, not in the timer's.
-        self.context = contextvars.copy_context() if context is None else context
+        # None when the pool does not track leaks.
+        self.context = context
         self.frame = frame
         # The innermost frame keeps running after acquire(); remember the instruction it was on
         # (f_lineno would map it to a line now, ~0.2 µs; only a leak report needs the line).

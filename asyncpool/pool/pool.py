@@ -18,8 +18,9 @@ from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError
 from asyncpool.observer import ObserverGroup, PoolObserver
 from asyncpool.options import PoolOptions, resolve
-from asyncpool.pool.checkout import AcquireContext, TransactionContext
+from asyncpool.pool.checkout import AcquireContext, TransactionContext, end_checkout
 from asyncpool.pool.connection import PooledConnection
+from asyncpool.pool.lease import ACTIVE
 from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, UNSET, Slots
 from asyncpool.stats import PoolStats
 
@@ -175,32 +176,107 @@ class Pool:
         if slots.checkin_nowait(lease):
             await slots.checkin(lease)
 
+    # The query helpers run one statement on a connection of the pool. They do what ``async with
+    # pool.acquire() as conn: return await conn.<method>(...)`` does (same leak report, same
+    # errors, same cancellation handling, see `end_checkout`) without the context and proxy
+    # objects: the statement never leaves this frame, so nothing can use the connection after
+    # its release. The caller's frame is kept (a reference) to name it in a leak report.
+
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        async with self._acquire_here() as conn:
-            result: str = await conn.execute(query, *args, timeout=timeout)
-            return result
+        slots = self._slots
+        frame = sys._getframe(1)
+        if slots.setup is not None:  # the hook is given the proxy: the general path
+            async with AcquireContext(slots, UNSET, frame) as conn:
+                return await conn.execute(query, *args, timeout=timeout)
+        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
+        lease.scoped = True
+        try:
+            result: str = await lease.record.conn.execute(query, *args, timeout=timeout)
+        except BaseException as exc:
+            await end_checkout(slots, lease, exc)
+            raise
+        if lease.state is not ACTIVE:
+            await end_checkout(slots, lease, None)
+        elif slots.checkin_nowait(lease):
+            await slots.checkin(lease)
+        return result
 
     async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
-        async with self._acquire_here() as conn:
-            await conn.executemany(query, args, timeout=timeout)
+        slots = self._slots
+        frame = sys._getframe(1)
+        if slots.setup is not None:  # the hook is given the proxy: the general path
+            async with AcquireContext(slots, UNSET, frame) as conn:
+                await conn.executemany(query, args, timeout=timeout)
+                return
+        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
+        lease.scoped = True
+        try:
+            await lease.record.conn.executemany(query, args, timeout=timeout)
+        except BaseException as exc:
+            await end_checkout(slots, lease, exc)
+            raise
+        if lease.state is not ACTIVE:
+            await end_checkout(slots, lease, None)
+        elif slots.checkin_nowait(lease):
+            await slots.checkin(lease)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        async with self._acquire_here() as conn:
-            rows: list[Any] = await conn.fetch(query, *args, timeout=timeout)
-            return rows
+        slots = self._slots
+        frame = sys._getframe(1)
+        if slots.setup is not None:  # the hook is given the proxy: the general path
+            async with AcquireContext(slots, UNSET, frame) as conn:
+                return await conn.fetch(query, *args, timeout=timeout)
+        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
+        lease.scoped = True
+        try:
+            rows: list[Any] = await lease.record.conn.fetch(query, *args, timeout=timeout)
+        except BaseException as exc:
+            await end_checkout(slots, lease, exc)
+            raise
+        if lease.state is not ACTIVE:
+            await end_checkout(slots, lease, None)
+        elif slots.checkin_nowait(lease):
+            await slots.checkin(lease)
+        return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
-        async with self._acquire_here() as conn:
-            return await conn.fetchrow(query, *args, timeout=timeout)
+        slots = self._slots
+        frame = sys._getframe(1)
+        if slots.setup is not None:  # the hook is given the proxy: the general path
+            async with AcquireContext(slots, UNSET, frame) as conn:
+                return await conn.fetchrow(query, *args, timeout=timeout)
+        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
+        lease.scoped = True
+        try:
+            row = await lease.record.conn.fetchrow(query, *args, timeout=timeout)
+        except BaseException as exc:
+            await end_checkout(slots, lease, exc)
+            raise
+        if lease.state is not ACTIVE:
+            await end_checkout(slots, lease, None)
+        elif slots.checkin_nowait(lease):
+            await slots.checkin(lease)
+        return row
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
                        timeout: float | None = None) -> Any:
-        async with self._acquire_here() as conn:
-            return await conn.fetchval(query, *args, column=column, timeout=timeout)
-
-    def _acquire_here(self) -> AcquireContext:
-        # The leak report should name the caller of pool.fetch(), not this module.
-        return AcquireContext(self._slots, UNSET, sys._getframe(2))
+        slots = self._slots
+        frame = sys._getframe(1)
+        if slots.setup is not None:  # the hook is given the proxy: the general path
+            async with AcquireContext(slots, UNSET, frame) as conn:
+                return await conn.fetchval(query, *args, column=column, timeout=timeout)
+        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
+        lease.scoped = True
+        try:
+            value = await lease.record.conn.fetchval(query, *args, column=column, timeout=timeout)
+        except BaseException as exc:
+            await end_checkout(slots, lease, exc)
+            raise
+        if lease.state is not ACTIVE:
+            await end_checkout(slots, lease, None)
+        elif slots.checkin_nowait(lease):
+            await slots.checkin(lease)
+        return value
 
     # -- introspection ------------------------------------------------------------------------
 

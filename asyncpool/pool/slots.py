@@ -16,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
 import enum
 import logging
 import math
 import os
+import sys
 import threading
+import time
 import weakref
+from asyncio import get_running_loop
 from collections.abc import Callable
+from contextvars import copy_context
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,7 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.connector import CutShort
+from asyncpool.connect.driver import invalidate_resources, needs_reset
 from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.observer import LeakReport, PoolObserver
@@ -81,6 +85,12 @@ _LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaim
 _FORKS = [0]
 
 
+if sys.version_info >= (3, 12):
+    task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = asyncio.current_task
+else:  # asyncio.current_task is Python code before 3.12 (~0.3 µs); this is what it reads
+    task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+
+
 def _after_fork_in_child() -> None:
     _FORKS[0] += 1
 
@@ -102,7 +112,7 @@ class Waiter:
         self.started = started
         self.retrying = retrying
         self.task = asyncio.current_task()
-        self.context = contextvars.copy_context()
+        self.context = copy_context()
 
 
 class _Progress:
@@ -133,7 +143,15 @@ class Slots:
         self.opened_in = ""  # the name of the thread whose loop opened the pool
         self.connector: Connector | None = None
         self.observer: PoolObserver = PoolObserver()
+        # The observer's per-checkout hooks, None when they would do nothing (not called then).
+        self.on_acquired: Callable[[float], None] | None = None
+        self.on_released: Callable[[float], None] | None = None
         self.leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
+        # Leases carry the holder's context only for a leak report to be made in it.
+        self.track_leaks = False
+        # The loop's clock: time.monotonic itself under asyncio's loops (their time() is only a
+        # Python call around it), the loop's own method otherwise (uvloop's is its cached clock).
+        self.clock: Callable[[], float] = time.monotonic
         self.idle: collections.deque[ConnectionRecord] = collections.deque()
         self.leases: dict[ConnectionRecord, Lease] = {}
         self.connecting = 0
@@ -177,9 +195,12 @@ class Slots:
         self._drained = asyncio.Event()
         self._closed = asyncio.Event()
         cfg = self.config
+        self.clock = _clock_of(self.loop)
         if cfg.leak_timeout is not None:
             self.leaks = LeakTracker(cfg.leak_timeout, _weak_on_leak(self))
+            self.track_leaks = True
         observer.attach(self.name, _weak_stats(self))
+        self.on_acquired, self.on_released = observer.checkout_hooks()
         self.state = OPEN
         try:
             if connector.credentials is not None:
@@ -507,6 +528,11 @@ class Slots:
         record.place = IDLE
         self.idle.append(record)
 
+    def _new_lease(self, record: ConnectionRecord, now: float, frame: FrameType | None) -> Lease:
+        """A lease for the running task (`checkout_nowait` builds its own, inline)."""
+        return Lease(record, now, frame, asyncio.current_task(),
+                     copy_context() if self.track_leaks else None)
+
     def _hold(self, record: ConnectionRecord, lease: Lease) -> None:
         record.place = LEASED
         self.leases[record] = lease
@@ -526,23 +552,26 @@ class Slots:
 
     def checkout_nowait(self, frame: FrameType | None) -> Lease | None:
         """The fast path, without a coroutine: the most recently used idle connection when
-        nobody is queued and no check is due. None sends the caller to `checkout`."""
+        nobody is queued and no check is due. None sends the caller to `checkout`.
+
+        Every query goes through here: one clock read, no context copy unless leaks are tracked,
+        the observer called only if it listens."""
         idle = self.idle
         if not idle or self.waiters or self.state is not OPEN or self.forks != _FORKS[0]:
             return None
         record = idle[-1]
-        loop = self.loop
-        assert loop is not None
-        now = loop.time()
-        if now >= record.check_at or record.conn.is_closed() or asyncio.get_running_loop() is not loop:
+        now = self.clock()
+        loop = get_running_loop()
+        if now >= record.check_at or record.conn.is_closed() or loop is not self.loop:
             return None
         idle.pop()
-        lease = Lease(record, now, frame)
+        lease = Lease(record, now, frame, task_of(loop), copy_context() if self.track_leaks else None)
         record.place = LEASED
         self.leases[record] = lease
         self.leaks.track(lease)
         self.acquired_total += 1
-        self.observer.acquired(0.0)
+        if self.on_acquired is not None:
+            self.on_acquired(0.0)
         return lease
 
     async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease:
@@ -566,7 +595,8 @@ class Slots:
             self.observer.timed_out()
             raise self._timeout_error(timeout, progress) from None
         self.acquired_total += 1
-        self.observer.acquired(loop.time() - started)
+        if self.on_acquired is not None:
+            self.on_acquired(loop.time() - started)
         return lease
 
     async def _obtain(self, started: float, frame: FrameType | None, progress: _Progress) -> Lease:
@@ -579,7 +609,7 @@ class Slots:
                 record.place = MOVING
                 now = loop.time()
                 if now < record.check_at and not record.conn.is_closed():
-                    lease = Lease(record, now, frame)
+                    lease = self._new_lease(record, now, frame)
                     self._hold(record, lease)
                     return lease
                 lease_or_none = await self._check(record, now, frame, progress)
@@ -635,7 +665,7 @@ class Slots:
         if self.state is not OPEN:
             self.retire(record, "pool closed", graceful=True)
             raise self.closed_error()
-        lease = Lease(record, self.loop.time() if self.loop else now, frame)
+        lease = self._new_lease(record, self.loop.time() if self.loop else now, frame)
         self._hold(record, lease)
         return lease
 
@@ -753,7 +783,7 @@ class Slots:
                 if generation != self.generation:
                     self.retire(record, "expired by expire_all", graceful=True)
                     return None
-                lease = Lease(record, loop.time(), frame)
+                lease = self._new_lease(record, loop.time(), frame)
                 self._hold(record, lease)
                 return lease
         finally:
@@ -881,29 +911,38 @@ class Slots:
         lease.frame = None
         self.leaks.untrack(lease)
         record = lease.record
-        loop = self.loop
-        assert loop is not None
-        now = loop.time()
-        self.observer.released(now - lease.acquired_at)
+        now = self.clock()
+        if self.on_released is not None:
+            self.on_released(now - lease.acquired_at)
         if lease.reported:
             log_returned(self.name, lease, now - lease.acquired_at)
         conn = record.conn
-        driver.invalidate_resources(conn)
+        invalidate_resources(conn)
         if conn.is_closed():
             self.retire(record, "broken")
             return False
-        if driver.is_cancelling(conn) and not driver.cancel_deliverable(conn):
-            # No cancel request was sent (none could arrive): the statement would run on and
-            # the wait last as long. The connection goes; the server's statement_timeout or
-            # idle_in_transaction_session_timeout ends what it was doing (docs/poolers.md).
-            self.retire(record, "cancel undeliverable")
-            return False
-        if driver.needs_reset(conn):
+        if needs_reset(conn):  # true whenever a cancel is under way: checked inside only
+            if driver.is_cancelling(conn) and not driver.cancel_deliverable(conn):
+                # No cancel request was sent (none could arrive): the statement would run on and
+                # the wait last as long. The connection goes; the server's statement_timeout or
+                # idle_in_transaction_session_timeout ends what it was doing (docs/poolers.md).
+                self.retire(record, "cancel undeliverable")
+                return False
             return True  # still counted in use (leases) until reset
         del self.leases[record]
-        record.place = MOVING
-        record.touch(now, self.validate_after)
-        self._put(record, now)
+        # record.touch(now, self.validate_after), inline: this runs on every query.
+        record.last_used = now
+        validate_after = self.validate_after
+        check_at = math.inf if validate_after is None else now + validate_after
+        expires_at = record.expires_at
+        record.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
+        if (self.waiters or self.state is not OPEN or self._may_retire
+                or self.max_queries is not None or (expires_at is not None and now >= expires_at)):
+            record.place = MOVING
+            self._put(record, now)  # a waiter takes it, or it goes
+            return False
+        record.place = IDLE
+        self.idle.append(record)
         return False
 
     async def checkin(self, lease: Lease) -> None:
@@ -939,8 +978,8 @@ class Slots:
             return
         lease.state = RELEASED
         lease.frame = None
-        if self.loop is not None:
-            self.observer.released(self.loop.time() - lease.acquired_at)
+        if self.loop is not None and self.on_released is not None:
+            self.on_released(self.loop.time() - lease.acquired_at)
         self.retire(lease.record, reason)
 
     def owns(self, lease: Lease) -> bool:
@@ -1069,6 +1108,13 @@ class Slots:
     def _statement_cache_stats(self) -> StatementCacheStats | None:
         totals = self.connector.statement_cache if self.connector is not None else None
         return totals.snapshot() if totals is not None else None
+
+
+def _clock_of(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """What `loop.time()` reads, with one Python call less where that is the same clock."""
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic  # BaseEventLoop.time() is `return time.monotonic()`
+    return loop.time
 
 
 def _weak_stats(slots: Slots) -> Callable[[], PoolStats]:
