@@ -1,23 +1,27 @@
 """Client CPU per query: a query through the pool against the same query on a raw asyncpg connection.
 
-    .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 100]
-                                   [--instances 500] [--seconds 3] [--only single|fleet]
+    .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 50]
+        [--instances 500] [--seconds 2] [--warmup 1] [--all] [--only single|fleet] [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
-asyncpool ``prepared_statements="off"``: the same messages on the wire), client CPU measured with
-``time.process_time()`` over a window and divided by the queries run in it: steadier than
-throughput on a shared machine. Two cases:
+asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
+CPU measured with ``time.process_time()`` over a window and divided by the queries run in it:
+steadier than throughput on a shared machine. Two cases:
 
-- single: one connection (or pool of one) direct to PostgreSQL, queries back to back;
-- fleet: `--instances` connections (or pools with max_size=1) in one process through PgBouncer
-  1.18, every instance querying in a loop for `--seconds` after a warm-up.
+- single: one connection (or pool of one) per contender, direct to PostgreSQL, queries back to
+  back. All contenders are open at once and take turns in blocks of `--block` queries, raw
+  asyncpg's block between the two asyncpool contenders' and the order reversed every pass;
+- fleet: `--instances` connections (or pools with max_size=1) per contender in one process
+  through PgBouncer 1.18, every instance querying in a loop. All contenders' instances are open
+  at once and take turns: one contender runs, the others wait at a gate; after `--warmup` (the
+  previous contender's queries drain) its client CPU over `--seconds` is one sample.
 
-Contenders take turns (single: blocks of `--block` queries on connections all open at once;
-fleet: one contender's instances at a time, rounds in reversed order each time), so a busy
-neighbour slows them all alike; the report gives medians, the extra µs per query over raw asyncpg
-(targets: <= 3 µs single, <= 5 µs fleet) and ratios against asyncpg.Pool and psycopg_pool measured
-in the same run. asyncpool's default mode ("unnamed") is shown too, for information: it sends
-fewer messages, so it is not the same work as raw asyncpg.
+Each sample of a contender is paired with raw asyncpg's sample of the same pass (next to it in
+time), so a busy neighbour moves both. The report gives medians, the extra µs per query over raw
+asyncpg as the median of the paired differences with their interquartile range (targets: <= 3 µs
+single, <= 5 µs fleet), and ratios against asyncpg.Pool and psycopg_pool (fleet: with `--all`).
+asyncpool's default mode ("unnamed") is shown too, for information: it sends fewer messages, so
+it is not the same work as raw asyncpg.
 """
 
 from __future__ import annotations
@@ -280,7 +284,12 @@ def main() -> None:
     parser.add_argument("--all", action="store_true",
                         help="fleet: asyncpg.Pool and psycopg_pool too (1,000 more connections)")
     parser.add_argument("--only", choices=["single", "fleet"])
+    parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
     args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     from asyncpool.testing import ServerStack
 

@@ -10,7 +10,7 @@ interleaved (A B C, then C B A...) so a busy neighbour slows every contender ali
 is the median over the repeats and every ratio compares runs of this one invocation.
 
 Groups and targets:
-  raw          asyncpool vs raw asyncpg connections, same statement mode   >= 0.95x, no errors
+  raw          asyncpool vs raw asyncpg connections, same statement mode   >= 0.97x, no errors
   prepared     prepared_statements="on" vs "off" on the current PgBouncer  >= 2x
   describe     "unnamed" vs "off" on PgBouncer 1.18                 >= 1.5x
                (and vs psycopg_pool, reported)
@@ -70,8 +70,8 @@ def comparisons(clients: int, scale_clients: int) -> list[Comparison]:
         return Run(bouncer, driver, mode, n, tel)
 
     return [
-        Comparison("raw", run("current", "asyncpool", "on"), run("current", "asyncpg", "on"), 0.95),
-        Comparison("raw", run("legacy", "asyncpool", "off"), run("legacy", "asyncpg", "off"), 0.95),
+        Comparison("raw", run("current", "asyncpool", "on"), run("current", "asyncpg", "on"), 0.97),
+        Comparison("raw", run("legacy", "asyncpool", "off"), run("legacy", "asyncpg", "off"), 0.97),
         Comparison("prepared", run("current", "asyncpool", "on"),
                    run("current", "asyncpool", "off"), 2.0),
         Comparison("describe", run("legacy", "asyncpool", "unnamed"),
