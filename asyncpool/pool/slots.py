@@ -136,27 +136,38 @@ class Slots:
     """
 
     def __init__(self, name: str, config: PoolConfig) -> None:
-        self.name = name
-        self.config = config
+        # What every checkout and return reads comes first: an instance's attributes are stored in
+        # assignment order, so these share a cache line or two (with hundreds of pools in one
+        # process, each query finds its pool's lines cold).
+        self.idle: collections.deque[ConnectionRecord] = collections.deque()
+        self.waiters: collections.deque[Waiter] = collections.deque()
         self.state = NEW
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.opened_in = ""  # the name of the thread whose loop opened the pool
-        self.connector: Connector | None = None
-        self.observer: PoolObserver = PoolObserver()
-        # The observer's per-checkout hooks, None when they would do nothing (not called then).
-        self.on_acquired: Callable[[float], None] | None = None
-        self.on_released: Callable[[float], None] | None = None
-        self.leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
-        # Leases carry the holder's context only for a leak report to be made in it.
-        self.track_leaks = False
+        self.forks = _FORKS[0]
         # The loop's clock: time.monotonic itself under asyncio's loops (their time() is only a
         # Python call around it), the loop's own method otherwise (uvloop's is its cached clock).
         self.clock: Callable[[], float] = time.monotonic
-        self.idle: collections.deque[ConnectionRecord] = collections.deque()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Leases carry the holder's context only for a leak report to be made in it.
+        self.track_leaks = False
         self.leases: dict[ConnectionRecord, Lease] = {}
+        self.leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
+        self.acquired_total = 0
+        # The observer's per-checkout hooks, None when they would do nothing (not called then).
+        self.on_acquired: Callable[[float], None] | None = None
+        self.on_released: Callable[[float], None] | None = None
+        self.validate_after = config.validate_after
+        # Only "unnamed" connections can ask to be retired (`retire_reason`).
+        self._may_retire = config.prepared_statements == "unnamed"
+        self.max_queries = config.max_queries
+        #: asyncpg's ``setup`` hook, awaited by the acquire contexts at each checkout.
+        self.setup = config.setup
+        self.name = name
+        self.config = config
+        self.opened_in = ""  # the name of the thread whose loop opened the pool
+        self.connector: Connector | None = None
+        self.observer: PoolObserver = PoolObserver()
         self.connecting = 0
         self.checking: set[ConnectionRecord] = set()
-        self.waiters: collections.deque[Waiter] = collections.deque()
         self.retrying = 0  # waiters in `waiters` that are between login attempts
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
@@ -166,22 +177,14 @@ class Slots:
         self.housekeeper: asyncio.Task[None] | None = None
         # Bumped by expire_all(): a login that began before it does not join the pool.
         self.generation = 0
-        self.forks = _FORKS[0]
         self.pid = os.getpid()
         self._drained: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
-        self.validate_after = config.validate_after
-        self.max_queries = config.max_queries
-        #: asyncpg's ``setup`` hook, awaited by the acquire contexts at each checkout.
-        self.setup = config.setup
-        # Only "unnamed" connections can ask to be retired (`retire_reason`).
-        self._may_retire = config.prepared_statements == "unnamed"
         self.created_total = 0
         self.closed_total = 0
         self.timeouts_total = 0
         self.leaked_total = 0
         self.validation_failures_total = 0
-        self.acquired_total = 0
         self.connect_errors_total = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
