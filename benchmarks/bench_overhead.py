@@ -1,7 +1,7 @@
 """Client CPU per query: a query through the pool against the same query on a raw asyncpg connection.
 
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 50]
-        [--instances 500] [--seconds 2] [--warmup 1] [--all] [--only single|fleet] [--uvloop]
+        [--instances 500] [--seconds 2] [--warmup 1] [--all] [--only python|single|fleet] [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
 asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
@@ -11,6 +11,9 @@ steadier than throughput on a shared machine. Two cases:
 - single: one connection (or pool of one) per contender, direct to PostgreSQL, queries back to
   back. All contenders are open at once and take turns in blocks of `--block` queries, raw
   asyncpg's block between the two asyncpool contenders' and the order reversed every pass;
+- python: the pool's own cost, without I/O: its connection is swapped for a stub that answers
+  at once, and `pool.fetchval` / acquire + fetchval are timed against calling the stub directly
+  (no kernel, no server: steady on a busy machine);
 - fleet: `--instances` connections (or pools with max_size=1) per contender in one process
   through PgBouncer 1.18, every instance querying in a loop. All contenders' instances are open
   at once and take turns: one contender runs, the others wait at a gate; after `--warmup` (the
@@ -229,6 +232,74 @@ async def fleet_case(dsn: str, args: argparse.Namespace) -> Samples:
     return samples
 
 
+class _Instant:
+    """Stands in for the pool's asyncpg connection in the `python` case: answers at once, and has
+    what the pool reads on a return (nothing to reset)."""
+
+    class _Protocol:
+        def _is_cancelling(self) -> bool:
+            return False
+
+        def is_in_transaction(self) -> bool:
+            return False
+
+    def __init__(self) -> None:
+        self._protocol = self._Protocol()
+        self._top_xact = None
+        self._listeners: dict[str, Any] = {}
+        self._log_listeners: set[Any] = set()
+        self._termination_listeners: set[Any] = set()
+        self._query_loggers: set[Any] = set()
+        self._pool_release_ctr = 0
+
+    def is_closed(self) -> bool:
+        return False
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
+        return 1
+
+
+async def python_case(dsn: str, args: argparse.Namespace) -> Samples:
+    """The pool's own Python cost: its connection swapped for one that answers at once (no I/O,
+    no kernel), `pool.fetchval` and acquire + fetchval against calling that stub directly."""
+    import asyncpool
+
+    pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
+                                       telemetry=False)
+    record = pool._slots.idle[0]
+    real, stub = record.conn, _Instant()
+    record.conn = stub
+
+    async def acquire(i: int) -> Any:
+        async with pool.acquire() as conn:
+            return await conn.fetchval(QUERY, i)
+
+    queries: dict[str, Query] = {RAW: lambda i: stub.fetchval(QUERY, i),
+                                 POOL_FETCHVAL: lambda i: pool.fetchval(QUERY, i),
+                                 POOL_ACQUIRE: acquire}
+    samples = Samples(list(queries))
+    block = args.block * 40
+    try:
+        for query in queries.values():
+            for i in range(block):
+                await query(i)
+        order = _order(list(queries))
+        for _ in range(args.rounds * 6):
+            measured = {}
+            for name in order:
+                query = queries[name]
+                started = time.process_time()
+                for i in range(block):
+                    await query(i)
+                measured[name] = (time.process_time() - started) / block * 1e6
+            samples.add_pass(measured)
+            order.reverse()
+    finally:
+        record.conn = real
+        await pool.close()
+    return samples
+
+
 class Samples:
     """Per contender: µs of client CPU per query for each sample, and per pass its difference to
     raw asyncpg's sample of the same pass (next to it in time)."""
@@ -283,7 +354,7 @@ def main() -> None:
                         help="fleet: seconds a contender runs before its window (the last one drains)")
     parser.add_argument("--all", action="store_true",
                         help="fleet: asyncpg.Pool and psycopg_pool too (1,000 more connections)")
-    parser.add_argument("--only", choices=["single", "fleet"])
+    parser.add_argument("--only", choices=["single", "fleet", "python"])
     parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
     args = parser.parse_args()
     if args.uvloop:
@@ -297,15 +368,18 @@ def main() -> None:
                               pgbouncer_overrides={"max_client_conn": args.instances * 6 + 200})
     try:
         results = {}
+        if args.only in (None, "python"):
+            results["python"] = asyncio.run(python_case(stack.postgres.dsn(), args))
         if args.only in (None, "single"):
             results["single"] = asyncio.run(single_case(stack.postgres.dsn(), args))
         if args.only in (None, "fleet"):
             results["fleet"] = asyncio.run(fleet_case(stack.legacy.dsn(), args))
     finally:
         stack.stop()
-    titles = {"single": "1 pool, direct to PostgreSQL",
+    titles = {"python": "the pool's Python alone: connection swapped for a stub that answers at once",
+              "single": "1 pool, direct to PostgreSQL",
               "fleet": f"{args.instances} pools per process through PgBouncer 1.18"}
-    targets = {"single": 3.0, "fleet": 5.0}
+    targets = {"python": 3.0, "single": 3.0, "fleet": 5.0}
     for case, samples in results.items():
         report(f"{case} ({titles[case]})", samples, targets[case])
 
