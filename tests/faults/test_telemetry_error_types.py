@@ -41,7 +41,13 @@ def _free_port() -> int:
 
 
 async def _fail(sdk: Sdk, dsn: str, action: Callable[[Pool], Awaitable[Any]], *,
-                metrics: bool = True, **options: Any) -> BaseException:
+                metrics: bool = True, retried: bool = False, **options: Any) -> BaseException:
+    """`action`'s error, checked against the connect spans and the create_errors counter.
+
+    `retried`: failed logins are retried until acquire_timeout; when the deadline falls in the
+    pause between two attempts rather than during one, no login is cut, so the caller's
+    PoolTimeoutError follows a last attempt that ended as ConnectError.
+    """
     config: dict[str, Any] = {"name": "faulty", "min_size": 0, "max_size": 2,
                               "acquire_timeout": 2.0, "connect_timeout": 1.0}
     config.update(options)
@@ -52,24 +58,29 @@ async def _fail(sdk: Sdk, dsn: str, action: Callable[[Pool], Awaitable[Any]], *,
             await action(pool)
         # A login stopped part-way is reported when its task has taken the cancellation, a loop
         # turn or two after the caller got its error.
-        expected = qualified_name(type(info.value))
+        expected = {qualified_name(type(info.value))}
+        if retried and type(info.value).__name__ == "PoolTimeoutError":
+            expected.add("asyncpool.errors.ConnectError")
         for _ in range(100):
-            if _failed_types(sdk)[-1:] == [expected]:
+            if _failed_types(sdk)[-1:] and _failed_types(sdk)[-1] in expected:
                 break
             await asyncio.sleep(0.02)
+        # Metrics and spans read together, with no await between: a login that close() stops
+        # below ends after this and must be in neither (it was counted in one only, 2 runs of 5
+        # under load).
         collected = sdk.collect()
+        failed = _failed_types(sdk)
     finally:
         await pool.close(timeout=1)
     caught = info.value
     errors = {p.attributes[sc.ERROR_TYPE]: p.value
               for p in collected.points(sc.CREATE_ERRORS.name) if p.value}
-    failed = _failed_types(sdk)
     # The caller's error is the last failed attempt's, on the span and in the metric.
     assert failed, "no connect span"
-    assert failed[-1] == qualified_name(type(caught)), (failed, caught)
+    assert failed[-1] in expected, (failed, caught)
     if not metrics:  # the pool was closed: it no longer reports
         return caught
-    assert errors.get(qualified_name(type(caught)), 0) >= 1, errors
+    assert errors.get(failed[-1], 0) >= 1, errors
     assert sum(errors.values()) == len([f for f in failed if f]), (errors, failed)
     # Never the driver's class (asyncpg.exceptions.*) or a bare cancellation.
     assert all(str(kind).startswith("asyncpool.errors.") for kind in errors), errors
@@ -104,7 +115,7 @@ async def test_unknown_database(sdk: Sdk, fault_stack: ServerStack) -> None:
 
 async def test_nothing_listening(sdk: Sdk) -> None:
     caught = await _fail(sdk, f"postgresql://app@127.0.0.1:{_free_port()}/app", _fetch,
-                         acquire_timeout=0.6)
+                         retried=True, acquire_timeout=0.6)
     assert type(caught).__name__ in {"ConnectError", "PoolTimeoutError"}
 
 
@@ -128,7 +139,7 @@ async def test_connect_timeout(sdk: Sdk, fault_stack: ServerStack, stalled: Faul
     """Logins cut by connect_timeout: the caller sees ConnectError or, once acquire_timeout has
     run out during a later login, PoolTimeoutError; each attempt is labelled as it ended."""
     caught = await _fail(sdk, stalled.dsn(fault_stack.postgres.dsn()), _fetch,
-                         connect_timeout=0.2, acquire_timeout=0.7)
+                         retried=True, connect_timeout=0.2, acquire_timeout=0.7)
     assert type(caught).__name__ in {"ConnectError", "PoolTimeoutError"}
 
 
