@@ -11,6 +11,7 @@ import contextlib
 import math
 import sys
 import warnings
+from types import FrameType
 from typing import Any, Unpack
 
 from asyncpool.config import PoolConfig
@@ -176,22 +177,42 @@ class Pool:
         if slots.checkin_nowait(lease):
             await slots.checkin(lease)
 
-    # The query helpers run one statement on a connection of the pool. They do what ``async with
-    # pool.acquire() as conn: return await conn.<method>(...)`` does (same leak report, same
-    # errors, same cancellation handling, see `end_checkout`) without the context and proxy
-    # objects: the statement never leaves this frame, so nothing can use the connection after
-    # its release. The caller's frame is kept (a reference) to name it in a leak report.
-
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        result: str = await self._one(sys._getframe(1), "execute", query, args, {"timeout": timeout})
+        return result
+
+    async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
+        await self._one(sys._getframe(1), "executemany", query, (args,), {"timeout": timeout})
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        rows: list[Any] = await self._one(sys._getframe(1), "fetch", query, args, {"timeout": timeout})
+        return rows
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self._one(sys._getframe(1), "fetchrow", query, args, {"timeout": timeout})
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0,
+                       timeout: float | None = None) -> Any:
+        return await self._one(sys._getframe(1), "fetchval", query, args,
+                               {"column": column, "timeout": timeout})
+
+    async def _one(self, frame: FrameType | None, method: str, query: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """Run one statement, ``conn.<method>(query, *args, **kwargs)``, on a connection of the pool.
+
+        It does what ``async with pool.acquire() as conn: return await conn.<method>(...)`` does
+        (same leak report, same errors, same cancellation handling, see `end_checkout`) without
+        the context and proxy objects: the statement never leaves this frame, so nothing can use
+        the connection after its release. `frame` is the caller's, named in a leak report.
+        """
         slots = self._slots
-        frame = sys._getframe(1)
         if slots.setup is not None:  # the hook is given the proxy: the general path
             async with AcquireContext(slots, UNSET, frame) as conn:
-                return await conn.execute(query, *args, timeout=timeout)
+                return await getattr(conn, method)(query, *args, **kwargs)
         lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
         lease.scoped = True
         try:
-            result: str = await lease.record.conn.execute(query, *args, timeout=timeout)
+            result = await getattr(lease.record.conn, method)(query, *args, **kwargs)
         except BaseException as exc:
             await end_checkout(slots, lease, exc)
             raise
@@ -200,83 +221,6 @@ class Pool:
         elif slots.checkin_nowait(lease):
             await slots.checkin(lease)
         return result
-
-    async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
-        slots = self._slots
-        frame = sys._getframe(1)
-        if slots.setup is not None:  # the hook is given the proxy: the general path
-            async with AcquireContext(slots, UNSET, frame) as conn:
-                await conn.executemany(query, args, timeout=timeout)
-                return
-        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
-        lease.scoped = True
-        try:
-            await lease.record.conn.executemany(query, args, timeout=timeout)
-        except BaseException as exc:
-            await end_checkout(slots, lease, exc)
-            raise
-        if lease.state is not ACTIVE:
-            await end_checkout(slots, lease, None)
-        elif slots.checkin_nowait(lease):
-            await slots.checkin(lease)
-
-    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        slots = self._slots
-        frame = sys._getframe(1)
-        if slots.setup is not None:  # the hook is given the proxy: the general path
-            async with AcquireContext(slots, UNSET, frame) as conn:
-                return await conn.fetch(query, *args, timeout=timeout)
-        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
-        lease.scoped = True
-        try:
-            rows: list[Any] = await lease.record.conn.fetch(query, *args, timeout=timeout)
-        except BaseException as exc:
-            await end_checkout(slots, lease, exc)
-            raise
-        if lease.state is not ACTIVE:
-            await end_checkout(slots, lease, None)
-        elif slots.checkin_nowait(lease):
-            await slots.checkin(lease)
-        return rows
-
-    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
-        slots = self._slots
-        frame = sys._getframe(1)
-        if slots.setup is not None:  # the hook is given the proxy: the general path
-            async with AcquireContext(slots, UNSET, frame) as conn:
-                return await conn.fetchrow(query, *args, timeout=timeout)
-        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
-        lease.scoped = True
-        try:
-            row = await lease.record.conn.fetchrow(query, *args, timeout=timeout)
-        except BaseException as exc:
-            await end_checkout(slots, lease, exc)
-            raise
-        if lease.state is not ACTIVE:
-            await end_checkout(slots, lease, None)
-        elif slots.checkin_nowait(lease):
-            await slots.checkin(lease)
-        return row
-
-    async def fetchval(self, query: str, *args: Any, column: int = 0,
-                       timeout: float | None = None) -> Any:
-        slots = self._slots
-        frame = sys._getframe(1)
-        if slots.setup is not None:  # the hook is given the proxy: the general path
-            async with AcquireContext(slots, UNSET, frame) as conn:
-                return await conn.fetchval(query, *args, column=column, timeout=timeout)
-        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
-        lease.scoped = True
-        try:
-            value = await lease.record.conn.fetchval(query, *args, column=column, timeout=timeout)
-        except BaseException as exc:
-            await end_checkout(slots, lease, exc)
-            raise
-        if lease.state is not ACTIVE:
-            await end_checkout(slots, lease, None)
-        elif slots.checkin_nowait(lease):
-            await slots.checkin(lease)
-        return value
 
     # -- introspection ------------------------------------------------------------------------
 
