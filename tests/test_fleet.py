@@ -109,14 +109,20 @@ async def test_peered_fleet_reclaim_cancels_every_statement(peered: PgBouncerFle
 
 async def test_unpeered_fleet_loses_cancels_and_the_pool_still_reclaims(
         unpeered: PgBouncerFleet, postgres: PostgresServer) -> None:
-    """Without peering most cancels are lost: statements run on (until statement_timeout); the
-    pool reclaims every connection at once all the same and serves the next caller."""
+    """Without peering a cancel reaches the right process only by chance: statements may run on
+    (until statement_timeout); the pool reclaims every connection at once all the same and
+    serves the next caller.
+
+    How many cancels are lost is the kernel's choice (which so_reuseport listener takes each
+    cancel connection): 5 of 6 in one run, 0 of 6 in a CI run. The deterministic lost-cancel
+    test is tests/test_cancel_delivery.py (a proxy that drops every cancel request).
+    """
     token = f"t{uuid.uuid4().hex[:10]}"
     loop = asyncio.get_running_loop()
     try:
         pool = await _leak_rounds(unpeered, token)
         try:
-            assert await _settled(postgres, token) >= 1
+            assert pool.stats().leaked_total == ROUNDS
             started = loop.time()
             assert await pool.fetchval("SELECT 1") == 1
             assert loop.time() - started < 1.5
