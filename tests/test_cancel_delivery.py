@@ -31,27 +31,6 @@ def _sleep_sql(token: str, seconds: int = 30) -> str:
     return f"SELECT pg_sleep({seconds}) /* {token} */"
 
 
-async def _running(postgres: PostgresServer, token: str) -> int:
-    conn = await asyncpg.connect(postgres.admin_dsn)
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-            "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", token)
-        return count
-    finally:
-        await conn.close()
-
-
-async def _end(postgres: PostgresServer, token: str) -> None:
-    conn = await asyncpg.connect(postgres.admin_dsn)
-    try:
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", token)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 async def keyless(postgres: PostgresServer) -> AsyncIterator[FaultProxy]:
     """The server behind a proxy that keeps BackendKeyData from the client (RDS Proxy)."""
@@ -105,7 +84,7 @@ async def test_a_delivered_cancel_stops_the_statement_and_keeps_the_connection(
                     telemetry=False) as pool:
         took = await _time_out_and_release(pool, token)
         assert took < FAST
-        assert await _running(postgres, token) == 0
+        assert await postgres.running_statements(token) == 0
         assert await pool.fetchval("SELECT 1") == 1
         assert pool.stats().closed_total == 0
 
@@ -124,7 +103,7 @@ async def test_without_backend_key_a_timeout_closes_the_connection_at_once(
             assert pool.stats().closed_total == 1
             assert await asyncio.wait_for(pool.fetchval("SELECT 1"), FAST) == 1
     finally:
-        await _end(postgres, token)
+        await postgres.end_statements(token)
 
 
 async def test_lost_cancels_with_cancel_requests_off(postgres: PostgresServer,
@@ -140,7 +119,7 @@ async def test_lost_cancels_with_cancel_requests_off(postgres: PostgresServer,
             assert lost.cancels_seen == 0
             assert await asyncio.wait_for(pool.fetchval("SELECT 1"), FAST) == 1
     finally:
-        await _end(postgres, token)
+        await postgres.end_statements(token)
 
 
 async def test_a_lost_cancel_costs_the_release_timeout_when_cancels_are_relied_on(
@@ -154,9 +133,9 @@ async def test_a_lost_cancel_costs_the_release_timeout_when_cancels_are_relied_o
             took = await _time_out_and_release(pool, token)
             assert took >= 4.0
             assert lost.cancels_dropped == 1
-            assert await _running(postgres, token) == 1
+            assert await postgres.running_statements(token) == 1
     finally:
-        await _end(postgres, token)
+        await postgres.end_statements(token)
 
 
 async def test_leak_reclaim_without_backend_key(postgres: PostgresServer,
@@ -182,7 +161,7 @@ async def test_leak_reclaim_without_backend_key(postgres: PostgresServer,
             assert keyless.cancels_seen == 0
             assert pool.stats().leaked_total == 1
     finally:
-        await _end(postgres, token)
+        await postgres.end_statements(token)
 
 
 async def test_rds_proxy_host_never_sends_cancel_requests() -> None:

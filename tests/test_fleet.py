@@ -11,7 +11,6 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
 
 from asyncpool import ConnectionLeakedError, Pool
@@ -45,32 +44,11 @@ def unpeered(stack: ServerStack) -> Iterator[PgBouncerFleet]:
     yield from _fleet(stack, peering=False)
 
 
-async def _running(postgres: PostgresServer, token: str) -> int:
-    conn = await asyncpg.connect(postgres.admin_dsn)
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-            "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", token)
-        return count
-    finally:
-        await conn.close()
-
-
-async def _end(postgres: PostgresServer, token: str) -> None:
-    conn = await asyncpg.connect(postgres.admin_dsn)
-    try:
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", token)
-    finally:
-        await conn.close()
-
-
 async def _settled(postgres: PostgresServer, token: str, within: float = 2.0) -> int:
     """Statements still running with `token` once cancels had `within` seconds to land."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    while (left := await _running(postgres, token)) and loop.time() < deadline:
+    while (left := await postgres.running_statements(token)) and loop.time() < deadline:
         await asyncio.sleep(0.1)
     return left
 
@@ -104,7 +82,7 @@ async def test_peered_fleet_reclaim_cancels_every_statement(peered: PgBouncerFle
         finally:
             await pool.close()
     finally:
-        await _end(postgres, token)
+        await postgres.end_statements(token)
 
 
 async def test_unpeered_fleet_loses_cancels_and_the_pool_still_reclaims(
@@ -130,7 +108,7 @@ async def test_unpeered_fleet_loses_cancels_and_the_pool_still_reclaims(
         finally:
             await pool.close()
     finally:
-        await _end(postgres, token)
+        await postgres.end_statements(token)
 
 
 async def test_unpeered_fleet_timeouts_with_cancel_requests_off(
@@ -151,7 +129,7 @@ async def test_unpeered_fleet_timeouts_with_cancel_requests_off(
                 assert loop.time() - started < 0.5
             assert await pool.fetchval("SELECT 1") == 1
     finally:
-        await _end(postgres, token)
+        await postgres.end_statements(token)
 
 
 async def test_the_fleet_is_what_it_says(peered: PgBouncerFleet,

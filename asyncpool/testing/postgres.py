@@ -197,6 +197,31 @@ class PostgresServer:
             await conn.close()
         return killed
 
+    async def running_statements(self, marker: str) -> int:
+        """How many other sessions are running a statement whose text holds `marker`."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", marker)
+        finally:
+            await conn.close()
+        return count
+
+    async def end_statements(self, marker: str) -> None:
+        """Terminate every other session whose last statement holds `marker` (test clean-up)."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", marker)
+        finally:
+            await conn.close()
+
     def secret_of(self, role: Role) -> str:
         """The SCRAM verifier PgBouncer's auth_file needs for `role` (read from pg_authid)."""
         import asyncpg
