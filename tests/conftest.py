@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from asyncpool.testing.aws_endpoint import aws_environment
 from asyncpool.testing.external import ExternalPgBouncer, external_poolers
 from asyncpool.testing.leftovers import leftover_servers
 from asyncpool.testing.pki import TestPki, make_test_pki
+from tests.aws_support import set_environment
 
 # Small server pools so a test can saturate them; PostgreSQL's max_connections (60) stays above
 # what both PgBouncers together may open (2 x 10), leaving room for direct connections.
@@ -113,3 +115,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)
         print(f"\nharness servers left running after the suite:\n{lines}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake static credentials, no region, nothing read from this machine's AWS config."""
+    set_environment(monkeypatch, aws_environment())

@@ -35,22 +35,9 @@ from asyncpool.testing.aws_endpoint import (
 )
 from asyncpool.testing.pki import TestPki
 from asyncpool.testing.sync import run_sync
+from tests.aws_support import set_environment
 
 PROXY_HOST = "orders.proxy-c0ffee123456.us-east-1.rds.amazonaws.com"
-
-
-def _apply(monkeypatch: pytest.MonkeyPatch, env: dict[str, str | None]) -> None:
-    for name, value in env.items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake static credentials, no region, nothing read from this machine's AWS config."""
-    _apply(monkeypatch, aws_environment())
 
 
 class SigningCounter:
@@ -197,7 +184,7 @@ async def test_malformed_region_name_is_named(aws: None) -> None:
 async def test_no_aws_credentials_says_where_they_come_from(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _apply(monkeypatch, aws_environment(credentials=False))
+    set_environment(monkeypatch, aws_environment(credentials=False))
     auth = IamAuth()
     with pytest.raises(CredentialsError) as info:
         await auth.warm(Target(PROXY_HOST, 5432, "orders_app", "orders"))

@@ -34,15 +34,6 @@ def local_aws() -> Iterator[LocalAwsEndpoint]:
         yield endpoint
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in aws_environment().items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-
-
 class SecretStore:
     """Creates and rotates secrets in the local Secrets Manager, as a rotation Lambda would."""
 

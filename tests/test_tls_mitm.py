@@ -20,21 +20,11 @@ from asyncpool import (
     PoolConfigError,
     StaticPassword,
 )
-from asyncpool.testing.aws_endpoint import aws_environment
 from asyncpool.testing.mitm import FakeServer
 from asyncpool.testing.pki import TestPki
 
 SECRET = "pw/with:every@special?#&%char s+é"  # pragma: allowlist secret
 ESCAPED = "pw%2Fwith%3Aevery%40special%3F%23%26%25char%20s%2B%C3%A9"
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in aws_environment().items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
 
 
 @pytest.fixture(params=["refuse", "self-signed"], ids=["tls-refused", "self-signed-cert"])
