@@ -20,6 +20,8 @@ me=$(id -u)
 untrusted() {
   local p=$1 owner mode
   while p=$(dirname "$p"); do
+    # a folder not made yet (a fresh machine) is made below by this user
+    if [ ! -e "$p" ]; then [ "$p" = / ] && break; continue; fi
     read -r owner mode < <(stat -c '%u %a' "$p")
     mode=$((8#$mode))
     if [ "$owner" != 0 ] && [ "$owner" != "$me" ]; then echo "$p: owned by uid $owner"; fi
