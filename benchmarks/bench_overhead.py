@@ -38,6 +38,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from asyncpool.testing.affinity import PLACEMENTS
+
 if TYPE_CHECKING:
     from asyncpool.config import PreparedStatements
 
@@ -356,6 +358,8 @@ def main() -> None:
                         help="fleet: asyncpg.Pool and psycopg_pool too (1,000 more connections)")
     parser.add_argument("--only", choices=["single", "fleet", "python"])
     parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
+    parser.add_argument("--pin", choices=PLACEMENTS, default="same",
+                        help="CPU placement of client and servers (asyncpool/testing/affinity.py)")
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
@@ -363,10 +367,13 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     from asyncpool.testing import ServerStack
+    from asyncpool.testing.affinity import place
 
     stack = ServerStack.start(max_connections=80,
                               pgbouncer_overrides={"max_client_conn": args.instances * 6 + 200})
     try:
+        # Before any connection: a server's backends inherit the placement.
+        print(f"placement: {place(args.pin, stack.pids())}", flush=True)
         results = {}
         if args.only in (None, "python"):
             results["python"] = asyncio.run(python_case(stack.postgres.dsn(), args))

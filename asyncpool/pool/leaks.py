@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from asyncpool.pool.lease import Lease
+from asyncpool.pool.lease import ACTIVE, Lease
 
 logger = logging.getLogger("asyncpool.leaks")
 
@@ -15,47 +16,50 @@ _EARLY_FIRE_SLACK = 0.001
 
 
 class LeakTracker:
-    """Tracks active leases in acquire order and fires `on_leak` for each one held too long.
+    """Fires `on_leak` for each lease held past `timeout`, with one timer for the whole pool.
 
-    Every lease has the same timeout, so acquire order is deadline order: one timer, armed for the
-    oldest lease, serves them all. Tracking a checkout is a dict insert, a clean return a dict
-    delete; no task or timer is made per checkout.
+    It reads the pool's own `leases` (connection -> lease, in the order they were taken): every
+    lease has the same timeout, so acquire order is deadline order and one timer, armed for the
+    oldest active lease, serves them all. A checkout adds nothing here: it only arms the timer
+    when none is armed (`unarmed`), and a return removes nothing.
     """
 
-    def __init__(self, timeout: float, on_leak: Callable[[Lease], None]) -> None:
+    def __init__(self, timeout: float, on_leak: Callable[[Lease], None],
+                 leases: Mapping[Any, Lease]) -> None:
         self.timeout = timeout
         self._on_leak = on_leak
-        self._leases: dict[Lease, None] = {}
+        self._leases = leases
         self._timer: asyncio.TimerHandle | None = None
+        #: No timer is armed: the next checkout arms one (`arm`).
+        self.unarmed = True
 
-    def track(self, lease: Lease) -> None:
-        self._leases[lease] = None
-        if self._timer is None:
-            self._arm(lease.acquired_at + self.timeout)
-
-    def untrack(self, lease: Lease) -> None:
-        self._leases.pop(lease, None)
-
-    def _arm(self, when: float) -> None:
-        self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+    def arm(self, acquired_at: float) -> None:
+        """Fire when a lease taken at `acquired_at` (and still held) is due."""
+        self.unarmed = False
+        self._timer = asyncio.get_running_loop().call_at(acquired_at + self.timeout, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        leases = self._leases
+        self.unarmed = True
         now = asyncio.get_running_loop().time() + _EARLY_FIRE_SLACK
-        while leases:
-            oldest = next(iter(leases))
-            deadline = oldest.acquired_at + self.timeout
-            if deadline > now:
-                self._arm(deadline)
-                return
-            del leases[oldest]
-            context = oldest.context
+        due: list[Lease] = []
+        for lease in self._leases.values():
+            # Returned ones being reset, and ones already reported, are not (or no longer) leaks.
+            if lease.state is not ACTIVE or lease.reported:
+                continue
+            if lease.acquired_at + self.timeout > now:
+                self.arm(lease.acquired_at)
+                break
+            due.append(lease)
+        for lease in due:
+            # Marked first: a handler that fails does not get the same lease again.
+            lease.reported = True
+            context = lease.context
             try:
                 if context is None:
-                    self._on_leak(oldest)
+                    self._on_leak(lease)
                 else:
-                    context.run(self._on_leak, oldest)
+                    context.run(self._on_leak, lease)
             except Exception:
                 logger.exception("leak handler failed")
 
@@ -63,16 +67,16 @@ class LeakTracker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._leases.clear()
+        # Closed for good: no checkout arms it again.
+        self.unarmed = False
 
 
 class NoLeakTracker:
-    """Stands in when leak detection is off, so the hot path never asks whether it is on."""
+    """Stands in when leak detection is off: never `unarmed`, so checkouts never arm it."""
 
-    def track(self, lease: Lease) -> None:
-        pass
+    unarmed = False
 
-    def untrack(self, lease: Lease) -> None:
+    def arm(self, acquired_at: float) -> None:
         pass
 
     def close(self) -> None:

@@ -78,11 +78,17 @@ class Lease:
         leads to it. If it has returned, the task's current stack is shown instead.
         """
         frame = self.frame
+        chain = _task_frames(self.task)
+        lasti = self.lasti
+        if frame is None and self.state is ACTIVE:
+            # pool.fetchval() and the other query helpers keep no frame: their statement is
+            # still running, so the caller waits on it in the holding task's chain.
+            frame = _helper_caller(chain)
+            lasti = frame.f_lasti if frame is not None else 0
         if frame is None:
             return "<acquire site not captured>\n"
         code = frame.f_code
-        inner = traceback.FrameSummary(code.co_filename, _line_at(code, self.lasti), code.co_name)
-        chain = _task_frames(self.task)
+        inner = traceback.FrameSummary(code.co_filename, _line_at(code, lasti), code.co_name)
         if frame in chain:
             outer = chain[: chain.index(frame)]
             return _format([*_summaries(outer), inner])
@@ -95,6 +101,19 @@ class Lease:
     def forget_site(self) -> None:
         """Drop the frame reference so the holder's locals are not kept alive."""
         self.frame = None
+
+
+#: The code of the functions that run a query helper's statement (``Slots.one``...), registered
+#: by their modules: in a holding task's chain, two frames out from one of them (past the
+#: helper, ``Pool.fetchval``...) is the frame that called the helper.
+STATEMENT_RUNNERS: set[CodeType] = set()
+
+
+def _helper_caller(chain: list[FrameType]) -> FrameType | None:
+    for i, frame in enumerate(chain):
+        if frame.f_code in STATEMENT_RUNNERS:
+            return chain[i - 2] if i >= 2 else None
+    return None
 
 
 def _task_frames(task: asyncio.Task[Any] | None) -> list[FrameType]:

@@ -8,10 +8,11 @@ owned by `asyncpool.pool.slots.Slots`, which the checkout contexts talk to throu
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import warnings
-from types import FrameType
+from collections.abc import Callable, Coroutine
 from typing import Any, Unpack
 
 from asyncpool.config import PoolConfig
@@ -19,11 +20,15 @@ from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError
 from asyncpool.observer import ObserverGroup, PoolObserver
 from asyncpool.options import PoolOptions, resolve
-from asyncpool.pool.checkout import AcquireContext, TransactionContext, end_checkout
+from asyncpool.pool.checkout import AcquireContext, TransactionContext
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.lease import ACTIVE
+from asyncpool.pool.lease import STATEMENT_RUNNERS
 from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, UNSET, Slots
 from asyncpool.stats import PoolStats
+
+#: How the query helpers run their statement: (method, query, args, kwargs).
+_OneStatement = Callable[[str, str, tuple[Any, ...], dict[str, Any] | None],
+                         Coroutine[Any, Any, Any]]
 
 
 class Pool:
@@ -49,6 +54,11 @@ class Pool:
         self.name = config.name
         self._extra_observers = list(observers or [])
         self._slots = Slots(config.name, config)
+        # The query helpers' statement: straight to the slots, or (a `setup` hook is given the
+        # proxy) through an acquire context.
+        self._one: _OneStatement = (
+            self._slots.one if config.setup is None
+            else functools.partial(_statement_through_acquire, self._slots))
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -177,50 +187,32 @@ class Pool:
         if slots.checkin_nowait(lease):
             await slots.checkin(lease)
 
+    # The query helpers pass no keyword arguments when they are asyncpg's defaults (a dict
+    # made and unpacked on every query is measurable).
+
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        result: str = await self._one(sys._getframe(1), "execute", query, args, {"timeout": timeout})
+        result: str = await self._one("execute", query, args,
+                                      None if timeout is None else {"timeout": timeout})
         return result
 
     async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
-        await self._one(sys._getframe(1), "executemany", query, (args,), {"timeout": timeout})
+        await self._one("executemany", query, (args,),
+                        None if timeout is None else {"timeout": timeout})
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        rows: list[Any] = await self._one(sys._getframe(1), "fetch", query, args, {"timeout": timeout})
+        rows: list[Any] = await self._one("fetch", query, args,
+                                          None if timeout is None else {"timeout": timeout})
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
-        return await self._one(sys._getframe(1), "fetchrow", query, args, {"timeout": timeout})
+        return await self._one("fetchrow", query, args,
+                               None if timeout is None else {"timeout": timeout})
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
                        timeout: float | None = None) -> Any:
-        return await self._one(sys._getframe(1), "fetchval", query, args,
-                               {"column": column, "timeout": timeout})
-
-    async def _one(self, frame: FrameType | None, method: str, query: str, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> Any:
-        """Run one statement, ``conn.<method>(query, *args, **kwargs)``, on a connection of the pool.
-
-        It does what ``async with pool.acquire() as conn: return await conn.<method>(...)`` does
-        (same leak report, same errors, same cancellation handling, see `end_checkout`) without
-        the context and proxy objects: the statement never leaves this frame, so nothing can use
-        the connection after its release. `frame` is the caller's, named in a leak report.
-        """
-        slots = self._slots
-        if slots.setup is not None:  # the hook is given the proxy: the general path
-            async with AcquireContext(slots, UNSET, frame) as conn:
-                return await getattr(conn, method)(query, *args, **kwargs)
-        lease = slots.checkout_nowait(frame) or await slots.checkout(UNSET, frame)
-        lease.scoped = True
-        try:
-            result = await getattr(lease.record.conn, method)(query, *args, **kwargs)
-        except BaseException as exc:
-            await end_checkout(slots, lease, exc)
-            raise
-        if lease.state is not ACTIVE:
-            await end_checkout(slots, lease, None)
-        elif slots.checkin_nowait(lease):
-            await slots.checkin(lease)
-        return result
+        return await self._one("fetchval", query, args,
+                               None if column == 0 and timeout is None
+                               else {"column": column, "timeout": timeout})
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -238,6 +230,17 @@ class Pool:
     def target(self) -> str:
         """``user@host:port/database`` this pool connects to (no secrets)."""
         return self._slots.target
+
+
+async def _statement_through_acquire(slots: Slots, method: str, query: str,
+                                     args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
+    """`Slots.one` for a pool with a `setup` hook: the hook is given the connection proxy, so
+    the statement goes through ``async with pool.acquire()``."""
+    async with AcquireContext(slots, UNSET, None) as conn:
+        return await getattr(conn, method)(query, *args, **(kwargs or {}))
+
+
+STATEMENT_RUNNERS.add(_statement_through_acquire.__code__)
 
 
 def _check_timeout(pool_name: str, what: str, timeout: Any) -> None:

@@ -39,8 +39,9 @@ from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.observer import LeakReport, PoolObserver
 from asyncpool.pool.backoff import Backoff
+from asyncpool.pool.checkout import end_checkout
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
-from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
+from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, STATEMENT_RUNNERS, Lease
 from asyncpool.pool.record import CHECKING, IDLE, LEASED, MOVING, RETIRED, ConnectionRecord
 from asyncpool.stats import PoolStats, StatementCacheStats
 
@@ -200,7 +201,7 @@ class Slots:
         cfg = self.config
         self.clock = _clock_of(self.loop)
         if cfg.leak_timeout is not None:
-            self.leaks = LeakTracker(cfg.leak_timeout, _weak_on_leak(self))
+            self.leaks = LeakTracker(cfg.leak_timeout, _weak_on_leak(self), self.leases)
             self.track_leaks = True
         observer.attach(self.name, _weak_stats(self))
         self.on_acquired, self.on_released = observer.checkout_hooks()
@@ -428,7 +429,6 @@ class Slots:
             self.idle.remove(record)
         elif place is LEASED:
             lease = self.leases.pop(record)
-            self.leaks.untrack(lease)
             if lease.state is ACTIVE:
                 lease.state = CLOSED
         elif place is CHECKING:
@@ -539,7 +539,8 @@ class Slots:
     def _hold(self, record: ConnectionRecord, lease: Lease) -> None:
         record.place = LEASED
         self.leases[record] = lease
-        self.leaks.track(lease)
+        if self.leaks.unarmed:
+            self.leaks.arm(lease.acquired_at)
 
     # -- checkout (the `Checkouts` interface) -------------------------------------------------
 
@@ -571,11 +572,83 @@ class Slots:
         lease = Lease(record, now, frame, task_of(loop), copy_context() if self.track_leaks else None)
         record.place = LEASED
         self.leases[record] = lease
-        self.leaks.track(lease)
+        if self.leaks.unarmed:
+            self.leaks.arm(now)
         self.acquired_total += 1
         if self.on_acquired is not None:
             self.on_acquired(0.0)
         return lease
+
+    async def one(self, method: str, query: str, args: tuple[Any, ...],
+                  kwargs: dict[str, Any] | None) -> Any:
+        """Run one statement, ``conn.<method>(query, *args, **kwargs)``, on a connection of the
+        pool (``pool.fetchval()`` and the other query helpers without a `setup` hook).
+
+        It does what ``async with pool.acquire() as conn: return await conn.<method>(...)`` does
+        (the same leak report, errors and cancellation handling: `end_checkout`) without the
+        context and proxy objects: the statement never leaves this frame, so nothing can use the
+        connection after its return, and nothing can have obtained a statement, cursor,
+        transaction or listener through it. No frame is kept: while the statement runs, its
+        caller is in the holding task's chain, where a leak report finds it (`Lease.acquire_site`).
+
+        The common case of `checkout_nowait` and `checkin_nowait` is written out here rather
+        than called: measured against a server, each call on this path costs several times what
+        it costs in a loop (the I/O in between leaves the caches cold), and the two calls with
+        the ones they make came to 5 of the pool's 7 µs per query (docs/performance.md).
+        Anything else goes the general way.
+        """
+        lease: Lease | None = None
+        idle = self.idle
+        if idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]:
+            record = idle[-1]
+            now = self.clock()
+            loop = get_running_loop()
+            if now < record.check_at and loop is self.loop and not record.conn.is_closed():
+                idle.pop()
+                lease = Lease(record, now, None, task_of(loop),
+                              copy_context() if self.track_leaks else None)
+                record.place = LEASED
+                self.leases[record] = lease
+                if self.leaks.unarmed:
+                    self.leaks.arm(now)
+                self.acquired_total += 1
+                if self.on_acquired is not None:
+                    self.on_acquired(0.0)
+        if lease is None:
+            lease = await self.checkout(UNSET, None)
+        lease.scoped = True
+        record = lease.record
+        conn = record.conn
+        try:
+            if kwargs is None:
+                result = await getattr(conn, method)(query, *args)
+            else:
+                result = await getattr(conn, method)(query, *args, **kwargs)
+        except BaseException as exc:
+            await end_checkout(self, lease, exc)
+            raise
+        # The clean return. Only a transaction the statement opened (``execute("BEGIN")``) needs
+        # a reset; only the pool (closing, a leak reclaim) can have changed the lease.
+        now = self.clock()
+        expires_at = record.expires_at
+        if (lease.state is not ACTIVE or self.waiters or self.state is not OPEN or lease.reported
+                or self._may_retire or self.max_queries is not None
+                or (expires_at is not None and now >= expires_at) or conn.is_closed()
+                or conn.is_in_transaction()):
+            await end_checkout(self, lease, None)
+            return result
+        lease.state = RELEASED
+        lease.frame = None
+        if self.on_released is not None:
+            self.on_released(now - lease.acquired_at)
+        del self.leases[record]
+        record.last_used = now
+        validate_after = self.validate_after
+        check_at = math.inf if validate_after is None else now + validate_after
+        record.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
+        record.place = IDLE
+        idle.append(record)
+        return result
 
     async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease:
         """The slow path: check an idle connection, open one, or wait in line."""
@@ -739,7 +812,6 @@ class Slots:
             return
         lease.state = RELEASED
         record = lease.record
-        self.leaks.untrack(lease)
         del self.leases[record]
         record.place = MOVING
         self._put(record, self.loop.time() if self.loop else 0.0)
@@ -912,7 +984,6 @@ class Slots:
             return False
         lease.state = RELEASED
         lease.frame = None
-        self.leaks.untrack(lease)
         record = lease.record
         now = self.clock()
         if self.on_released is not None:
@@ -1111,6 +1182,9 @@ class Slots:
     def _statement_cache_stats(self) -> StatementCacheStats | None:
         totals = self.connector.statement_cache if self.connector is not None else None
         return totals.snapshot() if totals is not None else None
+
+
+STATEMENT_RUNNERS.add(Slots.one.__code__)
 
 
 def _clock_of(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:

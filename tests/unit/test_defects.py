@@ -475,3 +475,36 @@ def test_14_a_leak_report_shows_the_callers_stack(
     names = [line.split(" in ")[-1] for line in site.splitlines() if line.startswith("  File")]
     assert names[-3:] == ["main", "handler", "service"], site
     assert "async with pool.acquire() as conn:" in site
+
+
+async def _no_setup(conn: object) -> None:
+    return None
+
+
+@pytest.mark.parametrize("setup", [None, _no_setup], ids=["fast path", "setup hook"])
+def test_14_a_query_helpers_leak_report_shows_its_caller(
+    server: FakeServer, caplog: pytest.LogCaptureFixture, setup: Any
+) -> None:
+    """`pool.fetchval()` keeps no frame: the report finds the caller in the task's chain."""
+
+    async def handler(pool: Pool) -> None:
+        await service(pool)
+
+    async def service(pool: Pool) -> None:
+        server.latency = 2.0  # this statement runs past leak_timeout
+        await pool.fetchval("SELECT 1")
+
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0, leak_action="log", setup=setup) as pool:
+            await handler(pool)
+
+    with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
+        run(main())
+    record = next(r for r in caplog.records if "Acquired at" in r.getMessage())
+    site: str = record.__dict__["asyncpool_acquire_site"]
+    names = [line.split(" in ")[-1] for line in site.splitlines() if line.startswith("  File")]
+    assert names[-3:] == ["main", "handler", "service"], site
+    assert 'await pool.fetchval("SELECT 1")' in site, site
+    assert "slots.py" not in site and "pool.py" not in site, site
+    assert any("previously reported as leaked was returned" in r.getMessage()
+               for r in caplog.records)
