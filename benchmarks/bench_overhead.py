@@ -257,6 +257,9 @@ class _Instant:
     def is_closed(self) -> bool:
         return False
 
+    def is_in_transaction(self) -> bool:
+        return False
+
     async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
         return 1
 

@@ -426,8 +426,8 @@ async def _check_input(source: str, servers: Servers, records: _Records,
                     outputs["bench"] = await asyncio.to_thread(_bench_channel, setup, secret)
             outputs["logs at DEBUG"] = list(records.texts)
         for channel, texts in outputs.items():
-            texts = [servers.without_harness_paths(text) for text in texts]
-            TALLY.check(secret, source, channel, texts, extra)
+            TALLY.check(secret, source, channel,
+                        [servers.without_harness_paths(text) for text in texts], extra)
     leaks = [leak for leak in TALLY.leaks if leak.startswith(f"{source} /")]
     assert not leaks, f"{len(leaks)} leak(s):\n" + "\n".join(leaks[:10])
 

@@ -628,13 +628,14 @@ class Slots:
             await end_checkout(self, lease, exc)
             raise
         # The clean return. Only a transaction the statement opened (``execute("BEGIN")``) needs
-        # a reset; only the pool (closing, a leak reclaim) can have changed the lease.
+        # a reset; only the pool (closing, a leak reclaim) can have changed the lease. A statement
+        # that succeeded leaves the connection open; if it is lost just after, the next checkout
+        # finds it closed and retires it.
         now = self.clock()
         expires_at = record.expires_at
         if (lease.state is not ACTIVE or self.waiters or self.state is not OPEN or lease.reported
                 or self._may_retire or self.max_queries is not None
-                or (expires_at is not None and now >= expires_at) or conn.is_closed()
-                or conn.is_in_transaction()):
+                or (expires_at is not None and now >= expires_at) or conn.is_in_transaction()):
             await end_checkout(self, lease, None)
             return result
         lease.state = RELEASED

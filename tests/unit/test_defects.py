@@ -505,6 +505,7 @@ def test_14_a_query_helpers_leak_report_shows_its_caller(
     names = [line.split(" in ")[-1] for line in site.splitlines() if line.startswith("  File")]
     assert names[-3:] == ["main", "handler", "service"], site
     assert 'await pool.fetchval("SELECT 1")' in site, site
-    assert "slots.py" not in site and "pool.py" not in site, site
+    assert "slots.py" not in site, site
+    assert "pool.py" not in site, site
     assert any("previously reported as leaked was returned" in r.getMessage()
                for r in caplog.records)
