@@ -245,8 +245,12 @@ class _Instant:
         def is_in_transaction(self) -> bool:
             return False
 
+        def is_connected(self) -> bool:
+            return True
+
     def __init__(self) -> None:
         self._protocol = self._Protocol()
+        self._aborted = False
         self._top_xact = None
         self._listeners: dict[str, Any] = {}
         self._log_listeners: set[Any] = set()

@@ -44,7 +44,7 @@ async def test_protocol_is_cancelling_and_wait_for_cancellation(conn: Any) -> No
     assert driver.is_cancelling(conn) is False
     await _cancelled_query(conn)
     assert driver.is_cancelling(conn) is True
-    assert driver.needs_reset(conn)
+    assert driver.returned(conn) == driver.NEEDS_RESET
     await asyncio.wait_for(conn._protocol._wait_for_cancellation(), 5)
     assert driver.is_cancelling(conn) is False
     assert await conn.fetchval("SELECT 1") == 1
@@ -53,7 +53,7 @@ async def test_protocol_is_cancelling_and_wait_for_cancellation(conn: Any) -> No
 async def test_protocol_is_in_transaction(conn: Any) -> None:
     await conn.execute("BEGIN")
     assert conn._protocol.is_in_transaction() is True
-    assert driver.needs_reset(conn)
+    assert driver.returned(conn) == driver.NEEDS_RESET
     await driver.reset(conn, 5)
     assert conn._protocol.is_in_transaction() is False
 
@@ -69,7 +69,7 @@ async def test_top_xact_is_kept_when_begin_fails(conn: Any) -> None:
         await start
     await conn._protocol._wait_for_cancellation()
     assert conn._top_xact is tx
-    assert driver.needs_reset(conn)
+    assert driver.returned(conn) == driver.NEEDS_RESET
     await driver.reset(conn, 5)
     assert conn._top_xact is None
     async with conn.transaction():
@@ -80,13 +80,34 @@ async def test_pool_release_ctr_invalidates_statements_cursors_and_transactions(
     stmt = await conn.prepare("SELECT 1")
     tx = conn.transaction()
     cursor_factory = conn.cursor("SELECT 1")
-    driver.invalidate_resources(conn)
+    assert driver.returned(conn) == driver.CLEAN
     with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
         await stmt.fetchval()
     with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
         await tx.start()
     with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
         await cursor_factory.__aiter__().__anext__()
+
+
+async def test_aborted_and_is_connected_say_a_connection_is_gone(
+        conn: Any, postgres: PostgresServer) -> None:
+    """`_aborted` is set by terminate() at once (the socket goes later); the protocol's
+    `is_connected()` turns False when the server closes the connection."""
+    assert driver.returned(conn) == driver.CLEAN
+    other = await asyncpg.connect(postgres.dsn())
+    try:
+        await other.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        async with asyncio.timeout(5):
+            while conn._protocol.is_connected():
+                await asyncio.sleep(0.01)
+        assert driver.returned(conn) == driver.BROKEN
+        assert conn.is_closed()
+        assert not other._aborted
+        other.terminate()
+        assert other._aborted
+        assert driver.returned(other) == driver.BROKEN
+    finally:
+        other.terminate()
 
 
 async def test_cancellations_hold_the_cancel_request_in_flight(conn: Any) -> None:
@@ -101,10 +122,10 @@ async def test_listeners_are_dropped_and_unlistened(conn: Any, postgres: Postgre
     seen: list[str] = []
     await conn.add_listener("core_chan", lambda *args: seen.append(args[-1]))
     assert conn._listeners
-    assert driver.needs_reset(conn)
+    assert driver.returned(conn) == driver.NEEDS_RESET
     await driver.reset(conn, 5)
     assert not conn._listeners
-    assert not driver.needs_reset(conn)
+    assert driver.returned(conn) == driver.CLEAN
     other = await asyncpg.connect(postgres.dsn())
     try:
         await other.execute("NOTIFY core_chan, 'after release'")
@@ -126,10 +147,10 @@ async def test_listeners_are_dropped_and_unlistened(conn: Any, postgres: Postgre
 async def test_callbacks_a_holder_registered_are_dropped(conn: Any, attribute: str, add: Any) -> None:
     add(conn)
     assert getattr(conn, attribute)
-    assert driver.needs_reset(conn)
+    assert driver.returned(conn) == driver.NEEDS_RESET
     await driver.reset(conn, 5)
     assert not getattr(conn, attribute)
-    assert not driver.needs_reset(conn)
+    assert driver.returned(conn) == driver.CLEAN
 
 
 async def test_execute_described_returns_rows_status_and_columns(conn: Any) -> None:

@@ -39,10 +39,11 @@ CONNECTION_INTERNALS = {
     "_stmt_exclusive_section": "one operation at a time (execute_described)",
     "_addr": "the address a cancel request goes to (request_cancel)",
     "_params": "the connection parameters (TLS) a cancel request uses (request_cancel)",
+    "_aborted": "set by terminate() and fatal errors, before the socket is gone (returned)",
 }
 #: Protocol methods called here.
 PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transaction",
-                      "queries_count")
+                      "queries_count", "is_connected")
 #: Protocol attributes read here: BackendKeyData's two fields (0 until the server sends them).
 KEY_INTERNALS = ("backend_pid", "backend_secret")
 #: Connection methods called here (execute_described).
@@ -97,49 +98,47 @@ def tested_version() -> bool:
     return TESTED[0] <= VERSION < TESTED[1]
 
 
-def _needs_reset(conn: Any) -> bool:
-    """True when a returned connection needs a wait or a round trip before another holder may
-    use it: a query still being cancelled, a transaction left open (or a failed BEGIN asyncpg
-    still tracks), or callbacks the holder registered."""
-    proto = conn._protocol
-    return bool(
-        proto._is_cancelling()
-        or proto.is_in_transaction()
-        or conn._top_xact is not None
-        or conn._listeners
-        or conn._log_listeners
-        or conn._termination_listeners
-        or conn._query_loggers
-    )
+#: What a returned connection needs before the next holder (`returned`).
+CLEAN, BROKEN, NEEDS_RESET = 0, 1, 2
 
 
-def _needs_reset_fallback(conn: Any) -> bool:
-    proto = getattr(conn, "_protocol", None)
-    cancelling = getattr(proto, "_is_cancelling", None)
-    return bool(
-        (cancelling is not None and cancelling())
-        or conn.is_in_transaction()
-        or getattr(conn, "_top_xact", None) is not None
-        or getattr(conn, "_listeners", None)
-    )
+def _returned(conn: Any) -> int:
+    """Make the statements, cursors and transactions the holder obtained through `conn` raise
+    `asyncpg.InterfaceError` ("released back to the pool", as asyncpg's pool does), and say what
+    the connection needs: nothing (CLEAN), to go (BROKEN: closed), or `reset` (NEEDS_RESET: a
+    query still being cancelled, a transaction left open or a failed BEGIN asyncpg still tracks,
+    callbacks the holder registered).
 
-
-def _invalidate_resources(conn: Any) -> None:
-    """Make the prepared statements, cursors and transactions obtained through `conn` so far
-    raise `asyncpg.InterfaceError` ("released back to the pool"), as asyncpg's pool does."""
+    One call for what every return asks, with ``conn.is_closed()`` read inline: between round
+    trips each Python call on this path costs several times what it costs in a loop."""
     conn._pool_release_ctr += 1
+    proto = conn._protocol
+    if conn._aborted or not proto.is_connected():
+        return BROKEN
+    if (proto._is_cancelling() or proto.is_in_transaction() or conn._top_xact is not None
+            or conn._listeners or conn._log_listeners or conn._termination_listeners
+            or conn._query_loggers):
+        return NEEDS_RESET
+    return CLEAN
 
 
-def _invalidate_fallback(conn: Any) -> None:
+def _returned_fallback(conn: Any) -> int:
+    """`returned` for an asyncpg without every internal: what its public API and the names it
+    still has can tell."""
     if hasattr(conn, "_pool_release_ctr"):
         conn._pool_release_ctr += 1
+    if conn.is_closed():
+        return BROKEN
+    proto = getattr(conn, "_protocol", None)
+    cancelling = getattr(proto, "_is_cancelling", None)
+    if ((cancelling is not None and cancelling()) or conn.is_in_transaction()
+            or getattr(conn, "_top_xact", None) is not None or getattr(conn, "_listeners", None)):
+        return NEEDS_RESET
+    return CLEAN
 
 
-# Chosen once, at import: the hot path (every release) runs the direct version.
-needs_reset: Callable[[Any], bool] = _needs_reset_fallback if _MISSING else _needs_reset
-invalidate_resources: Callable[[Any], None] = (
-    _invalidate_fallback if _MISSING else _invalidate_resources
-)
+# Chosen once, at import: the hot path (every return) runs the direct version.
+returned: Callable[[Any], int] = _returned_fallback if _MISSING else _returned
 
 
 def is_cancelling(conn: Any) -> bool:

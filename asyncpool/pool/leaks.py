@@ -21,26 +21,28 @@ class LeakTracker:
     It reads the pool's own `leases` (connection -> lease, in the order they were taken): every
     lease has the same timeout, so acquire order is deadline order and one timer, armed for the
     oldest active lease, serves them all. A checkout adds nothing here: it only arms the timer
-    when none is armed (`unarmed`), and a return removes nothing.
+    when none is armed, and a return removes nothing.
     """
 
     def __init__(self, timeout: float, on_leak: Callable[[Lease], None],
-                 leases: Mapping[Any, Lease]) -> None:
+                 leases: Mapping[Any, Lease], set_unarmed: Callable[[bool], None]) -> None:
         self.timeout = timeout
         self._on_leak = on_leak
         self._leases = leases
         self._timer: asyncio.TimerHandle | None = None
-        #: No timer is armed: the next checkout arms one (`arm`).
-        self.unarmed = True
+        # Told whether no timer is armed (then the next checkout calls `arm`): the pool keeps
+        # the flag itself, so a checkout reads one object less.
+        self._set_unarmed = set_unarmed
+        set_unarmed(True)
 
     def arm(self, acquired_at: float) -> None:
         """Fire when a lease taken at `acquired_at` (and still held) is due."""
-        self.unarmed = False
+        self._set_unarmed(False)
         self._timer = asyncio.get_running_loop().call_at(acquired_at + self.timeout, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        self.unarmed = True
+        self._set_unarmed(True)
         now = asyncio.get_running_loop().time() + _EARLY_FIRE_SLACK
         due: list[Lease] = []
         for lease in self._leases.values():
@@ -68,13 +70,11 @@ class LeakTracker:
             self._timer.cancel()
             self._timer = None
         # Closed for good: no checkout arms it again.
-        self.unarmed = False
+        self._set_unarmed(False)
 
 
 class NoLeakTracker:
-    """Stands in when leak detection is off: never `unarmed`, so checkouts never arm it."""
-
-    unarmed = False
+    """Stands in when leak detection is off (the pool's flag says armed: nothing calls it)."""
 
     def arm(self, acquired_at: float) -> None:
         pass

@@ -8,11 +8,9 @@ owned by `asyncpool.pool.slots.Slots`, which the checkout contexts talk to throu
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import sys
 import warnings
-from collections.abc import Callable, Coroutine
 from typing import Any, Unpack
 
 from asyncpool.config import PoolConfig
@@ -22,13 +20,8 @@ from asyncpool.observer import ObserverGroup, PoolObserver
 from asyncpool.options import PoolOptions, resolve
 from asyncpool.pool.checkout import AcquireContext, TransactionContext
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.lease import STATEMENT_RUNNERS
 from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, UNSET, Slots
 from asyncpool.stats import PoolStats
-
-#: How the query helpers run their statement: (method, query, args, kwargs).
-_OneStatement = Callable[[str, str, tuple[Any, ...], dict[str, Any] | None],
-                         Coroutine[Any, Any, Any]]
 
 
 class Pool:
@@ -54,11 +47,6 @@ class Pool:
         self.name = config.name
         self._extra_observers = list(observers or [])
         self._slots = Slots(config.name, config)
-        # The query helpers' statement: straight to the slots, or (a `setup` hook is given the
-        # proxy) through an acquire context.
-        self._one: _OneStatement = (
-            self._slots.one if config.setup is None
-            else functools.partial(_statement_through_acquire, self._slots))
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -191,26 +179,26 @@ class Pool:
     # made and unpacked on every query is measurable).
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        result: str = await self._one("execute", query, args,
+        result: str = await self._slots.one("execute", query, args,
                                       None if timeout is None else {"timeout": timeout})
         return result
 
     async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
-        await self._one("executemany", query, (args,),
+        await self._slots.one("executemany", query, (args,),
                         None if timeout is None else {"timeout": timeout})
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        rows: list[Any] = await self._one("fetch", query, args,
+        rows: list[Any] = await self._slots.one("fetch", query, args,
                                           None if timeout is None else {"timeout": timeout})
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
-        return await self._one("fetchrow", query, args,
+        return await self._slots.one("fetchrow", query, args,
                                None if timeout is None else {"timeout": timeout})
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
                        timeout: float | None = None) -> Any:
-        return await self._one("fetchval", query, args,
+        return await self._slots.one("fetchval", query, args,
                                None if column == 0 and timeout is None
                                else {"column": column, "timeout": timeout})
 
@@ -230,17 +218,6 @@ class Pool:
     def target(self) -> str:
         """``user@host:port/database`` this pool connects to (no secrets)."""
         return self._slots.target
-
-
-async def _statement_through_acquire(slots: Slots, method: str, query: str,
-                                     args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
-    """`Slots.one` for a pool with a `setup` hook: the hook is given the connection proxy, so
-    the statement goes through ``async with pool.acquire()``."""
-    async with AcquireContext(slots, UNSET, None) as conn:
-        return await getattr(conn, method)(query, *args, **(kwargs or {}))
-
-
-STATEMENT_RUNNERS.add(_statement_through_acquire.__code__)
 
 
 def _check_timeout(pool_name: str, what: str, timeout: Any) -> None:

@@ -34,12 +34,12 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.connector import CutShort
-from asyncpool.connect.driver import invalidate_resources, needs_reset
+from asyncpool.connect.driver import BROKEN, NEEDS_RESET, returned
 from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.observer import LeakReport, PoolObserver
 from asyncpool.pool.backoff import Backoff
-from asyncpool.pool.checkout import end_checkout
+from asyncpool.pool.checkout import AcquireContext, end_checkout
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
 from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, STATEMENT_RUNNERS, Lease
 from asyncpool.pool.record import CHECKING, IDLE, LEASED, MOVING, RETIRED, ConnectionRecord
@@ -152,6 +152,8 @@ class Slots:
         self.track_leaks = False
         self.leases: dict[ConnectionRecord, Lease] = {}
         self.leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
+        # The leak tracker's timer is not armed: the next checkout arms it (`leaks.arm`).
+        self.leak_timer_unarmed = False
         self.acquired_total = 0
         # The observer's per-checkout hooks, None when they would do nothing (not called then).
         self.on_acquired: Callable[[float], None] | None = None
@@ -201,7 +203,8 @@ class Slots:
         cfg = self.config
         self.clock = _clock_of(self.loop)
         if cfg.leak_timeout is not None:
-            self.leaks = LeakTracker(cfg.leak_timeout, _weak_on_leak(self), self.leases)
+            self.leaks = LeakTracker(cfg.leak_timeout, _weak_on_leak(self), self.leases,
+                                     _weak_flag_setter(self))
             self.track_leaks = True
         observer.attach(self.name, _weak_stats(self))
         self.on_acquired, self.on_released = observer.checkout_hooks()
@@ -539,7 +542,7 @@ class Slots:
     def _hold(self, record: ConnectionRecord, lease: Lease) -> None:
         record.place = LEASED
         self.leases[record] = lease
-        if self.leaks.unarmed:
+        if self.leak_timer_unarmed:
             self.leaks.arm(lease.acquired_at)
 
     # -- checkout (the `Checkouts` interface) -------------------------------------------------
@@ -572,7 +575,7 @@ class Slots:
         lease = Lease(record, now, frame, task_of(loop), copy_context() if self.track_leaks else None)
         record.place = LEASED
         self.leases[record] = lease
-        if self.leaks.unarmed:
+        if self.leak_timer_unarmed:
             self.leaks.arm(now)
         self.acquired_total += 1
         if self.on_acquired is not None:
@@ -582,7 +585,7 @@ class Slots:
     async def one(self, method: str, query: str, args: tuple[Any, ...],
                   kwargs: dict[str, Any] | None) -> Any:
         """Run one statement, ``conn.<method>(query, *args, **kwargs)``, on a connection of the
-        pool (``pool.fetchval()`` and the other query helpers without a `setup` hook).
+        pool (``pool.fetchval()`` and the other query helpers).
 
         It does what ``async with pool.acquire() as conn: return await conn.<method>(...)`` does
         (the same leak report, errors and cancellation handling: `end_checkout`) without the
@@ -594,9 +597,12 @@ class Slots:
         The common case of `checkout_nowait` and `checkin_nowait` is written out here rather
         than called: measured against a server, each call on this path costs several times what
         it costs in a loop (the I/O in between leaves the caches cold), and the two calls with
-        the ones they make came to 5 of the pool's 7 µs per query (docs/performance.md).
+        the ones they make came to 5 of the pool's 7 µs per query (benchmarks/README.md).
         Anything else goes the general way.
         """
+        if self.setup is not None:  # the hook is given the proxy: through an acquire context
+            async with AcquireContext(self, UNSET, None) as proxy:
+                return await getattr(proxy, method)(query, *args, **(kwargs or {}))
         lease: Lease | None = None
         idle = self.idle
         if idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]:
@@ -609,7 +615,7 @@ class Slots:
                               copy_context() if self.track_leaks else None)
                 record.place = LEASED
                 self.leases[record] = lease
-                if self.leaks.unarmed:
+                if self.leak_timer_unarmed:
                     self.leaks.arm(now)
                 self.acquired_total += 1
                 if self.on_acquired is not None:
@@ -992,11 +998,11 @@ class Slots:
         if lease.reported:
             log_returned(self.name, lease, now - lease.acquired_at)
         conn = record.conn
-        invalidate_resources(conn)
-        if conn.is_closed():
+        state = returned(conn)
+        if state == BROKEN:
             self.retire(record, "broken")
             return False
-        if needs_reset(conn):  # true whenever a cancel is under way: checked inside only
+        if state == NEEDS_RESET:  # whenever a cancel is under way: checked inside only
             if driver.is_cancelling(conn) and not driver.cancel_deliverable(conn):
                 # No cancel request was sent (none could arrive): the statement would run on and
                 # the wait last as long. The connection goes; the server's statement_timeout or
@@ -1208,6 +1214,18 @@ def _weak_stats(slots: Slots) -> Callable[[], PoolStats]:
         return PoolStats(name, 0, 0, 0, 0, 0, cfg.min_size, cfg.max_size, 0, 0, 0, 0, 0, 0, 0)
 
     return stats
+
+
+def _weak_flag_setter(slots: Slots) -> Callable[[bool], None]:
+    """Sets `slots.leak_timer_unarmed` for the leak tracker, without keeping a dropped pool alive."""
+    ref = weakref.ref(slots)
+
+    def set_unarmed(unarmed: bool) -> None:
+        owner = ref()
+        if owner is not None:
+            owner.leak_timer_unarmed = unarmed
+
+    return set_unarmed
 
 
 def _weak_on_leak(slots: Slots) -> Callable[[Lease], None]:

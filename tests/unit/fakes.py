@@ -144,6 +144,9 @@ class _FakeProtocol:
     def is_in_transaction(self) -> bool:
         return self._conn._in_tx
 
+    def is_connected(self) -> bool:
+        return not self._conn._closed
+
 
 class FakeConnection:
     """The parts of `asyncpg.Connection` the pool and its users touch."""
@@ -185,6 +188,10 @@ class FakeConnection:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def _aborted(self) -> bool:  # asyncpg's flag set by terminate() (and by the faults here)
         return self._closed
 
     def terminate(self) -> None:
