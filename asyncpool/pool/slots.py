@@ -640,7 +640,7 @@ class Slots:
         now = self.clock()
         expires_at = record.expires_at
         if (lease.state is not ACTIVE or self.waiters or self.state is not OPEN or lease.reported
-                or self._may_retire or self.max_queries is not None
+                or (self._may_retire and getattr(conn, "retire_reason", None)) or self.max_queries is not None
                 or (expires_at is not None and now >= expires_at) or conn.is_in_transaction()):
             await end_checkout(self, lease, None)
             return result
@@ -1017,7 +1017,8 @@ class Slots:
         check_at = math.inf if validate_after is None else now + validate_after
         expires_at = record.expires_at
         record.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
-        if (self.waiters or self.state is not OPEN or self._may_retire
+        if (self.waiters or self.state is not OPEN
+                or (self._may_retire and getattr(conn, "retire_reason", None))
                 or self.max_queries is not None or (expires_at is not None and now >= expires_at)):
             record.place = MOVING
             self._put(record, now)  # a waiter takes it, or it goes
