@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import ssl
 import struct
 import tempfile
@@ -23,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+
+from asyncpool.testing.self_signed import self_signed
 
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
@@ -172,22 +169,7 @@ def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 def write_self_signed(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
     """A self-signed certificate for `name` and 127.0.0.1, and its key, written to `directory`."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = self_signed(name, dns_names=(name,), ip_addresses=("127.0.0.1",))
     cert_path, key_path = directory / "mitm.crt", directory / "mitm.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
