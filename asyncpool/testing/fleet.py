@@ -11,16 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import quote
 
-from asyncpool.testing.admin import AdminConsole, admin_command
+from asyncpool.testing.admin import admin_command
 from asyncpool.testing.binaries import PgBouncerBinary
 from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.pgbouncer import PgBouncerServer
+from asyncpool.testing.pgbouncer_endpoint import PgBouncerEndpoint
 from asyncpool.testing.ports import free_port
-from asyncpool.testing.postgres import PostgresServer, Role
+from asyncpool.testing.postgres import PostgresServer
 from asyncpool.testing.process import chown_tree, make_workdir, remove_tree
 
 
-class PgBouncerFleet(AdminConsole):
+class PgBouncerFleet(PgBouncerEndpoint):
     """`processes` PgBouncers on one port. `overrides` apply to each (``default_pool_size`` is
     per process: a fleet of 3 with 10 each may open 30 server connections). The console user is
     a stats user only, as ``pgb_stats`` in compose and Terraform; console commands land on any
@@ -49,14 +50,6 @@ class PgBouncerFleet(AdminConsole):
     @property
     def version(self) -> tuple[int, int]:
         return self.binary.version
-
-    def dsn(self, role: Role | None = None, database: str | None = None, **params: str) -> str:
-        role = role or self.postgres.app
-        return role.dsn(self.host, self.port, database or self.postgres.database, **params)
-
-    @property
-    def admin_dsn(self) -> str:  # type: ignore[override]
-        return self.postgres.pgb_admin.dsn(self.host, self.port, "pgbouncer")
 
     def member_admin_dsn(self, index: int) -> str:
         """The console of one process, through its own Unix socket."""

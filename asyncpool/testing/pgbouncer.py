@@ -8,11 +8,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from asyncpool.testing.admin import AdminConsole
 from asyncpool.testing.binaries import PgBouncerBinary
 from asyncpool.testing.harness_error import HarnessError
+from asyncpool.testing.pgbouncer_endpoint import PgBouncerEndpoint
 from asyncpool.testing.ports import free_port, wait_for_port
-from asyncpool.testing.postgres import PostgresServer, Role
+from asyncpool.testing.postgres import PostgresServer
 from asyncpool.testing.process import ServerProcess, chown_tree, make_workdir, remove_tree
 
 # Settings that only PgBouncer >= 1.21 understands.
@@ -26,7 +26,7 @@ def shared_settings() -> dict[str, str]:
     return dict(parser["pgbouncer"])
 
 
-class PgBouncerServer(AdminConsole):
+class PgBouncerServer(PgBouncerEndpoint):
     """PgBouncer from `binary`, pooling every database of `postgres`.
 
     `overrides` replace entries of the shared settings (for example a small `default_pool_size` so a
@@ -81,14 +81,6 @@ class PgBouncerServer(AdminConsole):
     @property
     def pool_size(self) -> int:
         return int(self.settings["default_pool_size"])
-
-    def dsn(self, role: Role | None = None, database: str | None = None, **params: str) -> str:
-        role = role or self.postgres.app
-        return role.dsn(self.host, self.port, database or self.postgres.database, **params)
-
-    @property
-    def admin_dsn(self) -> str:  # type: ignore[override]
-        return self.postgres.pgb_admin.dsn(self.host, self.port, "pgbouncer")
 
     controllable = True
 
