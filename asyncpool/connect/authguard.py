@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
+from asyncpool.connect.forwarding import ForwardingProtocol
 from asyncpool.errors import AuthMethodRefusedError
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ def _unwrap(transport: Any, protocol: Any) -> tuple[Any, Any]:
     return transport, protocol
 
 
-class _Negotiation(asyncio.Protocol):
+class _Negotiation(ForwardingProtocol):
     """Around asyncpg's TLS negotiation protocol: it sees the transport as a GuardedTransport."""
 
     def __init__(self, inner: Any, guard: AuthGuard) -> None:
@@ -153,22 +154,6 @@ class _Negotiation(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = GuardedTransport(transport, self.guard)
         self.inner.connection_made(self.transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        result: bool | None = self.inner.eof_received()
-        return result
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
 
 
 class GuardedTransport:
@@ -194,7 +179,7 @@ class GuardedTransport:
         return getattr(self.real, name)
 
 
-class Reader(asyncio.Protocol):
+class Reader(ForwardingProtocol):
     """Between a transport and asyncpg's protocol until the login ends (see the module)."""
 
     def __init__(self, inner: Any, guard: AuthGuard, transport: Any = None) -> None:
@@ -286,16 +271,6 @@ class Reader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._held.clear()
         self.inner.connection_lost(exc)
-
-    def eof_received(self) -> bool | None:
-        result: bool | None = self.inner.eof_received()
-        return result
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
 
 
 class Login:

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from asyncpool.connect.forwarding import ForwardingProtocol
 from asyncpool.errors import PoolError
 from asyncpool.unnamed.messages import (
     ASYNCHRONOUS,
@@ -117,7 +118,7 @@ class WireTransport:
         return getattr(self.real, name)
 
 
-class Wire(asyncio.Protocol):
+class Wire(ForwardingProtocol):
     """Between one connection's transport and asyncpg's protocol.
 
     Write side: armed with a `Check`, it drops asyncpg's next Parse and sends the cached typed
@@ -170,16 +171,6 @@ class Wire(asyncio.Protocol):
         self._check = self._holding = self._armed = None
         self._held.clear()
         self.inner.connection_lost(exc)
-
-    def eof_received(self) -> bool | None:
-        result: bool | None = self.inner.eof_received()
-        return result
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
 
     # -- write side ----------------------------------------------------------------------------
 
