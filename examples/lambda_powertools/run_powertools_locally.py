@@ -19,12 +19,12 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from asyncpool.integrations.invocation import LocalContext
 from asyncpool.integrations.lambda_runner import get_runner
+from asyncpool.testing.local_pgbouncer import asyncpool_dsn_or_local
 
 HERE = Path(__file__).resolve().parent
 FUNCTION_NAME = "greetings-local"
@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.stdin and not args.events:
         parser.error("give event files or --stdin")
-    with ExitStack() as stack:
-        if not os.environ.get("ASYNCPOOL_DSN"):
-            os.environ["ASYNCPOOL_DSN"] = stack.enter_context(local_pgbouncer())
+    with asyncpool_dsn_or_local():
         # What the Lambda runtime sets, so the code under test takes its Lambda paths.
         os.environ.setdefault("AWS_LAMBDA_FUNCTION_NAME", FUNCTION_NAME)
         sys.path.insert(0, str(HERE))
@@ -79,18 +77,6 @@ def invoke(handler: Any, event: dict[str, Any], timeout: float) -> tuple[Any, An
         return handler(event, context), None
     except Exception as exc:
         return None, {"errorType": type(exc).__name__, "errorMessage": str(exc)}
-
-
-@contextmanager
-def local_pgbouncer() -> Iterator[str]:
-    """A throwaway PostgreSQL with PgBouncer in front; yields the PgBouncer DSN."""
-    from asyncpool.testing import PgBouncerServer, PostgresServer
-    from asyncpool.testing.binaries import system_pgbouncer
-
-    with PostgresServer() as postgres, PgBouncerServer(system_pgbouncer(), postgres) as bouncer:
-        print(f"local PostgreSQL on port {postgres.port}, PgBouncer on port {bouncer.port}",
-              file=sys.stderr)
-        yield bouncer.dsn()
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from asyncpool.integrations.invocation import LocalContext
+from asyncpool.testing.local_pgbouncer import asyncpool_dsn_or_local
 
 HERE = Path(__file__).resolve().parent
 FUNCTION_NAME = "notes-api-local"
@@ -33,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("events", nargs="+", type=Path, help="API Gateway (HTTP API) event files")
     parser.add_argument("--repeat", type=int, default=1, help="invoke each event this many times")
     args = parser.parse_args(argv)
-    with ExitStack() as stack:
-        if not os.environ.get("ASYNCPOOL_DSN"):
-            os.environ["ASYNCPOOL_DSN"] = stack.enter_context(local_pgbouncer())
+    with asyncpool_dsn_or_local():
         os.environ.setdefault("AWS_LAMBDA_FUNCTION_NAME", FUNCTION_NAME)
         sys.path.insert(0, str(HERE))
         create_tables()
@@ -62,18 +59,6 @@ def create_tables() -> None:
 
 def _resolve(path: Path) -> Path:
     return path if path.is_absolute() or path.exists() else HERE / path
-
-
-@contextmanager
-def local_pgbouncer() -> Iterator[str]:
-    """A throwaway PostgreSQL with PgBouncer 1.18 in front; yields the PgBouncer DSN."""
-    from asyncpool.testing import PgBouncerServer, PostgresServer
-    from asyncpool.testing.binaries import system_pgbouncer
-
-    with PostgresServer() as postgres, PgBouncerServer(system_pgbouncer(), postgres) as bouncer:
-        print(f"local PostgreSQL on port {postgres.port}, PgBouncer on port {bouncer.port}",
-              file=sys.stderr)
-        yield bouncer.dsn()
 
 
 if __name__ == "__main__":
