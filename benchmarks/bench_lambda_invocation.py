@@ -107,21 +107,14 @@ def report(name: str, seconds: list[float]) -> float:
     return median
 
 
-@contextmanager
-def local_pgbouncer() -> Iterator[str]:
-    from asyncpool.testing import PgBouncerServer, PostgresServer
-    from asyncpool.testing.binaries import system_pgbouncer
-
-    with PostgresServer() as postgres, PgBouncerServer(system_pgbouncer(), postgres) as bouncer:
-        yield bouncer.dsn()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--invocations", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dsn", help="a PgBouncer (or server) DSN; default: start one locally")
     args = parser.parse_args()
+    from asyncpool.testing.local_pgbouncer import local_pgbouncer
+
     with local_pgbouncer() if args.dsn is None else nullcontext(args.dsn) as dsn:
         naive = naive_handler(dsn)
         results: dict[str, list[float]] = {}
