@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import selectors
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -236,7 +237,10 @@ class FakeConnection:
         loop = self._loop
         op: asyncio.Future[None] = loop.create_future()
         self._op = op
-        timer = loop.call_later(self._server.latency, _resolve, op)
+        # "SELECT pg_sleep(s)" takes s seconds more, as on a server.
+        slept = _SLEEP.match(query)
+        delay = self._server.latency + (float(slept.group(1)) if slept else 0.0)
+        timer = loop.call_later(delay, _resolve, op)
         try:
             async with asyncio.timeout(timeout):
                 await op
@@ -335,6 +339,9 @@ class FakeConnection:
         for callback in callbacks:
             callback(self, 0, channel, payload)
         return len(callbacks)
+
+
+_SLEEP = re.compile(r"SELECT pg_sleep\(([0-9.]+)\)")
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

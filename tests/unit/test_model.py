@@ -3,7 +3,8 @@ checked after every step.
 
 Each example is a fresh pool (random sizes, timeouts, validation and leak settings) on the fake
 driver and a virtual clock, driven by hypothesis through a random sequence of: users that acquire
-(``async with``, ``await``, transactions that commit or fail, the query helpers, leaks), time
+(``async with``, ``await``, transactions that commit or fail, the query helpers (one that
+leaves a transaction open, one slow enough to be leaked), leaks), time
 passing, users cancelled at whatever await they are at, connections dying loudly or silently,
 logins that succeed, are refused, fail authentication or hang, ``expire_all``, ``mark_stale``,
 ``close()`` (also cancelled half way) and ``terminate()``; a second thread reads ``stats()`` all
@@ -167,7 +168,8 @@ class PoolModel(RuleBasedStateMachine):
     # -- users --------------------------------------------------------------------------------
 
     @precondition(lambda self: len([u for u in self.users if not u.task.done()]) < MAX_USERS)
-    @rule(kind=st.sampled_from(["with", "await", "tx", "tx_fail", "helper", "leak", "listen"]),
+    @rule(kind=st.sampled_from(["with", "await", "tx", "tx_fail", "helper", "helper_begin",
+                                "helper_slow", "leak", "listen"]),
           hold=st.sampled_from([0.0, 0.001, 0.01, 0.2, 2.0]),
           timeout=st.sampled_from(["default", None, 0.0, 0.02]))
     def start_user(self, kind: str, hold: float, timeout: Any) -> None:
@@ -230,6 +232,10 @@ class PoolModel(RuleBasedStateMachine):
                         raise Boom()
             elif kind == "helper":
                 await pool.fetchval("SELECT 1")
+            elif kind == "helper_begin":  # leaves a transaction open: the return must reset it
+                await pool.execute("BEGIN")
+            elif kind == "helper_slow":  # may outlive leak_timeout: reclaimed under the helper
+                await pool.execute(f"SELECT pg_sleep({hold})")
             elif kind == "leak":
                 conn = await pool.acquire(*args)
                 self._took(conn)
@@ -407,6 +413,16 @@ class PoolModel(RuleBasedStateMachine):
         assert len(set(places)) == len(places), "a record is in two places"
         raws = [r.conn for r in places]
         assert len(set(map(id, raws))) == len(raws), "a connection is in two records"
+
+    @invariant()
+    def idle_connections_are_clean(self) -> None:
+        """What a holder left (a transaction, a listener) is gone before anyone else gets it."""
+        if self.pool is None:
+            return
+        for record in self.pool._slots.idle:
+            conn = record.conn
+            assert not conn.is_in_transaction(), f"{conn} is idle inside a transaction"
+            assert not conn._listeners, f"{conn} is idle with a holder's listener"
 
     @invariant()
     def nothing_is_lost(self) -> None:
