@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
-from asyncpool.connect.forwarding import ForwardingProtocol
+from asyncpool.connect.forwarding import ForwardingProtocol, LoopView
 from asyncpool.errors import AuthMethodRefusedError
 
 if TYPE_CHECKING:
@@ -88,18 +88,12 @@ def refusal_error(guard: AuthGuard, config: PoolConfig, target: Target, tls: Tls
     return error
 
 
-class GuardedLoop:
+class GuardedLoop(LoopView):
     """The running loop, as `asyncpg.connect` sees it: the protocols it connects get a `Reader`."""
 
     def __init__(self, loop: Any, guard: AuthGuard) -> None:
-        self.real = loop
+        super().__init__(loop)
         self.guard = guard
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self.real, name)
-        if callable(value):
-            setattr(self, name, value)
-        return value
 
     async def create_connection(self, factory: Callable[[], Any], *args: Any,
                                 **kwargs: Any) -> tuple[Any, Any]:

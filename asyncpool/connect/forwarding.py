@@ -1,4 +1,5 @@
-"""A protocol that stands between a transport and another protocol, passing every callback on."""
+"""Stand-ins that pass everything on: a protocol between a transport and another protocol, and
+an event loop given to `asyncpg.connect` in place of the running one."""
 
 from __future__ import annotations
 
@@ -33,3 +34,22 @@ class ForwardingProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.inner.resume_writing()
+
+
+class LoopView:
+    """The running loop with some methods replaced by a subclass (``create_connection``...):
+    every other attribute is `real`'s.
+
+    asyncpg keeps the loop it connected with for the connection's life and its protocol calls
+    ``create_future``/``call_later`` on every query, so bound methods are cached on first use:
+    later lookups are one instance-dict read, as on the loop itself.
+    """
+
+    def __init__(self, loop: Any) -> None:
+        self.real = loop
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.real, name)
+        if callable(value):
+            setattr(self, name, value)
+        return value

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from asyncpool.connect.forwarding import ForwardingProtocol
+from asyncpool.connect.forwarding import ForwardingProtocol, LoopView
 from asyncpool.errors import PoolError
 from asyncpool.unnamed.messages import (
     ASYNCHRONOUS,
@@ -51,22 +51,11 @@ _HEAD = ((PARSE_COMPLETE,), (BIND_COMPLETE,), (ROW_DESCRIPTION, NO_DATA))
 _REFUSALS = frozenset(("42", "08", "XX", "22P03"))
 
 
-class InterceptingLoop:
+class InterceptingLoop(LoopView):
     """The running loop, as `asyncpg.connect` sees it: connections it opens get a `Wire`.
 
-    Only ``create_connection``, ``create_unix_connection`` and ``start_tls`` differ; every other
-    attribute is the real loop's (bound methods are cached on first use, so the protocol's
-    per-query ``create_future``/``call_later`` cost one dict lookup).
+    Only ``create_connection``, ``create_unix_connection`` and ``start_tls`` differ.
     """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.real = loop
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self.real, name)
-        if callable(value):
-            setattr(self, name, value)
-        return value
 
     async def create_connection(self, factory: Callable[[], Any], *args: Any,
                                 **kwargs: Any) -> tuple[WireTransport, Any]:
