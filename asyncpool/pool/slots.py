@@ -644,8 +644,7 @@ class Slots:
                 or (expires_at is not None and now >= expires_at) or conn.is_in_transaction()):
             await end_checkout(self, lease, None)
             return result
-        lease.state = RELEASED
-        lease.frame = None
+        lease.state = RELEASED  # (its frame is None: none was kept)
         if self.on_released is not None:
             self.on_released(now - lease.acquired_at)
         del self.leases[record]
