@@ -28,7 +28,7 @@ from asyncio import get_running_loop
 from collections.abc import Callable
 from contextvars import copy_context
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from asyncpool.connect.connector import Connector
 
 logger = logging.getLogger("asyncpool.pool")
+_T = TypeVar("_T")
 
 
 class PoolState(enum.Enum):
@@ -203,8 +204,8 @@ class Slots:
         cfg = self.config
         self.clock = _clock_of(self.loop)
         if cfg.leak_timeout is not None:
-            self.leaks = LeakTracker(cfg.leak_timeout, _weak_on_leak(self), self.leases,
-                                     _weak_flag_setter(self))
+            self.leaks = LeakTracker(cfg.leak_timeout, _weakly(self, Slots.on_leak), self.leases,
+                                     _weakly(self, _set_leak_timer_unarmed))
             self.track_leaks = True
         observer.attach(self.name, _weak_stats(self))
         self.on_acquired, self.on_released = observer.checkout_hooks()
@@ -1216,28 +1217,21 @@ def _weak_stats(slots: Slots) -> Callable[[], PoolStats]:
     return stats
 
 
-def _weak_flag_setter(slots: Slots) -> Callable[[bool], None]:
-    """Sets `slots.leak_timer_unarmed` for the leak tracker, without keeping a dropped pool alive."""
+def _weakly(slots: Slots, call: Callable[[Slots, _T], None]) -> Callable[[_T], None]:
+    """`call(slots, arg)` for the leak tracker, which must not keep a dropped pool alive (its timer
+    outlives the pool)."""
     ref = weakref.ref(slots)
 
-    def set_unarmed(unarmed: bool) -> None:
+    def weak_call(arg: _T) -> None:
         owner = ref()
         if owner is not None:
-            owner.leak_timer_unarmed = unarmed
+            call(owner, arg)
 
-    return set_unarmed
+    return weak_call
 
 
-def _weak_on_leak(slots: Slots) -> Callable[[Lease], None]:
-    """`slots.on_leak` for the leak tracker's timer, which must not keep a dropped pool alive."""
-    ref = weakref.ref(slots)
-
-    def on_leak(lease: Lease) -> None:
-        owner = ref()
-        if owner is not None:
-            owner.on_leak(lease)
-
-    return on_leak
+def _set_leak_timer_unarmed(slots: Slots, unarmed: bool) -> None:
+    slots.leak_timer_unarmed = unarmed
 
 
 def _housekeeping_period(cfg: PoolConfig) -> float:
