@@ -76,7 +76,7 @@ async def read_console(dsn: ParsedDsn, commands: list[str], timeout: float,
     finally:
         # Never hand the connection back to asyncpg's protocol after reading on its transport.
         conn.terminate()
-    return await _read_with_psycopg(dsn, commands, timeout, database)
+    return await _read_with_psycopg(dsn, commands, timeout, database, login)
 
 
 def transport_of(conn: Any) -> Any:
@@ -86,7 +86,7 @@ def transport_of(conn: Any) -> Any:
 
 
 async def _read_with_psycopg(dsn: ParsedDsn, commands: list[str], timeout: float,
-                             database: str | None) -> dict[str, list[Row]]:
+                             database: str | None, login: Login) -> dict[str, list[Row]]:
     try:
         import psycopg
     except ModuleNotFoundError:
@@ -94,7 +94,10 @@ async def _read_with_psycopg(dsn: ParsedDsn, commands: list[str], timeout: float
             "this asyncpg cannot return rows from PgBouncer's admin console and psycopg is not "
             f"installed: {INSTALL_HINT}"
         ) from None
-    override: dict[str, Any] = {"dbname": database} if database else {}
+    # libpq gets the same rules asyncpg's login had (it enforces sslmode and require_auth).
+    override: dict[str, Any] = login.libpq_kwargs()
+    if database:
+        override["dbname"] = database
     if dsn.password:
         override["password"] = dsn.password
     out: dict[str, list[Row]] = {}

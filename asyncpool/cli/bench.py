@@ -15,8 +15,10 @@ from typing import Any, TextIO
 from asyncpool import __version__
 from asyncpool.cli.output import ProgressDisplay, number, table
 from asyncpool.config import PreparedStatements
-from asyncpool.connect.dsn import DsnError, parse_dsn, parse_target, redact
+from asyncpool.connect.dsn import DsnError, parse_target, redact
+from asyncpool.errors import PoolConfigError
 from asyncpool.load import DEFAULT_QUERY, LoadError, LoadSpec, LoadSpecError, LoadTarget, run_load
+from asyncpool.load.logins import GuardedLogin
 from asyncpool.load.servers import LocalServers
 from asyncpool.load.spec import Driver, Telemetry
 
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(bench(args, sys.stdout, sys.stderr))
-    except (HarnessError, DsnError) as exc:
+    except (HarnessError, DsnError, PoolConfigError) as exc:
         print(f"asyncpool bench: {redact(str(exc))}", file=sys.stderr)
         return 2
 
@@ -69,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
 async def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run the matrix; exit 0 when every run finished with zero errors, else 1."""
     servers: LocalServers | None = None
-    for given in (args.admin_dsn, args.postgres_dsn):
+    for given in (args.dsn, args.admin_dsn, args.postgres_dsn):
         if given:
-            parse_dsn(given)  # the guard: refused before anything starts, and never quoted
+            # The DSN guard (never quoted) and the pool's credential rules, which the
+            # contenders' and samplers' logins follow too: refused before anything starts.
+            GuardedLogin(given)
     if args.dsn:
         where = parse_target(args.dsn)
         target = LoadTarget(

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 # Authentication request codes (PostgreSQL protocol 3.0) and the require_auth names they ask for.
 _OK = 0
 _METHODS = {3: "password", 5: "md5", 7: "gss", 9: "sspi", 10: "scram-sha-256"}
+# What libpq's require_auth accepts (PostgreSQL 16+): the same names.
+_LIBPQ_METHODS = frozenset({"password", "md5", "gss", "sspi", "scram-sha-256", "none"})
 _WHAT = {
     "password": "a cleartext password (AuthenticationCleartextPassword)",  # pragma: allowlist secret
     "md5": "an MD5 password hash (AuthenticationMD5Password) instead of SCRAM",
@@ -305,6 +307,20 @@ class Login:
         if self.allowed != frozenset(_WHAT) or not self.tls.verified:
             self.guard = AuthGuard(self.allowed, once=not self.tls.verified)
             out["loop"] = GuardedLoop(asyncio.get_running_loop(), self.guard)
+        return out
+
+    def libpq_kwargs(self) -> dict[str, Any]:
+        """The same rules for a libpq login (psycopg), which enforces them itself: the resolved
+        ``sslmode`` and ``sslrootcert``, and ``require_auth`` where not every method is allowed.
+        They override what the DSN says (the resolution already read it)."""
+        from asyncpool.connect.tls import SYSTEM
+
+        tls = self.tls
+        out: dict[str, Any] = {"sslmode": tls.mode}
+        if tls.root_cert is not None:
+            out["sslrootcert"] = "system" if tls.root_cert == SYSTEM else tls.root_cert
+        if self.allowed != frozenset(_WHAT):
+            out["require_auth"] = ",".join(sorted(self.allowed & _LIBPQ_METHODS))
         return out
 
     def refusal(self, target: Target) -> AuthMethodRefusedError | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
+from asyncpool.load.logins import GuardedLogin
 from asyncpool.load.spec import LoadSpec, psycopg_query
 from asyncpool.pool.backoff import Backoff
 
@@ -89,6 +90,7 @@ class AsyncpgClient:
 
     def __init__(self, spec: LoadSpec, instance: int) -> None:
         self._spec = spec
+        self._login = GuardedLogin(spec.dsn)
         self._conn: Any = None
         self._connect_errors = 0
         self._backoff = Backoff()
@@ -99,12 +101,9 @@ class AsyncpgClient:
     async def _connection(self) -> Any:
         conn = self._conn
         if conn is None or conn.is_closed():
-            import asyncpg
-
             spec = self._spec
             try:
-                conn = await asyncpg.connect(
-                    spec.dsn,
+                conn = await self._login.connect_asyncpg(
                     statement_cache_size=0 if spec.prepared_statements == "off" else _CACHE_SIZE,
                     timeout=spec.acquire_timeout,
                 )
@@ -141,16 +140,22 @@ class AsyncpgPoolClient:
 
     def __init__(self, spec: LoadSpec, instance: int) -> None:
         self._spec = spec
+        self._login = GuardedLogin(spec.dsn)
         self._pool: Any = None
         self._connect_errors = 0
         self._backoff = Backoff()
+
+    async def _connect(self, *args: Any, loop: Any = None, **kwargs: Any) -> Any:
+        """asyncpg.Pool's ``connect=``: each login with its own guard, which wraps the running
+        loop (the pool's `loop`)."""
+        return await self._login.connect_asyncpg(**kwargs)
 
     async def open(self) -> None:
         import asyncpg
 
         spec = self._spec
         self._pool = asyncpg.create_pool(
-            spec.dsn,
+            connect=self._connect,
             min_size=0,
             max_size=spec.pool_size,
             statement_cache_size=0 if spec.prepared_statements == "off" else _CACHE_SIZE,
@@ -201,8 +206,9 @@ class PsycopgPoolClient:
         from psycopg_pool import AsyncConnectionPool
 
         spec = self._spec
+        conninfo, login = GuardedLogin(spec.dsn).psycopg_args()
         self._pool = AsyncConnectionPool(
-            spec.dsn,
+            conninfo,
             min_size=0,
             max_size=spec.pool_size,
             # prepare_threshold=None never prepares (pooler-safe); psycopg's default 5 prepares a
@@ -210,6 +216,7 @@ class PsycopgPoolClient:
             kwargs={
                 "autocommit": True,
                 "prepare_threshold": None if spec.prepared_statements == "off" else 5,
+                **login,
             },
             timeout=spec.acquire_timeout,
             num_workers=1,

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 from typing import Any, Protocol
 
-from asyncpool.connect.dsn import parse_dsn, parse_target, redact
+from asyncpool.connect.dsn import parse_target, redact
+from asyncpool.load.logins import GuardedLogin
 from asyncpool.load.result import ServerUse
 
 SAMPLE_INTERVAL = 0.25
@@ -35,8 +36,9 @@ class PgBouncerSampler:
     source = "pgbouncer SHOW POOLS"
 
     def __init__(self, admin_dsn: str, database: str, user: str) -> None:
-        # Parsed by the guard (never quoted); libpq gets it rebuilt, the password as a keyword.
-        self._admin_dsn = parse_dsn(admin_dsn)
+        # Parsed by the guard (never quoted); libpq gets it rebuilt, the password as a keyword,
+        # with the pool's TLS and credential rules.
+        self._login = GuardedLogin(admin_dsn)
         self._database = database
         self._user = user
         self._conn: Any = None
@@ -44,11 +46,10 @@ class PgBouncerSampler:
     async def open(self) -> None:
         import psycopg
 
-        dsn = self._admin_dsn
-        extra: dict[str, Any] = {"password": dsn.password} if dsn.password else {}
+        conninfo, kwargs = self._login.psycopg_args()
         self._conn = await psycopg.AsyncConnection.connect(
-            dsn.for_driver(), autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
-            connect_timeout=5, **extra,
+            conninfo, autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
+            connect_timeout=5, **kwargs,
         )
 
     async def sample(self) -> tuple[int, int | None]:
@@ -78,7 +79,7 @@ class PostgresSampler:
     source = "pg_stat_activity"
 
     def __init__(self, dsn: str, database: str, user: str, *, beyond_baseline: bool) -> None:
-        self._dsn = parse_dsn(dsn)
+        self._login = GuardedLogin(dsn)
         self._database = database
         self._user = user
         self._beyond_baseline = beyond_baseline
@@ -86,10 +87,7 @@ class PostgresSampler:
         self._conn: Any = None
 
     async def open(self) -> None:
-        import asyncpg
-
-        self._conn = await asyncpg.connect(self._dsn.for_driver(), password=self._dsn.password,
-                                           timeout=5, statement_cache_size=0)
+        self._conn = await self._login.connect_asyncpg(timeout=5, statement_cache_size=0)
         if self._beyond_baseline:
             self._baseline = await self._count()
 

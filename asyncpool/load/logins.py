@@ -1,0 +1,51 @@
+"""The pool's TLS and credential rules for the logins the load engine makes around a pool.
+
+`asyncpool bench` also connects without asyncpool: the contenders (raw asyncpg, asyncpg.Pool,
+psycopg_pool) and the samplers that watch the server. Each of those logins gets what a pool in
+the same environment would get (`Login`): the TLS setting resolved from the DSN, ``PGSSLMODE``
+and ``ASYNCPOOL_SSL*`` together, a password only over verified TLS or to this machine (refused
+before dialling otherwise), and, where the server is not verified, no cleartext or MD5 answer.
+asyncpg gets the guarded loop asyncpool's own logins use; libpq gets ``sslmode``,
+``sslrootcert`` and ``require_auth``, which it enforces itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncpool.config import PoolConfig
+from asyncpool.connect.authguard import Login, refusal_error
+from asyncpool.connect.dsn import ParsedDsn, parse_dsn
+
+
+class GuardedLogin:
+    """One DSN's logins under the pool's rules. Raises `PoolConfigError` as a pool would."""
+
+    def __init__(self, dsn: str, *, name: str = "bench") -> None:
+        self.parsed: ParsedDsn = parse_dsn(dsn)
+        self.login = Login(PoolConfig.from_env(name=name, dsn=None), self.parsed)
+
+    async def connect_asyncpg(self, **kwargs: Any) -> Any:
+        """``asyncpg.connect`` under the rules; `AuthMethodRefusedError` when the guard stopped
+        the login (nothing was sent)."""
+        import asyncpg
+
+        guarded = self.login.kwargs()
+        guard = self.login.guard  # this call's own: concurrent logins each have theirs
+        if self.parsed.password:
+            guarded["password"] = self.parsed.password
+        try:
+            return await asyncpg.connect(self.login.driver_dsn(self.parsed), **kwargs, **guarded)
+        except BaseException:
+            if guard is not None and guard.refused is not None:
+                login = self.login
+                raise refusal_error(guard, login.config, self.parsed.target(), login.tls,
+                                    login.require_auth) from None
+            raise
+
+    def psycopg_args(self) -> tuple[str, dict[str, Any]]:
+        """The conninfo and keyword arguments for a psycopg connection (libpq enforces them)."""
+        kwargs = self.login.libpq_kwargs()
+        if self.parsed.password:
+            kwargs["password"] = self.parsed.password
+        return self.parsed.for_driver(), kwargs

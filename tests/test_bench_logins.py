@@ -1,0 +1,113 @@
+"""`asyncpool bench`'s own logins (the contenders and the samplers) follow the pool's credential
+rules: a fake server on 127.0.0.1 that refuses TLS or offers a self-signed certificate, then asks
+for a cleartext password or an MD5 hash, is sent nothing by any driver; a password for another
+machine without verified TLS is refused before anything is dialled."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg_pool import PoolTimeout
+
+from asyncpool.errors import AuthMethodRefusedError, PoolConfigError
+from asyncpool.load.clients import make_client
+from asyncpool.load.logins import GuardedLogin
+from asyncpool.load.sampler import PgBouncerSampler, PostgresSampler, Sampler
+from asyncpool.load.spec import LoadSpec
+from asyncpool.testing.mitm import FakeServer
+
+SECRET = "pw/with:every@special?#&%char s+é"  # pragma: allowlist secret
+ESCAPED = "pw%2Fwith%3Aevery%40special%3F%23%26%25char%20s%2B%C3%A9"
+
+
+def _dsn(port: int) -> str:
+    return f"postgresql://app:{ESCAPED}@127.0.0.1:{port}/app"
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "asyncpg-pool", "psycopg-pool"])
+@pytest.mark.parametrize("auth", ["password", "md5"])
+@pytest.mark.parametrize("tls", ["refuse", "self-signed"])
+async def test_a_contender_gives_an_impostor_nothing(driver: str, auth: str, tls: str) -> None:
+    async with FakeServer(tls=tls, auth=auth) as fake:  # type: ignore[arg-type]
+        spec = LoadSpec(_dsn(fake.port), clients=1, processes=1, driver=driver,  # type: ignore[arg-type]
+                        pool_size=1, acquire_timeout=1.0)
+        client = make_client(spec, 0)
+        await client.open()
+        # psycopg_pool retries a refused login until its timeout (libpq's require_auth refused it).
+        expected = PoolTimeout if driver == "psycopg-pool" else AuthMethodRefusedError
+        try:
+            with pytest.raises(expected) as info:
+                await client.query((1,))
+        finally:
+            await client.close()
+    assert fake.logins, "the fake server was never dialled: the test proves nothing"
+    assert fake.received == []
+    assert SECRET.encode() not in fake.raw_bytes_received
+    if isinstance(info.value, AuthMethodRefusedError):
+        assert info.value.method == auth
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("auth", ["password", "md5"])
+async def test_the_samplers_give_an_impostor_nothing(auth: str) -> None:
+    async with FakeServer(tls="self-signed", auth=auth) as fake:  # type: ignore[arg-type]
+        samplers: list[tuple[Sampler, type[Exception]]] = [
+            (PgBouncerSampler(_dsn(fake.port), "app", "app"), psycopg.OperationalError),
+            (PostgresSampler(_dsn(fake.port), "app", "app", beyond_baseline=False),
+             AuthMethodRefusedError),
+        ]
+        for sampler, expected in samplers:
+            with pytest.raises(expected) as info:
+                await asyncio.wait_for(sampler.open(), 10)
+            assert SECRET not in str(info.value)
+    assert len(fake.logins) >= 2
+    assert fake.received == []
+
+
+def test_a_password_for_another_machine_needs_verified_tls() -> None:
+    with pytest.raises(PoolConfigError) as info:
+        GuardedLogin(f"postgresql://app:{ESCAPED}@db.example.com:5432/app?sslmode=require")
+    message = str(info.value)
+    assert "verify-full" in message
+    assert "allow_unprotected_credentials" in message
+    assert SECRET not in message
+    assert ESCAPED not in message
+
+
+def test_bench_refuses_it_before_starting_anything() -> None:
+    for flag in ("--dsn", "--admin-dsn", "--postgres-dsn"):
+        dsns = {"--dsn": "postgresql://app@127.0.0.1:1/app"}
+        dsns[flag] = f"postgresql://app:{ESCAPED}@db.example.com:5432/app"
+        argv = [a for pair in dsns.items() for a in pair]
+        done = subprocess.run([sys.executable, "-m", "asyncpool.cli", "bench", *argv, "--clients",
+                               "1", "--duration", "1"], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 2, (flag, done.stderr)
+        assert "over TLS that verifies the server" in done.stderr, (flag, done.stderr)
+        for piece in (SECRET, ESCAPED, "pw/with", "pw%2Fwith"):
+            assert piece not in done.stderr + done.stdout, flag
+
+
+def test_psycopg_gets_the_resolved_setting(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    """libpq enforces what asyncpg's guard does: sslmode and root from every spelling (here the
+    environment), SCRAM only where the server is not verified."""
+    bundle = tmp_path / "rds.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("ASYNCPOOL_SSL", "verify-full")
+    monkeypatch.setenv("ASYNCPOOL_SSL_ROOT_CERT", str(bundle))
+    conninfo, kwargs = GuardedLogin("postgresql://app:pw@db.example.com/app").psycopg_args()
+    assert kwargs["sslmode"] == "verify-full"
+    assert kwargs["sslrootcert"] == str(bundle)
+    assert "require_auth" not in kwargs
+    assert kwargs["password"] == "pw"
+    assert "pw" not in conninfo.replace("app", "")
+    monkeypatch.delenv("ASYNCPOOL_SSL")
+    monkeypatch.delenv("ASYNCPOOL_SSL_ROOT_CERT")
+    _, local = GuardedLogin("postgresql://app:pw@127.0.0.1/app").psycopg_args()
+    assert local["require_auth"] == "gss,none,scram-sha-256,sspi"
