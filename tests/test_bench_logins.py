@@ -105,7 +105,7 @@ def test_psycopg_gets_the_resolved_setting(monkeypatch: pytest.MonkeyPatch,
     assert kwargs["sslmode"] == "verify-full"
     assert kwargs["sslrootcert"] == str(bundle)
     assert "require_auth" not in kwargs
-    assert kwargs["password"] == "pw"
+    assert kwargs["password"] == "pw"  # pragma: allowlist secret
     assert "pw" not in conninfo.replace("app", "")
     monkeypatch.delenv("ASYNCPOOL_SSL")
     monkeypatch.delenv("ASYNCPOOL_SSL_ROOT_CERT")

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import string
 import subprocess
 import sys
@@ -99,6 +100,9 @@ def pieces(secret: str) -> set[str]:
     return {f[i : i + PIECE] for f in forms for i in range(len(f) - PIECE + 1)}
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 @dataclass
 class Tally:
     """What was checked, for the summary line, and what leaked."""
@@ -113,6 +117,9 @@ class Tally:
     def check(self, secret: str, source: str, channel: str, texts: list[str],
               extra: tuple[str, ...] = ()) -> None:
         wanted = pieces(secret)
+        # Default reprs name an object's address ("<... object at 0x7fce...0e90>"): its hex
+        # digits can spell a piece of a secret's escaped form by chance ("00e9" of "\\u00e9").
+        texts = [_ADDRESS.sub(" at 0x<address>", t) for t in texts]
         text = "\n".join(texts)
         self.secrets.add(secret)
         self.inputs.add(source)
