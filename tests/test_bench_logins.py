@@ -111,3 +111,7 @@ def test_psycopg_gets_the_resolved_setting(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("ASYNCPOOL_SSL_ROOT_CERT")
     _, local = GuardedLogin("postgresql://app:pw@127.0.0.1/app").psycopg_args()
     assert local["require_auth"] == "gss,none,scram-sha-256,sspi"
+    # libpq reads an empty require_auth as "any method": nothing allowed stays nothing.
+    monkeypatch.setenv("ASYNCPOOL_REQUIRE_AUTH", "!password,!md5,!scram-sha-256,!gss,!sspi,!none")
+    _, none = GuardedLogin("postgresql://app:pw@127.0.0.1/app").psycopg_args()
+    assert none["require_auth"] == "!gss,!md5,!none,!password,!scram-sha-256,!sspi"

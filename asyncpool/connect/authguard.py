@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 # Authentication request codes (PostgreSQL protocol 3.0) and the require_auth names they ask for.
 _OK = 0
 _METHODS = {3: "password", 5: "md5", 7: "gss", 9: "sspi", 10: "scram-sha-256"}
-# What libpq's require_auth accepts (PostgreSQL 16+): the same names.
-_LIBPQ_METHODS = frozenset({"password", "md5", "gss", "sspi", "scram-sha-256", "none"})
 _WHAT = {
     "password": "a cleartext password (AuthenticationCleartextPassword)",  # pragma: allowlist secret
     "md5": "an MD5 password hash (AuthenticationMD5Password) instead of SCRAM",
@@ -319,12 +317,20 @@ class Login:
         out: dict[str, Any] = {"sslmode": tls.mode}
         if tls.root_cert is not None:
             out["sslrootcert"] = "system" if tls.root_cert == SYSTEM else tls.root_cert
-        if self.allowed != frozenset(_WHAT):
-            out["require_auth"] = ",".join(sorted(self.allowed & _LIBPQ_METHODS))
+        allowed = self.allowed
+        if allowed != frozenset(_WHAT):
+            # libpq (16+) takes the same names; it reads an empty list as "any method", so
+            # nothing allowed is written as every method negated.
+            out["require_auth"] = (",".join(sorted(allowed)) if allowed
+                                   else ",".join(f"!{m}" for m in sorted(_WHAT)))
         return out
 
-    def refusal(self, target: Target) -> AuthMethodRefusedError | None:
-        """The error for the last call's login, if the guard refused what the server asked."""
-        if self.guard is None or self.guard.refused is None:
+    def refusal(self, target: Target,
+                guard: AuthGuard | None = None) -> AuthMethodRefusedError | None:
+        """The error for a login the guard stopped, if it refused what the server asked:
+        `guard`'s login, or the last call's (a caller with concurrent logins keeps each
+        call's `guard`)."""
+        guard = self.guard if guard is None else guard
+        if guard is None or guard.refused is None:
             return None
-        return refusal_error(self.guard, self.config, target, self.tls, self.require_auth)
+        return refusal_error(guard, self.config, target, self.tls, self.require_auth)

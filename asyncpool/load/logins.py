@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from asyncpool.config import PoolConfig
-from asyncpool.connect.authguard import Login, refusal_error
+from asyncpool.connect.authguard import Login
 from asyncpool.connect.dsn import ParsedDsn, parse_dsn
 
 
@@ -37,10 +37,10 @@ class GuardedLogin:
         try:
             return await asyncpg.connect(self.login.driver_dsn(self.parsed), **kwargs, **guarded)
         except BaseException:
-            if guard is not None and guard.refused is not None:
-                login = self.login
-                raise refusal_error(guard, login.config, self.parsed.target(), login.tls,
-                                    login.require_auth) from None
+            # No guard: nothing could be refused (another call's guard is not this login's).
+            refused = None if guard is None else self.login.refusal(self.parsed.target(), guard)
+            if refused is not None:
+                raise refused from None
             raise
 
     def psycopg_args(self) -> tuple[str, dict[str, Any]]:
