@@ -101,6 +101,11 @@ def pieces(secret: str) -> set[str]:
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# Random identifiers the AWS stand-ins and botocore log (moto's 52-character request ids, SDK
+# invocation ids, idempotency tokens): the values only, after their names.
+_RANDOM_ID = re.compile(
+    r"""((?:request-?id|invocation-id|request-?token)["']?\s*[:=]\s*["']?)[A-Za-z0-9+/=_-]{16,}""",
+    re.IGNORECASE)
 
 
 @dataclass
@@ -119,7 +124,9 @@ class Tally:
         wanted = pieces(secret)
         # Default reprs name an object's address ("<... object at 0x7fce...0e90>"): its hex
         # digits can spell a piece of a secret's escaped form by chance ("00e9" of "\\u00e9").
-        texts = [_ADDRESS.sub(" at 0x<address>", t) for t in texts]
+        # So can the random request ids of the AWS stand-ins ("...bZWkK..." held "ZWkK").
+        texts = [_RANDOM_ID.sub(r"\1<random id>", _ADDRESS.sub(" at 0x<address>", t))
+                 for t in texts]
         text = "\n".join(texts)
         self.secrets.add(secret)
         self.inputs.add(source)

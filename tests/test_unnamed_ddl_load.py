@@ -55,6 +55,9 @@ class Workload:
         self.checked = 0
         self.wrong: list[str] = []
         self.errors: list[str] = []
+        # Rows asyncpg could not decode with the description it used (a column retyped to another
+        # width between the describe and the execute): the same race as `wrong`, seen as an error.
+        self.misdecoded: list[str] = []
 
     def check(self, row: asyncpg.Record | None, row_id: int, kind: int = -1) -> None:
         assert row is not None
@@ -97,6 +100,8 @@ class Workload:
                         self.check(await conn.fetchrow(select, row_id), row_id, 4)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, AssertionError) as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
+            except BufferError as exc:
+                self.misdecoded.append(f"kind {kind}: {exc}")
 
 
 @pytest.mark.parametrize("mode", ["unnamed", "off"])
@@ -145,10 +150,13 @@ async def test_migrations_under_concurrent_load(pooler: Pooler, postgres: Postgr
         assert work.errors == [], work.errors[:5]
         if mode == "unnamed":
             assert work.wrong == [], work.wrong[:5]
+            assert work.misdecoded == [], work.misdecoded[:5]
         # With "off" (asyncpg as is) wrong values do occur, in about half the runs: asyncpg
         # describes a statement, introspects a type it has not seen (a separate transaction, so
         # a migration can land), then parses it again and decodes with the first description.
-        # The control only shows that the workload gives no error without a cache.
+        # When the retype changed the width (int4 -> int8), that decode fails instead ("unexpected
+        # trailing 4 bytes in buffer", seen in a full-suite run on 2026-12-04). The control only
+        # shows that the workload gives no other error without a cache.
         assert work.checked > 200
     finally:
         await admin.execute(f"DROP TABLE IF EXISTS {table}; DROP TYPE IF EXISTS {mood};"
