@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 50]
         [--instances 500] [--seconds 2] [--warmup 1] [--all] [--only python|single|fleet] [--uvloop]
+        [--ladder]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
 asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
@@ -18,6 +19,11 @@ steadier than throughput on a shared machine. Two cases:
   through PgBouncer 1.18, every instance querying in a loop. All contenders' instances are open
   at once and take turns: one contender runs, the others wait at a gate; after `--warmup` (the
   previous contender's queries drain) its client CPU over `--seconds` is one sample.
+
+`--ladder` runs the single case with raw asyncpg, the pool, and stand-ins on the pool's own
+connection that each do one more piece of the bookkeeping around a statement (a bare take and
+return, clock reads, a lease with its task and context, the table of leases, the state checks):
+where the pool's extra goes.
 
 Each sample of a contender is paired with raw asyncpg's sample of the same pass (next to it in
 time), so a busy neighbour moves both. The report gives medians, the extra µs per query over raw
@@ -130,6 +136,67 @@ CONTENDERS: dict[str, Instance] = {
     ASYNCPG_POOL: asyncpg_pool,
     PSYCOPG_POOL: psycopg_pool,
 }
+
+
+# `--ladder`: stand-ins on the pool's own connection, each doing one more piece of the bookkeeping
+# `Slots.one` does around a statement, from bare take-and-return up (where the extra goes).
+LADDER = (
+    "ladder 0: take + return (a list), nothing else",
+    "ladder 1: + a clock read at each end",
+    "ladder 2: + a Lease (holding task, context copy)",
+    "ladder 3: + the table of leases",
+    "ladder 4: + is_closed() / is_in_transaction()",
+)
+
+
+def _ladder_step(step: int) -> Instance:
+    @asynccontextmanager
+    async def instance(dsn: str) -> AsyncIterator[Query]:
+        from contextvars import copy_context
+
+        import asyncpool
+        from asyncpool.pool.lease import RELEASED, Lease
+        from asyncpool.pool.record import ConnectionRecord
+        from asyncpool.pool.slots import task_of
+
+        pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
+                                           telemetry=False)
+        slots = pool._slots
+        idle = [slots.idle[0]]
+        clock = slots.clock
+        leases: dict[ConnectionRecord, Lease] = {}
+
+        async def query(i: int) -> Any:
+            record = idle.pop()
+            conn = record.conn
+            now = clock() if step >= 1 else 0.0
+            lease = Lease(record, now, None, task_of(asyncio.get_running_loop()), copy_context()) \
+                if step >= 2 else None
+            if step >= 3:
+                assert lease is not None
+                leases[record] = lease
+            if step >= 4 and conn.is_closed():
+                raise RuntimeError("closed")
+            try:
+                result = await conn.fetchval(QUERY, i)
+            finally:
+                if step >= 1:
+                    now = clock()
+                if step >= 4 and conn.is_in_transaction():
+                    raise RuntimeError("in a transaction")
+                if step >= 3:
+                    del leases[record]
+                if lease is not None:
+                    lease.state = RELEASED
+                idle.append(record)
+            return result
+
+        try:
+            yield query
+        finally:
+            await pool.close()
+
+    return instance
 
 
 def _order(names: list[str]) -> list[str]:
@@ -275,9 +342,12 @@ async def python_case(dsn: str, args: argparse.Namespace) -> Samples:
 
     pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
                                        telemetry=False)
+    from asyncpool.connect.driver import probes
+
     record = pool._slots.idle[0]
     real, stub = record.conn, _Instant()
     record.conn = stub
+    record.connected, record.in_transaction = probes(stub)
 
     async def acquire(i: int) -> Any:
         async with pool.acquire() as conn:
@@ -305,6 +375,7 @@ async def python_case(dsn: str, args: argparse.Namespace) -> Samples:
             order.reverse()
     finally:
         record.conn = real
+        record.connected, record.in_transaction = probes(real)
         await pool.close()
     return samples
 
@@ -365,9 +436,17 @@ def main() -> None:
                         help="fleet: asyncpg.Pool and psycopg_pool too (1,000 more connections)")
     parser.add_argument("--only", choices=["single", "fleet", "python"])
     parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
+    parser.add_argument("--ladder", action="store_true",
+                        help="single: raw asyncpg and the pool against stand-ins doing a part of "
+                             "the pool's bookkeeping each (replaces the other contenders)")
     parser.add_argument("--pin", choices=PLACEMENTS, default="same",
                         help="CPU placement of client and servers (asyncpool/testing/affinity.py)")
     args = parser.parse_args()
+    if args.ladder:
+        for other in (UNNAMED, ASYNCPG_POOL, PSYCOPG_POOL):
+            del CONTENDERS[other]
+        CONTENDERS.update({name: _ladder_step(step) for step, name in enumerate(LADDER)})
+        args.only = "single"
     if args.uvloop:
         import uvloop
 

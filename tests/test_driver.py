@@ -110,6 +110,41 @@ async def test_aborted_and_is_connected_say_a_connection_is_gone(
         other.terminate()
 
 
+async def test_probes_answer_as_is_closed_and_is_in_transaction(
+        conn: Any, postgres: PostgresServer) -> None:
+    """`probes` binds the protocol's `is_connected()` and `is_in_transaction()`: they agree with
+    the public methods at every step, including at once after terminate() or close()."""
+    connected, in_transaction = driver.probes(conn)
+    assert connected()
+    assert not conn.is_closed()
+    await conn.execute("BEGIN")
+    assert in_transaction()
+    assert conn.is_in_transaction()
+    await conn.execute("ROLLBACK")
+    assert not in_transaction()
+    assert not conn.is_in_transaction()
+    for end in ("terminate", "close", "server"):
+        other = await asyncpg.connect(postgres.dsn())
+        other_connected, _ = driver.probes(other)
+        assert other_connected()
+        if end == "terminate":
+            other.terminate()
+        elif end == "close":
+            closing = asyncio.ensure_future(other.close())
+            await asyncio.sleep(0)  # close() has begun, the socket is not gone yet
+            assert not other_connected()
+            assert other.is_closed()
+            await closing
+        else:
+            await conn.execute("SELECT pg_terminate_backend($1)", other.get_server_pid())
+            async with asyncio.timeout(5):
+                while not other.is_closed():
+                    await asyncio.sleep(0.01)
+        assert not other_connected(), end
+        assert other.is_closed(), end
+        other.terminate()
+
+
 async def test_cancellations_hold_the_cancel_request_in_flight(conn: Any) -> None:
     await _cancelled_query(conn)
     pending = driver.pending_cancellations(conn)
