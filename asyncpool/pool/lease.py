@@ -104,15 +104,21 @@ class Lease:
 
 
 #: The code of the functions that run a query helper's statement (``Slots.one``...), registered
-#: by their modules: in a holding task's chain, two frames out from one of them (past the
-#: helper, ``Pool.fetchval``...) is the frame that called the helper.
+#: by their modules: in a holding task's chain, the frame just out from one of them is the one
+#: that called the helper...
 STATEMENT_RUNNERS: set[CodeType] = set()
+#: ...unless it is one of these (``Pool.fetchval`` called through the class, or overridden and
+#: calling ``super()``): then the frame out from that one.
+HELPER_METHODS: set[CodeType] = set()
 
 
 def _helper_caller(chain: list[FrameType]) -> FrameType | None:
     for i, frame in enumerate(chain):
         if frame.f_code in STATEMENT_RUNNERS:
-            return chain[i - 2] if i >= 2 else None
+            j = i - 1
+            if j >= 0 and chain[j].f_code in HELPER_METHODS:
+                j -= 1
+            return chain[j] if j >= 0 else None
     return None
 
 

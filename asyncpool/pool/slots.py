@@ -586,10 +586,10 @@ class Slots:
             self.on_acquired(0.0)
         return lease
 
-    async def one(self, method: str, query: str, args: tuple[Any, ...],  # noqa: PLR0915
-                  kwargs: dict[str, Any] | None) -> Any:  # written out: see the docstring
+    async def one(self, method: str, query: str, /, *args: Any,  # noqa: PLR0915
+                  **kwargs: Any) -> Any:  # written out: see the docstring
         """Run one statement, ``conn.<method>(query, *args, **kwargs)``, on a connection of the
-        pool (``pool.fetchval()`` and the other query helpers).
+        pool (``pool.fetchval()`` and the other query helpers, bound to this method).
 
         It does what ``async with pool.acquire() as conn: return await conn.<method>(...)`` does
         (the same leak report, errors and cancellation handling: `end_checkout`) without the
@@ -608,7 +608,7 @@ class Slots:
         """
         if self.setup is not None:  # the hook is given the proxy: through an acquire context
             async with AcquireContext(self, UNSET, None) as proxy:
-                return await getattr(proxy, method)(query, *args, **(kwargs or {}))
+                return await getattr(proxy, method)(query, *args, **kwargs)
         lease: Lease | None = None
         idle = self.idle
         if idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]:
@@ -643,10 +643,10 @@ class Slots:
         record = lease.record
         conn = record.conn
         try:
-            if kwargs is None:
-                result = await getattr(conn, method)(query, *args)
-            else:
+            if kwargs:
                 result = await getattr(conn, method)(query, *args, **kwargs)
+            else:
+                result = await getattr(conn, method)(query, *args)
         except BaseException as exc:
             await end_checkout(self, lease, exc)
             raise
