@@ -255,7 +255,7 @@ class _QueryHelper(partial[Any]):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"<bound method Pool.{self.args[0]} of pool {self.func.__self__.name!r}>"
+        return f"<bound method Pool.{self.args[0]} of pool {self.func.__self__.name!r}>"  # type: ignore[attr-defined]
 
     @property
     def __name__(self) -> str:

@@ -23,7 +23,7 @@ def test_each_helper_is_a_coroutine_function_for_inspect_asyncio_and_mock(
         helper = getattr(pool, name)
         assert helper is not getattr(Pool, name).__get__(pool), name  # the bound fast path
         assert inspect.iscoroutinefunction(helper), name
-        assert asyncio.iscoroutinefunction(helper), name  # noqa: ASYNC
+        assert asyncio.iscoroutinefunction(helper), name
         assert inspect.iscoroutinefunction(getattr(Pool, name)), name
     assert pool.fetchval.__name__ == "fetchval"
     assert str(inspect.signature(pool.fetchval)) == str(inspect.signature(pool.__class__.fetchval)
