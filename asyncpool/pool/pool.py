@@ -189,39 +189,29 @@ class Pool:
             await slots.checkin(lease)
 
     # The query helpers: each instance has them bound to `Slots.one` (see __init__); these are
-    # what type checkers and the documentation read, and what runs through the class. They
-    # pass no keyword arguments when they are asyncpg's defaults.
+    # what type checkers and the documentation read, and what runs through the class.
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a statement on a connection of the pool (``asyncpg.Connection.execute``)."""
-        status: str = await (self._slots.one("execute", query, *args) if timeout is None
-                             else self._slots.one("execute", query, *args, timeout=timeout))
+        status: str = await self._slots.one("execute", query, *args, timeout=timeout)
         return status
 
     async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
         """Run a statement once per argument tuple (``asyncpg.Connection.executemany``)."""
-        if timeout is None:
-            await self._slots.one("executemany", query, args)
-        else:
-            await self._slots.one("executemany", query, args, timeout=timeout)
+        await self._slots.one("executemany", query, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
         """The rows of a query (``asyncpg.Connection.fetch``)."""
-        rows: list[Any] = await (self._slots.one("fetch", query, *args) if timeout is None
-                                 else self._slots.one("fetch", query, *args, timeout=timeout))
+        rows: list[Any] = await self._slots.one("fetch", query, *args, timeout=timeout)
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         """The first row of a query, or None (``asyncpg.Connection.fetchrow``)."""
-        if timeout is None:
-            return await self._slots.one("fetchrow", query, *args)
         return await self._slots.one("fetchrow", query, *args, timeout=timeout)
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
                        timeout: float | None = None) -> Any:
         """One value of the first row, or None (``asyncpg.Connection.fetchval``)."""
-        if column == 0 and timeout is None:
-            return await self._slots.one("fetchval", query, *args)
         return await self._slots.one("fetchval", query, *args, column=column, timeout=timeout)
 
     # -- introspection ------------------------------------------------------------------------

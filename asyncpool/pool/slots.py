@@ -639,7 +639,7 @@ class Slots:
                     self.on_acquired(0.0)
         if lease is None:
             lease = await self.checkout(UNSET, None)
-        lease.scoped = True
+            lease.scoped = True
         record = lease.record
         conn = record.conn
         try:
