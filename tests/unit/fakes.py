@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import re
 import selectors
 from collections.abc import Callable, Iterator
@@ -467,3 +468,12 @@ def fake_pool(server: FakeServer, **options: Any) -> asyncpool.pool.pool.Pool:
     kwargs = dict(options.pop("connect_kwargs", {}))
     kwargs["fake_server"] = server
     return asyncpool.pool.pool.Pool(connect_kwargs=kwargs, **options)
+
+
+def leak_site(records: list[logging.LogRecord]) -> tuple[str, list[str]]:
+    """The acquire site of the first leak report among `records`, and the function names of its
+    frames, outermost first."""
+    record = next(r for r in records if "Acquired at" in r.getMessage())
+    site: str = record.__dict__["asyncpool_acquire_site"]
+    names = [line.split(" in ")[-1] for line in site.splitlines() if line.startswith("  File")]
+    return site, names

@@ -32,6 +32,7 @@ from tests.unit.fakes import (
     FakeServer,
     VirtualClockLoop,
     fake_pool,
+    leak_site,
     run,
 )
 
@@ -468,11 +469,9 @@ def test_14_a_leak_report_shows_the_callers_stack(
 
     with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
         run(main())
-    record = next(r for r in caplog.records if "Acquired at" in r.getMessage())
-    site: str = record.__dict__["asyncpool_acquire_site"]
+    site, names = leak_site(caplog.records)
     assert "leaks.py" not in site, site
     assert "base_events.py" not in site, site
-    names = [line.split(" in ")[-1] for line in site.splitlines() if line.startswith("  File")]
     assert names[-3:] == ["main", "handler", "service"], site
     assert "async with pool.acquire() as conn:" in site
 
@@ -500,9 +499,7 @@ def test_14_a_query_helpers_leak_report_shows_its_caller(
 
     with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
         run(main())
-    record = next(r for r in caplog.records if "Acquired at" in r.getMessage())
-    site: str = record.__dict__["asyncpool_acquire_site"]
-    names = [line.split(" in ")[-1] for line in site.splitlines() if line.startswith("  File")]
+    site, names = leak_site(caplog.records)
     assert names[-3:] == ["main", "handler", "service"], site
     assert 'await pool.fetchval("SELECT 1")' in site, site
     assert "slots.py" not in site, site

@@ -13,7 +13,7 @@ import pytest
 
 from asyncpool import Pool
 from asyncpool.pool.pool import QUERY_HELPERS
-from tests.unit.fakes import FakeServer, fake_pool, run
+from tests.unit.fakes import FakeServer, fake_pool, leak_site, run
 
 
 def test_each_helper_is_a_coroutine_function_for_inspect_asyncio_and_mock(
@@ -112,9 +112,7 @@ def test_a_helpers_leak_report_names_its_caller_whatever_the_route(
 
     with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
         run(main())
-    record = next(r for r in caplog.records if "Acquired at" in r.getMessage())
-    site: str = record.__dict__["asyncpool_acquire_site"]
-    names = [line.split(" in ")[-1] for line in site.splitlines() if line.startswith("  File")]
+    site, names = leak_site(caplog.records)
     if route == "subclass":  # the override is the user's code: it is the caller shown
         assert names[-3:] == ["main", "service", "fetchval"], site
     else:
