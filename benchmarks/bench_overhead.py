@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 50]
         [--instances 500] [--seconds 2] [--warmup 1] [--all] [--only python|single|fleet] [--uvloop]
         [--ladder]
+    .venv/bin/python benchmarks/bench_overhead.py --only instructions [--rounds 3]
+        [--instr-queries 500] [--ladder] [--all] [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
 asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
@@ -19,6 +21,14 @@ steadier than throughput on a shared machine. Two cases:
   through PgBouncer 1.18, every instance querying in a loop. All contenders' instances are open
   at once and take turns: one contender runs, the others wait at a gate; after `--warmup` (the
   previous contender's queries drain) its client CPU over `--seconds` is one sample.
+
+`--only instructions` (needs valgrind; run only when asked) counts the instructions per query of
+each contender of the single case: valgrind's cachegrind runs a child process per contender twice
+(`--instr-queries` queries, then three times as many, after the same warm-up) and the difference
+is divided by the extra queries. The counts barely move from run to run whatever else the machine
+does (a few hundred instructions per query out of ~200,000), so a change too small for the CPU
+clock on a shared machine shows; they are not time (user space only, a cache miss costs more than
+an instruction), so the targets stay with the CPU cases.
 
 `--ladder` runs the single case with raw asyncpg, the pool, and stand-ins on the pool's own
 connection that each do one more piece of the bookkeeping around a statement (a bare take and
@@ -301,6 +311,67 @@ async def fleet_case(dsn: str, args: argparse.Namespace) -> Samples:
     return samples
 
 
+def instructions_case(dsn: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Instructions per query, counted by valgrind (cachegrind, no cache simulation) in a child
+    process per contender: one run with `--instr-queries` queries and one with three times as
+    many, after the same warm-up; their difference over the extra queries leaves out start-up,
+    imports and connecting. Counts are nearly the same from run to run whatever the machine is
+    doing, so a change of a few hundred instructions per query shows; they are not time (a cache
+    miss costs more than an instruction), so the CPU cases stay the measure of the targets."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--only instructions needs valgrind (Debian package valgrind)")
+    names = [n for n in CONTENDERS if args.all or n not in (ASYNCPG_POOL, PSYCOPG_POOL)]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    small, large = args.instr_queries, 3 * args.instr_queries
+
+    def count(name: str, queries: int) -> int:
+        cmd = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+               sys.executable, __file__, "--child", name, "--dsn", dsn, "--queries", str(queries)]
+        if args.uvloop:
+            cmd.append("--uvloop")
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if done.returncode != 0 or found is None:
+            raise SystemExit(f"{name}: the child failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        return int(found.group(1).replace(",", ""))
+
+    per_query: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            per_query[name].append((count(name, large) - count(name, small)) / (large - small))
+        print(f"  [instructions {r + 1}/{args.rounds}] "
+              + ", ".join(f"{n}: {v[-1]:,.0f}" for n, v in per_query.items()), flush=True)
+    return per_query
+
+
+async def child(args: argparse.Namespace) -> None:
+    """`--child`: one contender, 200 queries of warm-up, then `--queries` queries (for valgrind)."""
+    async with CONTENDERS[args.child](args.dsn) as query:
+        for i in range(200):
+            await query(i)
+        gc.collect()
+        gc.freeze()  # the warm-up's objects are not traversed again by the measured queries' GC
+        for i in range(args.queries):
+            await query(i)
+
+
+def report_instructions(per_query: dict[str, list[float]]) -> None:
+    med = statistics.median
+    base = med(per_query[RAW])
+    print(f"\n== instructions per query (valgrind), median (min-max) of {len(per_query[RAW])} runs "
+          "each; extra over raw asyncpg")
+    for name, values in per_query.items():
+        print(f"  {name:<48} {med(values):9,.0f} ({min(values):,.0f}-{max(values):,.0f})  "
+              f"extra {med(values) - base:+8,.0f} ({(med(values) - base) / base:+.1%})")
+
+
 class _Instant:
     """Stands in for the pool's asyncpg connection in the `python` case: answers at once, and has
     what the pool reads on a return (nothing to reset)."""
@@ -434,7 +505,12 @@ def main() -> None:
                         help="fleet: seconds a contender runs before its window (the last one drains)")
     parser.add_argument("--all", action="store_true",
                         help="fleet: asyncpg.Pool and psycopg_pool too (1,000 more connections)")
-    parser.add_argument("--only", choices=["single", "fleet", "python"])
+    parser.add_argument("--only", choices=["single", "fleet", "python", "instructions"],
+                        help="one case; instructions (needs valgrind) runs only when named")
+    parser.add_argument("--instr-queries", type=int, default=500,
+                        help="instructions: queries in the shorter of each contender's two runs")
+    parser.add_argument("--child", choices=list(CONTENDERS) + list(LADDER), help=argparse.SUPPRESS)
+    parser.add_argument("--dsn", help=argparse.SUPPRESS)
     parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
     parser.add_argument("--ladder", action="store_true",
                         help="single: raw asyncpg and the pool against stand-ins doing a part of "
@@ -442,15 +518,19 @@ def main() -> None:
     parser.add_argument("--pin", choices=PLACEMENTS, default="same",
                         help="CPU placement of client and servers (asyncpool/testing/affinity.py)")
     args = parser.parse_args()
-    if args.ladder:
+    if args.ladder or args.child in LADDER:
         for other in (UNNAMED, ASYNCPG_POOL, PSYCOPG_POOL):
             del CONTENDERS[other]
         CONTENDERS.update({name: _ladder_step(step) for step, name in enumerate(LADDER)})
-        args.only = "single"
+        if args.only != "instructions":
+            args.only = "single"
     if args.uvloop:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if args.child is not None:
+        asyncio.run(child(args))
+        return
 
     from asyncpool.testing import ServerStack
     from asyncpool.testing.affinity import place
@@ -467,6 +547,8 @@ def main() -> None:
             results["single"] = asyncio.run(single_case(stack.postgres.dsn(), args))
         if args.only in (None, "fleet"):
             results["fleet"] = asyncio.run(fleet_case(stack.legacy.dsn(), args))
+        if args.only == "instructions":
+            counted = instructions_case(stack.postgres.dsn(), args)
     finally:
         stack.stop()
     titles = {"python": "the pool's Python alone: connection swapped for a stub that answers at once",
@@ -475,6 +557,8 @@ def main() -> None:
     targets = {"python": 3.0, "single": 3.0, "fleet": 5.0}
     for case, samples in results.items():
         report(f"{case} ({titles[case]})", samples, targets[case])
+    if args.only == "instructions":
+        report_instructions(counted)
 
 
 if __name__ == "__main__":

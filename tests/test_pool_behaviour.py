@@ -67,6 +67,36 @@ async def test_many_tasks_share_a_small_pool(pooler: Pooler) -> None:
         await _baseline(pool, pooler)
 
 
+async def test_a_busy_pool_adds_no_timer_to_the_event_loop(pooler: Pooler) -> None:
+    # A timer waiting in asyncio's heap costs every turn of the loop (asyncpool/pool/alarms.py):
+    # on asyncio's own loops the leak deadline and the housekeeping period wait elsewhere.
+    loop = asyncio.get_running_loop()
+
+    def timers() -> set[asyncio.TimerHandle]:
+        return {h for h in loop._scheduled if not h.cancelled()}  # type: ignore[attr-defined]
+
+    before = timers()
+    async with Pool(pooler.dsn(), max_size=2, leak_timeout=0.5, telemetry=False) as pool:
+        for i in range(20):
+            assert await pool.fetchval("SELECT $1::int", i) == i
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT $1::int", i) == i
+                assert timers() - before == set()
+            assert timers() - before == set()
+        housekeeper = pool._slots.housekeeper
+        assert housekeeper is not None
+        assert not housekeeper.done()
+        assert pool._slots.leak_timer_unarmed is False  # the leak deadline is set...
+
+        async def holder() -> None:
+            async with pool.acquire():
+                await asyncio.sleep(30)
+
+        with pytest.raises(asyncpool.ConnectionLeakedError):  # ...and still fires
+            await asyncio.wait_for(holder(), 5)
+        assert pool.stats().leaked_total == 1
+
+
 async def test_cancellation_storm_returns_to_baseline(pooler: Pooler) -> None:
     rng = random.Random(1234)
     async with Pool(pooler.dsn(), name="storm", max_size=4, acquire_timeout=30,

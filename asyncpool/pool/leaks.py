@@ -1,4 +1,4 @@
-"""Leak detection: notice a lease held past `leak_timeout`, with one timer for the whole pool."""
+"""Leak detection: notice a lease held past `leak_timeout`, with one alarm for the whole pool."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from asyncpool.pool.alarms import alarm, loop_clock
 from asyncpool.pool.lease import ACTIVE, Lease
 
 logger = logging.getLogger("asyncpool.leaks")
@@ -16,21 +17,24 @@ _EARLY_FIRE_SLACK = 0.001
 
 
 class LeakTracker:
-    """Fires `on_leak` for each lease held past `timeout`, with one timer for the whole pool.
+    """Fires `on_leak` for each lease held past `timeout`, with one alarm for the whole pool.
 
     It reads the pool's own `leases` (connection -> lease, in the order they were taken): every
-    lease has the same timeout, so acquire order is deadline order and one timer, armed for the
-    oldest active lease, serves them all. A checkout adds nothing here: it only arms the timer
-    when none is armed, and a return removes nothing.
+    lease has the same timeout, so acquire order is deadline order and one alarm, set for the
+    oldest active lease, serves them all. A checkout adds nothing here: it only arms the alarm
+    when none is armed, and a return removes nothing. The alarm waits off the loop's heap where
+    that saves the loop work (`asyncpool.pool.alarms`).
     """
 
     def __init__(self, timeout: float, on_leak: Callable[[Lease], None],
-                 leases: Mapping[Any, Lease], set_unarmed: Callable[[bool], None]) -> None:
+                 leases: Mapping[Any, Lease], set_unarmed: Callable[[bool], None],
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.timeout = timeout
         self._on_leak = on_leak
         self._leases = leases
-        self._timer: asyncio.TimerHandle | None = None
-        # Told whether no timer is armed (then the next checkout calls `arm`): the pool keeps
+        self._clock = loop_clock(loop)
+        self._alarm = alarm(loop, self._fire)
+        # Told whether no alarm is set (then the next checkout calls `arm`): the pool keeps
         # the flag itself, so a checkout reads one object less.
         self._set_unarmed = set_unarmed
         set_unarmed(True)
@@ -38,12 +42,11 @@ class LeakTracker:
     def arm(self, acquired_at: float) -> None:
         """Fire when a lease taken at `acquired_at` (and still held) is due."""
         self._set_unarmed(False)
-        self._timer = asyncio.get_running_loop().call_at(acquired_at + self.timeout, self._fire)
+        self._alarm.set(acquired_at + self.timeout)
 
     def _fire(self) -> None:
-        self._timer = None
         self._set_unarmed(True)
-        now = asyncio.get_running_loop().time() + _EARLY_FIRE_SLACK
+        now = self._clock() + _EARLY_FIRE_SLACK
         due: list[Lease] = []
         for lease in self._leases.values():
             # Returned ones being reset, and ones already reported, are not (or no longer) leaks.
@@ -66,9 +69,7 @@ class LeakTracker:
                 logger.exception("leak handler failed")
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._alarm.cancel()
         # Closed for good: no checkout arms it again.
         self._set_unarmed(False)
 

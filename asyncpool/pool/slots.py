@@ -38,6 +38,8 @@ from asyncpool.connect.driver import BROKEN, NEEDS_RESET, returned
 from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.observer import LeakReport, PoolObserver
+from asyncpool.pool import alarms
+from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.backoff import Backoff
 from asyncpool.pool.checkout import AcquireContext, end_checkout
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
@@ -205,10 +207,10 @@ class Slots:
         self._drained = asyncio.Event()
         self._closed = asyncio.Event()
         cfg = self.config
-        self.clock = _clock_of(self.loop)
+        self.clock = loop_clock(self.loop)
         if cfg.leak_timeout is not None:
             self.leaks = LeakTracker(cfg.leak_timeout, _weakly(self, Slots.on_leak), self.leases,
-                                     _weakly(self, _set_leak_timer_unarmed))
+                                     _weakly(self, _set_leak_timer_unarmed), self.loop)
             self.track_leaks = True
         observer.attach(self.name, _weak_stats(self))
         self.on_acquired, self.on_released = observer.checkout_hooks()
@@ -1211,13 +1213,6 @@ class Slots:
 STATEMENT_RUNNERS.add(Slots.one.__code__)
 
 
-def _clock_of(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
-    """What `loop.time()` reads, with one Python call less where that is the same clock."""
-    if type(loop).time is asyncio.BaseEventLoop.time:
-        return time.monotonic  # BaseEventLoop.time() is `return time.monotonic()`
-    return loop.time
-
-
 def _weak_stats(slots: Slots) -> Callable[[], PoolStats]:
     """`slots.stats` without keeping the pool alive: observers (a global metrics registry) hold
     it, and a pool dropped without close() must still be collected."""
@@ -1260,7 +1255,7 @@ async def housekeeping(ref: weakref.ref[Slots], period: float) -> None:
     closes or is collected. Any error is logged and the next round runs as planned: the schedule
     comes first, so no failure can stop it (psycopg's ShrinkPool, HikariCP's HouseKeeper)."""
     while True:
-        await asyncio.sleep(period)
+        await alarms.sleep(period)
         slots = ref()
         if slots is None or slots.state is not OPEN:
             return

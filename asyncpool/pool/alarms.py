@@ -1,0 +1,182 @@
+"""The pool's timers (leak deadline, housekeeping period), kept out of the event loop's own heap.
+
+While a timer waits in asyncio's heap (``call_at``, ``asyncio.sleep``), every turn of a stock
+asyncio loop works out a select timeout in Python: counted with valgrind, one pending timer adds
+about 11,000 instructions (5.6%) to each query of a raw asyncpg connection, and the pool's two
+timers are pending nearly all the time (benchmarks/README.md). On asyncio's own loops they wait
+instead in one daemon thread per process, which hands each due deadline to its loop with
+``call_soon_threadsafe``: nothing is added to the loop's turns. A loop with a clock of its own
+(uvloop, whose timers are C; a test loop with a virtual clock) keeps its timers (``call_at``).
+
+Deadlines are read on `loop_clock(loop)`, the clock the pool uses on that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+
+def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """What `loop.time()` reads, with one Python call less where that is the same clock."""
+    if own_clock(loop):
+        return time.monotonic  # BaseEventLoop.time() is `return time.monotonic()`
+    return loop.time
+
+
+def own_clock(loop: asyncio.AbstractEventLoop) -> bool:
+    """True for asyncio's own loops (their clock is `time.monotonic`, their timers Python)."""
+    return type(loop).time is asyncio.BaseEventLoop.time
+
+
+class Alarm(Protocol):
+    """Calls its callback on its loop once the latest deadline set has passed."""
+
+    def set(self, when: float) -> None:
+        """Fire at `when` (on `loop_clock`), instead of any deadline set before."""
+
+    def cancel(self) -> None:
+        """Do not fire (until set again)."""
+
+
+def alarm(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> Alarm:
+    """An alarm that calls `callback()` on `loop` (the running one), off the loop's heap where
+    that saves the loop work."""
+    if own_clock(loop):
+        return ThreadAlarm(loop, callback)
+    return LoopAlarm(loop, callback)
+
+
+async def sleep(seconds: float) -> None:
+    """``asyncio.sleep(seconds)`` that leaves the loop's heap alone on asyncio's own loops."""
+    loop = asyncio.get_running_loop()
+    if not own_clock(loop):
+        await asyncio.sleep(seconds)
+        return
+    woken = loop.create_future()
+
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    waiting = ThreadAlarm(loop, wake)
+    waiting.set(time.monotonic() + seconds)
+    try:
+        await woken
+    finally:
+        waiting.cancel()
+
+
+class LoopAlarm:
+    """An `Alarm` on the loop's own timers."""
+
+    __slots__ = ("_callback", "_handle", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._handle: asyncio.TimerHandle | None = None
+
+    def set(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._callback()
+
+
+# (deadline, order of setting, alarm): the order breaks ties, so alarms are never compared.
+_Entry = tuple[float, int, "ThreadAlarm"]
+
+
+class ThreadAlarm:
+    """An `Alarm` waited for by the process's alarm thread (`_Waiter`)."""
+
+    __slots__ = ("_callback", "_loop", "entry")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        #: The deadline in force (None: none); the thread skips any other entry of this alarm.
+        self.entry: _Entry | None = None
+
+    def set(self, when: float) -> None:
+        _WAITER.add(self, when)
+
+    def cancel(self) -> None:
+        self.entry = None  # the thread drops the stale entry when it reaches it
+
+    def due(self, entry: _Entry) -> None:
+        """Handed over by the thread; the callback runs unless set again or cancelled since."""
+        if self.entry is entry:
+            self.entry = None
+            self._callback()
+
+    def hand_over(self, entry: _Entry) -> None:
+        """In the thread: schedule `due` on the alarm's loop (a closed loop gets nothing)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.due, entry)
+
+
+class _Waiter:
+    """The thread that waits for every `ThreadAlarm` of the process: a heap of deadlines under
+    a lock, slept on until the earliest (or until an earlier one is added)."""
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """Start afresh (after a fork, in the child: the thread is not there, and its lock may
+        have been held at the fork)."""
+        self._changed = threading.Condition(threading.Lock())
+        self._heap: list[_Entry] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, alarm: ThreadAlarm, when: float) -> None:
+        with self._changed:
+            entry = (when, next(self._order), alarm)
+            alarm.entry = entry  # before the thread can see it: any other entry is stale now
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="asyncpool-alarms",
+                                                daemon=True)
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._changed.notify()
+
+    def _run(self) -> None:
+        heap = self._heap
+        with self._changed:
+            while True:
+                while heap and heap[0][2].entry is not heap[0]:
+                    heapq.heappop(heap)  # cancelled, or set again since
+                if not heap:
+                    self._changed.wait()
+                    continue
+                delay = heap[0][0] - time.monotonic()
+                if delay > 0:
+                    self._changed.wait(delay)
+                    continue
+                entry = heapq.heappop(heap)
+                entry[2].hand_over(entry)
+
+
+_WAITER = _Waiter()  # its thread starts with the first alarm set
+
+
+os.register_at_fork(after_in_child=_WAITER.forget)

@@ -1,0 +1,215 @@
+"""The pool's timers off the event loop's heap (`asyncpool.pool.alarms`): real loops, real time
+(deadlines of tens of milliseconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from asyncpool.pool import alarms
+from asyncpool.pool.alarms import LoopAlarm, ThreadAlarm
+from tests.unit.fakes import VirtualClockLoop
+
+
+def pending_timers(loop: asyncio.AbstractEventLoop) -> list[Any]:
+    """The timers waiting in a stock asyncio loop's own heap (cancelled ones left out)."""
+    return [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+
+
+async def test_an_alarm_fires_on_its_loop_after_its_deadline_and_not_from_the_loops_heap() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[tuple[float, int]] = []
+    done = asyncio.Event()
+
+    def callback() -> None:
+        fired.append((time.monotonic(), threading.get_ident()))
+        done.set()
+
+    alarm = alarms.alarm(loop, callback)
+    assert isinstance(alarm, ThreadAlarm)
+    deadline = time.monotonic() + 0.05
+    alarm.set(deadline)
+    assert pending_timers(loop) == []
+    await asyncio.wait_for(done.wait(), 5)
+    assert len(fired) == 1
+    assert fired[0][0] >= deadline
+    assert fired[0][1] == threading.get_ident()
+
+
+async def test_setting_again_replaces_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[float] = []
+    alarm = alarms.alarm(loop, lambda: fired.append(time.monotonic()))
+    alarm.set(time.monotonic() + 0.02)
+    later = time.monotonic() + 0.15
+    alarm.set(later)
+    await asyncio.sleep(0.1)
+    assert fired == []
+    await asyncio.sleep(0.2)
+    assert len(fired) == 1
+    assert fired[0] >= later
+
+
+async def test_a_cancelled_alarm_does_not_fire_until_set_again() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[float] = []
+    alarm = alarms.alarm(loop, lambda: fired.append(time.monotonic()))
+    alarm.set(time.monotonic() + 0.02)
+    alarm.cancel()
+    await asyncio.sleep(0.1)
+    assert fired == []
+    alarm.set(time.monotonic() + 0.02)
+    await asyncio.sleep(0.2)
+    assert len(fired) == 1
+
+
+async def test_earlier_deadlines_added_later_wake_the_thread_in_time() -> None:
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    late = alarms.alarm(loop, lambda: order.append("late"))
+    early = alarms.alarm(loop, lambda: order.append("early"))
+    late.set(time.monotonic() + 0.3)
+    await asyncio.sleep(0.01)  # the thread is asleep until the late deadline now
+    started = time.monotonic()
+    early.set(started + 0.03)
+    while not order:
+        await asyncio.sleep(0.005)
+    assert order == ["early"]
+    assert time.monotonic() - started < 0.25
+    await asyncio.sleep(0.4)
+    assert order == ["early", "late"]
+
+
+def test_each_alarm_fires_on_its_own_loop_and_a_closed_loop_stops_nothing() -> None:
+    fired: dict[str, int] = {}
+
+    def run_loop(name: str, delay: float, close_first: bool) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            alarm = alarms.alarm(loop, lambda: fired.__setitem__(name, threading.get_ident()))
+            alarm.set(time.monotonic() + delay)
+            if close_first:
+                return  # closed (below) before its deadline: the thread's hand-over finds it closed
+            loop.run_until_complete(asyncio.sleep(delay + 0.3))
+            fired.setdefault(name + " thread", threading.get_ident())
+        finally:
+            loop.close()
+
+    closed = threading.Thread(target=run_loop, args=("closed", 0.02, True))
+    closed.start()
+    closed.join()
+    threads = [threading.Thread(target=run_loop, args=(name, 0.05 + i * 0.02, False))
+               for i, name in enumerate(("a", "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "closed" not in fired
+    assert fired["a"] == fired["a thread"]
+    assert fired["b"] == fired["b thread"]
+    assert fired["a"] != fired["b"]
+
+
+async def test_sleep_waits_off_the_heap_and_a_cancelled_sleep_leaves_nothing() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    started = time.monotonic()
+    sleeper = asyncio.create_task(alarms.sleep(0.05))
+    await asyncio.sleep(0)
+    assert pending_timers(loop) == []
+    await sleeper
+    assert time.monotonic() - started >= 0.05
+
+    cancelled = asyncio.create_task(alarms.sleep(0.05))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.sleep(0.15)  # past its deadline: nothing is handed over
+    assert errors == []
+
+
+def test_a_loop_with_its_own_clock_keeps_its_timers() -> None:
+    loop = VirtualClockLoop()
+    try:
+        fired: list[float] = []
+        alarm = alarms.alarm(loop, lambda: fired.append(loop.time()))
+        assert isinstance(alarm, LoopAlarm)
+        assert alarms.loop_clock(loop) == loop.time
+        alarm.set(10.0)
+        loop.run_until_complete(asyncio.sleep(5))
+        alarm.set(20.0)
+        loop.run_until_complete(alarms.sleep(30))  # virtual: the loop's own asyncio.sleep
+        assert fired == [20.0]
+        assert loop.time() >= 35.0
+    finally:
+        loop.close()
+
+
+def test_uvloop_keeps_its_timers() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    try:
+        fired: list[float] = []
+        alarm = alarms.alarm(loop, lambda: fired.append(loop.time()))
+        assert isinstance(alarm, LoopAlarm)
+        alarm.set(loop.time() + 0.02)
+        loop.run_until_complete(asyncio.sleep(0.1))
+        assert len(fired) == 1
+    finally:
+        loop.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_has_an_alarm_thread_of_its_own() -> None:
+    # The parent's thread exists (and may hold its lock): the child starts its own.
+    parent_loop = asyncio.new_event_loop()
+    try:
+        fired: list[bool] = []
+        alarms.alarm(parent_loop, lambda: fired.append(True)).set(time.monotonic() + 0.02)
+        parent_loop.run_until_complete(asyncio.sleep(0.1))
+        assert fired == [True]
+    finally:
+        parent_loop.close()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            loop = asyncio.new_event_loop()
+            child_fired: list[bool] = []
+            alarms.alarm(loop, lambda: child_fired.append(True)).set(time.monotonic() + 0.02)
+            loop.run_until_complete(asyncio.sleep(0.5))
+            code = 0 if child_fired == [True] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+async def test_a_deadline_handed_over_just_as_it_was_cancelled_or_replaced_is_dropped() -> None:
+    # The thread hands a due entry to the loop while the loop may be cancelling or setting the
+    # alarm again: `due` runs the callback only for the entry still in force.
+    loop = asyncio.get_running_loop()
+    fired: list[int] = []
+    alarm = ThreadAlarm(loop, lambda: fired.append(1))
+    alarm.set(time.monotonic() + 60)
+    handed = alarm.entry
+    assert handed is not None
+    alarm.cancel()
+    alarm.due(handed)
+    alarm.set(time.monotonic() + 60)
+    alarm.due(handed)
+    assert fired == []
+    current = alarm.entry
+    assert current is not None
+    alarm.due(current)
+    alarm.due(current)
+    assert fired == [1]
+    alarm.cancel()
