@@ -51,7 +51,7 @@ import gc
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.testing.affinity import PLACEMENTS
@@ -216,98 +216,127 @@ def _order(names: list[str]) -> list[str]:
     return first + [n for n in names if n not in first]
 
 
-async def single_case(dsn: str, args: argparse.Namespace) -> Samples:
+def single_case(dsn: str, args: argparse.Namespace) -> Samples:
     """µs of client CPU per query for each contender, one instance each, queries back to back.
 
     All contenders are open at once and take turns in short blocks (`--block` queries), order
     reversed every pass, so load from elsewhere on the machine falls on them alike; each block is
     one sample, and each pass gives one paired difference per contender (its block minus raw
-    asyncpg's block of the same pass).
+    asyncpg's block of the same pass). Each contender has an event loop of its own, run only for
+    its blocks: what one leaves pending on its loop (asyncpg.Pool's timer per idle connection,
+    say, which makes every turn of an asyncio loop dearer) is not billed to the others.
     """
     samples = Samples(list(CONTENDERS))
-    async with AsyncExitStack() as stack:
-        queries = {name: await stack.enter_async_context(make(dsn)) for name, make in CONTENDERS.items()}
-        for query in queries.values():  # warm-up: first executions, allocator, caches
-            for i in range(200):
-                await query(i)
+    clock = time.process_time
+
+    async def block(query: Query, n: int) -> float:
+        started = clock()
+        for i in range(n):
+            await query(i)
+        return (clock() - started) / n * 1e6
+
+    with ExitStack() as closing:
+        runners: dict[str, asyncio.Runner] = {}
+        queries: dict[str, Query] = {}
+        for name, make in CONTENDERS.items():
+            runners[name] = runner = closing.enter_context(asyncio.Runner())
+            opened = AsyncExitStack()
+            queries[name] = runner.run(opened.enter_async_context(make(dsn)))
+            closing.callback(runner.run, opened.aclose())  # before its runner closes
+            runner.run(block(queries[name], 200))  # warm-up: first executions, allocator, caches
         order = _order(list(queries))
         passes = max(1, args.queries // args.block)
-        clock = time.process_time
         for r in range(args.rounds):
             for _ in range(passes):
                 measured: dict[str, float] = {}
                 for name in order:
-                    query = queries[name]
-                    started = clock()
-                    for i in range(args.block):
-                        await query(i)
-                    measured[name] = (clock() - started) / args.block * 1e6
+                    measured[name] = runners[name].run(block(queries[name], args.block))
                 samples.add_pass(measured)
                 order.reverse()
             print(f"  [single {r + 1}/{args.rounds}] " + samples.last(passes), flush=True)
     return samples
 
 
-async def fleet_case(dsn: str, args: argparse.Namespace) -> Samples:
+def fleet_case(dsn: str, args: argparse.Namespace) -> Samples:
     """µs of client CPU per query, `--instances` instances of each contender querying at once.
 
-    Every contender's instances are opened up front (one process, all through the same PgBouncer)
-    and take turns: one contender's instances run while the others' wait on a gate; after a
-    warm-up (the previous contender's queries drain meanwhile) the client CPU and the queries
-    completed over `--seconds` make one sample. The order is reversed every pass.
+    Every contender's instances are opened up front (one process, all through the same PgBouncer),
+    each contender on an event loop of its own, and take turns: one contender's loop runs while
+    the others' wait, their instances parked at a gate; after a warm-up the client CPU and the
+    queries completed over `--seconds` make one sample. The order is reversed every pass.
     """
     names = [n for n in CONTENDERS if args.all or n not in (ASYNCPG_POOL, PSYCOPG_POOL)]
     samples = Samples(names)
-    stop = False
-    async with AsyncExitStack() as stack:
-        gates = {name: asyncio.Event() for name in names}
-        counts = dict.fromkeys(names, 0)
-        tasks: list[asyncio.Task[None]] = []
+    counts = dict.fromkeys(names, 0)
+    in_flight = dict.fromkeys(names, 0)
+    gates: dict[str, asyncio.Event] = {}
+    drained: dict[str, asyncio.Event] = {}  # set whenever none of a contender's queries is in flight
+    stopping = False
 
-        async def worker(name: str, query: Query) -> None:
-            gate = gates[name]
-            i = 0
-            while True:
-                if not gate.is_set():
-                    await gate.wait()
-                if stop:
-                    return
-                await query(i)
-                i += 1
-                counts[name] += 1
+    async def worker(name: str, query: Query) -> None:
+        gate = gates[name]
+        i = 0
+        while True:
+            if not gate.is_set():
+                await gate.wait()
+            if stopping:
+                return
+            in_flight[name] += 1
+            await query(i)
+            in_flight[name] -= 1
+            if not in_flight[name]:
+                drained[name].set()
+            i += 1
+            counts[name] += 1
 
+    async def open_all(name: str, opened: AsyncExitStack) -> list[asyncio.Task[None]]:
+        gates[name], drained[name] = asyncio.Event(), asyncio.Event()
+        make = CONTENDERS[name]
+        queries: list[Query] = []
+        for chunk in range(0, args.instances, 100):  # not 500 logins at once
+            n = min(100, args.instances - chunk)
+            queries += await asyncio.gather(*(opened.enter_async_context(make(dsn)) for _ in range(n)))
+        return [asyncio.create_task(worker(name, q)) for q in queries]
+
+    async def turn(name: str) -> float:
+        gates[name].set()
+        await asyncio.sleep(args.warmup)
+        gc.collect()
+        done = counts[name]
+        started = time.process_time()
+        await asyncio.sleep(args.seconds)
+        used = time.process_time() - started
+        total = counts[name] - done
+        # Parked at the gate before the loop stops: a statement left half-way on a paused loop
+        # keeps its PgBouncer server from everyone else.
+        gates[name].clear()
+        if in_flight[name]:
+            drained[name].clear()
+            await drained[name].wait()
+        print(f"  [fleet] {name}: {used / total * 1e6:.1f} µs/query ({total / args.seconds:,.0f} q/s)",
+              flush=True)
+        return used / total * 1e6
+
+    async def finish(name: str, tasks: list[asyncio.Task[None]]) -> None:
+        gates[name].set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    with ExitStack() as closing:
+        runners: dict[str, asyncio.Runner] = {}
         for name in names:
-            make = CONTENDERS[name]
-            opened: list[Query] = []
-            for chunk in range(0, args.instances, 100):  # not 500 logins at once
-                n = min(100, args.instances - chunk)
-                opened += await asyncio.gather(*(stack.enter_async_context(make(dsn)) for _ in range(n)))
-            tasks += [asyncio.create_task(worker(name, q)) for q in opened]
+            runners[name] = runner = closing.enter_context(asyncio.Runner())
+            opened = AsyncExitStack()
+            tasks = runner.run(open_all(name, opened))
+            closing.callback(runner.run, opened.aclose())
+            closing.callback(runner.run, finish(name, tasks))  # runs first: workers end, then pools close
             print(f"  [fleet] opened {args.instances} x {name}", flush=True)
         order = _order(names)
         try:
-            for r in range(args.rounds):
-                measured: dict[str, float] = {}
-                for name in order:
-                    gates[name].set()
-                    await asyncio.sleep(args.warmup)
-                    gc.collect()
-                    done = counts[name]
-                    started = time.process_time()
-                    await asyncio.sleep(args.seconds)
-                    used = time.process_time() - started
-                    total = counts[name] - done
-                    gates[name].clear()
-                    measured[name] = used / total * 1e6
-                    print(f"  [fleet {r + 1}/{args.rounds}] {name}: {measured[name]:.1f} µs/query "
-                          f"({total / args.seconds:,.0f} q/s)", flush=True)
-                samples.add_pass(measured)
+            for _ in range(args.rounds):
+                samples.add_pass({name: runners[name].run(turn(name)) for name in order})
                 order.reverse()
         finally:
-            stop = True
-            for gate in gates.values():
-                gate.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            stopping = True
     return samples
 
 
@@ -544,9 +573,9 @@ def main() -> None:
         if args.only in (None, "python"):
             results["python"] = asyncio.run(python_case(stack.postgres.dsn(), args))
         if args.only in (None, "single"):
-            results["single"] = asyncio.run(single_case(stack.postgres.dsn(), args))
+            results["single"] = single_case(stack.postgres.dsn(), args)
         if args.only in (None, "fleet"):
-            results["fleet"] = asyncio.run(fleet_case(stack.legacy.dsn(), args))
+            results["fleet"] = fleet_case(stack.legacy.dsn(), args)
         if args.only == "instructions":
             counted = instructions_case(stack.postgres.dsn(), args)
     finally:
