@@ -135,6 +135,24 @@ async def test_deadline_cancels_the_handler_and_returns_its_connection(
     assert pool.stats().created_total == 1
 
 
+async def test_an_invocation_runs_with_no_timer_in_its_loop(env: Environment, pooler: Pooler) -> None:
+    # The time budget, the leak deadline and housekeeping wait off the loop's heap, where a
+    # pending timer would make every turn of the loop dearer (asyncpool/pool/alarms.py).
+    pool = env.pool(pooler.dsn())
+
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> list[Any]:
+        await pool.open()
+        loop = asyncio.get_running_loop()
+        pending = []
+        for i in range(5):
+            assert await pool.fetchval("SELECT $1::int", i) == i
+            pending += [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        return pending
+
+    assert await env.invoke(handler, context=LocalContext(timeout=30)) == []
+
+
 async def test_handlers_own_timeout_error_is_not_relabelled(env: Environment) -> None:
     @async_handler(runner=env.runner)
     async def handler(event: Any, context: Any) -> None:

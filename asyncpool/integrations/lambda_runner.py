@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
+from asyncpool.pool.alarms import Deadline
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -133,7 +134,8 @@ class LambdaRunner:
                 # invocation took the connection.
                 task.set_name(f"lambda-invocation-{invocation.request_id}")
             budget = _time_budget(context, self.timeout_margin)
-            deadline = asyncio.timeout(budget)
+            # asyncio.timeout(budget), without a timer in the loop's heap during the invocation.
+            deadline = Deadline(budget)
             try:
                 async with deadline:
                     return await call()

@@ -1,9 +1,11 @@
-"""The pool's timers (leak deadline, housekeeping period), kept out of the event loop's own heap.
+"""The pool's timers (leak deadline, housekeeping period, a Lambda invocation's time budget),
+kept out of the event loop's own heap.
 
 While a timer waits in asyncio's heap (``call_at``, ``asyncio.sleep``), every turn of a stock
 asyncio loop works out a select timeout in Python: counted with valgrind, one pending timer adds
 about 11,000 instructions (5.6%) to each query of a raw asyncpg connection, and the pool's two
-timers are pending nearly all the time (benchmarks/README.md). On asyncio's own loops they wait
+timers are pending nearly all the time, as is an invocation's deadline while it runs
+(benchmarks/README.md). On asyncio's own loops they wait
 instead in one daemon thread per process, which hands each due deadline to its loop with
 ``call_soon_threadsafe``: nothing is added to the loop's turns. A loop with a clock of its own
 (uvloop, whose timers are C; a test loop with a virtual clock) keeps its timers (``call_at``).
@@ -21,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Protocol
 
 
@@ -72,6 +75,43 @@ async def sleep(seconds: float) -> None:
         await woken
     finally:
         waiting.cancel()
+
+
+class Deadline:
+    """``asyncio.timeout(seconds)`` (None: no limit) whose timer waits off the loop's heap on
+    asyncio's own loops: when it expires, the `asyncio.Timeout` inside is told to expire now,
+    so the block ends with `TimeoutError` exactly as it would under ``asyncio.timeout``."""
+
+    __slots__ = ("_alarm", "_seconds", "_timeout")
+
+    def __init__(self, seconds: float | None) -> None:
+        self._seconds = seconds
+        self._timeout = asyncio.timeout(None)
+        self._alarm: ThreadAlarm | None = None
+
+    async def __aenter__(self) -> Deadline:
+        await self._timeout.__aenter__()
+        if self._seconds is not None:
+            loop = asyncio.get_running_loop()
+            if own_clock(loop):
+                self._alarm = ThreadAlarm(loop, self._expire)
+                self._alarm.set(time.monotonic() + self._seconds)
+            else:
+                self._timeout.reschedule(loop.time() + self._seconds)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()  # before the block is left: a late hand-over finds it cancelled
+        await self._timeout.__aexit__(exc_type, exc, tb)  # raises TimeoutError if it expired
+
+    def expired(self) -> bool:
+        """Whether the deadline passed and cancelled the block (as `asyncio.Timeout.expired`)."""
+        return self._timeout.expired()
+
+    def _expire(self) -> None:
+        self._timeout.reschedule(asyncio.get_running_loop().time())  # due now: the next turn
 
 
 class LoopAlarm:

@@ -213,3 +213,44 @@ async def test_a_deadline_handed_over_just_as_it_was_cancelled_or_replaced_is_dr
     alarm.due(current)
     assert fired == [1]
     alarm.cancel()
+
+
+async def test_a_deadline_ends_its_block_with_timeout_error_without_a_timer_on_the_loop() -> None:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    deadline = alarms.Deadline(0.05)
+    with pytest.raises(TimeoutError):
+        async with deadline:
+            assert pending_timers(loop) == []
+            await asyncio.sleep(0)
+            await alarms.sleep(5)  # waits off the heap too: only the deadline can end it
+    assert deadline.expired()
+    assert time.monotonic() - started >= 0.05
+
+    kept = alarms.Deadline(0.05)
+    async with kept:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.1)  # past the deadline: the task is not cancelled afterwards
+    assert not kept.expired()
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    async with alarms.Deadline(None) as unlimited:
+        await asyncio.sleep(0.01)
+    assert not unlimited.expired()
+
+
+def test_a_deadline_on_a_loop_with_its_own_clock_is_asyncio_timeout() -> None:
+    loop = VirtualClockLoop()
+
+    async def overrun() -> bool:
+        deadline = alarms.Deadline(30)
+        with pytest.raises(TimeoutError):
+            async with deadline:
+                await asyncio.sleep(3600)
+        return deadline.expired()
+
+    try:
+        assert loop.run_until_complete(overrun())
+        assert 30 <= loop.time() < 31
+    finally:
+        loop.close()
