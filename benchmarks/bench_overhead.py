@@ -149,7 +149,7 @@ CONTENDERS: dict[str, Instance] = {
 
 
 # `--ladder`: stand-ins on the pool's own connection, each doing one more piece of the bookkeeping
-# `Slots.one` does around a statement, from bare take-and-return up (where the extra goes).
+# the statement runner does around a statement, from bare take-and-return up (where the extra goes).
 LADDER = (
     "ladder 0: take + return (a list), nothing else",
     "ladder 1: + a clock read at each end",

@@ -103,7 +103,7 @@ class Lease:
         self.frame = None
 
 
-#: The code of the functions that run a query helper's statement (``Slots.one``...), registered
+#: The code of the functions that run a query helper's statement (the statement runners...), registered
 #: by their modules: in a holding task's chain, the frame just out from one of them is the one
 #: that called the helper...
 STATEMENT_RUNNERS: set[CodeType] = set()

@@ -12,8 +12,8 @@ import inspect
 import math
 import sys
 import warnings
-from functools import partial
-from types import CodeType
+from collections.abc import Callable
+from types import MethodType
 from typing import Any, Unpack
 
 from asyncpool.config import PoolConfig
@@ -24,7 +24,16 @@ from asyncpool.options import PoolOptions, resolve
 from asyncpool.pool.checkout import AcquireContext, TransactionContext
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import HELPER_METHODS
-from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, UNSET, Slots
+from asyncpool.pool.slots import (
+    CLOSED_STATE,
+    CLOSING,
+    NEW,
+    OPEN,
+    QUERY_METHODS,
+    RUNNERS,
+    UNSET,
+    Slots,
+)
 from asyncpool.stats import PoolStats
 
 
@@ -53,13 +62,14 @@ class Pool:
         self._slots = slots = Slots(config.name, config)
         # The query helpers, bound straight to the slot owner: ``pool.fetchval(...)`` makes the
         # statement's coroutine with no Python frame of the pool's in between (about 0.8 µs per
-        # query between round trips, benchmarks/README.md). The methods below stay for type
+        # query between round trips, benchmarks/README.md), as a bound method (the cheapest
+        # call there is; `statement_runner`). The methods below stay for type
         # checkers and documentation, for ``Pool.fetchval(pool, ...)``, and for subclasses
         # that override one (it is not shadowed then).
         cls = type(self)
         for name in QUERY_HELPERS:
             if getattr(cls, name) is getattr(Pool, name):
-                setattr(self, name, _QueryHelper(slots.one, name))
+                setattr(self, name, MethodType(RUNNERS[name], slots))
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -188,31 +198,32 @@ class Pool:
         if slots.checkin_nowait(lease):
             await slots.checkin(lease)
 
-    # The query helpers: each instance has them bound to `Slots.one` (see __init__); these are
+    # The query helpers: each instance has them bound to its statement runners (see __init__);
+    # these are
     # what type checkers and the documentation read, and what runs through the class.
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a statement on a connection of the pool (``asyncpg.Connection.execute``)."""
-        status: str = await self._slots.one("execute", query, *args, timeout=timeout)
+        status: str = await RUNNERS["execute"](self._slots, query, *args, timeout=timeout)
         return status
 
     async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
         """Run a statement once per argument tuple (``asyncpg.Connection.executemany``)."""
-        await self._slots.one("executemany", query, args, timeout=timeout)
+        await RUNNERS["executemany"](self._slots, query, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
         """The rows of a query (``asyncpg.Connection.fetch``)."""
-        rows: list[Any] = await self._slots.one("fetch", query, *args, timeout=timeout)
+        rows: list[Any] = await RUNNERS["fetch"](self._slots, query, *args, timeout=timeout)
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         """The first row of a query, or None (``asyncpg.Connection.fetchrow``)."""
-        return await self._slots.one("fetchrow", query, *args, timeout=timeout)
+        return await RUNNERS["fetchrow"](self._slots, query, *args, timeout=timeout)
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
                        timeout: float | None = None) -> Any:
         """One value of the first row, or None (``asyncpg.Connection.fetchval``)."""
-        return await self._slots.one("fetchval", query, *args, column=column, timeout=timeout)
+        return await RUNNERS["fetchval"](self._slots, query, *args, column=column, timeout=timeout)
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -232,37 +243,20 @@ class Pool:
         return self._slots.target
 
 
-QUERY_HELPERS = ("execute", "executemany", "fetch", "fetchrow", "fetchval")
+QUERY_HELPERS = QUERY_METHODS
 HELPER_METHODS.update(getattr(Pool, name).__code__ for name in QUERY_HELPERS)
 
 
-class _QueryHelper(partial[Any]):
-    """``pool.fetchval`` and the others on an instance: `Slots.one` with the method's name
-    bound, called with no Python frame in between. To ``inspect``, ``unittest.mock`` and
-    editors it looks like the `Pool` method it stands for: its name, docstring and signature,
-    and a coroutine function (mock's autospec reads ``__code__`` to decide that)."""
+def _present(runner: Callable[..., Any], method: Callable[..., Any]) -> None:
+    """Make `runner` look like the `Pool` method it stands for on an instance (to ``inspect``,
+    ``unittest.mock``, editors and reprs): its name, docstring and signature."""
+    for attribute in ("__name__", "__qualname__", "__doc__", "__module__"):
+        setattr(runner, attribute, getattr(method, attribute))
+    runner.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
 
-    __slots__ = ()
 
-    def __repr__(self) -> str:
-        return f"<bound method Pool.{self.args[0]} of pool {self.func.__self__.name!r}>"  # type: ignore[attr-defined]
-
-    @property
-    def __name__(self) -> str:
-        return str(self.args[0])
-
-    @property
-    def __doc__(self) -> str | None:  # type: ignore[override]
-        return getattr(Pool, self.args[0]).__doc__  # type: ignore[no-any-return]
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        method = inspect.signature(getattr(Pool, self.args[0]))
-        return method.replace(parameters=list(method.parameters.values())[1:])  # no self
-
-    @property
-    def __code__(self) -> CodeType:
-        return self.func.__code__
+for _name in QUERY_HELPERS:
+    _present(RUNNERS[_name], getattr(Pool, _name))
 
 
 def _check_timeout(pool_name: str, what: str, timeout: Any) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from asyncio import get_running_loop
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextvars import copy_context
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -195,6 +195,10 @@ class Slots:
         self.leaked_total = 0
         self.validation_failures_total = 0
         self.connect_errors_total = 0
+
+    def __repr__(self) -> str:
+        # What ``repr(pool.fetchval)`` shows: the helpers are statement runners bound to this.
+        return f"pool {self.name!r}"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -587,93 +591,6 @@ class Slots:
         if self.on_acquired is not None:
             self.on_acquired(0.0)
         return lease
-
-    async def one(self, method: str, query: str, /, *args: Any,  # noqa: PLR0915
-                  **kwargs: Any) -> Any:  # written out: see the docstring
-        """Run one statement, ``conn.<method>(query, *args, **kwargs)``, on a connection of the
-        pool (``pool.fetchval()`` and the other query helpers, bound to this method).
-
-        It does what ``async with pool.acquire() as conn: return await conn.<method>(...)`` does
-        (the same leak report, errors and cancellation handling: `end_checkout`) without the
-        context and proxy objects: the statement never leaves this frame, so nothing can use the
-        connection after its return, and nothing can have obtained a statement, cursor,
-        transaction or listener through it. No frame is kept: while the statement runs, its
-        caller is in the holding task's chain, where a leak report finds it (`Lease.acquire_site`).
-
-        The common case of `checkout_nowait` and `checkin_nowait` is written out here rather
-        than called: measured against a server, each call on this path costs several times what
-        it costs in a loop (the I/O in between leaves the caches cold), and the two calls with
-        the ones they make came to 5 of the pool's 7 µs per query (benchmarks/README.md). For
-        the same reason the lease is built without a call to its ``__init__`` and the connection
-        is asked through the record's probes (compiled methods of asyncpg's protocol) rather
-        than its Python methods: about 1.8 µs per query less. Anything else goes the general way.
-        """
-        if self.setup is not None:  # the hook is given the proxy: through an acquire context
-            async with AcquireContext(self, UNSET, None) as proxy:
-                return await getattr(proxy, method)(query, *args, **kwargs)
-        lease: Lease | None = None
-        idle = self.idle
-        if idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]:
-            record = idle[-1]
-            now = self.clock()
-            loop = get_running_loop()
-            if now < record.check_at and loop is self.loop and record.connected():
-                idle.pop()
-                # Lease(record, now, None, task, context), without the Python call to __init__
-                # (~1 µs here); tests/unit/test_lease.py checks that every slot is set.
-                lease = _blank(Lease)
-                lease.record = record
-                lease.acquired_at = now
-                lease.task = task_of(loop)
-                lease.context = copy_context() if self.track_leaks else None
-                lease.frame = None
-                lease.lasti = 0
-                lease.state = ACTIVE
-                lease.reported = False
-                lease.scoped = True
-                lease.holder_cancelled = False
-                record.place = LEASED
-                self.leases[record] = lease
-                if self.leak_timer_unarmed:
-                    self.leaks.arm(now)
-                self.acquired_total += 1
-                if self.on_acquired is not None:
-                    self.on_acquired(0.0)
-        if lease is None:
-            lease = await self.checkout(UNSET, None)
-            lease.scoped = True
-        record = lease.record
-        conn = record.conn
-        try:
-            if kwargs:
-                result = await getattr(conn, method)(query, *args, **kwargs)
-            else:
-                result = await getattr(conn, method)(query, *args)
-        except BaseException as exc:
-            await end_checkout(self, lease, exc)
-            raise
-        # The clean return. Only a transaction the statement opened (``execute("BEGIN")``) needs
-        # a reset; only the pool (closing, a leak reclaim) can have changed the lease. A statement
-        # that succeeded leaves the connection open; if it is lost just after, the next checkout
-        # finds it closed and retires it.
-        now = self.clock()
-        expires_at = record.expires_at
-        if (lease.state is not ACTIVE or self.waiters or self.state is not OPEN or lease.reported
-                or (self._may_retire and getattr(conn, "retire_reason", None)) or self.max_queries is not None
-                or (expires_at is not None and now >= expires_at) or record.in_transaction()):
-            await end_checkout(self, lease, None)
-            return result
-        lease.state = RELEASED  # (its frame is None: none was kept)
-        if self.on_released is not None:
-            self.on_released(now - lease.acquired_at)
-        del self.leases[record]
-        record.last_used = now
-        validate_after = self.validate_after
-        check_at = math.inf if validate_after is None else now + validate_after
-        record.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
-        record.place = IDLE
-        idle.append(record)
-        return result
 
     async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease:
         """The slow path: check an idle connection, open one, or wait in line."""
@@ -1210,7 +1127,106 @@ class Slots:
         return totals.snapshot() if totals is not None else None
 
 
-STATEMENT_RUNNERS.add(Slots.one.__code__)
+def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  # noqa: PLR0915
+    """The statement runner for asyncpg's `method`: ``run(slots, query, *args, **kwargs)``
+    runs one statement, ``conn.<method>(query, *args, **kwargs)``, on a connection of the pool
+    (``pool.fetchval()`` and the other query helpers: each pool binds them as methods of its
+    `Slots`, so no frame of the pool's comes between the caller and this one, and no
+    ``functools.partial``, whose subclasses Python 3.11 calls through ``tp_call``: 2,600
+    instructions per query, benchmarks/README.md).
+
+    It does what ``async with pool.acquire() as conn: return await conn.<method>(...)`` does
+    (the same leak report, errors and cancellation handling: `end_checkout`) without the
+    context and proxy objects: the statement never leaves this frame, so nothing can use the
+    connection after its return, and nothing can have obtained a statement, cursor,
+    transaction or listener through it. No frame is kept: while the statement runs, its
+    caller is in the holding task's chain, where a leak report finds it (`Lease.acquire_site`).
+
+    The common case of `checkout_nowait` and `checkin_nowait` is written out here rather
+    than called: measured against a server, each call on this path costs several times what
+    it costs in a loop (the I/O in between leaves the caches cold), and the two calls with
+    the ones they make came to 5 of the pool's 7 µs per query (benchmarks/README.md). For
+    the same reason the lease is built without a call to its ``__init__`` and the connection
+    is asked through the record's probes (compiled methods of asyncpg's protocol) rather
+    than its Python methods: about 1.8 µs per query less. Anything else goes the general way.
+    """
+
+    async def one(self: Slots, query: str, /, *args: Any,  # noqa: PLR0915
+                  **kwargs: Any) -> Any:  # written out: see the docstring
+        if self.setup is not None:  # the hook is given the proxy: through an acquire context
+            async with AcquireContext(self, UNSET, None) as proxy:
+                return await getattr(proxy, method)(query, *args, **kwargs)
+        lease: Lease | None = None
+        idle = self.idle
+        if idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]:
+            record = idle[-1]
+            now = self.clock()
+            loop = get_running_loop()
+            if now < record.check_at and loop is self.loop and record.connected():
+                idle.pop()
+                # Lease(record, now, None, task, context), without the Python call to __init__
+                # (~1 µs here); tests/unit/test_lease.py checks that every slot is set.
+                lease = _blank(Lease)
+                lease.record = record
+                lease.acquired_at = now
+                lease.task = task_of(loop)
+                lease.context = copy_context() if self.track_leaks else None
+                lease.frame = None
+                lease.lasti = 0
+                lease.state = ACTIVE
+                lease.reported = False
+                lease.scoped = True
+                lease.holder_cancelled = False
+                record.place = LEASED
+                self.leases[record] = lease
+                if self.leak_timer_unarmed:
+                    self.leaks.arm(now)
+                self.acquired_total += 1
+                if self.on_acquired is not None:
+                    self.on_acquired(0.0)
+        if lease is None:
+            lease = await self.checkout(UNSET, None)
+            lease.scoped = True
+        record = lease.record
+        conn = record.conn
+        try:
+            if kwargs:
+                result = await getattr(conn, method)(query, *args, **kwargs)
+            else:
+                result = await getattr(conn, method)(query, *args)
+        except BaseException as exc:
+            await end_checkout(self, lease, exc)
+            raise
+        # The clean return. Only a transaction the statement opened (``execute("BEGIN")``) needs
+        # a reset; only the pool (closing, a leak reclaim) can have changed the lease. A statement
+        # that succeeded leaves the connection open; if it is lost just after, the next checkout
+        # finds it closed and retires it.
+        now = self.clock()
+        expires_at = record.expires_at
+        if (lease.state is not ACTIVE or self.waiters or self.state is not OPEN or lease.reported
+                or (self._may_retire and getattr(conn, "retire_reason", None)) or self.max_queries is not None
+                or (expires_at is not None and now >= expires_at) or record.in_transaction()):
+            await end_checkout(self, lease, None)
+            return result
+        lease.state = RELEASED  # (its frame is None: none was kept)
+        if self.on_released is not None:
+            self.on_released(now - lease.acquired_at)
+        del self.leases[record]
+        record.last_used = now
+        validate_after = self.validate_after
+        check_at = math.inf if validate_after is None else now + validate_after
+        record.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
+        record.place = IDLE
+        idle.append(record)
+        return result
+
+    return one
+
+
+#: One statement runner per query helper; they share one code object (`STATEMENT_RUNNERS`).
+QUERY_METHODS = ("execute", "executemany", "fetch", "fetchrow", "fetchval")
+RUNNERS = {name: statement_runner(name) for name in QUERY_METHODS}
+STATEMENT_RUNNERS.add(RUNNERS["fetchval"].__code__)
 
 
 def _weak_stats(slots: Slots) -> Callable[[], PoolStats]:

@@ -34,11 +34,13 @@ def test_each_helper_is_a_coroutine_function_for_inspect_asyncio_and_mock(
     for double in (mock.create_autospec(pool, instance=True), mock.MagicMock(spec=pool),
                    mock.create_autospec(Pool, instance=True)):
         assert isinstance(double.fetchval, mock.AsyncMock), double
-    # Autospec'd from the class, the arguments are checked against the method's signature
-    # (from an instance, mock checks them against partial.__call__'s: anything goes).
-    checked = mock.create_autospec(Pool, instance=True)
-    with pytest.raises(TypeError, match="colum"):
-        asyncio.run(checked.fetchval("SELECT 1", colum=1))
+    # Autospec'd from the class or from a pool, the arguments are checked against the method's
+    # signature.
+    for checked in (mock.create_autospec(Pool, instance=True),
+                    mock.create_autospec(pool, instance=True)):
+        with pytest.raises(TypeError, match="colum"):
+            asyncio.run(checked.fetchval("SELECT 1", colum=1))
+        assert isinstance(asyncio.run(checked.fetchval("SELECT 1", column=1)), mock.AsyncMock)
 
 
 def test_the_helpers_pass_asyncpgs_arguments_through(server: FakeServer) -> None:

@@ -19,7 +19,7 @@ def _slots_of(lease: Lease) -> dict[str, Any]:
 
 
 def test_the_helpers_lease_sets_every_slot_as_the_constructor_would(server: FakeServer) -> None:
-    # Slots.one builds its lease without Lease.__init__: a slot added to Lease and forgotten
+    # The statement runner builds its lease without Lease.__init__: a slot added to Lease and forgotten
     # there would be unset (AttributeError in a leak report) or hold another value.
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
