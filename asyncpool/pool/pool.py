@@ -63,9 +63,9 @@ class Pool:
         # The query helpers, bound straight to the slot owner: ``pool.fetchval(...)`` makes the
         # statement's coroutine with no Python frame of the pool's in between (about 0.8 µs per
         # query between round trips, benchmarks/README.md), as a bound method (the cheapest
-        # call there is; `statement_runner`). The methods below stay for type
-        # checkers and documentation, for ``Pool.fetchval(pool, ...)``, and for subclasses
-        # that override one (it is not shadowed then).
+        # call there is; `statement_runner`). The methods below stay for type checkers and
+        # documentation, for ``Pool.fetchval(pool, ...)``, and for subclasses that override one
+        # (it is not shadowed then).
         cls = type(self)
         for name in QUERY_HELPERS:
             if getattr(cls, name) is getattr(Pool, name):
@@ -199,8 +199,7 @@ class Pool:
             await slots.checkin(lease)
 
     # The query helpers: each instance has them bound to its statement runners (see __init__);
-    # these are
-    # what type checkers and the documentation read, and what runs through the class.
+    # these are what type checkers and the documentation read, and what runs through the class.
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a statement on a connection of the pool (``asyncpg.Connection.execute``)."""
