@@ -5,7 +5,9 @@ When a new asyncpg renames or changes one of these, the test named after it fail
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -242,3 +244,46 @@ async def test_connection_proxy_base_makes_pooled_connections_asyncpg_connection
             pool.acquire() as conn:
         assert isinstance(conn, asyncpg.Connection)
         assert isinstance(conn, asyncpool.PooledConnection)
+
+
+#: asyncpg's fetch, fetchrow and fetchval, as `driver.own_read` says the statement runner may run
+#: them itself (docstrings left out).
+OWN_READ_BODIES = {
+    "fetch": "self._check_open()\n"
+             "return await self._execute(query, args, 0, timeout, record_class=record_class)",
+    "fetchrow": "self._check_open()\n"
+                "data = await self._execute(query, args, 1, timeout, record_class=record_class)\n"
+                "if not data:\n    return None\nreturn data[0]",
+    "fetchval": "self._check_open()\ndata = await self._execute(query, args, 1, timeout)\n"
+                "if not data:\n    return None\nreturn data[0][column]",
+}
+
+
+@pytest.mark.parametrize("method", sorted(OWN_READ_BODIES))
+def test_own_read_is_what_asyncpg_runs(method: str) -> None:
+    """The installed asyncpg's method is the body the statement runner copies: with no keyword
+    argument (timeout, record_class None; column 0), ``_execute(query, args, limit, None)`` and
+    the rows, the first row or its first value."""
+    own = driver.own_read(method)
+    assert own is not None
+    function, limit, shape = own
+    assert function is asyncpg.Connection.__dict__[method]
+    tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(function)))
+    [definition] = tree.body
+    assert isinstance(definition, ast.AsyncFunctionDef)
+    body = definition.body[1:] if ast.get_docstring(definition) else definition.body
+    assert "\n".join(ast.unparse(statement) for statement in body) == OWN_READ_BODIES[method]
+    parameters = inspect.signature(function).parameters
+    assert [p.kind for p in parameters.values()][:3] == [
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL]
+    assert {name: p.default for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY} == (
+        {"column": 0, "timeout": None} if method == "fetchval"
+        else {"timeout": None, "record_class": None})
+    assert (limit, shape) == {"fetch": (0, driver.ROWS), "fetchrow": (1, driver.FIRST_ROW),
+                              "fetchval": (1, driver.FIRST_VALUE)}[method]
+
+
+def test_own_read_is_none_for_other_methods() -> None:
+    assert driver.own_read("execute") is None
+    assert driver.own_read("executemany") is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 import pytest
@@ -51,6 +51,60 @@ async def test_query_helpers(pool: Pool) -> None:
     assert (row["a"], row["b"]) == ("x", 7)
     assert await pool.fetchval("SELECT NULL::int") is None
     assert await pool.execute("SELECT 1") == "SELECT 1"
+
+
+READS = [
+    ("SELECT g, -g AS n FROM generate_series(1, $1::int) g", (3,)),
+    ("SELECT g, -g AS n FROM generate_series(1, $1::int) g", (1,)),
+    ("SELECT g, -g AS n FROM generate_series(1, $1::int) g", (0,)),
+    ("SELECT NULL::int AS g", ()),
+]
+
+
+@pytest.mark.parametrize(("query", "args"), READS)
+async def test_query_helpers_return_what_the_connection_returns(
+        pool: Pool, query: str, args: tuple[Any, ...]) -> None:
+    """The helpers run asyncpg's fetch, fetchrow and fetchval bodies themselves
+    (`driver.own_read`) unless given keyword arguments: both ways give what the connection
+    gives, for no row, one row and several."""
+    async with pool.acquire() as conn:
+        expected = (await conn.fetch(query, *args), await conn.fetchrow(query, *args),
+                    await conn.fetchval(query, *args), await conn.fetchval(query, *args, column=-1),
+                    await conn.fetchrow(query, *args, record_class=Row))
+    assert (await pool.fetch(query, *args), await pool.fetchrow(query, *args),
+            await pool.fetchval(query, *args), await pool.fetchval(query, *args, column=-1),
+            await pool.fetchrow(query, *args, record_class=Row)) == expected
+    assert type(await pool.fetch(query, *args)) is list
+    assert type(await pool.fetchrow(query, *args, record_class=Row)) is (
+        Row if expected[1] is not None else type(None))
+    with pytest.raises(asyncpg.PostgresSyntaxError):
+        await pool.fetchval("SELEC 1")
+    with pytest.raises(asyncpg.DataError):
+        await pool.fetchrow("SELECT $1::int", "not a number")
+    assert pool.stats().in_use == 0
+
+
+class Row(asyncpg.Record):  # type: ignore[misc]
+    pass
+
+
+class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
+    calls: ClassVar[list[str]] = []
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0,
+                       timeout: float | None = None) -> Any:
+        self.calls.append(query)
+        return await super().fetchval(query, *args, column=column, timeout=timeout)
+
+
+async def test_a_connection_class_that_overrides_a_read_is_called(pooler: Pooler) -> None:
+    """A ``connection_class`` whose fetchval differs from asyncpg's is what pool.fetchval runs."""
+    CountingConnection.calls = []
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False,
+                    connect_kwargs={"connection_class": CountingConnection}) as pool:
+        assert await pool.fetchval("SELECT 1 + $1::int", 1) == 2
+        assert await pool.fetch("SELECT 3 AS x") == [(3,)]  # asyncpg's own: not counted
+    assert CountingConnection.calls == ["SELECT 1 + $1::int"]
 
 
 async def test_transaction_commits_and_rolls_back(pool: Pool, pooler: Pooler) -> None:

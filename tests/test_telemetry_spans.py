@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -256,3 +259,75 @@ async def until(check: Callable[[], bool], within: float = 5.0) -> None:
     while not check():
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+async def test_an_instrumentation_installed_after_the_pool_opened_sees_the_helpers(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """The query helpers run asyncpg's fetch, fetchrow and fetchval bodies themselves only while
+    asyncpg's methods are its own: wrapped by opentelemetry-instrumentation-asyncpg, even after
+    the pool opened, each statement gets its span; unwrapped again, none."""
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+    async with sdk.pool(postgres.dsn(), name="late", min_size=1, max_size=1) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+        instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
+        instrumentor.instrument(tracer_provider=sdk.tracer_provider)
+        try:
+            assert await pool.fetchval("SELECT 2") == 2
+            assert await pool.fetchrow("SELECT 3") == (3,)
+            assert await pool.fetch("SELECT 4") == [(4,)]
+        finally:
+            instrumentor.uninstrument()
+        assert await pool.fetchval("SELECT 5") == 5
+
+    queries = [s for s in sdk.spans() if s.kind is SpanKind.CLIENT and not s.name.startswith("connect")]
+    assert [dict(q.attributes or {}).get("db.statement") for q in queries] == [
+        "SELECT 2", "SELECT 3", "SELECT 4"]
+
+
+_INSTRUMENTED_FIRST = textwrap.dedent("""
+    import asyncio, sys
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    AsyncPGInstrumentor().instrument(tracer_provider=provider)
+    import functools, asyncpg
+    calls = []
+    wrapped = asyncpg.Connection.fetch
+
+    @functools.wraps(wrapped)  # a plain function over the instrumentation's wrapper
+    async def fetch(self, query, *args, **kwargs):
+        calls.append(query)
+        return await wrapped(self, query, *args, **kwargs)
+
+    asyncpg.Connection.fetch = fetch
+    import asyncpool  # after the instrumentation, as under opentelemetry-instrument
+
+    async def main():
+        async with asyncpool.Pool(sys.argv[1], max_size=1, telemetry=False) as pool:
+            await pool.fetchval("SELECT 1")
+            await pool.fetchrow("SELECT 2")
+            await pool.fetch("SELECT 3")
+
+    asyncio.run(main())
+    print(sorted(s.attributes["db.statement"] for s in exporter.get_finished_spans()
+                 if "db.statement" in s.attributes), calls)
+""")
+
+
+def test_an_instrumentation_installed_before_asyncpool_was_imported_sees_the_helpers(
+    postgres: PostgresServer,
+) -> None:
+    """Under ``opentelemetry-instrument`` (the ADOT Lambda layer), asyncpg is wrapped before
+    asyncpool is imported: asyncpool takes the unwrapped methods as asyncpg's own, so the
+    wrappers still run, a plain ``functools.wraps`` one too."""
+    done = subprocess.run([sys.executable, "-c", _INSTRUMENTED_FIRST, postgres.dsn()],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "['SELECT 1', 'SELECT 2', 'SELECT 3'] ['SELECT 3']"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import re
 import warnings
 from collections.abc import Callable
@@ -47,7 +48,7 @@ PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transac
 #: Protocol attributes read here: BackendKeyData's two fields (0 until the server sends them).
 KEY_INTERNALS = ("backend_pid", "backend_secret")
 #: Connection methods called here (execute_described).
-METHOD_INTERNALS = ("_check_open", "_Connection__execute", "_cancel_current_command")
+METHOD_INTERNALS = ("_check_open", "_execute", "_Connection__execute", "_cancel_current_command")
 
 
 def _proxy_base() -> type:
@@ -158,6 +159,34 @@ def probes(conn: Any) -> tuple[Callable[[], bool], Callable[[], bool]]:
     connected: Callable[[], bool] = proto.is_connected
     in_transaction: Callable[[], bool] = proto.is_in_transaction
     return connected, in_transaction
+
+
+#: What `own_read`'s methods return: all rows, the first row, the first row's first value.
+ROWS, FIRST_ROW, FIRST_VALUE = 0, 1, 2
+_READS = {"fetch": (0, ROWS), "fetchrow": (1, FIRST_ROW), "fetchval": (1, FIRST_VALUE)}
+
+
+def own_read(method: str) -> tuple[Callable[..., Any], int, int] | None:
+    """asyncpg's own ``Connection.fetch``, ``fetchrow`` or ``fetchval`` (unwrapped, should an
+    instrumentation have wrapped it before asyncpool was imported), the row limit it passes to
+    ``_execute`` and the shape of what it returns; None for any other method, or if the
+    installed asyncpg lacks an internal.
+
+    Called without keyword arguments, each is ``self._check_open()``, then ``self._execute(query,
+    args, limit, None)``, then the rows, the first row or its first value (None when there is
+    none): `tests/test_driver.py` checks those bodies against the installed asyncpg. The pool's
+    statement runner does the same itself while a connection's class still has this very
+    function, which saves a coroutine and a copy of the arguments on every query; a subclass's
+    override or an instrumentation's wrapper (installed at any time) replaces it, and is called.
+    """
+    if _MISSING or method not in _READS:
+        return None
+    limit, shape = _READS[method]
+    own = inspect.unwrap(asyncpg.Connection.__dict__[method])
+    if (getattr(own, "__module__", None), getattr(own, "__qualname__", None)) != (
+            "asyncpg.connection", f"Connection.{method}"):
+        return None  # replaced before asyncpool was imported, by a function we cannot see past
+    return own, limit, shape
 
 
 def is_cancelling(conn: Any) -> bool:

@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from types import MethodType
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
@@ -35,6 +35,9 @@ from asyncpool.pool.slots import (
     Slots,
 )
 from asyncpool.stats import PoolStats
+
+if TYPE_CHECKING:
+    import asyncpg
 
 
 class Pool:
@@ -210,16 +213,20 @@ class Pool:
         """Run a statement once per argument tuple (``asyncpg.Connection.executemany``)."""
         await RUNNERS["executemany"](self._slots, query, args, timeout=timeout)
 
-    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None,
+                    record_class: type[asyncpg.Record] | None = None) -> list[Any]:
         """The rows of a query (``asyncpg.Connection.fetch``)."""
-        rows: list[Any] = await RUNNERS["fetch"](self._slots, query, *args, timeout=timeout)
+        rows: list[Any] = await RUNNERS["fetch"](self._slots, query, *args, timeout=timeout,
+                                                 record_class=record_class)
         return rows
 
-    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
+                       record_class: type[asyncpg.Record] | None = None) -> Any:
         """The first row of a query, or None (``asyncpg.Connection.fetchrow``)."""
-        return await RUNNERS["fetchrow"](self._slots, query, *args, timeout=timeout)
+        return await RUNNERS["fetchrow"](self._slots, query, *args, timeout=timeout,
+                                         record_class=record_class)
 
-    async def fetchval(self, query: str, *args: Any, column: int = 0,
+    async def fetchval(self, query: str, *args: Any, column: int | str = 0,
                        timeout: float | None = None) -> Any:
         """One value of the first row, or None (``asyncpg.Connection.fetchval``)."""
         return await RUNNERS["fetchval"](self._slots, query, *args, column=column, timeout=timeout)

@@ -293,11 +293,13 @@ class FakeConnection:
     async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
         await self._run(query, timeout)
 
-    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None,
+                    record_class: type | None = None) -> list[Any]:
         await self._run(query, timeout)
         return [args]
 
-    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
+                       record_class: type | None = None) -> Any:
         await self._run(query, timeout)
         return args
 

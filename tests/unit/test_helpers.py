@@ -70,7 +70,7 @@ def test_through_the_class_and_in_a_subclass_they_still_run(server: FakeServer) 
     class Counting(Pool):
         calls = 0
 
-        async def fetchval(self, query: str, *args: Any, column: int = 0,
+        async def fetchval(self, query: str, *args: Any, column: int | str = 0,
                            timeout: float | None = None) -> Any:
             Counting.calls += 1
             return await super().fetchval(query, *args, column=column, timeout=timeout)
@@ -94,7 +94,7 @@ def test_through_the_class_and_in_a_subclass_they_still_run(server: FakeServer) 
 def test_a_helpers_leak_report_names_its_caller_whatever_the_route(
         server: FakeServer, caplog: pytest.LogCaptureFixture, route: str) -> None:
     class Overriding(Pool):
-        async def fetchval(self, query: str, *args: Any, column: int = 0,
+        async def fetchval(self, query: str, *args: Any, column: int | str = 0,
                            timeout: float | None = None) -> Any:
             return await super().fetchval(query, *args, column=column, timeout=timeout)
 
