@@ -142,6 +142,18 @@ class Slots:
     granted to a waiter that has not run yet).
     """
 
+    # Slots, not a __dict__: with more than 30 attributes an instance's dict no longer shares its
+    # class's keys, and each read on the query path becomes a hashed lookup.
+    __slots__ = (
+        "idle", "waiters", "state", "forks", "clock", "loop", "track_leaks", "leases", "leaks",
+        "leak_timer_unarmed", "acquired_total", "on_acquired", "on_released", "validate_after",
+        "_may_retire", "max_queries", "setup", "name", "config", "opened_in", "connector",
+        "observer", "connecting", "checking", "retrying", "attempts", "background", "closing",
+        "housekeeper", "generation", "pid", "_drained", "_closed", "created_total",
+        "closed_total", "timeouts_total", "leaked_total", "validation_failures_total",
+        "connect_errors_total", "__weakref__",
+    )
+
     def __init__(self, name: str, config: PoolConfig) -> None:
         # What every checkout and return reads comes first: an instance's attributes are stored in
         # assignment order, so these share a cache line or two (with hundreds of pools in one
