@@ -144,7 +144,7 @@ class Slots:
 
     # Slots, not a __dict__: with more than 30 attributes an instance's dict no longer shares its
     # class's keys, and each read on the query path becomes a hashed lookup.
-    __slots__ = (
+    __slots__ = (  # noqa: RUF023 (hot attributes first: neighbours in memory)
         "idle", "waiters", "state", "forks", "clock", "loop", "track_leaks", "leases", "leaks",
         "leak_timer_unarmed", "acquired_total", "on_acquired", "on_released", "validate_after",
         "_may_retire", "max_queries", "setup", "name", "config", "opened_in", "connector",
@@ -1173,38 +1173,35 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         if self.setup is not None:  # the hook is given the proxy: through an acquire context
             async with AcquireContext(self, UNSET, None) as proxy:
                 return await getattr(proxy, method)(query, *args, **kwargs)
-        lease: Lease | None = None
         idle = self.idle
-        if idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]:
-            record = idle[-1]
-            now = self.clock()
-            loop = get_running_loop()
-            if now < record.check_at and loop is self.loop and record.connected():
-                idle.pop()
-                # Lease(record, now, None, task, context), without the Python call to __init__
-                # (~1 µs here); tests/unit/test_lease.py checks that every slot is set.
-                lease = _blank(Lease)
-                lease.record = record
-                lease.acquired_at = now
-                lease.task = task_of(loop)
-                lease.context = copy_context() if self.track_leaks else None
-                lease.frame = None
-                lease.lasti = 0
-                lease.state = ACTIVE
-                lease.reported = False
-                lease.scoped = True
-                lease.holder_cancelled = False
-                record.place = LEASED
-                self.leases[record] = lease
-                if self.leak_timer_unarmed:
-                    self.leaks.arm(now)
-                self.acquired_total += 1
-                if self.on_acquired is not None:
-                    self.on_acquired(0.0)
-        if lease is None:
+        if (idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]
+                and (now := self.clock()) < (record := idle[-1]).check_at
+                and (loop := get_running_loop()) is self.loop and record.connected()):
+            idle.pop()
+            # Lease(record, now, None, task, context), without the Python call to __init__
+            # (~1 µs here); tests/unit/test_lease.py checks that every slot is set.
+            lease = _blank(Lease)
+            lease.record = record
+            lease.acquired_at = now
+            lease.task = task_of(loop)
+            lease.context = copy_context() if self.track_leaks else None
+            lease.frame = None
+            lease.lasti = 0
+            lease.state = ACTIVE
+            lease.reported = False
+            lease.scoped = True
+            lease.holder_cancelled = False
+            record.place = LEASED
+            self.leases[record] = lease
+            if self.leak_timer_unarmed:
+                self.leaks.arm(now)
+            self.acquired_total += 1
+            if self.on_acquired is not None:
+                self.on_acquired(0.0)
+        else:
             lease = await self.checkout(UNSET, None)
             lease.scoped = True
-        record = lease.record
+            record = lease.record
         conn = record.conn
         try:
             if kwargs:
