@@ -76,7 +76,9 @@ class PoolObserver:
 
     def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
         """What the pool calls on every checkout for `acquired` and `released`, or None for a
-        hook that does nothing: the pool then skips the call. Asked once, after `attach`.
+        hook that does nothing: the pool then skips the call. Asked after `attach`, then again
+        at each housekeeping round (`TelemetryObserver` starts recording once an SDK is
+        installed).
 
         By default the bound methods, or None where a subclass does not override them; an
         observer whose hooks may do nothing (telemetry with checkout times not recorded) says so

@@ -241,7 +241,8 @@ def test_a_collection_racing_the_event_loop_retries_the_stats_read(sdk: Sdk) -> 
 
 
 # Opens a pool with the default global telemetry, then installs the SDK, as an application whose
-# pool is created at import time would; prints the metrics the SDK then collects.
+# pool is created at import time would; prints the metrics the SDK then collects. Checkout times
+# are recorded from the pool's next housekeeping round on (max_idle=0.5: every 0.25 s).
 _LATE_SDK = """
 import asyncio, sys
 import asyncpool
@@ -250,9 +251,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 async def main():
-    async with asyncpool.Pool(sys.argv[1], name="early", min_size=1) as pool:
+    async with asyncpool.Pool(sys.argv[1], name="early", min_size=1, max_idle=0.5) as pool:
+        assert pool._slots.on_acquired is None and pool._slots.on_released is None
+        await pool.fetchval("SELECT 1")  # nothing listens: not recorded
         reader = InMemoryMetricReader()
         metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        await asyncio.sleep(0.6)
+        assert pool._slots.on_acquired is not None and pool._slots.on_released is not None
         await pool.fetchval("SELECT 1")
         for rm in reader.get_metrics_data().resource_metrics:
             for sm in rm.scope_metrics:
@@ -271,7 +276,9 @@ def test_a_pool_opened_before_the_sdk_is_installed_reports_through_it(
     lines = run_app(_LATE_SDK, postgres.dsn())
     assert "db.client.connection.count idle 1 None" in lines
     assert "db.client.connection.max - 10 None" in lines
-    assert "db.client.connection.wait_time - None 1" in lines  # recorded after the SDK came
+    # Only the checkout after the SDK came and a housekeeping round passed: 1.
+    assert "db.client.connection.wait_time - None 1" in lines
+    assert "db.client.connection.use_time - None 1" in lines
 
 
 async def test_describe_cache_counts_survive_retired_connections_and_match_stats(

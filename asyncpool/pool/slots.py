@@ -1099,6 +1099,7 @@ class Slots:
             surplus -= 1
 
     async def housekeep(self) -> None:
+        self.on_acquired, self.on_released = self.observer.checkout_hooks()
         self.reap()
         if self.state is OPEN and self.size() < self.config.min_size:
             try:

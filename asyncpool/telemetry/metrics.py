@@ -235,6 +235,15 @@ _BY_PROVIDER: weakref.WeakKeyDictionary[MeterProvider, dict[sc.Conventions, Pool
 )
 
 
+def global_provider_listens() -> bool:
+    """False while the global meter provider is OpenTelemetry's stand-in (no SDK installed yet)
+    or its no-op one: what the global meter records then goes nowhere."""
+    provider = metrics.get_meter_provider()
+    # The stand-in's class is private; were it renamed, this says True: recording as before.
+    return not (type(provider).__name__ == "_ProxyMeterProvider"
+                or isinstance(provider, metrics.NoOpMeterProvider))
+
+
 def instruments_for(
     provider: MeterProvider | None, version: str, conventions: sc.Conventions = sc.CURRENT
 ) -> PoolInstruments:

@@ -16,7 +16,12 @@ from asyncpool.stats import PoolStats
 from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.checkout_times import CHECKOUT_TIMES, CheckoutTimes, PoolCheckoutTimes
 from asyncpool.telemetry.logs import add_trace_ids_to_logs
-from asyncpool.telemetry.metrics import Attributes, PoolCounts, instruments_for
+from asyncpool.telemetry.metrics import (
+    Attributes,
+    PoolCounts,
+    global_provider_listens,
+    instruments_for,
+)
 from asyncpool.telemetry.spans import PoolSpans, error_type
 
 if TYPE_CHECKING:
@@ -85,6 +90,10 @@ class TelemetryObserver(PoolObserver):
         self._aggregated: tuple[CheckoutTimes, PoolCheckoutTimes] | None = None
         self._record_wait: Callable[[float], None] = _ignore
         self._record_use: Callable[[float], None] = _ignore
+        # Checkout times wait for an SDK: the global meter provider was OpenTelemetry's
+        # stand-in when the pool opened (`checkout_hooks` looks again).
+        self._awaiting_sdk = False
+        self._pool_name = ""
 
     def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
         if self._attached:
@@ -102,6 +111,13 @@ class TelemetryObserver(PoolObserver):
 
     def _choose_checkout_recording(self, pool_name: str) -> None:
         times = self._checkout_times
+        self._pool_name = pool_name
+        # Nothing listens yet: record nothing (each record on the stand-in's instruments costs
+        # about 1,400 instructions per checkout) until an SDK is installed.
+        self._awaiting_sdk = (times is True and self._global_provider
+                              and not CHECKOUT_TIMES.exporting and not global_provider_listens())
+        if self._awaiting_sdk:
+            return
         if times is True and self._global_provider and CHECKOUT_TIMES.exporting:
             times = CHECKOUT_TIMES
         scale = self._conventions.time_scale
@@ -127,6 +143,8 @@ class TelemetryObserver(PoolObserver):
 
     def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
         # The recorders themselves: one call less per checkout, none when nothing is recorded.
+        if self._awaiting_sdk:
+            self._choose_checkout_recording(self._pool_name)
         wait, use = self._record_wait, self._record_use
         return (None if wait is _ignore else wait), (None if use is _ignore else use)
 
