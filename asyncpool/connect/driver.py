@@ -3,7 +3,10 @@
 asyncpg has no public way to ask whether a cancelled query is still being cancelled, to forget a
 Transaction whose BEGIN failed, to invalidate the statements, cursors and transactions a previous
 holder obtained (its own pool bumps ``_pool_release_ctr``), or to drop the listeners a holder left.
-Every private name used for that is read here and nowhere else; `tests/test_driver.py` has one test
+Every private name used for that is read here and nowhere else, with one exception: the statement
+runner (`asyncpool.pool.slots`) does what `own_read` describes inline, on every query (reading
+``_aborted``, calling ``_check_open`` and ``_execute``), and only when `own_read` found them all.
+`tests/test_driver.py` has one test
 per name against a real server, so a new asyncpg that renames one fails there, loudly, not in
 production. Outside the tested versions the names are checked on the class at import: a missing one
 is warned about and the function that needs it falls back to doing nothing (or to a round trip).
@@ -47,7 +50,7 @@ PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transac
                       "queries_count", "is_connected")
 #: Protocol attributes read here: BackendKeyData's two fields (0 until the server sends them).
 KEY_INTERNALS = ("backend_pid", "backend_secret")
-#: Connection methods called here (execute_described).
+#: Connection methods called here (execute_described) or, per `own_read`, by the statement runner.
 METHOD_INTERNALS = ("_check_open", "_execute", "_Connection__execute", "_cancel_current_command")
 
 
