@@ -1,4 +1,5 @@
-"""The asyncpg internals asyncpool relies on, all in this one module, gated on asyncpg's version.
+"""The asyncpg internals asyncpool relies on, in this one module (one exception, below), gated on
+asyncpg's version.
 
 asyncpg has no public way to ask whether a cancelled query is still being cancelled, to forget a
 Transaction whose BEGIN failed, to invalidate the statements, cursors and transactions a previous
@@ -6,10 +7,10 @@ holder obtained (its own pool bumps ``_pool_release_ctr``), or to drop the liste
 Every private name used for that is read here and nowhere else, with one exception: the statement
 runner (`asyncpool.pool.slots`) does what `own_read` describes inline, on every query (reading
 ``_aborted``, calling ``_check_open`` and ``_execute``), and only when `own_read` found them all.
-`tests/test_driver.py` has one test
-per name against a real server, so a new asyncpg that renames one fails there, loudly, not in
-production. Outside the tested versions the names are checked on the class at import: a missing one
-is warned about and the function that needs it falls back to doing nothing (or to a round trip).
+`tests/test_driver.py` has one test per name against a real server, so a new asyncpg that renames
+one fails there, loudly, not in production. Outside the tested versions the names are checked on
+the class at import: a missing one is warned about and the function that needs it falls back to
+doing nothing (or to a round trip).
 """
 
 from __future__ import annotations
