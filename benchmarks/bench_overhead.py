@@ -1,7 +1,8 @@
 """Client CPU per query: a query through the pool against the same query on a raw asyncpg connection.
 
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 50]
-        [--instances 500] [--seconds 2] [--warmup 1] [--all] [--only python|single|fleet] [--uvloop]
+        [--instances 500] [--seconds 2] [--warmup 1] [--all]
+        [--only python|python-fleet|single|fleet] [--uvloop]
         [--ladder]
     .venv/bin/python benchmarks/bench_overhead.py --only instructions [--rounds 3]
         [--instr-queries 500] [--ladder] [--all] [--uvloop]
@@ -9,14 +10,16 @@
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
 asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
 CPU measured with ``time.process_time()`` over a window and divided by the queries run in it:
-steadier than throughput on a shared machine. Two cases:
+steadier than throughput on a shared machine. The cases:
 
 - single: one connection (or pool of one) per contender, direct to PostgreSQL, queries back to
   back. All contenders are open at once and take turns in blocks of `--block` queries, raw
   asyncpg's block between the two asyncpool contenders' and the order reversed every pass;
 - python: the pool's own cost, without I/O: its connection is swapped for a stub that answers
   at once, and `pool.fetchval` / acquire + fetchval are timed against calling the stub directly
-  (no kernel, no server: steady on a busy machine);
+  (no kernel, no server: steady on a busy machine); `--only python-fleet` does the same with
+  `--instances` pools (through PgBouncer 1.18), each query going to the next pool in turn, so
+  each finds its pool's objects as cold as a process serving hundreds of them would;
 - fleet: `--instances` connections (or pools with max_size=1) per contender in one process
   through PgBouncer 1.18, every instance querying in a loop. All contenders' instances are open
   at once and take turns: one contender runs, the others wait at a gate; after `--warmup` (the
@@ -435,29 +438,36 @@ class _Instant:
         return 1
 
 
-async def python_case(dsn: str, args: argparse.Namespace) -> Samples:
+async def python_case(dsn: str, args: argparse.Namespace, instances: int = 1) -> Samples:
     """The pool's own Python cost: its connection swapped for one that answers at once (no I/O,
-    no kernel), `pool.fetchval` and acquire + fetchval against calling that stub directly."""
-    import asyncpool
+    no kernel), `pool.fetchval` and acquire + fetchval against calling that stub directly.
 
-    pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
-                                       telemetry=False)
+    With several `instances` (``python-fleet``), each query goes to the next pool (or stub) in
+    turn, so each finds its pool's objects as cold as in a process serving hundreds of them."""
+    import asyncpool
     from asyncpool.connect.driver import probes
 
-    record = pool._slots.idle[0]
-    real, stub = record.conn, _Instant()
-    record.conn = stub
-    record.connected, record.in_transaction = probes(stub)
+    # No checkout check nor expiry: the stub cannot run one, and opening 500 pools takes a while.
+    pools = [await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
+                                         telemetry=False, name=f"python-{n}", validate_after=None,
+                                         max_lifetime=None)
+             for n in range(instances)]
+    records = [pool._slots.idle[0] for pool in pools]
+    reals = [record.conn for record in records]
+    stubs = [_Instant() for _ in records]
+    for record, stub in zip(records, stubs, strict=True):
+        record.conn = stub
+        record.connected, record.in_transaction = probes(stub)
 
     async def acquire(i: int) -> Any:
-        async with pool.acquire() as conn:
+        async with pools[i % instances].acquire() as conn:
             return await conn.fetchval(QUERY, i)
 
-    queries: dict[str, Query] = {RAW: lambda i: stub.fetchval(QUERY, i),
-                                 POOL_FETCHVAL: lambda i: pool.fetchval(QUERY, i),
+    queries: dict[str, Query] = {RAW: lambda i: stubs[i % instances].fetchval(QUERY, i),
+                                 POOL_FETCHVAL: lambda i: pools[i % instances].fetchval(QUERY, i),
                                  POOL_ACQUIRE: acquire}
     samples = Samples(list(queries))
-    block = args.block * 40
+    block = max(args.block * 40, instances * 4)
     try:
         for query in queries.values():
             for i in range(block):
@@ -474,9 +484,11 @@ async def python_case(dsn: str, args: argparse.Namespace) -> Samples:
             samples.add_pass(measured)
             order.reverse()
     finally:
-        record.conn = real
-        record.connected, record.in_transaction = probes(real)
-        await pool.close()
+        for record, real in zip(records, reals, strict=True):
+            record.conn = real
+            record.connected, record.in_transaction = probes(real)
+        for pool in pools:
+            await pool.close()
     return samples
 
 
@@ -534,7 +546,7 @@ def main() -> None:
                         help="fleet: seconds a contender runs before its window (the last one drains)")
     parser.add_argument("--all", action="store_true",
                         help="fleet: asyncpg.Pool and psycopg_pool too (1,000 more connections)")
-    parser.add_argument("--only", choices=["single", "fleet", "python", "instructions"],
+    parser.add_argument("--only", choices=["single", "fleet", "python", "python-fleet", "instructions"],
                         help="one case; instructions (needs valgrind) runs only when named")
     parser.add_argument("--instr-queries", type=int, default=500,
                         help="instructions: queries in the shorter of each contender's two runs")
@@ -570,8 +582,10 @@ def main() -> None:
         # Before any connection: a server's backends inherit the placement.
         print(f"placement: {place(args.pin, stack.pids())}", flush=True)
         results = {}
-        if args.only in (None, "python"):
-            results["python"] = asyncio.run(python_case(stack.postgres.dsn(), args))
+        if args.only in (None, "python", "python-fleet"):
+            many = args.only == "python-fleet"  # many pools: through PgBouncer, as the fleet
+            results[args.only or "python"] = asyncio.run(python_case(
+                (stack.legacy if many else stack.postgres).dsn(), args, args.instances if many else 1))
         if args.only in (None, "single"):
             results["single"] = single_case(stack.postgres.dsn(), args)
         if args.only in (None, "fleet"):
@@ -581,9 +595,10 @@ def main() -> None:
     finally:
         stack.stop()
     titles = {"python": "the pool's Python alone: connection swapped for a stub that answers at once",
+              "python-fleet": f"the pool's Python alone, {args.instances} pools taking turns query by query",
               "single": "1 pool, direct to PostgreSQL",
               "fleet": f"{args.instances} pools per process through PgBouncer 1.18"}
-    targets = {"python": 3.0, "single": 3.0, "fleet": 5.0}
+    targets = {"python": 3.0, "python-fleet": 5.0, "single": 3.0, "fleet": 5.0}
     for case, samples in results.items():
         report(f"{case} ({titles[case]})", samples, targets[case])
     if args.only == "instructions":
