@@ -1294,7 +1294,7 @@ async def housekeeping(ref: weakref.ref[Slots], period: float) -> None:
     closes or is collected. Any error is logged and the next round runs as planned: the schedule
     comes first, so no failure can stop it (psycopg's ShrinkPool, HikariCP's HouseKeeper)."""
     while True:
-        await alarms.sleep(period)
+        await alarms.tick(period)
         slots = ref()
         if slots is None or slots.state is not OPEN:
             return

@@ -254,3 +254,48 @@ def test_a_deadline_on_a_loop_with_its_own_clock_is_asyncio_timeout() -> None:
         assert 30 <= loop.time() < 31
     finally:
         loop.close()
+
+
+async def test_ticks_wake_on_multiples_of_their_period_together_in_one_hand_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tick(period)` ends at the next multiple of `period` on the monotonic clock, so ticks
+    begun at different moments of a period end together; all of a loop's ticks that fall due at
+    once reach it in one ``call_soon_threadsafe`` (hundreds of pools' housekeeping: one wake-up
+    of thread and loop, not hundreds)."""
+    loop = asyncio.get_running_loop()
+    period = 0.3
+    await asyncio.sleep(period - time.monotonic() % period + 0.005)  # just after a multiple
+    begun = time.monotonic()
+    due = (int(begun / period) + 1) * period
+    handed: list[Any] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        handed.append(args)
+        return real(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    woke: list[float] = []
+
+    async def pool_housekeeping(k: int) -> None:
+        await asyncio.sleep(k % 5 * 0.02)  # pools begin their rounds at different moments
+        await alarms.tick(period)
+        woke.append(time.monotonic())
+
+    await asyncio.gather(*(pool_housekeeping(k) for k in range(50)))
+    assert len(woke) == 50
+    assert all(due <= t < due + 0.1 for t in woke), (due, sorted(woke)[::10])
+    assert pending_timers(loop) == []
+    assert len(handed) == 1
+    [(entries,)] = handed
+    assert len(entries) == 50
+
+
+def test_a_tick_on_a_loop_with_its_own_clock_is_asyncio_sleep() -> None:
+    loop = VirtualClockLoop()
+    try:
+        loop.run_until_complete(asyncio.sleep(3.3))
+        loop.run_until_complete(alarms.tick(5))
+        assert 8.3 <= loop.time() < 8.4  # the loop's own sleep, not aligned to a multiple
+    finally:
+        loop.close()
