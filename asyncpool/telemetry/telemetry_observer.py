@@ -93,7 +93,7 @@ class TelemetryObserver(PoolObserver):
         # Checkout times wait for an SDK: the global meter provider was OpenTelemetry's
         # stand-in when the pool opened (`checkout_hooks` looks again).
         self._awaiting_sdk = False
-        self._pool_name = ""
+        self._pool_name = ""  # set by attach
 
     def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
         if self._attached:
@@ -106,12 +106,12 @@ class TelemetryObserver(PoolObserver):
         self._attributes = self._instruments.watch(self, pool_name, stats, self._counts)
         self._statement_attributes = {sc.POOL_NAME: pool_name}
         self._spans = PoolSpans(self._tracer, pool_name, self._credentials_name)
-        self._choose_checkout_recording(pool_name)
+        self._pool_name = pool_name
+        self._choose_checkout_recording()
         add_trace_ids_to_logs()
 
-    def _choose_checkout_recording(self, pool_name: str) -> None:
+    def _choose_checkout_recording(self) -> None:
         times = self._checkout_times
-        self._pool_name = pool_name
         # Nothing listens yet: record nothing (each record on the stand-in's instruments costs
         # about 1,400 instructions per checkout) until an SDK is installed.
         self._awaiting_sdk = (times is True and self._global_provider
@@ -122,7 +122,7 @@ class TelemetryObserver(PoolObserver):
             times = CHECKOUT_TIMES
         scale = self._conventions.time_scale
         if isinstance(times, CheckoutTimes) and scale == 1.0:
-            recorder = times.recorder(pool_name)
+            recorder = times.recorder(self._pool_name)
             self._aggregated = (times, recorder)
             self._record_wait, self._record_use = recorder.wait, recorder.use
         elif times:
@@ -144,7 +144,7 @@ class TelemetryObserver(PoolObserver):
     def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
         # The recorders themselves: one call less per checkout, none when nothing is recorded.
         if self._awaiting_sdk:
-            self._choose_checkout_recording(self._pool_name)
+            self._choose_checkout_recording()
         wait, use = self._record_wait, self._record_use
         return (None if wait is _ignore else wait), (None if use is _ignore else use)
 
