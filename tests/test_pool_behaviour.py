@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -284,3 +285,30 @@ async def test_min_size_is_restored_in_background(pooler: Pooler) -> None:
         while pool.stats().size < 2 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         assert pool.stats().size == 2
+
+
+async def test_housekeeping_comes_a_period_after_opening_then_on_its_multiples(
+        postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first round never comes before a whole period has passed since the pool opened (a
+    dead idle connection is then found by the checkout's check, as before); later rounds fall
+    on multiples of the period, where every pool of the process keeps house together."""
+    from asyncpool.pool.slots import Slots
+
+    rounds: list[float] = []
+    real = Slots.housekeep
+
+    async def recorded(self: Slots) -> None:
+        rounds.append(time.monotonic())
+        await real(self)
+
+    monkeypatch.setattr(Slots, "housekeep", recorded)
+    period = 0.25  # max_idle / 2
+    await asyncio.sleep(period - time.monotonic() % period + 0.08)  # open well off a multiple
+    async with Pool(postgres.dsn(), max_size=1, max_idle=2 * period, telemetry=False):
+        opened = time.monotonic()
+        async with asyncio.timeout(5):
+            while len(rounds) < 3:
+                await asyncio.sleep(0.01)
+    assert rounds[0] - opened >= period
+    for later in rounds[1:]:
+        assert 0 <= later % period < 0.05, (period, [t % period for t in rounds])

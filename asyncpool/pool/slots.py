@@ -1293,8 +1293,11 @@ async def housekeeping(ref: weakref.ref[Slots], period: float) -> None:
     """Reap idle and expired connections and keep min_size open, every `period`, until the pool
     closes or is collected. Any error is logged and the next round runs as planned: the schedule
     comes first, so no failure can stop it (psycopg's ShrinkPool, HikariCP's HouseKeeper)."""
+    # The first round a whole period after opening, then on the period's multiples.
+    wait: Callable[[float], Coroutine[Any, Any, None]] = alarms.sleep
     while True:
-        await alarms.tick(period)
+        await wait(period)
+        wait = alarms.tick
         slots = ref()
         if slots is None or slots.state is not OPEN:
             return
