@@ -184,10 +184,28 @@ class ThreadAlarm:
             self._callback()
 
 
-def _deliver(entries: list[_Entry]) -> None:
-    """On a loop: the alarms of `entries`, handed over together, are due."""
-    for entry in entries:
-        entry[2].due(entry)
+#: Alarms a loop runs per turn when many fall due together (hundreds of pools' housekeeping
+#: rounds, about 20 µs each): the rest wait for the next turns, so the loop's other work (a
+#: request's replies) waits for a few dozen rounds at most, not for all of them.
+PER_TURN = 32
+
+
+def _deliver(entries: list[_Entry], start: int = 0) -> None:
+    """On a loop: the alarms of `entries`, handed over together, are due. Runs `PER_TURN` of
+    them and leaves the rest to the next turn; an alarm cancelled or set again meanwhile is
+    skipped (`ThreadAlarm.due`). A callback that raises is reported to the loop's exception
+    handler, as a callback of its own would be, and stops none of the others."""
+    loop = asyncio.get_running_loop()
+    end = start + PER_TURN
+    if end < len(entries):
+        loop.call_soon(_deliver, entries, end)
+    for i in range(start, min(end, len(entries))):
+        entry = entries[i]
+        try:
+            entry[2].due(entry)
+        except Exception as exc:  # as a callback of its own would: reported, the others run
+            loop.call_exception_handler({"message": "asyncpool: an alarm's callback failed",
+                                         "exception": exc})
 
 
 class _Waiter:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -299,3 +301,59 @@ def test_a_tick_on_a_loop_with_its_own_clock_is_asyncio_sleep() -> None:
         assert 8.3 <= loop.time() < 8.4  # the loop's own sleep, not aligned to a multiple
     finally:
         loop.close()
+
+
+async def test_alarms_due_together_run_a_few_dozen_per_turn_of_the_loop_in_deadline_order() -> None:
+    """Hundreds of alarms handed over together (a process's pools keeping house at the same
+    multiple of their period) run over successive turns of the loop, `PER_TURN` at most in each:
+    what else the loop has to do (a request's replies) waits for one share, not for all."""
+    loop = asyncio.get_running_loop()
+    count = 5 * alarms.PER_TURN + 3
+    turn = 0
+    fired: list[tuple[int, int]] = []  # (alarm, turn of the loop it ran in)
+
+    def spin() -> None:  # counts the loop's turns while the alarms run
+        nonlocal turn
+        turn += 1
+        if len(fired) < count:
+            loop.call_soon(spin)
+
+    def firing(k: int) -> Callable[[], None]:
+        return lambda: fired.append((k, turn))
+
+    deadline = time.monotonic() + 0.05
+    for k in range(count):
+        ThreadAlarm(loop, firing(k)).set(deadline)
+    loop.call_soon(spin)
+    for _ in range(500):
+        if len(fired) == count:
+            break
+        await asyncio.sleep(0.01)
+    assert [k for k, _ in fired] == list(range(count))  # all of them, in the order set
+    per_turn: dict[int, int] = {}
+    for _, t in fired:
+        per_turn[t] = per_turn.get(t, 0) + 1
+    assert max(per_turn.values()) <= alarms.PER_TURN
+    assert len(per_turn) >= count // alarms.PER_TURN
+
+
+async def test_a_failing_alarm_callback_is_reported_and_stops_none_of_the_others() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    fired: list[int] = []
+
+    def callback(k: int) -> None:
+        fired.append(k)
+        if k == 1:
+            raise RuntimeError("callback 1 broke")
+
+    deadline = time.monotonic() + 0.05
+    for k in range(3):
+        ThreadAlarm(loop, functools.partial(callback, k)).set(deadline)
+    for _ in range(500):
+        if len(fired) == 3 and errors:
+            break
+        await asyncio.sleep(0.01)
+    assert fired == [0, 1, 2]
+    assert [str(e.get("exception")) for e in errors] == ["callback 1 broke"]
