@@ -208,6 +208,11 @@ def _deliver(entries: list[_Entry], start: int = 0) -> None:
                                          "exception": exc})
 
 
+#: The longest the thread sleeps at once (it looks again after): any longer timeout may
+#: overflow the platform's time_t.
+_LONGEST_WAIT = 3600.0
+
+
 class _Waiter:
     """The thread that waits for every `ThreadAlarm` of the process: a heap of deadlines under
     a lock, slept on until the earliest (or until an earlier one is added)."""
@@ -247,7 +252,9 @@ class _Waiter:
                 now = time.monotonic()
                 delay = heap[0][0] - now
                 if delay > 0:
-                    self._changed.wait(delay)
+                    # Capped: a far deadline (leak_timeout=inf) would overflow the lock's timeout
+                    # and end the thread, and with it every alarm of the process.
+                    self._changed.wait(min(delay, _LONGEST_WAIT))
                     continue
                 # Everything due, one hand-over per loop: each wakes its loop (a write to its
                 # self-pipe), and hundreds of pools in one process often fall due together.

@@ -58,7 +58,7 @@ class LeakTracker:
         loops, at the first multiple of the `grain` from then on)."""
         self._set_unarmed(False)
         due, step = acquired_at + self.timeout, self._grain
-        self._alarm.set(due if step is None else math.ceil(due / step) * step)
+        self._alarm.set(math.ceil(due / step) * step if step is not None and due < math.inf else due)
 
     def _fire(self) -> None:
         self._set_unarmed(True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import threading
 import time
@@ -406,3 +407,30 @@ async def test_leak_deadlines_within_one_grain_are_checked_in_one_hand_over(
     finally:
         for pool in pools:
             await pool.close()
+
+
+async def test_a_deadline_at_infinity_never_fires_and_stops_no_other_alarm() -> None:
+    """``leak_timeout=float("inf")`` sets an alarm at infinity: the thread must keep serving the
+    others (an uncapped wait overflowed the lock's timeout and ended the thread)."""
+    loop = asyncio.get_running_loop()
+    fired: list[str] = []
+    ThreadAlarm(loop, lambda: fired.append("never")).set(math.inf)
+    await asyncio.sleep(0.05)  # the thread is asleep on the infinite deadline
+    ThreadAlarm(loop, lambda: fired.append("soon")).set(time.monotonic() + 0.05)
+    for _ in range(300):
+        if fired:
+            break
+        await asyncio.sleep(0.01)
+    assert fired == ["soon"]
+    assert any(t.name == "asyncpool-alarms" for t in threading.enumerate())
+
+
+async def test_a_pool_whose_leak_timeout_is_infinite_works_and_reports_no_leak(
+        server: FakeServer) -> None:
+    async with fake_pool(server, max_size=1, leak_timeout=math.inf) as pool:
+        conn = await pool.acquire()
+        assert await conn.fetchval("SELECT 1") == 1
+        await alarms.sleep(0.05)  # the process's alarms still work
+        await pool.release(conn)
+        assert await pool.fetchval("SELECT 1") == 1
+        assert pool.stats().leaked_total == 0
