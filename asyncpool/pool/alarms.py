@@ -16,9 +16,9 @@ Deadlines are read on `loop_clock(loop)`, the clock the pool uses on that loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
+import logging
 import math
 import os
 import threading
@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
+
+logger = logging.getLogger("asyncpool.pool")
 
 
 def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
@@ -264,8 +266,15 @@ class _Waiter:
                     if entry[2].entry is entry:
                         batches.setdefault(entry[2].loop, []).append(entry)
                 for loop, entries in batches.items():
-                    with contextlib.suppress(RuntimeError):  # a closed loop gets nothing
+                    try:
                         loop.call_soon_threadsafe(_deliver, entries)
+                    except RuntimeError:  # a closed loop gets nothing
+                        pass
+                    except Exception:
+                        # This thread serves every loop of the process: one loop that fails to
+                        # take its alarms loses them, the others go on.
+                        logger.exception("asyncpool: could not hand %d alarm(s) to %r",
+                                         len(entries), loop)
 
 
 _WAITER = _Waiter()  # its thread starts with the first alarm set

@@ -434,3 +434,33 @@ async def test_a_pool_whose_leak_timeout_is_infinite_works_and_reports_no_leak(
         await pool.release(conn)
         assert await pool.fetchval("SELECT 1") == 1
         assert pool.stats().leaked_total == 0
+
+
+async def test_a_loop_that_fails_to_take_its_alarms_loses_them_and_stops_no_other(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The thread serves every loop of the process: a hand-over that fails (a loop whose
+    ``call_soon_threadsafe`` raises) is logged and the thread goes on."""
+    loop = asyncio.get_running_loop()
+    real = loop.call_soon_threadsafe
+    refused: list[int] = []
+
+    def refusing_once(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        if not refused:
+            refused.append(1)
+            raise ValueError("this loop refuses its first hand-over")
+        return real(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", refusing_once)
+    fired: list[str] = []
+    ThreadAlarm(loop, lambda: fired.append("lost")).set(time.monotonic() + 0.02)
+    for _ in range(300):
+        if refused:
+            break
+        await asyncio.sleep(0.01)
+    ThreadAlarm(loop, lambda: fired.append("later")).set(time.monotonic() + 0.02)
+    for _ in range(300):
+        if fired:
+            break
+        await asyncio.sleep(0.01)
+    assert fired == ["later"]
+    assert any("could not hand 1 alarm(s)" in r.getMessage() and r.exc_info for r in caplog.records)
