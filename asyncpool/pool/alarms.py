@@ -231,6 +231,8 @@ class _Waiter:
         self._thread: threading.Thread | None = None
 
     def add(self, alarm: ThreadAlarm, when: float) -> None:
+        if math.isnan(when):  # never due nor later than anything: it would spin the thread
+            raise ValueError("an alarm's deadline must be a number, not NaN")
         with self._changed:
             entry = (when, next(self._order), alarm)
             alarm.entry = entry  # before the thread can see it: any other entry is stale now

@@ -464,3 +464,14 @@ async def test_a_loop_that_fails_to_take_its_alarms_loses_them_and_stops_no_othe
         await asyncio.sleep(0.01)
     assert fired == ["later"]
     assert any("could not hand 1 alarm(s)" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_a_nan_deadline_is_refused_where_it_is_set() -> None:
+    """NaN compares false with everything: in the thread's heap it would never fall due and
+    keep the thread spinning. It is refused at `set`, where the caller sees it."""
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ValueError, match="NaN"):
+        ThreadAlarm(loop, lambda: None).set(math.nan)
+    fired = asyncio.Event()
+    ThreadAlarm(loop, fired.set).set(time.monotonic() + 0.02)
+    await asyncio.wait_for(fired.wait(), 5)
