@@ -108,6 +108,12 @@ _RANDOM_ID = re.compile(
     re.IGNORECASE)
 
 
+# Random UUIDs (a secret's name made with uuid4().hex, the version ids the AWS stand-ins give),
+# dashed or not: their hex digits spell the escaped forms' hex pieces by chance ("00e9" of
+# "\\u00e9"). No piece of a secret hides in one: the secrets' own letters are not hex digits.
+_UUID = re.compile(r"\b[0-9a-fA-F]{8}(?:-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}\b")
+
+
 @dataclass
 class Tally:
     """What was checked, for the summary line, and what leaked."""
@@ -125,7 +131,8 @@ class Tally:
         # Default reprs name an object's address ("<... object at 0x7fce...0e90>"): its hex
         # digits can spell a piece of a secret's escaped form by chance ("00e9" of "\\u00e9").
         # So can the random request ids of the AWS stand-ins ("...bZWkK..." held "ZWkK").
-        texts = [_RANDOM_ID.sub(r"\1<random id>", _ADDRESS.sub(" at 0x<address>", t))
+        texts = [_UUID.sub("<uuid>", _RANDOM_ID.sub(r"\1<random id>",
+                                                    _ADDRESS.sub(" at 0x<address>", t)))
                  for t in texts]
         text = "\n".join(texts)
         self.secrets.add(secret)
