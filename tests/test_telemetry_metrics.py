@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -21,6 +21,7 @@ from asyncpool.telemetry.metrics import PoolCounts, instruments_for
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.conftest import Pooler
 from tests.telemetry_support import Collected, Sdk, every_instrument_reported, run_app
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -28,12 +29,6 @@ def sdk() -> Iterator[Sdk]:
     s = Sdk()
     yield s
     s.shutdown()
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 # The names, kinds and units the semantic conventions give (and asyncpool's own counters), written

@@ -7,7 +7,7 @@ import logging
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -21,6 +21,7 @@ from asyncpool.telemetry.logs import SPAN_ID, TRACE_ID
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
 from tests.telemetry_support import Sdk
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -251,14 +252,6 @@ async def test_the_pools_own_statements_are_marked_in_the_request_trace(
     ours = [q for q in queries if q not in under[validate] and q not in under[reset]]
     assert [q.name for q in ours] == ["SELECT", "BEGIN", "SELECT"]
     assert all(_parent(spans, s) is request for s in ours), [s.name for s in ours]
-
-
-async def until(check: Callable[[], bool], within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not check():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_an_instrumentation_installed_after_the_pool_opened_sees_the_helpers(

@@ -18,6 +18,7 @@ from asyncpool.pool import alarms
 from asyncpool.pool.alarms import LoopAlarm, ThreadAlarm
 from asyncpool.pool.leaks import LeakTracker, grain
 from tests.unit.fakes import FakeServer, VirtualClockLoop, fake_pool
+from tests.waiting import until
 
 
 def pending_timers(loop: asyncio.AbstractEventLoop) -> list[Any]:
@@ -327,10 +328,7 @@ async def test_alarms_due_together_run_a_few_dozen_per_turn_of_the_loop_in_deadl
     for k in range(count):
         ThreadAlarm(loop, firing(k)).set(deadline)
     loop.call_soon(spin)
-    for _ in range(500):
-        if len(fired) == count:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(fired) == count)
     assert [k for k, _ in fired] == list(range(count))  # all of them, in the order set
     per_turn: dict[int, int] = {}
     for _, t in fired:
@@ -353,10 +351,7 @@ async def test_a_failing_alarm_callback_is_reported_and_stops_none_of_the_others
     deadline = time.monotonic() + 0.05
     for k in range(3):
         ThreadAlarm(loop, functools.partial(callback, k)).set(deadline)
-    for _ in range(500):
-        if len(fired) == 3 and errors:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(fired) == 3 and errors)
     assert fired == [0, 1, 2]
     assert [str(e.get("exception")) for e in errors] == ["callback 1 broke"]
 
@@ -396,10 +391,7 @@ async def test_leak_deadlines_within_one_grain_are_checked_in_one_hand_over(
         assert taken[-1] - taken[0] < step - 0.02
         await asyncio.sleep(taken[0] + timeout - 0.02 - time.monotonic())
         assert [pool.stats().leaked_total for pool in pools] == [0] * count  # none early
-        for _ in range(300):
-            if all(pool.stats().leaked_total == 1 for pool in pools):
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: all(pool.stats().leaked_total == 1 for pool in pools), 3.0)
         noticed = time.monotonic()
         assert [pool.stats().leaked_total for pool in pools] == [1] * count
         assert noticed - taken[-1] < timeout + step + 0.15
@@ -417,10 +409,7 @@ async def test_a_deadline_at_infinity_never_fires_and_stops_no_other_alarm() -> 
     ThreadAlarm(loop, lambda: fired.append("never")).set(math.inf)
     await asyncio.sleep(0.05)  # the thread is asleep on the infinite deadline
     ThreadAlarm(loop, lambda: fired.append("soon")).set(time.monotonic() + 0.05)
-    for _ in range(300):
-        if fired:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: fired, 3.0)
     assert fired == ["soon"]
     assert any(t.name == "asyncpool-alarms" for t in threading.enumerate())
 
@@ -453,15 +442,9 @@ async def test_a_loop_that_fails_to_take_its_alarms_loses_them_and_stops_no_othe
     monkeypatch.setattr(loop, "call_soon_threadsafe", refusing_once)
     fired: list[str] = []
     ThreadAlarm(loop, lambda: fired.append("lost")).set(time.monotonic() + 0.02)
-    for _ in range(300):
-        if refused:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: refused, 3.0)
     ThreadAlarm(loop, lambda: fired.append("later")).set(time.monotonic() + 0.02)
-    for _ in range(300):
-        if fired:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: fired, 3.0)
     assert fired == ["later"]
     assert any("could not hand 1 alarm(s)" in r.getMessage() and r.exc_info for r in caplog.records)
 
