@@ -57,8 +57,10 @@ class LeakTracker:
         """Fire when a lease taken at `acquired_at` (and still held) is due (on asyncio's own
         loops, at the first multiple of the `grain` from then on)."""
         self._set_unarmed(False)
-        due, step = acquired_at + self.timeout, self._grain
-        self._alarm.set(math.ceil(due / step) * step if step is not None and due < math.inf else due)
+        due = acquired_at + self.timeout
+        if self._grain is not None and due < math.inf:  # ceil() has no integer for infinity
+            due = math.ceil(due / self._grain) * self._grain
+        self._alarm.set(due)
 
     def _fire(self) -> None:
         self._set_unarmed(True)
