@@ -237,7 +237,7 @@ class _Waiter:
             entry = (when, next(self._order), alarm)
             alarm.entry = entry  # before the thread can see it: any other entry is stale now
             heapq.heappush(self._heap, entry)
-            if self._thread is None:
+            if self._thread is None:  # the first alarm, or the thread stopped (`_run`)
                 self._thread = threading.Thread(target=self._run, name="asyncpool-alarms",
                                                 daemon=True)
                 self._thread.start()
@@ -245,6 +245,18 @@ class _Waiter:
                 self._changed.notify()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception:
+            # Not expected (every failure known to come from a loop is handled in `_serve`), but
+            # this thread serves every alarm of the process: the next alarm set starts another,
+            # which finds the deadlines still waiting (a pool sets one every housekeeping round).
+            with self._changed:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+            logger.exception("asyncpool: the alarm thread stopped; the next alarm set restarts it")
+
+    def _serve(self) -> None:
         heap = self._heap
         with self._changed:
             while True:

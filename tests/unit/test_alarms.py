@@ -458,3 +458,32 @@ async def test_a_nan_deadline_is_refused_where_it_is_set() -> None:
     fired = asyncio.Event()
     ThreadAlarm(loop, fired.set).set(time.monotonic() + 0.02)
     await asyncio.wait_for(fired.wait(), 5)
+
+
+async def test_a_stopped_alarm_thread_is_restarted_by_the_next_alarm_and_loses_no_deadline(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Anything unforeseen that ends the thread is logged, and the next alarm set starts
+    another, which delivers the deadlines that were waiting (a pool sets one every round)."""
+    loop = asyncio.get_running_loop()
+    real_monotonic = time.monotonic
+    stopped: list[str] = []
+
+    class FailingOnce:
+        @staticmethod
+        def monotonic() -> float:
+            if threading.current_thread().name == "asyncpool-alarms" and not stopped:
+                stopped.append(threading.current_thread().name)
+                raise MemoryError("unforeseen")
+            return real_monotonic()
+
+    fired: list[str] = []
+    monkeypatch.setattr(alarms, "time", FailingOnce)
+    # A deadline earlier than any other wakes the thread, which then fails reading the clock.
+    ThreadAlarm(loop, lambda: fired.append("before")).set(real_monotonic() - 1000)
+    await until(lambda: stopped, 3.0)
+    await until(lambda: alarms._WAITER._thread is None, 3.0)
+    assert not fired
+    assert any("alarm thread stopped" in r.getMessage() and r.exc_info for r in caplog.records)
+    ThreadAlarm(loop, lambda: fired.append("after")).set(real_monotonic() + 0.02)
+    await until(lambda: len(fired) == 2, 3.0)
+    assert fired == ["before", "after"]
