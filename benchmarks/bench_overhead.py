@@ -5,7 +5,7 @@
         [--only python|python-fleet|single|fleet] [--uvloop]
         [--ladder]
     .venv/bin/python benchmarks/bench_overhead.py --only instructions [--rounds 3]
-        [--instr-queries 500] [--ladder] [--all] [--uvloop]
+        [--instr-queries 500] [--ladder | --ablate] [--all] [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
 asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
@@ -36,7 +36,9 @@ an instruction), so the targets stay with the CPU cases.
 `--ladder` runs the single case with raw asyncpg, the pool, and stand-ins on the pool's own
 connection that each do one more piece of the bookkeeping around a statement (a bare take and
 return, clock reads, a lease with its task and context, the table of leases, the state checks):
-where the pool's extra goes.
+where the pool's extra goes. `--ablate` (best with `--only instructions`) is the other way round:
+the pool's own statement runner with one piece of its bookkeeping taken out each (the context
+copy, the holding task, a clock read, the checks, the table of leases, the count and hooks).
 
 Each sample of a contender is paired with raw asyncpg's sample of the same pass (next to it in
 time), so a busy neighbour moves both. The report gives medians, the extra µs per query over raw
@@ -206,6 +208,70 @@ def _ladder_step(step: int) -> Instance:
 
         try:
             yield query
+        finally:
+            await pool.close()
+
+    return instance
+
+
+# `--ablate`: the pool's own statement runner (`Slots.one`) with one piece of its bookkeeping
+# taken out each, compiled from its source with that piece's lines replaced: what each piece costs
+# against the whole runner compiled the same way (most pieces are guarantees the pool keeps: this
+# measures them, it does not propose to drop them).
+ABLATIONS: dict[str, list[tuple[str, str]]] = {
+    # The control: compiled the same way, nothing taken out (compare the others with this one).
+    "runner compiled again, whole": [],
+    "runner without the context copy": [
+        ("copy_context() if self.track_leaks else None", "None")],
+    "runner without the holding task": [
+        ("lease.task = task_of(loop)", "lease.task = None")],
+    "runner without the clock read at the return": [
+        ("        now = self.clock()\n        expires_at", "        expires_at")],
+    "runner without the checks before taking": [
+        ("if (idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]\n",
+         "if (idle\n"),
+        (" is self.loop and record.connected()):", " is self.loop):")],
+    "runner without the checks at the return": [
+        ("if (lease.state is not ACTIVE or self.waiters or self.state is not OPEN or lease.reported\n"
+         "                or (self._may_retire and getattr(conn, \"retire_reason\", None)) "
+         "or self.max_queries is not None\n"
+         "                or (expires_at is not None and now >= expires_at) or record.in_transaction()):",
+         "if lease.state is not ACTIVE:")],
+    "runner without the table of leases": [
+        ("            self.leases[record] = lease\n", ""), ("        del self.leases[record]\n", "")],
+    "runner without the count and observer hooks": [
+        ("            self.acquired_total += 1\n", ""),
+        ("            if self.on_acquired is not None:\n                self.on_acquired(0.0)\n", ""),
+        ("        if self.on_released is not None:\n"
+         "            self.on_released(now - lease.acquired_at)\n", "")],
+}
+
+
+def _ablated(name: str) -> Instance:
+    """A pool whose `pool.fetchval` is its statement runner with `ABLATIONS[name]` applied."""
+
+    @asynccontextmanager
+    async def instance(dsn: str) -> AsyncIterator[Query]:
+        import inspect
+        import textwrap
+        from types import MethodType
+
+        import asyncpool
+        from asyncpool.pool import slots
+
+        source = textwrap.dedent(inspect.getsource(slots.statement_runner))
+        for old, new in ABLATIONS[name]:
+            if old not in source:
+                raise SystemExit(f"{name}: the statement runner changed; update ABLATIONS")
+            source = source.replace(old, new)
+        built: dict[str, Any] = {}
+        exec(compile(source, slots.__file__, "exec"), dict(vars(slots)), built)  # noqa: S102
+        pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
+                                           telemetry=False)
+        # Bound on the instance as the pool binds its own (the same lookup per query).
+        pool.fetchval = MethodType(built["statement_runner"]("fetchval"), pool._slots)  # type: ignore[method-assign]
+        try:
+            yield lambda i: pool.fetchval(QUERY, i)
         finally:
             await pool.close()
 
@@ -535,6 +601,23 @@ def report(case: str, samples: Samples, target: float) -> bool:
     return met
 
 
+def _add_stand_ins(args: argparse.Namespace) -> None:
+    """`--ladder` and `--ablate`: their contenders replace the others but raw asyncpg and the pool,
+    in the single case unless instructions are counted."""
+    stand_ins: dict[str, Instance] = {}
+    if args.ladder or args.child in LADDER:
+        stand_ins.update({name: _ladder_step(step) for step, name in enumerate(LADDER)})
+    if args.ablate or args.child in ABLATIONS:
+        stand_ins.update({name: _ablated(name) for name in ABLATIONS})
+    if not stand_ins:
+        return
+    for other in (UNNAMED, ASYNCPG_POOL, PSYCOPG_POOL):
+        del CONTENDERS[other]
+    CONTENDERS.update(stand_ins)
+    if args.only != "instructions":
+        args.only = "single"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -550,21 +633,20 @@ def main() -> None:
                         help="one case; instructions (needs valgrind) runs only when named")
     parser.add_argument("--instr-queries", type=int, default=500,
                         help="instructions: queries in the shorter of each contender's two runs")
-    parser.add_argument("--child", choices=list(CONTENDERS) + list(LADDER), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=list(CONTENDERS) + list(LADDER) + list(ABLATIONS),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
     parser.add_argument("--ladder", action="store_true",
                         help="single: raw asyncpg and the pool against stand-ins doing a part of "
                              "the pool's bookkeeping each (replaces the other contenders)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="raw asyncpg and the pool against the pool's statement runner with one "
+                             "piece of its bookkeeping taken out each (replaces the other contenders)")
     parser.add_argument("--pin", choices=PLACEMENTS, default="same",
                         help="CPU placement of client and servers (asyncpool/testing/affinity.py)")
     args = parser.parse_args()
-    if args.ladder or args.child in LADDER:
-        for other in (UNNAMED, ASYNCPG_POOL, PSYCOPG_POOL):
-            del CONTENDERS[other]
-        CONTENDERS.update({name: _ladder_step(step) for step, name in enumerate(LADDER)})
-        if args.only != "instructions":
-            args.only = "single"
+    _add_stand_ins(args)
     if args.uvloop:
         import uvloop
 
