@@ -5,7 +5,7 @@
         [--only python|python-fleet|single|fleet] [--uvloop]
         [--ladder]
     .venv/bin/python benchmarks/bench_overhead.py --only instructions [--rounds 3]
-        [--instr-queries 500] [--ladder | --ablate] [--all] [--uvloop]
+        [--instr-queries 500] [--simulate] [--ladder | --ablate] [--all] [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
 asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
@@ -31,7 +31,9 @@ each contender of the single case: valgrind's cachegrind runs a child process pe
 is divided by the extra queries. The counts barely move from run to run whatever else the machine
 does (a few hundred instructions per query out of ~200,000), so a change too small for the CPU
 clock on a shared machine shows; they are not time (user space only, a cache miss costs more than
-an instruction), so the targets stay with the CPU cases.
+an instruction), so the targets stay with the CPU cases. `--simulate` adds what cachegrind's
+simulated first-level caches and branch predictor miss per query (slower): where a query loses
+time that its instruction count does not show.
 
 `--ladder` runs the single case with raw asyncpg, the pool, and stand-ins on the pool's own
 connection that each do one more piece of the bookkeeping around a statement (a bare take and
@@ -409,8 +411,16 @@ def fleet_case(dsn: str, args: argparse.Namespace) -> Samples:
     return samples
 
 
-def instructions_case(dsn: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Instructions per query, counted by valgrind (cachegrind, no cache simulation) in a child
+#: What cachegrind counts, by the name it prints: instructions, and with `--simulate` the misses
+#: of its simulated first-level caches and branch predictor (where a CPU loses time that the
+#: instruction count does not show).
+EVENTS = ("I refs",)
+SIMULATED = ("I refs", "I1 misses", "D1 misses", "Mispredicts")
+
+
+def instructions_case(dsn: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Instructions per query (and with `--simulate` cache misses and branch mispredictions:
+    per event, per contender, one value per round), counted by valgrind's cachegrind in a child
     process per contender: one run with `--instr-queries` queries and one with three times as
     many, after the same warm-up; their difference over the extra queries leaves out start-up,
     imports and connecting. Counts are nearly the same from run to run whatever the machine is
@@ -429,23 +439,30 @@ def instructions_case(dsn: str, args: argparse.Namespace) -> dict[str, list[floa
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     small, large = args.instr_queries, 3 * args.instr_queries
 
-    def count(name: str, queries: int) -> int:
-        cmd = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+    events = SIMULATED if args.simulate else EVENTS
+    simulate = "yes" if args.simulate else "no"
+
+    def count(name: str, queries: int) -> dict[str, int]:
+        cmd = [valgrind, "--tool=cachegrind", f"--cache-sim={simulate}", f"--branch-sim={simulate}",
+               "--cachegrind-out-file=/dev/null",
                sys.executable, __file__, "--child", name, "--dsn", dsn, "--queries", str(queries)]
         if args.uvloop:
             cmd.append("--uvloop")
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-        if done.returncode != 0 or found is None:
+        found = {event: re.search(event.replace(" ", r"\s+") + r":\s+([\d,]+)", done.stderr)
+                 for event in events}
+        if done.returncode != 0 or not all(found.values()):
             raise SystemExit(f"{name}: the child failed ({done.returncode}):\n{done.stderr[-2000:]}")
-        return int(found.group(1).replace(",", ""))
+        return {event: int(m.group(1).replace(",", "")) for event, m in found.items() if m}
 
-    per_query: dict[str, list[float]] = {n: [] for n in names}
+    per_query: dict[str, dict[str, list[float]]] = {e: {n: [] for n in names} for e in events}
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else reversed(names):
-            per_query[name].append((count(name, large) - count(name, small)) / (large - small))
+            few, many = count(name, small), count(name, large)
+            for event in events:
+                per_query[event][name].append((many[event] - few[event]) / (large - small))
         print(f"  [instructions {r + 1}/{args.rounds}] "
-              + ", ".join(f"{n}: {v[-1]:,.0f}" for n, v in per_query.items()), flush=True)
+              + ", ".join(f"{n}: {v[-1]:,.0f}" for n, v in per_query["I refs"].items()), flush=True)
     return per_query
 
 
@@ -460,14 +477,16 @@ async def child(args: argparse.Namespace) -> None:
             await query(i)
 
 
-def report_instructions(per_query: dict[str, list[float]]) -> None:
+def report_instructions(counted: dict[str, dict[str, list[float]]]) -> None:
     med = statistics.median
-    base = med(per_query[RAW])
-    print(f"\n== instructions per query (valgrind), median (min-max) of {len(per_query[RAW])} runs "
-          "each; extra over raw asyncpg")
-    for name, values in per_query.items():
-        print(f"  {name:<48} {med(values):9,.0f} ({min(values):,.0f}-{max(values):,.0f})  "
-              f"extra {med(values) - base:+8,.0f} ({(med(values) - base) / base:+.1%})")
+    for event, per_query in counted.items():
+        base = med(per_query[RAW])
+        what = "instructions" if event == "I refs" else f"{event} (simulated)"
+        print(f"\n== {what} per query (valgrind), median (min-max) of {len(per_query[RAW])} runs "
+              "each; extra over raw asyncpg")
+        for name, values in per_query.items():
+            print(f"  {name:<48} {med(values):9,.0f} ({min(values):,.0f}-{max(values):,.0f})  "
+                  f"extra {med(values) - base:+8,.0f} ({(med(values) - base) / base:+.1%})")
 
 
 class _Instant:
@@ -633,6 +652,9 @@ def main() -> None:
                         help="one case; instructions (needs valgrind) runs only when named")
     parser.add_argument("--instr-queries", type=int, default=500,
                         help="instructions: queries in the shorter of each contender's two runs")
+    parser.add_argument("--simulate", action="store_true",
+                        help="instructions: also the misses of cachegrind's simulated caches and "
+                             "branch predictor (I1, D1, mispredictions)")
     parser.add_argument("--child", choices=list(CONTENDERS) + list(LADDER) + list(ABLATIONS),
                         help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
