@@ -249,29 +249,39 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
 }
 
 
+def ablated_runner(name: str, method: str = "fetchval") -> Callable[..., Awaitable[Any]]:
+    """The pool's statement runner for `method`, compiled from its source with `ABLATIONS[name]`
+    applied (tests/unit/test_bench_ablations.py checks each still applies and runs)."""
+    import inspect
+    import textwrap
+
+    from asyncpool.pool import slots
+
+    source = textwrap.dedent(inspect.getsource(slots.statement_runner))
+    for old, new in ABLATIONS[name]:
+        if old not in source:
+            raise SystemExit(f"{name}: the statement runner changed; update ABLATIONS")
+        source = source.replace(old, new)
+    built: dict[str, Any] = {}
+    exec(compile(source, slots.__file__, "exec"), dict(vars(slots)), built)  # noqa: S102
+    runner: Callable[..., Awaitable[Any]] = built["statement_runner"](method)
+    return runner
+
+
 def _ablated(name: str) -> Instance:
     """A pool whose `pool.fetchval` is its statement runner with `ABLATIONS[name]` applied."""
 
     @asynccontextmanager
     async def instance(dsn: str) -> AsyncIterator[Query]:
-        import inspect
-        import textwrap
         from types import MethodType
 
         import asyncpool
-        from asyncpool.pool import slots
 
-        source = textwrap.dedent(inspect.getsource(slots.statement_runner))
-        for old, new in ABLATIONS[name]:
-            if old not in source:
-                raise SystemExit(f"{name}: the statement runner changed; update ABLATIONS")
-            source = source.replace(old, new)
-        built: dict[str, Any] = {}
-        exec(compile(source, slots.__file__, "exec"), dict(vars(slots)), built)  # noqa: S102
+        runner = ablated_runner(name)
         pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
                                            telemetry=False)
         # Bound on the instance as the pool binds its own (the same lookup per query).
-        pool.fetchval = MethodType(built["statement_runner"]("fetchval"), pool._slots)  # type: ignore[method-assign]
+        pool.fetchval = MethodType(runner, pool._slots)  # type: ignore[method-assign]
         try:
             yield lambda i: pool.fetchval(QUERY, i)
         finally:
