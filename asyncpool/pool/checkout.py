@@ -18,6 +18,9 @@ from asyncpool.errors import (
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
 
+# Builds an object of a class with __slots__ without a call to its __init__ (on the checkout path).
+_blank = object.__new__
+
 
 class Checkouts(Protocol):
     """What the acquire contexts and `PooledConnection` need from a pool, and all they use.
@@ -65,7 +68,9 @@ class AcquireContext:
         lease.scoped = True
         self._frame = None
         self._lease = lease
-        conn = PooledConnection(lease, owner)
+        conn = _blank(PooledConnection)  # PooledConnection(lease, owner), without the __init__ call
+        conn._lease = lease
+        conn._owner = owner
         if owner.setup is not None:
             await _set_up(owner, conn)
         return conn

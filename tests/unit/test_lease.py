@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from contextvars import ContextVar
 from typing import Any
 
@@ -81,3 +82,31 @@ def test_the_probes_of_an_asyncpg_without_its_internals_use_the_public_api() -> 
     conn.closed, conn.in_tx = True, True
     assert not connected()
     assert in_transaction()
+
+
+def test_the_acquire_paths_lease_and_proxy_set_every_slot_as_the_constructors_would(
+        server: FakeServer) -> None:
+    # `checkout_nowait` and the acquire context build them without their __init__ too.
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            slots = pool._slots
+            _SPAN.set("holder's span")
+            async with pool.acquire() as conn:
+                (record, lease), = slots.leases.items()
+                made = _slots_of(lease)  # every slot is set, or this raises AttributeError
+                task = asyncio.current_task()
+                expected = _slots_of(Lease(record, lease.acquired_at, lease.frame, task,
+                                           lease.context))
+                # The acquire site's instruction was read at acquire(); the frame has run on.
+                assert made.pop("lasti") <= expected.pop("lasti")
+                expected["scoped"] = True  # taken by `async with`
+                assert made["frame"] is sys._getframe()  # the acquire site: this function
+                assert made == expected
+                assert lease.context is not None
+                assert lease.context[_SPAN] == "holder's span"
+                assert {name: getattr(conn, name) for name in ("_lease", "_owner")} == {
+                    "_lease": lease, "_owner": slots}
+                assert await conn.fetchval("SELECT 1") == 1
+            assert not slots.leases
+
+    run(main())
