@@ -18,8 +18,9 @@ from asyncpool.errors import (
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
 
-# Builds an object of a class with __slots__ without a call to its __init__ (on the checkout path).
-_blank = object.__new__
+#: Builds an object of a class with __slots__ without a call to its __init__: the checkout path
+#: builds its lease, proxy and context this way (tests/unit/test_lease.py checks every slot).
+blank = object.__new__
 
 
 class Checkouts(Protocol):
@@ -68,7 +69,7 @@ class AcquireContext:
         lease.scoped = True
         self._frame = None
         self._lease = lease
-        conn = _blank(PooledConnection)  # PooledConnection(lease, owner), without the __init__ call
+        conn = blank(PooledConnection)  # PooledConnection(lease, owner), without the __init__ call
         conn._lease = lease
         conn._owner = owner
         if owner.setup is not None:

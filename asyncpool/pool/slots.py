@@ -41,7 +41,7 @@ from asyncpool.observer import LeakReport, PoolObserver
 from asyncpool.pool import alarms
 from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.backoff import Backoff
-from asyncpool.pool.checkout import AcquireContext, end_checkout
+from asyncpool.pool.checkout import AcquireContext, blank, end_checkout
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
 from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, STATEMENT_RUNNERS, Lease
 from asyncpool.pool.record import CHECKING, IDLE, LEASED, MOVING, RETIRED, ConnectionRecord
@@ -88,9 +88,6 @@ _LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaim
 # checkout fast path, where os.getpid() would be a system call.
 _FORKS = [0]
 
-
-# Makes an instance without running its __init__ (a C call, no Python frame).
-_blank = object.__new__
 
 if sys.version_info >= (3, 12):
     task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = asyncio.current_task
@@ -598,7 +595,7 @@ class Slots:
         # statement runner builds its own: with the acquire context's proxy built the same way,
         # 1,200 instructions less per `async with pool.acquire()` (benchmarks/README.md);
         # tests/unit/test_lease.py checks that every slot is set.
-        lease = _blank(Lease)
+        lease = blank(Lease)
         lease.record = record
         lease.acquired_at = now
         lease.task = task_of(loop)
@@ -1195,7 +1192,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             idle.pop()
             # Lease(record, now, None, task, context), without the Python call to __init__
             # (~1 µs here); tests/unit/test_lease.py checks that every slot is set.
-            lease = _blank(Lease)
+            lease = blank(Lease)
             lease.record = record
             lease.acquired_at = now
             lease.task = task_of(loop)
@@ -1300,7 +1297,7 @@ def _set_leak_timer_unarmed(slots: Slots, unarmed: bool) -> None:
 
 def _housekeeping_period(cfg: PoolConfig) -> float:
     limits = [v for v in (cfg.max_idle, cfg.max_lifetime) if v is not None]
-    return min([5.0, *[v / 2 for v in limits]])
+    return min([5.0] + [v / 2 for v in limits])
 
 
 async def housekeeping(ref: weakref.ref[Slots], period: float) -> None:

@@ -8,8 +8,10 @@ from contextvars import ContextVar
 from typing import Any
 
 from asyncpool.connect import driver
+from asyncpool.pool.checkout import AcquireContext
 from asyncpool.pool.lease import ACTIVE, Lease
 from asyncpool.pool.record import ConnectionRecord
+from asyncpool.pool.slots import UNSET
 from tests.unit.fakes import FakeServer, fake_pool, run
 
 _SPAN: ContextVar[str] = ContextVar("_SPAN", default="none")
@@ -84,14 +86,21 @@ def test_the_probes_of_an_asyncpg_without_its_internals_use_the_public_api() -> 
     assert in_transaction()
 
 
-def test_the_acquire_paths_lease_and_proxy_set_every_slot_as_the_constructors_would(
+def test_the_acquire_paths_context_lease_and_proxy_set_every_slot_as_the_constructors_would(
         server: FakeServer) -> None:
-    # `checkout_nowait` and the acquire context build them without their __init__ too.
+    # `pool.acquire()` builds its context, `checkout_nowait` the lease and the context the proxy
+    # without their __init__ too.
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
             slots = pool._slots
             _SPAN.set("holder's span")
-            async with pool.acquire() as conn:
+            context = pool.acquire()
+            made_context = {name: getattr(context, name) for name in AcquireContext.__slots__}
+            assert made_context == {"_owner": slots, "_timeout": UNSET,
+                                    "_frame": sys._getframe(), "_lease": None}
+            reference = AcquireContext(slots, UNSET, sys._getframe())
+            assert made_context == {name: getattr(reference, name) for name in AcquireContext.__slots__}
+            async with context as conn:
                 (record, lease), = slots.leases.items()
                 made = _slots_of(lease)  # every slot is set, or this raises AttributeError
                 task = asyncio.current_task()
