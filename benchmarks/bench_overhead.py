@@ -5,7 +5,8 @@
         [--only python|python-fleet|single|fleet] [--uvloop]
         [--ladder]
     .venv/bin/python benchmarks/bench_overhead.py --only instructions [--rounds 3]
-        [--instr-queries 500] [--simulate] [--ladder | --ablate] [--all] [--uvloop]
+        [--instr-queries 500] [--instr-instances 1] [--simulate] [--ladder | --ablate] [--all]
+        [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
 asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
@@ -33,7 +34,11 @@ does (a few hundred instructions per query out of ~200,000), so a change too sma
 clock on a shared machine shows; they are not time (user space only, a cache miss costs more than
 an instruction), so the targets stay with the CPU cases. `--simulate` adds what cachegrind's
 simulated first-level caches and branch predictor miss per query (slower): where a query loses
-time that its instruction count does not show.
+time that its instruction count does not show. `--instr-instances N` counts the fleet's way
+instead: N instances of each contender in the child, through PgBouncer 1.18, all querying at
+once, `--instr-queries` queries each (try `--instr-instances 200 --instr-queries 20`); the pools'
+housekeeping is left out there, as it comes per second of wall time, which valgrind stretches
+about fifty times (`bench_idle.py` measures it).
 
 `--ladder` runs the single case with raw asyncpg, the pool, and stand-ins on the pool's own
 connection that each do one more piece of the bookkeeping around a statement (a bare take and
@@ -455,7 +460,8 @@ def instructions_case(dsn: str, args: argparse.Namespace) -> dict[str, dict[str,
     def count(name: str, queries: int) -> dict[str, int]:
         cmd = [valgrind, "--tool=cachegrind", f"--cache-sim={simulate}", f"--branch-sim={simulate}",
                "--cachegrind-out-file=/dev/null",
-               sys.executable, __file__, "--child", name, "--dsn", dsn, "--queries", str(queries)]
+               sys.executable, __file__, "--child", name, "--dsn", dsn, "--queries", str(queries),
+               "--instances", str(args.instr_instances)]
         if args.uvloop:
             cmd.append("--uvloop")
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -470,14 +476,20 @@ def instructions_case(dsn: str, args: argparse.Namespace) -> dict[str, dict[str,
         for name in names if r % 2 == 0 else reversed(names):
             few, many = count(name, small), count(name, large)
             for event in events:
-                per_query[event][name].append((many[event] - few[event]) / (large - small))
+                per_query[event][name].append(
+                    (many[event] - few[event]) / ((large - small) * args.instr_instances))
         print(f"  [instructions {r + 1}/{args.rounds}] "
               + ", ".join(f"{n}: {v[-1]:,.0f}" for n, v in per_query["I refs"].items()), flush=True)
     return per_query
 
 
 async def child(args: argparse.Namespace) -> None:
-    """`--child`: one contender, 200 queries of warm-up, then `--queries` queries (for valgrind)."""
+    """`--child`: one contender, 200 queries of warm-up, then `--queries` queries (for valgrind);
+    with `--instances` > 1, that many instances of it querying at once, 20 and then `--queries`
+    queries each, without the pools' housekeeping (see `--instr-instances`)."""
+    if args.instances > 1:
+        await _child_fleet(args)
+        return
     async with CONTENDERS[args.child](args.dsn) as query:
         for i in range(200):
             await query(i)
@@ -487,13 +499,39 @@ async def child(args: argparse.Namespace) -> None:
             await query(i)
 
 
-def report_instructions(counted: dict[str, dict[str, list[float]]]) -> None:
+async def _child_fleet(args: argparse.Namespace) -> None:
+    from asyncpool.pool import slots
+
+    async def parked(ref: object, period: float) -> None:
+        await asyncio.Event().wait()
+
+    slots.housekeeping = parked  # read when a pool opens
+
+    async def worker(query: Query, n: int) -> None:
+        for i in range(n):
+            await query(i)
+
+    async with AsyncExitStack() as opened:
+        queries: list[Query] = []
+        for chunk in range(0, args.instances, 100):  # not hundreds of logins at once
+            n = min(100, args.instances - chunk)
+            queries += await asyncio.gather(
+                *(opened.enter_async_context(CONTENDERS[args.child](args.dsn)) for _ in range(n)))
+        await asyncio.gather(*(worker(query, 20) for query in queries))
+        gc.collect()
+        gc.freeze()
+        await asyncio.gather(*(worker(query, args.queries) for query in queries))
+
+
+def report_instructions(counted: dict[str, dict[str, list[float]]], instances: int) -> None:
     med = statistics.median
+    where = (f"; {instances} instances of each at once through PgBouncer 1.18, housekeeping left out"
+             if instances > 1 else "")
     for event, per_query in counted.items():
         base = med(per_query[RAW])
         what = "instructions" if event == "I refs" else f"{event} (simulated)"
         print(f"\n== {what} per query (valgrind), median (min-max) of {len(per_query[RAW])} runs "
-              "each; extra over raw asyncpg")
+              f"each; extra over raw asyncpg{where}")
         for name, values in per_query.items():
             print(f"  {name:<48} {med(values):9,.0f} ({min(values):,.0f}-{max(values):,.0f})  "
                   f"extra {med(values) - base:+8,.0f} ({(med(values) - base) / base:+.1%})")
@@ -662,6 +700,9 @@ def main() -> None:
                         help="one case; instructions (needs valgrind) runs only when named")
     parser.add_argument("--instr-queries", type=int, default=500,
                         help="instructions: queries in the shorter of each contender's two runs")
+    parser.add_argument("--instr-instances", type=int, default=1,
+                        help="instructions: instances of each contender querying at once, through "
+                             "PgBouncer 1.18 (--instr-queries each), as in the fleet")
     parser.add_argument("--simulate", action="store_true",
                         help="instructions: also the misses of cachegrind's simulated caches and "
                              "branch predictor (I1, D1, mispredictions)")
@@ -705,7 +746,8 @@ def main() -> None:
         if args.only in (None, "fleet"):
             results["fleet"] = fleet_case(stack.legacy.dsn(), args)
         if args.only == "instructions":
-            counted = instructions_case(stack.postgres.dsn(), args)
+            fleet = args.instr_instances > 1  # through PgBouncer, as the fleet case
+            counted = instructions_case((stack.legacy if fleet else stack.postgres).dsn(), args)
     finally:
         stack.stop()
     titles = {"python": "the pool's Python alone: connection swapped for a stub that answers at once",
@@ -716,7 +758,7 @@ def main() -> None:
     for case, samples in results.items():
         report(f"{case} ({titles[case]})", samples, targets[case])
     if args.only == "instructions":
-        report_instructions(counted)
+        report_instructions(counted, args.instr_instances)
 
 
 if __name__ == "__main__":

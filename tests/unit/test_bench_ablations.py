@@ -45,3 +45,40 @@ def test_an_ablation_whose_lines_are_gone_says_so() -> None:
             BENCH_MODULE.ablated_runner("not in the runner")
     finally:
         del BENCH_MODULE.ABLATIONS["not in the runner"]
+
+
+async def test_the_fleet_child_runs_every_instance_at_once_without_housekeeping(
+        server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--only instructions --instr-instances N`: the counts divide by N x queries, so every
+    # instance must run exactly its share; housekeeping is parked (valgrind stretches wall time).
+    from contextlib import asynccontextmanager
+
+    from asyncpool.pool import slots
+
+    monkeypatch.setattr(slots, "housekeeping", slots.housekeeping)  # restored after the test
+    ran: list[int] = []
+    housekeepers: list[str] = []
+
+    @asynccontextmanager
+    async def instance(dsn: str):  # type: ignore[no-untyped-def]
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            assert pool._slots.housekeeper is not None
+            housekeepers.append(repr(pool._slots.housekeeper.get_coro()))
+            index = len(ran)
+            ran.append(0)
+
+            async def query(i: int) -> object:
+                ran[index] += 1
+                return await pool.fetchval("SELECT 1")
+
+            yield query
+
+    monkeypatch.setitem(BENCH_MODULE.CONTENDERS, "fake", instance)
+    frozen: list[bool] = []
+    monkeypatch.setattr(BENCH_MODULE.gc, "freeze", lambda: frozen.append(True))  # not this process
+    args = BENCH_MODULE.argparse.Namespace(child="fake", dsn="unused", instances=3, queries=5)
+    await BENCH_MODULE.child(args)
+    assert ran == [25, 25, 25]  # 20 of warm-up, then --queries each
+    assert len(housekeepers) == 3
+    assert all("_child_fleet.<locals>.parked" in coro for coro in housekeepers)
+    assert frozen == [True]
