@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import re
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -295,16 +296,31 @@ _ORIGINAL_CANCEL: Callable[..., None] = asyncpg.Connection._cancel_current_comma
 def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
     """An asyncpg ``connection_class`` (a subclass of `base`, asyncpg.Connection by default) whose
     connections send a cancel request only where it can be delivered (`cancel_deliverable`) and
-    are closed instead otherwise. `cancels=False`: never send one (``cancel_requests="off"``)."""
+    are closed instead otherwise. `cancels=False`: never send one (``cancel_requests="off"``).
+
+    One class per (`base`, `cancels`) for the process, not one per pool: CPython's caches of
+    attribute lookups and its specialized bytecode are keyed by class, so hundreds of pools in a
+    process, each with a class of its own, made asyncpg's own code take the slow lookups on every
+    query (7,700 instructions per query more with 200 pools, benchmarks/README.md)."""
     base = base or asyncpg.Connection
     if not hasattr(asyncpg.Connection, "_cancel_current_command") or not hasattr(
             asyncpg.protocol.Protocol, "backend_pid"):
         return base  # an untested asyncpg: keep its own behaviour
-    return type(base.__name__, (base,), {
-        "__slots__": (),
-        "_asyncpool_cancels": cancels,
-        "_cancel_current_command": _cancel_or_terminate,
-    })
+    key = (id(base), cancels)  # while the class made from `base` lives, so does `base`
+    made = _CANCEL_AWARE.get(key)
+    if made is None:
+        made = type(base.__name__, (base,), {
+            "__slots__": (),
+            "_asyncpool_cancels": cancels,
+            "_cancel_current_command": _cancel_or_terminate,
+        })
+        _CANCEL_AWARE[key] = made
+    return made
+
+
+#: `cancel_aware_class`'s classes, each kept while a pool (or connection) uses it.
+_CANCEL_AWARE: weakref.WeakValueDictionary[tuple[int, bool], type[Any]] = (
+    weakref.WeakValueDictionary())
 
 
 def is_wire_protocol(protocol: object) -> bool:
