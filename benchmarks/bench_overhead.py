@@ -513,8 +513,9 @@ async def _child_fleet(args: argparse.Namespace) -> None:
 
     async with AsyncExitStack() as opened:
         queries: list[Query] = []
-        for chunk in range(0, args.instances, 100):  # not hundreds of logins at once
-            n = min(100, args.instances - chunk)
+        # Ten logins at a time: under valgrind a hundred at once outlast the pool's connect_timeout.
+        for chunk in range(0, args.instances, 10):
+            n = min(10, args.instances - chunk)
             queries += await asyncio.gather(
                 *(opened.enter_async_context(CONTENDERS[args.child](args.dsn)) for _ in range(n)))
         await asyncio.gather(*(worker(query, 20) for query in queries))
