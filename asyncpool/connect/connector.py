@@ -34,6 +34,7 @@ from asyncpool.observer import ConnectAttempt, PoolObserver
 
 if TYPE_CHECKING:
     from asyncpool.unnamed import CacheTotals
+    from asyncpool.unnamed.connection import Policy
 
 ALL_AUTH_METHODS = frozenset(AUTH_METHODS)
 
@@ -97,8 +98,10 @@ class Connector:
         self._several_hosts = len(hosts) > 1
         #: The description cache's counts over all connections ("unnamed" mode only).
         self.statement_cache: CacheTotals | None = None
-        #: Connections are opened through an InterceptingLoop (the one-round-trip path).
+        #: Connections are opened through an InterceptingLoop (the one-round-trip path), which
+        #: gives them this pool's description-cache policy.
         self._intercept = False
+        self._policy: Policy | None = None
         self._kwargs = self._driver_kwargs(kw)
 
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
@@ -113,10 +116,15 @@ class Connector:
             # "unnamed" too: it keeps unnamed statements itself, never asyncpg's named ones.
             kw["statement_cache_size"] = 0
         if cfg.prepared_statements == "unnamed":
-            from asyncpool.unnamed import CacheTotals, describe_cache_connection_class
+            from asyncpool.unnamed import (
+                CacheTotals,
+                describe_cache_connection_class,
+                describe_cache_policy,
+            )
 
             self.statement_cache = CacheTotals()
-            kw["connection_class"] = describe_cache_connection_class(cfg, self.statement_cache)
+            kw["connection_class"] = describe_cache_connection_class(cfg)
+            self._policy = describe_cache_policy(cfg, self.statement_cache)
             self._intercept = True
         # Cancel requests only where they can arrive; elsewhere a timed-out query's connection
         # is closed instead of waiting for a statement nobody can stop.
@@ -228,7 +236,7 @@ class Connector:
         if self._intercept:
             from asyncpool.unnamed.wire import InterceptingLoop
 
-            loop = InterceptingLoop(loop)
+            loop = InterceptingLoop(loop, self._policy)
         return guard, loop if guard is not None or self._intercept else None
 
     async def _attempt(self, cut_short: CutShort | None) -> asyncpg.Connection:

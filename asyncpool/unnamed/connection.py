@@ -51,17 +51,21 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
     a transaction block.
     """
 
-    __slots__ = ("_call", "_describe_cache", "_enums", "_wire", "retire_reason")
-    _policy: Policy
+    # The pool's policy comes with the loop it opened the connection with, not with the class:
+    # one class for every pool of the process (CPython's attribute caches and specialized
+    # bytecode are keyed by class; hundreds of classes made asyncpg's code take the slow lookups).
+    __slots__ = ("_call", "_describe_cache", "_enums", "_policy", "_wire", "retire_reason")
 
     def __init__(self, protocol: Any, transport: Any, loop: Any, *args: Any,
                  **kwargs: Any) -> None:
+        policy = loop.policy if isinstance(loop, InterceptingLoop) else None
         if isinstance(loop, InterceptingLoop):
             loop = loop.real
         super().__init__(protocol, transport, loop, *args, **kwargs)
-        if not isinstance(transport, WireTransport):
+        if policy is None or not isinstance(transport, WireTransport):
             transport.abort()
-            raise unsupported_transport_error(self._policy.pool_name, transport)
+            raise unsupported_transport_error(policy.pool_name if policy else None, transport)
+        self._policy: Policy = policy
         self.retire_reason: str | None = None
         self._call = _ROWS
         self._describe_cache = DescriptionCache(

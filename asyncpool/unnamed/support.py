@@ -58,10 +58,12 @@ def require_asyncpg_features(pool_name: str) -> None:
         )
 
 
-def unsupported_transport_error(pool_name: str, transport: object) -> PoolConfigError:
+def unsupported_transport_error(pool_name: str | None, transport: object) -> PoolConfigError:
     kind = f"{type(transport).__module__}.{type(transport).__qualname__}"
+    whose = f"pool {pool_name!r}: " if pool_name is not None else ""
     return PoolConfigError(
-        f"pool {pool_name!r}: this connection class reads replies through the transport the "
-        f"pool gives asyncpg when it connects, and got a {kind}: open it through the pool (or "
-        "pass loop=asyncpool.unnamed.wire.InterceptingLoop(loop) to asyncpg.connect)"
+        f"{whose}this connection class reads replies through the transport the pool gives "
+        f"asyncpg when it connects, and takes the pool's settings from the loop it connects "
+        f"with; it got a {kind}: open the connection through the pool (prepared_statements="
+        '"unnamed")'
     )

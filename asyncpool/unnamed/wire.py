@@ -40,6 +40,7 @@ from asyncpool.unnamed.messages import (
 
 if TYPE_CHECKING:
     from asyncpool.unnamed.check import Check
+    from asyncpool.unnamed.connection import Policy
 
 Buffer = bytes | bytearray | memoryview
 
@@ -52,10 +53,15 @@ _REFUSALS = frozenset(("42", "08", "XX", "22P03"))
 
 
 class InterceptingLoop(LoopView):
-    """The running loop, as `asyncpg.connect` sees it: connections it opens get a `Wire`.
+    """The running loop, as `asyncpg.connect` sees it: connections it opens get a `Wire`, and
+    the pool's description-cache `policy` (the connection class is shared by every pool).
 
     Only ``create_connection``, ``create_unix_connection`` and ``start_tls`` differ.
     """
+
+    def __init__(self, loop: Any, policy: Policy | None = None) -> None:
+        super().__init__(loop)
+        self.policy = policy
 
     async def create_connection(self, factory: Callable[[], Any], *args: Any,
                                 **kwargs: Any) -> tuple[WireTransport, Any]:
