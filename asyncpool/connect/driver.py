@@ -306,21 +306,28 @@ def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
     if not hasattr(asyncpg.Connection, "_cancel_current_command") or not hasattr(
             asyncpg.protocol.Protocol, "backend_pid"):
         return base  # an untested asyncpg: keep its own behaviour
-    key = (id(base), cancels)  # while the class made from `base` lives, so does `base`
-    made = _CANCEL_AWARE.get(key)
+    return shared_subclass(base.__name__, (base,), {
+        "__slots__": (),
+        "_asyncpool_cancels": cancels,
+        "_cancel_current_command": _cancel_or_terminate,
+    })
+
+
+def shared_subclass(name: str, bases: tuple[type[Any], ...], attrs: dict[str, Any]) -> type[Any]:
+    """``type(name, bases, attrs)``, made once for the process and shared while anything uses it
+    (the connection classes given to asyncpg: one per kind, never one per pool). `attrs` values
+    must be hashable."""
+    # By the bases' ids: while the class made from them lives, so do they (no id is reused).
+    key = (name, tuple(map(id, bases)), tuple(attrs.items()))
+    made = _SUBCLASSES.get(key)
     if made is None:
-        made = type(base.__name__, (base,), {
-            "__slots__": (),
-            "_asyncpool_cancels": cancels,
-            "_cancel_current_command": _cancel_or_terminate,
-        })
-        _CANCEL_AWARE[key] = made
+        made = type(name, bases, attrs)
+        _SUBCLASSES[key] = made
     return made
 
 
-#: `cancel_aware_class`'s classes, each kept while a pool (or connection) uses it.
-_CANCEL_AWARE: weakref.WeakValueDictionary[tuple[int, bool], type[Any]] = (
-    weakref.WeakValueDictionary())
+#: `shared_subclass`'s classes, each kept while a pool (or connection) uses it.
+_SUBCLASSES: weakref.WeakValueDictionary[tuple[Any, ...], type[Any]] = weakref.WeakValueDictionary()
 
 
 def is_wire_protocol(protocol: object) -> bool:

@@ -10,7 +10,6 @@ rows are decoded with the description the reply carries (see docs/describe-cache
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 from asyncpool.unnamed.entries import CacheTotals, DescribeCacheStats, invalidate_all
@@ -32,6 +31,7 @@ def describe_cache_connection_class(config: PoolConfig) -> type[asyncpg.Connecti
 
     Raises `PoolConfigError` if the installed asyncpg lacks what the mode builds on.
     """
+    from asyncpool.connect.driver import shared_subclass
     from asyncpool.unnamed.connection import DescribeCacheConnection
     from asyncpool.unnamed.support import require_asyncpg_features
 
@@ -39,13 +39,8 @@ def describe_cache_connection_class(config: PoolConfig) -> type[asyncpg.Connecti
     user_class = config.connect_kwargs.get("connection_class")
     if user_class is None or issubclass(DescribeCacheConnection, user_class):
         return DescribeCacheConnection
-    key = id(user_class)  # while the class made from `user_class` lives, so does `user_class`
-    made = _WITH_USER_CLASS.get(key)
-    if made is None:
-        made = type("DescribeCacheConnection", (DescribeCacheConnection, user_class),
-                    {"__slots__": ()})
-        _WITH_USER_CLASS[key] = made
-    return made
+    return shared_subclass("DescribeCacheConnection", (DescribeCacheConnection, user_class),
+                           {"__slots__": ()})
 
 
 def describe_cache_policy(config: PoolConfig, totals: CacheTotals) -> Policy:
@@ -54,8 +49,3 @@ def describe_cache_policy(config: PoolConfig, totals: CacheTotals) -> Policy:
     from asyncpool.unnamed.connection import Policy
 
     return Policy(config.name, config.statement_cache_size, config.statement_cache_ttl, totals)
-
-
-#: The classes made for a user's ``connection_class``, each kept while a pool uses it.
-_WITH_USER_CLASS: weakref.WeakValueDictionary[int, type[asyncpg.Connection]] = (
-    weakref.WeakValueDictionary())

@@ -58,9 +58,9 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
 
     def __init__(self, protocol: Any, transport: Any, loop: Any, *args: Any,
                  **kwargs: Any) -> None:
-        policy = loop.policy if isinstance(loop, InterceptingLoop) else None
+        policy = None
         if isinstance(loop, InterceptingLoop):
-            loop = loop.real
+            policy, loop = loop.policy, loop.real
         super().__init__(protocol, transport, loop, *args, **kwargs)
         if policy is None or not isinstance(transport, WireTransport):
             transport.abort()
