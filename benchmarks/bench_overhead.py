@@ -343,6 +343,17 @@ def single_case(dsn: str, args: argparse.Namespace) -> Samples:
     return samples
 
 
+async def open_instances(make: Instance, dsn: str, count: int, opened: AsyncExitStack,
+                         at_once: int) -> list[Query]:
+    """`count` instances of a contender, entered on `opened`, `at_once` logins at a time (not
+    hundreds at once)."""
+    queries: list[Query] = []
+    for chunk in range(0, count, at_once):
+        n = min(at_once, count - chunk)
+        queries += await asyncio.gather(*(opened.enter_async_context(make(dsn)) for _ in range(n)))
+    return queries
+
+
 def fleet_case(dsn: str, args: argparse.Namespace) -> Samples:
     """µs of client CPU per query, `--instances` instances of each contender querying at once.
 
@@ -377,11 +388,7 @@ def fleet_case(dsn: str, args: argparse.Namespace) -> Samples:
 
     async def open_all(name: str, opened: AsyncExitStack) -> list[asyncio.Task[None]]:
         gates[name], drained[name] = asyncio.Event(), asyncio.Event()
-        make = CONTENDERS[name]
-        queries: list[Query] = []
-        for chunk in range(0, args.instances, 100):  # not 500 logins at once
-            n = min(100, args.instances - chunk)
-            queries += await asyncio.gather(*(opened.enter_async_context(make(dsn)) for _ in range(n)))
+        queries = await open_instances(CONTENDERS[name], dsn, args.instances, opened, 100)
         return [asyncio.create_task(worker(name, q)) for q in queries]
 
     async def turn(name: str) -> float:
@@ -512,12 +519,8 @@ async def _child_fleet(args: argparse.Namespace) -> None:
             await query(i)
 
     async with AsyncExitStack() as opened:
-        queries: list[Query] = []
         # Ten logins at a time: under valgrind a hundred at once outlast the pool's connect_timeout.
-        for chunk in range(0, args.instances, 10):
-            n = min(10, args.instances - chunk)
-            queries += await asyncio.gather(
-                *(opened.enter_async_context(CONTENDERS[args.child](args.dsn)) for _ in range(n)))
+        queries = await open_instances(CONTENDERS[args.child], args.dsn, args.instances, opened, 10)
         await asyncio.gather(*(worker(query, 20) for query in queries))
         gc.collect()
         gc.freeze()
