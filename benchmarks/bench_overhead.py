@@ -237,7 +237,7 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
     "runner without the checks before taking": [
         ("if (idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]\n",
          "if (idle\n"),
-        (" is self.loop and record.connected()):", " is self.loop):")],
+        (" is loop)\n                and record.connected()):", " is loop)):")],
     "runner without the checks at the return": [
         ("if (lease.state is not ACTIVE or self.waiters or self.state is not OPEN or lease.reported\n"
          "                or (self._may_retire and getattr(conn, \"retire_reason\", None)) "

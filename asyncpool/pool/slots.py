@@ -27,6 +27,7 @@ import weakref
 from asyncio import get_running_loop
 from collections.abc import Callable, Coroutine
 from contextvars import copy_context
+from threading import get_ident
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -142,8 +143,9 @@ class Slots:
     # Slots, not a __dict__: with more than 30 attributes an instance's dict no longer shares its
     # class's keys, and each read on the query path becomes a hashed lookup.
     __slots__ = (  # noqa: RUF023 (hot attributes first: neighbours in memory)
-        "idle", "waiters", "state", "forks", "clock", "loop", "track_leaks", "leases", "leaks",
-        "leak_timer_unarmed", "acquired_total", "on_acquired", "on_released", "validate_after",
+        "idle", "waiters", "state", "forks", "clock", "loop", "loop_has_thread_id", "track_leaks",
+        "leases", "leaks", "leak_timer_unarmed", "acquired_total", "on_acquired", "on_released",
+        "validate_after",
         "_may_retire", "max_queries", "setup", "name", "config", "opened_in", "connector",
         "observer", "connecting", "checking", "retrying", "attempts", "background", "closing",
         "housekeeper", "generation", "pid", "_drained", "_closed", "created_total",
@@ -163,6 +165,12 @@ class Slots:
         # Python call around it), the loop's own method otherwise (uvloop's is its cached clock).
         self.clock: Callable[[], float] = time.monotonic
         self.loop: asyncio.AbstractEventLoop | None = None
+        # An asyncio loop says which thread runs it (``_thread_id``, None when stopped), and a
+        # thread runs one loop at a time: the fast paths ask that instead of get_running_loop(),
+        # which on Python 3.11 makes a getpid() system call each time (to notice a fork; the pool
+        # has its own fork check): about 0.6 µs per query here (benchmarks/README.md). Other
+        # loops (uvloop) are asked with get_running_loop().
+        self.loop_has_thread_id = False
         # Leases carry the holder's context only for a leak report to be made in it.
         self.track_leaks = False
         self.leases: dict[ConnectionRecord, Lease] = {}
@@ -214,6 +222,7 @@ class Slots:
     async def open(self, observer: PoolObserver, connector: Connector, wait: bool) -> None:
         self.forks, self.pid = _FORKS[0], os.getpid()
         self.loop = asyncio.get_running_loop()
+        self.loop_has_thread_id = isinstance(self.loop, asyncio.BaseEventLoop)
         self.opened_in = threading.current_thread().name
         self.observer = observer
         self.connector = connector
@@ -580,15 +589,18 @@ class Slots:
         """The fast path, without a coroutine: the most recently used idle connection when
         nobody is queued and no check is due. None sends the caller to `checkout`.
 
-        Every query goes through here: one clock read, no context copy unless leaks are tracked,
-        the observer called only if it listens."""
+        Every query goes through here: one clock read, no system call (the loop is checked by
+        thread: `loop_has_thread_id`), no context copy unless leaks are tracked, the observer
+        called only if it listens."""
         idle = self.idle
         if not idle or self.waiters or self.state is not OPEN or self.forks != _FORKS[0]:
             return None
         record = idle[-1]
         now = self.clock()
-        loop = get_running_loop()
-        if now >= record.check_at or not record.connected() or loop is not self.loop:
+        loop = self.loop
+        if (now >= record.check_at or not record.connected()
+                or not (loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[union-attr]
+                        else get_running_loop() is loop)):
             return None
         idle.pop()
         # Lease(record, now, frame, task, context) without the call to its __init__, as the
@@ -1186,9 +1198,12 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             async with AcquireContext(self, UNSET, None) as proxy:
                 return await getattr(proxy, method)(query, *args, **kwargs)
         idle = self.idle
+        loop = self.loop
         if (idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]
                 and (now := self.clock()) < (record := idle[-1]).check_at
-                and (loop := get_running_loop()) is self.loop and record.connected()):
+                and (loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[union-attr]
+                     else get_running_loop() is loop)
+                and record.connected()):
             idle.pop()
             # Lease(record, now, None, task, context), without the Python call to __init__
             # (~1 µs here); tests/unit/test_lease.py checks that every slot is set.

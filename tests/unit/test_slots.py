@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -203,37 +204,62 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
 # -- a pool used on another event loop: the advice fits what happened ---------------------------
 
 
-def test_a_pool_whose_loop_has_ended_says_where_to_open_it(server: FakeServer) -> None:
+async def _one_statement(pool: Any, how: str) -> Any:
+    if how == "acquire":
+        async with pool.acquire() as conn:
+            return await conn.fetchval("SELECT 1")
+    return await pool.fetchval("SELECT 1")
+
+
+def _loop_factories() -> list[Any]:
+    """asyncio's loop (whose `_thread_id` the checkout reads) and, if installed, uvloop's (which
+    has none: the checkout asks `get_running_loop()` there)."""
+    factories: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a test dependency
+        return factories
+    return [*factories, pytest.param(uvloop.new_event_loop, id="uvloop")]
+
+
+BOTH_PATHS = pytest.mark.parametrize("how", ["fetchval", "acquire"])
+
+
+@BOTH_PATHS
+def test_a_pool_whose_loop_has_ended_says_where_to_open_it(server: FakeServer, how: str) -> None:
     pool = fake_pool(server, min_size=1)
     run(pool.open())  # that loop is closed when run() returns, as after asyncio.run()
 
-    async def use() -> None:
-        await pool.fetchval("SELECT 1")
-
     with pytest.raises(PoolError, match="has ended") as refused:
-        run(use())
+        run(_one_statement(pool, how))
     assert "lifespan" in str(refused.value)
     assert "same loop scope" in str(refused.value)
 
 
-def test_a_pool_used_from_another_thread_says_how_to_reach_its_loop(server: FakeServer) -> None:
+@BOTH_PATHS
+@pytest.mark.parametrize("new_loop", _loop_factories())
+def test_a_pool_used_from_another_thread_says_how_to_reach_its_loop(
+        server: FakeServer, how: str, new_loop: Any) -> None:
     import threading
 
     pool = fake_pool(server, min_size=1)
-    loop = asyncio.new_event_loop()
+    loop = new_loop()
     thread = threading.Thread(target=loop.run_forever, name="pool-loop", daemon=True)
     thread.start()
     try:
         asyncio.run_coroutine_threadsafe(pool.open(), loop).result(10)
-
-        async def use() -> None:
-            await pool.fetchval("SELECT 1")
-
-        with pytest.raises(PoolError, match="runs in thread 'pool-loop'") as refused:
-            asyncio.run(use())
+        # Its loop is running (in its thread) and its connection idle: only the thread differs.
+        assert pool.stats().idle == 1
+        other = new_loop()
+        try:
+            with pytest.raises(PoolError, match="runs in thread 'pool-loop'") as refused:
+                other.run_until_complete(_one_statement(pool, how))
+        finally:
+            other.close()
         assert "run_coroutine_threadsafe" in str(refused.value)
+        assert pool.stats().in_use == 0
         # On its own loop it still works.
-        assert asyncio.run_coroutine_threadsafe(pool.fetchval("SELECT 1"), loop).result(10) == 1
+        assert asyncio.run_coroutine_threadsafe(_one_statement(pool, how), loop).result(10) == 1
         asyncio.run_coroutine_threadsafe(pool.close(), loop).result(10)
     finally:
         loop.call_soon_threadsafe(loop.stop)
@@ -241,18 +267,20 @@ def test_a_pool_used_from_another_thread_says_how_to_reach_its_loop(server: Fake
         loop.close()
 
 
-def test_a_pool_used_on_a_second_loop_of_the_same_thread_says_keep_one(server: FakeServer) -> None:
+@BOTH_PATHS
+@pytest.mark.parametrize("new_loop", _loop_factories())
+def test_a_pool_used_on_a_second_loop_of_the_same_thread_says_keep_one(
+        server: FakeServer, how: str, new_loop: Any) -> None:
     pool = fake_pool(server, min_size=1)
-    first = asyncio.new_event_loop()
+    first = new_loop()
+    second = new_loop()
     try:
         first.run_until_complete(pool.open())
-
-        async def use() -> None:
-            await pool.fetchval("SELECT 1")
-
         with pytest.raises(PoolError, match="different event loop") as refused:
-            run(use())
+            second.run_until_complete(_one_statement(pool, how))
         assert "keep one loop" in str(refused.value)
+        assert first.run_until_complete(_one_statement(pool, how)) == 1
         first.run_until_complete(pool.close())
     finally:
+        second.close()
         first.close()
