@@ -77,6 +77,9 @@ Query = Callable[[int], Awaitable[Any]]
 Instance = Callable[[str], Any]
 
 RAW = "raw asyncpg"
+# Raw asyncpg with its socket's reads capped as the pool caps its own connections'
+# (`asyncpool.connect.reads`): the pool's extra over this one is its bookkeeping alone.
+RAW_CAPPED = "raw asyncpg, reads capped (64 KiB)"
 POOL_FETCHVAL = "asyncpool pool.fetchval"
 POOL_ACQUIRE = "asyncpool acquire + fetchval"
 UNNAMED = "asyncpool pool.fetchval, unnamed (default mode)"
@@ -85,10 +88,15 @@ PSYCOPG_POOL = "psycopg_pool connection + fetchone"
 
 
 @asynccontextmanager
-async def raw(dsn: str) -> AsyncIterator[Query]:
+async def raw(dsn: str, capped: bool = False) -> AsyncIterator[Query]:
     import asyncpg
 
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
+    if capped:
+        from asyncpool.connect import driver
+        from asyncpool.connect.reads import cap_reads
+
+        cap_reads(driver.transport_of(conn))
     try:
         yield lambda i: conn.fetchval(QUERY, i)
     finally:
@@ -152,6 +160,7 @@ async def psycopg_pool(dsn: str) -> AsyncIterator[Query]:
 
 CONTENDERS: dict[str, Instance] = {
     RAW: raw,
+    RAW_CAPPED: lambda dsn: raw(dsn, capped=True),
     POOL_FETCHVAL: lambda dsn: asyncpool_instance(dsn, mode="off", scoped=False),
     POOL_ACQUIRE: lambda dsn: asyncpool_instance(dsn, mode="off", scoped=True),
     UNNAMED: lambda dsn: asyncpool_instance(dsn, mode="unnamed", scoped=False),
@@ -298,7 +307,7 @@ def _ablated(name: str) -> Instance:
 def _order(names: list[str]) -> list[str]:
     """Raw asyncpg between the two asyncpool contenders the targets are about, the others after:
     reversed every pass, raw asyncpg's block is always next to theirs."""
-    first = [n for n in (POOL_FETCHVAL, RAW, POOL_ACQUIRE) if n in names]
+    first = [n for n in (POOL_FETCHVAL, RAW, POOL_ACQUIRE, RAW_CAPPED) if n in names]
     return first + [n for n in names if n not in first]
 
 
@@ -651,13 +660,17 @@ def report(case: str, samples: Samples, target: float) -> bool:
     """Print one case; True when both asyncpool contenders met `target`."""
     med = statistics.median
     base = med(samples.cpu[RAW])
+    capped = samples.extra.get(RAW_CAPPED)
     print(f"\n== {case}: client CPU µs per query, median (min-max) of {len(samples.cpu[RAW])} "
-          "samples; extra = median of the paired differences to raw asyncpg (interquartile range)")
+          "samples; extra = median of the paired differences to raw asyncpg (interquartile range)"
+          + ("; own = the same to raw asyncpg with reads capped as the pool's" if capped else ""))
     for name, values in samples.cpu.items():
         diffs = samples.extra[name]
         q = statistics.quantiles(diffs, n=4) if len(diffs) >= 2 else [diffs[0]] * 3
+        own = (f"  own {med([d - c for d, c in zip(diffs, capped, strict=True)]):+6.1f}"
+               if capped and name not in (RAW, RAW_CAPPED) else "")
         print(f"  {name:<48} {med(values):7.1f} ({min(values):.1f}-{max(values):.1f})  "
-              f"extra {med(diffs):+6.1f} ({q[0]:+.1f}..{q[2]:+.1f})")
+              f"extra {med(diffs):+6.1f} ({q[0]:+.1f}..{q[2]:+.1f}){own}")
     met = True
     for name in (POOL_FETCHVAL, POOL_ACQUIRE):
         extra = med(samples.extra[name])

@@ -16,6 +16,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.config import PoolConfig
+from asyncpool.connect import driver
 from asyncpool.connect.authguard import Login
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ async def read_console(dsn: ParsedDsn, commands: list[str], timeout: float,
 
 def transport_of(conn: Any) -> Any:
     """asyncpg's transport for `conn`, or None if this asyncpg does not expose one."""
-    transport = getattr(conn, "_transport", None)
+    transport = driver.transport_of(conn)
     return transport if hasattr(transport, "set_protocol") else None
 
 

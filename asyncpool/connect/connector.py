@@ -17,6 +17,7 @@ from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
 from asyncpool.connect.failures import translate
 from asyncpool.connect.poolers import is_rds_proxy
+from asyncpool.connect.reads import cap_reads
 from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan
 from asyncpool.connect.startup import plan as plan_startup
 from asyncpool.connect.tls import (
@@ -156,6 +157,7 @@ class Connector:
         frame locals). If `init` raises (or is cancelled), the connection is closed and the
         hook's error goes up as it is, as asyncpg's pool does."""
         conn = await self._login_with_settings(cut_short)
+        cap_reads(driver.transport_of(conn))
         init = self.config.init
         if init is not None:
             try:

@@ -330,6 +330,12 @@ def shared_subclass(name: str, bases: tuple[type[Any], ...], attrs: dict[str, An
 _SUBCLASSES: weakref.WeakValueDictionary[tuple[Any, ...], type[Any]] = weakref.WeakValueDictionary()
 
 
+def transport_of(conn: Any) -> Any:
+    """The transport asyncpg writes `conn`'s messages to (``Connection._transport``, asyncpg
+    0.29-0.32), or None if this asyncpg keeps none there."""
+    return getattr(conn, "_transport", None)
+
+
 def is_wire_protocol(protocol: object) -> bool:
     """True for asyncpg's PostgreSQL protocol (what reads the server's messages), False for the
     one-byte TLS negotiation protocol asyncpg connects with first (`asyncpool.connect.authguard`
