@@ -11,6 +11,7 @@ is the median over the repeats and every ratio compares runs of this one invocat
 
 Groups and targets:
   raw          asyncpool vs raw asyncpg connections, same statement mode   >= 0.97x, no errors
+               (and vs raw asyncpg reading as the pool does, asyncpg-capped: reported)
   prepared     prepared_statements="on" vs "off" on the current PgBouncer  >= 2x
   describe     "unnamed" vs "off" on PgBouncer 1.18                 >= 1.5x
                (and vs psycopg_pool, reported)
@@ -72,6 +73,12 @@ def comparisons(clients: int, scale_clients: int) -> list[Comparison]:
     return [
         Comparison("raw", run("current", "asyncpool", "on"), run("current", "asyncpg", "on"), 0.97),
         Comparison("raw", run("legacy", "asyncpool", "off"), run("legacy", "asyncpg", "off"), 0.97),
+        # The same against raw asyncpg reading its socket as the pool does (64 KiB per recv()):
+        # the pool's own cost, reported.
+        Comparison("raw", run("current", "asyncpool", "on"), run("current", "asyncpg-capped", "on"),
+                   None),
+        Comparison("raw", run("legacy", "asyncpool", "off"), run("legacy", "asyncpg-capped", "off"),
+                   None),
         Comparison("prepared", run("current", "asyncpool", "on"),
                    run("current", "asyncpool", "off"), 2.0),
         Comparison("describe", run("legacy", "asyncpool", "unnamed"),

@@ -29,7 +29,7 @@ def _dsn(port: int) -> str:
     return f"postgresql://app:{ESCAPED}@127.0.0.1:{port}/app"
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "asyncpg-pool", "psycopg-pool"])
+@pytest.mark.parametrize("driver", ["asyncpg", "asyncpg-capped", "asyncpg-pool", "psycopg-pool"])
 @pytest.mark.parametrize("auth", ["password", "md5"])
 @pytest.mark.parametrize("tls", ["refuse", "self-signed"])
 async def test_a_contender_gives_an_impostor_nothing(driver: str, auth: str, tls: str) -> None:

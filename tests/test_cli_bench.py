@@ -109,7 +109,7 @@ def test_every_driver_and_mode_gets_through_pgbouncer_1_18(legacy: PgBouncerServ
     if importlib.util.find_spec("asyncpool.unnamed") is None:
         pytest.skip("this build has no 'unnamed' mode")
     result = _bench(*_target(legacy), "--clients", "16", "--processes", "1", "--duration", "1",
-                    "--driver", "asyncpool,asyncpg-pool,psycopg-pool",
+                    "--driver", "asyncpool,asyncpg-capped,asyncpg-pool,psycopg-pool",
                     "--prepared-statements", "off,unnamed", "--telemetry", "off,sdk,sdk-aggregated",
                     "--json")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,7 +121,8 @@ def test_every_driver_and_mode_gets_through_pgbouncer_1_18(legacy: PgBouncerServ
         ("asyncpool", "off", "sdk-aggregated"),
         ("asyncpool", "unnamed", "off"), ("asyncpool", "unnamed", "sdk"),
         ("asyncpool", "unnamed", "sdk-aggregated"),
-        ("asyncpg-pool", "off", "off"), ("psycopg-pool", "off", "off"),
+        ("asyncpg-capped", "off", "off"), ("asyncpg-pool", "off", "off"),
+        ("psycopg-pool", "off", "off"),
     ]
     for run in doc["runs"]:
         _clean_pooled_run(run, legacy.pool_size)

@@ -117,3 +117,21 @@ async def test_large_replies_arrive_whole_through_pgbouncer(pooler: Pooler,
             assert _socket_transport(conn).max_size == READ_SIZE
         for size in (READ_SIZE - 100, READ_SIZE, 4 * READ_SIZE + 7):
             assert await pool.fetchval("SELECT repeat('z', $1::int)", size) == "z" * size
+
+
+async def test_the_load_engines_capped_asyncpg_reads_as_the_pool_does(postgres: PostgresServer) -> None:
+    from asyncpool.load.clients import make_client
+    from asyncpool.load.spec import Driver, LoadSpec
+
+    cases: list[tuple[Driver, int]] = [("asyncpg", 256 * 1024), ("asyncpg-capped", READ_SIZE)]
+    for name, expected in cases:
+        client: Any = make_client(LoadSpec(postgres.dsn(), clients=1, processes=1, driver=name,
+                                           prepared_statements="off"), 0)
+        try:
+            await client.query((1,))
+            transport = driver.transport_of(client._conn)
+            while hasattr(transport, "real"):
+                transport = transport.real
+            assert transport.max_size == expected, name
+        finally:
+            await client.close()

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from asyncpool import __version__
 
 _PREPARED = ("off", "on", "unnamed")
-_DRIVERS = ("asyncpool", "asyncpg", "asyncpg-pool", "psycopg-pool")
+_DRIVERS = ("asyncpool", "asyncpg", "asyncpg-capped", "asyncpg-pool", "psycopg-pool")
 _TELEMETRY = ("off", "api", "sdk", "sdk-aggregated")
 
 

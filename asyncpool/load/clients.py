@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
+from asyncpool.connect import driver
+from asyncpool.connect.reads import cap_reads
 from asyncpool.load.logins import GuardedLogin
 from asyncpool.load.spec import LoadSpec, psycopg_query
 from asyncpool.pool.backoff import Backoff
@@ -88,6 +90,9 @@ class AsyncpoolClient:
 class AsyncpgClient:
     """One raw asyncpg connection per instance, reconnected after a failure."""
 
+    #: Read the socket as a pool connection does (`asyncpool.connect.reads`): `CappedAsyncpgClient`.
+    caps_reads = False
+
     def __init__(self, spec: LoadSpec, instance: int) -> None:
         self._spec = spec
         self._login = GuardedLogin(spec.dsn)
@@ -110,6 +115,8 @@ class AsyncpgClient:
             except BaseException:
                 self._connect_errors += 1
                 raise
+            if self.caps_reads:
+                cap_reads(driver.transport_of(conn))
             self._conn = conn
             self._backoff = Backoff()
         return conn
@@ -253,10 +260,18 @@ class PsycopgPoolClient:
         return 0
 
 
+class CappedAsyncpgClient(AsyncpgClient):
+    """Raw asyncpg with its socket read at most 64 KiB per recv(), as asyncpool reads its own
+    connections': against it, asyncpool's extra is its bookkeeping alone."""
+
+    caps_reads = True
+
+
 _CLIENTS: dict[str, type[AsyncpoolClient | AsyncpgClient | AsyncpgPoolClient | PsycopgPoolClient]]
 _CLIENTS = {
     "asyncpool": AsyncpoolClient,
     "asyncpg": AsyncpgClient,
+    "asyncpg-capped": CappedAsyncpgClient,
     "asyncpg-pool": AsyncpgPoolClient,
     "psycopg-pool": PsycopgPoolClient,
 }

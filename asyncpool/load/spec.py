@@ -9,7 +9,7 @@ from typing import Literal, get_args
 from asyncpool.config import PreparedStatements
 from asyncpool.connect.dsn import redact_dsn
 
-Driver = Literal["asyncpool", "asyncpg", "asyncpg-pool", "psycopg-pool"]
+Driver = Literal["asyncpool", "asyncpg", "asyncpg-capped", "asyncpg-pool", "psycopg-pool"]
 DRIVERS: tuple[Driver, ...] = get_args(Driver)
 #: off: pools built with telemetry=False; api: telemetry=True with no SDK installed (the
 #: OpenTelemetry API's no-op providers); sdk: telemetry=True with the SDK installed and exporting;
