@@ -21,8 +21,8 @@ from tests.conftest import Pooler
 MODES: list[PreparedStatements] = ["off", "on", "unnamed"]
 
 
-def _socket_transport(pool_conn: Any) -> Any:
-    transport = driver.transport_of(pool_conn.raw)
+def _socket_transport(asyncpg_conn: Any) -> Any:
+    transport = driver.transport_of(asyncpg_conn)
     while hasattr(transport, "real"):  # asyncpool's views: GuardedTransport, WireTransport
         transport = transport.real
     return transport
@@ -95,7 +95,7 @@ async def test_pool_connections_read_capped_and_large_replies_arrive_whole(
     async with Pool(postgres.dsn(), name=f"reads-{mode}", prepared_statements=mode,
                     min_size=1, max_size=1, telemetry=False) as pool:
         async with pool.acquire() as conn:
-            assert _socket_transport(conn).max_size == READ_SIZE
+            assert _socket_transport(conn.raw).max_size == READ_SIZE
             big = await conn.fetchval("SELECT repeat('x', $1::int)", 3 * 1024 * 1024)
             rows = await conn.fetch("SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
         assert big == "x" * (3 * 1024 * 1024)
@@ -114,7 +114,7 @@ async def test_large_replies_arrive_whole_through_pgbouncer(pooler: Pooler,
     async with Pool(pooler.dsn(), name=f"reads-{mode}-{pooler.label}", prepared_statements=mode,
                     min_size=1, max_size=1, telemetry=False) as pool:
         async with pool.acquire() as conn:
-            assert _socket_transport(conn).max_size == READ_SIZE
+            assert _socket_transport(conn.raw).max_size == READ_SIZE
         for size in (READ_SIZE - 100, READ_SIZE, 4 * READ_SIZE + 7):
             assert await pool.fetchval("SELECT repeat('z', $1::int)", size) == "z" * size
 
@@ -129,9 +129,6 @@ async def test_the_load_engines_capped_asyncpg_reads_as_the_pool_does(postgres: 
                                            prepared_statements="off"), 0)
         try:
             await client.query((1,))
-            transport = driver.transport_of(client._conn)
-            while hasattr(transport, "real"):
-                transport = transport.real
-            assert transport.max_size == expected, name
+            assert _socket_transport(client._conn).max_size == expected, name
         finally:
             await client.close()

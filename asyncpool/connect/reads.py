@@ -5,11 +5,11 @@ allocates the whole size for each read and then shrinks it to what arrived (a fe
 for most replies). glibc serves an allocation that large with ``mmap`` unless its dynamic
 threshold happens to have been raised earlier in the process (it depends on what the process
 allocated and freed before: python/cpython#85451), and then every read costs ``mmap``,
-``mremap`` and ``munmap`` around the ``recvfrom``, and a page fault; ``munmap`` in a process
-with more than one thread also interrupts the CPUs its other threads ran on. Measured on this
-project's machine, raw asyncpg: 245 -> 167 µs of client CPU per query with reads capped
-(benchmarks/README.md). Below the threshold (128 KiB unless lowered) reads come from the
-heap, with no system call.
+``mremap`` and ``munmap`` around the ``recvfrom``, and a page fault (and ``munmap`` in a
+process with more than one thread also flushes the other threads' CPUs' address caches: not
+measured separately here). Measured on this project's machine, raw asyncpg: 245 -> 167 µs of
+client CPU per query with reads capped (benchmarks/README.md). Below the threshold (128 KiB
+unless lowered) reads come from the heap, with no system call.
 
 TLS connections are read through asyncio's SSL protocol into a buffer it keeps, and uvloop's
 transports read into their own: neither is touched.
