@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncpool.connect.driver import ConnectionProxyBase
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from asyncpg.transaction import Transaction
 
     from asyncpool.pool.checkout import Checkouts
+    from asyncpool.pool.copy_options import (
+        CopyFormatOptions,
+        CopyFromTableOptions,
+        CopyRecordsOptions,
+        CopyToTableOptions,
+    )
     from asyncpool.unnamed import DescribeCacheStats
 
 
@@ -88,37 +94,15 @@ class PooledConnection(_Base):
                    timeout: float | None = None,
                    record_class: type[asyncpg.Record] | None = None) -> CursorFactory: ...
         async def copy_from_query(self, query: str, *args: object, output: Any,
-                                  timeout: float | None = None, format: str | None = None,
-                                  oids: bool | None = None, delimiter: str | None = None,
-                                  null: str | None = None, header: bool | None = None,
-                                  quote: str | None = None, escape: str | None = None,
-                                  force_quote: bool | Iterable[str] | None = None,
-                                  encoding: str | None = None) -> str: ...
+                                  **options: Unpack[CopyFormatOptions]) -> str: ...
         async def copy_from_table(self, table_name: str, *, output: Any,
-                                  columns: Iterable[str] | None = None,
-                                  schema_name: str | None = None, timeout: float | None = None,
-                                  format: str | None = None, oids: bool | None = None,
-                                  delimiter: str | None = None, null: str | None = None,
-                                  header: bool | None = None, quote: str | None = None,
-                                  escape: str | None = None,
-                                  force_quote: bool | Iterable[str] | None = None,
-                                  encoding: str | None = None) -> str: ...
-        async def copy_records_to_table(self, table_name: str, *, records: Iterable[Sequence[object]],
-                                        columns: Iterable[str] | None = None,
-                                        schema_name: str | None = None,
-                                        timeout: float | None = None,
-                                        where: str | None = None) -> str: ...
+                                  **options: Unpack[CopyFromTableOptions]) -> str: ...
+        async def copy_records_to_table(self, table_name: str, *,
+                                        records: Iterable[Sequence[object]]
+                                        | AsyncIterable[Sequence[object]],
+                                        **options: Unpack[CopyRecordsOptions]) -> str: ...
         async def copy_to_table(self, table_name: str, *, source: Any,
-                                columns: Iterable[str] | None = None,
-                                schema_name: str | None = None, timeout: float | None = None,
-                                format: str | None = None, oids: bool | None = None,
-                                freeze: bool | None = None, delimiter: str | None = None,
-                                null: str | None = None, header: bool | None = None,
-                                quote: str | None = None, escape: str | None = None,
-                                force_quote: bool | Iterable[str] | None = None,
-                                force_not_null: bool | Iterable[str] | None = None,
-                                force_null: bool | Iterable[str] | None = None,
-                                encoding: str | None = None, where: str | None = None) -> str: ...
+                                **options: Unpack[CopyToTableOptions]) -> str: ...
         async def add_listener(self, channel: str,
                                callback: Callable[..., object]) -> None: ...
         async def remove_listener(self, channel: str,

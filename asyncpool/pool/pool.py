@@ -12,9 +12,9 @@ import inspect
 import math
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any, NoReturn, Unpack
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
@@ -39,6 +39,13 @@ from asyncpool.stats import PoolStats
 if TYPE_CHECKING:
     import asyncpg
 
+    from asyncpool.pool.copy_options import (
+        CopyFormatOptions,
+        CopyFromTableOptions,
+        CopyRecordsOptions,
+        CopyToTableOptions,
+    )
+
 
 class Pool:
     """An asyncio pool of asyncpg connections, safe behind transaction-mode poolers.
@@ -47,7 +54,8 @@ class Pool:
     connect options are taken with asyncpg's meaning, see docs/migration.md) or a whole
     `config`. Without `config`, the ``ASYNCPOOL_*`` environment variables give the defaults
     (``ASYNCPOOL_DSN`` the DSN when `dsn` is None) and arguments win.
-    Use ``await pool.open()`` or ``async with Pool(...) as pool``; `create_pool` does both.
+    Use ``await pool.open()`` or ``async with Pool(...) as pool``; `create_pool` returns one
+    to await or to enter.
     """
 
     def __init__(
@@ -239,6 +247,88 @@ class Pool:
         """One value of the first row, or None (``asyncpg.Connection.fetchval``)."""
         return await RUNNERS["fetchval"](self._slots, query, *args, column=column, timeout=timeout)
 
+    # asyncpg.Pool's rarer helpers, through the class: one Python call more than the bound ones
+    # above, nothing beside a COPY.
+
+    async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
+                        timeout: float | None = None,
+                        record_class: type[asyncpg.Record] | None = None) -> list[Any]:
+        """The rows a statement returns, run once per argument tuple
+        (``asyncpg.Connection.fetchmany``, asyncpg >= 0.30)."""
+        rows: list[Any] = await RUNNERS["fetchmany"](self._slots, query, args, timeout=timeout,
+                                                     record_class=record_class)
+        return rows
+
+    async def copy_from_query(self, query: str, *args: object, output: Any,
+                              **options: Unpack[CopyFormatOptions]) -> str:
+        """Copy a query's result to `output`, a file, path or coroutine function
+        (``asyncpg.Connection.copy_from_query``); returns the status, e.g. ``"COPY 3"``."""
+        status: str = await RUNNERS["copy_from_query"](self._slots, query, *args, output=output,
+                                                       **options)
+        return status
+
+    async def copy_from_table(self, table_name: str, *, output: Any,
+                              **options: Unpack[CopyFromTableOptions]) -> str:
+        """Copy a table's rows to `output` (``asyncpg.Connection.copy_from_table``)."""
+        status: str = await RUNNERS["copy_from_table"](self._slots, table_name, output=output,
+                                                       **options)
+        return status
+
+    async def copy_records_to_table(self, table_name: str, *,
+                                    records: Iterable[Sequence[object]]
+                                    | AsyncIterable[Sequence[object]],
+                                    **options: Unpack[CopyRecordsOptions]) -> str:
+        """Insert `records` with ``COPY ... FROM STDIN`` in binary
+        (``asyncpg.Connection.copy_records_to_table``)."""
+        status: str = await RUNNERS["copy_records_to_table"](self._slots, table_name,
+                                                             records=records, **options)
+        return status
+
+    async def copy_to_table(self, table_name: str, *, source: Any,
+                            **options: Unpack[CopyToTableOptions]) -> str:
+        """Copy `source`, a file, path or async iterable of bytes, into a table
+        (``asyncpg.Connection.copy_to_table``)."""
+        status: str = await RUNNERS["copy_to_table"](self._slots, table_name, source=source,
+                                                     **options)
+        return status
+
+    # -- asyncpg.Pool's introspection and upkeep, under its names -----------------------------
+
+    def get_size(self) -> int:
+        """Connections open or being opened (``stats().size``)."""
+        return self._slots.size()
+
+    def get_idle_size(self) -> int:
+        """Connections open and waiting in the pool (``stats().idle``)."""
+        return len(self._slots.idle)
+
+    def get_init_size(self) -> int:
+        """Connections `open()` opens: `min_size` (asyncpg 0.32's ``init_size``)."""
+        return self.config.min_size
+
+    def get_min_size(self) -> int:
+        return self.config.min_size
+
+    def get_max_size(self) -> int:
+        return self.config.max_size
+
+    def is_closing(self) -> bool:
+        """True once `close()` or `terminate()` has begun (``closed``)."""
+        return self.closed
+
+    async def expire_connections(self) -> None:
+        """`expire_all()`, under asyncpg's name (asyncpg's is a coroutine too)."""
+        self.expire_all()
+
+    def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> NoReturn:
+        """Refused: a pool's settings are fixed when it is created (the error says what to do)."""
+        raise PoolConfigError(
+            f"pool {self.name!r}: set_connect_args() is not supported: a pool's connection "
+            "settings are fixed when it is created. For a password or token that rotates, give "
+            "the pool credentials= (a provider awaited at every login, "
+            "docs/credentials-and-tls.md) and call pool.expire_all() after a rotation; to "
+            "connect elsewhere, create a new pool and close this one")
+
     # -- introspection ------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
@@ -257,8 +347,9 @@ class Pool:
         return self._slots.target
 
 
-QUERY_HELPERS = QUERY_METHODS
-HELPER_METHODS.update(getattr(Pool, name).__code__ for name in QUERY_HELPERS)
+#: The helpers bound to each pool (the common ones); the others run through `Pool`'s methods.
+QUERY_HELPERS = ("execute", "executemany", "fetch", "fetchrow", "fetchval")
+HELPER_METHODS.update(getattr(Pool, name).__code__ for name in QUERY_METHODS)
 
 
 def _present(runner: Callable[..., Any], method: Callable[..., Any]) -> None:
@@ -284,16 +375,64 @@ def _check_timeout(pool_name: str, what: str, timeout: Any) -> None:
         )
 
 
-async def create_pool(
+def create_pool(
     dsn: str | None = None,
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
     **options: Unpack[PoolOptions],
-) -> Pool:
-    """Create and open a pool: ``pool = await asyncpool.create_pool(dsn, max_size=5)``.
+) -> PoolOpener:
+    """A pool, opened when awaited: ``pool = await asyncpool.create_pool(dsn, max_size=5)``, or
+    ``async with asyncpool.create_pool(dsn) as pool:`` (closed when the block ends), as with
+    ``asyncpg.create_pool``.
 
-    Takes what `Pool` takes; with no `dsn`, ``ASYNCPOOL_DSN`` (and the other ``ASYNCPOOL_*``
-    variables) configure it."""
-    return await Pool(dsn, config=config, observers=observers, **options).open()
+    Takes what `Pool` takes, and checks it here; with no `dsn`, ``ASYNCPOOL_DSN`` (and the other
+    ``ASYNCPOOL_*`` variables) configure it."""
+    return PoolOpener(Pool(dsn, config=config, observers=observers, **options))
 
+
+class PoolOpener:
+    """What `create_pool` returns: ``await`` it for the open pool, or ``async with`` it.
+
+    An awaitable, not a coroutine (as asyncpg's): for a task of its own, use
+    ``asyncio.ensure_future(create_pool(...))`` or ``asyncio.create_task(pool.open())``.
+    """
+
+    __slots__ = ("_started", "pool")
+
+    def __init__(self, pool: Pool) -> None:
+        #: The pool, not yet open.
+        self.pool = pool
+        self._started = False
+
+    def __await__(self) -> Generator[Any, None, Pool]:
+        self._started = True
+        return self.pool.open().__await__()
+
+    async def __aenter__(self) -> Pool:
+        self._started = True
+        return await self.pool.__aenter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pool.__aexit__(*exc)
+
+    def __repr__(self) -> str:
+        return f"<asyncpool.PoolOpener of {self.pool!r}>"
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # What Python says of a coroutine never awaited, which create_pool() used to return.
+        if not getattr(self, "_started", True):
+            with contextlib.suppress(Exception):
+                _warn(f"create_pool() for pool {self.pool.name!r} was never awaited: write "
+                      "'pool = await asyncpool.create_pool(...)' or 'async with "
+                      "asyncpool.create_pool(...) as pool'", RuntimeWarning, source=self)
+
+    if not TYPE_CHECKING:  # at run time only: type checkers see no attribute that is not here
+
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("__") or name in PoolOpener.__slots__:
+                raise AttributeError(name)
+            raise AttributeError(
+                f"{name!r}: create_pool() returns a pool to open, not the pool: write "
+                "'pool = await asyncpool.create_pool(...)' or 'async with "
+                "asyncpool.create_pool(...) as pool'")

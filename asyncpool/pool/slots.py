@@ -1273,7 +1273,10 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
 
 
 #: One statement runner per query helper; they share one code object (`STATEMENT_RUNNERS`).
-QUERY_METHODS = ("execute", "executemany", "fetch", "fetchrow", "fetchval")
+#: The first five are bound to each pool (`Pool.__init__`); the rest, rarer, are called
+#: through `Pool`'s methods of the same names.
+QUERY_METHODS = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany",
+                 "copy_from_query", "copy_from_table", "copy_records_to_table", "copy_to_table")
 RUNNERS = {name: statement_runner(name) for name in QUERY_METHODS}
 STATEMENT_RUNNERS.add(RUNNERS["fetchval"].__code__)
 

@@ -70,3 +70,21 @@ async def main() -> None:
     print(await other.fetchval("SELECT $1::int", 1), other.stats().size)
     await other.close()
     await pool.close()
+
+
+async def as_with_asyncpg(rows: list[tuple[int, str]]) -> int:
+    """asyncpg.Pool's other ways, the same on asyncpool's pool."""
+    async with asyncpool.create_pool("postgresql://app@db:5432/app", max_size=2) as pool:
+        opened: Pool = pool
+        await pool.copy_records_to_table("orders", records=rows, columns=["id", "note"],
+                                         timeout=5.0)
+        status: str = await pool.copy_to_table("orders", source="orders.csv", format="csv",
+                                               header=True, force_null=["note"])
+        await pool.copy_from_query("SELECT id FROM orders WHERE id > $1", 0,
+                                   output="ids.csv", format="csv")
+        await pool.copy_from_table("orders", output="all.csv", columns=["id"])
+        returned = await pool.fetchmany("INSERT INTO orders (id) VALUES ($1) RETURNING id",
+                                        [(4,), (5,)])
+        await pool.expire_connections()
+        print(opened, status, returned, pool.is_closing(), pool.get_idle_size())
+        return pool.get_size() + pool.get_min_size() + pool.get_max_size()

@@ -1,0 +1,192 @@
+"""asyncpg.Pool's API on asyncpool's pool, through both PgBouncers: code written for asyncpg's pool
+(``async with asyncpg.create_pool(...)``, the COPY helpers, ``get_size()``...) runs unchanged."""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import io
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import asyncpool
+from asyncpool import Pool, PoolOpener
+from tests.conftest import Pooler
+
+
+def _table(pooler: Pooler, what: str, mode: str = "") -> str:
+    return re.sub(r"\W", "_", f"{what}_{pooler.label}_{mode}".lower()).rstrip("_")
+
+
+def test_every_public_method_of_asyncpg_pool_is_there() -> None:
+    """What asyncpg's pool offers (the installed asyncpg's) is on asyncpool's, a coroutine
+    function where asyncpg's is one: code written for it does not meet an AttributeError."""
+    ours = {name: getattr(Pool, name) for name in dir(Pool) if not name.startswith("_")}
+    for name in dir(asyncpg.Pool):
+        if name.startswith("_"):
+            continue
+        assert name in ours, name
+        theirs = getattr(asyncpg.Pool, name)
+        assert inspect.iscoroutinefunction(ours[name]) == inspect.iscoroutinefunction(theirs), name
+
+
+async def test_async_with_create_pool_opens_then_closes(pooler: Pooler) -> None:
+    opener = asyncpool.create_pool(pooler.dsn(), name="with-created", min_size=2, telemetry=False)
+    assert isinstance(opener, PoolOpener)
+    assert "with-created" in repr(opener)
+    async with opener as pool:
+        assert isinstance(pool, Pool)
+        assert pool is opener.pool
+        assert (pool.get_size(), pool.get_idle_size()) == (2, 2)
+        assert await pool.fetchval("SELECT $1::int * 2", 21) == 42
+    assert pool.closed
+    assert pool.get_size() == 0
+
+
+async def test_async_with_create_pool_closes_when_the_block_raises(pooler: Pooler) -> None:
+    with pytest.raises(ZeroDivisionError):
+        async with asyncpool.create_pool(pooler.dsn(), telemetry=False) as pool:
+            assert await pool.fetchval("SELECT 1") == 1
+            1 / 0  # noqa: B018
+    assert pool.closed
+
+
+async def test_a_failed_open_in_async_with_reaches_the_caller_and_leaves_nothing_open() -> None:
+    opener = asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", min_size=1,
+                                   telemetry=False)
+    with pytest.raises(asyncpool.ConnectError, match="connection refused"):
+        async with opener:
+            pytest.fail("the block ran although the pool did not open")
+    assert opener.pool.closed
+    assert opener.pool.get_size() == 0
+
+
+async def test_awaiting_create_pool_still_gives_the_open_pool(pooler: Pooler) -> None:
+    pool = await asyncpool.create_pool(pooler.dsn(), min_size=1, telemetry=False)
+    try:
+        assert not pool.is_closing()
+        assert await pool.fetchval("SELECT 7") == 7
+    finally:
+        await pool.close()
+    assert pool.is_closing()
+
+
+def test_bad_options_fail_at_the_call_before_any_await() -> None:
+    with pytest.raises(asyncpool.PoolConfigError, match="max_size"):
+        asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", max_size=0)
+
+
+async def test_a_forgotten_await_says_what_to_write() -> None:
+    opener = asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", name="forgot")
+    with pytest.raises(AttributeError, match=r"'fetchval': create_pool\(\) returns a pool to "
+                                             r"open.*pool = await asyncpool.create_pool"):
+        opener.fetchval  # type: ignore[attr-defined]  # noqa: B018
+    assert not hasattr(opener, "acquire")
+    with pytest.raises(asyncpool.ConnectError, match="connection refused"):
+        await opener  # what was meant (nothing listens on port 1)
+
+
+def test_an_opener_dropped_unawaited_warns_as_a_coroutine_would() -> None:
+    with pytest.warns(RuntimeWarning, match=r"create_pool\(\) for pool 'forgot' was never awaited"):
+        asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", name="forgot")
+
+
+async def test_an_opener_awaited_or_entered_warns_nothing(pooler: Pooler,
+                                                          recwarn: pytest.WarningsRecorder) -> None:
+    opener = asyncpool.create_pool(pooler.dsn(), min_size=0, telemetry=False)
+    pool = await opener
+    await pool.close()
+    del opener, pool
+    gc.collect()
+    assert [w for w in recwarn if "never awaited" in str(w.message)] == []
+
+
+async def test_sizes_and_expire_connections_mean_what_they_mean_in_asyncpg(pooler: Pooler) -> None:
+    async with asyncpool.create_pool(pooler.dsn(), min_size=1, max_size=3,
+                                     telemetry=False) as pool:
+        assert (pool.get_min_size(), pool.get_max_size()) == (1, 3)
+        async with pool.acquire() as conn:
+            assert (pool.get_size(), pool.get_idle_size()) == (1, 0)
+            before = conn.raw
+        assert (pool.get_size(), pool.get_idle_size()) == (1, 1)
+        await pool.expire_connections()
+        async with pool.acquire() as conn:
+            assert conn.raw is not before  # replaced on the next checkout
+        assert before.is_closed()
+
+
+async def test_set_connect_args_is_refused_with_what_to_do(pooler: Pooler) -> None:
+    async with asyncpool.create_pool(pooler.dsn(), min_size=1, telemetry=False) as pool:
+        with pytest.raises(asyncpool.PoolConfigError, match=r"set_connect_args\(\) is not "
+                                                            r"supported.*credentials=.*expire_all"):
+            pool.set_connect_args(password="new")
+        assert await pool.fetchval("SELECT 1") == 1  # nothing changed
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+MODES = ["off", "unnamed", "on"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_copy_and_fetchmany_helpers(pooler: Pooler, mode: Any) -> None:
+    if mode == "on" and pooler.label.endswith("1.18"):
+        pytest.skip("prepared_statements='on' needs PgBouncer >= 1.21")
+    table = _table(pooler, "copy", mode)
+    async with asyncpool.create_pool(pooler.dsn(), max_size=2, prepared_statements=mode,
+                                     telemetry=False) as pool:
+        await pool.execute(f"DROP TABLE IF EXISTS {table}")
+        await pool.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
+        try:
+            status = await pool.copy_records_to_table(table, records=[(1, "a"), (2, None)],
+                                                      columns=["id", "note"])
+            assert status == "COPY 2"
+            status = await pool.copy_to_table(table_name=table, source=_chunks(b"3,c\n", b"4,\n"),
+                                              format="csv", force_null=["note"])
+            assert status == "COPY 2"
+            out = io.BytesIO()
+            assert await pool.copy_from_table(table, output=out, format="csv",
+                                              columns=["id"]) == "COPY 4"
+            assert sorted(out.getvalue().split()) == [b"1", b"2", b"3", b"4"]
+            out = io.BytesIO()
+            assert await pool.copy_from_query(f"SELECT note FROM {table} WHERE id > $1 ORDER BY id",
+                                              2, output=out, format="csv") == "COPY 2"
+            assert out.getvalue() == b"c\n\n"
+            returned = await pool.fetchmany(
+                f"INSERT INTO {table} VALUES ($1, $2) RETURNING id, note", [(5, "e"), (6, "f")])
+            assert [tuple(r) for r in returned] == [(5, "e"), (6, "f")]
+            assert await pool.fetch(f"SELECT id FROM {table} WHERE note IS NULL ORDER BY id") \
+                == [(2,), (4,)]
+            assert pool.stats().in_use == 0
+        finally:
+            await pool.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+async def test_a_copy_that_fails_midway_leaves_the_pool_whole(pooler: Pooler) -> None:
+    """A source that raises part-way: asyncpg aborts the COPY, the caller gets the error, nothing
+    is inserted, and the connection goes back to the pool usable (no transaction left open)."""
+    table = _table(pooler, "copyfail")
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"1\n"
+        raise ValueError("the source broke")
+
+    async with asyncpool.create_pool(pooler.dsn(), min_size=1, max_size=1,
+                                     telemetry=False) as pool:
+        await pool.execute(f"DROP TABLE IF EXISTS {table}")
+        await pool.execute(f"CREATE TABLE {table} (id int)")
+        try:
+            with pytest.raises(ValueError, match="the source broke"):
+                await pool.copy_to_table(table, source=failing())
+            assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+            assert pool.stats().in_use == 0
+            assert pool.get_size() == 1
+        finally:
+            await pool.execute(f"DROP TABLE IF EXISTS {table}")
