@@ -10,6 +10,7 @@ the same. Unknown names are refused with the closest valid one.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import fields
@@ -197,3 +198,16 @@ def resolve(dsn: str | None, config: PoolConfig | None, options: Mapping[str, An
             values["connect_kwargs"] = {**config.connect_kwargs, **values["connect_kwargs"]}
         return config.replace(**values) if values else config
     return PoolConfig.from_env(os.environ if environ is None else environ, **values)
+
+
+def check_timeout(pool_name: str, what: str, timeout: Any, none: str = "no limit") -> None:
+    """Raise `PoolConfigError` unless `timeout` (given to `what`) is None (meaning `none`) or
+    seconds >= 0."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout) \
+            or timeout < 0:
+        raise PoolConfigError(
+            f"pool {pool_name!r}: {what}={timeout!r}: must be a number of seconds >= 0 "
+            f"(or None for {none})"
+        )

@@ -15,6 +15,12 @@ import pytest
 
 import asyncpool
 from asyncpool import Pool, PoolOpener
+from asyncpool.pool.copy_options import (
+    CopyFormatOptions,
+    CopyFromTableOptions,
+    CopyRecordsOptions,
+    CopyToTableOptions,
+)
 from tests.conftest import Pooler
 
 
@@ -22,9 +28,17 @@ def _table(pooler: Pooler, what: str, mode: str = "") -> str:
     return re.sub(r"\W", "_", f"{what}_{pooler.label}_{mode}".lower()).rstrip("_")
 
 
+#: The COPY helpers take asyncpg's keyword options through these (`**options`).
+COPY_OPTIONS: dict[str, Any] = {
+    "copy_from_query": CopyFormatOptions, "copy_from_table": CopyFromTableOptions,
+    "copy_to_table": CopyToTableOptions, "copy_records_to_table": CopyRecordsOptions,
+}
+
+
 def test_every_public_method_of_asyncpg_pool_is_there() -> None:
     """What asyncpg's pool offers (the installed asyncpg's) is on asyncpool's, a coroutine
-    function where asyncpg's is one: code written for it does not meet an AttributeError."""
+    function where asyncpg's is one, taking each parameter asyncpg's takes under its name: code
+    written for it does not meet an AttributeError or a TypeError."""
     ours = {name: getattr(Pool, name) for name in dir(Pool) if not name.startswith("_")}
     for name in dir(asyncpg.Pool):
         if name.startswith("_"):
@@ -32,6 +46,17 @@ def test_every_public_method_of_asyncpg_pool_is_there() -> None:
         assert name in ours, name
         theirs = getattr(asyncpg.Pool, name)
         assert inspect.iscoroutinefunction(ours[name]) == inspect.iscoroutinefunction(theirs), name
+        accepted = inspect.signature(ours[name]).parameters
+        options = COPY_OPTIONS.get(name)
+        for param in inspect.signature(theirs).parameters.values():
+            if options is not None and param.name in options.__optional_keys__:
+                continue
+            assert param.name in accepted, (name, param.name)
+            assert accepted[param.name].kind in (param.kind, param.POSITIONAL_OR_KEYWORD), (
+                name, param.name)
+    for name, options in COPY_OPTIONS.items():  # no option asyncpg does not have
+        assert set(options.__optional_keys__) <= set(
+            inspect.signature(getattr(asyncpg.Connection, name)).parameters), name
 
 
 async def test_async_with_create_pool_opens_then_closes(pooler: Pooler) -> None:
@@ -190,3 +215,40 @@ async def test_a_copy_that_fails_midway_leaves_the_pool_whole(pooler: Pooler) ->
             assert pool.get_size() == 1
         finally:
             await pool.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+async def test_release_takes_asyncpg_s_timeout_for_the_reset(pooler: Pooler) -> None:
+    async with asyncpool.create_pool(pooler.dsn(), min_size=1, max_size=1,
+                                     telemetry=False) as pool:
+        conn = await pool.acquire()
+        raw = conn.raw
+        await conn.execute("BEGIN")
+        with pytest.raises(asyncpool.PoolConfigError,
+                           match=r"release\(timeout=...\)='soon'.*None for the pool's 5 s"):
+            await pool.release(conn, timeout="soon")  # type: ignore[arg-type]
+        assert conn.is_in_transaction()  # refused before anything was done: still held
+        await pool.release(connection=conn, timeout=5)
+        async with pool.acquire() as again:
+            assert again.raw is raw  # rolled back within the time given, and reused
+            assert not again.is_in_transaction()
+            await again.execute("BEGIN")
+        conn = await pool.acquire()
+        await conn.execute("BEGIN")
+        closed = pool.stats().closed_total
+        await pool.release(conn, timeout=0)  # no time for the ROLLBACK: closed, not reused
+        assert (pool.stats().in_use, pool.stats().closed_total) == (0, closed + 1)
+        async with pool.acquire() as fresh:  # a new connection in the freed slot
+            assert fresh.raw is not raw
+            assert await fresh.fetchval("SELECT 1") == 1
+
+
+async def test_a_held_connection_s_close_takes_the_same_timeout(pooler: Pooler) -> None:
+    async with asyncpool.create_pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        conn = await pool.acquire()
+        await conn.execute("BEGIN")
+        with pytest.raises(asyncpool.PoolConfigError, match=r"conn.close\(timeout=...\)=-1"):
+            await conn.close(timeout=-1)
+        await conn.close(timeout=5)
+        assert pool.stats().in_use == 0
+        async with pool.acquire() as again:
+            assert not again.is_in_transaction()

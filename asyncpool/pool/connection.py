@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncpool.connect.driver import ConnectionProxyBase
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
+from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, Lease
 
 if TYPE_CHECKING:
@@ -159,14 +160,16 @@ class PooledConnection(_Base):
         The server connection stays open for the next holder: the pool alone decides when a
         connection goes (code written for asyncpg's pool, or SQLAlchemy's ``NullPool`` with an
         ``async_creator``, calls close() to give a connection back). A no-op once released.
-        `timeout` is accepted for asyncpg's signature and unused.
+        `timeout` bounds the reset, as in `pool.release()`.
         """
         lease = self._lease
         if lease.state is not ACTIVE:
             return
         owner = self._owner
+        if timeout is not None:
+            check_timeout(owner.name, "conn.close(timeout=...)", timeout, "the pool's 5 s")
         if owner.checkin_nowait(lease):
-            await owner.checkin(lease)
+            await owner.checkin(lease, timeout)
 
     def _unusable(self) -> PoolError:
         state = self._lease.state

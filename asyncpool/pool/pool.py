@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import sys
 import warnings
 from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
@@ -20,7 +19,7 @@ from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError
 from asyncpool.observer import ObserverGroup, PoolObserver
-from asyncpool.options import PoolOptions, resolve
+from asyncpool.options import PoolOptions, check_timeout, resolve
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import HELPER_METHODS
@@ -141,7 +140,7 @@ class Pool:
         `PoolClosedError` on next use. Cancelled part-way, close() terminates what is left.
         Call it on the event loop the pool was opened on.
         """
-        _check_timeout(self.name, "close(timeout=...)", timeout)
+        check_timeout(self.name, "close(timeout=...)", timeout)
         await self._slots.close(timeout)
 
     def terminate(self) -> None:
@@ -176,7 +175,7 @@ class Pool:
         pool.acquire()`` followed by ``await pool.release(conn)``.
         """
         if timeout is not UNSET:
-            _check_timeout(self.name, "acquire(timeout=...)", timeout)
+            check_timeout(self.name, "acquire(timeout=...)", timeout)
         # AcquireContext(self._slots, timeout, frame) without the call to its __init__: 540
         # instructions less per checkout (benchmarks/README.md); tests/unit/test_lease.py
         # checks that every slot is set.
@@ -197,25 +196,32 @@ class Pool:
     ) -> TransactionContext:
         """``async with pool.transaction() as conn:`` commits on success, rolls back on error."""
         if timeout is not UNSET:
-            _check_timeout(self.name, "transaction(timeout=...)", timeout)
+            check_timeout(self.name, "transaction(timeout=...)", timeout)
         return TransactionContext(
             self._slots, timeout, sys._getframe(1), isolation=isolation, readonly=readonly,
             deferrable=deferrable,
         )
 
-    async def release(self, conn: PooledConnection) -> None:
-        """Return a connection taken with ``await pool.acquire()``."""
-        if not isinstance(conn, PooledConnection):
+    async def release(self, connection: PooledConnection, *, timeout: float | None = None) -> None:
+        """Return a connection taken with ``await pool.acquire()``.
+
+        A connection left in a transaction (or listening) is reset first, within `timeout`
+        (default 5 s); one whose reset fails or takes longer is closed, not reused, and its slot
+        freed: release() itself does not fail for it.
+        """
+        if not isinstance(connection, PooledConnection):
             raise PoolError(f"pool {self.name!r}: release() takes the connection acquire() gave")
-        lease = conn._lease
+        if timeout is not None:
+            check_timeout(self.name, "release(timeout=...)", timeout, "the pool's 5 s")
+        lease = connection._lease
         slots = self._slots
-        if conn._owner is not slots:
+        if connection._owner is not slots:
             raise PoolError(
                 f"pool {self.name!r}: release() was given a connection of pool "
-                f"{conn._owner.name!r}; release it to the pool it came from"
+                f"{connection._owner.name!r}; release it to the pool it came from"
             )
         if slots.checkin_nowait(lease):
-            await slots.checkin(lease)
+            await slots.checkin(lease, timeout)
 
     # The query helpers: each instance has them bound to its statement runners (see __init__);
     # these are what type checkers and the documentation read, and what runs through the class.
@@ -225,9 +231,9 @@ class Pool:
         status: str = await RUNNERS["execute"](self._slots, query, *args, timeout=timeout)
         return status
 
-    async def executemany(self, query: str, args: Any, *, timeout: float | None = None) -> None:
+    async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:
         """Run a statement once per argument tuple (``asyncpg.Connection.executemany``)."""
-        await RUNNERS["executemany"](self._slots, query, args, timeout=timeout)
+        await RUNNERS["executemany"](self._slots, command, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
                     record_class: type[asyncpg.Record] | None = None) -> list[Any]:
@@ -362,17 +368,6 @@ def _present(runner: Callable[..., Any], method: Callable[..., Any]) -> None:
 
 for _name in QUERY_HELPERS:
     _present(RUNNERS[_name], getattr(Pool, _name))
-
-
-def _check_timeout(pool_name: str, what: str, timeout: Any) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout) \
-            or timeout < 0:
-        raise PoolConfigError(
-            f"pool {pool_name!r}: {what}={timeout!r}: must be a number of seconds >= 0 "
-            "(or None for no limit)"
-        )
 
 
 def create_pool(

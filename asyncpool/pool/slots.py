@@ -997,13 +997,14 @@ class Slots:
         self.idle.append(record)
         return False
 
-    async def checkin(self, lease: Lease) -> None:
-        """Finish returning a connection `checkin_nowait` found in need of a reset; the slot is
-        never lost, even if cancelled part-way."""
+    async def checkin(self, lease: Lease, timeout: float | None = None) -> None:
+        """Finish returning a connection `checkin_nowait` found in need of a reset, within
+        `timeout` (None: `RELEASE_TIMEOUT`; a reset that takes longer closes the connection);
+        the slot is never lost, even if cancelled part-way."""
         record = lease.record
         try:
             with self.observer.pool_statement("reset"):
-                await driver.reset(record.conn, RELEASE_TIMEOUT)
+                await driver.reset(record.conn, RELEASE_TIMEOUT if timeout is None else timeout)
         except Exception as exc:
             # Dropping the connection rolls its transaction back and the slot is restored: the
             # caller's own error (a query timeout, say) must not be replaced by this one.
