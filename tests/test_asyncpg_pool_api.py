@@ -148,7 +148,7 @@ async def test_set_connect_args_is_refused_with_what_to_do(pooler: Pooler) -> No
     async with asyncpool.create_pool(pooler.dsn(), min_size=1, telemetry=False) as pool:
         with pytest.raises(asyncpool.PoolConfigError, match=r"set_connect_args\(\) is not "
                                                             r"supported.*credentials=.*expire_all"):
-            pool.set_connect_args(password="new")
+            pool.set_connect_args("postgresql://elsewhere@127.0.0.1/app", user="other")
         assert await pool.fetchval("SELECT 1") == 1  # nothing changed
 
 
