@@ -685,6 +685,16 @@ def report(case: str, samples: Samples, target: float) -> bool:
     return met
 
 
+def _drop_missing_libraries() -> None:
+    """Leave out psycopg_pool where it is not installed (the Python 3.12 and 3.13 venvs
+    scripts/setup.sh builds for the Lambda runtimes have asyncpg only), and say so."""
+    import importlib.util
+
+    if PSYCOPG_POOL in CONTENDERS and importlib.util.find_spec("psycopg_pool") is None:
+        del CONTENDERS[PSYCOPG_POOL]
+        print(f"{PSYCOPG_POOL}: left out (psycopg_pool is not installed in this Python)")
+
+
 def _add_stand_ins(args: argparse.Namespace) -> None:
     """`--ladder` and `--ablate`: their contenders replace the others but raw asyncpg and the pool,
     in the single case unless instructions are counted."""
@@ -737,6 +747,7 @@ def main() -> None:
                         help="CPU placement of client and servers (asyncpool/testing/affinity.py)")
     args = parser.parse_args()
     _add_stand_ins(args)
+    _drop_missing_libraries()
     if args.uvloop:
         import uvloop
 
