@@ -22,7 +22,7 @@ from asyncpool.errors import (
     StaleStatementError,
 )
 from asyncpool.observer import PoolObserver
-from asyncpool.pool import Pool, PoolOpener, create_pool
+from asyncpool.pool import Pool, create_pool
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.stats import PoolStats, StatementCacheStats
 
@@ -47,7 +47,6 @@ __all__ = [
     "PoolConfigError",
     "PoolError",
     "PoolObserver",
-    "PoolOpener",
     "PoolStats",
     "PoolTimeoutError",
     "PooledConnection",

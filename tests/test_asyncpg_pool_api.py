@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import inspect
 import io
 import re
@@ -14,7 +13,7 @@ import asyncpg
 import pytest
 
 import asyncpool
-from asyncpool import Pool, PoolOpener
+from asyncpool import Pool
 from asyncpool.pool.copy_options import (
     CopyFormatOptions,
     CopyFromTableOptions,
@@ -60,12 +59,11 @@ def test_every_public_method_of_asyncpg_pool_is_there() -> None:
 
 
 async def test_async_with_create_pool_opens_then_closes(pooler: Pooler) -> None:
-    opener = asyncpool.create_pool(pooler.dsn(), name="with-created", min_size=2, telemetry=False)
-    assert isinstance(opener, PoolOpener)
-    assert "with-created" in repr(opener)
-    async with opener as pool:
-        assert isinstance(pool, Pool)
-        assert pool is opener.pool
+    pool = asyncpool.create_pool(pooler.dsn(), name="with-created", min_size=2, telemetry=False)
+    assert isinstance(pool, Pool)
+    assert pool.get_size() == 0  # not open until awaited or entered
+    async with pool as entered:
+        assert entered is pool
         assert (pool.get_size(), pool.get_idle_size()) == (2, 2)
         assert await pool.fetchval("SELECT $1::int * 2", 21) == 42
     assert pool.closed
@@ -81,16 +79,15 @@ async def test_async_with_create_pool_closes_when_the_block_raises(pooler: Poole
 
 
 async def test_a_failed_open_in_async_with_reaches_the_caller_and_leaves_nothing_open() -> None:
-    opener = asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", min_size=1,
-                                   telemetry=False)
+    pool = asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", min_size=1, telemetry=False)
     with pytest.raises(asyncpool.ConnectError, match="connection refused"):
-        async with opener:
+        async with pool:
             pytest.fail("the block ran although the pool did not open")
-    assert opener.pool.closed
-    assert opener.pool.get_size() == 0
+    assert pool.closed
+    assert pool.get_size() == 0
 
 
-async def test_awaiting_create_pool_still_gives_the_open_pool(pooler: Pooler) -> None:
+async def test_awaiting_create_pool_gives_the_open_pool(pooler: Pooler) -> None:
     pool = await asyncpool.create_pool(pooler.dsn(), min_size=1, telemetry=False)
     try:
         assert not pool.is_closing()
@@ -100,34 +97,26 @@ async def test_awaiting_create_pool_still_gives_the_open_pool(pooler: Pooler) ->
     assert pool.is_closing()
 
 
+async def test_asyncpg_s_create_then_await_opens_that_pool(pooler: Pooler) -> None:
+    """asyncpg's other way: the pool made at import, awaited at start-up, used as it is."""
+    pool = asyncpool.create_pool(pooler.dsn(), min_size=1, telemetry=False)
+    with pytest.raises(asyncpool.PoolClosedError,
+                       match=r"not open yet: await pool.open\(\) first \(or 'pool = await "
+                             r"asyncpool.create_pool"):
+        await pool.fetchval("SELECT 1")  # used before start-up
+    assert await pool is pool
+    assert await pool is pool  # awaiting an open pool again changes nothing
+    try:
+        assert await pool.fetchval("SELECT 8") == 8
+    finally:
+        await pool.close()
+    with pytest.raises(asyncpool.PoolClosedError, match="is closed; create a new pool"):
+        await pool
+
+
 def test_bad_options_fail_at_the_call_before_any_await() -> None:
     with pytest.raises(asyncpool.PoolConfigError, match="max_size"):
         asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", max_size=0)
-
-
-async def test_a_forgotten_await_says_what_to_write() -> None:
-    opener = asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", name="forgot")
-    with pytest.raises(AttributeError, match=r"'fetchval': create_pool\(\) returns a pool to "
-                                             r"open.*pool = await asyncpool.create_pool"):
-        opener.fetchval  # type: ignore[attr-defined]  # noqa: B018
-    assert not hasattr(opener, "acquire")
-    with pytest.raises(asyncpool.ConnectError, match="connection refused"):
-        await opener  # what was meant (nothing listens on port 1)
-
-
-def test_an_opener_dropped_unawaited_warns_as_a_coroutine_would() -> None:
-    with pytest.warns(RuntimeWarning, match=r"create_pool\(\) for pool 'forgot' was never awaited"):
-        asyncpool.create_pool("postgresql://app@127.0.0.1:1/app", name="forgot")
-
-
-async def test_an_opener_awaited_or_entered_warns_nothing(pooler: Pooler,
-                                                          recwarn: pytest.WarningsRecorder) -> None:
-    opener = asyncpool.create_pool(pooler.dsn(), min_size=0, telemetry=False)
-    pool = await opener
-    await pool.close()
-    del opener, pool
-    gc.collect()
-    assert [w for w in recwarn if "never awaited" in str(w.message)] == []
 
 
 async def test_sizes_and_expire_connections_mean_what_they_mean_in_asyncpg(pooler: Pooler) -> None:

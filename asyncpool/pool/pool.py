@@ -53,8 +53,8 @@ class Pool:
     connect options are taken with asyncpg's meaning, see docs/migration.md) or a whole
     `config`. Without `config`, the ``ASYNCPOOL_*`` environment variables give the defaults
     (``ASYNCPOOL_DSN`` the DSN when `dsn` is None) and arguments win.
-    Use ``await pool.open()`` or ``async with Pool(...) as pool``; `create_pool` returns one
-    to await or to enter.
+    Use ``await pool.open()`` (or ``await pool``) or ``async with Pool(...) as pool``;
+    `create_pool` returns one.
     """
 
     def __init__(
@@ -125,6 +125,11 @@ class Pool:
         if not observers:
             return PoolObserver()
         return observers[0] if len(observers) == 1 else ObserverGroup(observers)
+
+    def __await__(self) -> Generator[Any, None, Pool]:
+        """``await pool`` opens it, as `open()` does: ``pool = await create_pool(...)``, and
+        asyncpg's ``pool = create_pool(...)`` then ``await pool``."""
+        return self.open().__await__()
 
     async def __aenter__(self) -> Pool:
         return await self.open()
@@ -376,58 +381,12 @@ def create_pool(
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
     **options: Unpack[PoolOptions],
-) -> PoolOpener:
+) -> Pool:
     """A pool, opened when awaited: ``pool = await asyncpool.create_pool(dsn, max_size=5)``, or
     ``async with asyncpool.create_pool(dsn) as pool:`` (closed when the block ends), as with
     ``asyncpg.create_pool``.
 
     Takes what `Pool` takes, and checks it here; with no `dsn`, ``ASYNCPOOL_DSN`` (and the other
-    ``ASYNCPOOL_*`` variables) configure it."""
-    return PoolOpener(Pool(dsn, config=config, observers=observers, **options))
-
-
-class PoolOpener:
-    """What `create_pool` returns: ``await`` it for the open pool, or ``async with`` it.
-
-    An awaitable, not a coroutine (as asyncpg's): for a task of its own, use
-    ``asyncio.ensure_future(create_pool(...))`` or ``asyncio.create_task(pool.open())``.
-    """
-
-    __slots__ = ("_started", "pool")
-
-    def __init__(self, pool: Pool) -> None:
-        #: The pool, not yet open.
-        self.pool = pool
-        self._started = False
-
-    def __await__(self) -> Generator[Any, None, Pool]:
-        self._started = True
-        return self.pool.open().__await__()
-
-    async def __aenter__(self) -> Pool:
-        self._started = True
-        return await self.pool.__aenter__()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.pool.__aexit__(*exc)
-
-    def __repr__(self) -> str:
-        return f"<asyncpool.PoolOpener of {self.pool!r}>"
-
-    def __del__(self, _warn: Any = warnings.warn) -> None:
-        # What Python says of a coroutine never awaited, which create_pool() used to return.
-        if not getattr(self, "_started", True):
-            with contextlib.suppress(Exception):
-                _warn(f"create_pool() for pool {self.pool.name!r} was never awaited: write "
-                      "'pool = await asyncpool.create_pool(...)' or 'async with "
-                      "asyncpool.create_pool(...) as pool'", RuntimeWarning, source=self)
-
-    if not TYPE_CHECKING:  # at run time only: type checkers see no attribute that is not here
-
-        def __getattr__(self, name: str) -> Any:
-            if name.startswith("__") or name in PoolOpener.__slots__:
-                raise AttributeError(name)
-            raise AttributeError(
-                f"{name!r}: create_pool() returns a pool to open, not the pool: write "
-                "'pool = await asyncpool.create_pool(...)' or 'async with "
-                "asyncpool.create_pool(...) as pool'")
+    ``ASYNCPOOL_*`` variables) configure it. Like asyncpg's, it returns the pool (awaitable),
+    not a coroutine: ``asyncio.ensure_future(create_pool(...))`` makes a task of it."""
+    return Pool(dsn, config=config, observers=observers, **options)

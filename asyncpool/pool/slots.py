@@ -441,7 +441,8 @@ class Slots:
 
     def closed_error(self) -> PoolClosedError:
         if self.state is NEW:
-            return PoolClosedError(f"the pool {self.name!r} is not open yet: await pool.open() first")
+            return PoolClosedError(f"the pool {self.name!r} is not open yet: await pool.open() first (or "
+                                   "'pool = await asyncpool.create_pool(...)')")
         return PoolClosedError(f"the pool {self.name!r} is closed")
 
     # -- the one exit -------------------------------------------------------------------------

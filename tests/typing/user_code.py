@@ -72,6 +72,13 @@ async def main() -> None:
     await pool.close()
 
 
+POOL = asyncpool.create_pool("postgresql://app@db:5432/app", max_size=2)  # opened at start-up
+
+
+async def start() -> Pool:
+    return await POOL
+
+
 async def as_with_asyncpg(rows: list[tuple[int, str]]) -> int:
     """asyncpg.Pool's other ways, the same on asyncpool's pool."""
     async with asyncpool.create_pool("postgresql://app@db:5432/app", max_size=2) as pool:

@@ -30,4 +30,4 @@ async def main() -> None:
     await pool.fetchval(42)  # error: arg-type
     await pool.copy_to_table("orders", source="orders.csv", freez=True)  # error: call-arg
     await pool.copy_records_to_table("orders", records=[(1,)], columns="id", format="csv")  # error: call-arg
-    await asyncpool.create_pool("postgresql://app@db/app").fetchval("SELECT 1")  # error: attr-defined
+    await pool.release(await pool.acquire(), timeout="soon")  # error: arg-type
