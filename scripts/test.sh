@@ -28,7 +28,8 @@ fi
 # ones with SnapStart), in the small venvs scripts/setup.sh builds. Both versions run at once (the
 # suites mostly wait on servers and subprocesses), with the model test at 200 examples instead of
 # 1,000: about 1.5 minutes in all. Only for a whole-suite run; ASYNCPOOL_TEST_MATRIX=0 skips them.
-matrix_tests=(tests/unit tests/lambda_runtime tests/test_lambda_runner.py tests/test_lambda_powertools.py
+matrix_tests=(tests/unit tests/test_asyncpg_pool_api.py tests/lambda_runtime tests/test_lambda_runner.py
+              tests/test_lambda_powertools.py
               tests/test_lambda_shutdown.py tests/test_lambda_config.py tests/test_freeze_thaw.py)
 if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
   pids=()
