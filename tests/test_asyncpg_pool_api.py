@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import io
 import re
@@ -241,3 +242,42 @@ async def test_a_held_connection_s_close_takes_the_same_timeout(pooler: Pooler) 
         assert pool.stats().in_use == 0
         async with pool.acquire() as again:
             assert not again.is_in_transaction()
+
+
+async def test_a_copy_cancelled_midway_leaves_the_connection_usable(pooler: Pooler) -> None:
+    """The holder's task cancelled while a COPY is under way, in and out: the caller sees the
+    cancellation, nothing is inserted, and the pool's one connection serves the next query."""
+    table = _table(pooler, "copycancel")
+    sent, written = asyncio.Event(), asyncio.Event()
+
+    async def stalling_source() -> AsyncIterator[bytes]:
+        yield b"1\n"
+        sent.set()  # asyncpg came back for more: the first row went out
+        await asyncio.sleep(60)
+        yield b"2\n"
+
+    async def stalling_output(data: bytes) -> None:
+        written.set()
+        await asyncio.sleep(60)
+
+    async with asyncpool.create_pool(pooler.dsn(), min_size=1, max_size=1,
+                                     telemetry=False) as pool:
+        await pool.execute(f"DROP TABLE IF EXISTS {table}")
+        await pool.execute(f"CREATE TABLE {table} (id int)")
+        try:
+            copy_in = asyncio.create_task(pool.copy_to_table(table, source=stalling_source()))
+            await asyncio.wait_for(sent.wait(), 10)
+            copy_in.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await copy_in
+            assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+            await pool.execute(f"INSERT INTO {table} SELECT generate_series(1, 50000)")
+            copy_out = asyncio.create_task(pool.copy_from_table(table, output=stalling_output))
+            await asyncio.wait_for(written.wait(), 10)
+            copy_out.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await copy_out
+            assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 50000
+            assert (pool.stats().in_use, pool.get_size()) == (0, 1)
+        finally:
+            await pool.execute(f"DROP TABLE IF EXISTS {table}")
