@@ -112,6 +112,10 @@ _RANDOM_ID = re.compile(
 # dashed or not: their hex digits spell the escaped forms' hex pieces by chance ("00e9" of
 # "\\u00e9"). No piece of a secret hides in one: the secrets' own letters are not hex digits.
 _UUID = re.compile(r"\b[0-9a-fA-F]{8}(?:-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}\b")
+# Clock readings in nanoseconds and other long numbers (a frame's ``cred_times``
+# [1796413839328614412, 1796413839329400018] held "0001", a piece of "\U0001f511"): no escape
+# writes ten digits in a row, so no piece of a secret hides in one.
+_LONG_NUMBER = re.compile(r"\d{10,}")
 
 
 @dataclass
@@ -131,8 +135,8 @@ class Tally:
         # Default reprs name an object's address ("<... object at 0x7fce...0e90>"): its hex
         # digits can spell a piece of a secret's escaped form by chance ("00e9" of "\\u00e9").
         # So can the random request ids of the AWS stand-ins ("...bZWkK..." held "ZWkK").
-        texts = [_UUID.sub("<uuid>", _RANDOM_ID.sub(r"\1<random id>",
-                                                    _ADDRESS.sub(" at 0x<address>", t)))
+        texts = [_LONG_NUMBER.sub("<number>", _UUID.sub("<uuid>", _RANDOM_ID.sub(
+                     r"\1<random id>", _ADDRESS.sub(" at 0x<address>", t))))
                  for t in texts]
         text = "\n".join(texts)
         self.secrets.add(secret)
