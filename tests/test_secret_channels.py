@@ -475,6 +475,20 @@ async def test_no_piece_of_a_secret_in_any_output(source: str, servers: Servers,
     await _check_input(source, servers, records, monkeypatch, bench_for)
 
 
+def test_the_check_finds_a_piece_and_not_a_chance_match_in_what_it_masks() -> None:
+    """The masks (addresses, UUIDs, request ids, long numbers) hide chance matches only: a piece
+    of a secret, raw or escaped, is still found next to them."""
+    secret = "jXkK\u00e9qkKx\U0001f511vvQw"
+    chance = ["cred_times=[1796413839329400018]", "<Lease object at 0x7f0001f5110e90>"]
+    tally = Tally()
+    tally.check(secret, "planted", "chance", chance)
+    assert tally.leaks == []
+    for leaked in ("token=...qkKx...", "t=1796413839329400018 \\U0001f511", "jXkK%C3%A9"):
+        tally = Tally()
+        tally.check(secret, "planted", "text", [*chance, leaked])
+        assert len(tally.leaks) == 1, leaked
+
+
 def test_summary_of_what_was_checked() -> None:
     """Runs after the tests above: the numbers the issue cites."""
     if not TALLY.checks:
