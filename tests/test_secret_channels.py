@@ -478,14 +478,16 @@ async def test_no_piece_of_a_secret_in_any_output(source: str, servers: Servers,
 def test_the_check_finds_a_piece_and_not_a_chance_match_in_what_it_masks() -> None:
     """The masks (addresses, UUIDs, request ids, long numbers) hide chance matches only: a piece
     of a secret, raw or escaped, is still found next to them."""
-    secret = "jXkK\u00e9qkKx\U0001f511vvQw"
+    hidden = "jXkK\u00e9qkKx\U0001f511vvQw"
     chance = ["cred_times=[1796413839329400018]", "<Lease object at 0x7f0001f5110e90>"]
     tally = Tally()
-    tally.check(secret, "planted", "chance", chance)
+    tally.check(hidden, "planted", "chance", chance)
     assert tally.leaks == []
-    for leaked in ("token=...qkKx...", "t=1796413839329400018 \\U0001f511", "jXkK%C3%A9"):
+    planted = ("token=...qkKx...",
+               "t=1796413839329400018 \\U0001f511", "jXkK%C3%A9")
+    for leaked in planted:
         tally = Tally()
-        tally.check(secret, "planted", "text", [*chance, leaked])
+        tally.check(hidden, "planted", "text", [*chance, leaked])
         assert len(tally.leaks) == 1, leaked
 
 
