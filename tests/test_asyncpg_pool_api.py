@@ -281,3 +281,30 @@ async def test_a_copy_cancelled_midway_leaves_the_connection_usable(pooler: Pool
             assert (pool.stats().in_use, pool.get_size()) == (0, 1)
         finally:
             await pool.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+@pytest.mark.parametrize("mode", ["off", "unnamed"])
+def test_copy_and_fetchmany_helpers_under_uvloop(pooler: Pooler, mode: Any) -> None:
+    """What FastAPI under uvicorn runs: the same helpers on uvloop's transports."""
+    uvloop = pytest.importorskip("uvloop")
+    table = _table(pooler, "uvcopy", mode)
+
+    async def main() -> tuple[str, str, bytes, list[tuple[Any, ...]]]:
+        async with asyncpool.create_pool(pooler.dsn(), max_size=1, prepared_statements=mode,
+                                         telemetry=False) as pool:
+            await pool.execute(f"DROP TABLE IF EXISTS {table}")
+            await pool.execute(f"CREATE TABLE {table} (id int, note text)")
+            try:
+                into = await pool.copy_records_to_table(table, records=[(1, "a"), (2, None)])
+                more = await pool.copy_to_table(table, source=_chunks(b"3,c\n"), format="csv")
+                out = io.BytesIO()
+                await pool.copy_from_query(f"SELECT id FROM {table} WHERE id > $1 ORDER BY id", 1,
+                                           output=out)
+                rows = await pool.fetchmany(f"INSERT INTO {table} VALUES ($1, $2) RETURNING id",
+                                            [(4, "d"), (5, "e")])
+                assert pool.stats().in_use == 0
+                return into, more, out.getvalue(), [tuple(r) for r in rows]
+            finally:
+                await pool.execute(f"DROP TABLE IF EXISTS {table}")
+
+    assert uvloop.run(main()) == ("COPY 2", "COPY 1", b"2\n3\n", [(4,), (5,)])
