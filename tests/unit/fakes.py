@@ -308,9 +308,30 @@ class FakeConnection:
         await self._run(query, timeout)
         return args[column] if args else 1
 
-    async def fetchmany(self, query: str, args: Any, *, timeout: float | None = None) -> list[Any]:
+    async def fetchmany(self, query: str, args: Any, *, timeout: float | None = None,
+                        record_class: type | None = None) -> list[Any]:
         await self._run(query, timeout)
         return list(args)
+
+    async def _copy(self, what: str, timeout: float | None) -> str:
+        await self._run(f"COPY {what}", timeout)
+        return "COPY 1"
+
+    async def copy_from_query(self, query: str, *args: Any, output: Any,
+                              timeout: float | None = None, **options: Any) -> str:
+        return await self._copy(query, timeout)
+
+    async def copy_from_table(self, table_name: str, *, output: Any,
+                              timeout: float | None = None, **options: Any) -> str:
+        return await self._copy(table_name, timeout)
+
+    async def copy_to_table(self, table_name: str, *, source: Any,
+                            timeout: float | None = None, **options: Any) -> str:
+        return await self._copy(table_name, timeout)
+
+    async def copy_records_to_table(self, table_name: str, *, records: Any,
+                                    timeout: float | None = None, **options: Any) -> str:
+        return await self._copy(table_name, timeout)
 
     def transaction(self, *, isolation: str | None = None, readonly: bool = False,
                     deferrable: bool = False) -> FakeTransaction:

@@ -12,7 +12,9 @@ from unittest import mock
 import pytest
 
 from asyncpool import Pool
+from asyncpool.errors import PoolClosedError
 from asyncpool.pool.pool import QUERY_HELPERS
+from asyncpool.pool.slots import QUERY_METHODS
 from tests.unit.fakes import FakeServer, fake_pool, leak_site, run
 
 
@@ -120,4 +122,57 @@ def test_a_helpers_leak_report_names_its_caller_whatever_the_route(
     else:
         assert names[-2:] == ["main", "service"], site
     assert "slots.py" not in site, site
+    assert "asyncpool/pool/pool.py" not in site, site
+
+
+#: One call of each helper asyncpg's pool has (the bound ones and those through the class).
+CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
+    "execute": (("SELECT 1",), {}),
+    "executemany": (("INSERT 1", [(1,)]), {}),
+    "fetch": (("SELECT 1",), {}),
+    "fetchrow": (("SELECT 1",), {}),
+    "fetchval": (("SELECT 1",), {}),
+    "fetchmany": (("INSERT 1 RETURNING", [(1,)]), {}),
+    "copy_from_query": (("SELECT 1",), {"output": "out.csv"}),
+    "copy_from_table": (("t",), {"output": "out.csv"}),
+    "copy_to_table": (("t",), {"source": "in.csv"}),
+    "copy_records_to_table": (("t",), {"records": [(1,)]}),
+}
+
+
+def test_every_helper_is_refused_before_open_and_after_close(server: FakeServer) -> None:
+    assert set(CALLS) == set(QUERY_METHODS)
+
+    async def main() -> None:
+        pool = fake_pool(server, min_size=1, max_size=1)
+        for name, (args, kwargs) in CALLS.items():
+            with pytest.raises(PoolClosedError, match="not open yet"):
+                await getattr(pool, name)(*args, **kwargs)
+        async with pool:
+            for name, (args, kwargs) in CALLS.items():
+                await getattr(pool, name)(*args, **kwargs)
+            assert len(server.connections[0].queries) == len(CALLS)
+        for name, (args, kwargs) in CALLS.items():
+            with pytest.raises(PoolClosedError, match="is closed"):
+                await getattr(pool, name)(*args, **kwargs)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", ["copy_records_to_table", "copy_to_table", "fetchmany"])
+def test_a_leak_report_of_a_helper_through_the_class_names_its_caller(
+        server: FakeServer, caplog: pytest.LogCaptureFixture, name: str) -> None:
+    async def load(pool: Pool) -> None:
+        server.latency = 2.0  # this statement runs past leak_timeout
+        args, kwargs = CALLS[name]
+        await getattr(pool, name)(*args, **kwargs)
+
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0, leak_action="log") as pool:
+            await load(pool)
+
+    with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
+        run(main())
+    site, names = leak_site(caplog.records)
+    assert names[-2:] == ["main", "load"], site
     assert "asyncpool/pool/pool.py" not in site, site
