@@ -21,7 +21,7 @@ import logging
 import re
 import selectors
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from asyncpg.connresource import ConnectionResource
@@ -32,6 +32,9 @@ from asyncpool.connect.dsn import Target
 from asyncpool.connect.startup import StartupPlan
 from asyncpool.errors import AuthenticationError, ConnectError, PoolerExhaustedError
 from asyncpool.observer import PoolObserver
+
+if TYPE_CHECKING:
+    import pytest
 
 FAKE_TARGET = Target(host="fake", port=5432, user="app", database="app")
 
@@ -491,6 +494,14 @@ def fake_pool(server: FakeServer, **options: Any) -> asyncpool.pool.pool.Pool:
     kwargs = dict(options.pop("connect_kwargs", {}))
     kwargs["fake_server"] = server
     return asyncpool.pool.pool.Pool(connect_kwargs=kwargs, **options)
+
+
+def leak_report(caplog: pytest.LogCaptureFixture, coro: Any) -> tuple[str, list[str]]:
+    """Run `coro` (on a fresh virtual-clock loop) with the leak reports captured, and return
+    `leak_site` of the first one."""
+    with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
+        run(coro)
+    return leak_site(caplog.records)
 
 
 def leak_site(records: list[logging.LogRecord]) -> tuple[str, list[str]]:

@@ -32,7 +32,7 @@ from tests.unit.fakes import (
     FakeServer,
     VirtualClockLoop,
     fake_pool,
-    leak_site,
+    leak_report,
     run,
 )
 
@@ -467,9 +467,7 @@ def test_14_a_leak_report_shows_the_callers_stack(
         async with fake_pool(server, leak_timeout=1.0, leak_action="log") as pool:
             await handler(pool)
 
-    with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
-        run(main())
-    site, names = leak_site(caplog.records)
+    site, names = leak_report(caplog, main())
     assert "leaks.py" not in site, site
     assert "base_events.py" not in site, site
     assert names[-3:] == ["main", "handler", "service"], site
@@ -497,9 +495,7 @@ def test_14_a_query_helpers_leak_report_shows_its_caller(
         async with fake_pool(server, leak_timeout=1.0, leak_action="log", setup=setup) as pool:
             await handler(pool)
 
-    with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
-        run(main())
-    site, names = leak_site(caplog.records)
+    site, names = leak_report(caplog, main())
     assert names[-3:] == ["main", "handler", "service"], site
     assert 'await pool.fetchval("SELECT 1")' in site, site
     assert "slots.py" not in site, site

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 from typing import Any
 from unittest import mock
 
@@ -15,7 +14,7 @@ from asyncpool import Pool
 from asyncpool.errors import PoolClosedError
 from asyncpool.pool.pool import QUERY_HELPERS
 from asyncpool.pool.slots import QUERY_METHODS
-from tests.unit.fakes import FakeServer, fake_pool, leak_site, run
+from tests.unit.fakes import FakeServer, fake_pool, leak_report, run
 
 
 def test_each_helper_is_a_coroutine_function_for_inspect_asyncio_and_mock(
@@ -114,9 +113,7 @@ def test_a_helpers_leak_report_names_its_caller_whatever_the_route(
         async with pool:
             await service(pool)
 
-    with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
-        run(main())
-    site, names = leak_site(caplog.records)
+    site, names = leak_report(caplog, main())
     if route == "subclass":  # the override is the user's code: it is the caller shown
         assert names[-3:] == ["main", "service", "fetchval"], site
     else:
@@ -171,8 +168,6 @@ def test_a_leak_report_of_a_helper_through_the_class_names_its_caller(
         async with fake_pool(server, leak_timeout=1.0, leak_action="log") as pool:
             await load(pool)
 
-    with caplog.at_level(logging.WARNING, logger="asyncpool.leaks"):
-        run(main())
-    site, names = leak_site(caplog.records)
+    site, names = leak_report(caplog, main())
     assert names[-2:] == ["main", "load"], site
     assert "asyncpool/pool/pool.py" not in site, site
