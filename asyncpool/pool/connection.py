@@ -167,7 +167,10 @@ class PooledConnection(_Base):
             return
         owner = self._owner
         if timeout is not None:
-            check_timeout(owner.name, "conn.close(timeout=...)", timeout, "the pool's 5 s")
+            from asyncpool.pool.slots import RELEASE_TIMEOUT  # slots imports this module
+
+            check_timeout(owner.name, "conn.close(timeout=...)", timeout,
+                          f"the pool's {RELEASE_TIMEOUT:g} s")
         if owner.checkin_nowait(lease):
             await owner.checkin(lease, timeout)
 

@@ -29,6 +29,7 @@ from asyncpool.pool.slots import (
     NEW,
     OPEN,
     QUERY_METHODS,
+    RELEASE_TIMEOUT,
     RUNNERS,
     UNSET,
     Slots,
@@ -217,7 +218,8 @@ class Pool:
         if not isinstance(connection, PooledConnection):
             raise PoolError(f"pool {self.name!r}: release() takes the connection acquire() gave")
         if timeout is not None:
-            check_timeout(self.name, "release(timeout=...)", timeout, "the pool's 5 s")
+            check_timeout(self.name, "release(timeout=...)", timeout,
+                          f"the pool's {RELEASE_TIMEOUT:g} s")
         lease = connection._lease
         slots = self._slots
         if connection._owner is not slots:
