@@ -59,6 +59,38 @@ def test_every_public_method_of_asyncpg_pool_is_there() -> None:
             inspect.signature(getattr(asyncpg.Connection, name)).parameters), name
 
 
+async def test_the_helpers_take_every_argument_by_name_as_asyncpg_s(pooler: Pooler) -> None:
+    """`pool.fetchval(query=...)`, `pool.executemany(command=..., args=...)`: what asyncpg's
+    signatures (and `Pool`'s typed ones) allow runs, on each helper bound to the pool; a call
+    without the statement fails before it takes a connection."""
+    table = _table(pooler, "by_name")
+    async with asyncpool.create_pool(pooler.dsn(), min_size=1, max_size=1,
+                                     telemetry=False) as pool:
+        await pool.execute(query=f"DROP TABLE IF EXISTS {table}")
+        assert await pool.execute(query=f"CREATE TABLE {table} (id int, note text)") == (
+            "CREATE TABLE")
+        await pool.executemany(command=f"INSERT INTO {table} VALUES ($1, $2)",
+                               args=[(1, "a"), (2, "b")])
+        assert await pool.fetchval(query=f"SELECT count(*) FROM {table}") == 2
+        assert await pool.fetchval(query=f"SELECT id, note FROM {table} WHERE id = 2",
+                                   column="note") == "b"
+        row = await pool.fetchrow(query=f"SELECT note FROM {table} WHERE id = 1")
+        assert row is not None
+        assert row["note"] == "a"
+        rows = await pool.fetch(query=f"SELECT id FROM {table} ORDER BY id", timeout=5)
+        assert [r["id"] for r in rows] == [1, 2]
+        acquired = pool.stats().acquired_total
+        for helper in (pool.execute, pool.fetch, pool.fetchrow, pool.fetchval):
+            with pytest.raises(TypeError, match="missing its first argument, the statement"):
+                await helper()  # type: ignore[call-arg]
+        assert pool.stats().acquired_total == acquired  # refused before any checkout
+        with pytest.raises(TypeError, match="multiple values for argument 'query'"):
+            await pool.fetchval("SELECT 1", query="SELECT 2")  # type: ignore[misc]
+        assert (pool.get_size(), pool.get_idle_size()) == (1, 1)
+        assert await pool.fetchval("SELECT 3") == 3
+        await pool.execute(f"DROP TABLE {table}")
+
+
 async def test_async_with_create_pool_opens_then_closes(pooler: Pooler) -> None:
     pool = asyncpool.create_pool(pooler.dsn(), name="with-created", min_size=2, telemetry=False)
     assert isinstance(pool, Pool)

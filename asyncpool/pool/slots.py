@@ -70,6 +70,8 @@ CLOSED_STATE = PoolState.CLOSED
 
 #: What `Pool.acquire(timeout=...)` receives when the caller gave no timeout.
 UNSET: Any = object()
+# A statement runner's first argument when it was given by name (``pool.fetchval(query=...)``).
+BY_NAME: Any = object()
 # A waiter's future resolves to a Lease, or to this: "a slot is yours, open a connection in it".
 GRANT: Any = object()
 
@@ -1194,11 +1196,17 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
 
     own, limit, shape = driver.own_read(method) or (None, 0, ROWS)
 
-    async def one(self: Slots, query: str, /, *args: Any,  # noqa: PLR0912, PLR0915
+    async def one(self: Slots, query: str = BY_NAME, /, *args: Any,  # noqa: PLR0912, PLR0915
                   **kwargs: Any) -> Any:  # written out: see the docstring
-        if self.setup is not None:  # the hook is given the proxy: through an acquire context
+        if self.setup is not None or query is BY_NAME:
+            # The hook is given the proxy; a statement passed by name (``query=``, ``command=``)
+            # is bound by asyncpg's method: both through an acquire context.
+            if query is not BY_NAME:
+                args = (query, *args)
+            elif not kwargs:
+                raise TypeError(f"{method}() missing its first argument, the statement")
             async with AcquireContext(self, UNSET, None) as proxy:
-                return await getattr(proxy, method)(query, *args, **kwargs)
+                return await getattr(proxy, method)(*args, **kwargs)
         idle = self.idle
         loop = self.loop
         if (idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]

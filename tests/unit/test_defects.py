@@ -478,9 +478,10 @@ async def _no_setup(conn: object) -> None:
     return None
 
 
-@pytest.mark.parametrize("setup", [None, _no_setup], ids=["fast path", "setup hook"])
+@pytest.mark.parametrize(("setup", "by_name"), [(None, False), (_no_setup, False), (None, True)],
+                         ids=["fast path", "setup hook", "query by name"])
 def test_14_a_query_helpers_leak_report_shows_its_caller(
-    server: FakeServer, caplog: pytest.LogCaptureFixture, setup: Any
+    server: FakeServer, caplog: pytest.LogCaptureFixture, setup: Any, by_name: bool
 ) -> None:
     """`pool.fetchval()` keeps no frame: the report finds the caller in the task's chain."""
 
@@ -489,6 +490,9 @@ def test_14_a_query_helpers_leak_report_shows_its_caller(
 
     async def service(pool: Pool) -> None:
         server.latency = 2.0  # this statement runs past leak_timeout
+        if by_name:
+            await pool.fetchval(query="SELECT 1")
+            return
         await pool.fetchval("SELECT 1")
 
     async def main() -> None:
@@ -497,7 +501,8 @@ def test_14_a_query_helpers_leak_report_shows_its_caller(
 
     site, names = leak_report(caplog, main())
     assert names[-3:] == ["main", "handler", "service"], site
-    assert 'await pool.fetchval("SELECT 1")' in site, site
+    assert ('await pool.fetchval(query="SELECT 1")' if by_name
+            else 'await pool.fetchval("SELECT 1")') in site, site
     assert "slots.py" not in site, site
     assert "pool.py" not in site, site
     assert any("previously reported as leaked was returned" in r.getMessage()
