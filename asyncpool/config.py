@@ -286,9 +286,10 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     def fail(message: str) -> None:
         raise PoolConfigError(f"pool {cfg.name!r}: {message}")
 
-    if not isinstance(cfg.min_size, int) or cfg.min_size < 0:
+    _check_flags(cfg, fail)
+    if _not_whole(cfg.min_size) or cfg.min_size < 0:
         fail(f"min_size={cfg.min_size!r}: must be a whole number >= 0")
-    if not isinstance(cfg.max_size, int) or cfg.max_size < 1:
+    if _not_whole(cfg.max_size) or cfg.max_size < 1:
         fail(f"max_size={cfg.max_size!r}: must be a whole number >= 1")
     if cfg.min_size > cfg.max_size:
         fail(f"min_size={cfg.min_size} is larger than max_size={cfg.max_size}: lower min_size")
@@ -302,15 +303,15 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     }
     for key, value in positive.items():
         # `not value > 0` also refuses NaN, which every comparison lets through.
-        if value is not None and (not isinstance(value, int | float) or not value > 0):
+        if value is not None and (_not_number(value) or not value > 0):
             fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
     if cfg.connect_timeout is None:
         fail("connect_timeout=None: a login must have a time limit; give a number of seconds > 0")
     after = cfg.validate_after
-    if after is not None and (not isinstance(after, int | float) or not after >= 0):
+    if after is not None and (_not_number(after) or not after >= 0):
         fail(f"validate_after={cfg.validate_after!r}: must be >= 0 seconds (or None)")
     jitter = cfg.lifetime_jitter
-    if not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+    if _not_number(jitter) or not 0 <= jitter < 1:
         fail(f"lifetime_jitter={cfg.lifetime_jitter!r}: must be a fraction in [0, 1)")
     _rename_mode(cfg)
     if cfg.prepared_statements not in get_args(PreparedStatements):
@@ -322,17 +323,21 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
         fail(f"leak_action={cfg.leak_action!r}: choose 'reclaim' or 'log'")
     if cfg.cancel_requests not in get_args(CancelRequests):
         fail(f"cancel_requests={cfg.cancel_requests!r}: choose 'auto' or 'off'")
-    if not isinstance(cfg.statement_cache_size, int) or cfg.statement_cache_size < 1:
+    if _not_whole(cfg.statement_cache_size) or cfg.statement_cache_size < 1:
         fail(f"statement_cache_size={cfg.statement_cache_size!r}: must be a whole number >= 1 "
              "(asyncpg's statement_cache_size=0 is prepared_statements='off', which Pool() and "
              "create_pool() take it for)")
     if cfg.command_timeout is not None and (
-            not isinstance(cfg.command_timeout, int | float) or not cfg.command_timeout > 0):
+            _not_number(cfg.command_timeout) or not cfg.command_timeout > 0):
         fail(f"command_timeout={cfg.command_timeout!r}: must be a number of seconds > 0 "
              "(or None for no limit)")
     queries = cfg.max_queries
-    if queries is not None and (isinstance(queries, bool) or not isinstance(queries, int) or queries < 1):
+    if queries is not None and (_not_whole(queries) or queries < 1):
         fail(f"max_queries={queries!r}: must be a whole number >= 1 (or None for no limit)")
+    _check_server_settings(cfg.server_settings, fail)
+    if not isinstance(cfg.connect_kwargs, Mapping):
+        fail("connect_kwargs: must be a mapping of asyncpg.connect's options, not a "
+             f"{type(cfg.connect_kwargs).__name__}")
     for hook in ("init", "setup"):
         if getattr(cfg, hook) is not None and not callable(getattr(cfg, hook)):
             fail(f"{hook}={getattr(cfg, hook)!r}: must be an async function taking the connection")
@@ -353,3 +358,40 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if (cfg.ssl_root_cert is not None and cfg.ssl_root_cert != "system"
             and not os.path.exists(cfg.ssl_root_cert)):
         fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: no such file")
+
+
+def _not_whole(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _not_number(value: object) -> bool:
+    # True is an int to Python, never a number of seconds to a user.
+    return isinstance(value, bool) or not isinstance(value, int | float)
+
+
+def _check_server_settings(settings: object, fail: Callable[[str], None]) -> None:
+    if settings is None:
+        return
+    if not isinstance(settings, Mapping):
+        fail(f"server_settings: must be a mapping of setting names to values, not a "
+             f"{type(settings).__name__}")
+        return
+    for key, value in settings.items():
+        # asyncpg sends them as text and fails at login otherwise, as a connect error.
+        if not isinstance(key, str) or not isinstance(value, str):
+            fail(f"server_settings: {key!r}: {value!r}: names and values must be strings "
+                 f"(write {{{str(key)!r}: {str(value)!r}}})")
+
+
+def _check_flags(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+    if not isinstance(cfg.name, str) or not cfg.name:
+        fail(f"name={cfg.name!r}: must be a non-empty string")
+    for flag in ("allow_unprotected_credentials", "allow_iam_without_tls", "telemetry"):
+        value = getattr(cfg, flag)
+        # Strictly True or False: "false" is a true value in Python, and a switch that lets
+        # credentials travel unprotected must not turn on by a string meant to turn it off.
+        if not isinstance(value, bool):
+            hint = (f" (a string is not read as one: write True or False, not {value!r}; the "
+                    f"{ENV_PREFIX}{flag.upper()} variable takes true/false text)"
+                    if isinstance(value, str) else "")
+            fail(f"{flag}={value!r}: must be True or False{hint}")

@@ -325,11 +325,38 @@ def test_config_errors_say_what_to_fix(env: dict[str, str], match: str) -> None:
         ({"leak_action": "kill"}, "leak_action='kill'"),
         ({"validate_after": -1}, "validate_after=-1"),
         ({"lifetime_jitter": 1.5}, "lifetime_jitter=1.5"),
+        # A string is a true value in Python: "false" must not let credentials travel in clear.
+        ({"allow_unprotected_credentials": "false"},
+         r"allow_unprotected_credentials='false': must be True or False \(a string is not read "
+         r"as one: write True or False, not 'false'; the "
+         r"ASYNCPOOL_ALLOW_UNPROTECTED_CREDENTIALS variable takes true/false text\)"),
+        ({"allow_iam_without_tls": 1}, r"allow_iam_without_tls=1: must be True or False$"),
+        ({"telemetry": "no"}, "telemetry='no': must be True or False"),
+        ({"max_size": True}, "max_size=True: must be a whole number"),
+        ({"acquire_timeout": True}, "acquire_timeout=True: must be a number of seconds"),
+        ({"name": ""}, "name='': must be a non-empty string"),
+        ({"server_settings": {"application_name": 5}},
+         r"server_settings: 'application_name': 5: names and values must be strings \(write "
+         r"\{'application_name': '5'\}\)"),
+        ({"server_settings": [("application_name", "x")]},
+         "server_settings: must be a mapping of setting names to values, not a list"),
     ],
 )
 def test_option_errors(options: dict[str, Any], match: str) -> None:
     with pytest.raises(asyncpool.PoolConfigError, match=match):
         Pool("postgresql://u@h/db", **options)
+
+
+async def test_a_misspelt_connect_kwargs_option_is_refused_at_open_before_any_login() -> None:
+    """asyncpg.connect would raise a TypeError at each login; the pool says it once, first
+    (the port is closed: a login attempt would be a ConnectError)."""
+    pool = Pool("postgresql://u@127.0.0.1:1/db", connect_kwargs={"comand_timeout": 5},
+                telemetry=False)
+    with pytest.raises(asyncpool.PoolConfigError,
+                       match="connect_kwargs: 'comand_timeout' is not an option of "
+                             "asyncpg.connect; did you mean 'command_timeout'"):
+        await pool.open()
+    assert pool.get_size() == 0
 
 
 async def test_wrong_loop_is_refused(pooler: Pooler) -> None:

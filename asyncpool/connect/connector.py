@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
+import inspect
 import os
 import time
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +70,7 @@ class Connector:
         if problem is not None:
             raise DsnError(f"pool {config.name!r}: {problem}")
         kw = dict(config.connect_kwargs)
+        _check_connect_kwargs(config.name, kw)
         require_target(config, kw)
         self.target: Target = (self._dsn or _NO_DSN).target(
             host=kw.get("host"),
@@ -302,6 +306,17 @@ _NO_DSN = ParsedDsn("postgresql", None, None, (), None, {})
 
 #: libpq's environment variables that name a server: with one set, no DSN is needed.
 _LIBPQ_TARGET_VARIABLES = ("PGHOST", "PGPORT", "PGSERVICE", "PGDATABASE")
+
+
+def _check_connect_kwargs(pool: str, connect_kwargs: Mapping[str, Any]) -> None:
+    """Refuse a misspelt option before asyncpg.connect does, as a TypeError at each login."""
+    known = set(inspect.signature(asyncpg.connect).parameters) - {"dsn"}
+    for key in connect_kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            raise PoolConfigError(
+                f"pool {pool!r}: connect_kwargs: {key!r} is not an option of asyncpg.connect"
+                + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def require_target(config: PoolConfig, connect_kwargs: dict[str, Any]) -> None:
