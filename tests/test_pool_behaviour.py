@@ -242,6 +242,53 @@ async def test_connection_lost_mid_transaction_is_reported_and_slot_restored(
         await _baseline(pool, pooler)
 
 
+class _AppError(Exception):
+    """The holder's own error, unrelated to the database."""
+
+
+async def test_the_holders_own_error_goes_on_when_the_connection_is_gone(
+    pooler: Pooler, postgres: PostgresServer
+) -> None:
+    """Only the driver's failure becomes ConnectionLostError: an error the block raises itself
+    (an HTTP 404, say) reaches the caller as it is, whether the connection was closed by the
+    holder or lost to the server, and the slot is restored either way."""
+    async with Pool(pooler.dsn(), name="own-error", max_size=1, telemetry=False) as pool:
+        with pytest.raises(_AppError, match="404 not found"):
+            async with pool.acquire() as conn:
+                conn.terminate()
+                raise _AppError("404 not found")
+        with pytest.raises(_AppError, match="gone"):
+            async with pool.acquire() as conn:
+                await conn.execute("BEGIN")  # the pooler keeps the backend for the transaction
+                await postgres.terminate_backend(await conn.fetchval("SELECT pg_backend_pid()"))
+                await asyncio.sleep(0.1)
+                try:
+                    await conn.fetchval("SELECT 1")
+                except Exception as exc:
+                    assert conn.is_closed()
+                    raise _AppError("gone") from exc
+        assert pool.stats().in_use == 0
+        assert await pool.fetchval("SELECT 12") == 12
+
+
+async def test_a_timed_out_statement_is_a_timeout_when_its_connection_is_closed(
+    pooler: Pooler,
+) -> None:
+    """With cancel_requests="off" a timed-out statement's connection is closed rather than
+    cancelled; the caller still sees the TimeoutError (docs/faults.md), not a lost connection."""
+    async with Pool(pooler.dsn(), name="timeout-off", max_size=1, cancel_requests="off",
+                    telemetry=False) as pool:
+        with pytest.raises(TimeoutError) as info:
+            await pool.fetchval("SELECT pg_sleep(2)", timeout=0.2)
+        assert not isinstance(info.value, asyncpool.ConnectionLostError)
+        with pytest.raises(TimeoutError) as info:
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT pg_sleep(2)", timeout=0.2)
+        assert not isinstance(info.value, asyncpool.ConnectionLostError)
+        assert pool.stats().closed_total == 2
+        assert await pool.fetchval("SELECT 13") == 13
+
+
 async def test_max_lifetime_retires_connections(pooler: Pooler) -> None:
     async with Pool(pooler.dsn(), max_size=1, max_lifetime=0.3, lifetime_jitter=0.0,
                     telemetry=False) as pool:

@@ -141,6 +141,21 @@ _POOLER_CLOSE_REASONS = {
 }
 
 
+# How a driver call fails when its connection breaks under it: the socket's errors, asyncpg's
+# "connection closed in the middle of operation", a pooler's or server's closing error (08xxx),
+# a server shutting down (57P0x).
+_CONNECTION_FAILURES = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                        asyncpg.exceptions.OperatorInterventionError,
+                        asyncpg.exceptions.InternalClientError)
+
+
+def broken_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` is what a statement raises when its connection breaks: not the holder's
+    own exception, nor a time limit (TimeoutError is an OSError, and a timed-out statement's
+    connection may be closed on purpose), which pass through unchanged."""
+    return isinstance(exc, _CONNECTION_FAILURES) and not isinstance(exc, TimeoutError)
+
+
 def lost_connection_hint(exc: BaseException) -> str:
     """What a pooler's reason for closing a connection in use means (" ..." or "")."""
     text = str(exc)

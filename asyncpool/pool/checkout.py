@@ -8,7 +8,7 @@ from types import FrameType, TracebackType
 from typing import Any, Protocol
 
 from asyncpool.config import SetupHook
-from asyncpool.connect.failures import lost_connection_hint
+from asyncpool.connect.failures import broken_connection_error, lost_connection_hint
 from asyncpool.errors import (
     ConnectionLeakedError,
     ConnectionLostError,
@@ -116,8 +116,11 @@ async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None
     if lease.state is LEAKED:
         _raise_leaked(owner.name, lease, exc)
         return
-    # A cancelled task must end cancelled, even if its connection died meanwhile.
-    lost = isinstance(exc, Exception) and lease.state is ACTIVE and lease.record.conn.is_closed()
+    # Only the driver's own failure becomes ConnectionLostError: the holder's exception (an HTTP
+    # 404 raised in the block), a time limit, or a cancellation go on as they are, even if the
+    # connection died meanwhile.
+    lost = (exc is not None and lease.state is ACTIVE and broken_connection_error(exc)
+            and lease.record.conn.is_closed())
     if owner.checkin_nowait(lease):
         await owner.checkin(lease)
     if lost:
