@@ -148,6 +148,32 @@ async def test_released_connection_cannot_be_used(pool: Pool) -> None:
         conn.is_in_transaction()
 
 
+async def test_a_method_kept_past_release_cannot_touch_the_next_holders_connection(
+    pooler: Pooler,
+) -> None:
+    """``run = conn.fetchval`` kept past release is refused when called, as asyncpg's proxy
+    refuses it, while the same server connection is in another holder's transaction: the
+    statement does not run in it, and the connection is not terminated under it."""
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            run, kill, codec = conn.fetchval, conn.terminate, conn.set_type_codec
+            first = conn.raw
+        async with pool.transaction() as other:
+            assert other.raw is first  # the same connection, now another holder's
+            await other.execute("CREATE TEMP TABLE kept_ref (n int) ON COMMIT DROP")
+            with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+                await run("INSERT INTO kept_ref VALUES (1)")
+            with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+                kill()
+            with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+                await codec("json", encoder=str, decoder=str)
+            assert not other.is_closed()
+            assert await other.fetchval("SELECT count(*) FROM kept_ref") == 0
+        async with pool.acquire() as conn:
+            assert conn.fetchval.__name__ == "fetchval"
+            assert await conn.fetchval("SELECT 14") == 14
+
+
 async def test_off_mode_has_no_statement_cache(pool: Pool) -> None:
     async with pool.acquire() as conn:
         assert conn.raw._stmt_cache.get_max_size() == 0
