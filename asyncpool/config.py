@@ -76,8 +76,9 @@ class PoolConfig:
         request lands on a process that does not know the query). See docs/poolers.md.
     credentials: a provider awaited for the password of every new connection (IAM tokens,
         rotating secrets). Default: the DSN's password.
-    ssl: ``disable``/``allow``/``prefer``/``require``/``verify-ca``/``verify-full`` or an
-        `ssl.SSLContext` (default: the DSN's ``sslmode``, else ``PGSSLMODE``, else ``prefer``).
+    ssl: ``disable``/``allow``/``prefer``/``require``/``verify-ca``/``verify-full``, an
+        `ssl.SSLContext`, or ``True`` (``verify-full``) / ``False`` (``disable``) (default:
+        the DSN's ``sslmode``, else ``PGSSLMODE``, else ``prefer``).
         Given in more than one place (this option, the DSN, ``connect_kwargs``), the settings
         must agree. Credentials are only sent over TLS that verifies the server (below).
     ssl_root_cert: CA bundle path used by ``verify-ca``/``verify-full`` (and ``require``, as
@@ -134,7 +135,7 @@ class PoolConfig:
     leak_action: LeakAction = "reclaim"
     cancel_requests: CancelRequests = "auto"
     credentials: CredentialProvider | None = field(default=None, repr=False)
-    ssl: SslMode | ssl_module.SSLContext | None = None
+    ssl: SslMode | bool | ssl_module.SSLContext | None = None
     ssl_root_cert: str | None = None
     allow_unprotected_credentials: bool = False
     allow_iam_without_tls: bool = False

@@ -55,7 +55,7 @@ class PoolOptions(TypedDict, total=False):
     leak_timeout: float | None
     leak_action: LeakAction
     credentials: CredentialProvider | None
-    ssl: SslMode | ssl_module.SSLContext | None
+    ssl: SslMode | bool | ssl_module.SSLContext | None
     ssl_root_cert: str | None
     allow_iam_without_tls: bool
     server_settings: Mapping[str, str] | None
@@ -148,7 +148,7 @@ def translate(options: Mapping[str, Any]) -> dict[str, Any]:
     if options.get("statement_cache_size") == 0:
         _statement_cache_off(options, values)
     if connect:
-        _check_connect_options(connect)
+        check_connect_classes(connect)
         values["connect_kwargs"] = {**options.get("connect_kwargs", {}), **connect}
     return values
 
@@ -167,12 +167,14 @@ def _statement_cache_off(options: Mapping[str, Any], values: dict[str, Any]) -> 
     values["prepared_statements"] = "off"
 
 
-def _check_connect_options(connect: Mapping[str, Any]) -> None:
+def check_connect_classes(connect: Mapping[str, Any]) -> None:
+    """Refuse a `record_class` or `connection_class` that is not asyncpg's kind (None too, as
+    asyncpg does), here rather than at each login."""
     import asyncpg
 
     for key, base in (("record_class", asyncpg.Record), ("connection_class", asyncpg.Connection)):
-        value = connect.get(key)
-        if value is not None and not (isinstance(value, type) and issubclass(value, base)):
+        value = connect.get(key, base)
+        if not (isinstance(value, type) and issubclass(value, base)):
             raise PoolConfigError(
                 f"{key}={value!r}: must be a subclass of {base.__module__}.{base.__qualname__}")
 

@@ -48,6 +48,7 @@ async def test_query_helpers(pool: Pool) -> None:
     rows = await pool.fetch("SELECT g FROM generate_series(1, $1::int) g", 3)
     assert [r["g"] for r in rows] == [1, 2, 3]
     row = await pool.fetchrow("SELECT $1::text AS a, $2::int AS b", "x", 7)
+    assert row is not None
     assert (row["a"], row["b"]) == ("x", 7)
     assert await pool.fetchval("SELECT NULL::int") is None
     assert await pool.execute("SELECT 1") == "SELECT 1"
@@ -364,6 +365,7 @@ def test_config_errors_say_what_to_fix(env: dict[str, str], match: str) -> None:
         ({"server_settings": {"application_name": 5}},
          r"server_settings: 'application_name': 5: names and values must be strings \(write "
          r"\{'application_name': '5'\}\)"),
+        ({"record_class": None}, "record_class=None: must be a subclass of asyncpg"),
         ({"server_settings": [("application_name", "x")]},
          "server_settings: must be a mapping of setting names to values, not a list"),
     ],
@@ -373,14 +375,18 @@ def test_option_errors(options: dict[str, Any], match: str) -> None:
         Pool("postgresql://u@h/db", **options)
 
 
-async def test_a_misspelt_connect_kwargs_option_is_refused_at_open_before_any_login() -> None:
-    """asyncpg.connect would raise a TypeError at each login; the pool says it once, first
-    (the port is closed: a login attempt would be a ConnectError)."""
-    pool = Pool("postgresql://u@127.0.0.1:1/db", connect_kwargs={"comand_timeout": 5},
-                telemetry=False)
-    with pytest.raises(asyncpool.PoolConfigError,
-                       match="connect_kwargs: 'comand_timeout' is not an option of "
-                             "asyncpg.connect; did you mean 'command_timeout'"):
+@pytest.mark.parametrize(("connect_kwargs", "match"), [
+    ({"comand_timeout": 5},
+     r"connect_kwargs: 'comand_timeout' is not an option of asyncpg\.connect; did you mean "
+     r"'command_timeout'"),
+    ({"record_class": None}, r"connect_kwargs: record_class=None: must be a subclass of asyncpg"),
+])
+async def test_a_bad_connect_kwargs_option_is_refused_at_open_before_any_login(
+        connect_kwargs: dict[str, Any], match: str) -> None:
+    """asyncpg.connect would fail at each login (retried as if transient, with min_size=0);
+    the pool says it once, first (the port is closed: a login would be a ConnectError)."""
+    pool = Pool("postgresql://u@127.0.0.1:1/db", connect_kwargs=connect_kwargs, telemetry=False)
+    with pytest.raises(asyncpool.PoolConfigError, match=match):
         await pool.open()
     assert pool.get_size() == 0
 

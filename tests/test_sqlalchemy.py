@@ -119,7 +119,9 @@ async def test_json_codecs_do_not_bleed_to_plain_pool_users(
     server = _pooler(request, "legacy")
     async with Pool(server.dsn(), name="sqla-json", max_size=1, telemetry=False) as pool:
         query = """SELECT '{"a": 1}'::json, '{"b": [2]}'::jsonb"""
-        before = tuple(await pool.fetchrow(query))
+        first = await pool.fetchrow(query)
+        assert first is not None
+        before = tuple(first)
         assert before == ('{"a": 1}', '{"b": [2]}')
         engine = create_async_engine(pool)
         async with engine.connect() as conn:
@@ -138,8 +140,11 @@ async def test_json_codecs_do_not_bleed_to_plain_pool_users(
             item = (await session.scalars(sa.select(Item).where(Item.name == "json-bleed"))).one()
             assert (item.data, item.tags) == ({"x": [1, 2]}, {"y": True})
         after = await pool.fetchrow("SELECT data, tags FROM sqla_items WHERE name = 'json-bleed'")
+        assert after is not None
         assert tuple(after) == ('{"x": [1, 2]}', '{"y": true}')
-        assert tuple(await pool.fetchrow(query)) == before
+        again = await pool.fetchrow(query)
+        assert again is not None
+        assert tuple(again) == before
         assert pool.stats().size == 1  # the same connection throughout
         await engine.dispose()
 

@@ -24,6 +24,7 @@ async def _open(dsn: str, **options: Any) -> Pool:
 
 async def _tls_facts(pool: Pool) -> tuple[bool, str]:
     row = await pool.fetchrow("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    assert row is not None
     return bool(row["ssl"]), str(row["version"])
 
 

@@ -258,9 +258,12 @@ def test_changes_under_uvloop(pooler: Pooler, postgres: PostgresServer) -> None:
                                   f"INSERT INTO {name} VALUES (7)")
             select = f"SELECT * FROM {name} WHERE v = $1"
             for _ in range(2):
-                assert (await uv_pool.fetchrow(select, 7))["v"] == 7
+                row = await uv_pool.fetchrow(select, 7)
+                assert row is not None
+                assert row["v"] == 7
             await migrate(postgres, f"ALTER TABLE {name} ALTER COLUMN v TYPE float4")
             row = await uv_pool.fetchrow(select, 7)
+            assert row is not None
             assert row["v"] == 7.0
             assert isinstance(row["v"], float)
             assert uv_pool.stats().statement_cache.stale == 1  # type: ignore[union-attr]

@@ -29,7 +29,9 @@ async def test_reuse_and_changes_over_tls(tls_postgres: PostgresServer, pki: Tes
             assert tuple(row) == (1, 10.0)
             assert isinstance(row["v"], float)
             assert conn.describe_cache_stats().stale == 1
-        assert tuple(await pool.fetchrow(select, 1)) == (1, 10.0)
+        row = await pool.fetchrow(select, 1)
+        assert row is not None
+        assert tuple(row) == (1, 10.0)
         assert pool.stats().closed_total == 0
 
 

@@ -35,6 +35,7 @@ from asyncpool.connect.tls import (
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
 from asyncpool.errors import AuthenticationError, ConnectError, PoolConfigError
 from asyncpool.observer import ConnectAttempt, PoolObserver
+from asyncpool.options import check_connect_classes
 
 if TYPE_CHECKING:
     from asyncpool.unnamed import CacheTotals
@@ -317,6 +318,10 @@ def _check_connect_kwargs(pool: str, connect_kwargs: Mapping[str, Any]) -> None:
             raise PoolConfigError(
                 f"pool {pool!r}: connect_kwargs: {key!r} is not an option of asyncpg.connect"
                 + (f"; did you mean {close[0]!r}?" if close else ""))
+    try:
+        check_connect_classes(connect_kwargs)
+    except PoolConfigError as exc:
+        raise PoolConfigError(f"pool {pool!r}: connect_kwargs: {exc}") from None
 
 
 def require_target(config: PoolConfig, connect_kwargs: dict[str, Any]) -> None:

@@ -238,22 +238,25 @@ class Pool:
         status: str = await RUNNERS["execute"](self._slots, query, *args, timeout=timeout)
         return status
 
-    async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:
+    async def executemany(self, command: str, args: Iterable[Sequence[object]], *,
+                          timeout: float | None = None) -> None:
         """Run a statement once per argument tuple (``asyncpg.Connection.executemany``)."""
         await RUNNERS["executemany"](self._slots, command, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
-                    record_class: type[asyncpg.Record] | None = None) -> list[Any]:
+                    record_class: type[asyncpg.Record] | None = None) -> list[asyncpg.Record]:
         """The rows of a query (``asyncpg.Connection.fetch``)."""
-        rows: list[Any] = await RUNNERS["fetch"](self._slots, query, *args, timeout=timeout,
+        rows: list[asyncpg.Record] = await RUNNERS["fetch"](self._slots, query, *args, timeout=timeout,
                                                  record_class=record_class)
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
-                       record_class: type[asyncpg.Record] | None = None) -> Any:
+                       record_class: type[asyncpg.Record] | None = None
+                       ) -> asyncpg.Record | None:
         """The first row of a query, or None (``asyncpg.Connection.fetchrow``)."""
-        return await RUNNERS["fetchrow"](self._slots, query, *args, timeout=timeout,
-                                         record_class=record_class)
+        row: asyncpg.Record | None = await RUNNERS["fetchrow"](
+            self._slots, query, *args, timeout=timeout, record_class=record_class)
+        return row
 
     async def fetchval(self, query: str, *args: Any, column: int | str = 0,
                        timeout: float | None = None) -> Any:

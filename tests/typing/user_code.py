@@ -65,7 +65,7 @@ async def main() -> None:
         print(ids, total, pid, conn.is_in_transaction(), conn.raw)
     async with pool.transaction(readonly=True) as conn:
         await conn.fetchval("SELECT 1")
-    other = Pool(max_size=2, prepared_statements="unnamed", acquire_timeout=None)
+    other = Pool(max_size=2, prepared_statements="unnamed", acquire_timeout=None, ssl=True)
     await other.open()
     print(await other.fetchval("SELECT $1::int", 1), other.stats().size)
     await other.close()
@@ -93,5 +93,9 @@ async def as_with_asyncpg(rows: list[tuple[int, str]]) -> int:
         returned = await pool.fetchmany("INSERT INTO orders (id) VALUES ($1) RETURNING id",
                                         [(4,), (5,)])
         await pool.expire_connections()
+        await pool.executemany(command="INSERT INTO orders (id) VALUES ($1)", args=[(6,)])
+        row = await pool.fetchrow(query="SELECT id FROM orders LIMIT 1")
+        if row is not None:
+            print(row["id"])
         print(opened, status, returned, pool.is_closing(), pool.get_idle_size())
         return pool.get_size() + pool.get_min_size() + pool.get_max_size()

@@ -31,3 +31,6 @@ async def main() -> None:
     await pool.copy_to_table("orders", source="orders.csv", freez=True)  # error: call-arg
     await pool.copy_records_to_table("orders", records=[(1,)], columns="id", format="csv")  # error: call-arg
     await pool.release(await pool.acquire(), timeout="soon")  # error: arg-type
+    print((await pool.fetchrow("SELECT 1 AS one"))["one"])  # error: index
+    await pool.executemany("INSERT INTO t VALUES ($1)", 5)  # error: arg-type
+    Pool("postgresql://app@db/app", allow_unprotected_credentials="false")  # error: arg-type
