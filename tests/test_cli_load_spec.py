@@ -59,18 +59,34 @@ def test_the_repr_never_shows_the_password() -> None:
 
 
 def test_connect_errors_are_named_with_their_driver_cause() -> None:
-    from asyncpool.errors import PoolerExhaustedError
+    """asyncpool keeps no driver exception on its ConnectError, only its class name."""
+    import asyncpg
 
-    class TooManyConnectionsError(Exception):
-        pass
+    from asyncpool.connect.dsn import parse_target
+    from asyncpool.connect.failures import translate
 
-    def refuse() -> None:
-        try:
-            raise TooManyConnectionsError("sorry, too many clients already")
-        except TooManyConnectionsError:
-            raise PoolerExhaustedError("refused") from None  # as asyncpool's connector does
-
-    with pytest.raises(PoolerExhaustedError) as info:
-        refuse()
-    assert error_name(info.value) == "PoolerExhaustedError(TooManyConnectionsError)"
+    target = parse_target("postgresql://app@127.0.0.1:5432/app")
+    refused = translate(asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+                        target, "load", 5.0)
+    assert refused.__cause__ is None
+    assert refused.__suppress_context__
+    assert error_name(refused) == "PoolerExhaustedError(TooManyConnectionsError)"
     assert error_name(ZeroDivisionError()) == "ZeroDivisionError"
+
+
+async def test_a_pool_s_refused_login_is_named_with_its_cause() -> None:
+    """As the load engine counts a real pool's failure (nobody listens on the port)."""
+    from asyncpool.errors import ConnectError
+    from asyncpool.pool import Pool
+    from asyncpool.testing.ports import free_port
+
+    pool = Pool(f"postgresql://app@127.0.0.1:{free_port()}/app", min_size=0, max_size=1,
+                acquire_timeout=1.0, connect_timeout=1.0)
+    await pool.open()
+    try:
+        with pytest.raises(ConnectError) as info:
+            async with pool.acquire():
+                pass
+    finally:
+        await pool.close()
+    assert error_name(info.value) == "ConnectError(ConnectionRefusedError)"

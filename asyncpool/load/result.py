@@ -17,10 +17,11 @@ def error_name(exc: BaseException) -> str:
     """How an error is counted: its type, plus the driver's cause for connect failures
     (``PoolerExhaustedError(TooManyConnectionsError)``)."""
     name = type(exc).__name__
-    # asyncpool raises connect errors `from None` (short tracebacks); the context keeps the cause.
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, ConnectError) and cause is not None:
-        return f"{name}({type(cause).__name__})"
+    # asyncpool keeps no driver exception on a ConnectError (its frames hold the password),
+    # only the name of its class.
+    driver_class = exc.driver_error_class if isinstance(exc, ConnectError) else None
+    if driver_class:
+        return f"{name}({driver_class.rsplit('.', 1)[-1]})"
     return name
 
 
