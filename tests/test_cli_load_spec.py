@@ -90,3 +90,21 @@ async def test_a_pool_s_refused_login_is_named_with_its_cause() -> None:
     finally:
         await pool.close()
     assert error_name(info.value) == "ConnectError(ConnectionRefusedError)"
+
+
+def test_a_run_is_clean_only_without_any_kind_of_error() -> None:
+    from asyncpool.load.result import run_problems
+
+    clean = {"clients": 2, "clients_never_served": 0, "error_count": 0, "errors": {},
+             "connect_errors": 0, "warmup_errors": {}}
+    assert run_problems(clean) == []
+    nobody = {**clean, "clients_never_served": 2, "connect_errors": 28,
+              "warmup_errors": {"ConnectError(ConnectionRefusedError)": 2}}
+    assert run_problems(nobody) == [
+        "2 of 2 instances never served", "28 failed logins",
+        "2 failed warm-ups (ConnectError(ConnectionRefusedError) 2)",
+    ]
+    assert run_problems(nobody, warmup=False) == ["2 of 2 instances never served",
+                                                  "28 failed logins"]
+    failing = {**clean, "error_count": 1200, "errors": {"DivisionByZeroError": 1200}}
+    assert run_problems(failing) == ["1,200 failed queries (DivisionByZeroError 1,200)"]
