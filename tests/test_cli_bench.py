@@ -19,7 +19,7 @@ from asyncpool.testing import PgBouncerServer, PostgresServer
 NUMBER = (int, float)
 TOP_LEVEL = {
     "schema": str, "asyncpool_version": str, "created": str, "machine": dict, "target": dict,
-    "query": str, "runs": list, "failures": list, "ok": bool,
+    "query": str, "runs": list, "failures": list, "skipped": list, "ok": bool,
 }
 MACHINE = {"cpus": int, "python": str, "platform": str, "load_average": list}
 TARGET = {"label": str, "kind": str, "started_locally": bool,
@@ -115,6 +115,16 @@ def test_every_driver_and_mode_gets_through_pgbouncer_1_18(legacy: PgBouncerServ
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
     _check_document(doc)
+    # What asyncpool alone has is said to be left out, not dropped in silence.
+    others = ("asyncpg-capped", "asyncpg-pool", "psycopg-pool")
+    assert doc["skipped"] == [
+        *({"run": f"{d} prepared_statements=unnamed", "reason": "'unnamed' is an asyncpool mode"}
+          for d in others),
+        *({"run": f"{d} telemetry=sdk,sdk-aggregated",
+           "reason": f"telemetry is an asyncpool option; {d} runs without it"} for d in others),
+    ]
+    assert ("skipped: psycopg-pool prepared_statements=unnamed ('unnamed' is an asyncpool mode)"
+            in result.stderr)
     cases = [(r["driver"], r["prepared_statements"], r["telemetry"]) for r in doc["runs"]]
     assert cases == [
         ("asyncpool", "off", "off"), ("asyncpool", "off", "sdk"),
@@ -159,3 +169,39 @@ def test_the_text_table_compares_runs_at_the_same_size(postgres: PostgresServer)
     assert "1.00x" in rows[0]
     # Counted from pg_stat_activity beyond what was open before: 4 instances, 4 backends.
     assert rows[0].split()[-1] in {"1", "2", "3", "4"}
+
+
+def test_a_matrix_with_nothing_to_run_is_refused_before_servers_start() -> None:
+    result = _bench("--driver", "asyncpg,asyncpg-pool", "--prepared-statements", "unnamed",
+                    "--clients", "2", "--duration", "1", "--json", timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert "Starting a throwaway" not in result.stderr
+    assert "nothing to run: asyncpg prepared_statements=unnamed ('unnamed' is an asyncpool mode)" in (
+        result.stderr)
+    assert "--driver asyncpool" in result.stderr
+
+
+def test_a_run_whose_instances_never_got_through_fails() -> None:
+    """Nobody listens on the port: each acquire outlasts the window, so no query fails inside
+    it, but no instance was ever served and every login failed."""
+    from asyncpool.testing.ports import free_port
+
+    target = ["--dsn", f"postgresql://postgres@127.0.0.1:{free_port()}/test", "--clients", "2",
+              "--processes", "1", "--duration", "0.5", "--acquire-timeout", "1"]
+    result = _bench(*target, "--json")
+    assert result.returncode == 1, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    _check_document(doc)
+    assert doc["ok"] is False
+    (run,) = doc["runs"]
+    assert run["queries"] == 0
+    assert run["clients_never_served"] == 2
+    assert run["connect_errors"] > 0
+    assert run["warmup_errors"] == {"ConnectError(ConnectionRefusedError)": 2}
+
+    result = _bench(*target)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "errors: asyncpool off x2: 2 of 2 instances never served; " in result.stdout
+    assert "failed logins; 2 failed warm-ups (ConnectError(ConnectionRefusedError) 2)" in (
+        result.stdout)

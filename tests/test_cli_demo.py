@@ -68,3 +68,20 @@ def test_the_readme_command_starts_its_own_servers() -> None:
     assert int(rows["queries/s"][0].replace(",", "")) > 0
     assert "instances shared" in out
     assert "with no errors" in out
+
+
+def test_a_pooled_phase_nobody_got_through_is_not_summed_up_as_fine() -> None:
+    from asyncpool.testing.ports import free_port
+
+    result = _demo("--dsn", f"postgresql://postgres@127.0.0.1:{free_port()}/test", "--no-direct",
+                   "--clients", "2", "--processes", "1", "--duration", "0.5", "--leaks", "0",
+                   "--acquire-timeout", "1")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"instances never served\s+2 of 2\n", out)
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("PgBouncer, 2 instances: 2 of 2 instances never served; "), summary
+    logins = re.search(r"failed logins \(refused, timed out\)\s+(\d+)\n", out)
+    assert logins is not None
+    assert f"; {logins[1]} failed logins; 0 queries/s." in summary
+    assert "no errors" not in out

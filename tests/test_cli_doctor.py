@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
 from asyncpool.testing.binaries import PgBouncerBinary
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asyncpool.cli", "doctor", *args],
-                          check=False, capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60, env=env)
 
 
 async def _doctor_json(dsn: str, admin_dsn: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -74,6 +75,89 @@ async def test_a_pgbouncer_whose_console_refuses_the_user_is_still_recognised(
     assert result.returncode == 3, result.stdout + result.stderr
     assert "No problems found" not in result.stdout
     assert "1 check(s) NOT run: pooler" in result.stdout
+
+
+async def test_an_admin_dsn_that_does_not_work_leaves_the_pooler_unchecked(
+    current: PgBouncerServer,
+) -> None:
+    """The user named the console: failing to read it is a check not run (exit 3), never
+    "No problems found", and says why and what to fix without the password."""
+    from asyncpool.testing.ports import free_port
+
+    admin_password = current.postgres.pgb_admin.password
+    wrong = current.admin_dsn.replace(admin_password, "Wr0ng-Passw0rd-xyz")
+    closed = f"postgresql://pgb_admin@127.0.0.1:{free_port()}/pgbouncer"
+    for admin_dsn, why in ((wrong, "authentication failed for user 'pgb_admin'"),
+                           (closed, "connection refused")):
+        code, report = await _doctor_json(current.dsn(), admin_dsn)
+        assert code == 3, report["findings"]
+        assert report["exit_code"] == 3
+        assert report["recommendation"]["prepared_statements"] == "off"
+        pooler = _finding(report, "pooler")
+        assert pooler["level"] == "unchecked"
+        assert "NOT checked: --admin-dsn did not work" in pooler["message"]
+        assert why in pooler["message"]
+        assert report["facts"]["admin_target"].startswith("pgb_admin@127.0.0.1:")
+        shown = json.dumps(report)
+        assert "Wr0ng-Passw0rd-xyz" not in shown
+        assert admin_password not in shown
+
+    result = _cli(current.dsn(), "--admin-dsn", wrong)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "unchecked pooler" in result.stdout
+    assert "check the user and password of --admin-dsn" in result.stdout
+    assert "No problems found" not in result.stdout
+    assert "1 check(s) NOT run: pooler" in result.stdout
+    for secret in ("Wr0ng-Passw0rd-xyz", admin_password, current.postgres.app.password):
+        assert secret not in result.stdout + result.stderr
+
+
+async def test_an_admin_user_outside_admin_users_is_told_so(current: PgBouncerServer) -> None:
+    # The application's user as --admin-dsn: PgBouncer answers "not allowed".
+    admin_dsn = current.dsn().rsplit("/", 1)[0] + "/pgbouncer"
+    code, report = await _doctor_json(current.dsn(), admin_dsn)
+    assert code == 3, report["findings"]
+    assert report["facts"]["pooler"] == "pgbouncer"
+    message = _finding(report, "pooler")["message"]
+    assert "'not allowed' to user 'app'" in message
+    assert "admin_users or stats_users" in message
+
+
+def test_with_json_every_refusal_is_json() -> None:
+    """A DSN that cannot be used, or whose password would travel unprotected, and no DSN at
+    all: JSON on stdout like every other outcome, exit 2, nothing dialled."""
+    from asyncpool.testing.ports import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "ASYNCPOOL_DSN"}
+    app_dsn = f"postgresql://app@127.0.0.1:{free_port()}/app"
+    cases = [
+        (["postgresql://app@127.0.0.1:notaport/app"], "dsn", "the DSN cannot be used"),
+        (["mysql://app@127.0.0.1/app"], "dsn", "not a postgresql:// URL"),
+        # 192.0.2.1 (TEST-NET-1) is never dialled: the password is refused before any login.
+        ([f"postgresql://app:{'x' * 12}@192.0.2.1:5432/app"], "dsn", "a password is only sent"),
+        ([app_dsn, "--admin-dsn", "postgresql://pgb_admin@127.0.0.1:0:1/pgbouncer"],
+         "admin_dsn", "--admin-dsn: the DSN cannot be used"),
+        ([app_dsn, "--admin-dsn", f"postgresql://pgb_admin:{'x' * 12}@192.0.2.1/pgbouncer"],
+         "admin_dsn", "--admin-dsn: pool 'doctor': a password is only sent"),
+        ([], "dsn", "give a DSN or set ASYNCPOOL_DSN"),
+    ]
+    for args, check, says in cases:
+        result = _cli(*args, "--json", "--timeout", "2", env=env)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        report = json.loads(result.stdout)
+        assert report["exit_code"] == 2
+        assert report["recommendation"] is None
+        (finding,) = report["findings"]
+        assert (finding["level"], finding["check"]) == ("problem", check), args
+        assert says in finding["message"], finding["message"]
+        assert "x" * 12 not in result.stdout + result.stderr
+
+
+def test_the_help_names_every_exit_status() -> None:
+    result = _cli("--help")
+    text = " ".join(result.stdout.split())
+    assert "Exit 0: fine; 1: problems found; 2: could not check" in text
+    assert "3: no problem found, but some checks could not run" in text
 
 
 def _without_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,6 +299,15 @@ def _facts(**changes: Any) -> Facts:
             "server_version": "16.4", "tls_in_use": True, "tls_version": "TLSv1.3",
             "sslmode": "verify-full", "auth_method": "SCRAM-SHA-256"}
     return Facts(**{**base, **changes})
+
+
+def test_an_unidentified_pooler_behind_a_failed_admin_dsn_is_unchecked() -> None:
+    facts = _facts(pooler="unknown", pooler_evidence="x", admin_error="could not connect ...")
+    assert diagnose(facts).exit_code == 0  # no --admin-dsn: only the DSN's own login was tried
+    report = diagnose(_facts(pooler="unknown", pooler_evidence="x", admin_target="a@h:1/pgbouncer",
+                             admin_error="could not connect to a@h:1/pgbouncer: refused"))
+    assert report.exit_code == 3
+    assert [f.check for f in report.unchecked] == ["pooler"]
 
 
 def test_an_rds_proxy_gets_describe_cache() -> None:

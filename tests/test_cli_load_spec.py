@@ -59,18 +59,52 @@ def test_the_repr_never_shows_the_password() -> None:
 
 
 def test_connect_errors_are_named_with_their_driver_cause() -> None:
-    from asyncpool.errors import PoolerExhaustedError
+    """asyncpool keeps no driver exception on its ConnectError, only its class name."""
+    import asyncpg
 
-    class TooManyConnectionsError(Exception):
-        pass
+    from asyncpool.connect.dsn import parse_target
+    from asyncpool.connect.failures import translate
 
-    def refuse() -> None:
-        try:
-            raise TooManyConnectionsError("sorry, too many clients already")
-        except TooManyConnectionsError:
-            raise PoolerExhaustedError("refused") from None  # as asyncpool's connector does
-
-    with pytest.raises(PoolerExhaustedError) as info:
-        refuse()
-    assert error_name(info.value) == "PoolerExhaustedError(TooManyConnectionsError)"
+    target = parse_target("postgresql://app@127.0.0.1:5432/app")
+    refused = translate(asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+                        target, "load", 5.0)
+    assert refused.__cause__ is None
+    assert refused.__suppress_context__
+    assert error_name(refused) == "PoolerExhaustedError(TooManyConnectionsError)"
     assert error_name(ZeroDivisionError()) == "ZeroDivisionError"
+
+
+async def test_a_pool_s_refused_login_is_named_with_its_cause() -> None:
+    """As the load engine counts a real pool's failure (nobody listens on the port)."""
+    from asyncpool.errors import ConnectError
+    from asyncpool.pool import Pool
+    from asyncpool.testing.ports import free_port
+
+    pool = Pool(f"postgresql://app@127.0.0.1:{free_port()}/app", min_size=0, max_size=1,
+                acquire_timeout=1.0, connect_timeout=1.0)
+    await pool.open()
+    try:
+        with pytest.raises(ConnectError) as info:
+            async with pool.acquire():
+                pass
+    finally:
+        await pool.close()
+    assert error_name(info.value) == "ConnectError(ConnectionRefusedError)"
+
+
+def test_a_run_is_clean_only_without_any_kind_of_error() -> None:
+    from asyncpool.load.result import run_problems
+
+    clean = {"clients": 2, "clients_never_served": 0, "error_count": 0, "errors": {},
+             "connect_errors": 0, "warmup_errors": {}}
+    assert run_problems(clean) == []
+    nobody = {**clean, "clients_never_served": 2, "connect_errors": 28,
+              "warmup_errors": {"ConnectError(ConnectionRefusedError)": 2}}
+    assert run_problems(nobody) == [
+        "2 of 2 instances never served", "28 failed logins",
+        "2 failed warm-ups (ConnectError(ConnectionRefusedError) 2)",
+    ]
+    assert run_problems(nobody, warmup=False) == ["2 of 2 instances never served",
+                                                  "28 failed logins"]
+    failing = {**clean, "error_count": 1200, "errors": {"DivisionByZeroError": 1200}}
+    assert run_problems(failing) == ["1,200 failed queries (DivisionByZeroError 1,200)"]

@@ -19,6 +19,7 @@ from asyncpool.connect.dsn import DsnError, parse_target, redact
 from asyncpool.errors import PoolConfigError
 from asyncpool.load import DEFAULT_QUERY, LoadError, LoadSpec, LoadSpecError, LoadTarget, run_load
 from asyncpool.load.logins import GuardedLogin
+from asyncpool.load.result import run_problems
 from asyncpool.load.servers import LocalServers
 from asyncpool.load.spec import Driver, Telemetry
 
@@ -43,7 +44,8 @@ class Case:
 def cases(clients: list[int], drivers: list[Driver], modes: list[PreparedStatements],
           telemetry: list[Telemetry]) -> list[Case]:
     """Every meaningful combination, in the order given ("unnamed" and telemetry are
-    asyncpool options, so other drivers run only with their own settings)."""
+    asyncpool options, so other drivers run only with their own settings; `skipped` says
+    which combinations that leaves out)."""
     out: list[Case] = []
     for n in clients:
         for driver in drivers:
@@ -58,12 +60,43 @@ def cases(clients: list[int], drivers: list[Driver], modes: list[PreparedStateme
     return out
 
 
+def skipped(drivers: list[Driver], modes: list[PreparedStatements],
+            telemetry: list[Telemetry]) -> list[dict[str, str]]:
+    """The combinations asked for that `cases` does not run as asked, and why."""
+    others = [d for d in drivers if d != "asyncpool"]
+    out: list[dict[str, str]] = []
+    if "unnamed" in modes:
+        out += [{"run": f"{d} prepared_statements=unnamed",
+                 "reason": "'unnamed' is an asyncpool mode"} for d in others]
+    tels = [t for t in telemetry if t != "off"]
+    if tels:
+        out += [{"run": f"{d} telemetry={','.join(tels)}",
+                 "reason": f"telemetry is an asyncpool option; {d} runs without it"}
+                for d in others]
+    return out
+
+
+def check_matrix(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The matrix's skipped combinations; `LoadSpecError` when it leaves nothing to run.
+
+    Checked before any server starts. Modes left to their default ("on" or "off") suit every
+    driver, so "off" stands for them here."""
+    modes: list[PreparedStatements] = args.prepared_statements or ["off"]
+    left_out = skipped(args.driver, modes, args.telemetry)
+    if not cases(args.clients, args.driver, modes, args.telemetry) and not args.pgbench:
+        raise LoadSpecError(
+            "nothing to run: " + "; ".join(f"{s['run']} ({s['reason']})" for s in left_out)
+            + ". Add --driver asyncpool, or choose --prepared-statements off or on"
+        )
+    return left_out
+
+
 def run(args: argparse.Namespace) -> int:
     from asyncpool.testing import HarnessError
 
     try:
         return asyncio.run(bench(args, sys.stdout, sys.stderr))
-    except (HarnessError, DsnError, PoolConfigError) as exc:
+    except (HarnessError, DsnError, PoolConfigError, LoadSpecError) as exc:
         print(f"asyncpool bench: {redact(str(exc))}", file=sys.stderr)
         return 2
 
@@ -71,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
 async def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run the matrix; exit 0 when every run finished with zero errors, else 1."""
     servers: LocalServers | None = None
+    left_out = check_matrix(args)
+    for skip in left_out:
+        err.write(f"skipped: {skip['run']} ({skip['reason']})\n")
     for given in (args.dsn, args.admin_dsn, args.postgres_dsn):
         if given:
             # The DSN guard (never quoted) and the pool's credential rules, which the
@@ -104,7 +140,7 @@ async def bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     finally:
         if servers is not None:
             await asyncio.to_thread(servers.stop)
-    document = report(target, session.query, session.runs, session.failures,
+    document = report(target, session.query, session.runs, session.failures, left_out,
                       started_locally=servers is not None)
     if args.json:
         out.write(json.dumps(document, indent=2) + "\n")
@@ -199,7 +235,8 @@ class BenchSession:
 
 
 def report(target: LoadTarget, query: str, runs: list[dict[str, Any]],
-           failures: list[dict[str, str]], *, started_locally: bool) -> dict[str, Any]:
+           failures: list[dict[str, str]], skipped: list[dict[str, str]], *,
+           started_locally: bool) -> dict[str, Any]:
     """The bench JSON document (schema ``asyncpool-bench/1``, described in docs/cli.md)."""
     return {
         "schema": SCHEMA,
@@ -220,20 +257,21 @@ def report(target: LoadTarget, query: str, runs: list[dict[str, Any]],
         "query": query,
         "runs": runs,
         "failures": failures,
-        "ok": not failures and all(r["error_count"] == 0 for r in runs),
+        "skipped": skipped,
+        "ok": not failures and not any(run_problems(r) for r in runs),
     }
 
 
 def text_report(document: dict[str, Any]) -> str:
-    """The runs as a table; "vs first" compares queries/s with the first run at that size."""
+    """The runs as a table; "vs first" compares queries/s with the first run at that size.
+    Under it, every run that went wrong and how, then the failures and skipped combinations."""
     first: dict[int, float] = {}
     rows = []
+    went_wrong = []
     for r in document["runs"]:
         lat = r["latency_ms"]
         base = first.setdefault(r["clients"], r["queries_per_s"])
-        name = r["driver"] + " " + r["prepared_statements"]
-        if r["driver"] == "asyncpool" and r["telemetry"] != "off":
-            name += f" telemetry={r['telemetry']}"
+        name = _run_name(r)
         rows.append([
             name,
             number(r["clients"]),
@@ -247,16 +285,28 @@ def text_report(document: dict[str, Any]) -> str:
             number(r["error_count"]),
             "-" if r["server_connections_max"] is None else str(r["server_connections_max"]),
         ])
+        problems = run_problems(r)
+        if problems:
+            went_wrong.append(f"errors: {name} x{r['clients']}: " + "; ".join(problems))
     target = document["target"]
     machine = document["machine"]
     head = (f"{target['label']}, query {document['query']!r}; {machine['cpus']} CPUs, "
             f"load average {machine['load_average'][0]} at start")
     body = table(["run", "clients", "queries/s", "vs first", "p50 ms", "p95 ms", "p99 ms",
                   "mean ms", "CPU µs/query", "errors", "server conns"], rows)
-    lines = [head, "", body]
+    lines = [head, "", body, *went_wrong]
     for failure in document["failures"]:
         lines.append(f"failed: {failure['run']}: {failure['error']}")
+    for skip in document["skipped"]:
+        lines.append(f"skipped: {skip['run']} ({skip['reason']})")
     return "\n".join(lines)
+
+
+def _run_name(r: dict[str, Any]) -> str:
+    name = f"{r['driver']} {r['prepared_statements']}"
+    if r["driver"] == "asyncpool" and r["telemetry"] != "off":
+        name += f" telemetry={r['telemetry']}"
+    return name
 
 
 def _ms(value: float | None) -> str:

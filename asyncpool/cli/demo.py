@@ -144,15 +144,18 @@ def _server_use(r: LoadResult) -> str:
 
 
 def conclusion(first: LoadResult, second: LoadResult | None) -> str:
+    """One line per phase, saying no more and no less than the table above it."""
     lines = []
-    used = f"{first.server.server_connections_max} server connections" if first.server else (
-        "the pooler's server connections"
-    )
-    verdict = "with no errors" if first.error_count == 0 else (
-        f"with {number(first.error_count)} errors"
-    )
-    lines.append(f"{first.target}: {number(first.spec.clients)} instances shared {used} "
-                 f"{verdict}, {number(first.queries_per_second)} queries/s.")
+    problems = first.problems(warmup=False)
+    if problems:
+        lines.append(f"{first.target}, {number(first.spec.clients)} instances: "
+                     f"{'; '.join(problems)}; {number(first.queries_per_second)} queries/s.")
+    else:
+        used = f"{first.server.server_connections_max} server connections" if first.server else (
+            "the pooler's server connections"
+        )
+        lines.append(f"{first.target}: {number(first.spec.clients)} instances shared {used} "
+                     f"with no errors, {number(first.queries_per_second)} queries/s.")
     if second is not None:
         refused = second.clients_never_served
         lines.append(

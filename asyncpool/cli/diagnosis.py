@@ -43,6 +43,8 @@ class Facts:
     pooler: Pooler | None = None  #: None: connected straight to PostgreSQL
     pooler_evidence: str | None = None
     pgbouncer_version: tuple[int, ...] | None = None
+    #: --admin-dsn as user@host:port/database (None: the DSN's own login was tried on it).
+    admin_target: str | None = None
     admin_error: str | None = None
     admin_unreadable: bool = False  #: no installed driver could read the admin console's rows
     pool_mode: str | None = None
@@ -183,6 +185,11 @@ def _pooler(f: Facts) -> list[Finding]:
     if f.pooler == "rds-proxy":
         return [Finding("ok", "pooler", "RDS Proxy (from the host name)")]
     if f.pooler == "unknown":
+        if f.admin_target is not None:
+            # The user named the console: its settings were meant to be checked, and were not.
+            return [Finding("unchecked", "pooler", f"a pooler or proxy is in front "
+                            f"({f.pooler_evidence}); its settings NOT checked: "
+                            f"{_console_advice(f)}")]
         console = (f"PgBouncer's admin console did not answer: {f.admin_error}"
                    if f.admin_error else "no PgBouncer admin console answered")
         return [Finding("note", "pooler", f"a pooler or proxy is in front ({f.pooler_evidence});"
@@ -249,6 +256,13 @@ def _console_advice(f: Facts) -> str:
     """Why PgBouncer's admin console was not read, and what would let the doctor read it."""
     if f.admin_unreadable:
         return f.admin_error or "no installed driver can read the admin console"
+    if f.admin_target is not None:
+        why = f.admin_error or f"no answer from {f.admin_target}"
+        if why == "not allowed":
+            user = f.admin_target.split("@", 1)[0]
+            why = (f"the admin console said 'not allowed' to user {user!r}; add it to "
+                   "PgBouncer's admin_users or stats_users")
+        return f"--admin-dsn did not work: {why}"
     why = f"the admin console said {f.admin_error!r}; " if f.admin_error else ""
     return (why + "pass --admin-dsn postgresql://ADMIN_USER@HOST:PORT/pgbouncer (a user in "
             "admin_users or stats_users)")

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from asyncpool.cli.diagnosis import Diagnosis, Facts, diagnose
+from asyncpool.cli.diagnosis import EXIT_UNREACHABLE, Diagnosis, Facts, Finding, diagnose
 from asyncpool.cli.probe import probe_startup
 from asyncpool.config import PoolConfig
 from asyncpool.connect.authguard import Login
@@ -29,30 +29,52 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(doctor(args.dsn, args.admin_dsn, args.timeout, args.json, sys.stdout))
 
 
-async def doctor(dsn: str, admin_dsn: str | None, timeout: float, as_json: bool,
+async def doctor(dsn: str | None, admin_dsn: str | None, timeout: float, as_json: bool,
                  out: TextIO) -> int:
+    if not dsn:
+        return _refused(out, as_json, "dsn", "give a DSN or set ASYNCPOOL_DSN")
     try:
         parsed = parse_dsn(dsn)
     except DsnError as exc:
-        out.write(f"asyncpool doctor: {exc}\n")
-        return 2
+        return _refused(out, as_json, "dsn", str(exc))
     try:
         admin = parse_dsn(admin_dsn) if admin_dsn else None
     except DsnError as exc:
-        out.write(f"asyncpool doctor: --admin-dsn: {exc}\n")
-        return 2
+        return _refused(out, as_json, "admin_dsn", f"--admin-dsn: {exc}")
     del dsn, admin_dsn  # only the parsed parts from here on (error trackers record locals)
+    target = parsed.target()
     try:
         # The pool's rules: a password goes only over verified TLS (or to this machine, SCRAM
         # only), unless allow_unprotected_credentials says otherwise.
         login = Login(PoolConfig.from_env(name="doctor", dsn=None), parsed)
     except PoolConfigError as exc:
-        out.write(f"asyncpool doctor: {exc}\n")
-        return 2
-    facts = await gather_facts(parsed, parsed.target(), admin, timeout, login=login)
+        return _refused(out, as_json, "dsn", str(exc), target)
+    if admin is not None:
+        try:
+            Login(login.config, admin)  # the same rules for the console's login, up front
+        except PoolConfigError as exc:
+            return _refused(out, as_json, "admin_dsn", f"--admin-dsn: {exc}", target)
+    facts = await gather_facts(parsed, target, admin, timeout, login=login)
     diagnosis = diagnose(facts)
     out.write(render_json(facts, diagnosis) if as_json else render_text(facts, diagnosis))
     return diagnosis.exit_code
+
+
+def _refused(out: TextIO, as_json: bool, check: str, message: str,
+             target: Target | None = None) -> int:
+    """A DSN the doctor will not use: said in text, or in the JSON shape of every other
+    outcome (`facts` null: nothing was tried)."""
+    if as_json:
+        out.write(json.dumps({
+            "target": str(target) if target is not None else None,
+            "exit_code": EXIT_UNREACHABLE,
+            "facts": None,
+            "findings": [asdict(Finding("problem", check, message))],
+            "recommendation": None,
+        }, indent=2) + "\n")
+    else:
+        out.write(f"asyncpool doctor: {message}\n")
+    return EXIT_UNREACHABLE
 
 
 async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDsn | str | None,
@@ -71,7 +93,8 @@ async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDs
         admin_dsn = parse_dsn(admin_dsn)
     if login is None:
         login = Login(PoolConfig.from_env(name="doctor", dsn=None), dsn)
-    facts = Facts(target=str(target), host=target.host)
+    facts = Facts(target=str(target), host=target.host,
+                  admin_target=str(admin_dsn.target()) if admin_dsn else None)
     started = time.perf_counter()
     try:
         conn = await asyncpg.connect(login.driver_dsn(dsn), password=dsn.password,
@@ -79,8 +102,7 @@ async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDs
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         error = login.refusal(target) or translate(exc, target, "doctor", timeout,
                                                    secrets=dsn.secrets)
-        # "pool 'doctor' could not connect to X: why; what to do" -> "could not connect ...".
-        facts.connect_error = "could not connect" + str(error).split("could not connect", 1)[-1]
+        facts.connect_error = _could_not_connect(error)
         facts.auth_failed = type(error).__name__ == "AuthenticationError"
         return facts
     try:
@@ -139,6 +161,7 @@ async def _read_pgbouncer(dsn: ParsedDsn, target: Target, admin_dsn: ParsedDsn |
     import asyncpg
 
     from asyncpool.cli.admin_console import ConsoleError, ConsoleUnavailable, read_console
+    from asyncpool.connect.failures import is_auth_failure
 
     commands = ["SHOW VERSION", "SHOW CONFIG", "SHOW DATABASES", "SHOW USERS"]
     try:
@@ -157,12 +180,19 @@ async def _read_pgbouncer(dsn: ParsedDsn, target: Target, admin_dsn: ParsedDsn |
         text = _shown(exc, dsn, admin_dsn)
         if text == "not allowed":
             # PgBouncer's answer to a user outside admin_users/stats_users: it is a PgBouncer.
+            user = admin_dsn.target().user if admin_dsn else target.user
             facts.pooler = "pgbouncer"
-            facts.pooler_evidence = f"its admin console refused user {target.user!r}"
-        facts.admin_error = text
+            facts.pooler_evidence = f"its admin console refused user {user!r}"
+            facts.admin_error = text
+        elif admin_dsn and (isinstance(exc, asyncpg.PostgresError) or is_auth_failure(exc)):
+            # The user's own console DSN: explained as a failed login is (what to fix).
+            facts.admin_error = _admin_failure(exc, admin_dsn, timeout, dsn)
+        else:
+            facts.admin_error = text
         return
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-        facts.admin_error = _shown(exc, dsn, admin_dsn) or type(exc).__name__
+        facts.admin_error = (_admin_failure(exc, admin_dsn, timeout, dsn) if admin_dsn
+                             else _shown(exc, dsn, admin_dsn) or type(exc).__name__)
         return
     facts.pooler = "pgbouncer"
     facts.pooler_evidence = "admin console"
@@ -177,6 +207,22 @@ async def _read_pgbouncer(dsn: ParsedDsn, target: Target, admin_dsn: ParsedDsn |
     if "peer_id" in config:
         facts.peer_id = int(config["peer_id"] or 0)
     facts.pool_mode = _effective_pool_mode(config, rows["SHOW DATABASES"], rows["SHOW USERS"], target)
+
+
+def _could_not_connect(error: BaseException) -> str:
+    """The error's text from "could not connect to X: why; what to do" on (no pool name)."""
+    return "could not connect" + str(error).split("could not connect", 1)[-1]
+
+
+def _admin_failure(exc: BaseException, admin_dsn: ParsedDsn, timeout: float,
+                   dsn: ParsedDsn) -> str:
+    """Why the console login of --admin-dsn failed and what to fix, with no secret in it."""
+    from asyncpool.connect.failures import translate
+
+    error = translate(exc, admin_dsn.target(), "doctor", timeout,
+                      "check the user and password of --admin-dsn",
+                      secrets=(*admin_dsn.secrets, *dsn.secrets))
+    return _could_not_connect(error)
 
 
 def _shown(exc: BaseException, *dsns: ParsedDsn | None) -> str:

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Connect to DSN, report server version, TLS, authentication, whether a "
         "PgBouncer is in front (and its pool mode and prepared-statement support), and "
         "recommend asyncpool's prepared_statements mode. Exit 0: fine; 1: problems found; "
-        "2: could not check.",
+        "2: could not check (bad DSN, unreachable, refused); 3: no problem found, but some "
+        "checks could not run.",
     )
     doctor.add_argument("dsn", nargs="?", default=os.environ.get("ASYNCPOOL_DSN"),
                         help="postgresql://user[:password]@host:port/db (default $ASYNCPOOL_DSN)")
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "credentials on it")
     doctor.add_argument("--timeout", type=_seconds, default=5.0,
                         help="seconds per connection attempt (default 5)")
-    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.add_argument("--json", action="store_true",
+                        help="print the outcome as JSON, a refused DSN included")
     doctor.set_defaults(run=_run_doctor)
 
     plan = sub.add_parser(
@@ -200,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `asyncpool` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "doctor" and not args.dsn:
+    if args.command == "doctor" and not args.dsn and not args.json:
+        # (With --json the doctor says it in JSON, as every other outcome.)
         parser.error("doctor: give a DSN or set ASYNCPOOL_DSN")
     try:
         code: int = args.run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +18,33 @@ def error_name(exc: BaseException) -> str:
     """How an error is counted: its type, plus the driver's cause for connect failures
     (``PoolerExhaustedError(TooManyConnectionsError)``)."""
     name = type(exc).__name__
-    # asyncpool raises connect errors `from None` (short tracebacks); the context keeps the cause.
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, ConnectError) and cause is not None:
-        return f"{name}({type(cause).__name__})"
+    # asyncpool keeps no driver exception on a ConnectError (its frames hold the password),
+    # only the name of its class.
+    driver_class = exc.driver_error_class if isinstance(exc, ConnectError) else None
+    if driver_class:
+        return f"{name}({driver_class.rsplit('.', 1)[-1]})"
     return name
+
+
+def run_problems(run: Mapping[str, Any], *, warmup: bool = True) -> list[str]:
+    """What went wrong in one bench ``runs`` entry (`LoadResult.to_json`), in words; empty when
+    nothing did. Failed logins and warm-ups count: a run nobody got through may finish its
+    window with no failed query at all (each acquire outlasting the window). `warmup=False`
+    leaves the warm-up errors out (the demo's table has no row for them)."""
+    found = []
+    if run["clients_never_served"]:
+        found.append(f"{run['clients_never_served']:,} of {run['clients']:,} instances never "
+                     "served")
+    for count, what, names in (
+        (run["error_count"], "failed queries", run["errors"]),
+        (run["connect_errors"], "failed logins", {}),
+        (sum(run["warmup_errors"].values()) if warmup else 0, "failed warm-ups",
+         run["warmup_errors"]),
+    ):
+        if count:
+            detail = ", ".join(f"{name} {n:,}" for name, n in names.items())
+            found.append(f"{count:,} {what}" + (f" ({detail})" if detail else ""))
+    return found
 
 
 @dataclass
@@ -114,6 +137,10 @@ class LoadResult:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    def problems(self, *, warmup: bool = True) -> list[str]:
+        """What went wrong in this run, in words (`run_problems`); empty when nothing did."""
+        return run_problems(self.to_json(), warmup=warmup)
 
     @property
     def client_cpu_per_query(self) -> float | None:
