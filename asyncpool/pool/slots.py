@@ -1051,7 +1051,13 @@ class Slots:
         reclaim = self.config.leak_action == "reclaim"
         site = lease.acquire_site()
         report = LeakReport(self.name, held, lease.task_name(), site, reclaim, self.connector.target)
-        log_leak(self.name, lease, held, reclaim, site)
+        task = lease.task
+        # A holder inside `async with` is cancelled, and its block ends in ConnectionLeakedError.
+        # One that took `conn = await pool.acquire()` has no block to turn the cancellation into
+        # that error: only its connection is reclaimed, and its next use raises it.
+        cancel_holder = (reclaim and lease.scoped and task is not None and not task.done()
+                         and task is not asyncio.current_task())
+        log_leak(self.name, lease, held, reclaim, site, holder_cancelled=cancel_holder)
         self.leaked_total += 1
         if not reclaim:
             lease.reported = True
@@ -1059,11 +1065,8 @@ class Slots:
             return
         lease.state = LEAKED
         lease.forget_site()
-        task = lease.task
-        # A holder inside `async with` is cancelled, and its block ends in ConnectionLeakedError.
-        # One that took `conn = await pool.acquire()` has no block to turn the cancellation into
-        # that error: only its connection is reclaimed, and its next use raises it.
-        if lease.scoped and task is not None and not task.done() and task is not asyncio.current_task():
+        if cancel_holder:
+            assert task is not None
             lease.holder_cancelled = True
             task.cancel(_LEAK_CANCEL_MESSAGE)
         self.observer.leaked(report)
