@@ -816,9 +816,9 @@ class Slots:
                     deadline = progress.deadline
                     if not exc.transient or (deadline is not None and loop.time() + delay >= deadline):
                         # No time left for another try: the caller sees what went wrong.
-                        logger.warning("pool %r: %s", self.name, exc)
+                        logger.warning("%s", _named(self.name, exc))
                         raise
-                    logger.info("pool %r: %s; retrying in %.2fs", self.name, exc, delay)
+                    logger.info("%s; retrying in %.2fs", _named(self.name, exc), delay)
                     self._check_open()
                     if self.idle:
                         # Returned while this caller was logging in: take it instead.
@@ -1135,7 +1135,7 @@ class Slots:
             try:
                 await self.fill(self.config.min_size)
             except (ConnectError, PoolClosedError) as exc:
-                logger.warning("pool %r: could not keep min_size connections: %s", self.name, exc)
+                logger.warning("%s; could not keep min_size connections", _named(self.name, exc))
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -1375,3 +1375,10 @@ async def _close_credentials(creds: Any, name: str) -> None:
         await creds.close()
     except Exception:
         logger.exception("pool %r: closing the credentials provider failed", name)
+
+
+def _named(name: str, exc: BaseException) -> str:
+    """`exc`'s message for a log line: it names the pool itself (connect errors do), or is
+    prefixed with the pool's name."""
+    text = str(exc)
+    return text if text.startswith(f"pool {name!r}") else f"pool {name!r}: {text}"

@@ -218,6 +218,33 @@ async def test_wrong_database(server: PostgresServer | PgBouncerServer, postgres
     assert_secret_free(error, [postgres.app.password], logs)
 
 
+async def test_a_failed_login_is_logged_with_the_pool_named_once(
+    postgres: PostgresServer, logs: pytest.LogCaptureFixture,
+) -> None:
+    """The connect errors start with "pool 'bad' could not connect": the lines that log them
+    (the last try, a retry, housekeeping's refill) do not name the pool a second time."""
+    no_database = postgres.dsn(database="no_such_db")
+    refused = f"postgresql://app@127.0.0.1:{free_port()}/app"
+    for dsn in (no_database, refused):
+        async with Pool(dsn, name="bad", min_size=0, acquire_timeout=1, connect_timeout=1,
+                        telemetry=False) as pool:
+            with pytest.raises(ConnectError):
+                await pool.fetchval("SELECT 1")
+    pool = Pool(no_database, name="bad", min_size=1, telemetry=False)
+    await pool.open(wait=False)
+    try:
+        await pool._slots.housekeep()
+    finally:
+        await pool.close()
+    lines = [r.getMessage() for r in logs.records if "could not connect" in r.getMessage()]
+    assert any("retrying in" in line for line in lines), lines
+    assert any("could not keep min_size connections" in line for line in lines), lines
+    assert len(lines) >= 4, lines
+    for line in lines:
+        assert line.startswith("pool 'bad'"), line
+        assert line.count("pool 'bad'") == 1, line
+
+
 @pytest.mark.parametrize("mode", ["require", "verify-full"])
 async def test_tls_required_but_the_server_has_none(
     server: PostgresServer | PgBouncerServer, postgres: PostgresServer, mode: str,
