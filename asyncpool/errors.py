@@ -40,7 +40,7 @@ class ConnectError(PoolError):
 
 
 class AuthenticationError(ConnectError):
-    """The server refused the credentials (wrong password, expired token or secret)."""
+    """The server refused the login (wrong password, expired token or secret, unknown role)."""
 
     transient = False
 

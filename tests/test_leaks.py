@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from typing import Literal
 
+import asyncpg
 import pytest
 
 import asyncpool
@@ -189,3 +191,30 @@ async def test_leak_detection_can_be_disabled(pooler: Pooler) -> None:
         assert not hasattr(pool._slots.leaks, "timeout")
         async with pool.acquire() as conn:
             assert await conn.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.parametrize("cancel_requests", ["auto", "off"])
+async def test_a_holder_that_awaited_acquire_is_not_cancelled_and_the_report_says_so(
+    pooler: Pooler, caplog: pytest.LogCaptureFixture, cancel_requests: Literal["auto", "off"]
+) -> None:
+    """`conn = await pool.acquire()` has no block to end: the reclaim leaves the task running,
+    stops its statement (a cancel request where one can be delivered, else the connection
+    closes under it) and says so in the WARNING."""
+    caplog.set_level(logging.WARNING, logger=LEAK_LOGGER)
+    async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.3, cancel_requests=cancel_requests,
+                    telemetry=False) as pool:
+        conn = await pool.acquire()
+        # With cancel requests the server's cancel usually reaches the query before the close
+        # does (not always: the pool closes once the request is taken); without, only the close.
+        stopped: tuple[type[Exception], ...] = (asyncpg.ConnectionDoesNotExistError,)
+        if cancel_requests == "auto":
+            stopped += (asyncpg.QueryCanceledError,)
+        with pytest.raises(stopped):
+            await conn.fetchval("SELECT pg_sleep(10)")
+        with pytest.raises(asyncpool.ConnectionLeakedError):
+            await conn.fetchval("SELECT 1")
+        await pool.release(conn)  # harmless
+        assert pool.stats().leaked_total == 1
+        [message] = [r.getMessage() for r in caplog.records if r.name == LEAK_LOGGER]
+        assert "cancelled the holder" not in message
+        assert "the holder is not cancelled (it took the connection without `async with`)" in message

@@ -48,10 +48,7 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
     text = scrub(redact(str(exc)), secrets)
     error: ConnectError
     if is_auth_failure(exc):
-        error = AuthenticationError(
-            f"{where}: authentication failed for user {target.user!r} ({text}); "
-            + (auth_hint or "check the password or credentials provider")
-        )
+        error = _refused_login(where, state, text, target.user, auth_hint)
     elif state == "28000" and "pg_hba.conf" in text:
         need_tls = "no encryption" in text
         error = ConnectError(
@@ -116,6 +113,28 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
     else:
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
     return _keep_facts_of(exc, error)
+
+
+def _refused_login(where: str, state: object, text: str, user: str,
+                   auth_hint: str | None) -> AuthenticationError:
+    """The error for a refused login, with advice for its cause."""
+    if state == "28000" and "does not exist" in text:
+        # Past a rule that asks for no password (trust, peer, cert) PostgreSQL names the cause;
+        # a password or token is not it, so the provider's advice does not apply.
+        return AuthenticationError(
+            f"{where}: the server has no role {user!r} ({text}); fix the user name in the DSN or "
+            "settings, or create the role (CREATE ROLE ... LOGIN)"
+        )
+    if state == "28000" and "not permitted to log in" in text:
+        return AuthenticationError(
+            f"{where}: role {user!r} exists but may not log in ({text}); give it LOGIN "
+            "(ALTER ROLE ... LOGIN) or connect as a role that has it"
+        )
+    return AuthenticationError(
+        f"{where}: authentication failed for user {user!r} ({text}); "
+        + (auth_hint or "check the password or credentials provider, and the user name (a "
+           "server that asks for a password refuses an unknown user the same way)")
+    )
 
 
 def _keep_facts_of(exc: BaseException, error: ConnectError) -> ConnectError:

@@ -92,6 +92,7 @@ class StaticPassword:
 
     def auth_failure_hint(self, target: Target) -> str:
         return (
-            f"the password given for user {target.user!r} was refused; fix it in the DSN or "
-            "settings (behind PgBouncer, also check the secret in its auth_file)"
+            f"the password given for user {target.user!r} was refused, or the server has no such "
+            "user (it answers both alike); fix it in the DSN or settings (behind PgBouncer, also "
+            "check the secret in its auth_file)"
         )

@@ -102,11 +102,19 @@ class NoLeakTracker:
         pass
 
 
-def log_leak(pool_name: str, lease: Lease, held: float, reclaimed: bool, site: str) -> None:
+def log_leak(pool_name: str, lease: Lease, held: float, reclaimed: bool, site: str, *,
+             holder_cancelled: bool) -> None:
     """One structured WARNING on `asyncpool.leaks` with who held the connection and from where."""
-    action = "reclaimed it: cancelled the holder and closed the connection" if reclaimed else (
-        "left it with the holder (leak_action='log')"
-    )
+    if not reclaimed:
+        action = "left it with the holder (leak_action='log')"
+    elif holder_cancelled:
+        action = "reclaimed it: cancelled the holder and closed the connection"
+    else:
+        # `conn = await pool.acquire()`: no block would turn a cancellation into
+        # ConnectionLeakedError, so the task runs on and meets the error at its next use.
+        how = "" if lease.scoped else " (it took the connection without `async with`)"
+        action = (f"reclaimed it: closed the connection; the holder is not cancelled{how}, and its "
+                  "next use of the connection raises ConnectionLeakedError")
     logger.warning(
         "pool %r: connection held for %.1fs by task %r, past leak_timeout; %s. Acquired at:\n%s",
         pool_name,

@@ -816,9 +816,9 @@ class Slots:
                     deadline = progress.deadline
                     if not exc.transient or (deadline is not None and loop.time() + delay >= deadline):
                         # No time left for another try: the caller sees what went wrong.
-                        logger.warning("pool %r: %s", self.name, exc)
+                        logger.warning("%s", _named(self.name, exc))
                         raise
-                    logger.info("pool %r: %s; retrying in %.2fs", self.name, exc, delay)
+                    logger.info("%s; retrying in %.2fs", _named(self.name, exc), delay)
                     self._check_open()
                     if self.idle:
                         # Returned while this caller was logging in: take it instead.
@@ -1051,7 +1051,13 @@ class Slots:
         reclaim = self.config.leak_action == "reclaim"
         site = lease.acquire_site()
         report = LeakReport(self.name, held, lease.task_name(), site, reclaim, self.connector.target)
-        log_leak(self.name, lease, held, reclaim, site)
+        task = lease.task
+        # A holder inside `async with` is cancelled, and its block ends in ConnectionLeakedError.
+        # One that took `conn = await pool.acquire()` has no block to turn the cancellation into
+        # that error: only its connection is reclaimed, and its next use raises it.
+        cancel_holder = (reclaim and lease.scoped and task is not None and not task.done()
+                         and task is not asyncio.current_task())
+        log_leak(self.name, lease, held, reclaim, site, holder_cancelled=cancel_holder)
         self.leaked_total += 1
         if not reclaim:
             lease.reported = True
@@ -1059,11 +1065,8 @@ class Slots:
             return
         lease.state = LEAKED
         lease.forget_site()
-        task = lease.task
-        # A holder inside `async with` is cancelled, and its block ends in ConnectionLeakedError.
-        # One that took `conn = await pool.acquire()` has no block to turn the cancellation into
-        # that error: only its connection is reclaimed, and its next use raises it.
-        if lease.scoped and task is not None and not task.done() and task is not asyncio.current_task():
+        if cancel_holder:
+            assert task is not None
             lease.holder_cancelled = True
             task.cancel(_LEAK_CANCEL_MESSAGE)
         self.observer.leaked(report)
@@ -1132,7 +1135,7 @@ class Slots:
             try:
                 await self.fill(self.config.min_size)
             except (ConnectError, PoolClosedError) as exc:
-                logger.warning("pool %r: could not keep min_size connections: %s", self.name, exc)
+                logger.warning("%s; could not keep min_size connections", _named(self.name, exc))
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -1372,3 +1375,10 @@ async def _close_credentials(creds: Any, name: str) -> None:
         await creds.close()
     except Exception:
         logger.exception("pool %r: closing the credentials provider failed", name)
+
+
+def _named(name: str, exc: BaseException) -> str:
+    """`exc`'s message for a log line: it names the pool itself (connect errors do), or is
+    prefixed with the pool's name."""
+    text = str(exc)
+    return text if text.startswith(f"pool {name!r}") else f"pool {name!r}: {text}"

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 import asyncpool
@@ -24,6 +25,7 @@ from asyncpool import (
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.invariants import chain
 from asyncpool.testing.ports import free_port
+from asyncpool.testing.sync import run_sync
 
 # Passwords that break naive redaction: URL delimiters, quotes, spaces, a lone '@'.
 SECRETS = ["Sup3r-s3cret", "p@ss@word", "sl/ash:colon", "hash#q?mark", "quo'te d"]
@@ -141,6 +143,71 @@ async def test_wrong_password(server: PostgresServer | PgBouncerServer, postgres
     assert_secret_free(error, [secret, postgres.app.password], logs)
 
 
+@pytest.fixture(scope="module")
+def trusting(postgres: PostgresServer) -> Iterator[PostgresServer]:
+    """A PostgreSQL that lets two role names in without a password, as trust, peer and cert
+    rules do: one it has no role for, one whose role may not log in. Only past such a rule does
+    PostgreSQL say why (28000); password rules answer both as a wrong password (28P01)."""
+    server = PostgresServer(max_connections=10, hba_lines=[
+        "host all nosuchuser 127.0.0.1/32 trust", "host all shy 127.0.0.1/32 trust"])
+    server.start()
+    try:
+        async def create_shy_role() -> None:
+            conn = await asyncpg.connect(server.admin_dsn)
+            try:
+                await conn.execute("CREATE ROLE shy NOLOGIN")
+            finally:
+                await conn.close()
+
+        run_sync(create_shy_role())
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("with_password", [False, True], ids=["no-password", "password"])
+async def test_a_role_the_server_does_not_have_is_not_blamed_on_the_password(
+    trusting: PostgresServer, with_password: bool, logs: pytest.LogCaptureFixture,
+) -> None:
+    secret = SECRETS[1]
+    userinfo = f"nosuchuser:{_quoted(secret)}" if with_password else "nosuchuser"
+    error = await _open_fails(f"postgresql://{userinfo}@127.0.0.1:{trusting.port}/app")
+    assert isinstance(error, AuthenticationError)
+    assert error.sqlstate == "28000"
+    message = str(error)
+    assert 'role "nosuchuser" does not exist' in message  # the server's words
+    assert "the server has no role 'nosuchuser'" in message
+    assert "user name" in message
+    assert "password" not in message
+    assert_secret_free(error, [secret, _quoted(secret)], logs)
+
+
+async def test_a_role_that_may_not_log_in_is_named(trusting: PostgresServer,
+                                                   logs: pytest.LogCaptureFixture) -> None:
+    error = await _open_fails(f"postgresql://shy@127.0.0.1:{trusting.port}/app")
+    assert isinstance(error, AuthenticationError)
+    assert error.sqlstate == "28000"
+    message = str(error)
+    assert "role 'shy' exists but may not log in" in message
+    assert "ALTER ROLE" in message
+    assert "password" not in message
+
+
+async def test_an_unknown_user_behind_a_password_rule_is_suggested(
+    server: PostgresServer | PgBouncerServer, postgres: PostgresServer,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL and PgBouncer refuse an unknown user as they refuse a wrong password: the
+    advice says it may be either."""
+    dsn = server.dsn().replace("postgresql://app:", "postgresql://nosuchuser:", 1)
+    error = await _open_fails(dsn)
+    assert isinstance(error, AuthenticationError)
+    message = str(error)
+    assert "the password given for user 'nosuchuser' was refused" in message
+    assert "or the server has no such user" in message
+    assert_secret_free(error, [postgres.app.password], logs)
+
+
 async def test_wrong_database(server: PostgresServer | PgBouncerServer, postgres: PostgresServer,
                               logs: pytest.LogCaptureFixture) -> None:
     error = await _open_fails(server.dsn(database="no_such_db"))
@@ -149,6 +216,33 @@ async def test_wrong_database(server: PostgresServer | PgBouncerServer, postgres
     assert "does not exist" in str(error)
     assert error.transient is False
     assert_secret_free(error, [postgres.app.password], logs)
+
+
+async def test_a_failed_login_is_logged_with_the_pool_named_once(
+    postgres: PostgresServer, logs: pytest.LogCaptureFixture,
+) -> None:
+    """The connect errors start with "pool 'bad' could not connect": the lines that log them
+    (the last try, a retry, housekeeping's refill) do not name the pool a second time."""
+    no_database = postgres.dsn(database="no_such_db")
+    refused = f"postgresql://app@127.0.0.1:{free_port()}/app"
+    for dsn in (no_database, refused):
+        async with Pool(dsn, name="bad", min_size=0, acquire_timeout=1, connect_timeout=1,
+                        telemetry=False) as pool:
+            with pytest.raises(ConnectError):
+                await pool.fetchval("SELECT 1")
+    pool = Pool(no_database, name="bad", min_size=1, telemetry=False)
+    await pool.open(wait=False)
+    try:
+        await pool._slots.housekeep()
+    finally:
+        await pool.close()
+    lines = [r.getMessage() for r in logs.records if "could not connect" in r.getMessage()]
+    assert any("retrying in" in line for line in lines), lines
+    assert any("could not keep min_size connections" in line for line in lines), lines
+    assert len(lines) >= 4, lines
+    for line in lines:
+        assert line.startswith("pool 'bad'"), line
+        assert line.count("pool 'bad'") == 1, line
 
 
 @pytest.mark.parametrize("mode", ["require", "verify-full"])
