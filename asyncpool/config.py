@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -244,7 +245,24 @@ def warn_unknown_variables(environ: Mapping[str, str]) -> None:
         close = difflib.get_close_matches(var, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else f"; the options are {', '.join(known)}"
         warnings.warn(f"{var} is not an asyncpool option and is ignored{hint}", UserWarning,
-                      stacklevel=4)
+                      stacklevel=_outside_stacklevel())
+
+
+def _outside_stacklevel() -> int:
+    """The `stacklevel` that points a warning at the first caller outside asyncpool (the line
+    that made the pool or the config: `Pool()`, `create_pool()`, `lambda_config()`...), however
+    deep in the package the warning is raised. Frames are told by their module's name, which
+    the code dataclasses generate (`PoolConfig.__init__`) shares."""
+    frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
+    level = 1
+    while frame.f_back is not None and _ours(frame.f_globals.get("__name__", "")):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _ours(module: str) -> bool:
+    return module == "asyncpool" or module.startswith("asyncpool.")
 
 
 _ENV_VARIABLES = frozenset(env_variables())
@@ -279,7 +297,7 @@ def _rename_mode(cfg: PoolConfig) -> None:
     if renamed is not None:
         warnings.warn(
             f"prepared_statements={cfg.prepared_statements!r} is now called {renamed!r}",
-            DeprecationWarning, stacklevel=5)
+            DeprecationWarning, stacklevel=_outside_stacklevel())
         object.__setattr__(cfg, "prepared_statements", renamed)
 
 
@@ -351,7 +369,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if cfg.allow_iam_without_tls:
         warnings.warn(
             "allow_iam_without_tls is now called allow_unprotected_credentials (it covers every "
-            "credential)", DeprecationWarning, stacklevel=4)
+            "credential)", DeprecationWarning, stacklevel=_outside_stacklevel())
     if cfg.require_auth is not None:
         from asyncpool.connect.tls import parse_require_auth
 

@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 import asyncpool
 from asyncpool import Pool, PoolConfig, PoolConfigError
 from asyncpool.config import OTHER_PREFIXES, OTHER_VARIABLES, env_variables
+from asyncpool.integrations.aws_lambda import lambda_config
 from tests.conftest import Pooler
 
 _LIBPQ = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE")
@@ -151,3 +153,29 @@ async def test_pg_variables_fill_what_the_dsn_leaves_out(clean_env: pytest.Monke
                     max_size=1, telemetry=False) as pool:
         assert pool.target == f"{parts.username}@{parts.hostname}:{parts.port}{parts.path}"
         assert await pool.fetchval("SELECT 1") == 1
+
+
+def test_a_misspelt_variable_is_blamed_on_the_line_that_made_the_pool(
+        clean_env: pytest.MonkeyPatch) -> None:
+    """The warning points at the caller's line, not at asyncpool's code, whichever way in."""
+    clean_env.setenv("ASYNCPOOL_DSN", "postgresql://a@h/d")
+    clean_env.setenv("ASYNCPOOL_MAX_SISE", "5")
+    makers: tuple[Callable[[], object], ...] = (Pool, asyncpool.create_pool, lambda_config,
+                                                 PoolConfig.from_env)
+    for make in makers:
+        with pytest.warns(UserWarning, match="ASYNCPOOL_MAX_SISE") as caught:
+            make()
+        assert [w.filename for w in caught] == [__file__]
+
+
+def test_a_deprecated_option_is_blamed_on_the_callers_line() -> None:
+    makers: tuple[Callable[[], object], ...] = (
+        lambda: Pool("postgresql://a@h/d", prepared_statements="describe-cache"),  # type: ignore[arg-type]
+        lambda: Pool("postgresql://a@h/d", allow_iam_without_tls=True),
+        lambda: PoolConfig(dsn="postgresql://a@h/d", allow_iam_without_tls=True),
+    )
+    for make in makers:
+        with pytest.warns(DeprecationWarning, match="is now called") as caught:
+            make()
+        assert [w.filename for w in caught] == [__file__]
+
