@@ -267,8 +267,8 @@ def _parse(dsn: str) -> ParsedDsn:
         )
     if any(ch.isspace() or not ch.isprintable() or ord(ch) > 127 for ch in rest):
         raise _Invalid(
-            "it holds a space, a line break, a control or a non-ASCII character (fullwidth "
-            f"\uff20 and \uff0f included): {_ENCODE_ADVICE}"
+            "it holds a space, a line break, a control or a non-ASCII character (the "
+            f"fullwidth forms of @ and / included): {_ENCODE_ADVICE}"
         )
     if "#" in rest:
         raise _Invalid(f"it holds a # (a DSN has no fragment): {_ENCODE_ADVICE}")
