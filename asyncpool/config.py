@@ -262,7 +262,8 @@ def _outside_stacklevel() -> int:
 
 
 def _ours(module: str) -> bool:
-    return module == "asyncpool" or module.startswith("asyncpool.")
+    # dataclasses: `PoolConfig.replace()` and `dataclasses.replace()` build the config there.
+    return module in ("asyncpool", "dataclasses") or module.startswith("asyncpool.")
 
 
 _ENV_VARIABLES = frozenset(env_variables())
@@ -398,8 +399,10 @@ def _check_server_settings(settings: object, fail: Callable[[str], None]) -> Non
     for key, value in settings.items():
         # asyncpg sends them as text and fails at login otherwise, as a connect error.
         if not isinstance(key, str) or not isinstance(value, str):
+            fix = ("leave the setting out" if value is None
+                   else f"write {{{str(key)!r}: {str(value)!r}}}")
             fail(f"server_settings: {key!r}: {value!r}: names and values must be strings "
-                 f"(write {{{str(key)!r}: {str(value)!r}}})")
+                 f"({fix})")
 
 
 def _check_flags(cfg: PoolConfig, fail: Callable[[str], None]) -> None:

@@ -81,8 +81,13 @@ async def test_the_helpers_take_every_argument_by_name_as_asyncpg_s(pooler: Pool
         assert [r["id"] for r in rows] == [1, 2]
         acquired = pool.stats().acquired_total
         for helper in (pool.execute, pool.fetch, pool.fetchrow, pool.fetchval):
-            with pytest.raises(TypeError, match="missing its first argument, the statement"):
+            with pytest.raises(TypeError, match=r"missing its first argument, the statement "
+                                                r"\(query=\)"):
                 await helper()  # type: ignore[call-arg]
+            with pytest.raises(TypeError, match="missing its first argument"):
+                await helper(timeout=1)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=r"the statement \(command=\)"):
+            await pool.executemany(args=[(1, "c")])  # type: ignore[call-arg]
         assert pool.stats().acquired_total == acquired  # refused before any checkout
         with pytest.raises(TypeError, match="multiple values for argument 'query'"):
             await pool.fetchval("SELECT 1", query="SELECT 2")  # type: ignore[misc]

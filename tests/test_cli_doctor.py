@@ -221,6 +221,18 @@ async def test_direct_postgresql_gets_on_and_a_pooler_suggestion(postgres: Postg
     assert "PgBouncer" in _finding(report, "pooler")["message"]
 
 
+async def test_a_failed_admin_dsn_straight_at_postgresql_is_a_note(
+        postgres: PostgresServer) -> None:
+    """No console to read there: nothing went unchecked (exit 0), but the failure is said."""
+    code, report = await _doctor_json(postgres.dsn(), postgres.dsn().rsplit("/", 1)[0]
+                                      + "/no_such_database")
+    assert code == 0
+    note = _finding(report, "admin_dsn")
+    assert note["level"] == "note"
+    assert "--admin-dsn did not work" in note["message"]
+    assert "not needed" in note["message"]
+
+
 @pytest.fixture
 def odd_pgbouncers(stack: ServerStack) -> Iterator[dict[str, PgBouncerServer]]:
     """PgBouncers configured the ways the doctor should catch."""

@@ -173,6 +173,8 @@ def test_a_deprecated_option_is_blamed_on_the_callers_line() -> None:
         lambda: Pool("postgresql://a@h/d", prepared_statements="describe-cache"),  # type: ignore[arg-type]
         lambda: Pool("postgresql://a@h/d", allow_iam_without_tls=True),
         lambda: PoolConfig(dsn="postgresql://a@h/d", allow_iam_without_tls=True),
+        lambda: Pool(config=PoolConfig(dsn="postgresql://a@h/d"), allow_iam_without_tls=True),
+        lambda: PoolConfig(dsn="postgresql://a@h/d").replace(allow_iam_without_tls=True),
     )
     for make in makers:
         with pytest.warns(DeprecationWarning, match="is now called") as caught:

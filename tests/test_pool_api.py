@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
+from types import MethodType
 from typing import Any, ClassVar
+from unittest import mock
 
 import asyncpg
 import pytest
@@ -173,6 +176,23 @@ async def test_a_method_kept_past_release_cannot_touch_the_next_holders_connecti
         async with pool.acquire() as conn:
             assert conn.fetchval.__name__ == "fetchval"
             assert await conn.fetchval("SELECT 14") == 14
+
+
+async def test_the_connections_methods_look_like_asyncpgs(pool: Pool) -> None:
+    """Checked at each call, and still asyncpg's to inspect, asyncio and mock: signature,
+    docstring, coroutine function or not (mock.create_autospec makes AsyncMocks of them)."""
+    async with pool.acquire() as conn:
+        for name in ("fetchval", "execute", "copy_to_table", "reset", "add_listener",
+                     "is_closed", "transaction"):
+            method, original = getattr(conn, name), getattr(asyncpg.Connection, name)
+            assert inspect.signature(method) == inspect.signature(original.__get__(conn.raw))
+            assert method.__doc__ == original.__doc__
+            assert asyncio.iscoroutinefunction(method) == inspect.iscoroutinefunction(original)
+        first, again = conn.is_closed, conn.is_closed
+        assert isinstance(first, MethodType)
+        assert isinstance(again, MethodType)
+        assert first.__func__ is again.__func__  # made once per name, not at each access
+        assert type(mock.create_autospec(conn).fetchval).__name__ == "AsyncMock"
 
 
 async def test_off_mode_has_no_statement_cache(pool: Pool) -> None:
@@ -380,6 +400,7 @@ def test_option_errors(options: dict[str, Any], match: str) -> None:
      r"connect_kwargs: 'comand_timeout' is not an option of asyncpg\.connect; did you mean "
      r"'command_timeout'"),
     ({"record_class": None}, r"connect_kwargs: record_class=None: must be a subclass of asyncpg"),
+    ({"dsn": "postgresql://u@h/db"}, r"connect_kwargs: give the DSN as the pool's dsn"),
 ])
 async def test_a_bad_connect_kwargs_option_is_refused_at_open_before_any_login(
         connect_kwargs: dict[str, Any], match: str) -> None:

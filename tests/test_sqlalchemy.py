@@ -452,6 +452,24 @@ async def test_sqlalchemys_records_are_kept_and_lent_a_connection_per_checkout(p
     assert pool.stats().in_use == 0
 
 
+async def test_a_timed_out_statement_is_a_timeout_with_cancel_requests_off(
+        postgres: PostgresServer) -> None:
+    """With cancel_requests="off" the pool closes a timed-out statement's connection; the caller
+    gets the TimeoutError, as SQLAlchemy on asyncpg gives it, not a lost connection."""
+    async with Pool(postgres.dsn(), max_size=1, cancel_requests="off", command_timeout=0.2,
+                    telemetry=False) as pool:
+        engine = create_async_engine(pool)
+        with pytest.raises(TimeoutError) as caught:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT pg_sleep(2)"))
+        assert not isinstance(caught.value, sa.exc.DBAPIError)
+        await _settled(pool)
+        async with engine.connect() as conn:  # a new connection in the slot
+            assert (await conn.execute(sa.text("SELECT 4"))).scalar() == 4
+        assert pool.stats().closed_total == 1
+        await engine.dispose()
+
+
 async def test_a_cancelled_statement_is_not_a_lost_connection(pool: Pool) -> None:
     """statement_timeout (SQLSTATE 57014) is the statement's error: the connection is kept."""
     engine = create_async_engine(pool)

@@ -176,12 +176,17 @@ def _pooler(f: Facts) -> list[Finding]:
             if f.connections_in_use is not None:
                 limits += f", {f.connections_in_use} in use now"
             limits += ")"
-        return [Finding(
+        found = [Finding(
             "note", "pooler",
             f"none: connected straight to PostgreSQL{limits}. Every Lambda environment holds "
             "its own server connections; with many of them, put PgBouncer (transaction mode) "
             "or RDS Proxy in front",
         )]
+        if f.admin_target is not None and f.admin_error:
+            # No console to read here, so nothing went unchecked; the user still asked for it.
+            found.append(Finding("note", "admin_dsn", f"{_console_advice(f)} (not needed: the "
+                                 "DSN reaches PostgreSQL itself, with no pooler in front)"))
+        return found
     if f.pooler == "rds-proxy":
         return [Finding("ok", "pooler", "RDS Proxy (from the host name)")]
     if f.pooler == "unknown":

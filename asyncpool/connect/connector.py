@@ -311,8 +311,15 @@ _LIBPQ_TARGET_VARIABLES = ("PGHOST", "PGPORT", "PGSERVICE", "PGDATABASE")
 
 def _check_connect_kwargs(pool: str, connect_kwargs: Mapping[str, Any]) -> None:
     """Refuse a misspelt option before asyncpg.connect does, as a TypeError at each login."""
-    known = set(inspect.signature(asyncpg.connect).parameters) - {"dsn"}
+    params = inspect.signature(asyncpg.connect).parameters
+    # asyncpg.connect wrapped by instrumentation that takes **kwargs: its options are unknown.
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = set(params) - {"dsn"}
     for key in connect_kwargs:
+        if key == "dsn":
+            raise PoolConfigError(f"pool {pool!r}: connect_kwargs: give the DSN as the pool's "
+                                  "dsn (the first argument), not in connect_kwargs")
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
             raise PoolConfigError(

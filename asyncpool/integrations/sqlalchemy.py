@@ -47,7 +47,7 @@ from sqlalchemy.sql import sqltypes
 from sqlalchemy.util import concurrency
 
 from asyncpool.connect import driver
-from asyncpool.connect.failures import lost_connection_hint
+from asyncpool.connect.failures import broken_connection_error, lost_connection_hint
 from asyncpool.errors import (
     ConnectionLeakedError,
     ConnectionLostError,
@@ -74,9 +74,6 @@ _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|MERGE|INSERT \d+) (\d+)")
 # admin_shutdown, crash_shutdown, cannot_connect_now (not 57014, a cancelled statement).
 _GONE_CLASSES = ("08",)
 _GONE_STATES = ("57P01", "57P02", "57P03")
-# What asyncpg raises on a connection that broke under it.
-_DRIVER_ERRORS = (asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.PostgresError,
-                  OSError)
 _OperationalError: type[Exception] = sa_asyncpg.AsyncAdapt_asyncpg_dbapi.OperationalError
 _InterfaceError: type[Exception] = sa_asyncpg.AsyncAdapt_asyncpg_dbapi.InterfaceError
 # SQLAlchemy's adapter classes, subclassed below, differ between 2.0 and 2.1 (and are partly
@@ -161,8 +158,10 @@ def _translate(conn: PooledConnection, pool: Pool, error: BaseException) -> Exce
     except PoolError as gone:  # reclaimed as a leak, pool closed, or already given back
         return _dbapi_error(gone)
     sqlstate = getattr(error, "sqlstate", None) or ""
-    if isinstance(error, _DRIVER_ERRORS) and (
-            raw.is_closed() or sqlstate[:2] in _GONE_CLASSES or sqlstate in _GONE_STATES):
+    # The holder's own errors and time limits go on, as in the core pool (`end_checkout`).
+    if (broken_connection_error(error) and raw.is_closed()) or (
+            isinstance(error, asyncpg.PostgresError)
+            and (sqlstate[:2] in _GONE_CLASSES or sqlstate in _GONE_STATES)):
         return _lost(conn, pool, error)
     return None
 

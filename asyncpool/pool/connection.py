@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
+import sys
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Unpack
+
+import asyncpg
 
 from asyncpool.connect.driver import ConnectionProxyBase
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
@@ -13,7 +18,6 @@ from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, Lease
 
 if TYPE_CHECKING:
-    import asyncpg
     from asyncpg.cursor import CursorFactory
     from asyncpg.prepared_stmt import PreparedStatement
     from asyncpg.transaction import Transaction
@@ -31,10 +35,13 @@ if TYPE_CHECKING:
 def _forward(name: str) -> Callable[..., Any]:
     """The proxy's method `name`: calls the held connection's, checking the lease at each call.
 
-    A plain method rather than the connection's own bound method handed out: a reference kept
-    past release (``run = conn.fetchval``) must not run a statement on a connection that
-    another task now holds, as asyncpg's proxy refuses it. It is also found by normal lookup,
-    where `__getattr__` would cost ~0.6 µs: the query methods, used on nearly every checkout.
+    A method of the proxy rather than the connection's own bound method handed out: a reference
+    kept past release (``run = conn.fetchval``) must not run a statement on a connection that
+    another task now holds, as asyncpg's proxy refuses it. The query methods are class
+    attributes, found by normal lookup (`__getattr__` would cost ~0.6 µs on nearly every
+    checkout); the others are made on first use (`_forwarded`). Each looks like asyncpg's
+    method: name, docstring, signature, and a coroutine function where asyncpg's is one (for
+    ``inspect``, ``asyncio.iscoroutinefunction`` and ``mock.create_autospec``).
     """
 
     def method(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
@@ -43,21 +50,32 @@ def _forward(name: str) -> Callable[..., Any]:
             return getattr(lease.record.conn, name)(*args, **kwargs)
         raise self._unusable()
 
-    method.__name__ = method.__qualname__ = name
+    original = getattr(asyncpg.Connection, name, None)
+    if original is None:
+        method.__name__ = name
+    else:
+        functools.update_wrapper(method, original)
+        if inspect.iscoroutinefunction(original):
+            _mark_coroutine_function(method)
+    method.__qualname__ = f"PooledConnection.{name}"
     return method
 
 
-def _guarded(proxy: PooledConnection, method: Callable[..., Any]) -> Callable[..., Any]:
-    """`method`, a bound method of the held connection, usable only while `proxy` holds it."""
-    lease = proxy._lease
+def _mark_coroutine_function(function: Callable[..., Any]) -> None:
+    if sys.version_info >= (3, 12):
+        inspect.markcoroutinefunction(function)
+    else:  # what asyncio.iscoroutinefunction (and unittest.mock) look for before 3.12
+        function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
-    @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if lease.state is ACTIVE:
-            return method(*args, **kwargs)
-        raise proxy._unusable()
 
-    return call
+_FORWARDED: dict[str, Callable[..., Any]] = {}
+
+
+def _forwarded(name: str) -> Callable[..., Any]:
+    method = _FORWARDED.get(name)
+    if method is None:
+        method = _FORWARDED[name] = _forward(name)
+    return method
 
 
 if TYPE_CHECKING:
@@ -161,7 +179,7 @@ class PooledConnection(_Base):
             raw = self.raw
             value = getattr(raw, name)
             if isinstance(value, MethodType) and value.__self__ is raw:
-                return _guarded(self, value)
+                return MethodType(_forwarded(name), self)
             return value
 
     def __init__(self, lease: Lease, owner: Checkouts) -> None:

@@ -268,10 +268,11 @@ class Pool:
 
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                         timeout: float | None = None,
-                        record_class: type[asyncpg.Record] | None = None) -> list[Any]:
+                        record_class: type[asyncpg.Record] | None = None
+                        ) -> list[asyncpg.Record]:
         """The rows a statement returns, run once per argument tuple
         (``asyncpg.Connection.fetchmany``, asyncpg >= 0.30)."""
-        rows: list[Any] = await RUNNERS["fetchmany"](self._slots, query, args, timeout=timeout,
+        rows: list[asyncpg.Record] = await RUNNERS["fetchmany"](self._slots, query, args, timeout=timeout,
                                                      record_class=record_class)
         return rows
 

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import inspect
 import logging
 import math
 import os
@@ -1198,18 +1199,19 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
     """
 
     own, limit, shape = driver.own_read(method) or (None, 0, ROWS)
+    # The name of the statement's parameter (``query``, ``command``, ``table_name``).
+    first = list(inspect.signature(getattr(asyncpg.Connection, method)).parameters)[1]
 
     async def one(self: Slots, query: str = BY_NAME, /, *args: Any,  # noqa: PLR0912, PLR0915
                   **kwargs: Any) -> Any:  # written out: see the docstring
-        if self.setup is not None or query is BY_NAME:
-            # The hook is given the proxy; a statement passed by name (``query=``, ``command=``)
-            # is bound by asyncpg's method: both through an acquire context.
-            if query is not BY_NAME:
-                args = (query, *args)
-            elif not kwargs:
-                raise TypeError(f"{method}() missing its first argument, the statement")
+        if query is BY_NAME:  # given by name, as asyncpg's methods allow (``query=``...)
+            query = kwargs.pop(first, BY_NAME)
+            if query is BY_NAME:
+                raise TypeError(f"{method}() missing its first argument, the statement "
+                                f"({first}=)")
+        if self.setup is not None:  # the hook is given the proxy: through an acquire context
             async with AcquireContext(self, UNSET, None) as proxy:
-                return await getattr(proxy, method)(*args, **kwargs)
+                return await getattr(proxy, method)(query, *args, **kwargs)
         idle = self.idle
         loop = self.loop
         if (idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]
