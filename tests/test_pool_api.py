@@ -14,6 +14,7 @@ import pytest
 
 import asyncpool
 from asyncpool import Pool, PoolConfig
+from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
 
 
@@ -185,7 +186,10 @@ async def test_the_connections_methods_look_like_asyncpgs(pool: Pool) -> None:
         for name in ("fetchval", "execute", "copy_to_table", "reset", "add_listener",
                      "is_closed", "transaction"):
             method, original = getattr(conn, name), getattr(asyncpg.Connection, name)
-            assert inspect.signature(method) == inspect.signature(original.__get__(conn.raw))
+            ours, theirs = (inspect.signature(f).parameters.values()
+                            for f in (method, original.__get__(conn.raw)))
+            assert [(p.name, p.kind, p.default) for p in ours] == [
+                (p.name, p.kind, p.default) for p in theirs]
             assert method.__doc__ == original.__doc__
             assert asyncio.iscoroutinefunction(method) == inspect.iscoroutinefunction(original)
         first, again = conn.is_closed, conn.is_closed
@@ -193,6 +197,57 @@ async def test_the_connections_methods_look_like_asyncpgs(pool: Pool) -> None:
         assert isinstance(again, MethodType)
         assert first.__func__ is again.__func__  # made once per name, not at each access
         assert type(mock.create_autospec(conn).fetchval).__name__ == "AsyncMock"
+
+
+async def test_listener_callbacks_are_given_the_pooled_connection(
+        postgres: PostgresServer) -> None:
+    """As asyncpg's pool gives its proxy: a callback that keeps the connection cannot reach
+    the next holder's after release. Sync and async callbacks, removal, log listeners (direct
+    to PostgreSQL: a transaction pooler does not keep LISTEN)."""
+    got: list[tuple[object, str]] = []
+
+    async def on_async(conn: object, pid: int, channel: str, payload: str) -> None:
+        got.append((conn, payload))
+
+    def on_sync(conn: object, pid: int, channel: str, payload: str) -> None:
+        got.append((conn, "sync " + payload))
+
+    def on_log(conn: object, message: Any) -> None:
+        got.append((conn, "log " + message.message))
+
+    async def arrived(count: int) -> None:
+        for _ in range(100):
+            if len(got) >= count:
+                return
+            await asyncio.sleep(0.01)
+
+    async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            await conn.add_listener("relayed", on_async)
+            await conn.add_listener("relayed", on_sync)
+            conn.add_log_listener(on_log)
+            await conn.execute("NOTIFY relayed, 'one'")
+            await conn.execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
+            await arrived(3)
+            assert sorted(text for _, text in got) == ["log hello", "one", "sync one"]
+            assert all(holder is conn for holder, _ in got)
+            await conn.remove_listener("relayed", on_sync)
+            conn.remove_log_listener(on_log)
+            got.clear()
+            await conn.execute("NOTIFY relayed, 'two'")
+            await conn.execute("DO $$ BEGIN RAISE NOTICE 'again'; END $$")
+            await arrived(1)
+            await asyncio.sleep(0.05)  # what was removed would have arrived by now
+            assert [text for _, text in got] == ["two"]
+        kept = got[0][0]
+        assert isinstance(kept, asyncpool.PooledConnection)
+        with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+            await kept.fetchval("SELECT 1")
+        async with pool.acquire() as again:  # no callback of the last holder's is left
+            got.clear()
+            await again.execute("NOTIFY relayed, 'three'")
+            await asyncio.sleep(0.05)
+            assert got == []
 
 
 async def test_off_mode_has_no_statement_cache(pool: Pool) -> None:

@@ -68,6 +68,21 @@ def _mark_coroutine_function(function: Callable[..., Any]) -> None:
         function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
 
+def _on_behalf_of(proxy: PooledConnection, callback: Callable[..., Any]) -> Callable[..., Any]:
+    """A callback for asyncpg that calls `callback` with `proxy` as its connection; a coroutine
+    function if `callback` is one (asyncpg runs those as tasks)."""
+    if inspect.iscoroutinefunction(callback):
+        async def relay_async(_conn: object, *args: Any) -> Any:
+            return await callback(proxy, *args)
+
+        return relay_async
+
+    def relay(_conn: object, *args: Any) -> Any:
+        return callback(proxy, *args)
+
+    return relay
+
+
 _FORWARDED: dict[str, Callable[..., Any]] = {}
 
 
@@ -98,7 +113,10 @@ class PooledConnection(_Base):
     as for the connections asyncpg's own pool hands out. `close()` gives it back to the pool.
     """
 
-    __slots__ = ("_lease", "_owner")
+    # _relays: the callbacks given to add_listener() & co., by what asyncpg was given instead;
+    # set on first use only (a checkout builds the proxy without __init__).
+    __slots__ = ("_lease", "_owner", "_relays")
+    _relays: dict[tuple[object, ...], Callable[..., object]]
 
     if TYPE_CHECKING:
         # asyncpg's Connection API with its signatures (asyncpg 0.29-0.32), for type checkers;
@@ -175,6 +193,26 @@ class PooledConnection(_Base):
         transaction = _forward("transaction")
         cursor = _forward("cursor")
 
+        # asyncpg's pool hands listener callbacks its proxy, not the connection: a callback that
+        # keeps it must not reach the next holder's connection after release.
+        async def add_listener(self, channel: str, callback: Callable[..., object]) -> None:
+            await self.raw.add_listener(channel, self._relay(("notify", channel), callback))
+
+        async def remove_listener(self, channel: str, callback: Callable[..., object]) -> None:
+            await self.raw.remove_listener(channel, self._unrelay(("notify", channel), callback))
+
+        def add_log_listener(self, callback: Callable[..., object]) -> None:
+            self.raw.add_log_listener(self._relay(("log",), callback))
+
+        def remove_log_listener(self, callback: Callable[..., object]) -> None:
+            self.raw.remove_log_listener(self._unrelay(("log",), callback))
+
+        def add_termination_listener(self, callback: Callable[..., object]) -> None:
+            self.raw.add_termination_listener(self._relay(("terminate",), callback))
+
+        def remove_termination_listener(self, callback: Callable[..., object]) -> None:
+            self.raw.remove_termination_listener(self._unrelay(("terminate",), callback))
+
         def __getattr__(self, name: str) -> Any:
             raw = self.raw
             value = getattr(raw, name)
@@ -185,6 +223,28 @@ class PooledConnection(_Base):
     def __init__(self, lease: Lease, owner: Checkouts) -> None:
         self._lease = lease
         self._owner = owner
+
+    def _relay(self, kind: tuple[str, ...], callback: Callable[..., object]
+               ) -> Callable[..., object]:
+        """`callback` as asyncpg is to call it: with this proxy in place of the connection."""
+        self.raw  # noqa: B018 - refused once released, before anything is registered
+        try:
+            relays = self._relays
+        except AttributeError:
+            relays = self._relays = {}
+        key = (*kind, callback)
+        relay = relays.get(key)
+        if relay is None:
+            relay = relays[key] = _on_behalf_of(self, callback)
+        return relay
+
+    def _unrelay(self, kind: tuple[str, ...], callback: Callable[..., object]
+                 ) -> Callable[..., object]:
+        self.raw  # noqa: B018 - refused once released
+        try:
+            return self._relays.pop((*kind, callback), callback)
+        except AttributeError:
+            return callback
 
     @property
     def _pool_name(self) -> str:
@@ -234,3 +294,10 @@ class PooledConnection(_Base):
 
     def __repr__(self) -> str:
         return f"<PooledConnection pool={self._pool_name!r} {self._lease.state.value}>"
+
+
+# The listener methods are the proxy's own (they relay the callbacks): asyncpg's help text.
+for _name in ("add_listener", "remove_listener", "add_log_listener", "remove_log_listener",
+              "add_termination_listener", "remove_termination_listener"):
+    getattr(PooledConnection, _name).__doc__ = getattr(asyncpg.Connection, _name).__doc__
+del _name
