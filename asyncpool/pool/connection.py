@@ -120,8 +120,8 @@ class PooledConnection(_Base):
 
     if TYPE_CHECKING:
         # asyncpg's Connection API with its signatures (asyncpg 0.29-0.32), for type checkers;
-        # at run time each is the held connection's own method, looked up while the lease is
-        # active (the descriptors and __getattr__ below).
+        # at run time each is a method of the proxy that calls the held connection's own while
+        # the lease is active (`_forward`, the listener relays and __getattr__ below).
         async def execute(self, query: str, *args: object, timeout: float | None = None) -> str: ...
         async def executemany(self, command: str, args: Iterable[Sequence[object]], *,
                               timeout: float | None = None) -> None: ...
