@@ -183,8 +183,17 @@ class PoolConfig:
             if raw is None:
                 continue
             values[f.name] = _parse_env(f.name, raw, _ENV_FIELDS[f.name])
+        from_env = set(values) - set(overrides)
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except PoolConfigError as exc:
+            # Say which variable to fix when the refused value came from one.
+            named = [ENV_PREFIX + name.upper() for name in sorted(from_env)
+                     if f"{name}=" in str(exc)]
+            if not named:
+                raise
+            raise PoolConfigError(f"{exc} (set by {', '.join(named)})") from None
 
 
 # Field name -> (type, may be None). Options that are objects (credentials...) have no variable.

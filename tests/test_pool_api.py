@@ -409,8 +409,11 @@ def test_config_from_env() -> None:
     ("env", "match"),
     [
         ({"ASYNCPOOL_MAX_SIZE": "lots"}, "ASYNCPOOL_MAX_SIZE='lots': write a whole number"),
-        ({"ASYNCPOOL_MIN_SIZE": "5", "ASYNCPOOL_MAX_SIZE": "2"}, "min_size=5 is larger than max_size=2"),
-        ({"ASYNCPOOL_PREPARED_STATEMENTS": "always"}, "choose one of 'off', 'on', 'unnamed'"),
+        ({"ASYNCPOOL_MIN_SIZE": "5", "ASYNCPOOL_MAX_SIZE": "2"},
+         r"min_size=5 is larger than max_size=2: lower min_size \(set by ASYNCPOOL_MAX_SIZE, "
+         r"ASYNCPOOL_MIN_SIZE\)"),
+        ({"ASYNCPOOL_PREPARED_STATEMENTS": "always"},
+         r"choose one of 'off', 'on', 'unnamed' \(set by ASYNCPOOL_PREPARED_STATEMENTS\)"),
         ({"ASYNCPOOL_ACQUIRE_TIMEOUT": "-1"}, "acquire_timeout=-1.0: must be a number of seconds > 0"),
     ],
 )

@@ -184,6 +184,17 @@ async def test_missing_secret_names_the_secret_and_the_region(
     assert "check the name or ARN and the region" in message
 
 
+async def test_a_missing_secret_names_the_default_region_it_was_looked_for_in(
+    aws: None, local_aws: LocalAwsEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_REGION", REGION)
+    auth = _auth(local_aws, "test/does-not-exist", region=None)
+    with pytest.raises(CredentialsError, match=rf"no such secret in region '{REGION}' \(the "
+                                               r"default, from AWS_REGION\)"):
+        await auth.warm(TARGET)
+    await auth.close()
+
+
 async def test_wrong_region_does_not_find_the_secret_and_says_to_check_the_region(
     store: SecretStore, local_aws: LocalAwsEndpoint
 ) -> None:

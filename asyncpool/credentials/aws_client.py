@@ -196,13 +196,24 @@ class AwsClient:
             await stack.aclose()
 
 
+def region_text(region: str | None) -> str:
+    """Where a call went, for a message: the region given, else the environment's default."""
+    if region:
+        return f"region {region!r}"
+    for variable in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        default = os.environ.get(variable)
+        if default:
+            return f"region {default!r} (the default, from {variable})"
+    return "the default region"
+
+
 def aws_error(
     exc: BaseException, doing: str, region: str | None, no_region_hint: str | None = None
 ) -> CredentialsError:
     """A `CredentialsError` naming what failed and what to change; never carries a secret."""
     import botocore.exceptions as bx
 
-    where = f"region {region!r}" if region else "the default region"
+    where = region_text(region)
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         hint = (
             "no AWS credentials found: in Lambda give the function an execution role; elsewhere "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asyncpool.connect.dsn import Target
-from asyncpool.credentials.aws_client import AwsClient, aws_error
+from asyncpool.credentials.aws_client import AwsClient, aws_error, region_text
 from asyncpool.errors import CredentialsError
 
 logger = logging.getLogger("asyncpool.credentials")
@@ -235,7 +235,7 @@ class SecretsManagerAuth:
     def _aws_error(self, exc: Exception, doing: str) -> CredentialsError:
         # botocore errors without an answer (HTTPClientError...) have response=None.
         code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
-        where = self.region or "the default region"
+        where = self.region or region_text(None)
         if code == "ResourceNotFoundException":
             return CredentialsError(
                 f"{doing}: no such secret in {where} (or no version staged "
