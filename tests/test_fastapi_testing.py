@@ -72,6 +72,8 @@ def test_a_second_test_client_on_a_closed_pool_says_what_to_do(
     message = str(caught.value)
     assert "previous `with TestClient(app)` block" in message
     assert "session-scoped fixture" in message
+    assert "Mangum outside Lambda" in message
+    assert "pool_lifespan(pool, keep_open=True)" in message
 
 
 async def test_httpx_async_client_with_asgi_transport(app_and_pool: tuple[FastAPI, Pool]) -> None:

@@ -112,9 +112,11 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
             if pool.closed:
                 raise PoolClosedError(
                     f"pool {pool.name!r} was closed when this app's previous lifespan ended (a "
-                    "previous `with TestClient(app)` block, say), and a pool cannot be reopened: "
-                    "keep one TestClient for the test session (a session-scoped fixture), or "
-                    "build the app and its pool anew for each client"
+                    "previous `with TestClient(app)` block, or a previous invocation of Mangum "
+                    "outside Lambda, say), and a pool cannot be reopened: keep one TestClient "
+                    "for the test session (a session-scoped fixture), build the app and its "
+                    "pool anew for each client, or, for Mangum outside Lambda, pass "
+                    "pool_lifespan(pool, keep_open=True)"
                 )
             async with pool:
                 yield
