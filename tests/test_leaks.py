@@ -12,6 +12,7 @@ import pytest
 
 import asyncpool
 from asyncpool import Pool, PoolConfig
+from asyncpool.testing import PgBouncerServer, ServerStack
 from tests.conftest import Pooler
 
 LEAK_LOGGER = "asyncpool.leaks"
@@ -218,3 +219,36 @@ async def test_a_holder_that_awaited_acquire_is_not_cancelled_and_the_report_say
         [message] = [r.getMessage() for r in caplog.records if r.name == LEAK_LOGGER]
         assert "cancelled the holder" not in message
         assert "the holder is not cancelled (it took the connection without `async with`)" in message
+
+
+async def test_reclaiming_statements_in_flight_leaves_pgbouncer_1_18_running(
+        stack: ServerStack) -> None:
+    """A reclaimed holder inside `async with` is cancelled while its statement runs, so asyncpg
+    sends a cancel request of its own beside the pool's; closing the connection must wait for
+    both: closing a cancel request's socket early crashes PgBouncer 1.18 (pgbouncer#801). Its
+    own PgBouncer, so that a crash takes no other test with it."""
+    bouncer = PgBouncerServer(stack.legacy.binary, stack.postgres,
+                              {"default_pool_size": 4}).start()
+    try:
+        async with Pool(bouncer.dsn(), name="reclaim-118", min_size=3, max_size=3,
+                        leak_timeout=0.5, telemetry=False) as pool:
+
+            async def holder() -> None:
+                async with pool.acquire() as conn:
+                    await conn.execute("SELECT pg_sleep(10)")
+
+            for _ in range(4):  # the crash came in about half the rounds
+                holders = [asyncio.create_task(holder()) for _ in range(3)]
+                for task in holders:
+                    with pytest.raises(asyncpool.ConnectionLeakedError):
+                        await asyncio.wait_for(task, 5)
+                for _ in range(100):  # the reclaimed connections' closing, then a moment more
+                    if pool.stats().size == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)
+                assert bouncer.running(), bouncer.process.log_tail() if bouncer.process else ""
+                assert await asyncio.wait_for(pool.fetchval("SELECT 5"), 5) == 5
+    finally:
+        bouncer.stop()
+

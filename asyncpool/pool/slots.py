@@ -493,11 +493,10 @@ class Slots:
             self.closing[task] = conn
             task.add_done_callback(self._closed_gracefully)
             return
-        pending = driver.pending_cancellations(conn)
-        if pending:
+        if driver.pending_cancellations(conn):
             # Closing the connection would cancel asyncpg's cancel request mid-flight, and closing
             # that request's socket early crashes PgBouncer 1.18 (pgbouncer#801).
-            self._spawn(_terminate_after(conn, pending))
+            self._spawn(_terminate_after(conn))
         else:
             conn.terminate()
 
@@ -1352,11 +1351,25 @@ async def housekeeping(ref: weakref.ref[Slots], period: float) -> None:
         del slots  # only a weak reference between rounds: a dropped pool can be collected
 
 
+async def _cancel_requests_done(conn: Any) -> None:
+    """Wait (up to RELEASE_TIMEOUT) until no cancel request is in flight on `conn`: closing it
+    would cut one short, and closing a cancel request's socket early crashes PgBouncer 1.18
+    (pgbouncer#801). Asked again after each wait: a holder cancelled just before (a leak
+    reclaim) makes asyncpg send a request of its own once it runs, beside the pool's."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RELEASE_TIMEOUT
+    while True:
+        await asyncio.sleep(0)  # let a holder cancelled just now reach asyncpg's cancel
+        pending = driver.pending_cancellations(conn)
+        remaining = deadline - loop.time()
+        if not pending or remaining <= 0:
+            return
+        await asyncio.wait(pending, timeout=remaining)
+
+
 async def _close_gracefully(conn: Any) -> None:
     try:
-        pending = driver.pending_cancellations(conn)
-        if pending:
-            await asyncio.wait(pending, timeout=RELEASE_TIMEOUT)
+        await _cancel_requests_done(conn)
         await conn.close(timeout=_CLOSE_TIMEOUT)
     except Exception:
         conn.terminate()
@@ -1365,9 +1378,9 @@ async def _close_gracefully(conn: Any) -> None:
         raise
 
 
-async def _terminate_after(conn: Any, pending: list[asyncio.Task[Any]]) -> None:
+async def _terminate_after(conn: Any) -> None:
     try:
-        await asyncio.wait(pending, timeout=RELEASE_TIMEOUT)
+        await _cancel_requests_done(conn)
     finally:
         conn.terminate()
 
