@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
+import os
 import re
+import secrets
 import warnings
 import weakref
 from collections.abc import Callable
@@ -306,11 +309,36 @@ def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
     if not hasattr(asyncpg.Connection, "_cancel_current_command") or not hasattr(
             asyncpg.protocol.Protocol, "backend_pid"):
         return base  # an untested asyncpg: keep its own behaviour
-    return shared_subclass(base.__name__, (base,), {
+    attrs: dict[str, Any] = {
         "__slots__": (),
         "_asyncpool_cancels": cancels,
         "_cancel_current_command": _cancel_or_terminate,
-    })
+    }
+    if hasattr(asyncpg.Connection, "_get_unique_id"):
+        attrs["_get_unique_id"] = _unique_id
+    return shared_subclass(base.__name__, (base,), attrs)
+
+
+# asyncpg names its prepared statements (cursors, prepare()) and portals __asyncpg_stmt_<n>__,
+# counting from 1 in every process. Behind a pooler that does not track them (PgBouncer before
+# 1.21, transaction mode) a statement left prepared on a server connection (asyncpg closes one
+# only when it next prepares, maybe on another server connection) then meets the same name
+# from the next process there: DuplicatePreparedStatementError. A token per process (new in a
+# forked child) keeps the names apart.
+_NAME_TOKEN = [secrets.token_hex(4)]
+_NAME_NUMBERS = itertools.count(1)
+
+
+def _unique_id(self: Any, prefix: str) -> str:
+    return f"__asyncpg_{prefix}_{_NAME_TOKEN[0]}_{next(_NAME_NUMBERS):x}__"
+
+
+def _new_name_token() -> None:
+    _NAME_TOKEN[0] = secrets.token_hex(4)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_name_token)
 
 
 def shared_subclass(name: str, bases: tuple[type[Any], ...], attrs: dict[str, Any]) -> type[Any]:
