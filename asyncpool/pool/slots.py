@@ -126,13 +126,14 @@ class Waiter:
 class _Progress:
     """What a slow checkout is doing, for the error it raises if its time runs out."""
 
-    __slots__ = ("deadline", "holding", "last_error", "phase")
+    __slots__ = ("deadline", "holding", "last_error", "phase", "queued")
 
     def __init__(self, deadline: float | None) -> None:
         self.deadline = deadline
         self.phase = "waiting"
         self.last_error: BaseException | None = None
         self.holding = False  # this caller holds a reserved slot (counted in `connecting`)
+        self.queued = 0.0  # seconds spent in line before a slot or connection came
 
 
 class Slots:
@@ -760,6 +761,7 @@ class Slots:
             raise
         if got is GRANT:
             progress.holding = True
+            progress.queued = self.loop.time() - started
             connected = await self._connect_for(frame, progress)
             if connected is None:
                 return await self._obtain(started, frame, progress)
@@ -949,6 +951,15 @@ class Slots:
             )
         last = f"; last error: {progress.last_error}" if progress.last_error else ""
         doing = "still connecting to" if progress.phase == "connecting" else "checking a connection to"
+        if timeout is not None and progress.queued > timeout / 2:
+            # Most of the time went in line (a slot freed late: a long hold, a leak reclaimed),
+            # not to the server: say so, or the advice points at the network.
+            return PoolTimeoutError(
+                f"pool {self.name!r}: no connection within {timeout:g}s: waited "
+                f"{progress.queued:.2f}s in line while every connection was held, then was "
+                f"{doing} {self.target} when the time ran out ({sizes}){last}; release "
+                "connections sooner, raise max_size or acquire_timeout"
+            )
         return PoolTimeoutError(
             f"pool {self.name!r}: no connection within {timeout:g}s: {doing} {self.target} "
             f"({sizes}){last}; check that the server or pooler is reachable and accepts logins, "

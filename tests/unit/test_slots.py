@@ -73,6 +73,32 @@ def test_waiting_ends_in_a_timeout_that_names_the_pool(server: FakeServer) -> No
     run(main())
 
 
+def test_a_timeout_that_came_mostly_in_line_says_so_not_the_network(server: FakeServer) -> None:
+    """A slot freed late (the holder's connection closed after 1.9 s of a 2 s wait) leaves the
+    waiter connecting when its time runs out: the message says where the time went."""
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            server.login_latency = 0.5
+
+            async def holder() -> None:
+                async with pool.acquire() as conn:
+                    await asyncio.sleep(1.9)
+                    conn.raw.die()  # retired on return: its slot goes to the waiter
+
+            held = asyncio.create_task(holder())
+            await asyncio.sleep(0)
+            with pytest.raises(PoolTimeoutError) as caught:
+                await pool.acquire(timeout=2.0)
+            await held
+            message = str(caught.value)
+            assert "waited 1.9" in message
+            assert "in line while every connection was held, then was still connecting" in message
+            assert "release connections sooner, raise max_size or acquire_timeout" in message
+            assert "reachable" not in message
+
+    run(main())
+
+
 def test_a_broken_connection_is_retired_and_its_slot_reused(server: FakeServer) -> None:
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
