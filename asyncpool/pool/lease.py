@@ -75,7 +75,8 @@ class Lease:
         Only a frame reference and an instruction offset are kept at checkout. The callers are
         read when a report needs them, from the holding task's chain of suspended coroutines:
         while the acquiring function still runs, each of its callers waits on the very line that
-        leads to it. If it has returned, the task's current stack is shown instead.
+        leads to it. If it has returned, or is a generator suspended at a yield, the task's
+        current stack is shown after it.
         """
         frame = self.frame
         chain = _task_frames(self.task)
@@ -94,7 +95,12 @@ class Lease:
             return _format([*_summaries(outer), inner])
         text = _format([inner])
         if chain:
-            text += "(the function that acquired it has returned; the holding task is now at:)\n"
+            # Not in the task's chain of awaits: returned, or a generator suspended at a yield
+            # (a FastAPI dependency holding the connection while the endpoint runs), which no
+            # frame of the chain leads to.
+            text += ("(the function that acquired it is not in the holding task's awaits: it "
+                     "has returned, or it is a generator suspended at a yield, as a FastAPI "
+                     "dependency is; the holding task is now at:)\n")
             text += _format(_summaries(chain))
         return text
 

@@ -7,6 +7,7 @@ the issue's. Defect 11 (DSN passwords in errors) belongs to the credentials work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
@@ -14,6 +15,7 @@ import sys
 import threading
 import warnings
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -507,3 +509,31 @@ def test_14_a_query_helpers_leak_report_shows_its_caller(
     assert "pool.py" not in site, site
     assert any("previously reported as leaked was returned" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_leak_held_by_a_suspended_dependency_is_not_said_to_have_returned(
+    server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FastAPI's way: a generator acquires, yields the connection and stays suspended while the
+    endpoint runs; the report shows the generator's line and the endpoint's stack, and does not
+    claim the generator returned."""
+
+    @contextlib.asynccontextmanager
+    async def dependency(pool: Pool) -> AsyncIterator[Any]:
+        async with pool.acquire() as conn:
+            yield conn
+
+    async def endpoint(conn: Any) -> None:
+        await asyncio.sleep(2.0)  # past leak_timeout, with the connection held
+
+    async def main() -> None:
+        async with (fake_pool(server, leak_timeout=1.0, leak_action="log") as pool,
+                    dependency(pool) as conn):
+            await endpoint(conn)
+
+    site, names = leak_report(caplog, main())
+    assert "async with pool.acquire() as conn:" in site, site
+    assert "it is a generator suspended at a yield" in site, site
+    assert "has returned;" not in site, site
+    assert names[:3] == ["dependency", "main", "endpoint"], site  # then asyncio.sleep's
+
