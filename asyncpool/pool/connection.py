@@ -226,8 +226,9 @@ class PooledConnection(_Base):
 
     def _relay(self, kind: tuple[str, ...], callback: Callable[..., object]
                ) -> Callable[..., object]:
-        """`callback` as asyncpg is to call it: with this proxy in place of the connection."""
-        self.raw  # noqa: B018 - refused once released, before anything is registered
+        """`callback` as asyncpg is to call it: with this proxy in place of the connection.
+        (Called for the argument of ``self.raw.add_...()``, whose ``self.raw`` has already
+        refused a released connection.)"""
         try:
             relays = self._relays
         except AttributeError:
@@ -240,7 +241,6 @@ class PooledConnection(_Base):
 
     def _unrelay(self, kind: tuple[str, ...], callback: Callable[..., object]
                  ) -> Callable[..., object]:
-        self.raw  # noqa: B018 - refused once released
         try:
             return self._relays.pop((*kind, callback), callback)
         except AttributeError:
