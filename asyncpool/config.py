@@ -332,15 +332,15 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     }
     for key, value in positive.items():
         # `not value > 0` also refuses NaN, which every comparison lets through.
-        if value is not None and (_not_number(value) or not value > 0):
+        if value is not None and (not_a_number(value) or not value > 0):
             fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
     if cfg.connect_timeout is None:
         fail("connect_timeout=None: a login must have a time limit; give a number of seconds > 0")
     after = cfg.validate_after
-    if after is not None and (_not_number(after) or not after >= 0):
+    if after is not None and (not_a_number(after) or not after >= 0):
         fail(f"validate_after={cfg.validate_after!r}: must be >= 0 seconds (or None)")
     jitter = cfg.lifetime_jitter
-    if _not_number(jitter) or not 0 <= jitter < 1:
+    if not_a_number(jitter) or not 0 <= jitter < 1:
         fail(f"lifetime_jitter={cfg.lifetime_jitter!r}: must be a fraction in [0, 1)")
     _rename_mode(cfg)
     if cfg.prepared_statements not in get_args(PreparedStatements):
@@ -357,7 +357,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
              "(asyncpg's statement_cache_size=0 is prepared_statements='off', which Pool() and "
              "create_pool() take it for)")
     if cfg.command_timeout is not None and (
-            _not_number(cfg.command_timeout) or not cfg.command_timeout > 0):
+            not_a_number(cfg.command_timeout) or not cfg.command_timeout > 0):
         fail(f"command_timeout={cfg.command_timeout!r}: must be a number of seconds > 0 "
              "(or None for no limit)")
     queries = cfg.max_queries
@@ -393,8 +393,9 @@ def _not_whole(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
 
 
-def _not_number(value: object) -> bool:
-    # True is an int to Python, never a number of seconds to a user.
+def not_a_number(value: object) -> bool:
+    """True unless `value` is an int or a float; True itself (an int to Python) is never a
+    number of seconds to a user."""
     return isinstance(value, bool) or not isinstance(value, int | float)
 
 

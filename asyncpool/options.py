@@ -24,6 +24,7 @@ from asyncpool.config import (
     PreparedStatements,
     SetupHook,
     SslMode,
+    not_a_number,
 )
 from asyncpool.errors import PoolConfigError
 
@@ -207,8 +208,7 @@ def check_timeout(pool_name: str, what: str, timeout: Any, none: str = "no limit
     seconds >= 0."""
     if timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout) \
-            or timeout < 0:
+    if not_a_number(timeout) or math.isnan(timeout) or timeout < 0:
         raise PoolConfigError(
             f"pool {pool_name!r}: {what}={timeout!r}: must be a number of seconds >= 0 "
             f"(or None for {none})"
