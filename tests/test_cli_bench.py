@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,9 @@ def test_a_matrix_with_nothing_to_run_is_refused_before_servers_start() -> None:
     assert "--driver asyncpool" in result.stderr
 
 
+_REFUSED_OR_TIMED_OUT = {"ConnectError(ConnectionRefusedError)", "PoolTimeoutError"}
+
+
 def test_a_run_whose_instances_never_got_through_fails() -> None:
     """Nobody listens on the port: each acquire outlasts the window, so no query fails inside
     it, but no instance was ever served and every login failed."""
@@ -198,10 +202,16 @@ def test_a_run_whose_instances_never_got_through_fails() -> None:
     assert run["queries"] == 0
     assert run["clients_never_served"] == 2
     assert run["connect_errors"] > 0
-    assert run["warmup_errors"] == {"ConnectError(ConnectionRefusedError)": 2}
+    # Which error ends an acquire depends on where its second fell: in a login (refused) or
+    # in the backoff between two (the acquire timeout), as a loaded machine shifts it.
+    assert sum(run["warmup_errors"].values()) == 2, run["warmup_errors"]
+    assert set(run["warmup_errors"]) <= _REFUSED_OR_TIMED_OUT, run["warmup_errors"]
 
     result = _bench(*target)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "errors: asyncpool off x2: 2 of 2 instances never served; " in result.stdout
-    assert "failed logins; 2 failed warm-ups (ConnectError(ConnectionRefusedError) 2)" in (
-        result.stdout)
+    counted = re.search(r"failed logins; 2 failed warm-ups \((.*)\)\n", result.stdout)
+    assert counted is not None, result.stdout
+    kinds = dict(part.rsplit(" ", 1) for part in counted[1].split(", "))
+    assert set(kinds) <= _REFUSED_OR_TIMED_OUT, kinds
+    assert sum(map(int, kinds.values())) == 2, kinds

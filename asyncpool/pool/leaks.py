@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from asyncpool.pool.alarms import alarm, loop_clock, own_clock
 from asyncpool.pool.lease import ACTIVE, Lease
+
+if TYPE_CHECKING:
+    from asyncpool.pool.record import ConnectionRecord
 
 logger = logging.getLogger("asyncpool.leaks")
 
@@ -30,22 +33,22 @@ def grain(timeout: float) -> float:
 class LeakTracker:
     """Fires `on_leak` for each lease held past `timeout`, with one alarm for the whole pool.
 
-    It reads the pool's own `leases` (connection -> lease, in the order they were taken): every
-    lease has the same timeout, so acquire order is deadline order and one alarm, set for the
-    oldest active lease, serves them all. A checkout adds nothing here: it only arms the alarm
-    when none is armed, and a return removes nothing. The alarm waits off the loop's heap where
-    that saves the loop work (`asyncpool.pool.alarms`).
+    It reads the pool's own list of connections (each in use carries its lease): every lease has
+    the same timeout, so one alarm, set for the oldest active lease, serves them all. A checkout
+    adds nothing here: it only arms the alarm when none is armed, and a return removes nothing.
+    The alarm waits off the loop's heap where that saves the loop work
+    (`asyncpool.pool.alarms`).
     """
 
     def __init__(self, timeout: float, on_leak: Callable[[Lease], None],
-                 leases: Mapping[Any, Lease], set_unarmed: Callable[[bool], None],
+                 records: Sequence[ConnectionRecord], set_unarmed: Callable[[bool], None],
                  loop: asyncio.AbstractEventLoop) -> None:
         self.timeout = timeout
         # Rounded only where the alarms share the thread's hand-overs: a loop with a clock of
         # its own keeps each deadline exact (uvloop's C timers; a test's virtual clock).
         self._grain = grain(timeout) if own_clock(loop) else None
         self._on_leak = on_leak
-        self._leases = leases
+        self._records = records
         self._clock = loop_clock(loop)
         self._alarm = alarm(loop, self._fire)
         # Told whether no alarm is set (then the next checkout calls `arm`): the pool keeps
@@ -66,14 +69,19 @@ class LeakTracker:
         self._set_unarmed(True)
         now = self._clock() + _EARLY_FIRE_SLACK
         due: list[Lease] = []
-        for lease in self._leases.values():
+        oldest_not_due = math.inf
+        for record in list(self._records):
+            lease = record.lease
             # Returned ones being reset, and ones already reported, are not (or no longer) leaks.
-            if lease.state is not ACTIVE or lease.reported:
+            if lease is None or lease.state is not ACTIVE or lease.reported:
                 continue
             if lease.acquired_at + self.timeout > now:
-                self.arm(lease.acquired_at)
-                break
-            due.append(lease)
+                oldest_not_due = min(oldest_not_due, lease.acquired_at)
+            else:
+                due.append(lease)
+        if oldest_not_due < math.inf:
+            self.arm(oldest_not_due)
+        due.sort(key=_acquired_at)  # reported in the order they were taken
         for lease in due:
             # Marked first: a handler that fails does not get the same lease again.
             lease.reported = True
@@ -90,6 +98,10 @@ class LeakTracker:
         self._alarm.cancel()
         # Closed for good: no checkout arms it again.
         self._set_unarmed(False)
+
+
+def _acquired_at(lease: Lease) -> float:
+    return lease.acquired_at
 
 
 class NoLeakTracker:

@@ -14,12 +14,14 @@ from asyncpool.connect.driver import probes
 if TYPE_CHECKING:
     import asyncpg
 
+    from asyncpool.pool.lease import Lease
+
 
 class Place(enum.Enum):
     """Where a connection is. Only the slot owner (`Slots`) moves a record between places."""
 
     IDLE = "idle"  # in the idle deque
-    LEASED = "leased"  # held by a caller, or being reset after release (in `Slots.leases`)
+    LEASED = "leased"  # held by a caller, or being reset after release (see `lease`)
     CHECKING = "checking"  # being validated for a caller, who holds its slot
     MOVING = "moving"  # between two places inside one synchronous step of the owner
     RETIRED = "retired"  # closed (or closing) and counted; gone from the pool
@@ -37,7 +39,7 @@ class ConnectionRecord:
     """One pooled connection. Times come from the event loop's monotonic clock."""
 
     __slots__ = ("check_at", "conn", "connected", "created_at", "expires_at", "in_transaction",
-                 "last_used", "place", "stale")
+                 "last_used", "lease", "place", "stale")
 
     def __init__(self, conn: asyncpg.Connection, now: float, max_lifetime: float | None,
                  jitter: float) -> None:
@@ -54,6 +56,10 @@ class ConnectionRecord:
         # it is; from then on it is validated, or retired if expired (see `touch`).
         self.check_at = math.inf
         self.place = MOVING
+        # The checkout holding it while `LEASED` (None otherwise): kept here rather than in a
+        # table of the pool's, which every checkout and return would write (a hashed insert and
+        # delete, and two more objects to touch per query).
+        self.lease: Lease | None = None
         # Validate before the next checkout whatever the clock says (a thaw or a restore, where
         # the monotonic clock is not known to have advanced).
         self.stale = False

@@ -88,9 +88,12 @@ _LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaim
 
 # Forks this process has gone through (bumped in the child). A pool remembers the count it was
 # opened at: a different one means it was inherited, and its sockets (and its loop's epoll set)
-# are shared with the parent, so it must neither use nor close them. One int compare on the
-# checkout fast path, where os.getpid() would be a system call.
+# are shared with the parent, so it must neither use nor close them. The checkout fast path
+# reads it through each pool's `fast` flag, which the child clears: os.getpid() would be a
+# system call per query.
 _FORKS = [0]
+# The pools open in this process, for the child of a fork to clear their `fast` flags.
+_LIVE: weakref.WeakSet[Slots] = weakref.WeakSet()
 
 
 if sys.version_info >= (3, 12):
@@ -101,6 +104,8 @@ else:  # asyncio.current_task is Python code before 3.12 (~0.3 µs); this is wha
 
 def _after_fork_in_child() -> None:
     _FORKS[0] += 1
+    for slots in list(_LIVE):
+        slots.fast = False
 
 
 if hasattr(os, "register_at_fork"):
@@ -136,35 +141,48 @@ class _Progress:
         self.queued = 0.0  # seconds spent in line before a slot or connection came
 
 
-class Slots:
+class _HotSlots:
+    """The attributes of `Slots` that every checkout and return reads, in a class of their own.
+
+    CPython lays a class's ``__slots__`` out in sorted order, whatever order they are written in;
+    only a base class's come first, together. With hundreds of pools in one process, each query
+    finds its pool's lines cold: these fit in three lines instead of being spread over all six.
+    """
+
+    __slots__ = ("_may_retire", "acquired_total", "clock", "fast", "idle", "leak_timer_unarmed",
+                 "leaks", "loop", "loop_has_thread_id", "max_queries", "on_acquired", "on_released",
+                 "setup", "track_leaks", "validate_after")
+
+
+class Slots(_HotSlots):
     """Owns every connection and slot of one pool; provides the `Checkouts` interface.
 
-    Sizes: ``size = len(idle) + len(leases) + connecting`` and never exceeds ``max_size``;
+    Sizes: ``size = len(idle) + in use + connecting`` and never exceeds ``max_size``;
     `connecting` counts slots reserved by a caller (opening a connection, validating one, or
-    granted to a waiter that has not run yet).
+    granted to a waiter that has not run yet). A record in use carries its lease (`record.lease`).
     """
 
     # Slots, not a __dict__: with more than 30 attributes an instance's dict no longer shares its
     # class's keys, and each read on the query path becomes a hashed lookup.
-    __slots__ = (  # noqa: RUF023 (hot attributes first: neighbours in memory)
-        "idle", "waiters", "state", "forks", "clock", "loop", "loop_has_thread_id", "track_leaks",
-        "leases", "leaks", "leak_timer_unarmed", "acquired_total", "on_acquired", "on_released",
-        "validate_after",
-        "_may_retire", "max_queries", "setup", "name", "config", "opened_in", "connector",
-        "observer", "connecting", "checking", "retrying", "attempts", "background", "closing",
-        "housekeeper", "generation", "pid", "_drained", "_closed", "created_total",
-        "closed_total", "timeouts_total", "leaked_total", "validation_failures_total",
-        "connect_errors_total", "__weakref__",
+    __slots__ = (
+        "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "closed_total",
+        "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
+        "forks", "generation", "housekeeper", "leaked_total", "name", "observer", "opened_in", "pid",
+        "records", "retrying", "state", "timeouts_total", "validation_failures_total", "waiters",
     )
 
     def __init__(self, name: str, config: PoolConfig) -> None:
-        # What every checkout and return reads comes first: an instance's attributes are stored in
-        # assignment order, so these share a cache line or two (with hundreds of pools in one
-        # process, each query finds its pool's lines cold).
-        self.idle: collections.deque[ConnectionRecord] = collections.deque()
+        # Idle connections, the most recently used last (taken from and put back at the end).
+        self.idle: list[ConnectionRecord] = []
         self.waiters: collections.deque[Waiter] = collections.deque()
         self.state = NEW
         self.forks = _FORKS[0]
+        # Every connection of the pool (idle, in use, being checked or moved), retired ones not.
+        self.records: list[ConnectionRecord] = []
+        # A checkout may take an idle connection without asking more of the pool: it is open, in
+        # the process that opened it, and nobody is in line (`_refresh_fast` keeps it so). One
+        # read instead of four on every checkout and return.
+        self.fast = False
         # The loop's clock: time.monotonic itself under asyncio's loops (their time() is only a
         # Python call around it), the loop's own method otherwise (uvloop's is its cached clock).
         self.clock: Callable[[], float] = time.monotonic
@@ -177,7 +195,6 @@ class Slots:
         self.loop_has_thread_id = False
         # Leases carry the holder's context only for a leak report to be made in it.
         self.track_leaks = False
-        self.leases: dict[ConnectionRecord, Lease] = {}
         self.leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
         # The leak tracker's timer is not armed: the next checkout arms it (`leaks.arm`).
         self.leak_timer_unarmed = False
@@ -235,12 +252,13 @@ class Slots:
         cfg = self.config
         self.clock = loop_clock(self.loop)
         if cfg.leak_timeout is not None:
-            self.leaks = LeakTracker(cfg.leak_timeout, _weakly(self, Slots.on_leak), self.leases,
+            self.leaks = LeakTracker(cfg.leak_timeout, _weakly(self, Slots.on_leak), self.records,
                                      _weakly(self, _set_leak_timer_unarmed), self.loop)
             self.track_leaks = True
         observer.attach(self.name, _weak_stats(self))
         self.on_acquired, self.on_released = observer.checkout_hooks()
-        self.state = OPEN
+        _LIVE.add(self)
+        self._set_state(OPEN)
         try:
             if connector.credentials is not None:
                 await connector.credentials.warm(connector.target)
@@ -262,7 +280,7 @@ class Slots:
         if self.state is CLOSED_STATE:
             return
         if self.state is NEW:
-            self.state = CLOSED_STATE
+            self._set_state(CLOSED_STATE)
             return
         if self.inherited():
             self._forget_inherited()
@@ -284,7 +302,7 @@ class Slots:
         if self.state is CLOSING:
             await self._closed.wait()  # another close() is under way
             return
-        self.state = CLOSING
+        self._set_state(CLOSING)
         try:
             self._stop("pool closed", graceful=True)
             if not self._is_drained():
@@ -320,12 +338,12 @@ class Slots:
         if self.state is CLOSED_STATE:
             return
         if self.state is NEW:
-            self.state = CLOSED_STATE
+            self._set_state(CLOSED_STATE)
             return
         if self.inherited():
             self._forget_inherited()
             return
-        self.state = CLOSING
+        self._set_state(CLOSING)
         self._stop("pool terminated", graceful=False)
         self._retire_all("pool terminated")
         for conn in list(self.closing.values()):
@@ -338,12 +356,14 @@ class Slots:
     def _forget_inherited(self) -> None:
         """Closed in a forked child: forget the parent's connections without touching them."""
         self.idle.clear()
-        self.leases.clear()
+        for record in self.records:
+            record.lease = None
+        self.records.clear()
         self.checking.clear()
         self.waiters.clear()
         self.attempts.clear()
         self.connecting = 0
-        self.state = CLOSED_STATE
+        self._set_state(CLOSED_STATE)
 
     def _stop(self, reason: str, graceful: bool) -> None:
         """The first, synchronous part of closing: nobody waits, logs in or reaps any more."""
@@ -364,10 +384,8 @@ class Slots:
     def _retire_all(self, reason: str) -> None:
         for record in list(self.idle):
             self.retire(record, reason)
-        for record, lease in list(self.leases.items()):
-            if lease.state is ACTIVE:
-                lease.state = CLOSED
-            self.retire(record, reason)
+        for record in self.leased():
+            self.retire(record, reason)  # (its lease, if still active, says CLOSED)
         for record in list(self.checking):
             self.retire(record, reason)
 
@@ -378,13 +396,14 @@ class Slots:
         return tasks
 
     def _finish(self, close_credentials: bool) -> None:
+        _LIVE.discard(self)
         self.leaks.close()
         creds = self.connector.credentials if self.connector is not None else None
         if close_credentials and creds is not None:
             loop = self.loop
             if loop is not None and not loop.is_closed():
                 self._spawn(_close_credentials(creds, self.name))
-        self.state = CLOSED_STATE
+        self._set_state(CLOSED_STATE)
         try:
             self.observer.detach()
         except Exception:
@@ -392,8 +411,21 @@ class Slots:
         if self._closed is not None:
             self._closed.set()
 
+    def _set_state(self, state: PoolState) -> None:
+        self.state = state
+        self._refresh_fast()
+
+    def _refresh_fast(self) -> None:
+        """Recompute `fast` from what it sums up: called whenever the state or the line of
+        waiters changes (and a fork clears it: `_after_fork_in_child`)."""
+        self.fast = self.state is OPEN and not self.waiters and self.forks == _FORKS[0]
+
+    def leased(self) -> list[ConnectionRecord]:
+        """The connections in use: held, or being reset after their return."""
+        return [record for record in self.records if record.place is LEASED]
+
     def _is_drained(self) -> bool:
-        return not self.idle and not self.leases and self.connecting == 0
+        return not self.records and self.connecting == 0
 
     def _note_drained(self) -> None:
         if self._drained is not None and self._is_drained():
@@ -464,12 +496,14 @@ class Slots:
         if place is IDLE:
             self.idle.remove(record)
         elif place is LEASED:
-            lease = self.leases.pop(record)
-            if lease.state is ACTIVE:
+            lease = record.lease
+            record.lease = None
+            if lease is not None and lease.state is ACTIVE:
                 lease.state = CLOSED
         elif place is CHECKING:
             self.checking.discard(record)
         record.place = RETIRED
+        self.records.remove(record)
         self.closed_total += 1
         self.observer.connection_closed(reason)
         self._close_connection(record.conn, graceful)
@@ -514,7 +548,7 @@ class Slots:
     # -- slots --------------------------------------------------------------------------------
 
     def size(self) -> int:
-        return len(self.idle) + len(self.leases) + self.connecting
+        return len(self.idle) + len(self.leased()) + self.connecting
 
     def _grant_slot(self) -> None:
         """A slot is free: the first waiter that wants a slot gets it (and will connect). With
@@ -527,6 +561,7 @@ class Slots:
         else:
             return
         self.waiters.remove(waiter)
+        self._refresh_fast()
         self.connecting += 1
         waiter.fut.set_result(GRANT)
 
@@ -557,12 +592,15 @@ class Slots:
                 self.retrying -= 1
             if waiter.fut.done():
                 continue  # cancelled; its task has not run yet to leave the queue
-            self._hold(record, Lease(record, now, waiter.frame, waiter.task, waiter.context))
-            waiter.fut.set_result(self.leases[record])
+            lease = Lease(record, now, waiter.frame, waiter.task, waiter.context)
+            self._hold(record, lease)
+            waiter.fut.set_result(lease)
+            self._refresh_fast()
             if waiter.retrying:
                 # It was between login attempts in a slot of its own, which it no longer needs.
                 self._release_slot()
             return
+        self._refresh_fast()  # (the line may have emptied: waiters that gave up)
         record.place = IDLE
         self.idle.append(record)
 
@@ -573,7 +611,7 @@ class Slots:
 
     def _hold(self, record: ConnectionRecord, lease: Lease) -> None:
         record.place = LEASED
-        self.leases[record] = lease
+        record.lease = lease
         if self.leak_timer_unarmed:
             self.leaks.arm(lease.acquired_at)
 
@@ -597,7 +635,7 @@ class Slots:
         thread: `loop_has_thread_id`), no context copy unless leaks are tracked, the observer
         called only if it listens."""
         idle = self.idle
-        if not idle or self.waiters or self.state is not OPEN or self.forks != _FORKS[0]:
+        if not self.fast or not idle:
             return None
         record = idle[-1]
         now = self.clock()
@@ -623,7 +661,7 @@ class Slots:
         lease.scoped = False
         lease.holder_cancelled = False
         record.place = LEASED
-        self.leases[record] = lease
+        record.lease = lease
         if self.leak_timer_unarmed:
             self.leaks.arm(now)
         self.acquired_total += 1
@@ -749,6 +787,7 @@ class Slots:
         assert self.loop is not None
         waiter = Waiter(self.loop.create_future(), frame, started, retrying=False)
         self.waiters.append(waiter)
+        self.fast = False
         progress.phase = "waiting"
         try:
             got = await waiter.fut
@@ -784,6 +823,7 @@ class Slots:
             self.waiters.remove(waiter)
         except ValueError:
             return None  # already taken out (by close(), or skipped as cancelled)
+        self._refresh_fast()
         if waiter.retrying:
             self.retrying -= 1
         return None
@@ -794,7 +834,7 @@ class Slots:
             return
         lease.state = RELEASED
         record = lease.record
-        del self.leases[record]
+        record.lease = None
         record.place = MOVING
         self._put(record, self.loop.time() if self.loop else 0.0)
 
@@ -855,6 +895,7 @@ class Slots:
         now = self.loop.time()
         record = ConnectionRecord(conn, now, cfg.max_lifetime, cfg.lifetime_jitter)
         record.touch(now, self.validate_after)
+        self.records.append(record)
         return record
 
     async def _wait_between_attempts(self, delay: float, progress: _Progress) -> Lease | None:
@@ -863,6 +904,7 @@ class Slots:
         assert self.loop is not None
         waiter = Waiter(self.loop.create_future(), None, self.loop.time(), retrying=True)
         self.waiters.append(waiter)
+        self.fast = False
         self.retrying += 1
         try:
             async with asyncio.timeout(delay):
@@ -993,16 +1035,15 @@ class Slots:
                 # idle_in_transaction_session_timeout ends what it was doing (docs/poolers.md).
                 self.retire(record, "cancel undeliverable")
                 return False
-            return True  # still counted in use (leases) until reset
-        del self.leases[record]
+            return True  # still in use (`record.lease`) until reset
+        record.lease = None
         # record.touch(now, self.validate_after), inline: this runs on every query.
         record.last_used = now
         validate_after = self.validate_after
         check_at = math.inf if validate_after is None else now + validate_after
         expires_at = record.expires_at
         record.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
-        if (self.waiters or self.state is not OPEN
-                or (self._may_retire and getattr(conn, "retire_reason", None))
+        if (not self.fast or (self._may_retire and getattr(conn, "retire_reason", None))
                 or self.max_queries is not None or (expires_at is not None and now >= expires_at)):
             record.place = MOVING
             self._put(record, now)  # a waiter takes it, or it goes
@@ -1031,7 +1072,7 @@ class Slots:
             raise
         if record.place is not LEASED:
             return  # retired while it was being reset (close, terminate)
-        del self.leases[record]
+        record.lease = None
         record.place = MOVING
         assert self.loop is not None
         now = self.loop.time()
@@ -1050,7 +1091,7 @@ class Slots:
         self.retire(lease.record, reason)
 
     def owns(self, lease: Lease) -> bool:
-        return self.leases.get(lease.record) is lease
+        return lease.record.lease is lease
 
     # -- leaks --------------------------------------------------------------------------------
 
@@ -1094,12 +1135,12 @@ class Slots:
         self.generation += 1
         for record in list(self.idle):
             self.retire(record, "expired by expire_all", graceful=True)
-        for record in [*self.leases, *self.checking]:
+        for record in [*self.leased(), *self.checking]:
             record.expires_at = -math.inf
 
     def mark_stale(self) -> None:
         """Validate every connection before its next checkout, whatever the clock says."""
-        for record in [*self.idle, *self.leases, *self.checking]:
+        for record in list(self.records):
             record.stale = True
             record.check_at = -math.inf
 
@@ -1155,7 +1196,7 @@ class Slots:
         (no lock on the checkout path); read from another thread, fields may come from instants
         a few instructions apart."""
         idle = len(self.idle)
-        in_use = len(self.leases)
+        in_use = len(self.leased())
         connecting = self.connecting
         return PoolStats(
             name=self.name,
@@ -1224,8 +1265,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
                 return await getattr(proxy, method)(query, *args, **kwargs)
         idle = self.idle
         loop = self.loop
-        if (idle and not self.waiters and self.state is OPEN and self.forks == _FORKS[0]
-                and (now := self.clock()) < (record := idle[-1]).check_at
+        if (self.fast and idle and (now := self.clock()) < (record := idle[-1]).check_at
                 and (loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[union-attr]
                      else get_running_loop() is loop)
                 and record.connected()):
@@ -1244,7 +1284,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             lease.scoped = True
             lease.holder_cancelled = False
             record.place = LEASED
-            self.leases[record] = lease
+            record.lease = lease
             if self.leak_timer_unarmed:
                 self.leaks.arm(now)
             self.acquired_total += 1
@@ -1277,7 +1317,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         # finds it closed and retires it.
         now = self.clock()
         expires_at = record.expires_at
-        if (lease.state is not ACTIVE or self.waiters or self.state is not OPEN or lease.reported
+        if (lease.state is not ACTIVE or not self.fast or lease.reported
                 or (self._may_retire and getattr(conn, "retire_reason", None)) or self.max_queries is not None
                 or (expires_at is not None and now >= expires_at) or record.in_transaction()):
             await end_checkout(self, lease, None)
@@ -1285,7 +1325,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         lease.state = RELEASED  # (its frame is None: none was kept)
         if self.on_released is not None:
             self.on_released(now - lease.acquired_at)
-        del self.leases[record]
+        record.lease = None
         record.last_used = now
         validate_after = self.validate_after
         check_at = math.inf if validate_after is None else now + validate_after

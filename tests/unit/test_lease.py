@@ -30,7 +30,9 @@ def test_the_helpers_lease_sets_every_slot_as_the_constructor_would(server: Fake
             _SPAN.set("caller's span")
             statement = asyncio.create_task(pool.fetchval("SELECT pg_sleep(1)"))
             await asyncio.sleep(0.01)
-            (record, lease), = slots.leases.items()
+            (record,) = slots.leased()
+            lease = record.lease
+            assert lease is not None
             made = _slots_of(lease)  # every slot is set, or this raises AttributeError
             expected = _slots_of(Lease(record, lease.acquired_at, None, statement,
                                        lease.context))
@@ -41,7 +43,8 @@ def test_the_helpers_lease_sets_every_slot_as_the_constructor_would(server: Fake
             assert lease.context is not None
             assert lease.context[_SPAN] == "caller's span"
             await statement
-            assert not slots.leases
+            assert not slots.leased()
+            assert record.lease is None
 
     run(main())
 
@@ -101,7 +104,9 @@ def test_the_acquire_paths_context_lease_and_proxy_set_every_slot_as_the_constru
             reference = AcquireContext(slots, UNSET, sys._getframe())
             assert made_context == {name: getattr(reference, name) for name in AcquireContext.__slots__}
             async with context as conn:
-                (record, lease), = slots.leases.items()
+                (record,) = slots.leased()
+                lease = record.lease
+                assert lease is not None
                 made = _slots_of(lease)  # every slot is set, or this raises AttributeError
                 task = asyncio.current_task()
                 expected = _slots_of(Lease(record, lease.acquired_at, lease.frame, task,
@@ -116,6 +121,7 @@ def test_the_acquire_paths_context_lease_and_proxy_set_every_slot_as_the_constru
                 assert {name: getattr(conn, name) for name in ("_lease", "_owner")} == {
                     "_lease": lease, "_owner": slots}
                 assert await conn.fetchval("SELECT 1") == 1
-            assert not slots.leases
+            assert not slots.leased()
+            assert record.lease is None
 
     run(main())

@@ -59,6 +59,7 @@ from asyncpool import (
     PoolTimeoutError,
 )
 from asyncpool.connect import driver
+from asyncpool.pool import slots as slots_module
 from asyncpool.pool.record import CHECKING, IDLE, LEASED
 from asyncpool.pool.slots import CLOSED_STATE, OPEN
 from tests.unit.fakes import FakeConnection, FakeServer, VirtualClockLoop, fake_pool
@@ -394,7 +395,7 @@ class PoolModel(RuleBasedStateMachine):
             return
         slots = self.pool._slots
         s = self.pool.stats()
-        assert s.size == len(slots.idle) + len(slots.leases) + slots.connecting
+        assert s.size == len(slots.idle) + len(slots.leased()) + slots.connecting
         assert 0 <= s.size <= self.max_size, s
         assert min(s.idle, s.in_use, s.connecting, s.waiting) >= 0, s
         assert slots.retrying >= 0
@@ -407,10 +408,16 @@ class PoolModel(RuleBasedStateMachine):
         idle = list(slots.idle)
         assert len(set(idle)) == len(idle), "a record is idle twice"
         assert all(r.place is IDLE for r in idle)
-        assert all(r.place is LEASED and lease.record is r for r, lease in slots.leases.items())
+        leased = slots.leased()
+        assert all(r.lease is not None and r.lease.record is r for r in leased)
         assert all(r.place is CHECKING for r in slots.checking)
-        places = [*idle, *slots.leases, *slots.checking]
+        places = [*idle, *leased, *slots.checking]
         assert len(set(places)) == len(places), "a record is in two places"
+        # Between two steps no record is on its way between places: the pool's list of
+        # records is exactly these, and only the ones in use carry a lease.
+        assert sorted(map(id, places)) == sorted(map(id, slots.records)), "records list is off"
+        assert all((r.lease is not None) == (r.place is LEASED) for r in slots.records), (
+            "a lease left behind, or one missing")
         raws = [r.conn for r in places]
         assert len(set(map(id, raws))) == len(raws), "a connection is in two records"
 
@@ -429,7 +436,7 @@ class PoolModel(RuleBasedStateMachine):
         if self.pool is None:
             return
         slots = self.pool._slots
-        present = {id(r.conn) for r in [*slots.idle, *slots.leases, *slots.checking]}
+        present = {id(r.conn) for r in [*slots.idle, *slots.leased(), *slots.checking]}
         s = self.pool.stats()
         assert s.created_total == s.closed_total + len(present), s
         for conn in self.server.open_connections():
@@ -449,6 +456,17 @@ class PoolModel(RuleBasedStateMachine):
             assert s.size == s.max_size, s
         if slots.retrying:  # callers between two login attempts
             assert s.idle == 0, f"a caller retries its login while a connection is idle: {s}"
+
+    @invariant()
+    def the_fast_flag_says_what_it_sums_up(self) -> None:
+        """`fast` lets checkouts and returns skip the queue and state checks: wrong one way, a
+        returned connection would go idle past a waiter (who then waits until timed out)."""
+        if self.pool is None:
+            return
+        slots = self.pool._slots
+        assert slots.fast == (slots.state is OPEN and not slots.waiters
+                              and slots.forks == slots_module._FORKS[0]), (
+            slots.fast, slots.state, len(slots.waiters))
 
     @invariant()
     def every_reserved_slot_has_a_caller(self) -> None:

@@ -44,6 +44,38 @@ def test_checkout_takes_the_most_recently_used_and_gives_it_back(server: FakeSer
     run(main())
 
 
+def test_the_fast_path_comes_back_after_every_waiter_left(server: FakeServer) -> None:
+    """A connection returned while the only waiters had been cancelled (their tasks not yet run
+    to leave the line) goes idle, and the next checkout takes the fast path again: the pool's
+    `fast` flag, cleared while anyone waits, is set once the line is empty whichever way it
+    emptied."""
+
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            slots = pool._slots
+            assert slots.fast
+            held = await pool.acquire()
+            waiters = [asyncio.create_task(pool.fetchval("SELECT 1")) for _ in range(2)]
+            await asyncio.sleep(0)
+            assert len(slots.waiters) == 2
+            assert not slots.fast
+            for waiter in waiters:
+                waiter.cancel()
+            await pool.release(held)  # both waiters are done but still in line
+            assert not slots.waiters
+            assert slots.fast
+            for waiter in waiters:
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter
+            assert slots.fast
+            checkout = slots.checkout_nowait(None)
+            assert checkout is not None, "the fast path was not taken"
+            assert slots.checkin_nowait(checkout) is False
+            assert (pool.stats().idle, pool.stats().in_use) == (1, 0)
+
+    run(main())
+
+
 def test_a_returned_connection_goes_straight_to_the_first_waiter(server: FakeServer) -> None:
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
@@ -213,7 +245,12 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
         pool = fake_pool(server, min_size=2, max_size=2)
         await pool.open()
         held = await pool.acquire()
-        monkeypatch.setattr(slots, "_FORKS", [slots._FORKS[0] + 1])
+        # What os.register_at_fork runs in the child (on a copy of the count: this process
+        # is not forked).
+        monkeypatch.setattr(slots, "_FORKS", [slots._FORKS[0]])
+        slots._after_fork_in_child()
+        with pytest.raises(PoolError, match="is a fork of it"):
+            await pool.fetchval("SELECT 1")
         with pytest.raises(PoolError, match="is a fork of it"):
             await pool.acquire()
         pool.terminate()
