@@ -45,7 +45,7 @@ connection that each do one more piece of the bookkeeping around a statement (a 
 return, clock reads, a lease with its task and context, the table of leases, the state checks):
 where the pool's extra goes. `--ablate` (best with `--only instructions`) is the other way round:
 the pool's own statement runner with one piece of its bookkeeping taken out each (the context
-copy, the holding task, a clock read, the checks, the lease kept on the record, the count and hooks).
+copy, the holding task, the checks, the lease kept on the record, the count and hooks).
 
 Each sample of a contender is paired with raw asyncpg's sample of the same pass (next to it in
 time), so a busy neighbour moves both. The report gives medians, the extra µs per query over raw
@@ -241,8 +241,6 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
         ("copy_context() if self.track_leaks else None", "None")],
     "runner without the holding task": [
         ("lease.task = task_of(loop)", "lease.task = None")],
-    "runner without the clock read at the return": [
-        ("        now = self.clock()\n        expires_at", "        expires_at")],
     "runner without the checks before taking": [
         ("if (self.fast and idle and", "if (idle and"),
         (" is loop)\n                and record.connected()):", " is loop)):")],
@@ -250,15 +248,15 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
         ("if (lease.state is not ACTIVE or not self.fast or lease.reported\n"
          "                or (self._may_retire and getattr(conn, \"retire_reason\", None)) "
          "or self.max_queries is not None\n"
-         "                or (expires_at is not None and now >= expires_at) or record.in_transaction()):",
+         "                or now >= expires_at or record.in_transaction()):",
          "if lease.state is not ACTIVE:")],
     "runner without the lease on the record": [
         ("            record.lease = lease\n", ""), ("        record.lease = None\n", "")],
     "runner without the count and observer hooks": [
         ("            self.acquired_total += 1\n", ""),
         ("            if self.on_acquired is not None:\n                self.on_acquired(0.0)\n", ""),
-        ("        if self.on_released is not None:\n"
-         "            self.on_released(now - lease.acquired_at)\n", "")],
+        ("        if on_released is not None:\n"
+         "            on_released(now - lease.acquired_at)\n", "")],
 }
 
 

@@ -64,23 +64,25 @@ class ConnectionRecord:
         # the monotonic clock is not known to have advanced).
         self.stale = False
 
-    def touch(self, now: float, validate_after: float | None) -> None:
-        """Note a use at `now`, and when the next checkout must look at the connection."""
+    def touch(self, now: float, validate_after: float) -> None:
+        """Note a use at `now`, and when the next checkout must look at the connection
+        (`validate_after` seconds on, infinite for never, or at `expires_at` if sooner)."""
         self.last_used = now
-        check_at = math.inf if validate_after is None else now + validate_after
+        check_at = now + validate_after
         expires_at = self.expires_at
-        self.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
+        self.check_at = check_at if check_at < expires_at else expires_at
 
     def expired(self, now: float) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
+        return now >= self.expires_at
 
     def usable(self) -> bool:
         return not self.conn.is_closed()
 
 
-def expiry(now: float, max_lifetime: float | None, jitter: float) -> float | None:
-    """When a connection made `now` must be retired: up to `jitter` of the lifetime earlier, at
-    random, so connections opened together (a cold start) do not all reconnect together."""
+def expiry(now: float, max_lifetime: float | None, jitter: float) -> float:
+    """When a connection made `now` must be retired (infinite: never): up to `jitter` of the
+    lifetime earlier, at random, so connections opened together (a cold start) do not all
+    reconnect together."""
     if max_lifetime is None:
-        return None
+        return math.inf
     return now + max_lifetime * (1.0 - jitter * random.random())

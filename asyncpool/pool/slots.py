@@ -202,7 +202,8 @@ class Slots(_HotSlots):
         # The observer's per-checkout hooks, None when they would do nothing (not called then).
         self.on_acquired: Callable[[float], None] | None = None
         self.on_released: Callable[[float], None] | None = None
-        self.validate_after = config.validate_after
+        # Infinite for never (`None`): the return adds it to the time without a test.
+        self.validate_after = math.inf if config.validate_after is None else config.validate_after
         # Only "unnamed" connections can ask to be retired (`retire_reason`).
         self._may_retire = config.prepared_statements == "unnamed"
         self.max_queries = config.max_queries
@@ -1039,12 +1040,11 @@ class Slots(_HotSlots):
         record.lease = None
         # record.touch(now, self.validate_after), inline: this runs on every query.
         record.last_used = now
-        validate_after = self.validate_after
-        check_at = math.inf if validate_after is None else now + validate_after
+        check_at = now + self.validate_after
         expires_at = record.expires_at
-        record.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
+        record.check_at = check_at if check_at < expires_at else expires_at
         if (not self.fast or (self._may_retire and getattr(conn, "retire_reason", None))
-                or self.max_queries is not None or (expires_at is not None and now >= expires_at)):
+                or self.max_queries is not None or now >= expires_at):
             record.place = MOVING
             self._put(record, now)  # a waiter takes it, or it goes
             return False
@@ -1315,21 +1315,25 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         # a reset; only the pool (closing, a leak reclaim) can have changed the lease. A statement
         # that succeeded leaves the connection open; if it is lost just after, the next checkout
         # finds it closed and retires it.
-        now = self.clock()
+        # One clock read per statement unless a hook wants the time held: the connection counts
+        # as used from its checkout on (a statement longer than `validate_after` only makes the
+        # next checkout validate, and one that outlived the connection's lifetime leaves
+        # `check_at` at its `expires_at`, due at once: the next checkout retires it).
+        on_released = self.on_released
+        now = lease.acquired_at if on_released is None else self.clock()
         expires_at = record.expires_at
         if (lease.state is not ACTIVE or not self.fast or lease.reported
                 or (self._may_retire and getattr(conn, "retire_reason", None)) or self.max_queries is not None
-                or (expires_at is not None and now >= expires_at) or record.in_transaction()):
+                or now >= expires_at or record.in_transaction()):
             await end_checkout(self, lease, None)
             return result
         lease.state = RELEASED  # (its frame is None: none was kept)
-        if self.on_released is not None:
-            self.on_released(now - lease.acquired_at)
+        if on_released is not None:
+            on_released(now - lease.acquired_at)
         record.lease = None
         record.last_used = now
-        validate_after = self.validate_after
-        check_at = math.inf if validate_after is None else now + validate_after
-        record.check_at = check_at if expires_at is None or check_at < expires_at else expires_at
+        check_at = now + self.validate_after
+        record.check_at = check_at if check_at < expires_at else expires_at
         record.place = IDLE
         idle.append(record)
         return result
