@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -306,8 +307,8 @@ def test_lifetime_jitter_spreads_expiry() -> None:
 
     deadlines = {expiry(0.0, 100.0, 0.2) for _ in range(200)}
     assert len(deadlines) > 150
-    assert all(80.0 <= d <= 100.0 for d in deadlines if d is not None)
-    assert expiry(0.0, None, 0.2) is None
+    assert all(80.0 <= d <= 100.0 for d in deadlines)
+    assert expiry(0.0, None, 0.2) == math.inf  # no max_lifetime: never
 
 
 async def test_max_idle_shrinks_to_min_size(pooler: Pooler) -> None:
