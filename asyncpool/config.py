@@ -55,9 +55,7 @@ class PoolConfig:
     max_idle: an idle connection beyond `min_size` unused this long is closed (default 300).
     validate_after: a connection idle longer than this is checked with a round trip before it is
         handed out, so one killed while a Lambda environment was frozen, or dropped by the pooler,
-        is replaced unseen (default 1.0; 0 checks every checkout; None never). After a query
-        helper (`pool.fetchval()`...) the time runs from its checkout, so a statement longer than
-        this makes the next checkout check the connection.
+        is replaced unseen (default 1.0; 0 checks every checkout; None never).
     prepared_statements: ``"unnamed"`` (default) keeps each connection's statement descriptions
         and sends every repeated query as one round trip with the unnamed statement only, so any
         transaction pooler works (PgBouncer < 1.21, RDS Proxy; docs/describe-cache.md);

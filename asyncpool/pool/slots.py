@@ -1315,12 +1315,12 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         # a reset; only the pool (closing, a leak reclaim) can have changed the lease. A statement
         # that succeeded leaves the connection open; if it is lost just after, the next checkout
         # finds it closed and retires it.
-        # One clock read per statement unless a hook wants the time held: the connection counts
-        # as used from its checkout on (a statement longer than `validate_after` only makes the
-        # next checkout validate, and one that outlived the connection's lifetime leaves
-        # `check_at` at its `expires_at`, due at once: the next checkout retires it).
+        # The clock is read again: a statement's end, not its start, is when the connection was
+        # last used. From the start, every statement longer than `validate_after` (a pooler's
+        # queue under load is enough) would make the next checkout validate: one more round trip
+        # per query when the server is busiest (tried, benchmarks/README.md).
+        now = self.clock()
         on_released = self.on_released
-        now = lease.acquired_at if on_released is None else self.clock()
         expires_at = record.expires_at
         if (lease.state is not ACTIVE or not self.fast or lease.reported
                 or (self._may_retire and getattr(conn, "retire_reason", None)) or self.max_queries is not None

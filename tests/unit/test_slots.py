@@ -76,6 +76,29 @@ def test_the_fast_path_comes_back_after_every_waiter_left(server: FakeServer) ->
     run(main())
 
 
+def test_a_statement_longer_than_validate_after_does_not_make_the_next_checkout_validate(
+    server: FakeServer,
+) -> None:
+    """A connection counts as used until its statement ends. Counted from the checkout, every
+    statement slower than `validate_after` (a pooler's queue under load is enough) would cost
+    the next checkout a validation round trip, when the server is busiest."""
+
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1, validate_after=1.0) as pool:
+            await pool.fetchval("SELECT pg_sleep(2)")
+            await pool.fetchval("SELECT pg_sleep(0)")
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT pg_sleep(2)")
+            await pool.fetchval("SELECT pg_sleep(0)")
+            (conn,) = server.open_connections()
+            assert conn.queries == ["SELECT pg_sleep(2)", "SELECT pg_sleep(0)"] * 2, conn.queries
+            await asyncio.sleep(1.5)  # idle past validate_after: now it is checked
+            await pool.fetchval("SELECT pg_sleep(0)")
+            assert conn.queries[4:] == ["SELECT 1", "SELECT pg_sleep(0)"], conn.queries
+
+    run(main())
+
+
 def test_a_returned_connection_goes_straight_to_the_first_waiter(server: FakeServer) -> None:
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
