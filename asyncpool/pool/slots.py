@@ -358,7 +358,11 @@ class Slots(_HotSlots):
         """Closed in a forked child: forget the parent's connections without touching them."""
         self.idle.clear()
         for record in self.records:
+            lease = record.lease
+            if lease is not None and lease.state is ACTIVE:
+                lease.state = CLOSED  # a holder's next use is refused, its release does nothing
             record.lease = None
+            record.place = RETIRED
         self.records.clear()
         self.checking.clear()
         self.waiters.clear()

@@ -279,10 +279,15 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
         pool.terminate()
         await pool.close()
         assert pool.closed
+        # A connection held across the fork: released, nothing is sent or closed (it raised
+        # KeyError); used, it is refused.
+        await pool.release(held)
+        with pytest.raises(PoolError):
+            await held.fetchval("SELECT 1")
         # Neither closed nor terminated: the sockets are the parent's.
         assert len(server.open_connections()) == 2
         assert all(c.closed_how is None for c in server.connections)
-        del held
+        assert all(c.queries == [] for c in server.connections)
 
     run(main())
 
