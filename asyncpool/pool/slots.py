@@ -1094,9 +1094,6 @@ class Slots(_HotSlots):
             self.on_released(self.loop.time() - lease.acquired_at)
         self.retire(lease.record, reason)
 
-    def owns(self, lease: Lease) -> bool:
-        return lease.record.lease is lease
-
     # -- leaks --------------------------------------------------------------------------------
 
     def on_leak(self, lease: Lease) -> None:
