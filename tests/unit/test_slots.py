@@ -87,14 +87,14 @@ def test_a_statement_longer_than_validate_after_does_not_make_the_next_checkout_
         async with fake_pool(server, min_size=1, max_size=1, validate_after=1.0) as pool:
             await pool.fetchval("SELECT pg_sleep(2)")
             await pool.fetchval("SELECT pg_sleep(0)")
-            async with pool.acquire() as conn:
-                await conn.fetchval("SELECT pg_sleep(2)")
+            async with pool.acquire() as held:
+                await held.fetchval("SELECT pg_sleep(2)")
             await pool.fetchval("SELECT pg_sleep(0)")
-            (conn,) = server.open_connections()
-            assert conn.queries == ["SELECT pg_sleep(2)", "SELECT pg_sleep(0)"] * 2, conn.queries
+            (raw,) = server.open_connections()
+            assert raw.queries == ["SELECT pg_sleep(2)", "SELECT pg_sleep(0)"] * 2, raw.queries
             await asyncio.sleep(1.5)  # idle past validate_after: now it is checked
             await pool.fetchval("SELECT pg_sleep(0)")
-            assert conn.queries[4:] == ["SELECT 1", "SELECT pg_sleep(0)"], conn.queries
+            assert raw.queries[4:] == ["SELECT 1", "SELECT pg_sleep(0)"], raw.queries
 
     run(main())
 
