@@ -1193,9 +1193,10 @@ class Slots(_HotSlots):
     # -- introspection ------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        """Current sizes and totals. Safe from any thread: it only reads lengths and counters
-        (no lock on the checkout path); read from another thread, fields may come from instants
-        a few instructions apart."""
+        """Current sizes and totals. Safe from any thread: it reads lengths and counters and
+        counts the records in use (no lock on the checkout path); read from another thread,
+        fields may come from instants a few instructions apart, and `in_use` may count a
+        connection returned and another taken during the count both."""
         idle = len(self.idle)
         in_use = len(self.leased())
         connecting = self.connecting

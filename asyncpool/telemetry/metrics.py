@@ -207,9 +207,10 @@ class PoolInstruments:
 
 
 def _read(stats: Callable[[], PoolStats]) -> PoolStats | None:
-    # stats() walks the waiter queue, which the event loop's thread may change under a collector
-    # thread ("deque mutated during iteration"). A retry nearly always succeeds; otherwise this
-    # collection skips the pool rather than failing every pool's metrics.
+    # stats() reads the pool's lists while the event loop's thread may change them under a
+    # collector thread. It is not meant to raise; should a RuntimeError ("... changed size during
+    # iteration") come, a retry nearly always succeeds, otherwise this collection skips the pool
+    # rather than failing every pool's metrics.
     for _ in range(3):
         try:
             return stats()
