@@ -108,11 +108,10 @@ class GuardedLoop(LoopView):
         return _unwrap(transport, protocol)
 
     async def start_tls(self, transport: Any, protocol: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(transport, GuardedTransport):
-            transport = transport.real
-        upgraded = await self.real.start_tls(transport, protocol, *args, **kwargs)
+        # The loop sets the TLS protocol on the plain transport: no Reader in front of that one.
+        upgraded = await self.real.start_tls(_disarm(transport), protocol, *args, **kwargs)
         # asyncpg then calls set_protocol(its protocol) on what this returns.
-        return None if upgraded is None else GuardedTransport(upgraded, self.guard)
+        return None if upgraded is None else _arm(upgraded, self.guard)
 
     def _wrap(self, factory: Callable[[], Any]) -> Callable[[], Any]:
         guard = self.guard
@@ -121,8 +120,8 @@ class GuardedLoop(LoopView):
             protocol = factory()
             if driver.is_wire_protocol(getattr(protocol, "inner", protocol)):
                 return Reader(protocol, guard)
-            # The TLS negotiation's protocol reads one byte, not messages: it is given a
-            # GuardedTransport, so that the PostgreSQL protocol asyncpg puts on the same socket
+            # The TLS negotiation's protocol reads one byte, not messages: its transport is
+            # armed (`_arm`), so that the PostgreSQL protocol asyncpg puts on the same socket
             # when the server declines TLS (``prefer``) is read through a Reader too.
             return _Negotiation(protocol, guard)
 
@@ -137,21 +136,55 @@ def _unwrap(transport: Any, protocol: Any) -> tuple[Any, Any]:
     return transport, protocol
 
 
+def _arm(transport: Any, guard: AuthGuard) -> Any:
+    """`transport`, made to put a `Reader` in front of the next protocol set on it.
+
+    asyncpg writes to the transport it is given for the whole life of the connection, so a view
+    in front of it would be paid on every query (about 700 instructions, benchmarks/README.md):
+    asyncio's transports are given as they are, with a ``set_protocol`` of the instance's own
+    that removes itself when called. Others (uvloop's, which take no attributes) get a
+    `GuardedTransport`.
+    """
+    def set_protocol(protocol: Any) -> None:
+        _disarm(transport)
+        transport.set_protocol(Reader(protocol, guard, transport))
+
+    try:
+        transport.set_protocol = set_protocol
+    except AttributeError:
+        return GuardedTransport(transport, guard)
+    return transport
+
+
+def _disarm(transport: Any) -> Any:
+    """The real transport under `transport`, with no `Reader` to put in front any more."""
+    if isinstance(transport, GuardedTransport):
+        return transport.real
+    # Deleted as an attribute: reading the instance's __dict__ would make CPython keep its
+    # attributes in a dict object from then on, and every read of one by asyncio's transport
+    # code slower (6,000 instructions per query).
+    with contextlib.suppress(AttributeError):
+        del transport.set_protocol
+    return transport
+
+
 class _Negotiation(ForwardingProtocol):
-    """Around asyncpg's TLS negotiation protocol: it sees the transport as a GuardedTransport."""
+    """Around asyncpg's TLS negotiation protocol: the transport it sees puts a `Reader` in front
+    of the next protocol set on it (`_arm`)."""
 
     def __init__(self, inner: Any, guard: AuthGuard) -> None:
         self.inner = inner
         self.guard = guard
-        self.transport: GuardedTransport | None = None
+        self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
-        self.transport = GuardedTransport(transport, self.guard)
+        self.transport = _arm(transport, self.guard)
         self.inner.connection_made(self.transport)
 
 
 class GuardedTransport:
-    """A TLS transport whose first ``set_protocol`` puts a `Reader` in front of the protocol."""
+    """A transport whose first ``set_protocol`` puts a `Reader` in front of the protocol (for the
+    transports `_arm` cannot give an attribute)."""
 
     __slots__ = ("_armed", "guard", "real", "write", "writelines")
 
