@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class Place(enum.Enum):
     """Where a connection is. Only the slot owner (`Slots`) moves a record between places."""
 
-    IDLE = "idle"  # in the pool's idle list
+    IDLE = "idle"  # in the pool's idle deque
     LEASED = "leased"  # held by a caller, or being reset after release (see `lease`)
     CHECKING = "checking"  # being validated for a caller, who holds its slot
     MOVING = "moving"  # between two places inside one synchronous step of the owner
