@@ -39,7 +39,7 @@ class ConnectionRecord:
     """One pooled connection. Times come from the event loop's monotonic clock."""
 
     __slots__ = ("check_at", "conn", "connected", "created_at", "expires_at", "in_transaction",
-                 "last_used", "lease", "place", "stale")
+                 "last_used", "lease", "place", "spare", "stale")
 
     def __init__(self, conn: asyncpg.Connection, now: float, max_lifetime: float | None,
                  jitter: float) -> None:
@@ -60,6 +60,9 @@ class ConnectionRecord:
         # table of the pool's, which every checkout and return would write (a hashed insert and
         # delete, and two more objects to touch per query).
         self.lease: Lease | None = None
+        # The statement runner's last lease on this connection, ended cleanly (nothing else
+        # holds it): the next one reuses it.
+        self.spare: Lease | None = None
         # Validate before the next checkout whatever the clock says (a thaw or a restore, where
         # the monotonic clock is not known to have advanced).
         self.stale = False

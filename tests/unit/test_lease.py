@@ -7,9 +7,11 @@ import sys
 from contextvars import ContextVar
 from typing import Any
 
+import pytest
+
 from asyncpool.connect import driver
 from asyncpool.pool.checkout import AcquireContext
-from asyncpool.pool.lease import ACTIVE, Lease
+from asyncpool.pool.lease import ACTIVE, RELEASED, Lease
 from asyncpool.pool.record import ConnectionRecord
 from asyncpool.pool.slots import UNSET
 from tests.unit.fakes import FakeServer, fake_pool, run
@@ -45,6 +47,98 @@ def test_the_helpers_lease_sets_every_slot_as_the_constructor_would(server: Fake
             await statement
             assert not slots.leased()
             assert record.lease is None
+
+    run(main())
+
+
+def test_a_clean_statement_leaves_its_lease_to_the_next_one_on_that_connection(
+        server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            slots = pool._slots
+            _SPAN.set("first caller")
+            await pool.fetchval("SELECT 1")
+            (record,) = slots.idle
+            spare = record.spare
+            assert spare is not None
+            assert spare.state is RELEASED
+            # Nothing of the holder is kept on the spare (a finished task keeps its result).
+            assert spare.task is None
+            assert spare.context is None
+            _SPAN.set("second caller")
+            statement = asyncio.create_task(pool.fetchval("SELECT pg_sleep(1)"))
+            await asyncio.sleep(0.01)
+            lease = record.lease
+            assert lease is spare  # taken again...
+            # ...and set as a new one would be, for this statement's task and context.
+            expected = _slots_of(Lease(record, lease.acquired_at, None, statement, lease.context))
+            expected["scoped"] = True
+            assert _slots_of(lease) == expected
+            assert lease.context is not None
+            assert lease.context[_SPAN] == "second caller"
+            await statement
+            assert record.spare is lease
+            # A checkout of `acquire()` has a lease of its own; the spare stays for the helpers.
+            async with pool.acquire() as conn:
+                assert conn._lease is not spare
+                assert record.lease is conn._lease
+            assert record.spare is spare
+
+    run(main())
+
+
+@pytest.mark.parametrize("ending", ["reported", "failed", "cancelled", "retired"])
+def test_a_lease_that_did_not_end_cleanly_is_not_taken_again(server: FakeServer,
+                                                            ending: str) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1, leak_timeout=1.0,
+                             leak_action="log") as pool:
+            slots = pool._slots
+            await pool.fetchval("SELECT 1")
+            (record,) = slots.idle
+            first = record.spare
+            assert first is not None
+            statement = asyncio.create_task(pool.fetchval("SELECT pg_sleep(2)"))
+            await asyncio.sleep(0.01)
+            assert record.lease is first
+            if ending == "reported":
+                await statement  # ran past leak_timeout: reported, then returned
+                assert first.reported
+            elif ending == "failed":
+                record.conn.terminate()  # the statement fails: the connection is gone
+                with pytest.raises(Exception):  # noqa: B017, PT011
+                    await statement
+            elif ending == "cancelled":
+                statement.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await statement
+            else:
+                slots.retire(record, "test")
+                await asyncio.gather(statement, return_exceptions=True)
+            assert record.spare is None
+            for _ in range(2):  # (a new connection's first statement comes the slow way)
+                await pool.fetchval("SELECT 1")
+            (now_idle,) = slots.idle
+            assert now_idle.spare is not None
+            assert now_idle.spare is not first
+            assert not now_idle.spare.reported
+
+    run(main())
+
+
+def test_a_statement_that_left_a_transaction_open_leaves_no_spare(server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            await pool.fetchval("SELECT 1")
+            (record,) = pool._slots.idle
+            first = record.spare
+            assert first is not None
+            await pool.execute("BEGIN")  # returned through a reset, not the clean way
+            assert record.spare is None
+            await pool.fetchval("SELECT 1")
+            assert record.spare is not None
+            assert record.spare is not first
+            assert record.spare.task is None
 
     run(main())
 

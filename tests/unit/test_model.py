@@ -60,6 +60,7 @@ from asyncpool import (
 )
 from asyncpool.connect import driver
 from asyncpool.pool import slots as slots_module
+from asyncpool.pool.lease import RELEASED
 from asyncpool.pool.record import CHECKING, IDLE, LEASED
 from asyncpool.pool.slots import CLOSED_STATE, OPEN
 from tests.unit.fakes import FakeConnection, FakeServer, VirtualClockLoop, fake_pool
@@ -420,6 +421,14 @@ class PoolModel(RuleBasedStateMachine):
             "a lease left behind, or one missing")
         raws = [r.conn for r in places]
         assert len(set(map(id, raws))) == len(raws), "a connection is in two records"
+        for r in slots.records:
+            # A query helper's spare lease: the one in use now, or one that ended cleanly and
+            # keeps nothing of its holder.
+            spare = r.spare
+            assert spare is None or spare.record is r, "a spare lease of another connection"
+            assert spare is None or spare is r.lease or (
+                spare.state is RELEASED and not spare.reported and spare.task is None
+                and spare.context is None), "a spare lease that did not end cleanly"
 
     @invariant()
     def idle_connections_are_clean(self) -> None:
