@@ -246,7 +246,7 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
         (" is loop)\n                and record.connected()):", " is loop)):")],
     "runner without the checks at the return": [
         ("if (lease.state is not ACTIVE or not self.fast or lease.reported\n"
-         "                or (self._may_retire and getattr(conn, \"retire_reason\", None)) "
+         "                or (self._may_retire and conn.retire_reason) "
          "or self.max_queries is not None\n"
          "                or now >= expires_at or record.in_transaction()):",
          "if lease.state is not ACTIVE:")],

@@ -270,3 +270,22 @@ def test_changes_under_uvloop(pooler: Pooler, postgres: PostgresServer) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+@pytest.mark.parametrize("way", ["acquire", "helper"])
+async def test_a_connection_that_asks_to_go_is_retired_at_its_return(pool: Pool, way: str) -> None:
+    # What the description cache does after a reply it could not read or decode
+    # (`retire_reason`): the pool closes the connection at its return instead of reusing it.
+    (record,) = pool._slots.idle
+    first = record.conn
+    if way == "acquire":
+        async with pool.acquire() as conn:
+            conn.raw.retire_reason = "told to go by the test"
+    else:
+        first.retire_reason = "told to go by the test"
+        assert await pool.fetchval("SELECT 1") == 1
+    assert (pool.stats().closed_total, pool.stats().size) == (1, 0)
+    assert await pool.fetchval("SELECT 2") == 2
+    (record,) = pool._slots.idle
+    assert record.conn is not first
+    assert pool.stats().created_total == 2

@@ -108,6 +108,8 @@ class Connector:
         #: gives them this pool's description-cache policy.
         self._intercept = False
         self._policy: Policy | None = None
+        #: Its connections say when they must not be reused (``retire_reason``, "unnamed" mode).
+        self.retire_reasons = False
         self._kwargs = self._driver_kwargs(kw)
 
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +134,7 @@ class Connector:
             kw["connection_class"] = describe_cache_connection_class(cfg)
             self._policy = describe_cache_policy(cfg, self.statement_cache)
             self._intercept = True
+            self.retire_reasons = True
         # Cancel requests only where they can arrive; elsewhere a timed-out query's connection
         # is closed instead of waiting for a statement nobody can stop.
         cancels = cfg.cancel_requests != "off" and not is_rds_proxy(self.target.host)

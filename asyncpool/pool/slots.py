@@ -207,8 +207,9 @@ class Slots(_HotSlots):
         self.on_released: Callable[[float], None] | None = None
         # Infinite for never (`None`): the return adds it to the time without a test.
         self.validate_after = math.inf if config.validate_after is None else config.validate_after
-        # Only "unnamed" connections can ask to be retired (`retire_reason`).
-        self._may_retire = config.prepared_statements == "unnamed"
+        # The connections can ask to be retired: they have a `retire_reason` ("unnamed" mode's
+        # connection class; set from the connector at open), read as an attribute per return.
+        self._may_retire = False
         self.max_queries = config.max_queries
         #: asyncpg's ``setup`` hook, awaited by the acquire contexts at each checkout.
         self.setup = config.setup
@@ -251,6 +252,7 @@ class Slots(_HotSlots):
         self.opened_in = threading.current_thread().name
         self.observer = observer
         self.connector = connector
+        self._may_retire = connector.retire_reasons
         self._drained = asyncio.Event()
         self._closed = asyncio.Event()
         cfg = self.config
@@ -588,7 +590,7 @@ class Slots(_HotSlots):
         if self.state is not OPEN:
             self.retire(record, "pool closed", graceful=True)
             return
-        retired = getattr(record.conn, "retire_reason", None) if self._may_retire else None
+        retired = record.conn.retire_reason if self._may_retire else None
         if retired or record.expired(now):
             self.retire(record, retired or "expired", graceful=True)
             return
@@ -1052,7 +1054,7 @@ class Slots(_HotSlots):
         check_at = now + self.validate_after
         expires_at = record.expires_at
         record.check_at = check_at if check_at < expires_at else expires_at
-        if (not self.fast or (self._may_retire and getattr(conn, "retire_reason", None))
+        if (not self.fast or (self._may_retire and conn.retire_reason)
                 or self.max_queries is not None or now >= expires_at):
             record.place = MOVING
             self._put(record, now)  # a waiter takes it, or it goes
@@ -1339,7 +1341,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         on_released = self.on_released
         expires_at = record.expires_at
         if (lease.state is not ACTIVE or not self.fast or lease.reported
-                or (self._may_retire and getattr(conn, "retire_reason", None)) or self.max_queries is not None
+                or (self._may_retire and conn.retire_reason) or self.max_queries is not None
                 or now >= expires_at or record.in_transaction()):
             record.spare = None
             await end_checkout(self, lease, None)

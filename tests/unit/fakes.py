@@ -87,6 +87,7 @@ class FakeConnector:
         self.target = FAKE_TARGET
         self.credentials: Any = config.connect_kwargs.get("fake_credentials")
         self.statement_cache = None
+        self.retire_reasons = False  # fake connections have no retire_reason
         self.startup = StartupPlan({})
 
     async def connect(self, cut_short: object = None) -> FakeConnection:
