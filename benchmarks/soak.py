@@ -3,7 +3,8 @@ come and go; then the counts, and a check that nothing was lost. Run by hand, no
 
     .venv/bin/python benchmarks/soak.py --minutes 3
 
-Every write inserts a fresh id in one transaction and records what its caller was told
+Every write inserts a fresh id in one transaction (half in a `pool.transaction()` block, half as
+one statement through `pool.execute`) and records what its caller was told
 (asyncpool.testing.ledger). Faults rotate: PgBouncer restart and crash, PostgreSQL restart,
 PAUSE, and a fault proxy in front of each PgBouncer that stalls, drops, resets or goes
 half-open; writers also time out, cancel and leak connections on purpose. Exit status 0 when
@@ -71,23 +72,26 @@ async def writer(lane: Lane, ledger: Ledger, tally: Tally, stop: asyncio.Event,
     loop = asyncio.get_running_loop()
     pool = lane.pool
     while not stop.is_set():
+        # Half the writes through a transaction block, half through the query helper (the
+        # statement runner's inline checkout and return, and the lease it takes again).
+        write = ledger.write if rng.random() < 0.5 else ledger.write_one
         r = rng.random()
         cancel_share = 0.5 if loop.time() < tally.burst_until else 0.08
         try:
             if r < cancel_share:
                 # Cancelled at a random await point of the write.
-                task = asyncio.create_task(ledger.write(pool))
+                task = asyncio.create_task(write(pool))
                 await asyncio.sleep(rng.uniform(0, 0.02))
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             elif r < cancel_share + 0.08:
                 try:
                     async with asyncio.timeout(rng.uniform(0.001, 0.05)):
-                        await ledger.write(pool)
+                        await write(pool)
                 except TimeoutError:
                     pass
             else:
-                error = await ledger.write(pool)
+                error = await write(pool)
                 if error is not None:
                     await asyncio.sleep(0.01)  # a caller's backoff
         except (PoolTimeoutError, ConnectError, ConnectionLostError, TimeoutError):

@@ -1,6 +1,7 @@
 """The "nothing lost" bookkeeping: what each writer was told, checked against what the table holds.
 
-Every write inserts a fresh id in one transaction. A writer is told one of three things:
+Every write inserts a fresh id in one transaction (an explicit one, or the implicit one of a
+single statement through a query helper). A writer is told one of three things:
 committed; failed before COMMIT was sent (the id must be absent); or failed at COMMIT (ambiguous:
 the id may be present, at most once). The primary key turns any replay of a write into a
 `UniqueViolationError` a writer would see, so "never duplicated" is checked too.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from asyncpool import Pool, PooledConnection
+from asyncpool import ConnectError, Pool, PoolClosedError, PooledConnection, PoolTimeoutError
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,28 @@ class Ledger:
                 sent_commit = True
         except BaseException as exc:
             (self.ambiguous if sent_commit else self.failed)[ident] = exc
+            if not isinstance(exc, Exception):
+                raise
+            return exc
+        self.committed.add(ident)
+        return None
+
+    async def write_one(self, pool: Pool, *, timeout: float | None = None) -> BaseException | None:
+        """One INSERT of a new id through the pool's query helper (``pool.execute``: its own
+        implicit transaction, on a connection taken and returned inline); returns the error the
+        writer saw, if any.
+
+        Failed only if the pool never got a connection to send it on (`PoolTimeoutError`,
+        `ConnectError`, `PoolClosedError`); any other error may have come after the server
+        committed it: ambiguous. `CancelledError` is recorded and re-raised.
+        """
+        ident = self.new_id()
+        try:
+            await pool.execute(f"INSERT INTO {self.table} (id) VALUES ($1)",  # noqa: S608 - checked name
+                               ident, timeout=timeout)
+        except BaseException as exc:
+            unsent = isinstance(exc, (PoolTimeoutError, ConnectError, PoolClosedError))
+            (self.failed if unsent else self.ambiguous)[ident] = exc
             if not isinstance(exc, Exception):
                 raise
             return exc

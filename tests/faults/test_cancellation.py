@@ -295,3 +295,45 @@ async def test_cancellation_storm_loses_nothing(fault_pooler: PgBouncerServer,
         errors = await asyncio.gather(*[ledger.write(pool) for _ in range(16)])
         assert errors == [None] * 16
         assert pooler.running()
+
+
+async def test_cancellation_storm_through_the_query_helpers_loses_nothing(
+        fault_pooler: PgBouncerServer, ledger: Ledger) -> None:
+    """The storm again with single statements through `pool.execute` mixed in: the helpers'
+    inline checkout and return, and the lease they take again, interrupted at random moments."""
+    rng = random.Random(20261205)
+    pooler = fault_pooler
+    async with Pool(pooler.dsn(), name="storm-helpers", min_size=1, max_size=4,
+                    acquire_timeout=10, telemetry=False) as pool:
+
+        async def writer() -> None:
+            while True:
+                budget = rng.choice([None, rng.uniform(0.0005, 0.02)])
+                write = rng.choice([ledger.write, ledger.write_one, ledger.write_one])
+                try:
+                    async with asyncio.timeout(budget):
+                        await write(pool)
+                except TimeoutError:
+                    pass
+
+        for _round in range(4):
+            tasks = [asyncio.create_task(writer()) for _ in range(24)]
+            for _ in range(120):
+                await asyncio.sleep(rng.uniform(0, 0.004))
+                rng.choice(tasks).cancel()
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        check = await ledger.verify()
+        assert check.committed > 0
+        assert check.ambiguous_present + check.ambiguous_absent > 0
+        assert_clear(ledger.errors, asyncio.CancelledError, TimeoutError)
+        await settled(pool, pooler)
+        await full_width(pool)
+        errors = await asyncio.gather(*[ledger.write_one(pool) for _ in range(16)])
+        assert errors == [None] * 16
+        for _ in range(3):  # one at a time: the inline way, leaving a lease to be taken again
+            assert await ledger.write_one(pool) is None
+        assert any(record.spare is not None for record in pool._slots.records)
+        assert pooler.running()
