@@ -324,9 +324,12 @@ async def test_alarms_due_together_run_a_few_dozen_per_turn_of_the_loop_in_deadl
     def firing(k: int) -> Callable[[], None]:
         return lambda: fired.append((k, turn))
 
-    deadline = time.monotonic() + 0.05
+    # Far enough that every alarm is set before it passes, even on a loaded machine (at 0.05 s
+    # the last ones were once set after it, and came in a hand-over of their own).
+    deadline = time.monotonic() + 0.5
     for k in range(count):
         ThreadAlarm(loop, firing(k)).set(deadline)
+    assert time.monotonic() < deadline, "setting the alarms outlasted the premise"
     loop.call_soon(spin)
     await until(lambda: len(fired) == count)
     assert [k for k, _ in fired] == list(range(count))  # all of them, in the order set
