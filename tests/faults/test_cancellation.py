@@ -12,7 +12,6 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
@@ -252,6 +251,32 @@ async def test_pool_closed_under_an_open_transaction_says_it_was_not_committed(
     assert (check.committed, check.ambiguous_absent) == (0, 1)
 
 
+async def _storm(pool: Pool, rng: random.Random,
+                 writes: list[Callable[[Pool], Awaitable[BaseException | None]]]) -> None:
+    """Four rounds of 24 writers (each write one of `writes`, with or without a short time
+    limit), 120 of them cancelled at random moments and then all: each must end cancelled."""
+
+    async def writer() -> None:
+        while True:
+            budget = rng.choice([None, rng.uniform(0.0005, 0.02)])
+            write = writes[0] if len(writes) == 1 else rng.choice(writes)
+            try:
+                async with asyncio.timeout(budget):
+                    await write(pool)
+            except TimeoutError:
+                pass
+
+    for _round in range(4):
+        tasks = [asyncio.create_task(writer()) for _ in range(24)]
+        for _ in range(120):
+            await asyncio.sleep(rng.uniform(0, 0.004))
+            rng.choice(tasks).cancel()
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+
+
 async def test_cancellation_storm_loses_nothing(fault_pooler: PgBouncerServer,
                                                 ledger: Ledger) -> None:
     """Writers cancelled or timed out at random moments, hundreds of times.
@@ -265,25 +290,7 @@ async def test_cancellation_storm_loses_nothing(fault_pooler: PgBouncerServer,
     async with Pool(pooler.dsn(), name="storm", min_size=1, max_size=4, acquire_timeout=10,
                     validate_after=0.0, telemetry=False) as pool:
 
-        async def writer() -> None:
-            while True:
-                budget = rng.choice([None, rng.uniform(0.0005, 0.02)])
-                cm: AbstractAsyncContextManager[object] = asyncio.timeout(budget)
-                try:
-                    async with cm:
-                        await ledger.write(pool)
-                except TimeoutError:
-                    pass
-
-        for _round in range(4):
-            tasks = [asyncio.create_task(writer()) for _ in range(24)]
-            for _ in range(120):
-                await asyncio.sleep(rng.uniform(0, 0.004))
-                rng.choice(tasks).cancel()
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-            assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        await _storm(pool, rng, [ledger.write])
         check = await ledger.verify()
         # Interruptions reached writers before and during COMMIT, and some writes got through.
         assert check.committed > 0
@@ -306,25 +313,7 @@ async def test_cancellation_storm_through_the_query_helpers_loses_nothing(
     async with Pool(pooler.dsn(), name="storm-helpers", min_size=1, max_size=4,
                     acquire_timeout=10, telemetry=False) as pool:
 
-        async def writer() -> None:
-            while True:
-                budget = rng.choice([None, rng.uniform(0.0005, 0.02)])
-                write = rng.choice([ledger.write, ledger.write_one, ledger.write_one])
-                try:
-                    async with asyncio.timeout(budget):
-                        await write(pool)
-                except TimeoutError:
-                    pass
-
-        for _round in range(4):
-            tasks = [asyncio.create_task(writer()) for _ in range(24)]
-            for _ in range(120):
-                await asyncio.sleep(rng.uniform(0, 0.004))
-                rng.choice(tasks).cancel()
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-            assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        await _storm(pool, rng, [ledger.write, ledger.write_one, ledger.write_one])
         check = await ledger.verify()
         assert check.committed > 0
         assert check.ambiguous_present + check.ambiguous_absent > 0
