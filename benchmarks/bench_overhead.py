@@ -242,13 +242,12 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
     "runner without the holding task": [
         ("lease.task = task_of(loop)", "lease.task = None")],
     "runner without the checks before taking": [
-        ("if (self.fast and idle and", "if (idle and"),
+        ("if (self.fast_statements and idle and", "if (idle and"),
         (" is loop)\n                and record.connected()):", " is loop)):")],
     "runner without the checks at the return": [
-        ("if (lease.state is not ACTIVE or not self.fast or lease.reported\n"
-         "                or (self._may_retire and conn.retire_reason) "
-         "or self.max_queries is not None\n"
-         "                or now >= expires_at or record.in_transaction()):",
+        ("if (lease.state is not ACTIVE or not self.fast_statements or lease.reported\n"
+         "                or (self._may_retire and conn.retire_reason) or now >= expires_at\n"
+         "                or record.in_transaction()):",
          "if lease.state is not ACTIVE:")],
     "runner without the lease on the record": [
         ("            record.lease = lease\n", ""), ("        record.lease = None\n", "")],

@@ -211,6 +211,20 @@ async def test_max_queries(pooler: Pooler) -> None:
             assert conn.raw is not first
 
 
+async def test_max_queries_counts_the_query_helpers(pooler: Pooler) -> None:
+    """The helpers' statements count toward ``max_queries`` and the one that reaches it retires
+    the connection, as through acquire()."""
+    async with Pool(pooler.dsn(), name="max-queries-helpers", max_size=1, max_queries=3,
+                    validate_after=None, telemetry=False) as pool:
+        for _ in range(2):
+            assert await pool.fetchval("SELECT 1") == 1
+        assert (pool.stats().created_total, pool.stats().closed_total) == (1, 0)
+        await pool.execute("SELECT 1")
+        assert pool.stats().closed_total == 1  # the third query reached max_queries
+        assert await pool.fetchval("SELECT 1") == 1
+        assert pool.stats().created_total == 2
+
+
 class _Row(asyncpg.Record):  # type: ignore[misc]
     def doubled(self) -> int:
         return int(self["n"]) * 2

@@ -112,6 +112,28 @@ async def test_a_connection_class_that_overrides_a_read_is_called(pooler: Pooler
     assert CountingConnection.calls == ["SELECT 1 + $1::int"]
 
 
+async def test_a_connection_lost_as_it_is_handed_to_a_helper_is_reported_as_lost(
+        pooler: Pooler) -> None:
+    """A helper that waited in line gets a connection terminated after it was handed over and
+    before the helper's task ran: ConnectionLostError from asyncpg's own "connection is closed"
+    (what a call on the connection gives), and the pool replaces the connection."""
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            raw = conn.raw
+            waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
+            await asyncio.sleep(0.05)
+            assert pool.stats().waiting == 1
+        # Handed over at the block's exit; the waiter's task has not run since.
+        assert pool.stats().in_use == 1
+        raw.terminate()
+        with pytest.raises(asyncpool.ConnectionLostError, match="lost while in use") as caught:
+            await waiter
+        assert type(caught.value.__cause__) is asyncpg.InterfaceError
+        assert str(caught.value.__cause__) == "connection is closed"
+        assert pool.stats().closed_total == 1
+        assert await pool.fetchval("SELECT 2") == 2
+
+
 async def test_transaction_commits_and_rolls_back(pool: Pool, pooler: Pooler) -> None:
     table = f"tx_{pooler.label.replace('.', '_').replace('-', '_')}"
     await pool.execute(f"DROP TABLE IF EXISTS {table}")

@@ -89,7 +89,7 @@ _LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaim
 # Forks this process has gone through (bumped in the child). A pool remembers the count it was
 # opened at: a different one means it was inherited, and its sockets (and its loop's epoll set)
 # are shared with the parent, so it must neither use nor close them. The checkout fast path
-# reads it through each pool's `fast` flag, which the child clears: os.getpid() would be a
+# reads it through each pool's `fast` flags, which the child clears: os.getpid() would be a
 # system call per query.
 _FORKS = [0]
 # The pools open in this process, for the child of a fork to clear their `fast` flags.
@@ -105,7 +105,7 @@ else:  # asyncio.current_task is Python code before 3.12 (~0.3 µs); this is wha
 def _after_fork_in_child() -> None:
     _FORKS[0] += 1
     for slots in list(_LIVE):
-        slots.fast = False
+        slots.fast = slots.fast_statements = False
 
 
 if hasattr(os, "register_at_fork"):
@@ -149,9 +149,9 @@ class _HotSlots:
     finds its pool's lines cold: these fit in three lines instead of being spread over all six.
     """
 
-    __slots__ = ("_may_retire", "acquired_total", "clock", "fast", "idle", "leak_timer_unarmed",
-                 "leaks", "loop", "loop_has_thread_id", "max_queries", "on_acquired", "on_released",
-                 "setup", "track_leaks", "validate_after")
+    __slots__ = ("_may_retire", "acquired_total", "clock", "fast", "fast_statements", "idle",
+                 "leak_timer_unarmed", "leaks", "loop", "loop_has_thread_id", "max_queries",
+                 "on_acquired", "on_released", "setup", "track_leaks", "validate_after")
 
 
 class Slots(_HotSlots):
@@ -186,6 +186,9 @@ class Slots(_HotSlots):
         # the process that opened it, and nobody is in line (`_refresh_fast` keeps it so). One
         # read instead of four on every checkout and return.
         self.fast = False
+        # `fast`, and no hook or limit asks for more on each checkout (no `setup`, no
+        # `max_queries`): the statement runners' one test, where they would make three.
+        self.fast_statements = False
         # The loop's clock: time.monotonic itself under asyncio's loops (their time() is only a
         # Python call around it), the loop's own method otherwise (uvloop's is its cached clock).
         self.clock: Callable[[], float] = time.monotonic
@@ -429,7 +432,9 @@ class Slots(_HotSlots):
     def _refresh_fast(self) -> None:
         """Recompute `fast` from what it sums up: called whenever the state or the line of
         waiters changes (and a fork clears it: `_after_fork_in_child`)."""
-        self.fast = self.state is OPEN and not self.waiters and self.forks == _FORKS[0]
+        fast = self.state is OPEN and not self.waiters and self.forks == _FORKS[0]
+        self.fast = fast
+        self.fast_statements = fast and self.setup is None and self.max_queries is None
 
     def leased(self) -> list[ConnectionRecord]:
         """The connections in use: held, or being reset after their return."""
@@ -799,7 +804,7 @@ class Slots(_HotSlots):
         assert self.loop is not None
         waiter = Waiter(self.loop.create_future(), frame, started, retrying=False)
         self.waiters.append(waiter)
-        self.fast = False
+        self.fast = self.fast_statements = False
         progress.phase = "waiting"
         try:
             got = await waiter.fut
@@ -916,7 +921,7 @@ class Slots(_HotSlots):
         assert self.loop is not None
         waiter = Waiter(self.loop.create_future(), None, self.loop.time(), retrying=True)
         self.waiters.append(waiter)
-        self.fast = False
+        self.fast = self.fast_statements = False
         self.retrying += 1
         try:
             async with asyncio.timeout(delay):
@@ -1273,12 +1278,9 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             if query is BY_NAME:
                 raise TypeError(f"{method}() missing its first argument, the statement "
                                 f"({first}=)")
-        if self.setup is not None:  # the hook is given the proxy: through an acquire context
-            async with AcquireContext(self, UNSET, None) as proxy:
-                return await getattr(proxy, method)(query, *args, **kwargs)
         idle = self.idle
         loop = self.loop
-        if (self.fast and idle and (now := self.clock()) < (record := idle[-1]).check_at
+        if (self.fast_statements and idle and (now := self.clock()) < (record := idle[-1]).check_at
                 and (loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[union-attr]
                      else get_running_loop() is loop)
                 and record.connected()):
@@ -1307,19 +1309,26 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             self.acquired_total += 1
             if self.on_acquired is not None:
                 self.on_acquired(0.0)
+            # Open: asked just above (`connected()` is false from the moment of a terminate() or
+            # close(), or a lost socket noticed), and nothing that could close it has run since.
+            inline = own
         else:
+            if self.setup is not None:  # the hook is given the proxy: through an acquire context
+                async with AcquireContext(self, UNSET, None) as proxy:
+                    return await getattr(proxy, method)(query, *args, **kwargs)
             lease = await self.checkout(UNSET, None)
             lease.scoped = True
             record = lease.record
+            # Lost while it was handed over (the waiter's task ran later): asyncpg's own method
+            # raises its own error.
+            inline = own if record.connected() else None
         conn = record.conn
         try:
             if kwargs:
                 result = await getattr(conn, method)(query, *args, **kwargs)
-            elif own is not None and getattr(type(conn), method) is own:
+            elif inline is not None and getattr(type(conn), method) is inline:
                 # asyncpg's own body of the method, run here (`driver.own_read`): one coroutine
                 # and one copy of the arguments less, about 3,600 instructions per query.
-                if conn._aborted or not record.connected():
-                    conn._check_open()  # asyncpg's own error
                 result = await conn._execute(query, args, limit, None)
                 if shape is not ROWS:
                     result = (result[0] if shape is FIRST_ROW else result[0][0]) if result else None
@@ -1340,9 +1349,9 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         now = self.clock()
         on_released = self.on_released
         expires_at = record.expires_at
-        if (lease.state is not ACTIVE or not self.fast or lease.reported
-                or (self._may_retire and conn.retire_reason) or self.max_queries is not None
-                or now >= expires_at or record.in_transaction()):
+        if (lease.state is not ACTIVE or not self.fast_statements or lease.reported
+                or (self._may_retire and conn.retire_reason) or now >= expires_at
+                or record.in_transaction()):
             record.spare = None
             await end_checkout(self, lease, None)
             return result

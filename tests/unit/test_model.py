@@ -476,6 +476,11 @@ class PoolModel(RuleBasedStateMachine):
         assert slots.fast == (slots.state is OPEN and not slots.waiters
                               and slots.forks == slots_module._FORKS[0]), (
             slots.fast, slots.state, len(slots.waiters))
+        # The statement runners' flag: wrong one way, a helper would skip the setup hook or
+        # the max_queries count.
+        assert slots.fast_statements == (slots.fast and slots.setup is None
+                                          and slots.max_queries is None), (
+            slots.fast_statements, slots.fast, slots.setup, slots.max_queries)
 
     @invariant()
     def every_reserved_slot_has_a_caller(self) -> None:
