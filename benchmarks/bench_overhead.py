@@ -247,7 +247,7 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
     "runner without the checks at the return": [
         ("if (lease.state is not ACTIVE or not self.fast_statements or lease.reported\n"
          "                or (self._may_retire and conn.retire_reason) or now >= expires_at\n"
-         "                or record.in_transaction()):",
+         "                or record.in_transaction() or record.stale):",
          "if lease.state is not ACTIVE:")],
     "runner without the lease on the record": [
         ("            record.lease = lease\n", ""), ("        record.lease = None\n", "")],

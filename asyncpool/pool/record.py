@@ -64,16 +64,19 @@ class ConnectionRecord:
         # holds it): the next one reuses it.
         self.spare: Lease | None = None
         # Validate before the next checkout whatever the clock says (a thaw or a restore, where
-        # the monotonic clock is not known to have advanced).
+        # the monotonic clock is not known to have advanced): `check_at` stays at minus infinity,
+        # a return included, until a validation clears it.
         self.stale = False
 
     def touch(self, now: float, validate_after: float) -> None:
         """Note a use at `now`, and when the next checkout must look at the connection
-        (`validate_after` seconds on, infinite for never, or at `expires_at` if sooner)."""
+        (`validate_after` seconds on, infinite for never, or at `expires_at` if sooner; at once
+        if `stale`)."""
         self.last_used = now
         check_at = now + validate_after
         expires_at = self.expires_at
-        self.check_at = check_at if check_at < expires_at else expires_at
+        self.check_at = (-math.inf if self.stale
+                         else check_at if check_at < expires_at else expires_at)
 
     def expired(self, now: float) -> bool:
         return now >= self.expires_at

@@ -1058,7 +1058,8 @@ class Slots(_HotSlots):
         record.last_used = now
         check_at = now + self.validate_after
         expires_at = record.expires_at
-        record.check_at = check_at if check_at < expires_at else expires_at
+        record.check_at = (-math.inf if record.stale  # marked while held (`mark_stale`)
+                           else check_at if check_at < expires_at else expires_at)
         if (not self.fast or (self._may_retire and conn.retire_reason)
                 or self.max_queries is not None or now >= expires_at):
             record.place = MOVING
@@ -1152,7 +1153,9 @@ class Slots(_HotSlots):
             record.expires_at = -math.inf
 
     def mark_stale(self) -> None:
-        """Validate every connection before its next checkout, whatever the clock says."""
+        """Validate every connection before its next checkout, whatever the clock says: a held
+        one keeps the mark through its return (`record.stale`), a statement of a query helper
+        under way included."""
         for record in list(self.records):
             record.stale = True
             record.check_at = -math.inf
@@ -1351,7 +1354,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         expires_at = record.expires_at
         if (lease.state is not ACTIVE or not self.fast_statements or lease.reported
                 or (self._may_retire and conn.retire_reason) or now >= expires_at
-                or record.in_transaction()):
+                or record.in_transaction() or record.stale):
             record.spare = None
             await end_checkout(self, lease, None)
             return result

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -481,6 +482,15 @@ class PoolModel(RuleBasedStateMachine):
         assert slots.fast_statements == (slots.fast and slots.setup is None
                                           and slots.max_queries is None), (
             slots.fast_statements, slots.fast, slots.setup, slots.max_queries)
+
+    @invariant()
+    def a_stale_mark_holds_until_checked(self) -> None:
+        """A connection marked stale (`mark_stale`) is validated before its next use: idle, it
+        is due a look at once, whether it was idle or in use when marked."""
+        if self.pool is None:
+            return
+        for record in self.pool._slots.idle:
+            assert not record.stale or record.check_at == -math.inf, record
 
     @invariant()
     def every_reserved_slot_has_a_caller(self) -> None:

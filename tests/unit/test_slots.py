@@ -375,3 +375,36 @@ def test_a_pool_used_on_a_second_loop_of_the_same_thread_says_keep_one(
     finally:
         second.close()
         first.close()
+
+
+@pytest.mark.parametrize("how", ["acquire", "reset", "helper"])
+def test_a_connection_held_when_the_pool_is_marked_stale_is_checked_before_its_next_use(
+        server: FakeServer, how: str) -> None:
+    """`mark_stale()` (a thaw, a restore) also reaches a connection in use: its return, plain,
+    after a reset, or at the end of a query helper's statement, does not make it look fresh;
+    the next checkout validates it once."""
+
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1, validate_after=None) as pool:
+            [raw] = server.open_connections()
+            if how == "helper":
+                statement = asyncio.create_task(pool.fetchval("SELECT pg_sleep(0.05)"))
+                await asyncio.sleep(0.01)
+                assert pool.stats().in_use == 1
+                pool.mark_stale()
+                await statement
+            else:
+                conn = await pool.acquire()
+                if how == "reset":
+                    await conn.execute("BEGIN")
+                pool.mark_stale()
+                await pool.release(conn)
+            assert (pool.stats().idle, pool.stats().closed_total) == (1, 0)
+            raw.queries.clear()
+            assert await pool.fetchval("SELECT 2") is not None
+            assert raw.queries == ["SELECT 1", "SELECT 2"]  # validated first
+            raw.queries.clear()
+            await pool.fetchval("SELECT 3")
+            assert raw.queries == ["SELECT 3"]  # once
+
+    run(main())
