@@ -243,11 +243,11 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
         ("lease.task = task_of(loop)", "lease.task = None")],
     "runner without the checks before taking": [
         ("if (self.fast_statements and idle and", "if (idle and"),
-        (" is loop)\n                and record.connected()):", " is loop)):")],
+        (" is loop)\n                and record.probe.is_connected()):", " is loop)):")],
     "runner without the checks at the return": [
         ("if (lease.state is not ACTIVE or not self.fast_statements or lease.reported\n"
          "                or (self._may_retire and conn.retire_reason) or now >= expires_at\n"
-         "                or record.in_transaction() or record.stale):",
+         "                or record.probe.is_in_transaction() or record.stale):",
          "if lease.state is not ACTIVE:")],
     "runner without the lease on the record": [
         ("            record.lease = lease\n", ""), ("        record.lease = None\n", "")],
@@ -587,7 +587,7 @@ async def python_case(dsn: str, args: argparse.Namespace, instances: int = 1) ->
     With several `instances` (``python-fleet``), each query goes to the next pool (or stub) in
     turn, so each finds its pool's objects as cold as in a process serving hundreds of them."""
     import asyncpool
-    from asyncpool.connect.driver import probes
+    from asyncpool.connect.driver import probe
 
     # No checkout check nor expiry: the stub cannot run one, and opening 500 pools takes a while.
     pools = [await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
@@ -599,7 +599,7 @@ async def python_case(dsn: str, args: argparse.Namespace, instances: int = 1) ->
     stubs = [_Instant() for _ in records]
     for record, stub in zip(records, stubs, strict=True):
         record.conn = stub
-        record.connected, record.in_transaction = probes(stub)
+        record.probe = probe(stub)
 
     async def acquire(i: int) -> Any:
         async with pools[i % instances].acquire() as conn:
@@ -628,7 +628,7 @@ async def python_case(dsn: str, args: argparse.Namespace, instances: int = 1) ->
     finally:
         for record, real in zip(records, reals, strict=True):
             record.conn = real
-            record.connected, record.in_transaction = probes(real)
+            record.probe = probe(real)
         for pool in pools:
             await pool.close()
     return samples

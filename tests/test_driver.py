@@ -112,11 +112,12 @@ async def test_aborted_and_is_connected_say_a_connection_is_gone(
         other.terminate()
 
 
-async def test_probes_answer_as_is_closed_and_is_in_transaction(
+async def test_the_probe_answers_as_is_closed_and_is_in_transaction(
         conn: Any, postgres: PostgresServer) -> None:
-    """`probes` binds the protocol's `is_connected()` and `is_in_transaction()`: they agree with
+    """`probe` gives the protocol, whose `is_connected()` and `is_in_transaction()` agree with
     the public methods at every step, including at once after terminate() or close()."""
-    connected, in_transaction = driver.probes(conn)
+    assert driver.probe(conn) is conn._protocol
+    connected, in_transaction = driver.probe(conn).is_connected, driver.probe(conn).is_in_transaction
     assert connected()
     assert not conn.is_closed()
     await conn.execute("BEGIN")
@@ -127,7 +128,7 @@ async def test_probes_answer_as_is_closed_and_is_in_transaction(
     assert not conn.is_in_transaction()
     for end in ("terminate", "close", "server"):
         other = await asyncpg.connect(postgres.dsn())
-        other_connected, _ = driver.probes(other)
+        other_connected = driver.probe(other).is_connected
         assert other_connected()
         if end == "terminate":
             other.terminate()

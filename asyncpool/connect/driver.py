@@ -25,7 +25,7 @@ import secrets
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import asyncpg
 import asyncpg.connection
@@ -150,23 +150,47 @@ def _returned_fallback(conn: Any) -> int:
 returned: Callable[[Any], int] = _returned_fallback if _MISSING else _returned
 
 
-def probes(conn: Any) -> tuple[Callable[[], bool], Callable[[], bool]]:
-    """Two questions the checkout fast path asks on every query, bound once per connection: is
-    it connected, and is a transaction open.
+class Probe(Protocol):
+    """What the checkout fast path asks of a connection on every query."""
 
-    Bound to asyncpg's protocol, they are compiled methods; ``conn.is_closed()`` and
-    ``conn.is_in_transaction()`` are Python methods around the same calls, and between round
-    trips each Python call costs about 0.7 µs (benchmarks/README.md). The protocol's
+    def is_connected(self) -> bool:
+        """False from the moment it is closed, terminated, aborted or found lost."""
+
+    def is_in_transaction(self) -> bool:
+        """A transaction is open."""
+
+
+class _PublicProbe:
+    """`Probe` through the connection's public methods (an asyncpg without the internals)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def is_connected(self) -> bool:
+        return not self._conn.is_closed()
+
+    def is_in_transaction(self) -> bool:
+        return bool(self._conn.is_in_transaction())
+
+
+def probe(conn: Any) -> Probe:
+    """The object to ask, once per connection: asyncpg's protocol itself.
+
+    Its methods are compiled; ``conn.is_closed()`` and ``conn.is_in_transaction()`` are Python
+    methods around the same calls, and between round trips each Python call costs about 0.7 µs
+    (benchmarks/README.md). Kept as the object rather than as its two bound methods: Python
+    3.11 specializes ``record.probe.is_connected()`` (a method of the object's class) but not a
+    call of a bound method kept in an attribute (``record.connected()``, as before). The protocol's
     ``is_connected()`` turns false as soon as the connection is closed, terminated or aborted
     (it checks ``closing``, which ``abort()`` and ``close()`` set first), and the protocol stays
     the same object for the connection's life.
     """
     proto = getattr(conn, "_protocol", None)
     if _MISSING or proto is None:
-        return (lambda: not conn.is_closed()), conn.is_in_transaction
-    connected: Callable[[], bool] = proto.is_connected
-    in_transaction: Callable[[], bool] = proto.is_in_transaction
-    return connected, in_transaction
+        return _PublicProbe(conn)
+    return cast(Probe, proto)
 
 
 #: What `own_read`'s methods return: all rows, the first row, the first row's first value.

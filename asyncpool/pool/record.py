@@ -6,10 +6,9 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from asyncpool.connect.driver import probes
+from asyncpool.connect.driver import Probe, probe
 
 if TYPE_CHECKING:
     import asyncpg
@@ -38,17 +37,15 @@ RETIRED = Place.RETIRED
 class ConnectionRecord:
     """One pooled connection. Times come from the event loop's monotonic clock."""
 
-    __slots__ = ("check_at", "conn", "connected", "created_at", "expires_at", "in_transaction",
-                 "last_used", "lease", "place", "spare", "stale")
+    __slots__ = ("check_at", "conn", "created_at", "expires_at", "last_used", "lease", "place",
+                 "probe", "spare", "stale")
 
     def __init__(self, conn: asyncpg.Connection, now: float, max_lifetime: float | None,
                  jitter: float) -> None:
         self.conn = conn
         # What the checkout fast path asks of the connection on every query, without a Python
-        # call: `connected()` and `in_transaction()` (asyncpool.connect.driver.probes).
-        self.connected: Callable[[], bool]
-        self.in_transaction: Callable[[], bool]
-        self.connected, self.in_transaction = probes(conn)
+        # call: `is_connected()` and `is_in_transaction()` (asyncpool.connect.driver.probe).
+        self.probe: Probe = probe(conn)
         self.created_at = now
         self.expires_at = expiry(now, max_lifetime, jitter)
         self.last_used = now

@@ -655,9 +655,10 @@ class Slots(_HotSlots):
         if not self.fast or not idle:
             return None
         record = idle[-1]
-        now = self.clock()
+        clock = self.clock  # (a local: see `statement_runner`)
+        now = clock()
         loop = self.loop
-        if (now >= record.check_at or not record.connected()
+        if (now >= record.check_at or not record.probe.is_connected()
                 or not (loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[union-attr]
                         else get_running_loop() is loop)):
             return None
@@ -1035,7 +1036,8 @@ class Slots(_HotSlots):
         lease.state = RELEASED
         lease.frame = None
         record = lease.record
-        now = self.clock()
+        clock = self.clock  # (a local: see `statement_runner`)
+        now = clock()
         if self.on_released is not None:
             self.on_released(now - lease.acquired_at)
         if lease.reported:
@@ -1259,7 +1261,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
     it costs in a loop (the I/O in between leaves the caches cold), and the two calls with
     the ones they make came to 5 of the pool's 7 µs per query (benchmarks/README.md). For
     the same reason the lease is built without a call to its ``__init__`` and the connection
-    is asked through the record's probes (compiled methods of asyncpg's protocol) rather
+    is asked through the record's probe (compiled methods of asyncpg's protocol) rather
     than its Python methods: about 1.8 µs per query less. A lease that ended cleanly here is
     kept on its record (`ConnectionRecord.spare`: nothing else can hold it) and the next
     statement on that connection takes it again, setting only what changes: 1,300
@@ -1283,10 +1285,13 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
                                 f"({first}=)")
         idle = self.idle
         loop = self.loop
-        if (self.fast_statements and idle and (now := self.clock()) < (record := idle[-1]).check_at
+        # A local: `self.clock()` would be a method call on an attribute, which Python 3.11 does
+        # not specialize (`driver.probe`).
+        clock = self.clock
+        if (self.fast_statements and idle and (now := clock()) < (record := idle[-1]).check_at
                 and (loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[union-attr]
                      else get_running_loop() is loop)
-                and record.connected()):
+                and record.probe.is_connected()):
             idle.pop()
             lease = record.spare  # the last one here, if it ended cleanly (see the docstring)
             if lease is None:
@@ -1312,7 +1317,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             self.acquired_total += 1
             if self.on_acquired is not None:
                 self.on_acquired(0.0)
-            # Open: asked just above (`connected()` is false from the moment of a terminate() or
+            # Open: asked just above (`is_connected()` is false from the moment of a terminate() or
             # close(), or a lost socket noticed), and nothing that could close it has run since.
             inline = own
         else:
@@ -1324,7 +1329,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             record = lease.record
             # Lost while it was handed over (the waiter's task ran later): asyncpg's own method
             # raises its own error.
-            inline = own if record.connected() else None
+            inline = own if record.probe.is_connected() else None
         conn = record.conn
         try:
             if kwargs:
@@ -1349,12 +1354,12 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         # last used. From the start, every statement longer than `validate_after` (a pooler's
         # queue under load is enough) would make the next checkout validate: one more round trip
         # per query when the server is busiest (tried, benchmarks/README.md).
-        now = self.clock()
+        now = clock()
         on_released = self.on_released
         expires_at = record.expires_at
         if (lease.state is not ACTIVE or not self.fast_statements or lease.reported
                 or (self._may_retire and conn.retire_reason) or now >= expires_at
-                or record.in_transaction() or record.stale):
+                or record.probe.is_in_transaction() or record.stale):
             record.spare = None
             await end_checkout(self, lease, None)
             return result

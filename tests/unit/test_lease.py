@@ -147,15 +147,15 @@ def test_the_probes_follow_the_connection(server: FakeServer) -> None:
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
             record: ConnectionRecord = pool._slots.idle[0]
-            assert record.connected()
-            assert not record.in_transaction()
+            assert record.probe.is_connected()
+            assert not record.probe.is_in_transaction()
             async with pool.acquire() as conn:
                 await conn.execute("BEGIN")
-                assert record.in_transaction()
+                assert record.probe.is_in_transaction()
                 await conn.execute("ROLLBACK")
-            assert not record.in_transaction()
+            assert not record.probe.is_in_transaction()
             record.conn.terminate()
-            assert not record.connected()
+            assert not record.probe.is_connected()
             # The helper does not hand out the closed connection: it opens another.
             assert await pool.fetchval("SELECT 1") is not None
             assert pool.stats().created_total == 2
@@ -163,7 +163,7 @@ def test_the_probes_follow_the_connection(server: FakeServer) -> None:
     run(main())
 
 
-def test_the_probes_of_an_asyncpg_without_its_internals_use_the_public_api() -> None:
+def test_the_probe_of_an_asyncpg_without_its_internals_uses_the_public_api() -> None:
     class Public:
         closed = False
         in_tx = False
@@ -175,7 +175,8 @@ def test_the_probes_of_an_asyncpg_without_its_internals_use_the_public_api() -> 
             return self.in_tx
 
     conn = Public()
-    connected, in_transaction = driver.probes(conn)  # no _protocol: the public methods
+    probe = driver.probe(conn)  # no _protocol: the public methods
+    connected, in_transaction = probe.is_connected, probe.is_in_transaction
     assert connected()
     assert not in_transaction()
     conn.closed, conn.in_tx = True, True
