@@ -161,7 +161,8 @@ class Pool:
     def mark_stale(self) -> None:
         """Check every connection with a round trip before its next checkout, whatever the clock
         says: after a freeze or a snapshot restore the monotonic clock cannot be trusted to show
-        how long a connection sat idle."""
+        how long a connection sat idle. One in use is checked after its return (handed straight
+        to a caller waiting in line, it goes unchecked, as every returned connection does)."""
         self._slots.mark_stale()
 
     def invalidate_statement_cache(self) -> None:
