@@ -245,17 +245,17 @@ ABLATIONS: dict[str, list[tuple[str, str]]] = {
         ("if (self.fast_statements and idle and", "if (idle and"),
         (" is loop)\n                and record.probe.is_connected()):", " is loop)):")],
     "runner without the checks at the return": [
-        ("if (lease.state is not ACTIVE or not self.fast_statements or lease.reported\n"
-         "                or (self._may_retire and conn.retire_reason) or now >= expires_at\n"
-         "                or record.probe.is_in_transaction() or record.stale):",
-         "if lease.state is not ACTIVE:")],
+        ("if (lease.state is ACTIVE and self.fast_statements and not lease.reported\n"
+         "                    and not (self._may_retire and conn.retire_reason) and now < expires_at\n"
+         "                    and not record.probe.is_in_transaction() and not record.stale):",
+         "if lease.state is ACTIVE:")],
     "runner without the lease on the record": [
-        ("            record.lease = lease\n", ""), ("        record.lease = None\n", "")],
+        ("            record.lease = lease\n", ""), ("                record.lease = None\n", "")],
     "runner without the count and observer hooks": [
         ("            self.acquired_total += 1\n", ""),
         ("            if self.on_acquired is not None:\n                self.on_acquired(0.0)\n", ""),
-        ("        if on_released is not None:\n"
-         "            on_released(now - lease.acquired_at)\n", "")],
+        ("                if on_released is not None:\n"
+         "                    on_released(now - lease.acquired_at)\n", "")],
 }
 
 

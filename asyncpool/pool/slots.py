@@ -1276,13 +1276,10 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
     # The name of the statement's parameter (``query``, ``command``, ``table_name``).
     first = list(inspect.signature(getattr(asyncpg.Connection, method)).parameters)[1]
 
-    async def one(self: Slots, query: str = BY_NAME, /, *args: Any,  # noqa: PLR0912, PLR0915
+    async def one(self: Slots, query: str = BY_NAME, /, *args: Any,  # noqa: PLR0915
                   **kwargs: Any) -> Any:  # written out: see the docstring
         if query is BY_NAME:  # given by name, as asyncpg's methods allow (``query=``...)
-            query = kwargs.pop(first, BY_NAME)
-            if query is BY_NAME:
-                raise TypeError(f"{method}() missing its first argument, the statement "
-                                f"({first}=)")
+            query = _statement_by_name(kwargs, first, method)
         idle = self.idle
         loop = self.loop
         # A local: `self.clock()` would be a method call on an attribute, which Python 3.11 does
@@ -1292,20 +1289,12 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
                 and (loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[union-attr]
                      else get_running_loop() is loop)
                 and record.probe.is_connected()):
+            # The common case, first and alone: the rare ones are out of the way (below, and in
+            # functions of their own), so the code run on every query spans fewer cache lines.
             idle.pop()
             lease = record.spare  # the last one here, if it ended cleanly (see the docstring)
             if lease is None:
-                # Lease(record, now, None, task, context), without the Python call to __init__
-                # (~1 µs here); tests/unit/test_lease.py checks that every slot is set, on a new
-                # lease and on a spare taken again.
-                lease = blank(Lease)
-                lease.record = record
-                lease.frame = None
-                lease.lasti = 0
-                lease.reported = False
-                lease.scoped = True
-                lease.holder_cancelled = False
-                record.spare = lease
+                lease = record.spare = _spare_lease(record)
             lease.acquired_at = now
             lease.task = task_of(loop)
             lease.context = copy_context() if self.track_leaks else None
@@ -1317,68 +1306,87 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             self.acquired_total += 1
             if self.on_acquired is not None:
                 self.on_acquired(0.0)
-            # Open: asked just above (`is_connected()` is false from the moment of a terminate() or
-            # close(), or a lost socket noticed), and nothing that could close it has run since.
-            inline = own
-        else:
-            if self.setup is not None:  # the hook is given the proxy: through an acquire context
-                async with AcquireContext(self, UNSET, None) as proxy:
-                    return await getattr(proxy, method)(query, *args, **kwargs)
-            lease = await self.checkout(UNSET, None)
-            lease.scoped = True
-            record = lease.record
-            # Lost while it was handed over (the waiter's task ran later): asyncpg's own method
-            # raises its own error.
-            inline = own if record.probe.is_connected() else None
-        conn = record.conn
-        try:
-            if kwargs:
-                result = await getattr(conn, method)(query, *args, **kwargs)
-            elif inline is not None and getattr(type(conn), method) is inline:
-                # asyncpg's own body of the method, run here (`driver.own_read`): one coroutine
-                # and one copy of the arguments less, about 3,600 instructions per query.
-                result = await conn._execute(query, args, limit, None)
-                if shape is not ROWS:
-                    result = (result[0] if shape is FIRST_ROW else result[0][0]) if result else None
-            else:
-                result = await getattr(conn, method)(query, *args)
-        except BaseException as exc:
-            record.spare = None  # the lease may be kept (a leak report, an error's holder)
-            await end_checkout(self, lease, exc)
-            raise
-        # The clean return. Only a transaction the statement opened (``execute("BEGIN")``) needs
-        # a reset; only the pool (closing, a leak reclaim) can have changed the lease. A statement
-        # that succeeded leaves the connection open; if it is lost just after, the next checkout
-        # finds it closed and retires it.
-        # The clock is read again: a statement's end, not its start, is when the connection was
-        # last used. From the start, every statement longer than `validate_after` (a pooler's
-        # queue under load is enough) would make the next checkout validate: one more round trip
-        # per query when the server is busiest (tried, benchmarks/README.md).
-        now = clock()
-        on_released = self.on_released
-        expires_at = record.expires_at
-        if (lease.state is not ACTIVE or not self.fast_statements or lease.reported
-                or (self._may_retire and conn.retire_reason) or now >= expires_at
-                or record.probe.is_in_transaction() or record.stale):
+            conn = record.conn
+            try:
+                # Open: asked just above (`is_connected()` is false from the moment of a
+                # terminate() or close(), or a lost socket noticed), and nothing that could close
+                # it has run since.
+                if not kwargs and own is not None and getattr(type(conn), method) is own:
+                    # asyncpg's own body of the method, run here (`driver.own_read`): one
+                    # coroutine and one copy of the arguments less, about 3,600 instructions per
+                    # query.
+                    result = await conn._execute(query, args, limit, None)
+                    if shape is not ROWS:
+                        result = ((result[0] if shape is FIRST_ROW else result[0][0]) if result
+                                  else None)
+                elif kwargs:
+                    result = await getattr(conn, method)(query, *args, **kwargs)
+                else:
+                    result = await getattr(conn, method)(query, *args)
+            except BaseException as exc:
+                record.spare = None  # the lease may be kept (a leak report, an error's holder)
+                await end_checkout(self, lease, exc)
+                raise
+            # The clean return. Only a transaction the statement opened (``execute("BEGIN")``)
+            # needs a reset; only the pool (closing, a leak reclaim) can have changed the lease.
+            # A statement that succeeded leaves the connection open; if it is lost just after,
+            # the next checkout finds it closed and retires it.
+            # The clock is read again: a statement's end, not its start, is when the connection
+            # was last used. From the start, every statement longer than `validate_after` (a
+            # pooler's queue under load is enough) would make the next checkout validate: one
+            # more round trip per query when the server is busiest (tried, benchmarks/README.md).
+            now = clock()
+            on_released = self.on_released
+            expires_at = record.expires_at
+            if (lease.state is ACTIVE and self.fast_statements and not lease.reported
+                    and not (self._may_retire and conn.retire_reason) and now < expires_at
+                    and not record.probe.is_in_transaction() and not record.stale):
+                lease.state = RELEASED  # (its frame is None: none was kept)
+                # Kept as the record's spare: not the holder's task and context (a finished task
+                # keeps its result).
+                lease.task = None
+                lease.context = None
+                if on_released is not None:
+                    on_released(now - lease.acquired_at)
+                record.lease = None
+                record.last_used = now
+                check_at = now + self.validate_after
+                record.check_at = check_at if check_at < expires_at else expires_at
+                record.place = IDLE
+                idle.append(record)
+                return result
             record.spare = None
             await end_checkout(self, lease, None)
             return result
-        lease.state = RELEASED  # (its frame is None: none was kept)
-        # Kept as the record's spare: not the holder's task and context (a finished task keeps
-        # its result).
-        lease.task = None
-        lease.context = None
-        if on_released is not None:
-            on_released(now - lease.acquired_at)
-        record.lease = None
-        record.last_used = now
-        check_at = now + self.validate_after
-        record.check_at = check_at if check_at < expires_at else expires_at
-        record.place = IDLE
-        idle.append(record)
-        return result
+        # The general way (someone in line, a check due, a `setup` hook, `max_queries`, another
+        # loop...): what ``async with pool.acquire() as conn: return await conn.<method>(...)``
+        # does, `setup` given the proxy.
+        async with AcquireContext(self, UNSET, None) as proxy:
+            return await getattr(proxy, method)(query, *args, **kwargs)
 
     return one
+
+
+def _statement_by_name(kwargs: dict[str, Any], first: str, method: str) -> Any:
+    """The statement given by name (``pool.fetchval(query=...)``), taken out of `kwargs`."""
+    query = kwargs.pop(first, BY_NAME)
+    if query is BY_NAME:
+        raise TypeError(f"{method}() missing its first argument, the statement ({first}=)")
+    return query
+
+
+def _spare_lease(record: ConnectionRecord) -> Lease:
+    """A statement runner's first lease on `record`: Lease(record, now, None, task, context)
+    without the Python call to __init__ (the runner sets the rest; tests/unit/test_lease.py
+    checks that every slot is set, on a new lease and on a spare taken again)."""
+    lease = blank(Lease)
+    lease.record = record
+    lease.frame = None
+    lease.lasti = 0
+    lease.reported = False
+    lease.scoped = True
+    lease.holder_cancelled = False
+    return lease
 
 
 #: One statement runner per query helper; they share one code object (`STATEMENT_RUNNERS`).
