@@ -51,7 +51,10 @@ Each sample of a contender is paired with raw asyncpg's sample of the same pass 
 time), so a busy neighbour moves both. The report gives medians, the extra µs per query over raw
 asyncpg as the median of the paired differences with their interquartile range (targets: <= 3 µs
 single, <= 5 µs fleet), and ratios against asyncpg.Pool and psycopg_pool (fleet: with `--all`).
-asyncpool's default mode ("unnamed") is shown too, for information: it sends fewer messages, so
+The report also says which of glibc's regimes raw asyncpg ran in (with asyncio's
+``recv(256 KiB)`` each read maps and unmaps its buffer in one of them, depending on what the
+process allocated before): there, "over raw asyncpg" includes that cost, and only `own` is the
+pool's. asyncpool's default mode ("unnamed") is shown too, for information: it sends fewer messages, so
 it is not the same work as raw asyncpg.
 """
 
@@ -652,6 +655,18 @@ class Samples:
         return ", ".join(f"{n}: {statistics.median(v[-passes:]):.1f}" for n, v in self.cpu.items())
 
 
+def glibc_regime(raw: float, over_capped: float) -> str:
+    """Which of glibc's regimes raw asyncpg ran in, from its CPU per query (`raw`) and its
+    extra over the capped client (`over_capped`): asyncio's ``recv(256 KiB)`` maps and unmaps
+    its buffer on every read in one of them, and which one a process is in depends on what it
+    allocated before, so the "over raw asyncpg" figures mean different things in each."""
+    if over_capped > 0.15 * raw:
+        return (f"raw asyncpg ran in glibc's mmap regime ({over_capped:+.1f} µs/query over the "
+                "capped client): 'extra' includes that cost, 'own' is the pool's own")
+    return (f"raw asyncpg ran outside glibc's mmap regime ({over_capped:+.1f} µs/query over the "
+            "capped client): 'extra' and 'own' both measure the pool's own cost")
+
+
 def report(case: str, samples: Samples, target: float) -> bool:
     """Print one case; True when both asyncpool contenders met `target`."""
     med = statistics.median
@@ -667,6 +682,8 @@ def report(case: str, samples: Samples, target: float) -> bool:
                if capped and name not in (RAW, RAW_CAPPED) else "")
         print(f"  {name:<48} {med(values):7.1f} ({min(values):.1f}-{max(values):.1f})  "
               f"extra {med(diffs):+6.1f} ({q[0]:+.1f}..{q[2]:+.1f}){own}")
+    if capped:
+        print("  " + glibc_regime(base, -med(capped)))
     met = True
     for name in (POOL_FETCHVAL, POOL_ACQUIRE):
         extra = med(samples.extra[name])

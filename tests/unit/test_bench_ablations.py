@@ -82,3 +82,17 @@ async def test_the_fleet_child_runs_every_instance_at_once_without_housekeeping(
     assert len(housekeepers) == 3
     assert all("_child_fleet.<locals>.parked" in coro for coro in housekeepers)
     assert frozen == [True]
+
+
+def test_the_report_says_which_glibc_regime_raw_asyncpg_ran_in(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """raw asyncpg's lead over the capped client decides what "over raw asyncpg" means: the
+    report names the regime from it (a raw client as fast as the capped one is outside it)."""
+    bench = BENCH_MODULE
+    names = [bench.RAW, bench.RAW_CAPPED, bench.POOL_FETCHVAL, bench.POOL_ACQUIRE]
+    for raw, regime in ((98.0, "ran in glibc's mmap regime (+44.0"),
+                        (54.5, "ran outside glibc's mmap regime (+0.5")):
+        samples = bench.Samples(names)
+        samples.add_pass(dict(zip(names, [raw, 54.0, 58.0, 63.0], strict=True)))
+        bench.report("single", samples, 3.0)
+        assert regime in capsys.readouterr().out
