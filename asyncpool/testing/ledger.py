@@ -82,10 +82,7 @@ class Ledger:
                 # Anything raised from here on comes from COMMIT or the release after it.
                 sent_commit = True
         except BaseException as exc:
-            (self.ambiguous if sent_commit else self.failed)[ident] = exc
-            if not isinstance(exc, Exception):
-                raise
-            return exc
+            return self._record_error(ident, exc, ambiguous=sent_commit)
         self.committed.add(ident)
         return None
 
@@ -104,12 +101,17 @@ class Ledger:
                                ident, timeout=timeout)
         except BaseException as exc:
             unsent = isinstance(exc, (PoolTimeoutError, ConnectError, PoolClosedError))
-            (self.failed if unsent else self.ambiguous)[ident] = exc
-            if not isinstance(exc, Exception):
-                raise
-            return exc
+            return self._record_error(ident, exc, ambiguous=not unsent)
         self.committed.add(ident)
         return None
+
+    def _record_error(self, ident: int, exc: BaseException, *, ambiguous: bool) -> BaseException:
+        """Note what the writer of `ident` saw and return it; a `CancelledError` (any
+        non-`Exception`) is raised again: a cancelled writer stays cancelled."""
+        (self.ambiguous if ambiguous else self.failed)[ident] = exc
+        if not isinstance(exc, Exception):
+            raise exc
+        return exc
 
     def new_id(self) -> int:
         return next(self._ids)

@@ -277,6 +277,17 @@ async def _storm(pool: Pool, rng: random.Random,
         assert all(isinstance(r, asyncio.CancelledError) for r in results), results
 
 
+async def _writes_go_through_after_the_storm(
+        pool: Pool, pooler: PgBouncerServer,
+        write: Callable[[Pool], Awaitable[BaseException | None]]) -> None:
+    """Once the storm has settled, the pool opens to its full width and 16 writes at once all
+    commit."""
+    await settled(pool, pooler)
+    await full_width(pool)
+    errors = await asyncio.gather(*[write(pool) for _ in range(16)])
+    assert errors == [None] * 16
+
+
 async def test_cancellation_storm_loses_nothing(fault_pooler: PgBouncerServer,
                                                 ledger: Ledger) -> None:
     """Writers cancelled or timed out at random moments, hundreds of times.
@@ -297,10 +308,7 @@ async def test_cancellation_storm_loses_nothing(fault_pooler: PgBouncerServer,
         assert check.failed > 0
         assert check.ambiguous_present + check.ambiguous_absent > 0
         assert_clear(ledger.errors, asyncio.CancelledError, TimeoutError)
-        await settled(pool, pooler)
-        await full_width(pool)
-        errors = await asyncio.gather(*[ledger.write(pool) for _ in range(16)])
-        assert errors == [None] * 16
+        await _writes_go_through_after_the_storm(pool, pooler, ledger.write)
         assert pooler.running()
 
 
@@ -318,10 +326,7 @@ async def test_cancellation_storm_through_the_query_helpers_loses_nothing(
         assert check.committed > 0
         assert check.ambiguous_present + check.ambiguous_absent > 0
         assert_clear(ledger.errors, asyncio.CancelledError, TimeoutError)
-        await settled(pool, pooler)
-        await full_width(pool)
-        errors = await asyncio.gather(*[ledger.write_one(pool) for _ in range(16)])
-        assert errors == [None] * 16
+        await _writes_go_through_after_the_storm(pool, pooler, ledger.write_one)
         for _ in range(3):  # one at a time: the inline way, leaving a lease to be taken again
             assert await ledger.write_one(pool) is None
         assert any(record.spare is not None for record in pool._slots.records)
