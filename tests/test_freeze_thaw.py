@@ -148,3 +148,43 @@ async def test_without_the_boundary_check_a_live_connection_is_not_checked(
     env.runner.attach(pool)  # the default again
     assert await env.invoke(handler) == 1
     assert counter.validations == 1
+
+
+async def test_a_connection_held_across_invocations_is_checked_before_the_caller_in_line_gets_it(
+    env: Environment, legacy: PgBouncerServer
+) -> None:
+    """A task left running across the pause holds the pool's only connection; the next
+    invocation's statement waits in line for it. Marked stale at that invocation's start, it gets
+    its SELECT 1 before the waiting statement runs (it used to be handed over unchecked)."""
+    counter = ValidationCounter()
+    pool = env.runner.attach(
+        env.pool(legacy.dsn(), validate_after=3600, max_size=1, observers=[counter])
+    )
+    holders: list[asyncio.Task[None]] = []
+
+    @async_handler(runner=env.runner)
+    async def leave_a_holder(event: Any, context: Any) -> int:
+        await pool.open(wait=False)
+        conn = await pool.acquire()
+
+        async def hold() -> None:
+            await asyncio.sleep(0.3)  # runs on in the next invocation
+            await pool.release(conn)
+
+        holders.append(asyncio.create_task(hold()))
+        value: int = await conn.fetchval("SELECT 1")
+        return value
+
+    @async_handler(runner=env.runner)
+    async def query(event: Any, context: Any) -> tuple[int, int]:
+        value = await pool.fetchval("SELECT 2")
+        return value, pool.stats().waiting
+
+    assert await env.invoke(leave_a_holder) == 1
+    assert counter.validations == 0
+    assert await env.invoke(query) == (2, 0)
+    assert holders[0].done()
+    assert holders[0].exception() is None
+    assert counter.validations == 1  # the hand-over was checked
+    stats = pool.stats()
+    assert (stats.validation_failures_total, stats.created_total) == (0, 1)

@@ -161,8 +161,8 @@ class Pool:
     def mark_stale(self) -> None:
         """Check every connection with a round trip before its next checkout, whatever the clock
         says: after a freeze or a snapshot restore the monotonic clock cannot be trusted to show
-        how long a connection sat idle. One in use is checked after its return (handed straight
-        to a caller waiting in line, it goes unchecked, as every returned connection does)."""
+        how long a connection sat idle. One in use is checked after its return, by its next
+        holder (a caller waiting in line included) before that one gets it."""
         self._slots.mark_stale()
 
     def invalidate_statement_cache(self) -> None:

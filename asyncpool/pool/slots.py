@@ -828,7 +828,8 @@ class Slots(_HotSlots):
             # close() began after the connection was handed over.
             self._undo_handoff(lease)
             raise self.closed_error()
-        return lease
+        checked = await self._check_handed(lease, frame, progress)
+        return checked if checked is not None else await self._obtain(started, frame, progress)
 
     def _leave(self, waiter: Waiter) -> Any:
         """Step out of the queue: what was handed to `waiter` before it left (a lease or a
@@ -887,7 +888,8 @@ class Slots(_HotSlots):
                         return None
                     lease = await self._wait_between_attempts(delay, progress)
                     if lease is not None:
-                        return lease
+                        # Its slot went back to the pool (`_put`): None starts over.
+                        return await self._check_handed(lease, frame, progress)
                     continue
                 record = self._new_record(conn)
                 self.connecting -= 1
@@ -943,6 +945,20 @@ class Slots(_HotSlots):
             self._undo_handoff(lease)
             raise self.closed_error()
         return lease
+
+    async def _check_handed(self, lease: Lease, frame: FrameType | None,
+                            progress: _Progress) -> Lease | None:
+        """A connection handed over in line, as it was returned: `lease` as it is, or, if it was
+        marked stale while held (`mark_stale`), a lease on it once it passed its check, or on
+        the connection opened in its place. None: the slot went back to the pool, start over."""
+        record = lease.record
+        if not record.stale:
+            return lease
+        lease.state = RELEASED
+        record.lease = None
+        record.place = MOVING
+        assert self.loop is not None
+        return await self._check(record, self.loop.time(), frame, progress)
 
     async def _attempt(self, deadline: float | None = None) -> Any:
         """One login, within `connect_timeout`, in a task of its own that close() can stop.

@@ -191,6 +191,11 @@ class PoolModel(RuleBasedStateMachine):
         user = self._user_of[task]
         other = self.holders.get(raw)
         assert other is None or other is user, f"{raw} held by two users at once"
+        # Marked stale before this user got it (`mark_stale`): checked first, which clears the
+        # mark, even when it was handed over in line (`Slots._check_handed`).
+        assert self.pool is not None
+        [record] = [r for r in self.pool._slots.records if r.conn is raw]
+        assert not record.stale, f"{raw} handed out unchecked after mark_stale()"
         self.holders[raw] = user
         user.conn = raw
 

@@ -408,3 +408,57 @@ def test_a_connection_held_when_the_pool_is_marked_stale_is_checked_before_its_n
             assert raw.queries == ["SELECT 3"]  # once
 
     run(main())
+
+
+@pytest.mark.parametrize("how", ["acquire", "helper", "between-logins"])
+@pytest.mark.parametrize("alive", [True, False], ids=["alive", "died-silently"])
+def test_a_stale_connection_returned_to_a_caller_in_line_is_checked_before_it_gets_it(
+        server: FakeServer, how: str, alive: bool) -> None:
+    """Marked stale while held, then returned while another caller waits in line (queued, or
+    between two login attempts the pooler refused): the waiter validates it first
+    (`_check_handed`); one that died silently while held is replaced, and the waiter's
+    statement runs on the new connection."""
+    retrying = how == "between-logins"
+    if retrying:
+        server.max_connections = 1  # the second caller's logins are refused (transient)
+
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=2 if retrying else 1,
+                             acquire_timeout=None, validate_after=None) as pool:
+            [raw] = server.open_connections()
+            conn = await pool.acquire()
+            if how == "helper":
+                waiting = asyncio.create_task(pool.fetchval("SELECT 2"))
+            else:
+                async def acquire_and_query() -> Any:
+                    async with pool.acquire() as other:
+                        return await other.fetchval("SELECT 2")
+                waiting = asyncio.create_task(acquire_and_query())
+            await asyncio.sleep(0.01)
+            if retrying:
+                assert server.logins >= 2
+                assert pool.stats().connecting == 1  # refused, to retry
+            else:
+                assert pool.stats().waiting == 1
+            pool.mark_stale()
+            if not alive:
+                raw.die_silently()
+            raw.queries.clear()
+            await pool.release(conn)
+            assert await waiting is not None
+            if alive:
+                assert raw.queries == ["SELECT 1", "SELECT 2"]  # validated first
+                assert pool.stats().closed_total == 0
+            else:
+                [new] = server.open_connections()
+                assert new is not raw
+                assert raw.is_closed()
+                assert new.queries[-1] == "SELECT 2"
+                assert pool.stats().validation_failures_total == 1
+            # The check cleared the mark: the next statement runs without one.
+            [current] = server.open_connections()
+            current.queries.clear()
+            await pool.fetchval("SELECT 3")
+            assert current.queries == ["SELECT 3"]
+
+    run(main())
