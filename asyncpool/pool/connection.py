@@ -15,7 +15,7 @@ import asyncpg
 from asyncpool.connect.driver import ConnectionProxyBase
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
-from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, Lease
+from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, Lease
 
 if TYPE_CHECKING:
     from asyncpg.cursor import CursorFactory
@@ -279,6 +279,13 @@ class PooledConnection(_Base):
             )
         if state is CLOSED:
             return PoolClosedError(f"pool {self._pool_name!r} was closed while this connection was held")
+        if state is INHERITED:
+            return PoolError(
+                f"pool {self._pool_name!r}: this connection was held when this process was forked "
+                "from the one that opened the pool; it belongs to that parent process, which may "
+                "be using it. Open a pool in this process, after the fork, and use its connections "
+                "(releasing this one does nothing)"
+            )
         return PoolError(
             f"pool {self._pool_name!r}: this connection was released back to the pool; "
             "acquire a new one"

@@ -18,6 +18,9 @@ class LeaseState(enum.Enum):
     RELEASED = "released"
     LEAKED = "leaked"  # reclaimed by the pool: the holder must not touch the connection again
     CLOSED = "closed"  # terminated by pool.close() while still held
+    # Held when the process forked, seen in the child: the connection is the parent's, and the
+    # holder there must neither use it nor give it back (a reset would write to its socket).
+    INHERITED = "inherited"
 
 
 # Module constants for the checkout path: looking a member up on an Enum class costs ~70 ns on
@@ -26,6 +29,7 @@ ACTIVE = LeaseState.ACTIVE
 RELEASED = LeaseState.RELEASED
 LEAKED = LeaseState.LEAKED
 CLOSED = LeaseState.CLOSED
+INHERITED = LeaseState.INHERITED
 
 # A coroutine chain deeper than this is cut in leak reports.
 _MAX_FRAMES = 200

@@ -45,7 +45,15 @@ from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.backoff import Backoff
 from asyncpool.pool.checkout import AcquireContext, blank, end_checkout
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
-from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, STATEMENT_RUNNERS, Lease
+from asyncpool.pool.lease import (
+    ACTIVE,
+    CLOSED,
+    INHERITED,
+    LEAKED,
+    RELEASED,
+    STATEMENT_RUNNERS,
+    Lease,
+)
 from asyncpool.pool.record import CHECKING, IDLE, LEASED, MOVING, RETIRED, ConnectionRecord
 from asyncpool.stats import PoolStats, StatementCacheStats
 
@@ -106,6 +114,12 @@ def _after_fork_in_child() -> None:
     _FORKS[0] += 1
     for slots in list(_LIVE):
         slots.fast = slots.fast_statements = False
+        for record in slots.records:
+            lease = record.lease
+            if lease is not None and lease.state is ACTIVE:
+                # Held across the fork: using it here would talk on the parent's socket, and
+                # giving it back in a transaction would send the parent's session a ROLLBACK.
+                lease.state = INHERITED
 
 
 if hasattr(os, "register_at_fork"):

@@ -56,7 +56,11 @@ async def test_a_pool_inherited_across_fork_leaves_the_parents_connection_alone(
     assert report["child_status"] == 0, child
     assert child["fresh_loop"] is True
     assert "is a fork of it" in child["refused"]
+    assert "forked from the one that opened the pool" in child["held_refused"]
     assert isinstance(child["own_pid"], int)
     # The parent's session survived the child's use, terminate() and close() of the pool.
     assert report["after"] == report["before"]
-    assert (report["parent_created_total"], report["parent_closed_total"]) == (1, 0)
+    # And its transaction the child's release of the connection it held (in that transaction)
+    # when it forked: nothing was sent on its socket.
+    assert report["held_after"] == 1
+    assert (report["parent_created_total"], report["parent_closed_total"]) == (2, 0)

@@ -265,9 +265,12 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
     from asyncpool.pool import slots
 
     async def main() -> None:
-        pool = fake_pool(server, min_size=2, max_size=2)
+        pool = fake_pool(server, min_size=3, max_size=3)
         await pool.open()
         held = await pool.acquire()
+        in_transaction = await pool.acquire()
+        await in_transaction.execute("BEGIN")
+        in_transaction_raw = in_transaction.raw
         # What os.register_at_fork runs in the child (on a copy of the count: this process
         # is not forked).
         monkeypatch.setattr(slots, "_FORKS", [slots._FORKS[0]])
@@ -276,6 +279,14 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
             await pool.fetchval("SELECT 1")
         with pytest.raises(PoolError, match="is a fork of it"):
             await pool.acquire()
+        # Held across the fork, before the inherited pool is closed: used, it is refused
+        # (it would talk on the parent's socket); released in its transaction, nothing is sent
+        # (a reset would send the parent's session a ROLLBACK).
+        with pytest.raises(PoolError, match="forked from the one that opened the pool"):
+            await in_transaction.fetchval("SELECT 1")
+        await pool.release(in_transaction)
+        assert in_transaction_raw.queries == ["BEGIN"]
+        assert in_transaction_raw.is_in_transaction()
         pool.terminate()
         await pool.close()
         assert pool.closed
@@ -285,9 +296,9 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
         with pytest.raises(PoolError):
             await held.fetchval("SELECT 1")
         # Neither closed nor terminated: the sockets are the parent's.
-        assert len(server.open_connections()) == 2
+        assert len(server.open_connections()) == 3
         assert all(c.closed_how is None for c in server.connections)
-        assert all(c.queries == [] for c in server.connections)
+        assert [c.queries for c in server.connections if c is not in_transaction_raw] == [[], []]
 
     run(main())
 
