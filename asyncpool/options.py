@@ -203,6 +203,32 @@ def resolve(dsn: str | None, config: PoolConfig | None, options: Mapping[str, An
     return PoolConfig.from_env(os.environ if environ is None else environ, **values)
 
 
+#: What `Pool.set_connect_args()` replaces, as asyncpg's does: the DSN and the arguments of
+#: asyncpg's ``connect()`` (``timeout`` is the pool's ``connect_timeout``, kept if not given).
+#: ``record_class`` and ``connection_class`` are the pool's, in asyncpg's pool as here.
+_POOL_CLASSES = frozenset({"record_class", "connection_class"})
+CONNECT_ARGS = (CONNECT_OPTIONS - _POOL_CLASSES) | {"ssl", "server_settings", "command_timeout",
+                                                   "timeout"}
+
+
+def with_connect_args(config: PoolConfig, dsn: str | None,
+                      connect_kwargs: Mapping[str, Any]) -> PoolConfig:
+    """`config` with its connection arguments replaced by `dsn` and `connect_kwargs`, as
+    asyncpg's ``Pool.set_connect_args()`` replaces them (every one given before goes); the
+    pool's own options stay. Checked here: `PoolConfigError` for anything else."""
+    refused = sorted(set(connect_kwargs) - CONNECT_ARGS)
+    if refused:
+        names = ", ".join(f"{name}=" for name in refused)
+        raise PoolConfigError(
+            f"pool {config.name!r}: set_connect_args({names}): not a connection argument. It "
+            f"takes the DSN and asyncpg's connect() arguments ({', '.join(sorted(CONNECT_ARGS))}); "
+            "the pool's own options are fixed when it is created: create a new pool to change them")
+    kept = {k: v for k, v in config.connect_kwargs.items() if k in _POOL_CLASSES}
+    base = config.replace(dsn=None, connect_kwargs=kept, ssl=None, server_settings=None,
+                          command_timeout=None)
+    return resolve(dsn, base, connect_kwargs)
+
+
 def check_timeout(pool_name: str, what: str, timeout: Any, none: str = "no limit") -> None:
     """Raise `PoolConfigError` unless `timeout` (given to `what`) is None (meaning `none`) or
     seconds >= 0."""

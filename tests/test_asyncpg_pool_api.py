@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import io
 import re
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,8 @@ from asyncpool.pool.copy_options import (
     CopyRecordsOptions,
     CopyToTableOptions,
 )
+from asyncpool.testing import PostgresServer
+from asyncpool.testing.postgres import Role
 from tests.conftest import Pooler
 
 
@@ -171,12 +174,74 @@ async def test_sizes_and_expire_connections_mean_what_they_mean_in_asyncpg(poole
         assert before.is_closed()
 
 
-async def test_set_connect_args_is_refused_with_what_to_do(pooler: Pooler) -> None:
-    async with asyncpool.create_pool(pooler.dsn(), min_size=1, telemetry=False) as pool:
-        with pytest.raises(asyncpool.PoolConfigError, match=r"set_connect_args\(\) is not "
-                                                            r"supported.*credentials=.*expire_all"):
-            pool.set_connect_args("postgresql://elsewhere@127.0.0.1/app", user="other")
-        assert await pool.fetchval("SELECT 1") == 1  # nothing changed
+async def test_set_connect_args_rotates_a_password_as_in_asyncpg(postgres: PostgresServer) -> None:
+    """asyncpg's way to rotate a password: ``set_connect_args()`` with the new one, then
+    ``expire_connections()``. Logins from then on use the new arguments (the old password no
+    longer logs in), the connection held meanwhile goes on until it is returned, and a bad
+    call changes nothing and prints no password."""
+    role = Role(f"rotating_{secrets.token_hex(4)}", secrets.token_urlsafe(18))
+    rotated = Role(role.name, secrets.token_urlsafe(18))
+    admin = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        await admin.execute(f"CREATE ROLE {role.name} LOGIN PASSWORD '{role.password}'")
+        async with asyncpool.create_pool(postgres.dsn(role), min_size=1, max_size=2,
+                                         telemetry=False) as pool:
+            held = await pool.acquire()
+            await admin.execute(f"ALTER ROLE {role.name} PASSWORD '{rotated.password}'")
+            for bad, why in [({"min_size": 3}, "not a connection argument"),
+                             ({"record_class": asyncpg.Record}, "not a connection argument"),
+                             ({"sslmode": "disable"}, "not a connection argument")]:
+                with pytest.raises(asyncpool.PoolConfigError, match=why) as refused:
+                    pool.set_connect_args(postgres.dsn(rotated), **bad)
+                assert rotated.password not in str(refused.value)
+            with pytest.raises(asyncpool.PoolConfigError) as refused:
+                pool.set_connect_args(postgres.dsn(rotated).replace("postgresql://", "mysql://"))
+            assert rotated.password not in str(refused.value)
+            assert pool.config.dsn == postgres.dsn(role)  # nothing changed
+
+            pool.set_connect_args(postgres.dsn(rotated))
+            assert pool.config.dsn == postgres.dsn(rotated)
+            assert rotated.password not in repr(pool) + repr(pool.config)
+            await pool.expire_connections()
+            # Opened with the new password (the old one no longer logs in).
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT current_user") == role.name
+                assert conn.raw is not held.raw
+            assert await held.fetchval("SELECT 1") == 1  # the one held meanwhile goes on
+            await pool.release(held)
+            stats = pool.stats()
+            assert (stats.created_total, stats.connect_errors_total) == (2, 0)
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {role.name}")
+        await admin.close()
+
+
+async def test_set_connect_args_replaces_the_connection_arguments(pooler: Pooler) -> None:
+    """Through both PgBouncers: the arguments given before go (as in asyncpg), the new ones
+    reach the server on the connections opened after the call; those open stay until they
+    expire."""
+    async with asyncpool.create_pool(
+            pooler.dsn(), min_size=1, max_size=2, telemetry=False,
+            server_settings={"application_name": "before"}, command_timeout=30) as pool:
+        async with pool.acquire() as conn:
+            old = conn.raw
+        pool.set_connect_args(pooler.dsn(), server_settings={"application_name": "after"})
+        assert pool.config.command_timeout is None  # replaced, as asyncpg's are
+        async with pool.acquire() as conn:
+            assert conn.raw is old  # not expired yet
+            assert await conn.fetchval("SELECT current_setting('application_name')") == "before"
+        await pool.expire_connections()
+        async with pool.acquire() as conn:
+            assert conn.raw is not old
+            assert await conn.fetchval("SELECT current_setting('application_name')") == "after"
+
+
+async def test_set_connect_args_before_open_is_what_open_uses(pooler: Pooler) -> None:
+    pool = asyncpool.Pool("postgresql://nobody@127.0.0.1:1/nowhere", min_size=1,
+                          telemetry=False)
+    pool.set_connect_args(pooler.dsn())
+    async with pool:
+        assert await pool.fetchval("SELECT current_user") == "app"
 
 
 async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:

@@ -58,7 +58,10 @@ class CutShort:
 class Connector:
     """Knows how to open a connection for one pool; holds nothing but settings."""
 
-    def __init__(self, config: PoolConfig, observer: PoolObserver) -> None:
+    def __init__(self, config: PoolConfig, observer: PoolObserver, *,
+                 totals: CacheTotals | None = None) -> None:
+        """`totals`: the description cache's counts to go on with (a pool's new connection
+        arguments, `Pool.set_connect_args`: its counters never go back)."""
         self.config = config
         self.observer = observer
         # Parsed once, here; asyncpg gets it rebuilt without the password (`for_driver`).
@@ -104,6 +107,7 @@ class Connector:
         self._several_hosts = len(hosts) > 1
         #: The description cache's counts over all connections ("unnamed" mode only).
         self.statement_cache: CacheTotals | None = None
+        self._totals = totals
         #: Connections are opened through an InterceptingLoop (the one-round-trip path), which
         #: gives them this pool's description-cache policy.
         self._intercept = False
@@ -130,7 +134,7 @@ class Connector:
                 describe_cache_policy,
             )
 
-            self.statement_cache = CacheTotals()
+            self.statement_cache = self._totals if self._totals is not None else CacheTotals()
             kw["connection_class"] = describe_cache_connection_class(cfg)
             self._policy = describe_cache_policy(cfg, self.statement_cache)
             self._intercept = True

@@ -13,13 +13,13 @@ import sys
 import warnings
 from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
 from types import MethodType
-from typing import TYPE_CHECKING, Any, NoReturn, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
-from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError
+from asyncpool.errors import PoolClosedError, PoolError
 from asyncpool.observer import ObserverGroup, PoolObserver
-from asyncpool.options import PoolOptions, check_timeout, resolve
+from asyncpool.options import PoolOptions, check_timeout, resolve, with_connect_args
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import HELPER_METHODS
@@ -338,14 +338,26 @@ class Pool:
         """`expire_all()`, under asyncpg's name (asyncpg's is a coroutine too)."""
         self.expire_all()
 
-    def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> NoReturn:
-        """Refused: a pool's settings are fixed when it is created (the error says what to do)."""
-        raise PoolConfigError(
-            f"pool {self.name!r}: set_connect_args() is not supported: a pool's connection "
-            "settings are fixed when it is created. For a password or token that rotates, give "
-            "the pool credentials= (a provider awaited at every login, "
-            "docs/credentials-and-tls.md) and call pool.expire_all() after a rotation; to "
-            "connect elsewhere, create a new pool and close this one")
+    def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
+        """Connect with these arguments from now on, as asyncpg's pool does: the DSN and
+        asyncpg's ``connect()`` arguments (``host``, ``user``, ``password``, ``database``,
+        ``ssl``, ``server_settings``, ``command_timeout``...) replace every one given before;
+        the pool's own options stay. Connections open now stay until they expire:
+        ``await pool.expire_connections()`` replaces each at its next checkout. Checked here:
+        a bad argument raises `PoolConfigError` and changes nothing.
+
+        For a password or token that rotates, ``credentials=`` is the better fit: a provider
+        awaited at every login (docs/credentials-and-tls.md).
+        """
+        config = with_connect_args(self.config, dsn, connect_kwargs)
+        slots = self._slots
+        current = slots.connector
+        if current is not None and slots.state is OPEN:
+            # Built (and so checked) before anything changes.
+            slots.use_connector(Connector(config, slots.observer, totals=current.statement_cache))
+        else:  # not open yet (open() builds the connector from it), or closed
+            slots.config = config
+        self.config = config
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -182,7 +182,8 @@ class Slots(_HotSlots):
         "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "closed_total",
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
         "forks", "generation", "housekeeper", "leaked_total", "name", "observer", "opened_in", "pid",
-        "records", "retrying", "state", "timeouts_total", "validation_failures_total", "waiters",
+        "records", "replaced_credentials", "retrying", "state", "timeouts_total",
+        "validation_failures_total", "waiters",
     )
 
     def __init__(self, name: str, config: PoolConfig) -> None:
@@ -234,6 +235,9 @@ class Slots(_HotSlots):
         self.config = config
         self.opened_in = ""  # the name of the thread whose loop opened the pool
         self.connector: Connector | None = None
+        # Providers of connectors replaced by new connection arguments: closed with the pool (a
+        # login under way may still be using one).
+        self.replaced_credentials: list[Any] = []
         self.observer: PoolObserver = PoolObserver()
         self.connecting = 0
         self.checking: set[ConnectionRecord] = set()
@@ -345,8 +349,7 @@ class Slots(_HotSlots):
             # Shielded: a close() cancelled here must not cancel a close or a terminate that has
             # not started yet (its coroutine would never run, and its connection stay open).
             await asyncio.shield(asyncio.gather(*self._own_tasks(), return_exceptions=True))
-            creds = self.connector.credentials if self.connector is not None else None
-            if creds is not None:
+            for creds in self._take_credentials():
                 try:
                     await creds.close()
                 except Exception:
@@ -426,10 +429,9 @@ class Slots(_HotSlots):
     def _finish(self, close_credentials: bool) -> None:
         _LIVE.discard(self)
         self.leaks.close()
-        creds = self.connector.credentials if self.connector is not None else None
-        if close_credentials and creds is not None:
-            loop = self.loop
-            if loop is not None and not loop.is_closed():
+        loop = self.loop
+        if close_credentials and loop is not None and not loop.is_closed():
+            for creds in self._take_credentials():
                 self._spawn(_close_credentials(creds, self.name))
         self._set_state(CLOSED_STATE)
         try:
@@ -438,6 +440,23 @@ class Slots(_HotSlots):
             logger.exception("pool %r: an observer failed to detach", self.name)
         if self._closed is not None:
             self._closed.set()
+
+    def _take_credentials(self) -> list[Any]:
+        """The credentials providers to close with the pool (each once)."""
+        providers = self.replaced_credentials
+        self.replaced_credentials = []
+        creds = self.connector.credentials if self.connector is not None else None
+        return [*providers, creds] if creds is not None else providers
+
+    def use_connector(self, connector: Connector) -> None:
+        """Logins from now on go through `connector` (`Pool.set_connect_args`): the connections
+        open now stay until they expire, and logins under way finish as they began."""
+        old = self.connector
+        self.config = connector.config
+        self.connector = connector
+        if (old is not None and old.credentials is not None
+                and old.credentials is not connector.credentials):
+            self.replaced_credentials.append(old.credentials)
 
     def _set_state(self, state: PoolState) -> None:
         self.state = state

@@ -80,7 +80,8 @@ class FakeServer:
 class FakeConnector:
     """Stands in for `asyncpool.connect.connector.Connector`: same constructor, same surface."""
 
-    def __init__(self, config: PoolConfig, observer: PoolObserver) -> None:
+    def __init__(self, config: PoolConfig, observer: PoolObserver, *,
+                 totals: Any = None) -> None:
         self.config = config
         self.observer = observer
         self.server: FakeServer = config.connect_kwargs["fake_server"]

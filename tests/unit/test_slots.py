@@ -473,3 +473,29 @@ def test_a_stale_connection_returned_to_a_caller_in_line_is_checked_before_it_ge
             assert current.queries == ["SELECT 3"]
 
     run(main())
+
+
+def test_credentials_replaced_by_new_connect_arguments_are_closed_with_the_pool(
+        server: FakeServer) -> None:
+    """`Pool.set_connect_args` gives the pool a new connector; the old one's credentials
+    provider may still serve a login under way, so it is closed with the pool, once."""
+    from tests.unit.fakes import FakeConnector, FakeCredentials
+
+    first, second = FakeCredentials(), FakeCredentials()
+
+    async def main() -> None:
+        pool = fake_pool(server, min_size=1, connect_kwargs={"fake_server": server,
+                                                             "fake_credentials": first})
+        await pool.open()
+        slots = pool._slots
+        config = pool.config.replace(connect_kwargs={"fake_server": server,
+                                                     "fake_credentials": second})
+        slots.use_connector(FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+        assert slots.config is config
+        await pool.expire_connections()
+        assert await pool.fetchval("SELECT 1") is not None
+        assert (first.closed, second.closed) == (0, 0)
+        await pool.close()
+        assert (first.closed, second.closed) == (1, 1)
+
+    run(main())
