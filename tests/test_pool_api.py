@@ -73,9 +73,18 @@ async def test_query_helpers_return_what_the_connection_returns(
     (`driver.own_read`) unless given keyword arguments: both ways give what the connection
     gives, for no row, one row and several."""
     async with pool.acquire() as conn:
-        expected = (await conn.fetch(query, *args), await conn.fetchrow(query, *args),
-                    await conn.fetchval(query, *args), await conn.fetchval(query, *args, column=-1),
-                    await conn.fetchrow(query, *args, record_class=Row))
+        # The proxy runs the same bodies itself (`connection._forward_read`): as asyncpg's own.
+        raw = conn.raw
+        expected = (await raw.fetch(query, *args), await raw.fetchrow(query, *args),
+                    await raw.fetchval(query, *args), await raw.fetchval(query, *args, column=-1),
+                    await raw.fetchrow(query, *args, record_class=Row))
+        assert (await conn.fetch(query, *args), await conn.fetchrow(query, *args),
+                await conn.fetchval(query, *args), await conn.fetchval(query, *args, column=-1),
+                await conn.fetchrow(query, *args, record_class=Row)) == expected
+        if not args:  # by name, as asyncpg's methods allow
+            assert await conn.fetchval(query=query) == expected[2]
+        with pytest.raises(asyncpg.PostgresSyntaxError):
+            await conn.fetchval("SELEC 1")
     assert (await pool.fetch(query, *args), await pool.fetchrow(query, *args),
             await pool.fetchval(query, *args), await pool.fetchval(query, *args, column=-1),
             await pool.fetchrow(query, *args, record_class=Row)) == expected
@@ -109,7 +118,32 @@ async def test_a_connection_class_that_overrides_a_read_is_called(pooler: Pooler
                     connect_kwargs={"connection_class": CountingConnection}) as pool:
         assert await pool.fetchval("SELECT 1 + $1::int", 1) == 2
         assert await pool.fetch("SELECT 3 AS x") == [(3,)]  # asyncpg's own: not counted
-    assert CountingConnection.calls == ["SELECT 1 + $1::int"]
+        async with pool.acquire() as conn:  # the proxy's reads too
+            assert await conn.fetchval("SELECT 4 + $1::int", 1) == 5
+            assert await conn.fetchrow("SELECT 6 AS x") == (6,)
+    assert CountingConnection.calls == ["SELECT 1 + $1::int", "SELECT 4 + $1::int"]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"timeout": 5}], ids=["plain", "keywords"])
+async def test_a_read_made_before_release_and_awaited_after_is_refused(
+        pooler: Pooler, kwargs: dict[str, Any]) -> None:
+    """``coro = conn.fetchval(...)`` inside the block, awaited after it: refused, nothing is
+    sent on the connection (another holder may have it by then)."""
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            raw = conn.raw
+            late = conn.fetchval("SELECT 1", **kwargs)
+        queries: list[str] = []
+
+        def log(record: Any) -> None:
+            queries.append(record.query)
+
+        raw.add_query_logger(log)
+        with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+            await late
+        raw.remove_query_logger(log)
+        assert queries == []
+        assert await pool.fetchval("SELECT 2") == 2
 
 
 async def test_a_connection_lost_as_it_is_handed_to_a_helper_is_reported_as_lost(

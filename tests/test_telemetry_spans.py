@@ -270,13 +270,18 @@ async def test_an_instrumentation_installed_after_the_pool_opened_sees_the_helpe
             assert await pool.fetchval("SELECT 2") == 2
             assert await pool.fetchrow("SELECT 3") == (3,)
             assert await pool.fetch("SELECT 4") == [(4,)]
+            async with pool.acquire() as conn:  # the proxy's reads too
+                assert await conn.fetchval("SELECT 6") == 6
+                assert await conn.fetch("SELECT 7") == [(7,)]
         finally:
             instrumentor.uninstrument()
         assert await pool.fetchval("SELECT 5") == 5
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 8") == 8
 
     queries = [s for s in sdk.spans() if s.kind is SpanKind.CLIENT and not s.name.startswith("connect")]
     assert [dict(q.attributes or {}).get("db.statement") for q in queries] == [
-        "SELECT 2", "SELECT 3", "SELECT 4"]
+        "SELECT 2", "SELECT 3", "SELECT 4", "SELECT 6", "SELECT 7"]
 
 
 _INSTRUMENTED_FIRST = textwrap.dedent("""
@@ -307,6 +312,8 @@ _INSTRUMENTED_FIRST = textwrap.dedent("""
             await pool.fetchval("SELECT 1")
             await pool.fetchrow("SELECT 2")
             await pool.fetch("SELECT 3")
+            async with pool.acquire() as conn:
+                await conn.fetch("SELECT 4")
 
     asyncio.run(main())
     print(sorted(s.attributes["db.statement"] for s in exporter.get_finished_spans()
@@ -323,4 +330,5 @@ def test_an_instrumentation_installed_before_asyncpool_was_imported_sees_the_hel
     done = subprocess.run([sys.executable, "-c", _INSTRUMENTED_FIRST, postgres.dsn()],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[-2] == "['SELECT 1', 'SELECT 2', 'SELECT 3'] ['SELECT 3']"
+    assert done.stdout.split("\n")[-2] == (
+        "['SELECT 1', 'SELECT 2', 'SELECT 3', 'SELECT 4'] ['SELECT 3', 'SELECT 4']")

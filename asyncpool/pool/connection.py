@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import asyncpg
 
-from asyncpool.connect.driver import ConnectionProxyBase
+from asyncpool.connect import driver
+from asyncpool.connect.driver import FIRST_ROW, ROWS, ConnectionProxyBase
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, Lease
@@ -57,6 +58,46 @@ def _forward(name: str) -> Callable[..., Any]:
         functools.update_wrapper(method, original)
         if inspect.iscoroutinefunction(original):
             _mark_coroutine_function(method)
+    method.__qualname__ = f"PooledConnection.{name}"
+    return method
+
+
+#: A statement given by name (``conn.fetchval(query=...)``): no positional argument came.
+_BY_NAME: Any = object()
+
+
+def _forward_read(name: str) -> Callable[..., Any]:
+    """The proxy's ``fetch``, ``fetchrow`` or ``fetchval``: as `_forward`'s, but while the held
+    connection's class still has asyncpg's own method (`driver.own_read`), called without
+    keyword arguments, it runs that method's body itself, as the pool's statement runners do:
+    no call and copy of the arguments through the proxy, none through asyncpg's method. The
+    lease is checked when the statement starts (a coroutine made before a release and awaited
+    after it is refused too); a subclass's override or an instrumentation's wrapper (installed
+    at any time) is called instead."""
+    read = driver.own_read(name)
+    if read is None:
+        return _forward(name)
+    own, limit, shape = read
+
+    async def method(self: PooledConnection, query: Any = _BY_NAME, /, *args: Any,
+                     **kwargs: Any) -> Any:
+        lease = self._lease
+        if lease.state is not ACTIVE:
+            raise self._unusable()
+        record = lease.record
+        conn = record.conn
+        if kwargs or query is _BY_NAME or getattr(type(conn), name) is not own:
+            call = getattr(conn, name)
+            return await (call(*args, **kwargs) if query is _BY_NAME
+                          else call(query, *args, **kwargs))
+        if not record.probe.is_connected():
+            conn._check_open()  # asyncpg's own error for a closed connection
+        result = await conn._execute(query, args, limit, None)
+        if shape is ROWS:
+            return result
+        return (result[0] if shape is FIRST_ROW else result[0][0]) if result else None
+
+    functools.update_wrapper(method, own)
     method.__qualname__ = f"PooledConnection.{name}"
     return method
 
@@ -185,9 +226,9 @@ class PooledConnection(_Base):
     else:
         execute = _forward("execute")
         executemany = _forward("executemany")
-        fetch = _forward("fetch")
-        fetchval = _forward("fetchval")
-        fetchrow = _forward("fetchrow")
+        fetch = _forward_read("fetch")
+        fetchval = _forward_read("fetchval")
+        fetchrow = _forward_read("fetchrow")
         fetchmany = _forward("fetchmany")
         prepare = _forward("prepare")
         transaction = _forward("transaction")
