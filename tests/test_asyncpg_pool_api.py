@@ -239,6 +239,8 @@ async def test_set_connect_args_replaces_the_connection_arguments(pooler: Pooler
 async def test_set_connect_args_before_open_is_what_open_uses(pooler: Pooler) -> None:
     pool = asyncpool.Pool("postgresql://nobody@127.0.0.1:1/nowhere", min_size=1,
                           telemetry=False)
+    with pytest.raises(asyncpool.PoolConfigError):  # checked now, not at open()
+        pool.set_connect_args(pooler.dsn().replace("postgresql://", "mysql://"))
     pool.set_connect_args(pooler.dsn())
     async with pool:
         assert await pool.fetchval("SELECT current_user") == "app"

@@ -352,10 +352,12 @@ class Pool:
         config = with_connect_args(self.config, dsn, connect_kwargs)
         slots = self._slots
         current = slots.connector
+        # Built (and so checked: DSN, target, TLS and credential rules) before anything changes.
+        connector = Connector(config, slots.observer,
+                              totals=current.statement_cache if current is not None else None)
         if current is not None and slots.state is OPEN:
-            # Built (and so checked) before anything changes.
-            slots.use_connector(Connector(config, slots.observer, totals=current.statement_cache))
-        else:  # not open yet (open() builds the connector from it), or closed
+            slots.use_connector(connector)
+        else:  # not open yet (open() builds its connector from the config), or closed
             slots.config = config
         self.config = config
 
