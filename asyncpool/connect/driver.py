@@ -195,6 +195,9 @@ def probe(conn: Any) -> Probe:
 
 #: What `own_read`'s methods return: all rows, the first row, the first row's first value.
 ROWS, FIRST_ROW, FIRST_VALUE = 0, 1, 2
+#: A read's first parameter when the statement was given by name (``fetchval(query=...)``),
+#: for the pool's statement runners and the proxy's reads, which take it positionally only.
+BY_NAME: Any = object()
 _READS = {"fetch": (0, ROWS), "fetchrow": (1, FIRST_ROW), "fetchval": (1, FIRST_VALUE)}
 
 

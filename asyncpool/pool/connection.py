@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 import asyncpg
 
 from asyncpool.connect import driver
-from asyncpool.connect.driver import FIRST_ROW, ROWS, ConnectionProxyBase
+from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, ConnectionProxyBase
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, Lease
@@ -62,10 +62,6 @@ def _forward(name: str) -> Callable[..., Any]:
     return method
 
 
-#: A statement given by name (``conn.fetchval(query=...)``): no positional argument came.
-_BY_NAME: Any = object()
-
-
 def _forward_read(name: str) -> Callable[..., Any]:
     """The proxy's ``fetch``, ``fetchrow`` or ``fetchval``: as `_forward`'s, but while the held
     connection's class still has asyncpg's own method (`driver.own_read`), called without
@@ -79,16 +75,16 @@ def _forward_read(name: str) -> Callable[..., Any]:
         return _forward(name)
     own, limit, shape = read
 
-    async def method(self: PooledConnection, query: Any = _BY_NAME, /, *args: Any,
+    async def method(self: PooledConnection, query: Any = BY_NAME, /, *args: Any,
                      **kwargs: Any) -> Any:
         lease = self._lease
         if lease.state is not ACTIVE:
             raise self._unusable()
         record = lease.record
         conn = record.conn
-        if kwargs or query is _BY_NAME or getattr(type(conn), name) is not own:
+        if kwargs or query is BY_NAME or getattr(type(conn), name) is not own:
             call = getattr(conn, name)
-            return await (call(*args, **kwargs) if query is _BY_NAME
+            return await (call(*args, **kwargs) if query is BY_NAME
                           else call(query, *args, **kwargs))
         if not record.probe.is_connected():
             conn._check_open()  # asyncpg's own error for a closed connection

@@ -36,7 +36,7 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.connector import CutShort
-from asyncpool.connect.driver import BROKEN, FIRST_ROW, NEEDS_RESET, ROWS, returned
+from asyncpool.connect.driver import BROKEN, BY_NAME, FIRST_ROW, NEEDS_RESET, ROWS, returned
 from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.observer import LeakReport, PoolObserver
@@ -79,8 +79,6 @@ CLOSED_STATE = PoolState.CLOSED
 
 #: What `Pool.acquire(timeout=...)` receives when the caller gave no timeout.
 UNSET: Any = object()
-# A statement runner's first argument when it was given by name (``pool.fetchval(query=...)``).
-BY_NAME: Any = object()
 # A waiter's future resolves to a Lease, or to this: "a slot is yours, open a connection in it".
 GRANT: Any = object()
 
@@ -884,11 +882,7 @@ class Slots(_HotSlots):
         """A lease handed to a waiter that gave up in the same instant goes to the next one."""
         if lease.state is not ACTIVE:
             return
-        lease.state = RELEASED
-        record = lease.record
-        record.lease = None
-        record.place = MOVING
-        self._put(record, self.loop.time() if self.loop else 0.0)
+        self._put(_taken_back(lease), self.loop.time() if self.loop else 0.0)
 
     async def _connect_for(self, frame: FrameType | None, progress: _Progress) -> Lease | None:
         """Open a connection in the slot this caller holds (`progress.holding`), retrying
@@ -984,14 +978,10 @@ class Slots(_HotSlots):
         """A connection handed over in line, as it was returned: `lease` as it is, or, if it was
         marked stale while held (`mark_stale`), a lease on it once it passed its check, or on
         the connection opened in its place. None: the slot went back to the pool, start over."""
-        record = lease.record
-        if not record.stale:
+        if not lease.record.stale:
             return lease
-        lease.state = RELEASED
-        record.lease = None
-        record.place = MOVING
         assert self.loop is not None
-        return await self._check(record, self.loop.time(), frame, progress)
+        return await self._check(_taken_back(lease), self.loop.time(), frame, progress)
 
     async def _attempt(self, deadline: float | None = None) -> Any:
         """One login, within `connect_timeout`, in a task of its own that close() can stop.
@@ -1417,6 +1407,16 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             return await getattr(proxy, method)(query, *args, **kwargs)
 
     return one
+
+
+def _taken_back(lease: Lease) -> ConnectionRecord:
+    """The connection of a lease handed over in line and not used: the lease ends, the record
+    moves (`MOVING`, carrying its slot) for the caller to pass on or check."""
+    lease.state = RELEASED
+    record = lease.record
+    record.lease = None
+    record.place = MOVING
+    return record
 
 
 def _statement_by_name(kwargs: dict[str, Any], first: str, method: str) -> Any:
