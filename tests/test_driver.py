@@ -247,9 +247,9 @@ async def test_connection_proxy_base_makes_pooled_connections_asyncpg_connection
         assert isinstance(conn, asyncpool.PooledConnection)
 
 
-#: asyncpg's fetch, fetchrow and fetchval, as `driver.own_read` says the statement runner may run
-#: them itself (docstrings left out).
-OWN_READ_BODIES = {
+#: asyncpg's fetch, fetchrow, fetchval and execute, as `driver.own_body` says the statement
+#: runner and the proxy may run them themselves (docstrings left out).
+OWN_BODIES = {
     "fetch": "self._check_open()\n"
              "return await self._execute(query, args, 0, timeout, record_class=record_class)",
     "fetchrow": "self._check_open()\n"
@@ -257,15 +257,25 @@ OWN_READ_BODIES = {
                 "if not data:\n    return None\nreturn data[0]",
     "fetchval": "self._check_open()\ndata = await self._execute(query, args, 1, timeout)\n"
                 "if not data:\n    return None\nreturn data[0][column]",
+    # Without arguments, a simple query: called, not copied.
+    "execute": "self._check_open()\nif not args:\n"
+               "    if self._query_loggers:\n"
+               "        with self._time_and_log(query, args, timeout):\n"
+               "            result = await self._protocol.query(query, timeout)\n"
+               "    else:\n"
+               "        result = await self._protocol.query(query, timeout)\n"
+               "    return result\n"
+               "_, status, _ = await self._execute(query, args, 0, timeout, return_status=True)\n"
+               "return status.decode()",
 }
 
 
-@pytest.mark.parametrize("method", sorted(OWN_READ_BODIES))
-def test_own_read_is_what_asyncpg_runs(method: str) -> None:
+@pytest.mark.parametrize("method", sorted(OWN_BODIES))
+def test_own_body_is_what_asyncpg_runs(method: str) -> None:
     """The installed asyncpg's method is the body the statement runner copies: with no keyword
     argument (timeout, record_class None; column 0), ``_execute(query, args, limit, None)`` and
-    the rows, the first row or its first value."""
-    own = driver.own_read(method)
+    the rows, the first row or its first value; ``execute`` with arguments, the status."""
+    own = driver.own_body(method)
     assert own is not None
     function, limit, shape = own
     assert function is asyncpg.Connection.__dict__[method]
@@ -273,18 +283,19 @@ def test_own_read_is_what_asyncpg_runs(method: str) -> None:
     [definition] = tree.body
     assert isinstance(definition, ast.AsyncFunctionDef)
     body = definition.body[1:] if ast.get_docstring(definition) else definition.body
-    assert "\n".join(ast.unparse(statement) for statement in body) == OWN_READ_BODIES[method]
+    assert "\n".join(ast.unparse(statement) for statement in body) == OWN_BODIES[method]
     parameters = inspect.signature(function).parameters
     assert [p.kind for p in parameters.values()][:3] == [
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_OR_KEYWORD,
         inspect.Parameter.VAR_POSITIONAL]
     assert {name: p.default for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY} == (
         {"column": 0, "timeout": None} if method == "fetchval"
+        else {"timeout": None} if method == "execute"
         else {"timeout": None, "record_class": None})
     assert (limit, shape) == {"fetch": (0, driver.ROWS), "fetchrow": (1, driver.FIRST_ROW),
-                              "fetchval": (1, driver.FIRST_VALUE)}[method]
+                              "fetchval": (1, driver.FIRST_VALUE),
+                              "execute": (0, driver.STATUS)}[method]
 
 
-def test_own_read_is_none_for_other_methods() -> None:
-    assert driver.own_read("execute") is None
-    assert driver.own_read("executemany") is None
+def test_own_body_is_none_for_other_methods() -> None:
+    assert driver.own_body("executemany") is None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+import io
+from collections.abc import AsyncIterator, Callable
 from types import MethodType
 from typing import Any, ClassVar
 from unittest import mock
@@ -70,10 +71,10 @@ READS = [
 async def test_query_helpers_return_what_the_connection_returns(
         pool: Pool, query: str, args: tuple[Any, ...]) -> None:
     """The helpers run asyncpg's fetch, fetchrow and fetchval bodies themselves
-    (`driver.own_read`) unless given keyword arguments: both ways give what the connection
+    (`driver.own_body`) unless given keyword arguments: both ways give what the connection
     gives, for no row, one row and several."""
     async with pool.acquire() as conn:
-        # The proxy runs the same bodies itself (`connection._forward_read`): as asyncpg's own.
+        # The proxy runs the same bodies itself (`connection._forward_own`): as asyncpg's own.
         raw = conn.raw
         expected = (await raw.fetch(query, *args), await raw.fetchrow(query, *args),
                     await raw.fetchval(query, *args), await raw.fetchval(query, *args, column=-1),
@@ -98,6 +99,35 @@ async def test_query_helpers_return_what_the_connection_returns(
     assert pool.stats().in_use == 0
 
 
+async def test_execute_returns_what_the_connection_returns(pool: Pool) -> None:
+    """``execute`` with arguments runs asyncpg's body itself (`driver.own_body`), on the pool and
+    on a held connection: the same status as the connection's own, and its errors."""
+    statements = [
+        ("CREATE TEMP TABLE IF NOT EXISTS own_execute (n int)", ()),
+        ("INSERT INTO own_execute SELECT g FROM generate_series(1, $1::int) g", (3,)),
+        ("UPDATE own_execute SET n = n + $1::int WHERE n > $2::int", (10, 1)),
+        ("DELETE FROM own_execute WHERE n = $1::int", (99,)),
+        ("SELECT $1::int", (1,)),
+    ]
+    # In a transaction: one server connection through the poolers too.
+    async with pool.acquire() as conn, conn.transaction():
+        raw = conn.raw
+        savepoint = raw.transaction()
+        await savepoint.start()
+        expected = [await raw.execute(query, *args) for query, args in statements]
+        await savepoint.rollback()  # the same statements again below, the same statuses
+        assert expected[1:] == ["INSERT 0 3", "UPDATE 2", "DELETE 0", "SELECT 1"]
+        assert [await conn.execute(query, *args) for query, args in statements] == expected
+        assert await conn.execute("SELECT $1::int", 2, timeout=5) == "SELECT 1"  # called
+        with pytest.raises(asyncpg.DataError):
+            await conn.execute("SELECT $1::int", "not a number")
+    assert await pool.execute("SELECT $1::int", 1) == "SELECT 1"
+    assert await pool.execute("SELECT 1") == "SELECT 1"  # no arguments: asyncpg's own, called
+    with pytest.raises(asyncpg.DataError):
+        await pool.execute("SELECT $1::int", "not a number")
+    assert pool.stats().in_use == 0
+
+
 class Row(asyncpg.Record):  # type: ignore[misc]
     pass
 
@@ -110,18 +140,27 @@ class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
         self.calls.append(query)
         return await super().fetchval(query, *args, column=column, timeout=timeout)
 
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        self.calls.append(query)
+        status: str = await super().execute(query, *args, timeout=timeout)
+        return status
+
 
 async def test_a_connection_class_that_overrides_a_read_is_called(pooler: Pooler) -> None:
-    """A ``connection_class`` whose fetchval differs from asyncpg's is what pool.fetchval runs."""
+    """A ``connection_class`` whose fetchval or execute differs from asyncpg's is what the pool's
+    helpers and the proxy run."""
     CountingConnection.calls = []
     async with Pool(pooler.dsn(), max_size=1, telemetry=False,
                     connect_kwargs={"connection_class": CountingConnection}) as pool:
         assert await pool.fetchval("SELECT 1 + $1::int", 1) == 2
         assert await pool.fetch("SELECT 3 AS x") == [(3,)]  # asyncpg's own: not counted
-        async with pool.acquire() as conn:  # the proxy's reads too
+        assert await pool.execute("SELECT 7 + $1::int", 1) == "SELECT 1"
+        async with pool.acquire() as conn:  # the proxy's reads and execute too
             assert await conn.fetchval("SELECT 4 + $1::int", 1) == 5
             assert await conn.fetchrow("SELECT 6 AS x") == (6,)
-    assert CountingConnection.calls == ["SELECT 1 + $1::int", "SELECT 4 + $1::int"]
+            assert await conn.execute("SELECT 8 + $1::int", 1) == "SELECT 1"
+    assert CountingConnection.calls == ["SELECT 1 + $1::int", "SELECT 7 + $1::int",
+                                        "SELECT 4 + $1::int", "SELECT 8 + $1::int"]
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"timeout": 5}], ids=["plain", "keywords"])
@@ -133,6 +172,39 @@ async def test_a_read_made_before_release_and_awaited_after_is_refused(
         async with pool.acquire() as conn:
             raw = conn.raw
             late = conn.fetchval("SELECT 1", **kwargs)
+        queries: list[str] = []
+
+        def log(record: Any) -> None:
+            queries.append(record.query)
+
+        raw.add_query_logger(log)
+        with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+            await late
+        raw.remove_query_logger(log)
+        assert queries == []
+        assert await pool.fetchval("SELECT 2") == 2
+
+
+LATE_CALLS: dict[str, Callable[[Any], Any]] = {
+    "execute": lambda conn: conn.execute("SELECT 1"),
+    "execute with arguments": lambda conn: conn.execute("SELECT $1::int", 1),
+    "executemany": lambda conn: conn.executemany("SELECT $1::int", [(1,), (2,)]),
+    "fetchmany": lambda conn: conn.fetchmany("SELECT $1::int", [(1,)]),
+    "prepare": lambda conn: conn.prepare("SELECT 1"),
+    "copy_from_query": lambda conn: conn.copy_from_query("SELECT 1", output=io.BytesIO()),
+    "reload_schema_state": lambda conn: conn.reload_schema_state(),  # through __getattr__
+}
+
+
+@pytest.mark.parametrize("call", LATE_CALLS.values(), ids=LATE_CALLS.keys())
+async def test_any_statement_made_before_release_and_awaited_after_is_refused(
+        pooler: Pooler, call: Callable[[Any], Any]) -> None:
+    """The proxy's other coroutine methods check the lease when awaited, as its reads do:
+    a coroutine made inside the block and awaited after it sends nothing."""
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            raw = conn.raw
+            late = call(conn)
         queries: list[str] = []
 
         def log(record: Any) -> None:

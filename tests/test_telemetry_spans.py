@@ -257,8 +257,8 @@ async def test_the_pools_own_statements_are_marked_in_the_request_trace(
 async def test_an_instrumentation_installed_after_the_pool_opened_sees_the_helpers(
     postgres: PostgresServer, sdk: Sdk
 ) -> None:
-    """The query helpers run asyncpg's fetch, fetchrow and fetchval bodies themselves only while
-    asyncpg's methods are its own: wrapped by opentelemetry-instrumentation-asyncpg, even after
+    """The query helpers run asyncpg's fetch, fetchrow, fetchval and execute bodies themselves only
+    while asyncpg's methods are its own: wrapped by opentelemetry-instrumentation-asyncpg, even after
     the pool opened, each statement gets its span; unwrapped again, none."""
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
@@ -270,18 +270,23 @@ async def test_an_instrumentation_installed_after_the_pool_opened_sees_the_helpe
             assert await pool.fetchval("SELECT 2") == 2
             assert await pool.fetchrow("SELECT 3") == (3,)
             assert await pool.fetch("SELECT 4") == [(4,)]
-            async with pool.acquire() as conn:  # the proxy's reads too
+            assert await pool.execute("SELECT $1::int", 9) == "SELECT 1"
+            async with pool.acquire() as conn:  # the proxy's reads and execute too
                 assert await conn.fetchval("SELECT 6") == 6
                 assert await conn.fetch("SELECT 7") == [(7,)]
+                assert await conn.execute("SELECT $1::int", 10) == "SELECT 1"
         finally:
             instrumentor.uninstrument()
         assert await pool.fetchval("SELECT 5") == 5
+        assert await pool.execute("SELECT $1::int", 11) == "SELECT 1"
         async with pool.acquire() as conn:
             assert await conn.fetchval("SELECT 8") == 8
+            assert await conn.execute("SELECT $1::int", 12) == "SELECT 1"
 
     queries = [s for s in sdk.spans() if s.kind is SpanKind.CLIENT and not s.name.startswith("connect")]
     assert [dict(q.attributes or {}).get("db.statement") for q in queries] == [
-        "SELECT 2", "SELECT 3", "SELECT 4", "SELECT 6", "SELECT 7"]
+        "SELECT 2", "SELECT 3", "SELECT 4", "SELECT $1::int", "SELECT 6", "SELECT 7",
+        "SELECT $1::int"]
 
 
 _INSTRUMENTED_FIRST = textwrap.dedent("""
@@ -312,8 +317,10 @@ _INSTRUMENTED_FIRST = textwrap.dedent("""
             await pool.fetchval("SELECT 1")
             await pool.fetchrow("SELECT 2")
             await pool.fetch("SELECT 3")
+            await pool.execute("SELECT 5 + $1::int", 0)
             async with pool.acquire() as conn:
                 await conn.fetch("SELECT 4")
+                await conn.execute("SELECT 6 + $1::int", 0)
 
     asyncio.run(main())
     print(sorted(s.attributes["db.statement"] for s in exporter.get_finished_spans()
@@ -331,4 +338,5 @@ def test_an_instrumentation_installed_before_asyncpool_was_imported_sees_the_hel
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == (
-        "['SELECT 1', 'SELECT 2', 'SELECT 3', 'SELECT 4'] ['SELECT 3', 'SELECT 4']")
+        "['SELECT 1', 'SELECT 2', 'SELECT 3', 'SELECT 4', 'SELECT 5 + $1::int', "
+        "'SELECT 6 + $1::int'] ['SELECT 3', 'SELECT 4']")

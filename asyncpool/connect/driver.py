@@ -5,8 +5,8 @@ asyncpg has no public way to ask whether a cancelled query is still being cancel
 Transaction whose BEGIN failed, to invalidate the statements, cursors and transactions a previous
 holder obtained (its own pool bumps ``_pool_release_ctr``), or to drop the listeners a holder left.
 Every private name used for that is read here and nowhere else, with one exception: the statement
-runner (`asyncpool.pool.slots`) does what `own_read` describes inline, on every query (reading
-``_aborted``, calling ``_check_open`` and ``_execute``), and only when `own_read` found them all.
+runner (`asyncpool.pool.slots`) and the connection proxy do what `own_body` describes inline, on
+every query (calling ``_check_open`` and ``_execute``), and only when `own_body` found them all.
 `tests/test_driver.py` has one test per name against a real server, so a new asyncpg that renames
 one fails there, loudly, not in production. Outside the tested versions the names are checked on
 the class at import: a missing one is warned about and the function that needs it falls back to
@@ -55,7 +55,7 @@ PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transac
                       "queries_count", "is_connected")
 #: Protocol attributes read here: BackendKeyData's two fields (0 until the server sends them).
 KEY_INTERNALS = ("backend_pid", "backend_secret")
-#: Connection methods called here (execute_described) or, per `own_read`, by the statement runner.
+#: Connection methods called here (execute_described) or, per `own_body`, by the statement runner.
 METHOD_INTERNALS = ("_check_open", "_execute", "_Connection__execute", "_cancel_current_command")
 
 
@@ -193,30 +193,35 @@ def probe(conn: Any) -> Probe:
     return cast(Probe, proto)
 
 
-#: What `own_read`'s methods return: all rows, the first row, the first row's first value.
-ROWS, FIRST_ROW, FIRST_VALUE = 0, 1, 2
-#: A read's first parameter when the statement was given by name (``fetchval(query=...)``),
-#: for the pool's statement runners and the proxy's reads, which take it positionally only.
+#: What `own_body`'s methods return: all rows, the first row, the first row's first value, the
+#: status of the statement (``execute``).
+ROWS, FIRST_ROW, FIRST_VALUE, STATUS = 0, 1, 2, 3
+#: A statement's first parameter when it was given by name (``fetchval(query=...)``), for the
+#: pool's statement runners and the proxy's methods, which take it positionally only.
 BY_NAME: Any = object()
-_READS = {"fetch": (0, ROWS), "fetchrow": (1, FIRST_ROW), "fetchval": (1, FIRST_VALUE)}
+_OWN_BODIES = {"fetch": (0, ROWS), "fetchrow": (1, FIRST_ROW), "fetchval": (1, FIRST_VALUE),
+               "execute": (0, STATUS)}
 
 
-def own_read(method: str) -> tuple[Callable[..., Any], int, int] | None:
-    """asyncpg's own ``Connection.fetch``, ``fetchrow`` or ``fetchval`` (unwrapped, should an
-    instrumentation have wrapped it before asyncpool was imported), the row limit it passes to
-    ``_execute`` and the shape of what it returns; None for any other method, or if the
-    installed asyncpg lacks an internal.
+def own_body(method: str) -> tuple[Callable[..., Any], int, int] | None:
+    """asyncpg's own ``Connection.fetch``, ``fetchrow``, ``fetchval`` or ``execute`` (unwrapped,
+    should an instrumentation have wrapped it before asyncpool was imported), the row limit it
+    passes to ``_execute`` and the shape of what it returns; None for any other method, or if
+    the installed asyncpg lacks an internal.
 
-    Called without keyword arguments, each is ``self._check_open()``, then ``self._execute(query,
-    args, limit, None)``, then the rows, the first row or its first value (None when there is
-    none): `tests/test_driver.py` checks those bodies against the installed asyncpg. The pool's
-    statement runner does the same itself while a connection's class still has this very
-    function, which saves a coroutine and a copy of the arguments on every query; a subclass's
-    override or an instrumentation's wrapper (installed at any time) replaces it, and is called.
+    Called without keyword arguments, each read is ``self._check_open()``, then
+    ``self._execute(query, args, limit, None)``, then the rows, the first row or its first value
+    (None when there is none); ``execute`` with arguments is ``self._check_open()``, then
+    ``self._execute(query, args, 0, None, return_status=True)``, then the status decoded
+    (without arguments it runs a simple query, and is called). `tests/test_driver.py` checks
+    those bodies against the installed asyncpg. The pool's statement runner and the connection
+    proxy do the same themselves while a connection's class still has this very function, which
+    saves a coroutine and a copy of the arguments on every statement; a subclass's override or
+    an instrumentation's wrapper (installed at any time) replaces it, and is called.
     """
-    if _MISSING or method not in _READS:
+    if _MISSING or method not in _OWN_BODIES:
         return None
-    limit, shape = _READS[method]
+    limit, shape = _OWN_BODIES[method]
     own = inspect.unwrap(asyncpg.Connection.__dict__[method])
     if (getattr(own, "__module__", None), getattr(own, "__qualname__", None)) != (
             "asyncpg.connection", f"Connection.{method}"):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
-import sys
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Unpack
@@ -13,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 import asyncpg
 
 from asyncpool.connect import driver
-from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, ConnectionProxyBase
+from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, Lease
@@ -34,7 +32,8 @@ if TYPE_CHECKING:
 
 
 def _forward(name: str) -> Callable[..., Any]:
-    """The proxy's method `name`: calls the held connection's, checking the lease at each call.
+    """The proxy's method `name`: calls the held connection's if the lease is active when it
+    runs (for a coroutine method, when awaited).
 
     A method of the proxy rather than the connection's own bound method handed out: a reference
     kept past release (``run = conn.fetchval``) must not run a statement on a connection that
@@ -45,35 +44,47 @@ def _forward(name: str) -> Callable[..., Any]:
     ``inspect``, ``asyncio.iscoroutinefunction`` and ``mock.create_autospec``).
     """
 
-    def method(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
-        lease = self._lease  # self.raw, inline
-        if lease.state is ACTIVE:
-            return getattr(lease.record.conn, name)(*args, **kwargs)
-        raise self._unusable()
-
     original = getattr(asyncpg.Connection, name, None)
+    if inspect.iscoroutinefunction(original):
+        # A coroutine function of the proxy's own, so that the lease is checked when the
+        # statement starts: ``coro = conn.execute(...)`` made inside the block and awaited after
+        # it is refused and sends nothing (the connection may be another holder's by then).
+        async def checked_when_awaited(self: PooledConnection, /, *args: Any,
+                                       **kwargs: Any) -> Any:
+            lease = self._lease
+            if lease.state is ACTIVE:
+                return await getattr(lease.record.conn, name)(*args, **kwargs)
+            raise self._unusable()
+
+        method: Callable[..., Any] = checked_when_awaited
+    else:
+        def checked_when_called(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
+            lease = self._lease  # self.raw, inline
+            if lease.state is ACTIVE:
+                return getattr(lease.record.conn, name)(*args, **kwargs)
+            raise self._unusable()
+
+        method = checked_when_called
+
     if original is None:
         method.__name__ = name
     else:
         functools.update_wrapper(method, original)
-        if inspect.iscoroutinefunction(original):
-            _mark_coroutine_function(method)
     method.__qualname__ = f"PooledConnection.{name}"
     return method
 
 
-def _forward_read(name: str) -> Callable[..., Any]:
-    """The proxy's ``fetch``, ``fetchrow`` or ``fetchval``: as `_forward`'s, but while the held
-    connection's class still has asyncpg's own method (`driver.own_read`), called without
-    keyword arguments, it runs that method's body itself, as the pool's statement runners do:
-    no call and copy of the arguments through the proxy, none through asyncpg's method. The
-    lease is checked when the statement starts (a coroutine made before a release and awaited
-    after it is refused too); a subclass's override or an instrumentation's wrapper (installed
-    at any time) is called instead."""
-    read = driver.own_read(name)
-    if read is None:
+def _forward_own(name: str) -> Callable[..., Any]:
+    """The proxy's ``fetch``, ``fetchrow``, ``fetchval`` or ``execute``: as `_forward`'s, but
+    while the held connection's class still has asyncpg's own method (`driver.own_body`),
+    called without keyword arguments (``execute``: with arguments), it runs that method's body
+    itself, as the pool's statement runners do: no call and copy of the arguments through the
+    proxy, none through asyncpg's method. A subclass's override or an instrumentation's
+    wrapper (installed at any time) is called instead."""
+    body = driver.own_body(name)
+    if body is None:
         return _forward(name)
-    own, limit, shape = read
+    own, limit, shape = body
 
     async def method(self: PooledConnection, query: Any = BY_NAME, /, *args: Any,
                      **kwargs: Any) -> Any:
@@ -82,12 +93,15 @@ def _forward_read(name: str) -> Callable[..., Any]:
             raise self._unusable()
         record = lease.record
         conn = record.conn
-        if kwargs or query is BY_NAME or getattr(type(conn), name) is not own:
+        if (kwargs or query is BY_NAME or getattr(type(conn), name) is not own
+                or (shape is STATUS and not args)):
             call = getattr(conn, name)
             return await (call(*args, **kwargs) if query is BY_NAME
                           else call(query, *args, **kwargs))
         if not record.probe.is_connected():
             conn._check_open()  # asyncpg's own error for a closed connection
+        if shape is STATUS:
+            return (await conn._execute(query, args, 0, None, return_status=True))[1].decode()
         result = await conn._execute(query, args, limit, None)
         if shape is ROWS:
             return result
@@ -96,13 +110,6 @@ def _forward_read(name: str) -> Callable[..., Any]:
     functools.update_wrapper(method, own)
     method.__qualname__ = f"PooledConnection.{name}"
     return method
-
-
-def _mark_coroutine_function(function: Callable[..., Any]) -> None:
-    if sys.version_info >= (3, 12):
-        inspect.markcoroutinefunction(function)
-    else:  # what asyncio.iscoroutinefunction (and unittest.mock) look for before 3.12
-        function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
 
 def _on_behalf_of(proxy: PooledConnection, callback: Callable[..., Any]) -> Callable[..., Any]:
@@ -220,11 +227,11 @@ class PooledConnection(_Base):
         # prepared_statements="unnamed" only (AttributeError in the other modes).
         def describe_cache_stats(self) -> DescribeCacheStats: ...
     else:
-        execute = _forward("execute")
+        execute = _forward_own("execute")
         executemany = _forward("executemany")
-        fetch = _forward_read("fetch")
-        fetchval = _forward_read("fetchval")
-        fetchrow = _forward_read("fetchrow")
+        fetch = _forward_own("fetch")
+        fetchval = _forward_own("fetchval")
+        fetchrow = _forward_own("fetchrow")
         fetchmany = _forward("fetchmany")
         prepare = _forward("prepare")
         transaction = _forward("transaction")

@@ -36,7 +36,15 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.connector import CutShort
-from asyncpool.connect.driver import BROKEN, BY_NAME, FIRST_ROW, NEEDS_RESET, ROWS, returned
+from asyncpool.connect.driver import (
+    BROKEN,
+    BY_NAME,
+    FIRST_ROW,
+    NEEDS_RESET,
+    ROWS,
+    STATUS,
+    returned,
+)
 from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.observer import LeakReport, PoolObserver
@@ -1309,16 +1317,19 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
     context and its proxy (someone in line, a check due, a ``setup`` hook, ``max_queries``),
     written after the common case so that the code run on every query spans fewer cache
     lines (-0.3 µs per query, benchmarks/README.md). ``fetch``,
-    ``fetchrow`` and ``fetchval`` without keyword arguments run asyncpg's own body of the
-    method here while the connection's class still has asyncpg's function
-    (`driver.own_read`; a subclass's override or an instrumentation's wrapper is called).
+    ``fetchrow`` and ``fetchval`` without keyword arguments, and ``execute`` with arguments and
+    no keyword, run asyncpg's own body of the method here while the connection's class still
+    has asyncpg's function (`driver.own_body`; a subclass's override or an instrumentation's
+    wrapper is called).
     """
 
-    own, limit, shape = driver.own_read(method) or (None, 0, ROWS)
+    own, limit, shape = driver.own_body(method) or (None, 0, ROWS)
+    # Apart, so that a read's common case tests one name and execute's comes after it.
+    own_read, own_execute = (None, own) if shape is STATUS else (own, None)
     # The name of the statement's parameter (``query``, ``command``, ``table_name``).
     first = list(inspect.signature(getattr(asyncpg.Connection, method)).parameters)[1]
 
-    async def one(self: Slots, query: str = BY_NAME, /, *args: Any,  # noqa: PLR0915
+    async def one(self: Slots, query: str = BY_NAME, /, *args: Any,  # noqa: PLR0912, PLR0915
                   **kwargs: Any) -> Any:  # written out: see the docstring
         if query is BY_NAME:  # given by name, as asyncpg's methods allow (``query=``...)
             query = _statement_by_name(kwargs, first, method)
@@ -1353,14 +1364,18 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
                 # Open: asked just above (`is_connected()` is false from the moment of a
                 # terminate() or close(), or a lost socket noticed), and nothing that could close
                 # it has run since.
-                if not kwargs and own is not None and getattr(type(conn), method) is own:
-                    # asyncpg's own body of the method, run here (`driver.own_read`): one
+                if not kwargs and own_read is not None and getattr(type(conn), method) is own_read:
+                    # asyncpg's own body of the method, run here (`driver.own_body`): one
                     # coroutine and one copy of the arguments less, about 3,600 instructions per
                     # query.
                     result = await conn._execute(query, args, limit, None)
                     if shape is not ROWS:
                         result = ((result[0] if shape is FIRST_ROW else result[0][0]) if result
                                   else None)
+                elif (args and not kwargs and own_execute is not None
+                      and getattr(type(conn), method) is own_execute):
+                    result = (await conn._execute(query, args, 0, None, return_status=True)
+                              )[1].decode()
                 elif kwargs:
                     result = await getattr(conn, method)(query, *args, **kwargs)
                 else:
