@@ -268,15 +268,15 @@ def ablated_runner(name: str, method: str = "fetchval") -> Callable[..., Awaitab
     import inspect
     import textwrap
 
-    from asyncpool.pool import slots
+    from asyncpool.pool import runner as module
 
-    source = textwrap.dedent(inspect.getsource(slots.statement_runner))
+    source = textwrap.dedent(inspect.getsource(module.statement_runner))
     for old, new in ABLATIONS[name]:
         if old not in source:
             raise SystemExit(f"{name}: the statement runner changed; update ABLATIONS")
         source = source.replace(old, new)
     built: dict[str, Any] = {}
-    exec(compile(source, slots.__file__, "exec"), dict(vars(slots)), built)  # noqa: S102
+    exec(compile(source, module.__file__, "exec"), dict(vars(module)), built)  # noqa: S102
     runner: Callable[..., Awaitable[Any]] = built["statement_runner"](method)
     return runner
 

@@ -23,17 +23,8 @@ from asyncpool.options import PoolOptions, check_timeout, resolve, with_connect_
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import HELPER_METHODS
-from asyncpool.pool.slots import (
-    CLOSED_STATE,
-    CLOSING,
-    NEW,
-    OPEN,
-    QUERY_METHODS,
-    RELEASE_TIMEOUT,
-    RUNNERS,
-    UNSET,
-    Slots,
-)
+from asyncpool.pool.runner import QUERY_METHODS, RUNNERS
+from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, RELEASE_TIMEOUT, UNSET, Slots
 from asyncpool.stats import PoolStats
 
 if TYPE_CHECKING:

@@ -506,6 +506,7 @@ def test_14_a_query_helpers_leak_report_shows_its_caller(
     assert ('await pool.fetchval(query="SELECT 1")' if by_name
             else 'await pool.fetchval("SELECT 1")') in site, site
     assert "slots.py" not in site, site
+    assert "runner.py" not in site, site
     assert "pool.py" not in site, site
     assert any("previously reported as leaked was returned" in r.getMessage()
                for r in caplog.records)

@@ -13,7 +13,7 @@ import pytest
 from asyncpool import Pool
 from asyncpool.errors import PoolClosedError
 from asyncpool.pool.pool import QUERY_HELPERS
-from asyncpool.pool.slots import QUERY_METHODS
+from asyncpool.pool.runner import QUERY_METHODS
 from tests.unit.fakes import FakeServer, fake_pool, leak_report, run
 
 
@@ -119,6 +119,7 @@ def test_a_helpers_leak_report_names_its_caller_whatever_the_route(
     else:
         assert names[-2:] == ["main", "service"], site
     assert "slots.py" not in site, site
+    assert "runner.py" not in site, site
     assert "asyncpool/pool/pool.py" not in site, site
 
 
