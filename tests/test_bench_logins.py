@@ -115,3 +115,62 @@ def test_psycopg_gets_the_resolved_setting(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("ASYNCPOOL_REQUIRE_AUTH", "!password,!md5,!scram-sha-256,!gss,!sspi,!none")
     _, none = GuardedLogin("postgresql://app:pw@127.0.0.1/app").psycopg_args()
     assert none["require_auth"] == "!gss,!md5,!none,!password,!scram-sha-256,!sspi"
+
+
+async def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m asyncpool.cli ...`` off the event loop (the fake server runs on it)."""
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "asyncpool.cli", *args], capture_output=True,
+        text=True, timeout=120, check=False, env=env)
+
+
+@pytest.mark.parametrize("auth", ["password", "md5"])
+async def test_pgbench_gives_an_impostor_nothing(auth: str) -> None:
+    """pgbench gets the pool's rules as libpq settings (``require_auth`` here, where TLS does
+    not verify the server): it sends no password; a pgbench whose libpq is older than 16 cannot
+    take the setting, and the run says so."""
+    async with FakeServer(tls="refuse", auth=auth) as fake:  # type: ignore[arg-type]
+        done = await _cli("bench", "--dsn", _dsn(fake.port), "--driver", "asyncpool",
+                          "--pgbench", "--clients", "1", "--duration", "1")
+    assert done.returncode != 0
+    assert "pgbench" in done.stderr
+    assert fake.received == []
+    assert SECRET.encode() not in fake.raw_bytes_received
+    for piece in (SECRET, ESCAPED):
+        assert piece not in done.stdout + done.stderr
+
+
+async def test_pgbench_gets_the_dsns_tls_setting(tmp_path: Path) -> None:
+    """``sslmode=verify-full`` in the DSN reaches pgbench: against a server that refuses TLS
+    it does not fall back to a plain connection (libpq's default, ``prefer``, would, and then
+    send the password to whoever asks for it in clear)."""
+    from asyncpool.testing.mitm import write_self_signed
+
+    ca, _ = write_self_signed(tmp_path)
+    async with FakeServer(tls="refuse", auth="password") as fake:
+        dsn = f"{_dsn(fake.port)}?sslmode=verify-full&sslrootcert={ca}"
+        done = await _cli("bench", "--dsn", dsn, "--driver", "asyncpool", "--pgbench",
+                          "--clients", "1", "--duration", "1")
+    assert done.returncode != 0
+    # pgbench's own error: it dialled, asked for TLS, was refused, and stopped there.
+    assert "server does not support SSL, but SSL was required" in done.stderr
+    assert fake.received == []
+    assert SECRET.encode() not in fake.raw_bytes_received
+
+
+@pytest.mark.parametrize("auth", ["password", "md5"])
+async def test_plan_reads_limits_under_the_pools_rules(auth: str) -> None:
+    """``asyncpool plan --dsn`` logs in as a pool would: the impostor is sent nothing and the
+    plan says why the limits stayed unknown; a password for another machine without verified
+    TLS is refused before anything is dialled."""
+    async with FakeServer(tls="refuse", auth=auth) as fake:  # type: ignore[arg-type]
+        done = await _cli("plan", "--instances", "10", "--max-size", "1", "--dsn",
+                          _dsn(fake.port))
+    assert fake.logins, "the fake server was never dialled: the test proves nothing"
+    assert fake.received == []
+    assert "AuthMethodRefusedError" in done.stdout
+    remote = await _cli("plan", "--instances", "10", "--max-size", "1", "--dsn",
+                        f"postgresql://app:{ESCAPED}@db.example.com:5432/app")
+    assert "over TLS that verifies the server" in remote.stdout
+    for piece in (SECRET, ESCAPED):
+        assert piece not in done.stdout + done.stderr + remote.stdout + remote.stderr

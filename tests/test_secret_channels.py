@@ -475,6 +475,61 @@ async def test_no_piece_of_a_secret_in_any_output(source: str, servers: Servers,
     await _check_input(source, servers, records, monkeypatch, bench_for)
 
 
+async def _answer_scram_with_a_strange_nonce(reader: asyncio.StreamReader,
+                                             writer: asyncio.StreamWriter) -> None:
+    """A server that refuses TLS, asks for SCRAM-SHA-256 and answers the client's first message
+    with a nonce that is not the client's: asyncpg fails inside its authentication code."""
+    try:
+        while True:
+            size = int.from_bytes(await reader.readexactly(4), "big")
+            body = await reader.readexactly(size - 4)
+            if int.from_bytes(body[:4], "big") in (80877103, 80877104):  # SSL / GSS request
+                writer.write(b"N")
+                continue
+            break  # the startup message
+        mechanisms = b"SCRAM-SHA-256\0\0"
+        writer.write(b"R" + (8 + len(mechanisms)).to_bytes(4, "big") + (10).to_bytes(4, "big")
+                     + mechanisms)
+        await reader.readexactly(1)
+        size = int.from_bytes(await reader.readexactly(4), "big")
+        await reader.readexactly(size - 4)
+        reply = b"r=not-the-clients-nonce,s=QUJD,i=4096"
+        writer.write(b"R" + (8 + len(reply)).to_bytes(4, "big") + (11).to_bytes(4, "big") + reply)
+        await writer.drain()
+        await reader.read(1)  # until the client goes
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("how", ["open", "query"])
+async def test_a_driver_error_of_any_class_carries_no_secret(how: str) -> None:
+    """asyncpg turns whatever fails inside its authentication code into InternalClientError
+    (here, a SCRAM reply it cannot use); its frames hold the connection parameters, password
+    included. The pool raises a ConnectError that keeps none of it, as for the usual errors."""
+    secret = SECRETS[-1]
+    server = await asyncio.start_server(_answer_scram_with_a_strange_nonce, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        pool = Pool(f"postgresql://app:{quote(secret, safe='')}@127.0.0.1:{port}/app",
+                    min_size=1 if how == "open" else 0, acquire_timeout=5, connect_timeout=3,
+                    telemetry=False)
+        with pytest.raises(PoolError) as info:
+            await pool.open()
+            await pool.fetchval("SELECT 1")
+        await pool.close()
+    finally:
+        server.close()
+    assert type(info.value).__name__ == "ConnectError", info.value
+    assert info.value.driver_error_class == "asyncpg.exceptions._base.InternalClientError"
+    assert "invalid nonce" in str(info.value)
+    tally = Tally()
+    for channel, texts in error_texts(info.value).items():
+        tally.check(secret, "a malformed SCRAM reply", channel, texts)
+    assert tally.leaks == []
+
+
 def test_the_check_finds_a_piece_and_not_a_chance_match_in_what_it_masks() -> None:
     """The masks (addresses, UUIDs, request ids, long numbers) hide chance matches only: a piece
     of a secret, raw or escaped, is still found next to them."""

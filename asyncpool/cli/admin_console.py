@@ -63,7 +63,7 @@ async def read_console(dsn: ParsedDsn, commands: list[str], timeout: float,
         conn = await asyncpg.connect(login.driver_dsn(dsn), password=dsn.password,
                                      timeout=timeout, statement_cache_size=0, **override,
                                      **login.kwargs())
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except Exception:
         refused = login.refusal(dsn.target())
         if refused is None:
             raise

@@ -18,7 +18,7 @@ from asyncpool.config import PoolConfig
 from asyncpool.connect.authguard import Login
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn, redact, scrub
 from asyncpool.connect.poolers import RDS_PROXY_HOST as _RDS_PROXY_HOST
-from asyncpool.errors import PoolConfigError
+from asyncpool.errors import AuthenticationError, ConnectError, PoolConfigError
 
 # PgBouncer settings worth seeing next to the pool mode.
 _PGBOUNCER_SETTINGS = ("max_client_conn", "default_pool_size", "max_db_connections",
@@ -83,9 +83,7 @@ async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDs
 
     asyncpg gets the DSN rebuilt from its parsed parts and the password as a keyword, so no
     parser (asyncpg's, libpq's) ever sees, or quotes, the text the user wrote."""
-    import asyncpg
 
-    from asyncpool.connect.failures import translate
 
     if isinstance(dsn, str):
         dsn = parse_dsn(dsn)
@@ -97,13 +95,10 @@ async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDs
                   admin_target=str(admin_dsn.target()) if admin_dsn else None)
     started = time.perf_counter()
     try:
-        conn = await asyncpg.connect(login.driver_dsn(dsn), password=dsn.password,
-                                     timeout=timeout, statement_cache_size=0, **login.kwargs())
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        error = login.refusal(target) or translate(exc, target, "doctor", timeout,
-                                                   secrets=dsn.secrets)
+        conn = await login.connect(timeout, "doctor")
+    except ConnectError as error:
         facts.connect_error = _could_not_connect(error)
-        facts.auth_failed = type(error).__name__ == "AuthenticationError"
+        facts.auth_failed = isinstance(error, AuthenticationError)
         return facts
     try:
         facts.login_ms = (time.perf_counter() - started) * 1000
@@ -190,7 +185,7 @@ async def _read_pgbouncer(dsn: ParsedDsn, target: Target, admin_dsn: ParsedDsn |
         else:
             facts.admin_error = text
         return
-    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+    except Exception as exc:  # any other: asyncpg's frames hold the password
         facts.admin_error = (_admin_failure(exc, admin_dsn, timeout, dsn) if admin_dsn
                              else _shown(exc, dsn, admin_dsn) or type(exc).__name__)
         return

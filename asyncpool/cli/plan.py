@@ -131,14 +131,15 @@ def check(b: Budget) -> Verdict:  # noqa: PLR0912, PLR0915 - one branch per limi
 
 async def read_limits(b: Budget, dsn: str | None, admin_dsn: str | None, timeout: float) -> None:
     """Fill the limits `b` lacks from the server (through `dsn`) and PgBouncer's console."""
+    from asyncpool.config import PoolConfig
+    from asyncpool.connect.authguard import Login
     from asyncpool.connect.dsn import parse_dsn
 
     if dsn:
-        import asyncpg
-
-        parsed = parse_dsn(dsn)
-        conn = await asyncpg.connect(parsed.for_driver(), password=parsed.password,
-                                     timeout=timeout, statement_cache_size=0)
+        # The pool's TLS and credential rules, as doctor's: no password to another machine
+        # without verified TLS, none in clear text (PoolConfigError, ConnectError).
+        login = Login(PoolConfig.from_env(name="plan", dsn=None), parse_dsn(dsn))
+        conn = await login.connect(timeout, "plan")
         try:
             if b.max_connections is None:
                 b.max_connections = int(await conn.fetchval("SHOW max_connections"))

@@ -314,6 +314,7 @@ class Login:
         from asyncpool.connect import tls
 
         self.config = config
+        self.dsn = dsn
         self.tls = tls.resolve_tls(config, list(dsn.params.items()))
         hosts = tls.dialled_hosts(config, [h for h, _ in dsn.hosts])
         if dsn.password or os.environ.get("PGPASSWORD"):
@@ -321,6 +322,26 @@ class Login:
         self.require_auth = tls.require_auth_setting(config, dsn.params)
         self.allowed = tls.allowed_auth_methods(config, self.tls, self.require_auth)
         self.guard: AuthGuard | None = None
+
+    async def connect(self, timeout: float, name: str) -> Any:
+        """One asyncpg connection to the DSN under these rules (no statement cache). A failed
+        login raises `ConnectError` (or `AuthMethodRefusedError`) that says what to fix, with
+        nothing of the driver's error chained: its frames hold the password."""
+        import asyncpg
+
+        from asyncpool.connect.failures import translate
+
+        dsn = self.dsn
+        error: Exception
+        try:
+            return await asyncpg.connect(self.driver_dsn(dsn), password=dsn.password,
+                                         timeout=timeout, statement_cache_size=0,
+                                         **self.kwargs())
+        except Exception as exc:
+            target = dsn.target()
+            error = self.refusal(target) or translate(exc, target, name, timeout,
+                                                      secrets=dsn.secrets)
+        raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:
         """`dsn` for asyncpg: rebuilt without the password, and without ``require_auth`` (read

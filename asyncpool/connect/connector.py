@@ -33,7 +33,7 @@ from asyncpool.connect.tls import (
     resolve_tls,
 )
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
-from asyncpool.errors import AuthenticationError, ConnectError, PoolConfigError
+from asyncpool.errors import AuthenticationError, ConnectError, PoolConfigError, PoolError
 from asyncpool.observer import ConnectAttempt, PoolObserver
 from asyncpool.options import check_connect_classes
 
@@ -278,9 +278,16 @@ class Connector:
         try:
             conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
             return conn
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except PoolError as exc:  # a credentials provider's own error: raised as it is
+            error = exc
+            caller_error = type(exc)
+            raise
+        except Exception as exc:
             # Only what matters is kept (class, SQLSTATE, a scrubbed message): the driver's
-            # exception and its frames are dropped when this block ends.
+            # exception and its frames (which hold the connection parameters, password
+            # included) are dropped when this block ends. Any exception, not only the driver's
+            # usual ones: asyncpg turns whatever fails during authentication (a malformed SCRAM
+            # reply, a password it cannot encode) into InternalClientError and others.
             if guard is not None and guard.refused is not None:
                 error = refusal_error(guard, self.config, self.target, self.tls, self.require_auth)
             else:

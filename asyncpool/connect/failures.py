@@ -111,7 +111,10 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
         error.transient = False
     else:
+        # Neither the network nor the server (asyncpg's InternalClientError for a malformed
+        # authentication exchange, a password it cannot encode...): trying again will not help.
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
+        error.transient = False
     return _keep_facts_of(exc, error)
 
 

@@ -43,9 +43,35 @@ class GuardedLogin:
                 raise refused from None
             raise
 
+    def libpq_conninfo(self, *, require_auth: bool = True) -> str:
+        """The DSN as a libpq ``key=value`` string under the rules (`Login.libpq_kwargs` over
+        what the DSN says), without the password: for a libpq program that takes no keyword
+        arguments (pgbench). `require_auth` False leaves libpq's ``require_auth`` out, for a
+        login that has no password to give (libpq before 16 does not know the option)."""
+        parsed = self.parsed
+        settings: dict[str, str] = {}
+        if any(host for host, _ in parsed.hosts):
+            settings["host"] = ",".join(host for host, _ in parsed.hosts)
+        if any(port is not None for _, port in parsed.hosts):
+            settings["port"] = ",".join("" if port is None else str(port) for _, port in parsed.hosts)
+        if parsed.user is not None:
+            settings["user"] = parsed.user
+        if parsed.database is not None:
+            settings["dbname"] = parsed.database
+        settings.update(parsed.params)
+        settings.update((key, str(value)) for key, value in self.login.libpq_kwargs().items())
+        if not require_auth:
+            settings.pop("require_auth", None)
+        return " ".join(f"{key}='{_conninfo_quoted(value)}'" for key, value in settings.items())
+
     def psycopg_args(self) -> tuple[str, dict[str, Any]]:
         """The conninfo and keyword arguments for a psycopg connection (libpq enforces them)."""
         kwargs = self.login.libpq_kwargs()
         if self.parsed.password:
             kwargs["password"] = self.parsed.password
         return self.parsed.for_driver(), kwargs
+
+
+def _conninfo_quoted(value: str) -> str:
+    """`value` inside single quotes of a libpq conninfo string."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")

@@ -10,10 +10,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from asyncpool.config import PreparedStatements
-from asyncpool.connect.dsn import dsn_password, parse_target
+from asyncpool.load.logins import GuardedLogin
 from asyncpool.load.spec import pgbench_script
 
 _NUMBERS = {
@@ -26,6 +25,12 @@ _NUMBERS = {
 
 class PgbenchError(RuntimeError):
     """pgbench is missing or its run failed."""
+
+
+def _has_passfile(env: dict[str, str]) -> bool:
+    """Whether libpq would find a password file (``PGPASSFILE``, or ``~/.pgpass``)."""
+    path = env.get("PGPASSFILE") or os.path.join(os.path.expanduser("~"), ".pgpass")
+    return os.path.isfile(path)
 
 
 @dataclass(frozen=True)
@@ -95,14 +100,22 @@ async def run_pgbench(
     prepared_statements: PreparedStatements,
     threads: int | None = None,
 ) -> PgbenchResult:
-    """Run `query` from `clients` pgbench connections for `duration` seconds."""
-    where = parse_target(dsn)
+    """Run `query` from `clients` pgbench connections for `duration` seconds, under the pool's
+    TLS and credential rules (`GuardedLogin`: `PoolConfigError` where a pool would refuse)."""
+    login = GuardedLogin(dsn)
+    if "sslpassword" in login.parsed.params:
+        raise PgbenchError("pgbench takes its connection settings on its command line, where "
+                           "other processes can read them: it cannot be given sslpassword (use "
+                           "a client key without a passphrase for pgbench, or leave --pgbench out)")
     threads = max(1, min(threads or os.cpu_count() or 1, clients))
     protocol = "prepared" if prepared_statements == "on" else "extended"
     env = dict(os.environ)
-    password = dsn_password(dsn)
+    password = login.parsed.password
     if password:
         env["PGPASSWORD"] = password  # never on the command line, where `ps` would show it
+    # libpq's require_auth (what the pool's guard refuses, libpq refuses itself) wherever a
+    # password could be sent; with none to send, it is left out for a libpq before 16.
+    conninfo = login.libpq_conninfo(require_auth=bool(env.get("PGPASSWORD")) or _has_passfile(env))
     with tempfile.TemporaryDirectory(prefix="asyncpool-pgbench-") as tmp:
         script = Path(tmp) / "query.sql"
         script.write_text(pgbench_script(query))
@@ -114,10 +127,7 @@ async def run_pgbench(
             f"--time={max(1, round(duration))}",
             f"--protocol={protocol}",
             f"--file={script}",
-            f"--host={where.host}",
-            f"--port={where.port}",
-            f"--username={where.user}",
-            quote(where.database, safe=""),
+            conninfo,  # the database argument: libpq reads a conninfo string there
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
@@ -127,6 +137,13 @@ async def run_pgbench(
     values = {key: pattern.search(text) for key, pattern in _NUMBERS.items()}
     if proc.returncode != 0 or values["tps"] is None or values["transactions"] is None:
         tail = err.decode(errors="replace").strip()[-800:]
+        if 'invalid connection option "require_auth"' in tail:
+            raise PgbenchError(
+                "pgbench's libpq is older than 16: it cannot refuse a server's request for a "
+                "cleartext or MD5 password, which asyncpool's rules require where TLS does not "
+                "verify the server. Use sslmode=verify-full, a pgbench built with libpq >= 16, or "
+                "ASYNCPOOL_ALLOW_UNPROTECTED_CREDENTIALS=1 on a network you trust"
+            )
         raise PgbenchError(f"pgbench failed ({proc.returncode}): {tail or text[-800:]}")
     failed = values["failed"]
     latency = values["latency_ms"]
