@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
 
-from asyncpool import Pool, PoolConfig, PoolError, StaticPassword, Target
+from asyncpool import ConnectError, Pool, PoolConfig, PoolError, StaticPassword, Target
 from asyncpool.credentials.iam import IamAuth
 from asyncpool.credentials.secrets_manager import SecretsManagerAuth
 from asyncpool.testing import PostgresServer
@@ -521,8 +521,11 @@ async def test_a_driver_error_of_any_class_carries_no_secret(how: str) -> None:
         await pool.close()
     finally:
         server.close()
-    assert type(info.value).__name__ == "ConnectError", info.value
-    assert info.value.driver_error_class == "asyncpg.exceptions._base.InternalClientError"
+    error = info.value
+    assert isinstance(error, ConnectError), error
+    assert type(error) is ConnectError, error
+    assert error.driver_error_class == "asyncpg.exceptions._base.InternalClientError"
+    assert not error.transient  # trying again would fail the same way
     assert "invalid nonce" in str(info.value)
     tally = Tally()
     for channel, texts in error_texts(info.value).items():
