@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from asyncpool.connect.dsn import redact_dsn
-from asyncpool.errors import PoolConfigError
+from asyncpool.errors import PoolConfigError, config_errors_without_frames
 
 if TYPE_CHECKING:
     import ssl as ssl_module
@@ -162,11 +162,13 @@ class PoolConfig:
 
     __str__ = __repr__
 
+    @config_errors_without_frames
     def replace(self, **changes: Any) -> PoolConfig:
         """A copy with `changes` applied (and checked)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    @config_errors_without_frames
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
         """Options from ``ASYNCPOOL_<OPTION>`` variables (``ASYNCPOOL_MAX_SIZE=5``...).
 
@@ -194,6 +196,10 @@ class PoolConfig:
             if not named:
                 raise
             raise PoolConfigError(f"{exc} (set by {', '.join(named)})") from None
+
+
+# The generated __init__ holds the DSN and connect_kwargs as locals (see the decorator).
+PoolConfig.__init__ = config_errors_without_frames(PoolConfig.__init__)  # type: ignore[method-assign]
 
 
 # Field name -> (type, may be None). Options that are objects (credentials...) have no variable.

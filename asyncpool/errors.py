@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
 
 class PoolError(Exception):
     """Base class of every asyncpool error."""
@@ -77,3 +84,23 @@ class AuthMethodRefusedError(ConnectError):
     transient = False
     #: The method asked for, as libpq's ``require_auth`` names it (``"password"``, ``"md5"``...).
     method: str = "password"
+
+
+def config_errors_without_frames(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`function`, raising its `PoolConfigError` with nothing chained to it and with a traceback
+    that starts here: the frames it came through hold the DSN, the password or the environment
+    (``PGPASSWORD``, AWS session tokens) as locals, which error trackers record. The message says
+    what to fix. For the public calls that take them (`Pool()`, `PoolConfig.from_env()`...)."""
+
+    @functools.wraps(function)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return function(*args, **kwargs)
+        except PoolConfigError as exc:
+            error = exc
+        del args, kwargs  # this frame starts the traceback: nothing of the call in it
+        error.__cause__ = error.__context__ = None
+        error.__suppress_context__ = True
+        raise error.with_traceback(None)
+
+    return checked

@@ -44,7 +44,15 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
 
-from asyncpool import ConnectError, Pool, PoolConfig, PoolError, StaticPassword, Target
+from asyncpool import (
+    ConnectError,
+    Pool,
+    PoolConfig,
+    PoolConfigError,
+    PoolError,
+    StaticPassword,
+    Target,
+)
 from asyncpool.credentials.iam import IamAuth
 from asyncpool.credentials.secrets_manager import SecretsManagerAuth
 from asyncpool.testing import PostgresServer
@@ -530,6 +538,73 @@ async def test_a_driver_error_of_any_class_carries_no_secret(how: str) -> None:
     tally = Tally()
     for channel, texts in error_texts(info.value).items():
         tally.check(secret, "a malformed SCRAM reply", channel, texts)
+    assert tally.leaks == []
+
+
+def _config_errors(secret: str, tmp: Path) -> dict[str, Callable[[], Any]]:
+    """Calls that refuse their configuration, each given `secret` as a password (and the
+    environment holding it, as Lambda's holds AWS session tokens)."""
+    from asyncpool import create_pool
+    from asyncpool.integrations.aws_lambda import lambda_config
+
+    encoded = quote(secret, safe="")
+    local = f"postgresql://app:{encoded}@localhost/app"
+    remote = f"postgresql://app:{encoded}@db.example.com/app"
+    env = {"ASYNCPOOL_DSN": local, "PGPASSWORD": secret, "AWS_SESSION_TOKEN": secret}
+
+    async def opened(pool: Pool) -> None:
+        await pool.open()
+
+    return {
+        "open(), a misspelt connect_kwargs key": lambda: asyncio.run(opened(Pool(
+            local, connect_kwargs={"pasword": secret}, min_size=0, telemetry=False))),
+        "PoolConfig(), a bad ssl": lambda: PoolConfig(
+            dsn=local, connect_kwargs={"password": secret}, ssl="bogus"),  # type: ignore[arg-type]
+        "PoolConfig.from_env(), a bad variable": lambda: PoolConfig.from_env(
+            {**env, "ASYNCPOOL_MIN_SIZE": "abc"}),
+        "PoolConfig.from_env(), a bad value": lambda: PoolConfig.from_env(
+            {**env, "ASYNCPOOL_MAX_SIZE": "0"}),
+        "lambda_config()": lambda: lambda_config(environ={**env, "ASYNCPOOL_MIN_SIZE": "-1"}),
+        "PoolConfig.replace()": lambda: PoolConfig(dsn=local).replace(min_size=-1),
+        "create_pool(), min_size > max_size": lambda: create_pool(
+            local, password=secret, min_size=5, max_size=2),
+        "open(), a password for another machine": lambda: asyncio.run(opened(Pool(
+            remote, min_size=0, telemetry=False))),
+        "open(), a client key that is not there": lambda: asyncio.run(opened(Pool(
+            f"{local}?sslmode=verify-full&sslrootcert={quote(str(tmp / 'ca.pem'))}"
+            f"&sslcert={quote(str(tmp / 'no.crt'))}&sslkey={quote(str(tmp / 'no.key'))}"
+            f"&sslpassword={encoded}", min_size=0, telemetry=False))),
+        "set_connect_args(), a password for another machine": lambda: Pool(
+            local, min_size=0, telemetry=False).set_connect_args(remote, password=secret),
+    }
+
+
+@pytest.mark.parametrize("call", list(_config_errors("x", Path())), ids=str)
+def test_a_refused_configuration_carries_no_secret(call: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `PoolConfigError` from any call that takes the DSN, a password or the environment
+    keeps none of them: not in its message, nothing chained to it, and no frame of asyncpool's
+    in its traceback holds them (the frames it came through are left out: see
+    `config_errors_without_frames`); the traceback's locals can be formatted
+    (``capture_locals``, as error trackers do)."""
+    secret = SECRETS[-1]
+    monkeypatch.setenv("PGPASSWORD", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", secret)
+    (tmp_path / "ca.pem").write_text("")
+    with pytest.raises(PoolError) as info:
+        _config_errors(secret, tmp_path)[call]()
+    assert isinstance(info.value, PoolConfigError), info.value
+    error = info.value
+    texts = error_texts(error)
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_TESTS_DIR):
+        tb = tb.tb_next  # the test's own frames hold the secret
+    assert tb is not None
+    texts["locals, formatted"] = ["".join(traceback.TracebackException(
+        type(error), error, tb, capture_locals=True).format())]
+    tally = Tally()
+    for channel, found in texts.items():
+        tally.check(secret, call, channel, [t.replace(str(tmp_path), "<tmp>") for t in found])
     assert tally.leaks == []
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from asyncpool import PoolConfigError
 from asyncpool.config import PoolConfig
+from asyncpool.connect.connector import Connector
 from asyncpool.connect.tls import (
     SAFE_AUTH_METHODS,
     TlsSetting,
@@ -21,6 +22,7 @@ from asyncpool.connect.tls import (
     parse_require_auth,
     resolve_tls,
 )
+from asyncpool.observer import PoolObserver
 
 DSN = "postgresql://app@db.example.com:5432/app"
 
@@ -155,6 +157,74 @@ def test_which_hosts_are_this_machine(dsn: str, kwargs: dict[str, Any], env: dic
                                       local: bool) -> None:
     config = PoolConfig(dsn=dsn, connect_kwargs=kwargs)
     assert all_local(dialled_hosts(config, environ=env)) is local
+
+
+_SERVICES = """
+[remote]
+host=db.example.com
+port=5432
+dbname=app
+
+[remote-with-password]
+host=db.example.com,127.0.0.1
+password=in-the-file
+
+[local]
+host=localhost
+"""
+
+
+@pytest.mark.parametrize(
+    ("dsn", "kwargs", "env", "hosts"),
+    [
+        ("postgresql://a@/db?service=remote", {}, {}, ["db.example.com"]),
+        ("postgresql://a@/db", {"service": "remote"}, {}, ["db.example.com"]),
+        ("postgresql://a@/db?service=local", {"service": "remote"}, {}, ["db.example.com"]),
+        ("postgresql://a@/db?service=remote-with-password", {}, {},
+         ["db.example.com", "127.0.0.1"]),
+        ("postgresql://a@/db?service=local", {}, {"PGHOST": "db.example.com"}, ["localhost"]),
+        # What the DSN or connect_kwargs name comes first, as in asyncpg.
+        ("postgresql://a@127.0.0.1/db?service=remote", {}, {}, ["127.0.0.1"]),
+        ("postgresql://a@/db?service=remote", {"host": "localhost"}, {}, ["localhost"]),
+        # No such section, or no file: asyncpg's defaults.
+        ("postgresql://a@/db?service=missing", {}, {}, [""]),
+        ("postgresql://a@/db?service=remote", {"servicefile": "/nonexistent"}, {}, [""]),
+    ],
+)
+def test_the_hosts_a_service_file_names_are_dialled_hosts(
+        tmp_path: Path, dsn: str, kwargs: dict[str, Any], env: dict[str, str],
+        hosts: list[str]) -> None:
+    """A DSN's ``service`` (or connect_kwargs') reads its hosts from ``pg_service.conf`` in
+    asyncpg: the credential rules must see them there too."""
+    path = tmp_path / "pg_service.conf"
+    path.write_text(_SERVICES)
+    config = PoolConfig(dsn=dsn, connect_kwargs={"servicefile": str(path), **kwargs})
+    assert dialled_hosts(config, environ=env) == hosts
+    via_env = PoolConfig(dsn=dsn, connect_kwargs=kwargs)
+    if "servicefile" not in kwargs:
+        assert dialled_hosts(via_env, environ={**env, "PGSERVICEFILE": str(path)}) == hosts
+
+
+def test_a_password_to_a_service_files_remote_host_needs_verified_tls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A password given any way (or held by the service's section itself) for a host that only
+    the service file names is refused without verified TLS, before anything is dialled."""
+    path = tmp_path / "pg_service.conf"
+    path.write_text(_SERVICES)
+    monkeypatch.setenv("PGSERVICEFILE", str(path))
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    for dsn, kwargs in [
+        ("postgresql://app:secret@/app?service=remote", {}),  # pragma: allowlist secret
+        ("postgresql://app@/app", {"service": "remote", "password": "secret"}),  # pragma: allowlist secret
+        ("postgresql://app@/app?service=remote-with-password", {}),
+    ]:
+        with pytest.raises(PoolConfigError, match="a password is only sent to another machine"):
+            Connector(PoolConfig(dsn=dsn, connect_kwargs=kwargs), PoolObserver())
+    # Verified, or to this machine: allowed.
+    Connector(PoolConfig(dsn="postgresql://app:secret@/app?service=local"),  # pragma: allowlist secret
+              PoolObserver())
+    Connector(PoolConfig(dsn="postgresql://app@/app?service=remote-with-password",
+                         allow_unprotected_credentials=True), PoolObserver())
 
 
 def test_credential_rules() -> None:

@@ -31,9 +31,16 @@ from asyncpool.connect.tls import (
     dialled_hosts,
     require_auth_setting,
     resolve_tls,
+    service_of,
 )
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
-from asyncpool.errors import AuthenticationError, ConnectError, PoolConfigError, PoolError
+from asyncpool.errors import (
+    AuthenticationError,
+    ConnectError,
+    PoolConfigError,
+    PoolError,
+    config_errors_without_frames,
+)
 from asyncpool.observer import ConnectAttempt, PoolObserver
 from asyncpool.options import check_connect_classes
 
@@ -58,6 +65,7 @@ class CutShort:
 class Connector:
     """Knows how to open a connection for one pool; holds nothing but settings."""
 
+    @config_errors_without_frames
     def __init__(self, config: PoolConfig, observer: PoolObserver, *,
                  totals: CacheTotals | None = None) -> None:
         """`totals`: the description cache's counts to go on with (a pool's new connection
@@ -93,10 +101,14 @@ class Connector:
         self._secrets = tuple(s for s in known if isinstance(s, str) and s)
         #: The one TLS setting every connection uses (all spellings resolved, or a conflict).
         self.tls: TlsSetting = resolve_tls(config, list(self._dsn.params.items()) if self._dsn else [])
-        hosts = dialled_hosts(config, [h for h, _ in self._dsn.hosts] if self._dsn else None)
+        dsn_params = self._dsn.params if self._dsn else {}
+        hosts = dialled_hosts(config, [h for h, _ in self._dsn.hosts] if self._dsn else None,
+                              dsn_params=dsn_params)
         if self.credentials is not None:
             check_credentials(config, self.tls, "token" if self.credentials.requires_tls
                               else "password", hosts)
+        elif (service := service_of(config, dsn_params)) is not None and service.has_password:
+            check_credentials(config, self.tls, "password", hosts)  # asyncpg reads it there
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth = require_auth_setting(config, self._dsn.params if self._dsn else {})
         self.auth_methods = allowed_auth_methods(config, self.tls, self.require_auth)

@@ -33,6 +33,7 @@ from asyncpool.errors import PoolConfigError
 
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
+    from asyncpool.connect.service import Service
 
 MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _RANK = {mode: rank for rank, mode in enumerate(MODES)}
@@ -345,23 +346,43 @@ def parse_require_auth(text: str) -> frozenset[str]:
 
 
 def dialled_hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None = None,
-                  environ: Mapping[str, str] | None = None) -> list[str]:
-    """Every host the pool may dial ("" is asyncpg's default: a local socket, then localhost).
+                  environ: Mapping[str, str] | None = None,
+                  dsn_params: Mapping[str, str] | None = None) -> list[str]:
+    """Every host the pool may dial ("" is asyncpg's default: a local socket, then localhost),
+    in asyncpg's order: ``host`` in `connect_kwargs`, the DSN's hosts, those of the service file
+    section the DSN names (`asyncpool.connect.service`), ``PGHOST``.
 
-    dsn_hosts: the DSN's hosts as its parser read them (default: read from `config.dsn`)."""
+    dsn_hosts, dsn_params: the DSN's hosts and parameters as its parser read them (default:
+    read from `config.dsn`)."""
     env = os.environ if environ is None else environ
     given = config.connect_kwargs.get("host")
     if given:
         return [h.strip() for h in (given.split(",") if isinstance(given, str) else given)]
-    if dsn_hosts is None and config.dsn:
+    if (dsn_hosts is None or dsn_params is None) and config.dsn:
         from asyncpool.connect.dsn import parse_dsn
 
-        dsn_hosts = [h for h, _ in parse_dsn(config.dsn).hosts]
+        parsed = parse_dsn(config.dsn)
+        dsn_hosts = [h for h, _ in parsed.hosts] if dsn_hosts is None else dsn_hosts
+        dsn_params = parsed.params if dsn_params is None else dsn_params
     if dsn_hosts and any(dsn_hosts):
         return list(dsn_hosts)
+    service = service_of(config, dsn_params or {}, env, has_dsn=dsn_hosts is not None)
+    if service is not None and service.hosts:
+        return list(service.hosts)
     if env.get("PGHOST"):
         return [h.strip() for h in env["PGHOST"].split(",")]
     return [""]
+
+
+def service_of(config: PoolConfig, dsn_params: Mapping[str, str],
+               environ: Mapping[str, str] | None = None, *,
+               has_dsn: bool | None = None) -> Service | None:
+    """The service file section the DSN names (`asyncpool.connect.service`), if any.
+    `has_dsn`: whether asyncpg is given a DSN (default: whether `config` has one)."""
+    from asyncpool.connect.service import named_service
+
+    return named_service(bool(config.dsn) if has_dsn is None else has_dsn, dsn_params,
+                         config.connect_kwargs, os.environ if environ is None else environ)
 
 
 def all_local(hosts: Iterable[str]) -> bool:

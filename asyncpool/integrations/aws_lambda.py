@@ -17,6 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.config import ENV_PREFIX, PoolConfig
+from asyncpool.errors import config_errors_without_frames
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -37,6 +38,7 @@ def running_on_lambda(environ: Mapping[str, str] | None = None) -> bool:
     return bool(env.get("AWS_LAMBDA_FUNCTION_NAME"))
 
 
+@config_errors_without_frames
 def lambda_config(
     *,
     function_timeout: float | None = None,

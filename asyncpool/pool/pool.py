@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
-from asyncpool.errors import PoolClosedError, PoolError
+from asyncpool.errors import PoolClosedError, PoolError, config_errors_without_frames
 from asyncpool.observer import ObserverGroup, PoolObserver
 from asyncpool.options import PoolOptions, check_timeout, resolve, with_connect_args
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
@@ -49,6 +49,7 @@ class Pool:
     `create_pool` returns one.
     """
 
+    @config_errors_without_frames
     def __init__(
         self,
         dsn: str | None = None,
@@ -74,6 +75,8 @@ class Pool:
                 setattr(self, name, MethodType(RUNNERS[name], slots))
 
     def __repr__(self) -> str:
+        if "_slots" not in self.__dict__:  # its __init__ raised (a traceback's locals show it)
+            return "<asyncpool.Pool (not made)>"
         s = self.stats()
         return (
             f"<asyncpool.Pool {self.name!r} {self._slots.state.value} size={s.size} idle={s.idle} "
@@ -329,6 +332,7 @@ class Pool:
         """`expire_all()`, under asyncpg's name (asyncpg's is a coroutine too)."""
         self.expire_all()
 
+    @config_errors_without_frames
     def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
         """Connect with these arguments from now on, as asyncpg's pool does: the DSN and
         asyncpg's ``connect()`` arguments (``host``, ``user``, ``password``, ``database``,
@@ -387,6 +391,7 @@ for _name in QUERY_HELPERS:
     _present(RUNNERS[_name], getattr(Pool, _name))
 
 
+@config_errors_without_frames
 def create_pool(
     dsn: str | None = None,
     *,
