@@ -164,6 +164,47 @@ async def test_cancel_during_query_leaves_no_half_used_connection(pooler: Pooler
         await _baseline(pool, pooler)
 
 
+_ORPHANS = {
+    # A simple query holds no lock of asyncpg's: the proxy counts it.
+    "simple query opening a transaction": lambda conn: conn.execute("SELECT pg_sleep(0.3); BEGIN"),
+    # asyncpg's _execute (the proxy runs its body): its lock says it is running.
+    "statement with arguments": lambda conn: conn.fetchval("SELECT pg_sleep($1::float8)", 0.3),
+    "statement with a keyword": lambda conn: conn.execute("SELECT pg_sleep(0.3)", timeout=5),
+}
+
+
+@pytest.mark.parametrize("first", list(_ORPHANS))
+async def test_a_connection_returned_with_a_statement_running_is_closed(
+        pooler: Pooler, postgres: PostgresServer, caplog: pytest.LogCaptureFixture,
+        first: str) -> None:
+    """Two statements at once on one connection (``asyncio.gather`` in the block): the second
+    fails, "another operation is in progress", and the block ends while the first still runs.
+    That connection is closed and its statement cancelled, not handed to the next caller: what
+    the statement leaves (here a BEGIN) would make the next caller's write, reported done,
+    roll back at its return."""
+    import asyncpg
+
+    table = f"returned_busy_{abs(hash((pooler.dsn(), first)))}"
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        await pool.execute(f"CREATE TABLE {table} (a int)")
+        try:
+            with pytest.raises(asyncpg.InterfaceError, match="another operation is in progress"):
+                async with pool.acquire() as conn:
+                    await asyncio.gather(_ORPHANS[first](conn), conn.fetchval("SELECT 1"))
+            assert pool.stats().closed_total == 1
+            assert "still running" in caplog.text
+            await asyncio.sleep(0.5)  # the orphaned statement would have ended by now
+            assert await pool.execute(f"INSERT INTO {table} VALUES (1)") == "INSERT 0 1"
+            direct = await asyncpg.connect(postgres.dsn())
+            try:
+                assert await direct.fetchval(f"SELECT count(*) FROM {table}") == 1
+            finally:
+                await direct.close()
+            await _baseline(pool, pooler)
+        finally:
+            await pool.execute(f"DROP TABLE {table}")
+
+
 @pytest.fixture(scope="module")
 def dropping_poolers(stack: ServerStack) -> Iterator[list[PgBouncerServer]]:
     """Both PgBouncer versions, closing client connections idle for more than a second."""

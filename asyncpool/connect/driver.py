@@ -108,7 +108,7 @@ def tested_version() -> bool:
 
 
 #: What a returned connection needs before the next holder (`returned`).
-CLEAN, BROKEN, NEEDS_RESET = 0, 1, 2
+CLEAN, BROKEN, NEEDS_RESET, BUSY = 0, 1, 2, 3
 
 
 def _returned(conn: Any) -> int:
@@ -116,7 +116,8 @@ def _returned(conn: Any) -> int:
     `asyncpg.InterfaceError` ("released back to the pool", as asyncpg's pool does), and say what
     the connection needs: nothing (CLEAN), to go (BROKEN: closed), or `reset` (NEEDS_RESET: a
     query still being cancelled, a transaction left open or a failed BEGIN asyncpg still tracks,
-    callbacks the holder registered).
+    callbacks the holder registered); BUSY: one of its statements is still running (two at once
+    on one connection, ``asyncio.gather``: the block ended with the other's error).
 
     One call for what every return asks, with ``conn.is_closed()`` read inline: between round
     trips each Python call on this path costs several times what it costs in a loop."""
@@ -124,6 +125,8 @@ def _returned(conn: Any) -> int:
     proto = conn._protocol
     if conn._aborted or not proto.is_connected():
         return BROKEN
+    if conn._stmt_exclusive_section._acquired:  # held for the whole of asyncpg's `_execute`
+        return BUSY
     if (proto._is_cancelling() or proto.is_in_transaction() or conn._top_xact is not None
             or conn._listeners or conn._log_listeners or conn._termination_listeners
             or conn._query_loggers):

@@ -52,9 +52,13 @@ def _forward(name: str) -> Callable[..., Any]:
         async def checked_when_awaited(self: PooledConnection, /, *args: Any,
                                        **kwargs: Any) -> Any:
             lease = self._lease
-            if lease.state is ACTIVE:
+            if lease.state is not ACTIVE:
+                raise self._unusable()
+            lease.running += 1  # a return meanwhile closes the connection (`Slots._retire_busy`)
+            try:
                 return await getattr(lease.record.conn, name)(*args, **kwargs)
-            raise self._unusable()
+            finally:
+                lease.running -= 1
 
         method: Callable[..., Any] = checked_when_awaited
     else:
@@ -96,8 +100,13 @@ def _forward_own(name: str) -> Callable[..., Any]:
         if (kwargs or query is BY_NAME or getattr(type(conn), name) is not own
                 or (shape is STATUS and not args)):
             call = getattr(conn, name)
-            return await (call(*args, **kwargs) if query is BY_NAME
-                          else call(query, *args, **kwargs))
+            # Counted: a simple query holds no lock of asyncpg's that the return could see.
+            lease.running += 1
+            try:
+                return await (call(*args, **kwargs) if query is BY_NAME
+                              else call(query, *args, **kwargs))
+            finally:
+                lease.running -= 1
         if not record.probe.is_connected():
             conn._check_open()  # asyncpg's own error for a closed connection
         if shape is STATUS:

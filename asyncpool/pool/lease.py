@@ -43,7 +43,7 @@ class Lease:
     """
 
     __slots__ = ("acquired_at", "context", "frame", "holder_cancelled", "lasti", "record", "reported",
-                 "scoped", "state", "task")
+                 "running", "scoped", "state", "task")
 
     def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None,
                  task: asyncio.Task[Any] | None, context: contextvars.Context | None) -> None:
@@ -65,6 +65,9 @@ class Lease:
         # by `conn = await pool.acquire()`, whose task a reclaim must not cancel.
         self.scoped = False
         self.holder_cancelled = False  # a leak reclaim cancelled the holder's task
+        # Statements the holder started through its `PooledConnection` and that have not ended
+        # (those that asyncpg's own lock, `driver.returned`, does not see).
+        self.running = 0
 
     @property
     def active(self) -> bool:

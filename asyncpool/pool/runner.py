@@ -179,6 +179,7 @@ def _spare_lease(record: ConnectionRecord) -> Lease:
     lease.reported = False
     lease.scoped = True
     lease.holder_cancelled = False
+    lease.running = 0  # (the runner uses no `PooledConnection`: it stays 0)
     return lease
 
 

@@ -35,7 +35,7 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.connector import CutShort
-from asyncpool.connect.driver import BROKEN, NEEDS_RESET, returned
+from asyncpool.connect.driver import BROKEN, BUSY, NEEDS_RESET, returned
 from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.observer import LeakReport, PoolObserver
@@ -707,6 +707,7 @@ class Slots(_HotSlots):
         lease.reported = False
         lease.scoped = False
         lease.holder_cancelled = False
+        lease.running = 0
         record.place = LEASED
         record.lease = lease
         if self.leak_timer_unarmed:
@@ -1065,7 +1066,7 @@ class Slots(_HotSlots):
 
     # -- return -------------------------------------------------------------------------------
 
-    def checkin_nowait(self, lease: Lease) -> bool:
+    def checkin_nowait(self, lease: Lease) -> bool:  # noqa: PLR0911
         """Take a connection back without a coroutine when no round trip is needed. True: it
         needs a reset first, and the caller must await `checkin`."""
         if lease.state is not ACTIVE:
@@ -1083,6 +1084,9 @@ class Slots(_HotSlots):
         state = returned(conn)
         if state == BROKEN:
             self.retire(record, "broken")
+            return False
+        if state == BUSY or lease.running:
+            self._retire_busy(record)
             return False
         if state == NEEDS_RESET:  # whenever a cancel is under way: checked inside only
             if driver.is_cancelling(conn) and not driver.cancel_deliverable(conn):
@@ -1107,6 +1111,20 @@ class Slots(_HotSlots):
         record.place = IDLE
         self.idle.append(record)
         return False
+
+    def _retire_busy(self, record: ConnectionRecord) -> None:
+        """A connection returned while one of its statements still runs: whatever that
+        statement leaves (an open transaction, its result) would reach the next holder, whose
+        own statements would also fail ("another operation is in progress"). Its statement is
+        cancelled where a cancel can arrive, and the connection closed (asyncpg's pool closes it
+        too, when its reset fails)."""
+        logger.warning(
+            "pool %r: a connection was returned while one of its statements was still running "
+            "(two statements at once on one connection, such as asyncio.gather over it); the "
+            "statement was cancelled and the connection closed. Run one statement at a time on a "
+            "connection, or take one connection per concurrent statement", self.name)
+        driver.request_cancel(record.conn)
+        self.retire(record, "returned busy")
 
     async def checkin(self, lease: Lease, timeout: float | None = None) -> None:
         """Finish returning a connection `checkin_nowait` found in need of a reset, within

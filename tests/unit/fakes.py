@@ -155,6 +155,18 @@ class _FakeProtocol:
         return not self._conn._closed
 
 
+class _ExclusiveSection:
+    """asyncpg's ``_stmt_exclusive_section`` (an ``_Atomic``): `_acquired` while a statement
+    runs (asyncpg holds it through ``_execute``; here, through every operation)."""
+
+    def __init__(self, conn: FakeConnection) -> None:
+        self._conn = conn
+
+    @property
+    def _acquired(self) -> int:
+        return int(self._conn._op is not None)
+
+
 class FakeConnection:
     """The parts of `asyncpg.Connection` the pool and its users touch."""
 
@@ -164,6 +176,7 @@ class FakeConnection:
         self._loop = asyncio.get_running_loop()
         self._protocol = _FakeProtocol(self)
         self._top_xact: Any = None
+        self._stmt_exclusive_section = _ExclusiveSection(self)
         self._pool_release_ctr = 0
         self._cancellations: set[asyncio.Task[Any]] = set()
         self._listeners: dict[str, set[Callable[..., Any]]] = {}
