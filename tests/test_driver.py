@@ -91,6 +91,18 @@ async def test_pool_release_ctr_invalidates_statements_cursors_and_transactions(
         await cursor_factory.__aiter__().__anext__()
 
 
+async def test_stmt_exclusive_section_says_a_statement_is_running(conn: Any) -> None:
+    """asyncpg holds `_stmt_exclusive_section` (``_acquired``) for the whole of ``_execute``:
+    a return meanwhile is BUSY; once the statement ends, CLEAN."""
+    running = asyncio.create_task(conn.fetchval("SELECT pg_sleep($1::float8)", 0.2))
+    await asyncio.sleep(0.05)
+    assert conn._stmt_exclusive_section._acquired
+    assert driver.returned(conn) == driver.BUSY
+    await running
+    assert not conn._stmt_exclusive_section._acquired
+    assert driver.returned(conn) == driver.CLEAN
+
+
 async def test_aborted_and_is_connected_say_a_connection_is_gone(
         conn: Any, postgres: PostgresServer) -> None:
     """`_aborted` is set by terminate() at once (the socket goes later); the protocol's
