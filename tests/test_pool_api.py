@@ -649,3 +649,31 @@ async def test_what_a_holder_obtained_ends_with_its_lease(postgres: Any) -> None
             assert pool.stats().idle == 1
         async with pool.acquire() as again:
             assert await again.fetchval("SELECT pg_backend_pid()") == pid
+
+
+async def test_an_acquire_object_gives_one_connection_only(pooler: Pooler) -> None:
+    """The object `pool.acquire()` (or `pool.transaction()`) returns is used once, as
+    asyncpg's: entered again, nested or after its block, or awaited again, it raises PoolError
+    and loses nothing (the first connection is returned at its block's end as usual)."""
+    async with Pool(pooler.dsn(), max_size=2, telemetry=False, leak_timeout=1.0) as pool:
+        for make in (pool.acquire, pool.transaction):
+            ctx = make()
+            async with ctx as conn:
+                with pytest.raises(asyncpool.PoolError, match="already used"):
+                    async with ctx:
+                        pass
+                assert await conn.fetchval("SELECT 1") == 1
+            assert pool.stats().in_use == 0
+            with pytest.raises(asyncpool.PoolError, match="already used"):
+                async with ctx:
+                    pass
+            assert pool.stats().in_use == 0
+        awaited = pool.acquire()
+        held = await awaited
+        with pytest.raises(asyncpool.PoolError, match="already used"):
+            await awaited
+        assert pool.stats().in_use == 1
+        await pool.release(held)
+        await asyncio.sleep(1.2)  # past leak_timeout: nothing was left held to reclaim
+        assert pool.stats().leaked_total == 0
+        assert pool.stats().in_use == 0

@@ -65,6 +65,8 @@ class AcquireContext:
 
     async def __aenter__(self) -> PooledConnection:
         owner = self._owner
+        if self._lease is not None:
+            raise _used_twice(owner)
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         lease.scoped = True
         self._frame = None
@@ -82,8 +84,11 @@ class AcquireContext:
     async def _acquire_unscoped(self) -> PooledConnection:
         # No block will end this checkout: a leak reclaim must not cancel the holder's task.
         owner = self._owner
+        if self._lease is not None:
+            raise _used_twice(owner)
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         self._frame = None
+        self._lease = lease  # (not ended by this object: no block)
         conn = PooledConnection(lease, owner)
         if owner.setup is not None:
             await _set_up(owner, conn)
@@ -104,6 +109,15 @@ class AcquireContext:
                 await owner.checkin(lease)
             return
         await end_checkout(self._owner, lease, exc)
+
+
+def _used_twice(owner: Checkouts) -> PoolError:
+    # asyncpg refuses it too: entered again, the context would lose the first checkout (never
+    # returned, then reclaimed as a leak by cancelling whatever the task is doing by then).
+    return PoolError(
+        f"pool {owner.name!r}: this pool.acquire() (or pool.transaction()) object was already "
+        "used; each one gives one connection: call pool.acquire() again for another"
+    )
 
 
 async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None) -> None:
