@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from types import MethodType
 from typing import Any, ClassVar
 from unittest import mock
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -677,3 +678,35 @@ async def test_an_acquire_object_gives_one_connection_only(pooler: Pooler) -> No
         await asyncio.sleep(1.2)  # past leak_timeout: nothing was left held to reclaim
         assert pool.stats().leaked_total == 0
         assert pool.stats().in_use == 0
+
+
+async def test_open_called_twice_at_once_ends_the_same_way_for_both(
+        pooler: Pooler, postgres: PostgresServer) -> None:
+    """Two tasks open one pool at the same time: the second waits for the first's outcome
+    (a refused login fails both), instead of returning at once on a pool not yet usable."""
+    wrong = pooler.dsn().replace(f":{quote(postgres.app.password, safe='')}@", ":wrong@")
+    assert wrong != pooler.dsn()
+    pool = Pool(wrong, min_size=1, max_size=2, telemetry=False, acquire_timeout=5)
+    results = await asyncio.gather(pool.open(), pool.open(), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["AuthenticationError"] * 2, results
+    async with Pool(pooler.dsn(), min_size=2, max_size=2, telemetry=False) as good:
+        await asyncio.gather(good.open(), good.open())  # already open: returns at once
+        both = Pool(pooler.dsn(), min_size=2, max_size=2, telemetry=False)
+        await asyncio.gather(both.open(), both.open())
+        assert both.stats().idle == 2  # the second returned once min_size was open
+        await both.close()
+
+
+async def test_open_without_waiting_opens_min_size_in_the_background(pooler: Pooler) -> None:
+    """``open(wait=False)`` returns at once and the min_size connections open right after, not
+    at the first housekeeping round (5 s later)."""
+    pool = Pool(pooler.dsn(), min_size=2, max_size=3, telemetry=False)
+    await pool.open(wait=False)
+    try:
+        assert pool.stats().idle == 0
+        async with asyncio.timeout(2):
+            while pool.stats().idle < 2:
+                await asyncio.sleep(0.02)
+        assert pool.stats().size == 2
+    finally:
+        await pool.close()

@@ -7,6 +7,7 @@ owned by `asyncpool.pool.slots.Slots`, which the checkout contexts talk to throu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import sys
@@ -106,6 +107,10 @@ class Pool:
         if slots.state is CLOSING or slots.state is CLOSED_STATE:
             raise PoolClosedError(f"pool {self.name!r} is closed; create a new pool")
         if slots.state is OPEN:
+            opening = slots.opening
+            if opening is not None and not opening.done():
+                # Another task's open() is under way: this one ends as it does.
+                await asyncio.shield(opening)
             return self
         observer = self._build_observer()
         await slots.open(observer, Connector(self.config, observer), wait)

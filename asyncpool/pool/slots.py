@@ -177,7 +177,8 @@ class Slots(_HotSlots):
     __slots__ = (
         "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "closed_total",
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
-        "forks", "generation", "housekeeper", "leaked_total", "name", "observer", "opened_in", "pid",
+        "forks", "generation", "housekeeper", "leaked_total", "name", "observer", "opened_in",
+        "opening", "pid",
         "records", "replaced_credentials", "retrying", "state", "timeouts_total",
         "validation_failures_total", "waiters",
     )
@@ -244,6 +245,8 @@ class Slots(_HotSlots):
         # Connections being closed politely, by the task doing it (terminate() cuts them short).
         self.closing: dict[asyncio.Task[Any], Any] = {}
         self.housekeeper: asyncio.Task[None] | None = None
+        # The outcome of the open() under way (or done): a concurrent open() waits for it.
+        self.opening: asyncio.Future[None] | None = None
         # Bumped by expire_all(): a login that began before it does not join the pool.
         self.generation = 0
         self.pid = os.getpid()
@@ -282,15 +285,22 @@ class Slots(_HotSlots):
         self.on_acquired, self.on_released = observer.checkout_hooks()
         _LIVE.add(self)
         self._set_state(OPEN)
+        self.opening = opening = self.loop.create_future()
         try:
             if connector.credentials is not None:
                 await connector.credentials.warm(connector.target)
                 self._check_open()
             if wait and cfg.min_size:
                 await self.fill(cfg.min_size)
-        except BaseException:
+            elif cfg.min_size:
+                self._spawn(self._fill_in_background(cfg.min_size))
+        except BaseException as exc:
             await self.close(timeout=0)
+            opening.set_exception(exc if isinstance(exc, Exception) else PoolClosedError(
+                f"pool {self.name!r}: the open() under way was cancelled; open the pool again"))
+            opening.exception()  # retrieved: nobody else may be waiting
             raise
+        opening.set_result(None)
         self.housekeeper = self.loop.create_task(
             housekeeping(weakref.ref(self), _housekeeping_period(cfg)), name=f"asyncpool:{self.name}"
         )
@@ -1216,6 +1226,14 @@ class Slots(_HotSlots):
         for record in list(self.records):
             record.stale = True
             record.check_at = -math.inf
+
+    async def _fill_in_background(self, count: int) -> None:
+        """`fill` for ``open(wait=False)``: a failure is logged, and housekeeping tries again."""
+        try:
+            await self.fill(count)
+        except Exception as exc:
+            logger.warning("pool %r: could not open min_size=%d connections in the background "
+                           "(%s); housekeeping tries again", self.name, count, exc)
 
     async def fill(self, count: int) -> None:
         """Open connections until `count` exist (raising the first failure)."""
