@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -165,6 +166,39 @@ async def test_setup_failure_closes_the_connection_and_reaches_the_caller(pooler
         stats = pool.stats()
         assert (stats.in_use, stats.closed_total) == (0, 2)
         fail = False
+        assert await pool.fetchval("SELECT 2") == 2
+
+
+async def test_setup_counts_in_the_acquire_timeout(pooler: Pooler) -> None:
+    """As in asyncpg, the acquire's timeout covers the setup hook: one that runs past it (here
+    a statement that takes 5 s) ends in PoolTimeoutError when the time is up, and the connection
+    it was running on is closed; a timeout raised by the hook itself is the hook's error."""
+    slow = True
+
+    async def setup(conn: PooledConnection) -> None:
+        if slow:
+            await conn.execute("SELECT pg_sleep(5)")
+
+    async with Pool(pooler.dsn(), name="setup-slow", max_size=1, setup=setup,
+                    acquire_timeout=0.5, telemetry=False) as pool:
+        async def block(timeout: float | None) -> None:
+            async with pool.acquire(**({} if timeout is None else {"timeout": timeout})):
+                pytest.fail("the block must not run")
+
+        async def unscoped() -> None:
+            await pool.release(await pool.acquire())
+
+        attempts: list[Callable[[], Awaitable[Any]]] = [
+            lambda: block(0.3), lambda: block(None), unscoped, lambda: pool.fetchval("SELECT 1")]
+        for attempt in attempts:
+            started = time.monotonic()
+            with pytest.raises(asyncpool.PoolTimeoutError, match="setup hook was still running"):
+                async with asyncio.timeout(3):
+                    await attempt()
+            assert time.monotonic() - started < 1.5
+        stats = pool.stats()
+        assert (stats.in_use, stats.closed_total, stats.timeouts_total) == (0, 4, 4)
+        slow = False
         assert await pool.fetchval("SELECT 2") == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Generator
 from types import FrameType, TracebackType
 from typing import Any, Protocol
@@ -46,7 +47,8 @@ class Checkouts(Protocol):
 
     async def checkin(self, lease: Lease, timeout: float | None = None) -> None: ...
 
-    def discard(self, lease: Lease, reason: str) -> None: ...
+    async def set_up(self, conn: PooledConnection, timeout: float | None,
+                     started: float) -> None: ...
 
     @property
     def transaction_sql(self) -> str | None: ...
@@ -67,6 +69,8 @@ class AcquireContext:
         owner = self._owner
         if self._lease is not None:
             raise _used_twice(owner)
+        # The setup hook counts in the acquire's timeout (as in asyncpg).
+        started = time.monotonic() if owner.setup is not None else 0.0
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         lease.scoped = True
         self._frame = None
@@ -75,7 +79,7 @@ class AcquireContext:
         conn._lease = lease
         conn._owner = owner
         if owner.setup is not None:
-            await _set_up(owner, conn)
+            await owner.set_up(conn, self._timeout, started)
         return conn
 
     def __await__(self) -> Generator[Any, None, PooledConnection]:
@@ -86,12 +90,13 @@ class AcquireContext:
         owner = self._owner
         if self._lease is not None:
             raise _used_twice(owner)
+        started = time.monotonic()
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         self._frame = None
         self._lease = lease  # (not ended by this object: no block)
         conn = PooledConnection(lease, owner)
         if owner.setup is not None:
-            await _set_up(owner, conn)
+            await owner.set_up(conn, self._timeout, started)
         return conn
 
     async def __aexit__(
@@ -146,17 +151,6 @@ async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None
             "(if it was lost during COMMIT, that commit's outcome is unknown). The pool "
             "replaced the connection; retry if the work is idempotent."
         ) from exc
-
-
-async def _set_up(owner: Checkouts, conn: PooledConnection) -> None:
-    """Run the `setup` hook; if it fails, the connection may be in any state: it is closed
-    rather than reused (as asyncpg's pool does) and the hook's error goes to the caller."""
-    assert owner.setup is not None
-    try:
-        await owner.setup(conn)
-    except BaseException:
-        owner.discard(conn._lease, "setup failed")
-        raise
 
 
 def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> None:

@@ -58,6 +58,7 @@ from asyncpool.stats import PoolStats, StatementCacheStats
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
     from asyncpool.connect.connector import Connector
+    from asyncpool.pool.connection import PooledConnection
 
 logger = logging.getLogger("asyncpool.pool")
 _T = TypeVar("_T")
@@ -1162,6 +1163,35 @@ class Slots(_HotSlots):
         now = self.loop.time()
         record.touch(now, self.validate_after)
         self._put(record, now)
+
+    async def set_up(self, conn: PooledConnection, timeout: float | None,
+                     started: float) -> None:
+        """Run the `setup` hook on a connection just checked out, within what is left of the
+        acquire's `timeout` (`UNSET`: ``acquire_timeout``; `started`: ``time.monotonic()`` when
+        the acquire began), which counts it as asyncpg's does. If it fails or runs out of time,
+        the connection is closed (what the hook left is unknown) and the error raised: out of
+        time, `PoolTimeoutError`."""
+        assert self.setup is not None
+        if timeout is UNSET:
+            timeout = self.config.acquire_timeout
+        deadline = asyncio.timeout(None if timeout is None
+                                   else timeout - (time.monotonic() - started))
+        try:
+            async with deadline:
+                await self.setup(conn)
+            return
+        except BaseException as exc:
+            self.discard(conn._lease, "setup failed")
+            if not (isinstance(exc, TimeoutError) and deadline.expired()):
+                raise
+            error = exc
+        self.timeouts_total += 1
+        self.observer.timed_out()
+        raise PoolTimeoutError(
+            f"pool {self.name!r}: no connection within {timeout:g}s: the setup hook was still "
+            "running on it when the time ran out (the connection was closed); make setup "
+            "faster or raise acquire_timeout"
+        ) from error
 
     def discard(self, lease: Lease, reason: str) -> None:
         """Take back a checkout whose connection must not be used again (its `setup` hook
