@@ -455,6 +455,60 @@ async def test_close_terminates_after_timeout(pooler: Pooler) -> None:
         await conn.fetchval("SELECT 1")
 
 
+_RUNNING_WHEN_CLOSED = {
+    "a block": "block",
+    "a held connection, no block": "unscoped",
+    "pool.execute()": "helper",
+    "pool.transaction()": "transaction",
+}
+
+
+@pytest.mark.parametrize("how", ["close past its timeout", "terminate"])
+@pytest.mark.parametrize("holder", list(_RUNNING_WHEN_CLOSED))
+async def test_a_statement_the_pool_closes_under_ends_in_pool_closed_error(
+        pooler: Pooler, postgres: PostgresServer, holder: str, how: str) -> None:
+    """A statement still running when close() runs out of time, or at terminate(), ends in
+    PoolClosedError, as documented (it was asyncpg's ConnectionDoesNotExistError), and the pool
+    asks the server to cancel it: it does not run on there."""
+    name = f"closed-under-{abs(hash((holder, how, pooler.dsn())))}"
+    pool = await asyncpool.create_pool(pooler.dsn(), max_size=2, telemetry=False,
+                                       server_settings={"application_name": name})
+    statement = f"SELECT pg_sleep(30) -- {name}"
+
+    async def hold() -> None:
+        kind = _RUNNING_WHEN_CLOSED[holder]
+        if kind == "block":
+            async with pool.acquire() as conn:
+                await conn.execute(statement)
+        elif kind == "unscoped":
+            conn = await pool.acquire()
+            await conn.execute(statement)
+        elif kind == "helper":
+            await pool.execute(statement)
+        else:
+            async with pool.transaction() as conn:
+                await conn.execute(statement)
+
+    task = asyncio.create_task(hold())
+    await asyncio.sleep(0.3)
+    if how == "terminate":
+        pool.terminate()
+    else:
+        await pool.close(timeout=0.2)
+    with pytest.raises(asyncpool.PoolClosedError, match="closed while"):
+        async with asyncio.timeout(5):
+            await task
+    direct = await asyncpg.connect(postgres.dsn(postgres.superuser, "postgres"))
+    try:
+        async with asyncio.timeout(3):  # (not the 30 s it would run on)
+            while await direct.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                    statement):
+                await asyncio.sleep(0.05)
+    finally:
+        await direct.close()
+
+
 async def test_waiters_fail_when_pool_closes(pooler: Pooler) -> None:
     pool = await asyncpool.create_pool(pooler.dsn(), max_size=1, telemetry=False)
     held = await pool.acquire()

@@ -178,6 +178,13 @@ def broken_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, _CONNECTION_FAILURES) and not isinstance(exc, TimeoutError)
 
 
+def stopped_by_pool(exc: BaseException) -> bool:
+    """Whether `exc` is what a statement raises when the pool stops it (``close()`` past its
+    timeout, ``terminate()``, a leak reclaim): its connection closed under it, or the server
+    cancelled it at the pool's cancel request. Asked only once the pool has taken the lease."""
+    return broken_connection_error(exc) or isinstance(exc, asyncpg.QueryCanceledError)
+
+
 def lost_connection_hint(exc: BaseException) -> str:
     """What a pooler's reason for closing a connection in use means (" ..." or "")."""
     text = str(exc)

@@ -9,7 +9,7 @@ from types import FrameType, TracebackType
 from typing import Any, Protocol
 
 from asyncpool.config import SetupHook
-from asyncpool.connect.failures import broken_connection_error, lost_connection_hint
+from asyncpool.connect.failures import broken_connection_error, lost_connection_hint, stopped_by_pool
 from asyncpool.errors import (
     ConnectionLeakedError,
     ConnectionLostError,
@@ -142,6 +142,13 @@ async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None
             and lease.record.conn.is_closed())
     if owner.checkin_nowait(lease):
         await owner.checkin(lease)
+    if lease.state is CLOSED and exc is not None and stopped_by_pool(exc):
+        # The pool closed it under the statement (close() past its timeout, terminate()).
+        raise PoolClosedError(
+            f"pool {owner.name!r} was closed while this connection was in use "
+            f"({type(exc).__name__}: {exc}); an open transaction was not committed (if it was "
+            "closed during COMMIT, that commit's outcome is unknown)"
+        ) from exc
     if lost:
         assert exc is not None
         raise ConnectionLostError(

@@ -12,6 +12,7 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
+from asyncpool.connect.failures import stopped_by_pool
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, Lease
@@ -57,6 +58,10 @@ def _forward(name: str) -> Callable[..., Any]:
             lease.running += 1  # a return meanwhile closes the connection (`Slots._retire_busy`)
             try:
                 return await getattr(lease.record.conn, name)(*args, **kwargs)
+            except Exception as exc:
+                if lease.state is not ACTIVE and stopped_by_pool(exc):
+                    raise self._unusable() from exc  # closed under it by the pool
+                raise
             finally:
                 lease.running -= 1
 
@@ -105,13 +110,25 @@ def _forward_own(name: str) -> Callable[..., Any]:
             try:
                 return await (call(*args, **kwargs) if query is BY_NAME
                               else call(query, *args, **kwargs))
+            except Exception as exc:
+                if lease.state is not ACTIVE and stopped_by_pool(exc):
+                    raise self._unusable() from exc  # closed under it by the pool
+                raise
             finally:
                 lease.running -= 1
         if not record.probe.is_connected():
             conn._check_open()  # asyncpg's own error for a closed connection
-        if shape is STATUS:
-            return (await conn._execute(query, args, 0, None, return_status=True))[1].decode()
-        result = await conn._execute(query, args, limit, None)
+        try:
+            if shape is STATUS:
+                return (await conn._execute(query, args, 0, None, return_status=True)
+                        )[1].decode()
+            result = await conn._execute(query, args, limit, None)
+        except Exception as exc:
+            if lease.state is not ACTIVE and stopped_by_pool(exc):
+                # The pool closed it under the statement (close() past its timeout, terminate(),
+                # a leak reclaim): its error, not the driver's.
+                raise self._unusable() from exc
+            raise
         if shape is ROWS:
             return result
         return (result[0] if shape is FIRST_ROW else result[0][0]) if result else None

@@ -422,7 +422,16 @@ class Slots(_HotSlots):
     def _retire_all(self, reason: str) -> None:
         for record in list(self.idle):
             self.retire(record, reason)
+        try:
+            running = asyncio.get_running_loop() is self.loop
+        except RuntimeError:  # terminate() outside the loop: no request can be sent
+            running = False
         for record in self.leased():
+            if running:
+                # What the holder may be running is cancelled on the server first (as at a
+                # leak reclaim), where a cancel can arrive: closing the socket alone leaves it
+                # running there until it next writes.
+                driver.request_cancel(record.conn)
             self.retire(record, reason)  # (its lease, if still active, says CLOSED)
         for record in list(self.checking):
             self.retire(record, reason)
