@@ -373,6 +373,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if not isinstance(cfg.connect_kwargs, Mapping):
         fail("connect_kwargs: must be a mapping of asyncpg.connect's options, not a "
              f"{type(cfg.connect_kwargs).__name__}")
+    _check_connect_values(cfg.connect_kwargs, fail)
     for hook in ("init", "setup"):
         if getattr(cfg, hook) is not None and not callable(getattr(cfg, hook)):
             fail(f"{hook}={getattr(cfg, hook)!r}: must be an async function taking the connection")
@@ -403,6 +404,41 @@ def not_a_number(value: object) -> bool:
     """True unless `value` is an int or a float; True itself (an int to Python) is never a
     number of seconds to a user."""
     return isinstance(value, bool) or not isinstance(value, int | float)
+
+
+#: asyncpg.connect's arguments that are text (a name, a path).
+_TEXT_CONNECT_ARGS = ("user", "database", "passfile", "service", "servicefile",
+                      "target_session_attrs", "krbsrvname", "gsslib")
+
+
+def _check_connect_values(connect: Mapping[str, Any], fail: Callable[[str], None]) -> None:
+    """asyncpg.connect's address and identity arguments, checked here: asyncpg would take them
+    and fail at each login with an error that names none of them."""
+    for key in _TEXT_CONNECT_ARGS:
+        value = connect.get(key)
+        if value is not None and not isinstance(value, str):
+            fail(f"{key}={value!r}: must be a string")
+    password = connect.get("password")
+    if password is not None and not isinstance(password, str):  # (its value is never shown)
+        fail(f"password: must be a string, not {type(password).__name__} (for a password or "
+             "token that changes, give credentials=, a provider awaited at each login)")
+    host = connect.get("host")
+    hosts = [host] if isinstance(host, str) else host
+    if host is not None and not (isinstance(hosts, list | tuple) and hosts
+                                 and all(isinstance(h, str) and h for h in hosts)):
+        fail(f"host={host!r}: must be a host name, an address or a socket directory, or a "
+             "list of them")
+    port = connect.get("port")
+    ports = port if isinstance(port, list | tuple) else [port]
+    if port is not None and not (ports and all(_port_number(p) for p in ports)):
+        fail(f"port={port!r}: must be a port number from 1 to 65535 (or a list of them, one "
+             "per host)")
+
+
+def _port_number(value: object) -> bool:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
 def _check_server_settings(settings: object, fail: Callable[[str], None]) -> None:

@@ -365,11 +365,36 @@ def test_connect_options_reach_connect_kwargs_over_a_config() -> None:
         ({"max_queries": 0}, "max_queries=0: must be a whole number >= 1"),
         ({"command_timeout": -1}, "command_timeout=-1: must be a number of seconds > 0"),
         ({"init": "codecs"}, "init='codecs': must be an async function"),
+        # asyncpg.connect's address and identity: refused here, not at each login.
+        ({"user": 5}, "user=5: must be a string"),
+        ({"database": b"app"}, "database=b'app': must be a string"),
+        ({"password": 123}, r"password: must be a string, not int \(for a password or token "
+                            "that changes, give credentials="),
+        ({"host": 7}, "host=7: must be a host name"),
+        ({"host": ["db", ""]}, r"host=\['db', ''\]: must be a host name"),
+        ({"port": "abc"}, "port='abc': must be a port number from 1 to 65535"),
+        ({"port": -1}, "port=-1: must be a port number"),
+        ({"port": 99999}, "port=99999: must be a port number"),
+        ({"port": True}, "port=True: must be a port number"),
+        ({"connect_kwargs": {"port": [5432, "x"]}}, r"port=\[5432, 'x'\]: must be a port number"),
     ],
 )
 def test_bad_asyncpg_values_say_what_to_do(options: dict[str, Any], match: str) -> None:
     with pytest.raises(PoolConfigError, match=match):
         Pool("postgresql://a@h/d", **options)
+    pool = Pool("postgresql://a@h/d")
+    if not {"user", "database", "password", "host", "port", "connect_kwargs"}.isdisjoint(options):
+        # set_connect_args() takes asyncpg.connect's arguments: the same checks, nothing changed.
+        connect = options.get("connect_kwargs", options)
+        with pytest.raises(PoolConfigError, match=match):
+            pool.set_connect_args("postgresql://a@h/d", **connect)
+        assert pool.config.connect_kwargs == {}
+
+
+def test_good_connect_values_are_taken() -> None:
+    pool = Pool("postgresql://a@h/d", user="app", host=["db1", "/run/postgresql"],
+                port=[5432, "6432"], database="app", password="pw")  # pragma: allowlist secret
+    assert pool.config.connect_kwargs["port"] == [5432, "6432"]
 
 
 @pytest.mark.parametrize(
