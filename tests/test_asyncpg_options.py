@@ -393,8 +393,11 @@ def test_bad_asyncpg_values_say_what_to_do(options: dict[str, Any], match: str) 
 
 def test_good_connect_values_are_taken() -> None:
     pool = Pool("postgresql://a@h/d", user="app", host=["db1", "/run/postgresql"],
-                port=[5432, "6432"], database="app", password="pw")  # pragma: allowlist secret
-    assert pool.config.connect_kwargs["port"] == [5432, "6432"]
+                port=[5432, 6432], database="app", password="pw")  # pragma: allowlist secret
+    assert pool.config.connect_kwargs["port"] == [5432, 6432]
+    # asyncpg reads a port given as digits too.
+    assert Pool("postgresql://a@h/d", connect_kwargs={"port": "6432"}).config.connect_kwargs == {
+        "port": "6432"}
 
 
 @pytest.mark.parametrize(
