@@ -75,7 +75,7 @@ async def test_query_helpers_return_what_the_connection_returns(
     (`driver.own_body`) unless given keyword arguments: both ways give what the connection
     gives, for no row, one row and several."""
     async with pool.acquire() as conn:
-        # The proxy runs the same bodies itself (`connection._forward_own`): as asyncpg's own.
+        # The proxy runs the same bodies itself (`connection._statement`): as asyncpg's own.
         raw = conn.raw
         expected = (await raw.fetch(query, *args), await raw.fetchrow(query, *args),
                     await raw.fetchval(query, *args), await raw.fetchval(query, *args, column=-1),
@@ -164,29 +164,10 @@ async def test_a_connection_class_that_overrides_a_read_is_called(pooler: Pooler
                                         "SELECT 4 + $1::int", "SELECT 8 + $1::int"]
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"timeout": 5}], ids=["plain", "keywords"])
-async def test_a_read_made_before_release_and_awaited_after_is_refused(
-        pooler: Pooler, kwargs: dict[str, Any]) -> None:
-    """``coro = conn.fetchval(...)`` inside the block, awaited after it: refused, nothing is
-    sent on the connection (another holder may have it by then)."""
-    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
-        async with pool.acquire() as conn:
-            raw = conn.raw
-            late = conn.fetchval("SELECT 1", **kwargs)
-        queries: list[str] = []
-
-        def log(record: Any) -> None:
-            queries.append(record.query)
-
-        raw.add_query_logger(log)
-        with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
-            await late
-        raw.remove_query_logger(log)
-        assert queries == []
-        assert await pool.fetchval("SELECT 2") == 2
-
-
 LATE_CALLS: dict[str, Callable[[Any], Any]] = {
+    "fetchval": lambda conn: conn.fetchval("SELECT 1"),
+    "fetchval with a keyword": lambda conn: conn.fetchval("SELECT 1", timeout=5),
+    "fetch": lambda conn: conn.fetch("SELECT 1"),
     "execute": lambda conn: conn.execute("SELECT 1"),
     "execute with arguments": lambda conn: conn.execute("SELECT $1::int", 1),
     "executemany": lambda conn: conn.executemany("SELECT $1::int", [(1,), (2,)]),
@@ -200,8 +181,9 @@ LATE_CALLS: dict[str, Callable[[Any], Any]] = {
 @pytest.mark.parametrize("call", LATE_CALLS.values(), ids=LATE_CALLS.keys())
 async def test_any_statement_made_before_release_and_awaited_after_is_refused(
         pooler: Pooler, call: Callable[[Any], Any]) -> None:
-    """The proxy's other coroutine methods check the lease when awaited, as its reads do:
-    a coroutine made inside the block and awaited after it sends nothing."""
+    """``coro = conn.fetchval(...)`` (or any coroutine method of the proxy) made inside the
+    block and awaited after it: refused, nothing is sent on the connection (another holder may
+    have it by then)."""
     async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
         async with pool.acquire() as conn:
             raw = conn.raw

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 def _forward(name: str) -> Callable[..., Any]:
     """The proxy's method `name`: calls the held connection's if the lease is active when it
-    runs (for a coroutine method, when awaited).
+    runs (for a coroutine method, when awaited: `_statement`).
 
     A method of the proxy rather than the connection's own bound method handed out: a reference
     kept past release (``run = conn.fetchval``) must not run a statement on a connection that
@@ -44,36 +44,15 @@ def _forward(name: str) -> Callable[..., Any]:
     method: name, docstring, signature, and a coroutine function where asyncpg's is one (for
     ``inspect``, ``asyncio.iscoroutinefunction`` and ``mock.create_autospec``).
     """
-
     original = getattr(asyncpg.Connection, name, None)
     if inspect.iscoroutinefunction(original):
-        # A coroutine function of the proxy's own, so that the lease is checked when the
-        # statement starts: ``coro = conn.execute(...)`` made inside the block and awaited after
-        # it is refused and sends nothing (the connection may be another holder's by then).
-        async def checked_when_awaited(self: PooledConnection, /, *args: Any,
-                                       **kwargs: Any) -> Any:
-            lease = self._lease
-            if lease.state is not ACTIVE:
-                raise self._unusable()
-            lease.running += 1  # a return meanwhile closes the connection (`Slots._retire_busy`)
-            try:
-                return await getattr(lease.record.conn, name)(*args, **kwargs)
-            except Exception as exc:
-                if lease.state is not ACTIVE and stopped_by_pool(exc):
-                    raise self._unusable() from exc  # closed under it by the pool
-                raise
-            finally:
-                lease.running -= 1
+        return _statement(name)
 
-        method: Callable[..., Any] = checked_when_awaited
-    else:
-        def checked_when_called(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
-            lease = self._lease  # self.raw, inline
-            if lease.state is ACTIVE:
-                return getattr(lease.record.conn, name)(*args, **kwargs)
-            raise self._unusable()
-
-        method = checked_when_called
+    def method(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
+        lease = self._lease  # self.raw, inline
+        if lease.state is ACTIVE:
+            return getattr(lease.record.conn, name)(*args, **kwargs)
+        raise self._unusable()
 
     if original is None:
         method.__name__ = name
@@ -83,17 +62,22 @@ def _forward(name: str) -> Callable[..., Any]:
     return method
 
 
-def _forward_own(name: str) -> Callable[..., Any]:
-    """The proxy's ``fetch``, ``fetchrow``, ``fetchval`` or ``execute``: as `_forward`'s, but
-    while the held connection's class still has asyncpg's own method (`driver.own_body`),
-    called without keyword arguments (``execute``: with arguments), it runs that method's body
-    itself, as the pool's statement runners do: no call and copy of the arguments through the
-    proxy, none through asyncpg's method. A subclass's override or an instrumentation's
-    wrapper (installed at any time) is called instead."""
+def _statement(name: str) -> Callable[..., Any]:
+    """The proxy's coroutine method `name` (``execute``, ``fetchval``, ``copy_to_table``...).
+
+    A coroutine function of the proxy's own, so that the lease is checked when the statement
+    starts: ``coro = conn.execute(...)`` made inside the block and awaited after it is refused
+    and sends nothing (the connection may be another holder's by then). While it runs, a
+    return of the connection closes it (`Slots._retire_busy`), and if the pool closes it under
+    the statement (``close()``, ``terminate()``, a leak reclaim) the holder gets the pool's
+    error. ``fetch``, ``fetchrow``, ``fetchval``, and ``execute`` with arguments, run asyncpg's
+    own body of the method while the held connection's class has it (`driver.own_body`) and no
+    keyword is given, as the pool's statement runners do: no call and copy of the arguments
+    through asyncpg's method. A subclass's override or an instrumentation's wrapper
+    (installed at any time) is called instead."""
+    original = getattr(asyncpg.Connection, name)
     body = driver.own_body(name)
-    if body is None:
-        return _forward(name)
-    own, limit, shape = body
+    own, limit, shape = body if body is not None else (None, 0, ROWS)
 
     async def method(self: PooledConnection, query: Any = BY_NAME, /, *args: Any,
                      **kwargs: Any) -> Any:
@@ -102,38 +86,35 @@ def _forward_own(name: str) -> Callable[..., Any]:
             raise self._unusable()
         record = lease.record
         conn = record.conn
-        if (kwargs or query is BY_NAME or getattr(type(conn), name) is not own
-                or (shape is STATUS and not args)):
-            call = getattr(conn, name)
-            # Counted: a simple query holds no lock of asyncpg's that the return could see.
-            lease.running += 1
-            try:
-                return await (call(*args, **kwargs) if query is BY_NAME
-                              else call(query, *args, **kwargs))
-            except Exception as exc:
-                if lease.state is not ACTIVE and stopped_by_pool(exc):
-                    raise self._unusable() from exc  # closed under it by the pool
-                raise
-            finally:
-                lease.running -= 1
-        if not record.probe.is_connected():
-            conn._check_open()  # asyncpg's own error for a closed connection
         try:
+            if (own is None or kwargs or query is BY_NAME or getattr(type(conn), name) is not own
+                    or (shape is STATUS and not args)):
+                call = getattr(conn, name)
+                # Counted: a simple query (or a COPY) holds no lock of asyncpg's that the return
+                # could see.
+                lease.running += 1
+                try:
+                    return await (call(*args, **kwargs) if query is BY_NAME
+                                  else call(query, *args, **kwargs))
+                finally:
+                    lease.running -= 1
+            if not record.probe.is_connected():
+                conn._check_open()  # asyncpg's own error for a closed connection
             if shape is STATUS:
                 return (await conn._execute(query, args, 0, None, return_status=True)
                         )[1].decode()
             result = await conn._execute(query, args, limit, None)
         except Exception as exc:
             if lease.state is not ACTIVE and stopped_by_pool(exc):
-                # The pool closed it under the statement (close() past its timeout, terminate(),
-                # a leak reclaim): its error, not the driver's.
+                # The pool closed it under the statement (close() past its timeout,
+                # terminate(), a leak reclaim): its error, not the driver's.
                 raise self._unusable() from exc
             raise
         if shape is ROWS:
             return result
         return (result[0] if shape is FIRST_ROW else result[0][0]) if result else None
 
-    functools.update_wrapper(method, own)
+    functools.update_wrapper(method, own if own is not None else original)
     method.__qualname__ = f"PooledConnection.{name}"
     return method
 
@@ -253,11 +234,11 @@ class PooledConnection(_Base):
         # prepared_statements="unnamed" only (AttributeError in the other modes).
         def describe_cache_stats(self) -> DescribeCacheStats: ...
     else:
-        execute = _forward_own("execute")
+        execute = _forward("execute")
         executemany = _forward("executemany")
-        fetch = _forward_own("fetch")
-        fetchval = _forward_own("fetchval")
-        fetchrow = _forward_own("fetchrow")
+        fetch = _forward("fetch")
+        fetchval = _forward("fetchval")
+        fetchrow = _forward("fetchrow")
         fetchmany = _forward("fetchmany")
         prepare = _forward("prepare")
         transaction = _forward("transaction")
