@@ -83,8 +83,6 @@ async def gather_facts(dsn: ParsedDsn | str, target: Target, admin_dsn: ParsedDs
 
     asyncpg gets the DSN rebuilt from its parsed parts and the password as a keyword, so no
     parser (asyncpg's, libpq's) ever sees, or quotes, the text the user wrote."""
-
-
     if isinstance(dsn, str):
         dsn = parse_dsn(dsn)
     if isinstance(admin_dsn, str):

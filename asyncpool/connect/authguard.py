@@ -316,11 +316,9 @@ class Login:
         self.config = config
         self.dsn = dsn
         self.tls = tls.resolve_tls(config, list(dsn.params.items()))
-        hosts = tls.dialled_hosts(config, [h for h, _ in dsn.hosts], dsn_params=dsn.params)
-        service = tls.service_of(config, dsn.params, has_dsn=True)
-        if (dsn.password or os.environ.get("PGPASSWORD")
-                or (service is not None and service.has_password)):
-            tls.check_credentials(config, self.tls, "password", hosts)
+        tls.checked_hosts(config, self.tls,
+                          "password" if dsn.password or os.environ.get("PGPASSWORD") else None,
+                          [h for h, _ in dsn.hosts], dsn.params)
         self.require_auth = tls.require_auth_setting(config, dsn.params)
         self.allowed = tls.allowed_auth_methods(config, self.tls, self.require_auth)
         self.guard: AuthGuard | None = None

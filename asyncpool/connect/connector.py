@@ -27,11 +27,9 @@ from asyncpool.connect.tls import (
     AUTH_METHODS,
     TlsSetting,
     allowed_auth_methods,
-    check_credentials,
-    dialled_hosts,
+    checked_hosts,
     require_auth_setting,
     resolve_tls,
-    service_of,
 )
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
 from asyncpool.errors import (
@@ -101,14 +99,12 @@ class Connector:
         self._secrets = tuple(s for s in known if isinstance(s, str) and s)
         #: The one TLS setting every connection uses (all spellings resolved, or a conflict).
         self.tls: TlsSetting = resolve_tls(config, list(self._dsn.params.items()) if self._dsn else [])
-        dsn_params = self._dsn.params if self._dsn else {}
-        hosts = dialled_hosts(config, [h for h, _ in self._dsn.hosts] if self._dsn else None,
-                              dsn_params=dsn_params)
-        if self.credentials is not None:
-            check_credentials(config, self.tls, "token" if self.credentials.requires_tls
-                              else "password", hosts)
-        elif (service := service_of(config, dsn_params)) is not None and service.has_password:
-            check_credentials(config, self.tls, "password", hosts)  # asyncpg reads it there
+        credentials = self.credentials
+        hosts = checked_hosts(
+            config, self.tls,
+            None if credentials is None else "token" if credentials.requires_tls else "password",
+            [h for h, _ in self._dsn.hosts] if self._dsn else None,
+            self._dsn.params if self._dsn else {})
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth = require_auth_setting(config, self._dsn.params if self._dsn else {})
         self.auth_methods = allowed_auth_methods(config, self.tls, self.require_auth)

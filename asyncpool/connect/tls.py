@@ -355,18 +355,38 @@ def dialled_hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None = None,
     dsn_hosts, dsn_params: the DSN's hosts and parameters as its parser read them (default:
     read from `config.dsn`)."""
     env = os.environ if environ is None else environ
-    given = config.connect_kwargs.get("host")
-    if given:
-        return [h.strip() for h in (given.split(",") if isinstance(given, str) else given)]
     if (dsn_hosts is None or dsn_params is None) and config.dsn:
         from asyncpool.connect.dsn import parse_dsn
 
         parsed = parse_dsn(config.dsn)
         dsn_hosts = [h for h, _ in parsed.hosts] if dsn_hosts is None else dsn_hosts
         dsn_params = parsed.params if dsn_params is None else dsn_params
+    service = _service_of(config, dsn_params or {}, env, has_dsn=dsn_hosts is not None)
+    return _hosts(config, dsn_hosts, service, env)
+
+
+def checked_hosts(config: PoolConfig, setting: TlsSetting, kind: CredentialKind | None,
+                  dsn_hosts: Sequence[str] | None, dsn_params: Mapping[str, str]) -> list[str]:
+    """`dialled_hosts`, after `check_credentials` for them: for a credential of `kind` given to
+    the pool (None: none), or for the password the DSN's service file section holds (asyncpg
+    reads it there). `dsn_hosts` None: no DSN is given to the driver. The file is read once."""
+    env = os.environ
+    service = _service_of(config, dsn_params, env, has_dsn=dsn_hosts is not None)
+    hosts = _hosts(config, dsn_hosts, service, env)
+    if kind is None and service is not None and service.has_password:
+        kind = "password"
+    if kind is not None:
+        check_credentials(config, setting, kind, hosts)
+    return hosts
+
+
+def _hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None, service: Service | None,
+           env: Mapping[str, str]) -> list[str]:
+    given = config.connect_kwargs.get("host")
+    if given:
+        return [h.strip() for h in (given.split(",") if isinstance(given, str) else given)]
     if dsn_hosts and any(dsn_hosts):
         return list(dsn_hosts)
-    service = service_of(config, dsn_params or {}, env, has_dsn=dsn_hosts is not None)
     if service is not None and service.hosts:
         return list(service.hosts)
     if env.get("PGHOST"):
@@ -374,15 +394,13 @@ def dialled_hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None = None,
     return [""]
 
 
-def service_of(config: PoolConfig, dsn_params: Mapping[str, str],
-               environ: Mapping[str, str] | None = None, *,
-               has_dsn: bool | None = None) -> Service | None:
+def _service_of(config: PoolConfig, dsn_params: Mapping[str, str], env: Mapping[str, str], *,
+                has_dsn: bool) -> Service | None:
     """The service file section the DSN names (`asyncpool.connect.service`), if any.
-    `has_dsn`: whether asyncpg is given a DSN (default: whether `config` has one)."""
+    `has_dsn`: whether asyncpg is given a DSN (it reads a service only then)."""
     from asyncpool.connect.service import named_service
 
-    return named_service(bool(config.dsn) if has_dsn is None else has_dsn, dsn_params,
-                         config.connect_kwargs, os.environ if environ is None else environ)
+    return named_service(has_dsn, dsn_params, config.connect_kwargs, env)
 
 
 def all_local(hosts: Iterable[str]) -> bool:

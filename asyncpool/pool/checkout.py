@@ -90,7 +90,7 @@ class AcquireContext:
         owner = self._owner
         if self._lease is not None:
             raise _used_twice(owner)
-        started = time.monotonic()
+        started = time.monotonic() if owner.setup is not None else 0.0
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         self._frame = None
         self._lease = lease  # (not ended by this object: no block)
