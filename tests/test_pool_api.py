@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import MethodType
 from typing import Any, ClassVar
 from unittest import mock
@@ -746,3 +746,88 @@ async def test_open_without_waiting_opens_min_size_in_the_background(pooler: Poo
         assert pool.stats().size == 2
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("pool_loop", ["asyncio", "uvloop"])
+def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
+        postgres: PostgresServer, pool_loop: str) -> None:
+    """asyncpg sends a statement before it finds that its reply would come to another loop: a
+    held connection used from another thread's loop ran the INSERT, then raised. The proxy
+    refuses first (its coroutine methods, ``transaction()``, ``cursor()``), as do
+    ``pool.release()`` and ``conn.close()``: nothing reaches the server, and the connection is
+    still held and usable from its own loop."""
+    import uvloop
+
+    async def main() -> None:
+        async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool:
+            async with pool.acquire() as conn:
+                await conn.execute("CREATE TEMP TABLE elsewhere (n int)")
+
+                def from_another_thread() -> list[str]:
+                    async def attempts() -> list[str]:
+                        calls: list[Callable[[], Awaitable[object]]] = [
+                            lambda: conn.execute("INSERT INTO elsewhere VALUES (1)"),
+                                 lambda: conn.execute("INSERT INTO elsewhere VALUES ($1)", 2),
+                                 lambda: conn.fetchval("INSERT INTO elsewhere VALUES (3) RETURNING 1"),
+                                 lambda: conn.executemany("INSERT INTO elsewhere VALUES ($1)", [(4,)]),
+                                 lambda: conn.transaction().start(),
+                                 lambda: conn.cursor("SELECT 1").fetch(1),
+                                 lambda: pool.release(conn),
+                                 conn.close]
+                        errors = []
+                        for call in calls:
+                            with pytest.raises(asyncpool.PoolError, match="another event loop") as info:
+                                await call()
+                            errors.append(str(info.value))
+                        return errors
+
+                    return asyncio.run(attempts())
+
+                errors = await asyncio.to_thread(from_another_thread)
+                assert len(errors) == 8
+                assert all("comes from thread" in error for error in errors), errors[0]
+                assert not conn.is_in_transaction()
+                assert await conn.fetchval("SELECT count(*) FROM elsewhere") == 0
+                assert pool.stats().in_use == 1
+            assert pool.stats().in_use == 0
+            assert await pool.fetchval("SELECT 1") == 1
+
+    if pool_loop == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def test_a_connection_held_into_another_loop_of_its_thread_is_refused(
+        postgres: PostgresServer) -> None:
+    """Held while its loop stopped, a connection is refused on the next loop the thread runs
+    (a second ``asyncio.run()``), with that advice, before anything is sent; its own loop can
+    still give it back."""
+    pool_loop = asyncio.new_event_loop()
+    pool = Pool(postgres.dsn(), max_size=1, telemetry=False)
+
+    async def first() -> asyncpool.PooledConnection:
+        await pool.open()
+        await pool.execute("DROP TABLE IF EXISTS held_into_another_loop; "
+                           "CREATE TABLE held_into_another_loop (n int)")
+        return await pool.acquire()
+
+    async def second(conn: asyncpool.PooledConnection) -> None:
+        with pytest.raises(asyncpool.PoolError, match="now runs a different event loop"):
+            await conn.execute("INSERT INTO held_into_another_loop VALUES (1)")
+        with pytest.raises(asyncpool.PoolError, match="now runs a different event loop"):
+            await pool.release(conn)
+
+    async def last(conn: asyncpool.PooledConnection) -> int:
+        await pool.release(conn)
+        count: int = await pool.fetchval("SELECT count(*) FROM held_into_another_loop")
+        await pool.execute("DROP TABLE held_into_another_loop")
+        await pool.close()
+        return count
+
+    try:
+        conn = pool_loop.run_until_complete(first())
+        asyncio.run(second(conn))
+        assert pool_loop.run_until_complete(last(conn)) == 0
+    finally:
+        pool_loop.close()

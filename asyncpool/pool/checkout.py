@@ -35,6 +35,12 @@ class Checkouts(Protocol):
     name: str
     #: Awaited with the connection at each checkout (asyncpg's ``setup``), or None.
     setup: SetupHook | None
+    #: The loop the pool was opened on (None before open() and after close()), and whether it
+    #: tells the thread running it (``_thread_id``: asyncio's loops, not uvloop's).
+    loop: asyncio.AbstractEventLoop | None
+    loop_has_thread_id: bool
+
+    def refuse_other_loop(self) -> None: ...
 
     @property
     def target(self) -> str: ...

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from asyncio import get_running_loop
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from threading import get_ident
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
     from asyncpool.unnamed import DescribeCacheStats
 
 
+# The proxy's plain methods whose result runs statements on the connection: refused outside the
+# pool's loop, as its coroutine methods are (`_statement`).
+_STARTS_STATEMENTS = frozenset({"transaction", "cursor"})
+
+
 def _forward(name: str) -> Callable[..., Any]:
     """The proxy's method `name`: calls the held connection's if the lease is active when it
     runs (for a coroutine method, when awaited: `_statement`).
@@ -48,11 +55,19 @@ def _forward(name: str) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(original):
         return _statement(name)
 
-    def method(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
-        lease = self._lease  # self.raw, inline
-        if lease.state is ACTIVE:
+    if name in _STARTS_STATEMENTS:
+        def method(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
+            lease = self._lease
+            if lease.state is not ACTIVE:
+                raise self._unusable()
+            self._owner.refuse_other_loop()
             return getattr(lease.record.conn, name)(*args, **kwargs)
-        raise self._unusable()
+    else:
+        def method(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
+            lease = self._lease  # self.raw, inline
+            if lease.state is ACTIVE:
+                return getattr(lease.record.conn, name)(*args, **kwargs)
+            raise self._unusable()
 
     if original is None:
         method.__name__ = name
@@ -84,6 +99,13 @@ def _statement(name: str) -> Callable[..., Any]:
         lease = self._lease
         if lease.state is not ACTIVE:
             raise self._unusable()
+        owner = self._owner
+        loop = owner.loop
+        # From another thread or loop, asyncpg would send the statement, then fail waiting for
+        # its reply: it would run on the server while the caller gets an error (and retries).
+        if not (loop._thread_id == get_ident() if owner.loop_has_thread_id  # type: ignore[union-attr]
+                else get_running_loop() is loop):
+            owner.refuse_other_loop()
         record = lease.record
         conn = record.conn
         try:
@@ -313,6 +335,7 @@ class PooledConnection(_Base):
         if lease.state is not ACTIVE:
             return
         owner = self._owner
+        owner.refuse_other_loop()
         if timeout is not None:
             from asyncpool.pool.slots import RELEASE_TIMEOUT  # slots imports this module
 

@@ -23,7 +23,7 @@ from asyncpool.observer import ObserverGroup, PoolObserver
 from asyncpool.options import PoolOptions, check_timeout, resolve, with_connect_args
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.lease import HELPER_METHODS
+from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
 from asyncpool.pool.runner import QUERY_METHODS, RUNNERS
 from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, RELEASE_TIMEOUT, UNSET, Slots
 from asyncpool.stats import PoolStats
@@ -227,6 +227,8 @@ class Pool:
                 f"pool {self.name!r}: release() was given a connection of pool "
                 f"{connection._owner.name!r}; release it to the pool it came from"
             )
+        if lease.state is ACTIVE:  # (a no-op otherwise: a fork's child gives back nothing)
+            slots.refuse_other_loop()  # it stays held: released from its loop, it goes back
         if slots.checkin_nowait(lease):
             await slots.checkin(lease, timeout)
 

@@ -512,6 +512,15 @@ class Slots(_HotSlots):
             "the fork (Lambda managed instances import the handler in each worker)"
         )
 
+    def refuse_other_loop(self) -> None:
+        """Raise `other_loop_error` unless called from the pool's loop, in its thread (a held
+        connection given back, or used, from elsewhere)."""
+        loop = self.loop
+        if loop is not None and not (
+                loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[attr-defined]
+                else asyncio._get_running_loop() is loop):
+            raise self.other_loop_error(loop)
+
     def other_loop_error(self, loop: asyncio.AbstractEventLoop) -> PoolError:
         """Used on a loop it was not opened on: asyncpg connections belong to their loop. The
         advice depends on what happened to the pool's loop."""
