@@ -55,6 +55,7 @@ from asyncpool import (
 )
 from asyncpool.credentials.iam import IamAuth
 from asyncpool.credentials.secrets_manager import SecretsManagerAuth
+from asyncpool.load.logins import GuardedLogin
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.aws_endpoint import LocalAwsEndpoint, aws_environment
 from asyncpool.testing.invariants import chain
@@ -511,22 +512,27 @@ async def _answer_scram_with_a_strange_nonce(reader: asyncio.StreamReader,
         writer.close()
 
 
-@pytest.mark.parametrize("how", ["open", "query"])
+@pytest.mark.parametrize("how", ["open", "query", "bench contender"])
 async def test_a_driver_error_of_any_class_carries_no_secret(how: str) -> None:
     """asyncpg turns whatever fails inside its authentication code into InternalClientError
     (here, a SCRAM reply it cannot use); its frames hold the connection parameters, password
-    included. The pool raises a ConnectError that keeps none of it, as for the usual errors."""
+    included. The pool raises a ConnectError that keeps none of it, as for the usual errors,
+    and so do `asyncpool bench`'s raw asyncpg contenders (`GuardedLogin.connect_asyncpg`)."""
     secret = SECRETS[-1]
     server = await asyncio.start_server(_answer_scram_with_a_strange_nonce, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
+    dsn = f"postgresql://app:{quote(secret, safe='')}@127.0.0.1:{port}/app"
     try:
-        pool = Pool(f"postgresql://app:{quote(secret, safe='')}@127.0.0.1:{port}/app",
-                    min_size=1 if how == "open" else 0, acquire_timeout=5, connect_timeout=3,
-                    telemetry=False)
-        with pytest.raises(PoolError) as info:
-            await pool.open()
-            await pool.fetchval("SELECT 1")
-        await pool.close()
+        if how == "bench contender":
+            with pytest.raises(PoolError) as info:
+                await GuardedLogin(dsn).connect_asyncpg(timeout=3, statement_cache_size=0)
+        else:
+            pool = Pool(dsn, min_size=1 if how == "open" else 0, acquire_timeout=5,
+                        connect_timeout=3, telemetry=False)
+            with pytest.raises(PoolError) as info:
+                await pool.open()
+                await pool.fetchval("SELECT 1")
+            await pool.close()
     finally:
         server.close()
     error = info.value

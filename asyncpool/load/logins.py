@@ -23,25 +23,33 @@ class GuardedLogin:
 
     def __init__(self, dsn: str, *, name: str = "bench") -> None:
         self.parsed: ParsedDsn = parse_dsn(dsn)
+        self.name = name
         self.login = Login(PoolConfig.from_env(name=name, dsn=None), self.parsed)
 
     async def connect_asyncpg(self, **kwargs: Any) -> Any:
-        """``asyncpg.connect`` under the rules; `AuthMethodRefusedError` when the guard stopped
-        the login (nothing was sent)."""
+        """``asyncpg.connect`` under the rules. A failed login raises what a pool's would: a
+        `ConnectError` with the driver's class and SQLSTATE but not its error, whose frames
+        hold the password (`AuthMethodRefusedError` when the guard stopped it: nothing was
+        sent)."""
         import asyncpg
 
+        from asyncpool.connect.failures import translate
+
+        parsed = self.parsed
         guarded = self.login.kwargs()
         guard = self.login.guard  # this call's own: concurrent logins each have theirs
-        if self.parsed.password:
-            guarded["password"] = self.parsed.password
+        error: Exception
         try:
-            return await asyncpg.connect(self.login.driver_dsn(self.parsed), **kwargs, **guarded)
-        except BaseException:
+            # The password in no local of this frame (a traceback's locals would show it).
+            return await asyncpg.connect(self.login.driver_dsn(parsed), password=parsed.password,
+                                         **kwargs, **guarded)
+        except Exception as exc:
+            target = parsed.target()
             # No guard: nothing could be refused (another call's guard is not this login's).
-            refused = None if guard is None else self.login.refusal(self.parsed.target(), guard)
-            if refused is not None:
-                raise refused from None
-            raise
+            refused = None if guard is None else self.login.refusal(target, guard)
+            error = refused or translate(exc, target, self.name, kwargs.get("timeout") or 60.0,
+                                         secrets=parsed.secrets)
+        raise error  # outside the except block: no __context__ either
 
     def libpq_conninfo(self, *, require_auth: bool = True) -> str:
         """The DSN as a libpq ``key=value`` string under the rules (`Login.libpq_kwargs` over
