@@ -42,8 +42,9 @@ def http_event(method: str, path: str, query: str = "") -> dict[str, Any]:
 
 def build_app(pool: Pool, *, keep_open: bool | None = True) -> FastAPI:
     app = FastAPI(lifespan=pool_lifespan(pool, keep_open=keep_open))
-    connection = Annotated[PooledConnection, Depends(pool_connection(pool))]
-    transaction = Annotated[PooledConnection, Depends(pool_connection(pool, transaction=True))]
+    connection = Annotated[PooledConnection, Depends(pool_connection(pool), scope="function")]
+    transaction = Annotated[PooledConnection,
+                            Depends(pool_connection(pool, transaction=True), scope="function")]
 
     @app.get("/value")
     async def value(conn: connection, n: int) -> dict[str, int]:

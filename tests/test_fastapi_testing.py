@@ -5,6 +5,7 @@ the errors with advice when a test leaves one event loop for another.
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
 
+import uuid
 import warnings
 from collections.abc import Iterator
 from typing import Annotated
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
-from asyncpool import Pool, PoolClosedError, PooledConnection
+from asyncpool import Pool, PoolClosedError, PoolConfigError, PooledConnection
 from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
 from asyncpool.testing import PgBouncerServer
 
@@ -27,8 +28,9 @@ def build_app(dsn: str) -> tuple[FastAPI, Pool]:
     """The app as a user writes it: a module-level pool, its lifespan, two dependencies."""
     pool = Pool(dsn, max_size=2, telemetry=False)
     app = FastAPI(lifespan=pool_lifespan(pool))
-    connection = Annotated[PooledConnection, Depends(pool_connection(pool))]
-    transaction = Annotated[PooledConnection, Depends(pool_connection(pool, transaction=True))]
+    connection = Annotated[PooledConnection, Depends(pool_connection(pool), scope="function")]
+    transaction = Annotated[PooledConnection,
+                            Depends(pool_connection(pool, transaction=True), scope="function")]
 
     @app.get("/double")
     async def double(conn: connection, n: int) -> dict[str, int]:
@@ -86,3 +88,47 @@ async def test_httpx_async_client_with_asgi_transport(app_and_pool: tuple[FastAP
         assert (await client.get("/double", params={"n": 6})).json() == {"n": 12}
     assert pool.stats().created_total == 1
     await pool.close()
+
+
+def _commit_app(dsn: str, table: str, scope: str | None) -> tuple[FastAPI, Pool]:
+    pool = Pool(dsn, max_size=2, telemetry=False)
+    app = FastAPI(lifespan=pool_lifespan(pool))
+    depends = (Depends(pool_connection(pool, transaction=True)) if scope is None
+               else Depends(pool_connection(pool, transaction=True), scope=scope))  # type: ignore[arg-type]
+    transaction = Annotated[PooledConnection, depends]
+
+    @app.post("/twice")
+    async def twice(conn: transaction) -> dict[str, bool]:
+        # Two equal rows under a deferred UNIQUE: each INSERT succeeds, the COMMIT fails.
+        await conn.execute(f"INSERT INTO {table} VALUES (1), (1)")
+        return {"saved": True}
+
+    @app.get("/count")
+    async def count() -> dict[str, int]:
+        return {"rows": await pool.fetchval(f"SELECT count(*)::int FROM {table}")}
+
+    return app, pool
+
+
+@pytest.mark.parametrize("scope", ["function", None])
+def test_a_commit_that_fails_is_not_reported_as_success(legacy: PgBouncerServer,
+                                                        scope: str | None) -> None:
+    """With ``scope="function"`` the dependency commits before the response is sent, so a
+    failed COMMIT is the client's 500; with FastAPI's default scope it would commit after the
+    response (the client saw 200 and the row was lost), so the dependency refuses to run."""
+    table = f"fastapi_commit_{uuid.uuid4().hex[:8]}"
+    app, pool = _commit_app(legacy.dsn(), table, scope)
+    with TestClient(app, raise_server_exceptions=scope is None) as client:
+        client.portal.call(pool.execute, f"CREATE TABLE {table} "
+                           "(n int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        try:
+            if scope is None:
+                with pytest.raises(PoolConfigError, match=r'scope="function"'):
+                    client.post("/twice")
+            else:
+                response = client.post("/twice")
+                assert response.status_code == 500, response.text
+            assert client.get("/count").json() == {"rows": 0}
+            assert pool.stats().in_use == 0
+        finally:
+            client.portal.call(pool.execute, f"DROP TABLE {table}")

@@ -505,3 +505,30 @@ async def test_isolation_levels_and_autocommit(request: pytest.FixtureRequest, s
             assert level == "serializable"
         assert (pool.stats().in_use, pool.stats().closed_total) == (0, 0)
         await engine.dispose()
+
+
+@pytest.mark.parametrize("which", ["legacy", "current", "direct"])
+async def test_server_settings_hold_in_sessions_behind_a_pooler(
+        request: pytest.FixtureRequest, schema: None, postgres: PostgresServer, which: str) -> None:
+    """The pool's `server_settings` a pooler does not keep from the login (``search_path``,
+    ``jit``) are set in each transaction SQLAlchemy begins, as in ``pool.transaction()``:
+    sessions, ``engine.begin()`` and a server-side cursor see them through both PgBouncers as
+    directly; in autocommit there is no transaction to set them in (docs/sqlalchemy.md)."""
+    dsn = postgres.dsn() if which == "direct" else _pooler(request, which).dsn()
+    settings = {"search_path": "pg_catalog", "jit": "off"}
+    async with Pool(dsn, name=f"sqla-settings-{which}", max_size=2, telemetry=False,
+                    server_settings=settings) as pool:
+        engine = create_async_engine(pool)
+        show = sa.text("SELECT current_setting('search_path') || ' | ' || current_setting('jit')")
+        async with async_sessionmaker(engine)() as session, session.begin():
+            assert (await session.execute(show)).scalar() == "pg_catalog | off"
+        async with engine.begin() as conn:
+            assert (await conn.execute(show)).scalar() == "pg_catalog | off"
+            streamed = await conn.stream(show)
+            assert [row[0] async for row in streamed] == ["pg_catalog | off"]
+        async with engine.connect() as conn:  # autobegin, rolled back
+            assert (await conn.execute(show)).scalar() == "pg_catalog | off"
+        async with pool.transaction() as conn:
+            assert await conn.fetchval(str(show)) == "pg_catalog | off"
+        assert (pool.stats().in_use, pool.stats().closed_total) == (0, 0)
+        await engine.dispose()

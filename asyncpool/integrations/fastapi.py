@@ -4,7 +4,7 @@
 
     pool = asyncpool.Pool(config=lambda_config(function_timeout=10))
     app = FastAPI(lifespan=pool_lifespan(pool))
-    Conn = Annotated[PooledConnection, Depends(pool_connection(pool))]
+    Conn = Annotated[PooledConnection, Depends(pool_connection(pool), scope="function")]
 
     @app.get("/items/{item_id}")
     async def read_item(item_id: int, conn: Conn) -> dict[str, Any]:
@@ -28,7 +28,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from asyncpool.errors import PoolClosedError
+from asyncpool.errors import PoolClosedError, PoolConfigError
 from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool import Pool
@@ -44,10 +44,21 @@ def pool_connection(
     raises. With `transaction`, the endpoint's work is committed when it returns and rolled back
     when it raises.
 
+    Give it to FastAPI with ``Depends(pool_connection(pool), scope="function")``: with the
+    default scope FastAPI ends the dependency after the response is sent, so a COMMIT that
+    fails would reach the client as success, and the connection is held while the response is
+    sent. With `transaction`, the first request refuses any other scope (`PoolConfigError`).
+
     Opens the pool on first use if no lifespan did (``Mangum(app, lifespan="off")``). Under
     Mangum, the request's Lambda invocation is stamped on asyncpool's logs and spans.
     """
+    # The routes (by id: FastAPI's are unhashable, and live as long as the app) found to
+    # give this dependency the function scope.
+    scoped: set[int] = set()
+
     async def connection(request: Request) -> AsyncIterator[PooledConnection]:
+        if transaction:
+            _check_scope(request, connection, scoped)
         await pool.open(wait=False)  # no-op once open
         await _after_pause(request, pool)
         checkout = pool.transaction() if transaction else pool.acquire()
@@ -56,6 +67,39 @@ def pool_connection(
                 yield conn
 
     return connection
+
+
+def _check_scope(request: Request, dependency: object, scoped: set[int]) -> None:
+    """Refuse a transaction dependency that FastAPI would end after the response is sent (its
+    default scope): a failed COMMIT would then reach the client as success."""
+    route = request.scope.get("route")
+    if id(route) in scoped:
+        return
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return  # not FastAPI's routing (a Starlette app calling it directly): nothing to check
+    scopes = {getattr(d, "scope", None) for d in _uses(dependant, dependency)}
+    if scopes and scopes != {"function"}:
+        raise PoolConfigError(
+            f"route {getattr(route, 'path', '?')!r}: pool_connection(pool, transaction=True) is "
+            "used with FastAPI's default dependency scope, which commits after the response is "
+            "sent: a COMMIT that fails would reach the client as success. Declare it as "
+            "Depends(pool_connection(pool, transaction=True), scope=\"function\") (FastAPI "
+            ">= 0.121)"
+        )
+    scoped.add(id(route))
+
+
+def _uses(dependant: Any, dependency: object) -> list[Any]:
+    """Every place in `dependant`'s tree that calls `dependency`."""
+    found = []
+    stack = list(getattr(dependant, "dependencies", ()))
+    while stack:
+        sub = stack.pop()
+        if getattr(sub, "call", None) is dependency:
+            found.append(sub)
+        stack.extend(getattr(sub, "dependencies", ()))
+    return found
 
 
 # One per pool, so every dependency on a pool agrees which request was the environment's first.

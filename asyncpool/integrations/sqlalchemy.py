@@ -232,6 +232,19 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
     def _in_transaction(self) -> bool:
         return bool(self._started) if SQLALCHEMY_20 else self._transaction is not None
 
+    async def _start_transaction(self) -> None:
+        """BEGIN, then the pool's `server_settings` that a pooler does not keep from the login
+        (set for this transaction, as ``pool.transaction()`` sets them): without them, behind
+        PgBouncer, a session's statements ran with the server's ``search_path``."""
+        await super()._start_transaction()
+        settings = self._asyncpool._slots.transaction_sql
+        if settings is not None and self._in_transaction():
+            try:
+                await self._connection.raw.execute(settings)
+            except Exception as error:
+                await _settle(self._connection, error)
+                self._handle_exception(error)
+
     def _forget_transaction(self) -> None:
         self._transaction = None
         if SQLALCHEMY_20:

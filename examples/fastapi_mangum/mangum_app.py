@@ -19,8 +19,9 @@ pool = Pool(config=lambda_config(function_timeout=10, name="greetings-api"))
 
 # On Lambda the pool outlives Mangum's per-invocation lifespan and closes on SIGTERM.
 app = FastAPI(lifespan=pool_lifespan(pool))
-Connection = Annotated[PooledConnection, Depends(pool_connection(pool))]
-Transaction = Annotated[PooledConnection, Depends(pool_connection(pool, transaction=True))]
+Connection = Annotated[PooledConnection, Depends(pool_connection(pool), scope="function")]
+Transaction = Annotated[PooledConnection,
+                        Depends(pool_connection(pool, transaction=True), scope="function")]
 
 
 @app.get("/hello")
