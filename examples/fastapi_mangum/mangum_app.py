@@ -1,7 +1,8 @@
 """A FastAPI app on Lambda through Mangum, with one pool per execution environment.
 
-Configure with ASYNCPOOL_DSN (and any other ASYNCPOOL_* variable); try it with run_mangum_locally.py, or
-serve it with uvicorn (``uvicorn mangum_app:app``), where the pool closes with the server.
+Configure with ASYNCPOOL_DSN (and any other ASYNCPOOL_* variable); try it with run_mangum_locally.py,
+or serve it with uvicorn (``pip install uvicorn``, then ``uvicorn mangum_app:app``), where the pool
+closes with the server.
 """
 
 from __future__ import annotations
