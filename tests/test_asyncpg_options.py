@@ -129,6 +129,27 @@ async def test_init_failure_closes_the_connection_and_reaches_the_caller(pooler:
                                     telemetry=False)
 
 
+async def test_an_init_hook_past_connect_timeout_is_named_not_the_network(pooler: Pooler) -> None:
+    """`init` runs within connect_timeout; when the time runs out in the hook the error says
+    so (it said "no answer ... check host, port and firewall"), and the connection is closed.
+    (Retried as a failed login: the caller may get it as the last error of a PoolTimeoutError.)"""
+    async def slow_init(conn: Any) -> None:
+        await asyncio.sleep(5)
+
+    async with Pool(pooler.dsn(), name="slow-init", min_size=0, max_size=1, init=slow_init,
+                    connect_timeout=0.5, acquire_timeout=3, telemetry=False) as pool:
+        with pytest.raises(asyncpool.PoolError) as info:
+            await pool.open()
+            await pool.fetchval("SELECT 1")
+        message = str(info.value)
+        assert isinstance(info.value, asyncpool.ConnectError | asyncpool.PoolTimeoutError)
+        assert "the init hook was still running" in message, message
+        assert "connect_timeout=0.5s" in message
+        assert "firewall" not in message
+        assert pool.stats().size == 0
+        assert pool.stats().closed_total == pool.stats().created_total
+
+
 async def test_setup_runs_at_each_checkout_with_the_pooled_connection(pooler: Pooler) -> None:
     seen: list[tuple[PooledConnection, int]] = []
 

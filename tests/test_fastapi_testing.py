@@ -119,8 +119,9 @@ def test_a_commit_that_fails_is_not_reported_as_success(legacy: PgBouncerServer,
     table = f"fastapi_commit_{uuid.uuid4().hex[:8]}"
     app, pool = _commit_app(legacy.dsn(), table, scope)
     with TestClient(app, raise_server_exceptions=scope is None) as client:
-        client.portal.call(pool.execute, f"CREATE TABLE {table} "
-                           "(n int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        portal = client.portal
+        assert portal is not None  # the client's loop, where the lifespan opened the pool
+        portal.call(pool.execute, f"CREATE TABLE {table} (n int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
         try:
             if scope is None:
                 with pytest.raises(PoolConfigError, match=r'scope="function"'):
@@ -131,4 +132,4 @@ def test_a_commit_that_fails_is_not_reported_as_success(legacy: PgBouncerServer,
             assert client.get("/count").json() == {"rows": 0}
             assert pool.stats().in_use == 0
         finally:
-            client.portal.call(pool.execute, f"DROP TABLE {table}")
+            portal.call(pool.execute, f"DROP TABLE {table}")

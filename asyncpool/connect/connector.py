@@ -54,10 +54,12 @@ class CutShort:
     of the caller's acquire_timeout) to the error class its caller is given, so that the
     attempt is reported with that error rather than as a bare cancellation."""
 
-    __slots__ = ("caller_error",)
+    __slots__ = ("caller_error", "in_init")
 
     def __init__(self) -> None:
         self.caller_error: type[BaseException] = asyncio.CancelledError
+        # Logged in, and running the `init` hook: a timeout then is the hook's, not the network's.
+        self.in_init = False
 
 
 class Connector:
@@ -180,6 +182,8 @@ class Connector:
         cap_reads(driver.transport_of(conn))
         init = self.config.init
         if init is not None:
+            if cut_short is not None:
+                cut_short.in_init = True
             try:
                 await init(conn)
             except BaseException:

@@ -1033,7 +1033,9 @@ class Slots(_HotSlots):
                       and task is not None and not task.cancelling())
             error: BaseException | None = None
             if isinstance(exc, TimeoutError):
-                error = translate(exc, self.connector.target, self.name, self.config.connect_timeout)
+                error = (self._slow_init_error() if cut_short.in_init else
+                         translate(exc, self.connector.target, self.name,
+                                   self.config.connect_timeout))
                 cut_short.caller_error = type(error)
             elif isinstance(exc, asyncio.CancelledError) and not closed and deadline is not None \
                     and loop.time() >= deadline - _CLOCK_SLACK:
@@ -1050,6 +1052,15 @@ class Slots(_HotSlots):
             raise
         del self.attempts[attempt]
         return conn
+
+    def _slow_init_error(self) -> ConnectError:
+        assert self.connector is not None
+        return ConnectError(
+            f"pool {self.name!r}: logged in to {self.connector.target}, but the init hook was "
+            f"still running on the new connection when connect_timeout="
+            f"{self.config.connect_timeout:g}s ran out (the connection was closed); make init "
+            "faster or raise connect_timeout, which covers the login and init together"
+        )
 
     def _abandon(self, attempt: asyncio.Task[Any]) -> None:
         """A login nobody waits for any more: a connection it still opens is closed and counted."""
