@@ -73,3 +73,62 @@ def test_a_forked_child_names_its_statements_apart_from_its_parent() -> None:
     assert parents.startswith("__asyncpg_stmt_")
     assert childs.startswith("__asyncpg_stmt_")
     assert parents.split("_")[4] != childs.split("_")[4]  # the token
+
+
+@pytest.mark.parametrize("how", ["pool.fetchval", "conn.fetchval"])
+async def test_a_lost_prepared_statement_says_what_to_do_with_asyncpool(stack: ServerStack,
+                                                                        how: str) -> None:
+    """Behind PgBouncer 1.18 a named statement stays on the server connection that prepared it;
+    the next transaction may get another one. asyncpg's hint then says to drop PgBouncer for
+    asyncpg's own pool or to set statement_cache_size: asyncpool's says which of its modes to use
+    (``"on"`` needs PgBouncer 1.21+)."""
+    import asyncpg
+
+    from asyncpool import Pool
+
+    bouncer = PgBouncerServer(stack.legacy.binary, stack.postgres, {"default_pool_size": 2}).start()
+    try:
+        async with Pool(bouncer.dsn(), max_size=1, prepared_statements="on",
+                        telemetry=False) as pool, \
+                Pool(bouncer.dsn(), max_size=1, telemetry=False) as other:
+            with pytest.raises(asyncpg.InvalidSQLStatementNameError) as info:
+                if how == "pool.fetchval":
+                    await pool.fetchval("SELECT $1::int", 1)
+                    # The server connection just used is the one PgBouncer hands out next
+                    # (LIFO): kept busy by another client, the next statement gets a new one.
+                    async with other.transaction() as busy:
+                        await busy.fetchval("SELECT 1")
+                        await pool.fetchval("SELECT $1::int", 2)
+                else:
+                    async with pool.acquire() as conn:
+                        await conn.fetchval("SELECT $1::int", 1)
+                        async with other.transaction() as busy:
+                            await busy.fetchval("SELECT 1")
+                            await conn.fetchval("SELECT $1::int", 2)
+            hint = info.value.hint
+            assert hint.startswith("asyncpool:"), hint
+            assert "statement_cache_size" not in str(info.value)
+            assert "PgBouncer 1.21" in hint
+            assert 'prepared_statements="unnamed"' in hint
+            assert await pool.fetchval("SELECT 3") == 3
+    finally:
+        bouncer.stop()
+
+
+def test_the_advice_on_a_lost_prepared_statement_follows_the_mode() -> None:
+    """In the other modes the pool prepares nothing that outlives a statement: a lost one was
+    the holder's own prepare(); the advice is given once, whatever path the error takes."""
+    import asyncpg
+
+    from asyncpool.connect.failures import advise_on_prepared_statements
+
+    error = asyncpg.InvalidSQLStatementNameError(
+        'prepared statement "__asyncpg_stmt_1__" does not exist')
+    advise_on_prepared_statements(error, "off")
+    assert error.hint.startswith("asyncpool: a statement made with prepare()")
+    assert 'prepared_statements="off"' in error.hint
+    advise_on_prepared_statements(error, "on")  # already advised: kept
+    assert error.hint.startswith("asyncpool: a statement made with prepare()")
+    other = asyncpg.UndefinedTableError("relation does not exist")
+    advise_on_prepared_statements(other, "on")
+    assert other.hint is None

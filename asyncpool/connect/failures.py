@@ -194,6 +194,34 @@ def lost_connection_hint(exc: BaseException) -> str:
     return ""
 
 
+# asyncpg's errors for a prepared statement the server connection does not have (or has twice):
+# what a transaction pooler does to named statements it does not track.
+_PREPARED_STATEMENT_ERRORS = (asyncpg.InvalidSQLStatementNameError,
+                              asyncpg.DuplicatePreparedStatementError)
+
+
+def advise_on_prepared_statements(exc: BaseException, mode: str) -> None:
+    """Replace asyncpg's hint on a lost prepared statement (which tells users to drop PgBouncer
+    for asyncpg's pool, or to set statement_cache_size) with what to do with asyncpool."""
+    if not isinstance(exc, _PREPARED_STATEMENT_ERRORS) or "asyncpool:" in (exc.hint or ""):
+        return
+    if mode == "on":
+        exc.hint = (
+            'asyncpool: prepared_statements="on" keeps named prepared statements on each server '
+            "connection. Behind PgBouncer in transaction mode that needs PgBouncer 1.21 or later "
+            "with max_prepared_statements > 0; behind an older PgBouncer (or with "
+            'max_prepared_statements = 0) use prepared_statements="unnamed", the default (one '
+            'round trip per repeated statement, nothing kept on the server), or "off".'
+        )
+    else:
+        exc.hint = (
+            "asyncpool: a statement made with prepare() lives on one server connection, and a "
+            "transaction pooler gives each transaction whichever is free: behind one, use it only "
+            "inside the transaction that prepared it (async with conn.transaction()), or run the "
+            f'query itself (prepared_statements="{mode}" prepares nothing that outlives it).'
+        )
+
+
 def asyncio_timeout_types() -> tuple[type[BaseException], ...]:
     import asyncio
 

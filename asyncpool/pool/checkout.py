@@ -9,7 +9,12 @@ from types import FrameType, TracebackType
 from typing import Any, Protocol
 
 from asyncpool.config import SetupHook
-from asyncpool.connect.failures import broken_connection_error, lost_connection_hint, stopped_by_pool
+from asyncpool.connect.failures import (
+    advise_on_prepared_statements,
+    broken_connection_error,
+    lost_connection_hint,
+    stopped_by_pool,
+)
 from asyncpool.errors import (
     ConnectionLeakedError,
     ConnectionLostError,
@@ -39,6 +44,10 @@ class Checkouts(Protocol):
     #: tells the thread running it (``_thread_id``: asyncio's loops, not uvloop's).
     loop: asyncio.AbstractEventLoop | None
     loop_has_thread_id: bool
+
+    @property
+    def statement_mode(self) -> str:
+        """The pool's ``prepared_statements``."""
 
     def refuse_other_loop(self) -> None: ...
 
@@ -141,6 +150,8 @@ async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None
     if lease.state is LEAKED:
         _raise_leaked(owner.name, lease, exc)
         return
+    if exc is not None:
+        advise_on_prepared_statements(exc, owner.statement_mode)
     # Only the driver's own failure becomes ConnectionLostError: the holder's exception (an HTTP
     # 404 raised in the block), a time limit, or a cancellation go on as they are, even if the
     # connection died meanwhile.

@@ -14,7 +14,7 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
-from asyncpool.connect.failures import stopped_by_pool
+from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by_pool
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, Lease
@@ -131,6 +131,7 @@ def _statement(name: str) -> Callable[..., Any]:
                 # The pool closed it under the statement (close() past its timeout,
                 # terminate(), a leak reclaim): its error, not the driver's.
                 raise self._unusable() from exc
+            advise_on_prepared_statements(exc, owner.statement_mode)
             raise
         if shape is ROWS:
             return result

@@ -699,6 +699,10 @@ class Slots(_HotSlots):
         return connector.startup.transaction_sql if connector is not None else None
 
     @property
+    def statement_mode(self) -> str:
+        return self.config.prepared_statements
+
+    @property
     def target(self) -> str:
         return str(self.connector.target) if self.connector is not None else "<not open>"
 
