@@ -20,7 +20,9 @@ from asyncpool import IamAuth, Pool
 from asyncpool.integrations.aws_lambda import close_on_shutdown, lambda_config, running_on_lambda
 from asyncpool.integrations.lambda_runner import async_handler, get_runner
 
-pool = Pool(config=lambda_config(function_timeout=10, name="orders", credentials=IamAuth()))
+# Attached to the runner: each invocation checks the connections a freeze may have cost.
+pool = get_runner().attach(
+    Pool(config=lambda_config(function_timeout=10, name="orders", credentials=IamAuth())))
 close_on_shutdown(pool, get_runner().loop)
 
 if running_on_lambda():
