@@ -6,7 +6,9 @@ import asyncio
 import time
 from collections.abc import Generator
 from types import FrameType, TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+import asyncpg
 
 from asyncpool.config import SetupHook
 from asyncpool.connect.failures import (
@@ -100,6 +102,22 @@ class AcquireContext:
     def __await__(self) -> Generator[Any, None, PooledConnection]:
         return self._acquire_unscoped().__await__()
 
+    if not TYPE_CHECKING:  # mistakes that type checkers already report: a clear error at run time
+        def __enter__(self):
+            raise TypeError(f"pool {self._owner.name!r}: {_ASYNC_ONLY}")
+
+        def __exit__(self, *exc_info):
+            return None
+
+        def __getattr__(self, name):
+            if not name.startswith("_") and hasattr(asyncpg.Connection, name):
+                raise AttributeError(
+                    f"pool {self._owner.name!r}: {name!r} is a method of the connection, and "
+                    f"this is what pool.acquire() returns before it is awaited: {_ASYNC_ONLY}",
+                    name=name, obj=self)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}",
+                                 name=name, obj=self)
+
     async def _acquire_unscoped(self) -> PooledConnection:
         # No block will end this checkout: a leak reclaim must not cancel the holder's task.
         owner = self._owner
@@ -129,6 +147,10 @@ class AcquireContext:
                 await owner.checkin(lease)
             return
         await end_checkout(self._owner, lease, exc)
+
+
+_ASYNC_ONLY = ("pool.acquire() is asynchronous: write `async with pool.acquire() as conn:`, or "
+               "`conn = await pool.acquire()` and later `await pool.release(conn)`")
 
 
 def _used_twice(owner: Checkouts) -> PoolError:
