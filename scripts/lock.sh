@@ -11,6 +11,8 @@ if [ ! -x "$uv" ]; then
   python3 -m venv .cache/uv
   .cache/uv/bin/python -m pip install -q uv
 fi
+# uv keeps the versions the output file already pins (those of the lock) unless told to upgrade.
+[ -f requirements/dev.lock ] && cp requirements/dev.lock requirements/dev.lock.new
 "$uv" pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
   --python-platform x86_64-unknown-linux-gnu --no-header --index-url https://pypi.org/simple \
   --quiet -o requirements/dev.lock.new
@@ -27,6 +29,7 @@ echo "requirements/dev.lock: $(grep -c '^[a-z0-9]' requirements/dev.lock) packag
 pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
 grep -E '^[a-z0-9]' requirements/dev.lock | sed 's/ \\$//' > "$pins"
+[ -f requirements/matrix.lock ] && cp requirements/matrix.lock requirements/matrix.lock.new
 "$uv" pip compile requirements/matrix.in -c "$pins" --generate-hashes --universal --python-version 3.12 \
   --no-header --index-url https://pypi.org/simple --quiet -o requirements/matrix.lock.new
 {
