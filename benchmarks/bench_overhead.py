@@ -563,8 +563,12 @@ class _Instant:
         def is_connected(self) -> bool:
             return True
 
+    class _Section:  # asyncpg's lock over a statement: never held here (the pool's busy check)
+        _acquired = False
+
     def __init__(self) -> None:
         self._protocol = self._Protocol()
+        self._stmt_exclusive_section = self._Section()
         self._aborted = False
         self._top_xact = None
         self._listeners: dict[str, Any] = {}
