@@ -1,0 +1,26 @@
+"""`benchmarks/bench_overhead.py --only python` swaps the pool's connection for a stub that
+answers at once: the stub must have what the pool reads on a checkout and a return, or the case
+fails (it did once the return read asyncpg's statement lock), and the pool must be given its own
+connection back."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+from asyncpool.testing import PostgresServer
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_overhead.py"
+
+
+async def test_the_python_case_runs_against_the_pool_as_it_is(postgres: PostgresServer) -> None:
+    spec = importlib.util.spec_from_file_location("bench_overhead_python", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    samples = await bench.python_case(postgres.dsn(), argparse.Namespace(rounds=1, block=1),
+                                      instances=2)
+    assert set(samples.cpu) == {bench.RAW, bench.POOL_FETCHVAL, bench.POOL_ACQUIRE}
+    assert all(len(cpu) == 6 and min(cpu) > 0 for cpu in samples.cpu.values())
