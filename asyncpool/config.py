@@ -245,6 +245,10 @@ OTHER_VARIABLES = frozenset({
 OTHER_PREFIXES = ("ASYNCPOOL_TEST_",)
 
 
+#: The options that only code can give (no variable reads them).
+_CODE_ONLY = sorted({f.name for f in fields(PoolConfig)} - set(_ENV_FIELDS))
+
+
 def env_variables() -> list[str]:
     """Every ``ASYNCPOOL_*`` variable that sets a pool option."""
     return [ENV_PREFIX + name.upper() for name in _ENV_FIELDS]
@@ -257,8 +261,17 @@ def warn_unknown_variables(environ: Mapping[str, str]) -> None:
         if (not var.startswith(ENV_PREFIX) or var in _ENV_VARIABLES or var in OTHER_VARIABLES
                 or var.startswith(OTHER_PREFIXES)):
             continue
-        close = difflib.get_close_matches(var, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else f"; the options are {', '.join(known)}"
+        # Matched on the option's part of the name: the common prefix makes every pair look alike.
+        option = var[len(ENV_PREFIX):].lower()
+        close = difflib.get_close_matches(option, [*_ENV_FIELDS, *_CODE_ONLY], n=1, cutoff=0.6)
+        if close and close[0] in _CODE_ONLY:
+            warnings.warn(
+                f"{var} is ignored: {close[0]} is an option with no environment variable (a "
+                f"mapping, object or function); give it in code, Pool({close[0]}=...) or "
+                f"lambda_config({close[0]}=...)", UserWarning, stacklevel=_outside_stacklevel())
+            continue
+        hint = (f"; did you mean {ENV_PREFIX}{close[0].upper()}?" if close
+                else f"; the options are {', '.join(known)}")
         warnings.warn(f"{var} is not an asyncpool option and is ignored{hint}", UserWarning,
                       stacklevel=_outside_stacklevel())
 

@@ -80,6 +80,20 @@ def test_unknown_asyncpool_variables_are_warned_about(clean_env: pytest.MonkeyPa
         PoolConfig.from_env({"ASYNCPOOL_MAX_SISE": "5"})
 
 
+def test_an_option_only_code_can_give_is_named_as_such(clean_env: pytest.MonkeyPatch) -> None:
+    """``ASYNCPOOL_SERVER_SETTINGS`` was answered with "did you mean
+    ASYNCPOOL_PREPARED_STATEMENTS?" (the shared prefix made them look alike)."""
+    with pytest.warns(UserWarning, match="no environment variable") as caught:
+        PoolConfig.from_env({"ASYNCPOOL_DSN": "postgresql://a@h/d",
+                             "ASYNCPOOL_SERVER_SETTINGS": "search_path=app",
+                             "ASYNCPOOL_SERVER_SETTING": "x"})
+    expected = ("is ignored: server_settings is an option with no environment variable (a "
+                "mapping, object or function); give it in code, Pool(server_settings=...) or "
+                "lambda_config(server_settings=...)")
+    assert sorted(str(w.message) for w in caught) == [
+        f"ASYNCPOOL_SERVER_SETTING {expected}", f"ASYNCPOOL_SERVER_SETTINGS {expected}"]
+
+
 def test_known_non_option_variables_are_not_warned_about(clean_env: pytest.MonkeyPatch) -> None:
     env = {"ASYNCPOOL_DSN": "postgresql://a@h/d", "ASYNCPOOL_OTEL_SEMCONV": "1.24",
            "ASYNCPOOL_TEST_POSTGRES_DSN": "postgresql://x@y/z", "ASYNCPOOL_MAX_SIZE": "3"}
@@ -107,7 +121,8 @@ def test_every_asyncpool_variable_in_the_repository_is_known() -> None:
 _TEXT = {".py", ".md", ".toml", ".yaml", ".yml", ".sh", ".ini", ".tf"}
 _VARIABLE = re.compile(r"\bASYNCPOOL_[A-Z0-9_]*[A-Z0-9](?![A-Za-z0-9_*])")
 _EXAMPLES_OF_MISTAKES = {
-    "ASYNCPOOL_MAX_SISE", "ASYNCPOOL_PREPARED_STATEMENT",
+    "ASYNCPOOL_MAX_SISE", "ASYNCPOOL_PREPARED_STATEMENT", "ASYNCPOOL_SERVER_SETTINGS",
+    "ASYNCPOOL_SERVER_SETTING",
     "ASYNCPOOL_REQUEST_ID_FIELD",  # a Python constant (a log record field), not a variable
 }
 
