@@ -150,6 +150,22 @@ async def test_an_init_hook_past_connect_timeout_is_named_not_the_network(pooler
         assert pool.stats().closed_total == pool.stats().created_total
 
 
+async def test_an_init_hooks_own_timeout_is_not_read_as_connect_timeout(pooler: Pooler) -> None:
+    """A TimeoutError the hook raises itself (a statement's ``timeout=``) is said to be the
+    hook's, with it as the cause; not connect_timeout running out, nor the network."""
+    async def init(conn: Any) -> None:
+        await conn.execute("SELECT pg_sleep(1)", timeout=0.05)
+
+    async with Pool(pooler.dsn(), name="init-own-timeout", min_size=0, max_size=1, init=init,
+                    connect_timeout=20, acquire_timeout=2, telemetry=False) as pool:
+        with pytest.raises(asyncpool.PoolError) as info:
+            await pool.fetchval("SELECT 1")
+        message = str(info.value)
+        assert "the init hook raised TimeoutError" in message, message
+        assert "connect_timeout=20s ran out" not in message
+        assert "firewall" not in message
+
+
 async def test_setup_runs_at_each_checkout_with_the_pooled_connection(pooler: Pooler) -> None:
     seen: list[tuple[PooledConnection, int]] = []
 

@@ -133,3 +133,20 @@ def test_a_commit_that_fails_is_not_reported_as_success(legacy: PgBouncerServer,
             assert pool.stats().in_use == 0
         finally:
             portal.call(pool.execute, f"DROP TABLE {table}")
+
+
+def test_an_override_keeps_the_scope_check(legacy: PgBouncerServer) -> None:
+    """A test that overrides the app's transaction dependency with another one is checked
+    against the app's declaration, whose scope FastAPI keeps: refused under the default scope
+    in the test as in production."""
+    pool = Pool(legacy.dsn(), max_size=1, telemetry=False)
+    app = FastAPI(lifespan=pool_lifespan(pool))
+    production = pool_connection(pool, transaction=True)
+
+    @app.get("/one")
+    async def one(conn: Annotated[PooledConnection, Depends(production)]) -> dict[str, int]:
+        return {"v": await conn.fetchval("SELECT 1")}
+
+    app.dependency_overrides[production] = pool_connection(pool, transaction=True)
+    with TestClient(app) as client, pytest.raises(PoolConfigError, match=r'scope="function"'):
+        client.get("/one")

@@ -772,6 +772,8 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
                                  lambda: conn.executemany("INSERT INTO elsewhere VALUES ($1)", [(4,)]),
                                  lambda: conn.transaction().start(),
                                  lambda: conn.cursor("SELECT 1").fetch(1),
+                                 lambda: conn.add_listener("elsewhere", print),
+                                 lambda: conn.remove_listener("elsewhere", print),
                                  lambda: pool.release(conn),
                                  conn.close]
                         errors = []
@@ -784,10 +786,11 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
                     return asyncio.run(attempts())
 
                 errors = await asyncio.to_thread(from_another_thread)
-                assert len(errors) == 8
+                assert len(errors) == 10
                 assert all("comes from thread" in error for error in errors), errors[0]
                 assert not conn.is_in_transaction()
                 assert await conn.fetchval("SELECT count(*) FROM elsewhere") == 0
+                assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
                 assert pool.stats().in_use == 1
             assert pool.stats().in_use == 0
             assert await pool.fetchval("SELECT 1") == 1

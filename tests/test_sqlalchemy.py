@@ -528,6 +528,12 @@ async def test_server_settings_hold_in_sessions_behind_a_pooler(
             assert [row[0] async for row in streamed] == ["pg_catalog | off"]
         async with engine.connect() as conn:  # autobegin, rolled back
             assert (await conn.execute(show)).scalar() == "pg_catalog | off"
+        async with async_sessionmaker(engine)() as session, session.begin():
+            # Must come before any query: the settings are set without one (SET LOCAL).
+            await session.execute(sa.text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+            level = (await session.execute(sa.text("SHOW transaction_isolation"))).scalar()
+            assert level == "serializable"
+            assert (await session.execute(show)).scalar() == "pg_catalog | off"
         async with pool.transaction() as conn:
             assert await conn.fetchval(str(show)) == "pg_catalog | off"
         assert (pool.stats().in_use, pool.stats().closed_total) == (0, 0)

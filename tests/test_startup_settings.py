@@ -61,16 +61,33 @@ async def test_rds_proxy_plan_and_errors() -> None:
     planned = plan(SETTINGS, pooled=True, pool="p", pooler="RDS Proxy")
     assert planned.at_login == {"application_name": "fleet-app"}
     assert planned.transaction_sql == (
-        "SELECT set_config('jit', 'off', true), set_config('statement_timeout', '4321ms', true), "
-        "set_config('search_path', 'app, public', true)")
+        """SET LOCAL "jit" = 'off'; SET LOCAL "statement_timeout" = '4321ms'; """
+        'SET LOCAL "search_path" = "app", "public"')
     with pytest.raises(PoolConfigError, match="RDS Proxy"):
         plan({"options": "-c jit=off"}, pooled=True, pool="p", pooler="RDS Proxy")
     with pytest.raises(PoolConfigError, match="not a setting name"):
         plan({"jit; DROP": "x"}, pooled=False, pool="p")
-    assert plan({"x": "it's"}, pooled=True, pool="p").transaction_sql == (
-        "SELECT set_config('x', 'it''s', true)")
+    assert plan({"x.y": "it's"}, pooled=True, pool="p").transaction_sql == (
+        """SET LOCAL "x"."y" = 'it''s'""")
+    # Where SET LOCAL would read the value otherwise: set_config, after the SET LOCALs.
+    assert plan({"search_path": "", "jit": "off", "x.y": "a\\b"}, pooled=True,
+                pool="p").transaction_sql == (
+        """SET LOCAL "jit" = 'off'; SELECT set_config('search_path', '', true), """
+        """set_config('x.y', 'a\\b', true)""")
     pool = Pool("postgresql://app@db.proxy-abc123.eu-west-1.rds.amazonaws.com/app", min_size=0,
                 server_settings={"options": "-c jit=off"}, telemetry=False)
     with pytest.raises(PoolConfigError, match="RDS Proxy"):
         await pool.open()
     await pool.close()
+
+
+async def test_a_transaction_may_still_begin_with_set_transaction(pooler: Pooler) -> None:
+    """The settings are set with SET LOCAL, which takes no snapshot: ``SET TRANSACTION
+    ISOLATION LEVEL`` (which must come before any query) still works as a transaction's first
+    statement (a SELECT set_config made it fail), and the settings hold."""
+    async with Pool(pooler.dsn(), name="startup-set-tx", min_size=0, max_size=1,
+                    server_settings=SETTINGS, telemetry=False) as pool, pool.transaction() as conn:
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        assert await conn.fetchval("SHOW transaction_isolation") == "serializable"
+        assert await conn.fetchval("SHOW search_path") == "app, public"
+        assert await conn.fetchval("SHOW statement_timeout") == "4321ms"

@@ -129,6 +129,12 @@ def test_the_advice_on_a_lost_prepared_statement_follows_the_mode() -> None:
     assert 'prepared_statements="off"' in error.hint
     advise_on_prepared_statements(error, "on")  # already advised: kept
     assert error.hint.startswith("asyncpool: a statement made with prepare()")
+    # The server's own hint stays; only asyncpg's note about PgBouncer is replaced.
+    hinted = asyncpg.InvalidSQLStatementNameError("does not exist")
+    hinted.hint = "SERVER HINT: re-run the migration\n\nNOTE: pgbouncer with pool_mode set to..."
+    advise_on_prepared_statements(hinted, "on")
+    assert hinted.hint.startswith("SERVER HINT: re-run the migration\nasyncpool: ")
+    assert "NOTE: pgbouncer" not in hinted.hint
     other = asyncpg.UndefinedTableError("relation does not exist")
     advise_on_prepared_statements(other, "on")
     assert other.hint is None

@@ -205,8 +205,10 @@ def advise_on_prepared_statements(exc: BaseException, mode: str) -> None:
     for asyncpg's pool, or to set statement_cache_size) with what to do with asyncpool."""
     if not isinstance(exc, _PREPARED_STATEMENT_ERRORS) or "asyncpool:" in (exc.hint or ""):
         return
+    # asyncpg appends its note to the server's own hint, which stays.
+    server_hint = (exc.hint or "").split("NOTE: pgbouncer with pool_mode", 1)[0].strip()
     if mode == "on":
-        exc.hint = (
+        advice = (
             'asyncpool: prepared_statements="on" keeps named prepared statements on each server '
             "connection. Behind PgBouncer in transaction mode that needs PgBouncer 1.21 or later "
             "with max_prepared_statements > 0; behind an older PgBouncer (or with "
@@ -214,12 +216,13 @@ def advise_on_prepared_statements(exc: BaseException, mode: str) -> None:
             'round trip per repeated statement, nothing kept on the server), or "off".'
         )
     else:
-        exc.hint = (
+        advice = (
             "asyncpool: a statement made with prepare() lives on one server connection, and a "
             "transaction pooler gives each transaction whichever is free: behind one, use it only "
             "inside the transaction that prepared it (async with conn.transaction()), or run the "
             f'query itself (prepared_statements="{mode}" prepares nothing that outlives it).'
         )
+    exc.hint = f"{server_hint}\n{advice}" if server_hint else advice
 
 
 def asyncio_timeout_types() -> tuple[type[BaseException], ...]:

@@ -5,8 +5,8 @@ if every server connection has it. PgBouncer passes on a short list of startup p
 tracks them per client and sets them on the server connection it lends) and refuses any other
 ("unsupported startup parameter"), or drops it silently when it is in
 `ignore_startup_parameters`; RDS Proxy refuses `options`. So behind a pooler asyncpool sends the
-tracked ones at login and applies the rest inside each `pool.transaction()` with
-``set_config(name, value, true)`` (``SET LOCAL``): they hold for that transaction, on whichever
+tracked ones at login and applies the rest inside each `pool.transaction()` with ``SET LOCAL``
+(or ``set_config(name, value, true)``): they hold for that transaction, on whichever
 server connection runs it. Statements outside `pool.transaction()` run with the role's settings:
 for a setting that must hold everywhere, set it on the role (``ALTER ROLE app SET ...``).
 """
@@ -41,16 +41,72 @@ class StartupPlan:
 
     @property
     def transaction_sql(self) -> str | None:
-        """One simple-protocol statement setting every per-transaction value (None: nothing)."""
+        """One simple-protocol query setting every per-transaction value (None: nothing).
+
+        ``SET LOCAL`` wherever it means what ``set_config(name, value, true)`` (and a login)
+        means: a ``SELECT`` takes the transaction's snapshot, after which ``SET TRANSACTION
+        ISOLATION LEVEL`` (or ``SNAPSHOT``) is refused, and SQLAlchemy users may start with one.
+        A value ``SET LOCAL`` would read otherwise goes through ``set_config``."""
         if not self.per_transaction:
             return None
-        calls = ", ".join(f"set_config({_literal(k)}, {_literal(v)}, true)"
-                          for k, v in self.per_transaction.items())
-        return f"SELECT {calls}"
+        statements, calls = [], []
+        for name, value in self.per_transaction.items():
+            statement = _set_local(name, value)
+            if statement is None:
+                calls.append(f"set_config({_literal(name)}, {_literal(value)}, true)")
+            else:
+                statements.append(statement)
+        if calls:
+            statements.append("SELECT " + ", ".join(calls))
+        return "; ".join(statements)
 
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+#: Settings whose SET takes a list of identifiers (PostgreSQL's GUC_LIST_QUOTE): there a quoted
+#: string is one element, where set_config splits the text on commas.
+_IDENTIFIER_LISTS = frozenset({"search_path", "temp_tablespaces"})
+_QUOTED_IDENTIFIER = re.compile(r'^"(?:[^"]|"")+"$')
+_BARE_IDENTIFIER = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*$")
+
+
+def _set_local(name: str, value: str) -> str | None:
+    """``SET LOCAL`` with the meaning of ``set_config(name, value, true)``, or None where it
+    would differ (a backslash, which depends on standard_conforming_strings; a list element
+    that is not a plain or quoted identifier)."""
+    if "\\" in value:
+        return None
+    target = ".".join(f'"{part}"' for part in name.split("."))  # names are checked words
+    if name.lower() not in _IDENTIFIER_LISTS:
+        return f"SET LOCAL {target} = {_literal(value)}"
+    elements = []
+    for element in _list_elements(value):
+        if _QUOTED_IDENTIFIER.match(element):
+            elements.append(element)
+        elif _BARE_IDENTIFIER.match(element):
+            elements.append(f'"{element.lower()}"')  # set_config folds a bare one to lower case
+        else:
+            return None
+    return f"SET LOCAL {target} = {', '.join(elements)}" if elements else None
+
+
+def _list_elements(value: str) -> list[str]:
+    """`value` split on the commas outside double quotes, each element stripped."""
+    elements: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in value:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            elements.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    elements.append("".join(current).strip())
+    return elements
 
 
 def check_names(settings: Mapping[str, str], pool: str) -> None:

@@ -78,7 +78,8 @@ def _check_scope(request: Request, dependency: object, scoped: set[int]) -> None
     dependant = getattr(route, "dependant", None)
     if dependant is None:
         return  # not FastAPI's routing (a Starlette app calling it directly): nothing to check
-    scopes = {getattr(d, "scope", None) for d in _uses(dependant, dependency)}
+    overrides = getattr(getattr(request, "app", None), "dependency_overrides", None) or {}
+    scopes = {getattr(d, "scope", None) for d in _uses(dependant, dependency, overrides)}
     if scopes and scopes != {"function"}:
         raise PoolConfigError(
             f"route {getattr(route, 'path', '?')!r}: pool_connection(pool, transaction=True) is "
@@ -90,13 +91,15 @@ def _check_scope(request: Request, dependency: object, scoped: set[int]) -> None
     scoped.add(id(route))
 
 
-def _uses(dependant: Any, dependency: object) -> list[Any]:
-    """Every place in `dependant`'s tree that calls `dependency`."""
+def _uses(dependant: Any, dependency: object, overrides: Any) -> list[Any]:
+    """Every place in `dependant`'s tree that calls `dependency`, itself or as the override
+    (``app.dependency_overrides``) of what the tree names, whose scope FastAPI keeps."""
     found = []
     stack = list(getattr(dependant, "dependencies", ()))
     while stack:
         sub = stack.pop()
-        if getattr(sub, "call", None) is dependency:
+        call = getattr(sub, "call", None)
+        if call is dependency or (call is not None and overrides.get(call) is dependency):
             found.append(sub)
         stack.extend(getattr(sub, "dependencies", ()))
     return found

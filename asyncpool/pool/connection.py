@@ -270,10 +270,14 @@ class PooledConnection(_Base):
         # asyncpg's pool hands listener callbacks its proxy, not the connection: a callback that
         # keeps it must not reach the next holder's connection after release.
         async def add_listener(self, channel: str, callback: Callable[..., object]) -> None:
-            await self.raw.add_listener(channel, self._relay(("notify", channel), callback))
+            raw = self.raw
+            self._owner.refuse_other_loop()  # LISTEN is a statement (see `_statement`)
+            await raw.add_listener(channel, self._relay(("notify", channel), callback))
 
         async def remove_listener(self, channel: str, callback: Callable[..., object]) -> None:
-            await self.raw.remove_listener(channel, self._unrelay(("notify", channel), callback))
+            raw = self.raw
+            self._owner.refuse_other_loop()
+            await raw.remove_listener(channel, self._unrelay(("notify", channel), callback))
 
         def add_log_listener(self, callback: Callable[..., object]) -> None:
             self.raw.add_log_listener(self._relay(("log",), callback))

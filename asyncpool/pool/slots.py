@@ -1026,8 +1026,9 @@ class Slots(_HotSlots):
         cut_short = CutShort()
         attempt = loop.create_task(self.connector.connect(cut_short))
         self.attempts[attempt] = cut_short
+        limit = asyncio.timeout(self.config.connect_timeout)
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
+            async with limit:
                 # Shielded so the login is stopped only after `cut_short` says why.
                 conn = await asyncio.shield(attempt)
         except BaseException as exc:
@@ -1037,9 +1038,19 @@ class Slots(_HotSlots):
                       and task is not None and not task.cancelling())
             error: BaseException | None = None
             if isinstance(exc, TimeoutError):
-                error = (self._slow_init_error() if cut_short.in_init else
-                         translate(exc, self.connector.target, self.name,
-                                   self.config.connect_timeout))
+                if not cut_short.in_init:
+                    error = translate(exc, self.connector.target, self.name,
+                                      self.config.connect_timeout)
+                elif limit.expired():
+                    error = self._slow_init_error()
+                else:
+                    # The hook's own time limit (a statement's timeout=): said so, and kept as
+                    # the cause, rather than read by the caller as acquire_timeout running out.
+                    error = ConnectError(
+                        f"pool {self.name!r}: the init hook raised TimeoutError on a new "
+                        f"connection to {self.connector.target} (a time limit of its own, not "
+                        f"connect_timeout); the connection was closed")
+                    error.__cause__ = exc
                 cut_short.caller_error = type(error)
             elif isinstance(exc, asyncio.CancelledError) and not closed and deadline is not None \
                     and loop.time() >= deadline - _CLOCK_SLACK:
@@ -1050,7 +1061,7 @@ class Slots(_HotSlots):
                 raise
             if error is not None:
                 self.connect_errors_total += 1
-                raise error from None
+                raise error from error.__cause__
             if closed:
                 raise self.closed_error() from None  # close() stopped the login
             raise
