@@ -748,6 +748,10 @@ async def test_open_without_waiting_opens_min_size_in_the_background(pooler: Poo
         await pool.close()
 
 
+async def _awaited(awaitable: Awaitable[object]) -> object:
+    return await awaitable
+
+
 @pytest.mark.parametrize("pool_loop", ["asyncio", "uvloop"])
 def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
         postgres: PostgresServer, pool_loop: str) -> None:
@@ -762,6 +766,11 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
         async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool:
             async with pool.acquire() as conn:
                 await conn.execute("CREATE TEMP TABLE elsewhere (n int)")
+                # Made here, on the pool's loop; used from the other thread below.
+                stmt = await conn.prepare("INSERT INTO elsewhere VALUES (5) RETURNING 1")
+                made_here = conn.transaction()
+                cursor_here = conn.cursor("SELECT 1")
+                stmt_cursor = stmt.cursor()
 
                 def from_another_thread() -> list[str]:
                     async def attempts() -> list[str]:
@@ -774,11 +783,16 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
                                  lambda: conn.cursor("SELECT 1").fetch(1),
                                  lambda: conn.add_listener("elsewhere", print),
                                  lambda: conn.remove_listener("elsewhere", print),
+                                 stmt.fetchval, made_here.start,
+                                 lambda: _awaited(cursor_here),
+                                 lambda: _awaited(stmt_cursor),
                                  lambda: pool.release(conn),
                                  conn.close]
                         errors = []
                         for call in calls:
-                            with pytest.raises(asyncpool.PoolError, match="another event loop") as info:
+                            with pytest.raises(asyncpool.PoolError,
+                                               match=r"another event loop|another thread or "
+                                                     r"event loop") as info:
                                 await call()
                             errors.append(str(info.value))
                         return errors
@@ -786,8 +800,14 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
                     return asyncio.run(attempts())
 
                 errors = await asyncio.to_thread(from_another_thread)
-                assert len(errors) == 10
-                assert all("comes from thread" in error for error in errors), errors[0]
+                assert len(errors) == 14
+                assert all("comes from thread" in error or "its pool connection belongs to"
+                           in error for error in errors), errors
+                # And on its own loop they all still work.
+                assert await stmt.fetchval() == 1
+                await conn.execute("DELETE FROM elsewhere")
+                async with made_here:
+                    assert await (await cursor_here).fetchrow() == (1,)
                 assert not conn.is_in_transaction()
                 assert await conn.fetchval("SELECT count(*) FROM elsewhere") == 0
                 assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0

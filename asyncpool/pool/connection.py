@@ -18,6 +18,7 @@ from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, Lease
+from asyncpool.pool.loop_bound import bind
 
 if TYPE_CHECKING:
     from asyncpg.cursor import CursorFactory
@@ -61,7 +62,7 @@ def _forward(name: str) -> Callable[..., Any]:
             if lease.state is not ACTIVE:
                 raise self._unusable()
             self._owner.refuse_other_loop()
-            return getattr(lease.record.conn, name)(*args, **kwargs)
+            return bind(getattr(lease.record.conn, name)(*args, **kwargs))
     else:
         def method(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
             lease = self._lease  # self.raw, inline
@@ -263,7 +264,13 @@ class PooledConnection(_Base):
         fetchval = _forward("fetchval")
         fetchrow = _forward("fetchrow")
         fetchmany = _forward("fetchmany")
-        prepare = _forward("prepare")
+        _prepare = _forward("prepare")
+
+        async def prepare(self, query: str, *, name: str | None = None,
+                          timeout: float | None = None,
+                          record_class: type[asyncpg.Record] | None = None) -> Any:
+            return bind(await self._prepare(query, name=name, timeout=timeout,
+                                            record_class=record_class))
         transaction = _forward("transaction")
         cursor = _forward("cursor")
 
@@ -382,8 +389,8 @@ class PooledConnection(_Base):
         return f"<PooledConnection pool={self._pool_name!r} {self._lease.state.value}>"
 
 
-# The listener methods are the proxy's own (they relay the callbacks): asyncpg's help text.
-for _name in ("add_listener", "remove_listener", "add_log_listener", "remove_log_listener",
+# The listener methods and prepare() are the proxy's own: asyncpg's help text.
+for _name in ("prepare", "add_listener", "remove_listener", "add_log_listener", "remove_log_listener",
               "add_termination_listener", "remove_termination_listener"):
     getattr(PooledConnection, _name).__doc__ = getattr(asyncpg.Connection, _name).__doc__
 del _name

@@ -1,0 +1,79 @@
+"""asyncpg's transactions, prepared statements and cursor factories made through a held
+connection, bound to the connection's event loop: used from another thread or loop, asyncpg
+would send the statement and only then fail waiting for its reply (it ran on the server while
+the caller got an error), so they refuse first, as the connection itself does
+(`PooledConnection`)."""
+
+from __future__ import annotations
+
+import asyncio
+from threading import get_ident
+from typing import Any, TypeVar
+
+from asyncpg.cursor import CursorFactory
+from asyncpg.prepared_stmt import PreparedStatement
+from asyncpg.transaction import Transaction
+
+from asyncpool.connect.forwarding import LoopView
+from asyncpool.errors import PoolError
+
+R = TypeVar("R")
+
+
+def on_its_loop(conn: Any) -> bool:
+    """Whether the caller runs on `conn`'s event loop, in its thread (asyncio's loops know
+    their thread; uvloop's are asked for the running loop)."""
+    loop = conn._loop
+    if isinstance(loop, LoopView):  # the login's view of the loop (the auth guard's), kept
+        loop = loop.real
+    if isinstance(loop, asyncio.BaseEventLoop):
+        thread: int | None = loop._thread_id  # type: ignore[attr-defined]
+        return thread == get_ident()
+    return asyncio._get_running_loop() is loop
+
+
+class _OnItsLoop:
+    """Refuses asyncpg's guarded methods (each checks its connection first) off the loop."""
+
+    __slots__ = ()
+    _connection: Any
+
+    def _check_conn_validity(self, meth_name: str) -> None:
+        if not meth_name.startswith("get_") and not on_its_loop(self._connection):
+            kind = type(self).__mro__[2].__name__  # asyncpg's class
+            raise PoolError(
+                f"{kind}.{meth_name}() was called from another thread or event loop than the "
+                "one its pool connection belongs to: asyncpg would send the statement and then "
+                "fail waiting for the reply. Use it on the loop that made it (submit the work "
+                "there with asyncio.run_coroutine_threadsafe)"
+            )
+        super()._check_conn_validity(meth_name)  # type: ignore[misc]
+
+
+class PooledTransaction(_OnItsLoop, Transaction):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class PooledCursorFactory(_OnItsLoop, CursorFactory):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class PooledPreparedStatement(_OnItsLoop, PreparedStatement):  # type: ignore[misc]
+    __slots__ = ()
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        return bind(super().cursor(*args, **kwargs))
+
+
+_BOUND: dict[type, type] = {Transaction: PooledTransaction, CursorFactory: PooledCursorFactory,
+                            PreparedStatement: PooledPreparedStatement}
+
+
+def bind(resource: R) -> R:
+    """`resource` (asyncpg's object, as a held connection's method returned it) bound to its
+    connection's loop; anything else (a subclass of asyncpg's class, or another object: an
+    instrumentation's wrapper) is returned as it is."""
+    bound = _BOUND.get(type(resource))
+    if bound is not None:
+        resource.__class__ = bound
+    return resource
