@@ -264,13 +264,14 @@ class PooledConnection(_Base):
         fetchval = _forward("fetchval")
         fetchrow = _forward("fetchrow")
         fetchmany = _forward("fetchmany")
-        _prepare = _forward("prepare")
+        _prepare_unbound = _forward("prepare")  # (asyncpg's own `_prepare` stays reachable)
 
         async def prepare(self, query: str, *, name: str | None = None,
                           timeout: float | None = None,
                           record_class: type[asyncpg.Record] | None = None) -> Any:
-            return bind(await self._prepare(query, name=name, timeout=timeout,
-                                            record_class=record_class))
+            return bind(await self._prepare_unbound(query, name=name, timeout=timeout,
+                                                    record_class=record_class))
+
         transaction = _forward("transaction")
         cursor = _forward("cursor")
 
