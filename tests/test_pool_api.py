@@ -760,8 +760,6 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
     refuses first (its coroutine methods, ``transaction()``, ``cursor()``), as do
     ``pool.release()`` and ``conn.close()``: nothing reaches the server, and the connection is
     still held and usable from its own loop."""
-    import uvloop
-
     async def main() -> None:
         async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool:
             async with pool.acquire() as conn:
@@ -816,7 +814,7 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
             assert await pool.fetchval("SELECT 1") == 1
 
     if pool_loop == "uvloop":
-        uvloop.run(main())
+        pytest.importorskip("uvloop").run(main())
     else:
         asyncio.run(main())
 
