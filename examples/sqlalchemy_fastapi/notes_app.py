@@ -58,13 +58,14 @@ async def create_tables() -> None:
 
 
 async def get_session() -> AsyncIterator[AsyncSession]:
-    """One session per request: its connection goes back to the pool when the request ends,
-    and what the endpoint did not commit is rolled back."""
+    """One session per request: its connection goes back to the pool when the endpoint returns
+    (``scope="function"``: not after the response is sent), and what the endpoint did not commit
+    is rolled back."""
     async with Session() as session:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 app = FastAPI(lifespan=pool_lifespan(pool))
 
