@@ -7,6 +7,8 @@ the caller got an error), so they refuse first, as the connection itself does
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable, Coroutine
 from threading import get_ident
 from typing import Any, TypeVar
 
@@ -39,7 +41,12 @@ class _OnItsLoop:
     _connection: Any
 
     def _check_conn_validity(self, meth_name: str) -> None:
-        if not meth_name.startswith("get_") and not on_its_loop(self._connection):
+        if not meth_name.startswith("get_"):
+            self._refuse_elsewhere(meth_name)
+        super()._check_conn_validity(meth_name)  # type: ignore[misc]
+
+    def _refuse_elsewhere(self, meth_name: str) -> None:
+        if not on_its_loop(self._connection):
             kind = type(self).__mro__[2].__name__  # asyncpg's class
             raise PoolError(
                 f"{kind}.{meth_name}() was called from another thread or event loop than the "
@@ -47,7 +54,25 @@ class _OnItsLoop:
                 "fail waiting for the reply. Use it on the loop that made it (submit the work "
                 "there with asyncio.run_coroutine_threadsafe)"
             )
-        super()._check_conn_validity(meth_name)  # type: ignore[misc]
+
+
+def _one_at_a_time(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """asyncpg's `PreparedStatement` method `name`, run holding the connection's statement lock,
+    as asyncpg's own ``Connection._execute`` does (its prepared statements do not): a statement
+    still running when the connection is given back is then seen, and the connection closed
+    rather than handed on (`Slots._retire_busy`); a second statement at once fails at once."""
+    original = getattr(PreparedStatement, name)
+
+    async def method(self: PooledPreparedStatement, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_elsewhere(name)  # before the lock: it is not the other thread's to take
+        section = getattr(self._connection, "_stmt_exclusive_section", None)
+        if section is None:  # an asyncpg without it (asyncpool.connect.driver says so)
+            return await original(self, *args, **kwargs)
+        with section:
+            return await original(self, *args, **kwargs)
+
+    functools.update_wrapper(method, original)
+    return method
 
 
 class PooledTransaction(_OnItsLoop, Transaction):  # type: ignore[misc]
@@ -63,6 +88,13 @@ class PooledPreparedStatement(_OnItsLoop, PreparedStatement):  # type: ignore[mi
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         return bind(super().cursor(*args, **kwargs))
+
+    # Not explain(): it runs its statement through the connection's own, which takes the lock.
+    fetch = _one_at_a_time("fetch")
+    fetchval = _one_at_a_time("fetchval")
+    fetchrow = _one_at_a_time("fetchrow")
+    fetchmany = _one_at_a_time("fetchmany")
+    executemany = _one_at_a_time("executemany")
 
 
 _BOUND: dict[type, type] = {Transaction: PooledTransaction, CursorFactory: PooledCursorFactory,
