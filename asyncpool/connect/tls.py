@@ -345,23 +345,20 @@ def parse_require_auth(text: str) -> frozenset[str]:
     return frozenset(bare)
 
 
-def dialled_hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None = None,
-                  environ: Mapping[str, str] | None = None,
-                  dsn_params: Mapping[str, str] | None = None) -> list[str]:
-    """Every host the pool may dial ("" is asyncpg's default: a local socket, then localhost),
-    in asyncpg's order: ``host`` in `connect_kwargs`, the DSN's hosts, those of the service file
-    section the DSN names (`asyncpool.connect.service`), ``PGHOST``.
-
-    dsn_hosts, dsn_params: the DSN's hosts and parameters as its parser read them (default:
-    read from `config.dsn`)."""
+def dialled_hosts(config: PoolConfig, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every host a pool of `config` may dial ("" is asyncpg's default: a local socket, then
+    localhost), in asyncpg's order: ``host`` in `connect_kwargs`, the DSN's hosts, those of the
+    service file section the DSN names (`asyncpool.connect.service`), ``PGHOST``: the hosts
+    `checked_hosts` applies the credential rules to, for a look without the check."""
     env = os.environ if environ is None else environ
-    if (dsn_hosts is None or dsn_params is None) and config.dsn:
+    dsn_hosts: list[str] | None = None
+    dsn_params: Mapping[str, str] = {}
+    if config.dsn:
         from asyncpool.connect.dsn import parse_dsn
 
         parsed = parse_dsn(config.dsn)
-        dsn_hosts = [h for h, _ in parsed.hosts] if dsn_hosts is None else dsn_hosts
-        dsn_params = parsed.params if dsn_params is None else dsn_params
-    service = _service_of(config, dsn_params or {}, env, has_dsn=dsn_hosts is not None)
+        dsn_hosts, dsn_params = [h for h, _ in parsed.hosts], parsed.params
+    service = _service_of(config, dsn_params, env, has_dsn=dsn_hosts is not None)
     return _hosts(config, dsn_hosts, service, env)
 
 

@@ -23,7 +23,6 @@ class GuardedLogin:
 
     def __init__(self, dsn: str, *, name: str = "bench") -> None:
         self.parsed: ParsedDsn = parse_dsn(dsn)
-        self.name = name
         self.login = Login(PoolConfig.from_env(name=name, dsn=None), self.parsed)
 
     async def connect_asyncpg(self, **kwargs: Any) -> Any:
@@ -47,8 +46,8 @@ class GuardedLogin:
             target = parsed.target()
             # No guard: nothing could be refused (another call's guard is not this login's).
             refused = None if guard is None else self.login.refusal(target, guard)
-            error = refused or translate(exc, target, self.name, kwargs.get("timeout") or 60.0,
-                                         secrets=parsed.secrets)
+            error = refused or translate(exc, target, self.login.config.name,
+                                         kwargs.get("timeout") or 60.0, secrets=parsed.secrets)
         raise error  # outside the except block: no __context__ either
 
     def libpq_conninfo(self, *, require_auth: bool = True) -> str:
