@@ -11,7 +11,11 @@
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
 asyncpool ``prepared_statements="off"``: the same messages on the wire), telemetry off, client
 CPU measured with ``time.process_time()`` over a window and divided by the queries run in it:
-steadier than throughput on a shared machine. The cases:
+steadier than throughput on a shared machine. Every contender's query is a coroutine function
+of its own (``async def query(i)``), raw asyncpg's too: an ``async with pool.acquire()`` block
+needs one, and a contender that returned its driver's coroutine directly would skip a level of
+the await chain the others pay for (1,700 instructions per query, benchmarks/README.md). The
+cases:
 
 - single: one connection (or pool of one) per contender, direct to PostgreSQL, queries back to
   back. All contenders are open at once and take turns in blocks of `--block` queries, raw
@@ -100,8 +104,11 @@ async def raw(dsn: str, capped: bool = False) -> AsyncIterator[Query]:
         from asyncpool.connect.reads import cap_reads
 
         cap_reads(driver.transport_of(conn))
+    async def query(i: int) -> Any:
+        return await conn.fetchval(QUERY, i)
+
     try:
-        yield lambda i: conn.fetchval(QUERY, i)
+        yield query
     finally:
         await conn.close()
 
@@ -120,7 +127,10 @@ async def asyncpool_instance(dsn: str, *, mode: PreparedStatements, scoped: bool
 
             yield query
         else:
-            yield lambda i: pool.fetchval(QUERY, i)
+            async def query(i: int) -> Any:
+                return await pool.fetchval(QUERY, i)
+
+            yield query
     finally:
         await pool.close()
 
@@ -295,8 +305,11 @@ def _ablated(name: str) -> Instance:
                                            telemetry=False)
         # Bound on the instance as the pool binds its own (the same lookup per query).
         pool.fetchval = MethodType(runner, pool._slots)  # type: ignore[method-assign]
+        async def query(i: int) -> Any:
+            return await pool.fetchval(QUERY, i)
+
         try:
-            yield lambda i: pool.fetchval(QUERY, i)
+            yield query
         finally:
             await pool.close()
 
@@ -612,9 +625,13 @@ async def python_case(dsn: str, args: argparse.Namespace, instances: int = 1) ->
         async with pools[i % instances].acquire() as conn:
             return await conn.fetchval(QUERY, i)
 
-    queries: dict[str, Query] = {RAW: lambda i: stubs[i % instances].fetchval(QUERY, i),
-                                 POOL_FETCHVAL: lambda i: pools[i % instances].fetchval(QUERY, i),
-                                 POOL_ACQUIRE: acquire}
+    async def stub(i: int) -> Any:
+        return await stubs[i % instances].fetchval(QUERY, i)
+
+    async def fetchval(i: int) -> Any:
+        return await pools[i % instances].fetchval(QUERY, i)
+
+    queries: dict[str, Query] = {RAW: stub, POOL_FETCHVAL: fetchval, POOL_ACQUIRE: acquire}
     samples = Samples(list(queries))
     block = max(args.block * 40, instances * 4)
     try:
