@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 50]
         [--instances 500] [--seconds 2] [--warmup 1] [--all]
         [--only python|python-fleet|single|fleet] [--uvloop]
-        [--ladder]
+        [--ladder | --floor]
     .venv/bin/python benchmarks/bench_overhead.py --only instructions [--rounds 3]
-        [--instr-queries 500] [--instr-instances 1] [--simulate] [--ladder | --ablate] [--all]
+        [--instr-queries 500] [--instr-instances 1] [--simulate] [--ladder | --ablate | --floor] [--all]
         [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
@@ -47,7 +47,10 @@ about fifty times (`bench_idle.py` measures it).
 `--ladder` runs the single case with raw asyncpg, the pool, and stand-ins on the pool's own
 connection that each do one more piece of the bookkeeping around a statement (a bare take and
 return, clock reads, a lease with its task and context, the table of leases, the state checks):
-where the pool's extra goes. `--ablate` (best with `--only instructions`) is the other way round:
+where the pool's extra goes. `--floor` sets against them an acquire block that does nothing but
+take the connection off a list and hand out a proxy forwarding to asyncpg's statement: the least
+an ``async with pool.acquire()`` + proxy API can cost, checks and records left out.
+`--ablate` (best with `--only instructions`) is the other way round:
 the pool's own statement runner with one piece of its bookkeeping taken out each (the context
 copy, the holding task, the checks, the lease kept on the record, the count and hooks).
 
@@ -69,6 +72,7 @@ import asyncio
 import gc
 import statistics
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -241,6 +245,61 @@ def _ladder_step(step: int) -> Instance:
             await pool.close()
 
     return instance
+
+
+# `--floor`: what the shape of ``async with pool.acquire() as conn: await conn.fetchval(...)``
+# costs by itself: a context object whose __aenter__ pops the pool's one connection off a list and
+# hands out a proxy object, whose fetchval runs asyncpg's statement (`_execute`, as the pool's
+# proxy does), and whose __aexit__ puts it back. Nothing checked, nothing recorded: no pool could
+# do less behind that API, so its extra over raw asyncpg is the least an acquire path can cost.
+FLOOR = "floor: async with + proxy, no bookkeeping"
+
+
+class _FloorProxy:
+    __slots__ = ("_conn",)
+    _conn: Any
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        rows = await self._conn._execute(query, args, 1, None)
+        return rows[0][0] if rows else None
+
+
+class _FloorContext:
+    __slots__ = ("_idle", "_record")
+    _idle: deque[Any]
+    _record: Any
+
+    async def __aenter__(self) -> _FloorProxy:
+        record = self._record = self._idle.pop()
+        proxy = object.__new__(_FloorProxy)
+        proxy._conn = record.conn
+        return proxy
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._idle.append(self._record)
+
+
+@asynccontextmanager
+async def _floor(dsn: str) -> AsyncIterator[Query]:
+    import asyncpool
+
+    pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
+                                       telemetry=False)
+    idle = pool._slots.idle
+
+    def acquire() -> _FloorContext:
+        context = object.__new__(_FloorContext)
+        context._idle = idle
+        return context
+
+    async def query(i: int) -> Any:
+        async with acquire() as conn:
+            return await conn.fetchval(QUERY, i)
+
+    try:
+        yield query
+    finally:
+        await pool.close()
 
 
 # `--ablate`: the pool's own statement runner (`Slots.one`) with one piece of its bookkeeping
@@ -625,13 +684,13 @@ async def python_case(dsn: str, args: argparse.Namespace, instances: int = 1) ->
         async with pools[i % instances].acquire() as conn:
             return await conn.fetchval(QUERY, i)
 
-    async def stub(i: int) -> Any:
+    async def direct(i: int) -> Any:
         return await stubs[i % instances].fetchval(QUERY, i)
 
     async def fetchval(i: int) -> Any:
         return await pools[i % instances].fetchval(QUERY, i)
 
-    queries: dict[str, Query] = {RAW: stub, POOL_FETCHVAL: fetchval, POOL_ACQUIRE: acquire}
+    queries: dict[str, Query] = {RAW: direct, POOL_FETCHVAL: fetchval, POOL_ACQUIRE: acquire}
     samples = Samples(list(queries))
     block = max(args.block * 40, instances * 4)
     try:
@@ -730,9 +789,11 @@ def _drop_missing_libraries() -> None:
 
 
 def _add_stand_ins(args: argparse.Namespace) -> None:
-    """`--ladder` and `--ablate`: their contenders replace the others but raw asyncpg and the pool,
-    in the single case unless instructions are counted."""
+    """`--ladder`, `--ablate` and `--floor`: their contenders replace the others but raw asyncpg
+    and the pool, in the single case unless instructions are counted."""
     stand_ins: dict[str, Instance] = {}
+    if args.floor or args.child == FLOOR:
+        stand_ins[FLOOR] = _floor
     if args.ladder or args.child in LADDER:
         stand_ins.update({name: _ladder_step(step) for step, name in enumerate(LADDER)})
     if args.ablate or args.child in ABLATIONS:
@@ -767,13 +828,16 @@ def main() -> None:
     parser.add_argument("--simulate", action="store_true",
                         help="instructions: also the misses of cachegrind's simulated caches and "
                              "branch predictor (I1, D1, mispredictions)")
-    parser.add_argument("--child", choices=list(CONTENDERS) + list(LADDER) + list(ABLATIONS),
+    parser.add_argument("--child", choices=[*CONTENDERS, *LADDER, *ABLATIONS, FLOOR],
                         help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
     parser.add_argument("--ladder", action="store_true",
                         help="single: raw asyncpg and the pool against stand-ins doing a part of "
                              "the pool's bookkeeping each (replaces the other contenders)")
+    parser.add_argument("--floor", action="store_true",
+                        help="raw asyncpg and the pool against an acquire block that does no "
+                             "bookkeeping at all: the least that API costs (replaces the others)")
     parser.add_argument("--ablate", action="store_true",
                         help="raw asyncpg and the pool against the pool's statement runner with one "
                              "piece of its bookkeeping taken out each (replaces the other contenders)")

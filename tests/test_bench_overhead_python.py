@@ -24,3 +24,20 @@ async def test_the_python_case_runs_against_the_pool_as_it_is(postgres: Postgres
                                       instances=2)
     assert set(samples.cpu) == {bench.RAW, bench.POOL_FETCHVAL, bench.POOL_ACQUIRE}
     assert all(len(cpu) == 6 and min(cpu) > 0 for cpu in samples.cpu.values())
+
+
+async def test_the_floor_contender_answers_as_the_pool_does(postgres: PostgresServer) -> None:
+    # `--floor`'s acquire block runs asyncpg's statement itself: it must answer what the pool's
+    # acquire block answers, or its cost says nothing about the pool's.
+    spec = importlib.util.spec_from_file_location("bench_overhead_floor", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    contenders = {bench.FLOOR: bench._floor, bench.POOL_ACQUIRE: bench.CONTENDERS[bench.POOL_ACQUIRE],
+                  bench.RAW: bench.CONTENDERS[bench.RAW]}
+    answers = {}
+    for name, contender in contenders.items():
+        async with contender(postgres.dsn()) as query:
+            answers[name] = [await query(i) for i in range(3)]
+    assert answers[bench.FLOOR] == answers[bench.POOL_ACQUIRE] == answers[bench.RAW] == [1, 2, 3]
