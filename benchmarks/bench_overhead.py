@@ -203,9 +203,8 @@ def _ladder_step(step: int) -> Instance:
         from contextvars import copy_context
 
         import asyncpool
-        from asyncpool.pool.lease import RELEASED, Lease
+        from asyncpool.pool.lease import RELEASED, Lease, task_of
         from asyncpool.pool.record import ConnectionRecord
-        from asyncpool.pool.slots import task_of
 
         pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
                                            telemetry=False)

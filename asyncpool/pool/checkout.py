@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from asyncpool.config import SetupHook
+from asyncpool.connect.driver import CLEAN, returned
 from asyncpool.connect.failures import (
     advise_on_prepared_statements,
     broken_connection_error,
@@ -22,7 +23,13 @@ from asyncpool.errors import (
     PoolError,
 )
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.lease import ACTIVE, CLOSED, LEAKED, RELEASED, Lease
+from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, Lease
+from asyncpool.pool.record import IDLE
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    from asyncpool.pool.record import ConnectionRecord
 
 #: Builds an object of a class with __slots__ without a call to its __init__: the checkout path
 #: builds its lease, proxy and context this way (tests/unit/test_lease.py checks every slot).
@@ -40,6 +47,14 @@ class Checkouts(Protocol):
     name: str
     #: Awaited with the connection at each checkout (asyncpg's ``setup``), or None.
     setup: SetupHook | None
+    # What the clean end of an ``async with pool.acquire()`` block reads and writes itself, as
+    # `Slots.checkin_nowait` would (`AcquireContext.__aexit__`).
+    idle: deque[ConnectionRecord]
+    clock: Callable[[], float]
+    fast_statements: bool
+    validate_after: float
+    _may_retire: bool
+    on_released: Callable[[float], None] | None
     #: The loop the pool was opened on (None before open() and after close()), and whether it
     #: tells the thread running it (``_thread_id``: asyncio's loops, not uvloop's).
     loop: asyncio.AbstractEventLoop | None
@@ -72,13 +87,16 @@ class Checkouts(Protocol):
 class AcquireContext:
     """``async with pool.acquire() as conn`` / ``conn = await pool.acquire()``."""
 
-    __slots__ = ("_frame", "_lease", "_owner", "_timeout")
+    # _conn: the proxy handed out by `__aenter__` (None by `await`): its block's clean end
+    # points it at `GIVEN_BACK` when the lease goes to the record as its spare.
+    __slots__ = ("_conn", "_frame", "_lease", "_owner", "_timeout")
 
     def __init__(self, owner: Checkouts, timeout: float | None, frame: FrameType | None) -> None:
         self._owner = owner
         self._timeout = timeout
         self._frame = frame
         self._lease: Lease | None = None
+        self._conn: PooledConnection | None = None
 
     async def __aenter__(self) -> PooledConnection:
         owner = self._owner
@@ -90,7 +108,7 @@ class AcquireContext:
         lease.scoped = True
         self._frame = None
         self._lease = lease
-        conn = blank(PooledConnection)  # PooledConnection(lease, owner), without the __init__ call
+        conn = self._conn = blank(PooledConnection)  # PooledConnection(lease, owner), no __init__
         conn._lease = lease
         conn._owner = owner
         if owner.setup is not None:
@@ -136,6 +154,37 @@ class AcquireContext:
             return
         if exc is None and lease.state is ACTIVE:  # the common case: a clean return
             owner = self._owner
+            record = lease.record
+            conn = record.conn
+            now = owner.clock()
+            expires_at = record.expires_at
+            proxy = self._conn
+            # `checkin_nowait`'s common case written out, as the statement runner writes its
+            # own (a call on this path costs several times what it costs in a loop: the I/O in
+            # between leaves the caches cold); anything else goes its way.
+            if (proxy is not None and owner.fast_statements and not lease.reported
+                    and not lease.running and now < expires_at and not record.stale
+                    and not (owner._may_retire and conn.retire_reason)
+                    and returned(conn) == CLEAN):
+                lease.state = RELEASED
+                lease.frame = None
+                lease.task = None  # (a finished task keeps its result)
+                lease.context = None
+                # The lease stays with the record for the next checkout to take (no allocation:
+                # `Slots.checkout_nowait`); the proxy, which the holder may keep, is pointed at
+                # a released lease of no connection, so it stays refused whoever holds the
+                # connection next.
+                proxy._lease = GIVEN_BACK
+                record.spare = lease
+                if owner.on_released is not None:
+                    owner.on_released(now - lease.acquired_at)
+                record.lease = None
+                record.last_used = now
+                check_at = now + owner.validate_after
+                record.check_at = check_at if check_at < expires_at else expires_at
+                record.place = IDLE
+                owner.idle.append(record)
+                return
             if owner.checkin_nowait(lease):
                 await owner.checkin(lease)
             return

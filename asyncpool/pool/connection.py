@@ -94,6 +94,8 @@ def _statement(name: str) -> Callable[..., Any]:
     original = getattr(asyncpg.Connection, name)
     body = driver.own_body(name)
     own, limit, shape = body if body is not None else (None, 0, ROWS)
+    # The shape as flags: one read each where the statement ends.
+    rows, first_row, status = shape is ROWS, shape is FIRST_ROW, shape is STATUS
 
     async def method(self: PooledConnection, query: Any = BY_NAME, /, *args: Any,
                      **kwargs: Any) -> Any:
@@ -110,8 +112,9 @@ def _statement(name: str) -> Callable[..., Any]:
         record = lease.record
         conn = record.conn
         try:
-            if (own is None or kwargs or query is BY_NAME or getattr(type(conn), name) is not own
-                    or (shape is STATUS and not args)):
+            # (Without a body of asyncpg's to run, `own` is None: never the class's method.)
+            if (kwargs or query is BY_NAME or getattr(type(conn), name) is not own
+                    or (status and not args)):
                 call = getattr(conn, name)
                 # Counted: a simple query (or a COPY) holds no lock of asyncpg's that the return
                 # could see.
@@ -123,7 +126,7 @@ def _statement(name: str) -> Callable[..., Any]:
                     lease.running -= 1
             if not record.probe.is_connected():
                 conn._check_open()  # asyncpg's own error for a closed connection
-            if shape is STATUS:
+            if status:
                 return (await conn._execute(query, args, 0, None, return_status=True)
                         )[1].decode()
             result = await conn._execute(query, args, limit, None)
@@ -134,9 +137,9 @@ def _statement(name: str) -> Callable[..., Any]:
                 raise self._unusable() from exc
             advise_on_prepared_statements(exc, owner.statement_mode)
             raise
-        if shape is ROWS:
+        if rows:
             return result
-        return (result[0] if shape is FIRST_ROW else result[0][0]) if result else None
+        return (result[0] if first_row else result[0][0]) if result else None
 
     functools.update_wrapper(method, own if own is not None else original)
     method.__qualname__ = f"PooledConnection.{name}"

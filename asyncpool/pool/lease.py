@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import sys
 import traceback
+from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,12 @@ INHERITED = LeaseState.INHERITED
 
 # A coroutine chain deeper than this is cut in leak reports.
 _MAX_FRAMES = 200
+
+if sys.version_info >= (3, 12):
+    #: The task running on `loop` (the holder a checkout records).
+    task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = asyncio.current_task
+else:  # asyncio.current_task is Python code before 3.12 (~0.3 µs); this is what it reads
+    task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 
 class Lease:
@@ -114,6 +122,45 @@ class Lease:
     def forget_site(self) -> None:
         """Drop the frame reference so the holder's locals are not kept alive."""
         self.frame = None
+
+
+def spare_lease(record: ConnectionRecord) -> Lease:
+    """A lease on `record` to keep as its spare (`ConnectionRecord.spare`): Lease(record, now,
+    None, task, context) without the Python call to __init__, with what stays the same from one
+    clean checkout to the next; whoever takes it sets the rest (`acquired_at`, `task`,
+    `context`, `state`, and the acquire site). tests/unit/test_lease.py checks that every slot
+    is set, on a new lease and on a spare taken again."""
+    lease = object.__new__(Lease)
+    lease.record = record
+    lease.frame = None
+    lease.lasti = 0
+    lease.reported = False
+    lease.scoped = True
+    lease.holder_cancelled = False
+    lease.running = 0
+    return lease
+
+
+def _given_back() -> Lease:
+    lease = object.__new__(Lease)
+    lease.acquired_at = 0.0
+    lease.task = None
+    lease.context = None
+    lease.frame = None
+    lease.lasti = 0
+    lease.state = RELEASED
+    lease.reported = False
+    lease.scoped = True
+    lease.holder_cancelled = False
+    lease.running = 0
+    return lease
+
+
+#: What a proxy handed out by ``async with pool.acquire()`` refers to once its block gave the
+#: connection back and its own lease went to the record as the spare, to be taken again: a
+#: released lease of no connection (``record`` unset), so that a reference kept past the block
+#: is refused as released whoever holds the connection next.
+GIVEN_BACK = _given_back()
 
 
 #: The code of the functions that run a query helper's statement (the statement runners...), registered

@@ -190,6 +190,7 @@ class Pool:
         context._timeout = timeout
         context._frame = sys._getframe(1)
         context._lease = None
+        context._conn = None
         return context
 
     def transaction(

@@ -14,13 +14,12 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS
-from asyncpool.pool.checkout import AcquireContext, blank, end_checkout
-from asyncpool.pool.lease import ACTIVE, RELEASED, STATEMENT_RUNNERS, Lease
+from asyncpool.pool.checkout import AcquireContext, end_checkout
+from asyncpool.pool.lease import ACTIVE, RELEASED, STATEMENT_RUNNERS, spare_lease, task_of
 from asyncpool.pool.record import IDLE, LEASED
-from asyncpool.pool.slots import UNSET, task_of
+from asyncpool.pool.slots import UNSET
 
 if TYPE_CHECKING:
-    from asyncpool.pool.record import ConnectionRecord
     from asyncpool.pool.slots import Slots
 
 
@@ -83,7 +82,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             idle.pop()
             lease = record.spare  # the last one here, if it ended cleanly (see the docstring)
             if lease is None:
-                lease = record.spare = _spare_lease(record)
+                lease = record.spare = spare_lease(record)
             lease.acquired_at = now
             lease.task = task_of(loop)
             lease.context = copy_context() if self.track_leaks else None
@@ -166,21 +165,6 @@ def _statement_by_name(kwargs: dict[str, Any], first: str, method: str) -> Any:
     if query is BY_NAME:
         raise TypeError(f"{method}() missing its first argument, the statement ({first}=)")
     return query
-
-
-def _spare_lease(record: ConnectionRecord) -> Lease:
-    """A statement runner's first lease on `record`: Lease(record, now, None, task, context)
-    without the Python call to __init__ (the runner sets the rest; tests/unit/test_lease.py
-    checks that every slot is set, on a new lease and on a spare taken again)."""
-    lease = blank(Lease)
-    lease.record = record
-    lease.frame = None
-    lease.lasti = 0
-    lease.reported = False
-    lease.scoped = True
-    lease.holder_cancelled = False
-    lease.running = 0  # (the runner uses no `PooledConnection`: it stays 0)
-    return lease
 
 
 #: One statement runner per query helper; they share one code object (`STATEMENT_RUNNERS`).

@@ -20,7 +20,6 @@ import enum
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import weakref
@@ -42,7 +41,6 @@ from asyncpool.observer import LeakReport, PoolObserver
 from asyncpool.pool import alarms
 from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.backoff import Backoff
-from asyncpool.pool.checkout import blank
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_leak, log_returned
 from asyncpool.pool.lease import (
     ACTIVE,
@@ -51,6 +49,8 @@ from asyncpool.pool.lease import (
     LEAKED,
     RELEASED,
     Lease,
+    spare_lease,
+    task_of,
 )
 from asyncpool.pool.record import CHECKING, IDLE, LEASED, MOVING, RETIRED, ConnectionRecord
 from asyncpool.stats import PoolStats, StatementCacheStats
@@ -99,12 +99,6 @@ _LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaim
 _FORKS = [0]
 # The pools open in this process, for the child of a fork to clear their `fast` flags.
 _LIVE: weakref.WeakSet[Slots] = weakref.WeakSet()
-
-
-if sys.version_info >= (3, 12):
-    task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = asyncio.current_task
-else:  # asyncio.current_task is Python code before 3.12 (~0.3 µs); this is what it reads
-    task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 
 def _after_fork_in_child() -> None:
@@ -725,22 +719,23 @@ class Slots(_HotSlots):
                         else get_running_loop() is loop)):
             return None
         idle.pop()
+        # The record's spare lease if it has one (left by a clean return: `spare_lease`), else
         # Lease(record, now, frame, task, context) without the call to its __init__, as the
-        # statement runner builds its own: with the acquire context's proxy built the same way,
-        # 1,200 instructions less per `async with pool.acquire()` (benchmarks/README.md);
-        # tests/unit/test_lease.py checks that every slot is set.
-        lease = blank(Lease)
-        lease.record = record
+        # statement runner does: no allocation, 1,400 instructions less per `async with
+        # pool.acquire()` (benchmarks/README.md); tests/unit/test_lease.py checks that every
+        # slot is set either way.
+        lease = record.spare
+        if lease is None:
+            lease = spare_lease(record)
+        else:
+            record.spare = None  # held now: only a clean end of a block gives it back
         lease.acquired_at = now
         lease.task = task_of(loop)
         lease.context = copy_context() if self.track_leaks else None
         lease.frame = frame
         lease.lasti = frame.f_lasti if frame is not None else 0
         lease.state = ACTIVE
-        lease.reported = False
         lease.scoped = False
-        lease.holder_cancelled = False
-        lease.running = 0
         record.place = LEASED
         record.lease = lease
         if self.leak_timer_unarmed:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import sys
 from contextvars import ContextVar
 from typing import Any
@@ -10,8 +12,9 @@ from typing import Any
 import pytest
 
 from asyncpool.connect import driver
+from asyncpool.errors import PoolError
 from asyncpool.pool.checkout import AcquireContext
-from asyncpool.pool.lease import ACTIVE, RELEASED, Lease
+from asyncpool.pool.lease import ACTIVE, GIVEN_BACK, RELEASED, Lease
 from asyncpool.pool.record import ConnectionRecord
 from asyncpool.pool.slots import UNSET
 from tests.unit.fakes import FakeServer, fake_pool, run
@@ -78,11 +81,23 @@ def test_a_clean_statement_leaves_its_lease_to_the_next_one_on_that_connection(
             assert lease.context[_SPAN] == "second caller"
             await statement
             assert record.spare is lease
-            # A checkout of `acquire()` has a lease of its own; the spare stays for the helpers.
+            # An `async with pool.acquire()` block takes it too (off the record while held), and
+            # its clean end leaves it there again.
             async with pool.acquire() as conn:
-                assert conn._lease is not spare
-                assert record.lease is conn._lease
+                assert conn._lease is spare
+                assert record.lease is spare
+                assert record.spare is None
+                # ...set as a new one would be (the acquire site's instruction was read at
+                # acquire(); the frame has run on).
+                made = _slots_of(spare)
+                expected = _slots_of(Lease(record, spare.acquired_at, sys._getframe(),
+                                           asyncio.current_task(), spare.context))
+                assert made.pop("lasti") <= expected.pop("lasti")
+                expected["scoped"] = True
+                assert made == expected
             assert record.spare is spare
+            assert spare.state is RELEASED
+            assert (spare.task, spare.context, spare.frame) == (None, None, None)
 
     run(main())
 
@@ -184,6 +199,80 @@ def test_the_probe_of_an_asyncpg_without_its_internals_uses_the_public_api() -> 
     assert in_transaction()
 
 
+def test_a_proxy_kept_past_its_block_stays_refused_when_its_lease_is_taken_again(
+        server: FakeServer) -> None:
+    # A block's clean end leaves its lease to the next checkout of that connection: the proxy the
+    # holder may keep must not see that lease come back to life under another holder.
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            slots = pool._slots
+            async with pool.acquire() as kept:
+                lease = kept._lease
+            assert kept._lease is GIVEN_BACK
+            (record,) = slots.idle
+            assert record.spare is lease
+            statement = asyncio.create_task(pool.fetchval("SELECT pg_sleep(1)"))
+            await asyncio.sleep(0.01)
+            assert record.lease is lease  # the helper holds it now, ACTIVE again
+            assert lease.state is ACTIVE
+            for use in (lambda: kept.fetchval("SELECT 1"), lambda: kept.execute("SELECT 1"),
+                        lambda: kept.prepare("SELECT 1")):
+                with pytest.raises(PoolError, match="released back to the pool"):
+                    await use()
+            with pytest.raises(PoolError, match="released back to the pool"):
+                kept.transaction()
+            with pytest.raises(PoolError, match="released back to the pool"):
+                _ = kept.raw
+            await kept.close()  # no-op: it is not the holder's any more
+            await pool.release(kept)  # as for any released connection: nothing
+            assert record.lease is lease
+            assert lease.state is ACTIVE
+            assert "released" in repr(kept)
+            await statement  # the helper's statement ran to its end, undisturbed
+            assert record.spare is lease
+            async with pool.acquire() as holder:
+                assert holder._lease is lease  # the same lease, a new proxy
+                with pytest.raises(PoolError, match="released back to the pool"):
+                    await kept.fetchval("SELECT 1")
+                assert await holder.fetchval("SELECT 1") == 1
+            assert record.spare is lease
+            assert pool.stats().in_use == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("ending", ["raised", "in a transaction", "listening", "cancelled"])
+def test_a_block_that_did_not_end_cleanly_leaves_no_spare(server: FakeServer, ending: str) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            slots = pool._slots
+            (record,) = slots.idle
+            with contextlib.suppress(LookupError, asyncio.CancelledError):
+                async with pool.acquire() as conn:
+                    lease = conn._lease
+                    if ending == "raised":
+                        raise LookupError
+                    if ending == "in a transaction":
+                        await conn.execute("BEGIN")
+                    elif ending == "listening":
+                        await conn.add_listener("channel", lambda *_: None)
+                    else:
+                        task = asyncio.current_task()
+                        assert task is not None
+                        task.cancel()
+                        await asyncio.sleep(0)
+            assert record.spare is None
+            assert lease.state is RELEASED
+            assert conn._lease is lease  # not GIVEN_BACK: the lease itself says released
+            with pytest.raises(PoolError, match="released back to the pool"):
+                await conn.fetchval("SELECT 1")
+            assert slots.idle == collections.deque([record])  # reset where needed, and back
+            assert not record.probe.is_in_transaction()
+            assert not record.conn._listeners
+
+    run(main())
+
+
 def test_the_acquire_paths_context_lease_and_proxy_set_every_slot_as_the_constructors_would(
         server: FakeServer) -> None:
     # `pool.acquire()` builds its context, `checkout_nowait` the lease and the context the proxy
@@ -195,7 +284,7 @@ def test_the_acquire_paths_context_lease_and_proxy_set_every_slot_as_the_constru
             context = pool.acquire()
             made_context = {name: getattr(context, name) for name in AcquireContext.__slots__}
             assert made_context == {"_owner": slots, "_timeout": UNSET,
-                                    "_frame": sys._getframe(), "_lease": None}
+                                    "_frame": sys._getframe(), "_lease": None, "_conn": None}
             reference = AcquireContext(slots, UNSET, sys._getframe())
             assert made_context == {name: getattr(reference, name) for name in AcquireContext.__slots__}
             async with context as conn:
