@@ -8,18 +8,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from asyncpool.testing import PostgresServer
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_overhead.py"
 
 
-async def test_the_python_case_runs_against_the_pool_as_it_is(postgres: PostgresServer) -> None:
-    spec = importlib.util.spec_from_file_location("bench_overhead_python", BENCH)
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_overhead_under_test", BENCH)
     assert spec is not None
     assert spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+async def test_the_python_case_runs_against_the_pool_as_it_is(postgres: PostgresServer) -> None:
+    bench = _bench()
     samples = await bench.python_case(postgres.dsn(), argparse.Namespace(rounds=1, block=1),
                                       instances=2)
     assert set(samples.cpu) == {bench.RAW, bench.POOL_FETCHVAL, bench.POOL_ACQUIRE}
@@ -29,11 +35,7 @@ async def test_the_python_case_runs_against_the_pool_as_it_is(postgres: Postgres
 async def test_the_floor_contender_answers_as_the_pool_does(postgres: PostgresServer) -> None:
     # `--floor`'s acquire block runs asyncpg's statement itself: it must answer what the pool's
     # acquire block answers, or its cost says nothing about the pool's.
-    spec = importlib.util.spec_from_file_location("bench_overhead_floor", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     contenders = {bench.FLOOR: bench._floor, bench.POOL_ACQUIRE: bench.CONTENDERS[bench.POOL_ACQUIRE],
                   bench.RAW: bench.CONTENDERS[bench.RAW]}
     answers = {}

@@ -142,17 +142,11 @@ def spare_lease(record: ConnectionRecord) -> Lease:
 
 
 def _given_back() -> Lease:
-    lease = object.__new__(Lease)
+    lease = spare_lease(None)  # type: ignore[arg-type]  # (of no connection)
     lease.acquired_at = 0.0
     lease.task = None
     lease.context = None
-    lease.frame = None
-    lease.lasti = 0
     lease.state = RELEASED
-    lease.reported = False
-    lease.scoped = True
-    lease.holder_cancelled = False
-    lease.running = 0
     return lease
 
 

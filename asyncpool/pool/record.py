@@ -57,8 +57,9 @@ class ConnectionRecord:
         # table of the pool's, which every checkout and return would write (a hashed insert and
         # delete, and two more objects to touch per query).
         self.lease: Lease | None = None
-        # The statement runner's last lease on this connection, ended cleanly (nothing else
-        # holds it): the next one reuses it.
+        # The last lease on this connection that ended cleanly, in a statement runner or at
+        # the end of an `async with pool.acquire()` block (whose proxy no longer refers to it:
+        # `GIVEN_BACK`): the next checkout takes it instead of making one (`spare_lease`).
         self.spare: Lease | None = None
         # Validate before the next checkout whatever the clock says (a thaw or a restore, where
         # the monotonic clock is not known to have advanced): `check_at` stays at minus infinity,

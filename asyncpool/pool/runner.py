@@ -46,9 +46,9 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
     is asked through the record's probe (compiled methods of asyncpg's protocol) rather
     than its Python methods: about 1.8 µs per query less. A lease that ended cleanly here is
     kept on its record (`ConnectionRecord.spare`: nothing else can hold it) and the next
-    statement on that connection takes it again, setting only what changes: 1,300
-    instructions per query less, and fewer simulated cache misses with 150 pools, than a new
-    one each time (benchmarks/README.md). Anything else goes the general way, an acquire
+    statement or acquire block on that connection takes it again, setting only what changes:
+    1,300 instructions per query less, and fewer simulated cache misses with 150 pools, than a
+    new one each time (benchmarks/README.md). Anything else goes the general way, an acquire
     context and its proxy (someone in line, a check due, a ``setup`` hook, ``max_queries``),
     written after the common case so that the code run on every query spans fewer cache
     lines (-0.3 µs per query, benchmarks/README.md). ``fetch``,
