@@ -152,7 +152,7 @@ def _given_back() -> Lease:
 
 #: What a proxy handed out by ``async with pool.acquire()`` refers to once its block gave the
 #: connection back and its own lease went to the record as the spare, to be taken again: a
-#: released lease of no connection (``record`` unset), so that a reference kept past the block
+#: released lease of no connection (``record`` is None), so that a reference kept past the block
 #: is refused as released whoever holds the connection next.
 GIVEN_BACK = _given_back()
 
