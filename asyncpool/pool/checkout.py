@@ -171,10 +171,12 @@ class AcquireContext:
                 lease.task = None  # (a finished task keeps its result)
                 lease.context = None
                 # The lease stays with the record for the next checkout to take (no allocation:
-                # `Slots.checkout_nowait`); the proxy, which the holder may keep, is pointed at
-                # a released lease of no connection, so it stays refused whoever holds the
-                # connection next.
+                # `Slots.checkout_nowait`); the proxy, which the holder may keep, and this
+                # context (exited again, it must not end the next holder's checkout) are pointed
+                # at a released lease of no connection, so they stay refused, or do nothing,
+                # whoever holds the connection next.
                 proxy._lease = GIVEN_BACK
+                self._lease = GIVEN_BACK
                 record.spare = lease
                 if owner.on_released is not None:
                     owner.on_released(now - lease.acquired_at)
@@ -308,6 +310,8 @@ class TransactionContext(AcquireContext):
         tb: TracebackType | None,
     ) -> None:
         lease = self._lease
+        if lease is GIVEN_BACK:  # exited before, committed: a second exit changes nothing
+            return
         usable = lease is not None and lease.active and not lease.record.conn.is_closed()
         if not usable or self._tx is None:
             await super().__aexit__(exc_type, exc, tb)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from asyncpool.connect import driver
-from asyncpool.errors import PoolError
+from asyncpool.errors import PoolError, PoolTimeoutError
 from asyncpool.pool.checkout import AcquireContext
 from asyncpool.pool.lease import ACTIVE, GIVEN_BACK, RELEASED, Lease
 from asyncpool.pool.record import ConnectionRecord
@@ -237,6 +237,36 @@ def test_a_proxy_kept_past_its_block_stays_refused_when_its_lease_is_taken_again
                 assert await holder.fetchval("SELECT 1") == 1
             assert record.spare is lease
             assert pool.stats().in_use == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["acquire", "transaction"])
+def test_a_context_exited_again_does_not_end_the_next_holders_checkout(server: FakeServer,
+                                                                      kind: str) -> None:
+    # The context still refers to its lease after the block, and the next checkout reuses that
+    # very lease: exited again, the context must do nothing to it.
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1, acquire_timeout=0.1) as pool:
+            slots = pool._slots
+            context = pool.acquire() if kind == "acquire" else pool.transaction()
+            async with context as first:
+                lease = first._lease
+            (record,) = slots.idle
+            assert record.spare is lease
+            async with pool.acquire() as holder:
+                assert holder._lease is lease  # taken again
+                await context.__aexit__(None, None, None)
+                assert lease.state is ACTIVE
+                assert record.lease is lease
+                assert await holder.fetchval("SELECT 1") == 1
+                with pytest.raises(PoolTimeoutError):  # still held: nothing for another one
+                    async with pool.acquire():
+                        pass
+                with pytest.raises(PoolError, match="already used"):
+                    await context.__aenter__()
+            assert pool.stats().in_use == 0
+            assert record.spare is lease
 
     run(main())
 

@@ -57,6 +57,7 @@ from asyncpool import (
     ConnectionLostError,
     Pool,
     PoolClosedError,
+    PoolError,
     PoolTimeoutError,
 )
 from asyncpool.connect import driver
@@ -68,6 +69,8 @@ from tests.unit.fakes import FakeConnection, FakeServer, VirtualClockLoop, fake_
 
 EXAMPLES = int(os.environ.get("ASYNCPOOL_MODEL_EXAMPLES", "1000"))
 MAX_USERS = 8
+# The proxies kept past their checkouts for `use_a_kept_connection` (the most recent).
+_KEPT = 8
 BATCH = 2000
 
 # What a user may see from the pool. Driver errors only as a connection dies under a query.
@@ -136,6 +139,8 @@ class PoolModel(RuleBasedStateMachine):
         self.users: list[_User] = []
         self.holders: dict[FakeConnection, _User] = {}
         self._user_of: dict[asyncio.Task[Any], _User] = {}
+        # The proxies users were handed (the last few), kept past their checkouts.
+        self.kept: list[tuple[_User, Any]] = []
         self.pool: Pool | None = None
         self.closer: asyncio.Task[None] | None = None
         self.max_size = 1
@@ -201,6 +206,7 @@ class PoolModel(RuleBasedStateMachine):
             f"{raw} handed out unchecked after mark_stale()")
         self.holders[raw] = user
         user.conn = raw
+        self.kept = [*self.kept[-(_KEPT - 1):], (user, conn)]
 
     def _gave_back(self) -> None:
         task = asyncio.current_task()
@@ -265,6 +271,32 @@ class PoolModel(RuleBasedStateMachine):
             self.users.append(user)
             self._user_of[task] = user
         self._settle()
+
+    @precondition(lambda self: any(user.task.done() for user, _ in self.kept))
+    @rule(index=st.integers(0, _KEPT - 1), hold_first=st.booleans())
+    def use_a_kept_connection(self, index: int, hold_first: bool) -> None:
+        """A connection used after its user's checkout ended (its lease may be another user's
+        now: the spare a clean return leaves) is refused before anything is sent. With
+        `hold_first`, a new user takes a connection and holds it first: the most recently
+        returned one, whose lease a kept connection is likely to have had."""
+        if hold_first and len([u for u in self.users if not u.task.done()]) < MAX_USERS:
+            self.start_user("with", 2.0, "default")
+        ended = [conn for user, conn in self.kept if user.task.done()]
+        conn = ended[index % len(ended)]
+        outcome: list[BaseException | None] = []
+
+        async def use() -> None:
+            try:
+                await conn.fetchval("SELECT 1")
+            except PoolError as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        self.loop.create_task(use())
+        self._settle()
+        assert outcome, "a kept connection's statement did not end"
+        assert outcome[0] is not None, "a connection kept past its checkout ran a statement"
 
     @precondition(lambda self: any(not u.task.done() for u in self.users))
     @rule(index=st.integers(0, MAX_USERS - 1))
