@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 #: A per-checkout hook: `PoolObserver.acquired` or `.released`, given seconds.
@@ -155,6 +157,141 @@ class ObserverGroup(PoolObserver):
 
 
 _NOTHING = contextlib.nullcontext()
+
+logger = logging.getLogger("asyncpool.pool")
+
+
+class GuardedObserver(PoolObserver):
+    """An observer given to the pool (`Pool(observers=[...])`), kept from breaking it: what one
+    of its hooks raises is logged, once per hook, and the pool goes on as if it had returned.
+    Raised in the middle of a checkout or a return, it would otherwise leave a connection
+    counted in use that nobody holds, or a slot lost."""
+
+    def __init__(self, inner: PoolObserver) -> None:
+        self.inner = inner
+        self._pool_name = ""
+        self._reported: set[str] = set()
+
+    def failed(self, hook: str) -> None:
+        """Log the exception being handled, raised by the observer's `hook` (the first time)."""
+        if hook in self._reported:
+            return
+        self._reported.add(hook)
+        logger.warning(
+            "pool %r: observer %s raised in %s(); the pool went on as if it had returned "
+            "(later failures of this hook are not logged)", self._pool_name,
+            type(self.inner).__qualname__, hook, exc_info=True)
+
+    def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
+        self._pool_name = pool_name
+        try:
+            self.inner.attach(pool_name, stats)
+        except Exception:
+            self.failed("attach")
+
+    def detach(self) -> None:
+        try:
+            self.inner.detach()
+        except Exception:
+            self.failed("detach")
+
+    def pool_statement(self, purpose: str) -> contextlib.AbstractContextManager[object]:
+        try:
+            return _GuardedContext(self, self.inner.pool_statement(purpose))
+        except Exception:
+            self.failed("pool_statement")
+            return _NOTHING
+
+    def connect_attempted(self, attempt: ConnectAttempt) -> None:
+        try:
+            self.inner.connect_attempted(attempt)
+        except Exception:
+            self.failed("connect_attempted")
+
+    def connection_closed(self, reason: str) -> None:
+        try:
+            self.inner.connection_closed(reason)
+        except Exception:
+            self.failed("connection_closed")
+
+    def acquired(self, wait_seconds: float) -> None:
+        try:
+            self.inner.acquired(wait_seconds)
+        except Exception:
+            self.failed("acquired")
+
+    def released(self, use_seconds: float) -> None:
+        try:
+            self.inner.released(use_seconds)
+        except Exception:
+            self.failed("released")
+
+    def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
+        try:
+            acquired, released = self.inner.checkout_hooks()
+        except Exception:
+            self.failed("checkout_hooks")
+            return None, None
+        # Only the hooks the observer has (None stays None: the pool then skips the call).
+        return (None if acquired is None else self._guard(acquired, "acquired"),
+                None if released is None else self._guard(released, "released"))
+
+    def _guard(self, hook: Hook, name: str) -> Hook:
+        def guarded(seconds: float) -> None:
+            try:
+                hook(seconds)
+            except Exception:
+                self.failed(name)
+
+        return guarded
+
+    def timed_out(self) -> None:
+        try:
+            self.inner.timed_out()
+        except Exception:
+            self.failed("timed_out")
+
+    def validation_failed(self) -> None:
+        try:
+            self.inner.validation_failed()
+        except Exception:
+            self.failed("validation_failed")
+
+    def leaked(self, report: LeakReport) -> None:
+        try:
+            self.inner.leaked(report)
+        except Exception:
+            self.failed("leaked")
+
+
+class _GuardedContext(contextlib.AbstractContextManager[object]):
+    """An observer's `pool_statement` context, kept from failing the pool's statement: its exit
+    cannot swallow the statement's error either."""
+
+    def __init__(self, guard: GuardedObserver, inner: contextlib.AbstractContextManager[object]
+                 ) -> None:
+        self._guard = guard
+        self._inner: contextlib.AbstractContextManager[object] | None = inner
+
+    def __enter__(self) -> object:
+        inner = self._inner
+        assert inner is not None
+        try:
+            return inner.__enter__()
+        except Exception:
+            self._inner = None  # not entered: not exited
+            self._guard.failed("pool_statement")
+            return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        inner = self._inner
+        if inner is None:
+            return
+        try:
+            inner.__exit__(exc_type, exc, tb)
+        except Exception:
+            self._guard.failed("pool_statement")
 
 
 def _together(hooks: list[Hook]) -> Hook | None:

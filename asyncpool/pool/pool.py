@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolError, config_errors_without_frames
-from asyncpool.observer import ObserverGroup, PoolObserver
+from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
 from asyncpool.options import PoolOptions, check_timeout, resolve, with_connect_args
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection
@@ -117,7 +117,12 @@ class Pool:
         return self
 
     def _build_observer(self) -> PoolObserver:
-        observers = list(self._extra_observers)
+        # The caller's observers run guarded: one that raises must not stop a checkout half way
+        # (the pool's own telemetry observer, which does not raise, is not wrapped).
+        builtin = getattr(sys.modules.get("asyncpool.telemetry.telemetry_observer"),
+                          "TelemetryObserver", None)
+        observers: list[PoolObserver] = [
+            obs if type(obs) is builtin else GuardedObserver(obs) for obs in self._extra_observers]
         if self.config.telemetry:
             from asyncpool.telemetry import TelemetryObserver
 
