@@ -69,8 +69,10 @@ from tests.unit.fakes import FakeConnection, FakeServer, VirtualClockLoop, fake_
 
 EXAMPLES = int(os.environ.get("ASYNCPOOL_MODEL_EXAMPLES", "1000"))
 MAX_USERS = 8
-# The proxies kept past their checkouts for `use_a_kept_connection` (the most recent).
+# The proxies kept past their checkouts for `use_a_kept_connection` (the most recent), of the
+# users whose checkout is a block (it has ended when their task has).
 _KEPT = 8
+_BLOCKS = frozenset({"with", "listen", "tx", "tx_fail"})
 BATCH = 2000
 
 # What a user may see from the pool. Driver errors only as a connection dies under a query.
@@ -206,7 +208,8 @@ class PoolModel(RuleBasedStateMachine):
             f"{raw} handed out unchecked after mark_stale()")
         self.holders[raw] = user
         user.conn = raw
-        self.kept = [*self.kept[-(_KEPT - 1):], (user, conn)]
+        if user.kind in _BLOCKS:  # (a checkout without a block may outlive its user's task)
+            self.kept = [*self.kept[-(_KEPT - 1):], (user, conn)]
 
     def _gave_back(self) -> None:
         task = asyncio.current_task()
@@ -275,7 +278,7 @@ class PoolModel(RuleBasedStateMachine):
     @precondition(lambda self: any(user.task.done() for user, _ in self.kept))
     @rule(index=st.integers(0, _KEPT - 1), hold_first=st.booleans())
     def use_a_kept_connection(self, index: int, hold_first: bool) -> None:
-        """A connection used after its user's checkout ended (its lease may be another user's
+        """A connection used after its user's block ended (its lease may be another user's
         now: the spare a clean return leaves) is refused before anything is sent. With
         `hold_first`, a new user takes a connection and holds it first: the most recently
         returned one, whose lease a kept connection is likely to have had."""
