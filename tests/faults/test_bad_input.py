@@ -21,6 +21,7 @@ from asyncpool import (
     PoolConfig,
     PoolConfigError,
     PoolError,
+    PoolTimeoutError,
 )
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.invariants import chain
@@ -228,7 +229,9 @@ async def test_a_failed_login_is_logged_with_the_pool_named_once(
     for dsn in (no_database, refused):
         async with Pool(dsn, name="bad", min_size=0, acquire_timeout=1, connect_timeout=1,
                         telemetry=False) as pool:
-            with pytest.raises(ConnectError):
+            # (On a loaded machine the refused logins' retries can still be under way when the
+            # acquire's second runs out: PoolTimeoutError, with the connect error as its last.)
+            with pytest.raises((ConnectError, PoolTimeoutError)):
                 await pool.fetchval("SELECT 1")
     pool = Pool(no_database, name="bad", min_size=1, telemetry=False)
     await pool.open(wait=False)
