@@ -182,18 +182,18 @@ class GuardedObserver(PoolObserver):
             "(later failures of this hook are not logged)", self._pool_name,
             type(self.inner).__qualname__, hook, exc_info=True)
 
+    def _call(self, hook: str, method: Callable[..., object], *args: object) -> None:
+        try:
+            method(*args)
+        except Exception:
+            self.failed(hook)
+
     def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
         self._pool_name = pool_name
-        try:
-            self.inner.attach(pool_name, stats)
-        except Exception:
-            self.failed("attach")
+        self._call("attach", self.inner.attach, pool_name, stats)
 
     def detach(self) -> None:
-        try:
-            self.inner.detach()
-        except Exception:
-            self.failed("detach")
+        self._call("detach", self.inner.detach)
 
     def pool_statement(self, purpose: str) -> contextlib.AbstractContextManager[object]:
         try:
@@ -203,28 +203,16 @@ class GuardedObserver(PoolObserver):
             return _NOTHING
 
     def connect_attempted(self, attempt: ConnectAttempt) -> None:
-        try:
-            self.inner.connect_attempted(attempt)
-        except Exception:
-            self.failed("connect_attempted")
+        self._call("connect_attempted", self.inner.connect_attempted, attempt)
 
     def connection_closed(self, reason: str) -> None:
-        try:
-            self.inner.connection_closed(reason)
-        except Exception:
-            self.failed("connection_closed")
+        self._call("connection_closed", self.inner.connection_closed, reason)
 
     def acquired(self, wait_seconds: float) -> None:
-        try:
-            self.inner.acquired(wait_seconds)
-        except Exception:
-            self.failed("acquired")
+        self._call("acquired", self.inner.acquired, wait_seconds)
 
     def released(self, use_seconds: float) -> None:
-        try:
-            self.inner.released(use_seconds)
-        except Exception:
-            self.failed("released")
+        self._call("released", self.inner.released, use_seconds)
 
     def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
         try:
@@ -238,30 +226,18 @@ class GuardedObserver(PoolObserver):
 
     def _guard(self, hook: Hook, name: str) -> Hook:
         def guarded(seconds: float) -> None:
-            try:
-                hook(seconds)
-            except Exception:
-                self.failed(name)
+            self._call(name, hook, seconds)
 
         return guarded
 
     def timed_out(self) -> None:
-        try:
-            self.inner.timed_out()
-        except Exception:
-            self.failed("timed_out")
+        self._call("timed_out", self.inner.timed_out)
 
     def validation_failed(self) -> None:
-        try:
-            self.inner.validation_failed()
-        except Exception:
-            self.failed("validation_failed")
+        self._call("validation_failed", self.inner.validation_failed)
 
     def leaked(self, report: LeakReport) -> None:
-        try:
-            self.inner.leaked(report)
-        except Exception:
-            self.failed("leaked")
+        self._call("leaked", self.inner.leaked, report)
 
 
 class _GuardedContext(contextlib.AbstractContextManager[object]):
