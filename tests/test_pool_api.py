@@ -819,6 +819,52 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
         asyncio.run(main())
 
 
+@pytest.mark.parametrize("pool_loop", ["asyncio", "uvloop"])
+def test_cursors_opened_on_the_pools_loop_refuse_another_thread(postgres: PostgresServer,
+                                                                pool_loop: str) -> None:
+    """A cursor (``await conn.cursor(...)``, also from a prepared statement) or a cursor
+    iterator opened on the pool's loop and then used from another thread's loop is refused
+    before its FETCH or MOVE is sent, and goes on from where it was on its own loop."""
+    async def main() -> None:
+        async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool:
+            async with pool.acquire() as conn, conn.transaction():
+                query = "SELECT n FROM generate_series(1, 10) AS n"
+                cursor = await conn.cursor(query)
+                from_statement = await (await conn.prepare(query)).cursor()
+                iterator = conn.cursor(query, prefetch=2).__aiter__()
+                assert await iterator.__anext__() == (1,)  # open, with a page fetched
+
+                def from_another_thread() -> list[str]:
+                    async def attempts() -> list[str]:
+                        calls: list[Callable[[], Awaitable[object]]] = [
+                            lambda: cursor.fetch(2), cursor.fetchrow, lambda: cursor.forward(1),
+                            lambda: from_statement.fetch(1), iterator.__anext__]
+                        errors = []
+                        for call in calls:
+                            with pytest.raises(asyncpool.PoolError,
+                                               match=r"another thread or event loop") as info:
+                                await call()
+                            errors.append(str(info.value))
+                        return errors
+
+                    return asyncio.run(attempts())
+
+                errors = await asyncio.to_thread(from_another_thread)
+                assert [e.split("(")[0] for e in errors] == [
+                    "Cursor.fetch", "Cursor.fetchrow", "Cursor.forward", "Cursor.fetch",
+                    "CursorIterator.__anext__"]
+                # Nothing moved: each goes on from where it was.
+                assert await cursor.fetchrow() == (1,)
+                assert await from_statement.fetch(2) == [(1,), (2,)]
+                assert [row async for row in iterator] == [(n,) for n in range(2, 11)]
+            assert pool.stats().in_use == 0
+
+    if pool_loop == "uvloop":
+        pytest.importorskip("uvloop").run(main())
+    else:
+        asyncio.run(main())
+
+
 def test_a_connection_held_into_another_loop_of_its_thread_is_refused(
         postgres: PostgresServer) -> None:
     """Held while its loop stopped, a connection is refused on the next loop the thread runs

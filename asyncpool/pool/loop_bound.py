@@ -1,18 +1,18 @@
-"""asyncpg's transactions, prepared statements and cursor factories made through a held
-connection, bound to the connection's event loop: used from another thread or loop, asyncpg
-would send the statement and only then fail waiting for its reply (it ran on the server while
-the caller got an error), so they refuse first, as the connection itself does
+"""asyncpg's transactions, prepared statements, cursor factories and the cursors they open,
+made through a held connection, bound to the connection's event loop: used from another thread
+or loop, asyncpg would send the statement and only then fail waiting for its reply (it ran on the
+server while the caller got an error), so they refuse first, as the connection itself does
 (`PooledConnection`)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from threading import get_ident
 from typing import Any, TypeVar
 
-from asyncpg.cursor import CursorFactory
+from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
 from asyncpg.transaction import Transaction
 
@@ -82,6 +82,22 @@ class PooledTransaction(_OnItsLoop, Transaction):  # type: ignore[misc]
 class PooledCursorFactory(_OnItsLoop, CursorFactory):  # type: ignore[misc]
     __slots__ = ()
 
+    # The cursors it opens stay bound too: one opened here and used from another loop later.
+    def __aiter__(self) -> Any:
+        return bind(super().__aiter__())
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        cursor = yield from super().__await__()
+        return bind(cursor)
+
+
+class PooledCursor(_OnItsLoop, Cursor):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class PooledCursorIterator(_OnItsLoop, CursorIterator):  # type: ignore[misc]
+    __slots__ = ()
+
 
 class PooledPreparedStatement(_OnItsLoop, PreparedStatement):  # type: ignore[misc]
     __slots__ = ()
@@ -98,7 +114,8 @@ class PooledPreparedStatement(_OnItsLoop, PreparedStatement):  # type: ignore[mi
 
 
 _BOUND: dict[type, type] = {Transaction: PooledTransaction, CursorFactory: PooledCursorFactory,
-                            PreparedStatement: PooledPreparedStatement}
+                            PreparedStatement: PooledPreparedStatement, Cursor: PooledCursor,
+                            CursorIterator: PooledCursorIterator}
 
 
 def bind(resource: R) -> R:
