@@ -30,10 +30,10 @@ from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.integrations.invocation import LocalContext
 from asyncpool.integrations.lambda_runner import LambdaRunner
 from asyncpool.testing.admin import AdminConsole
+from tests.script_support import REPO
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parents[1]
 POWERTOOLS_EXAMPLE = REPO / "examples" / "lambda_powertools"
 
 

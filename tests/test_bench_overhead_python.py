@@ -6,22 +6,16 @@ connection back."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 from asyncpool.testing import PostgresServer
+from tests.script_support import REPO, load_script
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_overhead.py"
+BENCH = REPO / "benchmarks" / "bench_overhead.py"
 
 
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_overhead_under_test", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+def _bench() -> ModuleType:
+    return load_script(BENCH, "bench_overhead_under_test")
 
 
 async def test_the_python_case_runs_against_the_pool_as_it_is(postgres: PostgresServer) -> None:

@@ -24,7 +24,8 @@ from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
 from asyncpool.integrations.invocation import LocalContext, current_invocation
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
-from tests.lambda_env import REPO, RuntimeThread, app_clients, load_event, local_port, scratch_table
+from tests.lambda_env import RuntimeThread, app_clients, load_event, local_port, scratch_table
+from tests.script_support import REPO
 
 HTTP_API_EVENT = load_event(REPO / "examples" / "fastapi_mangum" / "events" / "hello_v2.json")
 

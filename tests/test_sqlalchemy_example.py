@@ -4,7 +4,6 @@ the Lambda runtime would (one thread, one event after another), through PgBounce
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from collections.abc import Iterator
 from types import ModuleType
@@ -18,7 +17,8 @@ from asyncpool import Pool
 from asyncpool.integrations.invocation import LocalContext
 from asyncpool.integrations.sqlalchemy import create_async_engine
 from asyncpool.testing import PgBouncerServer
-from tests.lambda_env import REPO, RuntimeThread, load_event
+from tests.lambda_env import RuntimeThread, load_event
+from tests.script_support import REPO, load_script
 
 EXAMPLE = REPO / "examples" / "sqlalchemy_fastapi"
 
@@ -31,12 +31,7 @@ def runtime() -> Iterator[RuntimeThread]:
 
 
 def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sqlalchemy_notes_app", EXAMPLE / "notes_app.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE / "notes_app.py", "sqlalchemy_notes_app")
 
 
 async def test_example_serves_invocations_from_one_pool(

@@ -3,7 +3,6 @@ opentelemetry-instrumentation-asyncpg's query spans form one trace per request, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,17 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Pooler
+from tests.script_support import load_script
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "telemetry" / "one_trace.py"
 
 
 def example_constants() -> Any:
-    spec = importlib.util.spec_from_file_location("one_trace_example", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines things only: main() runs under __main__
-    return module
+    return load_script(EXAMPLE, "one_trace_example")  # defines things only: main() runs under __main__
 
 
 def run_example(dsn: str) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ from typing import Any
 
 from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.lambda_runtime import LambdaProcess, Outcome, RuntimeAPI
-from tests.lambda_env import POWERTOOLS_EXAMPLE, REPO, app_clients
+from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients
+from tests.script_support import REPO
 
 FUNCTIONS = REPO / "tests" / "lambda_functions"
 # How PgBouncer logs a client leaving: with a Terminate message, or with the socket vanishing.

@@ -12,7 +12,7 @@ import pytest
 
 from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.lambda_runtime import RuntimeAPI
-from tests.lambda_env import REPO, app_clients, load_event
+from tests.lambda_env import app_clients, load_event
 from tests.lambda_runtime.support import (
     CLEAN_CLOSE,
     departures,
@@ -21,6 +21,7 @@ from tests.lambda_runtime.support import (
     response,
     wait_for_no_clients,
 )
+from tests.script_support import REPO
 
 # The 3.12 / 3.13 test venvs (requirements/matrix.in) leave FastAPI out.
 pytest.importorskip("mangum")

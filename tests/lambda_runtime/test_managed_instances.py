@@ -12,12 +12,13 @@ from pathlib import Path
 
 from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.lambda_runtime import RuntimeAPI
-from tests.lambda_env import REPO, app_clients
+from tests.lambda_env import app_clients
 from tests.lambda_runtime.support import (
     FUNCTIONS,
     environment,
     response,
 )
+from tests.script_support import REPO
 
 WORKERS = 4
 

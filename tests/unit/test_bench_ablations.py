@@ -4,27 +4,14 @@ the runner it builds must run a statement (else the benchmark measures something
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import MethodType, ModuleType
+from types import MethodType
 
 import pytest
 
+from tests.script_support import REPO, load_script
 from tests.unit.fakes import FakeServer, fake_pool
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_overhead.py"
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH_MODULE = _bench()
+BENCH_MODULE = load_script(REPO / "benchmarks" / "bench_overhead.py", "bench_overhead")
 
 
 @pytest.mark.parametrize("name", list(BENCH_MODULE.ABLATIONS))
