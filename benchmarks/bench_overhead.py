@@ -77,6 +77,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from acquire_ablations import ACQUIRE_ABLATIONS, ablated_classes  # (beside this script)
+
 from asyncpool.testing.affinity import PLACEMENTS
 
 if TYPE_CHECKING:
@@ -365,6 +367,31 @@ def _ablated(name: str) -> Instance:
         pool.fetchval = MethodType(runner, pool._slots)  # type: ignore[method-assign]
         async def query(i: int) -> Any:
             return await pool.fetchval(QUERY, i)
+
+        try:
+            yield query
+        finally:
+            await pool.close()
+
+    return instance
+
+
+def _acquire_ablated(name: str) -> Instance:
+    """A pool whose acquire path has `ACQUIRE_ABLATIONS[name]` applied, queried as the pool's
+    acquire contender is."""
+
+    @asynccontextmanager
+    async def instance(dsn: str) -> AsyncIterator[Query]:
+        import asyncpool
+
+        swap = ablated_classes(name)
+        pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
+                                           telemetry=False)
+        swap(pool)
+
+        async def query(i: int) -> Any:
+            async with pool.acquire() as conn:
+                return await conn.fetchval(QUERY, i)
 
         try:
             yield query
@@ -797,6 +824,8 @@ def _add_stand_ins(args: argparse.Namespace) -> None:
         stand_ins.update({name: _ladder_step(step) for step, name in enumerate(LADDER)})
     if args.ablate or args.child in ABLATIONS:
         stand_ins.update({name: _ablated(name) for name in ABLATIONS})
+    if args.ablate_acquire or args.child in ACQUIRE_ABLATIONS:
+        stand_ins.update({name: _acquire_ablated(name) for name in ACQUIRE_ABLATIONS})
     if not stand_ins:
         return
     for other in (UNNAMED, ASYNCPG_POOL, PSYCOPG_POOL):
@@ -827,7 +856,7 @@ def main() -> None:
     parser.add_argument("--simulate", action="store_true",
                         help="instructions: also the misses of cachegrind's simulated caches and "
                              "branch predictor (I1, D1, mispredictions)")
-    parser.add_argument("--child", choices=[*CONTENDERS, *LADDER, *ABLATIONS, FLOOR],
+    parser.add_argument("--child", choices=[*CONTENDERS, *LADDER, *ABLATIONS, *ACQUIRE_ABLATIONS, FLOOR],
                         help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
@@ -840,6 +869,9 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="raw asyncpg and the pool against the pool's statement runner with one "
                              "piece of its bookkeeping taken out each (replaces the other contenders)")
+    parser.add_argument("--ablate-acquire", action="store_true",
+                        help="raw asyncpg and the pool against its acquire path with one piece of "
+                             "its bookkeeping taken out each (benchmarks/acquire_ablations.py)")
     parser.add_argument("--pin", choices=PLACEMENTS, default="same",
                         help="CPU placement of client and servers (asyncpool/testing/affinity.py)")
     args = parser.parse_args()

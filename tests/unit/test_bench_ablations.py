@@ -1,6 +1,7 @@
 """`benchmarks/bench_overhead.py --ablate` compiles the pool's statement runner from its source
-with pieces taken out: each ablation must still find its lines in the runner as it is now, and
-the runner it builds must run a statement (else the benchmark measures something else)."""
+with pieces taken out (`--ablate-acquire`: its acquire path): each ablation must still find its
+lines in the code as it is now, and what it builds must run a statement (else the benchmark
+measures something else)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,35 @@ def test_the_report_says_which_glibc_regime_raw_asyncpg_ran_in(
         samples.add_pass(dict(zip(names, [raw, 54.0, 58.0, 63.0], strict=True)))
         bench.report("single", samples, 3.0)
         assert regime in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(BENCH_MODULE.ACQUIRE_ABLATIONS))
+async def test_each_acquire_ablation_applies_to_the_path_as_it_is_and_runs_a_block(
+        server: FakeServer, name: str) -> None:
+    """`--ablate-acquire` swaps a pool's classes for ones compiled from the acquire path's source
+    with pieces taken out (benchmarks/acquire_ablations.py): the blocks it times run through them."""
+    swap = BENCH_MODULE.ablated_classes(name)
+    async with fake_pool(server, max_size=1) as pool:
+        swap(pool)
+        for _ in range(2):
+            context = pool.acquire()
+            async with context as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+                held = context._lease
+                assert held is not None
+                site = held.frame
+            assert (type(pool).__name__, type(context).__name__, type(conn).__name__) == (
+                "AblatedPool", "AblatedContext", "AblatedConnection")
+            without_site = name in ("acquire without the acquire site",
+                                    "acquire without all of the above")
+            assert (site is None) is without_site
+        assert pool.stats().idle == 1
+
+
+def test_an_acquire_ablation_whose_lines_are_gone_says_so() -> None:
+    BENCH_MODULE.ACQUIRE_ABLATIONS["not in the path"] = [("exit", "no such line", "")]
+    try:
+        with pytest.raises(SystemExit, match=r"AcquireContext\.__aexit__ changed"):
+            BENCH_MODULE.ablated_classes("not in the path")
+    finally:
+        del BENCH_MODULE.ACQUIRE_ABLATIONS["not in the path"]
