@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 50]
         [--instances 500] [--seconds 2] [--warmup 1] [--all]
         [--only python|python-fleet|single|fleet] [--uvloop]
-        [--ladder | --floor]
+        [--ladder | --floor | --ablate | --ablate-acquire]
     .venv/bin/python benchmarks/bench_overhead.py --only instructions [--rounds 3]
-        [--instr-queries 500] [--instr-instances 1] [--simulate] [--ladder | --ablate | --floor] [--all]
+        [--instr-queries 500] [--instr-instances 1] [--simulate]
+        [--ladder | --ablate | --ablate-acquire | --floor] [--all]
         [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
@@ -53,6 +54,9 @@ an ``async with pool.acquire()`` + proxy API can cost, checks and records left o
 `--ablate` (best with `--only instructions`) is the other way round:
 the pool's own statement runner with one piece of its bookkeeping taken out each (the context
 copy, the holding task, the checks, the lease kept on the record, the count and hooks).
+`--ablate-acquire` does the same for ``async with pool.acquire()`` + ``conn.fetchval``
+(benchmarks/acquire_ablations.py): the acquire site, the context copy, the holding task, the
+checks before taking, in the statement and at the return, the count and hooks, and all at once.
 
 Each sample of a contender is paired with raw asyncpg's sample of the same pass (next to it in
 time), so a busy neighbour moves both. The report gives medians, the extra µs per query over raw
@@ -815,8 +819,8 @@ def _drop_missing_libraries() -> None:
 
 
 def _add_stand_ins(args: argparse.Namespace) -> None:
-    """`--ladder`, `--ablate` and `--floor`: their contenders replace the others but raw asyncpg
-    and the pool, in the single case unless instructions are counted."""
+    """`--ladder`, `--ablate`, `--ablate-acquire` and `--floor`: their contenders replace the
+    others but raw asyncpg and the pool, in the single case unless instructions are counted."""
     stand_ins: dict[str, Instance] = {}
     if args.floor or args.child == FLOOR:
         stand_ins[FLOOR] = _floor
