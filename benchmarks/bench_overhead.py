@@ -124,11 +124,16 @@ async def raw(dsn: str, capped: bool = False) -> AsyncIterator[Query]:
 
 
 @asynccontextmanager
-async def asyncpool_instance(dsn: str, *, mode: PreparedStatements, scoped: bool) -> AsyncIterator[Query]:
+async def asyncpool_instance(dsn: str, *, mode: PreparedStatements, scoped: bool,
+                             adjust: Callable[[Any], None] | None = None) -> AsyncIterator[Query]:
+    """A pool of one queried with `pool.fetchval`, or an acquire block if `scoped`; `adjust`
+    changes the pool once open (the ablations' stand-ins)."""
     import asyncpool
 
     pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements=mode,
                                        telemetry=False)
+    if adjust is not None:
+        adjust(pool)
     try:
         if scoped:
             async def query(i: int) -> Any:
@@ -357,52 +362,22 @@ def ablated_runner(name: str, method: str = "fetchval") -> Callable[..., Awaitab
 
 def _ablated(name: str) -> Instance:
     """A pool whose `pool.fetchval` is its statement runner with `ABLATIONS[name]` applied."""
+    from types import MethodType
 
-    @asynccontextmanager
-    async def instance(dsn: str) -> AsyncIterator[Query]:
-        from types import MethodType
+    runner = ablated_runner(name)
 
-        import asyncpool
-
-        runner = ablated_runner(name)
-        pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
-                                           telemetry=False)
+    def adjust(pool: Any) -> None:
         # Bound on the instance as the pool binds its own (the same lookup per query).
-        pool.fetchval = MethodType(runner, pool._slots)  # type: ignore[method-assign]
-        async def query(i: int) -> Any:
-            return await pool.fetchval(QUERY, i)
+        pool.fetchval = MethodType(runner, pool._slots)
 
-        try:
-            yield query
-        finally:
-            await pool.close()
-
-    return instance
+    return lambda dsn: asyncpool_instance(dsn, mode="off", scoped=False, adjust=adjust)
 
 
 def _acquire_ablated(name: str) -> Instance:
     """A pool whose acquire path has `ACQUIRE_ABLATIONS[name]` applied, queried as the pool's
     acquire contender is."""
-
-    @asynccontextmanager
-    async def instance(dsn: str) -> AsyncIterator[Query]:
-        import asyncpool
-
-        swap = ablated_classes(name)
-        pool = await asyncpool.create_pool(dsn, min_size=1, max_size=1, prepared_statements="off",
-                                           telemetry=False)
-        swap(pool)
-
-        async def query(i: int) -> Any:
-            async with pool.acquire() as conn:
-                return await conn.fetchval(QUERY, i)
-
-        try:
-            yield query
-        finally:
-            await pool.close()
-
-    return instance
+    swap = ablated_classes(name)
+    return lambda dsn: asyncpool_instance(dsn, mode="off", scoped=True, adjust=swap)
 
 
 def _order(names: list[str]) -> list[str]:
