@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
 from asyncpool.config import (
     CancelRequests,
@@ -239,3 +239,23 @@ def check_timeout(pool_name: str, what: str, timeout: Any, none: str = "no limit
             f"pool {pool_name!r}: {what}={timeout!r}: must be a number of seconds >= 0 "
             f"(or None for {none})"
         )
+
+
+#: What ``pool.transaction(isolation=...)`` takes: asyncpg's names of PostgreSQL's levels.
+Isolation = Literal["read_committed", "read_uncommitted", "repeatable_read", "serializable"]
+ISOLATION_LEVELS: tuple[Isolation, ...] = get_args(Isolation)
+
+
+def check_transaction_options(pool_name: str, isolation: Any, readonly: Any,
+                              deferrable: Any) -> None:
+    """Raise `PoolConfigError` for ``pool.transaction()`` options asyncpg would misread or refuse
+    only once a connection is taken: ``readonly="no"`` is a true value to asyncpg."""
+    if isolation is not None and isolation not in ISOLATION_LEVELS:
+        raise PoolConfigError(
+            f"pool {pool_name!r}: transaction(isolation={isolation!r}): must be one of "
+            f"{', '.join(map(repr, ISOLATION_LEVELS))}, or None for the server's default")
+    for name, value in (("readonly", readonly), ("deferrable", deferrable)):
+        if not isinstance(value, bool):
+            raise PoolConfigError(
+                f"pool {pool_name!r}: transaction({name}={value!r}): must be True or False"
+                + (" (a string is not read as one)" if isinstance(value, str) else ""))

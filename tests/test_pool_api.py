@@ -238,6 +238,32 @@ async def test_transaction_commits_and_rolls_back(pool: Pool, pooler: Pooler) ->
     await pool.execute(f"DROP TABLE {table}")
 
 
+@pytest.mark.parametrize(("options", "named"), [
+    ({"isolation": "serialisable"}, "isolation='serialisable'"),
+    ({"isolation": "SERIALIZABLE"}, "isolation='SERIALIZABLE'"),
+    ({"readonly": "no"}, "readonly='no'): must be True or False (a string"),
+    ({"readonly": "false"}, "readonly='false'"),
+    ({"deferrable": 1}, "deferrable=1): must be True or False"),
+])
+async def test_transaction_options_asyncpg_would_misread_are_refused_before_a_checkout(
+        pool: Pool, options: dict[str, Any], named: str) -> None:
+    # asyncpg tests readonly= for truth: "no" would have begun a READ ONLY transaction.
+    before = pool.stats()
+    with pytest.raises(asyncpool.PoolConfigError) as caught:
+        pool.transaction(**options)
+    assert named in str(caught.value)
+    after = pool.stats()
+    assert (after.in_use, after.acquired_total) == (0, before.acquired_total)
+
+
+async def test_transaction_options_reach_the_server(pool: Pool) -> None:
+    async with pool.transaction(isolation="serializable", readonly=True) as conn:
+        assert await conn.fetchval("SHOW transaction_read_only") == "on"
+        assert await conn.fetchval("SHOW transaction_isolation") == "serializable"
+    async with pool.transaction(readonly=False) as conn:
+        assert await conn.fetchval("SHOW transaction_read_only") == "off"
+
+
 async def test_executemany(pool: Pool, pooler: Pooler) -> None:
     table = f"many_{pooler.label.replace('.', '_').replace('-', '_')}"
     await pool.execute(f"DROP TABLE IF EXISTS {table}")

@@ -20,7 +20,14 @@ from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolError, config_errors_without_frames
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
-from asyncpool.options import PoolOptions, check_timeout, resolve, with_connect_args
+from asyncpool.options import (
+    Isolation,
+    PoolOptions,
+    check_timeout,
+    check_transaction_options,
+    resolve,
+    with_connect_args,
+)
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
@@ -202,13 +209,20 @@ class Pool:
         self,
         timeout: float | None = UNSET,
         *,
-        isolation: str | None = None,
+        isolation: Isolation | None = None,
         readonly: bool = False,
         deferrable: bool = False,
     ) -> TransactionContext:
-        """``async with pool.transaction() as conn:`` commits on success, rolls back on error."""
+        """``async with pool.transaction() as conn:`` commits on success, rolls back on error.
+
+        `isolation` is one of asyncpg's names (``"serializable"``, ``"repeatable_read"``,
+        ``"read_committed"``, ``"read_uncommitted"``; None: the server's default); `readonly`
+        and `deferrable` are True or False (PostgreSQL applies DEFERRABLE to a serializable
+        read-only transaction only). A bad value raises `PoolConfigError` before anything is
+        taken."""
         if timeout is not UNSET:
             check_timeout(self.name, "transaction(timeout=...)", timeout)
+        check_transaction_options(self.name, isolation, readonly, deferrable)
         return TransactionContext(
             self._slots, timeout, sys._getframe(1), isolation=isolation, readonly=readonly,
             deferrable=deferrable,

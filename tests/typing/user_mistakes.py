@@ -28,6 +28,8 @@ async def main() -> None:
         conn.transaction(isolation=3)  # error: arg-type
         await conn.executemany("INSERT INTO t VALUES ($1)", 5)  # error: arg-type
     await pool.fetchval(42)  # error: arg-type
+    pool.transaction(isolation="serialisable")  # error: arg-type
+    pool.transaction(readonly="no")  # error: arg-type
     await pool.copy_to_table("orders", source="orders.csv", freez=True)  # error: call-arg
     await pool.copy_records_to_table("orders", records=[(1,)], columns="id", format="csv")  # error: call-arg
     await pool.release(await pool.acquire(), timeout="soon")  # error: arg-type
