@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
 import sys
 import warnings
@@ -33,6 +34,19 @@ SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-
 InitHook = Callable[["asyncpg.Connection"], Awaitable[object]]
 #: Called with the pooled connection at each checkout (asyncpg's ``setup``).
 SetupHook = Callable[["PooledConnection"], Awaitable[object]]
+
+
+
+def hook_awaitable(pool_name: str, hook: str, result: object) -> Awaitable[object]:
+    """What the `init` or `setup` hook returned, to await; a `PoolConfigError` naming the hook
+    if it is not awaitable (a plain ``def`` hook: it ran, but whatever it meant to await did
+    not). A plain function returning a coroutine (``lambda conn: conn.execute(...)``) is fine."""
+    if inspect.isawaitable(result):
+        return result
+    raise PoolConfigError(
+        f"pool {pool_name!r}: the {hook} hook returned {type(result).__name__}, not something "
+        f"to await: write it as `async def {hook}(conn): ...` (asyncpg's {hook} is awaited too)")
+
 
 ENV_PREFIX = "ASYNCPOOL_"
 

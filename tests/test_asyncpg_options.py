@@ -129,6 +129,50 @@ async def test_init_failure_closes_the_connection_and_reaches_the_caller(pooler:
                                     telemetry=False)
 
 
+async def test_a_plain_def_hook_is_named_and_one_returning_a_coroutine_works(pooler: Pooler) -> None:
+    """A hook written without `async` ran, but returned nothing to await: a PoolConfigError
+    naming the hook and the fix (it was Python's bare "object NoneType can't be used in 'await'
+    expression"); the connection is closed and nothing stays counted. A plain function that
+    returns a coroutine, as asyncpg users write (``init=lambda conn: conn.set_type_codec(...)``),
+    is awaited as before."""
+    seen: list[str] = []
+
+    def plain_init(conn: Any) -> None:
+        seen.append("init")
+
+    def plain_setup(conn: Any) -> None:
+        seen.append("setup")
+
+    # (mypy refuses both hooks: this is what code without type checking gets.)
+    async with Pool(pooler.dsn(), name="plain-init", min_size=0, max_size=1,
+                    init=plain_init, telemetry=False) as pool:  # type: ignore[arg-type]
+        with pytest.raises(asyncpool.PoolConfigError,
+                           match=r"'plain-init': the init hook returned NoneType, not something to "
+                                 r"await: write it as `async def init\(conn\): ...`"):
+            await pool.fetchval("SELECT 1")
+        stats = pool.stats()
+        assert (stats.size, stats.in_use) == (0, 0)
+    async with Pool(pooler.dsn(), name="plain-setup", max_size=1,
+                    setup=plain_setup, telemetry=False) as pool:  # type: ignore[arg-type]
+        with pytest.raises(asyncpool.PoolConfigError, match="the setup hook returned NoneType"):
+            async with pool.acquire():
+                pytest.fail("the block must not run")
+        stats = pool.stats()
+        assert (stats.in_use, stats.closed_total) == (0, 1)
+    assert seen == ["init", "setup"]  # each ran once: the error comes after the call
+
+    async def ran(what: str, statement: Awaitable[object]) -> None:
+        # Appends only when awaited: proof that the lambda's coroutine was.
+        assert await statement == 1
+        seen.append(what)
+
+    async with Pool(pooler.dsn(), name="lambda-hooks", max_size=1, telemetry=False,
+                    init=lambda conn: ran("lambda init", conn.fetchval("SELECT 1")),
+                    setup=lambda conn: ran("lambda setup", conn.fetchval("SELECT 1"))) as pool:
+        assert await pool.fetchval("SELECT 2") == 2
+    assert seen[2:] == ["lambda init", "lambda setup"]
+
+
 async def test_an_init_hook_past_connect_timeout_is_named_not_the_network(pooler: Pooler) -> None:
     """`init` runs within connect_timeout; when the time runs out in the hook the error says
     so (it said "no answer ... check host, port and firewall"), and the connection is closed.

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from asyncpool.config import PoolConfig
+from asyncpool.config import PoolConfig, hook_awaitable
 from asyncpool.connect import driver
 from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
@@ -185,7 +185,7 @@ class Connector:
             if cut_short is not None:
                 cut_short.in_init = True
             try:
-                await init(conn)
+                await hook_awaitable(self.config.name, "init", init(conn))
             except BaseException:
                 conn.terminate()
                 raise

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
+from asyncpool.config import hook_awaitable
 from asyncpool.connect import driver
 from asyncpool.connect.connector import CutShort
 from asyncpool.connect.driver import BROKEN, BUSY, NEEDS_RESET, returned
@@ -1217,7 +1218,7 @@ class Slots(_HotSlots):
                                    else timeout - (time.monotonic() - started))
         try:
             async with deadline:
-                await self.setup(conn)
+                await hook_awaitable(self.name, "setup", self.setup(conn))
             return
         except BaseException as exc:
             self.discard(conn._lease, "setup failed")
