@@ -4,6 +4,7 @@ credentials do. No server needed."""
 from __future__ import annotations
 
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,33 @@ def test_a_password_to_a_service_files_remote_host_needs_verified_tls(
               PoolObserver())
     Connector(PoolConfig(dsn="postgresql://app@/app?service=remote-with-password",
                          allow_unprotected_credentials=True), PoolObserver())
+
+
+def test_a_lone_percent_in_a_service_file_is_refused_without_quoting_the_value(
+        tmp_path: Path) -> None:
+    """asyncpg reads pg_service.conf with configparser's interpolation: a password with a lone
+    '%' made every login raise configparser's error, which quotes the value from the '%' on (and
+    the frames held it). Refused when the connector is built, naming the key, not the value."""
+    value = "Qz8v%wkTrailingPart"  # pragma: allowlist secret
+    path = tmp_path / "pg_service.conf"
+    path.write_text(f"[orders]\nhost=127.0.0.1\npassword={value}\n")
+    config = PoolConfig(dsn="postgresql://app@/app?service=orders",
+                        connect_kwargs={"servicefile": str(path)})
+    with pytest.raises(PoolConfigError, match=r"service \[orders\]: the value of 'password' "
+                                              r"holds a '%'.*write each literal '%' as '%%'") as caught:
+        Connector(config, PoolObserver())
+    # Its text, its chain and the locals of the frames it came through (this test's left out).
+    shown = [str(caught.value), repr(caught.value.__cause__), repr(caught.value.__context__)]
+    test_code = sys._getframe().f_code
+    tb = caught.value.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is not test_code:
+            shown.append(repr(tb.tb_frame.f_locals))
+        tb = tb.tb_next
+    assert len(shown) > 3
+    assert not any(value[i:i + 4] in text for text in shown for i in range(len(value) - 3))
+    path.write_text(f"[orders]\nhost=127.0.0.1\npassword={value.replace('%', '%%')}\n")
+    Connector(config, PoolObserver())
 
 
 def test_credential_rules() -> None:

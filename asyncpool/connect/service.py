@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asyncpool.errors import PoolConfigError
+
 
 @dataclass(frozen=True)
 class Service:
@@ -32,7 +34,7 @@ def named_service(has_dsn: bool, dsn_params: Mapping[str, str],
             path = Path.home() / ".pg_service.conf"
         except (RuntimeError, KeyError):  # no home directory: asyncpg reads no file either
             return None
-    parser = configparser.ConfigParser()
+    parser = configparser.ConfigParser(interpolation=None)  # values as written, as libpq reads them
     try:
         parser.read(path)
     except (configparser.Error, OSError, UnicodeDecodeError):
@@ -40,5 +42,23 @@ def named_service(has_dsn: bool, dsn_params: Mapping[str, str],
     if not parser.has_section(str(service)):
         return None
     section = parser[str(service)]
+    _refuse_what_asyncpg_misreads(path, str(service))
     hosts = tuple(h.strip() for h in section.get("host", "").split(",") if h.strip())
     return Service(hosts, bool(section.get("password")))
+
+
+def _refuse_what_asyncpg_misreads(path: str | Path, service: str) -> None:
+    """asyncpg reads the file at every login with configparser's ``%`` interpolation: a value
+    with a lone ``%`` (a password, often) makes it raise an error that quotes the value from the
+    ``%`` on. Refused here instead, naming the key, never the value."""
+    interpolating = configparser.ConfigParser()
+    interpolating.read(path)
+    section = interpolating[service]
+    for key in section:
+        try:
+            section[key]
+        except configparser.InterpolationError:
+            raise PoolConfigError(
+                f"connection service file {str(path)!r}, service [{service}]: the value of "
+                f"{key!r} holds a '%' that asyncpg's reader takes for a substitution (Python's "
+                "configparser): write each literal '%' as '%%' in that file") from None
