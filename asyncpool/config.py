@@ -418,9 +418,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
         from asyncpool.connect.tls import parse_require_auth
 
         parse_require_auth(cfg.require_auth)
-    if (cfg.ssl_root_cert is not None and cfg.ssl_root_cert != "system"
-            and not os.path.exists(cfg.ssl_root_cert)):
-        fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: no such file")
+    _check_root_cert(cfg, fail)
 
 
 def _not_whole(value: object) -> bool:
@@ -482,6 +480,15 @@ def _check_server_settings(settings: object, fail: Callable[[str], None]) -> Non
                    else f"write {{{str(key)!r}: {str(value)!r}}}")
             fail(f"server_settings: {key!r}: {value!r}: names and values must be strings "
                  f"({fix})")
+
+
+def _check_root_cert(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+    if cfg.ssl_root_cert is not None and not isinstance(cfg.ssl_root_cert, str | os.PathLike):
+        fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: must be the path of one CA bundle file (a "
+             f"string), or 'system', not a {type(cfg.ssl_root_cert).__name__}")
+    if (cfg.ssl_root_cert is not None and cfg.ssl_root_cert != "system"
+            and not os.path.exists(cfg.ssl_root_cert)):
+        fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: no such file")
 
 
 def _check_flags(cfg: PoolConfig, fail: Callable[[str], None]) -> None:

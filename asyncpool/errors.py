@@ -87,16 +87,19 @@ class AuthMethodRefusedError(ConnectError):
 
 
 def config_errors_without_frames(function: Callable[_P, _R]) -> Callable[_P, _R]:
-    """`function`, raising its `PoolConfigError` with nothing chained to it and with a traceback
-    that starts here: the frames it came through hold the DSN, the password or the environment
+    """`function`, raising its errors with nothing chained to them and with a traceback that
+    starts here: the frames they came through hold the DSN, the password or the environment
     (``PGPASSWORD``, AWS session tokens) as locals, which error trackers record. The message says
-    what to fix. For the public calls that take them (`Pool()`, `PoolConfig.from_env()`...)."""
+    what to fix. For the public calls that take them (`Pool()`, `PoolConfig.from_env()`...).
+
+    Any `Exception`, not only `PoolConfigError`: a mistake the checks did not foresee (a
+    misspelt keyword's `TypeError`) came through the same frames."""
 
     @functools.wraps(function)
     def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return function(*args, **kwargs)
-        except PoolConfigError as exc:
+        except Exception as exc:  # (raised again below, without its frames)
             error = exc
         del args, kwargs  # this frame starts the traceback: nothing of the call in it
         error.__cause__ = error.__context__ = None

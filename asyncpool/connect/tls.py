@@ -331,6 +331,11 @@ def allowed_auth_methods(config: PoolConfig, setting: TlsSetting,
 
 def parse_require_auth(text: str) -> frozenset[str]:
     """libpq's ``require_auth`` list: ``scram-sha-256,none``, or all negated: ``!password,!md5``."""
+    if not isinstance(text, str):
+        raise PoolConfigError(
+            f"require_auth={text!r}: write one string, a comma-separated list as libpq takes it "
+            "(e.g. 'scram-sha-256' or 'scram-sha-256,none'), not a "
+            f"{type(text).__name__}")
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     negated = [n.startswith("!") for n in names]
     bare = [n.lstrip("!") for n in names]

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.config import ENV_PREFIX, PoolConfig
-from asyncpool.errors import config_errors_without_frames
+from asyncpool.errors import PoolConfigError, config_errors_without_frames
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -72,7 +72,7 @@ def lambda_config(
     }
     if function_timeout is not None:
         if function_timeout <= 0:
-            raise ValueError(f"function_timeout={function_timeout!r}: must be > 0 seconds")
+            raise PoolConfigError(f"function_timeout={function_timeout!r}: must be > 0 seconds")
         defaults["leak_timeout"] = float(function_timeout)
         defaults["acquire_timeout"] = min(5.0, function_timeout / 2)
     env = os.environ if environ is None else environ
