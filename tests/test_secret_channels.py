@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import re
+import socket
 import string
 import subprocess
 import sys
@@ -544,6 +545,27 @@ async def test_a_driver_error_of_any_class_carries_no_secret(how: str) -> None:
     tally = Tally()
     for channel, texts in error_texts(info.value).items():
         tally.check(secret, "a malformed SCRAM reply", channel, texts)
+    assert tally.leaks == []
+
+
+async def test_a_failed_login_carries_no_sslpassword_in_its_frames() -> None:
+    """asyncpg reads ``sslpassword`` (the client key's passphrase) from the DSN only, so the DSN
+    the connector hands it holds that secret: no frame that a failed login's error comes up
+    through keeps it as a local (the connector's did)."""
+    secret = SECRETS[-1]
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    pool = Pool(f"postgresql://app@127.0.0.1:{port}/app?sslpassword={quote(secret, safe='')}",
+                min_size=1, acquire_timeout=2, connect_timeout=1, telemetry=False)
+    with pytest.raises(ConnectError) as info:
+        await pool.open()
+    await pool.close()
+    texts = error_texts(info.value)
+    assert texts["frame locals"]  # asyncpool's frames are there, and were looked at
+    tally = Tally()
+    for channel, found in texts.items():
+        tally.check(secret, "a failed login with sslpassword", channel, found)
     assert tally.leaks == []
 
 

@@ -286,9 +286,11 @@ class Connector:
         started = time.time_ns()
         error: BaseException | None = None
         caller_error: type[BaseException] | None = None
-        dsn = self._dsn.for_driver() if self._dsn is not None else None
         try:
-            conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+            # The DSN asyncpg gets is no local of this frame, which every failed login's error
+            # carries up: it may hold `sslpassword` (asyncpg reads that from the DSN only).
+            conn: asyncpg.Connection = await asyncpg.connect(
+                self._dsn.for_driver() if self._dsn is not None else None, **kwargs)
             return conn
         except PoolError as exc:  # a credentials provider's own error: raised as it is
             error = exc
