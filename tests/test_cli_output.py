@@ -85,6 +85,24 @@ def test_doctor_without_a_dsn_is_a_usage_error(monkeypatch: pytest.MonkeyPatch,
     assert "ASYNCPOOL_DSN" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["doctor", "--dsn=postgresql://app:{secret}@127.0.0.1:1/app"],  # doctor takes it positionally
+    ["bench", "--dns", "postgresql://app:{secret}@127.0.0.1:1/app"],
+    ["demo", "--d=postgresql://app:{secret}@127.0.0.1:1/app"],  # ambiguous: quoted whole
+    ["doctor", "postgresql://app@127.0.0.1:1/app", "password={secret}"],
+])
+def test_a_usage_error_never_echoes_a_password(argv: list[str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse quotes the arguments it refuses, on stderr, which CI logs keep."""
+    secret = "Vq7pLmZr2xKw9Tn"  # pragma: allowlist secret
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(secret=secret) for arg in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert not any(secret[i:i + 4] in err for i in range(len(secret) - 3)), err
+
+
 def test_the_console_script_starts_without_loading_the_heavy_parts() -> None:
     code = (
         "import sys, json\n"

@@ -6,8 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from asyncpool import __version__
+from asyncpool.connect.dsn import redact
 
 _PREPARED = ("off", "on", "unnamed")
 _DRIVERS = ("asyncpool", "asyncpg", "asyncpg-capped", "asyncpg-pool", "psycopg-pool")
@@ -68,8 +70,17 @@ def _add_load_options(p: argparse.ArgumentParser, *, duration: float) -> None:
                    help="each instance's acquire timeout, connecting included (default 3)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors quote the arguments they refuse with every DSN
+    password and token hidden: a mistyped option (``--dns=postgresql://app:...``) is echoed
+    on stderr, which CI logs keep. Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="asyncpool",
         description="asyncpool: an asyncio PostgreSQL pool for serverless code behind poolers.",
     )
