@@ -154,8 +154,10 @@ class Pool:
 
         Waiters and logins under way get `PoolClosedError`. Idle connections are closed at once.
         A connection still held after `timeout` is terminated and its holder gets
-        `PoolClosedError` on next use. Cancelled part-way, close() terminates what is left.
-        Call it on the event loop the pool was opened on.
+        `PoolClosedError` on next use; so is, at once and with a warning, one held by the task
+        calling close() itself (it could not be given back while close() waits). Cancelled
+        part-way, close() terminates what is left. Call it on the event loop the pool was
+        opened on.
         """
         check_timeout(self.name, "close(timeout=...)", timeout)
         await self._slots.close(timeout)

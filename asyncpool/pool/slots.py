@@ -334,6 +334,7 @@ class Slots(_HotSlots):
         self._set_state(CLOSING)
         try:
             self._stop("pool closed", graceful=True)
+            self._retire_the_callers_own()
             if not self._is_drained():
                 self._drained.clear()
                 with contextlib.suppress(TimeoutError):
@@ -360,6 +361,24 @@ class Slots(_HotSlots):
             self.terminate()
             raise
         self._finish(close_credentials=False)
+
+    def _retire_the_callers_own(self) -> None:
+        """Close now the connections that the task calling close() holds: they cannot come back
+        while it waits in close() (it waited for them forever with ``timeout=None``, else for
+        all of `timeout`). Their holder gets `PoolClosedError` at its next use, as for any
+        connection still held when the time is up; the server rolls back what they left open."""
+        task = asyncio.current_task()
+        own = [record for record in self.leased() if (lease := record.lease) is not None
+               and lease.state is ACTIVE and lease.task is task]
+        if not own:
+            return
+        logger.warning(
+            "pool %r: close() was called by the task holding %d of its connections (%s): closed "
+            "now, as they cannot be given back while it waits; release them (or leave their "
+            "block) before closing the pool", self.name, len(own),
+            task.get_name() if task is not None else "no task")
+        for record in own:
+            self.retire(record, "pool closed by the task holding it")
 
     def terminate(self) -> None:
         """Close every connection now, without waiting; waiters get `PoolClosedError`."""

@@ -499,3 +499,51 @@ def test_credentials_replaced_by_new_connect_arguments_are_closed_with_the_pool(
         assert (first.closed, second.closed) == (1, 1)
 
     run(main())
+
+
+@pytest.mark.parametrize("how", ["async with pool.acquire()", "conn = await pool.acquire()"])
+def test_close_called_by_a_holder_closes_its_own_connections_and_waits_for_the_others(
+        server: FakeServer, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A task that calls close() while holding a connection of the pool: that connection cannot
+    come back while close() waits (with timeout=None close() waited forever). It is closed at
+    once, with a warning; another task's connection is still waited for and given back."""
+    async def main() -> float:
+        pool = fake_pool(server, min_size=0, max_size=3)
+        await pool.open()
+        loop = asyncio.get_running_loop()
+
+        async def other() -> None:
+            async with pool.acquire() as conn:
+                await asyncio.sleep(2)
+                assert await conn.fetchval("SELECT 1") == 1
+
+        other_task = asyncio.create_task(other())
+        await asyncio.sleep(0)
+
+        async def close_while_holding(conn: Any) -> float:
+            started = loop.time()
+            async with asyncio.timeout(20):  # (virtual seconds; not wait_for: a task of its own)
+                await pool.close(timeout=None)
+            with pytest.raises(PoolClosedError, match="was closed while this connection"):
+                await conn.fetchval("SELECT 1")
+            return loop.time() - started
+
+        if how == "async with pool.acquire()":
+            async with pool.acquire() as conn:
+                elapsed = await close_while_holding(conn)
+        else:
+            conn = await pool.acquire()
+            elapsed = await close_while_holding(conn)
+            await pool.release(conn)  # nothing to do: closed with the pool
+        await other_task  # given back within its block: not terminated
+        assert pool.closed
+        stats = pool.stats()
+        assert (stats.size, stats.in_use) == (0, 0)
+        assert stats.closed_total == stats.created_total == 2
+        return elapsed
+
+    with caplog.at_level("WARNING", logger="asyncpool.pool"):
+        elapsed = run(main())
+    assert 1.9 < elapsed < 2.5  # the other holder's 2 s, not its own (forever)
+    assert [r.getMessage() for r in caplog.records if "close() was called by the task holding 1"
+            in r.getMessage()]
