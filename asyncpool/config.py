@@ -458,6 +458,21 @@ def _check_connect_values(connect: Mapping[str, Any], fail: Callable[[str], None
     if port is not None and not (ports and all(_port_number(p) for p in ports)):
         fail(f"port={port!r}: must be a port number from 1 to 65535 (or a list of them, one "
              "per host)")
+    size = connect.get("max_cacheable_statement_size")
+    if size is not None and (_not_whole(size) or size < 0):
+        fail(f"max_cacheable_statement_size={size!r}: must be a whole number of bytes >= 0 "
+             "(0: no limit)")
+    for key, option in _SET_BY_THE_POOL.items():
+        if key in connect:
+            # The connector sets these from the pool's own options: one given here would be
+            # overridden without a word.
+            fail(f"connect_kwargs[{key!r}]: set by the pool from its {option}= option; give "
+                 f"{option}= to the pool instead (it applies with prepared_statements='on')")
+
+
+#: asyncpg.connect's arguments that the connector always sets, from these options of the pool.
+_SET_BY_THE_POOL = {"statement_cache_size": "statement_cache_size",
+                    "max_cached_statement_lifetime": "statement_cache_ttl"}
 
 
 def _port_number(value: object) -> bool:

@@ -458,6 +458,16 @@ def test_connect_options_reach_connect_kwargs_over_a_config() -> None:
         ({"port": 99999}, "port=99999: must be a port number"),
         ({"port": True}, "port=True: must be a port number"),
         ({"connect_kwargs": {"port": [5432, "x"]}}, r"port=\[5432, 'x'\]: must be a port number"),
+        # Refused here: it failed at the first login, as a ConnectError counted as one.
+        ({"max_cacheable_statement_size": -1},
+         r"max_cacheable_statement_size=-1: must be a whole number of bytes >= 0"),
+        ({"max_cacheable_statement_size": "1k"}, "max_cacheable_statement_size='1k'"),
+        # Set by the pool from its own options: given here it was overridden without a word.
+        ({"connect_kwargs": {"statement_cache_size": -5}},
+         r"connect_kwargs\['statement_cache_size'\]: set by the pool from its "
+         "statement_cache_size= option"),
+        ({"connect_kwargs": {"max_cached_statement_lifetime": 30}},
+         "from its statement_cache_ttl= option"),
     ],
 )
 def test_bad_asyncpg_values_say_what_to_do(options: dict[str, Any], match: str) -> None:
@@ -467,7 +477,9 @@ def test_bad_asyncpg_values_say_what_to_do(options: dict[str, Any], match: str) 
     if not {"user", "database", "password", "host", "port", "connect_kwargs"}.isdisjoint(options):
         # set_connect_args() takes asyncpg.connect's arguments: the same checks, nothing changed.
         connect = options.get("connect_kwargs", options)
-        with pytest.raises(PoolConfigError, match=match):
+        # (The pool's own options are not connection arguments there: refused as such.)
+        own = {"statement_cache_size", "max_cached_statement_lifetime"} & set(connect)
+        with pytest.raises(PoolConfigError, match="not a connection argument" if own else match):
             pool.set_connect_args("postgresql://a@h/d", **connect)
         assert pool.config.connect_kwargs == {}
 
