@@ -264,6 +264,31 @@ async def test_transaction_options_reach_the_server(pool: Pool) -> None:
         assert await conn.fetchval("SHOW transaction_read_only") == "off"
 
 
+async def test_a_transaction_ended_inside_its_block_is_reported(
+        pool: Pool, pooler: Pooler, caplog: pytest.LogCaptureFixture) -> None:
+    """A ROLLBACK (or COMMIT) sent as a statement ends the block's transaction: what follows
+    runs outside it, committed statement by statement. asyncpg's COMMIT at the end then only
+    draws the server's warning; the pool says what happened."""
+    table = f"ended_{pooler.label.replace('.', '_').replace('-', '_')}"
+    await pool.execute(f"DROP TABLE IF EXISTS {table}")
+    await pool.execute(f"CREATE TABLE {table} (id int)")
+    with caplog.at_level("WARNING", logger="asyncpool.pool"):
+        async with pool.transaction() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            await conn.execute("ROLLBACK")
+            await conn.execute(f"INSERT INTO {table} VALUES (2)")
+        ended = [r for r in caplog.records if "was ended inside it" in r.getMessage()]
+        caplog.clear()
+        async with pool.transaction() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (3)")
+    assert len(ended) == 1
+    assert f"pool {pool.name!r}" in ended[0].getMessage()
+    assert not [r for r in caplog.records if "was ended inside it" in r.getMessage()]
+    assert [r["id"] for r in await pool.fetch(f"SELECT id FROM {table} ORDER BY id")] == [2, 3]
+    assert pool.stats().in_use == 0
+    await pool.execute(f"DROP TABLE {table}")
+
+
 async def test_executemany(pool: Pool, pooler: Pooler) -> None:
     table = f"many_{pooler.label.replace('.', '_').replace('-', '_')}"
     await pool.execute(f"DROP TABLE IF EXISTS {table}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Generator
 from types import FrameType, TracebackType
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from collections import deque
 
     from asyncpool.pool.record import ConnectionRecord
+
+logger = logging.getLogger("asyncpool.pool")
 
 #: Builds an object of a class with __slots__ without a call to its __init__: the checkout path
 #: builds its lease, proxy and context this way (tests/unit/test_lease.py checks every slot).
@@ -329,6 +332,15 @@ class TransactionContext(AcquireContext):
             finally:
                 await super().__aexit__(exc_type, exc, tb)
             return
+        if lease is not None and not lease.record.conn.is_in_transaction():
+            # Ended inside the block by a COMMIT or ROLLBACK sent as a statement: asyncpg's
+            # COMMIT below only draws the server's "no transaction in progress" warning.
+            logger.warning(
+                "pool %r: a pool.transaction() block's transaction was ended inside it (a COMMIT "
+                "or ROLLBACK sent as a statement): what ran after that was not in it but "
+                "committed statement by statement (behind a transaction-mode pooler, perhaps on "
+                "other server connections). Let the block's end commit, or raise to roll back",
+                self._owner.name)
         try:
             await self._tx.commit()
         except BaseException as commit_error:
