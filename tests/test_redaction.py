@@ -121,6 +121,22 @@ def test_dsn_guard_refuses_ambiguous_passwords_without_quoting_them(dsn: str, wh
     assert redact_dsn(dsn) == "<DSN not shown: it could not be parsed>"
 
 
+@pytest.mark.parametrize("key", ["pasword", "passwd", "pwd", "PASSWORD", "Password",
+                                 "sslpasword", "pass"])
+def test_a_misspelt_password_key_is_refused_without_quoting_its_value(key: str) -> None:
+    """An unknown query key is a server setting, sent at login and shown in the config's repr:
+    a misspelt password's value would have been."""
+    with pytest.raises(DsnError, match=f"query key {key!r} looks like a misspelt password") as info:
+        parse_dsn(f"postgresql://app@host/db?{key}=SECRETpart")
+    assert "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["password_encryption", "application_name", "search_path",
+                                 "passfile", "sslpassword"])
+def test_settings_and_keys_near_password_are_not_mistaken_for_it(key: str) -> None:
+    assert parse_dsn(f"postgresql://app@host/db?{key}=x").params[key] == "x"
+
+
 @pytest.mark.parametrize(
     ("dsn", "message"),
     [

@@ -17,6 +17,7 @@ the address and ``?host=`` at once, too).
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import os
 import re
@@ -360,8 +361,24 @@ def _query(query: str) -> dict[str, str]:
                 f"query key {key!r} is given twice: asyncpg reads the last, other tools the "
                 "first; keep one"
             )
+        if key not in _KEYWORDS and _looks_like_a_secret_key(key):
+            # Read as a server setting, its value would be sent at login and shown as one.
+            raise _Invalid(
+                f"query key {key!r} looks like a misspelt {' or '.join(sorted(SECRET_KEYS))} "
+                "(its value is not shown): spell it so, or give the setting with "
+                "server_settings= if it is one")
         params[key] = _decode(raw_value, f"value of {key!r}")
     return params
+
+
+#: Short spellings of a password that no PostgreSQL setting has.
+_SECRET_ALIASES = frozenset({"pass", "passwd", "pw", "pwd", "passphrase", "secret"})
+
+
+def _looks_like_a_secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return lowered in _SECRET_ALIASES or bool(
+        difflib.get_close_matches(lowered, SECRET_KEYS, n=1, cutoff=0.8))
 
 
 # ``?dbname=``/``?user=``/``?password=``/``?host=``/``?port=`` fold into the parts; the same
