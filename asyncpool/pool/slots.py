@@ -329,7 +329,10 @@ class Slots(_HotSlots):
                 "loop's thread)"
             )
         if self.state is CLOSING:
-            await self._closed.wait()  # another close() is under way
+            # Another close() is under way; it waits for what this task holds, which cannot
+            # come back while this one waits for it.
+            self._retire_the_callers_own()
+            await self._closed.wait()
             return
         self._set_state(CLOSING)
         try:
@@ -366,7 +369,9 @@ class Slots(_HotSlots):
         """Close now the connections that the task calling close() holds: they cannot come back
         while it waits in close() (it waited for them forever with ``timeout=None``, else for
         all of `timeout`). Their holder gets `PoolClosedError` at its next use, as for any
-        connection still held when the time is up; the server rolls back what they left open."""
+        connection still held when the time is up; the server rolls back what they left open.
+        Only close() awaited in the holding task itself is seen: one run in a task of its own
+        (``asyncio.gather``, ``asyncio.wait_for`` on Python 3.11) waits as for any holder."""
         task = asyncio.current_task()
         own = [record for record in self.leased() if (lease := record.lease) is not None
                and lease.state is ACTIVE and lease.task is task]

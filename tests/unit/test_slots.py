@@ -547,3 +547,25 @@ def test_close_called_by_a_holder_closes_its_own_connections_and_waits_for_the_o
     assert 1.9 < elapsed < 2.5  # the other holder's 2 s, not its own (forever)
     assert [r.getMessage() for r in caplog.records if "close() was called by the task holding 1"
             in r.getMessage()]
+
+
+def test_a_holder_calling_close_while_another_close_waits_for_it_does_not_deadlock(
+        server: FakeServer) -> None:
+    """Another task's close() waits for this task's connection; this task then calls close()
+    too: it used to wait for the first close() to end, which waited for it."""
+    async def main() -> None:
+        pool = fake_pool(server, min_size=0, max_size=2)
+        await pool.open()
+        async with pool.acquire() as conn:
+            first = asyncio.create_task(pool.close(timeout=None))
+            await asyncio.sleep(1)
+            assert not first.done()  # waiting for this block's connection
+            async with asyncio.timeout(20):  # (virtual seconds)
+                await pool.close(timeout=None)
+            with pytest.raises(PoolClosedError):
+                await conn.fetchval("SELECT 1")
+        await first
+        assert pool.closed
+        assert pool.stats().closed_total == pool.stats().created_total == 1
+
+    run(main())
