@@ -47,6 +47,7 @@ import pytest
 
 from asyncpool import (
     ConnectError,
+    CredentialsError,
     Pool,
     PoolConfig,
     PoolConfigError,
@@ -566,6 +567,49 @@ async def test_a_failed_login_carries_no_sslpassword_in_its_frames() -> None:
     tally = Tally()
     for channel, found in texts.items():
         tally.check(secret, "a failed login with sslpassword", channel, found)
+    assert tally.leaks == []
+
+
+async def test_a_providers_error_keeps_its_frames_and_cause_but_not_asyncpgs() -> None:
+    """A credentials provider's own error goes up as it is, but from the provider's frames on:
+    asyncpg's frames, which called it, hold the DSN (``sslpassword`` with it) as locals."""
+    secret = SECRETS[-1]
+
+    class Failing:
+        requires_tls = False
+
+        async def password(self, target: object) -> str:
+            try:
+                raise OSError("no route to the secrets service")
+            except OSError as exc:
+                raise CredentialsError("could not fetch the password") from exc
+
+        async def refresh(self, target: object) -> bool:
+            return False
+
+        async def warm(self, target: object) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+    pool = Pool(f"postgresql://app@127.0.0.1:5432/app?sslpassword={quote(secret, safe='')}"
+                "&sslmode=disable", credentials=Failing(), min_size=0, acquire_timeout=3,
+                telemetry=False)
+    await pool.open()
+    with pytest.raises(CredentialsError, match="could not fetch") as info:
+        await pool.fetchval("SELECT 1")
+    await pool.close()
+    assert isinstance(info.value.__cause__, OSError)  # the provider's own chain is kept
+    names = []
+    tb = info.value.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert names[-1] == "password"  # the provider's frame, where it failed
+    tally = Tally()
+    for channel, found in error_texts(info.value).items():
+        tally.check(secret, "a credentials provider's error", channel, found)
     assert tally.leaks == []
 
 

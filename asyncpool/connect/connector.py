@@ -9,7 +9,7 @@ import inspect
 import os
 import time
 from collections.abc import Mapping
-from types import MappingProxyType
+from types import CodeType, MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -269,6 +269,7 @@ class Connector:
         cred_times: list[int] = []
         provider = self.credentials
         kwargs = self._kwargs
+        password_code: CodeType | None = None
         if provider is not None:
             target = self.target
 
@@ -280,6 +281,7 @@ class Connector:
                     cred_times.append(time.time_ns())
 
             kwargs = {**kwargs, "password": password}
+            password_code = password.__code__
         guard, loop = self._loop()
         if loop is not None:
             kwargs = {**kwargs, "loop": loop}
@@ -292,10 +294,12 @@ class Connector:
             conn: asyncpg.Connection = await asyncpg.connect(
                 self._dsn.for_driver() if self._dsn is not None else None, **kwargs)
             return conn
-        except PoolError as exc:  # a credentials provider's own error: raised as it is
+        except PoolError as exc:  # a credentials provider's own error: raised as it is...
             error = exc
             caller_error = type(exc)
-            raise
+            # ...from the provider's frames on: asyncpg's, which called it, hold the DSN and
+            # the connection arguments (`sslpassword` included) as locals.
+            raise exc.with_traceback(_from_code(exc.__traceback__, password_code))
         except Exception as exc:
             # Only what matters is kept (class, SQLSTATE, a scrubbed message): the driver's
             # exception and its frames (which hold the connection parameters, password
@@ -329,6 +333,13 @@ class Connector:
             )
         # Raised outside the except block: no __context__ either.
         raise error
+
+
+def _from_code(tb: TracebackType | None, code: CodeType | None) -> TracebackType | None:
+    """The part of traceback `tb` from the first frame running `code` on (None if none does)."""
+    while tb is not None and tb.tb_frame.f_code is not code:
+        tb = tb.tb_next
+    return tb
 
 
 _NO_DSN = ParsedDsn("postgresql", None, None, (), None, {})
