@@ -255,6 +255,34 @@ def test_a_lone_percent_in_a_service_file_is_refused_without_quoting_the_value(
     Connector(config, PoolObserver())
 
 
+def test_a_service_file_asyncpg_cannot_parse_is_refused_by_line_number_only(tmp_path: Path) -> None:
+    """asyncpg's reader fails at every login with configparser's ParsingError, which quotes
+    the line (``password hunter2`` without its ``=``)."""
+    value = "Hv3kLqTrailing"  # pragma: allowlist secret
+    path = tmp_path / "pg_service.conf"
+    path.write_text(f"[orders]\nhost=127.0.0.1\npassword {value}\n")
+    config = PoolConfig(dsn="postgresql://app@/app?service=orders",
+                        connect_kwargs={"servicefile": str(path)})
+    with pytest.raises(PoolConfigError, match="ParsingError at line 3") as caught:
+        Connector(config, PoolObserver())
+    assert value[:4] not in str(caught.value)
+    assert caught.value.__cause__ is None
+    assert caught.value.__context__ is None
+
+
+def test_a_service_file_is_read_as_asyncpg_reads_it(tmp_path: Path) -> None:
+    """Only the keys asyncpg reads are checked for a '%' (a lone one elsewhere, as asyncpg, is
+    left alone), and `%(name)s` substitutions are made as asyncpg makes them: the host below is
+    this machine, so a password may go to it without TLS."""
+    path = tmp_path / "pg_service.conf"
+    path.write_text("[DEFAULT]\ncomment=100%\n[orders]\napplication_name=50% off\n"
+                    "local=127.0.0.1\nhost=%(local)s\npassword=pw\n")
+    config = PoolConfig(dsn="postgresql://app@/app?service=orders",
+                        connect_kwargs={"servicefile": str(path)})
+    assert dialled_hosts(config) == ["127.0.0.1"]
+    Connector(config, PoolObserver())
+
+
 def test_credential_rules() -> None:
     remote = PoolConfig(dsn=DSN)
     setting = resolve_tls(remote, environ={})

@@ -34,31 +34,51 @@ def named_service(has_dsn: bool, dsn_params: Mapping[str, str],
             path = Path.home() / ".pg_service.conf"
         except (RuntimeError, KeyError):  # no home directory: asyncpg reads no file either
             return None
-    parser = configparser.ConfigParser(interpolation=None)  # values as written, as libpq reads them
+    # Read as asyncpg reads it (configparser, `%` interpolation), or refused: asyncpg's own read
+    # fails at every login with an error that quotes the line, or the value from a `%` on.
+    parser = configparser.ConfigParser()
     try:
         parser.read(path)
-    except (configparser.Error, OSError, UnicodeDecodeError):
-        return None  # asyncpg fails to read it too, before anything is sent
+    except configparser.Error as exc:
+        raise PoolConfigError(
+            f"connection service file {str(path)!r} cannot be read as asyncpg reads it (Python's "
+            f"configparser: {type(exc).__name__}{_lines(exc)}); fix it (its lines are not "
+            "shown: one may hold a password)") from None
+    except UnicodeDecodeError:
+        raise PoolConfigError(
+            f"connection service file {str(path)!r} is not UTF-8, as asyncpg reads it") from None
     if not parser.has_section(str(service)):
         return None
     section = parser[str(service)]
-    _refuse_what_asyncpg_misreads(path, str(service))
-    hosts = tuple(h.strip() for h in section.get("host", "").split(",") if h.strip())
-    return Service(hosts, bool(section.get("password")))
+    values: dict[str, str] = {}
+    for key in ASYNCPG_SERVICE_KEYS:
+        if key in section:
+            try:
+                values[key] = section[key]
+            except configparser.InterpolationError:
+                raise PoolConfigError(
+                    f"connection service file {str(path)!r}, service [{service}]: the value of "
+                    f"{key!r} holds a '%' that asyncpg's reader takes for a substitution (Python's "
+                    "configparser): write each literal '%' as '%%' in that file") from None
+    hosts = tuple(h.strip() for h in values.get("host", "").split(",") if h.strip())
+    return Service(hosts, bool(values.get("password")))
 
 
-def _refuse_what_asyncpg_misreads(path: str | Path, service: str) -> None:
-    """asyncpg reads the file at every login with configparser's ``%`` interpolation: a value
-    with a lone ``%`` (a password, often) makes it raise an error that quotes the value from the
-    ``%`` on. Refused here instead, naming the key, never the value."""
-    interpolating = configparser.ConfigParser()
-    interpolating.read(path)
-    section = interpolating[service]
-    for key in section:
-        try:
-            section[key]
-        except configparser.InterpolationError:
-            raise PoolConfigError(
-                f"connection service file {str(path)!r}, service [{service}]: the value of "
-                f"{key!r} holds a '%' that asyncpg's reader takes for a substitution (Python's "
-                "configparser): write each literal '%' as '%%' in that file") from None
+#: What asyncpg reads from a service's section (asyncpg/connect_utils.py); other keys it leaves.
+ASYNCPG_SERVICE_KEYS = (
+    "host", "port", "dbname", "database", "user", "password", "passfile", "sslmode", "sslcert",
+    "sslkey", "sslrootcert", "sslnegotiation", "sslcrl", "sslpassword",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
+    "krbsrvname", "gsslib",
+)
+
+
+def _lines(exc: configparser.Error) -> str:
+    """Where configparser found the fault, by line number only."""
+    numbers = [number for number, _ in getattr(exc, "errors", [])]
+    lineno = getattr(exc, "lineno", None)
+    if lineno is not None and lineno not in numbers:
+        numbers.insert(0, lineno)
+    if not numbers:
+        return ""
+    return f" at line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
