@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import numbers
 import os
 import sys
 import warnings
@@ -401,6 +402,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
         fail("connect_kwargs: must be a mapping of asyncpg.connect's options, not a "
              f"{type(cfg.connect_kwargs).__name__}")
     _check_connect_values(cfg.connect_kwargs, fail)
+    _check_overridden_connect_args(cfg, fail)
     for hook in ("init", "setup"):
         if getattr(cfg, hook) is not None and not callable(getattr(cfg, hook)):
             fail(f"{hook}={getattr(cfg, hook)!r}: must be an async function taking the connection")
@@ -459,20 +461,28 @@ def _check_connect_values(connect: Mapping[str, Any], fail: Callable[[str], None
         fail(f"port={port!r}: must be a port number from 1 to 65535 (or a list of them, one "
              "per host)")
     size = connect.get("max_cacheable_statement_size")
-    if size is not None and (_not_whole(size) or size < 0):
-        fail(f"max_cacheable_statement_size={size!r}: must be a whole number of bytes >= 0 "
+    if size is not None and (not isinstance(size, numbers.Real) or isinstance(size, bool)
+                             or not float(size) >= 0):
+        fail(f"max_cacheable_statement_size={size!r}: must be a number of bytes >= 0 "
              "(0: no limit)")
-    for key, option in _SET_BY_THE_POOL.items():
-        if key in connect:
-            # The connector sets these from the pool's own options: one given here would be
-            # overridden without a word.
-            fail(f"connect_kwargs[{key!r}]: set by the pool from its {option}= option; give "
-                 f"{option}= to the pool instead (it applies with prepared_statements='on')")
 
 
-#: asyncpg.connect's arguments that the connector always sets, from these options of the pool.
-_SET_BY_THE_POOL = {"statement_cache_size": "statement_cache_size",
-                    "max_cached_statement_lifetime": "statement_cache_ttl"}
+def _check_overridden_connect_args(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+    """asyncpg.connect's arguments the connector sets from the pool's own options: one given in
+    `connect_kwargs` with another value would be overridden without a word (the same value,
+    such as asyncpg's ``statement_cache_size=0`` behind PgBouncer outside the "on" mode, is
+    what the pool sends anyway)."""
+    on = cfg.prepared_statements == "on"
+    pool_sets: dict[str, tuple[float, str]] = {
+        "statement_cache_size": (cfg.statement_cache_size if on else 0, "statement_cache_size")}
+    if on:
+        pool_sets["max_cached_statement_lifetime"] = (cfg.statement_cache_ttl or 0,
+                                                      "statement_cache_ttl")
+    for key, (value, option) in pool_sets.items():
+        if key in cfg.connect_kwargs and cfg.connect_kwargs[key] != value:
+            fail(f"connect_kwargs[{key!r}]={cfg.connect_kwargs[key]!r}: the pool sets it to "
+                 f"{value!r} (prepared_statements={cfg.prepared_statements!r}); to change it, "
+                 f"give {option}= to the pool, with prepared_statements='on'")
 
 
 def _port_number(value: object) -> bool:
@@ -498,7 +508,8 @@ def _check_server_settings(settings: object, fail: Callable[[str], None]) -> Non
 
 
 def _check_root_cert(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
-    if cfg.ssl_root_cert is not None and not isinstance(cfg.ssl_root_cert, str | os.PathLike):
+    if cfg.ssl_root_cert is not None and not isinstance(cfg.ssl_root_cert,
+                                                        str | bytes | os.PathLike):
         fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: must be the path of one CA bundle file (a "
              f"string), or 'system', not a {type(cfg.ssl_root_cert).__name__}")
     if (cfg.ssl_root_cert is not None and cfg.ssl_root_cert != "system"

@@ -249,13 +249,14 @@ ISOLATION_LEVELS: tuple[Isolation, ...] = get_args(Isolation)
 def check_transaction_options(pool_name: str, isolation: Any, readonly: Any,
                               deferrable: Any) -> None:
     """Raise `PoolConfigError` for ``pool.transaction()`` options asyncpg would misread or refuse
-    only once a connection is taken: ``readonly="no"`` is a true value to asyncpg."""
-    if isolation is not None and isolation not in ISOLATION_LEVELS:
+    only once a connection is taken: ``readonly="no"`` is a true value to asyncpg. What asyncpg
+    reads as it is meant stays accepted (``readonly=1``, a numpy bool, ``isolation=""``)."""
+    if isolation and isolation not in ISOLATION_LEVELS:
         raise PoolConfigError(
             f"pool {pool_name!r}: transaction(isolation={isolation!r}): must be one of "
             f"{', '.join(map(repr, ISOLATION_LEVELS))}, or None for the server's default")
     for name, value in (("readonly", readonly), ("deferrable", deferrable)):
-        if not isinstance(value, bool):
+        if isinstance(value, str | bytes):
             raise PoolConfigError(
-                f"pool {pool_name!r}: transaction({name}={value!r}): must be True or False"
-                + (" (a string is not read as one)" if isinstance(value, str) else ""))
+                f"pool {pool_name!r}: transaction({name}={value!r}): must be True or False (a "
+                "string is not read as one: asyncpg takes any non-empty one for True)")

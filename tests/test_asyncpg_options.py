@@ -460,14 +460,15 @@ def test_connect_options_reach_connect_kwargs_over_a_config() -> None:
         ({"connect_kwargs": {"port": [5432, "x"]}}, r"port=\[5432, 'x'\]: must be a port number"),
         # Refused here: it failed at the first login, as a ConnectError counted as one.
         ({"max_cacheable_statement_size": -1},
-         r"max_cacheable_statement_size=-1: must be a whole number of bytes >= 0"),
+         r"max_cacheable_statement_size=-1: must be a number of bytes >= 0"),
         ({"max_cacheable_statement_size": "1k"}, "max_cacheable_statement_size='1k'"),
-        # Set by the pool from its own options: given here it was overridden without a word.
+        # Set by the pool from its own options: another value here was overridden silently.
         ({"connect_kwargs": {"statement_cache_size": -5}},
-         r"connect_kwargs\['statement_cache_size'\]: set by the pool from its "
-         "statement_cache_size= option"),
-        ({"connect_kwargs": {"max_cached_statement_lifetime": 30}},
-         "from its statement_cache_ttl= option"),
+         r"connect_kwargs\['statement_cache_size'\]=-5: the pool sets it to 0 "
+         r"\(prepared_statements='unnamed'\); to change it, give statement_cache_size= to the "
+         "pool, with prepared_statements='on'"),
+        ({"connect_kwargs": {"max_cached_statement_lifetime": 30}, "prepared_statements": "on"},
+         "give statement_cache_ttl= to the pool"),
     ],
 )
 def test_bad_asyncpg_values_say_what_to_do(options: dict[str, Any], match: str) -> None:
@@ -478,10 +479,22 @@ def test_bad_asyncpg_values_say_what_to_do(options: dict[str, Any], match: str) 
         # set_connect_args() takes asyncpg.connect's arguments: the same checks, nothing changed.
         connect = options.get("connect_kwargs", options)
         # (The pool's own options are not connection arguments there: refused as such.)
-        own = {"statement_cache_size", "max_cached_statement_lifetime"} & set(connect)
+        own = {"statement_cache_size", "max_cached_statement_lifetime",
+               "prepared_statements"} & set(connect)
         with pytest.raises(PoolConfigError, match="not a connection argument" if own else match):
             pool.set_connect_args("postgresql://a@h/d", **connect)
         assert pool.config.connect_kwargs == {}
+
+
+def test_asyncpg_values_the_pool_sends_anyway_are_taken() -> None:
+    """asyncpg's PgBouncer advice, ``statement_cache_size=0`` in the connect arguments, is what
+    the pool sends outside the "on" mode; sizes as asyncpg takes them (a float, numpy's ints)."""
+    for mode in ("unnamed", "off"):
+        Pool("postgresql://a@h/d", prepared_statements=mode,
+             connect_kwargs={"statement_cache_size": 0, "max_cached_statement_lifetime": 30})
+    Pool("postgresql://a@h/d", prepared_statements="on", statement_cache_size=50,
+         connect_kwargs={"statement_cache_size": 50})
+    Pool("postgresql://a@h/d", max_cacheable_statement_size=2048.0)  # type: ignore[arg-type]
 
 
 def test_good_connect_values_are_taken() -> None:

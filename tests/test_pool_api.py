@@ -243,7 +243,7 @@ async def test_transaction_commits_and_rolls_back(pool: Pool, pooler: Pooler) ->
     ({"isolation": "SERIALIZABLE"}, "isolation='SERIALIZABLE'"),
     ({"readonly": "no"}, "readonly='no'): must be True or False (a string"),
     ({"readonly": "false"}, "readonly='false'"),
-    ({"deferrable": 1}, "deferrable=1): must be True or False"),
+    ({"deferrable": b"yes"}, "deferrable=b'yes'): must be True or False"),
 ])
 async def test_transaction_options_asyncpg_would_misread_are_refused_before_a_checkout(
         pool: Pool, options: dict[str, Any], named: str) -> None:
@@ -262,6 +262,9 @@ async def test_transaction_options_reach_the_server(pool: Pool) -> None:
         assert await conn.fetchval("SHOW transaction_isolation") == "serializable"
     async with pool.transaction(readonly=False) as conn:
         assert await conn.fetchval("SHOW transaction_read_only") == "off"
+    # What asyncpg reads as meant stays accepted, as in asyncpg.
+    async with pool.transaction(readonly=1, isolation="") as conn:  # type: ignore[arg-type]
+        assert await conn.fetchval("SHOW transaction_read_only") == "on"
 
 
 async def test_a_transaction_ended_inside_its_block_is_reported(

@@ -299,7 +299,7 @@ class Connector:
             caller_error = type(exc)
             # ...from the provider's frames on: asyncpg's, which called it, hold the DSN and
             # the connection arguments (`sslpassword` included) as locals.
-            raise exc.with_traceback(_from_code(exc.__traceback__, password_code))
+            raise exc.with_traceback(_from_code(exc.__traceback__, password_code)) from exc.__cause__
         except Exception as exc:
             # Only what matters is kept (class, SQLSTATE, a scrubbed message): the driver's
             # exception and its frames (which hold the connection parameters, password
