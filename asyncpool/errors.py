@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
+from types import TracebackType
 from typing import ParamSpec, TypeVar
 
 _P = ParamSpec("_P")
@@ -93,17 +95,41 @@ def config_errors_without_frames(function: Callable[_P, _R]) -> Callable[_P, _R]
     what to fix. For the public calls that take them (`Pool()`, `PoolConfig.from_env()`...).
 
     Any `Exception`, not only `PoolConfigError`: a mistake the checks did not foresee (a
-    misspelt keyword's `TypeError`) came through the same frames."""
+    misspelt keyword's `TypeError`) came through the same frames. For those, the frames of the
+    caller's own code it was raised in (a credentials provider's property...) are kept: the bug
+    may be there."""
 
     @functools.wraps(function)
     def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return function(*args, **kwargs)
-        except Exception as exc:  # (raised again below, without its frames)
+        except Exception as exc:  # (raised again below, without asyncpool's frames)
             error = exc
         del args, kwargs  # this frame starts the traceback: nothing of the call in it
         error.__cause__ = error.__context__ = None
         error.__suppress_context__ = True
-        raise error.with_traceback(None)
+        kept = None if isinstance(error, PoolConfigError) else _callers_frames(error.__traceback__)
+        raise error.with_traceback(kept)
 
     return checked
+
+
+def _callers_frames(tb: TracebackType | None) -> TracebackType | None:
+    """The entries of `tb` in code that is neither asyncpool's nor the standard library's (nor
+    generated, as a dataclass's ``__init__``), linked anew: the others hold what the call was
+    given as locals."""
+    import sysconfig  # (only when such an error happens)
+
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    paths = sysconfig.get_paths()
+    stdlib = tuple({paths["stdlib"] + os.sep, paths["platstdlib"] + os.sep})
+    kept: list[TracebackType] = []
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not (filename.startswith((ours, *stdlib)) or filename.startswith("<")):
+            kept.append(tb)
+        tb = tb.tb_next
+    linked = None
+    for entry in reversed(kept):
+        linked = TracebackType(linked, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return linked

@@ -613,6 +613,37 @@ async def test_a_providers_error_keeps_its_frames_and_cause_but_not_asyncpgs() -
     assert tally.leaks == []
 
 
+async def test_a_bug_in_the_callers_code_keeps_its_frame_and_no_secret() -> None:
+    """An error that is not a configuration error, raised while the pool reads its options (a
+    bug in a credentials provider's own code), keeps the frames of that code (the bug is
+    there) and none of asyncpool's, which hold the DSN and its password."""
+    secret = SECRETS[-1]
+
+    class Buggy:
+        @property
+        def requires_tls(self) -> bool:
+            return bool(self.settings["tls"])  # type: ignore[attr-defined]  # the bug
+
+    pool = Pool(f"postgresql://app:{quote(secret, safe='')}@127.0.0.1/app",
+                credentials=Buggy(), min_size=0, telemetry=False)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError, match="settings") as info:
+        await pool.open()
+    await pool.close()
+    frames = []
+    tb = info.value.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_name, tb.tb_frame.f_code.co_filename))
+        tb = tb.tb_next
+    # The provider's frame right under the check's: asyncpool's frames between them are gone.
+    assert frames[-1] == ("requires_tls", __file__)
+    assert frames[-2][0] == "checked"
+    assert frames[-2][1].endswith(f"{os.sep}asyncpool{os.sep}errors.py")
+    tally = Tally()
+    for channel, found in error_texts(info.value).items():
+        tally.check(secret, "a bug in a provider", channel, found)
+    assert tally.leaks == []
+
+
 def _config_errors(secret: str, tmp: Path) -> dict[str, Callable[[], Any]]:
     """Calls that refuse their configuration, each given `secret` as a password (and the
     environment holding it, as Lambda's holds AWS session tokens)."""
