@@ -839,7 +839,7 @@ class Slots(_HotSlots):
         progress.holding = True
         progress.phase = "validating"
         try:
-            ok = await self._validate(record)
+            ok = await self._validate(record, progress.deadline)
         except BaseException:
             self.retire(record, "cancelled during validation")
             progress.holding = False
@@ -865,11 +865,19 @@ class Slots(_HotSlots):
         self._hold(record, lease)
         return lease
 
-    async def _validate(self, record: ConnectionRecord) -> bool:
-        """One round trip on a connection that sat idle; False if it is dead."""
+    async def _validate(self, record: ConnectionRecord, deadline: float | None) -> bool:
+        """One round trip on a connection that sat idle; False if it is dead.
+
+        Within `connect_timeout`, and within half of what is left of the acquire's time
+        (`deadline`): a connection that vanished without a word answers nothing, and the time
+        to open its replacement must be left (with Lambda's defaults both are 5 s, and the check
+        used to take all of it, failing the acquire)."""
+        timeout = self.config.connect_timeout
+        if deadline is not None and self.loop is not None:
+            timeout = min(timeout, max((deadline - self.loop.time()) / 2, _CLOCK_SLACK))
         try:
             with self.observer.pool_statement("validate"):
-                await record.conn.execute(_VALIDATION_QUERY, timeout=self.config.connect_timeout)
+                await record.conn.execute(_VALIDATION_QUERY, timeout=timeout)
         # InternalClientError: the server's FATAL (pg_terminate_backend, pooler shutdown) arrived
         # but the driver has not yet seen the socket close.
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,

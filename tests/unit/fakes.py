@@ -188,6 +188,7 @@ class FakeConnection:
         self._op: asyncio.Future[None] | None = None
         self._cancel_waiter: asyncio.Future[None] | None = None
         self._silently_dead = False
+        self._vanished = False
         self.queries: list[str] = []
         self.closed_how: str | None = None
         self.closing = False  # close() under way
@@ -204,6 +205,11 @@ class FakeConnection:
     def die_silently(self) -> None:
         """The server end went away unnoticed: the next operation fails."""
         self._silently_dead = True
+
+    def vanish(self) -> None:
+        """The path to the server went away without a word (a NAT or proxy forgot it): nothing
+        is ever answered, and nothing says so; an operation ends only by its timeout."""
+        self._vanished = True
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -259,12 +265,13 @@ class FakeConnection:
         # "SELECT pg_sleep(s)" takes s seconds more, as on a server.
         slept = _SLEEP.match(query)
         delay = self._server.latency + (float(slept.group(1)) if slept else 0.0)
-        timer = loop.call_later(delay, _resolve, op)
+        timer = None if self._vanished else loop.call_later(delay, _resolve, op)
         try:
             async with asyncio.timeout(timeout):
                 await op
         except (asyncio.CancelledError, TimeoutError):
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if not self._closed:
                 self._start_cancel()
             raise

@@ -569,3 +569,33 @@ def test_a_holder_calling_close_while_another_close_waits_for_it_does_not_deadlo
         assert pool.stats().closed_total == pool.stats().created_total == 1
 
     run(main())
+
+
+@pytest.mark.parametrize(("acquire_timeout", "connect_timeout", "checked_within"),
+                         [(5.0, 5.0, 2.5), (5.0, 1.0, 1.0), (None, 2.0, 2.0)])
+def test_a_check_that_gets_no_answer_leaves_time_to_replace_the_connection(
+        server: FakeServer, acquire_timeout: float | None, connect_timeout: float,
+        checked_within: float) -> None:
+    """A connection whose path vanished without a word (a NAT or proxy forgot it while the
+    environment was frozen) answers its check with nothing. The check gives up within
+    connect_timeout and within half of what is left of the acquire's time, so the dead one is
+    replaced inside the same acquire: with Lambda's defaults (both 5 s) it used to take the whole
+    acquire, which failed with PoolTimeoutError."""
+    async def main() -> float:
+        async with fake_pool(server, min_size=1, max_size=1, acquire_timeout=acquire_timeout,
+                             connect_timeout=connect_timeout) as pool:
+            [raw] = server.open_connections()
+            raw.vanish()
+            pool.mark_stale()  # (as after a freeze)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await pool.fetchval("SELECT 1") == 1
+            elapsed = loop.time() - started
+            stats = pool.stats()
+            assert (stats.validation_failures_total, stats.created_total) == (1, 2)
+            [new] = server.open_connections()
+            assert new is not raw
+            return elapsed
+
+    elapsed = run(main())
+    assert checked_within <= elapsed < checked_within + 0.2
