@@ -23,6 +23,7 @@ from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
 from asyncpool.integrations.invocation import LocalContext, current_invocation
 from asyncpool.testing import PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
 from tests.conftest import Pooler
 from tests.lambda_env import RuntimeThread, app_clients, load_event, local_port, scratch_table
 from tests.script_support import REPO
@@ -125,6 +126,38 @@ async def lambda_env(runtime: RuntimeThread, pooler: Pooler) -> AsyncIterator[Ma
 async def notes(postgres: PostgresServer) -> AsyncIterator[str]:
     async with scratch_table(postgres.dsn()) as name:
         yield name
+
+
+async def test_each_later_invocation_checks_the_connections_whatever_takes_them(
+        runtime: RuntimeThread, pooler: Pooler) -> None:
+    """Mangum starts the lifespan for every invocation: at each later start `pool_lifespan`
+    marks the pool's connections to be checked, so code that takes them without
+    `pool_connection` (SQLAlchemy sessions, the query helpers) gets a new connection, not one
+    that vanished while the environment was frozen. ``validate_after=3600`` stands for a clock
+    that did not move across the freeze (it is not known to)."""
+    async with FaultProxy.to_dsn(pooler.dsn()) as proxy:
+        pool = Pool(config=lambda_config(environ={}, dsn=proxy.dsn(pooler.dsn()),
+                                         validate_after=3600))
+        app = FastAPI(lifespan=pool_lifespan(pool, keep_open=True))
+
+        @app.get("/plain")
+        async def plain(n: int) -> int:
+            value: int = await pool.fetchval("SELECT $1::int", n)
+            return value
+
+        env = MangumEnvironment(runtime, pool)
+        await env.start(app)
+        try:
+            first = await env.invoke(http_event("GET", "/plain", "n=1"))
+            assert (first["statusCode"], first["body"]) == (200, "1")
+            proxy.set_mode("half-open")  # the connection vanished without a word...
+            proxy.set_mode("pass")  # ...and new ones get through
+            second = await env.invoke(http_event("GET", "/plain", "n=2"))
+            assert (second["statusCode"], second["body"]) == (200, "2")
+            stats = pool.stats()
+            assert (stats.validation_failures_total, stats.created_total) == (1, 2)
+        finally:
+            await env.close()
 
 
 async def test_many_invocations_share_one_pool_and_connection(

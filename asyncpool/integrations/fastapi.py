@@ -120,6 +120,12 @@ async def _after_pause(request: Request, pool: Pool) -> None:
     if request_id is None or _last_request.get(pool) == request_id:
         return
     _last_request[pool] = request_id
+    await _thawed(pool)
+
+
+async def _thawed(pool: Pool) -> None:
+    """Let the loop read what arrived during a pause (a connection the pooler closed is then
+    replaced without a round trip) and check every connection before its next use."""
     for _ in range(3):
         await asyncio.sleep(0)
     pool.mark_stale()
@@ -143,7 +149,10 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
     tests). Otherwise (uvicorn and other servers) the pool is closed at shutdown.
 
     On Lambda the pool is opened without connecting: the first request connects, so a database
-    that is down fails that request rather than every lifespan startup.
+    that is down fails that request rather than every lifespan startup. Each later startup
+    (Mangum starts the lifespan for every invocation) marks the pool's connections to be
+    checked before their next use, as `pool_connection` does: the environment may have been
+    frozen meanwhile, and a connection the pooler dropped is replaced, not handed out.
 
     Testing: ``with TestClient(app) as client:`` runs this lifespan, and every request of the
     block, on one event loop; once the block ends the pool is closed, so keep one client for the
@@ -168,6 +177,11 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
             async with pool:
                 yield
             return
+        if hooked:
+            # A later start: Mangum runs the lifespan around each invocation, and the
+            # environment may have been frozen since the last one (its clock may not show it).
+            # Checked here, whatever uses the pool in the invocation (SQLAlchemy sessions too).
+            await _thawed(pool)
         await pool.open(wait=False)
         if not hooked:
             close_on_shutdown(pool, asyncio.get_running_loop())
