@@ -839,7 +839,10 @@ class Slots(_HotSlots):
         progress.holding = True
         progress.phase = "validating"
         try:
-            ok = await self._validate(record, progress.deadline)
+            # Marked stale (a freeze, a snapshot restore: the path may have vanished without a
+            # word), the check leaves time for a replacement; otherwise a slow answer is a queue
+            # (a busy pooler) and the connection is waited for, as healthy.
+            failure = await self._validate(record, progress.deadline if record.stale else None)
         except BaseException:
             self.retire(record, "cancelled during validation")
             progress.holding = False
@@ -849,7 +852,8 @@ class Slots(_HotSlots):
             progress.holding = False
             self._release_slot()
             raise self.closed_error()
-        if not ok:
+        if failure is not None:
+            progress.last_error = failure
             self._count_failed_check()
             self.retire(record, "failed validation")  # its slot stays with this caller
             return await self._connect_for(frame, progress)
@@ -865,13 +869,14 @@ class Slots(_HotSlots):
         self._hold(record, lease)
         return lease
 
-    async def _validate(self, record: ConnectionRecord, deadline: float | None) -> bool:
-        """One round trip on a connection that sat idle; False if it is dead.
+    async def _validate(self, record: ConnectionRecord,
+                        deadline: float | None) -> ConnectError | None:
+        """One round trip on a connection that sat idle: None if it answered, else what it did.
 
-        Within `connect_timeout`, and within half of what is left of the acquire's time
-        (`deadline`): a connection that vanished without a word answers nothing, and the time
-        to open its replacement must be left (with Lambda's defaults both are 5 s, and the check
-        used to take all of it, failing the acquire)."""
+        Within `connect_timeout`, and with a `deadline` (the acquire's, for a connection marked
+        stale) within half of what is left of it: a connection that vanished without a word
+        answers nothing, and the time to open its replacement must be left (with Lambda's
+        defaults both are 5 s, and the check used to take all of it, failing the acquire)."""
         timeout = self.config.connect_timeout
         if deadline is not None and self.loop is not None:
             timeout = min(timeout, max((deadline - self.loop.time()) / 2, _CLOCK_SLACK))
@@ -884,8 +889,10 @@ class Slots(_HotSlots):
                 asyncpg.InternalClientError) as exc:
             logger.info("pool %r: idle connection failed its check (%s); replacing it", self.name,
                         type(exc).__name__)
-            return False
-        return True
+            what = (f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError)
+                    else type(exc).__name__)
+            return ConnectError(f"an idle connection failed its check ({what}) and was replaced")
+        return None
 
     def _count_failed_check(self) -> None:
         self.validation_failures_total += 1

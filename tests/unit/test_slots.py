@@ -599,3 +599,34 @@ def test_a_check_that_gets_no_answer_leaves_time_to_replace_the_connection(
 
     elapsed = run(main())
     assert checked_within <= elapsed < checked_within + 0.2
+
+
+def test_a_slow_check_of_a_connection_not_marked_stale_is_waited_for(server: FakeServer) -> None:
+    """A check due by the clock that answers slowly is a queue (a busy pooler), not a vanished
+    path: the connection is waited for within the acquire's time and handed out, not replaced
+    and counted as dead (only a connection marked stale, after a freeze, gets half the time)."""
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1, acquire_timeout=0.5,
+                             validate_after=0.1) as pool:
+            await asyncio.sleep(0.2)  # idle past validate_after: checked at the next checkout
+            server.latency = 0.3  # each answer waits 0.3 s in the pooler's queue
+            assert await pool.fetchval("SELECT 1") == 1
+            stats = pool.stats()
+            assert (stats.validation_failures_total, stats.created_total) == (0, 1)
+
+    run(main())
+
+
+def test_an_acquire_that_runs_out_after_a_failed_check_says_so(server: FakeServer) -> None:
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=1, acquire_timeout=1.0) as pool:
+            [raw] = server.open_connections()
+            raw.vanish()
+            pool.mark_stale()
+            server.login_mode = "hang"  # and its replacement's login gets no answer either
+            with pytest.raises(PoolTimeoutError) as caught:
+                await pool.fetchval("SELECT 1")
+            assert ("last error: an idle connection failed its check (no answer within 0.5s) "
+                    "and was replaced") in str(caught.value)
+
+    run(main())
