@@ -60,7 +60,8 @@ async def _fail(sdk: Sdk, dsn: str, action: Callable[[Pool], Awaitable[Any]], *,
         # turn or two after the caller got its error.
         expected = {qualified_name(type(info.value))}
         if retried and type(info.value).__name__ == "PoolTimeoutError":
-            expected.add("asyncpool.errors.ConnectError")
+            expected.update({"asyncpool.errors.ConnectError",
+                             "asyncpool.errors.PoolerExhaustedError"})
         for _ in range(100):
             if _failed_types(sdk)[-1:] and _failed_types(sdk)[-1] in expected:
                 break
@@ -124,8 +125,14 @@ async def test_max_client_conn(sdk: Sdk, one_client_pooler: PgBouncerServer) -> 
         async with pool.acquire(), pool.acquire():
             pass
 
-    caught = await _fail(sdk, one_client_pooler.dsn(), second_client, validate_after=None)
-    assert type(caught).__name__ == "PoolerExhaustedError"
+    caught = await _fail(sdk, one_client_pooler.dsn(), second_client, validate_after=None,
+                         retried=True)
+    # Refused logins are retried until acquire_timeout: under load the deadline can fall
+    # between two attempts, and the caller's PoolTimeoutError then names the refusal.
+    if type(caught).__name__ == "PoolTimeoutError":
+        assert "max_client_conn" in str(caught), caught
+    else:
+        assert type(caught).__name__ == "PoolerExhaustedError"
 
 
 @pytest.fixture
