@@ -37,7 +37,6 @@ InitHook = Callable[["asyncpg.Connection"], Awaitable[object]]
 SetupHook = Callable[["PooledConnection"], Awaitable[object]]
 
 
-
 def hook_awaitable(pool_name: str, hook: str, result: object) -> Awaitable[object]:
     """What the `init` or `setup` hook returned, to await; a `PoolConfigError` naming the hook
     if it is not awaitable (a plain ``def`` hook: it ran, but whatever it meant to await did
@@ -467,22 +466,31 @@ def _check_connect_values(connect: Mapping[str, Any], fail: Callable[[str], None
              "(0: no limit)")
 
 
+def statement_cache_args(cfg: PoolConfig) -> dict[str, float]:
+    """asyncpg.connect's statement cache arguments, set from the pool's own options (the
+    connector passes them over any in `connect_kwargs`)."""
+    if cfg.prepared_statements == "on":
+        return {"statement_cache_size": cfg.statement_cache_size,
+                "max_cached_statement_lifetime": cfg.statement_cache_ttl or 0}
+    # "unnamed" too: it keeps unnamed statements itself, never asyncpg's named ones.
+    return {"statement_cache_size": 0}
+
+
+#: The pool's option behind each of `statement_cache_args`.
+_CACHE_OPTIONS = {"statement_cache_size": "statement_cache_size",
+                  "max_cached_statement_lifetime": "statement_cache_ttl"}
+
+
 def _check_overridden_connect_args(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
-    """asyncpg.connect's arguments the connector sets from the pool's own options: one given in
-    `connect_kwargs` with another value would be overridden without a word (the same value,
-    such as asyncpg's ``statement_cache_size=0`` behind PgBouncer outside the "on" mode, is
-    what the pool sends anyway)."""
-    on = cfg.prepared_statements == "on"
-    pool_sets: dict[str, tuple[float, str]] = {
-        "statement_cache_size": (cfg.statement_cache_size if on else 0, "statement_cache_size")}
-    if on:
-        pool_sets["max_cached_statement_lifetime"] = (cfg.statement_cache_ttl or 0,
-                                                      "statement_cache_ttl")
-    for key, (value, option) in pool_sets.items():
+    """A `connect_kwargs` argument the pool sets itself (`statement_cache_args`), given with
+    another value, would be overridden without a word (the same value, such as asyncpg's
+    ``statement_cache_size=0`` behind PgBouncer outside the "on" mode, is what the pool sends
+    anyway)."""
+    for key, value in statement_cache_args(cfg).items():
         if key in cfg.connect_kwargs and cfg.connect_kwargs[key] != value:
             fail(f"connect_kwargs[{key!r}]={cfg.connect_kwargs[key]!r}: the pool sets it to "
                  f"{value!r} (prepared_statements={cfg.prepared_statements!r}); to change it, "
-                 f"give {option}= to the pool, with prepared_statements='on'")
+                 f"give {_CACHE_OPTIONS[key]}= to the pool, with prepared_statements='on'")
 
 
 def _port_number(value: object) -> bool:

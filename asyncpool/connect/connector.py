@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from asyncpool.config import PoolConfig, hook_awaitable
+from asyncpool.config import PoolConfig, hook_awaitable, statement_cache_args
 from asyncpool.connect import driver
 from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
@@ -131,12 +131,7 @@ class Connector:
         kw.setdefault("timeout", cfg.connect_timeout)
         if cfg.command_timeout is not None:
             kw["command_timeout"] = cfg.command_timeout
-        if cfg.prepared_statements == "on":
-            kw["statement_cache_size"] = cfg.statement_cache_size
-            kw["max_cached_statement_lifetime"] = cfg.statement_cache_ttl or 0
-        else:
-            # "unnamed" too: it keeps unnamed statements itself, never asyncpg's named ones.
-            kw["statement_cache_size"] = 0
+        kw.update(statement_cache_args(cfg))
         if cfg.prepared_statements == "unnamed":
             from asyncpool.unnamed import (
                 CacheTotals,

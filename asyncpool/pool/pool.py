@@ -220,8 +220,9 @@ class Pool:
         `isolation` is one of asyncpg's names (``"serializable"``, ``"repeatable_read"``,
         ``"read_committed"``, ``"read_uncommitted"``; None: the server's default); `readonly`
         and `deferrable` are True or False (PostgreSQL applies DEFERRABLE to a serializable
-        read-only transaction only). A bad value raises `PoolConfigError` before anything is
-        taken."""
+        read-only transaction only). Another isolation name, or a string for `readonly` or
+        `deferrable` (asyncpg would take ``"no"`` for True), raises `PoolConfigError` before
+        anything is taken."""
         if timeout is not UNSET:
             check_timeout(self.name, "transaction(timeout=...)", timeout)
         check_transaction_options(self.name, isolation, readonly, deferrable)
