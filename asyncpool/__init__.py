@@ -20,6 +20,7 @@ from asyncpool.errors import (
     PoolError,
     PoolTimeoutError,
     StaleStatementError,
+    TransactionRolledBackError,
 )
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import Pool, create_pool
@@ -56,6 +57,7 @@ __all__ = [
     "StatementCacheStats",
     "StaticPassword",
     "Target",
+    "TransactionRolledBackError",
     "create_pool",
 ]
 

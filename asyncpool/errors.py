@@ -62,6 +62,11 @@ class ConnectionLostError(PoolError):
     """The connection broke while in use (server restart, network loss); the slot was restored."""
 
 
+class TransactionRolledBackError(PoolError):
+    """``pool.transaction()``'s COMMIT was answered ROLLBACK: a statement in the block failed
+    and its error was caught inside the block, so nothing the block did was committed."""
+
+
 class StaleStatementError(PoolError):
     """A reused statement's rows could not be decoded (``prepared_statements="unnamed"``):
     a result column was retyped to a type asyncpg reads only as text, and the server sent it in

@@ -292,6 +292,38 @@ async def test_a_transaction_ended_inside_its_block_is_reported(
     await pool.execute(f"DROP TABLE {table}")
 
 
+async def test_a_transaction_whose_commit_the_server_rolled_back_raises(
+        pool: Pool, pooler: Pooler) -> None:
+    """A statement error caught inside the block leaves the transaction failed: the server
+    answers the COMMIT with ROLLBACK. The block must not end as if it had committed (asyncpg's
+    own commit() drops that answer); the connection goes back clean, and a savepoint (a nested
+    ``conn.transaction()``) is the way to go on past an error."""
+    table = f"failed_{pooler.label.replace('.', '_').replace('-', '_')}"
+    await pool.execute(f"DROP TABLE IF EXISTS {table}")
+    await pool.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    with pytest.raises(asyncpool.TransactionRolledBackError,
+                       match=f"pool {pool.name!r}: the transaction was rolled back, not committed"):
+        async with pool.transaction() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+    assert pool.stats().in_use == 0
+    async with pool.transaction() as conn:
+        await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        await conn.execute(f"INSERT INTO {table} VALUES (2)")
+    assert [r["id"] for r in await pool.fetch(f"SELECT id FROM {table} ORDER BY id")] == [1, 2]
+    # Every connection the pool has is clean and usable after both.
+    for _ in range(4):
+        async with pool.transaction() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    assert pool.stats().in_use == 0
+    await pool.execute(f"DROP TABLE {table}")
+
+
 async def test_executemany(pool: Pool, pooler: Pooler) -> None:
     table = f"many_{pooler.label.replace('.', '_').replace('-', '_')}"
     await pool.execute(f"DROP TABLE IF EXISTS {table}")

@@ -22,7 +22,9 @@ from asyncpool.errors import (
     ConnectionLostError,
     PoolClosedError,
     PoolError,
+    TransactionRolledBackError,
 )
+from asyncpool.pool.commit import commit
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, Lease
 from asyncpool.pool.record import IDLE
@@ -342,8 +344,15 @@ class TransactionContext(AcquireContext):
                 "other server connections). Let the block's end commit, or raise to roll back",
                 self._owner.name)
         try:
-            await self._tx.commit()
+            committed = await commit(self._tx)
         except BaseException as commit_error:
             await super().__aexit__(type(commit_error), commit_error, commit_error.__traceback__)
             raise
         await super().__aexit__(None, None, None)
+        if not committed:
+            raise TransactionRolledBackError(
+                f"pool {self._owner.name!r}: the transaction was rolled back, not committed: a "
+                "statement in the pool.transaction() block failed and its error was caught "
+                "inside the block (PostgreSQL then refuses every statement up to the end and "
+                "answers COMMIT with ROLLBACK). Let the error leave the block, or catch it in a "
+                "nested `async with conn.transaction():` (a savepoint) to go on without it")
