@@ -10,11 +10,18 @@ import warnings
 from collections.abc import Iterator
 from typing import Annotated
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
-from asyncpool import Pool, PoolClosedError, PoolConfigError, PooledConnection
+from asyncpool import (
+    Pool,
+    PoolClosedError,
+    PoolConfigError,
+    PooledConnection,
+    TransactionRolledBackError,
+)
 from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
 from asyncpool.testing import PgBouncerServer
 
@@ -130,6 +137,47 @@ def test_a_commit_that_fails_is_not_reported_as_success(legacy: PgBouncerServer,
                 response = client.post("/twice")
                 assert response.status_code == 500, response.text
             assert client.get("/count").json() == {"rows": 0}
+            assert pool.stats().in_use == 0
+        finally:
+            portal.call(pool.execute, f"DROP TABLE {table}")
+
+
+def test_an_endpoint_that_swallowed_a_statement_error_does_not_report_its_writes_saved(
+        legacy: PgBouncerServer) -> None:
+    """An endpoint that catches a unique violation and returns normally leaves a failed
+    transaction, which the server rolls back at COMMIT: the client gets a 500 naming
+    `TransactionRolledBackError`, not a 200 for a write that was not kept; the same endpoint
+    with the statement in a savepoint keeps the first write."""
+    table = f"fastapi_swallowed_{uuid.uuid4().hex[:8]}"
+    pool = Pool(legacy.dsn(), max_size=2, telemetry=False)
+    app = FastAPI(lifespan=pool_lifespan(pool))
+    transaction = Annotated[PooledConnection,
+                            Depends(pool_connection(pool, transaction=True), scope="function")]
+
+    @app.post("/items")
+    async def create(conn: transaction, savepoint: bool = False) -> dict[str, bool]:
+        await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        try:
+            if savepoint:
+                async with conn.transaction():
+                    await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            else:
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        except asyncpg.UniqueViolationError:
+            return {"duplicate": True}
+        return {"duplicate": False}
+
+    with TestClient(app) as client:  # the server's exception raised here, as the client's 500
+        portal = client.portal
+        assert portal is not None
+        portal.call(pool.execute, f"CREATE TABLE {table} (n int UNIQUE)")
+        try:
+            with pytest.raises(TransactionRolledBackError, match="not committed"):
+                client.post("/items")
+            assert portal.call(pool.fetchval, f"SELECT count(*) FROM {table}") == 0
+            response = client.post("/items", params={"savepoint": True})
+            assert response.json() == {"duplicate": True}
+            assert portal.call(pool.fetchval, f"SELECT count(*) FROM {table}") == 1
             assert pool.stats().in_use == 0
         finally:
             portal.call(pool.execute, f"DROP TABLE {table}")
