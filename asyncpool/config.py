@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import numbers
 import os
@@ -212,8 +213,29 @@ class PoolConfig:
             raise PoolConfigError(f"{exc} (set by {', '.join(named)})") from None
 
 
+def _refusing_unknown_options(init: Any) -> Any:
+    """The generated __init__, with an option it does not know refused as `PoolConfigError`
+    naming the closest one (Python's own error would only say "unexpected keyword")."""
+    known = [f.name for f in fields(PoolConfig)]
+
+    @functools.wraps(init)
+    def checked(self: PoolConfig, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                raise PoolConfigError(
+                    f"{key}=: not an option of PoolConfig"
+                    + (f"; did you mean {close[0]}=?" if close else
+                       "; asyncpg's connect() arguments go in connect_kwargs=, and Pool() and "
+                       "lambda_config() take them as keywords"))
+        init(self, *args, **kwargs)
+
+    return checked
+
+
 # The generated __init__ holds the DSN and connect_kwargs as locals (see the decorator).
-PoolConfig.__init__ = config_errors_without_frames(PoolConfig.__init__)  # type: ignore[method-assign]
+PoolConfig.__init__ = config_errors_without_frames(  # type: ignore[method-assign]
+    _refusing_unknown_options(PoolConfig.__init__))
 
 
 # Field name -> (type, may be None). Options that are objects (credentials...) have no variable.
@@ -482,10 +504,17 @@ _CACHE_OPTIONS = {"statement_cache_size": "statement_cache_size",
 
 
 def _check_overridden_connect_args(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
-    """A `connect_kwargs` argument the pool sets itself (`statement_cache_args`), given with
-    another value, would be overridden without a word (the same value, such as asyncpg's
+    """A `connect_kwargs` argument the pool sets itself (`statement_cache_args`, and
+    ``command_timeout`` when the option is given too), given with another value, would be
+    overridden without a word (the same value, such as asyncpg's
     ``statement_cache_size=0`` behind PgBouncer outside the "on" mode, is what the pool sends
     anyway)."""
+    given = cfg.connect_kwargs.get("command_timeout")
+    if (cfg.command_timeout is not None and given is not None
+            and given != cfg.command_timeout):
+        fail(f"command_timeout is given twice and the two disagree: command_timeout="
+             f"{cfg.command_timeout!r} and connect_kwargs['command_timeout']={given!r}; give it "
+             "once (the pool does not pick one)")
     for key, value in statement_cache_args(cfg).items():
         if key in cfg.connect_kwargs and cfg.connect_kwargs[key] != value:
             fail(f"connect_kwargs[{key!r}]={cfg.connect_kwargs[key]!r}: the pool sets it to "

@@ -125,9 +125,10 @@ _OWN = frozenset(f.name for f in fields(PoolConfig)) - {"dsn"}
 VALID = sorted(_OWN | CONNECT_OPTIONS | set(RENAMED) | {"config", "observers"})
 
 
-def translate(options: Mapping[str, Any]) -> dict[str, Any]:
+def translate(options: Mapping[str, Any], where: str = "Pool()") -> dict[str, Any]:
     """`options` as `PoolConfig` fields: asyncpg's names mapped, connect options moved into
-    ``connect_kwargs``; unknown and unfit names refused with `PoolConfigError`."""
+    ``connect_kwargs``; unknown and unfit names refused with `PoolConfigError` (`where`: the
+    call that was given them, for the message)."""
     values: dict[str, Any] = {}
     connect: dict[str, Any] = {}
     for key, value in options.items():
@@ -141,8 +142,10 @@ def translate(options: Mapping[str, Any]) -> dict[str, Any]:
             values[RENAMED[key]] = None if key in _ZERO_IS_NONE and value == 0 else value
         elif key in UNFIT:
             raise PoolConfigError(f"{key}=: not an asyncpool option; {UNFIT[key]}")
+        elif key in ("config", "observers"):
+            raise PoolConfigError(f"{key}=: an argument of Pool(), not an option of {where}")
         else:
-            raise PoolConfigError(f"{key}=: not an option of Pool(){_closest(key)}")
+            raise PoolConfigError(f"{key}=: not an option of {where}{_closest(key)}")
     for renamed, own in RENAMED.items():
         if renamed in options and own in options:
             raise PoolConfigError(f"{renamed}= and {own}= are the same option: give one")

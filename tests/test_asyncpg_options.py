@@ -432,6 +432,16 @@ def test_connect_options_reach_connect_kwargs_over_a_config() -> None:
     assert pool.config.connect_timeout == 4
 
 
+def test_a_command_timeout_given_twice_must_agree() -> None:
+    """The option and ``connect_kwargs['command_timeout']`` with two values: the option won
+    without a word (a query ran past the limit the user wrote in connect_kwargs)."""
+    with pytest.raises(PoolConfigError, match=r"command_timeout is given twice and the two "
+                       r"disagree: command_timeout=2 and connect_kwargs\['command_timeout'\]=0.5"):
+        Pool("postgresql://a@h/d", command_timeout=2, connect_kwargs={"command_timeout": 0.5})
+    pool = Pool("postgresql://a@h/d", command_timeout=2, connect_kwargs={"command_timeout": 2})
+    assert pool.config.command_timeout == 2
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncpool import PoolConfig
+from asyncpool import PoolConfig, PoolConfigError
 from asyncpool.integrations.aws_lambda import lambda_config, running_on_lambda
 from asyncpool.integrations.lambda_runner import LambdaRunner
 
@@ -45,3 +45,21 @@ def test_running_on_lambda_follows_the_runtime_variable() -> None:
 def test_runner_rejects_a_negative_margin() -> None:
     with pytest.raises(ValueError, match="timeout_margin"):
         LambdaRunner(timeout_margin=-1)
+
+
+def test_takes_pool_options_as_pool_does() -> None:
+    """`Pool()`'s keywords, asyncpg's names included, mean the same in lambda_config(); a
+    misspelt or foreign one is a `PoolConfigError` naming the closest option (it was Python's
+    bare TypeError, and asyncpg's names were refused)."""
+    cfg = lambda_config(environ={}, dsn="postgresql://app@db/app", timeout=3, host="other",
+                        statement_cache_size=0, max_inactive_connection_lifetime=0)
+    assert (cfg.dsn, cfg.connect_timeout, cfg.prepared_statements, cfg.max_idle) == (
+        "postgresql://app@db/app", 3, "off", None)
+    assert cfg.connect_kwargs == {"host": "other"}
+    with pytest.raises(PoolConfigError, match=r"max_sise=: not an option of lambda_config\(\); "
+                                              r"did you mean max_size=\?"):
+        lambda_config(environ={}, max_sise=1)  # type: ignore[call-arg]
+    with pytest.raises(PoolConfigError, match=r"observers=: an argument of Pool\(\)"):
+        lambda_config(environ={}, observers=[])  # type: ignore[call-arg]
+    with pytest.raises(PoolConfigError, match="function_timeout='10': must be a number"):
+        lambda_config(environ={}, function_timeout="10")  # type: ignore[arg-type]

@@ -685,13 +685,15 @@ def _config_errors(secret: str, tmp: Path) -> dict[str, Callable[[], Any]]:
         "Pool(), ssl_root_cert as a list": lambda: Pool(
             local, ssl_root_cert=["ca.pem"]),  # type: ignore[arg-type]
         "lambda_config(), require_auth as a list": lambda: lambda_config(
-            environ=env, require_auth=["scram-sha-256"]),
+            environ=env, require_auth=["scram-sha-256"]),  # type: ignore[arg-type]
         "lambda_config(), function_timeout=0": lambda: lambda_config(function_timeout=0, environ=env),
-        # A TypeError, as Python gives for any dataclass: the frames are left out all the same.
+        # A PoolConfigError naming the closest option; the frames are left out all the same.
         "PoolConfig(), a misspelt keyword": lambda: PoolConfig(
             dsn=local, max_szie=5),  # type: ignore[call-arg]
         "PoolConfig.from_env(), a misspelt keyword": lambda: PoolConfig.from_env(
             env, max_szie=5),
+        "lambda_config(), a misspelt keyword": lambda: lambda_config(
+            environ=env, dsn=local, max_szie=5),  # type: ignore[call-arg]
         "PoolConfig.replace(), a misspelt keyword": lambda: PoolConfig(
             dsn=local).replace(max_szie=5),
     }
@@ -711,8 +713,9 @@ def test_a_refused_configuration_carries_no_secret(call: str, tmp_path: Path,
     (tmp_path / "ca.pem").write_text("")
     with pytest.raises(Exception) as info:  # noqa: PT011 (its type is checked next)
         _config_errors(secret, tmp_path)[call]()
-    expected = TypeError if "misspelt keyword" in call else PoolConfigError
-    assert isinstance(info.value, expected), info.value
+    assert isinstance(info.value, PoolConfigError), info.value
+    if "misspelt keyword" in call:
+        assert "did you mean max_size=?" in str(info.value)
     error = info.value
     texts = error_texts(error)
     tb = error.__traceback__

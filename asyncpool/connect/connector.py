@@ -374,7 +374,7 @@ def require_target(config: PoolConfig, connect_kwargs: dict[str, Any]) -> None:
     raise PoolConfigError(
         f"pool {config.name!r}: no database to connect to: pass a DSN "
         "(Pool('postgresql://user@host:port/database')), set ASYNCPOOL_DSN, or set libpq's "
-        "PGHOST/PGPORT/PGDATABASE"
+        "PGHOST/PGPORT/PGDATABASE/PGSERVICE"
     )
 
 

@@ -14,10 +14,11 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncpool.config import ENV_PREFIX, PoolConfig
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
+from asyncpool.options import PoolOptions, translate
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -38,12 +39,18 @@ def running_on_lambda(environ: Mapping[str, str] | None = None) -> bool:
     return bool(env.get("AWS_LAMBDA_FUNCTION_NAME"))
 
 
+class LambdaOptions(PoolOptions, total=False):
+    """`lambda_config()`'s keyword options: `Pool()`'s, and the DSN."""
+
+    dsn: str | None
+
+
 @config_errors_without_frames
 def lambda_config(
     *,
     function_timeout: float | None = None,
     environ: Mapping[str, str] | None = None,
-    **overrides: Any,
+    **overrides: Unpack[LambdaOptions],
 ) -> PoolConfig:
     """A `PoolConfig` for a pool that lives in one Lambda execution environment.
 
@@ -58,7 +65,8 @@ def lambda_config(
     that, since a connection held longer than an invocation can last was left checked out by an
     earlier one, and ``acquire_timeout`` at most half of it.
 
-    Precedence: `overrides`, then ``ASYNCPOOL_*`` environment variables, then these defaults.
+    `overrides` are `Pool()`'s keyword options (asyncpg's names too) and ``dsn``. Precedence:
+    `overrides`, then ``ASYNCPOOL_*`` environment variables, then these defaults.
 
     Made at module level (the INIT phase), it also imports what the pool will need when it
     opens in the first invocation (OpenTelemetry, the statement mode): `preload_for_open`.
@@ -71,15 +79,27 @@ def lambda_config(
         "validate_after": 0.5,
     }
     if function_timeout is not None:
+        if isinstance(function_timeout, bool) or not isinstance(function_timeout, int | float):
+            raise PoolConfigError(
+                f"function_timeout={function_timeout!r}: must be a number of seconds, your "
+                "function's configured timeout")
         if function_timeout <= 0:
             raise PoolConfigError(f"function_timeout={function_timeout!r}: must be > 0 seconds")
         defaults["leak_timeout"] = float(function_timeout)
         defaults["acquire_timeout"] = min(5.0, function_timeout / 2)
     env = os.environ if environ is None else environ
     defaults = {k: v for k, v in defaults.items() if ENV_PREFIX + k.upper() not in env}
-    config = PoolConfig.from_env(env, **{**defaults, **overrides})
+    config = PoolConfig.from_env(env, **{**defaults, **_options(overrides)})
     preload_for_open(config)
     return config
+
+
+def _options(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`lambda_config()`'s keywords as `PoolConfig` fields: `Pool()`'s options, and the DSN."""
+    values = translate({k: v for k, v in overrides.items() if k != "dsn"}, "lambda_config()")
+    if "dsn" in overrides:
+        values["dsn"] = overrides["dsn"]
+    return values
 
 
 def preload_for_open(config: PoolConfig) -> None:
