@@ -167,6 +167,87 @@ async def test_parameter_widened_is_cast_not_misread(pool: Pool, table: str,
         assert stored == decimal.Decimal("7.00")
 
 
+async def test_an_argument_the_cached_type_would_cut_is_described_afresh(
+        pool: Pool, table: str, postgres: PostgresServer) -> None:
+    """int4 -> numeric(10, 2): the cached int4 codec would turn Decimal("9.99") into 9 (the
+    server then casts 9 to 9.00). An argument of a kind the cached type does not hold is
+    described afresh instead, so it is stored, and compared in a WHERE, whole; so are
+    executemany's rows. Integers keep the one round trip."""
+    insert = f"INSERT INTO {table} (v) VALUES ($1)"
+    select = f"SELECT count(*) FROM {table} WHERE v = $1"
+    async with pool.acquire() as conn:
+        for _ in range(2):
+            await conn.execute(insert, 1)
+            await conn.fetchval(select, 1)
+        await conn.executemany(insert, [(1,), (2,)])
+        await conn.executemany(insert, [(1,), (2,)])
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN v TYPE numeric(10, 2)")
+        await conn.execute(insert, decimal.Decimal("9.99"))
+        await conn.executemany(insert, [(decimal.Decimal("4.5"),), (2.25,)])
+        assert await conn.fetchval(select, decimal.Decimal("9.99")) == 1
+        assert await conn.fetchval(select, 4.5) == 1
+        stored = [r["v"] for r in await conn.fetch(f"SELECT v FROM {table} WHERE v <> trunc(v)")]
+        assert sorted(stored) == [decimal.Decimal("2.25"), decimal.Decimal("4.50"),
+                                  decimal.Decimal("9.99")]
+        # Described afresh, the statements now hold numeric: an integer is a hit again.
+        hits = conn.describe_cache_stats().hits
+        await conn.execute(insert, 3)
+        assert conn.describe_cache_stats().hits == hits + 1
+
+
+async def test_a_datetime_the_cached_type_would_cut_is_described_afresh(
+        pool: Pool, postgres: PostgresServer, pooler: Pooler) -> None:
+    """date -> timestamp: the cached date codec would drop a datetime's time (asyncpg's date
+    codec takes a datetime and keeps its date); the call is described afresh instead. (The
+    cached timestamp codec refuses an aware datetime by itself: described afresh too.)"""
+    import datetime as dt
+
+    table = "dc_times_" + re.sub(r"\W", "_", pooler.label)
+    await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (d date, t timestamp)")
+    day = f"INSERT INTO {table} (d) VALUES ($1)"
+    moment = f"INSERT INTO {table} (t) VALUES ($1)"
+    async with pool.acquire() as conn:
+        for _ in range(2):
+            await conn.execute(day, dt.date(2024, 6, 1))
+            await conn.execute(moment, dt.datetime(2024, 6, 1, 12))
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN d TYPE timestamp, "
+                                "ALTER COLUMN t TYPE timestamptz")
+        aware = dt.datetime(2024, 6, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=-4)))
+        await conn.execute(day, dt.datetime(2024, 6, 2, 13, 30))
+        await conn.execute(moment, aware)
+        assert await conn.fetchval(f"SELECT max(d) FROM {table}") == dt.datetime(2024, 6, 2, 13, 30)
+        assert await conn.fetchval(f"SELECT max(t) FROM {table}") == aware
+    await pool.execute(f"DROP TABLE {table}")
+
+
+async def test_a_statement_timed_out_at_parse_is_not_run_again(postgres: PostgresServer) -> None:
+    """A migration's lock holds a cached statement's Parse until lock_timeout: the server's
+    timeout is the caller's error, once; it is not taken for a refusal of the cached
+    description and run again (which waited the whole time a second time). Direct: the
+    setting holds at login there."""
+    table = "dc_locked"
+    async with Pool(postgres.dsn(), prepared_statements="unnamed", max_size=1, telemetry=False,
+                    server_settings={"lock_timeout": "300"}) as pool:
+        await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (v int)")
+        select = f"SELECT v FROM {table} WHERE v = $1"
+        async with pool.acquire() as conn:
+            await conn.fetch(select, 1)
+            await conn.fetch(select, 1)
+            migration = await asyncpg.connect(postgres.dsn())
+            try:
+                async with migration.transaction():
+                    await migration.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                    started = asyncio.get_running_loop().time()
+                    with pytest.raises(asyncpg.LockNotAvailableError):
+                        await conn.fetch(select, 1)
+                    waited = asyncio.get_running_loop().time() - started
+            finally:
+                await migration.close()
+            assert waited < 0.55, f"waited {waited:.2f} s: the lock timeout ran out twice"
+            assert await conn.fetch(select, 1) == []
+        await pool.execute(f"DROP TABLE {table}")
+
+
 async def test_dropped_table(pool: Pool, table: str, postgres: PostgresServer) -> None:
     select = f"SELECT v FROM {table} WHERE id = $1"
     await pool.fetch(select, 1)

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from asyncpool import Pool, PooledConnection
+from asyncpool import Pool, PooledConnection, TransactionRolledBackError
 from tests.conftest import Pooler
 
 
@@ -147,9 +147,11 @@ async def test_transactions_commit_and_roll_back(pool: Pool, pooler: Pooler) -> 
         async with pool.transaction() as conn:
             assert await conn.fetchval(insert, 3) == 3
             raise RuntimeError("roll back")
-    async with pool.transaction() as conn:
-        with pytest.raises(asyncpg.UniqueViolationError):
-            await conn.fetchval(insert, 1)
+    # A statement's error caught inside the block: the server rolls the transaction back.
+    with pytest.raises(TransactionRolledBackError):
+        async with pool.transaction() as conn:
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.fetchval(insert, 1)
     async with pool.acquire() as conn:
         async with conn.transaction():
             assert await conn.fetchval(insert, 4) == 4

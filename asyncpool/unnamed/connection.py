@@ -14,6 +14,7 @@ from asyncpg.protocol import protocol as asyncpg_protocol
 from asyncpool.errors import StaleStatementError
 from asyncpool.unnamed.check import CHANGED, FAILED, MATCH, REJECTED, UNREADABLE, Check
 from asyncpool.unnamed.entries import CacheTotals, DescribeCacheStats, DescriptionCache, Key
+from asyncpool.unnamed.fits import call_arguments, fit
 from asyncpool.unnamed.messages import (
     DATA_ROW,
     PARSE_COMPLETE_MESSAGE,
@@ -103,8 +104,13 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
             # rewritten, so such a statement takes asyncpg's own path there.
             if (entry is not None and not self._protocol._is_cancelling()
                     and not (call == _DISCARD and entry.text_params)):
-                check = Check(entry, key, replay=call == _ROWS)
-                return await self._reuse(check, executor, timeout, retry)
+                if entry.guards is None or _fits(entry.guards, executor, call == _DISCARD):
+                    check = Check(entry, key, replay=call == _ROWS)
+                    return await self._reuse(check, executor, timeout, retry)
+                # An argument the cached type would convert with a loss (`fits`): described
+                # afresh, as without a cache (and, as after any fresh description, not again).
+                self._describe_cache.count_miss()
+                return await self._describe_and_run(key, executor, timeout, False, call)
         return await self._describe_and_run(key, executor, timeout, retry, call)
 
     async def _introspect_types(self, typeoids: Any, timeout: float | None) -> Any:
@@ -164,6 +170,7 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
                      retry: bool) -> tuple[Any, Any]:
         wire = self._wire
         generation = self._describe_cache.generation()
+        started = time.monotonic() if timeout is not None else 0.0
         wire.arm(check)
         try:
             result = await executor(check.description.statement, timeout)
@@ -181,8 +188,11 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
             return result, check.description.statement
         finally:
             wire.disarm()
-        # Described afresh: what asyncpg's own path gives for this call.
+        # Described afresh: what asyncpg's own path gives for this call, in what is left of
+        # its time.
         self._describe_cache.count_miss()
+        if timeout is not None:
+            timeout = max(timeout - (time.monotonic() - started), 0.001)
         return await self._describe_and_run(check.key, executor, timeout, False,
                                             _ROWS if check.replay else _DISCARD)
 
@@ -282,6 +292,11 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
         if self._cacheable(statement):
             self._keep(check.key, statement, generation)
         return result, statement
+
+
+def _fits(checks: Any, executor: Any, many: bool) -> bool:
+    args = call_arguments(executor)
+    return args is None or fit(checks, args, many)
 
 
 def _cause(check: Check) -> str:

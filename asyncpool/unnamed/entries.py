@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncpool.stats import StatementCacheStats
+from asyncpool.unnamed.fits import guards
 from asyncpool.unnamed.messages import (
     Column,
     parameter_description,
@@ -39,8 +40,8 @@ class Description:
     again when a reply shows a changed result.
     """
 
-    __slots__ = ("columns", "expires_at", "param_message", "prefix", "row_message", "statement",
-                 "text_params", "type_names")
+    __slots__ = ("columns", "expires_at", "guards", "param_message", "prefix", "row_message",
+                 "statement", "text_params", "type_names")
 
     def __init__(self, statement: Any, expires_at: float | None,
                  enums: frozenset[int] | set[int] = frozenset()) -> None:
@@ -54,6 +55,8 @@ class Description:
         declared = [0 if oid in enums else oid for oid in params]
         self.prefix = typed_parse(statement.query, declared)
         self.param_message = parameter_description(params)
+        #: The checks an argument passes to be encoded by a cached type without loss (`fits`).
+        self.guards = guards(params)
         self.columns: tuple[Column, ...] = tuple((a.name, a.type.oid) for a in attributes)
         # A RowDescription already found to match `columns`: later ones are compared as bytes.
         self.row_message: bytes | None = None

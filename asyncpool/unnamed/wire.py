@@ -50,6 +50,12 @@ _HEAD = ((PARSE_COMPLETE,), (BIND_COMPLETE,), (ROW_DESCRIPTION, NO_DATA))
 # mismatched types and operators (42), binary data the type cannot read (22P03), format and
 # message mismatches (08), a type OID that no longer exists ("cache lookup failed", XX).
 _REFUSALS = frozenset(("42", "08", "XX", "22P03"))
+# Classes of an error at Parse that say nothing about the cached description: the statement
+# was cancelled or timed out (57: statement_timeout, a cancel; 55: lock_timeout, often a
+# migration's lock), lost a deadlock or serialization (40), ran out of a resource (53), or came
+# in a failed transaction (25). Described afresh and run again, it would wait the whole time a
+# second time.
+_NOT_REFUSALS = frozenset(("57", "55", "40", "53", "25"))
 
 
 class InterceptingLoop(LoopView):
@@ -290,10 +296,12 @@ class Wire(ForwardingProtocol):
             return None
         if kind == ERROR_RESPONSE:
             sqlstate = check.sqlstate = error_sqlstate(buf[pos:end]) or ""
-            # At Parse, only a schema change can refuse a statement that parsed before; at Bind
-            # an argument can fail too (a division by zero folded into the plan): that is the
-            # caller's error, not a stale description.
-            if self._stage == 0 or sqlstate[:2] in _REFUSALS or sqlstate in _REFUSALS:
+            # At Parse, only a schema change can refuse a statement that parsed before (unless
+            # it was cancelled or timed out there: `_NOT_REFUSALS`); at Bind an argument can
+            # fail too (a division by zero folded into the plan): that is the caller's error,
+            # not a stale description.
+            if ((self._stage == 0 and sqlstate[:2] not in _NOT_REFUSALS)
+                    or sqlstate[:2] in _REFUSALS or sqlstate in _REFUSALS):
                 return "rejected"
             return "failed"
         if kind not in _HEAD[self._stage]:
