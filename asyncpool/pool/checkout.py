@@ -117,7 +117,12 @@ class AcquireContext:
         conn._lease = lease
         conn._owner = owner
         if owner.setup is not None:
-            await owner.set_up(conn, self._timeout, started)
+            try:
+                await owner.set_up(conn, self._timeout, started)
+            except BaseException as exc:
+                if lease.state is LEAKED:  # the hook ran past leak_timeout: reclaimed under it
+                    _raise_leaked(owner.name, lease, exc)
+                raise
         return conn
 
     def __await__(self) -> Generator[Any, None, PooledConnection]:
@@ -255,10 +260,14 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
     or in the ROLLBACK `pool.transaction()` sends on the way out), so none is left on the task.
     """
     task = asyncio.current_task()
-    if lease.holder_cancelled and task is not None and task.cancelling():
-        lease.holder_cancelled = False
+    # Counted against the task's cancel requests before the reclaim's (as asyncio.timeout
+    # counts): one left over from earlier (a cancel swallowed without uncancel(), a TaskGroup
+    # on Python < 3.13) is neither withdrawn nor taken for somebody else's.
+    before = lease.holder_cancelled
+    if before is not None and task is not None and task.cancelling() > before:
+        lease.holder_cancelled = None
         task.uncancel()
-        if isinstance(exc, asyncio.CancelledError) and task.cancelling():
+        if isinstance(exc, asyncio.CancelledError) and task.cancelling() > before:
             return  # somebody else cancelled this task too: their cancellation goes on
     raise ConnectionLeakedError(
         f"pool {pool_name!r}: the connection was held past leak_timeout and reclaimed (holder "

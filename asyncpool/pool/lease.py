@@ -72,7 +72,9 @@ class Lease:
         # Taken by `async with` (the block's exit turns a reclaim into ConnectionLeakedError), not
         # by `conn = await pool.acquire()`, whose task a reclaim must not cancel.
         self.scoped = False
-        self.holder_cancelled = False  # a leak reclaim cancelled the holder's task
+        # When a leak reclaim cancelled the holder's task: the task's count of cancel requests
+        # (`Task.cancelling()`) before it, which the reclaim's is withdrawn against.
+        self.holder_cancelled: int | None = None
         # Statements the holder started through its `PooledConnection` and that have not ended
         # (those that asyncpg's own lock, `driver.returned`, does not see).
         self.running = 0
@@ -136,7 +138,7 @@ def spare_lease(record: ConnectionRecord) -> Lease:
     lease.lasti = 0
     lease.reported = False
     lease.scoped = True
-    lease.holder_cancelled = False
+    lease.holder_cancelled = None
     lease.running = 0
     return lease
 

@@ -100,6 +100,13 @@ class Pool:
         _warn(f"unclosed pool {self.name!r}: close it with 'await pool.close()' or "
               "'async with'", ResourceWarning, source=self)
         with contextlib.suppress(Exception):  # a finalizer must not raise; its loop may be gone
+            loop = slots.loop
+            try:
+                slots.refuse_running_elsewhere("terminate()")
+            except PoolError:  # collected in another thread: terminate on the loop's own
+                assert loop is not None
+                loop.call_soon_threadsafe(slots.terminate)
+                return
             slots.terminate()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -163,19 +170,26 @@ class Pool:
         await self._slots.close(timeout)
 
     def terminate(self) -> None:
-        """Close every connection now, without waiting (for shutdown paths that cannot await)."""
+        """Close every connection now, without waiting (for shutdown paths that cannot await).
+
+        On the pool's loop's thread, or in any thread while that loop is not running; from
+        another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``)."""
+        self._slots.refuse_running_elsewhere("terminate()")
         self._slots.terminate()
 
     def expire_all(self) -> None:
         """Retire every connection: idle ones now, held ones when returned, logins under way
-        when they complete (after a migration, a credentials rotation, or a failover)."""
+        when they complete (after a migration, a credentials rotation, or a failover). From
+        another thread while the pool's loop runs: `PoolError`, as `terminate()`."""
+        self._slots.refuse_running_elsewhere("expire_all()")
         self._slots.expire_all()
 
     def mark_stale(self) -> None:
         """Check every connection with a round trip before its next checkout, whatever the clock
         says: after a freeze or a snapshot restore the monotonic clock cannot be trusted to show
         how long a connection sat idle. One in use is checked after its return, by its next
-        holder (a caller waiting in line included) before that one gets it."""
+        holder (a caller waiting in line included) before that one gets it. It only marks the
+        connections, so any thread may call it (a snapshot-restore hook does)."""
         self._slots.mark_stale()
 
     def invalidate_statement_cache(self) -> None:

@@ -540,6 +540,21 @@ class Slots(_HotSlots):
                 else asyncio._get_running_loop() is loop):
             raise self.other_loop_error(loop)
 
+    def refuse_running_elsewhere(self, call: str) -> None:
+        """For the synchronous calls that close connections (`terminate`, `expire_all`): raise
+        a `PoolError` while the pool's loop runs in another thread (asyncio's transports are
+        not thread-safe: done from there, a waiter woke only when something else woke the loop,
+        and in debug mode the call failed half-way). With the loop stopped, any thread may."""
+        loop = self.loop
+        if loop is None or not loop.is_running() or (
+                loop._thread_id == get_ident() if self.loop_has_thread_id  # type: ignore[attr-defined]
+                else asyncio._get_running_loop() is loop):
+            return
+        raise PoolError(
+            f"pool {self.name!r}: {call} was called from thread "
+            f"{threading.current_thread().name!r} while the pool's loop runs in another thread; "
+            f"call it on that loop: loop.call_soon_threadsafe(pool.{call.rstrip('()')})")
+
     def other_loop_error(self, loop: asyncio.AbstractEventLoop) -> PoolError:
         """Used on a loop it was not opened on: asyncpg connections belong to their loop. The
         advice depends on what happened to the pool's loop."""
@@ -1062,15 +1077,18 @@ class Slots(_HotSlots):
         attempt = loop.create_task(self.connector.connect(cut_short))
         self.attempts[attempt] = cut_short
         limit = asyncio.timeout(self.config.connect_timeout)
+        task = asyncio.current_task()
+        # The caller's cancel requests so far (one may be left over from earlier code): only
+        # a new one means the caller itself was cancelled, as asyncio.timeout counts.
+        requests = task.cancelling() if task is not None else 0
         try:
             async with limit:
                 # Shielded so the login is stopped only after `cut_short` says why.
                 conn = await asyncio.shield(attempt)
         except BaseException as exc:
             del self.attempts[attempt]
-            task = asyncio.current_task()
             closed = (isinstance(exc, asyncio.CancelledError) and attempt.cancelled()
-                      and task is not None and not task.cancelling())
+                      and task is not None and task.cancelling() <= requests)
             error: BaseException | None = None
             if isinstance(exc, TimeoutError):
                 if not cut_short.in_init:
@@ -1309,7 +1327,7 @@ class Slots(_HotSlots):
         lease.forget_site()
         if cancel_holder:
             assert task is not None
-            lease.holder_cancelled = True
+            lease.holder_cancelled = task.cancelling()
             task.cancel(_LEAK_CANCEL_MESSAGE)
         self.observer.leaked(report)
         # The statement it may be running is cancelled on the server first, where a cancel can
