@@ -196,3 +196,35 @@ def test_a_deprecated_option_is_blamed_on_the_callers_line() -> None:
             make()
         assert [w.filename for w in caught] == [__file__]
 
+
+
+async def test_a_connection_service_named_any_way_is_where_the_pool_connects(
+        clean_env: pytest.MonkeyPatch, pooler: Pooler, tmp_path: Path) -> None:
+    """PGSERVICE, service= and the DSN's ?service= connect where the service's section says, as
+    in libpq (asyncpg reads a service only from a DSN and ignores PGSERVICE: the pool dialled
+    libpq's defaults, the local socket as the operating system's user). The section points at
+    the PgBouncer under test (its port and a password: this machine, so no TLS needed)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(pooler.dsn())
+    path = tmp_path / "pg_service.conf"
+    password = unquote(parts.password or "").replace("%", "%%")
+    path.write_text(f"[orders]\nhost={parts.hostname}\nport={parts.port}\n"
+                    f"dbname={parts.path.lstrip('/')}\nuser={unquote(parts.username or '')}\n"
+                    f"password={password}\n")
+    clean_env.setenv("PGSERVICEFILE", str(path))
+    query = "SELECT current_database() || ' ' || current_user"
+    expected = f"{parts.path.lstrip('/')} {unquote(parts.username or '')}"
+    clean_env.setenv("PGSERVICE", "orders")
+    async with Pool(min_size=0, telemetry=False) as pool:
+        assert await pool.fetchval(query) == expected
+        assert str(pool._slots.connector.target) == (  # type: ignore[union-attr]
+            f"{unquote(parts.username or '')}@{parts.hostname}:{parts.port}/"
+            f"{parts.path.lstrip('/')}")
+    clean_env.delenv("PGSERVICE")
+    async with asyncpool.create_pool(service="orders", telemetry=False) as pool:
+        assert await pool.fetchval(query) == expected
+    async with Pool("postgresql://?service=orders", telemetry=False) as pool:
+        assert await pool.fetchval(query) == expected
+    with pytest.raises(PoolConfigError, match="connection service 'nosuch' is not defined"):
+        await Pool("postgresql://?service=nosuch", telemetry=False).open()

@@ -3,10 +3,13 @@ credentials do. No server needed."""
 
 from __future__ import annotations
 
+import os
+import re
 import ssl
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -187,13 +190,15 @@ host=localhost
         # What the DSN or connect_kwargs name comes first, as in asyncpg.
         ("postgresql://a@127.0.0.1/db?service=remote", {}, {}, ["127.0.0.1"]),
         ("postgresql://a@/db?service=remote", {"host": "localhost"}, {}, ["localhost"]),
-        # No such section, or no file: asyncpg's defaults.
-        ("postgresql://a@/db?service=missing", {}, {}, [""]),
-        ("postgresql://a@/db?service=remote", {"servicefile": "/nonexistent"}, {}, [""]),
+        # PGSERVICE, as libpq reads it (asyncpg does not), with or without a DSN.
+        ("postgresql://a@/db", {}, {"PGSERVICE": "remote"}, ["db.example.com"]),
+        (None, {}, {"PGSERVICE": "remote"}, ["db.example.com"]),
+        (None, {"service": "remote"}, {}, ["db.example.com"]),
+        ("postgresql://a@/db?service=local", {}, {"PGSERVICE": "remote"}, ["localhost"]),
     ],
 )
 def test_the_hosts_a_service_file_names_are_dialled_hosts(
-        tmp_path: Path, dsn: str, kwargs: dict[str, Any], env: dict[str, str],
+        tmp_path: Path, dsn: str | None, kwargs: dict[str, Any], env: dict[str, str],
         hosts: list[str]) -> None:
     """A DSN's ``service`` (or connect_kwargs') reads its hosts from ``pg_service.conf`` in
     asyncpg: the credential rules must see them there too."""
@@ -204,6 +209,50 @@ def test_the_hosts_a_service_file_names_are_dialled_hosts(
     via_env = PoolConfig(dsn=dsn, connect_kwargs=kwargs)
     if "servicefile" not in kwargs:
         assert dialled_hosts(via_env, environ={**env, "PGSERVICEFILE": str(path)}) == hosts
+
+
+@pytest.mark.parametrize(
+    ("dsn", "kwargs", "env", "found"),
+    [
+        ("postgresql://a@/db?service=missing", {}, {}, True),
+        ("postgresql://a@/db?service=remote", {"servicefile": "/nonexistent"}, {}, False),
+        (None, {}, {"PGSERVICE": "nosuch"}, True),
+    ],
+)
+def test_a_service_that_is_not_defined_is_refused(
+        tmp_path: Path, dsn: str | None, kwargs: dict[str, Any], env: dict[str, str],
+        found: bool) -> None:
+    """libpq refuses a service it cannot find; asyncpg dialled its defaults (the local socket,
+    as the operating system's user) and its error named that target."""
+    path = tmp_path / "pg_service.conf"
+    path.write_text(_SERVICES)
+    config = PoolConfig(dsn=dsn, connect_kwargs={"servicefile": str(path), **kwargs})
+    file = str(path) if "servicefile" not in kwargs else kwargs["servicefile"]
+    expected = f"is not defined in the service file {file!r}" + ("" if found else " (no such file)")
+    with pytest.raises(PoolConfigError, match=re.escape(expected)), mock.patch.dict(os.environ, env):
+        Connector(config, PoolObserver())
+
+
+def test_a_service_gives_the_target_and_its_tls_settings(tmp_path: Path) -> None:
+    """What the service sets fills in what the DSN leaves out (the target an IAM token is
+    signed for and errors name; the TLS setting the pool gives asyncpg, which then reads no
+    sslmode of its own); the DSN's own keys win."""
+    path = tmp_path / "pg_service.conf"
+    path.write_text("[tls]\nhost=db.example.com\nport=6543\ndbname=orders\nuser=svc\n"
+                    "sslmode=verify-full\nsslrootcert=system\n")
+    env = {"PGSERVICEFILE": str(path), "PGSERVICE": "tls"}
+    with mock.patch.dict(os.environ, env):
+        connector = Connector(PoolConfig(min_size=0), PoolObserver())
+        assert str(connector.target) == "svc@db.example.com:6543/orders"
+        assert (connector.tls.mode, connector.tls.source) == ("verify-full", "service 'tls''s sslmode")
+        assert connector.tls.root_cert == "system"
+        ours = Connector(PoolConfig(dsn="postgresql://me@/mine"), PoolObserver())
+        assert str(ours.target) == "me@db.example.com:6543/mine"
+        assert ours.tls.mode == "verify-full"
+        # Given twice and disagreeing, as any two TLS settings: refused, not picked.
+        with pytest.raises(PoolConfigError, match="the TLS setting is given twice and the two "
+                           "disagree: the ssl option='require' and service 'tls''s sslmode"):
+            Connector(PoolConfig(ssl="require"), PoolObserver())
 
 
 def test_a_password_to_a_service_files_remote_host_needs_verified_tls(

@@ -21,6 +21,7 @@ from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
 from asyncpool.connect.failures import translate
 from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.reads import cap_reads
+from asyncpool.connect.service import named_service
 from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan
 from asyncpool.connect.startup import plan as plan_startup
 from asyncpool.connect.tls import (
@@ -84,11 +85,19 @@ class Connector:
         kw = dict(config.connect_kwargs)
         _check_connect_kwargs(config.name, kw)
         require_target(config, kw)
+        service = named_service(self._dsn.params if self._dsn else {}, kw, os.environ)
+        if service is not None:
+            # asyncpg reads a service only from a DSN, and never from PGSERVICE: give it both,
+            # or it would dial its defaults.
+            kw.setdefault("service", service.name)
+            if self._dsn is None:
+                self._dsn = parse_dsn("postgresql://")
         self.target: Target = (self._dsn or _NO_DSN).target(
             host=kw.get("host"),
             port=kw.get("port"),
             user=kw.get("user"),
             database=kw.get("database"),
+            service=service,
         )
         explicit = kw.pop("password", None)
         self.credentials: CredentialProvider | None = config.credentials or _default_credentials(

@@ -24,8 +24,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_to_bytes
+
+if TYPE_CHECKING:
+    from asyncpool.connect.service import Service
 
 from asyncpool.errors import PoolConfigError
 
@@ -174,22 +177,27 @@ class ParsedDsn:
         return f"{self.scheme}://{userinfo}{hosts}{path}{query}"
 
     def target(self, *, host: Any = None, port: Any = None, user: str | None = None,
-               database: str | None = None, environ: Mapping[str, str] | None = None) -> Target:
+               database: str | None = None, environ: Mapping[str, str] | None = None,
+               service: Service | None = None) -> Target:
         """The first host, port, user and database, with explicit options winning.
 
-        What the DSN and the options leave out comes from libpq's variables (PGHOST, PGPORT,
-        PGUSER, PGDATABASE), as asyncpg reads them, then libpq's defaults: port 5432, the
-        operating system's user name, database = user.
+        What the DSN and the options leave out comes from the connection `service`, then from
+        libpq's variables (PGHOST, PGPORT, PGUSER, PGDATABASE), as asyncpg reads them, then
+        libpq's defaults: port 5432, the operating system's user name, database = user.
         """
         env = os.environ if environ is None else environ
         # asyncpg also takes lists of hosts and ports: the first is the one dialled first.
         host = host[0] if isinstance(host, list | tuple) and host else host
         port = port[0] if isinstance(port, list | tuple) and port else port
         first_host, first_port = self.hosts[0] if self.hosts else ("", None)
-        host = host or first_host or env.get("PGHOST", "").split(",")[0] or "localhost"
-        port = int(port or first_port or _env_port(env) or 5432)
-        user = user or self.user or env.get("PGUSER") or _os_user()
-        database = database or self.database or env.get("PGDATABASE") or user
+        s_host = service.hosts[0] if service is not None and service.hosts else None
+        s_port = (service.port or "").split(",")[0] if service is not None else None
+        s_user = service.user if service is not None else None
+        s_database = service.database if service is not None else None
+        host = host or first_host or s_host or env.get("PGHOST", "").split(",")[0] or "localhost"
+        port = int(port or first_port or s_port or _env_port(env) or 5432)
+        user = user or self.user or s_user or env.get("PGUSER") or _os_user()
+        database = database or self.database or s_database or env.get("PGDATABASE") or user
         return Target(host=host, port=port, user=user, database=database)
 
 

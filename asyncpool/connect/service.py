@@ -1,39 +1,64 @@
-"""What a connection service file (``pg_service.conf``) names for the pool's DSN, read as asyncpg
-reads it: the credential rules must see the hosts and the password it supplies."""
+"""What a connection service (a ``pg_service.conf`` section) sets for the pool's logins, read as
+asyncpg reads the file: the target, the TLS setting and the credential rules must see the hosts,
+the TLS keys and the password it supplies."""
 
 from __future__ import annotations
 
-import configparser
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncpool.errors import PoolConfigError
+
+if TYPE_CHECKING:
+    import configparser
 
 
 @dataclass(frozen=True)
 class Service:
-    """A service's section: its hosts (empty: none named) and whether it holds a password."""
+    """A service's section: what it sets of where to connect, and whether it holds a password."""
 
+    name: str
     hosts: tuple[str, ...]
     has_password: bool
+    port: str | None = None
+    user: str | None = None
+    database: str | None = None
+    #: Its TLS settings (``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey``, ``sslpassword``).
+    tls: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
-def named_service(has_dsn: bool, dsn_params: Mapping[str, str],
-                  connect_kwargs: Mapping[str, Any], environ: Mapping[str, str]) -> Service | None:
-    """The section of the service the pool's logins use, or None (no service named, no file, no
-    such section). As asyncpg: only with a DSN; ``service`` from `connect_kwargs`, else the DSN's
-    ``?service=``; the file from ``servicefile``, ``PGSERVICEFILE`` or ``~/.pg_service.conf``."""
-    service = connect_kwargs.get("service") or dsn_params.get("service")
-    if not has_dsn or not service:
+_TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword")
+
+
+def service_name(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, Any],
+                 environ: Mapping[str, str]) -> str | None:
+    """The connection service the pool's logins use, as libpq picks it: ``service`` given to
+    the pool, else the DSN's ``?service=``, else ``PGSERVICE``."""
+    name = connect_kwargs.get("service") or dsn_params.get("service") or environ.get("PGSERVICE")
+    return str(name) if name else None
+
+
+def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, Any],
+                  environ: Mapping[str, str]) -> Service | None:
+    """The section of the service the pool's logins use (`service_name`), or None when none is
+    named. Read as asyncpg reads it; the file from ``servicefile``, ``PGSERVICEFILE`` or
+    ``~/.pg_service.conf``. A named service with no file or no such section is refused, as
+    libpq refuses it (asyncpg would dial its defaults)."""
+    service = service_name(dsn_params, connect_kwargs, environ)
+    if not service:
         return None
     path = connect_kwargs.get("servicefile") or environ.get("PGSERVICEFILE")
     if path is None:
         try:
             path = Path.home() / ".pg_service.conf"
-        except (RuntimeError, KeyError):  # no home directory: asyncpg reads no file either
-            return None
+        except (RuntimeError, KeyError):  # no home directory
+            raise PoolConfigError(
+                f"connection service {service!r} is named, but there is no service file to "
+                "read it from (no home directory): set PGSERVICEFILE or servicefile=") from None
+    import configparser  # (only when a service is named)
+
     # Read as asyncpg reads it (configparser, `%` interpolation), or refused: asyncpg's own read
     # fails at every login with an error that quotes the line, or the value from a `%` on.
     parser = configparser.ConfigParser()
@@ -47,9 +72,13 @@ def named_service(has_dsn: bool, dsn_params: Mapping[str, str],
     except UnicodeDecodeError:
         raise PoolConfigError(
             f"connection service file {str(path)!r} is not UTF-8, as asyncpg reads it") from None
-    if not parser.has_section(str(service)):
-        return None
-    section = parser[str(service)]
+    if not parser.has_section(service):
+        where = f"{str(path)!r}" if Path(path).is_file() else f"{str(path)!r} (no such file)"
+        raise PoolConfigError(
+            f"connection service {service!r} is not defined in the service file {where}: "
+            "fix the name (the DSN's ?service=, service=, or PGSERVICE) or the file "
+            "(servicefile=, PGSERVICEFILE)")
+    section = parser[service]
     values: dict[str, str] = {}
     for key in ASYNCPG_SERVICE_KEYS:
         if key in section:
@@ -61,7 +90,11 @@ def named_service(has_dsn: bool, dsn_params: Mapping[str, str],
                     f"{key!r} holds a '%' that asyncpg's reader takes for a substitution (Python's "
                     "configparser): write each literal '%' as '%%' in that file") from None
     hosts = tuple(h.strip() for h in values.get("host", "").split(",") if h.strip())
-    return Service(hosts, bool(values.get("password")))
+    return Service(
+        service, hosts, bool(values.get("password")), port=values.get("port") or None,
+        user=values.get("user") or None,
+        database=values.get("dbname") or values.get("database") or None,
+        tls={k: values[k] for k in _TLS_KEYS if values.get(k)})
 
 
 #: What asyncpg reads from a service's section (asyncpg/connect_utils.py); other keys it leaves.

@@ -170,6 +170,14 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     if "ssl" in config.connect_kwargs and config.connect_kwargs["ssl"] is not None:
         spellings.append(_spelling("connect_kwargs['ssl']", config.connect_kwargs["ssl"], fail))
     spellings += [_spelling("the DSN's sslmode", v, fail) for v in _values(pairs, "sslmode", fail)]
+    # A connection service's TLS keys count where the DSN has none of its own, as in libpq (the
+    # pool always gives asyncpg its ssl=, so asyncpg would not read them).
+    service = _service_of(config, dict(pairs), env)
+    served = {k: v for k, v in (service.tls if service else {}).items()
+              if not any(key == k for key, _ in pairs)}
+    by_service = f"service {service.name!r}'s" if service else ""
+    if "sslmode" in served:
+        spellings.append(_spelling(f"{by_service} sslmode", served["sslmode"], fail))
     for other in spellings[1:]:
         first = spellings[0]
         if other.mode != first.mode or (
@@ -181,6 +189,8 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     context = next((s.context for s in spellings if s.context is not None), None)
 
     root_source, root = _root_cert(config, pairs, fail)
+    if root is None and context is None and "sslrootcert" in served:
+        root_source, root = f"{by_service} sslrootcert", served["sslrootcert"]
     if context is not None and root is not None:
         fail(f"{root_source}={root!r} is not used with an ssl.SSLContext: load the CA into the "
              "context (context.load_verify_locations(cafile=...)) and leave it out")
@@ -194,11 +204,13 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     if mode in ("disable", "allow", "prefer"):
         root = root_source = None  # not used: nothing is verified in these modes
 
-    cert = _single(pairs, "sslcert", fail) or env.get("PGSSLCERT") or None
-    key = _single(pairs, "sslkey", fail) or env.get("PGSSLKEY") or None
+    cert = (_single(pairs, "sslcert", fail) or served.get("sslcert") or env.get("PGSSLCERT")
+            or None)
+    key = _single(pairs, "sslkey", fail) or served.get("sslkey") or env.get("PGSSLKEY") or None
     return TlsSetting(
         mode=mode, source=source, context=context, root_cert=root, root_cert_source=root_source,
-        client_cert=cert, client_key=key, client_key_password=_single(pairs, "sslpassword", fail),
+        client_cert=cert, client_key=key,
+        client_key_password=_single(pairs, "sslpassword", fail) or served.get("sslpassword"),
     )
 
 
@@ -363,7 +375,7 @@ def dialled_hosts(config: PoolConfig, environ: Mapping[str, str] | None = None) 
 
         parsed = parse_dsn(config.dsn)
         dsn_hosts, dsn_params = [h for h, _ in parsed.hosts], parsed.params
-    service = _service_of(config, dsn_params, env, has_dsn=dsn_hosts is not None)
+    service = _service_of(config, dsn_params, env)
     return _hosts(config, dsn_hosts, service, env)
 
 
@@ -373,7 +385,7 @@ def checked_hosts(config: PoolConfig, setting: TlsSetting, kind: CredentialKind 
     the pool (None: none), or for the password the DSN's service file section holds (asyncpg
     reads it there). `dsn_hosts` None: no DSN is given to the driver. The file is read once."""
     env = os.environ
-    service = _service_of(config, dsn_params, env, has_dsn=dsn_hosts is not None)
+    service = _service_of(config, dsn_params, env)
     hosts = _hosts(config, dsn_hosts, service, env)
     if kind is None and service is not None and service.has_password:
         kind = "password"
@@ -396,13 +408,12 @@ def _hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None, service: Service
     return [""]
 
 
-def _service_of(config: PoolConfig, dsn_params: Mapping[str, str], env: Mapping[str, str], *,
-                has_dsn: bool) -> Service | None:
-    """The service file section the DSN names (`asyncpool.connect.service`), if any.
-    `has_dsn`: whether asyncpg is given a DSN (it reads a service only then)."""
+def _service_of(config: PoolConfig, dsn_params: Mapping[str, str],
+                env: Mapping[str, str]) -> Service | None:
+    """The service file section the logins use (`asyncpool.connect.service`), if any."""
     from asyncpool.connect.service import named_service
 
-    return named_service(has_dsn, dsn_params, config.connect_kwargs, env)
+    return named_service(dsn_params, config.connect_kwargs, env)
 
 
 def all_local(hosts: Iterable[str]) -> bool:
