@@ -66,7 +66,8 @@ async def test_a_pgbouncer_whose_console_refuses_the_user_is_still_recognised(
     assert code == 3  # no problem found, but a check could not run
     assert report["facts"]["pooler"] == "pgbouncer"
     assert report["facts"]["pool_mode"] is None
-    assert report["recommendation"]["prepared_statements"] == "off"
+    # The default, which works through any transaction pooler (docs/describe-cache.md).
+    assert report["recommendation"]["prepared_statements"] == "unnamed"
     pooler = _finding(report, "pooler")
     assert pooler["level"] == "unchecked"
     assert "'not allowed'" in pooler["message"]
@@ -92,7 +93,7 @@ async def test_an_admin_dsn_that_does_not_work_leaves_the_pooler_unchecked(
         code, report = await _doctor_json(current.dsn(), admin_dsn)
         assert code == 3, report["findings"]
         assert report["exit_code"] == 3
-        assert report["recommendation"]["prepared_statements"] == "off"
+        assert report["recommendation"]["prepared_statements"] == "unnamed"
         pooler = _finding(report, "pooler")
         assert pooler["level"] == "unchecked"
         assert "NOT checked: --admin-dsn did not work" in pooler["message"]
@@ -326,8 +327,8 @@ def test_an_rds_proxy_gets_describe_cache() -> None:
     assert recommend(_facts(pooler="rds-proxy")).prepared_statements == "unnamed"
 
 
-def test_an_unidentified_proxy_gets_off() -> None:
-    assert recommend(_facts(pooler="unknown", pooler_evidence="x")).prepared_statements == "off"
+def test_an_unidentified_proxy_gets_the_default() -> None:
+    assert recommend(_facts(pooler="unknown", pooler_evidence="x")).prepared_statements == "unnamed"
 
 
 def test_unverified_tls_to_a_remote_host_is_a_warning() -> None:

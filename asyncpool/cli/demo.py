@@ -35,8 +35,9 @@ async def demo(args: argparse.Namespace, out: TextIO, results: TextIO) -> int:
                             postgres_dsn=args.direct_dsn)
         direct = (None if args.no_direct or not args.direct_dsn
                   else LoadTarget("PostgreSQL, direct", args.direct_dsn, "postgres"))
+        # The pool's own default: it works through any transaction pooler.
         mode: PreparedStatements = (
-            "off" if args.prepared_statements == "auto" else args.prepared_statements
+            "unnamed" if args.prepared_statements == "auto" else args.prepared_statements
         )
     else:
         _say(out, "Starting a throwaway PostgreSQL (max_connections=100) and PgBouncer "
@@ -81,7 +82,7 @@ def _auto_mode(choice: PreparedStatements | Literal["auto"], target: LoadTarget
                ) -> PreparedStatements:
     if choice != "auto":
         return choice
-    return "on" if target.named_statements else "off"
+    return "on" if target.named_statements else "unnamed"
 
 
 async def _phase(args: argparse.Namespace, target: LoadTarget, mode: PreparedStatements,

@@ -280,7 +280,8 @@ def _prepared_text(f: Facts) -> str:
 
 
 def recommend(f: Facts) -> Recommendation:
-    """The `prepared_statements` mode to run with what was found ("off" when unsure)."""
+    """The `prepared_statements` mode to run with what was found (the default, "unnamed",
+    when unsure: it works through any transaction pooler)."""
     if f.pooler is None:
         return Recommendation("on", "a direct PostgreSQL connection keeps its named prepared "
                               "statements: one round trip per cached query")
@@ -289,18 +290,19 @@ def recommend(f: Facts) -> Recommendation:
                               "prepared statements; 'unnamed' gets one round trip per "
                               "query with unnamed statements only")
     if f.pooler == "unknown":
-        return Recommendation("off", "an unidentified pooler or proxy is in front; 'off' (no "
-                              "named statements) works through any of them")
+        return Recommendation("unnamed", "an unidentified pooler or proxy is in front; "
+                              "'unnamed' (the default) uses unnamed statements only, which "
+                              "work through any transaction pooler, one round trip per query")
     return _pgbouncer_mode(f)
 
 
 def _pgbouncer_mode(f: Facts) -> Recommendation:
     if f.pool_mode is None:
-        return Recommendation("off", "PgBouncer's version and settings are unknown, so this is "
-                              "the mode that works with every version, not necessarily the "
-                              "fastest; once the doctor can read the admin console it can tell "
-                              "whether 'on' (>= 1.21 with max_prepared_statements > 0) or "
-                              "'unnamed' fits")
+        return Recommendation("unnamed", "PgBouncer's version and settings are unknown; "
+                              "'unnamed' (the default) works with every version, one round trip "
+                              "per query; once the doctor can read the admin console it can "
+                              "tell whether 'on' (>= 1.21 with max_prepared_statements > 0) is "
+                              "faster still")
     if f.pool_mode == "session":
         return Recommendation("on", "session pooling gives each client connection the same "
                               "server connection, so named prepared statements stay valid")

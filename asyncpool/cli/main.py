@@ -24,8 +24,11 @@ def _positive_int(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a number of seconds") from None
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"{text}: must be > 0 seconds")
     return value
 
@@ -102,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--leak-timeout", type=_seconds, default=2.0,
                       help="the pools' leak_timeout (default 2)")
     demo.add_argument("--prepared-statements", choices=(*_PREPARED, "auto"), default="auto",
-                      help="asyncpool mode; auto: 'on' for a local PgBouncer >= 1.21, else 'off'")
+                      help="asyncpool mode; auto: 'on' for a local PgBouncer >= 1.21, else "
+                      "'unnamed' (the pool's default)")
     demo.add_argument("--pgbouncer", choices=("current", "legacy"), default="current",
                       help="local PgBouncer: current (>= 1.21) or the distribution's (1.18)")
     demo.add_argument("--dsn", help="use this PgBouncer instead of starting one")

@@ -170,14 +170,25 @@ def render(b: Budget, v: Verdict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--instances", type=int, required=True,
+    p.add_argument("--instances", type=_at_least_one, required=True,
                    help="execution environments at most (the function's reserved concurrency)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=_at_least_one, default=1,
                    help="workers per environment (AWS_LAMBDA_MAX_CONCURRENCY on managed instances)")
-    p.add_argument("--max-size", type=int, default=1, help="the pool's max_size (default 1)")
+    p.add_argument("--max-size", type=_at_least_one, default=1,
+                   help="the pool's max_size (default 1)")
     p.add_argument("--pooler", choices=("pgbouncer", "rds-proxy", "none"), default="pgbouncer")
-    p.add_argument("--processes", type=int, default=1,
+    p.add_argument("--processes", type=_at_least_one, default=1,
                    help="PgBouncer processes or tasks (a fleet; the module's max_tasks)")
     p.add_argument("--max-client-conn", type=int)
     p.add_argument("--default-pool-size", type=int)

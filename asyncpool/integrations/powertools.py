@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from aws_lambda_powertools.middleware_factory import lambda_handler_decorator
 
@@ -53,13 +53,30 @@ def current_connection() -> PooledConnection:
     return conn
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class HandlerDecorator(Protocol):
+    """What `pooled_connection` returns: a handler ``(event, context, ...)``, asynchronous or
+    not, becomes the synchronous handler Lambda calls, returning what it returns."""
+
+    @overload
+    def __call__(self, handler: Callable[Concatenate[Any, Any, P], Awaitable[T]], /
+                 ) -> Callable[Concatenate[Any, Any, P], T]: ...
+
+    @overload
+    def __call__(self, handler: Callable[Concatenate[Any, Any, P], T], /
+                 ) -> Callable[Concatenate[Any, Any, P], T]: ...
+
+
 def pooled_connection(
     pool: Pool,
     *,
     runner: LambdaRunner | None = None,
     transaction: bool = False,
     check_each_invocation: bool = True,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+) -> HandlerDecorator:
     """Middleware: each invocation gets a connection from `pool` (see `current_connection`).
 
     The pool is opened on the first invocation, without connecting up front, so a database that
@@ -71,9 +88,7 @@ def pooled_connection(
     if not isinstance(pool, Pool):
         raise TypeError(f"pooled_connection() takes an asyncpool.Pool, not {type(pool).__name__}")
     (runner or get_runner()).attach(pool, check_each_invocation=check_each_invocation)
-    decorate: Callable[[Callable[..., Any]], Callable[..., Any]] = _middleware(
-        pool=pool, runner=runner, transaction=transaction
-    )
+    decorate: HandlerDecorator = _middleware(pool=pool, runner=runner, transaction=transaction)
     return decorate
 
 

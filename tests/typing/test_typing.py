@@ -41,7 +41,7 @@ def test_each_mistake_fails_mypy_strict_on_its_line(tmp_path: Path) -> None:
         for number, line in enumerate(lines, start=1)
         if (match := re.search(r"# error: ([a-z-]+)$", line))
     }
-    assert len(expected) == 19
+    assert len(expected) == 23
     path = tmp_path / "user_mistakes.py"
     path.write_text("\n".join(["#", *lines[1:]]) + "\n")  # same line numbers
     status, output = _mypy(path, tmp_path / "cache")

@@ -99,3 +99,23 @@ async def as_with_asyncpg(rows: list[tuple[int, str]]) -> int:
             print(row["id"])
         print(opened, status, returned, pool.is_closing(), pool.get_idle_size())
         return pool.get_size() + pool.get_min_size() + pool.get_max_size()
+
+
+def lambda_handlers() -> int:
+    """The Lambda integrations keep a handler's return type (and take Pool()'s options)."""
+    from asyncpool.integrations.aws_lambda import lambda_config
+    from asyncpool.integrations.powertools import current_connection, pooled_connection
+
+    pool = Pool(config=lambda_config(function_timeout=10, max_size=2, timeout=3))
+
+    @pooled_connection(pool, transaction=True)
+    async def handler(event: dict[str, int], context: object) -> int:
+        return int(await current_connection().fetchval("SELECT $1::int", event["n"]))
+
+    @pooled_connection(pool)
+    def plain(event: dict[str, int], context: object) -> str:
+        return str(event)
+
+    answer: int = handler({"n": 1}, None)
+    text: str = plain({"n": 1}, None)
+    return answer + len(text)

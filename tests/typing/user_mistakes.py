@@ -36,3 +36,19 @@ async def main() -> None:
     print((await pool.fetchrow("SELECT 1 AS one"))["one"])  # error: index
     await pool.executemany("INSERT INTO t VALUES ($1)", 5)  # error: arg-type
     Pool("postgresql://app@db/app", allow_unprotected_credentials="false")  # error: arg-type
+
+
+def lambda_mistakes() -> None:
+    from asyncpool.integrations.aws_lambda import lambda_config
+    from asyncpool.integrations.powertools import pooled_connection
+
+    lambda_config(max_sise=1)  # error: call-arg
+    lambda_config(prepared_statements="maybe")  # error: arg-type
+
+    @pooled_connection(Pool("postgresql://app@db/app"))
+    async def handler(event: object, context: object) -> int:
+        return 1
+
+    text: str = handler({}, None)  # error: assignment
+    handler({})  # error: call-arg
+    print(text)
