@@ -14,7 +14,7 @@ from asyncpg.protocol import protocol as asyncpg_protocol
 from asyncpool.errors import StaleStatementError
 from asyncpool.unnamed.check import CHANGED, FAILED, MATCH, REJECTED, UNREADABLE, Check
 from asyncpool.unnamed.entries import CacheTotals, DescribeCacheStats, DescriptionCache, Key
-from asyncpool.unnamed.fits import call_arguments, fit
+from asyncpool.unnamed.fits import fits
 from asyncpool.unnamed.messages import (
     DATA_ROW,
     PARSE_COMPLETE_MESSAGE,
@@ -104,7 +104,7 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
             # rewritten, so such a statement takes asyncpg's own path there.
             if (entry is not None and not self._protocol._is_cancelling()
                     and not (call == _DISCARD and entry.text_params)):
-                if entry.guards is None or _fits(entry.guards, executor, call == _DISCARD):
+                if entry.guards is None or fits(entry.guards, executor, call == _DISCARD):
                     check = Check(entry, key, replay=call == _ROWS)
                     return await self._reuse(check, executor, timeout, retry)
                 # An argument the cached type would convert with a loss (`fits`): described
@@ -292,11 +292,6 @@ class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
         if self._cacheable(statement):
             self._keep(check.key, statement, generation)
         return result, statement
-
-
-def _fits(checks: Any, executor: Any, many: bool) -> bool:
-    args = call_arguments(executor)
-    return args is None or fit(checks, args, many)
 
 
 def _cause(check: Check) -> str:
