@@ -89,6 +89,23 @@ async def test_a_delivered_cancel_stops_the_statement_and_keeps_the_connection(
         assert pool.stats().closed_total == 0
 
 
+async def test_finished_cancel_requests_are_not_kept_on_the_connection(
+        postgres: PostgresServer) -> None:
+    """asyncpg's request task removes itself from the connection's set with
+    ``current_task(conn._loop)``, which found nothing through the pool's loop view: every
+    cancelled statement left its finished task (with coroutine and context) there until the
+    connection closed (300 cancels, 300 tasks kept)."""
+    async with Pool(postgres.dsn(), max_size=1, prepared_statements="off",
+                    telemetry=False) as pool:
+        for _ in range(20):
+            with pytest.raises(TimeoutError):
+                await pool.fetchval(_sleep_sql(uuid.uuid4().hex), timeout=0.05)
+        assert await pool.fetchval("SELECT 1") == 1
+        (record,) = pool._slots.records
+        assert record.conn._cancellations == set()
+        assert pool.stats().created_total == 1  # every cancel was delivered: one connection
+
+
 async def test_without_backend_key_a_timeout_closes_the_connection_at_once(
         postgres: PostgresServer, keyless: FaultProxy) -> None:
     """RDS Proxy's case: no key, no cancel request sent, the connection closed; the next caller

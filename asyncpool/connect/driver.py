@@ -319,7 +319,14 @@ def cancel_deliverable(conn: Any) -> bool:
 
 def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> None:
     if cancel_deliverable(self):
+        before = set(self._cancellations)
         _ORIGINAL_CANCEL(self, waiter, cancel_waiter)
+        # asyncpg's request task removes itself with `current_task(self._loop)`, which finds
+        # nothing when `_loop` is the pool's view of the loop (`GuardedLoop`): every finished
+        # request stayed in the set for the connection's life (a task, its coroutine and
+        # context per cancelled statement). Removed when done, as `request_cancel` does.
+        for task in self._cancellations - before:
+            task.add_done_callback(self._cancellations.discard)
         return
     # No request can arrive: close the connection instead (on the next loop iteration: asyncpg
     # is still updating the protocol's state around this call). Closing completes the waiters.
