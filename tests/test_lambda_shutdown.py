@@ -97,3 +97,32 @@ def test_undo_restores_the_previous_sigterm_handler_but_not_over_a_newer_one() -
     finally:
         signal.signal(signal.SIGTERM, original)
         loop.close()
+
+
+def test_the_hooks_of_closed_or_dropped_pools_are_let_go() -> None:
+    """A hook held its pool (and the pool's loop) for the process's life: a process making pool
+    after pool (per tenant, per asyncio.run, per test) kept every one. Held weakly now, and
+    dropped from the list once its pool is closed or collected."""
+    import gc
+    import weakref
+
+    from asyncpool.integrations.aws_lambda import _shutdown
+
+    loop = asyncio.new_event_loop()
+    undo = []
+    try:
+        pools = [Pool("postgresql://app@db/app", min_size=0) for _ in range(5)]
+        refs = [weakref.ref(pool) for pool in pools]
+        undo += [close_on_shutdown(pool, loop) for pool in pools]
+        for pool in pools[:3]:
+            loop.run_until_complete(pool.close())
+        del pools, pool
+        gc.collect()
+        survivor = Pool("postgresql://app@db/app", min_size=0)
+        undo.append(close_on_shutdown(survivor, loop))
+        assert all(ref() is None for ref in refs)
+        assert [hook.pool for hook in _shutdown.hooks] == [survivor]
+    finally:
+        for step in undo:
+            step()
+        loop.close()

@@ -149,6 +149,25 @@ def test_times_of_a_pool_closed_after_the_last_export_are_sent_at_shutdown() -> 
         exporter_again.shutdown()
 
 
+def test_an_exporter_dropped_without_shutdown_lets_closed_pools_go() -> None:
+    """A wrapped exporter dropped without shutdown() stayed subscribed for good: every pool
+    closed afterwards kept its recorder, waiting for a collection that never came (2 KB a pool,
+    without limit), and new pools aggregated for nobody instead of recording through the SDK."""
+    import gc
+
+    times = CheckoutTimes()
+    exporter = export_checkout_times(CapturingExporter(), times)
+    assert times.exporting
+    del exporter
+    gc.collect()
+    assert not times.exporting
+    for number in range(50):
+        recorder = times.recorder(f"pool-{number}")
+        recorder.wait(0.001)
+        times.forget(recorder)
+    assert times._recorders == []
+
+
 def test_records_racing_a_collector_thread_are_each_counted_once() -> None:
     times = CheckoutTimes()
     capture = CapturingExporter(AggregationTemporality.DELTA)

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Unpack
@@ -146,7 +147,8 @@ class _PoolHook:
     """One pool to close at shutdown, on its loop, once."""
 
     def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop, budget: float) -> None:
-        self.pool = pool
+        # Weakly: a hook must not keep a pool (and so its loop) alive once nobody else does.
+        self._pool = weakref.ref(pool)
         self.loop = loop
         self.budget = budget
         self.pid = os.getpid()
@@ -154,8 +156,20 @@ class _PoolHook:
         self._started = False
         self._finished = threading.Event()
 
+    @property
+    def pool(self) -> Pool | None:
+        return self._pool()
+
+    def spent(self) -> bool:
+        """Nothing left to close: the pool was closed, or collected (which terminated it)."""
+        pool = self._pool()
+        return pool is None or pool.closed
+
     def close(self) -> None:
         """Close the pool (once); a second caller waits for the first one's close to end."""
+        pool = self._pool()
+        if pool is None:
+            return
         with self._lock:
             first = not self._started
             self._started = True
@@ -164,7 +178,7 @@ class _PoolHook:
                 # A signal handler on top of the running loop, while the watcher closes the pool
                 # on that very loop: waiting would stall it. Drop the connections instead.
                 if os.getpid() == self.pid:
-                    self.pool.terminate()
+                    pool.terminate()
                 return
             self._finished.wait(self.budget + 1.0)
             return
@@ -172,7 +186,7 @@ class _PoolHook:
             # A forked child shares its parent's sockets: saying goodbye on them would end the
             # parent's sessions. The child's own pools are its business.
             if os.getpid() == self.pid:
-                _close_pool(self.pool, self.loop, self.budget)
+                _close_pool(pool, self.loop, self.budget)
         finally:
             self._finished.set()
 
@@ -196,6 +210,11 @@ class _Shutdown:
         self.main_thread_took_it = threading.Event()
 
     def add(self, hook: _PoolHook) -> Callable[[], None]:
+        # Hooks of pools closed or collected since are dropped here, so a process that makes
+        # pool after pool (one per tenant, per asyncio.run, per test) keeps only the live ones.
+        for spent in [h for h in self.hooks if h.spent()]:
+            atexit.unregister(spent.close)
+            self.hooks.remove(spent)
         atexit.register(hook.close)
         self.hooks.append(hook)
         # Signal handlers can only be set from the main thread; a hook added elsewhere is still

@@ -210,6 +210,9 @@ def _deliver(entries: list[_Entry], start: int = 0) -> None:
                                          "exception": exc})
 
 
+#: The heap's size from which stale entries are dropped when an alarm is set (`_Waiter.add`).
+_COMPACT_FROM = 64
+
 #: The longest the thread sleeps at once (it looks again after): any longer timeout may
 #: overflow the platform's time_t.
 _LONGEST_WAIT = 3600.0
@@ -229,6 +232,7 @@ class _Waiter:
         self._heap: list[_Entry] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._compact_at = _COMPACT_FROM
 
     def add(self, alarm: ThreadAlarm, when: float) -> None:
         if math.isnan(when):  # never due nor later than anything: it would spin the thread
@@ -236,7 +240,16 @@ class _Waiter:
         with self._changed:
             entry = (when, next(self._order), alarm)
             alarm.entry = entry  # before the thread can see it: any other entry is stale now
-            heapq.heappush(self._heap, entry)
+            heap = self._heap
+            if len(heap) >= self._compact_at:
+                # Stale entries (cancelled, or set again) leave the heap only when they reach its
+                # top: behind a live later deadline they kept their alarm, its callback and loop
+                # (a closed pool's leak tracker) alive for up to a leak_timeout. Dropped here
+                # once the heap has doubled: amortized, a constant cost per alarm set.
+                heap[:] = [e for e in heap if e[2].entry is e]
+                heapq.heapify(heap)
+                self._compact_at = max(_COMPACT_FROM, 2 * len(heap))
+            heapq.heappush(heap, entry)
             if self._thread is None:  # the first alarm, or the thread stopped (`_run`)
                 self._thread = threading.Thread(target=self._run, name="asyncpool-alarms",
                                                 daemon=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -157,12 +158,22 @@ class CheckoutTimes:
         self.bounds = tuple(bounds)
         self._lock = threading.Lock()
         self._recorders: list[PoolCheckoutTimes] = []
-        self._consumers: list[Consumer] = []
+        # Weakly: an exporter dropped without shutdown() (nobody unsubscribes it) must not keep
+        # every closed pool's recorder waiting for a collection that never comes.
+        self._consumers: list[weakref.ref[Consumer]] = []
+
+    def _live(self) -> list[Consumer]:
+        """The consumers whose exporter is still there (under the lock)."""
+        live = [consumer for ref in self._consumers if (consumer := ref()) is not None]
+        if len(live) != len(self._consumers):
+            self._consumers = [ref for ref in self._consumers if ref() is not None]
+        return live
 
     @property
     def exporting(self) -> bool:
         """Whether an exporter collects from here (pools opened now aggregate here)."""
-        return bool(self._consumers)
+        with self._lock:
+            return bool(self._live())
 
     def recorder(self, pool_name: str) -> PoolCheckoutTimes:
         """A new recorder for the pool named `pool_name`."""
@@ -175,26 +186,27 @@ class CheckoutTimes:
         """The pool has closed: the next collection takes its last times and drops it."""
         recorder.closed = True
         with self._lock:
-            if not self._consumers and recorder in self._recorders:
+            if not self._live() and recorder in self._recorders:
                 self._recorders.remove(recorder)
 
     def subscribe(self, cumulative: bool) -> Consumer:
         consumer = Consumer(cumulative, time.time_ns())
         with self._lock:
-            self._consumers = [*self._consumers, consumer]
+            self._consumers = [*self._consumers, weakref.ref(consumer)]
         return consumer
 
     def unsubscribe(self, consumer: Consumer) -> None:
         with self._lock:
-            self._consumers = [c for c in self._consumers if c is not consumer]
+            self._consumers = [ref for ref in self._consumers if ref() not in (consumer, None)]
 
     def collect(self, consumer: Consumer, only_fresh: bool = False) -> list[Point]:
         """Hand every pool's new times to every consumer; return `consumer`'s points (none when
         `only_fresh` and no time came in since its last collection)."""
         with self._lock:
+            consumers = self._live()
             for recorder in list(self._recorders):
                 wait, use = recorder.drain()
-                for each in self._consumers:
+                for each in consumers:
                     each.add(sc.WAIT_TIME.name, recorder.pool_name, wait)
                     each.add(sc.USE_TIME.name, recorder.pool_name, use)
                 if recorder.closed:

@@ -495,3 +495,20 @@ async def test_a_stopped_alarm_thread_is_restarted_by_the_next_alarm_and_loses_n
     waiter.add(ThreadAlarm(loop, lambda: fired.append("after")), real_monotonic() + 0.02)
     await until(lambda: len(fired) == 2, 3.0)
     assert fired == ["before", "after"]
+
+
+async def test_cancelled_alarms_behind_a_later_deadline_do_not_pile_up() -> None:
+    """A stale entry (cancelled, or set again) left the heap only when it reached the top:
+    behind a live deadline far off (another pool's leak alarm) every closed pool's alarm kept
+    its callback and loop alive. The heap is compacted once it has doubled."""
+    loop = asyncio.get_running_loop()
+    keeper = ThreadAlarm(loop, lambda: None)
+    keeper.set(time.monotonic() + 3600)
+    for _ in range(2000):
+        alarm = ThreadAlarm(loop, lambda: None)
+        alarm.set(time.monotonic() + 3000)
+        alarm.cancel()
+    live = [e for e in alarms._WAITER._heap if e[2].entry is e]
+    assert keeper.entry in live
+    assert len(alarms._WAITER._heap) <= 2 * max(alarms._COMPACT_FROM, len(live)) + 1
+    keeper.cancel()
