@@ -239,20 +239,25 @@ def test_a_service_gives_the_target_and_its_tls_settings(tmp_path: Path) -> None
     sslmode of its own); the DSN's own keys win."""
     path = tmp_path / "pg_service.conf"
     path.write_text("[tls]\nhost=db.example.com\nport=6543\ndbname=orders\nuser=svc\n"
-                    "sslmode=verify-full\nsslrootcert=system\n")
+                    "sslmode=verify-full\nsslrootcert=system\n"
+                    "[plain]\nhost=localhost\nsslmode=require\n")
     env = {"PGSERVICEFILE": str(path), "PGSERVICE": "tls"}
     with mock.patch.dict(os.environ, env):
         connector = Connector(PoolConfig(min_size=0), PoolObserver())
         assert str(connector.target) == "svc@db.example.com:6543/orders"
-        assert (connector.tls.mode, connector.tls.source) == ("verify-full", "service 'tls''s sslmode")
+        assert (connector.tls.mode, connector.tls.source) == (
+            "verify-full", "the sslmode of service 'tls'")
         assert connector.tls.root_cert == "system"
         ours = Connector(PoolConfig(dsn="postgresql://me@/mine"), PoolObserver())
         assert str(ours.target) == "me@db.example.com:6543/mine"
         assert ours.tls.mode == "verify-full"
-        # Given twice and disagreeing, as any two TLS settings: refused, not picked.
-        with pytest.raises(PoolConfigError, match="the TLS setting is given twice and the two "
-                           "disagree: the ssl option='require' and service 'tls''s sslmode"):
-            Connector(PoolConfig(ssl="require"), PoolObserver())
+        # A TLS setting given to the pool wins, as the DSN's does in libpq.
+        assert Connector(PoolConfig(ssl=ssl.create_default_context()),
+                         PoolObserver()).tls.mode == "verify-full"
+        env["PGSERVICE"] = "plain"
+        with mock.patch.dict(os.environ, env):
+            assert Connector(PoolConfig(ssl="disable"), PoolObserver()).tls.mode == "disable"
+            assert Connector(PoolConfig(), PoolObserver()).tls.mode == "require"
 
 
 def test_a_password_to_a_service_files_remote_host_needs_verified_tls(
@@ -375,3 +380,22 @@ def test_repeated_tls_fields_given_directly_are_refused_with_both_values() -> No
     config = PoolConfig(dsn=DSN)
     with pytest.raises(PoolConfigError, match=r"sslmode 2 times \('verify-full' and 'disable'\)"):
         resolve_tls(config, [("sslmode", "verify-full"), ("sslmode", "disable")], environ={})
+
+
+def test_an_asyncpg_that_reads_no_services_is_not_given_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncpg < 0.31 has no ``service=`` argument (every login failed with a TypeError once a
+    service was named): PGSERVICE beside a DSN is ignored there, as that asyncpg ignores it; a
+    service the pool must read is refused, saying what to do."""
+    from asyncpool.connect import service
+
+    path = tmp_path / "pg_service.conf"
+    path.write_text(_SERVICES)
+    monkeypatch.setattr(service, "driver_reads_services", lambda: False)
+    with mock.patch.dict(os.environ, {"PGSERVICEFILE": str(path), "PGSERVICE": "remote"}):
+        connector = Connector(PoolConfig(dsn="postgresql://a@127.0.0.1/db"), PoolObserver())
+        assert "service" not in connector._kwargs
+        assert str(connector.target) == "a@127.0.0.1:5432/db"
+        for config in (PoolConfig(min_size=0), PoolConfig(dsn="postgresql://a@/db?service=remote")):
+            with pytest.raises(PoolConfigError, match="asyncpg >= 0.31 does"):
+                Connector(config, PoolObserver())

@@ -85,7 +85,8 @@ class Connector:
         kw = dict(config.connect_kwargs)
         _check_connect_kwargs(config.name, kw)
         require_target(config, kw)
-        service = named_service(self._dsn.params if self._dsn else {}, kw, os.environ)
+        service = named_service(self._dsn.params if self._dsn else {}, kw, os.environ,
+                                has_dsn=self._dsn is not None)
         if service is not None:
             # asyncpg reads a service only from a DSN, and never from PGSERVICE: give it both,
             # or it would dial its defaults.

@@ -32,6 +32,15 @@ class Service:
 _TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword")
 
 
+def driver_reads_services() -> bool:
+    """Whether the installed asyncpg reads connection services (``service=``: 0.31 and later)."""
+    import inspect
+
+    import asyncpg
+
+    return "service" in inspect.signature(asyncpg.connect).parameters
+
+
 def service_name(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, Any],
                  environ: Mapping[str, str]) -> str | None:
     """The connection service the pool's logins use, as libpq picks it: ``service`` given to
@@ -41,14 +50,24 @@ def service_name(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, Any
 
 
 def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, Any],
-                  environ: Mapping[str, str]) -> Service | None:
+                  environ: Mapping[str, str], *, has_dsn: bool = False) -> Service | None:
     """The section of the service the pool's logins use (`service_name`), or None when none is
     named. Read as asyncpg reads it; the file from ``servicefile``, ``PGSERVICEFILE`` or
     ``~/.pg_service.conf``. A named service with no file or no such section is refused, as
-    libpq refuses it (asyncpg would dial its defaults)."""
+    libpq refuses it (asyncpg would dial its defaults); so is one named to an asyncpg that reads
+    none (< 0.31), unless it is only ``PGSERVICE`` beside a DSN (`has_dsn`), which that asyncpg
+    ignores."""
     service = service_name(dsn_params, connect_kwargs, environ)
     if not service:
         return None
+    if not driver_reads_services():
+        explicit = connect_kwargs.get("service") or dsn_params.get("service")
+        if not explicit and (dsn_params or connect_kwargs.get("host") or has_dsn):
+            return None  # PGSERVICE alone beside a DSN: ignored, as this asyncpg ignores it
+        raise PoolConfigError(
+            f"connection service {service!r}: the installed asyncpg does not read connection "
+            "services (asyncpg >= 0.31 does): upgrade asyncpg, or give the host, port, user "
+            "and database in the DSN")
     path = connect_kwargs.get("servicefile") or environ.get("PGSERVICEFILE")
     if path is None:
         try:

@@ -175,9 +175,10 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     service = _service_of(config, dict(pairs), env)
     served = {k: v for k, v in (service.tls if service else {}).items()
               if not any(key == k for key, _ in pairs)}
-    by_service = f"service {service.name!r}'s" if service else ""
-    if "sslmode" in served:
-        spellings.append(_spelling(f"{by_service} sslmode", served["sslmode"], fail))
+    # Any TLS setting given to the pool wins over the service's, as the DSN's does in libpq.
+    by_service = f"of service {service.name!r}" if service else ""
+    if "sslmode" in served and not spellings:
+        spellings.append(_spelling(f"the sslmode {by_service}", served["sslmode"], fail))
     for other in spellings[1:]:
         first = spellings[0]
         if other.mode != first.mode or (
@@ -190,7 +191,7 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
 
     root_source, root = _root_cert(config, pairs, fail)
     if root is None and context is None and "sslrootcert" in served:
-        root_source, root = f"{by_service} sslrootcert", served["sslrootcert"]
+        root_source, root = f"the sslrootcert {by_service}", served["sslrootcert"]
     if context is not None and root is not None:
         fail(f"{root_source}={root!r} is not used with an ssl.SSLContext: load the CA into the "
              "context (context.load_verify_locations(cafile=...)) and leave it out")
@@ -413,7 +414,7 @@ def _service_of(config: PoolConfig, dsn_params: Mapping[str, str],
     """The service file section the logins use (`asyncpool.connect.service`), if any."""
     from asyncpool.connect.service import named_service
 
-    return named_service(dsn_params, config.connect_kwargs, env)
+    return named_service(dsn_params, config.connect_kwargs, env, has_dsn=bool(config.dsn))
 
 
 def all_local(hosts: Iterable[str]) -> bool:
