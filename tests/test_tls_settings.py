@@ -397,5 +397,5 @@ def test_an_asyncpg_that_reads_no_services_is_not_given_one(
         assert "service" not in connector._kwargs
         assert str(connector.target) == "a@127.0.0.1:5432/db"
         for config in (PoolConfig(min_size=0), PoolConfig(dsn="postgresql://a@/db?service=remote")):
-            with pytest.raises(PoolConfigError, match="asyncpg >= 0.31 does"):
+            with pytest.raises(PoolConfigError, match=r"asyncpg >= 0\.31 does"):
                 Connector(config, PoolObserver())

@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import numbers
 import os
 import signal
 import socket
@@ -80,7 +81,7 @@ def lambda_config(
         "validate_after": 0.5,
     }
     if function_timeout is not None:
-        if isinstance(function_timeout, bool) or not isinstance(function_timeout, int | float):
+        if isinstance(function_timeout, bool) or not isinstance(function_timeout, numbers.Real):
             raise PoolConfigError(
                 f"function_timeout={function_timeout!r}: must be a number of seconds, your "
                 "function's configured timeout")

@@ -260,11 +260,13 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
     or in the ROLLBACK `pool.transaction()` sends on the way out), so none is left on the task.
     """
     task = asyncio.current_task()
-    # Counted against the task's cancel requests before the reclaim's (as asyncio.timeout
-    # counts): one left over from earlier (a cancel swallowed without uncancel(), a TaskGroup
-    # on Python < 3.13) is neither withdrawn nor taken for somebody else's.
+    # The reclaim's request is withdrawn (a request made before it, such as the holder's own
+    # asyncio.timeout firing first, may have been withdrawn by its owner since). What is left
+    # is somebody else's only if it is more than the task had before the reclaim: a request
+    # left over from earlier (a cancel swallowed without uncancel(), a TaskGroup on Python
+    # < 3.13) is not taken for one.
     before = lease.holder_cancelled
-    if before is not None and task is not None and task.cancelling() > before:
+    if before is not None and task is not None and task.cancelling():
         lease.holder_cancelled = None
         task.uncancel()
         if isinstance(exc, asyncio.CancelledError) and task.cancelling() > before:

@@ -7,12 +7,19 @@ time. Where the column was retyped since (``int4`` to ``numeric``), the call des
 would have encoded the value whole. So an argument of a kind the cached type does not hold
 sends the call to be described afresh (one round trip more); what asyncpg then does with it is
 what it does without a cache.
+
+Not caught: a ``float4`` parameter keeps a float's float4 precision after its column was widened
+to ``float8`` (asyncpg's float4 codec rounds every float, so refusing floats there would describe
+every call afresh), and executemany's rows given as an iterator are not looked at. After such a
+migration, ``pool.invalidate_statement_cache()``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 # PostgreSQL's type OIDs (pg_type.dat).
@@ -25,12 +32,27 @@ Guard = Callable[[Any], bool]
 
 
 def _integral(value: Any) -> bool:
-    # Python's int (bool too) and integer types that say so (numpy's): not float, not Decimal.
-    return hasattr(type(value), "__index__")
+    # Python's int (bool too), integer types that say so (numpy's), and a Decimal or Fraction
+    # with no fractional part; not a float (its conversion to an integer type truncates).
+    if hasattr(type(value), "__index__"):
+        return True
+    if not isinstance(value, Decimal | Fraction):
+        return False
+    try:
+        return value == int(value)
+    except (ValueError, OverflowError):  # NaN, infinity
+        return False
+
+
+#: Integers beyond this are not all representable in a float8 (53-bit significand).
+_EXACT_IN_FLOAT = 2**53
 
 
 def _real(value: Any) -> bool:
-    return isinstance(value, float) or hasattr(type(value), "__index__")
+    # A float (numpy's too), or an integer a float8 holds exactly; not a Decimal or Fraction.
+    if hasattr(type(value), "__index__"):
+        return bool(-_EXACT_IN_FLOAT <= value <= _EXACT_IN_FLOAT)
+    return hasattr(type(value), "__float__") and not isinstance(value, Decimal | Fraction)
 
 
 def _naive(value: Any) -> bool:
@@ -62,7 +84,7 @@ def fits(checks: tuple[tuple[int, Guard], ...], executor: Any, many: bool) -> bo
     bind pass `checks`; with `many`, each of executemany's rows (rows given as an iterator are
     not looked at: reading them would consume them). True when the arguments cannot be found
     (another asyncpg version's executor). On every reuse of a statement with such parameters:
-    kept to a few hundred nanoseconds (an int passes any check without a call)."""
+    kept to a few hundred nanoseconds (an int is checked without a call)."""
     code = executor.__code__
     index = _ARGS_CELL.get(code, -1)
     if index == -1:
@@ -82,7 +104,10 @@ def _row_fits(checks: tuple[tuple[int, Guard], ...], row: Any) -> bool:
     try:
         for position, check in checks:
             value = row[position]
-            if type(value) is not int and value is not None and not check(value):
+            if type(value) is int:  # the common case, without a call
+                if check is _real and not -_EXACT_IN_FLOAT <= value <= _EXACT_IN_FLOAT:
+                    return False
+            elif value is not None and not check(value):
                 return False
     except (TypeError, IndexError, KeyError):
         pass  # not a sequence of that length: asyncpg's own error will say so

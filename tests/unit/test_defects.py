@@ -650,3 +650,27 @@ def test_terminate_from_another_thread_while_the_loop_runs_is_refused(server: Fa
         runner.join(5)
         loop.close()
     assert server.open_connections() == []
+
+
+def test_a_reclaim_after_the_holders_own_timeout_fired_leaves_no_request(
+        server: FakeServer) -> None:
+    """The holder's asyncio.timeout fires first and its block's cleanup is still awaiting when
+    the reclaim comes: the timeout withdraws its own request on the way out, and the reclaim's
+    must be withdrawn too (it was left on the task, and a later asyncio.timeout of the task
+    raised CancelledError instead of TimeoutError)."""
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        async with fake_pool(server, leak_timeout=1.0) as pool:
+            with pytest.raises(ConnectionLeakedError):
+                async with pool.acquire(), asyncio.timeout(0.3):
+                    try:
+                        await asyncio.sleep(5)
+                    finally:
+                        await asyncio.sleep(1)  # still cleaning up at leak_timeout
+            assert task.cancelling() == 0
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await asyncio.sleep(1)
+
+    run(main())

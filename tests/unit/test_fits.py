@@ -1,0 +1,64 @@
+"""Which arguments a cached parameter type would convert with a loss (`asyncpool.unnamed.fits`):
+those send the call to be described afresh; the others keep the one round trip."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+
+from asyncpool.unnamed.fits import fits, guards
+
+INT4, INT8, FLOAT4, FLOAT8, NUMERIC, TEXT, DATE, TIMESTAMP = 23, 20, 700, 701, 1700, 25, 1082, 1114
+
+
+def executor_of(args: Any) -> Any:
+    """A function shaped as asyncpg's executor: its arguments in a closure cell named `args`."""
+    return lambda stmt, timeout: (stmt, args, timeout)
+
+
+@pytest.mark.parametrize(
+    ("oid", "value", "fit"),
+    [
+        (INT4, 7, True), (INT4, True, True), (INT4, np.int64(7), True), (INT4, None, True),
+        (INT4, Decimal("9"), True), (INT4, Fraction(4, 2), True),
+        (INT4, Decimal("9.99"), False), (INT4, 9.0, False), (INT4, Decimal("NaN"), False),
+        (INT4, Decimal("Infinity"), False), (INT4, "7", False),
+        (FLOAT8, 0.1, True), (FLOAT8, np.float32(1.5), True), (FLOAT8, 2**53, True),
+        (FLOAT8, 2**53 + 1, False), (FLOAT8, -(2**53) - 1, False), (FLOAT8, Decimal("1.5"), False),
+        (DATE, dt.date(2024, 6, 1), True), (DATE, dt.datetime(2024, 6, 1, 12), False),
+        (TIMESTAMP, dt.datetime(2024, 6, 1, 12), True),
+        (TIMESTAMP, dt.datetime(2024, 6, 1, 12, tzinfo=dt.UTC), False),
+    ],
+)
+def test_an_argument_fits_its_cached_type_or_not(oid: int, value: Any, fit: bool) -> None:
+    checks = guards([TEXT, oid])
+    assert checks is not None
+    assert fits(checks, executor_of(("text", value)), many=False) is fit
+
+
+def test_types_that_lose_nothing_have_no_checks() -> None:
+    assert guards([TEXT, NUMERIC, 16, 3802]) is None
+
+
+def test_executemany_rows_are_checked_when_given_as_a_list_or_tuple() -> None:
+    checks = guards([INT4])
+    assert checks is not None
+    assert fits(checks, executor_of([(1,), (2,)]), many=True)
+    assert not fits(checks, executor_of([(1,), (Decimal("4.5"),)]), many=True)
+    assert not fits(checks, executor_of(((1,), (2.5,))), many=True)
+    # An iterator is not read (it would be consumed): taken as it is.
+    rows = iter([(Decimal("4.5"),)])
+    assert fits(checks, executor_of(rows), many=True)
+    assert next(rows) == (Decimal("4.5"),)
+
+
+def test_arguments_that_cannot_be_found_or_read_are_left_to_asyncpg() -> None:
+    checks = guards([INT4, INT4])
+    assert checks is not None
+    assert fits(checks, lambda stmt, timeout: None, many=False)  # no `args` cell
+    assert fits(checks, executor_of((1,)), many=False)  # too few: asyncpg says so
