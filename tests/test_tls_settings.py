@@ -399,3 +399,15 @@ def test_an_asyncpg_that_reads_no_services_is_not_given_one(
         for config in (PoolConfig(min_size=0), PoolConfig(dsn="postgresql://a@/db?service=remote")):
             with pytest.raises(PoolConfigError, match=r"asyncpg >= 0\.31 does"):
                 Connector(config, PoolObserver())
+
+
+def test_a_service_file_that_cannot_be_read_says_so(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """configparser skips a file it cannot open, which read as "not defined"."""
+    path = tmp_path / "pg_service.conf"
+    path.write_text(_SERVICES)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != path)
+    config = PoolConfig(dsn="postgresql://a@/db?service=remote",
+                        connect_kwargs={"servicefile": str(path)})
+    with pytest.raises(PoolConfigError, match=r"cannot be read \(permission denied\)"):
+        Connector(config, PoolObserver())

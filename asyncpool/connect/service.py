@@ -4,6 +4,7 @@ the TLS keys and the password it supplies."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,11 @@ def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, An
     # Read as asyncpg reads it (configparser, `%` interpolation), or refused: asyncpg's own read
     # fails at every login with an error that quotes the line, or the value from a `%` on.
     parser = configparser.ConfigParser()
+    if Path(path).exists() and not os.access(path, os.R_OK):
+        # configparser skips a file it cannot open: the service would read as undefined.
+        raise PoolConfigError(
+            f"connection service file {str(path)!r} cannot be read (permission denied): "
+            f"service {service!r} is named there")
     try:
         parser.read(path)
     except configparser.Error as exc:
