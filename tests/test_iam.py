@@ -117,6 +117,26 @@ async def test_token_is_a_sigv4_presigned_connect_url_for_the_dialled_endpoint(a
     assert not sigv4_signature_matches(token, SECRET_ACCESS_KEY + "x")
 
 
+@pytest.mark.parametrize("host", [
+    "pg-prod-1.c0ffee123456.us-east-1.rds.amazonaws.com",
+    "my-proxy-2.proxy-c0ffee123456.us-east-1.rds.amazonaws.com",
+    "db-orders-1.cluster-ro-c0ffee123456.us-east-1.rds.amazonaws.com",
+])
+async def test_an_endpoint_named_like_a_region_is_signed_for_its_real_region(
+        aws: None, host: str) -> None:
+    """The region is the label before ``rds``: an instance, cluster or proxy named like one
+    (``pg-prod-1``) was taken for it, the token was signed for region 'pg-prod-1' (rejected by
+    AWS), and region='us-east-1' was refused as contradicting the host."""
+    for auth in (IamAuth(), IamAuth(region="us-east-1")):
+        try:
+            token = await auth.password(Target(host, 5432, "orders_app", "orders"))
+        finally:
+            await auth.close()
+        credential = dict(parse_qsl(urlsplit("https://" + token).query))["X-Amz-Credential"]
+        assert credential.split("/")[2] == "us-east-1"
+        assert sigv4_signature_matches(token, SECRET_ACCESS_KEY)
+
+
 async def test_token_host_signs_for_the_real_endpoint_when_tunnelling(aws: None) -> None:
     auth = IamAuth(token_host=PROXY_HOST, token_port=5432)
     try:

@@ -102,11 +102,19 @@ def hide_secrets_in_botocore_logs() -> None:
 
 
 def region_in_host(host: str) -> str | None:
-    """The region named in an AWS endpoint (``db.xyz.us-east-1.rds.amazonaws.com``), if any."""
+    """The region named in an AWS endpoint (``db.xyz.us-east-1.rds.amazonaws.com``), if any.
+
+    Read where AWS puts it, just before the service's label (``<region>.rds``) or as the last
+    label (``secretsmanager.<region>``): an instance, cluster or proxy named like a region
+    (``pg-prod-1``, ``my-proxy-2``) comes first in the name and must not be taken for it."""
     name = host.lower().rstrip(".")
-    if not name.endswith((".amazonaws.com", ".amazonaws.com.cn")):
+    for suffix in (".amazonaws.com", ".amazonaws.com.cn"):
+        if name.endswith(suffix):
+            labels = name[: -len(suffix)].split(".")
+            break
+    else:
         return None
-    for label in name.split("."):
+    for label in reversed(labels[-2:]):
         if _REGION_LABEL.match(label):
             return label
     return None
