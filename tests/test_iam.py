@@ -254,6 +254,25 @@ async def test_pool_refuses_iam_without_tls_before_dialling(aws: None, mode: Ssl
     assert counter.signings == 0
 
 
+async def test_a_token_for_one_host_is_refused_beside_several_hosts(aws: None) -> None:
+    """asyncpg asks for the password once per host it tries, without saying which: a token
+    signed for the first host went to the second, which refused it (and the error named the
+    first, dead one). Refused when the pool opens; token_host= says what to sign for."""
+    counter = SigningCounter()
+    dsn = (f"postgresql://orders_app@{PROXY_HOST}:5432,other.{PROXY_HOST}:5432/orders"
+           "?sslmode=verify-full")
+    pool = Pool(dsn, credentials=IamAuth(session=counter.session), telemetry=False)
+    with pytest.raises(PoolConfigError, match=r"IamAuth signs its token for one host, and the "
+                       r"DSN names 2 .* or token_host="):
+        await pool.open()
+    assert counter.signings == 0
+    from asyncpool.config import PoolConfig
+    from asyncpool.connect.connector import Connector
+    from asyncpool.observer import PoolObserver
+
+    Connector(PoolConfig(dsn=dsn, credentials=IamAuth(token_host=PROXY_HOST)), PoolObserver())
+
+
 @pytest.mark.parametrize("dsn_mode", ["require", "verify-ca"])
 async def test_tls_that_verifies_less_than_the_name_does_not_satisfy_iam(
     aws: None, dsn_mode: str

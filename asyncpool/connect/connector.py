@@ -125,6 +125,15 @@ class Connector:
             self._dsn = dataclasses.replace(self._dsn, params=MappingProxyType(
                 {k: v for k, v in self._dsn.params.items() if k != "require_auth"}))
         self._several_hosts = len(hosts) > 1
+        if (self._several_hosts and credentials is not None and credentials.requires_tls
+                and getattr(credentials, "token_host", None) is None):
+            # asyncpg asks for the password once per host it tries, without saying which: a
+            # token signed for one host (IAM) would go to the others, and be refused there.
+            raise PoolConfigError(
+                f"pool {config.name!r}: {type(credentials).__name__} signs its token for one "
+                f"host, and the DSN names {len(hosts)} ({', '.join(hosts)}): give one (an RDS "
+                "cluster or proxy endpoint fails over behind its name), or token_host= to sign "
+                "for the endpoint they all stand for")
         #: The description cache's counts over all connections ("unnamed" mode only).
         self.statement_cache: CacheTotals | None = None
         self._totals = totals

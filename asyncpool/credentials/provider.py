@@ -14,8 +14,11 @@ class CredentialProvider(Protocol):
     """Something the pool awaits for the password of every **new** connection.
 
     `password` is called once per connection attempt with the host, port, user and database
-    actually dialled. When the server rejects the login as an authentication failure, the pool
-    calls `refresh` and, if it returns True, tries once more with a fresh `password`.
+    dialled (with several hosts, the first one's: asyncpg asks once per host tried without
+    saying which, so a provider whose credential is bound to a host, ``requires_tls``, is
+    refused beside several hosts unless it has a ``token_host``). When the server rejects the
+    login as an authentication failure, the pool calls `refresh` and, if it returns True, tries
+    once more with a fresh `password`.
 
     A provider may also define ``auth_failure_hint(target) -> str``: what to check when its
     credentials are refused for good; the pool adds it to the `AuthenticationError`.
