@@ -144,6 +144,37 @@ async def test_refresh_reads_again_and_says_whether_a_retry_can_help(
         await auth.close()
 
 
+def test_a_provider_kept_across_event_loops_serves_a_burst_on_each(
+        aws: None, local_aws: LocalAwsEndpoint) -> None:
+    """A module-level provider used by a pool per asyncio.run (tests, Lambda managed
+    instances): its lock, waited on under the first loop, refused the second ("bound to a
+    different event loop") once logins there contended for a read."""
+    import time
+
+    from aiobotocore.session import AioSession
+
+    name = f"test/loops{secrets.token_hex(6)}"
+    password = secrets.token_urlsafe(16)
+
+    async def create() -> None:
+        async with AioSession().create_client(
+                "secretsmanager", region_name=REGION, endpoint_url=local_aws.url) as client:
+            await client.create_secret(Name=name, SecretString=json.dumps(_credentials(password)))
+
+    run_sync(create())
+    auth = _auth(local_aws, name, ttl=0.01)
+
+    async def burst() -> list[str]:
+        try:
+            return list(await asyncio.gather(*(auth.password(TARGET) for _ in range(10))))
+        finally:
+            await auth.close()
+
+    for _ in range(2):
+        time.sleep(0.02)  # past the ttl: the burst contends for one read
+        assert asyncio.run(burst()) == [password] * 10
+
+
 async def test_logins_rejected_together_share_one_read(
     store: SecretStore, local_aws: LocalAwsEndpoint
 ) -> None:

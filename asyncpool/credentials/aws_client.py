@@ -120,6 +120,24 @@ def region_in_host(host: str) -> str | None:
     return None
 
 
+class LoopLock:
+    """An `asyncio.Lock` for the running loop. A provider can outlive its loop (a module-level
+    one used by a pool per ``asyncio.run``), and a lock waited on in one loop refuses the next:
+    a burst of logins on the second loop failed with "bound to a different event loop"."""
+
+    __slots__ = ("_lock", "_loop")
+
+    def __init__(self) -> None:
+        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._loop is not loop:
+            self._lock, self._loop = asyncio.Lock(), loop
+        return self._lock
+
+
 class AwsClient:
     """A lazily created aiobotocore client for one service, reused until `close()`.
 
@@ -145,14 +163,14 @@ class AwsClient:
         self._session = session
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
-        self._lock = asyncio.Lock()
+        self._lock = LoopLock()
 
     async def get(self) -> Any:
         """The client, created on the first call (concurrent first calls share one)."""
         hide_secrets_in_botocore_logs()
         if self._client is not None:
             return self._client
-        async with self._lock:
+        async with self._lock():
             if self._client is None:
                 self._client = await self._create()
         return self._client

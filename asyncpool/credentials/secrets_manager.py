@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asyncpool.connect.dsn import Target
-from asyncpool.credentials.aws_client import AwsClient, aws_error, region_text
+from asyncpool.credentials.aws_client import AwsClient, LoopLock, aws_error, region_text
 from asyncpool.errors import CredentialsError
 
 logger = logging.getLogger("asyncpool.credentials")
@@ -96,7 +96,7 @@ class SecretsManagerAuth:
         )
         self._secret: _Secret | None = None
         self._reads = 0
-        self._lock = asyncio.Lock()
+        self._lock = LoopLock()
         # Which read each connecting task got its password from (see `refresh`).
         self._given: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = (
             weakref.WeakKeyDictionary()
@@ -122,7 +122,7 @@ class SecretsManagerAuth:
         """
         task = asyncio.current_task()
         given = self._given.pop(task, None) if task is not None else None
-        async with self._lock:
+        async with self._lock():
             cached = self._secret
             if cached is not None and given is not None and cached.generation > given:
                 return True
@@ -150,7 +150,7 @@ class SecretsManagerAuth:
 
     async def _load(self, target: Target) -> _Secret:
         """The cached secret if still good, else a fresh read (one read at a time)."""
-        async with self._lock:
+        async with self._lock():
             cached = self._secret
             now = time.monotonic()
             if cached is not None and now < cached.expires_at:
