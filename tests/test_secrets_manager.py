@@ -123,6 +123,39 @@ async def test_expired_cache_and_unreachable_secret_keeps_the_copy_and_warns(
         await auth.close()
 
 
+async def test_a_read_that_hangs_after_the_ttl_keeps_the_copy_in_use(
+    store: SecretStore, local_aws: LocalAwsEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Secrets Manager answering nothing (botocore gives up only after its own timeouts, longer
+    than a short acquire_timeout): every login's read was cancelled by its time limit before
+    it could fail over to the copy, so no new connection could be opened at all. One read goes
+    on in the background; logins wait for it at most STALE_WAIT, then use the copy."""
+    from asyncpool.credentials.secrets_manager import STALE_WAIT
+
+    name = await store.create(_credentials("kept-password"))
+    auth = _auth(local_aws, name, ttl=0.2)
+    try:
+        assert await auth.password(TARGET) == "kept-password"
+        await asyncio.sleep(0.3)
+        before = local_aws.count("GetSecretValue")
+        local_aws.delay = STALE_WAIT + 3
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with caplog.at_level(logging.WARNING, logger="asyncpool.credentials"):
+            burst = await asyncio.gather(*(auth.password(TARGET) for _ in range(5)))
+            assert burst == ["kept-password"] * 5
+            assert loop.time() - started < STALE_WAIT + 0.5
+            started = loop.time()
+            assert await auth.password(TARGET) == "kept-password"
+            assert loop.time() - started < 0.1  # the read is known to be slow: no wait
+        assert caplog.text.count("takes longer than") == 1
+        assert "kept-password" not in caplog.text
+        assert local_aws.count("GetSecretValue") - before == 1
+    finally:
+        local_aws.delay = 0.0
+        await auth.close()
+
+
 # -- re-reading after a rejected login -------------------------------------------------------
 
 

@@ -22,6 +22,10 @@ _ARN_REGION = re.compile(r"^arn:aws[a-z-]*:secretsmanager:(?P<region>[a-z0-9-]+)
 # A failed re-read leaves the cached password in use this long before trying AWS again, so an
 # outage costs one slow call per window rather than one per new connection.
 STALE_GRACE = 30.0
+# With a copy held, a login waits this long for a re-read before using the copy meanwhile: a
+# Secrets Manager that hangs (botocore gives up after its own timeouts, longer than a short
+# acquire_timeout) must not stop every new connection while the copy still works.
+STALE_WAIT = 1.0
 
 
 
@@ -97,6 +101,8 @@ class SecretsManagerAuth:
         self._secret: _Secret | None = None
         self._reads = 0
         self._lock = LoopLock()
+        self._reading: asyncio.Task[_Secret] | None = None  # the read logins wait for, if any
+        self._slow: asyncio.Task[_Secret] | None = None  # a read that took over STALE_WAIT
         # Which read each connecting task got its password from (see `refresh`).
         self._given: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = (
             weakref.WeakKeyDictionary()
@@ -137,6 +143,10 @@ class SecretsManagerAuth:
         """Close the AWS client and forget the secret; a later `password()` reads it again
         (with a new client), as after a SnapStart restore."""
         self._secret = None
+        reading, self._reading = self._reading, None
+        if (reading is not None and not reading.done()
+                and reading.get_loop() is asyncio.get_running_loop()):
+            reading.cancel()  # it reads through the client closed below
         await self._client.close()
 
     def auth_failure_hint(self, target: Target) -> str:
@@ -149,7 +159,33 @@ class SecretsManagerAuth:
         )
 
     async def _load(self, target: Target) -> _Secret:
-        """The cached secret if still good, else a fresh read (one read at a time)."""
+        """The cached secret if still good, else a fresh read: one read at a time, shared by
+        every login that needs it, and going on if they give up (a login's own time limit).
+        With a copy held, a login waits at most `STALE_WAIT` for it and then uses the copy."""
+        cached = self._secret
+        if cached is not None and time.monotonic() < cached.expires_at:
+            return cached
+        loop = asyncio.get_running_loop()
+        reading = self._reading
+        if reading is None or reading.done() or reading.get_loop() is not loop:
+            reading = self._reading = loop.create_task(self._read(target))
+            reading.add_done_callback(_retrieve)
+        if cached is None:
+            return await asyncio.shield(reading)
+        if reading is self._slow:
+            return cached  # already known to be slow: no login waits for it again
+        try:
+            async with asyncio.timeout(STALE_WAIT):
+                return await asyncio.shield(reading)
+        except TimeoutError:
+            if self._slow is not reading:
+                self._slow = reading
+                logger.warning("reading secret %r takes longer than %gs: using the copy read "
+                               "%.0fs ago meanwhile", self.secret_id, STALE_WAIT,
+                               time.monotonic() - cached.fetched_at)
+            return cached
+
+    async def _read(self, target: Target) -> _Secret:
         async with self._lock():
             cached = self._secret
             now = time.monotonic()
@@ -161,6 +197,7 @@ class SecretsManagerAuth:
                 if cached is None:
                     raise
                 # The server has not refused the copy we hold: better than no connection.
+                now = time.monotonic()
                 logger.warning(
                     "reading secret %r failed, using the copy read %.0fs ago for %.0fs more: %s",
                     self.secret_id, now - cached.fetched_at, STALE_GRACE, exc,
@@ -249,3 +286,10 @@ class SecretsManagerAuth:
             message = exc.response["Error"].get("Message", "")  # type: ignore[attr-defined]
             return CredentialsError(f"{doing}: {message} (a secret scheduled for deletion?)")
         return aws_error(exc, doing, self.region)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A shared read whose every waiter gave up: its error is theirs to see, not asyncio's
+    "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -57,6 +58,8 @@ class LocalAwsEndpoint:
         self._stubber = BotocoreStubber()
         self._lock = threading.Lock()
         self.calls: dict[str, int] = {}
+        #: Seconds each request waits before it is answered (a slow or hanging AWS endpoint).
+        self.delay = 0.0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread: threading.Thread | None = None
 
@@ -126,6 +129,8 @@ class LocalAwsEndpoint:
                 status, headers, data = endpoint._answer(
                     self.command, self.path, dict(self.headers.items()), body
                 )
+                if endpoint.delay:  # (counted in `calls` already)
+                    time.sleep(endpoint.delay)
                 self.send_response(status)
                 for key, value in headers.items():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):
