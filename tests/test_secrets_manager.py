@@ -232,6 +232,38 @@ async def test_logins_rejected_together_share_one_read(
     assert local_aws.count("GetSecretValue") - before == 1
 
 
+async def test_logins_rejected_together_share_one_failed_read(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    """The re-read for logins rejected together fails (the secret is gone; throttling or an
+    outage alike): each waiting login made its own read, one after the other, of a service
+    already failing, and most ran out of time instead of seeing the error. They share it."""
+    name = await store.create(_credentials("old-password"))
+    auth = _auth(local_aws, name, ttl=3600)
+    all_have_passwords = asyncio.Barrier(8)
+
+    async def rejected_login() -> None:
+        await auth.password(TARGET)
+        await all_have_passwords.wait()
+        await auth.refresh(TARGET)
+
+    try:
+        await auth.warm(TARGET)
+        await store.client.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+        before = local_aws.count("GetSecretValue")
+        results = await asyncio.gather(*(rejected_login() for _ in range(8)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, CredentialsError) and "no such secret" in str(r)
+                   for r in results), results
+        assert local_aws.count("GetSecretValue") - before == 1
+        # A later rejection reads again.
+        with pytest.raises(CredentialsError, match="no such secret"):
+            await auth.refresh(TARGET)
+        assert local_aws.count("GetSecretValue") - before == 2
+    finally:
+        await auth.close()
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 

@@ -103,6 +103,8 @@ class SecretsManagerAuth:
         self._lock = LoopLock()
         self._reading: asyncio.Task[_Secret] | None = None  # the read logins wait for, if any
         self._slow: asyncio.Task[_Secret] | None = None  # a read that took over STALE_WAIT
+        # When the last re-read after a rejected login failed, and its message (`refresh`).
+        self._refresh_failed: tuple[float, str] | None = None
         # Which read each connecting task got its password from (see `refresh`).
         self._given: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = (
             weakref.WeakKeyDictionary()
@@ -128,11 +130,22 @@ class SecretsManagerAuth:
         """
         task = asyncio.current_task()
         given = self._given.pop(task, None) if task is not None else None
+        asked = time.monotonic()
         async with self._lock():
             cached = self._secret
             if cached is not None and given is not None and cached.generation > given:
                 return True
-            self._secret = await self._fetch(target)
+            failed = self._refresh_failed
+            if failed is not None and failed[0] >= asked:
+                # A read for a login rejected at the same time failed while this one waited:
+                # its error, without another read of a service that is failing (throttling).
+                raise CredentialsError(failed[1])
+            try:
+                self._secret = await self._fetch(target)
+            except CredentialsError as exc:
+                self._refresh_failed = (time.monotonic(), str(exc))
+                raise
+            self._refresh_failed = None
             return cached is None or self._secret.password != cached.password
 
     async def warm(self, target: Target) -> None:
