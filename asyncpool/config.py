@@ -424,9 +424,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
              f"{type(cfg.connect_kwargs).__name__}")
     _check_connect_values(cfg.connect_kwargs, fail)
     _check_overridden_connect_args(cfg, fail)
-    for hook in ("init", "setup"):
-        if getattr(cfg, hook) is not None and not callable(getattr(cfg, hook)):
-            fail(f"{hook}={getattr(cfg, hook)!r}: must be an async function taking the connection")
+    _check_code(cfg, fail)
     if isinstance(cfg.ssl, str) and cfg.ssl not in get_args(SslMode):
         fail(
             f"ssl={cfg.ssl!r}: choose one of "
@@ -442,6 +440,38 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
 
         parse_require_auth(cfg.require_auth)
     _check_root_cert(cfg, fail)
+
+
+def _check_code(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+    """The options that are code: the hooks, the credentials provider."""
+    for hook in ("init", "setup"):
+        if getattr(cfg, hook) is not None and not callable(getattr(cfg, hook)):
+            fail(f"{hook}={getattr(cfg, hook)!r}: must be an async function taking the connection")
+    if cfg.credentials is not None:
+        _check_provider(cfg.credentials, fail)
+
+
+def _check_provider(provider: object, fail: Callable[[str], None]) -> None:
+    """A credentials provider has what the pool calls (`CredentialProvider`): found missing, or
+    synchronous, only at the first login it was a bare AttributeError or TypeError."""
+    name = type(provider).__name__
+    if isinstance(provider, str):
+        fail("credentials: give a provider, not a string: StaticPassword('...') for a fixed "
+             "password (or put it in the DSN)")
+    for method in ("password", "refresh", "warm", "close"):
+        function = getattr(provider, method, None)
+        if not callable(function):
+            fail(f"credentials={name}: it has no {method}() method; a provider implements "
+                 "asyncpool.CredentialProvider (async password, refresh, warm and close, and "
+                 "requires_tls)")
+        elif not inspect.iscoroutinefunction(function):
+            fail(f"credentials={name}: its {method}() must be an async method "
+                 f"(async def {method}(self, ...)), as the pool awaits it")
+    # Read without running a property (a provider's own bug there must show as its own).
+    declared = inspect.getattr_static(provider, "requires_tls", None)
+    if not (isinstance(declared, bool) or hasattr(declared, "__get__")):
+        fail(f"credentials={name}: requires_tls must be True (a bearer token) or False (a "
+             "password)")
 
 
 def _not_whole(value: object) -> bool:

@@ -15,6 +15,7 @@ from asyncpool import (
     CredentialsError,
     IamAuth,
     Pool,
+    PoolConfigError,
     PoolObserver,
     SecretsManagerAuth,
     StaticPassword,
@@ -176,3 +177,42 @@ def test_reprs_show_no_password(postgres: PostgresServer) -> None:
     for text in (repr(pool), repr(pool.config), str(pool.config), repr(StaticPassword(secret))):
         assert secret not in text
     assert "credentials=StaticPassword" in repr(pool.config)
+
+
+def test_a_provider_missing_a_method_or_with_a_plain_one_is_refused_at_once() -> None:
+    """Without `warm` the pool failed at open() with a bare AttributeError; with a plain
+    `def password` every login failed with "str can't be used in 'await' expression"."""
+
+    class Complete:
+        requires_tls = False
+
+        async def password(self, target: Target) -> str:
+            return "x"
+
+        async def refresh(self, target: Target) -> bool:
+            return False
+
+        async def warm(self, target: Target) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+    class NoWarm(Complete):
+        warm = None  # type: ignore[assignment]
+
+    class PlainPassword(Complete):
+        def password(self, target: Target) -> str:  # type: ignore[override]
+            return "x"
+
+    class NoFlag(Complete):
+        requires_tls = "no"  # type: ignore[assignment]
+
+    dsn = "postgresql://app@127.0.0.1/app"
+    Pool(dsn, credentials=Complete())
+    for provider, match in ((NoWarm(), r"credentials=NoWarm: it has no warm\(\) method"),
+                            (PlainPassword(), r"its password\(\) must be an async method"),
+                            (NoFlag(), "requires_tls must be True"),
+                            ("hunter2", r"not a string: StaticPassword\('...'\)")):
+        with pytest.raises(PoolConfigError, match=match):
+            Pool(dsn, credentials=provider)  # type: ignore[arg-type]

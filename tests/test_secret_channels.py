@@ -624,6 +624,18 @@ async def test_a_bug_in_the_callers_code_keeps_its_frame_and_no_secret() -> None
         def requires_tls(self) -> bool:
             return bool(self.settings["tls"])  # type: ignore[attr-defined]  # the bug
 
+        async def password(self, target: object) -> str:
+            return "unused"
+
+        async def refresh(self, target: object) -> bool:
+            return False
+
+        async def warm(self, target: object) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
     pool = Pool(f"postgresql://app:{quote(secret, safe='')}@127.0.0.1/app",
                 credentials=Buggy(), min_size=0, telemetry=False)  # type: ignore[arg-type]
     with pytest.raises(AttributeError, match="settings") as info:
