@@ -156,6 +156,27 @@ async def test_a_read_that_hangs_after_the_ttl_keeps_the_copy_in_use(
         await auth.close()
 
 
+async def test_open_reads_the_secret_within_acquire_timeout(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    """open() reads the secret first (warm); an endpoint that does not answer made it wait for
+    every retry of the AWS client (11 s measured, past a Lambda INIT's 10 s)."""
+    name = await store.create(_credentials("pw"))
+    pool = Pool("postgresql://orders_app@127.0.0.1/orders", credentials=_auth(local_aws, name),
+                min_size=0, acquire_timeout=1.0, telemetry=False)
+    local_aws.delay = 4.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(CredentialsError, match=r"gave no credential within "
+                           r"acquire_timeout=1s \(its first read, at open\(\)\)"):
+            await pool.open()
+        assert loop.time() - started < 1.5
+    finally:
+        local_aws.delay = 0.0
+        await pool.close()
+
+
 # -- re-reading after a rejected login -------------------------------------------------------
 
 

@@ -37,7 +37,13 @@ from asyncpool.connect import driver
 from asyncpool.connect.connector import CutShort
 from asyncpool.connect.driver import BROKEN, BUSY, NEEDS_RESET, returned
 from asyncpool.connect.failures import translate
-from asyncpool.errors import ConnectError, PoolClosedError, PoolError, PoolTimeoutError
+from asyncpool.errors import (
+    ConnectError,
+    CredentialsError,
+    PoolClosedError,
+    PoolError,
+    PoolTimeoutError,
+)
 from asyncpool.observer import LeakReport, PoolObserver
 from asyncpool.pool import alarms
 from asyncpool.pool.alarms import loop_clock
@@ -284,7 +290,7 @@ class Slots(_HotSlots):
         self.opening = opening = self.loop.create_future()
         try:
             if connector.credentials is not None:
-                await connector.credentials.warm(connector.target)
+                await self._warm(connector)
                 self._check_open()
             if wait and cfg.min_size:
                 await self.fill(cfg.min_size)
@@ -784,6 +790,25 @@ class Slots(_HotSlots):
         if self.on_acquired is not None:
             self.on_acquired(0.0)
         return lease
+
+    async def _warm(self, connector: Connector) -> None:
+        """The credentials provider's set-up (a first read of the secret...), within
+        `acquire_timeout` as any login: an AWS endpoint that does not answer made open() wait
+        for every retry of the AWS client (11 s, past a Lambda INIT's 10)."""
+        assert connector.credentials is not None
+        limit = self.config.acquire_timeout
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                await connector.credentials.warm(connector.target)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise CredentialsError(
+                f"pool {self.name!r}: {type(connector.credentials).__name__} gave no credential "
+                f"within acquire_timeout={limit:g}s (its first read, at open()); check that the "
+                "service it reads (AWS: a VPC endpoint or a NAT route) answers from here"
+            ) from None
 
     async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease:
         """The slow path: check an idle connection, open one, or wait in line."""
