@@ -268,10 +268,17 @@ async def test_require_auth_refuses_cleartext_even_over_verified_tls(
 async def test_no_second_token_when_the_dsn_lists_several_hosts(
     aws: None, verified_fake: FakeServer, pki: TestPki
 ) -> None:
-    """Which host refused the first token is not known: the retry would go elsewhere."""
+    """A token is signed for one host: beside several, refused before any is signed (asyncpg
+    would send the first host's to the others). With token_host= (one endpoint they all stand
+    for), which host refused the first token is not known: the retry would go elsewhere."""
     port = verified_fake.port
-    pool = _pool(f"postgresql://iam_user@localhost:{port},localhost:{port}/app",
-                 credentials=_iam(), ssl="verify-full", ssl_root_cert=str(pki.ca_cert))
+    dsn = f"postgresql://iam_user@localhost:{port},localhost:{port}/app"
+    pool = _pool(dsn, credentials=_iam(), ssl="verify-full", ssl_root_cert=str(pki.ca_cert))
+    with pytest.raises(PoolConfigError, match="signs its token for one host"):
+        await pool.open()
+    assert _tokens(verified_fake) == []
+    pool = _pool(dsn, credentials=_iam(token_host="localhost"), ssl="verify-full",
+                 ssl_root_cert=str(pki.ca_cert))
     with pytest.raises(AuthenticationError):
         await pool.open()
     assert len(_tokens(verified_fake)) == 1
