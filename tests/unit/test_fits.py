@@ -8,12 +8,19 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-import numpy as np
 import pytest
 
 from asyncpool.unnamed.fits import fits, guards
 
 INT4, INT8, FLOAT4, FLOAT8, NUMERIC, TEXT, DATE, TIMESTAMP = 23, 20, 700, 701, 1700, 25, 1082, 1114
+
+try:  # numpy's scalars, where installed (the main venv; not the 3.12/3.13 test venvs)
+    import numpy as np
+
+    NUMPY: list[Any] = [(INT4, np.int64(7), True), (FLOAT8, np.float32(1.5), True),
+                        (FLOAT8, np.int32(5), True), (INT4, np.float64(2.5), False)]
+except ImportError:
+    NUMPY = []
 
 
 def executor_of(args: Any) -> Any:
@@ -24,11 +31,12 @@ def executor_of(args: Any) -> Any:
 @pytest.mark.parametrize(
     ("oid", "value", "fit"),
     [
-        (INT4, 7, True), (INT4, True, True), (INT4, np.int64(7), True), (INT4, None, True),
+        *NUMPY,
+        (INT4, 7, True), (INT4, True, True), (INT4, None, True),
         (INT4, Decimal("9"), True), (INT4, Fraction(4, 2), True),
         (INT4, Decimal("9.99"), False), (INT4, 9.0, False), (INT4, Decimal("NaN"), False),
         (INT4, Decimal("Infinity"), False), (INT4, "7", False),
-        (FLOAT8, 0.1, True), (FLOAT8, np.float32(1.5), True), (FLOAT8, 2**53, True),
+        (FLOAT8, 0.1, True), (FLOAT8, 2**53, True),
         (FLOAT8, 2**53 + 1, False), (FLOAT8, -(2**53) - 1, False), (FLOAT8, Decimal("1.5"), False),
         (DATE, dt.date(2024, 6, 1), True), (DATE, dt.datetime(2024, 6, 1, 12), False),
         (TIMESTAMP, dt.datetime(2024, 6, 1, 12), True),
