@@ -24,6 +24,7 @@ from asyncpool import (
 from asyncpool.observer import ConnectAttempt
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
+from tests.provider_support import QuietProvider
 
 
 @dataclass
@@ -183,26 +184,14 @@ def test_a_provider_missing_a_method_or_with_a_plain_one_is_refused_at_once() ->
     """Without `warm` the pool failed at open() with a bare AttributeError; with a plain
     `def password` every login failed with "str can't be used in 'await' expression"."""
 
-    class Complete:
-        requires_tls = False
-
-        async def password(self, target: Target) -> str:
-            return "x"
-
-        async def refresh(self, target: Target) -> bool:
-            return False
-
-        async def warm(self, target: Target) -> None:
-            pass
-
-        async def close(self) -> None:
-            pass
+    class Complete(QuietProvider):
+        pass
 
     class NoWarm(Complete):
         warm = None  # type: ignore[assignment]
 
     class PlainPassword(Complete):
-        def password(self, target: Target) -> str:  # type: ignore[override]
+        def password(self, target: object) -> str:  # type: ignore[override]
             return "x"
 
     class NoFlag(Complete):

@@ -62,6 +62,7 @@ from asyncpool.testing import PostgresServer
 from asyncpool.testing.aws_endpoint import LocalAwsEndpoint, aws_environment
 from asyncpool.testing.invariants import chain
 from asyncpool.testing.pki import TestPki
+from tests.provider_support import QuietProvider
 from tests.telemetry_support import Sdk
 
 REGION = "us-east-1"
@@ -575,23 +576,12 @@ async def test_a_providers_error_keeps_its_frames_and_cause_but_not_asyncpgs() -
     asyncpg's frames, which called it, hold the DSN (``sslpassword`` with it) as locals."""
     secret = SECRETS[-1]
 
-    class Failing:
-        requires_tls = False
-
+    class Failing(QuietProvider):
         async def password(self, target: object) -> str:
             try:
                 raise OSError("no route to the secrets service")
             except OSError as exc:
                 raise CredentialsError("could not fetch the password") from exc
-
-        async def refresh(self, target: object) -> bool:
-            return False
-
-        async def warm(self, target: object) -> None:
-            pass
-
-        async def close(self) -> None:
-            pass
 
     pool = Pool(f"postgresql://app@127.0.0.1:5432/app?sslpassword={quote(secret, safe='')}"
                 "&sslmode=disable", credentials=Failing(), min_size=0, acquire_timeout=3,
@@ -619,22 +609,10 @@ async def test_a_bug_in_the_callers_code_keeps_its_frame_and_no_secret() -> None
     there) and none of asyncpool's, which hold the DSN and its password."""
     secret = SECRETS[-1]
 
-    class Buggy:
+    class Buggy(QuietProvider):
         @property
-        def requires_tls(self) -> bool:
+        def requires_tls(self) -> bool:  # type: ignore[override]
             return bool(self.settings["tls"])  # type: ignore[attr-defined]  # the bug
-
-        async def password(self, target: object) -> str:
-            return "unused"
-
-        async def refresh(self, target: object) -> bool:
-            return False
-
-        async def warm(self, target: object) -> None:
-            pass
-
-        async def close(self) -> None:
-            pass
 
     pool = Pool(f"postgresql://app:{quote(secret, safe='')}@127.0.0.1/app",
                 credentials=Buggy(), min_size=0, telemetry=False)  # type: ignore[arg-type]

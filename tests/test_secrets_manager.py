@@ -5,6 +5,7 @@ without showing the secret."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -63,6 +64,16 @@ async def store(aws: None, local_aws: LocalAwsEndpoint) -> AsyncIterator[SecretS
 def _auth(local_aws: LocalAwsEndpoint, secret_id: str, **options: Any) -> SecretsManagerAuth:
     options.setdefault("region", REGION)
     return SecretsManagerAuth(secret_id, endpoint_url=local_aws.url, **options)
+
+
+@contextlib.contextmanager
+def answering_late(endpoint: LocalAwsEndpoint, seconds: float) -> Iterator[None]:
+    """The local AWS endpoint answers each request `seconds` late (a slow or hanging one)."""
+    endpoint.delay = seconds
+    try:
+        yield
+    finally:
+        endpoint.delay = 0.0
 
 
 def _credentials(password: str, user: str = TARGET.user) -> dict[str, Any]:
@@ -138,10 +149,10 @@ async def test_a_read_that_hangs_after_the_ttl_keeps_the_copy_in_use(
         assert await auth.password(TARGET) == "kept-password"
         await asyncio.sleep(0.3)
         before = local_aws.count("GetSecretValue")
-        local_aws.delay = STALE_WAIT + 3
         loop = asyncio.get_running_loop()
         started = loop.time()
-        with caplog.at_level(logging.WARNING, logger="asyncpool.credentials"):
+        with (answering_late(local_aws, STALE_WAIT + 3),
+              caplog.at_level(logging.WARNING, logger="asyncpool.credentials")):
             burst = await asyncio.gather(*(auth.password(TARGET) for _ in range(5)))
             assert burst == ["kept-password"] * 5
             assert loop.time() - started < STALE_WAIT + 0.5
@@ -152,7 +163,6 @@ async def test_a_read_that_hangs_after_the_ttl_keeps_the_copy_in_use(
         assert "kept-password" not in caplog.text
         assert local_aws.count("GetSecretValue") - before == 1
     finally:
-        local_aws.delay = 0.0
         await auth.close()
 
 
@@ -164,16 +174,15 @@ async def test_open_reads_the_secret_within_acquire_timeout(
     name = await store.create(_credentials("pw"))
     pool = Pool("postgresql://orders_app@127.0.0.1/orders", credentials=_auth(local_aws, name),
                 min_size=0, acquire_timeout=1.0, telemetry=False)
-    local_aws.delay = 4.0
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        with pytest.raises(CredentialsError, match=r"gave no credential within "
-                           r"acquire_timeout=1s \(its first read, at open\(\)\)"):
+        with answering_late(local_aws, 4.0), pytest.raises(
+                CredentialsError, match=r"gave no credential within acquire_timeout=1s \(its "
+                r"first read, at open\(\)\)"):
             await pool.open()
         assert loop.time() - started < 1.5
     finally:
-        local_aws.delay = 0.0
         await pool.close()
 
 

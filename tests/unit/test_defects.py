@@ -543,14 +543,17 @@ def test_a_leak_held_by_a_suspended_dependency_is_not_said_to_have_returned(
 # -- cancel requests left over from earlier code ----------------------------------------------
 
 
-def _leave_a_cancel_request() -> None:
-    """What a swallowed CancelledError without uncancel() leaves, and what a TaskGroup whose
-    child failed leaves on Python 3.11 and 3.12: a count of 1 that nobody will withdraw."""
+async def _with_an_old_cancel_request() -> asyncio.Task[Any]:
+    """The current task, left with what a swallowed CancelledError without uncancel() leaves,
+    and what a TaskGroup whose child failed leaves on Python 3.11 and 3.12: a count of 1 that
+    nobody will withdraw."""
     task = asyncio.current_task()
     assert task is not None
     task.cancel()
-    task.uncancel()
-    task.cancel()  # (its CancelledError is delivered at the next await: swallowed below)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(0)
+    assert task.cancelling() == 1
+    return task
 
 
 def test_a_reclaim_counts_against_the_cancel_requests_the_task_already_had(
@@ -559,12 +562,7 @@ def test_a_reclaim_counts_against_the_cancel_requests_the_task_already_had(
     count the task carried before (it took `cancelling() != 0` for somebody else's request, and
     the task ended as plain CancelledError)."""
     async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        _leave_a_cancel_request()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(0)
-        assert task.cancelling() == 1
+        task = await _with_an_old_cancel_request()
         async with fake_pool(server, leak_timeout=1.0) as pool:
             with pytest.raises(ConnectionLeakedError):
                 async with pool.acquire():
@@ -583,11 +581,7 @@ def test_close_stops_a_login_of_a_task_with_an_old_cancel_request(server: FakeSe
     """close() stopping a login under way gives the waiting caller PoolClosedError, also when its
     task carried a cancel request from earlier (it got a bare CancelledError)."""
     async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        _leave_a_cancel_request()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(0)
+        task = await _with_an_old_cancel_request()
         pool = fake_pool(server, min_size=0, max_size=1)
         await pool.open()
         server.login_latency = 0.5
