@@ -83,21 +83,24 @@ def fits(checks: tuple[tuple[int, Guard], ...], executor: Any, many: bool) -> bo
     """Whether the arguments asyncpg's `executor` (the function it hands `_do_execute`) will
     bind pass `checks`; with `many`, each of executemany's rows (rows given as an iterator are
     not looked at: reading them would consume them). True when the arguments cannot be found
-    (another asyncpg version's executor). On every reuse of a statement with such parameters:
-    kept to a few hundred nanoseconds (an int is checked without a call)."""
+    (another asyncpg version's executor). On every reuse of a statement with such parameters,
+    so written for the common case: asyncpg's one executor, and integers (checked without a
+    call)."""
     code = executor.__code__
-    index = _ARGS_CELL.get(code, -1)
-    if index == -1:
+    if code is _SEEN[0]:
+        index = _SEEN[1]
+    else:
         names = code.co_freevars
-        index = _ARGS_CELL[code] = names.index("args") if "args" in names else None
+        index = names.index("args") if "args" in names else None
+        _SEEN[:] = [code, index]  # (kept alive with it: identity stays meaningful)
     if index is None:
         return True
     args = executor.__closure__[index].cell_contents
-    if not many:
-        return _row_fits(checks, args)
-    if not isinstance(args, list | tuple):
-        return True
-    return all(_row_fits(checks, row) for row in args)
+    if many:
+        if not isinstance(args, list | tuple):
+            return True
+        return all(_row_fits(checks, row) for row in args)
+    return _row_fits(checks, args)
 
 
 def _row_fits(checks: tuple[tuple[int, Guard], ...], row: Any) -> bool:
@@ -114,5 +117,5 @@ def _row_fits(checks: tuple[tuple[int, Guard], ...], row: Any) -> bool:
     return True
 
 
-#: Where asyncpg's executor keeps the arguments, by its code object (None: it does not).
-_ARGS_CELL: dict[Any, int | None] = {}
+#: The last executor code seen and where it keeps the arguments (asyncpg has one or two).
+_SEEN: list[Any] = [None, None]
