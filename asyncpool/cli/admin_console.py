@@ -4,7 +4,7 @@ The console speaks only the simple query protocol. asyncpg logs in to it (TLS, S
 and sends simple queries, but throws away the rows they return; psycopg can read them but is not
 a dependency. So, first choice: log in with asyncpg, then let a small protocol object read the
 answer to each ``Query`` message on asyncpg's own transport. That takes one private asyncpg
-attribute, ``Connection._transport`` (asyncpg 0.29-0.32), used here only; when it is missing,
+attribute, ``Connection._transport`` (asyncpg 0.32), used here only; when it is missing,
 psycopg is used if installed, and otherwise the caller is told what could not be read and what to
 install (`ConsoleUnavailable`).
 """

@@ -402,7 +402,7 @@ _SUBCLASSES: weakref.WeakValueDictionary[tuple[Any, ...], type[Any]] = weakref.W
 
 def transport_of(conn: Any) -> Any:
     """The transport asyncpg writes `conn`'s messages to (``Connection._transport``, asyncpg
-    0.29-0.32), or None if this asyncpg keeps none there."""
+    0.32), or None if this asyncpg keeps none there."""
     return getattr(conn, "_transport", None)
 
 

@@ -197,7 +197,7 @@ class PooledConnection(_Base):
     _relays: dict[tuple[object, ...], Callable[..., object]]
 
     if TYPE_CHECKING:
-        # asyncpg's Connection API with its signatures (asyncpg 0.29-0.32), for type checkers;
+        # asyncpg's Connection API with its signatures (asyncpg 0.32), for type checkers;
         # at run time each is a method of the proxy that calls the held connection's own while
         # the lease is active (`_forward`, the listener relays and __getattr__ below).
         async def execute(self, query: str, *args: object, timeout: float | None = None) -> str: ...

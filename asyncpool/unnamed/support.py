@@ -9,7 +9,7 @@ from asyncpg.protocol import protocol as asyncpg_protocol
 
 from asyncpool.errors import PoolConfigError
 
-TESTED_ASYNCPG = "0.29 to 0.32"
+TESTED_ASYNCPG = "0.32"
 
 # Connection._do_execute(query, executor, timeout, retry, *, ignore_custom_codec, record_class)
 # is where every fetch/execute/executemany with arguments meets its statement.
