@@ -452,8 +452,9 @@ def _check_code(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
 
 
 def _check_provider(provider: object, fail: Callable[[str], None]) -> None:
-    """A credentials provider has what the pool calls (`CredentialProvider`): found missing, or
-    synchronous, only at the first login it was a bare AttributeError or TypeError."""
+    """A credentials provider has what the pool calls (`CredentialProvider`): found missing only
+    at `open()`, it was a bare AttributeError. (Whether a method returns an awaitable is known
+    only when it is called: `hook_awaitable` says so then.)"""
     name = type(provider).__name__
     if isinstance(provider, str):
         fail("credentials: give a provider, not a string: StaticPassword('...') for a fixed "
@@ -464,9 +465,6 @@ def _check_provider(provider: object, fail: Callable[[str], None]) -> None:
             fail(f"credentials={name}: it has no {method}() method; a provider implements "
                  "asyncpool.CredentialProvider (async password, refresh, warm and close, and "
                  "requires_tls)")
-        elif not inspect.iscoroutinefunction(function):
-            fail(f"credentials={name}: its {method}() must be an async method "
-                 f"(async def {method}(self, ...)), as the pool awaits it")
     # Read without running a property (a provider's own bug there must show as its own).
     declared = inspect.getattr_static(provider, "requires_tls", None)
     if not (isinstance(declared, bool) or hasattr(declared, "__get__")):

@@ -180,28 +180,42 @@ def test_reprs_show_no_password(postgres: PostgresServer) -> None:
     assert "credentials=StaticPassword" in repr(pool.config)
 
 
-def test_a_provider_missing_a_method_or_with_a_plain_one_is_refused_at_once() -> None:
-    """Without `warm` the pool failed at open() with a bare AttributeError; with a plain
-    `def password` every login failed with "str can't be used in 'await' expression"."""
+async def test_a_provider_missing_a_method_or_with_a_plain_one_says_what_to_write(
+        postgres: PostgresServer) -> None:
+    """Without `warm` the pool failed at open() with a bare AttributeError: refused when the
+    pool is made. A `def password` returning a string failed every login with "str can't be
+    used in 'await' expression": a CredentialsError naming the method (not its value). A plain
+    method returning a coroutine (a delegating wrapper) works, as asyncpg's callables do."""
 
-    class Complete(QuietProvider):
-        pass
-
-    class NoWarm(Complete):
+    class NoWarm(QuietProvider):
         warm = None  # type: ignore[assignment]
 
-    class PlainPassword(Complete):
-        def password(self, target: object) -> str:  # type: ignore[override]
-            return "x"
-
-    class NoFlag(Complete):
+    class NoFlag(QuietProvider):
         requires_tls = "no"  # type: ignore[assignment]
 
     dsn = "postgresql://app@127.0.0.1/app"
-    Pool(dsn, credentials=Complete())
     for provider, match in ((NoWarm(), r"credentials=NoWarm: it has no warm\(\) method"),
-                            (PlainPassword(), r"its password\(\) must be an async method"),
                             (NoFlag(), "requires_tls must be True"),
                             ("hunter2", r"not a string: StaticPassword\('...'\)")):
         with pytest.raises(PoolConfigError, match=match):
             Pool(dsn, credentials=provider)  # type: ignore[arg-type]
+
+    secret = postgres.app.password
+
+    class PlainPassword(QuietProvider):
+        def password(self, target: object) -> str:  # type: ignore[override]
+            return secret
+
+    class Delegating(QuietProvider):
+        def password(self, target: Target) -> Any:  # type: ignore[override]
+            return StaticPassword(secret).password(target)
+
+    dsn = _without_password(postgres.dsn(), secret)
+    async with Pool(dsn, min_size=0, credentials=Delegating(), telemetry=False) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+    async with Pool(dsn, min_size=0, credentials=PlainPassword(),  # type: ignore[arg-type]
+                    acquire_timeout=3, telemetry=False) as pool:
+        with pytest.raises(CredentialsError, match=r"PlainPassword.password\(\) returned a str, "
+                           r"not something to await") as info:
+            await pool.fetchval("SELECT 1")
+        assert secret[:4] not in str(info.value)

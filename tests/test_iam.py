@@ -271,6 +271,13 @@ async def test_a_token_for_one_host_is_refused_beside_several_hosts(aws: None) -
     from asyncpool.observer import PoolObserver
 
     Connector(PoolConfig(dsn=dsn, credentials=IamAuth(token_host=PROXY_HOST)), PoolObserver())
+    # A bearer token not signed for a host (no token_host attribute) goes to every host.
+    from tests.provider_support import QuietProvider
+
+    class Bearer(QuietProvider):
+        requires_tls = True
+
+    Connector(PoolConfig(dsn=dsn, credentials=Bearer()), PoolObserver())
 
 
 @pytest.mark.parametrize("dsn_mode", ["require", "verify-ca"])

@@ -166,6 +166,47 @@ async def test_a_read_that_hangs_after_the_ttl_keeps_the_copy_in_use(
         await auth.close()
 
 
+async def test_a_close_during_a_shared_read_does_not_fail_the_others_waiting(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    """A provider shared by two pools, one closed while the other's login waits for the read:
+    the read was cancelled (and the other login got CancelledError from a task nobody
+    cancelled); the waiting login now reads again with a new client."""
+    name = await store.create(_credentials("shared-password"))
+    auth = _auth(local_aws, name)
+    try:
+        with answering_late(local_aws, 1.0):
+            waiting = asyncio.ensure_future(auth.password(TARGET))
+            await asyncio.sleep(0.3)
+            await auth.close()  # the other pool closing
+        assert await asyncio.wait_for(waiting, 5) == "shared-password"
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    finally:
+        await auth.close()
+
+
+async def test_a_refresh_given_up_by_its_login_still_updates_the_copy(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    """After a rotation, a refused login's re-read that outlives the login (AWS slower than
+    acquire_timeout) was cancelled with it, and the refused password stayed in use until the
+    ttl ran out. The read goes on and its copy is kept for the next login."""
+    name = await store.create(_credentials("old-password"))
+    auth = _auth(local_aws, name, ttl=3600)
+    try:
+        assert await auth.password(TARGET) == "old-password"
+        await store.put(name, _credentials("new-password"))
+        with answering_late(local_aws, 0.6):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(auth.refresh(TARGET), 0.2)
+            await asyncio.sleep(0.8)
+        before = local_aws.count("GetSecretValue")
+        assert await auth.password(TARGET) == "new-password"
+        assert local_aws.count("GetSecretValue") == before  # the kept copy, no new read
+    finally:
+        await auth.close()
+
+
 async def test_open_reads_the_secret_within_acquire_timeout(
     store: SecretStore, local_aws: LocalAwsEndpoint
 ) -> None:

@@ -36,6 +36,7 @@ from asyncpool.credentials.provider import CredentialProvider, StaticPassword, a
 from asyncpool.errors import (
     AuthenticationError,
     ConnectError,
+    CredentialsError,
     PoolConfigError,
     PoolError,
     config_errors_without_frames,
@@ -125,8 +126,8 @@ class Connector:
             self._dsn = dataclasses.replace(self._dsn, params=MappingProxyType(
                 {k: v for k, v in self._dsn.params.items() if k != "require_auth"}))
         self._several_hosts = len(hosts) > 1
-        if (self._several_hosts and credentials is not None and credentials.requires_tls
-                and getattr(credentials, "token_host", None) is None):
+        if (self._several_hosts and credentials is not None
+                and getattr(credentials, "token_host", _NOT_SIGNED) is None):
             # asyncpg asks for the password once per host it tries, without saying which: a
             # token signed for one host (IAM) would go to the others, and be refused there.
             raise PoolConfigError(
@@ -290,7 +291,14 @@ class Connector:
             async def password() -> str:
                 cred_times.append(time.time_ns())
                 try:
-                    return await provider.password(target)
+                    result = provider.password(target)
+                    if not inspect.isawaitable(result):
+                        # (Its type only: the value may be the password itself.)
+                        raise CredentialsError(
+                            f"pool {self.config.name!r}: {type(provider).__name__}.password() "
+                            f"returned a {type(result).__name__}, not something to await: write "
+                            "it as `async def password(self, target)`")
+                    return await result
                 finally:
                     cred_times.append(time.time_ns())
 
@@ -356,6 +364,7 @@ def _from_code(tb: TracebackType | None, code: CodeType | None) -> TracebackType
     return tb
 
 
+_NOT_SIGNED = object()  # a provider without token_host: its credential is not bound to a host
 _NO_DSN = ParsedDsn("postgresql", None, None, (), None, {})
 
 #: libpq's environment variables that name a server: with one set, no DSN is needed.

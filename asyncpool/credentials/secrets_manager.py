@@ -140,13 +140,25 @@ class SecretsManagerAuth:
                 # A read for a login rejected at the same time failed while this one waited:
                 # its error, without another read of a service that is failing (throttling).
                 raise CredentialsError(failed[1])
+            # In a task of its own, kept when it ends: a login whose time runs out while AWS is
+            # slow (past acquire_timeout) must not leave the refused password in use until the
+            # ttl runs out; the next login finds the fresh copy.
+            fetch = asyncio.get_running_loop().create_task(self._fetch(target))
+            fetch.add_done_callback(self._keep_fresh)
             try:
-                self._secret = await self._fetch(target)
+                fresh = await asyncio.shield(fetch)
             except CredentialsError as exc:
                 self._refresh_failed = (time.monotonic(), str(exc))
                 raise
             self._refresh_failed = None
-            return cached is None or self._secret.password != cached.password
+            return cached is None or fresh.password != cached.password
+
+    def _keep_fresh(self, fetch: asyncio.Task[_Secret]) -> None:
+        if fetch.cancelled() or fetch.exception() is not None:
+            return
+        fresh = fetch.result()
+        if self._secret is None or fresh.generation > self._secret.generation:
+            self._secret = fresh
 
     async def warm(self, target: Target) -> None:
         """Read the secret now, so a missing secret or permission fails at `open()`."""
@@ -156,10 +168,9 @@ class SecretsManagerAuth:
         """Close the AWS client and forget the secret; a later `password()` reads it again
         (with a new client), as after a SnapStart restore."""
         self._secret = None
-        reading, self._reading = self._reading, None
-        if (reading is not None and not reading.done()
-                and reading.get_loop() is asyncio.get_running_loop()):
-            reading.cancel()  # it reads through the client closed below
+        # A read under way is left to end (another pool sharing this provider may wait for it);
+        # new logins start their own.
+        self._reading = None
         await self._client.close()
 
     def auth_failure_hint(self, target: Target) -> str:
@@ -175,14 +186,29 @@ class SecretsManagerAuth:
         """The cached secret if still good, else a fresh read: one read at a time, shared by
         every login that needs it, and going on if they give up (a login's own time limit).
         With a copy held, a login waits at most `STALE_WAIT` for it and then uses the copy."""
-        cached = self._secret
-        if cached is not None and time.monotonic() < cached.expires_at:
-            return cached
-        loop = asyncio.get_running_loop()
-        reading = self._reading
-        if reading is None or reading.done() or reading.get_loop() is not loop:
-            reading = self._reading = loop.create_task(self._read(target))
-            reading.add_done_callback(_retrieve)
+        while True:
+            cached = self._secret
+            if cached is not None and time.monotonic() < cached.expires_at:
+                return cached
+            loop = asyncio.get_running_loop()
+            reading = self._reading
+            if reading is None or reading.done() or reading.get_loop() is not loop:
+                reading = self._reading = loop.create_task(self._read(target))
+                reading.add_done_callback(_retrieve)
+            try:
+                return await self._wait_for(reading, cached)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not reading.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                # The shared read was cancelled, not this login (its loop ending, say): read again.
+            except CredentialsError:
+                if self._reading is reading:
+                    raise
+                # The provider was closed under the read (another pool sharing it closed, and its
+                # client with it): read again, with a new client.
+
+    async def _wait_for(self, reading: asyncio.Task[_Secret], cached: _Secret | None) -> _Secret:
         if cached is None:
             return await asyncio.shield(reading)
         if reading is self._slow:

@@ -36,6 +36,8 @@ def executor_of(args: Any) -> Any:
         (INT4, Decimal("9"), True), (INT4, Fraction(4, 2), True),
         (INT4, Decimal("9.99"), False), (INT4, 9.0, False), (INT4, Decimal("NaN"), False),
         (INT4, Decimal("Infinity"), False), (INT4, "7", False),
+        (INT8, Decimal("1e1000000"), False),  # (int() of it builds a million digits: 41 s)
+        (INT8, Decimal("9.0"), True), (INT8, Fraction(1, 3), False),
         (FLOAT8, 0.1, True), (FLOAT8, 2**53, True),
         (FLOAT8, 2**53 + 1, False), (FLOAT8, -(2**53) - 1, False), (FLOAT8, Decimal("1.5"), False),
         (DATE, dt.date(2024, 6, 1), True), (DATE, dt.datetime(2024, 6, 1, 12), False),
