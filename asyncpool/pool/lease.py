@@ -103,6 +103,11 @@ class Lease:
             # still running, so the caller waits on it in the holding task's chain.
             frame = _helper_caller(chain)
             lasti = frame.f_lasti if frame is not None else 0
+            if frame is None and chain and chain[0].f_code in STATEMENT_RUNNERS:
+                # ``asyncio.create_task(pool.fetchval(...))``, gather(): no caller to show.
+                return ("(a query helper, pool.fetchval() or another, run as a task of its own: "
+                        "the line that created the task is not known; the task is at:)\n"
+                        + _format(_summaries(chain)))
         if frame is None:
             return "<acquire site not captured>\n"
         code = frame.f_code

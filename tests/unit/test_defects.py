@@ -668,3 +668,20 @@ def test_a_reclaim_after_the_holders_own_timeout_fired_leaves_no_request(
                     await asyncio.sleep(1)
 
     run(main())
+
+
+def test_a_query_helper_run_as_a_task_of_its_own_is_reported_with_its_stack(
+    server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``asyncio.create_task(pool.fetchval(...))``: the statement runner is the task's outermost
+    coroutine, so there is no caller to show, and the report said "<acquire site not
+    captured>". It says what happened and shows where the task is."""
+
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0, leak_action="log") as pool:
+            await asyncio.create_task(pool.fetchval("SELECT pg_sleep(2)"), name="helper-task")
+
+    site, names = leak_report(caplog, main())
+    assert "run as a task of its own" in site, site
+    assert "<acquire site not captured>" not in site
+    assert names[:1] == ["one"], site  # the statement runner, then what it awaits
