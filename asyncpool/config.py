@@ -454,7 +454,7 @@ def _check_code(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
 def _check_provider(provider: object, fail: Callable[[str], None]) -> None:
     """A credentials provider has what the pool calls (`CredentialProvider`): found missing only
     at `open()`, it was a bare AttributeError. (Whether a method returns an awaitable is known
-    only when it is called: `hook_awaitable` says so then.)"""
+    only when it is called: the connector says so for `password`.)"""
     name = type(provider).__name__
     if isinstance(provider, str):
         fail("credentials: give a provider, not a string: StaticPassword('...') for a fixed "

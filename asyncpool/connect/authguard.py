@@ -315,10 +315,11 @@ class Login:
 
         self.config = config
         self.dsn = dsn
-        self.tls = tls.resolve_tls(config, list(dsn.params.items()))
+        service = tls.service_of(config, dsn.params)  # (its file read once, for both)
+        self.tls = tls.resolve_tls(config, list(dsn.params.items()), service=service)
         tls.checked_hosts(config, self.tls,
                           "password" if dsn.password or os.environ.get("PGPASSWORD") else None,
-                          [h for h, _ in dsn.hosts], dsn.params)
+                          [h for h, _ in dsn.hosts], service)
         self.require_auth = tls.require_auth_setting(config, dsn.params)
         self.allowed = tls.allowed_auth_methods(config, self.tls, self.require_auth)
         self.guard: AuthGuard | None = None

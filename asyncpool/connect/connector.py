@@ -21,7 +21,6 @@ from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
 from asyncpool.connect.failures import translate
 from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.reads import cap_reads
-from asyncpool.connect.service import named_service
 from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan
 from asyncpool.connect.startup import plan as plan_startup
 from asyncpool.connect.tls import (
@@ -31,6 +30,7 @@ from asyncpool.connect.tls import (
     checked_hosts,
     require_auth_setting,
     resolve_tls,
+    service_of,
 )
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
 from asyncpool.errors import (
@@ -86,8 +86,7 @@ class Connector:
         kw = dict(config.connect_kwargs)
         _check_connect_kwargs(config.name, kw)
         require_target(config, kw)
-        service = named_service(self._dsn.params if self._dsn else {}, kw, os.environ,
-                                has_dsn=self._dsn is not None)
+        service = service_of(config, self._dsn.params if self._dsn else {})
         if service is not None:
             # asyncpg reads a service only from a DSN, and never from PGSERVICE: give it both,
             # or it would dial its defaults.
@@ -111,13 +110,13 @@ class Connector:
             known.append(self.credentials.reveal())
         self._secrets = tuple(s for s in known if isinstance(s, str) and s)
         #: The one TLS setting every connection uses (all spellings resolved, or a conflict).
-        self.tls: TlsSetting = resolve_tls(config, list(self._dsn.params.items()) if self._dsn else [])
+        self.tls: TlsSetting = resolve_tls(
+            config, list(self._dsn.params.items()) if self._dsn else [], service=service)
         credentials = self.credentials
         hosts = checked_hosts(
             config, self.tls,
             None if credentials is None else "token" if credentials.requires_tls else "password",
-            [h for h, _ in self._dsn.hosts] if self._dsn else None,
-            self._dsn.params if self._dsn else {})
+            [h for h, _ in self._dsn.hosts] if self._dsn else None, service)
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth = require_auth_setting(config, self._dsn.params if self._dsn else {})
         self.auth_methods = allowed_auth_methods(config, self.tls, self.require_auth)

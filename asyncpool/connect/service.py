@@ -4,6 +4,7 @@ the TLS keys and the password it supplies."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Service:
 _TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword")
 
 
+@functools.cache
 def driver_reads_services() -> bool:
     """Whether the installed asyncpg reads connection services (``service=``: 0.31 and later)."""
     import inspect
@@ -63,7 +65,7 @@ def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, An
         return None
     if not driver_reads_services():
         explicit = connect_kwargs.get("service") or dsn_params.get("service")
-        if not explicit and (dsn_params or connect_kwargs.get("host") or has_dsn):
+        if not explicit and (has_dsn or connect_kwargs.get("host")):
             return None  # PGSERVICE alone beside a DSN: ignored, as this asyncpg ignores it
         raise PoolConfigError(
             f"connection service {service!r}: the installed asyncpg does not read connection "

@@ -27,7 +27,7 @@ import os
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from asyncpool.errors import PoolConfigError
 
@@ -151,11 +151,17 @@ class _Spelling:
         return f"{self.source}={self.shown or repr(self.mode)}"
 
 
+#: `resolve_tls`'s `service` when its caller has not read the connection service.
+READ_IT = object()
+
+
 def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = None,
-                environ: Mapping[str, str] | None = None) -> TlsSetting:
+                environ: Mapping[str, str] | None = None, *,
+                service: Service | object | None = READ_IT) -> TlsSetting:
     """The TLS setting `config`'s connections use (`PoolConfigError` on conflicting settings).
 
     query: the DSN's query fields in order, repeats included (default: read from `config.dsn`).
+    service: the connection service the logins use (`service_of`), if the caller has read it.
     """
     env = os.environ if environ is None else environ
     pairs = list(dsn_query(config.dsn) if query is None else query)
@@ -172,11 +178,12 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     spellings += [_spelling("the DSN's sslmode", v, fail) for v in _values(pairs, "sslmode", fail)]
     # A connection service's TLS keys count where the DSN has none of its own, as in libpq (the
     # pool always gives asyncpg its ssl=, so asyncpg would not read them).
-    service = _service_of(config, dict(pairs), env)
-    served = {k: v for k, v in (service.tls if service else {}).items()
+    section = (service_of(config, dict(pairs), env) if service is READ_IT
+               else cast("Service | None", service))
+    served = {k: v for k, v in (section.tls if section else {}).items()
               if not any(key == k for key, _ in pairs)}
     # Any TLS setting given to the pool wins over the service's, as the DSN's does in libpq.
-    by_service = f"of service {service.name!r}" if service else ""
+    by_service = f"of service {section.name!r}" if section else ""
     if "sslmode" in served and not spellings:
         spellings.append(_spelling(f"the sslmode {by_service}", served["sslmode"], fail))
     for other in spellings[1:]:
@@ -376,17 +383,16 @@ def dialled_hosts(config: PoolConfig, environ: Mapping[str, str] | None = None) 
 
         parsed = parse_dsn(config.dsn)
         dsn_hosts, dsn_params = [h for h, _ in parsed.hosts], parsed.params
-    service = _service_of(config, dsn_params, env)
+    service = service_of(config, dsn_params, env)
     return _hosts(config, dsn_hosts, service, env)
 
 
 def checked_hosts(config: PoolConfig, setting: TlsSetting, kind: CredentialKind | None,
-                  dsn_hosts: Sequence[str] | None, dsn_params: Mapping[str, str]) -> list[str]:
+                  dsn_hosts: Sequence[str] | None, service: Service | None) -> list[str]:
     """`dialled_hosts`, after `check_credentials` for them: for a credential of `kind` given to
-    the pool (None: none), or for the password the DSN's service file section holds (asyncpg
-    reads it there). `dsn_hosts` None: no DSN is given to the driver. The file is read once."""
+    the pool (None: none), or for the password the connection `service` holds (asyncpg reads
+    it there: `service_of`). `dsn_hosts` None: no DSN is given to the driver."""
     env = os.environ
-    service = _service_of(config, dsn_params, env)
     hosts = _hosts(config, dsn_hosts, service, env)
     if kind is None and service is not None and service.has_password:
         kind = "password"
@@ -409,12 +415,14 @@ def _hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None, service: Service
     return [""]
 
 
-def _service_of(config: PoolConfig, dsn_params: Mapping[str, str],
-                env: Mapping[str, str]) -> Service | None:
-    """The service file section the logins use (`asyncpool.connect.service`), if any."""
+def service_of(config: PoolConfig, dsn_params: Mapping[str, str],
+               env: Mapping[str, str] | None = None) -> Service | None:
+    """The connection service section the logins use (`asyncpool.connect.service`), if any:
+    its file is read here, so read it once and pass it on (`resolve_tls`, `checked_hosts`)."""
     from asyncpool.connect.service import named_service
 
-    return named_service(dsn_params, config.connect_kwargs, env, has_dsn=bool(config.dsn))
+    return named_service(dsn_params, config.connect_kwargs, os.environ if env is None else env,
+                         has_dsn=bool(config.dsn))
 
 
 def all_local(hosts: Iterable[str]) -> bool:
