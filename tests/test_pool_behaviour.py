@@ -164,6 +164,48 @@ async def test_cancel_during_query_leaves_no_half_used_connection(pooler: Pooler
         await _baseline(pool, pooler)
 
 
+@pytest.mark.parametrize("target", ["postgres", "legacy", "current"])
+async def test_a_holder_cancelled_at_every_await_keeps_its_connection(
+        request: pytest.FixtureRequest, target: str) -> None:
+    """An anyio cancel scope (Starlette's streaming response when its client goes away) cancels
+    the holder again at every await, the return's ROLLBACK too: the reset runs in the pool's own
+    task, so the connection comes back rolled back instead of being closed at every return."""
+    import anyio
+
+    server = request.getfixturevalue(target)
+    async with Pool(server.dsn(), min_size=1, max_size=2, validate_after=None,
+                    telemetry=False) as pool:
+        await pool.fetchval("SELECT 1")
+        before = pool.stats()
+        for _ in range(5):
+            started = asyncio.Event()
+
+            async def holder() -> None:
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS t (n int)")
+                    started.set()
+                    await conn.execute("SELECT pg_sleep(5)")
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(holder)
+                await started.wait()
+                await asyncio.sleep(0.05)
+                group.cancel_scope.cancel()
+        # The holder left at once; its connection comes back when the server has cancelled
+        # its statement and rolled back (the next holder may meanwhile open the second one).
+        for _ in range(100):
+            if pool.stats().in_use == 0:
+                break
+            await asyncio.sleep(0.05)
+        after = pool.stats()
+        assert after.in_use == 0
+        assert after.closed_total == before.closed_total, (before, after)
+        assert after.created_total <= pool.get_max_size()
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT 7") == 7
+
+
 _ORPHANS = {
     # A simple query holds no lock of asyncpg's: the proxy counts it.
     "simple query opening a transaction": lambda conn: conn.execute("SELECT pg_sleep(0.3); BEGIN"),

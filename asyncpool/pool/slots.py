@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import logging
 import math
 import os
@@ -1262,8 +1263,27 @@ class Slots(_HotSlots):
     async def checkin(self, lease: Lease, timeout: float | None = None) -> None:
         """Finish returning a connection `checkin_nowait` found in need of a reset, within
         `timeout` (None: `RELEASE_TIMEOUT`; a reset that takes longer closes the connection);
-        the slot is never lost, even if cancelled part-way."""
+        the slot is never lost, even if cancelled part-way.
+
+        The reset runs in a task of the pool's own, which the caller's cancellation does not
+        reach: a holder cancelled again at every await (an anyio cancel scope: a Starlette
+        streaming response whose client went away) would otherwise cancel each ROLLBACK, and
+        every such return would cost a connection. The connection goes back in the caller's
+        task when the caller is still there (before anyone else can take it, as before)."""
         record = lease.record
+        reset = self._spawn(self._reset(record, timeout))
+        try:
+            await asyncio.shield(reset)
+        except asyncio.CancelledError:
+            if reset.done():
+                self._put_reset(record, reset)
+            else:
+                reset.add_done_callback(functools.partial(self._put_reset, record))
+            raise
+        self._put_reset(record, reset)
+
+    async def _reset(self, record: ConnectionRecord, timeout: float | None) -> bool:
+        """Reset a returned connection; False if it failed (the connection is closed)."""
         try:
             with self.observer.pool_statement("reset"):
                 await driver.reset(record.conn, RELEASE_TIMEOUT if timeout is None else timeout)
@@ -1273,10 +1293,15 @@ class Slots(_HotSlots):
             logger.info("pool %r: could not reset a returned connection (%s); closed it",
                         self.name, type(exc).__name__)
             self.retire(record, "reset failed")
-            return
+            return False
         except BaseException:
-            self.retire(record, "reset failed")
+            self.retire(record, "reset failed")  # (the pool's tasks end: it is being closed)
             raise
+        return True
+
+    def _put_reset(self, record: ConnectionRecord, reset: asyncio.Task[bool]) -> None:
+        if reset.cancelled() or reset.exception() is not None or not reset.result():
+            return  # closed by `_reset`
         if record.place is not LEASED:
             return  # retired while it was being reset (close, terminate)
         record.lease = None
