@@ -152,7 +152,7 @@ class PoolConfig:
     cancel_requests: CancelRequests = "auto"
     credentials: CredentialProvider | None = field(default=None, repr=False)
     ssl: SslMode | bool | ssl_module.SSLContext | None = None
-    ssl_root_cert: str | None = None
+    ssl_root_cert: str | os.PathLike[str] | None = None
     allow_unprotected_credentials: bool = False
     allow_iam_without_tls: bool = False
     require_auth: str | None = None

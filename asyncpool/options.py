@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
@@ -57,7 +57,7 @@ class PoolOptions(TypedDict, total=False):
     leak_action: LeakAction
     credentials: CredentialProvider | None
     ssl: SslMode | bool | ssl_module.SSLContext | None
-    ssl_root_cert: str | None
+    ssl_root_cert: str | os.PathLike[str] | None
     allow_iam_without_tls: bool
     server_settings: Mapping[str, str] | None
     command_timeout: float | None
@@ -76,8 +76,8 @@ class PoolOptions(TypedDict, total=False):
     # asyncpg.connect's, passed on to it
     record_class: type[asyncpg.Record]
     connection_class: type[asyncpg.Connection]
-    host: str | list[str]
-    port: int | list[int]
+    host: str | Sequence[str]
+    port: int | Sequence[int]
     user: str
     password: str
     passfile: str

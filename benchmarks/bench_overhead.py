@@ -79,7 +79,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from acquire_ablations import ACQUIRE_ABLATIONS, ablated_classes  # (beside this script)
 
@@ -682,7 +682,7 @@ async def python_case(dsn: str, args: argparse.Namespace, instances: int = 1) ->
     reals = [record.conn for record in records]
     stubs = [_Instant() for _ in records]
     for record, stub in zip(records, stubs, strict=True):
-        record.conn = stub
+        record.conn = cast(Any, stub)
         record.probe = probe(stub)
 
     async def acquire(i: int) -> Any:

@@ -340,7 +340,7 @@ async def test_max_queries_counts_the_query_helpers(pooler: Pooler) -> None:
         assert pool.stats().created_total == 2
 
 
-class _Row(asyncpg.Record):  # type: ignore[misc]
+class _Row(asyncpg.Record):
     def doubled(self) -> int:
         return int(self["n"]) * 2
 
@@ -368,7 +368,7 @@ async def test_server_settings(postgres: PostgresServer, legacy: PgBouncerServer
         assert await pool.fetchval("SHOW application_name") == "dropin-pgb"
 
 
-class _Connection(asyncpg.Connection):  # type: ignore[misc]
+class _Connection(asyncpg.Connection):
     def marker(self) -> str:
         return "mine"
 

@@ -86,9 +86,9 @@ async def test_the_helpers_take_every_argument_by_name_as_asyncpg_s(pooler: Pool
         for helper in (pool.execute, pool.fetch, pool.fetchrow, pool.fetchval):
             with pytest.raises(TypeError, match=r"missing its first argument, the statement "
                                                 r"\(query=\)"):
-                await helper()  # type: ignore[call-arg]
+                await helper()  # type: ignore[call-arg, call-overload]
             with pytest.raises(TypeError, match="missing its first argument"):
-                await helper(timeout=1)  # type: ignore[call-arg]
+                await helper(timeout=1)  # type: ignore[call-arg, call-overload]
         with pytest.raises(TypeError, match=r"the statement \(command=\)"):
             await pool.executemany(args=[(1, "c")])  # type: ignore[call-arg]
         assert pool.stats().acquired_total == acquired  # refused before any checkout
@@ -188,9 +188,11 @@ async def test_set_connect_args_rotates_a_password_as_in_asyncpg(postgres: Postg
                                          telemetry=False) as pool:
             held = await pool.acquire()
             await admin.execute(f"ALTER ROLE {role.name} PASSWORD '{rotated.password}'")
-            for bad, why in [({"min_size": 3}, "not a connection argument"),
-                             ({"record_class": asyncpg.Record}, "not a connection argument"),
-                             ({"sslmode": "disable"}, "not a connection argument")]:
+            cases: list[tuple[dict[str, Any], str]] = [
+                ({"min_size": 3}, "not a connection argument"),
+                ({"record_class": asyncpg.Record}, "not a connection argument"),
+                ({"sslmode": "disable"}, "not a connection argument")]
+            for bad, why in cases:
                 with pytest.raises(asyncpool.PoolConfigError, match=why) as refused:
                     pool.set_connect_args(postgres.dsn(rotated), **bad)
                 assert rotated.password not in str(refused.value)

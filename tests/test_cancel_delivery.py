@@ -102,7 +102,7 @@ async def test_finished_cancel_requests_are_not_kept_on_the_connection(
                 await pool.fetchval(_sleep_sql(uuid.uuid4().hex), timeout=0.05)
         assert await pool.fetchval("SELECT 1") == 1
         (record,) = pool._slots.records
-        assert record.conn._cancellations == set()
+        assert record.conn._cancellations == set()  # type: ignore[attr-defined]
         assert pool.stats().created_total == 1  # every cancel was delivered: one connection
 
 
@@ -188,4 +188,4 @@ async def test_rds_proxy_host_never_sends_cancel_requests() -> None:
     assert not is_rds_proxy("db.abc123xyz.eu-west-1.rds.amazonaws.com")
     cls = driver.cancel_aware_class(None, cancels=False)
     assert issubclass(cls, asyncpg.Connection)
-    assert cls._asyncpool_cancels is False
+    assert cls._asyncpool_cancels is False  # type: ignore[attr-defined]

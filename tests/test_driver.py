@@ -116,9 +116,9 @@ async def test_aborted_and_is_connected_say_a_connection_is_gone(
                 await asyncio.sleep(0.01)
         assert driver.returned(conn) == driver.BROKEN
         assert conn.is_closed()
-        assert not other._aborted
+        assert not other._aborted  # type: ignore[attr-defined]
         other.terminate()
-        assert other._aborted
+        assert other._aborted  # type: ignore[attr-defined]
         assert driver.returned(other) == driver.BROKEN
     finally:
         other.terminate()

@@ -129,11 +129,11 @@ async def test_execute_returns_what_the_connection_returns(pool: Pool) -> None:
     assert pool.stats().in_use == 0
 
 
-class Row(asyncpg.Record):  # type: ignore[misc]
+class Row(asyncpg.Record):
     pass
 
 
-class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
+class CountingConnection(asyncpg.Connection):
     calls: ClassVar[list[str]] = []
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
@@ -449,7 +449,7 @@ async def test_listener_callbacks_are_given_the_pooled_connection(
 
 async def test_off_mode_has_no_statement_cache(pool: Pool) -> None:
     async with pool.acquire() as conn:
-        assert conn.raw._stmt_cache.get_max_size() == 0
+        assert conn.raw._stmt_cache.get_max_size() == 0  # type: ignore[attr-defined]
 
 
 async def test_many_distinct_statements_never_hit_a_missing_prepared_statement(pool: Pool) -> None:
@@ -473,8 +473,8 @@ async def test_on_mode_through_current_pgbouncer_uses_named_statements(current: 
         results = await asyncio.gather(*[one(i) for i in range(300)])
         assert results == [i * (i % 5) for i in range(300)]
         async with pool.acquire() as conn:
-            assert conn.raw._stmt_cache.get_max_size() == 100
-            assert len(conn.raw._stmt_cache) > 0
+            assert conn.raw._stmt_cache.get_max_size() == 100  # type: ignore[attr-defined]
+            assert len(conn.raw._stmt_cache) > 0  # type: ignore[attr-defined]
 
 
 async def test_stats_fields(pool: Pool) -> None:
@@ -864,7 +864,7 @@ def test_a_held_connection_refuses_use_from_another_thread_and_stays_held(
                                  lambda: conn.fetchval("INSERT INTO elsewhere VALUES (3) RETURNING 1"),
                                  lambda: conn.executemany("INSERT INTO elsewhere VALUES ($1)", [(4,)]),
                                  lambda: conn.transaction().start(),
-                                 lambda: conn.cursor("SELECT 1").fetch(1),
+                                 lambda: conn.cursor("SELECT 1").fetch(1),  # type: ignore[attr-defined]
                                  lambda: conn.add_listener("elsewhere", print),
                                  lambda: conn.remove_listener("elsewhere", print),
                                  stmt.fetchval, made_here.start,

@@ -106,6 +106,7 @@ async def test_a_lost_prepared_statement_says_what_to_do_with_asyncpool(stack: S
                             await busy.fetchval("SELECT 1")
                             await conn.fetchval("SELECT $1::int", 2)
             hint = info.value.hint
+            assert hint is not None
             assert hint.startswith("asyncpool:"), hint
             assert "statement_cache_size" not in str(info.value)
             assert "PgBouncer 1.21" in hint
@@ -125,6 +126,7 @@ def test_the_advice_on_a_lost_prepared_statement_follows_the_mode() -> None:
     error = asyncpg.InvalidSQLStatementNameError(
         'prepared statement "__asyncpg_stmt_1__" does not exist')
     advise_on_prepared_statements(error, "off")
+    assert error.hint is not None
     assert error.hint.startswith("asyncpool: a statement made with prepare()")
     assert 'prepared_statements="off"' in error.hint
     advise_on_prepared_statements(error, "on")  # already advised: kept

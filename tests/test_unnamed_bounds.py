@@ -124,23 +124,23 @@ async def test_off_mode_has_no_description_cache(pooler: Pooler) -> None:
                     telemetry=False) as pool, \
             pool.acquire() as conn:
         assert not hasattr(conn.raw, "describe_cache_stats")
-        assert conn.raw._stmt_cache_enabled is False
+        assert conn.raw._stmt_cache_enabled is False  # type: ignore[attr-defined]
 
 
 async def test_describe_cache_keeps_asyncpgs_named_cache_off(pool: Pool) -> None:
     async with pool.acquire() as conn:
-        assert conn.raw._stmt_cache_enabled is False
+        assert conn.raw._stmt_cache_enabled is False  # type: ignore[attr-defined]
 
 
 async def test_a_users_connection_class_is_kept(pooler: Pooler) -> None:
-    class Mine(asyncpg.Connection):  # type: ignore[misc]
+    class Mine(asyncpg.Connection):
         def mine(self) -> str:
             return "mine"
 
     async with Pool(pooler.dsn(), name="mine", prepared_statements="unnamed",
                     connect_kwargs={"connection_class": Mine}, telemetry=False) as pool, \
             pool.acquire() as conn:
-        assert conn.raw.mine() == "mine"  # a connection_class method: through .raw
+        assert conn.raw.mine() == "mine"  # type: ignore[attr-defined]  # a connection_class method: through .raw
         await conn.fetchval(QUERIES[0], 1)
         await conn.fetchval(QUERIES[0], 1)
         assert conn.describe_cache_stats().hits == 1

@@ -361,7 +361,7 @@ async def test_a_connection_that_asks_to_go_is_retired_at_its_return(pool: Pool,
     first = record.conn
     if way == "acquire":
         async with pool.acquire() as conn:
-            conn.raw.retire_reason = "told to go by the test"
+            conn.raw.retire_reason = "told to go by the test"  # type: ignore[attr-defined]
     else:
         first.retire_reason = "told to go by the test"
         assert await pool.fetchval("SELECT 1") == 1

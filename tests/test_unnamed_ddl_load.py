@@ -95,8 +95,8 @@ class Workload:
                 else:
                     row_id = rng.randrange(1, 100)
                     async with self.pool.transaction() as conn:
-                        row = await conn.fetchrow(update, row_id, *_expected(row_id)[:2])
-                        assert row is not None
+                        updated = await conn.fetchrow(update, row_id, *_expected(row_id)[:2])
+                        assert updated is not None
                         self.check(await conn.fetchrow(select, row_id), row_id, 4)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, AssertionError) as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")

@@ -163,7 +163,7 @@ async def test_transactions_commit_and_roll_back(pool: Pool, pooler: Pooler) -> 
 
 
 async def test_record_class_and_many_parameters(pool: Pool) -> None:
-    class Row(asyncpg.Record):  # type: ignore[misc]
+    class Row(asyncpg.Record):
         pass
 
     async with pool.acquire() as conn:

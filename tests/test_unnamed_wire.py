@@ -203,7 +203,7 @@ async def _reply_of_reuse(relay: CountingRelay, pooler: Pooler, ddl: str | None)
                                f"INSERT INTO {table} SELECT generate_series(1, 5)")
         await conn.fetch(query, 5)
         key = (query, asyncpg.Record, False)
-        description: Description = conn.raw._describe_cache._entries[key]
+        description: Description = conn.raw._describe_cache._entries[key]  # type: ignore[attr-defined]
         if ddl is not None:
             await conn.execute(ddl.format(table=table))
         start = len(relay.replies)

@@ -24,8 +24,8 @@ import re
 import secrets
 import warnings
 import weakref
-from collections.abc import Callable
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import asyncpg
 import asyncpg.connection
@@ -57,6 +57,23 @@ PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transac
 KEY_INTERNALS = ("backend_pid", "backend_secret")
 #: Connection methods called here (execute_described) or, per `own_body`, by the statement runner.
 METHOD_INTERNALS = ("_check_open", "_execute", "_Connection__execute", "_cancel_current_command")
+
+
+if TYPE_CHECKING:
+    class DriverConnection(asyncpg.Connection):
+        """A connection as the pool holds it, for type checkers: asyncpg's, with the private
+        members read on the query path (`own_body`) and the attribute of the "unnamed" mode's
+        class (`Connector.retire_reasons`)."""
+
+        retire_reason: str | None
+        _top_xact: Any
+
+        def _check_open(self) -> None: ...
+
+        async def _execute(self, query: str, args: Sequence[object], limit: int,
+                           timeout: float | None, *, return_status: bool = False) -> Any: ...
+else:
+    DriverConnection = asyncpg.Connection
 
 
 def _proxy_base() -> type:
@@ -335,7 +352,7 @@ def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> N
     self._loop.call_soon(self.terminate)
 
 
-_ORIGINAL_CANCEL: Callable[..., None] = asyncpg.Connection._cancel_current_command
+_ORIGINAL_CANCEL: Callable[..., None] = cast(Any, asyncpg.Connection)._cancel_current_command
 
 
 def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
@@ -430,7 +447,7 @@ def request_cancel(conn: Any) -> asyncio.Task[Any] | None:
     async def cancel() -> None:
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(_CANCEL_REQUEST_TIMEOUT):
-                await connect_utils._cancel(loop=conn._loop, addr=conn._addr, params=conn._params,
+                await cast(Any, connect_utils)._cancel(loop=conn._loop, addr=conn._addr, params=conn._params,
                                             backend_pid=key[0], backend_secret=key[1])
 
     task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(cancel())

@@ -235,7 +235,8 @@ def _mode(spellings: Sequence[_Spelling], env: Mapping[str, str], root_source: s
 
 def _root_cert(config: PoolConfig, pairs: Sequence[tuple[str, str]],
                fail: Any) -> tuple[str | None, str | None]:
-    roots = [("the ssl_root_cert option", config.ssl_root_cert)] if config.ssl_root_cert else []
+    given = config.ssl_root_cert
+    roots = [("the ssl_root_cert option", os.fspath(given))] if given else []
     roots += [("the DSN's sslrootcert", v) for v in _values(pairs, "sslrootcert", fail)]
     if len({path for _, path in roots}) > 1:
         (a_src, a), (b_src, b) = roots[0], next(r for r in roots if r[1] != roots[0][1])

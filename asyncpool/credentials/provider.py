@@ -36,7 +36,10 @@ class CredentialProvider(Protocol):
     async def refresh(self, target: Target) -> bool: ...
 
     async def warm(self, target: Target) -> None:
-        """Do the expensive set-up now (Lambda INIT phase) rather than on the first connect."""
+        """Do the expensive set-up now (Lambda INIT phase) rather than on the first connect.
+
+        A subclass that has none to do may leave it out (this one does nothing)."""
+        return None
 
     async def close(self) -> None: ...
 

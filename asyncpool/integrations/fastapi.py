@@ -8,7 +8,10 @@
 
     @app.get("/items/{item_id}")
     async def read_item(item_id: int, conn: Conn) -> dict[str, Any]:
-        return dict(await conn.fetchrow("SELECT ...", item_id))
+        row = await conn.fetchrow("SELECT ...", item_id)
+        if row is None:
+            raise HTTPException(status_code=404)
+        return dict(row)
 
     handler = Mangum(app)
 

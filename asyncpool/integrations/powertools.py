@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
@@ -62,7 +62,7 @@ class HandlerDecorator(Protocol):
     not, becomes the synchronous handler Lambda calls, returning what it returns."""
 
     @overload
-    def __call__(self, handler: Callable[Concatenate[Any, Any, P], Awaitable[T]], /
+    def __call__(self, handler: Callable[Concatenate[Any, Any, P], Coroutine[Any, Any, T]], /
                  ) -> Callable[Concatenate[Any, Any, P], T]: ...
 
     @overload

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import asyncpg
     from asyncpg.transaction import Transaction
 
 
@@ -21,7 +20,7 @@ class _TagKeeper:
 
     __slots__ = ("_conn", "tag")
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: Any) -> None:  # (its private members are not in asyncpg's types)
         self._conn = conn
         self.tag = ""
 
@@ -44,11 +43,12 @@ class _TagKeeper:
 
 async def commit(tx: Transaction) -> bool:
     """`tx.commit()`; False if the server rolled the transaction back instead (it had failed)."""
-    conn = tx._connection
+    private: Any = tx  # (its connection is not in asyncpg's types)
+    conn = private._connection
     keeper = _TagKeeper(conn)
-    tx._connection = keeper
+    private._connection = keeper
     try:
         await tx.commit()
     finally:
-        tx._connection = conn
+        private._connection = conn
     return keeper.tag != "ROLLBACK"

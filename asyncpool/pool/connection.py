@@ -8,7 +8,7 @@ from asyncio import get_running_loop
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from threading import get_ident
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
 import asyncpg
 
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
         CopyToTableOptions,
     )
     from asyncpool.unnamed import DescribeCacheStats
+
+    #: A ``record_class=`` given to one call.
+    _R = TypeVar("_R", bound=asyncpg.Record)
 
 
 # The proxy's plain methods whose result runs statements on the connection: refused outside the
@@ -172,7 +175,9 @@ def _forwarded(name: str) -> Callable[..., Any]:
 
 
 if TYPE_CHECKING:
-    _Base = object
+    # What it is at run time too (`isinstance(conn, asyncpg.Connection)`): a function or hook
+    # written against asyncpg's Connection takes it.
+    _Base = asyncpg.Connection
 else:
     _Base = ConnectionProxyBase
 
@@ -203,34 +208,90 @@ class PooledConnection(_Base):
         async def execute(self, query: str, *args: object, timeout: float | None = None) -> str: ...
         async def executemany(self, command: str, args: Iterable[Sequence[object]], *,
                               timeout: float | None = None) -> None: ...
+        @overload
         async def fetch(self, query: str, *args: object, timeout: float | None = None,
-                        record_class: type[asyncpg.Record] | None = None) -> list[asyncpg.Record]: ...
+                        record_class: None = None) -> list[asyncpg.Record]: ...
+        @overload
+        async def fetch(self, query: str, *args: object, timeout: float | None = None,
+                        record_class: type[_R]) -> list[_R]: ...
+        @overload
+        async def fetch(self, query: str, *args: object, timeout: float | None = None,
+                        record_class: type[_R] | None) -> list[asyncpg.Record] | list[_R]: ...
+        async def fetch(self, query: str, *args: object, timeout: float | None = None,
+                        record_class: type[Any] | None = None) -> Any: ...
         async def fetchval(self, query: str, *args: object, column: int | str = 0,
                            timeout: float | None = None) -> Any: ...
+        @overload
         async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
-                           record_class: type[asyncpg.Record] | None = None
-                           ) -> asyncpg.Record | None: ...
+                           record_class: None = None) -> asyncpg.Record | None: ...
+        @overload
+        async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
+                           record_class: type[_R]) -> _R | None: ...
+        @overload
+        async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
+                           record_class: type[_R] | None) -> asyncpg.Record | _R | None: ...
+        async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
+                           record_class: type[Any] | None = None) -> Any: ...
+        @overload
         async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                             timeout: float | None = None,
-                            record_class: type[asyncpg.Record] | None = None
-                            ) -> list[asyncpg.Record]: ...
+                            record_class: None = None) -> list[asyncpg.Record]: ...
+        @overload
+        async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
+                            timeout: float | None = None,
+                            record_class: type[_R]) -> list[_R]: ...
+        @overload
+        async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
+                            timeout: float | None = None, record_class: type[_R] | None
+                            ) -> list[asyncpg.Record] | list[_R]: ...
+        async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
+                            timeout: float | None = None,
+                            record_class: type[Any] | None = None) -> Any: ...
+        @overload
         async def prepare(self, query: str, *, name: str | None = None,
                           timeout: float | None = None,
-                          record_class: type[asyncpg.Record] | None = None) -> PreparedStatement: ...
+                          record_class: None = None) -> PreparedStatement[asyncpg.Record]: ...
+        @overload
+        async def prepare(self, query: str, *, name: str | None = None,
+                          timeout: float | None = None,
+                          record_class: type[_R]) -> PreparedStatement[_R]: ...
+        @overload
+        async def prepare(self, query: str, *, name: str | None = None,
+                          timeout: float | None = None, record_class: type[_R] | None
+                          ) -> PreparedStatement[asyncpg.Record] | PreparedStatement[_R]: ...
+        async def prepare(self, query: str, *, name: str | None = None,
+                          timeout: float | None = None,
+                          record_class: type[Any] | None = None) -> Any: ...
         def transaction(self, *, isolation: str | None = None, readonly: bool = False,
                         deferrable: bool = False) -> Transaction: ...
+        @overload
         def cursor(self, query: str, *args: object, prefetch: int | None = None,
                    timeout: float | None = None,
-                   record_class: type[asyncpg.Record] | None = None) -> CursorFactory: ...
-        async def copy_from_query(self, query: str, *args: object, output: Any,
+                   record_class: None = None) -> CursorFactory[asyncpg.Record]: ...
+        @overload
+        def cursor(self, query: str, *args: object, prefetch: int | None = None,
+                   timeout: float | None = None,
+                   record_class: type[_R]) -> CursorFactory[_R]: ...
+        @overload
+        def cursor(self, query: str, *args: object, prefetch: int | None = None,
+                   timeout: float | None = None, record_class: type[_R] | None
+                   ) -> CursorFactory[asyncpg.Record] | CursorFactory[_R]: ...
+        def cursor(self, query: str, *args: object, prefetch: int | None = None,
+                   timeout: float | None = None, record_class: type[Any] | None = None) -> Any: ...
+        # The COPY options as asyncpg reads them (its published types allow a few it refuses,
+        # such as force_null=True, and leave out header="match").
+        async def copy_from_query(  # type: ignore[override]
+                self, query: str, *args: object, output: Any,
                                   **options: Unpack[CopyFormatOptions]) -> str: ...
-        async def copy_from_table(self, table_name: str, *, output: Any,
+        async def copy_from_table(  # type: ignore[override]
+                self, table_name: str, *, output: Any,
                                   **options: Unpack[CopyFromTableOptions]) -> str: ...
         async def copy_records_to_table(self, table_name: str, *,
                                         records: Iterable[Sequence[object]]
                                         | AsyncIterable[Sequence[object]],
                                         **options: Unpack[CopyRecordsOptions]) -> str: ...
-        async def copy_to_table(self, table_name: str, *, source: Any,
+        async def copy_to_table(  # type: ignore[override]
+                self, table_name: str, *, source: Any,
                                 **options: Unpack[CopyToTableOptions]) -> str: ...
         async def add_listener(self, channel: str,
                                callback: Callable[..., object]) -> None: ...

@@ -8,7 +8,7 @@ plus the call's ``timeout``; the required argument of each method (``output``, `
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 
 class CopyFormatOptions(TypedDict, total=False):
@@ -19,7 +19,7 @@ class CopyFormatOptions(TypedDict, total=False):
     oids: bool | None
     delimiter: str | None
     null: str | None
-    header: bool | None
+    header: bool | Literal["match"] | None  # "match": COPY FROM only (PostgreSQL 15)
     quote: str | None
     escape: str | None
     force_quote: bool | Iterable[str] | None
@@ -37,8 +37,9 @@ class CopyToTableOptions(CopyFromTableOptions, total=False):
     """``copy_to_table``'s options: those of a ``COPY ... FROM`` as well."""
 
     freeze: bool | None
-    force_not_null: bool | Iterable[str] | None
-    force_null: bool | Iterable[str] | None
+    # Column names only: asyncpg takes True (every column) for force_quote alone.
+    force_not_null: Iterable[str] | None
+    force_null: Iterable[str] | None
     where: str | None
 
 

@@ -75,11 +75,11 @@ def _one_at_a_time(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
     return method
 
 
-class PooledTransaction(_OnItsLoop, Transaction):  # type: ignore[misc]
+class PooledTransaction(_OnItsLoop, Transaction):
     __slots__ = ()
 
 
-class PooledCursorFactory(_OnItsLoop, CursorFactory):  # type: ignore[misc]
+class PooledCursorFactory(_OnItsLoop, CursorFactory):
     __slots__ = ()
 
     # The cursors it opens stay bound too: one opened here and used from another loop later.
@@ -91,15 +91,15 @@ class PooledCursorFactory(_OnItsLoop, CursorFactory):  # type: ignore[misc]
         return bind(cursor)
 
 
-class PooledCursor(_OnItsLoop, Cursor):  # type: ignore[misc]
+class PooledCursor(_OnItsLoop, Cursor):
     __slots__ = ()
 
 
-class PooledCursorIterator(_OnItsLoop, CursorIterator):  # type: ignore[misc]
+class PooledCursorIterator(_OnItsLoop, CursorIterator):
     __slots__ = ()
 
 
-class PooledPreparedStatement(_OnItsLoop, PreparedStatement):  # type: ignore[misc]
+class PooledPreparedStatement(_OnItsLoop, PreparedStatement):
     __slots__ = ()
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:

@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, overload
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
         CopyRecordsOptions,
         CopyToTableOptions,
     )
+
+    #: A ``record_class=`` given to one call.
+    _R = TypeVar("_R", bound=asyncpg.Record)
 
 
 class Pool:
@@ -111,7 +114,7 @@ class Pool:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def open(self, wait: bool = True) -> Pool:
+    async def open(self, wait: bool = True) -> Self:
         """Start the pool and open `min_size` connections.
 
         With `wait` (default) the first connections are opened now, so a wrong DSN or password
@@ -145,12 +148,12 @@ class Pool:
             return PoolObserver()
         return observers[0] if len(observers) == 1 else ObserverGroup(observers)
 
-    def __await__(self) -> Generator[Any, None, Pool]:
+    def __await__(self) -> Generator[Any, None, Self]:
         """``await pool`` opens it, as `open()` does: ``pool = await create_pool(...)``, and
         asyncpg's ``pool = create_pool(...)`` then ``await pool``."""
         return self.open().__await__()
 
-    async def __aenter__(self) -> Pool:
+    async def __aenter__(self) -> Self:
         return await self.open()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -282,18 +285,37 @@ class Pool:
         """Run a statement once per argument tuple (``asyncpg.Connection.executemany``)."""
         await RUNNERS["executemany"](self._slots, command, args, timeout=timeout)
 
+    @overload
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
-                    record_class: type[asyncpg.Record] | None = None) -> list[asyncpg.Record]:
-        """The rows of a query (``asyncpg.Connection.fetch``)."""
-        rows: list[asyncpg.Record] = await RUNNERS["fetch"](self._slots, query, *args, timeout=timeout,
+                    record_class: None = None) -> list[asyncpg.Record]: ...
+    @overload
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None,
+                    record_class: type[_R]) -> list[_R]: ...
+    @overload
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None,
+                    record_class: type[_R] | None) -> list[asyncpg.Record] | list[_R]: ...
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None,
+                    record_class: type[Any] | None = None) -> list[Any]:
+        """The rows of a query (``asyncpg.Connection.fetch``); of `record_class` if given."""
+        rows: list[Any] = await RUNNERS["fetch"](self._slots, query, *args, timeout=timeout,
                                                  record_class=record_class)
         return rows
 
+    @overload
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
-                       record_class: type[asyncpg.Record] | None = None
-                       ) -> asyncpg.Record | None:
+                       record_class: None = None) -> asyncpg.Record | None: ...
+    @overload
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
+                       record_class: type[_R]) -> _R | None: ...
+    @overload
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
+                       record_class: type[_R] | None) -> asyncpg.Record | _R | None: ...
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
+                       record_class: type[Any] | None = None) -> Any:
         """The first row of a query, or None (``asyncpg.Connection.fetchrow``)."""
-        row: asyncpg.Record | None = await RUNNERS["fetchrow"](
+        row: Any = await RUNNERS["fetchrow"](
             self._slots, query, *args, timeout=timeout, record_class=record_class)
         return row
 
@@ -305,13 +327,24 @@ class Pool:
     # asyncpg.Pool's rarer helpers, through the class: one Python call more than the bound ones
     # above, nothing beside a COPY.
 
+    @overload
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                         timeout: float | None = None,
-                        record_class: type[asyncpg.Record] | None = None
-                        ) -> list[asyncpg.Record]:
+                        record_class: None = None) -> list[asyncpg.Record]: ...
+    @overload
+    async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
+                        timeout: float | None = None, record_class: type[_R]) -> list[_R]: ...
+    @overload
+    async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
+                        timeout: float | None = None, record_class: type[_R] | None
+                        ) -> list[asyncpg.Record] | list[_R]: ...
+
+    async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
+                        timeout: float | None = None,
+                        record_class: type[Any] | None = None) -> list[Any]:
         """The rows a statement returns, run once per argument tuple
         (``asyncpg.Connection.fetchmany``, asyncpg >= 0.30)."""
-        rows: list[asyncpg.Record] = await RUNNERS["fetchmany"](self._slots, query, args, timeout=timeout,
+        rows: list[Any] = await RUNNERS["fetchmany"](self._slots, query, args, timeout=timeout,
                                                      record_class=record_class)
         return rows
 

@@ -8,10 +8,9 @@ import math
 import random
 from typing import TYPE_CHECKING
 
-from asyncpool.connect.driver import Probe, probe
+from asyncpool.connect.driver import DriverConnection, Probe, probe
 
 if TYPE_CHECKING:
-    import asyncpg
 
     from asyncpool.pool.lease import Lease
 
@@ -40,7 +39,7 @@ class ConnectionRecord:
     __slots__ = ("check_at", "conn", "created_at", "expires_at", "last_used", "lease", "place",
                  "probe", "spare", "stale")
 
-    def __init__(self, conn: asyncpg.Connection, now: float, max_lifetime: float | None,
+    def __init__(self, conn: DriverConnection, now: float, max_lifetime: float | None,
                  jitter: float) -> None:
         self.conn = conn
         # What the checkout fast path asks of the connection on every query, without a Python

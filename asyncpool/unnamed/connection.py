@@ -41,7 +41,11 @@ class Policy:
     totals: CacheTotals
 
 
-class DescribeCacheConnection(asyncpg.Connection):  # type: ignore[misc]
+# The private methods this class overrides and calls are not in asyncpg's types (asyncpg-stubs).
+_AsyncpgConnection: Any = asyncpg.Connection
+
+
+class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
     """Keeps each described unnamed statement and reuses it in one round trip.
 
     A reuse sends Parse (with the cached parameter types) + Describe + Bind + Execute + Sync in

@@ -1,5 +1,8 @@
 """User code type-checks against asyncpool as it would against asyncpg: `user_code.py` passes
-``mypy --strict``, and every deliberate mistake in `user_mistakes.py` is caught, on its line.
+``mypy --strict``, and every deliberate mistake in `user_mistakes.py` is caught, on its line;
+both with asyncpg's types (asyncpg-stubs, installed here) and without them (asyncpg then reads
+as `Any`, as to a user who did not install them: stood in for by a stub that makes every name
+`Any`, found first on MYPYPATH). Mistakes caught only with asyncpg's types are marked so.
 
 This folder has no ``__init__.py``: a package named ``typing`` would hide the standard library's
 from scripts run from ``tests/``. mypy is pointed at this checkout's asyncpool (MYPYPATH).
@@ -13,38 +16,56 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 _ERROR = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+): error: .*\[(?P<code>[a-z-]+)\]$")
 
 
-def _mypy(path: Path, cache: Path) -> tuple[int, str]:
+#: asyncpg's modules asyncpool imports, each a stub of `Any` names for the run without types.
+_UNTYPED = ("__init__", "connection", "cursor", "prepared_stmt", "transaction", "protocol/__init__")
+
+
+def _mypy(path: Path, tmp: Path, typed: bool) -> tuple[int, str]:
+    paths = [str(ROOT)]
+    if not typed:
+        for module in _UNTYPED:
+            stub = tmp / "untyped" / "asyncpg" / f"{module}.pyi"
+            stub.parent.mkdir(parents=True, exist_ok=True)
+            stub.write_text("from typing import Any\ndef __getattr__(name: str) -> Any: ...\n")
+        paths.insert(0, str(tmp / "untyped"))
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--config-file", str(ROOT / "pyproject.toml"),
-         "--no-error-summary", "--show-error-codes", "--cache-dir", str(cache), str(path)],
+         "--no-error-summary", "--show-error-codes", "--cache-dir", str(tmp / "cache"),
+         str(path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "MYPYPATH": str(ROOT)},
+        env={**os.environ, "MYPYPATH": os.pathsep.join(paths)},
     )
     return result.returncode, result.stdout + result.stderr
 
 
-def test_user_code_passes_mypy_strict(tmp_path: Path) -> None:
-    status, output = _mypy(HERE / "user_code.py", tmp_path / "cache")
+@pytest.mark.parametrize("typed", [True, False], ids=["asyncpg-stubs", "asyncpg-untyped"])
+def test_user_code_passes_mypy_strict(tmp_path: Path, typed: bool) -> None:
+    status, output = _mypy(HERE / "user_code.py", tmp_path, typed)
     assert (status, output) == (0, "")
 
 
-def test_each_mistake_fails_mypy_strict_on_its_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("typed", [True, False], ids=["asyncpg-stubs", "asyncpg-untyped"])
+def test_each_mistake_fails_mypy_strict_on_its_line(tmp_path: Path, typed: bool) -> None:
     lines = (HERE / "user_mistakes.py").read_text().splitlines()
     assert lines[0] == "# mypy: ignore-errors"
-    expected = {
-        (number, match.group(1))
+    marked = [
+        (number, match.group(1), match.group(2) is not None)
         for number, line in enumerate(lines, start=1)
-        if (match := re.search(r"# error: ([a-z-]+)$", line))
-    }
-    assert len(expected) == 23
+        if (match := re.search(r"# error: ([a-z-]+)( \(asyncpg-stubs only\))?$", line))
+    ]
+    assert len(marked) == 27
+    expected = {(number, code) for number, code, stubs_only in marked if typed or not stubs_only}
+    assert len(expected) == (27 if typed else 23)
     path = tmp_path / "user_mistakes.py"
     path.write_text("\n".join(["#", *lines[1:]]) + "\n")  # same line numbers
-    status, output = _mypy(path, tmp_path / "cache")
+    status, output = _mypy(path, tmp_path, typed)
     found = set()
     for line in output.splitlines():
         match = _ERROR.match(line)

@@ -6,6 +6,8 @@ Not run: it is type-checked only.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -13,7 +15,7 @@ import asyncpool
 from asyncpool import Pool, PooledConnection
 
 
-class Row(asyncpg.Record):  # type: ignore[misc]  # asyncpg ships no types
+class Row(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without asyncpg's types)
     pass
 
 
@@ -23,6 +25,46 @@ async def init(conn: asyncpg.Connection) -> None:
 
 async def setup(conn: PooledConnection) -> None:
     await conn.execute("SELECT set_config('app.user', $1, false)", "someone")
+
+
+async def setup_as_for_asyncpg(conn: asyncpg.Connection) -> None:
+    """A setup hook written for asyncpg's pool takes the pooled connection."""
+    await conn.execute("SELECT 1")
+
+
+class AppPool(Pool):
+    """A subclass keeps its type through open(), ``async with`` and ``await``."""
+
+    async def user_count(self) -> int:
+        value: int = await self.fetchval("SELECT count(*) FROM users")
+        return value
+
+
+class EnvPassword(asyncpool.CredentialProvider):
+    """A provider subclass that has nothing to warm leaves warm() out."""
+
+    requires_tls = False
+
+    async def password(self, target: asyncpool.Target) -> str:
+        return "from somewhere"
+
+    async def refresh(self, target: asyncpool.Target) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass
+
+
+async def subclasses() -> int:
+    async with AppPool("postgresql://app@db/app", setup=setup_as_for_asyncpg,
+                       credentials=EnvPassword(), ssl_root_cert=Path("/etc/ssl/rds.pem"),
+                       host=("a.example", "b.example"), port=(5432, 5433)) as pool:
+        rows: list[Row] | None = await pool.fetch("SELECT 1", record_class=Row)
+        row: Row | None = await pool.fetchrow("SELECT 1", record_class=Row)
+        many: list[Row] = await pool.fetchmany("SELECT $1::int", [(1,)], record_class=Row)
+        await pool.copy_to_table("orders", source="orders.csv", format="csv", header="match")
+        print(rows, row, many)
+        return await pool.user_count() + await (await AppPool().open()).user_count()
 
 
 async def count_orders(conn: asyncpg.Connection) -> int:
@@ -61,6 +103,10 @@ async def main() -> None:
             async for record in conn.cursor("SELECT id FROM orders", prefetch=10):
                 ids.append(record["id"])
         await count_orders(conn)
+        typed: list[Row] = await conn.fetch("SELECT id FROM orders", record_class=Row)
+        first: Row | None = await conn.fetchrow("SELECT 1", record_class=Row)
+        statement_rows: list[Row] = await (await conn.prepare("SELECT 1", record_class=Row)).fetch()
+        print(typed, first, statement_rows)
         pid: int = conn.get_server_pid()
         print(ids, total, pid, conn.is_in_transaction(), conn.raw)
     async with pool.transaction(readonly=True) as conn:
@@ -116,6 +162,12 @@ def lambda_handlers() -> int:
     def plain(event: dict[str, int], context: object) -> str:
         return str(event)
 
+    @pooled_connection(pool)
+    async def as_lambda_types_it(event: dict[str, Any], context: Any) -> int:
+        return len(event)
+
+    counted: int = as_lambda_types_it({}, None)
+
     answer: int = handler({"n": 1}, None)
     text: str = plain({"n": 1}, None)
-    return answer + len(text)
+    return answer + len(text) + counted

@@ -2,10 +2,16 @@
 """Mistakes ``mypy --strict`` must catch in user code (tests/typing/test_typing.py).
 
 Each line that must fail ends with ``# error: <mypy error code>``; no other line may fail.
+``(asyncpg-stubs only)`` after it: caught only with asyncpg's types installed (without them a
+pooled connection's base, asyncpg's Connection, is `Any`).
 Not run. The first line keeps the project's own mypy run quiet; the test removes it.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
 
 import asyncpool
 from asyncpool import Pool
@@ -19,12 +25,12 @@ async def main() -> None:
     pool = await asyncpool.create_pool("postgresql://app@db/app", max_sise=5)  # error: call-arg
     Pool("postgresql://app@db/app", prepared_statements="maybe")  # error: arg-type
     Pool("postgresql://app@db/app", acquire_timeout="30s")  # error: arg-type
-    Pool("postgresql://app@db/app", setup=setup_takes_an_int)  # error: arg-type
+    Pool("postgresql://app@db/app", setup=setup_takes_an_int)  # error: arg-type (asyncpg-stubs only)
     async with pool.acquire() as conn:
-        await conn.fetchvall("SELECT 1")  # error: attr-defined
+        await conn.fetchvall("SELECT 1")  # error: attr-defined (asyncpg-stubs only)
         await conn.fetchval(123)  # error: arg-type
         await conn.execute("SELECT 1", timeout="soon")  # error: arg-type
-        await conn.fetchrow("SELECT 1", column=0)  # error: call-arg
+        await conn.fetchrow("SELECT 1", column=0)  # error: call-overload
         conn.transaction(isolation=3)  # error: arg-type
         await conn.executemany("INSERT INTO t VALUES ($1)", 5)  # error: arg-type
     await pool.fetchval(42)  # error: arg-type
@@ -52,3 +58,22 @@ def lambda_mistakes() -> None:
     text: str = handler({}, None)  # error: assignment
     handler({})  # error: call-arg
     print(text)
+
+    @pooled_connection(Pool("postgresql://app@db/app"))
+    async def takes_any(event: dict[str, Any], context: Any) -> int:
+        return 1
+
+    wrong: str = takes_any({}, None)  # error: assignment
+    print(wrong)
+
+
+class Row(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without asyncpg's types)
+    pass
+
+
+async def row_mistakes(pool: Pool) -> None:
+    rows: list[Row] = await pool.fetch("SELECT 1")  # error: assignment (asyncpg-stubs only)
+    async with pool.acquire() as conn:
+        one: Row | None = await conn.fetchrow("SELECT 1")  # error: assignment (asyncpg-stubs only)
+        await conn.copy_to_table("t", source="t.csv", force_null=True)  # error: arg-type
+    print(rows, one)

@@ -21,7 +21,7 @@ import logging
 import re
 import selectors
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 from asyncpg.connresource import ConnectionResource
@@ -35,6 +35,9 @@ from asyncpool.observer import PoolObserver
 
 if TYPE_CHECKING:
     import pytest
+
+# asyncpg's resource check, with the private members the fakes use (not in asyncpg's types).
+_Resource: Any = ConnectionResource
 
 FAKE_TARGET = Target(host="fake", port=5432, user="app", database="app")
 
@@ -398,13 +401,13 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class FakeTransaction(ConnectionResource):  # type: ignore[misc]
+class FakeTransaction(_Resource):  # type: ignore[misc]
     """Like asyncpg's Transaction: BEGIN is tracked before it runs; released -> InterfaceError."""
 
     __slots__ = ("_top",)
 
     def __init__(self, conn: FakeConnection) -> None:
-        super().__init__(conn)
+        super().__init__(cast(Any, conn))
         self._top = False
 
     async def start(self) -> None:
@@ -432,11 +435,11 @@ class FakeTransaction(ConnectionResource):  # type: ignore[misc]
             conn._top_xact = None
 
 
-class FakeStatement(ConnectionResource):  # type: ignore[misc]
+class FakeStatement(_Resource):  # type: ignore[misc]
     __slots__ = ("_query",)
 
     def __init__(self, conn: FakeConnection, query: str) -> None:
-        super().__init__(conn)
+        super().__init__(cast(Any, conn))
         self._query = query
 
     async def fetchval(self, *args: Any) -> Any:

@@ -22,7 +22,7 @@ def test_pools_share_the_cancel_aware_class_of_a_base() -> None:
 
 
 def test_a_class_made_from_a_pools_own_base_goes_with_it() -> None:
-    class Own(asyncpg.Connection):  # type: ignore[misc]
+    class Own(asyncpg.Connection):
         __slots__ = ()
 
     made = driver.cancel_aware_class(Own, cancels=True)
@@ -52,7 +52,7 @@ def test_an_unnamed_pools_own_connection_class_is_a_base_shared_while_used() -> 
     from asyncpool.unnamed import describe_cache_connection_class
     from asyncpool.unnamed.connection import DescribeCacheConnection
 
-    class Own(asyncpg.Connection):  # type: ignore[misc]
+    class Own(asyncpg.Connection):
         __slots__ = ()
 
     config = PoolConfig(dsn="postgresql://u@h/d", connect_kwargs={"connection_class": Own})

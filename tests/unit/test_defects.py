@@ -61,7 +61,7 @@ def test_1_housekeeping_survives_a_refill_that_times_out(
         async with fake_pool(server, min_size=1, max_size=2, connect_timeout=0.5, max_idle=2.0) as pool:
             server.login_mode = "hang"
             async with pool.acquire() as conn:
-                conn.raw.die()  # the only connection goes; housekeeping must refill min_size
+                conn.raw.die()  # type: ignore[attr-defined]  # the only connection goes; housekeeping must refill min_size
             await asyncio.sleep(5)  # refills time out
             server.login_mode = "ok"
             await asyncio.sleep(5)
@@ -160,9 +160,9 @@ def test_4_listeners_do_not_outlive_the_lease(server: FakeServer) -> None:
             async with pool.acquire() as conn:
                 await conn.add_listener("chan", lambda *args: seen.append(args[-1]))
                 raw = conn.raw
-            assert raw.notify("chan", "for the next holder") == 0
+            assert raw.notify("chan", "for the next holder") == 0  # type: ignore[attr-defined]
             assert seen == []
-            assert "UNLISTEN *" in raw.queries
+            assert "UNLISTEN *" in raw.queries  # type: ignore[attr-defined]
 
     run(main())
 

@@ -298,7 +298,7 @@ def test_a_block_that_did_not_end_cleanly_leaves_no_spare(server: FakeServer, en
                 await conn.fetchval("SELECT 1")
             assert slots.idle == collections.deque([record])  # reset where needed, and back
             assert not record.probe.is_in_transaction()
-            assert not record.conn._listeners
+            assert not record.conn._listeners  # type: ignore[attr-defined]
 
     run(main())
 

@@ -482,7 +482,7 @@ class PoolModel(RuleBasedStateMachine):
         for record in self.pool._slots.idle:
             conn = record.conn
             assert not conn.is_in_transaction(), f"{conn} is idle inside a transaction"
-            assert not conn._listeners, f"{conn} is idle with a holder's listener"
+            assert not conn._listeners, f"{conn} is idle with a holder's listener"  # type: ignore[attr-defined]
 
     @invariant()
     def nothing_is_lost(self) -> None:

@@ -138,7 +138,7 @@ def test_a_timeout_that_came_mostly_in_line_says_so_not_the_network(server: Fake
             async def holder() -> None:
                 async with pool.acquire() as conn:
                     await asyncio.sleep(1.9)
-                    conn.raw.die()  # retired on return: its slot goes to the waiter
+                    conn.raw.die()  # type: ignore[attr-defined]  # retired on return: its slot goes to the waiter
 
             held = asyncio.create_task(holder())
             await asyncio.sleep(0)
@@ -158,7 +158,7 @@ def test_a_broken_connection_is_retired_and_its_slot_reused(server: FakeServer) 
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
             async with pool.acquire() as conn:
-                conn.raw.die()
+                conn.raw.die()  # type: ignore[attr-defined]
             s = pool.stats()
             assert (s.size, s.closed_total) == (0, 1)
             assert await pool.fetchval("SELECT 1") == 1
@@ -173,7 +173,7 @@ def test_an_open_transaction_is_rolled_back_on_return(server: FakeServer) -> Non
             async with pool.acquire() as conn:
                 await conn.execute("BEGIN")
                 raw = conn.raw
-            assert raw.queries[-1] == "ROLLBACK"
+            assert raw.queries[-1] == "ROLLBACK"  # type: ignore[attr-defined]
             assert not raw.is_in_transaction()
             assert pool.stats().idle == 1
 
@@ -285,7 +285,7 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
         with pytest.raises(PoolError, match="forked from the one that opened the pool"):
             await in_transaction.fetchval("SELECT 1")
         await pool.release(in_transaction)
-        assert in_transaction_raw.queries == ["BEGIN"]
+        assert in_transaction_raw.queries == ["BEGIN"]  # type: ignore[attr-defined]
         assert in_transaction_raw.is_in_transaction()
         pool.terminate()
         await pool.close()
