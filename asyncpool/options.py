@@ -113,7 +113,8 @@ UNFIT = {
                "(or connect_kwargs=), and per-connection set-up with init=",
     "reset": "asyncpool resets a returned connection itself, with no round trip unless it is "
              "needed (ROLLBACK of an open transaction, UNLISTEN * after LISTEN); run per-checkout "
-             "statements in setup=",
+             "statements in setup= (direct connections), or, behind a transaction-mode pooler, "
+             "in the transaction (SET LOCAL, pool.transaction())",
     "loop": "a pool uses the event loop it is opened on: open it from the loop that uses it "
             "(see asyncpool.integrations.lambda_runner)",
     "init_size": "open() opens min_size connections (open(wait=False) opens them in the "

@@ -57,6 +57,7 @@ ACQUIRE_ABLATIONS: dict[str, list[tuple[str, str, str]]] = {
     "acquire without the checks at the return": [
         ("exit", "if (proxy is not None and owner.fast_statements and not lease.reported\n"
                  "                    and not lease.running and now < expires_at and not record.stale\n"
+                 "                    and not record.sync_after\n"
                  "                    and not (owner._may_retire and conn.retire_reason)\n"
                  "                    and returned(conn) == CLEAN):",
          "if proxy is not None:")],

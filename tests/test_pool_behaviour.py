@@ -177,17 +177,17 @@ async def test_a_holder_cancelled_at_every_await_keeps_its_connection(
                     telemetry=False) as pool:
         await pool.fetchval("SELECT 1")
         before = pool.stats()
+
+        async def holder(started: asyncio.Event) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT 1")
+                started.set()
+                await conn.execute("SELECT pg_sleep(5)")
+
         for _ in range(5):
             started = asyncio.Event()
-
-            async def holder() -> None:
-                async with pool.acquire() as conn, conn.transaction():
-                    await conn.execute("CREATE TEMP TABLE IF NOT EXISTS t (n int)")
-                    started.set()
-                    await conn.execute("SELECT pg_sleep(5)")
-
             async with anyio.create_task_group() as group:
-                group.start_soon(holder)
+                group.start_soon(holder, started)
                 await started.wait()
                 await asyncio.sleep(0.05)
                 group.cancel_scope.cancel()

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from asyncpool import Pool
 from asyncpool.testing import PgBouncerServer, ServerStack
+from tests.conftest import Pooler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,3 +142,39 @@ def test_the_advice_on_a_lost_prepared_statement_follows_the_mode() -> None:
     other = asyncpg.UndefinedTableError("relation does not exist")
     advise_on_prepared_statements(other, "on")
     assert other.hint is None
+
+
+async def _server_held(pooler: Pooler) -> int:
+    """Server connections PgBouncer keeps assigned to a client (SHOW POOLS sv_active)."""
+    return int((await pooler.pool_row())["sv_active"])
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "off", "on"])
+async def test_a_prepare_given_back_unrun_frees_the_server_connection(pooler: Pooler,
+                                                                       mode: str) -> None:
+    """asyncpg's prepare() sends Parse/Describe/Flush, no Sync: a transaction-mode PgBouncer
+    keeps the server connection assigned to the client until one comes. Given back without a
+    statement after it (reading a statement's columns only), the return sends one, and the
+    server connection is free for other clients while this one sits idle (a frozen Lambda
+    environment). A prepare followed by its execution still runs on one server connection."""
+    if mode == "on" and not pooler.supports_prepared_statements:
+        pytest.skip("PgBouncer 1.18 does not keep prepared statements")
+    async with Pool(pooler.dsn(), max_size=2, prepared_statements=mode,
+                    telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            statement = await conn.prepare("SELECT $1::int AS n")
+            assert [a.name for a in statement.get_attributes()] == ["n"]
+        assert await _server_held(pooler) == 0
+        conn = await pool.acquire()
+        await conn.prepare("SELECT 1")
+        await pool.release(conn)
+        assert await _server_held(pooler) == 0
+        async with pool.acquire() as conn:
+            statement = await conn.prepare("SELECT $1::int + 1")
+            assert await statement.fetchval(41) == 42  # on the server that prepared it
+            await conn.prepare("SELECT 2")  # then one more, unrun
+        assert await _server_held(pooler) == 0
+        async with pool.transaction() as conn:
+            await conn.prepare("SELECT 3")  # inside a transaction: its COMMIT ends it
+        assert await _server_held(pooler) == 0
+        assert pool.stats().closed_total == 0

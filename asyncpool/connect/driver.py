@@ -255,10 +255,13 @@ def is_cancelling(conn: Any) -> bool:
     return bool(check()) if check is not None else False
 
 
-async def reset(conn: Any, timeout: float) -> None:
+async def reset(conn: Any, timeout: float, sync_after: int = 0) -> None:
     """Make a returned connection clean for the next holder (bounded by `timeout`): wait for a
-    cancelled query to finish, forget a Transaction whose BEGIN failed, roll back, and drop the
-    callbacks the holder registered (``UNLISTEN *`` only if it listened)."""
+    cancelled query to finish, forget a Transaction whose BEGIN failed, roll back, end the
+    holder's ``prepare()`` whose Parse no statement has followed since (`sync_after`: 1 + the
+    query count then; behind a transaction-mode pooler the server connection stays this
+    client's until the server has answered a Sync), and drop the callbacks the holder registered
+    (``UNLISTEN *`` only if it listened)."""
     async with asyncio.timeout(timeout):
         if is_cancelling(conn):
             await conn._protocol._wait_for_cancellation()
@@ -268,6 +271,8 @@ async def reset(conn: Any, timeout: float) -> None:
             conn._top_xact = None
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
+        elif sync_after and queries_count(conn) + 1 == sync_after:
+            await conn.execute("SELECT 1")  # a simple query: answered with ReadyForQuery
         listened = bool(getattr(conn, "_listeners", None))
         for name in ("_listeners", "_log_listeners", "_termination_listeners", "_query_loggers"):
             callbacks = getattr(conn, name, None)

@@ -174,6 +174,7 @@ class AcquireContext:
             # between leaves the caches cold); anything else goes its way.
             if (proxy is not None and owner.fast_statements and not lease.reported
                     and not lease.running and now < expires_at and not record.stale
+                    and not record.sync_after
                     and not (owner._may_retire and conn.retire_reason)
                     and returned(conn) == CLEAN):
                 lease.state = RELEASED

@@ -333,8 +333,13 @@ class PooledConnection(_Base):
         async def prepare(self, query: str, *, name: str | None = None,
                           timeout: float | None = None,
                           record_class: type[asyncpg.Record] | None = None) -> Any:
-            return bind(await self._prepare_unbound(query, name=name, timeout=timeout,
-                                                    record_class=record_class))
+            statement = await self._prepare_unbound(query, name=name, timeout=timeout,
+                                                    record_class=record_class)
+            record = self._lease.record
+            if not record.conn.is_in_transaction():
+                # asyncpg ends a prepare with Flush, not Sync (`ConnectionRecord.sync_after`).
+                record.sync_after = 1 + driver.queries_count(record.conn)
+            return bind(statement)
 
         transaction = _forward("transaction")
         cursor = _forward("cursor")

@@ -37,7 +37,7 @@ class ConnectionRecord:
     """One pooled connection. Times come from the event loop's monotonic clock."""
 
     __slots__ = ("check_at", "conn", "created_at", "expires_at", "last_used", "lease", "place",
-                 "probe", "spare", "stale")
+                 "probe", "spare", "stale", "sync_after")
 
     def __init__(self, conn: DriverConnection, now: float, max_lifetime: float | None,
                  jitter: float) -> None:
@@ -64,6 +64,11 @@ class ConnectionRecord:
         # the monotonic clock is not known to have advanced): `check_at` stays at minus infinity,
         # a return included, until a validation clears it.
         self.stale = False
+        # Non-zero: the holder's prepare() left the server waiting for a Sync (asyncpg sends
+        # Parse/Describe/Flush), 1 + the connection's query count then. A transaction-mode pooler
+        # keeps the server connection assigned to this client until one comes: if no statement
+        # has sent one by the return, the return does (`driver.reset`).
+        self.sync_after = 0
 
     def touch(self, now: float, validate_after: float) -> None:
         """Note a use at `now`, and when the next checkout must look at the connection

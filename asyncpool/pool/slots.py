@@ -36,7 +36,7 @@ import asyncpg
 from asyncpool.config import hook_awaitable
 from asyncpool.connect import driver
 from asyncpool.connect.connector import CutShort
-from asyncpool.connect.driver import BROKEN, BUSY, NEEDS_RESET, returned
+from asyncpool.connect.driver import BROKEN, BUSY, CLEAN, NEEDS_RESET, returned
 from asyncpool.connect.failures import translate
 from asyncpool.errors import (
     ConnectError,
@@ -1216,6 +1216,8 @@ class Slots(_HotSlots):
             log_returned(self.name, lease, now - lease.acquired_at)
         conn = record.conn
         state = returned(conn)
+        if state == CLEAN and record.sync_after:
+            state = NEEDS_RESET  # a prepare() left the server waiting for a Sync
         if state == BROKEN:
             self.retire(record, "broken")
             return False
@@ -1286,7 +1288,9 @@ class Slots(_HotSlots):
         """Reset a returned connection; False if it failed (the connection is closed)."""
         try:
             with self.observer.pool_statement("reset"):
-                await driver.reset(record.conn, RELEASE_TIMEOUT if timeout is None else timeout)
+                await driver.reset(record.conn, RELEASE_TIMEOUT if timeout is None else timeout,
+                                   record.sync_after)
+            record.sync_after = 0
         except Exception as exc:
             # Dropping the connection rolls its transaction back and the slot is restored: the
             # caller's own error (a query timeout, say) must not be replaced by this one.
