@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from asyncpool import Pool
+from asyncpool.config import PreparedStatements
 from asyncpool.testing import PgBouncerServer, ServerStack
 from tests.conftest import Pooler
 
@@ -150,8 +151,8 @@ async def _server_held(pooler: Pooler) -> int:
 
 
 @pytest.mark.parametrize("mode", ["unnamed", "off", "on"])
-async def test_a_prepare_given_back_unrun_frees_the_server_connection(pooler: Pooler,
-                                                                       mode: str) -> None:
+async def test_a_prepare_given_back_unrun_frees_the_server_connection(
+        pooler: Pooler, mode: PreparedStatements) -> None:
     """asyncpg's prepare() sends Parse/Describe/Flush, no Sync: a transaction-mode PgBouncer
     keeps the server connection assigned to the client until one comes. Given back without a
     statement after it (reading a statement's columns only), the return sends one, and the
