@@ -142,6 +142,8 @@ def translate(options: Mapping[str, Any], where: str = "Pool()") -> dict[str, An
         elif key in RENAMED:
             values[RENAMED[key]] = None if key in _ZERO_IS_NONE and value == 0 else value
         elif key in UNFIT:
+            if value is None:
+                continue  # asyncpg's default, which asks for nothing (code passing it on)
             raise PoolConfigError(f"{key}=: not an asyncpool option; {UNFIT[key]}")
         elif key in ("config", "observers"):
             raise PoolConfigError(f"{key}=: an argument of Pool(), not an option of {where}")

@@ -530,6 +530,13 @@ def test_options_that_do_not_fit_name_the_equivalent(name: str, equivalent: str)
         Pool("postgresql://a@h/d", **_options(name, object()))
 
 
+def test_options_that_do_not_fit_take_asyncpgs_default() -> None:
+    """Code that passes asyncpg's defaults on (``loop=None``...) asks for nothing: accepted."""
+    defaults: dict[str, Any] = {"loop": None, "connect": None, "reset": None, "init_size": None}
+    pool = Pool("postgresql://a@h/d", **defaults)
+    assert pool.get_min_size() == PoolConfig().min_size
+
+
 @pytest.mark.parametrize(
     ("name", "closest"),
     [("max_sise", "max_size"), ("min_szie", "min_size"), ("comand_timeout", "command_timeout"),
