@@ -126,6 +126,11 @@ _OWN = frozenset(f.name for f in fields(PoolConfig)) - {"dsn"}
 VALID = sorted(_OWN | CONNECT_OPTIONS | set(RENAMED) | {"config", "observers"})
 
 
+def _refuse_unfit(key: str, value: Any) -> None:
+    if value is not None:  # None: asyncpg's default, which asks for nothing (code passing it on)
+        raise PoolConfigError(f"{key}=: not an asyncpool option; {UNFIT[key]}")
+
+
 def translate(options: Mapping[str, Any], where: str = "Pool()") -> dict[str, Any]:
     """`options` as `PoolConfig` fields: asyncpg's names mapped, connect options moved into
     ``connect_kwargs``; unknown and unfit names refused with `PoolConfigError` (`where`: the
@@ -142,9 +147,7 @@ def translate(options: Mapping[str, Any], where: str = "Pool()") -> dict[str, An
         elif key in RENAMED:
             values[RENAMED[key]] = None if key in _ZERO_IS_NONE and value == 0 else value
         elif key in UNFIT:
-            if value is None:
-                continue  # asyncpg's default, which asks for nothing (code passing it on)
-            raise PoolConfigError(f"{key}=: not an asyncpool option; {UNFIT[key]}")
+            _refuse_unfit(key, value)
         elif key in ("config", "observers"):
             raise PoolConfigError(f"{key}=: an argument of Pool(), not an option of {where}")
         else:

@@ -181,6 +181,10 @@ class _Negotiation(ForwardingProtocol):
         self.transport = _arm(transport, self.guard)
         self.inner.connection_made(self.transport)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+        driver.retrieve_negotiation_error(self.inner)
+
 
 class GuardedTransport:
     """A transport whose first ``set_protocol`` puts a `Reader` in front of the protocol (for the

@@ -435,6 +435,17 @@ def is_wire_protocol(protocol: object) -> bool:
     return isinstance(protocol, asyncpg.protocol.Protocol)
 
 
+def retrieve_negotiation_error(protocol: object) -> None:
+    """Mark as seen the error asyncpg's TLS negotiation protocol keeps when its connection is
+    lost after the login stopped waiting for it (cancelled as the TCP connection came up: the
+    future was never awaited). asyncio would log "Future exception was never retrieved" for each
+    such login at garbage collection (about one in four logins cancelled in their first
+    milliseconds); nobody can retrieve it but the protocol's wrapper."""
+    waiting = getattr(protocol, "on_data", None)
+    if isinstance(waiting, asyncio.Future) and waiting.done() and not waiting.cancelled():
+        waiting.exception()
+
+
 def request_cancel(conn: Any) -> asyncio.Task[Any] | None:
     """Send a cancel request for whatever `conn` is running, if one can be delivered; None if
     not. The task ends once the server (or pooler) has taken the request; it is tracked with

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from asyncpool.connect import driver
 from asyncpool.connect.forwarding import ForwardingProtocol, LoopView
 from asyncpool.errors import PoolError
 from asyncpool.unnamed.messages import (
@@ -172,6 +173,7 @@ class Wire(ForwardingProtocol):
         self._check = self._holding = self._armed = None
         self._held.clear()
         self.inner.connection_lost(exc)
+        driver.retrieve_negotiation_error(self.inner)
 
     # -- write side ----------------------------------------------------------------------------
 
