@@ -198,3 +198,35 @@ def test_an_override_keeps_the_scope_check(legacy: PgBouncerServer) -> None:
     app.dependency_overrides[production] = pool_connection(pool, transaction=True)
     with TestClient(app) as client, pytest.raises(PoolConfigError, match=r'scope="function"'):
         client.get("/one")
+
+
+async def test_a_busy_pool_answers_503_with_the_documented_handler(legacy: PgBouncerServer) -> None:
+    """docs/serverless.md's handler: `PoolTimeoutError` (every connection held past
+    acquire_timeout) becomes a 503 with Retry-After, not FastAPI's bare 500."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    from asyncpool import PoolTimeoutError
+
+    pool = Pool(legacy.dsn(), max_size=1, acquire_timeout=0.2, telemetry=False)
+    app = FastAPI()
+    connection = Annotated[PooledConnection, Depends(pool_connection(pool), scope="function")]
+
+    @app.exception_handler(PoolTimeoutError)
+    async def busy(request: Request, exc: PoolTimeoutError) -> JSONResponse:
+        return JSONResponse({"detail": "busy, retry"}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    @app.get("/one")
+    async def one(conn: connection) -> dict[str, int]:
+        return {"n": await conn.fetchval("SELECT 1")}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/one")).json() == {"n": 1}  # opens the pool on this loop
+        held = await pool.acquire()
+        busy_answer = await client.get("/one")
+        await pool.release(held)
+        assert (busy_answer.status_code, busy_answer.headers["retry-after"]) == (503, "1")
+        assert (await client.get("/one")).json() == {"n": 1}
+    await pool.close()
