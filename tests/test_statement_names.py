@@ -5,11 +5,16 @@ names from 1 in every process; the pool's connections name them with a per-proce
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from asyncpool import Pool
@@ -178,4 +183,37 @@ async def test_a_prepare_given_back_unrun_frees_the_server_connection(
         async with pool.transaction() as conn:
             await conn.prepare("SELECT 3")  # inside a transaction: its COMMIT ends it
         assert await _server_held(pooler) == 0
+        async with pool.acquire() as conn:
+            # Outside a transaction asyncpg refuses a cursor after sending its Parse.
+            with pytest.raises(asyncpg.NoActiveSQLTransactionError):
+                await conn.cursor("SELECT 4")
+        assert await _server_held(pooler) == 0
         assert pool.stats().closed_total == 0
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "off", "on"])
+async def test_a_statement_cancelled_while_described_frees_the_server_connection(
+        pooler: Pooler, mode: PreparedStatements) -> None:
+    """A new statement cancelled during asyncpg's first round trip (Parse/Describe/Flush: a
+    cancel that arrives after the server answered it ends nothing) left the server connection
+    assigned to this client after the return. Cancelled at seeded random moments within one
+    round trip: none is left held."""
+    if mode == "on" and not pooler.supports_prepared_statements:
+        pytest.skip("PgBouncer 1.18 does not keep prepared statements")
+    rng = random.Random(46)
+    held = 0
+    async with Pool(pooler.dsn(), min_size=1, max_size=1, prepared_statements=mode,
+                    telemetry=False) as pool:
+        started = time.perf_counter()
+        for n in range(10):
+            await pool.fetchval(f"SELECT {n}::int AS warm")
+        round_trip = (time.perf_counter() - started) / 10
+        for n in range(40):
+            with contextlib.suppress(TimeoutError):
+                async with pool.acquire() as conn, asyncio.timeout(rng.uniform(0, round_trip)):
+                    await conn.fetchval(f"SELECT $1::int + {n} AS new_{n}", 1)
+            await asyncio.sleep(0.02)
+            if await _server_held(pooler):
+                held += 1
+                await pool.fetchval("SELECT 1")  # (frees it for the next try)
+    assert held == 0

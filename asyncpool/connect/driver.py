@@ -257,13 +257,15 @@ def is_cancelling(conn: Any) -> bool:
 
 async def reset(conn: Any, timeout: float, sync_after: int = 0) -> None:
     """Make a returned connection clean for the next holder (bounded by `timeout`): wait for a
-    cancelled query to finish, forget a Transaction whose BEGIN failed, roll back, end the
-    holder's ``prepare()`` whose Parse no statement has followed since (`sync_after`: 1 + the
-    query count then; behind a transaction-mode pooler the server connection stays this
-    client's until the server has answered a Sync), and drop the callbacks the holder registered
+    cancelled query to finish, forget a Transaction whose BEGIN failed, roll back, end a Parse
+    of the holder's (a ``prepare()``, a refused cursor, a statement cancelled while described)
+    that no statement has followed since (`sync_after`: 1 + the query count then) or that a
+    cancel may have cut short (behind a transaction-mode pooler the server connection stays
+    this client's until the server has answered a Sync), and drop the callbacks the holder registered
     (``UNLISTEN *`` only if it listened)."""
     async with asyncio.timeout(timeout):
-        if is_cancelling(conn):
+        cancelled = is_cancelling(conn)
+        if cancelled:
             await conn._protocol._wait_for_cancellation()
         # asyncpg keeps a Transaction whose BEGIN failed (timed out, cancelled) as the open one,
         # so every later transaction() on this connection would be a SAVEPOINT.
@@ -271,8 +273,10 @@ async def reset(conn: Any, timeout: float, sync_after: int = 0) -> None:
             conn._top_xact = None
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
-        elif sync_after and queries_count(conn) + 1 == sync_after:
-            await conn.execute("SELECT 1")  # a simple query: answered with ReadyForQuery
+        elif cancelled or (sync_after and queries_count(conn) + 1 == sync_after):
+            # A statement cancelled while asyncpg described it (no Sync follows then), or a
+            # Parse with none since: a simple query ends it, answered with ReadyForQuery.
+            await conn.execute("SELECT 1")
         listened = bool(getattr(conn, "_listeners", None))
         for name in ("_listeners", "_log_listeners", "_termination_listeners", "_query_loggers"):
             callbacks = getattr(conn, name, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from asyncio import get_running_loop
+from asyncio import CancelledError, get_running_loop
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from threading import get_ident
 from types import MethodType
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         CopyRecordsOptions,
         CopyToTableOptions,
     )
+    from asyncpool.pool.record import ConnectionRecord
     from asyncpool.unnamed import DescribeCacheStats
 
     #: A ``record_class=`` given to one call.
@@ -138,7 +139,13 @@ def _statement(name: str) -> Callable[..., Any]:
                 # The pool closed it under the statement (close() past its timeout,
                 # terminate(), a leak reclaim): its error, not the driver's.
                 raise self._unusable() from exc
+            if isinstance(exc, TimeoutError):  # (its `timeout=`: asyncpg's cancel, below)
+                _parse_unsynced(record)
             advise_on_prepared_statements(exc, owner.statement_mode)
+            raise
+        except CancelledError:
+            # Cancelled while asyncpg described a statement (Parse, Describe, Flush: no Sync).
+            _parse_unsynced(record)
             raise
         if rows:
             return result
@@ -147,6 +154,14 @@ def _statement(name: str) -> Callable[..., Any]:
     functools.update_wrapper(method, own if own is not None else original)
     method.__qualname__ = f"PooledConnection.{name}"
     return method
+
+
+def _parse_unsynced(record: ConnectionRecord) -> None:
+    """Note that a Parse may be left without a Sync on the connection outside a transaction: the
+    return then ends it, unless a statement has since (`ConnectionRecord.sync_after`)."""
+    probe = record.probe  # (asyncpg's own methods fail once the connection is closed)
+    if probe.is_connected() and not probe.is_in_transaction():
+        record.sync_after = 1 + driver.queries_count(record.conn)
 
 
 def _on_behalf_of(proxy: PooledConnection, callback: Callable[..., Any]) -> Callable[..., Any]:
@@ -333,16 +348,21 @@ class PooledConnection(_Base):
         async def prepare(self, query: str, *, name: str | None = None,
                           timeout: float | None = None,
                           record_class: type[asyncpg.Record] | None = None) -> Any:
-            statement = await self._prepare_unbound(query, name=name, timeout=timeout,
-                                                    record_class=record_class)
-            record = self._lease.record
-            if not record.conn.is_in_transaction():
-                # asyncpg ends a prepare with Flush, not Sync (`ConnectionRecord.sync_after`).
-                record.sync_after = 1 + driver.queries_count(record.conn)
-            return bind(statement)
+            lease = self._lease
+            if lease.state is ACTIVE:  # (else refused below)
+                # Noted before it is sent: cancelled, it leaves the server waiting as well.
+                _parse_unsynced(lease.record)
+            return bind(await self._prepare_unbound(query, name=name, timeout=timeout,
+                                                    record_class=record_class))
 
         transaction = _forward("transaction")
-        cursor = _forward("cursor")
+        _cursor_unbound = _forward("cursor")
+
+        def cursor(self, *args: Any, **kwargs: Any) -> Any:
+            factory = self._cursor_unbound(*args, **kwargs)
+            # Outside a transaction asyncpg refuses the cursor after sending its Parse.
+            _parse_unsynced(self._lease.record)
+            return factory
 
         # asyncpg's pool hands listener callbacks its proxy, not the connection: a callback that
         # keeps it must not reach the next holder's connection after release.

@@ -1217,7 +1217,10 @@ class Slots(_HotSlots):
         conn = record.conn
         state = returned(conn)
         if state == CLEAN and record.sync_after:
-            state = NEEDS_RESET  # a prepare() left the server waiting for a Sync
+            if driver.queries_count(conn) + 1 == record.sync_after:
+                state = NEEDS_RESET  # a Parse, and no statement since: `driver.reset` ends it
+            else:
+                record.sync_after = 0
         if state == BROKEN:
             self.retire(record, "broken")
             return False
