@@ -252,6 +252,33 @@ async def test_leaked_session_points_at_application_code(
         await engine.dispose()
 
 
+async def test_a_session_collected_unclosed_frees_its_slot_at_once(
+        request: pytest.FixtureRequest, schema: None) -> None:
+    """A handler that makes a session, runs a statement and returns without closing it: once the
+    session is collected, SQLAlchemy gives its connection back, as its own pool does. The
+    acquire site the pool keeps (for a leak report) holds no frame, so the handler's locals (the
+    session) are collectable; it waited for leak_timeout (30 s) before."""
+    import gc
+
+    server = _pooler(request, "legacy")
+    async with Pool(server.dsn(), name="sqla-gc", max_size=1, acquire_timeout=5,
+                    telemetry=False) as pool:
+        engine = create_async_engine(pool)
+        Session = async_sessionmaker(engine)
+
+        async def forgetful(tag: str) -> None:
+            session = Session()
+            await session.execute(sa.text("SELECT :tag"), {"tag": tag})
+
+        await forgetful("first")
+        with pytest.warns(sa.exc.SAWarning, match="garbage collector"):  # (as its own pool)
+            gc.collect()
+        await _settled(pool, timeout=2.0)
+        async with Session() as session:
+            assert (await session.execute(sa.text("SELECT 8"))).scalar() == 8
+        await engine.dispose()
+
+
 @pytest.fixture
 def statement_log(postgres: PostgresServer) -> Iterator[Callable[[str], collections.Counter[str]]]:
     """The server logs every parse, bind and execute step (log_min_duration_statement = 0) while

@@ -57,7 +57,7 @@ from asyncpool.errors import (
 from asyncpool.pool import Pool
 from asyncpool.pool.checkout import AcquireContext
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.lease import ACTIVE
+from asyncpool.pool.lease import ACTIVE, Site
 from asyncpool.pool.slots import UNSET
 
 __all__ = ["AsyncpoolDialect", "LendingPool", "create_async_engine"]
@@ -306,6 +306,10 @@ async def _checkout(pool: Pool) -> PooledConnection:
     await pool.open(wait=False)  # no-op once open
     frame = _application_frame(sys._getframe())
     conn: PooledConnection = await AcquireContext(pool._slots, UNSET, frame)
+    if frame is not None:
+        # Kept past the function that asked (a session not closed): its frame, and the session
+        # in it, must stay collectable for SQLAlchemy to give the connection back.
+        conn._lease.frame = Site(frame)
     return conn
 
 

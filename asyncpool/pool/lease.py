@@ -43,6 +43,28 @@ else:  # asyncio.current_task is Python code before 3.12 (~0.3 µs); this is wha
     task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 
+class Site:
+    """An acquire site kept as code objects and instruction offsets, from the acquiring frame
+    out (up to `depth` frames), not as frames: the frames' locals stay free. For a checkout that
+    may outlive the function that made it (SQLAlchemy's: a session dropped without close() is
+    closed by SQLAlchemy when it is collected, which a kept frame, holding the session, stops)."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, frame: FrameType, depth: int = 8) -> None:
+        calls: list[tuple[CodeType, int]] = []
+        current: FrameType | None = frame
+        while current is not None and len(calls) < depth:
+            calls.append((current.f_code, current.f_lasti))
+            current = current.f_back
+        self.calls = calls
+
+    def summaries(self) -> list[traceback.FrameSummary]:
+        """Outermost call first."""
+        return [traceback.FrameSummary(code.co_filename, _line_at(code, lasti), code.co_name)
+                for code, lasti in reversed(self.calls)]
+
+
 class Lease:
     """Who holds which connection since when, and where they took it.
 
@@ -63,7 +85,7 @@ class Lease:
         # The holder's context (its current span): a leak is reported in it, not in the timer's.
         # None when the pool does not track leaks.
         self.context = context
-        self.frame = frame
+        self.frame: FrameType | Site | None = frame
         # The innermost frame keeps running after acquire(); remember the instruction it was on
         # (f_lineno would map it to a line now, ~0.2 µs; only a leak report needs the line).
         self.lasti = frame.f_lasti if frame is not None else 0
@@ -97,6 +119,11 @@ class Lease:
         """
         frame = self.frame
         chain = _task_frames(self.task)
+        if isinstance(frame, Site):
+            text = _format(frame.summaries())
+            if chain:
+                text += "(the holding task is now at:)\n" + _format(_summaries(chain))
+            return text
         lasti = self.lasti
         if frame is None and self.state is ACTIVE:
             # pool.fetchval() and the other query helpers keep no frame: their statement is

@@ -14,7 +14,7 @@ import pytest
 from asyncpool.connect import driver
 from asyncpool.errors import PoolError, PoolTimeoutError
 from asyncpool.pool.checkout import AcquireContext
-from asyncpool.pool.lease import ACTIVE, GIVEN_BACK, RELEASED, Lease
+from asyncpool.pool.lease import ACTIVE, GIVEN_BACK, RELEASED, Lease, Site
 from asyncpool.pool.record import ConnectionRecord
 from asyncpool.pool.slots import UNSET
 from tests.unit.fakes import FakeServer, fake_pool, run
@@ -323,6 +323,7 @@ def test_the_acquire_paths_context_lease_and_proxy_set_every_slot_as_the_constru
                 assert lease is not None
                 made = _slots_of(lease)  # every slot is set, or this raises AttributeError
                 task = asyncio.current_task()
+                assert not isinstance(lease.frame, Site)  # (SQLAlchemy's checkouts keep one)
                 expected = _slots_of(Lease(record, lease.acquired_at, lease.frame, task,
                                            lease.context))
                 # The acquire site's instruction was read at acquire(); the frame has run on.
