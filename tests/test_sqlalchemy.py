@@ -252,6 +252,28 @@ async def test_leaked_session_points_at_application_code(
         await engine.dispose()
 
 
+async def test_json_results_without_a_type_are_decoded_as_sqlalchemys_asyncpg_dialect_does(
+        pool: Pool) -> None:
+    """json/jsonb results with no SQLAlchemy type (``text()``, ``func.jsonb_build_object``,
+    ``exec_driver_sql``) come back as Python objects, as with ``postgresql+asyncpg`` (they came
+    back as JSON text); typed columns as before, and plain pool users still get text."""
+    engine = create_async_engine(pool)
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.text(
+            """SELECT '{"a": 1}'::jsonb AS b, '[1, 2]'::json AS j, '"s"'::jsonb AS s,"""
+            """ NULL::jsonb AS n, 5 AS i"""))).one()
+        assert tuple(row) == ({"a": 1}, [1, 2], "s", None, 5)
+        built = (await conn.execute(sa.select(sa.func.jsonb_build_object("k", 2)))).scalar()
+        assert built == {"k": 2}
+        driver = (await conn.exec_driver_sql("""SELECT '{"x": true}'::jsonb""")).scalar()
+        assert driver == {"x": True}
+        typed = sa.text("""SELECT '"hello"'::jsonb AS b""").columns(
+            b=sa.dialects.postgresql.JSONB)
+        assert (await conn.execute(typed)).scalar() == "hello"
+    assert await pool.fetchval("""SELECT '{"a": 1}'::jsonb""") == '{"a": 1}'
+    await engine.dispose()
+
+
 async def test_a_session_collected_unclosed_frees_its_slot_at_once(
         request: pytest.FixtureRequest, schema: None) -> None:
     """A handler that makes a session, runs a statement and returns without closing it: once the

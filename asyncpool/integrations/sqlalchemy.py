@@ -414,6 +414,20 @@ class _JSONB(pg_json.JSONB):
         return _json_result(dialect)
 
 
+#: PostgreSQL's json and jsonb type OIDs (the type codes of the cursor's description).
+_JSON_OIDS = frozenset((114, 3802))
+
+
+class _ExecutionContext(sa_asyncpg.PGExecutionContext_asyncpg):
+    def get_result_processor(self, type_: Any, colname: str, coltype: Any) -> Any:
+        # A json/jsonb result with no SQLAlchemy type (text(), func.jsonb_build_object(),
+        # exec_driver_sql): decoded as SQLAlchemy's asyncpg dialect decodes it, through its
+        # codecs, which this dialect does not set (see `AsyncpoolDialect.on_connect`).
+        if coltype in _JSON_OIDS and type_._type_affinity is sqltypes.NullType:
+            return _json_result(self.dialect)
+        return super().get_result_processor(type_, colname, coltype)
+
+
 class AsyncpoolDialect(_DialectBase):  # type: ignore[misc]
     """``postgresql+asyncpool``: SQLAlchemy's asyncpg dialect over an asyncpool pool. Made by
     `create_async_engine`; a URL alone cannot say which pool to use."""
@@ -421,6 +435,7 @@ class AsyncpoolDialect(_DialectBase):  # type: ignore[misc]
     driver = "asyncpool"
     supports_statement_cache = True
     supports_native_json_deserialization = False
+    execution_ctx_cls = _ExecutionContext
     colspecs: ClassVar[dict[Any, Any]] = {**_DialectBase.colspecs, sqltypes.JSON: _JSON,
                                           pg_json.JSONB: _JSONB}
 
