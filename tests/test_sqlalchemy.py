@@ -149,6 +149,35 @@ async def test_json_codecs_do_not_bleed_to_plain_pool_users(
         await engine.dispose()
 
 
+async def test_a_codec_for_everyone_with_the_documented_deserializer(
+        request: pytest.FixtureRequest, schema: None) -> None:
+    """docs/sqlalchemy.md's "codec for everyone": the pool's connections decode JSON themselves,
+    and ``json_deserializer=lambda value: value`` keeps SQLAlchemy from decoding again (a JSON
+    string, "123", stays the string)."""
+    import json
+
+    async def init(conn: Any) -> None:
+        for name in ("json", "jsonb"):
+            await conn.set_type_codec(name, schema="pg_catalog", encoder=lambda value: value,
+                                      decoder=json.loads, format="text")
+
+    server = _pooler(request, "legacy")
+    values: list[Any] = ["hello", "123", "true", {"a": 1}, [1, "x"]]
+    async with Pool(server.dsn(), name="sqla-codec", max_size=1, init=init,
+                    telemetry=False) as pool:
+        engine = create_async_engine(pool, json_deserializer=lambda value: value)
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("CREATE TEMP TABLE codec_json (v jsonb)"))
+            table = sa.table("codec_json", sa.column("v", sa.dialects.postgresql.JSONB))
+            for value in values:
+                await conn.execute(sa.insert(table).values(v=value))
+            assert (await conn.execute(sa.select(table.c.v))).scalars().all() == values
+            untyped = await conn.execute(sa.text("SELECT v FROM codec_json"))
+            assert untyped.scalars().all() == values
+        assert await pool.fetchval("""SELECT '{"a": 1}'::jsonb""") == {"a": 1}  # (the codec's)
+        await engine.dispose()
+
+
 async def test_pool_timeout_is_the_cause(request: pytest.FixtureRequest, schema: None) -> None:
     server = _pooler(request, "legacy")
     async with Pool(server.dsn(), name="sqla-timeout", max_size=1, acquire_timeout=0.2,
