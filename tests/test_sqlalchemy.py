@@ -303,6 +303,26 @@ async def test_json_results_without_a_type_are_decoded_as_sqlalchemys_asyncpg_di
     await engine.dispose()
 
 
+async def test_concurrent_sessions_reuse_records_instead_of_building_one_each(
+        pool: Pool) -> None:
+    """More sessions at once than the pool has connections: those that wait take the records
+    of sessions that end (the ``connect`` event fires once per record, as documented); each
+    waiter built a record of its own before (99 ``connect`` events for 100 sessions)."""
+    engine = create_async_engine(pool)
+    events: collections.Counter[str] = collections.Counter()
+    sa.event.listen(engine.sync_engine, "connect", lambda *_: events.update(["connect"]))
+    Session = async_sessionmaker(engine)
+
+    async def session_work() -> None:
+        async with Session() as session, session.begin():
+            await session.execute(sa.text("SELECT pg_sleep(0.002)"))
+
+    await asyncio.gather(*(session_work() for _ in range(100)))
+    assert events["connect"] <= pool.get_max_size(), events
+    await _settled(pool)
+    await engine.dispose()
+
+
 async def test_a_session_collected_unclosed_frees_its_slot_at_once(
         request: pytest.FixtureRequest, schema: None) -> None:
     """A handler that makes a session, runs a statement and returns without closing it: once the

@@ -30,6 +30,7 @@ import re
 import sys
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from types import FrameType
 from typing import Any, ClassVar
 
@@ -320,11 +321,24 @@ class _DBAPI(_DBAPIBase):  # type: ignore[misc]
             raise sa_exc.ArgumentError(
                 "the postgresql+asyncpool dialect connects only through "
                 "asyncpool.integrations.sqlalchemy.create_async_engine(pool)")
-        try:
-            conn = _await(_checkout(pool))
-        except PoolError as error:
-            raise _dbapi_error(error) from error
+        conn = _LENT.get()
+        if conn is None:
+            conn = _lend_from(pool)
+        else:
+            _LENT.set(None)  # (taken: a second connect in this context checks out its own)
         return _Connection(self, conn, pool)
+
+
+#: A connection `LendingPool._do_get` checked out before making the record that takes it.
+_LENT: ContextVar[PooledConnection | None] = ContextVar("asyncpool_lent", default=None)
+
+
+def _lend_from(pool: Pool) -> PooledConnection:
+    try:
+        conn: PooledConnection = _await(_checkout(pool))
+    except PoolError as error:
+        raise _dbapi_error(error) from error
+    return conn
 
 
 class LendingPool(sa_pool.Pool):
@@ -348,16 +362,38 @@ class LendingPool(sa_pool.Pool):
         self._spare: list[Any] = []
 
     def _do_get(self) -> Any:
-        if not self._spare:
-            return self._create_connection()
-        record = self._spare.pop()
-        adapter = record.dbapi_connection
-        if adapter is not None:  # None: invalidated; get_connection() reconnects it
+        if self._spare:
+            record = self._spare.pop()
             try:
-                adapter._lend(_await(_checkout(self._asyncpool)))
-            except PoolError as error:
+                conn = _lend_from(self._asyncpool)
+            except BaseException:
                 self._spare.append(record)
-                raise _dbapi_error(error) from error
+                raise
+            return self._lend(record, conn)
+        # The connection first: while this waits for one, sessions that end give their records
+        # back, and one of those takes it (a record made before the wait, by every waiter, would
+        # be closed on its return: a record and its connect events per checkout).
+        conn = _lend_from(self._asyncpool)
+        if self._spare:
+            return self._lend(self._spare.pop(), conn)
+        token = _LENT.set(conn)
+        try:
+            return self._create_connection()
+        except BaseException:
+            if _LENT.get() is conn:  # not taken by the record: give it back
+                _await(conn.close())
+            raise
+        finally:
+            _LENT.reset(token)
+
+    def _lend(self, record: Any, conn: PooledConnection) -> Any:
+        adapter = record.dbapi_connection
+        if adapter is None:
+            # Invalidated: get_connection() makes it a new adapter through the creator, which
+            # checks out a connection of its own.
+            _await(conn.close())
+        else:
+            adapter._lend(conn)
         return record
 
     def _do_return_conn(self, record: Any) -> None:
