@@ -26,7 +26,8 @@ from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.test_unnamed_wire import CountingRelay
 
 #: (PgBouncer, statement mode) pairs that must work: 1.18 has no prepared statements.
-MODES = [("legacy", "off"), ("legacy", "unnamed"), ("current", "on"), ("current", "unnamed")]
+MODES: list[tuple[str, PreparedStatements]] = [
+    ("legacy", "off"), ("legacy", "unnamed"), ("current", "on"), ("current", "unnamed")]
 
 
 class Base(DeclarativeBase):
@@ -301,6 +302,31 @@ async def test_json_results_without_a_type_are_decoded_as_sqlalchemys_asyncpg_di
         assert (await conn.execute(typed)).scalar() == "hello"
     assert await pool.fetchval("""SELECT '{"a": 1}'::jsonb""") == '{"a": 1}'
     await engine.dispose()
+
+
+@pytest.mark.parametrize(("which", "mode"), MODES)
+async def test_a_stream_reclaimed_as_a_leak_says_so(
+        request: pytest.FixtureRequest, which: str, mode: PreparedStatements) -> None:
+    """A session streaming a server-side cursor past leak_timeout: the holder gets SQLAlchemy's
+    DBAPIError caused by `ConnectionLeakedError`, as on the other paths (it got asyncpg's
+    QueryCanceledError, bare, from the stream's fetch)."""
+    leaky = Pool(_pooler(request, which).dsn(), name="sqla-stream-leak", max_size=1,
+                 prepared_statements=mode, leak_timeout=0.3, telemetry=False)
+    async with leaky:
+        engine = create_async_engine(leaky)
+        Session = async_sessionmaker(engine)
+        rows = 0
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            async with Session() as session, session.begin():
+                result = await session.stream(sa.text(
+                    "SELECT g, pg_sleep(0.1) FROM generate_series(1, 10) g"
+                ).execution_options(yield_per=1))
+                async for _ in result:
+                    rows += 1
+        assert isinstance(caught.value.__cause__, ConnectionLeakedError), repr(caught.value)
+        assert rows < 10
+        await _settled(leaky)
+        await engine.dispose()
 
 
 async def test_concurrent_sessions_reuse_records_instead_of_building_one_each(

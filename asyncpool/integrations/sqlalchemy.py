@@ -200,6 +200,33 @@ class _Cursor(_CursorBase):  # type: ignore[misc]
             self._rows = deque(rows)
 
 
+_ServerSideCursorBase: Any = sa_asyncpg.AsyncAdapt_asyncpg_ss_cursor
+
+
+class _ServerSideCursor(_ServerSideCursorBase):  # type: ignore[misc]
+    """SQLAlchemy's server-side cursor (``stream()``, ``yield_per``), whose fetches' errors go
+    through the connection's translation as the other paths' do: a leak reclaim under a stream
+    is `ConnectionLeakedError`, not asyncpg's ``QueryCanceledError`` raised bare."""
+
+    def _buffer_rows(self) -> None:
+        try:
+            super()._buffer_rows()
+        except Exception as error:
+            self._adapt_connection._handle_exception(error)
+
+    def fetchmany(self, size: int | None = None) -> Any:
+        try:
+            return super().fetchmany(size)
+        except Exception as error:
+            self._adapt_connection._handle_exception(error)
+
+    def fetchall(self) -> Any:
+        try:
+            return super().fetchall()
+        except Exception as error:
+            self._adapt_connection._handle_exception(error)
+
+
 async def _settle(conn: PooledConnection, error: Exception) -> None:
     """After a client-side error, give a connection the server is closing a moment to show it.
 
@@ -253,10 +280,12 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
 
     def cursor(self, server_side: bool = False) -> Any:
         if server_side:
-            return super().cursor(server_side=True)
+            return _ServerSideCursor(self)
         return _Cursor(self)
 
     def _handle_exception(self, error: Exception) -> Any:
+        if type(error) in _error_classes.values():
+            raise error  # translated already (seen again by a server-side cursor's fetch)
         translated = _translate(self._connection, self._asyncpool, error)
         if translated is not None:
             self._forget_transaction()
