@@ -70,8 +70,8 @@ class Pool:
         **options: Unpack[PoolOptions],
     ) -> None:
         config = resolve(dsn, config, options)
-        self.config = config
-        self.name = config.name
+        self.config: PoolConfig = config
+        self.name: str = config.name
         self._extra_observers = list(observers or [])
         self._slots = slots = Slots(config.name, config)
         # The query helpers, bound straight to the slot owner: ``pool.fetchval(...)`` makes the
