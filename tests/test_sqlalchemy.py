@@ -297,6 +297,10 @@ async def test_json_results_without_a_type_are_decoded_as_sqlalchemys_asyncpg_di
         assert built == {"k": 2}
         driver = (await conn.exec_driver_sql("""SELECT '{"x": true}'::jsonb""")).scalar()
         assert driver == {"x": True}
+        arrays = (await conn.execute(sa.text(
+            """SELECT ARRAY['{"a": 1}'::jsonb, '[2]', NULL] AS b,"""
+            """ ARRAY[ARRAY['1'::json], ARRAY['"s"'::json]] AS j"""))).one()
+        assert tuple(arrays) == ([{"a": 1}, [2], None], [[1], ["s"]])
         typed = sa.text("""SELECT '"hello"'::jsonb AS b""").columns(
             b=sa.dialects.postgresql.JSONB)
         assert (await conn.execute(typed)).scalar() == "hello"

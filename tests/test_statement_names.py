@@ -191,9 +191,10 @@ async def test_a_prepare_given_back_unrun_frees_the_server_connection(
         assert pool.stats().closed_total == 0
 
 
+@pytest.mark.parametrize("how", ["conn.fetchval", "pool.fetchval", "statement.explain"])
 @pytest.mark.parametrize("mode", ["unnamed", "off", "on"])
 async def test_a_statement_cancelled_while_described_frees_the_server_connection(
-        pooler: Pooler, mode: PreparedStatements) -> None:
+        pooler: Pooler, mode: PreparedStatements, how: str) -> None:
     """A new statement cancelled during asyncpg's first round trip (Parse/Describe/Flush: a
     cancel that arrives after the server answered it ends nothing) left the server connection
     assigned to this client after the return. Cancelled at seeded random moments within one
@@ -209,9 +210,20 @@ async def test_a_statement_cancelled_while_described_frees_the_server_connection
             await pool.fetchval(f"SELECT {n}::int AS warm")
         round_trip = (time.perf_counter() - started) / 10
         for n in range(40):
+            query = f"SELECT $1::int + {n} AS new_{n}"
             with contextlib.suppress(TimeoutError):
-                async with pool.acquire() as conn, asyncio.timeout(rng.uniform(0, round_trip)):
-                    await conn.fetchval(f"SELECT $1::int + {n} AS new_{n}", 1)
+                if how == "pool.fetchval":  # the query helpers' own path (asyncpool.pool.runner)
+                    async with asyncio.timeout(rng.uniform(0, round_trip)):
+                        await pool.fetchval(query, 1)
+                elif how == "statement.explain":  # asyncpg's own call, which the proxy does not see
+                    async with pool.acquire() as conn:
+                        statement = await conn.prepare(query)
+                        assert await statement.fetchval(1) == n + 1
+                        async with asyncio.timeout(rng.uniform(0, round_trip)):
+                            await statement.explain(1)
+                else:
+                    async with pool.acquire() as conn, asyncio.timeout(rng.uniform(0, round_trip)):
+                        await conn.fetchval(query, 1)
             await asyncio.sleep(0.02)
             if await _server_held(pooler):
                 held += 1

@@ -479,8 +479,21 @@ class _JSONB(pg_json.JSONB):
         return _json_result(dialect)
 
 
-#: PostgreSQL's json and jsonb type OIDs (the type codes of the cursor's description).
+#: PostgreSQL's json and jsonb type OIDs (the type codes of the cursor's description), and
+#: those of their arrays.
 _JSON_OIDS = frozenset((114, 3802))
+_JSON_ARRAY_OIDS = frozenset((199, 3807))
+
+
+def _json_array_result(dialect: Any) -> Callable[[Any], Any]:
+    item = _json_result(dialect)
+
+    def process(value: Any) -> Any:
+        if isinstance(value, list):  # (nested: a multidimensional array)
+            return [process(v) if isinstance(v, list) else item(v) for v in value]
+        return value
+
+    return process
 
 
 class _ExecutionContext(sa_asyncpg.PGExecutionContext_asyncpg):
@@ -488,8 +501,11 @@ class _ExecutionContext(sa_asyncpg.PGExecutionContext_asyncpg):
         # A json/jsonb result with no SQLAlchemy type (text(), func.jsonb_build_object(),
         # exec_driver_sql): decoded as SQLAlchemy's asyncpg dialect decodes it, through its
         # codecs, which this dialect does not set (see `AsyncpoolDialect.on_connect`).
-        if coltype in _JSON_OIDS and type_._type_affinity is sqltypes.NullType:
-            return _json_result(self.dialect)
+        if type_._type_affinity is sqltypes.NullType:
+            if coltype in _JSON_OIDS:
+                return _json_result(self.dialect)
+            if coltype in _JSON_ARRAY_OIDS:
+                return _json_array_result(self.dialect)
         return super().get_result_processor(type_, colname, coltype)
 
 

@@ -229,6 +229,10 @@ async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None
         return
     if exc is not None:
         advise_on_prepared_statements(exc, owner.statement_mode)
+        if lease.state is ACTIVE and isinstance(exc, asyncio.CancelledError | TimeoutError):
+            # Cut short, maybe while asyncpg described a statement (the helpers', or one of
+            # asyncpg's own calls the proxy does not see: a statement's explain(), LISTEN).
+            lease.record.note_unsynced_parse()
     # Only the driver's own failure becomes ConnectionLostError: the holder's exception (an HTTP
     # 404 raised in the block), a time limit, or a cancellation go on as they are, even if the
     # connection died meanwhile.

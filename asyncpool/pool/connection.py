@@ -32,7 +32,6 @@ if TYPE_CHECKING:
         CopyRecordsOptions,
         CopyToTableOptions,
     )
-    from asyncpool.pool.record import ConnectionRecord
     from asyncpool.unnamed import DescribeCacheStats
 
     #: A ``record_class=`` given to one call.
@@ -140,12 +139,12 @@ def _statement(name: str) -> Callable[..., Any]:
                 # terminate(), a leak reclaim): its error, not the driver's.
                 raise self._unusable() from exc
             if isinstance(exc, TimeoutError):  # (its `timeout=`: asyncpg's cancel, below)
-                _parse_unsynced(record)
+                record.note_unsynced_parse()
             advise_on_prepared_statements(exc, owner.statement_mode)
             raise
         except CancelledError:
             # Cancelled while asyncpg described a statement (Parse, Describe, Flush: no Sync).
-            _parse_unsynced(record)
+            record.note_unsynced_parse()
             raise
         if rows:
             return result
@@ -154,14 +153,6 @@ def _statement(name: str) -> Callable[..., Any]:
     functools.update_wrapper(method, own if own is not None else original)
     method.__qualname__ = f"PooledConnection.{name}"
     return method
-
-
-def _parse_unsynced(record: ConnectionRecord) -> None:
-    """Note that a Parse may be left without a Sync on the connection outside a transaction: the
-    return then ends it, unless a statement has since (`ConnectionRecord.sync_after`)."""
-    probe = record.probe  # (asyncpg's own methods fail once the connection is closed)
-    if probe.is_connected() and not probe.is_in_transaction():
-        record.sync_after = 1 + driver.queries_count(record.conn)
 
 
 def _on_behalf_of(proxy: PooledConnection, callback: Callable[..., Any]) -> Callable[..., Any]:
@@ -351,7 +342,7 @@ class PooledConnection(_Base):
             lease = self._lease
             if lease.state is ACTIVE:  # (else refused below)
                 # Noted before it is sent: cancelled, it leaves the server waiting as well.
-                _parse_unsynced(lease.record)
+                lease.record.note_unsynced_parse()
             return bind(await self._prepare_unbound(query, name=name, timeout=timeout,
                                                     record_class=record_class))
 
@@ -361,7 +352,7 @@ class PooledConnection(_Base):
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
             factory = self._cursor_unbound(*args, **kwargs)
             # Outside a transaction asyncpg refuses the cursor after sending its Parse.
-            _parse_unsynced(self._lease.record)
+            self._lease.record.note_unsynced_parse()
             return factory
 
         # asyncpg's pool hands listener callbacks its proxy, not the connection: a callback that

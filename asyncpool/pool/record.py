@@ -8,7 +8,7 @@ import math
 import random
 from typing import TYPE_CHECKING
 
-from asyncpool.connect.driver import DriverConnection, Probe, probe
+from asyncpool.connect.driver import DriverConnection, Probe, probe, queries_count
 
 if TYPE_CHECKING:
 
@@ -69,6 +69,14 @@ class ConnectionRecord:
         # keeps the server connection assigned to this client until one comes: if no statement
         # has sent one by the return, the return does (`driver.reset`).
         self.sync_after = 0
+
+    def note_unsynced_parse(self) -> None:
+        """A Parse may have been left without a Sync (a ``prepare()``, a refused cursor, a
+        statement cancelled while described): outside a transaction, the return ends it unless
+        a statement has since (`sync_after`). Not on the query path: on those calls only."""
+        probe = self.probe  # (asyncpg's own methods fail once the connection is closed)
+        if probe.is_connected() and not probe.is_in_transaction():
+            self.sync_after = 1 + queries_count(self.conn)
 
     def touch(self, now: float, validate_after: float) -> None:
         """Note a use at `now`, and when the next checkout must look at the connection
