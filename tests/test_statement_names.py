@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import random
 import subprocess
 import sys
@@ -183,6 +184,17 @@ async def test_a_prepare_given_back_unrun_frees_the_server_connection(
         async with pool.transaction() as conn:
             await conn.prepare("SELECT 3")  # inside a transaction: its COMMIT ends it
         assert await _server_held(pooler) == 0
+        counts = []
+        for prepared in (False, True):
+            queries = await pooler.total_queries()
+            async with pool.acquire() as conn:
+                if prepared:
+                    await conn.prepare("SELECT 5")
+                await conn.copy_from_query("SELECT 1", output=io.BytesIO())  # (ends with a Sync)
+            assert await _server_held(pooler) == 0
+            counts.append(await pooler.total_queries() - queries)
+        if mode != "on":  # (PgBouncer's own replays of tracked statements count there too)
+            assert counts[1] == counts[0]  # no SELECT 1 after the COPY
         async with pool.acquire() as conn:
             # Outside a transaction asyncpg refuses a cursor after sending its Parse.
             with pytest.raises(asyncpg.NoActiveSQLTransactionError):

@@ -99,6 +99,9 @@ def _statement(name: str) -> Callable[..., Any]:
     own, limit, shape = body if body is not None else (None, 0, ROWS)
     # The shape as flags: one read each where the statement ends.
     rows, first_row, status = shape is ROWS, shape is FIRST_ROW, shape is STATUS
+    # A COPY is a simple query, answered with ReadyForQuery, but asyncpg does not count it in
+    # its query count: one that succeeds tells the return there is no Parse left unsynced.
+    synced = name.startswith("copy_")
 
     async def method(self: PooledConnection, query: Any = BY_NAME, /, *args: Any,
                      **kwargs: Any) -> Any:
@@ -123,10 +126,13 @@ def _statement(name: str) -> Callable[..., Any]:
                 # could see.
                 lease.running += 1
                 try:
-                    return await (call(*args, **kwargs) if query is BY_NAME
-                                  else call(query, *args, **kwargs))
+                    outcome = await (call(*args, **kwargs) if query is BY_NAME
+                                     else call(query, *args, **kwargs))
                 finally:
                     lease.running -= 1
+                if synced:
+                    record.sync_after = 0
+                return outcome
             if not record.probe.is_connected():
                 conn._check_open()  # asyncpg's own error for a closed connection
             if status:
