@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
+import anyio
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
 from mangum import Mangum
@@ -67,6 +68,15 @@ def build_app(pool: Pool, *, keep_open: bool | None = True) -> FastAPI:
     async def count_notes(conn: connection, table: str) -> int:
         count: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
         return count
+
+    @app.get("/cut")
+    async def cut() -> dict[str, bool]:
+        # A checkout cut short by an anyio cancel scope (as a streaming response whose client
+        # went away): the holder leaves before its connection's reset ends.
+        with anyio.move_on_after(0.3):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_sleep(2)")
+        return {"cut": True}
 
     @app.get("/invocation")
     async def invocation(conn: connection, tx: transaction) -> dict[str, Any]:
@@ -179,6 +189,19 @@ async def test_many_invocations_share_one_pool_and_connection(
     assert (stats.created_total, stats.acquired_total, stats.closed_total) == (1, 15, 0)
     [port] = ports
     assert [int(row["port"]) for row in await app_clients(pooler)].count(port) == 1
+
+
+async def test_a_checkout_cut_short_is_reset_before_the_response(
+        lambda_env: MangumEnvironment, pooler: Pooler) -> None:
+    """The lifespan's shutdown, which Mangum runs after each invocation, waits for the resets
+    holders left running (an anyio cancel scope): once the response is out the environment may
+    be frozen, and a reset still waiting would keep PgBouncer's server connection (and its
+    transaction) until the thaw."""
+    await lambda_env.start(build_app(lambda_env.pool))
+    response = await lambda_env.invoke(http_event("GET", "/cut"))
+    assert response["statusCode"] == 200, response
+    row = await pooler.pool_row()  # (Mangum's loop does not run between invocations)
+    assert (row["sv_active"], lambda_env.pool.stats().in_use) == (0, 0), row
 
 
 async def test_endpoint_that_raises_releases_its_connection(lambda_env: MangumEnvironment) -> None:

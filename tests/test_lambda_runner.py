@@ -135,6 +135,34 @@ async def test_deadline_cancels_the_handler_and_returns_its_connection(
     assert pool.stats().created_total == 1
 
 
+@pytest.mark.parametrize("in_transaction", [True, False])
+async def test_a_checkout_cut_short_by_anyio_is_reset_before_the_response(
+    env: Environment, pooler: Pooler, in_transaction: bool
+) -> None:
+    """An anyio cancel scope (a streaming response cut short) leaves its checkout before the
+    reset ends (the reset goes on in a task of the pool's): the invocation waits for it before
+    its response is posted, as the environment may be frozen then, and a reset still waiting
+    would keep PgBouncer's server connection (and the transaction) until the thaw."""
+    import anyio
+
+    pool = env.pool(pooler.dsn())
+
+    @async_handler(runner=env.runner)
+    async def cut(event: Any, context: Any) -> str:
+        await pool.open()
+        with anyio.move_on_after(0.3):
+            async with pool.acquire() as conn:
+                if in_transaction:
+                    await conn.execute("BEGIN")
+                await conn.execute("SELECT pg_sleep(2)")
+        return "cut"
+
+    assert await env.invoke(cut, context=LocalContext(timeout=10)) == "cut"
+    # The environment's loop does not run between invocations (a frozen environment's).
+    row = await pooler.pool_row()
+    assert (row["sv_active"], pool.stats().in_use) == (0, 0), row
+
+
 async def test_an_invocation_runs_with_no_timer_in_its_loop(env: Environment, pooler: Pooler) -> None:
     # The time budget, the leak deadline and housekeeping wait off the loop's heap, where a
     # pending timer would make every turn of the loop dearer (asyncpool/pool/alarms.py).

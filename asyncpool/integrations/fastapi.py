@@ -36,6 +36,7 @@ from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lamb
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
+from asyncpool.pool.slots import RELEASE_TIMEOUT
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
@@ -190,5 +191,8 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
             close_on_shutdown(pool, asyncio.get_running_loop())
             hooked = True
         yield
+        # The shutdown Mangum runs after each invocation, before the response goes: resets that
+        # holders left early (a streaming response cut short) end here, not after the thaw.
+        await pool._slots.settle(RELEASE_TIMEOUT)
 
     return lifespan

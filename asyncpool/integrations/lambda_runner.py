@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool.alarms import Deadline
+from asyncpool.pool.slots import RELEASE_TIMEOUT, settle_loop
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -147,6 +148,16 @@ class LambdaRunner:
                     "before the Lambda timeout so its connections could be rolled back and "
                     "returned; make the handler faster or raise the function timeout"
                 ) from exc
+            finally:
+                await self._settle(context)
+
+    async def _settle(self, context: Any) -> None:
+        """Let the pools on this loop finish resetting connections their holders left early (an
+        anyio cancel scope does not wait for it): the environment may be frozen once the
+        response is posted, and such a connection would keep the pooler's server connection
+        and its transaction until the thaw. Within what is left of the invocation's time."""
+        left = _time_budget(context, 0.0)
+        await settle_loop(RELEASE_TIMEOUT if left is None else min(RELEASE_TIMEOUT, left))
 
     async def _after_pause(self) -> None:
         """What the environment missed while it was not running: read it, and distrust the rest."""

@@ -125,6 +125,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+async def settle_loop(timeout: float) -> None:
+    """`Slots.settle` for every pool open on the running loop, attached to a runner or not."""
+    loop = get_running_loop()
+    for slots in [s for s in _LIVE if s.loop is loop]:
+        await slots.settle(timeout)
+
+
 class Waiter:
     """A caller queued for a connection. `retrying` callers already hold a slot (they are between
     two login attempts) and take only connections; the others take connections or slots."""
@@ -182,7 +189,7 @@ class Slots(_HotSlots):
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
         "forks", "generation", "housekeeper", "leaked_total", "name", "observer", "opened_in",
         "opening", "pid",
-        "records", "replaced_credentials", "retrying", "state", "timeouts_total",
+        "records", "replaced_credentials", "resets", "retrying", "state", "timeouts_total",
         "validation_failures_total", "waiters",
     )
 
@@ -245,6 +252,8 @@ class Slots(_HotSlots):
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
         self.background: set[asyncio.Task[Any]] = set()
+        # Resets of returned connections (among `background`), for `settle`.
+        self.resets: set[asyncio.Task[bool]] = set()
         # Connections being closed politely, by the task doing it (terminate() cuts them short).
         self.closing: dict[asyncio.Task[Any], Any] = {}
         self.housekeeper: asyncio.Task[None] | None = None
@@ -1277,6 +1286,8 @@ class Slots(_HotSlots):
         task when the caller is still there (before anyone else can take it, as before)."""
         record = lease.record
         reset = self._spawn(self._reset(record, timeout))
+        self.resets.add(reset)
+        reset.add_done_callback(self.resets.discard)
         try:
             await asyncio.shield(reset)
         except asyncio.CancelledError:
@@ -1286,6 +1297,20 @@ class Slots(_HotSlots):
                 reset.add_done_callback(functools.partial(self._put_reset, record))
             raise
         self._put_reset(record, reset)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait up to `timeout` for the resets of connections whose holders left before the
+        reset ended (`checkin`); one still running then is cancelled, and its connection closed.
+        For a process about to be frozen (a Lambda invocation's end): a reset waiting there
+        would keep a pooler's server connection, and a transaction, until the thaw."""
+        pending = [task for task in self.resets if not task.done()]
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=max(timeout, 0.0))
+        for task in late:
+            task.cancel()  # `_reset` closes its connection
+        if late:
+            await asyncio.wait(late)
 
     async def _reset(self, record: ConnectionRecord, timeout: float | None) -> bool:
         """Reset a returned connection; False if it failed (the connection is closed)."""
