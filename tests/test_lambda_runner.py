@@ -163,6 +163,46 @@ async def test_a_checkout_cut_short_by_anyio_is_reset_before_the_response(
     assert (row["sv_active"], pool.stats().in_use) == (0, 0), row
 
 
+async def test_a_reset_that_hangs_ends_within_the_invocations_time(
+    env: Environment, pooler: Pooler
+) -> None:
+    """A reset left running that cannot finish (its server process is stopped): the invocation
+    still returns before its deadline less the runner's margin, and the connection is closed
+    before it returns (PgBouncer has no client of ours left while the environment is frozen)."""
+    import os
+    import signal
+
+    import anyio
+
+    pool = env.pool(pooler.dsn())
+    stopped: list[int] = []
+
+    @async_handler(runner=env.runner)
+    async def cut(event: Any, context: Any) -> str:
+        await pool.open()
+        with anyio.move_on_after(0.2):
+            async with pool.acquire() as conn:
+                await conn.execute("BEGIN")
+                pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+                await conn.execute("SELECT 1")
+        return "cut"
+
+    started = time.monotonic()
+    try:
+        assert await env.invoke(cut, context=LocalContext(timeout=2.0)) == "cut"
+        took = time.monotonic() - started
+        clients = [row for row in await pooler.admin("SHOW CLIENTS")
+                   if row["database"] == "app" and row["state"] == "active"]
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert took < 2.0 - 0.4, took  # the runner's margin (0.5 s) is left for the response
+    assert clients == []
+    assert pool.stats().in_use == 0
+
+
 async def test_an_invocation_runs_with_no_timer_in_its_loop(env: Environment, pooler: Pooler) -> None:
     # The time budget, the leak deadline and housekeeping wait off the loop's heap, where a
     # pending timer would make every turn of the loop dearer (asyncpool/pool/alarms.py).

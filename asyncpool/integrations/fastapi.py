@@ -36,7 +36,7 @@ from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lamb
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.slots import RELEASE_TIMEOUT
+from asyncpool.pool.slots import RELEASE_TIMEOUT, settle
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
@@ -113,6 +113,12 @@ def _uses(dependant: Any, dependency: object, overrides: Any) -> list[Any]:
 _cold_starts: weakref.WeakKeyDictionary[Pool, ColdStart] = weakref.WeakKeyDictionary()
 # The Lambda request each pool last served, to tell when a new invocation (after a pause) begins.
 _last_request: weakref.WeakKeyDictionary[Pool, str] = weakref.WeakKeyDictionary()
+# Its Lambda context, for the time left when the lifespan ends (`_settle`).
+_last_context: weakref.WeakKeyDictionary[Pool, Any] = weakref.WeakKeyDictionary()
+#: What `_settle` leaves of the invocation's time for the response, as LambdaRunner's default.
+_RESPONSE_MARGIN = 0.5
+#: How long `_settle` waits when no request of the invocation said how much time is left.
+_UNKNOWN_TIME_WAIT = 1.0
 
 
 async def _after_pause(request: Request, pool: Pool) -> None:
@@ -123,8 +129,18 @@ async def _after_pause(request: Request, pool: Pool) -> None:
     request_id = getattr(context, "aws_request_id", None)
     if request_id is None or _last_request.get(pool) == request_id:
         return
+    _last_context[pool] = context
     _last_request[pool] = request_id
     await _thawed(pool)
+
+
+async def _settle(pool: Pool) -> None:
+    """At the end of a Lambda invocation (Mangum's lifespan shutdown, before the response goes):
+    let resets holders left running end, within the invocation's time (`slots.settle`)."""
+    remaining = getattr(_last_context.pop(pool, None), "get_remaining_time_in_millis", None)
+    timeout = (_UNKNOWN_TIME_WAIT if remaining is None
+               else min(RELEASE_TIMEOUT, remaining() / 1000 - _RESPONSE_MARGIN))
+    await settle([pool._slots], timeout)
 
 
 async def _thawed(pool: Pool) -> None:
@@ -193,6 +209,6 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
         yield
         # The shutdown Mangum runs after each invocation, before the response goes: resets that
         # holders left early (a streaming response cut short) end here, not after the thaw.
-        await pool._slots.settle(RELEASE_TIMEOUT)
+        await _settle(pool)
 
     return lifespan

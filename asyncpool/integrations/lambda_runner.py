@@ -156,7 +156,7 @@ class LambdaRunner:
         anyio cancel scope does not wait for it): the environment may be frozen once the
         response is posted, and such a connection would keep the pooler's server connection
         and its transaction until the thaw. Within what is left of the invocation's time."""
-        left = _time_budget(context, 0.0)
+        left = _time_budget(context, self.timeout_margin)  # (the response must still go out)
         await settle_loop(RELEASE_TIMEOUT if left is None else min(RELEASE_TIMEOUT, left))
 
     async def _after_pause(self) -> None:

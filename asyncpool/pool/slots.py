@@ -126,10 +126,37 @@ if hasattr(os, "register_at_fork"):
 
 
 async def settle_loop(timeout: float) -> None:
-    """`Slots.settle` for every pool open on the running loop, attached to a runner or not."""
+    """`settle` every pool open on the running loop, attached to a runner or not."""
     loop = get_running_loop()
-    for slots in [s for s in _LIVE if s.loop is loop]:
-        await slots.settle(timeout)
+    await settle([s for s in _LIVE if s.loop is loop], timeout)
+
+
+async def settle(pools: list[Slots], timeout: float) -> None:
+    """Wait up to `timeout`, all `pools` together, for the resets of connections whose holders
+    left before the reset ended (`Slots.checkin`); one still running then is cancelled and its
+    connection closed, before this returns (a cancel request in flight is given what is left
+    of `timeout`: closing under it crashes PgBouncer 1.18, pgbouncer#801).
+
+    For a process about to be frozen (the end of a Lambda invocation): a reset left waiting
+    would keep a pooler's server connection, and a transaction, until the thaw."""
+    pending = {task: record for slots in pools for task, record in slots.resets.items()
+               if not task.done()}
+    if not pending:
+        return
+    loop = get_running_loop()
+    deadline = loop.time() + max(timeout, 0.0)
+    _, late = await asyncio.wait(pending, timeout=max(timeout, 0.0))
+    for task in late:
+        task.cancel()  # `_reset` retires its connection
+    if late:
+        await asyncio.wait(late)
+    for task in late:
+        conn = pending[task].conn
+        requests = driver.pending_cancellations(conn)
+        remaining = deadline - loop.time()
+        if requests and remaining > 0:
+            await asyncio.wait(requests, timeout=remaining)
+        conn.terminate()  # (at once, where `retire` would have waited for the request)
 
 
 class Waiter:
@@ -252,8 +279,8 @@ class Slots(_HotSlots):
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
         self.background: set[asyncio.Task[Any]] = set()
-        # Resets of returned connections (among `background`), for `settle`.
-        self.resets: set[asyncio.Task[bool]] = set()
+        # Resets of returned connections (among `background`) and their records, for `settle`.
+        self.resets: dict[asyncio.Task[bool], ConnectionRecord] = {}
         # Connections being closed politely, by the task doing it (terminate() cuts them short).
         self.closing: dict[asyncio.Task[Any], Any] = {}
         self.housekeeper: asyncio.Task[None] | None = None
@@ -1286,8 +1313,8 @@ class Slots(_HotSlots):
         task when the caller is still there (before anyone else can take it, as before)."""
         record = lease.record
         reset = self._spawn(self._reset(record, timeout))
-        self.resets.add(reset)
-        reset.add_done_callback(self.resets.discard)
+        self.resets[reset] = record
+        reset.add_done_callback(self._reset_done)
         try:
             await asyncio.shield(reset)
         except asyncio.CancelledError:
@@ -1298,19 +1325,8 @@ class Slots(_HotSlots):
             raise
         self._put_reset(record, reset)
 
-    async def settle(self, timeout: float) -> None:
-        """Wait up to `timeout` for the resets of connections whose holders left before the
-        reset ended (`checkin`); one still running then is cancelled, and its connection closed.
-        For a process about to be frozen (a Lambda invocation's end): a reset waiting there
-        would keep a pooler's server connection, and a transaction, until the thaw."""
-        pending = [task for task in self.resets if not task.done()]
-        if not pending:
-            return
-        _, late = await asyncio.wait(pending, timeout=max(timeout, 0.0))
-        for task in late:
-            task.cancel()  # `_reset` closes its connection
-        if late:
-            await asyncio.wait(late)
+    def _reset_done(self, task: asyncio.Task[bool]) -> None:
+        self.resets.pop(task, None)
 
     async def _reset(self, record: ConnectionRecord, timeout: float | None) -> bool:
         """Reset a returned connection; False if it failed (the connection is closed)."""
