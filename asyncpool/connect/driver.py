@@ -255,14 +255,14 @@ def is_cancelling(conn: Any) -> bool:
     return bool(check()) if check is not None else False
 
 
-async def reset(conn: Any, timeout: float, sync_after: int = 0) -> None:
+async def reset(conn: Any, timeout: float, *, unsynced: bool = False) -> None:
     """Make a returned connection clean for the next holder (bounded by `timeout`): wait for a
     cancelled query to finish, forget a Transaction whose BEGIN failed, roll back, end a Parse
-    of the holder's (a ``prepare()``, a refused cursor, a statement cancelled while described)
-    that no statement has followed since (`sync_after`: 1 + the query count then) or that a
-    cancel may have cut short (behind a transaction-mode pooler the server connection stays
-    this client's until the server has answered a Sync), and drop the callbacks the holder registered
-    (``UNLISTEN *`` only if it listened)."""
+    of the holder's left without a Sync (`unsynced`: a ``prepare()``, a refused cursor, a
+    statement cancelled while described, with no statement since) or that a cancel may have cut
+    short (behind a transaction-mode pooler the server connection stays this client's until the
+    server has answered a Sync), and drop the callbacks the holder registered (``UNLISTEN *``
+    only if it listened)."""
     async with asyncio.timeout(timeout):
         cancelled = is_cancelling(conn)
         if cancelled:
@@ -273,7 +273,7 @@ async def reset(conn: Any, timeout: float, sync_after: int = 0) -> None:
             conn._top_xact = None
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
-        elif cancelled or (sync_after and queries_count(conn) + 1 == sync_after):
+        elif cancelled or unsynced:
             # A statement cancelled while asyncpg described it (no Sync follows then), or a
             # Parse with none since: a simple query ends it, answered with ReadyForQuery.
             await conn.execute("SELECT 1")

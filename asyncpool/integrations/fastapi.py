@@ -34,9 +34,10 @@ from starlette.requests import Request
 from asyncpool.errors import PoolClosedError, PoolConfigError
 from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
+from asyncpool.integrations.lambda_runner import TIMEOUT_MARGIN, settle_timeout
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.slots import RELEASE_TIMEOUT, settle
+from asyncpool.pool.slots import settle
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
@@ -115,8 +116,6 @@ _cold_starts: weakref.WeakKeyDictionary[Pool, ColdStart] = weakref.WeakKeyDictio
 _last_request: weakref.WeakKeyDictionary[Pool, str] = weakref.WeakKeyDictionary()
 # Its Lambda context, for the time left when the lifespan ends (`_settle`).
 _last_context: weakref.WeakKeyDictionary[Pool, Any] = weakref.WeakKeyDictionary()
-#: What `_settle` leaves of the invocation's time for the response, as LambdaRunner's default.
-_RESPONSE_MARGIN = 0.5
 #: How long `_settle` waits when no request of the invocation said how much time is left.
 _UNKNOWN_TIME_WAIT = 1.0
 
@@ -137,9 +136,8 @@ async def _after_pause(request: Request, pool: Pool) -> None:
 async def _settle(pool: Pool) -> None:
     """At the end of a Lambda invocation (Mangum's lifespan shutdown, before the response goes):
     let resets holders left running end, within the invocation's time (`slots.settle`)."""
-    remaining = getattr(_last_context.pop(pool, None), "get_remaining_time_in_millis", None)
-    timeout = (_UNKNOWN_TIME_WAIT if remaining is None
-               else min(RELEASE_TIMEOUT, remaining() / 1000 - _RESPONSE_MARGIN))
+    # (LambdaRunner's default margin is left for the response)
+    timeout = settle_timeout(_last_context.pop(pool, None), TIMEOUT_MARGIN, _UNKNOWN_TIME_WAIT)
     await settle([pool._slots], timeout)
 
 

@@ -58,6 +58,10 @@ class HandlerTimeoutError(TimeoutError):
     """The invocation was cancelled just before the Lambda timeout, so its connections went back."""
 
 
+#: How long before the Lambda deadline an invocation is cancelled, by default (`LambdaRunner`).
+TIMEOUT_MARGIN = 0.5
+
+
 class LambdaRunner:
     """One event loop for the life of a Lambda execution environment.
 
@@ -65,7 +69,8 @@ class LambdaRunner:
     is how long before the Lambda deadline an invocation is cancelled (default 0.5 s).
     """
 
-    def __init__(self, *, timeout_margin: float = 0.5, debug: bool | None = None) -> None:
+    def __init__(self, *, timeout_margin: float = TIMEOUT_MARGIN,
+                 debug: bool | None = None) -> None:
         if timeout_margin < 0:
             raise ValueError(f"timeout_margin={timeout_margin!r}: must be >= 0 seconds")
         self.timeout_margin = timeout_margin
@@ -156,8 +161,8 @@ class LambdaRunner:
         anyio cancel scope does not wait for it): the environment may be frozen once the
         response is posted, and such a connection would keep the pooler's server connection
         and its transaction until the thaw. Within what is left of the invocation's time."""
-        left = _time_budget(context, self.timeout_margin)  # (the response must still go out)
-        await settle_loop(RELEASE_TIMEOUT if left is None else min(RELEASE_TIMEOUT, left))
+        # (the response must still go out: the margin is left for it)
+        await settle_loop(settle_timeout(context, self.timeout_margin, RELEASE_TIMEOUT))
 
     async def _after_pause(self) -> None:
         """What the environment missed while it was not running: read it, and distrust the rest."""
@@ -176,6 +181,14 @@ class LambdaRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def settle_timeout(context: Any, margin: float, unknown: float) -> float:
+    """How long the end of an invocation may wait for resets its holders left running: what is
+    left of its time less `margin`, at most `RELEASE_TIMEOUT`; `unknown` if the context (None,
+    say) does not tell."""
+    left = _time_budget(context, margin)
+    return unknown if left is None else min(RELEASE_TIMEOUT, left)
 
 
 def _time_budget(context: Any, margin: float) -> float | None:

@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Self, Unpack, overload
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
@@ -38,15 +38,13 @@ from asyncpool.stats import PoolStats
 if TYPE_CHECKING:
     import asyncpg
 
+    from asyncpool.pool.connection import RecordT
     from asyncpool.pool.copy_options import (
         CopyFormatOptions,
         CopyFromTableOptions,
         CopyRecordsOptions,
         CopyToTableOptions,
     )
-
-    #: A ``record_class=`` given to one call.
-    _R = TypeVar("_R", bound=asyncpg.Record)
 
 
 class Pool:
@@ -290,10 +288,10 @@ class Pool:
                     record_class: None = None) -> list[asyncpg.Record]: ...
     @overload
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
-                    record_class: type[_R]) -> list[_R]: ...
+                    record_class: type[RecordT]) -> list[RecordT]: ...
     @overload
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
-                    record_class: type[_R] | None) -> list[asyncpg.Record] | list[_R]: ...
+                    record_class: type[RecordT] | None) -> list[asyncpg.Record] | list[RecordT]: ...
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
                     record_class: type[Any] | None = None) -> list[Any]:
@@ -307,10 +305,10 @@ class Pool:
                        record_class: None = None) -> asyncpg.Record | None: ...
     @overload
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
-                       record_class: type[_R]) -> _R | None: ...
+                       record_class: type[RecordT]) -> RecordT | None: ...
     @overload
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
-                       record_class: type[_R] | None) -> asyncpg.Record | _R | None: ...
+                       record_class: type[RecordT] | None) -> asyncpg.Record | RecordT | None: ...
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
                        record_class: type[Any] | None = None) -> Any:
@@ -333,11 +331,11 @@ class Pool:
                         record_class: None = None) -> list[asyncpg.Record]: ...
     @overload
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
-                        timeout: float | None = None, record_class: type[_R]) -> list[_R]: ...
+                        timeout: float | None = None, record_class: type[RecordT]) -> list[RecordT]: ...
     @overload
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
-                        timeout: float | None = None, record_class: type[_R] | None
-                        ) -> list[asyncpg.Record] | list[_R]: ...
+                        timeout: float | None = None, record_class: type[RecordT] | None
+                        ) -> list[asyncpg.Record] | list[RecordT]: ...
 
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                         timeout: float | None = None,

@@ -64,10 +64,10 @@ class ConnectionRecord:
         # the monotonic clock is not known to have advanced): `check_at` stays at minus infinity,
         # a return included, until a validation clears it.
         self.stale = False
-        # Non-zero: the holder's prepare() left the server waiting for a Sync (asyncpg sends
-        # Parse/Describe/Flush), 1 + the connection's query count then. A transaction-mode pooler
-        # keeps the server connection assigned to this client until one comes: if no statement
-        # has sent one by the return, the return does (`driver.reset`).
+        # Non-zero: a Parse may have been left without a Sync (`note_unsynced_parse`), 1 + the
+        # connection's query count then. A transaction-mode pooler keeps the server connection
+        # assigned to this client until one comes: if no statement has sent one by the return,
+        # the return does (`parse_unsynced`, `driver.reset`).
         self.sync_after = 0
 
     def note_unsynced_parse(self) -> None:
@@ -77,6 +77,10 @@ class ConnectionRecord:
         probe = self.probe  # (asyncpg's own methods fail once the connection is closed)
         if probe.is_connected() and not probe.is_in_transaction():
             self.sync_after = 1 + queries_count(self.conn)
+
+    def parse_unsynced(self) -> bool:
+        """Whether a Parse noted by `note_unsynced_parse` has had no statement after it."""
+        return bool(self.sync_after) and queries_count(self.conn) + 1 == self.sync_after
 
     def touch(self, now: float, validate_after: float) -> None:
         """Note a use at `now`, and when the next checkout must look at the connection

@@ -1253,8 +1253,8 @@ class Slots(_HotSlots):
         conn = record.conn
         state = returned(conn)
         if state == CLEAN and record.sync_after:
-            if driver.queries_count(conn) + 1 == record.sync_after:
-                state = NEEDS_RESET  # a Parse, and no statement since: `driver.reset` ends it
+            if record.parse_unsynced():
+                state = NEEDS_RESET  # `driver.reset` ends it
             else:
                 record.sync_after = 0
         if state == BROKEN:
@@ -1333,7 +1333,7 @@ class Slots(_HotSlots):
         try:
             with self.observer.pool_statement("reset"):
                 await driver.reset(record.conn, RELEASE_TIMEOUT if timeout is None else timeout,
-                                   record.sync_after)
+                                   unsynced=record.parse_unsynced())
             record.sync_after = 0
         except Exception as exc:
             # Dropping the connection rolls its transaction back and the slot is restored: the
