@@ -203,6 +203,76 @@ async def test_a_reset_that_hangs_ends_within_the_invocations_time(
     assert pool.stats().in_use == 0
 
 
+async def test_a_holder_cut_by_the_deadline_does_not_reset_past_it(
+    env: Environment, pooler: Pooler
+) -> None:
+    """A holder cancelled by the runner's own deadline resets its connection in its block's end;
+    when that reset cannot finish (the server process is stopped), it gives up within the margin
+    the runner left before the Lambda deadline: the error goes out in time, and the connection is
+    closed before it does."""
+    import os
+    import signal
+
+    pool = env.pool(pooler.dsn())
+    stopped: list[int] = []
+
+    @async_handler(runner=env.runner)
+    async def stuck(event: Any, context: Any) -> str:
+        await pool.open()
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+            await conn.execute("SELECT 1")
+        return "never"
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(HandlerTimeoutError):
+            await env.invoke(stuck, context=LocalContext(timeout=2.0))
+        took = time.monotonic() - started
+        clients = [row for row in await pooler.admin("SHOW CLIENTS")
+                   if row["database"] == "app" and row["state"] == "active"]
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert 2.0 - 0.5 <= took < 2.0 - 0.1, took  # cut at the margin; its reset gives up in it
+    assert clients == []
+    assert pool.stats().in_use == 0
+
+
+async def test_a_task_left_running_resets_its_return_after_the_invocation(
+    env: Environment, pooler: Pooler
+) -> None:
+    """The bound on resets belongs to the invocation: a task it started and left running (its
+    context carries on) still resets the connection it gives back later, not closes it."""
+    pool = env.pool(pooler.dsn())
+    go_on = asyncio.Event()
+    left: list[asyncio.Task[None]] = []
+
+    async def background() -> None:
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await go_on.wait()
+
+    @async_handler(runner=env.runner)
+    async def start(event: Any, context: Any) -> None:
+        await pool.open()
+        left.append(asyncio.create_task(background()))
+        await asyncio.sleep(0.2)
+
+    @async_handler(runner=env.runner)
+    async def finish(event: Any, context: Any) -> tuple[int, int]:
+        await asyncio.sleep(1.0)  # past where the first invocation's resets had to end
+        go_on.set()
+        await left[0]
+        return pool.stats().idle, pool.stats().closed_total
+
+    await env.invoke(start, context=LocalContext(timeout=1.0))
+    assert await env.invoke(finish, context=LocalContext(timeout=5)) == (1, 0)
+
+
 async def test_an_invocation_runs_with_no_timer_in_its_loop(env: Environment, pooler: Pooler) -> None:
     # The time budget, the leak deadline and housekeeping wait off the loop's heap, where a
     # pending timer would make every turn of the loop dearer (asyncpool/pool/alarms.py).

@@ -292,9 +292,23 @@ def queries_count(conn: Any) -> int:
 
 
 def pending_cancellations(conn: Any) -> list[asyncio.Task[Any]]:
-    """Cancel requests asyncpg still has in flight on `conn`. Closing the connection cancels
-    them, and closing a cancel request's socket early crashes PgBouncer 1.18 (pgbouncer#801)."""
-    return [t for t in getattr(conn, "_cancellations", ()) if not t.done()]
+    """Cancel requests still in flight on `conn`: closing the connection cancels them, and
+    closing a cancel request's socket early crashes PgBouncer 1.18 (pgbouncer#801). One whose
+    socket is done is not counted, though asyncpg's task for it still waits for the cancelled
+    statement to end (which a closed connection ends, and which may never come by itself)."""
+    return [t for t in getattr(conn, "_cancellations", ())
+            if not t.done() and not _request_sent(t)]
+
+
+def _request_sent(task: asyncio.Task[Any]) -> bool:
+    waiter = _REQUEST_WAITERS.get(task)
+    return waiter is not None and waiter.done()
+
+
+#: asyncpg's cancel request tasks, each with the future asyncpg completes once the request's
+#: socket is closed (`Connection._cancel`'s `waiter`).
+_REQUEST_WAITERS: weakref.WeakKeyDictionary[asyncio.Task[Any], asyncio.Future[Any]] = (
+    weakref.WeakKeyDictionary())
 
 
 async def execute_described(conn: Any, query: str, args: Any,
@@ -353,6 +367,7 @@ def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> N
         # context per cancelled statement). Removed when done, as `request_cancel` does.
         for task in self._cancellations - before:
             task.add_done_callback(self._cancellations.discard)
+            _REQUEST_WAITERS[task] = waiter
         return
     # No request can arrive: close the connection instead (on the next loop iteration: asyncpg
     # is still updating the protocol's state around this call). Closing completes the waiters.

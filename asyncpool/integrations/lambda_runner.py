@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool.alarms import Deadline
-from asyncpool.pool.slots import RELEASE_TIMEOUT, settle_loop
+from asyncpool.pool.slots import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, settle_loop
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -142,6 +142,12 @@ class LambdaRunner:
             budget = _time_budget(context, self.timeout_margin)
             # asyncio.timeout(budget), without a timer in the loop's heap during the invocation.
             deadline = Deadline(budget)
+            # A holder cut short by it resets its connection within half the margin, which
+            # leaves the other half for the response.
+            resets_end = ResetsEnd(
+                None if budget is None
+                else asyncio.get_running_loop().time() + budget + self.timeout_margin / 2)
+            token = RESETS_END.set(resets_end)
             try:
                 async with deadline:
                     return await call()
@@ -154,6 +160,8 @@ class LambdaRunner:
                     "returned; make the handler faster or raise the function timeout"
                 ) from exc
             finally:
+                resets_end.at = None
+                RESETS_END.reset(token)
                 await self._settle(context)
 
     async def _settle(self, context: Any) -> None:

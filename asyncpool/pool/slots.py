@@ -26,7 +26,7 @@ import time
 import weakref
 from asyncio import get_running_loop
 from collections.abc import Callable, Coroutine
-from contextvars import copy_context
+from contextvars import ContextVar, copy_context
 from threading import get_ident
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -98,6 +98,22 @@ RELEASE_TIMEOUT = 5.0
 # How long a graceful close may take before the connection is terminated.
 _CLOSE_TIMEOUT = 2.0
 _LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaimed"
+
+
+class ResetsEnd:
+    """The loop time (`at`) by which the reset of a connection returned in a context must end,
+    when that is sooner than `RELEASE_TIMEOUT` from the return: an invocation's (`LambdaRunner`),
+    since its environment may be frozen, or ended, after its deadline (a reset cut short closes
+    the connection). None once the invocation is over: a task it started and left running
+    carries the context on, and must not have every later return closed for it."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float | None) -> None:
+        self.at = at
+
+
+RESETS_END: ContextVar[ResetsEnd | None] = ContextVar("asyncpool_resets_end", default=None)
 
 # Forks this process has gone through (bumped in the child). A pool remembers the count it was
 # opened at: a different one means it was inherited, and its sockets (and its loop's epoll set)
@@ -1303,8 +1319,8 @@ class Slots(_HotSlots):
 
     async def checkin(self, lease: Lease, timeout: float | None = None) -> None:
         """Finish returning a connection `checkin_nowait` found in need of a reset, within
-        `timeout` (None: `RELEASE_TIMEOUT`; a reset that takes longer closes the connection);
-        the slot is never lost, even if cancelled part-way.
+        `timeout` (None: `RELEASE_TIMEOUT`; in any case by `RESETS_END`; a reset that takes
+        longer closes the connection); the slot is never lost, even if cancelled part-way.
 
         The reset runs in a task of the pool's own, which the caller's cancellation does not
         reach: a holder cancelled again at every await (an anyio cancel scope: a Starlette
@@ -1312,6 +1328,12 @@ class Slots(_HotSlots):
         every such return would cost a connection. The connection goes back in the caller's
         task when the caller is still there (before anyone else can take it, as before)."""
         record = lease.record
+        if timeout is None:
+            timeout = RELEASE_TIMEOUT
+        end = RESETS_END.get()
+        if end is not None and end.at is not None:
+            assert self.loop is not None
+            timeout = max(0.0, min(timeout, end.at - self.loop.time()))
         reset = self._spawn(self._reset(record, timeout))
         self.resets[reset] = record
         reset.add_done_callback(self._reset_done)
@@ -1328,12 +1350,11 @@ class Slots(_HotSlots):
     def _reset_done(self, task: asyncio.Task[bool]) -> None:
         self.resets.pop(task, None)
 
-    async def _reset(self, record: ConnectionRecord, timeout: float | None) -> bool:
+    async def _reset(self, record: ConnectionRecord, timeout: float) -> bool:
         """Reset a returned connection; False if it failed (the connection is closed)."""
         try:
             with self.observer.pool_statement("reset"):
-                await driver.reset(record.conn, RELEASE_TIMEOUT if timeout is None else timeout,
-                                   unsynced=record.parse_unsynced())
+                await driver.reset(record.conn, timeout, unsynced=record.parse_unsynced())
             record.sync_after = 0
         except Exception as exc:
             # Dropping the connection rolls its transaction back and the slot is restored: the
