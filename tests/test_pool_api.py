@@ -774,6 +774,31 @@ async def test_what_a_holder_obtained_ends_with_its_lease(postgres: Any) -> None
             assert await again.fetchval("SELECT pg_backend_pid()") == pid
 
 
+@pytest.mark.parametrize("mode", ["off", "unnamed", "on"])
+async def test_terminate_frees_the_place_at_once(postgres: Any, mode: str) -> None:
+    """``conn.terminate()``, as error handlers written for asyncpg's pool call it without a
+    release: the connection is closed and the next acquire gets a new one at once; the
+    terminated one is refused, and its block's end or release does nothing."""
+    async with Pool(postgres.dsn(), max_size=1, telemetry=False, acquire_timeout=2.0,
+                    prepared_statements=mode) as pool:
+        async with pool.acquire() as conn:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            conn.terminate()
+            assert pool.stats().in_use == 0
+            async with pool.acquire() as other:
+                assert await other.fetchval("SELECT pg_backend_pid()") != pid
+            with pytest.raises(asyncpool.PoolError):
+                await conn.fetchval("SELECT 1")
+            with pytest.raises(asyncpool.PoolError, match="released"):
+                conn.terminate()  # (again)
+        held = await pool.acquire()
+        held.terminate()
+        await pool.release(held)
+        stats = pool.stats()
+        assert (stats.in_use, stats.closed_total) == (0, 2)
+        assert await pool.fetchval("SELECT 1") == 1
+
+
 async def test_an_acquire_object_gives_one_connection_only(pooler: Pooler) -> None:
     """The object `pool.acquire()` (or `pool.transaction()`) returns is used once, as
     asyncpg's: entered again, nested or after its block, or awaited again, it raises PoolError

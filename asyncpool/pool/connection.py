@@ -322,7 +322,6 @@ class PooledConnection(_Base):
         def get_reset_query(self) -> str: ...
         def is_closed(self) -> bool: ...
         def is_in_transaction(self) -> bool: ...
-        def terminate(self) -> None: ...
         async def reset(self, *, timeout: float | None = None) -> None: ...
         async def reload_schema_state(self) -> None: ...
         async def set_type_codec(self, typename: str, *, schema: str = "public",
@@ -442,6 +441,17 @@ class PooledConnection(_Base):
                           f"the pool's {RELEASE_TIMEOUT:g} s")
         if owner.checkin_nowait(lease):
             await owner.checkin(lease, timeout)
+
+    def terminate(self) -> None:
+        """Close the server connection now, and free its place in the pool at once (as
+        asyncpg's pool does): the next ``acquire()`` need not wait for a release. Refused once
+        released, as every method is; the connection is refused afterwards, and its release (or
+        its block's end) does nothing."""
+        lease = self._lease
+        if lease.state is not ACTIVE:
+            raise self._unusable()
+        self._owner.refuse_other_loop()
+        self._owner.discard(lease, "terminated by its holder")
 
     def _unusable(self) -> PoolError:
         state = self._lease.state
