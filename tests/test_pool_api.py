@@ -16,6 +16,7 @@ import pytest
 
 import asyncpool
 from asyncpool import Pool, PoolConfig
+from asyncpool.config import PreparedStatements
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
 
@@ -775,7 +776,8 @@ async def test_what_a_holder_obtained_ends_with_its_lease(postgres: Any) -> None
 
 
 @pytest.mark.parametrize("mode", ["off", "unnamed", "on"])
-async def test_terminate_frees_the_place_at_once(postgres: Any, mode: str) -> None:
+async def test_terminate_frees_the_place_at_once(postgres: Any,
+                                                 mode: PreparedStatements) -> None:
     """``conn.terminate()``, as error handlers written for asyncpg's pool call it without a
     release: the connection is closed and the next acquire gets a new one at once; the
     terminated one is refused, and its block's end or release does nothing."""
