@@ -108,6 +108,70 @@ async def test_transaction_option_commits_on_return_and_rolls_back_on_raise(
     assert pool.stats().in_use == 0
 
 
+@pytest.mark.parametrize("resolver", ["rest", "http"])
+async def test_transaction_option_rolls_back_error_responses(
+    env: Environment, pooler: Pooler, notes: str, resolver: str
+) -> None:
+    """Powertools' event handlers turn raised HTTP errors into responses before the middleware
+    sees them: a response of status 400 or more rolls the invocation's work back, as the error
+    itself would have; the response goes out unchanged."""
+    from aws_lambda_powertools.event_handler import (
+        APIGatewayHttpResolver,
+        APIGatewayRestResolver,
+        Response,
+    )
+    from aws_lambda_powertools.event_handler.exceptions import BadRequestError, NotFoundError
+
+    pool = env.pool(pooler.dsn())
+    app = APIGatewayRestResolver() if resolver == "rest" else APIGatewayHttpResolver()
+
+    async def insert(body: str) -> None:
+        await current_connection().execute(f"INSERT INTO {notes} VALUES ($1)", body)
+
+    @app.post("/write")
+    async def write() -> dict[str, str]:
+        await insert("kept")
+        return {"ok": "yes"}
+
+    @app.post("/bad")
+    async def bad() -> None:
+        await insert("lost to a 400")
+        raise BadRequestError("no")
+
+    @app.post("/missing")
+    async def missing() -> None:
+        await insert("lost to a 404")
+        raise NotFoundError("none")
+
+    @app.post("/handled")
+    async def handled() -> None:
+        await insert("lost to a 422")
+        raise ValueError("refused")
+
+    @app.exception_handler(ValueError)  # type: ignore[untyped-decorator]
+    def unprocessable(exc: ValueError) -> Response[str]:
+        return Response(status_code=422, content_type="text/plain", body=str(exc))
+
+    @pooled_connection(pool, runner=env.runner, transaction=True)
+    async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        return await app.resolve_async(event, context)
+
+    statuses = []
+    for path in ("/write", "/bad", "/missing", "/handled"):
+        event: dict[str, Any]
+        if resolver == "rest":
+            event = {"path": path, "httpMethod": "POST", "requestContext": {}, "headers": {}}
+        else:
+            event = {"version": "2.0", "rawPath": path, "headers": {},
+                     "requestContext": {"http": {"method": "POST", "path": path},
+                                        "stage": "$default"}}
+        response = await env.invoke(handler, event)
+        statuses.append(response["statusCode"])
+    assert statuses == [200, 400, 404, 422]
+    assert await count_rows(env, pool, notes) == 1
+    assert pool.stats().in_use == 0
+
+
 async def test_handler_cut_off_at_the_deadline_gives_its_connection_back(
     env: Environment, pooler: Pooler, notes: str
 ) -> None:

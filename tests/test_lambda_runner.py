@@ -12,6 +12,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -252,9 +253,9 @@ async def test_a_task_left_running_resets_its_return_after_the_invocation(
     left: list[asyncio.Task[None]] = []
 
     async def background() -> None:
+        await go_on.wait()
         async with pool.acquire() as conn:
             await conn.execute("BEGIN")
-            await go_on.wait()
 
     @async_handler(runner=env.runner)
     async def start(event: Any, context: Any) -> None:
@@ -271,6 +272,82 @@ async def test_a_task_left_running_resets_its_return_after_the_invocation(
 
     await env.invoke(start, context=LocalContext(timeout=1.0))
     assert await env.invoke(finish, context=LocalContext(timeout=5)) == (1, 0)
+
+
+async def test_a_task_left_holding_a_connection_is_waited_for(
+    env: Environment, pooler: Pooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task the handler started and did not await, in a transaction when the handler
+    returns: the invocation's end waits for it to give the connection back (its work commits),
+    so nothing is pinned at PgBouncer while the environment is frozen; a warning names it."""
+    pool = env.pool(pooler.dsn())
+
+    left: list[asyncio.Task[None]] = []
+
+    async def audit(n: int) -> None:
+        async with pool.transaction() as conn:
+            await conn.execute("INSERT INTO straggler_audit VALUES ($1)", n)
+            await asyncio.sleep(0.3)
+
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> str:
+        await pool.open()
+        await pool.execute("CREATE TABLE IF NOT EXISTS straggler_audit (n int)")
+        left.append(asyncio.create_task(audit(event["n"]), name="audit-task"))
+        return "sent"
+
+    check = await asyncpg.connect(pooler.dsn(), statement_cache_size=0)
+    try:
+        assert await env.invoke(handler, {"n": 7}, context=LocalContext(timeout=10)) == "sent"
+        # The environment's loop does not run between invocations (a frozen environment's).
+        row = await pooler.pool_row()
+        assert (row["sv_active"], pool.stats().in_use) == (0, 0), row
+        assert await check.fetchval("SELECT count(*) FROM straggler_audit WHERE n = 7") == 1
+    finally:
+        await check.execute("DROP TABLE IF EXISTS straggler_audit")
+        await check.close()
+    assert any("audit-task" in r.getMessage() and "still held a connection" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("stubborn", [False, True])
+async def test_a_task_left_holding_a_connection_is_cancelled_in_time(
+    env: Environment, pooler: Pooler, stubborn: bool
+) -> None:
+    """One that would hold it past the invocation's time is cancelled (its transaction rolled
+    back, the connection kept); one that will not end even then has its connection closed.
+    Either way the invocation returns within its time, and PgBouncer has nothing of ours."""
+    pool = env.pool(pooler.dsn())
+    never = asyncio.Event()
+    left: list[asyncio.Task[None]] = []
+
+    async def hold() -> None:
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT 1")
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                if not stubborn:
+                    raise
+                await never.wait()  # (until the environment's loop is closed)
+
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> str:
+        await pool.open()
+        left.append(asyncio.create_task(hold()))
+        await asyncio.sleep(0.1)
+        return "sent"
+
+    started = time.monotonic()
+    assert await env.invoke(handler, context=LocalContext(timeout=1.5)) == "sent"
+    took = time.monotonic() - started
+    assert took < 1.5 - 0.1, took
+    row = await pooler.pool_row()
+    clients = [r for r in await pooler.admin("SHOW CLIENTS")
+               if r["database"] == "app" and r["state"] == "active"]
+    assert (row["sv_active"], pool.stats().in_use) == (0, 0), row
+    assert (pool.stats().closed_total, len(clients)) == ((1, 0) if stubborn else (0, 1))
 
 
 async def test_an_invocation_runs_with_no_timer_in_its_loop(env: Environment, pooler: Pooler) -> None:

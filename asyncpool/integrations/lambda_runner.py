@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool.alarms import Deadline
-from asyncpool.pool.slots import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, settle_loop
+from asyncpool.pool.slots import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, pools_on_loop, settle_loop
+from asyncpool.pool.stragglers import free_stragglers
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -160,9 +161,22 @@ class LambdaRunner:
                     "returned; make the handler faster or raise the function timeout"
                 ) from exc
             finally:
-                resets_end.at = None
-                RESETS_END.reset(token)
-                await self._settle(context)
+                try:
+                    await self._free_stragglers(context, invocation.request_id, resets_end)
+                finally:
+                    resets_end.at = None
+                    RESETS_END.reset(token)
+                    await self._settle(context)
+
+    async def _free_stragglers(self, context: Any, request_id: str, end: ResetsEnd) -> None:
+        """Tasks the invocation started and left holding a connection give it back within what
+        is left of its time (at most `RELEASE_TIMEOUT`), or are cancelled, within the time its
+        resets have (`free_stragglers`)."""
+        give = settle_timeout(context, self.timeout_margin, RELEASE_TIMEOUT)
+        bound = give + RELEASE_TIMEOUT
+        if end.at is not None:
+            bound = min(bound, end.at - asyncio.get_running_loop().time())
+        await free_stragglers(pools_on_loop(), request_id, give, bound)
 
     async def _settle(self, context: Any) -> None:
         """Let the pools on this loop finish resetting connections their holders left early (an

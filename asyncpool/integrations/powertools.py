@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
@@ -107,18 +107,38 @@ def _middleware(
         # No-op after the first invocation.
         await pool.open(wait=False)
         checkout = pool.transaction() if transaction else pool.acquire()
-        async with checkout as conn:
-            token = _connection.set(conn)
-            try:
-                result = handler(event, context, **handler_kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
-            finally:
-                _connection.reset(token)
+        try:
+            async with checkout as conn:
+                token = _connection.set(conn)
+                try:
+                    result = handler(event, context, **handler_kwargs)
+                    if inspect.isawaitable(result):
+                        result = await result
+                finally:
+                    _connection.reset(token)
+                if transaction and is_error_response(result):
+                    raise _RollBack
+        except _RollBack:
+            pass
         _report_still_held(pool)
         return result
 
     return (runner or get_runner()).invoke(serve, context)
+
+
+class _RollBack(Exception):
+    """Ends the invocation's transaction block with a rollback, the response going out as it is."""
+
+
+def is_error_response(result: object) -> bool:
+    """Whether a handler's result is an HTTP error response (``statusCode`` 400 or more), as
+    Powertools' event handlers return for the errors they turn into responses (a raised
+    ``BadRequestError``, ``NotFoundError``, an ``exception_handler``'s answer): the work of
+    such an invocation is rolled back, as it would be had the error reached the middleware."""
+    if not isinstance(result, Mapping):
+        return False
+    status = result.get("statusCode")
+    return isinstance(status, int) and not isinstance(status, bool) and status >= 400
 
 
 def _report_still_held(pool: Pool) -> None:

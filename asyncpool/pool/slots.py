@@ -143,8 +143,13 @@ if hasattr(os, "register_at_fork"):
 
 async def settle_loop(timeout: float) -> None:
     """`settle` every pool open on the running loop, attached to a runner or not."""
+    await settle(pools_on_loop(), timeout)
+
+
+def pools_on_loop() -> list[Slots]:
+    """The pools open on the running loop."""
     loop = get_running_loop()
-    await settle([s for s in _LIVE if s.loop is loop], timeout)
+    return [s for s in _LIVE if s.loop is loop]
 
 
 async def settle(pools: list[Slots], timeout: float) -> None:

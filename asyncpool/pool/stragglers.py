@@ -1,0 +1,88 @@
+"""Tasks an invocation started and left holding a connection when it returned.
+
+The environment may be frozen once the response is posted: such a task would keep the pooler's
+server connection, and its transaction if it opened one, until the thaw (a handler's
+``asyncio.create_task(...)`` that it did not await, or Powertools' batch utility scheduling
+records on the runner's loop and failing). They are given a little time to give it back, then
+cancelled, and a connection still held after that is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from asyncpool.pool.lease import ACTIVE, Lease
+from asyncpool.pool.slots import RESETS_END
+
+if TYPE_CHECKING:
+    from asyncpool.pool.slots import Slots
+
+logger = logging.getLogger("asyncpool.pool")
+
+#: How often the holders are looked at while they are waited for.
+_POLL = 0.01
+#: Turns of the loop given to tasks just started, before the holders are looked for.
+_FIRST_TURNS = 3
+CANCEL_MESSAGE = "asyncpool: the invocation that started this task returned while it held a connection"
+
+
+def held_by_other_tasks(pools: list[Slots]) -> list[tuple[Slots, Lease]]:
+    """The checkouts of `pools` taken in an invocation's context (by a task it started, this
+    invocation or an earlier one; where leaks are not tracked no context is kept, and every one
+    counts) and still held by a running task other than the current one."""
+    current = asyncio.current_task()
+    held: list[tuple[Slots, Lease]] = []
+    for slots in pools:
+        for record in slots.leased():
+            lease = record.lease
+            if lease is None or lease.state is not ACTIVE:
+                continue
+            task = lease.task
+            if task is None or task is current or task.done():
+                continue
+            if lease.context is None or lease.context.get(RESETS_END) is not None:
+                held.append((slots, lease))
+    return held
+
+
+async def free_stragglers(pools: list[Slots], invocation: str, give: float, bound: float) -> None:
+    """Wait up to `give` seconds for the tasks holding `held_by_other_tasks` checkouts to give
+    them back, then cancel those tasks and wait for their blocks to end (rolled back and
+    returned), up to `bound` seconds from now in all; a connection still held then is closed.
+    Tasks started just before get a few turns of the loop first, to take theirs."""
+    for _ in range(_FIRST_TURNS):
+        await asyncio.sleep(0)
+    held = held_by_other_tasks(pools)
+    if not held:
+        return
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for slots, lease in held:
+        assert lease.task is not None
+        logger.warning(
+            "pool %r: task %r, started during an invocation, still held a connection when "
+            "invocation %s returned; it has %.2fs to give it back, then it is cancelled (the "
+            "environment may be frozen after the response, with its transaction open). Await "
+            "the tasks a handler starts", slots.name, lease.task.get_name(), invocation,
+            max(give, 0.0))
+    held = await _still_held(held, started + give)
+    for _, lease in held:
+        assert lease.task is not None
+        lease.task.cancel(CANCEL_MESSAGE)
+    held = await _still_held(held, started + max(bound, give))
+    for slots, lease in held:
+        slots.discard(lease, "held past the end of its invocation")
+
+
+async def _still_held(held: list[tuple[Slots, Lease]], until: float) -> list[tuple[Slots, Lease]]:
+    """`held`, less the checkouts given back by `until` (loop time), waiting for that."""
+    loop = asyncio.get_running_loop()
+    task_of = {id(lease): lease.task for _, lease in held}
+    while True:
+        held = [(slots, lease) for slots, lease in held
+                if lease.state is ACTIVE and lease.task is task_of[id(lease)]]
+        if not held or loop.time() >= until:
+            return held
+        await asyncio.sleep(_POLL)
