@@ -84,7 +84,9 @@ class PoolObserver:
         """A caller got a connection after waiting `wait_seconds` (including connect/validate)."""
 
     def released(self, use_seconds: float) -> None:
-        """A connection came back after `use_seconds` in use."""
+        """A checkout ended after `use_seconds`: returned, or ended by the pool (a leak
+        reclaim, close() or terminate() under its holder, its setup hook failing). Once per
+        `acquired`: the holder's later return does not call it again."""
 
     def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
         """What the pool calls on every checkout for `acquired` and `released`, or None for a
