@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
@@ -30,12 +31,20 @@ class ConnectAttempt:
     error: BaseException | None = None
     #: The class of the error the pool's caller is given for it: `ConnectError` and its
     #: subclasses for refused logins, `PoolClosedError` when close() stopped the login,
-    #: `PoolTimeoutError` when the caller's acquire ran out of time first.
+    #: `PoolTimeoutError` when the caller's acquire ran out of time first, `CancelledError`
+    #: when the caller itself was cancelled (`abandoned`).
     caller_error: type[BaseException] | None = None
 
     @property
     def seconds(self) -> float:
         return (self.ended_ns - self.started_ns) / 1e9
+
+    @property
+    def abandoned(self) -> bool:
+        """Stopped because the caller that waited for it was cancelled (a request whose client
+        went away), not by the pool: nothing went wrong with the connection."""
+        return (isinstance(self.error, asyncio.CancelledError)
+                and self.caller_error in (None, asyncio.CancelledError))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +74,8 @@ class PoolObserver:
         return _NOTHING
 
     def connect_attempted(self, attempt: ConnectAttempt) -> None:
-        """A connection attempt ended (`attempt.error` is None when it succeeded)."""
+        """A connection attempt ended (`attempt.error` is None when it succeeded; see
+        `attempt.abandoned` for a login its caller stopped waiting for)."""
 
     def connection_closed(self, reason: str) -> None:
         """A connection left the pool: expired, idle, broken, leaked, failed validation, closing."""
@@ -74,7 +84,9 @@ class PoolObserver:
         """A caller got a connection after waiting `wait_seconds` (including connect/validate)."""
 
     def released(self, use_seconds: float) -> None:
-        """A connection came back after `use_seconds` in use."""
+        """A checkout ended after `use_seconds`: returned, or ended by the pool (a leak
+        reclaim, close() or terminate() under its holder, its setup hook failing). Once per
+        `acquired`: the holder's later return does not call it again."""
 
     def checkout_hooks(self) -> tuple[Hook | None, Hook | None]:
         """What the pool calls on every checkout for `acquired` and `released`, or None for a

@@ -20,10 +20,12 @@ class PoolStats:
     """What `Pool.stats()` returns. Totals count since the pool was created."""
 
     name: str
-    size: int  #: connections open or being opened
+    size: int  #: connections open or being opened (``idle + in_use + connecting``)
     idle: int  #: open and waiting in the pool
-    in_use: int  #: checked out by callers
-    connecting: int  #: being opened or validated for a caller
+    in_use: int  #: checked out by callers, or being reset after their return
+    #: slots reserved to open a connection (for a caller, or for min_size) or to check an idle
+    #: one for a caller (`validating`)
+    connecting: int
     waiting: int  #: callers queued in acquire()
     min_size: int
     max_size: int
@@ -36,3 +38,9 @@ class PoolStats:
     connect_errors_total: int
     #: prepared_statements="unnamed" only; None in the other modes.
     statement_cache: StatementCacheStats | None = None
+    #: of `connecting`: open connections being checked (``SELECT 1``) for a caller at checkout
+    #: (open connections: ``idle + in_use + validating``)
+    validating: int = 0
+    #: callers in acquire() that have no connection yet: queued (`waiting`), opening one,
+    #: or checking one (`db.client.connection.pending_requests`)
+    pending: int = 0

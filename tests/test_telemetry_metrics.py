@@ -19,6 +19,7 @@ from asyncpool.telemetry import TelemetryObserver
 from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.metrics import PoolCounts, instruments_for
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
 from tests.conftest import Pooler
 from tests.telemetry_support import Collected, Sdk, every_instrument_reported, run_app
 from tests.waiting import until
@@ -368,3 +369,124 @@ async def test_the_1_24_conventions_for_older_dashboards(postgres: PostgresServe
     # One hold spanned an acquire(timeout=0.01) that timed out: at least 10, in ms.
     assert collected.histogram("db.client.connections.use_time").max >= 10
     assert collected.value("db.client.connections.timeouts") == stats.timeouts_total == 1
+
+
+async def test_every_checkout_has_one_use_time_however_it_ends(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """Returned, reclaimed as a leak (scoped or not, released afterwards), its setup hook
+    failing, closed under its holder by close(): one use_time point each, as wait_time has."""
+    fail_setup = False
+
+    async def setup(conn: object) -> None:
+        if fail_setup:
+            raise RuntimeError("setup failed on purpose")
+
+    pool = sdk.pool(postgres.dsn(), name="use-time", min_size=0, max_size=2, leak_timeout=0.5,
+                    setup=setup)
+    await pool.open()
+    async with pool.acquire():
+        pass
+
+    async def holds_forever() -> None:
+        async with pool.acquire():
+            await asyncio.sleep(3600)
+
+    with pytest.raises(asyncpool.ConnectionLeakedError):
+        await asyncio.wait_for(holds_forever(), 5)
+    unscoped = await pool.acquire()
+    await until(lambda: pool.stats().leaked_total == 2)
+    await pool.release(unscoped)  # (its checkout ended at the reclaim: no second point)
+    fail_setup = True
+    with pytest.raises(RuntimeError, match="on purpose"):
+        await pool.acquire()
+    fail_setup = False
+
+    held = asyncio.Event()
+
+    async def holds_through_close() -> None:
+        async with pool.acquire():
+            held.set()
+            await asyncio.sleep(3600)
+
+    holder = asyncio.create_task(holds_through_close())
+    await held.wait()
+    await pool.close(timeout=0.05)
+    holder.cancel()
+    await asyncio.gather(holder, return_exceptions=True)
+
+    stats, collected = pool.stats(), sdk.collect()
+    assert stats.acquired_total == 5
+    assert collected.histogram(sc.WAIT_TIME.name).count == 5
+    use_time = collected.histogram(sc.USE_TIME.name)
+    assert use_time.count == 5
+    assert use_time.max >= 0.4  # the reclaimed holds (leak_timeout=0.5) are among them
+
+
+async def test_a_connection_on_its_way_to_a_waiter_when_terminated_was_no_checkout(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """terminate() between a return handing the connection to a waiter and the waiter running:
+    the waiter gets PoolClosedError and no wait_time, and its lease no use_time."""
+    pool = sdk.pool(postgres.dsn(), name="handoff", min_size=0, max_size=1)
+    await pool.open()
+    conn = await pool.acquire()
+    waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
+    await until(lambda: pool.stats().waiting == 1)
+    await pool.release(conn)  # handed to the waiter, which has not run yet
+    handing = pool.stats()
+    pool.terminate()
+    with pytest.raises(asyncpool.PoolClosedError):
+        await waiter
+
+    assert (handing.waiting, handing.pending, handing.in_use) == (0, 1, 1)
+    collected = sdk.collect()
+    assert collected.histogram(sc.WAIT_TIME.name).count == 1
+    assert collected.histogram(sc.USE_TIME.name).count == 1
+
+
+async def test_connections_being_checked_are_used_and_every_caller_in_acquire_is_pending(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """Network stalled: 2 callers check idle connections (SELECT 1), 2 log in, 2 queue. The
+    count's states add up to the open connections, and all 6 callers are pending; a login
+    for min_size (no caller) is not."""
+    async with FaultProxy.to_dsn(postgres.dsn()) as proxy:
+        pool = sdk.pool(proxy.dsn(postgres.dsn()), name="stalled", min_size=2, max_size=4,
+                        validate_after=0, acquire_timeout=30, connect_timeout=30)
+        await pool.open()
+        assert pool.stats().idle == 2
+        proxy.set_mode("stall")
+        callers = [asyncio.create_task(pool.fetchval("SELECT 1")) for _ in range(6)]
+        await until(lambda: pool.stats().connecting == 4 and pool.stats().waiting == 2)
+        stalled, collected = pool.stats(), sdk.collect()
+        proxy.set_mode("pass")
+        assert await asyncio.gather(*callers) == [1] * 6
+        done, after = pool.stats(), sdk.collect()
+        await pool.close()
+
+        assert (stalled.idle, stalled.in_use, stalled.validating) == (0, 0, 2)
+        assert stalled.pending == 6
+        assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="idle") == 0
+        assert collected.value(sc.CONNECTION_COUNT.name, db__client__connection__state="used") == 2
+        assert collected.value(sc.PENDING_REQUESTS.name) == 6
+        assert (done.pending, done.validating) == (0, 0)
+        assert after.value(sc.PENDING_REQUESTS.name) == 0
+        assert done.idle == done.size
+        assert after.value(sc.CONNECTION_COUNT.name, db__client__connection__state="idle") == (
+            done.idle)
+
+        # Opening without waiting: housekeeping's kind of login, for min_size, no caller's.
+        proxy.set_mode("stall")
+        pool = sdk.pool(proxy.dsn(postgres.dsn()), name="filling", min_size=1, max_size=2,
+                        acquire_timeout=30, connect_timeout=30)
+        await pool.open(wait=False)
+        await until(lambda: pool.stats().connecting == 1)
+        filling = pool.stats()
+        caller = asyncio.create_task(pool.fetchval("SELECT 1"))
+        await until(lambda: pool.stats().connecting == 2)
+        with_caller = pool.stats()
+        proxy.set_mode("pass")
+        assert await caller == 1
+        await pool.close()
+        assert (filling.pending, with_caller.pending) == (0, 1)

@@ -19,6 +19,7 @@ from asyncpool.connect.dsn import Target, dsn_password, parse_target
 from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.logs import SPAN_ID, TRACE_ID
 from asyncpool.testing import PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
 from tests.conftest import Pooler
 from tests.telemetry_support import Sdk
 from tests.waiting import until
@@ -127,6 +128,42 @@ async def test_failed_login_span_has_error_type_and_the_log_has_the_trace_ids(
     context = request.get_span_context()
     assert getattr(failure, TRACE_ID) == format(context.trace_id, "032x")
     assert getattr(failure, SPAN_ID) == format(context.span_id, "016x")
+
+
+async def test_a_login_whose_caller_was_cancelled_is_abandoned_not_failed(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """A request cancelled while its acquire logs in (its client went away): no create_errors
+    point, and the connect span is no error, only marked abandoned."""
+    async with (
+        FaultProxy.to_dsn(postgres.dsn()) as proxy,
+        sdk.pool(proxy.dsn(postgres.dsn()), name="gone", min_size=0, acquire_timeout=30,
+                 connect_timeout=30) as pool,
+    ):
+        proxy.set_mode("stall")
+        with sdk.tracer.start_as_current_span("GET /report") as request:
+            caller = asyncio.create_task(pool.fetchval("SELECT 1"))
+        await until(lambda: pool.stats().connecting == 1)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await until(lambda: bool(sdk.spans(f"connect {postgres.database}")))
+        proxy.set_mode("pass")
+        assert await pool.fetchval("SELECT 1") == 1
+        stats, collected = pool.stats(), sdk.collect()
+
+    abandoned, connected = sdk.spans(f"connect {postgres.database}")
+    assert abandoned.status.status_code is StatusCode.UNSET
+    attributes = dict(abandoned.attributes or {})
+    assert attributes[sc.CONNECT_ABANDONED] is True
+    assert sc.ERROR_TYPE not in attributes
+    assert parent_id(abandoned) == request.get_span_context().span_id
+    assert sc.CONNECT_ABANDONED not in dict(connected.attributes or {})
+    errors = {p.attributes[sc.ERROR_TYPE]: p.value for p in collected.points(sc.CREATE_ERRORS.name)}
+    assert errors == {"asyncpool.errors.AuthenticationError": 0, "asyncpool.errors.ConnectError": 0,
+                      "asyncpool.errors.PoolerExhaustedError": 0}
+    assert stats.connect_errors_total == 0
+    assert collected.histogram(sc.CREATE_TIME.name).count == 1
 
 
 async def test_a_reclaimed_leak_is_an_event_on_the_holders_span_and_its_log_names_that_trace(

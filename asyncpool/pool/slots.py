@@ -235,8 +235,8 @@ class Slots(_HotSlots):
     __slots__ = (
         "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "closed_total",
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
-        "forks", "generation", "housekeeper", "leaked_total", "name", "observer", "opened_in",
-        "opening", "pid",
+        "filling", "forks", "generation", "handed", "housekeeper", "leaked_total", "name",
+        "observer", "opened_in", "opening", "pid",
         "records", "replaced_credentials", "resets", "retrying", "state", "timeouts_total",
         "validation_failures_total", "waiters",
     )
@@ -295,7 +295,13 @@ class Slots(_HotSlots):
         self.replaced_credentials: list[Any] = []
         self.observer: PoolObserver = PoolObserver()
         self.connecting = 0
+        # Of `connecting`: slots `fill` reserved (min_size, at open or housekeeping), no caller's.
+        self.filling = 0
         self.checking: set[ConnectionRecord] = set()
+        # Leases handed to a waiter whose task has not resumed to take them (`_put`): not yet a
+        # checkout, so one retired meanwhile has no use time (`_end_use`), and the waiter still
+        # counts as pending (`stats`).
+        self.handed: set[Lease] = set()
         self.retrying = 0  # waiters in `waiters` that are between login attempts
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
@@ -483,7 +489,8 @@ class Slots(_HotSlots):
         self.checking.clear()
         self.waiters.clear()
         self.attempts.clear()
-        self.connecting = 0
+        self.handed.clear()
+        self.connecting = self.filling = 0
         self._set_state(CLOSED_STATE)
 
     def _stop(self, reason: str, graceful: bool) -> None:
@@ -527,6 +534,7 @@ class Slots(_HotSlots):
 
     def _finish(self, close_credentials: bool) -> None:
         _LIVE.discard(self)
+        self.handed.clear()  # (a waiter's task the loop never resumes would keep them)
         self.leaks.close()
         loop = self.loop
         if close_credentials and loop is not None and not loop.is_closed():
@@ -672,6 +680,7 @@ class Slots(_HotSlots):
             record.lease = None
             if lease is not None and lease.state is ACTIVE:
                 lease.state = CLOSED
+                self._end_use(lease)
         elif place is CHECKING:
             self.checking.discard(record)
         record.place = RETIRED
@@ -767,6 +776,7 @@ class Slots(_HotSlots):
                 continue  # cancelled; its task has not run yet to leave the queue
             lease = Lease(record, now, waiter.frame, waiter.task, waiter.context)
             self._hold(record, lease)
+            self.handed.add(lease)
             waiter.fut.set_result(lease)
             self._refresh_fast()
             if waiter.retrying:
@@ -1020,6 +1030,7 @@ class Slots(_HotSlots):
                 return await self._obtain(started, frame, progress)
             return connected
         lease: Lease = got
+        self.handed.discard(lease)
         if lease.state is not ACTIVE or self.state is not OPEN:
             # close() began after the connection was handed over.
             self._undo_handoff(lease)
@@ -1032,7 +1043,9 @@ class Slots(_HotSlots):
         slot), or None."""
         fut = waiter.fut
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            return fut.result()
+            got = fut.result()
+            self.handed.discard(got)
+            return got
         fut.cancel()
         try:
             self.waiters.remove(waiter)
@@ -1133,6 +1146,7 @@ class Slots(_HotSlots):
             raise
         progress.holding = False
         lease: Lease = got
+        self.handed.discard(lease)
         if lease.state is not ACTIVE or self.state is not OPEN:
             self._undo_handoff(lease)
             raise self.closed_error()
@@ -1425,6 +1439,14 @@ class Slots(_HotSlots):
             self.on_released(self.loop.time() - lease.acquired_at)
         self.retire(lease.record, reason)
 
+    def _end_use(self, lease: Lease) -> None:
+        """`on_released` for a checkout the pool ends itself (leak reclaim, close(), terminate(),
+        SQLAlchemy's invalidation): its holder's later return does nothing, and the longest
+        holds must not be missing from use_time. A lease still on its way to a waiter was no
+        checkout (the waiter gets `PoolClosedError`, and no wait time either)."""
+        if self.on_released is not None and lease not in self.handed:
+            self.on_released(self.clock() - lease.acquired_at)
+
     # -- leaks --------------------------------------------------------------------------------
 
     def on_leak(self, lease: Lease) -> None:
@@ -1448,6 +1470,7 @@ class Slots(_HotSlots):
             self.observer.leaked(report)
             return
         lease.state = LEAKED
+        self._end_use(lease)
         lease.forget_site()
         if cancel_holder:
             assert task is not None
@@ -1492,16 +1515,19 @@ class Slots(_HotSlots):
         assert loop is not None
         while self.state is OPEN and self.size() < count:
             self.connecting += 1
+            self.filling += 1
             holding = True
             try:
                 conn = await self._attempt()
                 record = self._new_record(conn)
                 self.connecting -= 1
+                self.filling -= 1
                 holding = False
                 record.place = MOVING
                 self._put(record, loop.time())
             finally:
                 if holding:
+                    self.filling -= 1
                     self._release_slot()
 
     def reap(self) -> None:
@@ -1541,13 +1567,19 @@ class Slots(_HotSlots):
         idle = len(self.idle)
         in_use = len(self.leased())
         connecting = self.connecting
+        # Callers in acquire(): queued (less those between login attempts, counted by the slot
+        # they hold), or holding a slot (logging in, checking a connection, granted one and not
+        # yet run), or handed a connection and not yet run. Computed here, not counted on the
+        # checkout path.
+        waiting = max(0, len(self.waiters) - self.retrying)
+        pending = waiting + max(0, connecting - self.filling) + len(self.handed)
         return PoolStats(
             name=self.name,
             size=idle + in_use + connecting,
             idle=idle,
             in_use=in_use,
             connecting=connecting,
-            waiting=max(0, len(self.waiters) - self.retrying),
+            waiting=waiting,
             min_size=self.config.min_size,
             max_size=self.config.max_size,
             created_total=self.created_total,
@@ -1558,6 +1590,8 @@ class Slots(_HotSlots):
             acquired_total=self.acquired_total,
             connect_errors_total=self.connect_errors_total,
             statement_cache=self._statement_cache_stats(),
+            validating=len(self.checking),
+            pending=pending,
         )
 
     def _statement_cache_stats(self) -> StatementCacheStats | None:

@@ -98,7 +98,7 @@ class PoolInstruments:
             # Any open connection may sit idle: the idle ceiling is max_size.
             (sc.CONNECTION_IDLE_MAX, self._observe(lambda s: s.max_size)),
             (sc.CONNECTION_IDLE_MIN, self._observe(lambda s: s.min_size)),
-            (sc.PENDING_REQUESTS, self._observe(lambda s: s.waiting)),
+            (sc.PENDING_REQUESTS, self._observe(lambda s: s.pending)),
         ):
             named = conventions.spec(spec)
             meter.create_observable_up_down_counter(
@@ -173,7 +173,9 @@ class PoolInstruments:
         observations = []
         for watched, stats in self._snapshots():
             observations.append(Observation(stats.idle, watched.idle))
-            observations.append(Observation(stats.in_use, watched.used))
+            # A connection being checked for a caller is as used as one being reset after its
+            # return (in `in_use`): the two states add up to the open connections.
+            observations.append(Observation(stats.in_use + stats.validating, watched.used))
         return observations
 
     def _observe(

@@ -41,6 +41,8 @@ CREDENTIALS_PROVIDER = "asyncpool.credentials.provider"
 LEAK_ACTION = "asyncpool.leak.action"  # "reclaim" or "log", as `leak_action`
 LEAK_HELD_SECONDS = "asyncpool.leak.held_seconds"
 LEAK_TASK = "asyncpool.leak.task"
+# On a connect span whose caller was cancelled mid-login (no error: status UNSET).
+CONNECT_ABANDONED = "asyncpool.connect.abandoned"
 CACHE_RESULT = "asyncpool.statement_cache.result"  # "hit" or "miss"
 
 # -- spans -----------------------------------------------------------------------------------------

@@ -49,7 +49,11 @@ class PoolSpans:
                 start_time=attempt.credentials_started_ns,
             )
             child.end(end_time=attempt.credentials_ended_ns or attempt.ended_ns)
-        if attempt.error is not None:
+        if attempt.abandoned:
+            # Its caller was cancelled (a client that went away): the login was stopped, it did
+            # not fail. Status stays UNSET so error rates and alerts do not count it.
+            span.set_attribute(sc.CONNECT_ABANDONED, True)
+        elif attempt.error is not None:
             span.set_attribute(sc.ERROR_TYPE, error_type(attempt))
             sqlstate = getattr(attempt.error, "sqlstate", None)
             if isinstance(sqlstate, str):

@@ -160,7 +160,7 @@ class TelemetryObserver(PoolObserver):
         if attempt.error is None:
             seconds = attempt.seconds * self._conventions.time_scale
             self._instruments.create_time.record(seconds, self._attributes)
-        else:
+        elif not attempt.abandoned:  # a caller that went away is no failed login
             errors = self._counts.create_errors
             kind = error_type(attempt)
             errors[kind] = errors.get(kind, 0) + 1

@@ -22,7 +22,7 @@ async def settled(pool: Pool, pooler: Pooler | None = None, within: float = 10.0
         s = pool.stats()
         row = await pooler.pool_row() if pooler is not None else {"cl_waiting": 0, "sv_active": 0}
         if (
-            s.in_use == 0 and s.waiting == 0 and s.connecting == 0
+            s.in_use == 0 and s.waiting == 0 and s.connecting == 0 and s.pending == 0
             and s.idle == s.size <= s.max_size
             and int(row["cl_waiting"]) == 0 and int(row["sv_active"]) == 0
         ):
