@@ -286,14 +286,7 @@ class Connector:
             async def password() -> str:
                 cred_times.append(time.time_ns())
                 try:
-                    result = provider.password(target)
-                    if not inspect.isawaitable(result):
-                        # (Its type only: the value may be the password itself.)
-                        raise CredentialsError(
-                            f"pool {self.config.name!r}: {type(provider).__name__}.password() "
-                            f"returned a {type(result).__name__}, not something to await: write "
-                            "it as `async def password(self, target)`")
-                    return await result
+                    return await _ask(provider, target, self.config.name)
                 finally:
                     cred_times.append(time.time_ns())
 
@@ -350,6 +343,36 @@ class Connector:
             )
         # Raised outside the except block: no __context__ either.
         raise error
+
+
+async def _ask(provider: CredentialProvider, target: Target, pool: str) -> str:
+    """`provider`'s password. What it raises, unless a `PoolError` of its own, becomes a
+    `CredentialsError` naming only the exception's class: the message may hold a credential (a
+    URL with a token in it, a secret's text in a parse error) that the pool cannot scrub."""
+    failed: type[BaseException]
+    try:
+        result = provider.password(target)
+        if not inspect.isawaitable(result):
+            # (Its type only: the value may be the password itself.)
+            raise CredentialsError(
+                f"pool {pool!r}: {type(provider).__name__}.password() returned a "
+                f"{type(result).__name__}, not something to await: write it as "
+                "`async def password(self, target)`")
+        return await result
+    except PoolError:
+        raise
+    except Exception as exc:
+        failed = type(exc)
+    # Raised outside the except block: the provider's exception is neither this one's cause nor
+    # its context, and its frames (whatever they held) are gone.
+    raise CredentialsError(
+        f"pool {pool!r}: {type(provider).__name__}.password() raised {_class_name(failed)} (its "
+        "message is not shown: it may hold a credential; log it inside the provider to see "
+        "it, or raise a CredentialsError with a message that holds none)")
+
+
+def _class_name(cls: type[BaseException]) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _from_code(tb: TracebackType | None, code: CodeType | None) -> TracebackType | None:
