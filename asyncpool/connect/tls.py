@@ -14,6 +14,11 @@ without one) and ``verify-full`` (also the certificate must name the host dialle
 certificate given without a mode means ``verify-full``; ``sslrootcert=system`` means the system
 CAs and needs ``verify-full``.
 
+libpq's other handshake keywords (``sslcrl``, ``sslcrldir``, ``ssl_min_protocol_version``,
+``ssl_max_protocol_version``: DSN, service, ``PGSSL*``) are read here too and applied to the
+context the pool builds (asyncpg reads none of them beside a context); ``channel_binding=require``
+and ``hostaddr``, which asyncpg cannot honour, are refused.
+
 The resolved setting is what asyncpg is given (always explicitly, so asyncpg reads no mode of its
 own), and what the credential rules check (`check_credentials`, `allowed_auth_methods`): a
 credential goes only to a server whose certificate and name were verified, except a password
