@@ -160,6 +160,34 @@ async def test_provider_that_cannot_produce_a_password_stops_the_pool_with_its_e
         await _pool(bare, credentials=Broken([])).open()
 
 
+async def test_a_providers_own_exception_is_named_by_its_class_only(
+    postgres: PostgresServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What an HTTP client raises names the URL, token and all: its text went into the
+    ConnectError and the WARNING log, where the pool cannot scrub a secret it never knew."""
+    token = "hvs.QzXjKvWqZjXqVkWz"  # pragma: allowlist secret
+
+    class VaultPassword(Rotating):
+        async def password(self, target: Target) -> str:
+            raise RuntimeError(f"403 Forbidden for url: https://vault/v1/creds/app?token={token}")
+
+    bare = _without_password(postgres.dsn(), postgres.app.password)
+    caplog.set_level(logging.DEBUG)
+    pool = _pool(bare, credentials=VaultPassword([]), min_size=0, acquire_timeout=3)
+    async with pool:
+        with pytest.raises(CredentialsError) as info:
+            async with pool.acquire():
+                pass
+    message = str(info.value)
+    assert "VaultPassword.password() raised RuntimeError" in message
+    assert "its message is not shown: it may hold a credential" in message
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
+    assert token[:8] not in message
+    assert not [r for r in caplog.records
+                if token[:8] in r.getMessage() or (r.exc_info and token[:8] in str(r.exc_info[1]))]
+
+
 def test_every_shipped_provider_satisfies_the_protocol() -> None:
     providers: list[CredentialProvider] = [
         StaticPassword("x"),

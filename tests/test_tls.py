@@ -3,6 +3,8 @@ verify-full, and the errors for the wrong CA, the wrong host name and a server w
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,98 @@ async def test_unverified_tls_logs_in_with_scram_in_every_statement_mode(
         assert (await _tls_facts(pool))[0]
         assert await pool.fetchval("SELECT $1::int + 1", 41) == 42
         assert await pool.fetchval("SELECT $1::int + 1", 1) == 2
+
+
+# -- what else libpq reads for the handshake: revocation lists, TLS versions -----------------
+
+
+async def test_a_crl_is_applied_in_every_verifying_mode(
+    tls_postgres: PostgresServer, pki: TestPki
+) -> None:
+    """The pool builds the context for these modes, so asyncpg reads no sslcrl of its own."""
+    for mode in ("require", "verify-ca", "verify-full"):
+        verifying = {"sslmode": mode, "sslrootcert": str(pki.ca_cert)}
+        async with await _open(_dsn(tls_postgres, sslcrl=str(pki.empty_crl), **verifying)) as pool:
+            assert (await _tls_facts(pool))[0]
+        with pytest.raises(ConnectError, match="certificate revoked"):
+            await _open(_dsn(tls_postgres, sslcrl=str(pki.revoked_crl), **verifying))
+
+
+def _crl_directory(directory: Path, crl: Path) -> None:
+    """`directory` holding `crl` under the hashed name OpenSSL looks it up by."""
+    (directory / "ca.crl").write_bytes(crl.read_bytes())
+    subprocess.run(["openssl", "rehash", str(directory)], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl rehash")
+async def test_a_crl_directory_is_applied(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path
+) -> None:
+    """``sslcrldir`` (libpq 14): asyncpg does not know it, and sent it to the server as a
+    setting; libpq reads the directory as ``openssl rehash`` prepares it."""
+    _crl_directory(tmp_path, pki.revoked_crl)
+    with pytest.raises(ConnectError, match="certificate revoked"):
+        await _open(_dsn(tls_postgres, sslmode="verify-full", sslrootcert=str(pki.ca_cert),
+                         sslcrldir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("mode", ["prefer", "require", "verify-full"])
+@pytest.mark.parametrize("where", ["dsn", "env"])
+async def test_tls_versions_bound_the_handshake(
+    tls_postgres: PostgresServer, pki: TestPki, mode: str, where: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ssl_max_protocol_version=TLSv1.2 under verify-full negotiated TLSv1.3."""
+    root = {} if mode == "prefer" else {"sslrootcert": str(pki.ca_cert)}
+    for key, variable, version in (
+        ("ssl_max_protocol_version", "PGSSLMAXPROTOCOLVERSION", "TLSv1.2"),
+        ("ssl_min_protocol_version", "PGSSLMINPROTOCOLVERSION", "TLSv1.3"),
+    ):
+        given = {key: version} if where == "dsn" else {}
+        with monkeypatch.context() as env:
+            if where == "env":
+                env.setenv(variable, version)
+            async with await _open(_dsn(tls_postgres, sslmode=mode, **root, **given)) as pool:
+                assert await _tls_facts(pool) == (True, version)
+
+
+async def test_channel_binding_disable_or_prefer_is_not_sent_to_the_server(
+    tls_postgres: PostgresServer, pki: TestPki
+) -> None:
+    """asyncpg sent it as a run-time parameter: "unrecognized configuration parameter"."""
+    for value in ("disable", "prefer"):
+        async with await _open(_dsn(tls_postgres, sslmode="verify-full",
+                                    sslrootcert=str(pki.ca_cert), channel_binding=value)) as pool:
+            assert (await _tls_facts(pool))[0]
+
+
+def _encrypted_client_cert(tmp_path: Path, passphrase: bytes) -> tuple[Path, Path]:
+    """A self-signed client certificate, and its key encrypted with `passphrase`."""
+    from cryptography.hazmat.primitives import serialization
+
+    from asyncpool.testing.self_signed import self_signed
+
+    key, cert = self_signed("app")
+    cert_path, key_path = tmp_path / "client.crt", tmp_path / "client.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase)))
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("mode", ["prefer", "require", "verify-ca", "verify-full"])
+async def test_a_wrong_client_key_passphrase_is_a_config_error_in_every_mode(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, mode: str
+) -> None:
+    """Under require asyncpg loaded the key itself: "ConnectError: TLS failed ([SSL] PEM lib)"."""
+    wrong = "Wr0ngPassphraseQz"  # pragma: allowlist secret
+    cert, key = _encrypted_client_cert(tmp_path, b"the-right-one")
+    with pytest.raises(PoolConfigError) as info:
+        await _open(_dsn(tls_postgres, sslmode=mode, sslrootcert=str(pki.ca_cert),
+                         sslcert=str(cert), sslkey=str(key), sslpassword=wrong))
+    message = str(info.value)
+    assert f"the client certificate {str(cert)!r}" in message
+    assert "passphrase" in message
+    assert wrong[:4] not in message
+    assert info.value.__cause__ is None

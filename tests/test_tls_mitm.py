@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -263,6 +265,40 @@ async def test_require_auth_refuses_cleartext_even_over_verified_tls(
                     require_auth="scram-sha-256").open()
     assert "require_auth='scram-sha-256' does not allow" in str(info.value)
     assert verified_fake.received == []
+
+
+@pytest.mark.parametrize("where", ["dsn", "service", "env"])
+async def test_a_crl_that_revokes_the_certificate_gets_no_password(
+    verified_fake: FakeServer, pki: TestPki, where: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool gave asyncpg a context of its own for verify-full, and asyncpg then reads no
+    sslcrl: a password went to a server whose certificate the CRL revoked."""
+    query = f"sslmode=verify-full&sslrootcert={quote(str(pki.ca_cert), safe='')}"
+    if where == "dsn":
+        query += f"&sslcrl={quote(str(pki.revoked_crl), safe='')}"
+    elif where == "service":
+        path = tmp_path / "pg_service.conf"
+        path.write_text(f"[fake]\nsslcrl={pki.revoked_crl}\n")
+        query += "&service=fake"
+        monkeypatch.setenv("PGSERVICEFILE", str(path))
+    else:
+        monkeypatch.setenv("PGSSLCRL", str(pki.revoked_crl))
+    with pytest.raises(ConnectError, match="certificate revoked"):
+        await _pool(f"postgresql://app:{ESCAPED}@localhost:{verified_fake.port}/app?{query}").open()
+    assert verified_fake.received == []
+
+
+async def test_channel_binding_require_is_refused_before_dialling(
+    verified_fake: FakeServer, pki: TestPki
+) -> None:
+    """asyncpg has no SCRAM-SHA-256-PLUS: the pool answered the fake's cleartext request."""
+    with pytest.raises(PoolConfigError, match="asyncpg cannot do channel binding") as info:
+        await _pool(f"postgresql://app:{ESCAPED}@localhost:{verified_fake.port}/app"
+                    "?channel_binding=require", ssl="verify-full",
+                    ssl_root_cert=str(pki.ca_cert)).open()
+    assert "require_auth=scram-sha-256" in str(info.value)
+    assert verified_fake.logins == []
 
 
 async def test_no_second_token_when_the_dsn_lists_several_hosts(

@@ -27,6 +27,7 @@ from asyncpool.connect.tls import (
     resolve_tls,
 )
 from asyncpool.observer import PoolObserver
+from asyncpool.testing.pki import TestPki
 
 DSN = "postgresql://app@db.example.com:5432/app"
 
@@ -411,3 +412,121 @@ def test_a_service_file_that_cannot_be_read_says_so(tmp_path: Path,
                         connect_kwargs={"servicefile": str(path)})
     with pytest.raises(PoolConfigError, match=r"cannot be read \(permission denied\)"):
         Connector(config, PoolObserver())
+
+
+# -- libpq's other TLS keywords, and the ones asyncpg cannot honour --------------------------
+
+
+def test_the_context_the_pool_builds_has_the_crl_and_the_versions(
+        tmp_path: Path, pki: TestPki) -> None:
+    ctx = _resolve(f"{DSN}?sslmode=verify-full&sslcrl={pki.empty_crl}"
+                   "&ssl_min_protocol_version=TLSv1.3").driver_argument()
+    assert isinstance(ctx, ssl.SSLContext)
+    assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+    ctx = _resolve(f"{DSN}?sslmode=verify-ca", {"PGSSLMAXPROTOCOLVERSION": "TLSv1.2"}
+                   ).driver_argument()
+    assert isinstance(ctx, ssl.SSLContext)
+    assert (ctx.minimum_version, ctx.maximum_version) == (ssl.TLSVersion.TLSv1_2,
+                                                          ssl.TLSVersion.TLSv1_2)
+    assert not ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN
+    empty = tmp_path / "empty.crl"
+    empty.write_text("")
+    with pytest.raises(PoolConfigError, match=r"revocation list '.*empty\.crl' \(sslcrl/.*could "
+                                              "not be loaded.*NO_CERTIFICATE_OR_CRL_FOUND"):
+        _resolve(f"{DSN}?sslmode=verify-full&sslcrl={empty}").driver_argument()
+
+
+@pytest.mark.parametrize(
+    ("dsn_query", "env", "says"),
+    [
+        ("?ssl_min_protocol_version=tlsv1.3", {},
+         "the DSN's ssl_min_protocol_version='tlsv1.3': write one of TLSv1, TLSv1.1"),
+        ("", {"PGSSLMAXPROTOCOLVERSION": "TLSv1_2"}, "PGSSLMAXPROTOCOLVERSION='TLSv1_2'"),
+        ("?ssl_max_protocol_version=TLSv1.1", {},
+         "ssl_max_protocol_version='TLSv1.1' is below libpq's default "
+         "ssl_min_protocol_version='TLSv1.2'"),
+        ("?ssl_min_protocol_version=TLSv1.3&ssl_max_protocol_version=TLSv1.2", {},
+         "no TLS version is left"),
+        ("?sslmode=verify-full&sslcrl=%2Fnonexistent.crl", {},
+         "the DSN's sslcrl='/nonexistent.crl': no such file"),
+        ("?sslmode=require", {"PGSSLCRLDIR": "/nonexistent"}, "PGSSLCRLDIR='/nonexistent': no such"),
+        ("?channel_binding=require", {}, "the DSN's channel_binding='require' cannot be enforced"),
+        ("", {"PGCHANNELBINDING": "require"}, "PGCHANNELBINDING='require' cannot be enforced"),
+        ("?channel_binding=yes", {}, "choose one of disable, prefer, require"),
+        ("?hostaddr=10.0.0.9", {}, "the DSN's hostaddr is given: asyncpg ignores hostaddr"),
+        ("", {"PGHOSTADDR": "10.0.0.9"}, "PGHOSTADDR is given"),
+    ],
+)
+def test_bad_or_unsupported_libpq_settings_are_refused(dsn_query: str, env: dict[str, str],
+                                                       says: str) -> None:
+    with pytest.raises(PoolConfigError) as info:
+        _resolve(DSN + dsn_query, env)
+    assert says in str(info.value)
+
+
+def test_a_missing_crl_is_ignored_where_nothing_is_verified() -> None:
+    """As asyncpg and libpq: no revocation list is read below ``require``."""
+    assert _resolve(f"{DSN}?sslmode=prefer&sslcrl=%2Fnonexistent.crl").crl_file is None
+
+
+def test_a_context_with_a_dsn_crl_or_version_is_an_error(tmp_path: Path) -> None:
+    """asyncpg reads no TLS keyword of the DSN beside an ssl.SSLContext."""
+    crl = tmp_path / "root.crl"
+    crl.write_text("")
+    context = _context(verify=True, hostname=True)
+    for query in (f"?sslcrl={crl}", "?ssl_max_protocol_version=TLSv1.2"):
+        with pytest.raises(PoolConfigError, match=r"is not used with an ssl\.SSLContext"):
+            _resolve(DSN + query, ssl=context)
+    # The variables are only defaults: ignored beside a context, as PGSSLROOTCERT is.
+    assert _resolve(ssl=context, env={"PGSSLCRL": str(crl)}).crl_file is None
+
+
+def test_a_service_gives_the_handshake_settings_and_its_libpq_only_ones_are_refused(
+        tmp_path: Path) -> None:
+    crl = tmp_path / "root.crl"
+    crl.write_text("")
+    path = tmp_path / "pg_service.conf"
+    path.write_text(f"[tls]\nhost=db.example.com\nsslmode=verify-full\nsslcrl={crl}\n"
+                    f"sslcrldir={tmp_path}\nssl_min_protocol_version=TLSv1.3\n"
+                    "channel_binding=prefer\n"
+                    "[binding]\nhost=db.example.com\nchannel_binding=require\n"
+                    "[addr]\nhost=db.example.com\nhostaddr=10.0.0.9\n")
+    env = {"PGSERVICEFILE": str(path)}
+    with mock.patch.dict(os.environ, env):
+        setting = resolve_tls(PoolConfig(dsn="postgresql://a@/db?service=tls"), environ=env)
+        assert (setting.crl_file, setting.crl_dir, setting.min_version) == (
+            str(crl), str(tmp_path), "TLSv1.3")
+        # The DSN's own key wins, as in libpq.
+        assert resolve_tls(PoolConfig(
+            dsn="postgresql://a@/db?service=tls&ssl_min_protocol_version=TLSv1.2"),
+            environ=env).min_version == "TLSv1.2"
+        with pytest.raises(PoolConfigError, match="the channel_binding of service 'binding'"):
+            resolve_tls(PoolConfig(dsn="postgresql://a@/db?service=binding"), environ=env)
+        with pytest.raises(PoolConfigError, match="the hostaddr of service 'addr' is given"):
+            resolve_tls(PoolConfig(dsn="postgresql://a@/db?service=addr"), environ=env)
+
+
+def test_asyncpg_is_not_given_what_the_pool_reads_itself(tmp_path: Path) -> None:
+    """asyncpg sends a keyword it does not know to the server as a setting, which fails the
+    login ("unrecognized configuration parameter")."""
+    from asyncpool.connect.dsn import parse_dsn
+
+    parsed = parse_dsn(f"{DSN}?sslmode=verify-full&channel_binding=prefer&sslcrldir={tmp_path}"
+                       "&require_auth=scram-sha-256&ssl_min_protocol_version=TLSv1.3")
+    assert parsed.for_asyncpg() == (
+        "postgresql://app@db.example.com:5432/app?sslmode=verify-full"
+        "&ssl_min_protocol_version=TLSv1.3")
+    assert "channel_binding=prefer" in parsed.for_driver()  # libpq reads them itself
+
+
+def test_hostaddr_is_refused_by_the_pool_and_by_the_libpq_logins_beside_it() -> None:
+    """The pool judged ``localhost`` local (a password without TLS) while the bench's libpq
+    contenders dialled the hostaddr."""
+    from asyncpool.load.logins import GuardedLogin
+
+    dsn = "postgresql://app:pw@localhost:5432/app?hostaddr=10.9.9.9"
+    for make in (lambda: Connector(PoolConfig(dsn=dsn), PoolObserver()),
+                 lambda: GuardedLogin(dsn).psycopg_args()):
+        with pytest.raises(PoolConfigError, match="the DSN's hostaddr is given"):
+            make()

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 from collections.abc import Callable
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
@@ -349,12 +347,9 @@ class Login:
         raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:
-        """`dsn` for asyncpg: rebuilt without the password, and without ``require_auth`` (read
-        here; asyncpg would send it to the server)."""
-        if "require_auth" in dsn.params:
-            dsn = dataclasses.replace(dsn, params=MappingProxyType(
-                {k: v for k, v in dsn.params.items() if k != "require_auth"}))
-        return dsn.for_driver()
+        """`dsn` for asyncpg: rebuilt without the password, and without what the pool reads
+        itself (``require_auth``...: asyncpg would send it to the server)."""
+        return dsn.for_asyncpg()
 
     def kwargs(self) -> dict[str, Any]:
         """``ssl`` and, unless the server is verified and every method allowed, a guarded

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import difflib
 import inspect
 import os
 import time
 from collections.abc import Mapping
-from types import CodeType, MappingProxyType, TracebackType
+from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -74,7 +73,8 @@ class Connector:
         arguments, `Pool.set_connect_args`: its counters never go back)."""
         self.config = config
         self.observer = observer
-        # Parsed once, here; asyncpg gets it rebuilt without the password (`for_driver`).
+        # Parsed once, here; asyncpg gets it rebuilt without the password and the keywords the
+        # pool reads itself (`for_asyncpg`).
         self._dsn: ParsedDsn | None = None
         problem = None
         try:
@@ -120,10 +120,6 @@ class Connector:
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth = require_auth_setting(config, self._dsn.params if self._dsn else {})
         self.auth_methods = allowed_auth_methods(config, self.tls, self.require_auth)
-        if self._dsn is not None and "require_auth" in self._dsn.params:
-            # Read here; asyncpg would send it to the server as a run-time parameter.
-            self._dsn = dataclasses.replace(self._dsn, params=MappingProxyType(
-                {k: v for k, v in self._dsn.params.items() if k != "require_auth"}))
         self._several_hosts = len(hosts) > 1
         if (self._several_hosts and credentials is not None
                 and getattr(credentials, "token_host", _NOT_SIGNED) is None):
@@ -290,14 +286,7 @@ class Connector:
             async def password() -> str:
                 cred_times.append(time.time_ns())
                 try:
-                    result = provider.password(target)
-                    if not inspect.isawaitable(result):
-                        # (Its type only: the value may be the password itself.)
-                        raise CredentialsError(
-                            f"pool {self.config.name!r}: {type(provider).__name__}.password() "
-                            f"returned a {type(result).__name__}, not something to await: write "
-                            "it as `async def password(self, target)`")
-                    return await result
+                    return await _ask(provider, target, self.config.name)
                 finally:
                     cred_times.append(time.time_ns())
 
@@ -313,7 +302,7 @@ class Connector:
             # The DSN asyncpg gets is no local of this frame, which every failed login's error
             # carries up: it may hold `sslpassword` (asyncpg reads that from the DSN only).
             conn: asyncpg.Connection = await asyncpg.connect(
-                self._dsn.for_driver() if self._dsn is not None else None, **kwargs)
+                self._dsn.for_asyncpg() if self._dsn is not None else None, **kwargs)
             return conn
         except PoolError as exc:  # a credentials provider's own error: raised as it is...
             error = exc
@@ -354,6 +343,36 @@ class Connector:
             )
         # Raised outside the except block: no __context__ either.
         raise error
+
+
+async def _ask(provider: CredentialProvider, target: Target, pool: str) -> str:
+    """`provider`'s password. What it raises, unless a `PoolError` of its own, becomes a
+    `CredentialsError` naming only the exception's class: the message may hold a credential (a
+    URL with a token in it, a secret's text in a parse error) that the pool cannot scrub."""
+    failed: type[BaseException]
+    try:
+        result = provider.password(target)
+        if not inspect.isawaitable(result):
+            # (Its type only: the value may be the password itself.)
+            raise CredentialsError(
+                f"pool {pool!r}: {type(provider).__name__}.password() returned a "
+                f"{type(result).__name__}, not something to await: write it as "
+                "`async def password(self, target)`")
+        return await result
+    except PoolError:
+        raise
+    except Exception as exc:
+        failed = type(exc)
+    # Raised outside the except block: the provider's exception is neither this one's cause nor
+    # its context, and its frames (whatever they held) are gone.
+    raise CredentialsError(
+        f"pool {pool!r}: {type(provider).__name__}.password() raised {_class_name(failed)} (its "
+        "message is not shown: it may hold a credential; log it inside the provider to see "
+        "it, or raise a CredentialsError with a message that holds none)")
+
+
+def _class_name(cls: type[BaseException]) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _from_code(tb: TracebackType | None, code: CodeType | None) -> TracebackType | None:

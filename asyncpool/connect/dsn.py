@@ -17,6 +17,7 @@ the address and ``?host=`` at once, too).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import getpass
 import os
@@ -36,13 +37,16 @@ _SCHEMES = ("postgresql", "postgres")
 # libpq / asyncpg connection keywords a DSN's query may hold; any other key is a server setting.
 _KEYWORDS = frozenset({
     "host", "hostaddr", "port", "dbname", "database", "user", "password", "passfile",
-    "sslmode", "sslcert", "sslkey", "sslrootcert", "sslnegotiation", "sslcrl", "sslpassword",
-    "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
+    "sslmode", "sslcert", "sslkey", "sslrootcert", "sslnegotiation", "sslcrl", "sslcrldir",
+    "sslpassword", "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
     "krbsrvname", "gsslib", "service", "application_name", "connect_timeout", "options",
     "require_auth", "channel_binding",
 })
 #: Query keys whose values are secrets: held, given to the driver, never shown.
 SECRET_KEYS = frozenset({"password", "sslpassword"})
+#: libpq keywords asyncpg does not know (it would send them to the server as run-time
+#: parameters, which fails the login): the pool reads them itself (asyncpool.connect.tls).
+POOL_READ_KEYS = frozenset({"require_auth", "channel_binding", "sslcrldir"})
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _PORT = re.compile(r"^[0-9]{1,5}$")
@@ -154,6 +158,13 @@ class ParsedDsn:
         """The DSN rebuilt, encoded the one way asyncpg and libpq both read, without the
         password (pass that as a keyword)."""
         return self._build(hide=False)
+
+    def for_asyncpg(self) -> str:
+        """`for_driver` without the keywords asyncpg does not know (`POOL_READ_KEYS`)."""
+        if not POOL_READ_KEYS & self.params.keys():
+            return self.for_driver()
+        params = {k: v for k, v in self.params.items() if k not in POOL_READ_KEYS}
+        return dataclasses.replace(self, params=MappingProxyType(params)).for_driver()
 
     def _build(self, *, hide: bool) -> str:
         """hide: every secret as ``***``; otherwise the password left out, the rest encoded."""

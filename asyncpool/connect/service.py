@@ -27,11 +27,17 @@ class Service:
     port: str | None = None
     user: str | None = None
     database: str | None = None
-    #: Its TLS settings (``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey``, ``sslpassword``).
+    #: Its TLS settings (`TLS_KEYS`).
     tls: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Its ``hostaddr`` and ``channel_binding``: libpq reads them, asyncpg does not.
+    libpq_only: Mapping[str, str] = field(default_factory=dict)
 
 
-_TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword")
+TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl", "sslcrldir",
+            "ssl_min_protocol_version", "ssl_max_protocol_version")
+#: Keys libpq reads in a service's section and asyncpg does not: the pool reads them (raw, as
+#: asyncpg's reader never interpolates them) to refuse or apply them, libpq tools see them too.
+LIBPQ_ONLY_KEYS = ("sslcrldir", "hostaddr", "channel_binding")
 
 
 @functools.cache
@@ -105,7 +111,20 @@ def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, An
             f"connection service {service!r} is not defined in the service file {where}: "
             "fix the name (the DSN's ?service=, service=, or PGSERVICE) or the file "
             "(servicefile=, PGSERVICEFILE)")
-    section = parser[service]
+    values = _section_values(parser[service], str(path))
+    hosts = tuple(h.strip() for h in values.get("host", "").split(",") if h.strip())
+    return Service(
+        service, hosts, bool(values.get("password")), port=values.get("port") or None,
+        user=values.get("user") or None,
+        database=values.get("dbname") or values.get("database") or None,
+        tls={k: values[k] for k in TLS_KEYS if values.get(k)},
+        libpq_only={k: values[k] for k in ("hostaddr", "channel_binding") if values.get(k)})
+
+
+def _section_values(section: configparser.SectionProxy, path: str) -> dict[str, str]:
+    """What asyncpg reads of `section` (read as it reads it), and what only libpq reads."""
+    import configparser
+
     values: dict[str, str] = {}
     for key in ASYNCPG_SERVICE_KEYS:
         if key in section:
@@ -113,15 +132,13 @@ def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, An
                 values[key] = section[key]
             except configparser.InterpolationError:
                 raise PoolConfigError(
-                    f"connection service file {str(path)!r}, service [{service}]: the value of "
+                    f"connection service file {path!r}, service [{section.name}]: the value of "
                     f"{key!r} holds a '%' that asyncpg's reader takes for a substitution (Python's "
                     "configparser): write each literal '%' as '%%' in that file") from None
-    hosts = tuple(h.strip() for h in values.get("host", "").split(",") if h.strip())
-    return Service(
-        service, hosts, bool(values.get("password")), port=values.get("port") or None,
-        user=values.get("user") or None,
-        database=values.get("dbname") or values.get("database") or None,
-        tls={k: values[k] for k in _TLS_KEYS if values.get(k)})
+    for key in LIBPQ_ONLY_KEYS:
+        if key in section:
+            values[key] = section.get(key, "", raw=True)
+    return values
 
 
 #: What asyncpg reads from a service's section (asyncpg/connect_utils.py); other keys it leaves.

@@ -14,6 +14,11 @@ without one) and ``verify-full`` (also the certificate must name the host dialle
 certificate given without a mode means ``verify-full``; ``sslrootcert=system`` means the system
 CAs and needs ``verify-full``.
 
+libpq's other handshake keywords (``sslcrl``, ``sslcrldir``, ``ssl_min_protocol_version``,
+``ssl_max_protocol_version``: DSN, service, ``PGSSL*``) are read here too and applied to the
+context the pool builds (asyncpg reads none of them beside a context); ``channel_binding=require``
+and ``hostaddr``, which asyncpg cannot honour, are refused.
+
 The resolved setting is what asyncpg is given (always explicitly, so asyncpg reads no mode of its
 own), and what the credential rules check (`check_credentials`, `allowed_auth_methods`): a
 credential goes only to a server whose certificate and name were verified, except a password
@@ -65,6 +70,13 @@ class TlsSetting:
     client_cert: str | None = None
     client_key: str | None = field(default=None, repr=False)
     client_key_password: str | None = field(default=None, repr=False)
+    #: Revocation lists (``sslcrl`` file, ``sslcrldir`` directory), checked for the whole chain
+    #: wherever the chain is verified, as libpq and asyncpg do.
+    crl_file: str | None = None
+    crl_dir: str | None = None
+    #: The TLS versions allowed (``ssl_min_protocol_version``/``..._max_...``, libpq's names).
+    min_version: str = "TLSv1.2"
+    max_version: str | None = None
 
     @property
     def verifies_chain(self) -> bool:
@@ -103,6 +115,11 @@ class TlsSetting:
         if self.mode == "disable":
             return False
         if self.mode in ("allow", "prefer") or (self.mode == "require" and not self.root_cert):
+            # asyncpg builds the context (from the same DSN, service and variables this setting
+            # was read from); the client certificate is loaded here first only for a clear
+            # error (asyncpg's is OpenSSL's "PEM lib").
+            if self.client_cert:
+                self._load_client_cert(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
             return self.mode
         return self._context()
 
@@ -117,17 +134,40 @@ class TlsSetting:
             ) from None
         ctx.check_hostname = self.mode == "verify-full"
         ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.minimum_version = TLS_VERSIONS[self.min_version]
+        if self.max_version:
+            ctx.maximum_version = TLS_VERSIONS[self.max_version]
+        if self.crl_file or self.crl_dir:
+            self._load_crl(ctx)
         if self.client_cert:
-            password = self.client_key_password
-            try:
-                ctx.load_cert_chain(self.client_cert, self.client_key or None,
-                                    password=(lambda: password or "") if password else None)
-            except (OSError, ssl.SSLError) as exc:
-                raise PoolConfigError(
-                    f"the client certificate {self.client_cert!r} (sslcert/PGSSLCERT) or its key "
-                    f"could not be loaded ({type(exc).__name__})"
-                ) from None
+            self._load_client_cert(ctx)
         return ctx
+
+    def _load_crl(self, ctx: ssl.SSLContext) -> None:
+        try:
+            ctx.load_verify_locations(cafile=self.crl_file, capath=self.crl_dir)
+        except (OSError, ssl.SSLError) as exc:
+            raise PoolConfigError(
+                f"the certificate revocation list {self.crl_file or self.crl_dir!r} (sslcrl/"
+                f"sslcrldir/PGSSLCRL/PGSSLCRLDIR) could not be loaded ({type(exc).__name__}: "
+                f"{getattr(exc, 'strerror', None) or exc}): give a PEM file of CRLs"
+            ) from None
+        # As libpq (X509_V_FLAG_CRL_CHECK_ALL) and asyncpg: every certificate of the chain.
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+
+    def _load_client_cert(self, ctx: ssl.SSLContext) -> None:
+        assert self.client_cert is not None
+        password = self.client_key_password
+        try:
+            # Always a callback (as asyncpg): without one, OpenSSL asks on the terminal.
+            ctx.load_cert_chain(self.client_cert, self.client_key or None,
+                                password=lambda: password or "")
+        except (OSError, ssl.SSLError) as exc:
+            raise PoolConfigError(
+                f"the client certificate {self.client_cert!r} (sslcert/PGSSLCERT) or its key "
+                f"(sslkey/PGSSLKEY, decrypted with sslpassword if encrypted) could not be loaded "
+                f"({type(exc).__name__}): check both files and the key's passphrase"
+            ) from None
 
 
 def verifying_context(cafile: str | None, *, check_hostname: bool) -> ssl.SSLContext:
@@ -215,11 +255,129 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     cert = (_single(pairs, "sslcert", fail) or served.get("sslcert") or env.get("PGSSLCERT")
             or None)
     key = _single(pairs, "sslkey", fail) or served.get("sslkey") or env.get("PGSSLKEY") or None
+    given = _Given(pairs, section, env, fail)
+    _refuse_libpq_only(given)
+    handshake = _handshake(given, context)
+    min_version, max_version = _versions(handshake, fail)
+    crl_file, crl_dir = _revocation_lists(handshake, mode, fail)
     return TlsSetting(
         mode=mode, source=source, context=context, root_cert=root, root_cert_source=root_source,
         client_cert=cert, client_key=key,
         client_key_password=_single(pairs, "sslpassword", fail) or served.get("sslpassword"),
+        crl_file=crl_file, crl_dir=crl_dir, min_version=min_version, max_version=max_version,
     )
+
+
+#: libpq's settings of the handshake beside the mode, and the variables that give their default.
+HANDSHAKE_KEYS = {
+    "sslcrl": "PGSSLCRL",
+    "sslcrldir": "PGSSLCRLDIR",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
+}
+#: The versions libpq names, spelt as libpq documents them (asyncpg reads no other spelling).
+TLS_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+@dataclass(frozen=True)
+class _Given:
+    """Where libpq reads a keyword: the DSN, else the connection service, else its variable (an
+    empty value is none)."""
+
+    pairs: Sequence[tuple[str, str]]
+    section: Service | None
+    env: Mapping[str, str]
+    fail: Any
+
+    def get(self, key: str, variable: str, *, env_too: bool = True) -> tuple[str, str] | None:
+        """(value, where it was given), or None."""
+        if value := _single(self.pairs, key, self.fail):
+            return value, f"the DSN's {key}"
+        section = self.section
+        if section is not None and (value := {**section.tls, **section.libpq_only}.get(key, "")):
+            return value, f"the {key} of service {section.name!r}"
+        if env_too and (value := self.env.get(variable, "")):
+            return value, variable
+        return None
+
+
+def _handshake(given: _Given, context: ssl.SSLContext | None) -> dict[str, tuple[str, str]]:
+    """`HANDSHAKE_KEYS` given (key: value, where); beside an ssl.SSLContext the variables are
+    ignored (only defaults, as PGSSLROOTCERT is) and any other is refused."""
+    found = {key: value for key, variable in HANDSHAKE_KEYS.items()
+             if (value := given.get(key, variable, env_too=context is None)) is not None}
+    if context is not None and found:
+        where = next(iter(found.values()))[1]
+        given.fail(
+            f"{where} is not used with an ssl.SSLContext (asyncpg reads none of the DSN's TLS "
+            "settings then): set it on the context (load_verify_locations(cafile=crl) with "
+            "verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN, minimum_version, maximum_version) and "
+            "leave it out")
+    return found
+
+
+def _versions(handshake: Mapping[str, tuple[str, str]], fail: Any) -> tuple[str, str | None]:
+    """The lowest and highest TLS versions allowed (libpq's default lowest: TLSv1.2)."""
+    for key in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
+        if key in handshake and handshake[key][0] not in TLS_VERSIONS:
+            value, where = handshake[key]
+            fail(f"{where}={value!r}: write one of {', '.join(TLS_VERSIONS)}, spelt so (as "
+                 "libpq documents them; asyncpg reads no other spelling)")
+    low, low_where = handshake.get("ssl_min_protocol_version",
+                                   ("TLSv1.2", "libpq's default ssl_min_protocol_version"))
+    high, high_where = handshake.get("ssl_max_protocol_version", (None, ""))
+    if high is not None and TLS_VERSIONS[high] < TLS_VERSIONS[low]:
+        fail(f"{high_where}={high!r} is below {low_where}={low!r}: no TLS version is left; "
+             "raise the maximum (or lower the minimum)")
+    return low, high
+
+
+def _revocation_lists(handshake: Mapping[str, tuple[str, str]], mode: str,
+                      fail: Any) -> tuple[str | None, str | None]:
+    """The CRL file and directory, where a mode uses them (from ``require`` on, as asyncpg and
+    libpq): each must exist (libpq skips a missing one silently; the pool refuses it)."""
+    if _RANK[mode] < _RANK["require"]:
+        return None, None
+    crl_file, file_where = handshake.get("sslcrl", (None, ""))
+    crl_dir, dir_where = handshake.get("sslcrldir", (None, ""))
+    if crl_file is not None and not os.path.isfile(crl_file):
+        fail(f"{file_where}={crl_file!r}: no such file (a certificate revocation list that "
+             "cannot be read would revoke nothing): fix the path")
+    if crl_dir is not None and not os.path.isdir(crl_dir):
+        fail(f"{dir_where}={crl_dir!r}: no such directory (a certificate revocation list that "
+             "cannot be read would revoke nothing): fix the path")
+    return crl_file, crl_dir
+
+
+#: libpq's ``channel_binding`` values; asyncpg does no channel binding (no SCRAM-SHA-256-PLUS).
+CHANNEL_BINDING = ("disable", "prefer", "require")
+
+
+def _refuse_libpq_only(given: _Given) -> None:
+    """Refuse what libpq would do and asyncpg cannot: the pool and the libpq tools beside it
+    (bench, doctor) would act differently on one DSN."""
+    fail = given.fail
+    binding = given.get("channel_binding", "PGCHANNELBINDING")
+    if binding is not None:
+        value, where = binding
+        if value not in CHANNEL_BINDING:
+            fail(f"{where}={value!r}: choose one of {', '.join(CHANNEL_BINDING)}")
+        if value == "require":
+            fail(f"{where}='require' cannot be enforced: asyncpg cannot do channel binding (it "
+                 "has no SCRAM-SHA-256-PLUS). To keep the password from a server that is not "
+                 "the one meant, use require_auth=scram-sha-256 with sslmode=verify-full (and "
+                 "its root certificate), and leave channel_binding out (or 'prefer'/'disable')")
+    hostaddr = given.get("hostaddr", "PGHOSTADDR")
+    if hostaddr is not None:
+        fail(f"{hostaddr[1]} is given: asyncpg ignores hostaddr and dials the host name, while "
+             "libpq (and the tools that use it) dial the address: write the address as the host "
+             "(with sslmode=verify-ca, or a certificate that names the address, for verified "
+             "TLS) and leave hostaddr out")
 
 
 def _mode(spellings: Sequence[_Spelling], env: Mapping[str, str], root_source: str | None,

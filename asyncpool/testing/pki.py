@@ -17,7 +17,9 @@ from asyncpool.testing.self_signed import BACKDATE, VALIDITY, alt_names, self_si
 
 @dataclass(frozen=True)
 class TestPki:
-    """Files of one test PKI: `ca_cert` signed `server_cert`; `other_ca_cert` signed nothing."""
+    """Files of one test PKI: `ca_cert` signed `server_cert`; `other_ca_cert` signed nothing.
+    `revoked_crl` is the CA's revocation list naming the server certificate; `empty_crl` the
+    CA's list naming none."""
 
     __test__ = False  # not a pytest test class
 
@@ -26,6 +28,8 @@ class TestPki:
     server_cert: Path
     server_key: Path
     other_ca_cert: Path
+    revoked_crl: Path
+    empty_crl: Path
 
     def postgres_settings(self) -> dict[str, str]:
         """postgresql.conf lines that turn TLS on with this certificate."""
@@ -73,7 +77,11 @@ def make_test_pki(dns_names: tuple[str, ...] = ("localhost",),
         server_cert=directory / "server.crt",
         server_key=directory / "server.key",
         other_ca_cert=directory / "other-ca.crt",
+        revoked_crl=directory / "revoked.crl",
+        empty_crl=directory / "empty.crl",
     )
+    pki.revoked_crl.write_bytes(_crl(ca_key, ca_cert, revoked=server_cert.serial_number))
+    pki.empty_crl.write_bytes(_crl(ca_key, ca_cert, revoked=None))
     pki.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     pki.other_ca_cert.write_bytes(other_cert.public_bytes(serialization.Encoding.PEM))
     pki.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
@@ -87,3 +95,20 @@ def make_test_pki(dns_names: tuple[str, ...] = ("localhost",),
     pki.server_key.chmod(0o600)
     chown_tree(directory)
     return pki
+
+
+def _crl(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+         revoked: int | None) -> bytes:
+    """A PEM revocation list signed by the CA, naming the certificate with serial `revoked`."""
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - BACKDATE)
+        .next_update(now + VALIDITY)
+    )
+    if revoked is not None:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(revoked)
+            .revocation_date(now - BACKDATE).build())
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
