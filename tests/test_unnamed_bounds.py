@@ -190,3 +190,16 @@ def test_the_former_name_still_works_with_a_deprecation_warning() -> None:
     with pytest.warns(DeprecationWarning, match="now called"):
         assert PoolConfig.from_env({"ASYNCPOOL_PREPARED_STATEMENTS": "describe-cache"},
                                    dsn="postgresql://u@h/d").prepared_statements == "unnamed"
+
+
+async def test_an_asyncpg_whose_prepared_statement_runs_elsewhere_fails_at_open(
+    legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unnamed prepare()'s executions are checked through asyncpg's private funnel; if it
+    went away they would run unchecked (wrong values after a migration): refused instead."""
+    from asyncpg.prepared_stmt import PreparedStatement
+
+    monkeypatch.delattr(PreparedStatement, "_PreparedStatement__bind_execute")
+    with pytest.raises(PoolConfigError, match=r"PreparedStatement\.__bind_execute"):
+        await asyncpool.create_pool(legacy.dsn(), prepared_statements="unnamed",
+                                    telemetry=False)

@@ -18,6 +18,7 @@ from asyncpg.transaction import Transaction
 
 from asyncpool.connect.forwarding import LoopView
 from asyncpool.errors import PoolError
+from asyncpool.unnamed.prepared import CheckedPreparedStatement
 
 R = TypeVar("R")
 
@@ -47,7 +48,8 @@ class _OnItsLoop:
 
     def _refuse_elsewhere(self, meth_name: str) -> None:
         if not on_its_loop(self._connection):
-            kind = type(self).__mro__[2].__name__  # asyncpg's class
+            kind = next(c.__name__ for c in type(self).__mro__  # asyncpg's class
+                        if c.__module__.startswith("asyncpg."))
             raise PoolError(
                 f"{kind}.{meth_name}() was called from another thread or event loop than the "
                 "one its pool connection belongs to: asyncpg would send the statement and then "
@@ -56,12 +58,14 @@ class _OnItsLoop:
             )
 
 
-def _one_at_a_time(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """asyncpg's `PreparedStatement` method `name`, run holding the connection's statement lock,
-    as asyncpg's own ``Connection._execute`` does (its prepared statements do not): a statement
-    still running when the connection is given back is then seen, and the connection closed
-    rather than handed on (`Slots._retire_busy`); a second statement at once fails at once."""
-    original = getattr(PreparedStatement, name)
+def _one_at_a_time(name: str, base: type = PreparedStatement
+                   ) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """`base`'s (asyncpg's `PreparedStatement`'s) method `name`, run holding the connection's
+    statement lock, as asyncpg's own ``Connection._execute`` does (its prepared statements do
+    not): a statement still running when the connection is given back is then seen, and the
+    connection closed rather than handed on (`Slots._retire_busy`); a second statement at once
+    fails at once."""
+    original = getattr(base, name)
 
     async def method(self: PooledPreparedStatement, *args: Any, **kwargs: Any) -> Any:
         self._refuse_elsewhere(name)  # before the lock: it is not the other thread's to take
@@ -113,9 +117,26 @@ class PooledPreparedStatement(_OnItsLoop, PreparedStatement):
     executemany = _one_at_a_time("executemany")
 
 
+class PooledCheckedPreparedStatement(_OnItsLoop, CheckedPreparedStatement):
+    """An unnamed ``prepare()``'s statement in "unnamed" mode (`CheckedPreparedStatement`): its
+    fetch, fetchrow and fetchval reach its checked path through asyncpg's."""
+
+    __slots__ = ()
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        return bind(super().cursor(*args, **kwargs))
+
+    fetch = _one_at_a_time("fetch", CheckedPreparedStatement)
+    fetchval = _one_at_a_time("fetchval", CheckedPreparedStatement)
+    fetchrow = _one_at_a_time("fetchrow", CheckedPreparedStatement)
+    fetchmany = _one_at_a_time("fetchmany", CheckedPreparedStatement)
+    executemany = _one_at_a_time("executemany", CheckedPreparedStatement)
+
+
 _BOUND: dict[type, type] = {Transaction: PooledTransaction, CursorFactory: PooledCursorFactory,
                             PreparedStatement: PooledPreparedStatement, Cursor: PooledCursor,
-                            CursorIterator: PooledCursorIterator}
+                            CursorIterator: PooledCursorIterator,
+                            CheckedPreparedStatement: PooledCheckedPreparedStatement}
 
 
 def bind(resource: R) -> R:

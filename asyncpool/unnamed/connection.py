@@ -13,7 +13,13 @@ from asyncpg.protocol import protocol as asyncpg_protocol
 
 from asyncpool.errors import StaleStatementError
 from asyncpool.unnamed.check import CHANGED, FAILED, MATCH, REJECTED, UNREADABLE, Check
-from asyncpool.unnamed.entries import CacheTotals, DescribeCacheStats, DescriptionCache, Key
+from asyncpool.unnamed.entries import (
+    CacheTotals,
+    DescribeCacheStats,
+    Description,
+    DescriptionCache,
+    Key,
+)
 from asyncpool.unnamed.fits import fits
 from asyncpool.unnamed.messages import (
     DATA_ROW,
@@ -23,14 +29,19 @@ from asyncpool.unnamed.messages import (
     row_columns,
     row_formats,
 )
+from asyncpool.unnamed.prepared import DISCARD as _DISCARD
+from asyncpool.unnamed.prepared import MANY_ROWS as _MANY_ROWS
+from asyncpool.unnamed.prepared import PLAIN as _PLAIN
+from asyncpool.unnamed.prepared import ROWS as _ROWS
+from asyncpool.unnamed.prepared import CheckedPreparedStatement
 from asyncpool.unnamed.support import unsupported_transport_error
 from asyncpool.unnamed.wire import InterceptingLoop, WireTransport, drive
 
 logger = logging.getLogger("asyncpool.unnamed")
 
 RETIRE_REASON = "unreadable or undecodable reply to a reused statement"
-# How a call reaches `_do_execute` (set by the method that knows, read once).
-_ROWS, _DISCARD, _PLAIN = 0, 1, 2
+#: What `_decode_again` gives for rows it does not decode again (a prepared ``fetchmany``).
+UNDECODED: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,26 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                 return await self._describe_and_run(key, executor, timeout, False, call)
         return await self._describe_and_run(key, executor, timeout, retry, call)
 
+    async def _prepare(self, query: str, *, name: str | None = None,
+                       timeout: float | None = None, use_cache: bool = False,
+                       record_class: type | None = None) -> Any:
+        # A named statement stays asyncpg's (the server keeps its plan; after a schema change
+        # it fails with InvalidCachedStatementError). An unnamed one is served from the
+        # description cache (no round trip on a hit) and its executions are checked reuses.
+        if name is not None or use_cache:
+            return await super()._prepare(query, name=name, timeout=timeout,
+                                          use_cache=use_cache, record_class=record_class)
+        self._check_open()
+        key: Key = (query, record_class or self._protocol.get_record_class(), False)
+        entry = self._describe_cache.get(key)
+        if entry is not None:
+            return CheckedPreparedStatement(self, query, entry.statement, entry)
+        generation = self._describe_cache.generation()
+        statement = await self._get_statement(query, timeout, named=False, use_cache=False,
+                                              record_class=record_class)
+        return CheckedPreparedStatement(self, query, statement,
+                                        self._description_of(key, statement, generation))
+
     async def _introspect_types(self, typeoids: Any, timeout: float | None) -> Any:
         types, statement = await super()._introspect_types(typeoids, timeout)
         self._enums.update(t["oid"] for t in types if t["kind"] == b"e")
@@ -153,8 +184,64 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         entry = cache.peek(key)
         if entry is None or entry.statement is not statement:  # not cacheable, or invalidated
             return await executor(statement, timeout), statement
-        return await self._reuse(Check(entry, key, replay=call == _ROWS), executor, timeout,
-                                 retry)
+        return await self._reuse(Check(entry, key, replay=call != _DISCARD), executor, timeout,
+                                 retry, call == _MANY_ROWS)
+
+    def _description_of(self, key: Key, statement: Any, generation: int) -> Description | None:
+        """What a prepared statement's executions are checked against: the cached description
+        of `statement` (kept now if it can be), or one of its own; None for a statement asyncpg
+        runs unchecked (a named or server-prepared one)."""
+        entry = self._describe_cache.peek(key)
+        if (entry is None or entry.statement is not statement) and self._cacheable(statement):
+            self._keep(key, statement, generation)
+            entry = self._describe_cache.peek(key)
+        if entry is not None and entry.statement is statement:
+            return entry
+        if statement.name or statement.prepared:
+            return None
+        try:
+            return Description(statement, None, self._enums)
+        except pg_exceptions.InternalClientError:  # a codec went missing meanwhile
+            return None
+
+    async def _run_prepared(self, prepared: CheckedPreparedStatement, executor: Any,
+                            timeout: float | None, call: int) -> Any:
+        """Run one execution of `prepared` (``executor(statement, timeout)``, as for
+        `_do_execute`) as a reuse of its description: a changed reply is decoded with its own
+        description, a refused one is described afresh and run outside a transaction block,
+        and `prepared` takes the statement that served it."""
+        statement = prepared._state
+        description = prepared._description
+        # Unchecked, as in `_do_execute`: while asyncpg still waits for a cancelled query, and
+        # executemany's enum parameters (each Bind would need rewriting).
+        if (description is None or self._protocol._is_cancelling()
+                or (call != _ROWS and description.text_params)):
+            try:
+                return await executor(statement, timeout)
+            except pg_exceptions.OutdatedSchemaCacheError:
+                await self.reload_schema_state()  # as asyncpg's PreparedStatement does
+                statement.mark_closed()
+                raise
+        key: Key = (statement.query, statement.record_class, statement.ignore_custom_codec)
+        check = Check(description, key, replay=call != _DISCARD)
+        generation = self._describe_cache.generation()
+        try:
+            result, served = await self._reuse(check, executor, timeout, True, call == _MANY_ROWS)
+        except pg_exceptions.OutdatedSchemaCacheError:
+            statement.mark_closed()  # (`_reuse` reloaded the schema)
+            raise
+        if served is not statement:
+            prepared._adopt(served, self._description_of(key, served, generation))
+        if result is UNDECODED:
+            error = StaleStatementError(
+                f"pool {self._policy.pool_name!r}: {_cause(check)}. fetchmany() of a prepared "
+                "statement does not decode rows again: the statement ran and its rows were not "
+                "returned. The statement now has the new columns: the next call returns them."
+            )
+            error.may_have_run = True
+            error.query = statement.query
+            raise error
+        return result
 
     def _keep(self, key: Key, statement: Any, generation: int) -> None:
         try:
@@ -171,7 +258,7 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         )
 
     async def _reuse(self, check: Check, executor: Any, timeout: float | None,
-                     retry: bool) -> tuple[Any, Any]:
+                     retry: bool, many: bool = False) -> tuple[Any, Any]:
         wire = self._wire
         generation = self._describe_cache.generation()
         started = time.monotonic() if timeout is not None else 0.0
@@ -188,7 +275,7 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                 raise
         else:
             if check.verdict == CHANGED and check.replay:
-                return await self._decode_again(check, executor, timeout, generation)
+                return await self._decode_again(check, executor, timeout, generation, many)
             return result, check.description.statement
         finally:
             wire.disarm()
@@ -198,6 +285,7 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         if timeout is not None:
             timeout = max(timeout - (time.monotonic() - started), 0.001)
         return await self._describe_and_run(check.key, executor, timeout, False,
+                                            _MANY_ROWS if many else
                                             _ROWS if check.replay else _DISCARD)
 
     def _did_not_run(self, check: Check, exc: Exception) -> bool:
@@ -231,39 +319,21 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         logger.info("pool %r: %s", self._policy.pool_name, _cause(check))
 
     async def _decode_again(self, check: Check, executor: Any, timeout: float | None,
-                            generation: int) -> tuple[Any, Any]:
+                            generation: int, many: bool = False) -> tuple[Any, Any]:
         """Decode the recorded reply with the description it arrived with.
 
         asyncpg builds the statement from the reply's own ParameterDescription and
-        RowDescription (fed to its prepare, nothing is sent), introspects the types it does not
-        know (the one extra round trip, only for a type new to this connection), and then
-        decodes the recorded rows (fed to the same executor, nothing is sent).
+        RowDescription (`_statement_from_reply`), and then decodes the recorded rows (fed to
+        the same executor, nothing is sent). Rows of `many` argument sets (a prepared
+        statement's ``fetchmany``) are not decoded again (asyncpg may wait for the socket
+        between its writes): `UNDECODED` is returned with the new statement.
         """
         wire = self._wire
-        protocol = self._protocol
-        query, record_class, ignore_custom_codec = check.key
-        described = PARSE_COMPLETE_MESSAGE + check.description.param_message + check.row_reply
-        wire.swallowing = True
-        try:
-            statement = drive(
-                protocol.prepare("", query, timeout, ignore_custom_codec=ignore_custom_codec,
-                                 record_class=record_class),
-                lambda: wire.feed(described),
-            )
-        finally:
-            wire.swallowing = False
-            wire.swallowed.clear()
-        for _ in range(5):
-            missing = statement._init_types()
-            if not missing:
-                break
-            types, _ = await self._introspect_types(missing, timeout)
-            protocol.get_settings().register_data_types(types)
-        else:
-            raise pg_exceptions.InternalClientError(
-                "could not resolve the result types of a changed statement")
-        statement._init_codecs()
-        statement.mark_unprepared()
+        statement = await self._statement_from_reply(check, timeout)
+        if many:
+            if self._cacheable(statement):
+                self._keep(check.key, statement, generation)
+            return UNDECODED, statement
         columns = len(statement._get_attributes())
         decodable = True
 
@@ -291,11 +361,42 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                 "statement ran; its rows were not decoded. The next call describes it afresh."
             )
             error.may_have_run = True
-            error.query = query
+            error.query = check.key[0]
             raise error
         if self._cacheable(statement):
             self._keep(check.key, statement, generation)
         return result, statement
+
+    async def _statement_from_reply(self, check: Check, timeout: float | None) -> Any:
+        """asyncpg's statement built from a changed reply's own descriptions (fed to its
+        prepare, nothing is sent), after introspecting the types it does not know (the one
+        extra round trip, only for a type new to this connection)."""
+        wire = self._wire
+        protocol = self._protocol
+        query, record_class, ignore_custom_codec = check.key
+        described = PARSE_COMPLETE_MESSAGE + check.description.param_message + check.row_reply
+        wire.swallowing = True
+        try:
+            statement = drive(
+                protocol.prepare("", query, timeout, ignore_custom_codec=ignore_custom_codec,
+                                 record_class=record_class),
+                lambda: wire.feed(described),
+            )
+        finally:
+            wire.swallowing = False
+            wire.swallowed.clear()
+        for _ in range(5):
+            missing = statement._init_types()
+            if not missing:
+                break
+            types, _ = await self._introspect_types(missing, timeout)
+            protocol.get_settings().register_data_types(types)
+        else:
+            raise pg_exceptions.InternalClientError(
+                "could not resolve the result types of a changed statement")
+        statement._init_codecs()
+        statement.mark_unprepared()
+        return statement
 
 
 def _cause(check: Check) -> str:

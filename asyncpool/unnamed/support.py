@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import asyncpg
+from asyncpg.prepared_stmt import PreparedStatement
 from asyncpg.protocol import protocol as asyncpg_protocol
 
 from asyncpool.errors import PoolConfigError
@@ -39,6 +40,13 @@ def missing_asyncpg_features() -> list[str]:
         missing += [f"Connection._do_execute({p}=)" for p in _DO_EXECUTE_PARAMS if p not in params]
     if getattr(asyncpg.Connection, "_drop_local_statement_cache", None) is None:
         missing.append("Connection._drop_local_statement_cache")
+    # An unnamed prepare()'s statement: built by `_prepare`, its fetch, fetchrow and fetchval all
+    # end in the private `__bind_execute` (overridden: without it they would run unchecked).
+    prepare = getattr(asyncpg.Connection, "_prepare", None)
+    if prepare is None or "name" not in inspect.signature(prepare).parameters:
+        missing.append("Connection._prepare(name=)")
+    if getattr(PreparedStatement, "_PreparedStatement__bind_execute", None) is None:
+        missing.append("PreparedStatement.__bind_execute")
     statement = getattr(asyncpg_protocol, "PreparedStatementState", None)
     missing += [f"PreparedStatementState.{name}" for name in _STATEMENT_API
                 if not hasattr(statement, name)]

@@ -141,6 +141,9 @@ class Wire(ForwardingProtocol):
         # write side
         self._armed: Check | None = None
         self._parse_seen = False
+        # asyncpg's Parse of an unprepared statement, written alone, not sent until its Bind is
+        # (`_write_unarmed`).
+        self._lone_parse: bytes | None = None
         self.swallowing = False
         self.swallowed: list[bytes] = []
         # read side
@@ -170,7 +173,7 @@ class Wire(ForwardingProtocol):
             self.forward(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._check = self._holding = self._armed = None
+        self._check = self._holding = self._armed = self._lone_parse = None
         self._held.clear()
         self.inner.connection_lost(exc)
         driver.retrieve_negotiation_error(self.inner)
@@ -180,6 +183,7 @@ class Wire(ForwardingProtocol):
     def arm(self, check: Check) -> None:
         self._armed = check
         self._parse_seen = False
+        self._lone_parse = None  # a new statement: a Parse held until now had no Bind
 
     def disarm(self) -> None:
         self._armed = None
@@ -189,8 +193,10 @@ class Wire(ForwardingProtocol):
         if check is None:
             if self.swallowing:
                 self.swallowed.append(bytes(data))
-            else:
+            elif self._lone_parse is None and memoryview(data)[:1] != _PARSE_BYTE:
                 self.real.write(data)
+            else:
+                self._write_unarmed(data)
         elif self._parse_seen:
             self._send(check, (data,))
         elif memoryview(data)[:1] == bytes((PARSE,)):
@@ -203,12 +209,33 @@ class Wire(ForwardingProtocol):
         if check is None:
             if self.swallowing:
                 self.swallowed.append(b"".join(chunks))
-            else:
+            elif self._lone_parse is None:
                 self.real.writelines(chunks)
+            else:
+                self._write_unarmed(b"".join(chunks))
         elif self._parse_seen:
             self._send(check, chunks)
         else:
             self._unexpected()
+
+    def _write_unarmed(self, data: Buffer) -> None:
+        """Send asyncpg's write, holding back a Parse written alone until its Bind comes.
+
+        asyncpg writes an unprepared statement's Parse on its own, then its Bind(s) and Sync;
+        an ``executemany`` (or ``fetchmany``) of no rows writes the Parse and nothing after it.
+        Sent, that Parse's ParseComplete would arrive at the head of the next statement's reply
+        (the server answers it at that statement's Sync), and for a reused statement the Wire
+        would read a reply the protocol does not promise and close the connection. Behind a
+        transaction pooler it would also keep the server connection assigned until that Sync.
+        Held, it goes out in one write with its Bind, or never when something else follows.
+        """
+        lone, self._lone_parse = self._lone_parse, None
+        if lone is not None and memoryview(data)[:1] == _BIND_BYTE:
+            data = lone + bytes(data)
+        elif memoryview(data)[:1] == _PARSE_BYTE and _one_message(data):
+            self._lone_parse = bytes(data)
+            return
+        self.real.write(data)
 
     def _unexpected(self) -> None:
         self._armed = None
@@ -353,6 +380,20 @@ class Wire(ForwardingProtocol):
         del held[:pos]
         if kept:
             self.forward(b"".join(kept))
+
+
+_PARSE_BYTE = bytes((PARSE,))
+_BIND_BYTE = b"B"
+
+
+def _one_message(data: Buffer) -> bool:
+    """Whether `data` is exactly one whole message."""
+    buf = data if isinstance(data, bytes | bytearray) else bytes(data)
+    try:
+        head = message_header(buf, 0)
+    except ValueError:
+        return False
+    return head is not None and head[1] == len(buf)
 
 
 def _text_params(bind: bytes, description: Any) -> bytes:
