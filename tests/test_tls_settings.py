@@ -525,7 +525,7 @@ def test_hostaddr_is_refused_by_the_pool_and_by_the_libpq_logins_beside_it() -> 
     contenders dialled the hostaddr."""
     from asyncpool.load.logins import GuardedLogin
 
-    dsn = "postgresql://app:pw@localhost:5432/app?hostaddr=10.9.9.9"
+    dsn = "postgresql://app:pw@localhost:5432/app?hostaddr=10.9.9.9"  # pragma: allowlist secret
     for make in (lambda: Connector(PoolConfig(dsn=dsn), PoolObserver()),
                  lambda: GuardedLogin(dsn).psycopg_args()):
         with pytest.raises(PoolConfigError, match="the DSN's hostaddr is given"):
