@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import AsyncGenerator
 from typing import Literal
 
 import asyncpg
@@ -77,6 +78,38 @@ async def test_forever_holder_is_cancelled_and_sees_leak_error(
 
         # The pool serves again.
         assert await pool.fetchval("SELECT 4") == 4
+
+
+async def test_reclaim_cancels_the_task_using_the_connection_not_the_one_that_took_it(
+    pooler: Pooler,
+) -> None:
+    """A block inside an async generator, entered by one task and driven by another since (a
+    row generator primed in a request and streamed by a child task): the reclaim cancels the
+    task running its statements, and the task that entered the block, now doing something
+    else, is left alone."""
+    async with Pool(pooler.dsn(), max_size=2, leak_timeout=0.3, telemetry=False) as pool:
+
+        async def rows() -> AsyncGenerator[int, None]:
+            async with pool.acquire() as conn:
+                for i in range(1000):
+                    yield await conn.fetchval("SELECT $1::int", i)
+
+        gen = rows()
+        assert await anext(gen) == 0  # this task enters the block
+
+        async def stream() -> None:
+            while True:
+                await anext(gen)
+                await asyncio.sleep(0.05)
+
+        streaming = asyncio.create_task(stream())
+        await asyncio.sleep(1.0)  # unrelated work of the task that entered: not cancelled
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        with pytest.raises((asyncio.CancelledError, asyncpool.ConnectionLeakedError)):
+            await streaming
+        with pytest.raises(asyncpool.ConnectionLeakedError):
+            await gen.aclose()
+        assert pool.stats().leaked_total == 1
 
 
 async def test_waiter_gets_the_reclaimed_slot(pooler: Pooler) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from asyncio import CancelledError, get_running_loop
+from asyncio import CancelledError, current_task, get_running_loop
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from threading import get_ident
 from types import MethodType
@@ -115,6 +115,9 @@ def _statement(name: str) -> Callable[..., Any]:
         if not (loop._thread_id == get_ident() if owner.loop_has_thread_id  # type: ignore[union-attr]
                 else get_running_loop() is loop):
             owner.refuse_other_loop()
+        # The holder is the task using the connection, which a leak reclaim cancels: not always
+        # the one that took it (an async generator's block, driven by another task since).
+        lease.task = current_task()
         record = lease.record
         conn = record.conn
         try:
