@@ -168,6 +168,34 @@ async def test_cancellations_hold_the_cancel_request_in_flight(conn: Any) -> Non
     assert driver.pending_cancellations(conn) == []
 
 
+async def test_a_cancel_request_sent_is_no_longer_in_flight(postgres: PostgresServer) -> None:
+    """asyncpg's request task waits, after its socket is done, for the cancelled statement to
+    end, which a stopped server process never does: the request is no longer in flight (closing
+    the connection cannot cut it short), and waiting on what is in flight ends when it is sent."""
+    import os
+    import signal
+
+    conn = await asyncpg.connect(
+        postgres.dsn(), statement_cache_size=0,
+        connection_class=driver.cancel_aware_class(None, cancels=True))
+    pid = conn.get_server_pid()
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        query = asyncio.ensure_future(conn.execute("SELECT 1"))
+        await asyncio.sleep(0.1)
+        query.cancel()
+        await asyncio.sleep(0)
+        in_flight = driver.pending_cancellations(conn)
+        assert in_flight
+        await asyncio.wait(in_flight, timeout=5)
+        assert all(f.done() for f in in_flight)
+        assert driver.pending_cancellations(conn) == []
+        assert any(not t.done() for t in conn._cancellations)  # (still waiting for the statement)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        conn.terminate()
+
+
 async def test_listeners_are_dropped_and_unlistened(conn: Any, postgres: PostgresServer) -> None:
     seen: list[str] = []
     await conn.add_listener("core_chan", lambda *args: seen.append(args[-1]))

@@ -291,18 +291,23 @@ def queries_count(conn: Any) -> int:
     return int(getattr(getattr(conn, "_protocol", None), "queries_count", 0))
 
 
-def pending_cancellations(conn: Any) -> list[asyncio.Task[Any]]:
-    """Cancel requests still in flight on `conn`: closing the connection cancels them, and
-    closing a cancel request's socket early crashes PgBouncer 1.18 (pgbouncer#801). One whose
-    socket is done is not counted, though asyncpg's task for it still waits for the cancelled
-    statement to end (which a closed connection ends, and which may never come by itself)."""
-    return [t for t in getattr(conn, "_cancellations", ())
-            if not t.done() and not _request_sent(t)]
-
-
-def _request_sent(task: asyncio.Task[Any]) -> bool:
-    waiter = _REQUEST_WAITERS.get(task)
-    return waiter is not None and waiter.done()
+def pending_cancellations(conn: Any) -> list[asyncio.Future[Any]]:
+    """Cancel requests still in flight on `conn`, as futures done once each request is: closing
+    the connection cancels them, and closing a cancel request's socket early crashes PgBouncer
+    1.18 (pgbouncer#801). One whose socket is done is not counted, though asyncpg's task for it
+    still waits for the cancelled statement to end (which a closed connection ends, and which
+    may never come by itself): for asyncpg's requests, the future is the one asyncpg completes
+    when the socket is done, not that task."""
+    pending: list[asyncio.Future[Any]] = []
+    for task in getattr(conn, "_cancellations", ()):
+        if task.done():
+            continue
+        sent = _REQUEST_WAITERS.get(task)
+        if sent is None:
+            pending.append(task)
+        elif not sent.done():
+            pending.append(sent)
+    return pending
 
 
 #: asyncpg's cancel request tasks, each with the future asyncpg completes once the request's
