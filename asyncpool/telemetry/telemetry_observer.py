@@ -160,7 +160,10 @@ class TelemetryObserver(PoolObserver):
         if attempt.error is None:
             seconds = attempt.seconds * self._conventions.time_scale
             self._instruments.create_time.record(seconds, self._attributes)
-        elif not attempt.abandoned:  # a caller that went away is no failed login
+        else:
+            # (An abandoned login is counted too, under CancelledError: a client that went away
+            # is rare during a login of milliseconds, and a deadline cutting logins that hang is
+            # an outage, which must not vanish from the metrics.)
             errors = self._counts.create_errors
             kind = error_type(attempt)
             errors[kind] = errors.get(kind, 0) + 1
