@@ -350,6 +350,46 @@ async def test_a_task_left_holding_a_connection_is_cancelled_in_time(
     assert (pool.stats().closed_total, len(clients)) == ((1, 0) if stubborn else (0, 1))
 
 
+@pytest.mark.parametrize("leak_timeout", [30.0, None])
+async def test_a_task_started_at_init_is_not_taken_for_one_the_invocation_left(
+    env: Environment, pooler: Pooler, leak_timeout: float | None
+) -> None:
+    """A task started at INIT (outside any invocation) that holds a connection for the
+    environment's life is left alone at each invocation's end, leak tracking on or off."""
+    pool = env.pool(pooler.dsn(), leak_timeout=leak_timeout, max_size=2)
+    stop = asyncio.Event()
+
+    async def keep() -> None:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+            await stop.wait()
+
+    async def init() -> asyncio.Task[None]:
+        await pool.open()
+        task = asyncio.create_task(keep())
+        await asyncio.sleep(0.05)
+        return task
+
+    kept = await env.run(init)
+
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> int:
+        value: int = await pool.fetchval("SELECT 2")
+        return value
+
+    started = time.monotonic()
+    assert await env.invoke(handler, context=LocalContext(timeout=5)) == 2
+    assert time.monotonic() - started < 1.0
+    assert not kept.done()
+    assert pool.stats().closed_total == 0
+
+    async def end() -> None:
+        stop.set()
+        await kept
+
+    await env.run(end)
+
+
 async def test_an_invocation_runs_with_no_timer_in_its_loop(env: Environment, pooler: Pooler) -> None:
     # The time budget, the leak deadline and housekeeping wait off the loop's heap, where a
     # pending timer would make every turn of the loop dearer (asyncpool/pool/alarms.py).

@@ -112,6 +112,30 @@ async def test_reclaim_cancels_the_task_using_the_connection_not_the_one_that_to
         assert pool.stats().leaked_total == 1
 
 
+async def test_a_holder_whose_statements_ran_in_helper_tasks_is_still_the_holder(
+    pooler: Pooler,
+) -> None:
+    """Statements run through ``asyncio.gather`` (a task each) do not make those short-lived
+    tasks the holder: a reclaim cancels the task in the block, and close() awaited by the task
+    holding a connection closes it at once."""
+    async with Pool(pooler.dsn(), max_size=2, leak_timeout=0.3, telemetry=False) as pool:
+
+        async def holder() -> None:
+            async with pool.acquire() as conn:
+                await asyncio.gather(conn.fetchval("SELECT 1"))
+                await asyncio.sleep(5)
+
+        with pytest.raises(asyncpool.ConnectionLeakedError):
+            await asyncio.wait_for(holder(), 3)
+
+    pool = Pool(pooler.dsn(), max_size=1, telemetry=False)
+    await pool.open()
+    conn = await pool.acquire()
+    await asyncio.gather(conn.fetchval("SELECT 1"))
+    async with asyncio.timeout(2):
+        await pool.close(timeout=None)  # (it waited for itself, forever)
+
+
 async def test_waiter_gets_the_reclaimed_slot(pooler: Pooler) -> None:
     async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.3, acquire_timeout=5,
                     telemetry=False) as pool:

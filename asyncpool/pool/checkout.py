@@ -26,7 +26,7 @@ from asyncpool.errors import (
 )
 from asyncpool.pool.commit import commit
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, Lease
+from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, TERMINATED, Lease, LeaseState
 from asyncpool.pool.record import IDLE
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class Checkouts(Protocol):
     async def set_up(self, conn: PooledConnection, timeout: float | None,
                      started: float) -> None: ...
 
-    def discard(self, lease: Lease, reason: str) -> None: ...
+    def discard(self, lease: Lease, reason: str, *, state: LeaseState = ...) -> None: ...
 
     @property
     def transaction_sql(self) -> str | None: ...
@@ -181,7 +181,7 @@ class AcquireContext:
                     and returned(conn) == CLEAN):
                 lease.state = RELEASED
                 lease.frame = None
-                lease.task = None  # (a finished task keeps its result)
+                lease.task = lease.user = None  # (a finished task keeps its result)
                 lease.context = None
                 # The lease stays with the record for the next checkout to take (no allocation:
                 # `Slots.checkout_nowait`); the proxy, which the holder may keep, and this
@@ -273,7 +273,7 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
     # left over from earlier (a cancel swallowed without uncancel(), a TaskGroup on Python
     # < 3.13) is not taken for one.
     before = lease.holder_cancelled
-    if before is not None and task is not None and task.cancelling():
+    if before is not None and task is lease.task and task is not None and task.cancelling():
         lease.holder_cancelled = None
         task.uncancel()
         if isinstance(exc, asyncio.CancelledError) and task.cancelling() > before:
@@ -288,6 +288,11 @@ def _not_committed(owner: Checkouts, lease: Lease | None) -> PoolError:
     if lease is not None and lease.state is CLOSED:
         return PoolClosedError(
             f"pool {owner.name!r} was closed while this transaction was open: it was not committed"
+        )
+    if lease is not None and lease.state is TERMINATED:
+        return PoolError(
+            f"pool {owner.name!r}: the connection was terminated inside pool.transaction(): "
+            "the transaction was not committed"
         )
     if lease is not None and lease.state is RELEASED and not lease.record.conn.is_closed():
         return PoolError(

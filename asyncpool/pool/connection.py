@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from asyncio import CancelledError, current_task, get_running_loop
+from asyncio import CancelledError, get_running_loop
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from threading import get_ident
 from types import MethodType
@@ -17,7 +17,7 @@ from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, Connectio
 from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by_pool
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
-from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, Lease
+from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
 
 if TYPE_CHECKING:
@@ -115,9 +115,9 @@ def _statement(name: str) -> Callable[..., Any]:
         if not (loop._thread_id == get_ident() if owner.loop_has_thread_id  # type: ignore[union-attr]
                 else get_running_loop() is loop):
             owner.refuse_other_loop()
-        # The holder is the task using the connection, which a leak reclaim cancels: not always
-        # the one that took it (an async generator's block, driven by another task since).
-        lease.task = current_task()
+        # Who uses the connection, for a leak reclaim to cancel: not always the task that took
+        # it (a block in an async generator, driven by another task since: `Lease.holder`).
+        lease.user = task_of(loop)
         record = lease.record
         conn = record.conn
         try:
@@ -454,7 +454,7 @@ class PooledConnection(_Base):
         if lease.state is not ACTIVE:
             raise self._unusable()
         self._owner.refuse_other_loop()
-        self._owner.discard(lease, "terminated by its holder")
+        self._owner.discard(lease, "terminated by its holder", state=TERMINATED)
 
     def _unusable(self) -> PoolError:
         state = self._lease.state
@@ -462,6 +462,12 @@ class PooledConnection(_Base):
             return ConnectionLeakedError(
                 f"pool {self._pool_name!r}: this connection was held past leak_timeout and "
                 "reclaimed; release connections promptly or raise leak_timeout"
+            )
+        if state is TERMINATED:
+            return PoolError(
+                f"pool {self._pool_name!r}: this connection was terminated (conn.terminate(), or "
+                "held by a task past the end of the Lambda invocation that started it); acquire "
+                "a new one"
             )
         if state is CLOSED:
             return PoolClosedError(f"pool {self._pool_name!r} was closed while this connection was held")

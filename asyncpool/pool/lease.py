@@ -20,6 +20,9 @@ class LeaseState(enum.Enum):
     RELEASED = "released"
     LEAKED = "leaked"  # reclaimed by the pool: the holder must not touch the connection again
     CLOSED = "closed"  # terminated by pool.close() while still held
+    # Closed under its holder, for good: ``conn.terminate()``, or held by a task past the end of
+    # the Lambda invocation that started it (`asyncpool.pool.stragglers`).
+    TERMINATED = "terminated"
     # Held when the process forked, seen in the child: the connection is the parent's, and the
     # holder there must neither use it nor give it back (a reset would write to its socket).
     INHERITED = "inherited"
@@ -31,6 +34,7 @@ ACTIVE = LeaseState.ACTIVE
 RELEASED = LeaseState.RELEASED
 LEAKED = LeaseState.LEAKED
 CLOSED = LeaseState.CLOSED
+TERMINATED = LeaseState.TERMINATED
 INHERITED = LeaseState.INHERITED
 
 # A coroutine chain deeper than this is cut in leak reports.
@@ -73,7 +77,7 @@ class Lease:
     """
 
     __slots__ = ("acquired_at", "context", "frame", "holder_cancelled", "lasti", "record", "reported",
-                 "running", "scoped", "state", "task")
+                 "running", "scoped", "state", "task", "user")
 
     def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None,
                  task: asyncio.Task[Any] | None, context: contextvars.Context | None) -> None:
@@ -82,6 +86,10 @@ class Lease:
         # The holding task (a waiter's lease is made by whoever hands it the connection: it passes
         # the waiter's own).
         self.task = task
+        # The task that last ran a statement through the holder's `PooledConnection` (None:
+        # none yet): another than `task` when a block in an async generator is driven by
+        # another task than the one that entered it (`holder`).
+        self.user: asyncio.Task[Any] | None = None
         # The holder's context (its current span): a leak is reported in it, not in the timer's.
         # None when the pool does not track leaks.
         self.context = context
@@ -107,6 +115,19 @@ class Lease:
 
     def task_name(self) -> str | None:
         return self.task.get_name() if self.task is not None else None
+
+    def holder(self) -> asyncio.Task[Any] | None:
+        """The task a leak reclaim cancels: the one that took the connection while the
+        acquiring function is in its awaits (or nothing says otherwise); else the task that
+        last ran a statement on it, if that one still runs (the block is in an async generator
+        another task drives now: the task that entered it has gone on to other things)."""
+        task, user = self.task, self.user
+        if user is None or user is task or user.done() or task is None:
+            return task
+        frame = self.frame
+        if not isinstance(frame, FrameType) or frame in _task_frames(task):
+            return task
+        return user
 
     def acquire_site(self) -> str:
         """The stack where the connection was acquired, outermost call first.
@@ -172,6 +193,7 @@ def spare_lease(record: ConnectionRecord) -> Lease:
     lease.scoped = True
     lease.holder_cancelled = None
     lease.running = 0
+    lease.user = None
     return lease
 
 

@@ -57,6 +57,7 @@ from asyncpool.pool.lease import (
     LEAKED,
     RELEASED,
     Lease,
+    LeaseState,
     spare_lease,
     task_of,
 )
@@ -1428,12 +1429,13 @@ class Slots(_HotSlots):
             "faster or raise acquire_timeout"
         ) from error
 
-    def discard(self, lease: Lease, reason: str) -> None:
+    def discard(self, lease: Lease, reason: str, *, state: LeaseState = RELEASED) -> None:
         """Take back a checkout whose connection must not be used again (its `setup` hook
-        failed): the connection is closed and its slot freed."""
+        failed; `TERMINATED`: its holder terminated it, or held it past its invocation): the
+        connection is closed and its slot freed; the lease is left in `state`."""
         if lease.state is not ACTIVE:
             return
-        lease.state = RELEASED
+        lease.state = state
         lease.frame = None
         if self.loop is not None and self.on_released is not None:
             self.on_released(self.loop.time() - lease.acquired_at)
@@ -1455,9 +1457,13 @@ class Slots(_HotSlots):
             return
         held = self.loop.time() - lease.acquired_at
         reclaim = self.config.leak_action == "reclaim"
+        task = lease.holder() if reclaim else lease.task
+        # The task that last ran a statement on it, when the block is in an async generator
+        # another task drives: the one reported and cancelled, and the one `_raise_leaked`
+        # withdraws the request from (a reclaimed lease is no one's: nothing else reads it).
+        lease.task = task
         site = lease.acquire_site()
         report = LeakReport(self.name, held, lease.task_name(), site, reclaim, self.connector.target)
-        task = lease.task
         # A holder inside `async with` is cancelled, and its block ends in ConnectionLeakedError.
         # One that took `conn = await pool.acquire()` has no block to turn the cancellation into
         # that error: only its connection is reclaimed, and its next use raises it.

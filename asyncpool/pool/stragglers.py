@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from asyncpool.pool.lease import ACTIVE, Lease
+from asyncpool.pool.lease import ACTIVE, TERMINATED, Lease
 from asyncpool.pool.slots import RESETS_END
 
 if TYPE_CHECKING:
@@ -30,8 +30,9 @@ CANCEL_MESSAGE = "asyncpool: the invocation that started this task returned whil
 
 def held_by_other_tasks(pools: list[Slots]) -> list[tuple[Slots, Lease]]:
     """The checkouts of `pools` taken in an invocation's context (by a task it started, this
-    invocation or an earlier one; where leaks are not tracked no context is kept, and every one
-    counts) and still held by a running task other than the current one."""
+    invocation or an earlier one) and still held by a running task other than the current one.
+    Where leaks are not tracked (``leak_timeout=None``) no context is kept, and none is found:
+    a task started at INIT must not be taken for one."""
     current = asyncio.current_task()
     held: list[tuple[Slots, Lease]] = []
     for slots in pools:
@@ -42,7 +43,7 @@ def held_by_other_tasks(pools: list[Slots]) -> list[tuple[Slots, Lease]]:
             task = lease.task
             if task is None or task is current or task.done():
                 continue
-            if lease.context is None or lease.context.get(RESETS_END) is not None:
+            if lease.context is not None and lease.context.get(RESETS_END) is not None:
                 held.append((slots, lease))
     return held
 
@@ -73,7 +74,7 @@ async def free_stragglers(pools: list[Slots], invocation: str, give: float, boun
         lease.task.cancel(CANCEL_MESSAGE)
     held = await _still_held(held, started + max(bound, give))
     for slots, lease in held:
-        slots.discard(lease, "held past the end of its invocation")
+        slots.discard(lease, "held past the end of its invocation", state=TERMINATED)
 
 
 async def _still_held(held: list[tuple[Slots, Lease]], until: float) -> list[tuple[Slots, Lease]]:
@@ -81,8 +82,11 @@ async def _still_held(held: list[tuple[Slots, Lease]], until: float) -> list[tup
     loop = asyncio.get_running_loop()
     task_of = {id(lease): lease.task for _, lease in held}
     while True:
+        # (A task that ended holding one, with `conn = await pool.acquire()`, is the leak
+        # tracker's: nothing here would make it give the connection back.)
         held = [(slots, lease) for slots, lease in held
-                if lease.state is ACTIVE and lease.task is task_of[id(lease)]]
+                if lease.state is ACTIVE and (task := task_of[id(lease)]) is lease.task
+                and task is not None and not task.done()]
         if not held or loop.time() >= until:
             return held
         await asyncio.sleep(_POLL)
