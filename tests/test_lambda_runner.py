@@ -164,6 +164,23 @@ async def test_a_checkout_cut_short_by_anyio_is_reset_before_the_response(
     assert (row["sv_active"], pool.stats().in_use) == (0, 0), row
 
 
+async def _stop_in_a_transaction(conn: Any, stopped: list[int]) -> None:
+    """Open a transaction on `conn`, then stop its server process (SIGSTOP; its pid goes to
+    `stopped`, for the test to continue it): nothing sent there is answered any more."""
+    import os
+    import signal
+
+    await conn.execute("BEGIN")
+    pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+    os.kill(pid, signal.SIGSTOP)
+    stopped.append(pid)
+
+
+async def _active_clients(pooler: Pooler) -> list[dict[str, Any]]:
+    return [row for row in await pooler.admin("SHOW CLIENTS")
+            if row["database"] == "app" and row["state"] == "active"]
+
+
 async def test_a_reset_that_hangs_ends_within_the_invocations_time(
     env: Environment, pooler: Pooler
 ) -> None:
@@ -183,10 +200,7 @@ async def test_a_reset_that_hangs_ends_within_the_invocations_time(
         await pool.open()
         with anyio.move_on_after(0.2):
             async with pool.acquire() as conn:
-                await conn.execute("BEGIN")
-                pid: int = await conn.fetchval("SELECT pg_backend_pid()")
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
+                await _stop_in_a_transaction(conn, stopped)
                 await conn.execute("SELECT 1")
         return "cut"
 
@@ -194,8 +208,7 @@ async def test_a_reset_that_hangs_ends_within_the_invocations_time(
     try:
         assert await env.invoke(cut, context=LocalContext(timeout=2.0)) == "cut"
         took = time.monotonic() - started
-        clients = [row for row in await pooler.admin("SHOW CLIENTS")
-                   if row["database"] == "app" and row["state"] == "active"]
+        clients = await _active_clients(pooler)
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
@@ -221,10 +234,7 @@ async def test_a_holder_cut_by_the_deadline_does_not_reset_past_it(
     async def stuck(event: Any, context: Any) -> str:
         await pool.open()
         async with pool.acquire() as conn:
-            await conn.execute("BEGIN")
-            pid: int = await conn.fetchval("SELECT pg_backend_pid()")
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
+            await _stop_in_a_transaction(conn, stopped)
             await conn.execute("SELECT 1")
         return "never"
 
@@ -233,8 +243,7 @@ async def test_a_holder_cut_by_the_deadline_does_not_reset_past_it(
         with pytest.raises(HandlerTimeoutError):
             await env.invoke(stuck, context=LocalContext(timeout=2.0))
         took = time.monotonic() - started
-        clients = [row for row in await pooler.admin("SHOW CLIENTS")
-                   if row["database"] == "app" and row["state"] == "active"]
+        clients = await _active_clients(pooler)
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)

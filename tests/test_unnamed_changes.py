@@ -18,6 +18,7 @@ import pytest
 from asyncpool import Pool
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
+from tests.migrations import migrate
 
 
 @pytest.fixture
@@ -35,15 +36,6 @@ async def table(pool: Pool, pooler: Pooler) -> str:
         CREATE TABLE {name} (id serial PRIMARY KEY, v int, note varchar(10) DEFAULT 'n')
     """)
     return name
-
-
-async def migrate(postgres: PostgresServer, sql: str) -> None:
-    """Run DDL on a separate, direct connection, as a deploy's migration would."""
-    conn = await asyncpg.connect(postgres.dsn())
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 DDL_CASES = [

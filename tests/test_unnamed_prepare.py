@@ -13,11 +13,11 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 
 from asyncpool import Pool, StaleStatementError
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from tests.migrations import migrate
 from tests.test_unnamed_wire import CountingRelay
 
 Target = PostgresServer | PgBouncerServer
@@ -49,15 +49,6 @@ async def table(pool: Pool, request: pytest.FixtureRequest) -> str:
     name = "dc_prep_" + re.sub(r"\W", "_", request.node.callspec.id)[:40]
     await pool.execute(f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (a int, b int)")
     return name
-
-
-async def migrate(postgres: PostgresServer, sql: str) -> None:
-    """DDL on a separate, direct connection, as a deploy's migration would run it."""
-    conn = await asyncpg.connect(postgres.dsn())
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def _row(stmt: Any, *args: Any) -> tuple[Any, ...]:
