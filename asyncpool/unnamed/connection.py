@@ -132,16 +132,14 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                        timeout: float | None = None, use_cache: bool = False,
                        record_class: type | None = None) -> Any:
         # A named statement stays asyncpg's (the server keeps its plan; after a schema change
-        # it fails with InvalidCachedStatementError). An unnamed one is served from the
-        # description cache (no round trip on a hit) and its executions are checked reuses.
+        # it fails with InvalidCachedStatementError). An unnamed one is described afresh, as
+        # asyncpg does (a cursor made from it is decoded with that description: one served
+        # from the cache could predate a migration), and its executions are checked reuses.
         if name is not None or use_cache:
             return await super()._prepare(query, name=name, timeout=timeout,
                                           use_cache=use_cache, record_class=record_class)
         self._check_open()
         key: Key = (query, record_class or self._protocol.get_record_class(), False)
-        entry = self._describe_cache.get(key)
-        if entry is not None:
-            return CheckedPreparedStatement(self, query, entry.statement, entry)
         generation = self._describe_cache.generation()
         statement = await self._get_statement(query, timeout, named=False, use_cache=False,
                                               record_class=record_class)
@@ -226,7 +224,15 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         check = Check(description, key, replay=call != _DISCARD)
         generation = self._describe_cache.generation()
         try:
-            result, served = await self._reuse(check, executor, timeout, True, call == _MANY_ROWS)
+            if description.guards is None or fits(description.guards, executor,
+                                                  call in (_DISCARD, _MANY_ROWS)):
+                result, served = await self._reuse(check, executor, timeout, True,
+                                                   call == _MANY_ROWS)
+            else:
+                # An argument its parameter's type would convert with a loss (`fits`):
+                # described afresh, as on the connection's own path.
+                self._describe_cache.count_miss()
+                result, served = await self._describe_and_run(key, executor, timeout, False, call)
         except pg_exceptions.OutdatedSchemaCacheError:
             statement.mark_closed()  # (`_reuse` reloaded the schema)
             raise
