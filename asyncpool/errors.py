@@ -83,6 +83,11 @@ class CredentialsError(PoolError):
     """A credentials provider could not produce a password (no AWS credentials, bad secret...)."""
 
 
+class CredentialsUnavailableError(CredentialsError, ConnectError):
+    """A credentials provider failed with a network error or a timeout (`OSError`,
+    `TimeoutError`): retried with backoff, as a connection error is, within the acquire's time."""
+
+
 class AuthMethodRefusedError(ConnectError):
     """The server asked for an authentication method the pool does not allow on this connection
     (a cleartext or MD5 password where the server's certificate is not verified, or a method

@@ -13,6 +13,7 @@ from asyncpool import (
     AuthenticationError,
     CredentialProvider,
     CredentialsError,
+    CredentialsUnavailableError,
     IamAuth,
     Pool,
     PoolConfigError,
@@ -186,6 +187,28 @@ async def test_a_providers_own_exception_is_named_by_its_class_only(
     assert token[:8] not in message
     assert not [r for r in caplog.records
                 if token[:8] in r.getMessage() or (r.exc_info and token[:8] in str(r.exc_info[1]))]
+
+
+@pytest.mark.parametrize("blip", [TimeoutError, ConnectionResetError])
+async def test_a_provider_that_cannot_reach_its_store_for_a_moment_is_retried(
+    postgres: PostgresServer, blip: type[Exception],
+) -> None:
+    """A network error or timeout of the provider's (its secret store unreachable for a moment)
+    is retried within the acquire's time, as a connection error is; its message stays hidden."""
+
+    class Flaky(Rotating):
+        async def password(self, target: Target) -> str:
+            self.calls += 1
+            if self.calls == 1:
+                raise blip("store at https://vault/?token=hvs.secret unreachable")  # pragma: allowlist secret
+            return self.passwords[0]
+
+    bare = _without_password(postgres.dsn(), postgres.app.password)
+    provider = Flaky([postgres.app.password])
+    async with _pool(bare, credentials=provider, min_size=0, acquire_timeout=5) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+    assert provider.calls == 2
+    assert issubclass(CredentialsUnavailableError, CredentialsError)
 
 
 def test_every_shipped_provider_satisfies_the_protocol() -> None:

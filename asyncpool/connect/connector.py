@@ -36,6 +36,7 @@ from asyncpool.errors import (
     AuthenticationError,
     ConnectError,
     CredentialsError,
+    CredentialsUnavailableError,
     PoolConfigError,
     PoolError,
     config_errors_without_frames,
@@ -364,8 +365,11 @@ async def _ask(provider: CredentialProvider, target: Target, pool: str) -> str:
     except Exception as exc:
         failed = type(exc)
     # Raised outside the except block: the provider's exception is neither this one's cause nor
-    # its context, and its frames (whatever they held) are gone.
-    raise CredentialsError(
+    # its context, and its frames (whatever they held) are gone. A network error or a timeout
+    # (the secret store unreachable for a moment) is retried, as before the message was hidden.
+    error = (CredentialsUnavailableError if issubclass(failed, OSError | TimeoutError)
+             else CredentialsError)
+    raise error(
         f"pool {pool!r}: {type(provider).__name__}.password() raised {_class_name(failed)} (its "
         "message is not shown: it may hold a credential; log it inside the provider to see "
         "it, or raise a CredentialsError with a message that holds none)")
