@@ -90,6 +90,10 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
                 f"the certificate is not for {target.host!r}: dial the name it was issued for "
                 "(the RDS or RDS Proxy endpoint, not an IP or a CNAME of your own)"
             )
+        elif "crl" in str(exc.verify_message).lower() or "revoked" in str(exc.verify_message).lower():
+            fix = ("the certificate revocation list (sslcrl / sslcrldir) revokes it, or lacks a "
+                   "CRL for a CA of its chain (every CA's CRL is needed, as libpq checks the "
+                   "whole chain)")
         else:
             fix = "check ssl_root_cert (RDS: the RDS CA bundle; RDS Proxy: the Amazon root CAs)"
         error = ConnectError(
