@@ -168,7 +168,7 @@ async def test_a_crl_is_applied_in_every_verifying_mode(
         verifying = {"sslmode": mode, "sslrootcert": str(pki.ca_cert)}
         async with await _open(_dsn(tls_postgres, sslcrl=str(pki.empty_crl), **verifying)) as pool:
             assert (await _tls_facts(pool))[0]
-        with pytest.raises(ConnectError, match="certificate revoked.*sslcrl / sslcrldir"):
+        with pytest.raises(ConnectError, match=r"certificate revoked.*sslcrl / sslcrldir"):
             await _open(_dsn(tls_postgres, sslcrl=str(pki.revoked_crl), **verifying))
 
 
