@@ -1437,8 +1437,7 @@ class Slots(_HotSlots):
             return
         lease.state = state
         lease.frame = None
-        if self.loop is not None and self.on_released is not None:
-            self.on_released(self.loop.time() - lease.acquired_at)
+        self._end_use(lease)
         self.retire(lease.record, reason)
 
     def _end_use(self, lease: Lease) -> None:
