@@ -118,7 +118,8 @@ def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, An
         user=values.get("user") or None,
         database=values.get("dbname") or values.get("database") or None,
         tls={k: values[k] for k in TLS_KEYS if values.get(k)},
-        libpq_only={k: values[k] for k in ("hostaddr", "channel_binding") if values.get(k)})
+        libpq_only={k: values[k] for k in LIBPQ_ONLY_KEYS
+                    if k not in TLS_KEYS and values.get(k)})
 
 
 def _section_values(section: configparser.SectionProxy, path: str) -> dict[str, str]:
