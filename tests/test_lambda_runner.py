@@ -268,9 +268,8 @@ async def test_a_task_left_running_resets_its_return_after_the_invocation(
 
     @async_handler(runner=env.runner)
     async def start(event: Any, context: Any) -> None:
-        await pool.open()
         left.append(asyncio.create_task(background()))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.05)
 
     @async_handler(runner=env.runner)
     async def finish(event: Any, context: Any) -> tuple[int, int]:
@@ -279,6 +278,7 @@ async def test_a_task_left_running_resets_its_return_after_the_invocation(
         await left[0]
         return pool.stats().idle, pool.stats().closed_total
 
+    await env.run(pool.open)  # (at INIT: the short invocation below only starts the task)
     await env.invoke(start, context=LocalContext(timeout=1.0))
     assert await env.invoke(finish, context=LocalContext(timeout=5)) == (1, 0)
 
