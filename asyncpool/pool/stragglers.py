@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asyncpool.pool.lease import ACTIVE, TERMINATED, Lease
 from asyncpool.pool.slots import RESETS_END
@@ -55,37 +55,44 @@ async def free_stragglers(pools: list[Slots], invocation: str, give: float, boun
     Tasks started just before get a few turns of the loop first, to take theirs."""
     for _ in range(_FIRST_TURNS):
         await asyncio.sleep(0)
-    held = held_by_other_tasks(pools)
+    # (Each with its task now: once given back, a lease may be another checkout's.)
+    held = [(slots, lease, lease.task) for slots, lease in held_by_other_tasks(pools)]
     if not held:
         return
     loop = asyncio.get_running_loop()
     started = loop.time()
-    for slots, lease in held:
-        assert lease.task is not None
+    for slots, _, task in held:
+        assert task is not None
         logger.warning(
             "pool %r: task %r, started during an invocation, still held a connection when "
             "invocation %s returned; it has %.2fs to give it back, then it is cancelled (the "
             "environment may be frozen after the response, with its transaction open). Await "
-            "the tasks a handler starts", slots.name, lease.task.get_name(), invocation,
+            "the tasks a handler starts", slots.name, task.get_name(), invocation,
             max(give, 0.0))
     held = await _still_held(held, started + give)
-    for _, lease in held:
-        assert lease.task is not None
-        lease.task.cancel(CANCEL_MESSAGE)
-    held = await _still_held(held, started + max(bound, give))
-    for slots, lease in held:
+    cancelled = [task for _, _, task in held if task is not None]
+    for task in cancelled:
+        task.cancel(CANCEL_MESSAGE)
+    until = started + max(bound, give)
+    # A cancelled holder puts its connection back in its own task once the reset is done: that
+    # task must run again before the response goes, or the connection stays out until the thaw.
+    if cancelled and (left := until - loop.time()) > 0:
+        await asyncio.wait(cancelled, timeout=left)
+    for slots, lease, _ in await _still_held(held, until):
         slots.discard(lease, "held past the end of its invocation", state=TERMINATED)
 
 
-async def _still_held(held: list[tuple[Slots, Lease]], until: float) -> list[tuple[Slots, Lease]]:
+_Held = list[tuple["Slots", Lease, "asyncio.Task[Any] | None"]]
+
+
+async def _still_held(held: _Held, until: float) -> _Held:
     """`held`, less the checkouts given back by `until` (loop time), waiting for that."""
     loop = asyncio.get_running_loop()
-    task_of = {id(lease): lease.task for _, lease in held}
     while True:
         # (A task that ended holding one, with `conn = await pool.acquire()`, is the leak
         # tracker's: nothing here would make it give the connection back.)
-        held = [(slots, lease) for slots, lease in held
-                if lease.state is ACTIVE and (task := task_of[id(lease)]) is lease.task
+        held = [(slots, lease, task) for slots, lease, task in held
+                if lease.state is ACTIVE and task is lease.task
                 and task is not None and not task.done()]
         if not held or loop.time() >= until:
             return held
