@@ -241,3 +241,102 @@ async def test_a_statement_cancelled_while_described_frees_the_server_connection
                 held += 1
                 await pool.fetchval("SELECT 1")  # (frees it for the next try)
     assert held == 0
+
+
+
+# Calls that make asyncpg describe a statement (Parse, Describe, Flush) and then send no Bind,
+# so no Sync: argument sets that turn out empty, and arguments its encoders refuse. Each takes
+# the pool and a table (a int) and leaves the table as it was.
+async def _conn_executemany(pool: Pool, table: str) -> None:
+    async with pool.acquire() as conn:
+        await conn.executemany(f"INSERT INTO {table} VALUES ($1)", [])
+
+
+async def _conn_executemany_iterator(pool: Pool, table: str) -> None:
+    async with pool.acquire() as conn:
+        await conn.executemany(f"INSERT INTO {table} VALUES ($1)", iter(()))
+
+
+async def _conn_fetchmany(pool: Pool, table: str) -> None:
+    async with pool.acquire() as conn:
+        assert await conn.fetchmany(f"INSERT INTO {table} VALUES ($1) RETURNING a", []) == []
+
+
+async def _pool_executemany(pool: Pool, table: str) -> None:
+    await pool.executemany(f"INSERT INTO {table} VALUES ($1)", [])
+
+
+async def _pool_fetchmany(pool: Pool, table: str) -> None:
+    assert await pool.fetchmany(f"INSERT INTO {table} VALUES ($1) RETURNING a", args=[]) == []
+
+
+async def _statement_executemany(pool: Pool, table: str) -> None:
+    async with pool.acquire() as conn:
+        statement = await conn.prepare(f"INSERT INTO {table} VALUES ($1)")
+        await statement.executemany([])
+
+
+async def _statement_fetchmany(pool: Pool, table: str) -> None:
+    async with pool.acquire() as conn:
+        statement = await conn.prepare(f"INSERT INTO {table} VALUES ($1) RETURNING a")
+        assert await conn.fetchval("SELECT 1") == 1  # (a Sync after the prepare)
+        assert await statement.fetchmany(args=iter(())) == []
+
+
+async def _conn_fetchval_refused(pool: Pool, table: str) -> None:
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.DataError):
+            await conn.fetchval(f"SELECT count(*) FROM {table} WHERE a = $1", "one")
+
+
+async def _pool_fetchval_refused(pool: Pool, table: str) -> None:
+    with pytest.raises(asyncpg.DataError):
+        await pool.fetchval(f"SELECT count(*) FROM {table} WHERE a = $1", "one")
+
+
+async def _statement_fetchval_refused(pool: Pool, table: str) -> None:
+    async with pool.acquire() as conn:
+        statement = await conn.prepare(f"SELECT count(*) FROM {table} WHERE a = $1")
+        assert await conn.fetchval("SELECT 1") == 1
+        with pytest.raises(asyncpg.DataError):
+            await statement.fetchval("one")
+
+
+async def _statement_retyped(pool: Pool, table: str) -> None:
+    async with pool.acquire() as conn:
+        statement = await conn.prepare(f"SELECT count(*) FROM {table} WHERE a = $1")
+        assert await statement.fetchval(1) == 0
+        await conn.execute(f"ALTER TABLE {table} ALTER a TYPE text")
+        # Described afresh in "unnamed" mode: the integer no longer fits; the server's own
+        # error in the others.
+        with pytest.raises((asyncpg.DataError, asyncpg.PostgresError)):
+            await statement.fetchval(1)
+
+
+_DESCRIBED_ONLY = {f.__name__.lstrip("_"): f for f in (
+    _conn_executemany, _conn_executemany_iterator, _conn_fetchmany, _pool_executemany,
+    _pool_fetchmany, _statement_executemany, _statement_fetchmany, _conn_fetchval_refused,
+    _pool_fetchval_refused, _statement_fetchval_refused, _statement_retyped)}
+
+
+@pytest.mark.parametrize("call", list(_DESCRIBED_ONLY))
+@pytest.mark.parametrize("mode", ["unnamed", "off", "on"])
+async def test_a_describe_with_no_execution_after_it_frees_the_server_connection(
+        pooler: Pooler, mode: PreparedStatements, call: str) -> None:
+    """A statement asyncpg described and then did not run (no argument sets, or an argument its
+    codec refused) left its Parse without a Sync: PgBouncer kept the server connection assigned
+    to this client after the return, and PostgreSQL the table's lock, until the client's next
+    statement (in a frozen Lambda environment: never). The return now ends it."""
+    if mode == "on" and not pooler.supports_prepared_statements:
+        pytest.skip("PgBouncer 1.18 does not keep prepared statements")
+    table = f"described_{mode}_{call}"
+    async with Pool(pooler.dsn(), max_size=1, prepared_statements=mode,
+                    telemetry=False) as pool:
+        await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (a int)")
+        try:
+            await _DESCRIBED_ONLY[call](pool, table)
+            assert await _server_held(pooler) == 0, "the server connection is still assigned"
+            assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+            assert pool.stats().closed_total == 0
+        finally:
+            await pool.execute(f"DROP TABLE IF EXISTS {table}")

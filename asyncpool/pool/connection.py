@@ -19,6 +19,7 @@ from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import check_timeout
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
+from asyncpool.pool.unsynced import call_with_argument_sets, left_unsynced
 
 if TYPE_CHECKING:
     from asyncpg.cursor import CursorFactory
@@ -147,7 +148,9 @@ def _statement(name: str) -> Callable[..., Any]:
                 # The pool closed it under the statement (close() past its timeout,
                 # terminate(), a leak reclaim): its error, not the driver's.
                 raise self._unusable() from exc
-            if isinstance(exc, TimeoutError):  # (its `timeout=`: asyncpg's cancel, below)
+            if lease.state is ACTIVE and left_unsynced(exc):
+                # Described and not run: an argument asyncpg's codec refused, its `timeout=`
+                # (asyncpg's cancel, below).
                 record.note_unsynced_parse()
             advise_on_prepared_statements(exc, owner.statement_mode)
             raise
@@ -161,7 +164,26 @@ def _statement(name: str) -> Callable[..., Any]:
 
     functools.update_wrapper(method, own if own is not None else original)
     method.__qualname__ = f"PooledConnection.{name}"
-    return method
+    return _with_argument_sets(method) if name in _MANY else method
+
+
+# The statements run once per argument set, whose second argument (or ``args=``) holds the sets.
+_MANY = frozenset({"executemany", "fetchmany"})
+
+
+def _with_argument_sets(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` (``executemany`` or ``fetchmany``) noting, when it is given no argument sets,
+    the Parse asyncpg then leaves without a Sync (`asyncpool.pool.unsynced`)."""
+
+    async def many(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:
+        given, args, kwargs = call_with_argument_sets(1, args, kwargs)
+        result = await method(self, *args, **kwargs)
+        if not given and self._lease.state is ACTIVE:
+            self._lease.record.note_unsynced_parse()
+        return result
+
+    functools.update_wrapper(many, method)
+    return many
 
 
 def _on_behalf_of(proxy: PooledConnection, callback: Callable[..., Any]) -> Callable[..., Any]:

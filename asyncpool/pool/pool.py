@@ -33,6 +33,7 @@ from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
 from asyncpool.pool.runner import QUERY_METHODS, RUNNERS
 from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, RELEASE_TIMEOUT, UNSET, Slots
+from asyncpool.pool.unsynced import argument_sets
 from asyncpool.stats import PoolStats
 
 if TYPE_CHECKING:
@@ -281,6 +282,11 @@ class Pool:
     async def executemany(self, command: str, args: Iterable[Sequence[object]], *,
                           timeout: float | None = None) -> None:
         """Run a statement once per argument tuple (``asyncpg.Connection.executemany``)."""
+        given, args = argument_sets(args)
+        if not given:  # only described: the return must end its Parse (asyncpool.pool.unsynced)
+            async with self.acquire() as conn:
+                await conn.executemany(command, args, timeout=timeout)
+            return
         await RUNNERS["executemany"](self._slots, command, args, timeout=timeout)
 
     @overload
@@ -342,6 +348,11 @@ class Pool:
                         record_class: type[Any] | None = None) -> list[Any]:
         """The rows a statement returns, run once per argument tuple
         (``asyncpg.Connection.fetchmany``, asyncpg >= 0.30)."""
+        given, args = argument_sets(args)
+        if not given:  # only described: the return must end its Parse (asyncpool.pool.unsynced)
+            async with self.acquire() as conn:
+                return await conn.fetchmany(query, args, timeout=timeout,
+                                            record_class=record_class)
         rows: list[Any] = await RUNNERS["fetchmany"](self._slots, query, args, timeout=timeout,
                                                      record_class=record_class)
         return rows
@@ -450,7 +461,7 @@ class Pool:
 
 
 #: The helpers bound to each pool (the common ones); the others run through `Pool`'s methods.
-QUERY_HELPERS = ("execute", "executemany", "fetch", "fetchrow", "fetchval")
+QUERY_HELPERS = ("execute", "fetch", "fetchrow", "fetchval")
 HELPER_METHODS.update(getattr(Pool, name).__code__ for name in QUERY_METHODS)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import enum
 import math
 import random
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect.driver import DriverConnection, Probe, probe, queries_count
 
@@ -36,8 +37,8 @@ RETIRED = Place.RETIRED
 class ConnectionRecord:
     """One pooled connection. Times come from the event loop's monotonic clock."""
 
-    __slots__ = ("check_at", "conn", "created_at", "expires_at", "last_used", "lease", "place",
-                 "probe", "spare", "stale", "sync_after")
+    __slots__ = ("__weakref__", "check_at", "conn", "created_at", "expires_at", "last_used",
+                 "lease", "place", "probe", "spare", "stale", "sync_after")
 
     def __init__(self, conn: DriverConnection, now: float, max_lifetime: float | None,
                  jitter: float) -> None:
@@ -69,6 +70,7 @@ class ConnectionRecord:
         # assigned to this client until one comes: if no statement has sent one by the return,
         # the return does (`parse_unsynced`, `driver.reset`).
         self.sync_after = 0
+        _RECORDS[id(conn)] = self
 
     def note_unsynced_parse(self) -> None:
         """A Parse may have been left without a Sync (a ``prepare()``, a refused cursor, a
@@ -97,6 +99,18 @@ class ConnectionRecord:
 
     def usable(self) -> bool:
         return not self.conn.is_closed()
+
+
+# Each open connection's record, for what reaches only the connection (asyncpg's prepared
+# statements: `record_of`). By id, held weakly: a record holds its connection, so the id is not
+# reused while the entry is there.
+_RECORDS: weakref.WeakValueDictionary[int, ConnectionRecord] = weakref.WeakValueDictionary()
+
+
+def record_of(conn: Any) -> ConnectionRecord | None:
+    """The record of the pool connection `conn`, if it is one."""
+    record = _RECORDS.get(id(conn))
+    return record if record is not None and record.conn is conn else None
 
 
 def expiry(now: float, max_lifetime: float | None, jitter: float) -> float:

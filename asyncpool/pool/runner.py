@@ -18,6 +18,7 @@ from asyncpool.pool.checkout import AcquireContext, end_checkout
 from asyncpool.pool.lease import ACTIVE, RELEASED, STATEMENT_RUNNERS, spare_lease, task_of
 from asyncpool.pool.record import IDLE, LEASED
 from asyncpool.pool.slots import UNSET
+from asyncpool.pool.unsynced import left_unsynced
 
 if TYPE_CHECKING:
     from asyncpool.pool.slots import Slots
@@ -117,6 +118,8 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
                     result = await getattr(conn, method)(query, *args)
             except BaseException as exc:
                 record.spare = None  # the lease may be kept (a leak report, an error's holder)
+                if lease.state is ACTIVE and left_unsynced(exc):
+                    record.note_unsynced_parse()  # (an argument asyncpg's codec refused...)
                 await end_checkout(self, lease, exc)
                 raise
             # The clean return. Only a transaction the statement opened (``execute("BEGIN")``)
@@ -168,9 +171,9 @@ def _statement_by_name(kwargs: dict[str, Any], first: str, method: str) -> Any:
 
 
 #: One statement runner per query helper; they share one code object (`STATEMENT_RUNNERS`).
-#: The first five are bound to each pool (`Pool.__init__`); the rest, rarer, are called
+#: The first four are bound to each pool (`Pool.__init__`); the rest, rarer, are called
 #: through `Pool`'s methods of the same names.
-QUERY_METHODS = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany",
+QUERY_METHODS = ("execute", "fetch", "fetchrow", "fetchval", "executemany", "fetchmany",
                  "copy_from_query", "copy_from_table", "copy_records_to_table", "copy_to_table")
 RUNNERS = {name: statement_runner(name) for name in QUERY_METHODS}
 STATEMENT_RUNNERS.add(RUNNERS["fetchval"].__code__)
