@@ -592,12 +592,12 @@ async def child(args: argparse.Namespace) -> None:
 
 
 async def _child_fleet(args: argparse.Namespace) -> None:
-    from asyncpool.pool import slots
+    from asyncpool.pool import housekeeping
 
     async def parked(ref: object, period: float) -> None:
         await asyncio.Event().wait()
 
-    slots.housekeeping = parked  # read when a pool opens
+    housekeeping.run = parked  # read when a pool opens
 
     async def worker(query: Query, n: int) -> None:
         for i in range(n):

@@ -469,16 +469,17 @@ async def test_housekeeping_comes_a_period_after_opening_then_on_its_multiples(
     """The first round never comes before a whole period has passed since the pool opened (a
     dead idle connection is then found by the checkout's check, as before); later rounds fall
     on multiples of the period, where every pool of the process keeps house together."""
+    from asyncpool.pool import housekeeping
     from asyncpool.pool.slots import Slots
 
     rounds: list[float] = []
-    real = Slots.housekeep
+    real = housekeeping.housekeep
 
-    async def recorded(self: Slots) -> None:
+    async def recorded(slots: Slots) -> None:
         rounds.append(time.monotonic())
-        await real(self)
+        await real(slots)
 
-    monkeypatch.setattr(Slots, "housekeep", recorded)
+    monkeypatch.setattr(housekeeping, "housekeep", recorded)
     period = 0.25  # max_idle / 2
     await asyncio.sleep(period - time.monotonic() % period + 0.08)  # open well off a multiple
     async with Pool(postgres.dsn(), max_size=1, max_idle=2 * period, telemetry=False):

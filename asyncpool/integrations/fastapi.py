@@ -37,7 +37,7 @@ from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.integrations.lambda_runner import TIMEOUT_MARGIN, settle_timeout
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
-from asyncpool.pool.slots import settle
+from asyncpool.pool.resets import settle
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
@@ -135,7 +135,7 @@ async def _after_pause(request: Request, pool: Pool) -> None:
 
 async def _settle(pool: Pool) -> None:
     """At the end of a Lambda invocation (Mangum's lifespan shutdown, before the response goes):
-    let resets holders left running end, within the invocation's time (`slots.settle`)."""
+    let resets holders left running end, within the invocation's time (`resets.settle`)."""
     # (LambdaRunner's default margin is left for the response)
     timeout = settle_timeout(_last_context.pop(pool, None), TIMEOUT_MARGIN, _UNKNOWN_TIME_WAIT)
     await settle([pool._slots], timeout)

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.pool.alarms import Deadline
-from asyncpool.pool.slots import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, pools_on_loop, settle_loop
+from asyncpool.pool.forks import pools_on_loop
+from asyncpool.pool.resets import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, settle_loop
 from asyncpool.pool.stragglers import free_stragglers
 
 if TYPE_CHECKING:

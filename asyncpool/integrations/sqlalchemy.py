@@ -59,7 +59,7 @@ from asyncpool.pool import Pool
 from asyncpool.pool.checkout import AcquireContext
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE, Site
-from asyncpool.pool.slots import UNSET
+from asyncpool.pool.slow_checkout import UNSET
 
 __all__ = ["AsyncpoolDialect", "LendingPool", "create_async_engine"]
 

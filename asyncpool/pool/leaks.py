@@ -1,4 +1,5 @@
-"""Leak detection: notice a lease held past `leak_timeout`, with one alarm for the whole pool."""
+"""Leak detection: notice a lease held past `leak_timeout`, with one alarm for the whole pool;
+then report it, or reclaim its connection (`on_leak`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from asyncpool.connect import driver
+from asyncpool.observer import LeakReport
 from asyncpool.pool.alarms import alarm, loop_clock, own_clock
-from asyncpool.pool.lease import ACTIVE, Lease
+from asyncpool.pool.lease import ACTIVE, LEAKED, Lease
 
 if TYPE_CHECKING:
     from asyncpool.pool.record import ConnectionRecord
+    from asyncpool.pool.slots import Slots
 
 logger = logging.getLogger("asyncpool.leaks")
 
 # Timers may fire a hair early (the loop rounds to its clock resolution).
 _EARLY_FIRE_SLACK = 0.001
+_LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaimed"
 
 
 def grain(timeout: float) -> float:
@@ -154,3 +159,41 @@ def log_returned(pool_name: str, lease: Lease, held: float) -> None:
         extra={"asyncpool_pool": pool_name, "asyncpool_held_seconds": round(held, 3),
                "asyncpool_task": lease.task_name()},
     )
+
+
+def on_leak(slots: Slots, lease: Lease) -> None:
+    """Called by the leak tracker when a lease outlives `leak_timeout`."""
+    if lease.state is not ACTIVE or slots.loop is None or slots.connector is None:
+        return
+    held = slots.loop.time() - lease.acquired_at
+    reclaim = slots.config.leak_action == "reclaim"
+    task = lease.holder() if reclaim else lease.task
+    # The task that last ran a statement on it, when the block is in an async generator
+    # another task drives: the one reported and cancelled, and the one `_raise_leaked`
+    # withdraws the request from (a reclaimed lease is no one's: nothing else reads it).
+    lease.task = task
+    site = lease.acquire_site()
+    report = LeakReport(slots.name, held, lease.task_name(), site, reclaim, slots.connector.target)
+    # A holder inside `async with` is cancelled, and its block ends in ConnectionLeakedError.
+    # One that took `conn = await pool.acquire()` has no block to turn the cancellation into
+    # that error: only its connection is reclaimed, and its next use raises it.
+    cancel_holder = (reclaim and lease.scoped and task is not None and not task.done()
+                     and task is not asyncio.current_task())
+    log_leak(slots.name, lease, held, reclaim, site, holder_cancelled=cancel_holder)
+    slots.leaked_total += 1
+    if not reclaim:
+        lease.reported = True
+        slots.observer.leaked(report)
+        return
+    lease.state = LEAKED
+    slots._end_use(lease)
+    lease.forget_site()
+    if cancel_holder:
+        assert task is not None
+        lease.holder_cancelled = task.cancelling()
+        task.cancel(_LEAK_CANCEL_MESSAGE)
+    slots.observer.leaked(report)
+    # The statement it may be running is cancelled on the server first, where a cancel can
+    # arrive (closing the connection waits for the request); elsewhere it is just closed.
+    driver.request_cancel(lease.record.conn)
+    slots.retire(lease.record, "leaked")

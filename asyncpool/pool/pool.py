@@ -28,11 +28,15 @@ from asyncpool.options import (
     resolve,
     with_connect_args,
 )
+from asyncpool.pool import housekeeping, lifecycle, misuse, pool_stats
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
+from asyncpool.pool.resets import RELEASE_TIMEOUT
 from asyncpool.pool.runner import QUERY_METHODS, RUNNERS
-from asyncpool.pool.slots import CLOSED_STATE, CLOSING, NEW, OPEN, RELEASE_TIMEOUT, UNSET, Slots
+from asyncpool.pool.slots import Slots
+from asyncpool.pool.slow_checkout import UNSET
+from asyncpool.pool.state import CLOSED_STATE, CLOSING, NEW, OPEN
 from asyncpool.pool.unsynced import argument_sets
 from asyncpool.stats import PoolStats
 
@@ -104,12 +108,12 @@ class Pool:
         with contextlib.suppress(Exception):  # a finalizer must not raise; its loop may be gone
             loop = slots.loop
             try:
-                slots.refuse_running_elsewhere("terminate()")
+                misuse.refuse_running_elsewhere(slots, "terminate()")
             except PoolError:  # collected in another thread: terminate on the loop's own
                 assert loop is not None
-                loop.call_soon_threadsafe(slots.terminate)
+                loop.call_soon_threadsafe(lifecycle.terminate, slots)
                 return
-            slots.terminate()
+            lifecycle.terminate(slots)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -129,7 +133,7 @@ class Pool:
                 await asyncio.shield(opening)
             return self
         observer = self._build_observer()
-        await slots.open(observer, Connector(self.config, observer), wait)
+        await lifecycle.open(slots, observer, Connector(self.config, observer), wait)
         return self
 
     def _build_observer(self) -> PoolObserver:
@@ -169,22 +173,22 @@ class Pool:
         opened on.
         """
         check_timeout(self.name, "close(timeout=...)", timeout)
-        await self._slots.close(timeout)
+        await lifecycle.close(self._slots, timeout)
 
     def terminate(self) -> None:
         """Close every connection now, without waiting (for shutdown paths that cannot await).
 
         On the pool's loop's thread, or in any thread while that loop is not running; from
         another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``)."""
-        self._slots.refuse_running_elsewhere("terminate()")
-        self._slots.terminate()
+        misuse.refuse_running_elsewhere(self._slots, "terminate()")
+        lifecycle.terminate(self._slots)
 
     def expire_all(self) -> None:
         """Retire every connection: idle ones now, held ones when returned, logins under way
         when they complete (after a migration, a credentials rotation, or a failover). From
         another thread while the pool's loop runs: `PoolError`, as `terminate()`."""
-        self._slots.refuse_running_elsewhere("expire_all()")
-        self._slots.expire_all()
+        misuse.refuse_running_elsewhere(self._slots, "expire_all()")
+        housekeeping.expire_all(self._slots)
 
     def mark_stale(self) -> None:
         """Check every connection with a round trip before its next checkout, whatever the clock
@@ -192,7 +196,7 @@ class Pool:
         how long a connection sat idle. One in use is checked after its return, by its next
         holder (a caller waiting in line included) before that one gets it. It only marks the
         connections, so any thread may call it (a snapshot-restore hook does)."""
-        self._slots.mark_stale()
+        housekeeping.mark_stale(self._slots)
 
     def invalidate_statement_cache(self) -> None:
         """Forget cached statement descriptions (``prepared_statements="unnamed"``), e.g.
@@ -437,7 +441,7 @@ class Pool:
         connector = Connector(config, slots.observer,
                               totals=current.statement_cache if current is not None else None)
         if current is not None and slots.state is OPEN:
-            slots.use_connector(connector)
+            lifecycle.use_connector(slots, connector)
         else:  # not open yet (open() builds its connector from the config), or closed
             slots.config = config
         self.config = config
@@ -447,7 +451,7 @@ class Pool:
     def stats(self) -> PoolStats:
         """Current sizes and running totals. Safe to call from another thread (an OpenTelemetry
         metric reader's): no lock, and each field is read once."""
-        return self._slots.stats()
+        return pool_stats.stats(self._slots)
 
     @property
     def closed(self) -> bool:

@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.pool.lease import ACTIVE, TERMINATED, Lease
-from asyncpool.pool.slots import RESETS_END
+from asyncpool.pool.resets import RESETS_END
 
 if TYPE_CHECKING:
     from asyncpool.pool.slots import Slots

@@ -23,6 +23,7 @@ from asyncpool import (
     PoolError,
     PoolTimeoutError,
 )
+from asyncpool.pool.housekeeping import housekeep
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.invariants import chain
 from asyncpool.testing.ports import free_port
@@ -236,7 +237,7 @@ async def test_a_failed_login_is_logged_with_the_pool_named_once(
     pool = Pool(no_database, name="bad", min_size=1, telemetry=False)
     await pool.open(wait=False)
     try:
-        await pool._slots.housekeep()
+        await housekeep(pool._slots)
     finally:
         await pool.close()
     lines = [r.getMessage() for r in logs.records if "could not connect" in r.getMessage()]

@@ -41,9 +41,9 @@ async def test_the_fleet_child_runs_every_instance_at_once_without_housekeeping(
     # instance must run exactly its share; housekeeping is parked (valgrind stretches wall time).
     from contextlib import asynccontextmanager
 
-    from asyncpool.pool import slots
+    from asyncpool.pool import housekeeping
 
-    monkeypatch.setattr(slots, "housekeeping", slots.housekeeping)  # restored after the test
+    monkeypatch.setattr(housekeeping, "run", housekeeping.run)  # restored after the test
     ran: list[int] = []
     housekeepers: list[str] = []
 

@@ -16,7 +16,7 @@ from asyncpool.errors import PoolError, PoolTimeoutError
 from asyncpool.pool.checkout import AcquireContext
 from asyncpool.pool.lease import ACTIVE, GIVEN_BACK, RELEASED, Lease, Site
 from asyncpool.pool.record import ConnectionRecord
-from asyncpool.pool.slots import UNSET
+from asyncpool.pool.slow_checkout import UNSET
 from tests.unit.fakes import FakeServer, fake_pool, run
 
 _SPAN: ContextVar[str] = ContextVar("_SPAN", default="none")

@@ -61,10 +61,10 @@ from asyncpool import (
     PoolTimeoutError,
 )
 from asyncpool.connect import driver
-from asyncpool.pool import slots as slots_module
+from asyncpool.pool import forks
 from asyncpool.pool.lease import RELEASED
 from asyncpool.pool.record import CHECKING, IDLE, LEASED
-from asyncpool.pool.slots import CLOSED_STATE, OPEN
+from asyncpool.pool.state import CLOSED_STATE, OPEN
 from tests.unit.fakes import FakeConnection, FakeServer, VirtualClockLoop, fake_pool
 
 EXAMPLES = int(os.environ.get("ASYNCPOOL_MODEL_EXAMPLES", "1000"))
@@ -199,7 +199,7 @@ class PoolModel(RuleBasedStateMachine):
         other = self.holders.get(raw)
         assert other is None or other is user, f"{raw} held by two users at once"
         # Marked stale before this user got it (`mark_stale`): checked first, which clears the
-        # mark, even when it was handed over in line (`Slots._check_handed`). Not for a
+        # mark, even when it was handed over in line (`slow_checkout.check_handed`). Not for a
         # transaction's user: its BEGIN is awaited after the checkout, and a mark then is one
         # for the next checkout.
         assert self.pool is not None
@@ -518,7 +518,7 @@ class PoolModel(RuleBasedStateMachine):
             return
         slots = self.pool._slots
         assert slots.fast == (slots.state is OPEN and not slots.waiters
-                              and slots.forks == slots_module._FORKS[0]), (
+                              and slots.forks == forks.FORKS[0]), (
             slots.fast, slots.state, len(slots.waiters))
         # The statement runners' flag: wrong one way, a helper would skip the setup hook or
         # the max_queries count.

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from asyncpool import PoolClosedError, PoolError, PoolTimeoutError
+from asyncpool.pool.lifecycle import use_connector
 from tests.unit.fakes import FakeServer, fake_pool, run
 
 
@@ -259,10 +260,10 @@ def test_close_of_a_pool_with_no_connection_left_does_not_wait(server: FakeServe
 
 
 def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alone(
-    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+    server: FakeServer,
 ) -> None:
     """A fork is simulated by bumping the count os.register_at_fork keeps in the child."""
-    from asyncpool.pool import slots
+    from asyncpool.pool import forks
 
     async def main() -> None:
         pool = fake_pool(server, min_size=3, max_size=3)
@@ -271,10 +272,9 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
         in_transaction = await pool.acquire()
         await in_transaction.execute("BEGIN")
         in_transaction_raw = in_transaction.raw
-        # What os.register_at_fork runs in the child (on a copy of the count: this process
-        # is not forked).
-        monkeypatch.setattr(slots, "_FORKS", [slots._FORKS[0]])
-        slots._after_fork_in_child()
+        # What os.register_at_fork runs in the child (this process is not forked: the count
+        # is put back after the test; the modules that read it hold the list itself).
+        forks._after_fork_in_child()
         with pytest.raises(PoolError, match="is a fork of it"):
             await pool.fetchval("SELECT 1")
         with pytest.raises(PoolError, match="is a fork of it"):
@@ -300,7 +300,11 @@ def test_a_pool_inherited_across_fork_refuses_use_and_leaves_its_connections_alo
         assert all(c.closed_how is None for c in server.connections)
         assert [c.queries for c in server.connections if c is not in_transaction_raw] == [[], []]
 
-    run(main())
+    count = forks.FORKS[0]
+    try:
+        run(main())
+    finally:
+        forks.FORKS[0] = count
 
 
 # -- a pool used on another event loop: the advice fits what happened ---------------------------
@@ -427,7 +431,7 @@ def test_a_stale_connection_returned_to_a_caller_in_line_is_checked_before_it_ge
         server: FakeServer, how: str, alive: bool) -> None:
     """Marked stale while held, then returned while another caller waits in line (queued, or
     between two login attempts the pooler refused): the waiter validates it first
-    (`_check_handed`); one that died silently while held is replaced, and the waiter's
+    (`slow_checkout.check_handed`); one that died silently while held is replaced, and the waiter's
     statement runs on the new connection."""
     retrying = how == "between-logins"
     if retrying:
@@ -490,7 +494,7 @@ def test_credentials_replaced_by_new_connect_arguments_are_closed_with_the_pool(
         slots = pool._slots
         config = pool.config.replace(connect_kwargs={"fake_server": server,
                                                      "fake_credentials": second})
-        slots.use_connector(FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+        use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
         assert slots.config is config
         await pool.expire_connections()
         assert await pool.fetchval("SELECT 1") is not None

@@ -1,0 +1,303 @@
+"""A pool's lifecycle: open (the credentials provider's first read, `min_size` connections,
+housekeeping), close (wait for the connections held, within a time limit, then terminate),
+terminate (close everything now), and the connection arguments replaced while open."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from asyncpool.connect import driver
+from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
+from asyncpool.pool import forks, housekeeping
+from asyncpool.pool.alarms import loop_clock
+from asyncpool.pool.forks import FORKS, LIVE
+from asyncpool.pool.leaks import LeakTracker, on_leak
+from asyncpool.pool.lease import ACTIVE
+from asyncpool.pool.pool_stats import weak_stats
+from asyncpool.pool.resets import RELEASE_TIMEOUT
+from asyncpool.pool.state import CLOSED_STATE, CLOSING, NEW, OPEN
+
+if TYPE_CHECKING:
+    from asyncpool.connect.connector import Connector
+    from asyncpool.observer import PoolObserver
+    from asyncpool.pool.slots import Slots
+
+logger = logging.getLogger("asyncpool.pool")
+_T = TypeVar("_T")
+
+
+async def open(slots: Slots, observer: PoolObserver, connector: Connector, wait: bool) -> None:
+    slots.forks, slots.pid = FORKS[0], os.getpid()
+    slots.loop = asyncio.get_running_loop()
+    slots.loop_has_thread_id = isinstance(slots.loop, asyncio.BaseEventLoop)
+    slots.opened_in = threading.current_thread().name
+    slots.observer = observer
+    slots.connector = connector
+    slots._may_retire = connector.retire_reasons
+    slots._drained = asyncio.Event()
+    slots._closed = asyncio.Event()
+    cfg = slots.config
+    slots.clock = loop_clock(slots.loop)
+    if cfg.leak_timeout is not None:
+        slots.leaks = LeakTracker(cfg.leak_timeout, _weakly(slots, on_leak), slots.records,
+                                 _weakly(slots, _set_leak_timer_unarmed), slots.loop)
+        slots.track_leaks = True
+    observer.attach(slots.name, weak_stats(slots))
+    slots.on_acquired, slots.on_released = observer.checkout_hooks()
+    LIVE.add(slots)
+    slots._set_state(OPEN)
+    slots.opening = opening = slots.loop.create_future()
+    try:
+        if connector.credentials is not None:
+            await _warm(slots, connector)
+            slots._check_open()
+        if wait and cfg.min_size:
+            await housekeeping.fill(slots, cfg.min_size)
+        elif cfg.min_size:
+            slots._spawn(housekeeping.fill_in_background(slots, cfg.min_size))
+    except BaseException as exc:
+        await close(slots, timeout=0)
+        opening.set_exception(exc if isinstance(exc, Exception) else PoolClosedError(
+            f"pool {slots.name!r}: the open() under way was cancelled; open the pool again"))
+        opening.exception()  # retrieved: nobody else may be waiting
+        raise
+    opening.set_result(None)
+    slots.housekeeper = slots.loop.create_task(
+        housekeeping.run(weakref.ref(slots), housekeeping.period_for(cfg)), name=f"asyncpool:{slots.name}"
+    )
+
+
+async def close(slots: Slots, timeout: float | None) -> None:
+    """Stop handing out connections, wait up to `timeout` for held ones, then terminate.
+
+    Cancelled part-way (a shutdown deadline), it terminates what is left before it ends.
+    """
+    if slots.state is CLOSED_STATE:
+        return
+    if slots.state is NEW:
+        slots._set_state(CLOSED_STATE)
+        return
+    if forks.inherited(slots):
+        forks.forget_inherited(slots)
+        return
+    loop = asyncio.get_running_loop()
+    assert slots.loop is not None
+    assert slots._drained is not None
+    assert slots._closed is not None
+    if loop is not slots.loop:
+        if slots.loop.is_closed():
+            # Its loop is gone (asyncio.run() per call): nothing can be closed politely.
+            terminate(slots)
+            return
+        raise PoolError(
+            f"pool {slots.name!r}: close() was called on another event loop than the one the "
+            "pool was opened on; call it there (or pool.terminate() from any code on that "
+            "loop's thread)"
+        )
+    if slots.state is CLOSING:
+        # Another close() is under way; it waits for what this task holds, which cannot
+        # come back while this one waits for it.
+        _retire_the_callers_own(slots)
+        await slots._closed.wait()
+        return
+    slots._set_state(CLOSING)
+    try:
+        _stop(slots, "pool closed", graceful=True)
+        _retire_the_callers_own(slots)
+        if not slots._is_drained():
+            slots._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await slots._drained.wait()
+        # Held past `timeout`, or still being validated or reset: terminated.
+        _retire_all(slots, "pool closed")
+        # Callers woken by the above give their reserved slots back within an iteration.
+        # (Already drained, nothing will set the event: do not wait RELEASE_TIMEOUT for it.)
+        if not slots._is_drained():
+            slots._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELEASE_TIMEOUT):
+                    await slots._drained.wait()
+        # Shielded: a close() cancelled here must not cancel a close or a terminate that has
+        # not started yet (its coroutine would never run, and its connection stay open).
+        await asyncio.shield(asyncio.gather(*_own_tasks(slots), return_exceptions=True))
+        for creds in _take_credentials(slots):
+            try:
+                await creds.close()
+            except Exception:
+                logger.exception("pool %r: closing the credentials provider failed", slots.name)
+    except BaseException:
+        terminate(slots)
+        raise
+    _finish(slots, close_credentials=False)
+
+
+def _retire_the_callers_own(slots: Slots) -> None:
+    """Close now the connections that the task calling close() holds: they cannot come back
+    while it waits in close() (it waited for them forever with ``timeout=None``, else for
+    all of `timeout`). Their holder gets `PoolClosedError` at its next use, as for any
+    connection still held when the time is up; the server rolls back what they left open.
+    Only close() awaited in the holding task itself is seen: one run in a task of its own
+    (``asyncio.gather``, ``asyncio.wait_for`` on Python 3.11) waits as for any holder."""
+    task = asyncio.current_task()
+    own = [record for record in slots.leased() if (lease := record.lease) is not None
+           and lease.state is ACTIVE and lease.task is task]
+    if not own:
+        return
+    logger.warning(
+        "pool %r: close() was called by the task holding %d of its connections (%s): closed "
+        "now, as they cannot be given back while it waits; release them (or leave their "
+        "block) before closing the pool", slots.name, len(own),
+        task.get_name() if task is not None else "no task")
+    for record in own:
+        slots.retire(record, "pool closed by the task holding it")
+
+
+def terminate(slots: Slots) -> None:
+    """Close every connection now, without waiting; waiters get `PoolClosedError`."""
+    if slots.state is CLOSED_STATE:
+        return
+    if slots.state is NEW:
+        slots._set_state(CLOSED_STATE)
+        return
+    if forks.inherited(slots):
+        forks.forget_inherited(slots)
+        return
+    slots._set_state(CLOSING)
+    _stop(slots, "pool terminated", graceful=False)
+    _retire_all(slots, "pool terminated")
+    for conn in list(slots.closing.values()):
+        # Graceful closes under way end now, unless a cancel request is still in flight
+        # (they wait for it, bounded, then close).
+        if not driver.pending_cancellations(conn):
+            conn.terminate()
+    _finish(slots, close_credentials=True)
+
+
+def _stop(slots: Slots, reason: str, graceful: bool) -> None:
+    """The first, synchronous part of closing: nobody waits, logs in or reaps any more."""
+    waiters = list(slots.waiters)
+    slots.waiters.clear()
+    slots.retrying = 0
+    for waiter in waiters:
+        if not waiter.fut.done():
+            waiter.fut.set_exception(PoolClosedError(f"pool {slots.name!r} was closed while waiting"))
+    for attempt, cut_short in list(slots.attempts.items()):
+        cut_short.caller_error = PoolClosedError
+        attempt.cancel()
+    if slots.housekeeper is not None:
+        slots.housekeeper.cancel()
+    for record in list(slots.idle):
+        slots.retire(record, reason, graceful=graceful)
+
+
+def _retire_all(slots: Slots, reason: str) -> None:
+    for record in list(slots.idle):
+        slots.retire(record, reason)
+    try:
+        running = asyncio.get_running_loop() is slots.loop
+    except RuntimeError:  # terminate() outside the loop: no request can be sent
+        running = False
+    for record in slots.leased():
+        if running:
+            # What the holder may be running is cancelled on the server first (as at a
+            # leak reclaim), where a cancel can arrive: closing the socket alone leaves it
+            # running there until it next writes.
+            driver.request_cancel(record.conn)
+        slots.retire(record, reason)  # (its lease, if still active, says CLOSED)
+    for record in list(slots.checking):
+        slots.retire(record, reason)
+
+
+def _own_tasks(slots: Slots) -> list[asyncio.Task[Any]]:
+    tasks = list(slots.background)
+    if slots.housekeeper is not None:
+        tasks.append(slots.housekeeper)
+    return tasks
+
+
+def _finish(slots: Slots, close_credentials: bool) -> None:
+    LIVE.discard(slots)
+    slots.handed.clear()  # (a waiter's task the loop never resumes would keep them)
+    slots.leaks.close()
+    loop = slots.loop
+    if close_credentials and loop is not None and not loop.is_closed():
+        for creds in _take_credentials(slots):
+            slots._spawn(_close_credentials(creds, slots.name))
+    slots._set_state(CLOSED_STATE)
+    try:
+        slots.observer.detach()
+    except Exception:
+        logger.exception("pool %r: an observer failed to detach", slots.name)
+    if slots._closed is not None:
+        slots._closed.set()
+
+
+def _take_credentials(slots: Slots) -> list[Any]:
+    """The credentials providers to close with the pool (each once)."""
+    providers = slots.replaced_credentials
+    slots.replaced_credentials = []
+    creds = slots.connector.credentials if slots.connector is not None else None
+    return [*providers, creds] if creds is not None else providers
+
+
+def use_connector(slots: Slots, connector: Connector) -> None:
+    """Logins from now on go through `connector` (`Pool.set_connect_args`): the connections
+    open now stay until they expire, and logins under way finish as they began."""
+    old = slots.connector
+    slots.config = connector.config
+    slots.connector = connector
+    if (old is not None and old.credentials is not None
+            and old.credentials is not connector.credentials):
+        slots.replaced_credentials.append(old.credentials)
+
+
+async def _warm(slots: Slots, connector: Connector) -> None:
+    """The credentials provider's set-up (a first read of the secret...), within
+    `acquire_timeout` as any login: an AWS endpoint that does not answer made open() wait
+    for every retry of the AWS client (11 s, past a Lambda INIT's 10)."""
+    assert connector.credentials is not None
+    limit = slots.config.acquire_timeout
+    deadline = asyncio.timeout(limit)
+    try:
+        async with deadline:
+            await connector.credentials.warm(connector.target)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise CredentialsError(
+            f"pool {slots.name!r}: {type(connector.credentials).__name__} gave no credential "
+            f"within acquire_timeout={limit:g}s (its first read, at open()); check that the "
+            "service it reads (AWS: a VPC endpoint or a NAT route) answers from here"
+        ) from None
+
+
+def _weakly(slots: Slots, call: Callable[[Slots, _T], None]) -> Callable[[_T], None]:
+    """`call(slots, arg)` for the leak tracker, which must not keep a dropped pool alive (its timer
+    outlives the pool)."""
+    ref = weakref.ref(slots)
+
+    def weak_call(arg: _T) -> None:
+        owner = ref()
+        if owner is not None:
+            call(owner, arg)
+
+    return weak_call
+
+
+def _set_leak_timer_unarmed(slots: Slots, unarmed: bool) -> None:
+    slots.leak_timer_unarmed = unarmed
+
+
+async def _close_credentials(creds: Any, name: str) -> None:
+    try:
+        await creds.close()
+    except Exception:
+        logger.exception("pool %r: closing the credentials provider failed", name)

@@ -1,0 +1,218 @@
+"""Logins: open a connection in a slot a caller holds, each attempt in a task of its own within
+`connect_timeout` (close() can stop it; a connection it opens after nobody waits any more is
+closed), retrying transient failures with backoff while the caller waits in line for a returned
+connection."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from asyncpool.connect.connector import CutShort
+from asyncpool.connect.failures import translate
+from asyncpool.errors import ConnectError, PoolTimeoutError
+from asyncpool.pool import closing, misuse, slow_checkout
+from asyncpool.pool.backoff import Backoff
+from asyncpool.pool.lease import ACTIVE
+from asyncpool.pool.record import ConnectionRecord
+from asyncpool.pool.state import OPEN
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from asyncpool.pool.lease import Lease
+    from asyncpool.pool.slots import Slots
+    from asyncpool.pool.slow_checkout import Progress
+
+logger = logging.getLogger("asyncpool.pool")
+
+# asyncio runs a timer up to one clock resolution early: a login cancelled this close to the
+# caller's deadline was cancelled by it.
+CLOCK_SLACK = 0.01
+
+
+async def connect_for(slots: Slots, frame: FrameType | None, progress: Progress) -> Lease | None:
+    """Open a connection in the slot this caller holds (`progress.holding`), retrying
+    transient failures with backoff. Between attempts the caller queues for a returned
+    connection. None: the slot went back to the pool, start over."""
+    loop = slots.loop
+    assert loop is not None
+    backoff = Backoff()
+    try:
+        while True:
+            slots._check_open()
+            progress.phase = "connecting"
+            generation = slots.generation
+            try:
+                conn = await log_in(slots, progress.deadline)
+            except ConnectError as exc:
+                progress.last_error = exc
+                delay = backoff.next_delay()
+                deadline = progress.deadline
+                if not exc.transient or (deadline is not None and loop.time() + delay >= deadline):
+                    # No time left for another try: the caller sees what went wrong.
+                    logger.warning("%s", named(slots.name, exc))
+                    raise
+                logger.info("%s; retrying in %.2fs", named(slots.name, exc), delay)
+                slots._check_open()
+                if slots.idle:
+                    # Returned while this caller was logging in: take it instead.
+                    progress.holding = False
+                    slots._release_slot()
+                    return None
+                lease = await _wait_between_attempts(slots, delay, progress)
+                if lease is not None:
+                    # Its slot went back to the pool (`_put`): None starts over.
+                    return await slow_checkout.check_handed(slots, lease, frame, progress)
+                continue
+            record = new_record(slots, conn)
+            slots.connecting -= 1
+            progress.holding = False
+            if slots.state is not OPEN:
+                slots.retire(record, "pool closed")
+                raise misuse.closed_error(slots)
+            if generation != slots.generation:
+                slots.retire(record, "expired by expire_all", graceful=True)
+                return None
+            lease = slots._new_lease(record, loop.time(), frame)
+            slots._hold(record, lease)
+            return lease
+    finally:
+        if progress.holding:
+            progress.holding = False
+            slots._release_slot()
+
+
+def new_record(slots: Slots, conn: Any) -> ConnectionRecord:
+    assert slots.loop is not None
+    slots.created_total += 1
+    cfg = slots.config
+    now = slots.loop.time()
+    record = ConnectionRecord(conn, now, cfg.max_lifetime, cfg.lifetime_jitter)
+    record.touch(now, slots.validate_after)
+    slots.records.append(record)
+    return record
+
+
+async def _wait_between_attempts(slots: Slots, delay: float, progress: Progress) -> Lease | None:
+    """Wait `delay` in line with the waiters; a connection handed over ends the wait (and
+    frees this caller's slot, see `_put`)."""
+    assert slots.loop is not None
+    waiter = slow_checkout.Waiter(slots.loop.create_future(), None, slots.loop.time(), retrying=True)
+    slots.waiters.append(waiter)
+    slots.fast = slots.fast_statements = False
+    slots.retrying += 1
+    try:
+        async with asyncio.timeout(delay):
+            got = await waiter.fut
+    except TimeoutError:
+        got = slow_checkout.leave(slots, waiter)  # handed over in the instant the delay ran out?
+        if got is None:
+            return None
+    except BaseException:
+        got = slow_checkout.leave(slots, waiter)
+        if got is not None:
+            progress.holding = False
+            slow_checkout.undo_handoff(slots, got)
+        raise
+    progress.holding = False
+    lease: Lease = got
+    slots.handed.discard(lease)
+    if lease.state is not ACTIVE or slots.state is not OPEN:
+        slow_checkout.undo_handoff(slots, lease)
+        raise misuse.closed_error(slots)
+    return lease
+
+
+async def log_in(slots: Slots, deadline: float | None = None) -> Any:
+    """One login, within `connect_timeout`, in a task of its own that close() can stop.
+
+    `deadline`: when the caller's acquire_timeout ends, if it has one. A login stopped
+    part-way is reported (to telemetry) with the error its caller is given instead."""
+    loop = slots.loop
+    assert loop is not None
+    assert slots.connector is not None
+    cut_short = CutShort()
+    attempt = loop.create_task(slots.connector.connect(cut_short))
+    slots.attempts[attempt] = cut_short
+    limit = asyncio.timeout(slots.config.connect_timeout)
+    task = asyncio.current_task()
+    # The caller's cancel requests so far (one may be left over from earlier code): only
+    # a new one means the caller itself was cancelled, as asyncio.timeout counts.
+    requests = task.cancelling() if task is not None else 0
+    try:
+        async with limit:
+            # Shielded so the login is stopped only after `cut_short` says why.
+            conn = await asyncio.shield(attempt)
+    except BaseException as exc:
+        del slots.attempts[attempt]
+        closed = (isinstance(exc, asyncio.CancelledError) and attempt.cancelled()
+                  and task is not None and task.cancelling() <= requests)
+        error: BaseException | None = None
+        if isinstance(exc, TimeoutError):
+            if not cut_short.in_init:
+                error = translate(exc, slots.connector.target, slots.name,
+                                  slots.config.connect_timeout)
+            elif limit.expired():
+                error = _slow_init_error(slots)
+            else:
+                # The hook's own time limit (a statement's timeout=): said so, and kept as
+                # the cause, rather than read by the caller as acquire_timeout running out.
+                error = ConnectError(
+                    f"pool {slots.name!r}: the init hook raised TimeoutError on a new "
+                    f"connection to {slots.connector.target} (a time limit of its own, not "
+                    f"connect_timeout); the connection was closed")
+                error.__cause__ = exc
+            cut_short.caller_error = type(error)
+        elif isinstance(exc, asyncio.CancelledError) and not closed and deadline is not None \
+                and loop.time() >= deadline - CLOCK_SLACK:
+            cut_short.caller_error = PoolTimeoutError
+        _abandon(slots, attempt)
+        if isinstance(exc, ConnectError):
+            slots.connect_errors_total += 1
+            raise
+        if error is not None:
+            slots.connect_errors_total += 1
+            raise error from error.__cause__
+        if closed:
+            raise misuse.closed_error(slots) from None  # close() stopped the login
+        raise
+    del slots.attempts[attempt]
+    return conn
+
+
+def _slow_init_error(slots: Slots) -> ConnectError:
+    assert slots.connector is not None
+    return ConnectError(
+        f"pool {slots.name!r}: logged in to {slots.connector.target}, but the init hook was "
+        f"still running on the new connection when connect_timeout="
+        f"{slots.config.connect_timeout:g}s ran out (the connection was closed); make init "
+        "faster or raise connect_timeout, which covers the login and init together"
+    )
+
+
+def _abandon(slots: Slots, attempt: asyncio.Task[Any]) -> None:
+    """A login nobody waits for any more: a connection it still opens is closed and counted."""
+    if attempt.done():
+        _discard_attempt(slots, attempt)
+    else:
+        attempt.cancel()
+        attempt.add_done_callback(functools.partial(_discard_attempt, slots))
+
+
+def _discard_attempt(slots: Slots, attempt: asyncio.Task[Any]) -> None:
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    slots.created_total += 1
+    slots.closed_total += 1
+    slots.observer.connection_closed("abandoned login")
+    closing.close_connection(slots, attempt.result(), graceful=False)
+
+
+def named(name: str, exc: BaseException) -> str:
+    """`exc`'s message for a log line: it names the pool itself (connect errors do), or is
+    prefixed with the pool's name."""
+    text = str(exc)
+    return text if text.startswith(f"pool {name!r}") else f"pool {name!r}: {text}"
