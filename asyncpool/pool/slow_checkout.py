@@ -275,6 +275,16 @@ def _timeout_error(slots: Slots, timeout: float | None, progress: Progress) -> P
     sizes = (f"size={s.size}, in_use={s.in_use}, idle={s.idle}, waiting={s.waiting}, "
              f"max_size={s.max_size}")
     if progress.phase == "waiting":
+        own = _held_by_this_task(slots)
+        if own:
+            # More time or connections would not help if this task holds them all.
+            return PoolTimeoutError(
+                f"pool {slots.name!r}: no connection within {timeout:g}s ({sizes}): the task "
+                f"waiting holds {own} of them itself, so it waited for a connection only it "
+                "could give back (an acquire nested in another acquire block, or a query "
+                "helper such as pool.fetchval() called inside one). Run the statement on the "
+                "connection the block holds, or give that one back first"
+            )
         return PoolTimeoutError(
             f"pool {slots.name!r}: no connection within {timeout:g}s ({sizes}); release "
             "connections sooner, raise max_size or acquire_timeout"
@@ -295,6 +305,13 @@ def _timeout_error(slots: Slots, timeout: float | None, progress: Progress) -> P
         f"({sizes}){last}; check that the server or pooler is reachable and accepts logins, "
         "or raise acquire_timeout"
     )
+
+
+def _held_by_this_task(slots: Slots) -> int:
+    """How many of the pool's connections in use the current task holds."""
+    task = asyncio.current_task()
+    return sum(1 for record in slots.leased()
+               if record.lease is not None and record.lease.active and record.lease.task is task)
 
 
 async def set_up(slots: Slots, conn: PooledConnection, timeout: float | None,

@@ -155,6 +155,54 @@ def test_a_timeout_that_came_mostly_in_line_says_so_not_the_network(server: Fake
     run(main())
 
 
+def test_a_task_waiting_on_connections_it_holds_is_told_so(server: FakeServer) -> None:
+    """An acquire nested in another acquire block (or pool.fetchval() inside one) of the same
+    task waits for a connection only that task can give back: raising acquire_timeout or
+    max_size, the usual advice, would not help. The message says what happened; a wait on
+    connections other tasks hold keeps the usual advice."""
+    async def main() -> None:
+        async with fake_pool(server, min_size=0, max_size=2, acquire_timeout=0.2) as pool:
+            async with pool.acquire(), pool.acquire():
+                with pytest.raises(PoolTimeoutError) as nested:
+                    await pool.acquire()
+                with pytest.raises(PoolTimeoutError) as helper:
+                    await pool.fetchval("SELECT 1")
+            for caught in (nested, helper):
+                message = str(caught.value)
+                assert "the task waiting holds 2 of them itself" in message
+                assert "nested in another acquire block" in message
+                assert "raise max_size" not in message
+
+            release = asyncio.Event()
+
+            async def holder() -> None:
+                async with pool.acquire():
+                    await release.wait()
+
+            async with pool.acquire():  # one held here, the other by another task
+                held = asyncio.create_task(holder())
+                await asyncio.sleep(0.05)
+                with pytest.raises(PoolTimeoutError) as other:
+                    await pool.acquire(timeout=0.2)
+                release.set()
+                await held
+            assert "holds 1 of them itself" in str(other.value)
+            release.clear()
+            held = [asyncio.create_task(holder()) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            with pytest.raises(PoolTimeoutError) as others:
+                await pool.acquire(timeout=0.2)
+            release.set()
+            await asyncio.gather(*held)
+            assert "itself" not in str(others.value)
+            assert "release connections sooner, raise max_size or acquire_timeout" in str(
+                others.value)
+            s = pool.stats()
+            assert (s.in_use, s.waiting) == (0, 0)
+
+    run(main())
+
+
 def test_a_broken_connection_is_retired_and_its_slot_reused(server: FakeServer) -> None:
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
