@@ -188,12 +188,12 @@ def test_a_task_waiting_on_connections_it_holds_is_told_so(server: FakeServer) -
                 await held
             assert "holds 1 of them itself" in str(other.value)
             release.clear()
-            held = [asyncio.create_task(holder()) for _ in range(2)]
+            holders = [asyncio.create_task(holder()) for _ in range(2)]
             await asyncio.sleep(0.05)
             with pytest.raises(PoolTimeoutError) as others:
                 await pool.acquire(timeout=0.2)
             release.set()
-            await asyncio.gather(*held)
+            await asyncio.gather(*holders)
             assert "itself" not in str(others.value)
             assert "release connections sooner, raise max_size or acquire_timeout" in str(
                 others.value)
