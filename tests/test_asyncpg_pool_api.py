@@ -99,6 +99,43 @@ async def test_the_helpers_take_every_argument_by_name_as_asyncpg_s(pooler: Pool
         await pool.execute(f"DROP TABLE {table}")
 
 
+async def test_a_subclass_s_acquire_is_where_the_helpers_take_their_connection(
+        pooler: Pooler) -> None:
+    """asyncpg's pool helpers do ``async with self.acquire() as conn``: a subclass that sets up
+    or tags each checkout in ``acquire()`` sees every helper's. A subclass that leaves
+    ``acquire()`` alone keeps the helpers bound straight to the pool (no call in between)."""
+    table = _table(pooler, "acquire_override")
+
+    class Counting(Pool):
+        acquired = 0
+
+        def acquire(self, timeout: Any = asyncpool.pool.slots.UNSET) -> Any:
+            type(self).acquired += 1
+            return super().acquire(timeout)
+
+    async with Counting(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        assert await pool.execute(f"DROP TABLE IF EXISTS {table}") == "DROP TABLE"
+        await pool.execute(f"CREATE TABLE {table} (a int)")
+        await pool.executemany(f"INSERT INTO {table} VALUES ($1)", [(1,), (2,)])
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 2
+        assert [r["a"] for r in await pool.fetch(f"SELECT a FROM {table} ORDER BY a")] == [1, 2]
+        assert (await pool.fetchrow(f"SELECT max(a) AS m FROM {table}"))["m"] == 2  # type: ignore[index]
+        assert await pool.fetchmany("SELECT $1::int", [(5,)]) == [(5,)]
+        out = io.BytesIO()
+        await pool.copy_from_query(f"SELECT a FROM {table}", output=out)
+        await pool.execute(f"DROP TABLE {table}")
+        assert Counting.acquired == 9
+        assert pool.fetchval.__name__ == "fetchval"
+        assert (pool.stats().in_use, pool.stats().closed_total) == (0, 0)
+
+    class Plain(Pool):
+        pass
+
+    async with Plain(pooler.dsn(), max_size=1, telemetry=False) as plain:
+        assert "fetchval" in vars(plain)  # bound to the pool's statement runner
+        assert await plain.fetchval("SELECT 1") == 1
+
+
 async def test_async_with_create_pool_opens_then_closes(pooler: Pooler) -> None:
     pool = asyncpool.create_pool(pooler.dsn(), name="with-created", min_size=2, telemetry=False)
     assert isinstance(pool, Pool)

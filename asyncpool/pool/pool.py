@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import sys
 import warnings
@@ -84,9 +85,17 @@ class Pool:
         # documentation, for ``Pool.fetchval(pool, ...)``, and for subclasses that override one
         # (it is not shadowed then).
         cls = type(self)
-        for name in QUERY_HELPERS:
-            if getattr(cls, name) is getattr(Pool, name):
-                setattr(self, name, MethodType(RUNNERS[name], slots))
+        if cls.acquire is Pool.acquire:
+            for name in QUERY_HELPERS:
+                if getattr(cls, name) is getattr(Pool, name):
+                    setattr(self, name, MethodType(RUNNERS[name], slots))
+        else:
+            # A subclass's acquire() (asyncpg's Pool helpers take their connection from it, and
+            # such subclasses set up or tag each checkout there): every helper it did not
+            # override goes through it.
+            for name in QUERY_METHODS:
+                if getattr(cls, name) is getattr(Pool, name):
+                    setattr(self, name, MethodType(THROUGH_ACQUIRE[name], self))
 
     def __repr__(self) -> str:
         if "_slots" not in self.__dict__:  # its __init__ raised (a traceback's locals show it)
@@ -479,6 +488,21 @@ def _present(runner: Callable[..., Any], method: Callable[..., Any]) -> None:
 
 for _name in QUERY_HELPERS:
     _present(RUNNERS[_name], getattr(Pool, _name))
+
+
+def _through_acquire(name: str) -> Callable[..., Any]:
+    """The query helper `name` as asyncpg's pool runs it: ``async with self.acquire() as
+    conn: return await conn.<name>(...)`` (for a subclass that overrides ``acquire()``)."""
+
+    async def helper(self: Pool, /, *args: Any, **kwargs: Any) -> Any:
+        async with self.acquire() as conn:
+            return await getattr(conn, name)(*args, **kwargs)
+
+    functools.update_wrapper(helper, getattr(Pool, name))
+    return helper
+
+
+THROUGH_ACQUIRE = {name: _through_acquire(name) for name in QUERY_METHODS}
 
 
 @config_errors_without_frames
