@@ -14,7 +14,7 @@ from asyncpool.pool.lease import ACTIVE, Lease
 if TYPE_CHECKING:
     from asyncpool.pool.record import ConnectionRecord
 
-logger = logging.getLogger("asyncpool.leaks")
+logger: logging.Logger = logging.getLogger("asyncpool.leaks")
 
 # Timers may fire a hair early (the loop rounds to its clock resolution).
 _EARLY_FIRE_SLACK = 0.001
