@@ -175,7 +175,8 @@ class PoolConfig:
         creds = f", credentials={type(self.credentials).__name__}" if self.credentials else ""
         return f"PoolConfig({dsn}{shown}{creds})"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return PoolConfig.__repr__(self)
 
     @config_errors_without_frames
     def replace(self, **changes: Any) -> PoolConfig:

@@ -170,7 +170,7 @@ class ObserverGroup(PoolObserver):
 
 _NOTHING = contextlib.nullcontext()
 
-logger = logging.getLogger("asyncpool.pool")
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 
 class GuardedObserver(PoolObserver):

@@ -29,8 +29,8 @@ class ProgressDisplay:
         self.stream = stream
         self.label = label
         self.clients = clients
-        self.tty = stream.isatty() if tty is None else tty
-        self.interval = TTY_INTERVAL if self.tty else PLAIN_INTERVAL
+        self.tty: bool = stream.isatty() if tty is None else tty
+        self.interval: float = TTY_INTERVAL if self.tty else PLAIN_INTERVAL
         self._last_shown = 0.0
         self._last_state: tuple[str, int] | None = None
         self._drawn = False

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
@@ -51,15 +51,15 @@ class AuthGuard:
     __slots__ = ("allowed", "once", "refused", "repeated", "sent")
 
     def __init__(self, allowed: frozenset[str], *, once: bool = False) -> None:
-        self.allowed = allowed
+        self.allowed: frozenset[str] = allowed
         #: Answer one password request per attempt at most (the server is not verified: a
         #: second one is asyncpg's retry without TLS after the first was refused, ``prefer``).
-        self.once = once
+        self.once: bool = once
         #: The method a server asked for and was refused (None: nothing refused).
         self.refused: str | None = None
         #: A password was answered / a second request was refused under `once`.
-        self.sent = False
-        self.repeated = False
+        self.sent: bool = False
+        self.repeated: bool = False
 
 
 def refusal_error(guard: AuthGuard, config: PoolConfig, target: Target, tls: TlsSetting,
@@ -191,10 +191,11 @@ class GuardedTransport:
     __slots__ = ("_armed", "guard", "real", "write", "writelines")
 
     def __init__(self, real: Any, guard: AuthGuard) -> None:
-        self.real = real
-        self.guard = guard
-        self.write = real.write
-        self.writelines = real.writelines
+        self.real: Any = real
+        self.guard: AuthGuard = guard
+        self.write: Callable[[bytes | bytearray | memoryview], None] = real.write
+        self.writelines: Callable[[Iterable[bytes | bytearray | memoryview]], None] = (
+            real.writelines)
         self._armed = True
 
     def set_protocol(self, protocol: Any) -> None:
@@ -214,7 +215,7 @@ class Reader(ForwardingProtocol):
     def __init__(self, inner: Any, guard: AuthGuard, transport: Any = None) -> None:
         self.inner = inner
         self.guard = guard
-        self.transport = transport
+        self.transport: Any = transport
         self._held = bytearray()
         self._asked = False  # the server asked for some authentication
         self._closed = False
@@ -318,12 +319,12 @@ class Login:
         self.config = config
         self.dsn = dsn
         service = tls.service_of(config, dsn.params)  # (its file read once, for both)
-        self.tls = tls.resolve_tls(config, list(dsn.params.items()), service=service)
+        self.tls: TlsSetting = tls.resolve_tls(config, list(dsn.params.items()), service=service)
         tls.checked_hosts(config, self.tls,
                           "password" if dsn.password or os.environ.get("PGPASSWORD") else None,
                           [h for h, _ in dsn.hosts], service)
-        self.require_auth = tls.require_auth_setting(config, dsn.params)
-        self.allowed = tls.allowed_auth_methods(config, self.tls, self.require_auth)
+        self.require_auth: str | None = tls.require_auth_setting(config, dsn.params)
+        self.allowed: frozenset[str] = tls.allowed_auth_methods(config, self.tls, self.require_auth)
         self.guard: AuthGuard | None = None
 
     async def connect(self, timeout: float, name: str) -> Any:

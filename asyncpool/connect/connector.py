@@ -61,7 +61,7 @@ class CutShort:
     def __init__(self) -> None:
         self.caller_error: type[BaseException] = asyncio.CancelledError
         # Logged in, and running the `init` hook: a timeout then is the hook's, not the network's.
-        self.in_init = False
+        self.in_init: bool = False
 
 
 class Connector:
@@ -119,8 +119,8 @@ class Connector:
             None if credentials is None else "token" if credentials.requires_tls else "password",
             [h for h, _ in self._dsn.hosts] if self._dsn else None, service)
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
-        self.require_auth = require_auth_setting(config, self._dsn.params if self._dsn else {})
-        self.auth_methods = allowed_auth_methods(config, self.tls, self.require_auth)
+        self.require_auth: str | None = require_auth_setting(config, self._dsn.params if self._dsn else {})
+        self.auth_methods: frozenset[str] = allowed_auth_methods(config, self.tls, self.require_auth)
         self._several_hosts = len(hosts) > 1
         if (self._several_hosts and credentials is not None
                 and getattr(credentials, "token_host", _NOT_SIGNED) is None):
@@ -139,7 +139,7 @@ class Connector:
         self._intercept = False
         self._policy: Policy | None = None
         #: Its connections say when they must not be reused (``retire_reason``, "unnamed" mode).
-        self.retire_reasons = False
+        self.retire_reasons: bool = False
         self._kwargs = self._driver_kwargs(kw)
 
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:

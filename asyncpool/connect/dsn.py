@@ -142,7 +142,8 @@ class ParsedDsn:
     def __repr__(self) -> str:
         return f"ParsedDsn({self.redacted()!r})"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return ParsedDsn.__repr__(self)
 
     @property
     def secrets(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from asyncpool.connect.dsn import Target
 from asyncpool.credentials.aws_client import AwsClient, LoopLock, aws_error, region_text
 from asyncpool.errors import CredentialsError
 
-logger = logging.getLogger("asyncpool.credentials")
+logger: logging.Logger = logging.getLogger("asyncpool.credentials")
 
 _ARN_REGION = re.compile(r"^arn:aws[a-z-]*:secretsmanager:(?P<region>[a-z0-9-]+):")
 # A failed re-read leaves the cached password in use this long before trying AWS again, so an
@@ -84,7 +84,7 @@ class SecretsManagerAuth:
         self.secret_id = secret_id
         self.key = key
         self.ttl = ttl
-        self.region = region or (arn["region"] if arn else None)
+        self.region: str | None = region or (arn["region"] if arn else None)
         self.version_stage = version_stage
         self.check_username = check_username
         self._client = AwsClient(

@@ -25,7 +25,7 @@ from asyncpool.options import PoolOptions, translate
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
 
-logger = logging.getLogger("asyncpool.integrations.aws_lambda")
+logger: logging.Logger = logging.getLogger("asyncpool.integrations.aws_lambda")
 
 # Lambda gives the runtime 300-500 ms between SIGTERM and the end of the environment when an
 # extension is registered (none at all without one): closing must fit well inside that.

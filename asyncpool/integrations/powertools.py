@@ -35,7 +35,7 @@ from asyncpool.integrations.lambda_runner import LambdaRunner, get_runner
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
 
-logger = logging.getLogger("asyncpool.integrations.powertools")
+logger: logging.Logger = logging.getLogger("asyncpool.integrations.powertools")
 
 _connection: ContextVar[PooledConnection | None] = ContextVar(
     "asyncpool_invocation_connection", default=None

@@ -44,11 +44,11 @@ class LatencyHistogram:
     __slots__ = ("count", "counts", "max_us", "min_us", "total_us")
 
     def __init__(self) -> None:
-        self.counts = [0] * BUCKETS
-        self.count = 0
-        self.total_us = 0
-        self.min_us = 0
-        self.max_us = 0
+        self.counts: list[int] = [0] * BUCKETS
+        self.count: int = 0
+        self.total_us: int = 0
+        self.min_us: int = 0
+        self.max_us: int = 0
 
     def record(self, seconds: float) -> None:
         micros = int(seconds * 1_000_000)

@@ -23,7 +23,7 @@ class GuardedLogin:
 
     def __init__(self, dsn: str, *, name: str = "bench") -> None:
         self.parsed: ParsedDsn = parse_dsn(dsn)
-        self.login = Login(PoolConfig.from_env(name=name, dsn=None), self.parsed)
+        self.login: Login = Login(PoolConfig.from_env(name=name, dsn=None), self.parsed)
 
     async def connect_asyncpg(self, **kwargs: Any) -> Any:
         """``asyncpg.connect`` under the rules. A failed login raises what a pool's would: a

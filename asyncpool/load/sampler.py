@@ -128,7 +128,7 @@ class SamplingTask:
 
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
-        self.server_connections_max = 0
+        self.server_connections_max: int = 0
         self.clients_waiting_max: int | None = None
         self.latest: tuple[int, int | None] | None = None
         self.samples = 0

@@ -31,10 +31,10 @@ class Instance:
     __slots__ = ("args", "client", "number", "served")
 
     def __init__(self, spec: LoadSpec, number: int) -> None:
-        self.number = number
+        self.number: int = number
         self.client: LoadClient = make_client(spec, number)
-        self.args = spec.parameters
-        self.served = False
+        self.args: int = spec.parameters
+        self.served: bool = False
 
     async def warm_up(self, gate: asyncio.Semaphore, failures: Counter[str]) -> None:
         """Create the pool and run one query, as a cold start would; failures are counted.

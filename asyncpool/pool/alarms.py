@@ -27,7 +27,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
-logger = logging.getLogger("asyncpool.pool")
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 
 def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
@@ -168,7 +168,7 @@ class ThreadAlarm:
     __slots__ = ("_callback", "entry", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self.loop = loop
+        self.loop: asyncio.AbstractEventLoop = loop
         self._callback = callback
         #: The deadline in force (None: none); the thread skips any other entry of this alarm.
         self.entry: _Entry | None = None

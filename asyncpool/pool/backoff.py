@@ -15,8 +15,8 @@ class Backoff:
     __slots__ = ("_attempt", "cap", "initial")
 
     def __init__(self, initial: float = 0.05, cap: float = 2.0) -> None:
-        self.initial = initial
-        self.cap = cap
+        self.initial: float = initial
+        self.cap: float = cap
         self._attempt = 0
 
     def next_delay(self) -> float:

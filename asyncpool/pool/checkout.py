@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from asyncpool.config import SetupHook
 from asyncpool.connect.driver import CLEAN, returned
@@ -34,11 +34,16 @@ if TYPE_CHECKING:
 
     from asyncpool.pool.record import ConnectionRecord
 
-logger = logging.getLogger("asyncpool.pool")
+    _T = TypeVar("_T")
+
+    class _Blank(Protocol):
+        def __call__(self, cls: type[_T], /) -> _T: ...
+
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 #: Builds an object of a class with __slots__ without a call to its __init__: the checkout path
 #: builds its lease, proxy and context this way (tests/unit/test_lease.py checks every slot).
-blank = object.__new__
+blank: _Blank = object.__new__
 
 
 class Checkouts(Protocol):

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from asyncpool.pool.record import ConnectionRecord
     from asyncpool.pool.slots import Slots
 
-logger = logging.getLogger("asyncpool.leaks")
+logger: logging.Logger = logging.getLogger("asyncpool.leaks")
 
 # Timers may fire a hair early (the loop rounds to its clock resolution).
 _EARLY_FIRE_SLACK = 0.001

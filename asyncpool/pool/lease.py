@@ -61,7 +61,7 @@ class Site:
         while current is not None and len(calls) < depth:
             calls.append((current.f_code, current.f_lasti))
             current = current.f_back
-        self.calls = calls
+        self.calls: list[tuple[CodeType, int]] = calls
 
     def summaries(self) -> list[traceback.FrameSummary]:
         """Outermost call first."""
@@ -81,33 +81,33 @@ class Lease:
 
     def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None,
                  task: asyncio.Task[Any] | None, context: contextvars.Context | None) -> None:
-        self.record = record
-        self.acquired_at = now
+        self.record: ConnectionRecord = record
+        self.acquired_at: float = now
         # The holding task (a waiter's lease is made by whoever hands it the connection: it passes
         # the waiter's own).
-        self.task = task
+        self.task: asyncio.Task[Any] | None = task
         # The task that last ran a statement through the holder's `PooledConnection` (None:
         # none yet): another than `task` when a block in an async generator is driven by
         # another task than the one that entered it (`holder`).
         self.user: asyncio.Task[Any] | None = None
         # The holder's context (its current span): a leak is reported in it, not in the timer's.
         # None when the pool does not track leaks.
-        self.context = context
+        self.context: contextvars.Context | None = context
         self.frame: FrameType | Site | None = frame
         # The innermost frame keeps running after acquire(); remember the instruction it was on
         # (f_lineno would map it to a line now, ~0.2 µs; only a leak report needs the line).
-        self.lasti = frame.f_lasti if frame is not None else 0
-        self.state = ACTIVE
-        self.reported = False  # logged as a leak under leak_action="log"
+        self.lasti: int = frame.f_lasti if frame is not None else 0
+        self.state: LeaseState = ACTIVE
+        self.reported: bool = False  # logged as a leak under leak_action="log"
         # Taken by `async with` (the block's exit turns a reclaim into ConnectionLeakedError), not
         # by `conn = await pool.acquire()`, whose task a reclaim must not cancel.
-        self.scoped = False
+        self.scoped: bool = False
         # When a leak reclaim cancelled the holder's task: the task's count of cancel requests
         # (`Task.cancelling()`) before it, which the reclaim's is withdrawn against.
         self.holder_cancelled: int | None = None
         # Statements the holder started through its `PooledConnection` and that have not ended
         # (those that asyncpg's own lock, `driver.returned`, does not see).
-        self.running = 0
+        self.running: int = 0
 
     @property
     def active(self) -> bool:

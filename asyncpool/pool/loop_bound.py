@@ -10,7 +10,7 @@ import asyncio
 import functools
 from collections.abc import Callable, Coroutine, Generator
 from threading import get_ident
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
@@ -127,11 +127,13 @@ class PooledPreparedStatement(_OnItsLoop, PreparedStatement):
         return bind(super().cursor(*args, **kwargs))
 
     # Not explain(): it runs its statement through the connection's own, which takes the lock.
-    fetch = _one_at_a_time("fetch")
-    fetchval = _one_at_a_time("fetchval")
-    fetchrow = _one_at_a_time("fetchrow")
-    fetchmany = _one_at_a_time("fetchmany")
-    executemany = _one_at_a_time("executemany")
+    # Type checkers see asyncpg's methods, whose signatures these keep (`_one_at_a_time`).
+    if not TYPE_CHECKING:
+        fetch = _one_at_a_time("fetch")
+        fetchval = _one_at_a_time("fetchval")
+        fetchrow = _one_at_a_time("fetchrow")
+        fetchmany = _one_at_a_time("fetchmany")
+        executemany = _one_at_a_time("executemany")
 
 
 class PooledCheckedPreparedStatement(_OnItsLoop, CheckedPreparedStatement):
@@ -143,11 +145,12 @@ class PooledCheckedPreparedStatement(_OnItsLoop, CheckedPreparedStatement):
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         return bind(super().cursor(*args, **kwargs))
 
-    fetch = _one_at_a_time("fetch", CheckedPreparedStatement)
-    fetchval = _one_at_a_time("fetchval", CheckedPreparedStatement)
-    fetchrow = _one_at_a_time("fetchrow", CheckedPreparedStatement)
-    fetchmany = _one_at_a_time("fetchmany", CheckedPreparedStatement)
-    executemany = _one_at_a_time("executemany", CheckedPreparedStatement)
+    if not TYPE_CHECKING:  # (as in PooledPreparedStatement)
+        fetch = _one_at_a_time("fetch", CheckedPreparedStatement)
+        fetchval = _one_at_a_time("fetchval", CheckedPreparedStatement)
+        fetchrow = _one_at_a_time("fetchrow", CheckedPreparedStatement)
+        fetchmany = _one_at_a_time("fetchmany", CheckedPreparedStatement)
+        executemany = _one_at_a_time("executemany", CheckedPreparedStatement)
 
 
 _BOUND: dict[type, type] = {Transaction: PooledTransaction, CursorFactory: PooledCursorFactory,

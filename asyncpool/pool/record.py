@@ -42,17 +42,17 @@ class ConnectionRecord:
 
     def __init__(self, conn: DriverConnection, now: float, max_lifetime: float | None,
                  jitter: float) -> None:
-        self.conn = conn
+        self.conn: DriverConnection = conn
         # What the checkout fast path asks of the connection on every query, without a Python
         # call: `is_connected()` and `is_in_transaction()` (asyncpool.connect.driver.probe).
         self.probe: Probe = probe(conn)
-        self.created_at = now
-        self.expires_at = expiry(now, max_lifetime, jitter)
-        self.last_used = now
+        self.created_at: float = now
+        self.expires_at: float = expiry(now, max_lifetime, jitter)
+        self.last_used: float = now
         # The checkout path makes one comparison: before `check_at` a connection is handed out as
         # it is; from then on it is validated, or retired if expired (see `touch`).
-        self.check_at = math.inf
-        self.place = MOVING
+        self.check_at: float = math.inf
+        self.place: Place = MOVING
         # The checkout holding it while `LEASED` (None otherwise): kept here rather than in a
         # table of the pool's, which every checkout and return would write (a hashed insert and
         # delete, and two more objects to touch per query).
@@ -64,12 +64,12 @@ class ConnectionRecord:
         # Validate before the next checkout whatever the clock says (a thaw or a restore, where
         # the monotonic clock is not known to have advanced): `check_at` stays at minus infinity,
         # a return included, until a validation clears it.
-        self.stale = False
+        self.stale: bool = False
         # Non-zero: a Parse may have been left without a Sync (`note_unsynced_parse`), 1 + the
         # connection's query count then. A transaction-mode pooler keeps the server connection
         # assigned to this client until one comes: if no statement has sent one by the return,
         # the return does (`parse_unsynced`, `driver.reset`).
-        self.sync_after = 0
+        self.sync_after: int = 0
         _RECORDS[id(conn)] = self
 
     def note_unsynced_parse(self) -> None:

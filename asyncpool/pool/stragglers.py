@@ -19,7 +19,7 @@ from asyncpool.pool.resets import RESETS_END
 if TYPE_CHECKING:
     from asyncpool.pool.slots import Slots
 
-logger = logging.getLogger("asyncpool.pool")
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 #: How often the holders are looked at while they are waited for.
 _POLL = 0.01

@@ -32,11 +32,11 @@ class Totals:
     __slots__ = ("count", "counts", "max", "min", "sum")
 
     def __init__(self, buckets: int) -> None:
-        self.counts = [0] * buckets
-        self.sum = 0.0
-        self.count = 0
-        self.min = float("inf")
-        self.max = float("-inf")
+        self.counts: list[int] = [0] * buckets
+        self.sum: float = 0.0
+        self.count: int = 0
+        self.min: float = float("inf")
+        self.max: float = float("-inf")
 
     def merge(self, other: Totals) -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
@@ -52,8 +52,8 @@ class PoolCheckoutTimes:
     __slots__ = ("_bounds", "_buckets", "_lock", "_use", "_wait", "closed", "pool_name")
 
     def __init__(self, pool_name: str, bounds: Sequence[float]) -> None:
-        self.pool_name = pool_name
-        self.closed = False
+        self.pool_name: str = pool_name
+        self.closed: bool = False
         self._bounds = bounds
         self._buckets = len(bounds) + 1
         self._lock = threading.Lock()
@@ -120,7 +120,7 @@ class Consumer:
     def __init__(self, cumulative: bool, now_ns: int) -> None:
         self.cumulative = cumulative
         #: Whether times came in since the last `take`.
-        self.fresh = False
+        self.fresh: bool = False
         self._last_ns = now_ns
         self._series: dict[tuple[str, str], _Series] = {}
 
@@ -155,7 +155,7 @@ class CheckoutTimes:
     """
 
     def __init__(self, bounds: Sequence[float] = sc.TIME_BUCKETS) -> None:
-        self.bounds = tuple(bounds)
+        self.bounds: tuple[float, ...] = tuple(bounds)
         self._lock = threading.Lock()
         self._recorders: list[PoolCheckoutTimes] = []
         # Weakly: an exporter dropped without shutdown() (nobody unsubscribes it) must not keep

@@ -54,10 +54,10 @@ class PoolCounts:
     __slots__ = ("create_errors", "leaks", "timeouts", "validation_failures")
 
     def __init__(self) -> None:
-        self.timeouts = 0
-        self.validation_failures = 0
-        self.leaks = dict.fromkeys(LEAK_ACTIONS, 0)
-        self.create_errors = dict.fromkeys(LOGIN_ERROR_TYPES, 0)
+        self.timeouts: int = 0
+        self.validation_failures: int = 0
+        self.leaks: dict[str, int] = dict.fromkeys(LEAK_ACTIONS, 0)
+        self.create_errors: dict[str, int] = dict.fromkeys(LOGIN_ERROR_TYPES, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +79,9 @@ class PoolInstruments:
     def __init__(self, meter: Meter, conventions: sc.Conventions) -> None:
         self.conventions = conventions
         self._pools: dict[object, _Watched] = {}
-        self.create_time = _histogram(meter, conventions, sc.CREATE_TIME)
-        self.wait_time = _histogram(meter, conventions, sc.WAIT_TIME)
-        self.use_time = _histogram(meter, conventions, sc.USE_TIME)
+        self.create_time: Histogram = _histogram(meter, conventions, sc.CREATE_TIME)
+        self.wait_time: Histogram = _histogram(meter, conventions, sc.WAIT_TIME)
+        self.use_time: Histogram = _histogram(meter, conventions, sc.USE_TIME)
         for spec, callback in (
             (sc.TIMEOUTS, self._observe_counts(lambda c: c.timeouts)),
             (sc.VALIDATION_FAILURES, self._observe_counts(lambda c: c.validation_failures)),

@@ -59,7 +59,7 @@ class LocalAwsEndpoint:
         self._lock = threading.Lock()
         self.calls: dict[str, int] = {}
         #: Seconds each request waits before it is answered (a slow or hanging AWS endpoint).
-        self.delay = 0.0
+        self.delay: float = 0.0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread: threading.Thread | None = None
 

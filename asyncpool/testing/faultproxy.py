@@ -53,7 +53,7 @@ class FaultProxy:
         self.upstream_port = upstream_port
         self.max_connections = max_connections
         self.host = "127.0.0.1"
-        self.port = 0
+        self.port: int = 0
         self.mode: FaultMode = "pass"
         self.direction: Direction = "replies"
         self.accepted_total = 0

@@ -35,11 +35,11 @@ class PgBouncerFleet(PgBouncerEndpoint):
             raise HarnessError("a fleet needs at least one process")
         self.binary = binary
         self.postgres = postgres
-        self.host = postgres.host
-        self.port = free_port()
+        self.host: str = postgres.host
+        self.port: int = free_port()
         self.count = processes
         self.peering = peering
-        self.overrides = dict(overrides or {})
+        self.overrides: dict[str, str | int] = dict(overrides or {})
         self.members: list[PgBouncerServer] = []
         self._socket_dirs: list[Path] = []
 

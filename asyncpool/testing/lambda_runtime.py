@@ -91,7 +91,7 @@ class RuntimeAPI:
         self.first_next_at: float | None = None
         self.init_errors: list[dict[str, Any]] = []
         self.restore_errors: list[dict[str, Any]] = []
-        self.restore_requested = threading.Event()
+        self.restore_requested: threading.Event = threading.Event()
         self._restored = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True

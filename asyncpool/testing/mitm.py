@@ -53,7 +53,7 @@ class FakeServer:
         self.tls = tls
         self.auth = auth
         self.logins: list[Login] = []
-        self.port = 0
+        self.port: int = 0
         self._server: asyncio.Server | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._context: ssl.SSLContext | None = None

@@ -46,8 +46,8 @@ class PgBouncerServer(PgBouncerEndpoint):
     ) -> None:
         self.binary = binary
         self.postgres = postgres
-        self.host = postgres.host
-        self.port = port or free_port()
+        self.host: str = postgres.host
+        self.port: int = port or free_port()
         settings = shared_settings()
         settings.update({k: str(v) for k, v in (overrides or {}).items()})
         if not binary.supports_prepared_statements:
@@ -57,7 +57,7 @@ class PgBouncerServer(PgBouncerEndpoint):
         #: Where its Unix socket lives (default: its workdir); a fleet's peers reach it there.
         self.socket_dir = socket_dir
         #: Lines after the [pgbouncer] section (a fleet's [peers]).
-        self.extra_ini = list(extra_ini or ())
+        self.extra_ini: list[str] = list(extra_ini or ())
         #: The console user may only read (SHOW), as pgb_stats in compose and Terraform.
         self.stats_only = stats_only
         self.workdir: Path | None = None

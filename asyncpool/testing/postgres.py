@@ -54,13 +54,13 @@ class PostgresServer:
         port: int | None = None,
     ) -> None:
         self.max_connections = max_connections
-        self.extra_settings = dict(settings or {})
-        self.extra_hba = list(hba_lines or [])
+        self.extra_settings: dict[str, str] = dict(settings or {})
+        self.extra_hba: list[str] = list(hba_lines or [])
         self.host = HOST
-        self.port = port or free_port()
-        self.superuser = Role("postgres", secrets.token_urlsafe(18))
-        self.app = Role("app", secrets.token_urlsafe(18))
-        self.pgb_admin = Role("pgb_admin", secrets.token_urlsafe(18))
+        self.port: int = port or free_port()
+        self.superuser: Role = Role("postgres", secrets.token_urlsafe(18))
+        self.app: Role = Role("app", secrets.token_urlsafe(18))
+        self.pgb_admin: Role = Role("pgb_admin", secrets.token_urlsafe(18))
         self.database = "app"
         self.workdir: Path | None = None
         self.process: ServerProcess | None = None

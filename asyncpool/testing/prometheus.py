@@ -36,11 +36,11 @@ class PrometheusServer:
     """Scrapes `targets` (``job name -> host:port``) every `scrape_interval` seconds."""
 
     def __init__(self, targets: dict[str, str], scrape_interval: float = 1.0) -> None:
-        self.binary = prometheus_binary()
+        self.binary: str = prometheus_binary()
         self.targets = targets
         self.scrape_interval = scrape_interval
-        self.port = free_port()
-        self.workdir = make_workdir("prometheus")
+        self.port: int = free_port()
+        self.workdir: Path = make_workdir("prometheus")
         self._process: ServerProcess | None = None
 
     @property

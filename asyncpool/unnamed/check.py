@@ -26,15 +26,15 @@ class Check:
                  "sent", "sqlstate", "verdict")
 
     def __init__(self, description: Description, key: Key, replay: bool) -> None:
-        self.description = description
-        self.key = key
-        self.replay = replay  # decode again after a change (False: asyncpg discards the rows)
+        self.description: Description = description
+        self.key: Key = key
+        self.replay: bool = replay  # decode again after a change (False: asyncpg discards the rows)
         self.verdict: str | None = None
         self.sent: bytes | None = None  # what went on the wire (None: asyncpg sent nothing)
         self.found: tuple[Column, ...] | None = None  # the server's columns, when they differ
-        self.row_reply = b""  # the reply's RowDescription (or NoData) message
+        self.row_reply: bytes = b""  # the reply's RowDescription (or NoData) message
         self.recorded: list[bytes] = []  # the reply after its head, when decoded again
-        self.bound = False  # the server answered BindComplete
+        self.bound: bool = False  # the server answered BindComplete
         self.sqlstate: str | None = None  # of the server's refusal, before the statement ran
 
     def judge(self, kind: int, message: bytes) -> str | None:

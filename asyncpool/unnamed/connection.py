@@ -37,7 +37,7 @@ from asyncpool.unnamed.prepared import CheckedPreparedStatement
 from asyncpool.unnamed.support import unsupported_transport_error
 from asyncpool.unnamed.wire import InterceptingLoop, WireTransport, drive
 
-logger = logging.getLogger("asyncpool.unnamed")
+logger: logging.Logger = logging.getLogger("asyncpool.unnamed")
 
 RETIRE_REASON = "unreadable or undecodable reply to a reused statement"
 #: What `_decode_again` gives for rows it does not decode again (a prepared ``fetchmany``).

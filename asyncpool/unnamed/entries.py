@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncpool.stats import StatementCacheStats
-from asyncpool.unnamed.fits import guards
+from asyncpool.unnamed.fits import Guard, guards
 from asyncpool.unnamed.messages import (
     Column,
     parameter_description,
@@ -47,21 +47,21 @@ class Description:
                  enums: frozenset[int] | set[int] = frozenset()) -> None:
         params = [t.oid for t in statement._get_parameters()]
         attributes = statement._get_attributes()
-        self.statement = statement
+        self.statement: Any = statement
         # An enum's binary form is its label, the same bytes as its text form. Sent as text with
         # the type left to the server, a label still means the same after the enum type was
         # dropped and recreated (a new OID the Parse could not name) and can never be misread.
-        self.text_params = tuple(i for i, oid in enumerate(params) if oid in enums)
+        self.text_params: tuple[int, ...] = tuple(i for i, oid in enumerate(params) if oid in enums)
         declared = [0 if oid in enums else oid for oid in params]
-        self.prefix = typed_parse(statement.query, declared)
-        self.param_message = parameter_description(params)
+        self.prefix: bytes = typed_parse(statement.query, declared)
+        self.param_message: bytes = parameter_description(params)
         #: The checks an argument passes to be encoded by a cached type without loss (`fits`).
-        self.guards = guards(params)
+        self.guards: tuple[tuple[int, Guard], ...] | None = guards(params)
         self.columns: tuple[Column, ...] = tuple((a.name, a.type.oid) for a in attributes)
         # A RowDescription already found to match `columns`: later ones are compared as bytes.
         self.row_message: bytes | None = None
-        self.expires_at = expires_at
-        self.type_names = {a.type.oid: a.type.name for a in attributes}
+        self.expires_at: float | None = expires_at
+        self.type_names: dict[int, str] = {a.type.oid: a.type.name for a in attributes}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +81,10 @@ class CacheTotals:
     connection loses none of them."""
 
     __slots__ = ("evicted", "hits", "misses", "stale")
+    hits: int
+    misses: int
+    stale: int
+    evicted: int
 
     def __init__(self) -> None:
         self.hits = self.misses = self.stale = self.evicted = 0
@@ -98,11 +102,15 @@ class DescriptionCache:
     __slots__ = (
         "_entries", "_generation", "evicted", "hits", "max_size", "misses", "stale", "totals", "ttl",
     )
+    hits: int
+    misses: int
+    stale: int
+    evicted: int
 
     def __init__(self, max_size: int, ttl: float | None, totals: CacheTotals) -> None:
-        self.max_size = max_size
-        self.ttl = ttl
-        self.totals = totals
+        self.max_size: int = max_size
+        self.ttl: float | None = ttl
+        self.totals: CacheTotals = totals
         self._entries: OrderedDict[Key, Description] = OrderedDict()
         self._generation = Generation.value
         self.hits = self.misses = self.stale = self.evicted = 0

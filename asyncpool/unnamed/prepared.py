@@ -24,12 +24,16 @@ if TYPE_CHECKING:
 #: connection's fetchmany), rows of many argument sets (a prepared statement's fetchmany).
 ROWS, DISCARD, PLAIN, MANY_ROWS = 0, 1, 2, 3
 
-# asyncpg's class is untyped to type checkers here (asyncpg-stubs types it without the private
-# method this class overrides).
-_PreparedStatement: Any = PreparedStatement
+# asyncpg's class is generic to type checkers only (asyncpg-stubs), not at run time.
+if TYPE_CHECKING:
+    from asyncpg import Record
+
+    _PreparedStatement = PreparedStatement[Record]
+else:
+    _PreparedStatement = PreparedStatement
 
 
-class CheckedPreparedStatement(_PreparedStatement):  # type: ignore[misc]
+class CheckedPreparedStatement(_PreparedStatement):
     """asyncpg's `PreparedStatement` made by an unnamed ``prepare()`` on a `DescribeCacheConnection`.
 
     `_description` is what its executions are checked against (its `statement` is the
@@ -39,6 +43,7 @@ class CheckedPreparedStatement(_PreparedStatement):  # type: ignore[misc]
     __slots__ = ("_description",)
     # asyncpg's (declared in its class's __slots__, unknown to type checkers here).
     _state: Any
+    _connection: Any
     _last_status: Any
 
     def __init__(self, connection: Any, query: str, state: Any,

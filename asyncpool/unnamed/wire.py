@@ -103,9 +103,9 @@ class WireTransport:
 
     def __init__(self, real: asyncio.BaseTransport, wire: Wire) -> None:
         self.real: Any = real
-        self.wire = wire
-        self.write = wire.write
-        self.writelines = wire.writelines
+        self.wire: Wire = wire
+        self.write: Callable[[Buffer], None] = wire.write
+        self.writelines: Callable[[Iterable[Buffer]], None] = wire.writelines
 
     def set_protocol(self, protocol: Any) -> None:
         if protocol is not self.wire:
