@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
     from asyncpool.pool.slots import Slots
 
-logger = logging.getLogger("asyncpool.pool")
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 
 def expire_all(slots: Slots) -> None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from asyncpool.observer import PoolObserver
     from asyncpool.pool.slots import Slots
 
-logger = logging.getLogger("asyncpool.pool")
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 _T = TypeVar("_T")
 
 

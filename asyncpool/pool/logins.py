@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from asyncpool.pool.slots import Slots
     from asyncpool.pool.slow_checkout import Progress
 
-logger = logging.getLogger("asyncpool.pool")
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 # asyncio runs a timer up to one clock resolution early: a login cancelled this close to the
 # caller's deadline was cancelled by it.

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from asyncpool.pool.record import ConnectionRecord
     from asyncpool.pool.slots import Slots
 
-logger = logging.getLogger("asyncpool.pool")
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 # How long a returned connection may spend being reset (cancel finishing, ROLLBACK).
 RELEASE_TIMEOUT = 5.0
@@ -37,7 +37,7 @@ class ResetsEnd:
     __slots__ = ("at",)
 
     def __init__(self, at: float | None) -> None:
-        self.at = at
+        self.at: float | None = at
 
 
 RESETS_END: ContextVar[ResetsEnd | None] = ContextVar("asyncpool_resets_end", default=None)

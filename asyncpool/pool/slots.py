@@ -52,8 +52,9 @@ from asyncpool.pool.slow_checkout import GRANT, UNSET
 from asyncpool.pool.state import CLOSING, NEW, OPEN, PoolState
 
 if TYPE_CHECKING:
-    from asyncpool.config import PoolConfig
+    from asyncpool.config import PoolConfig, SetupHook
     from asyncpool.connect.connector import Connector, CutShort
+    from asyncpool.pool.connection import PooledConnection
     from asyncpool.pool.slow_checkout import Waiter
 
 # RELEASE_TIMEOUT and UNSET live in `resets` and `slow_checkout`; runner.py and connection.py
@@ -99,17 +100,17 @@ class Slots(_HotSlots):
         # one, benchmarks/README.md); a deque keeps its block.
         self.idle: collections.deque[ConnectionRecord] = collections.deque()
         self.waiters: collections.deque[Waiter] = collections.deque()
-        self.state = NEW
-        self.forks = FORKS[0]
+        self.state: PoolState = NEW
+        self.forks: int = FORKS[0]
         # Every connection of the pool (idle, in use, being checked or moved), retired ones not.
         self.records: list[ConnectionRecord] = []
         # A checkout may take an idle connection without asking more of the pool: it is open, in
         # the process that opened it, and nobody is in line (`_refresh_fast` keeps it so). One
         # read instead of four on every checkout and return.
-        self.fast = False
+        self.fast: bool = False
         # `fast`, and no hook or limit asks for more on each checkout (no `setup`, no
         # `max_queries`): the statement runners' one test, where they would make three.
-        self.fast_statements = False
+        self.fast_statements: bool = False
         # The loop's clock: time.monotonic itself under asyncio's loops (their time() is only a
         # Python call around it), the loop's own method otherwise (uvloop's is its cached clock).
         self.clock: Callable[[], float] = time.monotonic
@@ -119,9 +120,9 @@ class Slots(_HotSlots):
         # which on Python 3.11 makes a getpid() system call each time (to notice a fork; the pool
         # has its own fork check): about 0.6 µs per query here (benchmarks/README.md). Other
         # loops (uvloop) are asked with get_running_loop().
-        self.loop_has_thread_id = False
+        self.loop_has_thread_id: bool = False
         # Leases carry the holder's context only for a leak report to be made in it.
-        self.track_leaks = False
+        self.track_leaks: bool = False
         self.leaks: LeakTracker | NoLeakTracker = NoLeakTracker()
         # The leak tracker's timer is not armed: the next checkout arms it (`leaks.arm`).
         self.leak_timer_unarmed = False
@@ -130,31 +131,31 @@ class Slots(_HotSlots):
         self.on_acquired: Callable[[float], None] | None = None
         self.on_released: Callable[[float], None] | None = None
         # Infinite for never (`None`): the return adds it to the time without a test.
-        self.validate_after = math.inf if config.validate_after is None else config.validate_after
+        self.validate_after: float = math.inf if config.validate_after is None else config.validate_after
         # The connections can ask to be retired: they have a `retire_reason` ("unnamed" mode's
         # connection class; set from the connector at open), read as an attribute per return.
         self._may_retire = False
-        self.max_queries = config.max_queries
+        self.max_queries: int | None = config.max_queries
         #: asyncpg's ``setup`` hook, awaited by the acquire contexts at each checkout.
-        self.setup = config.setup
-        self.name = name
-        self.config = config
-        self.opened_in = ""  # the name of the thread whose loop opened the pool
+        self.setup: SetupHook | None = config.setup
+        self.name: str = name
+        self.config: PoolConfig = config
+        self.opened_in: str = ""  # the name of the thread whose loop opened the pool
         self.connector: Connector | None = None
         # Providers of connectors replaced by new connection arguments: closed with the pool (a
         # login under way may still be using one).
         self.replaced_credentials: list[Any] = []
         self.observer: PoolObserver = PoolObserver()
-        self.connecting = 0
+        self.connecting: int = 0
         # Of `connecting`: slots `housekeeping.fill` reserved (min_size, at open or housekeeping),
         # no caller's.
-        self.filling = 0
+        self.filling: int = 0
         self.checking: set[ConnectionRecord] = set()
         # Leases handed to a waiter whose task has not resumed to take them (`_put`): not yet a
         # checkout, so one retired meanwhile has no use time (`_end_use`), and the waiter still
         # counts as pending (`pool_stats.stats`).
         self.handed: set[Lease] = set()
-        self.retrying = 0  # waiters in `waiters` that are between login attempts
+        self.retrying: int = 0  # waiters in `waiters` that are between login attempts
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
         self.background: set[asyncio.Task[Any]] = set()
@@ -166,16 +167,16 @@ class Slots(_HotSlots):
         # The outcome of the open() under way (or done): a concurrent open() waits for it.
         self.opening: asyncio.Future[None] | None = None
         # Bumped by expire_all(): a login that began before it does not join the pool.
-        self.generation = 0
-        self.pid = os.getpid()
+        self.generation: int = 0
+        self.pid: int = os.getpid()
         self._drained: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
-        self.created_total = 0
-        self.closed_total = 0
-        self.timeouts_total = 0
-        self.leaked_total = 0
-        self.validation_failures_total = 0
-        self.connect_errors_total = 0
+        self.created_total: int = 0
+        self.closed_total: int = 0
+        self.timeouts_total: int = 0
+        self.leaked_total: int = 0
+        self.validation_failures_total: int = 0
+        self.connect_errors_total: int = 0
 
     def __repr__(self) -> str:
         # What ``repr(pool.fetchval)`` shows: the helpers are statement runners bound to this.
@@ -390,10 +391,14 @@ class Slots(_HotSlots):
             self.on_acquired(0.0)
         return lease
 
-    # The slow path and the `setup` hook, functions of their own bound here as methods (no call
-    # between): `Checkouts` callers hold only this object.
-    checkout = slow_checkout.checkout
-    set_up = slow_checkout.set_up
+    # The slow path and the `setup` hook live in `slow_checkout`: `Checkouts` callers hold
+    # only this object.
+    async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease:
+        return await slow_checkout.checkout(self, timeout, frame)
+
+    async def set_up(self, conn: PooledConnection, timeout: float | None,
+                     started: float) -> None:
+        await slow_checkout.set_up(self, conn, timeout, started)
 
     # -- return -------------------------------------------------------------------------------
 
@@ -448,9 +453,11 @@ class Slots(_HotSlots):
         self.idle.append(record)
         return False
 
-    # Bound as methods, as `checkout`: `checkin_nowait` calls the first as it did when it was one.
-    _retire_busy = resets.retire_busy
-    checkin = resets.checkin
+    def _retire_busy(self, record: ConnectionRecord) -> None:
+        resets.retire_busy(self, record)
+
+    async def checkin(self, lease: Lease, timeout: float | None = None) -> None:
+        await resets.checkin(self, lease, timeout)
 
     def discard(self, lease: Lease, reason: str, *, state: LeaseState = RELEASED) -> None:
         """Take back a checkout whose connection must not be used again (its `setup` hook

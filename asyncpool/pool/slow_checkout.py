@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextvars import copy_context
+from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from asyncpool.pool.record import ConnectionRecord
     from asyncpool.pool.slots import Slots
 
-logger = logging.getLogger("asyncpool.pool")
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 #: What `Pool.acquire(timeout=...)` receives when the caller gave no timeout.
 UNSET: Any = object()
@@ -46,12 +46,12 @@ class Waiter:
 
     def __init__(self, fut: asyncio.Future[Any], frame: FrameType | None, started: float,
                  retrying: bool) -> None:
-        self.fut = fut
-        self.frame = frame
-        self.started = started
-        self.retrying = retrying
-        self.task = asyncio.current_task()
-        self.context = copy_context()
+        self.fut: asyncio.Future[Any] = fut
+        self.frame: FrameType | None = frame
+        self.started: float = started
+        self.retrying: bool = retrying
+        self.task: asyncio.Task[Any] | None = asyncio.current_task()
+        self.context: Context = copy_context()
 
 
 class Progress:
@@ -60,11 +60,11 @@ class Progress:
     __slots__ = ("deadline", "holding", "last_error", "phase", "queued")
 
     def __init__(self, deadline: float | None) -> None:
-        self.deadline = deadline
-        self.phase = "waiting"
+        self.deadline: float | None = deadline
+        self.phase: str = "waiting"
         self.last_error: BaseException | None = None
-        self.holding = False  # this caller holds a reserved slot (counted in `connecting`)
-        self.queued = 0.0  # seconds spent in line before a slot or connection came
+        self.holding: bool = False  # this caller holds a reserved slot (counted in `connecting`)
+        self.queued: float = 0.0  # seconds spent in line before a slot or connection came
 
 
 async def checkout(slots: Slots, timeout: float | None, frame: FrameType | None) -> Lease:

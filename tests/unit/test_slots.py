@@ -120,9 +120,19 @@ def test_a_returned_connection_goes_straight_to_the_first_waiter(server: FakeSer
 
 def test_waiting_ends_in_a_timeout_that_names_the_pool(server: FakeServer) -> None:
     async def main() -> None:
-        async with fake_pool(server, min_size=1, max_size=1) as pool, pool.acquire():
+        async with fake_pool(server, min_size=1, max_size=1) as pool:
+            release = asyncio.Event()
+
+            async def holder() -> None:
+                async with pool.acquire():
+                    await release.wait()
+
+            held = asyncio.create_task(holder())
+            await asyncio.sleep(0.05)
             with pytest.raises(PoolTimeoutError, match=r"'unit'.*raise max_size"):
                 await pool.acquire(timeout=0.5)
+            release.set()
+            await held
             s = pool.stats()
             assert (s.waiting, s.timeouts_total) == (0, 1)
 
