@@ -308,7 +308,10 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
     def _give_back(self) -> None:
         """Return this checkout's connection to the pool; the adapter waits for the next one."""
         self._forget_transaction()
-        _await(self._connection.close())
+        if concurrency.in_greenlet():
+            _await(self._connection.close())
+        else:
+            _give_back_unawaited(self._asyncpool, self._connection)
 
     def terminate(self) -> None:
         """Discard the connection: the pool closes it (waiting for a cancel request in flight
@@ -317,7 +320,24 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
         conn: PooledConnection = self._connection
         lease = conn._lease
         if lease.state is ACTIVE:
-            self._asyncpool._slots.retire(lease.record, "invalidated by SQLAlchemy")
+            slots = self._asyncpool._slots
+            slots.retire(lease.record, "invalidated by SQLAlchemy")
+            # SQLAlchemy invalidates on a lost connection (or a ping that failed): its
+            # reconnect, another checkout, must not take an idle one lost with it unchecked.
+            slots.suspect_idle()
+
+
+def _give_back_unawaited(pool: Pool, conn: PooledConnection) -> None:
+    """Return `conn` where nothing can be awaited (outside SQLAlchemy's greenlet: a plain
+    ``engine.raw_connection().close()``, as SQLAlchemy's QueuePool allows): at once if it
+    needs no round trip, else reset by a task of the pool's. Off the pool's loop (a session
+    collected in another thread) it stays with its checkout, which leak detection reclaims."""
+    lease = conn._lease
+    slots = pool._slots
+    if lease.state is not ACTIVE or asyncio._get_running_loop() is not slots.loop:
+        return
+    if slots.checkin_nowait(lease):
+        slots._spawn(slots.checkin(lease))
 
 
 def _application_frame(frame: FrameType | None) -> FrameType | None:

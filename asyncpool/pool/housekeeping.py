@@ -82,6 +82,7 @@ def reap(slots: Slots) -> None:
     for record in list(slots.idle):  # oldest-used first
         if not record.usable():
             slots.retire(record, "broken")
+            slots.suspect_idle()
         elif record.expired(now):
             slots.retire(record, "expired", graceful=True)
         elif cfg.max_idle is not None and now - record.last_used > cfg.max_idle and surplus > 0:

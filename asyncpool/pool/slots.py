@@ -252,6 +252,15 @@ class Slots(_HotSlots):
         if self.state is CLOSING:
             self._note_drained()
 
+    def suspect_idle(self) -> None:
+        """A connection was found lost: check each idle one before its next checkout, whatever
+        the clock says. What closed one (a server restart, a failover, a pooler restarted)
+        likely closed the others, and one that died within `validate_after` would be lent as
+        it is: to the caller that retries, or to SQLAlchemy's ``pool_pre_ping``, whose
+        reconnect takes the next connection unpinged."""
+        for record in self.idle:
+            record.check_at = -math.inf
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         assert self.loop is not None
         task = self.loop.create_task(coro)
@@ -425,6 +434,7 @@ class Slots(_HotSlots):
                 record.sync_after = 0
         if state == BROKEN:
             self.retire(record, "broken")
+            self.suspect_idle()
             return False
         if state == BUSY or lease.running:
             self._retire_busy(record)

@@ -128,6 +128,7 @@ async def _check(slots: Slots, record: ConnectionRecord, now: float, frame: Fram
         # Closed while idle (server restart, pooler timeout seen by the driver).
         _count_failed_check(slots)
         slots.retire(record, "broken")
+        slots.suspect_idle()
         return None
     if record.expired(now):
         slots.retire(record, "expired", graceful=True)
@@ -154,6 +155,8 @@ async def _check(slots: Slots, record: ConnectionRecord, now: float, frame: Fram
     if failure is not None:
         progress.last_error = failure
         _count_failed_check(slots)
+        if record.conn.is_closed():  # (not a slow answer: lost)
+            slots.suspect_idle()
         slots.retire(record, "failed validation")  # its slot stays with this caller
         return await logins.connect_for(slots, frame, progress)
     slots.checking.discard(record)

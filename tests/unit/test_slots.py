@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from asyncpool import PoolClosedError, PoolError, PoolTimeoutError
+from asyncpool import ConnectionLostError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.pool.lifecycle import use_connector
 from tests.unit.fakes import FakeServer, fake_pool, run
 
@@ -209,6 +209,28 @@ def test_a_task_waiting_on_connections_it_holds_is_told_so(server: FakeServer) -
                 others.value)
             s = pool.stats()
             assert (s.in_use, s.waiting) == (0, 0)
+
+    run(main())
+
+
+def test_a_connection_found_lost_has_the_idle_ones_checked(server: FakeServer) -> None:
+    """Every connection died unnoticed (a server restart, a failover): the first statement
+    meets it. The idle ones, lost with it but fresh by the clock, are checked before they are
+    lent, so the retry is served on a new connection instead of failing on the next dead one."""
+    async def main() -> None:
+        async with fake_pool(server, min_size=3, max_size=3, validate_after=60) as pool:
+            assert pool.stats().idle == 3
+            for conn in server.open_connections():
+                conn.die_silently()
+            with pytest.raises(ConnectionLostError):
+                await pool.fetchval("SELECT 1")
+            assert await pool.fetchval("SELECT 2") == 1  # (the fake answers 1)
+            s = pool.stats()
+            # The one met, and the one checked before the retry, in whose slot it logged in.
+            assert (s.in_use, s.closed_total) == (0, 2)
+            before = server.logins
+            assert await pool.fetchval("SELECT 3") == 1  # on the new one, as it is
+            assert server.logins == before
 
     run(main())
 
