@@ -187,8 +187,8 @@ class PoolConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
         """Options from ``ASYNCPOOL_<OPTION>`` variables (``ASYNCPOOL_MAX_SIZE=5``...).
 
-        ``none`` (or an empty value) turns an optional limit off. `overrides` win over the
-        environment.
+        ``none`` turns an optional limit off; an empty variable is not set (the default), as
+        libpq takes an empty ``PG*`` variable. `overrides` win over the environment.
         """
         env = os.environ if environ is None else environ
         warn_unknown_variables(env)
@@ -196,7 +196,7 @@ class PoolConfig:
         for f in fields(cls):
             if f.name not in _ENV_FIELDS:
                 continue
-            raw = env.get(ENV_PREFIX + f.name.upper())
+            raw = env_value(env, f.name)
             if raw is None:
                 continue
             values[f.name] = _parse_env(f.name, raw, _ENV_FIELDS[f.name])
@@ -333,27 +333,46 @@ def _ours(module: str) -> bool:
 _ENV_VARIABLES = frozenset(env_variables())
 
 
+def env_value(environ: Mapping[str, str], option: str) -> str | None:
+    """The ``ASYNCPOOL_*`` variable of `option`, or None when it is unset or empty: an empty
+    template variable (Terraform, compose) must not turn a limit off or fail the pool; ``none``
+    is the way to say "no limit"."""
+    raw = environ.get(ENV_PREFIX + option.upper())
+    return raw if raw is not None and raw.strip() else None
+
+
+#: Options whose variable is one of a few words: taken in any case, as the booleans are.
+_CHOICE_FIELDS = frozenset({"prepared_statements", "leak_action", "cancel_requests", "ssl"})
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
     kind, nullable = spec
     var = ENV_PREFIX + name.upper()
     text = raw.strip()
-    if nullable and text.lower() in ("", "none", "null", "off") and kind is not str:
-        return None
-    if nullable and text == "":
+    if nullable and text.lower() in ("none", "null", "off") and kind is not str:
         return None
     if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
+        if text.lower() in _TRUE:
             return True
-        if text.lower() in ("0", "false", "no", "off"):
+        if text.lower() in _FALSE:
             return False
-        raise PoolConfigError(f"{var}={raw!r}: write true or false")
+        raise PoolConfigError(f"{var}={raw!r}: write true or false (in any case; 1/0, "
+                              "yes/no and on/off are taken too)")
     if kind in (int, float):
         try:
-            return kind(text)
+            # ASCII only: int() and float() take other scripts' digits ("٣" is 3).
+            if not text.isascii():
+                raise ValueError(text)
+            value = kind(text)
         except ValueError:
             what = "a whole number" if kind is int else "a number of seconds"
             hint = " or none" if nullable else ""
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}") from None
+        return value + 0  # "-0" is 0, not -0.0
+    if name in _CHOICE_FIELDS:
+        return text.lower()
     return text
 
 
