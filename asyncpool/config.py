@@ -50,6 +50,8 @@ def hook_awaitable(pool_name: str, hook: str, result: object) -> Awaitable[objec
 
 
 ENV_PREFIX = "ASYNCPOOL_"
+#: The shortest `max_lifetime` and `max_idle` taken, in seconds.
+MIN_CONNECTION_LIMIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,10 @@ class PoolConfig:
         (default 30). Includes connecting and validating.
     connect_timeout: how long one connection attempt may take (default 10).
     max_lifetime: a connection older than this is closed when returned or found idle (default
-        1800); each connection's limit is shortened by up to `lifetime_jitter` (default 10%) so
-        connections opened together do not expire together.
-    max_idle: an idle connection beyond `min_size` unused this long is closed (default 300).
+        1800; at least 0.1); each connection's limit is shortened by up to `lifetime_jitter`
+        (default 10%) so connections opened together do not expire together.
+    max_idle: an idle connection beyond `min_size` unused this long is closed (default 300; at
+        least 0.1).
     validate_after: a connection idle longer than this is checked with a round trip before it is
         handed out, so one killed while a Lambda environment was frozen, or dropped by the pooler,
         is replaced unseen (default 1.0; 0 checks every checkout; None never).
@@ -408,6 +411,14 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
         # `not value > 0` also refuses NaN, which every comparison lets through.
         if value is not None and (not_a_number(value) or not value > 0):
             fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
+        # Housekeeping runs every half of the shorter one, and a connection past max_lifetime is
+        # logged in again: 1e-9 spun the loop and logged in ~125 times a second (open() never
+        # returned). HikariCP resets a maxLifetime under 30 s; the tests use 0.2 s.
+        if key in ("max_lifetime", "max_idle") and value is not None and (
+                value < MIN_CONNECTION_LIMIT):
+            fail(f"{key}={value!r}: must be at least {MIN_CONNECTION_LIMIT} seconds (or None "
+                 "for no limit); a shorter one would log connections in again over and over, "
+                 "and keep the event loop busy checking them (times are in seconds)")
     if cfg.connect_timeout is None:
         fail("connect_timeout=None: a login must have a time limit; give a number of seconds > 0")
     after = cfg.validate_after
