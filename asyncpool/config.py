@@ -50,6 +50,8 @@ def hook_awaitable(pool_name: str, hook: str, result: object) -> Awaitable[objec
 
 
 ENV_PREFIX = "ASYNCPOOL_"
+#: The shortest `max_lifetime` and `max_idle` taken, in seconds.
+MIN_CONNECTION_LIMIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,10 @@ class PoolConfig:
         (default 30). Includes connecting and validating.
     connect_timeout: how long one connection attempt may take (default 10).
     max_lifetime: a connection older than this is closed when returned or found idle (default
-        1800); each connection's limit is shortened by up to `lifetime_jitter` (default 10%) so
-        connections opened together do not expire together.
-    max_idle: an idle connection beyond `min_size` unused this long is closed (default 300).
+        1800; at least 0.1); each connection's limit is shortened by up to `lifetime_jitter`
+        (default 10%) so connections opened together do not expire together.
+    max_idle: an idle connection beyond `min_size` unused this long is closed (default 300; at
+        least 0.1).
     validate_after: a connection idle longer than this is checked with a round trip before it is
         handed out, so one killed while a Lambda environment was frozen, or dropped by the pooler,
         is replaced unseen (default 1.0; 0 checks every checkout; None never).
@@ -188,8 +191,8 @@ class PoolConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
         """Options from ``ASYNCPOOL_<OPTION>`` variables (``ASYNCPOOL_MAX_SIZE=5``...).
 
-        ``none`` (or an empty value) turns an optional limit off. `overrides` win over the
-        environment.
+        ``none`` turns an optional limit off; an empty variable is not set (the default), as
+        libpq takes an empty ``PG*`` variable. `overrides` win over the environment.
         """
         env = os.environ if environ is None else environ
         warn_unknown_variables(env)
@@ -197,7 +200,7 @@ class PoolConfig:
         for f in fields(cls):
             if f.name not in _ENV_FIELDS:
                 continue
-            raw = env.get(ENV_PREFIX + f.name.upper())
+            raw = env_value(env, f.name)
             if raw is None:
                 continue
             values[f.name] = _parse_env(f.name, raw, _ENV_FIELDS[f.name])
@@ -334,27 +337,46 @@ def _ours(module: str) -> bool:
 _ENV_VARIABLES = frozenset(env_variables())
 
 
+def env_value(environ: Mapping[str, str], option: str) -> str | None:
+    """The ``ASYNCPOOL_*`` variable of `option`, or None when it is unset or empty: an empty
+    template variable (Terraform, compose) must not turn a limit off or fail the pool; ``none``
+    is the way to say "no limit"."""
+    raw = environ.get(ENV_PREFIX + option.upper())
+    return raw if raw is not None and raw.strip() else None
+
+
+#: Options whose variable is one of a few words: taken in any case, as the booleans are.
+_CHOICE_FIELDS = frozenset({"prepared_statements", "leak_action", "cancel_requests", "ssl"})
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
     kind, nullable = spec
     var = ENV_PREFIX + name.upper()
     text = raw.strip()
-    if nullable and text.lower() in ("", "none", "null", "off") and kind is not str:
-        return None
-    if nullable and text == "":
+    if nullable and text.lower() in ("none", "null", "off") and kind is not str:
         return None
     if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
+        if text.lower() in _TRUE:
             return True
-        if text.lower() in ("0", "false", "no", "off"):
+        if text.lower() in _FALSE:
             return False
-        raise PoolConfigError(f"{var}={raw!r}: write true or false")
+        raise PoolConfigError(f"{var}={raw!r}: write true or false (in any case; 1/0, "
+                              "yes/no and on/off are taken too)")
     if kind in (int, float):
         try:
-            return kind(text)
+            # ASCII only: int() and float() take other scripts' digits ("٣" is 3).
+            if not text.isascii():
+                raise ValueError(text)
+            value = kind(text)
         except ValueError:
             what = "a whole number" if kind is int else "a number of seconds"
             hint = " or none" if nullable else ""
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}") from None
+        return value + 0  # "-0" is 0, not -0.0
+    if name in _CHOICE_FIELDS:
+        return text.lower()
     return text
 
 
@@ -390,6 +412,14 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
         # `not value > 0` also refuses NaN, which every comparison lets through.
         if value is not None and (not_a_number(value) or not value > 0):
             fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
+        # Housekeeping runs every half of the shorter one, and a connection past max_lifetime is
+        # logged in again: 1e-9 spun the loop and logged in ~125 times a second (open() never
+        # returned). HikariCP resets a maxLifetime under 30 s; the tests use 0.2 s.
+        if key in ("max_lifetime", "max_idle") and value is not None and (
+                value < MIN_CONNECTION_LIMIT):
+            fail(f"{key}={value!r}: must be at least {MIN_CONNECTION_LIMIT} seconds (or None "
+                 "for no limit); a shorter one would log connections in again over and over, "
+                 "and keep the event loop busy checking them (times are in seconds)")
     if cfg.connect_timeout is None:
         fail("connect_timeout=None: a login must have a time limit; give a number of seconds > 0")
     after = cfg.validate_after

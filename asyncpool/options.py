@@ -241,13 +241,26 @@ def with_connect_args(config: PoolConfig, dsn: str | None,
 def check_timeout(pool_name: str, what: str, timeout: Any, none: str = "no limit") -> None:
     """Raise `PoolConfigError` unless `timeout` (given to `what`) is None (meaning `none`) or
     seconds >= 0."""
-    if timeout is None:
-        return
-    if not_a_number(timeout) or math.isnan(timeout) or timeout < 0:
-        raise PoolConfigError(
-            f"pool {pool_name!r}: {what}={timeout!r}: must be a number of seconds >= 0 "
-            f"(or None for {none})"
-        )
+    error = timeout_error(pool_name, what, timeout, none)
+    if error is not None:
+        raise error
+
+
+#: What `timeout_error` adds for a connection given back anyway.
+GIVEN_BACK = "; the connection was given back all the same, within the pool's limit"
+
+
+def timeout_error(pool_name: str, what: str, timeout: Any, none: str = "no limit",
+                  done: str = "") -> PoolConfigError | None:
+    """`check_timeout`'s error, returned, for a call that does its work with its default time
+    limit before raising it (`done` says so): one that gives something back (a connection, the
+    pool's connections) must not keep it for a typo."""
+    if timeout is None or not (not_a_number(timeout) or math.isnan(timeout) or timeout < 0):
+        return None
+    return PoolConfigError(
+        f"pool {pool_name!r}: {what}={timeout!r}: must be a number of seconds >= 0 "
+        f"(or None for {none}){done}"
+    )
 
 
 #: What ``pool.transaction(isolation=...)`` takes: asyncpg's names of PostgreSQL's levels.

@@ -356,10 +356,20 @@ async def test_release_takes_asyncpg_s_timeout_for_the_reset(pooler: Pooler) -> 
         conn = await pool.acquire()
         raw = conn.raw
         await conn.execute("BEGIN")
-        with pytest.raises(asyncpool.PoolConfigError,
-                           match=r"release\(timeout=...\)='soon'.*None for the pool's 5 s"):
-            await pool.release(conn, timeout="soon")  # type: ignore[arg-type]
-        assert conn.is_in_transaction()  # refused before anything was done: still held
+        # A bad timeout loses nothing: the connection goes back (reset within the pool's 5 s),
+        # then the error says what to fix. It was refused first, and stayed held until the leak
+        # reclaim.
+        for bad in ("soon", -1, float("nan")):
+            with pytest.raises(asyncpool.PoolConfigError,
+                               match=rf"release\(timeout=...\)={bad!r}.*None for the pool's 5 "
+                                     r"s\); the connection was given back all the same"):
+                await pool.release(conn, timeout=bad)  # type: ignore[arg-type]
+            assert pool.stats().in_use == 0
+            await pool.release(conn)  # already back: nothing to do
+            conn = await pool.acquire()
+            assert conn.raw is raw  # rolled back and reused
+            assert not conn.is_in_transaction()
+            await conn.execute("BEGIN")
         await pool.release(connection=conn, timeout=5)
         async with pool.acquire() as again:
             assert again.raw is raw  # rolled back within the time given, and reused
@@ -379,12 +389,34 @@ async def test_a_held_connection_s_close_takes_the_same_timeout(pooler: Pooler) 
     async with asyncpool.create_pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
         conn = await pool.acquire()
         await conn.execute("BEGIN")
-        with pytest.raises(asyncpool.PoolConfigError, match=r"conn.close\(timeout=...\)=-1"):
+        with pytest.raises(asyncpool.PoolConfigError, match=r"conn.close\(timeout=...\)=-1.*; "
+                                                            "the connection was given back"):
             await conn.close(timeout=-1)
+        assert pool.stats().in_use == 0  # given back all the same
+        await conn.close(timeout=5)  # already back: nothing to do
+        conn = await pool.acquire()
+        assert not conn.is_in_transaction()
+        await conn.execute("BEGIN")
         await conn.close(timeout=5)
         assert pool.stats().in_use == 0
         async with pool.acquire() as again:
             assert not again.is_in_transaction()
+
+
+async def test_a_pool_closed_with_a_bad_timeout_is_closed_all_the_same(pooler: Pooler) -> None:
+    """close(timeout=-1) was refused before anything was done: the pool stayed open, its
+    connections with it, on a shutdown path that would not come back to it."""
+    pool = await asyncpool.create_pool(pooler.dsn(), min_size=2, max_size=2, telemetry=False)
+    held = await pool.acquire()
+    closing = asyncio.ensure_future(pool.close(timeout=-1))
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # waiting for the held one, as close() does
+    await pool.release(held)
+    with pytest.raises(asyncpool.PoolConfigError,
+                       match=r"close\(timeout=...\)=-1: .*; the pool was closed with the "
+                             "default 10 s"):
+        await closing
+    assert (pool.is_closing(), pool.get_size()) == (True, 0)
 
 
 async def test_a_copy_cancelled_midway_leaves_the_connection_usable(pooler: Pooler) -> None:

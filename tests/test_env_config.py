@@ -228,3 +228,73 @@ async def test_a_connection_service_named_any_way_is_where_the_pool_connects(
         assert await pool.fetchval(query) == expected
     with pytest.raises(PoolConfigError, match="connection service 'nosuch' is not defined"):
         await Pool("postgresql://?service=nosuch", telemetry=False).open()
+
+
+_DSN = "postgresql://app@db.internal/app"
+
+
+@pytest.mark.parametrize("variable", env_variables())
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_variable_is_not_set(variable: str, blank: str) -> None:
+    """An empty ``ASYNCPOOL_*`` variable (a template variable left empty in Terraform or
+    compose) is the default, as libpq takes an empty PG* variable: ACQUIRE_TIMEOUT,
+    LEAK_TIMEOUT, VALIDATE_AFTER, MAX_LIFETIME and MAX_IDLE were None (the limit off), MAX_SIZE
+    and CONNECT_TIMEOUT a PoolConfigError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PoolConfig.from_env({variable: blank}) == PoolConfig.from_env({})
+        assert (PoolConfig.from_env({variable: blank, "ASYNCPOOL_DSN": _DSN})
+                == PoolConfig.from_env({"ASYNCPOOL_DSN": _DSN}))
+        # lambda_config's own defaults (validate_after=0.5, 5 s timeouts...) stay too.
+        assert (lambda_config(environ={variable: blank}, dsn=_DSN)
+                == lambda_config(environ={}, dsn=_DSN))
+
+
+def test_none_still_turns_a_limit_off() -> None:
+    limits = ("acquire_timeout", "leak_timeout", "validate_after", "max_lifetime", "max_idle",
+              "statement_cache_ttl", "command_timeout", "max_queries")
+    config = PoolConfig.from_env({f"ASYNCPOOL_{name.upper()}": word
+                                  for name, word in zip(limits, ["none", "None", "NONE", " none ",
+                                                                 "null", "off", "none", "none"],
+                                                        strict=True)})
+    assert {name: getattr(config, name) for name in limits} == dict.fromkeys(limits)
+
+
+@pytest.mark.parametrize(("variable", "option", "choices"), [
+    ("ASYNCPOOL_PREPARED_STATEMENTS", "prepared_statements", ["off", "on", "unnamed"]),
+    ("ASYNCPOOL_LEAK_ACTION", "leak_action", ["reclaim", "log"]),
+    ("ASYNCPOOL_CANCEL_REQUESTS", "cancel_requests", ["auto", "off"]),
+    ("ASYNCPOOL_SSL", "ssl", ["disable", "allow", "prefer", "require", "verify-ca",
+                              "verify-full"]),
+])
+def test_a_choice_is_taken_in_any_case_and_with_spaces(variable: str, option: str,
+                                                       choices: list[str]) -> None:
+    """``ON`` was refused where `` on`` was taken: case counted, spaces did not."""
+    for choice in choices:
+        for written in (choice, choice.upper(), choice.title(), f" {choice.upper()} "):
+            assert getattr(PoolConfig.from_env({variable: written}), option) == choice
+    with pytest.raises(PoolConfigError) as info:
+        PoolConfig.from_env({variable: "Maybe"})
+    assert all(choice in str(info.value) for choice in choices)
+    assert variable in str(info.value)
+
+
+def test_a_switch_is_taken_in_any_case_and_a_bad_one_lists_the_words() -> None:
+    for written, value in [("true", True), ("TRUE", True), (" Yes ", True), ("1", True),
+                           ("On", True), ("false", False), ("FALSE", False), (" no", False),
+                           ("0", False), ("OFF", False)]:
+        assert PoolConfig.from_env({"ASYNCPOOL_TELEMETRY": written}).telemetry is value
+        assert PoolConfig.from_env(
+            {"ASYNCPOOL_ALLOW_UNPROTECTED_CREDENTIALS": written}
+        ).allow_unprotected_credentials is value
+    with pytest.raises(PoolConfigError, match=r"ASYNCPOOL_TELEMETRY='maybe': write true or "
+                                              r"false \(in any case; 1/0, yes/no and on/off"):
+        PoolConfig.from_env({"ASYNCPOOL_TELEMETRY": "maybe"})
+
+
+def test_numbers_are_plain_ascii_and_minus_zero_is_zero() -> None:
+    config = PoolConfig.from_env({"ASYNCPOOL_VALIDATE_AFTER": "-0", "ASYNCPOOL_MAX_SIZE": " 5 "})
+    assert (repr(config.validate_after), config.max_size) == ("0.0", 5)
+    for variable, text in [("ASYNCPOOL_MAX_SIZE", "\u0663"), ("ASYNCPOOL_ACQUIRE_TIMEOUT", "\u0665")]:
+        with pytest.raises(PoolConfigError, match=f"{variable}=.*: write a"):
+            PoolConfig.from_env({variable: text})

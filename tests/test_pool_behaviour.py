@@ -431,6 +431,32 @@ async def test_max_lifetime_retires_connections(pooler: Pooler) -> None:
         assert stats.closed_total >= 1
 
 
+@pytest.mark.parametrize("limits", [{"max_lifetime": 1e-9}, {"max_lifetime": 0.05},
+                                    {"max_idle": 1e-9}, {"max_idle": 0.099}])
+async def test_a_lifetime_or_idle_limit_too_short_to_use_is_refused(
+        pooler: Pooler, limits: dict[str, float]) -> None:
+    """max_lifetime=1e-9: `open()` logged in and out ~1,000 times in 8 s and never returned
+    (each new connection had expired before it was placed), and housekeeping, every half of
+    the limit, kept the loop busy (max_idle=1e-9: 90% of a core on an idle pool)."""
+    name = next(iter(limits))
+    with pytest.raises(asyncpool.PoolConfigError, match=f"{name}=.*: must be at least 0.1 "
+                                                        "seconds"):
+        Pool(pooler.dsn(), min_size=1, telemetry=False, **limits)  # type: ignore[arg-type]
+
+
+async def test_the_shortest_lifetime_taken_renews_at_its_pace(pooler: Pooler) -> None:
+    """At the floor (0.1 s) `open()` returns and connections are renewed about once per
+    lifetime each, not in a loop."""
+    async with asyncio.timeout(5), Pool(pooler.dsn(), min_size=2, max_size=2, max_lifetime=0.1,
+                                        telemetry=False) as pool:
+        assert pool.stats().size == 2
+        await asyncio.sleep(1.0)
+        assert await pool.fetchval("SELECT 1") == 1
+        # 2 connections, each renewed at most every 0.09 s (jitter) and found by housekeeping
+        # every 0.05 s: ~22 logins in the second, far from the ~125 a second of the bug.
+        assert pool.stats().created_total <= 2 + 2 * 1.0 / 0.09 + 4
+
+
 def test_lifetime_jitter_spreads_expiry() -> None:
     from asyncpool.pool.record import expiry
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Unpack
 
-from asyncpool.config import ENV_PREFIX, PoolConfig
+from asyncpool.config import PoolConfig, env_value
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
 from asyncpool.options import PoolOptions, translate
 
@@ -90,7 +90,7 @@ def lambda_config(
         defaults["leak_timeout"] = float(function_timeout)
         defaults["acquire_timeout"] = min(5.0, function_timeout / 2)
     env = os.environ if environ is None else environ
-    defaults = {k: v for k, v in defaults.items() if ENV_PREFIX + k.upper() not in env}
+    defaults = {k: v for k, v in defaults.items() if env_value(env, k) is None}
     config = PoolConfig.from_env(env, **{**defaults, **_options(overrides)})
     preload_for_open(config)
     return config

@@ -16,7 +16,7 @@ from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
 from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by_pool
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
-from asyncpool.options import check_timeout
+from asyncpool.options import GIVEN_BACK, timeout_error
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
 from asyncpool.pool.unsynced import call_with_argument_sets, left_unsynced
@@ -452,20 +452,26 @@ class PooledConnection(_Base):
         The server connection stays open for the next holder: the pool alone decides when a
         connection goes (code written for asyncpg's pool, or SQLAlchemy's ``NullPool`` with an
         ``async_creator``, calls close() to give a connection back). A no-op once released.
-        `timeout` bounds the reset, as in `pool.release()`.
+        `timeout` bounds the reset, as in `pool.release()` (a bad one is raised once the
+        connection is back).
         """
         lease = self._lease
         if lease.state is not ACTIVE:
             return
         owner = self._owner
         owner.refuse_other_loop()
+        error = None
         if timeout is not None:
             from asyncpool.pool.slots import RELEASE_TIMEOUT  # slots imports this module
 
-            check_timeout(owner.name, "conn.close(timeout=...)", timeout,
-                          f"the pool's {RELEASE_TIMEOUT:g} s")
+            error = timeout_error(owner.name, "conn.close(timeout=...)", timeout,
+                                  f"the pool's {RELEASE_TIMEOUT:g} s", GIVEN_BACK)
+            if error is not None:
+                timeout = None
         if owner.checkin_nowait(lease):
             await owner.checkin(lease, timeout)
+        if error is not None:
+            raise error
 
     def terminate(self) -> None:
         """Close the server connection now, and free its place in the pool at once (as

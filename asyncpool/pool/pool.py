@@ -22,11 +22,13 @@ from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolError, config_errors_without_frames
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
 from asyncpool.options import (
+    GIVEN_BACK,
     Isolation,
     PoolOptions,
     check_timeout,
     check_transaction_options,
     resolve,
+    timeout_error,
     with_connect_args,
 )
 from asyncpool.pool import housekeeping, lifecycle, misuse, pool_stats
@@ -40,6 +42,9 @@ from asyncpool.pool.slow_checkout import UNSET
 from asyncpool.pool.state import CLOSED_STATE, CLOSING, NEW, OPEN
 from asyncpool.pool.unsynced import argument_sets
 from asyncpool.stats import PoolStats
+
+#: How long `Pool.close()` waits for held connections by default.
+CLOSE_TIMEOUT = 10.0
 
 if TYPE_CHECKING:
     import asyncpg
@@ -171,7 +176,7 @@ class Pool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self, timeout: float | None = 10.0) -> None:
+    async def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
         """Stop handing out connections, wait up to `timeout` for held ones, then terminate.
 
         Waiters and logins under way get `PoolClosedError`. Idle connections are closed at once.
@@ -179,10 +184,14 @@ class Pool:
         `PoolClosedError` on next use; so is, at once and with a warning, one held by the task
         calling close() itself (it could not be given back while close() waits). Cancelled
         part-way, close() terminates what is left. Call it on the event loop the pool was
-        opened on.
+        opened on. A bad `timeout` is a `PoolConfigError`, raised once the pool is closed with
+        the default.
         """
-        check_timeout(self.name, "close(timeout=...)", timeout)
-        await lifecycle.close(self._slots, timeout)
+        error = timeout_error(self.name, "close(timeout=...)", timeout,
+                              done=f"; the pool was closed with the default {CLOSE_TIMEOUT:g} s")
+        await lifecycle.close(self._slots, CLOSE_TIMEOUT if error else timeout)
+        if error is not None:
+            raise error
 
     def terminate(self) -> None:
         """Close every connection now, without waiting (for shutdown paths that cannot await).
@@ -265,13 +274,15 @@ class Pool:
 
         A connection left in a transaction (or listening) is reset first, within `timeout`
         (default 5 s); one whose reset fails or takes longer is closed, not reused, and its slot
-        freed: release() itself does not fail for it.
+        freed: release() itself does not fail for it. A bad `timeout` is a `PoolConfigError`,
+        raised once the connection is back (with the default).
         """
         if not isinstance(connection, PooledConnection):
             raise PoolError(f"pool {self.name!r}: release() takes the connection acquire() gave")
-        if timeout is not None:
-            check_timeout(self.name, "release(timeout=...)", timeout,
-                          f"the pool's {RELEASE_TIMEOUT:g} s")
+        error = timeout_error(self.name, "release(timeout=...)", timeout,
+                              f"the pool's {RELEASE_TIMEOUT:g} s", GIVEN_BACK)
+        if error is not None:
+            timeout = None
         lease = connection._lease
         slots = self._slots
         if connection._owner is not slots:
@@ -283,6 +294,8 @@ class Pool:
             slots.refuse_other_loop()  # it stays held: released from its loop, it goes back
         if slots.checkin_nowait(lease):
             await slots.checkin(lease, timeout)
+        if error is not None:
+            raise error
 
     # The query helpers: each instance has them bound to its statement runners (see __init__);
     # these are what type checkers and the documentation read, and what runs through the class.

@@ -284,6 +284,8 @@ def _quoted(secret: str) -> str:
         ({"connect_timeout": 0}, "connect_timeout"),
         ({"max_lifetime": -30}, "max_lifetime"),
         ({"max_idle": 0}, "max_idle"),
+        ({"max_lifetime": 1e-9}, "max_lifetime"),
+        ({"max_idle": 0.05}, "max_idle"),
         ({"leak_timeout": -1}, "leak_timeout"),
         ({"validate_after": -1}, "validate_after"),
         ({"validate_after": "1"}, "validate_after"),
