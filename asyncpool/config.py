@@ -8,13 +8,14 @@ import functools
 import inspect
 import numbers
 import os
+import re
 import sys
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from asyncpool.connect.dsn import redact_dsn
+from asyncpool.connect.dsn import LIBPQ_ONLY, DsnError, parse_dsn, redact_dsn
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
 
 if TYPE_CHECKING:
@@ -54,6 +55,19 @@ ENV_PREFIX = "ASYNCPOOL_"
 MIN_CONNECTION_LIMIT = 0.1
 
 
+class DefaultTimeout(float):
+    """A `connect_timeout` nobody gave (the pool's default, or `lambda_config`'s): a DSN's
+    ``?connect_timeout=`` takes its place, and an option given in code or the environment wins
+    over the DSN's. `default` is the value to go back to when the DSN no longer gives one."""
+
+    default: float
+
+    def __new__(cls, value: float, default: float | None = None) -> DefaultTimeout:
+        timeout = super().__new__(cls, value)
+        timeout.default = float(value) if default is None else default
+        return timeout
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """The options of a `Pool`. Times are in seconds; `None` turns a limit off.
@@ -65,7 +79,9 @@ class PoolConfig:
     max_size: most connections open at once, in use or idle (default 10).
     acquire_timeout: how long `acquire()` waits for a connection before `PoolTimeoutError`
         (default 30). Includes connecting and validating.
-    connect_timeout: how long one connection attempt may take (default 10).
+    connect_timeout: how long one connection attempt may take (default 10). A DSN's libpq
+        ``?connect_timeout=`` (whole seconds; 1 means 2, as in libpq) is used when this option
+        is not given; given too, this option wins.
     max_lifetime: a connection older than this is closed when returned or found idle (default
         1800; at least 0.1); each connection's limit is shortened by up to `lifetime_jitter`
         (default 10%) so connections opened together do not expire together.
@@ -142,7 +158,7 @@ class PoolConfig:
     min_size: int = 1
     max_size: int = 10
     acquire_timeout: float | None = 30.0
-    connect_timeout: float = 10.0
+    connect_timeout: float = DefaultTimeout(10.0)
     max_lifetime: float | None = 1800.0
     lifetime_jitter: float = 0.1
     max_idle: float | None = 300.0
@@ -400,28 +416,10 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
         fail(f"max_size={cfg.max_size!r}: must be a whole number >= 1")
     if cfg.min_size > cfg.max_size:
         fail(f"min_size={cfg.min_size} is larger than max_size={cfg.max_size}: lower min_size")
-    positive = {
-        "acquire_timeout": cfg.acquire_timeout,
-        "connect_timeout": cfg.connect_timeout,
-        "max_lifetime": cfg.max_lifetime,
-        "max_idle": cfg.max_idle,
-        "leak_timeout": cfg.leak_timeout,
-        "statement_cache_ttl": cfg.statement_cache_ttl,
-    }
-    for key, value in positive.items():
-        # `not value > 0` also refuses NaN, which every comparison lets through.
-        if value is not None and (not_a_number(value) or not value > 0):
-            fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
-        # Housekeeping runs every half of the shorter one, and a connection past max_lifetime is
-        # logged in again: 1e-9 spun the loop and logged in ~125 times a second (open() never
-        # returned). HikariCP resets a maxLifetime under 30 s; the tests use 0.2 s.
-        if key in ("max_lifetime", "max_idle") and value is not None and (
-                value < MIN_CONNECTION_LIMIT):
-            fail(f"{key}={value!r}: must be at least {MIN_CONNECTION_LIMIT} seconds (or None "
-                 "for no limit); a shorter one would log connections in again over and over, "
-                 "and keep the event loop busy checking them (times are in seconds)")
+    _check_time_limits(cfg, fail)
     if cfg.connect_timeout is None:
         fail("connect_timeout=None: a login must have a time limit; give a number of seconds > 0")
+    _check_libpq_keys(cfg, fail)
     after = cfg.validate_after
     if after is not None and (not_a_number(after) or not after >= 0):
         fail(f"validate_after={cfg.validate_after!r}: must be >= 0 seconds (or None)")
@@ -471,6 +469,65 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
 
         parse_require_auth(cfg.require_auth)
     _check_root_cert(cfg, fail)
+
+
+def _check_time_limits(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+    """The options in seconds that must be > 0 when given (None: no limit)."""
+    positive = {
+        "acquire_timeout": cfg.acquire_timeout,
+        "connect_timeout": cfg.connect_timeout,
+        "max_lifetime": cfg.max_lifetime,
+        "max_idle": cfg.max_idle,
+        "leak_timeout": cfg.leak_timeout,
+        "statement_cache_ttl": cfg.statement_cache_ttl,
+    }
+    for key, value in positive.items():
+        # `not value > 0` also refuses NaN, which every comparison lets through.
+        if value is not None and (not_a_number(value) or not value > 0):
+            fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
+        # Housekeeping runs every half of the shorter one, and a connection past max_lifetime is
+        # logged in again: 1e-9 spun the loop and logged in ~125 times a second (open() never
+        # returned). HikariCP resets a maxLifetime under 30 s; the tests use 0.2 s.
+        if key in ("max_lifetime", "max_idle") and value is not None and (
+                value < MIN_CONNECTION_LIMIT):
+            fail(f"{key}={value!r}: must be at least {MIN_CONNECTION_LIMIT} seconds (or None "
+                 "for no limit); a shorter one would log connections in again over and over, "
+                 "and keep the event loop busy checking them (times are in seconds)")
+
+
+def _check_libpq_keys(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+    """The DSN's libpq keywords that asyncpg does not read (`LIBPQ_ONLY`): asyncpg would send
+    them to the server as run-time settings, and every login would fail. ``connect_timeout``
+    becomes the pool's (unless that option is given), the others are refused."""
+    try:
+        params = parse_dsn(cfg.dsn).params if isinstance(cfg.dsn, str) else {}
+    except DsnError:
+        return  # the connector says what is wrong with it, when the pool opens
+    refused = [key for key in params if LIBPQ_ONLY.get(key)]
+    if refused:
+        key = refused[0]
+        fail(f"the DSN's ?{key}= is a libpq setting that asyncpg does not read (it would send "
+             f"it to the server as a run-time setting, and every login would fail): "
+             f"{LIBPQ_ONLY[key]}")
+    timeout = cfg.connect_timeout
+    if isinstance(timeout, DefaultTimeout):
+        given = params.get("connect_timeout")
+        value = timeout.default if given is None else _dsn_connect_timeout(given, fail)
+        if value != timeout:
+            object.__setattr__(cfg, "connect_timeout", DefaultTimeout(value, timeout.default))
+
+
+def _dsn_connect_timeout(text: str, fail: Callable[[str], None]) -> float:
+    """A DSN's ``connect_timeout`` as libpq reads it: whole seconds, 1 meaning 2."""
+    if not re.fullmatch(r"\s*-?[0-9]+\s*", text):
+        fail(f"the DSN's ?connect_timeout={text!r}: write whole seconds, as libpq reads it (or "
+             "leave it out and give the pool's connect_timeout=, which takes fractions)")
+    seconds = int(text)
+    if seconds <= 0:
+        fail(f"the DSN's ?connect_timeout={text!r} means no time limit to libpq, and a login "
+             "must have one: write whole seconds > 0, or leave it out (the pool's "
+             "connect_timeout applies)")
+    return float(max(2, seconds))
 
 
 def _check_code(cfg: PoolConfig, fail: Callable[[str], None]) -> None:

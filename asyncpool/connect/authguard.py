@@ -333,7 +333,7 @@ class Login:
         nothing of the driver's error chained: its frames hold the password."""
         import asyncpg
 
-        from asyncpool.connect.failures import translate
+        from asyncpool.connect.failures import setting_sources, translate
 
         dsn = self.dsn
         error: Exception
@@ -343,8 +343,9 @@ class Login:
                                          **self.kwargs())
         except Exception as exc:
             target = dsn.target()
-            error = self.refusal(target) or translate(exc, target, name, timeout,
-                                                      secrets=dsn.secrets)
+            error = self.refusal(target) or translate(
+                exc, target, name, timeout, secrets=dsn.secrets,
+                settings=setting_sources(dsn, None))
         raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:

@@ -17,7 +17,7 @@ from asyncpool.config import PoolConfig, hook_awaitable, statement_cache_args
 from asyncpool.connect import driver
 from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
-from asyncpool.connect.failures import translate
+from asyncpool.connect.failures import setting_sources, translate
 from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.reads import cap_reads
 from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan
@@ -250,7 +250,8 @@ class Connector:
     def _translate(self, exc: BaseException) -> ConnectError:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
-                         secrets=self._secrets)
+                         secrets=self._secrets,
+                         settings=setting_sources(self._dsn, self.config.server_settings))
 
     @property
     def retry_is_safe(self) -> bool:

@@ -28,25 +28,57 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_to_bytes
 
+from asyncpool.connect.service import ASYNCPG_SERVICE_KEYS
+from asyncpool.errors import PoolConfigError
+
 if TYPE_CHECKING:
     from asyncpool.connect.service import Service
 
-from asyncpool.errors import PoolConfigError
-
 _SCHEMES = ("postgresql", "postgres")
-# libpq / asyncpg connection keywords a DSN's query may hold; any other key is a server setting.
-_KEYWORDS = frozenset({
-    "host", "hostaddr", "port", "dbname", "database", "user", "password", "passfile",
-    "sslmode", "sslcert", "sslkey", "sslrootcert", "sslnegotiation", "sslcrl", "sslcrldir",
-    "sslpassword", "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
-    "krbsrvname", "gsslib", "service", "application_name", "connect_timeout", "options",
-    "require_auth", "channel_binding",
+#: libpq's connection keywords that asyncpg does not read. asyncpg sends every query key it does
+#: not read to the server as a run-time setting, which fails the login ("unrecognized
+#: configuration parameter"), so the pool reads these itself (None: `POOL_READ_KEYS`) or refuses
+#: them at config time with what to use instead (asyncpool.config).
+LIBPQ_ONLY: Mapping[str, str | None] = MappingProxyType({
+    "connect_timeout": None,  # the pool's connect_timeout (asyncpool.config)
+    "require_auth": None, "channel_binding": None, "sslcrldir": None,  # asyncpool.connect.tls
+    "hostaddr": None,  # refused by asyncpool.connect.tls, with its own advice
+    # (Not tcp_user_timeout: a server setting of that name exists, and asyncpg sends it as one.)
+    **dict.fromkeys(
+        ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count"),
+        "asyncpg sets no TCP keepalives: a connection that died while idle is found by the "
+        "pool's check before use (validate_after), one that dies under a query by "
+        "command_timeout; leave it out"),
+    "fallback_application_name": "write application_name= instead",
+    "gssencmode": "asyncpg does no GSSAPI encryption (TLS is set with sslmode); leave it out",
+    "sslcompression": "no TLS compression is done (libpq ignores it since PostgreSQL 14); "
+                      "leave it out",
+    "sslcertmode": "asyncpg sends the client certificate when sslcert/sslkey are given; leave "
+                   "it out (and those out to send none)",
+    "sslsni": "asyncpg always sends the host name (SNI) in the TLS handshake; leave it out",
+    "sslkeylogfile": "asyncpg writes no TLS key log; leave it out",
+    "requirepeer": "asyncpg cannot check the peer of a Unix socket; leave it out",
+    "gssdelegation": "asyncpg does not delegate GSS credentials; leave it out",
+    "load_balance_hosts": "asyncpg tries the hosts in the order given; leave it out (and order "
+                          "the hosts)",
+    "replication": "the pool opens no replication connections; leave it out",
+    **dict.fromkeys(("min_protocol_version", "max_protocol_version"),
+                    "asyncpg speaks protocol 3.0 only; leave it out"),
+    **dict.fromkeys(("oauth_issuer", "oauth_client_id", "oauth_client_secret", "oauth_scope"),
+                    "asyncpg has no OAuth login; leave it out (a token provider goes in "
+                    "credentials=)"),
 })
+#: libpq keywords asyncpg does not know that the pool reads itself: left out of what asyncpg gets.
+POOL_READ_KEYS = frozenset(key for key, advice in LIBPQ_ONLY.items() if advice is None)
+#: The connection keywords asyncpg reads in a DSN's query (as in a service's section, and the
+#: service itself); any other key it sends to the server as a run-time setting.
+ASYNCPG_KEYS = frozenset({*ASYNCPG_SERVICE_KEYS, "service"})
+#: Every connection keyword a DSN's query may hold; any other key is a server setting. (libpq
+#: sends the last three at login as startup parameters, as asyncpg sends a server setting.)
+CONNECTION_KEYWORDS = ASYNCPG_KEYS | LIBPQ_ONLY.keys() | {"application_name", "options",
+                                                         "client_encoding"}
 #: Query keys whose values are secrets: held, given to the driver, never shown.
 SECRET_KEYS = frozenset({"password", "sslpassword"})
-#: libpq keywords asyncpg does not know (it would send them to the server as run-time
-#: parameters, which fails the login): the pool reads them itself (asyncpool.connect.tls).
-POOL_READ_KEYS = frozenset({"require_auth", "channel_binding", "sslcrldir"})
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _PORT = re.compile(r"^[0-9]{1,5}$")
@@ -166,6 +198,11 @@ class ParsedDsn:
             return self.for_driver()
         params = {k: v for k, v in self.params.items() if k not in POOL_READ_KEYS}
         return dataclasses.replace(self, params=MappingProxyType(params)).for_driver()
+
+    @property
+    def server_settings(self) -> tuple[str, ...]:
+        """The query keys asyncpg sends to the server at login as run-time settings."""
+        return tuple(k for k in self.params if k not in ASYNCPG_KEYS and k not in POOL_READ_KEYS)
 
     def _build(self, *, hide: bool) -> str:
         """hide: every secret as ``***``; otherwise the password left out, the rest encoded."""
@@ -369,7 +406,8 @@ def _query(query: str) -> dict[str, str]:
     for item in fields:
         raw_key, eq, raw_value = item.partition("=")
         key = _decode(raw_key, "query key")
-        if not eq or not _SETTING_NAME.match(key) or (has_secret and key not in _KEYWORDS):
+        if (not eq or not _SETTING_NAME.match(key)
+                or (has_secret and key not in CONNECTION_KEYWORDS)):
             # Never named: with a password in the query, this may be a piece of it after an &.
             raise _Invalid(
                 "its query has a field that is not key=value with a known key (when the query "
@@ -381,7 +419,7 @@ def _query(query: str) -> dict[str, str]:
                 f"query key {key!r} is given twice: asyncpg reads the last, other tools the "
                 "first; keep one"
             )
-        if key not in _KEYWORDS and _looks_like_a_secret_key(key):
+        if key not in CONNECTION_KEYWORDS and _looks_like_a_secret_key(key):
             # Read as a server setting, its value would be sent at login and shown as one.
             raise _Invalid(
                 f"query key {key!r} looks like a misspelt {' or '.join(sorted(SECRET_KEYS))} "

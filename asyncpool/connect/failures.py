@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import asyncpg
 
-from asyncpool.connect.dsn import Target, redact, scrub
+from asyncpool.connect.dsn import CONNECTION_KEYWORDS, ParsedDsn, Target, redact, scrub
 from asyncpool.errors import (
     AuthenticationError,
     ConnectError,
@@ -31,9 +33,10 @@ def is_auth_failure(exc: BaseException) -> bool:
     return "password authentication failed" in text or "sasl authentication failed" in text
 
 
-def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
+def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads best
     exc: BaseException, target: Target, pool_name: str, timeout: float,
     auth_hint: str | None = None, *, secrets: Iterable[str] = (),
+    settings: Mapping[str, str] | None = None,
 ) -> ConnectError:
     """The asyncpool error for a failed login to `target`.
 
@@ -42,6 +45,7 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
     frames hold the connection parameters, password included, and error trackers record frame
     locals. Raise it outside the ``except`` block (or ``from None``) so it has no context either.
     `auth_hint` (from the credentials provider) replaces the generic advice for refused logins.
+    `settings`: where each run-time setting sent at login came from (`setting_sources`).
     """
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
@@ -57,6 +61,8 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
                "ask for a pg_hba.conf entry for this user, database and address")
         )
         error.transient = False
+    elif unknown := _UNKNOWN_SETTING.search(text):
+        error = _unknown_setting(where, unknown, text, settings)
     elif isinstance(exc, asyncpg.TooManyConnectionsError) or state == "53300":
         error = PoolerExhaustedError(
             f"{where}: the server has no connection slots left ({text}); put a pooler in front, "
@@ -120,6 +126,64 @@ def translate(  # noqa: PLR0912 - one branch per kind of failure reads best
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
         error.transient = False
     return _keep_facts_of(exc, error)
+
+
+# PostgreSQL's refusal of a run-time setting it does not know (42704), and PgBouncer's of a
+# startup parameter it does not pass on (08P01).
+_UNKNOWN_SETTING = re.compile(r'unrecognized configuration parameter "(?P<server>[^"]+)"'
+                              r"|unsupported startup parameter: (?P<pooler>[^\s,;]+)", re.I)
+_DSN = "the DSN's query"
+_SERVER_SETTINGS = "server_settings"
+
+
+def setting_sources(dsn: ParsedDsn | None,
+                    server_settings: Mapping[str, str] | None) -> dict[str, str]:
+    """Where each run-time setting a login sends came from, by lower-case name: the DSN's query
+    (every key asyncpg does not read, which it sends as one) or `server_settings`."""
+    sources = {name.lower(): _SERVER_SETTINGS for name in server_settings or {}}
+    sources.update((name.lower(), _DSN) for name in (dsn.server_settings if dsn else ()))
+    return sources
+
+
+def _unknown_setting(where: str, found: re.Match[str], text: str,
+                     settings: Mapping[str, str] | None) -> ConnectError:
+    """The error for a login refused over a run-time setting: its name, where it came from, the
+    connection keyword it may be a misspelling of, and (PgBouncer) where such a setting goes."""
+    name = found["server"] or found["pooler"]
+    source = (settings or {}).get(name.lower())
+    pooler = found["pooler"] is not None
+    if pooler:
+        parts = [f"{where}: PgBouncer refused startup parameter {name!r} ({text})."]
+    else:
+        parts = [f"{where}: the server does not know run-time setting {name!r} ({text})."]
+    sent_by_asyncpg = ("asyncpg sends every query key it does not read to the server as a "
+                       "run-time setting")
+    if source == _DSN:
+        parts.append(f"It came from the DSN's ?{name}=: {sent_by_asyncpg}.")
+    elif source == _SERVER_SETTINGS:
+        parts.append("It came from server_settings.")
+    else:
+        parts.append(f"It came from the DSN's query ({sent_by_asyncpg}) or server_settings.")
+    close = difflib.get_close_matches(name.lower(), sorted(CONNECTION_KEYWORDS), n=1, cutoff=0.8)
+    if name.lower() in CONNECTION_KEYWORDS:
+        parts.append(f"{name!r} is a connection keyword, not a server setting: give it in the "
+                     "DSN's query instead.")
+    elif close:
+        parts.append(f"Did you mean ?{close[0]}=? Otherwise fix or remove it.")
+    else:
+        parts.append("Fix or remove it.")
+    if pooler and source == _SERVER_SETTINGS:
+        parts.append("Listing it in PgBouncer's ignore_startup_parameters has PgBouncer drop it "
+                     "at login; the pool then sets it in each pool.transaction().")
+    elif pooler:
+        parts.append("A setting the server knows goes in server_settings=, which the pool sets in "
+                     "each pool.transaction() behind PgBouncer (at login PgBouncer passes on "
+                     "only application_name, client_encoding, DateStyle, TimeZone and "
+                     "standard_conforming_strings; one listed in its ignore_startup_parameters "
+                     "is dropped).")
+    error = ConnectError(" ".join(parts))
+    error.transient = False
+    return error
 
 
 def _refused_login(where: str, state: object, text: str, user: str,

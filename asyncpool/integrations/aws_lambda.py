@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Unpack
 
-from asyncpool.config import PoolConfig, env_value
+from asyncpool.config import DefaultTimeout, PoolConfig, env_value
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
 from asyncpool.options import PoolOptions, translate
 
@@ -77,7 +77,7 @@ def lambda_config(
         "min_size": 1,
         "max_size": 1,
         "acquire_timeout": 5.0,
-        "connect_timeout": 5.0,
+        "connect_timeout": DefaultTimeout(5.0),  # a DSN's ?connect_timeout= wins over it
         "validate_after": 0.5,
     }
     if function_timeout is not None:

@@ -1,0 +1,176 @@
+"""DSN query keys asyncpg does not read: asyncpg sends each to the server as a run-time setting.
+
+libpq's own keywords (``connect_timeout``, ``keepalives``...) failed every login with the server's
+bare "unrecognized configuration parameter" (PgBouncer: "unsupported startup parameter"); a
+misspelt one (``?sslmod=``) was reported as "TLS failed". Now ``connect_timeout`` is the pool's,
+the others are a PoolConfigError, and an unknown setting's login failure names it and its source.
+Against PostgreSQL and both PgBouncers.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+import asyncpool
+from asyncpool import Pool, PoolConfig, PoolConfigError
+from asyncpool.connect.dsn import LIBPQ_ONLY, POOL_READ_KEYS, parse_dsn
+from asyncpool.connect.service import LIBPQ_ONLY_KEYS
+from asyncpool.integrations.aws_lambda import lambda_config
+from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
+
+REFUSED = sorted(key for key, advice in LIBPQ_ONLY.items() if advice)
+
+
+def _password(dsn: str) -> str:
+    password = parse_dsn(dsn).password
+    assert password
+    return password
+
+
+# -- libpq keywords: read by the pool, or refused before any login -------------------------------
+
+
+async def test_asyncpg_fails_the_login_on_each_libpq_only_keyword(postgres: PostgresServer) -> None:
+    """What the table is for: asyncpg alone sends every one of them to the server. (Not
+    ``replication``, which the server reads at login: asyncpg would ask for a replication
+    connection, which the pool has no use for.)"""
+    for key in sorted(LIBPQ_ONLY.keys() - {"replication"}):
+        with pytest.raises(asyncpg.UndefinedObjectError, match=f'parameter "{key}"'):
+            await asyncpg.connect(f"{postgres.dsn()}?{key}=1")
+
+
+def test_the_pool_reads_the_keywords_the_service_file_reader_does() -> None:
+    """One table: the libpq-only keys read from a service's section are among those in a DSN."""
+    assert set(LIBPQ_ONLY_KEYS) <= POOL_READ_KEYS
+
+
+@pytest.mark.parametrize("key", REFUSED)
+def test_a_libpq_only_keyword_is_refused_when_the_pool_is_made(key: str) -> None:
+    dsn = f"postgresql://app:s3cret-pw@db.example.com/app?{key}=1"  # pragma: allowlist secret
+    with pytest.raises(PoolConfigError) as caught:
+        Pool(dsn, telemetry=False)
+    message = str(caught.value)
+    assert f"the DSN's ?{key}= is a libpq setting that asyncpg does not read" in message
+    advice = LIBPQ_ONLY[key]
+    assert advice
+    assert advice in message  # what to do instead
+    assert "s3cret" not in message
+
+
+async def test_keepalives_are_refused_before_a_login_to_either_server(
+        postgres: PostgresServer, pooler: Pooler) -> None:
+    for dsn in (postgres.dsn(keepalives="1"), pooler.dsn(keepalives_idle="30")):
+        with pytest.raises(PoolConfigError, match=r"\?keepalives(_idle)?= is a libpq setting"):
+            Pool(dsn, min_size=0, telemetry=False)
+
+
+async def test_the_dsns_connect_timeout_is_the_pools(postgres: PostgresServer,
+                                                     pooler: Pooler) -> None:
+    for dsn in (postgres.dsn(connect_timeout="7"), pooler.dsn(connect_timeout="7")):
+        async with Pool(dsn, min_size=0, max_size=1, telemetry=False) as pool:
+            assert pool.config.connect_timeout == 7
+            assert await pool.fetchval("SELECT 1") == 1
+        # The option, given too, wins (as asyncpg's and psycopg's keywords win over the DSN).
+        async with Pool(dsn, min_size=0, max_size=1, connect_timeout=3, telemetry=False) as pool:
+            assert pool.config.connect_timeout == 3
+            assert await pool.fetchval("SELECT 1") == 1
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections and never answers a login."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+async def test_the_dsns_connect_timeout_limits_the_login(silent_server: int) -> None:
+    pool = Pool(f"postgresql://app@127.0.0.1:{silent_server}/app?connect_timeout=2",
+                min_size=1, telemetry=False)
+    started = time.monotonic()
+    with pytest.raises(asyncpool.ConnectError, match=r"no answer within connect_timeout=2s"):
+        await pool.open()
+    assert 1.5 < time.monotonic() - started < 5
+    await pool.close()
+
+
+def test_connect_timeout_is_read_as_libpq_reads_it() -> None:
+    dsn = "postgresql://app@db.example.com/app"
+    assert PoolConfig(dsn=f"{dsn}?connect_timeout=1").connect_timeout == 2  # libpq's minimum
+    for bad, says in (("0", "means no time limit"), ("-3", "means no time limit"),
+                      ("2.5", "write whole seconds")):
+        with pytest.raises(PoolConfigError, match=f"connect_timeout='{bad}'.*{says}"):
+            PoolConfig(dsn=f"{dsn}?connect_timeout={bad}")
+    # Not given: the DSN's stands in for the default, and goes when the DSN no longer has it.
+    config = PoolConfig(dsn=f"{dsn}?connect_timeout=20")
+    assert config.connect_timeout == 20
+    assert config.replace(dsn=dsn).connect_timeout == 10
+    assert config.replace(dsn=f"{dsn}?connect_timeout=30").connect_timeout == 30
+    assert config.replace(connect_timeout=4).connect_timeout == 4
+    assert PoolConfig(dsn=f"{dsn}?connect_timeout=20", connect_timeout=4).connect_timeout == 4
+    # lambda_config's short default is a default too.
+    assert lambda_config(dsn=dsn, environ={}).connect_timeout == 5
+    assert lambda_config(dsn=f"{dsn}?connect_timeout=20", environ={}).connect_timeout == 20
+    assert lambda_config(dsn=f"{dsn}?connect_timeout=20", environ={},
+                         connect_timeout=4).connect_timeout == 4
+    assert lambda_config(dsn=f"{dsn}?connect_timeout=20",
+                         environ={"ASYNCPOOL_CONNECT_TIMEOUT": "4"}).connect_timeout == 4
+    assert "connect_timeout" not in parse_dsn(f"{dsn}?connect_timeout=20").for_asyncpg()
+
+
+# -- keys nobody knows: still sent as settings, their refusal named ------------------------------
+
+
+async def test_a_setting_in_the_dsn_still_reaches_the_server(postgres: PostgresServer) -> None:
+    async with Pool(postgres.dsn(search_path="pg_catalog"), min_size=0, max_size=1,
+                    telemetry=False) as pool:
+        assert await pool.fetchval("SHOW search_path") == "pg_catalog"
+
+
+async def _login_error(dsn: str, **options: object) -> asyncpool.ConnectError:
+    pool = Pool(dsn, min_size=1, max_size=1, telemetry=False, **options)  # type: ignore[arg-type]
+    with pytest.raises(asyncpool.ConnectError) as caught:
+        await pool.open()
+    await pool.close()
+    return caught.value
+
+
+async def test_a_misspelt_keyword_is_named_not_blamed_on_tls(postgres: PostgresServer) -> None:
+    dsn = postgres.dsn(sslmod="disable")
+    error = await _login_error(dsn)
+    message = str(error)
+    assert "the server does not know run-time setting 'sslmod'" in message
+    assert "It came from the DSN's ?sslmod=: asyncpg sends every query key" in message
+    assert "Did you mean ?sslmode=?" in message
+    assert "TLS" not in message
+    assert _password(dsn) not in message
+    assert error.sqlstate == "42704"
+    assert error.transient is False
+
+
+async def test_a_misspelt_keyword_through_pgbouncer(pooler: Pooler) -> None:
+    dsn = pooler.dsn(sslmod="disable")
+    message = str(await _login_error(dsn))
+    assert "PgBouncer refused startup parameter 'sslmod'" in message
+    assert "It came from the DSN's ?sslmod=" in message
+    assert "Did you mean ?sslmode=?" in message
+    assert "ignore_startup_parameters" in message
+    assert "server_settings=" in message
+    assert "TLS" not in message
+    assert _password(dsn) not in message
+
+
+async def test_an_unknown_server_setting_is_named_with_its_source(postgres: PostgresServer) -> None:
+    message = str(await _login_error(postgres.dsn(), server_settings={"serch_path": "public"}))
+    assert "run-time setting 'serch_path'" in message
+    assert "It came from server_settings." in message
+    message = str(await _login_error(postgres.dsn(), server_settings={"sslmode": "disable"}))
+    assert "'sslmode' is a connection keyword, not a server setting" in message
+    assert "TLS failed" not in message
