@@ -7,21 +7,23 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import pytest
 
 import asyncpool
 from asyncpool import Pool
+from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.integrations.invocation import LocalContext
 from asyncpool.integrations.lambda_runner import HandlerTimeoutError
 from asyncpool.integrations.powertools import current_connection, pooled_connection
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.binaries import system_pgbouncer
 from asyncpool.testing.ports import free_port
-from tests.lambda_env import Environment
+from tests.lambda_env import Environment, RuntimeThread, load_event
 from tests.provider_support import QuietProvider
+from tests.script_support import REPO
 
 
 class FlakyProvider(QuietProvider):
@@ -317,3 +319,57 @@ async def test_observers_are_detached_by_a_failed_open_and_attached_again(
     async with pool:
         assert await pool.fetchval("SELECT 9") == 9
     assert calls.calls == ["attach", "detach", "attach", "detach"]
+
+
+@pytest.mark.parametrize("lifespan", ["auto", "off"])
+async def test_mangum_fails_one_invocation_and_serves_the_next(
+        postgres: PostgresServer, lifespan: Literal["auto", "off"]) -> None:
+    """FastAPI on Lambda: `pool_lifespan` (Mangum's startup) or, without a lifespan,
+    `pool_connection` opens the pool; its failure fails that invocation only."""
+    from fastapi import Depends, FastAPI
+    from mangum import Mangum
+    from mangum.exceptions import LifespanFailure
+
+    from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
+
+    provider = FlakyProvider(postgres)
+    pool = Pool(config=lambda_config(environ={}, dsn=no_password(postgres), credentials=provider,
+                                     name=f"mangum-{lifespan}"))
+    app = FastAPI(lifespan=pool_lifespan(pool, keep_open=True))
+
+    # (A default, not `Annotated`: this module's annotations are strings FastAPI cannot resolve.)
+    connection = Depends(pool_connection(pool), scope="function")
+
+    @app.get("/value")
+    async def value(conn: Any = connection) -> int:
+        result: int = await conn.fetchval("SELECT 10")
+        return result
+
+    runtime = RuntimeThread()
+    try:
+        handler = await runtime.call(lambda: Mangum(app, lifespan=lifespan))
+        event = load_event(REPO / "examples" / "fastapi_mangum" / "events" / "hello_v2.json")
+        event["rawPath"] = event["requestContext"]["http"]["path"] = "/value"
+        event["routeKey"] = event["requestContext"]["routeKey"] = "GET /value"
+        event["requestContext"]["http"]["method"] = "GET"
+        event["rawQueryString"] = ""
+        event.pop("queryStringParameters", None)
+        if lifespan == "auto":  # Mangum's startup fails the invocation
+            with pytest.raises(LifespanFailure, match="the secret could not be read"):
+                await runtime.call(handler, event, LocalContext())
+        else:  # the dependency does
+            first = await runtime.call(handler, event, LocalContext())
+            assert first["statusCode"] == 500, first
+        assert not pool.closed
+        for _ in range(2):
+            response = await runtime.call(handler, event, LocalContext())
+            assert (response["statusCode"], response["body"]) == (200, "10"), response
+        assert (provider.warms, provider.closes) == (2, 1)
+    finally:
+        def close_on_mangums_loop() -> None:
+            loop = asyncio.get_event_loop()
+            loop.run_until_complete(pool.close())
+            loop.close()
+
+        await runtime.call(close_on_mangums_loop)
+        runtime.close()
