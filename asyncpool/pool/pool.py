@@ -124,7 +124,7 @@ class Pool:
         fails here rather than on the first query. An open() that fails or is cancelled (the
         credentials provider's first read, a login, `init`, a time limit around it) closes what
         it opened and leaves the pool as new: call open() again. Tasks calling open() meanwhile
-        get the same outcome (one whose open() was cancelled goes on opening in the others).
+        get the same outcome, except a cancellation: then one of them opens the pool.
         """
         slots = self._slots
         while (opening := slots.opening) is not None and not opening.done():
