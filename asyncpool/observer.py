@@ -63,10 +63,11 @@ class PoolObserver:
     """Base watcher: every hook does nothing, so the pool calls them without checking."""
 
     def attach(self, pool_name: str, stats: Callable[[], PoolStats]) -> None:
-        """Called once when the pool opens; `stats()` reads the pool's live numbers."""
+        """Called when the pool opens; `stats()` reads the pool's live numbers. An open() that
+        fails (or is cancelled) calls `detach`, and the next open() calls this again."""
 
     def detach(self) -> None:
-        """Called once when the pool has closed."""
+        """Called once when the pool has closed, or its open() has failed."""
 
     def pool_statement(self, purpose: str) -> contextlib.AbstractContextManager[object]:
         """Wraps a statement the pool sends on its own (`purpose`: "validate", the checkout

@@ -41,7 +41,9 @@ class CredentialProvider(Protocol):
         A subclass that has none to do may leave it out (this one does nothing)."""
         return None
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release what the provider holds (an AWS client): at `pool.close()`, and when an
+        `open()` fails or is cancelled, after which the next `open()` calls `warm` again."""
 
 
 @runtime_checkable

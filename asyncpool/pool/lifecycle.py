@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncpool.connect import driver
 from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
+from asyncpool.observer import PoolObserver
 from asyncpool.pool import forks, housekeeping
 from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.forks import FORKS, LIVE
-from asyncpool.pool.leaks import LeakTracker, on_leak
+from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, on_leak
 from asyncpool.pool.lease import ACTIVE
 from asyncpool.pool.pool_stats import weak_stats
 from asyncpool.pool.resets import RELEASE_TIMEOUT
@@ -26,7 +27,6 @@ from asyncpool.pool.state import CLOSED_STATE, CLOSING, NEW, OPEN
 
 if TYPE_CHECKING:
     from asyncpool.connect.connector import Connector
-    from asyncpool.observer import PoolObserver
     from asyncpool.pool.slots import Slots
 
 logger: logging.Logger = logging.getLogger("asyncpool.pool")
@@ -63,15 +63,40 @@ async def open(slots: Slots, observer: PoolObserver, connector: Connector, wait:
         elif cfg.min_size:
             slots._spawn(housekeeping.fill_in_background(slots, cfg.min_size))
     except BaseException as exc:
-        await close(slots, timeout=0)
-        opening.set_exception(exc if isinstance(exc, Exception) else PoolClosedError(
-            f"pool {slots.name!r}: the open() under way was cancelled; open the pool again"))
-        opening.exception()  # retrieved: nobody else may be waiting
+        # A close() or terminate() called meanwhile keeps the pool closed; otherwise the
+        # failed (or cancelled) open() is undone and open() may be called again: a module-level
+        # pool whose database was down at start-up (or a Lambda environment whose first
+        # Secrets Manager read failed) must not fail every later request.
+        slots.undoing_open = slots.state is OPEN
+        try:
+            await close(slots, timeout=0)
+        finally:
+            if slots.undoing_open and slots.state is CLOSED_STATE:
+                _back_to_new(slots)
+            slots.undoing_open = False
+            if isinstance(exc, Exception):
+                opening.set_exception(exc)
+                opening.exception()  # retrieved: nobody else may be waiting
+            else:
+                # Cancelled (or interrupted): a concurrent open() was not, and opens it itself.
+                opening.set_result(False)
         raise
-    opening.set_result(None)
+    opening.set_result(True)
     slots.housekeeper = slots.loop.create_task(
         housekeeping.run(weakref.ref(slots), housekeeping.period_for(cfg)), name=f"asyncpool:{slots.name}"
     )
+
+
+def _back_to_new(slots: Slots) -> None:
+    """A pool whose open() failed, once closed, as if it had never been opened: what open()
+    sets is set again at the next one, and its connections, tasks and credentials provider
+    are closed (the built-in providers make a new AWS client at their next read). The
+    connector stays, for `Pool.target` to name what the failed open() dialled."""
+    slots.observer = PoolObserver()
+    slots.on_acquired = slots.on_released = None
+    slots.leaks = NoLeakTracker()
+    slots.track_leaks = False
+    slots._set_state(NEW)
 
 
 async def close(slots: Slots, timeout: float | None) -> None:
@@ -103,7 +128,9 @@ async def close(slots: Slots, timeout: float | None) -> None:
         )
     if slots.state is CLOSING:
         # Another close() is under way; it waits for what this task holds, which cannot
-        # come back while this one waits for it.
+        # come back while this one waits for it. (One undoing a failed open() would leave the
+        # pool new: this close() keeps it closed.)
+        slots.undoing_open = False
         _retire_the_callers_own(slots)
         await slots._closed.wait()
         return

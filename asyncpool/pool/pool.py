@@ -135,16 +135,20 @@ class Pool:
         """Start the pool and open `min_size` connections.
 
         With `wait` (default) the first connections are opened now, so a wrong DSN or password
-        fails here rather than on the first query.
+        fails here rather than on the first query. An open() that fails or is cancelled (the
+        credentials provider's first read, a login, `init`, a time limit around it) closes what
+        it opened and leaves the pool as new: call open() again. Tasks calling open() meanwhile
+        get the same outcome, except a cancellation: then one of them opens the pool.
         """
         slots = self._slots
+        while (opening := slots.opening) is not None and not opening.done():
+            # Another task's open() is under way (or being undone): this one ends as it does,
+            # unless that one was cancelled: then this one opens the pool itself.
+            if await asyncio.shield(opening):
+                return self
         if slots.state is CLOSING or slots.state is CLOSED_STATE:
             raise PoolClosedError(f"pool {self.name!r} is closed; create a new pool")
         if slots.state is OPEN:
-            opening = slots.opening
-            if opening is not None and not opening.done():
-                # Another task's open() is under way: this one ends as it does.
-                await asyncio.shield(opening)
             return self
         observer = self._build_observer()
         await lifecycle.open(slots, observer, Connector(self.config, observer), wait)
@@ -199,6 +203,7 @@ class Pool:
         On the pool's loop's thread, or in any thread while that loop is not running; from
         another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``)."""
         misuse.refuse_running_elsewhere(self._slots, "terminate()")
+        self._slots.undoing_open = False  # (while a failed open() is undone: closed, not new)
         lifecycle.terminate(self._slots)
 
     def expire_all(self) -> None:

@@ -90,7 +90,7 @@ class Slots(_HotSlots):
         "filling", "forks", "generation", "handed", "housekeeper", "leaked_total", "name",
         "observer", "opened_in", "opening", "pid",
         "records", "replaced_credentials", "resets", "retrying", "state", "timeouts_total",
-        "validation_failures_total", "waiters",
+        "undoing_open", "validation_failures_total", "waiters",
     )
 
     def __init__(self, name: str, config: PoolConfig) -> None:
@@ -164,8 +164,12 @@ class Slots(_HotSlots):
         # Connections being closed politely, by the task doing it (terminate() cuts them short).
         self.closing: dict[asyncio.Task[Any], Any] = {}
         self.housekeeper: asyncio.Task[None] | None = None
-        # The outcome of the open() under way (or done): a concurrent open() waits for it.
-        self.opening: asyncio.Future[None] | None = None
+        # The outcome of the open() under way (or done): a concurrent open() waits for it. True
+        # once open, False if that open() was cancelled, its error if it failed.
+        self.opening: asyncio.Future[bool] | None = None
+        # A failed open() is being undone (the pool then goes back to NEW); a close() or
+        # terminate() called meanwhile clears it, and the pool stays closed.
+        self.undoing_open = False
         # Bumped by expire_all(): a login that began before it does not join the pool.
         self.generation: int = 0
         self.pid: int = os.getpid()

@@ -130,6 +130,8 @@ class TelemetryObserver(PoolObserver):
             self._record_use = _recording(self._instruments.use_time, self._attributes, scale)
 
     def detach(self) -> None:
+        # Attached again if the pool's open() failed and is called again.
+        self._attached = False
         self._instruments.unwatch(self)
         if self._aggregated is not None:
             times, recorder = self._aggregated
