@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
@@ -121,3 +122,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def aws(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake static credentials, no region, nothing read from this machine's AWS config."""
     set_environment(monkeypatch, aws_environment())
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections and never answers a login."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -381,15 +380,6 @@ async def test_connection_class(request: pytest.FixtureRequest, mode: PreparedSt
         assert isinstance(conn.raw, _Connection)
         assert conn.raw.marker() == "mine"
         assert await conn.fetchval("SELECT $1::int", 5) == 5
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A port that accepts TCP connections and never answers a login."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield sock.getsockname()[1]
 
 
 async def test_timeout_is_connect_timeout(silent_server: int) -> None:

@@ -9,9 +9,7 @@ Against PostgreSQL and both PgBouncers.
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -80,15 +78,6 @@ async def test_the_dsns_connect_timeout_is_the_pools(postgres: PostgresServer,
         async with Pool(dsn, min_size=0, max_size=1, connect_timeout=3, telemetry=False) as pool:
             assert pool.config.connect_timeout == 3
             assert await pool.fetchval("SELECT 1") == 1
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A port that accepts TCP connections and never answers a login."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield sock.getsockname()[1]
 
 
 async def test_the_dsns_connect_timeout_limits_the_login(silent_server: int) -> None:

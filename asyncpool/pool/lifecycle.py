@@ -99,18 +99,26 @@ def _back_to_new(slots: Slots) -> None:
     slots._set_state(NEW)
 
 
+def _nothing_to_close(slots: Slots) -> bool:
+    """Whether a close or terminate ends here: closed already, never opened (closed now), or
+    inherited across a fork (forgotten: its connections are the parent's)."""
+    if slots.state is CLOSED_STATE:
+        return True
+    if slots.state is NEW:
+        slots._set_state(CLOSED_STATE)
+        return True
+    if forks.inherited(slots):
+        forks.forget_inherited(slots)
+        return True
+    return False
+
+
 async def close(slots: Slots, timeout: float | None) -> None:
     """Stop handing out connections, wait up to `timeout` for held ones, then terminate.
 
     Cancelled part-way (a shutdown deadline), it terminates what is left before it ends.
     """
-    if slots.state is CLOSED_STATE:
-        return
-    if slots.state is NEW:
-        slots._set_state(CLOSED_STATE)
-        return
-    if forks.inherited(slots):
-        forks.forget_inherited(slots)
+    if _nothing_to_close(slots):
         return
     loop = asyncio.get_running_loop()
     assert slots.loop is not None
@@ -189,13 +197,7 @@ def _retire_the_callers_own(slots: Slots) -> None:
 
 def terminate(slots: Slots) -> None:
     """Close every connection now, without waiting; waiters get `PoolClosedError`."""
-    if slots.state is CLOSED_STATE:
-        return
-    if slots.state is NEW:
-        slots._set_state(CLOSED_STATE)
-        return
-    if forks.inherited(slots):
-        forks.forget_inherited(slots)
+    if _nothing_to_close(slots):
         return
     slots._set_state(CLOSING)
     _stop(slots, "pool terminated", graceful=False)
