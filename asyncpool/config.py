@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from asyncpool.connect.dsn import LIBPQ_ONLY, DsnError, parse_dsn, redact_dsn
+from asyncpool.connect.dsn import LIBPQ_ONLY, DsnError, left_to_the_pool, parse_dsn, redact_dsn
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
 
 if TYPE_CHECKING:
@@ -503,7 +503,8 @@ def _check_libpq_keys(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
         params = parse_dsn(cfg.dsn).params if isinstance(cfg.dsn, str) else {}
     except DsnError:
         return  # the connector says what is wrong with it, when the pool opens
-    refused = [key for key in params if LIBPQ_ONLY.get(key)]
+    refused = [key for key, value in params.items()
+               if LIBPQ_ONLY.get(key) and not left_to_the_pool(key, value)]
     if refused:
         key = refused[0]
         fail(f"the DSN's ?{key}= is a libpq setting that asyncpg does not read (it would send "

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import io
 import re
 import secrets
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -127,6 +129,15 @@ async def test_a_subclass_s_acquire_is_where_the_helpers_take_their_connection(
         assert Counting.acquired == 9
         assert pool.fetchval.__name__ == "fetchval"
         assert (pool.stats().in_use, pool.stats().closed_total) == (0, 0)
+
+    # Not bound to each instance (which would refer to itself): dropped unclosed, a pool goes
+    # at once, without waiting for a garbage collection.
+    gc.disable()
+    try:
+        unopened = weakref.ref(Counting(pooler.dsn(), telemetry=False))
+        assert unopened() is None
+    finally:
+        gc.enable()
 
     class Plain(Pool):
         pass

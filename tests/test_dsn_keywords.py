@@ -16,7 +16,7 @@ import pytest
 
 import asyncpool
 from asyncpool import Pool, PoolConfig, PoolConfigError
-from asyncpool.connect.dsn import LIBPQ_ONLY, POOL_READ_KEYS, parse_dsn
+from asyncpool.connect.dsn import ASYNCPG_DOES_ALREADY, LIBPQ_ONLY, POOL_READ_KEYS, parse_dsn
 from asyncpool.connect.service import LIBPQ_ONLY_KEYS
 from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.testing import PostgresServer
@@ -48,9 +48,16 @@ def test_the_pool_reads_the_keywords_the_service_file_reader_does() -> None:
     assert set(LIBPQ_ONLY_KEYS) <= POOL_READ_KEYS
 
 
+def _asking_more(key: str) -> str:
+    """A value of `key` that asks for something asyncpg does not do."""
+    return next(v for v in ("1", "0", "require", "2")
+                if v not in ASYNCPG_DOES_ALREADY.get(key, ()))
+
+
 @pytest.mark.parametrize("key", REFUSED)
 def test_a_libpq_only_keyword_is_refused_when_the_pool_is_made(key: str) -> None:
-    dsn = f"postgresql://app:s3cret-pw@db.example.com/app?{key}=1"  # pragma: allowlist secret
+    value = _asking_more(key)
+    dsn = f"postgresql://app:s3cret-pw@db.example.com/app?{key}={value}"  # pragma: allowlist secret
     with pytest.raises(PoolConfigError) as caught:
         Pool(dsn, telemetry=False)
     message = str(caught.value)
@@ -59,6 +66,19 @@ def test_a_libpq_only_keyword_is_refused_when_the_pool_is_made(key: str) -> None
     assert advice
     assert advice in message  # what to do instead
     assert "s3cret" not in message
+
+
+async def test_values_asking_for_what_asyncpg_does_are_taken(
+        postgres: PostgresServer, pooler: Pooler) -> None:
+    """libpq's defaults, which DSNs copied from libpq's tools carry (``gssencmode=prefer``,
+    ``sslsni=1``...), ask for what asyncpg does anyway: the pool takes them and asyncpg does not
+    get them (it would send them to the server as settings, and the login would fail)."""
+    query = "&".join(f"{key}={sorted(values)[0]}" for key, values in ASYNCPG_DOES_ALREADY.items()
+                     if key != "replication")
+    for dsn in (postgres.dsn(), pooler.dsn()):
+        async with Pool(f"{dsn}{'&' if '?' in dsn else '?'}{query}&replication=false",
+                        max_size=1, telemetry=False) as pool:
+            assert await pool.fetchval("SELECT 1") == 1
 
 
 async def test_keepalives_are_refused_before_a_login_to_either_server(

@@ -70,6 +70,25 @@ LIBPQ_ONLY: Mapping[str, str | None] = MappingProxyType({
 })
 #: libpq keywords asyncpg does not know that the pool reads itself: left out of what asyncpg gets.
 POOL_READ_KEYS = frozenset(key for key, advice in LIBPQ_ONLY.items() if advice is None)
+#: Values of other `LIBPQ_ONLY` keywords that ask for what asyncpg does anyway (mostly libpq's
+#: defaults, which DSNs copied from libpq's tools carry): taken, and left out of what asyncpg
+#: gets. Any other value asks for something asyncpg cannot do, and is refused.
+ASYNCPG_DOES_ALREADY: Mapping[str, frozenset[str]] = MappingProxyType({
+    "gssencmode": frozenset({"disable", "prefer"}),
+    "sslcompression": frozenset({"0", "1"}),  # libpq itself ignores it since PostgreSQL 14
+    "sslsni": frozenset({"1"}),
+    "keepalives": frozenset({"0"}),
+    "sslcertmode": frozenset({"allow"}),
+    "load_balance_hosts": frozenset({"disable"}),
+    "replication": frozenset({"0", "false", "off", "no"}),
+    "min_protocol_version": frozenset({"3.0"}),
+    "max_protocol_version": frozenset({"3.0"}),
+})
+
+
+def left_to_the_pool(key: str, value: str) -> bool:
+    """Whether a DSN's query key is the pool's to read or drop, not asyncpg's to send."""
+    return key in POOL_READ_KEYS or value.strip().lower() in ASYNCPG_DOES_ALREADY.get(key, ())
 #: The connection keywords asyncpg reads in a DSN's query (as in a service's section, and the
 #: service itself); any other key it sends to the server as a run-time setting.
 ASYNCPG_KEYS = frozenset({*ASYNCPG_SERVICE_KEYS, "service"})
@@ -193,16 +212,18 @@ class ParsedDsn:
         return self._build(hide=False)
 
     def for_asyncpg(self) -> str:
-        """`for_driver` without the keywords asyncpg does not know (`POOL_READ_KEYS`)."""
-        if not POOL_READ_KEYS & self.params.keys():
+        """`for_driver` without the keywords asyncpg does not know that are the pool's to read
+        or drop (`left_to_the_pool`)."""
+        params = {k: v for k, v in self.params.items() if not left_to_the_pool(k, v)}
+        if len(params) == len(self.params):
             return self.for_driver()
-        params = {k: v for k, v in self.params.items() if k not in POOL_READ_KEYS}
         return dataclasses.replace(self, params=MappingProxyType(params)).for_driver()
 
     @property
     def server_settings(self) -> tuple[str, ...]:
         """The query keys asyncpg sends to the server at login as run-time settings."""
-        return tuple(k for k in self.params if k not in ASYNCPG_KEYS and k not in POOL_READ_KEYS)
+        return tuple(k for k, v in self.params.items()
+                     if k not in ASYNCPG_KEYS and not left_to_the_pool(k, v))
 
     def _build(self, *, hide: bool) -> str:
         """hide: every secret as ``***``; otherwise the password left out, the rest encoded."""

@@ -90,17 +90,21 @@ class Pool:
         # documentation, for ``Pool.fetchval(pool, ...)``, and for subclasses that override one
         # (it is not shadowed then).
         cls = type(self)
-        if cls.acquire is Pool.acquire:
+        if cls.acquire is Pool.acquire:  # (else the helpers go through it: `__init_subclass__`)
             for name in QUERY_HELPERS:
                 if getattr(cls, name) is getattr(Pool, name):
                     setattr(self, name, MethodType(RUNNERS[name], slots))
-        else:
-            # A subclass's acquire() (asyncpg's Pool helpers take their connection from it, and
-            # such subclasses set up or tag each checkout there): every helper it did not
-            # override goes through it.
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.acquire is not Pool.acquire:
+            # A subclass's acquire() (asyncpg's pool helpers take their connection from it, and
+            # such subclasses set up or tag each checkout there): every helper it does not
+            # override goes through it. On the class, not bound to each instance, which would
+            # refer to itself and outlive its last reference (an unclosed pool's finalizer).
             for name in QUERY_METHODS:
                 if getattr(cls, name) is getattr(Pool, name):
-                    setattr(self, name, MethodType(THROUGH_ACQUIRE[name], self))
+                    setattr(cls, name, THROUGH_ACQUIRE[name])
 
     def __repr__(self) -> str:
         if "_slots" not in self.__dict__:  # its __init__ raised (a traceback's locals show it)

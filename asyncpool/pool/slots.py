@@ -261,7 +261,10 @@ class Slots(_HotSlots):
         the clock says. What closed one (a server restart, a failover, a pooler restarted)
         likely closed the others, and one that died within `validate_after` would be lent as
         it is: to the caller that retries, or to SQLAlchemy's ``pool_pre_ping``, whose
-        reconnect takes the next connection unpinged."""
+        reconnect takes the next connection unpinged. Not with ``validate_after=None`` (never
+        check), which the user chose."""
+        if self.validate_after == math.inf:
+            return
         for record in self.idle:
             record.check_at = -math.inf
 

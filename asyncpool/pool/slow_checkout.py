@@ -279,8 +279,8 @@ def _timeout_error(slots: Slots, timeout: float | None, progress: Progress) -> P
              f"max_size={s.max_size}")
     if progress.phase == "waiting":
         own = _held_by_this_task(slots)
-        if own:
-            # More time or connections would not help if this task holds them all.
+        if own and own >= s.in_use:
+            # Only this task could give one back: more time or connections would not help.
             return PoolTimeoutError(
                 f"pool {slots.name!r}: no connection within {timeout:g}s ({sizes}): the task "
                 f"waiting holds {own} of them itself, so it waited for a connection only it "
@@ -288,8 +288,10 @@ def _timeout_error(slots: Slots, timeout: float | None, progress: Progress) -> P
                 "helper such as pool.fetchval() called inside one). Run the statement on the "
                 "connection the block holds, or give that one back first"
             )
+        mine = (f" (the task waiting holds {own} of them itself: an acquire nested in another "
+                "acquire block holds a connection the pool could have lent)") if own else ""
         return PoolTimeoutError(
-            f"pool {slots.name!r}: no connection within {timeout:g}s ({sizes}); release "
+            f"pool {slots.name!r}: no connection within {timeout:g}s ({sizes}){mine}; release "
             "connections sooner, raise max_size or acquire_timeout"
         )
     last = f"; last error: {progress.last_error}" if progress.last_error else ""
