@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from asyncpool.connect import driver
 from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
 from asyncpool.observer import PoolObserver
-from asyncpool.pool import forks, housekeeping
+from asyncpool.pool import forks, housekeeping, misuse
 from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.forks import FORKS, LIVE
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, on_leak
@@ -215,9 +215,10 @@ def _stop(slots: Slots, reason: str, graceful: bool) -> None:
     waiters = list(slots.waiters)
     slots.waiters.clear()
     slots.retrying = 0
+    why = misuse.OPEN_FAILED if slots.undoing_open else "was closed while waiting"
     for waiter in waiters:
         if not waiter.fut.done():
-            waiter.fut.set_exception(PoolClosedError(f"pool {slots.name!r} was closed while waiting"))
+            waiter.fut.set_exception(PoolClosedError(f"pool {slots.name!r}: {why}"))
     for attempt, cut_short in list(slots.attempts.items()):
         cut_short.caller_error = PoolClosedError
         attempt.cancel()

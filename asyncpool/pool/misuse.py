@@ -60,7 +60,14 @@ def other_loop_error(slots: Slots, loop: asyncio.AbstractEventLoop) -> PoolError
     return PoolError(f"pool {slots.name!r} was opened on another event loop: {what}; {advice}")
 
 
+#: Why a caller in line got no connection when the first open() failed (it is being undone).
+OPEN_FAILED = ("its open() failed or was cancelled while this caller waited for a connection; the "
+               "pool can be opened again")
+
+
 def closed_error(slots: Slots) -> PoolClosedError:
+    if slots.undoing_open:
+        return PoolClosedError(f"pool {slots.name!r}: {OPEN_FAILED}")
     if slots.state is NEW:
         return PoolClosedError(f"the pool {slots.name!r} is not open yet: await pool.open() first (or "
                                "'pool = await asyncpool.create_pool(...)')")

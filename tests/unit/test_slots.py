@@ -244,6 +244,29 @@ def test_a_connection_found_lost_has_the_idle_ones_checked(server: FakeServer) -
     run(main())
 
 
+def test_a_caller_waiting_on_an_open_that_fails_is_told_so(server: FakeServer) -> None:
+    """A caller in line while the first open() fails (cancelled here: a Lambda INIT deadline)
+    is told the open failed and the pool can be opened again, not that it was closed."""
+    async def main() -> None:
+        pool = fake_pool(server, min_size=1, max_size=1)
+        server.login_mode = "hang"
+        opening = asyncio.create_task(pool.open())
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(pool.fetchval("SELECT 1"))
+        await asyncio.sleep(0.05)
+        opening.cancel()
+        with pytest.raises(PoolClosedError) as caught:
+            await waiting
+        assert "its open() failed or was cancelled while this caller waited" in str(caught.value)
+        assert "can be opened again" in str(caught.value)
+        server.login_mode = "ok"
+        await pool.open()
+        assert await pool.fetchval("SELECT 2") == 1
+        await pool.close()
+
+    run(main())
+
+
 def test_a_broken_connection_is_retired_and_its_slot_reused(server: FakeServer) -> None:
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1) as pool:
