@@ -169,7 +169,7 @@ class Slots(_HotSlots):
         self.opening: asyncio.Future[bool] | None = None
         # A failed open() is being undone (the pool then goes back to NEW); a close() or
         # terminate() called meanwhile clears it, and the pool stays closed.
-        self.undoing_open = False
+        self.undoing_open: bool = False
         # Bumped by expire_all(): a login that began before it does not join the pool.
         self.generation: int = 0
         self.pid: int = os.getpid()
@@ -408,13 +408,16 @@ class Slots(_HotSlots):
         return lease
 
     # The slow path and the `setup` hook live in `slow_checkout`: `Checkouts` callers hold
-    # only this object.
-    async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease:
-        return await slow_checkout.checkout(self, timeout, frame)
+    # only this object. Their functions are the methods (no call in between); type checkers
+    # read the signatures.
+    if TYPE_CHECKING:
+        async def checkout(self, timeout: float | None, frame: FrameType | None) -> Lease: ...
 
-    async def set_up(self, conn: PooledConnection, timeout: float | None,
-                     started: float) -> None:
-        await slow_checkout.set_up(self, conn, timeout, started)
+        async def set_up(self, conn: PooledConnection, timeout: float | None,
+                         started: float) -> None: ...
+    else:
+        checkout = slow_checkout.checkout
+        set_up = slow_checkout.set_up
 
     # -- return -------------------------------------------------------------------------------
 
@@ -470,11 +473,13 @@ class Slots(_HotSlots):
         self.idle.append(record)
         return False
 
-    def _retire_busy(self, record: ConnectionRecord) -> None:
-        resets.retire_busy(self, record)
+    if TYPE_CHECKING:  # (as `checkout`)
+        def _retire_busy(self, record: ConnectionRecord) -> None: ...
 
-    async def checkin(self, lease: Lease, timeout: float | None = None) -> None:
-        await resets.checkin(self, lease, timeout)
+        async def checkin(self, lease: Lease, timeout: float | None = None) -> None: ...
+    else:
+        _retire_busy = resets.retire_busy
+        checkin = resets.checkin
 
     def discard(self, lease: Lease, reason: str, *, state: LeaseState = RELEASED) -> None:
         """Take back a checkout whose connection must not be used again (its `setup` hook
