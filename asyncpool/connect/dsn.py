@@ -85,10 +85,6 @@ ASYNCPG_DOES_ALREADY: Mapping[str, frozenset[str]] = MappingProxyType({
     "max_protocol_version": frozenset({"3.0"}),
 })
 
-
-def left_to_the_pool(key: str, value: str) -> bool:
-    """Whether a DSN's query key is the pool's to read or drop, not asyncpg's to send."""
-    return key in POOL_READ_KEYS or value.strip().lower() in ASYNCPG_DOES_ALREADY.get(key, ())
 #: The connection keywords asyncpg reads in a DSN's query (as in a service's section, and the
 #: service itself); any other key it sends to the server as a run-time setting.
 ASYNCPG_KEYS = frozenset({*ASYNCPG_SERVICE_KEYS, "service"})
@@ -119,6 +115,11 @@ _SIGV4 = re.compile(
 )
 #: The shortest piece of a secret that `scrub` hides wherever it appears.
 FRAGMENT = 4
+
+
+def left_to_the_pool(key: str, value: str) -> bool:
+    """Whether a DSN's query key is the pool's to read or drop, not asyncpg's to send."""
+    return key in POOL_READ_KEYS or value.strip().lower() in ASYNCPG_DOES_ALREADY.get(key, ())
 
 
 class DsnError(PoolConfigError):

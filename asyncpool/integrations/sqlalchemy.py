@@ -320,11 +320,9 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
         conn: PooledConnection = self._connection
         lease = conn._lease
         if lease.state is ACTIVE:
-            slots = self._asyncpool._slots
-            slots.retire(lease.record, "invalidated by SQLAlchemy")
             # SQLAlchemy invalidates on a lost connection (or a ping that failed): its
             # reconnect, another checkout, must not take an idle one lost with it unchecked.
-            slots.suspect_idle()
+            self._asyncpool._slots.retire_lost(lease.record, "invalidated by SQLAlchemy")
 
 
 def _give_back_unawaited(pool: Pool, conn: PooledConnection) -> None:

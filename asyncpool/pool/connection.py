@@ -19,7 +19,11 @@ from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import GIVEN_BACK, timeout_error
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
-from asyncpool.pool.unsynced import call_with_argument_sets, left_unsynced
+from asyncpool.pool.unsynced import (
+    RUN_PER_ARGUMENT_SET,
+    call_with_argument_sets,
+    left_unsynced,
+)
 
 if TYPE_CHECKING:
     from asyncpg.cursor import CursorFactory
@@ -164,15 +168,12 @@ def _statement(name: str) -> Callable[..., Any]:
 
     functools.update_wrapper(method, own if own is not None else original)
     method.__qualname__ = f"PooledConnection.{name}"
-    return _with_argument_sets(method) if name in _MANY else method
-
-
-# The statements run once per argument set, whose second argument (or ``args=``) holds the sets.
-_MANY = frozenset({"executemany", "fetchmany"})
+    return _with_argument_sets(method) if name in RUN_PER_ARGUMENT_SET else method
 
 
 def _with_argument_sets(method: Callable[..., Any]) -> Callable[..., Any]:
-    """`method` (``executemany`` or ``fetchmany``) noting, when it is given no argument sets,
+    """`method` (``executemany`` or ``fetchmany``: its second argument, or ``args=``, holds the
+    argument sets) noting, when it is given none,
     the Parse asyncpg then leaves without a Sync (`asyncpool.pool.unsynced`)."""
 
     async def many(self: PooledConnection, /, *args: Any, **kwargs: Any) -> Any:

@@ -81,8 +81,7 @@ def reap(slots: Slots) -> None:
     surplus = slots.size() - cfg.min_size
     for record in list(slots.idle):  # oldest-used first
         if not record.usable():
-            slots.retire(record, "broken")
-            slots.suspect_idle()
+            slots.retire_lost(record)
         elif record.expired(now):
             slots.retire(record, "expired", graceful=True)
         elif cfg.max_idle is not None and now - record.last_used > cfg.max_idle and surplus > 0:

@@ -20,7 +20,6 @@ from asyncpool.pool import forks, housekeeping, misuse
 from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.forks import FORKS, LIVE
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, on_leak
-from asyncpool.pool.lease import ACTIVE
 from asyncpool.pool.pool_stats import weak_stats
 from asyncpool.pool.resets import RELEASE_TIMEOUT
 from asyncpool.pool.state import CLOSED_STATE, CLOSING, NEW, OPEN
@@ -181,11 +180,10 @@ def _retire_the_callers_own(slots: Slots) -> None:
     connection still held when the time is up; the server rolls back what they left open.
     Only close() awaited in the holding task itself is seen: one run in a task of its own
     (``asyncio.gather``, ``asyncio.wait_for`` on Python 3.11) waits as for any holder."""
-    task = asyncio.current_task()
-    own = [record for record in slots.leased() if (lease := record.lease) is not None
-           and lease.state is ACTIVE and lease.task is task]
+    own = slots.held_by_current_task()
     if not own:
         return
+    task = asyncio.current_task()
     logger.warning(
         "pool %r: close() was called by the task holding %d of its connections (%s): closed "
         "now, as they cannot be given back while it waits; release them (or leave their "

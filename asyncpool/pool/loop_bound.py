@@ -19,7 +19,11 @@ from asyncpg.transaction import Transaction
 from asyncpool.connect.forwarding import LoopView
 from asyncpool.errors import PoolError
 from asyncpool.pool.record import record_of
-from asyncpool.pool.unsynced import call_with_argument_sets, left_unsynced
+from asyncpool.pool.unsynced import (
+    RUN_PER_ARGUMENT_SET,
+    call_with_argument_sets,
+    left_unsynced,
+)
 from asyncpool.unnamed.prepared import CheckedPreparedStatement
 
 R = TypeVar("R")
@@ -68,17 +72,18 @@ def _one_at_a_time(name: str, base: type = PreparedStatement
     connection closed rather than handed on (`Slots._retire_busy`); a second statement at once
     fails at once."""
     original = getattr(base, name)
-    many = name in ("executemany", "fetchmany")
+    many = name in RUN_PER_ARGUMENT_SET
 
     async def method(self: PooledPreparedStatement, *args: Any, **kwargs: Any) -> Any:
         self._refuse_elsewhere(name)  # before the lock: it is not the other thread's to take
         if many:
             given, args, kwargs = call_with_argument_sets(0, args, kwargs)
-        if many and not given:
-            # asyncpg sends nothing for no argument sets, but counts a query, which would hide
-            # a Parse its prepare() left without a Sync from the return (asyncpool.pool.unsynced).
-            self._check_conn_validity(name)
-            return None if name == "executemany" else []
+            if not given:
+                # asyncpg sends nothing for no argument sets, but counts a query, which would
+                # hide a Parse its prepare() left without a Sync from the return
+                # (asyncpool.pool.unsynced).
+                self._check_conn_validity(name)
+                return None if name == "executemany" else []
         section = getattr(self._connection, "_stmt_exclusive_section", None)
         try:
             if section is None:  # an asyncpg without it (asyncpool.connect.driver says so)

@@ -203,6 +203,12 @@ class Slots(_HotSlots):
         """The connections in use: held, or being reset after their return."""
         return [record for record in self.records if record.place is LEASED]
 
+    def held_by_current_task(self) -> list[ConnectionRecord]:
+        """The connections the running task holds (a checkout still active)."""
+        task = asyncio.current_task()
+        return [record for record in self.leased() if (lease := record.lease) is not None
+                and lease.state is ACTIVE and lease.task is task]
+
     def _is_drained(self) -> bool:
         return not self.records and self.connecting == 0
 
@@ -256,17 +262,18 @@ class Slots(_HotSlots):
         if self.state is CLOSING:
             self._note_drained()
 
-    def suspect_idle(self) -> None:
-        """A connection was found lost: check each idle one before its next checkout, whatever
-        the clock says. What closed one (a server restart, a failover, a pooler restarted)
-        likely closed the others, and one that died within `validate_after` would be lent as
-        it is: to the caller that retries, or to SQLAlchemy's ``pool_pre_ping``, whose
+    def retire_lost(self, record: ConnectionRecord, reason: str = "broken") -> None:
+        """`retire` a connection found lost, and check each idle one before its next checkout,
+        whatever the clock says. What closed one (a server restart, a failover, a pooler
+        restarted) likely closed the others, and one that died within `validate_after` would be
+        lent as it is: to the caller that retries, or to SQLAlchemy's ``pool_pre_ping``, whose
         reconnect takes the next connection unpinged. Not with ``validate_after=None`` (never
         check), which the user chose."""
+        self.retire(record, reason)
         if self.validate_after == math.inf:
             return
-        for record in self.idle:
-            record.check_at = -math.inf
+        for idle in self.idle:
+            idle.check_at = -math.inf
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         assert self.loop is not None
@@ -443,8 +450,7 @@ class Slots(_HotSlots):
             else:
                 record.sync_after = 0
         if state == BROKEN:
-            self.retire(record, "broken")
-            self.suspect_idle()
+            self.retire_lost(record)
             return False
         if state == BUSY or lease.running:
             self._retire_busy(record)

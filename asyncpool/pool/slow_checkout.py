@@ -127,8 +127,7 @@ async def _check(slots: Slots, record: ConnectionRecord, now: float, frame: Fram
     if record.conn.is_closed():
         # Closed while idle (server restart, pooler timeout seen by the driver).
         _count_failed_check(slots)
-        slots.retire(record, "broken")
-        slots.suspect_idle()
+        slots.retire_lost(record)
         return None
     if record.expired(now):
         slots.retire(record, "expired", graceful=True)
@@ -155,9 +154,11 @@ async def _check(slots: Slots, record: ConnectionRecord, now: float, frame: Fram
     if failure is not None:
         progress.last_error = failure
         _count_failed_check(slots)
-        if record.conn.is_closed():  # (not a slow answer: lost)
-            slots.suspect_idle()
-        slots.retire(record, "failed validation")  # its slot stays with this caller
+        # Its slot stays with this caller. Closed, it was lost (not a slow answer).
+        if record.conn.is_closed():
+            slots.retire_lost(record, "failed validation")
+        else:
+            slots.retire(record, "failed validation")
         return await logins.connect_for(slots, frame, progress)
     slots.checking.discard(record)
     slots.connecting -= 1
@@ -278,7 +279,7 @@ def _timeout_error(slots: Slots, timeout: float | None, progress: Progress) -> P
     sizes = (f"size={s.size}, in_use={s.in_use}, idle={s.idle}, waiting={s.waiting}, "
              f"max_size={s.max_size}")
     if progress.phase == "waiting":
-        own = _held_by_this_task(slots)
+        own = len(slots.held_by_current_task())
         if own and own >= s.in_use:
             # Only this task could give one back: more time or connections would not help.
             return PoolTimeoutError(
@@ -310,13 +311,6 @@ def _timeout_error(slots: Slots, timeout: float | None, progress: Progress) -> P
         f"({sizes}){last}; check that the server or pooler is reachable and accepts logins, "
         "or raise acquire_timeout"
     )
-
-
-def _held_by_this_task(slots: Slots) -> int:
-    """How many of the pool's connections in use the current task holds."""
-    task = asyncio.current_task()
-    return sum(1 for record in slots.leased()
-               if record.lease is not None and record.lease.active and record.lease.task is task)
 
 
 async def set_up(slots: Slots, conn: PooledConnection, timeout: float | None,

@@ -19,6 +19,9 @@ import asyncpg
 
 T = TypeVar("T")
 
+#: The statements run once per argument set (a connection's and a prepared statement's).
+RUN_PER_ARGUMENT_SET = frozenset({"executemany", "fetchmany"})
+
 
 def left_unsynced(exc: BaseException) -> bool:
     """Whether a statement that failed with `exc` may have left its Parse without a Sync: any
