@@ -250,3 +250,179 @@ async def test_a_wrong_client_key_passphrase_is_a_config_error_in_every_mode(
     assert "passphrase" in message
     assert wrong[:4] not in message
     assert info.value.__cause__ is None
+
+
+# -- libpq's default revocation list, ~/.postgresql/root.crl ----------------------------------
+
+
+def _home_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **files: Path) -> Path:
+    """A HOME of the test's own whose ~/.postgresql holds `files` (name: the file to copy)."""
+    directory = tmp_path / "home" / ".postgresql"
+    directory.mkdir(parents=True)
+    for name, source in files.items():
+        (directory / name.replace("_", ".")).write_bytes(source.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return directory
+
+
+@pytest.mark.parametrize("where", ["options", "dsn"])
+async def test_the_default_root_crl_is_read_where_the_pool_builds_the_context(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """As libpq does without sslcrl/sslcrldir. The pool built its own context for verify-full
+    (and for the RDS bundle given as ssl_root_cert), and read no root.crl: the revoked
+    certificate was accepted."""
+    home = _home_with(tmp_path, monkeypatch, root_crl=pki.revoked_crl)
+    given: dict[str, Any] = (
+        {"ssl": "verify-full", "ssl_root_cert": str(pki.ca_cert)} if where == "options" else {})
+    params = {} if where == "options" else {"sslmode": "verify-full",
+                                            "sslrootcert": str(pki.ca_cert)}
+    with pytest.raises(ConnectError) as info:
+        await _open(_dsn(tls_postgres, **params), **given)
+    message = str(info.value)
+    assert "certificate revoked" in message
+    assert "~/.postgresql/root.crl" in message
+    assert info.value.transient is False
+    assert tls_postgres.app.password not in message
+    # The same list without the server's certificate: accepted.
+    (home / "root.crl").write_bytes(pki.empty_crl.read_bytes())
+    async with await _open(_dsn(tls_postgres, **params), **given) as pool:
+        assert (await _tls_facts(pool))[0]
+    # A list given explicitly replaces the default one, as in libpq.
+    (home / "root.crl").write_bytes(pki.revoked_crl.read_bytes())
+    async with await _open(_dsn(tls_postgres, sslcrl=str(pki.empty_crl), **params),
+                           **given) as pool:
+        assert (await _tls_facts(pool))[0]
+
+
+async def test_require_with_the_default_root_cert_checks_the_default_root_crl(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """require without a root certificate named: asyncpg builds the context from
+    ~/.postgresql/root.crt and root.crl, as libpq does (a guard that this stays so)."""
+    home = _home_with(tmp_path, monkeypatch, root_crt=pki.ca_cert, root_crl=pki.revoked_crl)
+    with pytest.raises(ConnectError, match="certificate revoked"):
+        await _open(_dsn(tls_postgres, sslmode="require"))
+    with pytest.raises(ConnectError, match="certificate revoked"):
+        await _open(_dsn(tls_postgres, sslmode="require", sslcrl=str(pki.revoked_crl)))
+    (home / "root.crl").write_bytes(pki.empty_crl.read_bytes())
+    async with await _open(_dsn(tls_postgres, sslmode="require")) as pool:
+        assert (await _tls_facts(pool))[0]
+
+
+async def test_a_default_root_crl_the_system_cas_would_skip_is_refused(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """verify-full without a root certificate verifies against the system CAs, where libpq
+    would take ~/.postgresql/root.crt with its root.crl: the list is not skipped silently."""
+    _home_with(tmp_path, monkeypatch, root_crl=pki.revoked_crl)
+    with pytest.raises(PoolConfigError) as info:
+        await _open(_dsn(tls_postgres, sslmode="verify-full"))
+    assert "~/.postgresql/root.crl exists" in str(info.value)
+    assert "sslrootcert" in str(info.value)
+
+
+# -- direct TLS (sslnegotiation=direct, PostgreSQL 17) ----------------------------------------
+
+
+async def test_direct_tls_to_a_server_without_it_fails_once_and_says_so(
+    tls_postgres: PostgresServer, pki: TestPki
+) -> None:
+    """PostgreSQL 15 hangs up on a TLS hello: the pool said "ConnectionResetError: " and
+    retried it as a network fault until acquire_timeout."""
+    for direct in ({"sslnegotiation": "direct"}, {}):
+        options: dict[str, Any] = {} if direct else {"connect_kwargs": {"direct_tls": True}}
+        with pytest.raises(ConnectError) as info:
+            await _open(_dsn(tls_postgres, sslmode="verify-full", sslrootcert=str(pki.ca_cert),
+                             **direct), **options)
+        message = str(info.value)
+        assert "direct TLS handshake" in message
+        assert "PostgreSQL accepts direct TLS from version 17" in message
+        assert info.value.transient is False
+        assert tls_postgres.app.password not in message
+
+
+async def test_direct_tls_without_tls_on_every_connection_is_refused_before_dialling(
+    tls_postgres: PostgresServer,
+) -> None:
+    with pytest.raises(PoolConfigError, match="the DSN's sslnegotiation asks for direct TLS, "
+                                              "which needs TLS on every connection"):
+        await _open(_dsn(tls_postgres, sslnegotiation="direct"))
+
+
+class _DirectTlsFront:
+    """PostgreSQL 17's direct TLS in front of a real PostgreSQL: TLS from the first byte with the
+    test certificate, a client that offers no ALPN protocol 'postgresql' hung up on (as
+    PostgreSQL 17 does), then the plain protocol relayed to the server."""
+
+    def __init__(self, pki: TestPki, backend_port: int) -> None:
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki.server_cert, pki.server_key)
+        self.context.set_alpn_protocols(["postgresql"])
+        self.backend_port = backend_port
+        self.alpn: list[str | None] = []
+        self._tasks: set[Any] = set()
+
+    async def start(self) -> int:
+        import asyncio
+
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+        self.alpn.append(alpn)
+        if alpn != "postgresql":
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+
+        async def pipe(source: Any, sink: Any) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        for task in (asyncio.create_task(pipe(reader, up_writer)),
+                     asyncio.create_task(pipe(up_reader, writer))):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        import asyncio
+
+        self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+async def test_direct_tls_offers_the_alpn_protocol_postgresql_needs(
+    postgres: PostgresServer, pki: TestPki, mode: str
+) -> None:
+    """The context the pool builds for verify-full had no ALPN protocol, so PostgreSQL 17 would
+    hang up on every direct TLS login (asyncpg's own contexts have it)."""
+    front = _DirectTlsFront(pki, postgres.port)
+    port = await front.start()
+    # require without a root certificate: asyncpg's context; verify-full: the pool's.
+    root = {"sslrootcert": str(pki.ca_cert)} if mode == "verify-full" else {}
+    try:
+        async with await _open(
+            postgres.app.dsn("localhost", port, postgres.database, sslmode=mode,
+                             sslnegotiation="direct", **root)
+        ) as pool:
+            assert await pool.fetchval("SELECT 1") == 1
+        assert front.alpn
+        assert set(front.alpn) == {"postgresql"}
+    finally:
+        await front.close()

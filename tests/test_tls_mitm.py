@@ -267,7 +267,7 @@ async def test_require_auth_refuses_cleartext_even_over_verified_tls(
     assert verified_fake.received == []
 
 
-@pytest.mark.parametrize("where", ["dsn", "service", "env"])
+@pytest.mark.parametrize("where", ["dsn", "service", "env", "home"])
 async def test_a_crl_that_revokes_the_certificate_gets_no_password(
     verified_fake: FakeServer, pki: TestPki, where: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -282,8 +282,12 @@ async def test_a_crl_that_revokes_the_certificate_gets_no_password(
         path.write_text(f"[fake]\nsslcrl={pki.revoked_crl}\n")
         query += "&service=fake"
         monkeypatch.setenv("PGSERVICEFILE", str(path))
-    else:
+    elif where == "env":
         monkeypatch.setenv("PGSSLCRL", str(pki.revoked_crl))
+    else:  # libpq's default list, ~/.postgresql/root.crl, which the pool did not read
+        (tmp_path / ".postgresql").mkdir()
+        (tmp_path / ".postgresql" / "root.crl").write_bytes(pki.revoked_crl.read_bytes())
+        monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ConnectError, match="certificate revoked"):
         await _pool(f"postgresql://app:{ESCAPED}@localhost:{verified_fake.port}/app?{query}").open()
     assert verified_fake.received == []

@@ -432,8 +432,9 @@ def test_the_context_the_pool_builds_has_the_crl_and_the_versions(
     assert not ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN
     empty = tmp_path / "empty.crl"
     empty.write_text("")
-    with pytest.raises(PoolConfigError, match=r"revocation list '.*empty\.crl' \(sslcrl/.*could "
-                                              "not be loaded.*NO_CERTIFICATE_OR_CRL_FOUND"):
+    with pytest.raises(PoolConfigError, match=r"revocation list '.*empty\.crl' \(the DSN's "
+                                              r"sslcrl\) could not be loaded.*NO_CERTIFICATE_OR_"
+                                              "CRL_FOUND"):
         _resolve(f"{DSN}?sslmode=verify-full&sslcrl={empty}").driver_argument()
 
 
@@ -465,9 +466,30 @@ def test_bad_or_unsupported_libpq_settings_are_refused(dsn_query: str, env: dict
     assert says in str(info.value)
 
 
-def test_a_missing_crl_is_ignored_where_nothing_is_verified() -> None:
-    """As asyncpg and libpq: no revocation list is read below ``require``."""
-    assert _resolve(f"{DSN}?sslmode=prefer&sslcrl=%2Fnonexistent.crl").crl_file is None
+@pytest.mark.parametrize(
+    ("dsn_query", "env", "says"),
+    [
+        ("?sslmode=prefer&sslcrl={crl}", {},
+         "the DSN's sslcrl='{crl}': ssl mode 'prefer' (the DSN's sslmode) checks no certificate"),
+        ("", {"PGSSLCRL": "{crl}"},
+         "PGSSLCRL='{crl}': ssl mode 'prefer' (asyncpg's default: nothing set) checks no"),
+        ("?sslmode=require", {"PGSSLCRLDIR": "{dir}"},
+         "PGSSLCRLDIR='{dir}': with sslmode=require and no root certificate named, asyncpg "
+         "builds the TLS context"),
+        ("?sslmode=require&sslcrl={crl}", {"HOME": "{dir}"},
+         "sslmode=require checks the certificate chain only against a root certificate, and "
+         "none is given"),
+    ],
+)
+def test_a_crl_that_would_not_be_checked_is_refused(
+        tmp_path: Path, pki: TestPki, dsn_query: str, env: dict[str, str], says: str) -> None:
+    """libpq and asyncpg skip these silently: a revocation check asked for and never made."""
+    def filled(text: str) -> str:
+        return text.format(crl=pki.revoked_crl, dir=tmp_path)
+
+    with pytest.raises(PoolConfigError) as info:
+        _resolve(DSN + filled(dsn_query), {k: filled(v) for k, v in env.items()})
+    assert filled(says) in str(info.value)
 
 
 def test_a_context_with_a_dsn_crl_or_version_is_an_error(tmp_path: Path) -> None:
@@ -478,8 +500,13 @@ def test_a_context_with_a_dsn_crl_or_version_is_an_error(tmp_path: Path) -> None
     for query in (f"?sslcrl={crl}", "?ssl_max_protocol_version=TLSv1.2"):
         with pytest.raises(PoolConfigError, match=r"is not used with an ssl\.SSLContext"):
             _resolve(DSN + query, ssl=context)
-    # The variables are only defaults: ignored beside a context, as PGSSLROOTCERT is.
-    assert _resolve(ssl=context, env={"PGSSLCRL": str(crl)}).crl_file is None
+    # A revocation list's variable is a check asked for, which a context would not make.
+    for variable in ("PGSSLCRL", "PGSSLCRLDIR"):
+        with pytest.raises(PoolConfigError, match=f"{variable} is set, but the TLS setting is an "
+                                                  r"ssl\.SSLContext, used as it is"):
+            _resolve(ssl=context, env={variable: str(tmp_path)})
+    # The other variables are only defaults: ignored beside a context, as PGSSLROOTCERT is.
+    assert _resolve(ssl=context, env={"PGSSLMAXPROTOCOLVERSION": "TLSv1.2"}).max_version is None
 
 
 def test_a_service_gives_the_handshake_settings_and_its_libpq_only_ones_are_refused(
@@ -530,3 +557,76 @@ def test_hostaddr_is_refused_by_the_pool_and_by_the_libpq_logins_beside_it() -> 
                  lambda: GuardedLogin(dsn).psycopg_args()):
         with pytest.raises(PoolConfigError, match="the DSN's hostaddr is given"):
             make()
+
+
+# -- libpq's default revocation list and direct TLS ------------------------------------------
+
+
+def test_the_default_root_crl_is_read_only_where_libpq_reads_it(
+        tmp_path: Path, pki: TestPki) -> None:
+    """~/.postgresql/root.crl, without sslcrl/sslcrldir: checked beside a root certificate file
+    (as libpq), not with the system CAs (libpq 16 reads no list then), not where no chain is
+    checked, not beside an ssl.SSLContext (used as it is)."""
+    home = tmp_path / ".postgresql"
+    home.mkdir()
+    (home / "root.crl").write_bytes(pki.empty_crl.read_bytes())
+    env = {"HOME": str(tmp_path)}
+    for options in ({"ssl": "verify-full", "ssl_root_cert": str(pki.ca_cert)},
+                    {"ssl": "verify-ca", "ssl_root_cert": str(pki.ca_cert)},
+                    {"ssl": "require", "ssl_root_cert": str(pki.ca_cert)}):
+        setting = _resolve(env=env, **options)
+        assert (setting.crl_file, setting.crl_source) == (
+            str(home / "root.crl"), "~/.postgresql/root.crl, libpq's default revocation list")
+        ctx = setting.driver_argument()
+        assert isinstance(ctx, ssl.SSLContext)
+        assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN
+    given = _resolve(f"{DSN}?sslmode=verify-full&sslcrl={pki.revoked_crl}", env,
+                     ssl_root_cert=str(pki.ca_cert))
+    assert (given.crl_file, given.crl_source) == (str(pki.revoked_crl), "the DSN's sslcrl")
+    assert _resolve(f"{DSN}?sslrootcert=system", env).crl_file is None
+    assert _resolve(env=env).crl_file is None  # prefer
+    assert _resolve(f"{DSN}?sslmode=require", env).crl_file is None  # asyncpg reads it itself
+    assert _resolve(env=env, ssl=_context(verify=True, hostname=True)).crl_file is None
+    with pytest.raises(PoolConfigError, match=r"~/\.postgresql/root\.crl exists.*no root "
+                                              "certificate is named"):
+        _resolve(f"{DSN}?sslmode=verify-full", env)
+    # One that cannot be loaded is not skipped (libpq would, silently).
+    (home / "root.crl").write_text("not a CRL\n")
+    with pytest.raises(PoolConfigError, match=r"\(~/\.postgresql/root\.crl, libpq's default "
+                                              r"revocation list\) could not be loaded"):
+        _resolve(env=env, ssl="verify-full", ssl_root_cert=str(pki.ca_cert)).driver_argument()
+
+
+@pytest.mark.parametrize(
+    ("dsn_query", "options", "env", "says"),
+    [
+        ("?sslmode=verify-full&sslnegotiation=tls", {}, {},
+         "the DSN's sslnegotiation='tls': choose one of postgres, direct"),
+        ("?sslnegotiation=direct", {}, {}, "the DSN's sslnegotiation asks for direct TLS, which "
+         "needs TLS on every connection, but the ssl mode is 'prefer'"),
+        ("", {"ssl": "allow"}, {"PGSSLNEGOTIATION": "direct"},
+         "PGSSLNEGOTIATION asks for direct TLS"),
+        ("?sslmode=disable", {"connect_kwargs": {"direct_tls": True}}, {},
+         "connect_kwargs['direct_tls'] asks for direct TLS"),
+        ("?sslmode=require&sslnegotiation=postgres", {"connect_kwargs": {"direct_tls": True}},
+         {}, "direct TLS is given twice and the two disagree"),
+    ],
+)
+def test_direct_tls_that_asyncpg_would_refuse_at_each_connect_is_refused_once(
+        dsn_query: str, options: dict[str, Any], env: dict[str, str], says: str) -> None:
+    with pytest.raises(PoolConfigError) as info:
+        _resolve(DSN + dsn_query, env, **options)
+    assert says in str(info.value)
+
+
+def test_direct_tls_is_read_where_asyncpg_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "pg_service.conf"
+    path.write_text("[direct]\nhost=db.example.com\nsslmode=require\nsslnegotiation=direct\n")
+    env = {"PGSERVICEFILE": str(path)}
+    with mock.patch.dict(os.environ, env):
+        setting = resolve_tls(PoolConfig(dsn="postgresql://a@/db?service=direct"), environ=env)
+    assert (setting.direct, setting.direct_source) == (
+        True, "the sslnegotiation of service 'direct'")
+    assert _resolve(f"{DSN}?sslmode=require", {"PGSSLNEGOTIATION": "direct"}).direct
+    assert not _resolve(f"{DSN}?sslmode=require&sslnegotiation=postgres").direct
+    assert not _resolve(f"{DSN}?sslmode=require", connect_kwargs={"direct_tls": False}).direct

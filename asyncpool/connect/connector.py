@@ -251,7 +251,8 @@ class Connector:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
                          secrets=self._secrets,
-                         settings=setting_sources(self._dsn, self.config.server_settings))
+                         settings=setting_sources(self._dsn, self.config.server_settings),
+                         direct_tls=self.tls.direct_source)
 
     @property
     def retry_is_safe(self) -> bool:

@@ -36,7 +36,7 @@ def is_auth_failure(exc: BaseException) -> bool:
 def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads best
     exc: BaseException, target: Target, pool_name: str, timeout: float,
     auth_hint: str | None = None, *, secrets: Iterable[str] = (),
-    settings: Mapping[str, str] | None = None,
+    settings: Mapping[str, str] | None = None, direct_tls: str | None = None,
 ) -> ConnectError:
     """The asyncpool error for a failed login to `target`.
 
@@ -46,6 +46,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     locals. Raise it outside the ``except`` block (or ``from None``) so it has no context either.
     `auth_hint` (from the credentials provider) replaces the generic advice for refused logins.
     `settings`: where each run-time setting sent at login came from (`setting_sources`).
+    `direct_tls`: the setting that asked for direct TLS (``sslnegotiation=direct``), if any.
     """
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
@@ -97,13 +98,24 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
                 "(the RDS or RDS Proxy endpoint, not an IP or a CNAME of your own)"
             )
         elif "crl" in str(exc.verify_message).lower() or "revoked" in str(exc.verify_message).lower():
-            fix = ("the certificate revocation list (sslcrl / sslcrldir) revokes it, or lacks a "
-                   "CRL for a CA of its chain (every CA's CRL is needed, as libpq checks the "
-                   "whole chain)")
+            fix = ("the certificate revocation list (sslcrl / sslcrldir, else "
+                   "~/.postgresql/root.crl) revokes it, or lacks a CRL for a CA of its chain "
+                   "(every CA's CRL is needed, as libpq checks the whole chain)")
         else:
             fix = "check ssl_root_cert (RDS: the RDS CA bundle; RDS Proxy: the Amazon root CAs)"
         error = ConnectError(
             f"{where}: the server's TLS certificate did not verify ({exc.verify_message}); {fix}"
+        )
+        error.transient = False
+    elif direct_tls is not None and isinstance(
+            exc, ssl.SSLError | ConnectionResetError | ConnectionAbortedError | EOFError):
+        # A server before PostgreSQL 17 reads the TLS hello as a startup packet of absurd
+        # length and hangs up: the same on every attempt, so not retried.
+        error = ConnectError(
+            f"{where}: the server closed the connection at the direct TLS handshake asked for "
+            f"by {direct_tls} ({type(exc).__name__}{': ' + text if text else ''}); PostgreSQL "
+            "accepts direct TLS from version 17 (with the ALPN protocol 'postgresql'): leave "
+            "sslnegotiation=direct out (or direct_tls) for an older server or a pooler"
         )
         error.transient = False
     elif "rejected ssl upgrade" in text.lower():

@@ -34,7 +34,7 @@ class Service:
 
 
 TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl", "sslcrldir",
-            "ssl_min_protocol_version", "ssl_max_protocol_version")
+            "ssl_min_protocol_version", "ssl_max_protocol_version", "sslnegotiation")
 #: Keys libpq reads in a service's section and asyncpg does not (some of
 #: `asyncpool.connect.dsn.LIBPQ_ONLY`): the pool reads them (raw, as asyncpg's reader never
 #: interpolates them) to refuse or apply them, libpq tools see them too.

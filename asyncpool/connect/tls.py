@@ -16,8 +16,11 @@ CAs and needs ``verify-full``.
 
 libpq's other handshake keywords (``sslcrl``, ``sslcrldir``, ``ssl_min_protocol_version``,
 ``ssl_max_protocol_version``: DSN, service, ``PGSSL*``) are read here too and applied to the
-context the pool builds (asyncpg reads none of them beside a context); ``channel_binding=require``
-and ``hostaddr``, which asyncpg cannot honour, are refused.
+context the pool builds (asyncpg reads none of them beside a context), and so is libpq's default
+revocation list, ``~/.postgresql/root.crl``. A revocation list that would not be checked (a mode
+that checks no chain, an ``ssl.SSLContext``) is refused, never skipped. ``sslnegotiation``
+(``PGSSLNEGOTIATION``, asyncpg's ``direct_tls``) is checked and left to asyncpg;
+``channel_binding=require`` and ``hostaddr``, which asyncpg cannot honour, are refused.
 
 The resolved setting is what asyncpg is given (always explicitly, so asyncpg reads no mode of its
 own), and what the credential rules check (`check_credentials`, `allowed_auth_methods`): a
@@ -32,6 +35,7 @@ import os
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from asyncpool.errors import PoolConfigError
@@ -70,13 +74,19 @@ class TlsSetting:
     client_cert: str | None = None
     client_key: str | None = field(default=None, repr=False)
     client_key_password: str | None = field(default=None, repr=False)
-    #: Revocation lists (``sslcrl`` file, ``sslcrldir`` directory), checked for the whole chain
-    #: wherever the chain is verified, as libpq and asyncpg do.
+    #: Revocation lists (``sslcrl`` file, ``sslcrldir`` directory, else libpq's default
+    #: ``~/.postgresql/root.crl``), checked for the whole chain wherever the chain is verified,
+    #: as libpq and asyncpg do; and which setting gave them.
     crl_file: str | None = None
     crl_dir: str | None = None
+    crl_source: str | None = None
     #: The TLS versions allowed (``ssl_min_protocol_version``/``..._max_...``, libpq's names).
     min_version: str = "TLSv1.2"
     max_version: str | None = None
+    #: TLS from the first byte (``sslnegotiation=direct``, asyncpg's ``direct_tls``: PostgreSQL
+    #: 17), and which setting asked for it. asyncpg reads it itself; known here for the errors.
+    direct: bool = False
+    direct_source: str | None = None
 
     @property
     def verifies_chain(self) -> bool:
@@ -134,6 +144,10 @@ class TlsSetting:
             ) from None
         ctx.check_hostname = self.mode == "verify-full"
         ctx.verify_mode = ssl.CERT_REQUIRED
+        if ssl.HAS_ALPN:
+            # As asyncpg does on the contexts it builds: PostgreSQL 17 refuses direct TLS
+            # (sslnegotiation=direct) without this ALPN protocol; other servers ignore it.
+            ctx.set_alpn_protocols(ALPN_PROTOCOLS)
         ctx.minimum_version = TLS_VERSIONS[self.min_version]
         if self.max_version:
             ctx.maximum_version = TLS_VERSIONS[self.max_version]
@@ -148,8 +162,8 @@ class TlsSetting:
             ctx.load_verify_locations(cafile=self.crl_file, capath=self.crl_dir)
         except (OSError, ssl.SSLError) as exc:
             raise PoolConfigError(
-                f"the certificate revocation list {self.crl_file or self.crl_dir!r} (sslcrl/"
-                f"sslcrldir/PGSSLCRL/PGSSLCRLDIR) could not be loaded ({type(exc).__name__}: "
+                f"the certificate revocation list {self.crl_file or self.crl_dir!r} "
+                f"({self.crl_source}) could not be loaded ({type(exc).__name__}: "
                 f"{getattr(exc, 'strerror', None) or exc}): give a PEM file of CRLs"
             ) from None
         # As libpq (X509_V_FLAG_CRL_CHECK_ALL) and asyncpg: every certificate of the chain.
@@ -259,12 +273,15 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     _refuse_libpq_only(given)
     handshake = _handshake(given, context)
     min_version, max_version = _versions(handshake, fail)
-    crl_file, crl_dir = _revocation_lists(handshake, mode, fail)
+    crl_file, crl_dir, crl_source = _revocation_lists(
+        handshake, _Verification(mode, source, root, context), env, fail)
+    direct_source = _direct_tls(config, given, mode, source, fail)
     return TlsSetting(
         mode=mode, source=source, context=context, root_cert=root, root_cert_source=root_source,
         client_cert=cert, client_key=key,
         client_key_password=_single(pairs, "sslpassword", fail) or served.get("sslpassword"),
-        crl_file=crl_file, crl_dir=crl_dir, min_version=min_version, max_version=max_version,
+        crl_file=crl_file, crl_dir=crl_dir, crl_source=crl_source, min_version=min_version,
+        max_version=max_version, direct=direct_source is not None, direct_source=direct_source,
     )
 
 
@@ -275,6 +292,10 @@ HANDSHAKE_KEYS = {
     "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
     "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
 }
+#: The ALPN protocol PostgreSQL 17 requires for direct TLS (as asyncpg sets it).
+ALPN_PROTOCOLS = ["postgresql"]
+#: libpq's default revocation list, read when no ``sslcrl``/``sslcrldir`` is given.
+DEFAULT_CRL = "~/.postgresql/root.crl"
 #: The versions libpq names, spelt as libpq documents them (asyncpg reads no other spelling).
 TLS_VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -308,7 +329,8 @@ class _Given:
 
 def _handshake(given: _Given, context: ssl.SSLContext | None) -> dict[str, tuple[str, str]]:
     """`HANDSHAKE_KEYS` given (key: value, where); beside an ssl.SSLContext the variables are
-    ignored (only defaults, as PGSSLROOTCERT is) and any other is refused."""
+    ignored (only defaults, as PGSSLROOTCERT is), except a revocation list's, and any other is
+    refused."""
     found = {key: value for key, variable in HANDSHAKE_KEYS.items()
              if (value := given.get(key, variable, env_too=context is None)) is not None}
     if context is not None and found:
@@ -318,6 +340,15 @@ def _handshake(given: _Given, context: ssl.SSLContext | None) -> dict[str, tuple
             "settings then): set it on the context (load_verify_locations(cafile=crl) with "
             "verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN, minimum_version, maximum_version) and "
             "leave it out")
+    if context is not None:
+        # A revocation check asked for is never skipped: the context is used as it is.
+        for variable in (HANDSHAKE_KEYS["sslcrl"], HANDSHAKE_KEYS["sslcrldir"]):
+            if given.env.get(variable):
+                given.fail(
+                    f"{variable} is set, but the TLS setting is an ssl.SSLContext, used as it "
+                    "is: no revocation list would be checked. Load it into the context "
+                    "(load_verify_locations(cafile=crl) with verify_flags |= "
+                    f"ssl.VERIFY_CRL_CHECK_CHAIN) and unset {variable}")
     return found
 
 
@@ -337,12 +368,26 @@ def _versions(handshake: Mapping[str, tuple[str, str]], fail: Any) -> tuple[str,
     return low, high
 
 
-def _revocation_lists(handshake: Mapping[str, tuple[str, str]], mode: str,
-                      fail: Any) -> tuple[str | None, str | None]:
-    """The CRL file and directory, where a mode uses them (from ``require`` on, as asyncpg and
-    libpq): each must exist (libpq skips a missing one silently; the pool refuses it)."""
-    if _RANK[mode] < _RANK["require"]:
-        return None, None
+@dataclass(frozen=True)
+class _Verification:
+    """What checks the server's chain, for `_revocation_lists`."""
+
+    mode: str
+    source: str
+    root: str | None
+    context: ssl.SSLContext | None
+
+
+def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verification,
+                      env: Mapping[str, str],
+                      fail: Any) -> tuple[str | None, str | None, str | None]:
+    """The CRL file and directory, and where they came from, as libpq reads them: ``sslcrl``
+    and ``sslcrldir``, else ``~/.postgresql/root.crl`` if it exists.
+
+    libpq skips silently a list that is missing or that its mode would not check; the pool
+    refuses both (a list given is a check asked for): a file or directory that does not exist, a
+    mode that checks no chain, ``require`` without a root certificate for it to check against.
+    """
     crl_file, file_where = handshake.get("sslcrl", (None, ""))
     crl_dir, dir_where = handshake.get("sslcrldir", (None, ""))
     if crl_file is not None and not os.path.isfile(crl_file):
@@ -351,7 +396,82 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], mode: str,
     if crl_dir is not None and not os.path.isdir(crl_dir):
         fail(f"{dir_where}={crl_dir!r}: no such directory (a certificate revocation list that "
              "cannot be read would revoke nothing): fix the path")
-    return crl_file, crl_dir
+    mode, root = checks.mode, checks.root
+    if crl_file is not None or crl_dir is not None:
+        where = file_where if crl_file is not None else dir_where
+        shown = f"{where}={crl_file if crl_file is not None else crl_dir!r}"
+        if _RANK[mode] < _RANK["require"]:
+            fail(f"{shown}: ssl mode {mode!r} ({checks.source}) checks no certificate, so the "
+                 "revocation list would not be read (libpq and asyncpg skip it silently): set "
+                 "sslmode=verify-full with sslrootcert to have it checked, or leave it out")
+        if mode == "require" and root is None and checks.context is None:
+            home_root = _home_file("root.crt", env)
+            if crl_dir is not None:
+                fail(f"{dir_where}={crl_dir!r}: with sslmode=require and no root certificate "
+                     "named, asyncpg builds the TLS context (from ~/.postgresql/root.crt if it "
+                     "exists) and reads no sslcrldir: name the root certificate (sslrootcert= "
+                     "or ssl_root_cert) so that the pool checks it, or give a file (sslcrl)")
+            if home_root is None or not home_root.is_file():
+                fail(f"{shown}: sslmode=require checks the certificate chain only against a "
+                     "root certificate, and none is given (sslrootcert, ssl_root_cert, "
+                     "PGSSLROOTCERT, ~/.postgresql/root.crt), so the revocation list would "
+                     "revoke nothing: give the root certificate (or sslmode=verify-full)")
+            # asyncpg checks it, against ~/.postgresql/root.crt, as libpq does.
+        return crl_file, crl_dir, " / ".join(w for w in (file_where, dir_where) if w)
+    if checks.context is not None or _RANK[mode] < _RANK["require"]:
+        return None, None, None  # a context is used as it is; these modes check no chain
+    default = _home_file("root.crl", env)
+    if default is None or not default.exists():
+        return None, None, None
+    if root is None and mode != "require":
+        fail(f"{DEFAULT_CRL} exists, which libpq checks beside ~/.postgresql/root.crt, but no "
+             "root certificate is named, so the pool would verify against the system CAs "
+             "without checking it: name the CA (sslrootcert= or ssl_root_cert) to have the "
+             "list checked, give it explicitly (sslcrl=), or write sslrootcert=system to check "
+             "none (as libpq reads no revocation list with the system CAs)")
+    if root is None or root == SYSTEM:
+        # require without a root certificate: asyncpg builds the context and reads the file
+        # itself, as libpq does; with the system CAs libpq reads no revocation list.
+        return None, None, None
+    return str(default), None, f"{DEFAULT_CRL}, libpq's default revocation list"
+
+
+def _home_file(name: str, env: Mapping[str, str]) -> Path | None:
+    """``~/.postgresql/<name>`` as asyncpg finds it (``HOME``, else the user's home), or None."""
+    if env.get("HOME"):
+        return Path(env["HOME"]) / ".postgresql" / name
+    if env is not os.environ:
+        return None  # a mapping of its own without HOME: no home directory
+    try:
+        return Path.home() / ".postgresql" / name
+    except (RuntimeError, KeyError):
+        return None
+
+
+#: libpq's ``sslnegotiation`` values (17); asyncpg reads the same (and ``direct_tls=``).
+SSL_NEGOTIATION = ("postgres", "direct")
+
+
+def _direct_tls(config: PoolConfig, given: _Given, mode: str, source: str,
+                fail: Any) -> str | None:
+    """Where direct TLS is asked for (``sslnegotiation=direct``: DSN, service,
+    ``PGSSLNEGOTIATION``; asyncpg's ``direct_tls``), or None. asyncpg does it itself; what it
+    would refuse at each connect, or read differently, is refused here, once."""
+    negotiation = given.get("sslnegotiation", "PGSSLNEGOTIATION")
+    if negotiation is not None and negotiation[0] not in SSL_NEGOTIATION:
+        fail(f"{negotiation[1]}={negotiation[0]!r}: choose one of {', '.join(SSL_NEGOTIATION)}")
+    flag = config.connect_kwargs.get("direct_tls")
+    if flag is not None and negotiation is not None and bool(flag) != (negotiation[0] == "direct"):
+        fail(f"direct TLS is given twice and the two disagree: connect_kwargs['direct_tls']="
+             f"{flag!r} and {negotiation[1]}={negotiation[0]!r}; give it once")
+    if flag is not None:
+        where = "connect_kwargs['direct_tls']" if flag else None
+    else:
+        where = negotiation[1] if negotiation is not None and negotiation[0] == "direct" else None
+    if where is not None and _RANK[mode] < _RANK["require"]:
+        fail(f"{where} asks for direct TLS, which needs TLS on every connection, but the ssl "
+             f"mode is {mode!r} ({source}): set sslmode=verify-full (or require)")
+    return where
 
 
 #: libpq's ``channel_binding`` values; asyncpg does no channel binding (no SCRAM-SHA-256-PLUS).
