@@ -21,7 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from asyncpool import ConnectionLeakedError, ConnectionLostError, Pool, PoolTimeoutError
 from asyncpool.config import PreparedStatements
-from asyncpool.integrations.sqlalchemy import create_async_engine
+from asyncpool.integrations.sqlalchemy import LendingPool, create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.test_unnamed_wire import CountingRelay
 
@@ -722,3 +722,103 @@ async def test_server_settings_hold_in_sessions_behind_a_pooler(
             assert await conn.fetchval(str(show)) == "pg_catalog | off"
         assert (pool.stats().in_use, pool.stats().closed_total) == (0, 0)
         await engine.dispose()
+
+
+# -- QueuePool's read-outs on engine.pool -------------------------------------------------------
+
+#: ``(size(), checkedin(), overflow(), checkedout())``, as QueuePool's status() lists them.
+Figures = tuple[int, int, int, int]
+
+
+def _figures(engine: Any) -> Figures:
+    lending = engine.pool
+    return (lending.size(), lending.checkedin(), lending.overflow(), lending.checkedout())
+
+
+async def _hold_return_lose(engine: Any, admin_dsn: str, settle: Callable[[], Any],
+                            while_held: Callable[[], Any] | None = None) -> list[Figures]:
+    """The read-outs at start, while 3 concurrent sessions hold a connection each, after they
+    return them, and after a fourth session's connection is killed by the server."""
+    import asyncpg
+
+    seen = [_figures(engine)]
+    Session = async_sessionmaker(engine)
+    held, release = asyncio.Event(), asyncio.Event()
+    pids: list[int] = []
+
+    async def hold() -> None:
+        async with Session() as session:
+            pids.append((await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+            if len(pids) == 3:
+                held.set()
+            await release.wait()
+
+    tasks = [asyncio.create_task(hold()) for _ in range(3)]
+    await asyncio.wait_for(held.wait(), 10)
+    seen.append(_figures(engine))
+    if while_held is not None:
+        await while_held()
+    release.set()
+    await asyncio.gather(*tasks)
+    await settle()
+    seen.append(_figures(engine))
+    async with Session() as session:
+        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            await session.execute(sa.text("SELECT 1"))
+        assert caught.value.connection_invalidated
+    await settle()
+    seen.append(_figures(engine))
+    return seen
+
+
+@pytest.mark.parametrize(("which", "mode"), MODES)
+async def test_engine_pool_reports_queuepools_figures_from_the_pools_state(
+        request: pytest.FixtureRequest, postgres: PostgresServer, schema: None, which: str,
+        mode: PreparedStatements) -> None:
+    """``engine.pool``'s ``size()``, ``checkedin()``, ``overflow()``, ``checkedout()`` (what
+    exporters and health checks read; they did not exist) follow the asyncpool pool's state, with
+    the numbers SQLAlchemy's own QueuePool(pool_size=max_size, max_overflow=0) gives for the same
+    sessions, side by side; after a lost connection the pool has one connection fewer, where
+    QueuePool keeps the invalidated record in its count (docs/sqlalchemy.md)."""
+    from sqlalchemy.ext.asyncio import create_async_engine as stock_create_async_engine
+
+    stock = stock_create_async_engine(
+        postgres.dsn().replace("postgresql://", "postgresql+asyncpg://", 1),
+        pool_size=4, max_overflow=0)
+    try:
+        queue_pool = await _hold_return_lose(stock, postgres.admin_dsn, lambda: asyncio.sleep(0))
+    finally:
+        await stock.dispose()
+    assert queue_pool == [(4, 0, -4, 0), (4, 0, -1, 3), (4, 3, -1, 0), (4, 3, -1, 0)]
+
+    async with Pool(_pooler(request, which).dsn(), name=f"sqla-figures-{mode}", min_size=0,
+                    max_size=4, prepared_statements=mode, acquire_timeout=10,
+                    telemetry=False) as pool:
+        engine = create_async_engine(pool)
+        assert engine.pool is engine.sync_engine.pool
+        lending = cast(LendingPool, engine.pool)  # (typed as SQLAlchemy's Pool, as QueuePool)
+
+        async def while_held() -> None:
+            # Read from another thread, as a metrics exporter's collector does.
+            assert await asyncio.to_thread(lending.checkedout) == 3
+            status = lending.status()
+            assert ("Pool size: 4  Connections in pool: 0 Current Overflow: -1 Current "
+                    "Checked out connections: 3 (connecting: 0, waiting: 0") in status, status
+
+        asyncpool_figures = await _hold_return_lose(
+            engine, postgres.admin_dsn, lambda: _settled(pool), while_held)
+        assert asyncpool_figures[:3] == queue_pool[:3]
+        assert asyncpool_figures[3] == (4, 2, -2, 0)  # the lost one closed, its slot free
+        for size, checkedin, overflow, checkedout in asyncpool_figures:
+            assert checkedout == size - checkedin + overflow  # QueuePool's own identity
+        async with pool.acquire():  # a plain user of the same pool counts too
+            assert _figures(engine) == (4, 1, -2, 1)
+        assert lending.timeout() == 10
+        await engine.dispose()
+        assert _figures(engine) == (4, 2, -2, 0)  # dispose() leaves the pool's connections

@@ -398,6 +398,8 @@ class LendingPool(sa_pool.Pool):
     A record invalidated by SQLAlchemy (a lost connection) has had its connection discarded;
     its next checkout makes a new adapter through the creator. Records kept: at most the pool's
     ``max_size``. The ``connect`` event fires once per record, not per server connection.
+    QueuePool's ``size()``, ``checkedin()``, ``checkedout()``, ``overflow()``, ``timeout()`` and
+    ``status()`` read the asyncpool pool (docs/sqlalchemy.md).
     """
 
     def __init__(self, creator: Any, asyncpool: Pool | None = None, **kwargs: Any) -> None:
@@ -467,8 +469,49 @@ class LendingPool(sa_pool.Pool):
         for record in spare:
             record.close()
 
+    # -- QueuePool's read-outs (exporters and health checks call them), from the pool's state.
+    # They count the asyncpool pool's connections, whoever holds them: the pool is shared by
+    # every engine made on it and by its plain users. Each reads one `Pool.stats()` (safe from
+    # a metrics thread). Their numbers are those of a QueuePool(pool_size=max_size,
+    # max_overflow=0), the QueuePool that behaves as the asyncpool pool does.
+
+    def size(self) -> int:
+        """The most connections the pool opens (its ``max_size``); constant, as QueuePool's
+        ``size()`` is its ``pool_size``, not the number open."""
+        return self._asyncpool.stats().max_size
+
+    def checkedin(self) -> int:
+        """Connections open and idle in the pool (``stats().idle``)."""
+        return self._asyncpool.stats().idle
+
+    def checkedout(self) -> int:
+        """Connections lent, to this engine's sessions or any other user of the pool, counted
+        until their reset after return is done (``stats().in_use``)."""
+        return self._asyncpool.stats().in_use
+
+    def overflow(self) -> int:
+        """Connections open or being opened, less `size()`: never above 0, as the pool opens
+        none past ``max_size``; ``-overflow()`` is how many it could still open. QueuePool's
+        count, which is negative too until ``pool_size`` connections are open."""
+        stats = self._asyncpool.stats()
+        return stats.size - stats.max_size
+
+    def timeout(self) -> float:
+        """How long a checkout waits for a connection (the pool's ``acquire_timeout``;
+        ``inf`` if it waits without limit)."""
+        timeout = self._asyncpool.config.acquire_timeout
+        return float("inf") if timeout is None else timeout
+
     def status(self) -> str:
-        return f"LendingPool over asyncpool pool {self._asyncpool.name!r} ({len(self._spare)} spare)"
+        """QueuePool's status line, from one reading of the pool, with what QueuePool has no
+        word for (connections being opened or checked, callers waiting)."""
+        stats = self._asyncpool.stats()
+        return (
+            f"LendingPool over asyncpool pool {stats.name!r}: Pool size: {stats.max_size}  "
+            f"Connections in pool: {stats.idle} Current Overflow: {stats.size - stats.max_size} "
+            f"Current Checked out connections: {stats.in_use} (connecting: {stats.connecting}, "
+            f"waiting: {stats.waiting}; SQLAlchemy records kept: {len(self._spare)})"
+        )
 
 
 # -- JSON: decoded by SQLAlchemy, so the pool's connections keep asyncpg's own codecs ---------
