@@ -150,31 +150,152 @@ async def test_json_codecs_do_not_bleed_to_plain_pool_users(
         await engine.dispose()
 
 
-async def test_a_codec_for_everyone_with_the_documented_deserializer(
-        request: pytest.FixtureRequest, schema: None) -> None:
-    """docs/sqlalchemy.md's "codec for everyone": the pool's connections decode JSON themselves,
-    and ``json_deserializer=lambda value: value`` keeps SQLAlchemy from decoding again (a JSON
-    string, "123", stays the string)."""
-    import json
+#: json/jsonb results with no SQLAlchemy type that SQLAlchemy decodes on asyncpool as on
+#: postgresql+asyncpg: at the top level, in arrays, as a field taken out of a composite, as a
+#: domain over jsonb (the server describes a domain column as its base type).
+JSON_SAME = {
+    "top level": """SELECT '{"a": 1}'::json, '["b"]'::jsonb, '"s"'::jsonb""",
+    "arrays": """SELECT ARRAY['{"a": 1}'::jsonb], ARRAY[ARRAY['{"a": 1}'::json]]""",
+    "fields of a composite": "SELECT (v).j, (v).b, (v).n FROM sqla_json_rows",
+    "domain": """SELECT '{"a": 1}'::sqla_json_domain""",
+}
+#: Those postgresql+asyncpg decodes and asyncpool's engine (no codec on the pool's connections)
+#: gives as JSON text: json inside a record, whose type SQLAlchemy's result processing never
+#: sees (docs/sqlalchemy.md, Codecs). Query, then the row as the stock dialect returns it.
+JSON_NESTED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "ROW()": ("""SELECT ROW('{"a": 1}'::json, '["b"]'::jsonb, 3)""", (({"a": 1}, ["b"], 3),)),
+    "composite column": ("SELECT v FROM sqla_json_rows", (({"a": 1}, ["b"], 3),)),
+    "array of composites": ("SELECT ARRAY[v] FROM sqla_json_rows", ([({"a": 1}, ["b"], 3)],)),
+    "array of a domain over jsonb": ("""SELECT ARRAY['{"a": 1}'::sqla_json_domain]""",
+                                     ([{"a": 1}],)),
+}
+
+
+@pytest.fixture(scope="module")
+async def json_records(postgres: PostgresServer) -> None:
+    """A composite type with json and jsonb fields, a table of it, a domain over jsonb."""
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres.dsn())
+    try:
+        await conn.execute("""
+            DROP TABLE IF EXISTS sqla_json_rows;
+            DROP TYPE IF EXISTS sqla_json_pair;
+            DROP DOMAIN IF EXISTS sqla_json_domain;
+            CREATE TYPE sqla_json_pair AS (j json, b jsonb, n int);
+            CREATE DOMAIN sqla_json_domain AS jsonb;
+            CREATE TABLE sqla_json_rows (v sqla_json_pair);
+            INSERT INTO sqla_json_rows VALUES (ROW('{"a": 1}', '["b"]', 3));""")
+    finally:
+        await conn.close()
+
+
+def _plain(value: Any) -> Any:
+    """A result as tuples and lists (asyncpg gives a composite as a Record)."""
+    import asyncpg
+
+    if isinstance(value, tuple | asyncpg.Record):
+        return tuple(_plain(item) for item in value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+async def _json_results(engine: Any) -> dict[str, Any]:
+    """Each JSON_SAME and JSON_NESTED query's row, and Core statements with JSON types."""
+    JSONB = sa.dialects.postgresql.JSONB
+    statements: dict[str, Any] = {
+        name: sa.text(query) for name, query in JSON_SAME.items()}
+    statements.update((name, sa.text(query)) for name, (query, _) in JSON_NESTED.items())
+    statements["core, typed"] = sa.select(
+        sa.cast(sa.literal('{"a": 1}'), sa.JSON), sa.cast(sa.literal('"s"'), JSONB),
+        sa.bindparam("p", {"a": [1]}, type_=JSONB))
+    statements["text(), typed array"] = sa.text(
+        """SELECT ARRAY['{"a": 1}'::jsonb] AS x""").columns(x=sa.ARRAY(JSONB))
+    results = {}
+    async with engine.connect() as conn:
+        for name, statement in statements.items():
+            results[name] = _plain(tuple((await conn.execute(statement)).one()))
+    return results
+
+
+async def _stock_json_results(postgres: PostgresServer) -> dict[str, Any]:
+    """The same through SQLAlchemy's own postgresql+asyncpg engine, straight to PostgreSQL."""
+    from sqlalchemy.ext.asyncio import create_async_engine as stock_create_async_engine
+
+    stock = stock_create_async_engine(
+        postgres.dsn().replace("postgresql://", "postgresql+asyncpg://", 1))
+    try:
+        return await _json_results(stock)
+    finally:
+        await stock.dispose()
+
+
+async def test_json_inside_records_is_text_and_the_rest_as_postgresql_asyncpg(
+        pool: Pool, postgres: PostgresServer, json_records: None) -> None:
+    """Side by side with postgresql+asyncpg, in every pooler/mode pair: json/jsonb at the top
+    level, in arrays, in Core statements with JSON types come back the same; inside a record
+    (ROW(), a composite column, an array of those) and in an array of a domain over jsonb,
+    the stock dialect's codecs decode them and asyncpool's engine gives JSON text (what "JSON
+    inside ROW() does not work" was). Pinned both ways, as docs/sqlalchemy.md states it."""
+    stock = await _stock_json_results(postgres)
+    for name, (_, decoded) in JSON_NESTED.items():
+        assert stock[name] == decoded, name
+    engine = create_async_engine(pool)
+    ours = await _json_results(engine)
+    await engine.dispose()
+    assert {name: ours[name] for name in ours if name not in JSON_NESTED} == {
+        name: stock[name] for name in stock if name not in JSON_NESTED}
+    assert ours["ROW()"] == (('{"a": 1}', '["b"]', 3),)
+    assert ours["composite column"] == (('{"a": 1}', '["b"]', 3),)
+    assert ours["array of composites"] == ([('{"a": 1}', '["b"]', 3)],)
+    assert ours["array of a domain over jsonb"] == (['{"a": 1}'],)
+
+
+def _json_codecs_for_everyone(loads: Callable[[str], Any]) -> Callable[[Any], Any]:
+    """docs/sqlalchemy.md's "codec for everyone": the pool's ``init``."""
 
     async def init(conn: Any) -> None:
-        for name in ("json", "jsonb"):
-            await conn.set_type_codec(name, schema="pg_catalog", encoder=lambda value: value,
-                                      decoder=json.loads, format="text")
+        # Binary, as SQLAlchemy's asyncpg dialect sets them: asyncpg decodes a composite type
+        # only in binary, its fields included ("text encoding of composite types is not
+        # supported"). jsonb's binary form is a version byte, 1, then the text.
+        await conn.set_type_codec(
+            "json", schema="pg_catalog", format="binary",
+            encoder=str.encode, decoder=lambda data: loads(data.decode()))
+        await conn.set_type_codec(
+            "jsonb", schema="pg_catalog", format="binary",
+            encoder=lambda text: b"\x01" + text.encode(),
+            decoder=lambda data: loads(data[1:].decode()))
 
-    server = _pooler(request, "legacy")
+    return init
+
+
+@pytest.mark.usefixtures("schema", "json_records")
+@pytest.mark.parametrize(("which", "mode"), MODES)
+async def test_a_codec_for_everyone_with_the_documented_deserializer(
+        request: pytest.FixtureRequest, postgres: PostgresServer, which: str,
+        mode: PreparedStatements) -> None:
+    """docs/sqlalchemy.md's "codec for everyone": the pool's connections decode JSON themselves,
+    and ``json_deserializer=lambda value: value`` keeps SQLAlchemy from decoding again (a JSON
+    string, "123", stays the string). Every JSON result then comes back as from
+    postgresql+asyncpg, json inside records included. The recipe's codecs were text-format:
+    a composite type with a json field then failed to decode at all (InterfaceError)."""
+    import json
+
     values: list[Any] = ["hello", "123", "true", {"a": 1}, [1, "x"]]
-    async with Pool(server.dsn(), name="sqla-codec", max_size=1, init=init,
+    async with Pool(_pooler(request, which).dsn(), name=f"sqla-codec-{mode}", max_size=1,
+                    prepared_statements=mode, init=_json_codecs_for_everyone(json.loads),
                     telemetry=False) as pool:
         engine = create_async_engine(pool, json_deserializer=lambda value: value)
         async with engine.begin() as conn:
-            await conn.execute(sa.text("CREATE TEMP TABLE codec_json (v jsonb)"))
+            await conn.execute(sa.text("CREATE TEMP TABLE codec_json (v jsonb) ON COMMIT DROP"))
             table = sa.table("codec_json", sa.column("v", sa.dialects.postgresql.JSONB))
             for value in values:
                 await conn.execute(sa.insert(table).values(v=value))
             assert (await conn.execute(sa.select(table.c.v))).scalars().all() == values
             untyped = await conn.execute(sa.text("SELECT v FROM codec_json"))
             assert untyped.scalars().all() == values
+        assert await _json_results(engine) == await _stock_json_results(postgres)
         assert await pool.fetchval("""SELECT '{"a": 1}'::jsonb""") == {"a": 1}  # (the codec's)
         await engine.dispose()
 

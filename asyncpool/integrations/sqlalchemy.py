@@ -16,8 +16,9 @@ invalidates it. Statements run as ``conn.fetch()`` does, not through ``prepare()
 the pool's ``prepared_statements`` mode: ``"off"`` stays pooler-safe, ``"on"`` uses asyncpg's
 statement cache (PgBouncer >= 1.21), and ``"unnamed"`` costs one round trip per repeated
 statement. No type codec is set on the pool's connections: JSON is decoded by SQLAlchemy's own
-result processing. asyncpool's errors reach the caller as the ``__cause__`` (and ``.orig``) of
-SQLAlchemy's exception. See docs/sqlalchemy.md.
+result processing (json inside a record, ``ROW()`` or a composite type, stays JSON text, as
+nothing after asyncpg knows a record's field types). asyncpool's errors reach the caller as
+the ``__cause__`` (and ``.orig``) of SQLAlchemy's exception. See docs/sqlalchemy.md.
 
 SQLAlchemy 2.0 and 2.1 are supported.
 """
