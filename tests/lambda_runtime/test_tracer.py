@@ -103,7 +103,8 @@ def traced(api: RuntimeAPI, pooler: PgBouncerServer, tmp_path: Path, xray: XRayD
            **env: str) -> LambdaProcess:
     """tests/lambda_functions/traced.py's handler, as on Lambda with active tracing."""
     return environment(api, pooler, tmp_path, handler="traced.handler", env={
-        # X-Ray's SDK takes the Lambda context (trace header from _X_AMZN_TRACE_ID) only there.
+        # Only there is Powertools' Tracer enabled and X-Ray's SDK in its Lambda mode (the
+        # trace header from _X_AMZN_TRACE_ID, a subsegment sent as soon as it closes).
         "LAMBDA_TASK_ROOT": str(FUNCTIONS),
         "AWS_XRAY_DAEMON_ADDRESS": xray.address,
         **env,
