@@ -125,11 +125,11 @@ def _refuse_timing_decorators_below(handler: Callable[..., Any]) -> None:
     if offender is not None:
         code = getattr(offender, "__code__", None)
         where = code.co_qualname.split(".<locals>")[0] if code is not None else repr(offender)
+        name = getattr(handler, "__qualname__", None) or repr(handler)
         raise TypeError(
-            f"{where} is below @pooled_connection on {handler.__qualname__}: it would see only "
-            "the coroutine, not the invocation (its subsegment or metrics flush ends before the "
-            "handler runs). Put @pooled_connection directly on the async def and Powertools' "
-            "decorators above it."
+            f"{where} is below @pooled_connection on {name}: it would see only the coroutine, "
+            "not the invocation (its subsegment or metrics flush ends before the handler runs). "
+            "Put @pooled_connection directly on the async def and Powertools' decorators above it."
         )
 
 
