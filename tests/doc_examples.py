@@ -164,6 +164,26 @@ def _serverless_powertools(ns: dict[str, Any], page: Page) -> None:
     assert ns["handler"]({"pathParameters": {"id": "999"}}, _context()) == {"statusCode": 404}
 
 
+@probe("@tracer.capture_lambda_handler    # above: its subsegment covers the whole invocation")
+def _tracer(ns: dict[str, Any], page: Page) -> None:
+    # Outside Lambda (no LAMBDA_TASK_ROOT) Powertools disables the Tracer; the handler still
+    # answers through both decorators. tests/lambda_runtime/test_tracer.py runs X-Ray for real.
+    answer = ns["traced_handler"]({"pathParameters": {"id": "1"}}, _context())
+    assert answer == {"statusCode": 200, "body": json.dumps({"id": 1, "status": "new"})}, answer
+    assert ns["traced_handler"]({"pathParameters": {"id": "999"}}, _context()) == {"statusCode": 404}
+
+    async def below(event: Any, context: Any) -> None: ...
+
+    # "refuses those two there (TypeError when the module is imported)"
+    for wrong in (ns["tracer"].capture_lambda_handler(below), ns["metrics"].log_metrics(below)):
+        refused = ""
+        try:
+            ns["pooled_connection"](ns["pool"])(wrong)
+        except TypeError as exc:
+            refused = str(exc)
+        assert "is below @pooled_connection" in refused, "a decorator below pooled_connection was taken"
+
+
 @probe("async def one(record):")
 def _sqs_batch(ns: dict[str, Any], page: Page) -> None:
     from asyncpool import Pool

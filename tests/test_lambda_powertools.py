@@ -19,8 +19,9 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
 from asyncpool import ConnectionLeakedError, Pool, PooledConnection, PoolError
+from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.integrations.invocation import REQUEST_ID_FIELD, LocalContext
-from asyncpool.integrations.lambda_runner import HandlerTimeoutError
+from asyncpool.integrations.lambda_runner import HandlerTimeoutError, LambdaRunner
 from asyncpool.integrations.powertools import current_connection, pooled_connection
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
@@ -286,3 +287,38 @@ async def test_stacks_under_powertools_logger_and_metrics(
 def test_current_connection_outside_a_decorated_handler_says_how_to_get_one() -> None:
     with pytest.raises(PoolError, match=r"@pooled_connection\(pool\)"):
         current_connection()
+
+
+def test_tracer_and_metrics_below_the_middleware_are_refused_when_decorating() -> None:
+    """Below `pooled_connection` they would wrap the creation of the coroutine: Tracer's
+    subsegment would end before the handler ran, Metrics would flush an invocation's metrics
+    with the next one. Logger's decorator (which acts before the call) and any decorator of a
+    synchronous handler keep working there. tests/lambda_runtime/test_tracer.py runs X-Ray."""
+    from aws_lambda_powertools import Tracer
+
+    pool = Pool(config=lambda_config(environ={}, dsn="postgresql://app@127.0.0.1:1/app"))
+    runner = LambdaRunner()
+    tracer = Tracer(service="refused", disabled=True, auto_patch=False)
+    metrics = Metrics(namespace="asyncpool-tests", service="refused")
+    logger = Logger(service="refused")
+
+    async def handler(event: Any, context: Any) -> int:
+        return 1
+
+    def sync_handler(event: Any, context: Any) -> int:
+        return 1
+
+    decorate = pooled_connection(pool, runner=runner)
+    try:
+        with pytest.raises(TypeError, match=r"^Tracer\.capture_lambda_handler is below @pooled_connection"):
+            decorate(tracer.capture_lambda_handler(handler))
+        with pytest.raises(TypeError, match=r"^BaseProvider\.log_metrics is below @pooled_connection"):
+            decorate(metrics.log_metrics(handler))
+        # Under another decorator that is itself below: still found.
+        with pytest.raises(TypeError, match="directly on the async def"):
+            decorate(logger.inject_lambda_context(tracer.capture_lambda_handler(handler)))
+        decorate(logger.inject_lambda_context(handler))
+        decorate(tracer.capture_lambda_handler(sync_handler))
+        decorate(handler)
+    finally:
+        runner.close()

@@ -15,9 +15,12 @@
 
 Powertools middlewares are synchronous, so this one drives the invocation on a
 `asyncpool.integrations.lambda_runner.LambdaRunner` (one loop for the environment's life) and must sit
-innermost, directly on the ``async def``. The connection is released in a ``finally`` whatever the
-handler does: returns, raises, is cancelled at the time limit, or keeps a reference (which then
-refuses use).
+innermost, directly on the ``async def``: a synchronous decorator below it gets the coroutine, not
+the invocation's work. Powertools' Tracer and Metrics decorators there are refused (a TypeError at
+import): their subsegment, or their flush, would end before the work began.
+
+The connection is released in a ``finally`` whatever the handler does: returns, raises, is
+cancelled at the time limit, or keeps a reference (which then refuses use).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import inspect
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
 from aws_lambda_powertools.middleware_factory import lambda_handler_decorator
 
@@ -88,12 +91,49 @@ def pooled_connection(
     if not isinstance(pool, Pool):
         raise TypeError(f"pooled_connection() takes an asyncpool.Pool, not {type(pool).__name__}")
     (runner or get_runner()).attach(pool, check_each_invocation=check_each_invocation)
-    decorate: HandlerDecorator = _middleware(pool=pool, runner=runner, transaction=transaction)
-    return decorate
+    middleware = _pooled_connection(pool=pool, runner=runner, transaction=transaction)
+
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        _refuse_timing_decorators_below(handler)
+        wrapped: Callable[..., Any] = middleware(handler)
+        return wrapped
+
+    return cast(HandlerDecorator, decorate)
 
 
-@lambda_handler_decorator
-def _middleware(
+# Where Powertools defines the decorators that time or flush around the call they wrap
+# (Tracer.capture_lambda_handler, Metrics.log_metrics and its providers'): below
+# pooled_connection they would wrap the creation of a coroutine, not the invocation.
+_AROUND_THE_CALL = ("aws_lambda_powertools.tracing.", "aws_lambda_powertools.metrics.")
+
+
+def _refuse_timing_decorators_below(handler: Callable[..., Any]) -> None:
+    """Raise TypeError if Powertools' Tracer or Metrics decorates the ``async def`` below us.
+
+    Other synchronous decorators there (Logger's, the parser's) act before the call and keep
+    working, so only these are refused. Runs once, when the handler is decorated.
+    """
+    offender = None
+    layer: Any = handler
+    while not inspect.iscoroutinefunction(layer):
+        module = getattr(layer, "__globals__", {}).get("__name__", "")
+        if offender is None and module.startswith(_AROUND_THE_CALL):
+            offender = layer
+        layer = getattr(layer, "__wrapped__", None)
+        if layer is None:
+            return  # a synchronous handler all the way down: every decorator sees the work
+    if offender is not None:
+        code = getattr(offender, "__code__", None)
+        where = code.co_qualname.split(".<locals>")[0] if code is not None else repr(offender)
+        name = getattr(handler, "__qualname__", None) or repr(handler)
+        raise TypeError(
+            f"{where} is below @pooled_connection on {name}: it would see only the coroutine, "
+            "not the invocation (its subsegment or metrics flush ends before the handler runs). "
+            "Put @pooled_connection directly on the async def and Powertools' decorators above it."
+        )
+
+
+def _serve_pooled(
     handler: Callable[..., Any],
     event: Any,
     context: Any,
@@ -124,6 +164,12 @@ def _middleware(
         return result
 
     return (runner or get_runner()).invoke(serve, context)
+
+
+# Powertools names the middleware by this in its logs and, with POWERTOOLS_TRACE_MIDDLEWARES=true,
+# in the X-Ray subsegment it opens around it ("## pooled_connection").
+_serve_pooled.__qualname__ = "pooled_connection"
+_pooled_connection = lambda_handler_decorator(_serve_pooled)
 
 
 class _RollBack(Exception):

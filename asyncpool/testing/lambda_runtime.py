@@ -6,6 +6,11 @@ request-id, deadline, function-ARN and trace headers; ``POST .../invocation/{id}
 ``.../error`` complete them; ``POST .../init/error``; and, for SnapStart, ``GET .../restore/next``
 (held until the test restores the environment) and ``POST .../restore/error``.
 
+Each event's ``Lambda-Runtime-Trace-Id`` is an X-Ray trace header (``Root=...;Parent=...;Sampled=...``),
+the runtime client puts it in ``_X_AMZN_TRACE_ID``; `RuntimeAPI(sampled=True)` marks it sampled, so
+the X-Ray SDK (Powertools' Tracer) in the handler sends its subsegments to the daemon address
+(``AWS_XRAY_DAEMON_ADDRESS``), which a test can bind itself.
+
 `LambdaProcess` runs ``python -m awslambdaric module.handler``, the runtime interface client AWS
 ships for Python images (PyPI ``awslambdaric``), against it: one execution environment the test
 can invoke, freeze (SIGSTOP) and thaw (SIGCONT) between invocations, and shut down (SIGTERM)::
@@ -57,6 +62,8 @@ class Outcome:
     # From the event leaving the emulator to the response arriving: the invocation's duration
     # as Lambda bills it, runtime overhead included.
     seconds: float
+    # The X-Ray trace id (``1-...``) the event was sent with.
+    trace_id: str = ""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -67,6 +74,7 @@ class _Pending:
     request_id: str
     body: bytes
     deadline_ms: int
+    trace_header: str
     done: threading.Event = field(default_factory=threading.Event)
     sent_at: float | None = None
     outcome: Outcome | None = None
@@ -76,11 +84,13 @@ class RuntimeAPI:
     """The Lambda Runtime API on 127.0.0.1, one thread per HTTP connection.
 
     `function_timeout` sets each event's deadline header (what ``get_remaining_time_in_millis``
-    counts down from). Events are served in order to whichever runtime process asks.
+    counts down from). `sampled` marks each event's X-Ray trace header sampled (as when the
+    function has active tracing). Events are served in order to whichever runtime process asks.
     """
 
-    def __init__(self, *, function_timeout: float = 30.0) -> None:
+    def __init__(self, *, function_timeout: float = 30.0, sampled: bool = False) -> None:
         self.function_timeout = function_timeout
+        self.sampled = sampled
         self._events: queue.Queue[_Pending] = queue.Queue()
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
@@ -130,8 +140,12 @@ class RuntimeAPI:
     def submit(self, event: Any, *, request_id: str | None = None) -> str:
         """Queue an event (JSON-encoded); returns its request id."""
         rid = request_id or str(uuid.uuid4())
-        deadline_ms = int((time.time() + self.function_timeout) * 1000)
-        pending = _Pending(rid, json.dumps(event).encode(), deadline_ms)
+        now = time.time()
+        deadline_ms = int((now + self.function_timeout) * 1000)
+        # As Lambda sends it: a new trace per invocation, the function's segment as the parent.
+        trace = (f"Root=1-{int(now):08x}-{uuid.uuid4().hex[:24]};Parent={uuid.uuid4().hex[:16]};"
+                 f"Sampled={int(self.sampled)}")
+        pending = _Pending(rid, json.dumps(event).encode(), deadline_ms, trace)
         with self._lock:
             self._pending[rid] = pending
         self._events.put(pending)
@@ -195,7 +209,8 @@ class RuntimeAPI:
         if pending is None or pending.done.is_set():
             return False
         sent = pending.sent_at if pending.sent_at is not None else time.monotonic()
-        pending.outcome = Outcome(request_id, kind, body, headers, time.monotonic() - sent)
+        trace_id = pending.trace_header.split(";")[0].removeprefix("Root=")
+        pending.outcome = Outcome(request_id, kind, body, headers, time.monotonic() - sent, trace_id)
         pending.done.set()
         return True
 
@@ -243,8 +258,7 @@ class RuntimeAPI:
                         "Lambda-Runtime-Deadline-Ms": str(pending.deadline_ms),
                         "Lambda-Runtime-Invoked-Function-Arn":
                             f"arn:aws:lambda:us-east-1:000000000000:function:{FUNCTION_NAME}",
-                        "Lambda-Runtime-Trace-Id":
-                            f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Sampled=0",
+                        "Lambda-Runtime-Trace-Id": pending.trace_header,
                     })
                 elif self.path == f"{PREFIX}/restore/next":
                     api.restore_requested.set()
