@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import numbers
 import os
 import re
@@ -70,7 +71,8 @@ class DefaultTimeout(float):
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """The options of a `Pool`. Times are in seconds; `None` turns a limit off.
+    """The options of a `Pool`. Times are in seconds; `None` turns a limit off, and
+    ``float("inf")`` is taken for None (`connect_timeout` must have a limit).
 
     dsn: ``postgresql://user[:password]@host:port/database[?...]`` (env ``ASYNCPOOL_DSN``).
         A password in it is used for SCRAM unless `credentials` is given; it is never printed.
@@ -390,6 +392,10 @@ def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
             what = "a whole number" if kind is int else "a number of seconds"
             hint = " or none" if nullable else ""
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}") from None
+        if math.isnan(value):  # float() reads it: not a time or a fraction
+            what = "a fraction in [0, 1)" if name == "lifetime_jitter" else "a number of seconds"
+            hint = " or none" if nullable else ""
+            raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}")
         return value + 0  # "-0" is 0, not -0.0
     if name in _CHOICE_FIELDS:
         return text.lower()
@@ -417,8 +423,9 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if cfg.min_size > cfg.max_size:
         fail(f"min_size={cfg.min_size} is larger than max_size={cfg.max_size}: lower min_size")
     _check_time_limits(cfg, fail)
-    if cfg.connect_timeout is None:
-        fail("connect_timeout=None: a login must have a time limit; give a number of seconds > 0")
+    if cfg.connect_timeout is None or cfg.connect_timeout == math.inf:
+        fail(f"connect_timeout={cfg.connect_timeout!r}: a login must have a time limit; give a "
+             "number of seconds > 0")
     _check_libpq_keys(cfg, fail)
     after = cfg.validate_after
     if after is not None and (not_a_number(after) or not after >= 0):
@@ -469,6 +476,21 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
 
         parse_require_auth(cfg.require_auth)
     _check_root_cert(cfg, fail)
+    _no_limit_as_none(cfg)
+
+
+#: The options in seconds whose None means "no limit" (or "never"): infinity means the same.
+NO_LIMIT_OPTIONS = ("acquire_timeout", "max_lifetime", "max_idle", "validate_after",
+                    "leak_timeout", "statement_cache_ttl", "command_timeout")
+
+
+def _no_limit_as_none(cfg: PoolConfig) -> None:
+    """``float("inf")`` (``inf`` in a variable) as None: the same meaning, and the same cost
+    (an infinite ``leak_timeout`` still tracked every checkout; an infinite ``command_timeout``
+    gave asyncpg a timer per query, an infinite ``statement_cache_ttl`` one per statement)."""
+    for key in NO_LIMIT_OPTIONS:
+        if getattr(cfg, key) == math.inf:
+            object.__setattr__(cfg, key, None)
 
 
 def _check_time_limits(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
@@ -484,7 +506,8 @@ def _check_time_limits(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
     for key, value in positive.items():
         # `not value > 0` also refuses NaN, which every comparison lets through.
         if value is not None and (not_a_number(value) or not value > 0):
-            fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
+            none = "" if key == "connect_timeout" else " (or None for no limit)"
+            fail(f"{key}={value!r}: must be a number of seconds > 0{none}")
         # Housekeeping runs every half of the shorter one, and a connection past max_lifetime is
         # logged in again: 1e-9 spun the loop and logged in ~125 times a second (open() never
         # returned). HikariCP resets a maxLifetime under 30 s; the tests use 0.2 s.
