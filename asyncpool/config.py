@@ -114,7 +114,8 @@ class PoolConfig:
     credentials: a provider awaited for the password of every new connection (IAM tokens,
         rotating secrets). Default: the DSN's password.
     ssl: ``disable``/``allow``/``prefer``/``require``/``verify-ca``/``verify-full``, an
-        `ssl.SSLContext`, or ``True`` (``verify-full``) / ``False`` (``disable``) (default:
+        `ssl.SSLContext`, or ``True`` (``verify-full``) / ``False`` (``disable``; ``true`` /
+        ``false`` in ``ASYNCPOOL_SSL``) (default:
         the DSN's ``sslmode``, else ``PGSSLMODE``, else ``prefer``).
         Given in more than one place (this option, the DSN, ``connect_kwargs``), the settings
         must agree. Credentials are only sent over TLS that verifies the server (below).
@@ -398,8 +399,25 @@ def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}")
         return value + 0  # "-0" is 0, not -0.0
     if name in _CHOICE_FIELDS:
-        return text.lower()
+        return _parse_ssl_env(var, raw, text.lower()) if name == "ssl" else text.lower()
     return text
+
+
+def _parse_ssl_env(var: str, raw: str, word: str) -> str | bool:
+    """``ASYNCPOOL_SSL``: a mode, or a switch meaning what ``ssl=True`` / ``ssl=False`` mean in
+    code (asyncpg's too): ``verify-full`` (the strictest, never a weaker check than asked for)
+    and ``disable``. Anything else is refused here, in the variable's own words (an
+    ``ssl.SSLContext`` can only be given in code)."""
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    if word in get_args(SslMode):
+        return word
+    raise PoolConfigError(
+        f"{var}={raw!r}: write one of {', '.join(get_args(SslMode))} (in any case), or true "
+        "(verify-full: the certificate and the host name are checked) / false (disable), as "
+        "ssl=True / ssl=False in code")
 
 
 def _rename_mode(cfg: PoolConfig) -> None:

@@ -363,3 +363,26 @@ async def test_infinite_limits_reach_asyncpg_as_none(postgres: PostgresServer) -
         assert conn.raw._config.command_timeout is None  # type: ignore[attr-defined]
         assert conn.raw._stmt_cache.get_max_lifetime() == 0  # type: ignore[attr-defined]  # asyncpg's "no limit"
         assert await conn.fetchval("SELECT $1::int", 1, timeout=math.inf) == 1
+
+
+def test_asyncpool_ssl_takes_a_switch_with_ssl_true_s_meaning() -> None:
+    """``ASYNCPOOL_SSL=true`` was refused though ``ssl=True`` is taken in code: it means the
+    same now, ``verify-full`` (never a weaker check than asked for); false is ``disable``."""
+    from asyncpool.connect.tls import resolve_tls
+
+    for words, value, mode in ((("true", "TRUE", " yes ", "1", "on"), True, "verify-full"),
+                               (("false", "False", "no", "0", "off"), False, "disable")):
+        for word in words:
+            config = PoolConfig.from_env({"ASYNCPOOL_SSL": word, "ASYNCPOOL_DSN": _DSN})
+            assert config == PoolConfig(_DSN, ssl=value)
+            assert resolve_tls(config, environ={}).mode == mode
+    # Given twice, the two must agree, as for a mode.
+    with pytest.raises(PoolConfigError, match=r"the ssl option=True"):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": "true",
+                                         "ASYNCPOOL_DSN": f"{_DSN}?sslmode=require"}), environ={})
+    for word in ("none", "tls", "verify"):
+        with pytest.raises(PoolConfigError, match=(
+                rf"^ASYNCPOOL_SSL='{word}': write one of disable, allow, prefer, require, "
+                r"verify-ca, verify-full \(in any case\), or true \(verify-full: the certificate "
+                r"and the host name are checked\) / false \(disable\)")):
+            PoolConfig.from_env({"ASYNCPOOL_SSL": word})
