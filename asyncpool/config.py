@@ -16,7 +16,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from asyncpool.connect.dsn import LIBPQ_ONLY, DsnError, left_to_the_pool, parse_dsn, redact_dsn
+from asyncpool.connect.dsn import (
+    LIBPQ_ONLY,
+    DsnError,
+    left_to_the_pool,
+    misspelt_keyword,
+    parse_dsn,
+    redact_dsn,
+)
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
 
 if TYPE_CHECKING:
@@ -136,6 +143,8 @@ class PoolConfig:
         passes on (application_name, client_encoding, DateStyle, TimeZone,
         standard_conforming_strings) at login, the others set in each `pool.transaction()`
         (SET LOCAL); a login-only one (``options``...) is a PoolConfigError. docs/poolers.md.
+        The DSN's query settings (``?search_path=app``) are planned with these; one given in
+        both with another value is a PoolConfigError.
     command_timeout: default time limit of each query, as asyncpg's ``command_timeout``
         (default None: no limit; a call's own ``timeout=`` wins).
     max_queries: a connection that has run this many queries is closed when returned and
@@ -473,6 +482,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if queries is not None and (_not_whole(queries) or queries < 1):
         fail(f"max_queries={queries!r}: must be a whole number >= 1 (or None for no limit)")
     _check_server_settings(cfg.server_settings, fail)
+    _check_dsn_settings(cfg)
     if not isinstance(cfg.connect_kwargs, Mapping):
         fail("connect_kwargs: must be a mapping of asyncpg.connect's options, not a "
              f"{type(cfg.connect_kwargs).__name__}")
@@ -544,6 +554,15 @@ def _check_libpq_keys(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
         params = parse_dsn(cfg.dsn).params if isinstance(cfg.dsn, str) else {}
     except DsnError:
         return  # the connector says what is wrong with it, when the pool opens
+    for key in params:
+        # Sent as a run-time setting, a misspelt keyword would fail every direct login; behind
+        # a pooler it would only be set in each pool.transaction(), and what it was meant to
+        # ask for (?sslmod=verify-full) would silently not be done.
+        keyword = misspelt_keyword(key)
+        if keyword is not None:
+            fail(f"the DSN's ?{key}= is no connection keyword and no setting of PostgreSQL's: "
+                 f"did you mean ?{keyword}=? (A key that is no connection keyword is a "
+                 "run-time setting, as server_settings= gives; give it there if it is one)")
     refused = [key for key, value in params.items()
                if LIBPQ_ONLY.get(key) and not left_to_the_pool(key, value)]
     if refused:
@@ -700,6 +719,20 @@ def _check_server_settings(settings: object, fail: Callable[[str], None]) -> Non
                    else f"write {{{str(key)!r}: {str(value)!r}}}")
             fail(f"server_settings: {key!r}: {value!r}: names and values must be strings "
                  f"({fix})")
+
+
+def _check_dsn_settings(cfg: PoolConfig) -> None:
+    """The DSN's run-time settings (``?search_path=app``) and the `server_settings` option's
+    must agree where both give one (`combined` says which, when they do not)."""
+    if not cfg.server_settings or not isinstance(cfg.dsn, str) or "?" not in cfg.dsn:
+        return
+    from asyncpool.connect.startup import combined  # (it imports nothing of the pool's)
+
+    try:
+        from_dsn = parse_dsn(cfg.dsn).setting_values()
+    except DsnError:
+        return  # the connector says what is wrong with it, when the pool opens
+    combined(from_dsn, cfg.server_settings, cfg.name)
 
 
 def _check_root_cert(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
