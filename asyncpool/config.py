@@ -146,7 +146,8 @@ class PoolConfig:
         The DSN's query settings (``?search_path=app``) are planned with these; one given in
         both with another value is a PoolConfigError.
     command_timeout: default time limit of each query, as asyncpg's ``command_timeout``
-        (default None: no limit; a call's own ``timeout=`` wins).
+        (default None: no limit; a call's own ``timeout=`` wins: seconds >= 0, ``inf`` for no
+        limit, anything else a PoolConfigError before the statement is sent).
     max_queries: a connection that has run this many queries is closed when returned and
         replaced, as asyncpg's ``max_queries`` (default None: no limit; `max_lifetime` already
         renews connections).
