@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import numbers
 import os
 import re
@@ -15,7 +16,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from asyncpool.connect.dsn import LIBPQ_ONLY, DsnError, left_to_the_pool, parse_dsn, redact_dsn
+from asyncpool.connect.dsn import (
+    LIBPQ_ONLY,
+    DsnError,
+    left_to_the_pool,
+    misspelt_keyword,
+    parse_dsn,
+    redact_dsn,
+)
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
 
 if TYPE_CHECKING:
@@ -70,7 +78,8 @@ class DefaultTimeout(float):
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """The options of a `Pool`. Times are in seconds; `None` turns a limit off.
+    """The options of a `Pool`. Times are in seconds; `None` turns a limit off, and
+    ``float("inf")`` is taken for None (`connect_timeout` must have a limit).
 
     dsn: ``postgresql://user[:password]@host:port/database[?...]`` (env ``ASYNCPOOL_DSN``).
         A password in it is used for SCRAM unless `credentials` is given; it is never printed.
@@ -112,7 +121,8 @@ class PoolConfig:
     credentials: a provider awaited for the password of every new connection (IAM tokens,
         rotating secrets). Default: the DSN's password.
     ssl: ``disable``/``allow``/``prefer``/``require``/``verify-ca``/``verify-full``, an
-        `ssl.SSLContext`, or ``True`` (``verify-full``) / ``False`` (``disable``) (default:
+        `ssl.SSLContext`, or ``True`` (``verify-full``) / ``False`` (``disable``; ``true`` /
+        ``false`` in ``ASYNCPOOL_SSL``) (default:
         the DSN's ``sslmode``, else ``PGSSLMODE``, else ``prefer``).
         Given in more than one place (this option, the DSN, ``connect_kwargs``), the settings
         must agree. Credentials are only sent over TLS that verifies the server (below).
@@ -133,8 +143,11 @@ class PoolConfig:
         passes on (application_name, client_encoding, DateStyle, TimeZone,
         standard_conforming_strings) at login, the others set in each `pool.transaction()`
         (SET LOCAL); a login-only one (``options``...) is a PoolConfigError. docs/poolers.md.
+        The DSN's query settings (``?search_path=app``) are planned with these; one given in
+        both with another value is a PoolConfigError.
     command_timeout: default time limit of each query, as asyncpg's ``command_timeout``
-        (default None: no limit; a call's own ``timeout=`` wins).
+        (default None: no limit; a call's own ``timeout=`` wins: seconds >= 0, ``inf`` for no
+        limit, anything else a PoolConfigError before the statement is sent).
     max_queries: a connection that has run this many queries is closed when returned and
         replaced, as asyncpg's ``max_queries`` (default None: no limit; `max_lifetime` already
         renews connections).
@@ -390,10 +403,31 @@ def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
             what = "a whole number" if kind is int else "a number of seconds"
             hint = " or none" if nullable else ""
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}") from None
+        if math.isnan(value):  # float() reads it: not a time or a fraction
+            what = "a fraction in [0, 1)" if name == "lifetime_jitter" else "a number of seconds"
+            hint = " or none" if nullable else ""
+            raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}")
         return value + 0  # "-0" is 0, not -0.0
     if name in _CHOICE_FIELDS:
-        return text.lower()
+        return _parse_ssl_env(var, raw, text.lower()) if name == "ssl" else text.lower()
     return text
+
+
+def _parse_ssl_env(var: str, raw: str, word: str) -> str | bool:
+    """``ASYNCPOOL_SSL``: a mode, or a switch meaning what ``ssl=True`` / ``ssl=False`` mean in
+    code (asyncpg's too): ``verify-full`` (the strictest, never a weaker check than asked for)
+    and ``disable``. Anything else is refused here, in the variable's own words (an
+    ``ssl.SSLContext`` can only be given in code)."""
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    if word in get_args(SslMode):
+        return word
+    raise PoolConfigError(
+        f"{var}={raw!r}: write one of {', '.join(get_args(SslMode))} (in any case), or true "
+        "(verify-full: the certificate and the host name are checked) / false (disable), as "
+        "ssl=True / ssl=False in code")
 
 
 def _rename_mode(cfg: PoolConfig) -> None:
@@ -417,8 +451,9 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if cfg.min_size > cfg.max_size:
         fail(f"min_size={cfg.min_size} is larger than max_size={cfg.max_size}: lower min_size")
     _check_time_limits(cfg, fail)
-    if cfg.connect_timeout is None:
-        fail("connect_timeout=None: a login must have a time limit; give a number of seconds > 0")
+    if cfg.connect_timeout is None or cfg.connect_timeout == math.inf:
+        fail(f"connect_timeout={cfg.connect_timeout!r}: a login must have a time limit; give a "
+             "number of seconds > 0")
     _check_libpq_keys(cfg, fail)
     after = cfg.validate_after
     if after is not None and (not_a_number(after) or not after >= 0):
@@ -448,6 +483,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if queries is not None and (_not_whole(queries) or queries < 1):
         fail(f"max_queries={queries!r}: must be a whole number >= 1 (or None for no limit)")
     _check_server_settings(cfg.server_settings, fail)
+    _check_dsn_settings(cfg)
     if not isinstance(cfg.connect_kwargs, Mapping):
         fail("connect_kwargs: must be a mapping of asyncpg.connect's options, not a "
              f"{type(cfg.connect_kwargs).__name__}")
@@ -469,6 +505,21 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
 
         parse_require_auth(cfg.require_auth)
     _check_root_cert(cfg, fail)
+    _no_limit_as_none(cfg)
+
+
+#: The options in seconds whose None means "no limit" (or "never"): infinity means the same.
+NO_LIMIT_OPTIONS = ("acquire_timeout", "max_lifetime", "max_idle", "validate_after",
+                    "leak_timeout", "statement_cache_ttl", "command_timeout")
+
+
+def _no_limit_as_none(cfg: PoolConfig) -> None:
+    """``float("inf")`` (``inf`` in a variable) as None: the same meaning, and the same cost
+    (an infinite ``leak_timeout`` still tracked every checkout; an infinite ``command_timeout``
+    gave asyncpg a timer per query, an infinite ``statement_cache_ttl`` one per statement)."""
+    for key in NO_LIMIT_OPTIONS:
+        if getattr(cfg, key) == math.inf:
+            object.__setattr__(cfg, key, None)
 
 
 def _check_time_limits(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
@@ -484,7 +535,8 @@ def _check_time_limits(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
     for key, value in positive.items():
         # `not value > 0` also refuses NaN, which every comparison lets through.
         if value is not None and (not_a_number(value) or not value > 0):
-            fail(f"{key}={value!r}: must be a number of seconds > 0 (or None for no limit)")
+            none = "" if key == "connect_timeout" else " (or None for no limit)"
+            fail(f"{key}={value!r}: must be a number of seconds > 0{none}")
         # Housekeeping runs every half of the shorter one, and a connection past max_lifetime is
         # logged in again: 1e-9 spun the loop and logged in ~125 times a second (open() never
         # returned). HikariCP resets a maxLifetime under 30 s; the tests use 0.2 s.
@@ -503,6 +555,15 @@ def _check_libpq_keys(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
         params = parse_dsn(cfg.dsn).params if isinstance(cfg.dsn, str) else {}
     except DsnError:
         return  # the connector says what is wrong with it, when the pool opens
+    for key in params:
+        # Sent as a run-time setting, a misspelt keyword would fail every direct login; behind
+        # a pooler it would only be set in each pool.transaction(), and what it was meant to
+        # ask for (?sslmod=verify-full) would silently not be done.
+        keyword = misspelt_keyword(key)
+        if keyword is not None:
+            fail(f"the DSN's ?{key}= is no connection keyword and no setting of PostgreSQL's: "
+                 f"did you mean ?{keyword}=? (A key that is no connection keyword is a "
+                 "run-time setting, as server_settings= gives; give it there if it is one)")
     refused = [key for key, value in params.items()
                if LIBPQ_ONLY.get(key) and not left_to_the_pool(key, value)]
     if refused:
@@ -659,6 +720,20 @@ def _check_server_settings(settings: object, fail: Callable[[str], None]) -> Non
                    else f"write {{{str(key)!r}: {str(value)!r}}}")
             fail(f"server_settings: {key!r}: {value!r}: names and values must be strings "
                  f"({fix})")
+
+
+def _check_dsn_settings(cfg: PoolConfig) -> None:
+    """The DSN's run-time settings (``?search_path=app``) and the `server_settings` option's
+    must agree where both give one (`combined` says which, when they do not)."""
+    if not cfg.server_settings or not isinstance(cfg.dsn, str) or "?" not in cfg.dsn:
+        return
+    from asyncpool.connect.startup import combined  # (it imports nothing of the pool's)
+
+    try:
+        from_dsn = parse_dsn(cfg.dsn).setting_values()
+    except DsnError:
+        return  # the connector says what is wrong with it, when the pool opens
+    combined(from_dsn, cfg.server_settings, cfg.name)
 
 
 def _check_root_cert(cfg: PoolConfig, fail: Callable[[str], None]) -> None:

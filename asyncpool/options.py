@@ -246,6 +246,24 @@ def check_timeout(pool_name: str, what: str, timeout: Any, none: str = "no limit
         raise error
 
 
+def check_statement_timeout(pool_name: str | None, what: str, timeout: Any) -> None:
+    """Raise `PoolConfigError` for a statement's ``timeout=`` (given to `what`, such as
+    ``fetchval``) that is not seconds >= 0, before anything is sent. Called only for a
+    timeout that is not None (None is the pool's `command_timeout`), off the query path.
+
+    asyncpg itself runs the statement with NaN (no limit, and a NaN timer in the event loop's
+    schedule) and with a numeric string or bytes (``"5"``), raises TimeoutError at once for a
+    negative one (indistinguishable from a statement that ran out of time), and refuses the
+    rest late (``True``, a list) or, for ``copy_records_to_table``, only after sending its
+    introspection query. ``inf`` is no limit, as for every time limit of the pool; 0 is
+    asyncpg's: no time at all (TimeoutError, nothing sent)."""
+    if not_a_number(timeout) or math.isnan(timeout) or timeout < 0:
+        whose = "" if pool_name is None else f"pool {pool_name!r}: "
+        raise PoolConfigError(
+            f"{whose}{what}(timeout={timeout!r}): must be a number of seconds >= 0 (or None "
+            "for the pool's command_timeout); nothing was sent")
+
+
 #: What `timeout_error` adds for a connection given back anyway.
 GIVEN_BACK = "; the connection was given back all the same, within the pool's limit"
 

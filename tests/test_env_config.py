@@ -3,12 +3,14 @@ PG* variables honoured and named in errors, and no silent dial of libpq's defaul
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import subprocess
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ import asyncpool
 from asyncpool import Pool, PoolConfig, PoolConfigError
 from asyncpool.config import OTHER_PREFIXES, OTHER_VARIABLES, env_variables
 from asyncpool.integrations.aws_lambda import lambda_config
+from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
 
 _LIBPQ = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE")
@@ -298,3 +301,88 @@ def test_numbers_are_plain_ascii_and_minus_zero_is_zero() -> None:
     for variable, text in [("ASYNCPOOL_MAX_SIZE", "\u0663"), ("ASYNCPOOL_ACQUIRE_TIMEOUT", "\u0665")]:
         with pytest.raises(PoolConfigError, match=f"{variable}=.*: write a"):
             PoolConfig.from_env({variable: text})
+
+
+#: The options in seconds whose None is "no limit" ("never" for validate_after).
+_NO_LIMIT = ("acquire_timeout", "max_lifetime", "max_idle", "validate_after", "leak_timeout",
+             "statement_cache_ttl", "command_timeout")
+
+
+@pytest.mark.parametrize("option", _NO_LIMIT)
+def test_infinity_is_no_limit_as_none_is_in_code_and_in_the_environment(option: str) -> None:
+    """``inf`` (``float("inf")``, ``ASYNCPOOL_*=inf``) is taken for None: the same meaning and
+    the same cost (an infinite leak_timeout tracked every checkout, an infinite command_timeout
+    gave asyncpg a timer per query)."""
+    variable = f"ASYNCPOOL_{option.upper()}"
+    infinite: dict[str, Any] = {option: math.inf}
+    for config in (PoolConfig(**infinite),
+                   *(PoolConfig.from_env({variable: text})
+                     for text in ("inf", "Infinity", " INF ", "1e400"))):
+        assert getattr(config, option) is None
+        none: dict[str, Any] = {option: None}
+        assert config == PoolConfig(**none)
+    pool = Pool(_DSN, leak_timeout=math.inf, telemetry=False)
+    assert not pool._slots.track_leaks  # no bookkeeping per checkout for a limit never reached
+
+
+def test_connect_timeout_has_a_limit_infinite_or_none() -> None:
+    for given in (math.inf, None):
+        with pytest.raises(PoolConfigError, match=(
+                rf"connect_timeout={given!r}: a login must have a time limit; give a number of "
+                r"seconds > 0$")):
+            PoolConfig(connect_timeout=given)  # type: ignore[arg-type]
+    for text in ("inf", "none"):
+        with pytest.raises(PoolConfigError, match=(
+                r"a login must have a time limit.*\(set by ASYNCPOOL_CONNECT_TIMEOUT\)"
+                if text == "inf" else r"ASYNCPOOL_CONNECT_TIMEOUT='none': write a number")):
+            PoolConfig.from_env({"ASYNCPOOL_CONNECT_TIMEOUT": text})
+    # Not offered "None for no limit" where None is refused.
+    with pytest.raises(PoolConfigError, match=r"connect_timeout=-1: must be a number of seconds "
+                                              r"> 0$"):
+        PoolConfig(connect_timeout=-1)
+
+
+@pytest.mark.parametrize("option", [*_NO_LIMIT, "connect_timeout", "lifetime_jitter"])
+def test_nan_in_a_variable_is_refused_with_the_variable_s_spelling(option: str) -> None:
+    variable = f"ASYNCPOOL_{option.upper()}"
+    what = ("a fraction in \\[0, 1\\)" if option == "lifetime_jitter"
+            else "a number of seconds" + (" or none" if option in _NO_LIMIT else ""))
+    for text in ("nan", "NaN", "-nan"):
+        with pytest.raises(PoolConfigError, match=rf"^{variable}='{text}': write {what}$"):
+            PoolConfig.from_env({variable: text})
+        with pytest.raises(PoolConfigError, match=rf"{option}=nan: must be"):
+            PoolConfig(**{option: math.nan})  # type: ignore[arg-type]
+
+
+async def test_infinite_limits_reach_asyncpg_as_none(postgres: PostgresServer) -> None:
+    """asyncpg armed a timer for every query under command_timeout=inf, and one for every
+    cached statement under an infinite max_cached_statement_lifetime."""
+    async with Pool(postgres.dsn(), min_size=1, max_size=1, command_timeout=math.inf,
+                    statement_cache_ttl=math.inf, prepared_statements="on",
+                    telemetry=False) as pool, pool.acquire() as conn:
+        assert conn.raw._config.command_timeout is None  # type: ignore[attr-defined]
+        assert conn.raw._stmt_cache.get_max_lifetime() == 0  # type: ignore[attr-defined]  # asyncpg's "no limit"
+        assert await conn.fetchval("SELECT $1::int", 1, timeout=math.inf) == 1
+
+
+def test_asyncpool_ssl_takes_a_switch_with_ssl_true_s_meaning() -> None:
+    """``ASYNCPOOL_SSL=true`` was refused though ``ssl=True`` is taken in code: it means the
+    same now, ``verify-full`` (never a weaker check than asked for); false is ``disable``."""
+    from asyncpool.connect.tls import resolve_tls
+
+    for words, value, mode in ((("true", "TRUE", " yes ", "1", "on"), True, "verify-full"),
+                               (("false", "False", "no", "0", "off"), False, "disable")):
+        for word in words:
+            config = PoolConfig.from_env({"ASYNCPOOL_SSL": word, "ASYNCPOOL_DSN": _DSN})
+            assert config == PoolConfig(_DSN, ssl=value)
+            assert resolve_tls(config, environ={}).mode == mode
+    # Given twice, the two must agree, as for a mode.
+    with pytest.raises(PoolConfigError, match=r"the ssl option=True"):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": "true",
+                                         "ASYNCPOOL_DSN": f"{_DSN}?sslmode=require"}), environ={})
+    for word in ("none", "tls", "verify"):
+        with pytest.raises(PoolConfigError, match=(
+                rf"^ASYNCPOOL_SSL='{word}': write one of disable, allow, prefer, require, "
+                r"verify-ca, verify-full \(in any case\), or true \(verify-full: the certificate "
+                r"and the host name are checked\) / false \(disable\)")):
+            PoolConfig.from_env({"ASYNCPOOL_SSL": word})

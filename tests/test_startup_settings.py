@@ -5,6 +5,8 @@ Through PgBouncer 1.18 and current (which refuse "unsupported startup parameter"
 
 from __future__ import annotations
 
+from urllib.parse import quote, urlencode
+
 import pytest
 
 from asyncpool import Pool, PoolConfigError
@@ -91,3 +93,66 @@ async def test_a_transaction_may_still_begin_with_set_transaction(pooler: Pooler
         assert await conn.fetchval("SHOW transaction_isolation") == "serializable"
         assert await conn.fetchval("SHOW search_path") == "app, public"
         assert await conn.fetchval("SHOW statement_timeout") == "4321ms"
+
+
+# -- the same settings given in the DSN's query (asyncpg sends every key it does not read as one)
+
+
+def _with(dsn: str, settings: dict[str, str]) -> str:
+    return f"{dsn}?{urlencode(settings, quote_via=quote)}"
+
+
+async def test_dsn_settings_hold_in_transactions_through_pgbouncer(pooler: Pooler) -> None:
+    """``?search_path=...&jit=off`` behaves as ``server_settings=`` does: PgBouncer refused them
+    at login ("unsupported startup parameter", with advice to use server_settings=)."""
+    async with Pool(_with(pooler.dsn(), SETTINGS), name="startup", min_size=0, max_size=2,
+                    telemetry=False) as pool:
+        for _ in range(3):
+            assert await _seen(pool) == SETTINGS
+        assert await pool.fetchval("SELECT current_setting('application_name')") == "fleet-app"
+        assert pool._slots.transaction_sql == plan(SETTINGS, pooled=True,
+                                                   pool="p").transaction_sql
+
+
+async def test_dsn_settings_are_sent_at_login_direct(postgres: PostgresServer) -> None:
+    async with Pool(_with(postgres.dsn(), SETTINGS), name="startup-direct", min_size=0, max_size=1,
+                    telemetry=False) as pool:
+        assert await _seen(pool) == SETTINGS
+        assert await pool.fetchval("SHOW jit") == "off"
+        assert pool._slots.transaction_sql is None
+
+
+async def test_dsn_and_option_settings_are_one_plan(pooler: Pooler) -> None:
+    """Some in the DSN, some in server_settings=, one given in both with the same value."""
+    dsn_part = {"search_path": "app, public", "jit": "off"}
+    option_part = {"JIT": "off", "statement_timeout": "4321ms", "application_name": "fleet-app"}
+    async with Pool(_with(pooler.dsn(), dsn_part), name="startup-both", min_size=0, max_size=1,
+                    server_settings=option_part, telemetry=False) as pool:
+        assert await _seen(pool) == SETTINGS
+
+
+def test_a_setting_given_twice_with_two_values_is_a_config_error(postgres: PostgresServer) -> None:
+    """Given in the DSN and in server_settings= with different values, the pool does not pick
+    one (as for ssl and command_timeout); the names are matched as PostgreSQL matches them."""
+    with pytest.raises(PoolConfigError, match=(
+            r"pool 'twice': the setting 'Search_Path' is given twice and the two disagree: the "
+            r"DSN's \?search_path='s1' and server_settings\['Search_Path'\]='s2'; give it once")):
+        Pool(postgres.dsn(search_path="s1"), name="twice",
+             server_settings={"Search_Path": "s2"})
+
+
+async def test_a_login_only_dsn_setting_through_pgbouncer_is_a_config_error(
+        pooler: Pooler) -> None:
+    """``?options=`` is dropped by PgBouncer (ignore_startup_parameters): it never held, and
+    nothing said so."""
+    async with Pool(pooler.dsn(options="-c work_mem=64MB"), name="startup-options",
+                    min_size=0, max_size=1, telemetry=False) as pool:
+        with pytest.raises(PoolConfigError,
+                           match=r"the DSN's \?options= cannot hold through"):
+            await pool.fetchval("SELECT 1")
+
+
+async def test_a_login_only_dsn_setting_direct_is_kept(postgres: PostgresServer) -> None:
+    async with Pool(postgres.dsn(options="-c work_mem=64MB"), name="startup-options-direct",
+                    min_size=0, max_size=1, telemetry=False) as pool:
+        assert await pool.fetchval("SHOW work_mem") == "64MB"

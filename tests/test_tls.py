@@ -426,3 +426,16 @@ async def test_direct_tls_offers_the_alpn_protocol_postgresql_needs(
         assert set(front.alpn) == {"postgresql"}
     finally:
         await front.close()
+async def test_asyncpool_ssl_true_verifies_the_certificate_and_the_host_name(
+    tls_postgres: PostgresServer, pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ASYNCPOOL_SSL=true`` is ``ssl=True``: verify-full, as in code."""
+    monkeypatch.setenv("ASYNCPOOL_SSL", "true")
+    monkeypatch.setenv("ASYNCPOOL_SSL_ROOT_CERT", str(pki.ca_cert))
+    async with await _open(_dsn(tls_postgres)) as pool:
+        assert (await _tls_facts(pool))[0]
+    with pytest.raises(ConnectError, match=r"the certificate is not for '127\.0\.0\.1'"):
+        await _open(_dsn(tls_postgres, host="127.0.0.1"))
+    monkeypatch.setenv("ASYNCPOOL_SSL_ROOT_CERT", str(pki.other_ca_cert))
+    with pytest.raises(ConnectError, match="TLS certificate did not verify"):
+        await _open(_dsn(tls_postgres))

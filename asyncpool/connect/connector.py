@@ -20,7 +20,7 @@ from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
 from asyncpool.connect.failures import setting_sources, translate
 from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.reads import cap_reads
-from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan
+from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan, combined
 from asyncpool.connect.startup import plan as plan_startup
 from asyncpool.connect.tls import (
     AUTH_METHODS,
@@ -170,8 +170,13 @@ class Connector:
         # transaction (asyncpool/connect/startup.py). RDS Proxy is known by its name; PgBouncer
         # by refusing a startup parameter, or by a backend pid that is not the key's.
         rds = is_rds_proxy(self.target.host)
-        self.startup: StartupPlan = plan_startup(cfg.server_settings, pooled=rds, pool=cfg.name,
-                                                 pooler="RDS Proxy")
+        # The DSN's query settings (``?search_path=app``) with the option's, planned as one:
+        # asyncpg would send the DSN's at login whatever the pooler does with them.
+        from_dsn = self._dsn.setting_values() if self._dsn is not None else {}
+        self._dsn_settings = frozenset(from_dsn)
+        self._settings = combined(from_dsn, cfg.server_settings, cfg.name)
+        self.startup: StartupPlan = plan_startup(self._settings, pooled=rds, pool=cfg.name,
+                                                 pooler="RDS Proxy", from_dsn=self._dsn_settings)
         #: Settings beyond the login-safe ones went at login: the first login checks they held.
         self._check_startup = not rds and set(self.startup.at_login) != {
             k for k in self.startup.at_login if k.lower() in LOGIN_SAFE}
@@ -227,8 +232,8 @@ class Connector:
     def _behind_pooler(self, pooler: str) -> None:
         """Plan the settings again for a pooler, for this and every later login."""
         self._check_startup = False
-        self.startup = plan_startup(self.config.server_settings, pooled=True,
-                                    pool=self.config.name, pooler=pooler)
+        self.startup = plan_startup(self._settings, pooled=True, pool=self.config.name,
+                                    pooler=pooler, from_dsn=self._dsn_settings)
         if self.startup.at_login:
             self._kwargs["server_settings"] = dict(self.startup.at_login)
         else:

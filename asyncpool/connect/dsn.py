@@ -117,6 +117,23 @@ _SIGV4 = re.compile(
 FRAGMENT = 4
 
 
+#: PostgreSQL's settings as close to a connection keyword as a misspelling (checked against
+#: pg_settings of PostgreSQL 15, and the settings added up to 18): never taken for one.
+SETTINGS_NEAR_KEYWORDS = frozenset({
+    "ssl_crl_dir", "ssl_key_file", "tcp_keepalives_count", "tcp_keepalives_idle",
+    "tcp_keepalives_interval", "wal_compression",
+})
+
+
+def misspelt_keyword(key: str) -> str | None:
+    """The connection keyword a DSN's query key is a likely misspelling of (``sslmod``:
+    ``sslmode``), or None: a keyword, one of PostgreSQL's settings, or nothing close."""
+    if key in CONNECTION_KEYWORDS or key.lower() in SETTINGS_NEAR_KEYWORDS:
+        return None
+    close = difflib.get_close_matches(key.lower(), sorted(CONNECTION_KEYWORDS), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def left_to_the_pool(key: str, value: str) -> bool:
     """Whether a DSN's query key is the pool's to read or drop, not asyncpg's to send."""
     return key in POOL_READ_KEYS or value.strip().lower() in ASYNCPG_DOES_ALREADY.get(key, ())
@@ -213,18 +230,27 @@ class ParsedDsn:
         return self._build(hide=False)
 
     def for_asyncpg(self) -> str:
-        """`for_driver` without the keywords asyncpg does not know that are the pool's to read
-        or drop (`left_to_the_pool`)."""
-        params = {k: v for k, v in self.params.items() if not left_to_the_pool(k, v)}
+        """`for_driver` with only the connection keywords asyncpg reads: not the ones that are
+        the pool's to read or drop (`left_to_the_pool`), nor the run-time settings
+        (`setting_values`), which the pool gives asyncpg as ``server_settings`` where they can
+        hold (asyncpool.connect.startup), as it does the ``server_settings=`` option's."""
+        params = {k: v for k, v in self.params.items()
+                  if k in ASYNCPG_KEYS and not left_to_the_pool(k, v)}
         if len(params) == len(self.params):
             return self.for_driver()
         return dataclasses.replace(self, params=MappingProxyType(params)).for_driver()
 
     @property
     def server_settings(self) -> tuple[str, ...]:
-        """The query keys asyncpg sends to the server at login as run-time settings."""
-        return tuple(k for k, v in self.params.items()
-                     if k not in ASYNCPG_KEYS and not left_to_the_pool(k, v))
+        """The query keys that are run-time settings (asyncpg would send them at login)."""
+        return tuple(self.setting_values())
+
+    def setting_values(self) -> dict[str, str]:
+        """The run-time settings in the query (``?search_path=app``), by name: every key that
+        is not a connection keyword asyncpg reads or the pool's (asyncpg would send each to the
+        server at login, as libpq refuses them)."""
+        return {k: v for k, v in self.params.items()
+                if k not in ASYNCPG_KEYS and not left_to_the_pool(k, v)}
 
     def _build(self, *, hide: bool) -> str:
         """hide: every secret as ``***``; otherwise the password left out, the rest encoded."""

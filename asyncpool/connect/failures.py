@@ -168,8 +168,8 @@ def _unknown_setting(where: str, found: re.Match[str], text: str,
         parts = [f"{where}: PgBouncer refused startup parameter {name!r} ({text})."]
     else:
         parts = [f"{where}: the server does not know run-time setting {name!r} ({text})."]
-    sent_by_asyncpg = ("asyncpg sends every query key it does not read to the server as a "
-                       "run-time setting")
+    sent_by_asyncpg = ("every query key that is no connection keyword is a run-time setting, "
+                       "as in asyncpg, and planned as server_settings= is")
     if source == _DSN:
         parts.append(f"It came from the DSN's ?{name}=: {sent_by_asyncpg}.")
     elif source == _SERVER_SETTINGS:
@@ -188,8 +188,8 @@ def _unknown_setting(where: str, found: re.Match[str], text: str,
         parts.append("Listing it in PgBouncer's ignore_startup_parameters has PgBouncer drop it "
                      "at login; the pool then sets it in each pool.transaction().")
     elif pooler:
-        parts.append("A setting the server knows goes in server_settings=, which the pool sets in "
-                     "each pool.transaction() behind PgBouncer (at login PgBouncer passes on "
+        parts.append("A setting the server knows, in server_settings= or the DSN's query, is "
+                     "set in each pool.transaction() behind PgBouncer (at login PgBouncer passes on "
                      "only application_name, client_encoding, DateStyle, TimeZone and "
                      "standard_conforming_strings; one listed in its ignore_startup_parameters "
                      "is dropped).")

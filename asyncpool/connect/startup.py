@@ -14,7 +14,7 @@ for a setting that must hold everywhere, set it on the role (``ALTER ROLE app SE
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from asyncpool.errors import PoolConfigError
@@ -116,18 +116,42 @@ def check_names(settings: Mapping[str, str], pool: str) -> None:
                                   "name")
 
 
+def combined(from_dsn: Mapping[str, str], option: Mapping[str, str] | None,
+             pool: str) -> dict[str, str]:
+    """The run-time settings of a DSN's query and of the ``server_settings=`` option, as one
+    mapping (the option's spelling of a name given in both). One given in both with different
+    values is a PoolConfigError: the pool does not pick one (asyncpg would take the option's
+    without a word). Names are matched as PostgreSQL matches them, in any case."""
+    settings = dict(from_dsn)
+    by_name = {k.lower(): k for k in from_dsn}
+    for name, value in (option or {}).items():
+        other = by_name.get(name.lower())
+        if other is not None:
+            if settings[other] != value:
+                raise PoolConfigError(
+                    f"pool {pool!r}: the setting {name!r} is given twice and the two disagree: "
+                    f"the DSN's ?{other}={settings[other]!r} and server_settings[{name!r}]="
+                    f"{value!r}; give it once (the pool does not pick one)")
+            del settings[other]
+        settings[name] = value
+    return settings
+
+
 def plan(settings: Mapping[str, str] | None, *, pooled: bool, pool: str,
-         pooler: str = "a transaction pooler") -> StartupPlan:
+         pooler: str = "a transaction pooler", from_dsn: Collection[str] = ()) -> StartupPlan:
     """Everything at login when `pooled` is False; else the login-safe ones at login and the
-    rest per transaction. Raises PoolConfigError for one that cannot hold behind a pooler."""
+    rest per transaction. Raises PoolConfigError for one that cannot hold behind a pooler
+    (named as the DSN's when in `from_dsn`)."""
     settings = dict(settings or {})
     check_names(settings, pool)
     if not pooled:
         return StartupPlan(settings)
     stuck = sorted(k for k in settings if k.lower() in LOGIN_ONLY)
     if stuck:
+        named = ", ".join(f"the DSN's ?{k}=" if k in from_dsn else f"server_settings {k}"
+                          for k in stuck)
         raise PoolConfigError(
-            f"pool {pool!r}: server_settings {', '.join(stuck)} cannot hold through {pooler}: "
+            f"pool {pool!r}: {named} cannot hold through {pooler}: "
             "it is read only at login, and the pooler neither passes it on nor lets it be set "
             "later. Set it on the role instead (ALTER ROLE ... SET, as a superuser where "
             "needed), or connect directly"

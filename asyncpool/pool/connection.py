@@ -16,7 +16,7 @@ from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
 from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by_pool
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
-from asyncpool.options import GIVEN_BACK, timeout_error
+from asyncpool.options import GIVEN_BACK, check_statement_timeout, timeout_error
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
 from asyncpool.pool.unsynced import (
@@ -108,7 +108,7 @@ def _statement(name: str) -> Callable[..., Any]:
     # its query count: one that succeeds tells the return there is no Parse left unsynced.
     synced = name.startswith("copy_")
 
-    async def method(self: PooledConnection, query: Any = BY_NAME, /, *args: Any,
+    async def method(self: PooledConnection, query: Any = BY_NAME, /, *args: Any,  # noqa: PLR0912
                      **kwargs: Any) -> Any:
         lease = self._lease
         if lease.state is not ACTIVE:
@@ -129,6 +129,8 @@ def _statement(name: str) -> Callable[..., Any]:
             # (Without a body of asyncpg's to run, `own` is None: never the class's method.)
             if (kwargs or query is BY_NAME or getattr(type(conn), name) is not own
                     or (status and not args)):
+                if kwargs and (timeout := kwargs.get("timeout")) is not None:
+                    check_statement_timeout(owner.name, name, timeout)  # before it is sent
                 call = getattr(conn, name)
                 # Counted: a simple query (or a COPY) holds no lock of asyncpg's that the return
                 # could see.
@@ -371,6 +373,8 @@ class PooledConnection(_Base):
                           timeout: float | None = None,
                           record_class: type[asyncpg.Record] | None = None) -> Any:
             lease = self._lease
+            if timeout is not None:
+                check_statement_timeout(self._owner.name, "prepare", timeout)
             if lease.state is ACTIVE:  # (else refused below)
                 # Noted before it is sent: cancelled, it leaves the server waiting as well.
                 lease.record.note_unsynced_parse()
@@ -381,6 +385,8 @@ class PooledConnection(_Base):
         _cursor_unbound = _forward("cursor")
 
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
+            if (timeout := kwargs.get("timeout")) is not None:
+                check_statement_timeout(self._owner.name, "cursor", timeout)
             factory = self._cursor_unbound(*args, **kwargs)
             # Outside a transaction asyncpg refuses the cursor after sending its Parse.
             self._lease.record.note_unsynced_parse()

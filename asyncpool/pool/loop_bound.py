@@ -18,6 +18,7 @@ from asyncpg.transaction import Transaction
 
 from asyncpool.connect.forwarding import LoopView
 from asyncpool.errors import PoolError
+from asyncpool.options import check_statement_timeout
 from asyncpool.pool.record import record_of
 from asyncpool.pool.unsynced import (
     RUN_PER_ARGUMENT_SET,
@@ -76,6 +77,10 @@ def _one_at_a_time(name: str, base: type = PreparedStatement
 
     async def method(self: PooledPreparedStatement, *args: Any, **kwargs: Any) -> Any:
         self._refuse_elsewhere(name)  # before the lock: it is not the other thread's to take
+        if kwargs and (timeout := kwargs.get("timeout")) is not None:
+            # asyncpg reads it with float() (so "5" and True are 5 and 1 s) or not at all
+            # (NaN): refused here, before anything is sent.
+            check_statement_timeout(None, f"PreparedStatement.{name}", timeout)
         if many:
             given, args, kwargs = call_with_argument_sets(0, args, kwargs)
             if not given:
@@ -125,10 +130,16 @@ class PooledCursorIterator(_OnItsLoop, CursorIterator):
     __slots__ = ()
 
 
+def _check_cursor_timeout(kwargs: dict[str, Any]) -> None:
+    if (timeout := kwargs.get("timeout")) is not None:
+        check_statement_timeout(None, "PreparedStatement.cursor", timeout)
+
+
 class PooledPreparedStatement(_OnItsLoop, PreparedStatement):
     __slots__ = ()
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        _check_cursor_timeout(kwargs)
         return bind(super().cursor(*args, **kwargs))
 
     # Not explain(): it runs its statement through the connection's own, which takes the lock.
@@ -148,6 +159,7 @@ class PooledCheckedPreparedStatement(_OnItsLoop, CheckedPreparedStatement):
     __slots__ = ()
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        _check_cursor_timeout(kwargs)
         return bind(super().cursor(*args, **kwargs))
 
     if not TYPE_CHECKING:  # (as in PooledPreparedStatement)

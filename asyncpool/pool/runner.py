@@ -14,6 +14,7 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS
+from asyncpool.options import check_statement_timeout
 from asyncpool.pool.checkout import AcquireContext, end_checkout
 from asyncpool.pool.lease import ACTIVE, RELEASED, STATEMENT_RUNNERS, spare_lease, task_of
 from asyncpool.pool.record import IDLE, LEASED
@@ -113,6 +114,10 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
                     result = (await conn._execute(query, args, 0, None, return_status=True)
                               )[1].decode()
                 elif kwargs:
+                    if (timeout := kwargs.get("timeout")) is not None:
+                        # Here, not before the checkout: no cost to a call without keywords.
+                        # Refused before anything is sent; the return takes it back as it was.
+                        check_statement_timeout(self.name, method, timeout)
                     result = await getattr(conn, method)(query, *args, **kwargs)
                 else:
                     result = await getattr(conn, method)(query, *args)
@@ -155,7 +160,10 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             return result
         # The general way (someone in line, a check due, a `setup` hook, `max_queries`, another
         # loop...): what ``async with pool.acquire() as conn: return await conn.<method>(...)``
-        # does, `setup` given the proxy.
+        # does, `setup` given the proxy. A bad `timeout=` is refused before a connection is
+        # taken (or logged in for).
+        if (timeout := kwargs.get("timeout")) is not None:
+            check_statement_timeout(self.name, method, timeout)
         async with AcquireContext(self, UNSET, None) as proxy:
             return await getattr(proxy, method)(query, *args, **kwargs)
 

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from asyncpool.errors import PoolConfigError
+
 T = TypeVar("T")
 
 #: The statements run once per argument set (a connection's and a prepared statement's).
@@ -27,8 +29,11 @@ def left_unsynced(exc: BaseException) -> bool:
     """Whether a statement that failed with `exc` may have left its Parse without a Sync: any
     failure but the server's answer (asyncpg follows an ErrorResponse with a Sync). asyncpg
     raises some of its own errors as `PostgresError` subclasses too (``DataError``: an argument
-    its codec refused); only the server's carry a severity."""
-    return not isinstance(exc, asyncpg.PostgresError) or getattr(exc, "severity", None) is None
+    its codec refused); only the server's carry a severity. A `PoolConfigError` is the pool
+    refusing an argument (a statement's ``timeout=``) before anything was sent."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return getattr(exc, "severity", None) is None
+    return not isinstance(exc, PoolConfigError)
 
 
 def argument_sets(sets: Iterable[T]) -> tuple[bool, Iterable[T]]:
