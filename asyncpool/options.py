@@ -9,8 +9,10 @@ the same. Unknown names are refused with the closest valid one.
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
@@ -256,12 +258,28 @@ def check_statement_timeout(pool_name: str | None, what: str, timeout: Any) -> N
     negative one (indistinguishable from a statement that ran out of time), and refuses the
     rest late (``True``, a list) or, for ``copy_records_to_table``, only after sending its
     introspection query. ``inf`` is no limit, as for every time limit of the pool; 0 is
-    asyncpg's: no time at all (TimeoutError, nothing sent)."""
-    if not_a_number(timeout) or math.isnan(timeout) or timeout < 0:
-        whose = "" if pool_name is None else f"pool {pool_name!r}: "
-        raise PoolConfigError(
-            f"{whose}{what}(timeout={timeout!r}): must be a number of seconds >= 0 (or None "
-            "for the pool's command_timeout); nothing was sent")
+    asyncpg's: no time at all (TimeoutError, nothing sent). Any real number asyncpg reads with
+    ``float()`` is taken (a numpy integer or float32, a Decimal, a Fraction), as asyncpg does."""
+    if type(timeout) is float or type(timeout) is int:  # the usual: no ABC lookup
+        if timeout >= 0:  # (False for NaN)
+            return
+    elif _seconds_asyncpg_reads(timeout):
+        return
+    whose = "" if pool_name is None else f"pool {pool_name!r}: "
+    raise PoolConfigError(
+        f"{whose}{what}(timeout={timeout!r}): must be a number of seconds >= 0 (or None "
+        "for the pool's command_timeout); nothing was sent")
+
+
+def _seconds_asyncpg_reads(timeout: object) -> bool:
+    """Whether `timeout`, not an int or a float, is a number asyncpg would read as seconds >= 0:
+    a real number but a bool (``True`` is no time limit to a user), or a Decimal."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real | decimal.Decimal):
+        return False
+    try:
+        return float(timeout) >= 0
+    except (ValueError, OverflowError):  # a signalling NaN; an int too large for a float
+        return False
 
 
 #: What `timeout_error` adds for a connection given back anyway.

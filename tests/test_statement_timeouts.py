@@ -11,6 +11,8 @@ import io
 import math
 import re
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -152,3 +154,32 @@ async def test_a_prepared_statement_refuses_a_bad_timeout_before_sending(dsn: st
                     stmt.cursor(1, timeout=bad)
             assert await conn.fetchval("SELECT count(*) FROM stmt_timeouts") == 0
             assert await stmt.fetchval(1, timeout=math.inf) == 1
+
+
+def _numbers_asyncpg_reads() -> list[Any]:
+    """Timeouts asyncpg reads with ``float()`` that are not an int or a float."""
+    np = pytest.importorskip("numpy")
+    return [np.int64(5), np.float32(5), np.float64(5), Decimal("5"), Fraction(5, 2)]
+
+
+async def test_a_real_number_asyncpg_reads_is_taken_on_every_path(dsn: str) -> None:
+    """A numpy integer or float32, a Decimal, a Fraction: asyncpg runs the statement with them
+    (``float(timeout)``), so the check must not refuse them (it did: PoolConfigError). A bool,
+    a signalling NaN and a negative Decimal stay refused."""
+    good = _numbers_asyncpg_reads()
+    async with Pool(dsn, name="st", min_size=1, max_size=1, telemetry=False) as pool:
+        for t in good:
+            assert await pool.fetchval("SELECT 1", timeout=t) == 1  # the fast path
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT 1", timeout=t) == 1
+                stmt = await conn.prepare("SELECT 1", timeout=t)
+                assert await stmt.fetchval(timeout=t) == 1
+                async with conn.transaction():
+                    assert [r[0] async for r in conn.cursor("SELECT 1", timeout=t)] == [1]
+        for bad in (Decimal("sNaN"), Decimal("NaN"), Decimal("-1"), Fraction(-1, 2)):
+            with _refused("fetchval", bad):
+                await pool.fetchval("SELECT 1", timeout=bad)
+    async with Pool(dsn, name="st", min_size=0, max_size=1, validate_after=0,
+                    telemetry=False) as pool:  # the general path
+        for t in good:
+            assert await pool.fetchval("SELECT 1", timeout=t) == 1
