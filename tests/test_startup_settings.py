@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from urllib.parse import quote, urlencode
 
+import asyncpg
 import pytest
 
 from asyncpool import Pool, PoolConfigError
 from asyncpool.connect.startup import plan
-from asyncpool.testing import PostgresServer
+from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.conftest import Pooler
 
 SETTINGS = {"application_name": "fleet-app", "jit": "off", "statement_timeout": "4321ms",
@@ -156,3 +157,20 @@ async def test_a_login_only_dsn_setting_direct_is_kept(postgres: PostgresServer)
     async with Pool(postgres.dsn(options="-c work_mem=64MB"), name="startup-options-direct",
                     min_size=0, max_size=1, telemetry=False) as pool:
         assert await pool.fetchval("SHOW work_mem") == "64MB"
+
+
+@pytest.mark.parametrize("where", ["direct", "pgbouncer"])
+async def test_an_empty_dsn_setting_is_dropped_as_asyncpg_drops_it(
+        where: str, postgres: PostgresServer, legacy: PgBouncerServer) -> None:
+    """asyncpg reads the query without its empty values: ``?search_path=`` (a template's empty
+    variable) left the server's search_path. Planned as a setting, it emptied it (directly at
+    login, behind PgBouncer in each transaction): no table was found any more."""
+    base = postgres.dsn() if where == "direct" else legacy.dsn()
+    async with Pool(f"{base}?search_path=&application_name=", name="startup-empty",
+                    min_size=0, max_size=1, telemetry=False) as pool, pool.transaction() as held:
+        assert await held.fetchval("SHOW search_path") == '"$user", public'
+    raw = await asyncpg.connect(f"{postgres.dsn()}?search_path=")
+    try:
+        assert await raw.fetchval("SHOW search_path") == '"$user", public'  # asyncpg's reading
+    finally:
+        await raw.close()

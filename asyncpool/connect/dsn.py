@@ -248,9 +248,10 @@ class ParsedDsn:
     def setting_values(self) -> dict[str, str]:
         """The run-time settings in the query (``?search_path=app``), by name: every key that
         is not a connection keyword asyncpg reads or the pool's (asyncpg would send each to the
-        server at login, as libpq refuses them)."""
+        server at login, as libpq refuses them). One with an empty value (``?search_path=``) is
+        none: asyncpg drops every empty query value, so it never reached the server."""
         return {k: v for k, v in self.params.items()
-                if k not in ASYNCPG_KEYS and not left_to_the_pool(k, v)}
+                if v and k not in ASYNCPG_KEYS and not left_to_the_pool(k, v)}
 
     def _build(self, *, hide: bool) -> str:
         """hide: every secret as ``***``; otherwise the password left out, the rest encoded."""
