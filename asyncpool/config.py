@@ -143,8 +143,9 @@ class PoolConfig:
         passes on (application_name, client_encoding, DateStyle, TimeZone,
         standard_conforming_strings) at login, the others set in each `pool.transaction()`
         (SET LOCAL); a login-only one (``options``...) is a PoolConfigError. docs/poolers.md.
-        The DSN's query settings (``?search_path=app``) are planned with these; one given in
-        both with another value is a PoolConfigError.
+        The DSN's query settings (``?search_path=app``) and ``connect_kwargs["server_settings"]``
+        (asyncpg's spelling) are planned with these; one given twice with another value is a
+        PoolConfigError.
     command_timeout: default time limit of each query, as asyncpg's ``command_timeout``
         (default None: no limit; a call's own ``timeout=`` wins: seconds >= 0, ``inf`` for no
         limit, anything else a PoolConfigError before the statement is sent).
@@ -483,10 +484,11 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     if queries is not None and (_not_whole(queries) or queries < 1):
         fail(f"max_queries={queries!r}: must be a whole number >= 1 (or None for no limit)")
     _check_server_settings(cfg.server_settings, fail)
-    _check_dsn_settings(cfg)
     if not isinstance(cfg.connect_kwargs, Mapping):
         fail("connect_kwargs: must be a mapping of asyncpg.connect's options, not a "
              f"{type(cfg.connect_kwargs).__name__}")
+    _settings_from_connect_kwargs(cfg, fail)
+    _check_dsn_settings(cfg)
     _check_connect_values(cfg.connect_kwargs, fail)
     _check_overridden_connect_args(cfg, fail)
     _check_code(cfg, fail)
@@ -720,6 +722,33 @@ def _check_server_settings(settings: object, fail: Callable[[str], None]) -> Non
                    else f"write {{{str(key)!r}: {str(value)!r}}}")
             fail(f"server_settings: {key!r}: {value!r}: names and values must be strings "
                  f"({fix})")
+
+
+def _settings_from_connect_kwargs(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+    """``connect_kwargs["server_settings"]`` (asyncpg.connect's spelling) taken into the
+    `server_settings` option, so that it is planned as the option is (behind a pooler too) and
+    never replaced by the settings the pool sends at login. The two must agree where both give
+    a setting; asyncpg merges its DSN's settings under it, and the pool does the same
+    (`_check_dsn_settings`)."""
+    given = cfg.connect_kwargs.get("server_settings")
+    if given is None:
+        return
+    _check_server_settings(given, lambda message: fail(
+        "connect_kwargs['server_settings']" + message.removeprefix("server_settings")))
+    option = dict(cfg.server_settings or {})
+    by_name = {name.lower(): name for name in option}
+    for name, value in given.items():
+        other = by_name.get(name.lower())
+        if other is not None and option[other] != value:
+            fail(f"the setting {name!r} is given twice and the two disagree: "
+                 f"connect_kwargs['server_settings'][{name!r}]={value!r} and server_settings"
+                 f"[{other!r}]={option[other]!r}; give it once (the pool does not pick one)")
+    merged = {name: value for name, value in given.items() if name.lower() not in by_name}
+    merged.update(option)
+    object.__setattr__(cfg, "server_settings", merged)
+    object.__setattr__(cfg, "connect_kwargs", {key: value for key, value in
+                                               cfg.connect_kwargs.items()
+                                               if key != "server_settings"})
 
 
 def _check_dsn_settings(cfg: PoolConfig) -> None:

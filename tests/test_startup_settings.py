@@ -174,3 +174,38 @@ async def test_an_empty_dsn_setting_is_dropped_as_asyncpg_drops_it(
         assert await raw.fetchval("SHOW search_path") == '"$user", public'  # asyncpg's reading
     finally:
         await raw.close()
+
+
+# -- asyncpg.connect's spelling: connect_kwargs={"server_settings": ...}
+
+
+async def test_connect_kwargs_settings_are_planned_as_the_option(pooler: Pooler) -> None:
+    """They were given to asyncpg as they were: sent at login, and dropped without a word once
+    PgBouncer refused one (the retry left them out), never set in a transaction."""
+    async with Pool(pooler.dsn(), name="startup-kwargs", min_size=0, max_size=1,
+                    connect_kwargs={"server_settings": SETTINGS}, telemetry=False) as pool:
+        for _ in range(2):
+            assert await _seen(pool) == SETTINGS
+
+
+async def test_connect_kwargs_settings_beside_dsn_settings_all_hold(
+        postgres: PostgresServer) -> None:
+    """A DSN setting made the pool give asyncpg its own server_settings, which replaced
+    connect_kwargs' (asyncpg merges the two, and the pool did before #20)."""
+    async with Pool(_with(postgres.dsn(), {"jit": "off"}), name="startup-kwargs-dsn",
+                    min_size=0, max_size=1, telemetry=False,
+                    connect_kwargs={"server_settings": {"search_path": "app, public"}}) as pool:
+        assert await pool.fetchval("SHOW search_path") == "app, public"
+        assert await pool.fetchval("SHOW jit") == "off"
+
+
+def test_connect_kwargs_settings_that_disagree_with_the_option_are_a_config_error() -> None:
+    with pytest.raises(PoolConfigError, match=(
+            r"pool 'twice': the setting 'jit' is given twice and the two disagree: "
+            r"connect_kwargs\['server_settings'\]\['jit'\]='off' and "
+            r"server_settings\['JIT'\]='on'; give it once")):
+        Pool("postgresql://app@127.0.0.1/app", name="twice", server_settings={"JIT": "on"},
+             connect_kwargs={"server_settings": {"jit": "off"}})
+    with pytest.raises(PoolConfigError, match=(
+            r"connect_kwargs\['server_settings'\]: 'jit': 5: names and values must be strings")):
+        Pool("postgresql://app@127.0.0.1/app", connect_kwargs={"server_settings": {"jit": 5}})
