@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -320,5 +321,31 @@ def test_tracer_and_metrics_below_the_middleware_are_refused_when_decorating() -
         decorate(logger.inject_lambda_context(handler))
         decorate(tracer.capture_lambda_handler(sync_handler))
         decorate(handler)
+    finally:
+        runner.close()
+
+
+def test_a_handler_whose_wrapped_chain_loops_is_decorated() -> None:
+    """The order check follows ``__wrapped__`` down to the async def: a chain that leads back
+    to itself (a proxy that names itself as what it wraps) hung the import forever."""
+    pool = Pool(config=lambda_config(environ={}, dsn="postgresql://app@127.0.0.1:1/app"))
+    runner = LambdaRunner()
+
+    def handler(event: Any, context: Any) -> int:
+        return 1
+
+    def outer(event: Any, context: Any) -> int:
+        return handler(event, context)
+
+    handler.__wrapped__ = outer  # type: ignore[attr-defined]
+    outer.__wrapped__ = handler  # type: ignore[attr-defined]
+    result: list[object] = []
+    try:
+        worker = threading.Thread(
+            target=lambda: result.append(pooled_connection(pool, runner=runner)(outer)),
+            daemon=True)
+        worker.start()
+        worker.join(5)
+        assert result, "decorating did not return"
     finally:
         runner.close()

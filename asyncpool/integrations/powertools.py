@@ -115,13 +115,17 @@ def _refuse_timing_decorators_below(handler: Callable[..., Any]) -> None:
     """
     offender = None
     layer: Any = handler
+    seen: set[int] = set()
     while not inspect.iscoroutinefunction(layer):
         module = getattr(layer, "__globals__", {}).get("__name__", "")
         if offender is None and module.startswith(_AROUND_THE_CALL):
             offender = layer
+        seen.add(id(layer))
         layer = getattr(layer, "__wrapped__", None)
-        if layer is None:
-            return  # a synchronous handler all the way down: every decorator sees the work
+        if layer is None or id(layer) in seen:
+            # A synchronous handler all the way down: every decorator sees the work. (Or a
+            # `__wrapped__` that leads back to itself, where inspect.unwrap gives up too.)
+            return
     if offender is not None:
         code = getattr(offender, "__code__", None)
         where = code.co_qualname.split(".<locals>")[0] if code is not None else repr(offender)
