@@ -162,7 +162,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
         # loop...): what ``async with pool.acquire() as conn: return await conn.<method>(...)``
         # does, `setup` given the proxy. A bad `timeout=` is refused before a connection is
         # taken (or logged in for).
-        if (timeout := kwargs.get("timeout")) is not None:
+        if kwargs and (timeout := kwargs.get("timeout")) is not None:
             check_statement_timeout(self.name, method, timeout)
         async with AcquireContext(self, UNSET, None) as proxy:
             return await getattr(proxy, method)(query, *args, **kwargs)
