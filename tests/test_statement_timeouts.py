@@ -176,7 +176,8 @@ async def test_a_real_number_asyncpg_reads_is_taken_on_every_path(dsn: str) -> N
                 assert await stmt.fetchval(timeout=t) == 1
                 async with conn.transaction():
                     assert [r[0] async for r in conn.cursor("SELECT 1", timeout=t)] == [1]
-        for bad in (Decimal("sNaN"), Decimal("NaN"), Decimal("-1"), Fraction(-1, 2)):
+        refused: list[Any] = [Decimal("sNaN"), Decimal("NaN"), Decimal("-1"), Fraction(-1, 2)]
+        for bad in refused:
             with _refused("fetchval", bad):
                 await pool.fetchval("SELECT 1", timeout=bad)
     async with Pool(dsn, name="st", min_size=0, max_size=1, validate_after=0,
