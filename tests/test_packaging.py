@@ -14,11 +14,10 @@ import email
 import importlib.util
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import tomllib
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -46,7 +45,7 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "opentelemetry.sdk": (APPLICATION, "opentelemetry-sdk"),
     # `asyncpool bench --telemetry sdk` checks for it first and says what to install.
     "opentelemetry.exporter": (APPLICATION, "opentelemetry-exporter-otlp-proto-common"),
-    # Present in the Lambda runtime with SnapStart; imported under try (aws_lambda.snapstart).
+    # Present in the Lambda runtime with SnapStart; imported under try (register_snapstart_hooks).
     "snapshot_restore_py": (APPLICATION, "snapshot-restore-py"),
     "aiobotocore": ("iam", "aiobotocore"),
     "botocore": ("iam", "aiobotocore"),  # aiobotocore pins the botocore it works with
@@ -88,10 +87,13 @@ class Dists:
         with tarfile.open(self.sdist) as tf:
             return [n.split("/", 1)[1] for n in tf.getnames() if "/" in n]
 
-    def metadata(self) -> Message:
+    def dist_info(self, name: str) -> bytes:
         with zipfile.ZipFile(self.wheel) as zf:
-            info = f"{DIST}-{asyncpool.__version__}.dist-info"
-            return email.message_from_bytes(zf.read(f"{info}/METADATA"))
+            [path] = [n for n in zf.namelist() if n == f"{n.split('/')[0]}/{name}" and ".dist-info/" in n]
+            return zf.read(path)
+
+    def metadata(self) -> Message:
+        return email.message_from_bytes(self.dist_info("METADATA"))
 
 
 def _backend_path(tmp: Path) -> str:
@@ -117,7 +119,7 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
     )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": _backend_path(out)}
     done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     wheel_name, sdist_name = done.stdout.split()
     return Dists(out / wheel_name, out / sdist_name)
@@ -172,8 +174,8 @@ def test_the_sdist_holds_the_tracked_files_only(dists: Dists) -> None:
     top = {line.split("/", 1)[0] for line in tracked.stdout.splitlines()}
     names = dists.sdist_names()
     assert {n.split("/", 1)[0] for n in names} == top | {"PKG-INFO"}
-    assert [n for n in names if "__pycache__" in n or n.endswith(".pyc") or n.startswith(".env.")
-            and n != ".env.example"] == []
+    assert [n for n in names if "__pycache__" in n or n.endswith(".pyc")
+            or (n.startswith(".env.") and n != ".env.example")] == []
 
 
 # --- metadata -------------------------------------------------------------------------------------
@@ -184,8 +186,9 @@ def declared(meta: Message) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for line in meta.get_all("Requires-Dist") or []:
         req = Requirement(line)
+        marker = req.marker
         extras = [e for e in ("iam", "lambda", "fastapi", "sqlalchemy", "bench", "docs", "dev")
-                  if req.marker is not None and req.marker.evaluate({"extra": e})]
+                  if marker is not None and "extra" in str(marker) and marker.evaluate({"extra": e})]
         for extra in extras or [""]:
             found.setdefault(extra, set()).add(canonicalize_name(req.name))
     return found
@@ -270,21 +273,35 @@ def test_metadata(dists: Dists) -> None:
     assert versions == ["3.11", "3.12", "3.13"]
     assert SpecifierSet(meta["Requires-Python"]) == SpecifierSet(">=3.11")
     assert set(meta.get_all("Provides-Extra") or []) >= {"iam", "lambda", "fastapi", "sqlalchemy", "bench"}
-    with zipfile.ZipFile(dists.wheel) as zf:
-        entry_points = zf.read(f"{DIST}-{asyncpool.__version__}.dist-info/entry_points.txt").decode()
-    assert "asyncpool = asyncpool.cli.main:main" in entry_points
+    assert "asyncpool = asyncpool.cli.main:main" in dists.dist_info("entry_points.txt").decode()
 
 
 # --- without an extra -----------------------------------------------------------------------------
+
+
+NOT_INSTALLED = """
+import sys
+
+
+class NotInstalled:
+    \"\"\"Fails the import of `name` and its submodules as Python does when it is not installed.\"\"\"
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name or fullname.startswith(self.name + "."):
+            raise ModuleNotFoundError(f"No module named {self.name!r}", name=self.name)
+"""
 
 
 @pytest.mark.parametrize("module", sorted(INTEGRATIONS))
 def test_an_integration_without_its_extra_says_which_extra_to_install(module: str) -> None:
     framework, extra = INTEGRATIONS[module]
     assert PROVIDERS[framework][0] == extra
-    # A None entry in sys.modules makes an import of it fail as if it were not installed.
-    code = f"import sys\nsys.modules[{framework!r}] = None\nimport {module}\n"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    code = f"{NOT_INSTALLED}\nsys.meta_path.insert(0, NotInstalled({framework!r}))\nimport {module}\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False)
     last = done.stderr.strip().splitlines()[-1]
     assert last == (f"ModuleNotFoundError: {module} needs {framework}, which is not installed: "
                     f"pip install 'asyncpool-pg[{extra}]'")
@@ -326,24 +343,55 @@ if __name__ == "__main__":
 '''
 
 
+# The Pythons the wheel is installed for: this one, and the Lambda runtimes' where scripts/setup.sh
+# built their venvs (their packages stand in for the dependencies PyPI would give).
+PYTHONS = {
+    "3.11": Path(sys.executable),
+    "3.12": ROOT / ".venv312" / "bin" / "python",
+    "3.13": ROOT / ".venv313" / "bin" / "python",
+}
+
+
+def _purelib(python: Path) -> str:
+    return subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
 @pytest.fixture(scope="module")
-def installed(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel installed and, for its dependencies, this venv's packages
-    (offline). Their directory is a plain path entry: its .pth files, the editable install's
-    among them, are not read, so ``asyncpool`` is the wheel's."""
-    venv = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-    python = venv / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, "dev-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    "--no-index", str(dists.wheel)], check=True, timeout=120)
-    return venv
+def venvs(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Python version -> a fresh venv with the wheel installed and, for its dependencies, the
+    packages of the venv of that Python (offline). Their directory is a plain path entry: its .pth
+    files, the editable install's among them, are not read, so ``asyncpool`` is the wheel's."""
+    made: dict[str, Path] = {}
+
+    def venv_for(version: str) -> Path:
+        if version in made:
+            return made[version]
+        base = PYTHONS[version]
+        if not base.exists():
+            pytest.skip(f"no {base.parent.parent.name} (scripts/setup.sh builds it when Python "
+                        f"{version} is installed)")
+        venv = tmp_path_factory.mktemp(f"venv{version}")
+        subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+        python = venv / "bin" / "python"
+        Path(_purelib(python), "dependencies.pth").write_text(_purelib(base) + "\n")
+        subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                        "--no-deps", "--no-index", str(dists.wheel)], check=True, timeout=120)
+        made[version] = venv
+        return venv
+
+    return venv_for
 
 
-def _run(argv: list[str | Path], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd or "/")}  # no PYTHONPATH: the wheel's asyncpool
+@pytest.fixture(params=sorted(PYTHONS))
+def installed(request: pytest.FixtureRequest, venvs: Callable[[str], Path]) -> Path:
+    return venvs(request.param)
+
+
+def _run(argv: list[str | Path], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`argv` in `cwd` (outside the checkout, which ``python -c`` would put first on sys.path),
+    without PYTHONPATH: the asyncpool it imports is the wheel's."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, check=False, cwd=cwd)
 
 
@@ -357,24 +405,27 @@ def test_the_installed_wheel_imports_runs_its_command_and_a_pool(
         "print(asyncpool.__file__)\n"
         "print(shared_settings()['pool_mode'])\n"  # a data file, read with importlib.resources
     )
-    done = _run([python, "-c", code])
+    done = _run([python, "-c", code], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     where, pool_mode = done.stdout.split()
     assert where.startswith(str(installed)), where
     assert pool_mode == "transaction"
-    command = _run([installed / "bin" / "asyncpool", "--version"])
+    command = _run([installed / "bin" / "asyncpool", "--version"], cwd=tmp_path)
     assert command.stdout.strip() == f"asyncpool {asyncpool.__version__}", command.stderr
     script = tmp_path / "app.py"
     script.write_text(USER_SCRIPT)
-    done = _run([python, script, postgres.dsn()])
+    done = _run([python, script, postgres.dsn()], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     n, size, error, where = done.stdout.split()
     assert (n, size, error) == ("42", "1", "PoolTimeoutError")
     assert where.startswith(str(installed))
 
 
-def test_mypy_strict_sees_the_installed_packages_types(installed: Path, tmp_path: Path) -> None:
+def test_mypy_strict_sees_the_installed_packages_types(
+    venvs: Callable[[str], Path], tmp_path: Path
+) -> None:
     """py.typed works from the wheel: mypy reads the installed asyncpool, not an Any."""
+    installed = venvs("3.11")  # where mypy and asyncpg-stubs are
     script = tmp_path / "app.py"
     script.write_text(USER_SCRIPT + "\nreveal_type(Pool.stats)\n")
     done = _run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
