@@ -143,3 +143,12 @@ def _callers_frames(tb: TracebackType | None) -> TracebackType | None:
     for entry in reversed(kept):
         linked = TracebackType(linked, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
     return linked
+
+
+def missing_dependency(exc: ModuleNotFoundError, module: str, install: str) -> ModuleNotFoundError:
+    """What `module` raises when a package it imports is not installed: the missing package and the
+    pip argument that brings it (``'asyncpool-pg[fastapi]'``), where Python alone would say only
+    "No module named 'starlette'". Raise it ``from`` `exc`."""
+    return ModuleNotFoundError(
+        f"{module} needs {exc.name}, which is not installed: pip install {install}", name=exc.name
+    )

@@ -1,4 +1,5 @@
-"""`import asyncpool` stays light: the AWS providers' aiobotocore is imported only when used."""
+"""`import asyncpool` stays light: the AWS providers' aiobotocore is imported only when used, and no
+optional dependency at all on the bare import."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ def test_importing_asyncpool_imports_no_aws_sdk() -> None:
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert "asyncpool" in imported  # the report is real, and lists modules by name
     assert not {m for m in imported if m.split(".")[0] in ("aiobotocore", "botocore", "boto3")}
+
+
+def test_importing_asyncpool_imports_only_the_base_installs_packages() -> None:
+    """No integration's framework, OpenTelemetry SDK or benchmark driver: for a user without that
+    extra, any of them would make `import asyncpool` an ImportError."""
+    code = "import sys\nbefore = set(sys.modules)\nimport asyncpool\nprint(*set(sys.modules) - before)\n"
+    loaded = _run(code).stdout.split()
+    # cython_runtime is the module Cython's extensions (asyncpg's) register, not a package.
+    third_party = {m.split(".")[0] for m in loaded} - set(sys.stdlib_module_names) - {"cython_runtime"}
+    third_party = {m for m in third_party if not m.startswith("_")}
+    assert "asyncpool" in third_party
+    # asyncpool-pg's own dependencies (pyproject.toml), and of OpenTelemetry the API only.
+    assert third_party - {"asyncpool"} <= {"asyncpg", "opentelemetry"}
+    assert [m for m in loaded if m.startswith("opentelemetry.sdk")] == []
 
 
 def test_naming_and_building_the_aws_providers_still_imports_no_aws_sdk() -> None:

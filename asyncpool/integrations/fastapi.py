@@ -29,15 +29,18 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from starlette.requests import Request
-
-from asyncpool.errors import PoolClosedError, PoolConfigError
+from asyncpool.errors import PoolClosedError, PoolConfigError, missing_dependency
 from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.integrations.lambda_runner import TIMEOUT_MARGIN, settle_timeout
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.resets import settle
+
+try:
+    from starlette.requests import Request
+except ModuleNotFoundError as exc:
+    raise missing_dependency(exc, __name__, "'asyncpool-pg[fastapi]'") from exc
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 

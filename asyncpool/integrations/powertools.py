@@ -31,12 +31,15 @@ from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
-from aws_lambda_powertools.middleware_factory import lambda_handler_decorator
-
-from asyncpool.errors import PoolError
+from asyncpool.errors import PoolError, missing_dependency
 from asyncpool.integrations.lambda_runner import LambdaRunner, get_runner
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
+
+try:
+    from aws_lambda_powertools.middleware_factory import lambda_handler_decorator
+except ModuleNotFoundError as exc:
+    raise missing_dependency(exc, __name__, "'asyncpool-pg[lambda]'") from exc
 
 logger: logging.Logger = logging.getLogger("asyncpool.integrations.powertools")
 

@@ -36,17 +36,6 @@ from types import FrameType
 from typing import Any, ClassVar
 
 import asyncpg
-import sqlalchemy
-from sqlalchemy import exc as sa_exc
-from sqlalchemy import pool as sa_pool
-from sqlalchemy.dialects import registry
-from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
-from sqlalchemy.dialects.postgresql import json as pg_json
-from sqlalchemy.dialects.postgresql.base import PGDialect
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
-from sqlalchemy.sql import sqltypes
-from sqlalchemy.util import concurrency
 
 from asyncpool.connect import driver
 from asyncpool.connect.failures import broken_connection_error, lost_connection_hint
@@ -55,12 +44,28 @@ from asyncpool.errors import (
     ConnectionLostError,
     PoolClosedError,
     PoolError,
+    missing_dependency,
 )
 from asyncpool.pool import Pool
 from asyncpool.pool.checkout import AcquireContext
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.lease import ACTIVE, Site
 from asyncpool.pool.slow_checkout import UNSET
+
+try:
+    import sqlalchemy
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy import pool as sa_pool
+    from sqlalchemy.dialects import registry
+    from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
+    from sqlalchemy.dialects.postgresql import json as pg_json
+    from sqlalchemy.dialects.postgresql.base import PGDialect
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
+    from sqlalchemy.sql import sqltypes
+    from sqlalchemy.util import concurrency
+except ModuleNotFoundError as exc:
+    raise missing_dependency(exc, __name__, "'asyncpool-pg[sqlalchemy]'") from exc
 
 __all__ = ["AsyncpoolDialect", "LendingPool", "create_async_engine"]
 
