@@ -9,6 +9,8 @@ from collections.abc import Callable, Generator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import asyncpg
+
 from asyncpool.config import SetupHook
 from asyncpool.connect.driver import CLEAN, returned
 from asyncpool.connect.failures import (
@@ -90,7 +92,8 @@ class Checkouts(Protocol):
     async def set_up(self, conn: PooledConnection, timeout: float | None,
                      started: float) -> None: ...
 
-    def discard(self, lease: Lease, reason: str, *, state: LeaseState = ...) -> None: ...
+    def discard(self, lease: Lease, reason: str, *, state: LeaseState = ...,
+                lost: bool = ...) -> None: ...
 
     @property
     def transaction_sql(self) -> str | None: ...
@@ -245,6 +248,15 @@ async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None
     # connection died meanwhile.
     lost = (exc is not None and lease.state is ACTIVE and broken_connection_error(exc)
             and lease.record.conn.is_closed())
+    if (exc is not None and not lost and lease.state is ACTIVE
+            and isinstance(exc, asyncpg.InternalClientError)):
+        # asyncpg's protocol is out of step with the server, and refuses every statement from
+        # now on: it read a message it had not asked for, such as the FATAL error a server or
+        # pooler sends an idle connection before closing it (pg_terminate_backend, PgBouncer's
+        # KILL), read before the close. Its COPY methods raise that without closing the
+        # connection, which would otherwise go back to the pool and fail the next holders too.
+        owner.discard(lease, "protocol out of step", lost=True)
+        lost = True
     if owner.checkin_nowait(lease):
         await owner.checkin(lease)
     if lease.state is CLOSED and exc is not None and stopped_by_pool(exc):

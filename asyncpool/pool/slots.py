@@ -487,16 +487,21 @@ class Slots(_HotSlots):
         _retire_busy = resets.retire_busy
         checkin = resets.checkin
 
-    def discard(self, lease: Lease, reason: str, *, state: LeaseState = RELEASED) -> None:
+    def discard(self, lease: Lease, reason: str, *, state: LeaseState = RELEASED,
+                lost: bool = False) -> None:
         """Take back a checkout whose connection must not be used again (its `setup` hook
-        failed; `TERMINATED`: its holder terminated it, or held it past its invocation): the
-        connection is closed and its slot freed; the lease is left in `state`."""
+        failed; `TERMINATED`: its holder terminated it, or held it past its invocation;
+        `lost`: found broken, as `retire_lost`): the connection is closed and its slot freed;
+        the lease is left in `state`."""
         if lease.state is not ACTIVE:
             return
         lease.state = state
         lease.frame = None
         self._end_use(lease)
-        self.retire(lease.record, reason)
+        if lost:
+            self.retire_lost(lease.record, reason)
+        else:
+            self.retire(lease.record, reason)
 
     def _end_use(self, lease: Lease) -> None:
         """`on_released` for a checkout the pool ends itself (leak reclaim, close(), terminate(),

@@ -43,6 +43,11 @@ class FaultProxy:
 
     With either set, the proxy answers a TLS request with "N" itself: those logins are plaintext.
 
+    ``close_delay`` (seconds, set as an attribute): when the server ends a connection, its last
+    bytes reach the client at once and its close (FIN) this much later, as when the FIN segment
+    is lost and sent again. The client reads a server's goodbye (a FATAL ErrorResponse) before it
+    learns the connection is gone.
+
     Bounded: at most `max_connections` at once (more are reset) and one buffered chunk per
     direction per connection while stalled.
     """
@@ -61,6 +66,7 @@ class FaultProxy:
         self.strip_backend_key = False
         self.cancels_seen = 0
         self.cancels_dropped = 0
+        self.close_delay = 0.0
         #: Chunks read from one end and held back by a stall (a request waiting at the partition).
         self.held = 0
         self._flowing = asyncio.Event()
@@ -211,6 +217,8 @@ class FaultProxy:
             while not link.closed:
                 data = await src.read(_CHUNK)
                 if not data:
+                    if direction == "replies" and self.close_delay:
+                        await asyncio.sleep(self.close_delay)
                     break
                 if not self._flowing.is_set():
                     self.held += 1

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
 from asyncpool import ConnectError, ConnectionLostError, Pool, PooledConnection, PoolTimeoutError
@@ -146,6 +147,62 @@ async def test_connection_lost_after_the_last_statement_is_not_reported_committe
         # Raised after the block, the ledger counts it as ambiguous; the row must be absent.
         assert (check.committed, check.ambiguous_absent) == (0, 1)
         await serves_again(pool)
+        await settled(pool)
+
+
+async def _discard(data: bytes) -> None:
+    pass
+
+
+async def _copy_out(pool: Pool) -> object:
+    return await pool.copy_from_query("SELECT 1", output=_discard)
+
+
+async def _copy_in(pool: Pool) -> object:
+    return await pool.copy_records_to_table("goodbye", records=[(1,)], columns=["v"])
+
+
+async def _copy_in_a_block(pool: Pool) -> object:
+    async with pool.acquire() as conn:
+        return await conn.copy_from_query("SELECT 1", output=_discard)
+
+
+COPIES: dict[str, Callable[[Pool], Awaitable[object]]] = {
+    "copy_from_query": _copy_out, "copy_records_to_table": _copy_in, "block": _copy_in_a_block,
+}
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+async def test_server_goodbye_read_before_the_close_is_a_lost_connection(
+    proxy_to_postgres: FaultProxy, postgres: PostgresServer, how: str
+) -> None:
+    """The server ended an idle connection (pg_terminate_backend; PgBouncer's KILL or shutdown
+    does the same): its FATAL ErrorResponse is read, its close (FIN) not yet. asyncpg's protocol
+    is then out of step and refuses any statement with InternalClientError ("another operation
+    (2) is in progress"); a COPY raises it without closing the connection. The caller must get
+    ConnectionLostError, and the connection must not go back to the pool. Found by the soak
+    (test_soak.py, seed 3)."""
+    proxy = proxy_to_postgres
+    proxy.close_delay = 3.0  # the FIN comes late: within it, the next checkout takes the connection
+    direct = await asyncpg.connect(postgres.dsn())
+    try:
+        await direct.execute("DROP TABLE IF EXISTS goodbye; CREATE TABLE goodbye (v int)")
+    finally:
+        await direct.close()
+    async with _pool(proxy, postgres, max_size=1, validate_after=None) as pool:
+        pid = await pool.fetchval("SELECT pg_backend_pid()")
+        admin = await asyncpg.connect(postgres.admin_dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.3)  # the FATAL error arrives; the close does not
+        with pytest.raises(ConnectionLostError) as info:
+            await COPIES[how](pool)
+        assert isinstance(info.value.__cause__, asyncpg.InternalClientError), repr(info.value)
+        # The connection out of step was closed, not lent again: the next caller is served.
+        assert await pool.fetchval("SELECT 2") == 2
+        assert pool.stats().closed_total == 1
         await settled(pool)
 
 
