@@ -172,6 +172,14 @@ COPIES: dict[str, Callable[[Pool], Awaitable[object]]] = {
 }
 
 
+async def _copy_out_unscoped(pool: Pool) -> object:
+    conn = await pool.acquire()
+    try:
+        return await conn.copy_from_query("SELECT 1", output=_discard)
+    finally:
+        await pool.release(conn)
+
+
 @pytest.mark.parametrize("how", list(COPIES))
 async def test_server_goodbye_read_before_the_close_is_a_lost_connection(
     proxy_to_postgres: FaultProxy, postgres: PostgresServer, how: str
@@ -201,6 +209,30 @@ async def test_server_goodbye_read_before_the_close_is_a_lost_connection(
             await COPIES[how](pool)
         assert isinstance(info.value.__cause__, asyncpg.InternalClientError), repr(info.value)
         # The connection out of step was closed, not lent again: the next caller is served.
+        assert await pool.fetchval("SELECT 2") == 2
+        assert pool.stats().closed_total == 1
+        await settled(pool)
+
+
+async def test_server_goodbye_after_an_unscoped_acquire_is_not_lent_again(
+    proxy_to_postgres: FaultProxy, postgres: PostgresServer
+) -> None:
+    """As above, with ``conn = await pool.acquire()`` and ``pool.release(conn)``: no block
+    translates the error (docs/migration.md), so asyncpg's InternalClientError reaches the
+    caller. The return finds asyncpg not ready for another statement, and its reset fails: the
+    connection is closed there, not lent again (a guard: this held before the soak's fix)."""
+    proxy = proxy_to_postgres
+    proxy.close_delay = 3.0
+    async with _pool(proxy, postgres, max_size=1, validate_after=None) as pool:
+        pid = await pool.fetchval("SELECT pg_backend_pid()")
+        admin = await asyncpg.connect(postgres.admin_dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.3)
+        with pytest.raises(asyncpg.InternalClientError):
+            await _copy_out_unscoped(pool)
         assert await pool.fetchval("SELECT 2") == 2
         assert pool.stats().closed_total == 1
         await settled(pool)
