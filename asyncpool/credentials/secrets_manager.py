@@ -35,7 +35,9 @@ class _Secret:
     version_id: str
     fetched_at: float
     expires_at: float
-    generation: int  # counts reads, so a rejected login can tell whether a newer one exists
+    # Counts the passwords read (a re-read that finds the same one keeps it), so a refused
+    # login can tell whether another password has been read since it got its own.
+    generation: int
 
 
 class SecretsManagerAuth:
@@ -133,8 +135,14 @@ class SecretsManagerAuth:
         asked = time.monotonic()
         async with self._lock():
             cached = self._secret
-            if cached is not None and given is not None and cached.generation > given:
-                return True
+            if cached is not None and given is not None:
+                if cached.generation > given:
+                    return True  # another login read a new password since
+                if cached.generation == given and cached.fetched_at >= asked:
+                    # Read again since this login was refused, and unchanged (a rotation has
+                    # set the database's password and not yet the secret's): no retry with the
+                    # refused password, no read of its own for each login refused with it.
+                    return False
             failed = self._refresh_failed
             if failed is not None and failed[0] >= asked:
                 # A read for a login rejected at the same time failed while this one waited:
@@ -157,7 +165,7 @@ class SecretsManagerAuth:
         if fetch.cancelled() or fetch.exception() is not None:
             return
         fresh = fetch.result()
-        if self._secret is None or fresh.generation > self._secret.generation:
+        if self._secret is None or fresh.generation >= self._secret.generation:
             self._secret = fresh
 
     async def warm(self, target: Target) -> None:
@@ -273,8 +281,13 @@ class SecretsManagerAuth:
         if isinstance(found, CredentialsError):
             raise found
         now = time.monotonic()
-        self._reads += 1
-        return _Secret(found, version, now, now + self.ttl, self._reads)
+        current = self._secret
+        if current is not None and current.password == found:
+            generation = current.generation
+        else:
+            self._reads += 1
+            generation = self._reads
+        return _Secret(found, version, now, now + self.ttl, generation)
 
     def _password_from(self, text: str, target: Target, doing: str) -> str | CredentialsError:
         """The password in `text`, or the error to raise (returned, not raised here: this
