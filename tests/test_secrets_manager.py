@@ -370,6 +370,39 @@ async def test_a_ttl_reread_of_the_same_password_does_not_stop_a_refused_login_r
         await auth.close()
 
 
+async def test_a_login_giving_up_its_re_read_leaves_it_to_the_others_refused_with_it(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    """The login doing the shared re-read runs out of time (AWS slow): the next one refused with
+    it started a read of its own and waited for it too."""
+    name = await store.create(_credentials("old-password"))
+    auth = _auth(local_aws, name, ttl=3600)
+    all_have_passwords = asyncio.Barrier(4)
+    order: list[int] = []
+
+    async def rejected_login(i: int) -> tuple[bool, str]:
+        await auth.password(TARGET)
+        await all_have_passwords.wait()
+        order.append(i)
+        retry = await auth.refresh(TARGET)
+        return retry, await auth.password(TARGET)
+
+    try:
+        await auth.warm(TARGET)
+        await store.put(name, _credentials("new-password"))
+        before = local_aws.count("GetSecretValue")
+        with answering_late(local_aws, 0.5):
+            logins = [asyncio.ensure_future(rejected_login(i)) for i in range(4)]
+            await asyncio.sleep(0.2)
+            logins[order[0]].cancel()  # the one whose read it is
+            results = await asyncio.gather(*logins, return_exceptions=True)
+    finally:
+        await auth.close()
+    assert isinstance(results.pop(order[0]), asyncio.CancelledError)
+    assert results == [(True, "new-password")] * 3
+    assert local_aws.count("GetSecretValue") - before == 1
+
+
 async def test_logins_rejected_together_share_one_failed_read(
     store: SecretStore, local_aws: LocalAwsEndpoint
 ) -> None:

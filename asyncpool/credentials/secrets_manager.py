@@ -105,6 +105,8 @@ class SecretsManagerAuth:
         self._lock = LoopLock()
         self._reading: asyncio.Task[_Secret] | None = None  # the read logins wait for, if any
         self._slow: asyncio.Task[_Secret] | None = None  # a read that took over STALE_WAIT
+        # The re-read after a refused login, if one is under way (`refresh`).
+        self._refreshing: asyncio.Task[_Secret] | None = None
         # When the last re-read after a rejected login failed, and its message (`refresh`).
         self._refresh_failed: tuple[float, str] | None = None
         # Which read each connecting task got its password from (see `refresh`).
@@ -150,9 +152,14 @@ class SecretsManagerAuth:
                 raise CredentialsError(failed[1])
             # In a task of its own, kept when it ends: a login whose time runs out while AWS is
             # slow (past acquire_timeout) must not leave the refused password in use until the
-            # ttl runs out; the next login finds the fresh copy.
-            fetch = asyncio.get_running_loop().create_task(self._fetch(target))
-            fetch.add_done_callback(self._keep_fresh)
+            # ttl runs out; the next login finds the fresh copy. Under way still: its login gave
+            # up (the lock is free again); the logins refused with it wait for that read, rather
+            # than make another and wait for it too.
+            loop = asyncio.get_running_loop()
+            fetch = self._refreshing
+            if fetch is None or fetch.done() or fetch.get_loop() is not loop:
+                fetch = self._refreshing = loop.create_task(self._fetch(target))
+                fetch.add_done_callback(self._keep_fresh)
             try:
                 fresh = await asyncio.shield(fetch)
             except CredentialsError as exc:
@@ -178,7 +185,7 @@ class SecretsManagerAuth:
         self._secret = None
         # A read under way is left to end (another pool sharing this provider may wait for it);
         # new logins start their own.
-        self._reading = None
+        self._reading = self._refreshing = None
         await self._client.close()
 
     def auth_failure_hint(self, target: Target) -> str:
