@@ -189,6 +189,67 @@ async def test_a_providers_own_exception_is_named_by_its_class_only(
                 if token[:8] in r.getMessage() or (r.exc_info and token[:8] in str(r.exc_info[1]))]
 
 
+def _no_token_anywhere(error: BaseException, token: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Neither `error` (message, chain) nor its frames' locals nor any log record holds `token`."""
+    assert error.__cause__ is None
+    assert error.__context__ is None
+    assert token[:8] not in str(error)
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename != __file__:  # the test's own frame holds the token
+            assert token[:8] not in repr(tb.tb_frame.f_locals), tb.tb_frame.f_code.co_qualname
+        tb = tb.tb_next
+    assert not [r for r in caplog.records
+                if token[:8] in r.getMessage() or (r.exc_info and token[:8] in str(r.exc_info[1]))]
+
+
+async def test_a_providers_exception_in_refresh_is_named_by_its_class_only(
+    postgres: PostgresServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """refresh() reads the store again after a refused login: its HTTP client's error (URL,
+    token and all) reached the caller of acquire() as it was, a RuntimeError, not a PoolError."""
+    token = "hvs.QzXjKvWqZjXqVkWz"  # pragma: allowlist secret
+
+    class VaultPassword(Rotating):
+        async def refresh(self, target: Target) -> bool:
+            self.refreshes += 1
+            url = f"https://vault/v1/creds/app?token={token}"
+            raise RuntimeError(f"403 Forbidden for url: {url}")
+
+    bare = _without_password(postgres.dsn(), postgres.app.password)
+    caplog.set_level(logging.DEBUG)
+    provider = VaultPassword(["refused-password"])
+    log = AttemptLog()
+    pool = _pool(bare, log, credentials=provider, min_size=0, acquire_timeout=3)
+    async with pool:
+        with pytest.raises(CredentialsError) as info:
+            async with pool.acquire():
+                pass
+    assert provider.refreshes == 1
+    assert [type(a.error).__name__ for a in log.attempts] == ["AuthenticationError"]
+    message = str(info.value)
+    assert "VaultPassword.refresh() raised RuntimeError" in message
+    assert "its message is not shown: it may hold a credential" in message
+    _no_token_anywhere(info.value, token, caplog)
+
+
+async def test_a_providers_exception_in_warm_is_named_by_its_class_only(
+    postgres: PostgresServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    token = "hvs.QzXjKvWqZjXqVkWz"  # pragma: allowlist secret
+
+    class VaultPassword(Rotating):
+        async def warm(self, target: Target) -> None:
+            raise ConnectionResetError(f"vault at https://vault/?token={token} went away")
+
+    bare = _without_password(postgres.dsn(), postgres.app.password)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(CredentialsUnavailableError) as info:
+        await _pool(bare, credentials=VaultPassword([postgres.app.password])).open()
+    assert "VaultPassword.warm() raised ConnectionResetError" in str(info.value)
+    _no_token_anywhere(info.value, token, caplog)
+
+
 @pytest.mark.parametrize("blip", [TimeoutError, ConnectionResetError])
 async def test_a_provider_that_cannot_reach_its_store_for_a_moment_is_retried(
     postgres: PostgresServer, blip: type[Exception],

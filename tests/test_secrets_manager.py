@@ -16,7 +16,15 @@ from typing import Any
 import asyncpg
 import pytest
 
-from asyncpool import AuthenticationError, CredentialsError, Pool, SecretsManagerAuth, Target
+from asyncpool import (
+    AuthenticationError,
+    CredentialsError,
+    Pool,
+    PoolObserver,
+    SecretsManagerAuth,
+    Target,
+)
+from asyncpool.observer import ConnectAttempt
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.aws_endpoint import SESSION_TOKEN, LocalAwsEndpoint, aws_environment
 from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
@@ -300,6 +308,98 @@ async def test_logins_rejected_together_share_one_read(
     finally:
         await auth.close()
     assert results == [("old-password", True, "new-password")] * 8
+    assert local_aws.count("GetSecretValue") - before == 1
+
+
+async def test_logins_rejected_together_with_an_unchanged_secret_make_no_retry(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    """A single-user rotation sets the new password on the database (setSecret) before it makes
+    it AWSCURRENT (finishSecret): logins refused in between re-read the same password. The first
+    re-read counted as a newer copy, so every other login refused with it retried with the very
+    password just refused. One read, and no retry for any of them."""
+    name = await store.create(_credentials("old-password"))
+    auth = _auth(local_aws, name, ttl=3600)
+    all_have_passwords = asyncio.Barrier(6)
+
+    async def rejected_login() -> bool:
+        await auth.password(TARGET)
+        await all_have_passwords.wait()
+        return await auth.refresh(TARGET)
+
+    try:
+        await auth.warm(TARGET)
+        before = local_aws.count("GetSecretValue")
+        results = await asyncio.gather(*(rejected_login() for _ in range(6)))
+    finally:
+        await auth.close()
+    assert results == [False] * 6
+    assert local_aws.count("GetSecretValue") - before == 1
+
+
+async def test_a_ttl_reread_of_the_same_password_does_not_stop_a_refused_login_reading_again(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    """Login A gets the password; the ttl runs out and login B's read finds the same password;
+    then the rotation. A's refusal took B's read for a newer copy: no read, a retry with the
+    refused password, and an AuthenticationError though the secret held the new one."""
+    name = await store.create(_credentials("old-password"))
+    auth = _auth(local_aws, name, ttl=0.2)
+    a_has_password = asyncio.Event()
+    rotated = asyncio.Event()
+
+    async def login_a() -> tuple[str, bool, str]:
+        used = await auth.password(TARGET)
+        a_has_password.set()
+        await rotated.wait()
+        retry = await auth.refresh(TARGET)  # refused: the database has the new password
+        return used, retry, await auth.password(TARGET)
+
+    async def login_b() -> str:
+        await a_has_password.wait()
+        await asyncio.sleep(0.3)  # past the ttl
+        return await auth.password(TARGET)
+
+    try:
+        a = asyncio.ensure_future(login_a())
+        assert await asyncio.ensure_future(login_b()) == "old-password"
+        await store.put(name, _credentials("new-password"))
+        rotated.set()
+        assert await a == ("old-password", True, "new-password")
+    finally:
+        await auth.close()
+
+
+async def test_a_login_giving_up_its_re_read_leaves_it_to_the_others_refused_with_it(
+    store: SecretStore, local_aws: LocalAwsEndpoint
+) -> None:
+    """The login doing the shared re-read runs out of time (AWS slow): the next one refused with
+    it started a read of its own and waited for it too."""
+    name = await store.create(_credentials("old-password"))
+    auth = _auth(local_aws, name, ttl=3600)
+    all_have_passwords = asyncio.Barrier(4)
+    order: list[int] = []
+
+    async def rejected_login(i: int) -> tuple[bool, str]:
+        await auth.password(TARGET)
+        await all_have_passwords.wait()
+        order.append(i)
+        retry = await auth.refresh(TARGET)
+        return retry, await auth.password(TARGET)
+
+    try:
+        await auth.warm(TARGET)
+        await store.put(name, _credentials("new-password"))
+        before = local_aws.count("GetSecretValue")
+        with answering_late(local_aws, 0.5):
+            logins = [asyncio.ensure_future(rejected_login(i)) for i in range(4)]
+            await asyncio.sleep(0.2)
+            logins[order[0]].cancel()  # the one whose read it is
+            results = await asyncio.gather(*logins, return_exceptions=True)
+    finally:
+        await auth.close()
+    assert isinstance(results.pop(order[0]), asyncio.CancelledError)
+    assert results == [(True, "new-password")] * 3
     assert local_aws.count("GetSecretValue") - before == 1
 
 
@@ -606,6 +706,46 @@ async def test_rotation_behind_pgbouncer_is_followed_by_new_connections(
 ) -> None:
     bouncer = auth_query_pgbouncer
     await _rotate_and_connect(store, local_aws, Role(bouncer.postgres), bouncer.host, bouncer.port)
+
+
+class Attempts(PoolObserver):
+    """The errors of every connection attempt the pool reports (None: it got in)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str | None] = []
+
+    def connect_attempted(self, attempt: ConnectAttempt) -> None:
+        self.errors.append(None if attempt.error is None else type(attempt.error).__name__)
+
+
+async def test_logins_refused_during_a_rotation_are_not_retried_with_the_refused_password(
+    store: SecretStore, local_aws: LocalAwsEndpoint, postgres: PostgresServer
+) -> None:
+    """Between a single-user rotation's setSecret (the database changes) and finishSecret (the
+    secret does), logins refused together re-read an unchanged secret: each is refused once, with
+    one read for them all; after finishSecret the next login gets in."""
+    role = Role(postgres)
+    old, new = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    await role.set_password(old, create=True)
+    name = await store.create(_credentials(old, user=role.name))
+    auth = _auth(local_aws, name, ttl=3600)
+    attempts = Attempts()
+    pool = Pool(f"postgresql://{role.name}@{postgres.host}:{postgres.port}/app", credentials=auth,
+                min_size=0, max_size=4, acquire_timeout=10, observers=[attempts], telemetry=False)
+    async with pool:
+        await role.set_password(new)  # setSecret: the secret still says `old`
+        before = local_aws.count("GetSecretValue")
+        with answering_late(local_aws, 0.3):  # all four refused while the re-read runs
+            results = await asyncio.gather(*(pool.fetchval("SELECT 1") for _ in range(4)),
+                                           return_exceptions=True)
+        assert all(isinstance(r, AuthenticationError) for r in results), results
+        assert attempts.errors == ["AuthenticationError"] * 4
+        assert local_aws.count("GetSecretValue") - before == 1
+
+        await store.put(name, _credentials(new, user=role.name))  # finishSecret
+        assert await pool.fetchval("SELECT current_user") == role.name
+        assert attempts.errors[4:] == ["AuthenticationError", None]
+        assert local_aws.count("GetSecretValue") - before == 2
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,10 @@ so by name (`allow_unprotected_credentials`, `require_auth`), and then it does."
 
 from __future__ import annotations
 
+import json
 import ssl
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,8 +22,10 @@ from asyncpool import (
     IamAuth,
     Pool,
     PoolConfigError,
+    SecretsManagerAuth,
     StaticPassword,
 )
+from asyncpool.testing.aws_endpoint import LocalAwsEndpoint
 from asyncpool.testing.mitm import FakeServer
 from asyncpool.testing.pki import TestPki
 
@@ -354,3 +358,58 @@ async def test_doctor_refuses_a_password_to_another_machine_without_verified_tls
     assert code == 2
     assert "a password is only sent to another machine" in out.getvalue()
     assert SECRET not in out.getvalue()
+
+
+# -- a password from Secrets Manager: the rules of any password ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_aws() -> Iterator[LocalAwsEndpoint]:
+    with LocalAwsEndpoint() as endpoint:
+        yield endpoint
+
+
+async def _secret_auth(local_aws: LocalAwsEndpoint) -> SecretsManagerAuth:
+    from aiobotocore.session import AioSession
+
+    name = f"mitm/{uuid.uuid4().hex}"
+    async with AioSession().create_client("secretsmanager", region_name="us-east-1",
+                                          endpoint_url=local_aws.url) as client:
+        await client.create_secret(Name=name, SecretString=json.dumps(
+            {"username": "app", "password": SECRET, "host": "db.internal.example"}))
+    return SecretsManagerAuth(name, region="us-east-1", endpoint_url=local_aws.url)
+
+
+@pytest.mark.parametrize("mode", ["prefer", "require", "disable", "verify-ca"])
+async def test_a_secrets_manager_password_to_another_machine_needs_verified_tls(
+    aws: None, local_aws: LocalAwsEndpoint, mode: str
+) -> None:
+    """Refused at open(), before the secret is read (its `host` field changes nothing: the pool
+    dials the DSN's host)."""
+    auth = await _secret_auth(local_aws)
+    reads = local_aws.count("GetSecretValue")
+    pool = _pool(f"postgresql://app@db.internal.example:5432/app?sslmode={mode}",
+                 credentials=auth)
+    with pytest.raises(PoolConfigError, match="a password is only sent to another machine"):
+        await pool.open()
+    assert local_aws.count("GetSecretValue") == reads
+    await auth.close()
+
+
+@pytest.mark.parametrize("mode", ["prefer", "require", "disable"])
+@pytest.mark.parametrize("asks", ["password", "md5"])
+async def test_a_secrets_manager_password_to_an_unverified_local_server_is_not_sent(
+    aws: None, local_aws: LocalAwsEndpoint, mode: str, asks: str
+) -> None:
+    """To this machine without verified TLS the secret's password serves SCRAM only: a server
+    asking for it in clear (or MD5) gets nothing (with `prefer`, asyncpg's fallback to plain TCP
+    neither)."""
+    async with FakeServer(tls="self-signed", auth=asks) as fake:  # type: ignore[arg-type]
+        auth = await _secret_auth(local_aws)
+        pool = _pool(f"postgresql://app@127.0.0.1:{fake.port}/app?sslmode={mode}",
+                     credentials=auth)
+        with pytest.raises(AuthMethodRefusedError):
+            await pool.open()
+        await auth.close()
+    assert fake.logins
+    assert fake.received == []

@@ -247,7 +247,8 @@ class Connector:
             refused = exc
         # Outside the except block, so no exception becomes the next one's __context__.
         if (self.credentials is None or not self.retry_is_safe
-                or not await self.credentials.refresh(self.target)):
+                or not await provider_call(self.credentials, "refresh", self.target,
+                                           self.config.name)):
             raise refused
         del refused
         return await self._attempt(cut_short)
@@ -372,12 +373,34 @@ async def _ask(provider: CredentialProvider, target: Target, pool: str) -> str:
     except Exception as exc:
         failed = type(exc)
     # Raised outside the except block: the provider's exception is neither this one's cause nor
-    # its context, and its frames (whatever they held) are gone. A network error or a timeout
-    # (the secret store unreachable for a moment) is retried, as before the message was hidden.
+    # its context, and its frames (whatever they held) are gone.
+    raise _hidden_error(provider, "password", failed, pool)
+
+
+async def provider_call(provider: CredentialProvider, method: str, target: Target,
+                        pool: str) -> Any:
+    """``await provider.<method>(target)`` (`refresh`, `warm`), its errors treated as
+    `password`'s are (`_ask`): a refresh that reads a store again fails with that store's error,
+    which reached the caller of `acquire()` as it was, its message and frames (a URL with a
+    token, a secret being parsed) included."""
+    failed: type[BaseException]
+    try:
+        return await getattr(provider, method)(target)
+    except PoolError:
+        raise
+    except Exception as exc:
+        failed = type(exc)
+    raise _hidden_error(provider, method, failed, pool)
+
+
+def _hidden_error(provider: CredentialProvider, method: str, failed: type[BaseException],
+                  pool: str) -> CredentialsError:
+    """The error for a provider's exception whose message is not shown. A network error or a
+    timeout (the secret store unreachable for a moment) is retried, as before it was hidden."""
     error = (CredentialsUnavailableError if issubclass(failed, OSError | TimeoutError)
              else CredentialsError)
-    raise error(
-        f"pool {pool!r}: {type(provider).__name__}.password() raised {_class_name(failed)} (its "
+    return error(
+        f"pool {pool!r}: {type(provider).__name__}.{method}() raised {_class_name(failed)} (its "
         "message is not shown: it may hold a credential; log it inside the provider to see "
         "it, or raise a CredentialsError with a message that holds none)")
 

@@ -35,7 +35,9 @@ class _Secret:
     version_id: str
     fetched_at: float
     expires_at: float
-    generation: int  # counts reads, so a rejected login can tell whether a newer one exists
+    # Counts the passwords read (a re-read that finds the same one keeps it), so a refused
+    # login can tell whether another password has been read since it got its own.
+    generation: int
 
 
 class SecretsManagerAuth:
@@ -103,6 +105,8 @@ class SecretsManagerAuth:
         self._lock = LoopLock()
         self._reading: asyncio.Task[_Secret] | None = None  # the read logins wait for, if any
         self._slow: asyncio.Task[_Secret] | None = None  # a read that took over STALE_WAIT
+        # The re-read after a refused login, if one is under way (`refresh`).
+        self._refreshing: asyncio.Task[_Secret] | None = None
         # When the last re-read after a rejected login failed, and its message (`refresh`).
         self._refresh_failed: tuple[float, str] | None = None
         # Which read each connecting task got its password from (see `refresh`).
@@ -133,8 +137,14 @@ class SecretsManagerAuth:
         asked = time.monotonic()
         async with self._lock():
             cached = self._secret
-            if cached is not None and given is not None and cached.generation > given:
-                return True
+            if cached is not None and given is not None:
+                if cached.generation > given:
+                    return True  # another login read a new password since
+                if cached.generation == given and cached.fetched_at >= asked:
+                    # Read again since this login was refused, and unchanged (a rotation has
+                    # set the database's password and not yet the secret's): no retry with the
+                    # refused password, no read of its own for each login refused with it.
+                    return False
             failed = self._refresh_failed
             if failed is not None and failed[0] >= asked:
                 # A read for a login rejected at the same time failed while this one waited:
@@ -142,9 +152,14 @@ class SecretsManagerAuth:
                 raise CredentialsError(failed[1])
             # In a task of its own, kept when it ends: a login whose time runs out while AWS is
             # slow (past acquire_timeout) must not leave the refused password in use until the
-            # ttl runs out; the next login finds the fresh copy.
-            fetch = asyncio.get_running_loop().create_task(self._fetch(target))
-            fetch.add_done_callback(self._keep_fresh)
+            # ttl runs out; the next login finds the fresh copy. Under way still: its login gave
+            # up (the lock is free again); the logins refused with it wait for that read, rather
+            # than make another and wait for it too.
+            loop = asyncio.get_running_loop()
+            fetch = self._refreshing
+            if fetch is None or fetch.done() or fetch.get_loop() is not loop:
+                fetch = self._refreshing = loop.create_task(self._fetch(target))
+                fetch.add_done_callback(self._keep_fresh)
             try:
                 fresh = await asyncio.shield(fetch)
             except CredentialsError as exc:
@@ -157,7 +172,7 @@ class SecretsManagerAuth:
         if fetch.cancelled() or fetch.exception() is not None:
             return
         fresh = fetch.result()
-        if self._secret is None or fresh.generation > self._secret.generation:
+        if self._secret is None or fresh.generation >= self._secret.generation:
             self._secret = fresh
 
     async def warm(self, target: Target) -> None:
@@ -170,7 +185,7 @@ class SecretsManagerAuth:
         self._secret = None
         # A read under way is left to end (another pool sharing this provider may wait for it);
         # new logins start their own.
-        self._reading = None
+        self._reading = self._refreshing = None
         await self._client.close()
 
     def auth_failure_hint(self, target: Target) -> str:
@@ -273,8 +288,13 @@ class SecretsManagerAuth:
         if isinstance(found, CredentialsError):
             raise found
         now = time.monotonic()
-        self._reads += 1
-        return _Secret(found, version, now, now + self.ttl, self._reads)
+        current = self._secret
+        if current is not None and current.password == found:
+            generation = current.generation
+        else:
+            self._reads += 1
+            generation = self._reads
+        return _Secret(found, version, now, now + self.ttl, generation)
 
     def _password_from(self, text: str, target: Target, doing: str) -> str | CredentialsError:
         """The password in `text`, or the error to raise (returned, not raised here: this

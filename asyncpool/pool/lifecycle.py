@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncpool.connect import driver
+from asyncpool.connect.connector import provider_call
 from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import forks, housekeeping, misuse
@@ -296,7 +297,7 @@ async def _warm(slots: Slots, connector: Connector) -> None:
     deadline = asyncio.timeout(limit)
     try:
         async with deadline:
-            await connector.credentials.warm(connector.target)
+            await provider_call(connector.credentials, "warm", connector.target, slots.name)
     except TimeoutError:
         if not deadline.expired():
             raise
