@@ -3,6 +3,7 @@ PgBouncers, the provider protocol's retry-once path, and the errors for a wrong 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,6 +249,46 @@ async def test_a_providers_exception_in_warm_is_named_by_its_class_only(
         await _pool(bare, credentials=VaultPassword([postgres.app.password])).open()
     assert "VaultPassword.warm() raised ConnectionResetError" in str(info.value)
     _no_token_anywhere(info.value, token, caplog)
+
+
+@pytest.mark.parametrize("how", ["close", "terminate", "snapshot"])
+async def test_a_providers_exception_in_close_is_logged_by_its_class_only(
+    postgres: PostgresServer, caplog: pytest.LogCaptureFixture, how: str,
+) -> None:
+    """close() runs at pool.close(), terminate() and before a SnapStart snapshot: its error was
+    logged with its message and traceback (logger.exception), a token in a URL included."""
+    token = "hvs.QzXjKvWqZjXqVkWz"  # pragma: allowlist secret
+
+    class VaultPassword(Rotating):
+        async def close(self) -> None:
+            raise RuntimeError(f"revoke failed for https://vault/v1/auth?token={token}")
+
+    bare = _without_password(postgres.dsn(), postgres.app.password)
+    caplog.set_level(logging.DEBUG)
+    pool = _pool(bare, credentials=VaultPassword([postgres.app.password]), min_size=1)
+    await pool.open()
+    assert await pool.fetchval("SELECT 1") == 1
+    if how == "close":
+        await pool.close()
+    elif how == "terminate":
+        pool.terminate()
+        for _ in range(50):  # its close runs in a task of the pool's
+            if any("close() raised" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+    else:
+        from asyncpool.integrations.aws_lambda import _prepare_snapshot
+
+        await _prepare_snapshot(pool)
+        await pool.close()
+    failed = [r for r in caplog.records if "VaultPassword.close() raised RuntimeError" in r.getMessage()]
+    # (Closed again by pool.close() after a snapshot, as a restored environment may not run.)
+    assert len(failed) == (2 if how == "snapshot" else 1), [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None for r in failed)
+    if how == "snapshot":
+        assert "before a snapshot" in failed[0].getMessage()
+    assert not [r for r in caplog.records
+                if token[:8] in r.getMessage() or (r.exc_info and token[:8] in str(r.exc_info[1]))]
 
 
 @pytest.mark.parametrize("blip", [TimeoutError, ConnectionResetError])

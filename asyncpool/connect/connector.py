@@ -393,6 +393,13 @@ async def provider_call(provider: CredentialProvider, method: str, target: Targe
     raise _hidden_error(provider, method, failed, pool)
 
 
+def close_failure(provider: object, exc: BaseException) -> str:
+    """What to log when a provider's ``close()`` raised `exc`: its class only, as for
+    `password()`: its message may hold a credential (a URL with a token)."""
+    return (f"{type(provider).__name__}.close() raised {_class_name(type(exc))} (its message is "
+            "not shown: it may hold a credential)")
+
+
 def _hidden_error(provider: CredentialProvider, method: str, failed: type[BaseException],
                   pool: str) -> CredentialsError:
     """The error for a provider's exception whose message is not shown. A network error or a

@@ -19,6 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncpool.config import DefaultTimeout, PoolConfig, env_value
+from asyncpool.connect.connector import close_failure
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
 from asyncpool.options import PoolOptions, translate
 
@@ -443,9 +444,9 @@ async def _prepare_snapshot(pool: Pool) -> None:
         try:
             async with asyncio.timeout(SNAPSHOT_BUDGET):
                 await credentials.close()
-        except Exception:
-            logger.exception("pool %r: closing the credentials provider before a snapshot failed",
-                             pool.name)
+        except Exception as exc:
+            logger.warning("pool %r: before a snapshot, %s; ignored", pool.name,
+                           close_failure(credentials, exc))
     logger.info("pool %r: connections closed for the snapshot (%d left)", pool.name, pool.stats().size)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncpool.connect import driver
-from asyncpool.connect.connector import provider_call
+from asyncpool.connect.connector import close_failure, provider_call
 from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import forks, housekeeping, misuse
@@ -164,10 +164,7 @@ async def close(slots: Slots, timeout: float | None) -> None:
         # not started yet (its coroutine would never run, and its connection stay open).
         await asyncio.shield(asyncio.gather(*_own_tasks(slots), return_exceptions=True))
         for creds in _take_credentials(slots):
-            try:
-                await creds.close()
-            except Exception:
-                logger.exception("pool %r: closing the credentials provider failed", slots.name)
+            await _close_credentials(creds, slots.name)
     except BaseException:
         terminate(slots)
         raise
@@ -328,5 +325,5 @@ def _set_leak_timer_unarmed(slots: Slots, unarmed: bool) -> None:
 async def _close_credentials(creds: Any, name: str) -> None:
     try:
         await creds.close()
-    except Exception:
-        logger.exception("pool %r: closing the credentials provider failed", name)
+    except Exception as exc:
+        logger.warning("pool %r: %s; ignored", name, close_failure(creds, exc))
