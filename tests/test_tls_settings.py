@@ -492,6 +492,34 @@ def test_a_crl_that_would_not_be_checked_is_refused(
     assert filled(says) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("dsn_query", "env", "says"),
+    [
+        ("?sslmode=verify-full&sslcrl={dir}", {},
+         "the DSN's sslcrl='{dir}' is a directory; sslcrl names one file of revocation lists: "
+         "give a directory as sslcrldir="),
+        ("?sslmode=verify-full", {"PGSSLCRL": "{dir}"},
+         "PGSSLCRL='{dir}' is a directory; sslcrl names one file of revocation lists: give a "
+         "directory as PGSSLCRLDIR"),
+        ("?sslmode=verify-full&sslcrldir={crl}", {},
+         "the DSN's sslcrldir='{crl}' is a file; sslcrldir names a directory of revocation "
+         "lists: give a file as sslcrl="),
+        ("?sslmode=verify-full", {"PGSSLCRLDIR": "{crl}"},
+         "PGSSLCRLDIR='{crl}' is a file; sslcrldir names a directory of revocation lists: give "
+         "a file as PGSSLCRL"),
+    ],
+)
+def test_a_crl_file_given_as_a_directory_or_the_converse_names_the_other_keyword(
+        tmp_path: Path, pki: TestPki, dsn_query: str, env: dict[str, str], says: str) -> None:
+    """It said "no such file" of a directory that exists."""
+    def filled(text: str) -> str:
+        return text.format(crl=pki.revoked_crl, dir=tmp_path)
+
+    with pytest.raises(PoolConfigError) as info:
+        _resolve(DSN + filled(dsn_query), {k: filled(v) for k, v in env.items()})
+    assert filled(says) in str(info.value)
+
+
 def test_a_context_with_a_dsn_crl_or_version_is_an_error(tmp_path: Path) -> None:
     """asyncpg reads no TLS keyword of the DSN beside an ssl.SSLContext."""
     crl = tmp_path / "root.crl"

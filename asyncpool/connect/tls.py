@@ -390,9 +390,16 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verific
     """
     crl_file, file_where = handshake.get("sslcrl", (None, ""))
     crl_dir, dir_where = handshake.get("sslcrldir", (None, ""))
+    if crl_file is not None and os.path.isdir(crl_file):
+        fail(f"{file_where}={crl_file!r} is a directory; sslcrl names one file of revocation "
+             f"lists: give a directory as {_crl_spelling(file_where, 'sslcrldir')} (its lists "
+             "under the hashed names `openssl rehash` gives them)")
     if crl_file is not None and not os.path.isfile(crl_file):
         fail(f"{file_where}={crl_file!r}: no such file (a certificate revocation list that "
              "cannot be read would revoke nothing): fix the path")
+    if crl_dir is not None and os.path.exists(crl_dir) and not os.path.isdir(crl_dir):
+        fail(f"{dir_where}={crl_dir!r} is a file; sslcrldir names a directory of revocation "
+             f"lists: give a file as {_crl_spelling(dir_where, 'sslcrl')}")
     if crl_dir is not None and not os.path.isdir(crl_dir):
         fail(f"{dir_where}={crl_dir!r}: no such directory (a certificate revocation list that "
              "cannot be read would revoke nothing): fix the path")
@@ -434,6 +441,14 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verific
         # itself, as libpq does; with the system CAs libpq reads no revocation list.
         return None, None, None
     return str(default), None, f"{DEFAULT_CRL}, libpq's default revocation list"
+
+
+def _crl_spelling(where: str, key: str) -> str:
+    """How to give `key` (``sslcrl`` or ``sslcrldir``) where the other one was given: its
+    variable for a variable, else the keyword (in the DSN or the service, as that one was)."""
+    variable = HANDSHAKE_KEYS[key]
+    other = "sslcrldir" if key == "sslcrl" else "sslcrl"
+    return variable if where == HANDSHAKE_KEYS[other] else f"{key}="
 
 
 def _home_file(name: str, env: Mapping[str, str]) -> Path | None:
