@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 from asyncpool.connect.dsn import (
     LIBPQ_ONLY,
@@ -214,7 +214,20 @@ class PoolConfig:
     @config_errors_without_frames
     def replace(self, **changes: Any) -> PoolConfig:
         """A copy with `changes` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+        copy = dataclasses.replace(self, **changes)
+        kept = {k: v for k, v in self._set_by.items() if k not in changes}
+        if kept:
+            object.__setattr__(copy, "_set_by", kept)
+        return copy
+
+    #: The options `from_env` read from their variables: option -> ``ASYNCPOOL_SSL='ON'``.
+    _set_by: ClassVar[Mapping[str, str]] = {}
+
+    def set_by(self, option: str) -> str | None:
+        """Where `option` came from when `from_env` read it from its ``ASYNCPOOL_*`` variable
+        (and nothing replaced it since), as ``ASYNCPOOL_SSL='ON'``; None otherwise. For
+        messages that name what to fix where a value has a meaning other than its text."""
+        return self._set_by.get(option)
 
     @classmethod
     @config_errors_without_frames
@@ -237,7 +250,7 @@ class PoolConfig:
         from_env = set(values) - set(overrides)
         values.update(overrides)
         try:
-            return cls(**values)
+            config = cls(**values)
         except PoolConfigError as exc:
             # Say which variable to fix when the refused value came from one.
             named = [ENV_PREFIX + name.upper() for name in sorted(from_env)
@@ -245,6 +258,11 @@ class PoolConfig:
             if not named:
                 raise
             raise PoolConfigError(f"{exc} (set by {', '.join(named)})") from None
+        # (Not the DSN's text: it may hold a password.)
+        if read := sorted(from_env - {"dsn"}):
+            object.__setattr__(config, "_set_by", {
+                name: f"{ENV_PREFIX}{name.upper()}={env_value(env, name)!r}" for name in read})
+        return config
 
 
 def _refusing_unknown_options(init: Any) -> Any:

@@ -115,10 +115,15 @@ def test_pgsslrootcert_is_used_when_nothing_else_names_one() -> None:
     assert (setting.root_cert, setting.root_cert_source) == ("/etc/ca.pem", "PGSSLROOTCERT")
 
 
-def test_asyncpool_ssl_from_the_environment_must_agree_with_the_dsn() -> None:
-    with pytest.raises(PoolConfigError, match="the ssl option='require'"):
-        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": "require",
+def test_asyncpool_ssl_from_the_environment_must_agree_with_the_dsn(pki: TestPki) -> None:
+    with pytest.raises(PoolConfigError, match="ASYNCPOOL_SSL=' Require' and the DSN's"):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": " Require",
                                          "ASYNCPOOL_DSN": f"{DSN}?sslmode=verify-full"}), environ={})
+    with pytest.raises(PoolConfigError, match=re.escape(
+            f"ASYNCPOOL_SSL_ROOT_CERT={str(pki.ca_cert)!r} and the DSN's sslrootcert=")):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL_ROOT_CERT": str(pki.ca_cert),
+                                         "ASYNCPOOL_DSN": f"{DSN}?sslrootcert=/etc/b.pem"}),
+                    environ={})
 
 
 @pytest.mark.parametrize(
