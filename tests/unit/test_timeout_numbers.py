@@ -78,11 +78,14 @@ def test_a_call_s_timeout_that_is_no_time_is_still_refused(server: FakeServer, b
 def test_the_time_options_take_any_real_number_as_a_float() -> None:
     """The same rule for the options (`PoolConfig`'s docstring): Decimal("2.5") was refused."""
     np = pytest.importorskip("numpy")
-    config = PoolConfig(acquire_timeout=Decimal("2.5"), connect_timeout=np.int64(3),
-                        max_lifetime=Fraction(600, 1), lifetime_jitter=Fraction(1, 10),
-                        max_idle=np.float32(60), validate_after=Decimal(0),
-                        statement_cache_ttl=np.float64(9), leak_timeout=np.int64(30),
-                        command_timeout=Decimal("0.5"))
+    # (Typed as float, as asyncpg types them: a type checker wants float(x) written.)
+    given: dict[str, Any] = {
+        "acquire_timeout": Decimal("2.5"), "connect_timeout": np.int64(3),
+        "max_lifetime": Fraction(600, 1), "lifetime_jitter": Fraction(1, 10),
+        "max_idle": np.float32(60), "validate_after": Decimal(0),
+        "statement_cache_ttl": np.float64(9), "leak_timeout": np.int64(30),
+        "command_timeout": Decimal("0.5")}
+    config = PoolConfig(**given)
     got = {name: getattr(config, name) for name in (
         "acquire_timeout", "connect_timeout", "max_lifetime", "lifetime_jitter", "max_idle",
         "validate_after", "statement_cache_ttl", "leak_timeout", "command_timeout")}
@@ -90,9 +93,11 @@ def test_the_time_options_take_any_real_number_as_a_float() -> None:
                    "lifetime_jitter": 0.1, "max_idle": 60.0, "validate_after": 0.0,
                    "statement_cache_ttl": 9.0, "leak_timeout": 30.0, "command_timeout": 0.5}
     assert {type(v) for v in got.values()} == {float}
-    assert PoolConfig(max_idle=Decimal("Infinity")).max_idle is None  # inf is no limit
+    infinite: Any = Decimal("Infinity")
+    assert PoolConfig(max_idle=infinite).max_idle is None  # inf is no limit
     assert PoolConfig(acquire_timeout=5).acquire_timeout == 5  # an int stays as given
-    for bad in ("5", True, Decimal("NaN"), Decimal("-1"), Fraction(-1, 2)):
+    bads: list[Any] = ["5", True, Decimal("NaN"), Decimal("-1"), Fraction(-1, 2)]
+    for bad in bads:
         with pytest.raises(PoolConfigError, match=r"acquire_timeout=.*must be a number of "
                                                   r"seconds > 0"):
             PoolConfig(acquire_timeout=bad)
