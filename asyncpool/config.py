@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import functools
 import inspect
@@ -14,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 from asyncpool.connect.dsn import (
     LIBPQ_ONLY,
@@ -80,6 +81,11 @@ class DefaultTimeout(float):
 class PoolConfig:
     """The options of a `Pool`. Times are in seconds; `None` turns a limit off, and
     ``float("inf")`` is taken for None (`connect_timeout` must have a limit).
+
+    A time, here or in a call's ``timeout=`` (``acquire()``, ``transaction()``, ``release()``,
+    ``close()``, a statement's), is any real number, as asyncpg takes it: an int or a float, or
+    another number type that converts to one (a numpy number, a ``Decimal``, a ``Fraction``),
+    kept as a float. A bool, a string, NaN and a negative time are refused (`PoolConfigError`).
 
     dsn: ``postgresql://user[:password]@host:port/database[?...]`` (env ``ASYNCPOOL_DSN``).
         A password in it is used for SCRAM unless `credentials` is given; it is never printed.
@@ -214,7 +220,20 @@ class PoolConfig:
     @config_errors_without_frames
     def replace(self, **changes: Any) -> PoolConfig:
         """A copy with `changes` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+        copy = dataclasses.replace(self, **changes)
+        kept = {k: v for k, v in self._set_by.items() if k not in changes}
+        if kept:
+            object.__setattr__(copy, "_set_by", kept)
+        return copy
+
+    #: The options `from_env` read from their variables: option -> ``ASYNCPOOL_SSL='ON'``.
+    _set_by: ClassVar[Mapping[str, str]] = {}
+
+    def set_by(self, option: str) -> str | None:
+        """Where `option` came from when `from_env` read it from its ``ASYNCPOOL_*`` variable
+        (and nothing replaced it since), as ``ASYNCPOOL_SSL='ON'``; None otherwise. For
+        messages that name what to fix where a value has a meaning other than its text."""
+        return self._set_by.get(option)
 
     @classmethod
     @config_errors_without_frames
@@ -237,7 +256,7 @@ class PoolConfig:
         from_env = set(values) - set(overrides)
         values.update(overrides)
         try:
-            return cls(**values)
+            config = cls(**values)
         except PoolConfigError as exc:
             # Say which variable to fix when the refused value came from one.
             named = [ENV_PREFIX + name.upper() for name in sorted(from_env)
@@ -245,6 +264,11 @@ class PoolConfig:
             if not named:
                 raise
             raise PoolConfigError(f"{exc} (set by {', '.join(named)})") from None
+        # (Not the DSN's text: it may hold a password.)
+        if read := sorted(from_env - {"dsn"}):
+            object.__setattr__(config, "_set_by", {
+                name: f"{ENV_PREFIX}{name.upper()}={env_value(env, name)!r}" for name in read})
+        return config
 
 
 def _refusing_unknown_options(init: Any) -> Any:
@@ -440,11 +464,12 @@ def _rename_mode(cfg: PoolConfig) -> None:
         object.__setattr__(cfg, "prepared_statements", renamed)
 
 
-def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option reads best
+def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912, PLR0915 - one check per option reads best
     def fail(message: str) -> None:
         raise PoolConfigError(f"pool {cfg.name!r}: {message}")
 
     _check_flags(cfg, fail)
+    _as_floats(cfg)
     if _not_whole(cfg.min_size) or cfg.min_size < 0:
         fail(f"min_size={cfg.min_size!r}: must be a whole number >= 0")
     if _not_whole(cfg.max_size) or cfg.max_size < 1:
@@ -626,6 +651,41 @@ def _check_provider(provider: object, fail: Callable[[str], None]) -> None:
 
 def _not_whole(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
+
+
+def as_number(value: object) -> float | None:
+    """`value` as the number the pool computes with (`PoolConfig`'s rule for times): an int or
+    a float as it is, another real number (numpy's, a Decimal, a Fraction) as a float; None for
+    anything else, a bool included (True is no time to a user). NaN stays, for the caller's
+    range check (every comparison is False) to refuse."""
+    if type(value) is float or type(value) is int:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):  # a signalling NaN; an int too large for a float
+        return None
+
+
+#: The options that are real numbers (seconds; `lifetime_jitter` a fraction).
+_REAL_OPTIONS = ("acquire_timeout", "connect_timeout", "max_lifetime", "lifetime_jitter",
+                 "max_idle", "validate_after", "statement_cache_ttl", "leak_timeout",
+                 "command_timeout")
+
+
+def _as_floats(cfg: PoolConfig) -> None:
+    """Each real-number option given as another number type (a numpy number, a Decimal...) as
+    a float, which the pool adds to the loop's clock and gives asyncio's timers (a Decimal
+    cannot be added to a float). What is no number is left for the checks to refuse."""
+    for key in _REAL_OPTIONS:
+        value = getattr(cfg, key)
+        if value is None or type(value) is float or type(value) is int or isinstance(
+                value, DefaultTimeout):
+            continue
+        number = as_number(value)
+        if number is not None:
+            object.__setattr__(cfg, key, number)
 
 
 def not_a_number(value: object) -> bool:

@@ -9,10 +9,7 @@ the same. Unknown names are refused with the closest valid one.
 
 from __future__ import annotations
 
-import decimal
 import difflib
-import math
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
@@ -26,7 +23,7 @@ from asyncpool.config import (
     PreparedStatements,
     SetupHook,
     SslMode,
-    not_a_number,
+    as_number,
 )
 from asyncpool.errors import PoolConfigError
 
@@ -240,12 +237,23 @@ def with_connect_args(config: PoolConfig, dsn: str | None,
     return resolve(dsn, base, connect_kwargs)
 
 
-def check_timeout(pool_name: str, what: str, timeout: Any, none: str = "no limit") -> None:
-    """Raise `PoolConfigError` unless `timeout` (given to `what`) is None (meaning `none`) or
-    seconds >= 0."""
+def check_timeout(pool_name: str, what: str, timeout: Any,
+                  none: str = "no limit") -> float | None:
+    """`timeout` (given to `what`) as the pool computes with it (`in_seconds`): None (meaning
+    `none`) or seconds >= 0 (`PoolConfig`'s rule for times); else `PoolConfigError`."""
+    if (type(timeout) is float or type(timeout) is int) and timeout >= 0:  # the usual first
+        return timeout  # (NaN is not >= 0)
     error = timeout_error(pool_name, what, timeout, none)
     if error is not None:
         raise error
+    return in_seconds(timeout)
+
+
+def in_seconds(timeout: Any) -> float | None:
+    """A checked `timeout` (None or seconds >= 0) as the pool computes with it: an int or a float
+    as it is, another real number (a numpy number, a Decimal, a Fraction) as a float, which can
+    be added to the loop's clock and given to asyncio's timers."""
+    return None if timeout is None else as_number(timeout)
 
 
 def check_statement_timeout(pool_name: str | None, what: str, timeout: Any) -> None:
@@ -258,12 +266,13 @@ def check_statement_timeout(pool_name: str | None, what: str, timeout: Any) -> N
     negative one (indistinguishable from a statement that ran out of time), and refuses the
     rest late (``True``, a list) or, for ``copy_records_to_table``, only after sending its
     introspection query. ``inf`` is no limit, as for every time limit of the pool; 0 is
-    asyncpg's: no time at all (TimeoutError, nothing sent). Any real number asyncpg reads with
-    ``float()`` is taken (a numpy integer or float32, a Decimal, a Fraction), as asyncpg does."""
+    asyncpg's: no time at all (TimeoutError, nothing sent). Any real number is taken
+    (`PoolConfig`'s rule for times: a numpy number, a Decimal, a Fraction), as asyncpg reads
+    it with ``float()``; asyncpg gets it as it was given."""
     if type(timeout) is float or type(timeout) is int:  # the usual: no ABC lookup
         if timeout >= 0:  # (False for NaN)
             return
-    elif _seconds_asyncpg_reads(timeout):
+    elif _seconds(timeout):
         return
     whose = "" if pool_name is None else f"pool {pool_name!r}: "
     raise PoolConfigError(
@@ -271,15 +280,10 @@ def check_statement_timeout(pool_name: str | None, what: str, timeout: Any) -> N
         "for the pool's command_timeout); nothing was sent")
 
 
-def _seconds_asyncpg_reads(timeout: object) -> bool:
-    """Whether `timeout`, not an int or a float, is a number asyncpg would read as seconds >= 0:
-    a real number but a bool (``True`` is no time limit to a user), or a Decimal."""
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real | decimal.Decimal):
-        return False
-    try:
-        return float(timeout) >= 0
-    except (ValueError, OverflowError):  # a signalling NaN; an int too large for a float
-        return False
+def _seconds(timeout: object) -> bool:
+    """Whether `timeout` is a real number of seconds >= 0 (`PoolConfig`'s rule for times)."""
+    number = as_number(timeout)
+    return number is not None and number >= 0  # (False for NaN)
 
 
 #: What `timeout_error` adds for a connection given back anyway.
@@ -290,8 +294,9 @@ def timeout_error(pool_name: str, what: str, timeout: Any, none: str = "no limit
                   done: str = "") -> PoolConfigError | None:
     """`check_timeout`'s error, returned, for a call that does its work with its default time
     limit before raising it (`done` says so): one that gives something back (a connection, the
-    pool's connections) must not keep it for a typo."""
-    if timeout is None or not (not_a_number(timeout) or math.isnan(timeout) or timeout < 0):
+    pool's connections) must not keep it for a typo. Without an error, `in_seconds` gives the
+    value to compute with."""
+    if timeout is None or _seconds(timeout):
         return None
     return PoolConfigError(
         f"pool {pool_name!r}: {what}={timeout!r}: must be a number of seconds >= 0 "

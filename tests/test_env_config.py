@@ -377,9 +377,21 @@ def test_asyncpool_ssl_takes_a_switch_with_ssl_true_s_meaning() -> None:
             assert config == PoolConfig(_DSN, ssl=value)
             assert resolve_tls(config, environ={}).mode == mode
     # Given twice, the two must agree, as for a mode.
-    with pytest.raises(PoolConfigError, match=r"the ssl option=True"):
-        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": "true",
+    # Named as the variable and its text, not "the ssl option=True" the user never wrote.
+    with pytest.raises(PoolConfigError, match=re.escape(
+            "the TLS setting is given twice and the two disagree: ASYNCPOOL_SSL='ON' (ssl=True: "
+            "'verify-full') and the DSN's sslmode='require'")):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": "ON",
                                          "ASYNCPOOL_DSN": f"{_DSN}?sslmode=require"}), environ={})
+    # Given in code over the variable: the option's own words.
+    with pytest.raises(PoolConfigError, match=re.escape("the ssl option=True and the DSN's")):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": "off"}, ssl=True,
+                                        dsn=f"{_DSN}?sslmode=require"), environ={})
+    # Kept by replace() while ssl is not replaced.
+    config = PoolConfig.from_env({"ASYNCPOOL_SSL": "yes", "ASYNCPOOL_DSN": _DSN})
+    assert config.replace(max_size=3).set_by("ssl") == "ASYNCPOOL_SSL='yes'"
+    assert config.replace(ssl="require").set_by("ssl") is None
+    assert config.set_by("dsn") is None  # its text may hold a password
     for word in ("none", "tls", "verify"):
         with pytest.raises(PoolConfigError, match=(
                 rf"^ASYNCPOOL_SSL='{word}': write one of disable, allow, prefer, require, "

@@ -12,6 +12,7 @@ import pytest
 
 from asyncpool import ConnectError, Pool, PoolConfigError
 from asyncpool.testing import PostgresServer
+from asyncpool.testing.pgbouncer import PgBouncerServer
 from asyncpool.testing.pki import TestPki
 
 
@@ -20,8 +21,8 @@ def _dsn(server: PostgresServer, host: str = "localhost", **params: str) -> str:
 
 
 async def _open(dsn: str, **options: Any) -> Pool:
-    return await Pool(dsn, min_size=1, max_size=2, connect_timeout=5, telemetry=False,
-                      **options).open()
+    options.setdefault("connect_timeout", 5)
+    return await Pool(dsn, min_size=1, max_size=2, telemetry=False, **options).open()
 
 
 async def _tls_facts(pool: Pool) -> tuple[bool, str]:
@@ -354,7 +355,9 @@ async def test_direct_tls_without_tls_on_every_connection_is_refused_before_dial
 class _DirectTlsFront:
     """PostgreSQL 17's direct TLS in front of a real PostgreSQL: TLS from the first byte with the
     test certificate, a client that offers no ALPN protocol 'postgresql' hung up on (as
-    PostgreSQL 17 does), then the plain protocol relayed to the server."""
+    PostgreSQL 17 does), then the plain protocol relayed to the server. `hang_ups`: how many of
+    the next connections it closes on reading the TLS hello, without answering (as PostgreSQL
+    15 does to every one; here a passing network fault)."""
 
     def __init__(self, pki: TestPki, backend_port: int) -> None:
         import ssl
@@ -364,17 +367,40 @@ class _DirectTlsFront:
         self.context.set_alpn_protocols(["postgresql"])
         self.backend_port = backend_port
         self.alpn: list[str | None] = []
+        self.hang_ups = 0
+        self.hung_up = 0
+        #: A TLS alert record to answer every hello with (a server refusing the handshake).
+        self.alert: bytes | None = None
         self._tasks: set[Any] = set()
 
     async def start(self) -> int:
         import asyncio
 
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _serve(self, reader: Any, writer: Any) -> None:
         import asyncio
+        import ssl
 
+        if self.hang_ups:
+            self.hang_ups -= 1
+            self.hung_up += 1
+            await reader.read(65536)  # the TLS hello, read, so the close is a FIN
+            writer.close()
+            return
+        if self.alert is not None:
+            # (asyncio's server side closes without sending OpenSSL's alert: sent by hand.)
+            await reader.read(65536)
+            writer.write(self.alert)
+            await writer.drain()
+            writer.close()
+            return
+        try:
+            await writer.start_tls(self.context)
+        except (ssl.SSLError, ConnectionError):
+            writer.close()
+            return
         alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
         self.alpn.append(alpn)
         if alpn != "postgresql":
@@ -439,3 +465,70 @@ async def test_asyncpool_ssl_true_verifies_the_certificate_and_the_host_name(
     monkeypatch.setenv("ASYNCPOOL_SSL_ROOT_CERT", str(pki.other_ca_cert))
     with pytest.raises(ConnectError, match="TLS certificate did not verify"):
         await _open(_dsn(tls_postgres))
+
+
+async def test_a_hang_up_in_the_direct_tls_handshake_is_retried_once_direct_tls_worked(
+    postgres: PostgresServer, pki: TestPki
+) -> None:
+    """Every hang-up in a direct TLS handshake was "needs PostgreSQL 17", never retried: a
+    passing network fault against PostgreSQL 17 failed the caller. Before any direct TLS login
+    has worked it still is (PostgreSQL 15 above does that to every attempt); after, it is
+    retried."""
+    front = _DirectTlsFront(pki, postgres.port)
+    port = await front.start()
+    dsn = postgres.app.dsn("localhost", port, postgres.database, sslmode="require",
+                           sslnegotiation="direct")
+    try:
+        async with await _open(dsn) as pool, pool.acquire() as held:
+            front.hang_ups = 1
+            async with pool.acquire() as conn:  # a new login: hung up on, then retried
+                assert await conn.fetchval("SELECT 1") == 1
+            assert await held.fetchval("SELECT 2") == 2
+            assert front.hung_up == 1
+            assert pool.stats().connect_errors_total == 1
+        front.hang_ups = 1  # a new pool's first login
+        with pytest.raises(ConnectError) as info:
+            await _open(dsn)
+        assert "no direct TLS login to it has worked yet" in str(info.value)
+        assert "PostgreSQL accepts direct TLS from version 17" in str(info.value)
+        assert info.value.transient is False
+    finally:
+        await front.close()
+
+
+async def test_a_tls_alert_in_the_direct_tls_handshake_is_not_taken_for_an_old_server(
+    postgres: PostgresServer, pki: TestPki
+) -> None:
+    """A server that answers the hello with TLS takes direct TLS: its refusal (here a fatal
+    protocol_version alert, as OpenSSL sends when no TLS version is common) was reported as
+    "PostgreSQL accepts direct TLS from version 17"."""
+    front = _DirectTlsFront(pki, postgres.port)
+    front.alert = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70])  # fatal protocol_version
+    port = await front.start()
+    try:
+        with pytest.raises(ConnectError) as info:
+            await _open(postgres.app.dsn("localhost", port, postgres.database,
+                                         sslmode="verify-full", sslrootcert=str(pki.ca_cert),
+                                         sslnegotiation="direct"))
+        assert "TLS failed" in str(info.value)
+        assert "ALERT_PROTOCOL_VERSION" in str(info.value)
+        assert "version 17" not in str(info.value)
+    finally:
+        await front.close()
+
+
+async def test_direct_tls_to_pgbouncer_says_it_does_not_take_it(
+    legacy: PgBouncerServer, current: PgBouncerServer
+) -> None:
+    """PgBouncer 1.18 answers the TLS hello with an error message in the plain protocol, 1.24
+    waits for the rest of what it reads as a startup packet: both were told apart from an old
+    server by nothing (a TLS error, or a timeout that only blamed the network)."""
+    with pytest.raises(ConnectError) as info:
+        await _open(legacy.dsn(sslmode="require", sslnegotiation="direct"))
+    assert "answered the TLS hello" in str(info.value)
+    assert "with something that is not TLS" in str(info.value)
+    assert info.value.transient is False
+    with pytest.raises(ConnectError) as info:
+        await _open(current.dsn(sslmode="require", sslnegotiation="direct"), connect_timeout=1)
+    assert "no answer within connect_timeout=1s" in str(info.value)
+    assert "direct TLS is asked for by the DSN's sslnegotiation" in str(info.value)

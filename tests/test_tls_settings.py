@@ -115,10 +115,15 @@ def test_pgsslrootcert_is_used_when_nothing_else_names_one() -> None:
     assert (setting.root_cert, setting.root_cert_source) == ("/etc/ca.pem", "PGSSLROOTCERT")
 
 
-def test_asyncpool_ssl_from_the_environment_must_agree_with_the_dsn() -> None:
-    with pytest.raises(PoolConfigError, match="the ssl option='require'"):
-        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": "require",
+def test_asyncpool_ssl_from_the_environment_must_agree_with_the_dsn(pki: TestPki) -> None:
+    with pytest.raises(PoolConfigError, match="ASYNCPOOL_SSL=' Require' and the DSN's"):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL": " Require",
                                          "ASYNCPOOL_DSN": f"{DSN}?sslmode=verify-full"}), environ={})
+    with pytest.raises(PoolConfigError, match=re.escape(
+            f"ASYNCPOOL_SSL_ROOT_CERT={str(pki.ca_cert)!r} and the DSN's sslrootcert=")):
+        resolve_tls(PoolConfig.from_env({"ASYNCPOOL_SSL_ROOT_CERT": str(pki.ca_cert),
+                                         "ASYNCPOOL_DSN": f"{DSN}?sslrootcert=/etc/b.pem"}),
+                    environ={})
 
 
 @pytest.mark.parametrize(
@@ -484,6 +489,34 @@ def test_bad_or_unsupported_libpq_settings_are_refused(dsn_query: str, env: dict
 def test_a_crl_that_would_not_be_checked_is_refused(
         tmp_path: Path, pki: TestPki, dsn_query: str, env: dict[str, str], says: str) -> None:
     """libpq and asyncpg skip these silently: a revocation check asked for and never made."""
+    def filled(text: str) -> str:
+        return text.format(crl=pki.revoked_crl, dir=tmp_path)
+
+    with pytest.raises(PoolConfigError) as info:
+        _resolve(DSN + filled(dsn_query), {k: filled(v) for k, v in env.items()})
+    assert filled(says) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("dsn_query", "env", "says"),
+    [
+        ("?sslmode=verify-full&sslcrl={dir}", {},
+         "the DSN's sslcrl='{dir}' is a directory; sslcrl names one file of revocation lists: "
+         "give a directory as sslcrldir="),
+        ("?sslmode=verify-full", {"PGSSLCRL": "{dir}"},
+         "PGSSLCRL='{dir}' is a directory; sslcrl names one file of revocation lists: give a "
+         "directory as PGSSLCRLDIR"),
+        ("?sslmode=verify-full&sslcrldir={crl}", {},
+         "the DSN's sslcrldir='{crl}' is a file; sslcrldir names a directory of revocation "
+         "lists: give a file as sslcrl="),
+        ("?sslmode=verify-full", {"PGSSLCRLDIR": "{crl}"},
+         "PGSSLCRLDIR='{crl}' is a file; sslcrldir names a directory of revocation lists: give "
+         "a file as PGSSLCRL"),
+    ],
+)
+def test_a_crl_file_given_as_a_directory_or_the_converse_names_the_other_keyword(
+        tmp_path: Path, pki: TestPki, dsn_query: str, env: dict[str, str], says: str) -> None:
+    """It said "no such file" of a directory that exists."""
     def filled(text: str) -> str:
         return text.format(crl=pki.revoked_crl, dir=tmp_path)
 

@@ -140,6 +140,9 @@ class Connector:
         self._policy: Policy | None = None
         #: Its connections say when they must not be reused (``retire_reason``, "unnamed" mode).
         self.retire_reasons: bool = False
+        #: A login has worked (with direct TLS: the server takes it, so a hang-up in the
+        #: handshake is the network's, and retried).
+        self.logged_in = False
         self._kwargs = self._driver_kwargs(kw)
 
     def _driver_kwargs(self, kw: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +261,7 @@ class Connector:
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
                          secrets=self._secrets,
                          settings=setting_sources(self._dsn, self.config.server_settings),
-                         direct_tls=self.tls.direct_source)
+                         direct_tls=self.tls.direct_source, direct_tls_worked=self.logged_in)
 
     @property
     def retry_is_safe(self) -> bool:
@@ -312,6 +315,7 @@ class Connector:
             # carries up: it may hold `sslpassword` (asyncpg reads that from the DSN only).
             conn: asyncpg.Connection = await asyncpg.connect(
                 self._dsn.for_asyncpg() if self._dsn is not None else None, **kwargs)
+            self.logged_in = True
             return conn
         except PoolError as exc:  # a credentials provider's own error: raised as it is...
             error = exc

@@ -37,6 +37,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     exc: BaseException, target: Target, pool_name: str, timeout: float,
     auth_hint: str | None = None, *, secrets: Iterable[str] = (),
     settings: Mapping[str, str] | None = None, direct_tls: str | None = None,
+    direct_tls_worked: bool = False,
 ) -> ConnectError:
     """The asyncpool error for a failed login to `target`.
 
@@ -46,7 +47,9 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     locals. Raise it outside the ``except`` block (or ``from None``) so it has no context either.
     `auth_hint` (from the credentials provider) replaces the generic advice for refused logins.
     `settings`: where each run-time setting sent at login came from (`setting_sources`).
-    `direct_tls`: the setting that asked for direct TLS (``sslnegotiation=direct``), if any.
+    `direct_tls`: the setting that asked for direct TLS (``sslnegotiation=direct``), if any;
+    `direct_tls_worked`: whether a direct TLS login to the target has succeeded (the server
+    takes it, so a hang-up in the handshake is the network's).
     """
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
@@ -83,6 +86,10 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
         error = ConnectError(
             f"{where}: no answer within connect_timeout={timeout:g}s; check host, port and "
             "firewall, or raise connect_timeout"
+            + ("" if direct_tls is None or direct_tls_worked else
+               f" (direct TLS is asked for by {direct_tls}: a server or pooler that does not "
+               "take it may wait for the rest of what it reads as a startup packet, as "
+               "PgBouncer 1.24 does; leave sslnegotiation=direct out for it)")
         )
     elif isinstance(exc, socket.gaierror):
         error = ConnectError(f"{where}: unknown host {target.host!r} ({exc.strerror}); check the DSN")
@@ -107,17 +114,30 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
             f"{where}: the server's TLS certificate did not verify ({exc.verify_message}); {fix}"
         )
         error.transient = False
-    elif direct_tls is not None and isinstance(
-            exc, ssl.SSLError | ConnectionResetError | ConnectionAbortedError | EOFError):
-        # A server before PostgreSQL 17 reads the TLS hello as a startup packet of absurd
-        # length and hangs up: the same on every attempt, so not retried.
+    elif direct_tls is not None and _not_tls_answer(exc):
         error = ConnectError(
-            f"{where}: the server closed the connection at the direct TLS handshake asked for "
-            f"by {direct_tls} ({type(exc).__name__}{': ' + text if text else ''}); PostgreSQL "
-            "accepts direct TLS from version 17 (with the ALPN protocol 'postgresql'): leave "
-            "sslnegotiation=direct out (or direct_tls) for an older server or a pooler"
+            f"{where}: the server answered the TLS hello of the direct TLS handshake asked for "
+            f"by {direct_tls} with something that is not TLS ({text}): it does not take direct "
+            f"TLS (a pooler, PgBouncer included, or a server before PostgreSQL 17). {_DIRECT}"
         )
         error.transient = False
+    elif direct_tls is not None and _hang_up(exc):
+        shown = f"{type(exc).__name__}{': ' + text if text else ''}"
+        if direct_tls_worked:
+            # The server has taken direct TLS: a passing network fault, retried.
+            error = ConnectError(f"{where}: the connection was lost during the direct TLS "
+                                 f"handshake ({shown})")
+        else:
+            # A server before PostgreSQL 17 reads the TLS hello as a startup packet of absurd
+            # length and hangs up without a word: the same on every attempt, so not retried.
+            error = ConnectError(
+                f"{where}: the server hung up during the direct TLS handshake asked for by "
+                f"{direct_tls}, without answering the TLS hello ({shown}), and no direct TLS "
+                "login to it has worked yet: PostgreSQL before 17 does so, as do poolers and "
+                f"servers without ssl on. {_DIRECT} If the server is PostgreSQL 17 or later "
+                "with ssl on, it was the network: try again."
+            )
+            error.transient = False
     elif "rejected ssl upgrade" in text.lower():
         error = ConnectError(
             f"{where}: the server does not accept TLS ({text}); turn ssl on at the server, or "
@@ -138,6 +158,28 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
         error.transient = False
     return _keep_facts_of(exc, error)
+
+
+_DIRECT = ("PostgreSQL accepts direct TLS from version 17 (with the ALPN protocol "
+           "'postgresql'): leave sslnegotiation=direct out (or direct_tls) for an older server "
+           "or a pooler.")
+#: OpenSSL's reasons for a reply to the TLS hello that is no TLS record: a server or pooler
+#: speaking the plain protocol answered it (PgBouncer 1.18 with an error message).
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG",
+                              "UNKNOWN_PROTOCOL"})
+
+
+def _not_tls_answer(exc: BaseException) -> bool:
+    """Whether a direct TLS login failed because the server's answer was not TLS."""
+    return isinstance(exc, ssl.SSLError) and exc.reason in _NOT_TLS_REASONS
+
+
+def _hang_up(exc: BaseException) -> bool:
+    """Whether a direct TLS login failed with the server closing the connection in the
+    handshake (a close after it is asyncpg's ConnectionDoesNotExistError): a FIN is asyncio's
+    ConnectionResetError without an errno (PostgreSQL 15 on loopback), a reset one with it."""
+    return isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError
+                      | EOFError | ssl.SSLEOFError)
 
 
 # PostgreSQL's refusal of a run-time setting it does not know (42704), and PgBouncer's of a

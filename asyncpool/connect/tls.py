@@ -30,6 +30,7 @@ credential goes only to a server whose certificate and name were verified, excep
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import ssl
@@ -63,7 +64,8 @@ class TlsSetting:
     """The effective TLS setting of a pool's connections, and where it was decided."""
 
     mode: str
-    #: Which setting decided it ("the ssl option", "the DSN's sslmode", "PGSSLMODE"...).
+    #: Which setting decided it ("the ssl option", "ASYNCPOOL_SSL", "the DSN's sslmode",
+    #: "PGSSLMODE"...).
     source: str
     #: The context the user gave, if any (used as it is).
     context: ssl.SSLContext | None = field(default=None, repr=False)
@@ -226,7 +228,7 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
              "server as a run-time parameter): write sslmode=verify-full (or another sslmode)")
     spellings: list[_Spelling] = []
     if config.ssl is not None:
-        spellings.append(_spelling("the ssl option", config.ssl, fail))
+        spellings.append(_ssl_option(config, fail))
     if "ssl" in config.connect_kwargs and config.connect_kwargs["ssl"] is not None:
         spellings.append(_spelling("connect_kwargs['ssl']", config.connect_kwargs["ssl"], fail))
     spellings += [_spelling("the DSN's sslmode", v, fail) for v in _values(pairs, "sslmode", fail)]
@@ -390,12 +392,7 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verific
     """
     crl_file, file_where = handshake.get("sslcrl", (None, ""))
     crl_dir, dir_where = handshake.get("sslcrldir", (None, ""))
-    if crl_file is not None and not os.path.isfile(crl_file):
-        fail(f"{file_where}={crl_file!r}: no such file (a certificate revocation list that "
-             "cannot be read would revoke nothing): fix the path")
-    if crl_dir is not None and not os.path.isdir(crl_dir):
-        fail(f"{dir_where}={crl_dir!r}: no such directory (a certificate revocation list that "
-             "cannot be read would revoke nothing): fix the path")
+    _check_crl_paths(crl_file, file_where, crl_dir, dir_where, fail)
     mode, root = checks.mode, checks.root
     if crl_file is not None or crl_dir is not None:
         where = file_where if crl_file is not None else dir_where
@@ -434,6 +431,32 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verific
         # itself, as libpq does; with the system CAs libpq reads no revocation list.
         return None, None, None
     return str(default), None, f"{DEFAULT_CRL}, libpq's default revocation list"
+
+
+def _check_crl_paths(crl_file: str | None, file_where: str, crl_dir: str | None,
+                     dir_where: str, fail: Any) -> None:
+    """Refuse a revocation list file or directory that is not there, or is the other kind."""
+    if crl_file is not None and os.path.isdir(crl_file):
+        fail(f"{file_where}={crl_file!r} is a directory; sslcrl names one file of revocation "
+             f"lists: give a directory as {_crl_spelling(file_where, 'sslcrldir')} (its lists "
+             "under the hashed names `openssl rehash` gives them)")
+    if crl_file is not None and not os.path.isfile(crl_file):
+        fail(f"{file_where}={crl_file!r}: no such file (a certificate revocation list that "
+             "cannot be read would revoke nothing): fix the path")
+    if crl_dir is not None and os.path.exists(crl_dir) and not os.path.isdir(crl_dir):
+        fail(f"{dir_where}={crl_dir!r} is a file; sslcrldir names a directory of revocation "
+             f"lists: give a file as {_crl_spelling(dir_where, 'sslcrl')}")
+    if crl_dir is not None and not os.path.isdir(crl_dir):
+        fail(f"{dir_where}={crl_dir!r}: no such directory (a certificate revocation list that "
+             "cannot be read would revoke nothing): fix the path")
+
+
+def _crl_spelling(where: str, key: str) -> str:
+    """How to give `key` (``sslcrl`` or ``sslcrldir``) where the other one was given: its
+    variable for a variable, else the keyword (in the DSN or the service, as that one was)."""
+    variable = HANDSHAKE_KEYS[key]
+    other = "sslcrldir" if key == "sslcrl" else "sslcrl"
+    return variable if where == HANDSHAKE_KEYS[other] else f"{key}="
 
 
 def _home_file(name: str, env: Mapping[str, str]) -> Path | None:
@@ -514,7 +537,9 @@ def _mode(spellings: Sequence[_Spelling], env: Mapping[str, str], root_source: s
 def _root_cert(config: PoolConfig, pairs: Sequence[tuple[str, str]],
                fail: Any) -> tuple[str | None, str | None]:
     given = config.ssl_root_cert
-    roots = [("the ssl_root_cert option", os.fspath(given))] if given else []
+    variable = config.set_by("ssl_root_cert")
+    where = "the ssl_root_cert option" if variable is None else variable.partition("=")[0]
+    roots = [(where, os.fspath(given))] if given else []
     roots += [("the DSN's sslrootcert", v) for v in _values(pairs, "sslrootcert", fail)]
     if len({path for _, path in roots}) > 1:
         (a_src, a), (b_src, b) = roots[0], next(r for r in roots if r[1] != roots[0][1])
@@ -541,6 +566,18 @@ def _spelling(source: str, value: Any, fail: Any) -> _Spelling:
         return _Spelling(source, value.strip().lower(), shown=repr(value))
     fail(f"{source}={value!r}: choose one of {', '.join(MODES)} or pass an ssl.SSLContext")
     raise AssertionError  # unreachable: fail raises
+
+
+def _ssl_option(config: PoolConfig, fail: Any) -> _Spelling:
+    """The ssl option, named as the variable it was read from if it was: ``ASYNCPOOL_SSL='ON'``
+    (a switch shown with its meaning), not "the ssl option=True" the user never wrote."""
+    set_by = config.set_by("ssl")
+    if set_by is None:
+        return _spelling("the ssl option", config.ssl, fail)
+    variable, _, text = set_by.partition("=")
+    found = _spelling(variable, config.ssl, fail)
+    meaning = f" (ssl={config.ssl!r}: {found.mode!r})" if isinstance(config.ssl, bool) else ""
+    return dataclasses.replace(found, shown=text + meaning)
 
 
 def _values(pairs: Iterable[tuple[str, str]], key: str, fail: Any) -> list[str]:

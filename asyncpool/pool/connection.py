@@ -16,7 +16,7 @@ from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
 from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by_pool
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
-from asyncpool.options import GIVEN_BACK, check_statement_timeout, timeout_error
+from asyncpool.options import GIVEN_BACK, check_statement_timeout, in_seconds, timeout_error
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
 from asyncpool.pool.unsynced import (
@@ -473,8 +473,7 @@ class PooledConnection(_Base):
 
             error = timeout_error(owner.name, "conn.close(timeout=...)", timeout,
                                   f"the pool's {RELEASE_TIMEOUT:g} s", GIVEN_BACK)
-            if error is not None:
-                timeout = None
+            timeout = None if error is not None else in_seconds(timeout)
         if owner.checkin_nowait(lease):
             await owner.checkin(lease, timeout)
         if error is not None:

@@ -153,8 +153,10 @@ async def log_in(slots: Slots, deadline: float | None = None) -> Any:
         error: BaseException | None = None
         if isinstance(exc, TimeoutError):
             if not cut_short.in_init:
-                error = translate(exc, slots.connector.target, slots.name,
-                                  slots.config.connect_timeout)
+                connector = slots.connector
+                error = translate(exc, connector.target, slots.name, slots.config.connect_timeout,
+                                  direct_tls=connector.tls.direct_source,
+                                  direct_tls_worked=connector.logged_in)
             elif limit.expired():
                 error = _slow_init_error(slots)
             else:

@@ -27,6 +27,7 @@ from asyncpool.options import (
     PoolOptions,
     check_timeout,
     check_transaction_options,
+    in_seconds,
     resolve,
     timeout_error,
     with_connect_args,
@@ -197,7 +198,7 @@ class Pool:
         """
         error = timeout_error(self.name, "close(timeout=...)", timeout,
                               done=f"; the pool was closed with the default {CLOSE_TIMEOUT:g} s")
-        await lifecycle.close(self._slots, CLOSE_TIMEOUT if error else timeout)
+        await lifecycle.close(self._slots, CLOSE_TIMEOUT if error else in_seconds(timeout))
         if error is not None:
             raise error
 
@@ -242,7 +243,7 @@ class Pool:
         pool.acquire()`` followed by ``await pool.release(conn)``.
         """
         if timeout is not UNSET:
-            check_timeout(self.name, "acquire(timeout=...)", timeout)
+            timeout = check_timeout(self.name, "acquire(timeout=...)", timeout)
         # AcquireContext(self._slots, timeout, frame) without the call to its __init__: 540
         # instructions less per checkout (benchmarks/README.md); tests/unit/test_lease.py
         # checks that every slot is set.
@@ -271,7 +272,7 @@ class Pool:
         `deferrable` (asyncpg would take ``"no"`` for True), raises `PoolConfigError` before
         anything is taken."""
         if timeout is not UNSET:
-            check_timeout(self.name, "transaction(timeout=...)", timeout)
+            timeout = check_timeout(self.name, "transaction(timeout=...)", timeout)
         check_transaction_options(self.name, isolation, readonly, deferrable)
         return TransactionContext(
             self._slots, timeout, sys._getframe(1), isolation=isolation, readonly=readonly,
@@ -290,8 +291,7 @@ class Pool:
             raise PoolError(f"pool {self.name!r}: release() takes the connection acquire() gave")
         error = timeout_error(self.name, "release(timeout=...)", timeout,
                               f"the pool's {RELEASE_TIMEOUT:g} s", GIVEN_BACK)
-        if error is not None:
-            timeout = None
+        timeout = None if error is not None else in_seconds(timeout)
         lease = connection._lease
         slots = self._slots
         if connection._owner is not slots:

@@ -30,6 +30,7 @@ import asyncpool.pool.pool
 from asyncpool.config import PoolConfig
 from asyncpool.connect.dsn import Target
 from asyncpool.connect.startup import StartupPlan
+from asyncpool.connect.tls import TlsSetting
 from asyncpool.errors import AuthenticationError, ConnectError, PoolerExhaustedError
 from asyncpool.observer import PoolObserver
 
@@ -93,6 +94,8 @@ class FakeConnector:
         self.statement_cache = None
         self.retire_reasons = False  # fake connections have no retire_reason
         self.startup = StartupPlan({})
+        self.tls = TlsSetting("disable", "the fake driver")
+        self.logged_in = False
 
     async def connect(self, cut_short: object = None) -> FakeConnection:
         return await self.server.login()
