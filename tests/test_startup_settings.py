@@ -209,3 +209,28 @@ def test_connect_kwargs_settings_that_disagree_with_the_option_are_a_config_erro
     with pytest.raises(PoolConfigError, match=(
             r"connect_kwargs\['server_settings'\]: 'jit': 5: names and values must be strings")):
         Pool("postgresql://app@127.0.0.1/app", connect_kwargs={"server_settings": {"jit": 5}})
+
+
+@pytest.mark.parametrize("where", ["dsn", "option"])
+async def test_a_setting_the_server_does_not_know_behind_pgbouncer_is_named(
+    pooler: Pooler, where: str
+) -> None:
+    """Directly the login refuses it, naming the setting and its source (a ConnectError); behind
+    a pooler it is set in each pool.transaction(), where asyncpg's bare UndefinedObjectError
+    ("unrecognized configuration parameter") said nothing of where it came from."""
+    settings = {"search_path": "public", "serach_path": "app"}
+    dsn = _with(pooler.dsn(), settings) if where == "dsn" else pooler.dsn()
+    async with Pool(dsn, name="startup", min_size=0, max_size=1, telemetry=False,
+                    server_settings=None if where == "dsn" else settings) as pool:
+        for _ in range(2):  # every transaction, on the same connection
+            with pytest.raises(PoolConfigError) as info:
+                async with pool.transaction():
+                    pass
+            message = str(info.value)
+            assert "'serach_path'" in message
+            assert ("DSN's ?serach_path=" if where == "dsn" else "server_settings") in message
+            assert "pool.transaction()" in message
+            assert isinstance(info.value.__cause__, asyncpg.UndefinedObjectError)
+        # Nothing else is lost: outside a transaction the pool serves, on the same connection.
+        assert await pool.fetchval("SELECT 1") == 1
+        assert pool.stats().closed_total == 0

@@ -17,7 +17,11 @@ from asyncpool.config import PoolConfig, hook_awaitable, statement_cache_args
 from asyncpool.connect import driver
 from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
 from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
-from asyncpool.connect.failures import setting_sources, translate
+from asyncpool.connect.failures import (
+    refused_transaction_setting,
+    setting_sources,
+    translate,
+)
 from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.reads import cap_reads
 from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan, combined
@@ -255,6 +259,11 @@ class Connector:
             raise refused
         del refused
         return await self._attempt(cut_short)
+
+    def refused_setting(self, exc: BaseException) -> PoolConfigError | None:
+        """`failures.refused_transaction_setting` for this pool's settings."""
+        return refused_transaction_setting(
+            exc, self.config.name, setting_sources(self._dsn, self.config.server_settings))
 
     def _translate(self, exc: BaseException) -> ConnectError:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None

@@ -14,6 +14,7 @@ from asyncpool.connect.dsn import CONNECTION_KEYWORDS, ParsedDsn, Target, redact
 from asyncpool.errors import (
     AuthenticationError,
     ConnectError,
+    PoolConfigError,
     PoolerExhaustedError,
 )
 
@@ -199,10 +200,35 @@ def setting_sources(dsn: ParsedDsn | None,
     return sources
 
 
+def refused_transaction_setting(exc: BaseException, pool_name: str,
+                                settings: Mapping[str, str]) -> PoolConfigError | None:
+    """The error for a run-time setting the server refused in ``pool.transaction()``, where a
+    pooler's client gets the settings it would not keep from the login
+    (`StartupPlan.transaction_sql`); None for any other error. Directly, the login refuses such
+    a setting (`translate`); here it was asyncpg's bare UndefinedObjectError."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    text = str(exc)
+    found = _UNKNOWN_SETTING.search(text)
+    if found is None or found["server"] is None:
+        return None
+    where = (f"pool {pool_name!r}, in pool.transaction() (where a pooler's client gets the "
+             "settings the pooler would not keep from its login)")
+    return PoolConfigError(" ".join(_unknown_setting_parts(where, found, text, settings)))
+
+
 def _unknown_setting(where: str, found: re.Match[str], text: str,
                      settings: Mapping[str, str] | None) -> ConnectError:
-    """The error for a login refused over a run-time setting: its name, where it came from, the
-    connection keyword it may be a misspelling of, and (PgBouncer) where such a setting goes."""
+    """The error for a login refused over a run-time setting."""
+    error = ConnectError(" ".join(_unknown_setting_parts(where, found, text, settings)))
+    error.transient = False
+    return error
+
+
+def _unknown_setting_parts(where: str, found: re.Match[str], text: str,
+                           settings: Mapping[str, str] | None) -> list[str]:
+    """What to say of a run-time setting refused: its name, where it came from, the connection
+    keyword it may be a misspelling of, and (PgBouncer) where such a setting goes."""
     name = found["server"] or found["pooler"]
     source = (settings or {}).get(name.lower())
     pooler = found["pooler"] is not None
@@ -235,9 +261,7 @@ def _unknown_setting(where: str, found: re.Match[str], text: str,
                      "only application_name, client_encoding, DateStyle, TimeZone and "
                      "standard_conforming_strings; one listed in its ignore_startup_parameters "
                      "is dropped).")
-    error = ConnectError(" ".join(parts))
-    error.transient = False
-    return error
+    return parts
 
 
 def _refused_login(where: str, state: object, text: str, user: str,

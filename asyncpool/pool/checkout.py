@@ -98,6 +98,8 @@ class Checkouts(Protocol):
     @property
     def transaction_sql(self) -> str | None: ...
 
+    def refused_setting(self, exc: BaseException) -> Exception | None: ...
+
 
 class AcquireContext:
     """``async with pool.acquire() as conn`` / ``conn = await pool.acquire()``."""
@@ -342,7 +344,12 @@ class TransactionContext(AcquireContext):
             settings = self._owner.transaction_sql
             if settings is not None:
                 # server_settings a pooler would not keep, for this transaction (SET LOCAL).
-                await conn.raw.execute(settings)
+                try:
+                    await conn.raw.execute(settings)
+                except asyncpg.PostgresError as exc:
+                    if (refused := self._owner.refused_setting(exc)) is None:
+                        raise
+                    raise refused from exc
         except BaseException as exc:
             await super().__aexit__(type(exc), exc, exc.__traceback__)
             raise
