@@ -229,10 +229,11 @@ class PoolConfig:
     #: The options `from_env` read from their variables: option -> ``ASYNCPOOL_SSL='ON'``.
     _set_by: ClassVar[Mapping[str, str]] = {}
 
-    def set_by(self, option: str) -> str | None:
+    def _variable_of(self, option: str) -> str | None:
         """Where `option` came from when `from_env` read it from its ``ASYNCPOOL_*`` variable
-        (and nothing replaced it since), as ``ASYNCPOOL_SSL='ON'``; None otherwise. For
-        messages that name what to fix where a value has a meaning other than its text."""
+        (and nothing replaced it since), as ``ASYNCPOOL_SSL='ON'``; None otherwise. For the
+        pool's messages, which name what to fix where a value has a meaning other than its
+        text (not public: a display string, not an API to build on)."""
         return self._set_by.get(option)
 
     @classmethod

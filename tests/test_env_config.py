@@ -389,9 +389,9 @@ def test_asyncpool_ssl_takes_a_switch_with_ssl_true_s_meaning() -> None:
                                         dsn=f"{_DSN}?sslmode=require"), environ={})
     # Kept by replace() while ssl is not replaced.
     config = PoolConfig.from_env({"ASYNCPOOL_SSL": "yes", "ASYNCPOOL_DSN": _DSN})
-    assert config.replace(max_size=3).set_by("ssl") == "ASYNCPOOL_SSL='yes'"
-    assert config.replace(ssl="require").set_by("ssl") is None
-    assert config.set_by("dsn") is None  # its text may hold a password
+    assert config.replace(max_size=3)._variable_of("ssl") == "ASYNCPOOL_SSL='yes'"
+    assert config.replace(ssl="require")._variable_of("ssl") is None
+    assert config._variable_of("dsn") is None  # its text may hold a password
     for word in ("none", "tls", "verify"):
         with pytest.raises(PoolConfigError, match=(
                 rf"^ASYNCPOOL_SSL='{word}': write one of disable, allow, prefer, require, "

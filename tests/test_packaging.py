@@ -128,8 +128,20 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
 # --- contents -------------------------------------------------------------------------------------
 
 
+def _tracked() -> list[str] | None:
+    """The files git tracks (relative to the repository), or None outside a git checkout."""
+    done = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    return done.stdout.splitlines() if done.returncode == 0 else None
+
+
 def _source_files() -> set[str]:
-    """The package's files as the wheel should hold them (relative to the repository)."""
+    """The package's files as the wheel should hold them (relative to the repository): the
+    tracked ones. The build reads the working copy, so a file left there untracked (a dump, a
+    scratch module) would be published from it, and not from a clean checkout."""
+    tracked = _tracked()
+    if tracked is not None:
+        return {n for n in tracked if n.startswith(f"{PACKAGE.name}/")}
     return {
         str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
@@ -139,7 +151,8 @@ def _source_files() -> set[str]:
 def wheel_content_problems(names: list[str], source: set[str]) -> list[str]:
     shipped = {n for n in names if not n.startswith(f"{DIST}-")}
     problems = [f"missing from the wheel: {n}" for n in sorted(source - shipped)]
-    problems += [f"in the wheel, not in asyncpool/: {n}" for n in sorted(shipped - source)]
+    problems += [f"in the wheel, not tracked in asyncpool/ (add it to git, or remove it from the "
+                 f"working copy): {n}" for n in sorted(shipped - source)]
     problems += [f"does not belong in the wheel: {n}" for n in sorted(shipped)
                  if any(bad in n for bad in NOT_SHIPPED)]
     if "asyncpool/py.typed" not in shipped:
@@ -167,13 +180,17 @@ def test_the_content_check_catches_a_missing_data_file_and_a_stray_test() -> Non
 
 
 def test_the_sdist_holds_the_tracked_files_only(dists: Dists) -> None:
-    """Top-level entries are pyproject.toml's allowlist, which matches what git tracks."""
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False)
-    if tracked.returncode != 0:
+    """Top-level entries are pyproject.toml's allowlist, which matches what git tracks; below
+    them the build takes whatever the working copy holds, so each file is checked: a stray one
+    (a dump in tests/, a scratch module in asyncpool/) would be published."""
+    tracked = _tracked()
+    if tracked is None:
         pytest.skip("not a git checkout")
-    top = {line.split("/", 1)[0] for line in tracked.stdout.splitlines()}
+    top = {line.split("/", 1)[0] for line in tracked}
     names = dists.sdist_names()
     assert {n.split("/", 1)[0] for n in names} == top | {"PKG-INFO"}
+    assert sorted(set(names) - set(tracked) - {"PKG-INFO"}) == [], (
+        "in the sdist, not tracked by git: add them to git, or remove them from the working copy")
     assert [n for n in names if "__pycache__" in n or n.endswith(".pyc")
             or (n.startswith(".env.") and n != ".env.example")] == []
 

@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
 import asyncpool
@@ -399,6 +400,35 @@ async def test_the_holders_own_error_goes_on_when_the_connection_is_gone(
                     raise _AppError("gone") from exc
         assert pool.stats().in_use == 0
         assert await pool.fetchval("SELECT 12") == 12
+
+
+async def test_asyncpgs_own_error_on_a_working_connection_is_not_a_lost_connection(
+    postgres: PostgresServer,
+) -> None:
+    """asyncpg raises InternalClientError for a value it cannot decode (an enum inside an
+    anonymous record: it has no codec for the field's type) on a connection that works on; so
+    did asyncpg's own pool. It reached the caller as ConnectionLostError ("the pool replaced the
+    connection; retry"), the connection closed and a retry failing alike, since the COPY fix
+    took every InternalClientError for a protocol out of step."""
+    kind = f"mood_{random.randrange(10**9)}"
+    owner = await asyncpg.connect(postgres.dsn(postgres.superuser))
+    try:
+        await owner.execute(f"CREATE TYPE {kind} AS ENUM ('happy')")
+        async with Pool(postgres.dsn(), name="undecodable", max_size=1,
+                        telemetry=False) as pool:
+            pid = await pool.fetchval("SELECT pg_backend_pid()")
+            with pytest.raises(asyncpg.InternalClientError, match="no decoder") as info:
+                await pool.fetch(f"SELECT ROW('happy'::{kind})")
+            assert not isinstance(info.value, asyncpool.ConnectionLostError)
+            with pytest.raises(asyncpg.InternalClientError, match="no decoder"):
+                async with pool.acquire() as conn:
+                    await conn.fetchval(f"SELECT ROW('happy'::{kind})")
+            # The same connection serves on: not closed, not replaced.
+            assert await pool.fetchval("SELECT pg_backend_pid()") == pid
+            assert pool.stats().closed_total == 0
+    finally:
+        await owner.execute(f"DROP TYPE IF EXISTS {kind}")
+        await owner.close()
 
 
 async def test_a_timed_out_statement_is_a_timeout_when_its_connection_is_closed(

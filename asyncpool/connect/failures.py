@@ -324,6 +324,20 @@ def broken_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, _CONNECTION_FAILURES) and not isinstance(exc, TimeoutError)
 
 
+def protocol_out_of_step(exc: BaseException) -> bool:
+    """Whether `exc` is asyncpg refusing a statement because its protocol is out of step with
+    the server (it read a message it had not asked for: the FATAL error a server or pooler sends
+    an idle connection before closing it), so that the connection refuses every statement from
+    now on. Not its other InternalClientErrors: a value without a decoder (an enum inside an
+    anonymous record) leaves the connection working."""
+    return (isinstance(exc, asyncpg.InternalClientError)
+            and str(exc).startswith(_OUT_OF_STEP))
+
+
+#: How asyncpg's protocol state machine (coreproto ``_set_state``) refuses to switch state.
+_OUT_OF_STEP = "cannot switch to state "
+
+
 def stopped_by_pool(exc: BaseException) -> bool:
     """Whether `exc` is what a statement raises when the pool stops it (``close()`` past its
     timeout, ``terminate()``, a leak reclaim): its connection closed under it, or the server

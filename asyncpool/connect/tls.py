@@ -537,7 +537,7 @@ def _mode(spellings: Sequence[_Spelling], env: Mapping[str, str], root_source: s
 def _root_cert(config: PoolConfig, pairs: Sequence[tuple[str, str]],
                fail: Any) -> tuple[str | None, str | None]:
     given = config.ssl_root_cert
-    variable = config.set_by("ssl_root_cert")
+    variable = config._variable_of("ssl_root_cert")
     where = "the ssl_root_cert option" if variable is None else variable.partition("=")[0]
     roots = [(where, os.fspath(given))] if given else []
     roots += [("the DSN's sslrootcert", v) for v in _values(pairs, "sslrootcert", fail)]
@@ -571,7 +571,7 @@ def _spelling(source: str, value: Any, fail: Any) -> _Spelling:
 def _ssl_option(config: PoolConfig, fail: Any) -> _Spelling:
     """The ssl option, named as the variable it was read from if it was: ``ASYNCPOOL_SSL='ON'``
     (a switch shown with its meaning), not "the ssl option=True" the user never wrote."""
-    set_by = config.set_by("ssl")
+    set_by = config._variable_of("ssl")
     if set_by is None:
         return _spelling("the ssl option", config.ssl, fail)
     variable, _, text = set_by.partition("=")

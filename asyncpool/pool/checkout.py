@@ -9,14 +9,13 @@ from collections.abc import Callable, Generator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import asyncpg
-
 from asyncpool.config import SetupHook
 from asyncpool.connect.driver import CLEAN, returned
 from asyncpool.connect.failures import (
     advise_on_prepared_statements,
     broken_connection_error,
     lost_connection_hint,
+    protocol_out_of_step,
     stopped_by_pool,
 )
 from asyncpool.errors import (
@@ -250,13 +249,13 @@ async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None
     # connection died meanwhile.
     lost = (exc is not None and lease.state is ACTIVE and broken_connection_error(exc)
             and lease.record.conn.is_closed())
-    if (exc is not None and not lost and lease.state is ACTIVE
-            and isinstance(exc, asyncpg.InternalClientError)):
+    if exc is not None and not lost and lease.state is ACTIVE and protocol_out_of_step(exc):
         # asyncpg's protocol is out of step with the server, and refuses every statement from
         # now on: it read a message it had not asked for, such as the FATAL error a server or
         # pooler sends an idle connection before closing it (pg_terminate_backend, PgBouncer's
         # KILL), read before the close. Its COPY methods raise that without closing the
-        # connection, which would otherwise go back to the pool and fail the next holders too.
+        # connection. (Its other InternalClientErrors, such as a value it has no decoder for,
+        # leave the connection working: they go on as they are, as from asyncpg's pool.)
         owner.discard(lease, "protocol out of step", lost=True)
         lost = True
     if owner.checkin_nowait(lease):
