@@ -345,7 +345,7 @@ class TransactionContext(AcquireContext):
                 # server_settings a pooler would not keep, for this transaction (SET LOCAL).
                 try:
                     await conn.raw.execute(settings)
-                except asyncpg.PostgresError as exc:
+                except Exception as exc:  # (the server's refusal: `refused_setting`)
                     if (refused := self._owner.refused_setting(exc)) is None:
                         raise
                     raise refused from exc
