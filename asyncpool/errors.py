@@ -149,6 +149,6 @@ def missing_dependency(exc: ModuleNotFoundError, module: str, install: str) -> M
     """What `module` raises when a package it imports is not installed: the missing package and the
     pip argument that brings it (``'asyncpool-pg[fastapi]'``), where Python alone would say only
     "No module named 'starlette'". Raise it ``from`` `exc`."""
-    return ModuleNotFoundError(
-        f"{module} needs {exc.name}, which is not installed: pip install {install}", name=exc.name
-    )
+    needed = (f"{exc.name}, which is not installed" if exc.name
+              else f"a package that is not installed ({exc})")
+    return ModuleNotFoundError(f"{module} needs {needed}: pip install {install}", name=exc.name)

@@ -28,6 +28,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 import asyncpool
+from asyncpool.errors import missing_dependency
 from asyncpool.testing.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -450,3 +451,12 @@ def test_mypy_strict_sees_the_installed_packages_types(
     assert 'Revealed type is "def (self: asyncpool.pool.pool.Pool) -> asyncpool.stats.PoolStats"' \
         in done.stdout, done.stdout
     assert done.returncode == 0, done.stdout
+
+
+def test_a_missing_module_error_without_a_name_still_says_what_to_install() -> None:
+    """A ModuleNotFoundError raised by hand may have no `name`: the message said "needs None"."""
+    error = missing_dependency(ModuleNotFoundError("No module named 'x.y'"),
+                               "asyncpool.integrations.fastapi", "'asyncpool-pg[fastapi]'")
+    assert str(error) == ("asyncpool.integrations.fastapi needs a package that is not installed "
+                          "(No module named 'x.y'): pip install 'asyncpool-pg[fastapi]'")
+    assert "None" not in str(error)
