@@ -10,18 +10,34 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
-from opentelemetry.sdk.metrics.export import Histogram, Sum
+from opentelemetry.metrics import CallbackOptions
+from opentelemetry.sdk.metrics import ObservableCounter
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
+    InMemoryMetricReader,
+    NumberDataPoint,
+    Sum,
+)
 from opentelemetry.semconv._incubating.metrics import db_metrics
 
 import asyncpool
 from asyncpool import Pool, PoolStats, PoolTimeoutError
+from asyncpool.connect.dsn import Target
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.telemetry import semconv as sc
-from asyncpool.telemetry.metrics import PoolCounts, instruments_for
+from asyncpool.telemetry.metrics import instruments_for
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
 from tests.conftest import Pooler
-from tests.telemetry_support import Collected, Sdk, every_instrument_reported, run_app
+from tests.telemetry_support import (
+    Collected,
+    FirstPasswordWrong,
+    Sdk,
+    every_instrument_reported,
+    metrics_named,
+    run_app,
+)
 from tests.waiting import until
 
 
@@ -227,7 +243,7 @@ def test_a_collection_racing_the_event_loop_retries_the_stats_read(sdk: Sdk) -> 
         return PoolStats("racy", 2, 1, 1, 0, 0, 1, 4, 2, 0, 0, 0, 0, 5, 0)
 
     instruments = instruments_for(sdk.meter_provider, asyncpool.__version__)
-    instruments.watch("racy-key", "racy", racing_stats, PoolCounts())
+    instruments.watch("racy-key", "racy", racing_stats)
     try:
         collected = sdk.collect()
     finally:
@@ -490,3 +506,159 @@ async def test_connections_being_checked_are_used_and_every_caller_in_acquire_is
         assert await caller == 1
         await pool.close()
         assert (filling.pending, with_caller.pending) == (0, 1)
+
+
+class SwitchedPassword(FirstPasswordWrong):
+    """A wrong password until `right` is set (a secret fixed between two invocations)."""
+
+    def __init__(self, password: str) -> None:
+        super().__init__(password)
+        self.right = False
+
+    async def password(self, target: Target) -> str:
+        return self._password if self.right else "not-the-password"
+
+    async def refresh(self, target: Target) -> bool:
+        return False
+
+
+AUTH_ERROR = "asyncpool.errors.AuthenticationError"
+
+
+async def test_the_failed_logins_of_an_open_that_failed_are_counted(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """An open() refused before any collection (a Lambda INIT with a wrong secret): its failed
+    login is still reported, and still counted once the same pool opens."""
+    credentials = SwitchedPassword(postgres.app.password)
+    pool = sdk.pool(postgres.dsn(), name="refused", min_size=1, credentials=credentials)
+    with pytest.raises(asyncpool.AuthenticationError):
+        await pool.open()
+    failed = sdk.collect()
+    assert failed.value(sc.CREATE_ERRORS.name, error__type=AUTH_ERROR) == 1
+    assert sc.CONNECTION_COUNT.name not in failed.metrics  # no open pool: no size
+
+    credentials.right = True
+    async with pool:
+        opened = sdk.collect()
+    assert opened.value(sc.CREATE_ERRORS.name, error__type=AUTH_ERROR) == 1
+    assert opened.value(sc.CONNECTION_COUNT.name, db__client__connection__state="idle") == 1
+
+
+async def test_a_pool_opened_again_under_its_name_goes_on_from_its_counts(
+    postgres: PostgresServer,
+) -> None:
+    """A pool closed and made again with the same name (one per invocation): its counters never
+    go back, and a delta exporter is never sent a negative increase."""
+    delta = InMemoryMetricReader(preferred_temporality={
+        ObservableCounter: AggregationTemporality.DELTA})
+    sdk = Sdk(readers=[delta])
+    increases: list[float] = []
+
+    def collect_delta() -> None:
+        data = delta.get_metrics_data()
+        assert data is not None
+        for metric in metrics_named(data, sc.TIMEOUTS.name):
+            for point in metric.data.data_points:
+                assert isinstance(point, NumberDataPoint)
+                increases.append(point.value)
+
+    try:
+        totals = []
+        for _ in range(3):
+            async with sdk.pool(postgres.dsn(), name="again", min_size=1, max_size=1,
+                                prepared_statements="unnamed") as pool:
+                await pool.fetchval("SELECT $1::int", 1)
+                async with pool.acquire():
+                    with pytest.raises(PoolTimeoutError):
+                        await pool.acquire(timeout=0.01)
+                collected = sdk.collect()
+                collect_delta()
+            totals.append((collected.value(sc.TIMEOUTS.name),
+                           collected.value(sc.CACHE_LOOKUPS.name,
+                                           asyncpool__statement_cache__result="miss")))
+        closed = sdk.collect()
+        collect_delta()
+    finally:
+        sdk.shutdown()
+    assert totals == [(1, 1), (2, 2), (3, 3)]
+    assert increases == [1, 1, 1, 0]
+    # Sizes stop with the last pool; the counters stay at their totals.
+    assert sc.CONNECTION_COUNT.name not in closed.metrics
+    assert closed.value(sc.TIMEOUTS.name) == 3
+    assert closed.value(sc.CACHE_LOOKUPS.name, asyncpool__statement_cache__result="miss") == 3
+
+
+async def test_pools_sharing_a_name_report_one_point_each_adding_up(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """Two pools left with the default name: one point per attribute set (a callback must not
+    observe one twice: the specification leaves which one counts to the SDK), their sizes and
+    counts added."""
+    first = sdk.pool(postgres.dsn(), min_size=2, max_size=2)
+    second = sdk.pool(postgres.dsn(), min_size=1, max_size=5)
+    async with first, second, first.acquire(), first.acquire():
+        with pytest.raises(PoolTimeoutError):
+            await first.acquire(timeout=0.01)
+        instruments = instruments_for(sdk.meter_provider, asyncpool.__version__)
+        points = instruments._observe_count(CallbackOptions())
+        timeouts = instruments._observe_counts(lambda c: c.timeouts)(CallbackOptions())
+        collected = sdk.collect()
+    assert sorted((dict(p.attributes or {})[sc.STATE], p.value) for p in points) == [
+        ("idle", 1), ("used", 2)]
+    assert [p.value for p in timeouts] == [1]
+    assert collected.value(sc.CONNECTION_MAX.name) == 7
+    assert collected.value(sc.CONNECTION_IDLE_MIN.name) == 3
+    assert collected.value(sc.TIMEOUTS.name) == 1
+
+
+# The default observer (telemetry=True, global providers), built again at each open(): an INIT
+# whose open() fails on a wrong secret, the next invocation's open() succeeding.
+_OPEN_AGAIN = """
+import asyncio, sys
+import asyncpool
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+class Switched:
+    requires_tls = False
+    right = False
+    async def password(self, target):
+        return PASSWORD if self.right else "not-the-password"
+    async def refresh(self, target):
+        return False
+    async def warm(self, target):
+        return None
+    async def close(self):
+        return None
+
+async def main():
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    credentials = Switched()
+    pool = asyncpool.Pool(sys.argv[1], name="init", min_size=1, credentials=credentials)
+    try:
+        await pool.open()
+    except asyncpool.AuthenticationError:
+        print("refused")
+    credentials.right = True
+    async with pool:
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    for p in m.data.data_points:
+                        if m.name == "asyncpool.connection.create_errors":
+                            print(p.attributes["error.type"], p.value)
+
+asyncio.run(main())
+"""
+
+
+def test_the_default_observer_counts_the_failed_logins_of_an_open_retried(
+    postgres: PostgresServer,
+) -> None:
+    script = _OPEN_AGAIN.replace("PASSWORD", repr(postgres.app.password))
+    lines = run_app(script, postgres.dsn())
+    assert lines[0] == "refused"
+    assert f"{AUTH_ERROR} 1" in lines

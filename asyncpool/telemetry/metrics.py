@@ -2,9 +2,10 @@
 
 The sizes (`db.client.connection.count`, `.max`, `.pending_requests`...) are observable instruments
 read from `Pool.stats()` when a reader collects, so they cost nothing per checkout. The counters
-(timeouts, leaks, failed checks, failed logins) are observable too, read from the totals each
-observer keeps: a pool reports 0 from its first collection, so a dashboard or an alert can tell
-"none" from "not reporting". Histograms are recorded by the observer hooks.
+(timeouts, leaks, failed checks, failed logins) are observable too, read from the totals kept per
+pool name (`Series`): a pool reports 0 from its first collection, so a dashboard or an alert can
+tell "none" from "not reporting", and a counter never goes back. Histograms are recorded by the
+observer hooks.
 
 Instruments are shared because a meter keeps the first registration of a name: a second pool
 creating its own `db.client.connection.count` would have its callback silently dropped.
@@ -12,6 +13,7 @@ creating its own `db.client.connection.count` would have its callback silently d
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ LOGIN_ERROR_TYPES = tuple(
 
 
 class PoolCounts:
-    """Events one pool's observer counted. Written on the pool's event loop, read by collections
+    """Events counted for one pool name. Written on the pools' event loop, read by collections
     on the reader's thread: each value is a single int (or a dict copied whole under the GIL)."""
 
     __slots__ = ("create_errors", "leaks", "timeouts", "validation_failures")
@@ -60,17 +62,39 @@ class PoolCounts:
         self.create_errors: dict[str, int] = dict.fromkeys(LOGIN_ERROR_TYPES, 0)
 
 
+class Series:
+    """What one pool name reports: its attribute sets and its counters' totals.
+
+    Kept for as long as the process runs, whatever becomes of its pools. A counter is
+    monotonic: a pool opened again under the same name (a failed open() retried, a pool made
+    per invocation) goes on from the totals of the ones before rather than from 0, which a
+    delta exporter would send as a negative increase; and the failed logins of an open() that
+    failed before any collection are still reported. Pools open under the same name at once
+    share it: their counts add up, as their sizes do.
+    """
+
+    __slots__ = ("attributes", "counts", "hit", "idle", "leak", "miss", "pool_name",
+                 "retired_cache", "used")
+
+    def __init__(self, pool_name: str, named: Callable[[dict[str, str]], dict[str, str]]) -> None:
+        self.pool_name = pool_name
+        self.counts = PoolCounts()
+        self.attributes: Attributes = named({sc.POOL_NAME: pool_name})
+        self.idle: Attributes = named({sc.POOL_NAME: pool_name, sc.STATE: sc.STATE_IDLE})
+        self.used: Attributes = named({sc.POOL_NAME: pool_name, sc.STATE: sc.STATE_USED})
+        self.hit: Attributes = named({sc.POOL_NAME: pool_name, sc.CACHE_RESULT: "hit"})
+        self.miss: Attributes = named({sc.POOL_NAME: pool_name, sc.CACHE_RESULT: "miss"})
+        self.leak: dict[str, Attributes] = {
+            action: named({sc.POOL_NAME: pool_name, sc.LEAK_ACTION: action})
+            for action in LEAK_ACTIONS}
+        # The description cache counts of this name's closed pools (read from their stats()).
+        self.retired_cache: StatementCacheStats | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Watched:
     stats: Callable[[], PoolStats]
-    counts: PoolCounts
-    pool_name: str
-    attributes: Attributes
-    idle: Attributes
-    used: Attributes
-    hit: Attributes
-    miss: Attributes
-    leak: dict[str, Attributes]
+    series: Series
 
 
 class PoolInstruments:
@@ -79,6 +103,10 @@ class PoolInstruments:
     def __init__(self, meter: Meter, conventions: sc.Conventions) -> None:
         self.conventions = conventions
         self._pools: dict[object, _Watched] = {}
+        self._series: dict[str, Series] = {}
+        # Held by watch/unwatch (on a pool's loop) and by the collections that add a closed
+        # pool's cache counts to its name's (on a reader's thread), so none counts one twice.
+        self._lock = threading.Lock()
         self.create_time: Histogram = _histogram(meter, conventions, sc.CREATE_TIME)
         self.wait_time: Histogram = _histogram(meter, conventions, sc.WAIT_TIME)
         self.use_time: Histogram = _histogram(meter, conventions, sc.USE_TIME)
@@ -113,99 +141,122 @@ class PoolInstruments:
                 spec.name, [callback], unit=spec.unit, description=spec.description
             )
 
-    def watch(self, key: object, pool_name: str, stats: Callable[[], PoolStats],
-              counts: PoolCounts) -> Attributes:
-        """Report the sizes of the pool `stats` reads and the events in `counts`; returns the
-        attributes its records use."""
-        named = self.conventions.attributes
-        attributes = named({sc.POOL_NAME: pool_name})
-        self._pools[key] = _Watched(
-            stats,
-            counts,
-            pool_name,
-            attributes,
-            named({sc.POOL_NAME: pool_name, sc.STATE: sc.STATE_IDLE}),
-            named({sc.POOL_NAME: pool_name, sc.STATE: sc.STATE_USED}),
-            named({sc.POOL_NAME: pool_name, sc.CACHE_RESULT: "hit"}),
-            named({sc.POOL_NAME: pool_name, sc.CACHE_RESULT: "miss"}),
-            {action: named({sc.POOL_NAME: pool_name, sc.LEAK_ACTION: action})
-             for action in LEAK_ACTIONS},
-        )
-        return attributes
+    def watch(self, key: object, pool_name: str, stats: Callable[[], PoolStats]) -> Series:
+        """Report the sizes of the pool `stats` reads; returns the series of its name, whose
+        attributes its records use and whose counts its events go to."""
+        with self._lock:
+            series = self._series.get(pool_name)
+            if series is None:
+                series = self._series[pool_name] = Series(pool_name, self.conventions.attributes)
+            self._pools[key] = _Watched(stats, series)
+        return series
 
     def unwatch(self, key: object) -> None:
-        self._pools.pop(key, None)
+        """Stop reporting the sizes of a pool that has closed; its name's counters go on."""
+        with self._lock:
+            watched = self._pools.pop(key, None)
+            if watched is None:
+                return
+            # Its cache counts stay in its name's totals (stats() still reads them, closed).
+            last = _read(watched.stats)
+            cache = last.statement_cache if last is not None else None
+            if cache is not None:
+                series = watched.series
+                series.retired_cache = _add_cache(series.retired_cache, cache)
 
-    # Callbacks run on the reader's thread (PeriodicExportingMetricReader) or on a scrape.
+    # Callbacks run on the reader's thread (PeriodicExportingMetricReader) or on a scrape. Each
+    # reports one point per pool name (a callback must not observe one attribute set twice):
+    # pools that share a name add up.
 
-    def _snapshots(self) -> list[tuple[_Watched, PoolStats]]:
-        taken = []
+    def _snapshots(self) -> list[tuple[Series, list[PoolStats]]]:
+        """The stats of the open pools, by name, for each name with one open."""
+        by_series: dict[Series, list[PoolStats]] = {}
         for watched in list(self._pools.values()):
             stats = _read(watched.stats)
             if stats is not None:
-                taken.append((watched, stats))
-        return taken
+                by_series.setdefault(watched.series, []).append(stats)
+        return list(by_series.items())
 
     def _observe_counts(
         self, value: Callable[[PoolCounts], int]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(value(w.counts), w.attributes) for w in list(self._pools.values())]
+            return [Observation(value(s.counts), s.attributes) for s in list(self._series.values())]
 
         return callback
 
     def _observe_leaks(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(count, watched.leak[action])
-            for watched in list(self._pools.values())
-            for action, count in dict(watched.counts.leaks).items()
+            Observation(count, series.leak[action])
+            for series in list(self._series.values())
+            for action, count in dict(series.counts.leaks).items()
         ]
 
     def _observe_create_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         named = self.conventions.attributes
         return [
-            Observation(count, named({sc.POOL_NAME: watched.pool_name, sc.ERROR_TYPE: error}))
-            for watched in list(self._pools.values())
-            for error, count in dict(watched.counts.create_errors).items()
+            Observation(count, named({sc.POOL_NAME: series.pool_name, sc.ERROR_TYPE: error}))
+            for series in list(self._series.values())
+            for error, count in dict(series.counts.create_errors).items()
         ]
 
     def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
         observations = []
-        for watched, stats in self._snapshots():
-            observations.append(Observation(stats.idle, watched.idle))
+        for series, taken in self._snapshots():
+            observations.append(Observation(sum(s.idle for s in taken), series.idle))
             # A connection being checked for a caller is as used as one being reset after its
             # return (in `in_use`): the two states add up to the open connections.
-            observations.append(Observation(stats.in_use + stats.validating, watched.used))
+            observations.append(Observation(sum(s.in_use + s.validating for s in taken),
+                                            series.used))
         return observations
 
     def _observe(
         self, value: Callable[[PoolStats], int]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(value(stats), w.attributes) for w, stats in self._snapshots()]
+            return [Observation(sum(value(s) for s in taken), series.attributes)
+                    for series, taken in self._snapshots()]
 
         return callback
 
     # Only pools in "unnamed" mode report these (stats().statement_cache is None otherwise).
 
+    def _cache_totals(self) -> list[tuple[Series, StatementCacheStats]]:
+        """Each name's cache counts: its open pools' and its closed ones'."""
+        with self._lock:  # a pool closing now is counted either open or closed, not both
+            pools = list(self._pools.values())
+            retired = [(s, s.retired_cache) for s in self._series.values()]
+        totals: dict[Series, StatementCacheStats | None] = dict(retired)
+        for watched in pools:
+            stats = _read(watched.stats)
+            if stats is not None and stats.statement_cache is not None:
+                totals[watched.series] = _add_cache(totals[watched.series],
+                                                    stats.statement_cache)
+        return [(series, cache) for series, cache in totals.items() if cache is not None]
+
     def _observe_cache_lookups(self, options: CallbackOptions) -> Iterable[Observation]:
         observations = []
-        for watched, stats in self._snapshots():
-            if stats.statement_cache is not None:
-                observations.append(Observation(stats.statement_cache.hits, watched.hit))
-                observations.append(Observation(stats.statement_cache.misses, watched.miss))
+        for series, cache in self._cache_totals():
+            observations.append(Observation(cache.hits, series.hit))
+            observations.append(Observation(cache.misses, series.miss))
         return observations
 
     def _observe_cache(
         self, value: Callable[[StatementCacheStats], int]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [
-                Observation(value(stats.statement_cache), w.attributes)
-                for w, stats in self._snapshots() if stats.statement_cache is not None
-            ]
+            return [Observation(value(cache), series.attributes)
+                    for series, cache in self._cache_totals()]
 
         return callback
+
+
+def _add_cache(total: StatementCacheStats | None,
+               more: StatementCacheStats) -> StatementCacheStats:
+    if total is None:
+        return more
+    return StatementCacheStats(total.hits + more.hits, total.misses + more.misses,
+                               total.stale + more.stale, total.evicted + more.evicted)
 
 
 def _read(stats: Callable[[], PoolStats]) -> PoolStats | None:

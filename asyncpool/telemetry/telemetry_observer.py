@@ -73,6 +73,8 @@ class TelemetryObserver(PoolObserver):
 
         self._conventions = sc.conventions(semconv)
         self._instruments = instruments_for(meter_provider, __version__, self._conventions)
+        # The counts of this pool's name (from attach): shared with its other pools, kept when
+        # it closes.
         self._counts = PoolCounts()
         self._tracer = trace.get_tracer("asyncpool", __version__, tracer_provider)
         # Which provider fetches passwords, for the credentials span (unknown without the config).
@@ -103,7 +105,8 @@ class TelemetryObserver(PoolObserver):
             )
         self._attached = True
         # Attribute dicts are built once here: the hooks below run on every checkout.
-        self._attributes = self._instruments.watch(self, pool_name, stats, self._counts)
+        series = self._instruments.watch(self, pool_name, stats)
+        self._attributes, self._counts = series.attributes, series.counts
         self._statement_attributes = {sc.POOL_NAME: pool_name}
         self._spans = PoolSpans(self._tracer, pool_name, self._credentials_name)
         self._pool_name = pool_name
