@@ -379,3 +379,28 @@ def test_an_instrumentation_installed_before_asyncpool_was_imported_sees_the_hel
     assert done.stdout.split("\n")[-2] == (
         "['SELECT 1', 'SELECT 2', 'SELECT 3', 'SELECT 4', 'SELECT 5 + $1::int', "
         "'SELECT 6 + $1::int'] ['SELECT 3', 'SELECT 4']")
+
+
+async def test_a_failed_check_is_marked_by_its_error_type_without_the_error_text(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """The checkout check gets no answer: its span in the request's trace has status ERROR and
+    error.type, as the connect span; neither the error's text nor a traceback is copied."""
+    async with FaultProxy.to_dsn(postgres.dsn()) as proxy:
+        pool = sdk.pool(proxy.dsn(postgres.dsn()), name="checked", min_size=1, max_size=1,
+                        validate_after=0, connect_timeout=0.3, acquire_timeout=10)
+        await pool.open()
+        proxy.set_mode("stall")
+        with sdk.tracer.start_as_current_span("GET /orders") as request:
+            caller = asyncio.create_task(pool.fetchval("SELECT 1"))
+        await until(lambda: pool.stats().validation_failures_total == 1)
+        proxy.set_mode("pass")
+        assert await caller == 1
+        await pool.close()
+
+    [check] = sdk.spans(f"{sc.POOL_STATEMENT_SPAN} validate")
+    assert parent_id(check) == request.get_span_context().span_id
+    assert check.status.status_code is StatusCode.ERROR
+    assert check.status.description is None
+    assert dict(check.attributes or {})[sc.ERROR_TYPE] == "TimeoutError"
+    assert list(check.events) == []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from asyncpool.errors import PoolError
 from asyncpool.observer import ConnectAttempt, Hook, LeakReport, PoolObserver
@@ -21,8 +21,11 @@ from asyncpool.telemetry.metrics import (
     PoolCounts,
     global_provider_listens,
     instruments_for,
+    qualified_name,
 )
 from asyncpool.telemetry.spans import PoolSpans, error_type
+
+_ERROR = Status(StatusCode.ERROR)
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Histogram, MeterProvider
@@ -153,13 +156,23 @@ class TelemetryObserver(PoolObserver):
         wait, use = self._record_wait, self._record_use
         return (None if wait is _ignore else wait), (None if use is _ignore else use)
 
-    def pool_statement(self, purpose: str) -> contextlib.AbstractContextManager[object]:
+    @contextlib.contextmanager
+    def pool_statement(self, purpose: str) -> Iterator[object]:
         # A parent span that marks the query span opentelemetry-instrumentation-asyncpg makes
         # for the pool's own SELECT 1 or ROLLBACK, and shows its time inside the request's trace.
-        return self._tracer.start_as_current_span(
+        # A failure is marked as on the connect span: error.type, no description and no
+        # exception event (the SDK's default would copy the server's message and a traceback).
+        with self._tracer.start_as_current_span(
             f"{sc.POOL_STATEMENT_SPAN} {purpose}", kind=SpanKind.INTERNAL,
             attributes={**self._statement_attributes, sc.POOL_STATEMENT_PURPOSE: purpose},
-        )
+            record_exception=False, set_status_on_exception=False,
+        ) as span:
+            try:
+                yield span
+            except Exception as exc:
+                span.set_attribute(sc.ERROR_TYPE, qualified_name(type(exc)))
+                span.set_status(_ERROR)
+                raise
 
     def connect_attempted(self, attempt: ConnectAttempt) -> None:
         if attempt.error is None:
