@@ -87,7 +87,7 @@ class Slots(_HotSlots):
     __slots__ = (
         "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "closed_total",
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
-        "filling", "forks", "generation", "handed", "housekeeper", "leaked_total", "name",
+        "filling", "forks", "generation", "getting", "handed", "housekeeper", "leaked_total", "name",
         "observer", "opened_in", "opening", "pid",
         "records", "replaced_credentials", "resets", "retrying", "state", "timeouts_total",
         "undoing_open", "validation_failures_total", "waiters",
@@ -156,6 +156,9 @@ class Slots(_HotSlots):
         # counts as pending (`pool_stats.stats`).
         self.handed: set[Lease] = set()
         self.retrying: int = 0  # waiters in `waiters` that are between login attempts
+        # Tasks in the slow checkout (checking an idle connection, logging in, in line) for a
+        # Lambda invocation (`stragglers`): kept only where leaks are tracked, as leases' contexts.
+        self.getting: set[asyncio.Task[Any]] = set()
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
         self.background: set[asyncio.Task[Any]] = set()

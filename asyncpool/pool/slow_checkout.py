@@ -18,6 +18,7 @@ from asyncpool.errors import ConnectError, PoolTimeoutError
 from asyncpool.pool import forks, logins, misuse, pool_stats
 from asyncpool.pool.lease import ACTIVE, RELEASED
 from asyncpool.pool.record import CHECKING, MOVING
+from asyncpool.pool.resets import RESETS_END
 from asyncpool.pool.state import NEW, OPEN
 
 if TYPE_CHECKING:
@@ -80,6 +81,12 @@ async def checkout(slots: Slots, timeout: float | None, frame: FrameType | None)
         timeout = slots.config.acquire_timeout
     started = loop.time()
     progress = Progress(None if timeout is None else started + timeout)
+    # A task of a Lambda invocation, known while it gets its connection: one the invocation
+    # started and left behind holds it once it has it (`stragglers.free_stragglers`).
+    getting = (asyncio.current_task() if slots.track_leaks and RESETS_END.get() is not None
+               else None)
+    if getting is not None:
+        slots.getting.add(getting)
     try:
         async with asyncio.timeout(timeout):
             lease = await _obtain(slots, started, frame, progress)
@@ -87,6 +94,9 @@ async def checkout(slots: Slots, timeout: float | None, frame: FrameType | None)
         slots.timeouts_total += 1
         slots.observer.timed_out()
         raise _timeout_error(slots, timeout, progress) from None
+    finally:
+        if getting is not None:
+            slots.getting.discard(getting)
     slots.acquired_total += 1
     if slots.on_acquired is not None:
         slots.on_acquired(loop.time() - started)

@@ -48,29 +48,53 @@ def held_by_other_tasks(pools: list[Slots]) -> list[tuple[Slots, Lease]]:
     return held
 
 
+def getting_in_other_tasks(pools: list[Slots]) -> list[tuple[Slots, asyncio.Task[Any]]]:
+    """The tasks, other than the current one, getting a connection from `pools` (checking an
+    idle one, logging in, in line) in an invocation's context: each holds one once it has it."""
+    current = asyncio.current_task()
+    return [(slots, task) for slots in pools for task in slots.getting
+            if task is not current and not task.done()]
+
+
 async def free_stragglers(pools: list[Slots], invocation: str, give: float, bound: float) -> None:
-    """Wait up to `give` seconds for the tasks holding `held_by_other_tasks` checkouts to give
-    them back, then cancel those tasks and wait for their blocks to end (rolled back and
-    returned), up to `bound` seconds from now in all; a connection still held then is closed.
-    Tasks started just before get a few turns of the loop first, to take theirs."""
+    """Wait up to `give` seconds for the tasks holding `held_by_other_tasks` checkouts, or
+    getting one (`getting_in_other_tasks`), to give them back, then cancel those tasks and wait
+    for their blocks to end (rolled back and returned), up to `bound` seconds from now in all; a
+    connection still held then is closed. Tasks started just before get a few turns of the loop
+    first, to take theirs."""
     for _ in range(_FIRST_TURNS):
         await asyncio.sleep(0)
-    # (Each with its task now: once given back, a lease may be another checkout's.)
-    held = [(slots, lease, lease.task) for slots, lease in held_by_other_tasks(pools)]
-    if not held:
-        return
     loop = asyncio.get_running_loop()
     started = loop.time()
-    for slots, _, task in held:
-        assert task is not None
-        logger.warning(
-            "pool %r: task %r, started during an invocation, still held a connection when "
-            "invocation %s returned; it has %.2fs to give it back, then it is cancelled (the "
-            "environment may be frozen after the response, with its transaction open). Await "
-            "the tasks a handler starts", slots.name, task.get_name(), invocation,
-            max(give, 0.0))
-    held = await _still_held(held, started + give)
-    cancelled = [task for _, _, task in held if task is not None]
+    until_given = started + give
+    warned: set[asyncio.Task[Any]] = set()
+    while True:
+        # (Each with its task now: once given back, a lease may be another checkout's.)
+        held = [(slots, lease, lease.task) for slots, lease in held_by_other_tasks(pools)]
+        # A task still getting its connection (the first checkout of an invocation checks the
+        # connection, or logs in) would have it while the environment is frozen, and keep it
+        # from the next invocation: it is waited for as a holder.
+        getting = getting_in_other_tasks(pools)
+        if not held and not getting:
+            return
+        for slots, task in [(slots, task) for slots, _, task in held] + getting:
+            assert task is not None
+            if task not in warned:
+                warned.add(task)
+                logger.warning(
+                    "pool %r: task %r, started during an invocation, still %s when invocation "
+                    "%s returned; it has %.2fs to give it back, then it is cancelled (the "
+                    "environment may be frozen after the response, with its transaction open). "
+                    "Await the tasks a handler starts", slots.name, task.get_name(),
+                    "held a connection" if any(t is task for _, _, t in held)
+                    else "was getting a connection", invocation,
+                    max(until_given - loop.time(), 0.0))
+        if loop.time() >= until_given:
+            break
+        await asyncio.sleep(_POLL)
+    # Those still holding, or getting, one now.
+    cancelled = list(dict.fromkeys(
+        [task for _, _, task in held if task is not None] + [task for _, task in getting]))
     for task in cancelled:
         task.cancel(CANCEL_MESSAGE)
     until = started + max(bound, give)

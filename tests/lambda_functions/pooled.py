@@ -37,6 +37,26 @@ second = Pool(config=lambda_config(function_timeout=10, name="runtime-test-2"))
 if os.environ.get("TEST_SECOND_POOL"):
     close_on_shutdown(second, get_runner().loop)
 
+background: list[asyncio.Task[Any]] = []
+
+
+async def _later(after: float, hold: float) -> Any:
+    """What a handler's fire-and-forget task does: wait, then use the pool a while."""
+    await asyncio.sleep(after)
+    async with pool.acquire() as conn:
+        await asyncio.sleep(hold)
+        return await conn.fetchval("SELECT 'background'")
+
+
+def _outcome(task: asyncio.Task[Any]) -> Any:
+    if not task.done():
+        return "pending"
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return repr(exc) if exc is not None else task.result()
+
+
 # Connections a handler took and did not give back (the "leak" op).
 kept: list[PooledConnection] = []
 
@@ -69,6 +89,17 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         kept.append(conn)
     elif op == "sleep":
         await asyncio.sleep(float(event["seconds"]))
+    elif op == "write_then_stall":
+        # A write, then a statement still running on the server when the deadline comes.
+        async with pool.transaction() as conn:
+            await conn.execute(f"INSERT INTO {event['table']} VALUES ('written')")
+            await conn.execute(f"SELECT pg_sleep(30) /* {event['tag']} */")
+    elif op == "background":
+        # Started, not awaited: still running when the handler returns.
+        task = _later(float(event.get("after", 0)), float(event.get("hold", 0)))
+        background.append(asyncio.create_task(task, name="fire-and-forget"))
+    elif op == "background_results":
+        result["background"] = [_outcome(t) for t in background]
     elif op == "modules":
         result["preloaded_at_init"] = PRELOADED_AT_INIT
     elif op != "stats":

@@ -13,13 +13,15 @@ import json
 import signal
 import statistics
 import time
+import uuid
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from asyncpool.testing import PgBouncerServer
+from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.lambda_runtime import RuntimeAPI
-from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients, load_event
+from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients, load_event, scratch_table
 from tests.lambda_runtime.support import (
     CLEAN_CLOSE,
     VANISHED,
@@ -302,3 +304,55 @@ async def test_the_deadline_cancels_the_handler_and_its_connection_goes_back(
         assert late.seconds < 1.5
         stats = response(await invoke(api, {"op": "query"}), proc)["pool"]
         assert (stats["created_total"], stats["in_use"]) == (1, 0)
+
+
+async def test_a_deadline_during_a_statement_rolls_back_and_cancels_it_on_the_server(
+    own_pgbouncer: PgBouncerServer, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A transaction with a write, then a statement that runs into the deadline: the server's
+    statement is cancelled, the write rolled back, and the next invocation reuses the connection."""
+    tag = uuid.uuid4().hex
+    with RuntimeAPI(function_timeout=2) as api, environment(api, own_pgbouncer, tmp_path) as proc:
+        async with scratch_table(postgres.dsn()) as table:
+            response(await invoke(api, {"op": "query"}), proc)
+            late = await invoke(api, {"op": "write_then_stall", "table": table, "tag": tag})
+            assert late.kind == "error", late.body
+            assert late.json()["errorType"] == "HandlerTimeoutError"
+            assert late.seconds < 2.0
+            check = await asyncpg.connect(postgres.dsn())
+            try:
+                assert await check.fetchval(f"SELECT count(*) FROM {table}") == 0
+                running = await check.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 "
+                    "AND pid <> pg_backend_pid()", f"%{tag}%")
+                assert running == 0
+            finally:
+                await check.close()
+            stats = response(await invoke(api, {"op": "query"}), proc)["pool"]
+            assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["logging-in", "checking-the-connection"])
+async def test_a_task_left_getting_a_connection_does_not_keep_it_from_the_next_invocation(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path, warm: bool
+) -> None:
+    """The handler starts a task that acquires and holds the connection, and returns at once.
+    The task's checkout is still under way when the invocation ends (the first of an invocation
+    logs in, or checks the connection after the pause): it must be waited for, then cancelled,
+    like one already holding it, not take the connection while the environment is frozen and
+    keep it from the next invocation (which then timed out)."""
+    with RuntimeAPI(function_timeout=3) as api, environment(api, own_pgbouncer, tmp_path) as proc:
+        if warm:
+            response(await invoke(api, {"op": "query"}), proc)
+        response(await invoke(api, {"op": "background", "hold": 30}), proc)
+        await asyncio.to_thread(api.wait_idle)
+        proc.freeze()
+        await asyncio.sleep(0.3)
+        proc.thaw()
+        after = await invoke(api, {"op": "query"})
+        stats = response(after, proc)["pool"]
+        assert stats["in_use"] == 0
+        assert response(await invoke(api, {"op": "background_results"}), proc)["background"] == [
+            "cancelled"]
+        [line] = [line for line in proc.log().splitlines() if "'fire-and-forget'" in line]
+        assert "was getting a connection" in line
