@@ -273,3 +273,20 @@ async def test_fault_proxy_spares_cancel_requests_from_drops(mode: FaultMode) ->
             cancel_w.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("option", ["spare_cancels", "drop_cancels", "strip_backend_key"])
+async def test_fault_proxy_reading_the_first_packet_passes_it_on_whole(
+        stack: ServerStack, option: str) -> None:
+    """With a protocol-aware option the proxy reads the client's first packet: it must send it
+    on in one piece, as PgBouncer 1.18 ends a login whose startup packet comes in two ("client
+    sent partial pkt in startup phase")."""
+    pooler = stack.legacy
+    async with FaultProxy(pooler.host, pooler.port) as proxy:
+        setattr(proxy, option, True)
+        for _ in range(5):
+            conn = await asyncpg.connect(proxy.dsn(pooler.dsn()), statement_cache_size=0)
+            try:
+                assert await conn.fetchval("SELECT 1") == 1
+            finally:
+                await conn.close()

@@ -196,29 +196,38 @@ class FaultProxy:
 
     async def _first_request(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> bytes | None:
-        """The client's first 8 bytes (a length and a request code), TLS refused; None for a
-        cancel request this proxy drops."""
-        first = b""
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            first = await reader.readexactly(8)
-        code = struct.unpack("!ii", first)[1] if len(first) == 8 else 0
+        """The client's first packet (a startup packet or a cancel request), whole, TLS
+        refused; None for a cancel request this proxy drops.
+
+        Whole, to be sent on in one write: PgBouncer 1.18 ends a login whose startup packet
+        arrives in two pieces ("client sent partial pkt in startup phase")."""
+        first = await self._packet(reader)
+        code = struct.unpack("!ii", first[:8])[1] if len(first) >= 8 else 0
         if code == _SSL_REQUEST_CODE:
             # No TLS through these faults: refused here, as a server without TLS does; the
             # client goes on in plaintext (or gives up).
             writer.write(b"N")
-            first = b""
-            with contextlib.suppress(asyncio.IncompleteReadError):
-                first = await reader.readexactly(8)
-            code = struct.unpack("!ii", first)[1] if len(first) == 8 else 0
+            first = await self._packet(reader)
+            code = struct.unpack("!ii", first[:8])[1] if len(first) >= 8 else 0
         if code != _CANCEL_REQUEST_CODE:
             return first
         self.cancels_seen += 1
         if not self.drop_cancels:
             return first
-        self.cancels_dropped += 1
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            await reader.readexactly(8)  # pid and key: read, thrown away
+        self.cancels_dropped += 1  # pid and key read, thrown away
         return None
+
+    @staticmethod
+    async def _packet(reader: asyncio.StreamReader) -> bytes:
+        """A length-prefixed packet of the startup phase, or what came of it before EOF."""
+        head = b""
+        try:
+            head = await reader.readexactly(8)
+            length = struct.unpack("!i", head[:4])[0]
+            # (A length out of bounds is the server's to refuse: passed on as it is.)
+            return head + (await reader.readexactly(length - 8) if 8 < length <= 10_000 else b"")
+        except asyncio.IncompleteReadError as exc:
+            return head + exc.partial
 
     async def _pump(self, link: _Link, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                     direction: Direction) -> None:
