@@ -26,6 +26,19 @@ Pooler = PgBouncerServer | ExternalPgBouncer
 if TYPE_CHECKING:
     from tests.lambda_env import Environment
 
+if os.environ.get("ASYNCPOOL_TEST_LOOP") == "uvloop":
+    import asyncio
+    from collections.abc import Callable, Mapping
+
+    import uvloop
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item,
+    ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """ASYNCPOOL_TEST_LOOP=uvloop: the async tests on uvloop's loop (what uvicorn runs), by
+        hand (for example the fault soak: docs/faults.md)."""
+        return {"uvloop": uvloop.new_event_loop}
+
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[ServerStack]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
 from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer, untrusted_paths
+from asyncpool.testing.faultproxy import FaultMode, FaultProxy
 from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.leftovers import leftover_servers
 from asyncpool.testing.pgbouncer import shared_settings
@@ -227,3 +230,63 @@ def test_fetch_script_leaves_an_overridden_cache_parent_alone(tmp_path: Path) ->
     assert out.stdout.strip() == str(cache / "pgbouncer")
     assert mark.exists()
     assert stat.S_IMODE(parent.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("mode", ["drop", "reset"])
+async def test_fault_proxy_spares_cancel_requests_from_drops(mode: FaultMode) -> None:
+    """`spare_cancels`: a drop or reset closes every connection but a CancelRequest's, which
+    still reaches the server. (Cut in flight, one crashes PgBouncer 1.18: docs/faults.md.)"""
+    arrived: list[tuple[bytes, asyncio.StreamWriter]] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            arrived.append((await reader.readexactly(8), writer))
+            await reader.read()  # until the client or the proxy closes
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with FaultProxy("127.0.0.1", port) as proxy:
+            proxy.spare_cancels = True
+            plain_r, plain_w = await asyncio.open_connection(proxy.host, proxy.port)
+            plain_w.write(struct.pack("!ii", 8, 196608))  # a startup packet's head
+            cancel_r, cancel_w = await asyncio.open_connection(proxy.host, proxy.port)
+            cancel_w.write(struct.pack("!iiii", 16, 80877102, 1234, 5678))  # a CancelRequest
+            async with asyncio.timeout(5):
+                while len(arrived) < 2:
+                    await asyncio.sleep(0.01)
+            proxy.set_mode(mode)
+            async with asyncio.timeout(5):
+                with contextlib.suppress(ConnectionResetError):
+                    assert await plain_r.read() == b""
+            # The cancel request's connection is still open at both ends...
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await cancel_r.read(1)
+            # ...and ends when the server ends it, as PgBouncer does once it has forwarded it.
+            server_end = next(w for first, w in arrived if first[4:8] == struct.pack("!i", 80877102))
+            server_end.close()
+            async with asyncio.timeout(5):
+                assert await cancel_r.read() == b""
+            assert proxy.cancels_seen == 1
+            plain_w.close()
+            cancel_w.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("option", ["spare_cancels", "drop_cancels", "strip_backend_key"])
+async def test_fault_proxy_reading_the_first_packet_passes_it_on_whole(
+        stack: ServerStack, option: str) -> None:
+    """With a protocol-aware option the proxy reads the client's first packet: it must send it
+    on in one piece, as PgBouncer 1.18 ends a login whose startup packet comes in two ("client
+    sent partial pkt in startup phase")."""
+    pooler = stack.legacy
+    async with FaultProxy(pooler.host, pooler.port) as proxy:
+        setattr(proxy, option, True)
+        for _ in range(5):
+            conn = await asyncpg.connect(proxy.dsn(pooler.dsn()), statement_cache_size=0)
+            try:
+                assert await conn.fetchval("SELECT 1") == 1
+            finally:
+                await conn.close()

@@ -41,7 +41,13 @@ class FaultProxy:
     - ``strip_backend_key``: the server's BackendKeyData is removed from the login replies, as
       RDS Proxy does, so the client has no key to cancel with.
 
-    With either set, the proxy answers a TLS request with "N" itself: those logins are plaintext.
+    - ``spare_cancels``: ``drop`` and ``reset`` leave CancelRequest connections alone (counted
+      in `cancels_seen`), for PgBouncer 1.18: a cancel request's connection closed before it has
+      forwarded the request crashes it (docs/faults.md, "PgBouncer 1.18 crashes"), whoever
+      closed it, a network fault too.
+
+    With any of them set, the proxy answers a TLS request with "N" itself: those logins are
+    plaintext.
 
     ``close_delay`` (seconds, set as an attribute): when the server ends a connection, its last
     bytes reach the client at once and its close (FIN) this much later, as when the FIN segment
@@ -64,6 +70,7 @@ class FaultProxy:
         self.accepted_total = 0
         self.drop_cancels = False
         self.strip_backend_key = False
+        self.spare_cancels = False
         self.cancels_seen = 0
         self.cancels_dropped = 0
         self.close_delay = 0.0
@@ -132,7 +139,8 @@ class FaultProxy:
         self._flowing.set()
         if mode in ("drop", "reset"):
             for link in list(self._links):
-                link.close(reset=mode == "reset")
+                if not link.cancel:
+                    link.close(reset=mode == "reset")
         elif mode == "half-open":
             for link in self._links:
                 link.deafen(direction)
@@ -152,10 +160,11 @@ class FaultProxy:
             if link.closed:
                 return
             first: bytes | None = b""
-            if self.drop_cancels or self.strip_backend_key:
+            if self.drop_cancels or self.strip_backend_key or self.spare_cancels:
                 first = await self._first_request(reader, writer)
                 if first is None:
                     return  # a cancel request, lost
+                link.cancel = self.spare_cancels and _is_cancel(first)
             try:
                 up_reader, up_writer = await asyncio.open_connection(
                     self.upstream_host, self.upstream_port
@@ -187,29 +196,38 @@ class FaultProxy:
 
     async def _first_request(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> bytes | None:
-        """The client's first 8 bytes (a length and a request code), TLS refused; None for a
-        cancel request this proxy drops."""
-        first = b""
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            first = await reader.readexactly(8)
-        code = struct.unpack("!ii", first)[1] if len(first) == 8 else 0
+        """The client's first packet (a startup packet or a cancel request), whole, TLS
+        refused; None for a cancel request this proxy drops.
+
+        Whole, to be sent on in one write: PgBouncer 1.18 ends a login whose startup packet
+        arrives in two pieces ("client sent partial pkt in startup phase")."""
+        first = await self._packet(reader)
+        code = struct.unpack("!ii", first[:8])[1] if len(first) >= 8 else 0
         if code == _SSL_REQUEST_CODE:
             # No TLS through these faults: refused here, as a server without TLS does; the
             # client goes on in plaintext (or gives up).
             writer.write(b"N")
-            first = b""
-            with contextlib.suppress(asyncio.IncompleteReadError):
-                first = await reader.readexactly(8)
-            code = struct.unpack("!ii", first)[1] if len(first) == 8 else 0
+            first = await self._packet(reader)
+            code = struct.unpack("!ii", first[:8])[1] if len(first) >= 8 else 0
         if code != _CANCEL_REQUEST_CODE:
             return first
         self.cancels_seen += 1
         if not self.drop_cancels:
             return first
-        self.cancels_dropped += 1
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            await reader.readexactly(8)  # pid and key: read, thrown away
+        self.cancels_dropped += 1  # pid and key read, thrown away
         return None
+
+    @staticmethod
+    async def _packet(reader: asyncio.StreamReader) -> bytes:
+        """A length-prefixed packet of the startup phase, or what came of it before EOF."""
+        head = b""
+        try:
+            head = await reader.readexactly(8)
+            length = struct.unpack("!i", head[:4])[0]
+            # (A length out of bounds is the server's to refuse: passed on as it is.)
+            return head + (await reader.readexactly(length - 8) if 8 < length <= 10_000 else b"")
+        except asyncio.IncompleteReadError as exc:
+            return head + exc.partial
 
     async def _pump(self, link: _Link, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                     direction: Direction) -> None:
@@ -243,6 +261,10 @@ _CANCEL_REQUEST_CODE = 80877102
 _SSL_REQUEST_CODE = 80877103
 
 
+def _is_cancel(first: bytes) -> bool:
+    return len(first) >= 8 and struct.unpack("!ii", first[:8])[1] == _CANCEL_REQUEST_CODE
+
+
 class _KeyStripper:
     """Reads the server's side of a login and leaves BackendKeyData ('K') out, up to the first
     ReadyForQuery; then passes bytes through (the proxy refused TLS, so the login is plain)."""
@@ -269,7 +291,7 @@ class _KeyStripper:
 class _Link:
     """One client connection and, once dialled, its upstream connection."""
 
-    __slots__ = ("client", "closed", "deaf", "task", "upstream")
+    __slots__ = ("cancel", "client", "closed", "deaf", "task", "upstream")
 
     def __init__(self, client: asyncio.StreamWriter, task: asyncio.Task[None] | None) -> None:
         self.client = client
@@ -277,6 +299,8 @@ class _Link:
         self.task = task
         self.closed = False
         self.deaf: set[Direction] = set()
+        #: A CancelRequest's connection that drop/reset spare (`FaultProxy.spare_cancels`).
+        self.cancel = False
 
     def deafen(self, direction: Direction) -> None:
         self.deaf.add(direction)
