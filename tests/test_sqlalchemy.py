@@ -362,11 +362,17 @@ async def test_pre_ping_after_every_backend_was_killed_gets_a_live_connection(
         failed = []
         try:
             for _ in range(8):
-                async def warm() -> None:
-                    async with engine.connect() as conn:
-                        await conn.execute(sa.text("SELECT pg_sleep(0.02)"))
+                # The four sessions hold their connections at once (a sleep of 20 ms let them
+                # overlap less under load: 3 connections, not 4).
+                together = asyncio.Barrier(4)
 
-                await asyncio.gather(*(warm() for _ in range(4)))
+                async def warm(together: asyncio.Barrier) -> None:
+                    async with engine.connect() as conn:
+                        await conn.execute(sa.text("SELECT 1"))
+                        async with asyncio.timeout(10):
+                            await together.wait()
+
+                await asyncio.gather(*(warm(together) for _ in range(4)))
                 assert pool.stats().idle == 4
                 assert await admin.fetchval(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
