@@ -180,6 +180,18 @@ async def _copy_out_unscoped(pool: Pool) -> object:
         await pool.release(conn)
 
 
+async def _server_says_goodbye(pool: Pool, postgres: PostgresServer) -> None:
+    """The server ends the pool's idle connection; with the proxy's `close_delay`, its FATAL
+    error arrives and its close does not yet."""
+    pid = await pool.fetchval("SELECT pg_backend_pid()")
+    admin = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.3)
+
+
 @pytest.mark.parametrize("how", list(COPIES))
 async def test_server_goodbye_read_before_the_close_is_a_lost_connection(
     proxy_to_postgres: FaultProxy, postgres: PostgresServer, how: str
@@ -198,13 +210,7 @@ async def test_server_goodbye_read_before_the_close_is_a_lost_connection(
     finally:
         await direct.close()
     async with _pool(proxy, postgres, max_size=1, validate_after=None) as pool:
-        pid = await pool.fetchval("SELECT pg_backend_pid()")
-        admin = await asyncpg.connect(postgres.admin_dsn)
-        try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-        finally:
-            await admin.close()
-        await asyncio.sleep(0.3)  # the FATAL error arrives; the close does not
+        await _server_says_goodbye(pool, postgres)
         with pytest.raises(ConnectionLostError) as info:
             await COPIES[how](pool)
         assert isinstance(info.value.__cause__, asyncpg.InternalClientError), repr(info.value)
@@ -224,13 +230,7 @@ async def test_server_goodbye_after_an_unscoped_acquire_is_not_lent_again(
     proxy = proxy_to_postgres
     proxy.close_delay = 3.0
     async with _pool(proxy, postgres, max_size=1, validate_after=None) as pool:
-        pid = await pool.fetchval("SELECT pg_backend_pid()")
-        admin = await asyncpg.connect(postgres.admin_dsn)
-        try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-        finally:
-            await admin.close()
-        await asyncio.sleep(0.3)
+        await _server_says_goodbye(pool, postgres)
         with pytest.raises(asyncpg.InternalClientError):
             await _copy_out_unscoped(pool)
         assert await pool.fetchval("SELECT 2") == 2
