@@ -94,6 +94,10 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         async with pool.transaction() as conn:
             await conn.execute(f"INSERT INTO {event['table']} VALUES ('written')")
             await conn.execute(f"SELECT pg_sleep(30) /* {event['tag']} */")
+    elif op == "stall":
+        # A statement still running on the server when the environment is shut down.
+        async with pool.acquire() as conn:
+            await conn.execute(f"SELECT pg_sleep(30) /* {event['tag']} */")
     elif op == "background":
         # Started, not awaited: still running when the handler returns.
         task = _later(float(event.get("after", 0)), float(event.get("hold", 0)))

@@ -356,3 +356,42 @@ async def test_a_task_left_getting_a_connection_does_not_keep_it_from_the_next_i
             "cancelled"]
         [line] = [line for line in proc.log().splitlines() if "'fire-and-forget'" in line]
         assert "was getting a connection" in line
+
+
+async def _running(dsn: str, tag: str) -> int:
+    """How many server sessions (other than this check's) run the statement tagged `tag`."""
+    check = await asyncpg.connect(dsn)
+    try:
+        count: int = await check.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND state = 'active' "
+            "AND pid <> pg_backend_pid()", f"%{tag}%")
+        return count
+    finally:
+        await check.close()
+
+
+@pytest.mark.parametrize(
+    "execution_env", ["AWS_Lambda_python3.11", "AWS_Lambda_python3.12"],
+    ids=["python3.11", "python3.12"],
+)
+async def test_sigterm_during_a_statement_cancels_it_on_the_server(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, postgres: PostgresServer,
+    tmp_path: Path, execution_env: str,
+) -> None:
+    """SIGTERM while a statement runs (as when Lambda resets an environment whose invocation
+    timed out, with an extension registered): the pool is closed within its budget, and the
+    statement does not run on in PostgreSQL behind PgBouncer once the client is gone."""
+    tag = uuid.uuid4().hex
+    with environment(runtime_api, own_pgbouncer, tmp_path, execution_env=execution_env) as proc:
+        response(await invoke(runtime_api, {"op": "query"}), proc)
+        runtime_api.submit({"op": "stall", "tag": tag})
+        deadline = time.monotonic() + 10
+        while not await _running(postgres.dsn(), tag):
+            assert time.monotonic() < deadline, proc.log()[-2000:]
+            await asyncio.sleep(0.05)
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 1.0) is not None, proc.log()[-2000:]
+    deadline = time.monotonic() + 1.0
+    while (left := await _running(postgres.dsn(), tag)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert left == 0, f"the statement still runs on the server\n{proc.log()[-2000:]}"
