@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import MethodType
 from typing import Any, ClassVar
 from unittest import mock
@@ -18,6 +20,7 @@ import asyncpool
 from asyncpool import Pool, PoolConfig
 from asyncpool.config import PreparedStatements
 from asyncpool.testing import PostgresServer
+from asyncpool.testing.pki import TestPki
 from tests.conftest import Pooler
 
 
@@ -576,6 +579,69 @@ async def test_a_statement_the_pool_closes_under_ends_in_pool_closed_error(
                 await asyncio.sleep(0.05)
     finally:
         await direct.close()
+
+
+def _active_now(dsn: str, statement: str) -> int:
+    """Sessions running `statement`, asked from a thread of its own: the caller's loop does not
+    run meanwhile, so no task of it can have sent anything."""
+    async def count() -> int:
+        direct = await asyncpg.connect(dsn)
+        try:
+            n: int = await direct.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                statement)
+            return n
+        finally:
+            await direct.close()
+
+    with ThreadPoolExecutor(1) as executor:
+        return executor.submit(asyncio.run, count()).result(10)
+
+
+async def _cancelled_before_terminate_returns(pool: Pool, admin_dsn: str, statement: str) -> None:
+    """Run `statement` on `pool`, then ``terminate(cancel_within=...)`` as a SIGTERM handler on
+    top of the running loop calls it: the statement must be gone from the server before the
+    loop turns again (a process that ends next gives it no turn)."""
+    task = asyncio.create_task(pool.execute(statement))
+    async with asyncio.timeout(5):
+        while not _active_now(admin_dsn, statement):
+            await asyncio.sleep(0.05)
+    pool.terminate(cancel_within=1.0)
+    deadline = time.monotonic() + 1.0
+    while (left := _active_now(admin_dsn, statement)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # noqa: ASYNC251 - the loop must not run meanwhile
+    assert left == 0
+    with pytest.raises(asyncpool.PoolClosedError):
+        await task
+
+
+async def test_terminate_with_cancel_within_cancels_before_it_returns(
+        pooler: Pooler, postgres: PostgresServer) -> None:
+    """Through each PgBouncer, which survives the request (1.18 crashes when a cancel request's
+    socket is closed early, pgbouncer#801)."""
+    name = f"cancel-within-{abs(hash(pooler.dsn()))}"
+    pool = await asyncpool.create_pool(pooler.dsn(), max_size=1, telemetry=False,
+                                       server_settings={"application_name": name})
+    await _cancelled_before_terminate_returns(
+        pool, postgres.dsn(postgres.superuser, "postgres"), f"SELECT pg_sleep(30) -- {name}")
+    async with Pool(pooler.dsn(), telemetry=False) as again:
+        assert await again.fetchval("SELECT 1") == 1  # the pooler is still up
+
+
+async def test_terminate_with_cancel_within_over_tls(
+        tls_postgres: PostgresServer, pki: TestPki) -> None:
+    """The request negotiates TLS first, as asyncpg's own do (verified: the CA, the host name)."""
+    dsn = tls_postgres.app.dsn("localhost", tls_postgres.port, tls_postgres.database)
+    pool = await asyncpool.create_pool(dsn, ssl="verify-full", ssl_root_cert=str(pki.ca_cert),
+                                       max_size=1, telemetry=False)
+    admin = tls_postgres.superuser.dsn("localhost", tls_postgres.port, "postgres",
+                                       sslmode="require")
+    await _cancelled_before_terminate_returns(pool, admin, "SELECT pg_sleep(30) -- over tls")
+
+
+def test_terminate_refuses_a_negative_cancel_within() -> None:
+    with pytest.raises(ValueError, match="cancel_within=-1"):
+        Pool("postgresql://u@127.0.0.1/db").terminate(cancel_within=-1)
 
 
 async def test_waiters_fail_when_pool_closes(pooler: Pooler) -> None:

@@ -25,6 +25,7 @@ import secrets
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import asyncpg
@@ -498,3 +499,30 @@ def request_cancel(conn: Any) -> asyncio.Task[Any] | None:
 
 #: How long a cancel request of ours may take to be taken (connect, send, server closes).
 _CANCEL_REQUEST_TIMEOUT = 5.0
+
+
+def cancel_target(conn: Any) -> CancelTarget | None:
+    """Where and how a cancel request for `conn` goes, for a sender that does not use the event
+    loop (`asyncpool.connect.blocking_cancel`); None if none can be delivered."""
+    key = backend_key(conn)
+    addr = getattr(conn, "_addr", None)
+    params = getattr(conn, "_params", None)
+    if key is None or not cancel_deliverable(conn) or addr is None or params is None:
+        return None
+    from asyncpg.connect_utils import SSLMode
+
+    ssl = params.ssl if params.ssl and params.sslmode != SSLMode.allow else None
+    return CancelTarget(addr, key, ssl, params.sslmode == SSLMode.prefer)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTarget:
+    """A cancel request's address (``(host, port)`` or a Unix socket path), BackendKeyData
+    (pid, secret: kept out of the repr), and TLS: the context to negotiate it with (None:
+    plain), and whether a server refusing TLS may get the request in plain text
+    (``sslmode=prefer``), as asyncpg sends it."""
+
+    addr: Any
+    key: tuple[int, int] = field(repr=False)
+    ssl: Any
+    advisory: bool

@@ -178,9 +178,10 @@ class _PoolHook:
         if not first:
             if _running_loop() is self.loop:
                 # A signal handler on top of the running loop, while the watcher closes the pool
-                # on that very loop: waiting would stall it. Drop the connections instead.
+                # on that very loop: waiting would stall it. Drop the connections instead,
+                # cancelling their statements first (no task of the loop will run to).
                 if os.getpid() == self.pid:
-                    pool.terminate()
+                    pool.terminate(cancel_within=self.budget)
                 return
             self._finished.wait(self.budget + 1.0)
             return
@@ -461,8 +462,10 @@ def _close_pool(pool: Pool, loop: asyncio.AbstractEventLoop, budget: float) -> N
     if loop.is_running():
         if _running_loop() is loop:
             # SIGTERM landed in the middle of an invocation, on top of the running loop: nothing
-            # can be awaited here. Drop the connections; the sockets close as the process ends.
-            pool.terminate()
+            # can be awaited here, and no task of the loop will run again. Cancel the running
+            # statements from here (the server would run them on), then drop the connections;
+            # the sockets close as the process ends.
+            pool.terminate(cancel_within=budget)
             return
         # An invocation is running on another thread: close on its loop, within the budget.
         future = asyncio.run_coroutine_threadsafe(_close_within(pool, budget), loop)

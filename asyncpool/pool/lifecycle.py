@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from asyncpool.connect import driver
+from asyncpool.connect import blocking_cancel, driver
 from asyncpool.connect.connector import close_failure, provider_call
 from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
 from asyncpool.observer import PoolObserver
@@ -191,13 +191,16 @@ def _retire_the_callers_own(slots: Slots) -> None:
         slots.retire(record, "pool closed by the task holding it")
 
 
-def terminate(slots: Slots) -> None:
-    """Close every connection now, without waiting; waiters get `PoolClosedError`."""
+def terminate(slots: Slots, cancel_within: float = 0.0) -> None:
+    """Close every connection now, without waiting; waiters get `PoolClosedError`. With
+    `cancel_within`, the statements running on held connections are cancelled first, from this
+    thread, waiting up to that long for the server to take the requests (`Pool.terminate`)."""
     if _nothing_to_close(slots):
         return
     slots._set_state(CLOSING)
+    cancelled = _cancel_running_now(slots, cancel_within) if cancel_within > 0 else set()
     _stop(slots, "pool terminated", graceful=False)
-    _retire_all(slots, "pool terminated")
+    _retire_all(slots, "pool terminated", cancelled)
     for conn in list(slots.closing.values()):
         # Graceful closes under way end now, unless a cancel request is still in flight
         # (they wait for it, bounded, then close).
@@ -224,7 +227,25 @@ def _stop(slots: Slots, reason: str, graceful: bool) -> None:
         slots.retire(record, reason, graceful=graceful)
 
 
-def _retire_all(slots: Slots, reason: str) -> None:
+def _cancel_running_now(slots: Slots, timeout: float) -> set[int]:
+    """Cancel what the held connections run, without the loop (`blocking_cancel`): for a process
+    about to end, where no task of the loop would run to send the requests. Every held one, as
+    `_retire_all` does: asyncpg does not say whether a statement is running (``execute()``
+    without arguments runs outside its one-at-a-time section), and a server ignores a cancel
+    request when none is. Returns the ids of the connections whose request was sent."""
+    targets = {id(record.conn): target for record in slots.leased()
+               if (target := driver.cancel_target(record.conn)) is not None}
+    if not targets:
+        return set()
+    taken = blocking_cancel.send(list(targets.values()), timeout)
+    if taken < len(targets):
+        logger.warning("pool %r: %d of %d cancel requests were not taken within %.3gs; what "
+                       "those connections ran may go on on the server", slots.name,
+                       len(targets) - taken, len(targets), timeout)
+    return set(targets)
+
+
+def _retire_all(slots: Slots, reason: str, cancelled: set[int] | None = None) -> None:
     for record in list(slots.idle):
         slots.retire(record, reason)
     try:
@@ -232,7 +253,7 @@ def _retire_all(slots: Slots, reason: str) -> None:
     except RuntimeError:  # terminate() outside the loop: no request can be sent
         running = False
     for record in slots.leased():
-        if running:
+        if running and (cancelled is None or id(record.conn) not in cancelled):
             # What the holder may be running is cancelled on the server first (as at a
             # leak reclaim), where a cancel can arrive: closing the socket alone leaves it
             # running there until it next writes.

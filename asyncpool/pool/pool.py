@@ -202,14 +202,22 @@ class Pool:
         if error is not None:
             raise error
 
-    def terminate(self) -> None:
+    def terminate(self, *, cancel_within: float = 0.0) -> None:
         """Close every connection now, without waiting (for shutdown paths that cannot await).
+
+        A statement running on a held connection would go on running on the server (or behind
+        the pooler) after its socket closes. On the loop, a cancel request is sent for it by a
+        task, which runs only if the loop does again. For a process about to end (a signal
+        handler), pass `cancel_within` (seconds): the requests are then sent from this thread,
+        blocking until the servers take them, at most that long.
 
         On the pool's loop's thread, or in any thread while that loop is not running; from
         another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``)."""
+        if cancel_within < 0:
+            raise ValueError(f"cancel_within={cancel_within!r}: must be >= 0 seconds")
         misuse.refuse_running_elsewhere(self._slots, "terminate()")
         self._slots.undoing_open = False  # (while a failed open() is undone: closed, not new)
-        lifecycle.terminate(self._slots)
+        lifecycle.terminate(self._slots, cancel_within)
 
     def expire_all(self) -> None:
         """Retire every connection: idle ones now, held ones when returned, logins under way

@@ -1,0 +1,107 @@
+"""Cancel requests sent without the event loop, for a process about to end.
+
+A SIGTERM handler that runs on top of the pool's running loop (the Lambda runtime calls the
+handler on the main thread, where Python runs signal handlers) cannot await: a cancel request
+left to a task of the loop is never sent, the process ends, and the pooler or server keeps
+running the statement (PgBouncer passes the client's disconnect on as a closed server
+connection, which PostgreSQL notices only when the statement next writes to it). `send` writes
+the requests from the calling thread, each on a socket of its own, in parallel, and waits for the
+server to close each one (closing it first crashes PgBouncer 1.18, pgbouncer#801).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl as ssl_module
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from typing import cast
+
+from asyncpool.connect.driver import CancelTarget
+
+# The protocol's request codes: CancelRequest, SSLRequest.
+_CANCEL_CODE = 80877102
+_SSL_CODE = 80877103
+
+
+def send(targets: Sequence[CancelTarget], timeout: float) -> int:
+    """Send a cancel request to each of `targets` and wait, up to `timeout` seconds for them all,
+    until each server has taken its request (closed the socket); returns how many did. Never
+    raises for a request that fails (the process is ending either way)."""
+    if not targets:
+        return 0
+    deadline = time.monotonic() + timeout
+    taken: list[bool] = [False] * len(targets)
+
+    def one(i: int) -> None:
+        try:
+            _send_one(targets[i], deadline)
+            taken[i] = True
+        except (OSError, ValueError):
+            pass
+
+    if len(targets) == 1:
+        one(0)
+        return sum(taken)
+    threads = [threading.Thread(target=one, args=(i,), daemon=True,
+                                name="asyncpool-cancel") for i in range(len(targets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sum(taken)
+
+
+def _send_one(target: CancelTarget, deadline: float) -> None:
+    sock = _connect(target.addr, deadline)
+    try:
+        if target.ssl is not None:
+            sock = _start_tls(sock, target, deadline)
+        pid, secret = target.key
+        sock.sendall(struct.pack("!llll", 16, _CANCEL_CODE, pid, secret))
+        # The server (or pooler) closes the socket once it has taken the request.
+        while True:
+            sock.settimeout(_left(deadline))
+            if not sock.recv(64):
+                return
+    finally:
+        sock.close()
+
+
+def _connect(addr: object, deadline: float) -> socket.socket:
+    if isinstance(addr, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.connect(addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    host, port = cast("tuple[str, int]", addr)
+    sock = socket.create_connection((host, port), timeout=_left(deadline))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _start_tls(sock: socket.socket, target: CancelTarget, deadline: float) -> socket.socket:
+    """Negotiate TLS as asyncpg does for its own cancel requests (an SSLRequest first)."""
+    sock.settimeout(_left(deadline))
+    sock.sendall(struct.pack("!ll", 8, _SSL_CODE))
+    answer = sock.recv(1)
+    if answer == b"S":
+        context: ssl_module.SSLContext = target.ssl
+        host = target.addr[0] if isinstance(target.addr, tuple) else None
+        return context.wrap_socket(sock, server_hostname=host)
+    if answer == b"N" and target.advisory:
+        return sock
+    raise OSError(f"the server answered the SSLRequest with {answer!r}")
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no time left for the cancel request")
+    return left
