@@ -16,12 +16,13 @@ from typing import Annotated, Any, Literal
 
 import anyio
 import pytest
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
 from mangum import Mangum
 
 from asyncpool import Pool, PooledConnection
 from asyncpool.integrations.aws_lambda import lambda_config
-from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
+from asyncpool.integrations.fastapi import LambdaDeadline, pool_connection, pool_lifespan
 from asyncpool.integrations.invocation import LocalContext, current_invocation
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
@@ -292,3 +293,70 @@ async def test_with_mangum_lifespan_off_the_dependency_opens_the_pool(
         assert env.pool.stats().created_total == 1
     finally:
         await env.close()
+
+
+def build_slow_app(pool: Pool, finished: list[str]) -> FastAPI:
+    """Endpoints that run into the deadline: mid-stream, and after their response is complete."""
+    app = FastAPI(lifespan=pool_lifespan(pool, keep_open=True))
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def rows() -> AsyncIterator[bytes]:
+            yield b"first row\n"
+            async with pool.acquire() as conn:
+                await conn.execute("SELECT pg_sleep(30)")
+            yield b"never\n"
+        return StreamingResponse(rows(), media_type="text/plain")
+
+    @app.get("/then-background")
+    async def then_background(tasks: BackgroundTasks) -> dict[str, bool]:
+        async def after() -> None:
+            async with pool.acquire() as conn:
+                await conn.execute("SELECT pg_sleep(30)")
+            finished.append("background")
+        tasks.add_task(after)
+        return {"answered": True}
+
+    return app
+
+
+@pytest.mark.parametrize("where", ["add_middleware", "around the app"])
+async def test_lambda_deadline_turns_a_stream_cut_short_into_a_504(
+        runtime: RuntimeThread, postgres: PostgresServer, where: str) -> None:
+    """Mangum holds the whole response: a stream cut short mid-way is a 504, not half a 200."""
+    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=postgres.dsn())))
+    try:
+        app = build_slow_app(env.pool, [])
+        if where == "add_middleware":
+            app.add_middleware(LambdaDeadline, timeout_margin=0.3)
+            await env.start(app)
+        else:
+            await env.start(LambdaDeadline(app, timeout_margin=0.3))  # type: ignore[arg-type]
+        response = await env.invoke(http_event("GET", "/stream"), LocalContext(timeout=1.0))
+        assert response["statusCode"] == 504, response
+        assert "deadline margin was reached" in json.loads(response["body"])["detail"]
+        stats = await runtime.call(env.pool.stats)
+        assert (stats.in_use, stats.closed_total) == (0, 0), stats
+    finally:
+        await env.close()
+
+
+async def test_lambda_deadline_leaves_a_complete_response_alone(
+        runtime: RuntimeThread, postgres: PostgresServer) -> None:
+    """Background work after the response runs into the deadline: cut short, connection back,
+    and the response the client was given stands."""
+    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=postgres.dsn())))
+    finished: list[str] = []
+    try:
+        await env.start(LambdaDeadline(build_slow_app(env.pool, finished), timeout_margin=0.3))  # type: ignore[arg-type]
+        response = await env.invoke(http_event("GET", "/then-background"), LocalContext(timeout=1.0))
+        assert (response["statusCode"], json.loads(response["body"])) == (200, {"answered": True})
+        assert finished == []
+        assert (await runtime.call(env.pool.stats)).in_use == 0
+    finally:
+        await env.close()
+
+
+def test_lambda_deadline_refuses_a_negative_margin() -> None:
+    with pytest.raises(ValueError, match="timeout_margin=-1"):
+        LambdaDeadline(FastAPI(), timeout_margin=-1)

@@ -13,17 +13,21 @@
             raise HTTPException(status_code=404)
         return dict(row)
 
-    handler = Mangum(app)
+    handler = Mangum(LambdaDeadline(app))
 
 Mangum runs the ASGI lifespan, startup and shutdown, around every invocation; a lifespan that
 opened and closed the pool would reconnect on every request. `pool_lifespan` keeps the pool open
-across those cycles on Lambda and closes it when the environment shuts down.
+across those cycles on Lambda and closes it when the environment shuts down. `LambdaDeadline`
+ends a request `timeout_margin` seconds before the Lambda timeout with a 504, its connections
+back in the pool, rather than letting Lambda kill the environment with them checked out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -32,15 +36,23 @@ from typing import Any
 from asyncpool.errors import PoolClosedError, PoolConfigError, missing_dependency
 from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
-from asyncpool.integrations.lambda_runner import TIMEOUT_MARGIN, settle_timeout
+from asyncpool.integrations.lambda_runner import (
+    TIMEOUT_MARGIN,
+    HandlerTimeoutError,
+    invocation_deadline,
+    settle_timeout,
+)
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.resets import settle
 
 try:
     from starlette.requests import Request
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ModuleNotFoundError as exc:
     raise missing_dependency(exc, __name__, "'asyncpool-pg[fastapi]'") from exc
+
+logger: logging.Logger = logging.getLogger("asyncpool.integrations.fastapi")
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
@@ -213,3 +225,81 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
         await _settle(pool)
 
     return lifespan
+
+
+class LambdaDeadline:
+    """ASGI middleware: under Mangum, end each request `timeout_margin` seconds (default 0.5)
+    before the Lambda timeout, as `LambdaRunner` ends an invocation::
+
+        handler = Mangum(LambdaDeadline(app))    # or app.add_middleware(LambdaDeadline)
+
+    Lambda kills an environment whose invocation runs past its timeout: connections still
+    checked out die with it, mid-statement or mid-transaction, and the server runs the
+    statement on. Here the request is cancelled in time instead (the Lambda context is
+    Mangum's ``aws.context`` scope entry): its connections are rolled back, cancelled on the
+    server if a statement runs, and returned (tasks it started and left holding one too)
+    before the invocation ends, and the client gets ``504 Gateway Timeout`` whose ``detail``
+    says the deadline margin was reached.
+
+    Mangum sends nothing before the app is done, so the response is held here until complete:
+    a streaming response cut short also becomes the 504, not a truncated 200. Work the app does
+    after its response is complete (Starlette's background tasks) is cut short the same way,
+    and the response stands. Requests without a Lambda context (uvicorn) pass through as is.
+    """
+
+    def __init__(self, app: ASGIApp, *, timeout_margin: float = TIMEOUT_MARGIN) -> None:
+        if timeout_margin < 0:
+            raise ValueError(f"timeout_margin={timeout_margin!r}: must be >= 0 seconds")
+        self.app = app
+        self.timeout_margin = timeout_margin
+        self._cold_start = ColdStart()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = scope.get("aws.context") if scope["type"] == "http" else None
+        if getattr(context, "get_remaining_time_in_millis", None) is None:
+            await self.app(scope, receive, send)
+            return
+        response = _HeldResponse(send)
+        with invocation_scope(context, self._cold_start) as invocation:
+            try:
+                async with invocation_deadline(context, self.timeout_margin,
+                                               invocation.request_id):
+                    await self.app(scope, receive, response.hold)
+            except HandlerTimeoutError as exc:
+                if response.complete:
+                    logger.warning("%s (after its response was complete: the response stands)",
+                                   exc)
+                    return
+                logger.warning("%s", exc)
+                await response.gateway_timeout(
+                    f"the Lambda deadline margin was reached: {scope.get('method', '')} "
+                    f"{scope.get('path', '')} was cut short {self.timeout_margin:g}s before "
+                    "the function timeout, its database work rolled back")
+
+
+class _HeldResponse:
+    """The app's response messages, passed on once the body is complete."""
+
+    __slots__ = ("_held", "_send", "complete")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._held: list[Message] = []
+        self.complete = False
+
+    async def hold(self, message: Message) -> None:
+        if self.complete:
+            await self._send(message)
+            return
+        self._held.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+            held, self._held = self._held, []
+            for each in held:
+                await self._send(each)
+
+    async def gateway_timeout(self, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await self._send({"type": "http.response.start", "status": 504, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await self._send({"type": "http.response.body", "body": body})

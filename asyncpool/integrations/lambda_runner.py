@@ -28,11 +28,12 @@ rolled back and returned, rather than frozen mid-transaction when Lambda stops t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
@@ -136,56 +137,8 @@ class LambdaRunner:
     async def _serve(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
         with invocation_scope(context, self._cold_start) as invocation:
             await self._after_pause()
-            task = asyncio.current_task()
-            if task is not None:
-                # Leak reports name the holder's task: in any log format, this says which
-                # invocation took the connection.
-                task.set_name(f"lambda-invocation-{invocation.request_id}")
-            budget = _time_budget(context, self.timeout_margin)
-            # asyncio.timeout(budget), without a timer in the loop's heap during the invocation.
-            deadline = Deadline(budget)
-            # A holder cut short by it resets its connection within half the margin, which
-            # leaves the other half for the response.
-            resets_end = ResetsEnd(
-                None if budget is None
-                else asyncio.get_running_loop().time() + budget + self.timeout_margin / 2)
-            token = RESETS_END.set(resets_end)
-            try:
-                async with deadline:
-                    return await call()
-            except TimeoutError as exc:
-                if not deadline.expired():
-                    raise
-                raise HandlerTimeoutError(
-                    f"invocation {invocation.request_id} was cancelled {self.timeout_margin:g}s "
-                    "before the Lambda timeout so its connections could be rolled back and "
-                    "returned; make the handler faster or raise the function timeout"
-                ) from exc
-            finally:
-                try:
-                    await self._free_stragglers(context, invocation.request_id, resets_end)
-                finally:
-                    resets_end.at = None
-                    RESETS_END.reset(token)
-                    await self._settle(context)
-
-    async def _free_stragglers(self, context: Any, request_id: str, end: ResetsEnd) -> None:
-        """Tasks the invocation started and left holding a connection give it back within what
-        is left of its time (at most `RELEASE_TIMEOUT`), or are cancelled, within the time its
-        resets have (`free_stragglers`)."""
-        give = settle_timeout(context, self.timeout_margin, RELEASE_TIMEOUT)
-        bound = give + RELEASE_TIMEOUT
-        if end.at is not None:
-            bound = min(bound, end.at - asyncio.get_running_loop().time())
-        await free_stragglers(pools_on_loop(), request_id, give, bound)
-
-    async def _settle(self, context: Any) -> None:
-        """Let the pools on this loop finish resetting connections their holders left early (an
-        anyio cancel scope does not wait for it): the environment may be frozen once the
-        response is posted, and such a connection would keep the pooler's server connection
-        and its transaction until the thaw. Within what is left of the invocation's time."""
-        # (the response must still go out: the margin is left for it)
-        await settle_loop(settle_timeout(context, self.timeout_margin, RELEASE_TIMEOUT))
+            async with invocation_deadline(context, self.timeout_margin, invocation.request_id):
+                return await call()
 
     async def _after_pause(self) -> None:
         """What the environment missed while it was not running: read it, and distrust the rest."""
@@ -204,6 +157,67 @@ class LambdaRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.asynccontextmanager
+async def invocation_deadline(context: Any, margin: float, request_id: str) -> AsyncIterator[None]:
+    """Run the block as a Lambda invocation's work, within its time (`LambdaRunner`, and
+    `asyncpool.integrations.fastapi.LambdaDeadline` under Mangum).
+
+    The block is cancelled `margin` seconds before the deadline the Lambda context
+    (``get_remaining_time_in_millis()``) gives, and `HandlerTimeoutError` raised; a holder cut
+    short resets its connection within half the margin, which leaves the other half for the
+    response. On the way out, whatever the outcome: tasks the block started and left holding a
+    connection give it back or are cancelled, and resets left running end, so nothing holds
+    a connection (or the pooler's server connection) while the environment is frozen.
+    """
+    task = asyncio.current_task()
+    if task is not None:
+        # Leak reports name the holder's task: in any log format, this says which invocation
+        # took the connection.
+        task.set_name(f"lambda-invocation-{request_id}")
+    budget = _time_budget(context, margin)
+    # asyncio.timeout(budget), without a timer in the loop's heap during the invocation.
+    deadline = Deadline(budget)
+    resets_end = ResetsEnd(
+        None if budget is None else asyncio.get_running_loop().time() + budget + margin / 2)
+    token = RESETS_END.set(resets_end)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError as exc:
+        if not deadline.expired():
+            raise
+        raise HandlerTimeoutError(
+            f"invocation {request_id} was cancelled {margin:g}s before the Lambda timeout so "
+            "its connections could be rolled back and returned; make the handler faster or "
+            "raise the function timeout"
+        ) from exc
+    finally:
+        resets_by = resets_end.at
+        try:
+            await _free_stragglers(context, margin, request_id, resets_end)
+        finally:
+            resets_end.at = None
+            RESETS_END.reset(token)
+            # Resets holders left early (an anyio cancel scope does not wait for them) end
+            # within what is left of the invocation's time, the margin left for the response;
+            # cut short by the deadline, within the half of the margin they were given.
+            wait = settle_timeout(context, margin, RELEASE_TIMEOUT)
+            if resets_by is not None:
+                wait = max(wait, min(RELEASE_TIMEOUT, resets_by - asyncio.get_running_loop().time()))
+            await settle_loop(wait)
+
+
+async def _free_stragglers(context: Any, margin: float, request_id: str, end: ResetsEnd) -> None:
+    """Tasks the invocation started and left holding a connection give it back within what is
+    left of its time (at most `RELEASE_TIMEOUT`), or are cancelled, within the time its resets
+    have (`free_stragglers`)."""
+    give = settle_timeout(context, margin, RELEASE_TIMEOUT)
+    bound = give + RELEASE_TIMEOUT
+    if end.at is not None:
+        bound = min(bound, end.at - asyncio.get_running_loop().time())
+    await free_stragglers(pools_on_loop(), request_id, give, bound)
 
 
 def settle_timeout(context: Any, margin: float, unknown: float) -> float:

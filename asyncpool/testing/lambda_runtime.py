@@ -6,6 +6,12 @@ request-id, deadline, function-ARN and trace headers; ``POST .../invocation/{id}
 ``.../error`` complete them; ``POST .../init/error``; and, for SnapStart, ``GET .../restore/next``
 (held until the test restores the environment) and ``POST .../restore/error``.
 
+Each event's deadline (``Lambda-Runtime-Deadline-Ms``, `function_timeout` after it is handed out)
+is enforced as Lambda enforces it: an invocation with no response by then ends as a ``timeout``
+`Outcome` ("Task timed out after ..."), and the execution environment is reset: every
+`LambdaProcess` serving the API is killed (after SIGTERM and a grace period, with
+``shutdown_grace``, as when an extension is registered), its connections left as they were.
+
 Each event's ``Lambda-Runtime-Trace-Id`` is an X-Ray trace header (``Root=...;Parent=...;Sampled=...``),
 the runtime client puts it in ``_X_AMZN_TRACE_ID``; `RuntimeAPI(sampled=True)` marks it sampled, so
 the X-Ray SDK (Powertools' Tracer) in the handler sends its subsegments to the daemon address
@@ -35,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,7 +62,7 @@ class Outcome:
     """How one invocation ended: the runtime posted a response or an error."""
 
     request_id: str
-    kind: Literal["response", "error"]
+    kind: Literal["response", "error", "timeout"]
     body: bytes
     headers: dict[str, str]
     # From the event leaving the emulator to the response arriving: the invocation's duration
@@ -78,14 +84,17 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     sent_at: float | None = None
     outcome: Outcome | None = None
+    timer: threading.Timer | None = None
 
 
 class RuntimeAPI:
     """The Lambda Runtime API on 127.0.0.1, one thread per HTTP connection.
 
     `function_timeout` sets each event's deadline header (what ``get_remaining_time_in_millis``
-    counts down from). `sampled` marks each event's X-Ray trace header sampled (as when the
-    function has active tracing). Events are served in order to whichever runtime process asks.
+    counts down from), counted from when the event is handed out, and enforced: past it the
+    invocation times out and the environments are reset (`on_timeout`). `sampled` marks each
+    event's X-Ray trace header sampled (as when the function has active tracing). Events are
+    served in order to whichever runtime process asks.
     """
 
     def __init__(self, *, function_timeout: float = 30.0, sampled: bool = False) -> None:
@@ -103,6 +112,8 @@ class RuntimeAPI:
         self.restore_errors: list[dict[str, Any]] = []
         self.restore_requested: threading.Event = threading.Event()
         self._restored = threading.Event()
+        # What resets an environment when an invocation times out (each LambdaProcess adds one).
+        self.on_timeout: list[Callable[[], None]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -124,6 +135,10 @@ class RuntimeAPI:
     def stop(self) -> None:
         self._stopping.set()
         self._restored.set()
+        with self._lock:
+            timers = [p.timer for p in self._pending.values() if p.timer is not None]
+        for timer in timers:
+            timer.cancel()
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -141,7 +156,7 @@ class RuntimeAPI:
         """Queue an event (JSON-encoded); returns its request id."""
         rid = request_id or str(uuid.uuid4())
         now = time.time()
-        deadline_ms = int((now + self.function_timeout) * 1000)
+        deadline_ms = int((now + self.function_timeout) * 1000)  # set again when handed out
         # As Lambda sends it: a new trace per invocation, the function's segment as the parent.
         trace = (f"Root=1-{int(now):08x}-{uuid.uuid4().hex[:24]};Parent={uuid.uuid4().hex[:16]};"
                  f"Sampled={int(self.sampled)}")
@@ -195,6 +210,11 @@ class RuntimeAPI:
                 except queue.Empty:
                     continue
                 pending.sent_at = time.monotonic()
+                # Lambda's clock starts when the invocation starts, not when it was queued.
+                pending.deadline_ms = int((time.time() + self.function_timeout) * 1000)
+                pending.timer = threading.Timer(self.function_timeout, self._time_out, (pending,))
+                pending.timer.daemon = True
+                pending.timer.start()
                 return pending
             return None
         finally:
@@ -202,12 +222,24 @@ class RuntimeAPI:
                 self._waiting_for_next -= 1
                 self._polling.notify_all()
 
-    def _complete(self, request_id: str, kind: Literal["response", "error"], body: bytes,
-                  headers: dict[str, str]) -> bool:
+    def _time_out(self, pending: _Pending) -> None:
+        """The deadline passed: as Lambda, answer the invoker and reset the environment."""
+        message = f"{pending.request_id} Task timed out after {self.function_timeout:.2f} seconds"
+        body = json.dumps({"errorMessage": message}).encode()
+        if not self._complete(pending.request_id, "timeout", body, {}):
+            return
+        for reset in list(self.on_timeout):
+            reset()
+
+    def _complete(self, request_id: str, kind: Literal["response", "error", "timeout"],
+                  body: bytes, headers: dict[str, str]) -> bool:
         with self._lock:
             pending = self._pending.get(request_id)
-        if pending is None or pending.done.is_set():
-            return False
+            if pending is None or pending.done.is_set() or pending.outcome is not None:
+                return False
+            pending.outcome = Outcome(request_id, kind, body, headers, 0.0)
+        if pending.timer is not None and kind != "timeout":
+            pending.timer.cancel()
         sent = pending.sent_at if pending.sent_at is not None else time.monotonic()
         trace_id = pending.trace_header.split(";")[0].removeprefix("Root=")
         pending.outcome = Outcome(request_id, kind, body, headers, time.monotonic() - sent, trace_id)
@@ -306,6 +338,10 @@ class LambdaProcess:
     or, with None values, removes variables. `python` runs the runtime (another interpreter
     needs awslambdaric and the handler's packages installed). Output (the runtime's log lines,
     text or JSON by ``AWS_LAMBDA_LOG_FORMAT``) goes to `log_path`.
+
+    When an invocation times out the environment is reset, as Lambda resets it: SIGKILL, or with
+    `shutdown_grace` (seconds) SIGTERM first and SIGKILL that long after, as Lambda does when an
+    extension is registered. It is not started again: start another to go on.
     """
 
     def __init__(
@@ -318,8 +354,11 @@ class LambdaProcess:
         env: Mapping[str, str | None] | None = None,
         execution_env: str | None = "AWS_Lambda_python3.12",
         python: str = sys.executable,
+        shutdown_grace: float | None = None,
     ) -> None:
         self.api = api
+        self.shutdown_grace = shutdown_grace
+        self.was_reset = threading.Event()
         self.handler = handler
         self.log_path = log_path
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "_LAMBDA", "_X_AMZN"))}
@@ -362,7 +401,22 @@ class LambdaProcess:
             # Its own process group: managed-instance workers are its children, stopped with it.
             start_new_session=True,
         )
+        self.api.on_timeout.append(self._reset)
         return self
+
+    def _reset(self) -> None:
+        """An invocation timed out: end the environment as Lambda does."""
+        self.was_reset.set()
+        if self.proc is None:
+            return
+        if self.shutdown_grace is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(self.shutdown_grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     @property
     def pid(self) -> int:
@@ -402,6 +456,8 @@ class LambdaProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.api.on_timeout.remove(self._reset)
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGCONT)

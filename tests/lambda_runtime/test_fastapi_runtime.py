@@ -4,17 +4,23 @@ the clock does not show, and a clean close at SIGTERM from Mangum's loop."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import signal
+import uuid
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
+import asyncpg
 import pytest
 
-from asyncpool.testing import PgBouncerServer
+from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.lambda_runtime import RuntimeAPI
-from tests.lambda_env import app_clients, load_event
+from tests.lambda_env import app_clients, load_event, scratch_table
 from tests.lambda_runtime.support import (
     CLEAN_CLOSE,
+    VANISHED,
     departures,
     environment,
     invoke,
@@ -68,3 +74,89 @@ async def test_the_mangum_example_after_a_freeze_the_clock_does_not_show(
         body = response(await invoke(runtime_api, HELLO), proc)
         assert body["statusCode"] == 200, body
         assert len(await app_clients(idle_closing_pgbouncer)) == 1
+
+
+def _get(path: str, query: dict[str, str]) -> dict[str, Any]:
+    """The example's API Gateway HTTP API event, for another route."""
+    event = copy.deepcopy(HELLO)
+    raw = urlencode(query)
+    event.update(routeKey=f"GET {path}", rawPath=path, rawQueryString=raw,
+                 queryStringParameters=query)
+    event["requestContext"]["http"]["path"] = path
+    return event
+
+
+async def _running(dsn: str, tag: str) -> int:
+    check = await asyncpg.connect(dsn)
+    try:
+        count: int = await check.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND state = 'active' "
+            "AND pid <> pg_backend_pid()", f"%{tag}%")
+        return count
+    finally:
+        await check.close()
+
+
+async def test_without_lambda_deadline_the_timeout_kills_the_environment_mid_statement(
+    own_pgbouncer: PgBouncerServer, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """The control: Mangum alone. Lambda's timeout resets the environment with the connection
+    checked out, and PostgreSQL runs the statement on (and keeps its transaction open)."""
+    tag = uuid.uuid4().hex
+    with RuntimeAPI(function_timeout=2) as api, environment(
+        api, own_pgbouncer, tmp_path, handler="mangum_deadline.handler",
+        env={"TEST_NO_DEADLINE": "1"},
+    ) as proc:
+        async with scratch_table(postgres.dsn()) as table:
+            assert response(await invoke(api, _get("/quick", {})), proc)["statusCode"] == 200
+            late = await invoke(api, _get("/stall", {"tag": tag, "table": table}))
+            assert late.kind == "timeout", late.body
+            assert await asyncio.to_thread(proc.wait, 5.0) == -signal.SIGKILL
+            assert await _running(postgres.dsn(), tag) == 1
+            # PgBouncer drops the server connection too; PostgreSQL notices only when the
+            # statement next writes to it.
+            gone = await departures(own_pgbouncer)
+            assert any(VANISHED in line for line in gone), gone
+            await _cancel_tagged(postgres, tag)
+
+
+async def _cancel_tagged(postgres: PostgresServer, tag: str) -> None:
+    """Clean up after the control: end the statement the dead environment left running."""
+    admin = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        await admin.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                            "WHERE query LIKE $1 AND pid <> pg_backend_pid()", f"%{tag}%")
+    finally:
+        await admin.close()
+
+
+async def test_lambda_deadline_answers_504_with_the_connection_back_before_the_invocation_ends(
+    own_pgbouncer: PgBouncerServer, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A 2 s function timeout, an endpoint whose statement would run 30 s inside a transaction
+    with a write: 504 with a body that says why, the connection back in the pool when the
+    invocation hands its response over, the statement cancelled and the write rolled back on
+    the server, and the next invocation served by the same connection."""
+    tag = uuid.uuid4().hex
+    with RuntimeAPI(function_timeout=2) as api, environment(
+        api, own_pgbouncer, tmp_path, handler="mangum_deadline.handler",
+    ) as proc:
+        async with scratch_table(postgres.dsn()) as table:
+            first = response(await invoke(api, _get("/quick", {})), proc)
+            assert first["statusCode"] == 200, first
+            late = response(await invoke(api, _get("/stall", {"tag": tag, "table": table})), proc)
+            assert late["statusCode"] == 504, late
+            assert "deadline margin was reached" in json.loads(late["body"])["detail"]
+            headers = late["headers"]
+            assert (headers["x-pool-in-use"], headers["x-pool-closed"]) == ("0", "0"), headers
+            assert await _running(postgres.dsn(), tag) == 0
+            check = await asyncpg.connect(postgres.dsn())
+            try:
+                assert await check.fetchval(f"SELECT count(*) FROM {table}") == 0
+            finally:
+                await check.close()
+            again = response(await invoke(api, _get("/quick", {})), proc)
+            assert again["statusCode"] == 200, again
+            assert json.loads(again["body"])["backend_pid"] == json.loads(first["body"])["backend_pid"]
+            assert again["headers"]["x-pool-created"] == "1"
+        assert not proc.was_reset.is_set()
