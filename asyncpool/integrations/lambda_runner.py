@@ -204,7 +204,7 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
             # within what is left of the invocation's time, the margin left for the response;
             # cut short by the deadline, within the half of the margin they were given.
             wait = settle_timeout(context, margin, RELEASE_TIMEOUT)
-            if resets_by is not None:
+            if resets_by is not None and deadline.expired():
                 wait = max(wait, min(RELEASE_TIMEOUT, resets_by - asyncio.get_running_loop().time()))
             await settle_loop(wait)
 
