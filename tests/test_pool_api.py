@@ -639,9 +639,10 @@ async def test_terminate_with_cancel_within_over_tls(
     await _cancelled_before_terminate_returns(pool, admin, "SELECT pg_sleep(30) -- over tls")
 
 
-def test_terminate_refuses_a_negative_cancel_within() -> None:
-    with pytest.raises(ValueError, match="cancel_within=-1"):
-        Pool("postgresql://u@127.0.0.1/db").terminate(cancel_within=-1)
+@pytest.mark.parametrize("bad", [-1, float("nan")])
+def test_terminate_refuses_a_negative_cancel_within(bad: float) -> None:
+    with pytest.raises(ValueError, match=f"cancel_within={bad!r}"):
+        Pool("postgresql://u@127.0.0.1/db").terminate(cancel_within=bad)
 
 
 async def test_waiters_fail_when_pool_closes(pooler: Pooler) -> None:

@@ -213,8 +213,8 @@ class Pool:
 
         On the pool's loop's thread, or in any thread while that loop is not running; from
         another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``)."""
-        if cancel_within < 0:
-            raise ValueError(f"cancel_within={cancel_within!r}: must be >= 0 seconds")
+        if not cancel_within >= 0:  # (NaN too)
+            raise ValueError(f"cancel_within={cancel_within!r}: must be a number of seconds >= 0")
         misuse.refuse_running_elsewhere(self._slots, "terminate()")
         self._slots.undoing_open = False  # (while a failed open() is undone: closed, not new)
         lifecycle.terminate(self._slots, cancel_within)
