@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +323,115 @@ async def test_a_default_root_crl_the_system_cas_would_skip_is_refused(
         await _open(_dsn(tls_postgres, sslmode="verify-full"))
     assert "~/.postgresql/root.crl exists" in str(info.value)
     assert "sslrootcert" in str(info.value)
+
+
+# -- libpq's default root and client certificates, ~/.postgresql/root.crt, postgresql.crt ----
+
+
+async def test_verify_full_without_a_root_cert_named_verifies_against_the_default_one(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As libpq does. The pool verified against the system CAs and ignored
+    ~/.postgresql/root.crt: a server of a private CA kept there did not verify."""
+    home = _home_with(tmp_path, monkeypatch, root_crt=pki.ca_cert)
+    async with await _open(_dsn(tls_postgres, sslmode="verify-full")) as pool:
+        assert (await _tls_facts(pool))[0]
+    with pytest.raises(ConnectError, match=r"the certificate is not for '127\.0\.0\.1'"):
+        await _open(_dsn(tls_postgres, host="127.0.0.1", sslmode="verify-full"))
+    # Another CA there: refused, and the error says which file the chain was checked against.
+    (home / "root.crt").write_bytes(pki.other_ca_cert.read_bytes())
+    with pytest.raises(ConnectError) as info:
+        await _open(_dsn(tls_postgres, sslmode="verify-ca"))
+    assert "did not verify" in str(info.value)
+    assert "checked against ~/.postgresql/root.crt, libpq's default root certificate" in str(
+        info.value)
+    # Without the file: the system CAs, which do not hold the test CA.
+    (home / "root.crt").unlink()
+    with pytest.raises(ConnectError, match="did not verify"):
+        await _open(_dsn(tls_postgres, sslmode="verify-full"))
+
+
+def _client_pki(directory: Path, user: str) -> tuple[Path, Path, Path]:
+    """A client CA (its certificate at ca.crt) and a certificate for `user` it signed, with its
+    key: (ca.crt, user.crt, user.key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from asyncpool.testing.self_signed import BACKDATE, VALIDITY, self_signed
+
+    ca_key, ca_cert = self_signed("asyncpool client CA", authority=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE).not_valid_after(now + VALIDITY)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.crt", directory / f"{user}.crt", directory / f"{user}.key"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].chmod(0o600)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def client_cert_postgres(pki: TestPki) -> Iterator[tuple[PostgresServer, Path, Path]]:
+    """A PostgreSQL that logs `app` in by its client certificate only (``cert``), and that
+    certificate and key."""
+    from asyncpool.testing.process import chown_tree, make_workdir, remove_tree
+
+    directory = make_workdir("tls-client")
+    ca, cert, key = _client_pki(directory, "app")
+    chown_tree(directory)
+    server = PostgresServer(
+        max_connections=10,
+        settings={**pki.postgres_settings(), "ssl_ca_file": f"'{ca}'"},
+        hba_lines=["hostssl all app 127.0.0.1/32 cert", "hostnossl all all 127.0.0.1/32 reject"],
+    )
+    server.start()
+    yield server, cert, key
+    server.stop()
+    remove_tree(directory)
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+async def test_the_default_client_certificate_is_presented(
+    client_cert_postgres: tuple[PostgresServer, Path, Path], pki: TestPki, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, mode: str,
+) -> None:
+    """libpq and asyncpg present ~/.postgresql/postgresql.crt (with postgresql.key); the
+    context the pool built for verify-full presented none: "connection requires a valid client
+    certificate". require: asyncpg's context (a guard that it stays so)."""
+    server, cert, key = client_cert_postgres
+    home = _home_with(tmp_path, monkeypatch, postgresql_crt=cert, postgresql_key=key)
+    (home / "postgresql.key").chmod(0o600)
+    dsn = server.app.dsn("localhost", server.port, server.database, sslmode=mode,
+                         sslrootcert=str(pki.ca_cert))
+    async with await _open(dsn) as pool:
+        row = await pool.fetchrow(
+            "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert row is not None
+        assert (row["ssl"], row["client_dn"]) == (True, "/CN=app")
+    # Without the certificate: none presented. It was "the password given for user 'app' was
+    # refused" (an AuthenticationError, and a fresh credential tried).
+    (home / "postgresql.crt").unlink()
+    with pytest.raises(ConnectError) as info:
+        await _open(dsn)
+    assert type(info.value) is ConnectError
+    assert "refused the login for its client certificate" in str(info.value)
+    assert "~/.postgresql/postgresql.crt" in str(info.value)
+    assert "password" not in str(info.value)
+    assert info.value.transient is False
 
 
 # -- direct TLS (sslnegotiation=direct, PostgreSQL 17) ----------------------------------------
