@@ -467,7 +467,8 @@ class _DirectTlsFront:
     test certificate, a client that offers no ALPN protocol 'postgresql' hung up on (as
     PostgreSQL 17 does), then the plain protocol relayed to the server. `hang_ups`: how many of
     the next connections it closes on reading the TLS hello, without answering (as PostgreSQL
-    15 does to every one; here a passing network fault)."""
+    15 does to every one; here a passing network fault). `resets`: how many it answers with
+    the first record of its TLS answer (the ServerHello) and then resets, as a network can."""
 
     def __init__(self, pki: TestPki, backend_port: int) -> None:
         import ssl
@@ -479,6 +480,7 @@ class _DirectTlsFront:
         self.alpn: list[str | None] = []
         self.hang_ups = 0
         self.hung_up = 0
+        self.resets = 0
         #: A TLS alert record to answer every hello with (a server refusing the handshake).
         self.alert: bytes | None = None
         self._tasks: set[Any] = set()
@@ -498,6 +500,10 @@ class _DirectTlsFront:
             self.hung_up += 1
             await reader.read(65536)  # the TLS hello, read, so the close is a FIN
             writer.close()
+            return
+        if self.resets:
+            self.resets -= 1
+            await self._answer_and_reset(reader, writer)
             return
         if self.alert is not None:
             # (asyncio's server side closes without sending OpenSSL's alert: sent by hand.)
@@ -532,6 +538,27 @@ class _DirectTlsFront:
                      asyncio.create_task(pipe(up_reader, writer))):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _answer_and_reset(self, reader: Any, writer: Any) -> None:
+        """Answer the TLS hello with its first record (it takes direct TLS), then reset the
+        connection (RST) before the rest, so the handshake is cut in the middle."""
+        import contextlib
+        import socket
+        import ssl
+        import struct
+
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        incoming.write(await reader.read(65536))
+        # It then waits for the client's next flight, which never gets an answer.
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()
+        answer = outgoing.read()
+        writer.write(answer[:5 + int.from_bytes(answer[3:5], "big")])  # the record's header+body
+        await writer.drain()
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))
+        writer.transport.abort()
 
     async def close(self) -> None:
         import asyncio
@@ -599,9 +626,38 @@ async def test_a_hang_up_in_the_direct_tls_handshake_is_retried_once_direct_tls_
         front.hang_ups = 1  # a new pool's first login
         with pytest.raises(ConnectError) as info:
             await _open(dsn)
-        assert "no direct TLS login to it has worked yet" in str(info.value)
+        assert "no direct TLS login to this server has worked yet in this pool" in str(info.value)
         assert "PostgreSQL accepts direct TLS from version 17" in str(info.value)
         assert info.value.transient is False
+    finally:
+        await front.close()
+
+
+async def test_a_reset_in_a_first_direct_tls_handshake_is_not_blamed_on_an_old_server(
+    postgres: PostgresServer, pki: TestPki
+) -> None:
+    """A server that takes direct TLS (PostgreSQL 17) answers the hello, then the network
+    resets the connection, on a new pool's very first login: the pool said the server hung up
+    "without answering the TLS hello", as PostgreSQL before 17 does, which it cannot know."""
+    front = _DirectTlsFront(pki, postgres.port)
+    front.resets = 1
+    port = await front.start()
+    dsn = postgres.app.dsn("localhost", port, postgres.database, sslmode="verify-full",
+                           sslrootcert=str(pki.ca_cert), sslnegotiation="direct")
+    try:
+        with pytest.raises(ConnectError) as info:
+            await _open(dsn)
+        message = str(info.value)
+        assert front.resets == 0
+        assert "was closed or reset during the direct TLS handshake" in message
+        assert "without answering" not in message
+        # Both causes, and what to do for each.
+        assert "the server does not take direct TLS" in message
+        assert "PostgreSQL accepts direct TLS from version 17" in message
+        assert "Or the network lost the connection" in message
+        assert "try again" in message
+        async with await _open(dsn) as pool:  # the same server, the network fine again
+            assert await pool.fetchval("SELECT 1") == 1
     finally:
         await front.close()
 

@@ -145,13 +145,16 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
                                  f"handshake ({shown})")
         else:
             # A server before PostgreSQL 17 reads the TLS hello as a startup packet of absurd
-            # length and hangs up without a word: the same on every attempt, so not retried.
+            # length and hangs up: the same on every attempt, so not retried. But a close or
+            # reset cannot tell it from the network's (it may come after part of a TLS answer):
+            # both causes are named, neither asserted.
             error = ConnectError(
-                f"{where}: the server hung up during the direct TLS handshake asked for by "
-                f"{direct_tls}, without answering the TLS hello ({shown}), and no direct TLS "
-                "login to it has worked yet: PostgreSQL before 17 does so, as do poolers and "
-                f"servers without ssl on. {_DIRECT} If the server is PostgreSQL 17 or later "
-                "with ssl on, it was the network: try again."
+                f"{where}: the connection was closed or reset during the direct TLS handshake "
+                f"asked for by {direct_tls} ({shown}), and no direct TLS login to this server "
+                "has worked yet in this pool, so the cause cannot be told. Either the server "
+                "does not take direct TLS (PostgreSQL before 17 hangs up on it, as do poolers "
+                f"and servers with ssl off): {_DIRECT} Or the network lost the connection "
+                "(the server is PostgreSQL 17 or later with ssl on): try again."
             )
             error.transient = False
     elif "rejected ssl upgrade" in text.lower():
