@@ -471,52 +471,41 @@ def test_bad_or_unsupported_libpq_settings_are_refused(dsn_query: str, env: dict
     assert says in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("dsn_query", "env", "says"),
-    [
-        ("?sslmode=prefer&sslcrl={crl}", {},
-         "the DSN's sslcrl='{crl}': ssl mode 'prefer' (the DSN's sslmode) checks no certificate"),
-        ("", {"PGSSLCRL": "{crl}"},
-         "PGSSLCRL='{crl}': ssl mode 'prefer' (asyncpg's default: nothing set) checks no"),
-        ("?sslmode=require", {"PGSSLCRLDIR": "{dir}"},
-         "PGSSLCRLDIR='{dir}': with sslmode=require and no root certificate named, asyncpg "
-         "builds the TLS context"),
-        ("?sslmode=require&sslcrl={crl}", {"HOME": "{dir}"},
-         "sslmode=require checks the certificate chain only against a root certificate, and "
-         "none is given"),
-    ],
-)
-def test_a_crl_that_would_not_be_checked_is_refused(
+#: Revocation lists libpq and asyncpg skip silently: a revocation check asked for and never made.
+_CRLS_NOT_CHECKED = [
+    ("?sslmode=prefer&sslcrl={crl}", {},
+     "the DSN's sslcrl='{crl}': ssl mode 'prefer' (the DSN's sslmode) checks no certificate"),
+    ("", {"PGSSLCRL": "{crl}"},
+     "PGSSLCRL='{crl}': ssl mode 'prefer' (asyncpg's default: nothing set) checks no"),
+    ("?sslmode=require", {"PGSSLCRLDIR": "{dir}"},
+     "PGSSLCRLDIR='{dir}': with sslmode=require and no root certificate named, asyncpg "
+     "builds the TLS context"),
+    ("?sslmode=require&sslcrl={crl}", {"HOME": "{dir}"},
+     "sslmode=require checks the certificate chain only against a root certificate, and "
+     "none is given"),
+]
+#: A list file given as a directory or the converse, which said "no such file" of a directory
+#: that exists: the other keyword is named.
+_CRLS_OF_THE_OTHER_KIND = [
+    ("?sslmode=verify-full&sslcrl={dir}", {},
+     "the DSN's sslcrl='{dir}' is a directory; sslcrl names one file of revocation lists: "
+     "give a directory as sslcrldir="),
+    ("?sslmode=verify-full", {"PGSSLCRL": "{dir}"},
+     "PGSSLCRL='{dir}' is a directory; sslcrl names one file of revocation lists: give a "
+     "directory as PGSSLCRLDIR"),
+    ("?sslmode=verify-full&sslcrldir={crl}", {},
+     "the DSN's sslcrldir='{crl}' is a file; sslcrldir names a directory of revocation "
+     "lists: give a file as sslcrl="),
+    ("?sslmode=verify-full", {"PGSSLCRLDIR": "{crl}"},
+     "PGSSLCRLDIR='{crl}' is a file; sslcrldir names a directory of revocation lists: give "
+     "a file as PGSSLCRL"),
+]
+
+
+@pytest.mark.parametrize(("dsn_query", "env", "says"),
+                         _CRLS_NOT_CHECKED + _CRLS_OF_THE_OTHER_KIND)
+def test_a_crl_that_would_not_be_checked_or_is_of_the_wrong_kind_is_refused(
         tmp_path: Path, pki: TestPki, dsn_query: str, env: dict[str, str], says: str) -> None:
-    """libpq and asyncpg skip these silently: a revocation check asked for and never made."""
-    def filled(text: str) -> str:
-        return text.format(crl=pki.revoked_crl, dir=tmp_path)
-
-    with pytest.raises(PoolConfigError) as info:
-        _resolve(DSN + filled(dsn_query), {k: filled(v) for k, v in env.items()})
-    assert filled(says) in str(info.value)
-
-
-@pytest.mark.parametrize(
-    ("dsn_query", "env", "says"),
-    [
-        ("?sslmode=verify-full&sslcrl={dir}", {},
-         "the DSN's sslcrl='{dir}' is a directory; sslcrl names one file of revocation lists: "
-         "give a directory as sslcrldir="),
-        ("?sslmode=verify-full", {"PGSSLCRL": "{dir}"},
-         "PGSSLCRL='{dir}' is a directory; sslcrl names one file of revocation lists: give a "
-         "directory as PGSSLCRLDIR"),
-        ("?sslmode=verify-full&sslcrldir={crl}", {},
-         "the DSN's sslcrldir='{crl}' is a file; sslcrldir names a directory of revocation "
-         "lists: give a file as sslcrl="),
-        ("?sslmode=verify-full", {"PGSSLCRLDIR": "{crl}"},
-         "PGSSLCRLDIR='{crl}' is a file; sslcrldir names a directory of revocation lists: give "
-         "a file as PGSSLCRL"),
-    ],
-)
-def test_a_crl_file_given_as_a_directory_or_the_converse_names_the_other_keyword(
-        tmp_path: Path, pki: TestPki, dsn_query: str, env: dict[str, str], says: str) -> None:
-    """It said "no such file" of a directory that exists."""
     def filled(text: str) -> str:
         return text.format(crl=pki.revoked_crl, dir=tmp_path)
 
