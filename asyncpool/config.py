@@ -134,7 +134,8 @@ class PoolConfig:
         must agree. Credentials are only sent over TLS that verifies the server (below).
     ssl_root_cert: CA bundle path used by ``verify-ca``/``verify-full`` (and ``require``, as
         libpq does); given without `ssl` or a DSN ``sslmode``, it means ``verify-full``.
-        ``"system"``: the system's CAs.
+        ``"system"``: the system's CAs. Default: libpq's ``~/.postgresql/root.crt`` if it
+        exists, else the system's CAs.
     allow_unprotected_credentials: send credentials (a password, an IAM token, a secret) to a
         server whose certificate and name are not verified, and answer its requests for a
         cleartext or MD5 password: whoever answers on the port can read or replay them. Without

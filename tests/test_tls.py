@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,115 @@ async def test_a_default_root_crl_the_system_cas_would_skip_is_refused(
     assert "sslrootcert" in str(info.value)
 
 
+# -- libpq's default root and client certificates, ~/.postgresql/root.crt, postgresql.crt ----
+
+
+async def test_verify_full_without_a_root_cert_named_verifies_against_the_default_one(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As libpq does. The pool verified against the system CAs and ignored
+    ~/.postgresql/root.crt: a server of a private CA kept there did not verify."""
+    home = _home_with(tmp_path, monkeypatch, root_crt=pki.ca_cert)
+    async with await _open(_dsn(tls_postgres, sslmode="verify-full")) as pool:
+        assert (await _tls_facts(pool))[0]
+    with pytest.raises(ConnectError, match=r"the certificate is not for '127\.0\.0\.1'"):
+        await _open(_dsn(tls_postgres, host="127.0.0.1", sslmode="verify-full"))
+    # Another CA there: refused, and the error says which file the chain was checked against.
+    (home / "root.crt").write_bytes(pki.other_ca_cert.read_bytes())
+    with pytest.raises(ConnectError) as info:
+        await _open(_dsn(tls_postgres, sslmode="verify-ca"))
+    assert "did not verify" in str(info.value)
+    assert "checked against ~/.postgresql/root.crt, libpq's default root certificate" in str(
+        info.value)
+    # Without the file: the system CAs, which do not hold the test CA.
+    (home / "root.crt").unlink()
+    with pytest.raises(ConnectError, match="did not verify"):
+        await _open(_dsn(tls_postgres, sslmode="verify-full"))
+
+
+def _client_pki(directory: Path, user: str) -> tuple[Path, Path, Path]:
+    """A client CA (its certificate at ca.crt) and a certificate for `user` it signed, with its
+    key: (ca.crt, user.crt, user.key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from asyncpool.testing.self_signed import BACKDATE, VALIDITY, self_signed
+
+    ca_key, ca_cert = self_signed("asyncpool client CA", authority=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE).not_valid_after(now + VALIDITY)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.crt", directory / f"{user}.crt", directory / f"{user}.key"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].chmod(0o600)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def client_cert_postgres(pki: TestPki) -> Iterator[tuple[PostgresServer, Path, Path]]:
+    """A PostgreSQL that logs `app` in by its client certificate only (``cert``), and that
+    certificate and key."""
+    from asyncpool.testing.process import chown_tree, make_workdir, remove_tree
+
+    directory = make_workdir("tls-client")
+    ca, cert, key = _client_pki(directory, "app")
+    chown_tree(directory)
+    server = PostgresServer(
+        max_connections=10,
+        settings={**pki.postgres_settings(), "ssl_ca_file": f"'{ca}'"},
+        hba_lines=["hostssl all app 127.0.0.1/32 cert", "hostnossl all all 127.0.0.1/32 reject"],
+    )
+    server.start()
+    yield server, cert, key
+    server.stop()
+    remove_tree(directory)
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+async def test_the_default_client_certificate_is_presented(
+    client_cert_postgres: tuple[PostgresServer, Path, Path], pki: TestPki, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, mode: str,
+) -> None:
+    """libpq and asyncpg present ~/.postgresql/postgresql.crt (with postgresql.key); the
+    context the pool built for verify-full presented none: "connection requires a valid client
+    certificate". require: asyncpg's context (a guard that it stays so)."""
+    server, cert, key = client_cert_postgres
+    home = _home_with(tmp_path, monkeypatch, postgresql_crt=cert, postgresql_key=key)
+    (home / "postgresql.key").chmod(0o600)
+    dsn = server.app.dsn("localhost", server.port, server.database, sslmode=mode,
+                         sslrootcert=str(pki.ca_cert))
+    async with await _open(dsn) as pool:
+        row = await pool.fetchrow(
+            "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert row is not None
+        assert (row["ssl"], row["client_dn"]) == (True, "/CN=app")
+    # Without the certificate: none presented. It was "the password given for user 'app' was
+    # refused" (an AuthenticationError, and a fresh credential tried).
+    (home / "postgresql.crt").unlink()
+    with pytest.raises(ConnectError) as info:
+        await _open(dsn)
+    assert type(info.value) is ConnectError
+    assert "refused the login for its client certificate" in str(info.value)
+    assert "~/.postgresql/postgresql.crt" in str(info.value)
+    assert "password" not in str(info.value)
+    assert info.value.transient is False
+
+
 # -- direct TLS (sslnegotiation=direct, PostgreSQL 17) ----------------------------------------
 
 
@@ -357,7 +467,8 @@ class _DirectTlsFront:
     test certificate, a client that offers no ALPN protocol 'postgresql' hung up on (as
     PostgreSQL 17 does), then the plain protocol relayed to the server. `hang_ups`: how many of
     the next connections it closes on reading the TLS hello, without answering (as PostgreSQL
-    15 does to every one; here a passing network fault)."""
+    15 does to every one; here a passing network fault). `resets`: how many it answers with
+    the first record of its TLS answer (the ServerHello) and then resets, as a network can."""
 
     def __init__(self, pki: TestPki, backend_port: int) -> None:
         import ssl
@@ -369,6 +480,7 @@ class _DirectTlsFront:
         self.alpn: list[str | None] = []
         self.hang_ups = 0
         self.hung_up = 0
+        self.resets = 0
         #: A TLS alert record to answer every hello with (a server refusing the handshake).
         self.alert: bytes | None = None
         self._tasks: set[Any] = set()
@@ -388,6 +500,10 @@ class _DirectTlsFront:
             self.hung_up += 1
             await reader.read(65536)  # the TLS hello, read, so the close is a FIN
             writer.close()
+            return
+        if self.resets:
+            self.resets -= 1
+            await self._answer_and_reset(reader, writer)
             return
         if self.alert is not None:
             # (asyncio's server side closes without sending OpenSSL's alert: sent by hand.)
@@ -422,6 +538,27 @@ class _DirectTlsFront:
                      asyncio.create_task(pipe(up_reader, writer))):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _answer_and_reset(self, reader: Any, writer: Any) -> None:
+        """Answer the TLS hello with its first record (it takes direct TLS), then reset the
+        connection (RST) before the rest, so the handshake is cut in the middle."""
+        import contextlib
+        import socket
+        import ssl
+        import struct
+
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        incoming.write(await reader.read(65536))
+        # It then waits for the client's next flight, which never gets an answer.
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()
+        answer = outgoing.read()
+        writer.write(answer[:5 + int.from_bytes(answer[3:5], "big")])  # the record's header+body
+        await writer.drain()
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))
+        writer.transport.abort()
 
     async def close(self) -> None:
         import asyncio
@@ -489,9 +626,38 @@ async def test_a_hang_up_in_the_direct_tls_handshake_is_retried_once_direct_tls_
         front.hang_ups = 1  # a new pool's first login
         with pytest.raises(ConnectError) as info:
             await _open(dsn)
-        assert "no direct TLS login to it has worked yet" in str(info.value)
+        assert "no direct TLS login to this server has worked yet in this pool" in str(info.value)
         assert "PostgreSQL accepts direct TLS from version 17" in str(info.value)
         assert info.value.transient is False
+    finally:
+        await front.close()
+
+
+async def test_a_reset_in_a_first_direct_tls_handshake_is_not_blamed_on_an_old_server(
+    postgres: PostgresServer, pki: TestPki
+) -> None:
+    """A server that takes direct TLS (PostgreSQL 17) answers the hello, then the network
+    resets the connection, on a new pool's very first login: the pool said the server hung up
+    "without answering the TLS hello", as PostgreSQL before 17 does, which it cannot know."""
+    front = _DirectTlsFront(pki, postgres.port)
+    front.resets = 1
+    port = await front.start()
+    dsn = postgres.app.dsn("localhost", port, postgres.database, sslmode="verify-full",
+                           sslrootcert=str(pki.ca_cert), sslnegotiation="direct")
+    try:
+        with pytest.raises(ConnectError) as info:
+            await _open(dsn)
+        message = str(info.value)
+        assert front.resets == 0
+        assert "was closed or reset during the direct TLS handshake" in message
+        assert "without answering" not in message
+        # Both causes, and what to do for each.
+        assert "the server does not take direct TLS" in message
+        assert "PostgreSQL accepts direct TLS from version 17" in message
+        assert "Or the network lost the connection" in message
+        assert "try again" in message
+        async with await _open(dsn) as pool:  # the same server, the network fine again
+            assert await pool.fetchval("SELECT 1") == 1
     finally:
         await front.close()
 

@@ -471,52 +471,41 @@ def test_bad_or_unsupported_libpq_settings_are_refused(dsn_query: str, env: dict
     assert says in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("dsn_query", "env", "says"),
-    [
-        ("?sslmode=prefer&sslcrl={crl}", {},
-         "the DSN's sslcrl='{crl}': ssl mode 'prefer' (the DSN's sslmode) checks no certificate"),
-        ("", {"PGSSLCRL": "{crl}"},
-         "PGSSLCRL='{crl}': ssl mode 'prefer' (asyncpg's default: nothing set) checks no"),
-        ("?sslmode=require", {"PGSSLCRLDIR": "{dir}"},
-         "PGSSLCRLDIR='{dir}': with sslmode=require and no root certificate named, asyncpg "
-         "builds the TLS context"),
-        ("?sslmode=require&sslcrl={crl}", {"HOME": "{dir}"},
-         "sslmode=require checks the certificate chain only against a root certificate, and "
-         "none is given"),
-    ],
-)
-def test_a_crl_that_would_not_be_checked_is_refused(
+#: Revocation lists libpq and asyncpg skip silently: a revocation check asked for and never made.
+_CRLS_NOT_CHECKED = [
+    ("?sslmode=prefer&sslcrl={crl}", {},
+     "the DSN's sslcrl='{crl}': ssl mode 'prefer' (the DSN's sslmode) checks no certificate"),
+    ("", {"PGSSLCRL": "{crl}"},
+     "PGSSLCRL='{crl}': ssl mode 'prefer' (asyncpg's default: nothing set) checks no"),
+    ("?sslmode=require", {"PGSSLCRLDIR": "{dir}"},
+     "PGSSLCRLDIR='{dir}': with sslmode=require and no root certificate named, asyncpg "
+     "builds the TLS context"),
+    ("?sslmode=require&sslcrl={crl}", {"HOME": "{dir}"},
+     "sslmode=require checks the certificate chain only against a root certificate, and "
+     "none is given"),
+]
+#: A list file given as a directory or the converse, which said "no such file" of a directory
+#: that exists: the other keyword is named.
+_CRLS_OF_THE_OTHER_KIND = [
+    ("?sslmode=verify-full&sslcrl={dir}", {},
+     "the DSN's sslcrl='{dir}' is a directory; sslcrl names one file of revocation lists: "
+     "give a directory as sslcrldir="),
+    ("?sslmode=verify-full", {"PGSSLCRL": "{dir}"},
+     "PGSSLCRL='{dir}' is a directory; sslcrl names one file of revocation lists: give a "
+     "directory as PGSSLCRLDIR"),
+    ("?sslmode=verify-full&sslcrldir={crl}", {},
+     "the DSN's sslcrldir='{crl}' is a file; sslcrldir names a directory of revocation "
+     "lists: give a file as sslcrl="),
+    ("?sslmode=verify-full", {"PGSSLCRLDIR": "{crl}"},
+     "PGSSLCRLDIR='{crl}' is a file; sslcrldir names a directory of revocation lists: give "
+     "a file as PGSSLCRL"),
+]
+
+
+@pytest.mark.parametrize(("dsn_query", "env", "says"),
+                         _CRLS_NOT_CHECKED + _CRLS_OF_THE_OTHER_KIND)
+def test_a_crl_that_would_not_be_checked_or_is_of_the_wrong_kind_is_refused(
         tmp_path: Path, pki: TestPki, dsn_query: str, env: dict[str, str], says: str) -> None:
-    """libpq and asyncpg skip these silently: a revocation check asked for and never made."""
-    def filled(text: str) -> str:
-        return text.format(crl=pki.revoked_crl, dir=tmp_path)
-
-    with pytest.raises(PoolConfigError) as info:
-        _resolve(DSN + filled(dsn_query), {k: filled(v) for k, v in env.items()})
-    assert filled(says) in str(info.value)
-
-
-@pytest.mark.parametrize(
-    ("dsn_query", "env", "says"),
-    [
-        ("?sslmode=verify-full&sslcrl={dir}", {},
-         "the DSN's sslcrl='{dir}' is a directory; sslcrl names one file of revocation lists: "
-         "give a directory as sslcrldir="),
-        ("?sslmode=verify-full", {"PGSSLCRL": "{dir}"},
-         "PGSSLCRL='{dir}' is a directory; sslcrl names one file of revocation lists: give a "
-         "directory as PGSSLCRLDIR"),
-        ("?sslmode=verify-full&sslcrldir={crl}", {},
-         "the DSN's sslcrldir='{crl}' is a file; sslcrldir names a directory of revocation "
-         "lists: give a file as sslcrl="),
-        ("?sslmode=verify-full", {"PGSSLCRLDIR": "{crl}"},
-         "PGSSLCRLDIR='{crl}' is a file; sslcrldir names a directory of revocation lists: give "
-         "a file as PGSSLCRL"),
-    ],
-)
-def test_a_crl_file_given_as_a_directory_or_the_converse_names_the_other_keyword(
-        tmp_path: Path, pki: TestPki, dsn_query: str, env: dict[str, str], says: str) -> None:
-    """It said "no such file" of a directory that exists."""
     def filled(text: str) -> str:
         return text.format(crl=pki.revoked_crl, dir=tmp_path)
 
@@ -663,3 +652,76 @@ def test_direct_tls_is_read_where_asyncpg_reads_it(tmp_path: Path) -> None:
     assert _resolve(f"{DSN}?sslmode=require", {"PGSSLNEGOTIATION": "direct"}).direct
     assert not _resolve(f"{DSN}?sslmode=require&sslnegotiation=postgres").direct
     assert not _resolve(f"{DSN}?sslmode=require", connect_kwargs={"direct_tls": False}).direct
+
+
+# -- libpq's default root and client certificates, ~/.postgresql/ ------------------------------
+
+
+def _home(tmp_path: Path, **files: bytes) -> dict[str, str]:
+    """An environment whose HOME's .postgresql holds `files` (root_crt: root.crt...)."""
+    directory = tmp_path / ".postgresql"
+    directory.mkdir(exist_ok=True)
+    for name, content in files.items():
+        (directory / name.replace("_", ".")).write_bytes(content)
+    return {"HOME": str(tmp_path)}
+
+
+def test_the_default_root_cert_is_verified_against_where_the_pool_builds_the_context(
+        tmp_path: Path, pki: TestPki) -> None:
+    """verify-ca/verify-full without a root certificate named took the system CAs, where libpq
+    takes ~/.postgresql/root.crt: a private CA there was never trusted."""
+    env = _home(tmp_path, root_crt=pki.ca_cert.read_bytes())
+    home_root = str(tmp_path / ".postgresql" / "root.crt")
+    for query in ("?sslmode=verify-full", "?sslmode=verify-ca"):
+        setting = _resolve(DSN + query, env)
+        assert (setting.root_cert, setting.root_cert_source) == (
+            home_root, "~/.postgresql/root.crt, libpq's default root certificate")
+        assert isinstance(setting.driver_argument(), ssl.SSLContext)
+    # A root certificate named anywhere wins, as in libpq; sslrootcert=system takes none.
+    assert _resolve(f"{DSN}?sslmode=verify-full",
+                    {**env, "PGSSLROOTCERT": str(pki.ca_cert)}).root_cert == str(pki.ca_cert)
+    assert _resolve(f"{DSN}?sslmode=verify-full", env,
+                    ssl_root_cert=str(pki.other_ca_cert)).root_cert == str(pki.other_ca_cert)
+    assert _resolve(f"{DSN}?sslrootcert=system", env).root_cert == "system"
+    # require: asyncpg builds the context from it, as libpq; no chain checked: not read.
+    assert _resolve(f"{DSN}?sslmode=require", env).root_cert is None
+    assert _resolve(env=env).root_cert is None
+    assert _resolve(env=env, ssl=_context(verify=True, hostname=True)).root_cert is None
+    # Absent: the system CAs, as before (where libpq would fail).
+    assert _resolve(f"{DSN}?sslmode=verify-full", {"HOME": str(tmp_path / "none")}
+                    ).root_cert is None
+    # Beside it, the default revocation list is checked, as libpq does.
+    _home(tmp_path, root_crl=pki.empty_crl.read_bytes())
+    assert _resolve(f"{DSN}?sslmode=verify-full", env).crl_file == str(
+        tmp_path / ".postgresql" / "root.crl")
+
+
+def test_the_default_client_certificate_is_presented_where_both_files_exist(
+        tmp_path: Path, pki: TestPki) -> None:
+    """The context the pool built for verify-ca/verify-full presented no client certificate
+    unless sslcert was given; libpq and asyncpg present ~/.postgresql/postgresql.crt."""
+    cert, key = pki.server_cert.read_bytes(), pki.server_key.read_bytes()
+    env = _home(tmp_path, postgresql_crt=cert, postgresql_key=key)
+    directory = tmp_path / ".postgresql"
+    for query in ("?sslmode=verify-full", "?sslmode=require", ""):
+        setting = _resolve(DSN + query, env)
+        assert (setting.client_cert, setting.client_key, setting.client_cert_source) == (
+            str(directory / "postgresql.crt"), str(directory / "postgresql.key"),
+            "~/.postgresql/postgresql.crt, libpq's default client certificate")
+    ctx = _resolve(f"{DSN}?sslmode=verify-full", env).driver_argument()
+    assert isinstance(ctx, ssl.SSLContext)
+    # Named ones win; the default key goes with a named certificate, as in libpq and asyncpg.
+    named = _resolve(f"{DSN}?sslmode=verify-full&sslcert=%2Fa.crt", env)
+    assert (named.client_cert, named.client_key) == ("/a.crt", str(directory / "postgresql.key"))
+    assert _resolve(f"{DSN}?sslmode=verify-full", {**env, "PGSSLKEY": "/b.key"}
+                    ).client_key == "/b.key"
+    # No TLS, or a context used as it is: not read.
+    assert _resolve(f"{DSN}?sslmode=disable", env).client_cert is None
+    assert _resolve(env=env, ssl=_context(verify=True, hostname=True)).client_cert is None
+    # A certificate without its key: refused, as libpq refuses it.
+    (directory / "postgresql.key").unlink()
+    with pytest.raises(PoolConfigError, match=r"~/\.postgresql/postgresql\.crt exists .*but its "
+                                              r"key ~/\.postgresql/postgresql\.key does not"):
+        _resolve(f"{DSN}?sslmode=verify-full", env)
+    assert _resolve(f"{DSN}?sslmode=verify-full", {**env, "PGSSLKEY": "/b.key"}
+                    ).client_cert == str(directory / "postgresql.crt")

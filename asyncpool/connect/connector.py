@@ -270,7 +270,8 @@ class Connector:
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
                          secrets=self._secrets,
                          settings=setting_sources(self._dsn, self.config.server_settings),
-                         direct_tls=self.tls.direct_source, direct_tls_worked=self.logged_in)
+                         direct_tls=self.tls.direct_source, direct_tls_worked=self.logged_in,
+                         root_cert_source=self.tls.root_cert_source)
 
     @property
     def retry_is_safe(self) -> bool:

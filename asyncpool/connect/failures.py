@@ -19,14 +19,18 @@ from asyncpool.errors import (
 )
 
 _AUTH_STATES = {"28P01", "28000"}
+#: PostgreSQL's refusals of a login for its client certificate (missing, or for another user).
+_CLIENT_CERT = re.compile(r"requires a valid client certificate|certificate authentication "
+                          r"failed", re.I)
 
 
 def is_auth_failure(exc: BaseException) -> bool:
     """True when the server refused the credentials (worth a fresh token or secret)."""
     state = getattr(exc, "sqlstate", None)
     text = str(exc).lower()
-    if "pg_hba.conf" in text:
-        # 28000 too, but no credentials will pass an address/TLS rule.
+    if "pg_hba.conf" in text or _CLIENT_CERT.search(text):
+        # 28000 too, but no credentials will pass an address/TLS rule, nor replace a client
+        # certificate.
         return False
     if state in _AUTH_STATES:
         return True
@@ -38,7 +42,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     exc: BaseException, target: Target, pool_name: str, timeout: float,
     auth_hint: str | None = None, *, secrets: Iterable[str] = (),
     settings: Mapping[str, str] | None = None, direct_tls: str | None = None,
-    direct_tls_worked: bool = False,
+    direct_tls_worked: bool = False, root_cert_source: str | None = None,
 ) -> ConnectError:
     """The asyncpool error for a failed login to `target`.
 
@@ -51,6 +55,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     `direct_tls`: the setting that asked for direct TLS (``sslnegotiation=direct``), if any;
     `direct_tls_worked`: whether a direct TLS login to the target has succeeded (the server
     takes it, so a hang-up in the handshake is the network's).
+    `root_cert_source`: where the root certificate the chain was checked against came from.
     """
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
@@ -64,6 +69,13 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
             f"{where}: the server's pg_hba.conf does not let this connection in ({text}); "
             + ("it requires TLS: set ssl='verify-full' (or 'require')" if need_tls else
                "ask for a pg_hba.conf entry for this user, database and address")
+        )
+        error.transient = False
+    elif _CLIENT_CERT.search(text):
+        error = ConnectError(
+            f"{where}: the server refused the login for its client certificate ({text}); give "
+            "one the server's CA signed, for this user: sslcert/sslkey (PGSSLCERT/PGSSLKEY), or "
+            "~/.postgresql/postgresql.crt and postgresql.key"
         )
         error.transient = False
     elif unknown := _UNKNOWN_SETTING.search(text):
@@ -111,6 +123,9 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
                    "(every CA's CRL is needed, as libpq checks the whole chain)")
         else:
             fix = "check ssl_root_cert (RDS: the RDS CA bundle; RDS Proxy: the Amazon root CAs)"
+            if root_cert_source is not None:
+                # ~/.postgresql/root.crt, read without being named, may be another server's CA.
+                fix += f"; it was checked against {root_cert_source}"
         error = ConnectError(
             f"{where}: the server's TLS certificate did not verify ({exc.verify_message}); {fix}"
         )
@@ -130,13 +145,16 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
                                  f"handshake ({shown})")
         else:
             # A server before PostgreSQL 17 reads the TLS hello as a startup packet of absurd
-            # length and hangs up without a word: the same on every attempt, so not retried.
+            # length and hangs up: the same on every attempt, so not retried. But a close or
+            # reset cannot tell it from the network's (it may come after part of a TLS answer):
+            # both causes are named, neither asserted.
             error = ConnectError(
-                f"{where}: the server hung up during the direct TLS handshake asked for by "
-                f"{direct_tls}, without answering the TLS hello ({shown}), and no direct TLS "
-                "login to it has worked yet: PostgreSQL before 17 does so, as do poolers and "
-                f"servers without ssl on. {_DIRECT} If the server is PostgreSQL 17 or later "
-                "with ssl on, it was the network: try again."
+                f"{where}: the connection was closed or reset during the direct TLS handshake "
+                f"asked for by {direct_tls} ({shown}), and no direct TLS login to this server "
+                "has worked yet in this pool, so the cause cannot be told. Either the server "
+                "does not take direct TLS (PostgreSQL before 17 hangs up on it, as do poolers "
+                f"and servers with ssl off): {_DIRECT} Or the network lost the connection "
+                "(the server is PostgreSQL 17 or later with ssl on): try again."
             )
             error.transient = False
     elif "rejected ssl upgrade" in text.lower():

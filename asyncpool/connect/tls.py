@@ -9,8 +9,9 @@ variables are defaults, used only when the pool's settings say nothing (as in li
 
 Modes follow libpq's ``sslmode``: ``disable``, ``allow``/``prefer`` (TLS if offered,
 unverified), ``require`` (TLS; the chain is checked only when a root certificate is given, as
-libpq does), ``verify-ca`` (the chain must lead to the root certificate, or the system CAs
-without one) and ``verify-full`` (also the certificate must name the host dialled). A root
+libpq does), ``verify-ca`` (the chain must lead to the root certificate: the one named, else
+libpq's ``~/.postgresql/root.crt``, else the system CAs where libpq would fail) and
+``verify-full`` (also the certificate must name the host dialled). A root
 certificate given without a mode means ``verify-full``; ``sslrootcert=system`` means the system
 CAs and needs ``verify-full``.
 
@@ -72,9 +73,12 @@ class TlsSetting:
     #: CA bundle path (or ``"system"``), and which setting gave it.
     root_cert: str | None = None
     root_cert_source: str | None = None
-    #: Client certificate and key (DSN ``sslcert``/``sslkey``, ``PGSSLCERT``/``PGSSLKEY``).
+    #: Client certificate and key (DSN ``sslcert``/``sslkey``, service, ``PGSSLCERT``/
+    #: ``PGSSLKEY``, else libpq's ``~/.postgresql/postgresql.crt``/``.key``), and where the
+    #: certificate came from.
     client_cert: str | None = None
     client_key: str | None = field(default=None, repr=False)
+    client_cert_source: str | None = None
     client_key_password: str | None = field(default=None, repr=False)
     #: Revocation lists (``sslcrl`` file, ``sslcrldir`` directory, else libpq's default
     #: ``~/.postgresql/root.crl``), checked for the whole chain wherever the chain is verified,
@@ -179,10 +183,12 @@ class TlsSetting:
             ctx.load_cert_chain(self.client_cert, self.client_key or None,
                                 password=lambda: password or "")
         except (OSError, ssl.SSLError) as exc:
+            source = self.client_cert_source or "sslcert/PGSSLCERT"
             raise PoolConfigError(
-                f"the client certificate {self.client_cert!r} (sslcert/PGSSLCERT) or its key "
-                f"(sslkey/PGSSLKEY, decrypted with sslpassword if encrypted) could not be loaded "
-                f"({type(exc).__name__}): check both files and the key's passphrase"
+                f"the client certificate {self.client_cert!r} ({source}) or its key "
+                f"{self.client_key or self.client_cert!r} (sslkey/PGSSLKEY, else "
+                f"{DEFAULT_CLIENT_KEY}; decrypted with sslpassword if encrypted) could not be "
+                f"loaded ({type(exc).__name__}): check both files and the key's passphrase"
             ) from None
 
 
@@ -262,16 +268,17 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     mode, source = _mode(spellings, env, root_source if root is not None else None, fail)
     if root is None and context is None and env.get("PGSSLROOTCERT"):
         root_source, root = "PGSSLROOTCERT", env["PGSSLROOTCERT"]
+    if root is None and context is None and mode in ("verify-ca", "verify-full"):
+        # libpq's default; where it is absent libpq fails, the pool takes the system CAs.
+        root_source, root = _default_root(env)
     if root == SYSTEM and context is None and mode != "verify-full":
         fail(f"{root_source}=system (the system CAs) needs ssl mode 'verify-full', not {mode!r} "
              f"({source}), as in libpq")
     if mode in ("disable", "allow", "prefer"):
         root = root_source = None  # not used: nothing is verified in these modes
 
-    cert = (_single(pairs, "sslcert", fail) or served.get("sslcert") or env.get("PGSSLCERT")
-            or None)
-    key = _single(pairs, "sslkey", fail) or served.get("sslkey") or env.get("PGSSLKEY") or None
     given = _Given(pairs, section, env, fail)
+    cert, key, cert_source = _client_cert(given, mode, context)
     _refuse_libpq_only(given)
     handshake = _handshake(given, context)
     min_version, max_version = _versions(handshake, fail)
@@ -280,7 +287,7 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     direct_source = _direct_tls(config, given, mode, source, fail)
     return TlsSetting(
         mode=mode, source=source, context=context, root_cert=root, root_cert_source=root_source,
-        client_cert=cert, client_key=key,
+        client_cert=cert, client_key=key, client_cert_source=cert_source,
         client_key_password=_single(pairs, "sslpassword", fail) or served.get("sslpassword"),
         crl_file=crl_file, crl_dir=crl_dir, crl_source=crl_source, min_version=min_version,
         max_version=max_version, direct=direct_source is not None, direct_source=direct_source,
@@ -298,6 +305,11 @@ HANDSHAKE_KEYS = {
 ALPN_PROTOCOLS = ["postgresql"]
 #: libpq's default revocation list, read when no ``sslcrl``/``sslcrldir`` is given.
 DEFAULT_CRL = "~/.postgresql/root.crl"
+#: libpq's default root certificate, read when no ``sslrootcert`` is given.
+DEFAULT_ROOT = "~/.postgresql/root.crt"
+#: libpq's default client certificate and key, read when no ``sslcert``/``sslkey`` is given.
+DEFAULT_CLIENT_CERT = "~/.postgresql/postgresql.crt"
+DEFAULT_CLIENT_KEY = "~/.postgresql/postgresql.key"
 #: The versions libpq names, spelt as libpq documents them (asyncpg reads no other spelling).
 TLS_VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -352,6 +364,43 @@ def _handshake(given: _Given, context: ssl.SSLContext | None) -> dict[str, tuple
                     "(load_verify_locations(cafile=crl) with verify_flags |= "
                     f"ssl.VERIFY_CRL_CHECK_CHAIN) and unset {variable}")
     return found
+
+
+def _default_root(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(where, path) of ``~/.postgresql/root.crt`` if it exists, as libpq reads it for
+    verify-ca/verify-full without ``sslrootcert``; else (None, None): the system CAs."""
+    path = _home_file("root.crt", env)
+    if path is None or not path.exists():
+        return None, None
+    return f"{DEFAULT_ROOT}, libpq's default root certificate", str(path)
+
+
+def _client_cert(given: _Given, mode: str,
+                 context: ssl.SSLContext | None) -> tuple[str | None, str | None, str | None]:
+    """(certificate, key, where the certificate came from), as libpq and asyncpg read them:
+    ``sslcert``/``sslkey`` (DSN, service, ``PGSSLCERT``/``PGSSLKEY``), else
+    ``~/.postgresql/postgresql.crt``/``.key`` where they exist. A default certificate without
+    its key is refused, as libpq refuses it. Beside a context, or with TLS off, no default is
+    read."""
+    named_key = given.get("sslkey", "PGSSLKEY")
+    key = named_key[0] if named_key else None
+    if context is not None or mode == "disable":
+        named = given.get("sslcert", "PGSSLCERT")
+        return (named[0], key, named[1]) if named else (None, key, None)
+    home_key = _home_file("postgresql.key", given.env)
+    if key is None and home_key is not None and home_key.exists():
+        key = str(home_key)
+    if (cert := given.get("sslcert", "PGSSLCERT")) is not None:
+        return cert[0], key, cert[1]
+    home_cert = _home_file("postgresql.crt", given.env)
+    if home_cert is None or not home_cert.exists():
+        return None, None, None
+    if key is None:
+        given.fail(f"{DEFAULT_CLIENT_CERT} exists ({home_cert}), which libpq and asyncpg present "
+                   f"as the client certificate, but its key {DEFAULT_CLIENT_KEY} does not (libpq "
+                   "refuses the connection): put the key there, give sslkey= (or PGSSLKEY), or "
+                   "move the certificate away")
+    return str(home_cert), key, f"{DEFAULT_CLIENT_CERT}, libpq's default client certificate"
 
 
 def _versions(handshake: Mapping[str, tuple[str, str]], fail: Any) -> tuple[str, str | None]:
@@ -421,11 +470,12 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verific
     if default is None or not default.exists():
         return None, None, None
     if root is None and mode != "require":
-        fail(f"{DEFAULT_CRL} exists, which libpq checks beside ~/.postgresql/root.crt, but no "
-             "root certificate is named, so the pool would verify against the system CAs "
-             "without checking it: name the CA (sslrootcert= or ssl_root_cert) to have the "
-             "list checked, give it explicitly (sslcrl=), or write sslrootcert=system to check "
-             "none (as libpq reads no revocation list with the system CAs)")
+        fail(f"{DEFAULT_CRL} exists, which libpq checks beside {DEFAULT_ROOT}, but no root "
+             f"certificate is named and {DEFAULT_ROOT} does not exist, so the pool would verify "
+             "against the system CAs without checking it: name the CA (sslrootcert= or "
+             f"ssl_root_cert) or put it in {DEFAULT_ROOT} to have the list checked, give it "
+             "explicitly (sslcrl=), or write sslrootcert=system to check none (as libpq reads "
+             "no revocation list with the system CAs)")
     if root is None or root == SYSTEM:
         # require without a root certificate: asyncpg builds the context and reads the file
         # itself, as libpq does; with the system CAs libpq reads no revocation list.
