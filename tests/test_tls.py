@@ -234,6 +234,7 @@ def _encrypted_client_cert(tmp_path: Path, passphrase: bytes) -> tuple[Path, Pat
     key_path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(passphrase)))
+    key_path.chmod(0o600)
     return cert_path, key_path
 
 

@@ -662,7 +662,9 @@ def _home(tmp_path: Path, **files: bytes) -> dict[str, str]:
     directory = tmp_path / ".postgresql"
     directory.mkdir(exist_ok=True)
     for name, content in files.items():
-        (directory / name.replace("_", ".")).write_bytes(content)
+        path = directory / name.replace("_", ".")
+        path.write_bytes(content)
+        path.chmod(0o600)  # (a key others may read is refused, as by libpq)
     return {"HOME": str(tmp_path)}
 
 
@@ -725,3 +727,21 @@ def test_the_default_client_certificate_is_presented_where_both_files_exist(
         _resolve(f"{DSN}?sslmode=verify-full", env)
     assert _resolve(f"{DSN}?sslmode=verify-full", {**env, "PGSSLKEY": "/b.key"}
                     ).client_cert == str(directory / "postgresql.crt")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o660])
+def test_a_private_key_others_may_read_is_refused(tmp_path: Path, mode: int) -> None:
+    """libpq refuses a client key with group or world access (0640 at most for root's);
+    asyncpg loaded it as it was."""
+    key = tmp_path / "client.key"
+    key.write_bytes(b"not read")
+    key.chmod(mode)
+    dsn = f"postgresql://app@db.example.com/db?sslmode=verify-full&sslcert=/a.crt&sslkey={key}"
+    with pytest.raises(PoolConfigError, match=r"can be read by other users .*chmod 600"):
+        resolve_tls(PoolConfig(dsn=dsn), environ={})
+    key.chmod(0o600)
+    assert resolve_tls(PoolConfig(dsn=dsn), environ={}).client_key == str(key)
+    # With TLS off nothing is loaded, so nothing is refused.
+    key.chmod(mode)
+    off = dsn.replace("verify-full", "disable")
+    assert resolve_tls(PoolConfig(dsn=off), environ={}).mode == "disable"

@@ -35,6 +35,7 @@ import dataclasses
 import ipaddress
 import os
 import ssl
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +280,7 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
 
     given = _Given(pairs, section, env, fail)
     cert, key, cert_source = _client_cert(given, mode, context)
+    _refuse_readable_key(None if mode == "disable" else key, fail)
     _refuse_libpq_only(given)
     handshake = _handshake(given, context)
     min_version, max_version = _versions(handshake, fail)
@@ -401,6 +403,24 @@ def _client_cert(given: _Given, mode: str,
                    "refuses the connection): put the key there, give sslkey= (or PGSSLKEY), or "
                    "move the certificate away")
     return str(home_cert), key, f"{DEFAULT_CLIENT_CERT}, libpq's default client certificate"
+
+
+def _refuse_readable_key(key: str | None, fail: Any) -> None:
+    """Refuse a private key file that others may read, as libpq refuses it (asyncpg loads it
+    as it is): at most u=rw (0600) for a file of the user's, u=rw,g=r (0640) for root's."""
+    if key is None or os.name == "nt":
+        return  # (libpq checks no permissions there either)
+    try:
+        info = os.stat(os.path.expanduser(key))
+    except OSError:
+        return  # (missing or unreadable: loading it says so)
+    if not stat.S_ISREG(info.st_mode):
+        return
+    allowed = 0o640 if info.st_uid == 0 else 0o600
+    if stat.S_IMODE(info.st_mode) & ~allowed & 0o777:
+        fail(f"the private key file {key!r} can be read by other users (permissions "
+             f"{stat.S_IMODE(info.st_mode):04o}); libpq refuses it: make it readable by its "
+             f"owner only (chmod 600 {key})")
 
 
 def _versions(handshake: Mapping[str, tuple[str, str]], fail: Any) -> tuple[str, str | None]:
