@@ -352,6 +352,34 @@ async def test_verify_full_without_a_root_cert_named_verifies_against_the_defaul
         await _open(_dsn(tls_postgres, sslmode="verify-full"))
 
 
+async def test_libpq_logins_verify_against_the_system_cas_where_the_pool_does(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """verify-full with no root certificate anywhere: the pool verifies against the system CAs
+    (an RDS Proxy's public certificate), and so must the libpq logins made under its rules
+    (`asyncpool doctor`'s console reads, `asyncpool bench`'s psycopg contenders and samplers):
+    libpq looked for ~/.postgresql/root.crt and failed ("root certificate file ... does not
+    exist") where the pool connected. OpenSSL's SSL_CERT_FILE stands in for the system store."""
+    import psycopg
+
+    from asyncpool.load.logins import GuardedLogin
+
+    _home_with(tmp_path, monkeypatch)  # (an empty ~/.postgresql)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))
+    dsn = _dsn(tls_postgres, sslmode="verify-full")
+    async with await _open(dsn) as pool:
+        assert (await _tls_facts(pool))[0]
+    conninfo, kwargs = GuardedLogin(dsn).psycopg_args()
+    assert kwargs["sslrootcert"] == "system"
+    conn = await psycopg.AsyncConnection.connect(conninfo, connect_timeout=5, **kwargs)
+    async with conn:
+        cursor = await conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert await cursor.fetchone() == (True,)
+    # verify-ca has no libpq spelling for the system CAs: libpq keeps its own default there.
+    _, ca_kwargs = GuardedLogin(_dsn(tls_postgres, sslmode="verify-ca")).psycopg_args()
+    assert "sslrootcert" not in ca_kwargs
+
+
 def _client_pki(directory: Path, user: str) -> tuple[Path, Path, Path]:
     """A client CA (its certificate at ca.crt) and a certificate for `user` it signed, with its
     key: (ca.crt, user.crt, user.key)."""

@@ -96,7 +96,7 @@ async def _read_with_psycopg(dsn: ParsedDsn, commands: list[str], timeout: float
             f"installed: {INSTALL_HINT}"
         ) from None
     # libpq gets the same rules asyncpg's login had (it enforces sslmode and require_auth).
-    override: dict[str, Any] = login.libpq_kwargs()
+    override: dict[str, Any] = login.libpq_kwargs(psycopg.pq.version())
     if database:
         override["dbname"] = database
     if dsn.password:

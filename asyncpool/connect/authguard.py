@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 # Authentication request codes (PostgreSQL protocol 3.0) and the require_auth names they ask for.
 _OK = 0
 _METHODS = {3: "password", 5: "md5", 7: "gss", 9: "sspi", 10: "scram-sha-256"}
+#: The first libpq that reads ``sslrootcert=system`` (16).
+_LIBPQ_SYSTEM_ROOTS = 160000
 _WHAT = {
     "password": "a cleartext password (AuthenticationCleartextPassword)",  # pragma: allowlist secret
     "md5": "an MD5 password hash (AuthenticationMD5Password) instead of SCRAM",
@@ -363,16 +365,22 @@ class Login:
             out["loop"] = GuardedLoop(asyncio.get_running_loop(), self.guard)
         return out
 
-    def libpq_kwargs(self) -> dict[str, Any]:
+    def libpq_kwargs(self, libpq_version: int | None = None) -> dict[str, Any]:
         """The same rules for a libpq login (psycopg), which enforces them itself: the resolved
         ``sslmode`` and ``sslrootcert``, and ``require_auth`` where not every method is allowed.
-        They override what the DSN says (the resolution already read it)."""
+        They override what the DSN says (the resolution already read it). `libpq_version`
+        (``psycopg.pq.version()``; None: unknown): from 16 on, ``verify-full`` against the
+        system CAs is written ``sslrootcert=system``, where libpq would look for
+        ``~/.postgresql/root.crt`` and fail (an RDS Proxy's public certificate)."""
         from asyncpool.connect.tls import SYSTEM
 
         tls = self.tls
         out: dict[str, Any] = {"sslmode": tls.mode}
         if tls.root_cert is not None:
             out["sslrootcert"] = "system" if tls.root_cert == SYSTEM else tls.root_cert
+        elif (tls.mode == "verify-full" and tls.context is None and libpq_version is not None
+              and libpq_version >= _LIBPQ_SYSTEM_ROOTS):
+            out["sslrootcert"] = "system"
         allowed = self.allowed
         if allowed != frozenset(_WHAT):
             # libpq (16+) takes the same names; it reads an empty list as "any method", so

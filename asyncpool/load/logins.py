@@ -74,7 +74,9 @@ class GuardedLogin:
 
     def psycopg_args(self) -> tuple[str, dict[str, Any]]:
         """The conninfo and keyword arguments for a psycopg connection (libpq enforces them)."""
-        kwargs = self.login.libpq_kwargs()
+        import psycopg
+
+        kwargs = self.login.libpq_kwargs(psycopg.pq.version())
         if self.parsed.password:
             kwargs["password"] = self.parsed.password
         return self.parsed.for_driver(), kwargs
