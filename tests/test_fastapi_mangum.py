@@ -11,6 +11,7 @@ thread's event loop), against the session's PostgreSQL and PgBouncers.
 import asyncio
 import copy
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ from asyncpool import Pool, PooledConnection
 from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.integrations.fastapi import LambdaDeadline, pool_connection, pool_lifespan
 from asyncpool.integrations.invocation import LocalContext, current_invocation
+from asyncpool.integrations.lambda_runner import LambdaRunner
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
 from tests.conftest import Pooler
@@ -357,6 +359,41 @@ async def test_lambda_deadline_leaves_a_complete_response_alone(
         await env.close()
 
 
-def test_lambda_deadline_refuses_a_negative_margin() -> None:
-    with pytest.raises(ValueError, match="timeout_margin=-1"):
-        LambdaDeadline(FastAPI(), timeout_margin=-1)
+@pytest.mark.parametrize(("bad", "error"), [
+    (-1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+    ("0.5", TypeError), (None, TypeError), (True, TypeError)])
+def test_lambda_deadline_and_the_runner_refuse_a_bad_margin(bad: Any, error: type) -> None:
+    """NaN and infinity were taken, and cut every request short at once (a 504 each)."""
+    for make in (lambda: LambdaDeadline(FastAPI(), timeout_margin=bad),
+                 lambda: LambdaRunner(timeout_margin=bad)):
+        with pytest.raises(error, match=f"timeout_margin={re.escape(repr(bad))}: must be"):
+            make()
+
+
+class _BadClock(LocalContext):
+    """A context whose get_remaining_time_in_millis() returns `millis`."""
+
+    def __init__(self, millis: Any) -> None:
+        super().__init__()
+        self.millis = millis
+
+    def get_remaining_time_in_millis(self) -> Any:
+        return self.millis
+
+
+@pytest.mark.parametrize("millis", [None, "soon", float("nan")])
+async def test_lambda_deadline_with_a_context_that_gives_no_time_says_so(
+        runtime: RuntimeThread, postgres: PostgresServer, millis: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """NaN was no time left: every request a 504 that blamed the handler's speed; None and
+    text, float()'s own TypeError. Each is an error naming the context's method and value."""
+    env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=postgres.dsn())))
+    try:
+        await env.start(LambdaDeadline(build_app(env.pool)))  # type: ignore[arg-type]
+        with caplog.at_level("ERROR", logger="mangum"):
+            response = await env.invoke(http_event("GET", "/value", "n=1"), _BadClock(millis))
+        assert response["statusCode"] == 500
+        assert f"get_remaining_time_in_millis() returned {millis!r}" in caplog.text
+    finally:
+        await env.close()
+

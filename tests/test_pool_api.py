@@ -639,6 +639,19 @@ async def test_terminate_with_cancel_within_over_tls(
     await _cancelled_before_terminate_returns(pool, admin, "SELECT pg_sleep(30) -- over tls")
 
 
+async def test_terminate_with_cancel_within_over_a_unix_socket_with_sslmode_require(
+        postgres: PostgresServer) -> None:
+    """Plain on a Unix socket, as asyncpg's own requests and the connection itself: the
+    request negotiated TLS there, the server answered "N" and require took it as a refusal."""
+    assert postgres.workdir is not None
+    role = postgres.app
+    dsn = (f"postgresql://{role.name}:{quote(role.password, safe='')}@/{postgres.database}"
+           f"?host={postgres.workdir}&port={postgres.port}&sslmode=require")
+    pool = await asyncpool.create_pool(dsn, max_size=1, telemetry=False)
+    await _cancelled_before_terminate_returns(
+        pool, postgres.dsn(postgres.superuser, "postgres"), "SELECT pg_sleep(30) -- unix")
+
+
 @pytest.mark.parametrize("bad", [-1, float("nan")])
 def test_terminate_refuses_a_negative_cancel_within(bad: float) -> None:
     with pytest.raises(ValueError, match=f"cancel_within={bad!r}"):

@@ -16,7 +16,7 @@ pytest.importorskip("sqlalchemy")
 from asyncpool import Pool
 from asyncpool.integrations.invocation import LocalContext
 from asyncpool.integrations.sqlalchemy import create_async_engine
-from asyncpool.testing import PgBouncerServer
+from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.lambda_env import RuntimeThread, load_event
 from tests.script_support import REPO, load_script
 
@@ -68,6 +68,67 @@ async def test_example_serves_invocations_from_one_pool(
             assert not app.pool.closed  # Mangum's lifespan shutdown after each invocation
             assert (stats.in_use, stats.created_total, stats.closed_total) == (0, 1, 0)
         assert app.pool.stats().acquired_total == 15
+    finally:
+        def close_on_mangums_loop() -> None:
+            loop = asyncio.get_event_loop()
+            loop.run_until_complete(app.pool.close())
+            loop.close()
+
+        await runtime.call(close_on_mangums_loop)
+
+
+async def test_example_ends_a_session_run_into_the_deadline_with_a_504(
+        runtime: RuntimeThread, legacy: PgBouncerServer, postgres: PostgresServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example serves through `LambdaDeadline`: an ORM session still in its transaction
+    near the Lambda timeout is rolled back (its note not written), its statement cancelled
+    behind PgBouncer, its connection freed before the invocation ends; the client gets a 504
+    (it was Lambda's timeout, the environment killed with the statement running on)."""
+    import sqlalchemy as sa
+    from fastapi import Depends
+
+    from tests.test_fastapi_mangum import http_event
+
+    monkeypatch.setenv("ASYNCPOOL_DSN", legacy.dsn())
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "notes-api-test")
+    app = await runtime.call(_load_example)
+    async with Pool(legacy.dsn(), name="notes-schema", max_size=1, telemetry=False) as schema_pool:
+        engine = create_async_engine(schema_pool)
+        async with engine.begin() as conn:
+            await conn.run_sync(app.Base.metadata.drop_all)
+            await conn.run_sync(app.Base.metadata.create_all)
+        await engine.dispose()
+
+    @app.app.get("/slow")  # type: ignore[untyped-decorator]
+    async def slow(session: Any = Depends(app.get_session, scope="function")) -> None:  # noqa: B008
+        session.add(app.Note(title="never written", tags=[]))
+        await session.flush()
+        await session.execute(sa.text("SELECT pg_sleep(30) -- slow note"))
+        await session.commit()
+
+    try:
+        response = await runtime.call(app.handler, http_event("GET", "/slow"),
+                                      LocalContext(timeout=1.5))
+        assert response["statusCode"] == 504, response
+        assert "deadline margin was reached" in json.loads(response["body"])["detail"]
+        # SQLAlchemy invalidates a connection whose statement was cancelled (CancelledError is
+        # an "exit exception" to it): the pool closes it, before the invocation ends.
+        stats = app.pool.stats()
+        assert (stats.in_use, stats.closed_total) == (0, 1), stats
+        async with Pool(postgres.dsn(postgres.superuser, "postgres"), max_size=1,
+                        telemetry=False) as admin:
+            # Nor left "idle in transaction (aborted)" on PgBouncer's server connection: the
+            # connection SQLAlchemy invalidated was still being closed when the invocation
+            # ended, and the environment would have been frozen with it.
+            states = await admin.fetch(
+                "SELECT state FROM pg_stat_activity WHERE query LIKE '%-- slow note'"
+                " AND pid <> pg_backend_pid()")
+            assert [row["state"] for row in states if row["state"] != "idle"] == []
+        async with Pool(legacy.dsn(), max_size=1, telemetry=False) as check:
+            assert await check.fetchval("SELECT count(*) FROM example_notes") == 0
+        found = await runtime.call(app.handler, load_event(EXAMPLE / "events" / "find_notes_v2.json"),
+                                   LocalContext())
+        assert (found["statusCode"], found["body"]) == (200, "[]")
     finally:
         def close_on_mangums_loop() -> None:
             loop = asyncio.get_event_loop()

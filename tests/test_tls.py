@@ -3,6 +3,7 @@ verify-full, and the errors for the wrong CA, the wrong host name and a server w
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -710,6 +711,42 @@ async def test_a_tls_alert_in_the_direct_tls_handshake_is_not_taken_for_an_old_s
         assert "version 17" not in str(info.value)
     finally:
         await front.close()
+
+
+@contextlib.contextmanager
+def _front_on_a_thread(pki: TestPki, backend_port: int) -> Iterator[int]:
+    """A `_DirectTlsFront` serving from a loop of its own thread (one that answers while the
+    caller's loop is blocked); its port."""
+    import asyncio
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    front = _DirectTlsFront(pki, backend_port)
+    try:
+        yield asyncio.run_coroutine_threadsafe(front.start(), loop).result(5)
+    finally:
+        asyncio.run_coroutine_threadsafe(front.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+async def test_terminate_with_cancel_within_over_direct_tls(
+    postgres: PostgresServer, pki: TestPki
+) -> None:
+    """The request goes as the connection did, TLS from the first byte: it sent an SSLRequest
+    first, which a server or front that takes direct TLS only (as here) hangs up on, and the
+    statement ran on."""
+    from tests.test_pool_api import _cancelled_before_terminate_returns
+
+    with _front_on_a_thread(pki, postgres.port) as port:
+        pool = await _open(postgres.app.dsn("localhost", port, postgres.database,
+                                            sslmode="verify-full", sslnegotiation="direct",
+                                            sslrootcert=str(pki.ca_cert)))
+        await _cancelled_before_terminate_returns(
+            pool, postgres.dsn(postgres.superuser, "postgres"), "SELECT pg_sleep(30) -- direct")
 
 
 async def test_direct_tls_to_pgbouncer_says_it_does_not_take_it(

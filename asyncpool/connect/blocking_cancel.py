@@ -87,13 +87,16 @@ def _connect(addr: object, deadline: float) -> socket.socket:
 
 
 def _start_tls(sock: socket.socket, target: CancelTarget, deadline: float) -> socket.socket:
-    """Negotiate TLS as asyncpg does for its own cancel requests (an SSLRequest first)."""
+    """Negotiate TLS as the connection did: an SSLRequest first (as asyncpg's own cancel
+    requests), or from the first byte (direct TLS)."""
+    context: ssl_module.SSLContext = target.ssl
+    host = cast("tuple[str, int]", target.addr)[0]
     sock.settimeout(_left(deadline))
+    if target.direct:
+        return context.wrap_socket(sock, server_hostname=host)
     sock.sendall(struct.pack("!ll", 8, _SSL_CODE))
     answer = sock.recv(1)
     if answer == b"S":
-        context: ssl_module.SSLContext = target.ssl
-        host = target.addr[0] if isinstance(target.addr, tuple) else None
         return context.wrap_socket(sock, server_hostname=host)
     if answer == b"N" and target.advisory:
         return sock

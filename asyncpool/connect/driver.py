@@ -509,20 +509,28 @@ def cancel_target(conn: Any) -> CancelTarget | None:
     params = getattr(conn, "_params", None)
     if key is None or not cancel_deliverable(conn) or addr is None or params is None:
         return None
-    from asyncpg.connect_utils import SSLMode
+    from asyncpg.connect_utils import SSLMode, SSLNegotiation
 
-    ssl = params.ssl if params.ssl and params.sslmode != SSLMode.allow else None
-    return CancelTarget(addr, key, ssl, params.sslmode == SSLMode.prefer)
+    # As asyncpg's own requests: plain on a Unix socket (a server answers an SSLRequest there
+    # with "N", which sslmode=require would take as a refusal) and with sslmode=allow.
+    tls = bool(params.ssl) and params.sslmode != SSLMode.allow and not isinstance(addr, str)
+    # A connection made with direct TLS (sslnegotiation=direct) may be to a server or front
+    # that takes TLS only from the first byte: its request goes the same way (as libpq's).
+    direct = getattr(params, "ssl_negotiation", None) is SSLNegotiation.direct
+    return CancelTarget(addr, key, params.ssl if tls else None, params.sslmode == SSLMode.prefer,
+                        direct and tls)
 
 
 @dataclass(frozen=True, slots=True)
 class CancelTarget:
     """A cancel request's address (``(host, port)`` or a Unix socket path), BackendKeyData
     (pid, secret: kept out of the repr), and TLS: the context to negotiate it with (None:
-    plain), and whether a server refusing TLS may get the request in plain text
-    (``sslmode=prefer``), as asyncpg sends it."""
+    plain), whether a server refusing TLS may get the request in plain text
+    (``sslmode=prefer``), as asyncpg sends it, and whether TLS starts at the first byte
+    (direct TLS) rather than after an SSLRequest."""
 
     addr: Any
     key: tuple[int, int] = field(repr=False)
     ssl: Any
     advisory: bool
+    direct: bool = False

@@ -39,6 +39,7 @@ from asyncpool.integrations.invocation import ColdStart, invocation_scope
 from asyncpool.integrations.lambda_runner import (
     TIMEOUT_MARGIN,
     HandlerTimeoutError,
+    checked_margin,
     invocation_deadline,
     settle_timeout,
 )
@@ -248,10 +249,8 @@ class LambdaDeadline:
     """
 
     def __init__(self, app: ASGIApp, *, timeout_margin: float = TIMEOUT_MARGIN) -> None:
-        if timeout_margin < 0:
-            raise ValueError(f"timeout_margin={timeout_margin!r}: must be >= 0 seconds")
         self.app = app
-        self.timeout_margin = timeout_margin
+        self.timeout_margin = checked_margin(timeout_margin)
         self._cold_start = ColdStart()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import threading
 import weakref
@@ -65,6 +66,16 @@ class HandlerTimeoutError(TimeoutError):
 TIMEOUT_MARGIN = 0.5
 
 
+def checked_margin(margin: float) -> float:
+    """`margin` (``timeout_margin``) as seconds, or a clear error: NaN passed a ``< 0`` check
+    and cut every invocation short at once, as infinity does."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise TypeError(f"timeout_margin={margin!r}: must be a number of seconds")
+    if not 0 <= margin < math.inf:
+        raise ValueError(f"timeout_margin={margin!r}: must be a finite number of seconds >= 0")
+    return float(margin)
+
+
 class LambdaRunner:
     """One event loop for the life of a Lambda execution environment.
 
@@ -74,9 +85,7 @@ class LambdaRunner:
 
     def __init__(self, *, timeout_margin: float = TIMEOUT_MARGIN,
                  debug: bool | None = None) -> None:
-        if timeout_margin < 0:
-            raise ValueError(f"timeout_margin={timeout_margin!r}: must be >= 0 seconds")
-        self.timeout_margin = timeout_margin
+        self.timeout_margin = checked_margin(timeout_margin)
         self._debug = debug
         self._runner = asyncio.Runner(debug=debug)
         self._pid = os.getpid()
@@ -233,7 +242,17 @@ def _time_budget(context: Any, margin: float) -> float | None:
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     if remaining is None:
         return None
-    seconds = float(remaining()) / 1000
+    millis = remaining()
+    try:
+        seconds = float(millis) / 1000
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if math.isnan(seconds):
+        # (NaN would read as no time left: every invocation cut short at once.)
+        raise TypeError(
+            f"the Lambda context's get_remaining_time_in_millis() returned {millis!r}: it must "
+            "return the milliseconds the invocation has left (in tests, pass a "
+            "asyncpool.integrations.invocation.LocalContext)")
     return max(0.0, seconds - margin)
 
 

@@ -34,17 +34,20 @@ def close_connection(slots: Slots, conn: Any, graceful: bool) -> None:
     if graceful and not conn.is_closed():
         task = slots._spawn(_close_gracefully(conn))
         slots.closing[task] = conn
-        task.add_done_callback(functools.partial(_closed_gracefully, slots))
+        task.add_done_callback(functools.partial(_closed, slots))
         return
     if driver.pending_cancellations(conn):
         # Closing the connection would cancel asyncpg's cancel request mid-flight, and closing
         # that request's socket early crashes PgBouncer 1.18 (pgbouncer#801).
-        slots._spawn(_terminate_after(conn))
+        # (in `closing` too: the end of a Lambda invocation waits for it, `resets.settle`)
+        task = slots._spawn(_terminate_after(conn))
+        slots.closing[task] = conn
+        task.add_done_callback(functools.partial(_closed, slots))
     else:
         conn.terminate()
 
 
-def _closed_gracefully(slots: Slots, task: asyncio.Task[Any]) -> None:
+def _closed(slots: Slots, task: asyncio.Task[Any]) -> None:
     slots.closing.pop(task, None)
 
 

@@ -10,7 +10,7 @@ import functools
 import logging
 from asyncio import get_running_loop
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
 from asyncpool.pool.forks import pools_on_loop
@@ -54,15 +54,31 @@ async def settle(pools: list[Slots], timeout: float) -> None:
     connection closed, before this returns (a cancel request in flight is given what is left
     of `timeout`: closing under it crashes PgBouncer 1.18, pgbouncer#801).
 
-    For a process about to be frozen (the end of a Lambda invocation): a reset left waiting
-    would keep a pooler's server connection, and a transaction, until the thaw."""
+    Connections the pools are closing (waiting for a cancel request in flight first: one
+    SQLAlchemy invalidated after a cancelled statement) get the same wait, then are closed.
+
+    For a process about to be frozen (the end of a Lambda invocation): a reset or a close left
+    waiting would keep a pooler's server connection, and a transaction, until the thaw."""
     pending = {task: record for slots in pools for task, record in slots.resets.items()
                if not task.done()}
-    if not pending:
-        return
     loop = get_running_loop()
     deadline = loop.time() + max(timeout, 0.0)
-    _, late = await asyncio.wait(pending, timeout=max(timeout, 0.0))
+    if pending:
+        await _end_resets(pending, deadline)
+    closes = {task: conn for slots in pools for task, conn in slots.closing.items()
+              if not task.done()}
+    if closes:
+        await asyncio.wait(closes, timeout=max(deadline - loop.time(), 0.0))
+        for task, conn in closes.items():
+            if not task.done():
+                conn.terminate()
+
+
+async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadline: float) -> None:
+    """Wait for `pending` resets until `deadline`; cancel those still running and close their
+    connections (a cancel request in flight given what is left)."""
+    loop = get_running_loop()
+    _, late = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0.0))
     for task in late:
         task.cancel()  # `_reset` retires its connection
     if late:

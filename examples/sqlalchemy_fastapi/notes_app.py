@@ -3,7 +3,8 @@
 One pool per execution environment, created at import and kept across invocations (Mangum runs
 the ASGI lifespan around every invocation; `pool_lifespan` keeps the pool open through it and
 closes it on SIGTERM). SQLAlchemy keeps no pool of its own: each request's session borrows the
-pool's connection and gives it back when the session closes.
+pool's connection and gives it back when the session closes. `LambdaDeadline` ends a request
+just before the Lambda timeout, its session rolled back.
 
 Configure with ASYNCPOOL_DSN (and any other ASYNCPOOL_* variable, e.g.
 ASYNCPOOL_PREPARED_STATEMENTS=on behind PgBouncer >= 1.21). Create the table once with
@@ -26,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from asyncpool import Pool
 from asyncpool.integrations.aws_lambda import lambda_config
-from asyncpool.integrations.fastapi import pool_lifespan
+from asyncpool.integrations.fastapi import LambdaDeadline, pool_lifespan
 from asyncpool.integrations.sqlalchemy import create_async_engine
 
 pool = Pool(config=lambda_config(function_timeout=10, name="notes-api"))
@@ -93,4 +94,6 @@ async def find_notes(session: SessionDep, tag: str) -> list[dict[str, Any]]:
     return [{"id": r.id, "title": r.title, "tags": r.tags} for r in rows]
 
 
-handler = Mangum(app)
+# A request still running 0.5 s before the Lambda timeout ends with a 504, its session's
+# transaction rolled back and its connection back in the pool (not killed with the environment).
+handler = Mangum(LambdaDeadline(app))
