@@ -42,9 +42,8 @@ def send(targets: Sequence[CancelTarget], timeout: float) -> int:
         except (OSError, ValueError):
             pass
 
-    if len(targets) == 1:
-        one(0)
-        return sum(taken)
+    # Threads even for one request: a host name's lookup has no time limit of its own, and
+    # the caller's budget must hold (the threads are daemons: the process may end under them).
     threads = [threading.Thread(target=one, args=(i,), daemon=True,
                                 name="asyncpool-cancel") for i in range(len(targets))]
     for thread in threads:
