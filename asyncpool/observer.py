@@ -34,6 +34,9 @@ class ConnectAttempt:
     #: `PoolTimeoutError` when the caller's acquire ran out of time first, `CancelledError`
     #: when the caller itself was cancelled (`abandoned`).
     caller_error: type[BaseException] | None = None
+    #: The class of the exception the credentials provider's step raised (None: it gave a
+    #: password, was cancelled, or did not run).
+    credentials_error: type[BaseException] | None = None
 
     @property
     def seconds(self) -> float:

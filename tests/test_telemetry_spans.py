@@ -404,3 +404,71 @@ async def test_a_failed_check_is_marked_by_its_error_type_without_the_error_text
     assert check.status.description is None
     assert dict(check.attributes or {})[sc.ERROR_TYPE] == "TimeoutError"
     assert list(check.events) == []
+
+
+class TokenInTheMessage(SlowSecret):
+    """Fails as a secret store that stops answering might, with a token in the message."""
+
+    async def password(self, target: Target) -> str:
+        raise ValueError(f"GET https://store.example/?token={LEAKY_TOKEN}: 503")
+
+
+LEAKY_TOKEN = "tok-8f2b1c7e"
+
+
+def _span_text(span: ReadableSpan) -> str:
+    return repr((span.attributes, span.status.description, [(e.name, e.attributes)
+                                                             for e in span.events]))
+
+
+async def test_a_failed_credential_fetch_marks_its_span_by_class_without_the_message(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    provider = TokenInTheMessage("")
+    async with sdk.pool(postgres.dsn(), name="creds", min_size=0, credentials=provider) as pool:
+        with pytest.raises(asyncpool.CredentialsError):
+            await pool.fetchval("SELECT 1")
+
+    [credentials] = sdk.spans(sc.CREDENTIALS_SPAN)
+    assert credentials.status.status_code is StatusCode.ERROR
+    assert credentials.status.description is None
+    assert dict(credentials.attributes or {}) == {
+        sc.CREDENTIALS_PROVIDER: "TokenInTheMessage",
+        sc.ERROR_TYPE: "asyncpool.errors.CredentialsError",  # what the pool made of ValueError
+    }
+    assert list(credentials.events) == []
+    [connect] = sdk.spans(f"connect {postgres.database}")
+    assert connect.status.status_code is StatusCode.ERROR
+    for span in (credentials, connect):
+        assert LEAKY_TOKEN not in _span_text(span)
+
+
+async def test_an_iam_token_that_cannot_be_signed_marks_the_credentials_span(
+    aws: None, postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """The role's credentials are gone after open() (a revoked session): signing fails at the
+    next login, and the credentials span says so with the class IamAuth raised."""
+    import botocore.exceptions
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+    signed = [0]
+
+    def sign(**_: object) -> None:
+        signed[0] += 1
+        if signed[0] > 1:  # warm() at open() signs once
+            raise botocore.exceptions.NoCredentialsError()
+
+    session.register("before-sign.rds.connect", sign)
+    auth = asyncpool.IamAuth(region="us-east-1", session=session)
+    async with sdk.pool(postgres.dsn(), name="iam", min_size=0, credentials=auth,
+                        allow_unprotected_credentials=True) as pool:
+        with pytest.raises(asyncpool.CredentialsError, match="no AWS credentials found"):
+            await pool.fetchval("SELECT 1")
+
+    [credentials] = sdk.spans(sc.CREDENTIALS_SPAN)
+    assert credentials.status.status_code is StatusCode.ERROR
+    assert credentials.status.description is None
+    assert dict(credentials.attributes or {}) == {
+        sc.CREDENTIALS_PROVIDER: "IamAuth", sc.ERROR_TYPE: "asyncpool.errors.CredentialsError"}
+    assert list(credentials.events) == []

@@ -301,6 +301,7 @@ class Connector:
         cred_times: list[int] = []
         provider = self.credentials
         kwargs = self._kwargs
+        cred_failed: list[type[BaseException]] = []
         password_code: CodeType | None = None
         if provider is not None:
             target = self.target
@@ -309,6 +310,9 @@ class Connector:
                 cred_times.append(time.time_ns())
                 try:
                     return await _ask(provider, target, self.config.name)
+                except Exception as exc:  # its class only: the span must not carry its message
+                    cred_failed.append(type(exc))
+                    raise
                 finally:
                     cred_times.append(time.time_ns())
 
@@ -362,6 +366,7 @@ class Connector:
                     credentials_ended_ns=cred_times[1] if len(cred_times) > 1 else None,
                     error=error,
                     caller_error=caller_error,
+                    credentials_error=cred_failed[0] if cred_failed else None,
                 )
             )
         # Raised outside the except block: no __context__ either.

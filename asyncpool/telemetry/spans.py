@@ -25,7 +25,7 @@ class PoolSpans:
     def __init__(self, tracer: Tracer, pool_name: str, credentials_provider: str | None) -> None:
         self._tracer = tracer
         self._pool_name = pool_name
-        self._credentials: Attributes = (
+        self._credentials: dict[str, str] = (
             {sc.CREDENTIALS_PROVIDER: credentials_provider} if credentials_provider else {}
         )
         self._target: Target | None = None
@@ -41,13 +41,19 @@ class PoolSpans:
             start_time=attempt.started_ns,
         )
         if attempt.credentials_started_ns is not None:
+            failed = attempt.credentials_error
             child = self._tracer.start_span(
                 sc.CREDENTIALS_SPAN,
                 context=trace.set_span_in_context(span),
                 kind=SpanKind.INTERNAL,
-                attributes=self._credentials,
+                attributes=self._credentials if failed is None else {
+                    **self._credentials, sc.ERROR_TYPE: qualified_name(failed)},
                 start_time=attempt.credentials_started_ns,
             )
+            if failed is not None:
+                # No description: the provider's message may hold a credential (a URL with
+                # a token), so only its class is kept (the caller's error says the rest).
+                child.set_status(_ERROR)
             child.end(end_time=attempt.credentials_ended_ns or attempt.ended_ns)
         if attempt.abandoned:
             # Its caller was cancelled (a client that went away): the login was stopped, it did
