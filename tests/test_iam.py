@@ -161,6 +161,88 @@ async def test_signing_client_is_created_once_and_each_call_signs_anew(aws: None
     assert all(sigv4_signature_matches(t, SECRET_ACCESS_KEY) for t in tokens)
 
 
+class ClientSpy:
+    """An aiobotocore session that counts the clients opened and closed through it."""
+
+    def __init__(self) -> None:
+        from aiobotocore.session import AioSession
+
+        self.session = AioSession()
+        self.opened = 0
+        self.closed = 0
+        create = self.session.create_client
+        spy = self
+
+        class Counted:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            async def __aenter__(self) -> Any:
+                client = await self._inner.__aenter__()
+                spy.opened += 1
+                return client
+
+            async def __aexit__(self, *exc: Any) -> Any:
+                spy.closed += 1
+                return await self._inner.__aexit__(*exc)
+
+        self.session.create_client = lambda *a, **k: Counted(create(*a, **k))
+
+
+async def test_refresh_signs_the_retry_with_aws_credentials_read_again(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The access keys in the environment were rotated while the pool ran: the client keeps
+    signing with the old ones (it reads them once), so a refused login's retry must come from a
+    new client, which reads the chain again."""
+    auth = IamAuth()
+    target = Target(PROXY_HOST, 5432, "orders_app", "orders")
+    rotated_id, rotated_secret = "AKIAROTATED0EXAMPLE", secrets.token_hex(20)
+    try:
+        await auth.warm(target)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", rotated_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", rotated_secret)
+        monkeypatch.delenv("AWS_SESSION_TOKEN")
+        before = await auth.password(target)
+        assert await auth.refresh(target) is True
+        after = await auth.password(target)
+    finally:
+        await auth.close()
+
+    def key_id(token: str) -> str:
+        return dict(parse_qsl(urlsplit("https://" + token).query))["X-Amz-Credential"].split("/")[0]
+
+    assert key_id(before) == ACCESS_KEY_ID  # kept between logins: a client per provider
+    assert key_id(after) == rotated_id
+    assert sigv4_signature_matches(after, rotated_secret)
+
+
+async def test_logins_refused_together_replace_the_client_once_and_it_is_closed(
+    aws: None,
+) -> None:
+    spy = ClientSpy()
+    auth = IamAuth(session=spy.session)
+    target = Target(PROXY_HOST, 5432, "orders_app", "orders")
+    all_signed = asyncio.Barrier(5)
+
+    async def refused_login() -> str:
+        await auth.password(target)
+        await all_signed.wait()  # every one was refused with a token of the first client
+        assert await auth.refresh(target) is True
+        return await auth.password(target)
+
+    try:
+        retries = await asyncio.gather(*(refused_login() for _ in range(5)))
+        assert (spy.opened, spy.closed) == (2, 1)
+        assert all(sigv4_signature_matches(t, SECRET_ACCESS_KEY) for t in retries)
+        await auth.refresh(target)  # a new refusal after the retries: that client goes too
+        assert (spy.opened, spy.closed) == (2, 2)
+        await auth.password(target)
+    finally:
+        await auth.close()
+    assert (spy.opened, spy.closed) == (3, 3)
+
+
 # -- bad AWS set-up ----------------------------------------------------------------------------
 
 
@@ -384,6 +466,7 @@ async def test_refused_token_is_signed_again_once_then_fails_with_iam_advice(
     with pytest.raises(AuthenticationError) as info:
         await pool.open()
     assert counter.signings == 3  # warm, first login, the one retry
+    assert counter.clients == 2  # the retry signed with a new client
     message = str(info.value)
     assert "iam_denied" in message
     assert "rds-db:connect" in message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 from asyncpool.connect.dsn import Target
@@ -15,7 +17,7 @@ class IamAuth:
     Each new connection gets a token from aiobotocore's ``generate_db_auth_token`` for the host,
     port and user actually dialled. Signing is local (about 0.1 ms) and a token is valid for 15
     minutes, checked only at login; the client that signs is created once (about 150 ms) and
-    kept. Pools refuse `IamAuth` without TLS.
+    kept until a login is refused (`refresh`). Pools refuse `IamAuth` without TLS.
 
     region: the database's region. Default: read from an RDS host name
         (``x.proxy-y.us-east-1.rds.amazonaws.com``), else the AWS session's (``AWS_REGION``).
@@ -44,6 +46,10 @@ class IamAuth:
         self._profile = profile
         self._session = session
         self._client: AwsClient | None = None
+        # Which client signed the token each connecting task got (see `refresh`).
+        self._signed_with: weakref.WeakKeyDictionary[asyncio.Task[Any], AwsClient] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"IamAuth(region={self.region!r})"
@@ -52,7 +58,8 @@ class IamAuth:
         """A new token for `target` (never cached: each one is signed now)."""
         host, port = self.token_host or target.host, self.token_port or target.port
         region = self._region_for(host)
-        client = await self._get_client(region)
+        signer = self._signer(region)
+        client = await signer.get()
         try:
             token: str = await client.generate_db_auth_token(
                 DBHostname=host, Port=port, DBUsername=target.user, Region=region
@@ -60,13 +67,29 @@ class IamAuth:
         except Exception as exc:
             failure = aws_error(exc, f"signing an IAM token for {target.user}@{host}:{port}", region)
         else:
+            task = asyncio.current_task()
+            if task is not None:
+                self._signed_with[task] = signer
             return token
         # Outside the except block: botocore's frames (the AWS credentials) are not chained.
         raise failure
 
     async def refresh(self, target: Target) -> bool:
-        # The retry signs a new token, which helps when the old one expired on the way (a
-        # frozen Lambda, a slow connect) or the AWS session credentials just rotated.
+        """After a refused login: close the signing client, so the retry signs a new token with
+        a new one. Always True: a new token helps when the old one expired on the way (a frozen
+        Lambda, a slow connect); a new client when the keys it signed with were rotated
+        (without `session=`, it reads the credential chain again) or it is broken. Logins
+        refused together replace the client once: one whose token came from a client already
+        replaced uses the new one.
+        """
+        task = asyncio.current_task()
+        signer = self._signed_with.pop(task, None) if task is not None else None
+        current = self._client
+        if current is not None and (signer is None or signer is current):
+            self._client = None
+            # Tokens being signed with it meanwhile are unharmed: signing is local, and closing
+            # only ends the client's HTTP connections.
+            await current.close()
         return True
 
     async def warm(self, target: Target) -> None:
@@ -99,7 +122,7 @@ class IamAuth:
             )
         return self.region or named
 
-    async def _get_client(self, region: str | None) -> Any:
+    def _signer(self, region: str | None) -> AwsClient:
         if self._client is None:
             self._client = AwsClient(
                 "rds",
@@ -111,4 +134,4 @@ class IamAuth:
                     "pass IamAuth(region='...') or set AWS_REGION"
                 ),
             )
-        return await self._client.get()
+        return self._client
