@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import asyncpg
@@ -20,13 +21,16 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 from opentelemetry.semconv._incubating.metrics import db_metrics
+from opentelemetry.trace import NoOpTracerProvider
 
 import asyncpool
 from asyncpool import Pool, PoolStats, PoolTimeoutError
 from asyncpool.connect.dsn import Target
+from asyncpool.errors import ConnectError
+from asyncpool.observer import ConnectAttempt, LeakReport
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.telemetry import semconv as sc
-from asyncpool.telemetry.metrics import instruments_for
+from asyncpool.telemetry.metrics import instruments_for, qualified_name
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
 from tests.conftest import Pooler
@@ -662,3 +666,47 @@ def test_the_default_observer_counts_the_failed_logins_of_an_open_retried(
     lines = run_app(script, postgres.dsn())
     assert lines[0] == "refused"
     assert f"{AUTH_ERROR} 1" in lines
+
+
+def test_pools_of_one_name_on_two_threads_lose_no_count(sdk: Sdk) -> None:
+    """Two pools named alike, each on its own thread and event loop (a sync app's threads), add
+    to the same counts: an unlocked read-modify-write between the two lost increments."""
+    events = 20_000
+    target = Target("db.example", 5432, "app", "app")
+    failed = ConnectAttempt(target, 0, 1, None, None, error=ConnectError("refused"),
+                            caller_error=ConnectError)
+    leak = LeakReport("shared", 1.0, None, "", False, target)
+    # No spans: the counts are what is measured, and each span would narrow the race window.
+    observers = [TelemetryObserver(meter_provider=sdk.meter_provider,
+                                   tracer_provider=NoOpTracerProvider()) for _ in range(2)]
+    for observer in observers:
+        observer.attach("shared", lambda: PoolStats("shared", 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0))
+
+    def hammer(observer: TelemetryObserver) -> None:
+        for _ in range(events):
+            observer.connect_attempted(failed)
+            observer.timed_out()
+            observer.validation_failed()
+            observer.leaked(leak)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race happens at once
+    try:
+        threads = [threading.Thread(target=hammer, args=(o,)) for o in observers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    collected = sdk.collect()
+    for observer in observers:
+        observer.detach()
+    counts = {
+        "create_errors": collected.value(sc.CREATE_ERRORS.name,
+                                         error__type=qualified_name(ConnectError)),
+        "timeouts": collected.value(sc.TIMEOUTS.name),
+        "validation_failures": collected.value(sc.VALIDATION_FAILURES.name),
+        "leaks": collected.value(sc.LEAKS.name, asyncpool__leak__action="log"),
+    }
+    assert counts == dict.fromkeys(counts, 2 * events)

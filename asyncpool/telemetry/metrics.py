@@ -50,16 +50,39 @@ LOGIN_ERROR_TYPES = tuple(
 
 
 class PoolCounts:
-    """Events counted for one pool name. Written on the pools' event loop, read by collections
-    on the reader's thread: each value is a single int (or a dict copied whole under the GIL)."""
+    """Events counted for one pool name, read by collections on the reader's thread: each value
+    is a single int (or a dict copied whole under the GIL).
 
-    __slots__ = ("create_errors", "leaks", "timeouts", "validation_failures")
+    Pools of one name may run on several threads, an event loop each (a sync app's threads),
+    and add to the same counts: an increment is a read and a write that another thread can
+    come between, losing its own, so each takes the lock. These are rare events (a timeout, a
+    failed login, a leak), none on the checkout path.
+    """
+
+    __slots__ = ("_lock", "create_errors", "leaks", "timeouts", "validation_failures")
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.timeouts: int = 0
         self.validation_failures: int = 0
         self.leaks: dict[str, int] = dict.fromkeys(LEAK_ACTIONS, 0)
         self.create_errors: dict[str, int] = dict.fromkeys(LOGIN_ERROR_TYPES, 0)
+
+    def timed_out(self) -> None:
+        with self._lock:
+            self.timeouts += 1
+
+    def validation_failed(self) -> None:
+        with self._lock:
+            self.validation_failures += 1
+
+    def leaked(self, action: str) -> None:
+        with self._lock:
+            self.leaks[action] += 1
+
+    def login_failed(self, error_type: str) -> None:
+        with self._lock:
+            self.create_errors[error_type] = self.create_errors.get(error_type, 0) + 1
 
 
 class Series:

@@ -182,19 +182,17 @@ class TelemetryObserver(PoolObserver):
             # (An abandoned login is counted too, under CancelledError: a client that went away
             # is rare during a login of milliseconds, and a deadline cutting logins that hang is
             # an outage, which must not vanish from the metrics.)
-            errors = self._counts.create_errors
-            kind = error_type(attempt)
-            errors[kind] = errors.get(kind, 0) + 1
+            self._counts.login_failed(error_type(attempt))
         self._spans.connect(attempt)
 
     def timed_out(self) -> None:
-        self._counts.timeouts += 1
+        self._counts.timed_out()
 
     def validation_failed(self) -> None:
-        self._counts.validation_failures += 1
+        self._counts.validation_failed()
 
     def leaked(self, report: LeakReport) -> None:
-        self._counts.leaks["reclaim" if report.reclaimed else "log"] += 1
+        self._counts.leaked("reclaim" if report.reclaimed else "log")
         self._spans.leak(report, time.time_ns())
 
 
