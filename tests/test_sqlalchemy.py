@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
+import asyncpg
 import pytest
 
 pytest.importorskip("sqlalchemy")
@@ -19,10 +20,17 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from asyncpool import ConnectionLeakedError, ConnectionLostError, Pool, PoolTimeoutError
+from asyncpool import (
+    ConnectionLeakedError,
+    ConnectionLostError,
+    Pool,
+    PoolConfigError,
+    PoolTimeoutError,
+)
 from asyncpool.config import PreparedStatements
 from asyncpool.integrations.sqlalchemy import LendingPool, create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from tests.conftest import Pooler
 from tests.test_unnamed_wire import CountingRelay
 
 #: (PgBouncer, statement mode) pairs that must work: 1.18 has no prepared statements.
@@ -848,6 +856,37 @@ async def test_server_settings_hold_in_sessions_behind_a_pooler(
         async with pool.transaction() as conn:
             assert await conn.fetchval(str(show)) == "pg_catalog | off"
         assert (pool.stats().in_use, pool.stats().closed_total) == (0, 0)
+        await engine.dispose()
+
+
+async def test_a_setting_the_server_does_not_know_is_named_in_sessions_behind_a_pooler(
+        pooler: Pooler, schema: None) -> None:
+    """A misspelt `server_settings` name behind a pooler is refused in each transaction
+    SQLAlchemy begins: the caller gets the PoolConfigError ``pool.transaction()`` gives (the
+    setting, where it came from), not asyncpg's bare "unrecognized configuration parameter"."""
+    settings = {"search_path": "public", "serach_path": "app"}
+    async with Pool(pooler.dsn(), name="sqla-unknown-setting", min_size=0, max_size=1,
+                    telemetry=False, server_settings=settings) as pool:
+        engine = create_async_engine(pool)
+        for _ in range(2):  # every session
+            with pytest.raises(sa.exc.DBAPIError) as info:
+                async with async_sessionmaker(engine)() as session, session.begin():
+                    await session.execute(sa.text("SELECT 1"))
+            error = info.value.orig
+            assert isinstance(error, PoolConfigError)
+            message = str(error)
+            assert "'serach_path'" in message
+            assert "server_settings" in message
+            assert "SQLAlchemy" in message
+            assert isinstance(error.__cause__, asyncpg.UndefinedObjectError)
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        assert isinstance(info.value.orig, PoolConfigError)
+        # (SQLAlchemy's first query on a new engine, in its connect event, is the one refused:
+        # it discards a connection whose connect events failed.) The pool serves on.
+        assert await pool.fetchval("SELECT 1") == 1
+        assert pool.stats().in_use == 0
         await engine.dispose()
 
 

@@ -260,10 +260,12 @@ class Connector:
         del refused
         return await self._attempt(cut_short)
 
-    def refused_setting(self, exc: BaseException) -> PoolConfigError | None:
+    def refused_setting(self, exc: BaseException,
+                        within: str = "pool.transaction()") -> PoolConfigError | None:
         """`failures.refused_transaction_setting` for this pool's settings."""
         return refused_transaction_setting(
-            exc, self.config.name, setting_sources(self._dsn, self.config.server_settings))
+            exc, self.config.name, setting_sources(self._dsn, self.config.server_settings),
+            within)
 
     def _translate(self, exc: BaseException) -> ConnectError:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None

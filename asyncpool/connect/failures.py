@@ -219,19 +219,21 @@ def setting_sources(dsn: ParsedDsn | None,
 
 
 def refused_transaction_setting(exc: BaseException, pool_name: str,
-                                settings: Mapping[str, str]) -> PoolConfigError | None:
-    """The error for a run-time setting the server refused in ``pool.transaction()``, where a
-    pooler's client gets the settings it would not keep from the login
-    (`StartupPlan.transaction_sql`); None for any other error. Directly, the login refuses such
-    a setting (`translate`); here it was asyncpg's bare UndefinedObjectError."""
+                                settings: Mapping[str, str],
+                                within: str = "pool.transaction()") -> PoolConfigError | None:
+    """The error for a run-time setting the server refused in a transaction the pool set it
+    in (`within`: ``pool.transaction()``, one SQLAlchemy began), where a pooler's client gets
+    the settings it would not keep from the login (`StartupPlan.transaction_sql`); None for any
+    other error. Directly, the login refuses such a setting (`translate`); here it was asyncpg's
+    bare UndefinedObjectError."""
     if not isinstance(exc, asyncpg.PostgresError):
         return None
     text = str(exc)
     found = _UNKNOWN_SETTING.search(text)
     if found is None or found["server"] is None:
         return None
-    where = (f"pool {pool_name!r}, in pool.transaction() (where a pooler's client gets the "
-             "settings the pooler would not keep from its login)")
+    where = (f"pool {pool_name!r}, in {within} (where a pooler's client gets the settings "
+             "the pooler would not keep from its login)")
     return PoolConfigError(" ".join(_unknown_setting_parts(where, found, text, settings)))
 
 

@@ -271,12 +271,18 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
         (set for this transaction, as ``pool.transaction()`` sets them): without them, behind
         PgBouncer, a session's statements ran with the server's ``search_path``."""
         await super()._start_transaction()
-        settings = self._asyncpool._slots.transaction_sql
+        slots = self._asyncpool._slots
+        settings = slots.transaction_sql
         if settings is not None and self._in_transaction():
             try:
                 await self._connection.raw.execute(settings)
             except Exception as error:
                 await _settle(self._connection, error)
+                refused = slots.refused_setting(error, "a transaction SQLAlchemy began")
+                if isinstance(refused, PoolError):
+                    # The connection is sound: the transaction stays, for SQLAlchemy to roll
+                    # back (`_handle_exception` would forget it, as for a lost connection).
+                    raise _dbapi_error(refused) from error
                 self._handle_exception(error)
 
     def _forget_transaction(self) -> None:

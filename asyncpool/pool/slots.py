@@ -364,11 +364,12 @@ class Slots(_HotSlots):
         connector = self.connector
         return connector.startup.transaction_sql if connector is not None else None
 
-    def refused_setting(self, exc: BaseException) -> Exception | None:
+    def refused_setting(self, exc: BaseException,
+                        within: str = "pool.transaction()") -> Exception | None:
         """The error to raise instead of `exc` when the server refused a setting of
-        `transaction_sql` (None: `exc` is not that)."""
+        `transaction_sql` in `within` (None: `exc` is not that)."""
         connector = self.connector
-        return connector.refused_setting(exc) if connector is not None else None
+        return connector.refused_setting(exc, within) if connector is not None else None
 
     @property
     def statement_mode(self) -> str:
