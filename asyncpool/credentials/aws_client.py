@@ -212,8 +212,6 @@ class AwsClient:
         # credentials and signed requests) is neither cause nor context.
         await stack.aclose()
         raise failure
-        hide_secrets_in_botocore_logs()
-        return client
 
     async def close(self) -> None:
         """Close the client; a later `get()` makes a new one."""
