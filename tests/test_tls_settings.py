@@ -691,6 +691,11 @@ def test_the_default_root_cert_is_verified_against_where_the_pool_builds_the_con
     require = _resolve(f"{DSN}?sslmode=require", env).driver_argument()
     assert isinstance(require, ssl.SSLContext)
     assert (require.verify_mode, require.check_hostname) == (ssl.CERT_REQUIRED, False)
+    # So a revocation list directory is checked there too (asyncpg's context read none).
+    crls = _resolve(f"{DSN}?sslmode=require", {**env, "PGSSLCRLDIR": str(tmp_path)})
+    assert crls.crl_dir == str(tmp_path)
+    assert isinstance(ctx := crls.driver_argument(), ssl.SSLContext)
+    assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN
     # prefer (the default) checks no chain: not read.
     assert _resolve(env=env).root_cert is None
     assert _resolve(env=env, ssl=_context(verify=True, hostname=True)).root_cert is None
