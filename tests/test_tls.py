@@ -353,6 +353,33 @@ async def test_verify_full_without_a_root_cert_named_verifies_against_the_defaul
         await _open(_dsn(tls_postgres, sslmode="verify-full"))
 
 
+async def test_an_unknown_ca_names_the_default_root_cert_in_require_and_outside_pools(
+    tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """require checks the chain against ~/.postgresql/root.crt too (libpq and asyncpg): the
+    error did not name the file there (asyncpg built the context), nor did those of the logins
+    `asyncpool bench` and `asyncpool doctor` make with asyncpg, in any mode."""
+    from asyncpool.config import PoolConfig
+    from asyncpool.connect.authguard import Login
+    from asyncpool.connect.dsn import parse_dsn
+    from asyncpool.load.logins import GuardedLogin
+
+    _home_with(tmp_path, monkeypatch, root_crt=pki.other_ca_cert)
+    checked = "it was checked against ~/.postgresql/root.crt, libpq's default root certificate"
+    with pytest.raises(ConnectError) as info:
+        await _open(_dsn(tls_postgres, sslmode="require"))
+    assert checked in str(info.value)
+    for mode in ("require", "verify-full"):
+        dsn = _dsn(tls_postgres, sslmode=mode)
+        with pytest.raises(ConnectError) as info:
+            await GuardedLogin(dsn).connect_asyncpg(timeout=5)
+        assert checked in str(info.value)
+        with pytest.raises(ConnectError) as info:
+            await Login(PoolConfig.from_env(dsn=None), parse_dsn(dsn)).connect(5, "doctor")
+        assert checked in str(info.value)
+        assert tls_postgres.app.password not in str(info.value)
+
+
 async def test_libpq_logins_verify_against_the_system_cas_where_the_pool_does(
     tls_postgres: PostgresServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -478,8 +478,8 @@ _CRLS_NOT_CHECKED = [
     ("", {"PGSSLCRL": "{crl}"},
      "PGSSLCRL='{crl}': ssl mode 'prefer' (asyncpg's default: nothing set) checks no"),
     ("?sslmode=require", {"PGSSLCRLDIR": "{dir}"},
-     "PGSSLCRLDIR='{dir}': with sslmode=require and no root certificate named, asyncpg "
-     "builds the TLS context"),
+     "PGSSLCRLDIR='{dir}': sslmode=require checks the certificate chain only against a root "
+     "certificate, and none is given"),
     ("?sslmode=require&sslcrl={crl}", {"HOME": "{dir}"},
      "sslmode=require checks the certificate chain only against a root certificate, and "
      "none is given"),
@@ -674,7 +674,10 @@ def test_the_default_root_cert_is_verified_against_where_the_pool_builds_the_con
     takes ~/.postgresql/root.crt: a private CA there was never trusted."""
     env = _home(tmp_path, root_crt=pki.ca_cert.read_bytes())
     home_root = str(tmp_path / ".postgresql" / "root.crt")
-    for query in ("?sslmode=verify-full", "?sslmode=verify-ca"):
+    # require too: it checks the chain against that file (as libpq and asyncpg do), in a
+    # context the pool builds (asyncpg's raised "[Errno 21] Is a directory" at every connect
+    # for a root.crt that could not be loaded, naming no file).
+    for query in ("?sslmode=verify-full", "?sslmode=verify-ca", "?sslmode=require"):
         setting = _resolve(DSN + query, env)
         assert (setting.root_cert, setting.root_cert_source) == (
             home_root, "~/.postgresql/root.crt, libpq's default root certificate")
@@ -685,8 +688,15 @@ def test_the_default_root_cert_is_verified_against_where_the_pool_builds_the_con
     assert _resolve(f"{DSN}?sslmode=verify-full", env,
                     ssl_root_cert=str(pki.other_ca_cert)).root_cert == str(pki.other_ca_cert)
     assert _resolve(f"{DSN}?sslrootcert=system", env).root_cert == "system"
-    # require: asyncpg builds the context from it, as libpq; no chain checked: not read.
-    assert _resolve(f"{DSN}?sslmode=require", env).root_cert is None
+    require = _resolve(f"{DSN}?sslmode=require", env).driver_argument()
+    assert isinstance(require, ssl.SSLContext)
+    assert (require.verify_mode, require.check_hostname) == (ssl.CERT_REQUIRED, False)
+    # So a revocation list directory is checked there too (asyncpg's context read none).
+    crls = _resolve(f"{DSN}?sslmode=require", {**env, "PGSSLCRLDIR": str(tmp_path)})
+    assert crls.crl_dir == str(tmp_path)
+    assert isinstance(ctx := crls.driver_argument(), ssl.SSLContext)
+    assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN
+    # prefer (the default) checks no chain: not read.
     assert _resolve(env=env).root_cert is None
     assert _resolve(env=env, ssl=_context(verify=True, hostname=True)).root_cert is None
     # Absent: the system CAs, as before (where libpq would fail).
@@ -737,7 +747,7 @@ def test_a_private_key_others_may_read_is_refused(tmp_path: Path, mode: int) -> 
     key.write_bytes(b"not read")
     key.chmod(mode)
     dsn = f"postgresql://app@db.example.com/db?sslmode=verify-full&sslcert=/a.crt&sslkey={key}"
-    with pytest.raises(PoolConfigError, match=r"can be read by other users .*chmod 600"):
+    with pytest.raises(PoolConfigError, match=r"has group or world access .*chmod 600"):
         resolve_tls(PoolConfig(dsn=dsn), environ={})
     key.chmod(0o600)
     assert resolve_tls(PoolConfig(dsn=dsn), environ={}).client_key == str(key)
@@ -745,3 +755,84 @@ def test_a_private_key_others_may_read_is_refused(tmp_path: Path, mode: int) -> 
     key.chmod(mode)
     off = dsn.replace("verify-full", "disable")
     assert resolve_tls(PoolConfig(dsn=off), environ={}).mode == "disable"
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o400])
+def test_a_private_key_only_its_owner_may_use_is_taken_as_libpq_takes_it(
+        tmp_path: Path, mode: int) -> None:
+    """libpq refuses group and world bits only (u=rwx passes): 0700 was refused as "can be
+    read by other users", where libpq and asyncpg loaded it."""
+    key = tmp_path / "client.key"
+    key.write_bytes(b"not read")
+    key.chmod(mode)
+    dsn = f"postgresql://app@db.example.com/db?sslmode=verify-full&sslcert=/a.crt&sslkey={key}"
+    assert resolve_tls(PoolConfig(dsn=dsn), environ={}).client_key == str(key)
+
+
+def test_client_certificate_settings_beside_a_context(tmp_path: Path) -> None:
+    """A context is used as it is (asyncpg reads no sslcert beside it): a DSN's sslcert was
+    dropped without a word, and a PGSSLKEY others may read, which nothing loads, was refused."""
+    context = _context(verify=True, hostname=True)
+    for query in ("?sslcert=/a.crt", "?sslkey=/a.key", "?sslpassword=Zq8-passphrase"):
+        with pytest.raises(PoolConfigError, match=r"is not used with an ssl\.SSLContext .*"
+                                                  r"load_cert_chain") as info:
+            _resolve(DSN + query, ssl=context)
+        assert "Zq8" not in str(info.value)
+    key = tmp_path / "client.key"
+    key.write_bytes(b"not read")
+    key.chmod(0o644)
+    # The variables are only defaults, ignored beside a context, as PGSSLROOTCERT is.
+    setting = _resolve(ssl=context, env={"PGSSLCERT": "/a.crt", "PGSSLKEY": str(key)})
+    assert (setting.client_cert, setting.client_key) == (None, None)
+    # Nor is a key refused that goes with no certificate (libpq checks the key it loads).
+    assert _resolve(f"{DSN}?sslmode=require", {"PGSSLKEY": str(key)}).client_key is None
+
+
+def test_a_root_cert_of_libpq_that_cannot_be_loaded_is_refused_in_require(
+        tmp_path: Path, pki: TestPki) -> None:
+    """require reads ~/.postgresql/root.crt (libpq and asyncpg): a directory, an empty file or
+    one that is not PEM failed every connect with asyncpg's "[Errno 21] Is a directory" or
+    "TLS failed (... no certificate or crl found)", naming no file."""
+    env = _home(tmp_path, root_crt=b"not a certificate\n")
+    for content in (b"not a certificate\n", b""):
+        (tmp_path / ".postgresql" / "root.crt").write_bytes(content)
+        with pytest.raises(PoolConfigError, match=r"the root certificate '.*/\.postgresql/root\."
+                                                  r"crt' \(~/\.postgresql/root\.crt, libpq's "
+                                                  r"default root certificate\) could not be "
+                                                  r"loaded as a PEM CA bundle"):
+            _resolve(f"{DSN}?sslmode=require", env).driver_argument()
+    (tmp_path / ".postgresql" / "root.crt").unlink()
+    (tmp_path / ".postgresql" / "root.crt").mkdir()
+    with pytest.raises(PoolConfigError, match="IsADirectoryError"):
+        _resolve(f"{DSN}?sslmode=require", env).driver_argument()
+
+
+@pytest.mark.parametrize("how", ["unsearchable", "symlink loop"])
+def test_a_postgresql_directory_that_cannot_be_looked_into_is_refused_naming_it(
+        tmp_path: Path, how: str) -> None:
+    """~/.postgresql this user may not search: Path.exists() raised PermissionError out of the
+    pool's constructor (and `asyncpool bench`/`doctor`); one that loops took the system CAs
+    without a word, where libpq fails. (Root may search anything: the first case needs
+    another user.)"""
+    directory = tmp_path / ".postgresql"
+    if how == "unsearchable":
+        if os.geteuid() == 0:
+            pytest.skip("root may look into any directory (checked by hand as another user)")
+        directory.mkdir()
+        directory.chmod(0)
+        reason = "Permission denied"
+    else:
+        directory.symlink_to(directory)
+        reason = "Too many levels of symbolic links"
+    try:
+        for mode in ("verify-full", "require", "prefer"):
+            with pytest.raises(PoolConfigError) as info:
+                _resolve(f"{DSN}?sslmode={mode}", {"HOME": str(tmp_path)})
+            message = str(info.value)
+            assert f"~/.postgresql/root.crt ({directory}/root.crt)" in message or (
+                mode == "prefer" and f"~/.postgresql/postgresql.key ({directory}/" in message)
+            assert f"could not be looked at ({reason})" in message
+            assert f"give this user access to {directory}" in message
+    finally:
+        if how == "unsearchable":
+            directory.chmod(0o700)

@@ -347,7 +347,8 @@ class Login:
             target = dsn.target()
             error = self.refusal(target) or translate(
                 exc, target, name, timeout, secrets=dsn.secrets,
-                settings=setting_sources(dsn, None))
+                settings=setting_sources(dsn, None),
+                root_cert_source=self.tls.root_cert_source)
         raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:

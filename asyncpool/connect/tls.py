@@ -8,10 +8,10 @@ two that differ are a `PoolConfigError` naming both, never "the last one wins". 
 variables are defaults, used only when the pool's settings say nothing (as in libpq).
 
 Modes follow libpq's ``sslmode``: ``disable``, ``allow``/``prefer`` (TLS if offered,
-unverified), ``require`` (TLS; the chain is checked only when a root certificate is given, as
-libpq does), ``verify-ca`` (the chain must lead to the root certificate: the one named, else
-libpq's ``~/.postgresql/root.crt``, else the system CAs where libpq would fail) and
-``verify-full`` (also the certificate must name the host dialled). A root
+unverified), ``require`` (TLS; the chain is checked only against a root certificate given or
+libpq's ``~/.postgresql/root.crt``, as libpq does), ``verify-ca`` (the chain must lead to the
+root certificate: the one named, else ``~/.postgresql/root.crt``, else the system CAs where
+libpq would fail) and ``verify-full`` (also the certificate must name the host dialled). A root
 certificate given without a mode means ``verify-full``; ``sslrootcert=system`` means the system
 CAs and needs ``verify-full``.
 
@@ -146,8 +146,10 @@ class TlsSetting:
             ctx = ssl.create_default_context(cafile=cafile)
         except (OSError, ssl.SSLError) as exc:
             raise PoolConfigError(
-                f"{self.root_cert_source}={self.root_cert!r} could not be loaded as a PEM CA "
-                f"bundle ({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc})"
+                f"the root certificate {self.root_cert!r} ({self.root_cert_source}) could not be "
+                f"loaded as a PEM CA bundle ({type(exc).__name__}: "
+                f"{getattr(exc, 'strerror', None) or exc}): give a readable PEM file of the CA "
+                "certificates the server's chain leads to"
             ) from None
         ctx.check_hostname = self.mode == "verify-full"
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -269,9 +271,11 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     mode, source = _mode(spellings, env, root_source if root is not None else None, fail)
     if root is None and context is None and env.get("PGSSLROOTCERT"):
         root_source, root = "PGSSLROOTCERT", env["PGSSLROOTCERT"]
-    if root is None and context is None and mode in ("verify-ca", "verify-full"):
-        # libpq's default; where it is absent libpq fails, the pool takes the system CAs.
-        root_source, root = _default_root(env)
+    if root is None and context is None and mode in ("require", "verify-ca", "verify-full"):
+        # libpq's default, which asyncpg reads too: the pool builds the context from it, so that
+        # a file that cannot be loaded is refused here and an unknown CA's error names it.
+        # Where it is absent libpq fails in verify-*: the pool takes the system CAs there.
+        root_source, root = _default_root(env, fail)
     if root == SYSTEM and context is None and mode != "verify-full":
         fail(f"{root_source}=system (the system CAs) needs ssl mode 'verify-full', not {mode!r} "
              f"({source}), as in libpq")
@@ -280,7 +284,9 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
 
     given = _Given(pairs, section, env, fail)
     cert, key, cert_source = _client_cert(given, mode, context)
-    _refuse_readable_key(None if mode == "disable" else key, fail)
+    # Only a key that will be loaded (with a certificate, into a context of the pool's or
+    # asyncpg's), as libpq checks only the key it loads.
+    _refuse_readable_key(key if cert and mode != "disable" and context is None else None, fail)
     _refuse_libpq_only(given)
     handshake = _handshake(given, context)
     min_version, max_version = _versions(handshake, fail)
@@ -368,11 +374,12 @@ def _handshake(given: _Given, context: ssl.SSLContext | None) -> dict[str, tuple
     return found
 
 
-def _default_root(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+def _default_root(env: Mapping[str, str], fail: Any) -> tuple[str | None, str | None]:
     """(where, path) of ``~/.postgresql/root.crt`` if it exists, as libpq reads it for
-    verify-ca/verify-full without ``sslrootcert``; else (None, None): the system CAs."""
-    path = _home_file("root.crt", env)
-    if path is None or not path.exists():
+    require/verify-ca/verify-full without ``sslrootcert``; else (None, None): the system CAs
+    (require: no chain checked)."""
+    path = _home_file("root.crt", env, fail)
+    if path is None:
         return None, None
     return f"{DEFAULT_ROOT}, libpq's default root certificate", str(path)
 
@@ -384,18 +391,27 @@ def _client_cert(given: _Given, mode: str,
     ``~/.postgresql/postgresql.crt``/``.key`` where they exist. A default certificate without
     its key is refused, as libpq refuses it. Beside a context, or with TLS off, no default is
     read."""
+    if context is not None:
+        # Used as it is: asyncpg reads no sslcert beside it. The variables are only defaults,
+        # as PGSSLROOTCERT is; one the pool is given would be dropped without a word.
+        for name in ("sslcert", "sslkey", "sslpassword"):
+            if (named := given.get(name, "", env_too=False)) is not None:
+                given.fail(f"{named[1]} is not used with an ssl.SSLContext (asyncpg reads none "
+                           "of the DSN's TLS settings then): load the certificate into the "
+                           "context (context.load_cert_chain(certfile, keyfile, password)) "
+                           "and leave it out")
+        return None, None, None
     named_key = given.get("sslkey", "PGSSLKEY")
     key = named_key[0] if named_key else None
-    if context is not None or mode == "disable":
+    if mode == "disable":
         named = given.get("sslcert", "PGSSLCERT")
         return (named[0], key, named[1]) if named else (None, key, None)
-    home_key = _home_file("postgresql.key", given.env)
-    if key is None and home_key is not None and home_key.exists():
+    if key is None and (home_key := _home_file("postgresql.key", given.env, given.fail)):
         key = str(home_key)
     if (cert := given.get("sslcert", "PGSSLCERT")) is not None:
         return cert[0], key, cert[1]
-    home_cert = _home_file("postgresql.crt", given.env)
-    if home_cert is None or not home_cert.exists():
+    home_cert = _home_file("postgresql.crt", given.env, given.fail)
+    if home_cert is None:
         return None, None, None
     if key is None:
         given.fail(f"{DEFAULT_CLIENT_CERT} exists ({home_cert}), which libpq and asyncpg present "
@@ -406,21 +422,23 @@ def _client_cert(given: _Given, mode: str,
 
 
 def _refuse_readable_key(key: str | None, fail: Any) -> None:
-    """Refuse a private key file that others may read, as libpq refuses it (asyncpg loads it
-    as it is): at most u=rw (0600) for a file of the user's, u=rw,g=r (0640) for root's."""
+    """Refuse a private key file with group or world access, as libpq refuses it (asyncpg
+    loads it as it is), with libpq's rule: no group or other bit for a file of a user's
+    (0600 or 0700 pass), none but g=r for root's (0640)."""
     if key is None or os.name == "nt":
         return  # (libpq checks no permissions there either)
     try:
-        info = os.stat(os.path.expanduser(key))
+        info = os.stat(key)  # (followed through a symbolic link, as libpq's stat())
     except OSError:
         return  # (missing or unreadable: loading it says so)
     if not stat.S_ISREG(info.st_mode):
         return
-    allowed = 0o640 if info.st_uid == 0 else 0o600
-    if stat.S_IMODE(info.st_mode) & ~allowed & 0o777:
-        fail(f"the private key file {key!r} can be read by other users (permissions "
-             f"{stat.S_IMODE(info.st_mode):04o}); libpq refuses it: make it readable by its "
-             f"owner only (chmod 600 {key})")
+    refused = (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO if info.st_uid == 0
+               else stat.S_IRWXG | stat.S_IRWXO)
+    if info.st_mode & refused:
+        fail(f"the private key file {key!r} has group or world access (permissions "
+             f"{stat.S_IMODE(info.st_mode):04o}), which libpq refuses (it allows 0600, or 0640 "
+             f"for a file root owns): make it readable by its owner only (chmod 600 {key})")
 
 
 def _versions(handshake: Mapping[str, tuple[str, str]], fail: Any) -> tuple[str, str | None]:
@@ -471,23 +489,16 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verific
                  "revocation list would not be read (libpq and asyncpg skip it silently): set "
                  "sslmode=verify-full with sslrootcert to have it checked, or leave it out")
         if mode == "require" and root is None and checks.context is None:
-            home_root = _home_file("root.crt", env)
-            if crl_dir is not None:
-                fail(f"{dir_where}={crl_dir!r}: with sslmode=require and no root certificate "
-                     "named, asyncpg builds the TLS context (from ~/.postgresql/root.crt if it "
-                     "exists) and reads no sslcrldir: name the root certificate (sslrootcert= "
-                     "or ssl_root_cert) so that the pool checks it, or give a file (sslcrl)")
-            if home_root is None or not home_root.is_file():
-                fail(f"{shown}: sslmode=require checks the certificate chain only against a "
-                     "root certificate, and none is given (sslrootcert, ssl_root_cert, "
-                     "PGSSLROOTCERT, ~/.postgresql/root.crt), so the revocation list would "
-                     "revoke nothing: give the root certificate (or sslmode=verify-full)")
-            # asyncpg checks it, against ~/.postgresql/root.crt, as libpq does.
+            # (~/.postgresql/root.crt, where it exists, is the root here already.)
+            fail(f"{shown}: sslmode=require checks the certificate chain only against a "
+                 "root certificate, and none is given (sslrootcert, ssl_root_cert, "
+                 "PGSSLROOTCERT, ~/.postgresql/root.crt), so the revocation list would "
+                 "revoke nothing: give the root certificate (or sslmode=verify-full)")
         return crl_file, crl_dir, " / ".join(w for w in (file_where, dir_where) if w)
     if checks.context is not None or _RANK[mode] < _RANK["require"]:
         return None, None, None  # a context is used as it is; these modes check no chain
-    default = _home_file("root.crl", env)
-    if default is None or not default.exists():
+    default = _home_file("root.crl", env, fail)
+    if default is None:
         return None, None, None
     if root is None and mode != "require":
         fail(f"{DEFAULT_CRL} exists, which libpq checks beside {DEFAULT_ROOT}, but no root "
@@ -497,8 +508,8 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verific
              "explicitly (sslcrl=), or write sslrootcert=system to check none (as libpq reads "
              "no revocation list with the system CAs)")
     if root is None or root == SYSTEM:
-        # require without a root certificate: asyncpg builds the context and reads the file
-        # itself, as libpq does; with the system CAs libpq reads no revocation list.
+        # require without a root certificate checks no chain; with the system CAs libpq reads
+        # no revocation list.
         return None, None, None
     return str(default), None, f"{DEFAULT_CRL}, libpq's default revocation list"
 
@@ -529,16 +540,30 @@ def _crl_spelling(where: str, key: str) -> str:
     return variable if where == HANDSHAKE_KEYS[other] else f"{key}="
 
 
-def _home_file(name: str, env: Mapping[str, str]) -> Path | None:
-    """``~/.postgresql/<name>`` as asyncpg finds it (``HOME``, else the user's home), or None."""
+def _home_file(name: str, env: Mapping[str, str], fail: Any) -> Path | None:
+    """``~/.postgresql/<name>`` as asyncpg finds it (``HOME``, else the user's home) if it
+    exists, else None. One that cannot be looked at (``~/.postgresql`` this user may not
+    search) is refused: asyncpg would raise at every connect, libpq refuses it or falls back to
+    the system's defaults it does not have."""
     if env.get("HOME"):
-        return Path(env["HOME"]) / ".postgresql" / name
-    if env is not os.environ:
+        path = Path(env["HOME"]) / ".postgresql" / name
+    elif env is not os.environ:
         return None  # a mapping of its own without HOME: no home directory
+    else:
+        try:
+            path = Path.home() / ".postgresql" / name
+        except (RuntimeError, KeyError):
+            return None
     try:
-        return Path.home() / ".postgresql" / name
-    except (RuntimeError, KeyError):
-        return None
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # (as libpq: ENOENT and ENOTDIR are "absent")
+    except OSError as exc:
+        fail(f"~/.postgresql/{name} ({path}) could not be looked at ({exc.strerror}), and "
+             f"libpq and asyncpg read it when it exists: give this user access to {path.parent} "
+             "(and read access to its files), or name the file to use instead (sslrootcert, "
+             "sslcert and sslkey, sslcrl)")
+    return path
 
 
 #: libpq's ``sslnegotiation`` values (17); asyncpg reads the same (and ``direct_tls=``).
