@@ -525,6 +525,11 @@ EVENTS = ("I refs",)
 SIMULATED = ("I refs", "I1 misses", "D1 misses", "Mispredicts")
 
 
+#: glibc malloc settings for the counted children: no trimming or mmap of asyncpg's buffers.
+_STEADY_MALLOC = ("glibc.malloc.trim_threshold=16777216:glibc.malloc.mmap_threshold=16777216:"
+                  "glibc.malloc.top_pad=4194304")
+
+
 def instructions_case(dsn: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """Instructions per query (and with `--simulate` cache misses and branch mispredictions:
     per event, per contender, one value per round), counted by valgrind's cachegrind in a child
@@ -543,7 +548,10 @@ def instructions_case(dsn: str, args: argparse.Namespace) -> dict[str, dict[str,
     if valgrind is None:
         raise SystemExit("--only instructions needs valgrind (Debian package valgrind)")
     names = [n for n in CONTENDERS if args.all or n not in (ASYNCPG_POOL, PSYCOPG_POOL)]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    # glibc's heap trimming at each of asyncpg's 64 KiB read buffers depends on the package's
+    # allocation history: unpinned, contenders whose code did not change moved by up to 1,800
+    # instructions per query between two trees; pinned, within about 500.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "GLIBC_TUNABLES": _STEADY_MALLOC}
     small, large = args.instr_queries, 3 * args.instr_queries
 
     events = SIMULATED if args.simulate else EVENTS
