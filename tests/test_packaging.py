@@ -70,6 +70,9 @@ INTEGRATIONS: dict[str, tuple[str, str]] = {
     "asyncpool.integrations.sqlalchemy": ("sqlalchemy", "sqlalchemy"),
 }
 
+# Modules that take the application's OpenTelemetry SDK objects, and the import that names it.
+NEEDS_SDK: dict[str, str] = {"asyncpool.integrations.lambda_spans": "opentelemetry.sdk"}
+
 # Not for users: the wheel must hold none of these.
 NOT_SHIPPED = ("tests/", "benchmarks/", "docs/", "examples/", "__pycache__", ".pyc", ".env", ".cache/")
 
@@ -323,6 +326,18 @@ def test_an_integration_without_its_extra_says_which_extra_to_install(module: st
     last = done.stderr.strip().splitlines()[-1]
     assert last == (f"ModuleNotFoundError: {module} needs {framework}, which is not installed: "
                     f"pip install 'asyncpool-pg[{extra}]'")
+
+
+@pytest.mark.parametrize("module", sorted(NEEDS_SDK))
+def test_a_module_of_the_sdk_without_it_says_what_to_install(module: str) -> None:
+    missing = NEEDS_SDK[module]
+    assert PROVIDERS[missing] == (APPLICATION, "opentelemetry-sdk")
+    code = f"{NOT_INSTALLED}\nsys.meta_path.insert(0, NotInstalled({missing!r}))\nimport {module}\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (f"ModuleNotFoundError: {module} needs {missing}, which is not installed: "
+                    "pip install opentelemetry-sdk")
 
 
 # --- installed --------------------------------------------------------------------------------------

@@ -48,14 +48,17 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 P = TypeVar("P", bound="Pool")
+# The handler's own event and context types, kept through the decorators (not widened to Any).
+E = TypeVar("E")
+C = TypeVar("C")
 
 # Loop turns given at the start of an invocation to the I/O that arrived while the environment
 # was frozen: one to poll the sockets, one to run the read callbacks, one for the connection-lost
 # callbacks they schedule.
 _SETTLE_TURNS = 3
 
-AsyncHandler = Callable[[Any, Any], Awaitable[T]]
-SyncHandler = Callable[[Any, Any], T]
+AsyncHandler = Callable[[E, C], Awaitable[T]]
+SyncHandler = Callable[[E, C], T]
 
 
 class HandlerTimeoutError(TimeoutError):
@@ -269,29 +272,31 @@ def get_runner() -> LambdaRunner:
 
 
 @overload
-def async_handler(func: AsyncHandler[T], *, runner: LambdaRunner | None = None) -> SyncHandler[T]:
+def async_handler(
+    func: AsyncHandler[E, C, T], *, runner: LambdaRunner | None = None
+) -> SyncHandler[E, C, T]:
     ...
 
 
 @overload
 def async_handler(
     func: None = None, *, runner: LambdaRunner | None = None
-) -> Callable[[AsyncHandler[T]], SyncHandler[T]]:
+) -> Callable[[AsyncHandler[E, C, T]], SyncHandler[E, C, T]]:
     ...
 
 
 def async_handler(
-    func: AsyncHandler[T] | None = None, *, runner: LambdaRunner | None = None
-) -> SyncHandler[T] | Callable[[AsyncHandler[T]], SyncHandler[T]]:
+    func: AsyncHandler[E, C, T] | None = None, *, runner: LambdaRunner | None = None
+) -> SyncHandler[E, C, T] | Callable[[AsyncHandler[E, C, T]], SyncHandler[E, C, T]]:
     """Turn ``async def handler(event, context)`` into the synchronous handler Lambda calls.
 
     Every invocation runs on `runner` (default: `get_runner()`), so pools opened by one invocation
     serve the next ones.
     """
 
-    def wrap(handler: AsyncHandler[T]) -> SyncHandler[T]:
+    def wrap(handler: AsyncHandler[E, C, T]) -> SyncHandler[E, C, T]:
         @functools.wraps(handler)
-        def sync_handler(event: Any, context: Any) -> T:
+        def sync_handler(event: E, context: C) -> T:
             return (runner or get_runner()).invoke(lambda: handler(event, context), context)
 
         return sync_handler

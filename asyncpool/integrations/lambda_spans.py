@@ -12,9 +12,14 @@ Attributes are the FaaS semantic-convention names, ``faas.invocation_id`` and ``
 from __future__ import annotations
 
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import Span, SpanProcessor
 
+from asyncpool.errors import missing_dependency
 from asyncpool.integrations.invocation import current_invocation
+
+try:
+    from opentelemetry.sdk.trace import Span, SpanProcessor
+except ModuleNotFoundError as exc:  # asyncpool depends on the API only; the application has the SDK
+    raise missing_dependency(exc, __name__, "opentelemetry-sdk") from exc
 
 INVOCATION_ID = "faas.invocation_id"
 COLDSTART = "faas.coldstart"

@@ -61,6 +61,9 @@ def current_connection() -> PooledConnection:
 
 P = ParamSpec("P")
 T = TypeVar("T")
+# The handler's own event and context types, kept (not widened to Any).
+E = TypeVar("E")
+C = TypeVar("C")
 
 
 class HandlerDecorator(Protocol):
@@ -68,12 +71,12 @@ class HandlerDecorator(Protocol):
     not, becomes the synchronous handler Lambda calls, returning what it returns."""
 
     @overload
-    def __call__(self, handler: Callable[Concatenate[Any, Any, P], Coroutine[Any, Any, T]], /
-                 ) -> Callable[Concatenate[Any, Any, P], T]: ...
+    def __call__(self, handler: Callable[Concatenate[E, C, P], Coroutine[Any, Any, T]], /
+                 ) -> Callable[Concatenate[E, C, P], T]: ...
 
     @overload
-    def __call__(self, handler: Callable[Concatenate[Any, Any, P], T], /
-                 ) -> Callable[Concatenate[Any, Any, P], T]: ...
+    def __call__(self, handler: Callable[Concatenate[E, C, P], T], /
+                 ) -> Callable[Concatenate[E, C, P], T]: ...
 
 
 def pooled_connection(

@@ -171,3 +171,18 @@ def lambda_handlers() -> int:
     answer: int = handler({"n": 1}, None)
     text: str = plain({"n": 1}, None)
     return answer + len(text) + counted
+
+
+def async_handlers() -> int:
+    """`async_handler` keeps the handler's event, context and return types."""
+    from asyncpool.integrations.lambda_runner import LambdaRunner, async_handler
+
+    @async_handler
+    async def handler(event: dict[str, int], context: object) -> int:
+        return event["n"]
+
+    @async_handler(runner=LambdaRunner())
+    async def on_a_runner(event: list[str], context: None) -> str:
+        return event[0]
+
+    return handler({"n": 1}, None) + len(on_a_runner(["a"], None))

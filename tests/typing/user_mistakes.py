@@ -66,6 +66,24 @@ def lambda_mistakes() -> None:
     wrong: str = takes_any({}, None)  # error: assignment
     print(wrong)
 
+    @pooled_connection(Pool("postgresql://app@db/app"))
+    async def typed_event(event: dict[str, int], context: object) -> int:
+        return event["n"]
+
+    typed_event("n=1", None)  # error: arg-type
+
+
+def async_handler_mistakes() -> None:
+    from asyncpool.integrations.lambda_runner import async_handler
+
+    @async_handler
+    async def handler(event: dict[str, int], context: object) -> int:
+        return event["n"]
+
+    handler(["n"], None)  # error: arg-type
+    text: str = handler({"n": 1}, None)  # error: assignment
+    print(text)
+
 
 class Row(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without asyncpg's types)
     pass
