@@ -34,8 +34,9 @@ def _load_example() -> ModuleType:
     return load_script(EXAMPLE / "notes_app.py", "sqlalchemy_notes_app")
 
 
-async def test_example_serves_invocations_from_one_pool(
-        runtime: RuntimeThread, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch) -> None:
+async def _example_with_fresh_tables(runtime: RuntimeThread, legacy: PgBouncerServer,
+                                     monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The example pointed at `legacy`, its tables made anew."""
     monkeypatch.setenv("ASYNCPOOL_DSN", legacy.dsn())
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "notes-api-test")
     # Imported on the runtime thread: Mangum takes that thread's event loop.
@@ -46,6 +47,12 @@ async def test_example_serves_invocations_from_one_pool(
             await conn.run_sync(app.Base.metadata.drop_all)
             await conn.run_sync(app.Base.metadata.create_all)
         await engine.dispose()
+    return app
+
+
+async def test_example_serves_invocations_from_one_pool(
+        runtime: RuntimeThread, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = await _example_with_fresh_tables(runtime, legacy, monkeypatch)
 
     def invoke(name: str) -> dict[str, Any]:
         event = load_event(EXAMPLE / "events" / name)
@@ -89,15 +96,7 @@ async def test_example_ends_a_session_run_into_the_deadline_with_a_504(
 
     from tests.test_fastapi_mangum import http_event
 
-    monkeypatch.setenv("ASYNCPOOL_DSN", legacy.dsn())
-    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "notes-api-test")
-    app = await runtime.call(_load_example)
-    async with Pool(legacy.dsn(), name="notes-schema", max_size=1, telemetry=False) as schema_pool:
-        engine = create_async_engine(schema_pool)
-        async with engine.begin() as conn:
-            await conn.run_sync(app.Base.metadata.drop_all)
-            await conn.run_sync(app.Base.metadata.create_all)
-        await engine.dispose()
+    app = await _example_with_fresh_tables(runtime, legacy, monkeypatch)
 
     @app.app.get("/slow")  # type: ignore[untyped-decorator]
     async def slow(session: Any = Depends(app.get_session, scope="function")) -> None:  # noqa: B008

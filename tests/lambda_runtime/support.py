@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.lambda_runtime import LambdaProcess, Outcome, RuntimeAPI
 from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients
@@ -70,3 +72,15 @@ async def wait_for_no_clients(pooler: PgBouncerServer, within: float = 15.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"PgBouncer still has the client after {within}s")
         await asyncio.sleep(0.2)
+
+
+async def running(dsn: str, tag: str) -> int:
+    """How many server sessions (other than this check's) run the statement tagged `tag`."""
+    check = await asyncpg.connect(dsn)
+    try:
+        count: int = await check.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND state = 'active' "
+            "AND pid <> pg_backend_pid()", f"%{tag}%")
+        return count
+    finally:
+        await check.close()

@@ -25,6 +25,7 @@ from tests.lambda_runtime.support import (
     environment,
     invoke,
     response,
+    running,
     wait_for_no_clients,
 )
 from tests.script_support import REPO
@@ -86,16 +87,6 @@ def _get(path: str, query: dict[str, str]) -> dict[str, Any]:
     return event
 
 
-async def _running(dsn: str, tag: str) -> int:
-    check = await asyncpg.connect(dsn)
-    try:
-        count: int = await check.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND state = 'active' "
-            "AND pid <> pg_backend_pid()", f"%{tag}%")
-        return count
-    finally:
-        await check.close()
-
 
 async def test_without_lambda_deadline_the_timeout_kills_the_environment_mid_statement(
     own_pgbouncer: PgBouncerServer, postgres: PostgresServer, tmp_path: Path
@@ -112,7 +103,7 @@ async def test_without_lambda_deadline_the_timeout_kills_the_environment_mid_sta
             late = await invoke(api, _get("/stall", {"tag": tag, "table": table}))
             assert late.kind == "timeout", late.body
             assert await asyncio.to_thread(proc.wait, 5.0) == -signal.SIGKILL
-            assert await _running(postgres.dsn(), tag) == 1
+            assert await running(postgres.dsn(), tag) == 1
             # PgBouncer drops the server connection too; PostgreSQL notices only when the
             # statement next writes to it.
             gone = await departures(own_pgbouncer)
@@ -149,7 +140,7 @@ async def test_lambda_deadline_answers_504_with_the_connection_back_before_the_i
             assert "deadline margin was reached" in json.loads(late["body"])["detail"]
             headers = late["headers"]
             assert (headers["x-pool-in-use"], headers["x-pool-closed"]) == ("0", "0"), headers
-            assert await _running(postgres.dsn(), tag) == 0
+            assert await running(postgres.dsn(), tag) == 0
             check = await asyncpg.connect(postgres.dsn())
             try:
                 assert await check.fetchval(f"SELECT count(*) FROM {table}") == 0

@@ -29,6 +29,7 @@ from tests.lambda_runtime.support import (
     environment,
     invoke,
     response,
+    running,
     wait_for_no_clients,
 )
 
@@ -322,10 +323,10 @@ async def test_a_deadline_during_a_statement_rolls_back_and_cancels_it_on_the_se
             check = await asyncpg.connect(postgres.dsn())
             try:
                 assert await check.fetchval(f"SELECT count(*) FROM {table}") == 0
-                running = await check.fetchval(
+                left = await check.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 "
                     "AND pid <> pg_backend_pid()", f"%{tag}%")
-                assert running == 0
+                assert left == 0
             finally:
                 await check.close()
             stats = response(await invoke(api, {"op": "query"}), proc)["pool"]
@@ -358,17 +359,6 @@ async def test_a_task_left_getting_a_connection_does_not_keep_it_from_the_next_i
         assert "was getting a connection" in line
 
 
-async def _running(dsn: str, tag: str) -> int:
-    """How many server sessions (other than this check's) run the statement tagged `tag`."""
-    check = await asyncpg.connect(dsn)
-    try:
-        count: int = await check.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND state = 'active' "
-            "AND pid <> pg_backend_pid()", f"%{tag}%")
-        return count
-    finally:
-        await check.close()
-
 
 @pytest.mark.parametrize(
     "execution_env", ["AWS_Lambda_python3.11", "AWS_Lambda_python3.12"],
@@ -386,12 +376,12 @@ async def test_sigterm_during_a_statement_cancels_it_on_the_server(
         response(await invoke(runtime_api, {"op": "query"}), proc)
         runtime_api.submit({"op": "stall", "tag": tag})
         deadline = time.monotonic() + 10
-        while not await _running(postgres.dsn(), tag):
+        while not await running(postgres.dsn(), tag):
             assert time.monotonic() < deadline, proc.log()[-2000:]
             await asyncio.sleep(0.05)
         proc.signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 1.0) is not None, proc.log()[-2000:]
     deadline = time.monotonic() + 1.0
-    while (left := await _running(postgres.dsn(), tag)) and time.monotonic() < deadline:
+    while (left := await running(postgres.dsn(), tag)) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert left == 0, f"the statement still runs on the server\n{proc.log()[-2000:]}"
