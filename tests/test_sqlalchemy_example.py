@@ -34,6 +34,13 @@ def _load_example() -> ModuleType:
     return load_script(EXAMPLE / "notes_app.py", "sqlalchemy_notes_app")
 
 
+def _close_on_mangums_loop(app: ModuleType) -> None:
+    """Close the example's pool on the loop Mangum ran it on (the runtime thread's)."""
+    loop = asyncio.get_event_loop()
+    loop.run_until_complete(app.pool.close())
+    loop.close()
+
+
 async def _example_with_fresh_tables(runtime: RuntimeThread, legacy: PgBouncerServer,
                                      monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """The example pointed at `legacy`, its tables made anew."""
@@ -76,12 +83,7 @@ async def test_example_serves_invocations_from_one_pool(
             assert (stats.in_use, stats.created_total, stats.closed_total) == (0, 1, 0)
         assert app.pool.stats().acquired_total == 15
     finally:
-        def close_on_mangums_loop() -> None:
-            loop = asyncio.get_event_loop()
-            loop.run_until_complete(app.pool.close())
-            loop.close()
-
-        await runtime.call(close_on_mangums_loop)
+        await runtime.call(_close_on_mangums_loop, app)
 
 
 async def test_example_ends_a_session_run_into_the_deadline_with_a_504(
@@ -129,9 +131,4 @@ async def test_example_ends_a_session_run_into_the_deadline_with_a_504(
                                    LocalContext())
         assert (found["statusCode"], found["body"]) == (200, "[]")
     finally:
-        def close_on_mangums_loop() -> None:
-            loop = asyncio.get_event_loop()
-            loop.run_until_complete(app.pool.close())
-            loop.close()
-
-        await runtime.call(close_on_mangums_loop)
+        await runtime.call(_close_on_mangums_loop, app)
