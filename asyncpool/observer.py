@@ -34,8 +34,9 @@ class ConnectAttempt:
     #: `PoolTimeoutError` when the caller's acquire ran out of time first, `CancelledError`
     #: when the caller itself was cancelled (`abandoned`).
     caller_error: type[BaseException] | None = None
-    #: The class of the exception the credentials provider's step raised (None: it gave a
-    #: password, was cancelled, or did not run).
+    #: The class of the exception the credentials provider's step raised, or the caller's
+    #: error when the login was stopped during the step (a timeout, close()); None: it gave a
+    #: password, did not run, or its caller went away (`abandoned`).
     credentials_error: type[BaseException] | None = None
 
     @property

@@ -4,10 +4,14 @@ with `Pool.stats()` after a known workload against the real servers."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -30,6 +34,7 @@ from asyncpool.errors import ConnectError
 from asyncpool.observer import ConnectAttempt, LeakReport
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.telemetry import semconv as sc
+from asyncpool.telemetry.checkout_times import CheckoutTimes
 from asyncpool.telemetry.metrics import instruments_for, qualified_name
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
@@ -710,3 +715,62 @@ def test_pools_of_one_name_on_two_threads_lose_no_count(sdk: Sdk) -> None:
         "leaks": collected.value(sc.LEAKS.name, asyncpool__leak__action="log"),
     }
     assert counts == dict.fromkeys(counts, 2 * events)
+
+
+def _in_a_fork_while_another_thread_holds(lock: Any, use: Callable[[], object]) -> int:
+    """Fork while a thread of this process holds `lock`; the child calls `use` and exits 0.
+    Returns the child's exit status, or -1 if it did not exit within a few seconds (hung)."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the holding thread is not here, its lock state is
+            try:
+                use()
+            finally:
+                os._exit(0)
+    finally:
+        release.set()
+        thread.join()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -1
+
+
+def test_a_forked_child_counts_with_locks_other_threads_held_at_the_fork(sdk: Sdk) -> None:
+    """A worker forked while another thread counted, or collected checkout times, gets the
+    telemetry's locks free: the child has no thread to release them, so its pool's loop hung
+    at its first timeout, failed login, checkout or open (Lambda managed instances and
+    gunicorn fork workers)."""
+    observer = TelemetryObserver(meter_provider=sdk.meter_provider,
+                                 tracer_provider=NoOpTracerProvider())
+    observer.attach("forked", lambda: _no_stats("forked"))
+    counts = observer._counts
+    instruments = observer._instruments
+    times = CheckoutTimes()
+    recorder = times.recorder("forked")
+    for lock, use in (
+        (counts._lock, observer.timed_out),
+        (instruments._lock, lambda: instruments.watch(object(), "forked-2", lambda: _no_stats("forked-2"))),
+        (recorder._lock, lambda: recorder.wait(0.001)),
+        (times._lock, lambda: times.recorder("forked-3")),
+    ):
+        assert _in_a_fork_while_another_thread_holds(lock, use) == 0, use
+
+
+def _no_stats(name: str) -> PoolStats:
+    return PoolStats(name, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0)

@@ -472,3 +472,53 @@ async def test_an_iam_token_that_cannot_be_signed_marks_the_credentials_span(
     assert dict(credentials.attributes or {}) == {
         sc.CREDENTIALS_PROVIDER: "IamAuth", sc.ERROR_TYPE: "asyncpool.errors.CredentialsError"}
     assert list(credentials.events) == []
+
+
+class NeverAnswers(SlowSecret):
+    """A secret store that stops answering."""
+
+    async def password(self, target: Target) -> str:
+        await asyncio.Event().wait()
+        raise AssertionError("never reached")
+
+
+async def test_a_credential_fetch_cut_by_the_connect_timeout_is_an_error_span(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """The login timed out while the provider ran: the credentials step failed with it (it was
+    left UNSET, an apparently healthy step taking the whole connect_timeout)."""
+    async with sdk.pool(postgres.dsn(), name="creds-hang", min_size=0, connect_timeout=0.2,
+                        credentials=NeverAnswers("")) as pool:
+        with pytest.raises(asyncpool.PoolTimeoutError, match=r"connect_timeout=0\.2s"):
+            async with pool.acquire(timeout=0.3):
+                pass
+
+    # The first login, cut at connect_timeout (the pool's retry was cut by the acquire's).
+    connect = sdk.spans(f"connect {postgres.database}")[0]
+    assert dict(connect.attributes or {})[sc.ERROR_TYPE] == "asyncpool.errors.ConnectError"
+    [credentials] = [s for s in sdk.spans(sc.CREDENTIALS_SPAN)
+                     if s.parent is not None and s.parent.span_id == connect.context.span_id]
+    assert credentials.status.status_code is StatusCode.ERROR
+    assert credentials.status.description is None
+    assert dict(credentials.attributes or {}) == {
+        sc.CREDENTIALS_PROVIDER: "NeverAnswers",
+        sc.ERROR_TYPE: "asyncpool.errors.ConnectError",
+    }
+    assert list(credentials.events) == []
+
+
+async def test_a_credential_fetch_whose_caller_went_away_stays_unset(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """The caller was cancelled (a client that went away) during the fetch: nothing failed."""
+    async with sdk.pool(postgres.dsn(), name="creds-gone", min_size=0,
+                        credentials=NeverAnswers("")) as pool:
+        caller = asyncio.create_task(pool.fetchval("SELECT 1"))
+        await asyncio.sleep(0.1)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
+    [credentials] = sdk.spans(sc.CREDENTIALS_SPAN)
+    assert credentials.status.status_code is StatusCode.UNSET
+    assert sc.ERROR_TYPE not in dict(credentials.attributes or {})

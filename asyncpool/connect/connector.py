@@ -312,7 +312,7 @@ class Connector:
                 cred_times.append(time.time_ns())
                 try:
                     return await _ask(provider, target, self.config.name)
-                except Exception as exc:  # its class only: the span must not carry its message
+                except BaseException as exc:  # its class only: the span must not carry its message
                     cred_failed.append(type(exc))
                     raise
                 finally:
@@ -368,11 +368,24 @@ class Connector:
                     credentials_ended_ns=cred_times[1] if len(cred_times) > 1 else None,
                     error=error,
                     caller_error=caller_error,
-                    credentials_error=cred_failed[0] if cred_failed else None,
+                    credentials_error=_step_error(cred_failed, caller_error),
                 )
             )
         # Raised outside the except block: no __context__ either.
         raise error
+
+
+def _step_error(failed: list[type[BaseException]],
+                caller_error: type[BaseException] | None) -> type[BaseException] | None:
+    """The class the credentials step failed with: what it raised, or, when the login was
+    stopped while it ran (a cancellation: connect_timeout, the caller's acquire_timeout,
+    close()), the error the caller got for the login; None when that caller went away (an
+    abandoned login failed nothing)."""
+    if not failed:
+        return None
+    if issubclass(failed[0], asyncio.CancelledError):
+        return None if caller_error in (None, asyncio.CancelledError) else caller_error
+    return failed[0]
 
 
 async def _ask(provider: CredentialProvider, target: Target, pool: str) -> str:

@@ -13,7 +13,6 @@ recorder swaps its totals out under its lock, so a record is counted once, in on
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from bisect import bisect_left
@@ -21,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from asyncpool.telemetry import semconv as sc
+from asyncpool.telemetry.fork_locks import fork_safe_lock
 
 #: The two histograms aggregated here, by metric name.
 AGGREGATED = (sc.WAIT_TIME, sc.USE_TIME)
@@ -49,14 +49,15 @@ class Totals:
 class PoolCheckoutTimes:
     """The recorder of one pool: its wait and use times since the last collection."""
 
-    __slots__ = ("_bounds", "_buckets", "_lock", "_use", "_wait", "closed", "pool_name")
+    __slots__ = ("__weakref__", "_bounds", "_buckets", "_lock", "_use", "_wait", "closed",
+                 "pool_name")
 
     def __init__(self, pool_name: str, bounds: Sequence[float]) -> None:
         self.pool_name: str = pool_name
         self.closed: bool = False
         self._bounds = bounds
         self._buckets = len(bounds) + 1
-        self._lock = threading.Lock()
+        self._lock = fork_safe_lock(self)
         self._wait = Totals(self._buckets)
         self._use = Totals(self._buckets)
 
@@ -156,7 +157,7 @@ class CheckoutTimes:
 
     def __init__(self, bounds: Sequence[float] = sc.TIME_BUCKETS) -> None:
         self.bounds: tuple[float, ...] = tuple(bounds)
-        self._lock = threading.Lock()
+        self._lock = fork_safe_lock(self)
         self._recorders: list[PoolCheckoutTimes] = []
         # Weakly: an exporter dropped without shutdown() (nobody unsubscribes it) must not keep
         # every closed pool's recorder waiting for a collection that never comes.

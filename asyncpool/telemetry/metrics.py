@@ -13,7 +13,6 @@ creating its own `db.client.connection.count` would have its callback silently d
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from opentelemetry.metrics import (
 from asyncpool.errors import AuthenticationError, ConnectError, PoolerExhaustedError
 from asyncpool.stats import PoolStats, StatementCacheStats
 from asyncpool.telemetry import semconv as sc
+from asyncpool.telemetry.fork_locks import fork_safe_lock
 
 Attributes = Mapping[str, str]
 
@@ -59,10 +59,11 @@ class PoolCounts:
     failed login, a leak), none on the checkout path.
     """
 
-    __slots__ = ("_lock", "create_errors", "leaks", "timeouts", "validation_failures")
+    __slots__ = ("__weakref__", "_lock", "create_errors", "leaks", "timeouts",
+                 "validation_failures")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = fork_safe_lock(self)
         self.timeouts: int = 0
         self.validation_failures: int = 0
         self.leaks: dict[str, int] = dict.fromkeys(LEAK_ACTIONS, 0)
@@ -129,7 +130,7 @@ class PoolInstruments:
         self._series: dict[str, Series] = {}
         # Held by watch/unwatch (on a pool's loop) and by the collections that add a closed
         # pool's cache counts to its name's (on a reader's thread), so none counts one twice.
-        self._lock = threading.Lock()
+        self._lock = fork_safe_lock(self)
         self.create_time: Histogram = _histogram(meter, conventions, sc.CREATE_TIME)
         self.wait_time: Histogram = _histogram(meter, conventions, sc.WAIT_TIME)
         self.use_time: Histogram = _histogram(meter, conventions, sc.USE_TIME)
