@@ -170,6 +170,9 @@ class ClientSpy:
         self.session = AioSession()
         self.opened = 0
         self.closed = 0
+        # Set: each creation waits for it (credentials read from the network, ECS or IMDS).
+        self.gate: asyncio.Event | None = None
+        self.creating = asyncio.Event()
         create = self.session.create_client
         spy = self
 
@@ -178,6 +181,9 @@ class ClientSpy:
                 self._inner = inner
 
             async def __aenter__(self) -> Any:
+                spy.creating.set()
+                if spy.gate is not None:
+                    await spy.gate.wait()
                 client = await self._inner.__aenter__()
                 spy.opened += 1
                 return client
@@ -241,6 +247,22 @@ async def test_logins_refused_together_replace_the_client_once_and_it_is_closed(
     finally:
         await auth.close()
     assert (spy.opened, spy.closed) == (3, 3)
+
+
+async def test_a_client_closed_while_it_is_being_created_is_closed_too(aws: None) -> None:
+    """close() (or a refresh()) while a login's client is still being created: the creation
+    finished after it, inside an object nobody would close again."""
+    spy = ClientSpy()
+    spy.gate = asyncio.Event()
+    auth = IamAuth(session=spy.session)
+    target = Target(PROXY_HOST, 5432, "orders_app", "orders")
+    signing = asyncio.create_task(auth.password(target))
+    await asyncio.wait_for(spy.creating.wait(), 5)
+    closing = asyncio.create_task(auth.close())
+    await asyncio.sleep(0.05)
+    spy.gate.set()
+    await asyncio.wait_for(asyncio.gather(signing, closing), 10)
+    assert (spy.opened, spy.closed) == (1, 1)
 
 
 # -- bad AWS set-up ----------------------------------------------------------------------------

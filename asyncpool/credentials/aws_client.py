@@ -214,8 +214,11 @@ class AwsClient:
         raise failure
 
     async def close(self) -> None:
-        """Close the client; a later `get()` makes a new one."""
-        stack, self._stack, self._client = self._stack, None, None
+        """Close the client; a later `get()` makes a new one. A client being created (its
+        credentials fetched from the network: ECS, IMDS) is waited for and closed too: left
+        to finish after this, it would be kept by an object nobody closes again."""
+        async with self._lock():
+            stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
 
