@@ -186,18 +186,20 @@ def _tracer(ns: dict[str, Any], page: Page) -> None:
 
 @probe("async def one(record):")
 def _sqs_batch(ns: dict[str, Any], page: Page) -> None:
-    from asyncpool import Pool
-    from asyncpool.integrations.aws_lambda import lambda_config
-
-    # A new environment whose only handler is this one: the invocations above opened the
-    # page's pool, this handler must open its own.
-    ns["pool"] = Pool(config=lambda_config(function_timeout=10))
+    # The block makes its own pool (a function module of its own): the handler must open it.
     records = [{"messageId": "m1", "body": json.dumps({"id": 101, "status": "new"})},
                {"messageId": "m2", "body": json.dumps({"id": 1, "status": "dup"})},  # id 1 exists
                {"messageId": "m3", "body": json.dumps({"id": 102, "status": "new"})}]
     answer = ns["handler"]({"Records": records}, _context())
     assert answer == {"batchItemFailures": [{"itemIdentifier": "m2"}]}, answer
-    assert ns["pool"].stats().created_total == 1  # the pool the page opened, one connection
+    assert ns["pool"].stats().created_total == 1  # the block's pool, one connection
+
+
+@probe("    await pool.open()                      # no-op after the first invocation")
+def _async_handler(ns: dict[str, Any], page: Page) -> None:
+    assert ns["handler"]({}, _context()) == {"statusCode": 200, "body": "1"}
+    assert ns["handler"]({}, _context()) == {"statusCode": 200, "body": "1"}
+    assert ns["pool"].stats().created_total == 1  # one connection across invocations
 
 
 @probe("app = APIGatewayRestResolver()")

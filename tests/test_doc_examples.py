@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import builtins
 import importlib
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +29,7 @@ import pytest
 
 from asyncpool.testing import ServerStack
 from asyncpool.testing.aws_endpoint import aws_environment
-from tests.doc_examples import ROOT, Block, blocks
+from tests.doc_examples import ROOT, Block, _globals_read, blocks
 
 BLOCKS = blocks()
 PAGES = sorted({block.page for block in BLOCKS})
@@ -203,6 +205,22 @@ def _static_problems(block: Block, known: dict[str, Any]) -> list[str]:
     visitor = _Names(known)
     visitor.visit(tree)
     return visitor.problems
+
+
+# A block defining a Lambda handler: a function module a reader copies whole.
+_HANDLER = re.compile(r"^(async )?def \w*handler\(", re.M)
+
+
+def test_a_block_with_a_handler_runs_alone() -> None:
+    """The batch recipe, the plain `async_handler` and the `resolve_async` handler read `pool`,
+    `logger` and imports of earlier blocks, and failed when copied alone: each block that defines
+    a handler imports or defines every name it reads."""
+    handlers = [block for block in BLOCKS if _HANDLER.search(block.source)]
+    assert len(handlers) >= 5  # the check reads the blocks it is meant to
+    borrowed = {block.label: sorted(n for n in _globals_read(block.source)
+                                    if not hasattr(builtins, n))
+                for block in handlers}
+    assert {label: names for label, names in borrowed.items() if names} == {}
 
 
 def test_the_blocks_are_found() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from asyncpool import Pool, PoolError
+from asyncpool.integrations import lambda_runner
 from asyncpool.integrations.invocation import COLD_START_FIELD, REQUEST_ID_FIELD, LocalContext
 from asyncpool.integrations.lambda_runner import HandlerTimeoutError, async_handler
 from asyncpool.integrations.lambda_spans import COLDSTART, INVOCATION_ID, InvocationSpanProcessor
@@ -134,6 +136,45 @@ async def test_deadline_cancels_the_handler_and_returns_its_connection(
     assert pool.stats().in_use == 0
     assert await env.invoke(in_transaction) is False
     assert pool.stats().created_total == 1
+
+
+async def test_a_margin_at_or_above_the_function_timeout_cuts_nothing_and_says_so_once(
+    pooler: Pooler, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 s margin on a 0.6 s function cancelled every invocation at once, silently: each
+    invocation now runs (the Lambda timeout still bounds it) and one WARNING says what to change."""
+    monkeypatch.setattr(lambda_runner, "_margin_warned_in", [], raising=False)
+    env = Environment(timeout_margin=1.0)
+    try:
+        pool = env.pool(pooler.dsn())
+
+        @async_handler(runner=env.runner)
+        async def handler(event: Any, context: Any) -> int:
+            await pool.open()
+            async with pool.transaction() as conn:
+                await asyncio.sleep(0.05)  # past a budget of "no time left"
+                value: int = await conn.fetchval("SELECT $1::int", event["n"])
+            return value
+
+        @async_handler(runner=env.runner)
+        async def slow(event: Any, context: Any) -> None:
+            async with pool.transaction() as conn:
+                await conn.execute("SELECT pg_sleep(30)")
+
+        caplog.set_level(logging.WARNING, logger="asyncpool.integrations.lambda_runner")
+        for n in (1, 2):
+            assert await env.invoke(handler, {"n": n}, LocalContext(timeout=0.6)) == n
+        [warning] = [r for r in caplog.records if r.name == "asyncpool.integrations.lambda_runner"]
+        assert warning.levelno == logging.WARNING
+        assert re.match(r"timeout_margin=1s is at or above the 0\.[56]\d*s this invocation had",
+                        warning.getMessage()), warning.getMessage()
+        assert "Set timeout_margin" in warning.getMessage()
+        # An invocation with more time than the margin is still cut short before its deadline.
+        with pytest.raises(HandlerTimeoutError):
+            await env.invoke(slow, context=LocalContext(timeout=1.3))
+        assert pool.stats().in_use == 0
+    finally:
+        await env.close()
 
 
 @pytest.mark.parametrize("in_transaction", [True, False])

@@ -186,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(plan)
     plan.set_defaults(run=_run_plan)
+
+    local = sub.add_parser(
+        "local-pgbouncer",
+        help="run a throwaway PostgreSQL and PgBouncer until Ctrl-C, for trying the examples",
+        description="Start PostgreSQL and PgBouncer (transaction mode) on 127.0.0.1 from the "
+        "machine's binaries, write ASYNCPOOL_DSN=... to an env file only you can read (the "
+        "password is not printed), and keep both up until Ctrl-C, which stops them and "
+        "deletes the file. Exit 0 after Ctrl-C; 1: a server stopped on its own; 2: could "
+        "not start (says what is missing).",
+    )
+    from asyncpool.cli.local_pgbouncer import add_arguments as add_local_arguments
+
+    add_local_arguments(local)
+    local.set_defaults(run=_run_local_pgbouncer)
     return parser
 
 
@@ -209,6 +223,12 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 def _run_plan(args: argparse.Namespace) -> int:
     from asyncpool.cli.plan import run
+
+    return run(args)
+
+
+def _run_local_pgbouncer(args: argparse.Namespace) -> int:
+    from asyncpool.cli.local_pgbouncer import run
 
     return run(args)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import os
 import threading
@@ -45,6 +46,8 @@ from asyncpool.pool.stragglers import free_stragglers
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
+
+logger: logging.Logger = logging.getLogger("asyncpool.integrations.lambda_runner")
 
 T = TypeVar("T")
 P = TypeVar("P", bound="Pool")
@@ -181,13 +184,15 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     short resets its connection within half the margin, which leaves the other half for the
     response. On the way out, whatever the outcome: tasks the block started and left holding a
     connection give it back or are cancelled, and resets left running end, so nothing holds
-    a connection (or the pooler's server connection) while the environment is frozen.
+    a connection (or the pooler's server connection) while the environment is frozen. An
+    invocation that starts with no more than `margin` left runs with no margin (`usable_margin`).
     """
     task = asyncio.current_task()
     if task is not None:
         # Leak reports name the holder's task: in any log format, this says which invocation
         # took the connection.
         task.set_name(f"lambda-invocation-{request_id}")
+    margin = usable_margin(context, margin)
     budget = _time_budget(context, margin)
     # asyncio.timeout(budget), without a timer in the loop's heap during the invocation.
     deadline = Deadline(budget)
@@ -240,8 +245,44 @@ def settle_timeout(context: Any, margin: float, unknown: float) -> float:
     return unknown if left is None else min(RELEASE_TIMEOUT, left)
 
 
+# The processes that have said their margin is too large (a forked worker says it again).
+_margin_warned_in: list[int] = []
+
+
+def usable_margin(context: Any, margin: float) -> float:
+    """`margin`, or 0 for an invocation whose whole time, when it starts, is no more than it.
+
+    Invocations start with about the function timeout left, so such a margin is at or above the
+    timeout: cutting each invocation short at once would fail every one (a 504 each under
+    `LambdaDeadline`), and none could have its work protected anyway. Those invocations run up
+    to the Lambda timeout instead, and a WARNING (once per process) says which margin, how much
+    time there was, and what to change.
+    """
+    if margin == 0:
+        return margin
+    remaining = _remaining_seconds(context)
+    if remaining is None or remaining > margin:
+        return margin
+    if os.getpid() not in _margin_warned_in:
+        _margin_warned_in.append(os.getpid())
+        logger.warning(
+            "timeout_margin=%gs is at or above the %.3gs this invocation had when it started "
+            "(about the function timeout): cut that early, every invocation would fail at once, "
+            "so invocations that start with no more than the margin run up to the Lambda "
+            "timeout, unprotected. Set timeout_margin (LambdaRunner, LambdaDeadline) well below "
+            "the function timeout, or raise the timeout. Said once per process.",
+            margin, remaining)
+    return 0.0
+
+
 def _time_budget(context: Any, margin: float) -> float | None:
     """Seconds the invocation may still run, or None if the context does not say."""
+    seconds = _remaining_seconds(context)
+    return None if seconds is None else max(0.0, seconds - margin)
+
+
+def _remaining_seconds(context: Any) -> float | None:
+    """Seconds left before the Lambda deadline, or None if the context does not say."""
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     if remaining is None:
         return None
@@ -256,7 +297,7 @@ def _time_budget(context: Any, margin: float) -> float | None:
             f"the Lambda context's get_remaining_time_in_millis() returned {millis!r}: it must "
             "return the milliseconds the invocation has left (in tests, pass a "
             "asyncpool.integrations.invocation.LocalContext)")
-    return max(0.0, seconds - margin)
+    return seconds
 
 
 _default: list[LambdaRunner] = []

@@ -30,7 +30,8 @@ class LocalServers:
 
     @classmethod
     def start(cls, *, pgbouncer: PgBouncerChoice = "current", max_client_conn: int = 1000,
-              pool_size: int = POOL_SIZE, max_connections: int = MAX_CONNECTIONS) -> LocalServers:
+              pool_size: int = POOL_SIZE, max_connections: int = MAX_CONNECTIONS,
+              pgbouncer_port: int | None = None) -> LocalServers:
         from asyncpool.testing import HarnessError, PgBouncerServer, PostgresServer
         from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
 
@@ -54,6 +55,7 @@ class LocalServers:
                     "max_db_connections": pool_size,
                     "max_client_conn": max_client_conn,
                 },
+                port=pgbouncer_port,
             ).start()
         except BaseException:
             postgres.stop()

@@ -2,7 +2,9 @@
 
 Configure with ASYNCPOOL_DSN (and any other ASYNCPOOL_* variable); try it with run_mangum_locally.py,
 or serve it with uvicorn (``pip install uvicorn``, then ``uvicorn mangum_app:app``), where the pool
-closes with the server.
+closes with the server. No database at hand? ``asyncpool local-pgbouncer`` runs PostgreSQL and
+PgBouncer until Ctrl-C and writes ASYNCPOOL_DSN to ``.env.asyncpool``; load it in the shell that
+runs uvicorn with ``set -a; . ./.env.asyncpool; set +a`` (docs/cli.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ just before the Lambda timeout, its session rolled back.
 Configure with ASYNCPOOL_DSN (and any other ASYNCPOOL_* variable, e.g.
 ASYNCPOOL_PREPARED_STATEMENTS=on behind PgBouncer >= 1.21). Create the table once with
 ``python -c "import asyncio, notes_app; asyncio.run(notes_app.create_tables())"`` (or your
-migrations); try it with run_locally.py, or serve it with ``uvicorn notes_app:app``.
+migrations); try it with run_locally.py, or serve it with ``uvicorn notes_app:app``. No database
+at hand? ``asyncpool local-pgbouncer`` runs PostgreSQL and PgBouncer until Ctrl-C and writes
+ASYNCPOOL_DSN to ``.env.asyncpool``; load it first with ``set -a; . ./.env.asyncpool; set +a``
+(docs/cli.md).
 """
 
 # No `from __future__ import annotations`: FastAPI and SQLAlchemy read these annotations at runtime.

@@ -1,8 +1,9 @@
 """A FastAPI app through Mangum for the runtime tests: an endpoint that runs into the Lambda timeout.
 
 Run by ``python -m awslambdaric mangum_deadline.handler`` with ASYNCPOOL_DSN set. Served through
-`LambdaDeadline` unless TEST_NO_DEADLINE is set. Every response carries the pool's numbers as
-they are when the invocation hands its response to the runtime (``x-pool-*`` headers).
+`LambdaDeadline` (its margin TEST_TIMEOUT_MARGIN seconds, when set) unless TEST_NO_DEADLINE
+is set. Every response carries the pool's numbers as they are when the invocation hands its
+response to the runtime (``x-pool-*`` headers).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ async def stall(conn: Transaction, tag: str, table: str) -> dict[str, Any]:
     return {"finished": True}
 
 
-served = Mangum(app if os.environ.get("TEST_NO_DEADLINE") else LambdaDeadline(app))
+margin = os.environ.get("TEST_TIMEOUT_MARGIN")
+deadline = LambdaDeadline(app) if margin is None else LambdaDeadline(app, timeout_margin=float(margin))
+served = Mangum(app if os.environ.get("TEST_NO_DEADLINE") else deadline)
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -151,3 +151,21 @@ async def test_lambda_deadline_answers_504_with_the_connection_back_before_the_i
             assert json.loads(again["body"])["backend_pid"] == json.loads(first["body"])["backend_pid"]
             assert again["headers"]["x-pool-created"] == "1"
         assert not proc.was_reset.is_set()
+
+
+async def test_lambda_deadline_with_a_margin_above_the_function_timeout_serves_and_says_so_once(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """timeout_margin=3 on a 2 s function: every request was a 504 at once, the log silent on
+    why. Under the real runtime they are served, and the log says once what to change."""
+    with RuntimeAPI(function_timeout=2) as api, environment(
+        api, own_pgbouncer, tmp_path, handler="mangum_deadline.handler",
+        env={"TEST_TIMEOUT_MARGIN": "3"},
+    ) as proc:
+        for _ in range(2):
+            body = response(await invoke(api, _get("/quick", {})), proc)
+            assert body["statusCode"] == 200, body
+        warnings = [line for line in proc.log().splitlines()
+                    if "timeout_margin=3s is at or above the" in line]
+        assert len(warnings) == 1, proc.log()[-3000:]
+        assert "Set timeout_margin" in warnings[0]
