@@ -32,7 +32,8 @@ def send(targets: Sequence[CancelTarget], timeout: float) -> int:
     raises for a request that fails (the process is ending either way)."""
     if not targets:
         return 0
-    deadline = time.monotonic() + timeout
+    # Socket and join timeouts overflow past it (``cancel_within=math.inf``: as long as it takes).
+    deadline = time.monotonic() + min(timeout, threading.TIMEOUT_MAX)
     taken: list[bool] = [False] * len(targets)
 
     def one(i: int) -> None:

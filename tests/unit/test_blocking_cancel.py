@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import socket
+import struct
 import threading
 import time
 
@@ -30,3 +32,26 @@ def test_a_lookup_that_hangs_does_not_hold_the_caller_past_its_budget(
         assert time.monotonic() - started < 2.0
     finally:
         release.set()
+
+
+def test_an_unbounded_budget_still_sends_the_request() -> None:
+    """``Pool.terminate(cancel_within=math.inf)`` ("as long as it takes") passes its check, but
+    socket and join timeouts overflow past `threading.TIMEOUT_MAX`: the caller got
+    OverflowError, with the pool half terminated, and no request was sent."""
+    server = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def take_one() -> None:
+        conn, _ = server.accept()
+        with conn:
+            received.append(conn.recv(16))  # then closed: the request taken
+
+    thread = threading.Thread(target=take_one, daemon=True)
+    thread.start()
+    try:
+        target = CancelTarget(server.getsockname()[:2], (7, 9), None, False, False)
+        assert blocking_cancel.send([target], math.inf) == 1
+        assert received == [struct.pack("!llll", 16, 80877102, 7, 9)]
+    finally:
+        server.close()
+        thread.join(5)
