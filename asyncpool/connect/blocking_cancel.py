@@ -17,7 +17,6 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import cast
 
 from asyncpool.connect.driver import CancelTarget
 
@@ -58,7 +57,7 @@ def _send_one(target: CancelTarget, deadline: float) -> None:
     sock = _connect(target.addr, deadline)
     try:
         if target.ssl is not None:
-            sock = _start_tls(sock, target, deadline)
+            sock = _start_tls(sock, target.ssl, target, deadline)
         pid, secret = target.key
         sock.sendall(struct.pack("!llll", 16, _CANCEL_CODE, pid, secret))
         # The server (or pooler) closes the socket once it has taken the request.
@@ -70,7 +69,7 @@ def _send_one(target: CancelTarget, deadline: float) -> None:
         sock.close()
 
 
-def _connect(addr: object, deadline: float) -> socket.socket:
+def _connect(addr: str | tuple[str, int], deadline: float) -> socket.socket:
     if isinstance(addr, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -80,17 +79,16 @@ def _connect(addr: object, deadline: float) -> socket.socket:
             sock.close()
             raise
         return sock
-    host, port = cast("tuple[str, int]", addr)
-    sock = socket.create_connection((host, port), timeout=_left(deadline))
+    sock = socket.create_connection(addr, timeout=_left(deadline))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
-def _start_tls(sock: socket.socket, target: CancelTarget, deadline: float) -> socket.socket:
+def _start_tls(sock: socket.socket, context: ssl_module.SSLContext, target: CancelTarget,
+               deadline: float) -> socket.socket:
     """Negotiate TLS as the connection did: an SSLRequest first (as asyncpg's own cancel
     requests), or from the first byte (direct TLS)."""
-    context: ssl_module.SSLContext = target.ssl
-    host = cast("tuple[str, int]", target.addr)[0]
+    host = target.addr[0] if isinstance(target.addr, tuple) else None
     sock.settimeout(_left(deadline))
     if target.direct:
         return context.wrap_socket(sock, server_hostname=host)

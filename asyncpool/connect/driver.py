@@ -61,6 +61,8 @@ METHOD_INTERNALS = ("_check_open", "_execute", "_Connection__execute", "_cancel_
 
 
 if TYPE_CHECKING:
+    from ssl import SSLContext
+
     class DriverConnection(asyncpg.Connection):
         """A connection as the pool holds it, for type checkers: asyncpg's, with the private
         members read on the query path (`own_body`) and the attribute of the "unnamed" mode's
@@ -529,8 +531,8 @@ class CancelTarget:
     (``sslmode=prefer``), as asyncpg sends it, and whether TLS starts at the first byte
     (direct TLS) rather than after an SSLRequest."""
 
-    addr: Any
+    addr: str | tuple[str, int]
     key: tuple[int, int] = field(repr=False)
-    ssl: Any
+    ssl: SSLContext | None
     advisory: bool
     direct: bool = False
