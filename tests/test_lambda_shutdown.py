@@ -126,3 +126,16 @@ def test_the_hooks_of_closed_or_dropped_pools_are_let_go() -> None:
         for step in undo:
             step()
         loop.close()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_a_budget_that_is_no_number_of_seconds_is_refused_up_front(bad: float) -> None:
+    """A negative or NaN budget was taken, then raised ValueError inside the SIGTERM handler on
+    top of the running loop (``terminate(cancel_within=budget)`` refuses it) and an infinite
+    one OverflowError (``Event.wait``): the pool was never closed."""
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match=f"budget={bad!r}"):
+            close_on_shutdown(Pool("postgresql://app@db/app", min_size=0), loop, budget=bad)
+    finally:
+        loop.close()

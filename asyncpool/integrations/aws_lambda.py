@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import math
 import numbers
 import os
 import signal
@@ -142,6 +143,9 @@ def close_on_shutdown(
     The SIGTERM hooks are installed only from the main thread (Python's rule); the exit hook
     always. In a process forked from this one the hooks never touch the inherited sockets.
     """
+    # Checked here: inside the SIGTERM handler a bad budget would raise instead of closing.
+    if not 0 <= budget < math.inf:
+        raise ValueError(f"budget={budget!r}: must be a finite number of seconds >= 0")
     return _shutdown.add(_PoolHook(pool, loop, budget))
 
 
