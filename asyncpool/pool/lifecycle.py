@@ -202,8 +202,9 @@ def terminate(slots: Slots, cancel_within: float = 0.0) -> None:
     _stop(slots, "pool terminated", graceful=False)
     _retire_all(slots, "pool terminated", cancelled)
     for conn in list(slots.closing.values()):
-        # Graceful closes under way end now, unless a cancel request is still in flight
-        # (they wait for it, bounded, then close).
+        # Closes under way (graceful ones, and those waiting for a cancel request before
+        # terminating) end now, unless a cancel request is still in flight (they wait for it,
+        # bounded, then close).
         if not driver.pending_cancellations(conn):
             conn.terminate()
     _finish(slots, close_credentials=True)
