@@ -146,3 +146,16 @@ def test_an_env_file_of_its_own_is_replaced_private(tmp_path: Path) -> None:
     shell = subprocess.run(["sh", "-c", f'set -a; . "{env_file}"; printf %s "${DSN_VARIABLE}"'],
                            capture_output=True, text=True, check=True, env={"PATH": os.defpath})
     assert shell.stdout == "postgresql://app:n w'@127.0.0.1:2/app"
+
+
+def test_an_env_file_in_a_folder_that_does_not_exist_is_refused_before_starting(
+        tmp_path: Path) -> None:
+    """The servers were started, then writing the file failed with a FileNotFoundError
+    traceback (and the servers stopped again)."""
+    env_file = tmp_path / "no-such-folder" / ".env.asyncpool"
+    proc = _start("--env-file", str(env_file), cwd=tmp_path)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert f"{env_file.parent} is not a folder" in err
+    assert "Traceback" not in err
+    assert "Starting" not in out

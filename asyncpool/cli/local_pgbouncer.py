@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from asyncpool.testing import HarnessError
 
     env_file: Path = args.env_file.absolute()
-    if env_file.exists() and not _ours(env_file):
-        print(f"asyncpool local-pgbouncer: {env_file} exists and was not written by this "
-              "command; move it away or pass --env-file with another path", file=sys.stderr)
+    if (refused := _unusable(env_file)) is not None:
+        print(f"asyncpool local-pgbouncer: {refused}", file=sys.stderr)
         return 2
     # SIGTERM and SIGHUP (a closed terminal) stop as Ctrl-C does, and so does SIGINT when it was
     # ignored at start (`cmd &` in a script): servers stopped, file removed.
@@ -65,7 +64,12 @@ def run(args: argparse.Namespace) -> int:
         for note in servers.notes:
             _say(out, f"note: {note}")
         dsn = bouncer.dsn()
-        write_env_file(env_file, {DSN_VARIABLE: dsn})
+        try:
+            write_env_file(env_file, {DSN_VARIABLE: dsn})
+        except OSError as exc:  # (not writable, or a file created there meanwhile)
+            print(f"asyncpool local-pgbouncer: could not write {env_file} ({exc.strerror}); pass "
+                  "--env-file with a path you can write", file=sys.stderr)
+            return 2
         _say(out, f"PostgreSQL on 127.0.0.1:{postgres.port}, PgBouncer "
              f"{bouncer.binary.version_text} on 127.0.0.1:{bouncer.port}\n"
              f"{DSN_VARIABLE}={redact_dsn(dsn)}\n"
@@ -103,6 +107,17 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
     with os.fdopen(fd, "w") as file:
         file.write(_MARK + "\n")
         file.writelines(f"{name}={shlex.quote(value)}\n" for name, value in values.items())
+
+
+def _unusable(env_file: Path) -> str | None:
+    """Why `env_file` cannot be written, found before the servers start (which takes seconds)."""
+    if env_file.exists() and not _ours(env_file):
+        return (f"{env_file} exists and was not written by this command; move it away or pass "
+                "--env-file with another path")
+    if not env_file.parent.is_dir():
+        return (f"{env_file.parent} is not a folder; create it or pass --env-file with a path "
+                "in an existing folder")
+    return None
 
 
 def _ours(path: Path) -> bool:

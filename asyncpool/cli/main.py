@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "machine's binaries, write ASYNCPOOL_DSN=... to an env file only you can read (the "
         "password is not printed), and keep both up until Ctrl-C, which stops them and "
         "deletes the file. Exit 0 after Ctrl-C; 1: a server stopped on its own; 2: could "
-        "not start (says what is missing).",
+        "not start, or the env file cannot be written (says what to fix).",
     )
     from asyncpool.cli.local_pgbouncer import add_arguments as add_local_arguments
 
