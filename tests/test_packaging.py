@@ -376,12 +376,14 @@ if __name__ == "__main__":
 '''
 
 
-# The Pythons the wheel is installed for: this one, and the Lambda runtimes' where scripts/setup.sh
-# built their venvs (their packages stand in for the dependencies PyPI would give).
+# The Pythons the wheel is installed for: the venvs scripts/setup.sh builds (their packages stand in
+# for the dependencies PyPI would give), and this one for its own version, whichever it is.
+THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 PYTHONS = {
-    "3.11": Path(sys.executable),
+    "3.11": ROOT / ".venv" / "bin" / "python",
     "3.12": ROOT / ".venv312" / "bin" / "python",
     "3.13": ROOT / ".venv313" / "bin" / "python",
+    THIS_PYTHON: Path(sys.executable),
 }
 
 
@@ -458,7 +460,7 @@ def test_mypy_strict_sees_the_installed_packages_types(
     venvs: Callable[[str], Path], tmp_path: Path
 ) -> None:
     """py.typed works from the wheel: mypy reads the installed asyncpool, not an Any."""
-    installed = venvs("3.11")  # where mypy and asyncpg-stubs are
+    installed = venvs(THIS_PYTHON)  # where mypy and asyncpg-stubs are
     script = tmp_path / "app.py"
     script.write_text(USER_SCRIPT + "\nreveal_type(Pool.stats)\n")
     done = _run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
