@@ -138,7 +138,8 @@ def test_refuses_to_overwrite_a_file_it_did_not_write(tmp_path: Path) -> None:
 
 def test_an_env_file_of_its_own_is_replaced_private(tmp_path: Path) -> None:
     env_file = tmp_path / "local.env"
-    write_env_file(env_file, {DSN_VARIABLE: "postgresql://app:old@127.0.0.1:1/app"})
+    old = "postgresql://app:old@127.0.0.1:1/app"  # pragma: allowlist secret
+    write_env_file(env_file, {DSN_VARIABLE: old})
     env_file.chmod(0o644)
     write_env_file(env_file, {DSN_VARIABLE: "postgresql://app:n w'@127.0.0.1:2/app"})
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
