@@ -192,8 +192,9 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
         # Leak reports name the holder's task: in any log format, this says which invocation
         # took the connection.
         task.set_name(f"lambda-invocation-{request_id}")
-    margin = usable_margin(context, margin)
-    budget = _time_budget(context, margin)
+    remaining = _remaining_seconds(context)  # (read once: the margin and the budget agree)
+    margin = usable_margin(remaining, margin)
+    budget = None if remaining is None else max(0.0, remaining - margin)
     # asyncio.timeout(budget), without a timer in the loop's heap during the invocation.
     deadline = Deadline(budget)
     resets_end = ResetsEnd(
@@ -249,8 +250,9 @@ def settle_timeout(context: Any, margin: float, unknown: float) -> float:
 _margin_warned_in: list[int] = []
 
 
-def usable_margin(context: Any, margin: float) -> float:
-    """`margin`, or 0 for an invocation whose whole time, when it starts, is no more than it.
+def usable_margin(remaining: float | None, margin: float) -> float:
+    """`margin`, or 0 for an invocation whose whole time when it starts (`remaining` seconds;
+    None: the context does not say) is no more than it.
 
     Invocations start with about the function timeout left, so such a margin is at or above the
     timeout: cutting each invocation short at once would fail every one (a 504 each under
@@ -258,10 +260,7 @@ def usable_margin(context: Any, margin: float) -> float:
     to the Lambda timeout instead, and a WARNING (once per process) says which margin, how much
     time there was, and what to change.
     """
-    if margin == 0:
-        return margin
-    remaining = _remaining_seconds(context)
-    if remaining is None or remaining > margin:
+    if margin == 0 or remaining is None or remaining > margin:
         return margin
     if os.getpid() not in _margin_warned_in:
         _margin_warned_in.append(os.getpid())
