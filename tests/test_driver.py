@@ -337,5 +337,55 @@ def test_own_body_is_what_asyncpg_runs(method: str) -> None:
                               "execute": (0, driver.STATUS)}[method]
 
 
+#: asyncpg's ``Connection._cancel``: the steps `driver._cancel_as_connected` repeats for a
+#: connection made with direct TLS, with the request sent over direct TLS.
+ASYNCPG_CANCEL = (
+    "try:\n"
+    "    async with compat.timeout(self._config.command_timeout):\n"
+    "        try:\n"
+    "            await connect_utils._cancel(loop=self._loop, addr=self._addr, "
+    "params=self._params, backend_pid=self._protocol.backend_pid, "
+    "backend_secret=self._protocol.backend_secret)\n"
+    "        except ConnectionResetError:\n"
+    "            pass\n"
+    "        if not waiter.done():\n"
+    "            waiter.set_result(None)\n"
+    "        if cancel_waiter is not None:\n"
+    "            await asyncio.shield(cancel_waiter)\n"
+    "except asyncio.CancelledError:\n"
+    "    pass\n"
+    "except Exception:\n"
+    "    if not self._aborted:\n"
+    "        self.terminate()\n"
+    "finally:\n"
+    "    self._cancellations.discard(asyncio.current_task(self._loop))\n"
+    "    if not waiter.done():\n"
+    "        waiter.set_result(None)"
+)
+
+
+def test_cancel_is_the_body_direct_tls_requests_repeat() -> None:
+    """asyncpg's ``Connection._cancel`` (the request task) is what the connection class repeats
+    for direct TLS, but with the request sent over direct TLS; a new asyncpg that changes it
+    fails here, for the copy to be looked at."""
+    function = asyncpg.Connection.__dict__["_cancel"]
+    tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(function)))
+    [definition] = tree.body
+    assert isinstance(definition, ast.AsyncFunctionDef)
+    assert [a.arg for a in definition.args.args] == ["self", "waiter", "cancel_waiter"]
+    assert "\n".join(ast.unparse(statement) for statement in definition.body) == ASYNCPG_CANCEL
+    cls = driver.cancel_aware_class(None, cancels=True)
+    assert cls._cancel is not asyncpg.Connection._cancel  # type: ignore[attr-defined]
+
+
+async def test_config_command_timeout_bounds_cancel_requests(postgres: PostgresServer) -> None:
+    """``_config.command_timeout``: the bound asyncpg puts on its cancel requests."""
+    conn = await asyncpg.connect(postgres.dsn(), command_timeout=7)
+    try:
+        assert conn._config.command_timeout == 7  # type: ignore[attr-defined]
+    finally:
+        await conn.close()
+
+
 def test_own_body_is_none_for_other_methods() -> None:
     assert driver.own_body("executemany") is None

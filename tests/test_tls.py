@@ -533,14 +533,20 @@ class _DirectTlsFront:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(pki.server_cert, pki.server_key)
         self.context.set_alpn_protocols(["postgresql"])
+        self.context.sni_callback = self._sni
         self.backend_port = backend_port
         self.alpn: list[str | None] = []
+        #: The server name (SNI) each TLS hello asked for.
+        self.names: list[str | None] = []
         self.hang_ups = 0
         self.hung_up = 0
         self.resets = 0
         #: A TLS alert record to answer every hello with (a server refusing the handshake).
         self.alert: bytes | None = None
         self._tasks: set[Any] = set()
+
+    def _sni(self, _tls: Any, name: str | None, _context: Any) -> None:
+        self.names.append(name)
 
     async def start(self) -> int:
         import asyncio
@@ -774,6 +780,173 @@ async def test_terminate_with_cancel_within_over_direct_tls(
                                             sslrootcert=str(pki.ca_cert)))
         await _cancelled_before_terminate_returns(
             pool, postgres.dsn(postgres.superuser, "postgres"), "SELECT pg_sleep(30) -- direct")
+
+
+def _direct_dsn(postgres: PostgresServer, port: int, pki: TestPki, mode: str) -> str:
+    """A DSN through a `_DirectTlsFront` on `port`: ``require`` (asyncpg's own context) or
+    ``verify-full`` (the pool's, with the test CA)."""
+    root = {"sslrootcert": str(pki.ca_cert)} if mode == "verify-full" else {}
+    return postgres.app.dsn("localhost", port, postgres.database, sslmode=mode,
+                            sslnegotiation="direct", **root)
+
+
+async def _ended(postgres: PostgresServer, token: str, within: float = 3.0) -> bool:
+    """Whether the statements marked `token` have ended on the server within `within` seconds
+    (a cancel that arrives ends a pg_sleep(30) in milliseconds)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while await postgres.running_statements(token):
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+@pytest.mark.parametrize("how", ["timeout", "task cancelled"])
+async def test_a_statement_asyncpg_cancels_over_direct_tls_ends_on_the_server(
+    postgres: PostgresServer, pki: TestPki, mode: str, how: str
+) -> None:
+    """asyncpg's own cancel request (a statement's `timeout=`, the caller's task cancelled
+    during a query) sent an SSLRequest first, as for a connection made with one: a server or
+    front that takes direct TLS only (as here) hung up on it, asyncpg closed the connection,
+    and the statement ran on, on the server, for its 30 s. It goes as the connection did now:
+    TLS from the first byte, for the host dialled (SNI; verify-full: its certificate)."""
+    import asyncio
+    import uuid
+
+    token = f"direct-cancel-{uuid.uuid4().hex[:10]}"
+    sql = f"SELECT pg_sleep(30) /* {token} */"
+    front = _DirectTlsFront(pki, postgres.port)
+    port = await front.start()
+    try:
+        async with Pool(_direct_dsn(postgres, port, pki, mode), min_size=0, max_size=1,
+                        connect_timeout=5, telemetry=False) as pool:
+            async with pool.acquire() as conn:
+                before = len(front.names)
+                if how == "timeout":
+                    with pytest.raises(TimeoutError):
+                        await conn.fetch(sql, timeout=0.3)
+                else:
+                    task = asyncio.create_task(conn.fetch(sql))
+                    while not await postgres.running_statements(token):
+                        await asyncio.sleep(0.05)
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                assert await _ended(postgres, token), "the cancelled statement ran on"
+                assert await conn.fetchval("SELECT 1") == 1  # the same connection goes on
+            assert pool.stats().closed_total == 0
+            assert front.names[before:] == ["localhost"]  # one request, direct TLS, with SNI
+            assert front.alpn[-1] == "postgresql"
+    finally:
+        await postgres.end_statements(token)
+        await front.close()
+
+
+async def test_a_direct_tls_cancel_request_verifies_the_server_as_the_connection_did(
+    postgres: PostgresServer, pki: TestPki, tmp_path: Path
+) -> None:
+    """The request is verified with the connection's own context (verify-full: the CA, the host
+    name): once the front shows a certificate the CA did not sign, it gets no request (the
+    handshake fails), and the connection, whose state is then unknown, is closed."""
+    import uuid
+
+    from cryptography.hazmat.primitives import serialization
+
+    from asyncpool.testing.self_signed import self_signed
+
+    key, cert = self_signed("localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",))
+    (tmp_path / "impostor.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "impostor.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    token = f"direct-impostor-{uuid.uuid4().hex[:10]}"
+    front = _DirectTlsFront(pki, postgres.port)
+    port = await front.start()
+    try:
+        async with Pool(_direct_dsn(postgres, port, pki, "verify-full"), min_size=0, max_size=1,
+                        connect_timeout=5, telemetry=False) as pool:
+            async with pool.acquire() as conn:
+                front.context.load_cert_chain(tmp_path / "impostor.crt", tmp_path / "impostor.key")
+                before = len(front.names)
+                with pytest.raises(TimeoutError):
+                    await conn.fetch(f"SELECT pg_sleep(30) /* {token} */", timeout=0.3)
+            assert front.names[before:] == ["localhost"]  # a handshake was started...
+            assert len(front.alpn) == 1  # ...and never finished: only the login's was
+            assert not await _ended(postgres, token, within=0.5)  # no request reached it
+            assert pool.stats().closed_total == 1
+    finally:
+        await postgres.end_statements(token)
+        await front.close()
+
+
+async def test_the_pools_own_cancel_request_goes_direct_tls(
+    postgres: PostgresServer, pki: TestPki
+) -> None:
+    """The request the pool sends itself (leak reclaim, a connection returned busy, closing the
+    pool with statements running: `driver.request_cancel`) negotiated TLS with an SSLRequest:
+    a front that takes direct TLS only hung up on it and the statement ran on."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    from asyncpool.connect import driver
+
+    token = f"direct-request-{uuid.uuid4().hex[:10]}"
+    front = _DirectTlsFront(pki, postgres.port)
+    port = await front.start()
+    conn = await asyncpg.connect(_direct_dsn(postgres, port, pki, "require"),
+                                 connection_class=driver.cancel_aware_class(None, cancels=True))
+    try:
+        task = asyncio.create_task(conn.fetch(f"SELECT pg_sleep(30) /* {token} */"))
+        while not await postgres.running_statements(token):
+            await asyncio.sleep(0.05)
+        before = len(front.names)
+        request = driver.request_cancel(conn)
+        assert request is not None
+        await asyncio.wait_for(request, 5)
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await asyncio.wait_for(task, 3)
+        assert await _ended(postgres, token, within=0)
+        assert front.names[before:] == ["localhost"]
+    finally:
+        conn.terminate()
+        await postgres.end_statements(token)
+        await front.close()
+
+
+async def test_a_leaked_connections_statement_is_cancelled_over_direct_tls(
+    postgres: PostgresServer, pki: TestPki
+) -> None:
+    """Leak reclaim cancels the holder and the statement it runs: through a front that takes
+    direct TLS only, every request was hung up on and the statement ran on."""
+    import asyncio
+    import uuid
+
+    from asyncpool import ConnectionLeakedError
+
+    token = f"direct-leak-{uuid.uuid4().hex[:10]}"
+    front = _DirectTlsFront(pki, postgres.port)
+    port = await front.start()
+    try:
+        async with Pool(_direct_dsn(postgres, port, pki, "verify-full"), min_size=0, max_size=1,
+                        leak_timeout=0.3, connect_timeout=5, telemetry=False) as pool:
+
+            async def holder() -> None:
+                async with pool.acquire() as conn:
+                    await conn.fetch(f"SELECT pg_sleep(30) /* {token} */")
+
+            with pytest.raises(ConnectionLeakedError):
+                await asyncio.wait_for(holder(), 5)
+            assert await _ended(postgres, token), "the leaked connection's statement ran on"
+            assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await postgres.end_statements(token)
+        await front.close()
 
 
 async def test_direct_tls_to_pgbouncer_says_it_does_not_take_it(

@@ -18,10 +18,10 @@ import threading
 import time
 from collections.abc import Sequence
 
+from asyncpool.connect.direct_cancel import cancel_message
 from asyncpool.connect.driver import CancelTarget
 
-# The protocol's request codes: CancelRequest, SSLRequest.
-_CANCEL_CODE = 80877102
+# The protocol's SSLRequest code.
 _SSL_CODE = 80877103
 
 
@@ -58,8 +58,7 @@ def _send_one(target: CancelTarget, deadline: float) -> None:
     try:
         if target.ssl is not None:
             sock = _start_tls(sock, target.ssl, target, deadline)
-        pid, secret = target.key
-        sock.sendall(struct.pack("!llll", 16, _CANCEL_CODE, pid, secret))
+        sock.sendall(cancel_message(target.key))
         # The server (or pooler) closes the socket once it has taken the request.
         while True:
             sock.settimeout(_left(deadline))

@@ -22,6 +22,7 @@ import itertools
 import os
 import re
 import secrets
+import ssl
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import asyncpg
 import asyncpg.connection
 import asyncpg.protocol
+
+from asyncpool.connect import direct_cancel
 
 #: asyncpg versions the test suite runs against ([low, high)); pyproject pins the same range.
 TESTED = ((0, 29), (0, 33))
@@ -49,6 +52,7 @@ CONNECTION_INTERNALS = {
     "_stmt_exclusive_section": "one operation at a time (execute_described)",
     "_addr": "the address a cancel request goes to (request_cancel)",
     "_params": "the connection parameters (TLS) a cancel request uses (request_cancel)",
+    "_config": "command_timeout, the bound asyncpg puts on its cancel requests (direct TLS)",
     "_aborted": "set by terminate() and fatal errors, before the socket is gone (returned)",
 }
 #: Protocol methods called here.
@@ -57,7 +61,8 @@ PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transac
 #: Protocol attributes read here: BackendKeyData's two fields (0 until the server sends them).
 KEY_INTERNALS = ("backend_pid", "backend_secret")
 #: Connection methods called here (execute_described) or, per `own_body`, by the statement runner.
-METHOD_INTERNALS = ("_check_open", "_execute", "_Connection__execute", "_cancel_current_command")
+METHOD_INTERNALS = ("_check_open", "_execute", "_Connection__execute", "_cancel_current_command",
+                    "_cancel")
 
 
 if TYPE_CHECKING:
@@ -387,10 +392,47 @@ def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> N
 _ORIGINAL_CANCEL: Callable[..., None] = cast(Any, asyncpg.Connection)._cancel_current_command
 
 
+async def _cancel_as_connected(self: Any, waiter: Any, cancel_waiter: Any = None) -> None:
+    """asyncpg's ``Connection._cancel`` (the task `_cancel_current_command` starts), with the
+    request of a connection made with direct TLS sent with TLS from the first byte, as the
+    connection was (asyncpg's sends an SSLRequest first, which a server or front that takes
+    direct TLS only hangs up on, and the statement runs on). Its steps are asyncpg 0.32's:
+    `waiter` done once the request's socket is, then wait for the statement to end
+    (`cancel_waiter`); a request that fails closes the connection, whose state is then
+    unknown; all within ``command_timeout`` (`tests/test_driver.py` holds asyncpg's body to
+    them)."""
+    context = direct_tls_context(self)
+    if context is None:
+        await _ORIGINAL_REQUEST(self, waiter, cancel_waiter)
+        return
+    try:
+        async with asyncio.timeout(self._config.command_timeout):
+            with contextlib.suppress(ConnectionResetError):  # (some servers reset it)
+                await direct_cancel.send(self._addr, context, (self._protocol.backend_pid,
+                                                               self._protocol.backend_secret))
+            if not waiter.done():
+                waiter.set_result(None)
+            if cancel_waiter is not None:
+                await asyncio.shield(cancel_waiter)
+    except asyncio.CancelledError:
+        pass  # closing the connection cancels it; its waiters are completed below
+    except Exception:
+        if not self._aborted:
+            self.terminate()
+    finally:
+        self._cancellations.discard(asyncio.current_task())
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+_ORIGINAL_REQUEST: Callable[..., Any] = cast(Any, asyncpg.Connection)._cancel
+
+
 def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
     """An asyncpg ``connection_class`` (a subclass of `base`, asyncpg.Connection by default) whose
     connections send a cancel request only where it can be delivered (`cancel_deliverable`) and
-    are closed instead otherwise. `cancels=False`: never send one (``cancel_requests="off"``).
+    are closed instead otherwise, and send it as the connection was made (direct TLS too).
+    `cancels=False`: never send one (``cancel_requests="off"``).
 
     One class per (`base`, `cancels`) for the process, not one per pool: CPython's caches of
     attribute lookups and its specialized bytecode are keyed by class, so hundreds of pools in a
@@ -398,12 +440,13 @@ def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
     query (7,700 instructions per query more with 200 pools, benchmarks/README.md)."""
     base = base or asyncpg.Connection
     if not hasattr(asyncpg.Connection, "_cancel_current_command") or not hasattr(
-            asyncpg.protocol.Protocol, "backend_pid"):
+            asyncpg.Connection, "_cancel") or not hasattr(asyncpg.protocol.Protocol, "backend_pid"):
         return base  # an untested asyncpg: keep its own behaviour
     attrs: dict[str, Any] = {
         "__slots__": (),
         "_asyncpool_cancels": cancels,
         "_cancel_current_command": _cancel_or_terminate,
+        "_cancel": _cancel_as_connected,
     }
     if hasattr(asyncpg.Connection, "_get_unique_id"):
         attrs["_get_unique_id"] = _unique_id
@@ -486,12 +529,17 @@ def request_cancel(conn: Any) -> asyncio.Task[Any] | None:
     cancellations = getattr(conn, "_cancellations", None)
     if cancellations is None or not hasattr(conn, "_addr") or not hasattr(conn, "_params"):
         return None
+    context = direct_tls_context(conn)
 
     async def cancel() -> None:
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(_CANCEL_REQUEST_TIMEOUT):
-                await cast(Any, connect_utils)._cancel(loop=conn._loop, addr=conn._addr, params=conn._params,
-                                            backend_pid=key[0], backend_secret=key[1])
+                if context is not None:
+                    await direct_cancel.send(conn._addr, context, key)
+                else:
+                    await cast(Any, connect_utils)._cancel(
+                        loop=conn._loop, addr=conn._addr, params=conn._params,
+                        backend_pid=key[0], backend_secret=key[1])
 
     task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(cancel())
     cancellations.add(task)
@@ -511,16 +559,29 @@ def cancel_target(conn: Any) -> CancelTarget | None:
     params = getattr(conn, "_params", None)
     if key is None or not cancel_deliverable(conn) or addr is None or params is None:
         return None
-    from asyncpg.connect_utils import SSLMode, SSLNegotiation
+    from asyncpg.connect_utils import SSLMode
 
     # As asyncpg's own requests: plain on a Unix socket (a server answers an SSLRequest there
     # with "N", which sslmode=require would take as a refusal) and with sslmode=allow.
     tls = bool(params.ssl) and params.sslmode != SSLMode.allow and not isinstance(addr, str)
-    # A connection made with direct TLS (sslnegotiation=direct) may be to a server or front
-    # that takes TLS only from the first byte: its request goes the same way (as libpq's).
-    direct = getattr(params, "ssl_negotiation", None) is SSLNegotiation.direct
     return CancelTarget(addr, key, params.ssl if tls else None, params.sslmode == SSLMode.prefer,
-                        direct and tls)
+                        tls and direct_tls_context(conn) is not None)
+
+
+def direct_tls_context(conn: Any) -> SSLContext | None:
+    """The TLS context `conn` was made with if it was made with direct TLS over TCP
+    (``sslnegotiation=direct``), else None: its cancel requests must then start TLS at the
+    first byte too (as libpq's do), since the server or front may take TLS no other way."""
+    from asyncpg import connect_utils
+
+    params = getattr(conn, "_params", None)
+    direct = getattr(connect_utils, "SSLNegotiation", None)
+    if (params is None or direct is None or isinstance(getattr(conn, "_addr", None), str)
+            or getattr(params, "ssl_negotiation", None) is not direct.direct):
+        return None
+    context = params.ssl
+    # asyncpg refuses direct TLS below sslmode=require, and turns every mode into a context.
+    return context if isinstance(context, ssl.SSLContext) else None
 
 
 @dataclass(frozen=True, slots=True)
