@@ -831,8 +831,9 @@ async def test_a_statement_asyncpg_cancels_over_direct_tls_ends_on_the_server(
                         await conn.fetch(sql, timeout=0.3)
                 else:
                     task = asyncio.create_task(conn.fetch(sql))
-                    while not await postgres.running_statements(token):
-                        await asyncio.sleep(0.05)
+                    async with asyncio.timeout(5):
+                        while not await postgres.running_statements(token):
+                            await asyncio.sleep(0.05)
                     task.cancel()
                     with pytest.raises(asyncio.CancelledError):
                         await task
@@ -903,8 +904,9 @@ async def test_the_pools_own_cancel_request_goes_direct_tls(
                                  connection_class=driver.cancel_aware_class(None, cancels=True))
     try:
         task = asyncio.create_task(conn.fetch(f"SELECT pg_sleep(30) /* {token} */"))
-        while not await postgres.running_statements(token):
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(5):
+            while not await postgres.running_statements(token):
+                await asyncio.sleep(0.05)
         before = len(front.names)
         request = driver.request_cancel(conn)
         assert request is not None
