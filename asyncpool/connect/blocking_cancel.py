@@ -29,8 +29,13 @@ def send(targets: Sequence[CancelTarget], timeout: float) -> int:
     """Send a cancel request to each of `targets` and wait, up to `timeout` seconds for them all,
     until each server has taken its request (closed the socket); returns how many did. Never
     raises for a request that fails (the process is ending either way)."""
+    return sum(send_each(targets, timeout))
+
+
+def send_each(targets: Sequence[CancelTarget], timeout: float) -> list[bool]:
+    """`send`, saying for each of `targets` whether its server took the request in time."""
     if not targets:
-        return 0
+        return []
     # Socket and join timeouts overflow past it (``cancel_within=math.inf``: as long as it takes).
     deadline = time.monotonic() + min(timeout, threading.TIMEOUT_MAX)
     taken: list[bool] = [False] * len(targets)
@@ -50,7 +55,7 @@ def send(targets: Sequence[CancelTarget], timeout: float) -> int:
         thread.start()
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return sum(taken)
+    return list(taken)
 
 
 def _send_one(target: CancelTarget, deadline: float) -> None:

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from types import FrameType
@@ -23,6 +24,7 @@ from asyncpool.config import DefaultTimeout, PoolConfig, env_value
 from asyncpool.connect.connector import close_failure
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
 from asyncpool.options import PoolOptions, translate
+from asyncpool.pool import shutdown
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -140,6 +142,10 @@ def close_on_shutdown(
     (`signal.set_wakeup_fd`) by a thread of ours, which closes the pool and ends the process
     (status 143, 128 + SIGTERM) whatever the main thread is doing.
 
+    Several pools given to `close_on_shutdown` are closed together within one budget (the largest
+    of theirs, counted from the signal), their running statements cancelled at once; held
+    connections get a quarter of it to come back before that.
+
     The SIGTERM hooks are installed only from the main thread (Python's rule); the exit hook
     always. In a process forked from this one the hooks never touch the inherited sockets.
     """
@@ -160,49 +166,34 @@ class _PoolHook:
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._started = False
-        self._finished = threading.Event()
+        self.finished = threading.Event()
 
     @property
     def pool(self) -> Pool | None:
-        return self._pool()
+        """The pool, unless collected, or inherited across a fork (its sockets are the parent's:
+        saying goodbye on them would end the parent's sessions)."""
+        return self._pool() if os.getpid() == self.pid else None
 
     def spent(self) -> bool:
         """Nothing left to close: the pool was closed, or collected (which terminated it)."""
         pool = self._pool()
         return pool is None or pool.closed
 
-    def close(self) -> None:
-        """Close the pool (once); a second caller waits for the first one's close to end."""
-        pool = self._pool()
-        if pool is None:
-            return
+    def claim(self) -> bool:
+        """True for the first caller only: it closes the pool, and sets `finished` when done."""
         with self._lock:
             first = not self._started
             self._started = True
-        if not first:
-            if _running_loop() is self.loop:
-                # A signal handler on top of the running loop, while the watcher closes the pool
-                # on that very loop: waiting would stall it. Drop the connections instead,
-                # cancelling their statements first (no task of the loop will run to).
-                if os.getpid() == self.pid:
-                    pool.terminate(cancel_within=self.budget)
-                return
-            self._finished.wait(self.budget + 1.0)
-            return
-        try:
-            # A forked child shares its parent's sockets: saying goodbye on them would end the
-            # parent's sessions. The child's own pools are its business.
-            if os.getpid() == self.pid:
-                _close_pool(pool, self.loop, self.budget)
-        finally:
-            self._finished.set()
+        return first
 
 
 class _Shutdown:
     """The process's SIGTERM handling, one for every pool given to `close_on_shutdown`.
 
     One Python-level handler and one watcher thread, whoever hears the signal first closes the
-    pools one after the other (two threads must not run one loop), then the signal goes on.
+    pools (two threads must not run one loop), then the signal goes on. The pools are closed
+    together within one budget, the largest of theirs, counted from when the shutdown began:
+    closed one after the other, N pools took N budgets and overran Lambda's shutdown window.
     """
 
     def __init__(self) -> None:
@@ -215,14 +206,18 @@ class _Shutdown:
         self._closing = threading.Lock()
         # Set when the Python-level handler runs: the main thread then passes the signal on.
         self.main_thread_took_it = threading.Event()
+        self.began: float | None = None  # (time.monotonic(): when the shutdown began)
+        self._began_lock = threading.Lock()
+        self.at_exit_registered = False
 
     def add(self, hook: _PoolHook) -> Callable[[], None]:
         # Hooks of pools closed or collected since are dropped here, so a process that makes
         # pool after pool (one per tenant, per asyncio.run, per test) keeps only the live ones.
         for spent in [h for h in self.hooks if h.spent()]:
-            atexit.unregister(spent.close)
             self.hooks.remove(spent)
-        atexit.register(hook.close)
+        if not self.at_exit_registered:
+            atexit.register(self.close_all)
+            self.at_exit_registered = True
         self.hooks.append(hook)
         # Signal handlers can only be set from the main thread; a hook added elsewhere is still
         # closed on SIGTERM when one added from the main thread installed them.
@@ -232,7 +227,6 @@ class _Shutdown:
             self.install()
 
         def undo() -> None:
-            atexit.unregister(hook.close)
             with contextlib.suppress(ValueError):
                 self.hooks.remove(hook)
             if wants_signal:
@@ -266,10 +260,21 @@ class _Shutdown:
             signal.signal(signal.SIGTERM, self.previous)
         self.installed = False
 
+    def deadline(self, hooks: list[_PoolHook]) -> float:
+        """When closing `hooks`' pools must be over: one budget, the largest of theirs, from when
+        the shutdown began (whoever heard of it first)."""
+        with self._began_lock:
+            if self.began is None:
+                self.began = time.monotonic()
+            began = self.began
+        return began + max((hook.budget for hook in hooks), default=0.0)
+
     def close_all(self) -> None:
+        if os.getpid() != self.pid:
+            return
         with self._closing:
-            for hook in list(self.hooks):
-                hook.close()
+            hooks = list(self.hooks)
+            _close_hooks(hooks, self.deadline(hooks))
 
     def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """The Python-level handler: runs on the main thread, whenever it gets to run bytecode."""
@@ -278,8 +283,8 @@ class _Shutdown:
             if _running_loop() is not None:
                 # On top of a running loop the watcher may be closing on (and so waiting for):
                 # do not queue behind it.
-                for hook in list(self.hooks):
-                    hook.close()
+                hooks = list(self.hooks)
+                _close_hooks(hooks, self.deadline(hooks))
             else:
                 self.close_all()
         _pass_on(signum, frame, self.previous)
@@ -309,10 +314,9 @@ class _Shutdown:
         """In a forked child: the pools are the parent's, and so is the watcher's socket pair (a
         signal written there would reach the parent's watcher). Give the child back the SIGTERM
         handling it had before us; its own pools install their own hooks."""
-        hooks, self.hooks = self.hooks, []
-        for hook in hooks:
-            with contextlib.suppress(ValueError):
-                atexit.unregister(hook.close)
+        self.hooks = []
+        self.began = None
+        self._began_lock = threading.Lock()
         self.watcher = None  # its thread did not survive the fork
         self.pid = os.getpid()
         self.signal_users = 0
@@ -460,39 +464,66 @@ def _after_restore(pool: Pool) -> None:
         pool.mark_stale()
 
 
-def _close_pool(pool: Pool, loop: asyncio.AbstractEventLoop, budget: float) -> None:
-    if pool.closed or loop.is_closed():
-        return
-    if loop.is_running():
+def _close_hooks(hooks: list[_PoolHook], deadline: float) -> None:
+    """Close the pools of `hooks` by `deadline` (``time.monotonic()``): those on one loop
+    together; loops (rarely more than one) one after the other, each within what is left."""
+    by_loop: dict[int, list[_PoolHook]] = {}
+    for hook in hooks:
+        by_loop.setdefault(id(hook.loop), []).append(hook)
+    for group in by_loop.values():
+        _close_group(group, deadline)
+
+
+def _close_group(hooks: list[_PoolHook], deadline: float) -> None:
+    """Close the pools of `hooks`, all on one loop, together by `deadline`. Those another thread
+    started closing are waited for, unless this thread runs their loop (a signal handler on top
+    of it): nothing it awaits could run, so it terminates them itself."""
+    loop = hooks[0].loop
+    mine = [hook for hook in hooks if hook.claim()]
+    try:
         if _running_loop() is loop:
             # SIGTERM landed in the middle of an invocation, on top of the running loop: nothing
             # can be awaited here, and no task of the loop will run again. Cancel the running
-            # statements from here (the server would run them on), then drop the connections;
-            # the sockets close as the process ends.
-            pool.terminate(cancel_within=budget)
+            # statements from here (the server would run them on), all pools' requests at once,
+            # then drop the connections; the sockets close as the process ends.
+            pools = [p for hook in hooks if (p := hook.pool) is not None and shutdown.unfinished(p)]
+            try:
+                shutdown.terminate_together(pools, deadline)
+            except Exception:
+                logger.exception("pools %s: terminating at shutdown failed", _names(pools))
             return
+        _close_pools([p for hook in mine if (p := hook.pool) is not None and shutdown.unfinished(p)],
+                     loop, deadline)
+        for hook in hooks:
+            if hook not in mine:
+                hook.finished.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+    finally:
+        for hook in mine:
+            hook.finished.set()
+
+
+def _close_pools(pools: list[Pool], loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    """Close `pools` on `loop`, not running in this thread, together by `deadline`."""
+    if not pools or loop.is_closed():
+        return
+    if loop.is_running():
         # An invocation is running on another thread: close on its loop, within the budget.
-        future = asyncio.run_coroutine_threadsafe(_close_within(pool, budget), loop)
+        future = asyncio.run_coroutine_threadsafe(shutdown.close_together(pools, deadline), loop)
         try:
-            future.result(budget + 0.1)
+            future.result(max(0.0, deadline - time.monotonic()) + 0.1)
         except Exception:
             future.cancel()
-            loop.call_soon_threadsafe(pool.terminate)
+            for pool in pools:
+                loop.call_soon_threadsafe(pool.terminate)
         return
-
     try:
-        loop.run_until_complete(_close_within(pool, budget))
+        loop.run_until_complete(shutdown.close_together(pools, deadline))
     except Exception:
-        logger.exception("pool %r: closing at shutdown failed", pool.name)
+        logger.exception("pools %s: closing at shutdown failed", _names(pools))
 
 
-async def _close_within(pool: Pool, budget: float) -> None:
-    try:
-        async with asyncio.timeout(budget):
-            await pool.close(timeout=budget / 2)
-    except TimeoutError:
-        pool.terminate()
-        await asyncio.sleep(0)  # let the aborted transports close their sockets
+def _names(pools: list[Pool]) -> str:
+    return ", ".join(repr(pool.name) for pool in pools)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

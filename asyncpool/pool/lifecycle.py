@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncpool.connect import blocking_cancel, driver
@@ -195,19 +195,30 @@ def terminate(slots: Slots, cancel_within: float = 0.0) -> None:
     """Close every connection now, without waiting; waiters get `PoolClosedError`. With
     `cancel_within`, the statements running on held connections are cancelled first, from this
     thread, waiting up to that long for the server to take the requests (`Pool.terminate`)."""
-    if _nothing_to_close(slots):
-        return
-    slots._set_state(CLOSING)
-    cancelled = _cancel_running_now(slots, cancel_within) if cancel_within > 0 else set()
-    _stop(slots, "pool terminated", graceful=False)
-    _retire_all(slots, "pool terminated", cancelled)
-    for conn in list(slots.closing.values()):
-        # Closes under way (graceful ones, and those waiting for a cancel request before
-        # terminating) end now, unless a cancel request is still in flight (they wait for it,
-        # bounded, then close).
-        if not driver.pending_cancellations(conn):
-            conn.terminate()
-    _finish(slots, close_credentials=True)
+    terminate_together([slots], cancel_within)
+
+
+def terminate_together(pools: Sequence[Slots], cancel_within: float = 0.0) -> None:
+    """`terminate` for several pools, their cancel requests sent all at once: a shutdown closing
+    several pools takes `cancel_within` once, not once per pool."""
+    live = [slots for slots in pools if not _nothing_to_close(slots)]
+    for slots in live:
+        slots._set_state(CLOSING)
+    cancelled: set[int] = set()
+    if cancel_within > 0:
+        targets = running_targets(live)
+        send_cancels(targets, cancel_within)
+        cancelled = set(targets)
+    for slots in live:
+        _stop(slots, "pool terminated", graceful=False)
+        _retire_all(slots, "pool terminated", cancelled)
+        for conn in list(slots.closing.values()):
+            # Closes under way (graceful ones, and those waiting for a cancel request before
+            # terminating) end now, unless a cancel request is still in flight (they wait for
+            # it, bounded, then close).
+            if not driver.pending_cancellations(conn):
+                conn.terminate()
+        _finish(slots, close_credentials=True)
 
 
 def _stop(slots: Slots, reason: str, graceful: bool) -> None:
@@ -228,22 +239,35 @@ def _stop(slots: Slots, reason: str, graceful: bool) -> None:
         slots.retire(record, reason, graceful=graceful)
 
 
-def _cancel_running_now(slots: Slots, timeout: float) -> set[int]:
-    """Cancel what the held connections run, without the loop (`blocking_cancel`): for a process
-    about to end, where no task of the loop would run to send the requests. Every held one, as
-    `_retire_all` does: asyncpg does not say whether a statement is running (``execute()``
-    without arguments runs outside its one-at-a-time section), and a server ignores a cancel
-    request when none is. Returns the ids of the connections whose request was sent."""
-    targets = {id(record.conn): target for record in slots.leased()
-               if (target := driver.cancel_target(record.conn)) is not None}
+#: Cancel requests for the statements of held connections: by the connection's id, its pool's
+#: name and where the request goes.
+CancelTargets = dict[int, tuple[str, "driver.CancelTarget"]]
+
+
+def running_targets(pools: Sequence[Slots]) -> CancelTargets:
+    """Where to send cancel requests for what the held connections of `pools` run. Every held
+    one, as `_retire_all` does: asyncpg does not say whether a statement is running
+    (``execute()`` without arguments runs outside its one-at-a-time section), and a server
+    ignores a cancel request when none is. On the pools' loop's thread."""
+    return {id(record.conn): (slots.name, target) for slots in pools for record in slots.leased()
+            if (target := driver.cancel_target(record.conn)) is not None}
+
+
+def send_cancels(targets: CancelTargets, timeout: float) -> None:
+    """Send `targets`' cancel requests without the loop (`blocking_cancel`), all at once, waiting
+    up to `timeout` for the servers to take them: for a process about to end, where no task of
+    the loop would run to send them. Any thread; says which pools' requests were not taken."""
     if not targets:
-        return set()
-    taken = blocking_cancel.send(list(targets.values()), timeout)
-    if taken < len(targets):
-        logger.warning("pool %r: %d of %d cancel requests were not taken within %.3gs; what "
-                       "those connections ran may go on on the server", slots.name,
-                       len(targets) - taken, len(targets), timeout)
-    return set(targets)
+        return
+    taken = blocking_cancel.send_each([target for _, target in targets.values()], timeout)
+    missed: dict[str, list[bool]] = {}
+    for (name, _), ok in zip(targets.values(), taken, strict=True):
+        missed.setdefault(name, []).append(ok)
+    for name, oks in missed.items():
+        if not all(oks):
+            logger.warning("pool %r: %d of %d cancel requests were not taken within %.3gs; what "
+                           "those connections ran may go on on the server", name,
+                           oks.count(False), len(oks), timeout)
 
 
 def _retire_all(slots: Slots, reason: str, cancelled: set[int] | None = None) -> None:

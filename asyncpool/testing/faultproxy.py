@@ -46,6 +46,11 @@ class FaultProxy:
       forwarded the request crashes it (docs/faults.md, "PgBouncer 1.18 crashes"), whoever
       closed it, a network fault too.
 
+    - ``cancel_delay`` (seconds): a CancelRequest reaches the server only this long after it
+      arrived, as when the pooler is too busy to accept it sooner (or its TCP or TLS handshake
+      is slow); a client that closes its socket before then never gets it delivered, as one that
+      gave up before the server took its connection.
+
     With any of them set, the proxy answers a TLS request with "N" itself: those logins are
     plaintext.
 
@@ -73,6 +78,7 @@ class FaultProxy:
         self.spare_cancels = False
         self.cancels_seen = 0
         self.cancels_dropped = 0
+        self.cancel_delay = 0.0
         self.close_delay = 0.0
         #: Chunks read from one end and held back by a stall (a request waiting at the partition).
         self.held = 0
@@ -160,11 +166,13 @@ class FaultProxy:
             if link.closed:
                 return
             first: bytes | None = b""
-            if self.drop_cancels or self.strip_backend_key or self.spare_cancels:
+            if self.drop_cancels or self.strip_backend_key or self.spare_cancels or self.cancel_delay:
                 first = await self._first_request(reader, writer)
                 if first is None:
                     return  # a cancel request, lost
                 link.cancel = self.spare_cancels and _is_cancel(first)
+                if self.cancel_delay and _is_cancel(first) and not await _stays(reader, self.cancel_delay):
+                    return  # its client left before the server would have taken it
             try:
                 up_reader, up_writer = await asyncio.open_connection(
                     self.upstream_host, self.upstream_port
@@ -259,6 +267,18 @@ class FaultProxy:
 
 _CANCEL_REQUEST_CODE = 80877102
 _SSL_REQUEST_CODE = 80877103
+
+
+async def _stays(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether the client keeps its end open for `seconds` (a cancel request sends nothing more)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await reader.read(1)
+    except TimeoutError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def _is_cancel(first: bytes) -> bool:

@@ -1,0 +1,65 @@
+"""Shutdown with several pools under the real Lambda runtime: one budget for all of them, and
+no statement left running in PostgreSQL once the process is gone.
+
+tests/lambda_functions/two_pools.py runs ``pg_sleep(30)`` on two pools through PgBouncer when
+SIGTERM comes. Between them and PgBouncer a `FaultProxy` holds every cancel request for
+`CANCEL_DELAY` before PgBouncer gets it (a busy pooler, a slow handshake), and drops it if the
+client leaves first. The pools' cancels sent one after the other took two delays, past the
+budget; the graceful close (the pools' loop on a thread of its own) sent its requests as tasks of
+a loop the process did not wait for, and the statements ran on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
+from asyncpool.testing.lambda_runtime import RuntimeAPI
+from tests.lambda_runtime.support import environment, invoke, response, running
+
+BUDGET = 1.6
+# Over half the budget: two in a row do not fit, and a request sent once the graceful close has
+# waited half of it for the held connections (as it did) arrives after the process has ended;
+# one sent after a quarter of it does.
+CANCEL_DELAY = 0.95
+
+
+@pytest.mark.parametrize("loop_thread", [False, True], ids=["runner-loop", "loop-thread"])
+async def test_sigterm_cancels_every_pools_statement_within_one_budget(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, postgres: PostgresServer,
+    tmp_path: Path, loop_thread: bool,
+) -> None:
+    tag = uuid.uuid4().hex
+    async with FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        proxy.cancel_delay = CANCEL_DELAY
+        env: dict[str, str | None] = {
+            "ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn()),
+            "TEST_SHUTDOWN_BUDGET": str(BUDGET),
+            "TEST_LOOP_THREAD": "1" if loop_thread else None,
+        }
+        with environment(runtime_api, own_pgbouncer, tmp_path, handler="two_pools.handler",
+                         env=env) as proc:
+            response(await invoke(runtime_api, {"op": "query"}), proc)
+            runtime_api.submit({"op": "stall", "tag": tag})
+            deadline = time.monotonic() + 10
+            while await running(postgres.dsn(), tag) < 2:
+                assert time.monotonic() < deadline, proc.log()[-2000:]
+                await asyncio.sleep(0.05)
+            sent = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            status = await asyncio.to_thread(proc.wait, 3 * BUDGET)
+            took = time.monotonic() - sent
+            assert status is not None, f"still running {3 * BUDGET}s after SIGTERM\n{proc.log()[-2000:]}"
+        assert proxy.cancels_seen >= 2
+        deadline = time.monotonic() + 1.0
+        while (left := await running(postgres.dsn(), tag)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    assert left == 0, f"{left} statements still run on the server\n{proc.log()[-2000:]}"
+    assert took < BUDGET, f"the shutdown took {took:.2f}s, budget {BUDGET}s\n{proc.log()[-2000:]}"
