@@ -446,8 +446,9 @@ def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
         "__slots__": (),
         "_asyncpool_cancels": cancels,
         "_cancel_current_command": _cancel_or_terminate,
-        "_cancel": _cancel_as_connected,
     }
+    if base._cancel is _ORIGINAL_REQUEST:  # (a class's own override is kept, and called)
+        attrs["_cancel"] = _cancel_as_connected
     if hasattr(asyncpg.Connection, "_get_unique_id"):
         attrs["_get_unique_id"] = _unique_id
     return shared_subclass(base.__name__, (base,), attrs)

@@ -62,4 +62,6 @@ async def test_sigterm_cancels_every_pools_statement_within_one_budget(
         while (left := await running(postgres.dsn(), tag)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     assert left == 0, f"{left} statements still run on the server\n{proc.log()[-2000:]}"
-    assert took < BUDGET, f"the shutdown took {took:.2f}s, budget {BUDGET}s\n{proc.log()[-2000:]}"
+    # (Plus the process's own exit, slower on a loaded machine; two budgets in a row, the
+    # defect, take about BUDGET + CANCEL_DELAY.)
+    assert took < BUDGET + 0.25, f"the shutdown took {took:.2f}s, budget {BUDGET}s\n{proc.log()[-2000:]}"
