@@ -26,6 +26,7 @@ from asyncpool import (
     Target,
 )
 from asyncpool.config import SslMode
+from asyncpool.credentials import iam as iam_module
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.aws_endpoint import (
     ACCESS_KEY_ID,
@@ -224,7 +225,7 @@ async def test_refresh_signs_the_retry_with_aws_credentials_read_again(
 
 
 async def test_logins_refused_together_replace_the_client_once_and_it_is_closed(
-    aws: None,
+    aws: None, clock: FakeClock
 ) -> None:
     spy = ClientSpy()
     auth = IamAuth(session=spy.session)
@@ -241,12 +242,81 @@ async def test_logins_refused_together_replace_the_client_once_and_it_is_closed(
         retries = await asyncio.gather(*(refused_login() for _ in range(5)))
         assert (spy.opened, spy.closed) == (2, 1)
         assert all(sigv4_signature_matches(t, SECRET_ACCESS_KEY) for t in retries)
-        await auth.refresh(target)  # a new refusal after the retries: that client goes too
+        clock.now += iam_module.REPLACE_INTERVAL
+        await auth.refresh(target)  # a new refusal a while after the retries: that client goes
         assert (spy.opened, spy.closed) == (2, 2)
         await auth.password(target)
     finally:
         await auth.close()
     assert (spy.opened, spy.closed) == (3, 3)
+
+
+class FakeClock:
+    """Stands in for the `time` module IamAuth reads its clock from."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(iam_module, "time", fake, raising=False)
+    return fake
+
+
+def _key_id(token: str) -> str:
+    return dict(parse_qsl(urlsplit("https://" + token).query))["X-Amz-Credential"].split("/")[0]
+
+
+async def test_refusals_in_a_row_replace_the_client_once_a_minute(
+    aws: None, clock: FakeClock
+) -> None:
+    """A role refused for good: each wave of logins replaced the client (50-250 ms of the event
+    loop each, the service model parsed again), though the new one read the same keys."""
+    spy = ClientSpy()
+    auth = IamAuth(session=spy.session)
+    target = Target(PROXY_HOST, 5432, "orders_app", "orders")
+    try:
+        for wave in range(6):
+            await auth.password(target)
+            await auth.refresh(target)
+            await auth.password(target)
+            clock.now += iam_module.REPLACE_INTERVAL / 6 - 0.5
+            assert (spy.opened, spy.closed) == (2, 1), wave
+        clock.now += 3.5  # a minute since the replacement: credentials may have changed elsewhere
+        await auth.password(target)
+        await auth.refresh(target)
+        assert (spy.opened, spy.closed) == (2, 2)
+    finally:
+        await auth.close()
+
+
+async def test_keys_rotated_during_refusals_in_a_row_are_read_at_the_next_one(
+    aws: None, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth = IamAuth()
+    target = Target(PROXY_HOST, 5432, "orders_app", "orders")
+    rotated_id, rotated_secret = "AKIAROTATED0EXAMPLE", secrets.token_hex(20)
+    try:
+        for _ in range(2):  # the second refusal keeps the client the first made
+            await auth.password(target)
+            await auth.refresh(target)
+            assert _key_id(await auth.password(target)) == ACCESS_KEY_ID
+        clock.now += 1
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", rotated_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", rotated_secret)
+        monkeypatch.delenv("AWS_SESSION_TOKEN")
+        assert _key_id(await auth.password(target)) == ACCESS_KEY_ID
+        await auth.refresh(target)
+        after = await auth.password(target)
+    finally:
+        await auth.close()
+    assert _key_id(after) == rotated_id
+    assert sigv4_signature_matches(after, rotated_secret)
 
 
 async def test_a_client_closed_while_it_is_being_created_is_closed_too(aws: None) -> None:
@@ -514,3 +584,43 @@ async def test_allow_unprotected_credentials_lets_a_local_test_dial_in_clear(
     with pytest.raises(ConnectError, match=r"pg_hba\.conf.*it requires TLS"):
         await pool.open()
     assert counter.signings == 2
+
+
+async def test_waves_of_logins_refused_for_good_make_one_client_and_parse_no_model_again(
+    aws: None, iam_postgres: PostgresServer, pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The role is refused every token (no rds-db:connect): each wave of logins made a new
+    session and client, parsing botocore's JSON models again, 50-250 ms of the event loop taken
+    from every other request of the process each time."""
+    from aiobotocore.session import AioSession
+    from botocore.loaders import JSONFileLoader
+
+    created: list[str] = []
+    parsed: list[str] = []
+    create, load_file = AioSession.create_client, JSONFileLoader.load_file
+
+    def counted_client(self: AioSession, service: str, *args: Any, **kwargs: Any) -> Any:
+        created.append(service)
+        return create(self, service, *args, **kwargs)
+
+    def counted_file(self: JSONFileLoader, path: str, *args: Any, **kwargs: Any) -> Any:
+        parsed.append(path)
+        return load_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(AioSession, "create_client", counted_client)
+    monkeypatch.setattr(JSONFileLoader, "load_file", counted_file)
+    pool = _iam_pool(iam_postgres, pki, "iam_denied", IamAuth(region="us-east-1"), min_size=0,
+                     max_size=3)
+    await pool.open()  # warm(): the first client
+    assert created == ["rds"]
+    assert parsed
+    parsed.clear()
+    try:
+        for _ in range(4):
+            results = await asyncio.gather(*(pool.fetchval("SELECT 1") for _ in range(3)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, AuthenticationError) for r in results), results
+    finally:
+        await pool.close()
+    assert created == ["rds", "rds"]  # the first refusal's: it may come from rotated keys
+    assert parsed == []

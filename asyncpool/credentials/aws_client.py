@@ -138,11 +138,34 @@ class LoopLock:
         return self._lock
 
 
+class ServiceModels:
+    """botocore's data loader (service models and endpoint rules, parsed from JSON) kept for the
+    next session this library creates: a new session's first client otherwise parses them again,
+    50-250 ms of the event loop's time, against about 8 ms with them kept. Only the credentials
+    are read anew, which is what a new session is made for."""
+
+    __slots__ = ("_data_path", "_loader")
+
+    def __init__(self) -> None:
+        self._loader: Any = None
+        self._data_path: object = None
+
+    def share(self, session: Any) -> None:
+        """Give `session` (a new ``AioSession``) the loader kept, or keep its own."""
+        # AWS_DATA_PATH (extra model directories) changed: the kept models may be wrong.
+        data_path = session.get_config_variable("data_path")
+        if self._loader is not None and data_path == self._data_path:
+            session.register_component("data_loader", self._loader)
+        else:
+            self._loader, self._data_path = session.get_component("data_loader"), data_path
+
+
 class AwsClient:
     """A lazily created aiobotocore client for one service, reused until `close()`.
 
     `session` is an ``aiobotocore.session.AioSession`` to take credentials and settings from;
-    by default a new one reads the usual chain (environment, profile, Lambda execution role).
+    by default a new one reads the usual chain (environment, profile, Lambda execution role),
+    with the service models of the previous one (`models`, shared by the clients given it).
     """
 
     def __init__(
@@ -154,6 +177,7 @@ class AwsClient:
         session: Any = None,
         endpoint_url: str | None = None,
         no_region_hint: str | None = None,
+        models: ServiceModels | None = None,
     ) -> None:
         self.service = service
         self.no_region_hint = no_region_hint
@@ -161,6 +185,7 @@ class AwsClient:
         self.profile = profile
         self.endpoint_url = endpoint_url
         self._session = session
+        self._models = models or ServiceModels()
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock = LoopLock()
@@ -191,7 +216,10 @@ class AwsClient:
         )
         stack = contextlib.AsyncExitStack()
         try:
-            session = self._session or AioSession(profile=self.profile)
+            session = self._session
+            if session is None:
+                session = AioSession(profile=self.profile)
+                self._models.share(session)
             client = await stack.enter_async_context(
                 session.create_client(
                     self.service,

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from typing import Any
 
 from asyncpool.connect.dsn import Target
-from asyncpool.credentials.aws_client import AwsClient, aws_error, region_in_host
+from asyncpool.credentials.aws_client import AwsClient, ServiceModels, aws_error, region_in_host
+from asyncpool.credentials.aws_environment import credentials_fingerprint
 from asyncpool.errors import CredentialsError
+
+#: Seconds after a refused login replaced the signing client during which further refusals keep
+#: its successor, unless the environment's AWS credentials changed: a role refused for good
+#: (no rds-db:connect) would otherwise rebuild it at every wave of logins, each time holding the
+#: event loop. Credentials changed elsewhere (a profile's source, `session=`) are read again at
+#: the first refusal after this.
+REPLACE_INTERVAL = 60.0
 
 
 class IamAuth:
@@ -17,7 +26,8 @@ class IamAuth:
     Each new connection gets a token from aiobotocore's ``generate_db_auth_token`` for the host,
     port and user actually dialled. Signing is local (about 0.1 ms) and a token is valid for 15
     minutes, checked only at login; the client that signs is created once (about 150 ms) and
-    kept until a login is refused (`refresh`). Pools refuse `IamAuth` without TLS.
+    kept until a login is refused (`refresh`), at most once a minute unless the environment's
+    AWS credentials changed. Pools refuse `IamAuth` without TLS.
 
     region: the database's region. Default: read from an RDS host name
         (``x.proxy-y.us-east-1.rds.amazonaws.com``), else the AWS session's (``AWS_REGION``).
@@ -46,6 +56,11 @@ class IamAuth:
         self._profile = profile
         self._session = session
         self._client: AwsClient | None = None
+        self._models = ServiceModels()  # parsed once, for every client this provider makes
+        # `credentials_fingerprint()` when the current client was made, and when a refusal
+        # last replaced one (see `refresh`).
+        self._made_with = ""
+        self._replaced_at: float | None = None
         # Which client signed the token each connecting task got (see `refresh`).
         self._signed_with: weakref.WeakKeyDictionary[asyncio.Task[Any], AwsClient] = (
             weakref.WeakKeyDictionary()
@@ -75,21 +90,30 @@ class IamAuth:
         raise failure
 
     async def refresh(self, target: Target) -> bool:
-        """After a refused login: close the signing client, so the retry signs a new token with
-        a new one. Always True: a new token helps when the old one expired on the way (a frozen
-        Lambda, a slow connect); a new client when the keys it signed with were rotated
-        (without `session=`, it reads the credential chain again) or it is broken. Logins
-        refused together replace the client once: one whose token came from a client already
-        replaced uses the new one.
+        """After a refused login: replace the signing client, so the retry signs a new token
+        with one that read the credential chain again (without `session=`). Always True: a new
+        token helps when the old one expired on the way (a frozen Lambda, a slow connect); a new
+        client when the keys it signed with were rotated.
+
+        Logins refused together replace the client once: one whose token came from a client
+        already replaced uses the new one. Refused again within `REPLACE_INTERVAL` of that
+        replacement, with the environment's credentials unchanged, the client is kept: its
+        successor would read the same keys, and a role refused for good would otherwise stall
+        the event loop at every wave of logins.
         """
         task = asyncio.current_task()
         signer = self._signed_with.pop(task, None) if task is not None else None
         current = self._client
-        if current is not None and (signer is None or signer is current):
-            self._client = None
-            # Tokens being signed with it meanwhile are unharmed: signing is local, and closing
-            # only ends the client's HTTP connections.
-            await current.close()
+        if current is None or (signer is not None and signer is not current):
+            return True
+        now = time.monotonic()
+        if (self._replaced_at is not None and now - self._replaced_at < REPLACE_INTERVAL
+                and credentials_fingerprint() == self._made_with):
+            return True
+        self._client, self._replaced_at = None, now
+        # Tokens being signed with it meanwhile are unharmed: signing is local, and closing
+        # only ends the client's HTTP connections.
+        await current.close()
         return True
 
     async def warm(self, target: Target) -> None:
@@ -124,6 +148,7 @@ class IamAuth:
 
     def _signer(self, region: str | None) -> AwsClient:
         if self._client is None:
+            self._made_with = credentials_fingerprint()
             self._client = AwsClient(
                 "rds",
                 region=region,
@@ -133,5 +158,6 @@ class IamAuth:
                     "IamAuth needs the database's AWS region and the host name does not say it: "
                     "pass IamAuth(region='...') or set AWS_REGION"
                 ),
+                models=self._models,
             )
         return self._client
