@@ -25,7 +25,12 @@ from asyncpool.connect.dsn import (
     parse_dsn,
     redact_dsn,
 )
-from asyncpool.errors import PoolConfigError, config_errors_without_frames
+from asyncpool.errors import (
+    ConfigFail,
+    PoolConfigError,
+    config_errors_without_frames,
+    config_fail,
+)
 
 if TYPE_CHECKING:
     import ssl as ssl_module
@@ -466,10 +471,8 @@ def _rename_mode(cfg: PoolConfig) -> None:
         object.__setattr__(cfg, "prepared_statements", renamed)
 
 
-def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912, PLR0915 - one check per option reads best
-    def fail(message: str) -> None:
-        raise PoolConfigError(f"pool {cfg.name!r}: {message}")
-
+def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option reads best
+    fail = config_fail(cfg.name)
     _check_flags(cfg, fail)
     _as_floats(cfg)
     if _not_whole(cfg.min_size) or cfg.min_size < 0:
@@ -551,7 +554,7 @@ def _no_limit_as_none(cfg: PoolConfig) -> None:
             object.__setattr__(cfg, key, None)
 
 
-def _check_time_limits(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+def _check_time_limits(cfg: PoolConfig, fail: ConfigFail) -> None:
     """The options in seconds that must be > 0 when given (None: no limit)."""
     positive = {
         "acquire_timeout": cfg.acquire_timeout,
@@ -576,7 +579,7 @@ def _check_time_limits(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
                  "and keep the event loop busy checking them (times are in seconds)")
 
 
-def _check_libpq_keys(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+def _check_libpq_keys(cfg: PoolConfig, fail: ConfigFail) -> None:
     """The DSN's libpq keywords that asyncpg does not read (`LIBPQ_ONLY`): asyncpg would send
     them to the server as run-time settings, and every login would fail. ``connect_timeout``
     becomes the pool's (unless that option is given), the others are refused."""
@@ -608,7 +611,7 @@ def _check_libpq_keys(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
             object.__setattr__(cfg, "connect_timeout", DefaultTimeout(value, timeout.default))
 
 
-def _dsn_connect_timeout(text: str, fail: Callable[[str], None]) -> float:
+def _dsn_connect_timeout(text: str, fail: ConfigFail) -> float:
     """A DSN's ``connect_timeout`` as libpq reads it: whole seconds, 1 meaning 2."""
     if not re.fullmatch(r"\s*-?[0-9]+\s*", text):
         fail(f"the DSN's ?connect_timeout={text!r}: write whole seconds, as libpq reads it (or "
@@ -621,7 +624,7 @@ def _dsn_connect_timeout(text: str, fail: Callable[[str], None]) -> float:
     return float(max(2, seconds))
 
 
-def _check_code(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+def _check_code(cfg: PoolConfig, fail: ConfigFail) -> None:
     """The options that are code: the hooks, the credentials provider."""
     for hook in ("init", "setup"):
         if getattr(cfg, hook) is not None and not callable(getattr(cfg, hook)):
@@ -630,7 +633,7 @@ def _check_code(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
         _check_provider(cfg.credentials, fail)
 
 
-def _check_provider(provider: object, fail: Callable[[str], None]) -> None:
+def _check_provider(provider: object, fail: ConfigFail) -> None:
     """A credentials provider has what the pool calls (`CredentialProvider`): found missing only
     at `open()`, it was a bare AttributeError. (Whether a method returns an awaitable is known
     only when it is called: the connector says so for `password`.)"""
@@ -701,7 +704,7 @@ _TEXT_CONNECT_ARGS = ("user", "database", "passfile", "service", "servicefile",
                       "target_session_attrs", "krbsrvname", "gsslib")
 
 
-def _check_connect_values(connect: Mapping[str, Any], fail: Callable[[str], None]) -> None:
+def _check_connect_values(connect: Mapping[str, Any], fail: ConfigFail) -> None:
     """asyncpg.connect's address and identity arguments, checked here: asyncpg would take them
     and fail at each login with an error that names none of them."""
     for key in _TEXT_CONNECT_ARGS:
@@ -745,7 +748,7 @@ _CACHE_OPTIONS = {"statement_cache_size": "statement_cache_size",
                   "max_cached_statement_lifetime": "statement_cache_ttl"}
 
 
-def _check_overridden_connect_args(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+def _check_overridden_connect_args(cfg: PoolConfig, fail: ConfigFail) -> None:
     """A `connect_kwargs` argument the pool sets itself (`statement_cache_args`, and
     ``command_timeout`` when the option is given too), given with another value, would be
     overridden without a word (the same value, such as asyncpg's
@@ -770,7 +773,7 @@ def _port_number(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
-def _check_server_settings(settings: object, fail: Callable[[str], None]) -> None:
+def _check_server_settings(settings: object, fail: ConfigFail) -> None:
     if settings is None:
         return
     if not isinstance(settings, Mapping):
@@ -786,7 +789,7 @@ def _check_server_settings(settings: object, fail: Callable[[str], None]) -> Non
                  f"({fix})")
 
 
-def _settings_from_connect_kwargs(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+def _settings_from_connect_kwargs(cfg: PoolConfig, fail: ConfigFail) -> None:
     """``connect_kwargs["server_settings"]`` (asyncpg.connect's spelling) taken into the
     `server_settings` option, so that it is planned as the option is (behind a pooler too) and
     never replaced by the settings the pool sends at login. The two must agree where both give
@@ -827,7 +830,7 @@ def _check_dsn_settings(cfg: PoolConfig) -> None:
     combined(from_dsn, cfg.server_settings, cfg.name)
 
 
-def _check_root_cert(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+def _check_root_cert(cfg: PoolConfig, fail: ConfigFail) -> None:
     if cfg.ssl_root_cert is not None and not isinstance(cfg.ssl_root_cert,
                                                         str | bytes | os.PathLike):
         fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: must be the path of one CA bundle file (a "
@@ -837,7 +840,7 @@ def _check_root_cert(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
         fail(f"ssl_root_cert={cfg.ssl_root_cert!r}: no such file")
 
 
-def _check_flags(cfg: PoolConfig, fail: Callable[[str], None]) -> None:
+def _check_flags(cfg: PoolConfig, fail: ConfigFail) -> None:
     if not isinstance(cfg.name, str) or not cfg.name:
         fail(f"name={cfg.name!r}: must be a non-empty string")
     for flag in ("allow_unprotected_credentials", "allow_iam_without_tls", "telemetry"):

@@ -6,7 +6,7 @@ import functools
 import os
 from collections.abc import Callable
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import NoReturn, ParamSpec, TypeVar
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -18,6 +18,19 @@ class PoolError(Exception):
 
 class PoolConfigError(PoolError, ValueError):
     """An option has a value the pool cannot use."""
+
+
+#: How a check refuses an option: raises `PoolConfigError` with the message, never returns.
+ConfigFail = Callable[[str], NoReturn]
+
+
+def config_fail(pool_name: str) -> ConfigFail:
+    """The `ConfigFail` of pool `pool_name`: its errors read ``pool 'orders': <message>``."""
+
+    def fail(message: str) -> NoReturn:
+        raise PoolConfigError(f"pool {pool_name!r}: {message}")
+
+    return fail
 
 
 class PoolClosedError(PoolError):

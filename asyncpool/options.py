@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from asyncpool.credentials.provider import CredentialProvider
 
 
-class PoolOptions(TypedDict, total=False):
-    """Every keyword option `Pool()` and `create_pool()` take (see `PoolConfig` for each of
-    asyncpool's own; the asyncpg ones have asyncpg's meaning, see docs/migration.md)."""
+class PoolOptionsWithoutRecordClass(TypedDict, total=False):
+    """`PoolOptions` but ``record_class``, which `Pool()` and `create_pool()` name on its own:
+    type checkers then give the pool's rows that class (``Pool[Row]``)."""
 
     # asyncpool's own (PoolConfig's fields but dsn)
     name: str
@@ -73,7 +73,6 @@ class PoolOptions(TypedDict, total=False):
     max_inactive_connection_lifetime: float
     max_cached_statement_lifetime: float
     # asyncpg.connect's, passed on to it
-    record_class: type[asyncpg.Record]
     connection_class: type[asyncpg.Connection]
     host: str | Sequence[str]
     port: int | Sequence[int]
@@ -89,6 +88,25 @@ class PoolOptions(TypedDict, total=False):
     gsslib: str
     max_cacheable_statement_size: int
 
+
+
+class PoolOptions(PoolOptionsWithoutRecordClass, total=False):
+    """Every keyword option `Pool()` and `create_pool()` take (see `PoolConfig` for each of
+    asyncpool's own; the asyncpg ones have asyncpg's meaning, see docs/migration.md)."""
+
+    # asyncpg.connect's, passed on to it
+    record_class: type[asyncpg.Record]
+
+
+#: The default of `Pool()`'s ``record_class``: not given (asyncpg's Record then, or the one
+#: `config` names).
+NOT_GIVEN: Any = object()
+
+
+def with_record_class(options: Mapping[str, Any], record_class: object) -> Mapping[str, Any]:
+    """`options` with ``record_class``, which `Pool()` takes on its own (typed: ``Pool[Row]``),
+    if it was given; `resolve` checks it with the others."""
+    return options if record_class is NOT_GIVEN else {**options, "record_class": record_class}
 
 #: asyncpg.connect's options that mean the same to asyncpool: given to asyncpg.connect as they are.
 CONNECT_OPTIONS = frozenset({

@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from mangum import Mangum
 
 from asyncpool import Pool, PooledConnection
-from asyncpool.integrations import lambda_runner
+from asyncpool.integrations import lambda_deadline
 from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.integrations.fastapi import LambdaDeadline, pool_connection, pool_lifespan
 from asyncpool.integrations.invocation import LocalContext, current_invocation
@@ -376,17 +376,17 @@ async def test_lambda_deadline_with_a_margin_at_or_above_the_timeout_serves_and_
         monkeypatch: pytest.MonkeyPatch) -> None:
     """timeout_margin=2 on a 1 s function made every request a 504 the moment it began, with
     nothing saying why; now the requests are served and one WARNING names the margin."""
-    monkeypatch.setattr(lambda_runner, "_margin_warned_in", [], raising=False)
+    monkeypatch.setattr(lambda_deadline, "_margin_warned_in", [])
     env = MangumEnvironment(runtime, Pool(config=lambda_config(environ={}, dsn=pooler.dsn())))
     try:
         await env.start(LambdaDeadline(build_app(env.pool), timeout_margin=2))  # type: ignore[arg-type]
-        with caplog.at_level("WARNING", logger="asyncpool.integrations.lambda_runner"):
+        with caplog.at_level("WARNING", logger="asyncpool.integrations.lambda_deadline"):
             for n in (1, 2):
                 response = await env.invoke(http_event("GET", "/value", f"n={n}"),
                                             LocalContext(timeout=1.0))
                 assert response["statusCode"] == 200, response
                 assert json.loads(response["body"])["n"] == n
-        [warning] = [r for r in caplog.records if r.name == "asyncpool.integrations.lambda_runner"]
+        [warning] = [r for r in caplog.records if r.name == "asyncpool.integrations.lambda_deadline"]
         assert warning.getMessage().startswith("timeout_margin=2s is at or above the ")
         assert (await runtime.call(env.pool.stats)).in_use == 0
     finally:

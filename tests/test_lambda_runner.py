@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from asyncpool import Pool, PoolError
-from asyncpool.integrations import lambda_runner
+from asyncpool.integrations import lambda_deadline
 from asyncpool.integrations.invocation import COLD_START_FIELD, REQUEST_ID_FIELD, LocalContext
 from asyncpool.integrations.lambda_runner import HandlerTimeoutError, async_handler
 from asyncpool.integrations.lambda_spans import COLDSTART, INVOCATION_ID, InvocationSpanProcessor
@@ -143,7 +143,7 @@ async def test_a_margin_at_or_above_the_function_timeout_cuts_nothing_and_says_s
 ) -> None:
     """A 1 s margin on a 0.6 s function cancelled every invocation at once, silently: each
     invocation now runs (the Lambda timeout still bounds it) and one WARNING says what to change."""
-    monkeypatch.setattr(lambda_runner, "_margin_warned_in", [], raising=False)
+    monkeypatch.setattr(lambda_deadline, "_margin_warned_in", [])
     env = Environment(timeout_margin=1.0)
     try:
         pool = env.pool(pooler.dsn())
@@ -161,10 +161,10 @@ async def test_a_margin_at_or_above_the_function_timeout_cuts_nothing_and_says_s
             async with pool.transaction() as conn:
                 await conn.execute("SELECT pg_sleep(30)")
 
-        caplog.set_level(logging.WARNING, logger="asyncpool.integrations.lambda_runner")
+        caplog.set_level(logging.WARNING, logger="asyncpool.integrations.lambda_deadline")
         for n in (1, 2):
             assert await env.invoke(handler, {"n": n}, LocalContext(timeout=0.6)) == n
-        [warning] = [r for r in caplog.records if r.name == "asyncpool.integrations.lambda_runner"]
+        [warning] = [r for r in caplog.records if r.name == "asyncpool.integrations.lambda_deadline"]
         assert warning.levelno == logging.WARNING
         assert re.match(r"timeout_margin=1s is at or above the 0\.[56]\d*s this invocation had",
                         warning.getMessage()), warning.getMessage()

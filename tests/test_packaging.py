@@ -48,6 +48,9 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "opentelemetry.exporter": (APPLICATION, "opentelemetry-exporter-otlp-proto-common"),
     # Present in the Lambda runtime with SnapStart; imported under try (register_snapstart_hooks).
     "snapshot_restore_py": (APPLICATION, "snapshot-restore-py"),
+    # Under TYPE_CHECKING only (a TypeVar default, PEP 696, before Python 3.13: `Pool[Row]`):
+    # type checkers bundle it with the standard library's stubs (typeshed).
+    "typing_extensions": (APPLICATION, "typing-extensions"),
     "aiobotocore": ("iam", "aiobotocore"),
     "botocore": ("iam", "aiobotocore"),  # aiobotocore pins the botocore it works with
     "aws_lambda_powertools": ("lambda", "aws-lambda-powertools"),
@@ -465,8 +468,10 @@ def test_mypy_strict_sees_the_installed_packages_types(
     script.write_text(USER_SCRIPT + "\nreveal_type(Pool.stats)\n")
     done = _run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
                  "--python-executable", installed / "bin" / "python", script], cwd=tmp_path)
-    assert 'Revealed type is "def (self: asyncpool.pool.pool.Pool) -> asyncpool.stats.PoolStats"' \
-        in done.stdout, done.stdout
+    record = "asyncpg.protocol.record.Record"
+    assert (f'Revealed type is "def [PoolRecordT_co <: {record} = {record}] '
+            '(self: asyncpool.pool.pool.Pool[PoolRecordT_co]) -> asyncpool.stats.PoolStats"'
+            in done.stdout), done.stdout
     assert done.returncode == 0, done.stdout
 
 

@@ -717,6 +717,27 @@ def test_pools_of_one_name_on_two_threads_lose_no_count(sdk: Sdk) -> None:
     assert counts == dict.fromkeys(counts, 2 * events)
 
 
+def test_a_collection_copies_the_counts_under_the_lock_their_increments_take(sdk: Sdk) -> None:
+    """The leak and failed-login counts (dicts, a key added at a new error type) were copied by
+    a collection without the lock the increments hold, correct only while a GIL made the copy
+    one step: on free-threaded Python a pool's thread could add to them mid-copy."""
+    observer = TelemetryObserver(meter_provider=sdk.meter_provider,
+                                 tracer_provider=NoOpTracerProvider())
+    observer.attach("locked", lambda: PoolStats("locked", 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0))
+    collected: list[Collected] = []
+    try:
+        with observer._counts._lock:  # an increment under way on another pool's thread
+            reader = threading.Thread(target=lambda: collected.append(sdk.collect()))
+            reader.start()
+            reader.join(0.5)
+            waited = reader.is_alive()
+        reader.join(10)
+    finally:
+        observer.detach()
+    assert waited, "the collection read the counts while an increment held their lock"
+    assert collected[0].value(sc.LEAKS.name, asyncpool__leak__action="log") == 0
+
+
 def _in_a_fork_while_another_thread_holds(lock: Any, use: Callable[[], object]) -> int:
     """Fork while a thread of this process holds `lock`; the child calls `use` and exits 0.
     Returns the child's exit status, or -1 if it did not exit within a few seconds (hung)."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from asyncpool.errors import PoolConfigError
+from asyncpool.errors import ConfigFail, PoolConfigError, config_fail
 
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
@@ -230,7 +230,7 @@ def resolve_tls(config: PoolConfig, query: Sequence[tuple[str, str]] | None = No
     """
     env = os.environ if environ is None else environ
     pairs = list(dsn_query(config.dsn) if query is None else query)
-    fail = _failer(config)
+    fail = config_fail(config.name)
 
     if any(key == "ssl" for key, _ in pairs):
         fail("the DSN has ssl=..., which is not a libpq setting (asyncpg would send it to the "
@@ -335,7 +335,7 @@ class _Given:
     pairs: Sequence[tuple[str, str]]
     section: Service | None
     env: Mapping[str, str]
-    fail: Any
+    fail: ConfigFail
 
     def get(self, key: str, variable: str, *, env_too: bool = True) -> tuple[str, str] | None:
         """(value, where it was given), or None."""
@@ -374,7 +374,7 @@ def _handshake(given: _Given, context: ssl.SSLContext | None) -> dict[str, tuple
     return found
 
 
-def _default_root(env: Mapping[str, str], fail: Any) -> tuple[str | None, str | None]:
+def _default_root(env: Mapping[str, str], fail: ConfigFail) -> tuple[str | None, str | None]:
     """(where, path) of ``~/.postgresql/root.crt`` if it exists, as libpq reads it for
     require/verify-ca/verify-full without ``sslrootcert``; else (None, None): the system CAs
     (require: no chain checked)."""
@@ -421,7 +421,7 @@ def _client_cert(given: _Given, mode: str,
     return str(home_cert), key, f"{DEFAULT_CLIENT_CERT}, libpq's default client certificate"
 
 
-def _refuse_readable_key(key: str | None, fail: Any) -> None:
+def _refuse_readable_key(key: str | None, fail: ConfigFail) -> None:
     """Refuse a private key file with group or world access, as libpq refuses it (asyncpg
     loads it as it is), with libpq's rule: no group or other bit for a file of a user's
     (0600 or 0700 pass), none but g=r for root's (0640)."""
@@ -441,7 +441,7 @@ def _refuse_readable_key(key: str | None, fail: Any) -> None:
              f"for a file root owns): make it readable by its owner only (chmod 600 {key})")
 
 
-def _versions(handshake: Mapping[str, tuple[str, str]], fail: Any) -> tuple[str, str | None]:
+def _versions(handshake: Mapping[str, tuple[str, str]], fail: ConfigFail) -> tuple[str, str | None]:
     """The lowest and highest TLS versions allowed (libpq's default lowest: TLSv1.2)."""
     for key in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
         if key in handshake and handshake[key][0] not in TLS_VERSIONS:
@@ -469,7 +469,7 @@ class _Verification:
 
 def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verification,
                       env: Mapping[str, str],
-                      fail: Any) -> tuple[str | None, str | None, str | None]:
+                      fail: ConfigFail) -> tuple[str | None, str | None, str | None]:
     """The CRL file and directory, and where they came from, as libpq reads them: ``sslcrl``
     and ``sslcrldir``, else ``~/.postgresql/root.crl`` if it exists.
 
@@ -515,7 +515,7 @@ def _revocation_lists(handshake: Mapping[str, tuple[str, str]], checks: _Verific
 
 
 def _check_crl_paths(crl_file: str | None, file_where: str, crl_dir: str | None,
-                     dir_where: str, fail: Any) -> None:
+                     dir_where: str, fail: ConfigFail) -> None:
     """Refuse a revocation list file or directory that is not there, or is the other kind."""
     if crl_file is not None and os.path.isdir(crl_file):
         fail(f"{file_where}={crl_file!r} is a directory; sslcrl names one file of revocation "
@@ -540,7 +540,7 @@ def _crl_spelling(where: str, key: str) -> str:
     return variable if where == HANDSHAKE_KEYS[other] else f"{key}="
 
 
-def _home_file(name: str, env: Mapping[str, str], fail: Any) -> Path | None:
+def _home_file(name: str, env: Mapping[str, str], fail: ConfigFail) -> Path | None:
     """``~/.postgresql/<name>`` as asyncpg finds it (``HOME``, else the user's home) if it
     exists, else None. One that cannot be looked at (``~/.postgresql`` this user may not
     search) is refused: asyncpg would raise at every connect, libpq refuses it or falls back to
@@ -571,7 +571,7 @@ SSL_NEGOTIATION = ("postgres", "direct")
 
 
 def _direct_tls(config: PoolConfig, given: _Given, mode: str, source: str,
-                fail: Any) -> str | None:
+                fail: ConfigFail) -> str | None:
     """Where direct TLS is asked for (``sslnegotiation=direct``: DSN, service,
     ``PGSSLNEGOTIATION``; asyncpg's ``direct_tls``), or None. asyncpg does it itself; what it
     would refuse at each connect, or read differently, is refused here, once."""
@@ -619,7 +619,7 @@ def _refuse_libpq_only(given: _Given) -> None:
 
 
 def _mode(spellings: Sequence[_Spelling], env: Mapping[str, str], root_source: str | None,
-          fail: Any) -> tuple[str, str]:
+          fail: ConfigFail) -> tuple[str, str]:
     if spellings:
         return spellings[0].mode, spellings[0].source
     if env.get("PGSSLMODE"):
@@ -630,7 +630,7 @@ def _mode(spellings: Sequence[_Spelling], env: Mapping[str, str], root_source: s
 
 
 def _root_cert(config: PoolConfig, pairs: Sequence[tuple[str, str]],
-               fail: Any) -> tuple[str | None, str | None]:
+               fail: ConfigFail) -> tuple[str | None, str | None]:
     given = config.ssl_root_cert
     variable = config._variable_of("ssl_root_cert")
     where = "the ssl_root_cert option" if variable is None else variable.partition("=")[0]
@@ -650,7 +650,7 @@ def dsn_query(dsn: str | None) -> list[tuple[str, str]]:
     return list(parse_dsn(dsn).params.items()) if dsn else []
 
 
-def _spelling(source: str, value: Any, fail: Any) -> _Spelling:
+def _spelling(source: str, value: Any, fail: ConfigFail) -> _Spelling:
     if isinstance(value, ssl.SSLContext):
         probe = TlsSetting("require", source, context=value)
         mode = "verify-full" if probe.verified else "verify-ca" if probe.verifies_chain else "require"
@@ -660,10 +660,9 @@ def _spelling(source: str, value: Any, fail: Any) -> _Spelling:
     if isinstance(value, str) and value.strip().lower() in _RANK:
         return _Spelling(source, value.strip().lower(), shown=repr(value))
     fail(f"{source}={value!r}: choose one of {', '.join(MODES)} or pass an ssl.SSLContext")
-    raise AssertionError  # unreachable: fail raises
 
 
-def _ssl_option(config: PoolConfig, fail: Any) -> _Spelling:
+def _ssl_option(config: PoolConfig, fail: ConfigFail) -> _Spelling:
     """The ssl option, named as the variable it was read from if it was: ``ASYNCPOOL_SSL='ON'``
     (a switch shown with its meaning), not "the ssl option=True" the user never wrote."""
     set_by = config._variable_of("ssl")
@@ -675,7 +674,7 @@ def _ssl_option(config: PoolConfig, fail: Any) -> _Spelling:
     return dataclasses.replace(found, shown=text + meaning)
 
 
-def _values(pairs: Iterable[tuple[str, str]], key: str, fail: Any) -> list[str]:
+def _values(pairs: Iterable[tuple[str, str]], key: str, fail: ConfigFail) -> list[str]:
     values = [v for k, v in pairs if k == key]
     if len(values) > 1:
         shown = " and ".join(repr(v) for v in values)
@@ -684,18 +683,11 @@ def _values(pairs: Iterable[tuple[str, str]], key: str, fail: Any) -> list[str]:
     return values
 
 
-def _single(pairs: Iterable[tuple[str, str]], key: str, fail: Any) -> str | None:
+def _single(pairs: Iterable[tuple[str, str]], key: str, fail: ConfigFail) -> str | None:
     values = [v for k, v in pairs if k == key]
     if len(values) > 1:
         fail(f"the DSN gives {key} {len(values)} times; give it once")
     return values[0] if values else None
-
-
-def _failer(config: PoolConfig) -> Any:
-    def fail(message: str) -> None:
-        raise PoolConfigError(f"pool {config.name!r}: {message}")
-
-    return fail
 
 
 # -- what credentials may do -------------------------------------------------------------------

@@ -13,5 +13,7 @@ Each submodule imports its framework, so import the one you use:
 - `asyncpool.integrations.invocation`: the invocation being served (request id, cold start), added
   to asyncpool's log records; `asyncpool.integrations.lambda_spans` adds it to spans.
 
-The event loop that keeps a pool alive across invocations is `asyncpool.integrations.lambda_runner`.
+The event loop that keeps a pool alive across invocations is `asyncpool.integrations.lambda_runner`;
+`asyncpool.integrations.lambda_deadline` cuts an invocation's work short just before its timeout
+(for the runner and for FastAPI's `LambdaDeadline`).
 """

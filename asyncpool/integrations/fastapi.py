@@ -36,7 +36,7 @@ from typing import Any
 from asyncpool.errors import PoolClosedError, PoolConfigError, missing_dependency
 from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
 from asyncpool.integrations.invocation import ColdStart, invocation_scope
-from asyncpool.integrations.lambda_runner import (
+from asyncpool.integrations.lambda_deadline import (
     TIMEOUT_MARGIN,
     HandlerTimeoutError,
     checked_margin,

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from asyncpool.config import SetupHook
 from asyncpool.connect.driver import CLEAN, returned
@@ -26,7 +26,7 @@ from asyncpool.errors import (
     TransactionRolledBackError,
 )
 from asyncpool.pool.commit import commit
-from asyncpool.pool.connection import PooledConnection
+from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
 from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, TERMINATED, Lease, LeaseState
 from asyncpool.pool.record import IDLE
 
@@ -100,7 +100,7 @@ class Checkouts(Protocol):
     def refused_setting(self, exc: BaseException) -> Exception | None: ...
 
 
-class AcquireContext:
+class AcquireContext(Generic[PoolRecordT_co]):
     """``async with pool.acquire() as conn`` / ``conn = await pool.acquire()``."""
 
     # _conn: the proxy handed out by `__aenter__` (None by `await`): its block's clean end
@@ -112,9 +112,9 @@ class AcquireContext:
         self._timeout = timeout
         self._frame = frame
         self._lease: Lease | None = None
-        self._conn: PooledConnection | None = None
+        self._conn: PooledConnection[PoolRecordT_co] | None = None
 
-    async def __aenter__(self) -> PooledConnection:
+    async def __aenter__(self) -> PooledConnection[PoolRecordT_co]:
         owner = self._owner
         if self._lease is not None:
             raise _used_twice(owner)
@@ -124,6 +124,7 @@ class AcquireContext:
         lease.scoped = True
         self._frame = None
         self._lease = lease
+        conn: PooledConnection[PoolRecordT_co]
         conn = self._conn = blank(PooledConnection)  # PooledConnection(lease, owner), no __init__
         conn._lease = lease
         conn._owner = owner
@@ -136,7 +137,7 @@ class AcquireContext:
                 raise
         return conn
 
-    def __await__(self) -> Generator[Any, None, PooledConnection]:
+    def __await__(self) -> Generator[Any, None, PooledConnection[PoolRecordT_co]]:
         return self._acquire_unscoped().__await__()
 
     if not TYPE_CHECKING:  # mistakes that type checkers already report: a clear error at run time
@@ -150,7 +151,7 @@ class AcquireContext:
         # specialized by Python 3.11's attribute caches, and every checkout would read its own
         # attributes the slow way (bench_cycle.py: +0.1 to +0.2 µs).
 
-    async def _acquire_unscoped(self) -> PooledConnection:
+    async def _acquire_unscoped(self) -> PooledConnection[PoolRecordT_co]:
         # No block will end this checkout: a leak reclaim must not cancel the holder's task.
         owner = self._owner
         if self._lease is not None:
@@ -159,7 +160,7 @@ class AcquireContext:
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         self._frame = None
         self._lease = lease  # (not ended by this object: no block)
-        conn = PooledConnection(lease, owner)
+        conn: PooledConnection[PoolRecordT_co] = PooledConnection(lease, owner)
         if owner.setup is not None:
             await owner.set_up(conn, self._timeout, started)
         return conn
@@ -324,7 +325,7 @@ def _not_committed(owner: Checkouts, lease: Lease | None) -> PoolError:
     )
 
 
-class TransactionContext(AcquireContext):
+class TransactionContext(AcquireContext[PoolRecordT_co]):
     """``async with pool.transaction() as conn``: commit on success, roll back on error."""
 
     __slots__ = ("_options", "_tx")
@@ -335,7 +336,7 @@ class TransactionContext(AcquireContext):
         self._options = options
         self._tx: Any = None
 
-    async def __aenter__(self) -> PooledConnection:
+    async def __aenter__(self) -> PooledConnection[PoolRecordT_co]:
         conn = await super().__aenter__()
         try:
             self._tx = conn.raw.transaction(**self._options)

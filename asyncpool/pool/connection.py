@@ -8,7 +8,7 @@ from asyncio import CancelledError, get_running_loop
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from threading import get_ident
 from types import MethodType
-from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Unpack, overload
 
 import asyncpg
 
@@ -41,6 +41,17 @@ if TYPE_CHECKING:
 
     #: A ``record_class=`` given to one call (the pool's query helpers take it too).
     RecordT = TypeVar("RecordT", bound=asyncpg.Record)
+    # PEP 696's default (typing's own from Python 3.13): a bare ``Pool`` or ``PooledConnection``
+    # in user code means asyncpg's Record, and strict mypy asks for no type argument.
+    from typing_extensions import TypeVar as DefaultedTypeVar
+
+    #: The class of the rows a pool's connections return (its ``record_class=``): asyncpg's
+    #: Record unless given. Covariant: a pool or connection of a Record subclass is one of
+    #: Records, so code written for a bare ``Pool`` takes it.
+    PoolRecordT_co = DefaultedTypeVar("PoolRecordT_co", bound=asyncpg.Record,
+                                      default=asyncpg.Record, covariant=True)
+else:
+    PoolRecordT_co = TypeVar("PoolRecordT_co", bound=asyncpg.Record, covariant=True)
 
 
 # The proxy's plain methods whose result runs statements on the connection: refused outside the
@@ -222,7 +233,7 @@ else:
     _Base = ConnectionProxyBase
 
 
-class PooledConnection(_Base):
+class PooledConnection(_Base, Generic[PoolRecordT_co]):
     """Forwards every attribute to the asyncpg connection while the lease is active.
 
     After release it refuses use, so a stray reference (to it, or to one of its methods) cannot
@@ -244,38 +255,41 @@ class PooledConnection(_Base):
     if TYPE_CHECKING:
         # asyncpg's Connection API with its signatures (asyncpg 0.32), for type checkers;
         # at run time each is a method of the proxy that calls the held connection's own while
-        # the lease is active (`_forward`, the listener relays and __getattr__ below).
+        # the lease is active (`_forward`, the listener relays and __getattr__ below). Rows are
+        # of the pool's record class (`PoolRecordT_co`), where asyncpg's types, for the bare
+        # asyncpg.Connection this is (so a function taking one takes it), say Record: hence
+        # the override ignores on the methods that return lists or statements of rows.
         async def execute(self, query: str, *args: object, timeout: float | None = None) -> str: ...
         async def executemany(self, command: str, args: Iterable[Sequence[object]], *,
                               timeout: float | None = None) -> None: ...
-        @overload
+        @overload  # type: ignore[override]  # (rows of the pool's record class)
         async def fetch(self, query: str, *args: object, timeout: float | None = None,
-                        record_class: None = None) -> list[asyncpg.Record]: ...
+                        record_class: None = None) -> list[PoolRecordT_co]: ...
         @overload
         async def fetch(self, query: str, *args: object, timeout: float | None = None,
                         record_class: type[RecordT]) -> list[RecordT]: ...
         @overload
         async def fetch(self, query: str, *args: object, timeout: float | None = None,
-                        record_class: type[RecordT] | None) -> list[asyncpg.Record] | list[RecordT]: ...
+                        record_class: type[RecordT] | None) -> list[PoolRecordT_co] | list[RecordT]: ...
         async def fetch(self, query: str, *args: object, timeout: float | None = None,
                         record_class: type[Any] | None = None) -> Any: ...
         async def fetchval(self, query: str, *args: object, column: int | str = 0,
                            timeout: float | None = None) -> Any: ...
         @overload
         async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
-                           record_class: None = None) -> asyncpg.Record | None: ...
+                           record_class: None = None) -> PoolRecordT_co | None: ...
         @overload
         async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
                            record_class: type[RecordT]) -> RecordT | None: ...
         @overload
         async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
-                           record_class: type[RecordT] | None) -> asyncpg.Record | RecordT | None: ...
+                           record_class: type[RecordT] | None) -> PoolRecordT_co | RecordT | None: ...
         async def fetchrow(self, query: str, *args: object, timeout: float | None = None,
                            record_class: type[Any] | None = None) -> Any: ...
-        @overload
+        @overload  # type: ignore[override]  # (rows of the pool's record class)
         async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                             timeout: float | None = None,
-                            record_class: None = None) -> list[asyncpg.Record]: ...
+                            record_class: None = None) -> list[PoolRecordT_co]: ...
         @overload
         async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                             timeout: float | None = None,
@@ -283,14 +297,14 @@ class PooledConnection(_Base):
         @overload
         async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                             timeout: float | None = None, record_class: type[RecordT] | None
-                            ) -> list[asyncpg.Record] | list[RecordT]: ...
+                            ) -> list[PoolRecordT_co] | list[RecordT]: ...
         async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                             timeout: float | None = None,
                             record_class: type[Any] | None = None) -> Any: ...
-        @overload
+        @overload  # type: ignore[override]  # (rows of the pool's record class)
         async def prepare(self, query: str, *, name: str | None = None,
                           timeout: float | None = None,
-                          record_class: None = None) -> PreparedStatement[asyncpg.Record]: ...
+                          record_class: None = None) -> PreparedStatement[PoolRecordT_co]: ...
         @overload
         async def prepare(self, query: str, *, name: str | None = None,
                           timeout: float | None = None,
@@ -298,16 +312,16 @@ class PooledConnection(_Base):
         @overload
         async def prepare(self, query: str, *, name: str | None = None,
                           timeout: float | None = None, record_class: type[RecordT] | None
-                          ) -> PreparedStatement[asyncpg.Record] | PreparedStatement[RecordT]: ...
+                          ) -> PreparedStatement[PoolRecordT_co] | PreparedStatement[RecordT]: ...
         async def prepare(self, query: str, *, name: str | None = None,
                           timeout: float | None = None,
                           record_class: type[Any] | None = None) -> Any: ...
         def transaction(self, *, isolation: str | None = None, readonly: bool = False,
                         deferrable: bool = False) -> Transaction: ...
-        @overload
+        @overload  # type: ignore[override]  # (rows of the pool's record class)
         def cursor(self, query: str, *args: object, prefetch: int | None = None,
                    timeout: float | None = None,
-                   record_class: None = None) -> CursorFactory[asyncpg.Record]: ...
+                   record_class: None = None) -> CursorFactory[PoolRecordT_co]: ...
         @overload
         def cursor(self, query: str, *args: object, prefetch: int | None = None,
                    timeout: float | None = None,
@@ -315,7 +329,7 @@ class PooledConnection(_Base):
         @overload
         def cursor(self, query: str, *args: object, prefetch: int | None = None,
                    timeout: float | None = None, record_class: type[RecordT] | None
-                   ) -> CursorFactory[asyncpg.Record] | CursorFactory[RecordT]: ...
+                   ) -> CursorFactory[PoolRecordT_co] | CursorFactory[RecordT]: ...
         def cursor(self, query: str, *args: object, prefetch: int | None = None,
                    timeout: float | None = None, record_class: type[Any] | None = None) -> Any: ...
         # The COPY options as asyncpg reads them (its published types allow a few it refuses,

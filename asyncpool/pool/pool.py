@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Self, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, Self, Unpack, overload
 
 from asyncpool.config import PoolConfig
 from asyncpool.connect.connector import Connector
@@ -23,18 +23,20 @@ from asyncpool.errors import PoolClosedError, PoolError, config_errors_without_f
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
 from asyncpool.options import (
     GIVEN_BACK,
+    NOT_GIVEN,
     Isolation,
-    PoolOptions,
+    PoolOptionsWithoutRecordClass,
     check_timeout,
     check_transaction_options,
     in_seconds,
     resolve,
     timeout_error,
     with_connect_args,
+    with_record_class,
 )
 from asyncpool.pool import housekeeping, lifecycle, misuse, pool_stats
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
-from asyncpool.pool.connection import PooledConnection
+from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
 from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
 from asyncpool.pool.resets import RELEASE_TIMEOUT
 from asyncpool.pool.runner import QUERY_METHODS, RUNNERS
@@ -48,7 +50,6 @@ from asyncpool.stats import PoolStats
 CLOSE_TIMEOUT = 10.0
 
 if TYPE_CHECKING:
-    import asyncpg
 
     from asyncpool.pool.connection import RecordT
     from asyncpool.pool.copy_options import (
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     )
 
 
-class Pool:
+class Pool(Generic[PoolRecordT_co]):
     """An asyncio pool of asyncpg connections, safe behind transaction-mode poolers.
 
     Give options as keyword arguments (see `PoolConfig` for each one; asyncpg's pool and
@@ -68,6 +69,10 @@ class Pool:
     (``ASYNCPOOL_DSN`` the DSN when `dsn` is None) and arguments win.
     Use ``await pool.open()`` (or ``await pool``) or ``async with Pool(...) as pool``;
     `create_pool` returns one.
+
+    Typed by the class of its rows: ``Pool(dsn, record_class=Row)`` is a ``Pool[Row]``, whose
+    ``fetch()`` (and its connections') returns ``list[Row]``; a bare ``Pool`` is a
+    ``Pool[asyncpg.Record]``, and takes a ``Pool[Row]``.
     """
 
     @config_errors_without_frames
@@ -77,9 +82,10 @@ class Pool:
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
-        **options: Unpack[PoolOptions],
+        record_class: type[PoolRecordT_co] = NOT_GIVEN,
+        **options: Unpack[PoolOptionsWithoutRecordClass],
     ) -> None:
-        config = resolve(dsn, config, options)
+        config = resolve(dsn, config, with_record_class(options, record_class))
         self.config: PoolConfig = config
         self.name: str = config.name
         self._extra_observers = list(observers or [])
@@ -244,7 +250,7 @@ class Pool:
 
     # -- checkout -----------------------------------------------------------------------------
 
-    def acquire(self, timeout: float | None = UNSET) -> AcquireContext:
+    def acquire(self, timeout: float | None = UNSET) -> AcquireContext[PoolRecordT_co]:
         """``async with pool.acquire() as conn:`` a connection, returned when the block ends.
 
         `timeout` overrides `acquire_timeout` for this call. Also ``conn = await
@@ -255,7 +261,7 @@ class Pool:
         # AcquireContext(self._slots, timeout, frame) without the call to its __init__: 540
         # instructions less per checkout (benchmarks/README.md); tests/unit/test_lease.py
         # checks that every slot is set.
-        context = blank(AcquireContext)
+        context: AcquireContext[PoolRecordT_co] = blank(AcquireContext)
         context._owner = self._slots
         context._timeout = timeout
         context._frame = sys._getframe(1)
@@ -270,7 +276,7 @@ class Pool:
         isolation: Isolation | None = None,
         readonly: bool = False,
         deferrable: bool = False,
-    ) -> TransactionContext:
+    ) -> TransactionContext[PoolRecordT_co]:
         """``async with pool.transaction() as conn:`` commits on success, rolls back on error.
 
         `isolation` is one of asyncpg's names (``"serializable"``, ``"repeatable_read"``,
@@ -334,13 +340,13 @@ class Pool:
 
     @overload
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
-                    record_class: None = None) -> list[asyncpg.Record]: ...
+                    record_class: None = None) -> list[PoolRecordT_co]: ...
     @overload
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
                     record_class: type[RecordT]) -> list[RecordT]: ...
     @overload
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
-                    record_class: type[RecordT] | None) -> list[asyncpg.Record] | list[RecordT]: ...
+                    record_class: type[RecordT] | None) -> list[PoolRecordT_co] | list[RecordT]: ...
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
                     record_class: type[Any] | None = None) -> list[Any]:
@@ -351,13 +357,13 @@ class Pool:
 
     @overload
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
-                       record_class: None = None) -> asyncpg.Record | None: ...
+                       record_class: None = None) -> PoolRecordT_co | None: ...
     @overload
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
                        record_class: type[RecordT]) -> RecordT | None: ...
     @overload
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
-                       record_class: type[RecordT] | None) -> asyncpg.Record | RecordT | None: ...
+                       record_class: type[RecordT] | None) -> PoolRecordT_co | RecordT | None: ...
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
                        record_class: type[Any] | None = None) -> Any:
@@ -377,14 +383,14 @@ class Pool:
     @overload
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                         timeout: float | None = None,
-                        record_class: None = None) -> list[asyncpg.Record]: ...
+                        record_class: None = None) -> list[PoolRecordT_co]: ...
     @overload
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                         timeout: float | None = None, record_class: type[RecordT]) -> list[RecordT]: ...
     @overload
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                         timeout: float | None = None, record_class: type[RecordT] | None
-                        ) -> list[asyncpg.Record] | list[RecordT]: ...
+                        ) -> list[PoolRecordT_co] | list[RecordT]: ...
 
     async def fetchmany(self, query: str, args: Iterable[Sequence[object]], *,
                         timeout: float | None = None,
@@ -541,8 +547,9 @@ def create_pool(
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
-    **options: Unpack[PoolOptions],
-) -> Pool:
+    record_class: type[PoolRecordT_co] = NOT_GIVEN,
+    **options: Unpack[PoolOptionsWithoutRecordClass],
+) -> Pool[PoolRecordT_co]:
     """A pool, opened when awaited: ``pool = await asyncpool.create_pool(dsn, max_size=5)``, or
     ``async with asyncpool.create_pool(dsn) as pool:`` (closed when the block ends), as with
     ``asyncpg.create_pool``.
@@ -550,4 +557,4 @@ def create_pool(
     Takes what `Pool` takes, and checks it here; with no `dsn`, ``ASYNCPOOL_DSN`` (and the other
     ``ASYNCPOOL_*`` variables) configure it. Like asyncpg's, it returns the pool (awaitable),
     not a coroutine: ``asyncio.ensure_future(create_pool(...))`` makes a task of it."""
-    return Pool(dsn, config=config, observers=observers, **options)
+    return Pool(dsn, config=config, observers=observers, record_class=record_class, **options)

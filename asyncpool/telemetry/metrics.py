@@ -50,13 +50,16 @@ LOGIN_ERROR_TYPES = tuple(
 
 
 class PoolCounts:
-    """Events counted for one pool name, read by collections on the reader's thread: each value
-    is a single int (or a dict copied whole under the GIL).
+    """Events counted for one pool name.
 
     Pools of one name may run on several threads, an event loop each (a sync app's threads),
-    and add to the same counts: an increment is a read and a write that another thread can
-    come between, losing its own, so each takes the lock. These are rare events (a timeout, a
-    failed login, a leak), none on the checkout path.
+    and add to the same counts while collections read them on the reader's thread. Each
+    increment takes the lock (``+=`` is a read and a write that another thread can come
+    between, losing its own), and so does each copy of a dict (`leak_counts`,
+    `create_error_counts`), which another thread may be adding a key to: nothing here relies
+    on the GIL, so it holds on free-threaded Python too. `timeouts` and `validation_failures`
+    are read without the lock: one attribute load, which gives a whole int on every build.
+    These are rare events (a timeout, a failed login, a leak), none on the checkout path.
     """
 
     __slots__ = ("__weakref__", "_lock", "create_errors", "leaks", "timeouts",
@@ -84,6 +87,16 @@ class PoolCounts:
     def login_failed(self, error_type: str) -> None:
         with self._lock:
             self.create_errors[error_type] = self.create_errors.get(error_type, 0) + 1
+
+    def leak_counts(self) -> dict[str, int]:
+        """A copy of `leaks` (by leak action), for a collection."""
+        with self._lock:
+            return dict(self.leaks)
+
+    def create_error_counts(self) -> dict[str, int]:
+        """A copy of `create_errors` (by error type), for a collection."""
+        with self._lock:
+            return dict(self.create_errors)
 
 
 class Series:
@@ -128,8 +141,9 @@ class PoolInstruments:
         self.conventions = conventions
         self._pools: dict[object, _Watched] = {}
         self._series: dict[str, Series] = {}
-        # Held by watch/unwatch (on a pool's loop) and by the collections that add a closed
-        # pool's cache counts to its name's (on a reader's thread), so none counts one twice.
+        # Held by watch/unwatch (on a pool's loop) and by collections (on a reader's thread)
+        # while they copy the pools and names, or add a closed pool's cache counts to its
+        # name's, so none counts one twice.
         self._lock = fork_safe_lock(self)
         self.create_time: Histogram = _histogram(meter, conventions, sc.CREATE_TIME)
         self.wait_time: Histogram = _histogram(meter, conventions, sc.WAIT_TIME)
@@ -195,33 +209,39 @@ class PoolInstruments:
     def _snapshots(self) -> list[tuple[Series, list[PoolStats]]]:
         """The stats of the open pools, by name, for each name with one open."""
         by_series: dict[Series, list[PoolStats]] = {}
-        for watched in list(self._pools.values()):
+        with self._lock:  # (watch and unwatch change it on the pools' loops)
+            pools = list(self._pools.values())
+        for watched in pools:
             stats = _read(watched.stats)
             if stats is not None:
                 by_series.setdefault(watched.series, []).append(stats)
         return list(by_series.items())
 
+    def _all_series(self) -> list[Series]:
+        with self._lock:  # (watch adds to it on a pool's loop)
+            return list(self._series.values())
+
     def _observe_counts(
         self, value: Callable[[PoolCounts], int]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(value(s.counts), s.attributes) for s in list(self._series.values())]
+            return [Observation(value(s.counts), s.attributes) for s in self._all_series()]
 
         return callback
 
     def _observe_leaks(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
             Observation(count, series.leak[action])
-            for series in list(self._series.values())
-            for action, count in dict(series.counts.leaks).items()
+            for series in self._all_series()
+            for action, count in series.counts.leak_counts().items()
         ]
 
     def _observe_create_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         named = self.conventions.attributes
         return [
             Observation(count, named({sc.POOL_NAME: series.pool_name, sc.ERROR_TYPE: error}))
-            for series in list(self._series.values())
-            for error, count in dict(series.counts.create_errors).items()
+            for series in self._all_series()
+            for error, count in series.counts.create_error_counts().items()
         ]
 
     def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_type
 
 import asyncpg
 
@@ -186,3 +186,51 @@ def async_handlers() -> int:
         return event[0]
 
     return handler({"n": 1}, None) + len(on_a_runner(["a"], None))
+
+
+class OtherRow(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without asyncpg's types)
+    pass
+
+
+def rows_anywhere(pool: Pool, conn: PooledConnection) -> None:
+    """Written for a bare Pool and PooledConnection (of asyncpg's Records): takes any pool's."""
+
+
+async def pool_record_class() -> None:
+    """A pool's ``record_class=`` types its rows, as asyncpg's pool's does with asyncpg-stubs."""
+    pool = Pool("postgresql://app@db/app", record_class=Row)
+    assert_type(pool, Pool[Row])
+    assert_type(await pool.fetch("SELECT 1"), list[Row])
+    assert_type(await pool.fetchrow("SELECT 1"), Row | None)
+    assert_type(await pool.fetchmany("SELECT $1::int", [(1,)]), list[Row])
+    assert_type(await pool.fetch("SELECT 1", record_class=OtherRow), list[OtherRow])
+    async with pool.acquire() as conn:
+        assert_type(conn, PooledConnection[Row])
+        assert_type(await conn.fetch("SELECT 1"), list[Row])
+        assert_type(await conn.fetchrow("SELECT 1"), Row | None)
+        assert_type(await conn.fetchmany("SELECT $1::int", [(1,)]), list[Row])
+        assert_type(await conn.fetchrow("SELECT 1", record_class=OtherRow), OtherRow | None)
+        async for record in conn.cursor("SELECT 1"):
+            row: Row = record
+            print(row)
+        rows_anywhere(pool, conn)
+        await count_orders(conn)  # still an asyncpg.Connection
+    async with pool.transaction() as tx:
+        assert_type(tx, PooledConnection[Row])
+    held = await pool.acquire()
+    assert_type(held, PooledConnection[Row])
+    await pool.release(held)
+    async with asyncpool.create_pool("postgresql://app@db/app", record_class=Row) as created:
+        assert_type(created, Pool[Row])
+        assert_type(await created.fetch("SELECT 1"), list[Row])
+    async with asyncpool.create_pool("postgresql://app@db/app") as plain:
+        assert_type(plain, Pool[asyncpg.Record])
+        assert_type(plain, Pool)
+        assert_type(await plain.fetch("SELECT 1"), list[asyncpg.Record])
+        async with plain.acquire() as conn:
+            assert_type(await conn.fetchrow("SELECT 1"), asyncpg.Record | None)
+    async with AppPool("postgresql://app@db/app", record_class=Row) as app:
+        assert_type(app, AppPool)  # a subclass that names no record class: Records
+        print(await app.user_count())
+    typed_later: Pool[Row] = await Pool(record_class=Row).open()
+    print(typed_later)

@@ -95,3 +95,16 @@ async def row_mistakes(pool: Pool) -> None:
         one: Row | None = await conn.fetchrow("SELECT 1")  # error: assignment (asyncpg-stubs only)
         await conn.copy_to_table("t", source="t.csv", force_null=True)  # error: arg-type
     print(rows, one)
+
+
+class OtherRow(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without asyncpg's types)
+    pass
+
+
+async def pool_record_class_mistakes() -> None:
+    pool = Pool("postgresql://app@db/app", record_class=Row)
+    others: list[OtherRow] = await pool.fetch("SELECT 1")  # error: assignment (asyncpg-stubs only)
+    async with pool.acquire() as conn:
+        other: OtherRow | None = await conn.fetchrow("SELECT 1")  # error: assignment (asyncpg-stubs only)
+    Pool("postgresql://app@db/app", record_class=dict)  # error: type-var (asyncpg-stubs only)
+    print(others, other)
