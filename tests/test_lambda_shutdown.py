@@ -139,3 +139,67 @@ def test_a_budget_that_is_no_number_of_seconds_is_refused_up_front(bad: float) -
             close_on_shutdown(Pool("postgresql://app@db/app", min_size=0), loop, budget=bad)
     finally:
         loop.close()
+
+
+#: A process that ends normally while its pool, on a loop in a thread of its own, has a connection
+#: held (by a task that runs no statement: nothing ends it before the budget does).
+EXITING_WITH_A_HELD_CONNECTION = """
+import asyncio, atexit, os, sys, threading
+from asyncpool import Pool
+from asyncpool.integrations.aws_lambda import close_on_shutdown
+
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, name="pools-loop", daemon=True).start()
+pool = Pool(os.environ["ASYNCPOOL_DSN"], min_size=0, max_size=1, telemetry=False)
+close_on_shutdown(pool, loop, budget=float(os.environ["BUDGET"]))
+held = threading.Event()
+
+async def hold():
+    await pool.open()
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+        held.set()
+        await asyncio.sleep(60)
+
+asyncio.run_coroutine_threadsafe(hold(), loop)
+assert held.wait(10)
+atexit.register(lambda: print("exiting", file=sys.stderr, flush=True))  # runs before ours
+"""
+
+
+def test_sigterm_while_the_exit_hook_closes_the_pools_ends_the_process(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """SIGTERM while the exit hook waited for the pools' loop (another thread) to close them: our
+    handler ran on the main thread inside the hook, and waited for the lock the hook held, for
+    good (the process hung until SIGKILL). It now waits for the close, within the budget."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    budget = 1.0
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING_WITH_A_HELD_CONNECTION)
+    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn(), "BUDGET": str(budget)}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().strip() == "exiting", proc.stderr.read()
+        time.sleep(0.3)  # the exit hook is closing the pool, waiting for its loop
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            status = proc.wait(budget + 5)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {budget + 5:g}s after SIGTERM")
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert status == -signal.SIGTERM
+    assert took < budget + 1.5, f"{took:.2f}s after SIGTERM"
