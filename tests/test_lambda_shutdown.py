@@ -203,3 +203,68 @@ def test_sigterm_while_the_exit_hook_closes_the_pools_ends_the_process(
             proc.stderr.close()
     assert status == -signal.SIGTERM
     assert took < budget + 1.5, f"{took:.2f}s after SIGTERM"
+
+
+#: A pool being closed (its close() waiting for a connection that runs a statement) when another
+#: pool is given to `close_on_shutdown`; then it waits for SIGTERM on the running loop.
+CLOSING_WHEN_ANOTHER_POOL_IS_HOOKED = """
+import asyncio, os, sys
+from asyncpool import Pool
+from asyncpool.integrations.aws_lambda import close_on_shutdown
+
+async def main():
+    loop = asyncio.get_running_loop()
+    dsn = os.environ["ASYNCPOOL_DSN"]
+    closing = Pool(dsn, min_size=0, max_size=1, telemetry=False, name="closing")
+    await closing.open()
+    close_on_shutdown(closing, loop, budget=1.0)
+
+    async def stall():
+        async with closing.acquire() as conn:
+            await conn.execute("SELECT pg_sleep(30) /* " + os.environ["TAG"] + " */")
+
+    stalled = asyncio.create_task(stall())
+    await asyncio.sleep(0.2)
+    close = asyncio.create_task(closing.close())  # waits for the statement, 10 s
+    await asyncio.sleep(0.1)
+    later = Pool(dsn, min_size=0, telemetry=False, name="later")
+    close_on_shutdown(later, loop, budget=1.0)
+    print("ready", file=sys.stderr, flush=True)
+    await asyncio.gather(stalled, close, return_exceptions=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigterm_cancels_the_statement_of_a_pool_being_closed_when_another_was_hooked(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A pool whose close() was under way counted as closed: hooking another pool dropped its
+    hook, and SIGTERM left its statement running on the server after the process was gone."""
+    import os
+    import sys
+    import time
+    import uuid
+
+    tag = f"closing-{uuid.uuid4().hex[:10]}"
+    script = tmp_path / "closing.py"
+    script.write_text(CLOSING_WHEN_ANOTHER_POOL_IS_HOOKED)
+    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn(), "TAG": tag}
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert line.strip() == b"ready", line + await proc.stderr.read()
+        assert await postgres.running_statements(tag) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 5) == -signal.SIGTERM
+        deadline = time.monotonic() + 1.0
+        while (left := await postgres.running_statements(tag)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert left == 0, "the closing pool's statement runs on after the process ended"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await postgres.end_statements(tag)

@@ -175,9 +175,10 @@ class _PoolHook:
         return self._pool() if os.getpid() == self.pid else None
 
     def spent(self) -> bool:
-        """Nothing left to close: the pool was closed, or collected (which terminated it)."""
+        """Nothing left to close: the pool was closed, or collected (which terminated it). One
+        being closed is not: its close() may wait for statements a shutdown must cancel."""
         pool = self._pool()
-        return pool is None or pool.closed
+        return pool is None or not shutdown.unfinished(pool)
 
     def claim(self) -> bool:
         """True for the first caller only: it closes the pool, and sets `finished` when done."""
