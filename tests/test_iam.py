@@ -319,6 +319,48 @@ async def test_keys_rotated_during_refusals_in_a_row_are_read_at_the_next_one(
     assert sigv4_signature_matches(after, rotated_secret)
 
 
+def _legacy_credentials(kind: str, key_id: str, secret: str) -> str:
+    """A credentials file botocore's default chain reads last: the EC2 tools' (at
+    AWS_CREDENTIAL_FILE) or boto 2's (at BOTO_CONFIG)."""
+    if kind == "AWS_CREDENTIAL_FILE":
+        return f"AWSAccessKeyId={key_id}\nAWSSecretKey={secret}\n"
+    return f"[Credentials]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n"
+
+
+@pytest.mark.parametrize("kind", ["AWS_CREDENTIAL_FILE", "BOTO_CONFIG"])
+async def test_keys_rotated_in_a_legacy_credentials_file_are_read_at_the_next_refusal(
+    aws: None, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, kind: str
+) -> None:
+    """The credentials fingerprint left out the two files botocore's chain still reads (the EC2
+    tools' and boto 2's): keys rotated there were not read again for a minute of refusals."""
+    import os
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    path = tmp_path / "credentials"
+    first_id, rotated_id = "AKIALEGACY00EXAMPLE0", "AKIAROTATED0EXAMPLE0"
+    path.write_text(_legacy_credentials(kind, first_id, secrets.token_hex(20)))
+    monkeypatch.setenv(kind, str(path))
+    auth = IamAuth()
+    target = Target(PROXY_HOST, 5432, "orders_app", "orders")
+    rotated_secret = secrets.token_hex(20)
+    try:
+        for _ in range(2):  # the second refusal keeps the client the first made
+            await auth.password(target)
+            await auth.refresh(target)
+            assert _key_id(await auth.password(target)) == first_id
+        clock.now += 1
+        path.write_text(_legacy_credentials(kind, rotated_id, rotated_secret))
+        written = path.stat().st_mtime_ns + 1_000_000_000  # (a second later, whatever the fs)
+        os.utime(path, ns=(written, written))
+        await auth.refresh(target)
+        after = await auth.password(target)
+    finally:
+        await auth.close()
+    assert _key_id(after) == rotated_id
+    assert sigv4_signature_matches(after, rotated_secret)
+
+
 async def test_a_client_closed_while_it_is_being_created_is_closed_too(aws: None) -> None:
     """close() (or a refresh()) while a login's client is still being created: the creation
     finished after it, inside an object nobody would close again."""

@@ -139,3 +139,132 @@ def test_a_budget_that_is_no_number_of_seconds_is_refused_up_front(bad: float) -
             close_on_shutdown(Pool("postgresql://app@db/app", min_size=0), loop, budget=bad)
     finally:
         loop.close()
+
+
+#: A process that ends normally while its pool, on a loop in a thread of its own, has a connection
+#: held (by a task that runs no statement: nothing ends it before the budget does).
+EXITING_WITH_A_HELD_CONNECTION = """
+import asyncio, atexit, os, sys, threading
+from asyncpool import Pool
+from asyncpool.integrations.aws_lambda import close_on_shutdown
+
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, name="pools-loop", daemon=True).start()
+pool = Pool(os.environ["ASYNCPOOL_DSN"], min_size=0, max_size=1, telemetry=False)
+close_on_shutdown(pool, loop, budget=float(os.environ["BUDGET"]))
+held = threading.Event()
+
+async def hold():
+    await pool.open()
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+        held.set()
+        await asyncio.sleep(60)
+
+asyncio.run_coroutine_threadsafe(hold(), loop)
+assert held.wait(10)
+atexit.register(lambda: print("exiting", file=sys.stderr, flush=True))  # runs before ours
+"""
+
+
+def test_sigterm_while_the_exit_hook_closes_the_pools_ends_the_process(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """SIGTERM while the exit hook waited for the pools' loop (another thread) to close them: our
+    handler ran on the main thread inside the hook, and waited for the lock the hook held, for
+    good (the process hung until SIGKILL). It now waits for the close, within the budget."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    budget = 1.0
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING_WITH_A_HELD_CONNECTION)
+    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn(), "BUDGET": str(budget)}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().strip() == "exiting", proc.stderr.read()
+        time.sleep(0.3)  # the exit hook is closing the pool, waiting for its loop
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            status = proc.wait(budget + 5)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {budget + 5:g}s after SIGTERM")
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert status == -signal.SIGTERM
+    assert took < budget + 1.5, f"{took:.2f}s after SIGTERM"
+
+
+#: A pool being closed (its close() waiting for a connection that runs a statement) when another
+#: pool is given to `close_on_shutdown`; then it waits for SIGTERM on the running loop.
+CLOSING_WHEN_ANOTHER_POOL_IS_HOOKED = """
+import asyncio, os, sys
+from asyncpool import Pool
+from asyncpool.integrations.aws_lambda import close_on_shutdown
+
+async def main():
+    loop = asyncio.get_running_loop()
+    dsn = os.environ["ASYNCPOOL_DSN"]
+    closing = Pool(dsn, min_size=0, max_size=1, telemetry=False, name="closing")
+    await closing.open()
+    close_on_shutdown(closing, loop, budget=1.0)
+
+    async def stall():
+        async with closing.acquire() as conn:
+            await conn.execute("SELECT pg_sleep(30) /* " + os.environ["TAG"] + " */")
+
+    stalled = asyncio.create_task(stall())
+    await asyncio.sleep(0.2)
+    close = asyncio.create_task(closing.close())  # waits for the statement, 10 s
+    await asyncio.sleep(0.1)
+    later = Pool(dsn, min_size=0, telemetry=False, name="later")
+    close_on_shutdown(later, loop, budget=1.0)
+    print("ready", file=sys.stderr, flush=True)
+    await asyncio.gather(stalled, close, return_exceptions=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigterm_cancels_the_statement_of_a_pool_being_closed_when_another_was_hooked(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A pool whose close() was under way counted as closed: hooking another pool dropped its
+    hook, and SIGTERM left its statement running on the server after the process was gone."""
+    import os
+    import sys
+    import time
+    import uuid
+
+    tag = f"closing-{uuid.uuid4().hex[:10]}"
+    script = tmp_path / "closing.py"
+    script.write_text(CLOSING_WHEN_ANOTHER_POOL_IS_HOOKED)
+    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn(), "TAG": tag}
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert line.strip() == b"ready", line + await proc.stderr.read()
+        assert await postgres.running_statements(tag) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 5) == -signal.SIGTERM
+        deadline = time.monotonic() + 1.0
+        while (left := await postgres.running_statements(tag)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert left == 0, "the closing pool's statement runs on after the process ended"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await postgres.end_statements(tag)

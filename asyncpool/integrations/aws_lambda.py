@@ -164,7 +164,7 @@ class _PoolHook:
         self.loop = loop
         self.budget = budget
         self.pid = os.getpid()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (reentrant: as `_Shutdown._closing`)
         self._started = False
         self.finished = threading.Event()
 
@@ -175,9 +175,10 @@ class _PoolHook:
         return self._pool() if os.getpid() == self.pid else None
 
     def spent(self) -> bool:
-        """Nothing left to close: the pool was closed, or collected (which terminated it)."""
+        """Nothing left to close: the pool was closed, or collected (which terminated it). One
+        being closed is not: its close() may wait for statements a shutdown must cancel."""
         pool = self._pool()
-        return pool is None or pool.closed
+        return pool is None or not shutdown.unfinished(pool)
 
     def claim(self) -> bool:
         """True for the first caller only: it closes the pool, and sets `finished` when done."""
@@ -203,11 +204,13 @@ class _Shutdown:
         self.watcher: _SignalWatcher | None = None
         self.installed = False
         self.signal_users = 0  # hooks added from the main thread
-        self._closing = threading.Lock()
+        # Reentrant: the exit hook holds it on the main thread while it closes, and a SIGTERM then
+        # runs our handler on that thread, inside it (a plain lock hung the process for good).
+        self._closing = threading.RLock()
         # Set when the Python-level handler runs: the main thread then passes the signal on.
         self.main_thread_took_it = threading.Event()
         self.began: float | None = None  # (time.monotonic(): when the shutdown began)
-        self._began_lock = threading.Lock()
+        self._began_lock = threading.RLock()  # (reentrant: as `_closing`)
         self.at_exit_registered = False
 
     def add(self, hook: _PoolHook) -> Callable[[], None]:
@@ -316,12 +319,12 @@ class _Shutdown:
         handling it had before us; its own pools install their own hooks."""
         self.hooks = []
         self.began = None
-        self._began_lock = threading.Lock()
+        self._began_lock = threading.RLock()
         self.watcher = None  # its thread did not survive the fork
         self.pid = os.getpid()
         self.signal_users = 0
         self.main_thread_took_it = threading.Event()
-        self._closing = threading.Lock()  # a parent's thread may have held it at the fork
+        self._closing = threading.RLock()  # a parent's thread may have held it at the fork
         if not self.installed:
             return
         self.installed = False
