@@ -268,3 +268,43 @@ async def test_sigterm_cancels_the_statement_of_a_pool_being_closed_when_another
             proc.kill()
             await proc.wait()
         await postgres.end_statements(tag)
+
+
+#: Two pools given to `close_on_shutdown` with an exit handler of the program's registered in
+#: between (one that would close the loop or flush what the pools report, say).
+EXIT_HANDLER_BETWEEN_TWO_POOLS = """
+import asyncio, atexit, os, sys, threading
+from asyncpool import Pool
+from asyncpool.integrations.aws_lambda import close_on_shutdown
+
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, name="pools-loop", daemon=True).start()
+dsn = os.environ["ASYNCPOOL_DSN"]
+first = Pool(dsn, min_size=0, telemetry=False, name="first")
+second = Pool(dsn, min_size=0, telemetry=False, name="second")
+for pool in (first, second):
+    asyncio.run_coroutine_threadsafe(pool.open(), loop).result(10)
+close_on_shutdown(first, loop, budget=1.0)
+atexit.register(lambda: print("pools closed:", first.closed, second.closed, file=sys.stderr,
+                              flush=True))
+close_on_shutdown(second, loop, budget=1.0)
+"""
+
+
+def test_the_pools_close_before_an_exit_handler_registered_before_the_last_of_them(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """atexit runs the latest handler first. With one handler per pool, each pool closed before
+    whatever the program registered before it; the shared handler keeps that for the newest pool
+    (it was registered once, with the first, and the program's handler ran with both open)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_handler.py"
+    script.write_text(EXIT_HANDLER_BETWEEN_TWO_POOLS)
+    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn()}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "pools closed: True True" in done.stderr, done.stderr

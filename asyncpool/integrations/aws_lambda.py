@@ -211,16 +211,16 @@ class _Shutdown:
         self.main_thread_took_it = threading.Event()
         self.began: float | None = None  # (time.monotonic(): when the shutdown began)
         self._began_lock = threading.RLock()  # (reentrant: as `_closing`)
-        self.at_exit_registered = False
 
     def add(self, hook: _PoolHook) -> Callable[[], None]:
         # Hooks of pools closed or collected since are dropped here, so a process that makes
         # pool after pool (one per tenant, per asyncio.run, per test) keeps only the live ones.
         for spent in [h for h in self.hooks if h.spent()]:
             self.hooks.remove(spent)
-        if not self.at_exit_registered:
-            atexit.register(self.close_all)
-            self.at_exit_registered = True
+        # Registered again with each pool (atexit runs the latest first): the pools close before
+        # any exit handler registered before the newest of them, as when each had its own.
+        atexit.unregister(self.close_all)
+        atexit.register(self.close_all)
         self.hooks.append(hook)
         # Signal handlers can only be set from the main thread; a hook added elsewhere is still
         # closed on SIGTERM when one added from the main thread installed them.
