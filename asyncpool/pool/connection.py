@@ -124,7 +124,10 @@ def _statement(name: str) -> Callable[..., Any]:
         lease = self._lease
         if lease.state is not ACTIVE:
             raise self._unusable()
-        owner = self._owner
+        record = lease.record
+        # (Not `self._owner`: every read of the proxy's attributes takes the generic lookup of
+        # a class with a __getattr__; the record's is a slot read.)
+        owner = record.owner
         loop = owner.loop
         # From another thread or loop, asyncpg would send the statement, then fail waiting for
         # its reply: it would run on the server while the caller gets an error (and retries).
@@ -134,7 +137,6 @@ def _statement(name: str) -> Callable[..., Any]:
         # Who uses the connection, for a leak reclaim to cancel: not always the task that took
         # it (a block in an async generator, driven by another task since: `Lease.holder`).
         lease.user = task_of(loop)
-        record = lease.record
         conn = record.conn
         try:
             # (Without a body of asyncpg's to run, `own` is None: never the class's method.)

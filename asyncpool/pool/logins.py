@@ -90,7 +90,7 @@ def new_record(slots: Slots, conn: Any) -> ConnectionRecord:
     slots.created_total += 1
     cfg = slots.config
     now = slots.loop.time()
-    record = ConnectionRecord(conn, now, cfg.max_lifetime, cfg.lifetime_jitter)
+    record = ConnectionRecord(conn, now, cfg.max_lifetime, cfg.lifetime_jitter, slots)
     record.touch(now, slots.validate_after)
     slots.records.append(record)
     return record

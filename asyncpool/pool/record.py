@@ -13,6 +13,7 @@ from asyncpool.connect.driver import DriverConnection, Probe, probe, queries_cou
 
 if TYPE_CHECKING:
 
+    from asyncpool.pool.checkout import Checkouts
     from asyncpool.pool.lease import Lease
 
 
@@ -38,11 +39,15 @@ class ConnectionRecord:
     """One pooled connection. Times come from the event loop's monotonic clock."""
 
     __slots__ = ("__weakref__", "check_at", "conn", "created_at", "expires_at", "last_used",
-                 "lease", "place", "probe", "spare", "stale", "sync_after")
+                 "lease", "owner", "place", "probe", "spare", "stale", "sync_after")
 
     def __init__(self, conn: DriverConnection, now: float, max_lifetime: float | None,
-                 jitter: float) -> None:
+                 jitter: float, owner: Checkouts) -> None:
         self.conn: DriverConnection = conn
+        # The pool's slots owner, for a held connection's statements: the proxy's own `_owner`
+        # is a read on a class with a __getattr__, which Python 3.11 does not specialize (~325
+        # instructions per read; this one is a slot read: benchmarks/README.md).
+        self.owner: Checkouts = owner
         # What the checkout fast path asks of the connection on every query, without a Python
         # call: `is_connected()` and `is_in_transaction()` (asyncpool.connect.driver.probe).
         self.probe: Probe = probe(conn)

@@ -340,3 +340,21 @@ def test_the_acquire_paths_context_lease_and_proxy_set_every_slot_as_the_constru
             assert record.lease is None
 
     run(main())
+
+
+def test_every_record_names_the_pool_that_owns_it(server: FakeServer) -> None:
+    # A held connection's statements read their pool from the record (`record.owner`), not from
+    # the proxy: every connection, opened at open(), by a checkout or by the housekeeping's
+    # refill, must carry its own pool's, or a statement would check another pool's loop.
+    async def main() -> None:
+        async with fake_pool(server, min_size=1, max_size=2) as pool, \
+                fake_pool(server, min_size=0, max_size=1) as other:
+            async with pool.acquire() as first, pool.acquire() as second, other.acquire() as third:
+                assert await first.fetchval("SELECT 1") is not None
+                assert await second.fetchval("SELECT 1") is not None
+                assert await third.fetchval("SELECT 1") is not None
+            assert len(pool._slots.records) == 2
+            assert all(record.owner is pool._slots for record in pool._slots.records)
+            assert [record.owner for record in other._slots.records] == [other._slots]
+
+    run(main())
