@@ -338,7 +338,7 @@ async def test_keys_rotated_in_a_legacy_credentials_file_are_read_at_the_next_re
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name)
     path = tmp_path / "credentials"
-    first_id, rotated_id = "AKIALEGACY00EXAMPLE0", "AKIAROTATED0EXAMPLE0"
+    first_id, rotated_id = "AKIALEGACY00EXAMPLE0", "AKIAROTATED0EXAMPLE0"  # pragma: allowlist secret
     path.write_text(_legacy_credentials(kind, first_id, secrets.token_hex(20)))
     monkeypatch.setenv(kind, str(path))
     auth = IamAuth()
