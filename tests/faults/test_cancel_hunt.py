@@ -327,7 +327,10 @@ class Hunt:
         else:
             outcome = type(error).__name__
             allowed = (
-                isinstance(error, PoolTimeoutError)  # acquire(timeout=...) in block/manual
+                # PoolTimeoutError: acquire(timeout=...) in block/manual. ConnectionLeakedError:
+                # held past leak_timeout, as a statement queued in PgBouncer behind the leakers'
+                # transactions can be (after a caller's interruption: `interrupted`, above).
+                isinstance(error, PoolTimeoutError | ConnectionLeakedError)
                 or (isinstance(error, TimeoutError) and how in ("timeout", "arg", "wait_for"))
             )
             if not allowed:
