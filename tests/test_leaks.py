@@ -185,6 +185,49 @@ async def test_server_connection_is_freed_on_reclaim(pooler: Pooler) -> None:
         assert pool.stats().leaked_total == 1
 
 
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+async def test_a_holder_interrupted_before_the_reclaim_sees_its_own_interruption(
+        pooler: Pooler, how: str) -> None:
+    """The caller cancels the holder (or its time limit fires) mid-statement; the block's cleanup
+    is still running at leak_timeout when the reclaim comes. The caller gets its own
+    CancelledError or TimeoutError, as when the reclaim comes first (it got
+    ConnectionLeakedError), and the server connection is freed."""
+    async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.5, telemetry=False) as pool:
+        running = asyncio.Event()
+
+        async def holder() -> None:
+            async with pool.transaction() as conn:
+                running.set()
+                try:
+                    await conn.execute("SELECT pg_sleep(30)")
+                finally:
+                    await asyncio.sleep(2)  # cleanup that outlives leak_timeout
+
+        for _ in range(2):
+            running.clear()
+            if how == "cancel":
+                task = asyncio.create_task(holder())
+                await running.wait()
+                await asyncio.sleep(0.1)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(TimeoutError) as info:
+                    async with asyncio.timeout(0.2):
+                        await holder()
+                assert not isinstance(info.value, asyncpool.ConnectionLeakedError)
+            current = asyncio.current_task()
+            assert current is not None
+            assert current.cancelling() == 0
+        assert pool.stats().leaked_total == 2
+        deadline = asyncio.get_running_loop().time() + 5
+        while (await pooler.pool_row())["sv_active"] != 0:
+            assert asyncio.get_running_loop().time() < deadline, "server connection still active"
+            await asyncio.sleep(0.05)
+        assert await pool.fetchval("SELECT 1") == 1
+
+
 async def test_touching_the_connection_after_reclaim_raises_leak_error(pooler: Pooler) -> None:
     async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.2, telemetry=False) as pool:
         seen: list[BaseException] = []

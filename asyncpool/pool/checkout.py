@@ -27,6 +27,7 @@ from asyncpool.errors import (
 )
 from asyncpool.pool.commit import commit
 from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
+from asyncpool.pool.leaks import LEAK_CANCEL_MESSAGE
 from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, TERMINATED, Lease, LeaseState
 from asyncpool.pool.record import IDLE
 
@@ -288,19 +289,35 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
     task = asyncio.current_task()
     # The reclaim's request is withdrawn (a request made before it, such as the holder's own
     # asyncio.timeout firing first, may have been withdrawn by its owner since). What is left
-    # is somebody else's only if it is more than the task had before the reclaim: a request
-    # left over from earlier (a cancel swallowed without uncancel(), a TaskGroup on Python
-    # < 3.13) is not taken for one.
+    # is somebody else's if it is more than the task had before the reclaim; a request left
+    # over from earlier (a cancel swallowed without uncancel(), a TaskGroup on Python < 3.13)
+    # is not taken for one, unless the block was already ending in a cancellation of its own
+    # when the reclaim came (its cleanup outlived leak_timeout): that one is still under way.
     before = lease.holder_cancelled
     if before is not None and task is lease.task and task is not None and task.cancelling():
         lease.holder_cancelled = None
         task.uncancel()
-        if isinstance(exc, asyncio.CancelledError) and task.cancelling() > before:
+        left = task.cancelling()
+        if isinstance(exc, asyncio.CancelledError) and (
+                left > before or (left == before > 0 and _cancelled_before_reclaim(exc))):
             return  # somebody else cancelled this task too: their cancellation goes on
     raise ConnectionLeakedError(
         f"pool {pool_name!r}: the connection was held past leak_timeout and reclaimed (holder "
         "cancelled, connection closed); release connections promptly or raise leak_timeout"
     ) from None
+
+
+def _cancelled_before_reclaim(exc: BaseException) -> bool:
+    """`exc`, or an exception it was raised while handling, is a cancellation that is not the
+    leak reclaim's (whose CancelledError carries `LEAK_CANCEL_MESSAGE`)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, asyncio.CancelledError) and LEAK_CANCEL_MESSAGE not in current.args:
+            return True
+        current = current.__context__
+    return False
 
 
 def _not_committed(owner: Checkouts, lease: Lease | None) -> PoolError:

@@ -22,7 +22,8 @@ logger: logging.Logger = logging.getLogger("asyncpool.leaks")
 
 # Timers may fire a hair early (the loop rounds to its clock resolution).
 _EARLY_FIRE_SLACK = 0.001
-_LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaimed"
+#: The message of the CancelledError a leak reclaim cancels its holder with.
+LEAK_CANCEL_MESSAGE = "asyncpool: connection held past leak_timeout was reclaimed"
 
 
 def grain(timeout: float) -> float:
@@ -191,7 +192,7 @@ def on_leak(slots: Slots, lease: Lease) -> None:
     if cancel_holder:
         assert task is not None
         lease.holder_cancelled = task.cancelling()
-        task.cancel(_LEAK_CANCEL_MESSAGE)
+        task.cancel(LEAK_CANCEL_MESSAGE)
     slots.observer.leaked(report)
     # The statement it may be running is cancelled on the server first, where a cancel can
     # arrive (closing the connection waits for the request); elsewhere it is just closed.

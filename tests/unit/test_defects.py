@@ -685,3 +685,58 @@ def test_a_query_helper_run_as_a_task_of_its_own_is_reported_with_its_stack(
     assert "run as a task of its own" in site, site
     assert "<acquire site not captured>" not in site
     assert names[:1] == ["one"], site  # the statement runner, then what it awaits
+
+
+def test_a_holder_cancelled_before_a_reclaim_ends_with_its_own_cancellation(
+        server: FakeServer) -> None:
+    """The caller cancels (or times out) the holder, whose block is still cleaning up at
+    leak_timeout (pool.transaction()'s ROLLBACK waiting on the server, or the block's own
+    cleanup) when the reclaim comes: the caller's own interruption must come out, as it does
+    when the reclaim comes first. It ended as ConnectionLeakedError: the request counted before
+    the reclaim was taken for one left over from earlier code. Found by
+    tests/faults/test_cancel_hunt.py (seed 42, PgBouncer 1.24: a ROLLBACK queued behind busy
+    server connections)."""
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0) as pool:
+            entered = asyncio.Event()
+
+            async def in_transaction() -> None:
+                async with pool.transaction():
+                    entered.set()
+                    server.latency = 2.0  # the ROLLBACK on the way out outlives leak_timeout
+                    await asyncio.sleep(5)
+
+            async def cleaning_up() -> None:
+                async with pool.acquire():
+                    entered.set()
+                    try:
+                        await asyncio.sleep(5)
+                    finally:
+                        await asyncio.sleep(2)  # still cleaning up at leak_timeout
+
+            async def timed_out(holder: Any) -> None:
+                async with asyncio.timeout(0.2):
+                    await holder()
+
+            for holder in (in_transaction, cleaning_up):
+                entered.clear()
+                task = asyncio.create_task(holder())
+                await entered.wait()
+                await asyncio.sleep(0.1)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                server.latency = 0.001
+                entered.clear()
+                with pytest.raises(TimeoutError) as info:
+                    await timed_out(holder)
+                assert not isinstance(info.value, ConnectionLeakedError)
+                server.latency = 0.001
+                current = asyncio.current_task()
+                assert current is not None
+                assert current.cancelling() == 0
+            assert pool.stats().leaked_total == 4
+            assert pool.stats().in_use == 0
+            assert await pool.fetchval("SELECT 1") == 1
+
+    run(main())
