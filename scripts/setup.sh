@@ -96,6 +96,15 @@ if [ ! -x "$ds/bin/detect-secrets-hook" ]; then
   "$py" -m venv "$ds"
   "$ds/bin/python" -m pip install -q "detect-secrets==$ds_version" >&2
 fi
+# pyright (tests/typing/test_pyright.py: user code as Pylance users check it), in a venv of its own,
+# from its lock (requirements/pyright.lock); Node.js comes as a wheel with it, so it runs offline.
+pyright_version=$(sed -n 's/^pyright\[nodejs\]==\([0-9.]*\)$/\1/p' requirements/pyright.in)
+pr=.cache/pyright-$pyright_version
+if [ ! -x "$pr/bin/pyright" ]; then
+  echo "setup: installing pyright $pyright_version into $pr" >&2
+  "$py" -m venv "$pr"
+  "$pr/bin/python" -m pip install -q --require-hashes -r requirements/pyright.lock >&2
+fi
 # SQLAlchemy 2.0 for asyncpool.integrations.sqlalchemy's tests (.venv has 2.1): a venv holding only
 # SQLAlchemy 2.0, with .venv's packages behind it (a .pth file). docs/sqlalchemy.md has the command.
 sa20_version=2.0.58

@@ -1,17 +1,15 @@
 """Direct-TLS cancel requests where the connection's verification is least like the default: a
 host given as an IP address (verified against the certificate's IP names, no SNI), a multi-host
 DSN whose first host is down (the request goes to the host dialled), and uvloop's SSL transport.
-The front taking direct TLS only runs on an asyncio loop of its own, in a thread (uvloop's
-streams cannot start TLS on the server side)."""
+The front taking direct TLS only serves from an asyncio loop of its own thread (`_DirectTlsFront`),
+whatever loop the client runs on."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,8 +18,6 @@ from asyncpool.testing import PostgresServer
 from asyncpool.testing.pki import TestPki, make_test_pki
 from tests.test_tls import _DirectTlsFront, _ended
 
-_T = TypeVar("_T")
-
 
 @pytest.fixture(scope="module")
 def ip_pki() -> Iterator[TestPki]:
@@ -29,27 +25,6 @@ def ip_pki() -> Iterator[TestPki]:
     made = make_test_pki(dns_names=("localhost",), ip_addresses=("127.0.0.1",))
     yield made
     made.remove()
-
-
-class _FrontThread:
-    """A `_DirectTlsFront` served from an asyncio loop on a thread of its own."""
-
-    def __init__(self, pki: TestPki, backend_port: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="direct-tls-front")
-        self.thread.start()
-        self.front = _DirectTlsFront(pki, backend_port)
-        self.port = self.call(self.front.start)
-
-    def call(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-        return asyncio.run_coroutine_threadsafe(make(), self.loop).result(10)
-
-    def close(self) -> None:
-        self.call(self.front.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 def _free_port() -> int:
@@ -86,15 +61,16 @@ def test_a_direct_tls_cancel_verifies_the_host_dialled_as_the_connection_did(
     if loop == "uvloop":
         uvloop = pytest.importorskip("uvloop")
         factory = uvloop.new_event_loop
-    server = _FrontThread(ip_pki, postgres.port)
+    front = _DirectTlsFront(ip_pki, postgres.port)
+    port = front.start()
     try:
-        dsn = postgres.app.dsn(host, server.port, postgres.database, sslmode="verify-full",
+        dsn = postgres.app.dsn(host, port, postgres.database, sslmode="verify-full",
                                sslnegotiation="direct", sslrootcert=str(ip_pki.ca_cert))
         sni: list[str | None] = ["localhost"] if host == "localhost" else [None]
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_cancel_round(dsn, postgres, server.front, sni))
+            runner.run(_cancel_round(dsn, postgres, front, sni))
     finally:
-        server.close()
+        front.close()
 
 
 async def test_a_multi_host_dsns_direct_tls_cancel_goes_to_the_host_dialled(
@@ -102,12 +78,13 @@ async def test_a_multi_host_dsns_direct_tls_cancel_goes_to_the_host_dialled(
 ) -> None:
     """The first host refuses connections; the connection is made to the second, and so is its
     cancel request (asyncpg's ``_addr``), verified for that host's name."""
-    server = _FrontThread(ip_pki, postgres.port)
+    front = _DirectTlsFront(ip_pki, postgres.port)
+    port = front.start()
     try:
         dead = _free_port()
         dsn = (f"postgresql://{postgres.app.name}:{postgres.app.password}@127.0.0.1:{dead},"
-               f"localhost:{server.port}/{postgres.database}?sslmode=verify-full"
+               f"localhost:{port}/{postgres.database}?sslmode=verify-full"
                f"&sslnegotiation=direct&sslrootcert={ip_pki.ca_cert}")
-        await _cancel_round(dsn, postgres, server.front, ["localhost"])
+        await _cancel_round(dsn, postgres, front, ["localhost"])
     finally:
-        server.close()
+        front.close()

@@ -525,7 +525,11 @@ class _DirectTlsFront:
     PostgreSQL 17 does), then the plain protocol relayed to the server. `hang_ups`: how many of
     the next connections it closes on reading the TLS hello, without answering (as PostgreSQL
     15 does to every one; here a passing network fault). `resets`: how many it answers with
-    the first record of its TLS answer (the ServerHello) and then resets, as a network can."""
+    the first record of its TLS answer (the ServerHello) and then resets, as a network can.
+
+    It serves from an asyncio loop on a thread of its own, whatever loop the test runs on: on
+    uvloop (``ASYNCPOOL_TEST_LOOP=uvloop``) the stream has already read the client's TLS hello
+    when `_serve` asks for TLS, so the handshake waited for a hello that never came again."""
 
     def __init__(self, pki: TestPki, backend_port: int) -> None:
         import ssl
@@ -548,7 +552,24 @@ class _DirectTlsFront:
     def _sni(self, _tls: Any, name: str | None, _context: Any) -> None:
         self.names.append(name)
 
-    async def start(self) -> int:
+    def start(self) -> int:
+        """Start serving on its own loop and thread; its port."""
+        import asyncio
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="direct-tls-front")
+        self._thread.start()
+        try:
+            return asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+            raise
+
+    async def _listen(self) -> int:
         import asyncio
 
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -623,7 +644,16 @@ class _DirectTlsFront:
                                                    struct.pack("ii", 1, 0))
         writer.transport.abort()
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Stop serving, end the relayed connections, and stop its loop and thread."""
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _stop(self) -> None:
         import asyncio
 
         self.server.close()
@@ -639,7 +669,7 @@ async def test_direct_tls_offers_the_alpn_protocol_postgresql_needs(
     """The context the pool builds for verify-full had no ALPN protocol, so PostgreSQL 17 would
     hang up on every direct TLS login (asyncpg's own contexts have it)."""
     front = _DirectTlsFront(pki, postgres.port)
-    port = await front.start()
+    port = front.start()
     # require without a root certificate: asyncpg's context; verify-full: the pool's.
     root = {"sslrootcert": str(pki.ca_cert)} if mode == "verify-full" else {}
     try:
@@ -651,7 +681,7 @@ async def test_direct_tls_offers_the_alpn_protocol_postgresql_needs(
         assert front.alpn
         assert set(front.alpn) == {"postgresql"}
     finally:
-        await front.close()
+        front.close()
 async def test_asyncpool_ssl_true_verifies_the_certificate_and_the_host_name(
     tls_postgres: PostgresServer, pki: TestPki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -675,7 +705,7 @@ async def test_a_hang_up_in_the_direct_tls_handshake_is_retried_once_direct_tls_
     has worked it still is (PostgreSQL 15 above does that to every attempt); after, it is
     retried."""
     front = _DirectTlsFront(pki, postgres.port)
-    port = await front.start()
+    port = front.start()
     dsn = postgres.app.dsn("localhost", port, postgres.database, sslmode="require",
                            sslnegotiation="direct")
     try:
@@ -693,7 +723,7 @@ async def test_a_hang_up_in_the_direct_tls_handshake_is_retried_once_direct_tls_
         assert "PostgreSQL accepts direct TLS from version 17" in str(info.value)
         assert info.value.transient is False
     finally:
-        await front.close()
+        front.close()
 
 
 async def test_a_reset_in_a_first_direct_tls_handshake_is_not_blamed_on_an_old_server(
@@ -704,7 +734,7 @@ async def test_a_reset_in_a_first_direct_tls_handshake_is_not_blamed_on_an_old_s
     "without answering the TLS hello", as PostgreSQL before 17 does, which it cannot know."""
     front = _DirectTlsFront(pki, postgres.port)
     front.resets = 1
-    port = await front.start()
+    port = front.start()
     dsn = postgres.app.dsn("localhost", port, postgres.database, sslmode="verify-full",
                            sslrootcert=str(pki.ca_cert), sslnegotiation="direct")
     try:
@@ -722,7 +752,7 @@ async def test_a_reset_in_a_first_direct_tls_handshake_is_not_blamed_on_an_old_s
         async with await _open(dsn) as pool:  # the same server, the network fine again
             assert await pool.fetchval("SELECT 1") == 1
     finally:
-        await front.close()
+        front.close()
 
 
 async def test_a_tls_alert_in_the_direct_tls_handshake_is_not_taken_for_an_old_server(
@@ -733,7 +763,7 @@ async def test_a_tls_alert_in_the_direct_tls_handshake_is_not_taken_for_an_old_s
     "PostgreSQL accepts direct TLS from version 17"."""
     front = _DirectTlsFront(pki, postgres.port)
     front.alert = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70])  # fatal protocol_version
-    port = await front.start()
+    port = front.start()
     try:
         with pytest.raises(ConnectError) as info:
             await _open(postgres.app.dsn("localhost", port, postgres.database,
@@ -743,27 +773,18 @@ async def test_a_tls_alert_in_the_direct_tls_handshake_is_not_taken_for_an_old_s
         assert "ALERT_PROTOCOL_VERSION" in str(info.value)
         assert "version 17" not in str(info.value)
     finally:
-        await front.close()
+        front.close()
 
 
 @contextlib.contextmanager
 def _front_on_a_thread(pki: TestPki, backend_port: int) -> Iterator[int]:
-    """A `_DirectTlsFront` serving from a loop of its own thread (one that answers while the
-    caller's loop is blocked); its port."""
-    import asyncio
-    import threading
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+    """A `_DirectTlsFront` (which answers while the caller's loop is blocked: it serves from a
+    loop of its own thread); its port."""
     front = _DirectTlsFront(pki, backend_port)
     try:
-        yield asyncio.run_coroutine_threadsafe(front.start(), loop).result(5)
+        yield front.start()
     finally:
-        asyncio.run_coroutine_threadsafe(front.close(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
+        front.close()
 
 
 async def test_terminate_with_cancel_within_over_direct_tls(
@@ -820,7 +841,7 @@ async def test_a_statement_asyncpg_cancels_over_direct_tls_ends_on_the_server(
     token = f"direct-cancel-{uuid.uuid4().hex[:10]}"
     sql = f"SELECT pg_sleep(30) /* {token} */"
     front = _DirectTlsFront(pki, postgres.port)
-    port = await front.start()
+    port = front.start()
     try:
         async with Pool(_direct_dsn(postgres, port, pki, mode), min_size=0, max_size=1,
                         connect_timeout=5, telemetry=False) as pool:
@@ -844,7 +865,7 @@ async def test_a_statement_asyncpg_cancels_over_direct_tls_ends_on_the_server(
             assert front.alpn[-1] == "postgresql"
     finally:
         await postgres.end_statements(token)
-        await front.close()
+        front.close()
 
 
 async def test_a_direct_tls_cancel_request_verifies_the_server_as_the_connection_did(
@@ -866,7 +887,7 @@ async def test_a_direct_tls_cancel_request_verifies_the_server_as_the_connection
         serialization.NoEncryption()))
     token = f"direct-impostor-{uuid.uuid4().hex[:10]}"
     front = _DirectTlsFront(pki, postgres.port)
-    port = await front.start()
+    port = front.start()
     try:
         async with Pool(_direct_dsn(postgres, port, pki, "verify-full"), min_size=0, max_size=1,
                         connect_timeout=5, telemetry=False) as pool:
@@ -881,7 +902,7 @@ async def test_a_direct_tls_cancel_request_verifies_the_server_as_the_connection
             assert pool.stats().closed_total == 1
     finally:
         await postgres.end_statements(token)
-        await front.close()
+        front.close()
 
 
 async def test_the_pools_own_cancel_request_goes_direct_tls(
@@ -899,7 +920,7 @@ async def test_the_pools_own_cancel_request_goes_direct_tls(
 
     token = f"direct-request-{uuid.uuid4().hex[:10]}"
     front = _DirectTlsFront(pki, postgres.port)
-    port = await front.start()
+    port = front.start()
     conn = await asyncpg.connect(_direct_dsn(postgres, port, pki, "require"),
                                  connection_class=driver.cancel_aware_class(None, cancels=True))
     try:
@@ -918,7 +939,7 @@ async def test_the_pools_own_cancel_request_goes_direct_tls(
     finally:
         conn.terminate()
         await postgres.end_statements(token)
-        await front.close()
+        front.close()
 
 
 async def test_a_leaked_connections_statement_is_cancelled_over_direct_tls(
@@ -933,7 +954,7 @@ async def test_a_leaked_connections_statement_is_cancelled_over_direct_tls(
 
     token = f"direct-leak-{uuid.uuid4().hex[:10]}"
     front = _DirectTlsFront(pki, postgres.port)
-    port = await front.start()
+    port = front.start()
     try:
         async with Pool(_direct_dsn(postgres, port, pki, "verify-full"), min_size=0, max_size=1,
                         leak_timeout=0.3, connect_timeout=5, telemetry=False) as pool:
@@ -948,7 +969,7 @@ async def test_a_leaked_connections_statement_is_cancelled_over_direct_tls(
             assert await pool.fetchval("SELECT 1") == 1
     finally:
         await postgres.end_statements(token)
-        await front.close()
+        front.close()
 
 
 async def test_direct_tls_to_pgbouncer_says_it_does_not_take_it(

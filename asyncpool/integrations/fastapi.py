@@ -31,7 +31,9 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
+
+import asyncpg
 
 from asyncpool.errors import PoolClosedError, PoolConfigError, missing_dependency
 from asyncpool.integrations.aws_lambda import close_on_shutdown, running_on_lambda
@@ -57,10 +59,14 @@ logger: logging.Logger = logging.getLogger("asyncpool.integrations.fastapi")
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
+#: The pool's record class, kept on the connections the dependency yields. A TypeVar at run time
+#: too: FastAPI reads the dependency's annotations.
+RowT = TypeVar("RowT", bound=asyncpg.Record)
+
 
 def pool_connection(
-    pool: Pool, *, transaction: bool = False
-) -> Callable[[Request], AsyncIterator[PooledConnection]]:
+    pool: Pool[RowT], *, transaction: bool = False
+) -> Callable[[Request], AsyncIterator[PooledConnection[RowT]]]:
     """A dependency yielding a connection from `pool`, released after the endpoint even if it
     raises. With `transaction`, the endpoint's work is committed when it returns and rolled back
     when it raises.
@@ -77,7 +83,7 @@ def pool_connection(
     # give this dependency the function scope.
     scoped: set[int] = set()
 
-    async def connection(request: Request) -> AsyncIterator[PooledConnection]:
+    async def connection(request: Request) -> AsyncIterator[PooledConnection[RowT]]:
         if transaction:
             _check_scope(request, connection, scoped)
         await pool.open(wait=False)  # no-op once open
@@ -249,8 +255,8 @@ class LambdaDeadline:
     """
 
     def __init__(self, app: ASGIApp, *, timeout_margin: float = TIMEOUT_MARGIN) -> None:
-        self.app = app
-        self.timeout_margin = checked_margin(timeout_margin)
+        self.app: ASGIApp = app
+        self.timeout_margin: float = checked_margin(timeout_margin)
         self._cold_start = ColdStart()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -88,7 +88,7 @@ class LambdaRunner:
 
     def __init__(self, *, timeout_margin: float = TIMEOUT_MARGIN,
                  debug: bool | None = None) -> None:
-        self.timeout_margin = checked_margin(timeout_margin)
+        self.timeout_margin: float = checked_margin(timeout_margin)
         self._debug = debug
         self._runner = asyncio.Runner(debug=debug)
         self._pid = os.getpid()

@@ -23,7 +23,7 @@ from asyncpool.errors import PoolClosedError, PoolError, config_errors_without_f
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
 from asyncpool.options import (
     GIVEN_BACK,
-    NOT_GIVEN,
+    RECORD_CLASS_NOT_GIVEN,
     Isolation,
     PoolOptionsWithoutRecordClass,
     check_timeout,
@@ -82,7 +82,7 @@ class Pool(Generic[PoolRecordT_co]):
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
-        record_class: type[PoolRecordT_co] = NOT_GIVEN,
+        record_class: type[PoolRecordT_co] = RECORD_CLASS_NOT_GIVEN,  # type: ignore[assignment]
         **options: Unpack[PoolOptionsWithoutRecordClass],
     ) -> None:
         config = resolve(dsn, config, with_record_class(options, record_class))
@@ -547,7 +547,7 @@ def create_pool(
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
-    record_class: type[PoolRecordT_co] = NOT_GIVEN,
+    record_class: type[PoolRecordT_co] = RECORD_CLASS_NOT_GIVEN,  # type: ignore[assignment]
     **options: Unpack[PoolOptionsWithoutRecordClass],
 ) -> Pool[PoolRecordT_co]:
     """A pool, opened when awaited: ``pool = await asyncpool.create_pool(dsn, max_size=5)``, or

@@ -1,8 +1,10 @@
-"""User code type-checks against asyncpool as it would against asyncpg: `user_code.py` passes
-``mypy --strict``, and every deliberate mistake in `user_mistakes.py` is caught, on its line;
-both with asyncpg's types (asyncpg-stubs, installed here) and without them (asyncpg then reads
-as `Any`, as to a user who did not install them: stood in for by a stub that makes every name
-`Any`, found first on MYPYPATH). Mistakes caught only with asyncpg's types are marked so.
+"""User code type-checks against asyncpool as it would against asyncpg: `user_code.py` (and
+`user_integrations.py`, the integrations) passes ``mypy --strict``, and every deliberate
+mistake in `user_mistakes.py` is caught, on its line; both with asyncpg's types (asyncpg-stubs,
+installed here) and without them (asyncpg then reads as `Any`, as to a user who did not install
+them: stood in for by a stub that makes every name `Any`, found first on MYPYPATH). Mistakes
+caught only with asyncpg's types are marked so. test_pyright.py checks the same user code with
+pyright.
 
 This folder has no ``__init__.py``: a package named ``typing`` would hide the standard library's
 from scripts run from ``tests/``. mypy is pointed at this checkout's asyncpool (MYPYPATH).
@@ -46,8 +48,9 @@ def _mypy(path: Path, tmp: Path, typed: bool) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("typed", [True, False], ids=["asyncpg-stubs", "asyncpg-untyped"])
-def test_user_code_passes_mypy_strict(tmp_path: Path, typed: bool) -> None:
-    status, output = _mypy(HERE / "user_code.py", tmp_path, typed)
+@pytest.mark.parametrize("name", ["user_code.py", "user_integrations.py"])
+def test_user_code_passes_mypy_strict(tmp_path: Path, typed: bool, name: str) -> None:
+    status, output = _mypy(HERE / name, tmp_path, typed)
     assert (status, output) == (0, "")
 
 
