@@ -308,3 +308,58 @@ def test_the_pools_close_before_an_exit_handler_registered_before_the_last_of_th
                           timeout=30, check=False)
     assert done.returncode == 0, done.stderr
     assert "pools closed: True True" in done.stderr, done.stderr
+
+
+#: SIGTERM ignored before the pools' hooks (SIG_IGN: the process goes on after it), then a new
+#: pool, then a normal exit with its connection held for a moment; prints how it left.
+A_SIGTERM_THE_PROCESS_OUTLIVES = """
+import asyncio, os, signal, sys, threading, time
+from asyncpool import Pool, PoolObserver
+from asyncpool.integrations.aws_lambda import close_on_shutdown
+
+class Reasons(PoolObserver):
+    def connection_closed(self, reason):
+        print("second:", reason, file=sys.stderr, flush=True)
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, name="pools-loop", daemon=True).start()
+dsn = os.environ["ASYNCPOOL_DSN"]
+first = Pool(dsn, min_size=1, telemetry=False, name="first")
+asyncio.run_coroutine_threadsafe(first.open(), loop).result(10)
+close_on_shutdown(first, loop, budget=0.5)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(2.5)  # the handler closes `first`, the signal is ignored as before; time goes by
+assert first.closed
+second = Pool(dsn, min_size=1, telemetry=False, name="second", observers=[Reasons()])
+asyncio.run_coroutine_threadsafe(second.open(), loop).result(10)
+close_on_shutdown(second, loop, budget=2.0)
+
+async def hold():
+    async with second.acquire():
+        await asyncio.sleep(0.3)  # back well within a quarter of the budget
+
+asyncio.run_coroutine_threadsafe(hold(), loop)
+time.sleep(0.05)
+print("exiting", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_shutdown_the_process_outlived_leaves_the_next_one_its_own_budget(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A SIGTERM the process survives (ignored, or handled without exiting) began a shutdown
+    whose start the next one took as its own: at exit, the budget was long spent and the pool
+    was terminated, its held connection not waited for, instead of closed."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "outlived.py"
+    script.write_text(A_SIGTERM_THE_PROCESS_OUTLIVES)
+    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn()}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "exiting" in done.stderr, done.stderr
+    assert "second: pool closed" in done.stderr, done.stderr

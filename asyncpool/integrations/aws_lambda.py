@@ -209,7 +209,11 @@ class _Shutdown:
         self._closing = threading.RLock()
         # Set when the Python-level handler runs: the main thread then passes the signal on.
         self.main_thread_took_it = threading.Event()
-        self.began: float | None = None  # (time.monotonic(): when the shutdown began)
+        # When the shutdown under way began (time.monotonic()), and how many closes of it are
+        # running: it ends with the last of them, and the next one (a SIGTERM the process
+        # outlived, then the exit hook) gets a budget of its own.
+        self.began: float | None = None
+        self._closes = 0
         self._began_lock = threading.RLock()  # (reentrant: as `_closing`)
 
     def add(self, hook: _PoolHook) -> Callable[[], None]:
@@ -263,21 +267,28 @@ class _Shutdown:
             signal.signal(signal.SIGTERM, self.previous)
         self.installed = False
 
-    def deadline(self, hooks: list[_PoolHook]) -> float:
-        """When closing `hooks`' pools must be over: one budget, the largest of theirs, from when
-        the shutdown began (whoever heard of it first)."""
+    def close_hooks(self, hooks: list[_PoolHook]) -> None:
+        """Close `hooks`' pools within one budget, the largest of theirs, counted from when the
+        shutdown under way began (whoever heard of it first: the handler, the watcher, the exit
+        hook), or from now if none is."""
         with self._began_lock:
             if self.began is None:
                 self.began = time.monotonic()
+            self._closes += 1
             began = self.began
-        return began + max((hook.budget for hook in hooks), default=0.0)
+        try:
+            _close_hooks(hooks, began + max((hook.budget for hook in hooks), default=0.0))
+        finally:
+            with self._began_lock:
+                self._closes -= 1
+                if self._closes == 0:
+                    self.began = None
 
     def close_all(self) -> None:
         if os.getpid() != self.pid:
             return
         with self._closing:
-            hooks = list(self.hooks)
-            _close_hooks(hooks, self.deadline(hooks))
+            self.close_hooks(list(self.hooks))
 
     def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """The Python-level handler: runs on the main thread, whenever it gets to run bytecode."""
@@ -286,8 +297,7 @@ class _Shutdown:
             if _running_loop() is not None:
                 # On top of a running loop the watcher may be closing on (and so waiting for):
                 # do not queue behind it.
-                hooks = list(self.hooks)
-                _close_hooks(hooks, self.deadline(hooks))
+                self.close_hooks(list(self.hooks))
             else:
                 self.close_all()
         _pass_on(signum, frame, self.previous)
@@ -319,6 +329,7 @@ class _Shutdown:
         handling it had before us; its own pools install their own hooks."""
         self.hooks = []
         self.began = None
+        self._closes = 0
         self._began_lock = threading.RLock()
         self.watcher = None  # its thread did not survive the fork
         self.pid = os.getpid()
