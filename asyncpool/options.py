@@ -98,9 +98,24 @@ class PoolOptions(PoolOptionsWithoutRecordClass, total=False):
     record_class: type[asyncpg.Record]
 
 
+class _NotGiven:
+    """The type of `NOT_GIVEN`: a default that says what it means where a signature is shown
+    (``help(Pool)``, IDEs), and stays itself when copied or pickled with the arguments (a bare
+    ``object()`` showed as ``<object object at 0x...>``, and a deep copy of it was refused as
+    a record class)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<not given: asyncpg.Record, or config's record_class>"
+
+    def __reduce__(self) -> str:
+        return "NOT_GIVEN"  # copy, deepcopy and pickle give back the module's own
+
+
 #: The default of `Pool()`'s ``record_class``: not given (asyncpg's Record then, or the one
 #: `config` names).
-NOT_GIVEN: Any = object()
+NOT_GIVEN: Any = _NotGiven()
 #: `NOT_GIVEN`, typed as asyncpg's Record class: pyright solves ``Pool[...]`` from a default
 #: left in place, and would read `NOT_GIVEN`'s ``Any`` as ``Pool[Any]`` (mypy takes the type
 #: variable's default, Record, and needs the ignore where this is a default).

@@ -5,7 +5,10 @@ closest name."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import inspect
 import json
+import pickle
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -551,3 +554,20 @@ def test_every_pool_config_field_is_a_typed_option() -> None:
     from asyncpool.options import PoolOptions
 
     assert {f.name for f in fields(PoolConfig)} - {"dsn"} <= set(PoolOptions.__annotations__)
+
+
+def test_record_class_not_given_shows_its_meaning_and_survives_a_copy() -> None:
+    """`Pool()`'s ``record_class`` default, as ``help(Pool)`` and IDEs show it: it was a bare
+    ``object()`` (``= <object object at 0x...>``), and arguments bound from the signature and
+    deep-copied (or pickled) before the call were refused: ``record_class=<object object at
+    0x...>: must be a subclass of asyncpg...``."""
+    for made in (Pool, asyncpool.create_pool):
+        default = inspect.signature(made).parameters["record_class"].default
+        assert repr(default) == "<not given: asyncpg.Record, or config's record_class>"
+        assert "object at" not in str(inspect.signature(made))
+        bound = inspect.signature(made).bind("postgresql://a@h/d", telemetry=False)
+        bound.apply_defaults()
+        for copied in (copy.deepcopy(bound.kwargs), pickle.loads(pickle.dumps(bound.kwargs))):  # noqa: S301 (our own bytes)
+            assert copied["record_class"] is default
+            pool = made(*bound.args, **copied)
+            assert "record_class" not in pool.config.connect_kwargs

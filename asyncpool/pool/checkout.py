@@ -309,14 +309,19 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
 
 def _cancelled_before_reclaim(exc: BaseException) -> bool:
     """`exc`, or an exception it was raised while handling, is a cancellation that is not the
-    leak reclaim's (whose CancelledError carries `LEAK_CANCEL_MESSAGE`)."""
+    leak reclaim's (whose CancelledError carries `LEAK_CANCEL_MESSAGE`) and is not over."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, asyncio.CancelledError) and LEAK_CANCEL_MESSAGE not in current.args:
             return True
-        current = current.__context__
+        handled = current.__context__
+        if isinstance(current, TimeoutError) and isinstance(handled, asyncio.CancelledError):
+            # asyncio.timeout() or wait_for() ended that cancellation as this TimeoutError
+            # (its request withdrawn): over, though the block may still be handling it.
+            handled = handled.__context__
+        current = handled
     return False
 
 

@@ -740,3 +740,66 @@ def test_a_holder_cancelled_before_a_reclaim_ends_with_its_own_cancellation(
             assert await pool.fetchval("SELECT 1") == 1
 
     run(main())
+
+
+def test_a_reclaim_while_handling_a_time_limit_is_not_taken_for_the_holders_cancellation(
+        server: FakeServer) -> None:
+    """A task with a cancel request left over from earlier code (a cancel swallowed without
+    uncancel(), a TaskGroup on Python < 3.13) whose block handles an ``asyncio.timeout()`` that
+    expired (``except TimeoutError:``, slow fallback work on the connection) when the reclaim
+    comes: the block ends in ConnectionLeakedError. It ended in CancelledError, although nobody
+    cancelled the holder: the timeout's own CancelledError, converted to TimeoutError and over,
+    was still in the chain of exceptions being handled, and was taken for the holder's
+    cancellation under way. A caller's cancellation that is under way, with a time limit
+    expired in its cleanup, still ends as the caller's."""
+    async def swallow_a_cancel() -> None:  # leaves a request counted on the task
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0) as pool:
+            seen: list[tuple[str, int]] = []
+
+            async def fallback_after_a_time_limit() -> None:
+                await swallow_a_cancel()
+                try:
+                    async with pool.acquire():
+                        try:
+                            async with asyncio.timeout(0.1):
+                                await asyncio.sleep(1)
+                        except TimeoutError:
+                            await asyncio.sleep(5)  # the slow fallback: reclaimed here
+                except BaseException as exc:
+                    task = asyncio.current_task()
+                    assert task is not None
+                    seen.append((type(exc).__name__, task.cancelling()))
+                    raise
+
+            with pytest.raises(ConnectionLeakedError):
+                await asyncio.create_task(fallback_after_a_time_limit())
+            assert seen == [("ConnectionLeakedError", 1)]  # the leftover request only
+
+            async def cleanup_with_a_time_limit() -> None:
+                async with pool.acquire():
+                    try:
+                        await asyncio.sleep(5)
+                    finally:  # the caller's cancellation is under way
+                        try:
+                            async with asyncio.timeout(0.1):
+                                await asyncio.sleep(1)
+                        except TimeoutError:
+                            await asyncio.sleep(5)  # reclaimed here
+
+            task = asyncio.create_task(cleanup_with_a_time_limit())
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert pool.stats().leaked_total == 2
+            assert pool.stats().in_use == 0
+            assert await pool.fetchval("SELECT 1") == 1
+
+    run(main())
