@@ -9,6 +9,7 @@ logs "client close request"), not by the socket vanishing ("client unexpected eo
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,18 @@ from asyncpool.integrations.aws_lambda import close_on_shutdown
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.binaries import system_pgbouncer
 from tests.lambda_env import POWERTOOLS_EXAMPLE, HandlerProcess, app_clients, load_event
+from tests.script_support import REPO
 
 HELLO = load_event(POWERTOOLS_EXAMPLE / "events" / "hello.json")
 CLEAN_CLOSE = "client close request"
 VANISHED = "client unexpected eof"
+
+
+def script_env(**values: str) -> dict[str, str]:
+    """The environment for a script of these tests run as a process of its own: this checkout
+    importable (the Python 3.12/3.13 venvs do not install the package) and `values`."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **values}
 
 
 @pytest.fixture
@@ -173,7 +182,6 @@ def test_sigterm_while_the_exit_hook_closes_the_pools_ends_the_process(
     """SIGTERM while the exit hook waited for the pools' loop (another thread) to close them: our
     handler ran on the main thread inside the hook, and waited for the lock the hook held, for
     good (the process hung until SIGKILL). It now waits for the close, within the budget."""
-    import os
     import subprocess
     import sys
     import time
@@ -181,7 +189,7 @@ def test_sigterm_while_the_exit_hook_closes_the_pools_ends_the_process(
     budget = 1.0
     script = tmp_path / "exiting.py"
     script.write_text(EXITING_WITH_A_HELD_CONNECTION)
-    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn(), "BUDGET": str(budget)}
+    env = script_env(ASYNCPOOL_DSN=postgres.dsn(), BUDGET=str(budget))
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -201,8 +209,10 @@ def test_sigterm_while_the_exit_hook_closes_the_pools_ends_the_process(
         proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
-    assert status == -signal.SIGTERM
     assert took < budget + 1.5, f"{took:.2f}s after SIGTERM"
+    # Python 3.11 runs our handler inside the exit hook (the process then ends by the signal);
+    # 3.12 and later leave it, as the process is already exiting: it ends normally once closed.
+    assert status in (-signal.SIGTERM, 0), status
 
 
 #: A pool being closed (its close() waiting for a connection that runs a statement) when another
@@ -241,7 +251,6 @@ async def test_sigterm_cancels_the_statement_of_a_pool_being_closed_when_another
 ) -> None:
     """A pool whose close() was under way counted as closed: hooking another pool dropped its
     hook, and SIGTERM left its statement running on the server after the process was gone."""
-    import os
     import sys
     import time
     import uuid
@@ -249,7 +258,7 @@ async def test_sigterm_cancels_the_statement_of_a_pool_being_closed_when_another
     tag = f"closing-{uuid.uuid4().hex[:10]}"
     script = tmp_path / "closing.py"
     script.write_text(CLOSING_WHEN_ANOTHER_POOL_IS_HOOKED)
-    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn(), "TAG": tag}
+    env = script_env(ASYNCPOOL_DSN=postgres.dsn(), TAG=tag)
     proc = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env,
                                                 stderr=asyncio.subprocess.PIPE)
     try:
@@ -297,13 +306,12 @@ def test_the_pools_close_before_an_exit_handler_registered_before_the_last_of_th
     """atexit runs the latest handler first. With one handler per pool, each pool closed before
     whatever the program registered before it; the shared handler keeps that for the newest pool
     (it was registered once, with the first, and the program's handler ran with both open)."""
-    import os
     import subprocess
     import sys
 
     script = tmp_path / "exit_handler.py"
     script.write_text(EXIT_HANDLER_BETWEEN_TWO_POOLS)
-    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn()}
+    env = script_env(ASYNCPOOL_DSN=postgres.dsn())
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=30, check=False)
     assert done.returncode == 0, done.stderr
@@ -351,13 +359,12 @@ def test_a_shutdown_the_process_outlived_leaves_the_next_one_its_own_budget(
     """A SIGTERM the process survives (ignored, or handled without exiting) began a shutdown
     whose start the next one took as its own: at exit, the budget was long spent and the pool
     was terminated, its held connection not waited for, instead of closed."""
-    import os
     import subprocess
     import sys
 
     script = tmp_path / "outlived.py"
     script.write_text(A_SIGTERM_THE_PROCESS_OUTLIVES)
-    env = {**os.environ, "ASYNCPOOL_DSN": postgres.dsn()}
+    env = script_env(ASYNCPOOL_DSN=postgres.dsn())
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=30, check=False)
     assert done.returncode == 0, done.stderr
