@@ -198,6 +198,10 @@ class FaultProxy:
         except asyncio.CancelledError:
             # Only close() cancels this task, and nothing awaits it: end quietly.
             pass
+        except ConnectionError:
+            # The client reset before its first packet was read (a pool terminated while it
+            # logged in): nothing to pass on, and not the loop's exception handler's business.
+            pass
         finally:
             link.close(reset=False)
             self._links.discard(link)
