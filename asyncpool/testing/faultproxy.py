@@ -195,12 +195,10 @@ class FaultProxy:
                 self._pump(link, reader, up_writer, "requests"),
                 self._pump(link, replies, writer, "replies"),
             )
-        except asyncio.CancelledError:
-            # Only close() cancels this task, and nothing awaits it: end quietly.
-            pass
-        except ConnectionError:
-            # The client reset before its first packet was read (a pool terminated while it
-            # logged in): nothing to pass on, and not the loop's exception handler's business.
+        except (asyncio.CancelledError, ConnectionError):
+            # Only close() cancels this task, and nothing awaits it; a client may reset before
+            # its first packet is read (a pool terminated while it logged in): end quietly,
+            # not in the loop's exception handler.
             pass
         finally:
             link.close(reset=False)
