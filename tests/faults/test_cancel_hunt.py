@@ -25,6 +25,9 @@ Other seeds or longer, by hand:
 
     ASYNCPOOL_TEST_HUNT_SEEDS=1,2,3 ASYNCPOOL_TEST_HUNT_SECONDS=8 \
         .venv/bin/pytest tests/faults/test_cancel_hunt.py -p no:randomly
+
+ASYNCPOOL_TEST_HUNT_COMBINED=1 adds the fronts' combinations (SQLAlchemy or closers with no
+BackendKeyData or cancel_requests="off").
 """
 
 from __future__ import annotations
