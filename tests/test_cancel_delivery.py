@@ -189,3 +189,32 @@ async def test_rds_proxy_host_never_sends_cancel_requests() -> None:
     cls = driver.cancel_aware_class(None, cancels=False)
     assert issubclass(cls, asyncpg.Connection)
     assert cls._asyncpool_cancels is False  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+@pytest.mark.parametrize("cancels", ["off", "keyless"])
+async def test_closing_for_a_cut_short_statement_keeps_the_callers_error_in_conn_transaction(
+        postgres: PostgresServer, keyless: FaultProxy, how: str, cancels: str) -> None:
+    """Where the pool closes the connection instead of sending a cancel request, asyncpg's
+    ``conn.transaction()`` (and a savepoint inside it) cannot roll back on the way out: the
+    caller still gets its own TimeoutError or CancelledError, not ConnectionLostError (as from
+    ``pool.transaction()``). Found by the cancellation hunt (tests/faults/test_cancel_hunt.py)."""
+    token = f"t{uuid.uuid4().hex[:10]}"
+    dsn = postgres.dsn() if cancels == "off" else keyless.dsn(postgres.dsn())
+    try:
+        async with Pool(dsn, name="cancel-in-tx", min_size=0, max_size=1, telemetry=False,
+                        cancel_requests="off" if cancels == "off" else "auto") as pool:
+
+            async def in_transaction() -> None:
+                async with pool.acquire() as conn, conn.transaction(), conn.transaction():
+                    await conn.execute(_sleep_sql(token), timeout=0.3 if how == "timeout" else None)
+
+            task = asyncio.create_task(in_transaction())
+            if how == "cancel":
+                await asyncio.sleep(0.3)
+                task.cancel()
+            with pytest.raises(TimeoutError if how == "timeout" else asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+            assert await asyncio.wait_for(pool.fetchval("SELECT 1"), FAST) == 1
+    finally:
+        await postgres.end_statements(token)

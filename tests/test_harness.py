@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import stat
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -290,3 +292,29 @@ async def test_fault_proxy_reading_the_first_packet_passes_it_on_whole(
                 assert await conn.fetchval("SELECT 1") == 1
             finally:
                 await conn.close()
+
+
+@pytest.mark.parametrize("option", ["spare_cancels", "drop_cancels", "strip_backend_key"])
+async def test_fault_proxy_takes_a_client_reset_before_its_first_packet_quietly(
+        option: str) -> None:
+    """A client that resets its connection before sending anything (a pool terminated while it
+    logs in) must not reach the loop's exception handler: the cancellation hunt counts what does."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        async with FaultProxy("127.0.0.1", 9) as proxy:  # (nothing is dialled: no packet came)
+            setattr(proxy, option, True)
+            for _ in range(3):
+                _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+                writer.write(b"\0\0")  # part of a first packet, then a reset
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+            await asyncio.sleep(0.2)
+    finally:
+        loop.set_exception_handler(old)
+    assert errors == []

@@ -16,6 +16,7 @@ from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
 from asyncpg.transaction import Transaction
 
+from asyncpool.connect.failures import broken_connection_error
 from asyncpool.connect.forwarding import LoopView
 from asyncpool.errors import PoolError
 from asyncpool.options import check_statement_timeout
@@ -108,6 +109,18 @@ def _one_at_a_time(name: str, base: type = PreparedStatement
 
 class PooledTransaction(_OnItsLoop, Transaction):
     __slots__ = ()
+
+    async def __aexit__(self, extype: Any, ex: Any, tb: Any) -> None:
+        try:
+            await super().__aexit__(extype, ex, tb)
+        except Exception as failed:
+            if extype is None or not (broken_connection_error(failed)
+                                      and self._connection.is_closed()):
+                raise
+            # The block's own error (or cancellation) is what the caller must see, as from
+            # pool.transaction(). The connection is gone (closed for a statement cut short
+            # where no cancel request can be sent, or lost), and the transaction with it.
+            self._managed = False
 
 
 class PooledCursorFactory(_OnItsLoop, CursorFactory):

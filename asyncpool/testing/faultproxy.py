@@ -195,8 +195,10 @@ class FaultProxy:
                 self._pump(link, reader, up_writer, "requests"),
                 self._pump(link, replies, writer, "replies"),
             )
-        except asyncio.CancelledError:
-            # Only close() cancels this task, and nothing awaits it: end quietly.
+        except (asyncio.CancelledError, ConnectionError):
+            # Only close() cancels this task, and nothing awaits it; a client may reset before
+            # its first packet is read (a pool terminated while it logged in): end quietly,
+            # not in the loop's exception handler.
             pass
         finally:
             link.close(reset=False)
@@ -205,7 +207,7 @@ class FaultProxy:
     async def _first_request(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> bytes | None:
         """The client's first packet (a startup packet or a cancel request), whole, TLS
-        refused; None for a cancel request this proxy drops.
+        refused; None for a cancel request this proxy drops, or a client already gone.
 
         Whole, to be sent on in one write: PgBouncer 1.18 ends a login whose startup packet
         arrives in two pieces ("client sent partial pkt in startup phase")."""
@@ -214,6 +216,8 @@ class FaultProxy:
         if code == _SSL_REQUEST_CODE:
             # No TLS through these faults: refused here, as a server without TLS does; the
             # client goes on in plaintext (or gives up).
+            if writer.is_closing():  # it already left (uvloop would raise RuntimeError)
+                return None
             writer.write(b"N")
             first = await self._packet(reader)
             code = struct.unpack("!ii", first[:8])[1] if len(first) >= 8 else 0
@@ -256,6 +260,8 @@ class FaultProxy:
                     break
                 if direction in link.deaf:
                     continue
+                if dst.is_closing():  # (uvloop raises RuntimeError writing to a closed one)
+                    break
                 dst.write(data)
                 await dst.drain()
         except OSError:

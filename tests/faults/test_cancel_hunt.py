@@ -14,10 +14,20 @@ Workers run the query helpers, ``async with pool.acquire()`` with several statem
 moment, or left alone; beside them ``expire_all()`` now and then and a holder kept past a short
 leak_timeout (reclaimed). Each case runs ROUNDS rounds; after each, the invariants.
 
+`test_cancellation_hunt_fronts` runs the same driver where the first cases do not reach: direct
+to PostgreSQL; with ``cancel_requests="off"`` and through a proxy that strips BackendKeyData (as
+RDS Proxy gives none), where an interruption closes the connection instead; with each pool closed
+(``close(timeout=...)``) or terminated at a random moment while its workers run (their callers
+may also get PoolClosedError; afterwards no session of the pool is left open or running on the
+server); and with SQLAlchemy AsyncSession work on an engine over each pool.
+
 Other seeds or longer, by hand:
 
     ASYNCPOOL_TEST_HUNT_SEEDS=1,2,3 ASYNCPOOL_TEST_HUNT_SECONDS=8 \
         .venv/bin/pytest tests/faults/test_cancel_hunt.py -p no:randomly
+
+ASYNCPOOL_TEST_HUNT_COMBINED=1 adds the fronts' combinations (SQLAlchemy or closers with no
+BackendKeyData or cancel_requests="off").
 """
 
 from __future__ import annotations
@@ -32,21 +42,26 @@ import os
 import random
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
 import pytest
 
-from asyncpool import ConnectionLeakedError, Pool, PoolTimeoutError
+from asyncpool import ConnectionLeakedError, Pool, PoolClosedError, PoolTimeoutError
+from asyncpool.config import CancelRequests
 from asyncpool.testing import PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.invariants import full_width, settled
 from tests.conftest import Pooler
 
 SEEDS = [int(s) for s in os.environ.get("ASYNCPOOL_TEST_HUNT_SEEDS", "7").split(",") if s.strip()]
 ROUND_SECONDS = float(os.environ.get("ASYNCPOOL_TEST_HUNT_SECONDS", "3"))
 ROUNDS = int(os.environ.get("ASYNCPOOL_TEST_HUNT_ROUNDS", "3"))
+# test_cancellation_hunt_fronts: fewer, to stay under 20 s where interrupted statements run on
+# (closed, not cancelled) and each round waits for them to end.
+FRONT_ROUNDS = int(os.environ.get("ASYNCPOOL_TEST_HUNT_ROUNDS", "2"))
 POOLS = 4
 WORKERS = 3  # per pool
 MAX_SIZE = 3
@@ -90,10 +105,36 @@ class Book:
     abandoned: set[str] = field(default_factory=set)
 
 
+Closer = Literal["close", "terminate"]
+
+
+@dataclass
+class Front:
+    """How the pools reach PostgreSQL, and what else a round does to them."""
+
+    label: str
+    dsn: str
+    #: The PgBouncer in the path (its admin console is checked after each round); None: direct.
+    pooler: Pooler | None
+    cancel_requests: CancelRequests = "auto"
+    #: Each pool is closed (``close(timeout=...)``) or terminated at a random moment of each
+    #: round, while its workers run; the next round opens new pools.
+    closers: tuple[Closer, ...] = ()
+    #: Workers also run SQLAlchemy AsyncSession work on an engine over each pool.
+    sqlalchemy: bool = False
+
+
+def unwrapped(error: BaseException) -> BaseException:
+    """The DB-API error SQLAlchemy wrapped (its ``.orig``), else `error`."""
+    orig = getattr(error, "orig", None)
+    return orig if isinstance(orig, BaseException) else error
+
+
 class Hunt:
     def __init__(self, pool: Pool, table: str, marker: str, rng: random.Random, *,
-                 findings: Findings, book: Book) -> None:
+                 findings: Findings, book: Book, sessions: Any = None) -> None:
         self.pool = pool
+        self.sessions = sessions
         self.table = table
         self.marker = marker
         self.rng = rng
@@ -114,6 +155,24 @@ class Hunt:
 
     def pause(self) -> float:
         return self.rng.choice([0.0, 0.0, 0.002, 0.01, 0.03])
+
+    @contextlib.contextmanager
+    def booked(self, tag: str) -> Iterator[Callable[[], None]]:
+        """Book the transaction writing `tag`: committed if the block ends well, abandoned if
+        it ends before the block calls the function it gets (just before its commit)."""
+        reached_commit = False
+
+        def at_commit() -> None:
+            nonlocal reached_commit
+            reached_commit = True
+
+        try:
+            yield at_commit
+        except BaseException:
+            if not reached_commit:
+                self.book.abandoned.add(tag)
+            raise
+        self.book.committed.add(tag)
 
     @staticmethod
     def expect(what: str, got: object, want: object) -> None:
@@ -160,8 +219,7 @@ class Hunt:
 
     async def transaction(self, limit: float | None) -> None:
         tag = self.tag("tx")
-        reached_commit = False
-        try:
+        with self.booked(tag) as at_commit:
             async with self.pool.transaction() as conn:
                 await conn.execute(self.sql(f"INSERT INTO {self.table} (tag, v) VALUES ($1, 1)"),
                                    tag, timeout=limit)
@@ -169,12 +227,7 @@ class Hunt:
                     self.sql(f"SELECT count(*) FROM {self.table}, pg_sleep($2) WHERE tag = $1"),
                     tag, self.pause(), timeout=limit)
                 self.expect("count in transaction", got, 1)
-                reached_commit = True
-        except BaseException:
-            if not reached_commit:
-                self.book.abandoned.add(tag)
-            raise
-        self.book.committed.add(tag)
+                at_commit()
 
     async def cursor(self, limit: float | None) -> None:
         v = self.token()
@@ -230,8 +283,7 @@ class Hunt:
 
     async def savepoint(self, limit: float | None) -> None:
         tag = self.tag("sp")
-        reached_commit = False
-        try:
+        with self.booked(tag) as at_commit:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(self.sql(f"INSERT INTO {self.table} (tag, v) VALUES ($1, 1)"),
                                    tag, timeout=limit)
@@ -242,14 +294,38 @@ class Hunt:
                 v = self.token()
                 self.expect("after a savepoint", await conn.fetchval(
                     self.sql("SELECT $1::int"), v, timeout=limit), v)
-                reached_commit = True
-        except BaseException:
-            if not reached_commit:
-                self.book.abandoned.add(tag)
-            raise
-        self.book.committed.add(tag)
+                at_commit()
+
+    async def orm(self, limit: float | None) -> None:
+        """SQLAlchemy: a session's transaction (write, read back its own value), or a query
+        outside one; `limit` as ``asyncio.timeout`` (SQLAlchemy has no per-call timeout)."""
+        import sqlalchemy as sa
+
+        v = self.token()
+        async with asyncio.timeout(limit):
+            if self.rng.random() < 0.3:  # autobegun, closed without commit: rolled back
+                async with self.sessions() as session:
+                    got = (await session.execute(sa.text(self.sql(
+                        "SELECT CAST(:v AS int) FROM pg_sleep(:p)")),
+                        {"v": v, "p": self.pause()})).scalar_one()
+                    self.expect("session.execute", got, v)
+                return
+            tag = self.tag("sa")
+            with self.booked(tag) as at_commit:
+                async with self.sessions() as session, session.begin():
+                    await session.execute(sa.text(self.sql(
+                        f"INSERT INTO {self.table} (tag, v) VALUES (:t, 1)")), {"t": tag})
+                    got = (await session.execute(sa.text(self.sql(
+                        "SELECT CAST(:v AS int) + count(*) FROM "
+                        f"{self.table}, pg_sleep(:p) WHERE tag = :t")),
+                        {"v": v, "p": self.pause(), "t": tag})).scalar_one()
+                    self.expect("session in a transaction", got, v + 1)
+                    at_commit()
 
     def operations(self) -> list[tuple[str, float, Callable[[float | None], Awaitable[None]]]]:
+        if self.sessions is not None:
+            return [("orm", 6, self.orm), ("helper", 2, self.helper),
+                    ("transaction", 1, self.transaction)]
         return [("helper", 4, self.helper), ("block", 3, self.block),
                 ("transaction", 3, self.transaction), ("cursor", 1, self.cursor),
                 ("executemany", 1, self.executemany), ("copy", 1, self.copy),
@@ -263,13 +339,16 @@ class Hunt:
         names = [n for n, _, _ in ops]
         weights = [w for _, w, _ in ops]
         table = {n: op for n, _, op in ops}
-        while not stop.is_set():
+        while not stop.is_set() and not self.pool.closed:
             name = self.rng.choices(names, weights)[0]
             how = self.rng.choice(["none", "cancel", "cancel", "timeout", "timeout", "arg",
                                    "wait_for", "twice"])
             op = table[name]
-            limit = self.rng.uniform(0.001, 0.03) if how == "arg" else None
-            when = self.rng.uniform(0, 0.03)
+            # A session's work takes several round trips: interrupted anywhere in it, not only
+            # near its start.
+            span = 0.06 if name == "orm" else 0.03
+            limit = self.rng.uniform(0.001, span) if how == "arg" else None
+            when = self.rng.uniform(0, span)
 
             expired: list[asyncio.Timeout] = []
 
@@ -326,12 +405,15 @@ class Hunt:
             outcome = "ok"
         else:
             outcome = type(error).__name__
+            cause = unwrapped(error)
             allowed = (
                 # PoolTimeoutError: acquire(timeout=...) in block/manual. ConnectionLeakedError:
                 # held past leak_timeout, as a statement queued in PgBouncer behind the leakers'
                 # transactions can be (after a caller's interruption: `interrupted`, above).
-                isinstance(error, PoolTimeoutError | ConnectionLeakedError)
+                isinstance(cause, PoolTimeoutError | ConnectionLeakedError)
                 or (isinstance(error, TimeoutError) and how in ("timeout", "arg", "wait_for"))
+                # The pool was closed or terminated under the caller.
+                or (isinstance(cause, PoolClosedError) and self.pool.closed)
             )
             if not allowed:
                 text = "".join(traceback.format_exception(error))
@@ -349,7 +431,7 @@ class Hunt:
                     self.expect("leaker", await conn.fetchval(self.sql("SELECT $1::int"), v), v)
                     if self.rng.random() < 0.5:
                         async with conn.transaction():
-                            await conn.execute(self.sql("SELECT pg_sleep(5)"))
+                            await conn.execute(self.sql(f"SELECT pg_sleep({LEAK_TIMEOUT * 2})"))
                     else:
                         await asyncio.sleep(LEAK_TIMEOUT * 4)
 
@@ -361,15 +443,34 @@ class Hunt:
                 continue
             error = None if task.cancelled() else task.exception()
             # (Or no connection came within acquire_timeout: the pools are busy.)
-            if not isinstance(error, ConnectionLeakedError | PoolTimeoutError):
+            # Closed under it: PoolClosedError, or nothing if it did not use the connection again.
+            if not isinstance(error, ConnectionLeakedError | PoolTimeoutError) and not (
+                    isinstance(error, PoolClosedError | None) and self.pool.closed):
                 self.findings.add(f"leaker ended with {error!r}, not ConnectionLeakedError")
             self.findings.outcomes[f"leak/{type(error).__name__}"] += 1
 
     async def expirer(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(self.rng.uniform(0.2, 1.5))
+            if self.pool.closed:
+                return
             self.pool.expire_all()
             self.findings.outcomes["expire_all"] += 1
+
+    async def closer(self, how: Closer) -> None:
+        """Close or terminate the pool at a random moment of the round, its workers running."""
+        await asyncio.sleep(self.rng.uniform(0.2, ROUND_SECONDS * 0.8))
+        if how == "terminate":
+            self.pool.terminate()
+        else:
+            limit = self.rng.choice([0.0, 0.005, 0.05, 0.5])
+            try:
+                async with asyncio.timeout(OP_BOUND):
+                    await self.pool.close(timeout=limit)
+            except TimeoutError:
+                self.findings.add(f"pool.close(timeout={limit}) still running after {OP_BOUND} s")
+                return
+        self.findings.outcomes[f"pool.{how}"] += 1
 
 
 # -- after each round ---------------------------------------------------------------------------
@@ -409,7 +510,33 @@ async def until_empty(check: Callable[[], Awaitable[list[dict[str, Any]]]], with
     return left
 
 
-async def check_round(pool: Pool, pooler: Pooler, postgres: PostgresServer, hunt: Hunt, *,
+async def sessions_of(postgres: PostgresServer, name: str) -> list[dict[str, Any]]:
+    """Server sessions still open for the pool `name` (its application_name)."""
+    conn = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid, state, left(query, 120) AS query FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND application_name = $1", name)
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+
+
+async def check_closed(pool: Pool, front: Front, postgres: PostgresServer, hunt: Hunt, *,
+                       findings: Findings, n: int) -> None:
+    """After close() or terminate() under load: no slot counted, nothing left on the server."""
+    s = pool.stats()
+    if s.in_use or s.waiting or s.connecting:
+        findings.add(f"round {n}: {pool.name} closed, yet {s}")
+    if left := await until_empty(lambda: busy_backends(postgres, hunt.marker), SETTLE):
+        findings.add(f"round {n}: server sessions left running or in a transaction after "
+                     f"{pool.name} closed: {left}")
+    if front.pooler is None and (
+            left := await until_empty(lambda: sessions_of(postgres, pool.name), SETTLE)):
+        findings.add(f"round {n}: server sessions of {pool.name} open after it closed: {left}")
+
+
+async def check_round(pool: Pool, pooler: Pooler | None, postgres: PostgresServer, hunt: Hunt, *,
                       findings: Findings, n: int) -> None:
     s = pool.stats()
     if s.size > s.max_size or s.in_use > s.max_size or min(s.size, s.idle, s.in_use) < 0:
@@ -420,7 +547,7 @@ async def check_round(pool: Pool, pooler: Pooler, postgres: PostgresServer, hunt
         findings.add(f"round {n}: {exc}")
     if left := await until_empty(lambda: busy_backends(postgres, hunt.marker), SETTLE):
         findings.add(f"round {n}: server sessions left running or in a transaction: {left}")
-    if left := await until_empty(lambda: pooler_busy(pooler), SETTLE):
+    if pooler is not None and (left := await until_empty(lambda: pooler_busy(pooler), SETTLE)):
         findings.add(f"round {n}: PgBouncer still busy for us: {left}")
     # Every connection answers its own statement (none has an answer of a cut-short one queued).
     try:
@@ -465,10 +592,10 @@ class Warnings(logging.Handler):
         self.records.append(record)
 
 
-async def run_hunt(pool_dsn: str, mode: Literal["off", "on", "unnamed"],  # noqa: PLR0912
-                   pooler: Pooler, postgres: PostgresServer, seed: int) -> Findings:
+async def run_hunt(front: Front, mode: Literal["off", "on", "unnamed"],  # noqa: PLR0912
+                   postgres: PostgresServer, seed: int, rounds: int = ROUNDS) -> Findings:
     findings = Findings(seed)
-    rng = random.Random(f"{seed}-{mode}-{pooler.label}")
+    rng = random.Random(f"{seed}-{mode}-{front.label}")
     table = f"hunt_{uuid.uuid4().hex[:12]}"
     marker = f"hunt_{uuid.uuid4().hex[:12]}"
     setup = await asyncpg.connect(postgres.dsn())
@@ -484,26 +611,46 @@ async def run_hunt(pool_dsn: str, mode: Literal["off", "on", "unnamed"],  # noqa
     asyncpool_log = logging.getLogger("asyncpool")
     asyncpool_log.addHandler(handler)
     book = Book()
+    validate_after = rng.choice([0.0, 0.05, None])
+
+    def new_pool(k: int, n: int) -> Pool:
+        # A name of its own per round where pools are closed: its server sessions are told apart.
+        return Pool(front.dsn, name=f"hunt-{mode}-{k}" + (f"-r{n}" if front.closers else ""),
+                    prepared_statements=mode, min_size=1, max_size=MAX_SIZE, acquire_timeout=3,
+                    leak_timeout=LEAK_TIMEOUT, validate_after=validate_after,
+                    cancel_requests=front.cancel_requests, telemetry=False)
+
     try:
         async with contextlib.AsyncExitStack() as pools_open:
             # More pools than one: together they want more server connections than PgBouncer
             # has (POOLS x MAX_SIZE > its pool of 10), so statements also wait in its queue,
             # where a cancel request finds no server to go to.
-            pools = [await pools_open.enter_async_context(Pool(
-                pool_dsn, name=f"hunt-{mode}-{k}", prepared_statements=mode, min_size=1,
-                max_size=MAX_SIZE, acquire_timeout=3, leak_timeout=LEAK_TIMEOUT,
-                validate_after=rng.choice([0.0, 0.05, None]), telemetry=False))
-                for k in range(POOLS)]
-            for n in range(ROUNDS):
+            pools = [await pools_open.enter_async_context(new_pool(k, 0)) for k in range(POOLS)]
+            for n in range(rounds):
+                if front.closers and n:
+                    pools = [await pools_open.enter_async_context(new_pool(k, n))
+                             for k in range(POOLS)]
+                engines = []
+                if front.sqlalchemy:
+                    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+                    from asyncpool.integrations.sqlalchemy import create_async_engine
+                    engines = [create_async_engine(pool) for pool in pools]
                 stop = asyncio.Event()
                 hunts = [Hunt(pools[i % POOLS], table, marker,
-                              random.Random(f"{seed}-{mode}-{n}-{i}"), findings=findings, book=book)
+                              random.Random(f"{seed}-{mode}-{n}-{i}"), findings=findings, book=book,
+                              sessions=(async_sessionmaker(engines[i % POOLS],
+                                                           expire_on_commit=False)
+                                        if engines else None))
                          for i in range(WORKERS * POOLS + 2 * POOLS)]
                 tasks = [asyncio.create_task(h.worker(stop)) for h in hunts[:WORKERS * POOLS]]
                 for h in hunts[WORKERS * POOLS:WORKERS * POOLS + POOLS]:
                     tasks.append(asyncio.create_task(h.leaker(stop)))
                 for h in hunts[WORKERS * POOLS + POOLS:]:
                     tasks.append(asyncio.create_task(h.expirer(stop)))
+                if front.closers:
+                    tasks.extend(asyncio.create_task(h.closer(rng.choice(front.closers)))
+                                 for h in hunts[:POOLS])
                 await asyncio.sleep(ROUND_SECONDS)
                 stop.set()
                 _, hung = await asyncio.wait(tasks, timeout=OP_BOUND + 10)
@@ -513,8 +660,17 @@ async def run_hunt(pool_dsn: str, mode: Literal["off", "on", "unnamed"],  # noqa
                 for task in tasks:
                     if task.done() and not task.cancelled() and task.exception():
                         findings.add(f"round {n}: a worker died: {task.exception()!r}")
+                for engine in engines:
+                    await engine.dispose()
                 for k, pool in enumerate(pools):
-                    await check_round(pool, pooler, postgres, hunts[k], findings=findings, n=n)
+                    if pool.closed:
+                        await check_closed(pool, front, postgres, hunts[k], findings=findings, n=n)
+                    else:
+                        await check_round(pool, front.pooler, postgres, hunts[k],
+                                          findings=findings, n=n)
+                if (pooler := front.pooler) is not None and front.closers and (
+                        left := await until_empty(lambda: pooler_busy(pooler), SETTLE)):
+                    findings.add(f"round {n}: PgBouncer still busy after the pools closed: {left}")
         gc.collect()
         await asyncio.sleep(0.05)
         await check_book(postgres, table, book, findings)
@@ -537,20 +693,86 @@ async def run_hunt(pool_dsn: str, mode: Literal["off", "on", "unnamed"],  # noqa
     return findings
 
 
+def assert_clean(findings: Findings, label: str, mode: str) -> None:
+    outcomes = ", ".join(f"{k}={v}" for k, v in sorted(findings.outcomes.items()))
+    print(f"seed {findings.seed} {label} {mode}: {outcomes}")
+    kinds = collections.Counter(p.split("\n", 1)[0][:200] for p in findings.problems)
+    shown: dict[str, str] = {}
+    for p in findings.problems:
+        shown.setdefault(p.split("\n", 1)[0][:200], p)
+    assert not findings.problems, (
+        f"hunt seed {findings.seed} ({label}, {mode}) found {len(findings.problems)} problems "
+        f"(rerun: ASYNCPOOL_TEST_HUNT_SEEDS={findings.seed}):\n"
+        + "\n".join(f"[x{kinds[k]}] {p[:4000]}" for k, p in shown.items()) + f"\n{outcomes}")
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(("which", "mode"), CASES, ids=[f"{p}-{m}" for p, m in CASES])
 async def test_cancellation_hunt(which: str, mode: Literal["off", "on", "unnamed"], seed: int, stack: Any,
                                  postgres: PostgresServer) -> None:
     pooler: Pooler = getattr(stack, which)
-    findings = await run_hunt(pooler.dsn(), mode, pooler, postgres, seed)
-    outcomes = ", ".join(f"{k}={v}" for k, v in sorted(findings.outcomes.items()))
-    print(f"seed {seed} {pooler.label} {mode}: {outcomes}")
-    kinds = collections.Counter(p.split("\n", 1)[0][:200] for p in findings.problems)
-    shown: dict[str, str] = {}
-    for p in findings.problems:
-        shown.setdefault(p.split("\n", 1)[0][:200], p)
-    assert not findings.problems, (
-        f"hunt seed {seed} ({pooler.label}, {mode}) found {len(findings.problems)} problems "
-        f"(rerun: ASYNCPOOL_TEST_HUNT_SEEDS={seed}):\n"
-        + "\n".join(f"[x{kinds[k]}] {p[:4000]}" for k, p in shown.items()) + f"\n{outcomes}")
+    front = Front(pooler.label, pooler.dsn(), pooler)
+    assert_clean(await run_hunt(front, mode, postgres, seed), pooler.label, mode)
+
+
+@dataclass(frozen=True)
+class FrontCase:
+    name: str
+    #: "direct", "legacy", "current", or "current-no-key": current PgBouncer through a proxy
+    #: that strips BackendKeyData (RDS Proxy gives none).
+    where: str
+    mode: Literal["off", "on", "unnamed"]
+    cancels: CancelRequests = "auto"
+    closers: tuple[Closer, ...] = ()
+    sqlalchemy: bool = False
+
+
+BOTH: tuple[Closer, ...] = ("close", "terminate")
+FRONT_CASES = [
+    FrontCase("direct", "direct", "unnamed"),
+    FrontCase("direct-cancels-off", "direct", "on", "off"),
+    FrontCase("current-cancels-off", "current", "unnamed", "off"),
+    FrontCase("current-no-key", "current-no-key", "unnamed"),
+    FrontCase("close-current", "current", "unnamed", closers=BOTH),
+    FrontCase("close-legacy", "legacy", "off", closers=BOTH),
+    FrontCase("close-direct", "direct", "unnamed", closers=BOTH),
+    FrontCase("sqlalchemy-current", "current", "unnamed", sqlalchemy=True),
+    FrontCase("sqlalchemy-legacy", "legacy", "off", sqlalchemy=True),
+]
+# The combinations, by hand (ASYNCPOOL_TEST_HUNT_COMBINED=1): each part runs by default above.
+if os.environ.get("ASYNCPOOL_TEST_HUNT_COMBINED"):
+    FRONT_CASES += [
+        FrontCase("sqlalchemy-no-key", "current-no-key", "unnamed", sqlalchemy=True),
+        FrontCase("sqlalchemy-direct-cancels-off", "direct", "on", "off", sqlalchemy=True),
+        FrontCase("sqlalchemy-close-current", "current", "unnamed", closers=BOTH,
+                  sqlalchemy=True),
+        FrontCase("close-no-key", "current-no-key", "unnamed", closers=BOTH),
+        FrontCase("close-direct-cancels-off", "direct", "unnamed", "off", closers=BOTH),
+    ]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("spec", FRONT_CASES, ids=[c.name for c in FRONT_CASES])
+async def test_cancellation_hunt_fronts(spec: FrontCase, seed: int, stack: Any,
+                                        postgres: PostgresServer) -> None:
+    """The hunt direct to PostgreSQL, without cancel requests, under close()/terminate(), and
+    through SQLAlchemy's AsyncSession."""
+    if spec.sqlalchemy:
+        pytest.importorskip("sqlalchemy")
+    options = (spec.cancels, spec.closers, spec.sqlalchemy)
+    async with contextlib.AsyncExitStack() as fronts:
+        if spec.where == "direct":
+            front = Front(spec.name, postgres.dsn(), None, *options)
+        elif spec.where == "current-no-key":
+            pooler: Pooler = stack.current
+            proxy = FaultProxy.to_dsn(pooler.dsn())
+            proxy.strip_backend_key = True
+            await fronts.enter_async_context(proxy)
+            front = Front(spec.name, proxy.dsn(pooler.dsn()), pooler, *options)
+        else:
+            pooler = getattr(stack, spec.where)
+            front = Front(spec.name, pooler.dsn(), pooler, *options)
+        assert_clean(await run_hunt(front, spec.mode, postgres, seed, FRONT_ROUNDS), spec.name,
+                     spec.mode)
