@@ -500,17 +500,16 @@ def _close_group(hooks: list[_PoolHook], deadline: float) -> None:
             # can be awaited here, and no task of the loop will run again. Cancel the running
             # statements from here (the server would run them on), all pools' requests at once,
             # then drop the connections; the sockets close as the process ends.
-            pools = [p for hook in hooks if (p := hook.pool) is not None and shutdown.unfinished(p)]
+            pools = _unfinished(hooks)
             try:
                 shutdown.terminate_together(pools, deadline)
             except Exception:
                 logger.exception("pools %s: terminating at shutdown failed", _names(pools))
             return
-        _close_pools([p for hook in mine if (p := hook.pool) is not None and shutdown.unfinished(p)],
-                     loop, deadline)
+        _close_pools(_unfinished(mine), loop, deadline)
         for hook in hooks:
             if hook not in mine:
-                hook.finished.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+                hook.finished.wait(shutdown.time_left(deadline) + 1.0)
     finally:
         for hook in mine:
             hook.finished.set()
@@ -524,7 +523,7 @@ def _close_pools(pools: list[Pool], loop: asyncio.AbstractEventLoop, deadline: f
         # An invocation is running on another thread: close on its loop, within the budget.
         future = asyncio.run_coroutine_threadsafe(shutdown.close_together(pools, deadline), loop)
         try:
-            future.result(max(0.0, deadline - time.monotonic()) + 0.1)
+            future.result(shutdown.time_left(deadline) + 0.1)
         except Exception:
             future.cancel()
             for pool in pools:
@@ -534,6 +533,11 @@ def _close_pools(pools: list[Pool], loop: asyncio.AbstractEventLoop, deadline: f
         loop.run_until_complete(shutdown.close_together(pools, deadline))
     except Exception:
         logger.exception("pools %s: closing at shutdown failed", _names(pools))
+
+
+def _unfinished(hooks: list[_PoolHook]) -> list[Pool]:
+    """The pools of `hooks` still to close (not collected, not inherited, not closed)."""
+    return [pool for hook in hooks if (pool := hook.pool) is not None and shutdown.unfinished(pool)]
 
 
 def _names(pools: list[Pool]) -> str:

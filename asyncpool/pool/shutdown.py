@@ -44,7 +44,7 @@ def terminate_together(pools: Sequence[Pool], deadline: float) -> None:
     for pool in pools:
         misuse.refuse_running_elsewhere(pool._slots, "terminate()")
         pool._slots.undoing_open = False  # (as Pool.terminate: closed, not new)
-    lifecycle.terminate_together([pool._slots for pool in pools], _left(deadline))
+    lifecycle.terminate_together([pool._slots for pool in pools], time_left(deadline))
 
 
 async def close_together(pools: Sequence[Pool], deadline: float) -> None:
@@ -59,12 +59,12 @@ async def close_together(pools: Sequence[Pool], deadline: float) -> None:
     # (timeout=None: held connections are left to the cancel requests below, not to close(),
     # whose own requests would be tasks of a loop that may not run again.)
     closes = {loop.create_task(pool.close(timeout=None)) for pool in pools}
-    _, pending = await asyncio.wait(closes, timeout=_left(deadline) * HOLDERS_SHARE)
+    _, pending = await asyncio.wait(closes, timeout=time_left(deadline) * HOLDERS_SHARE)
     if pending:
         targets = lifecycle.running_targets([pool._slots for pool in pools])
-        sent = _in_thread(lifecycle.send_cancels, targets, _left(deadline))
+        sent = _in_thread(lifecycle.send_cancels, targets, time_left(deadline))
         waiting: set[asyncio.Future[None]] = {*pending, sent}
-        _, still = await asyncio.wait(waiting, timeout=_left(deadline))
+        _, still = await asyncio.wait(waiting, timeout=time_left(deadline))
         pending = {close for close in pending if close in still}  # (the sender: a daemon thread)
     if not pending:
         return
@@ -98,5 +98,6 @@ def _in_thread(send: Callable[[_T, float], None], arg: _T, timeout: float) -> as
     return done
 
 
-def _left(deadline: float) -> float:
+def time_left(deadline: float) -> float:
+    """Seconds until `deadline` (``time.monotonic()``), 0 once past it."""
     return max(0.0, deadline - time.monotonic())
