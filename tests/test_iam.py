@@ -272,6 +272,15 @@ def _key_id(token: str) -> str:
     return dict(parse_qsl(urlsplit("https://" + token).query))["X-Amz-Credential"].split("/")[0]
 
 
+async def _refused_twice_with(auth: IamAuth, target: Target, key_id: str) -> None:
+    """Two refusals in a row, each followed by the retry's token: signed with `key_id` both
+    times (the second refusal keeps the client the first made)."""
+    for _ in range(2):
+        await auth.password(target)
+        await auth.refresh(target)
+        assert _key_id(await auth.password(target)) == key_id
+
+
 async def test_refusals_in_a_row_replace_the_client_once_a_minute(
     aws: None, clock: FakeClock
 ) -> None:
@@ -302,10 +311,7 @@ async def test_keys_rotated_during_refusals_in_a_row_are_read_at_the_next_one(
     target = Target(PROXY_HOST, 5432, "orders_app", "orders")
     rotated_id, rotated_secret = "AKIAROTATED0EXAMPLE", secrets.token_hex(20)
     try:
-        for _ in range(2):  # the second refusal keeps the client the first made
-            await auth.password(target)
-            await auth.refresh(target)
-            assert _key_id(await auth.password(target)) == ACCESS_KEY_ID
+        await _refused_twice_with(auth, target, ACCESS_KEY_ID)
         clock.now += 1
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", rotated_id)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", rotated_secret)
@@ -345,10 +351,7 @@ async def test_keys_rotated_in_a_legacy_credentials_file_are_read_at_the_next_re
     target = Target(PROXY_HOST, 5432, "orders_app", "orders")
     rotated_secret = secrets.token_hex(20)
     try:
-        for _ in range(2):  # the second refusal keeps the client the first made
-            await auth.password(target)
-            await auth.refresh(target)
-            assert _key_id(await auth.password(target)) == first_id
+        await _refused_twice_with(auth, target, first_id)
         clock.now += 1
         path.write_text(_legacy_credentials(kind, rotated_id, rotated_secret))
         written = path.stat().st_mtime_ns + 1_000_000_000  # (a second later, whatever the fs)
