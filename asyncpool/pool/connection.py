@@ -8,7 +8,7 @@ from asyncio import CancelledError, get_running_loop
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from threading import get_ident
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Unpack, cast, overload
 
 import asyncpg
 
@@ -534,11 +534,12 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         )
 
     @property
-    def raw(self) -> asyncpg.Connection:
+    def raw(self) -> asyncpg.Connection[PoolRecordT_co]:
         """The underlying asyncpg connection (valid only while held)."""
         lease = self._lease
         if lease.state is ACTIVE:
-            return lease.record.conn
+            # Opened with the pool's record_class: its rows are this proxy's.
+            return cast("asyncpg.Connection[PoolRecordT_co]", lease.record.conn)
         raise self._unusable()
 
     def __repr__(self) -> str:

@@ -210,6 +210,7 @@ async def pool_record_class() -> None:
         assert_type(await conn.fetchrow("SELECT 1"), Row | None)
         assert_type(await conn.fetchmany("SELECT $1::int", [(1,)]), list[Row])
         assert_type(await conn.fetchrow("SELECT 1", record_class=OtherRow), OtherRow | None)
+        assert_type(conn.raw, asyncpg.Connection[Row])  # opened with the pool's record_class
         async for record in conn.cursor("SELECT 1"):
             row: Row = record
             print(row)
@@ -229,6 +230,7 @@ async def pool_record_class() -> None:
         assert_type(await plain.fetch("SELECT 1"), list[asyncpg.Record])
         async with plain.acquire() as conn:
             assert_type(await conn.fetchrow("SELECT 1"), asyncpg.Record | None)
+            assert_type(conn.raw, asyncpg.Connection[asyncpg.Record])
     async with AppPool("postgresql://app@db/app", record_class=Row) as app:
         assert_type(app, AppPool)  # a subclass that names no record class: Records
         print(await app.user_count())
