@@ -143,8 +143,10 @@ def close_on_shutdown(
     (status 143, 128 + SIGTERM) whatever the main thread is doing.
 
     Several pools given to `close_on_shutdown` are closed together within one budget (the largest
-    of theirs, counted from the signal), their running statements cancelled at once; held
-    connections get a quarter of it to come back before that.
+    of theirs, counted from the signal), their running statements cancelled at once, the pools
+    of different loops at the same time; held connections get a quarter of it to come back
+    before that. A loop blocked in synchronous code on another thread has its held connections'
+    statements cancelled from ours.
 
     The SIGTERM hooks are installed only from the main thread (Python's rule); the exit hook
     always. In a process forked from this one the hooks never touch the inherited sockets.
