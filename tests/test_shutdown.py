@@ -33,14 +33,23 @@ async def _stalled(dsn: str, name: str, tag: str) -> tuple[Pool, asyncio.Task[st
     return pool, asyncio.create_task(pool.execute(f"SELECT pg_sleep(30) /* {tag} */"))
 
 
-async def _close_within(budget: float, pools: list[Pool], tasks: list[asyncio.Task[str]],
-                        postgres: PostgresServer, tag: str) -> None:
-    """`shutdown.close_together` with `budget` seconds, once the statements run."""
-    async with asyncio.timeout(5):
-        while await postgres.running_statements(tag) < len(pools):
-            await asyncio.sleep(0.05)
-    await shutdown.close_together(pools, time.monotonic() + budget)
-    await asyncio.gather(*tasks, return_exceptions=True)
+async def _warning_of_close(budget: float, dsns: dict[str, str], postgres: PostgresServer,
+                            caplog: pytest.LogCaptureFixture) -> str:
+    """The one warning of `shutdown.close_together` with `budget` seconds, closing a pool per
+    name of `dsns` whose connection runs a statement."""
+    tag = f"report-{uuid.uuid4().hex[:10]}"
+    stalled = [await _stalled(dsn, name, tag) for name, dsn in dsns.items()]
+    caplog.set_level(logging.WARNING, "asyncpool.pool")
+    try:
+        async with asyncio.timeout(5):
+            while await postgres.running_statements(tag) < len(stalled):
+                await asyncio.sleep(0.05)
+        await shutdown.close_together([pool for pool, _ in stalled], time.monotonic() + budget)
+        await asyncio.gather(*(task for _, task in stalled), return_exceptions=True)
+    finally:
+        await postgres.end_statements(tag)
+    [warning] = _warnings(caplog)
+    return warning
 
 
 async def _settled() -> None:
@@ -59,18 +68,10 @@ async def test_requests_sent_but_unanswered_are_told_apart_from_those_taken(
         legacy: PgBouncerServer, postgres: PostgresServer, caplog: pytest.LogCaptureFixture) -> None:
     """`slow`'s requests reach PgBouncer only after a second (a busy pooler): sent, not
     confirmed within the budget; `quick`'s are taken, and not reported."""
-    tag = f"sent-{uuid.uuid4().hex[:10]}"
     async with FaultProxy.to_dsn(legacy.dsn()) as proxy:
         proxy.cancel_delay = 1.0
-        slow, stalled_slow = await _stalled(proxy.dsn(legacy.dsn()), "slow", tag)
-        quick, stalled_quick = await _stalled(legacy.dsn(), "quick", tag)
-        caplog.set_level(logging.WARNING, "asyncpool.pool")
-        try:
-            await _close_within(0.6, [slow, quick], [stalled_slow, stalled_quick],
-                            postgres, tag)
-        finally:
-            await postgres.end_statements(tag)
-    [warning] = _warnings(caplog)
+        warning = await _warning_of_close(
+            0.6, {"slow": proxy.dsn(legacy.dsn()), "quick": legacy.dsn()}, postgres, caplog)
     # (The time left after the held connections' share of the budget: 0.45 s, less a little.)
     assert re.search(r"pool 'slow': 1 of 1 sent, not confirmed within 0\.4\d*s;", warning), warning
     assert "'quick'" not in warning, warning
@@ -80,16 +81,8 @@ async def test_requests_with_no_time_left_are_said_not_sent(
         legacy: PgBouncerServer, postgres: PostgresServer, caplog: pytest.LogCaptureFixture) -> None:
     """The budget spent before the pools' turn: no request is even tried, and the warning (one
     for both pools) says so rather than that the servers did not take them."""
-    tag = f"unsent-{uuid.uuid4().hex[:10]}"
-    first, stalled_first = await _stalled(legacy.dsn(), "first", tag)
-    second, stalled_second = await _stalled(legacy.dsn(), "second", tag)
-    caplog.set_level(logging.WARNING, "asyncpool.pool")
-    try:
-        await _close_within(0, [first, second], [stalled_first, stalled_second],
-                        postgres, tag)
-    finally:
-        await postgres.end_statements(tag)
-    [warning] = _warnings(caplog)
+    warning = await _warning_of_close(0, {"first": legacy.dsn(), "second": legacy.dsn()},
+                                      postgres, caplog)
     assert ("pool 'first': 1 of 1 not sent (no time left); "
             "pool 'second': 1 of 1 not sent (no time left)") in warning, warning
 
