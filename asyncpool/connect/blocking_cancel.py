@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from asyncpool.connect.direct_cancel import cancel_message
 from asyncpool.connect.driver import CancelTarget
@@ -29,23 +30,39 @@ def send(targets: Sequence[CancelTarget], timeout: float) -> int:
     """Send a cancel request to each of `targets` and wait, up to `timeout` seconds for them all,
     until each server has taken its request (closed the socket); returns how many did. Never
     raises for a request that fails (the process is ending either way)."""
-    return sum(send_each(targets, timeout))
+    return sum(delivery.taken for delivery in deliver(targets, timeout))
 
 
-def send_each(targets: Sequence[CancelTarget], timeout: float) -> list[bool]:
-    """`send`, saying for each of `targets` whether its server took the request in time."""
-    if not targets:
-        return []
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What became of one cancel request by the deadline: `taken` (the server closed its socket:
+    it has the request), else `sent` (written, no answer yet: it may still arrive) or not, and
+    `why` it was not sent."""
+
+    sent: bool
+    taken: bool
+    why: str = ""
+
+
+#: Why a request was not sent when the time ran out first (the caller had none left, or the
+#: lookup, connection or TLS handshake took it all).
+NO_TIME = "no time left"
+
+
+def deliver(targets: Sequence[CancelTarget], timeout: float) -> list[Delivery]:
+    """`send`, saying what became of each of `targets`' requests. With no time left, none is
+    tried."""
+    if timeout <= 0:
+        return [Delivery(sent=False, taken=False, why=NO_TIME) for _ in targets]
     # Socket and join timeouts overflow past it (``cancel_within=math.inf``: as long as it takes).
     deadline = time.monotonic() + min(timeout, threading.TIMEOUT_MAX)
-    taken: list[bool] = [False] * len(targets)
+    attempts = [_Attempt() for _ in targets]
 
     def one(i: int) -> None:
         try:
-            _send_one(targets[i], deadline)
-            taken[i] = True
-        except (OSError, ValueError):
-            pass
+            _send_one(targets[i], deadline, attempts[i])
+        except (OSError, ValueError) as exc:
+            attempts[i].failed(exc)
 
     # Threads even for one request: a host name's lookup has no time limit of its own, and
     # the caller's budget must hold (the threads are daemons: the process may end under them).
@@ -55,19 +72,36 @@ def send_each(targets: Sequence[CancelTarget], timeout: float) -> list[bool]:
         thread.start()
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return list(taken)
+    return [attempt.delivery() for attempt in attempts]
 
 
-def _send_one(target: CancelTarget, deadline: float) -> None:
+class _Attempt:
+    """One request's progress, written by its thread, read when the time is up."""
+
+    def __init__(self) -> None:
+        self.sent = self.taken = False
+        self.why = NO_TIME  # (a thread still looking up or connecting at the deadline)
+
+    def failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, TimeoutError):
+            self.why = f"{type(exc).__name__}: {exc}"
+
+    def delivery(self) -> Delivery:
+        return Delivery(self.sent, self.taken, "" if self.sent else self.why)
+
+
+def _send_one(target: CancelTarget, deadline: float, attempt: _Attempt) -> None:
     sock = _connect(target.addr, deadline)
     try:
         if target.ssl is not None:
             sock = _start_tls(sock, target.ssl, target, deadline)
         sock.sendall(cancel_message(target.key))
+        attempt.sent = True
         # The server (or pooler) closes the socket once it has taken the request.
         while True:
             sock.settimeout(_left(deadline))
             if not sock.recv(64):
+                attempt.taken = True
                 return
     finally:
         sock.close()

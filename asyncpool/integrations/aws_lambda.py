@@ -143,8 +143,10 @@ def close_on_shutdown(
     (status 143, 128 + SIGTERM) whatever the main thread is doing.
 
     Several pools given to `close_on_shutdown` are closed together within one budget (the largest
-    of theirs, counted from the signal), their running statements cancelled at once; held
-    connections get a quarter of it to come back before that.
+    of theirs, counted from the signal), their running statements cancelled at once, the pools
+    of different loops at the same time; held connections get a quarter of it to come back
+    before that. A loop blocked in synchronous code on another thread has its held connections'
+    statements cancelled from ours.
 
     The SIGTERM hooks are installed only from the main thread (Python's rule); the exit hook
     always. In a process forked from this one the hooks never touch the inherited sockets.
@@ -480,12 +482,31 @@ def _after_restore(pool: Pool) -> None:
 
 def _close_hooks(hooks: list[_PoolHook], deadline: float) -> None:
     """Close the pools of `hooks` by `deadline` (``time.monotonic()``): those on one loop
-    together; loops (rarely more than one) one after the other, each within what is left."""
+    together, and the loops at the same time, each but this thread's own from a thread of its
+    own (one after the other, N loops took N times as long and the last ones ran out of time)."""
     by_loop: dict[int, list[_PoolHook]] = {}
     for hook in hooks:
         by_loop.setdefault(id(hook.loop), []).append(hook)
-    for group in by_loop.values():
-        _close_group(group, deadline)
+    groups = list(by_loop.values())
+    # This thread takes the group of the loop it runs (a signal handler on top of it: no other
+    # thread may touch that loop), or else the last one.
+    here = next((group for group in groups if group[0].loop is _running_loop()),
+                groups[-1] if groups else [])
+    threads = [threading.Thread(target=_close_group_logged, args=(group, deadline), daemon=True,
+                                name="asyncpool-shutdown") for group in groups if group is not here]
+    for thread in threads:
+        thread.start()
+    if here:
+        _close_group(here, deadline)
+    for thread in threads:
+        thread.join(shutdown.time_left(deadline) + 1.0)
+
+
+def _close_group_logged(hooks: list[_PoolHook], deadline: float) -> None:
+    try:
+        _close_group(hooks, deadline)
+    except Exception:
+        logger.exception("pools %s: closing at shutdown failed", _names(_unfinished(hooks)))
 
 
 def _close_group(hooks: list[_PoolHook], deadline: float) -> None:
@@ -520,14 +541,9 @@ def _close_pools(pools: list[Pool], loop: asyncio.AbstractEventLoop, deadline: f
     if not pools or loop.is_closed():
         return
     if loop.is_running():
-        # An invocation is running on another thread: close on its loop, within the budget.
-        future = asyncio.run_coroutine_threadsafe(shutdown.close_together(pools, deadline), loop)
-        try:
-            future.result(shutdown.time_left(deadline) + 0.1)
-        except Exception:
-            future.cancel()
-            for pool in pools:
-                loop.call_soon_threadsafe(pool.terminate)
+        # An invocation is running on another thread: close on its loop, within the budget (or,
+        # the loop blocked, cancel what the held connections run from here).
+        shutdown.close_elsewhere(pools, loop, deadline)
         return
     try:
         loop.run_until_complete(shutdown.close_together(pools, deadline))

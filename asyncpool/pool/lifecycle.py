@@ -248,7 +248,8 @@ def running_targets(pools: Sequence[Slots]) -> CancelTargets:
     """Where to send cancel requests for what the held connections of `pools` run. Every held
     one, as `_retire_all` does: asyncpg does not say whether a statement is running
     (``execute()`` without arguments runs outside its one-at-a-time section), and a server
-    ignores a cancel request when none is. On the pools' loop's thread."""
+    ignores a cancel request when none is. On the pools' loop's thread (or while that thread
+    is blocked: `asyncpool.pool.shutdown.close_elsewhere`)."""
     return {id(record.conn): (slots.name, target) for slots in pools for record in slots.leased()
             if (target := driver.cancel_target(record.conn)) is not None}
 
@@ -256,18 +257,31 @@ def running_targets(pools: Sequence[Slots]) -> CancelTargets:
 def send_cancels(targets: CancelTargets, timeout: float) -> None:
     """Send `targets`' cancel requests without the loop (`blocking_cancel`), all at once, waiting
     up to `timeout` for the servers to take them: for a process about to end, where no task of
-    the loop would run to send them. Any thread; says which pools' requests were not taken."""
+    the loop would run to send them. Any thread; one warning says, pool by pool, which requests
+    were sent but not confirmed, and which were not sent and why."""
     if not targets:
         return
-    taken = blocking_cancel.send_each([target for _, target in targets.values()], timeout)
-    missed: dict[str, list[bool]] = {}
-    for (name, _), ok in zip(targets.values(), taken, strict=True):
-        missed.setdefault(name, []).append(ok)
-    for name, oks in missed.items():
-        if not all(oks):
-            logger.warning("pool %r: %d of %d cancel requests were not taken within %.3gs; what "
-                           "those connections ran may go on on the server", name,
-                           oks.count(False), len(oks), timeout)
+    deliveries = blocking_cancel.deliver([target for _, target in targets.values()], timeout)
+    missed = _missed_cancels([name for name, _ in targets.values()], deliveries, timeout)
+    if missed:
+        logger.warning("cancel requests for the connections in use: %s; what those connections "
+                       "ran may go on on the server", missed)
+
+
+def _missed_cancels(pools: list[str], deliveries: list[blocking_cancel.Delivery],
+                    timeout: float) -> str:
+    """What `send_cancels` warns of: per pool, how many of its requests were sent but not
+    confirmed within `timeout`, and not sent (by reason); empty when every one was taken."""
+    counts: dict[str, dict[str, int]] = {}
+    for pool, delivery in zip(pools, deliveries, strict=True):
+        outcomes = counts.setdefault(pool, {})
+        if not delivery.taken:
+            what = (f"sent, not confirmed within {timeout:.3g}s" if delivery.sent
+                    else f"not sent ({delivery.why})")
+            outcomes[what] = outcomes.get(what, 0) + 1
+    return "; ".join(
+        f"pool {pool!r}: " + ", ".join(f"{n} of {pools.count(pool)} {what}" for what, n in outcomes.items())
+        for pool, outcomes in counts.items() if outcomes)
 
 
 def _retire_all(slots: Slots, reason: str, cancelled: set[int] | None = None) -> None:

@@ -77,6 +77,63 @@ async def close_together(pools: Sequence[Pool], deadline: float) -> None:
     await asyncio.sleep(0)  # let the aborted transports close their sockets
 
 
+def close_elsewhere(pools: Sequence[Pool], loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    """Close `pools`, whose loop runs on another thread, by `deadline` (``time.monotonic()``):
+    with `close_together` on that loop if it starts within `HOLDERS_SHARE` of the time left.
+
+    A loop blocked in synchronous code (a CPU-bound handler, a blocking client library) runs
+    nothing before the process ends: what the held connections run is then cancelled from this
+    thread with the rest of the time, as `close_together` would have done at that point, and the
+    pools are terminated on the loop if it ever runs again.
+    """
+    turn = _Turn()
+    future = asyncio.run_coroutine_threadsafe(_close_in_turn(pools, deadline, turn), loop)
+    if not turn.started_within(time_left(deadline) * HOLDERS_SHARE):
+        # (Read off the loop's thread: blocked, it changes no pool meanwhile.)
+        targets = lifecycle.running_targets([pool._slots for pool in pools])
+        lifecycle.send_cancels(targets, time_left(deadline))
+        return
+    try:
+        future.result(time_left(deadline) + 0.1)
+    except Exception:
+        future.cancel()  # (close() cancelled part-way terminates what is left)
+        for pool in pools:
+            loop.call_soon_threadsafe(pool.terminate)
+
+
+class _Turn:
+    """Whether `close_elsewhere`'s close started on the pools' loop in time, or was given up
+    (the cancel requests sent from the other thread): one or the other, never both."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = threading.Event()
+        self._given_up = False
+
+    def start(self) -> bool:
+        """On the loop: True if the close may go on (the other thread has not given up on it)."""
+        with self._lock:
+            if not self._given_up:
+                self._started.set()
+            return not self._given_up
+
+    def started_within(self, timeout: float) -> bool:
+        """On the other thread: whether the close started within `timeout`; if not, it never will."""
+        self._started.wait(timeout)
+        with self._lock:
+            self._given_up = not self._started.is_set()
+            return not self._given_up
+
+
+async def _close_in_turn(pools: Sequence[Pool], deadline: float, turn: _Turn) -> None:
+    if turn.start():
+        await close_together(pools, deadline)
+        return
+    # Late: the loop was blocked, the cancel requests sent from the other thread.
+    for pool in pools:
+        pool.terminate()
+
+
 def _in_thread(send: Callable[[_T, float], None], arg: _T, timeout: float) -> asyncio.Future[None]:
     """Run ``send(arg, timeout)`` on a daemon thread (the process may end under it); a future of
     the running loop's, done when it returns."""

@@ -6,7 +6,10 @@ SIGTERM comes. Between them and PgBouncer a `FaultProxy` holds every cancel requ
 `CANCEL_DELAY` before PgBouncer gets it (a busy pooler, a slow handshake), and drops it if the
 client leaves first. The pools' cancels sent one after the other took two delays, past the
 budget; the graceful close (the pools' loop on a thread of its own) sent its requests as tasks of
-a loop the process did not wait for, and the statements ran on.
+a loop the process did not wait for, and the statements ran on. So did they when that loop was
+blocked in synchronous code at SIGTERM (nothing was sent: the close waited for the loop the whole
+budget), and when each pool had a loop of its own (closed one loop after the other, the second
+had no time left for its cancel request).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.lambda_runtime import RuntimeAPI
 from tests.lambda_runtime.support import environment, invoke, response, running
 
+#: What two_pools.py writes once it has blocked its loop.
+BLOCKED = "loop blocked"
 BUDGET = 1.6
 # Over half the budget: two in a row do not fit, and a request sent once the graceful close has
 # waited half of it for the held connections (as it did) arrives after the process has ended;
@@ -31,10 +36,12 @@ BUDGET = 1.6
 CANCEL_DELAY = 0.95
 
 
-@pytest.mark.parametrize("loop_thread", [False, True], ids=["runner-loop", "loop-thread"])
-async def test_sigterm_cancels_every_pools_statement_within_one_budget(
+@pytest.mark.parametrize(("loops", "op"), [
+    (None, "stall"), ("thread", "stall"), ("thread", "stall-blocked"), ("per-pool", "stall"),
+], ids=["runner-loop", "loop-thread", "blocked-loop-thread", "loop-per-pool"])
+async def test_sigterm_cancels_every_pools_statement_within_one_budget(  # noqa: PLR0917 - fixtures
     runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, postgres: PostgresServer,
-    tmp_path: Path, loop_thread: bool,
+    tmp_path: Path, loops: str | None, op: str,
 ) -> None:
     tag = uuid.uuid4().hex
     async with FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
@@ -42,14 +49,17 @@ async def test_sigterm_cancels_every_pools_statement_within_one_budget(
         env: dict[str, str | None] = {
             "ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn()),
             "TEST_SHUTDOWN_BUDGET": str(BUDGET),
-            "TEST_LOOP_THREAD": "1" if loop_thread else None,
+            "TEST_LOOPS": loops,
         }
         with environment(runtime_api, own_pgbouncer, tmp_path, handler="two_pools.handler",
                          env=env) as proc:
             response(await invoke(runtime_api, {"op": "query"}), proc)
-            runtime_api.submit({"op": "stall", "tag": tag})
+            runtime_api.submit({"op": op, "tag": tag})
             deadline = time.monotonic() + 10
             while await running(postgres.dsn(), tag) < 2:
+                assert time.monotonic() < deadline, proc.log()[-2000:]
+                await asyncio.sleep(0.05)
+            while op == "stall-blocked" and BLOCKED not in proc.log():
                 assert time.monotonic() < deadline, proc.log()[-2000:]
                 await asyncio.sleep(0.05)
             sent = time.monotonic()
@@ -57,11 +67,11 @@ async def test_sigterm_cancels_every_pools_statement_within_one_budget(
             status = await asyncio.to_thread(proc.wait, 3 * BUDGET)
             took = time.monotonic() - sent
             assert status is not None, f"still running {3 * BUDGET}s after SIGTERM\n{proc.log()[-2000:]}"
-        assert proxy.cancels_seen >= 2
         deadline = time.monotonic() + 1.0
         while (left := await running(postgres.dsn(), tag)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     assert left == 0, f"{left} statements still run on the server\n{proc.log()[-2000:]}"
+    assert proxy.cancels_seen >= 2
     # (Plus the process's own exit, slower on a loaded machine; two budgets in a row, the
     # defect, take about BUDGET + CANCEL_DELAY.)
     assert took < BUDGET + 0.25, f"the shutdown took {took:.2f}s, budget {BUDGET}s\n{proc.log()[-2000:]}"

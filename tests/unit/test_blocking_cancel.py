@@ -55,3 +55,27 @@ def test_an_unbounded_budget_still_sends_the_request() -> None:
     finally:
         server.close()
         thread.join(5)
+
+
+def test_each_request_says_whether_it_was_sent_and_why_not() -> None:
+    """A refused connection is told apart from a request the time ran out for; with no time
+    left none is tried (the listener gets no second connection)."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    refusing = socket.create_server(("127.0.0.1", 0))
+    refused_addr = refusing.getsockname()[:2]
+    refusing.close()
+    try:
+        quiet = CancelTarget(listening.getsockname()[:2], (1, 2), None, False, False)
+        refused = CancelTarget(refused_addr, (3, 4), None, False, False)
+        unanswered, failed = blocking_cancel.deliver([quiet, refused], 0.2)
+        assert (unanswered.sent, unanswered.taken) == (True, False)  # (the backlog took it)
+        assert (failed.sent, failed.taken) == (False, False)
+        assert failed.why.startswith("ConnectionRefusedError"), failed.why
+        listening.settimeout(0)
+        listening.accept()[0].close()  # the one above
+        assert blocking_cancel.deliver([quiet], 0) == [
+            blocking_cancel.Delivery(sent=False, taken=False, why=blocking_cancel.NO_TIME)]
+        with pytest.raises(BlockingIOError):
+            listening.accept()
+    finally:
+        listening.close()
