@@ -72,8 +72,9 @@ async def test_requests_sent_but_unanswered_are_told_apart_from_those_taken(
         proxy.cancel_delay = 1.0
         warning = await _warning_of_close(
             0.6, {"slow": proxy.dsn(legacy.dsn()), "quick": legacy.dsn()}, postgres, caplog)
-    # (The time left after the held connections' share of the budget: 0.45 s, less a little.)
-    assert re.search(r"pool 'slow': 1 of 1 sent, not confirmed within 0\.4\d*s;", warning), warning
+    # (The time left after the held connections' share of the budget: 0.45 s, less what the
+    # machine took meanwhile.)
+    assert re.search(r"pool 'slow': 1 of 1 sent, not confirmed within 0\.[1-4]\d*s;", warning), warning
     assert "'quick'" not in warning, warning
 
 
