@@ -348,7 +348,7 @@ class Login:
             error = self.refusal(target) or translate(
                 exc, target, name, timeout, secrets=dsn.secrets,
                 settings=setting_sources(dsn, None),
-                root_cert_source=self.tls.root_cert_source)
+                root_cert_source=self.tls.root_cert_source, tls_optional=self.tls.optional)
         raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:

@@ -273,7 +273,8 @@ class Connector:
                          secrets=self._secrets,
                          settings=setting_sources(self._dsn, self.config.server_settings),
                          direct_tls=self.tls.direct_source, direct_tls_worked=self.logged_in,
-                         root_cert_source=self.tls.root_cert_source)
+                         root_cert_source=self.tls.root_cert_source,
+                         tls_optional=self.tls.optional)
 
     @property
     def retry_is_safe(self) -> bool:

@@ -49,7 +49,8 @@ class GuardedLogin:
             error = refused or translate(exc, target, self.login.config.name,
                                          kwargs.get("timeout") or 60.0, secrets=parsed.secrets,
                                          direct_tls=self.login.tls.direct_source,
-                                         root_cert_source=self.login.tls.root_cert_source)
+                                         root_cert_source=self.login.tls.root_cert_source,
+                                         tls_optional=self.login.tls.optional)
         raise error  # outside the except block: no __context__ either
 
     def libpq_conninfo(self, *, require_auth: bool = True) -> str:
