@@ -547,6 +547,23 @@ async def test_unknown_options_name_the_closest(name: str, closest: str) -> None
         await asyncpool.create_pool("postgresql://a@h/d", **_options(name, 1))
 
 
+@pytest.mark.parametrize(
+    ("name", "advice"),
+    [("max_waiting", "waits at most acquire_timeout="), ("reconnect_timeout", "retried with backoff"),
+     ("conninfo", "the first argument"), ("open", "await pool.open()"), ("configure", "init="),
+     ("check", "validate_after="), ("kwargs", "connect_kwargs="), ("num_workers", "no worker"),
+     ("reconnect_failed", "ConnectError")],
+)
+def test_psycopg_pool_options_say_what_asyncpool_does_instead(name: str, advice: str) -> None:
+    # The closest of asyncpool's names would mislead: max_waiting is not max_lifetime, nor
+    # reconnect_timeout connect_timeout.
+    with pytest.raises(PoolConfigError) as info:
+        Pool("postgresql://a@h/d", **_options(name, 1))
+    assert f"{name}=: not an option of Pool() (psycopg_pool's); " in str(info.value)
+    assert advice in str(info.value)
+    assert "did you mean" not in str(info.value)
+
+
 def test_every_pool_config_field_is_a_typed_option() -> None:
     """PoolOptions (what type checkers see of Pool()'s keywords) names every PoolConfig option."""
     from dataclasses import fields
