@@ -75,6 +75,41 @@ async def test_init_registers_a_jsonb_codec_on_every_new_connection(
         assert len(inits) == 4
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_callbacks_init_registers_stay_for_the_connections_life(
+        request: pytest.FixtureRequest, mode: PreparedStatements) -> None:
+    """A query logger, log listener and termination listener added in `init=` see every
+    checkout's statements and the close (asyncpg's pool keeps the first and last too); one a
+    holder adds is still dropped when it gives the connection back."""
+    queries: list[str] = []
+    notices: list[str] = []
+    closed: list[int] = []
+    by_holder: list[str] = []
+
+    async def init(conn: Any) -> None:
+        conn.add_query_logger(lambda record: queries.append(record.query))
+        conn.add_log_listener(lambda _conn, message: notices.append(message.message))
+        conn.add_termination_listener(lambda _conn: closed.append(1))
+
+    notice = "DO $$ BEGIN RAISE NOTICE 'n%s'; END $$"
+    async with Pool(_target(request, mode), prepared_statements=mode, min_size=1, max_size=1,
+                    init=init, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda record: by_holder.append(record.query))
+            await conn.execute(notice % 1)
+        async with pool.acquire() as conn:
+            await conn.execute(notice % 2)
+        assert await pool.fetchval("SELECT 3") == 3
+        await pool.expire_connections()
+        assert await pool.fetchval("SELECT 4") == 4
+        assert closed == [1]  # the expired connection's
+    assert closed == [1, 1]
+    assert [q for q in queries if q != "SELECT 1"] == [
+        notice % 1, notice % 2, "SELECT 3", "SELECT 4"]
+    assert notices == ["n1", "n2"]
+    assert by_holder == [notice % 1]
+
+
 async def test_init_codec_holds_when_unnamed_decodes_a_changed_result(legacy: PgBouncerServer) -> None:
     """"unnamed" decodes a reused statement's rows with its own cached description, and again
     with the reply's one when the result changed: both use the codecs init set."""

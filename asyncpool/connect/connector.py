@@ -212,6 +212,7 @@ class Connector:
             except BaseException:
                 conn.terminate()
                 raise
+            driver.keep_callbacks(conn)
         return conn
 
     async def _login_with_settings(self, cut_short: CutShort | None) -> asyncpg.Connection:
