@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import asyncpg
 
@@ -43,7 +44,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     auth_hint: str | None = None, *, secrets: Iterable[str] = (),
     settings: Mapping[str, str] | None = None, direct_tls: str | None = None,
     direct_tls_worked: bool = False, root_cert_source: str | None = None,
-    tls_optional: bool = False,
+    tls_optional: bool = False, dialled: Sequence[tuple[str, int]] = (),
 ) -> ConnectError:
     """The asyncpool error for a failed login to `target`.
 
@@ -59,9 +60,13 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     `root_cert_source`: where the root certificate the chain was checked against came from.
     `tls_optional`: the ssl mode lets a server without TLS in (``allow``, ``prefer``), so a
     refused TLS request cannot come from PostgreSQL or PgBouncer (they say no, and are used so).
+    `dialled`: every host and port the login tried, in order, when there are several: asyncpg
+    goes on to the next after a network error and raises the last host's error.
     """
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
+    if len(dialled) > 1:
+        where, target = _several_hosts(exc, state, target, pool_name, dialled)
     text = scrub(redact(str(exc)), secrets)
     error: ConnectError
     if is_auth_failure(exc):
@@ -202,6 +207,21 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
         error.transient = False
     return _keep_facts_of(exc, error)
+
+
+def _several_hosts(exc: BaseException, state: object, target: Target, pool_name: str,
+                   dialled: Sequence[tuple[str, int]]) -> tuple[str, Target]:
+    """The start of the message for a login to several hosts, and the target its advice is
+    about: asyncpg goes on to the next host after a network error and raises the last one's,
+    but raises a server's answer (a refused password...) from the host that gave it."""
+    shown = f"{target.user}@{','.join(f'{host}:{port}' for host, port in dialled)}/{target.database}"
+    where = f"pool {pool_name!r} could not connect to {shown}, its hosts tried in turn"
+    if state is not None or isinstance(exc, asyncpg.PostgresError):
+        return f"{where}, until one answered", target
+    if isinstance(exc, asyncio_timeout_types()):  # (the time is shared: any host's)
+        return where, target
+    last = dataclasses.replace(target, host=dialled[-1][0], port=dialled[-1][1])
+    return f"{where}: each failed, the last ({last.host}:{last.port}) with", last
 
 
 _NOT_POSTGRES = ("what answered is not PostgreSQL or a pooler: its reply to the TLS request "
