@@ -515,11 +515,20 @@ def require_target(config: PoolConfig, connect_kwargs: dict[str, Any]) -> None:
         return
     if any(os.environ.get(var) for var in _LIBPQ_TARGET_VARIABLES):
         return
+    # Other tools' variables are not read (a DSN is explicit), but one that is set is named:
+    # it is most likely what the caller meant.
+    others = [var for var in _OTHER_DSN_VARIABLES if os.environ.get(var)]
     raise PoolConfigError(
         f"pool {config.name!r}: no database to connect to: pass a DSN "
         "(Pool('postgresql://user@host:port/database')), set ASYNCPOOL_DSN, or set libpq's "
         "PGHOST/PGPORT/PGDATABASE/PGSERVICE"
+        + (f" ({others[0]} is set but not read: pass Pool(os.environ[{others[0]!r}]), or set "
+           f"ASYNCPOOL_DSN to it)" if others else "")
     )
+
+
+#: Variables other tools read a DSN from (Heroku, Render, Django and SQLAlchemy apps...).
+_OTHER_DSN_VARIABLES = ("DATABASE_URL", "POSTGRES_URL", "POSTGRESQL_URL", "PG_DSN")
 
 
 def _default_credentials(dsn: ParsedDsn | None, explicit: str | None) -> CredentialProvider | None:
