@@ -16,7 +16,7 @@ import asyncpg
 from asyncpool.config import PoolConfig, hook_awaitable, statement_cache_args
 from asyncpool.connect import driver
 from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
-from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
+from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, dialled, parse_dsn
 from asyncpool.connect.failures import (
     refused_transaction_setting,
     setting_sources,
@@ -127,7 +127,7 @@ class Connector:
         self.auth_methods: frozenset[str] = allowed_auth_methods(config, self.tls, self.require_auth)
         self._several_hosts = len(hosts) > 1
         #: Each host and port a login tries, in order, when there are several (for messages).
-        self._dialled = _dialled(hosts, self._dsn, kw.get("port")) if self._several_hosts else ()
+        self._dialled = dialled(hosts, self._dsn, kw.get("port")) if self._several_hosts else ()
         if (self._several_hosts and credentials is not None
                 and getattr(credentials, "token_host", _NOT_SIGNED) is None):
             # asyncpg asks for the password once per host it tries, without saying which: a
@@ -462,25 +462,6 @@ def _from_code(tb: TracebackType | None, code: CodeType | None) -> TracebackType
 
 
 _NOT_SIGNED = object()  # a provider without token_host: its credential is not bound to a host
-def _dialled(hosts: list[str], dsn: ParsedDsn | None, port: Any) -> tuple[tuple[str, int], ...]:
-    """The host and port of each address a login tries, paired as asyncpg pairs them: the
-    port the DSN gives with its host, else the `port` option's (one, or one per host), else
-    PGPORT's, else 5432. Empty when a port cannot be told."""
-    given = list(dsn.hosts) if dsn is not None and [h for h, _ in dsn.hosts] == hosts else []
-    options = list(port) if isinstance(port, list | tuple) else [port] * len(hosts)
-    env = [p.strip() for p in os.environ.get("PGPORT", "").split(",") if p.strip()]
-    pairs = []
-    for i, host in enumerate(hosts):
-        chosen = (given[i][1] if given else None) or (options[i] if i < len(options) else None)
-        if chosen is None and env:
-            chosen = env[i] if i < len(env) else env[0]
-        try:
-            pairs.append((host or "localhost", int(chosen or 5432)))
-        except (TypeError, ValueError):
-            return ()
-    return tuple(pairs)
-
-
 _NO_DSN = ParsedDsn("postgresql", None, None, (), None, {})
 
 #: libpq's environment variables that name a server: with one set, no DSN is needed.
