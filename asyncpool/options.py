@@ -157,6 +157,28 @@ UNFIT = {
                  "background)",
 }
 
+#: psycopg_pool's AsyncConnectionPool options that asyncpool does not take, and its way to get
+#: the same: the closest spelling of one of asyncpool's would mislead (``max_waiting`` is not
+#: ``max_lifetime``). Its other names mean the same here (sizes, max_idle, max_lifetime, name),
+#: but for ``timeout``, asyncpg's connect timeout (psycopg_pool's is acquire_timeout).
+PSYCOPG_POOL = {
+    "conninfo": "the DSN is the first argument (dsn=), a postgresql:// URL",
+    "kwargs": "give asyncpg.connect's arguments as keywords, or as connect_kwargs=",
+    "open": "Pool() does not open: `await pool.open()` or `async with Pool(...)` does; "
+            "create_pool() returns a pool that `await` opens",
+    "configure": "init= is awaited once with each new connection",
+    "check": "validate_after= (seconds) checks a connection idle longer than this before it is "
+             "handed out (0: at every checkout)",
+    "max_waiting": "callers queue without a limit; each waits at most acquire_timeout= and then "
+                   "gets PoolTimeoutError",
+    "reconnect_timeout": "a failed login is retried with backoff within each caller's "
+                         "acquire_timeout=",
+    "reconnect_failed": "callers get the ConnectError of the failed logins; pool.stats() and "
+                        "the observers see them",
+    "num_workers": "asyncpool has no worker tasks: connections are opened by the acquire() "
+                   "that needs one (min_size's by open() and housekeeping)",
+}
+
 _OWN = frozenset(f.name for f in fields(PoolConfig)) - {"dsn"}
 #: Every name Pool() takes as a keyword option.
 VALID = sorted(_OWN | CONNECT_OPTIONS | set(RENAMED) | {"config", "observers"})
@@ -187,7 +209,7 @@ def translate(options: Mapping[str, Any], where: str = "Pool()") -> dict[str, An
         elif key in ("config", "observers"):
             raise PoolConfigError(f"{key}=: an argument of Pool(), not an option of {where}")
         else:
-            raise PoolConfigError(f"{key}=: not an option of {where}{_closest(key)}")
+            raise PoolConfigError(f"{key}=: not an option of {where}{_advice(key)}")
     for renamed, own in RENAMED.items():
         if renamed in options and own in options:
             raise PoolConfigError(f"{renamed}= and {own}= are the same option: give one")
@@ -225,7 +247,9 @@ def check_connect_classes(connect: Mapping[str, Any]) -> None:
                 f"{key}={value!r}: must be a subclass of {base.__module__}.{base.__qualname__}")
 
 
-def _closest(name: str) -> str:
+def _advice(name: str) -> str:
+    if name in PSYCOPG_POOL:
+        return f" (psycopg_pool's); {PSYCOPG_POOL[name]}"
     close = difflib.get_close_matches(name, VALID, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}=?" if close else "; see PoolConfig for the options"
 

@@ -75,6 +75,45 @@ async def test_init_registers_a_jsonb_codec_on_every_new_connection(
         assert len(inits) == 4
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_callbacks_init_registers_stay_for_the_connections_life(
+        request: pytest.FixtureRequest, mode: PreparedStatements) -> None:
+    """A query logger, log listener and termination listener added in `init=` see every
+    checkout's statements and the close (asyncpg's pool keeps the first and last too); one a
+    holder adds is still dropped when it gives the connection back."""
+    queries: list[str] = []
+    notices: list[str] = []
+    closed: list[int] = []
+    by_holder: list[str] = []
+
+    async def init(conn: Any) -> None:
+        conn.add_query_logger(lambda record: queries.append(record.query))
+        conn.add_log_listener(lambda _conn, message: notices.append(message.message))
+        conn.add_termination_listener(lambda _conn: closed.append(1))
+
+    notice = "DO $$ BEGIN RAISE NOTICE 'n%s'; END $$"
+    async with Pool(_target(request, mode), prepared_statements=mode, min_size=1, max_size=1,
+                    init=init, telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda record: by_holder.append(record.query))
+            await conn.execute(notice % 1)
+        async with pool.acquire() as conn:
+            await conn.execute(notice % 2)
+        assert await pool.fetchval("SELECT 3") == 3
+        await pool.expire_connections()
+        assert await pool.fetchval("SELECT 4") == 4
+        for _ in range(50):  # the expired connection's, closed gracefully in the background
+            if closed:
+                break
+            await asyncio.sleep(0.02)
+        assert closed == [1]
+    assert closed == [1, 1]
+    assert [q for q in queries if q != "SELECT 1"] == [
+        notice % 1, notice % 2, "SELECT 3", "SELECT 4"]
+    assert notices == ["n1", "n2"]
+    assert by_holder == [notice % 1]
+
+
 async def test_init_codec_holds_when_unnamed_decodes_a_changed_result(legacy: PgBouncerServer) -> None:
     """"unnamed" decodes a reused statement's rows with its own cached description, and again
     with the reply's one when the result changed: both use the codecs init set."""
@@ -545,6 +584,23 @@ async def test_unknown_options_name_the_closest(name: str, closest: str) -> None
         Pool("postgresql://a@h/d", **_options(name, 1))
     with pytest.raises(PoolConfigError, match=f"did you mean {closest}="):
         await asyncpool.create_pool("postgresql://a@h/d", **_options(name, 1))
+
+
+@pytest.mark.parametrize(
+    ("name", "advice"),
+    [("max_waiting", "waits at most acquire_timeout="), ("reconnect_timeout", "retried with backoff"),
+     ("conninfo", "the first argument"), ("open", "await pool.open()"), ("configure", "init="),
+     ("check", "validate_after="), ("kwargs", "connect_kwargs="), ("num_workers", "no worker"),
+     ("reconnect_failed", "ConnectError")],
+)
+def test_psycopg_pool_options_say_what_asyncpool_does_instead(name: str, advice: str) -> None:
+    # The closest of asyncpool's names would mislead: max_waiting is not max_lifetime, nor
+    # reconnect_timeout connect_timeout.
+    with pytest.raises(PoolConfigError) as info:
+        Pool("postgresql://a@h/d", **_options(name, 1))
+    assert f"{name}=: not an option of Pool() (psycopg_pool's); " in str(info.value)
+    assert advice in str(info.value)
+    assert "did you mean" not in str(info.value)
 
 
 def test_every_pool_config_field_is_a_typed_option() -> None:

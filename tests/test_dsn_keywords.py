@@ -10,6 +10,7 @@ Against PostgreSQL and both PgBouncers.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import asyncpg
 import pytest
@@ -189,3 +190,49 @@ async def test_an_unknown_server_setting_is_named_with_its_source(postgres: Post
     message = str(await _login_error(postgres.dsn(), server_settings={"sslmode": "disable"}))
     assert "'sslmode' is a connection keyword, not a server setting" in message
     assert "TLS failed" not in message
+
+
+def _asyncpg_addresses(dsn: str | None, host: Any = None, port: Any = None) -> list[tuple[str, int]]:
+    """The addresses asyncpg dials, in order, as (host or socket directory, port)."""
+    from asyncpg import connect_utils
+
+    addrs, _ = connect_utils._parse_connect_dsn_and_args(
+        dsn=dsn, host=host, port=port, user="u", password=None, passfile=None, database="d",
+        ssl=None, service=None, servicefile=None, direct_tls=None, server_settings=None,
+        target_session_attrs=None, krbsrvname=None, gsslib=None)
+    pairs = []
+    for addr in addrs:
+        if isinstance(addr, str):  # a socket file: DIR/.s.PGSQL.PORT
+            directory, _, name = addr.rpartition("/.s.PGSQL.")
+            pairs.append((directory, int(name)))
+        else:
+            pairs.append((addr[0], addr[1]))
+    return pairs
+
+
+@pytest.mark.parametrize(
+    ("dsn", "host", "port", "pgport"),
+    [("postgresql://u@h1:5433,h2/d", None, None, None),
+     ("postgresql://u@h1,h2/d?port=7", None, None, None),
+     ("postgresql://u@/d?host=/tmp,127.0.0.1&port=5999,1", None, None, None),
+     ("postgresql://u@h1,h2:6432/d", None, None, "6000"),
+     (None, ["h1", "h2"], [5433, 5434], None),
+     (None, ["h1", "/run/postgresql"], 6432, None),
+     (None, ["h1", "h2"], None, "7000,7001")],
+)
+def test_the_addresses_named_in_errors_are_the_ones_asyncpg_dials(
+        monkeypatch: pytest.MonkeyPatch, dsn: str | None, host: Any, port: Any,
+        pgport: str | None) -> None:
+    """With several hosts a failed login names each host and port tried (`dialled`): in
+    asyncpg's order and with asyncpg's pairing of ports to hosts, for the DSN asyncpg is given."""
+    from asyncpool.connect.dsn import dialled
+
+    if pgport is None:
+        monkeypatch.delenv("PGPORT", raising=False)
+    else:
+        monkeypatch.setenv("PGPORT", pgport)
+    parsed = parse_dsn(dsn) if dsn else None
+    hosts = ([h for h, _ in parsed.hosts] if parsed else
+             list(host))
+    expected = _asyncpg_addresses(parsed.for_asyncpg() if parsed else None, host, port)
+    assert list(dialled(hosts, parsed, port)) == expected

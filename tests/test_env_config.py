@@ -136,6 +136,16 @@ async def test_no_dsn_and_no_environment_is_a_clear_error(clean_env: pytest.Monk
         await asyncpool.create_pool(telemetry=False)
 
 
+async def test_no_dsn_names_a_database_url_that_is_set(clean_env: pytest.MonkeyPatch) -> None:
+    # Heroku's and many frameworks' variable: not read (a DSN is explicit), but named.
+    clean_env.setenv("DATABASE_URL", "postgresql://app:Sup3r-s3cret@db:5432/app")  # pragma: allowlist secret
+    with pytest.raises(PoolConfigError) as info:
+        await asyncpool.create_pool(telemetry=False)
+    assert ("(DATABASE_URL is set but not read: pass Pool(os.environ['DATABASE_URL']), or set "
+            "ASYNCPOOL_DSN to it)") in str(info.value)
+    assert "Sup3r-s3cret" not in str(info.value)
+
+
 @pytest.fixture
 def closed_port() -> int:
     with socket.socket() as sock:

@@ -335,6 +335,7 @@ class Login:
         nothing of the driver's error chained: its frames hold the password."""
         import asyncpg
 
+        from asyncpool.connect.dsn import dialled
         from asyncpool.connect.failures import setting_sources, translate
 
         dsn = self.dsn
@@ -348,7 +349,8 @@ class Login:
             error = self.refusal(target) or translate(
                 exc, target, name, timeout, secrets=dsn.secrets,
                 settings=setting_sources(dsn, None),
-                root_cert_source=self.tls.root_cert_source)
+                root_cert_source=self.tls.root_cert_source, tls_optional=self.tls.optional,
+                dialled=dialled([h for h, _ in dsn.hosts], dsn, None))
         raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:

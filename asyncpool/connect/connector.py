@@ -16,7 +16,7 @@ import asyncpg
 from asyncpool.config import PoolConfig, hook_awaitable, statement_cache_args
 from asyncpool.connect import driver
 from asyncpool.connect.authguard import AuthGuard, GuardedLoop, refusal_error
-from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, parse_dsn
+from asyncpool.connect.dsn import DsnError, ParsedDsn, Target, dialled, parse_dsn
 from asyncpool.connect.failures import (
     refused_transaction_setting,
     setting_sources,
@@ -126,6 +126,8 @@ class Connector:
         self.require_auth: str | None = require_auth_setting(config, self._dsn.params if self._dsn else {})
         self.auth_methods: frozenset[str] = allowed_auth_methods(config, self.tls, self.require_auth)
         self._several_hosts = len(hosts) > 1
+        #: Each host and port a login tries, in order, when there are several (for messages).
+        self._dialled = dialled(hosts, self._dsn, kw.get("port")) if self._several_hosts else ()
         if (self._several_hosts and credentials is not None
                 and getattr(credentials, "token_host", _NOT_SIGNED) is None):
             # asyncpg asks for the password once per host it tries, without saying which: a
@@ -212,6 +214,7 @@ class Connector:
             except BaseException:
                 conn.terminate()
                 raise
+            driver.keep_callbacks(conn)
         return conn
 
     async def _login_with_settings(self, cut_short: CutShort | None) -> asyncpg.Connection:
@@ -273,7 +276,8 @@ class Connector:
                          secrets=self._secrets,
                          settings=setting_sources(self._dsn, self.config.server_settings),
                          direct_tls=self.tls.direct_source, direct_tls_worked=self.logged_in,
-                         root_cert_source=self.tls.root_cert_source)
+                         root_cert_source=self.tls.root_cert_source,
+                         tls_optional=self.tls.optional, dialled=self._dialled)
 
     @property
     def retry_is_safe(self) -> bool:
@@ -492,11 +496,20 @@ def require_target(config: PoolConfig, connect_kwargs: dict[str, Any]) -> None:
         return
     if any(os.environ.get(var) for var in _LIBPQ_TARGET_VARIABLES):
         return
+    # Other tools' variables are not read (a DSN is explicit), but one that is set is named:
+    # it is most likely what the caller meant.
+    others = [var for var in _OTHER_DSN_VARIABLES if os.environ.get(var)]
     raise PoolConfigError(
         f"pool {config.name!r}: no database to connect to: pass a DSN "
         "(Pool('postgresql://user@host:port/database')), set ASYNCPOOL_DSN, or set libpq's "
         "PGHOST/PGPORT/PGDATABASE/PGSERVICE"
+        + (f" ({others[0]} is set but not read: pass Pool(os.environ[{others[0]!r}]), or set "
+           f"ASYNCPOOL_DSN to it)" if others else "")
     )
+
+
+#: Variables other tools read a DSN from (Heroku, Render, Django and SQLAlchemy apps...).
+_OTHER_DSN_VARIABLES = ("DATABASE_URL", "POSTGRES_URL", "POSTGRESQL_URL", "PG_DSN")
 
 
 def _default_credentials(dsn: ParsedDsn | None, explicit: str | None) -> CredentialProvider | None:

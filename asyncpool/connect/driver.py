@@ -153,10 +153,35 @@ def _returned(conn: Any) -> int:
     if conn._stmt_exclusive_section._acquired:  # held for the whole of asyncpg's `_execute`
         return BUSY
     if (proto._is_cancelling() or proto.is_in_transaction() or conn._top_xact is not None
-            or conn._listeners or conn._log_listeners or conn._termination_listeners
-            or conn._query_loggers):
+            or conn._listeners):
+        return NEEDS_RESET
+    if ((conn._log_listeners or conn._termination_listeners or conn._query_loggers)
+            and not _only_kept_callbacks(conn)):
         return NEEDS_RESET
     return CLEAN
+
+
+#: Callbacks that stay at each reset, by connection: those `init=` registered (`keep_callbacks`).
+_KEPT: weakref.WeakKeyDictionary[Any, dict[str, frozenset[Any]]] = weakref.WeakKeyDictionary()
+#: The kinds a reset keeps the `init=` hook's of (its notification listeners go, as asyncpg's
+#: pool drops them with an ``UNLISTEN *``).
+_KEPT_KINDS = ("_log_listeners", "_termination_listeners", "_query_loggers")
+
+
+def keep_callbacks(conn: Any) -> None:
+    """Keep the callbacks registered on `conn` so far (by the `init=` hook: they belong to the
+    connection, as asyncpg's pool keeps its query loggers and termination listeners) through
+    every reset; those a holder registers later are dropped when it gives the connection back."""
+    kept = {name: frozenset(getattr(conn, name, ())) for name in _KEPT_KINDS}
+    if any(kept.values()):
+        _KEPT[conn] = kept
+
+
+def _only_kept_callbacks(conn: Any) -> bool:
+    """Whether every log listener, termination listener and query logger of `conn` is one
+    `keep_callbacks` kept (a holder added none, nor removed one)."""
+    kept = _KEPT.get(conn)
+    return kept is not None and all(getattr(conn, name) == kept[name] for name in _KEPT_KINDS)
 
 
 def _returned_fallback(conn: Any) -> int:
@@ -286,10 +311,13 @@ async def reset(conn: Any, timeout: float, *, unsynced: bool = False) -> None:
             # Parse with none since: a simple query ends it, answered with ReadyForQuery.
             await conn.execute("SELECT 1")
         listened = bool(getattr(conn, "_listeners", None))
+        kept = _KEPT.get(conn, {})
         for name in ("_listeners", "_log_listeners", "_termination_listeners", "_query_loggers"):
             callbacks = getattr(conn, name, None)
             if callbacks:
                 callbacks.clear()
+            if kept.get(name):  # the init hook's, which a holder may have removed
+                getattr(conn, name).update(kept[name])
         if listened:
             await conn.execute("UNLISTEN *")
 

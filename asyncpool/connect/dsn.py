@@ -299,6 +299,25 @@ class ParsedDsn:
         return Target(host=host, port=port, user=user, database=database)
 
 
+def dialled(hosts: list[str], dsn: ParsedDsn | None, port: Any) -> tuple[tuple[str, int], ...]:
+    """The host and port of each address a login tries, paired as asyncpg pairs them: the
+    port the DSN gives with its host, else the `port` option's (one, or one per host), else
+    PGPORT's, else 5432. Empty when a port cannot be told."""
+    given = list(dsn.hosts) if dsn is not None and [h for h, _ in dsn.hosts] == hosts else []
+    options = list(port) if isinstance(port, list | tuple) else [port] * len(hosts)
+    env = [p.strip() for p in os.environ.get("PGPORT", "").split(",") if p.strip()]
+    pairs = []
+    for i, host in enumerate(hosts):
+        chosen = (given[i][1] if given else None) or (options[i] if i < len(options) else None)
+        if chosen is None and env:
+            chosen = env[i] if i < len(env) else env[0]
+        try:
+            pairs.append((host or "localhost", int(chosen or 5432)))
+        except (TypeError, ValueError):
+            return ()
+    return tuple(pairs)
+
+
 def parse_dsn(dsn: str) -> ParsedDsn:
     """`dsn` checked and decoded; `DsnError` (never quoting it) when it is not a DSN asyncpool
     reads one way only."""

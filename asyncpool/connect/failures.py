@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import asyncpg
 
@@ -43,6 +44,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     auth_hint: str | None = None, *, secrets: Iterable[str] = (),
     settings: Mapping[str, str] | None = None, direct_tls: str | None = None,
     direct_tls_worked: bool = False, root_cert_source: str | None = None,
+    tls_optional: bool = False, dialled: Sequence[tuple[str, int]] = (),
 ) -> ConnectError:
     """The asyncpool error for a failed login to `target`.
 
@@ -56,9 +58,15 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     `direct_tls_worked`: whether a direct TLS login to the target has succeeded (the server
     takes it, so a hang-up in the handshake is the network's).
     `root_cert_source`: where the root certificate the chain was checked against came from.
+    `tls_optional`: the ssl mode lets a server without TLS in (``allow``, ``prefer``), so a
+    refused TLS request cannot come from PostgreSQL or PgBouncer (they say no, and are used so).
+    `dialled`: every host and port the login tried, in order, when there are several: asyncpg
+    goes on to the next after a network error and raises the last host's error.
     """
     where = f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
+    if len(dialled) > 1:
+        where, target = _several_hosts(exc, state, target, pool_name, dialled)
     text = scrub(redact(str(exc)), secrets)
     error: ConnectError
     if is_auth_failure(exc):
@@ -107,6 +115,13 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     elif isinstance(exc, socket.gaierror):
         error = ConnectError(f"{where}: unknown host {target.host!r} ({exc.strerror}); check the DSN")
         error.transient = False
+    elif isinstance(exc, FileNotFoundError | ConnectionRefusedError) and _is_socket(target):
+        error = ConnectError(
+            f"{where}: {'no socket' if isinstance(exc, FileNotFoundError) else 'connection refused'}"
+            f" at {_socket_path(target)}; is the server running on this machine, and are its "
+            f"socket directory (host={target.host}) and port ({target.port}) right? (Debian and "
+            "Ubuntu's PostgreSQL: /var/run/postgresql, others: /tmp)"
+        )
     elif isinstance(exc, ConnectionRefusedError):
         error = ConnectError(
             f"{where}: connection refused; is the server running and is port {target.port} right?"
@@ -157,12 +172,27 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
                 "(the server is PostgreSQL 17 or later with ssl on): try again."
             )
             error.transient = False
+    elif "rejected ssl upgrade" in text.lower() and tls_optional:
+        # PostgreSQL and PgBouncer answer a TLS request they do not take with "N", which these
+        # modes accept: any other answer is from something else.
+        error = ConnectError(f"{where}: {_NOT_POSTGRES} ({text}); {_WHICH_PORT}")
+        error.transient = False
     elif "rejected ssl upgrade" in text.lower():
         error = ConnectError(
             f"{where}: the server does not accept TLS ({text}); turn ssl on at the server, or "
-            "lower the pool's ssl mode if the network is trusted (never with IAM tokens)"
+            "lower the pool's ssl mode if the network is trusted (never with IAM tokens). If "
+            f"the port is not PostgreSQL's or a pooler's, the same is seen: {_WHICH_PORT}"
         )
         error.transient = False
+    elif _CLOSED_UNANSWERED in text:
+        # PostgreSQL and poolers answer the TLS request (or the startup packet) before they
+        # close; a port forward or load balancer with nothing behind it closes at once.
+        error = ConnectError(
+            f"{where}: the connection was closed before anything answered ({text}); nothing "
+            "that speaks PostgreSQL is there yet (a port forward, container or load balancer "
+            f"with no server behind it, or another service): {_WHICH_PORT}, or wait for the "
+            "server to start"
+        )
     elif isinstance(exc, ssl.SSLError) or "ssl" in text.lower():
         error = ConnectError(f"{where}: TLS failed ({text}); check the ssl mode and CA bundle")
         error.transient = False
@@ -177,6 +207,39 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
         error.transient = False
     return _keep_facts_of(exc, error)
+
+
+def _several_hosts(exc: BaseException, state: object, target: Target, pool_name: str,
+                   dialled: Sequence[tuple[str, int]]) -> tuple[str, Target]:
+    """The start of the message for a login to several hosts, and the target its advice is
+    about: asyncpg goes on to the next host after a network error and raises the last one's,
+    but raises a server's answer (a refused password...) from the host that gave it."""
+    shown = f"{target.user}@{','.join(f'{host}:{port}' for host, port in dialled)}/{target.database}"
+    where = f"pool {pool_name!r} could not connect to {shown}, its hosts tried in turn"
+    if state is not None or isinstance(exc, asyncpg.PostgresError):
+        return f"{where}, until one answered", target
+    if isinstance(exc, asyncio_timeout_types()):  # (the time is shared: any host's)
+        return where, target
+    last = dataclasses.replace(target, host=dialled[-1][0], port=dialled[-1][1])
+    return f"{where}: each failed, the last ({last.host}:{last.port}) with", last
+
+
+_NOT_POSTGRES = ("what answered is not PostgreSQL or a pooler: its reply to the TLS request "
+                 "was neither yes nor no")
+_WHICH_PORT = "check the host and port (PostgreSQL: 5432, PgBouncer: 6432)"
+#: asyncpg's text for a connection closed before the first answer (its TLS request's).
+_CLOSED_UNANSWERED = "unexpected connection_lost() call"
+
+
+def _is_socket(target: Target) -> bool:
+    """Whether `target` is a Unix-domain socket (asyncpg takes a host that is a path as its
+    directory)."""
+    return target.host.startswith("/")
+
+
+def _socket_path(target: Target) -> str:
+    """The socket file asyncpg dials for `target` (libpq's name for it)."""
+    return f"{target.host.rstrip('/')}/.s.PGSQL.{target.port}"
 
 
 _DIRECT = ("PostgreSQL accepts direct TLS from version 17 (with the ALPN protocol "

@@ -115,6 +115,11 @@ class TlsSetting:
         trusted CA and names the host dialled (what a credential needs)."""
         return self.verifies_chain and self.verifies_name
 
+    @property
+    def optional(self) -> bool:
+        """True when a server that refuses TLS is dialled without it (``allow``, ``prefer``)."""
+        return self.context is None and self.mode in ("allow", "prefer")
+
     def describe(self) -> str:
         if self.context is not None:
             checks = (

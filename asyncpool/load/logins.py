@@ -32,6 +32,7 @@ class GuardedLogin:
         sent)."""
         import asyncpg
 
+        from asyncpool.connect.dsn import dialled
         from asyncpool.connect.failures import translate
 
         parsed = self.parsed
@@ -49,7 +50,10 @@ class GuardedLogin:
             error = refused or translate(exc, target, self.login.config.name,
                                          kwargs.get("timeout") or 60.0, secrets=parsed.secrets,
                                          direct_tls=self.login.tls.direct_source,
-                                         root_cert_source=self.login.tls.root_cert_source)
+                                         root_cert_source=self.login.tls.root_cert_source,
+                                         tls_optional=self.login.tls.optional,
+                                         dialled=dialled([h for h, _ in parsed.hosts], parsed,
+                                                         None))
         raise error  # outside the except block: no __context__ either
 
     def libpq_conninfo(self, *, require_auth: bool = True) -> str:

@@ -6,8 +6,11 @@ log record written while it happened: the password must appear in none of them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -113,6 +116,94 @@ async def test_wrong_port(logs: pytest.LogCaptureFixture) -> None:
     assert type(error) is ConnectError
     assert "connection refused" in str(error)
     assert f"port {port}" in str(error)
+    assert_secret_free(error, ["Sup3r-s3cret"], logs)
+
+
+async def test_a_unix_socket_that_is_not_there(tmp_path: Path,
+                                              logs: pytest.LogCaptureFixture) -> None:
+    # A socket directory or port of another installation (/tmp against Debian's
+    # /var/run/postgresql): asyncpg says only "No such file or directory".
+    dsn = f"postgresql://app:Sup3r-s3cret@/app?host={tmp_path}&port=5999"  # pragma: allowlist secret
+    error = await _open_fails(dsn)
+    assert type(error) is ConnectError
+    assert f"no socket at {tmp_path}/.s.PGSQL.5999" in str(error)
+    assert "is the server running on this machine" in str(error)
+    assert_secret_free(error, ["Sup3r-s3cret"], logs)
+
+
+async def test_several_hosts_name_each_and_advise_on_the_one_that_failed_last(
+        tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+    # asyncpg tries the hosts in turn and raises the last one's network error: the advice is
+    # about that one (the port of the first was named, and a TCP refusal read as the socket's).
+    port = free_port()
+    dsn = (f"postgresql://app:Sup3r-s3cret@/app?host={tmp_path},127.0.0.1"  # pragma: allowlist secret
+           f"&port=5999,{port}")
+    error = await _open_fails(dsn)
+    assert type(error) is ConnectError
+    assert f"app@{tmp_path}:5999,127.0.0.1:{port}/app, its hosts tried in turn" in str(error)
+    assert f"the last (127.0.0.1:{port}) with: connection refused" in str(error)
+    assert f"is port {port} right?" in str(error)
+    assert "socket" not in str(error).split("with:")[1]
+    assert_secret_free(error, ["Sup3r-s3cret"], logs)
+
+
+async def test_several_hosts_and_a_refused_login_do_not_blame_the_last_host(
+        postgres: PostgresServer, logs: pytest.LogCaptureFixture) -> None:
+    # A server's answer ends the tries at the host that gave it: here the first.
+    host, port = postgres.dsn().rsplit("@", 1)[1].split("/")[0].rsplit(":", 1)
+    dsn = f"postgresql://app:Wr0ng-pass@{host}:{port},127.0.0.1:{free_port()}/app"  # pragma: allowlist secret
+    error = await _open_fails(dsn)
+    assert type(error) is AuthenticationError
+    assert "its hosts tried in turn, until one answered: authentication failed" in str(error)
+    assert "the last" not in str(error)
+    assert_secret_free(error, ["Wr0ng-pass", postgres.app.password], logs)
+
+
+@asynccontextmanager
+async def _listener(answer: bytes) -> AsyncIterator[int]:
+    """A port where something other than PostgreSQL listens: it reads, writes `answer` (an HTTP
+    or Redis error; nothing: it closes at once, as a port forward with no server behind it)."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(8)
+        writer.write(answer)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"-ERR unknown\r\n"])
+async def test_a_port_that_is_not_postgres_is_not_called_a_server_without_tls(
+    answer: bytes, logs: pytest.LogCaptureFixture,
+) -> None:
+    # Under the default ssl mode (prefer) PostgreSQL and PgBouncer without TLS are dialled
+    # without it: "turn ssl on at the server" would send the reader the wrong way.
+    async with _listener(answer) as port:
+        error = await _open_fails(f"postgresql://app:Sup3r-s3cret@127.0.0.1:{port}/app")
+        required = await _open_fails(f"postgresql://app:Sup3r-s3cret@127.0.0.1:{port}/app",
+                                     ssl="require")
+    assert type(error) is ConnectError
+    assert "what answered is not PostgreSQL or a pooler" in str(error)
+    assert "turn ssl on" not in str(error)
+    assert "check the host and port" in str(error)
+    assert error.transient is False
+    # Where TLS is required, the answer cannot be told from a server without TLS: both named.
+    assert "does not accept TLS" in str(required)
+    assert "check the host and port" in str(required)
+    for each in (error, required):
+        assert_secret_free(each, ["Sup3r-s3cret"], logs)
+
+
+async def test_a_port_that_closes_at_once(logs: pytest.LogCaptureFixture) -> None:
+    async with _listener(b"") as port:
+        error = await _open_fails(f"postgresql://app:Sup3r-s3cret@127.0.0.1:{port}/app")
+    assert type(error) is ConnectError
+    assert "closed before anything answered" in str(error)
+    assert "check the host and port" in str(error)
     assert_secret_free(error, ["Sup3r-s3cret"], logs)
 
 
