@@ -196,7 +196,7 @@ def _asyncpg_addresses(dsn: str | None, host: Any = None, port: Any = None) -> l
     """The addresses asyncpg dials, in order, as (host or socket directory, port)."""
     from asyncpg import connect_utils
 
-    addrs, _ = connect_utils._parse_connect_dsn_and_args(
+    addrs, _ = connect_utils._parse_connect_dsn_and_args(  # type: ignore[attr-defined]  # (private)
         dsn=dsn, host=host, port=port, user="u", password=None, passfile=None, database="d",
         ssl=None, service=None, servicefile=None, direct_tls=None, server_settings=None,
         target_session_attrs=None, krbsrvname=None, gsslib=None)
