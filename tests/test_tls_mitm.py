@@ -116,7 +116,7 @@ def test_a_password_to_another_machine_needs_verified_tls(spelling: str) -> None
     "db.internal.example:5432:app:app:{}", "*:*:*:*:{}", "db.internal.example:*:*:app:{}",
     "other.example:5432:app:app:x\ndb.internal.example:5432:app:app:{}",
 ])
-@pytest.mark.parametrize("passfile", ["PGPASSFILE", "dsn", "connect_kwargs"])
+@pytest.mark.parametrize("passfile", ["PGPASSFILE", "dsn", "connect_kwargs", "service"])
 def test_a_pgpass_password_to_another_machine_needs_verified_tls(
     line: str, passfile: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -138,13 +138,17 @@ def test_a_pgpass_password_to_another_machine_needs_verified_tls(
         monkeypatch.setenv("PGPASSFILE", str(path))
     elif passfile == "dsn":
         dsn += f"?passfile={quote(str(path), safe='')}"
+    elif passfile == "service":
+        (tmp_path / "services").write_text(f"[s]\npassfile={path}\n")
+        monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "services"))
+        dsn += "?service=s"
     else:
         options["connect_kwargs"] = {"passfile": str(path)}
     with pytest.raises(PoolConfigError, match="a password .* is only sent to another") as info:
         Connector(_pool(dsn, **options).config, PoolObserver())
     assert f"asyncpg reads one for db.internal.example from {path}" in str(info.value)
     assert "allow_unprotected_credentials=True" in str(info.value)
-    if not options:
+    if not options:  # (doctor and bench take no connect_kwargs)
         with pytest.raises(PoolConfigError, match="is only sent to another machine"):
             Login(PoolConfig(), parse_dsn(dsn))
     assert leaks(exposed(info.value), [SECRET]) == []

@@ -805,7 +805,9 @@ def checked_hosts(config: PoolConfig, setting: TlsSetting, kind: CredentialKind 
     if kind is None and service is not None and service.has_password:
         kind = "password"
     if kind is None and passfile is not None and not setting.verified:
-        path = passfile_path(passfile.passfile or config.connect_kwargs.get("passfile"), env)
+        # asyncpg's order: the option, the DSN's, the service's.
+        path = passfile_path(config.connect_kwargs.get("passfile") or passfile.passfile
+                             or (service.passfile if service is not None else None), env)
         remote = [h for h in hosts if not _local(h)]
         if remote and has_password_for(path, remote, passfile.ports, passfile.target.database,
                                        passfile.target.user):
