@@ -52,10 +52,19 @@ def leaks(texts: Iterable[tuple[str, str]], secrets: Iterable[str], size: int = 
         hit = next((p for p in wanted if p in text), None)
         if hit is not None:
             at = text.index(hit)
-            # The context around it, with the piece itself masked: the report must not leak.
-            found.append(f"{where}: ...{text[max(0, at - 60):at]}<piece of a secret>"
-                         f"{text[at + len(hit):at + len(hit) + 40]}...")
+            found.append(f"{where}: ...{_masked(text, wanted)[max(0, at - 60):at + 60]}...")
     return found
+
+
+def _masked(text: str, wanted: set[str]) -> str:
+    """`text` with every character of every piece in it as ``*``: the report must not leak."""
+    hidden = [False] * len(text)
+    for piece in wanted:
+        at = text.find(piece)
+        while at != -1:
+            hidden[at:at + len(piece)] = [True] * len(piece)
+            at = text.find(piece, at + 1)
+    return "".join("*" if h else c for c, h in zip(text, hidden, strict=True))
 
 
 def _safe(show: object) -> str:

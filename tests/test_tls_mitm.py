@@ -144,7 +144,7 @@ def test_a_pgpass_password_to_another_machine_needs_verified_tls(
         dsn += "?service=s"
     else:
         options["connect_kwargs"] = {"passfile": str(path)}
-    with pytest.raises(PoolConfigError, match="a password .* is only sent to another") as info:
+    with pytest.raises(PoolConfigError, match=r"a password .* is only sent to another") as info:
         Connector(_pool(dsn, **options).config, PoolObserver())
     assert f"asyncpg reads one for db.internal.example from {path}" in str(info.value)
     assert "allow_unprotected_credentials=True" in str(info.value)

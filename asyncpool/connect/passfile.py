@@ -60,8 +60,8 @@ def has_password_for(path: Path | None, hosts: Iterable[str], ports: Iterable[in
         return False
     wanted_ports = {str(p) for p in ports}
     entries = _entries(path)
-    for host in hosts:
-        host = "localhost" if host.startswith("/") else host  # a Unix socket, as asyncpg has it
+    for given in hosts:
+        host = "localhost" if given.startswith("/") else given  # a Unix socket, as asyncpg has it
         for p_host, p_port, p_database, p_user in entries:
             if (p_host in ("*", host) and (p_port == "*" or p_port in wanted_ports)
                     and p_database in ("*", database) and p_user in ("*", user)):

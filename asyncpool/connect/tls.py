@@ -793,7 +793,7 @@ def dialled_hosts(config: PoolConfig, environ: Mapping[str, str] | None = None) 
 
 
 def checked_hosts(config: PoolConfig, setting: TlsSetting, kind: CredentialKind | None,
-                  dsn_hosts: Sequence[str] | None, service: Service | None,
+                  dsn_hosts: Sequence[str] | None, service: Service | None, *,
                   passfile: PassfileLogin | None = None) -> list[str]:
     """`dialled_hosts`, after `check_credentials` for them: for a credential of `kind` given to
     the pool (None: none), or for the password the connection `service` holds, or the password
