@@ -25,8 +25,8 @@ def forms(secret: str) -> set[str]:
     """`secret` as any output could write it: raw, percent-encoded, JSON- or repr-escaped."""
     return {
         secret,
-        quote(secret, safe=""),
-        quote(secret),
+        quote(secret, safe="", errors="surrogatepass"),  # (a lone surrogate: PGPASSWORD's bytes)
+        quote(secret, errors="surrogatepass"),
         json.dumps(secret)[1:-1],
         json.dumps(secret, ensure_ascii=False)[1:-1],
         repr(secret)[1:-1],

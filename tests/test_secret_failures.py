@@ -470,3 +470,48 @@ def test_the_search_finds_a_piece_wherever_an_error_keeps_it(how: str, tmp_path:
     found = leaks(exposed(info.value), [secret])
     assert bool(found) == (how != "clean"), found
     assert all(secret[4:12] not in f for f in found)  # the report masks what it found
+
+
+@pytest.mark.parametrize("given", ["PGPASSWORD", "StaticPassword", "a provider"])
+@pytest.mark.parametrize("asked", ["scram-sha-256", "password"])
+async def test_a_password_the_driver_cannot_encode_is_not_quoted(
+    given: str, asked: str, postgres: PostgresServer, watch: Watch,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone surrogate (what os.environ makes of a PGPASSWORD byte that is not UTF-8) makes
+    asyncpg's encoding fail inside its authentication code, and its message names the character
+    and its position in the password: neither is shown, by the pool or by doctor."""
+    from asyncpool.cli.doctor import doctor
+    from asyncpool.testing.mitm import FakeServer
+
+    secret = _secret() + "\udcff" + _secret()
+    options: dict[str, Any] = {}
+    if given == "PGPASSWORD":
+        monkeypatch.setenv("PGPASSWORD", secret)  # (os.environ writes it as the byte 0xff)
+    elif given == "StaticPassword":
+        options["credentials"] = StaticPassword(secret)
+    else:
+        provider = RotatingProvider()
+        provider.password = lambda target: asyncio.sleep(0, secret)  # type: ignore[method-assign]
+        options["credentials"] = provider
+    async with FakeServer(tls="refuse", auth="password") as fake:
+        port, require_auth = postgres.port, None
+        if asked == "password":
+            port, require_auth = fake.port, "password"  # (a local server may have it in clear)
+        dsn = f"postgresql://app@127.0.0.1:{port}/app?sslmode=disable"
+        pool = Pool(dsn, min_size=1, connect_timeout=3, telemetry=False,
+                    require_auth=require_auth, **options)
+        with pytest.raises(ConnectError, match="cannot be encoded as UTF-8") as info:
+            await pool.open()
+        await pool.close()
+        assert info.value.transient is False
+        texts = exposed(info.value)
+        if given == "PGPASSWORD":
+            out = io.StringIO()
+            await doctor(dsn + ("&require_auth=password" if require_auth else ""), None, 3.0,
+                         False, out)
+            texts.append(("doctor", out.getvalue()))
+        assert fake.received == []
+    shown = [t for _, t in texts + watch.records.texts]
+    assert not [t for t in shown if "udcff" in t or "\udcff" in t or "position 12" in t]
+    assert watch.leaks(texts, Credential("given", secret)) == []
