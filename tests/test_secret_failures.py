@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import json
 import logging
 import secrets
 import socket
@@ -29,8 +30,9 @@ import pytest
 
 from asyncpool import AuthenticationError, ConnectError, Pool, PoolConfig, PoolError, StaticPassword, Target
 from asyncpool.credentials.iam import IamAuth
+from asyncpool.credentials.secrets_manager import SecretsManagerAuth
 from asyncpool.testing import PgBouncerServer, PostgresServer
-from asyncpool.testing.aws_endpoint import aws_environment
+from asyncpool.testing.aws_endpoint import LocalAwsEndpoint, aws_environment
 from asyncpool.testing.pki import TestPki
 from tests.aws_support import set_environment
 from tests.provider_support import QuietProvider
@@ -90,6 +92,7 @@ class Credential:
     kind: str
     secret: str = field(default_factory=lambda: _secret(" @:/é?#%"))
     provider: Any = None
+    aws_url: str | None = None  # the AWS stand-in's, where SecretsManagerAuth reads the secret
 
     def dsn_and_options(self, dsn: str) -> tuple[str, dict[str, Any]]:
         if self.kind == "dsn password":
@@ -103,6 +106,16 @@ class Credential:
             self.provider = RotatingProvider()
         elif self.kind == "IamAuth":
             self.provider = RecordingIamAuth(REGION)
+        elif self.kind == "SecretsManagerAuth":
+            import botocore.session
+
+            name = f"failures/{secrets.token_hex(8)}"
+            client = botocore.session.get_session().create_client(
+                "secretsmanager", region_name=REGION, endpoint_url=self.aws_url)
+            client.create_secret(Name=name, SecretString=json.dumps(
+                {"username": "app", "password": self.secret}))
+            client.close()
+            self.provider = SecretsManagerAuth(name, region=REGION, endpoint_url=self.aws_url)
         return dsn, {"credentials": self.provider}
 
     def all_secrets(self) -> list[str]:
@@ -114,7 +127,8 @@ class Credential:
         return found
 
 
-CREDENTIALS = ["dsn password", "dsn ?password=", "StaticPassword", "rotating provider", "IamAuth"]
+CREDENTIALS = ["dsn password", "dsn ?password=", "StaticPassword", "rotating provider", "IamAuth",
+               "SecretsManagerAuth"]
 
 
 class _Records(logging.Handler):
@@ -137,14 +151,27 @@ class Watch:
 
     records: _Records
     aws_secret: str
+    aws_url: str
+
+    def credential(self, kind: str, secret: str | None = None) -> Credential:
+        made = Credential(kind, aws_url=self.aws_url)
+        if secret is not None:
+            made.secret = secret
+        return made
 
     def leaks(self, texts: list[tuple[str, str]], credential: Credential) -> list[str]:
         gc.collect()  # asyncio logs an exception nobody retrieved when its future is collected
         return leaks([*texts, *self.records.texts], [*credential.all_secrets(), self.aws_secret])
 
 
+@pytest.fixture(scope="module")
+def local_aws() -> Iterator[LocalAwsEndpoint]:
+    with LocalAwsEndpoint() as endpoint:
+        yield endpoint
+
+
 @pytest.fixture
-def watch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Watch]:
+def watch(monkeypatch: pytest.MonkeyPatch, local_aws: LocalAwsEndpoint) -> Iterator[Watch]:
     set_environment(monkeypatch, aws_environment(region=REGION))
     token = _secret("/+=")
     monkeypatch.setenv("AWS_SESSION_TOKEN", token)
@@ -157,7 +184,7 @@ def watch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Watch]:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     try:
-        yield Watch(handler, token)
+        yield Watch(handler, token, local_aws.url)
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
@@ -245,8 +272,11 @@ async def test_a_failed_login_prints_no_piece_of_the_credential(
         "no answer": (f"postgresql://app@localhost:{silent_server}/app?{verified}", {},
                       "no answer within connect_timeout"),
     }[failure]
-    error, found = await _fail(Credential(kind), dsn, watch, **options)
+    credential = watch.credential(kind)
+    error, found = await _fail(credential, dsn, watch, **options)
     assert type(error) is (AuthenticationError if failure.startswith("wrong") else ConnectError)
+    if kind == "IamAuth" and failure.startswith("wrong"):
+        assert len(credential.all_secrets()) > 2  # the tokens' secret parts were looked for
     assert expected in str(error)
     assert found == []
 
@@ -256,7 +286,7 @@ async def test_a_login_pgbouncer_refuses_prints_no_piece_of_the_credential(
     kind: str, pooler: PgBouncerServer, watch: Watch,
 ) -> None:
     dsn = f"postgresql://app@127.0.0.1:{pooler.port}/app?sslmode=disable"
-    error, found = await _fail(Credential(kind), dsn, watch,
+    error, found = await _fail(watch.credential(kind), dsn, watch,
                                allow_unprotected_credentials=True)
     assert type(error) is AuthenticationError, error
     assert found == []
@@ -269,7 +299,7 @@ async def test_a_login_auth_query_refuses_prints_no_piece_of_the_credential(
 ) -> None:
     bouncer = auth_query_pgbouncer
     dsn = f"postgresql://app@127.0.0.1:{bouncer.port}/app?sslmode=disable"
-    error, found = await _fail(Credential(kind), dsn, watch,
+    error, found = await _fail(watch.credential(kind), dsn, watch,
                                allow_unprotected_credentials=True)
     assert type(error) is AuthenticationError, error
     assert found == []
@@ -280,7 +310,7 @@ async def test_a_login_auth_query_refuses_prints_no_piece_of_the_credential(
 async def test_a_login_the_caller_gives_up_prints_no_piece_of_the_credential(
     kind: str, how: str, silent_server: int, pki: TestPki, watch: Watch,
 ) -> None:
-    credential = Credential(kind)
+    credential = watch.credential(kind)
     dsn, more = credential.dsn_and_options(
         f"postgresql://app@localhost:{silent_server}/app?{_verify_full(pki)}")
     pool = Pool(dsn, min_size=0, acquire_timeout=5, connect_timeout=4, telemetry=False, **more)
@@ -326,7 +356,7 @@ async def test_a_dsn_with_options_prints_no_piece_of_its_password(
             f"postgresql://app@{base}?options={options}&password={encoded}&{tls}",
         "postgres:// scheme": f"postgres://app:{encoded}@{base}?options={options}&{tls}",
     }[form]
-    credential = Credential("given", secret)
+    credential = watch.credential("given", secret)
     error, found = await _fail(credential, dsn, watch)
     assert isinstance(error, AuthenticationError), error
     assert found == []
@@ -344,7 +374,7 @@ async def test_a_lambda_handler_whose_login_fails_prints_no_piece_of_the_credent
 
     from asyncpool.integrations.powertools import current_connection, pooled_connection
 
-    credential = Credential(kind)
+    credential = watch.credential(kind)
     dsn, more = credential.dsn_and_options(
         f"postgresql://app@localhost:{tls_postgres.port}/app?{_verify_full(pki)}")
     pool = env.pool(dsn, connect_timeout=3, **more)
@@ -405,7 +435,7 @@ async def test_pgbouncer_client_tls_failures_print_no_piece_of_the_credential(
         "in clear": (f"postgresql://app@localhost:{port}/app?sslmode=disable",
                      {"allow_unprotected_credentials": True}, ConnectError, "SSL required"),
     }[tls]
-    error, found = await _fail(Credential(kind), dsn, watch, **options)
+    error, found = await _fail(watch.credential(kind), dsn, watch, **options)
     assert type(error) is error_class, error
     assert expected in str(error)
     assert found == []
@@ -514,4 +544,4 @@ async def test_a_password_the_driver_cannot_encode_is_not_quoted(
         assert fake.received == []
     shown = [t for _, t in texts + watch.records.texts]
     assert not [t for t in shown if "udcff" in t or "\udcff" in t or "position 12" in t]
-    assert watch.leaks(texts, Credential("given", secret)) == []
+    assert watch.leaks(texts, watch.credential("given", secret)) == []
