@@ -11,12 +11,18 @@ tracker can reach). `leaks(texts, secrets)` finds every piece of `size` characte
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
+
+from asyncpool import Target
+from asyncpool.credentials.iam import IamAuth
 
 _TESTS_DIR = str(Path(__file__).parent)
 
@@ -118,3 +124,30 @@ def exposed(exc: BaseException, skip_dir: str = _TESTS_DIR) -> list[tuple[str, s
                 type(e), e, kept[0], capture_locals=True).format(chain=False)
             texts.append((f"{name} traceback with locals", "".join(formatted)))
     return texts
+
+
+class RecordingIamAuth(IamAuth):
+    """IamAuth that keeps the tokens it made, to look for them in the outputs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tokens: list[str] = []
+
+    async def password(self, target: Target) -> str:
+        token = await super().password(target)
+        self.tokens.append(token)
+        return token
+
+
+@contextlib.contextmanager
+def logging_to(handler: logging.Handler) -> Iterator[None]:
+    """Every log record, DEBUG included, to `handler` (on the root logger) while in the block."""
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

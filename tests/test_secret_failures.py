@@ -28,15 +28,14 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
 
-from asyncpool import AuthenticationError, ConnectError, Pool, PoolConfig, PoolError, StaticPassword, Target
-from asyncpool.credentials.iam import IamAuth
+from asyncpool import AuthenticationError, ConnectError, Pool, PoolConfig, PoolError, StaticPassword
 from asyncpool.credentials.secrets_manager import SecretsManagerAuth
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.aws_endpoint import LocalAwsEndpoint, aws_environment
 from asyncpool.testing.pki import TestPki
 from tests.aws_support import set_environment
 from tests.provider_support import QuietProvider
-from tests.secret_support import exposed, leaks
+from tests.secret_support import RecordingIamAuth, exposed, leaks, logging_to
 from tests.telemetry_support import Sdk
 from tests.test_secrets_manager import auth_query_pgbouncer  # noqa: F401 (a fixture)
 
@@ -64,19 +63,6 @@ class RotatingProvider(QuietProvider):
 
     def __repr__(self) -> str:
         return "RotatingProvider()"
-
-
-class RecordingIamAuth(IamAuth):
-    """IamAuth that keeps the tokens it made, to look for their secret parts."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tokens: list[str] = []
-
-    async def password(self, target: Target) -> str:
-        token = await super().password(target)
-        self.tokens.append(token)
-        return token
 
 
 def _token_secrets(token: str) -> list[str]:
@@ -179,15 +165,8 @@ def watch(monkeypatch: pytest.MonkeyPatch, local_aws: LocalAwsEndpoint) -> Itera
     for name in ("PGPASSWORD", "PGSSLMODE", "PGSERVICE"):
         monkeypatch.delenv(name, raising=False)
     handler = _Records()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
+    with logging_to(handler):
         yield Watch(handler, token, local_aws.url)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def _telemetry(sdk: Sdk) -> list[tuple[str, str]]:
@@ -281,15 +260,19 @@ async def test_a_failed_login_prints_no_piece_of_the_credential(
     assert found == []
 
 
-@pytest.mark.parametrize("kind", CREDENTIALS)
-async def test_a_login_pgbouncer_refuses_prints_no_piece_of_the_credential(
-    kind: str, pooler: PgBouncerServer, watch: Watch,
-) -> None:
-    dsn = f"postgresql://app@127.0.0.1:{pooler.port}/app?sslmode=disable"
+async def _refused_by(bouncer: PgBouncerServer, kind: str, watch: Watch) -> None:
+    dsn = f"postgresql://app@127.0.0.1:{bouncer.port}/app?sslmode=disable"
     error, found = await _fail(watch.credential(kind), dsn, watch,
                                allow_unprotected_credentials=True)
     assert type(error) is AuthenticationError, error
     assert found == []
+
+
+@pytest.mark.parametrize("kind", CREDENTIALS)
+async def test_a_login_pgbouncer_refuses_prints_no_piece_of_the_credential(
+    kind: str, pooler: PgBouncerServer, watch: Watch,
+) -> None:
+    await _refused_by(pooler, kind, watch)
 
 
 @pytest.mark.parametrize("kind", CREDENTIALS)
@@ -297,12 +280,7 @@ async def test_a_login_auth_query_refuses_prints_no_piece_of_the_credential(
     kind: str, auth_query_pgbouncer: PgBouncerServer,  # noqa: F811 (the fixture imported)
     watch: Watch,
 ) -> None:
-    bouncer = auth_query_pgbouncer
-    dsn = f"postgresql://app@127.0.0.1:{bouncer.port}/app?sslmode=disable"
-    error, found = await _fail(watch.credential(kind), dsn, watch,
-                               allow_unprotected_credentials=True)
-    assert type(error) is AuthenticationError, error
-    assert found == []
+    await _refused_by(auth_query_pgbouncer, kind, watch)
 
 
 @pytest.mark.parametrize("kind", CREDENTIALS)
