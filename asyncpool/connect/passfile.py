@@ -3,9 +3,10 @@
 The pool gives asyncpg no password of its own in that case, and asyncpg reads the file itself at
 each connect: the credential rules (`asyncpool.connect.tls.check_credentials`) must know of that
 password before anything is dialled, as they know of one in the DSN. The file is read as asyncpg
-reads it (`asyncpg.connect_utils._read_password_file`): ``passfile`` (an option or the DSN's),
-else ``PGPASSFILE``, else ``~/.pgpass``; a file others may read is ignored; ``\\:`` and ``\\\\``
-escape. Only the first four fields are kept: the password itself is never held here.
+reads it (`asyncpg.connect_utils._read_password_file`): ``passfile`` (an option, the DSN's or
+the service's), else ``PGPASSFILE``, else ``~/.pgpass``; a file others may read is ignored;
+``\\:`` and ``\\\\`` escape. Only the first four fields of a line are kept: its password is
+dropped as it is read, and nothing here raises while a line is held.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def passfile_path(passfile: object, env: Mapping[str, str]) -> Path | None:
         return Path(env["PGPASSFILE"])
     try:
         return Path.home() / ".pgpass"
-    except RuntimeError:  # no home directory: asyncpg reads none either
+    except (RuntimeError, KeyError):  # no home directory: asyncpg reads none either
         return None
 
 
