@@ -96,11 +96,15 @@ class Credential:
             import botocore.session
 
             name = f"failures/{secrets.token_hex(8)}"
-            client = botocore.session.get_session().create_client(
-                "secretsmanager", region_name=REGION, endpoint_url=self.aws_url)
-            client.create_secret(Name=name, SecretString=json.dumps(
-                {"username": "app", "password": self.secret}))
-            client.close()
+            logging.disable()  # the test's own call to store it: botocore logs the request
+            try:
+                client = botocore.session.get_session().create_client(
+                    "secretsmanager", region_name=REGION, endpoint_url=self.aws_url)
+                client.create_secret(Name=name, SecretString=json.dumps(
+                    {"username": "app", "password": self.secret}))
+                client.close()
+            finally:
+                logging.disable(logging.NOTSET)
             self.provider = SecretsManagerAuth(name, region=REGION, endpoint_url=self.aws_url)
         return dsn, {"credentials": self.provider}
 
@@ -258,6 +262,21 @@ async def test_a_failed_login_prints_no_piece_of_the_credential(
         assert len(credential.all_secrets()) > 2  # the tokens' secret parts were looked for
     assert expected in str(error)
     assert found == []
+    if kind.startswith("dsn") and not options:  # what `asyncpool doctor` prints of it
+        assert watch.leaks(await _doctor(credential.dsn_and_options(dsn)[0]), credential) == []
+
+
+async def _doctor(dsn: str) -> list[tuple[str, str]]:
+    """`asyncpool doctor DSN`'s text and --json output."""
+    from asyncpool.cli.doctor import doctor
+
+    outputs = []
+    for as_json in (False, True):
+        out = io.StringIO()
+        await doctor(dsn, None, 1.0, as_json, out)
+        outputs.append((f"doctor json={as_json}", out.getvalue()))
+    assert all(text for _, text in outputs)
+    return outputs
 
 
 async def _refused_by(bouncer: PgBouncerServer, kind: str, watch: Watch) -> None:
