@@ -53,9 +53,7 @@ from asyncpool import (
     PoolConfigError,
     PoolError,
     StaticPassword,
-    Target,
 )
-from asyncpool.credentials.iam import IamAuth
 from asyncpool.credentials.secrets_manager import SecretsManagerAuth
 from asyncpool.load.logins import GuardedLogin
 from asyncpool.testing import PostgresServer
@@ -63,6 +61,7 @@ from asyncpool.testing.aws_endpoint import LocalAwsEndpoint, aws_environment
 from asyncpool.testing.invariants import chain
 from asyncpool.testing.pki import TestPki
 from tests.provider_support import QuietProvider
+from tests.secret_support import RecordingIamAuth, logging_to
 from tests.telemetry_support import Sdk
 
 REGION = "us-east-1"
@@ -186,15 +185,8 @@ class _Records(logging.Handler):
 @pytest.fixture
 def records() -> Iterator[_Records]:
     handler = _Records()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
+    with logging_to(handler):
         yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def error_texts(exc: BaseException) -> dict[str, list[str]]:
@@ -274,19 +266,6 @@ class Servers:
             for form in (quote(path, safe=""), quote(path), path):
                 text = text.replace(form, "<harness path>")
         return text
-
-
-class RecordingIamAuth(IamAuth):
-    """IamAuth that keeps the tokens it made, to look for them in the outputs."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tokens: list[str] = []
-
-    async def password(self, target: Target) -> str:
-        token = await super().password(target)
-        self.tokens.append(token)
-        return token
 
 
 _AWS_NAMES: dict[tuple[str, str], str] = {}

@@ -21,6 +21,7 @@ from asyncpool import (
     ConnectError,
     IamAuth,
     Pool,
+    PoolConfig,
     PoolConfigError,
     SecretsManagerAuth,
     StaticPassword,
@@ -28,6 +29,7 @@ from asyncpool import (
 from asyncpool.testing.aws_endpoint import LocalAwsEndpoint
 from asyncpool.testing.mitm import FakeServer
 from asyncpool.testing.pki import TestPki
+from tests.secret_support import exposed, leaks
 
 SECRET = "pw/with:every@special?#&%char s+é"  # pragma: allowlist secret
 ESCAPED = "pw%2Fwith%3Aevery%40special%3F%23%26%25char%20s%2B%C3%A9"
@@ -108,6 +110,73 @@ def test_a_password_to_another_machine_needs_verified_tls(spelling: str) -> None
         Connector(_pool(dsn, **options).config, PoolObserver())
     assert "allow_unprotected_credentials=True" in str(info.value)
     assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("line", [
+    "db.internal.example:5432:app:app:{}", "*:*:*:*:{}", "db.internal.example:*:*:app:{}",
+    "other.example:5432:app:app:x\ndb.internal.example:5432:app:app:{}",
+])
+@pytest.mark.parametrize("passfile", ["PGPASSFILE", "dsn", "connect_kwargs", "service"])
+def test_a_pgpass_password_to_another_machine_needs_verified_tls(
+    line: str, passfile: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asyncpg reads a password from ~/.pgpass (or PGPASSFILE, or ``passfile``) itself when the
+    pool gives it none: that password falls under the same rule as the DSN's, before dialling,
+    for the pool and for doctor's and bench's logins (`Login`)."""
+    from asyncpool.connect.authguard import Login
+    from asyncpool.connect.connector import Connector
+    from asyncpool.connect.dsn import parse_dsn
+    from asyncpool.observer import PoolObserver
+
+    path = tmp_path / "pgpass"
+    path.write_text(line.format(SECRET.replace("\\", "\\\\").replace(":", "\\:")) + "\n")
+    path.chmod(0o600)
+    dsn = "postgresql://app@db.internal.example:5432/app"
+    options: dict[str, Any] = {}
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    if passfile == "PGPASSFILE":
+        monkeypatch.setenv("PGPASSFILE", str(path))
+    elif passfile == "dsn":
+        dsn += f"?passfile={quote(str(path), safe='')}"
+    elif passfile == "service":
+        (tmp_path / "services").write_text(f"[s]\npassfile={path}\n")
+        monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "services"))
+        dsn += "?service=s"
+    else:
+        options["connect_kwargs"] = {"passfile": str(path)}
+    with pytest.raises(PoolConfigError, match=r"a password .* is only sent to another") as info:
+        Connector(_pool(dsn, **options).config, PoolObserver())
+    assert f"asyncpg reads one for db.internal.example from {path}" in str(info.value)
+    assert "allow_unprotected_credentials=True" in str(info.value)
+    if not options:  # (doctor and bench take no connect_kwargs)
+        with pytest.raises(PoolConfigError, match="is only sent to another machine"):
+            Login(PoolConfig(), parse_dsn(dsn))
+    assert leaks(exposed(info.value), [SECRET]) == []
+
+
+@pytest.mark.parametrize("why", ["another host", "another user", "another port", "verify-full",
+                                 "group-readable", "opted out"])
+def test_a_pgpass_without_a_password_for_the_login_lets_the_pool_open(
+    why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki: TestPki,
+) -> None:
+    from asyncpool.connect.connector import Connector
+    from asyncpool.observer import PoolObserver
+
+    line = {"another host": "db.other.example:5432:app:app:x",
+            "another user": "db.internal.example:5432:app:admin:x",
+            "another port": "db.internal.example:5433:app:app:x"}.get(why, "*:*:*:*:x")
+    path = tmp_path / "pgpass"
+    path.write_text(line + "\n")
+    path.chmod(0o640 if why == "group-readable" else 0o600)  # asyncpg ignores a readable file
+    monkeypatch.setenv("PGPASSFILE", str(path))
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    options: dict[str, Any] = {}
+    if why == "verify-full":
+        options.update(ssl="verify-full", ssl_root_cert=str(pki.ca_cert))
+    if why == "opted out":
+        options["allow_unprotected_credentials"] = True
+    Connector(_pool("postgresql://app@db.internal.example:5432/app", **options).config,
+              PoolObserver())
 
 
 @pytest.mark.parametrize("where", ["option", "dsn"])

@@ -324,7 +324,8 @@ class Login:
         self.tls: TlsSetting = tls.resolve_tls(config, list(dsn.params.items()), service=service)
         tls.checked_hosts(config, self.tls,
                           "password" if dsn.password or os.environ.get("PGPASSWORD") else None,
-                          [h for h, _ in dsn.hosts], service)
+                          [h for h, _ in dsn.hosts], service,
+                          passfile=tls.passfile_login(dsn, dsn.target(service=service)))
         self.require_auth: str | None = tls.require_auth_setting(config, dsn.params)
         self.allowed: frozenset[str] = tls.allowed_auth_methods(config, self.tls, self.require_auth)
         self.guard: AuthGuard | None = None

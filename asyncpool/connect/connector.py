@@ -31,6 +31,7 @@ from asyncpool.connect.tls import (
     TlsSetting,
     allowed_auth_methods,
     checked_hosts,
+    passfile_login,
     require_auth_setting,
     resolve_tls,
     service_of,
@@ -121,7 +122,8 @@ class Connector:
         hosts = checked_hosts(
             config, self.tls,
             None if credentials is None else "token" if credentials.requires_tls else "password",
-            [h for h, _ in self._dsn.hosts] if self._dsn else None, service)
+            [h for h, _ in self._dsn.hosts] if self._dsn else None, service,
+            passfile=passfile_login(self._dsn, self.target, kw.get("port")))
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth: str | None = require_auth_setting(config, self._dsn.params if self._dsn else {})
         self.auth_methods: frozenset[str] = allowed_auth_methods(config, self.tls, self.require_auth)

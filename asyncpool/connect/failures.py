@@ -69,7 +69,15 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
         where, target = _several_hosts(exc, state, target, pool_name, dialled)
     text = scrub(redact(str(exc)), secrets)
     error: ConnectError
-    if is_auth_failure(exc):
+    if (unencodable := _unencodable(exc)) is not None:
+        # Its message names the character and where it is in the string: the password's.
+        error = ConnectError(
+            f"{where}: {type(exc).__name__}: the password (or the user name) cannot be encoded "
+            f"as UTF-8 ({unencodable.reason}; the character is not shown, it may be the "
+            "password's): a lone surrogate is what Python makes of bytes that are not UTF-8 "
+            "(os.environ, PGPASSWORD); give the password as text")
+        error.transient = False
+    elif is_auth_failure(exc):
         error = _refused_login(where, state, text, target.user, auth_hint)
     elif state == "28000" and "pg_hba.conf" in text:
         need_tls = "no encryption" in text
@@ -240,6 +248,19 @@ def _is_socket(target: Target) -> bool:
 def _socket_path(target: Target) -> str:
     """The socket file asyncpg dials for `target` (libpq's name for it)."""
     return f"{target.host.rstrip('/')}/.s.PGSQL.{target.port}"
+
+
+def _unencodable(exc: BaseException) -> UnicodeEncodeError | None:
+    """The error of a login string the driver could not encode, if that is what `exc` comes
+    from (asyncpg wraps it in InternalClientError, quoting its message)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, UnicodeEncodeError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 _DIRECT = ("PostgreSQL accepts direct TLS from version 17 (with the ALPN protocol "

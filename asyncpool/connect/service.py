@@ -31,6 +31,8 @@ class Service:
     tls: Mapping[str, str] = field(default_factory=dict, repr=False)
     #: Its ``hostaddr`` and ``channel_binding``: libpq reads them, asyncpg does not.
     libpq_only: Mapping[str, str] = field(default_factory=dict)
+    #: Its password file (`asyncpool.connect.passfile`), if it names one.
+    passfile: str | None = None
 
 
 TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl", "sslcrldir",
@@ -120,7 +122,8 @@ def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, An
         database=values.get("dbname") or values.get("database") or None,
         tls={k: values[k] for k in TLS_KEYS if values.get(k)},
         libpq_only={k: values[k] for k in LIBPQ_ONLY_KEYS
-                    if k not in TLS_KEYS and values.get(k)})
+                    if k not in TLS_KEYS and values.get(k)},
+        passfile=values.get("passfile") or None)
 
 
 def _section_values(section: configparser.SectionProxy, path: str) -> dict[str, str]:

@@ -41,10 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from asyncpool.connect.passfile import has_password_for, passfile_path
 from asyncpool.errors import ConfigFail, PoolConfigError, config_fail
 
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
+    from asyncpool.connect.dsn import ParsedDsn, Target
     from asyncpool.connect.service import Service
 
 MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -703,7 +705,7 @@ def unprotected_allowed(config: PoolConfig) -> bool:
 
 
 def check_credentials(config: PoolConfig, setting: TlsSetting, kind: CredentialKind,
-                      hosts: Sequence[str]) -> None:
+                      hosts: Sequence[str], source: str = "") -> None:
     """Refuse, before anything is dialled, a pool that would hand its credential to a server
     whose certificate and name are not verified.
 
@@ -717,7 +719,7 @@ def check_credentials(config: PoolConfig, setting: TlsSetting, kind: CredentialK
         return
     what = (
         "an IAM token (or another credential sent as it is) is only sent" if kind == "token"
-        else "a password is only sent to another machine"
+        else f"a password{source} is only sent to another machine"
     )
     raise PoolConfigError(
         f"pool {config.name!r}: {what} over TLS that verifies the server's certificate and name, "
@@ -796,17 +798,49 @@ def dialled_hosts(config: PoolConfig, environ: Mapping[str, str] | None = None) 
 
 
 def checked_hosts(config: PoolConfig, setting: TlsSetting, kind: CredentialKind | None,
-                  dsn_hosts: Sequence[str] | None, service: Service | None) -> list[str]:
+                  dsn_hosts: Sequence[str] | None, service: Service | None, *,
+                  passfile: PassfileLogin | None = None) -> list[str]:
     """`dialled_hosts`, after `check_credentials` for them: for a credential of `kind` given to
-    the pool (None: none), or for the password the connection `service` holds (asyncpg reads
-    it there: `service_of`). `dsn_hosts` None: no DSN is given to the driver."""
+    the pool (None: none), or for the password the connection `service` holds, or the password
+    file has for the login `passfile` describes (asyncpg reads both itself).
+    `dsn_hosts` None: no DSN is given to the driver."""
     env = os.environ
     hosts = _hosts(config, dsn_hosts, service, env)
+    source = ""
     if kind is None and service is not None and service.has_password:
         kind = "password"
+    if kind is None and passfile is not None and not setting.verified:
+        # asyncpg's order: the option, the DSN's, the service's.
+        path = passfile_path(config.connect_kwargs.get("passfile") or passfile.passfile
+                             or (service.passfile if service is not None else None), env)
+        remote = [h for h in hosts if not _local(h)]
+        if remote and has_password_for(path, remote, passfile.ports, passfile.target.database,
+                                       passfile.target.user):
+            kind, source = "password", f" (asyncpg reads one for {remote[0]} from {path})"
     if kind is not None:
-        check_credentials(config, setting, kind, hosts)
+        check_credentials(config, setting, kind, hosts, source)
     return hosts
+
+
+@dataclass(frozen=True)
+class PassfileLogin:
+    """What asyncpg matches a password file's lines against: the login's first `target`, every
+    port it may dial, and the DSN's ``?passfile=`` (None: the option, ``PGPASSFILE``, or
+    ``~/.pgpass``)."""
+
+    target: Target
+    ports: frozenset[int]
+    passfile: str | None = None
+
+
+def passfile_login(dsn: ParsedDsn | None, target: Target, port: Any = None) -> PassfileLogin:
+    """The `PassfileLogin` of a login to `dsn` (its first `target`), `port` an option."""
+    ports = {target.port}
+    if dsn is not None:
+        ports.update(p for _, p in dsn.hosts if p)
+    given = port if isinstance(port, list | tuple) else [port] if port else []
+    ports.update(int(p) for p in given if str(p).isdigit())
+    return PassfileLogin(target, frozenset(ports), dsn.params.get("passfile") if dsn else None)
 
 
 def _hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None, service: Service | None,
