@@ -34,7 +34,7 @@ from asyncpool.options import (
     with_connect_args,
     with_record_class,
 )
-from asyncpool.pool import housekeeping, lifecycle, misuse, pool_stats
+from asyncpool.pool import forks, housekeeping, lifecycle, misuse, pool_stats
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
 from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
@@ -152,6 +152,12 @@ class Pool(Generic[PoolRecordT_co]):
         get the same outcome, except a cancellation: then one of them opens the pool.
         """
         slots = self._slots
+        if slots.state is OPEN or (slots.opening is not None and not slots.opening.done()):
+            # Open (or opening) elsewhere: returned as open, the pool refused every use there
+            # (and another thread waited on the opening loop's future).
+            if forks.inherited(slots):
+                raise forks.forked_error(slots)
+            slots.refuse_other_loop()
         while (opening := slots.opening) is not None and not opening.done():
             # Another task's open() is under way (or being undone): this one ends as it does,
             # unless that one was cancelled: then this one opens the pool itself.
