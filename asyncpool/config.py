@@ -658,13 +658,22 @@ def _not_whole(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
 
 
+#: The largest float: an int past it overflows where the pool computes with it.
+FLOAT_MAX = sys.float_info.max
+
+
 def as_number(value: object) -> float | None:
     """`value` as the number the pool computes with (`PoolConfig`'s rule for times): an int or
     a float as it is, another real number (numpy's, a Decimal, a Fraction) as a float; None for
-    anything else, a bool included (True is no time to a user). NaN stays, for the caller's
-    range check (every comparison is False) to refuse."""
-    if type(value) is float or type(value) is int:
+    anything else, a bool included (True is no time to a user); an int past a float's range
+    as infinity. NaN stays, for the caller's range check (every comparison is False) to
+    refuse."""
+    if type(value) is float:
         return value
+    if type(value) is int:
+        # One past a float's range would overflow where it meets the clock: it means what
+        # float("inf") does (no limit where None is one).
+        return value if -FLOAT_MAX <= value <= FLOAT_MAX else math.inf if value > 0 else -math.inf
     if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
         return None
     try:
@@ -685,8 +694,8 @@ def _as_floats(cfg: PoolConfig) -> None:
     cannot be added to a float). What is no number is left for the checks to refuse."""
     for key in _REAL_OPTIONS:
         value = getattr(cfg, key)
-        if value is None or type(value) is float or type(value) is int or isinstance(
-                value, DefaultTimeout):
+        if value is None or type(value) is float or isinstance(value, DefaultTimeout) or (
+                type(value) is int and -FLOAT_MAX <= value <= FLOAT_MAX):
             continue
         number = as_number(value)
         if number is not None:

@@ -29,12 +29,11 @@ async def test_a_query_logger_made_in_a_block_and_entered_after_it_sees_nothing(
             first = conn.raw
         async with pool.acquire() as other:
             assert other.raw is first  # the same server connection, another holder's now
-            with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
-                with kept:
-                    pass
+            with pytest.raises(asyncpool.PoolError, match="released back to the pool"), kept:
+                pass
             await other.fetchval("SELECT 'the next holder''s'")
             await other.fetchval("SELECT $1::text", "the next holder's too")
-            assert not first._query_loggers
+            assert not first._query_loggers  # type: ignore[attr-defined]
         await asyncio.sleep(0)  # (asyncpg calls the loggers soon after each statement)
         assert seen == []
         conn = await pool.acquire()
@@ -43,7 +42,7 @@ async def test_a_query_logger_made_in_a_block_and_entered_after_it_sees_nothing(
             await pool.release(conn)  # inside the `with`: its end has nothing left to remove
         await asyncio.sleep(0)
         assert seen == ["SELECT 'mine'"]
-        assert not first._query_loggers
+        assert not first._query_loggers  # type: ignore[attr-defined]
 
 
 def test_a_held_connections_callbacks_are_not_changed_from_another_thread(
@@ -52,30 +51,29 @@ def test_a_held_connections_callbacks_are_not_changed_from_another_thread(
     on the connection's loop; added from another thread they were taken as they were (the
     other thread changed them under the loop). Refused there, as the statements are."""
     async def main() -> None:
-        async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool:
-            async with pool.acquire() as conn:
-                def callback(*args: object) -> None:
-                    pass
+        async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool, pool.acquire() as conn:
+            def callback(*args: object) -> None:
+                pass
 
-                def from_another_thread() -> list[str]:
-                    errors = []
-                    for name in ("add_log_listener", "remove_log_listener",
-                                 "add_termination_listener", "remove_termination_listener",
-                                 "add_query_logger", "remove_query_logger"):
-                        with pytest.raises(asyncpool.PoolError, match="comes from thread"):
-                            getattr(conn, name)(callback)
-                        errors.append(name)
+            def from_another_thread() -> list[str]:
+                errors = []
+                for name in ("add_log_listener", "remove_log_listener",
+                             "add_termination_listener", "remove_termination_listener",
+                             "add_query_logger", "remove_query_logger"):
                     with pytest.raises(asyncpool.PoolError, match="comes from thread"):
-                        with conn.query_logger(callback):
-                            pass
-                    return errors
+                        getattr(conn, name)(callback)
+                    errors.append(name)
+                with pytest.raises(asyncpool.PoolError, match="comes from thread"), \
+                        conn.query_logger(callback):
+                    pass
+                return errors
 
-                assert len(await asyncio.to_thread(from_another_thread)) == 6
-                raw: asyncpg.Connection = conn.raw
-                state = (raw._log_listeners, raw._termination_listeners,  # type: ignore[attr-defined]
-                         raw._query_loggers)  # type: ignore[attr-defined]
-                assert not any(state)
-                conn.add_log_listener(callback)  # on its own loop: taken
-                assert raw._log_listeners  # type: ignore[attr-defined]
+            assert len(await asyncio.to_thread(from_another_thread)) == 6
+            raw: asyncpg.Connection = conn.raw
+            state = (raw._log_listeners, raw._termination_listeners,  # type: ignore[attr-defined]
+                     raw._query_loggers)  # type: ignore[attr-defined]
+            assert not any(state)
+            conn.add_log_listener(callback)  # on its own loop: taken
+            assert raw._log_listeners  # type: ignore[attr-defined]
 
     asyncio.run(main())

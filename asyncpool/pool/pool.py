@@ -17,9 +17,9 @@ from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequen
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Generic, Self, Unpack, overload
 
-from asyncpool.config import PoolConfig
+from asyncpool.config import PoolConfig, as_number
 from asyncpool.connect.connector import Connector
-from asyncpool.errors import PoolClosedError, PoolError, config_errors_without_frames
+from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError, config_errors_without_frames
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
 from asyncpool.options import (
     GIVEN_BACK,
@@ -224,12 +224,19 @@ class Pool(Generic[PoolRecordT_co]):
         blocking until the servers take them, at most that long.
 
         On the pool's loop's thread, or in any thread while that loop is not running; from
-        another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``)."""
-        if not cancel_within >= 0:  # (NaN too)
-            raise ValueError(f"cancel_within={cancel_within!r}: must be a number of seconds >= 0")
+        another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``). A bad
+        `cancel_within` is a `PoolConfigError`, raised once the pool is terminated without
+        cancel requests (a typo in a shutdown path must not leave the connections open)."""
         misuse.refuse_running_elsewhere(self._slots, "terminate()")
+        seconds = as_number(cancel_within)
+        bad = seconds is None or not seconds >= 0  # (NaN is not)
         self._slots.undoing_open = False  # (while a failed open() is undone: closed, not new)
-        lifecycle.terminate(self._slots, cancel_within)
+        lifecycle.terminate(self._slots, 0.0 if bad or seconds is None else seconds)
+        if bad:
+            raise PoolConfigError(
+                f"pool {self.name!r}: terminate(cancel_within={cancel_within!r}): must be a "
+                "number of seconds >= 0 (0: no cancel requests); the pool was terminated "
+                "without them")
 
     def expire_all(self) -> None:
         """Retire every connection: idle ones now, held ones when returned, logins under way

@@ -4,10 +4,12 @@ instead, and nothing changed."""
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
+from typing import Any
 
 import pytest
 
-from asyncpool import PoolError
+from asyncpool import PoolConfigError, PoolError
 from asyncpool.pool import forks
 from tests.unit.fakes import FakeServer, fake_pool, run
 
@@ -69,12 +71,13 @@ def test_a_pool_whose_loop_was_closed_with_its_tasks_pending_terminates(
     them on the closed loop: RuntimeError ("Event loop is closed") half-way, the server
     connections left open and the pool neither open nor closed."""
     pool = fake_pool(server, min_size=1, max_size=1)
+    pending: list[asyncio.Future[Any]] = []
 
     async def main() -> None:
         await pool.open()
         await pool.acquire()
-        asyncio.ensure_future(pool.fetchval("SELECT 1"))  # waits in line
-        asyncio.ensure_future(pool.open())  # (no-op once open)
+        pending.append(asyncio.ensure_future(pool.fetchval("SELECT 1")))  # waits in line
+        pending.append(asyncio.ensure_future(pool.open()))  # (no-op once open)
         await asyncio.sleep(0.01)
         assert pool.stats().waiting == 1
 
@@ -85,3 +88,83 @@ def test_a_pool_whose_loop_was_closed_with_its_tasks_pending_terminates(
         asyncio.run(pool.close())
     assert pool.closed
     assert server.open_connections() == []
+
+
+# -- bad option values ------------------------------------------------------------------------
+
+_HUGE = 2**1100  # an int past a float's range
+
+
+def test_an_int_time_past_a_floats_range_means_no_limit(server: FakeServer) -> None:
+    """Taken by Pool(), such an int failed at open() with a bare OverflowError (or, given to
+    acquire(timeout=), in the caller waiting in line). It means what float("inf") does."""
+    pool = fake_pool(server, min_size=1, max_size=1, acquire_timeout=_HUGE, max_lifetime=_HUGE,
+                     max_idle=_HUGE, validate_after=_HUGE, leak_timeout=_HUGE,
+                     command_timeout=_HUGE, statement_cache_ttl=_HUGE)
+    assert pool.config.acquire_timeout is None
+    assert pool.config.leak_timeout is None
+    with pytest.raises(PoolConfigError, match="connect_timeout=inf: a login must have a time"):
+        fake_pool(server, connect_timeout=_HUGE)
+
+    async def main() -> None:
+        await pool.open()
+        held = await pool.acquire()
+
+        async def waiter() -> Any:
+            async with pool.acquire(timeout=_HUGE) as conn:
+                return await conn.fetchval("SELECT 1")
+
+        waiting = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0.01)
+        assert pool.stats().waiting == 1
+        await pool.release(held, timeout=_HUGE)
+        assert await waiting == 1
+        await pool.close(timeout=_HUGE)
+
+    run(main())
+
+
+def test_a_statement_timeout_past_a_floats_range_is_refused_before_it_is_sent(
+        server: FakeServer) -> None:
+    """asyncpg reads a statement's timeout with float(): it overflowed once the connection was
+    taken (OverflowError, or a TimeoutError at once from a query helper)."""
+    async def main() -> None:
+        async with fake_pool(server, min_size=1) as pool:
+            with pytest.raises(PoolConfigError, match=r"fetchval\(timeout=.*within a float's range"):
+                await pool.fetchval("SELECT 2", timeout=_HUGE)
+            async with pool.acquire() as conn:
+                with pytest.raises(PoolConfigError, match="within a float's range"):
+                    await conn.fetchval("SELECT 2", timeout=_HUGE)
+                await conn.fetchval("SELECT 3", timeout=float("inf"))
+            sent = [q for c in server.connections for q in c.queries]
+            assert "SELECT 3" in sent
+            assert "SELECT 2" not in sent
+
+    run(main())
+
+
+@pytest.mark.parametrize("options", [{"max_inactive_connection_lifetime": False},
+                                     {"max_cached_statement_lifetime": False},
+                                     {"statement_cache_size": 0.0}])
+def test_asyncpgs_zero_is_taken_as_an_int_only(server: FakeServer, options: dict[str, Any]
+                                               ) -> None:
+    """asyncpg's 0 ("no limit", "no statement cache") was read from False and 0.0 too: False
+    turned max_idle off, 0.0 the statement cache."""
+    with pytest.raises(PoolConfigError, match=r"=(False|0\.0): must be"):
+        fake_pool(server, **options)
+
+
+@pytest.mark.parametrize("bad", [True, "5", [], Decimal("NaN"), -1])
+def test_terminate_with_a_bad_cancel_within_terminates_then_refuses(
+        server: FakeServer, bad: Any) -> None:
+    """A bare TypeError ("'>=' not supported...") before anything was closed, or taken (True,
+    a Decimal NaN): in a shutdown path, the connections stayed open."""
+    async def main() -> None:
+        pool = fake_pool(server, min_size=2)
+        await pool.open()
+        with pytest.raises(PoolConfigError, match=r"terminate\(cancel_within=.*terminated without"):
+            pool.terminate(cancel_within=bad)
+        assert pool.closed
+        assert server.open_connections() == []
+
+    run(main())
