@@ -522,7 +522,8 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     _check_connect_values(cfg.connect_kwargs, fail)
     _check_overridden_connect_args(cfg, fail)
     _check_code(cfg, fail)
-    if isinstance(cfg.ssl, str) and cfg.ssl not in get_args(SslMode):
+    if (cfg.ssl not in get_args(SslMode) if isinstance(cfg.ssl, str)
+            else not (cfg.ssl is None or isinstance(cfg.ssl, bool) or _ssl_context(cfg.ssl))):
         fail(
             f"ssl={cfg.ssl!r}: choose one of "
             + ", ".join(get_args(SslMode))
@@ -652,6 +653,13 @@ def _check_provider(provider: object, fail: ConfigFail) -> None:
     if not (isinstance(declared, bool) or hasattr(declared, "__get__")):
         fail(f"credentials={name}: requires_tls must be True (a bearer token) or False (a "
              "password)")
+
+
+def _ssl_context(value: object) -> bool:
+    # (ssl imported only for a value that is no mode: asyncpg has imported it by then anyway)
+    import ssl
+
+    return isinstance(value, ssl.SSLContext)
 
 
 def _not_whole(value: object) -> bool:

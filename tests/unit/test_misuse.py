@@ -168,3 +168,11 @@ def test_terminate_with_a_bad_cancel_within_terminates_then_refuses(
         assert server.open_connections() == []
 
     run(main())
+
+
+@pytest.mark.parametrize("bad", [1, -1, [], b"require", float("nan")])
+def test_an_ssl_value_that_is_no_mode_is_refused_by_pool(server: FakeServer, bad: Any) -> None:
+    """Only a string was checked when the pool was made: anything else waited for open(), and
+    a PoolConfig held it as valid."""
+    with pytest.raises(PoolConfigError, match=r"ssl=.*: choose one of disable"):
+        fake_pool(server, ssl=bad)
