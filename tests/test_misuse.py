@@ -45,8 +45,9 @@ async def test_a_query_logger_made_in_a_block_and_entered_after_it_sees_nothing(
         assert not first._query_loggers  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("pool_loop", ["asyncio", "uvloop"])
 def test_a_held_connections_callbacks_are_not_changed_from_another_thread(
-        postgres: PostgresServer) -> None:
+        postgres: PostgresServer, pool_loop: str) -> None:
     """asyncpg keeps log listeners, termination listeners and query loggers in sets it walks
     on the connection's loop; added from another thread they were taken as they were (the
     other thread changed them under the loop). Refused there, as the statements are."""
@@ -76,4 +77,7 @@ def test_a_held_connections_callbacks_are_not_changed_from_another_thread(
             conn.add_log_listener(callback)  # on its own loop: taken
             assert raw._log_listeners  # type: ignore[attr-defined]
 
-    asyncio.run(main())
+    if pool_loop == "uvloop":
+        pytest.importorskip("uvloop").run(main())
+    else:
+        asyncio.run(main())
