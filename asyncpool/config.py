@@ -435,7 +435,7 @@ def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
             what = "a whole number" if kind is int else "a number of seconds"
             hint = " or none" if nullable else ""
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}") from None
-        if math.isnan(value):  # float() reads it: not a time or a fraction
+        if kind is float and math.isnan(value):  # float() reads it: not a time or a fraction
             what = "a fraction in [0, 1)" if name == "lifetime_jitter" else "a number of seconds"
             hint = " or none" if nullable else ""
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}")

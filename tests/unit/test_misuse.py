@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from asyncpool import PoolConfigError, PoolError
+from asyncpool import PoolConfig, PoolConfigError, PoolError
 from asyncpool.pool import forks
 from tests.unit.fakes import FakeServer, fake_pool, run
 
@@ -176,3 +176,11 @@ def test_an_ssl_value_that_is_no_mode_is_refused_by_pool(server: FakeServer, bad
     a PoolConfig held it as valid."""
     with pytest.raises(PoolConfigError, match=r"ssl=.*: choose one of disable"):
         fake_pool(server, ssl=bad)
+
+
+@pytest.mark.parametrize("variable", ["ASYNCPOOL_MAX_SIZE", "ASYNCPOOL_MAX_QUERIES",
+                                      "ASYNCPOOL_STATEMENT_CACHE_SIZE"])
+def test_a_whole_number_variable_too_long_for_a_float_is_read(variable: str) -> None:
+    """Its NaN check converted it to a float: a bare OverflowError naming no variable."""
+    config = PoolConfig.from_env({variable: "9" * 400, "ASYNCPOOL_DSN": "postgresql://u@h/d"})
+    assert max(config.max_size, config.max_queries or 0, config.statement_cache_size) == 10**400 - 1
