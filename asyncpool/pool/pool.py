@@ -85,6 +85,11 @@ class Pool(Generic[PoolRecordT_co]):
         record_class: type[PoolRecordT_co] = RECORD_CLASS_NOT_GIVEN,  # type: ignore[assignment]
         **options: Unpack[PoolOptionsWithoutRecordClass],
     ) -> None:
+        if config is not None and not isinstance(config, PoolConfig):
+            raise PoolConfigError(f"config={config!r}: must be a PoolConfig (or None: options "
+                                  "from the arguments and the ASYNCPOOL_* variables)")
+        if not isinstance(observers, list | tuple | None):
+            raise PoolConfigError(f"observers={observers!r}: must be a list of PoolObserver")
         config = resolve(dsn, config, with_record_class(options, record_class))
         self.config: PoolConfig = config
         self.name: str = config.name

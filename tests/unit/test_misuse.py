@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from asyncpool import PoolConfig, PoolConfigError, PoolError
+from asyncpool import Pool, PoolConfig, PoolConfigError, PoolError
 from asyncpool.pool import forks
 from tests.unit.fakes import FakeServer, fake_pool, run
 
@@ -184,3 +184,15 @@ def test_a_whole_number_variable_too_long_for_a_float_is_read(variable: str) -> 
     """Its NaN check converted it to a float: a bare OverflowError naming no variable."""
     config = PoolConfig.from_env({variable: "9" * 400, "ASYNCPOOL_DSN": "postgresql://u@h/d"})
     assert max(config.max_size, config.max_queries or 0, config.statement_cache_size) == 10**400 - 1
+
+
+@pytest.mark.parametrize(("arguments", "match"), [
+    ({"config": {"max_size": 5}}, r"config=\{'max_size': 5\}: must be a PoolConfig"),
+    ({"observers": 5}, "observers=5: must be a list of PoolObserver"),
+])
+def test_pools_own_arguments_are_checked_as_options_are(arguments: dict[str, Any], match: str
+                                                        ) -> None:
+    """A bare AttributeError ("'dict' object has no attribute 'replace'") or TypeError ("'int'
+    object is not iterable") that named neither argument."""
+    with pytest.raises(PoolConfigError, match=match):
+        Pool("postgresql://u@h/d", **arguments)
