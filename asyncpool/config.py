@@ -435,7 +435,7 @@ def _parse_env(name: str, raw: str, spec: tuple[type, bool]) -> Any:
             what = "a whole number" if kind is int else "a number of seconds"
             hint = " or none" if nullable else ""
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}") from None
-        if math.isnan(value):  # float() reads it: not a time or a fraction
+        if kind is float and math.isnan(value):  # float() reads it: not a time or a fraction
             what = "a fraction in [0, 1)" if name == "lifetime_jitter" else "a number of seconds"
             hint = " or none" if nullable else ""
             raise PoolConfigError(f"{var}={raw!r}: write {what}{hint}")
@@ -522,7 +522,8 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option rea
     _check_connect_values(cfg.connect_kwargs, fail)
     _check_overridden_connect_args(cfg, fail)
     _check_code(cfg, fail)
-    if isinstance(cfg.ssl, str) and cfg.ssl not in get_args(SslMode):
+    if (cfg.ssl not in get_args(SslMode) if isinstance(cfg.ssl, str)
+            else not (cfg.ssl is None or isinstance(cfg.ssl, bool) or _ssl_context(cfg.ssl))):
         fail(
             f"ssl={cfg.ssl!r}: choose one of "
             + ", ".join(get_args(SslMode))
@@ -654,17 +655,33 @@ def _check_provider(provider: object, fail: ConfigFail) -> None:
              "password)")
 
 
+def _ssl_context(value: object) -> bool:
+    # (ssl imported only for a value that is no mode: asyncpg has imported it by then anyway)
+    import ssl
+
+    return isinstance(value, ssl.SSLContext)
+
+
 def _not_whole(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
+
+
+#: The largest float: an int past it overflows where the pool computes with it.
+FLOAT_MAX = sys.float_info.max
 
 
 def as_number(value: object) -> float | None:
     """`value` as the number the pool computes with (`PoolConfig`'s rule for times): an int or
     a float as it is, another real number (numpy's, a Decimal, a Fraction) as a float; None for
-    anything else, a bool included (True is no time to a user). NaN stays, for the caller's
-    range check (every comparison is False) to refuse."""
-    if type(value) is float or type(value) is int:
+    anything else, a bool included (True is no time to a user); an int past a float's range
+    as infinity. NaN stays, for the caller's range check (every comparison is False) to
+    refuse."""
+    if type(value) is float:
         return value
+    if type(value) is int:
+        # One past a float's range would overflow where it meets the clock: it means what
+        # float("inf") does (no limit where None is one).
+        return value if -FLOAT_MAX <= value <= FLOAT_MAX else math.inf if value > 0 else -math.inf
     if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
         return None
     try:
@@ -685,8 +702,8 @@ def _as_floats(cfg: PoolConfig) -> None:
     cannot be added to a float). What is no number is left for the checks to refuse."""
     for key in _REAL_OPTIONS:
         value = getattr(cfg, key)
-        if value is None or type(value) is float or type(value) is int or isinstance(
-                value, DefaultTimeout):
+        if value is None or type(value) is float or isinstance(value, DefaultTimeout) or (
+                type(value) is int and -FLOAT_MAX <= value <= FLOAT_MAX):
             continue
         number = as_number(value)
         if number is not None:

@@ -10,12 +10,14 @@ the same. Unknown names are refused with the closest valid one.
 from __future__ import annotations
 
 import difflib
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
 from asyncpool.config import (
+    FLOAT_MAX,
     CancelRequests,
     InitHook,
     LeakAction,
@@ -197,13 +199,15 @@ def translate(options: Mapping[str, Any], where: str = "Pool()") -> dict[str, An
     connect: dict[str, Any] = {}
     for key, value in options.items():
         if key in _OWN:
-            if key == "statement_cache_size" and value == 0 and not isinstance(value, bool):
+            if key == "statement_cache_size" and _cache_off(value):
                 continue  # asyncpg's advice behind poolers, below
             values[key] = value
         elif key in CONNECT_OPTIONS:
             connect[key] = value
         elif key in RENAMED:
-            values[RENAMED[key]] = None if key in _ZERO_IS_NONE and value == 0 else value
+            # (False is no number of seconds: left for the checks to refuse.)
+            zero = key in _ZERO_IS_NONE and value == 0 and not isinstance(value, bool)
+            values[RENAMED[key]] = None if zero else value
         elif key in UNFIT:
             _refuse_unfit(key, value)
         elif key in ("config", "observers"):
@@ -213,12 +217,17 @@ def translate(options: Mapping[str, Any], where: str = "Pool()") -> dict[str, An
     for renamed, own in RENAMED.items():
         if renamed in options and own in options:
             raise PoolConfigError(f"{renamed}= and {own}= are the same option: give one")
-    if options.get("statement_cache_size") == 0:
+    if _cache_off(options.get("statement_cache_size")):
         _statement_cache_off(options, values)
     if connect:
         check_connect_classes(connect)
         values["connect_kwargs"] = {**options.get("connect_kwargs", {}), **connect}
     return values
+
+
+def _cache_off(size: object) -> bool:
+    """asyncpg's ``statement_cache_size=0``: the int (a float or False is no size: refused)."""
+    return isinstance(size, numbers.Integral) and not isinstance(size, bool) and size == 0
 
 
 def _statement_cache_off(options: Mapping[str, Any], values: dict[str, Any]) -> None:
@@ -302,8 +311,11 @@ def check_timeout(pool_name: str, what: str, timeout: Any,
                   none: str = "no limit") -> float | None:
     """`timeout` (given to `what`) as the pool computes with it (`in_seconds`): None (meaning
     `none`) or seconds >= 0 (`PoolConfig`'s rule for times); else `PoolConfigError`."""
-    if (type(timeout) is float or type(timeout) is int) and timeout >= 0:  # the usual first
-        return timeout  # (NaN is not >= 0)
+    if type(timeout) is float:  # the usual first
+        if timeout >= 0:  # (False for NaN)
+            return timeout
+    elif type(timeout) is int and 0 <= timeout <= FLOAT_MAX:  # (past it: infinity, below)
+        return timeout
     error = timeout_error(pool_name, what, timeout, none)
     if error is not None:
         raise error
@@ -330,14 +342,19 @@ def check_statement_timeout(pool_name: str | None, what: str, timeout: Any) -> N
     asyncpg's: no time at all (TimeoutError, nothing sent). Any real number is taken
     (`PoolConfig`'s rule for times: a numpy number, a Decimal, a Fraction), as asyncpg reads
     it with ``float()``; asyncpg gets it as it was given."""
-    if type(timeout) is float or type(timeout) is int:  # the usual: no ABC lookup
+    if type(timeout) is float:  # the usual: no ABC lookup
         if timeout >= 0:  # (False for NaN)
+            return
+    elif type(timeout) is int:
+        if 0 <= timeout <= FLOAT_MAX:  # (asyncpg's float() overflows past it)
             return
     elif _seconds(timeout):
         return
     whose = "" if pool_name is None else f"pool {pool_name!r}: "
+    past = (" within a float's range (float('inf') for no limit,"
+            if type(timeout) is int and timeout > 0 else " (or")
     raise PoolConfigError(
-        f"{whose}{what}(timeout={timeout!r}): must be a number of seconds >= 0 (or None "
+        f"{whose}{what}(timeout={timeout!r}): must be a number of seconds >= 0{past} None "
         "for the pool's command_timeout); nothing was sent")
 
 

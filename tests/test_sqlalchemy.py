@@ -571,6 +571,47 @@ async def test_a_session_collected_unclosed_frees_its_slot_at_once(
         await engine.dispose()
 
 
+async def test_a_connection_collected_in_another_thread_is_terminated_on_the_pools_loop(
+        postgres: PostgresServer, schema: None, caplog: pytest.LogCaptureFixture) -> None:
+    """SQLAlchemy terminates a connection the garbage collector finds not given back, in the
+    thread the collection runs in. From another thread, the pool's bookkeeping and asyncpg's
+    transport were changed off their loop (in debug mode: "Non-thread-safe operation", the
+    connection half retired). It is handed to the pool's loop, and a caller waiting for the
+    slot gets it."""
+    import gc
+    import threading
+
+    asyncio.get_running_loop().set_debug(True)
+    async with Pool(postgres.dsn(), name="sqla-gc-thread", max_size=1, acquire_timeout=5,
+                    telemetry=False) as pool:
+        engine = create_async_engine(pool)
+
+        async def forgetful() -> None:
+            conn = await engine.connect()
+            await conn.exec_driver_sql("SELECT 1")
+
+        await forgetful()
+        assert pool.stats().in_use == 1
+        waiter = asyncio.ensure_future(pool.fetchval("SELECT 2"))
+        await asyncio.sleep(0.01)
+        def collect_in_another_thread() -> None:
+            collector = threading.Thread(target=gc.collect)
+            collector.start()
+            collector.join()
+
+        gc.disable()  # (collected in that thread, not in this one's next allocation)
+        try:
+            with caplog.at_level(logging.ERROR), \
+                    pytest.warns(sa.exc.SAWarning, match="garbage collector"):
+                collect_in_another_thread()
+        finally:
+            gc.enable()
+        assert not [r for r in caplog.records if "Exception terminating" in r.getMessage()]
+        assert await asyncio.wait_for(waiter, 3) == 2
+        assert pool.stats().closed_total == 1
+        await engine.dispose()
+
+
 @pytest.fixture
 def statement_log(postgres: PostgresServer) -> Iterator[Callable[[str], collections.Counter[str]]]:
     """The server logs every parse, bind and execute step (log_min_duration_statement = 0) while

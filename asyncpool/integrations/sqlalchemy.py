@@ -327,7 +327,15 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
 
     def terminate(self) -> None:
         """Discard the connection: the pool closes it (waiting for a cancel request in flight
-        first) and frees its slot. What SQLAlchemy calls when it invalidates a connection."""
+        first) and frees its slot. What SQLAlchemy calls when it invalidates a connection, and
+        when the garbage collector finds one not given back, in whatever thread it runs: off
+        the pool's loop, it is done on that loop (the transport and the pool's line of waiters
+        are the loop's alone)."""
+        loop = self._asyncpool._slots.loop
+        if loop is not None and asyncio._get_running_loop() is not loop:
+            if not loop.is_closed():  # (closed: the pool's terminate() ends the connection)
+                loop.call_soon_threadsafe(self.terminate)
+            return
         self._forget_transaction()
         conn: PooledConnection = self._connection
         lease = conn._lease

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from asyncio import CancelledError, get_running_loop
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from threading import get_ident
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Unpack, cast, overload
@@ -411,26 +412,45 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         # asyncpg's pool hands listener callbacks its proxy, not the connection: a callback that
         # keeps it must not reach the next holder's connection after release.
         async def add_listener(self, channel: str, callback: Callable[..., object]) -> None:
-            raw = self.raw
-            self._owner.refuse_other_loop()  # LISTEN is a statement (see `_statement`)
+            raw = self._on_loop()  # LISTEN is a statement (see `_statement`)
             await raw.add_listener(channel, self._relay(("notify", channel), callback))
 
         async def remove_listener(self, channel: str, callback: Callable[..., object]) -> None:
-            raw = self.raw
-            self._owner.refuse_other_loop()
+            raw = self._on_loop()
             await raw.remove_listener(channel, self._unrelay(("notify", channel), callback))
 
+        # The callbacks below are kept in sets asyncpg walks on the connection's loop: changed
+        # from another thread, one could be skipped, or the walk fail (set changed size).
         def add_log_listener(self, callback: Callable[..., object]) -> None:
-            self.raw.add_log_listener(self._relay(("log",), callback))
+            self._on_loop().add_log_listener(self._relay(("log",), callback))
 
         def remove_log_listener(self, callback: Callable[..., object]) -> None:
-            self.raw.remove_log_listener(self._unrelay(("log",), callback))
+            self._on_loop().remove_log_listener(self._unrelay(("log",), callback))
 
         def add_termination_listener(self, callback: Callable[..., object]) -> None:
-            self.raw.add_termination_listener(self._relay(("terminate",), callback))
+            self._on_loop().add_termination_listener(self._relay(("terminate",), callback))
 
         def remove_termination_listener(self, callback: Callable[..., object]) -> None:
-            self.raw.remove_termination_listener(self._unrelay(("terminate",), callback))
+            self._on_loop().remove_termination_listener(self._unrelay(("terminate",), callback))
+
+        def add_query_logger(self, callback: Callable[..., object]) -> None:
+            self._on_loop().add_query_logger(callback)
+
+        def remove_query_logger(self, callback: Callable[..., object]) -> None:
+            self._on_loop().remove_query_logger(callback)
+
+        @contextlib.contextmanager
+        def query_logger(self, callback: Callable[..., object]) -> Iterator[None]:
+            # The proxy's own, not asyncpg's (bound to the connection): one made in a block
+            # and entered after it would add the logger to the next holder's connection, and
+            # show it that holder's statements.
+            self.add_query_logger(callback)
+            try:
+                yield
+            finally:
+                # Given back inside the `with`: the return has dropped the logger already.
+                if self._lease.state is ACTIVE:
+                    self.remove_query_logger(callback)
 
         def __getattr__(self, name: str) -> Any:
             raw = self.raw
@@ -464,6 +484,12 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
             return self._relays.pop((*kind, callback), callback)
         except AttributeError:
             return callback
+
+    def _on_loop(self) -> asyncpg.Connection:
+        """The held connection (`raw`), refused outside the pool's loop and thread."""
+        raw = self.raw
+        self._owner.refuse_other_loop()
+        return raw
 
     @property
     def _pool_name(self) -> str:
@@ -548,6 +574,7 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
 
 # The listener methods and prepare() are the proxy's own: asyncpg's help text.
 for _name in ("prepare", "add_listener", "remove_listener", "add_log_listener", "remove_log_listener",
-              "add_termination_listener", "remove_termination_listener"):
+              "add_termination_listener", "remove_termination_listener", "add_query_logger",
+              "remove_query_logger", "query_logger"):
     getattr(PooledConnection, _name).__doc__ = getattr(asyncpg.Connection, _name).__doc__
 del _name

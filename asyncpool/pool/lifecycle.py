@@ -226,14 +226,21 @@ def _stop(slots: Slots, reason: str, graceful: bool) -> None:
     waiters = list(slots.waiters)
     slots.waiters.clear()
     slots.retrying = 0
+    attempts = list(slots.attempts.items())
+    if _loop_gone(slots):
+        # Closed with its tasks pending (loop.close() after run_until_complete(), not
+        # asyncio.run()): they never run again, and waking one raised RuntimeError ("Event loop
+        # is closed") half-way through, the connections left open.
+        waiters, attempts = [], []
+        slots.attempts.clear()
     why = misuse.OPEN_FAILED if slots.undoing_open else "was closed while waiting"
     for waiter in waiters:
         if not waiter.fut.done():
             waiter.fut.set_exception(PoolClosedError(f"pool {slots.name!r}: {why}"))
-    for attempt, cut_short in list(slots.attempts.items()):
+    for attempt, cut_short in attempts:
         cut_short.caller_error = PoolClosedError
         attempt.cancel()
-    if slots.housekeeper is not None:
+    if slots.housekeeper is not None and not _loop_gone(slots):
         slots.housekeeper.cancel()
     for record in list(slots.idle):
         slots.retire(record, reason, graceful=graceful)
@@ -322,8 +329,13 @@ def _finish(slots: Slots, close_credentials: bool) -> None:
         slots.observer.detach()
     except Exception:
         logger.exception("pool %r: an observer failed to detach", slots.name)
-    if slots._closed is not None:
+    if slots._closed is not None and not _loop_gone(slots):
         slots._closed.set()
+
+
+def _loop_gone(slots: Slots) -> bool:
+    """The pool's loop is closed: its tasks and futures can no longer be woken."""
+    return slots.loop is not None and slots.loop.is_closed()
 
 
 def _take_credentials(slots: Slots) -> list[Any]:

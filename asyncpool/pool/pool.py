@@ -17,9 +17,9 @@ from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequen
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Generic, Self, Unpack, overload
 
-from asyncpool.config import PoolConfig
+from asyncpool.config import PoolConfig, as_number
 from asyncpool.connect.connector import Connector
-from asyncpool.errors import PoolClosedError, PoolError, config_errors_without_frames
+from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError, config_errors_without_frames
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
 from asyncpool.options import (
     GIVEN_BACK,
@@ -34,7 +34,7 @@ from asyncpool.options import (
     with_connect_args,
     with_record_class,
 )
-from asyncpool.pool import housekeeping, lifecycle, misuse, pool_stats
+from asyncpool.pool import forks, housekeeping, lifecycle, misuse, pool_stats
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
 from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
@@ -85,6 +85,11 @@ class Pool(Generic[PoolRecordT_co]):
         record_class: type[PoolRecordT_co] = RECORD_CLASS_NOT_GIVEN,  # type: ignore[assignment]
         **options: Unpack[PoolOptionsWithoutRecordClass],
     ) -> None:
+        if config is not None and not isinstance(config, PoolConfig):
+            raise PoolConfigError(f"config={config!r}: must be a PoolConfig (or None: options "
+                                  "from the arguments and the ASYNCPOOL_* variables)")
+        if not isinstance(observers, list | tuple | None):
+            raise PoolConfigError(f"observers={observers!r}: must be a list of PoolObserver")
         config = resolve(dsn, config, with_record_class(options, record_class))
         self.config: PoolConfig = config
         self.name: str = config.name
@@ -152,6 +157,12 @@ class Pool(Generic[PoolRecordT_co]):
         get the same outcome, except a cancellation: then one of them opens the pool.
         """
         slots = self._slots
+        if slots.state is OPEN or (slots.opening is not None and not slots.opening.done()):
+            # Open (or opening) elsewhere: returned as open, the pool refused every use there
+            # (and another thread waited on the opening loop's future).
+            if forks.inherited(slots):
+                raise forks.forked_error(slots)
+            slots.refuse_other_loop()
         while (opening := slots.opening) is not None and not opening.done():
             # Another task's open() is under way (or being undone): this one ends as it does,
             # unless that one was cancelled: then this one opens the pool itself.
@@ -218,12 +229,19 @@ class Pool(Generic[PoolRecordT_co]):
         blocking until the servers take them, at most that long.
 
         On the pool's loop's thread, or in any thread while that loop is not running; from
-        another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``)."""
-        if not cancel_within >= 0:  # (NaN too)
-            raise ValueError(f"cancel_within={cancel_within!r}: must be a number of seconds >= 0")
+        another thread while it runs, `PoolError` (use ``loop.call_soon_threadsafe``). A bad
+        `cancel_within` is a `PoolConfigError`, raised once the pool is terminated without
+        cancel requests (a typo in a shutdown path must not leave the connections open)."""
         misuse.refuse_running_elsewhere(self._slots, "terminate()")
+        seconds = as_number(cancel_within)
+        bad = seconds is None or not seconds >= 0  # (NaN is not)
         self._slots.undoing_open = False  # (while a failed open() is undone: closed, not new)
-        lifecycle.terminate(self._slots, cancel_within)
+        lifecycle.terminate(self._slots, 0.0 if bad or seconds is None else seconds)
+        if bad:
+            raise PoolConfigError(
+                f"pool {self.name!r}: terminate(cancel_within={cancel_within!r}): must be a "
+                "number of seconds >= 0 (0: no cancel requests); the pool was terminated "
+                "without them")
 
     def expire_all(self) -> None:
         """Retire every connection: idle ones now, held ones when returned, logins under way

@@ -255,7 +255,8 @@ def leave(slots: Slots, waiter: Waiter) -> Any:
         got = fut.result()
         slots.handed.discard(got)
         return got
-    fut.cancel()
+    if not fut.get_loop().is_closed():  # (a caller collected after its loop was closed)
+        fut.cancel()
     try:
         slots.waiters.remove(waiter)
     except ValueError:

@@ -385,6 +385,18 @@ class FakeConnection:
     def add_query_logger(self, callback: Callable[..., Any]) -> None:
         self._query_loggers.add(callback)
 
+    def remove_query_logger(self, callback: Callable[..., Any]) -> None:
+        self._query_loggers.discard(callback)
+
+    @contextlib.contextmanager
+    def query_logger(self, callback: Callable[..., Any]) -> Iterator[None]:
+        """asyncpg's: bound to this connection, whoever holds it when it is entered."""
+        self.add_query_logger(callback)
+        try:
+            yield
+        finally:
+            self.remove_query_logger(callback)
+
     def add_termination_listener(self, callback: Callable[..., Any]) -> None:
         self._termination_listeners.add(callback)
 

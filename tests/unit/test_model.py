@@ -4,7 +4,10 @@ checked after every step.
 Each example is a fresh pool (random sizes, timeouts, validation and leak settings) on the fake
 driver and a virtual clock, driven by hypothesis through a random sequence of: users that acquire
 (``async with``, ``await``, transactions that commit or fail, the query helpers (one that
-leaves a transaction open, one slow enough to be leaked), leaks), time
+leaves a transaction open, one slow enough to be leaked), leaks), connections kept past
+their checkouts and used by every way to the connection (statements, prepare, transaction,
+cursor, listeners, query loggers, one made in the block included, COPY, attributes, terminate),
+connections given to another pool's release() both ways, time
 passing, users cancelled at whatever await they are at, connections dying loudly or silently,
 logins that succeed, are refused, fail authentication or hang, ``expire_all``, ``mark_stale``,
 ``close()`` (also cancelled half way) and ``terminate()``; a second thread reads ``stats()`` all
@@ -31,11 +34,13 @@ CI runs ASYNCPOOL_MODEL_EXAMPLES (default 1,000) examples. The long run:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -74,6 +79,36 @@ MAX_USERS = 8
 _KEPT = 8
 _BLOCKS = frozenset({"with", "listen", "tx", "tx_fail"})
 BATCH = 2000
+
+
+def _in_logger(conn: Any) -> None:
+    with conn.query_logger(print):
+        pass
+
+
+def _enter(logger: Any) -> None:
+    with logger:
+        pass
+
+
+#: The ways a user reaches its connection, tried on one kept past its checkout.
+_KEPT_USES: dict[str, Callable[[Any], Any]] = {
+    "fetchval": lambda conn: conn.fetchval("SELECT 1"),
+    "execute": lambda conn: conn.execute("SELECT 1"),
+    "execute_args": lambda conn: conn.execute("SELECT $1", 1),
+    "prepare": lambda conn: conn.prepare("SELECT 1"),
+    "transaction": lambda conn: conn.transaction(),
+    "cursor": lambda conn: conn.cursor("SELECT 1"),
+    "add_listener": lambda conn: conn.add_listener("chan", print),
+    "add_log_listener": lambda conn: conn.add_log_listener(print),
+    "add_query_logger": lambda conn: conn.add_query_logger(print),
+    "query_logger": _in_logger,
+    "logger_made_in_block": _enter,  # (the user's logger, made while it held the connection)
+    "copy": lambda conn: conn.copy_from_query("SELECT 1", output=print),
+    "raw": lambda conn: conn.raw,
+    "attribute": lambda conn: conn._protocol,
+    "terminate": lambda conn: conn.terminate(),
+}
 
 # What a user may see from the pool. Driver errors only as a connection dies under a query.
 ALLOWED = (PoolTimeoutError, PoolClosedError, ConnectError, ConnectionLeakedError,
@@ -128,6 +163,8 @@ class _User:
         self.task = task
         self.cancelled_by_model = False
         self.conn: FakeConnection | None = None
+        # A query logger made in the user's block, not entered (`use_a_kept_connection`).
+        self.logger: Any = None
 
 
 class PoolModel(RuleBasedStateMachine):
@@ -210,6 +247,7 @@ class PoolModel(RuleBasedStateMachine):
         user.conn = raw
         if user.kind in _BLOCKS:  # (a checkout without a block may outlive its user's task)
             self.kept = [*self.kept[-(_KEPT - 1):], (user, conn)]
+            user.logger = conn.query_logger(print)
 
     def _gave_back(self) -> None:
         task = asyncio.current_task()
@@ -276,21 +314,30 @@ class PoolModel(RuleBasedStateMachine):
         self._settle()
 
     @precondition(lambda self: any(user.task.done() for user, _ in self.kept))
-    @rule(index=st.integers(0, _KEPT - 1), hold_first=st.booleans())
-    def use_a_kept_connection(self, index: int, hold_first: bool) -> None:
+    @rule(index=st.integers(0, _KEPT - 1), hold_first=st.booleans(),
+          how=st.sampled_from(sorted(_KEPT_USES)))
+    def use_a_kept_connection(self, index: int, hold_first: bool, how: str) -> None:
         """A connection used after its user's block ended (its lease may be another user's
-        now: the spare a clean return leaves) is refused before anything is sent. With
-        `hold_first`, a new user takes a connection and holds it first: the most recently
-        returned one, whose lease a kept connection is likely to have had."""
+        now: the spare a clean return leaves), by any of its ways to the connection, is
+        refused before anything is sent. With `hold_first`, a new user takes a connection and
+        holds it first: the most recently returned one, whose lease a kept connection is
+        likely to have had."""
         if hold_first and len([u for u in self.users if not u.task.done()]) < MAX_USERS:
             self.start_user("with", 2.0, "default")
-        ended = [conn for user, conn in self.kept if user.task.done()]
-        conn = ended[index % len(ended)]
+        ended = [(user, conn) for user, conn in self.kept if user.task.done()]
+        user, conn = ended[index % len(ended)]
+        if how == "logger_made_in_block":
+            if user.logger is None:  # (entered once already: a context manager is used once)
+                how = "fetchval"
+            else:
+                conn, user.logger = user.logger, None
         outcome: list[BaseException | None] = []
 
         async def use() -> None:
             try:
-                await conn.fetchval("SELECT 1")
+                result = _KEPT_USES[how](conn)
+                if inspect.isawaitable(result):
+                    await result
             except PoolError as exc:
                 outcome.append(exc)
             else:
@@ -300,6 +347,44 @@ class PoolModel(RuleBasedStateMachine):
         self._settle()
         assert outcome, "a kept connection's statement did not end"
         assert outcome[0] is not None, "a connection kept past its checkout ran a statement"
+
+    @precondition(lambda self: bool(self.kept))
+    @rule(index=st.integers(0, _KEPT - 1))
+    def release_to_another_pool(self, index: int) -> None:
+        """A connection given to another pool's release() (one of this pool's, held now or
+        kept past its checkout; and one of the other pool's given to this one) is refused,
+        and neither pool changes: the invariants check this one after the step."""
+        assert self.pool is not None
+        pool = self.pool
+        _, conn = self.kept[index % len(self.kept)]
+        other = fake_pool(FakeServer(latency=0.0, login_latency=0.0), name="other", min_size=0,
+                          max_size=1)  # (no latency: nothing here moves the clock)
+        outcome: list[BaseException | None] = []
+
+        async def give(to: Pool, given: Any) -> None:
+            try:
+                await to.release(given)
+            except PoolError as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        async def both_ways() -> None:
+            await other.open()
+            await give(other, conn)
+            theirs = await other.acquire()
+            await give(pool, theirs)
+            assert other.stats().in_use == 1
+            await other.release(theirs)
+            await other.close()
+
+        task = self.loop.create_task(both_ways())
+        self._settle()
+        assert task.done()
+        task.result()
+        assert outcome, "a release to the wrong pool did not end"
+        assert all(exc is not None and "release it to the pool it came from" in str(exc)
+                   for exc in outcome), outcome
 
     @precondition(lambda self: any(not u.task.done() for u in self.users))
     @rule(index=st.integers(0, MAX_USERS - 1))

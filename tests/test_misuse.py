@@ -1,0 +1,83 @@
+"""Misuse against real PostgreSQL: what a holder kept past its checkout, or used from another
+thread or loop, must not reach the connection another holder has now."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+import asyncpool
+from asyncpool import Pool
+from asyncpool.testing import PostgresServer
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_query_logger_made_in_a_block_and_entered_after_it_sees_nothing(
+        postgres: PostgresServer, mode: Any) -> None:
+    """asyncpg's ``conn.query_logger(cb)`` is bound to the connection: made in a block and
+    entered after it, it added `cb` to the next holder's connection, which then showed it that
+    holder's statements. The proxy's own is refused once released, and one given back inside
+    its ``with`` leaves nothing behind (the return dropped it)."""
+    seen: list[str] = []
+    async with Pool(postgres.dsn(), max_size=1, prepared_statements=mode,
+                    telemetry=False) as pool:
+        async with pool.acquire() as conn:
+            kept = conn.query_logger(lambda query: seen.append(query.query))
+            first = conn.raw
+        async with pool.acquire() as other:
+            assert other.raw is first  # the same server connection, another holder's now
+            with pytest.raises(asyncpool.PoolError, match="released back to the pool"), kept:
+                pass
+            await other.fetchval("SELECT 'the next holder''s'")
+            await other.fetchval("SELECT $1::text", "the next holder's too")
+            assert not first._query_loggers  # type: ignore[attr-defined]
+        await asyncio.sleep(0)  # (asyncpg calls the loggers soon after each statement)
+        assert seen == []
+        conn = await pool.acquire()
+        with conn.query_logger(lambda query: seen.append(query.query)):
+            await conn.fetchval("SELECT 'mine'")
+            await pool.release(conn)  # inside the `with`: its end has nothing left to remove
+        await asyncio.sleep(0)
+        assert seen == ["SELECT 'mine'"]
+        assert not first._query_loggers  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("pool_loop", ["asyncio", "uvloop"])
+def test_a_held_connections_callbacks_are_not_changed_from_another_thread(
+        postgres: PostgresServer, pool_loop: str) -> None:
+    """asyncpg keeps log listeners, termination listeners and query loggers in sets it walks
+    on the connection's loop; added from another thread they were taken as they were (the
+    other thread changed them under the loop). Refused there, as the statements are."""
+    async def main() -> None:
+        async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool, pool.acquire() as conn:
+            def callback(*args: object) -> None:
+                pass
+
+            def from_another_thread() -> list[str]:
+                errors = []
+                for name in ("add_log_listener", "remove_log_listener",
+                             "add_termination_listener", "remove_termination_listener",
+                             "add_query_logger", "remove_query_logger"):
+                    with pytest.raises(asyncpool.PoolError, match="comes from thread"):
+                        getattr(conn, name)(callback)
+                    errors.append(name)
+                with pytest.raises(asyncpool.PoolError, match="comes from thread"), \
+                        conn.query_logger(callback):
+                    pass
+                return errors
+
+            assert len(await asyncio.to_thread(from_another_thread)) == 6
+            raw: asyncpg.Connection = conn.raw
+            state = (raw._log_listeners, raw._termination_listeners,  # type: ignore[attr-defined]
+                     raw._query_loggers)  # type: ignore[attr-defined]
+            assert not any(state)
+            conn.add_log_listener(callback)  # on its own loop: taken
+            assert raw._log_listeners  # type: ignore[attr-defined]
+
+    if pool_loop == "uvloop":
+        pytest.importorskip("uvloop").run(main())
+    else:
+        asyncio.run(main())
