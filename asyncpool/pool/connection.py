@@ -485,7 +485,7 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         except AttributeError:
             return callback
 
-    def _on_loop(self) -> asyncpg.Connection:
+    def _on_loop(self) -> asyncpg.Connection[PoolRecordT_co]:
         """The held connection (`raw`), refused outside the pool's loop and thread."""
         raw = self.raw
         self._owner.refuse_other_loop()
