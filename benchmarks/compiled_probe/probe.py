@@ -1,0 +1,57 @@
+"""The Python side of the `_probe` extension (README.md beside it): configures it with asyncpool's
+classes, and puts a C ``pool.acquire`` on a pool (`install`)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+import _probe  # type: ignore[import-not-found]  # (built in place: setup.py)
+import asyncpg
+
+from asyncpool.connect import driver
+from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by_pool
+from asyncpool.pool import checkout, connection, lease, record, slots
+from asyncpool.pool.unsynced import left_unsynced
+
+
+def _stmt_failed(held: lease.Lease, exc: BaseException) -> BaseException:
+    """What the Python proxy's statement does when asyncpg's `_execute` raised `exc`: the
+    exception to raise instead (or `exc`), the unsynced Parse noted (`connection._statement`)."""
+    rec = held.record
+    if isinstance(exc, asyncio.CancelledError):
+        rec.note_unsynced_parse()
+        return exc
+    if not isinstance(exc, Exception):
+        return exc
+    if held.state is not lease.ACTIVE and stopped_by_pool(exc):
+        # (the Python proxy's `_unusable()`, raised from exc)
+        unusable = connection.PooledConnection(held, rec.owner)._unusable()
+        unusable.__cause__ = exc
+        return unusable
+    if held.state is lease.ACTIVE and left_unsynced(exc):
+        rec.note_unsynced_parse()
+    advise_on_prepared_statements(exc, rec.owner.statement_mode)
+    return exc
+
+
+own = driver.own_body("fetchval")
+_probe.configure(
+    Slots=slots.Slots, ConnectionRecord=record.ConnectionRecord, Lease=lease.Lease,
+    PooledConnection=connection.PooledConnection, AcquireContext=checkout.AcquireContext,
+    Connection=asyncpg.Connection,
+    ACTIVE=lease.ACTIVE, RELEASED=lease.RELEASED, IDLE=record.IDLE, LEASED=record.LEASED,
+    GIVEN_BACK=lease.GIVEN_BACK, spare_lease=lease.spare_lease,
+    current_tasks=asyncio.tasks._current_tasks,  # type: ignore[attr-defined]
+    monotonic=time.monotonic, returned=driver.returned,
+    deque_pop=collections.deque.pop, deque_append=collections.deque.append,
+    own_fetchval=own[0] if own is not None else None, stmt_failed=_stmt_failed,
+)
+
+
+def install(pool: Any, *, c_proxy: bool = False) -> None:
+    """Make ``pool.acquire()`` (without arguments) the C context; with `c_proxy`, the block's
+    connection is the C proxy too (its ``fetchval`` in C, the rest through `PooledConnection`)."""
+    pool.acquire = _probe.Acquirer(pool._slots, pool.acquire, slots.UNSET, c_proxy)
