@@ -59,7 +59,7 @@ copy, the holding task, the checks, the lease kept on the record, the count and 
 checks before taking, in the statement and at the return, the count and hooks, and all at once.
 `--compiled-probe` sets against them the same acquire path with its common case in C
 (benchmarks/compiled_probe: a throwaway extension, built in place first), with the pool's Python
-proxy and with a C proxy whose ``fetchval`` is C.
+proxy, with a C proxy whose ``fetchval`` is C, and with that proxy's Python subclass.
 
 Each sample of a contender is paired with raw asyncpg's sample of the same pass (next to it in
 time), so a busy neighbour moves both. The report gives medians, the extra µs per query over raw
@@ -318,22 +318,26 @@ async def _floor(dsn: str) -> AsyncIterator[Query]:
 # `--compiled-probe`: the pool's acquire path with its common case in C (benchmarks/compiled_probe,
 # a throwaway extension built in place: its README.md): would a compiled acquire path meet the
 # 3 µs target? The context's __aenter__/__aexit__ do the Python path's bookkeeping without a
-# Python frame; the block's connection is the pool's Python proxy, or a C one whose fetchval is C.
+# Python frame; the block's connection is the pool's Python proxy, or a C one whose fetchval is C
+# (as it is, and as a Python subclass that is an asyncpg.Connection for isinstance).
 PROBES = {
-    "compiled probe: C context, Python proxy": False,
-    "compiled probe: C context, C proxy fetchval": True,
+    "compiled probe: C context, Python proxy": "python",
+    "compiled probe: C context, C proxy fetchval": "c",
+    "compiled probe: C context, C proxy + Python subclass": "c-subclass",
 }
 
 
-def _compiled_probe(c_proxy: bool) -> Instance:
+def _compiled_probe(proxy: str) -> Instance:
     def adjust(pool: Any) -> None:
         import os
         import sys
 
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "compiled_probe"))
-        import probe  # (built in place: see its setup.py)
-
-        probe.install(pool, c_proxy=c_proxy)
+        try:
+            import probe  # (built in place: see its setup.py)
+        except ImportError as exc:
+            raise SystemExit(f"--compiled-probe: build benchmarks/compiled_probe first ({exc})") from exc
+        probe.install(pool, proxy=proxy)
 
     return lambda dsn: asyncpool_instance(dsn, mode="off", scoped=True, adjust=adjust)
 
@@ -839,7 +843,7 @@ def _add_stand_ins(args: argparse.Namespace) -> None:
     if args.ablate or args.child in ABLATIONS:
         stand_ins.update({name: _ablated(name) for name in ABLATIONS})
     if args.compiled_probe or args.child in PROBES:
-        stand_ins.update({name: _compiled_probe(c_proxy) for name, c_proxy in PROBES.items()})
+        stand_ins.update({name: _compiled_probe(proxy) for name, proxy in PROBES.items()})
     if args.ablate_acquire or args.child in ACQUIRE_ABLATIONS:
         stand_ins.update({name: _acquire_ablated(name) for name in ACQUIRE_ABLATIONS})
     if not stand_ins:

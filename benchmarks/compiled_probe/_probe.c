@@ -347,7 +347,7 @@ static PyTypeObject ProxyType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "_probe.Proxy",
     .tp_basicsize = sizeof(Proxy),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE,
     .tp_getattro = proxy_getattro,
     .tp_traverse = (traverseproc)proxy_traverse,
     .tp_clear = (inquiry)proxy_clear,
@@ -511,7 +511,7 @@ typedef struct {
     PyObject *owner, *timeout, *frame, *lease, *conn;
     PyObject *fallback;  /* the Python AcquireContext it handed over to, if any */
     PyObject *result;    /* what awaiting this object returns now (set by __aenter__/__aexit__) */
-    int c_proxy;
+    PyTypeObject *proxy_type;  /* Proxy or a subclass; NULL: the Python PooledConnection */
 } Ctx;
 
 static PyTypeObject CtxType;
@@ -529,7 +529,7 @@ handover(Ctx *self)
         set_slot(py, A.frame, self->frame ? self->frame : Py_None);
         set_slot(py, A.lease, self->lease ? self->lease : Py_None);
         PyObject *conn = self->conn;
-        if (conn != NULL && Py_IS_TYPE(conn, &ProxyType)) {
+        if (conn != NULL && PyObject_TypeCheck(conn, &ProxyType)) {
             /* The Python path's clean exit points its proxy at GIVEN_BACK: give it one that the
              * C proxy follows (the C proxy is pointed at GIVEN_BACK too, below). */
             conn = NULL;
@@ -646,13 +646,12 @@ ctx_aenter(Ctx *self, PyObject *unused)
     Py_CLEAR(self->frame);
     self->lease = lease;  /* (the reference taken above) */
     PyObject *conn;
-    if (self->c_proxy) {
-        Proxy *p = PyObject_GC_New(Proxy, &ProxyType);
+    if (self->proxy_type != NULL) {
+        Proxy *p = (Proxy *)self->proxy_type->tp_alloc(self->proxy_type, 0);  /* (tracked) */
         if (p == NULL)
             goto error_held;
         p->lease = Py_NewRef(lease);
         p->owner = Py_NewRef(owner);
-        PyObject_GC_Track(p);
         conn = (PyObject *)p;
     } else if ((conn = python_proxy(lease, owner)) == NULL) {
         goto error_held;
@@ -687,7 +686,7 @@ ctx_slow_exit(Ctx *self, PyObject *const *args, Py_ssize_t nargs)
                          nargs > 2 ? args[2] : Py_None};
     PyObject *coro = PyObject_VectorcallMethod(str_aexit, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
                                                NULL);
-    if (coro != NULL && self->conn != NULL && Py_IS_TYPE(self->conn, &ProxyType)) {
+    if (coro != NULL && self->conn != NULL && PyObject_TypeCheck(self->conn, &ProxyType)) {
         /* The C proxy stays refused once the block has ended, whatever the return does. */
         Py_SETREF(((Proxy *)self->conn)->lease, Py_NewRef(S.GIVEN_BACK));
     }
@@ -745,7 +744,7 @@ ctx_aexit(Ctx *self, PyObject *const *args, Py_ssize_t nargs)
     set_slot(lease, L.task, Py_None);
     set_slot(lease, L.user, Py_None);
     set_slot(lease, L.context, Py_None);
-    if (Py_IS_TYPE(proxy, &ProxyType))
+    if (PyObject_TypeCheck(proxy, &ProxyType))
         Py_SETREF(((Proxy *)proxy)->lease, Py_NewRef(S.GIVEN_BACK));
     else
         set_slot(proxy, P.lease, S.GIVEN_BACK);
@@ -849,6 +848,7 @@ ctx_traverse(Ctx *self, visitproc visit, void *arg)
     Py_VISIT(self->conn);
     Py_VISIT(self->fallback);
     Py_VISIT(self->result);
+    Py_VISIT(self->proxy_type);
     return 0;
 }
 
@@ -862,6 +862,7 @@ ctx_clear(Ctx *self)
     Py_CLEAR(self->conn);
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->result);
+    Py_CLEAR(self->proxy_type);
     return 0;
 }
 
@@ -906,7 +907,7 @@ typedef struct {
     PyObject *owner;     /* the pool's Slots */
     PyObject *original;  /* the pool's own bound acquire, for a call with arguments */
     PyObject *unset;     /* UNSET: the timeout when none is given */
-    int c_proxy;
+    PyTypeObject *proxy_type;
     vectorcallfunc vectorcall;
 } Acquirer;
 
@@ -925,7 +926,8 @@ acquirer_call(Acquirer *self, PyObject *const *args, size_t nargsf, PyObject *kw
     ctx->frame = (PyObject *)frame;
     Py_XINCREF(frame);
     ctx->lease = ctx->conn = ctx->fallback = ctx->result = NULL;
-    ctx->c_proxy = self->c_proxy;
+    ctx->proxy_type = self->proxy_type;
+    Py_XINCREF(ctx->proxy_type);
     PyObject_GC_Track(ctx);
     return (PyObject *)ctx;
 }
@@ -934,20 +936,25 @@ static PyObject *
 acquirer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     PyObject *owner, *original, *unset;
-    int c_proxy = 0;
+    PyObject *proxy_type = Py_None;
     if (!S.configured) {
         PyErr_SetString(PyExc_RuntimeError, "call configure() first");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OOO|p", &owner, &original, &unset, &c_proxy))
+    if (!PyArg_ParseTuple(args, "OOO|O", &owner, &original, &unset, &proxy_type))
         return NULL;
+    if (proxy_type != Py_None && !(PyType_Check(proxy_type)
+            && PyType_IsSubtype((PyTypeObject *)proxy_type, &ProxyType))) {
+        PyErr_SetString(PyExc_TypeError, "proxy_type: _probe.Proxy, a subclass of it, or None");
+        return NULL;
+    }
     Acquirer *self = (Acquirer *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
     self->owner = Py_NewRef(owner);
     self->original = Py_NewRef(original);
     self->unset = Py_NewRef(unset);
-    self->c_proxy = c_proxy;
+    self->proxy_type = proxy_type == Py_None ? NULL : (PyTypeObject *)Py_NewRef(proxy_type);
     self->vectorcall = (vectorcallfunc)acquirer_call;
     return (PyObject *)self;
 }
@@ -958,6 +965,7 @@ acquirer_traverse(Acquirer *self, visitproc visit, void *arg)
     Py_VISIT(self->owner);
     Py_VISIT(self->original);
     Py_VISIT(self->unset);
+    Py_VISIT(self->proxy_type);
     return 0;
 }
 
@@ -967,6 +975,7 @@ acquirer_clear(Acquirer *self)
     Py_CLEAR(self->owner);
     Py_CLEAR(self->original);
     Py_CLEAR(self->unset);
+    Py_CLEAR(self->proxy_type);
     return 0;
 }
 

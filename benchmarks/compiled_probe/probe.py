@@ -51,7 +51,23 @@ _probe.configure(
 )
 
 
-def install(pool: Any, *, c_proxy: bool = False) -> None:
-    """Make ``pool.acquire()`` (without arguments) the C context; with `c_proxy`, the block's
-    connection is the C proxy too (its ``fetchval`` in C, the rest through `PooledConnection`)."""
-    pool.acquire = _probe.Acquirer(pool._slots, pool.acquire, slots.UNSET, c_proxy)
+class ForwardingProxy(_probe.Proxy, driver.ConnectionProxyBase):  # type: ignore[misc]
+    """The C proxy as a real integration would hand it out: a Python subclass that is an
+    ``asyncpg.Connection`` for ``isinstance`` (asyncpg's proxy base, as `PooledConnection`) and
+    forwards the rest through `__getattr__` (a class with one is not specialized by Python 3.11)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(connection.PooledConnection(self._lease, self._owner), name)
+
+
+#: What `install` hands out as the block's connection.
+PROXIES: dict[str, type | None] = {"python": None, "c": _probe.Proxy, "c-subclass": ForwardingProxy}
+
+
+def install(pool: Any, *, proxy: str = "python") -> None:
+    """Make ``pool.acquire()`` (without arguments) the C context. The block's connection is the
+    pool's `PooledConnection` ("python"), or the C proxy ("c": its ``fetchval`` in C, the rest
+    through a `PooledConnection` on the same lease), or its Python subclass ("c-subclass")."""
+    pool.acquire = _probe.Acquirer(pool._slots, pool.acquire, slots.UNSET, PROXIES[proxy])

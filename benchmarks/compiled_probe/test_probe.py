@@ -21,10 +21,10 @@ from asyncpool.pool.lease import GIVEN_BACK
 DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-async def check(c_proxy: bool) -> None:
+async def check(proxy: str) -> None:
     pool = await asyncpool.create_pool(DSN, min_size=1, max_size=1, prepared_statements="off",
                                        telemetry=False)
-    probe.install(pool, c_proxy=c_proxy)
+    probe.install(pool, proxy=proxy)
     slots = pool._slots
     record = slots.idle[0]
     try:
@@ -50,6 +50,7 @@ async def check(c_proxy: bool) -> None:
             with pytest.raises(asyncpg.DivisionByZeroError):
                 await conn.fetchval("SELECT 1/0")
             assert isinstance(conn.raw, asyncpg.Connection)
+            assert isinstance(conn, asyncpg.Connection) is (proxy != "c")
         assert list(slots.idle) == [record]
         # An error leaving the block: the Python path's end (no spare kept).
         with pytest.raises(KeyError):
@@ -114,6 +115,6 @@ async def check(c_proxy: bool) -> None:
         await pool.close()
 
 
-@pytest.mark.parametrize("c_proxy", [False, True])
-def test_probe(c_proxy: bool) -> None:
-    asyncio.run(check(c_proxy))
+@pytest.mark.parametrize("proxy", list(probe.PROXIES))
+def test_probe(proxy: str) -> None:
+    asyncio.run(check(proxy))
