@@ -25,6 +25,10 @@ static struct {
     PyObject *ACTIVE, *RELEASED, *IDLE, *LEASED, *GIVEN_BACK;
     PyObject *spare_lease, *current_tasks, *monotonic, *py_returned, *deque_pop, *deque_append;
     PyObject *own_fetchval, *stmt_failed;
+    /* Python coroutine functions used instead of the C awaitables when given (Python 3.12+: its
+     * SEND no longer calls am_send, and a C awaitable's value comes back as a StopIteration
+     * object; a coroutine's frame is pushed inline): ready(value), first_value(coro, lease). */
+    PyObject *ready, *first_value;
     int configured;
 } S;
 
@@ -199,6 +203,31 @@ returned_clean(PyObject *conn)
     return 1;
 }
 
+/* StopIteration(value) raised / its value taken: public-API forms of CPython's
+ * _PyGen_SetStopIterationValue and _PyGen_FetchStopIterationValue (hidden in 3.13). */
+static void
+set_stop_value(PyObject *value)
+{
+    PyObject *e = PyObject_CallOneArg(PyExc_StopIteration, value);
+    if (e != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, e);
+        Py_DECREF(e);
+    }
+}
+
+static int
+fetch_stop_value(PyObject **value)
+{
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    *value = Py_NewRef(exc != NULL ? ((PyStopIterationObject *)exc)->value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(exc);
+    Py_XDECREF(tb);
+    return 0;
+}
+
 /* ---- the C proxy (variant B): `_lease`, `_owner` and a fetchval of its own ------------------ */
 
 typedef struct {
@@ -280,6 +309,11 @@ proxy_fetchval(Proxy *self, PyObject *const *args, size_t nargsf, PyObject *kwna
     Py_DECREF(rest);
     if (coro == NULL)
         return NULL;  /* (asyncpg makes the coroutine without running anything) */
+    if (S.first_value != Py_None) {
+        PyObject *r = PyObject_CallFunctionObjArgs(S.first_value, coro, lease, NULL);
+        Py_DECREF(coro);
+        return r;
+    }
     Stmt *st = PyObject_GC_New(Stmt, &StmtType);
     if (st == NULL) {
         Py_DECREF(coro);
@@ -411,7 +445,7 @@ stmt_iternext(Stmt *self)
     PySendResult st = stmt_send(self, Py_None, &res);
     if (st == PYGEN_RETURN) {
         if (res != Py_None)
-            _PyGen_SetStopIterationValue(res);
+            set_stop_value(res);
         Py_DECREF(res);
         return NULL;
     }
@@ -429,12 +463,12 @@ stmt_throw(Stmt *self, PyObject *const *args, Py_ssize_t nargs)
         return res;  /* yielded */
     if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
         PyObject *rows;
-        if (_PyGen_FetchStopIterationValue(&rows) < 0)
+        if (fetch_stop_value(&rows) < 0)
             return NULL;
         PyObject *v = first_value(rows);
         Py_DECREF(rows);
         if (v != NULL) {
-            _PyGen_SetStopIterationValue(v);
+            set_stop_value(v);
             Py_DECREF(v);
         }
         return NULL;
@@ -657,9 +691,11 @@ ctx_aenter(Ctx *self, PyObject *unused)
         goto error_held;
     }
     self->conn = conn;
-    self->result = Py_NewRef(conn);
     Py_DECREF(now);
     Py_DECREF(record);
+    if (S.ready != Py_None)
+        return PyObject_CallOneArg(S.ready, conn);
+    self->result = Py_NewRef(conn);
     return Py_NewRef(self);
 error_held:
     Py_DECREF(now);
@@ -825,7 +861,7 @@ ctx_iternext(Ctx *self)
     if (ctx_send(self, Py_None, &r) == PYGEN_ERROR)
         return NULL;
     if (r != Py_None)
-        _PyGen_SetStopIterationValue(r);
+        set_stop_value(r);
     Py_DECREF(r);
     return NULL;
 }
@@ -1022,11 +1058,11 @@ configure(PyObject *module, PyObject *kw)
     }
     const char *objs[] = {"ACTIVE", "RELEASED", "IDLE", "LEASED", "GIVEN_BACK", "spare_lease",
                           "current_tasks", "monotonic", "returned", "deque_pop", "deque_append",
-                          "own_fetchval", "stmt_failed"};
+                          "own_fetchval", "stmt_failed", "ready", "first_value"};
     PyObject **odest[] = {&S.ACTIVE, &S.RELEASED, &S.IDLE, &S.LEASED, &S.GIVEN_BACK,
                           &S.spare_lease, &S.current_tasks, &S.monotonic, &S.py_returned,
-                          &S.deque_pop, &S.deque_append, &S.own_fetchval, &S.stmt_failed};
-    for (int i = 0; i < 13; i++) {
+                          &S.deque_pop, &S.deque_append, &S.own_fetchval, &S.stmt_failed, &S.ready, &S.first_value};
+    for (int i = 0; i < 15; i++) {
         PyObject *o = PyDict_GetItemString(kw, objs[i]);
         if (o == NULL) {
             PyErr_Format(PyExc_TypeError, "configure: %s", objs[i]);

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import sys
 import time
 from typing import Any
 
@@ -37,6 +39,26 @@ def _stmt_failed(held: lease.Lease, exc: BaseException) -> BaseException:
     return exc
 
 
+async def _ready(value: Any) -> Any:
+    """An awaitable of `value` for Python 3.12+ (`_probe.c`: its SEND makes a StopIteration
+    object for a C awaitable's value, and pushes a coroutine's frame inline)."""
+    return value
+
+
+async def _first_value(coro: Any, held: lease.Lease) -> Any:
+    """The C proxy's ``fetchval`` after its checks, for Python 3.12+ (as `_ready`)."""
+    try:
+        rows = await coro
+    except BaseException as exc:
+        failed = _stmt_failed(held, exc)
+        if failed is exc:
+            raise
+        raise failed from exc
+    return rows[0][0] if rows else None
+
+
+#: Python 3.12+ goes through the coroutines above (``PROBE_AWAITABLES=c`` keeps the C ones).
+_COROUTINES = sys.version_info >= (3, 12) and os.environ.get("PROBE_AWAITABLES") != "c"
 own = driver.own_body("fetchval")
 _probe.configure(
     Slots=slots.Slots, ConnectionRecord=record.ConnectionRecord, Lease=lease.Lease,
@@ -48,6 +70,7 @@ _probe.configure(
     monotonic=time.monotonic, returned=driver.returned,
     deque_pop=collections.deque.pop, deque_append=collections.deque.append,
     own_fetchval=own[0] if own is not None else None, stmt_failed=_stmt_failed,
+    ready=_ready if _COROUTINES else None, first_value=_first_value if _COROUTINES else None,
 )
 
 
