@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--queries 4000] [--block 50]
         [--instances 500] [--seconds 2] [--warmup 1] [--all]
         [--only python|python-fleet|single|fleet] [--uvloop]
-        [--ladder | --floor | --ablate | --ablate-acquire]
+        [--ladder | --floor | --ablate | --ablate-acquire | --compiled-probe]
     .venv/bin/python benchmarks/bench_overhead.py --only instructions [--rounds 3]
         [--instr-queries 500] [--instr-instances 1] [--simulate]
-        [--ladder | --ablate | --ablate-acquire | --floor] [--all]
+        [--ladder | --ablate | --ablate-acquire | --floor | --compiled-probe] [--all]
         [--uvloop]
 
 `SELECT $1::int + 1`, statement caches off everywhere (asyncpg ``statement_cache_size=0``,
@@ -57,6 +57,9 @@ copy, the holding task, the checks, the lease kept on the record, the count and 
 `--ablate-acquire` does the same for ``async with pool.acquire()`` + ``conn.fetchval``
 (benchmarks/acquire_ablations.py): the acquire site, the context copy, the holding task, the
 checks before taking, in the statement and at the return, the count and hooks, and all at once.
+`--compiled-probe` sets against them the same acquire path with its common case in C
+(benchmarks/compiled_probe: a throwaway extension, built in place first), with the pool's Python
+proxy, with a C proxy whose ``fetchval`` is C, and with that proxy's Python subclass.
 
 Each sample of a contender is paired with raw asyncpg's sample of the same pass (next to it in
 time), so a busy neighbour moves both. The report gives medians, the extra µs per query over raw
@@ -310,6 +313,33 @@ async def _floor(dsn: str) -> AsyncIterator[Query]:
         yield query
     finally:
         await pool.close()
+
+
+# `--compiled-probe`: the pool's acquire path with its common case in C (benchmarks/compiled_probe,
+# a throwaway extension built in place: its README.md): would a compiled acquire path meet the
+# 3 µs target? The context's __aenter__/__aexit__ do the Python path's bookkeeping without a
+# Python frame; the block's connection is the pool's Python proxy, or a C one whose fetchval is C
+# (as it is, and as a Python subclass that is an asyncpg.Connection for isinstance).
+PROBES = {
+    "compiled probe: C context, Python proxy": "python",
+    "compiled probe: C context, C proxy fetchval": "c",
+    "compiled probe: C context, C proxy + Python subclass": "c-subclass",
+}
+
+
+def _compiled_probe(proxy: str) -> Instance:
+    def adjust(pool: Any) -> None:
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "compiled_probe"))
+        try:
+            import probe  # (built in place: see its setup.py)
+        except ImportError as exc:
+            raise SystemExit(f"--compiled-probe: build benchmarks/compiled_probe first ({exc})") from exc
+        probe.install(pool, proxy=proxy)
+
+    return lambda dsn: asyncpool_instance(dsn, mode="off", scoped=True, adjust=adjust)
 
 
 # `--ablate`: the pool's own statement runner (`Slots.one`) with one piece of its bookkeeping
@@ -802,8 +832,9 @@ def _drop_missing_libraries() -> None:
 
 
 def _add_stand_ins(args: argparse.Namespace) -> None:
-    """`--ladder`, `--ablate`, `--ablate-acquire` and `--floor`: their contenders replace the
-    others but raw asyncpg and the pool, in the single case unless instructions are counted."""
+    """`--ladder`, `--ablate`, `--ablate-acquire`, `--floor` and `--compiled-probe`: their
+    contenders replace the others but raw asyncpg and the pool, in the single case unless
+    instructions are counted."""
     stand_ins: dict[str, Instance] = {}
     if args.floor or args.child == FLOOR:
         stand_ins[FLOOR] = _floor
@@ -811,6 +842,8 @@ def _add_stand_ins(args: argparse.Namespace) -> None:
         stand_ins.update({name: _ladder_step(step) for step, name in enumerate(LADDER)})
     if args.ablate or args.child in ABLATIONS:
         stand_ins.update({name: _ablated(name) for name in ABLATIONS})
+    if args.compiled_probe or args.child in PROBES:
+        stand_ins.update({name: _compiled_probe(proxy) for name, proxy in PROBES.items()})
     if args.ablate_acquire or args.child in ACQUIRE_ABLATIONS:
         stand_ins.update({name: _acquire_ablated(name) for name in ACQUIRE_ABLATIONS})
     if not stand_ins:
@@ -843,7 +876,8 @@ def main() -> None:
     parser.add_argument("--simulate", action="store_true",
                         help="instructions: also the misses of cachegrind's simulated caches and "
                              "branch predictor (I1, D1, mispredictions)")
-    parser.add_argument("--child", choices=[*CONTENDERS, *LADDER, *ABLATIONS, *ACQUIRE_ABLATIONS, FLOOR],
+    parser.add_argument("--child", choices=[*CONTENDERS, *LADDER, *ABLATIONS, *ACQUIRE_ABLATIONS, FLOOR,
+                                        *PROBES],
                         help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     parser.add_argument("--uvloop", action="store_true", help="run every contender on uvloop")
@@ -859,6 +893,9 @@ def main() -> None:
     parser.add_argument("--ablate-acquire", action="store_true",
                         help="raw asyncpg and the pool against its acquire path with one piece of "
                              "its bookkeeping taken out each (benchmarks/acquire_ablations.py)")
+    parser.add_argument("--compiled-probe", action="store_true",
+                        help="raw asyncpg and the pool against its acquire path's common case in C "
+                             "(benchmarks/compiled_probe, built in place first; replaces the others)")
     parser.add_argument("--pin", choices=PLACEMENTS, default="same",
                         help="CPU placement of client and servers (asyncpool/testing/affinity.py)")
     args = parser.parse_args()
