@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from asyncpool.config import DefaultTimeout, PoolConfig, env_value
 from asyncpool.connect.connector import close_failure
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
+from asyncpool.integrations.lambda_workers import sigterm_when_parent_ends
 from asyncpool.options import PoolOptions, translate
 from asyncpool.pool import shutdown
 
@@ -255,6 +256,9 @@ class _Shutdown:
         if self.watcher is None:
             self.watcher = _SignalWatcher.start(self.on_sigterm_elsewhere)
         self.installed = True
+        # A managed-instance worker hears no SIGTERM sent to the runtime's process: it gets one
+        # of its own when that process ends.
+        sigterm_when_parent_ends()
 
     def uninstall(self) -> None:
         if not self.installed:
