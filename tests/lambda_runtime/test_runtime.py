@@ -263,6 +263,18 @@ async def test_what_opening_imports_is_imported_during_init_not_in_the_first_inv
         assert body["preloaded_at_init"] is True
 
 
+@pytest.mark.parametrize("iam_pool", [False, True], ids=["password", "iam"])
+async def test_an_aws_providers_sdk_is_imported_during_init(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path, iam_pool: bool
+) -> None:
+    """aiobotocore (240-330 ms to import) comes with a pool on IamAuth, in INIT, where the first
+    invocation does not pay for it; and only with one."""
+    env: dict[str, str | None] = {"TEST_IAM_POOL": "1" if iam_pool else None}
+    with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
+        body = response(await invoke(runtime_api, {"op": "modules"}), proc)
+        assert body["aws_sdk_at_init"] is iam_pool
+
+
 async def test_powertools_resolve_async_on_the_runners_loop(
     runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
 ) -> None:
