@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.faultproxy import FaultMode, FaultProxy
 from asyncpool.testing.lambda_runtime import RuntimeAPI
 from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients, load_event, scratch_table
 from tests.lambda_runtime.support import (
@@ -343,6 +344,42 @@ async def test_a_deadline_during_a_statement_rolls_back_and_cancels_it_on_the_se
                 await check.close()
             stats = response(await invoke(api, {"op": "query"}), proc)["pool"]
             assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("mode", ["stall", "half-open"])
+async def test_a_deadline_in_a_transaction_whose_server_stopped_answering_still_answers_in_time(
+    own_pgbouncer: PgBouncerServer, postgres: PostgresServer, tmp_path: Path, mode: FaultMode
+) -> None:
+    """The network to the pooler goes while ``pool.transaction()`` runs a statement: the ROLLBACK
+    on the way out can never be answered. It gets the time a reset has (half the margin), then the
+    connection is closed and the error goes out before the deadline; it waited for the leak
+    timeout instead, and Lambda timed the invocation out and reset the environment."""
+    tag = uuid.uuid4().hex
+    async with scratch_table(postgres.dsn()) as table, FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        env: dict[str, str | None] = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn())}
+        with RuntimeAPI(function_timeout=2) as api, environment(
+                api, own_pgbouncer, tmp_path, env=env) as proc:
+            try:
+                response(await invoke(api, {"op": "query"}), proc)
+                rid = api.submit({"op": "write_then_stall", "table": table, "tag": tag})
+                deadline = time.monotonic() + 10
+                while not await running(postgres.dsn(), tag):
+                    assert time.monotonic() < deadline, proc.log()[-2000:]
+                    await asyncio.sleep(0.05)
+                proxy.set_mode(mode)
+                late = await asyncio.to_thread(api.result, rid, 30)
+                assert late.kind == "error", late.body
+                assert late.json()["errorType"] == "HandlerTimeoutError"
+                assert late.seconds < 2.0
+                assert not proc.was_reset.is_set()
+                proxy.set_mode("pass")
+                stats = response(await invoke(api, {"op": "query"}), proc)["pool"]
+                # The stuck connection was closed; a new one served the next invocation.
+                assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
+                assert stats["leaked_total"] == 0
+            finally:
+                # Its cancel request never got through: end the statement (and its lock).
+                await postgres.end_statements(tag)
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["logging-in", "checking-the-connection"])
