@@ -270,6 +270,8 @@ async def test_an_aws_providers_sdk_is_imported_during_init(
 ) -> None:
     """aiobotocore (240-330 ms to import) comes with a pool on IamAuth, in INIT, where the first
     invocation does not pay for it; and only with one."""
+    if iam_pool:
+        pytest.importorskip("aiobotocore")  # (the iam extra: not in every interpreter's venv)
     env: dict[str, str | None] = {"TEST_IAM_POOL": "1" if iam_pool else None}
     with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
         body = response(await invoke(runtime_api, {"op": "modules"}), proc)
