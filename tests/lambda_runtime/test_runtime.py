@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.admin import admin_command
 from asyncpool.testing.faultproxy import FaultMode, FaultProxy
 from asyncpool.testing.lambda_runtime import RuntimeAPI
 from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients, load_event, scratch_table
@@ -223,6 +224,50 @@ async def test_a_frozen_environment_whose_connection_was_closed_serves_the_next_
         assert len(await app_clients(idle_closing_pgbouncer)) == 1
         again = response(await invoke(runtime_api, {"op": "query"}), proc)["pool"]
         assert again["created_total"] == 2
+
+
+async def _end_app_backends(postgres: PostgresServer) -> None:
+    check = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        await check.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE usename = 'app' AND pid <> pg_backend_pid()")
+    finally:
+        await check.close()
+
+
+@pytest.mark.parametrize("fault", ["backend-ended-behind-pgbouncer", "pgbouncer-reconnect",
+                                   "backend-ended-direct"])
+async def test_what_the_server_side_did_during_a_freeze_is_not_seen_by_the_next_invocation(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, postgres: PostgresServer,
+    tmp_path: Path, fault: str,
+) -> None:
+    """Frozen between invocations, the environment's server session is ended
+    (pg_terminate_backend, PgBouncer's RECONNECT), behind PgBouncer or with the pool straight to
+    PostgreSQL: the next invocation is served, quickly, on a connection that works."""
+    direct = fault.endswith("direct")
+    env: dict[str, str | None] = {"ASYNCPOOL_DSN": postgres.dsn()} if direct else {}
+    with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
+        before = response(await invoke(runtime_api, {"op": "query"}), proc)
+        await asyncio.to_thread(runtime_api.wait_idle)
+        proc.freeze()
+        try:
+            if fault == "pgbouncer-reconnect":
+                assert own_pgbouncer.admin_dsn is not None
+                await admin_command(own_pgbouncer.admin_dsn, "RECONNECT app")
+            else:
+                await _end_app_backends(postgres)
+            await asyncio.sleep(0.5)
+        finally:
+            proc.thaw()
+        thawed = await invoke(runtime_api, {"op": "query"})
+        after = response(thawed, proc)
+        assert thawed.seconds < 2.0  # (milliseconds, on a shared machine)
+        assert after["backend_pid"] != before["backend_pid"]
+        stats = after["pool"]
+        # Behind PgBouncer the client connection lives on (PgBouncer logs in to PostgreSQL again);
+        # straight to PostgreSQL it was closed, noticed at the invocation's start and replaced.
+        assert (stats["created_total"], stats["closed_total"]) == ((2, 1) if direct else (1, 0))
+        assert response(await invoke(runtime_api, {"op": "query"}), proc)["pool"]["in_use"] == 0
 
 
 async def test_snapstart_restore_of_a_pool_opened_at_init(
