@@ -270,6 +270,37 @@ async def test_what_the_server_side_did_during_a_freeze_is_not_seen_by_the_next_
         assert response(await invoke(runtime_api, {"op": "query"}), proc)["pool"]["in_use"] == 0
 
 
+async def test_a_refill_login_left_on_a_dead_network_does_not_fail_the_invocation_after_it(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """The network to PgBouncer dies without a word while the environment is frozen: the thawed
+    invocation fails (PoolTimeoutError), and the pool's min_size refill, begun on the dead
+    network, was still logging in when the network came back. The next invocation gives it up
+    and logs in itself; it waited behind it (max_size=1) and failed as well."""
+    # Housekeeping every second (max_idle / 2), so a refill starts in the thawed invocation,
+    # after its checkout gave up; a login outlives the next invocation's acquire_timeout.
+    timeouts: dict[str, str | None] = {"ASYNCPOOL_ACQUIRE_TIMEOUT": "1.5",
+                                       "ASYNCPOOL_CONNECT_TIMEOUT": "4", "ASYNCPOOL_MAX_IDLE": "2"}
+    async with FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        env = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn()), **timeouts}
+        with RuntimeAPI(function_timeout=4) as api, environment(
+                api, own_pgbouncer, tmp_path, env=env) as proc:
+            response(await invoke(api, {"op": "query"}), proc)
+            await asyncio.to_thread(api.wait_idle)
+            proc.freeze()
+            proxy.set_mode("half-open")  # replies lost, on every connection from now on
+            proc.thaw()
+            thawed = await invoke(api, {"op": "query"})
+            assert thawed.kind == "error", thawed.body
+            assert thawed.json()["errorType"] == "PoolTimeoutError"
+            await asyncio.to_thread(api.wait_idle)
+            proxy.set_mode("pass")
+            back = await invoke(api, {"op": "query"})
+            assert response(back, proc)["pool"]["in_use"] == 0
+            assert back.seconds < 1.0
+            assert "was given up" in proc.log(), proc.log()[-3000:]
+
+
 async def test_snapstart_restore_of_a_pool_opened_at_init(
     runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
 ) -> None:
