@@ -13,8 +13,6 @@ parent ends (Linux ``PR_SET_PDEATHSIG``), and its hooks close its pools as on an
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import multiprocessing
 import os
 import signal
 import sys
@@ -34,6 +32,8 @@ def managed_instance_parent(environ: Mapping[str, str] | None = None) -> int | N
     env = os.environ if environ is None else environ
     if not env.get("AWS_LAMBDA_MAX_CONCURRENCY"):
         return None
+    import multiprocessing  # (only here: a few milliseconds of INIT otherwise)
+
     parent = multiprocessing.parent_process()
     return None if parent is None else parent.pid
 
@@ -46,6 +46,8 @@ def sigterm_when_parent_ends(environ: Mapping[str, str] | None = None) -> bool:
     parent = managed_instance_parent(environ)
     if parent is None or not sys.platform.startswith("linux"):
         return False
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         asked = libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
