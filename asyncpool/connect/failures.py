@@ -201,6 +201,17 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
             f"with no server behind it, or another service): {_WHICH_PORT}, or wait for the "
             "server to start"
         )
+    elif "error response during ssl exchange" in text.lower():
+        # asyncpg's words for an ErrorResponse read where the answer to its SSLRequest was due;
+        # it drops the server's text. A server that takes no TLS answers "N", not that: a
+        # pooler ended the login first, such as PgBouncer's client_login_timeout for a client
+        # frozen while it logged in (a Lambda environment frozen during a background login,
+        # which reported "TLS failed", not retried, on the thaw).
+        error = ConnectError(
+            f"{where}: the server or pooler ended the login with an error before TLS was agreed "
+            f"({text}); a pooler's login timeout does that (PgBouncer's client_login_timeout: "
+            "a process frozen, or stalled, while it logged in)"
+        )
     elif isinstance(exc, ssl.SSLError) or "ssl" in text.lower():
         error = ConnectError(f"{where}: TLS failed ({text}); check the ssl mode and CA bundle")
         error.transient = False

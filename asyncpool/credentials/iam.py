@@ -8,7 +8,7 @@ import weakref
 from typing import Any
 
 from asyncpool.connect.dsn import Target
-from asyncpool.credentials.aws_client import AwsClient, ServiceModels, aws_error, region_in_host
+from asyncpool.credentials.aws_client import AwsClient, ServiceModels, aws_error, import_sdk, region_in_host
 from asyncpool.credentials.aws_environment import credentials_fingerprint
 from asyncpool.errors import CredentialsError
 
@@ -115,6 +115,10 @@ class IamAuth:
         # only ends the client's HTTP connections.
         await current.close()
         return True
+
+    def preload(self) -> None:
+        """Import aiobotocore now (Lambda INIT) rather than at the first connection."""
+        import_sdk()
 
     async def warm(self, target: Target) -> None:
         """Create the client and sign one token, so missing credentials fail at `open()`."""

@@ -53,6 +53,13 @@ class ExplainsAuthFailure(Protocol):
     def auth_failure_hint(self, target: Target) -> str: ...
 
 
+@runtime_checkable
+class Preloads(Protocol):
+    """A provider that can import what its first connection needs ahead of time (Lambda INIT)."""
+
+    def preload(self) -> None: ...
+
+
 def auth_failure_hint(provider: object, target: Target) -> str | None:
     """The provider's advice for a refused login, if it has any."""
     if isinstance(provider, ExplainsAuthFailure):

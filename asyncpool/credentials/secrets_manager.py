@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asyncpool.connect.dsn import Target
-from asyncpool.credentials.aws_client import AwsClient, LoopLock, aws_error, region_text
+from asyncpool.credentials.aws_client import AwsClient, LoopLock, aws_error, import_sdk, region_text
 from asyncpool.errors import CredentialsError
 
 logger: logging.Logger = logging.getLogger("asyncpool.credentials")
@@ -174,6 +174,10 @@ class SecretsManagerAuth:
         fresh = fetch.result()
         if self._secret is None or fresh.generation >= self._secret.generation:
             self._secret = fresh
+
+    def preload(self) -> None:
+        """Import aiobotocore now (Lambda INIT) rather than at the first connection."""
+        import_sdk()
 
     async def warm(self, target: Target) -> None:
         """Read the secret now, so a missing secret or permission fails at `open()`."""

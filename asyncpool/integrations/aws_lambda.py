@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncpool.config import DefaultTimeout, PoolConfig, env_value
 from asyncpool.connect.connector import close_failure
+from asyncpool.credentials.provider import Preloads
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
+from asyncpool.integrations.lambda_workers import sigterm_when_parent_ends
 from asyncpool.options import PoolOptions, translate
 from asyncpool.pool import shutdown
 
@@ -114,9 +116,14 @@ def preload_for_open(config: PoolConfig) -> None:
     A Lambda pool opens in the first invocation, which would pay for those imports: its
     OpenTelemetry instrumentation (``telemetry=True``; measured, 24 ms of a first invocation that
     took 7 ms without it) and the one-round-trip statement mode (``prepared_statements="unnamed"``,
-    the default; 12-40 ms). Called at module level, as pools are made, it moves them into INIT.
+    the default; 12-40 ms), and an AWS credentials provider's aiobotocore (`IamAuth`,
+    `SecretsManagerAuth`: 240-330 ms; the client itself is still made at the first connection,
+    after a SnapStart restore). Called at module level, as pools are made, it moves them into INIT.
     `lambda_config` and `LambdaRunner.attach` call it.
     """
+    if isinstance(config.credentials, Preloads):
+        # An AWS provider's aiobotocore: 240-330 ms of the first invocation otherwise.
+        config.credentials.preload()
     if config.telemetry:
         import asyncpool.telemetry
     if config.prepared_statements == "unnamed":
@@ -257,6 +264,9 @@ class _Shutdown:
         if self.watcher is None:
             self.watcher = _SignalWatcher.start(self.on_sigterm_elsewhere)
         self.installed = True
+        # A managed-instance worker hears no SIGTERM sent to the runtime's process: it gets one
+        # of its own when that process ends.
+        sigterm_when_parent_ends()
 
     def uninstall(self) -> None:
         if not self.installed:

@@ -30,6 +30,7 @@ from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
 from asyncpool.pool.leaks import LEAK_CANCEL_MESSAGE
 from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, TERMINATED, Lease, LeaseState
 from asyncpool.pool.record import IDLE
+from asyncpool.pool.resets import reset_timeout
 
 if TYPE_CHECKING:
     from collections import deque
@@ -395,7 +396,11 @@ class TransactionContext(AcquireContext[PoolRecordT_co]):
             return
         if exc is not None:
             try:
-                await self._tx.rollback()
+                # Within the time a reset has: cut short by a Lambda deadline on a server that
+                # no longer answers (the network gone), this ROLLBACK waited until the leak
+                # timeout, past the deadline; the reset after it then closes the connection.
+                async with asyncio.timeout(reset_timeout(asyncio.get_running_loop())):
+                    await self._tx.rollback()
             except Exception:  # noqa: S110
                 # The block's own error (or cancellation) is what the caller must see; a failed
                 # rollback leaves the transaction open, and release() resets or drops it.

@@ -44,14 +44,15 @@ def mark_stale(slots: Slots) -> None:
 async def fill_in_background(slots: Slots, count: int) -> None:
     """`fill` for ``open(wait=False)``: a failure is logged, and housekeeping tries again."""
     try:
-        await fill(slots, count)
+        await fill(slots, count, own=True)
     except Exception as exc:
         logger.warning("pool %r: could not open min_size=%d connections in the background "
                        "(%s); housekeeping tries again", slots.name, count, exc)
 
 
-async def fill(slots: Slots, count: int) -> None:
-    """Open connections until `count` exist (raising the first failure)."""
+async def fill(slots: Slots, count: int, *, own: bool = False) -> None:
+    """Open connections until `count` exist (raising the first failure). `own`: nobody waits
+    for them (`logins.give_up_fills` may stop their logins)."""
     loop = slots.loop
     assert loop is not None
     while slots.state is OPEN and slots.size() < count:
@@ -59,7 +60,7 @@ async def fill(slots: Slots, count: int) -> None:
         slots.filling += 1
         holding = True
         try:
-            conn = await logins.log_in(slots)
+            conn = await logins.log_in(slots, own=own)
             record = logins.new_record(slots, conn)
             slots.connecting -= 1
             slots.filling -= 1
@@ -96,7 +97,7 @@ async def housekeep(slots: Slots) -> None:
     reap(slots)
     if slots.state is OPEN and slots.size() < slots.config.min_size:
         try:
-            await fill(slots, slots.config.min_size)
+            await fill(slots, slots.config.min_size, own=True)
         except (ConnectError, PoolClosedError) as exc:
             logger.warning("%s; could not keep min_size connections", logins.named(slots.name, exc))
 

@@ -126,17 +126,21 @@ async def _wait_between_attempts(slots: Slots, delay: float, progress: Progress)
     return lease
 
 
-async def log_in(slots: Slots, deadline: float | None = None) -> Any:
+async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = False) -> Any:
     """One login, within `connect_timeout`, in a task of its own that close() can stop.
 
     `deadline`: when the caller's acquire_timeout ends, if it has one. A login stopped
-    part-way is reported (to telemetry) with the error its caller is given instead."""
+    part-way is reported (to telemetry) with the error its caller is given instead. `own`: a
+    login of the pool's own (a min_size refill), which `give_up_fills` may stop."""
     loop = slots.loop
     assert loop is not None
     assert slots.connector is not None
     cut_short = CutShort()
     attempt = loop.create_task(slots.connector.connect(cut_short))
     slots.attempts[attempt] = cut_short
+    if own:
+        slots.fills.add(attempt)
+        attempt.add_done_callback(slots.fills.discard)
     limit = asyncio.timeout(slots.config.connect_timeout)
     task = asyncio.current_task()
     # The caller's cancel requests so far (one may be left over from earlier code): only
@@ -178,11 +182,28 @@ async def log_in(slots: Slots, deadline: float | None = None) -> Any:
         if error is not None:
             slots.connect_errors_total += 1
             raise error from error.__cause__
+        if closed and own and slots.state is OPEN:
+            raise ConnectError(  # `give_up_fills`
+                f"pool {slots.name!r}: a login of its own to {slots.connector.target}, under way "
+                "when the process was paused (a frozen Lambda environment), was given up: its "
+                "socket may have died meanwhile; the next checkout logs in again") from None
         if closed:
             raise misuse.closed_error(slots) from None  # close() stopped the login
         raise
     del slots.attempts[attempt]
     return conn
+
+
+def give_up_fills(slots: Slots) -> None:
+    """Stop the pool's own logins under way (min_size refills; callers' logins are left alone).
+
+    After a pause (a frozen Lambda environment) such a login may wait on a socket that died
+    meanwhile, for up to connect_timeout, in a slot the next caller needs: with max_size=1 the
+    next invocation failed (PoolTimeoutError) though the pooler was back. Its slot goes to the
+    caller, which logs in itself."""
+    for attempt in list(slots.fills):
+        if not attempt.done():
+            attempt.cancel()
 
 
 def _slow_init_error(slots: Slots) -> ConnectError:

@@ -34,7 +34,7 @@ from asyncpool.options import (
     with_connect_args,
     with_record_class,
 )
-from asyncpool.pool import forks, housekeeping, lifecycle, misuse, pool_stats
+from asyncpool.pool import forks, housekeeping, lifecycle, logins, misuse, pool_stats
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
 from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
@@ -254,9 +254,15 @@ class Pool(Generic[PoolRecordT_co]):
         """Check every connection with a round trip before its next checkout, whatever the clock
         says: after a freeze or a snapshot restore the monotonic clock cannot be trusted to show
         how long a connection sat idle. One in use is checked after its return, by its next
-        holder (a caller waiting in line included) before that one gets it. It only marks the
-        connections, so any thread may call it (a snapshot-restore hook does)."""
+        holder (a caller waiting in line included) before that one gets it. Called on the pool's
+        loop (`LambdaRunner` does, as each invocation starts), it also gives up the pool's own
+        logins under way (min_size refills): one begun before the pause may wait on a socket that
+        died meanwhile, in the slot a caller needs; that caller logs in itself. From another
+        thread (a snapshot-restore hook) it only marks the connections."""
         housekeeping.mark_stale(self._slots)
+        with contextlib.suppress(RuntimeError):  # (no running loop: another thread)
+            if asyncio.get_running_loop() is self._slots.loop:
+                logins.give_up_fills(self._slots)
 
     def invalidate_statement_cache(self) -> None:
         """Forget cached statement descriptions (``prepared_statements="unnamed"``), e.g.

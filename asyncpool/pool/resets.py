@@ -107,6 +107,17 @@ def retire_busy(slots: Slots, record: ConnectionRecord) -> None:
     slots.retire(record, "returned busy")
 
 
+def reset_timeout(loop: asyncio.AbstractEventLoop, timeout: float | None = None) -> float:
+    """How long a returned connection's reset may take: `timeout` (None: `RELEASE_TIMEOUT`),
+    and no later than the `RESETS_END` of the context (a Lambda invocation's)."""
+    if timeout is None:
+        timeout = RELEASE_TIMEOUT
+    end = RESETS_END.get()
+    if end is not None and end.at is not None:
+        timeout = max(0.0, min(timeout, end.at - loop.time()))
+    return timeout
+
+
 async def checkin(slots: Slots, lease: Lease, timeout: float | None = None) -> None:
     """Finish returning a connection `checkin_nowait` found in need of a reset, within
     `timeout` (None: `RELEASE_TIMEOUT`; in any case by `RESETS_END`; a reset that takes
@@ -118,13 +129,8 @@ async def checkin(slots: Slots, lease: Lease, timeout: float | None = None) -> N
     every such return would cost a connection. The connection goes back in the caller's
     task when the caller is still there (before anyone else can take it, as before)."""
     record = lease.record
-    if timeout is None:
-        timeout = RELEASE_TIMEOUT
-    end = RESETS_END.get()
-    if end is not None and end.at is not None:
-        assert slots.loop is not None
-        timeout = max(0.0, min(timeout, end.at - slots.loop.time()))
-    reset = slots._spawn(_reset(slots, record, timeout))
+    assert slots.loop is not None
+    reset = slots._spawn(_reset(slots, record, reset_timeout(slots.loop, timeout)))
     slots.resets[reset] = record
     reset.add_done_callback(functools.partial(_reset_done, slots))
     try:

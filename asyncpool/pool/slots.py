@@ -87,7 +87,7 @@ class Slots(_HotSlots):
     __slots__ = (
         "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "closed_total",
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
-        "filling", "forks", "generation", "getting", "handed", "housekeeper", "leaked_total", "name",
+        "filling", "fills", "forks", "generation", "getting", "handed", "housekeeper", "leaked_total", "name",
         "observer", "opened_in", "opening", "pid",
         "records", "replaced_credentials", "resets", "retrying", "state", "timeouts_total",
         "undoing_open", "validation_failures_total", "waiters",
@@ -161,6 +161,8 @@ class Slots(_HotSlots):
         self.getting: set[asyncio.Task[Any]] = set()
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
+        # Those of them the pool makes on its own (min_size refills nobody waits on).
+        self.fills: set[asyncio.Task[Any]] = set()
         self.background: set[asyncio.Task[Any]] = set()
         # Resets of returned connections (among `background`) and their records, for `settle`.
         self.resets: dict[asyncio.Task[bool], ConnectionRecord] = {}

@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from asyncpool.testing import ServerStack
+from asyncpool import ConnectError, Pool
+from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from asyncpool.testing.binaries import system_pgbouncer
 from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.ledger import Ledger
 
@@ -132,3 +134,26 @@ async def _write(worker: FrozenWorker, ledger: Ledger) -> None:
     reply = await worker.call(op="write", table=ledger.table, id=ident)
     assert reply == {"outcome": "committed"}, reply
     ledger.committed.add(ident)
+
+
+async def test_a_login_the_pooler_timed_out_before_tls_is_transient_and_says_so(
+    postgres: PostgresServer,
+) -> None:
+    """A client frozen (here: its bytes lost) before its SSLRequest reached PgBouncer: after
+    client_login_timeout PgBouncer sends an ErrorResponse where asyncpg awaits the TLS answer
+    ("server sent an error response during SSL exchange"). It was reported as "TLS failed ...
+    check the ssl mode and CA bundle" and not retried; it is the pooler's login timeout."""
+    with PgBouncerServer(system_pgbouncer(), postgres, {"client_login_timeout": 1}) as bouncer:
+        async with FaultProxy.to_dsn(bouncer.dsn()) as proxy:
+            proxy.set_mode("half-open", direction="requests")
+            pool = Pool(dsn=proxy.dsn(bouncer.dsn()), min_size=1, max_size=1, connect_timeout=10)
+            try:
+                with pytest.raises(ConnectError) as info:
+                    await pool.open()
+            finally:
+                await pool.close()
+    message = str(info.value)
+    assert "error response during SSL exchange" in message
+    assert "TLS failed" not in message
+    assert "client_login_timeout" in message
+    assert info.value.transient

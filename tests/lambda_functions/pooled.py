@@ -21,6 +21,12 @@ from asyncpool.pool.connection import PooledConnection
 pool = Pool(config=lambda_config(function_timeout=10, name="runtime-test"))
 # Checked at every invocation boundary (TEST_DETACHED: the clock alone decides, to measure).
 get_runner().attach(pool, check_each_invocation=not os.environ.get("TEST_DETACHED"))
+if os.environ.get("TEST_IAM_POOL"):
+    # A pool on IAM tokens, made at INIT and never opened here: what INIT imports for it.
+    from asyncpool import IamAuth
+
+    iam_pool = get_runner().attach(
+        Pool(config=lambda_config(function_timeout=10, credentials=IamAuth(region="us-east-1"))))
 if os.environ.get("TEST_POWERTOOLS_LOGGER"):
     # asyncpool's records through Powertools' JSON formatter, as its docs suggest for libraries.
     from aws_lambda_powertools import Logger
@@ -106,6 +112,7 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         result["background"] = [_outcome(t) for t in background]
     elif op == "modules":
         result["preloaded_at_init"] = PRELOADED_AT_INIT
+        result["aws_sdk_at_init"] = AWS_SDK_AT_INIT
     elif op != "stats":
         raise ValueError(f"unknown op {op!r}")
     result["pool"] = dataclasses.asdict(pool.stats())
@@ -114,3 +121,4 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 # What INIT imported (the handler module is imported during INIT).
 PRELOADED_AT_INIT = "asyncpool.telemetry" in sys.modules and "asyncpool.unnamed.wire" in sys.modules
+AWS_SDK_AT_INIT = "aiobotocore.session" in sys.modules

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.lambda_runtime import RuntimeAPI
 from tests.lambda_env import app_clients, load_event, scratch_table
 from tests.lambda_runtime.support import (
@@ -151,6 +152,41 @@ async def test_lambda_deadline_answers_504_with_the_connection_back_before_the_i
             assert json.loads(again["body"])["backend_pid"] == json.loads(first["body"])["backend_pid"]
             assert again["headers"]["x-pool-created"] == "1"
         assert not proc.was_reset.is_set()
+
+
+async def test_lambda_deadline_answers_504_in_time_when_the_network_to_the_pooler_is_gone(
+    own_pgbouncer: PgBouncerServer, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """As above, but the network stalls under the statement: the transaction dependency's
+    ROLLBACK is never answered. It gets half the margin, the connection is closed, and the 504
+    still goes out before the deadline (it waited for leak_timeout: Lambda's timeout first)."""
+    tag = uuid.uuid4().hex
+    async with scratch_table(postgres.dsn()) as table, FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        env: dict[str, str | None] = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn())}
+        with RuntimeAPI(function_timeout=2) as api, environment(
+            api, own_pgbouncer, tmp_path, handler="mangum_deadline.handler", env=env,
+        ) as proc:
+            try:
+                assert response(await invoke(api, _get("/quick", {})), proc)["statusCode"] == 200
+                rid = api.submit(_get("/stall", {"tag": tag, "table": table}))
+                for _ in range(200):  # (10 s)
+                    if await running(postgres.dsn(), tag):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"the statement never started\n{proc.log()[-2000:]}")
+                proxy.set_mode("stall")
+                late = await asyncio.to_thread(api.result, rid, 30)
+                assert late.kind == "response", late.body
+                assert late.json()["statusCode"] == 504
+                assert late.json()["headers"]["x-pool-in-use"] == "0"
+                proxy.set_mode("pass")
+                again = response(await invoke(api, _get("/quick", {})), proc)
+                assert again["statusCode"] == 200, again
+                assert again["headers"]["x-pool-created"] == "2"  # the stuck one was closed
+            finally:
+                await postgres.end_statements(tag)
+            assert not proc.was_reset.is_set()
 
 
 async def test_lambda_deadline_with_a_margin_above_the_function_timeout_serves_and_says_so_once(

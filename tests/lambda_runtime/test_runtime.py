@@ -20,6 +20,8 @@ import asyncpg
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from asyncpool.testing.admin import admin_command
+from asyncpool.testing.faultproxy import FaultMode, FaultProxy
 from asyncpool.testing.lambda_runtime import RuntimeAPI
 from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients, load_event, scratch_table
 from tests.lambda_runtime.support import (
@@ -224,6 +226,81 @@ async def test_a_frozen_environment_whose_connection_was_closed_serves_the_next_
         assert again["created_total"] == 2
 
 
+async def _end_app_backends(postgres: PostgresServer) -> None:
+    check = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        await check.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE usename = 'app' AND pid <> pg_backend_pid()")
+    finally:
+        await check.close()
+
+
+@pytest.mark.parametrize("fault", ["backend-ended-behind-pgbouncer", "pgbouncer-reconnect",
+                                   "backend-ended-direct"])
+async def test_what_the_server_side_did_during_a_freeze_is_not_seen_by_the_next_invocation(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, postgres: PostgresServer,
+    tmp_path: Path, fault: str,
+) -> None:
+    """Frozen between invocations, the environment's server session is ended
+    (pg_terminate_backend, PgBouncer's RECONNECT), behind PgBouncer or with the pool straight to
+    PostgreSQL: the next invocation is served, quickly, on a connection that works."""
+    direct = fault.endswith("direct")
+    env: dict[str, str | None] = {"ASYNCPOOL_DSN": postgres.dsn()} if direct else {}
+    with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
+        before = response(await invoke(runtime_api, {"op": "query"}), proc)
+        await asyncio.to_thread(runtime_api.wait_idle)
+        proc.freeze()
+        try:
+            if fault == "pgbouncer-reconnect":
+                assert own_pgbouncer.admin_dsn is not None
+                await admin_command(own_pgbouncer.admin_dsn, "RECONNECT app")
+            else:
+                await _end_app_backends(postgres)
+            await asyncio.sleep(0.5)
+        finally:
+            proc.thaw()
+        thawed = await invoke(runtime_api, {"op": "query"})
+        after = response(thawed, proc)
+        assert thawed.seconds < 2.0  # (milliseconds, on a shared machine)
+        assert after["backend_pid"] != before["backend_pid"]
+        stats = after["pool"]
+        # Behind PgBouncer the client connection lives on (PgBouncer logs in to PostgreSQL again);
+        # straight to PostgreSQL it was closed, noticed at the invocation's start and replaced.
+        assert (stats["created_total"], stats["closed_total"]) == ((2, 1) if direct else (1, 0))
+        assert response(await invoke(runtime_api, {"op": "query"}), proc)["pool"]["in_use"] == 0
+
+
+async def test_a_refill_login_left_on_a_dead_network_does_not_fail_the_invocation_after_it(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """The network to PgBouncer dies without a word while the environment is frozen: the thawed
+    invocation fails (PoolTimeoutError), and the pool's min_size refill, begun on the dead
+    network, was still logging in when the network came back. The next invocation gives it up
+    and logs in itself; it waited behind it (max_size=1) and failed as well."""
+    # Housekeeping every second (max_idle / 2), so a refill starts in the thawed invocation,
+    # after its checkout gave up; a login outlives the next invocation's acquire_timeout.
+    timeouts: dict[str, str | None] = {"ASYNCPOOL_ACQUIRE_TIMEOUT": "1.5",
+                                       "ASYNCPOOL_CONNECT_TIMEOUT": "4", "ASYNCPOOL_MAX_IDLE": "2"}
+    async with FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        env = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn()), **timeouts}
+        with RuntimeAPI(function_timeout=4) as api, environment(
+                api, own_pgbouncer, tmp_path, env=env) as proc:
+            response(await invoke(api, {"op": "query"}), proc)
+            await asyncio.to_thread(api.wait_idle)
+            proc.freeze()
+            proxy.set_mode("half-open")  # replies lost, on every connection from now on
+            proc.thaw()
+            thawed = await invoke(api, {"op": "query"})
+            assert thawed.kind == "error", thawed.body
+            assert thawed.json()["errorType"] == "PoolTimeoutError"
+            await asyncio.to_thread(api.wait_idle)
+            proxy.set_mode("pass")
+            back = await invoke(api, {"op": "query"})
+            assert response(back, proc)["pool"]["in_use"] == 0
+            assert back.seconds < 1.0
+            assert "was given up" in proc.log(), proc.log()[-3000:]
+
+
 async def test_snapstart_restore_of_a_pool_opened_at_init(
     runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
 ) -> None:
@@ -261,6 +338,20 @@ async def test_what_opening_imports_is_imported_during_init_not_in_the_first_inv
     with environment(runtime_api, own_pgbouncer, tmp_path) as proc:
         body = response(await invoke(runtime_api, {"op": "modules"}), proc)
         assert body["preloaded_at_init"] is True
+
+
+@pytest.mark.parametrize("iam_pool", [False, True], ids=["password", "iam"])
+async def test_an_aws_providers_sdk_is_imported_during_init(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path, iam_pool: bool
+) -> None:
+    """aiobotocore (240-330 ms to import) comes with a pool on IamAuth, in INIT, where the first
+    invocation does not pay for it; and only with one."""
+    if iam_pool:
+        pytest.importorskip("aiobotocore")  # (the iam extra: not in every interpreter's venv)
+    env: dict[str, str | None] = {"TEST_IAM_POOL": "1" if iam_pool else None}
+    with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
+        body = response(await invoke(runtime_api, {"op": "modules"}), proc)
+        assert body["aws_sdk_at_init"] is iam_pool
 
 
 async def test_powertools_resolve_async_on_the_runners_loop(
@@ -331,6 +422,42 @@ async def test_a_deadline_during_a_statement_rolls_back_and_cancels_it_on_the_se
                 await check.close()
             stats = response(await invoke(api, {"op": "query"}), proc)["pool"]
             assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("mode", ["stall", "half-open"])
+async def test_a_deadline_in_a_transaction_whose_server_stopped_answering_still_answers_in_time(
+    own_pgbouncer: PgBouncerServer, postgres: PostgresServer, tmp_path: Path, mode: FaultMode
+) -> None:
+    """The network to the pooler goes while ``pool.transaction()`` runs a statement: the ROLLBACK
+    on the way out can never be answered. It gets the time a reset has (half the margin), then the
+    connection is closed and the error goes out before the deadline; it waited for the leak
+    timeout instead, and Lambda timed the invocation out and reset the environment."""
+    tag = uuid.uuid4().hex
+    async with scratch_table(postgres.dsn()) as table, FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        env: dict[str, str | None] = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn())}
+        with RuntimeAPI(function_timeout=2) as api, environment(
+                api, own_pgbouncer, tmp_path, env=env) as proc:
+            try:
+                response(await invoke(api, {"op": "query"}), proc)
+                rid = api.submit({"op": "write_then_stall", "table": table, "tag": tag})
+                deadline = time.monotonic() + 10
+                while not await running(postgres.dsn(), tag):
+                    assert time.monotonic() < deadline, proc.log()[-2000:]
+                    await asyncio.sleep(0.05)
+                proxy.set_mode(mode)
+                late = await asyncio.to_thread(api.result, rid, 30)
+                assert late.kind == "error", late.body
+                assert late.json()["errorType"] == "HandlerTimeoutError"
+                assert late.seconds < 2.0
+                assert not proc.was_reset.is_set()
+                proxy.set_mode("pass")
+                stats = response(await invoke(api, {"op": "query"}), proc)["pool"]
+                # The stuck connection was closed; a new one served the next invocation.
+                assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
+                assert stats["leaked_total"] == 0
+            finally:
+                # Its cancel request never got through: end the statement (and its lock).
+                await postgres.end_statements(tag)
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["logging-in", "checking-the-connection"])
