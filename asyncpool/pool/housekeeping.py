@@ -45,6 +45,8 @@ async def fill_in_background(slots: Slots, count: int) -> None:
     """`fill` for ``open(wait=False)``: a failure is logged, and housekeeping tries again."""
     try:
         await fill(slots, count, own=True)
+    except logins.FillGivenUp as exc:
+        logger.info("pool %r: %s", slots.name, exc)
     except Exception as exc:
         logger.warning("pool %r: could not open min_size=%d connections in the background "
                        "(%s); housekeeping tries again", slots.name, count, exc)
@@ -98,6 +100,8 @@ async def housekeep(slots: Slots) -> None:
     if slots.state is OPEN and slots.size() < slots.config.min_size:
         try:
             await fill(slots, slots.config.min_size, own=True)
+        except logins.FillGivenUp as exc:
+            logger.info("pool %r: %s", slots.name, exc)
         except (ConnectError, PoolClosedError) as exc:
             logger.warning("%s; could not keep min_size connections", logins.named(slots.name, exc))
 

@@ -183,7 +183,7 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
             slots.connect_errors_total += 1
             raise error from error.__cause__
         if closed and own and slots.state is OPEN:
-            raise ConnectError(  # `give_up_fills`
+            raise FillGivenUp(  # `give_up_fills`
                 f"pool {slots.name!r}: a login of its own to {slots.connector.target}, under way "
                 "when the process was paused (a frozen Lambda environment), was given up: its "
                 "socket may have died meanwhile; the next checkout logs in again") from None
@@ -192,6 +192,12 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
         raise
     del slots.attempts[attempt]
     return conn
+
+
+class FillGivenUp(ConnectError):
+    """A min_size refill's login stopped by `give_up_fills`: on purpose, so not worth a warning
+    (a pool opened with ``open(wait=False)`` at a Lambda INIT has its refill given up as the
+    first invocation starts)."""
 
 
 def give_up_fills(slots: Slots) -> None:

@@ -27,6 +27,12 @@ if os.environ.get("TEST_IAM_POOL"):
 
     iam_pool = get_runner().attach(
         Pool(config=lambda_config(function_timeout=10, credentials=IamAuth(region="us-east-1"))))
+if os.environ.get("TEST_ASYNCPOOL_INFO"):
+    # asyncpool's INFO records too (the runtime shows WARNING and above otherwise).
+    import logging
+
+    logging.getLogger("asyncpool").setLevel(logging.INFO)
+    logging.getLogger("asyncpool").addHandler(logging.StreamHandler(sys.stderr))
 if os.environ.get("TEST_POWERTOOLS_LOGGER"):
     # asyncpool's records through Powertools' JSON formatter, as its docs suggest for libraries.
     from aws_lambda_powertools import Logger

@@ -280,7 +280,9 @@ async def test_a_refill_login_left_on_a_dead_network_does_not_fail_the_invocatio
     # Housekeeping every second (max_idle / 2), so a refill starts in the thawed invocation,
     # after its checkout gave up; a login outlives the next invocation's acquire_timeout.
     timeouts: dict[str, str | None] = {"ASYNCPOOL_ACQUIRE_TIMEOUT": "1.5",
-                                       "ASYNCPOOL_CONNECT_TIMEOUT": "4", "ASYNCPOOL_MAX_IDLE": "2"}
+                                       "ASYNCPOOL_CONNECT_TIMEOUT": "4", "ASYNCPOOL_MAX_IDLE": "2",
+                                       # (a given-up refill is said at INFO: it is deliberate)
+                                       "TEST_ASYNCPOOL_INFO": "1"}
     async with FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
         env = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn()), **timeouts}
         with RuntimeAPI(function_timeout=4) as api, environment(
