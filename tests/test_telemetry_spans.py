@@ -102,6 +102,35 @@ async def test_connect_span_is_a_client_span_in_the_callers_trace(pooler: Pooler
     assert connect_start <= credentials_start <= credentials_end <= connect_end
 
 
+async def test_logins_the_pool_makes_on_its_own_are_in_no_requests_trace(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """A pool opened inside a request (lazily, a Lambda's first invocation) opens its min_size
+    in that request's trace, but the logins it makes later on its own (housekeeping keeping
+    min_size after expiry, the background fill of ``open(wait=False)``) belong to no request:
+    they were all children of the span that opened the pool, long after it ended."""
+    database = parse_target(postgres.dsn()).database
+    waited = sdk.pool(postgres.dsn(), name="own-waited", min_size=1, max_lifetime=0.2)
+    background = sdk.pool(postgres.dsn(), name="own-background", min_size=1)
+    with sdk.tracer.start_as_current_span("first request") as request:
+        await waited.open()
+        await background.open(wait=False)
+        await until(lambda: background.stats().idle == 1)
+    request_id = request.get_span_context().span_id
+    try:
+        opened = {(dict(s.attributes or {})[sc.POOL_NAME], parent_id(s))
+                  for s in sdk.spans(f"connect {database}")}
+        assert opened == {("own-waited", request_id), ("own-background", None)}
+        sdk.exporter.clear()
+        waited.expire_all()
+        # Housekeeping (every max_lifetime / 2) brings it back to min_size.
+        await until(lambda: len(sdk.spans(f"connect {database}")) >= 1)
+        assert [parent_id(s) for s in sdk.spans(f"connect {database}")] == [None]
+    finally:
+        await waited.close()
+        await background.close()
+
+
 async def test_failed_login_span_has_error_type_and_the_log_has_the_trace_ids(
     postgres: PostgresServer, sdk: Sdk, caplog: pytest.LogCaptureFixture
 ) -> None:
