@@ -4,6 +4,7 @@ with `Pool.stats()` after a known workload against the real servers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -822,9 +823,14 @@ async def test_a_forked_child_does_not_report_its_parents_pool(
             finally:
                 os._exit(0)
         os.close(write)
-        with os.fdopen(read) as got:  # (the child writes at once, then exits)
-            report = got.read()
-        await asyncio.to_thread(os.waitpid, pid, 0)
+        got = os.fdopen(read)
+        try:  # (read until the child exits)
+            report = await asyncio.wait_for(asyncio.to_thread(got.read), 10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # (should it hang: the read ends then)
+            await asyncio.to_thread(os.waitpid, pid, 0)
+            got.close()
         # The parent goes on reporting its pool.
         assert sdk.collect().value(sc.CONNECTION_MAX.name) == 5
     assert report == f"0 0 {lookups}"
