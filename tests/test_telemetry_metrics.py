@@ -4,6 +4,7 @@ with `Pool.stats()` after a known workload against the real servers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -795,3 +796,41 @@ def test_a_forked_child_counts_with_locks_other_threads_held_at_the_fork(sdk: Sd
 
 def _no_stats(name: str) -> PoolStats:
     return PoolStats(name, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0)
+
+
+async def test_a_forked_child_does_not_report_its_parents_pool(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """The child of a fork (gunicorn, multiprocessing) inherits the parent's open pool but not
+    its connections: reported there too, they were counted twice (3 idle in a worker that has
+    none), and added to the worker's own pool of that name. The child reports none of the
+    inherited pool's sizes, and its counters do not go back."""
+    async with sdk.pool(postgres.dsn(), name="forked-sizes", min_size=3, max_size=5,
+                        prepared_statements="unnamed") as pool:
+        assert await pool.fetchval("SELECT $1::int", 1) == 1
+        before = sdk.collect()
+        assert before.value(sc.CONNECTION_COUNT.name, db__client__connection__state="idle") == 3
+        lookups = before.value(sc.CACHE_LOOKUPS.name, asyncpool__statement_cache__result="miss")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what its SDK collects, and leave
+            try:
+                child = sdk.collect()
+                report = (f"{len(child.points(sc.CONNECTION_COUNT.name))} "
+                          f"{len(child.points(sc.CONNECTION_MAX.name))} "
+                          f"{child.value(sc.CACHE_LOOKUPS.name, asyncpool__statement_cache__result='miss')}")
+                os.write(write, report.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        got = os.fdopen(read)
+        try:  # (read until the child exits)
+            report = await asyncio.wait_for(asyncio.to_thread(got.read), 10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # (should it hang: the read ends then)
+            await asyncio.to_thread(os.waitpid, pid, 0)
+            got.close()
+        # The parent goes on reporting its pool.
+        assert sdk.collect().value(sc.CONNECTION_MAX.name) == 5
+    assert report == f"0 0 {lookups}"

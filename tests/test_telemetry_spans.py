@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -100,6 +101,45 @@ async def test_connect_span_is_a_client_span_in_the_callers_trace(pooler: Pooler
     connect_start, connect_end = times(connect)
     credentials_start, credentials_end = times(credentials)
     assert connect_start <= credentials_start <= credentials_end <= connect_end
+
+
+async def test_logins_the_pool_makes_on_its_own_are_in_no_requests_trace(
+    postgres: PostgresServer, sdk: Sdk
+) -> None:
+    """A pool opened inside a request (lazily, a Lambda's first invocation) opens its min_size
+    in that request's trace, but the logins it makes later on its own (housekeeping keeping
+    min_size after expiry, the background fill of ``open(wait=False)``) belong to no request:
+    they were all children of the span that opened the pool, long after it ended, and stamped
+    with the invocation it served."""
+    from asyncpool.integrations.invocation import ColdStart, invocation_scope
+    from asyncpool.integrations.lambda_spans import INVOCATION_ID, InvocationSpanProcessor
+
+    sdk.tracer_provider.add_span_processor(InvocationSpanProcessor())
+    database = parse_target(postgres.dsn()).database
+    waited = sdk.pool(postgres.dsn(), name="own-waited", min_size=1, max_lifetime=0.2)
+    background = sdk.pool(postgres.dsn(), name="own-background", min_size=1)
+    lambda_context = SimpleNamespace(aws_request_id="first-invocation")
+    with (invocation_scope(lambda_context, ColdStart()),
+          sdk.tracer.start_as_current_span("first request") as request):
+        await waited.open()
+        await background.open(wait=False)
+        await until(lambda: background.stats().idle == 1)
+    request_id = request.get_span_context().span_id
+    try:
+        opened = {(dict(s.attributes or {})[sc.POOL_NAME], parent_id(s))
+                  for s in sdk.spans(f"connect {database}")}
+        assert opened == {("own-waited", request_id), ("own-background", None)}
+        sdk.exporter.clear()
+        waited.expire_all()
+        # Housekeeping (every max_lifetime / 2) brings it back to min_size.
+        await until(lambda: len(sdk.spans(f"connect {database}")) >= 1)
+        [refill] = sdk.spans(f"connect {database}")
+        assert parent_id(refill) is None
+        # (Nor is it stamped with the invocation that opened the pool.)
+        assert INVOCATION_ID not in dict(refill.attributes or {})
+    finally:
+        await waited.close()
+        await background.close()
 
 
 async def test_failed_login_span_has_error_type_and_the_log_has_the_trace_ids(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import threading
@@ -61,7 +62,8 @@ async def open(slots: Slots, observer: PoolObserver, connector: Connector, wait:
         if wait and cfg.min_size:
             await housekeeping.fill(slots, cfg.min_size)
         elif cfg.min_size:
-            slots._spawn(housekeeping.fill_in_background(slots, cfg.min_size))
+            slots._spawn(housekeeping.fill_in_background(slots, cfg.min_size),
+                         context=contextvars.Context())
     except BaseException as exc:
         # A close() or terminate() called meanwhile keeps the pool closed; otherwise the
         # failed (or cancelled) open() is undone and open() may be called again: a module-level
@@ -82,8 +84,13 @@ async def open(slots: Slots, observer: PoolObserver, connector: Connector, wait:
                 opening.set_result(False)
         raise
     opening.set_result(True)
+    # The pool's own work runs in a context of its own, not in a copy of the caller's that opened
+    # the pool: often a request's (a pool opened lazily, a Lambda's first invocation), whose
+    # span would otherwise parent every login it makes for the life of the process, and whose
+    # invocation deadline it would keep.
     slots.housekeeper = slots.loop.create_task(
-        housekeeping.run(weakref.ref(slots), housekeeping.period_for(cfg)), name=f"asyncpool:{slots.name}"
+        housekeeping.run(weakref.ref(slots), housekeeping.period_for(cfg)), name=f"asyncpool:{slots.name}",
+        context=contextvars.Context(),
     )
 
 

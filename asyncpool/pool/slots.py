@@ -26,7 +26,7 @@ import os
 import time
 from asyncio import get_running_loop
 from collections.abc import Callable
-from contextvars import copy_context
+from contextvars import Context, copy_context
 from threading import get_ident
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -280,9 +280,9 @@ class Slots(_HotSlots):
         for idle in self.idle:
             idle.check_at = -math.inf
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any, context: Context | None = None) -> asyncio.Task[Any]:
         assert self.loop is not None
-        task = self.loop.create_task(coro)
+        task = self.loop.create_task(coro, context=context)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task

@@ -13,6 +13,7 @@ creating its own `db.client.connection.count` would have its callback silently d
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -363,3 +364,19 @@ def instruments_for(
         meter = provider.get_meter("asyncpool", version, schema_url=conventions.schema_url)
         found = per_version[conventions] = PoolInstruments(meter, conventions)
     return found
+
+
+def _forget_parents_pools() -> None:
+    # A forked child inherits its parent's open pools, whose connections are the parent's: it
+    # neither uses nor closes them (`asyncpool.pool.forks`). Reported from the child too, they
+    # would be counted once per worker on top of the parent's own report, and add up with a
+    # worker's pool of the same name. Their names' counts go on (`Series`), as after a close:
+    # an SDK installed before the fork must not see a counter go back. Their sizes do not.
+    for per_version in (_GLOBAL, *list(_BY_PROVIDER.values())):
+        for instruments in per_version.values():
+            for key in list(instruments._pools):
+                instruments.unwatch(key)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_pools)
