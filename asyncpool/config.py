@@ -462,6 +462,26 @@ def _parse_ssl_env(var: str, raw: str, word: str) -> str | bool:
         "ssl=True / ssl=False in code")
 
 
+def _not_a_dsn(dsn: object) -> str:
+    """Why `dsn` (not a string) is refused, and what to pass: its type only, never its value
+    (bytes or a mapping may hold a password)."""
+    kind = type(dsn).__name__
+    if isinstance(dsn, bytes | bytearray | memoryview):
+        advice = "decode it first: dsn.decode()"
+    elif isinstance(dsn, Mapping):
+        advice = ("pass its fields as keywords instead: Pool(host=..., port=..., user=..., "
+                  "database=..., credentials=...)")
+    elif isinstance(dsn, os.PathLike):
+        advice = ("a file is not read as a DSN: for a connection service file or a password "
+                  "file pass servicefile= or passfile=")
+    elif isinstance(dsn, int | float):
+        advice = "a port goes in port= (or after the host in the DSN)"
+    else:
+        advice = "build the string first"
+    return (f"dsn: a DSN is a string, not a {kind} (its value is not shown: it may hold a "
+            f"password): write postgresql://user:password@host:port/database; {advice}")
+
+
 def _rename_mode(cfg: PoolConfig) -> None:
     renamed = _RENAMED_MODES.get(cfg.prepared_statements)
     if renamed is not None:
@@ -473,6 +493,8 @@ def _rename_mode(cfg: PoolConfig) -> None:
 
 def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option reads best
     fail = config_fail(cfg.name)
+    if cfg.dsn is not None and not isinstance(cfg.dsn, str):
+        fail(_not_a_dsn(cfg.dsn))
     _check_flags(cfg, fail)
     _as_floats(cfg)
     if _not_whole(cfg.min_size) or cfg.min_size < 0:
