@@ -760,6 +760,11 @@ def _check_connect_values(connect: Mapping[str, Any], fail: ConfigFail) -> None:
                                  and all(isinstance(h, str) and h for h in hosts)):
         fail(f"host={host!r}: must be a host name, an address or a socket directory, or a "
              "list of them")
+    if isinstance(host, str) and "," in host and not host.startswith("/"):
+        # asyncpg splits a list only in a DSN or PGHOST: it would dial one host named so.
+        fail(f"host={host!r}: asyncpg takes a host= string as one host name, not a list; "
+             f"pass host={[h.strip() for h in host.split(',')]!r} (ports: port=[...], one per "
+             "host) or name the hosts in the DSN (postgresql://user@h1:5432,h2:5432/db)")
     port = connect.get("port")
     ports = port if isinstance(port, list | tuple) else [port]
     if port is not None and not (ports and all(_port_number(p) for p in ports)):
