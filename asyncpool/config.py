@@ -491,7 +491,7 @@ def _rename_mode(cfg: PoolConfig) -> None:
         object.__setattr__(cfg, "prepared_statements", renamed)
 
 
-def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option reads best
+def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912, PLR0915 - one check per option reads best
     fail = config_fail(cfg.name)
     if cfg.dsn is not None and not isinstance(cfg.dsn, str):
         fail(_not_a_dsn(cfg.dsn))

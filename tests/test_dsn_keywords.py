@@ -241,7 +241,7 @@ def test_the_addresses_named_in_errors_are_the_ones_asyncpg_dials(
 @pytest.mark.parametrize(
     ("host", "pghost"),
     [(["h1", " h2"], None),
-     ("/tmp/sockets,a", None),
+     ("/run/sockets,a", None),
      (None, "h1:5433,h2"),
      (None, "[::1]:5433,/tmp, h3"),
      (None, "h1")],

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from asyncpool import Pool, Target
+from asyncpool import Pool
 from tests.provider_support import QuietProvider
 from tests.secret_support import exposed, leaks
 
@@ -62,7 +62,7 @@ def test_an_interrupt_during_a_login_carries_no_piece_of_the_password(
 
 
 class _Interrupting(QuietProvider):
-    async def password(self, target: Target) -> str:
+    async def password(self, target: object) -> str:
         raise KeyboardInterrupt
 
 

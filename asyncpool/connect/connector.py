@@ -360,7 +360,7 @@ class Connector:
             error = exc
             caller_error = (cut_short.caller_error if cut_short is not None
                             and isinstance(exc, asyncio.CancelledError) else type(exc))
-            raise _without_driver_frames(exc, password_code)
+            raise _without_driver_frames(exc, password_code)  # noqa: B904 (itself, re-raised)
         finally:
             self.observer.connect_attempted(
                 ConnectAttempt(

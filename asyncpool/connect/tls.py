@@ -865,10 +865,9 @@ def _host_list(text: str) -> list[str]:
     hosts = []
     for spec in text.split(","):
         if spec.startswith("["):
-            spec = spec[1:].partition("]")[0]
-        elif not spec.startswith("/"):
-            spec = spec.partition(":")[0]
-        hosts.append(spec)
+            hosts.append(spec[1:].partition("]")[0])
+        else:
+            hosts.append(spec if spec.startswith("/") else spec.partition(":")[0])
     return hosts
 
 
