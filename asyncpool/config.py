@@ -462,6 +462,26 @@ def _parse_ssl_env(var: str, raw: str, word: str) -> str | bool:
         "ssl=True / ssl=False in code")
 
 
+def _not_a_dsn(dsn: object) -> str:
+    """Why `dsn` (not a string) is refused, and what to pass: its type only, never its value
+    (bytes or a mapping may hold a password)."""
+    kind = type(dsn).__name__
+    if isinstance(dsn, bytes | bytearray | memoryview):
+        advice = "decode it first: dsn.decode()"
+    elif isinstance(dsn, Mapping):
+        advice = ("pass its fields as keywords instead: Pool(host=..., port=..., user=..., "
+                  "database=..., credentials=...)")
+    elif isinstance(dsn, os.PathLike):
+        advice = ("a file is not read as a DSN: for a connection service file or a password "
+                  "file pass servicefile= or passfile=")
+    elif isinstance(dsn, int | float):
+        advice = "a port goes in port= (or after the host in the DSN)"
+    else:
+        advice = "build the string first"
+    return (f"dsn: a DSN is a string, not a {kind} (its value is not shown: it may hold a "
+            f"password): write postgresql://user:password@host:port/database; {advice}")
+
+
 def _rename_mode(cfg: PoolConfig) -> None:
     renamed = _RENAMED_MODES.get(cfg.prepared_statements)
     if renamed is not None:
@@ -471,8 +491,10 @@ def _rename_mode(cfg: PoolConfig) -> None:
         object.__setattr__(cfg, "prepared_statements", renamed)
 
 
-def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912 - one check per option reads best
+def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912, PLR0915 - one check per option reads best
     fail = config_fail(cfg.name)
+    if cfg.dsn is not None and not isinstance(cfg.dsn, str):
+        fail(_not_a_dsn(cfg.dsn))
     _check_flags(cfg, fail)
     _as_floats(cfg)
     if _not_whole(cfg.min_size) or cfg.min_size < 0:
@@ -738,6 +760,11 @@ def _check_connect_values(connect: Mapping[str, Any], fail: ConfigFail) -> None:
                                  and all(isinstance(h, str) and h for h in hosts)):
         fail(f"host={host!r}: must be a host name, an address or a socket directory, or a "
              "list of them")
+    if isinstance(host, str) and "," in host and not host.startswith("/"):
+        # asyncpg splits a list only in a DSN or PGHOST: it would dial one host named so.
+        fail(f"host={host!r}: asyncpg takes a host= string as one host name, not a list; "
+             f"pass host={[h.strip() for h in host.split(',')]!r} (ports: port=[...], one per "
+             "host) or name the hosts in the DSN (postgresql://user@h1:5432,h2:5432/db)")
     port = connect.get("port")
     ports = port if isinstance(port, list | tuple) else [port]
     if port is not None and not (ports and all(_port_number(p) for p in ports)):

@@ -236,3 +236,53 @@ def test_the_addresses_named_in_errors_are_the_ones_asyncpg_dials(
              list(host))
     expected = _asyncpg_addresses(parsed.for_asyncpg() if parsed else None, host, port)
     assert list(dialled(hosts, parsed, port)) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "pghost"),
+    [(["h1", " h2"], None),
+     ("/run/sockets,a", None),
+     (None, "h1:5433,h2"),
+     (None, "[::1]:5433,/tmp, h3"),
+     (None, "h1")],
+)
+def test_the_hosts_the_credential_rules_check_are_the_ones_asyncpg_dials(
+        monkeypatch: pytest.MonkeyPatch, host: Any, pghost: str | None) -> None:
+    """The TLS and credential rules apply to each host asyncpg dials: a host= string is one
+    (a socket directory with a comma was split in two), PGHOST's ports are no part of a host
+    name, and nothing is stripped (asyncpg dials " h2")."""
+    from asyncpool.connect.tls import dialled_hosts
+
+    monkeypatch.delenv("PGPORT", raising=False)
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    environ = {"PGHOST": pghost} if pghost is not None else {}
+    if pghost is None:
+        monkeypatch.delenv("PGHOST", raising=False)
+    else:
+        monkeypatch.setenv("PGHOST", pghost)
+    config = PoolConfig(connect_kwargs={"host": host} if host is not None else {})
+    expected = [h for h, _ in _asyncpg_addresses(None, host)]
+    assert dialled_hosts(config, environ) == expected
+
+
+def test_a_host_string_with_a_comma_is_refused_with_the_list_to_pass() -> None:
+    """asyncpg dials a host= string as one host name, comma and all (a DSN's or PGHOST's hosts
+    are a list): such a name never resolves, and the rules checked two hosts it never dials."""
+    with pytest.raises(PoolConfigError, match=r"host='h1, h2': asyncpg takes a host= string as "
+                       r"one host name, not a list; pass host=\['h1', 'h2'\]"):
+        Pool(host="h1, h2")
+    assert PoolConfig(connect_kwargs={"host": ["h1", "h2"]}).connect_kwargs["host"] == ["h1", "h2"]
+
+
+async def test_a_socket_directory_with_a_comma_is_one_local_host(
+        postgres: PostgresServer, tmp_path: Any) -> None:
+    """host= a socket directory whose name holds a comma: asyncpg dials that directory, and the
+    pool checked two hosts instead, one of them "remote", so a password was refused there as
+    sent in clear to a remote host; now the login to the real server goes through."""
+    assert postgres.workdir is not None
+    directory = tmp_path / "sockets,one"
+    directory.symlink_to(postgres.workdir)
+    async with Pool(host=str(directory), port=postgres.port, user=postgres.app.name,
+                    password=postgres.app.password, database=postgres.database, min_size=0,
+                    telemetry=False) as pool:
+        assert await pool.fetchval("SELECT 1") == 1

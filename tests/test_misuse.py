@@ -81,3 +81,32 @@ def test_a_held_connections_callbacks_are_not_changed_from_another_thread(
         pytest.importorskip("uvloop").run(main())
     else:
         asyncio.run(main())
+
+
+def test_set_connect_args_from_another_thread_while_the_loop_runs_is_refused(
+        postgres: PostgresServer) -> None:
+    """It swaps the config and the connector that logins on the pool's loop read (one there
+    could take one without the other): refused from another thread while that loop runs, as
+    terminate() is, with the way to call it there, and nothing changed; on the loop it takes."""
+    async def main() -> Pool:
+        async with Pool(postgres.dsn(), max_size=1, telemetry=False) as pool:
+            before = pool.config
+
+            def from_another_thread() -> str:
+                with pytest.raises(asyncpool.PoolError) as info:
+                    pool.set_connect_args(postgres.dsn(), command_timeout=7)
+                return str(info.value)
+
+            message = await asyncio.to_thread(from_another_thread)
+            assert "set_connect_args() was called from thread" in message
+            assert "asyncio.run_coroutine_threadsafe(" in message
+            assert pool.config is before
+            pool.set_connect_args(postgres.dsn(), command_timeout=7)
+            await pool.expire_connections()
+            async with pool.acquire() as conn:
+                assert conn.raw._config.command_timeout == 7  # type: ignore[attr-defined]
+        return pool
+
+    pool = asyncio.run(main())
+    pool.set_connect_args(postgres.dsn(), command_timeout=8)  # its loop has ended: any thread
+    assert pool.config.command_timeout == 8

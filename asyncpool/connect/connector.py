@@ -356,14 +356,11 @@ class Connector:
             else:
                 error = self._translate(exc)
             caller_error = type(error)
-        except asyncio.CancelledError as exc:
+        except BaseException as exc:  # a cancellation, Ctrl-C, a SystemExit: raised as it is...
             error = exc
-            caller_error = cut_short.caller_error if cut_short is not None else type(exc)
-            raise
-        except BaseException as exc:
-            error = exc
-            caller_error = type(exc)
-            raise
+            caller_error = (cut_short.caller_error if cut_short is not None
+                            and isinstance(exc, asyncio.CancelledError) else type(exc))
+            raise _without_driver_frames(exc, password_code)  # noqa: B904 (itself, re-raised)
         finally:
             self.observer.connect_attempted(
                 ConnectAttempt(
@@ -379,6 +376,17 @@ class Connector:
             )
         # Raised outside the except block: no __context__ either.
         raise error
+
+
+def _without_driver_frames(exc: BaseException, password_code: CodeType | None) -> BaseException:
+    """`exc` (not an `Exception`: it must go up) without asyncpg's frames, whose locals hold the
+    connection parameters (password included) that error trackers and crash reports record.
+    Raised in the provider: from its frames on (its context is its own). Raised in the driver:
+    from the login's frame on, and nothing chained (an exception asyncpg was handling)."""
+    tb = _from_code(exc.__traceback__, password_code)
+    if tb is None:
+        exc.__cause__ = exc.__context__ = None
+    return exc.with_traceback(tb)
 
 
 def _step_error(failed: list[type[BaseException]],

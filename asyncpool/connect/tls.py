@@ -845,16 +845,30 @@ def passfile_login(dsn: ParsedDsn | None, target: Target, port: Any = None) -> P
 
 def _hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None, service: Service | None,
            env: Mapping[str, str]) -> list[str]:
+    # As asyncpg reads each: a host= string is one host (a comma in it is no list: the config
+    # refuses one, but for a socket directory), PGHOST a list of host[:port].
     given = config.connect_kwargs.get("host")
     if given:
-        return [h.strip() for h in (given.split(",") if isinstance(given, str) else given)]
+        return [given] if isinstance(given, str) else list(given)
     if dsn_hosts and any(dsn_hosts):
         return list(dsn_hosts)
     if service is not None and service.hosts:
         return list(service.hosts)
     if env.get("PGHOST"):
-        return [h.strip() for h in env["PGHOST"].split(",")]
+        return _host_list(env["PGHOST"])
     return [""]
+
+
+def _host_list(text: str) -> list[str]:
+    """The hosts of a ``host[:port],...`` list, as asyncpg reads ``PGHOST``: each port and an
+    IPv6 address's brackets dropped, a socket directory taken whole, nothing stripped."""
+    hosts = []
+    for spec in text.split(","):
+        if spec.startswith("["):
+            hosts.append(spec[1:].partition("]")[0])
+        else:
+            hosts.append(spec if spec.startswith("/") else spec.partition(":")[0])
+    return hosts
 
 
 def service_of(config: PoolConfig, dsn_params: Mapping[str, str],

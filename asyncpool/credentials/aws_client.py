@@ -85,8 +85,11 @@ def hide_secrets_in_botocore_logs() -> None:
 
     Applications that turn on DEBUG logging everywhere would otherwise log, for every AWS call
     this library makes, a request a log reader could replay, every IAM token and every secret.
-    Called before and after a client is made and before each call (modules imported
-    meanwhile log too); it costs a length check when no logger was created since.
+    Its scope: from the creation of the first `IamAuth` or `SecretsManagerAuth` (each calls it)
+    for the rest of the process, the application's own botocore calls included; never before
+    (asyncpool without an AWS provider leaves botocore's logging alone). Called again before
+    and after a client is made and before each call, for loggers created meanwhile (modules
+    imported since); it costs a length check when no logger was created since.
     """
     if len(logging.Logger.manager.loggerDict) == _loggers_seen[0]:
         return

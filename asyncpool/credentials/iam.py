@@ -8,7 +8,14 @@ import weakref
 from typing import Any
 
 from asyncpool.connect.dsn import Target
-from asyncpool.credentials.aws_client import AwsClient, ServiceModels, aws_error, import_sdk, region_in_host
+from asyncpool.credentials.aws_client import (
+    AwsClient,
+    ServiceModels,
+    aws_error,
+    hide_secrets_in_botocore_logs,
+    import_sdk,
+    region_in_host,
+)
 from asyncpool.credentials.aws_environment import credentials_fingerprint
 from asyncpool.errors import CredentialsError
 
@@ -65,6 +72,9 @@ class IamAuth:
         self._signed_with: weakref.WeakKeyDictionary[asyncio.Task[Any], AwsClient] = (
             weakref.WeakKeyDictionary()
         )
+        # From now on, not at the first client: the tokens this provider will sign must never be
+        # logged, and the application's own botocore calls are redacted from the same moment.
+        hide_secrets_in_botocore_logs()
 
     def __repr__(self) -> str:
         return f"IamAuth(region={self.region!r})"

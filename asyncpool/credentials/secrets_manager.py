@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asyncpool.connect.dsn import Target
-from asyncpool.credentials.aws_client import AwsClient, LoopLock, aws_error, import_sdk, region_text
+from asyncpool.credentials.aws_client import (
+    AwsClient,
+    LoopLock,
+    aws_error,
+    hide_secrets_in_botocore_logs,
+    import_sdk,
+    region_text,
+)
 from asyncpool.errors import CredentialsError
 
 logger: logging.Logger = logging.getLogger("asyncpool.credentials")
@@ -83,6 +90,7 @@ class SecretsManagerAuth:
                 f"SecretsManagerAuth(region={region!r}) but secret {secret_id!r} is in "
                 f"{arn['region']!r}: pass region={arn['region']!r} or leave region out"
             )
+        hide_secrets_in_botocore_logs()  # from now on, as IamAuth's (see there)
         self.secret_id = secret_id
         self.key = key
         self.ttl = ttl

@@ -15,20 +15,23 @@ if TYPE_CHECKING:
     from asyncpool.pool.slots import Slots
 
 
-def refuse_running_elsewhere(slots: Slots, call: str) -> None:
-    """For the synchronous calls that close connections (`terminate`, `expire_all`): raise
-    a `PoolError` while the pool's loop runs in another thread (asyncio's transports are
-    not thread-safe: done from there, a waiter woke only when something else woke the loop,
-    and in debug mode the call failed half-way). With the loop stopped, any thread may."""
+def refuse_running_elsewhere(slots: Slots, call: str, how: str | None = None) -> None:
+    """For the synchronous calls that close connections (`terminate`, `expire_all`) or change
+    what logins use (`set_connect_args`): raise a `PoolError` while the pool's loop runs in
+    another thread (asyncio's transports are not thread-safe: done from there, a waiter woke
+    only when something else woke the loop, and in debug mode the call failed half-way; a
+    login under way could read the new config with the old connector). With the loop stopped,
+    any thread may. `how`: the way to call it on that loop (default: call_soon_threadsafe)."""
     loop = slots.loop
     if loop is None or not loop.is_running() or (
             loop._thread_id == get_ident() if slots.loop_has_thread_id  # type: ignore[attr-defined]
             else asyncio._get_running_loop() is loop):
         return
+    default = f"loop.call_soon_threadsafe(pool.{call.rstrip('()')})"
     raise PoolError(
         f"pool {slots.name!r}: {call} was called from thread "
         f"{threading.current_thread().name!r} while the pool's loop runs in another thread; "
-        f"call it on that loop: loop.call_soon_threadsafe(pool.{call.rstrip('()')})")
+        f"call it on that loop: {how or default}")
 
 
 def other_loop_error(slots: Slots, loop: asyncio.AbstractEventLoop) -> PoolError:

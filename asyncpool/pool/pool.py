@@ -502,7 +502,11 @@ class Pool(Generic[PoolRecordT_co]):
 
         For a password or token that rotates, ``credentials=`` is the better fit: a provider
         awaited at every login (docs/credentials-and-tls.md).
+
+        Call it on the pool's loop: from another thread while that loop runs it raises
+        `PoolError` (logins under way there would see half of the change).
         """
+        misuse.refuse_running_elsewhere(self._slots, "set_connect_args()", _SET_ON_LOOP)
         config = with_connect_args(self.config, dsn, connect_kwargs)
         slots = self._slots
         current = slots.connector
@@ -563,6 +567,12 @@ def _through_acquire(name: str) -> Callable[..., Any]:
 
 
 THROUGH_ACQUIRE = {name: _through_acquire(name) for name in QUERY_METHODS}
+
+
+#: How to call `set_connect_args` from another thread: a coroutine on the pool's loop, whose
+#: future's result() raises its PoolConfigError there (call_soon_threadsafe would only log it).
+_SET_ON_LOOP = ("asyncio.run_coroutine_threadsafe(set_args(), loop).result() with "
+                "`async def set_args(): pool.set_connect_args(...)`")
 
 
 @config_errors_without_frames
