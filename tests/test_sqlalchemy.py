@@ -527,7 +527,7 @@ async def test_a_stream_reclaimed_as_a_leak_says_so(
 async def test_concurrent_sessions_reuse_records_instead_of_building_one_each(
         pool: Pool) -> None:
     """More sessions at once than the pool has connections: those that wait take the records
-    of sessions that end (the ``connect`` event fires once per record, as documented); each
+    of sessions that end (the ``connect`` event fires once per connection, as documented); each
     waiter built a record of its own before (99 ``connect`` events for 100 sessions)."""
     engine = create_async_engine(pool)
     events: collections.Counter[str] = collections.Counter()
@@ -773,9 +773,52 @@ async def test_invalidate_discards_the_connection_and_frees_its_slot(pool: Pool)
     await engine.dispose()
 
 
+async def test_connect_handlers_run_on_every_connection_a_record_is_lent(pool: Pool) -> None:
+    """SQLAlchemy's recipe for asyncpg codecs (a ``connect`` handler calling ``set_type_codec``
+    through ``run_async``; pgvector's ``register_vector`` is the same) sets them on each server
+    connection the engine is lent, once: a kept record lent another connection ran no handler
+    before, and its session got `Decimal` where the codec gives text (as after every
+    ``max_lifetime`` replacement). A handler that fails there fails the checkout and the
+    half-set-up connection is discarded, as SQLAlchemy does with a failed connect event."""
+    engine = create_async_engine(pool)
+    Session = async_sessionmaker(engine)
+    ran_on: list[int] = []
+    refuse = False
+
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        ran_on.append(id(dbapi_connection.driver_connection.raw))
+        if refuse:
+            raise RuntimeError("no codec for you")
+        dbapi_connection.run_async(lambda conn: conn.set_type_codec(
+            "numeric", schema="pg_catalog", format="text", encoder=str,
+            decoder=lambda text: f"numeric {text}"))
+
+    async def numeric() -> Any:
+        async with Session() as session:
+            return (await session.execute(sa.text("SELECT 1.5::numeric"))).scalar()
+
+    assert await numeric() == "numeric 1.5"
+    async with pool.acquire():  # a plain user holds the connection the handler ran on
+        assert await numeric() == "numeric 1.5"  # the same record, another connection
+        assert len(ran_on) == len(set(ran_on)) == 2
+        refuse = True
+        async with pool.acquire():
+            closed = pool.stats().closed_total
+            with pytest.raises(RuntimeError, match="no codec for you"):
+                await numeric()
+    await _settled(pool)
+    assert pool.stats().closed_total == closed + 1, "a connection set up half-way was kept"
+    refuse = False
+    assert [await numeric() for _ in range(3)] == ["numeric 1.5"] * 3
+    assert len(ran_on) == 3, "a handler ran twice on one connection"
+    await _settled(pool)
+    await engine.dispose()
+
+
 async def test_sqlalchemys_records_are_kept_and_lent_a_connection_per_checkout(pool: Pool) -> None:
     """LendingPool keeps SQLAlchemy's records between checkouts (the connect event fires once per
-    record, not per session) while each checkout holds a connection of the pool only while it
+    server connection, not per session) while each checkout holds a connection of the pool only while it
     is checked out; at most max_size records are kept."""
     engine = create_async_engine(pool)
     Session = async_sessionmaker(engine)

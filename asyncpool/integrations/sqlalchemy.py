@@ -29,6 +29,7 @@ import asyncio
 import json
 import re
 import sys
+import weakref
 from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -417,7 +418,8 @@ class LendingPool(sa_pool.Pool):
 
     A record invalidated by SQLAlchemy (a lost connection) has had its connection discarded;
     its next checkout makes a new adapter through the creator. Records kept: at most the pool's
-    ``max_size``. The ``connect`` event fires once per record, not per server connection.
+    ``max_size``. The ``connect`` event fires once per server connection the engine is lent
+    (as SQLAlchemy's own pools fire it once per DB-API connection), not per checkout.
     QueuePool's ``size()``, ``checkedin()``, ``checkedout()``, ``overflow()``, ``timeout()`` and
     ``status()`` read the asyncpool pool (docs/sqlalchemy.md).
     """
@@ -429,6 +431,11 @@ class LendingPool(sa_pool.Pool):
         super().__init__(creator, **kwargs)
         self._asyncpool = asyncpool
         self._spare: list[Any] = []
+        # The server connections this engine's `connect` handlers have run on. Their work is
+        # the connection's, not the record's (asyncpg codecs set through ``run_async``, as
+        # SQLAlchemy's and pgvector's recipes do): a record lent another connection runs them
+        # there too.
+        self._connected: weakref.WeakSet[asyncpg.Connection[Any]] = weakref.WeakSet()
 
     def _do_get(self) -> Any:
         if self._spare:
@@ -438,7 +445,11 @@ class LendingPool(sa_pool.Pool):
             except BaseException:
                 self._spare.append(record)
                 raise
-            return self._lend(record, conn)
+            try:
+                return self._lend(record, conn)
+            except BaseException:
+                self._spare.append(record)
+                raise
         # The connection first: while this waits for one, sessions that end give their records
         # back, and one of those takes it (a record made before the wait, by every waiter, would
         # be closed on its return: a record and its connect events per checkout).
@@ -459,15 +470,27 @@ class LendingPool(sa_pool.Pool):
         adapter = record.dbapi_connection
         if adapter is None:
             # Invalidated: get_connection() makes it a new adapter through the creator, which
-            # checks out a connection of its own.
+            # checks out a connection of its own (and SQLAlchemy runs the connect event on it).
             _await(conn.close())
-        else:
-            adapter._lend(conn)
+            return record
+        adapter._lend(conn)
+        raw = conn.raw
+        if raw not in self._connected:
+            try:
+                self.dispatch.connect(adapter, record)
+            except BaseException:
+                adapter.terminate()  # set up half-way: not lent again (as SQLAlchemy does)
+                raise
+            self._connected.add(raw)
         return record
 
     def _do_return_conn(self, record: Any) -> None:
         adapter = record.dbapi_connection
         if adapter is not None:
+            try:  # (a record's first connection: SQLAlchemy ran the connect event on it)
+                self._connected.add(adapter._connection.raw)
+            except PoolError:
+                pass  # reclaimed as a leak, or discarded: not lent again
             # If this fails (outside SQLAlchemy's greenlet: a session garbage-collected without
             # being closed), the record is dropped with its checkout, which the pool's leak
             # detection reclaims.
@@ -478,11 +501,13 @@ class LendingPool(sa_pool.Pool):
             record.close()
 
     def recreate(self) -> LendingPool:
-        return self.__class__(
+        pool = self.__class__(
             self._creator, asyncpool=self._asyncpool, recycle=self._recycle, echo=self.echo,
             logging_name=self._orig_logging_name, reset_on_return=self._reset_on_return,
             pre_ping=self._pre_ping, _dispatch=self.dispatch, dialect=self._dialect,
         )
+        pool._connected = self._connected  # the same handlers (dispatch): run once per connection
+        return pool
 
     def dispose(self) -> None:
         spare, self._spare = self._spare, []
