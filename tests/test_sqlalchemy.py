@@ -754,6 +754,32 @@ def test_sqlalchemys_own_pool_options_are_refused() -> None:
             create_async_engine(pool, **{option: value})
 
 
+@pytest.mark.parametrize(("options", "instead"), [
+    ({"poolclass": sa.pool.NullPool}, "keeps no connection between sessions here"),
+    ({"pool_size": 5, "max_overflow": 0}, "pool_size: Pool(max_size=...)"),
+    ({"pool_recycle": 300, "pool_pre_ping": True}, "Pool(max_lifetime=...)"),
+    ({"pool_timeout": 5}, "Pool(acquire_timeout=...)"),
+    ({"pool_use_lifo": True}, "most recently used connection"),
+    # SQLAlchemy's asyncpg page, for PgBouncer: both statement caches off.
+    ({"connect_args": {"statement_cache_size": 0, "prepared_statement_cache_size": 0}},
+     "'statement_cache_size': nothing (SQLAlchemy's prepared-statement cache is off here"),
+    ({"connect_args": {"prepared_statement_name_func": str}}, 'prepared_statements="on"'),
+    ({"connect_args": {"server_settings": {"jit": "off"}}}, "Pool(server_settings=...)"),
+    ({"connect_args": {"command_timeout": 5, "timeout": 3}}, "'timeout': Pool(connect_timeout"),
+], ids=lambda value: next(iter(value)) if isinstance(value, dict) else None)
+def test_refused_engine_options_name_what_to_set_instead(options: dict[str, Any],
+                                                         instead: str) -> None:
+    """What users copy from SQLAlchemy's pool and asyncpg pages is refused with the pool's option
+    to set instead (it said only "set sizes, timeouts and connection options on the
+    asyncpool.Pool"; ``pool_use_lifo`` was SQLAlchemy's bare TypeError); an empty
+    ``connect_args`` is accepted, as config code passes it."""
+    pool = Pool("postgresql://u@127.0.0.1:1/db", telemetry=False)
+    with pytest.raises(sa.exc.ArgumentError) as caught:
+        create_async_engine(pool, **options)
+    assert instead in str(caught.value)
+    create_async_engine(pool, connect_args={})
+
+
 async def test_invalidate_discards_the_connection_and_frees_its_slot(pool: Pool) -> None:
     """SQLAlchemy's terminate() (what invalidate() calls) closes the server connection for good:
     the pool does not get it back, and its slot serves the next checkout."""

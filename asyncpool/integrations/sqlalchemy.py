@@ -99,7 +99,8 @@ def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
     ``isolation_level``, ``json_serializer``, ``execution_options``...). Connection options
     (DSN, credentials, timeouts, statement mode) belong to the pool, and SQLAlchemy's own pool
     options do not apply: passing ``poolclass``, ``pool_size``, ``creator``,
-    ``async_creator`` or ``connect_args`` raises `sqlalchemy.exc.ArgumentError`.
+    ``async_creator`` or a non-empty ``connect_args`` raises `sqlalchemy.exc.ArgumentError`,
+    which names the pool's option to set instead.
 
     ``engine.dispose()`` does not close the pool: close it yourself (``await pool.close()``).
     The pool opens on first use if it is not open yet.
@@ -107,14 +108,20 @@ def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
     if not isinstance(pool, Pool):
         raise sa_exc.ArgumentError(
             f"create_async_engine() takes an asyncpool.Pool, got {type(pool).__name__}")
-    taken = sorted(set(engine_kwargs) & {"poolclass", "pool", "pool_size", "max_overflow",
-                                         "pool_timeout", "pool_recycle", "creator",
-                                         "async_creator", "connect_args"})
+    if engine_kwargs.get("connect_args") == {}:
+        del engine_kwargs["connect_args"]  # (nothing to refuse: config code that always passes it)
+    taken = sorted(set(engine_kwargs) & _INSTEAD.keys())
     if taken:
+        instead = [_INSTEAD[option] for option in taken if option != "connect_args"]
+        if "connect_args" in taken:
+            arguments = engine_kwargs["connect_args"]
+            keys = sorted(arguments) if isinstance(arguments, dict) else []
+            instead += [f"connect_args {key!r}: " + _CONNECT_ARGS_INSTEAD.get(
+                key, "the asyncpool.Pool's option of that name, or its connect_kwargs")
+                for key in keys] or [_INSTEAD["connect_args"]]
         raise sa_exc.ArgumentError(
             f"asyncpool's SQLAlchemy engine: {', '.join(taken)} cannot be set; the pool "
-            f"{pool.name!r} owns the connections (set sizes, timeouts and connection options "
-            "on the asyncpool.Pool)")
+            f"{pool.name!r} owns the connections. Instead: {'; '.join(instead)}")
     if engine_kwargs.get("native_inet_types") is False:
         raise sa_exc.ArgumentError(
             "asyncpool's SQLAlchemy engine: native_inet_types=False needs a text codec for "
@@ -123,6 +130,37 @@ def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
         "postgresql+asyncpool://", poolclass=LendingPool, asyncpool=pool,
         connect_args={"asyncpool": pool}, **engine_kwargs,
     )
+
+
+#: What replaces each SQLAlchemy pool option (and asyncpg's ``connect_args``, as SQLAlchemy's
+#: asyncpg and PgBouncer recipes set them): what to write, rather than only what not to.
+_INSTEAD = {
+    "poolclass": "poolclass: nothing (SQLAlchemy keeps no connection between sessions here, as "
+                 "with NullPool; pool sizes are the asyncpool.Pool's)",
+    "pool": "pool: nothing (the engine's pool is the asyncpool.Pool given)",
+    "pool_size": "pool_size: Pool(max_size=...)",
+    "max_overflow": "max_overflow: Pool(max_size=...), which has no overflow",
+    "pool_timeout": "pool_timeout: Pool(acquire_timeout=...)",
+    "pool_recycle": "pool_recycle: Pool(max_lifetime=...)",
+    "pool_use_lifo": "pool_use_lifo: nothing (the pool lends its most recently used connection)",
+    "creator": "creator: the asyncpool.Pool's DSN and credentials",
+    "async_creator": "async_creator: the asyncpool.Pool's DSN and credentials",
+    "connect_args": "connect_args: the asyncpool.Pool's options",
+}
+_STATEMENT_CACHE = ("nothing (SQLAlchemy's prepared-statement cache is off here; statements follow "
+                    "Pool(prepared_statements=...), whose default \"unnamed\" is safe behind "
+                    "any pooler)")
+_CONNECT_ARGS_INSTEAD = {
+    "statement_cache_size": _STATEMENT_CACHE,
+    "prepared_statement_cache_size": _STATEMENT_CACHE,
+    "prepared_statement_name_func": "Pool(prepared_statements=\"on\") behind PgBouncer >= 1.21 "
+                                    "(or the default \"unnamed\", behind any pooler)",
+    "server_settings": "Pool(server_settings=...), which behind a pooler also sets in each "
+                       "transaction the ones the pooler does not keep",
+    "command_timeout": "Pool(command_timeout=...)",
+    "timeout": "Pool(connect_timeout=...)",
+    "ssl": "Pool(ssl=...)",
+}
 
 
 # -- errors -----------------------------------------------------------------------------------
