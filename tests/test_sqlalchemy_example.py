@@ -149,6 +149,7 @@ def test_example_under_testclient_after_its_table_set_up(
     app = _load_example()
     asyncio.run(app.create_tables())
     with TestClient(app.app) as client:
+        assert client.portal is not None
         client.portal.call(app.create_tables)  # (again, within: a fixture's set-up)
         added = client.post("/notes", json={"title": "Test it", "tags": ["testclient"]})
         assert added.status_code == 201, added.text

@@ -26,6 +26,7 @@ SQLAlchemy 2.0 and 2.1 are supported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -525,10 +526,10 @@ class LendingPool(sa_pool.Pool):
     def _do_return_conn(self, record: Any) -> None:
         adapter = record.dbapi_connection
         if adapter is not None:
-            try:  # (a record's first connection: SQLAlchemy ran the connect event on it)
+            # (A record's first connection: SQLAlchemy ran the connect event on it. PoolError:
+            # reclaimed as a leak, or discarded, so not lent again.)
+            with contextlib.suppress(PoolError):
                 self._connected.add(adapter._connection.raw)
-            except PoolError:
-                pass  # reclaimed as a leak, or discarded: not lent again
             # If this fails (outside SQLAlchemy's greenlet: a session garbage-collected without
             # being closed), the record is dropped with its checkout, which the pool's leak
             # detection reclaims.
