@@ -5,6 +5,7 @@ the errors with advice when a test leaves one event loop for another.
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
 
+import asyncio
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -83,6 +84,25 @@ def test_a_second_test_client_on_a_closed_pool_says_what_to_do(
     assert "session-scoped fixture" in message
     assert "Mangum outside Lambda" in message
     assert "pool_lifespan(pool, keep_open=True)" in message
+
+
+def test_a_pool_closed_outside_the_app_is_named_so(app_and_pool: tuple[FastAPI, Pool]) -> None:
+    """A test's set-up that used the app's pool and closed it (``async with pool:`` around a
+    table set-up, before ``with TestClient(app)``): the lifespan's error says that, not that a
+    previous TestClient block closed it (there was none)."""
+    app, pool = app_and_pool
+
+    async def set_up() -> None:
+        async with pool:
+            await pool.execute("SELECT 1")
+
+    asyncio.run(set_up())
+    with pytest.raises(PoolClosedError) as caught, TestClient(app):
+        pass
+    message = str(caught.value)
+    assert "closed before this app's lifespan started, by code outside the app" in message
+    assert "a pool of its own" in message
+    assert "previous" not in message
 
 
 async def test_httpx_async_client_with_asgi_transport(app_and_pool: tuple[FastAPI, Pool]) -> None:

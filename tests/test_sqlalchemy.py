@@ -527,7 +527,7 @@ async def test_a_stream_reclaimed_as_a_leak_says_so(
 async def test_concurrent_sessions_reuse_records_instead_of_building_one_each(
         pool: Pool) -> None:
     """More sessions at once than the pool has connections: those that wait take the records
-    of sessions that end (the ``connect`` event fires once per record, as documented); each
+    of sessions that end (the ``connect`` event fires once per connection, as documented); each
     waiter built a record of its own before (99 ``connect`` events for 100 sessions)."""
     engine = create_async_engine(pool)
     events: collections.Counter[str] = collections.Counter()
@@ -754,6 +754,32 @@ def test_sqlalchemys_own_pool_options_are_refused() -> None:
             create_async_engine(pool, **{option: value})
 
 
+@pytest.mark.parametrize(("options", "instead"), [
+    ({"poolclass": sa.pool.NullPool}, "keeps no connection between sessions here"),
+    ({"pool_size": 5, "max_overflow": 0}, "pool_size: Pool(max_size=...)"),
+    ({"pool_recycle": 300, "pool_pre_ping": True}, "Pool(max_lifetime=...)"),
+    ({"pool_timeout": 5}, "Pool(acquire_timeout=...)"),
+    ({"pool_use_lifo": True}, "most recently used connection"),
+    # SQLAlchemy's asyncpg page, for PgBouncer: both statement caches off.
+    ({"connect_args": {"statement_cache_size": 0, "prepared_statement_cache_size": 0}},
+     "'statement_cache_size': nothing (SQLAlchemy's prepared-statement cache is off here"),
+    ({"connect_args": {"prepared_statement_name_func": str}}, 'prepared_statements="on"'),
+    ({"connect_args": {"server_settings": {"jit": "off"}}}, "Pool(server_settings=...)"),
+    ({"connect_args": {"command_timeout": 5, "timeout": 3}}, "'timeout': Pool(connect_timeout"),
+], ids=lambda value: next(iter(value)) if isinstance(value, dict) else None)
+def test_refused_engine_options_name_what_to_set_instead(options: dict[str, Any],
+                                                         instead: str) -> None:
+    """What users copy from SQLAlchemy's pool and asyncpg pages is refused with the pool's option
+    to set instead (it said only "set sizes, timeouts and connection options on the
+    asyncpool.Pool"; ``pool_use_lifo`` was SQLAlchemy's bare TypeError); an empty
+    ``connect_args`` is accepted, as config code passes it."""
+    pool = Pool("postgresql://u@127.0.0.1:1/db", telemetry=False)
+    with pytest.raises(sa.exc.ArgumentError) as caught:
+        create_async_engine(pool, **options)
+    assert instead in str(caught.value)
+    create_async_engine(pool, connect_args={})
+
+
 async def test_invalidate_discards_the_connection_and_frees_its_slot(pool: Pool) -> None:
     """SQLAlchemy's terminate() (what invalidate() calls) closes the server connection for good:
     the pool does not get it back, and its slot serves the next checkout."""
@@ -773,9 +799,52 @@ async def test_invalidate_discards_the_connection_and_frees_its_slot(pool: Pool)
     await engine.dispose()
 
 
+async def test_connect_handlers_run_on_every_connection_a_record_is_lent(pool: Pool) -> None:
+    """SQLAlchemy's recipe for asyncpg codecs (a ``connect`` handler calling ``set_type_codec``
+    through ``run_async``; pgvector's ``register_vector`` is the same) sets them on each server
+    connection the engine is lent, once: a kept record lent another connection ran no handler
+    before, and its session got `Decimal` where the codec gives text (as after every
+    ``max_lifetime`` replacement). A handler that fails there fails the checkout and the
+    half-set-up connection is discarded, as SQLAlchemy does with a failed connect event."""
+    engine = create_async_engine(pool)
+    Session = async_sessionmaker(engine)
+    ran_on: list[int] = []
+    refuse = False
+
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        ran_on.append(id(dbapi_connection.driver_connection.raw))
+        if refuse:
+            raise RuntimeError("no codec for you")
+        dbapi_connection.run_async(lambda conn: conn.set_type_codec(
+            "numeric", schema="pg_catalog", format="text", encoder=str,
+            decoder=lambda text: f"numeric {text}"))
+
+    async def numeric() -> Any:
+        async with Session() as session:
+            return (await session.execute(sa.text("SELECT 1.5::numeric"))).scalar()
+
+    assert await numeric() == "numeric 1.5"
+    async with pool.acquire():  # a plain user holds the connection the handler ran on
+        assert await numeric() == "numeric 1.5"  # the same record, another connection
+        assert len(ran_on) == len(set(ran_on)) == 2
+        refuse = True
+        async with pool.acquire():
+            closed = pool.stats().closed_total
+            with pytest.raises(RuntimeError, match="no codec for you"):
+                await numeric()
+    await _settled(pool)
+    assert pool.stats().closed_total == closed + 1, "a connection set up half-way was kept"
+    refuse = False
+    assert [await numeric() for _ in range(3)] == ["numeric 1.5"] * 3
+    assert len(ran_on) == 3, "a handler ran twice on one connection"
+    await _settled(pool)
+    await engine.dispose()
+
+
 async def test_sqlalchemys_records_are_kept_and_lent_a_connection_per_checkout(pool: Pool) -> None:
     """LendingPool keeps SQLAlchemy's records between checkouts (the connect event fires once per
-    record, not per session) while each checkout holds a connection of the pool only while it
+    server connection, not per session) while each checkout holds a connection of the pool only while it
     is checked out; at most max_size records are kept."""
     engine = create_async_engine(pool)
     Session = async_sessionmaker(engine)

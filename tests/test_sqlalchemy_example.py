@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -132,3 +133,27 @@ async def test_example_ends_a_session_run_into_the_deadline_with_a_504(
         assert (found["statusCode"], found["body"]) == (200, "[]")
     finally:
         await runtime.call(_close_on_mangums_loop, app)
+
+
+def test_example_under_testclient_after_its_table_set_up(
+        legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's test of the example: the table made with its ``create_tables()`` (as its
+    docstring says), then the app under ``with TestClient(app)``. ``create_tables()`` closed
+    the app's own pool (``async with pool``), and the lifespan refused it: PoolClosedError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Starlette 1.x suggests httpx2 for its TestClient
+        from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("ASYNCPOOL_DSN", legacy.dsn())
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
+    app = _load_example()
+    asyncio.run(app.create_tables())
+    with TestClient(app.app) as client:
+        assert client.portal is not None
+        client.portal.call(app.create_tables)  # (again, within: a fixture's set-up)
+        added = client.post("/notes", json={"title": "Test it", "tags": ["testclient"]})
+        assert added.status_code == 201, added.text
+        found = client.get(f"/notes/{added.json()['id']}")
+        assert found.json()["tags"] == ["testclient"]
+        assert app.pool.stats().in_use == 0
+    assert app.pool.closed  # by the lifespan, at the end of the block

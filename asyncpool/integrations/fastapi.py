@@ -200,11 +200,19 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
     """
     keep = running_on_lambda() if keep_open is None else keep_open
     hooked = False
+    closed_here = False  # by an earlier run of this lifespan, not by code outside the app
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        nonlocal hooked
+        nonlocal hooked, closed_here
         if not keep:
+            if pool.closed and not closed_here:
+                raise PoolClosedError(
+                    f"pool {pool.name!r} was closed before this app's lifespan started, by code "
+                    "outside the app (`async with pool:` or `pool.close()`, such as a test's "
+                    "table set-up), and a pool cannot be reopened: give such work a pool of its "
+                    "own and leave the app's pool to its lifespan"
+                )
             if pool.closed:
                 raise PoolClosedError(
                     f"pool {pool.name!r} was closed when this app's previous lifespan ended (a "
@@ -214,8 +222,11 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
                     "pool anew for each client, or, for Mangum outside Lambda, pass "
                     "pool_lifespan(pool, keep_open=True)"
                 )
-            async with pool:
-                yield
+            try:
+                async with pool:
+                    yield
+            finally:
+                closed_here = True
             return
         if hooked:
             # A later start: Mangum runs the lifespan around each invocation, and the

@@ -26,9 +26,11 @@ SQLAlchemy 2.0 and 2.1 are supported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sys
+import weakref
 from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -98,7 +100,8 @@ def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
     ``isolation_level``, ``json_serializer``, ``execution_options``...). Connection options
     (DSN, credentials, timeouts, statement mode) belong to the pool, and SQLAlchemy's own pool
     options do not apply: passing ``poolclass``, ``pool_size``, ``creator``,
-    ``async_creator`` or ``connect_args`` raises `sqlalchemy.exc.ArgumentError`.
+    ``async_creator`` or a non-empty ``connect_args`` raises `sqlalchemy.exc.ArgumentError`,
+    which names the pool's option to set instead.
 
     ``engine.dispose()`` does not close the pool: close it yourself (``await pool.close()``).
     The pool opens on first use if it is not open yet.
@@ -106,14 +109,20 @@ def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
     if not isinstance(pool, Pool):
         raise sa_exc.ArgumentError(
             f"create_async_engine() takes an asyncpool.Pool, got {type(pool).__name__}")
-    taken = sorted(set(engine_kwargs) & {"poolclass", "pool", "pool_size", "max_overflow",
-                                         "pool_timeout", "pool_recycle", "creator",
-                                         "async_creator", "connect_args"})
+    if engine_kwargs.get("connect_args") == {}:
+        del engine_kwargs["connect_args"]  # (nothing to refuse: config code that always passes it)
+    taken = sorted(set(engine_kwargs) & _INSTEAD.keys())
     if taken:
+        instead = [_INSTEAD[option] for option in taken if option != "connect_args"]
+        if "connect_args" in taken:
+            arguments = engine_kwargs["connect_args"]
+            keys = sorted(arguments) if isinstance(arguments, dict) else []
+            instead += [f"connect_args {key!r}: " + _CONNECT_ARGS_INSTEAD.get(
+                key, "the asyncpool.Pool's option of that name, or its connect_kwargs")
+                for key in keys] or [_INSTEAD["connect_args"]]
         raise sa_exc.ArgumentError(
             f"asyncpool's SQLAlchemy engine: {', '.join(taken)} cannot be set; the pool "
-            f"{pool.name!r} owns the connections (set sizes, timeouts and connection options "
-            "on the asyncpool.Pool)")
+            f"{pool.name!r} owns the connections. Instead: {'; '.join(instead)}")
     if engine_kwargs.get("native_inet_types") is False:
         raise sa_exc.ArgumentError(
             "asyncpool's SQLAlchemy engine: native_inet_types=False needs a text codec for "
@@ -122,6 +131,37 @@ def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
         "postgresql+asyncpool://", poolclass=LendingPool, asyncpool=pool,
         connect_args={"asyncpool": pool}, **engine_kwargs,
     )
+
+
+#: What replaces each SQLAlchemy pool option (and asyncpg's ``connect_args``, as SQLAlchemy's
+#: asyncpg and PgBouncer recipes set them): what to write, rather than only what not to.
+_INSTEAD = {
+    "poolclass": "poolclass: nothing (SQLAlchemy keeps no connection between sessions here, as "
+                 "with NullPool; pool sizes are the asyncpool.Pool's)",
+    "pool": "pool: nothing (the engine's pool is the asyncpool.Pool given)",
+    "pool_size": "pool_size: Pool(max_size=...)",
+    "max_overflow": "max_overflow: Pool(max_size=...), which has no overflow",
+    "pool_timeout": "pool_timeout: Pool(acquire_timeout=...)",
+    "pool_recycle": "pool_recycle: Pool(max_lifetime=...)",
+    "pool_use_lifo": "pool_use_lifo: nothing (the pool lends its most recently used connection)",
+    "creator": "creator: the asyncpool.Pool's DSN and credentials",
+    "async_creator": "async_creator: the asyncpool.Pool's DSN and credentials",
+    "connect_args": "connect_args: the asyncpool.Pool's options",
+}
+_STATEMENT_CACHE = ("nothing (SQLAlchemy's prepared-statement cache is off here; statements follow "
+                    "Pool(prepared_statements=...), whose default \"unnamed\" is safe behind "
+                    "any pooler)")
+_CONNECT_ARGS_INSTEAD = {
+    "statement_cache_size": _STATEMENT_CACHE,
+    "prepared_statement_cache_size": _STATEMENT_CACHE,
+    "prepared_statement_name_func": "Pool(prepared_statements=\"on\") behind PgBouncer >= 1.21 "
+                                    "(or the default \"unnamed\", behind any pooler)",
+    "server_settings": "Pool(server_settings=...), which behind a pooler also sets in each "
+                       "transaction the ones the pooler does not keep",
+    "command_timeout": "Pool(command_timeout=...)",
+    "timeout": "Pool(connect_timeout=...)",
+    "ssl": "Pool(ssl=...)",
+}
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -417,7 +457,8 @@ class LendingPool(sa_pool.Pool):
 
     A record invalidated by SQLAlchemy (a lost connection) has had its connection discarded;
     its next checkout makes a new adapter through the creator. Records kept: at most the pool's
-    ``max_size``. The ``connect`` event fires once per record, not per server connection.
+    ``max_size``. The ``connect`` event fires once per server connection the engine is lent
+    (as SQLAlchemy's own pools fire it once per DB-API connection), not per checkout.
     QueuePool's ``size()``, ``checkedin()``, ``checkedout()``, ``overflow()``, ``timeout()`` and
     ``status()`` read the asyncpool pool (docs/sqlalchemy.md).
     """
@@ -429,6 +470,11 @@ class LendingPool(sa_pool.Pool):
         super().__init__(creator, **kwargs)
         self._asyncpool = asyncpool
         self._spare: list[Any] = []
+        # The server connections this engine's `connect` handlers have run on. Their work is
+        # the connection's, not the record's (asyncpg codecs set through ``run_async``, as
+        # SQLAlchemy's and pgvector's recipes do): a record lent another connection runs them
+        # there too.
+        self._connected: weakref.WeakSet[asyncpg.Connection[Any]] = weakref.WeakSet()
 
     def _do_get(self) -> Any:
         if self._spare:
@@ -438,7 +484,11 @@ class LendingPool(sa_pool.Pool):
             except BaseException:
                 self._spare.append(record)
                 raise
-            return self._lend(record, conn)
+            try:
+                return self._lend(record, conn)
+            except BaseException:
+                self._spare.append(record)
+                raise
         # The connection first: while this waits for one, sessions that end give their records
         # back, and one of those takes it (a record made before the wait, by every waiter, would
         # be closed on its return: a record and its connect events per checkout).
@@ -459,15 +509,27 @@ class LendingPool(sa_pool.Pool):
         adapter = record.dbapi_connection
         if adapter is None:
             # Invalidated: get_connection() makes it a new adapter through the creator, which
-            # checks out a connection of its own.
+            # checks out a connection of its own (and SQLAlchemy runs the connect event on it).
             _await(conn.close())
-        else:
-            adapter._lend(conn)
+            return record
+        adapter._lend(conn)
+        raw = conn.raw
+        if raw not in self._connected:
+            try:
+                self.dispatch.connect(adapter, record)
+            except BaseException:
+                adapter.terminate()  # set up half-way: not lent again (as SQLAlchemy does)
+                raise
+            self._connected.add(raw)
         return record
 
     def _do_return_conn(self, record: Any) -> None:
         adapter = record.dbapi_connection
         if adapter is not None:
+            # (A record's first connection: SQLAlchemy ran the connect event on it. PoolError:
+            # reclaimed as a leak, or discarded, so not lent again.)
+            with contextlib.suppress(PoolError):
+                self._connected.add(adapter._connection.raw)
             # If this fails (outside SQLAlchemy's greenlet: a session garbage-collected without
             # being closed), the record is dropped with its checkout, which the pool's leak
             # detection reclaims.
@@ -478,11 +540,13 @@ class LendingPool(sa_pool.Pool):
             record.close()
 
     def recreate(self) -> LendingPool:
-        return self.__class__(
+        pool = self.__class__(
             self._creator, asyncpool=self._asyncpool, recycle=self._recycle, echo=self.echo,
             logging_name=self._orig_logging_name, reset_on_return=self._reset_on_return,
             pre_ping=self._pre_ping, _dispatch=self.dispatch, dialect=self._dialect,
         )
+        pool._connected = self._connected  # the same handlers (dispatch): run once per connection
+        return pool
 
     def dispose(self) -> None:
         spare, self._spare = self._spare, []

@@ -56,9 +56,14 @@ class NoteIn(BaseModel):
 
 
 async def create_tables() -> None:
-    """Create the example's table (run once, outside the handler)."""
-    async with pool, engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
+    """Create the example's table (run once, outside the handler). Through a pool of its own,
+    closed at the end: the app's `pool` is left to the app's lifespan, so a test can call this
+    before (or within) ``with TestClient(app)``."""
+    async with Pool(config=lambda_config(name="notes-setup", max_size=1)) as setup_pool:
+        setup_engine = create_async_engine(setup_pool)
+        async with setup_engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        await setup_engine.dispose()
 
 
 async def get_session() -> AsyncIterator[AsyncSession]:
