@@ -86,7 +86,8 @@ async def test_cursors_after_a_column_was_retyped(pool: Pool, table: str, target
         try:
             assert await _cursor_rows(conn, lambda: conn.cursor(select, 1)) == now
         except asyncpg.InvalidCachedStatementError:
-            assert pool.name == "off" and tracked
+            assert pool.name == "off"
+            assert tracked
         expected = now if pool.name == "unnamed" else [(1, PI_BITS)]  # asyncpg's own
         assert await _cursor_rows(conn, lambda: stmt.cursor(1)) == expected
     assert pool.stats().closed_total == 0
@@ -112,7 +113,9 @@ async def test_float4_values_are_the_same_in_both_modes(pool: Pool, table: str,
         assert [await conn.fetchval(count, v) for v in (0.1, 0.1, 1 / 3, math.nan)] == [1, 1, 1, 1]
         for _ in range(2):
             got = await conn.fetchval("SELECT $1::float4[]", [0.1, math.nan, 2.0])
-            assert got[0] == _float4(0.1) and math.isnan(got[1]) and got[2] == 2.0
+            assert got[0] == _float4(0.1)
+            assert math.isnan(got[1])
+            assert got[2] == 2.0
         await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN r TYPE float8")
         await conn.execute(insert, 100, 0.1)
         await conn.execute(insert, 101, 2**24 + 1)
@@ -135,7 +138,7 @@ RETYPES = [
 
 @pytest.mark.parametrize(("before", "retype", "value"), RETYPES)
 async def test_a_result_column_retyped_to_a_type_read_as_text(
-        pool: Pool, table: str, postgres: PostgresServer,
+        pool: Pool, table: str, postgres: PostgresServer, *,
         before: str, retype: str, value: Any) -> None:
     """"off" describes each call afresh and returns the value. "unnamed" learns of the retype
     from rows the server already sent in binary (the old statement asked for it): a type whose
@@ -171,4 +174,3 @@ async def test_a_text_codec_column_among_others_is_decoded(pool: Pool, table: st
         rows = await conn.fetch(select, 0)
     assert [tuple(r) for r in rows] == [(1, {"k": 1}, "0.5"), (2, {"k": None}, "1"),
                                         (3, {"k": 30}, None)]
-    assert isinstance(rows, list) and asyncpg is not None

@@ -134,8 +134,8 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                        record_class: type | None = None) -> Any:
         # A named statement stays asyncpg's (the server keeps its plan; after a schema change
         # it fails with InvalidCachedStatementError). An unnamed one is described afresh, as
-        # asyncpg does (a cursor made from it is decoded with that description: one served
-        # from the cache could predate a migration), and its executions are checked reuses.
+        # asyncpg does, and its executions are checked reuses (its cursors describe afresh:
+        # `CheckedPreparedStatement.cursor`).
         if name is not None or use_cache:
             return await super()._prepare(query, name=name, timeout=timeout,
                                           use_cache=use_cache, record_class=record_class)

@@ -19,6 +19,7 @@ rows given as an iterator. After such a migration, ``pool.invalidate_statement_c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -82,9 +83,10 @@ def _real4(value: Any) -> bool:
         return False
     value = float(value)
     try:
-        return value != value or _FLOAT4_BYTES.unpack(_FLOAT4_BYTES.pack(value))[0] == value
+        rounded: float = _FLOAT4_BYTES.unpack(_FLOAT4_BYTES.pack(value))[0]
     except OverflowError:  # past float4: the codec refuses it (described afresh, as "off")
         return False
+    return rounded == value or math.isnan(value)
 
 
 def _naive(value: Any) -> bool:
@@ -142,9 +144,12 @@ def _row_fits(checks: tuple[tuple[int, Guard], ...], row: Any) -> bool:
         for position, check in checks:
             value = row[position]
             if type(value) is int:  # the common case, without a call
-                if check is _real and not -_EXACT_IN_FLOAT <= value <= _EXACT_IN_FLOAT:
-                    return False
-                if check is _real4 and not -_EXACT_IN_FLOAT4 <= value <= _EXACT_IN_FLOAT4:
+                if check is _integral:
+                    continue
+                if check is _real:
+                    if not -_EXACT_IN_FLOAT <= value <= _EXACT_IN_FLOAT:
+                        return False
+                elif check is _real4 and not -_EXACT_IN_FLOAT4 <= value <= _EXACT_IN_FLOAT4:
                     return False
             elif value is not None and not check(value):
                 return False

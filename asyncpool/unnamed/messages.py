@@ -160,12 +160,10 @@ def rows_in_formats(recorded: list[bytes], types: Sequence[int], sent: Sequence[
         return recorded
     turned: list[bytes] = []
     for message in recorded:
-        if message[0] == DATA_ROW:
-            row = _jsonb_as_text(message, strip)
-            if row is None:
-                return None
-            message = row
-        turned.append(message)
+        row = _jsonb_as_text(message, strip) if message[0] == DATA_ROW else message
+        if row is None:
+            return None
+        turned.append(row)
     return turned
 
 

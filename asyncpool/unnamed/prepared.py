@@ -43,6 +43,7 @@ class CheckedPreparedStatement(_PreparedStatement):
     __slots__ = ("_description",)
     # asyncpg's (declared in its class's __slots__, unknown to type checkers here).
     _state: Any
+    _query: str
     _connection: Any
     _last_status: Any
 
