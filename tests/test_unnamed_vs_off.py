@@ -17,17 +17,9 @@ import asyncpg
 import pytest
 
 from asyncpool import Pool, StaleStatementError
-from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from asyncpool.testing import PostgresServer
 from tests.migrations import migrate
-
-Target = PostgresServer | PgBouncerServer
-
-
-@pytest.fixture(params=["postgres", "legacy", "current"],
-                ids=["postgres", "pgbouncer-1.18", "pgbouncer-current"])
-def target(request: pytest.FixtureRequest, stack: ServerStack) -> Target:
-    server: Target = getattr(stack, request.param)
-    return server
+from tests.test_unnamed_prepare import Target, target  # noqa: F401 (a fixture)
 
 
 async def _jsonb_as_text(conn: Any) -> None:
@@ -37,7 +29,8 @@ async def _jsonb_as_text(conn: Any) -> None:
 
 
 @pytest.fixture(params=["unnamed", "off"])
-async def pool(request: pytest.FixtureRequest, target: Target) -> AsyncIterator[Pool]:
+async def pool(request: pytest.FixtureRequest,
+               target: Target) -> AsyncIterator[Pool]:  # noqa: F811 (the fixture imported)
     async with Pool(target.dsn(), name=request.param, prepared_statements=request.param,
                     min_size=1, max_size=1, telemetry=False, init=_jsonb_as_text) as p:
         yield p
@@ -65,8 +58,9 @@ async def _cursor_rows(conn: Any, make: Any) -> list[tuple[Any, ...]]:
     return rows
 
 
-async def test_cursors_after_a_column_was_retyped(pool: Pool, table: str, target: Target,
-                                                  postgres: PostgresServer) -> None:
+async def test_cursors_after_a_column_was_retyped(
+        pool: Pool, table: str, target: Target,  # noqa: F811 (the fixture imported)
+        postgres: PostgresServer) -> None:
     """"unnamed": a cursor describes its (unnamed) statement afresh in its transaction, one
     made from ``prepare()`` too: the right values everywhere. "off" (asyncpg): a cursor of a
     statement prepared before the migration decodes float4 bits as an int4; ``conn.cursor()``
