@@ -146,7 +146,7 @@ async def test_a_prepared_statements_execution_is_one_checked_round_trip(
 async def test_a_cursor_of_a_statement_prepared_after_a_migration_decodes_the_new_columns(
         pool: Pool, postgres: PostgresServer, table: str) -> None:
     """prepare() describes afresh even when the connection described the query before the
-    migration: a cursor is decoded with its statement's description, never re-checked."""
+    migration (a cursor of a statement prepared before it: tests/test_unnamed_vs_off.py)."""
     query = f"SELECT a, b FROM {table}"
     async with pool.acquire() as conn:
         await conn.execute(f"INSERT INTO {table} VALUES (1, 1234)")

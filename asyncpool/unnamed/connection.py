@@ -28,6 +28,7 @@ from asyncpool.unnamed.messages import (
     bind_result_formats,
     row_columns,
     row_formats,
+    rows_in_formats,
 )
 from asyncpool.unnamed.prepared import DISCARD as _DISCARD
 from asyncpool.unnamed.prepared import MANY_ROWS as _MANY_ROWS
@@ -133,8 +134,8 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                        record_class: type | None = None) -> Any:
         # A named statement stays asyncpg's (the server keeps its plan; after a schema change
         # it fails with InvalidCachedStatementError). An unnamed one is described afresh, as
-        # asyncpg does (a cursor made from it is decoded with that description: one served
-        # from the cache could predate a migration), and its executions are checked reuses.
+        # asyncpg does, and its executions are checked reuses (its cursors describe afresh:
+        # `CheckedPreparedStatement.cursor`).
         if name is not None or use_cache:
             return await super()._prepare(query, name=name, timeout=timeout,
                                           use_cache=use_cache, record_class=record_class)
@@ -145,6 +146,21 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                                               record_class=record_class)
         return CheckedPreparedStatement(self, query, statement,
                                         self._description_of(key, statement, generation))
+
+    async def _get_statement(self, query: str, timeout: float | None, *,
+                             named: str | bool | None = False, use_cache: bool = True,
+                             ignore_custom_codec: bool = False,
+                             record_class: type | None = None) -> Any:
+        # Cursors ask for a name (``named=True``, asyncpg's cursor.py). Behind PgBouncer >= 1.21
+        # a name maps to the statement of that text already prepared on the server connection,
+        # which after a result-changing migration fails with InvalidCachedStatementError until
+        # PgBouncer closes it. The unnamed statement is described afresh everywhere; the
+        # cursor's portal outlives it, and its transaction's locks keep the description true.
+        if named is True:
+            named = False
+        return await super()._get_statement(query, timeout, named=named, use_cache=use_cache,
+                                            ignore_custom_codec=ignore_custom_codec,
+                                            record_class=record_class)
 
     async def _introspect_types(self, typeoids: Any, timeout: float | None) -> Any:
         types, statement = await super()._introspect_types(typeoids, timeout)
@@ -347,10 +363,17 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
             nonlocal decodable
             sent = row_formats(check.row_reply)  # the formats the rows arrived in
             wanted = bind_result_formats(b"".join(wire.swallowed), columns)
-            decodable = len(sent) == columns and sent == wanted
-            recorded = check.recorded
-            if not decodable:  # rows in a format the new codecs do not read: drop them
-                recorded = [m for m in recorded if m[0] != DATA_ROW]
+            recorded: list[bytes] | None = check.recorded
+            if sent != wanted:
+                # A column asyncpg now reads as text (a text-format codec such as json.loads
+                # for jsonb) was sent in binary, as the old Bind asked: readable where the
+                # binary form is the text (`rows_in_formats`).
+                types = [oid for _, oid in row_columns(check.row_reply)]
+                recorded = (rows_in_formats(check.recorded, types, sent, wanted)
+                            if wanted is not None and len(sent) == columns else None)
+            decodable = recorded is not None
+            if recorded is None:  # rows in a format the new codecs do not read: drop them
+                recorded = [m for m in check.recorded if m[0] != DATA_ROW]
             wire.feed(b"".join(recorded))
 
         wire.swallowing = True

@@ -133,6 +133,59 @@ def row_formats(message: bytes) -> tuple[int, ...]:
     return tuple(formats)
 
 
+#: Types whose binary form is the same bytes as their text form (json, text, varchar, bpchar,
+#: name: the send functions write the text in the client encoding).
+_BINARY_IS_TEXT = frozenset((114, 25, 1043, 1042, 19))
+#: jsonb's binary form is its text after a version byte.
+_JSONB = 3802
+_JSONB_VERSION = 1
+
+
+def rows_in_formats(recorded: list[bytes], types: Sequence[int], sent: Sequence[int],
+                    wanted: Sequence[int]) -> list[bytes] | None:
+    """A recorded reply whose DataRows' values were `sent` in one format per column, as the
+    `wanted` formats read them; None when one cannot be turned without the server (only a
+    binary value whose text is the same bytes, or jsonb's after its version byte, can)."""
+    strip: list[int] = []
+    for index, (was, want, oid) in enumerate(zip(sent, wanted, types, strict=True)):
+        if was == want:
+            continue
+        if (was, want) != (1, 0):
+            return None
+        if oid == _JSONB:
+            strip.append(index)
+        elif oid not in _BINARY_IS_TEXT:
+            return None
+    if not strip:
+        return recorded
+    turned: list[bytes] = []
+    for message in recorded:
+        row = _jsonb_as_text(message, strip) if message[0] == DATA_ROW else message
+        if row is None:
+            return None
+        turned.append(row)
+    return turned
+
+
+def _jsonb_as_text(row: bytes, columns: list[int]) -> bytes | None:
+    """A whole DataRow with the binary jsonb values at `columns` in text form."""
+    (count,) = _INT16.unpack_from(row, 5)
+    parts = [row[5:7]]
+    pos = 7
+    for index in range(count):
+        (length,) = _INT32.unpack_from(row, pos)
+        value = row[pos + 4:pos + 4 + max(length, 0)]
+        pos += 4 + max(length, 0)
+        if length > 0 and index in columns:
+            if value[0] != _JSONB_VERSION:
+                return None
+            value = value[1:]
+            length -= 1
+        parts.append(_INT32.pack(length) + value)
+    body = b"".join(parts)
+    return b"D" + _INT32.pack(len(body) + 4) + body
+
+
 def error_sqlstate(message: bytes | bytearray | memoryview) -> str | None:
     """The SQLSTATE (field ``C``) of a whole ErrorResponse message."""
     fields = bytes(message[5:]).split(b"\0")

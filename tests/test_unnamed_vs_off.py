@@ -1,0 +1,170 @@
+""""unnamed" beside "off" on the same steps, against PostgreSQL and through both PgBouncers:
+cursors after a retype, float4 values, and result columns retyped to types asyncpg reads as text.
+
+Each test runs in both modes; where they differ, the test says how and why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from asyncpool import Pool, StaleStatementError
+from asyncpool.testing import PostgresServer
+from tests.migrations import migrate
+from tests.test_unnamed_prepare import Target, target  # noqa: F401 (a fixture)
+
+
+async def _jsonb_as_text(conn: Any) -> None:
+    # The usual json codec: a text-format codec, so asyncpg asks for jsonb rows in text.
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                              schema="pg_catalog", format="text")
+
+
+@pytest.fixture(params=["unnamed", "off"])
+async def pool(request: pytest.FixtureRequest,
+               target: Target) -> AsyncIterator[Pool]:  # noqa: F811 (the fixture imported)
+    async with Pool(target.dsn(), name=request.param, prepared_statements=request.param,
+                    min_size=1, max_size=1, telemetry=False, init=_jsonb_as_text) as p:
+        yield p
+
+
+@pytest.fixture
+async def table(pool: Pool, request: pytest.FixtureRequest) -> str:
+    name = "dc_vs_" + re.sub(r"\W", "_", request.node.callspec.id)[:40]
+    await pool.execute(f"DROP TABLE IF EXISTS {name}; DROP TYPE IF EXISTS {name}_t;"
+                       f"CREATE TABLE {name} (id int, a int, r real)")
+    return name
+
+
+def _float4(value: float) -> float:
+    return float(struct.unpack("!f", struct.pack("!f", value))[0])
+
+
+PI_BITS = struct.unpack("!i", struct.pack("!f", 3.1415927))[0]  # 1078530011
+
+
+async def _cursor_rows(conn: Any, make: Any) -> list[tuple[Any, ...]]:
+    async with conn.transaction():
+        rows = [tuple(r) async for r in make()]
+        assert [tuple(r) for r in await (await make()).fetch(5)] == rows
+    return rows
+
+
+async def test_cursors_after_a_column_was_retyped(
+        pool: Pool, table: str, target: Target,  # noqa: F811 (the fixture imported)
+        postgres: PostgresServer) -> None:
+    """"unnamed": a cursor describes its (unnamed) statement afresh in its transaction, one
+    made from ``prepare()`` too: the right values everywhere. "off" (asyncpg): a cursor of a
+    statement prepared before the migration decodes float4 bits as an int4; ``conn.cursor()``
+    names its statement, which PgBouncer >= 1.21 maps to the one of that text already prepared
+    on its server connection: InvalidCachedStatementError there (when it lands on that one)."""
+    select = f"SELECT id, a FROM {table} WHERE id >= $1 ORDER BY id"
+    async with pool.acquire() as conn:
+        await conn.execute(f"INSERT INTO {table} (id, a) VALUES (1, {PI_BITS})")
+        async with conn.transaction():
+            assert [tuple(r) async for r in conn.cursor(select, 1)] == [(1, PI_BITS)]
+        stmt = await conn.prepare(select)
+        assert [tuple(r) for r in await stmt.fetch(1)] == [(1, PI_BITS)]
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN a TYPE float4 "
+                                "USING 3.1415927")
+        now = [(1, _float4(3.1415927))]
+        tracked = bool(getattr(target, "supports_prepared_statements", False))
+        try:
+            assert await _cursor_rows(conn, lambda: conn.cursor(select, 1)) == now
+        except asyncpg.InvalidCachedStatementError:
+            assert pool.name == "off"
+            assert tracked
+        expected = now if pool.name == "unnamed" else [(1, PI_BITS)]  # asyncpg's own
+        assert await _cursor_rows(conn, lambda: stmt.cursor(1)) == expected
+    assert pool.stats().closed_total == 0
+
+
+FLOATS = [0.1, 1 / 3, 0.5, math.inf, -math.inf, 1e-45, 3.4e38, 1 + 2**-24]
+
+
+async def test_float4_values_are_the_same_in_both_modes(pool: Pool, table: str,
+                                                        postgres: PostgresServer) -> None:
+    """A real column and float4 parameters: what is stored, read and compared is float4's, in
+    both modes. After the column is widened to float8, 0.1 is stored and compared as 0.1 (the
+    cached float4 parameter type would have rounded it to 0.10000000149011612)."""
+    insert = f"INSERT INTO {table} (id, r) VALUES ($1, $2)"
+    count = f"SELECT count(*) FROM {table} WHERE r = $1"
+    async with pool.acquire() as conn:
+        for i, value in enumerate([*FLOATS, math.nan]):
+            await conn.execute(insert, i, value)  # a miss, then hits
+        rows = await conn.fetch(f"SELECT r FROM {table} WHERE id < $1 ORDER BY id", len(FLOATS))
+        assert [r["r"] for r in rows] == [_float4(v) for v in FLOATS]
+        assert math.isnan(await conn.fetchval(f"SELECT r FROM {table} WHERE id = $1",
+                                              len(FLOATS)))
+        assert [await conn.fetchval(count, v) for v in (0.1, 0.1, 1 / 3, math.nan)] == [1, 1, 1, 1]
+        for _ in range(2):
+            got = await conn.fetchval("SELECT $1::float4[]", [0.1, math.nan, 2.0])
+            assert got[0] == _float4(0.1)
+            assert math.isnan(got[1])
+            assert got[2] == 2.0
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN r TYPE float8")
+        await conn.execute(insert, 100, 0.1)
+        await conn.execute(insert, 101, 2**24 + 1)
+        assert await conn.fetchval(f"SELECT r FROM {table} WHERE id = $1", 100) == 0.1
+        assert await conn.fetchval(f"SELECT r FROM {table} WHERE id = $1", 101) == 2**24 + 1
+        assert await conn.fetch(f"SELECT id FROM {table} WHERE r = $1", 0.1) == [(100,)]
+        assert await conn.fetchval(count, 0.5) == 1  # (held exactly: no describe needed)
+
+
+RETYPES = [
+    pytest.param("CREATE TYPE {t}_t AS ENUM ('1', '2')", "{t}_t USING a::text::{t}_t", "1",
+                 id="enum"),
+    pytest.param("SELECT", "jsonb USING to_jsonb(a)", 1, id="jsonb-text-codec"),
+    pytest.param("SELECT", "xml USING xmlparse(content a::text)", "1", id="xml"),
+    # Types asyncpg has no binary codec for: it reads them as text.
+    pytest.param("SELECT", "money USING a::numeric::money", "$1.00", id="money"),
+    pytest.param("SELECT", "tsvector USING a::text::tsvector", "'1'", id="tsvector"),
+]
+
+
+@pytest.mark.parametrize(("before", "retype", "value"), RETYPES)
+async def test_a_result_column_retyped_to_a_type_read_as_text(
+        pool: Pool, table: str, postgres: PostgresServer, *,
+        before: str, retype: str, value: Any) -> None:
+    """"off" describes each call afresh and returns the value. "unnamed" learns of the retype
+    from rows the server already sent in binary (the old statement asked for it): a type whose
+    binary form is its text (json, text; jsonb after a version byte) is decoded; money,
+    tsvector and other types asyncpg reads only as text raise StaleStatementError once (the
+    statement ran), and the next call returns the value."""
+    select = f"SELECT a FROM {table} WHERE id = $1"
+    await pool.execute(f"INSERT INTO {table} (id, a) VALUES (1, 1)")
+    async with pool.acquire() as conn:
+        assert await conn.fetchval(select, 1) == 1
+        assert await conn.fetchval(select, 1) == 1
+        await migrate(postgres, before.format(t=table) + "; ALTER TABLE "
+                      f"{table} ALTER COLUMN a TYPE {retype.format(t=table)}")
+        if pool.name == "unnamed" and value in ("$1.00", "'1'"):
+            with pytest.raises(StaleStatementError) as caught:
+                await conn.fetchval(select, 1)
+            assert caught.value.may_have_run
+        else:
+            assert await conn.fetchval(select, 1) == value
+    assert await pool.fetchval(select, 1) == value
+
+
+async def test_a_text_codec_column_among_others_is_decoded(pool: Pool, table: str,
+                                                           postgres: PostgresServer) -> None:
+    """Several columns, NULLs and rows: only the jsonb values are turned into text."""
+    select = f"SELECT id, a, r FROM {table} WHERE id > $1 ORDER BY id"
+    await pool.execute(f"INSERT INTO {table} VALUES (1, 1, 0.5), (2, NULL, 1), (3, 30, NULL)")
+    async with pool.acquire() as conn:
+        for _ in range(2):
+            await conn.fetch(select, 0)
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN a TYPE jsonb "
+                                "USING jsonb_build_object('k', a), ALTER COLUMN r TYPE text")
+        rows = await conn.fetch(select, 0)
+    assert [tuple(r) for r in rows] == [(1, {"k": 1}, "0.5"), (2, {"k": None}, "1"),
+                                        (3, {"k": 30}, None)]
