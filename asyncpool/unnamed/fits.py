@@ -8,29 +8,23 @@ would have encoded the value whole. So an argument of a kind the cached type doe
 sends the call to be described afresh (one round trip more); what asyncpg then does with it is
 what it does without a cache.
 
-A ``float4`` parameter takes only what float4 holds exactly (0.5, 2.0, NaN, an integer up to
-2^24): its codec rounds any other float, and a column widened to ``float8`` since would keep the
-rounded value (0.1 stored as 0.10000000149011612, and ``WHERE x = 0.1`` matching it). Such a
-call is described afresh every time, two round trips as with "off".
-
-Not caught: elements of arrays (a ``real[]`` column widened to ``float8[]``), and executemany's
-rows given as an iterator. After such a migration, ``pool.invalidate_statement_cache()``.
+Not caught: a ``float4`` parameter keeps a float's float4 precision after its column was widened
+to ``float8`` (asyncpg's float4 codec rounds every float, so refusing floats there would describe
+every call afresh), and executemany's rows given as an iterator are not looked at. After such a
+migration, ``pool.invalidate_statement_cache()``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from fractions import Fraction
-from struct import Struct
 from typing import Any
 
 # PostgreSQL's type OIDs (pg_type.dat).
 _INTEGERS = frozenset((20, 21, 23, 26))  # int8, int2, int4, oid
-_FLOAT4 = 700
-_FLOAT8 = 701
+_FLOATS = frozenset((700, 701))  # float4, float8
 _TIMESTAMP = 1114  # without time zone
 _DATE = 1082
 
@@ -69,26 +63,6 @@ def _real(value: Any) -> bool:
     return hasattr(type(value), "__float__") and not isinstance(value, Decimal | Fraction)
 
 
-#: Integers beyond this are not all representable in a float4 (24-bit significand).
-_EXACT_IN_FLOAT4 = 2**24
-_FLOAT4_BYTES = Struct("!f")
-
-
-def _real4(value: Any) -> bool:
-    # What a float4 holds exactly, so the codec's rounding loses nothing whatever the column's
-    # type is now; NaN and the infinities are the same in every float type.
-    if hasattr(type(value), "__index__"):
-        return bool(-_EXACT_IN_FLOAT4 <= value <= _EXACT_IN_FLOAT4)
-    if not _real(value):
-        return False
-    value = float(value)
-    try:
-        rounded: float = _FLOAT4_BYTES.unpack(_FLOAT4_BYTES.pack(value))[0]
-    except OverflowError:  # past float4: the codec refuses it (described afresh, as "off")
-        return False
-    return rounded == value or math.isnan(value)
-
-
 def _naive(value: Any) -> bool:
     return not isinstance(value, datetime) or value.tzinfo is None
 
@@ -104,10 +78,8 @@ def guards(param_oids: Sequence[int]) -> tuple[tuple[int, Guard], ...] | None:
     for position, oid in enumerate(param_oids):
         if oid in _INTEGERS:
             found.append((position, _integral))
-        elif oid == _FLOAT8:
+        elif oid in _FLOATS:
             found.append((position, _real))
-        elif oid == _FLOAT4:
-            found.append((position, _real4))
         elif oid == _TIMESTAMP:
             found.append((position, _naive))
         elif oid == _DATE:
@@ -144,12 +116,7 @@ def _row_fits(checks: tuple[tuple[int, Guard], ...], row: Any) -> bool:
         for position, check in checks:
             value = row[position]
             if type(value) is int:  # the common case, without a call
-                if check is _integral:
-                    continue
-                if check is _real:
-                    if not -_EXACT_IN_FLOAT <= value <= _EXACT_IN_FLOAT:
-                        return False
-                elif check is _real4 and not -_EXACT_IN_FLOAT4 <= value <= _EXACT_IN_FLOAT4:
+                if check is _real and not -_EXACT_IN_FLOAT <= value <= _EXACT_IN_FLOAT:
                     return False
             elif value is not None and not check(value):
                 return False
