@@ -92,7 +92,10 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
             wait = settle_timeout(context, margin, RELEASE_TIMEOUT)
             if resets_by is not None and deadline.expired():
                 wait = max(wait, min(RELEASE_TIMEOUT, resets_by - asyncio.get_running_loop().time()))
-            await settle_loop(wait)
+            # Connections already retired (a cancel request in flight, a goodbye) keep nothing
+            # for the next invocation: the answer waits for them half the margin at most, the
+            # time a holder cut short has for its reset.
+            await settle_loop(wait, closes_within=margin / 2)
 
 
 async def _free_stragglers(context: Any, margin: float, request_id: str, end: ResetsEnd) -> None:

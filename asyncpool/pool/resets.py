@@ -43,19 +43,23 @@ class ResetsEnd:
 RESETS_END: ContextVar[ResetsEnd | None] = ContextVar("asyncpool_resets_end", default=None)
 
 
-async def settle_loop(timeout: float) -> None:
+async def settle_loop(timeout: float, closes_within: float | None = None) -> None:
     """`settle` every pool open on the running loop, attached to a runner or not."""
-    await settle(pools_on_loop(), timeout)
+    await settle(pools_on_loop(), timeout, closes_within)
 
 
-async def settle(pools: list[Slots], timeout: float) -> None:
+async def settle(pools: list[Slots], timeout: float, closes_within: float | None = None) -> None:
     """Wait up to `timeout`, all `pools` together, for the resets of connections whose holders
     left before the reset ended (`Slots.checkin`); one still running then is cancelled and its
     connection closed, before this returns (a cancel request in flight is given what is left
     of `timeout`: closing under it crashes PgBouncer 1.18, pgbouncer#801).
 
     Connections the pools are closing (waiting for a cancel request in flight first: one
-    SQLAlchemy invalidated after a cancelled statement) get the same wait, then are closed.
+    SQLAlchemy invalidated after a cancelled statement, one whose check got no answer) get
+    the same wait, at most `closes_within` seconds of it (None: no less), then are closed; so
+    do the cancel requests of resets cut short. Nothing is kept by waiting for them (the
+    connection is gone either way), and on a network that died none is ever answered: the
+    end of a Lambda invocation waited for one up to its deadline's margin.
 
     For a process about to be frozen (the end of a Lambda invocation): a reset or a close left
     waiting would keep a pooler's server connection, and a transaction, until the thaw."""
@@ -63,20 +67,23 @@ async def settle(pools: list[Slots], timeout: float) -> None:
                if not task.done()}
     loop = get_running_loop()
     deadline = loop.time() + max(timeout, 0.0)
+    closes_by = deadline if closes_within is None else min(
+        deadline, loop.time() + max(closes_within, 0.0))
     if pending:
-        await _end_resets(pending, deadline)
+        await _end_resets(pending, deadline, closes_by)
     closes = {task: conn for slots in pools for task, conn in slots.closing.items()
               if not task.done()}
     if closes:
-        await asyncio.wait(closes, timeout=max(deadline - loop.time(), 0.0))
+        await asyncio.wait(closes, timeout=max(min(deadline, closes_by) - loop.time(), 0.0))
         for task, conn in closes.items():
             if not task.done():
                 conn.terminate()
 
 
-async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadline: float) -> None:
+async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadline: float,
+                      requests_by: float) -> None:
     """Wait for `pending` resets until `deadline`; cancel those still running and close their
-    connections (a cancel request in flight given what is left)."""
+    connections (a cancel request in flight given what is left, up to `requests_by`)."""
     loop = get_running_loop()
     _, late = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0.0))
     for task in late:
@@ -86,7 +93,7 @@ async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadli
     for task in late:
         conn = pending[task].conn
         requests = driver.pending_cancellations(conn)
-        remaining = deadline - loop.time()
+        remaining = requests_by - loop.time()
         if requests and remaining > 0:
             await asyncio.wait(requests, timeout=remaining)
         conn.terminate()  # (at once, where `retire` would have waited for the request)

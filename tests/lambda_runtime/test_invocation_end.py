@@ -1,0 +1,38 @@
+"""What the end of an invocation waits for, under the real runtime (awslambdaric) against
+PgBouncer: a reset, a close or a cancel request the pool is waiting for must not hold the
+handler's answer back (the environment may be frozen once it goes)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from asyncpool.testing import PgBouncerServer
+from asyncpool.testing.faultproxy import FaultProxy
+from asyncpool.testing.lambda_runtime import RuntimeAPI
+from tests.lambda_runtime.support import environment, invoke, response
+
+
+async def test_a_thaw_on_a_dead_network_answers_soon_after_the_checkout_gives_up(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """The network to PgBouncer dies without a word during a freeze: the thawed invocation's
+    check gets no answer (half of acquire_timeout), its cancel request none either, the new login
+    none: PoolTimeoutError at acquire_timeout (3 s here). The error must then go out within half
+    the margin (0.25 s); it waited for the check's cancel request up to the deadline's margin
+    (5.5 s of 6 s)."""
+    async with FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        env: dict[str, str | None] = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn()),
+                                      "ASYNCPOOL_ACQUIRE_TIMEOUT": "3"}
+        with RuntimeAPI(function_timeout=6) as api, environment(
+                api, own_pgbouncer, tmp_path, env=env) as proc:
+            response(await invoke(api, {"op": "query"}), proc)
+            await asyncio.to_thread(api.wait_idle)
+            proc.freeze()
+            proxy.set_mode("half-open")  # replies lost, on every connection from now on
+            proc.thaw()
+            thawed = await invoke(api, {"op": "query"})
+            assert thawed.kind == "error", thawed.body
+            assert thawed.json()["errorType"] == "PoolTimeoutError"
+            assert "no connection within 3s" in thawed.json()["errorMessage"]
+            assert thawed.seconds < 4.0, proc.log()[-3000:]
