@@ -19,7 +19,7 @@ from typing import Any
 from asyncpool.pool.alarms import Deadline
 from asyncpool.pool.forks import pools_on_loop
 from asyncpool.pool.resets import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, settle_loop
-from asyncpool.pool.stragglers import free_stragglers
+from asyncpool.pool.stragglers import end_suspended_blocks, free_stragglers
 
 logger: logging.Logger = logging.getLogger("asyncpool.integrations.lambda_deadline")
 
@@ -101,7 +101,9 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
 async def _free_stragglers(context: Any, margin: float, request_id: str, end: ResetsEnd) -> None:
     """Tasks the invocation started and left holding a connection give it back within what is
     left of its time (at most `RELEASE_TIMEOUT`), or are cancelled, within the time its resets
-    have (`free_stragglers`)."""
+    have (`free_stragglers`); blocks no task runs any more (an async generator kept past the
+    invocation) have their connections closed (`end_suspended_blocks`)."""
+    end_suspended_blocks(pools_on_loop(), request_id, end)
     give = settle_timeout(context, margin, RELEASE_TIMEOUT)
     bound = give + RELEASE_TIMEOUT
     if end.at is not None:

@@ -63,6 +63,15 @@ def _outcome(task: asyncio.Task[Any]) -> Any:
     return repr(exc) if exc is not None else task.result()
 
 
+async def _backend_pids() -> Any:
+    """A generator kept across invocations (the "generator" op) holding its connection."""
+    async with pool.acquire() as conn:
+        while True:
+            yield await conn.fetchval("SELECT pg_backend_pid()")
+
+
+kept_generator: list[Any] = []
+
 # Connections a handler took and did not give back (the "leak" op).
 kept: list[PooledConnection] = []
 
@@ -93,6 +102,11 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         conn = await pool.acquire()
         await conn.fetchval("SELECT 1")
         kept.append(conn)
+    elif op == "generator":
+        # Module-level, as a cache would keep it: the block stays open between invocations.
+        if not kept_generator:
+            kept_generator.append(_backend_pids())
+        result["backend_pid"] = await anext(kept_generator[0])
     elif op == "sleep":
         await asyncio.sleep(float(event["seconds"]))
     elif op == "write_then_stall":

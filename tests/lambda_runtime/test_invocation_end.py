@@ -36,3 +36,27 @@ async def test_a_thaw_on_a_dead_network_answers_soon_after_the_checkout_gives_up
             assert thawed.json()["errorType"] == "PoolTimeoutError"
             assert "no connection within 3s" in thawed.json()["errorMessage"]
             assert thawed.seconds < 4.0, proc.log()[-3000:]
+
+
+async def test_an_async_generator_kept_across_invocations_does_not_keep_its_connection(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """The handler keeps an async generator module-level, suspended inside ``async with
+    pool.acquire()``: the invocation's end says where it was acquired and closes that connection,
+    so the next invocation is served (max_size=1); it timed out waiting until leak_timeout, with
+    no word. The generator's next statement is refused, not run on a connection another holds."""
+    with RuntimeAPI(function_timeout=6) as api, environment(api, own_pgbouncer, tmp_path) as proc:
+        response(await invoke(api, {"op": "generator"}), proc)
+        after = await invoke(api, {"op": "query"})
+        stats = response(after, proc)["pool"]
+        assert after.seconds < 2.0
+        assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
+        [line] = [line for line in proc.log().splitlines() if "no task runs" in line]
+        assert "WARNING" in line
+        log = proc.log()
+        site = log[log.index(line):]
+        assert "in _backend_pids" in site and "async with pool.acquire() as conn" in site
+        again = await invoke(api, {"op": "generator"})
+        assert again.kind == "error", again.body
+        assert "was terminated" in again.json()["errorMessage"]
+        assert response(await invoke(api, {"op": "query"}), proc)["pool"]["in_use"] == 0
