@@ -46,6 +46,8 @@ async def fill_in_background(slots: Slots, count: int) -> None:
     try:
         await fill(slots, count, own=True)
     except Exception as exc:
+        if _planned(exc):
+            return
         logger.warning("pool %r: could not open min_size=%d connections in the background "
                        "(%s); housekeeping tries again", slots.name, count, exc)
 
@@ -99,7 +101,18 @@ async def housekeep(slots: Slots) -> None:
         try:
             await fill(slots, slots.config.min_size, own=True)
         except (ConnectError, PoolClosedError) as exc:
+            if _planned(exc):
+                return
             logger.warning("%s; could not keep min_size connections", logins.named(slots.name, exc))
+
+
+def _planned(exc: BaseException) -> bool:
+    """A refill given up on purpose before a pause (the end of a Lambda invocation): said at
+    INFO, as nobody waited for it and the next checkout logs in."""
+    if isinstance(exc, logins.FillGivenUp) and exc.quiet:
+        logger.info("%s", exc)
+        return True
+    return False
 
 
 def period_for(cfg: PoolConfig) -> float:

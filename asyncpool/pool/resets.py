@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
+from asyncpool.pool import logins
 from asyncpool.pool.forks import pools_on_loop
 from asyncpool.pool.record import LEASED, MOVING
 
@@ -61,6 +62,10 @@ async def settle(pools: list[Slots], timeout: float, closes_within: float | None
     connection is gone either way), and on a network that died none is ever answered: the
     end of a Lambda invocation waited for one up to its deadline's margin.
 
+    The pools' own logins under way (a min_size refill ``open(wait=False)`` began, which no
+    caller waited for) are given up, their sockets closed within the same time as the closes:
+    the freeze would cut them part-way, and the next checkout logs in itself.
+
     For a process about to be frozen (the end of a Lambda invocation): a reset or a close left
     waiting would keep a pooler's server connection, and a transaction, until the thaw."""
     pending = {task: record for slots in pools for task, record in slots.resets.items()
@@ -69,6 +74,8 @@ async def settle(pools: list[Slots], timeout: float, closes_within: float | None
     deadline = loop.time() + max(timeout, 0.0)
     closes_by = deadline if closes_within is None else min(
         deadline, loop.time() + max(closes_within, 0.0))
+    fills = [attempt for slots in pools
+             for attempt in logins.give_up_fills(slots, logins.BEFORE_PAUSE)]
     if pending:
         await _end_resets(pending, deadline, closes_by)
     closes = {task: conn for slots in pools for task, conn in slots.closing.items()
@@ -78,6 +85,8 @@ async def settle(pools: list[Slots], timeout: float, closes_within: float | None
         for task, conn in closes.items():
             if not task.done():
                 conn.terminate()
+    if fills:
+        await asyncio.wait(fills, timeout=max(min(deadline, closes_by) - loop.time(), 0.0))
 
 
 async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadline: float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 from typing import Any
@@ -33,6 +34,9 @@ if os.environ.get("TEST_POWERTOOLS_LOGGER"):
     from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 
     copy_config_to_registered_loggers(source_logger=Logger(service="runtime-test"), include={"asyncpool"})
+if os.environ.get("TEST_POOL_INFO"):
+    # The pool's INFO records too (a refill given up at an invocation's end).
+    logging.getLogger("asyncpool.pool").setLevel(logging.INFO)
 if os.environ.get("TEST_OPEN_AT_INIT"):
     # Opened (and connected) during INIT: what SnapStart snapshots.
     get_runner().run(pool.open())
@@ -94,6 +98,13 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         if os.environ.get("TEST_SECOND_POOL"):
             await second.open(wait=False)
             result["second"] = await second.fetchval("SELECT 2")
+    elif op == "try_query":
+        # A query whose failure is answered, after a while (housekeeping runs meanwhile).
+        try:
+            result["backend_pid"] = await pool.fetchval("SELECT pg_backend_pid()")
+        except Exception as exc:
+            result["error"] = type(exc).__name__
+            await asyncio.sleep(float(event.get("linger", 0)))
     elif op == "raise":
         async with pool.acquire() as conn:
             await conn.fetchval("SELECT 1")

@@ -60,3 +60,31 @@ async def test_an_async_generator_kept_across_invocations_does_not_keep_its_conn
         assert again.kind == "error", again.body
         assert "was terminated" in again.json()["errorMessage"]
         assert response(await invoke(api, {"op": "query"}), proc)["pool"]["in_use"] == 0
+
+
+async def test_a_min_size_refill_still_logging_in_is_given_up_before_the_response(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """An invocation that opens the pool (``open(wait=False)``: the min_size refill runs in the
+    background) and does not use it answers at once; the refill's login, slow to answer, is given
+    up before the response goes, its socket closed, rather than left half done while the
+    environment is frozen (the loop does not run between invocations). The next invocation logs
+    in itself."""
+    async with FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        env: dict[str, str | None] = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn())}
+        with RuntimeAPI(function_timeout=6) as api, environment(
+                api, own_pgbouncer, tmp_path, env=env) as proc:
+            proxy.set_mode("half-open")  # the login's replies are lost
+            first = await invoke(api, {"op": "stats"})
+            response(first, proc)
+            assert first.seconds < 1.0
+            await asyncio.to_thread(api.wait_idle)
+            proc.freeze()
+            try:
+                await asyncio.sleep(0.3)
+                assert proxy.connections == 0, "the refill's login was left open across the freeze"
+            finally:
+                proc.thaw()
+            proxy.set_mode("pass")
+            after = response(await invoke(api, {"op": "query"}), proc)["pool"]
+            assert (after["created_total"], after["in_use"], after["size"]) == (1, 0, 1)
