@@ -439,7 +439,8 @@ async def test_a_generator_kept_past_its_invocation_has_its_connection_closed(
         assert (stats.in_use, stats.closed_total) == (1, 1)  # the INIT one is still held
         assert await check.fetchval("SELECT count(*) FROM kept_generator WHERE n = 2") == 0
         [warning] = [r.getMessage() for r in caplog.records if "no task runs" in r.getMessage()]
-        assert "in writes" in warning and "pool.transaction() as conn" in warning
+        assert "in writes" in warning
+        assert "pool.transaction() as conn" in warning
         with pytest.raises(PoolError, match="was terminated"):
             await env.invoke(handler, context=LocalContext(timeout=10))
     finally:

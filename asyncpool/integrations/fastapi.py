@@ -160,7 +160,7 @@ async def _settle(pool: Pool) -> None:
     let resets holders left running end, within the invocation's time (`resets.settle`)."""
     # (LambdaRunner's default margin is left for the response)
     timeout = settle_timeout(_last_context.pop(pool, None), TIMEOUT_MARGIN, _UNKNOWN_TIME_WAIT)
-    await settle([pool._slots], timeout)
+    await settle([pool._slots], timeout, closes_within=TIMEOUT_MARGIN / 2)
 
 
 async def _thawed(pool: Pool) -> None:

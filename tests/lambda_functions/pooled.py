@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asyncpool import Pool
@@ -84,6 +85,37 @@ class HandlerFailedError(Exception):
     """What the "raise" op raises, after using a connection."""
 
 
+async def _generator(event: dict[str, Any], result: dict[str, Any]) -> None:
+    # Module-level, as a cache would keep it: the block stays open between invocations.
+    if not kept_generator:
+        kept_generator.append(_backend_pids())
+    result["backend_pid"] = await anext(kept_generator[0])
+
+
+async def _try_query(event: dict[str, Any], result: dict[str, Any]) -> None:
+    # A query whose failure is answered, after a while (housekeeping runs meanwhile).
+    try:
+        result["backend_pid"] = await pool.fetchval("SELECT pg_backend_pid()")
+    except Exception as exc:
+        result["error"] = type(exc).__name__
+        await asyncio.sleep(float(event.get("linger", 0)))
+
+
+async def _background_results(event: dict[str, Any], result: dict[str, Any]) -> None:
+    result["background"] = [_outcome(t) for t in background]
+
+
+async def _modules(event: dict[str, Any], result: dict[str, Any]) -> None:
+    result["preloaded_at_init"] = PRELOADED_AT_INIT
+    result["aws_sdk_at_init"] = AWS_SDK_AT_INIT
+
+
+_MORE_OPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]] = {
+    "generator": _generator, "try_query": _try_query,
+    "background_results": _background_results, "modules": _modules,
+}
+
+
 @async_handler
 async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     op = event.get("op", "query")
@@ -98,13 +130,6 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         if os.environ.get("TEST_SECOND_POOL"):
             await second.open(wait=False)
             result["second"] = await second.fetchval("SELECT 2")
-    elif op == "try_query":
-        # A query whose failure is answered, after a while (housekeeping runs meanwhile).
-        try:
-            result["backend_pid"] = await pool.fetchval("SELECT pg_backend_pid()")
-        except Exception as exc:
-            result["error"] = type(exc).__name__
-            await asyncio.sleep(float(event.get("linger", 0)))
     elif op == "raise":
         async with pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
@@ -113,11 +138,6 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         conn = await pool.acquire()
         await conn.fetchval("SELECT 1")
         kept.append(conn)
-    elif op == "generator":
-        # Module-level, as a cache would keep it: the block stays open between invocations.
-        if not kept_generator:
-            kept_generator.append(_backend_pids())
-        result["backend_pid"] = await anext(kept_generator[0])
     elif op == "sleep":
         await asyncio.sleep(float(event["seconds"]))
     elif op == "write_then_stall":
@@ -133,11 +153,8 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         # Started, not awaited: still running when the handler returns.
         task = _later(float(event.get("after", 0)), float(event.get("hold", 0)))
         background.append(asyncio.create_task(task, name="fire-and-forget"))
-    elif op == "background_results":
-        result["background"] = [_outcome(t) for t in background]
-    elif op == "modules":
-        result["preloaded_at_init"] = PRELOADED_AT_INIT
-        result["aws_sdk_at_init"] = AWS_SDK_AT_INIT
+    elif op in _MORE_OPS:
+        await _MORE_OPS[op](event, result)
     elif op != "stats":
         raise ValueError(f"unknown op {op!r}")
     result["pool"] = dataclasses.asdict(pool.stats())

@@ -55,7 +55,8 @@ async def test_an_async_generator_kept_across_invocations_does_not_keep_its_conn
         assert "WARNING" in line
         log = proc.log()
         site = log[log.index(line):]
-        assert "in _backend_pids" in site and "async with pool.acquire() as conn" in site
+        assert "in _backend_pids" in site
+        assert "async with pool.acquire() as conn" in site
         again = await invoke(api, {"op": "generator"})
         assert again.kind == "error", again.body
         assert "was terminated" in again.json()["errorMessage"]
