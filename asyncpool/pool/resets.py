@@ -26,6 +26,8 @@ logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 # How long a returned connection may spend being reset (cancel finishing, ROLLBACK).
 RELEASE_TIMEOUT = 5.0
+# Seconds given to logins just given up to close their sockets.
+_STOPPED_LOGIN_WAIT = 0.05
 
 
 class ResetsEnd:
@@ -62,9 +64,11 @@ async def settle(pools: list[Slots], timeout: float, closes_within: float | None
     connection is gone either way), and on a network that died none is ever answered: the
     end of a Lambda invocation waited for one up to its deadline's margin.
 
-    The pools' own logins under way (a min_size refill ``open(wait=False)`` began, which no
-    caller waited for) are given up, their sockets closed within the same time as the closes:
-    the freeze would cut them part-way, and the next checkout logs in itself.
+    The pools' own logins under way (a min_size refill ``open(wait=False)`` or housekeeping
+    began, which no caller waits for) are waited for as the closes are, then given up: the
+    freeze would cut them part-way, and the next checkout logs in itself. (A login takes tens
+    of milliseconds: given up at once, each housekeeping round's refill in an invocation that
+    did not use the pool was begun and dropped, one half-done login at the pooler each time.)
 
     For a process about to be frozen (the end of a Lambda invocation): a reset or a close left
     waiting would keep a pooler's server connection, and a transaction, until the thaw."""
@@ -74,8 +78,6 @@ async def settle(pools: list[Slots], timeout: float, closes_within: float | None
     deadline = loop.time() + max(timeout, 0.0)
     closes_by = deadline if closes_within is None else min(
         deadline, loop.time() + max(closes_within, 0.0))
-    fills = [attempt for slots in pools
-             for attempt in logins.give_up_fills(slots, logins.BEFORE_PAUSE)]
     if pending:
         await _end_resets(pending, deadline, closes_by)
     closes = {task: conn for slots in pools for task, conn in slots.closing.items()
@@ -85,8 +87,21 @@ async def settle(pools: list[Slots], timeout: float, closes_within: float | None
         for task, conn in closes.items():
             if not task.done():
                 conn.terminate()
+    await _end_fills(pools, closes_by)
+
+
+async def _end_fills(pools: list[Slots], until: float) -> None:
+    """Wait until `until` (loop time) for the pools' own logins under way; give up the rest,
+    their sockets closed before this returns."""
+    loop = get_running_loop()
+    fills = [attempt for slots in pools for attempt in slots.fills if not attempt.done()]
     if fills:
-        await asyncio.wait(fills, timeout=max(min(deadline, closes_by) - loop.time(), 0.0))
+        await asyncio.wait(fills, timeout=max(until - loop.time(), 0.0))
+    stopped = [attempt for slots in pools
+               for attempt in logins.give_up_fills(slots, logins.BEFORE_PAUSE)]
+    if stopped:
+        # (A cancelled login closes its socket within a turn or two of the loop.)
+        await asyncio.wait(stopped, timeout=_STOPPED_LOGIN_WAIT)
 
 
 async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadline: float,

@@ -10,7 +10,7 @@ from pathlib import Path
 from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.lambda_runtime import RuntimeAPI
-from tests.lambda_runtime.support import environment, invoke, response
+from tests.lambda_runtime.support import environment, invoke, network_dies_in_a_freeze, response
 
 
 async def test_a_thaw_on_a_dead_network_answers_soon_after_the_checkout_gives_up(
@@ -26,11 +26,7 @@ async def test_a_thaw_on_a_dead_network_answers_soon_after_the_checkout_gives_up
                                       "ASYNCPOOL_ACQUIRE_TIMEOUT": "3"}
         with RuntimeAPI(function_timeout=6) as api, environment(
                 api, own_pgbouncer, tmp_path, env=env) as proc:
-            response(await invoke(api, {"op": "query"}), proc)
-            await asyncio.to_thread(api.wait_idle)
-            proc.freeze()
-            proxy.set_mode("half-open")  # replies lost, on every connection from now on
-            proc.thaw()
+            await network_dies_in_a_freeze(api, proc, proxy)
             thawed = await invoke(api, {"op": "query"})
             assert thawed.kind == "error", thawed.body
             assert thawed.json()["errorType"] == "PoolTimeoutError"

@@ -30,6 +30,7 @@ from tests.lambda_runtime.support import (
     departures,
     environment,
     invoke,
+    network_dies_in_a_freeze,
     response,
     running,
     wait_for_no_clients,
@@ -287,11 +288,7 @@ async def test_a_refill_login_left_on_a_dead_network_does_not_fail_the_invocatio
         env = {"ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn()), **timeouts}
         with RuntimeAPI(function_timeout=4) as api, environment(
                 api, own_pgbouncer, tmp_path, env=env) as proc:
-            response(await invoke(api, {"op": "query"}), proc)
-            await asyncio.to_thread(api.wait_idle)
-            proc.freeze()
-            proxy.set_mode("half-open")  # replies lost, on every connection from now on
-            proc.thaw()
+            await network_dies_in_a_freeze(api, proc, proxy)
             # (Lingering past a housekeeping round after the failure: a refill starts.)
             thawed = await invoke(api, {"op": "try_query", "linger": 1.2})
             assert response(thawed, proc)["error"] == "PoolTimeoutError"
