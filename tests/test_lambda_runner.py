@@ -400,6 +400,61 @@ async def test_a_task_left_holding_a_connection_is_cancelled_in_time(
     assert (pool.stats().closed_total, len(clients)) == ((1, 0) if stubborn else (0, 1))
 
 
+async def test_a_generator_kept_past_its_invocation_has_its_connection_closed(
+    env: Environment, pooler: Pooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An async generator the handler keeps (a cache) suspended in ``pool.transaction()`` after
+    a write: the invocation's end names its acquire site and closes the connection, so the write
+    is rolled back by the server and PgBouncer's server connection is free while the environment
+    is frozen; one entered at INIT (outside any invocation) is the environment's, left alone."""
+    pool = env.pool(pooler.dsn(), max_size=2)
+    kept: dict[str, Any] = {}
+
+    async def writes(n: int) -> Any:
+        async with pool.transaction() as conn:
+            while True:
+                await conn.execute("INSERT INTO kept_generator VALUES ($1)", n)
+                yield n
+
+    async def init() -> int:
+        await pool.open()
+        await pool.execute("CREATE TABLE IF NOT EXISTS kept_generator (n int)")
+        kept["init"] = writes(1)
+        value: int = await anext(kept["init"])
+        return value
+
+    assert await env.run(init) == 1
+
+    @async_handler(runner=env.runner)
+    async def handler(event: Any, context: Any) -> int:
+        kept.setdefault("cache", writes(2))
+        value: int = await anext(kept["cache"])
+        return value
+
+    check = await asyncpg.connect(pooler.dsn(), statement_cache_size=0)
+    try:
+        caplog.set_level(logging.WARNING, logger="asyncpool.pool")
+        assert await env.invoke(handler, context=LocalContext(timeout=10)) == 2
+        stats = pool.stats()
+        assert (stats.in_use, stats.closed_total) == (1, 1)  # the INIT one is still held
+        assert await check.fetchval("SELECT count(*) FROM kept_generator WHERE n = 2") == 0
+        [warning] = [r.getMessage() for r in caplog.records if "no task runs" in r.getMessage()]
+        assert "in writes" in warning
+        assert "pool.transaction() as conn" in warning
+        with pytest.raises(PoolError, match="was terminated"):
+            await env.invoke(handler, context=LocalContext(timeout=10))
+    finally:
+
+        async def end() -> None:
+            for generator in kept.values():
+                await generator.aclose()
+
+        await env.run(end)  # (the INIT one's transaction holds a lock on the table)
+        await check.execute("DROP TABLE IF EXISTS kept_generator")
+        await check.close()
+    assert pool.stats().in_use == 0
+
+
 @pytest.mark.parametrize("leak_timeout", [30.0, None])
 async def test_a_task_started_at_init_is_not_taken_for_one_the_invocation_left(
     env: Environment, pooler: Pooler, leak_timeout: float | None

@@ -48,6 +48,7 @@ from asyncpool.integrations.lambda_deadline import (
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
 from asyncpool.pool.resets import settle
+from asyncpool.pool.state import NEW
 
 try:
     from starlette.requests import Request
@@ -138,6 +139,8 @@ _cold_starts: weakref.WeakKeyDictionary[Pool, ColdStart] = weakref.WeakKeyDictio
 _last_request: weakref.WeakKeyDictionary[Pool, str] = weakref.WeakKeyDictionary()
 # Its Lambda context, for the time left when the lifespan ends (`_settle`).
 _last_context: weakref.WeakKeyDictionary[Pool, Any] = weakref.WeakKeyDictionary()
+# Pools `pool_lifespan` checked (or opened) at this invocation's start, for `_after_pause`.
+_checked_by_lifespan: weakref.WeakSet[Pool] = weakref.WeakSet()
 #: How long `_settle` waits when no request of the invocation said how much time is left.
 _UNKNOWN_TIME_WAIT = 1.0
 
@@ -152,6 +155,9 @@ async def _after_pause(request: Request, pool: Pool) -> None:
         return
     _last_context[pool] = context
     _last_request[pool] = request_id
+    if pool in _checked_by_lifespan:
+        _checked_by_lifespan.discard(pool)
+        return
     await _thawed(pool)
 
 
@@ -159,8 +165,9 @@ async def _settle(pool: Pool) -> None:
     """At the end of a Lambda invocation (Mangum's lifespan shutdown, before the response goes):
     let resets holders left running end, within the invocation's time (`resets.settle`)."""
     # (LambdaRunner's default margin is left for the response)
+    _checked_by_lifespan.discard(pool)  # (an invocation that did not use it)
     timeout = settle_timeout(_last_context.pop(pool, None), TIMEOUT_MARGIN, _UNKNOWN_TIME_WAIT)
-    await settle([pool._slots], timeout)
+    await settle([pool._slots], timeout, closes_within=TIMEOUT_MARGIN / 2)
 
 
 async def _thawed(pool: Pool) -> None:
@@ -233,6 +240,10 @@ def pool_lifespan(pool: Pool, *, keep_open: bool | None = None) -> Lifespan:
             # environment may have been frozen since the last one (its clock may not show it).
             # Checked here, whatever uses the pool in the invocation (SQLAlchemy sessions too).
             await _thawed(pool)
+        if hooked or pool._slots.state is NEW:
+            # Checked now, or opened now: the invocation's first `pool_connection` need not
+            # check again (that gave up the refill this open(wait=False) had just begun).
+            _checked_by_lifespan.add(pool)
         await pool.open(wait=False)
         if not hooked:
             close_on_shutdown(pool, asyncio.get_running_loop())

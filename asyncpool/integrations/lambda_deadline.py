@@ -19,7 +19,7 @@ from typing import Any
 from asyncpool.pool.alarms import Deadline
 from asyncpool.pool.forks import pools_on_loop
 from asyncpool.pool.resets import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, settle_loop
-from asyncpool.pool.stragglers import free_stragglers
+from asyncpool.pool.stragglers import end_suspended_blocks, free_stragglers
 
 logger: logging.Logger = logging.getLogger("asyncpool.integrations.lambda_deadline")
 
@@ -92,13 +92,18 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
             wait = settle_timeout(context, margin, RELEASE_TIMEOUT)
             if resets_by is not None and deadline.expired():
                 wait = max(wait, min(RELEASE_TIMEOUT, resets_by - asyncio.get_running_loop().time()))
-            await settle_loop(wait)
+            # Connections already retired (a cancel request in flight, a goodbye) keep nothing
+            # for the next invocation: the answer waits for them half the margin at most, the
+            # time a holder cut short has for its reset.
+            await settle_loop(wait, closes_within=margin / 2)
 
 
 async def _free_stragglers(context: Any, margin: float, request_id: str, end: ResetsEnd) -> None:
     """Tasks the invocation started and left holding a connection give it back within what is
     left of its time (at most `RELEASE_TIMEOUT`), or are cancelled, within the time its resets
-    have (`free_stragglers`)."""
+    have (`free_stragglers`); blocks no task runs any more (an async generator kept past the
+    invocation) have their connections closed (`end_suspended_blocks`)."""
+    end_suspended_blocks(pools_on_loop(), request_id, end)
     give = settle_timeout(context, margin, RELEASE_TIMEOUT)
     bound = give + RELEASE_TIMEOUT
     if end.at is not None:

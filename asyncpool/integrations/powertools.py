@@ -205,7 +205,9 @@ def _report_still_held(pool: Pool) -> None:
         when = f"after leak_timeout={limit:g}s" if limit is not None else "never (leak_timeout=None)"
         logger.warning(
             "pool %r: %d connection(s) still checked out after the invocation returned; the pool "
-            "reclaims them %s. Release every connection the handler acquires.",
+            "closes those held in a block no task runs (an async generator kept past the "
+            "invocation) as the invocation ends, and reclaims the others %s. Release every "
+            "connection the handler acquires.",
             pool.name,
             held,
             when,

@@ -48,6 +48,8 @@ async def fill_in_background(slots: Slots, count: int) -> None:
     except logins.FillGivenUp as exc:
         logger.info("pool %r: %s", slots.name, exc)
     except Exception as exc:
+        if _planned(exc):
+            return
         logger.warning("pool %r: could not open min_size=%d connections in the background "
                        "(%s); housekeeping tries again", slots.name, count, exc)
 
@@ -103,7 +105,20 @@ async def housekeep(slots: Slots) -> None:
         except logins.FillGivenUp as exc:
             logger.info("pool %r: %s", slots.name, exc)
         except (ConnectError, PoolClosedError) as exc:
+            if _planned(exc):
+                return
             logger.warning("%s; could not keep min_size connections", logins.named(slots.name, exc))
+
+
+def _planned(exc: BaseException) -> bool:
+    """A refill given up on purpose (`logins.give_up_fills`, at a Lambda invocation's start or
+    end): said at INFO, as nobody waited for it and the next checkout logs in. (A pool opened
+    with ``open(wait=False)`` at INIT has its refill given up as the first invocation starts: a
+    WARNING there came with every cold start.)"""
+    if isinstance(exc, logins.FillGivenUp):
+        logger.info("%s", exc)
+        return True
+    return False
 
 
 def period_for(cfg: PoolConfig) -> float:

@@ -183,10 +183,10 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
             slots.connect_errors_total += 1
             raise error from error.__cause__
         if closed and own and slots.state is OPEN:
+            why = _cancel_reason(attempt)
             raise FillGivenUp(  # `give_up_fills`
-                f"pool {slots.name!r}: a login of its own to {slots.connector.target}, under way "
-                "when the process was paused (a frozen Lambda environment), was given up: its "
-                "socket may have died meanwhile; the next checkout logs in again") from None
+                f"pool {slots.name!r}: a login of its own to {slots.connector.target} was given "
+                f"up: {why}; the next checkout logs in again") from None
         if closed:
             raise misuse.closed_error(slots) from None  # close() stopped the login
         raise
@@ -195,21 +195,43 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
 
 
 class FillGivenUp(ConnectError):
-    """A min_size refill's login stopped by `give_up_fills`: on purpose, so not worth a warning
-    (a pool opened with ``open(wait=False)`` at a Lambda INIT has its refill given up as the
-    first invocation starts)."""
+    """A login of the pool's own (a min_size refill) stopped by `give_up_fills`: nobody waited
+    for it, and the next checkout logs in itself (not a failure: logged at INFO)."""
 
 
-def give_up_fills(slots: Slots) -> None:
-    """Stop the pool's own logins under way (min_size refills; callers' logins are left alone).
+#: Why `give_up_fills` stops a login: after a pause...
+AFTER_PAUSE = ("it was under way when the process was paused (a frozen Lambda environment), "
+               "and its socket may have died meanwhile")
+#: ...or before one: at the end of a Lambda invocation.
+BEFORE_PAUSE = ("it was still under way when the Lambda invocation ended, and the environment "
+                "may be frozen once the response goes, cutting it part-way")
+
+
+def give_up_fills(slots: Slots, why: str = AFTER_PAUSE) -> list[asyncio.Task[Any]]:
+    """Stop the pool's own logins under way (min_size refills; callers' logins are left alone);
+    returns their tasks, which end once their sockets are closed.
 
     After a pause (a frozen Lambda environment) such a login may wait on a socket that died
     meanwhile, for up to connect_timeout, in a slot the next caller needs: with max_size=1 the
     next invocation failed (PoolTimeoutError) though the pooler was back. Its slot goes to the
-    caller, which logs in itself."""
-    for attempt in list(slots.fills):
-        if not attempt.done():
-            attempt.cancel()
+    caller, which logs in itself. Before a pause (`BEFORE_PAUSE`), it would be cut part-way by
+    the freeze, holding a login slot at the pooler until the thaw."""
+    stopped = [attempt for attempt in slots.fills if not attempt.done()]
+    for attempt in stopped:
+        attempt.cancel(why)
+    return stopped
+
+
+def _cancel_reason(attempt: asyncio.Task[Any]) -> str:
+    """The message `give_up_fills` cancelled `attempt` with."""
+    try:
+        attempt.result()
+    except asyncio.CancelledError as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            return exc.args[0]
+    except BaseException:  # noqa: S110 - (not cancelled: no reason to read)
+        pass
+    return AFTER_PAUSE
 
 
 def _slow_init_error(slots: Slots) -> ConnectError:

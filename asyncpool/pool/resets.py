@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
+from asyncpool.pool import logins
 from asyncpool.pool.forks import pools_on_loop
 from asyncpool.pool.record import LEASED, MOVING
 
@@ -25,6 +26,8 @@ logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 # How long a returned connection may spend being reset (cancel finishing, ROLLBACK).
 RELEASE_TIMEOUT = 5.0
+# Seconds given to logins just given up to close their sockets.
+_STOPPED_LOGIN_WAIT = 0.05
 
 
 class ResetsEnd:
@@ -43,19 +46,29 @@ class ResetsEnd:
 RESETS_END: ContextVar[ResetsEnd | None] = ContextVar("asyncpool_resets_end", default=None)
 
 
-async def settle_loop(timeout: float) -> None:
+async def settle_loop(timeout: float, closes_within: float | None = None) -> None:
     """`settle` every pool open on the running loop, attached to a runner or not."""
-    await settle(pools_on_loop(), timeout)
+    await settle(pools_on_loop(), timeout, closes_within)
 
 
-async def settle(pools: list[Slots], timeout: float) -> None:
+async def settle(pools: list[Slots], timeout: float, closes_within: float | None = None) -> None:
     """Wait up to `timeout`, all `pools` together, for the resets of connections whose holders
     left before the reset ended (`Slots.checkin`); one still running then is cancelled and its
     connection closed, before this returns (a cancel request in flight is given what is left
     of `timeout`: closing under it crashes PgBouncer 1.18, pgbouncer#801).
 
     Connections the pools are closing (waiting for a cancel request in flight first: one
-    SQLAlchemy invalidated after a cancelled statement) get the same wait, then are closed.
+    SQLAlchemy invalidated after a cancelled statement, one whose check got no answer) get
+    the same wait, at most `closes_within` seconds of it (None: no less), then are closed; so
+    do the cancel requests of resets cut short. Nothing is kept by waiting for them (the
+    connection is gone either way), and on a network that died none is ever answered: the
+    end of a Lambda invocation waited for one up to its deadline's margin.
+
+    The pools' own logins under way (a min_size refill ``open(wait=False)`` or housekeeping
+    began, which no caller waits for) are waited for as the closes are, then given up: the
+    freeze would cut them part-way, and the next checkout logs in itself. (A login takes tens
+    of milliseconds: given up at once, each housekeeping round's refill in an invocation that
+    did not use the pool was begun and dropped, one half-done login at the pooler each time.)
 
     For a process about to be frozen (the end of a Lambda invocation): a reset or a close left
     waiting would keep a pooler's server connection, and a transaction, until the thaw."""
@@ -63,20 +76,38 @@ async def settle(pools: list[Slots], timeout: float) -> None:
                if not task.done()}
     loop = get_running_loop()
     deadline = loop.time() + max(timeout, 0.0)
+    closes_by = deadline if closes_within is None else min(
+        deadline, loop.time() + max(closes_within, 0.0))
     if pending:
-        await _end_resets(pending, deadline)
+        await _end_resets(pending, deadline, closes_by)
     closes = {task: conn for slots in pools for task, conn in slots.closing.items()
               if not task.done()}
     if closes:
-        await asyncio.wait(closes, timeout=max(deadline - loop.time(), 0.0))
+        await asyncio.wait(closes, timeout=max(min(deadline, closes_by) - loop.time(), 0.0))
         for task, conn in closes.items():
             if not task.done():
                 conn.terminate()
+    await _end_fills(pools, closes_by)
 
 
-async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadline: float) -> None:
+async def _end_fills(pools: list[Slots], until: float) -> None:
+    """Wait until `until` (loop time) for the pools' own logins under way; give up the rest,
+    their sockets closed before this returns."""
+    loop = get_running_loop()
+    fills = [attempt for slots in pools for attempt in slots.fills if not attempt.done()]
+    if fills:
+        await asyncio.wait(fills, timeout=max(until - loop.time(), 0.0))
+    stopped = [attempt for slots in pools
+               for attempt in logins.give_up_fills(slots, logins.BEFORE_PAUSE)]
+    if stopped:
+        # (A cancelled login closes its socket within a turn or two of the loop.)
+        await asyncio.wait(stopped, timeout=_STOPPED_LOGIN_WAIT)
+
+
+async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadline: float,
+                      requests_by: float) -> None:
     """Wait for `pending` resets until `deadline`; cancel those still running and close their
-    connections (a cancel request in flight given what is left)."""
+    connections (a cancel request in flight given what is left, up to `requests_by`)."""
     loop = get_running_loop()
     _, late = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0.0))
     for task in late:
@@ -86,7 +117,7 @@ async def _end_resets(pending: dict[asyncio.Task[Any], ConnectionRecord], deadli
     for task in late:
         conn = pending[task].conn
         requests = driver.pending_cancellations(conn)
-        remaining = deadline - loop.time()
+        remaining = requests_by - loop.time()
         if requests and remaining > 0:
             await asyncio.wait(requests, timeout=remaining)
         conn.terminate()  # (at once, where `retire` would have waited for the request)

@@ -17,6 +17,7 @@ from asyncpool.pool.lease import ACTIVE, TERMINATED, Lease
 from asyncpool.pool.resets import RESETS_END
 
 if TYPE_CHECKING:
+    from asyncpool.pool.resets import ResetsEnd
     from asyncpool.pool.slots import Slots
 
 logger: logging.Logger = logging.getLogger("asyncpool.pool")
@@ -46,6 +47,46 @@ def held_by_other_tasks(pools: list[Slots]) -> list[tuple[Slots, Lease]]:
             if lease.context is not None and lease.context.get(RESETS_END) is not None:
                 held.append((slots, lease))
     return held
+
+
+def held_in_suspended_blocks(pools: list[Slots], end: ResetsEnd) -> list[tuple[Slots, Lease]]:
+    """The checkouts of `pools` taken inside ``async with`` during the invocation whose resets
+    end by `end`, still held though no other task runs their block: the block waits in an async
+    generator (or an exit stack) the handler kept past the invocation, module-level or in a
+    cache. Nothing would give them back before ``leak_timeout``, and later invocations would
+    wait for them. Not tracked without leak tracking (no context is kept), as for tasks."""
+    current = asyncio.current_task()
+    held: list[tuple[Slots, Lease]] = []
+    for slots in pools:
+        for record in slots.leased():
+            lease = record.lease
+            if (lease is None or lease.state is not ACTIVE or not lease.scoped
+                    or lease.context is None or lease.context.get(RESETS_END) is not end):
+                continue
+            # A task still running the block is a straggler (`held_by_other_tasks`).
+            if any(task is not None and task is not current and not task.done()
+                   for task in (lease.task, lease.user)):
+                continue
+            held.append((slots, lease))
+    return held
+
+
+def end_suspended_blocks(pools: list[Slots], invocation: str, end: ResetsEnd) -> None:
+    """Close the connections `held_in_suspended_blocks` finds, with a WARNING naming where
+    each was acquired: a suspended block cannot be waited for nor cancelled as a task can, so
+    its connection is closed at once (a transaction in it rolled back by the server), as a
+    straggler's still held after its cancellation is; the block's next statement raises
+    `PoolError`, and its end gives nothing back."""
+    for slots, lease in held_in_suspended_blocks(pools, end):
+        site = lease.acquire_site()
+        logger.warning(
+            "pool %r: a connection taken in invocation %s is still held by a block that no task "
+            "runs (an `async with` in an async generator, or an exit stack, kept past the "
+            "invocation); it is closed now rather than kept from the next invocations while "
+            "the environment is frozen. Finish such generators (aclose()) before the handler "
+            "returns. Acquired at:\n%s", slots.name, invocation, site,
+            extra={"asyncpool_pool": slots.name, "asyncpool_acquire_site": site})
+        slots.discard(lease, "held past the end of its invocation", state=TERMINATED)
 
 
 def getting_in_other_tasks(pools: list[Slots]) -> list[tuple[Slots, asyncio.Task[Any]]]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asyncpool import Pool
@@ -27,18 +29,15 @@ if os.environ.get("TEST_IAM_POOL"):
 
     iam_pool = get_runner().attach(
         Pool(config=lambda_config(function_timeout=10, credentials=IamAuth(region="us-east-1"))))
-if os.environ.get("TEST_ASYNCPOOL_INFO"):
-    # asyncpool's INFO records too (the runtime shows WARNING and above otherwise).
-    import logging
-
-    logging.getLogger("asyncpool").setLevel(logging.INFO)
-    logging.getLogger("asyncpool").addHandler(logging.StreamHandler(sys.stderr))
 if os.environ.get("TEST_POWERTOOLS_LOGGER"):
     # asyncpool's records through Powertools' JSON formatter, as its docs suggest for libraries.
     from aws_lambda_powertools import Logger
     from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 
     copy_config_to_registered_loggers(source_logger=Logger(service="runtime-test"), include={"asyncpool"})
+if os.environ.get("TEST_POOL_INFO"):
+    # The pool's INFO records too (a refill given up at an invocation's end).
+    logging.getLogger("asyncpool.pool").setLevel(logging.INFO)
 if os.environ.get("TEST_OPEN_AT_INIT"):
     # Opened (and connected) during INIT: what SnapStart snapshots.
     get_runner().run(pool.open())
@@ -69,12 +68,52 @@ def _outcome(task: asyncio.Task[Any]) -> Any:
     return repr(exc) if exc is not None else task.result()
 
 
+async def _backend_pids() -> Any:
+    """A generator kept across invocations (the "generator" op) holding its connection."""
+    async with pool.acquire() as conn:
+        while True:
+            yield await conn.fetchval("SELECT pg_backend_pid()")
+
+
+kept_generator: list[Any] = []
+
 # Connections a handler took and did not give back (the "leak" op).
 kept: list[PooledConnection] = []
 
 
 class HandlerFailedError(Exception):
     """What the "raise" op raises, after using a connection."""
+
+
+async def _generator(event: dict[str, Any], result: dict[str, Any]) -> None:
+    # Module-level, as a cache would keep it: the block stays open between invocations.
+    if not kept_generator:
+        kept_generator.append(_backend_pids())
+    result["backend_pid"] = await anext(kept_generator[0])
+
+
+async def _try_query(event: dict[str, Any], result: dict[str, Any]) -> None:
+    # A query whose failure is answered, after a while (housekeeping runs meanwhile).
+    try:
+        result["backend_pid"] = await pool.fetchval("SELECT pg_backend_pid()")
+    except Exception as exc:
+        result["error"] = type(exc).__name__
+        await asyncio.sleep(float(event.get("linger", 0)))
+
+
+async def _background_results(event: dict[str, Any], result: dict[str, Any]) -> None:
+    result["background"] = [_outcome(t) for t in background]
+
+
+async def _modules(event: dict[str, Any], result: dict[str, Any]) -> None:
+    result["preloaded_at_init"] = PRELOADED_AT_INIT
+    result["aws_sdk_at_init"] = AWS_SDK_AT_INIT
+
+
+_MORE_OPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]] = {
+    "generator": _generator, "try_query": _try_query,
+    "background_results": _background_results, "modules": _modules,
+}
 
 
 @async_handler
@@ -114,11 +153,8 @@ async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         # Started, not awaited: still running when the handler returns.
         task = _later(float(event.get("after", 0)), float(event.get("hold", 0)))
         background.append(asyncio.create_task(task, name="fire-and-forget"))
-    elif op == "background_results":
-        result["background"] = [_outcome(t) for t in background]
-    elif op == "modules":
-        result["preloaded_at_init"] = PRELOADED_AT_INIT
-        result["aws_sdk_at_init"] = AWS_SDK_AT_INIT
+    elif op in _MORE_OPS:
+        await _MORE_OPS[op](event, result)
     elif op != "stats":
         raise ValueError(f"unknown op {op!r}")
     result["pool"] = dataclasses.asdict(pool.stats())

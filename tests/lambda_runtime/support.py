@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from asyncpool.testing import PgBouncerServer
+from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.lambda_runtime import LambdaProcess, Outcome, RuntimeAPI
 from tests.lambda_env import POWERTOOLS_EXAMPLE, app_clients
 from tests.script_support import REPO
@@ -84,3 +85,14 @@ async def running(dsn: str, tag: str) -> int:
         return count
     finally:
         await check.close()
+
+
+async def network_dies_in_a_freeze(api: RuntimeAPI, proc: LambdaProcess, proxy: FaultProxy) -> None:
+    """One invocation served (a connection kept), then the environment frozen while the network
+    to the pooler dies without a word (`proxy` half-open: replies lost, on every connection
+    from now on), and thawed."""
+    response(await invoke(api, {"op": "query"}), proc)
+    await asyncio.to_thread(api.wait_idle)
+    proc.freeze()
+    proxy.set_mode("half-open")
+    proc.thaw()
