@@ -479,7 +479,7 @@ def _not_a_dsn(dsn: object) -> str:
     else:
         advice = "build the string first"
     return (f"dsn: a DSN is a string, not a {kind} (its value is not shown: it may hold a "
-            f"password): write postgresql://user:password@host:port/database; {advice}")
+            f"password): write postgresql://user@host:port/database; {advice}")
 
 
 def _rename_mode(cfg: PoolConfig) -> None:
