@@ -479,7 +479,8 @@ def _not_a_dsn(dsn: object) -> str:
     else:
         advice = "build the string first"
     return (f"dsn: a DSN is a string, not a {kind} (its value is not shown: it may hold a "
-            f"password): write postgresql://user:password@host:port/database; {advice}")
+            "password): write postgresql://user:password@host:port/database"  # pragma: allowlist secret
+            f"; {advice}")
 
 
 def _rename_mode(cfg: PoolConfig) -> None:
