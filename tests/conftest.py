@@ -32,10 +32,6 @@ if os.environ.get("ASYNCPOOL_TEST_LOOP") == "uvloop":
 
     import uvloop
 
-    # Loops the code under test makes itself (LambdaRunner's asyncio.Runner, Mangum's) are
-    # uvloop's too, as in a process that ran uvloop.install().
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
     def pytest_asyncio_loop_factories(
         config: pytest.Config, item: pytest.Item,
     ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
