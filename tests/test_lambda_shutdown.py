@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,13 @@ def script_env(**values: str) -> dict[str, str]:
     importable (the Python 3.12/3.13 venvs do not install the package) and `values`."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **values}
+
+
+def run_script(script: Path, source: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    """`source` written to `script` and run to its end (30 s at most) with ASYNCPOOL_DSN=`dsn`."""
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script)], env=script_env(ASYNCPOOL_DSN=dsn),
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 @pytest.fixture
@@ -182,8 +191,6 @@ def test_sigterm_while_the_exit_hook_closes_the_pools_ends_the_process(
     """SIGTERM while the exit hook waited for the pools' loop (another thread) to close them: our
     handler ran on the main thread inside the hook, and waited for the lock the hook held, for
     good (the process hung until SIGKILL). It now waits for the close, within the budget."""
-    import subprocess
-    import sys
     import time
 
     budget = 1.0
@@ -251,7 +258,6 @@ async def test_sigterm_cancels_the_statement_of_a_pool_being_closed_when_another
 ) -> None:
     """A pool whose close() was under way counted as closed: hooking another pool dropped its
     hook, and SIGTERM left its statement running on the server after the process was gone."""
-    import sys
     import time
     import uuid
 
@@ -306,14 +312,7 @@ def test_the_pools_close_before_an_exit_handler_registered_before_the_last_of_th
     """atexit runs the latest handler first. With one handler per pool, each pool closed before
     whatever the program registered before it; the shared handler keeps that for the newest pool
     (it was registered once, with the first, and the program's handler ran with both open)."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "exit_handler.py"
-    script.write_text(EXIT_HANDLER_BETWEEN_TWO_POOLS)
-    env = script_env(ASYNCPOOL_DSN=postgres.dsn())
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=30, check=False)
+    done = run_script(tmp_path / "exit_handler.py", EXIT_HANDLER_BETWEEN_TWO_POOLS, postgres.dsn())
     assert done.returncode == 0, done.stderr
     assert "pools closed: True True" in done.stderr, done.stderr
 
@@ -359,14 +358,7 @@ def test_a_shutdown_the_process_outlived_leaves_the_next_one_its_own_budget(
     """A SIGTERM the process survives (ignored, or handled without exiting) began a shutdown
     whose start the next one took as its own: at exit, the budget was long spent and the pool
     was terminated, its held connection not waited for, instead of closed."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "outlived.py"
-    script.write_text(A_SIGTERM_THE_PROCESS_OUTLIVES)
-    env = script_env(ASYNCPOOL_DSN=postgres.dsn())
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=30, check=False)
+    done = run_script(tmp_path / "outlived.py", A_SIGTERM_THE_PROCESS_OUTLIVES, postgres.dsn())
     assert done.returncode == 0, done.stderr
     assert "exiting" in done.stderr, done.stderr
     assert "second: pool closed" in done.stderr, done.stderr

@@ -234,7 +234,8 @@ def _stop(slots: Slots, reason: str, graceful: bool) -> None:
     slots.waiters.clear()
     slots.retrying = 0
     attempts = list(slots.attempts.items())
-    if _loop_gone(slots):
+    loop_gone = _loop_gone(slots)
+    if loop_gone:
         # Closed with its tasks pending (loop.close() after run_until_complete(), not
         # asyncio.run()): they never run again, and waking one raised RuntimeError ("Event loop
         # is closed") half-way through, the connections left open.
@@ -247,7 +248,7 @@ def _stop(slots: Slots, reason: str, graceful: bool) -> None:
     for attempt, cut_short in attempts:
         cut_short.caller_error = PoolClosedError
         attempt.cancel()
-    if slots.housekeeper is not None and not _loop_gone(slots):
+    if slots.housekeeper is not None and not loop_gone:
         slots.housekeeper.cancel()
     for record in list(slots.idle):
         slots.retire(record, reason, graceful=graceful)

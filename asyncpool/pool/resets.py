@@ -83,7 +83,7 @@ async def settle(pools: list[Slots], timeout: float, closes_within: float | None
     closes = {task: conn for slots in pools for task, conn in slots.closing.items()
               if not task.done()}
     if closes:
-        await asyncio.wait(closes, timeout=max(min(deadline, closes_by) - loop.time(), 0.0))
+        await asyncio.wait(closes, timeout=max(closes_by - loop.time(), 0.0))
         for task, conn in closes.items():
             if not task.done():
                 conn.terminate()
