@@ -411,16 +411,18 @@ def _keep_facts_of(exc: BaseException, error: ConnectError) -> ConnectError:
     return error
 
 
-# Why PgBouncer closed a client connection (the text it sends before closing), and what to do.
+# Why PgBouncer closed a client connection, by the text it sends before closing (1.18 to 1.24;
+# not always its setting's name), and what to do.
 _POOLER_CLOSE_REASONS = {
     "query_wait_timeout": "PgBouncer found no free server connection within its "
     "query_wait_timeout: its server pool is saturated; shorten transactions, raise "
     "default_pool_size (within PostgreSQL's max_connections), or lower the number of clients",
     "server_login_retry": "PgBouncer cannot log in to PostgreSQL (down, restarting or refusing "
     "it) and turns clients away for server_login_retry seconds after each failed login",
-    "idle_transaction_timeout": "a transaction sat idle longer than PgBouncer's "
+    "idle transaction timeout": "a transaction sat idle longer than PgBouncer's "
     "idle_transaction_timeout; do not wait on other work inside a transaction",
-    "query_timeout": "a query ran longer than PgBouncer's query_timeout",
+    "query timeout": "a query ran longer than PgBouncer's query_timeout (it may have completed "
+    "on the server, a write committed); shorten it or raise query_timeout",
 }
 
 

@@ -15,7 +15,7 @@ from asyncpool.unnamed.messages import (
 MATCH = "match"
 CHANGED = "changed"  # described differently now: the rows are decoded again with the new one
 REJECTED = "rejected"  # the server refused the Parse or the Bind: nothing ran
-FAILED = "failed"  # the Bind failed on an argument (the caller's error): nothing ran
+FAILED = "failed"  # an argument failed at Bind (nothing ran), or the session ended (FATAL)
 UNREADABLE = "unreadable"  # not the reply the protocol promises: the connection was closed
 
 

@@ -188,9 +188,20 @@ def _jsonb_as_text(row: bytes, columns: list[int]) -> bytes | None:
 
 def error_sqlstate(message: bytes | bytearray | memoryview) -> str | None:
     """The SQLSTATE (field ``C``) of a whole ErrorResponse message."""
-    fields = bytes(message[5:]).split(b"\0")
-    for field in fields:
-        if field[:1] == b"C":
+    return _error_field(message, b"C")
+
+
+def error_is_fatal(message: bytes | bytearray | memoryview) -> bool:
+    """Whether a whole ErrorResponse message ends the session (severity FATAL or PANIC): the
+    server or pooler closes the connection after it. Field ``V`` (never localized) if present,
+    else ``S`` (PgBouncer sends only ``S``)."""
+    severity = _error_field(message, b"V") or _error_field(message, b"S")
+    return severity in ("FATAL", "PANIC")
+
+
+def _error_field(message: bytes | bytearray | memoryview, code: bytes) -> str | None:
+    for field in bytes(message[5:]).split(b"\0"):
+        if field[:1] == code:
             return field[1:].decode("ascii", "replace")
     return None
 

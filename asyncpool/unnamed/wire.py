@@ -35,6 +35,7 @@ from asyncpool.unnamed.messages import (
     READY_FOR_QUERY,
     ROW_DESCRIPTION,
     bind_with_text_params,
+    error_is_fatal,
     error_sqlstate,
     message_header,
 )
@@ -324,15 +325,7 @@ class Wire(ForwardingProtocol):
         if kind in ASYNCHRONOUS:
             return None
         if kind == ERROR_RESPONSE:
-            sqlstate = check.sqlstate = error_sqlstate(buf[pos:end]) or ""
-            # At Parse, only a schema change can refuse a statement that parsed before (unless
-            # it was cancelled or timed out there: `_NOT_REFUSALS`); at Bind an argument can
-            # fail too (a division by zero folded into the plan): that is the caller's error,
-            # not a stale description.
-            if ((self._stage == 0 and sqlstate[:2] not in _NOT_REFUSALS)
-                    or sqlstate[:2] in _REFUSALS or sqlstate in _REFUSALS):
-                return "rejected"
-            return "failed"
+            return self._error_verdict(check, buf[pos:end])
         if kind not in _HEAD[self._stage]:
             return "unreadable"
         self._stage += 1
@@ -341,6 +334,25 @@ class Wire(ForwardingProtocol):
             return check.judge(kind, message)
         except (ValueError, IndexError):  # a malformed RowDescription
             return "unreadable"
+
+    def _error_verdict(self, check: Check, message: bytes | bytearray) -> str:
+        """An ErrorResponse in the reply's head: the server refused the statement before it ran
+        ("rejected": its description may be stale), or not ("failed")."""
+        sqlstate = check.sqlstate = error_sqlstate(message) or ""
+        if error_is_fatal(message):
+            # The session ends: a pooler's own FATAL error (PgBouncer's query_timeout or
+            # query_wait_timeout, 08P01) comes first, where a refusal would, though the
+            # statement may have run. Taken for a refusal, it was "described afresh" on the
+            # closed connection and the caller told only "connection is closed".
+            return "failed"
+        # At Parse, only a schema change can refuse a statement that parsed before (unless
+        # it was cancelled or timed out there: `_NOT_REFUSALS`); at Bind an argument can
+        # fail too (a division by zero folded into the plan): that is the caller's error,
+        # not a stale description.
+        if ((self._stage == 0 and sqlstate[:2] not in _NOT_REFUSALS)
+                or sqlstate[:2] in _REFUSALS or sqlstate in _REFUSALS):
+            return "rejected"
+        return "failed"
 
     def _hold(self, data: bytes) -> None:
         """Forward the reply without its DataRows, up to and including ReadyForQuery, and

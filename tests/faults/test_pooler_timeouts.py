@@ -1,0 +1,110 @@
+"""PgBouncer ends a statement's client connection with its own FATAL error (``query_timeout``,
+``query_wait_timeout``): in every statement mode the caller learns which limit fired.
+
+With ``prepared_statements="unnamed"`` a reused statement's reply is read by the one-round-trip
+path: PgBouncer's FATAL error (SQLSTATE 08P01) came first, where the server's refusal of a
+stale description would, and was taken for one: logged as a schema change, counted stale, and
+"described afresh" on the closed connection, so the caller was told only "connection is closed".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import asyncpg
+import pytest
+
+from asyncpool import ConnectionLostError, Pool
+from asyncpool.testing import PgBouncerServer, ServerStack
+from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
+from asyncpool.testing.invariants import serves_again, settled
+
+QUERY_TIMEOUT = 2
+QUERY_WAIT_TIMEOUT = 1
+Mode = Literal["off", "on", "unnamed"]
+CASES: list[tuple[str, Mode]] = [("legacy", "off"), ("legacy", "unnamed"),
+         ("current", "off"), ("current", "unnamed"), ("current", "on")]
+
+
+@pytest.fixture(scope="module")
+def timing_poolers(fault_stack: ServerStack) -> Iterator[dict[str, PgBouncerServer]]:
+    """Both PgBouncer versions with one server connection, a query_timeout and a short
+    query_wait_timeout."""
+    settings: dict[str, str | int] = {
+        "default_pool_size": 1, "max_db_connections": 1,
+        "query_timeout": QUERY_TIMEOUT, "query_wait_timeout": QUERY_WAIT_TIMEOUT,
+    }
+    servers = {
+        "legacy": PgBouncerServer(system_pgbouncer(), fault_stack.postgres, settings),
+        "current": PgBouncerServer(current_pgbouncer(), fault_stack.postgres, settings),
+    }
+    started: list[PgBouncerServer] = []
+    try:
+        for server in servers.values():
+            started.append(server.start())
+        yield servers
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _pool(pooler: PgBouncerServer, mode: Mode) -> Pool:
+    return Pool(pooler.dsn(), name="limited", min_size=1, max_size=1, acquire_timeout=5,
+                validate_after=None, prepared_statements=mode, telemetry=False)
+
+
+def _no_stale_description(pool: Pool, logs: pytest.LogCaptureFixture) -> None:
+    """Nothing was taken for a schema change: no stale count, no log saying so."""
+    cache: Any = pool.stats().statement_cache
+    assert cache is None or cache.stale == 0, cache
+    assert not [r for r in logs.records if "refused a cached statement" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("which", "mode"), CASES, ids=[f"{w}-{m}" for w, m in CASES])
+async def test_query_timeout_is_named(timing_poolers: dict[str, PgBouncerServer], which: str,
+                                      mode: Mode, caplog: pytest.LogCaptureFixture) -> None:
+    """A statement past PgBouncer's query_timeout, run a second time (a reuse): the caller gets
+    ConnectionLostError naming the limit and what it means."""
+    pooler = timing_poolers[which]
+    query = "SELECT $1::int FROM pg_sleep($2)"
+    with caplog.at_level(logging.INFO):
+        async with _pool(pooler, mode) as pool:
+            assert await pool.fetchval(query, 1, 0.0) == 1  # described and kept
+            with pytest.raises(ConnectionLostError) as info:
+                await pool.fetchval(query, 2, QUERY_TIMEOUT + 2.0)
+            message = str(info.value)
+            assert "query timeout" in message, message
+            assert "PgBouncer's query_timeout" in message, message
+            _no_stale_description(pool, caplog)
+            await serves_again(pool, within=10)
+            await settled(pool, pooler)
+
+
+@pytest.mark.parametrize(("which", "mode"), CASES, ids=[f"{w}-{m}" for w, m in CASES])
+async def test_query_wait_timeout_is_named(timing_poolers: dict[str, PgBouncerServer],
+                                           which: str, mode: Mode,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """PgBouncer's only server connection is held by another client's open transaction: a
+    statement run before (a reuse) waits in PgBouncer until query_wait_timeout; the caller is
+    told so, and what to change."""
+    pooler = timing_poolers[which]
+    query = "SELECT $1::int + 1"
+    with caplog.at_level(logging.INFO):
+        async with _pool(pooler, mode) as pool:
+            assert await pool.fetchval(query, 1) == 2  # described and kept
+            blocker = await asyncpg.connect(pooler.dsn(), statement_cache_size=0)
+            try:
+                await blocker.execute("BEGIN; SELECT 1")  # holds the only server connection
+                with pytest.raises(ConnectionLostError) as info:
+                    await pool.fetchval(query, 2)
+                await blocker.execute("COMMIT")
+            finally:
+                await blocker.close()
+            message = str(info.value)
+            assert "query_wait_timeout" in message, message
+            assert "default_pool_size" in message, message  # what to change
+            _no_stale_description(pool, caplog)
+            assert await pool.fetchval(query, 3) == 4
+            await settled(pool, pooler)
