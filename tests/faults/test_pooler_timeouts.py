@@ -9,6 +9,7 @@ stale description would, and was taken for one: logged as a schema change, count
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -63,23 +64,34 @@ def _no_stale_description(pool: Pool, logs: pytest.LogCaptureFixture) -> None:
 
 
 @pytest.mark.parametrize(("which", "mode"), CASES, ids=[f"{w}-{m}" for w, m in CASES])
-async def test_query_timeout_is_named(timing_poolers: dict[str, PgBouncerServer], which: str,
-                                      mode: Mode, caplog: pytest.LogCaptureFixture) -> None:
-    """A statement past PgBouncer's query_timeout, run a second time (a reuse): the caller gets
-    ConnectionLostError naming the limit and what it means."""
+async def test_query_timeout_is_named(timing_poolers: dict[str, PgBouncerServer],
+                                      fault_stack: ServerStack, which: str, mode: Mode,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    """An INSERT past PgBouncer's query_timeout, run a second time (a reuse): the caller gets
+    ConnectionLostError naming the limit and what it means. The server still completes the
+    INSERT (it notices the closed connection only when it writes the reply), once."""
     pooler = timing_poolers[which]
-    query = "SELECT $1::int FROM pg_sleep($2)"
-    with caplog.at_level(logging.INFO):
-        async with _pool(pooler, mode) as pool:
-            assert await pool.fetchval(query, 1, 0.0) == 1  # described and kept
-            with pytest.raises(ConnectionLostError) as info:
-                await pool.fetchval(query, 2, QUERY_TIMEOUT + 2.0)
-            message = str(info.value)
-            assert "query timeout" in message, message
-            assert "PgBouncer's query_timeout" in message, message
-            _no_stale_description(pool, caplog)
-            await serves_again(pool, within=10)
-            await settled(pool, pooler)
+    direct = await asyncpg.connect(fault_stack.postgres.dsn())
+    table = f"timed_{which}_{mode}"
+    await direct.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int PRIMARY KEY)")
+    insert = f"INSERT INTO {table} SELECT $1::int FROM pg_sleep($2)"
+    try:
+        with caplog.at_level(logging.INFO):
+            async with _pool(pooler, mode) as pool:
+                await pool.execute(insert, 1, 0.0)  # described and kept
+                with pytest.raises(ConnectionLostError) as info:
+                    await pool.execute(insert, 2, QUERY_TIMEOUT + 0.5)
+                message = str(info.value)
+                assert "query timeout" in message, message
+                assert "PgBouncer's query_timeout" in message, message
+                _no_stale_description(pool, caplog)
+                await serves_again(pool, within=10)
+                await settled(pool, pooler)
+        async with asyncio.timeout(10):
+            while await direct.fetchval(f"SELECT count(*) FROM {table} WHERE id = 2") == 0:
+                await asyncio.sleep(0.05)  # the server's sleep ends 0.5 s after PgBouncer's limit
+    finally:
+        await direct.close()
 
 
 @pytest.mark.parametrize(("which", "mode"), CASES, ids=[f"{w}-{m}" for w, m in CASES])
