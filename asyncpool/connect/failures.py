@@ -462,13 +462,26 @@ def stopped_by_pool(exc: BaseException) -> bool:
     return broken_connection_error(exc) or isinstance(exc, asyncpg.QueryCanceledError)
 
 
+#: asyncpg's refusals of a statement on a connection already closed (`InterfaceError`, nothing
+#: sent): the connection's, and its protocol's. A pooler's or server's reason for closing an
+#: idle connection is not kept by asyncpg.
+_CLOSED_BEFORE = frozenset(("connection is closed", "cannot perform operation: connection is closed"))
+_CLOSED_BEFORE_HINT = (
+    " It was closed before this statement was sent, so the statement did not run: by the pooler "
+    "or server between statements (inside a transaction, likely PgBouncer's "
+    "idle_transaction_timeout or PostgreSQL's idle_in_transaction_session_timeout: do not wait "
+    "on other work inside a transaction), or by a terminated backend, a restart or the network."
+)
+
+
 def lost_connection_hint(exc: BaseException) -> str:
     """What a pooler's reason for closing a connection in use means (" ..." or "")."""
     text = str(exc)
     for reason, hint in _POOLER_CLOSE_REASONS.items():
         if reason in text:
             return f" {hint[0].upper()}{hint[1:]}."
-    return ""
+    closed_before = isinstance(exc, asyncpg.InterfaceError) and text in _CLOSED_BEFORE
+    return _CLOSED_BEFORE_HINT if closed_before else ""
 
 
 # asyncpg's errors for a prepared statement the server connection does not have (or has twice):

@@ -341,10 +341,15 @@ def _not_committed(owner: Checkouts, lease: Lease | None) -> PoolError:
             f"pool {owner.name!r}: the connection was released (conn.close()) inside "
             "pool.transaction(): the transaction was rolled back, not committed"
         )
+    # asyncpg drops the error a pooler or server sends an idle connection before closing it
+    # (PgBouncer's "idle transaction timeout"): the likely cause is named, not asserted.
     return ConnectionLostError(
         f"pool {owner.name!r}: the connection to {owner.target} was lost before COMMIT: the "
-        "transaction was not committed. The pool replaced the connection; retry if the work is "
-        "idempotent."
+        "transaction was not committed. It was closed while the block ran; if the block spent "
+        "time between statements, a limit on idle transactions is the likely cause (PgBouncer's "
+        "idle_transaction_timeout, PostgreSQL's idle_in_transaction_session_timeout): do not "
+        "wait on other work inside a transaction. The pool replaced the connection; retry if "
+        "the work is idempotent."
     )
 
 

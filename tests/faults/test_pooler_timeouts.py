@@ -17,13 +17,15 @@ from typing import Any, Literal
 import asyncpg
 import pytest
 
-from asyncpool import ConnectionLostError, Pool
+from asyncpool import ConnectionLostError, Pool, PooledConnection
 from asyncpool.testing import PgBouncerServer, ServerStack
 from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
 from asyncpool.testing.invariants import serves_again, settled
 
 QUERY_TIMEOUT = 2
 QUERY_WAIT_TIMEOUT = 1
+# Longer than the query_wait_timeout test's blocker sits in its transaction.
+IDLE_TRANSACTION_TIMEOUT = 3
 Mode = Literal["off", "on", "unnamed"]
 CASES: list[tuple[str, Mode]] = [("legacy", "off"), ("legacy", "unnamed"),
          ("current", "off"), ("current", "unnamed"), ("current", "on")]
@@ -31,11 +33,12 @@ CASES: list[tuple[str, Mode]] = [("legacy", "off"), ("legacy", "unnamed"),
 
 @pytest.fixture(scope="module")
 def timing_poolers(fault_stack: ServerStack) -> Iterator[dict[str, PgBouncerServer]]:
-    """Both PgBouncer versions with one server connection, a query_timeout and a short
-    query_wait_timeout."""
+    """Both PgBouncer versions with one server connection, a query_timeout, a short
+    query_wait_timeout and an idle_transaction_timeout."""
     settings: dict[str, str | int] = {
         "default_pool_size": 1, "max_db_connections": 1,
         "query_timeout": QUERY_TIMEOUT, "query_wait_timeout": QUERY_WAIT_TIMEOUT,
+        "idle_transaction_timeout": IDLE_TRANSACTION_TIMEOUT,
     }
     servers = {
         "legacy": PgBouncerServer(system_pgbouncer(), fault_stack.postgres, settings),
@@ -120,3 +123,39 @@ async def test_query_wait_timeout_is_named(timing_poolers: dict[str, PgBouncerSe
             _no_stale_description(pool, caplog)
             assert await pool.fetchval(query, 3) == 4
             await settled(pool, pooler)
+
+
+async def _closed_by_the_pooler(conn: PooledConnection) -> None:
+    """Wait (bounded) until PgBouncer has closed `conn`'s idle transaction and asyncpg saw it."""
+    async with asyncio.timeout(IDLE_TRANSACTION_TIMEOUT + 10):
+        while not conn.is_closed():
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("which", ["legacy", "current"])
+async def test_idle_transaction_timeout_is_suggested(
+    timing_poolers: dict[str, PgBouncerServer], which: str
+) -> None:
+    """PgBouncer closes a transaction left idle past idle_transaction_timeout. asyncpg drops the
+    reason PgBouncer sends an idle connection, so the caller is told the likely cause: when the
+    block ends (before COMMIT), and when its next statement finds the connection closed (that
+    statement did not run)."""
+    pooler = timing_poolers[which]
+    async with Pool(pooler.dsn(), name="limited", min_size=1, max_size=1, acquire_timeout=5,
+                    validate_after=None, telemetry=False) as pool:
+        with pytest.raises(ConnectionLostError) as at_commit:
+            async with pool.transaction() as conn:
+                await conn.execute("SELECT 1")
+                await _closed_by_the_pooler(conn)
+        with pytest.raises(ConnectionLostError) as at_statement:
+            async with pool.transaction() as conn:
+                await conn.execute("SELECT 1")
+                await _closed_by_the_pooler(conn)
+                await conn.execute("SELECT 2")
+        for info in (at_commit, at_statement):
+            message = str(info.value)
+            assert "not committed" in message, message
+            assert "idle_transaction_timeout" in message, message
+        assert "did not run" in str(at_statement.value)
+        assert await pool.fetchval("SELECT 3") == 3
+        await settled(pool, pooler)
