@@ -10,6 +10,7 @@ the same. Unknown names are refused with the closest valid one.
 from __future__ import annotations
 
 import difflib
+import enum
 import numbers
 import os
 from collections.abc import Mapping, Sequence
@@ -289,11 +290,19 @@ CONNECT_ARGS = (CONNECT_OPTIONS - _POOL_CLASSES) | {"ssl", "server_settings", "c
                                                    "timeout"}
 
 
-def with_connect_args(config: PoolConfig, dsn: str | None,
-                      connect_kwargs: Mapping[str, Any]) -> PoolConfig:
+class Keep(enum.Enum):
+    """`with_connect_args`'s `credentials` when none is given: the pool's stays."""
+
+    KEEP = "keep"
+
+
+def with_connect_args(config: PoolConfig, dsn: str | None, connect_kwargs: Mapping[str, Any],
+                      credentials: CredentialProvider | Keep | None = Keep.KEEP) -> PoolConfig:
     """`config` with its connection arguments replaced by `dsn` and `connect_kwargs`, as
     asyncpg's ``Pool.set_connect_args()`` replaces them (every one given before goes); the
-    pool's own options stay. Checked here: `PoolConfigError` for anything else."""
+    pool's own options stay, but for `credentials` if given (None: none, the password given
+    logs in). Checked here: `PoolConfigError` for anything else, and for a password given
+    beside a provider (the provider's would be used and the password dropped unseen)."""
     refused = sorted(set(connect_kwargs) - CONNECT_ARGS)
     if refused:
         names = ", ".join(f"{name}=" for name in refused)
@@ -302,9 +311,32 @@ def with_connect_args(config: PoolConfig, dsn: str | None,
             f"takes the DSN and asyncpg's connect() arguments ({', '.join(sorted(CONNECT_ARGS))}); "
             "the pool's own options are fixed when it is created: create a new pool to change them")
     kept = {k: v for k, v in config.connect_kwargs.items() if k in _POOL_CLASSES}
+    provider = config.credentials if credentials is Keep.KEEP else credentials
     base = config.replace(dsn=None, connect_kwargs=kept, ssl=None, server_settings=None,
-                          command_timeout=None)
-    return resolve(dsn, base, connect_kwargs)
+                          command_timeout=None, credentials=provider)
+    new = resolve(dsn, base, connect_kwargs)
+    if provider is not None and (where := _password_given(new, connect_kwargs)) is not None:
+        how = "kept from before" if credentials is Keep.KEEP else "given with it"
+        raise PoolConfigError(
+            f"pool {config.name!r}: set_connect_args() was given a password ({where}), but the "
+            f"pool logs in with credentials={type(provider).__name__} ({how}): the "
+            "provider's password would be used and this one dropped. To log in with the "
+            "password, pass credentials=None with it; to rotate a provider's, pass the new "
+            "provider as credentials= (for example StaticPassword(...)) and leave the password "
+            "out")
+    return new
+
+
+def _password_given(config: PoolConfig, connect_kwargs: Mapping[str, Any]) -> str | None:
+    """Where `set_connect_args` was given a password, if it was: ``password=`` or the DSN's."""
+    if connect_kwargs.get("password"):
+        return "password="
+    if config.dsn:
+        from asyncpool.connect.dsn import parse_dsn
+
+        if parse_dsn(config.dsn).password:
+            return "in the DSN"
+    return None
 
 
 def check_timeout(pool_name: str, what: str, timeout: Any,

@@ -174,3 +174,36 @@ async def test_plan_reads_limits_under_the_pools_rules(auth: str) -> None:
     assert "over TLS that verifies the server" in remote.stdout
     for piece in (SECRET, ESCAPED):
         assert piece not in done.stdout + done.stderr + remote.stdout + remote.stderr
+
+
+def _pgbench_libpq_major() -> int:
+    """The major version of the libpq pgbench runs with (the one it was built with on Debian)."""
+    from asyncpool.load.pgbench import pgbench_binary
+
+    done = subprocess.run([pgbench_binary(), "--version"], capture_output=True, text=True,
+                          check=True, timeout=30)
+    return int(done.stdout.split()[2].split(".")[0])
+
+
+@pytest.mark.skipif(_pgbench_libpq_major() >= 16, reason="a libpq >= 16 reads sslrootcert=system")
+@pytest.mark.parametrize("root", ["sslrootcert=system", "no sslrootcert"])
+async def test_pgbench_without_the_system_cas_says_how_to_name_them(
+    root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool verifies against the system CAs for ``sslrootcert=system`` and where no root
+    certificate is named; a pgbench with libpq 15 reads "system" as a file name, and looks for
+    ~/.postgresql/root.crt otherwise. The run says to name the CA bundle, and sends nothing."""
+    from asyncpool.load.pgbench import PgbenchError, run_pgbench
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.postgresql/root.crt
+    query = "sslmode=verify-full" + ("&sslrootcert=system" if root == "sslrootcert=system" else "")
+    async with FakeServer(tls="self-signed", auth="password") as fake:
+        with pytest.raises(PgbenchError) as info:
+            await run_pgbench(f"{_dsn(fake.port)}?{query}", target="fake", clients=1,
+                              duration=1, query="SELECT 1", prepared_statements="off")
+    message = str(info.value)
+    assert "pgbench failed" not in message  # not libpq's bare words
+    assert "Give sslrootcert the path of a CA bundle" in message
+    assert "libpq >= 16" in message
+    assert fake.received == []
+    assert SECRET not in message

@@ -73,3 +73,40 @@ def test_without_an_aws_provider_asyncpool_leaves_botocore_logging_alone() -> No
     hidden = "hidden by asyncpool" in logged
     assert not hidden
     assert leaks([("log", logged)], _secret_parts(token)) != []  # botocore's own behaviour
+
+
+# boto3 imported only after the provider: its loggers did not exist when the filters were placed,
+# and asyncpool makes no AWS call afterwards (an IamAuth signs only at a login). A resource
+# action logs the response, here an access key pair's SecretAccessKey (IAM mocked by moto).
+_LATER_SCRIPT = """
+import io, logging, sys
+stream = io.StringIO()
+logging.basicConfig(level=logging.DEBUG, stream=stream)
+import asyncpool
+from asyncpool.credentials.secrets_manager import SecretsManagerAuth
+made = {"IamAuth": lambda: asyncpool.IamAuth("us-east-1"),
+        "SecretsManagerAuth": lambda: SecretsManagerAuth("app/db", region="us-east-1")}[sys.argv[1]]()
+assert "boto3" not in sys.modules
+import boto3
+from moto import mock_aws
+with mock_aws():
+    user = boto3.resource("iam", region_name="us-east-1").create_user(UserName="app")
+    secret = user.create_access_key_pair().secret_access_key
+sys.stdout.write(secret + "\\n" + stream.getvalue())
+"""
+
+
+@pytest.mark.parametrize("made", ["IamAuth", "SecretsManagerAuth"])
+def test_loggers_created_after_the_provider_are_redacted_at_once(made: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BOTO_"))}
+    env.update({k: v for k, v in aws_environment(region="us-east-1").items() if v is not None})
+    env["PYTHONPATH"] = str(_ROOT)
+    done = subprocess.run([sys.executable, "-c", _LATER_SCRIPT, made], env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+    secret, _, logged = done.stdout.partition("\n")
+    # (Booleans: a failure must not print the log, which may hold the secret.)
+    action_logged = "boto3.resources.action" in logged
+    hidden = "hidden by asyncpool" in logged
+    assert action_logged
+    assert hidden
+    assert leaks([("log", logged)], [secret]) == []

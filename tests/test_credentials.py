@@ -372,3 +372,65 @@ async def test_a_provider_missing_a_method_or_with_a_plain_one_says_what_to_writ
                            r"not something to await") as info:
             await pool.fetchval("SELECT 1")
         assert secret[:4] not in str(info.value)
+
+
+class ClosingPassword(StaticPassword):
+    """A fixed password that records its close()."""
+
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_set_connect_args_replaces_the_provider_for_the_logins_that_follow(
+    postgres: PostgresServer, aws: None,
+) -> None:
+    """``set_connect_args(credentials=...)``: the logins after the call use the new provider,
+    the connection held meanwhile goes on. A password given while a provider is in use (which
+    would be dropped unseen) and a token provider without verified TLS are refused, changing
+    nothing and showing no password."""
+    import secrets
+
+    import asyncpg
+
+    from asyncpool.testing.postgres import Role
+
+    role = Role(f"provider_{secrets.token_hex(4)}", secrets.token_urlsafe(18))
+    rotated = secrets.token_urlsafe(18)
+    dsn = f"postgresql://{role.name}@127.0.0.1:{postgres.port}/app?sslmode=disable"
+    admin = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        await admin.execute(f"CREATE ROLE {role.name} LOGIN PASSWORD '{role.password}'")
+        replaced = ClosingPassword(role.password)
+        async with Pool(dsn, credentials=replaced, min_size=1, max_size=2,
+                        telemetry=False) as pool:
+            held = await pool.acquire()
+            await admin.execute(f"ALTER ROLE {role.name} PASSWORD '{rotated}'")
+            first = pool.config
+            with pytest.raises(PoolConfigError, match="pass credentials=None with it") as info:
+                pool.set_connect_args(dsn, password=rotated)
+            assert rotated not in str(info.value)
+            with pytest.raises(PoolConfigError, match="pass credentials=None with it"):
+                pool.set_connect_args(dsn.replace("@", f":{rotated}@"))
+            with pytest.raises(PoolConfigError, match="IAM token"):
+                pool.set_connect_args(dsn, credentials=IamAuth("us-east-1"))
+            assert pool.config is first  # nothing changed
+
+            pool.set_connect_args(dsn, credentials=StaticPassword(rotated))
+            await pool.expire_connections()
+            async with pool.acquire() as conn:  # the old password no longer logs in
+                assert conn.raw is not held.raw
+                assert await conn.fetchval("SELECT current_user") == role.name
+            assert await held.fetchval("SELECT 1") == 1  # the one held meanwhile goes on
+            await pool.release(held)
+            # None: the password given logs in again.
+            pool.set_connect_args(dsn, credentials=None, password=rotated)
+            await pool.expire_connections()
+            assert await pool.fetchval("SELECT current_user") == role.name
+            assert pool.stats().connect_errors_total == 0
+            assert not replaced.closed  # a login under way might still use it
+        assert replaced.closed  # closed with the pool
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {role.name}")
+        await admin.close()

@@ -669,3 +669,82 @@ async def test_waves_of_logins_refused_for_good_make_one_client_and_parse_no_mod
         await pool.close()
     assert created == ["rds", "rds"]  # the first refusal's: it may come from rotated keys
     assert parsed == []
+
+
+class ContainerCredentials:
+    """A local stand-in for the container credentials endpoint of ECS and Lambda
+    (``AWS_CONTAINER_CREDENTIALS_FULL_URI``): it serves `key_id`, changed by the test, valid for
+    six hours (botocore refreshes only 10-15 minutes before that)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.key_id = "container-key-1"
+        self.secret = secrets.token_hex(20)
+        served = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=6)
+                body = (f'{{"AccessKeyId": "{served.key_id}", "SecretAccessKey": '
+                        f'"{served.secret}", "Token": "{secrets.token_hex(20)}", '
+                        f'"Expiration": "{expires:%Y-%m-%dT%H:%M:%SZ}"}}').encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.uri = f"http://127.0.0.1:{self.server.server_port}/credentials"
+
+    def rotate(self, key_id: str) -> None:
+        self.key_id, self.secret = key_id, secrets.token_hex(20)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def container(monkeypatch: pytest.MonkeyPatch) -> Iterator[ContainerCredentials]:
+    set_environment(monkeypatch, aws_environment(credentials=False, region="us-east-1"))
+    served = ContainerCredentials()
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", served.uri)
+    yield served
+    served.stop()
+
+
+async def test_container_credentials_changed_unseen_are_read_within_a_minute_of_refusals(
+    container: ContainerCredentials, clock: FakeClock,
+) -> None:
+    """Keys rotated at the container endpoint (which the environment's fingerprint cannot see):
+    botocore keeps signing with the old ones (they are valid for hours); the first refusal reads
+    the new ones, and a change within a minute of that replacement is read at the first refusal
+    a minute after it, as docs/credentials-and-tls.md says."""
+    auth = IamAuth()
+    target = Target(PROXY_HOST, 5432, "orders_app", "orders")
+    try:
+        await auth.warm(target)
+        container.rotate("container-key-2")
+        assert _key_id(await auth.password(target)) == "container-key-1"
+        await auth.refresh(target)
+        assert _key_id(await auth.password(target)) == "container-key-2"
+        container.rotate("container-key-3")
+        clock.now += iam_module.REPLACE_INTERVAL - 0.1
+        await auth.refresh(target)
+        assert _key_id(await auth.password(target)) == "container-key-2"
+        clock.now += 0.1
+        await auth.refresh(target)
+        after = await auth.password(target)
+    finally:
+        await auth.close()
+    assert _key_id(after) == "container-key-3"
+    assert sigv4_signature_matches(after, container.secret)

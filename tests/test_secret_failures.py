@@ -395,13 +395,16 @@ async def test_a_lambda_handler_whose_login_fails_prints_no_piece_of_the_credent
     assert watch.leaks(texts, credential) == []
 
 
-@pytest.fixture(scope="module")
-def tls_pgbouncer(postgres: PostgresServer, pki: TestPki) -> Iterator[PgBouncerServer]:
-    """The distribution's PgBouncer taking client connections over TLS only, with the
-    certificate `pki` issued for "localhost"."""
-    from asyncpool.testing.binaries import system_pgbouncer
+@pytest.fixture(scope="module", params=["1.18", "current"],
+                ids=["pgbouncer-1.18", "pgbouncer-current"])
+def tls_pgbouncer(request: pytest.FixtureRequest, postgres: PostgresServer,
+                  pki: TestPki) -> Iterator[PgBouncerServer]:
+    """Each PgBouncer (the distribution's, the current one) taking client connections over TLS
+    only, with the certificate `pki` issued for "localhost"."""
+    from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
 
-    server = PgBouncerServer(system_pgbouncer(), postgres, {
+    binary = system_pgbouncer() if request.param == "1.18" else current_pgbouncer()
+    server = PgBouncerServer(binary, postgres, {
         "client_tls_sslmode": "require", "client_tls_cert_file": str(pki.server_cert),
         "client_tls_key_file": str(pki.server_key)})
     server.start()

@@ -836,3 +836,29 @@ def test_a_postgresql_directory_that_cannot_be_looked_into_is_refused_naming_it(
     finally:
         if how == "unsearchable":
             directory.chmod(0o700)
+
+
+@pytest.mark.parametrize("mode", ["disable", "allow", "prefer", "require", "verify-ca",
+                                  "verify-full", None])
+def test_sslrootcert_system_takes_the_modes_libpq_takes(mode: str | None) -> None:
+    """libpq 16+ (psycopg's, here) refuses ``sslrootcert=system`` beside any mode but
+    verify-full ("weak sslmode"), and reads it alone as verify-full: the pool does the same."""
+    import psycopg
+
+    if psycopg.pq.version() < 160000:
+        pytest.skip("psycopg's libpq is older than 16: it does not read sslrootcert=system")
+    query = "sslrootcert=system" + (f"&sslmode={mode}" if mode else "")
+    try:
+        # Port 1 on this machine: libpq checks the settings before it dials, then is refused.
+        psycopg.connect(f"host=127.0.0.1 port=1 dbname=app user=app connect_timeout=2 "
+                        f"{query.replace('&', ' ')}").close()
+    except psycopg.OperationalError as exc:
+        libpq_refused = "weak sslmode" in str(exc)
+    else:  # pragma: no cover - nothing listens on port 1
+        pytest.fail("a login to port 1 succeeded")
+    if libpq_refused:
+        with pytest.raises(PoolConfigError, match="needs ssl mode 'verify-full'"):
+            _resolve(f"{DSN}?{query}")
+    else:
+        assert _resolve(f"{DSN}?{query}").mode == "verify-full"
+    assert libpq_refused == (mode not in ("verify-full", None))

@@ -140,6 +140,14 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
                 f"the certificate is not for {target.host!r}: dial the name it was issued for "
                 "(the RDS or RDS Proxy endpoint, not an IP or a CNAME of your own)"
             )
+        elif exc.verify_code in _OUT_OF_DATE:
+            # The CA is the right one: its advice to change ssl_root_cert would mislead.
+            fix = (
+                "a certificate of the server's chain is outside its validity period: renew it "
+                "where the server or pooler is configured (PostgreSQL's ssl_cert_file, "
+                "PgBouncer's client_tls_cert_file; RDS: rotate the instance's CA), and check "
+                "this machine's clock"
+            )
         elif "crl" in str(exc.verify_message).lower() or "revoked" in str(exc.verify_message).lower():
             fix = ("the certificate revocation list (sslcrl / sslcrldir, else "
                    "~/.postgresql/root.crl) revokes it, or lacks a CRL for a CA of its chain "
@@ -151,6 +159,15 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
                 fix += f"; it was checked against {root_cert_source}"
         error = ConnectError(
             f"{where}: the server's TLS certificate did not verify ({exc.verify_message}); {fix}"
+        )
+        error.transient = False
+    elif _TLS_REQUIRED.search(text) and not isinstance(exc, ssl.SSLError):
+        # PgBouncer's refusal (client_tls_sslmode require or verify-*) of a login that did not
+        # ask for TLS: only sslmode=disable gets here (allow retries with TLS).
+        error = ConnectError(
+            f"{where}: the pooler takes only TLS connections ({text}), and this pool's ssl mode "
+            "did not ask for TLS: set sslmode=verify-full with sslrootcert= the CA that signed "
+            "the pooler's certificate (PgBouncer: client_tls_cert_file)"
         )
         error.transient = False
     elif direct_tls is not None and _not_tls_answer(exc):
@@ -243,6 +260,11 @@ def _several_hosts(exc: BaseException, state: object, target: Target, pool_name:
     return f"{where}: each failed, the last ({last.host}:{last.port}) with", last
 
 
+#: OpenSSL's verify codes for a certificate that has expired or is not valid yet
+#: (X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED).
+_OUT_OF_DATE = frozenset({9, 10})
+#: PgBouncer's text when client_tls_sslmode requires TLS and the login did not ask for it.
+_TLS_REQUIRED = re.compile(r"\bSSL required\b", re.I)
 _NOT_POSTGRES = ("what answered is not PostgreSQL or a pooler: its reply to the TLS request "
                  "was neither yes nor no")
 _WHICH_PORT = "check the host and port (PostgreSQL: 5432, PgBouncer: 6432)"

@@ -76,6 +76,30 @@ class _SecretLogFilter(logging.Filter):
 
 _SECRET_FILTER = _SecretLogFilter()
 _FILTERED: set[str] = set()
+_PREFIX_SET = frozenset(_AWS_PREFIXES)
+# Whether the record factory that redacts records of loggers created later is installed.
+_factory_installed = [False]
+
+
+def _redact_later_loggers() -> None:
+    """Wrap the log record factory so that a record of any logger under `_AWS_PREFIXES` is
+    redacted as it is made: a logger created after the filters were placed (``import boto3``
+    after the provider: boto3.resources.action logs a response's SecretAccessKey) is covered
+    at once, not at asyncpool's next AWS call. The factory in place is kept and called first
+    (OpenTelemetry's logging instrumentation installs one too); the filters stay for a later
+    factory that does not chain."""
+    if _factory_installed[0]:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if isinstance(record.name, str) and record.name.partition(".")[0] in _PREFIX_SET:
+            _SECRET_FILTER.filter(record)
+        return record
+
+    logging.setLogRecordFactory(make_record)
+    _factory_installed[0] = True
 # How many loggers existed at the last look (one more: look again).
 _loggers_seen = [-1]
 
@@ -89,8 +113,10 @@ def hide_secrets_in_botocore_logs() -> None:
     for the rest of the process, the application's own botocore calls included; never before
     (asyncpool without an AWS provider leaves botocore's logging alone). Called again before
     and after a client is made and before each call, for loggers created meanwhile (modules
-    imported since); it costs a length check when no logger was created since.
+    imported since); it costs a length check when no logger was created since. Loggers made
+    between those calls are covered by the record factory (`_redact_later_loggers`).
     """
+    _redact_later_loggers()
     if len(logging.Logger.manager.loggerDict) == _loggers_seen[0]:
         return
     names = set(_AWS_LOGGERS)

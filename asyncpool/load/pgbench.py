@@ -6,12 +6,14 @@ import asyncio
 import os
 import re
 import shutil
+import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from asyncpool.config import PreparedStatements
+from asyncpool.connect.tls import SYSTEM
 from asyncpool.load.logins import GuardedLogin
 from asyncpool.load.spec import pgbench_script
 
@@ -90,6 +92,33 @@ def pgbench_binary() -> str:
     raise PgbenchError("pgbench not found: install PostgreSQL's client tools (postgresql-contrib)")
 
 
+#: libpq's words when the root certificate file it was told to read (or its default,
+#: ``~/.postgresql/root.crt``) is not there: before 16, ``sslrootcert=system`` is such a file.
+_NO_ROOT_FILE = re.compile(r'root certificate file "(?P<path>[^"]*)" does not exist')
+
+
+def _root_cert_advice(stderr: str, login: GuardedLogin) -> str | None:
+    """What to do when pgbench's libpq could not find the CAs the pool verifies against (the
+    system's), or None for any other failure."""
+    found = _NO_ROOT_FILE.search(stderr)
+    if found is None:
+        return None
+    bundle = ssl.get_default_verify_paths().cafile
+    named = (f"the path of a CA bundle (this machine's system CAs: sslrootcert={bundle})"
+             if bundle else "the path of a PEM file of the CAs")
+    if found["path"] == SYSTEM:
+        return ("pgbench's libpq is older than 16: it reads sslrootcert=system as a file named "
+                f"'system' (which does not exist) and cannot use the system CAs. Give sslrootcert "
+                f"{named}, or use a pgbench built with libpq >= 16")
+    if login.login.tls.root_cert is None:
+        # The pool takes the system CAs where no root certificate is named; libpq looks for
+        # ~/.postgresql/root.crt (and, from 16, takes the system CAs only if told so).
+        return (f"pgbench's libpq found no root certificate ({found['path']} does not exist): "
+                "where none is named the pool verifies against the system CAs, libpq does not. "
+                f"Give sslrootcert {named} (or sslrootcert=system, with libpq >= 16)")
+    return None
+
+
 async def run_pgbench(
     dsn: str,
     *,
@@ -144,6 +173,8 @@ async def run_pgbench(
                 "verify the server. Use sslmode=verify-full, a pgbench built with libpq >= 16, or "
                 "ASYNCPOOL_ALLOW_UNPROTECTED_CREDENTIALS=1 on a network you trust"
             )
+        if (advice := _root_cert_advice(tail, login)) is not None:
+            raise PgbenchError(advice)
         raise PgbenchError(f"pgbench failed ({proc.returncode}): {tail or text[-800:]}")
     failed = values["failed"]
     latency = values["latency_ms"]

@@ -25,6 +25,7 @@ from asyncpool.options import (
     GIVEN_BACK,
     RECORD_CLASS_NOT_GIVEN,
     Isolation,
+    Keep,
     PoolOptionsWithoutRecordClass,
     check_timeout,
     check_transaction_options,
@@ -51,6 +52,7 @@ CLOSE_TIMEOUT = 10.0
 
 if TYPE_CHECKING:
 
+    from asyncpool.credentials.provider import CredentialProvider
     from asyncpool.pool.connection import RecordT
     from asyncpool.pool.copy_options import (
         CopyFormatOptions,
@@ -492,7 +494,9 @@ class Pool(Generic[PoolRecordT_co]):
         self.expire_all()
 
     @config_errors_without_frames
-    def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
+    def set_connect_args(self, dsn: str | None = None, *,
+                         credentials: CredentialProvider | Keep | None = Keep.KEEP,
+                         **connect_kwargs: Any) -> None:
         """Connect with these arguments from now on, as asyncpg's pool does: the DSN and
         asyncpg's ``connect()`` arguments (``host``, ``user``, ``password``, ``database``,
         ``ssl``, ``server_settings``, ``command_timeout``...) replace every one given before;
@@ -500,14 +504,17 @@ class Pool(Generic[PoolRecordT_co]):
         ``await pool.expire_connections()`` replaces each at its next checkout. Checked here:
         a bad argument raises `PoolConfigError` and changes nothing.
 
-        For a password or token that rotates, ``credentials=`` is the better fit: a provider
-        awaited at every login (docs/credentials-and-tls.md).
+        `credentials`: a new provider for the logins from now on (None: none, the password
+        given logs in); not given, the pool's stays. A replaced provider is closed with the
+        pool (a login under way may still use it). A password given while a provider is in
+        use would be ignored, so it is refused. For a password or token that rotates, a
+        provider awaited at every login is the better fit (docs/credentials-and-tls.md).
 
         Call it on the pool's loop: from another thread while that loop runs it raises
         `PoolError` (logins under way there would see half of the change).
         """
         misuse.refuse_running_elsewhere(self._slots, "set_connect_args()", _SET_ON_LOOP)
-        config = with_connect_args(self.config, dsn, connect_kwargs)
+        config = with_connect_args(self.config, dsn, connect_kwargs, credentials)
         slots = self._slots
         current = slots.connector
         # Built (and so checked: DSN, target, TLS and credential rules) before anything changes.
