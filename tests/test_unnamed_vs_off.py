@@ -11,6 +11,7 @@ import math
 import re
 import struct
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -124,6 +125,28 @@ async def test_float4_values_are_the_same_in_both_modes(pool: Pool, table: str,
         matched = await conn.fetch(f"SELECT id FROM {table} WHERE r = $1 ORDER BY id", 0.1)
         assert matched == ([(101,)] if pool.name == "unnamed" else [(100,), (101,)])
         assert await conn.fetchval(count, 0.5) == 1
+
+
+async def test_array_elements_are_checked_as_scalars_are(pool: Pool, table: str,
+                                                          postgres: PostgresServer) -> None:
+    """``float4[]`` and ``int4[]`` columns widened to ``numeric[]``: a Decimal element (or an
+    integer past 2**53 for float4) is one the cached element codec would round, so "unnamed"
+    describes the call afresh, as for a scalar, and stores what "off" stores. A float element
+    keeps float4 precision before the migration in both modes (documented, as for scalars)."""
+    insert = f"INSERT INTO {table} (id, fa, ia) VALUES ($1, $2, $3)"
+    read = f"SELECT fa, ia FROM {table} WHERE id = $1"
+    await pool.execute(f"ALTER TABLE {table} ADD COLUMN fa float4[], ADD COLUMN ia int4[]")
+    async with pool.acquire() as conn:
+        for i in range(2):
+            await conn.execute(insert, i, [0.1, None], [[1], [2]])  # a miss, then a hit
+        assert tuple(await conn.fetchrow(read, 1)) == ([_float4(0.1), None], [[1], [2]])
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN fa TYPE numeric[], "
+                                "ALTER COLUMN ia TYPE numeric[]")
+        await conn.execute(insert, 10, [Decimal("0.1"), 2**53 + 1], [[Decimal("9.99")], [3]])
+        await conn.execute(insert, 11, (Decimal("0.25"),), [Decimal("1.5")])
+        assert tuple(await conn.fetchrow(read, 10)) == (
+            [Decimal("0.1"), Decimal(2**53 + 1)], [[Decimal("9.99")], [Decimal(3)]])
+        assert tuple(await conn.fetchrow(read, 11)) == ([Decimal("0.25")], [Decimal("1.5")])
 
 
 RETYPES = [
