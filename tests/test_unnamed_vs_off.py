@@ -149,6 +149,42 @@ async def test_array_elements_are_checked_as_scalars_are(pool: Pool, table: str,
         assert tuple(await conn.fetchrow(read, 11)) == ([Decimal("0.25")], [Decimal("1.5")])
 
 
+async def _locks_on(postgres: PostgresServer, table: str) -> list[str]:
+    """The locks other sessions hold on `table`, seen from a direct connection."""
+    conn = await asyncpg.connect(postgres.dsn())
+    try:
+        rows = await conn.fetch("SELECT mode FROM pg_locks WHERE relation = $1::regclass "
+                                "AND pid <> pg_backend_pid()", table)
+    finally:
+        await conn.close()
+    return [r["mode"] for r in rows]
+
+
+async def test_an_argument_the_codec_refuses_leaves_no_lock(pool: Pool, table: str,
+                                                            postgres: PostgresServer) -> None:
+    """asyncpg describes the statement (Parse, Describe, Flush), then its codec refuses the
+    argument before anything else is sent: no Sync follows, so the Parse's lock on the table
+    stays (and a pooler's server connection stays assigned) until the next statement. "unnamed"
+    sends the Sync, described afresh (a miss) and from the cache (a hit) alike; "off" is
+    asyncpg's own path and keeps the lock until the connection's next statement."""
+    select = f"SELECT a FROM {table} WHERE id = $1"
+    expected = [] if pool.name == "unnamed" else ["AccessShareLock"]
+    async with pool.acquire() as conn:
+        for _ in range(2):
+            with pytest.raises(asyncpg.DataError):
+                await conn.fetchval(select, "not an int")
+            assert await _locks_on(postgres, table) == expected
+            assert await conn.fetchval(select, 1) is None  # the connection is sound
+            assert await _locks_on(postgres, table) == []
+        async with conn.transaction():  # inside a block the lock is the transaction's
+            with pytest.raises(asyncpg.DataError):
+                await conn.fetchval(select, "not an int")
+            assert await _locks_on(postgres, table) == ["AccessShareLock"]
+            assert await conn.fetchval(select, 1) is None
+        assert await _locks_on(postgres, table) == []
+    assert pool.stats().closed_total == 0
+
+
 RETYPES = [
     pytest.param("CREATE TYPE {t}_t AS ENUM ('1', '2')", "{t}_t USING a::text::{t}_t", "1",
                  id="enum"),

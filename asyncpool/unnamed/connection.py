@@ -24,6 +24,7 @@ from asyncpool.unnamed.fits import fits
 from asyncpool.unnamed.messages import (
     DATA_ROW,
     PARSE_COMPLETE_MESSAGE,
+    SYNC_MESSAGE,
     Column,
     bind_result_formats,
     row_columns,
@@ -294,6 +295,8 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         except (pg_exceptions.PostgresError, pg_exceptions.InterfaceError) as exc:
             wire.disarm()
             if not (retry and self._did_not_run(check, exc)):
+                if check.sent is None:
+                    self._end_describe()
                 raise
         else:
             if check.verdict == CHANGED and check.replay:
@@ -321,6 +324,15 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
             return False
         # In a transaction block the refusal aborted the transaction: nothing can run again.
         return check.verdict == REJECTED and not self._protocol.is_in_transaction()
+
+    def _end_describe(self) -> None:
+        """After asyncpg refused a call's arguments before sending it: a Sync for the describe
+        before it, if nothing was written since (Parse, Describe, Flush, then nothing, as in
+        asyncpg's own path). Until a Sync the server holds the locks its Parse took (a migration
+        waits on them) and a transaction pooler holds the server connection. Its reply is the
+        Wire's; nothing waits for it."""
+        if self._wire.flushed and not self.is_closed():
+            self._wire.side(SYNC_MESSAGE, reply=False)
 
     def _on_verdict(self, check: Check) -> None:
         """Called by the Wire as soon as the reply's head is read, even if the caller has been
