@@ -345,7 +345,6 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         if not wire.flushed or self.is_closed():
             return
         waiter = wire.side(SYNC_MESSAGE)
-        assert waiter is not None
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except (TimeoutError, ConnectionError):
@@ -466,7 +465,6 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         if it refused, or did not answer in `timeout` (its reply is still taken off the
         stream when it comes: the connection stays in step)."""
         waiter = self._wire.side(to_turn.request)
-        assert waiter is not None
         try:
             reply = await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except (TimeoutError, ConnectionError):

@@ -132,6 +132,7 @@ class Wire(ForwardingProtocol):
     ParameterDescription, RowDescription/NoData) before asyncpg sees any of it, and when the
     description changed it keeps every DataRow from asyncpg (asyncpg's call completes without
     rows) while recording the whole reply so that it can be decoded again with the new one.
+    Its own requests (`side`: a Sync, values for the server to turn) are answered to it alone.
     """
 
     def __init__(self, inner: Any) -> None:
@@ -160,7 +161,7 @@ class Wire(ForwardingProtocol):
         self._holding: Check | None = None  # replaying: rows kept from asyncpg until ReadyForQuery
         # Requests of the Wire's own (`side`): their replies, up to each one's ReadyForQuery,
         # are taken off the stream before asyncpg sees anything after them.
-        self._side: deque[tuple[asyncio.Future[list[bytes]] | None, list[bytes]]] = deque()
+        self._side: deque[tuple[asyncio.Future[list[bytes]], list[bytes]]] = deque()
         self._side_held = bytearray()
 
     # -- asyncio protocol callbacks (the real transport calls these) ---------------------------
@@ -192,7 +193,7 @@ class Wire(ForwardingProtocol):
         self._side_held.clear()
         while self._side:
             waiter, _ = self._side.popleft()
-            if waiter is not None and not waiter.done():
+            if not waiter.done():
                 waiter.set_exception(ConnectionResetError("the connection was lost"))
         self.inner.connection_lost(exc)
         driver.retrieve_negotiation_error(self.inner)
@@ -293,15 +294,17 @@ class Wire(ForwardingProtocol):
         self._stage = 0
         self._pos = 0
 
-    def side(self, data: bytes, reply: bool = True) -> asyncio.Future[list[bytes]] | None:
+    def side(self, data: bytes) -> asyncio.Future[list[bytes]]:
         """Send a request of the Wire's own (whole messages ending with Sync), while asyncpg
-        waits for no reply; its reply, up to ReadyForQuery, never reaches asyncpg.
+        waits for no reply: a future of its reply's messages, up to ReadyForQuery, none of which
+        reaches asyncpg (asynchronous ones do). It fails if the connection is lost.
 
-        With `reply`, a future of the reply's messages (asynchronous ones go to asyncpg); it
-        fails if the connection is lost. Not awaiting it is safe: the reply is taken off the
-        stream when it arrives, whatever asyncpg has sent since.
+        Await it before asyncpg writes again: the reply is taken off the stream whenever it
+        comes, but PgBouncer 1.18 lost the reply to a describe written before it came back.
         """
-        waiter = asyncio.get_running_loop().create_future() if reply else None
+        waiter: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        # Seen, so that a loss after its caller stopped waiting (timeout) is not logged at GC.
+        waiter.add_done_callback(_retrieve)
         self._side.append((waiter, []))
         self.flushed = False
         self.real.write(data)
@@ -332,7 +335,7 @@ class Wire(ForwardingProtocol):
             reply.append(message)
             if kind == READY_FOR_QUERY:
                 self._side.popleft()
-                if waiter is not None and not waiter.done():
+                if not waiter.done():
                     waiter.set_result(reply)
         rest = bytes(held[pos:])
         held.clear()
@@ -452,6 +455,11 @@ class Wire(ForwardingProtocol):
 
 _PARSE_BYTE = bytes((PARSE,))
 _BIND_BYTE = b"B"
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _one_message(data: Buffer) -> bool:
