@@ -183,6 +183,11 @@ async def test_an_argument_the_codec_refuses_leaves_no_lock(pool: Pool, table: s
             assert await _locks_on(postgres, table) == expected
             assert await conn.fetchval(select, 1) is None  # the connection is sound
             assert await _locks_on(postgres, table) == []
+        stmt = await conn.prepare(select)  # a prepared statement's execution alike
+        with pytest.raises(asyncpg.DataError):
+            await stmt.fetchval("not an int")
+        assert await _locks_on(postgres, table) == expected
+        assert await stmt.fetchval(1) is None
         # A new statement straight after the error: "unnamed" waits for its Sync's reply first
         # (PgBouncer 1.18 lost the reply to a describe written before that reply came back).
         async with asyncio.timeout(20):
