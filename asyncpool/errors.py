@@ -82,8 +82,9 @@ class TransactionRolledBackError(PoolError):
 
 class StaleStatementError(PoolError):
     """A reused statement's rows could not be decoded (``prepared_statements="unnamed"``):
-    a result column was retyped to a type asyncpg reads only as text, and the server sent it in
-    binary. It ran and was not re-run; the connection is replaced when released, and the next
+    a result column was retyped to a type asyncpg reads in the other format than the rows came
+    in, and the server did not turn the values (refused, or no answer within the timeout), or a
+    prepared statement's ``fetchmany`` met a changed result. It ran and was not re-run; the next
     call describes the statement afresh."""
 
     #: False when the server refused the statement before running it; True when it may have run.

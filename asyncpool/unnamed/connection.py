@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,7 @@ from asyncpg.protocol import protocol as asyncpg_protocol
 
 from asyncpool.errors import StaleStatementError
 from asyncpool.unnamed.check import CHANGED, FAILED, MATCH, REJECTED, UNREADABLE, Check
+from asyncpool.unnamed.convert import Conversion, conversion
 from asyncpool.unnamed.entries import (
     CacheTotals,
     DescribeCacheStats,
@@ -24,6 +27,7 @@ from asyncpool.unnamed.fits import fits
 from asyncpool.unnamed.messages import (
     DATA_ROW,
     PARSE_COMPLETE_MESSAGE,
+    SYNC_MESSAGE,
     Column,
     bind_result_formats,
     row_columns,
@@ -41,6 +45,7 @@ from asyncpool.unnamed.wire import InterceptingLoop, WireTransport, drive
 logger: logging.Logger = logging.getLogger("asyncpool.unnamed")
 
 RETIRE_REASON = "unreadable or undecodable reply to a reused statement"
+UNSYNCED_REASON = "no reply to the Sync sent after a refused argument"
 #: What `_decode_again` gives for rows it does not decode again (a prepared ``fetchmany``).
 UNDECODED: Any = object()
 
@@ -294,6 +299,9 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         except (pg_exceptions.PostgresError, pg_exceptions.InterfaceError) as exc:
             wire.disarm()
             if not (retry and self._did_not_run(check, exc)):
+                if check.sent is None:
+                    await self._end_describe(None if timeout is None else max(
+                        timeout - (time.monotonic() - started), 0.001))
                 raise
         else:
             if check.verdict == CHANGED and check.replay:
@@ -322,6 +330,29 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         # In a transaction block the refusal aborted the transaction: nothing can run again.
         return check.verdict == REJECTED and not self._protocol.is_in_transaction()
 
+    async def _end_describe(self, timeout: float | None) -> None:
+        """After asyncpg refused a call's arguments before sending it: a Sync for the describe
+        before it, if nothing was written since (Parse, Describe, Flush, then nothing, as in
+        asyncpg's own path). Until a Sync the server holds the locks its Parse took (a migration
+        waits on them) and a transaction pooler holds the server connection.
+
+        Its ReadyForQuery is waited for (one round trip, on this failure only): PgBouncer 1.18
+        lost the reply to a describe written before the ReadyForQuery of a Sync came back
+        (measured: the caller's next statement waited forever). A connection whose Sync was
+        not answered (timeout, cancellation, lost) is retired: it may be out of step.
+        """
+        wire = self._wire
+        if not wire.flushed or self.is_closed():
+            return
+        waiter = wire.side(SYNC_MESSAGE)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except (TimeoutError, ConnectionError):
+            self.retire_reason = UNSYNCED_REASON
+        except asyncio.CancelledError:
+            self.retire_reason = UNSYNCED_REASON
+            raise
+
     def _on_verdict(self, check: Check) -> None:
         """Called by the Wire as soon as the reply's head is read, even if the caller has been
         cancelled since: the cache and the connection's fate must not depend on it."""
@@ -349,28 +380,72 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         the same executor, nothing is sent). Rows of `many` argument sets (a prepared
         statement's ``fetchmany``) are not decoded again (asyncpg may wait for the socket
         between its writes): `UNDECODED` is returned with the new statement.
+
+        A column asyncpg now reads in the other format than the rows came in (the old Bind
+        asked for it): turned here where the binary form is the text (`rows_in_formats`),
+        otherwise by the server (`convert`: one round trip), and the rows fed again.
         """
-        wire = self._wire
+        started = time.monotonic()
         statement = await self._statement_from_reply(check, timeout)
         if many:
             if self._cacheable(statement):
                 self._keep(check.key, statement, generation)
             return UNDECODED, statement
         columns = len(statement._get_attributes())
+        recorded: list[bytes] | None = check.recorded
+        to_turn: Conversion | None = None
+
+        def rows(wanted: tuple[int, ...] | None) -> list[bytes] | None:
+            # The rows to feed, given the result formats asyncpg's Bind asked for (`wanted`).
+            nonlocal to_turn
+            sent = row_formats(check.row_reply)  # the formats the rows arrived in
+            if recorded is not check.recorded or sent == wanted:
+                return recorded
+            if wanted is None or len(sent) != columns:
+                return None
+            types = [oid for _, oid in row_columns(check.row_reply)]
+            turned = rows_in_formats(check.recorded, types, sent, wanted)
+            if turned is None:
+                to_turn = conversion(check.recorded, types, sent, wanted)
+                if to_turn is None:  # only NULLs to turn
+                    return check.recorded
+            return turned
+
+        result, decodable = self._feed_again(statement, executor, timeout, check, rows)
+        if not decodable and to_turn is not None:
+            if timeout is not None:
+                timeout = max(timeout - (time.monotonic() - started), 0.001)
+            recorded = await self._turned_by_server(to_turn, check.recorded, timeout)
+            if recorded is not None:
+                result, decodable = self._feed_again(statement, executor, timeout, check, rows)
+        if not decodable:
+            self.retire_reason = RETIRE_REASON
+            error = StaleStatementError(
+                f"pool {self._policy.pool_name!r}: {_cause(check)}, and asyncpg decodes the new "
+                "columns in a format other than the one the server was asked for, and the "
+                "server did not turn them. The statement ran; its rows were not decoded. The "
+                "next call describes it afresh."
+            )
+            error.may_have_run = True
+            error.query = check.key[0]
+            raise error
+        if self._cacheable(statement):
+            self._keep(check.key, statement, generation)
+        return result, statement
+
+    def _feed_again(self, statement: Any, executor: Any, timeout: float | None, check: Check,
+                    rows: Callable[[tuple[int, ...] | None], list[bytes] | None],
+                    ) -> tuple[Any, bool]:
+        """Run `executor` on `statement` with its writes swallowed, fed `check`'s reply with
+        the rows `rows` gives for the result formats its Bind asks for (none when it gives
+        None: asyncpg's call returns no rows, and False says they were not decoded)."""
+        wire = self._wire
+        columns = len(statement._get_attributes())
         decodable = True
 
         def deliver() -> None:
             nonlocal decodable
-            sent = row_formats(check.row_reply)  # the formats the rows arrived in
-            wanted = bind_result_formats(b"".join(wire.swallowed), columns)
-            recorded: list[bytes] | None = check.recorded
-            if sent != wanted:
-                # A column asyncpg now reads as text (a text-format codec such as json.loads
-                # for jsonb) was sent in binary, as the old Bind asked: readable where the
-                # binary form is the text (`rows_in_formats`).
-                types = [oid for _, oid in row_columns(check.row_reply)]
-                recorded = (rows_in_formats(check.recorded, types, sent, wanted)
-                            if wanted is not None and len(sent) == columns else None)
+            recorded = rows(bind_result_formats(b"".join(wire.swallowed), columns))
             decodable = recorded is not None
             if recorded is None:  # rows in a format the new codecs do not read: drop them
                 recorded = [m for m in check.recorded if m[0] != DATA_ROW]
@@ -382,19 +457,19 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         finally:
             wire.swallowing = False
             wire.swallowed.clear()
-        if not decodable:
-            self.retire_reason = RETIRE_REASON
-            error = StaleStatementError(
-                f"pool {self._policy.pool_name!r}: {_cause(check)}, and asyncpg decodes the new "
-                "columns in a format other than the one the server was asked for. The "
-                "statement ran; its rows were not decoded. The next call describes it afresh."
-            )
-            error.may_have_run = True
-            error.query = check.key[0]
-            raise error
-        if self._cacheable(statement):
-            self._keep(check.key, statement, generation)
-        return result, statement
+        return result, decodable
+
+    async def _turned_by_server(self, to_turn: Conversion, recorded: list[bytes],
+                                timeout: float | None) -> list[bytes] | None:
+        """`recorded` with the values `to_turn` names turned by the server (`convert`); None
+        if it refused, or did not answer in `timeout` (its reply is still taken off the
+        stream when it comes: the connection stays in step)."""
+        waiter = self._wire.side(to_turn.request)
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except (TimeoutError, ConnectionError):
+            return None
+        return to_turn.rows(recorded, reply)
 
     async def _statement_from_reply(self, check: Check, timeout: float | None) -> Any:
         """asyncpg's statement built from a changed reply's own descriptions (fed to its

@@ -8,6 +8,9 @@ would have encoded the value whole. So an argument of a kind the cached type doe
 sends the call to be described afresh (one round trip more); what asyncpg then does with it is
 what it does without a cache.
 
+An array of those types (``float4[]``, ``int4[]``...) is checked element by element, nested
+lists and tuples included (another iterable is not looked at: reading it could consume it).
+
 Not caught: a ``float4`` parameter keeps a float's float4 precision after its column was widened
 to ``float8`` (asyncpg's float4 codec rounds every float, so refusing floats there would describe
 every call afresh), and executemany's rows given as an iterator are not looked at. After such a
@@ -27,6 +30,9 @@ _INTEGERS = frozenset((20, 21, 23, 26))  # int8, int2, int4, oid
 _FLOATS = frozenset((700, 701))  # float4, float8
 _TIMESTAMP = 1114  # without time zone
 _DATE = 1082
+# Their array types: int8[], int2[], int4[], oid[], float4[], float8[], timestamp[], date[].
+_ARRAYS = {1016: 20, 1005: 21, 1007: 23, 1028: 26, 1021: 700, 1022: 701, 1115: _TIMESTAMP,
+           1182: _DATE}
 
 Guard = Callable[[Any], bool]
 
@@ -71,19 +77,50 @@ def _day(value: Any) -> bool:
     return not isinstance(value, datetime)
 
 
+def _element_guard(check: Guard) -> Guard:
+    """`check` for every element of an array argument (lists and tuples, nested)."""
+
+    def elements(value: Any) -> bool:
+        if not isinstance(value, list | tuple):
+            return True  # another iterable: reading it could consume it; asyncpg decides
+        for item in value:
+            if isinstance(item, list | tuple):
+                if not elements(item):
+                    return False
+            elif item is not None and not check(item):
+                return False
+        return True
+
+    return elements
+
+
+def _guard(oid: int) -> Guard | None:
+    if oid in _INTEGERS:
+        return _integral
+    if oid in _FLOATS:
+        return _real
+    if oid == _TIMESTAMP:
+        return _naive
+    if oid == _DATE:
+        return _day
+    return None
+
+
+#: One guard per array type (made once: `_row_fits` tells scalars' guards by identity).
+_ARRAY_GUARDS: dict[int, Guard] = {
+    oid: _element_guard(guard) for oid, element in _ARRAYS.items()
+    if (guard := _guard(element)) is not None
+}
+
+
 def guards(param_oids: Sequence[int]) -> tuple[tuple[int, Guard], ...] | None:
-    """(position, check) for each parameter whose type can lose part of a value of another
-    kind; None when no parameter can."""
+    """(position, check) for each parameter whose type (or array's element type) can lose part
+    of a value of another kind; None when no parameter can."""
     found = []
     for position, oid in enumerate(param_oids):
-        if oid in _INTEGERS:
-            found.append((position, _integral))
-        elif oid in _FLOATS:
-            found.append((position, _real))
-        elif oid == _TIMESTAMP:
-            found.append((position, _naive))
-        elif oid == _DATE:
-            found.append((position, _day))
+        check = _guard(oid) or _ARRAY_GUARDS.get(oid)
+        if check is not None:
+            found.append((position, check))
     return tuple(found) or None
 
 

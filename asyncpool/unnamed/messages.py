@@ -34,6 +34,8 @@ ASYNCHRONOUS = frozenset((ord("N"), ord("S"), ord("A")))
 #: ParseComplete, as the server sends it.
 PARSE_COMPLETE_MESSAGE = b"1\0\0\0\x04"
 BIND_COMPLETE_MESSAGE = b"2\0\0\0\x04"
+FLUSH_MESSAGE = b"H\0\0\0\x04"
+SYNC_MESSAGE = b"S\0\0\0\x04"
 
 
 def bind_result_formats(data: bytes | bytearray, columns: int) -> tuple[int, ...] | None:

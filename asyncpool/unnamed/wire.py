@@ -15,6 +15,7 @@ so they work on every event loop (uvloop's transports cannot be patched per inst
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from asyncpool.unnamed.messages import (
     DATA_ROW,
     DESCRIBE_UNNAMED_PORTAL,
     ERROR_RESPONSE,
+    FLUSH_MESSAGE,
     NO_DATA,
     PARSE,
     PARSE_COMPLETE,
@@ -131,6 +133,7 @@ class Wire(ForwardingProtocol):
     ParameterDescription, RowDescription/NoData) before asyncpg sees any of it, and when the
     description changed it keeps every DataRow from asyncpg (asyncpg's call completes without
     rows) while recording the whole reply so that it can be decoded again with the new one.
+    Its own requests (`side`: a Sync, values for the server to turn) are answered to it alone.
     """
 
     def __init__(self, inner: Any) -> None:
@@ -147,12 +150,20 @@ class Wire(ForwardingProtocol):
         self._lone_parse: bytes | None = None
         self.swallowing = False
         self.swallowed: list[bytes] = []
+        # The last write ended with Flush (asyncpg's describe: Parse, Describe, Flush): the
+        # server holds what its Parse locked, and a transaction pooler its server connection,
+        # until a Sync (`DescribeCacheConnection._end_describe`).
+        self.flushed = False
         # read side
         self._check: Check | None = None  # reading this check's reply head
         self._stage = 0
         self._held = bytearray()
         self._pos = 0
         self._holding: Check | None = None  # replaying: rows kept from asyncpg until ReadyForQuery
+        # Requests of the Wire's own (`side`): their replies, up to each one's ReadyForQuery,
+        # are taken off the stream before asyncpg sees anything after them.
+        self._side: deque[tuple[asyncio.Future[list[bytes]], list[bytes]]] = deque()
+        self._side_held = bytearray()
 
     # -- asyncio protocol callbacks (the real transport calls these) ---------------------------
 
@@ -166,6 +177,10 @@ class Wire(ForwardingProtocol):
         return self.transport
 
     def data_received(self, data: bytes) -> None:
+        if self._side:
+            data = self._take_side(data)
+            if not data:
+                return
         if self._check is not None:
             self._inspect(data)
         elif self._holding is not None:
@@ -176,6 +191,11 @@ class Wire(ForwardingProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._check = self._holding = self._armed = self._lone_parse = None
         self._held.clear()
+        self._side_held.clear()
+        while self._side:
+            waiter, _ = self._side.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("the connection was lost"))
         self.inner.connection_lost(exc)
         driver.retrieve_negotiation_error(self.inner)
 
@@ -195,6 +215,7 @@ class Wire(ForwardingProtocol):
             if self.swallowing:
                 self.swallowed.append(bytes(data))
             elif self._lone_parse is None and memoryview(data)[:1] != _PARSE_BYTE:
+                self.flushed = False
                 self.real.write(data)
             else:
                 self._write_unarmed(data)
@@ -211,6 +232,7 @@ class Wire(ForwardingProtocol):
             if self.swallowing:
                 self.swallowed.append(b"".join(chunks))
             elif self._lone_parse is None:
+                self.flushed = False
                 self.real.writelines(chunks)
             else:
                 self._write_unarmed(b"".join(chunks))
@@ -236,6 +258,7 @@ class Wire(ForwardingProtocol):
         elif memoryview(data)[:1] == _PARSE_BYTE and _one_message(data):
             self._lone_parse = bytes(data)
             return
+        self.flushed = memoryview(data)[-5:] == FLUSH_MESSAGE  # asyncpg's describe
         self.real.write(data)
 
     def _unexpected(self) -> None:
@@ -248,6 +271,7 @@ class Wire(ForwardingProtocol):
 
     def _send(self, check: Check, chunks: Iterable[Buffer]) -> None:
         self._armed = None
+        self.flushed = False
         description = check.description
         data = b"".join(chunks)
         head = message_header(data, 0)
@@ -270,6 +294,53 @@ class Wire(ForwardingProtocol):
         self._check = check
         self._stage = 0
         self._pos = 0
+
+    def side(self, data: bytes) -> asyncio.Future[list[bytes]]:
+        """Send a request of the Wire's own (whole messages ending with Sync), while asyncpg
+        waits for no reply: a future of its reply's messages, up to ReadyForQuery, none of which
+        reaches asyncpg (asynchronous ones do). It fails if the connection is lost.
+
+        Await it before asyncpg writes again: the reply is taken off the stream whenever it
+        comes, but PgBouncer 1.18 lost the reply to a describe written before it came back.
+        """
+        waiter: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        # Seen, so that a loss after its caller stopped waiting (timeout) is not logged at GC.
+        waiter.add_done_callback(_retrieve)
+        self._side.append((waiter, []))
+        self.flushed = False
+        self.real.write(data)
+        return waiter
+
+    def _take_side(self, data: bytes) -> bytes:
+        """Take the replies to `side` requests off `data`; what follows them, for asyncpg."""
+        held = self._side_held
+        held += data
+        pos = 0
+        while self._side:
+            try:
+                head = message_header(held, pos)
+            except ValueError:
+                self.real.abort()  # framing lost: connection_lost fails the waiters
+                held.clear()
+                return b""
+            if head is None:
+                del held[:pos]
+                return b""
+            kind, end = head
+            message = bytes(held[pos:end])
+            pos = end
+            if kind in ASYNCHRONOUS:
+                self.forward(message)
+                continue
+            waiter, reply = self._side[0]
+            reply.append(message)
+            if kind == READY_FOR_QUERY:
+                self._side.popleft()
+                if not waiter.done():
+                    waiter.set_result(reply)
+        rest = bytes(held[pos:])
+        held.clear()
+        return rest
 
     # -- read side -----------------------------------------------------------------------------
 
@@ -396,6 +467,11 @@ class Wire(ForwardingProtocol):
 
 _PARSE_BYTE = bytes((PARSE,))
 _BIND_BYTE = b"B"
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _one_message(data: Buffer) -> bool:

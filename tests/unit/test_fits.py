@@ -72,3 +72,24 @@ def test_arguments_that_cannot_be_found_or_read_are_left_to_asyncpg() -> None:
     assert checks is not None
     assert fits(checks, lambda stmt, timeout: None, many=False)  # no `args` cell
     assert fits(checks, executor_of((1,)), many=False)  # too few: asyncpg says so
+
+
+FLOAT4_ARRAY, INT4_ARRAY, DATE_ARRAY = 1021, 1007, 1182
+
+
+@pytest.mark.parametrize(
+    ("oid", "value", "fit"),
+    [
+        (FLOAT4_ARRAY, [0.1, None, 2], True), (FLOAT4_ARRAY, [[0.5], [1.5]], True),
+        (FLOAT4_ARRAY, [0.1, Decimal("0.1")], False), (FLOAT4_ARRAY, [[1.0], [2**53 + 1]], False),
+        (FLOAT4_ARRAY, (Fraction(1, 3),), False), (FLOAT4_ARRAY, [], True),
+        (INT4_ARRAY, [1, 2, None], True), (INT4_ARRAY, [[1], [Decimal("9.99")]], False),
+        (INT4_ARRAY, [1.5], False),
+        (INT4_ARRAY, iter([Decimal("9.99")]), True),  # not read: it would be consumed
+        (DATE_ARRAY, [dt.date(2024, 6, 1)], True), (DATE_ARRAY, [dt.datetime(2024, 6, 1)], False),
+    ],
+)
+def test_array_elements_are_checked_as_scalars_are(oid: int, value: Any, fit: bool) -> None:
+    checks = guards([oid])
+    assert checks is not None
+    assert fits(checks, executor_of((value,)), many=False) is fit
