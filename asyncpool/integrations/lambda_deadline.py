@@ -19,7 +19,7 @@ from typing import Any
 from asyncpool.pool.alarms import Deadline
 from asyncpool.pool.forks import pools_on_loop
 from asyncpool.pool.resets import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, settle_loop
-from asyncpool.pool.stragglers import end_suspended_blocks, free_stragglers
+from asyncpool.pool.stragglers import end_kept_checkouts, end_suspended_blocks, free_stragglers
 
 logger: logging.Logger = logging.getLogger("asyncpool.integrations.lambda_deadline")
 
@@ -102,13 +102,16 @@ async def _free_stragglers(context: Any, margin: float, request_id: str, end: Re
     """Tasks the invocation started and left holding a connection give it back within what is
     left of its time (at most `RELEASE_TIMEOUT`), or are cancelled, within the time its resets
     have (`free_stragglers`); blocks no task runs any more (an async generator kept past the
-    invocation) have their connections closed (`end_suspended_blocks`)."""
+    invocation) have their connections closed (`end_suspended_blocks`), and so do connections
+    taken without ``async with`` and kept (`end_kept_checkouts`: last, for those of the tasks
+    just cancelled)."""
     end_suspended_blocks(pools_on_loop(), request_id, end)
     give = settle_timeout(context, margin, RELEASE_TIMEOUT)
     bound = give + RELEASE_TIMEOUT
     if end.at is not None:
         bound = min(bound, end.at - asyncio.get_running_loop().time())
     await free_stragglers(pools_on_loop(), request_id, give, bound)
+    end_kept_checkouts(pools_on_loop(), request_id, end)
 
 
 def settle_timeout(context: Any, margin: float, unknown: float) -> float:

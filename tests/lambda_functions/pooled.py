@@ -101,6 +101,14 @@ async def _try_query(event: dict[str, Any], result: dict[str, Any]) -> None:
         await asyncio.sleep(float(event.get("linger", 0)))
 
 
+async def _use_kept(event: dict[str, Any], result: dict[str, Any]) -> None:
+    # The connection the "leak" op kept, used in a later invocation.
+    try:
+        result["kept"] = await kept[-1].fetchval("SELECT 1")
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+
+
 async def _background_results(event: dict[str, Any], result: dict[str, Any]) -> None:
     result["background"] = [_outcome(t) for t in background]
 
@@ -112,7 +120,7 @@ async def _modules(event: dict[str, Any], result: dict[str, Any]) -> None:
 
 _MORE_OPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]] = {
     "generator": _generator, "try_query": _try_query,
-    "background_results": _background_results, "modules": _modules,
+    "background_results": _background_results, "modules": _modules, "use_kept": _use_kept,
 }
 
 
