@@ -345,6 +345,46 @@ async def test_a_reset_that_hangs_ends_within_the_invocations_time(
     assert pool.stats().in_use == 0
 
 
+async def test_with_no_margin_a_hung_reset_still_leaves_time_for_the_response(
+    pooler: Pooler,
+) -> None:
+    """``timeout_margin=0``: the invocation's end waited for a reset that cannot finish up to
+    the deadline itself, and Lambda would time out an invocation whose handler had returned.
+    It leaves `RESPONSE_RESERVE` whatever the margin, the connection closed before that."""
+    import os
+    import signal
+
+    import anyio
+
+    env = Environment(timeout_margin=0)
+    pool = env.pool(pooler.dsn())
+    stopped: list[int] = []
+
+    @async_handler(runner=env.runner)
+    async def cut(event: Any, context: Any) -> str:
+        await pool.open()
+        with anyio.move_on_after(0.2):
+            async with pool.acquire() as conn:
+                await _stop_in_a_transaction(conn, stopped)
+                await conn.execute("SELECT 1")
+        return "cut"
+
+    try:
+        context = LocalContext(timeout=2.0)
+        try:
+            assert await env.invoke(cut, context=context) == "cut"
+            left = context.get_remaining_time_in_millis() / 1000
+            clients = await _active_clients(pooler)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        assert left >= 0.025, left  # (half RESPONSE_RESERVE)
+        assert clients == []
+        assert pool.stats().in_use == 0
+    finally:
+        await env.close()
+
+
 async def test_a_holder_cut_by_the_deadline_does_not_reset_past_it(
     env: Environment, pooler: Pooler
 ) -> None:

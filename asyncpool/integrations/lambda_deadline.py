@@ -30,6 +30,10 @@ class HandlerTimeoutError(TimeoutError):
 
 #: How long before the Lambda deadline an invocation is cancelled, by default (`LambdaRunner`).
 TIMEOUT_MARGIN = 0.5
+#: The least time an invocation's end leaves for the response, whatever the margin (half of
+#: it, otherwise): with ``timeout_margin=0`` it waited for a task left holding a connection up
+#: to the deadline, and Lambda timed out an invocation whose handler had returned.
+RESPONSE_RESERVE = 0.05
 
 
 def checked_margin(margin: float) -> float:
@@ -50,7 +54,8 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     The block is cancelled `margin` seconds before the deadline the Lambda context
     (``get_remaining_time_in_millis()``) gives, and `HandlerTimeoutError` raised; a holder cut
     short resets its connection within half the margin, which leaves the other half for the
-    response. On the way out, whatever the outcome: tasks the block started and left holding a
+    response (`RESPONSE_RESERVE` at least, whatever the margin: with none, the end's waits ran
+    to the deadline, and Lambda timed out an invocation whose handler had returned). On the way out, whatever the outcome: tasks the block started and left holding a
     connection give it back or are cancelled, and resets left running end, so nothing holds
     a connection (or the pooler's server connection) while the environment is frozen. An
     invocation that starts with no more than `margin` left runs with no margin (`usable_margin`).
@@ -66,7 +71,8 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     # asyncio.timeout(budget), without a timer in the loop's heap during the invocation.
     deadline = Deadline(budget)
     resets_end = ResetsEnd(
-        None if budget is None else asyncio.get_running_loop().time() + budget + margin / 2)
+        None if remaining is None
+        else asyncio.get_running_loop().time() + remaining - max(margin / 2, RESPONSE_RESERVE))
     token = RESETS_END.set(resets_end)
     try:
         async with deadline:
@@ -116,9 +122,9 @@ async def _free_stragglers(context: Any, margin: float, request_id: str, end: Re
 
 def settle_timeout(context: Any, margin: float, unknown: float) -> float:
     """How long the end of an invocation may wait for resets its holders left running: what is
-    left of its time less `margin`, at most `RELEASE_TIMEOUT`; `unknown` if the context (None,
-    say) does not tell."""
-    left = _time_budget(context, margin)
+    left of its time less `margin` (at least `RESPONSE_RESERVE`), at most `RELEASE_TIMEOUT`;
+    `unknown` if the context (None, say) does not tell."""
+    left = _time_budget(context, max(margin, RESPONSE_RESERVE))
     return unknown if left is None else min(RELEASE_TIMEOUT, left)
 
 

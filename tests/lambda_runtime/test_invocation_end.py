@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.lambda_runtime import RuntimeAPI
@@ -94,6 +96,25 @@ async def test_a_connection_acquired_without_async_with_and_kept_is_named_and_cl
         used = response(await invoke(api, {"op": "use_kept"}), proc)
         assert "was terminated" in used["error"], used
         assert used["pool"]["in_use"] == 0
+
+
+@pytest.mark.parametrize("margin", ["0", "0.5"])
+async def test_a_task_left_holding_a_connection_does_not_make_the_invocation_time_out(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path, margin: str
+) -> None:
+    """``timeout_margin=0``: the invocation's end gave a task it left holding a connection all
+    the invocation's time, so the response went out at the deadline, and Lambda timed the
+    invocation out (the handler had returned at once). The end keeps some time for the
+    response whatever the margin; 0.5 s (the default) is the control."""
+    env: dict[str, str | None] = {"TEST_TIMEOUT_MARGIN": margin}
+    with RuntimeAPI(function_timeout=2) as api, environment(
+            api, own_pgbouncer, tmp_path, env=env) as proc:
+        outcome = await invoke(api, {"op": "background", "hold": 10})
+        assert outcome.kind == "response", outcome.body
+        assert 1.5 < outcome.seconds < 2.0, outcome.seconds  # (given time, then cancelled)
+        results = response(await invoke(api, {"op": "background_results"}), proc)
+        assert results["background"] == ["cancelled"]
+        assert results["pool"]["in_use"] == 0
 
 
 async def test_a_min_size_refill_still_logging_in_is_given_up_before_the_response(
