@@ -55,10 +55,11 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     (``get_remaining_time_in_millis()``) gives, and `HandlerTimeoutError` raised; a holder cut
     short resets its connection within half the margin, which leaves the other half for the
     response (`RESPONSE_RESERVE` at least, whatever the margin: with none, the end's waits ran
-    to the deadline, and Lambda timed out an invocation whose handler had returned). On the way out, whatever the outcome: tasks the block started and left holding a
-    connection give it back or are cancelled, and resets left running end, so nothing holds
-    a connection (or the pooler's server connection) while the environment is frozen. An
-    invocation that starts with no more than `margin` left runs with no margin (`usable_margin`).
+    to the deadline, and Lambda timed out an invocation whose handler had returned). On the way
+    out, whatever the outcome: tasks the block started and left holding a connection give it
+    back or are cancelled, and resets left running end, so nothing holds a connection (or the
+    pooler's server connection) while the environment is frozen. An invocation that starts
+    with no more than `margin` left runs with no margin (`usable_margin`).
     """
     task = asyncio.current_task()
     if task is not None:
