@@ -230,7 +230,7 @@ async def test_a_kept_reference_is_dead_after_the_invocation(env: Environment, p
     assert pool.stats().created_total == 1
 
 
-async def test_extra_connection_left_checked_out_is_reported_then_reclaimed(
+async def test_extra_connection_left_checked_out_is_reported_then_closed(
     env: Environment, pooler: Pooler, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="asyncpool")
@@ -245,13 +245,15 @@ async def test_extra_connection_left_checked_out_is_reported_then_reclaimed(
     await env.invoke(handler, {"leak": True}, leaking)
     [report] = [r for r in caplog.records if r.name == "asyncpool.integrations.powertools"]
     assert "1 connection(s) still checked out" in report.getMessage()
+    assert "not released, is closed" in report.getMessage()
     assert getattr(report, REQUEST_ID_FIELD) == leaking.aws_request_id
-    assert pool.stats().in_use == 1
-
-    await asyncio.sleep(0.4)  # past leak_timeout: reclaimed as soon as the loop runs again
-    await env.invoke(handler)
+    # Closed as the invocation ended, where it was acquired said (not left to leak_timeout).
+    [closed] = [r for r in caplog.records if "was not released" in r.getMessage()]
+    assert getattr(closed, REQUEST_ID_FIELD) == leaking.aws_request_id
     stats = pool.stats()
-    assert (stats.leaked_total, stats.in_use) == (1, 0)
+    assert (stats.leaked_total, stats.in_use, stats.closed_total) == (0, 0, 1)
+    await env.invoke(handler)
+    assert pool.stats().in_use == 0
 
 
 async def test_stacks_under_powertools_logger_and_metrics(

@@ -27,6 +27,7 @@ from asyncpool.integrations.invocation import COLD_START_FIELD, REQUEST_ID_FIELD
 from asyncpool.integrations.lambda_runner import HandlerTimeoutError, async_handler
 from asyncpool.integrations.lambda_spans import COLDSTART, INVOCATION_ID, InvocationSpanProcessor
 from asyncpool.pool import alarms
+from asyncpool.pool.connection import PooledConnection
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
@@ -96,15 +97,33 @@ async def test_warm_invocations_share_one_loop_pool_and_connection(
     assert ports.count(results[0]["port"]) == 1
 
 
-async def test_connection_left_checked_out_is_reclaimed_for_the_next_invocation(
-    env: Environment, pooler: Pooler, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("in_a_task", [False, True])
+async def test_connection_left_checked_out_is_closed_at_the_end_of_its_invocation(
+    env: Environment, pooler: Pooler, caplog: pytest.LogCaptureFixture, in_a_task: bool
 ) -> None:
-    pool = env.pool(pooler.dsn(), max_size=1, leak_timeout=0.3)
+    """``conn = await pool.acquire()`` not released by the handler (or by a task of it that
+    has ended): the invocation's end names where it was taken and closes it, so the next
+    invocation gets a connection at once (max_size=1); it was left to leak_timeout, silently,
+    and the next invocations waited for it. One taken outside any invocation (INIT) is the
+    environment's, left alone."""
+    pool = env.pool(pooler.dsn(), max_size=2)
+    kept: list[PooledConnection] = []
+
+    async def take() -> None:
+        kept.append(await pool.acquire())
+
+    async def init() -> None:
+        await pool.open()
+        await take()
+
+    await env.run(init)
 
     @async_handler(runner=env.runner)
     async def leaky(event: Any, context: Any) -> None:
-        await pool.open()
-        await pool.acquire()  # never released
+        if in_a_task:
+            await asyncio.create_task(take())
+        else:
+            kept.append(await pool.acquire())  # never released
 
     @async_handler(runner=env.runner)
     async def query(event: Any, context: Any) -> int:
@@ -112,22 +131,71 @@ async def test_connection_left_checked_out_is_reclaimed_for_the_next_invocation(
             value: int = await conn.fetchval("SELECT 7")
             return value
 
+    caplog.set_level(logging.WARNING, logger="asyncpool.pool")
+    leaking_context = LocalContext()
+    await env.invoke(leaky, context=leaking_context)
+    assert pool.stats().in_use == 1  # the INIT one
+    started = time.monotonic()
+    assert await env.invoke(query) == 7
+    assert time.monotonic() - started < 1.0
+    stats = pool.stats()
+    assert (stats.leaked_total, stats.in_use, stats.closed_total) == (0, 1, 1)
+    [record] = [r for r in caplog.records if "was not released" in r.getMessage()]
+    assert getattr(record, REQUEST_ID_FIELD) == leaking_context.aws_request_id
+    site: str = record.asyncpool_acquire_site  # type: ignore[attr-defined]
+    assert ("in take\n    kept.append(await pool.acquire())" if in_a_task
+            else "in leaky\n    kept.append(await pool.acquire())") in site, site
+    assert "asyncpool/pool" not in site, site
+    assert "asyncpool/integrations" not in site, site
+
+    async def use(conn: PooledConnection) -> int:
+        value: int = await conn.fetchval("SELECT 8")
+        return value
+
+    with pytest.raises(PoolError, match="was terminated"):
+        await env.run(lambda: use(kept[1]))
+    assert await env.run(lambda: use(kept[0])) == 8  # the INIT one
+    await env.run(lambda: pool.release(kept[1]))  # (does nothing)
+    await env.run(lambda: pool.release(kept[0]))
+    assert pool.stats().in_use == 0
+
+
+async def test_connection_left_checked_out_under_leak_action_log_is_only_reported(
+    env: Environment, pooler: Pooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``leak_action="log"``: the invocation's end reports the connection and leaves it with
+    its holder; the leak tracker reports it again past leak_timeout, with the invocation
+    that took it."""
+    pool = env.pool(pooler.dsn(), max_size=2, leak_timeout=0.3, leak_action="log")
+    kept: list[PooledConnection] = []
+
+    @async_handler(runner=env.runner)
+    async def leaky(event: Any, context: Any) -> None:
+        await pool.open()
+        kept.append(await pool.acquire())  # never released
+
+    @async_handler(runner=env.runner)
+    async def query(event: Any, context: Any) -> int:
+        value: int = await kept[0].fetchval("SELECT 7")
+        await asyncio.sleep(0.1)  # (the overdue leak timer fires)
+        return value
+
+    caplog.set_level(logging.WARNING)
     leaking_context = LocalContext()
     await env.invoke(leaky, context=leaking_context)
     assert pool.stats().in_use == 1
+    [ended] = [r for r in caplog.records if "was not released" in r.getMessage()]
+    assert "left with its holder (leak_action='log')" in ended.getMessage()
     # Past leak_timeout while the environment is idle: the loop is not running, nothing fires.
     await asyncio.sleep(0.4)
-    assert pool.stats().in_use == 1
-    caplog.set_level(logging.WARNING, logger="asyncpool.leaks")
-
-    # The only connection is held, so this invocation waits until the overdue leak timer reclaims it.
     assert await env.invoke(query) == 7
     stats = pool.stats()
-    assert (stats.leaked_total, stats.in_use, stats.created_total) == (1, 0, 2)
+    assert (stats.leaked_total, stats.in_use, stats.created_total) == (1, 1, 1)
     [leak] = [r for r in caplog.records if r.name == "asyncpool.leaks"]
     # The leak is reported with the invocation that leaked.
     assert getattr(leak, REQUEST_ID_FIELD) == leaking_context.aws_request_id
     assert getattr(leak, COLD_START_FIELD) is True
+    await env.run(lambda: pool.release(kept[0]))
 
 
 async def test_deadline_cancels_the_handler_and_returns_its_connection(
@@ -275,6 +343,46 @@ async def test_a_reset_that_hangs_ends_within_the_invocations_time(
     assert took < 2.0 - 0.4, took  # the runner's margin (0.5 s) is left for the response
     assert clients == []
     assert pool.stats().in_use == 0
+
+
+async def test_with_no_margin_a_hung_reset_still_leaves_time_for_the_response(
+    pooler: Pooler,
+) -> None:
+    """``timeout_margin=0``: the invocation's end waited for a reset that cannot finish up to
+    the deadline itself, and Lambda would time out an invocation whose handler had returned.
+    It leaves `RESPONSE_RESERVE` whatever the margin, the connection closed before that."""
+    import os
+    import signal
+
+    import anyio
+
+    env = Environment(timeout_margin=0)
+    pool = env.pool(pooler.dsn())
+    stopped: list[int] = []
+
+    @async_handler(runner=env.runner)
+    async def cut(event: Any, context: Any) -> str:
+        await pool.open()
+        with anyio.move_on_after(0.2):
+            async with pool.acquire() as conn:
+                await _stop_in_a_transaction(conn, stopped)
+                await conn.execute("SELECT 1")
+        return "cut"
+
+    try:
+        context = LocalContext(timeout=2.0)
+        try:
+            assert await env.invoke(cut, context=context) == "cut"
+            left = context.get_remaining_time_in_millis() / 1000
+            clients = await _active_clients(pooler)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        assert left > 0, left  # (it was 0: answered at the deadline itself)
+        assert clients == []
+        assert pool.stats().in_use == 0
+    finally:
+        await env.close()
 
 
 async def test_a_holder_cut_by_the_deadline_does_not_reset_past_it(
@@ -460,6 +568,11 @@ async def test_a_generator_kept_past_its_invocation_has_its_connection_closed(
         [warning] = [r.getMessage() for r in caplog.records if "no task runs" in r.getMessage()]
         assert "in writes" in warning
         assert "pool.transaction() as conn" in warning
+        # Where the block waits, in the handler's code; not the invocation's end, asyncpool's.
+        assert "last ran at:)" in warning, warning
+        assert "    yield n" in warning, warning
+        assert "asyncpool/pool" not in warning, warning
+        assert "asyncpool/integrations" not in warning, warning
         with pytest.raises(PoolError, match="was terminated"):
             await env.invoke(handler, context=LocalContext(timeout=10))
     finally:

@@ -21,7 +21,8 @@ import pytest
 
 from asyncpool import Pool, PoolClosedError
 from asyncpool.integrations import aws_lambda
-from asyncpool.pool import shutdown
+from asyncpool.pool import lifecycle, shutdown
+from asyncpool.pool.slots import Slots
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
 
@@ -117,6 +118,56 @@ async def test_a_blocked_loop_has_its_statements_cancelled_from_the_closing_thre
         assert left == 0, "the statement runs on while the loop is blocked"
         assert took < 1.1, f"{took:.2f}s for a 1 s budget"
         assert not pool.closed  # (the loop is still blocked)
+        unblock.set()
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_settled(), loop))
+        assert pool.closed
+        assert isinstance(stalled.exception(), PoolClosedError)
+    finally:
+        unblock.set()
+        await postgres.end_statements(tag)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+
+
+async def test_a_loop_blocked_after_the_close_began_has_its_statements_cancelled_from_the_closing_thread(
+        legacy: PgBouncerServer, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The close starts on the pools' loop (its own thread) in time, then other synchronous
+    code blocks that loop before the close's cancel step: the closing thread waited out the
+    budget, queued `terminate()` on the loop, and the process ended with the statement running
+    on the server. Now the closing thread sends the cancel requests itself when the loop has not
+    reached that step in time (one side or the other, never both)."""
+    tag = f"blocked-later-{uuid.uuid4().hex[:10]}"
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="pools-loop", daemon=True)
+    runner.start()
+    unblock = threading.Event()
+    blocked = threading.Event()
+    stop = lifecycle._stop
+
+    def stop_then_block(slots: Slots, reason: str, graceful: bool) -> None:
+        # Synchronous code of someone else's, run by the loop just after the close began.
+        stop(slots, reason, graceful)
+        if graceful and not blocked.is_set():
+            blocked.set()
+            loop.call_soon(unblock.wait, 10)
+
+    monkeypatch.setattr(lifecycle, "_stop", stop_then_block)
+    try:
+        pool, stalled = asyncio.run_coroutine_threadsafe(
+            _stalled(legacy.dsn(), "blocked-later", tag), loop).result(10)
+        async with asyncio.timeout(5):
+            while await postgres.running_statements(tag) < 1:
+                await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await asyncio.to_thread(aws_lambda._close_pools, [pool], loop, started + 1.0)
+        took = time.monotonic() - started
+        assert blocked.is_set(), "the close never began on the loop"
+        deadline = time.monotonic() + 1.0
+        while (left := await postgres.running_statements(tag)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert left == 0, "the statement runs on while the loop is blocked"
+        assert took < 1.2, f"{took:.2f}s for a 1 s budget"
         unblock.set()
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_settled(), loop))
         assert pool.closed

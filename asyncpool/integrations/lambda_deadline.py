@@ -19,7 +19,7 @@ from typing import Any
 from asyncpool.pool.alarms import Deadline
 from asyncpool.pool.forks import pools_on_loop
 from asyncpool.pool.resets import RELEASE_TIMEOUT, RESETS_END, ResetsEnd, settle_loop
-from asyncpool.pool.stragglers import end_suspended_blocks, free_stragglers
+from asyncpool.pool.stragglers import end_kept_checkouts, end_suspended_blocks, free_stragglers
 
 logger: logging.Logger = logging.getLogger("asyncpool.integrations.lambda_deadline")
 
@@ -30,6 +30,10 @@ class HandlerTimeoutError(TimeoutError):
 
 #: How long before the Lambda deadline an invocation is cancelled, by default (`LambdaRunner`).
 TIMEOUT_MARGIN = 0.5
+#: The least time an invocation's end leaves for the response, whatever the margin (half of
+#: it, otherwise): with ``timeout_margin=0`` it waited for a task left holding a connection up
+#: to the deadline, and Lambda timed out an invocation whose handler had returned.
+RESPONSE_RESERVE = 0.1
 
 
 def checked_margin(margin: float) -> float:
@@ -50,11 +54,15 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     The block is cancelled `margin` seconds before the deadline the Lambda context
     (``get_remaining_time_in_millis()``) gives, and `HandlerTimeoutError` raised; a holder cut
     short resets its connection within half the margin, which leaves the other half for the
-    response. On the way out, whatever the outcome: tasks the block started and left holding a
-    connection give it back or are cancelled, and resets left running end, so nothing holds
-    a connection (or the pooler's server connection) while the environment is frozen. An
-    invocation that starts with no more than `margin` left runs with no margin (`usable_margin`).
+    response (`RESPONSE_RESERVE` at least, whatever the margin: with none, the end's waits ran
+    to the deadline, and Lambda timed out an invocation whose handler had returned). On the way
+    out, whatever the outcome: tasks the block started and left holding a connection give it
+    back or are cancelled, and resets left running end, so nothing holds a connection (or the
+    pooler's server connection) while the environment is frozen. An invocation that starts
+    with no more than `margin` left runs with no margin (`usable_margin`).
     """
+    # The tasks there were before: those the invocation starts are told apart at its end.
+    earlier = asyncio.all_tasks()
     task = asyncio.current_task()
     if task is not None:
         # Leak reports name the holder's task: in any log format, this says which invocation
@@ -66,7 +74,8 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     # asyncio.timeout(budget), without a timer in the loop's heap during the invocation.
     deadline = Deadline(budget)
     resets_end = ResetsEnd(
-        None if budget is None else asyncio.get_running_loop().time() + budget + margin / 2)
+        None if remaining is None
+        else asyncio.get_running_loop().time() + remaining - max(margin / 2, RESPONSE_RESERVE))
     token = RESETS_END.set(resets_end)
     try:
         async with deadline:
@@ -82,7 +91,7 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     finally:
         resets_by = resets_end.at
         try:
-            await _free_stragglers(context, margin, request_id, resets_end)
+            await _free_stragglers(context, margin, request_id, resets_end, earlier)
         finally:
             resets_end.at = None
             RESETS_END.reset(token)
@@ -98,24 +107,29 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
             await settle_loop(wait, closes_within=margin / 2)
 
 
-async def _free_stragglers(context: Any, margin: float, request_id: str, end: ResetsEnd) -> None:
+async def _free_stragglers(context: Any, margin: float, request_id: str, end: ResetsEnd,
+                           earlier: set[asyncio.Task[Any]]) -> None:
     """Tasks the invocation started and left holding a connection give it back within what is
     left of its time (at most `RELEASE_TIMEOUT`), or are cancelled, within the time its resets
     have (`free_stragglers`); blocks no task runs any more (an async generator kept past the
-    invocation) have their connections closed (`end_suspended_blocks`)."""
+    invocation) have their connections closed (`end_suspended_blocks`), and so do connections
+    taken without ``async with`` and kept, unless a task started since `earlier` still runs
+    (`end_kept_checkouts`: last, for those of the tasks just cancelled)."""
     end_suspended_blocks(pools_on_loop(), request_id, end)
     give = settle_timeout(context, margin, RELEASE_TIMEOUT)
     bound = give + RELEASE_TIMEOUT
     if end.at is not None:
         bound = min(bound, end.at - asyncio.get_running_loop().time())
     await free_stragglers(pools_on_loop(), request_id, give, bound)
+    started = asyncio.all_tasks() - earlier - {asyncio.current_task()}
+    end_kept_checkouts(pools_on_loop(), request_id, end, started)
 
 
 def settle_timeout(context: Any, margin: float, unknown: float) -> float:
     """How long the end of an invocation may wait for resets its holders left running: what is
-    left of its time less `margin`, at most `RELEASE_TIMEOUT`; `unknown` if the context (None,
-    say) does not tell."""
-    left = _time_budget(context, margin)
+    left of its time less `margin` (at least `RESPONSE_RESERVE`), at most `RELEASE_TIMEOUT`;
+    `unknown` if the context (None, say) does not tell."""
+    left = _time_budget(context, max(margin, RESPONSE_RESERVE))
     return unknown if left is None else min(RELEASE_TIMEOUT, left)
 
 

@@ -201,15 +201,21 @@ def _report_still_held(pool: Pool) -> None:
     """An invocation is over: any connection still checked out was leaked by the handler."""
     held = pool.stats().in_use
     if held:
-        limit = pool.config.leak_timeout
-        when = f"after leak_timeout={limit:g}s" if limit is not None else "never (leak_timeout=None)"
+        config = pool.config
+        if config.leak_timeout is None:
+            what = "nothing frees them (leak_timeout=None)"
+        elif config.leak_action == "log":
+            what = "the invocation's end names them and leaves them (leak_action='log')"
+        else:
+            what = ("the invocation's end frees them: a task still holding one is given a "
+                    "moment, then cancelled; a block no task runs (an async generator kept past "
+                    "the invocation), or a connection acquired without `async with` and not "
+                    "released, is closed")
         logger.warning(
-            "pool %r: %d connection(s) still checked out after the invocation returned; the pool "
-            "closes those held in a block no task runs (an async generator kept past the "
-            "invocation) as the invocation ends, and reclaims the others %s. Release every "
-            "connection the handler acquires.",
+            "pool %r: %d connection(s) still checked out after the invocation returned; %s. "
+            "Release every connection the handler acquires.",
             pool.name,
             held,
-            when,
+            what,
             extra={"asyncpool_pool": pool.name, "asyncpool_in_use": held},
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -39,6 +40,8 @@ INHERITED = LeaseState.INHERITED
 
 # A coroutine chain deeper than this is cut in leak reports.
 _MAX_FRAMES = 200
+#: Where asyncpool's own code is (the package's folder, with a separator).
+_OWN_CODE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 if sys.version_info >= (3, 12):
     #: The task running on `loop` (the holder a checkout records).
@@ -140,10 +143,14 @@ class Lease:
         """
         frame = self.frame
         chain = _task_frames(self.task)
+        # Where the holding task is now, in its own code: asyncpool's frames say nothing of
+        # it, and a task reporting its own checkout (the end of a Lambda invocation) is in
+        # asyncpool's code alone.
+        now = [] if self.task is _current_task() else _users(chain)
         if isinstance(frame, Site):
             text = _format(frame.summaries())
-            if chain:
-                text += "(the holding task is now at:)\n" + _format(_summaries(chain))
+            if now:
+                text += "(the holding task is now at:)\n" + _format(_summaries(now))
             return text
         lasti = self.lasti
         if frame is None and self.state is ACTIVE:
@@ -164,14 +171,17 @@ class Lease:
             outer = chain[: chain.index(frame)]
             return _format([*_summaries(outer), inner])
         text = _format([inner])
-        if chain:
+        if _line_at(code, frame.f_lasti) != inner.lineno:
             # Not in the task's chain of awaits: returned, or a generator suspended at a yield
-            # (a FastAPI dependency holding the connection while the endpoint runs), which no
-            # frame of the chain leads to.
+            # (a FastAPI dependency holding the connection while the endpoint runs, an async
+            # generator kept past a Lambda invocation), which no frame of the chain leads to.
             text += ("(the function that acquired it is not in the holding task's awaits: it "
                      "has returned, or it is a generator suspended at a yield, as a FastAPI "
-                     "dependency is; the holding task is now at:)\n")
-            text += _format(_summaries(chain))
+                     "dependency is; it last ran at:)\n")
+            text += _format([traceback.FrameSummary(
+                code.co_filename, _line_at(code, frame.f_lasti), code.co_name)])
+        if now:
+            text += "(the holding task is now at:)\n" + _format(_summaries(now))
         return text
 
     def forget_site(self) -> None:
@@ -245,6 +255,18 @@ def _task_frames(task: asyncio.Task[Any] | None) -> list[FrameType]:
         frames.append(frame)
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return frames
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # (no loop running in this thread)
+        return None
+
+
+def _users(frames: list[FrameType]) -> list[FrameType]:
+    """`frames` less asyncpool's own."""
+    return [frame for frame in frames if not frame.f_code.co_filename.startswith(_OWN_CODE)]
 
 
 def _summaries(frames: list[FrameType]) -> list[traceback.FrameSummary]:

@@ -47,13 +47,14 @@ def terminate_together(pools: Sequence[Pool], deadline: float) -> None:
     lifecycle.terminate_together([pool._slots for pool in pools], time_left(deadline))
 
 
-async def close_together(pools: Sequence[Pool], deadline: float) -> None:
+async def close_together(pools: Sequence[Pool], deadline: float, cancels: _Turn | None = None) -> None:
     """Close `pools` on the running loop (theirs) by `deadline` (``time.monotonic()``).
 
     Held connections get `HOLDERS_SHARE` of the time left to come back; then what they run is
     cancelled from a thread with the rest of the time, while the loop goes on (their holders see
     the error and give them back, idle connections say goodbye). What is still open at
-    `deadline` is terminated.
+    `deadline` is terminated. With `cancels` (`close_elsewhere`), the requests are sent here
+    only if its thread has not given up on this loop and sent them itself.
     """
     loop = asyncio.get_running_loop()
     # (timeout=None: held connections are left to the cancel requests below, not to close(),
@@ -61,9 +62,10 @@ async def close_together(pools: Sequence[Pool], deadline: float) -> None:
     closes = {loop.create_task(pool.close(timeout=None)) for pool in pools}
     _, pending = await asyncio.wait(closes, timeout=time_left(deadline) * HOLDERS_SHARE)
     if pending:
-        targets = lifecycle.running_targets([pool._slots for pool in pools])
-        sent = _in_thread(lifecycle.send_cancels, targets, time_left(deadline))
-        waiting: set[asyncio.Future[None]] = {*pending, sent}
+        waiting: set[asyncio.Future[None]] = set(pending)
+        if cancels is None or cancels.start():
+            targets = lifecycle.running_targets([pool._slots for pool in pools])
+            waiting.add(_in_thread(lifecycle.send_cancels, targets, time_left(deadline)))
         _, still = await asyncio.wait(waiting, timeout=time_left(deadline))
         pending = {close for close in pending if close in still}  # (the sender: a daemon thread)
     if not pending:
@@ -84,15 +86,18 @@ def close_elsewhere(pools: Sequence[Pool], loop: asyncio.AbstractEventLoop, dead
     A loop blocked in synchronous code (a CPU-bound handler, a blocking client library) runs
     nothing before the process ends: what the held connections run is then cancelled from this
     thread with the rest of the time, as `close_together` would have done at that point, and the
-    pools are terminated on the loop if it ever runs again.
+    pools are terminated on the loop if it ever runs again. So too when the loop is blocked
+    after the close began: if it has not reached its cancel step (due once the holders' share
+    is spent) within `HOLDERS_SHARE` of the time left after that, this thread sends them.
     """
-    turn = _Turn()
-    future = asyncio.run_coroutine_threadsafe(_close_in_turn(pools, deadline, turn), loop)
+    turn, cancels = _Turn(), _Turn()
+    future = asyncio.run_coroutine_threadsafe(_close_in_turn(pools, deadline, turn, cancels), loop)
     if not turn.started_within(time_left(deadline) * HOLDERS_SHARE):
-        # (Read off the loop's thread: blocked, it changes no pool meanwhile.)
-        targets = lifecycle.running_targets([pool._slots for pool in pools])
-        lifecycle.send_cancels(targets, time_left(deadline))
+        _cancel_from_here(pools, deadline)
         return
+    holders = time_left(deadline) * HOLDERS_SHARE  # (what `close_together` gives them)
+    if not cancels.started_within(holders + (time_left(deadline) - holders) * HOLDERS_SHARE):
+        _cancel_from_here(pools, deadline)
     try:
         future.result(time_left(deadline) + 0.1)
     except Exception:
@@ -101,9 +106,17 @@ def close_elsewhere(pools: Sequence[Pool], loop: asyncio.AbstractEventLoop, dead
             loop.call_soon_threadsafe(pool.terminate)
 
 
+def _cancel_from_here(pools: Sequence[Pool], deadline: float) -> None:
+    """Cancel what the held connections of `pools` run, from this thread, by `deadline`.
+    (Read off the loop's thread: blocked, it changes no pool meanwhile.)"""
+    targets = lifecycle.running_targets([pool._slots for pool in pools])
+    lifecycle.send_cancels(targets, time_left(deadline))
+
+
 class _Turn:
-    """Whether `close_elsewhere`'s close started on the pools' loop in time, or was given up
-    (the cancel requests sent from the other thread): one or the other, never both."""
+    """Whether a step of `close_elsewhere`'s close (its start; its cancel requests) was taken on
+    the pools' loop in time, or was given up (done from the other thread): one or the other,
+    never both."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -111,23 +124,24 @@ class _Turn:
         self._given_up = False
 
     def start(self) -> bool:
-        """On the loop: True if the close may go on (the other thread has not given up on it)."""
+        """On the loop: True if the step may go on (the other thread has not given up on it)."""
         with self._lock:
             if not self._given_up:
                 self._started.set()
             return not self._given_up
 
     def started_within(self, timeout: float) -> bool:
-        """On the other thread: whether the close started within `timeout`; if not, it never will."""
+        """On the other thread: whether the step started within `timeout`; if not, it never will."""
         self._started.wait(timeout)
         with self._lock:
             self._given_up = not self._started.is_set()
             return not self._given_up
 
 
-async def _close_in_turn(pools: Sequence[Pool], deadline: float, turn: _Turn) -> None:
+async def _close_in_turn(pools: Sequence[Pool], deadline: float, turn: _Turn, cancels: _Turn) -> None:
     if turn.start():
-        await close_together(pools, deadline)
+        await close_together(pools, deadline, cancels)
+        cancels.start()  # (closed with no request to send: the other thread need not wait)
         return
     # Late: the loop was blocked, the cancel requests sent from the other thread.
     for pool in pools:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.pool.lease import ACTIVE, TERMINATED, Lease
@@ -49,18 +50,21 @@ def held_by_other_tasks(pools: list[Slots]) -> list[tuple[Slots, Lease]]:
     return held
 
 
-def held_in_suspended_blocks(pools: list[Slots], end: ResetsEnd) -> list[tuple[Slots, Lease]]:
+def held_in_suspended_blocks(pools: list[Slots], end: ResetsEnd, *,
+                             scoped: bool = True) -> list[tuple[Slots, Lease]]:
     """The checkouts of `pools` taken inside ``async with`` during the invocation whose resets
     end by `end`, still held though no other task runs their block: the block waits in an async
     generator (or an exit stack) the handler kept past the invocation, module-level or in a
     cache. Nothing would give them back before ``leak_timeout``, and later invocations would
-    wait for them. Not tracked without leak tracking (no context is kept), as for tasks."""
+    wait for them. Not tracked without leak tracking (no context is kept), as for tasks.
+    ``scoped=False``: those taken with ``conn = await pool.acquire()`` instead, kept past the
+    invocation by its own task or by a task of it that has ended (`end_kept_checkouts`)."""
     current = asyncio.current_task()
     held: list[tuple[Slots, Lease]] = []
     for slots in pools:
         for record in slots.leased():
             lease = record.lease
-            if (lease is None or lease.state is not ACTIVE or not lease.scoped
+            if (lease is None or lease.state is not ACTIVE or lease.scoped is not scoped
                     or lease.context is None or lease.context.get(RESETS_END) is not end):
                 continue
             # A task still running the block is a straggler (`held_by_other_tasks`).
@@ -87,6 +91,58 @@ def end_suspended_blocks(pools: list[Slots], invocation: str, end: ResetsEnd) ->
             "returns. Acquired at:\n%s", slots.name, invocation, site,
             extra={"asyncpool_pool": slots.name, "asyncpool_acquire_site": site})
         slots.discard(lease, "held past the end of its invocation", state=TERMINATED)
+
+
+def end_kept_checkouts(pools: list[Slots], invocation: str, end: ResetsEnd,
+                       started: Collection[asyncio.Task[Any]]) -> None:
+    """Report the connections taken with ``conn = await pool.acquire()`` during the invocation
+    whose resets end by `end` and not released when it returned (kept module-level, or by a
+    task of it that has ended), with a WARNING naming where each was acquired; and close them,
+    under ``leak_action="reclaim"``, unless a task of those the invocation `started` still runs.
+
+    Closed because nothing else gives them back in time: ``leak_timeout`` (the function
+    timeout, with `lambda_config`) says a checkout outliving an invocation is a leak, and would
+    reclaim it anyway, but only in some later invocation, half-way through its use, after the
+    next ones waited for it (``max_size=1``), and with its transaction, and so the pooler's
+    server connection, kept while the environment is frozen. Closed now, the holder's next use
+    raises `PoolError`, and its release does nothing. Not closed: one taken outside any
+    invocation (at INIT: never reported here), the pool told so (``leak_action="log"``), and
+    one a task the invocation started and left running may be holding (handed to it: a lease
+    names the task that acquired, not the one it was given to), which may give it back."""
+    kept = held_in_suspended_blocks(pools, end, scoped=False)
+    if not kept:
+        return
+    own = {task for slots in pools for task in _own_tasks(slots)}
+    running = [task for task in started if not task.done() and task not in own]
+    for slots, lease in kept:
+        site = lease.acquire_site()
+        close = slots.config.leak_action == "reclaim" and not running
+        if close:
+            what = ("it is closed now rather than kept from the next invocations while the "
+                    "environment is frozen, and its next use raises PoolError")
+        elif running:
+            what = (f"it is left with its holder, as task(s) the invocation started still run "
+                    f"({', '.join(repr(task.get_name()) for task in running[:3])}) and may "
+                    "give it back; leak_timeout reclaims it otherwise")
+        else:
+            what = "it is left with its holder (leak_action='log')"
+        logger.warning(
+            "pool %r: a connection taken with `conn = await pool.acquire()` in invocation %s "
+            "was not released when it returned; %s. Release it before the handler returns "
+            "(`await pool.release(conn)`, or `async with pool.acquire() as conn`). Acquired "
+            "at:\n%s", slots.name, invocation, what, site,
+            extra={"asyncpool_pool": slots.name, "asyncpool_acquire_site": site,
+                   "asyncpool_reclaimed": close})
+        if close:
+            slots.discard(lease, "held past the end of its invocation", state=TERMINATED)
+
+
+def _own_tasks(slots: Slots) -> list[asyncio.Task[Any]]:
+    """The pool's own tasks: its housekeeping, logins, resets and closes."""
+    tasks = [*slots.background, *slots.fills, *slots.resets, *slots.closing]
+    if slots.housekeeper is not None:
+        tasks.append(slots.housekeeper)
+    return tasks
 
 
 def getting_in_other_tasks(pools: list[Slots]) -> list[tuple[Slots, asyncio.Task[Any]]]:
@@ -154,8 +210,8 @@ async def _still_held(held: _Held, until: float) -> _Held:
     """`held`, less the checkouts given back by `until` (loop time), waiting for that."""
     loop = asyncio.get_running_loop()
     while True:
-        # (A task that ended holding one, with `conn = await pool.acquire()`, is the leak
-        # tracker's: nothing here would make it give the connection back.)
+        # (A task that ended holding one, with `conn = await pool.acquire()`, will not give it
+        # back: `end_kept_checkouts` closes it next.)
         held = [(slots, lease, task) for slots, lease, task in held
                 if lease.state is ACTIVE and task is lease.task
                 and task is not None and not task.done()]

@@ -17,7 +17,7 @@ from typing import Any
 
 from asyncpool import Pool
 from asyncpool.integrations.aws_lambda import close_on_shutdown, lambda_config
-from asyncpool.integrations.lambda_runner import async_handler, get_runner
+from asyncpool.integrations.lambda_runner import async_handler, checked_margin, get_runner
 from asyncpool.pool.connection import PooledConnection
 
 pool = Pool(config=lambda_config(function_timeout=10, name="runtime-test"))
@@ -38,6 +38,9 @@ if os.environ.get("TEST_POWERTOOLS_LOGGER"):
 if os.environ.get("TEST_POOL_INFO"):
     # The pool's INFO records too (a refill given up at an invocation's end).
     logging.getLogger("asyncpool.pool").setLevel(logging.INFO)
+if os.environ.get("TEST_TIMEOUT_MARGIN"):
+    # The runner's timeout_margin, as LambdaRunner(timeout_margin=...) would set it.
+    get_runner().timeout_margin = checked_margin(float(os.environ["TEST_TIMEOUT_MARGIN"]))
 if os.environ.get("TEST_OPEN_AT_INIT"):
     # Opened (and connected) during INIT: what SnapStart snapshots.
     get_runner().run(pool.open())
@@ -101,6 +104,14 @@ async def _try_query(event: dict[str, Any], result: dict[str, Any]) -> None:
         await asyncio.sleep(float(event.get("linger", 0)))
 
 
+async def _use_kept(event: dict[str, Any], result: dict[str, Any]) -> None:
+    # The connection the "leak" op kept, used in a later invocation.
+    try:
+        result["kept"] = await kept[-1].fetchval("SELECT 1")
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+
+
 async def _background_results(event: dict[str, Any], result: dict[str, Any]) -> None:
     result["background"] = [_outcome(t) for t in background]
 
@@ -112,7 +123,7 @@ async def _modules(event: dict[str, Any], result: dict[str, Any]) -> None:
 
 _MORE_OPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]] = {
     "generator": _generator, "try_query": _try_query,
-    "background_results": _background_results, "modules": _modules,
+    "background_results": _background_results, "modules": _modules, "use_kept": _use_kept,
 }
 
 

@@ -7,10 +7,19 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.lambda_runtime import RuntimeAPI
 from tests.lambda_runtime.support import environment, invoke, network_dies_in_a_freeze, response
+
+
+def _record(log: str, line: str) -> str:
+    """The log record that begins with `line`, its following lines (the acquire site) too."""
+    record = log[log.index(line):]
+    end = record.find("\n[")  # (the runtime's records begin with their level)
+    return record if end < 0 else record[:end]
 
 
 async def test_a_thaw_on_a_dead_network_answers_soon_after_the_checkout_gives_up(
@@ -49,14 +58,63 @@ async def test_an_async_generator_kept_across_invocations_does_not_keep_its_conn
         assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
         [line] = [line for line in proc.log().splitlines() if "no task runs" in line]
         assert "WARNING" in line
-        log = proc.log()
-        site = log[log.index(line):]
+        site = _record(proc.log(), line)
         assert "in _backend_pids" in site
         assert "async with pool.acquire() as conn" in site
+        # Where the block waits, in the handler's code; not the invocation's end, asyncpool's.
+        assert 'yield await conn.fetchval("SELECT pg_backend_pid()")' in site, site
+        assert "asyncpool/integrations" not in site, site
+        assert "asyncpool/pool" not in site, site
         again = await invoke(api, {"op": "generator"})
         assert again.kind == "error", again.body
         assert "was terminated" in again.json()["errorMessage"]
         assert response(await invoke(api, {"op": "query"}), proc)["pool"]["in_use"] == 0
+
+
+async def test_a_connection_acquired_without_async_with_and_kept_is_named_and_closed(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """The handler keeps ``conn = await pool.acquire()`` past its invocation (module-level):
+    the invocation's end says where it was acquired and closes it, so the next invocation is
+    served at once (max_size=1); it waited until acquire_timeout (5 s) and failed with
+    PoolTimeoutError, with no word, the connection left to leak_timeout. The kept connection's
+    next use is refused."""
+    with RuntimeAPI(function_timeout=6) as api, environment(api, own_pgbouncer, tmp_path) as proc:
+        response(await invoke(api, {"op": "leak"}), proc)
+        after = await invoke(api, {"op": "query"})
+        stats = response(after, proc)["pool"]
+        assert after.seconds < 2.0
+        assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
+        log = proc.log()
+        [line] = [line for line in log.splitlines() if "was not released when it returned" in line]
+        assert "WARNING" in line
+        assert "`conn = await pool.acquire()`" in line
+        site = _record(log, line)
+        assert "in handler\n    conn = await pool.acquire()" in site, site
+        assert "asyncpool/integrations" not in site, site
+        assert "asyncpool/pool" not in site, site
+        used = response(await invoke(api, {"op": "use_kept"}), proc)
+        assert "was terminated" in used["error"], used
+        assert used["pool"]["in_use"] == 0
+
+
+@pytest.mark.parametrize("margin", ["0", "0.5"])
+async def test_a_task_left_holding_a_connection_does_not_make_the_invocation_time_out(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path, margin: str
+) -> None:
+    """``timeout_margin=0``: the invocation's end gave a task it left holding a connection all
+    the invocation's time, so the response went out at the deadline, and Lambda timed the
+    invocation out (the handler had returned at once). The end keeps some time for the
+    response whatever the margin; 0.5 s (the default) is the control."""
+    env: dict[str, str | None] = {"TEST_TIMEOUT_MARGIN": margin}
+    with RuntimeAPI(function_timeout=2) as api, environment(
+            api, own_pgbouncer, tmp_path, env=env) as proc:
+        outcome = await invoke(api, {"op": "background", "hold": 10})
+        assert outcome.kind == "response", outcome.body
+        assert 1.0 < outcome.seconds < 2.0, outcome.seconds  # (given time, then cancelled)
+        results = response(await invoke(api, {"op": "background_results"}), proc)
+        assert results["background"] == ["cancelled"]
+        assert results["pool"]["in_use"] == 0
 
 
 async def test_a_min_size_refill_still_logging_in_is_given_up_before_the_response(

@@ -180,8 +180,10 @@ async def test_a_leak_report_names_the_invocation_that_took_the_connection(
     runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path, log_format: str
 ) -> None:
     """The leak is noticed during the next invocation, whose id the runtime's log filter writes
-    into ``aws_request_id``; the report still carries the acquiring one."""
-    env: dict[str, str | None] = {"ASYNCPOOL_LEAK_TIMEOUT": "1"}
+    into ``aws_request_id``; the report still carries the acquiring one. (``leak_action="log"``:
+    under "reclaim" the connection is closed as the acquiring invocation ends,
+    test_invocation_end.py.)"""
+    env: dict[str, str | None] = {"ASYNCPOOL_LEAK_TIMEOUT": "1", "ASYNCPOOL_LEAK_ACTION": "log"}
     if log_format == "JSON":
         env["AWS_LAMBDA_LOG_FORMAT"] = "JSON"
     if log_format == "Powertools":
@@ -189,8 +191,8 @@ async def test_a_leak_report_names_the_invocation_that_took_the_connection(
     with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
         leaking = await invoke(runtime_api, {"op": "leak"})
         response(leaking, proc)
-        # max_size=1: this one waits for the slot until the leak is reclaimed (1 s), then connects.
-        later = await invoke(runtime_api, {"op": "query"})
+        # It runs past leak_timeout (1 s): the leak is noticed meanwhile.
+        later = await invoke(runtime_api, {"op": "sleep", "seconds": 1.2})
         assert response(later, proc)["pool"]["leaked_total"] == 1
         [line] = leak_lines(proc.log())
     if log_format == "Text":

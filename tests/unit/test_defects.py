@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import sys
 import threading
 import warnings
@@ -536,7 +537,37 @@ def test_a_leak_held_by_a_suspended_dependency_is_not_said_to_have_returned(
     assert "async with pool.acquire() as conn:" in site, site
     assert "it is a generator suspended at a yield" in site, site
     assert "has returned;" not in site, site
-    assert names[:3] == ["dependency", "main", "endpoint"], site  # then asyncio.sleep's
+    # Its acquire, the yield it waits at, then the endpoint's stack (then asyncio.sleep's).
+    assert names[:4] == ["dependency", "dependency", "main", "endpoint"], site
+
+
+def test_a_leak_report_shows_the_holder_in_its_own_code(
+    server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the suspended generator waits (its yield), and where the holding task is in the
+    caller's code: its awaits through asyncpool's own frames (a statement running) said
+    nothing of the holder, and were shown."""
+
+    @contextlib.asynccontextmanager
+    async def dependency(pool: Pool) -> AsyncIterator[Any]:
+        async with pool.acquire() as conn:
+            yield conn
+
+    async def endpoint(conn: Any) -> None:
+        server.latency = 2.0  # this statement runs past leak_timeout
+        await conn.fetchval("SELECT 1")
+
+    async def main() -> None:
+        async with (fake_pool(server, leak_timeout=1.0, leak_action="log") as pool,
+                    dependency(pool) as conn):
+            await endpoint(conn)
+
+    site, _ = leak_report(caplog, main())
+    assert "it last ran at:)" in site, site
+    assert "    yield conn" in site, site
+    now = site.split("(the holding task is now at:)", 1)[1]
+    assert 'await conn.fetchval("SELECT 1")' in now, site
+    assert f"{os.sep}asyncpool{os.sep}pool{os.sep}" not in now, site
 
 
 
