@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_to_bytes
 
+from asyncpool.connect.conninfo import ConninfoSyntaxError, is_conninfo, split_conninfo
 from asyncpool.connect.service import ASYNCPG_SERVICE_KEYS
 from asyncpool.errors import PoolConfigError
 
@@ -384,12 +385,14 @@ def _decode(text: str, what: str) -> str:
 def _parse(dsn: str) -> ParsedDsn:
     if not isinstance(dsn, str):
         raise _Invalid(f"a DSN is a string, not {type(dsn).__name__}")
+    if is_conninfo(dsn):
+        return _parse_conninfo(dsn)
     scheme, sep, rest = dsn.partition("://")
     if not sep or scheme.lower() not in _SCHEMES:
         shown = f" (scheme {scheme!r})" if sep and scheme.isalnum() and len(scheme) < 20 else ""
         raise _Invalid(
             f"it is not a postgresql:// URL{shown}: write it as postgresql://user:"
-            "password@host:port/database (key=value strings are not read)"
+            "password@host:port/database, or as libpq's key=value string: host=... dbname=..."
         )
     if any(ch.isspace() or not ch.isprintable() or ord(ch) > 127 for ch in rest):
         raise _Invalid(
@@ -430,6 +433,25 @@ def _parse(dsn: str) -> ParsedDsn:
     return ParsedDsn(scheme.lower(), user, password, hosts, database, MappingProxyType(params))
 
 
+def _parse_conninfo(text: str) -> ParsedDsn:
+    """A libpq ``key=value`` string read into the parts a URL has: its keywords are the query
+    keys a URL may hold, checked the same way."""
+    try:
+        pairs = split_conninfo(text)
+    except ConninfoSyntaxError as exc:
+        raise _Invalid(f"it is not a key=value string as libpq reads it: {exc}") from None
+    # requiressl: libpq's old spelling of sslmode, which it still reads so.
+    fields: list[tuple[str, str | None]] = [
+        ("sslmode", "require" if value.startswith("1") else "prefer") if key == "requiressl"
+        else (key, value) for key, value in pairs]
+    params = _checked_params(fields, "it", "keyword", _CONNINFO_SPLITS, repeats=True)
+    database = _take_database(None, params)
+    user = _take(None, params, "user", "user")
+    password = _take(None, params, "password", "password")
+    hosts = _take_hosts((), params)
+    return ParsedDsn("postgresql", user, password, hosts, database, MappingProxyType(params))
+
+
 def _hosts(hostspec: str) -> tuple[tuple[str, int | None], ...]:
     if not hostspec:
         return ()
@@ -461,39 +483,57 @@ def _port(raw: str | None) -> int | None:
 
 
 def _query(query: str) -> dict[str, str]:
-    params: dict[str, str] = {}
     if not query:
-        return params
+        return {}
     if "+" in query:
         raise _Invalid(
             "its query holds a +, which asyncpg reads as a space and libpq as a plus: "
             + _ENCODE_ADVICE
         )
-    fields = query.split("&")
-    has_secret = any(f.partition("=")[0] in SECRET_KEYS for f in fields)
-    for item in fields:
+    fields = []
+    for item in query.split("&"):
         raw_key, eq, raw_value = item.partition("=")
         key = _decode(raw_key, "query key")
-        if (not eq or not _SETTING_NAME.match(key)
+        # (A field without = keeps None: refused below, as an unknown key is.)
+        fields.append((key, _decode(raw_value, f"value of {key!r}") if eq else None))
+    return _checked_params(fields, "its query", "query key", _URL_SPLITS, repeats=False)
+
+
+_URL_SPLITS = f"an & or = in the password splits it: {_ENCODE_ADVICE}"
+_CONNINFO_SPLITS = ("a space in the password splits it: write the value in single quotes "
+                    "('a b'), a ' in it as \\' and a backslash as \\\\")
+
+
+def _checked_params(fields: list[tuple[str, str | None]], where: str, what: str, splits: str,
+                    *, repeats: bool) -> dict[str, str]:
+    """The fields of a URL's query or a key=value string, decoded, as params (a repeated key:
+    an error, or the last one counts when `repeats`, as libpq takes a key=value string's).
+    `what` names a key in messages, `splits` says how a password's character splits it."""
+    params: dict[str, str] = {}
+    has_secret = any(key in SECRET_KEYS for key, _ in fields)
+    for key, value in fields:
+        if (value is None or not _SETTING_NAME.match(key)
                 or (has_secret and key not in CONNECTION_KEYWORDS)):
-            # Never named: with a password in the query, this may be a piece of it after an &.
+            # Never named: with a password in it, this may be a piece of it after an & (or an
+            # unquoted space).
             raise _Invalid(
-                "its query has a field that is not key=value with a known key (when the query "
-                f"holds a password, an & or = in the password splits it: {_ENCODE_ADVICE}); "
-                "give server settings with server_settings=, not in the query"
+                f"{where} has a field that is not key=value with a known key (when it holds a "
+                f"password, {splits}); give server settings with server_settings=, not in "
+                "the DSN"
             )
-        if key in params:
+        if key in params and not repeats:
             raise _Invalid(
-                f"query key {key!r} is given twice: asyncpg reads the last, other tools the "
+                f"{what} {key!r} is given twice: asyncpg reads the last, other tools the "
                 "first; keep one"
             )
         if key not in CONNECTION_KEYWORDS and _looks_like_a_secret_key(key):
             # Read as a server setting, its value would be sent at login and shown as one.
             raise _Invalid(
-                f"query key {key!r} looks like a misspelt {' or '.join(sorted(SECRET_KEYS))} "
+                f"{what} {key!r} looks like a misspelt {' or '.join(sorted(SECRET_KEYS))} "
                 "(its value is not shown): spell it so, or give the setting with "
                 "server_settings= if it is one")
-        params[key] = _decode(raw_value, f"value of {key!r}")
+        params.pop(key, None)  # (a repeat counts where libpq's last one would)
+        params[key] = value
     return params
 
 
