@@ -29,6 +29,7 @@ from asyncpool.errors import AuthMethodRefusedError
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
     from asyncpool.connect.dsn import ParsedDsn, Target
+    from asyncpool.connect.service import Service
     from asyncpool.connect.tls import TlsSetting
 
 # Authentication request codes (PostgreSQL protocol 3.0) and the require_auth names they ask for.
@@ -320,12 +321,14 @@ class Login:
 
         self.config = config
         self.dsn = dsn
-        service = tls.service_of(config, dsn.params)  # (its file read once, for both)
+        service = tls.service_of(config, dsn.params)  # (its file read once, for all)
+        self.service: Service | None = service
         self.tls: TlsSetting = tls.resolve_tls(config, list(dsn.params.items()), service=service)
         tls.checked_hosts(config, self.tls,
                           "password" if dsn.password or os.environ.get("PGPASSWORD") else None,
                           [h for h, _ in dsn.hosts], service,
-                          passfile=tls.passfile_login(dsn, dsn.target(service=service)))
+                          passfile=tls.passfile_login(dsn, dsn.target(service=service),
+                                                      service=service))
         self.require_auth: str | None = tls.require_auth_setting(config, dsn.params)
         self.allowed: frozenset[str] = tls.allowed_auth_methods(config, self.tls, self.require_auth)
         self.guard: AuthGuard | None = None
@@ -351,7 +354,7 @@ class Login:
                 exc, target, name, timeout, secrets=dsn.secrets,
                 settings=setting_sources(dsn, None),
                 root_cert_source=self.tls.root_cert_source, tls_optional=self.tls.optional,
-                dialled=dialled([h for h, _ in dsn.hosts], dsn, None))
+                dialled=dialled(dsn, service=self.service))
         raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:

@@ -123,13 +123,15 @@ class Connector:
             config, self.tls,
             None if credentials is None else "token" if credentials.requires_tls else "password",
             [h for h, _ in self._dsn.hosts] if self._dsn else None, service,
-            passfile=passfile_login(self._dsn, self.target, kw.get("port")))
+            passfile=passfile_login(self._dsn, self.target, host=kw.get("host"),
+                                    port=kw.get("port"), service=service))
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth: str | None = require_auth_setting(config, self._dsn.params if self._dsn else {})
         self.auth_methods: frozenset[str] = allowed_auth_methods(config, self.tls, self.require_auth)
         self._several_hosts = len(hosts) > 1
         #: Each host and port a login tries, in order, when there are several (for messages).
-        self._dialled = dialled(hosts, self._dsn, kw.get("port")) if self._several_hosts else ()
+        self._dialled = (dialled(self._dsn, host=kw.get("host"), port=kw.get("port"),
+                                 service=service) if self._several_hosts else ())
         if (self._several_hosts and credentials is not None
                 and getattr(credentials, "token_host", _NOT_SIGNED) is None):
             # asyncpg asks for the password once per host it tries, without saying which: a

@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_to_bytes
 
+from asyncpool.connect.addresses import login_addresses
 from asyncpool.connect.conninfo import ConninfoSyntaxError, is_conninfo, split_conninfo
 from asyncpool.connect.service import ASYNCPG_SERVICE_KEYS
 from asyncpool.errors import PoolConfigError
@@ -285,38 +286,35 @@ class ParsedDsn:
         libpq's defaults: port 5432, the operating system's user name, database = user.
         """
         env = os.environ if environ is None else environ
-        # asyncpg also takes lists of hosts and ports: the first is the one dialled first.
-        host = host[0] if isinstance(host, list | tuple) and host else host
-        port = port[0] if isinstance(port, list | tuple) and port else port
-        first_host, first_port = self.hosts[0] if self.hosts else ("", None)
-        s_host = service.hosts[0] if service is not None and service.hosts else None
-        s_port = (service.port or "").split(",")[0] if service is not None else None
+        try:
+            # The first address asyncpg dials ("" is its default: a local socket, then localhost).
+            host, port = login_addresses(host=host, port=port, dsn_hosts=self.hosts,
+                                         service=service, env=env)[0]
+        except ValueError as exc:
+            _env_port(env)  # (a PGPORT that is no number says so)
+            raise DsnError(
+                f"the hosts and ports cannot be paired as asyncpg pairs them ({exc}), and it "
+                "would fail every login: give one port, or one per host") from None
+        host = host or "localhost"
+        port = int(port or 5432)
         s_user = service.user if service is not None else None
         s_database = service.database if service is not None else None
-        host = host or first_host or s_host or env.get("PGHOST", "").split(",")[0] or "localhost"
-        port = int(port or first_port or s_port or _env_port(env) or 5432)
         user = user or self.user or s_user or env.get("PGUSER") or _os_user()
         database = database or self.database or s_database or env.get("PGDATABASE") or user
         return Target(host=host, port=port, user=user, database=database)
 
 
-def dialled(hosts: list[str], dsn: ParsedDsn | None, port: Any) -> tuple[tuple[str, int], ...]:
-    """The host and port of each address a login tries, paired as asyncpg pairs them: the
-    port the DSN gives with its host, else the `port` option's (one, or one per host), else
-    PGPORT's, else 5432. Empty when a port cannot be told."""
-    given = list(dsn.hosts) if dsn is not None and [h for h, _ in dsn.hosts] == hosts else []
-    options = list(port) if isinstance(port, list | tuple) else [port] * len(hosts)
-    env = [p.strip() for p in os.environ.get("PGPORT", "").split(",") if p.strip()]
-    pairs = []
-    for i, host in enumerate(hosts):
-        chosen = (given[i][1] if given else None) or (options[i] if i < len(options) else None)
-        if chosen is None and env:
-            chosen = env[i] if i < len(env) else env[0]
-        try:
-            pairs.append((host or "localhost", int(chosen or 5432)))
-        except (TypeError, ValueError):
-            return ()
-    return tuple(pairs)
+def dialled(dsn: ParsedDsn | None, *, host: Any = None, port: Any = None,
+            service: Service | None = None,
+            environ: Mapping[str, str] | None = None) -> tuple[tuple[str, int], ...]:
+    """The host and port of each address a login tries (`login_addresses`: asyncpg's order and
+    pairing), the default host shown as localhost. Empty when the ports pair with no host list."""
+    try:
+        pairs = login_addresses(host=host, port=port, dsn_hosts=dsn.hosts if dsn else None,
+                                service=service, env=os.environ if environ is None else environ)
+    except ValueError:
+        return ()
+    return tuple((h or "localhost", p) for h, p in pairs)
 
 
 def parse_dsn(dsn: str) -> ParsedDsn:

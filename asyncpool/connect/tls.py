@@ -31,6 +31,7 @@ credential goes only to a server whose certificate and name were verified, excep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from asyncpool.connect.addresses import login_addresses, login_hosts
 from asyncpool.connect.passfile import has_password_for, passfile_path
 from asyncpool.errors import ConfigFail, PoolConfigError, config_fail
 
@@ -833,13 +835,15 @@ class PassfileLogin:
     passfile: str | None = None
 
 
-def passfile_login(dsn: ParsedDsn | None, target: Target, port: Any = None) -> PassfileLogin:
-    """The `PassfileLogin` of a login to `dsn` (its first `target`), `port` an option."""
+def passfile_login(dsn: ParsedDsn | None, target: Target, *, host: Any = None, port: Any = None,
+                   service: Service | None = None) -> PassfileLogin:
+    """The `PassfileLogin` of a login to `dsn` (its first `target`); `host`, `port`: the
+    options. Its ports: every one a login may dial (`login_addresses`)."""
     ports = {target.port}
-    if dsn is not None:
-        ports.update(p for _, p in dsn.hosts if p)
-    given = port if isinstance(port, list | tuple) else [port] if port else []
-    ports.update(int(p) for p in given if str(p).isdigit())
+    with contextlib.suppress(ValueError):  # (then the target's: asyncpg fails such a login)
+        ports.update(p for _, p in login_addresses(
+            host=host, port=port, dsn_hosts=dsn.hosts if dsn else None, service=service,
+            env=os.environ))
     return PassfileLogin(target, frozenset(ports), dsn.params.get("passfile") if dsn else None)
 
 
@@ -847,28 +851,16 @@ def _hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None, service: Service
            env: Mapping[str, str]) -> list[str]:
     # As asyncpg reads each: a host= string is one host (a comma in it is no list: the config
     # refuses one, but for a socket directory), PGHOST a list of host[:port].
-    given = config.connect_kwargs.get("host")
-    if given:
-        return [given] if isinstance(given, str) else list(given)
-    if dsn_hosts and any(dsn_hosts):
-        return list(dsn_hosts)
-    if service is not None and service.hosts:
-        return list(service.hosts)
-    if env.get("PGHOST"):
-        return _host_list(env["PGHOST"])
-    return [""]
-
-
-def _host_list(text: str) -> list[str]:
-    """The hosts of a ``host[:port],...`` list, as asyncpg reads ``PGHOST``: each port and an
-    IPv6 address's brackets dropped, a socket directory taken whole, nothing stripped."""
-    hosts = []
-    for spec in text.split(","):
-        if spec.startswith("["):
-            hosts.append(spec[1:].partition("]")[0])
-        else:
-            hosts.append(spec if spec.startswith("/") else spec.partition(":")[0])
-    return hosts
+    try:
+        return [h for h, _ in login_hosts(
+            host=config.connect_kwargs.get("host"),
+            dsn_hosts=[(h, None) for h in dsn_hosts] if dsn_hosts else None,
+            service=service, env=env)]
+    except ValueError as exc:
+        raise PoolConfigError(
+            f"pool {config.name!r}: PGHOST={env.get('PGHOST')!r} cannot be read as asyncpg "
+            f"reads it ({exc}), and it would fail every login: write host[:port],... "
+            "([address]:port for IPv6)") from None
 
 
 def service_of(config: PoolConfig, dsn_params: Mapping[str, str],
