@@ -61,6 +61,8 @@ OPT_OUT = "allow_unprotected_credentials"
 AUTH_METHODS = ("password", "md5", "scram-sha-256", "gss", "sspi", "none")
 #: Methods that send nothing a listener could log in with or read a password from.
 SAFE_AUTH_METHODS = frozenset({"scram-sha-256", "gss", "sspi", "none"})
+#: Methods that use no password at all.
+NO_PASSWORD_METHODS = frozenset({"gss", "sspi", "none"})
 
 CredentialKind = Literal["token", "password"]
 
@@ -746,14 +748,18 @@ def require_auth_setting(config: PoolConfig, dsn_params: Mapping[str, str]) -> s
 
 
 def allowed_auth_methods(config: PoolConfig, setting: TlsSetting,
-                         require_auth: str | None = None) -> frozenset[str]:
+                         require_auth: str | None = None, *,
+                         withheld: bool = False) -> frozenset[str]:
     """The authentication methods a server may ask for (libpq's ``require_auth``).
 
     Default: any over verified TLS (or with `allow_unprotected_credentials`); otherwise only
     those that send no password (SCRAM-SHA-256, GSS, SSPI, none): a request for a cleartext or
-    MD5 password on such a connection is refused before anything is sent.
+    MD5 password on such a connection is refused before anything is sent. `withheld`: the
+    only password may not be used at all (`withheld_password`): none of the password methods.
     """
     require_auth = config.require_auth if require_auth is None else require_auth
+    if withheld:
+        return allowed_auth_methods(config, setting, require_auth) & NO_PASSWORD_METHODS
     if require_auth is not None:
         return parse_require_auth(require_auth)
     if setting.verified or unprotected_allowed(config):
@@ -800,28 +806,43 @@ def dialled_hosts(config: PoolConfig, environ: Mapping[str, str] | None = None) 
 
 
 def checked_hosts(config: PoolConfig, setting: TlsSetting, kind: CredentialKind | None,
-                  dsn_hosts: Sequence[str] | None, service: Service | None, *,
-                  passfile: PassfileLogin | None = None) -> list[str]:
+                  dsn_hosts: Sequence[str] | None, service: Service | None) -> list[str]:
     """`dialled_hosts`, after `check_credentials` for them: for a credential of `kind` given to
-    the pool (None: none), or for the password the connection `service` holds, or the password
-    file has for the login `passfile` describes (asyncpg reads both itself).
-    `dsn_hosts` None: no DSN is given to the driver."""
-    env = os.environ
-    hosts = _hosts(config, dsn_hosts, service, env)
-    source = ""
+    the pool (None: none), or for the password the connection `service` holds (asyncpg reads
+    it itself). `dsn_hosts` None: no DSN is given to the driver. (The password file's:
+    `withheld_password`.)"""
+    hosts = _hosts(config, dsn_hosts, service, os.environ)
     if kind is None and service is not None and service.has_password:
         kind = "password"
-    if kind is None and passfile is not None and not setting.verified:
-        # asyncpg's order: the option, the DSN's, the service's.
-        path = passfile_path(config.connect_kwargs.get("passfile") or passfile.passfile
-                             or (service.passfile if service is not None else None), env)
-        remote = [h for h in hosts if not _local(h)]
-        if remote and has_password_for(path, remote, passfile.ports, passfile.target.database,
-                                       passfile.target.user):
-            kind, source = "password", f" (asyncpg reads one for {remote[0]} from {path})"
     if kind is not None:
-        check_credentials(config, setting, kind, hosts, source)
+        check_credentials(config, setting, kind, hosts)
     return hosts
+
+
+def withheld_password(config: PoolConfig, setting: TlsSetting, kind: CredentialKind | None,
+                      hosts: Sequence[str], service: Service | None, *,
+                      passfile: PassfileLogin) -> str | None:
+    """The password asyncpg would read from the password file for another machine, when it is
+    the login's only credential and the credential rules do not let it be sent (the TLS does
+    not verify the server, and no opt-out), described for messages; else None.
+
+    Such a login is not refused: asyncpg reads the file before it dials and sends the password
+    only if the server asks for one, so the guard lets through only a login that asks for none
+    (trust, GSS, SSPI: `allowed_auth_methods`' `withheld`) and refuses a password request
+    before anything is sent. (asyncpg calls a callable password before it dials, not when the
+    server asks: it cannot hold the password back itself.)"""
+    if (kind is not None or (service is not None and service.has_password) or setting.verified
+            or unprotected_allowed(config)):
+        return None
+    env = os.environ
+    # asyncpg's order: the option, the DSN's, the service's.
+    path = passfile_path(config.connect_kwargs.get("passfile") or passfile.passfile
+                         or (service.passfile if service is not None else None), env)
+    remote = [h for h in hosts if not _local(h)]
+    if remote and has_password_for(path, remote, passfile.ports, passfile.target.database,
+                                   passfile.target.user):
+        return f"the password asyncpg reads for {remote[0]} from {path}"
+    return None
 
 
 @dataclass(frozen=True)
