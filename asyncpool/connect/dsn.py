@@ -110,7 +110,7 @@ _UNPARSEABLE = "<DSN not shown: it could not be parsed>"
 # the line, password=... in a key/value string or query, and an IAM token's signing parts.
 _URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@\s]*:)(?P<secret>[^\n]*)(?P<post>@)")
 _KV_PASSWORD = re.compile(
-    r"(?P<pre>\b(?:ssl)?password\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.I
+    r"(?P<pre>\b(?:ssl)?password\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|(?:\\.|[^\s&\\])+)", re.I
 )
 _SIGV4 = re.compile(
     r"(?P<pre>X-Amz-(?:Signature|Security-Token|Credential)=)(?P<secret>[^&\s'\"]+)", re.I
