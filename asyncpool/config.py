@@ -863,7 +863,7 @@ def _settings_from_connect_kwargs(cfg: PoolConfig, fail: ConfigFail) -> None:
 def _check_dsn_settings(cfg: PoolConfig) -> None:
     """The DSN's run-time settings (``?search_path=app``) and the `server_settings` option's
     must agree where both give one (`combined` says which, when they do not)."""
-    if not cfg.server_settings or not isinstance(cfg.dsn, str) or "?" not in cfg.dsn:
+    if not cfg.server_settings or not isinstance(cfg.dsn, str):
         return
     from asyncpool.connect.startup import combined  # (it imports nothing of the pool's)
 

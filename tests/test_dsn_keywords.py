@@ -232,10 +232,8 @@ def test_the_addresses_named_in_errors_are_the_ones_asyncpg_dials(
     else:
         monkeypatch.setenv("PGPORT", pgport)
     parsed = parse_dsn(dsn) if dsn else None
-    hosts = ([h for h, _ in parsed.hosts] if parsed else
-             list(host))
     expected = _asyncpg_addresses(parsed.for_asyncpg() if parsed else None, host, port)
-    assert list(dialled(hosts, parsed, port)) == expected
+    assert list(dialled(parsed, host=host, port=port)) == expected
 
 
 @pytest.mark.parametrize(

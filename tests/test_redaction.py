@@ -26,6 +26,9 @@ SECRET = "s3cr3t-Pa55"
          "postgresql://app@db/app?password=***&sslmode=require"),
         (f"host=db user=app password={SECRET} dbname=app", "host=db user=app password=*** dbname=app"),
         (f"host=db password='{SECRET} with space' dbname=app", "host=db password=*** dbname=app"),
+        # libpq's escapes: a backslash takes the next character, a space included.
+        (f"host=db password = {SECRET}\\ with\\ space dbname=app", "host=db password = *** dbname=app"),
+        (f"host=db password='{SECRET}\\' with' dbname=app", "host=db password=*** dbname=app"),
         (f"postgresql://app@db/app?sslpassword={SECRET}", "postgresql://app@db/app?sslpassword=***"),
         (
             "db:5432/?Action=connect&DBUser=app&X-Amz-Credential=AKID%2F20250101%2Fus-east-1"

@@ -29,6 +29,7 @@ from asyncpool.errors import AuthMethodRefusedError
 if TYPE_CHECKING:
     from asyncpool.config import PoolConfig
     from asyncpool.connect.dsn import ParsedDsn, Target
+    from asyncpool.connect.service import Service
     from asyncpool.connect.tls import TlsSetting
 
 # Authentication request codes (PostgreSQL protocol 3.0) and the require_auth names they ask for.
@@ -44,6 +45,10 @@ _WHAT = {
     "gss": "GSSAPI",
     "sspi": "SSPI",
 }
+
+
+#: Methods that use no password (`asyncpool.connect.tls.NO_PASSWORD_METHODS`).
+_NO_PASSWORD = frozenset({"gss", "sspi", "none"})
 
 
 class AuthGuard:
@@ -65,13 +70,22 @@ class AuthGuard:
 
 
 def refusal_error(guard: AuthGuard, config: PoolConfig, target: Target, tls: TlsSetting,
-                  require_auth: str | None = None) -> AuthMethodRefusedError:
-    """The error for a login `guard` stopped: what was asked, and the setting that allows it."""
+                  require_auth: str | None = None, *,
+                  withheld: str | None = None) -> AuthMethodRefusedError:
+    """The error for a login `guard` stopped: what was asked, and the setting that allows it.
+    `withheld`: the password that may not be sent (`tls.withheld_password`), if any."""
     method = guard.refused or "password"
     where = f"pool {config.name!r} could not connect to {target}"
     asked = f"the server asked for {_WHAT.get(method, method)}"
     require_auth = config.require_auth if require_auth is None else require_auth
-    if require_auth is not None:
+    if withheld is not None and method not in _NO_PASSWORD:
+        message = (
+            f"{where}: {asked}, and {withheld} is only sent to another machine over TLS that "
+            f"verifies the server's certificate and name, but the setting is {tls.describe()}; "
+            "nothing was sent. Set ssl='verify-full' with ssl_root_cert, or, only where the "
+            "network is trusted, allow_unprotected_credentials=True (ASYNCPOOL_ALLOW_"
+            "UNPROTECTED_CREDENTIALS=true); a server that asks for no password is let in")
+    elif require_auth is not None:
         message = (f"{where}: {asked}, which require_auth={require_auth!r} does not "
                    "allow; nothing was sent")
     else:
@@ -320,14 +334,19 @@ class Login:
 
         self.config = config
         self.dsn = dsn
-        service = tls.service_of(config, dsn.params)  # (its file read once, for both)
+        service = tls.service_of(config, dsn.params)  # (its file read once, for all)
+        self.service: Service | None = service
         self.tls: TlsSetting = tls.resolve_tls(config, list(dsn.params.items()), service=service)
-        tls.checked_hosts(config, self.tls,
-                          "password" if dsn.password or os.environ.get("PGPASSWORD") else None,
-                          [h for h, _ in dsn.hosts], service,
-                          passfile=tls.passfile_login(dsn, dsn.target(service=service)))
+        kind: tls.CredentialKind | None = (
+            "password" if dsn.password or os.environ.get("PGPASSWORD") else None)
+        hosts = tls.checked_hosts(config, self.tls, kind, [h for h, _ in dsn.hosts], service)
+        #: The password file's password, when it may not be sent (`tls.withheld_password`).
+        self.withheld: str | None = tls.withheld_password(
+            config, self.tls, kind, hosts, service,
+            passfile=tls.passfile_login(dsn, dsn.target(service=service), service=service))
         self.require_auth: str | None = tls.require_auth_setting(config, dsn.params)
-        self.allowed: frozenset[str] = tls.allowed_auth_methods(config, self.tls, self.require_auth)
+        self.allowed: frozenset[str] = tls.allowed_auth_methods(
+            config, self.tls, self.require_auth, withheld=self.withheld is not None)
         self.guard: AuthGuard | None = None
 
     async def connect(self, timeout: float, name: str) -> Any:
@@ -351,7 +370,7 @@ class Login:
                 exc, target, name, timeout, secrets=dsn.secrets,
                 settings=setting_sources(dsn, None),
                 root_cert_source=self.tls.root_cert_source, tls_optional=self.tls.optional,
-                dialled=dialled([h for h, _ in dsn.hosts], dsn, None))
+                dialled=dialled(dsn, service=self.service))
         raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:
@@ -401,4 +420,5 @@ class Login:
         guard = self.guard if guard is None else guard
         if guard is None or guard.refused is None:
             return None
-        return refusal_error(guard, self.config, target, self.tls, self.require_auth)
+        return refusal_error(guard, self.config, target, self.tls, self.require_auth,
+                             withheld=self.withheld)

@@ -28,6 +28,7 @@ from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan, comb
 from asyncpool.connect.startup import plan as plan_startup
 from asyncpool.connect.tls import (
     AUTH_METHODS,
+    CredentialKind,
     TlsSetting,
     allowed_auth_methods,
     checked_hosts,
@@ -35,6 +36,7 @@ from asyncpool.connect.tls import (
     require_auth_setting,
     resolve_tls,
     service_of,
+    withheld_password,
 )
 from asyncpool.credentials.provider import CredentialProvider, StaticPassword, auth_failure_hint
 from asyncpool.errors import (
@@ -119,17 +121,23 @@ class Connector:
         self.tls: TlsSetting = resolve_tls(
             config, list(self._dsn.params.items()) if self._dsn else [], service=service)
         credentials = self.credentials
-        hosts = checked_hosts(
-            config, self.tls,
-            None if credentials is None else "token" if credentials.requires_tls else "password",
-            [h for h, _ in self._dsn.hosts] if self._dsn else None, service,
-            passfile=passfile_login(self._dsn, self.target, kw.get("port")))
+        kind: CredentialKind | None = (None if credentials is None else "token"
+                                       if credentials.requires_tls else "password")
+        hosts = checked_hosts(config, self.tls, kind,
+                              [h for h, _ in self._dsn.hosts] if self._dsn else None, service)
+        #: The password file's password, when it may not be sent (`withheld_password`).
+        self.withheld: str | None = withheld_password(
+            config, self.tls, kind, hosts, service,
+            passfile=passfile_login(self._dsn, self.target, host=kw.get("host"),
+                                    port=kw.get("port"), service=service))
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth: str | None = require_auth_setting(config, self._dsn.params if self._dsn else {})
-        self.auth_methods: frozenset[str] = allowed_auth_methods(config, self.tls, self.require_auth)
+        self.auth_methods: frozenset[str] = allowed_auth_methods(
+            config, self.tls, self.require_auth, withheld=self.withheld is not None)
         self._several_hosts = len(hosts) > 1
         #: Each host and port a login tries, in order, when there are several (for messages).
-        self._dialled = dialled(hosts, self._dsn, kw.get("port")) if self._several_hosts else ()
+        self._dialled = (dialled(self._dsn, host=kw.get("host"), port=kw.get("port"),
+                                 service=service) if self._several_hosts else ())
         if (self._several_hosts and credentials is not None
                 and getattr(credentials, "token_host", _NOT_SIGNED) is None):
             # asyncpg asks for the password once per host it tries, without saying which: a
@@ -352,7 +360,8 @@ class Connector:
             # usual ones: asyncpg turns whatever fails during authentication (a malformed SCRAM
             # reply, a password it cannot encode) into InternalClientError and others.
             if guard is not None and guard.refused is not None:
-                error = refusal_error(guard, self.config, self.target, self.tls, self.require_auth)
+                error = refusal_error(guard, self.config, self.target, self.tls, self.require_auth,
+                                      withheld=self.withheld)
             else:
                 error = self._translate(exc)
             caller_error = type(error)

@@ -28,6 +28,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_to_bytes
 
+from asyncpool.connect.addresses import login_addresses
+from asyncpool.connect.conninfo import ConninfoSyntaxError, is_conninfo, split_conninfo
 from asyncpool.connect.service import ASYNCPG_SERVICE_KEYS
 from asyncpool.errors import PoolConfigError
 
@@ -108,7 +110,7 @@ _UNPARSEABLE = "<DSN not shown: it could not be parsed>"
 # the line, password=... in a key/value string or query, and an IAM token's signing parts.
 _URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@\s]*:)(?P<secret>[^\n]*)(?P<post>@)")
 _KV_PASSWORD = re.compile(
-    r"(?P<pre>\b(?:ssl)?password\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.I
+    r"(?P<pre>\b(?:ssl)?password\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|(?:\\.|[^\s&\\])+)", re.I
 )
 _SIGV4 = re.compile(
     r"(?P<pre>X-Amz-(?:Signature|Security-Token|Credential)=)(?P<secret>[^&\s'\"]+)", re.I
@@ -284,38 +286,35 @@ class ParsedDsn:
         libpq's defaults: port 5432, the operating system's user name, database = user.
         """
         env = os.environ if environ is None else environ
-        # asyncpg also takes lists of hosts and ports: the first is the one dialled first.
-        host = host[0] if isinstance(host, list | tuple) and host else host
-        port = port[0] if isinstance(port, list | tuple) and port else port
-        first_host, first_port = self.hosts[0] if self.hosts else ("", None)
-        s_host = service.hosts[0] if service is not None and service.hosts else None
-        s_port = (service.port or "").split(",")[0] if service is not None else None
+        try:
+            # The first address asyncpg dials ("" is its default: a local socket, then localhost).
+            host, port = login_addresses(host=host, port=port, dsn_hosts=self.hosts,
+                                         service=service, env=env)[0]
+        except ValueError as exc:
+            _env_port(env)  # (a PGPORT that is no number says so)
+            raise DsnError(
+                f"the hosts and ports cannot be paired as asyncpg pairs them ({exc}), and it "
+                "would fail every login: give one port, or one per host") from None
+        host = host or "localhost"
+        port = int(port or 5432)
         s_user = service.user if service is not None else None
         s_database = service.database if service is not None else None
-        host = host or first_host or s_host or env.get("PGHOST", "").split(",")[0] or "localhost"
-        port = int(port or first_port or s_port or _env_port(env) or 5432)
         user = user or self.user or s_user or env.get("PGUSER") or _os_user()
         database = database or self.database or s_database or env.get("PGDATABASE") or user
         return Target(host=host, port=port, user=user, database=database)
 
 
-def dialled(hosts: list[str], dsn: ParsedDsn | None, port: Any) -> tuple[tuple[str, int], ...]:
-    """The host and port of each address a login tries, paired as asyncpg pairs them: the
-    port the DSN gives with its host, else the `port` option's (one, or one per host), else
-    PGPORT's, else 5432. Empty when a port cannot be told."""
-    given = list(dsn.hosts) if dsn is not None and [h for h, _ in dsn.hosts] == hosts else []
-    options = list(port) if isinstance(port, list | tuple) else [port] * len(hosts)
-    env = [p.strip() for p in os.environ.get("PGPORT", "").split(",") if p.strip()]
-    pairs = []
-    for i, host in enumerate(hosts):
-        chosen = (given[i][1] if given else None) or (options[i] if i < len(options) else None)
-        if chosen is None and env:
-            chosen = env[i] if i < len(env) else env[0]
-        try:
-            pairs.append((host or "localhost", int(chosen or 5432)))
-        except (TypeError, ValueError):
-            return ()
-    return tuple(pairs)
+def dialled(dsn: ParsedDsn | None, *, host: Any = None, port: Any = None,
+            service: Service | None = None,
+            environ: Mapping[str, str] | None = None) -> tuple[tuple[str, int], ...]:
+    """The host and port of each address a login tries (`login_addresses`: asyncpg's order and
+    pairing), the default host shown as localhost. Empty when the ports pair with no host list."""
+    try:
+        pairs = login_addresses(host=host, port=port, dsn_hosts=dsn.hosts if dsn else None,
+                                service=service, env=os.environ if environ is None else environ)
+    except ValueError:
+        return ()
+    return tuple((h or "localhost", p) for h, p in pairs)
 
 
 def parse_dsn(dsn: str) -> ParsedDsn:
@@ -384,12 +383,14 @@ def _decode(text: str, what: str) -> str:
 def _parse(dsn: str) -> ParsedDsn:
     if not isinstance(dsn, str):
         raise _Invalid(f"a DSN is a string, not {type(dsn).__name__}")
+    if is_conninfo(dsn):
+        return _parse_conninfo(dsn)
     scheme, sep, rest = dsn.partition("://")
     if not sep or scheme.lower() not in _SCHEMES:
         shown = f" (scheme {scheme!r})" if sep and scheme.isalnum() and len(scheme) < 20 else ""
         raise _Invalid(
             f"it is not a postgresql:// URL{shown}: write it as postgresql://user:"
-            "password@host:port/database (key=value strings are not read)"
+            "password@host:port/database, or as libpq's key=value string: host=... dbname=..."
         )
     if any(ch.isspace() or not ch.isprintable() or ord(ch) > 127 for ch in rest):
         raise _Invalid(
@@ -430,6 +431,25 @@ def _parse(dsn: str) -> ParsedDsn:
     return ParsedDsn(scheme.lower(), user, password, hosts, database, MappingProxyType(params))
 
 
+def _parse_conninfo(text: str) -> ParsedDsn:
+    """A libpq ``key=value`` string read into the parts a URL has: its keywords are the query
+    keys a URL may hold, checked the same way."""
+    try:
+        pairs = split_conninfo(text)
+    except ConninfoSyntaxError as exc:
+        raise _Invalid(f"it is not a key=value string as libpq reads it: {exc}") from None
+    # requiressl: libpq's old spelling of sslmode, which it still reads so.
+    fields: list[tuple[str, str | None]] = [
+        ("sslmode", "require" if value.startswith("1") else "prefer") if key == "requiressl"
+        else (key, value) for key, value in pairs]
+    params = _checked_params(fields, "it", "keyword", _CONNINFO_SPLITS, repeats=True)
+    database = _take_database(None, params)
+    user = _take(None, params, "user", "user")
+    password = _take(None, params, "password", "password")
+    hosts = _take_hosts((), params)
+    return ParsedDsn("postgresql", user, password, hosts, database, MappingProxyType(params))
+
+
 def _hosts(hostspec: str) -> tuple[tuple[str, int | None], ...]:
     if not hostspec:
         return ()
@@ -461,39 +481,57 @@ def _port(raw: str | None) -> int | None:
 
 
 def _query(query: str) -> dict[str, str]:
-    params: dict[str, str] = {}
     if not query:
-        return params
+        return {}
     if "+" in query:
         raise _Invalid(
             "its query holds a +, which asyncpg reads as a space and libpq as a plus: "
             + _ENCODE_ADVICE
         )
-    fields = query.split("&")
-    has_secret = any(f.partition("=")[0] in SECRET_KEYS for f in fields)
-    for item in fields:
+    fields = []
+    for item in query.split("&"):
         raw_key, eq, raw_value = item.partition("=")
         key = _decode(raw_key, "query key")
-        if (not eq or not _SETTING_NAME.match(key)
+        # (A field without = keeps None: refused below, as an unknown key is.)
+        fields.append((key, _decode(raw_value, f"value of {key!r}") if eq else None))
+    return _checked_params(fields, "its query", "query key", _URL_SPLITS, repeats=False)
+
+
+_URL_SPLITS = f"an & or = in the password splits it: {_ENCODE_ADVICE}"
+_CONNINFO_SPLITS = ("a space in the password splits it: write the value in single quotes "
+                    "('a b'), a ' in it as \\' and a backslash as \\\\")
+
+
+def _checked_params(fields: list[tuple[str, str | None]], where: str, what: str, splits: str,
+                    *, repeats: bool) -> dict[str, str]:
+    """The fields of a URL's query or a key=value string, decoded, as params (a repeated key:
+    an error, or the last one counts when `repeats`, as libpq takes a key=value string's).
+    `what` names a key in messages, `splits` says how a password's character splits it."""
+    params: dict[str, str] = {}
+    has_secret = any(key in SECRET_KEYS for key, _ in fields)
+    for key, value in fields:
+        if (value is None or not _SETTING_NAME.match(key)
                 or (has_secret and key not in CONNECTION_KEYWORDS)):
-            # Never named: with a password in the query, this may be a piece of it after an &.
+            # Never named: with a password in it, this may be a piece of it after an & (or an
+            # unquoted space).
             raise _Invalid(
-                "its query has a field that is not key=value with a known key (when the query "
-                f"holds a password, an & or = in the password splits it: {_ENCODE_ADVICE}); "
-                "give server settings with server_settings=, not in the query"
+                f"{where} has a field that is not key=value with a known key (when it holds a "
+                f"password, {splits}); give server settings with server_settings=, not in "
+                "the DSN"
             )
-        if key in params:
+        if key in params and not repeats:
             raise _Invalid(
-                f"query key {key!r} is given twice: asyncpg reads the last, other tools the "
+                f"{what} {key!r} is given twice: asyncpg reads the last, other tools the "
                 "first; keep one"
             )
         if key not in CONNECTION_KEYWORDS and _looks_like_a_secret_key(key):
             # Read as a server setting, its value would be sent at login and shown as one.
             raise _Invalid(
-                f"query key {key!r} looks like a misspelt {' or '.join(sorted(SECRET_KEYS))} "
+                f"{what} {key!r} looks like a misspelt {' or '.join(sorted(SECRET_KEYS))} "
                 "(its value is not shown): spell it so, or give the setting with "
                 "server_settings= if it is one")
-        params[key] = _decode(raw_value, f"value of {key!r}")
+        params.pop(key, None)  # (a repeat counts where libpq's last one would)
+        params[key] = value
     return params
 
 

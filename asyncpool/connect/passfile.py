@@ -1,10 +1,11 @@
 """Whether asyncpg will read a password from the password file (``.pgpass``) for a login.
 
 The pool gives asyncpg no password of its own in that case, and asyncpg reads the file itself at
-each connect: the credential rules (`asyncpool.connect.tls.check_credentials`) must know of that
+each connect: the credential rules (`asyncpool.connect.tls.withheld_password`) must know of that
 password before anything is dialled, as they know of one in the DSN. The file is read as asyncpg
 reads it (`asyncpg.connect_utils._read_password_file`): ``passfile`` (an option, the DSN's or
-the service's), else ``PGPASSFILE``, else ``~/.pgpass``; a file others may read is ignored;
+the service's), else ``PGPASSFILE``, else ``~/.pgpass`` (Windows:
+``%APPDATA%\\postgresql\\pgpass.conf``); a file others may read is ignored (not on Windows);
 ``\\:`` and ``\\\\`` escape. Only the first four fields of a line are kept: its password is
 dropped as it is read, and nothing here raises while a line is held.
 """
@@ -21,21 +22,30 @@ _FIELDS = re.compile(r"(?<!\\):")
 
 
 def passfile_path(passfile: object, env: Mapping[str, str]) -> Path | None:
-    """The file asyncpg reads: `passfile` (given), else ``PGPASSFILE``, else ``~/.pgpass``."""
+    """The file asyncpg reads: `passfile` (given), else ``PGPASSFILE``, else ``~/.pgpass``
+    (on Windows ``%APPDATA%\\postgresql\\pgpass.conf``, as libpq and asyncpg have it)."""
     if isinstance(passfile, str | os.PathLike) and str(passfile):
         return Path(passfile)
     if env.get("PGPASSFILE"):
         return Path(env["PGPASSFILE"])
+    if on_windows():
+        # asyncpg asks Windows for the folder (SHGetFolderPathW), which APPDATA names.
+        return Path(env["APPDATA"], "postgresql", "pgpass.conf") if env.get("APPDATA") else None
     try:
         return Path.home() / ".pgpass"
     except (RuntimeError, KeyError):  # no home directory: asyncpg reads none either
         return None
 
 
+def on_windows() -> bool:
+    """Whether asyncpg runs on Windows (its password file's name and permissions differ)."""
+    return os.name == "nt"
+
+
 def _entries(path: Path) -> list[tuple[str, ...]]:
     """(host, port, database, user) of each line asyncpg would read; [] if it reads none."""
     try:
-        if not path.is_file() or (os.name != "nt"
+        if not path.is_file() or (not on_windows()
                                   and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO)):
             return []
         lines = path.read_text().splitlines()

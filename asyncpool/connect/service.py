@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from asyncpool.connect.addresses import Written, host_list, port_list
 from asyncpool.errors import PoolConfigError
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ class Service:
     """A service's section: what it sets of where to connect, and whether it holds a password."""
 
     name: str
-    hosts: tuple[str, ...]
+    #: Its ``host`` list: each host and the port written with it (`host_list`).
+    addresses: tuple[Written, ...]
     has_password: bool
     port: str | None = None
     user: str | None = None
@@ -33,6 +35,10 @@ class Service:
     libpq_only: Mapping[str, str] = field(default_factory=dict)
     #: Its password file (`asyncpool.connect.passfile`), if it names one.
     passfile: str | None = None
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(host for host, _ in self.addresses)
 
 
 TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl", "sslcrldir",
@@ -115,9 +121,16 @@ def named_service(dsn_params: Mapping[str, str], connect_kwargs: Mapping[str, An
             "fix the name (the DSN's ?service=, service=, or PGSERVICE) or the file "
             "(servicefile=, PGSERVICEFILE)")
     values = _section_values(parser[service], str(path))
-    hosts = tuple(h.strip() for h in values.get("host", "").split(",") if h.strip())
+    try:
+        addresses = tuple(host_list(values["host"])) if values.get("host") else ()
+        port_list(values.get("port"))
+    except ValueError as exc:
+        raise PoolConfigError(
+            f"connection service file {str(path)!r}, service [{service}]: its host or port "
+            f"cannot be read as asyncpg reads it ({exc}): write host=h1,h2 (a port with a host "
+            "as h1:6432) and port=5432 or one port per host") from None
     return Service(
-        service, hosts, bool(values.get("password")), port=values.get("port") or None,
+        service, addresses, bool(values.get("password")), port=values.get("port") or None,
         user=values.get("user") or None,
         database=values.get("dbname") or values.get("database") or None,
         tls={k: values[k] for k in TLS_KEYS if values.get(k)},

@@ -31,6 +31,7 @@ credential goes only to a server whose certificate and name were verified, excep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from asyncpool.connect.addresses import login_addresses, login_hosts
 from asyncpool.connect.passfile import has_password_for, passfile_path
 from asyncpool.errors import ConfigFail, PoolConfigError, config_fail
 
@@ -59,6 +61,8 @@ OPT_OUT = "allow_unprotected_credentials"
 AUTH_METHODS = ("password", "md5", "scram-sha-256", "gss", "sspi", "none")
 #: Methods that send nothing a listener could log in with or read a password from.
 SAFE_AUTH_METHODS = frozenset({"scram-sha-256", "gss", "sspi", "none"})
+#: Methods that use no password at all.
+NO_PASSWORD_METHODS = frozenset({"gss", "sspi", "none"})
 
 CredentialKind = Literal["token", "password"]
 
@@ -744,14 +748,18 @@ def require_auth_setting(config: PoolConfig, dsn_params: Mapping[str, str]) -> s
 
 
 def allowed_auth_methods(config: PoolConfig, setting: TlsSetting,
-                         require_auth: str | None = None) -> frozenset[str]:
+                         require_auth: str | None = None, *,
+                         withheld: bool = False) -> frozenset[str]:
     """The authentication methods a server may ask for (libpq's ``require_auth``).
 
     Default: any over verified TLS (or with `allow_unprotected_credentials`); otherwise only
     those that send no password (SCRAM-SHA-256, GSS, SSPI, none): a request for a cleartext or
-    MD5 password on such a connection is refused before anything is sent.
+    MD5 password on such a connection is refused before anything is sent. `withheld`: the
+    only password may not be used at all (`withheld_password`): none of the password methods.
     """
     require_auth = config.require_auth if require_auth is None else require_auth
+    if withheld:
+        return allowed_auth_methods(config, setting, require_auth) & NO_PASSWORD_METHODS
     if require_auth is not None:
         return parse_require_auth(require_auth)
     if setting.verified or unprotected_allowed(config):
@@ -798,28 +806,43 @@ def dialled_hosts(config: PoolConfig, environ: Mapping[str, str] | None = None) 
 
 
 def checked_hosts(config: PoolConfig, setting: TlsSetting, kind: CredentialKind | None,
-                  dsn_hosts: Sequence[str] | None, service: Service | None, *,
-                  passfile: PassfileLogin | None = None) -> list[str]:
+                  dsn_hosts: Sequence[str] | None, service: Service | None) -> list[str]:
     """`dialled_hosts`, after `check_credentials` for them: for a credential of `kind` given to
-    the pool (None: none), or for the password the connection `service` holds, or the password
-    file has for the login `passfile` describes (asyncpg reads both itself).
-    `dsn_hosts` None: no DSN is given to the driver."""
-    env = os.environ
-    hosts = _hosts(config, dsn_hosts, service, env)
-    source = ""
+    the pool (None: none), or for the password the connection `service` holds (asyncpg reads
+    it itself). `dsn_hosts` None: no DSN is given to the driver. (The password file's:
+    `withheld_password`.)"""
+    hosts = _hosts(config, dsn_hosts, service, os.environ)
     if kind is None and service is not None and service.has_password:
         kind = "password"
-    if kind is None and passfile is not None and not setting.verified:
-        # asyncpg's order: the option, the DSN's, the service's.
-        path = passfile_path(config.connect_kwargs.get("passfile") or passfile.passfile
-                             or (service.passfile if service is not None else None), env)
-        remote = [h for h in hosts if not _local(h)]
-        if remote and has_password_for(path, remote, passfile.ports, passfile.target.database,
-                                       passfile.target.user):
-            kind, source = "password", f" (asyncpg reads one for {remote[0]} from {path})"
     if kind is not None:
-        check_credentials(config, setting, kind, hosts, source)
+        check_credentials(config, setting, kind, hosts)
     return hosts
+
+
+def withheld_password(config: PoolConfig, setting: TlsSetting, kind: CredentialKind | None,
+                      hosts: Sequence[str], service: Service | None, *,
+                      passfile: PassfileLogin) -> str | None:
+    """The password asyncpg would read from the password file for another machine, when it is
+    the login's only credential and the credential rules do not let it be sent (the TLS does
+    not verify the server, and no opt-out), described for messages; else None.
+
+    Such a login is not refused: asyncpg reads the file before it dials and sends the password
+    only if the server asks for one, so the guard lets through only a login that asks for none
+    (trust, GSS, SSPI: `allowed_auth_methods`' `withheld`) and refuses a password request
+    before anything is sent. (asyncpg calls a callable password before it dials, not when the
+    server asks: it cannot hold the password back itself.)"""
+    if (kind is not None or (service is not None and service.has_password) or setting.verified
+            or unprotected_allowed(config)):
+        return None
+    env = os.environ
+    # asyncpg's order: the option, the DSN's, the service's.
+    path = passfile_path(config.connect_kwargs.get("passfile") or passfile.passfile
+                         or (service.passfile if service is not None else None), env)
+    remote = [h for h in hosts if not _local(h)]
+    if remote and has_password_for(path, remote, passfile.ports, passfile.target.database,
+                                   passfile.target.user):
+        return f"the password asyncpg reads for {remote[0]} from {path}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -833,13 +856,15 @@ class PassfileLogin:
     passfile: str | None = None
 
 
-def passfile_login(dsn: ParsedDsn | None, target: Target, port: Any = None) -> PassfileLogin:
-    """The `PassfileLogin` of a login to `dsn` (its first `target`), `port` an option."""
+def passfile_login(dsn: ParsedDsn | None, target: Target, *, host: Any = None, port: Any = None,
+                   service: Service | None = None) -> PassfileLogin:
+    """The `PassfileLogin` of a login to `dsn` (its first `target`); `host`, `port`: the
+    options. Its ports: every one a login may dial (`login_addresses`)."""
     ports = {target.port}
-    if dsn is not None:
-        ports.update(p for _, p in dsn.hosts if p)
-    given = port if isinstance(port, list | tuple) else [port] if port else []
-    ports.update(int(p) for p in given if str(p).isdigit())
+    with contextlib.suppress(ValueError):  # (then the target's: asyncpg fails such a login)
+        ports.update(p for _, p in login_addresses(
+            host=host, port=port, dsn_hosts=dsn.hosts if dsn else None, service=service,
+            env=os.environ))
     return PassfileLogin(target, frozenset(ports), dsn.params.get("passfile") if dsn else None)
 
 
@@ -847,28 +872,16 @@ def _hosts(config: PoolConfig, dsn_hosts: Sequence[str] | None, service: Service
            env: Mapping[str, str]) -> list[str]:
     # As asyncpg reads each: a host= string is one host (a comma in it is no list: the config
     # refuses one, but for a socket directory), PGHOST a list of host[:port].
-    given = config.connect_kwargs.get("host")
-    if given:
-        return [given] if isinstance(given, str) else list(given)
-    if dsn_hosts and any(dsn_hosts):
-        return list(dsn_hosts)
-    if service is not None and service.hosts:
-        return list(service.hosts)
-    if env.get("PGHOST"):
-        return _host_list(env["PGHOST"])
-    return [""]
-
-
-def _host_list(text: str) -> list[str]:
-    """The hosts of a ``host[:port],...`` list, as asyncpg reads ``PGHOST``: each port and an
-    IPv6 address's brackets dropped, a socket directory taken whole, nothing stripped."""
-    hosts = []
-    for spec in text.split(","):
-        if spec.startswith("["):
-            hosts.append(spec[1:].partition("]")[0])
-        else:
-            hosts.append(spec if spec.startswith("/") else spec.partition(":")[0])
-    return hosts
+    try:
+        return [h for h, _ in login_hosts(
+            host=config.connect_kwargs.get("host"),
+            dsn_hosts=[(h, None) for h in dsn_hosts] if dsn_hosts else None,
+            service=service, env=env)]
+    except ValueError as exc:
+        raise PoolConfigError(
+            f"pool {config.name!r}: PGHOST={env.get('PGHOST')!r} cannot be read as asyncpg "
+            f"reads it ({exc}), and it would fail every login: write host[:port],... "
+            "([address]:port for IPv6)") from None
 
 
 def service_of(config: PoolConfig, dsn_params: Mapping[str, str],

@@ -52,8 +52,7 @@ class GuardedLogin:
                                          direct_tls=self.login.tls.direct_source,
                                          root_cert_source=self.login.tls.root_cert_source,
                                          tls_optional=self.login.tls.optional,
-                                         dialled=dialled([h for h, _ in parsed.hosts], parsed,
-                                                         None))
+                                         dialled=dialled(parsed, service=self.login.service))
         raise error  # outside the except block: no __context__ either
 
     def libpq_conninfo(self, *, require_auth: bool = True) -> str:
