@@ -27,7 +27,6 @@ from asyncpool.errors import (
 )
 from asyncpool.pool.commit import commit
 from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
-from asyncpool.pool.leaks import LEAK_CANCEL_MESSAGE
 from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, TERMINATED, Lease, LeaseState
 from asyncpool.pool.record import IDLE
 from asyncpool.pool.resets import reset_timeout
@@ -124,6 +123,9 @@ class AcquireContext(Generic[PoolRecordT_co]):
         started = time.monotonic() if owner.setup is not None else 0.0
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         lease.scoped = True
+        # What a reclaim's cancellation is told apart from the holder's own by (`_raise_leaked`).
+        task = lease.task
+        lease.cancel_requests = task.cancelling() if task is not None else None
         self._frame = None
         self._lease = lease
         conn: PooledConnection[PoolRecordT_co]
@@ -194,6 +196,7 @@ class AcquireContext(Generic[PoolRecordT_co]):
                 lease.state = RELEASED
                 lease.frame = None
                 lease.task = lease.user = None  # (a finished task keeps its result)
+                lease.cancel_requests = None  # (a query helper may take it next: none counted)
                 lease.context = None
                 # The lease stays with the record for the next checkout to take (no allocation:
                 # `Slots.checkout_nowait`); the proxy, which the holder may keep, and this
@@ -288,42 +291,28 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
     or in the ROLLBACK `pool.transaction()` sends on the way out), so none is left on the task.
     """
     task = asyncio.current_task()
-    # The reclaim's request is withdrawn (a request made before it, such as the holder's own
-    # asyncio.timeout firing first, may have been withdrawn by its owner since). What is left
-    # is somebody else's if it is more than the task had before the reclaim; a request left
-    # over from earlier (a cancel swallowed without uncancel(), a TaskGroup on Python < 3.13)
-    # is not taken for one, unless the block was already ending in a cancellation of its own
-    # when the reclaim came (its cleanup outlived leak_timeout): that one is still under way.
     before = lease.holder_cancelled
     if before is not None and task is lease.task and task is not None and task.cancelling():
         lease.holder_cancelled = None
         task.uncancel()
-        left = task.cancelling()
-        if isinstance(exc, asyncio.CancelledError) and (
-                left > before or (left == before > 0 and _cancelled_before_reclaim(exc))):
+        # The holder's own cancellation goes on (as from asyncpg.Pool or psycopg_pool, which
+        # never reclaim) when requests are left that were made since its block took the
+        # connection: a caller's cancel or time limit, even if the block caught it and was
+        # still cleaning up when the reclaim came. That is how `asyncio.timeout()` tells its own
+        # cancellation from another's (Python 3.12+): by the count when it was entered, so a
+        # request left over from earlier code (a cancel swallowed without uncancel(), a
+        # TaskGroup on Python < 3.13) is not taken for one. Not counted at entry (a query
+        # helper's statement: no code of the holder's runs in it), the count before the
+        # reclaim stands for it.
+        entered = lease.cancel_requests
+        if entered is None or entered > before:
+            entered = before
+        if isinstance(exc, asyncio.CancelledError) and task.cancelling() > entered:
             return  # somebody else cancelled this task too: their cancellation goes on
     raise ConnectionLeakedError(
         f"pool {pool_name!r}: the connection was held past leak_timeout and reclaimed (holder "
         "cancelled, connection closed); release connections promptly or raise leak_timeout"
     ) from None
-
-
-def _cancelled_before_reclaim(exc: BaseException) -> bool:
-    """`exc`, or an exception it was raised while handling, is a cancellation that is not the
-    leak reclaim's (whose CancelledError carries `LEAK_CANCEL_MESSAGE`) and is not over."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, asyncio.CancelledError) and LEAK_CANCEL_MESSAGE not in current.args:
-            return True
-        handled = current.__context__
-        if isinstance(current, TimeoutError) and isinstance(handled, asyncio.CancelledError):
-            # asyncio.timeout() or wait_for() ended that cancellation as this TimeoutError
-            # (its request withdrawn): over, though the block may still be handling it.
-            handled = handled.__context__
-        current = handled
-    return False
 
 
 def _not_committed(owner: Checkouts, lease: Lease | None) -> PoolError:
