@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -992,7 +992,7 @@ async def test_direct_tls_to_pgbouncer_says_it_does_not_take_it(
 
 @pytest.mark.parametrize("mode", ["unnamed", "off", "on"])
 async def test_logins_cancelled_as_they_connect_under_verify_full_leave_no_unretrieved_error(
-        tls_postgres: PostgresServer, pki: TestPki, mode: str) -> None:
+        tls_postgres: PostgresServer, pki: TestPki, mode: Literal["unnamed", "off", "on"]) -> None:
     """Logins to a verified server, with every authentication method allowed, cancelled at
     random moments of their first milliseconds (seeded), asyncio's debug mode on: asyncpg's TLS
     negotiation keeps an error when the login is cancelled as its TCP connection comes up
