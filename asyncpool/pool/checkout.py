@@ -27,6 +27,7 @@ from asyncpool.errors import (
 )
 from asyncpool.pool.commit import commit
 from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
+from asyncpool.pool.leaks import LEAK_CANCEL_MESSAGE
 from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, TERMINATED, Lease, LeaseState
 from asyncpool.pool.record import IDLE
 from asyncpool.pool.resets import reset_timeout
@@ -301,18 +302,41 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
         # still cleaning up when the reclaim came. That is how `asyncio.timeout()` tells its own
         # cancellation from another's (Python 3.12+): by the count when it was entered, so a
         # request left over from earlier code (a cancel swallowed without uncancel(), a
-        # TaskGroup on Python < 3.13) is not taken for one. Not counted at entry (a query
-        # helper's statement: no code of the holder's runs in it), the count before the
-        # reclaim stands for it.
+        # TaskGroup on Python < 3.13) is not taken for one.
         entered = lease.cancel_requests
-        if entered is None or entered > before:
-            entered = before
-        if isinstance(exc, asyncio.CancelledError) and task.cancelling() > entered:
+        left = task.cancelling()
+        if entered is not None:
+            theirs = left > min(entered, before)
+        else:
+            # Not counted for this task (a query helper's statement, where no code of the
+            # holder's runs; a block driven by another task than the one that entered it):
+            # a request made after the reclaim's, or one before it whose CancelledError the
+            # block is still handling.
+            theirs = left > before or (left == before > 0 and _cancelled_before_reclaim(exc))
+        if isinstance(exc, asyncio.CancelledError) and theirs:
             return  # somebody else cancelled this task too: their cancellation goes on
     raise ConnectionLeakedError(
         f"pool {pool_name!r}: the connection was held past leak_timeout and reclaimed (holder "
         "cancelled, connection closed); release connections promptly or raise leak_timeout"
     ) from None
+
+
+def _cancelled_before_reclaim(exc: BaseException | None) -> bool:
+    """`exc`, or an exception it was raised while handling, is a cancellation that is not the
+    leak reclaim's (whose CancelledError carries `LEAK_CANCEL_MESSAGE`) and is not over."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, asyncio.CancelledError) and LEAK_CANCEL_MESSAGE not in current.args:
+            return True
+        handled = current.__context__
+        if isinstance(current, TimeoutError) and isinstance(handled, asyncio.CancelledError):
+            # asyncio.timeout() or wait_for() ended that cancellation as this TimeoutError
+            # (its request withdrawn): over, though the block may still be handling it.
+            handled = handled.__context__
+        current = handled
+    return False
 
 
 def _not_committed(owner: Checkouts, lease: Lease | None) -> PoolError:

@@ -106,10 +106,9 @@ class Lease:
         # (`Task.cancelling()`) before it, which the reclaim's is withdrawn against.
         self.holder_cancelled: int | None = None
         # The holding task's count of cancel requests when its block took the connection (set
-        # by `async with`; None: not counted, a query helper's, where no code of the holder's
-        # runs in between). A reclaim's block ends in the holder's own cancellation only if
-        # more are left than this, as `asyncio.timeout()` decides whether a cancellation is its
-        # own: a request left over from earlier code is not one made during the block.
+        # by `async with`): a reclaimed block ends in the holder's own cancellation only if more
+        # are left than this, as `asyncio.timeout()` decides whether a cancellation is its own.
+        # None: not counted (a query helper's statement; a block another task drives since).
         self.cancel_requests: int | None = None
         # Statements the holder started through its `PooledConnection` and that have not ended
         # (those that asyncpg's own lock, `driver.returned`, does not see).

@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pytest
@@ -886,6 +886,44 @@ def test_a_holder_that_caught_its_callers_cancel_and_cleans_up_slowly_ends_cance
                 assert task.cancelling() == 1  # the caller's request alone
             assert current.cancelling() == 0
             assert pool.stats().leaked_total == 1
+            assert pool.stats().in_use == 0
+            assert await pool.fetchval("SELECT 1") == 1
+
+    run(main())
+
+
+def test_a_block_driven_by_another_task_that_its_caller_cancelled_ends_cancelled(
+        server: FakeServer) -> None:
+    """A block inside an async generator, entered by one task and driven by another since,
+    whose driver its caller cancels while it runs a statement; the block is still cleaning up
+    when the reclaim comes (and cancels the driver, `Lease.holder`). The caller's cancellation
+    goes on: no count was taken for the driver when the block began, so the exceptions the
+    block is handling tell."""
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0) as pool:
+            async def rows() -> AsyncGenerator[int, None]:
+                async with pool.acquire() as conn:
+                    yield await conn.fetchval("SELECT 1")
+                    try:
+                        yield await conn.fetchval("SELECT pg_sleep(5)")
+                    except asyncio.CancelledError:
+                        await asyncio.sleep(2)  # reclaimed here
+                        raise
+
+            gen = rows()
+            assert await anext(gen) == 1  # this task enters the block...
+            async def drive() -> int:  # ...and another drives it on
+                return await anext(gen)
+
+            driver = asyncio.create_task(drive())
+            await asyncio.sleep(0.3)
+            driver.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await driver
+            assert driver.cancelled()
+            assert driver.cancelling() == 1  # the caller's request alone
+            assert pool.stats().leaked_total == 1
+            await gen.aclose()
             assert pool.stats().in_use == 0
             assert await pool.fetchval("SELECT 1") == 1
 
