@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncGenerator
@@ -363,3 +364,62 @@ async def test_reclaiming_statements_in_flight_leaves_pgbouncer_1_18_running(
     finally:
         bouncer.stop()
 
+
+
+async def test_a_reclaim_is_told_from_the_holders_own_cancellation_by_the_requests_since_the_block(
+        pooler: Pooler) -> None:
+    """Counted as asyncio.timeout() counts: a task with a cancel request left over from earlier
+    code (swallowed without uncancel()), whose block handles another task's cancellation slowly,
+    ends in ConnectionLeakedError (it ended in CancelledError); a holder that caught its
+    caller's cancel and raises a CancelledError after its slow cleanup ends cancelled (it ended
+    in ConnectionLeakedError). Either way the server connection is freed."""
+    async with Pool(pooler.dsn(), max_size=1, leak_timeout=0.5, telemetry=False) as pool:
+
+        async def leftover() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed: still counted
+                await asyncio.sleep(0)
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+                other = asyncio.create_task(asyncio.sleep(30))
+                asyncio.get_running_loop().call_later(0.05, other.cancel)
+                try:
+                    await other
+                except asyncio.CancelledError:
+                    await asyncio.sleep(30)  # reclaimed here
+
+        task = asyncio.create_task(leftover())
+        with pytest.raises(asyncpool.ConnectionLeakedError):
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        assert task.cancelling() == 1  # the leftover alone
+
+        running = asyncio.Event()
+
+        async def caught() -> None:
+            async with pool.acquire() as conn:
+                running.set()
+                cancelled = False
+                try:
+                    await conn.execute("SELECT pg_sleep(30)")
+                except asyncio.CancelledError:
+                    cancelled = True
+                if cancelled:
+                    await asyncio.sleep(2)  # cleanup past leak_timeout: reclaimed here
+                    raise asyncio.CancelledError
+
+        task = asyncio.create_task(caught())
+        await running.wait()
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        assert task.cancelled()
+        assert task.cancelling() == 1  # the caller's alone
+        assert pool.stats().leaked_total == 2
+        deadline = asyncio.get_running_loop().time() + 5
+        while (await pooler.pool_row())["sv_active"] != 0:
+            assert asyncio.get_running_loop().time() < deadline, "server connection still active"
+            await asyncio.sleep(0.05)
+        assert await pool.fetchval("SELECT 1") == 1

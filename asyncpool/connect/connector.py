@@ -22,6 +22,7 @@ from asyncpool.connect.failures import (
     setting_sources,
     translate,
 )
+from asyncpool.connect.negotiation import NegotiationLoop
 from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.reads import cap_reads
 from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan, combined
@@ -300,8 +301,9 @@ class Connector:
 
     def _loop(self) -> tuple[AuthGuard | None, Any]:
         """The loop asyncpg is given: the running one, wrapped by the auth guard (unless the
-        server is verified and every method allowed) and the one-round-trip path's interceptor;
-        None: unwrapped."""
+        server is verified and every method allowed) and the one-round-trip path's interceptor,
+        or else by `NegotiationLoop` (each marks seen the error asyncpg's TLS negotiation keeps
+        when a login is cancelled as it connects)."""
         loop: Any = asyncio.get_running_loop()
         guard: AuthGuard | None = None
         if self.auth_methods != ALL_AUTH_METHODS or not self.tls.verified:
@@ -311,7 +313,9 @@ class Connector:
             from asyncpool.unnamed.wire import InterceptingLoop
 
             loop = InterceptingLoop(loop, self._policy)
-        return guard, loop if guard is not None or self._intercept else None
+        elif guard is None:
+            loop = NegotiationLoop(loop)
+        return guard, loop
 
     async def _attempt(self, cut_short: CutShort | None) -> asyncpg.Connection:
         cred_times: list[int] = []
@@ -335,8 +339,7 @@ class Connector:
             kwargs = {**kwargs, "password": password}
             password_code = password.__code__
         guard, loop = self._loop()
-        if loop is not None:
-            kwargs = {**kwargs, "loop": loop}
+        kwargs = {**kwargs, "loop": loop}
         started = time.time_ns()
         error: BaseException | None = None
         caller_error: type[BaseException] | None = None

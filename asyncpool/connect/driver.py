@@ -322,6 +322,22 @@ async def reset(conn: Any, timeout: float, *, unsynced: bool = False) -> None:
             await conn.execute("UNLISTEN *")
 
 
+#: A key of asyncpg's notification listeners that no channel name equals (`listen_cut_short`).
+_CUT_SHORT = object()
+
+
+def listen_cut_short(conn: Any, channel: str) -> None:
+    """``conn.add_listener(channel, ...)`` ended in an error or a cancellation: its ``LISTEN``
+    may have run on the server all the same (cancelled after it was sent, its cancel request
+    arrives too late), with no callback asyncpg keeps for it, so nothing would ``UNLISTEN`` at
+    the return. An entry under a key no channel has makes the return reset the connection
+    (`returned`) and send ``UNLISTEN *`` (`reset`); asyncpg looks notifications up by channel
+    name, so the entry receives none."""
+    listeners = getattr(conn, "_listeners", None)
+    if listeners is not None and channel not in listeners:
+        listeners[_CUT_SHORT] = set()
+
+
 def queries_count(conn: Any) -> int:
     """How many queries `conn` has run (what asyncpg's pool compares with ``max_queries``)."""
     return int(getattr(getattr(conn, "_protocol", None), "queries_count", 0))

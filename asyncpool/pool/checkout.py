@@ -124,6 +124,9 @@ class AcquireContext(Generic[PoolRecordT_co]):
         started = time.monotonic() if owner.setup is not None else 0.0
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         lease.scoped = True
+        # What a reclaim's cancellation is told apart from the holder's own by (`_raise_leaked`).
+        task = lease.task
+        lease.cancel_requests = task.cancelling() if task is not None else None
         self._frame = None
         self._lease = lease
         conn: PooledConnection[PoolRecordT_co]
@@ -194,6 +197,7 @@ class AcquireContext(Generic[PoolRecordT_co]):
                 lease.state = RELEASED
                 lease.frame = None
                 lease.task = lease.user = None  # (a finished task keeps its result)
+                lease.cancel_requests = None  # (a query helper may take it next: none counted)
                 lease.context = None
                 # The lease stays with the record for the next checkout to take (no allocation:
                 # `Slots.checkout_nowait`); the proxy, which the holder may keep, and this
@@ -288,19 +292,28 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
     or in the ROLLBACK `pool.transaction()` sends on the way out), so none is left on the task.
     """
     task = asyncio.current_task()
-    # The reclaim's request is withdrawn (a request made before it, such as the holder's own
-    # asyncio.timeout firing first, may have been withdrawn by its owner since). What is left
-    # is somebody else's if it is more than the task had before the reclaim; a request left
-    # over from earlier (a cancel swallowed without uncancel(), a TaskGroup on Python < 3.13)
-    # is not taken for one, unless the block was already ending in a cancellation of its own
-    # when the reclaim came (its cleanup outlived leak_timeout): that one is still under way.
     before = lease.holder_cancelled
     if before is not None and task is lease.task and task is not None and task.cancelling():
         lease.holder_cancelled = None
         task.uncancel()
+        # The holder's own cancellation goes on (as from asyncpg.Pool or psycopg_pool, which
+        # never reclaim) when requests are left that were made since its block took the
+        # connection: a caller's cancel or time limit, even if the block caught it and was
+        # still cleaning up when the reclaim came. That is how `asyncio.timeout()` tells its own
+        # cancellation from another's (Python 3.12+): by the count when it was entered, so a
+        # request left over from earlier code (a cancel swallowed without uncancel(), a
+        # TaskGroup on Python < 3.13) is not taken for one.
+        entered = lease.cancel_requests
         left = task.cancelling()
-        if isinstance(exc, asyncio.CancelledError) and (
-                left > before or (left == before > 0 and _cancelled_before_reclaim(exc))):
+        if entered is not None:
+            theirs = left > min(entered, before)
+        else:
+            # Not counted for this task (a query helper's statement, where no code of the
+            # holder's runs; a block driven by another task than the one that entered it):
+            # a request made after the reclaim's, or one before it whose CancelledError the
+            # block is still handling.
+            theirs = left > before or (left == before > 0 and _cancelled_before_reclaim(exc))
+        if isinstance(exc, asyncio.CancelledError) and theirs:
             return  # somebody else cancelled this task too: their cancellation goes on
     raise ConnectionLeakedError(
         f"pool {pool_name!r}: the connection was held past leak_timeout and reclaimed (holder "
@@ -308,7 +321,7 @@ def _raise_leaked(pool_name: str, lease: Lease, exc: BaseException | None) -> No
     ) from None
 
 
-def _cancelled_before_reclaim(exc: BaseException) -> bool:
+def _cancelled_before_reclaim(exc: BaseException | None) -> bool:
     """`exc`, or an exception it was raised while handling, is a cancellation that is not the
     leak reclaim's (whose CancelledError carries `LEAK_CANCEL_MESSAGE`) and is not over."""
     seen: set[int] = set()

@@ -413,7 +413,13 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         # keeps it must not reach the next holder's connection after release.
         async def add_listener(self, channel: str, callback: Callable[..., object]) -> None:
             raw = self._on_loop()  # LISTEN is a statement (see `_statement`)
-            await raw.add_listener(channel, self._relay(("notify", channel), callback))
+            try:
+                await raw.add_listener(channel, self._relay(("notify", channel), callback))
+            except BaseException:
+                # Cancelled once its LISTEN was sent, the server listens all the same: the
+                # return must UNLISTEN, though asyncpg registered no callback.
+                driver.listen_cut_short(raw, channel)
+                raise
 
         async def remove_listener(self, channel: str, callback: Callable[..., object]) -> None:
             raw = self._on_loop()
@@ -562,7 +568,11 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
 
     @property
     def raw(self) -> asyncpg.Connection[PoolRecordT_co]:
-        """The underlying asyncpg connection (valid only while held)."""
+        """The underlying asyncpg connection, while held (refused afterwards).
+
+        The pool's connection itself, not one per checkout: nothing refuses a reference to it
+        kept past the block, whose statements then run in the next holder's session. Use it
+        inside the block only."""
         lease = self._lease
         if lease.state is ACTIVE:
             # Opened with the pool's record_class: its rows are this proxy's.

@@ -172,6 +172,8 @@ def on_leak(slots: Slots, lease: Lease) -> None:
     # The task that last ran a statement on it, when the block is in an async generator
     # another task drives: the one reported and cancelled, and the one `_raise_leaked`
     # withdraws the request from (a reclaimed lease is no one's: nothing else reads it).
+    if task is not lease.task:
+        lease.cancel_requests = None  # (counted for the task that entered the block)
     lease.task = task
     site = lease.acquire_site()
     report = LeakReport(slots.name, held, lease.task_name(), site, reclaim, slots.connector.target)

@@ -79,8 +79,8 @@ class Lease:
     if the lease is reported as a leak.
     """
 
-    __slots__ = ("acquired_at", "context", "frame", "holder_cancelled", "lasti", "record", "reported",
-                 "running", "scoped", "state", "task", "user")
+    __slots__ = ("acquired_at", "cancel_requests", "context", "frame", "holder_cancelled", "lasti",
+                 "record", "reported", "running", "scoped", "state", "task", "user")
 
     def __init__(self, record: ConnectionRecord, now: float, frame: FrameType | None,
                  task: asyncio.Task[Any] | None, context: contextvars.Context | None) -> None:
@@ -108,6 +108,11 @@ class Lease:
         # When a leak reclaim cancelled the holder's task: the task's count of cancel requests
         # (`Task.cancelling()`) before it, which the reclaim's is withdrawn against.
         self.holder_cancelled: int | None = None
+        # The holding task's count of cancel requests when its block took the connection (set
+        # by `async with`): a reclaimed block ends in the holder's own cancellation only if more
+        # are left than this, as `asyncio.timeout()` decides whether a cancellation is its own.
+        # None: not counted (a query helper's statement; a block another task drives since).
+        self.cancel_requests: int | None = None
         # Statements the holder started through its `PooledConnection` and that have not ended
         # (those that asyncpg's own lock, `driver.returned`, does not see).
         self.running: int = 0
@@ -202,6 +207,7 @@ def spare_lease(record: ConnectionRecord) -> Lease:
     lease.reported = False
     lease.scoped = True
     lease.holder_cancelled = None
+    lease.cancel_requests = None
     lease.running = 0
     lease.user = None
     return lease

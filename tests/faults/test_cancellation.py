@@ -12,7 +12,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import pytest
@@ -331,3 +331,74 @@ async def test_cancellation_storm_through_the_query_helpers_loses_nothing(
             assert await ledger.write_one(pool) is None
         assert any(record.spare is not None for record in pool._slots.records)
         assert pooler.running()
+
+
+class _ReplyHolder(FaultProxy):
+    """A fault proxy that holds the first reply holding `tag` (a CommandComplete's, such as
+    ``LISTEN``: the server has run the statement) until `release` is set."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.tag: bytes | None = None
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _pump(self, link: Any, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    direction: Any) -> None:
+        if direction == "replies":
+            src = _Holding(src, self)  # type: ignore[assignment]
+        await super()._pump(link, src, dst, direction)
+
+
+class _Holding:
+    def __init__(self, src: asyncio.StreamReader, proxy: _ReplyHolder) -> None:
+        self.src, self.proxy = src, proxy
+
+    async def read(self, n: int) -> bytes:
+        data = await self.src.read(n)
+        if self.proxy.tag is not None and self.proxy.tag in data:
+            self.proxy.tag = None
+            self.proxy.holding.set()
+            await self.proxy.release.wait()
+        return data
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "off"])
+@pytest.mark.parametrize("call", ["add_listener", "explain", "explain_analyze"])
+async def test_a_call_cancelled_and_caught_in_its_block_leaves_the_next_holder_a_clean_session(
+        postgres: PostgresServer, call: str, mode: Literal["unnamed", "off"]) -> None:
+    """The holder's own cancellation (or time limit) cuts a call short and the block catches it
+    and ends: the next holder of that server connection finds no channel listened to, no
+    transaction open and no stray reply. ``add_listener()`` cancelled once its LISTEN had run on
+    the server (the reply held back by the proxy) left the session listening: asyncpg had
+    registered no callback, so the return sent no UNLISTEN (on RDS Proxy, LISTEN pins the
+    session; every later holder's connection received the channel's notifications)."""
+    proxy = _ReplyHolder(postgres.host, postgres.port)
+    async with proxy:
+        dsn = proxy.dsn(postgres.dsn())
+        async with Pool(dsn, min_size=1, max_size=1, prepared_statements=mode,
+                        telemetry=False) as pool:
+            me = asyncio.current_task()
+            assert me is not None
+            async with pool.acquire() as conn:
+                pid = conn.get_server_pid()
+                if call == "add_listener":
+                    proxy.tag = b"LISTEN\x00"
+                    holding = asyncio.ensure_future(proxy.holding.wait())
+                    holding.add_done_callback(lambda _: me.cancel())
+                    with pytest.raises(asyncio.CancelledError):
+                        await conn.add_listener("cut_short", lambda *_: None)
+                    me.uncancel()  # caught: the block goes on
+                else:
+                    statement = await conn.prepare("SELECT pg_sleep(0.5), $1::int")
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.1 if call == "explain_analyze" else 0):
+                            await statement.explain(1, analyze=call == "explain_analyze")
+                proxy.release.set()
+            assert me.cancelling() == 0
+            async with pool.acquire() as conn:
+                assert conn.get_server_pid() == pid  # the same session
+                assert await conn.fetch("SELECT pg_listening_channels()") == []
+                assert not conn.is_in_transaction()
+                assert await conn.fetchval("SELECT $1::int", 7) == 7
+                assert await conn.fetchval("SELECT 8") == 8

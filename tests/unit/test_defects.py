@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pytest
@@ -830,6 +830,131 @@ def test_a_reclaim_while_handling_a_time_limit_is_not_taken_for_the_holders_canc
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert pool.stats().leaked_total == 2
+            assert pool.stats().in_use == 0
+            assert await pool.fetchval("SELECT 1") == 1
+
+    run(main())
+
+
+def test_a_reclaim_after_awaiting_another_cancelled_task_is_not_taken_for_the_holders_cancellation(
+        server: FakeServer) -> None:
+    """A task with a cancel request left over from earlier code awaits, in its block, another
+    task that is cancelled, and handles that (``except CancelledError:``) slowly when the
+    reclaim comes: nobody cancelled the holder, so its block ends in ConnectionLeakedError with
+    the old request alone left. It ended in CancelledError: the other task's CancelledError, in
+    the chain of exceptions being handled, was taken for the holder's cancellation under way."""
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0) as pool:
+            seen: list[tuple[str, int]] = []
+
+            async def holder() -> None:
+                task = await _with_an_old_cancel_request()
+                try:
+                    async with pool.acquire() as conn:
+                        await conn.fetchval("SELECT 1")
+                        other = asyncio.create_task(asyncio.sleep(5))
+                        asyncio.get_running_loop().call_later(0.1, other.cancel)
+                        try:
+                            await other
+                        except asyncio.CancelledError:
+                            await asyncio.sleep(5)  # reclaimed here
+                except BaseException as exc:
+                    seen.append((type(exc).__name__, task.cancelling()))
+                    raise
+
+            with pytest.raises(ConnectionLeakedError):
+                await asyncio.create_task(holder())
+            assert seen == [("ConnectionLeakedError", 1)]  # the leftover request only
+            assert pool.stats().leaked_total == 1
+            assert await pool.fetchval("SELECT 1") == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("cleanup", ["in_except", "after_except", "under_a_time_limit"])
+def test_a_holder_that_caught_its_callers_cancel_and_cleans_up_slowly_ends_cancelled(
+        server: FakeServer, cleanup: str) -> None:
+    """The caller cancels the holder; the block catches the CancelledError, cleans up past
+    leak_timeout (the reclaim comes then) and raises it again, or a CancelledError of its own
+    after the ``except`` (no exception is being handled there). The caller's cancellation comes
+    out, as it does from asyncpg.Pool and psycopg_pool (they never reclaim), and the reclaim's
+    request is withdrawn; a caller's asyncio.timeout() sees TimeoutError. The second way ended
+    in ConnectionLeakedError: the pool looked for the caller's cancellation in the chain of
+    exceptions being handled instead of counting the requests made since the block began."""
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0) as pool:
+            entered = asyncio.Event()
+
+            async def holder() -> None:
+                async with pool.acquire() as conn:
+                    entered.set()
+                    caught = False
+                    try:
+                        await conn.execute("SELECT pg_sleep(5)")
+                    except asyncio.CancelledError:
+                        if cleanup != "after_except":
+                            await asyncio.sleep(2)  # reclaimed here
+                            raise
+                        caught = True
+                    if caught:
+                        await asyncio.sleep(2)  # reclaimed here
+                        raise asyncio.CancelledError
+
+            current = asyncio.current_task()
+            assert current is not None
+            if cleanup == "under_a_time_limit":
+                with pytest.raises(TimeoutError) as info:
+                    async with asyncio.timeout(0.2):
+                        await holder()
+                assert not isinstance(info.value, ConnectionLeakedError)
+            else:
+                task = asyncio.create_task(holder())
+                await entered.wait()
+                await asyncio.sleep(0.1)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert task.cancelling() == 1  # the caller's request alone
+            assert current.cancelling() == 0
+            assert pool.stats().leaked_total == 1
+            assert pool.stats().in_use == 0
+            assert await pool.fetchval("SELECT 1") == 1
+
+    run(main())
+
+
+def test_a_block_driven_by_another_task_that_its_caller_cancelled_ends_cancelled(
+        server: FakeServer) -> None:
+    """A block inside an async generator, entered by one task and driven by another since,
+    whose driver its caller cancels while it runs a statement; the block is still cleaning up
+    when the reclaim comes (and cancels the driver, `Lease.holder`). The caller's cancellation
+    goes on: no count was taken for the driver when the block began, so the exceptions the
+    block is handling tell."""
+    async def main() -> None:
+        async with fake_pool(server, leak_timeout=1.0) as pool:
+            async def rows() -> AsyncGenerator[int, None]:
+                async with pool.acquire() as conn:
+                    yield await conn.fetchval("SELECT 1")
+                    try:
+                        yield await conn.fetchval("SELECT pg_sleep(5)")
+                    except asyncio.CancelledError:
+                        await asyncio.sleep(2)  # reclaimed here
+                        raise
+
+            gen = rows()
+            assert await anext(gen) == 1  # this task enters the block...
+            async def drive() -> int:  # ...and another drives it on
+                return await anext(gen)
+
+            driver = asyncio.create_task(drive())
+            await asyncio.sleep(0.3)
+            driver.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await driver
+            assert driver.cancelled()
+            assert driver.cancelling() == 1  # the caller's request alone
+            assert pool.stats().leaked_total == 1
+            await gen.aclose()
             assert pool.stats().in_use == 0
             assert await pool.fetchval("SELECT 1") == 1
 

@@ -94,10 +94,12 @@ def test_a_clean_statement_leaves_its_lease_to_the_next_one_on_that_connection(
                                            asyncio.current_task(), spare.context))
                 assert made.pop("lasti") <= expected.pop("lasti")
                 expected["scoped"] = True
+                expected["cancel_requests"] = 0  # the task's count when the block took it
                 assert made == expected
             assert record.spare is spare
             assert spare.state is RELEASED
             assert (spare.task, spare.context, spare.frame) == (None, None, None)
+            assert spare.cancel_requests is None  # a query helper may take it next
 
     run(main())
 
@@ -328,7 +330,8 @@ def test_the_acquire_paths_context_lease_and_proxy_set_every_slot_as_the_constru
                                            lease.context))
                 # The acquire site's instruction was read at acquire(); the frame has run on.
                 assert made.pop("lasti") <= expected.pop("lasti")
-                expected["scoped"] = True  # taken by `async with`
+                expected["scoped"] = True  # taken by `async with`...
+                expected["cancel_requests"] = 0  # ...whose task had no cancel request then
                 assert made["frame"] is sys._getframe()  # the acquire site: this function
                 assert made == expected
                 assert lease.context is not None
