@@ -18,10 +18,18 @@ from asyncpool import Pool
 from asyncpool.integrations.invocation import LocalContext
 from asyncpool.integrations.sqlalchemy import create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
-from tests.lambda_env import RuntimeThread, load_event
+from tests.lambda_env import RuntimeThread, load_event, loops_like_the_tests
 from tests.script_support import REPO, load_script
 
 EXAMPLE = REPO / "examples" / "sqlalchemy_fastapi"
+
+
+@pytest.fixture(autouse=True)
+def _mangums_loop_like_the_tests() -> Iterator[None]:
+    """Under ASYNCPOOL_TEST_LOOP=uvloop the example's loops (Mangum's, TestClient's,
+    ``asyncio.run()``'s) are uvloop's too."""
+    with loops_like_the_tests():
+        yield
 
 
 @pytest.fixture
