@@ -45,17 +45,20 @@ def loops_like_the_tests() -> Iterator[None]:
     """Under ASYNCPOOL_TEST_LOOP=uvloop, the loops made outside pytest-asyncio (a LambdaRunner's,
     Mangum's, TestClient's portal, ``asyncio.run()``) are uvloop's too, as in a process that ran
     ``uvloop.install()``. For the modules that ask: suite-wide, that policy broke the direct-TLS
-    tests' helpers."""
+    tests' helpers. Enter it from an async fixture: pytest-asyncio sets a policy of its own when
+    it starts its loop, which a sync fixture set up before a module's first async test precedes
+    (that test then ran on asyncio's loop)."""
     if TEST_LOOP != "uvloop":
         yield
         return
     import uvloop
 
+    before = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
         yield
     finally:
-        asyncio.set_event_loop_policy(None)
+        asyncio.set_event_loop_policy(before)  # (pytest-asyncio's, with its loop set as current)
 
 
 def loop_kind() -> str:

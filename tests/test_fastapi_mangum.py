@@ -135,7 +135,7 @@ class MangumEnvironment:
 
 
 @pytest.fixture(autouse=True)
-def _mangums_loop_like_the_tests() -> Iterator[None]:
+async def _mangums_loop_like_the_tests() -> AsyncIterator[None]:
     """Under ASYNCPOOL_TEST_LOOP=uvloop Mangum's loop is uvloop's too (Mangum makes its own)."""
     with loops_like_the_tests():
         yield

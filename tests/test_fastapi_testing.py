@@ -8,7 +8,7 @@ the errors with advice when a test leaves one event loop for another.
 import asyncio
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 import asyncpg
@@ -60,9 +60,9 @@ def build_app(dsn: str) -> tuple[FastAPI, Pool]:
 
 
 @pytest.fixture(autouse=True)
-def _client_loop_like_the_tests() -> Iterator[None]:
-    """Under ASYNCPOOL_TEST_LOOP=uvloop TestClient's loop is uvloop's too (its portal makes its
-    own loop, through the policy)."""
+async def _client_loop_like_the_tests() -> AsyncIterator[None]:
+    """Under ASYNCPOOL_TEST_LOOP=uvloop TestClient's loop is uvloop's too (its portal makes
+    its own, through the policy)."""
     with loops_like_the_tests():
         yield
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,7 +33,7 @@ from tests.lambda_env import Environment, app_clients, local_port, loops_like_th
 
 
 @pytest.fixture(autouse=True)
-def _runner_loop_like_the_tests() -> Iterator[None]:
+async def _runner_loop_like_the_tests() -> AsyncIterator[None]:
     """Under ASYNCPOOL_TEST_LOOP=uvloop the runner's own loop is uvloop's too."""
     with loops_like_the_tests():
         yield
