@@ -62,7 +62,7 @@ def loops_like_the_tests() -> Iterator[None]:
 
 
 def loop_kind() -> str:
-    """"uvloop" or "asyncio": the kind of the running loop."""
+    """The running loop's kind: "uvloop" or "asyncio"."""
     return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
 
 

@@ -51,7 +51,8 @@ def _close_on_mangums_loop(app: ModuleType) -> None:
 
 
 def _mangums_loop_kind() -> str:
-    """"uvloop" or "asyncio": the loop Mangum runs the example on (the runtime thread's)."""
+    """The kind ("uvloop" or "asyncio") of the loop Mangum runs the example on (the runtime
+    thread's)."""
     return "uvloop" if "uvloop" in type(asyncio.get_event_loop()).__module__ else "asyncio"
 
 
