@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -35,6 +35,35 @@ from tests.script_support import REPO
 T = TypeVar("T")
 
 POWERTOOLS_EXAMPLE = REPO / "examples" / "lambda_powertools"
+
+#: The loop the suite's async tests run on: "uvloop" under ASYNCPOOL_TEST_LOOP=uvloop (tests/conftest.py).
+TEST_LOOP = "uvloop" if os.environ.get("ASYNCPOOL_TEST_LOOP") == "uvloop" else "asyncio"
+
+
+@contextlib.contextmanager
+def loops_like_the_tests() -> Iterator[None]:
+    """Under ASYNCPOOL_TEST_LOOP=uvloop, the loops made outside pytest-asyncio (a LambdaRunner's,
+    Mangum's, TestClient's portal, ``asyncio.run()``) are uvloop's too, as in a process that ran
+    ``uvloop.install()``. For the modules that ask: suite-wide, that policy broke the direct-TLS
+    tests' helpers. Enter it from an async fixture: pytest-asyncio sets a policy of its own when
+    it starts its loop, which a sync fixture set up before a module's first async test precedes
+    (that test then ran on asyncio's loop)."""
+    if TEST_LOOP != "uvloop":
+        yield
+        return
+    import uvloop
+
+    before = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(before)  # (pytest-asyncio's, with its loop set as current)
+
+
+def loop_kind() -> str:
+    """The running loop's kind: "uvloop" or "asyncio"."""
+    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
 
 
 class RuntimeThread:

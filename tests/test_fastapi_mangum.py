@@ -30,7 +30,16 @@ from asyncpool.integrations.lambda_runner import LambdaRunner
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
 from tests.conftest import Pooler
-from tests.lambda_env import RuntimeThread, app_clients, load_event, local_port, scratch_table
+from tests.lambda_env import (
+    TEST_LOOP,
+    RuntimeThread,
+    app_clients,
+    load_event,
+    local_port,
+    loop_kind,
+    loops_like_the_tests,
+    scratch_table,
+)
 from tests.script_support import REPO
 
 HTTP_API_EVENT = load_event(REPO / "examples" / "fastapi_mangum" / "events" / "hello_v2.json")
@@ -82,6 +91,11 @@ def build_app(pool: Pool, *, keep_open: bool | None = True) -> FastAPI:
                 await conn.execute("SELECT pg_sleep(2)")
         return {"cut": True}
 
+    @app.get("/loop")
+    async def loop(conn: connection) -> str:
+        await conn.execute("SELECT 1")
+        return loop_kind()
+
     @app.get("/invocation")
     async def invocation(conn: connection, tx: transaction) -> dict[str, Any]:
         current = current_invocation()
@@ -118,6 +132,13 @@ class MangumEnvironment:
 
         if self.handler is not None:
             await self.runtime.call(close_on_mangums_loop)
+
+
+@pytest.fixture(autouse=True)
+async def _mangums_loop_like_the_tests() -> AsyncIterator[None]:
+    """Under ASYNCPOOL_TEST_LOOP=uvloop Mangum's loop is uvloop's too (Mangum makes its own)."""
+    with loops_like_the_tests():
+        yield
 
 
 @pytest.fixture
@@ -172,6 +193,14 @@ async def test_each_later_invocation_checks_the_connections_whatever_takes_them(
             assert (stats.validation_failures_total, stats.created_total) == (1, 2)
         finally:
             await env.close()
+
+
+async def test_mangum_runs_on_the_loop_the_tests_run_on(lambda_env: MangumEnvironment) -> None:
+    """Under ASYNCPOOL_TEST_LOOP=uvloop, Mangum's loop (and the pool's) is uvloop's: Mangum
+    makes its loop through the policy, and without one set its tests ran on asyncio's."""
+    await lambda_env.start(build_app(lambda_env.pool))
+    response = await lambda_env.invoke(http_event("GET", "/loop"))
+    assert (response["statusCode"], json.loads(response["body"])) == (200, TEST_LOOP)
 
 
 async def test_many_invocations_share_one_pool_and_connection(

@@ -8,7 +8,7 @@ the errors with advice when a test leaves one event loop for another.
 import asyncio
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 import asyncpg
@@ -25,6 +25,7 @@ from asyncpool import (
 )
 from asyncpool.integrations.fastapi import pool_connection, pool_lifespan
 from asyncpool.testing import PgBouncerServer
+from tests.lambda_env import TEST_LOOP, loop_kind, loops_like_the_tests
 
 with warnings.catch_warnings():
     # Starlette 1.x suggests httpx2 for its TestClient; the TestClient itself is what users run.
@@ -44,6 +45,11 @@ def build_app(dsn: str) -> tuple[FastAPI, Pool]:
     async def double(conn: connection, n: int) -> dict[str, int]:
         return {"n": await conn.fetchval("SELECT $1::int * 2", n)}
 
+    @app.get("/loop")
+    async def loop(conn: connection) -> str:
+        await conn.execute("SELECT 1")
+        return loop_kind()
+
     @app.post("/sum")
     async def total(conn: transaction, n: int) -> dict[str, int]:
         await conn.execute("CREATE TEMP TABLE t (n int) ON COMMIT DROP")
@@ -51,6 +57,14 @@ def build_app(dsn: str) -> tuple[FastAPI, Pool]:
         return {"sum": await conn.fetchval("SELECT sum(n)::int FROM t")}
 
     return app, pool
+
+
+@pytest.fixture(autouse=True)
+async def _client_loop_like_the_tests() -> AsyncIterator[None]:
+    """Under ASYNCPOOL_TEST_LOOP=uvloop TestClient's loop is uvloop's too (its portal makes
+    its own, through the policy)."""
+    with loops_like_the_tests():
+        yield
 
 
 @pytest.fixture
@@ -69,6 +83,12 @@ def test_with_test_client_every_request_shares_one_loop(app_and_pool: tuple[Fast
         assert client.post("/sum", params={"n": 4}).json() == {"sum": 10}
         assert pool.stats().created_total == 1  # one connection served every request
     assert pool.closed  # the lifespan closed it with the client
+
+
+def test_test_client_runs_on_the_loop_the_tests_run_on(app_and_pool: tuple[FastAPI, Pool]) -> None:
+    app, _ = app_and_pool
+    with TestClient(app) as client:
+        assert client.get("/loop").json() == TEST_LOOP
 
 
 def test_a_second_test_client_on_a_closed_pool_says_what_to_do(

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,23 +30,14 @@ from asyncpool.pool.connection import PooledConnection
 from asyncpool.telemetry import TelemetryObserver
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
-from tests.lambda_env import Environment, app_clients, local_port
+from tests.lambda_env import Environment, app_clients, local_port, loops_like_the_tests
 
 
 @pytest.fixture(autouse=True)
-def _runner_loop_like_the_tests() -> Iterator[None]:
-    """Under ASYNCPOOL_TEST_LOOP=uvloop the runner's own loop is uvloop's too, as in a process
-    that ran uvloop.install(). Not suite-wide: that policy broke the direct-TLS tests' helpers."""
-    if os.environ.get("ASYNCPOOL_TEST_LOOP") != "uvloop":
+async def _runner_loop_like_the_tests() -> AsyncIterator[None]:
+    """Under ASYNCPOOL_TEST_LOOP=uvloop the runner's own loop is uvloop's too."""
+    with loops_like_the_tests():
         yield
-        return
-    import uvloop
-
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    try:
-        yield
-    finally:
-        asyncio.set_event_loop_policy(None)
 
 
 async def test_asyncio_run_per_invocation_cannot_keep_a_pool(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -18,10 +18,18 @@ from asyncpool import Pool
 from asyncpool.integrations.invocation import LocalContext
 from asyncpool.integrations.sqlalchemy import create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
-from tests.lambda_env import RuntimeThread, load_event
+from tests.lambda_env import TEST_LOOP, RuntimeThread, load_event, loops_like_the_tests
 from tests.script_support import REPO, load_script
 
 EXAMPLE = REPO / "examples" / "sqlalchemy_fastapi"
+
+
+@pytest.fixture(autouse=True)
+async def _mangums_loop_like_the_tests() -> AsyncIterator[None]:
+    """Under ASYNCPOOL_TEST_LOOP=uvloop the example's loops (Mangum's, TestClient's,
+    ``asyncio.run()``'s) are uvloop's too."""
+    with loops_like_the_tests():
+        yield
 
 
 @pytest.fixture
@@ -40,6 +48,12 @@ def _close_on_mangums_loop(app: ModuleType) -> None:
     loop = asyncio.get_event_loop()
     loop.run_until_complete(app.pool.close())
     loop.close()
+
+
+def _mangums_loop_kind() -> str:
+    """The kind ("uvloop" or "asyncio") of the loop Mangum runs the example on (the runtime
+    thread's)."""
+    return "uvloop" if "uvloop" in type(asyncio.get_event_loop()).__module__ else "asyncio"
 
 
 async def _example_with_fresh_tables(runtime: RuntimeThread, legacy: PgBouncerServer,
@@ -83,6 +97,7 @@ async def test_example_serves_invocations_from_one_pool(
             assert not app.pool.closed  # Mangum's lifespan shutdown after each invocation
             assert (stats.in_use, stats.created_total, stats.closed_total) == (0, 1, 0)
         assert app.pool.stats().acquired_total == 15
+        assert await runtime.call(_mangums_loop_kind) == TEST_LOOP
     finally:
         await runtime.call(_close_on_mangums_loop, app)
 
