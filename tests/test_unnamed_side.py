@@ -65,7 +65,7 @@ async def test_a_holder_cancelled_while_the_server_turns_values(
 
         async def holder() -> Any:
             async with pool.acquire() as conn:
-                return await conn.fetchval(select, 1)  # noqa: B023 (awaited in the iteration)
+                return await conn.fetchval(select, 1)
 
         with pytest.raises(asyncio.CancelledError):
             await asyncio.create_task(holder())
