@@ -12,8 +12,8 @@ import pytest
 
 from asyncpool import Pool
 from asyncpool.errors import StaleStatementError
-from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing import PostgresServer
+from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.unnamed.messages import SYNC_MESSAGE
 from asyncpool.unnamed.wire import Wire
 from tests.migrations import migrate
