@@ -351,7 +351,10 @@ def _take_credentials(slots: Slots) -> list[Any]:
     providers = slots.replaced_credentials
     slots.replaced_credentials = []
     creds = slots.connector.credentials if slots.connector is not None else None
-    return [*providers, creds] if creds is not None else providers
+    # By identity: a provider given back by a later set_connect_args() is in both (replaced,
+    # then in use again), and a user's provider need not take two closes.
+    every = {id(p): p for p in (*providers, creds) if p is not None}
+    return list(every.values())
 
 
 def use_connector(slots: Slots, connector: Connector) -> None:

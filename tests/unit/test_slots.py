@@ -746,3 +746,26 @@ def test_an_acquire_that_runs_out_after_a_failed_check_says_so(server: FakeServe
                     "and was replaced") in str(caught.value)
 
     run(main())
+
+
+def test_a_provider_given_back_after_another_is_closed_once(server: FakeServer) -> None:
+    """`set_connect_args(credentials=first)`, then `second`, then `first` again: `first` is
+    both replaced and in use; the pool's close closes each provider once."""
+    from tests.unit.fakes import FakeConnector, FakeCredentials
+
+    first, second = FakeCredentials(), FakeCredentials()
+
+    async def main() -> None:
+        pool = fake_pool(server, min_size=1, connect_kwargs={"fake_server": server,
+                                                             "fake_credentials": first})
+        await pool.open()
+        slots = pool._slots
+        for creds in (second, first, second, first):
+            config = pool.config.replace(connect_kwargs={"fake_server": server,
+                                                         "fake_credentials": creds})
+            use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+        assert await pool.fetchval("SELECT 1") is not None
+        await pool.close()
+        assert (first.closed, second.closed) == (1, 1)
+
+    run(main())
