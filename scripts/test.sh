@@ -28,9 +28,9 @@ fi
 # ones with SnapStart), in the small venvs scripts/setup.sh builds, with the modules whose code paths
 # differ between Python versions: asyncio cancellation (Task.cancelling/uncancel, wait_for), the
 # lease's task lookup, and the transports that the read path, the login guard, TLS and the unnamed
-# mode wrap. Both versions run at once (the suites mostly wait on servers and subprocesses), with the
-# model test at 200 examples instead of 1,000: about 2 minutes in all (70 s for the first eight paths
-# alone). The whole suite passes there too, but takes 6 minutes per version in 2 workers on a 2-core
+# mode wrap; and SQLAlchemy's async engine, FastAPI and Mangum, which Lambda functions on those
+# versions run the pool under. Both versions run at once (the suites mostly wait on servers and
+# subprocesses), with the model test at 200 examples instead of 1,000: about 3 minutes in all. The whole suite passes there too, but takes 6 minutes per version in 2 workers on a 2-core
 # machine, and needs the whole dev environment: too long for every run. Only for a whole-suite run;
 # ASYNCPOOL_TEST_MATRIX=0 skips them.
 matrix_tests=(tests/unit tests/test_asyncpg_pool_api.py tests/lambda_runtime tests/test_lambda_runner.py
@@ -39,7 +39,9 @@ matrix_tests=(tests/unit tests/test_asyncpg_pool_api.py tests/lambda_runtime tes
               tests/test_pool_api.py tests/test_cancel_delivery.py tests/faults/test_cancellation.py
               tests/test_leaks.py tests/test_driver.py tests/test_reads.py tests/test_authguard_transport.py
               tests/test_tls.py tests/test_unnamed_wire.py tests/test_unnamed_prepare.py
-              tests/test_unnamed_changes.py tests/test_unnamed_tls.py)
+              tests/test_unnamed_changes.py tests/test_unnamed_tls.py
+              tests/test_sqlalchemy.py tests/test_sqlalchemy_example.py tests/test_fastapi_mangum.py
+              tests/test_fastapi_testing.py)
 if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
   pids=()
   logs=$(mktemp -d)
