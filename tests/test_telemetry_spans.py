@@ -85,6 +85,7 @@ async def test_connect_span_is_a_client_span_in_the_callers_trace(pooler: Pooler
     assert connect.kind is SpanKind.CLIENT
     assert dict(connect.attributes or {}) == {
         sc.DB_SYSTEM_NAME: "postgresql",
+        sc.DB_OPERATION_NAME: "connect",  # "{db.operation.name} {target}", as its name
         sc.DB_NAMESPACE: target.database,
         sc.SERVER_ADDRESS: target.host,
         sc.SERVER_PORT: target.port,
