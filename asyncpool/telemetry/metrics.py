@@ -108,7 +108,8 @@ class Series:
     per invocation) goes on from the totals of the ones before rather than from 0, which a
     delta exporter would send as a negative increase; and the failed logins of an open() that
     failed before any collection are still reported. Pools open under the same name at once
-    share it: their counts add up, as their sizes do.
+    share it: their counts add up, as their sizes do. A forked child keeps them only for a
+    provider it inherited (`_after_fork_in_child`).
     """
 
     __slots__ = ("attributes", "counts", "hit", "idle", "leak", "miss", "pool_name",
