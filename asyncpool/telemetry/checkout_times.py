@@ -218,7 +218,6 @@ class CheckoutTimes:
                 return []
             return consumer.take(time.time_ns(), self.bounds)
 
-
     def _after_fork_in_child(self) -> None:
         """Hand the parent's pools' times to the exporters the child inherited, and drop them.
 
