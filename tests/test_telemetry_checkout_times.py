@@ -128,6 +128,33 @@ def test_the_wrapper_keeps_the_exporter_temporality_and_adds_to_the_sdk_batch() 
     assert capture.shut_down
 
 
+def test_a_pull_reader_that_prefers_delta_gets_delta_checkout_times() -> None:
+    """The reader's preference was looked up by the SDK's public Histogram class while the
+    reader keys it by its private one: a delta pull reader got cumulative checkout times next
+    to the SDK's delta points (the totals since start, again at every collection)."""
+    times = CheckoutTimes()
+    reader = reader_with_checkout_times(
+        InMemoryMetricReader, times=times,
+        preferred_temporality={HistogramInstrument: AggregationTemporality.DELTA})
+    provider = MeterProvider(metric_readers=[reader])
+    # (The SDK hands a collection to its reader only when it has metrics of its own.)
+    requests = provider.get_meter("app").create_counter("app.requests")
+    recorder = times.recorder("p")
+    try:
+        counts = []
+        for records in (3, 2):
+            requests.add(1)
+            for _ in range(records):
+                recorder.wait(0.002)
+            [metric] = metrics_named(reader.get_metrics_data(), sc.WAIT_TIME.name)
+            assert isinstance(metric.data, Histogram)
+            assert metric.data.aggregation_temporality is AggregationTemporality.DELTA
+            counts.append([point.count for point in metric.data.data_points])
+        assert counts == [[3], [2]]
+    finally:
+        provider.shutdown()
+
+
 def test_times_of_a_pool_closed_after_the_last_export_are_sent_at_shutdown() -> None:
     capture = CapturingExporter(AggregationTemporality.DELTA)
     times = CheckoutTimes()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +21,10 @@ from asyncpool import Pool
 from asyncpool.connect.dsn import Target, dsn_password, parse_target
 from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.logs import SPAN_ID, TRACE_ID
+from asyncpool.telemetry.metrics import qualified_name
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
+from asyncpool.testing.mitm import FakeServer
 from tests.conftest import Pooler
 from tests.telemetry_support import Sdk
 from tests.waiting import until
@@ -85,6 +89,7 @@ async def test_connect_span_is_a_client_span_in_the_callers_trace(pooler: Pooler
     assert connect.kind is SpanKind.CLIENT
     assert dict(connect.attributes or {}) == {
         sc.DB_SYSTEM_NAME: "postgresql",
+        sc.DB_OPERATION_NAME: "connect",  # "{db.operation.name} {target}", as its name
         sc.DB_NAMESPACE: target.database,
         sc.SERVER_ADDRESS: target.host,
         sc.SERVER_PORT: target.port,
@@ -562,3 +567,35 @@ async def test_a_credential_fetch_whose_caller_went_away_stays_unset(
     [credentials] = sdk.spans(sc.CREDENTIALS_SPAN)
     assert credentials.status.status_code is StatusCode.UNSET
     assert sc.ERROR_TYPE not in dict(credentials.attributes or {})
+
+
+async def test_a_withheld_password_file_password_is_marked_as_the_callers_error(
+        sdk: Sdk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .pgpass password for another machine without verified TLS is held back and the login
+    refused before anything is sent: the connect span and `create_errors` name the class the
+    caller gets (`AuthMethodRefusedError`), and neither carries the password."""
+    name = socket.gethostname()
+    if name == "localhost" or socket.gethostbyname(name) != "127.0.0.1":
+        pytest.skip("this machine's name does not resolve to 127.0.0.1")
+    secret = "pgpass-Telemetry-4711"  # pragma: allowlist secret
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"*:*:*:*:{secret}\n")
+    pgpass.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    for variable in ("PGPASSWORD", "PGSERVICE", "PGSSLMODE", "PGHOST", "PGPORT"):
+        monkeypatch.delenv(variable, raising=False)
+    async with FakeServer(tls="refuse", auth="password") as fake:
+        pool = sdk.pool(f"postgresql://app@{name}:{fake.port}/app", min_size=1)
+        with pytest.raises(asyncpool.AuthMethodRefusedError) as info:
+            await pool.open()
+    assert fake.received == []
+    refused = qualified_name(type(info.value))
+    assert refused == "asyncpool.errors.AuthMethodRefusedError"
+    [connect] = sdk.spans("connect app")
+    assert connect.status.status_code is StatusCode.ERROR
+    assert (connect.attributes or {})[sc.ERROR_TYPE] == refused
+    assert sdk.collect().value(sc.CREATE_ERRORS.name, error__type=refused) == 1
+    spans = sdk.spans()
+    assert spans
+    for span in spans:
+        assert secret not in repr(dict(span.attributes or {})) + repr(span.status)

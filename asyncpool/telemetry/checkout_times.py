@@ -13,6 +13,7 @@ recorder swaps its totals out under its lock, so a record is counted once, in on
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from bisect import bisect_left
@@ -162,6 +163,7 @@ class CheckoutTimes:
         # Weakly: an exporter dropped without shutdown() (nobody unsubscribes it) must not keep
         # every closed pool's recorder waiting for a collection that never comes.
         self._consumers: list[weakref.ref[Consumer]] = []
+        _REGISTRIES.add(self)
 
     def _live(self) -> list[Consumer]:
         """The consumers whose exporter is still there (under the lock)."""
@@ -215,6 +217,36 @@ class CheckoutTimes:
             if only_fresh and not consumer.fresh:
                 return []
             return consumer.take(time.time_ns(), self.bounds)
+
+    def _after_fork_in_child(self) -> None:
+        """Hand the parent's pools' times to the exporters the child inherited, and drop them.
+
+        opentelemetry-sdk keeps an inherited reader's aggregations across a fork: an exporter
+        made before it goes on with its series, and gets what the parent recorded since its
+        last collection (as the SDK's own instruments do). An exporter the child makes gets the
+        child's times only, and the parent's pools (refused in the child) record no more.
+        """
+        # (Single-threaded here, and the locks are new: `fork_locks` renewed them first.)
+        consumers = self._live()
+        for recorder in self._recorders:
+            wait, use = recorder.drain()
+            for each in consumers:
+                each.add(sc.WAIT_TIME.name, recorder.pool_name, wait)
+                each.add(sc.USE_TIME.name, recorder.pool_name, use)
+        self._recorders = []
+
+
+_REGISTRIES: weakref.WeakSet[CheckoutTimes] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for times in list(_REGISTRIES):
+        times._after_fork_in_child()
+
+
+# (Registered after `fork_locks`' renewal, imported above: after-fork hooks run in order.)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: The registry pools with ``telemetry=True`` use once an exporter collects from it.

@@ -140,8 +140,13 @@ def _collecting_subclass(reader_class: type[MetricReader]) -> type[MetricReader]
         _asyncpool_checkout_times: _Collection
 
         def _collect_checkout_times(self, times: CheckoutTimes) -> None:
-            temporality = self._instrument_class_temporality.get(
-                HistogramInstrument, AggregationTemporality.CUMULATIVE
+            # The reader keys its temporalities by the SDK's private instrument classes
+            # (`_Histogram`, a subclass of the public `Histogram`): a lookup by the public
+            # class found nothing, and a delta reader got cumulative checkout times.
+            temporality = next(
+                (t for cls, t in self._instrument_class_temporality.items()
+                 if issubclass(cls, HistogramInstrument)),
+                AggregationTemporality.CUMULATIVE,
             )
             self._asyncpool_checkout_times = _Collection(times, temporality)
 

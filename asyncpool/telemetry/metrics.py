@@ -108,7 +108,8 @@ class Series:
     per invocation) goes on from the totals of the ones before rather than from 0, which a
     delta exporter would send as a negative increase; and the failed logins of an open() that
     failed before any collection are still reported. Pools open under the same name at once
-    share it: their counts add up, as their sizes do.
+    share it: their counts add up, as their sizes do. A forked child keeps them only for a
+    provider it inherited (`_after_fork_in_child`).
     """
 
     __slots__ = ("attributes", "counts", "hit", "idle", "leak", "miss", "pool_name",
@@ -202,6 +203,13 @@ class PoolInstruments:
             if cache is not None:
                 series = watched.series
                 series.retired_cache = _add_cache(series.retired_cache, cache)
+
+    def reset_counts(self) -> None:
+        """Every name's counters back to 0 (the child of a fork whose provider is its own)."""
+        with self._lock:
+            for series in self._series.values():
+                series.counts = PoolCounts()
+                series.retired_cache = None
 
     # Callbacks run on the reader's thread (PeriodicExportingMetricReader) or on a scrape. Each
     # reports one point per pool name (a callback must not observe one attribute set twice):
@@ -366,17 +374,26 @@ def instruments_for(
     return found
 
 
-def _forget_parents_pools() -> None:
+def _after_fork_in_child() -> None:
     # A forked child inherits its parent's open pools, whose connections are the parent's: it
     # neither uses nor closes them (`asyncpool.pool.forks`). Reported from the child too, they
     # would be counted once per worker on top of the parent's own report, and add up with a
-    # worker's pool of the same name. Their names' counts go on (`Series`), as after a close:
-    # an SDK installed before the fork must not see a counter go back. Their sizes do not.
+    # worker's pool of the same name. Their sizes go.
     for per_version in (_GLOBAL, *list(_BY_PROVIDER.values())):
         for instruments in per_version.values():
             for key in list(instruments._pools):
                 instruments.unwatch(key)
+    # Counts follow the SDK state they are reported into, which opentelemetry-sdk keeps across
+    # a fork (it renews its locks and resource, not its aggregations). A provider made before
+    # the fork (here, or the global one if already installed) goes on in the child with its
+    # last observations: its counts go on too, or its counters would go back. With no SDK
+    # installed at the fork, the provider a worker installs is its own and has seen nothing:
+    # the global counts start again, or each worker's first export would send the parent's
+    # as its own.
+    if not global_provider_listens():
+        for instruments in _GLOBAL.values():
+            instruments.reset_counts()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_parents_pools)
+    os.register_at_fork(after_in_child=_after_fork_in_child)

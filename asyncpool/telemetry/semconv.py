@@ -31,6 +31,7 @@ STATE_USED = "used"
 DB_SYSTEM_NAME = "db.system.name"
 DB_NAMESPACE = "db.namespace"
 DB_RESPONSE_STATUS_CODE = "db.response.status_code"
+DB_OPERATION_NAME = "db.operation.name"
 SERVER_ADDRESS = "server.address"
 SERVER_PORT = "server.port"
 ERROR_TYPE = "error.type"
@@ -46,7 +47,8 @@ CONNECT_ABANDONED = "asyncpool.connect.abandoned"
 CACHE_RESULT = "asyncpool.statement_cache.result"  # "hit" or "miss"
 
 # -- spans -----------------------------------------------------------------------------------------
-CONNECT_SPAN = "connect"  # named "connect <db.namespace>", after "{operation} {target}"
+# Named "connect <db.namespace>", after "{db.operation.name} {target}"; its db.operation.name.
+CONNECT_SPAN = "connect"
 CREDENTIALS_SPAN = "asyncpool.credentials"
 LEAK_SPAN = "asyncpool.leak"
 # Parent of the query span of a statement the pool sends on its own: "asyncpool.pool_statement

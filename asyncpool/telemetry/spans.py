@@ -30,10 +30,12 @@ class PoolSpans:
         )
         self._target: Target | None = None
         self._target_attributes: Attributes = {}
+        self._connect_attributes: Attributes = {}
 
     def connect(self, attempt: ConnectAttempt) -> None:
         """A CLIENT span over one connection attempt, with the credential fetch as a child."""
-        attributes = self._attributes_of(attempt.target)
+        self._attributes_of(attempt.target)
+        attributes = self._connect_attributes
         span = self._tracer.start_span(
             f"{sc.CONNECT_SPAN} {attempt.target.database}",
             kind=SpanKind.CLIENT,
@@ -107,6 +109,10 @@ class PoolSpans:
                 sc.SERVER_PORT: target.port,
                 sc.POOL_NAME: self._pool_name,
             }
+            # The conventions define no connection span; as a database client span it names
+            # its one operation (conditionally required), as its name does.
+            self._connect_attributes = {**self._target_attributes,
+                                        sc.DB_OPERATION_NAME: sc.CONNECT_SPAN}
         return self._target_attributes
 
 
