@@ -146,7 +146,9 @@ def test_a_pull_reader_that_prefers_delta_gets_delta_checkout_times() -> None:
             requests.add(1)
             for _ in range(records):
                 recorder.wait(0.002)
-            [metric] = metrics_named(reader.get_metrics_data(), sc.WAIT_TIME.name)
+            data = reader.get_metrics_data()
+            assert data is not None
+            [metric] = metrics_named(data, sc.WAIT_TIME.name)
             assert isinstance(metric.data, Histogram)
             assert metric.data.aggregation_temporality is AggregationTemporality.DELTA
             counts.append([point.count for point in metric.data.data_points])
