@@ -10,9 +10,9 @@ import pytest
 
 from asyncpool import ConnectionLostError, Pool, PoolerExhaustedError
 from asyncpool.testing import PgBouncerServer, ServerStack
-from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
 from asyncpool.testing.invariants import settled
 from asyncpool.testing.ledger import Ledger
+from tests.faults.poolers import both_pgbouncers
 
 MAX_CLIENTS = 3
 
@@ -26,18 +26,8 @@ def tight_poolers(fault_stack: ServerStack) -> Iterator[dict[str, PgBouncerServe
         "max_db_connections": 1,
         "query_wait_timeout": 1,
     }
-    servers = {
-        "legacy": PgBouncerServer(system_pgbouncer(), fault_stack.postgres, settings),
-        "current": PgBouncerServer(current_pgbouncer(), fault_stack.postgres, settings),
-    }
-    started: list[PgBouncerServer] = []
-    try:
-        for server in servers.values():
-            started.append(server.start())
+    with both_pgbouncers(fault_stack, settings) as servers:
         yield servers
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture(params=["legacy", "current"], ids=["pgbouncer-1.18", "pgbouncer-current"])

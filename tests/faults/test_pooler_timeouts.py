@@ -19,8 +19,8 @@ import pytest
 
 from asyncpool import ConnectionLostError, Pool, PooledConnection
 from asyncpool.testing import PgBouncerServer, ServerStack
-from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
 from asyncpool.testing.invariants import serves_again, settled
+from tests.faults.poolers import both_pgbouncers
 
 QUERY_TIMEOUT = 2
 QUERY_WAIT_TIMEOUT = 1
@@ -40,18 +40,8 @@ def timing_poolers(fault_stack: ServerStack) -> Iterator[dict[str, PgBouncerServ
         "query_timeout": QUERY_TIMEOUT, "query_wait_timeout": QUERY_WAIT_TIMEOUT,
         "idle_transaction_timeout": IDLE_TRANSACTION_TIMEOUT,
     }
-    servers = {
-        "legacy": PgBouncerServer(system_pgbouncer(), fault_stack.postgres, settings),
-        "current": PgBouncerServer(current_pgbouncer(), fault_stack.postgres, settings),
-    }
-    started: list[PgBouncerServer] = []
-    try:
-        for server in servers.values():
-            started.append(server.start())
+    with both_pgbouncers(fault_stack, settings) as servers:
         yield servers
-    finally:
-        for server in started:
-            server.stop()
 
 
 def _pool(pooler: PgBouncerServer, mode: Mode) -> Pool:
