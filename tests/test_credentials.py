@@ -375,12 +375,12 @@ async def test_a_provider_missing_a_method_or_with_a_plain_one_says_what_to_writ
 
 
 class ClosingPassword(StaticPassword):
-    """A fixed password that records its close()."""
+    """A fixed password that counts its close() calls."""
 
-    closed = False
+    closed = 0
 
     async def close(self) -> None:
-        self.closed = True
+        self.closed += 1
 
 
 async def test_set_connect_args_replaces_the_provider_for_the_logins_that_follow(
@@ -418,6 +418,7 @@ async def test_set_connect_args_replaces_the_provider_for_the_logins_that_follow
             assert pool.config is first  # nothing changed
 
             pool.set_connect_args(dsn, credentials=StaticPassword(rotated))
+            assert not replaced.closed  # (closed by a task of the pool's)
             await pool.expire_connections()
             async with pool.acquire() as conn:  # the old password no longer logs in
                 assert conn.raw is not held.raw
@@ -429,8 +430,8 @@ async def test_set_connect_args_replaces_the_provider_for_the_logins_that_follow
             await pool.expire_connections()
             assert await pool.fetchval("SELECT current_user") == role.name
             assert pool.stats().connect_errors_total == 0
-            assert not replaced.closed  # a login under way might still use it
-        assert replaced.closed  # closed with the pool
+            assert replaced.closed == 1  # no login used it any more: closed, not kept
+        assert replaced.closed == 1  # not again with the pool
     finally:
         await admin.execute(f"DROP ROLE IF EXISTS {role.name}")
         await admin.close()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from asyncpool import Pool
-from asyncpool.errors import StaleStatementError
+from asyncpool.errors import ConnectionLostError, StaleStatementError
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.unnamed.messages import SYNC_MESSAGE
@@ -130,4 +130,44 @@ async def test_the_next_holder_is_in_step_after_a_side_request_left_pending(
     proxy.set_mode("pass")
     async with asyncio.timeout(10):
         assert await pool.fetchval("SELECT $1::int + 41", 1) == 42
+        assert await pool.fetchval(select, 1) == "$1.00"
+
+
+async def test_a_connection_lost_while_the_server_turns_values_is_reported_lost(
+        proxied: Pool, proxy: FaultProxy, postgres: PostgresServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection is cut as the request turning a retyped column's values goes out: the
+    caller gets the pool's `ConnectionLostError` (the statement ran, its rows were received),
+    as for any connection lost in use, not `StaleStatementError` ("the server did not turn
+    them"); the pool replaces the connection."""
+    pool = proxied
+    table = "dc_side_lost"
+    await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int, a int);"
+                       f"INSERT INTO {table} VALUES (1, 1)")
+    original = Wire.side
+    cut = asyncio.Event()
+
+    def cut_as_sent(self: Wire, data: bytes) -> asyncio.Future[list[bytes]]:
+        waiter = original(self, data)
+        if data != SYNC_MESSAGE:  # the values to turn
+            proxy.set_mode("reset")
+            cut.set()
+        return waiter
+
+    select = f"SELECT a FROM {table} WHERE id = $1"
+    async with pool.acquire() as conn:
+        await conn.fetchval(select, 1)
+        await conn.fetchval(select, 1)
+    await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN a TYPE money "
+                            "USING a::numeric::money")
+    monkeypatch.setattr(Wire, "side", cut_as_sent)
+    with pytest.raises(ConnectionLostError) as info:
+        async with asyncio.timeout(10), pool.acquire() as conn:
+            await conn.fetchval(select, 1)
+    assert cut.is_set()
+    assert "was lost while in use" in str(info.value)
+    assert "turning a retyped column's values" in str(info.value)
+    monkeypatch.setattr(Wire, "side", original)
+    proxy.set_mode("pass")
+    async with asyncio.timeout(10):
         assert await pool.fetchval(select, 1) == "$1.00"

@@ -6,12 +6,13 @@ Each test runs in both modes; where they differ, the test says how and why.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
 import math
 import re
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -155,6 +156,39 @@ async def test_array_elements_are_checked_as_scalars_are(pool: Pool, table: str,
             [Decimal("0.1"), Decimal(2**53 + 1)], [[Decimal("9.99")], [Decimal(3)]])
         assert await _row(conn, read, 11) == ([Decimal("0.25")], [Decimal("1.5")])
 
+
+
+class _Values(Sequence[Any]):
+    """A sequence of the caller's own: asyncpg's array codec takes any sized iterable."""
+
+    def __init__(self, *items: Any) -> None:
+        self._items = list(items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._items[index]
+
+
+async def test_arrays_other_than_lists_are_checked_too(pool: Pool, table: str,
+                                                       postgres: PostgresServer) -> None:
+    """As above with an ``array.array`` and a sequence of the caller's own, which asyncpg
+    encodes as arrays like lists: after ``int4[]`` became ``numeric[]``, "unnamed" stored
+    ``array.array("d", [1.5])`` as ``{1}`` (the cached int4 codec truncates) where "off"
+    stores ``{1.5}``; now both store what was given."""
+    insert = f"INSERT INTO {table} (id, ia) VALUES ($1, $2)"
+    read = f"SELECT ia FROM {table} WHERE id = $1"
+    await pool.execute(f"ALTER TABLE {table} ADD COLUMN ia int4[]")
+    async with pool.acquire() as conn:
+        for i in range(2):
+            await conn.execute(insert, i, array.array("i", [1, 2]))  # a miss, then a hit
+        assert await conn.fetchval(read, 1) == [1, 2]
+        await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN ia TYPE numeric[]")
+        await conn.execute(insert, 10, array.array("d", [1.5, 2.0]))
+        await conn.execute(insert, 11, _Values(Decimal("9.99"), None))
+        assert await conn.fetchval(read, 10) == [Decimal("1.5"), Decimal("2.0")]
+        assert await conn.fetchval(read, 11) == [Decimal("9.99"), None]
 
 async def _locks_on(postgres: PostgresServer, table: str) -> list[str]:
     """The locks other sessions hold on `table`, seen from a direct connection."""

@@ -445,6 +445,11 @@ _POOLER_CLOSE_REASONS = {
     "idle_transaction_timeout; do not wait on other work inside a transaction",
     "query timeout": "a query ran longer than PgBouncer's query_timeout (it may have completed "
     "on the server, a write committed); shorten it or raise query_timeout",
+    # PgBouncer's kill_pool(): admin KILL, or the database gone from [databases] at RELOAD.
+    "database removed": "PgBouncer closed every connection to this database: an admin ran KILL "
+    "on it (new logins then wait until RESUME), or RELOAD found it removed from PgBouncer's "
+    "[databases] (new logins fail until it is back); a statement under way may have completed "
+    "on the server. Check the pooler's SHOW DATABASES, then retry",
 }
 
 

@@ -64,6 +64,7 @@ def forget_inherited(slots: Slots) -> None:
     slots.checking.clear()
     slots.waiters.clear()
     slots.attempts.clear()
+    slots.provider_users.clear()
     slots.handed.clear()
     slots.connecting = slots.filling = 0
     slots._set_state(CLOSED_STATE)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncpool.connect import blocking_cancel, driver
-from asyncpool.connect.connector import close_failure, provider_call
+from asyncpool.connect.connector import provider_call
 from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import forks, housekeeping, misuse
@@ -23,6 +23,8 @@ from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.forks import FORKS, LIVE
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, on_leak
 from asyncpool.pool.pool_stats import weak_stats
+from asyncpool.pool.replaced_credentials import close_credentials as close_provider
+from asyncpool.pool.replaced_credentials import in_use, replace
 from asyncpool.pool.resets import RELEASE_TIMEOUT
 from asyncpool.pool.state import CLOSED_STATE, CLOSING, NEW, OPEN
 
@@ -171,7 +173,7 @@ async def close(slots: Slots, timeout: float | None) -> None:
         # not started yet (its coroutine would never run, and its connection stay open).
         await asyncio.shield(asyncio.gather(*_own_tasks(slots), return_exceptions=True))
         for creds in _take_credentials(slots):
-            await _close_credentials(creds, slots.name)
+            await close_provider(creds, slots.name)
     except BaseException:
         terminate(slots)
         raise
@@ -331,7 +333,7 @@ def _finish(slots: Slots, close_credentials: bool) -> None:
     loop = slots.loop
     if close_credentials and loop is not None and not loop.is_closed():
         for creds in _take_credentials(slots):
-            slots._spawn(_close_credentials(creds, slots.name))
+            slots._spawn(close_provider(creds, slots.name))
     slots._set_state(CLOSED_STATE)
     try:
         slots.observer.detach()
@@ -347,7 +349,8 @@ def _loop_gone(slots: Slots) -> bool:
 
 
 def _take_credentials(slots: Slots) -> list[Any]:
-    """The credentials providers to close with the pool (each once)."""
+    """The credentials providers to close with the pool (each once): the one in use, and those
+    replaced that a login still used (`replaced_credentials`)."""
     providers = slots.replaced_credentials
     slots.replaced_credentials = []
     creds = slots.connector.credentials if slots.connector is not None else None
@@ -363,9 +366,7 @@ def use_connector(slots: Slots, connector: Connector) -> None:
     old = slots.connector
     slots.config = connector.config
     slots.connector = connector
-    if (old is not None and old.credentials is not None
-            and old.credentials is not connector.credentials):
-        slots.replaced_credentials.append(old.credentials)
+    replace(slots, old.credentials if old is not None else None, connector.credentials)
 
 
 async def _warm(slots: Slots, connector: Connector) -> None:
@@ -377,7 +378,8 @@ async def _warm(slots: Slots, connector: Connector) -> None:
     deadline = asyncio.timeout(limit)
     try:
         async with deadline:
-            await provider_call(connector.credentials, "warm", connector.target, slots.name)
+            with in_use(slots, connector.credentials):  # (replaced meanwhile: closed after)
+                await provider_call(connector.credentials, "warm", connector.target, slots.name)
     except TimeoutError:
         if not deadline.expired():
             raise
@@ -403,10 +405,3 @@ def _weakly(slots: Slots, call: Callable[[Slots, _T], None]) -> Callable[[_T], N
 
 def _set_leak_timer_unarmed(slots: Slots, unarmed: bool) -> None:
     slots.leak_timer_unarmed = unarmed
-
-
-async def _close_credentials(creds: Any, name: str) -> None:
-    try:
-        await creds.close()
-    except Exception as exc:
-        logger.warning("pool %r: %s; ignored", name, close_failure(creds, exc))

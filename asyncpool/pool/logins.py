@@ -17,6 +17,7 @@ from asyncpool.pool import closing, misuse, slow_checkout
 from asyncpool.pool.backoff import Backoff
 from asyncpool.pool.lease import ACTIVE
 from asyncpool.pool.record import ConnectionRecord
+from asyncpool.pool.replaced_credentials import track_login
 from asyncpool.pool.state import OPEN
 
 if TYPE_CHECKING:
@@ -136,8 +137,10 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
     assert loop is not None
     assert slots.connector is not None
     cut_short = CutShort()
-    attempt = loop.create_task(slots.connector.connect(cut_short))
+    connector = slots.connector
+    attempt = loop.create_task(connector.connect(cut_short))
     slots.attempts[attempt] = cut_short
+    track_login(slots, attempt, connector.credentials)
     if own:
         slots.fills.add(attempt)
         attempt.add_done_callback(slots.fills.discard)

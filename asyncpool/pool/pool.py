@@ -505,10 +505,11 @@ class Pool(Generic[PoolRecordT_co]):
         a bad argument raises `PoolConfigError` and changes nothing.
 
         `credentials`: a new provider for the logins from now on (None: none, the password
-        given logs in); not given, the pool's stays. A replaced provider is closed with the
-        pool (a login under way may still use it). A password given while a provider is in
-        use would be ignored, so it is refused. For a password or token that rotates, a
-        provider awaited at every login is the better fit (docs/credentials-and-tls.md).
+        given logs in); not given, the pool's stays. A replaced provider is closed once no
+        login under way uses it (at once if none does), unless given back before. A password
+        given while a provider is in use would be ignored, so it is refused. For a password or
+        token that rotates, a provider awaited at every login is the better fit
+        (docs/credentials-and-tls.md).
 
         Call it on the pool's loop: from another thread while that loop runs it raises
         `PoolError` (logins under way there would see half of the change).

@@ -88,10 +88,13 @@ class Slots(_HotSlots):
         "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "closed_total",
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
         "filling", "fills", "forks", "generation", "getting", "handed", "housekeeper", "leaked_total", "name",
-        "observer", "opened_in", "opening", "pid",
+        "observer", "opened_in", "opening", "pid", "provider_users",
         "records", "replaced_credentials", "resets", "retrying", "state", "timeouts_total",
         "undoing_open", "validation_failures_total", "waiters",
     )
+
+    replaced_credentials: list[Any]
+    provider_users: dict[object, Any]
 
     def __init__(self, name: str, config: PoolConfig) -> None:
         # Idle connections, the most recently used last (taken from and put back at the end).
@@ -142,9 +145,10 @@ class Slots(_HotSlots):
         self.config: PoolConfig = config
         self.opened_in: str = ""  # the name of the thread whose loop opened the pool
         self.connector: Connector | None = None
-        # Providers of connectors replaced by new connection arguments: closed with the pool (a
-        # login under way may still be using one).
-        self.replaced_credentials: list[Any] = []
+        # Providers of connectors replaced by new connection arguments that a login still uses:
+        # each closed once the last ends (`asyncpool.pool.replaced_credentials`), or with the pool.
+        # And what uses a provider now (a login's task, open()'s first read): the provider.
+        self.replaced_credentials, self.provider_users = [], {}
         self.observer: PoolObserver = PoolObserver()
         self.connecting: int = 0
         # Of `connecting`: slots `housekeeping.fill` reserved (min_size, at open or housekeeping),

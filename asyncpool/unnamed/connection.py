@@ -463,12 +463,18 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                                 timeout: float | None) -> list[bytes] | None:
         """`recorded` with the values `to_turn` names turned by the server (`convert`); None
         if it refused, or did not answer in `timeout` (its reply is still taken off the
-        stream when it comes: the connection stays in step)."""
+        stream when it comes: the connection stays in step). A connection lost meanwhile
+        raises asyncpg's own error for it, which the pool reports as `ConnectionLostError`
+        (`checkout.end_checkout`): "the server did not turn them" hid a network failure."""
         waiter = self._wire.side(to_turn.request)
         try:
             reply = await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
             return None
+        except ConnectionError as exc:
+            raise pg_exceptions.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation (while the server was "
+                "turning a retyped column's values; the statement had run)") from exc
         return to_turn.rows(recorded, reply)
 
     async def _statement_from_reply(self, check: Check, timeout: float | None) -> Any:

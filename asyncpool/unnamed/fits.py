@@ -8,8 +8,11 @@ would have encoded the value whole. So an argument of a kind the cached type doe
 sends the call to be described afresh (one round trip more); what asyncpg then does with it is
 what it does without a cache.
 
-An array of those types (``float4[]``, ``int4[]``...) is checked element by element, nested
-lists and tuples included (another iterable is not looked at: reading it could consume it).
+An array of those types (``float4[]``, ``int4[]``...) is checked element by element, in
+whatever asyncpg's array codec takes for one (`_array_like`: a list, a tuple, an
+``array.array``, a numpy array, any sized iterable), sub-arrays included. asyncpg reads such a
+value twice itself (its shape, then its elements), so a look here consumes nothing; what it
+refuses (a generator, an iterator: not sized) is not looked at, and asyncpg says why.
 
 Not caught: a ``float4`` parameter keeps a float's float4 precision after its column was widened
 to ``float8`` (asyncpg's float4 codec rounds every float, so refusing floats there would describe
@@ -19,7 +22,7 @@ migration, ``pool.invalidate_statement_cache()``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from datetime import date, datetime
 from decimal import Decimal
 from fractions import Fraction
@@ -77,19 +80,32 @@ def _day(value: Any) -> bool:
     return not isinstance(value, datetime)
 
 
-def _element_guard(check: Guard, plain: frozenset[type]) -> Guard:
-    """`check` for every element of an array argument (lists and tuples, nested). An array whose
-    elements are all of the `plain` types (which `check` passes whatever their value) is passed
-    without a call per element: on every reuse, and ``= ANY($1::int[])`` lists run to thousands
-    (a Python call each cost 0.4 ms per 1,000 ints; the look at their types, 20 us)."""
+def _array_like(value: Any) -> bool:
+    """What asyncpg's array codec encodes as an array (``_is_array_iterable`` in its
+    codecs/array.pyx): sized and iterable, not text or bytes, not a mapping."""
+    return (isinstance(value, Iterable) and isinstance(value, Sized)
+            and not isinstance(value, str | bytes | bytearray | memoryview | Mapping))
+
+
+def _element_guard(check: Guard, plain: frozenset[type], kinds: str) -> Guard:
+    """`check` for every element of an array argument, sub-arrays included (as in asyncpg, a
+    tuple inside an array is an element, not a sub-array). An array whose elements are all of
+    the `plain` types (which `check` passes whatever their value), or a numpy array whose dtype
+    is of `kinds`, is passed without a call per element: on every reuse, and
+    ``= ANY($1::int[])`` lists run to thousands (a Python call each cost 0.4 ms per 1,000 ints;
+    the look at their types, 20 us)."""
 
     def elements(value: Any) -> bool:
-        if not isinstance(value, list | tuple):
-            return True  # another iterable: reading it could consume it; asyncpg decides
+        if type(value) is not list and type(value) is not tuple:
+            if not _array_like(value):
+                return True  # refused by asyncpg (a generator: not sized), which says why
+            kind = getattr(getattr(value, "dtype", None), "kind", None)
+            if isinstance(kind, str) and kind in kinds:
+                return True
         if plain.issuperset(map(type, value)):
             return True
         for item in value:
-            if isinstance(item, list | tuple):
+            if type(item) is list or (not isinstance(item, tuple) and _array_like(item)):
                 if not elements(item):
                     return False
             elif item is not None and not check(item):
@@ -119,9 +135,13 @@ _PLAIN: dict[Guard, frozenset[type]] = {
     _day: frozenset((date, type(None))),
 }
 
+#: numpy dtype kinds whose every value each scalar guard passes: integers and booleans for an
+#: integer type, floats for a float type (``numpy.dtype.kind``).
+_KINDS: dict[Guard, str] = {_integral: "iub", _real: "f", _naive: "", _day: ""}
+
 #: One guard per array type (made once: `_row_fits` tells scalars' guards by identity).
 _ARRAY_GUARDS: dict[int, Guard] = {
-    oid: _element_guard(guard, _PLAIN[guard]) for oid, element in _ARRAYS.items()
+    oid: _element_guard(guard, _PLAIN[guard], _KINDS[guard]) for oid, element in _ARRAYS.items()
     if (guard := _guard(element)) is not None
 }
 

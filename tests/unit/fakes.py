@@ -98,6 +98,8 @@ class FakeConnector:
         self.logged_in = False
 
     async def connect(self, cut_short: object = None) -> FakeConnection:
+        if self.credentials is not None:  # read first, as the real connector does
+            await self.credentials.password(self.target)
         return await self.server.login()
 
 

@@ -3,11 +3,13 @@ those send the call to be described afresh; the others keep the one round trip."
 
 from __future__ import annotations
 
+import array
 import datetime as dt
 import sys
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any
+from typing import Any, overload
 
 import pytest
 
@@ -123,3 +125,86 @@ def test_a_long_array_of_plain_values_costs_no_call_per_element(oid: int, value:
         sys.setprofile(None)
     assert fit
     assert calls < 10
+
+
+class Values(Sequence[Any]):
+    """A sequence of our own: asyncpg's array codec takes any sized iterable."""
+
+    def __init__(self, *items: Any) -> None:
+        self._items = list(items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> Values: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        return Values(*self._items[index]) if isinstance(index, slice) else self._items[index]
+
+
+@pytest.mark.parametrize(
+    ("oid", "value", "fit"),
+    [
+        (INT4_ARRAY, array.array("d", [1.5]), False), (INT4_ARRAY, array.array("i", [1, 2]), True),
+        (FLOAT4_ARRAY, array.array("q", [1, 2**53 + 1]), False),
+        (FLOAT4_ARRAY, array.array("f", [0.5]), True),
+        (INT4_ARRAY, Values(1, Decimal("9.99")), False), (INT4_ARRAY, Values(1, None), True),
+        (INT4_ARRAY, [Values(1), Values(Decimal("9.99"))], False),
+        (INT4_ARRAY, Values([1], Values(2.5)), False),
+        (DATE_ARRAY, Values(dt.datetime(2024, 6, 1)), False),
+        (INT4_ARRAY, [(1,), (2,)], False),  # nested tuples are records to asyncpg, not arrays
+    ],
+)
+def test_arrays_of_any_kind_asyncpg_takes_are_checked(oid: int, value: Any, fit: bool) -> None:
+    """Not only lists and tuples: an ``array.array`` or a sequence of one's own is encoded as an
+    array by asyncpg (any sized iterable but text, bytes and mappings), and was not looked at:
+    ``array.array("d", [1.5])`` for a cached ``int4[]`` (now ``numeric[]``) was stored as 1."""
+    checks = guards([oid])
+    assert checks is not None
+    assert fits(checks, executor_of((value,)), many=False) is fit
+
+
+def test_an_iterable_asyncpg_refuses_is_not_read() -> None:
+    """A generator (or another iterator) is not sized: asyncpg refuses it as an array, with its
+    own error; the check leaves it unread for asyncpg to say so."""
+    checks = guards([INT4_ARRAY])
+    assert checks is not None
+    read: list[Any] = []
+
+    def values() -> Iterator[Any]:
+        read.append(True)
+        yield Decimal("9.99")
+
+    generator = values()
+    assert fits(checks, executor_of((generator,)), many=False)
+    assert read == []
+    assert next(generator) == Decimal("9.99")
+
+
+@pytest.mark.skipif(not NUMPY, reason="numpy is not installed")
+def test_numpy_arrays_are_checked_by_dtype_or_element() -> None:
+    """A numpy array of integers (or floats for a float type) passes on its dtype, without a
+    call per element; floats for an integer type, or objects that do not fit, are refused."""
+    checks, real = guards([INT4_ARRAY]), guards([FLOAT4_ARRAY])
+    assert checks is not None
+    assert real is not None
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        assert fits(checks, executor_of((np.arange(10_000),)), many=False)
+    finally:
+        sys.setprofile(None)
+    assert calls < 100  # (the ABC checks' own, at most; one per element would be 10,000)
+    assert fits(checks, executor_of((np.array([[1, 2], [3, 4]]),)), many=False)
+    assert fits(real, executor_of((np.linspace(0, 1, 10_000),)), many=False)
+    assert not fits(checks, executor_of((np.array([1.5, 2.0]),)), many=False)
+    assert not fits(checks, executor_of((np.array([1, Decimal("9.99")], dtype=object),)),
+                    many=False)
+    assert not fits(real, executor_of((np.array([2**53 + 1], dtype=np.int64),)), many=False)

@@ -591,13 +591,14 @@ def test_a_stale_connection_returned_to_a_caller_in_line_is_checked_before_it_ge
     run(main())
 
 
-def test_credentials_replaced_by_new_connect_arguments_are_closed_with_the_pool(
+def test_credentials_replaced_by_new_connect_arguments_are_closed_once_unused(
         server: FakeServer) -> None:
     """`Pool.set_connect_args` gives the pool a new connector; the old one's credentials
-    provider may still serve a login under way, so it is closed with the pool, once."""
+    provider, used by no login under way, is closed at once (a process rotating this way kept
+    every one open until the pool closed), and the new one with the pool, each once."""
     from tests.unit.fakes import FakeConnector, FakeCredentials
 
-    first, second = FakeCredentials(), FakeCredentials()
+    first, second = GatedCredentials(), FakeCredentials()
 
     async def main() -> None:
         pool = fake_pool(server, min_size=1, connect_kwargs={"fake_server": server,
@@ -608,9 +609,106 @@ def test_credentials_replaced_by_new_connect_arguments_are_closed_with_the_pool(
                                                      "fake_credentials": second})
         use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
         assert slots.config is config
+        async with asyncio.timeout(5):
+            await first.closing.wait()
         await pool.expire_connections()
         assert await pool.fetchval("SELECT 1") is not None
-        assert (first.closed, second.closed) == (0, 0)
+        assert (first.closed, second.closed) == (1, 0)
+        await pool.close()
+        assert (first.closed, second.closed) == (1, 1)
+
+    run(main())
+
+
+class GatedCredentials:
+    """A provider whose `password()` waits for `gate` (a login in flight with it), and that says
+    when it is closed."""
+
+    requires_tls = False
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.reading = asyncio.Event()
+        self.closing = asyncio.Event()
+        self.closed = 0
+
+    async def password(self, target: object) -> str:
+        self.reading.set()
+        await self.gate.wait()
+        return "fake"
+
+    async def refresh(self, target: object) -> bool:
+        return False
+
+    async def warm(self, target: object) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed += 1
+        self.closing.set()
+
+
+def test_a_replaced_provider_is_closed_when_its_last_login_ends(server: FakeServer) -> None:
+    """Replaced while a login reads it, a provider is closed when that login ends, not before,
+    and once (the pool's close does not close it again)."""
+    from tests.unit.fakes import FakeConnector
+
+    first, second = GatedCredentials(), GatedCredentials()
+
+    async def main() -> None:
+        pool = fake_pool(server, min_size=0, max_size=2,
+                         connect_kwargs={"fake_server": server, "fake_credentials": first})
+        await pool.open()
+        slots = pool._slots
+        first.gate.clear()
+        login = asyncio.create_task(pool.fetchval("SELECT 1"))
+        async with asyncio.timeout(5):
+            await first.reading.wait()
+        config = pool.config.replace(connect_kwargs={"fake_server": server,
+                                                     "fake_credentials": second})
+        use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+        assert await pool.fetchval("SELECT 2") is not None  # a login with `second` meanwhile
+        assert first.closed == 0  # the login under way still reads it
+        first.gate.set()
+        async with asyncio.timeout(5):
+            assert await login is not None
+            await first.closing.wait()
+        assert (first.closed, second.closed) == (1, 0)
+        await pool.close()
+        assert (first.closed, second.closed) == (1, 1)
+
+    run(main())
+
+
+def test_a_provider_given_back_while_a_login_uses_it_is_not_closed(server: FakeServer) -> None:
+    """`first` replaced while a login reads it, then given back before that login ends: the
+    login's end does not close it (it is in use again); `second`, used by nothing, is closed
+    at its replacement; the pool's close closes `first` once."""
+    from tests.unit.fakes import FakeConnector
+
+    first, second = GatedCredentials(), GatedCredentials()
+
+    async def main() -> None:
+        pool = fake_pool(server, min_size=0, max_size=2,
+                         connect_kwargs={"fake_server": server, "fake_credentials": first})
+        await pool.open()
+        slots = pool._slots
+        first.gate.clear()
+        login = asyncio.create_task(pool.fetchval("SELECT 1"))
+        async with asyncio.timeout(5):
+            await first.reading.wait()
+        for creds in (second, first):
+            config = pool.config.replace(connect_kwargs={"fake_server": server,
+                                                         "fake_credentials": creds})
+            use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+        async with asyncio.timeout(5):
+            await second.closing.wait()
+        first.gate.set()
+        async with asyncio.timeout(5):
+            assert await login is not None
+        await asyncio.gather(*slots.background)  # any close the login's end started
+        assert (first.closed, second.closed) == (0, 1)
         await pool.close()
         assert (first.closed, second.closed) == (1, 1)
 
@@ -749,21 +847,39 @@ def test_an_acquire_that_runs_out_after_a_failed_check_says_so(server: FakeServe
 
 
 def test_a_provider_given_back_after_another_is_closed_once(server: FakeServer) -> None:
-    """`set_connect_args(credentials=first)`, then `second`, then `first` again: `first` is
-    both replaced and in use; the pool's close closes each provider once."""
-    from tests.unit.fakes import FakeConnector, FakeCredentials
+    """`set_connect_args(credentials=first)`, then `second`, then `first` again, then both
+    again, while a login reads each: each is both replaced and in use; each provider is closed
+    once (`second` when its login ends, `first` with the pool)."""
+    from tests.unit.fakes import FakeConnector
 
-    first, second = FakeCredentials(), FakeCredentials()
+    first, second = GatedCredentials(), GatedCredentials()
 
     async def main() -> None:
-        pool = fake_pool(server, min_size=1, connect_kwargs={"fake_server": server,
-                                                             "fake_credentials": first})
+        pool = fake_pool(server, min_size=0, max_size=2,
+                         connect_kwargs={"fake_server": server, "fake_credentials": first})
         await pool.open()
         slots = pool._slots
-        for creds in (second, first, second, first):
+
+        def use(creds: GatedCredentials) -> None:
             config = pool.config.replace(connect_kwargs={"fake_server": server,
                                                          "fake_credentials": creds})
             use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+
+        logins = []
+        for creds in (first, second):
+            use(creds)
+            creds.gate.clear()
+            logins.append(asyncio.create_task(pool.fetchval("SELECT 1")))
+            async with asyncio.timeout(5):
+                await creds.reading.wait()
+        for creds in (first, second, first):
+            use(creds)
+        assert (first.closed, second.closed) == (0, 0)
+        first.gate.set()
+        second.gate.set()
+        async with asyncio.timeout(5):
+            assert await asyncio.gather(*logins) == [1, 1]
+            await second.closing.wait()
         assert await pool.fetchval("SELECT 1") is not None
         await pool.close()
         assert (first.closed, second.closed) == (1, 1)
