@@ -15,6 +15,10 @@ from urllib.parse import quote
 import pytest
 
 from asyncpool import AuthenticationError, AuthMethodRefusedError, ConnectError, Pool
+from asyncpool.config import PoolConfig
+from asyncpool.connect.authguard import Login
+from asyncpool.connect.dsn import parse_dsn
+from asyncpool.load.logins import GuardedLogin
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.pki import TestPki
 from asyncpool.testing.ports import free_port
@@ -119,3 +123,20 @@ async def test_a_method_the_guard_refuses_is_named_at_the_host_that_asked(
     assert isinstance(error, AuthMethodRefusedError)
     assert f"could not connect to app@{good}/app: the server asked for SCRAM-SHA-256" in str(error)
     assert leaks(exposed(error), [tls_postgres.app.password]) == []
+
+
+async def test_logins_outside_a_pool_name_each_host_too(
+        tls_postgres: PostgresServer, pki: TestPki, closed_port: int) -> None:
+    # `asyncpool doctor` and the bench's contenders log in through `Login` / `GuardedLogin`.
+    bad = f"127.0.0.1:{tls_postgres.port}"
+    refused = f"127.0.0.1:{closed_port}"
+    dsn = _dsn(tls_postgres, [bad, refused], sslmode="verify-full", sslrootcert=str(pki.ca_cert))
+    login = Login(PoolConfig.from_env(name="doctor", dsn=None), parse_dsn(dsn))
+    with pytest.raises(ConnectError) as info:
+        await login.connect(5, "doctor")
+    with pytest.raises(ConnectError) as bench:
+        await GuardedLogin(dsn).connect_asyncpg(timeout=5)
+    for error in (info.value, bench.value):
+        assert f"at {bad}: the server's TLS certificate did not verify" in str(error)
+        assert f"{refused}: connection refused" in str(error)
+        assert leaks(exposed(error), [tls_postgres.app.password]) == []

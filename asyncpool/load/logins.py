@@ -38,6 +38,7 @@ class GuardedLogin:
         parsed = self.parsed
         guarded = self.login.kwargs()
         guard = self.login.guard  # this call's own: concurrent logins each have theirs
+        hosts = self.login.hosts  # (so is this)
         error: Exception
         try:
             # The password in no local of this frame (a traceback's locals would show it).
@@ -52,7 +53,8 @@ class GuardedLogin:
                                          direct_tls=self.login.tls.direct_source,
                                          root_cert_source=self.login.tls.root_cert_source,
                                          tls_optional=self.login.tls.optional,
-                                         dialled=dialled(parsed, service=self.login.service))
+                                         dialled=dialled(parsed, service=self.login.service),
+                                         tried=hosts.tries if hosts is not None else ())
         raise error  # outside the except block: no __context__ either
 
     def libpq_conninfo(self, *, require_auth: bool = True) -> str:
