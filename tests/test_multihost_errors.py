@@ -9,6 +9,7 @@ not the kind ``target_session_attrs`` asked for was blamed for an earlier host's
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -36,7 +37,8 @@ def _dsn(server: PostgresServer, hosts: list[str], **params: str) -> str:
 
 
 async def _fail(dsn: str, **options: Any) -> ConnectError:
-    pool = Pool(dsn, min_size=1, max_size=1, telemetry=False, connect_timeout=5, **options)
+    options.setdefault("connect_timeout", 5)
+    pool = Pool(dsn, min_size=1, max_size=1, telemetry=False, **options)
     with pytest.raises(ConnectError) as info:
         await pool.open()
     await pool.close()
@@ -140,3 +142,23 @@ async def test_logins_outside_a_pool_name_each_host_too(
         assert f"at {bad}: the server's TLS certificate did not verify" in str(error)
         assert f"{refused}: connection refused" in str(error)
         assert leaks(exposed(error), [tls_postgres.app.password]) == []
+
+
+async def test_a_host_that_never_answers_is_named_after_a_refused_one(
+        tls_postgres: PostgresServer, closed_port: int) -> None:
+    # The time limit ends the tries at the host being dialled: asyncpg raises only "timeout".
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    quiet = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    refused = f"127.0.0.1:{closed_port}"
+    try:
+        error = await _fail(_dsn(tls_postgres, [refused, quiet], sslmode="disable"),
+                            connect_timeout=0.5)
+    finally:
+        server.close()
+    assert f"at {quiet}: no answer within connect_timeout=0.5s" in str(error)
+    assert f"(each host: {refused}: connection refused, {quiet}: no answer in time)" in str(error)
+    assert error.transient is True

@@ -66,12 +66,14 @@ class CutShort:
     of the caller's acquire_timeout) to the error class its caller is given, so that the
     attempt is reported with that error rather than as a bare cancellation."""
 
-    __slots__ = ("caller_error", "in_init")
+    __slots__ = ("caller_error", "hosts", "in_init")
 
     def __init__(self) -> None:
         self.caller_error: type[BaseException] = asyncio.CancelledError
         # Logged in, and running the `init` hook: a timeout then is the hook's, not the network's.
         self.in_init: bool = False
+        #: Each host's failure so far (several hosts): which one the time ran out on.
+        self.hosts: HostLog | None = None
 
 
 class Connector:
@@ -293,6 +295,11 @@ class Connector:
                          tls_optional=self.tls.optional, dialled=self._dialled,
                          tried=hosts.tries if hosts is not None else ())
 
+    def timed_out(self, exc: TimeoutError, cut_short: CutShort) -> ConnectError:
+        """The error for a login `connect_timeout` stopped: with several hosts, it names the
+        one being dialled, and each one's failure before it."""
+        return self._translate(exc, cut_short.hosts)
+
     @property
     def retry_is_safe(self) -> bool:
         """Whether a second credential may follow a refused one: only to the same verified server
@@ -348,6 +355,8 @@ class Connector:
             kwargs = {**kwargs, "password": password}
             password_code = password.__code__
         guard, hosts, loop = self._loop()
+        if cut_short is not None:
+            cut_short.hosts = hosts
         kwargs = {**kwargs, "loop": loop}
         started = time.time_ns()
         error: BaseException | None = None
