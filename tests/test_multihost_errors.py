@@ -19,6 +19,7 @@ from asyncpool import AuthenticationError, AuthMethodRefusedError, ConnectError,
 from asyncpool.config import PoolConfig
 from asyncpool.connect.authguard import Login
 from asyncpool.connect.dsn import parse_dsn
+from asyncpool.connect.hosts import HostsLoop
 from asyncpool.load.logins import GuardedLogin
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.pki import TestPki
@@ -162,3 +163,22 @@ async def test_a_host_that_never_answers_is_named_after_a_refused_one(
     assert f"at {quiet}: no answer within connect_timeout=0.5s" in str(error)
     assert f"(each host: {refused}: connection refused, {quiet}: no answer in time)" in str(error)
     assert error.transient is True
+
+
+async def test_a_connection_made_after_a_failed_host_notes_nothing_more(
+        tls_postgres: PostgresServer, pki: TestPki, closed_port: int) -> None:
+    # asyncpg's cancel requests connect through the loop the connection was made with.
+    hosts = [f"127.0.0.1:{closed_port}", f"localhost:{tls_postgres.port}"]
+    dsn = _dsn(tls_postgres, hosts, sslmode="verify-full", sslrootcert=str(pki.ca_cert))
+    async with Pool(dsn, min_size=1, max_size=1, telemetry=False, connect_timeout=5,
+                    prepared_statements="off") as pool, pool.acquire() as conn:
+        raw: Any = conn
+        loop = raw._loop
+        while not isinstance(loop, HostsLoop):
+            loop = loop.real
+        assert loop.log.tries == []
+        with pytest.raises(TimeoutError):
+            await conn.fetchval("SELECT pg_sleep(10)", timeout=0.2)
+        await asyncio.wait_for(asyncio.gather(*raw._cancellations), 5)
+        assert await conn.fetchval("SELECT 1") == 1
+        assert loop.log.tries == []

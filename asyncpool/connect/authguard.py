@@ -364,9 +364,12 @@ class Login:
         dsn = self.dsn
         error: Exception
         try:
-            return await asyncpg.connect(self.driver_dsn(dsn), password=dsn.password,
+            conn = await asyncpg.connect(self.driver_dsn(dsn), password=dsn.password,
                                          timeout=timeout, statement_cache_size=0,
                                          **self.kwargs())
+            if self.hosts is not None:
+                self.hosts.finish()
+            return conn
         except Exception as exc:
             target = dsn.target()
             error = self.refusal(target) or translate(

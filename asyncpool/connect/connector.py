@@ -368,7 +368,7 @@ class Connector:
                 self._dsn.for_asyncpg() if self._dsn is not None else None, **kwargs)
             self.logged_in = True
             if hosts is not None:
-                hosts.tries.clear()  # (the connection keeps its loop, and so the log)
+                hosts.finish()
             return conn
         except PoolError as exc:  # a credentials provider's own error: raised as it is...
             error = exc

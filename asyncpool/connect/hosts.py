@@ -41,14 +41,23 @@ class HostTry:
 class HostLog:
     """The hosts one login dialled, in order."""
 
-    __slots__ = ("tries",)
+    __slots__ = ("finished", "tries")
 
     def __init__(self) -> None:
         self.tries: list[HostTry] = []
+        self.finished = False
 
-    def dialling(self, host: str, port: int) -> HostTry:
+    def finish(self) -> None:
+        """Logged in: forget the failures, and note nothing more (the connection keeps its loop,
+        and asyncpg's cancel requests connect through it)."""
+        self.finished = True
+        self.tries.clear()
+
+    def dialling(self, host: str, port: int) -> HostTry | None:
         """The entry for `host`:`port`: the last one again for the same address (asyncpg's
-        retry without TLS, or with it, on the same host)."""
+        retry without TLS, or with it, on the same host); None once `finished`."""
+        if self.finished:
+            return None
         if self.tries and (self.tries[-1].host, self.tries[-1].port) == (host, port):
             return self.tries[-1]
         tried = HostTry(host, port)
@@ -87,9 +96,11 @@ class HostsLoop(LoopView):
             result: tuple[Any, Any] = await self.real.create_unix_connection(factory, path,
                                                                              **kwargs)
         except Exception as exc:
-            tried.failed(exc)
+            if tried is not None:
+                tried.failed(exc)
             raise
-        tried.connected = True
+        if tried is not None:
+            tried.connected = True
         return result
 
     async def start_tls(self, *args: Any, **kwargs: Any) -> Any:

@@ -42,8 +42,11 @@ class GuardedLogin:
         error: Exception
         try:
             # The password in no local of this frame (a traceback's locals would show it).
-            return await asyncpg.connect(self.login.driver_dsn(parsed), password=parsed.password,
+            conn = await asyncpg.connect(self.login.driver_dsn(parsed), password=parsed.password,
                                          **kwargs, **guarded)
+            if hosts is not None:
+                hosts.finish()
+            return conn
         except Exception as exc:
             target = parsed.target()
             # No guard: nothing could be refused (another call's guard is not this login's).
