@@ -10,6 +10,7 @@ not the kind ``target_session_attrs`` asked for was blamed for an earlier host's
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -19,7 +20,7 @@ from asyncpool import AuthenticationError, AuthMethodRefusedError, ConnectError,
 from asyncpool.config import PoolConfig
 from asyncpool.connect.authguard import Login
 from asyncpool.connect.dsn import parse_dsn
-from asyncpool.connect.hosts import HostsLoop
+from asyncpool.connect.hosts import HostsLoop, bare
 from asyncpool.load.logins import GuardedLogin
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.pki import TestPki
@@ -182,3 +183,25 @@ async def test_a_connection_made_after_a_failed_host_notes_nothing_more(
         await asyncio.wait_for(asyncio.gather(*raw._cancellations), 5)
         assert await conn.fetchval("SELECT 1") == 1
         assert loop.log.tries == []
+
+
+def test_a_hosts_error_is_kept_without_its_frames() -> None:
+    def fail(password: str) -> None:
+        raise ssl.SSLCertVerificationError(1, "certificate verify failed")
+
+    try:
+        try:
+            fail("Sup3r-s3cret")  # pragma: allowlist secret
+        except ssl.SSLError as inner:
+            raise OSError("outer") from inner
+    except OSError as exc:
+        caught = exc.__cause__
+    assert isinstance(caught, ssl.SSLCertVerificationError)
+    caught.verify_message = "Hostname mismatch"
+    kept = bare(caught)
+    assert type(kept) is ssl.SSLCertVerificationError
+    assert (kept.args, kept.verify_message) == (caught.args, "Hostname mismatch")
+    assert caught.__traceback__ is not None
+    assert kept.__traceback__ is None
+    assert kept.__cause__ is None
+    assert kept.__context__ is None
