@@ -11,7 +11,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect.connector import CutShort
-from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolTimeoutError
 from asyncpool.pool import closing, misuse, slow_checkout
 from asyncpool.pool.backoff import Backoff
@@ -160,10 +159,7 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
         error: BaseException | None = None
         if isinstance(exc, TimeoutError):
             if not cut_short.in_init:
-                connector = slots.connector
-                error = translate(exc, connector.target, slots.name, slots.config.connect_timeout,
-                                  direct_tls=connector.tls.direct_source,
-                                  direct_tls_worked=connector.logged_in)
+                error = slots.connector.timed_out(exc, cut_short)
             elif limit.expired():
                 error = _slow_init_error(slots)
             else:
