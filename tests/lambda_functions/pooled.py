@@ -42,8 +42,9 @@ if os.environ.get("TEST_TIMEOUT_MARGIN"):
     # The runner's timeout_margin, as LambdaRunner(timeout_margin=...) would set it.
     get_runner().timeout_margin = checked_margin(float(os.environ["TEST_TIMEOUT_MARGIN"]))
 if os.environ.get("TEST_OPEN_AT_INIT"):
-    # Opened (and connected) during INIT: what SnapStart snapshots.
-    get_runner().run(pool.open())
+    # Opened (and connected) during INIT: what SnapStart snapshots ("nowait": the login left
+    # under way, open(wait=False)).
+    get_runner().run(pool.open(wait=os.environ["TEST_OPEN_AT_INIT"] != "nowait"))
 if not os.environ.get("TEST_NO_SHUTDOWN_HOOK"):
     close_on_shutdown(pool, get_runner().loop)
 # A second pool with its own hook (TEST_SECOND_POOL): both must close at SIGTERM.
