@@ -29,6 +29,7 @@ from asyncpg.connresource import ConnectionResource
 import asyncpool.pool.pool
 from asyncpool.config import PoolConfig
 from asyncpool.connect.dsn import Target
+from asyncpool.connect.failures import translate
 from asyncpool.connect.startup import StartupPlan
 from asyncpool.connect.tls import TlsSetting
 from asyncpool.errors import AuthenticationError, ConnectError, PoolerExhaustedError
@@ -101,6 +102,11 @@ class FakeConnector:
         if self.credentials is not None:  # read first, as the real connector does
             await self.credentials.password(self.target)
         return await self.server.login()
+
+    def timed_out(self, exc: TimeoutError, cut_short: object) -> ConnectError:
+        """The error for a login `connect_timeout` stopped (one host: no tries to name)."""
+        return translate(exc, self.target, self.config.name, self.config.connect_timeout,
+                         direct_tls=self.tls.direct_source, direct_tls_worked=self.logged_in)
 
 
 class FakeCredentials:
