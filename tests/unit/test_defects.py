@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pytest
@@ -30,6 +30,7 @@ from asyncpool import (
     PoolError,
     PoolObserver,
 )
+from tests.cancel_support import cancelled_once_running
 from tests.unit.fakes import (
     FakeCredentials,
     FakeServer,
@@ -587,19 +588,6 @@ async def _with_an_old_cancel_request() -> asyncio.Task[Any]:
     return task
 
 
-async def _cancelled_once_entered(holder: Callable[[], Coroutine[Any, Any, None]],
-                                  entered: asyncio.Event) -> asyncio.Task[None]:
-    """`holder` run as a task, cancelled 0.1 s into its block (once it sets `entered`); it must
-    end cancelled."""
-    task = asyncio.create_task(holder())
-    await entered.wait()
-    await asyncio.sleep(0.1)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    return task
-
-
 async def _reclaimed(pool: Any, leaked: int) -> None:
     """`leaked` connections were reclaimed, none is held any more, and the pool still serves."""
     assert pool.stats().leaked_total == leaked
@@ -771,7 +759,7 @@ def test_a_holder_cancelled_before_a_reclaim_ends_with_its_own_cancellation(
 
             for holder in (in_transaction, cleaning_up):
                 entered.clear()
-                await _cancelled_once_entered(holder, entered)
+                await cancelled_once_running(holder, entered)
                 server.latency = 0.001
                 entered.clear()
                 with pytest.raises(TimeoutError) as info:
@@ -912,7 +900,7 @@ def test_a_holder_that_caught_its_callers_cancel_and_cleans_up_slowly_ends_cance
                         await holder()
                 assert not isinstance(info.value, ConnectionLeakedError)
             else:
-                task = await _cancelled_once_entered(holder, entered)
+                task = await cancelled_once_running(holder, entered)
                 assert task.cancelling() == 1  # the caller's request alone
             assert current.cancelling() == 0
             await _reclaimed(pool, 1)

@@ -9,6 +9,7 @@ import pytest
 
 from asyncpool import ConnectionLostError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.pool.lifecycle import use_connector
+from tests.provider_support import QuietProvider
 from tests.unit.fakes import FakeServer, fake_pool, run
 
 
@@ -618,11 +619,9 @@ def test_credentials_replaced_by_new_connect_arguments_are_closed_once_unused(
     run(main())
 
 
-class GatedCredentials:
+class GatedCredentials(QuietProvider):
     """A provider whose `password()` waits for `gate` (a login in flight with it), and that says
     when it is closed."""
-
-    requires_tls = False
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
@@ -635,12 +634,6 @@ class GatedCredentials:
         self.reading.set()
         await self.gate.wait()
         return "fake"
-
-    async def refresh(self, target: object) -> bool:
-        return False
-
-    async def warm(self, target: object) -> None:
-        pass
 
     async def close(self) -> None:
         self.closed += 1
