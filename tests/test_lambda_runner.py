@@ -299,12 +299,13 @@ async def _active_clients(pooler: Pooler) -> list[dict[str, Any]]:
             if row["database"] == "app" and row["state"] == "active"]
 
 
-async def test_a_reset_that_hangs_ends_within_the_invocations_time(
+async def _invoked_with_a_hung_reset(
     env: Environment, pooler: Pooler
-) -> None:
-    """A reset left running that cannot finish (its server process is stopped): the invocation
-    still returns before its deadline less the runner's margin, and the connection is closed
-    before it returns (PgBouncer has no client of ours left while the environment is frozen)."""
+) -> tuple[Pool, float, float, list[dict[str, Any]]]:
+    """Invoke (2 s to the deadline) a handler whose held connection is cut by a 0.2 s limit
+    while its server process is stopped in a transaction, so that its reset cannot finish.
+    Returns the pool, the seconds the invocation took, those it had left at its end, and
+    PgBouncer's active clients of ours then (read before the server process goes on)."""
     import os
     import signal
 
@@ -322,14 +323,25 @@ async def test_a_reset_that_hangs_ends_within_the_invocations_time(
                 await conn.execute("SELECT 1")
         return "cut"
 
+    context = LocalContext(timeout=2.0)
     started = time.monotonic()
     try:
-        assert await env.invoke(cut, context=LocalContext(timeout=2.0)) == "cut"
+        assert await env.invoke(cut, context=context) == "cut"
         took = time.monotonic() - started
-        clients = await _active_clients(pooler)
+        left = context.get_remaining_time_in_millis() / 1000
+        return pool, took, left, await _active_clients(pooler)
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_reset_that_hangs_ends_within_the_invocations_time(
+    env: Environment, pooler: Pooler
+) -> None:
+    """A reset left running that cannot finish (its server process is stopped): the invocation
+    still returns before its deadline less the runner's margin, and the connection is closed
+    before it returns (PgBouncer has no client of ours left while the environment is frozen)."""
+    pool, took, _left, clients = await _invoked_with_a_hung_reset(env, pooler)
     assert took < 2.0 - 0.4, took  # the runner's margin (0.5 s) is left for the response
     assert clients == []
     assert pool.stats().in_use == 0
@@ -341,33 +353,9 @@ async def test_with_no_margin_a_hung_reset_still_leaves_time_for_the_response(
     """``timeout_margin=0``: the invocation's end waited for a reset that cannot finish up to
     the deadline itself, and Lambda would time out an invocation whose handler had returned.
     It leaves `RESPONSE_RESERVE` whatever the margin, the connection closed before that."""
-    import os
-    import signal
-
-    import anyio
-
     env = Environment(timeout_margin=0)
-    pool = env.pool(pooler.dsn())
-    stopped: list[int] = []
-
-    @async_handler(runner=env.runner)
-    async def cut(event: Any, context: Any) -> str:
-        await pool.open()
-        with anyio.move_on_after(0.2):
-            async with pool.acquire() as conn:
-                await _stop_in_a_transaction(conn, stopped)
-                await conn.execute("SELECT 1")
-        return "cut"
-
     try:
-        context = LocalContext(timeout=2.0)
-        try:
-            assert await env.invoke(cut, context=context) == "cut"
-            left = context.get_remaining_time_in_millis() / 1000
-            clients = await _active_clients(pooler)
-        finally:
-            for pid in stopped:
-                os.kill(pid, signal.SIGCONT)
+        pool, _took, left, clients = await _invoked_with_a_hung_reset(env, pooler)
         assert left > 0, left  # (it was 0: answered at the deadline itself)
         assert clients == []
         assert pool.stats().in_use == 0

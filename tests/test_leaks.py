@@ -15,6 +15,7 @@ import pytest
 import asyncpool
 from asyncpool import Pool, PoolConfig
 from asyncpool.testing import PgBouncerServer, ServerStack
+from tests.cancel_support import cancelled_once_running
 from tests.conftest import Pooler
 
 LEAK_LOGGER = "asyncpool.leaks"
@@ -25,6 +26,14 @@ def _line_of_next_statement() -> int:
     assert frame is not None
     assert frame.f_back is not None
     return frame.f_back.f_lineno + 1
+
+
+async def _server_connections_freed(pooler: Pooler) -> None:
+    """Once PgBouncer has no server connection active (5 s at most)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await pooler.pool_row())["sv_active"] != 0:
+        assert asyncio.get_running_loop().time() < deadline, "server connection still active"
+        await asyncio.sleep(0.05)
 
 
 def test_default_leak_timeout_is_30_seconds() -> None:
@@ -179,10 +188,7 @@ async def test_server_connection_is_freed_on_reclaim(pooler: Pooler) -> None:
         assert (await pooler.pool_row())["sv_active"] == 1
         with pytest.raises(asyncpool.ConnectionLeakedError):
             await task
-        deadline = asyncio.get_running_loop().time() + 5
-        while (await pooler.pool_row())["sv_active"] != 0:
-            assert asyncio.get_running_loop().time() < deadline, "server connection still active"
-            await asyncio.sleep(0.05)
+        await _server_connections_freed(pooler)
         assert pool.stats().leaked_total == 1
 
 
@@ -207,12 +213,7 @@ async def test_a_holder_interrupted_before_the_reclaim_sees_its_own_interruption
         for _ in range(2):
             running.clear()
             if how == "cancel":
-                task = asyncio.create_task(holder())
-                await running.wait()
-                await asyncio.sleep(0.1)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+                await cancelled_once_running(holder, running)
             else:
                 with pytest.raises(TimeoutError) as info:
                     async with asyncio.timeout(0.2):
@@ -222,10 +223,7 @@ async def test_a_holder_interrupted_before_the_reclaim_sees_its_own_interruption
             assert current is not None
             assert current.cancelling() == 0
         assert pool.stats().leaked_total == 2
-        deadline = asyncio.get_running_loop().time() + 5
-        while (await pooler.pool_row())["sv_active"] != 0:
-            assert asyncio.get_running_loop().time() < deadline, "server connection still active"
-            await asyncio.sleep(0.05)
+        await _server_connections_freed(pooler)
         assert await pool.fetchval("SELECT 1") == 1
 
 
@@ -418,8 +416,5 @@ async def test_a_reclaim_is_told_from_the_holders_own_cancellation_by_the_reques
         assert task.cancelled()
         assert task.cancelling() == 1  # the caller's alone
         assert pool.stats().leaked_total == 2
-        deadline = asyncio.get_running_loop().time() + 5
-        while (await pooler.pool_row())["sv_active"] != 0:
-            assert asyncio.get_running_loop().time() < deadline, "server connection still active"
-            await asyncio.sleep(0.05)
+        await _server_connections_freed(pooler)
         assert await pool.fetchval("SELECT 1") == 1

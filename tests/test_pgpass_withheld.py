@@ -11,7 +11,6 @@ a name that is not ``localhost`` is another machine.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,29 +19,21 @@ import pytest
 from asyncpool import AuthMethodRefusedError, Pool
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.mitm import FakeServer
+from tests.pgpass_support import catch_all_pgpass, remote_name
 from tests.secret_support import exposed, leaks
 
 SECRET = "pgpass-Secret-4711"  # pragma: allowlist secret
 
 
-@pytest.fixture
-def remote_name() -> str:
+@pytest.fixture(name="remote_name")
+def _remote_name() -> str:
     """A name of this machine that the rules take for another machine's."""
-    name = socket.gethostname()
-    if name == "localhost" or socket.gethostbyname(name) != "127.0.0.1":
-        pytest.skip("this machine's name does not resolve to 127.0.0.1")
-    return name
+    return remote_name()
 
 
 @pytest.fixture
 def catch_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "pgpass"
-    path.write_text(f"*:*:*:*:{SECRET}\n")
-    path.chmod(0o600)
-    monkeypatch.setenv("PGPASSFILE", str(path))
-    for name in ("PGPASSWORD", "PGSERVICE", "PGSSLMODE", "PGHOST", "PGPORT"):
-        monkeypatch.delenv(name, raising=False)
-    return path
+    return catch_all_pgpass(tmp_path, monkeypatch, SECRET)
 
 
 @pytest.fixture(scope="module")

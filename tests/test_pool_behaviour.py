@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
 import random
@@ -18,6 +17,7 @@ from asyncpool import Pool
 from asyncpool.config import PreparedStatements
 from asyncpool.pool import alarms
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
+from tests.cancelled_logins import cancel_logins, loop_messages
 from tests.conftest import Pooler
 
 
@@ -221,33 +221,9 @@ async def test_logins_cancelled_as_they_connect_leave_no_unretrieved_error(
     waited for it was cancelled (as the TCP connection came up); asyncio then logged "Future
     exception was never retrieved" for about one such login in four. Logins cancelled at random
     moments in their first milliseconds (seeded) leave nothing for the loop's handler."""
-    import gc
-
-    loop = asyncio.get_running_loop()
-    seen: list[str] = []
-    handler = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: seen.append(str(context.get("message"))))
-    rng = random.Random(46)
-    try:
-        async with Pool(postgres.dsn(), min_size=0, max_size=1, telemetry=False,
-                        prepared_statements=mode) as pool:
-            for _ in range(150):
-                pool.expire_all()  # each acquire logs in anew
-
-                async def use() -> None:
-                    async with pool.acquire() as conn:
-                        await conn.fetchval("SELECT 1")
-
-                task = asyncio.create_task(use())
-                await asyncio.sleep(rng.uniform(0, 0.004))
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await asyncio.sleep(0.1)
-        gc.collect()
-        await asyncio.sleep(0)
-    finally:
-        loop.set_exception_handler(handler)
+    async with loop_messages() as seen, Pool(postgres.dsn(), min_size=0, max_size=1,
+                                             telemetry=False, prepared_statements=mode) as pool:
+        await cancel_logins(pool, 150)
     assert [m for m in seen if "never retrieved" in m] == []
 
 

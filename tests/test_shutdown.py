@@ -11,11 +11,13 @@ pool, which were sent and not confirmed, which were not sent, and why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -42,9 +44,7 @@ async def _warning_of_close(budget: float, dsns: dict[str, str], postgres: Postg
     stalled = [await _stalled(dsn, name, tag) for name, dsn in dsns.items()]
     caplog.set_level(logging.WARNING, "asyncpool.pool")
     try:
-        async with asyncio.timeout(5):
-            while await postgres.running_statements(tag) < len(stalled):
-                await asyncio.sleep(0.05)
+        await _running(postgres, tag, len(stalled))
         await shutdown.close_together([pool for pool, _ in stalled], time.monotonic() + budget)
         await asyncio.gather(*(task for _, task in stalled), return_exceptions=True)
     finally:
@@ -63,6 +63,50 @@ async def _settled() -> None:
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records
             if record.name == "asyncpool.pool" and record.levelno == logging.WARNING]
+
+
+async def _running(postgres: PostgresServer, tag: str, count: int = 1) -> None:
+    """Once `count` statements tagged `tag` run on the server (5 s at most)."""
+    async with asyncio.timeout(5):
+        while await postgres.running_statements(tag) < count:
+            await asyncio.sleep(0.05)
+
+
+async def _left_running(postgres: PostgresServer, tag: str) -> int:
+    """How many statements tagged `tag` still run once they end, or after a second."""
+    deadline = time.monotonic() + 1.0
+    while (left := await postgres.running_statements(tag)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return left
+
+
+@contextlib.asynccontextmanager
+async def _pools_loop(postgres: PostgresServer, tag: str
+                      ) -> AsyncIterator[tuple[asyncio.AbstractEventLoop, threading.Event]]:
+    """A loop running on a thread of its own (as the pools' of an application whose handler
+    runs elsewhere), and an event that lets it go on once set; on the way out the event is set,
+    `tag`'s statements ended, the loop stopped and closed."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="pools-loop", daemon=True)
+    runner.start()
+    unblock = threading.Event()
+    try:
+        yield loop, unblock
+    finally:
+        unblock.set()
+        await postgres.end_statements(tag)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+
+
+async def _closed_once_unblocked(loop: asyncio.AbstractEventLoop, unblock: threading.Event,
+                                 pool: Pool, stalled: asyncio.Task[str]) -> None:
+    """`loop` let go on: `pool` ends closed, and its statement's caller told so."""
+    unblock.set()
+    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_settled(), loop))
+    assert pool.closed
+    assert isinstance(stalled.exception(), PoolClosedError)
 
 
 async def test_requests_sent_but_unanswered_are_told_apart_from_those_taken(
@@ -97,37 +141,19 @@ async def test_a_blocked_loop_has_its_statements_cancelled_from_the_closing_thre
     cancelled from the closing thread within the budget, and the pool terminated once the loop
     runs again."""
     tag = f"blocked-{uuid.uuid4().hex[:10]}"
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, name="pools-loop", daemon=True)
-    runner.start()
-    unblock = threading.Event()
-    try:
+    async with _pools_loop(postgres, tag) as (loop, unblock):
         pool, stalled = asyncio.run_coroutine_threadsafe(
             _stalled(legacy.dsn(), "blocked", tag), loop).result(10)
-        async with asyncio.timeout(5):
-            while await postgres.running_statements(tag) < 1:
-                await asyncio.sleep(0.05)
+        await _running(postgres, tag)
         loop.call_soon_threadsafe(unblock.wait, 10)
         started = time.monotonic()
         # (As `close_on_shutdown`'s hooks close pools whose loop runs on another thread.)
         await asyncio.to_thread(aws_lambda._close_pools, [pool], loop, started + 1.0)
         took = time.monotonic() - started
-        deadline = time.monotonic() + 1.0
-        while (left := await postgres.running_statements(tag)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert left == 0, "the statement runs on while the loop is blocked"
+        assert await _left_running(postgres, tag) == 0, "the statement runs on while the loop is blocked"
         assert took < 1.1, f"{took:.2f}s for a 1 s budget"
         assert not pool.closed  # (the loop is still blocked)
-        unblock.set()
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_settled(), loop))
-        assert pool.closed
-        assert isinstance(stalled.exception(), PoolClosedError)
-    finally:
-        unblock.set()
-        await postgres.end_statements(tag)
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(5)
-        loop.close()
+        await _closed_once_unblocked(loop, unblock, pool, stalled)
 
 
 async def test_a_loop_blocked_after_the_close_began_has_its_statements_cancelled_from_the_closing_thread(
@@ -138,43 +164,26 @@ async def test_a_loop_blocked_after_the_close_began_has_its_statements_cancelled
     on the server. Now the closing thread sends the cancel requests itself when the loop has not
     reached that step in time (one side or the other, never both)."""
     tag = f"blocked-later-{uuid.uuid4().hex[:10]}"
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, name="pools-loop", daemon=True)
-    runner.start()
-    unblock = threading.Event()
     blocked = threading.Event()
     stop = lifecycle._stop
 
-    def stop_then_block(slots: Slots, reason: str, graceful: bool) -> None:
-        # Synchronous code of someone else's, run by the loop just after the close began.
-        stop(slots, reason, graceful)
-        if graceful and not blocked.is_set():
-            blocked.set()
-            loop.call_soon(unblock.wait, 10)
+    async with _pools_loop(postgres, tag) as (loop, unblock):
 
-    monkeypatch.setattr(lifecycle, "_stop", stop_then_block)
-    try:
+        def stop_then_block(slots: Slots, reason: str, graceful: bool) -> None:
+            # Synchronous code of someone else's, run by the loop just after the close began.
+            stop(slots, reason, graceful)
+            if graceful and not blocked.is_set():
+                blocked.set()
+                loop.call_soon(unblock.wait, 10)
+
+        monkeypatch.setattr(lifecycle, "_stop", stop_then_block)
         pool, stalled = asyncio.run_coroutine_threadsafe(
             _stalled(legacy.dsn(), "blocked-later", tag), loop).result(10)
-        async with asyncio.timeout(5):
-            while await postgres.running_statements(tag) < 1:
-                await asyncio.sleep(0.05)
+        await _running(postgres, tag)
         started = time.monotonic()
         await asyncio.to_thread(aws_lambda._close_pools, [pool], loop, started + 1.0)
         took = time.monotonic() - started
         assert blocked.is_set(), "the close never began on the loop"
-        deadline = time.monotonic() + 1.0
-        while (left := await postgres.running_statements(tag)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert left == 0, "the statement runs on while the loop is blocked"
+        assert await _left_running(postgres, tag) == 0, "the statement runs on while the loop is blocked"
         assert took < 1.2, f"{took:.2f}s for a 1 s budget"
-        unblock.set()
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_settled(), loop))
-        assert pool.closed
-        assert isinstance(stalled.exception(), PoolClosedError)
-    finally:
-        unblock.set()
-        await postgres.end_statements(tag)
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(5)
-        loop.close()
+        await _closed_once_unblocked(loop, unblock, pool, stalled)

@@ -30,6 +30,7 @@ from asyncpool import (
 from asyncpool.config import PreparedStatements
 from asyncpool.integrations.sqlalchemy import LendingPool, create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
+from tests.cancel_support import cancelled_once_running
 from tests.conftest import Pooler
 from tests.test_unnamed_wire import CountingRelay
 
@@ -427,12 +428,7 @@ async def test_cancelled_session_frees_its_slot(pool: Pool) -> None:
             started.set()
             await session.execute(sa.text("SELECT pg_sleep(5)"))
 
-    task = asyncio.create_task(slow())
-    await started.wait()
-    await asyncio.sleep(0.2)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled_once_running(slow, started, after=0.2)
     await _settled(pool)
     assert pool.stats().in_use == 0
     async with Session() as session:

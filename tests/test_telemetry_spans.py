@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.mitm import FakeServer
 from tests.conftest import Pooler
+from tests.pgpass_support import catch_all_pgpass, remote_name
 from tests.telemetry_support import Sdk
 from tests.waiting import until
 
@@ -574,16 +574,9 @@ async def test_a_withheld_password_file_password_is_marked_as_the_callers_error(
     """A .pgpass password for another machine without verified TLS is held back and the login
     refused before anything is sent: the connect span and `create_errors` name the class the
     caller gets (`AuthMethodRefusedError`), and neither carries the password."""
-    name = socket.gethostname()
-    if name == "localhost" or socket.gethostbyname(name) != "127.0.0.1":
-        pytest.skip("this machine's name does not resolve to 127.0.0.1")
+    name = remote_name()
     secret = "pgpass-Telemetry-4711"  # pragma: allowlist secret
-    pgpass = tmp_path / "pgpass"
-    pgpass.write_text(f"*:*:*:*:{secret}\n")
-    pgpass.chmod(0o600)
-    monkeypatch.setenv("PGPASSFILE", str(pgpass))
-    for variable in ("PGPASSWORD", "PGSERVICE", "PGSSLMODE", "PGHOST", "PGPORT"):
-        monkeypatch.delenv(variable, raising=False)
+    catch_all_pgpass(tmp_path, monkeypatch, secret)
     async with FakeServer(tls="refuse", auth="password") as fake:
         pool = sdk.pool(f"postgresql://app@{name}:{fake.port}/app", min_size=1)
         with pytest.raises(asyncpool.AuthMethodRefusedError) as info:

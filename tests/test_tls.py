@@ -3,7 +3,6 @@ verify-full, and the errors for the wrong CA, the wrong host name and a server w
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from asyncpool import ConnectError, Pool, PoolConfigError
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.pgbouncer import PgBouncerServer
 from asyncpool.testing.pki import TestPki
+from tests.cancelled_logins import cancel_logins, loop_messages
 
 
 def _dsn(server: PostgresServer, host: str = "localhost", **params: str) -> str:
@@ -999,37 +999,10 @@ async def test_logins_cancelled_as_they_connect_under_verify_full_leave_no_unret
     (asyncpg#1211), and asyncio logged "Future exception was never retrieved" for a few in 300
     in the ``off`` and ``on`` modes, where no other view of the pool's stood between asyncpg
     and the socket to mark it seen."""
-    import gc
-    import random
-
-    loop = asyncio.get_running_loop()
-    seen: list[str] = []
-    handler, debug = loop.get_exception_handler(), loop.get_debug()
-    loop.set_exception_handler(lambda _, context: seen.append(str(context.get("message"))))
-    loop.set_debug(True)
-    rng = random.Random(46)
-    try:
-        async with Pool(_dsn(tls_postgres), min_size=0, max_size=1, telemetry=False,
-                        prepared_statements=mode, ssl="verify-full",
-                        ssl_root_cert=str(pki.ca_cert), connect_timeout=5) as pool:
-            assert pool.stats().size == 0
-            for _ in range(300):
-                pool.expire_all()  # each acquire logs in anew
-
-                async def use() -> None:
-                    async with pool.acquire() as conn:
-                        await conn.fetchval("SELECT 1")
-
-                task = asyncio.create_task(use())
-                await asyncio.sleep(rng.uniform(0, 0.004))
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            assert await pool.fetchval("SELECT 1") == 1
-        await asyncio.sleep(0.1)
-        gc.collect()
-        await asyncio.sleep(0)
-    finally:
-        loop.set_exception_handler(handler)
-        loop.set_debug(debug)
+    async with loop_messages(debug=True) as seen, Pool(
+            _dsn(tls_postgres), min_size=0, max_size=1, telemetry=False, prepared_statements=mode,
+            ssl="verify-full", ssl_root_cert=str(pki.ca_cert), connect_timeout=5) as pool:
+        assert pool.stats().size == 0
+        await cancel_logins(pool, 300)
+        assert await pool.fetchval("SELECT 1") == 1
     assert [m for m in seen if "never retrieved" in m] == []

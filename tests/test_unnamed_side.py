@@ -90,6 +90,20 @@ async def proxied(proxy: FaultProxy, target: Target) -> AsyncIterator[Pool]:  # 
         yield p
 
 
+async def _retyped_to_money(pool: Pool, postgres: PostgresServer, table: str) -> str:
+    """Create `table` with one row, prepare its select twice on the pool's connection, then
+    retype its column to money (which the server must turn): returns that select."""
+    await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int, a int);"
+                       f"INSERT INTO {table} VALUES (1, 1)")
+    select = f"SELECT a FROM {table} WHERE id = $1"
+    async with pool.acquire() as conn:
+        await conn.fetchval(select, 1)
+        await conn.fetchval(select, 1)
+    await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN a TYPE money "
+                            "USING a::numeric::money")
+    return select
+
+
 @pytest.mark.parametrize("stop", ["cancel", "timeout"])
 async def test_the_next_holder_is_in_step_after_a_side_request_left_pending(
         proxied: Pool, proxy: FaultProxy, postgres: PostgresServer,
@@ -99,8 +113,6 @@ async def test_the_next_holder_is_in_step_after_a_side_request_left_pending(
     statement (a describe) right behind it. That statement is answered."""
     pool = proxied
     table = f"dc_side_pending_{stop}"
-    await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int, a int);"
-                       f"INSERT INTO {table} VALUES (1, 1)")
     original = Wire.side
 
     def stalled(self: Wire, data: bytes) -> asyncio.Future[list[bytes]]:
@@ -112,12 +124,7 @@ async def test_the_next_holder_is_in_step_after_a_side_request_left_pending(
                 task.cancel()
         return original(self, data)
 
-    select = f"SELECT a FROM {table} WHERE id = $1"
-    async with pool.acquire() as conn:
-        await conn.fetchval(select, 1)
-        await conn.fetchval(select, 1)
-    await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN a TYPE money "
-                            "USING a::numeric::money")
+    select = await _retyped_to_money(pool, postgres, table)
     monkeypatch.setattr(Wire, "side", stalled)
 
     async def holder() -> Any:
@@ -142,8 +149,6 @@ async def test_a_connection_lost_while_the_server_turns_values_is_reported_lost(
     them"); the pool replaces the connection."""
     pool = proxied
     table = "dc_side_lost"
-    await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int, a int);"
-                       f"INSERT INTO {table} VALUES (1, 1)")
     original = Wire.side
     cut = asyncio.Event()
 
@@ -154,12 +159,7 @@ async def test_a_connection_lost_while_the_server_turns_values_is_reported_lost(
             cut.set()
         return waiter
 
-    select = f"SELECT a FROM {table} WHERE id = $1"
-    async with pool.acquire() as conn:
-        await conn.fetchval(select, 1)
-        await conn.fetchval(select, 1)
-    await migrate(postgres, f"ALTER TABLE {table} ALTER COLUMN a TYPE money "
-                            "USING a::numeric::money")
+    select = await _retyped_to_money(pool, postgres, table)
     monkeypatch.setattr(Wire, "side", cut_as_sent)
     with pytest.raises(ConnectionLostError) as info:
         async with asyncio.timeout(10), pool.acquire() as conn:

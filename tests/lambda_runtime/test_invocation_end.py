@@ -11,7 +11,7 @@ import pytest
 
 from asyncpool.testing import PgBouncerServer
 from asyncpool.testing.faultproxy import FaultProxy
-from asyncpool.testing.lambda_runtime import RuntimeAPI
+from asyncpool.testing.lambda_runtime import LambdaProcess, RuntimeAPI
 from tests.lambda_runtime.support import environment, invoke, network_dies_in_a_freeze, response
 
 
@@ -20,6 +20,16 @@ def _record(log: str, line: str) -> str:
     record = log[log.index(line):]
     end = record.find("\n[")  # (the runtime's records begin with their level)
     return record if end < 0 else record[:end]
+
+
+async def _next_served_at_once(api: RuntimeAPI, proc: LambdaProcess, op: str) -> None:
+    """Invoke `op`, which keeps a connection past its invocation, then a query: the query is
+    served at once (max_size=1) on a new connection, the kept one closed by then."""
+    response(await invoke(api, {"op": op}), proc)
+    after = await invoke(api, {"op": "query"})
+    stats = response(after, proc)["pool"]
+    assert after.seconds < 2.0
+    assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
 
 
 async def test_a_thaw_on_a_dead_network_answers_soon_after_the_checkout_gives_up(
@@ -51,11 +61,7 @@ async def test_an_async_generator_kept_across_invocations_does_not_keep_its_conn
     so the next invocation is served (max_size=1); it timed out waiting until leak_timeout, with
     no word. The generator's next statement is refused, not run on a connection another holds."""
     with RuntimeAPI(function_timeout=6) as api, environment(api, own_pgbouncer, tmp_path) as proc:
-        response(await invoke(api, {"op": "generator"}), proc)
-        after = await invoke(api, {"op": "query"})
-        stats = response(after, proc)["pool"]
-        assert after.seconds < 2.0
-        assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
+        await _next_served_at_once(api, proc, "generator")
         [line] = [line for line in proc.log().splitlines() if "no task runs" in line]
         assert "WARNING" in line
         site = _record(proc.log(), line)
@@ -80,11 +86,7 @@ async def test_a_connection_acquired_without_async_with_and_kept_is_named_and_cl
     PoolTimeoutError, with no word, the connection left to leak_timeout. The kept connection's
     next use is refused."""
     with RuntimeAPI(function_timeout=6) as api, environment(api, own_pgbouncer, tmp_path) as proc:
-        response(await invoke(api, {"op": "leak"}), proc)
-        after = await invoke(api, {"op": "query"})
-        stats = response(after, proc)["pool"]
-        assert after.seconds < 2.0
-        assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
+        await _next_served_at_once(api, proc, "leak")
         log = proc.log()
         [line] = [line for line in log.splitlines() if "was not released when it returned" in line]
         assert "WARNING" in line

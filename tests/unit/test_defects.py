@@ -30,6 +30,7 @@ from asyncpool import (
     PoolError,
     PoolObserver,
 )
+from tests.cancel_support import cancelled_once_running
 from tests.unit.fakes import (
     FakeCredentials,
     FakeServer,
@@ -587,6 +588,13 @@ async def _with_an_old_cancel_request() -> asyncio.Task[Any]:
     return task
 
 
+async def _reclaimed(pool: Any, leaked: int) -> None:
+    """`leaked` connections were reclaimed, none is held any more, and the pool still serves."""
+    assert pool.stats().leaked_total == leaked
+    assert pool.stats().in_use == 0
+    assert await pool.fetchval("SELECT 1") == 1
+
+
 def test_a_reclaim_counts_against_the_cancel_requests_the_task_already_had(
         server: FakeServer) -> None:
     """A leak reclaim withdraws its own cancel request and gives ConnectionLeakedError, whatever
@@ -751,12 +759,7 @@ def test_a_holder_cancelled_before_a_reclaim_ends_with_its_own_cancellation(
 
             for holder in (in_transaction, cleaning_up):
                 entered.clear()
-                task = asyncio.create_task(holder())
-                await entered.wait()
-                await asyncio.sleep(0.1)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+                await cancelled_once_running(holder, entered)
                 server.latency = 0.001
                 entered.clear()
                 with pytest.raises(TimeoutError) as info:
@@ -766,9 +769,7 @@ def test_a_holder_cancelled_before_a_reclaim_ends_with_its_own_cancellation(
                 current = asyncio.current_task()
                 assert current is not None
                 assert current.cancelling() == 0
-            assert pool.stats().leaked_total == 4
-            assert pool.stats().in_use == 0
-            assert await pool.fetchval("SELECT 1") == 1
+            await _reclaimed(pool, 4)
 
     run(main())
 
@@ -783,19 +784,12 @@ def test_a_reclaim_while_handling_a_time_limit_is_not_taken_for_the_holders_canc
     was still in the chain of exceptions being handled, and was taken for the holder's
     cancellation under way. A caller's cancellation that is under way, with a time limit
     expired in its cleanup, still ends as the caller's."""
-    async def swallow_a_cancel() -> None:  # leaves a request counted on the task
-        task = asyncio.current_task()
-        assert task is not None
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(0)
-
     async def main() -> None:
         async with fake_pool(server, leak_timeout=1.0) as pool:
             seen: list[tuple[str, int]] = []
 
             async def fallback_after_a_time_limit() -> None:
-                await swallow_a_cancel()
+                await _with_an_old_cancel_request()
                 try:
                     async with pool.acquire():
                         try:
@@ -829,9 +823,7 @@ def test_a_reclaim_while_handling_a_time_limit_is_not_taken_for_the_holders_canc
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert pool.stats().leaked_total == 2
-            assert pool.stats().in_use == 0
-            assert await pool.fetchval("SELECT 1") == 1
+            await _reclaimed(pool, 2)
 
     run(main())
 
@@ -908,17 +900,10 @@ def test_a_holder_that_caught_its_callers_cancel_and_cleans_up_slowly_ends_cance
                         await holder()
                 assert not isinstance(info.value, ConnectionLeakedError)
             else:
-                task = asyncio.create_task(holder())
-                await entered.wait()
-                await asyncio.sleep(0.1)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+                task = await cancelled_once_running(holder, entered)
                 assert task.cancelling() == 1  # the caller's request alone
             assert current.cancelling() == 0
-            assert pool.stats().leaked_total == 1
-            assert pool.stats().in_use == 0
-            assert await pool.fetchval("SELECT 1") == 1
+            await _reclaimed(pool, 1)
 
     run(main())
 

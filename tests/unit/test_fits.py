@@ -6,7 +6,7 @@ from __future__ import annotations
 import array
 import datetime as dt
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, overload
@@ -29,6 +29,22 @@ except ImportError:
 def executor_of(args: Any) -> Any:
     """A function shaped as asyncpg's executor: its arguments in a closure cell named `args`."""
     return lambda stmt, timeout: (stmt, args, timeout)
+
+
+def _calls(check: Callable[[], bool]) -> tuple[bool, int]:
+    """What `check()` returns, and how many Python calls it made."""
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        fit = check()
+    finally:
+        sys.setprofile(None)
+    return fit, calls
 
 
 @pytest.mark.parametrize(
@@ -112,17 +128,7 @@ def test_a_long_array_of_plain_values_costs_no_call_per_element(oid: int, value:
     cost 0.4 ms per 1,000 ints on the success path)."""
     checks = guards([oid])
     assert checks is not None
-    calls = 0
-
-    def count(frame: Any, event: str, arg: Any) -> None:
-        nonlocal calls
-        calls += event == "call"
-
-    sys.setprofile(count)
-    try:
-        fit = fits(checks, executor_of((value,)), many=False)
-    finally:
-        sys.setprofile(None)
+    fit, calls = _calls(lambda: fits(checks, executor_of((value,)), many=False))
     assert fit
     assert calls < 10
 
@@ -190,17 +196,8 @@ def test_numpy_arrays_are_checked_by_dtype_or_element() -> None:
     checks, real = guards([INT4_ARRAY]), guards([FLOAT4_ARRAY])
     assert checks is not None
     assert real is not None
-    calls = 0
-
-    def count(frame: Any, event: str, arg: Any) -> None:
-        nonlocal calls
-        calls += event == "call"
-
-    sys.setprofile(count)
-    try:
-        assert fits(checks, executor_of((np.arange(10_000),)), many=False)
-    finally:
-        sys.setprofile(None)
+    fit, calls = _calls(lambda: fits(checks, executor_of((np.arange(10_000),)), many=False))
+    assert fit
     assert calls < 100  # (the ABC checks' own, at most; one per element would be 10,000)
     assert fits(checks, executor_of((np.array([[1, 2], [3, 4]]),)), many=False)
     assert fits(real, executor_of((np.linspace(0, 1, 10_000),)), many=False)

@@ -9,6 +9,7 @@ import pytest
 
 from asyncpool import ConnectionLostError, PoolClosedError, PoolError, PoolTimeoutError
 from asyncpool.pool.lifecycle import use_connector
+from tests.provider_support import QuietProvider
 from tests.unit.fakes import FakeServer, fake_pool, run
 
 
@@ -596,7 +597,7 @@ def test_credentials_replaced_by_new_connect_arguments_are_closed_once_unused(
     """`Pool.set_connect_args` gives the pool a new connector; the old one's credentials
     provider, used by no login under way, is closed at once (a process rotating this way kept
     every one open until the pool closed), and the new one with the pool, each once."""
-    from tests.unit.fakes import FakeConnector, FakeCredentials
+    from tests.unit.fakes import FakeCredentials
 
     first, second = GatedCredentials(), FakeCredentials()
 
@@ -605,9 +606,7 @@ def test_credentials_replaced_by_new_connect_arguments_are_closed_once_unused(
                                                              "fake_credentials": first})
         await pool.open()
         slots = pool._slots
-        config = pool.config.replace(connect_kwargs={"fake_server": server,
-                                                     "fake_credentials": second})
-        use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+        config = _use_credentials(pool, server, second)
         assert slots.config is config
         async with asyncio.timeout(5):
             await first.closing.wait()
@@ -620,11 +619,9 @@ def test_credentials_replaced_by_new_connect_arguments_are_closed_once_unused(
     run(main())
 
 
-class GatedCredentials:
+class GatedCredentials(QuietProvider):
     """A provider whose `password()` waits for `gate` (a login in flight with it), and that says
     when it is closed."""
-
-    requires_tls = False
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
@@ -638,36 +635,43 @@ class GatedCredentials:
         await self.gate.wait()
         return "fake"
 
-    async def refresh(self, target: object) -> bool:
-        return False
-
-    async def warm(self, target: object) -> None:
-        pass
-
     async def close(self) -> None:
         self.closed += 1
         self.closing.set()
 
 
+def _use_credentials(pool: Any, server: FakeServer, creds: object) -> Any:
+    """Give `pool` a new connector whose logins read `creds` (as `set_connect_args` does);
+    returns its configuration."""
+    from tests.unit.fakes import FakeConnector
+
+    slots = pool._slots
+    config = pool.config.replace(connect_kwargs={"fake_server": server,
+                                                 "fake_credentials": creds})
+    use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+    return config
+
+
+async def _login_reading(pool: Any, creds: GatedCredentials) -> asyncio.Task[Any]:
+    """A login under way, held while it reads `creds` (until `creds.gate` is set)."""
+    creds.gate.clear()
+    login = asyncio.create_task(pool.fetchval("SELECT 1"))
+    async with asyncio.timeout(5):
+        await creds.reading.wait()
+    return login
+
+
 def test_a_replaced_provider_is_closed_when_its_last_login_ends(server: FakeServer) -> None:
     """Replaced while a login reads it, a provider is closed when that login ends, not before,
     and once (the pool's close does not close it again)."""
-    from tests.unit.fakes import FakeConnector
-
     first, second = GatedCredentials(), GatedCredentials()
 
     async def main() -> None:
         pool = fake_pool(server, min_size=0, max_size=2,
                          connect_kwargs={"fake_server": server, "fake_credentials": first})
         await pool.open()
-        slots = pool._slots
-        first.gate.clear()
-        login = asyncio.create_task(pool.fetchval("SELECT 1"))
-        async with asyncio.timeout(5):
-            await first.reading.wait()
-        config = pool.config.replace(connect_kwargs={"fake_server": server,
-                                                     "fake_credentials": second})
-        use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+        login = await _login_reading(pool, first)
+        _use_credentials(pool, server, second)
         assert await pool.fetchval("SELECT 2") is not None  # a login with `second` meanwhile
         assert first.closed == 0  # the login under way still reads it
         first.gate.set()
@@ -685,8 +689,6 @@ def test_a_provider_given_back_while_a_login_uses_it_is_not_closed(server: FakeS
     """`first` replaced while a login reads it, then given back before that login ends: the
     login's end does not close it (it is in use again); `second`, used by nothing, is closed
     at its replacement; the pool's close closes `first` once."""
-    from tests.unit.fakes import FakeConnector
-
     first, second = GatedCredentials(), GatedCredentials()
 
     async def main() -> None:
@@ -694,14 +696,9 @@ def test_a_provider_given_back_while_a_login_uses_it_is_not_closed(server: FakeS
                          connect_kwargs={"fake_server": server, "fake_credentials": first})
         await pool.open()
         slots = pool._slots
-        first.gate.clear()
-        login = asyncio.create_task(pool.fetchval("SELECT 1"))
-        async with asyncio.timeout(5):
-            await first.reading.wait()
+        login = await _login_reading(pool, first)
         for creds in (second, first):
-            config = pool.config.replace(connect_kwargs={"fake_server": server,
-                                                         "fake_credentials": creds})
-            use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
+            _use_credentials(pool, server, creds)
         async with asyncio.timeout(5):
             await second.closing.wait()
         first.gate.set()
@@ -850,30 +847,18 @@ def test_a_provider_given_back_after_another_is_closed_once(server: FakeServer) 
     """`set_connect_args(credentials=first)`, then `second`, then `first` again, then both
     again, while a login reads each: each is both replaced and in use; each provider is closed
     once (`second` when its login ends, `first` with the pool)."""
-    from tests.unit.fakes import FakeConnector
-
     first, second = GatedCredentials(), GatedCredentials()
 
     async def main() -> None:
         pool = fake_pool(server, min_size=0, max_size=2,
                          connect_kwargs={"fake_server": server, "fake_credentials": first})
         await pool.open()
-        slots = pool._slots
-
-        def use(creds: GatedCredentials) -> None:
-            config = pool.config.replace(connect_kwargs={"fake_server": server,
-                                                         "fake_credentials": creds})
-            use_connector(slots, FakeConnector(config, slots.observer))  # type: ignore[arg-type]
-
         logins = []
         for creds in (first, second):
-            use(creds)
-            creds.gate.clear()
-            logins.append(asyncio.create_task(pool.fetchval("SELECT 1")))
-            async with asyncio.timeout(5):
-                await creds.reading.wait()
+            _use_credentials(pool, server, creds)
+            logins.append(await _login_reading(pool, creds))
         for creds in (first, second, first):
-            use(creds)
+            _use_credentials(pool, server, creds)
         assert (first.closed, second.closed) == (0, 0)
         first.gate.set()
         second.gate.set()
