@@ -172,7 +172,7 @@ async def test_a_connection_held_across_invocations_is_checked_before_the_caller
             await asyncio.sleep(0.3)  # runs on in the next invocation
             await pool.release(conn)
 
-        holders.append(asyncio.create_task(hold()))
+        holders.append(asyncio.create_task(hold(), name="hand-over"))
         value: int = await conn.fetchval("SELECT 1")
         return value
 
@@ -183,9 +183,10 @@ async def test_a_connection_held_across_invocations_is_checked_before_the_caller
 
     with caplog.at_level(logging.WARNING, logger="asyncpool.pool"):
         assert await env.invoke(leave_a_holder) == 1
-    # Reported at the invocation's end, not closed: the task it was handed to still runs.
+    # Reported at the invocation's end, not closed: the task it was handed to still runs, and
+    # holds it (a closure variable of its coroutine).
     [kept] = [r.getMessage() for r in caplog.records if "was not released" in r.getMessage()]
-    assert "task(s) the invocation started still run" in kept, kept
+    assert "running task(s) refer to it ('hand-over')" in kept, kept
     assert counter.validations == 0
     assert await env.invoke(query) == (2, 0)
     assert holders[0].done()
@@ -193,3 +194,44 @@ async def test_a_connection_held_across_invocations_is_checked_before_the_caller
     assert counter.validations == 1  # the hand-over was checked
     stats = pool.stats()
     assert (stats.validation_failures_total, stats.created_total) == (0, 1)
+
+
+async def test_an_unrelated_task_left_running_does_not_keep_a_connection_the_handler_kept(
+    env: Environment, legacy: PgBouncerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler keeps ``conn = await pool.acquire()`` (module-level) and leaves a task
+    running that has nothing to do with it (a cache refresh): the connection is closed at the
+    invocation's end, and the next invocation served at once (max_size=1, acquire_timeout 1 s).
+    Any task the invocation started kept it, to leak_timeout: the next one timed out."""
+    pool = env.runner.attach(env.pool(legacy.dsn(), max_size=1, acquire_timeout=1.0))
+    kept: list[Any] = []
+    refresh = asyncio.Event()
+    refreshers: list[asyncio.Task[None]] = []
+
+    async def refresh_cache(cache: dict[str, int]) -> None:
+        await refresh.wait()
+        cache["n"] = 1
+
+    @async_handler(runner=env.runner)
+    async def keep(event: Any, context: Any) -> int:
+        await pool.open(wait=False)
+        kept.append(await pool.acquire())
+        refreshers.append(asyncio.create_task(refresh_cache({}), name="refresh"))
+        value: int = await kept[0].fetchval("SELECT 1")
+        return value
+
+    @async_handler(runner=env.runner)
+    async def query(event: Any, context: Any) -> int:
+        refresh.set()
+        await refreshers[0]
+        value: int = await pool.fetchval("SELECT 2")
+        return value
+
+    with caplog.at_level(logging.WARNING, logger="asyncpool.pool"):
+        assert await env.invoke(keep) == 1
+    [report] = [r.getMessage() for r in caplog.records if "was not released" in r.getMessage()]
+    assert "it is closed now" in report, report
+    assert not refreshers[0].done()  # (it ran on, untouched)
+    assert await env.invoke(query) == 2
+    stats = pool.stats()
+    assert (stats.closed_total, stats.created_total, stats.in_use) == (1, 2, 0)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
 from asyncpool.connect.forwarding import ForwardingProtocol, LoopView
+from asyncpool.connect.hosts import HostLog, HostsLoop
 from asyncpool.errors import AuthMethodRefusedError
 
 if TYPE_CHECKING:
@@ -348,6 +349,8 @@ class Login:
         self.allowed: frozenset[str] = tls.allowed_auth_methods(
             config, self.tls, self.require_auth, withheld=self.withheld is not None)
         self.guard: AuthGuard | None = None
+        #: The last `kwargs` call's log of each host's failure (several hosts only).
+        self.hosts: HostLog | None = None
 
     async def connect(self, timeout: float, name: str) -> Any:
         """One asyncpg connection to the DSN under these rules (no statement cache). A failed
@@ -361,16 +364,20 @@ class Login:
         dsn = self.dsn
         error: Exception
         try:
-            return await asyncpg.connect(self.driver_dsn(dsn), password=dsn.password,
+            conn = await asyncpg.connect(self.driver_dsn(dsn), password=dsn.password,
                                          timeout=timeout, statement_cache_size=0,
                                          **self.kwargs())
+            if self.hosts is not None:
+                self.hosts.finish()
+            return conn
         except Exception as exc:
             target = dsn.target()
             error = self.refusal(target) or translate(
                 exc, target, name, timeout, secrets=dsn.secrets,
                 settings=setting_sources(dsn, None),
                 root_cert_source=self.tls.root_cert_source, tls_optional=self.tls.optional,
-                dialled=dialled(dsn, service=self.service))
+                dialled=dialled(dsn, service=self.service),
+                tried=self.hosts.tries if self.hosts is not None else ())
         raise error  # outside the except block: no __context__ either
 
     def driver_dsn(self, dsn: ParsedDsn) -> str:
@@ -380,12 +387,23 @@ class Login:
 
     def kwargs(self) -> dict[str, Any]:
         """``ssl`` and, unless the server is verified and every method allowed, a guarded
-        ``loop`` for one ``asyncpg.connect`` call (a new guard each call)."""
+        ``loop`` for one ``asyncpg.connect`` call (a new guard each call); with several hosts,
+        a loop that notes each one's failure in `hosts` (a new log each call)."""
+        from asyncpool.connect.dsn import dialled
+
         out: dict[str, Any] = {"ssl": self.tls.driver_argument()}
+        real = asyncio.get_running_loop()
+        loop: Any = real
+        self.hosts = None
+        if len(dialled(self.dsn, service=self.service)) > 1:
+            self.hosts = HostLog()
+            loop = HostsLoop(loop, self.hosts)
         self.guard = None
         if self.allowed != frozenset(_WHAT) or not self.tls.verified:
             self.guard = AuthGuard(self.allowed, once=not self.tls.verified)
-            out["loop"] = GuardedLoop(asyncio.get_running_loop(), self.guard)
+            loop = GuardedLoop(loop, self.guard)
+        if loop is not real:
+            out["loop"] = loop
         return out
 
     def libpq_kwargs(self, libpq_version: int | None = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import inspect
 import os
@@ -22,6 +23,7 @@ from asyncpool.connect.failures import (
     setting_sources,
     translate,
 )
+from asyncpool.connect.hosts import HostLog, HostsLoop
 from asyncpool.connect.negotiation import NegotiationLoop
 from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.reads import cap_reads
@@ -64,12 +66,14 @@ class CutShort:
     of the caller's acquire_timeout) to the error class its caller is given, so that the
     attempt is reported with that error rather than as a bare cancellation."""
 
-    __slots__ = ("caller_error", "in_init")
+    __slots__ = ("caller_error", "hosts", "in_init")
 
     def __init__(self) -> None:
         self.caller_error: type[BaseException] = asyncio.CancelledError
         # Logged in, and running the `init` hook: a timeout then is the hook's, not the network's.
         self.in_init: bool = False
+        #: Each host's failure so far (several hosts): which one the time ran out on.
+        self.hosts: HostLog | None = None
 
 
 class Connector:
@@ -281,14 +285,20 @@ class Connector:
             exc, self.config.name, setting_sources(self._dsn, self.config.server_settings),
             within)
 
-    def _translate(self, exc: BaseException) -> ConnectError:
+    def _translate(self, exc: BaseException, hosts: HostLog | None = None) -> ConnectError:
         hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
                          secrets=self._secrets,
                          settings=setting_sources(self._dsn, self.config.server_settings),
                          direct_tls=self.tls.direct_source, direct_tls_worked=self.logged_in,
                          root_cert_source=self.tls.root_cert_source,
-                         tls_optional=self.tls.optional, dialled=self._dialled)
+                         tls_optional=self.tls.optional, dialled=self._dialled,
+                         tried=hosts.tries if hosts is not None else ())
+
+    def timed_out(self, exc: TimeoutError, cut_short: CutShort) -> ConnectError:
+        """The error for a login `connect_timeout` stopped: with several hosts, it names the
+        one being dialled, and each one's failure before it."""
+        return self._translate(exc, cut_short.hosts)
 
     @property
     def retry_is_safe(self) -> bool:
@@ -299,12 +309,18 @@ class Connector:
             return True
         return self.tls.verified and not self._several_hosts
 
-    def _loop(self) -> tuple[AuthGuard | None, Any]:
+    def _loop(self) -> tuple[AuthGuard | None, HostLog | None, Any]:
         """The loop asyncpg is given: the running one, wrapped by the auth guard (unless the
         server is verified and every method allowed) and the one-round-trip path's interceptor,
         or else by `NegotiationLoop` (each marks seen the error asyncpg's TLS negotiation keeps
-        when a login is cancelled as it connects)."""
+        when a login is cancelled as it connects); with several hosts, by `HostsLoop` too, which
+        notes each host's failure (asyncpg raises only the last one's)."""
         loop: Any = asyncio.get_running_loop()
+        hosts = None
+        if self._several_hosts:
+            # Innermost: the unnamed mode's connections take the loop under the interceptor.
+            hosts = HostLog()
+            loop = HostsLoop(loop, hosts)
         guard: AuthGuard | None = None
         if self.auth_methods != ALL_AUTH_METHODS or not self.tls.verified:
             guard = AuthGuard(self.auth_methods, once=not self.tls.verified)
@@ -315,7 +331,7 @@ class Connector:
             loop = InterceptingLoop(loop, self._policy)
         elif guard is None:
             loop = NegotiationLoop(loop)
-        return guard, loop
+        return guard, hosts, loop
 
     async def _attempt(self, cut_short: CutShort | None) -> asyncpg.Connection:
         cred_times: list[int] = []
@@ -338,7 +354,9 @@ class Connector:
 
             kwargs = {**kwargs, "password": password}
             password_code = password.__code__
-        guard, loop = self._loop()
+        guard, hosts, loop = self._loop()
+        if cut_short is not None:
+            cut_short.hosts = hosts
         kwargs = {**kwargs, "loop": loop}
         started = time.time_ns()
         error: BaseException | None = None
@@ -349,6 +367,8 @@ class Connector:
             conn: asyncpg.Connection = await asyncpg.connect(
                 self._dsn.for_asyncpg() if self._dsn is not None else None, **kwargs)
             self.logged_in = True
+            if hosts is not None:
+                hosts.finish()
             return conn
         except PoolError as exc:  # a credentials provider's own error: raised as it is...
             error = exc
@@ -363,10 +383,10 @@ class Connector:
             # usual ones: asyncpg turns whatever fails during authentication (a malformed SCRAM
             # reply, a password it cannot encode) into InternalClientError and others.
             if guard is not None and guard.refused is not None:
-                error = refusal_error(guard, self.config, self.target, self.tls, self.require_auth,
-                                      withheld=self.withheld)
+                error = refusal_error(guard, self.config, _refuser(self.target, hosts), self.tls,
+                                      self.require_auth, withheld=self.withheld)
             else:
-                error = self._translate(exc)
+                error = self._translate(exc, hosts)
             caller_error = type(error)
         except BaseException as exc:  # a cancellation, Ctrl-C, a SystemExit: raised as it is...
             error = exc
@@ -388,6 +408,14 @@ class Connector:
             )
         # Raised outside the except block: no __context__ either.
         raise error
+
+
+def _refuser(target: Target, hosts: HostLog | None) -> Target:
+    """`target` at the host whose request the guard refused: the last one dialled (asyncpg
+    stops at a refusal)."""
+    if hosts is None or not hosts.tries:
+        return target
+    return dataclasses.replace(target, host=hosts.tries[-1].host, port=hosts.tries[-1].port)
 
 
 def _without_driver_frames(exc: BaseException, password_code: CodeType | None) -> BaseException:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import difflib
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import asyncpg
 
 from asyncpool.connect.dsn import CONNECTION_KEYWORDS, ParsedDsn, Target, redact, scrub
+from asyncpool.connect.hosts import HostTry
 from asyncpool.errors import (
     AuthenticationError,
     ConnectError,
@@ -45,6 +47,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     settings: Mapping[str, str] | None = None, direct_tls: str | None = None,
     direct_tls_worked: bool = False, root_cert_source: str | None = None,
     tls_optional: bool = False, dialled: Sequence[tuple[str, int]] = (),
+    tried: Sequence[HostTry] = (), where: str | None = None,
 ) -> ConnectError:
     """The asyncpool error for a failed login to `target`.
 
@@ -62,8 +65,20 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     refused TLS request cannot come from PostgreSQL or PgBouncer (they say no, and are used so).
     `dialled`: every host and port the login tried, in order, when there are several: asyncpg
     goes on to the next after a network error and raises the last host's error.
+    `tried`: each host's own failure (`asyncpool.connect.hosts.HostLog`), when several were
+    dialled: the error then advises on the most telling one, and names every host's.
+    `where`: the start of the message (default: the pool and `target`).
     """
-    where = f"pool {pool_name!r} could not connect to {target}"
+    if len(dialled) > 1 and tried:
+        def one(failure: BaseException, at: Target, where: str) -> ConnectError:
+            return translate(failure, at, pool_name, timeout, auth_hint, secrets=secrets,
+                             settings=settings, direct_tls=direct_tls,
+                             direct_tls_worked=direct_tls_worked,
+                             root_cert_source=root_cert_source, tls_optional=tls_optional,
+                             where=where)
+
+        return _each_host(exc, target, pool_name, dialled, tried, one=one)
+    where = where or f"pool {pool_name!r} could not connect to {target}"
     state = getattr(exc, "sqlstate", None)
     if len(dialled) > 1:
         where, target = _several_hosts(exc, state, target, pool_name, dialled)
@@ -243,6 +258,83 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
         error = ConnectError(f"{where}: {type(exc).__name__}: {text}")
         error.transient = False
     return _keep_facts_of(exc, error)
+
+
+def _each_host(exc: BaseException, target: Target, pool_name: str,
+               dialled: Sequence[tuple[str, int]], tried: Sequence[HostTry], *,
+               one: Callable[[BaseException, Target, str], ConnectError]) -> ConnectError:
+    """The error for a login to several hosts, each host's failure known: the most telling
+    one's advice (a certificate or a refused login over a closed port), then every host's.
+
+    It is retryable (`transient`) when any host's failure is: the host that was down may be up.
+    Its SQLSTATE and driver class are the advised failure's."""
+    raised = _raised_by(exc, tried)
+    failures = [exc if i == raised else t.error for i, t in enumerate(tried)]
+    errors = [None if failure is None else
+              one(failure, dataclasses.replace(target, host=t.host, port=t.port), "")
+              for t, failure in zip(tried, failures, strict=True)]
+    # The most telling failure; among equals, the one asyncpg raised, then the last.
+    best = max((i for i, failure in enumerate(failures) if failure is not None),
+               key=lambda i: (_telling(failures[i]), i == raised, i))
+    chosen, failure = tried[best], failures[best]
+    assert failure is not None
+    shown = f"{target.user}@{','.join(f'{host}:{port}' for host, port in dialled)}/{target.database}"
+    error = one(failure, dataclasses.replace(target, host=chosen.host, port=chosen.port),
+                f"pool {pool_name!r} could not connect to {shown}, its hosts tried in turn, "
+                f"at {chosen.host}:{chosen.port}")
+    roll = [f"{t.host}:{t.port}: {_briefly(failure)}" for t, failure in zip(tried, failures,
+                                                                              strict=True)]
+    roll += [f"{host}:{port}: not tried" for host, port in dialled[len(tried):]]
+    error.args = (f"{error} (each host: {', '.join(roll)})",)
+    error.transient = any(e.transient for e in errors if e is not None)
+    return error
+
+
+def _raised_by(exc: BaseException, tried: Sequence[HostTry]) -> int:
+    """Which host's failure `exc` (asyncpg's) is: asyncpg goes on after an OSError and raises
+    the last one it saw (not necessarily the last host's: a later one may have connected and
+    been passed over for target_session_attrs); it stops at any other error."""
+    if isinstance(exc, OSError):
+        for i in range(len(tried) - 1, -1, -1):
+            seen = tried[i].error
+            if seen is not None and type(seen) is type(exc) and str(seen) == str(exc):
+                return i
+    # Not seen by the loop (a time limit, a server's answer): the host being dialled.
+    return len(tried) - 1
+
+
+def _telling(exc: BaseException | None) -> int:
+    """How much a host's failure says about what to fix: a network one (a closed port, an
+    unknown name, no answer) least, a TLS or server failure most."""
+    if isinstance(exc, ConnectionRefusedError | socket.gaierror | FileNotFoundError):
+        return 0
+    if isinstance(exc, asyncio_timeout_types()):
+        return 1
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
+        return 1 if type(exc) in (OSError, ConnectionError) else 2
+    return 3
+
+
+def _briefly(exc: BaseException | None) -> str:
+    """A host's failure in a few words."""
+    if exc is None:
+        return ("connected, and was passed over (not the server target_session_attrs asks for, "
+                "or starting up)")
+    for kind, words in _BRIEFLY:
+        if isinstance(exc, kind):
+            return words
+    return "the login was refused" if is_auth_failure(exc) else type(exc).__name__
+
+
+#: A host's failure in a few words, by class (the first that matches).
+_BRIEFLY: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (ssl.SSLCertVerificationError, "the server's TLS certificate did not verify"),
+    (ssl.SSLError, "TLS failed"),
+    ((TimeoutError, asyncio.TimeoutError), "no answer in time"),
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "unknown host"),
+    (FileNotFoundError, "no socket"),
+)
 
 
 def _several_hosts(exc: BaseException, state: object, target: Target, pool_name: str,

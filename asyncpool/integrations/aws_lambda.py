@@ -27,6 +27,7 @@ from asyncpool.errors import PoolConfigError, config_errors_without_frames
 from asyncpool.integrations.lambda_workers import sigterm_when_parent_ends
 from asyncpool.options import PoolOptions, translate
 from asyncpool.pool import shutdown
+from asyncpool.pool.snapshot import empty_for_snapshot
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -437,8 +438,9 @@ def register_snapstart_hooks(
 ) -> bool:
     """Prepare `pool` for Lambda SnapStart when ``snapshot_restore_py`` is importable.
 
-    Before the snapshot: every connection is closed (a Terminate message to the pooler; connections
-    held then close when returned, logins under way when they finish) and the credentials
+    Before the snapshot: every connection is closed (a Terminate message to the pooler; one
+    still held is closed under its holder, with a WARNING naming where it was taken), logins
+    under way are stopped (a caller's logs in again after the restore), and the credentials
     provider drops what must not be cloned into many environments (its AWS client session, a
     cached secret); both come back on first use. After a restore: the pool is marked stale, so
     anything opened since is checked before use whatever the clock says. Both run on `loop`, the
@@ -468,12 +470,8 @@ def _before_snapshot(pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _prepare_snapshot(pool: Pool) -> None:
-    before = asyncio.all_tasks()
-    pool.expire_all()
-    # The graceful closes expire_all started: wait for their goodbyes to leave.
-    closing = asyncio.all_tasks() - before
-    if closing:
-        await asyncio.wait(closing, timeout=SNAPSHOT_BUDGET)
+    # (Its own state, as asyncpool.integrations.sqlalchemy reaches it: no public method for it.)
+    await empty_for_snapshot(pool._slots, SNAPSHOT_BUDGET)
     credentials = pool.config.credentials
     if credentials is not None:
         try:

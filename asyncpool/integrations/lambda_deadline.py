@@ -61,8 +61,8 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     pooler's server connection) while the environment is frozen. An invocation that starts
     with no more than `margin` left runs with no margin (`usable_margin`).
     """
-    # The tasks there were before: those the invocation starts are told apart at its end.
-    earlier = asyncio.all_tasks()
+    # When it began (the pools' clock): what is taken since, by any task, is the invocation's.
+    since = asyncio.get_running_loop().time()
     task = asyncio.current_task()
     if task is not None:
         # Leak reports name the holder's task: in any log format, this says which invocation
@@ -91,7 +91,7 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
     finally:
         resets_by = resets_end.at
         try:
-            await _free_stragglers(context, margin, request_id, resets_end, earlier)
+            await _free_stragglers(context, margin, request_id, resets_end, since)
         finally:
             resets_end.at = None
             RESETS_END.reset(token)
@@ -108,21 +108,20 @@ async def invocation_deadline(context: Any, margin: float, request_id: str) -> A
 
 
 async def _free_stragglers(context: Any, margin: float, request_id: str, end: ResetsEnd,
-                           earlier: set[asyncio.Task[Any]]) -> None:
+                           since: float) -> None:
     """Tasks the invocation started and left holding a connection give it back within what is
     left of its time (at most `RELEASE_TIMEOUT`), or are cancelled, within the time its resets
     have (`free_stragglers`); blocks no task runs any more (an async generator kept past the
     invocation) have their connections closed (`end_suspended_blocks`), and so do connections
-    taken without ``async with`` and kept, unless a task started since `earlier` still runs
+    taken without ``async with`` since `since` and kept, unless a running task refers to them
     (`end_kept_checkouts`: last, for those of the tasks just cancelled)."""
-    end_suspended_blocks(pools_on_loop(), request_id, end)
+    end_suspended_blocks(pools_on_loop(), request_id, end, since)
     give = settle_timeout(context, margin, RELEASE_TIMEOUT)
     bound = give + RELEASE_TIMEOUT
     if end.at is not None:
         bound = min(bound, end.at - asyncio.get_running_loop().time())
     await free_stragglers(pools_on_loop(), request_id, give, bound)
-    started = asyncio.all_tasks() - earlier - {asyncio.current_task()}
-    end_kept_checkouts(pools_on_loop(), request_id, end, started)
+    end_kept_checkouts(pools_on_loop(), request_id, end, since)
 
 
 def settle_timeout(context: Any, margin: float, unknown: float) -> float:

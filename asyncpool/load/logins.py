@@ -38,11 +38,15 @@ class GuardedLogin:
         parsed = self.parsed
         guarded = self.login.kwargs()
         guard = self.login.guard  # this call's own: concurrent logins each have theirs
+        hosts = self.login.hosts  # (so is this)
         error: Exception
         try:
             # The password in no local of this frame (a traceback's locals would show it).
-            return await asyncpg.connect(self.login.driver_dsn(parsed), password=parsed.password,
+            conn = await asyncpg.connect(self.login.driver_dsn(parsed), password=parsed.password,
                                          **kwargs, **guarded)
+            if hosts is not None:
+                hosts.finish()
+            return conn
         except Exception as exc:
             target = parsed.target()
             # No guard: nothing could be refused (another call's guard is not this login's).
@@ -52,7 +56,8 @@ class GuardedLogin:
                                          direct_tls=self.login.tls.direct_source,
                                          root_cert_source=self.login.tls.root_cert_source,
                                          tls_optional=self.login.tls.optional,
-                                         dialled=dialled(parsed, service=self.login.service))
+                                         dialled=dialled(parsed, service=self.login.service),
+                                         tried=hosts.tries if hosts is not None else ())
         raise error  # outside the except block: no __context__ either
 
     def libpq_conninfo(self, *, require_auth: bool = True) -> str:

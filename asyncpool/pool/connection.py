@@ -550,7 +550,7 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
                 f"pool {self._pool_name!r}: this connection was terminated (conn.terminate(), or "
                 "held by a task, a block in an async generator, or a `conn = await "
                 "pool.acquire()` not released, past the end of the Lambda invocation that took "
-                "it); acquire a new one"
+                "it, or when a SnapStart snapshot was taken); acquire a new one"
             )
         if state is CLOSED:
             return PoolClosedError(f"pool {self._pool_name!r} was closed while this connection was held")

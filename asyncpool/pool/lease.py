@@ -133,7 +133,7 @@ class Lease:
         if user is None or user is task or user.done() or task is None:
             return task
         frame = self.frame
-        if not isinstance(frame, FrameType) or frame in _task_frames(task):
+        if not isinstance(frame, FrameType) or frame in task_frames(task):
             return task
         return user
 
@@ -147,7 +147,7 @@ class Lease:
         current stack is shown after it.
         """
         frame = self.frame
-        chain = _task_frames(self.task)
+        chain = task_frames(self.task)
         # Where the holding task is now, in its own code: asyncpool's frames say nothing of
         # it, and a task reporting its own checkout (the end of a Lambda invocation) is in
         # asyncpool's code alone.
@@ -248,7 +248,7 @@ def _helper_caller(chain: list[FrameType]) -> FrameType | None:
     return None
 
 
-def _task_frames(task: asyncio.Task[Any] | None) -> list[FrameType]:
+def task_frames(task: asyncio.Task[Any] | None) -> list[FrameType]:
     """The frames of `task`'s suspended coroutines, outermost first."""
     frames: list[FrameType] = []
     if task is None or task.done():

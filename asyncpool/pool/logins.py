@@ -11,7 +11,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect.connector import CutShort
-from asyncpool.connect.failures import translate
 from asyncpool.errors import ConnectError, PoolTimeoutError
 from asyncpool.pool import closing, misuse, slow_checkout
 from asyncpool.pool.backoff import Backoff
@@ -160,10 +159,7 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
         error: BaseException | None = None
         if isinstance(exc, TimeoutError):
             if not cut_short.in_init:
-                connector = slots.connector
-                error = translate(exc, connector.target, slots.name, slots.config.connect_timeout,
-                                  direct_tls=connector.tls.direct_source,
-                                  direct_tls_worked=connector.logged_in)
+                error = slots.connector.timed_out(exc, cut_short)
             elif limit.expired():
                 error = _slow_init_error(slots)
             else:
@@ -190,6 +186,11 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
             raise FillGivenUp(  # `give_up_fills`
                 f"pool {slots.name!r}: a login of its own to {slots.connector.target} was given "
                 f"up: {why}; the next checkout logs in again") from None
+        if closed and slots.state is OPEN and _cancel_reason(attempt) == BEFORE_SNAPSHOT:
+            # `give_up_logins`: the caller's checkout logs in again (transient).
+            raise ConnectError(
+                f"pool {slots.name!r}: a login to {slots.connector.target} was given up: "
+                f"{BEFORE_SNAPSHOT}") from None
         if closed:
             raise misuse.closed_error(slots) from None  # close() stopped the login
         raise
@@ -208,6 +209,23 @@ AFTER_PAUSE = ("it was under way when the process was paused (a frozen Lambda en
 #: ...or before one: at the end of a Lambda invocation.
 BEFORE_PAUSE = ("it was still under way when the Lambda invocation ended, and the environment "
                 "may be frozen once the response goes, cutting it part-way")
+
+
+#: ...or before a SnapStart snapshot, for the callers' logins too (`give_up_logins`).
+BEFORE_SNAPSHOT = ("it was under way when the SnapStart snapshot was taken, and environments "
+                   "restored from it do not have its socket")
+
+
+def give_up_logins(slots: Slots, why: str) -> list[asyncio.Task[Any]]:
+    """`give_up_fills`, and the callers' logins as well: each such caller gets a transient
+    `ConnectError` inside its checkout, which logs in again (after a backoff) within its
+    acquire_timeout. For a process about to be copied (a SnapStart snapshot): a login would
+    go on after the restore on a socket the copy does not have, up to connect_timeout, with a
+    token or secret read before the snapshot."""
+    stopped = [attempt for attempt in slots.attempts if not attempt.done()]
+    for attempt in stopped:
+        attempt.cancel(why)
+    return stopped
 
 
 def give_up_fills(slots: Slots, why: str = AFTER_PAUSE) -> list[asyncio.Task[Any]]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+from asyncpool.pool.handed import refers_to
 from asyncpool.pool.lease import ACTIVE, TERMINATED, Lease
 from asyncpool.pool.resets import RESETS_END
 
@@ -50,7 +50,7 @@ def held_by_other_tasks(pools: list[Slots]) -> list[tuple[Slots, Lease]]:
     return held
 
 
-def held_in_suspended_blocks(pools: list[Slots], end: ResetsEnd, *,
+def held_in_suspended_blocks(pools: list[Slots], end: ResetsEnd, since: float, *,
                              scoped: bool = True) -> list[tuple[Slots, Lease]]:
     """The checkouts of `pools` taken inside ``async with`` during the invocation whose resets
     end by `end`, still held though no other task runs their block: the block waits in an async
@@ -58,14 +58,19 @@ def held_in_suspended_blocks(pools: list[Slots], end: ResetsEnd, *,
     cache. Nothing would give them back before ``leak_timeout``, and later invocations would
     wait for them. Not tracked without leak tracking (no context is kept), as for tasks.
     ``scoped=False``: those taken with ``conn = await pool.acquire()`` instead, kept past the
-    invocation by its own task or by a task of it that has ended (`end_kept_checkouts`)."""
+    invocation by its own task or by a task of it that has ended (`end_kept_checkouts`).
+    Taken during the invocation (since `since`, the pools' clock) by a task an earlier one
+    started counts too: that task carries the earlier invocation's context, not this one's."""
     current = asyncio.current_task()
     held: list[tuple[Slots, Lease]] = []
     for slots in pools:
         for record in slots.leased():
             lease = record.lease
             if (lease is None or lease.state is not ACTIVE or lease.scoped is not scoped
-                    or lease.context is None or lease.context.get(RESETS_END) is not end):
+                    or lease.context is None):
+                continue
+            taken_in = lease.context.get(RESETS_END)
+            if taken_in is not end and (taken_in is None or lease.acquired_at < since):
                 continue
             # A task still running the block is a straggler (`held_by_other_tasks`).
             if any(task is not None and task is not current and not task.done()
@@ -75,13 +80,14 @@ def held_in_suspended_blocks(pools: list[Slots], end: ResetsEnd, *,
     return held
 
 
-def end_suspended_blocks(pools: list[Slots], invocation: str, end: ResetsEnd) -> None:
+def end_suspended_blocks(pools: list[Slots], invocation: str, end: ResetsEnd,
+                         since: float) -> None:
     """Close the connections `held_in_suspended_blocks` finds, with a WARNING naming where
     each was acquired: a suspended block cannot be waited for nor cancelled as a task can, so
     its connection is closed at once (a transaction in it rolled back by the server), as a
     straggler's still held after its cancellation is; the block's next statement raises
     `PoolError`, and its end gives nothing back."""
-    for slots, lease in held_in_suspended_blocks(pools, end):
+    for slots, lease in held_in_suspended_blocks(pools, end, since):
         site = lease.acquire_site()
         logger.warning(
             "pool %r: a connection taken in invocation %s is still held by a block that no task "
@@ -94,11 +100,12 @@ def end_suspended_blocks(pools: list[Slots], invocation: str, end: ResetsEnd) ->
 
 
 def end_kept_checkouts(pools: list[Slots], invocation: str, end: ResetsEnd,
-                       started: Collection[asyncio.Task[Any]]) -> None:
+                       since: float) -> None:
     """Report the connections taken with ``conn = await pool.acquire()`` during the invocation
-    whose resets end by `end` and not released when it returned (kept module-level, or by a
-    task of it that has ended), with a WARNING naming where each was acquired; and close them,
-    under ``leak_action="reclaim"``, unless a task of those the invocation `started` still runs.
+    whose resets end by `end` (begun at `since`, the pools' clock) and not released when it
+    returned (kept module-level, or by a task that has ended), with a WARNING naming where each
+    was acquired; and close them, under ``leak_action="reclaim"``, unless a running task holds
+    the connection in its locals (`refers_to`).
 
     Closed because nothing else gives them back in time: ``leak_timeout`` (the function
     timeout, with `lambda_config`) says a checkout outliving an invocation is a leak, and would
@@ -107,22 +114,26 @@ def end_kept_checkouts(pools: list[Slots], invocation: str, end: ResetsEnd,
     server connection, kept while the environment is frozen. Closed now, the holder's next use
     raises `PoolError`, and its release does nothing. Not closed: one taken outside any
     invocation (at INIT: never reported here), the pool told so (``leak_action="log"``), and
-    one a task the invocation started and left running may be holding (handed to it: a lease
-    names the task that acquired, not the one it was given to), which may give it back."""
-    kept = held_in_suspended_blocks(pools, end, scoped=False)
+    one a running task refers to (handed to it: a lease names the task that acquired, not the
+    one it was given to), which may give it back. A task that runs on unrelated (a background
+    refresh) does not keep it: it kept every such connection to leak_timeout."""
+    kept = held_in_suspended_blocks(pools, end, since, scoped=False)
     if not kept:
         return
     own = {task for slots in pools for task in _own_tasks(slots)}
-    running = [task for task in started if not task.done() and task not in own]
+    current = asyncio.current_task()
+    running = [task for task in asyncio.all_tasks()
+               if task is not current and not task.done() and task not in own]
     for slots, lease in kept:
         site = lease.acquire_site()
-        close = slots.config.leak_action == "reclaim" and not running
+        holders = [task for task in running if refers_to(task, lease)]
+        close = slots.config.leak_action == "reclaim" and not holders
         if close:
             what = ("it is closed now rather than kept from the next invocations while the "
                     "environment is frozen, and its next use raises PoolError")
-        elif running:
-            what = (f"it is left with its holder, as task(s) the invocation started still run "
-                    f"({', '.join(repr(task.get_name()) for task in running[:3])}) and may "
+        elif holders:
+            what = (f"it is left with its holder, as running task(s) refer to it "
+                    f"({', '.join(repr(task.get_name()) for task in holders[:3])}) and may "
                     "give it back; leak_timeout reclaims it otherwise")
         else:
             what = "it is left with its holder (leak_action='log')"

@@ -69,10 +69,13 @@ async def _open_fails(dsn: str, **options: Any) -> PoolError:
     [
         ("mysql://app:{pw}@127.0.0.1:5432/app", "postgresql://"),
         ("postgresql://app:{pw}@127.0.0.1:port/app", "port"),
-        ("host=127.0.0.1 user=app password={pw} dbname=app", "postgresql://"),
+        # libpq's key=value strings are read (tests/test_dsn_conninfo.py); one libpq would
+        # refuse too is refused, saying what is wrong with it and nothing of the password.
+        ("host=127.0.0.1 user=app password='{pw} dbname=app", "key=value string as libpq reads it"),
         ("postgresql://app:{pw}@127.0.0.1:99999/app", "port"),
     ],
-    ids=["wrong-scheme", "port-not-a-number", "key-value-string", "port-out-of-range"],
+    ids=["wrong-scheme", "port-not-a-number", "key-value-string-unclosed-quote",
+         "port-out-of-range"],
 )
 async def test_malformed_dsn(template: str, fix: str, secret: str,
                              logs: pytest.LogCaptureFixture) -> None:
@@ -133,17 +136,20 @@ async def test_a_unix_socket_that_is_not_there(tmp_path: Path,
 
 async def test_several_hosts_name_each_and_advise_on_the_one_that_failed_last(
         tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
-    # asyncpg tries the hosts in turn and raises the last one's network error: the advice is
-    # about that one (the port of the first was named, and a TCP refusal read as the socket's).
+    # asyncpg tries the hosts in turn and raises the last one's network error: each host is
+    # named with its own, and the advice (both network failures) is about the last (the port of
+    # the first was named, and a TCP refusal read as the socket's).
     port = free_port()
     dsn = (f"postgresql://app:Sup3r-s3cret@/app?host={tmp_path},127.0.0.1"  # pragma: allowlist secret
            f"&port=5999,{port}")
     error = await _open_fails(dsn)
     assert type(error) is ConnectError
     assert f"app@{tmp_path}:5999,127.0.0.1:{port}/app, its hosts tried in turn" in str(error)
-    assert f"the last (127.0.0.1:{port}) with: connection refused" in str(error)
-    assert f"is port {port} right?" in str(error)
-    assert "socket" not in str(error).split("with:")[1]
+    advice, each = str(error).split(" (each host: ")
+    assert f"at 127.0.0.1:{port}: connection refused" in advice
+    assert f"is port {port} right?" in advice
+    assert "socket" not in advice
+    assert each == f"{tmp_path}:5999: no socket, 127.0.0.1:{port}: connection refused)"
     assert_secret_free(error, ["Sup3r-s3cret"], logs)
 
 
@@ -151,11 +157,12 @@ async def test_several_hosts_and_a_refused_login_do_not_blame_the_last_host(
         postgres: PostgresServer, logs: pytest.LogCaptureFixture) -> None:
     # A server's answer ends the tries at the host that gave it: here the first.
     host, port = postgres.dsn().rsplit("@", 1)[1].split("/")[0].rsplit(":", 1)
-    dsn = f"postgresql://app:Wr0ng-pass@{host}:{port},127.0.0.1:{free_port()}/app"  # pragma: allowlist secret
+    closed = free_port()
+    dsn = f"postgresql://app:Wr0ng-pass@{host}:{port},127.0.0.1:{closed}/app"  # pragma: allowlist secret
     error = await _open_fails(dsn)
     assert type(error) is AuthenticationError
-    assert "its hosts tried in turn, until one answered: authentication failed" in str(error)
-    assert "the last" not in str(error)
+    assert f"its hosts tried in turn, at {host}:{port}: authentication failed" in str(error)
+    assert f"(each host: {host}:{port}: the login was refused, 127.0.0.1:{closed}: not tried)" in str(error)
     assert_secret_free(error, ["Wr0ng-pass", postgres.app.password], logs)
 
 

@@ -42,8 +42,9 @@ if os.environ.get("TEST_TIMEOUT_MARGIN"):
     # The runner's timeout_margin, as LambdaRunner(timeout_margin=...) would set it.
     get_runner().timeout_margin = checked_margin(float(os.environ["TEST_TIMEOUT_MARGIN"]))
 if os.environ.get("TEST_OPEN_AT_INIT"):
-    # Opened (and connected) during INIT: what SnapStart snapshots.
-    get_runner().run(pool.open())
+    # Opened (and connected) during INIT: what SnapStart snapshots ("nowait": the login left
+    # under way, open(wait=False)).
+    get_runner().run(pool.open(wait=os.environ["TEST_OPEN_AT_INIT"] != "nowait"))
 if not os.environ.get("TEST_NO_SHUTDOWN_HOOK"):
     close_on_shutdown(pool, get_runner().loop)
 # A second pool with its own hook (TEST_SECOND_POOL): both must close at SIGTERM.
@@ -112,6 +113,27 @@ async def _use_kept(event: dict[str, Any], result: dict[str, Any]) -> None:
         result["error"] = f"{type(exc).__name__}: {exc}"
 
 
+late_go = asyncio.Event()
+
+
+async def _late_acquire() -> None:
+    """Started in one invocation ("arm_late"), it acquires in a later one ("go") and ends with
+    the connection kept, not released."""
+    await late_go.wait()
+    conn = await pool.acquire()
+    await conn.fetchval("SELECT 1")
+    kept.append(conn)
+
+
+async def _arm_late(event: dict[str, Any], result: dict[str, Any]) -> None:
+    background.append(asyncio.create_task(_late_acquire(), name="late-acquirer"))
+
+
+async def _go(event: dict[str, Any], result: dict[str, Any]) -> None:
+    late_go.set()
+    await asyncio.wait_for(asyncio.shield(background[-1]), 5)
+
+
 async def _background_results(event: dict[str, Any], result: dict[str, Any]) -> None:
     result["background"] = [_outcome(t) for t in background]
 
@@ -124,6 +146,7 @@ async def _modules(event: dict[str, Any], result: dict[str, Any]) -> None:
 _MORE_OPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]] = {
     "generator": _generator, "try_query": _try_query,
     "background_results": _background_results, "modules": _modules, "use_kept": _use_kept,
+    "arm_late": _arm_late, "go": _go,
 }
 
 

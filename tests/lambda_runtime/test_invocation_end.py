@@ -143,3 +143,27 @@ async def test_a_min_size_refill_still_logging_in_is_given_up_before_the_respons
             proxy.set_mode("pass")
             after = response(await invoke(api, {"op": "query"}), proc)["pool"]
             assert (after["created_total"], after["in_use"], after["size"]) == (1, 0, 1)
+
+
+async def test_a_connection_kept_by_an_earlier_invocations_task_that_ended_is_closed(
+    own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """A task started in one invocation acquires (``conn = await pool.acquire()``) in a later
+    one, keeps the connection and ends: nobody who can still run gives it back. The later
+    invocation's end closes it, so the next invocation is served (max_size=1); it waited for
+    acquire_timeout (5 s) and failed with PoolTimeoutError, the connection left to leak_timeout:
+    the checkout carries the earlier invocation's context, which ended long before."""
+    with RuntimeAPI(function_timeout=6) as api, environment(api, own_pgbouncer, tmp_path) as proc:
+        response(await invoke(api, {"op": "arm_late"}), proc)
+        response(await invoke(api, {"op": "go"}), proc)
+        after = await invoke(api, {"op": "query"})
+        stats = response(after, proc)["pool"]
+        assert after.seconds < 2.0
+        assert (stats["created_total"], stats["closed_total"], stats["in_use"]) == (2, 1, 0)
+        [line] = [line for line in proc.log().splitlines() if "was not released" in line]
+        assert "WARNING" in line
+        assert "it is closed now" in line, line
+        site = _record(proc.log(), line)
+        assert "in _late_acquire\n    conn = await pool.acquire()" in site, site
+        used = response(await invoke(api, {"op": "use_kept"}), proc)
+        assert "was terminated" in used["error"], used

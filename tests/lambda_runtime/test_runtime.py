@@ -333,6 +333,39 @@ async def test_snapstart_restore_of_a_pool_opened_at_init(
         assert len(await app_clients(own_pgbouncer)) == 1
 
 
+async def test_snapstart_snapshot_of_a_pool_still_logging_in_at_init(
+    runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
+) -> None:
+    """INIT opens the pool with ``open(wait=False)`` and its login gets no answer: the
+    before-snapshot hook stops it, its socket closed before the snapshot (it was kept, half
+    done, for every restored copy to find dead). The first invocation after the restore logs
+    in anew."""
+    async with FaultProxy.to_dsn(own_pgbouncer.dsn()) as proxy:
+        proxy.set_mode("half-open")
+        env: dict[str, str | None] = {
+            "AWS_LAMBDA_INITIALIZATION_TYPE": "snap-start",
+            "TEST_OPEN_AT_INIT": "nowait",
+            "ASYNCPOOL_DSN": proxy.dsn(own_pgbouncer.dsn()),
+        }
+        with environment(runtime_api, own_pgbouncer, tmp_path, env=env) as proc:
+            restore_asked = await asyncio.to_thread(runtime_api.restore_requested.wait, 30)
+            assert restore_asked, proc.log()[-3000:]
+            assert proxy.accepted_total == 1
+            deadline = time.monotonic() + 2.0
+            while proxy.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert proxy.connections == 0, "a login was left half done in the snapshot"
+            proc.freeze()  # the snapshot
+            proxy.set_mode("pass")
+            proc.thaw()
+            runtime_api.release_restore()
+            first = await invoke(runtime_api, {"op": "query"})
+            stats = response(first, proc)["pool"]
+            assert runtime_api.restore_errors == []
+            assert first.seconds < 2.0
+            assert (stats["created_total"], stats["in_use"]) == (1, 0)
+
+
 async def test_what_opening_imports_is_imported_during_init_not_in_the_first_invocation(
     runtime_api: RuntimeAPI, own_pgbouncer: PgBouncerServer, tmp_path: Path
 ) -> None:

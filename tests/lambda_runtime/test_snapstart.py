@@ -1,9 +1,11 @@
-"""SnapStart hooks in-process: what the before-snapshot hook closes and drops, what the
+"""SnapStart hooks in-process: what the before-snapshot hook closes, stops and drops, what the
 after-restore hook marks (the real-runtime restore is in test_runtime.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import pytest
@@ -11,8 +13,11 @@ import snapshot_restore_py
 
 from asyncpool import Pool
 from asyncpool.credentials.provider import StaticPassword
+from asyncpool.errors import PoolError
 from asyncpool.integrations.aws_lambda import lambda_config, register_snapstart_hooks
+from asyncpool.integrations.lambda_runner import async_handler
 from asyncpool.testing import PgBouncerServer
+from asyncpool.testing.faultproxy import FaultProxy
 from tests.lambda_env import Environment
 
 
@@ -81,3 +86,90 @@ def test_no_hooks_outside_a_snapstart_initialisation() -> None:
     finally:
         loop.close()
     assert len(snapshot_restore_py.get_before_snapshot()) == before
+
+
+
+async def _closed(*proxies: FaultProxy, within: float = 2.0) -> list[int]:
+    """The proxies' open connections, once none is left or `within` seconds have passed."""
+    deadline = time.monotonic() + within
+    while any(p.connections for p in proxies) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return [p.connections for p in proxies]
+
+
+async def test_nothing_held_idle_or_logging_in_is_kept_in_the_snapshot(
+    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hooks run as SnapStart runs them (before the snapshot, then after a restore) on pools
+    with a connection held by a task INIT left running, one idle, and two logins under way (an
+    ``open(wait=False)`` refill and a caller's). No socket may be left in the snapshot: every
+    restored copy would find it dead (a login went on after the restore on it, up to
+    connect_timeout, with a token signed before; the holder's next statement waited on it) or
+    share its one server session with the other copies. The idle connection alone was closed:
+    the held one and both logins were kept. After the restore (the old sockets reset), the
+    first invocation is served at once, the caller's login done anew."""
+    monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
+    before = len(snapshot_restore_py.get_before_snapshot())
+    after = len(snapshot_restore_py.get_after_restore())
+    async with FaultProxy.to_dsn(legacy.dsn()) as network, \
+            FaultProxy.to_dsn(legacy.dsn()) as slow:
+        used = env.runner.attach(env.pool(network.dsn(legacy.dsn()), min_size=2, max_size=2,
+                                          name="used"))
+        filling = env.runner.attach(env.pool(slow.dsn(legacy.dsn()), min_size=1, max_size=2,
+                                             name="filling"))
+        release = asyncio.Event()
+
+        async def init() -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
+            await used.open()
+            got = asyncio.Event()
+
+            async def hold() -> Any:
+                async with used.acquire() as conn:
+                    got.set()
+                    await release.wait()
+                    return await conn.fetchval("SELECT 1")
+
+            holder = asyncio.create_task(hold())
+            await got.wait()
+            slow.set_mode("half-open")  # logins get no answer
+            await filling.open(wait=False)
+            caller = asyncio.create_task(filling.fetchval("SELECT 2"))
+            while filling.stats().connecting < 2:
+                await asyncio.sleep(0.01)
+            return holder, caller
+
+        try:
+            holder, caller = await env.run(init)
+            assert (used.stats().in_use, used.stats().idle, network.connections) == (1, 1, 2)
+            assert slow.connections == 2
+            with caplog.at_level(logging.WARNING, logger="asyncpool.pool"):
+                await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
+            assert await _closed(network, slow) == [0, 0]
+            assert used.stats().size == 0
+            assert filling.stats().created_total == 0
+            [held] = [r.getMessage() for r in caplog.records if "snapshot was taken" in r.getMessage()]
+            assert "async with used.acquire() as conn" in held, held
+            # The restore: the copies have none of the snapshot's sockets.
+            network.set_mode("reset")
+            slow.set_mode("reset")
+            network.set_mode("pass")
+            slow.set_mode("pass")
+            await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+
+            @async_handler(runner=env.runner)
+            async def first(event: Any, context: Any) -> tuple[tuple[Any, Any], int, int]:
+                release.set()
+                done = await asyncio.gather(holder, caller, return_exceptions=True)
+                return done, await used.fetchval("SELECT 3"), await filling.fetchval("SELECT 4")
+
+            started = time.monotonic()
+            (kept, login), three, four = await env.invoke(first)
+            assert time.monotonic() - started < 1.0
+            assert isinstance(kept, PoolError)
+            assert "terminated" in str(kept)
+            assert (login, three, four) == (2, 3, 4)
+            assert (used.stats().in_use, filling.stats().in_use) == (0, 0)
+        finally:
+            del snapshot_restore_py.get_before_snapshot()[before:]
+            del snapshot_restore_py.get_after_restore()[after:]

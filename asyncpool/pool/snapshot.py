@@ -1,0 +1,51 @@
+"""A pool made ready for a Lambda SnapStart snapshot: no network connection is left in it.
+
+Every environment restored from the snapshot gets a copy of the process, not of its network
+connections: a socket kept in it is dead in each copy (or, where its peer still answers, one
+server session shared by them all). So nothing that holds one is kept: idle connections say
+goodbye, held ones are closed under their holders, and logins under way are stopped (their
+callers log in again after the restore, with a new token or secret if the credentials give one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from asyncpool.pool import housekeeping, logins
+from asyncpool.pool.lease import ACTIVE, TERMINATED
+
+if TYPE_CHECKING:
+    from asyncpool.pool.slots import Slots
+
+logger: logging.Logger = logging.getLogger("asyncpool.pool")
+
+#: Turns of the loop given first to the tasks INIT left scheduled (not yet run once).
+_FIRST_TURNS = 3
+
+
+async def empty_for_snapshot(slots: Slots, budget: float) -> None:
+    """Close every connection of `slots` and stop its logins under way, waiting up to
+    `budget` seconds for the goodbyes and the logins' sockets to close."""
+    for _ in range(_FIRST_TURNS):  # (a login just scheduled, open(wait=False)'s, is begun)
+        await asyncio.sleep(0)
+    before = set(slots.closing)
+    housekeeping.expire_all(slots)  # (idle ones: a goodbye each)
+    for record in slots.leased():
+        lease = record.lease
+        if lease is None or lease.state is not ACTIVE:
+            continue
+        site = lease.acquire_site()
+        logger.warning(
+            "pool %r: a connection was still held when the SnapStart snapshot was taken; it is "
+            "closed (environments restored from the snapshot cannot use it), and its holder's "
+            "next use raises PoolError. Release connections taken during INIT before it ends. "
+            "Acquired at:\n%s", slots.name, site,
+            extra={"asyncpool_pool": slots.name, "asyncpool_acquire_site": site})
+        slots.discard(lease, "held when the snapshot was taken", state=TERMINATED)
+    stopped = logins.give_up_logins(slots, logins.BEFORE_SNAPSHOT)
+    waits: list[asyncio.Task[Any]] = [
+        *stopped, *(task for task in slots.closing if task not in before and not task.done())]
+    if waits:
+        await asyncio.wait(waits, timeout=budget)
