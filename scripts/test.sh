@@ -29,8 +29,9 @@ fi
 # differ between Python versions: asyncio cancellation (Task.cancelling/uncancel, wait_for), the
 # lease's task lookup, and the transports that the read path, the login guard, TLS and the unnamed
 # mode wrap; and SQLAlchemy's async engine, FastAPI and Mangum, which Lambda functions on those
-# versions run the pool under. Both versions run at once (the suites mostly wait on servers and
-# subprocesses), with the model test at 200 examples instead of 1,000: about 3 minutes in all. The whole suite passes there too, but takes 6 minutes per version in 2 workers on a 2-core
+# versions run the pool under. Both versions run at once, in 2 pytest workers each (the suites
+# mostly wait on servers and subprocesses), with the model test at 200 examples instead of 1,000:
+# about 2.5 minutes in all (4 in one worker each). The whole suite passes there too, but takes 6 minutes per version in 2 workers on a 2-core
 # machine, and needs the whole dev environment: too long for every run. Only for a whole-suite run;
 # ASYNCPOOL_TEST_MATRIX=0 skips them.
 matrix_tests=(tests/unit tests/test_asyncpg_pool_api.py tests/lambda_runtime tests/test_lambda_runner.py
@@ -52,7 +53,7 @@ if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
       continue
     fi
     ASYNCPOOL_MODEL_EXAMPLES=${ASYNCPOOL_MODEL_EXAMPLES:-200} "$venv/bin/python" -m pytest -q \
-      -p no:cacheprovider "${matrix_tests[@]}" > "$logs/python$v.log" 2>&1 &
+      -n 2 -p no:cacheprovider "${matrix_tests[@]}" > "$logs/python$v.log" 2>&1 &
     pids+=("$v:$!")
   done
   for entry in "${pids[@]}"; do
