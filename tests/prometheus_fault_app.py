@@ -97,6 +97,7 @@ async def main(dsn: str, wrong_dsn: str, seconds: float) -> None:
             )
             summary = {
                 "holds": len(holds), "holds_median": statistics.median(holds),
+                "holds_sorted": sorted(holds),
                 "timeouts": failing.stats().timeouts_total,
                 "validation_failures": checked.stats().validation_failures_total,
                 "leaks": leaky.stats().leaked_total, "login_failures": failures,

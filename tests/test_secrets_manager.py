@@ -230,7 +230,9 @@ async def test_open_reads_the_secret_within_acquire_timeout(
                 CredentialsError, match=r"gave no credential within acquire_timeout=1s \(its "
                 r"first read, at open\(\)\)"):
             await pool.open()
-        assert loop.time() - started < 1.5
+        # Within acquire_timeout (1 s) and the loop's lag on a loaded machine (1.502 s in a CI
+        # run), well before the endpoint's late answer (4 s) or the client's retries (11 s).
+        assert loop.time() - started < 2.5
     finally:
         await pool.close()
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from asyncpool.telemetry.semconv import TIME_BUCKETS
 from asyncpool.testing import ServerStack
 from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.ports import free_port
@@ -168,4 +169,12 @@ def test_use_time_median_of_half_second_holds_is_within_ten_percent(
     [p50] = [values for (title, expr), values in scraped["faults"].items()
              if title == "Use time percentiles" and expr.startswith("histogram_quantile(0.5,")]
     reported = {labels["db_client_connection_pool_name"]: v for labels, v in p50}
-    assert reported["holds"] == pytest.approx(truth, rel=0.10), (reported["holds"], truth)
+    # histogram_quantile() interpolates inside the bucket the median falls in, as if the holds
+    # were spread evenly across it: for a fixed duration (every hold in the median's bucket) it
+    # is within half a bucket, under 10% (docs/telemetry.md). Holds that a loaded loop stretched
+    # into the next bucket move that estimate (a CI run: 17% of holds past 0.595 s read 0.557
+    # for a median of 0.501): then it is within the bucket's width (19%) of the truth.
+    upper = min(b for b in TIME_BUCKETS if b >= truth)
+    fixed = scraped["summary"]["holds_sorted"][-1] <= upper
+    assert reported["holds"] == pytest.approx(truth, rel=0.10 if fixed else 0.19), (
+        reported["holds"], truth, "fixed" if fixed else "spread past the median's bucket")
