@@ -11,7 +11,7 @@ a `HostLog`. Logins only: nothing it adds is called once a connection is made.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from asyncpool.connect.forwarding import LoopView
@@ -77,31 +77,13 @@ class HostsLoop(LoopView):
                                 port: Any = None, **kwargs: Any) -> tuple[Any, Any]:
         # (No host: a socket asyncpg made itself, on a loop without start_tls.)
         tried = None if host is None else self.log.dialling(str(host), int(port or 0))
-        try:
-            result: tuple[Any, Any] = await self.real.create_connection(factory, host, port,
-                                                                        **kwargs)
-        except Exception as exc:
-            if tried is not None:
-                tried.failed(exc)
-            raise
-        if tried is not None:
-            tried.connected = True
-        return result
+        return await _noted(tried, self.real.create_connection(factory, host, port, **kwargs))
 
     async def create_unix_connection(self, factory: Callable[[], Any], path: Any = None,
                                      **kwargs: Any) -> tuple[Any, Any]:
         directory, _, port = str(path).rpartition(_SOCKET)
         tried = self.log.dialling(directory, int(port) if port.isdigit() else 0)
-        try:
-            result: tuple[Any, Any] = await self.real.create_unix_connection(factory, path,
-                                                                             **kwargs)
-        except Exception as exc:
-            if tried is not None:
-                tried.failed(exc)
-            raise
-        if tried is not None:
-            tried.connected = True
-        return result
+        return await _noted(tried, self.real.create_unix_connection(factory, path, **kwargs))
 
     async def start_tls(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -110,6 +92,20 @@ class HostsLoop(LoopView):
             if self.log.tries:
                 self.log.tries[-1].failed(exc)
             raise
+
+
+async def _noted(tried: HostTry | None,
+                 dial: Coroutine[Any, Any, tuple[Any, Any]]) -> tuple[Any, Any]:
+    """`dial`'s transport and protocol, its outcome noted in `tried` (None: not noted)."""
+    try:
+        result = await dial
+    except Exception as exc:
+        if tried is not None:
+            tried.failed(exc)
+        raise
+    if tried is not None:
+        tried.connected = True
+    return result
 
 
 def bare(exc: BaseException) -> BaseException:
