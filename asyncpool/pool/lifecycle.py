@@ -171,7 +171,7 @@ async def close(slots: Slots, timeout: float | None) -> None:
                     await slots._drained.wait()
         # Shielded: a close() cancelled here must not cancel a close or a terminate that has
         # not started yet (its coroutine would never run, and its connection stay open).
-        await asyncio.shield(asyncio.gather(*_own_tasks(slots), return_exceptions=True))
+        await asyncio.shield(asyncio.gather(*slots.own_tasks(), return_exceptions=True))
         for creds in _take_credentials(slots):
             await close_provider(creds, slots.name)
     except BaseException:
@@ -317,13 +317,6 @@ def _retire_all(slots: Slots, reason: str, cancelled: set[int] | None = None) ->
         slots.retire(record, reason)  # (its lease, if still active, says CLOSED)
     for record in list(slots.checking):
         slots.retire(record, reason)
-
-
-def _own_tasks(slots: Slots) -> list[asyncio.Task[Any]]:
-    tasks = list(slots.background)
-    if slots.housekeeper is not None:
-        tasks.append(slots.housekeeper)
-    return tasks
 
 
 def _finish(slots: Slots, close_credentials: bool) -> None:

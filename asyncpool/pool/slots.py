@@ -284,6 +284,14 @@ class Slots(_HotSlots):
         for idle in self.idle:
             idle.check_at = -math.inf
 
+    def own_tasks(self) -> list[asyncio.Task[Any]]:
+        """The pool's tasks: its housekeeping and what `_spawn` started (resets, closes...);
+        not its logins (`attempts`, `fills`)."""
+        tasks = list(self.background)
+        if self.housekeeper is not None:
+            tasks.append(self.housekeeper)
+        return tasks
+
     def _spawn(self, coro: Any, context: Context | None = None) -> asyncio.Task[Any]:
         assert self.loop is not None
         task = self.loop.create_task(coro, context=context)

@@ -120,7 +120,7 @@ def end_kept_checkouts(pools: list[Slots], invocation: str, end: ResetsEnd,
     kept = held_in_suspended_blocks(pools, end, since, scoped=False)
     if not kept:
         return
-    own = {task for slots in pools for task in _own_tasks(slots)}
+    own = {task for slots in pools for task in (*slots.own_tasks(), *slots.fills)}
     current = asyncio.current_task()
     running = [task for task in asyncio.all_tasks()
                if task is not current and not task.done() and task not in own]
@@ -146,14 +146,6 @@ def end_kept_checkouts(pools: list[Slots], invocation: str, end: ResetsEnd,
                    "asyncpool_reclaimed": close})
         if close:
             slots.discard(lease, "held past the end of its invocation", state=TERMINATED)
-
-
-def _own_tasks(slots: Slots) -> list[asyncio.Task[Any]]:
-    """The pool's own tasks: its housekeeping, logins, resets and closes."""
-    tasks = [*slots.background, *slots.fills, *slots.resets, *slots.closing]
-    if slots.housekeeper is not None:
-        tasks.append(slots.housekeeper)
-    return tasks
 
 
 def getting_in_other_tasks(pools: list[Slots]) -> list[tuple[Slots, asyncio.Task[Any]]]:
