@@ -300,8 +300,7 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
             wire.disarm()
             if not (retry and self._did_not_run(check, exc)):
                 if check.sent is None:
-                    await self._end_describe(None if timeout is None else max(
-                        timeout - (time.monotonic() - started), 0.001))
+                    await self._end_describe(_left(timeout, started))
                 raise
         else:
             if check.verdict == CHANGED and check.replay:
@@ -312,9 +311,7 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         # Described afresh: what asyncpg's own path gives for this call, in what is left of
         # its time.
         self._describe_cache.count_miss()
-        if timeout is not None:
-            timeout = max(timeout - (time.monotonic() - started), 0.001)
-        return await self._describe_and_run(check.key, executor, timeout, False,
+        return await self._describe_and_run(check.key, executor, _left(timeout, started), False,
                                             _MANY_ROWS if many else
                                             _ROWS if check.replay else _DISCARD)
 
@@ -413,8 +410,7 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
 
         result, decodable = self._feed_again(statement, executor, timeout, check, rows)
         if not decodable and to_turn is not None:
-            if timeout is not None:
-                timeout = max(timeout - (time.monotonic() - started), 0.001)
+            timeout = _left(timeout, started)
             recorded = await self._turned_by_server(to_turn, check.recorded, timeout)
             if recorded is not None:
                 result, decodable = self._feed_again(statement, executor, timeout, check, rows)
@@ -507,6 +503,12 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         statement._init_codecs()
         statement.mark_unprepared()
         return statement
+
+
+def _left(timeout: float | None, started: float) -> float | None:
+    """What is left of `timeout` (None: no limit) since `started` (`time.monotonic()`), at
+    least a millisecond so that a call still gets its own timeout error."""
+    return None if timeout is None else max(timeout - (time.monotonic() - started), 0.001)
 
 
 def _cause(check: Check) -> str:
