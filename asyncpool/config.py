@@ -96,6 +96,9 @@ class PoolConfig:
         A password in it is used for SCRAM unless `credentials` is given; it is never printed.
     name: the pool's name in stats, logs, errors and metrics (``db.client.connection.pool.name``).
     min_size: connections opened by `open()` and kept while idle (default 1).
+    init_size: connections `open()` opens, when more than `min_size` (asyncpg 0.32's
+        ``init_size``; default None: `min_size`). From `min_size` to `max_size`; those beyond
+        `min_size` are closed once idle past `max_idle`, as any idle connection beyond it.
     max_size: most connections open at once, in use or idle (default 10).
     acquire_timeout: how long `acquire()` waits for a connection before `PoolTimeoutError`
         (default 30). Includes connecting and validating.
@@ -182,6 +185,7 @@ class PoolConfig:
     dsn: str | None = field(default=None, repr=False)
     name: str = "asyncpool"
     min_size: int = 1
+    init_size: int | None = None
     max_size: int = 10
     acquire_timeout: float | None = 30.0
     connect_timeout: float = DefaultTimeout(10.0)
@@ -308,6 +312,7 @@ _ENV_FIELDS: dict[str, tuple[type, bool]] = {
     "dsn": (str, True),
     "name": (str, False),
     "min_size": (int, False),
+    "init_size": (int, True),
     "max_size": (int, False),
     "acquire_timeout": (float, True),
     "connect_timeout": (float, False),
@@ -491,6 +496,25 @@ def _rename_mode(cfg: PoolConfig) -> None:
         object.__setattr__(cfg, "prepared_statements", renamed)
 
 
+def _check_init_size(cfg: PoolConfig, fail: ConfigFail) -> None:
+    """asyncpg 0.32's bounds: ``min_size <= init_size <= max_size`` (None: `min_size`)."""
+    init = cfg.init_size
+    if init is None:
+        return
+    if _not_whole(init) or init < 0:
+        fail(f"init_size={init!r}: must be a whole number >= 0 (or None: min_size)")
+    if init < cfg.min_size:
+        fail(f"init_size={init} is smaller than min_size={cfg.min_size}: open() opens at "
+             "least min_size connections; raise init_size or leave it out")
+    if init > cfg.max_size:
+        fail(f"init_size={init} is greater than max_size={cfg.max_size}: lower init_size")
+
+
+def opened_by_open(cfg: PoolConfig) -> int:
+    """How many connections `open()` opens: `init_size`, or `min_size` without it."""
+    return cfg.min_size if cfg.init_size is None else cfg.init_size
+
+
 def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912, PLR0915 - one check per option reads best
     fail = config_fail(cfg.name)
     if cfg.dsn is not None and not isinstance(cfg.dsn, str):
@@ -503,6 +527,7 @@ def _check(cfg: PoolConfig) -> None:  # noqa: PLR0912, PLR0915 - one check per o
         fail(f"max_size={cfg.max_size!r}: must be a whole number >= 1")
     if cfg.min_size > cfg.max_size:
         fail(f"min_size={cfg.min_size} is larger than max_size={cfg.max_size}: lower min_size")
+    _check_init_size(cfg, fail)
     _check_time_limits(cfg, fail)
     if cfg.connect_timeout is None or cfg.connect_timeout == math.inf:
         fail(f"connect_timeout={cfg.connect_timeout!r}: a login must have a time limit; give a "

@@ -45,6 +45,7 @@ class PoolOptionsWithoutRecordClass(TypedDict, total=False):
     # asyncpool's own (PoolConfig's fields but dsn)
     name: str
     min_size: int
+    init_size: int | None
     max_size: int
     acquire_timeout: float | None
     connect_timeout: float
@@ -156,8 +157,6 @@ UNFIT = {
              "in the transaction (SET LOCAL, pool.transaction())",
     "loop": "a pool uses the event loop it is opened on: open it from the loop that uses it "
             "(see asyncpool.integrations.lambda_runner)",
-    "init_size": "open() opens min_size connections (open(wait=False) opens them in the "
-                 "background)",
 }
 
 #: psycopg_pool's AsyncConnectionPool options that asyncpool does not take, and its way to get

@@ -555,7 +555,6 @@ def test_good_connect_values_are_taken() -> None:
         ("connect", "credentials="),
         ("reset", "resets a returned connection itself"),
         ("loop", "the event loop it is opened on"),
-        ("init_size", "open\\(wait=False\\)"),
     ],
 )
 def test_options_that_do_not_fit_name_the_equivalent(name: str, equivalent: str) -> None:
@@ -565,7 +564,7 @@ def test_options_that_do_not_fit_name_the_equivalent(name: str, equivalent: str)
 
 def test_options_that_do_not_fit_take_asyncpgs_default() -> None:
     """Code that passes asyncpg's defaults on (``loop=None``...) asks for nothing: accepted."""
-    defaults: dict[str, Any] = {"loop": None, "connect": None, "reset": None, "init_size": None}
+    defaults: dict[str, Any] = {"loop": None, "connect": None, "reset": None}
     pool = Pool("postgresql://a@h/d", **defaults)
     assert pool.get_min_size() == PoolConfig().min_size
 

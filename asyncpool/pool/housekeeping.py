@@ -50,7 +50,7 @@ async def fill_in_background(slots: Slots, count: int) -> None:
     except Exception as exc:
         if _planned(exc):
             return
-        logger.warning("pool %r: could not open min_size=%d connections in the background "
+        logger.warning("pool %r: could not open %d connections in the background "
                        "(%s); housekeeping tries again", slots.name, count, exc)
 
 

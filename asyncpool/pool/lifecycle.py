@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from asyncpool.config import opened_by_open
 from asyncpool.connect import blocking_cancel, driver
 from asyncpool.connect.connector import provider_call
 from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
@@ -61,10 +62,11 @@ async def open(slots: Slots, observer: PoolObserver, connector: Connector, wait:
         if connector.credentials is not None:
             await _warm(slots, connector)
             slots._check_open()
-        if wait and cfg.min_size:
-            await housekeeping.fill(slots, cfg.min_size)
-        elif cfg.min_size:
-            slots._spawn(housekeeping.fill_in_background(slots, cfg.min_size),
+        count = opened_by_open(cfg)
+        if wait and count:
+            await housekeeping.fill(slots, count)
+        elif count:
+            slots._spawn(housekeeping.fill_in_background(slots, count),
                          context=contextvars.Context())
     except BaseException as exc:
         # A close() or terminate() called meanwhile keeps the pool closed; otherwise the

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequen
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Generic, Self, Unpack, overload
 
-from asyncpool.config import PoolConfig, as_number
+from asyncpool.config import PoolConfig, as_number, opened_by_open
 from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError, config_errors_without_frames
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
@@ -476,8 +476,8 @@ class Pool(Generic[PoolRecordT_co]):
         return len(self._slots.idle)
 
     def get_init_size(self) -> int:
-        """Connections `open()` opens: `min_size` (asyncpg 0.32's ``init_size``)."""
-        return self.config.min_size
+        """Connections `open()` opens: `init_size`, or `min_size` without it (as asyncpg 0.32)."""
+        return opened_by_open(self.config)
 
     def get_min_size(self) -> int:
         return self.config.min_size

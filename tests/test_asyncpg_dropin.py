@@ -1,0 +1,66 @@
+"""What asyncpg 0.32's own pool tests expect of a pool, on asyncpool's: the differences a
+drop-in user would otherwise meet (found by running asyncpg's tests/test_pool.py against
+asyncpool), against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import asyncpool
+from asyncpool import PoolConfigError
+from asyncpool.testing import PostgresServer
+
+
+async def _backends(postgres: PostgresServer, application_name: str) -> int:
+    """The server's count of sessions with this application name (the pool's, not the
+    probe's own)."""
+    async with asyncpool.create_pool(postgres.admin_dsn, min_size=0, max_size=1,
+                                     telemetry=False) as admin:
+        count = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            application_name)
+        assert isinstance(count, int)
+        return count
+
+
+async def test_init_size_opens_that_many_and_the_extra_ones_expire_to_min_size(
+        postgres: PostgresServer) -> None:
+    """asyncpg 0.32's ``init_size``: `open()` opens that many, `get_init_size()` says so, and
+    those beyond `min_size` go once idle past `max_inactive_connection_lifetime`."""
+    name = "dropin-init-size"
+    async with asyncpool.create_pool(
+            postgres.dsn(), init_size=3, min_size=1, max_size=5,
+            max_inactive_connection_lifetime=0.2, server_settings={"application_name": name},
+            telemetry=False) as pool:
+        assert (pool.get_init_size(), pool.get_min_size(), pool.get_max_size()) == (3, 1, 5)
+        assert (pool.get_size(), pool.get_idle_size()) == (3, 3)
+        assert await _backends(postgres, name) == 3
+        # Housekeeping reaps idle connections past max_idle: bounded wait, min_size stays.
+        for _ in range(200):
+            if pool.get_size() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert pool.get_size() == 1
+        assert await pool.fetchval("SELECT 1") == 1
+
+
+async def test_init_size_none_or_absent_is_min_size(postgres: PostgresServer) -> None:
+    async with asyncpool.create_pool(postgres.dsn(), init_size=None, min_size=2, max_size=3,
+                                     telemetry=False) as pool:
+        assert (pool.get_init_size(), pool.get_size()) == (2, 2)
+
+
+@pytest.mark.parametrize(("sizes", "message"), [
+    ({"init_size": 1, "min_size": 2, "max_size": 5}, "init_size=1 is smaller than min_size=2"),
+    ({"init_size": 5, "min_size": 1, "max_size": 3}, "init_size=5 is greater than max_size=3"),
+    ({"init_size": -1, "min_size": 0, "max_size": 3}, "init_size=-1: must be a whole number"),
+    ({"init_size": 1.5, "min_size": 0, "max_size": 3}, "init_size=1.5: must be a whole number"),
+])
+def test_init_size_out_of_range_is_refused_as_asyncpg_refuses_it(
+        sizes: dict[str, float], message: str) -> None:
+    """As asyncpg's pool: a `ValueError` (`PoolConfigError` is one) at construction."""
+    with pytest.raises(PoolConfigError, match=message) as caught:
+        asyncpool.Pool("postgresql://app@127.0.0.1:5432/app", **sizes)  # type: ignore[arg-type]
+    assert isinstance(caught.value, ValueError)
