@@ -64,3 +64,33 @@ def test_init_size_out_of_range_is_refused_as_asyncpg_refuses_it(
     with pytest.raises(PoolConfigError, match=message) as caught:
         asyncpool.Pool("postgresql://app@127.0.0.1:5432/app", **sizes)  # type: ignore[arg-type]
     assert isinstance(caught.value, ValueError)
+
+
+async def test_the_connection_a_failing_setup_hook_was_given_reads_as_closed(
+        postgres: PostgresServer) -> None:
+    """asyncpg's pool closes the connection a failing ``setup=`` was given and its
+    ``is_closed()`` then says True (asyncpg's test_pool_exception_in_setup_and_init); a
+    hook's error handler may ask it. The next acquire gets a new connection."""
+    given: list[asyncpool.PooledConnection] = []
+
+    class SetupFailed(Exception):
+        pass
+
+    async def setup(conn: asyncpool.PooledConnection) -> None:
+        given.append(conn)
+        if len(given) == 1:
+            raise SetupFailed
+
+    async with asyncpool.create_pool(postgres.dsn(), min_size=1, max_size=1, setup=setup,
+                                     telemetry=False) as pool:
+        with pytest.raises(SetupFailed):
+            await pool.acquire()
+        assert given[0].is_closed() is True
+        with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+            await given[0].fetchval("SELECT 1")  # closed: usable no more, as before
+        async with pool.acquire() as conn:
+            assert conn.is_closed() is False
+            assert given[1] is conn
+        # Given back open (the next holder's now): still refused, as asyncpg refuses it.
+        with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
+            conn.is_closed()

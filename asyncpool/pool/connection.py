@@ -365,7 +365,6 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         def get_server_version(self) -> Any: ...
         def get_settings(self) -> Any: ...
         def get_reset_query(self) -> str: ...
-        def is_closed(self) -> bool: ...
         def is_in_transaction(self) -> bool: ...
         async def reset(self, *, timeout: float | None = None) -> None: ...
         async def reload_schema_state(self) -> None: ...
@@ -501,6 +500,20 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
     def _pool_name(self) -> str:
         return self._owner.name
 
+    def is_closed(self) -> bool:
+        # (asyncpg's help text, below.) Answered once the checkout ended with its connection
+        # closed too (the one a failing setup= hook was given, a terminated one): a closed
+        # connection has no next holder whose session this would reveal, and asyncpg's pool
+        # answers True to the setup hook's. Refused once given back open, as asyncpg refuses
+        # it, and once reclaimed as a leak or inherited across a fork.
+        lease = self._lease
+        record = lease.record
+        if lease.state is ACTIVE or (
+                record is not None and lease.state is not LEAKED and lease.state is not INHERITED
+                and record.conn.is_closed()):
+            return bool(record.conn.is_closed())
+        raise self._unusable()
+
     async def close(self, *, timeout: float | None = None) -> None:
         """Give the connection back to the pool, as `pool.release(conn)` does.
 
@@ -583,9 +596,9 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         return f"<PooledConnection pool={self._pool_name!r} {self._lease.state.value}>"
 
 
-# The listener methods and prepare() are the proxy's own: asyncpg's help text.
+# The listener methods, prepare() and is_closed() are the proxy's own: asyncpg's help text.
 for _name in ("prepare", "add_listener", "remove_listener", "add_log_listener", "remove_log_listener",
               "add_termination_listener", "remove_termination_listener", "add_query_logger",
-              "remove_query_logger", "query_logger"):
+              "remove_query_logger", "query_logger", "is_closed"):
     getattr(PooledConnection, _name).__doc__ = getattr(asyncpg.Connection, _name).__doc__
 del _name
