@@ -46,6 +46,20 @@ async def test_init_size_opens_that_many_and_the_extra_ones_expire_to_min_size(
         assert await pool.fetchval("SELECT 1") == 1
 
 
+async def test_init_size_is_opened_in_the_background_by_open_wait_false(
+        postgres: PostgresServer) -> None:
+    pool = asyncpool.Pool(postgres.dsn(), init_size=2, min_size=0, max_size=3, telemetry=False)
+    await pool.open(wait=False)
+    try:
+        for _ in range(200):
+            if pool.get_size() == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert pool.get_size() == 2
+    finally:
+        await pool.close()
+
+
 async def test_init_size_none_or_absent_is_min_size(postgres: PostgresServer) -> None:
     async with asyncpool.create_pool(postgres.dsn(), init_size=None, min_size=2, max_size=3,
                                      telemetry=False) as pool:
