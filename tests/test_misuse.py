@@ -4,6 +4,7 @@ thread or loop, must not reach the connection another holder has now."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -12,6 +13,7 @@ import pytest
 import asyncpool
 from asyncpool import Pool
 from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
 
 
 @pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
@@ -110,3 +112,76 @@ def test_set_connect_args_from_another_thread_while_the_loop_runs_is_refused(
     pool = asyncio.run(main())
     pool.set_connect_args(postgres.dsn(), command_timeout=8)  # its loop has ended: any thread
     assert pool.config.command_timeout == 8
+
+
+async def _slow_source(started: asyncio.Event, rows: int = 500) -> AsyncIterator[bytes]:
+    for n in range(rows):  # 10 s of rows by default: cut off long before its end
+        yield b"%d\n" % n
+        started.set()
+        await asyncio.sleep(0.02)
+
+
+async def _slow_records(started: asyncio.Event) -> AsyncIterator[tuple[int]]:
+    # Fewer: asyncpg buffers small records, and finds its connection closed when it next
+    # writes, at the end of these.
+    async for line in _slow_source(started, rows=25):
+        yield (int(line),)
+
+
+def _copies(table: str, started: asyncio.Event
+            ) -> dict[str, Callable[[Any], Coroutine[Any, Any, object]]]:
+    """COPYs that go on until cut off, each with `started` set once data flows."""
+    async def slow_output(data: bytes) -> None:
+        started.set()
+        await asyncio.sleep(0.05)
+
+    return {
+        "copy_to_table": lambda on: on.copy_to_table(table, source=_slow_source(started)),
+        "copy_records_to_table": lambda on: on.copy_records_to_table(
+            table, records=_slow_records(started)),
+        "copy_from_query": lambda on: on.copy_from_query(
+            "SELECT g FROM generate_series(1, 2000000) g", output=slow_output),
+    }
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_copy_cut_off_by_its_connections_release_or_the_pools_terminate_says_so(
+        pooler: Pooler, mode: Any) -> None:
+    """A COPY still running (in another task) when its connection is given back, or when the
+    pool is terminated, failed inside asyncpg with ``AttributeError: 'NoneType' object has no
+    attribute 'write'`` (``'resume_reading'`` for a COPY out): asyncpg's COPY goes on with the
+    transport its closed connection dropped. It gets the pool's error for it, as any other
+    statement does: released, or the pool closed (for the query helpers too)."""
+    table = f"copy_cut_{mode}"
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode) as pool:
+        await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (n int)")
+        started = asyncio.Event()
+        for name, copy in _copies(table, started).items():
+            started.clear()
+            conn = await pool.acquire()
+            running = asyncio.create_task(copy(conn))
+            await asyncio.wait_for(started.wait(), 10)
+            await pool.release(conn)  # while its COPY runs: closed, not handed on
+            with pytest.raises(asyncpool.PoolError, match="released back to the pool") as info:
+                await running
+            assert type(info.value.__cause__) is asyncpg.ConnectionDoesNotExistError, name
+            assert pool.stats().in_use == 0
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0  # nothing committed
+    for by_helper in (False, True):
+        for name, copy in _copies(table, started).items():
+            started.clear()
+            pool = Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode)
+            await pool.open()
+            held = None if by_helper else await pool.acquire()
+            running = asyncio.create_task(copy(held or pool))
+            await asyncio.wait_for(started.wait(), 10)
+            pool.terminate()
+            with pytest.raises(asyncpool.PoolClosedError, match="was closed while this "
+                               "connection was") as closed:
+                await running
+            assert isinstance(closed.value.__cause__, asyncpg.ConnectionDoesNotExistError), name
+            if held is not None:
+                await pool.release(held)  # (a no-op now)
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+        await pool.execute(f"DROP TABLE {table}")

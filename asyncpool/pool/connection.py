@@ -15,7 +15,11 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
-from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by_pool
+from asyncpool.connect.failures import (
+    advise_on_prepared_statements,
+    closed_under_copy,
+    stopped_by_pool,
+)
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import GIVEN_BACK, check_statement_timeout, in_seconds, timeout_error
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
@@ -98,7 +102,7 @@ def _forward(name: str) -> Callable[..., Any]:
     return method
 
 
-def _statement(name: str) -> Callable[..., Any]:
+def _statement(name: str) -> Callable[..., Any]:  # noqa: PLR0915 - one closure, read top down
     """The proxy's coroutine method `name` (``execute``, ``fetchval``, ``copy_to_table``...).
 
     A coroutine function of the proxy's own, so that the lease is checked when the statement
@@ -163,7 +167,8 @@ def _statement(name: str) -> Callable[..., Any]:
                 return (await conn._execute(query, args, 0, None, return_status=True)
                         )[1].decode()
             result = await conn._execute(query, args, limit, None)
-        except Exception as exc:
+        except Exception as raised:
+            exc = closed_under_copy(raised, conn) if synced else raised
             if lease.state is not ACTIVE and stopped_by_pool(exc):
                 # The pool closed it under the statement (close() past its timeout,
                 # terminate(), a leak reclaim): its error, not the driver's.
@@ -173,6 +178,8 @@ def _statement(name: str) -> Callable[..., Any]:
                 # (asyncpg's cancel, below).
                 record.note_unsynced_parse()
             advise_on_prepared_statements(exc, owner.statement_mode)
+            if exc is not raised:
+                raise exc from raised
             raise
         except CancelledError:
             # Cancelled while asyncpg described a statement (Parse, Describe, Flush: no Sync).
