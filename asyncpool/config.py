@@ -483,7 +483,9 @@ def _not_a_dsn(dsn: object) -> str:
 
 
 def _rename_mode(cfg: PoolConfig) -> None:
-    renamed = _RENAMED_MODES.get(cfg.prepared_statements)
+    # (A list, a dict, a signalling NaN cannot be looked up: the check below refuses them.)
+    mode = cfg.prepared_statements
+    renamed = _RENAMED_MODES.get(mode) if isinstance(mode, str) else None
     if renamed is not None:
         warnings.warn(
             f"prepared_statements={cfg.prepared_statements!r} is now called {renamed!r}",

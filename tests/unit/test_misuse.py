@@ -196,3 +196,13 @@ def test_pools_own_arguments_are_checked_as_options_are(arguments: dict[str, Any
     object is not iterable") that named neither argument."""
     with pytest.raises(PoolConfigError, match=match):
         Pool("postgresql://u@h/d", **arguments)
+
+
+@pytest.mark.parametrize("bad", [[], {}, {"on"}, Decimal("sNaN")])
+def test_a_statement_mode_that_cannot_be_looked_up_is_refused_as_any_other(bad: Any) -> None:
+    """The look-up of a former mode's name ran before the check: a bare ``TypeError:
+    unhashable type: 'list'`` (``Cannot hash a signaling NaN value``) naming no option."""
+    with pytest.raises(PoolConfigError, match=r"prepared_statements=.*: choose one of 'off'"):
+        Pool("postgresql://u@h/d", prepared_statements=bad)
+    with pytest.raises(PoolConfigError, match=r"prepared_statements=.*: choose one of 'off'"):
+        PoolConfig(dsn="postgresql://u@h/d", prepared_statements=bad)
