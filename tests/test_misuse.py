@@ -185,3 +185,26 @@ async def test_a_copy_cut_off_by_its_connections_release_or_the_pools_terminate_
     async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
         await pool.execute(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_held_connections_transaction_refuses_what_pool_transaction_refuses(
+        pooler: Pooler, mode: Any) -> None:
+    """``conn.transaction(readonly="no")`` made a READ ONLY transaction (asyncpg takes any
+    non-empty string for True), where ``pool.transaction(readonly="no")`` is refused: refused
+    here too, before anything is sent; what asyncpg reads as meant still works."""
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode
+                    ) as pool, pool.acquire() as conn:
+        for options in ({"readonly": "no"}, {"deferrable": "false"}, {"readonly": b""}):
+            with pytest.raises(asyncpool.PoolConfigError, match=r"transaction\((readonly|"
+                               r"deferrable)=.*: must be True or False"):
+                conn.transaction(**options)
+        with pytest.raises(asyncpool.PoolConfigError, match=r"transaction\(isolation='READ "
+                           r"COMMITTED'\): must be one of 'read_committed'"):
+            conn.transaction(isolation="READ COMMITTED")
+        assert not conn.is_in_transaction()
+        async with conn.transaction(readonly=False):
+            assert await conn.fetchval("SHOW transaction_read_only") == "off"
+        async with conn.transaction(readonly=True, isolation="serializable"):
+            assert await conn.fetchval("SHOW transaction_read_only") == "on"
+            assert await conn.fetchval("SHOW transaction_isolation") == "serializable"

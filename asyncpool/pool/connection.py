@@ -21,7 +21,13 @@ from asyncpool.connect.failures import (
     stopped_by_pool,
 )
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
-from asyncpool.options import GIVEN_BACK, check_statement_timeout, in_seconds, timeout_error
+from asyncpool.options import (
+    GIVEN_BACK,
+    check_statement_timeout,
+    check_transaction_options,
+    in_seconds,
+    timeout_error,
+)
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
 from asyncpool.pool.unsynced import (
@@ -405,7 +411,15 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
             return bind(await self._prepare_unbound(query, name=name, timeout=timeout,
                                                     record_class=record_class))
 
-        transaction = _forward("transaction")
+        _transaction_unbound = _forward("transaction")
+
+        def transaction(self, *, isolation: str | None = None, readonly: bool = False,
+                        deferrable: bool = False) -> Any:
+            # As pool.transaction() checks them: asyncpg takes readonly="no" for True, and
+            # made a READ ONLY transaction of it without a word.
+            check_transaction_options(self._owner.name, isolation, readonly, deferrable)
+            return self._transaction_unbound(isolation=isolation, readonly=readonly,
+                                             deferrable=deferrable)
         _cursor_unbound = _forward("cursor")
 
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
@@ -590,8 +604,9 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         return f"<PooledConnection pool={self._pool_name!r} {self._lease.state.value}>"
 
 
-# The listener methods and prepare() are the proxy's own: asyncpg's help text.
-for _name in ("prepare", "add_listener", "remove_listener", "add_log_listener", "remove_log_listener",
+# The listener methods, prepare() and transaction() are the proxy's own: asyncpg's help text.
+for _name in ("prepare", "transaction", "add_listener", "remove_listener", "add_log_listener",
+              "remove_log_listener",
               "add_termination_listener", "remove_termination_listener", "add_query_logger",
               "remove_query_logger", "query_logger"):
     getattr(PooledConnection, _name).__doc__ = getattr(asyncpg.Connection, _name).__doc__
