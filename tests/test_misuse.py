@@ -208,3 +208,35 @@ async def test_a_held_connections_transaction_refuses_what_pool_transaction_refu
         async with conn.transaction(readonly=True, isolation="serializable"):
             assert await conn.fetchval("SHOW transaction_read_only") == "on"
             assert await conn.fetchval("SHOW transaction_isolation") == "serializable"
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_cursors_row_count_that_is_no_count_is_refused_before_it_is_sent(
+        pooler: Pooler, mode: Any) -> None:
+    """asyncpg took True and 1.5 as counts, failed "5", None and NaN with a bare TypeError or
+    ValueError, and past 32 bits a prefetch closed the connection (its transaction with it)
+    and a forward() sent a MOVE the server refused, which aborted the transaction. Each is a
+    PoolConfigError before anything is sent: the transaction and the cursor go on."""
+    bad: list[Any] = [0, -1, True, 1.5, "5", float("nan"), 2**31, 10**400]
+    query = "SELECT n FROM generate_series(1, 5) AS n"
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode
+                    ) as pool, pool.transaction() as conn:
+        cursor = await conn.cursor(query)
+        statement = await conn.prepare(query)
+        count = r"must be a whole number of rows from 1 to 2147483647"
+        for value in bad:
+            with pytest.raises(asyncpool.PoolConfigError, match=rf"^cursor\(prefetch=.*{count}"):
+                conn.cursor(query, prefetch=value)
+            with pytest.raises(asyncpool.PoolConfigError,
+                               match=rf"PreparedStatement.cursor\(prefetch=.*{count}"):
+                statement.cursor(prefetch=value)
+            with pytest.raises(asyncpool.PoolConfigError, match=rf"Cursor.fetch\(n=.*{count}"):
+                await cursor.fetch(value)
+            with pytest.raises(asyncpool.PoolConfigError, match=rf"Cursor.forward\(n=.*{count}"):
+                await cursor.forward(value)
+        assert conn.is_in_transaction()
+        assert await conn.fetchval("SELECT 7") == 7  # not aborted
+        assert await cursor.fetch(2) == [(1,), (2,)]  # nothing moved it
+        assert await cursor.forward(2) == 2
+        assert [row async for row in conn.cursor(query, prefetch=2)] == [(n,) for n in range(1, 6)]
+        assert [row async for row in statement.cursor(prefetch=2**31 - 1)][-1] == (5,)

@@ -23,6 +23,7 @@ from asyncpool.connect.failures import (
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
 from asyncpool.options import (
     GIVEN_BACK,
+    check_row_count,
     check_statement_timeout,
     check_transaction_options,
     in_seconds,
@@ -425,6 +426,8 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
             if (timeout := kwargs.get("timeout")) is not None:
                 check_statement_timeout(self._owner.name, "cursor", timeout)
+            if (prefetch := kwargs.get("prefetch")) is not None:
+                check_row_count("cursor", "prefetch", prefetch)
             factory = self._cursor_unbound(*args, **kwargs)
             # Outside a transaction asyncpg refuses the cursor after sending its Parse.
             self._lease.record.note_unsynced_parse()
