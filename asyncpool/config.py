@@ -488,7 +488,9 @@ def _not_a_dsn(dsn: object) -> str:
 
 
 def _rename_mode(cfg: PoolConfig) -> None:
-    renamed = _RENAMED_MODES.get(cfg.prepared_statements)
+    # (A list, a dict, a signalling NaN cannot be looked up: the check below refuses them.)
+    mode = cfg.prepared_statements
+    renamed = _RENAMED_MODES.get(mode) if isinstance(mode, str) else None
     if renamed is not None:
         warnings.warn(
             f"prepared_statements={cfg.prepared_statements!r} is now called {renamed!r}",
@@ -633,8 +635,13 @@ def _check_libpq_keys(cfg: PoolConfig, fail: ConfigFail) -> None:
     becomes the pool's (unless that option is given), the others are refused."""
     try:
         params = parse_dsn(cfg.dsn).params if isinstance(cfg.dsn, str) else {}
-    except DsnError:
-        return  # the connector says what is wrong with it, when the pool opens
+    except DsnError as exc:
+        # Here, as the pool is made, not at its open() (on Lambda, the first invocation):
+        # the connector's own words for it, which never quote the DSN.
+        raise DsnError(f"pool {cfg.name!r}: {exc}") from None
+    from asyncpool.connect.tls import check_dsn_spellings  # (tls imports this module)
+
+    check_dsn_spellings(params, fail)
     for key in params:
         # Sent as a run-time setting, a misspelt keyword would fail every direct login; behind
         # a pooler it would only be set in each pool.transaction(), and what it was meant to
@@ -895,7 +902,7 @@ def _check_dsn_settings(cfg: PoolConfig) -> None:
     try:
         from_dsn = parse_dsn(cfg.dsn).setting_values()
     except DsnError:
-        return  # the connector says what is wrong with it, when the pool opens
+        return  # (refused already, by `_check_libpq_keys`)
     combined(from_dsn, cfg.server_settings, cfg.name)
 
 

@@ -389,6 +389,26 @@ def check_statement_timeout(pool_name: str | None, what: str, timeout: Any) -> N
         "for the pool's command_timeout); nothing was sent")
 
 
+#: The most rows one cursor fetch, move or prefetch may count: PostgreSQL reads the count as a
+#: 32-bit integer (the Execute message's row limit, FETCH's and MOVE's count).
+MAX_ROW_COUNT = 2**31 - 1
+
+
+def check_row_count(what: str, name: str, count: object) -> None:
+    """Raise `PoolConfigError` for a cursor's row count (`name` given to `what`: ``prefetch=``
+    of ``cursor()``, ``n`` of ``Cursor.fetch()`` or ``forward()``) that is not a whole number
+    from 1 to `MAX_ROW_COUNT`, before anything is sent. asyncpg took ``True`` and ``1.5``,
+    failed a string or None with a bare TypeError ("'<=' not supported"), NaN with a
+    ValueError, and past 32 bits a ``prefetch`` closed the connection (and its transaction)
+    with an OverflowError, a ``forward()`` sent a MOVE the server refused as a syntax error,
+    which aborted the transaction."""
+    if type(count) is int and 1 <= count <= MAX_ROW_COUNT:
+        return
+    raise PoolConfigError(
+        f"{what}({name}={count!r}): must be a whole number of rows from 1 to {MAX_ROW_COUNT} "
+        "(PostgreSQL reads a 32-bit count); nothing was sent")
+
+
 def _seconds(timeout: object) -> bool:
     """Whether `timeout` is a real number of seconds >= 0 (`PoolConfig`'s rule for times)."""
     number = as_number(timeout)

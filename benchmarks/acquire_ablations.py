@@ -53,7 +53,7 @@ ACQUIRE_ABLATIONS: dict[str, list[tuple[str, str, str]]] = {
                       "                conn._check_open()  # asyncpg's own error for a closed "
                       "connection\n", "")],
     "acquire without the statement's try block": [
-        ("statement", "except Exception as exc:", "except ZeroDivisionError as exc:")],
+        ("statement", "except Exception as raised:", "except ZeroDivisionError as raised:")],
     "acquire without the checks at the return": [
         ("exit", "if (proxy is not None and owner.fast_statements and not lease.reported\n"
                  "                    and not lease.running and now < expires_at and not record.stale\n"

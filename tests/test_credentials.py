@@ -374,6 +374,35 @@ async def test_a_provider_missing_a_method_or_with_a_plain_one_says_what_to_writ
         assert secret[:4] not in str(info.value)
 
 
+@pytest.mark.parametrize("bad", [None, 5, b"secret", ""])
+def test_a_static_password_that_is_no_password_is_refused_when_it_is_made(bad: Any) -> None:
+    """An int or bytes failed each login inside asyncpg ("Expected str, got int"); None or ""
+    sent no password, reported as a refused one. Named by its type only."""
+    with pytest.raises(CredentialsError, match="StaticPassword: the password must be a "
+                                               "non-empty string, not ") as info:
+        StaticPassword(bad)
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("returned", [b"bytes-password", None])
+async def test_a_provider_returning_no_string_says_so_by_its_type(
+        postgres: PostgresServer, returned: Any) -> None:
+    """bytes failed inside asyncpg's SCRAM ("unexpected error while performing
+    authentication: Expected str, got bytes", naming no provider), None as a refused password:
+    a CredentialsError naming the provider's method and the type, never the value."""
+    class Wrong(QuietProvider):
+        async def password(self, target: object) -> str:
+            return returned  # type: ignore[no-any-return]
+
+    dsn = _without_password(postgres.dsn(), postgres.app.password)
+    async with Pool(dsn, min_size=0, credentials=Wrong(), acquire_timeout=3,
+                    telemetry=False) as pool:
+        with pytest.raises(CredentialsError, match=r"Wrong.password\(\) returned "
+                           rf"{type(returned).__name__}, not the password as a str") as info:
+            await pool.fetchval("SELECT 1")
+        assert "bytes-password" not in str(info.value)
+
+
 class ClosingPassword(StaticPassword):
     """A fixed password that counts its close() calls."""
 

@@ -89,6 +89,21 @@ def sigv4_signature_matches(token: str, secret_key: str) -> bool:
 # -- the token itself --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("arguments", "match"), [
+    ({"token_port": "5432"}, r"token_port='5432': must be a port number from 1 to 65535"),
+    ({"token_port": 0}, r"token_port=0: must be a port number"),
+    ({"token_port": True}, r"token_port=True: must be a port number"),
+    ({"token_host": ""}, r"token_host='': must be a non-empty string"),
+    ({"region": 5}, r"region=5: must be a non-empty string"),
+])
+def test_arguments_signed_into_every_token_are_checked_when_it_is_made(
+        arguments: dict[str, Any], match: str) -> None:
+    """Taken as they were and signed into each token, every login was refused as a wrong
+    password (RDS checks the token against its own endpoint), or failed inside botocore."""
+    with pytest.raises(CredentialsError, match=match):
+        IamAuth(**arguments)
+
+
 async def test_token_is_a_sigv4_presigned_connect_url_for_the_dialled_endpoint(aws: None) -> None:
     auth = IamAuth()
     try:

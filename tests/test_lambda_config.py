@@ -37,6 +37,17 @@ def test_rejects_a_function_timeout_that_is_not_positive() -> None:
         lambda_config(function_timeout=0, environ={})
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 10**400])
+def test_a_function_timeout_that_is_no_functions_timeout_is_refused_by_its_name(bad: float
+                                                                                ) -> None:
+    """NaN passed the ``<= 0`` check, and the error named leak_timeout=nan, which the caller
+    did not give; infinity meant no leak_timeout; an int past a float's range was a bare
+    OverflowError."""
+    with pytest.raises(PoolConfigError, match=r"function_timeout=.*: must be a finite number "
+                                              r"of seconds > 0, your function's configured"):
+        lambda_config(function_timeout=bad, environ={})
+
+
 def test_running_on_lambda_follows_the_runtime_variable() -> None:
     assert running_on_lambda({"AWS_LAMBDA_FUNCTION_NAME": "orders"})
     assert not running_on_lambda({})

@@ -4,6 +4,7 @@ thread or loop, must not reach the connection another holder has now."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -12,6 +13,7 @@ import pytest
 import asyncpool
 from asyncpool import Pool
 from asyncpool.testing import PostgresServer
+from tests.conftest import Pooler
 
 
 @pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
@@ -110,3 +112,131 @@ def test_set_connect_args_from_another_thread_while_the_loop_runs_is_refused(
     pool = asyncio.run(main())
     pool.set_connect_args(postgres.dsn(), command_timeout=8)  # its loop has ended: any thread
     assert pool.config.command_timeout == 8
+
+
+async def _slow_source(started: asyncio.Event, rows: int = 500) -> AsyncIterator[bytes]:
+    for n in range(rows):  # 10 s of rows by default: cut off long before its end
+        yield b"%d\n" % n
+        started.set()
+        await asyncio.sleep(0.02)
+
+
+async def _slow_records(started: asyncio.Event) -> AsyncIterator[tuple[int]]:
+    # Fewer: asyncpg buffers small records, and finds its connection closed when it next
+    # writes, at the end of these.
+    async for line in _slow_source(started, rows=25):
+        yield (int(line),)
+
+
+def _copies(table: str, started: asyncio.Event
+            ) -> dict[str, Callable[[Any], Coroutine[Any, Any, object]]]:
+    """COPYs that go on until cut off, each with `started` set once data flows."""
+    async def slow_output(data: bytes) -> None:
+        started.set()
+        await asyncio.sleep(0.05)
+
+    return {
+        "copy_to_table": lambda on: on.copy_to_table(table, source=_slow_source(started)),
+        "copy_records_to_table": lambda on: on.copy_records_to_table(
+            table, records=_slow_records(started)),
+        "copy_from_query": lambda on: on.copy_from_query(
+            "SELECT g FROM generate_series(1, 2000000) g", output=slow_output),
+    }
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_copy_cut_off_by_its_connections_release_or_the_pools_terminate_says_so(
+        pooler: Pooler, mode: Any) -> None:
+    """A COPY still running (in another task) when its connection is given back, or when the
+    pool is terminated, failed inside asyncpg with ``AttributeError: 'NoneType' object has no
+    attribute 'write'`` (``'resume_reading'`` for a COPY out): asyncpg's COPY goes on with the
+    transport its closed connection dropped. It gets the pool's error for it, as any other
+    statement does: released, or the pool closed (for the query helpers too)."""
+    table = f"copy_cut_{mode}"
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode) as pool:
+        await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (n int)")
+        started = asyncio.Event()
+        for name, copy in _copies(table, started).items():
+            started.clear()
+            conn = await pool.acquire()
+            running = asyncio.create_task(copy(conn))
+            await asyncio.wait_for(started.wait(), 10)
+            await pool.release(conn)  # while its COPY runs: closed, not handed on
+            with pytest.raises(asyncpool.PoolError, match="released back to the pool") as info:
+                await running
+            assert type(info.value.__cause__) is asyncpg.ConnectionDoesNotExistError, name
+            assert pool.stats().in_use == 0
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0  # nothing committed
+    for by_helper in (False, True):
+        for name, copy in _copies(table, started).items():
+            started.clear()
+            pool = Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode)
+            await pool.open()
+            held = None if by_helper else await pool.acquire()
+            running = asyncio.create_task(copy(held or pool))
+            await asyncio.wait_for(started.wait(), 10)
+            pool.terminate()
+            with pytest.raises(asyncpool.PoolClosedError, match="was closed while this "
+                               "connection was") as closed:
+                await running
+            assert isinstance(closed.value.__cause__, asyncpg.ConnectionDoesNotExistError), name
+            if held is not None:
+                await pool.release(held)  # (a no-op now)
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+        await pool.execute(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_held_connections_transaction_refuses_what_pool_transaction_refuses(
+        pooler: Pooler, mode: Any) -> None:
+    """``conn.transaction(readonly="no")`` made a READ ONLY transaction (asyncpg takes any
+    non-empty string for True), where ``pool.transaction(readonly="no")`` is refused: refused
+    here too, before anything is sent; what asyncpg reads as meant still works."""
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode
+                    ) as pool, pool.acquire() as conn:
+        for options in ({"readonly": "no"}, {"deferrable": "false"}, {"readonly": b""}):
+            with pytest.raises(asyncpool.PoolConfigError, match=r"transaction\((readonly|"
+                               r"deferrable)=.*: must be True or False"):
+                conn.transaction(**options)
+        with pytest.raises(asyncpool.PoolConfigError, match=r"transaction\(isolation='READ "
+                           r"COMMITTED'\): must be one of 'read_committed'"):
+            conn.transaction(isolation="READ COMMITTED")
+        assert not conn.is_in_transaction()
+        async with conn.transaction(readonly=False):
+            assert await conn.fetchval("SHOW transaction_read_only") == "off"
+        async with conn.transaction(readonly=True, isolation="serializable"):
+            assert await conn.fetchval("SHOW transaction_read_only") == "on"
+            assert await conn.fetchval("SHOW transaction_isolation") == "serializable"
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_cursors_row_count_that_is_no_count_is_refused_before_it_is_sent(
+        pooler: Pooler, mode: Any) -> None:
+    """asyncpg took True and 1.5 as counts, failed "5", None and NaN with a bare TypeError or
+    ValueError, and past 32 bits a prefetch closed the connection (its transaction with it)
+    and a forward() sent a MOVE the server refused, which aborted the transaction. Each is a
+    PoolConfigError before anything is sent: the transaction and the cursor go on."""
+    bad: list[Any] = [0, -1, True, 1.5, "5", float("nan"), 2**31, 10**400]
+    query = "SELECT n FROM generate_series(1, 5) AS n"
+    async with Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode
+                    ) as pool, pool.transaction() as conn:
+        cursor = await conn.cursor(query)
+        statement = await conn.prepare(query)
+        count = r"must be a whole number of rows from 1 to 2147483647"
+        for value in bad:
+            with pytest.raises(asyncpool.PoolConfigError, match=rf"^cursor\(prefetch=.*{count}"):
+                conn.cursor(query, prefetch=value)
+            with pytest.raises(asyncpool.PoolConfigError,
+                               match=rf"PreparedStatement.cursor\(prefetch=.*{count}"):
+                statement.cursor(prefetch=value)
+            with pytest.raises(asyncpool.PoolConfigError, match=rf"Cursor.fetch\(n=.*{count}"):
+                await cursor.fetch(value)
+            with pytest.raises(asyncpool.PoolConfigError, match=rf"Cursor.forward\(n=.*{count}"):
+                await cursor.forward(value)
+        assert conn.is_in_transaction()
+        assert await conn.fetchval("SELECT 7") == 7  # not aborted
+        assert await cursor.fetch(2) == [(1,), (2,)]  # nothing moved it
+        assert await cursor.forward(2) == 2
+        assert [row async for row in conn.cursor(query, prefetch=2)] == [(n,) for n in range(1, 6)]
+        assert [row async for row in statement.cursor(prefetch=2**31 - 1)][-1] == (5,)

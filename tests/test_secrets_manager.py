@@ -482,6 +482,36 @@ def test_region_contradicting_the_arn_is_refused_at_once() -> None:
     assert SecretsManagerAuth(arn).region == "us-east-1"
 
 
+@pytest.mark.parametrize(("arguments", "match"), [
+    ({"ttl": float("nan")}, r"ttl=nan: must be a number of seconds > 0"),
+    ({"ttl": True}, r"ttl=True: must be a number of seconds > 0"),
+    ({"ttl": "300"}, r"ttl='300': must be a number of seconds > 0"),
+    ({"ttl": None}, r"ttl=None: must be a number of seconds > 0"),
+    ({"secret_id": 5}, r"secret_id=5: must be the secret's name or ARN"),
+    ({"secret_id": ""}, r"secret_id='': must be the secret's name or ARN"),
+    ({"key": 5}, r"key=5: must be the name of the JSON field"),
+    ({"check_username": "false"}, r"check_username='false': must be True or False"),
+])
+def test_arguments_the_provider_would_misread_are_refused_when_it_is_made(
+        arguments: dict[str, Any], match: str) -> None:
+    """Taken as they were, NaN kept the first read for ever, True re-read the secret every
+    second, "300", None and 5 failed with a bare TypeError (or at the first read), an empty
+    name at the first read, and check_username="false" checked the username."""
+    given: dict[str, Any] = {"secret_id": "db/orders", "region": REGION, **arguments}
+    with pytest.raises(CredentialsError, match=match):
+        SecretsManagerAuth(**given)
+
+
+def test_a_ttl_of_another_number_type_is_kept_as_a_float() -> None:
+    """A Decimal was kept, and failed the first read (a float clock plus a Decimal)."""
+    from decimal import Decimal
+
+    half: Any = Decimal("0.5")  # (typed float, as the pool's times are; taken as theirs are)
+    ttl = SecretsManagerAuth("db/orders", region=REGION, ttl=half).ttl
+    assert (type(ttl), ttl) == (float, 0.5)
+    assert SecretsManagerAuth("db/orders", region=REGION, ttl=float("inf")).ttl == float("inf")
+
+
 async def test_secret_that_is_not_json_is_explained_without_quoting_it(
     store: SecretStore, local_aws: LocalAwsEndpoint
 ) -> None:

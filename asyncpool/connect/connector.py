@@ -455,11 +455,19 @@ async def _ask(provider: CredentialProvider, target: Target, pool: str) -> str:
                 f"pool {pool!r}: {type(provider).__name__}.password() returned a "
                 f"{type(result).__name__}, not something to await: write it as "
                 "`async def password(self, target)`")
-        return await result
+        password = await result
     except PoolError:
         raise
     except Exception as exc:
         failed = type(exc)
+    else:
+        if isinstance(password, str):
+            return password
+        # asyncpg failed with "unexpected error while performing authentication: Expected str,
+        # got bytes", naming no provider (None: no password sent, read as a refused one).
+        raise CredentialsError(
+            f"pool {pool!r}: {type(provider).__name__}.password() returned "
+            f"{type(password).__name__}, not the password as a str (decode bytes first)")
     # Raised outside the except block: the provider's exception is neither this one's cause nor
     # its context, and its frames (whatever they held) are gone.
     raise _hidden_error(provider, "password", failed, pool)

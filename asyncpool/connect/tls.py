@@ -767,6 +767,31 @@ def allowed_auth_methods(config: PoolConfig, setting: TlsSetting,
     return SAFE_AUTH_METHODS
 
 
+def check_dsn_spellings(params: Mapping[str, str], fail: ConfigFail) -> None:
+    """The DSN's own TLS and authentication keywords, spelt as libpq takes them, refused as the
+    pool is made (as they are when it opens, with the same words) rather than at its `open()`
+    (on Lambda, the first invocation). Only what the DSN alone says: how they combine with the
+    options, the environment and a service file is the connector's, at open()."""
+    if "sslmode" in params:
+        _spelling("the DSN's sslmode", params["sslmode"], fail)
+    binding = params.get("channel_binding")
+    if binding is not None and binding not in CHANNEL_BINDING:
+        fail(f"the DSN's channel_binding={binding!r}: choose one of {', '.join(CHANNEL_BINDING)}")
+    negotiation = params.get("sslnegotiation")
+    if negotiation is not None and negotiation not in SSL_NEGOTIATION:
+        fail(f"the DSN's sslnegotiation={negotiation!r}: choose one of "
+             f"{', '.join(SSL_NEGOTIATION)}")
+    for key in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
+        if key in params and params[key] not in TLS_VERSIONS:
+            fail(f"the DSN's {key}={params[key]!r}: write one of {', '.join(TLS_VERSIONS)}, "
+                 "spelt so (as libpq documents them; asyncpg reads no other spelling)")
+    if "require_auth" in params:
+        try:
+            parse_require_auth(params["require_auth"])
+        except PoolConfigError as exc:
+            fail(f"the DSN's {exc}")
+
+
 def parse_require_auth(text: str) -> frozenset[str]:
     """libpq's ``require_auth`` list: ``scram-sha-256,none``, or all negated: ``!password,!md5``."""
     if not isinstance(text, str):

@@ -27,6 +27,20 @@ from asyncpool.errors import CredentialsError
 REPLACE_INTERVAL = 60.0
 
 
+def _check(region: object, token_host: object, token_port: object) -> None:
+    """Refused when the provider is made: taken as they were, a port of "5432" or 0, or a
+    region that is no string, was signed into every token and each login refused as a wrong
+    password (RDS checks the token against its own endpoint), or failed inside botocore."""
+    for name, value in (("region", region), ("token_host", token_host)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise CredentialsError(f"IamAuth {name}={value!r}: must be a non-empty string (or "
+                                   "None)")
+    if token_port is not None and (isinstance(token_port, bool) or not isinstance(token_port, int)
+                                   or not 1 <= token_port <= 65535):
+        raise CredentialsError(f"IamAuth token_port={token_port!r}: must be a port number from "
+                               "1 to 65535 (or None: the port the pool dials)")
+
+
 class IamAuth:
     """Log in with an RDS IAM auth token instead of a password (RDS, Aurora or RDS Proxy).
 
@@ -57,6 +71,7 @@ class IamAuth:
         token_host: str | None = None,
         token_port: int | None = None,
     ) -> None:
+        _check(region, token_host, token_port)
         self.region = region
         self.token_host = token_host
         self.token_port = token_port

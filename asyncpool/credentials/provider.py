@@ -73,6 +73,13 @@ class StaticPassword:
     requires_tls = False
 
     def __init__(self, password: str) -> None:
+        # Refused here: at each login an int or bytes failed inside asyncpg's SCRAM ("Expected
+        # str, got int"), and None or "" sent no password and read as a refused one. (Its
+        # type only: the value is the password.)
+        if not isinstance(password, str) or not password:
+            what = "an empty string" if isinstance(password, str) else f"a {type(password).__name__}"
+            raise CredentialsError(f"StaticPassword: the password must be a non-empty string, "
+                                   f"not {what} (for a DSN without one, leave credentials= out)")
         self._password = password
 
     @classmethod

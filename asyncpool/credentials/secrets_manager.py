@@ -12,6 +12,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from asyncpool.config import as_number
 from asyncpool.connect.dsn import Target
 from asyncpool.credentials.aws_client import (
     AwsClient,
@@ -34,6 +35,29 @@ STALE_GRACE = 30.0
 # acquire_timeout) must not stop every new connection while the copy still works.
 STALE_WAIT = 1.0
 
+
+
+def _checked(secret_id: object, ttl: object, key: object, check_username: object) -> float:
+    """`ttl` in seconds, as the pool takes its times (`as_number`), once the arguments are
+    checked here: taken as they were, NaN kept the first read for ever (no time is past it),
+    ``True`` re-read the secret every second, ``"300"`` failed with a bare TypeError, a
+    ``Decimal`` at the first read, a key that is no string found no password in any secret,
+    and ``check_username="false"`` checked it."""
+    if not isinstance(secret_id, str) or not secret_id:
+        raise CredentialsError(f"SecretsManagerAuth secret_id={secret_id!r}: must be the "
+                               "secret's name or ARN, a non-empty string")
+    seconds = as_number(ttl)
+    if seconds is None or not seconds > 0:  # (NaN is not)
+        raise CredentialsError(f"SecretsManagerAuth ttl={ttl!r}: must be a number of seconds > "
+                               "0 (how long a read is trusted; inf: until a login is refused)")
+    if key is not None and not isinstance(key, str):
+        raise CredentialsError(f"SecretsManagerAuth key={key!r}: must be the name of the JSON "
+                               "field that holds the password (a string), or None when the "
+                               "whole secret string is the password")
+    if not isinstance(check_username, bool):
+        raise CredentialsError(f"SecretsManagerAuth check_username={check_username!r}: must be "
+                               "True or False")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -59,7 +83,8 @@ class SecretsManagerAuth:
     secret_id: the secret's name or ARN.
     key: the JSON field holding the password (``"password"``, as RDS-managed secrets have);
         None when the whole secret string is the password.
-    ttl: seconds a read is trusted (default 300). A rotation is also caught by the retry.
+    ttl: seconds a read is trusted (default 300; ``float("inf")``: until a login is refused).
+        A rotation is also caught by the retry.
     region: the secret's region. Default: from the ARN, else the AWS session's (``AWS_REGION``).
     version_stage: which version to read (default ``AWSCURRENT``).
     check_username: refuse a secret whose ``username`` field is not the user the pool logs in as
@@ -82,8 +107,7 @@ class SecretsManagerAuth:
         session: Any = None,
         endpoint_url: str | None = None,
     ) -> None:
-        if ttl <= 0:
-            raise CredentialsError(f"SecretsManagerAuth ttl={ttl!r}: must be seconds > 0")
+        ttl = _checked(secret_id, ttl, key, check_username)
         arn = _ARN_REGION.match(secret_id)
         if arn and region and arn["region"] != region:
             raise CredentialsError(

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Unpack
 
-from asyncpool.config import DefaultTimeout, PoolConfig, env_value
+from asyncpool.config import DefaultTimeout, PoolConfig, as_number, env_value
 from asyncpool.connect.connector import close_failure
 from asyncpool.credentials.provider import Preloads
 from asyncpool.errors import PoolConfigError, config_errors_without_frames
@@ -92,10 +92,14 @@ def lambda_config(
             raise PoolConfigError(
                 f"function_timeout={function_timeout!r}: must be a number of seconds, your "
                 "function's configured timeout")
-        if function_timeout <= 0:
-            raise PoolConfigError(f"function_timeout={function_timeout!r}: must be > 0 seconds")
-        defaults["leak_timeout"] = float(function_timeout)
-        defaults["acquire_timeout"] = min(5.0, function_timeout / 2)
+        # (NaN passed a `<= 0` check, and the error named leak_timeout, which the caller did
+        # not give; infinity is no function's timeout either: leak_timeout=None says "none".)
+        seconds = as_number(function_timeout)  # (an int past a float's range: infinity)
+        if seconds is None or not 0 < seconds < math.inf:
+            raise PoolConfigError(f"function_timeout={function_timeout!r}: must be a finite "
+                                  "number of seconds > 0, your function's configured timeout")
+        defaults["leak_timeout"] = seconds
+        defaults["acquire_timeout"] = min(5.0, seconds / 2)
     env = os.environ if environ is None else environ
     defaults = {k: v for k, v in defaults.items() if env_value(env, k) is None}
     config = PoolConfig.from_env(env, **{**defaults, **_options(overrides)})

@@ -15,9 +15,20 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
-from asyncpool.connect.failures import advise_on_prepared_statements, stopped_by_pool
+from asyncpool.connect.failures import (
+    advise_on_prepared_statements,
+    closed_under_copy,
+    stopped_by_pool,
+)
 from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
-from asyncpool.options import GIVEN_BACK, check_statement_timeout, in_seconds, timeout_error
+from asyncpool.options import (
+    GIVEN_BACK,
+    check_row_count,
+    check_statement_timeout,
+    check_transaction_options,
+    in_seconds,
+    timeout_error,
+)
 from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
 from asyncpool.pool.unsynced import (
@@ -98,7 +109,7 @@ def _forward(name: str) -> Callable[..., Any]:
     return method
 
 
-def _statement(name: str) -> Callable[..., Any]:
+def _statement(name: str) -> Callable[..., Any]:  # noqa: PLR0915 - one closure, read top down
     """The proxy's coroutine method `name` (``execute``, ``fetchval``, ``copy_to_table``...).
 
     A coroutine function of the proxy's own, so that the lease is checked when the statement
@@ -163,7 +174,8 @@ def _statement(name: str) -> Callable[..., Any]:
                 return (await conn._execute(query, args, 0, None, return_status=True)
                         )[1].decode()
             result = await conn._execute(query, args, limit, None)
-        except Exception as exc:
+        except Exception as raised:
+            exc = closed_under_copy(raised, conn) if synced else raised
             if lease.state is not ACTIVE and stopped_by_pool(exc):
                 # The pool closed it under the statement (close() past its timeout,
                 # terminate(), a leak reclaim): its error, not the driver's.
@@ -173,6 +185,8 @@ def _statement(name: str) -> Callable[..., Any]:
                 # (asyncpg's cancel, below).
                 record.note_unsynced_parse()
             advise_on_prepared_statements(exc, owner.statement_mode)
+            if exc is not raised:
+                raise exc from raised
             raise
         except CancelledError:
             # Cancelled while asyncpg described a statement (Parse, Describe, Flush: no Sync).
@@ -397,12 +411,22 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
             return bind(await self._prepare_unbound(query, name=name, timeout=timeout,
                                                     record_class=record_class))
 
-        transaction = _forward("transaction")
+        _transaction_unbound = _forward("transaction")
+
+        def transaction(self, *, isolation: str | None = None, readonly: bool = False,
+                        deferrable: bool = False) -> Any:
+            # As pool.transaction() checks them: asyncpg takes readonly="no" for True, and
+            # made a READ ONLY transaction of it without a word.
+            check_transaction_options(self._owner.name, isolation, readonly, deferrable)
+            return self._transaction_unbound(isolation=isolation, readonly=readonly,
+                                             deferrable=deferrable)
         _cursor_unbound = _forward("cursor")
 
         def cursor(self, *args: Any, **kwargs: Any) -> Any:
             if (timeout := kwargs.get("timeout")) is not None:
                 check_statement_timeout(self._owner.name, "cursor", timeout)
+            if (prefetch := kwargs.get("prefetch")) is not None:
+                check_row_count("cursor", "prefetch", prefetch)
             factory = self._cursor_unbound(*args, **kwargs)
             # Outside a transaction asyncpg refuses the cursor after sending its Parse.
             self._lease.record.note_unsynced_parse()
@@ -596,8 +620,10 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         return f"<PooledConnection pool={self._pool_name!r} {self._lease.state.value}>"
 
 
-# The listener methods, prepare() and is_closed() are the proxy's own: asyncpg's help text.
-for _name in ("prepare", "add_listener", "remove_listener", "add_log_listener", "remove_log_listener",
+# The listener methods, prepare(), transaction() and is_closed() are the proxy's own: asyncpg's
+# help text.
+for _name in ("prepare", "transaction", "add_listener", "remove_listener", "add_log_listener",
+              "remove_log_listener",
               "add_termination_listener", "remove_termination_listener", "add_query_logger",
               "remove_query_logger", "query_logger", "is_closed"):
     getattr(PooledConnection, _name).__doc__ = getattr(asyncpg.Connection, _name).__doc__

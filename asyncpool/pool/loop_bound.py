@@ -19,7 +19,7 @@ from asyncpg.transaction import Transaction
 from asyncpool.connect.failures import broken_connection_error
 from asyncpool.connect.forwarding import LoopView
 from asyncpool.errors import PoolError
-from asyncpool.options import check_statement_timeout
+from asyncpool.options import check_row_count, check_statement_timeout
 from asyncpool.pool.record import record_of
 from asyncpool.pool.unsynced import (
     RUN_PER_ARGUMENT_SET,
@@ -138,21 +138,34 @@ class PooledCursorFactory(_OnItsLoop, CursorFactory):
 class PooledCursor(_OnItsLoop, Cursor):
     __slots__ = ()
 
+    if not TYPE_CHECKING:  # (asyncpg's signatures, as type checkers read them)
+        async def fetch(self, n, *, timeout=None):
+            check_row_count("Cursor.fetch", "n", n)
+            return await super().fetch(n, timeout=timeout)
+
+        async def forward(self, n, *, timeout=None):
+            check_row_count("Cursor.forward", "n", n)
+            return await super().forward(n, timeout=timeout)
+
+        fetch.__doc__, forward.__doc__ = Cursor.fetch.__doc__, Cursor.forward.__doc__
+
 
 class PooledCursorIterator(_OnItsLoop, CursorIterator):
     __slots__ = ()
 
 
-def _check_cursor_timeout(kwargs: dict[str, Any]) -> None:
+def _check_cursor_arguments(kwargs: dict[str, Any]) -> None:
     if (timeout := kwargs.get("timeout")) is not None:
         check_statement_timeout(None, "PreparedStatement.cursor", timeout)
+    if (prefetch := kwargs.get("prefetch")) is not None:
+        check_row_count("PreparedStatement.cursor", "prefetch", prefetch)
 
 
 class PooledPreparedStatement(_OnItsLoop, PreparedStatement):
     __slots__ = ()
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        _check_cursor_timeout(kwargs)
+        _check_cursor_arguments(kwargs)
         return bind(super().cursor(*args, **kwargs))
 
     # Not explain(): it runs its statement through the connection's own, which takes the lock.
@@ -172,7 +185,7 @@ class PooledCheckedPreparedStatement(_OnItsLoop, CheckedPreparedStatement):
     __slots__ = ()
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        _check_cursor_timeout(kwargs)
+        _check_cursor_arguments(kwargs)
         return bind(super().cursor(*args, **kwargs))
 
     if not TYPE_CHECKING:  # (as in PooledPreparedStatement)

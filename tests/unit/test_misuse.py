@@ -196,3 +196,33 @@ def test_pools_own_arguments_are_checked_as_options_are(arguments: dict[str, Any
     object is not iterable") that named neither argument."""
     with pytest.raises(PoolConfigError, match=match):
         Pool("postgresql://u@h/d", **arguments)
+
+
+@pytest.mark.parametrize("bad", [[], {}, {"on"}, Decimal("sNaN")])
+def test_a_statement_mode_that_cannot_be_looked_up_is_refused_as_any_other(bad: Any) -> None:
+    """The look-up of a former mode's name ran before the check: a bare ``TypeError:
+    unhashable type: 'list'`` (``Cannot hash a signaling NaN value``) naming no option."""
+    with pytest.raises(PoolConfigError, match=r"prepared_statements=.*: choose one of 'off'"):
+        Pool("postgresql://u@h/d", prepared_statements=bad)
+    with pytest.raises(PoolConfigError, match=r"prepared_statements=.*: choose one of 'off'"):
+        PoolConfig(dsn="postgresql://u@h/d", prepared_statements=bad)
+
+
+@pytest.mark.parametrize(("query", "match"), [
+    ("?port=6432", r"the DSN cannot be used: it gives the port twice"),
+    ("?sslmode=verify_full", r"the DSN's sslmode='verify_full': choose one of disable"),
+    ("?channel_binding=yes", r"the DSN's channel_binding='yes': choose one of disable"),
+    ("?sslnegotiation=tls", r"the DSN's sslnegotiation='tls': choose one of postgres, direct"),
+    ("?ssl_min_protocol_version=1.2", r"the DSN's ssl_min_protocol_version='1.2': write one "
+                                      r"of TLSv1"),
+    ("?require_auth=scram", r"the DSN's require_auth='scram': write a comma-separated list"),
+])
+def test_a_dsn_the_pool_will_not_read_is_refused_when_the_pool_is_made(query: str, match: str
+                                                                         ) -> None:
+    """Accepted by Pool(), PoolConfig() and lambda_config(), and refused only at open() (with
+    these words): on Lambda, at the first invocation rather than at INIT."""
+    dsn = f"postgresql://app@db.example:5432/app{query}"
+    with pytest.raises(PoolConfigError, match=match):
+        Pool(dsn)
+    with pytest.raises(PoolConfigError, match=match):
+        PoolConfig.from_env({"ASYNCPOOL_DSN": dsn})
