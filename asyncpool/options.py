@@ -119,10 +119,6 @@ class _NotGiven:
 #: The default of `Pool()`'s ``record_class``: not given (asyncpg's Record then, or the one
 #: `config` names).
 NOT_GIVEN: Any = _NotGiven()
-#: `NOT_GIVEN`, typed as asyncpg's Record class: pyright solves ``Pool[...]`` from a default
-#: left in place, and would read `NOT_GIVEN`'s ``Any`` as ``Pool[Any]`` (mypy takes the type
-#: variable's default, Record, and needs the ignore where this is a default).
-RECORD_CLASS_NOT_GIVEN: type[asyncpg.Record] = NOT_GIVEN
 
 
 def with_record_class(options: Mapping[str, Any], record_class: object) -> Mapping[str, Any]:

@@ -23,7 +23,7 @@ from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError, config
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
 from asyncpool.options import (
     GIVEN_BACK,
-    RECORD_CLASS_NOT_GIVEN,
+    NOT_GIVEN,
     Isolation,
     Keep,
     PoolOptionsWithoutRecordClass,
@@ -51,6 +51,7 @@ from asyncpool.stats import PoolStats
 CLOSE_TIMEOUT = 10.0
 
 if TYPE_CHECKING:
+    import asyncpg
 
     from asyncpool.credentials.provider import CredentialProvider
     from asyncpool.pool.connection import RecordT
@@ -77,6 +78,28 @@ class Pool(Generic[PoolRecordT_co]):
     ``Pool[asyncpg.Record]``, and takes a ``Pool[Row]``.
     """
 
+    # Two signatures, each naming what the pool is: without `record_class` a Pool[Record],
+    # whatever the caller's annotation asks for (a type variable solved from a default let mypy
+    # take ``pool: Pool[Row] = Pool(dsn)`` at its word); with it, a Pool of that class.
+    @overload
+    def __init__(
+        self: Pool[asyncpg.Record],
+        dsn: str | None = None,
+        *,
+        config: PoolConfig | None = None,
+        observers: list[PoolObserver] | None = None,
+        **options: Unpack[PoolOptionsWithoutRecordClass],
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        config: PoolConfig | None = None,
+        observers: list[PoolObserver] | None = None,
+        record_class: type[PoolRecordT_co],
+        **options: Unpack[PoolOptionsWithoutRecordClass],
+    ) -> None: ...
     @config_errors_without_frames
     def __init__(
         self,
@@ -84,7 +107,7 @@ class Pool(Generic[PoolRecordT_co]):
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
-        record_class: type[PoolRecordT_co] = RECORD_CLASS_NOT_GIVEN,  # type: ignore[assignment]
+        record_class: type[PoolRecordT_co] = NOT_GIVEN,
         **options: Unpack[PoolOptionsWithoutRecordClass],
     ) -> None:
         if config is not None and not isinstance(config, PoolConfig):
@@ -583,13 +606,30 @@ _SET_ON_LOOP = ("asyncio.run_coroutine_threadsafe(set_args(), loop).result() wit
                 "`async def set_args(): pool.set_connect_args(...)`")
 
 
+@overload
+def create_pool(
+    dsn: str | None = None,
+    *,
+    config: PoolConfig | None = None,
+    observers: list[PoolObserver] | None = None,
+    **options: Unpack[PoolOptionsWithoutRecordClass],
+) -> Pool[asyncpg.Record]: ...
+@overload
+def create_pool(
+    dsn: str | None = None,
+    *,
+    config: PoolConfig | None = None,
+    observers: list[PoolObserver] | None = None,
+    record_class: type[RecordT],
+    **options: Unpack[PoolOptionsWithoutRecordClass],
+) -> Pool[RecordT]: ...
 @config_errors_without_frames
 def create_pool(
     dsn: str | None = None,
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
-    record_class: type[PoolRecordT_co] = RECORD_CLASS_NOT_GIVEN,  # type: ignore[assignment]
+    record_class: type[PoolRecordT_co] = NOT_GIVEN,
     **options: Unpack[PoolOptionsWithoutRecordClass],
 ) -> Pool[PoolRecordT_co]:
     """A pool, opened when awaited: ``pool = await asyncpool.create_pool(dsn, max_size=5)``, or
