@@ -63,9 +63,9 @@ def test_each_mistake_fails_mypy_strict_on_its_line(tmp_path: Path, typed: bool)
         for number, line in enumerate(lines, start=1)
         if (match := re.search(r"# error: ([a-z-]+)( \(asyncpg-stubs only\))?$", line))
     ]
-    assert len(marked) == 33
+    assert len(marked) == 34
     expected = {(number, code) for number, code, stubs_only in marked if typed or not stubs_only}
-    assert len(expected) == (33 if typed else 26)
+    assert len(expected) == (34 if typed else 26)
     path = tmp_path / "user_mistakes.py"
     path.write_text("\n".join(["#", *lines[1:]]) + "\n")  # same line numbers
     status, output = _mypy(path, tmp_path, typed)

@@ -109,6 +109,10 @@ async def main() -> None:
         print(typed, first, statement_rows)
         pid: int = conn.get_server_pid()
         print(ids, total, pid, conn.is_in_transaction(), conn.raw)
+        # asyncpg's own types, not Any.
+        assert_type(conn.get_server_version(), asyncpg.ServerVersion)
+        with conn.query_logger(lambda query: print(query.query)):
+            await conn.execute("SELECT 1")
     async with pool.transaction(readonly=True) as conn:
         await conn.fetchval("SELECT 1")
     other = Pool(max_size=2, prepared_statements="unnamed", acquire_timeout=None, ssl=True)

@@ -98,6 +98,7 @@ async def row_mistakes(pool: Pool) -> None:
     async with pool.acquire() as conn:
         one: Row | None = await conn.fetchrow("SELECT 1")  # error: assignment (asyncpg-stubs only)
         await conn.copy_to_table("t", source="t.csv", force_null=True)  # error: arg-type
+        conn.query_logger(lambda: None)  # error: arg-type (asyncpg-stubs only)
     print(rows, one)
 
 
