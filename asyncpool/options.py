@@ -38,9 +38,10 @@ if TYPE_CHECKING:
     from asyncpool.credentials.provider import CredentialProvider
 
 
-class PoolOptionsWithoutRecordClass(TypedDict, total=False):
-    """`PoolOptions` but ``record_class``, which `Pool()` and `create_pool()` name on its own:
-    type checkers then give the pool's rows that class (``Pool[Row]``)."""
+class PoolOptionsWithoutRows(TypedDict, total=False):
+    """`PoolOptions` but ``record_class`` and the hooks given its rows (``init``, ``setup``),
+    which `Pool()` and `create_pool()` name on their own: type checkers then give the pool's
+    rows that class (``Pool[Row]``), and its hooks connections of them."""
 
     # asyncpool's own (PoolConfig's fields but dsn)
     name: str
@@ -64,8 +65,6 @@ class PoolOptionsWithoutRecordClass(TypedDict, total=False):
     server_settings: Mapping[str, str] | None
     command_timeout: float | None
     max_queries: int | None
-    init: InitHook | None
-    setup: SetupHook | None
     cancel_requests: CancelRequests
     require_auth: str | None
     allow_unprotected_credentials: bool
@@ -91,6 +90,12 @@ class PoolOptionsWithoutRecordClass(TypedDict, total=False):
     gsslib: str
     max_cacheable_statement_size: int
 
+
+class PoolOptionsWithoutRecordClass(PoolOptionsWithoutRows, total=False):
+    """`PoolOptions` but ``record_class``."""
+
+    init: InitHook | None
+    setup: SetupHook | None
 
 
 class PoolOptions(PoolOptionsWithoutRecordClass, total=False):

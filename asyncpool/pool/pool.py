@@ -13,11 +13,11 @@ import functools
 import inspect
 import sys
 import warnings
-from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable, Sequence
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Generic, Self, Unpack, overload
 
-from asyncpool.config import PoolConfig, as_number
+from asyncpool.config import InitHook, PoolConfig, as_number
 from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError, config_errors_without_frames
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
@@ -27,6 +27,7 @@ from asyncpool.options import (
     Isolation,
     Keep,
     PoolOptionsWithoutRecordClass,
+    PoolOptionsWithoutRows,
     check_timeout,
     check_transaction_options,
     in_seconds,
@@ -88,7 +89,9 @@ class Pool(Generic[PoolRecordT_co]):
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
-        **options: Unpack[PoolOptionsWithoutRecordClass],
+        init: Callable[[asyncpg.Connection[asyncpg.Record]], Awaitable[object]] | None = None,
+        setup: Callable[[PooledConnection[asyncpg.Record]], Awaitable[object]] | None = None,
+        **options: Unpack[PoolOptionsWithoutRows],
     ) -> None: ...
     @overload
     def __init__(
@@ -98,9 +101,12 @@ class Pool(Generic[PoolRecordT_co]):
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
         record_class: type[PoolRecordT_co],
-        **options: Unpack[PoolOptionsWithoutRecordClass],
+        init: Callable[[asyncpg.Connection[PoolRecordT_co]], Awaitable[object]] | InitHook | None = None,
+        setup: Callable[[PooledConnection[PoolRecordT_co]], Awaitable[object]] | None = None,
+        **options: Unpack[PoolOptionsWithoutRows],
     ) -> None: ...
-    @config_errors_without_frames
+    # (Takes the hooks of any rows, as PoolConfig does: the signatures above type them.)
+    @config_errors_without_frames  # type: ignore[misc]
     def __init__(
         self,
         dsn: str | None = None,
@@ -612,7 +618,9 @@ def create_pool(
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
-    **options: Unpack[PoolOptionsWithoutRecordClass],
+    init: Callable[[asyncpg.Connection[asyncpg.Record]], Awaitable[object]] | None = None,
+    setup: Callable[[PooledConnection[asyncpg.Record]], Awaitable[object]] | None = None,
+    **options: Unpack[PoolOptionsWithoutRows],
 ) -> Pool[asyncpg.Record]: ...
 @overload
 def create_pool(
@@ -621,9 +629,11 @@ def create_pool(
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
     record_class: type[RecordT],
-    **options: Unpack[PoolOptionsWithoutRecordClass],
+    init: Callable[[asyncpg.Connection[RecordT]], Awaitable[object]] | InitHook | None = None,
+    setup: Callable[[PooledConnection[RecordT]], Awaitable[object]] | None = None,
+    **options: Unpack[PoolOptionsWithoutRows],
 ) -> Pool[RecordT]: ...
-@config_errors_without_frames
+@config_errors_without_frames  # type: ignore[misc]  # (hooks of any rows: the overloads type them)
 def create_pool(
     dsn: str | None = None,
     *,

@@ -71,6 +71,6 @@ def test_a_pool_annotated_with_rows_it_does_not_return_fails_pyright_strict(
     marked = {(number, match.group(1))
               for number, line in enumerate(path.read_text().splitlines(), start=1)
               if (match := re.search(r"# error: [a-z-]+ / (report\w+)$", line))}
-    assert len(marked) == 11
+    assert len(marked) == 14
     _, problems, output = _pyright(path, tmp_path)
     assert {(line, rule) for line, rule, _ in problems} == marked, output

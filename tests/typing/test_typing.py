@@ -93,7 +93,7 @@ def test_a_pool_annotated_with_rows_it_does_not_return_fails_mypy_strict(
     line; with asyncpg's types only (a Record is `Any` without them: nothing is caught)."""
     source = HERE / "user_pool_rows.py"
     marked = _marked(source, r"# error: ([a-z-]+) / report\w+$")
-    assert len(marked) == 11
+    assert len(marked) == 14
     lines = source.read_text().splitlines()
     assert lines[0] == "# mypy: ignore-errors"
     path = tmp_path / source.name

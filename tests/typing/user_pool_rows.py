@@ -1,5 +1,6 @@
 # mypy: ignore-errors
-"""A pool's rows are of the record class it was made with, whatever its annotation says.
+"""A pool's rows (and its hooks' connections) are of the record class it was made with, whatever
+its annotation says.
 
 Each line ending with ``# error: <mypy error code> / <pyright rule>`` must fail under
 ``mypy --strict`` (tests/typing/test_typing.py) and pyright's strict mode
@@ -24,6 +25,20 @@ class Row(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without 
 
 class OtherRow(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without asyncpg's types)
     pass
+
+
+async def init_for_rows(conn: asyncpg.Connection[Row]) -> None:
+    pass
+
+
+async def setup_for_rows(conn: PooledConnection[Row]) -> None:
+    pass
+
+
+async def hooks_for_rows_on_a_pool_of_records() -> None:
+    Pool(DSN, init=init_for_rows)  # error: arg-type / reportArgumentType
+    Pool(DSN, setup=setup_for_rows)  # error: arg-type / reportArgumentType
+    await asyncpool.create_pool(DSN, setup=setup_for_rows)  # error: arg-type / reportArgumentType
 
 
 async def annotated_with_rows_it_does_not_return() -> None:
@@ -51,8 +66,9 @@ async def rows_of_a_pool_made_without_record_class() -> None:
 
 async def made_right() -> None:
     """The same annotations, true: no error."""
-    made: Pool[Row] = Pool(DSN, record_class=Row)
-    created: Pool[Row] = await asyncpool.create_pool(DSN, record_class=Row)
+    made: Pool[Row] = Pool(DSN, record_class=Row, init=init_for_rows, setup=setup_for_rows)
+    created: Pool[Row] = await asyncpool.create_pool(DSN, record_class=Row, init=init_for_rows,
+                                                     setup=setup_for_rows)
     wide: Pool = Pool(DSN, record_class=Row)  # a Pool of Rows is a Pool of Records
     async with made.acquire() as conn:
         held: PooledConnection[Row] = conn
