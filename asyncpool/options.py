@@ -38,9 +38,10 @@ if TYPE_CHECKING:
     from asyncpool.credentials.provider import CredentialProvider
 
 
-class PoolOptionsWithoutRecordClass(TypedDict, total=False):
-    """`PoolOptions` but ``record_class``, which `Pool()` and `create_pool()` name on its own:
-    type checkers then give the pool's rows that class (``Pool[Row]``)."""
+class PoolOptionsWithoutRows(TypedDict, total=False):
+    """`PoolOptions` but ``record_class`` and the hooks given its rows (``init``, ``setup``),
+    which `Pool()` and `create_pool()` name on their own: type checkers then give the pool's
+    rows that class (``Pool[Row]``), and its hooks connections of them."""
 
     # asyncpool's own (PoolConfig's fields but dsn)
     name: str
@@ -65,8 +66,6 @@ class PoolOptionsWithoutRecordClass(TypedDict, total=False):
     server_settings: Mapping[str, str] | None
     command_timeout: float | None
     max_queries: int | None
-    init: InitHook | None
-    setup: SetupHook | None
     cancel_requests: CancelRequests
     require_auth: str | None
     allow_unprotected_credentials: bool
@@ -92,6 +91,12 @@ class PoolOptionsWithoutRecordClass(TypedDict, total=False):
     gsslib: str
     max_cacheable_statement_size: int
 
+
+class PoolOptionsWithoutRecordClass(PoolOptionsWithoutRows, total=False):
+    """`PoolOptions` but ``record_class``."""
+
+    init: InitHook | None
+    setup: SetupHook | None
 
 
 class PoolOptions(PoolOptionsWithoutRecordClass, total=False):
@@ -120,10 +125,6 @@ class _NotGiven:
 #: The default of `Pool()`'s ``record_class``: not given (asyncpg's Record then, or the one
 #: `config` names).
 NOT_GIVEN: Any = _NotGiven()
-#: `NOT_GIVEN`, typed as asyncpg's Record class: pyright solves ``Pool[...]`` from a default
-#: left in place, and would read `NOT_GIVEN`'s ``Any`` as ``Pool[Any]`` (mypy takes the type
-#: variable's default, Record, and needs the ignore where this is a default).
-RECORD_CLASS_NOT_GIVEN: type[asyncpg.Record] = NOT_GIVEN
 
 
 def with_record_class(options: Mapping[str, Any], record_class: object) -> Mapping[str, Any]:

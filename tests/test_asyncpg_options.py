@@ -537,7 +537,7 @@ def test_asyncpg_values_the_pool_sends_anyway_are_taken() -> None:
              connect_kwargs={"statement_cache_size": 0, "max_cached_statement_lifetime": 30})
     Pool("postgresql://a@h/d", prepared_statements="on", statement_cache_size=50,
          connect_kwargs={"statement_cache_size": 50})
-    Pool("postgresql://a@h/d", max_cacheable_statement_size=2048.0)  # type: ignore[arg-type]
+    Pool("postgresql://a@h/d", max_cacheable_statement_size=2048.0)  # type: ignore[call-overload]
 
 
 def test_good_connect_values_are_taken() -> None:

@@ -351,7 +351,7 @@ async def test_a_provider_missing_a_method_or_with_a_plain_one_says_what_to_writ
                             (NoFlag(), "requires_tls must be True"),
                             ("hunter2", r"not a string: StaticPassword\('...'\)")):
         with pytest.raises(PoolConfigError, match=match):
-            Pool(dsn, credentials=provider)  # type: ignore[arg-type]
+            Pool(dsn, credentials=provider)  # type: ignore[call-overload]
 
     secret = postgres.app.password
 
@@ -366,7 +366,7 @@ async def test_a_provider_missing_a_method_or_with_a_plain_one_says_what_to_writ
     dsn = _without_password(postgres.dsn(), secret)
     async with Pool(dsn, min_size=0, credentials=Delegating(), telemetry=False) as pool:
         assert await pool.fetchval("SELECT 1") == 1
-    async with Pool(dsn, min_size=0, credentials=PlainPassword(),  # type: ignore[arg-type]
+    async with Pool(dsn, min_size=0, credentials=PlainPassword(),  # type: ignore[call-overload]
                     acquire_timeout=3, telemetry=False) as pool:
         with pytest.raises(CredentialsError, match=r"PlainPassword.password\(\) returned a str, "
                            r"not something to await") as info:

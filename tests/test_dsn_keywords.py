@@ -144,8 +144,8 @@ async def test_a_setting_in_the_dsn_still_reaches_the_server(postgres: PostgresS
         assert await pool.fetchval("SHOW search_path") == "pg_catalog"
 
 
-async def _login_error(dsn: str, **options: object) -> asyncpool.ConnectError:
-    pool = Pool(dsn, min_size=1, max_size=1, telemetry=False, **options)  # type: ignore[arg-type]
+async def _login_error(dsn: str, **options: Any) -> asyncpool.ConnectError:
+    pool = Pool(dsn, min_size=1, max_size=1, telemetry=False, **options)
     with pytest.raises(asyncpool.ConnectError) as caught:
         await pool.open()
     await pool.close()

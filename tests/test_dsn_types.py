@@ -37,14 +37,14 @@ def _check(made: Any, why: str, error: PoolConfigError) -> None:
 def test_pool_refuses_a_dsn_that_is_not_a_string(kind: str) -> None:
     made, why = WRONG[kind]
     with pytest.raises(PoolConfigError) as info:
-        Pool(made)  # type: ignore[arg-type]
+        Pool(made)  # type: ignore[call-overload]
     _check(made, why, info.value)
 
 
 @pytest.mark.parametrize("kind", WRONG)
 def test_create_pool_and_config_refuse_it_too(kind: str) -> None:
     made, why = WRONG[kind]
-    for make in (lambda: asyncpool.create_pool(made),  # type: ignore[arg-type]
+    for make in (lambda: asyncpool.create_pool(made),  # type: ignore[call-overload]
                  lambda: PoolConfig(dsn=made)):  # type: ignore[arg-type]
         with pytest.raises(PoolConfigError) as info:
             make()

@@ -198,7 +198,7 @@ def test_a_misspelt_variable_is_blamed_on_the_line_that_made_the_pool(
 
 def test_a_deprecated_option_is_blamed_on_the_callers_line() -> None:
     makers: tuple[Callable[[], object], ...] = (
-        lambda: Pool("postgresql://a@h/d", prepared_statements="describe-cache"),  # type: ignore[arg-type]
+        lambda: Pool("postgresql://a@h/d", prepared_statements="describe-cache"),  # type: ignore[call-overload]
         lambda: Pool("postgresql://a@h/d", allow_iam_without_tls=True),
         lambda: PoolConfig(dsn="postgresql://a@h/d", allow_iam_without_tls=True),
         lambda: Pool(config=PoolConfig(dsn="postgresql://a@h/d"), allow_iam_without_tls=True),

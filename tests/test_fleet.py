@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -53,10 +54,10 @@ async def _settled(postgres: PostgresServer, token: str, within: float = 2.0) ->
     return left
 
 
-async def _leak_rounds(fleet: PgBouncerFleet, token: str, **options: object) -> Pool:
+async def _leak_rounds(fleet: PgBouncerFleet, token: str, **options: Any) -> Pool:
     """ROUNDS holders, each leaking a connection mid-statement; each reclaimed."""
     pool = Pool(fleet.dsn(), name="fleet", min_size=0, max_size=ROUNDS, leak_timeout=0.3,
-                telemetry=False, **options)  # type: ignore[arg-type]
+                telemetry=False, **options)
     await pool.open()
 
     async def holder(i: int) -> None:

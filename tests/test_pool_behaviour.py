@@ -452,7 +452,7 @@ async def test_a_lifetime_or_idle_limit_too_short_to_use_is_refused(
     name = next(iter(limits))
     with pytest.raises(asyncpool.PoolConfigError, match=f"{name}=.*: must be at least 0.1 "
                                                         "seconds"):
-        Pool(pooler.dsn(), min_size=1, telemetry=False, **limits)  # type: ignore[arg-type]
+        Pool(pooler.dsn(), min_size=1, telemetry=False, **limits)  # type: ignore[call-overload]
 
 
 async def test_the_shortest_lifetime_taken_renews_at_its_pace(pooler: Pooler) -> None:

@@ -597,8 +597,8 @@ async def test_a_bug_in_the_callers_code_keeps_its_frame_and_no_secret() -> None
         def requires_tls(self) -> bool:  # type: ignore[override]
             return bool(self.settings["tls"])  # type: ignore[attr-defined]  # the bug
 
-    pool = Pool(f"postgresql://app:{quote(secret, safe='')}@127.0.0.1/app",
-                credentials=Buggy(), min_size=0, telemetry=False)  # type: ignore[arg-type]
+    pool = Pool(f"postgresql://app:{quote(secret, safe='')}@127.0.0.1/app",  # type: ignore[call-overload]
+                credentials=Buggy(), min_size=0, telemetry=False)
     with pytest.raises(AttributeError, match="settings") as info:
         await pool.open()
     await pool.close()
@@ -653,10 +653,10 @@ def _config_errors(secret: str, tmp: Path) -> dict[str, Callable[[], Any]]:
         "set_connect_args(), a password for another machine": lambda: Pool(
             local, min_size=0, telemetry=False).set_connect_args(remote, password=secret),
         # Type mistakes the checks once let through as Python's own errors, with every frame.
-        "Pool(), require_auth as a list": lambda: Pool(
-            local, require_auth=["scram-sha-256"]),  # type: ignore[arg-type]
-        "Pool(), ssl_root_cert as a list": lambda: Pool(
-            local, ssl_root_cert=["ca.pem"]),  # type: ignore[arg-type]
+        "Pool(), require_auth as a list": lambda: Pool(  # type: ignore[call-overload]
+            local, require_auth=["scram-sha-256"]),
+        "Pool(), ssl_root_cert as a list": lambda: Pool(  # type: ignore[call-overload]
+            local, ssl_root_cert=["ca.pem"]),
         "lambda_config(), require_auth as a list": lambda: lambda_config(
             environ=env, require_auth=["scram-sha-256"]),  # type: ignore[arg-type]
         "lambda_config(), function_timeout=0": lambda: lambda_config(function_timeout=0, environ=env),

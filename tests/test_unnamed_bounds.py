@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,9 +20,9 @@ from tests.conftest import Pooler
 QUERIES = [f"SELECT $1::int + {n}" for n in range(4)]
 
 
-def _pool(pooler: Pooler, **options: object) -> Pool:
+def _pool(pooler: Pooler, **options: Any) -> Pool:
     return Pool(pooler.dsn(), name="bounds", prepared_statements="unnamed", min_size=1,
-                max_size=2, telemetry=False, **options)  # type: ignore[arg-type]
+                max_size=2, telemetry=False, **options)
 
 
 @pytest.fixture

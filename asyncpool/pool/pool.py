@@ -13,20 +13,21 @@ import functools
 import inspect
 import sys
 import warnings
-from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable, Sequence
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Generic, Self, Unpack, overload
 
-from asyncpool.config import PoolConfig, as_number, opened_by_open
+from asyncpool.config import InitHook, PoolConfig, as_number, opened_by_open
 from asyncpool.connect.connector import Connector
 from asyncpool.errors import PoolClosedError, PoolConfigError, PoolError, config_errors_without_frames
 from asyncpool.observer import GuardedObserver, ObserverGroup, PoolObserver
 from asyncpool.options import (
     GIVEN_BACK,
-    RECORD_CLASS_NOT_GIVEN,
+    NOT_GIVEN,
     Isolation,
     Keep,
     PoolOptionsWithoutRecordClass,
+    PoolOptionsWithoutRows,
     check_timeout,
     check_transaction_options,
     in_seconds,
@@ -51,6 +52,7 @@ from asyncpool.stats import PoolStats
 CLOSE_TIMEOUT = 10.0
 
 if TYPE_CHECKING:
+    import asyncpg
 
     from asyncpool.credentials.provider import CredentialProvider
     from asyncpool.pool.connection import RecordT
@@ -77,14 +79,41 @@ class Pool(Generic[PoolRecordT_co]):
     ``Pool[asyncpg.Record]``, and takes a ``Pool[Row]``.
     """
 
-    @config_errors_without_frames
+    # Two signatures, each naming what the pool is: without `record_class` a Pool[Record],
+    # whatever the caller's annotation asks for (a type variable solved from a default let mypy
+    # take ``pool: Pool[Row] = Pool(dsn)`` at its word); with it, a Pool of that class.
+    @overload
+    def __init__(
+        self: Pool[asyncpg.Record],
+        dsn: str | None = None,
+        *,
+        config: PoolConfig | None = None,
+        observers: list[PoolObserver] | None = None,
+        init: Callable[[asyncpg.Connection[asyncpg.Record]], Awaitable[object]] | None = None,
+        setup: Callable[[PooledConnection[asyncpg.Record]], Awaitable[object]] | None = None,
+        **options: Unpack[PoolOptionsWithoutRows],
+    ) -> None: ...
+    @overload
     def __init__(
         self,
         dsn: str | None = None,
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
-        record_class: type[PoolRecordT_co] = RECORD_CLASS_NOT_GIVEN,  # type: ignore[assignment]
+        record_class: type[PoolRecordT_co],
+        init: Callable[[asyncpg.Connection[PoolRecordT_co]], Awaitable[object]] | InitHook | None = None,
+        setup: Callable[[PooledConnection[PoolRecordT_co]], Awaitable[object]] | None = None,
+        **options: Unpack[PoolOptionsWithoutRows],
+    ) -> None: ...
+    # (Takes the hooks of any rows, as PoolConfig does: the signatures above type them.)
+    @config_errors_without_frames  # type: ignore[misc]
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        config: PoolConfig | None = None,
+        observers: list[PoolObserver] | None = None,
+        record_class: type[PoolRecordT_co] = NOT_GIVEN,
         **options: Unpack[PoolOptionsWithoutRecordClass],
     ) -> None:
         if config is not None and not isinstance(config, PoolConfig):
@@ -583,13 +612,34 @@ _SET_ON_LOOP = ("asyncio.run_coroutine_threadsafe(set_args(), loop).result() wit
                 "`async def set_args(): pool.set_connect_args(...)`")
 
 
-@config_errors_without_frames
+@overload
 def create_pool(
     dsn: str | None = None,
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
-    record_class: type[PoolRecordT_co] = RECORD_CLASS_NOT_GIVEN,  # type: ignore[assignment]
+    init: Callable[[asyncpg.Connection[asyncpg.Record]], Awaitable[object]] | None = None,
+    setup: Callable[[PooledConnection[asyncpg.Record]], Awaitable[object]] | None = None,
+    **options: Unpack[PoolOptionsWithoutRows],
+) -> Pool[asyncpg.Record]: ...
+@overload
+def create_pool(
+    dsn: str | None = None,
+    *,
+    config: PoolConfig | None = None,
+    observers: list[PoolObserver] | None = None,
+    record_class: type[RecordT],
+    init: Callable[[asyncpg.Connection[RecordT]], Awaitable[object]] | InitHook | None = None,
+    setup: Callable[[PooledConnection[RecordT]], Awaitable[object]] | None = None,
+    **options: Unpack[PoolOptionsWithoutRows],
+) -> Pool[RecordT]: ...
+@config_errors_without_frames  # type: ignore[misc]  # (hooks of any rows: the overloads type them)
+def create_pool(
+    dsn: str | None = None,
+    *,
+    config: PoolConfig | None = None,
+    observers: list[PoolObserver] | None = None,
+    record_class: type[PoolRecordT_co] = NOT_GIVEN,
     **options: Unpack[PoolOptionsWithoutRecordClass],
 ) -> Pool[PoolRecordT_co]:
     """A pool, opened when awaited: ``pool = await asyncpool.create_pool(dsn, max_size=5)``, or

@@ -415,7 +415,7 @@ def test_invalid_environment_value_names_the_variable() -> None:
 
 def test_misspelt_option_is_named() -> None:
     with pytest.raises(PoolConfigError, match=r"max_sise=: not an option of Pool\(\); did you mean max_size"):
-        Pool("postgresql://app@127.0.0.1/app", max_sise=5)  # type: ignore[call-arg]
+        Pool("postgresql://app@127.0.0.1/app", max_sise=5)  # type: ignore[call-overload]
 
 
 def test_the_error_types_are_exported() -> None:

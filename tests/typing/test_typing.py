@@ -1,10 +1,10 @@
 """User code type-checks against asyncpool as it would against asyncpg: `user_code.py` (and
 `user_integrations.py`, the integrations) passes ``mypy --strict``, and every deliberate
-mistake in `user_mistakes.py` is caught, on its line; both with asyncpg's types (asyncpg-stubs,
-installed here) and without them (asyncpg then reads as `Any`, as to a user who did not install
-them: stood in for by a stub that makes every name `Any`, found first on MYPYPATH). Mistakes
-caught only with asyncpg's types are marked so. test_pyright.py checks the same user code with
-pyright.
+mistake in `user_mistakes.py` and `user_pool_rows.py` is caught, on its line; both with
+asyncpg's types (asyncpg-stubs, installed here) and without them (asyncpg then reads as `Any`,
+as to a user who did not install them: stood in for by a stub that makes every name `Any`,
+found first on MYPYPATH). Mistakes caught only with asyncpg's types are marked so.
+test_pyright.py checks the same user code (and `user_pool_rows.py`) with pyright.
 
 This folder has no ``__init__.py``: a package named ``typing`` would hide the standard library's
 from scripts run from ``tests/``. mypy is pointed at this checkout's asyncpool (MYPYPATH).
@@ -63,9 +63,9 @@ def test_each_mistake_fails_mypy_strict_on_its_line(tmp_path: Path, typed: bool)
         for number, line in enumerate(lines, start=1)
         if (match := re.search(r"# error: ([a-z-]+)( \(asyncpg-stubs only\))?$", line))
     ]
-    assert len(marked) == 33
+    assert len(marked) == 34
     expected = {(number, code) for number, code, stubs_only in marked if typed or not stubs_only}
-    assert len(expected) == (33 if typed else 26)
+    assert len(expected) == (34 if typed else 26)
     path = tmp_path / "user_mistakes.py"
     path.write_text("\n".join(["#", *lines[1:]]) + "\n")  # same line numbers
     status, output = _mypy(path, tmp_path, typed)
@@ -77,3 +77,28 @@ def test_each_mistake_fails_mypy_strict_on_its_line(tmp_path: Path, typed: bool)
             found.add((int(match["line"]), match["code"]))
     assert status == 1
     assert found == expected, output
+
+
+def _marked(path: Path, pattern: str) -> set[tuple[int, str]]:
+    """(line, code) of each line of `path` whose end matches `pattern` (its group 1: the code)."""
+    return {(number, match.group(1))
+            for number, line in enumerate(path.read_text().splitlines(), start=1)
+            if (match := re.search(pattern, line))}
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["asyncpg-stubs", "asyncpg-untyped"])
+def test_a_pool_annotated_with_rows_it_does_not_return_fails_mypy_strict(
+        tmp_path: Path, typed: bool) -> None:
+    """``pool: Pool[Row] = Pool(dsn)`` (no ``record_class=Row``) and the like, each on its
+    line; with asyncpg's types only (a Record is `Any` without them: nothing is caught)."""
+    source = HERE / "user_pool_rows.py"
+    marked = _marked(source, r"# error: ([a-z-]+) / report\w+$")
+    assert len(marked) == 14
+    lines = source.read_text().splitlines()
+    assert lines[0] == "# mypy: ignore-errors"
+    path = tmp_path / source.name
+    path.write_text("\n".join(["#", *lines[1:]]) + "\n")  # same line numbers
+    status, output = _mypy(path, tmp_path, typed)
+    found = {(int(match["line"]), match["code"]) for line in output.splitlines()
+             if (match := _ERROR.match(line))}
+    assert (status, found) == ((1, marked) if typed else (0, set())), output

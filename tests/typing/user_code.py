@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, assert_type
+from typing import Any, TypeVar, assert_type
 
 import asyncpg
 
 import asyncpool
-from asyncpool import Pool, PooledConnection
+from asyncpool import Pool, PoolConfig, PooledConnection
 
 
 class Row(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without asyncpg's types)
@@ -109,6 +109,10 @@ async def main() -> None:
         print(typed, first, statement_rows)
         pid: int = conn.get_server_pid()
         print(ids, total, pid, conn.is_in_transaction(), conn.raw)
+        # asyncpg's own types, not Any.
+        assert_type(conn.get_server_version(), asyncpg.ServerVersion)
+        with conn.query_logger(lambda query: print(query.query)):
+            await conn.execute("SELECT 1")
     async with pool.transaction(readonly=True) as conn:
         await conn.fetchval("SELECT 1")
     other = Pool(max_size=2, prepared_statements="unnamed", acquire_timeout=None, ssl=True)
@@ -188,6 +192,9 @@ def async_handlers() -> int:
     return handler({"n": 1}, None) + len(on_a_runner(["a"], None))
 
 
+RecordT = TypeVar("RecordT", bound=asyncpg.Record)
+
+
 class OtherRow(asyncpg.Record):  # type: ignore[misc, unused-ignore]  # (Any without asyncpg's types)
     pass
 
@@ -236,3 +243,10 @@ async def pool_record_class() -> None:
         print(await app.user_count())
     typed_later: Pool[Row] = await Pool(record_class=Row).open()
     print(typed_later)
+    assert_type(Pool("postgresql://app@db/app", max_size=2), Pool[asyncpg.Record])
+    assert_type(Pool(config=PoolConfig(max_size=2)), Pool[asyncpg.Record])
+    assert_type(GenericPool("postgresql://app@db/app", record_class=Row), GenericPool[Row])
+
+
+class GenericPool(Pool[RecordT]):
+    """A subclass generic in its rows, as Pool is: typed by the ``record_class=`` it is given."""

@@ -3,7 +3,10 @@
 
 Each line that must fail ends with ``# error: <mypy error code>``; no other line may fail.
 ``(asyncpg-stubs only)`` after it: caught only with asyncpg's types installed (without them a
-pooled connection's base, asyncpg's Connection, is `Any`).
+pooled connection's base, asyncpg's Connection, is `Any`). A wrong option to `Pool()` or
+`create_pool()` matches neither of their signatures (with or without ``record_class``): mypy
+says ``call-overload``, and the pool it made is `Any` to it from there on, so the other lines
+use a pool made right.
 Not run. The first line keeps the project's own mypy run quiet; the test removes it.
 """
 
@@ -22,9 +25,10 @@ async def setup_takes_an_int(conn: int) -> None:
 
 
 async def main() -> None:
-    pool = await asyncpool.create_pool("postgresql://app@db/app", max_sise=5)  # error: call-arg
-    Pool("postgresql://app@db/app", prepared_statements="maybe")  # error: arg-type
-    Pool("postgresql://app@db/app", acquire_timeout="30s")  # error: arg-type
+    await asyncpool.create_pool("postgresql://app@db/app", max_sise=5)  # error: call-overload
+    Pool("postgresql://app@db/app", prepared_statements="maybe")  # error: call-overload
+    Pool("postgresql://app@db/app", acquire_timeout="30s")  # error: call-overload
+    pool = await asyncpool.create_pool("postgresql://app@db/app", max_size=5)
     Pool("postgresql://app@db/app", setup=setup_takes_an_int)  # error: arg-type (asyncpg-stubs only)
     async with pool.acquire() as conn:
         await conn.fetchvall("SELECT 1")  # error: attr-defined (asyncpg-stubs only)
@@ -41,7 +45,7 @@ async def main() -> None:
     await pool.release(await pool.acquire(), timeout="soon")  # error: arg-type
     print((await pool.fetchrow("SELECT 1 AS one"))["one"])  # error: index
     await pool.executemany("INSERT INTO t VALUES ($1)", 5)  # error: arg-type
-    Pool("postgresql://app@db/app", allow_unprotected_credentials="false")  # error: arg-type
+    Pool("postgresql://app@db/app", allow_unprotected_credentials="false")  # error: call-overload
 
 
 def lambda_mistakes() -> None:
@@ -94,6 +98,7 @@ async def row_mistakes(pool: Pool) -> None:
     async with pool.acquire() as conn:
         one: Row | None = await conn.fetchrow("SELECT 1")  # error: assignment (asyncpg-stubs only)
         await conn.copy_to_table("t", source="t.csv", force_null=True)  # error: arg-type
+        conn.query_logger(lambda: None)  # error: arg-type (asyncpg-stubs only)
     print(rows, one)
 
 

@@ -392,7 +392,7 @@ def test_10_stats_from_another_thread_while_waiters_come_and_go(server: FakeServ
 
 def test_12_connect_timeout_none_is_refused() -> None:
     with pytest.raises(PoolConfigError, match="connect_timeout"):
-        Pool("postgresql://app@db/app", connect_timeout=None)  # type: ignore[arg-type]
+        Pool("postgresql://app@db/app", connect_timeout=None)  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize("timeout", ["1", -1, math.nan, [1]])
