@@ -76,7 +76,7 @@ def test_init_size_out_of_range_is_refused_as_asyncpg_refuses_it(
         sizes: dict[str, float], message: str) -> None:
     """As asyncpg's pool: a `ValueError` (`PoolConfigError` is one) at construction."""
     with pytest.raises(PoolConfigError, match=message) as caught:
-        asyncpool.Pool("postgresql://app@127.0.0.1:5432/app", **sizes)  # type: ignore[arg-type]
+        asyncpool.Pool("postgresql://app@127.0.0.1:5432/app", **sizes)  # type: ignore[call-overload]
     assert isinstance(caught.value, ValueError)
 
 
