@@ -381,8 +381,14 @@ async def _pool_channels(setup: Setup) -> tuple[dict[str, list[str]], tuple[str,
     sdk = Sdk()
     outputs: dict[str, list[str]] = {}
     try:
-        config = PoolConfig(dsn=setup.dsn, name="channels", min_size=1, acquire_timeout=5,
-                            connect_timeout=3, telemetry=False, **setup.options)
+        try:
+            config = PoolConfig(dsn=setup.dsn, name="channels", min_size=1, acquire_timeout=5,
+                                connect_timeout=3, telemetry=False, **setup.options)
+        except PoolConfigError as exc:
+            # A DSN that cannot be read (a password written unencoded) is refused here, as the
+            # config is made: its error is the output.
+            outputs.update(error_texts(exc))
+            return outputs, ()
         pool = Pool(config=config, observers=[sdk.observer(config)])
         try:
             await pool.open()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,6 +53,22 @@ def assert_secret_free(exc: BaseException, secrets: list[str], logs: pytest.LogC
         assert not leaks, f"{secret!r} printed in: {leaks[:3]}"
 
 
+_PACKAGE = os.path.dirname(asyncpool.__file__) + os.sep
+
+
+def assert_frames_secret_free(exc: BaseException, secret: str) -> None:
+    """No frame of asyncpool's in `exc`'s traceback (or its chain's) holds `secret` in a
+    local (the caller's own frames hold what it passed)."""
+    for error in chain(exc):
+        tb = error.__traceback__
+        while tb is not None:
+            own = tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+            held = [name for name, value in tb.tb_frame.f_locals.items()
+                    if own and secret in repr(value)]
+            assert not held, f"{tb.tb_frame.f_code.co_name} holds the secret in {held}"
+            tb = tb.tb_next
+
+
 async def _open_fails(dsn: str, **options: Any) -> PoolError:
     pool = Pool(dsn, name="bad", acquire_timeout=2, connect_timeout=1, telemetry=False, **options)
     with pytest.raises(PoolError) as info:
@@ -77,11 +94,14 @@ async def _open_fails(dsn: str, **options: Any) -> PoolError:
     ids=["wrong-scheme", "port-not-a-number", "key-value-string-unclosed-quote",
          "port-out-of-range"],
 )
-async def test_malformed_dsn(template: str, fix: str, secret: str,
-                             logs: pytest.LogCaptureFixture) -> None:
+def test_malformed_dsn(template: str, fix: str, secret: str,
+                       logs: pytest.LogCaptureFixture) -> None:
     dsn = template.format(pw=secret)
-    error = await _open_fails(dsn)
-    assert isinstance(error, PoolConfigError)
+    # Refused as the pool is made, not at its open() (on Lambda, the first invocation).
+    with pytest.raises(PoolConfigError) as info:
+        Pool(dsn, name="bad", acquire_timeout=2, connect_timeout=1, telemetry=False)
+    error = info.value
+    assert_frames_secret_free(error, secret)
     # A password with a reserved character is refused for that first (#23): percent-encode it.
     assert fix in str(error) or "percent-encode" in str(error)
     assert_secret_free(error, [secret], logs)
@@ -94,9 +114,21 @@ def test_config_repr_hides_the_password(secret: str) -> None:
         assert secret not in text
         assert _quoted(secret) not in text
     assert "postgresql://app:***@127.0.0.1:5432/app" in repr(config)
-    # Written unencoded, the DSN may not parse: then nothing of it is shown (#23).
-    raw = PoolConfig(dsn=f"postgresql://app:{secret}@127.0.0.1:5432/app")
-    assert secret not in repr(raw)
+    # Written unencoded, the DSN may not parse: then it is refused as the config is made,
+    # and nothing of it is shown (#23), not in the message nor in the traceback's frames.
+    raw = _made(f"postgresql://app:{secret}@127.0.0.1:5432/app")
+    if isinstance(raw, PoolConfigError):
+        assert secret not in str(raw)
+        assert_frames_secret_free(raw, secret)
+    else:
+        assert secret not in repr(raw)
+
+
+def _made(dsn: str) -> PoolConfig | PoolConfigError:
+    try:
+        return PoolConfig(dsn=dsn)
+    except PoolConfigError as exc:
+        return exc
 
 
 # -- where the DSN points --------------------------------------------------------------------
