@@ -61,9 +61,9 @@ async def test_setting_again_replaces_the_deadline() -> None:
     alarm.set(time.monotonic() + 0.02)
     later = time.monotonic() + 0.15
     alarm.set(later)
-    await asyncio.sleep(0.1)
-    assert fired == []
-    await asyncio.sleep(0.2)
+    # Past both deadlines: one firing, at the second (a loaded machine may wake this task
+    # late, so nothing is read between them).
+    await asyncio.sleep(0.3)
     assert len(fired) == 1
     assert fired[0] >= later
 
