@@ -231,8 +231,9 @@ async def test_open_reads_the_secret_within_acquire_timeout(
                 r"first read, at open\(\)\)"):
             await pool.open()
         # Within acquire_timeout (1 s) and the loop's lag on a loaded machine (1.502 s in a CI
-        # run), well before the endpoint's late answer (4 s) or the client's retries (11 s).
-        assert loop.time() - started < 2.5
+        # run, 2.62 s at a load of 13), before the endpoint's late answer (4 s) or the client's
+        # retries (11 s).
+        assert loop.time() - started < 3.5
     finally:
         await pool.close()
 
