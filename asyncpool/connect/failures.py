@@ -282,8 +282,8 @@ def _each_host(exc: BaseException, target: Target, pool_name: str,
     error = one(failure, dataclasses.replace(target, host=chosen.host, port=chosen.port),
                 f"pool {pool_name!r} could not connect to {shown}, its hosts tried in turn, "
                 f"at {chosen.host}:{chosen.port}")
-    roll = [f"{t.host}:{t.port}: {_briefly(failure)}" for t, failure in zip(tried, failures,
-                                                                              strict=True)]
+    roll = [f"{t.host}:{t.port}: {_briefly(failure, t)}" for t, failure in zip(tried, failures,
+                                                                                 strict=True)]
     roll += [f"{host}:{port}: not tried" for host, port in dialled[len(tried):]]
     error.args = (f"{error} (each host: {', '.join(roll)})",)
     error.transient = any(e.transient for e in errors if e is not None)
@@ -291,13 +291,20 @@ def _each_host(exc: BaseException, target: Target, pool_name: str,
 
 
 def _raised_by(exc: BaseException, tried: Sequence[HostTry]) -> int:
-    """Which host's failure `exc` (asyncpg's) is: asyncpg goes on after an OSError and raises
-    the last one it saw (not necessarily the last host's: a later one may have connected and
-    been passed over for target_session_attrs); it stops at any other error."""
+    """Which host's failure `exc` (asyncpg's) is: asyncpg goes on after an OSError or a
+    server's 57P03 and raises the last one it saw (not necessarily the last host's: a later one
+    may have logged in and been passed over for target_session_attrs); it stops at any other
+    error."""
     if isinstance(exc, OSError):
         for i in range(len(tried) - 1, -1, -1):
             seen = tried[i].error
             if seen is not None and type(seen) is type(exc) and str(seen) == str(exc):
+                return i
+    elif isinstance(exc, asyncpg.CannotConnectNowError):
+        # Answered after the dial, so not seen by the loop: the last host that connected
+        # and did not log in.
+        for i in range(len(tried) - 1, -1, -1):
+            if tried[i].connected and tried[i].error is None and not tried[i].logged_in:
                 return i
     # Not seen by the loop (a time limit, a server's answer): the host being dialled.
     return len(tried) - 1
@@ -315,11 +322,14 @@ def _telling(exc: BaseException | None) -> int:
     return 3
 
 
-def _briefly(exc: BaseException | None) -> str:
-    """A host's failure in a few words."""
+def _briefly(exc: BaseException | None, tried: HostTry) -> str:
+    """A host's failure in a few words (`exc`: None when none is known)."""
+    if exc is None and tried.logged_in:
+        return "logged in, and was passed over for target_session_attrs"
     if exc is None:
-        return ("connected, and was passed over (not the server target_session_attrs asks for, "
-                "or starting up)")
+        # asyncpg raises only the last failure it went on after.
+        return ("connected, and did not log in (its error is not known: a server starting up, "
+                "or the connection lost)")
     for kind, words in _BRIEFLY:
         if isinstance(exc, kind):
             return words
@@ -334,6 +344,8 @@ _BRIEFLY: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
     (ConnectionRefusedError, "connection refused"),
     (socket.gaierror, "unknown host"),
     (FileNotFoundError, "no socket"),
+    (asyncpg.CannotConnectNowError, "the server cannot take logins now (57P03: starting up, "
+     "shutting down, or a standby without hot_standby)"),
 )
 
 
