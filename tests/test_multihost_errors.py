@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Iterator
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -26,11 +27,20 @@ from asyncpool.testing import PostgresServer
 from asyncpool.testing.pki import TestPki
 from asyncpool.testing.ports import free_port
 from tests.secret_support import exposed, leaks
+from tests.standby_support import ColdStandby
 
 
 @pytest.fixture
 def closed_port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="module")
+def cold_standby() -> Iterator[ColdStandby]:
+    server = ColdStandby(max_connections=10)
+    server.start()
+    yield server
+    server.stop()
 
 
 def _dsn(server: PostgresServer, hosts: list[str], **params: str) -> str:
@@ -81,9 +91,47 @@ async def test_a_host_passed_over_for_target_session_attrs_is_not_blamed_for_ano
     assert f"at {bad}: the server's TLS certificate did not verify" in message
     assert "the certificate is not for '127.0.0.1'" in message
     assert "not for 'localhost'" not in message
-    assert f"{good}: connected, and was passed over" in message
+    assert f"{good}: logged in, and was passed over for target_session_attrs" in message
     assert error.transient is False
     assert leaks(exposed(error), [tls_postgres.app.password]) == []
+
+
+@pytest.mark.parametrize("attrs", ["read-write", "standby"])
+@pytest.mark.parametrize("cold_first", [True, False], ids=["cold-first", "cold-last"])
+async def test_a_server_not_taking_logins_yet_is_named_not_the_host_passed_over(
+        cold_standby: ColdStandby, postgres: PostgresServer, attrs: str, cold_first: bool) -> None:
+    # asyncpg goes on after a 57P03 as after a network error, and raises it once the other
+    # host is passed over (a primary for "standby"; one read-only by default for "read-write"):
+    # it was put on the host passed over when that one came last.
+    cold = f"127.0.0.1:{cold_standby.port}"
+    passed_over = f"127.0.0.1:{postgres.port}"
+    hosts = [cold, passed_over] if cold_first else [passed_over, cold]
+    settings = {"default_transaction_read_only": "on"} if attrs == "read-write" else None
+    error = await _fail(_dsn(postgres, hosts, sslmode="disable", target_session_attrs=attrs),
+                        server_settings=settings)
+    message = str(error)
+    assert f"at {cold}: the server is starting up or shutting down" in message
+    assert f"at {passed_over}" not in message
+    assert f"{cold}: the server cannot take logins now (57P03:" in message
+    assert f"{passed_over}: logged in, and was passed over for target_session_attrs" in message
+    assert error.sqlstate == "57P03"
+    assert error.transient is True
+    assert leaks(exposed(error), [postgres.app.password]) == []
+
+
+async def test_logins_outside_a_pool_name_a_server_not_taking_logins_yet_too(
+        cold_standby: ColdStandby, postgres: PostgresServer) -> None:
+    cold = f"127.0.0.1:{cold_standby.port}"
+    passed_over = f"127.0.0.1:{postgres.port}"
+    dsn = _dsn(postgres, [cold, passed_over], sslmode="disable", target_session_attrs="standby")
+    login = Login(PoolConfig.from_env(name="doctor", dsn=None), parse_dsn(dsn))
+    with pytest.raises(ConnectError) as info:
+        await login.connect(5, "doctor")
+    with pytest.raises(ConnectError) as bench:
+        await GuardedLogin(dsn).connect_asyncpg(timeout=5)
+    for error in (info.value, bench.value):
+        assert f"at {cold}: the server is starting up" in str(error)
+        assert f"{passed_over}: logged in, and was passed over" in str(error)
 
 
 @pytest.mark.parametrize("refused_first", [True, False], ids=["closed-first", "closed-last"])

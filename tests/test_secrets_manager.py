@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
@@ -20,8 +21,10 @@ from asyncpool import (
     AuthenticationError,
     CredentialsError,
     Pool,
+    PoolClosedError,
     PoolObserver,
     SecretsManagerAuth,
+    StaticPassword,
     Target,
 )
 from asyncpool.observer import ConnectAttempt
@@ -191,6 +194,54 @@ async def test_a_close_during_a_shared_read_does_not_fail_the_others_waiting(
         assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
     finally:
         await auth.close()
+
+
+@pytest.mark.parametrize("how", ["close", "terminate"])
+async def test_a_replaced_provider_closed_with_the_pool_under_a_login_gives_its_caller_a_clear_error(
+    store: SecretStore, local_aws: LocalAwsEndpoint, postgres: PostgresServer,
+    caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """A provider replaced (`set_connect_args`) while a login still waits for its read, then the
+    pool closed (or terminated): the pool closes the replaced provider, AWS client included,
+    under the read. The login's caller gets PoolClosedError, and nothing else surfaces: no
+    aiobotocore error of the closed client, logged or left unretrieved in a task. The read
+    logged its closed client's error as the service's ("reading secret ... failed, using the
+    copy read 3s ago for 30s more: HTTPClientError ... 'NoneType' object has no attribute
+    'get'") and put the copy back into the closed provider."""
+    password = postgres.app.password
+    dsn = postgres.dsn(sslmode="disable").replace(f":{password}@", "@")
+    # Its copy soon out of date: the caller's login waits (up to STALE_WAIT) for a re-read.
+    replaced = _auth(local_aws, await store.create(_credentials(password, "app")), ttl=0.2)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    try:
+        pool = Pool(dsn, min_size=0, max_size=1, credentials=replaced, telemetry=False)
+        await pool.open()
+        await asyncio.sleep(0.3)
+        reads = local_aws.count("GetSecretValue")
+        with answering_late(local_aws, 2.0), caplog.at_level(logging.DEBUG):
+            caller = asyncio.ensure_future(pool.fetchval("SELECT 1"))
+            while local_aws.count("GetSecretValue") == reads:
+                await asyncio.sleep(0.01)
+            pool.set_connect_args(dsn, credentials=StaticPassword(password))
+            if how == "close":
+                await pool.close()
+            else:
+                pool.terminate()
+            seen: BaseException | int = (await asyncio.gather(caller, return_exceptions=True))[0]
+            await asyncio.sleep(2.5)  # the read's answer comes to the closed client
+            gc.collect()  # (asyncio reports an unretrieved exception when its task is collected)
+            await asyncio.sleep(0)
+        assert isinstance(seen, PoolClosedError), repr(seen)
+        assert unhandled == []
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        # Closed with the pool: its client, and the secret (not put back by the read).
+        assert replaced._client._client is None
+        assert replaced._secret is None
+    finally:
+        loop.set_exception_handler(previous)
 
 
 async def test_a_refresh_given_up_by_its_login_still_updates_the_copy(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import difflib
 import re
@@ -126,7 +125,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
         error.transient = False
     elif state == "57P03":
         error = ConnectError(f"{where}: the server is starting up or shutting down ({text})")
-    elif isinstance(exc, asyncio_timeout_types()):
+    elif isinstance(exc, TimeoutError):
         error = ConnectError(
             f"{where}: no answer within connect_timeout={timeout:g}s; check host, port and "
             "firewall, or raise connect_timeout"
@@ -270,9 +269,6 @@ def _each_host(exc: BaseException, target: Target, pool_name: str,
     Its SQLSTATE and driver class are the advised failure's."""
     raised = _raised_by(exc, tried)
     failures = [exc if i == raised else t.error for i, t in enumerate(tried)]
-    errors = [None if failure is None else
-              one(failure, dataclasses.replace(target, host=t.host, port=t.port), "")
-              for t, failure in zip(tried, failures, strict=True)]
     # The most telling failure; among equals, the one asyncpg raised, then the last.
     best = max((i for i, failure in enumerate(failures) if failure is not None),
                key=lambda i: (_telling(failures[i]), i == raised, i))
@@ -282,22 +278,34 @@ def _each_host(exc: BaseException, target: Target, pool_name: str,
     error = one(failure, dataclasses.replace(target, host=chosen.host, port=chosen.port),
                 f"pool {pool_name!r} could not connect to {shown}, its hosts tried in turn, "
                 f"at {chosen.host}:{chosen.port}")
-    roll = [f"{t.host}:{t.port}: {_briefly(failure)}" for t, failure in zip(tried, failures,
-                                                                              strict=True)]
+    roll = [f"{t.host}:{t.port}: {_briefly(failure, t)}" for t, failure in zip(tried, failures,
+                                                                                 strict=True)]
     roll += [f"{host}:{port}: not tried" for host, port in dialled[len(tried):]]
     error.args = (f"{error} (each host: {', '.join(roll)})",)
-    error.transient = any(e.transient for e in errors if e is not None)
+    # The other hosts' failures are translated only for their `transient`, and only until one
+    # is (none when the advised one is).
+    error.transient = error.transient or any(
+        one(other, dataclasses.replace(target, host=t.host, port=t.port), "").transient
+        for i, (t, other) in enumerate(zip(tried, failures, strict=True))
+        if other is not None and i != best)
     return error
 
 
 def _raised_by(exc: BaseException, tried: Sequence[HostTry]) -> int:
-    """Which host's failure `exc` (asyncpg's) is: asyncpg goes on after an OSError and raises
-    the last one it saw (not necessarily the last host's: a later one may have connected and
-    been passed over for target_session_attrs); it stops at any other error."""
+    """Which host's failure `exc` (asyncpg's) is: asyncpg goes on after an OSError or a
+    server's 57P03 and raises the last one it saw (not necessarily the last host's: a later one
+    may have logged in and been passed over for target_session_attrs); it stops at any other
+    error."""
     if isinstance(exc, OSError):
         for i in range(len(tried) - 1, -1, -1):
             seen = tried[i].error
             if seen is not None and type(seen) is type(exc) and str(seen) == str(exc):
+                return i
+    elif isinstance(exc, asyncpg.CannotConnectNowError):
+        # Answered after the dial, so not seen by the loop: the last host that connected
+        # and did not log in.
+        for i in range(len(tried) - 1, -1, -1):
+            if tried[i].connected and tried[i].error is None and not tried[i].logged_in:
                 return i
     # Not seen by the loop (a time limit, a server's answer): the host being dialled.
     return len(tried) - 1
@@ -308,32 +316,38 @@ def _telling(exc: BaseException | None) -> int:
     unknown name, no answer) least, a TLS or server failure most."""
     if isinstance(exc, ConnectionRefusedError | socket.gaierror | FileNotFoundError):
         return 0
-    if isinstance(exc, asyncio_timeout_types()):
+    if isinstance(exc, TimeoutError):
         return 1
     if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
         return 1 if type(exc) in (OSError, ConnectionError) else 2
     return 3
 
 
-def _briefly(exc: BaseException | None) -> str:
-    """A host's failure in a few words."""
+def _briefly(exc: BaseException | None, tried: HostTry) -> str:
+    """A host's failure in a few words (`exc`: None when none is known)."""
+    if exc is None and tried.logged_in:
+        return "logged in, and was passed over for target_session_attrs"
     if exc is None:
-        return ("connected, and was passed over (not the server target_session_attrs asks for, "
-                "or starting up)")
+        # asyncpg raises only the last failure it went on after.
+        return ("connected, and did not log in (its error is not known: a server starting up, "
+                "or the connection lost)")
     for kind, words in _BRIEFLY:
         if isinstance(exc, kind):
             return words
     return "the login was refused" if is_auth_failure(exc) else type(exc).__name__
 
 
-#: A host's failure in a few words, by class (the first that matches).
-_BRIEFLY: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+#: A host's failure in a few words, by class (the first that matches). A time limit's is
+#: TimeoutError (asyncio.TimeoutError is the same class from Python 3.11 on), here as throughout.
+_BRIEFLY: tuple[tuple[type[BaseException], str], ...] = (
     (ssl.SSLCertVerificationError, "the server's TLS certificate did not verify"),
     (ssl.SSLError, "TLS failed"),
-    ((TimeoutError, asyncio.TimeoutError), "no answer in time"),
+    (TimeoutError, "no answer in time"),
     (ConnectionRefusedError, "connection refused"),
     (socket.gaierror, "unknown host"),
     (FileNotFoundError, "no socket"),
+    (asyncpg.CannotConnectNowError, "the server cannot take logins now (57P03: starting up, "
+     "shutting down, or a standby without hot_standby)"),
 )
 
 
@@ -346,7 +360,7 @@ def _several_hosts(exc: BaseException, state: object, target: Target, pool_name:
     where = f"pool {pool_name!r} could not connect to {shown}, its hosts tried in turn"
     if state is not None or isinstance(exc, asyncpg.PostgresError):
         return f"{where}, until one answered", target
-    if isinstance(exc, asyncio_timeout_types()):  # (the time is shared: any host's)
+    if isinstance(exc, TimeoutError):  # (the time is shared: any host's)
         return where, target
     last = dataclasses.replace(target, host=dialled[-1][0], port=dialled[-1][1])
     return f"{where}: each failed, the last ({last.host}:{last.port}) with", last
@@ -646,9 +660,3 @@ def advise_on_prepared_statements(exc: BaseException, mode: str) -> None:
             f'query itself (prepared_statements="{mode}" prepares nothing that outlives it).'
         )
     exc.hint = f"{server_hint}\n{advice}" if server_hint else advice
-
-
-def asyncio_timeout_types() -> tuple[type[BaseException], ...]:
-    import asyncio
-
-    return (TimeoutError, asyncio.TimeoutError)

@@ -6,6 +6,11 @@ was lost behind a refused port on the next. `HostsLoop`, given to asyncpg as its
 when there are several hosts, sees every ``create_connection`` (one per host, and one more for the
 plain retry of ``sslmode=prefer``/``allow``) and every TLS upgrade, and notes each host's error in
 a `HostLog`. Logins only: nothing it adds is called once a connection is made.
+
+asyncpg also goes on after a server's 57P03 ("the database system is starting up", a standby
+without hot standby), which comes after the dial, and after a host that logged in but is not what
+``target_session_attrs`` asks for. The loop tells the two apart by asyncpg's one call to
+``get_debug`` as it makes a `Connection` of a finished login: that host `logged_in`.
 """
 
 from __future__ import annotations
@@ -21,18 +26,21 @@ _SOCKET = "/.s.PGSQL."
 
 
 class HostTry:
-    """One host dialled: its address, and how it failed (None: it connected, or is in progress).
+    """One host dialled: its address, and how it failed (None: it connected, or is in progress;
+    a server's answer to the login is not seen here).
 
     The error is a copy without traceback or chain: asyncpg's frames, which hold the password,
     stay out of it (the log outlives the login when a later host answers)."""
 
-    __slots__ = ("connected", "error", "host", "port")
+    __slots__ = ("connected", "error", "host", "logged_in", "port")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
         self.error: BaseException | None = None
         self.connected = False
+        #: The login finished (asyncpg made a connection of it, then kept it or passed it over).
+        self.logged_in = False
 
     def failed(self, exc: BaseException) -> None:
         self.error = bare(exc)
@@ -84,6 +92,15 @@ class HostsLoop(LoopView):
         directory, _, port = str(path).rpartition(_SOCKET)
         tried = self.log.dialling(directory, int(port) if port.isdigit() else 0)
         return await _noted(tried, self.real.create_unix_connection(factory, path, **kwargs))
+
+    def get_debug(self) -> bool:
+        # asyncpg's Connection asks once, as it is made from a finished login (asyncpg 0.32):
+        # the host dialled last logged in. (Only asyncpg calls this view's methods: the
+        # transports and futures it makes belong to the real loop.)
+        log = self.log
+        if not log.finished and log.tries:
+            log.tries[-1].logged_in = True
+        return bool(self.real.get_debug())
 
     async def start_tls(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -134,6 +135,9 @@ class SecretsManagerAuth:
         )
         self._secret: _Secret | None = None
         self._reads = 0
+        # Counts close() calls: a read under way at one (its client closed under it) is not kept,
+        # nor its failure taken for the service's.
+        self._closes = 0
         self._lock = LoopLock()
         self._reading: asyncio.Task[_Secret] | None = None  # the read logins wait for, if any
         self._slow: asyncio.Task[_Secret] | None = None  # a read that took over STALE_WAIT
@@ -191,7 +195,7 @@ class SecretsManagerAuth:
             fetch = self._refreshing
             if fetch is None or fetch.done() or fetch.get_loop() is not loop:
                 fetch = self._refreshing = loop.create_task(self._fetch(target))
-                fetch.add_done_callback(self._keep_fresh)
+                fetch.add_done_callback(functools.partial(self._keep_fresh, self._closes))
             try:
                 fresh = await asyncio.shield(fetch)
             except CredentialsError as exc:
@@ -200,8 +204,8 @@ class SecretsManagerAuth:
             self._refresh_failed = None
             return cached is None or fresh.password != cached.password
 
-    def _keep_fresh(self, fetch: asyncio.Task[_Secret]) -> None:
-        if fetch.cancelled() or fetch.exception() is not None:
+    def _keep_fresh(self, closes: int, fetch: asyncio.Task[_Secret]) -> None:
+        if fetch.cancelled() or fetch.exception() is not None or closes != self._closes:
             return
         fresh = fetch.result()
         if self._secret is None or fresh.generation >= self._secret.generation:
@@ -220,8 +224,9 @@ class SecretsManagerAuth:
         (with a new client), as after a SnapStart restore."""
         self._secret = None
         # A read under way is left to end (another pool sharing this provider may wait for it);
-        # new logins start their own.
+        # new logins start their own. What it reads is not kept: the secret stays forgotten.
         self._reading = self._refreshing = None
+        self._closes += 1
         await self._client.close()
 
     def auth_failure_hint(self, target: Target) -> str:
@@ -281,10 +286,13 @@ class SecretsManagerAuth:
             now = time.monotonic()
             if cached is not None and now < cached.expires_at:
                 return cached
+            closes = self._closes
             try:
                 secret = await self._fetch(target)
             except CredentialsError as exc:
-                if cached is None:
+                if cached is None or closes != self._closes:
+                    # (Closed meanwhile, its client under this read: the waiting logins, if
+                    # any, read again; no warning of a failure that is not the service's.)
                     raise
                 # The server has not refused the copy we hold: better than no connection.
                 now = time.monotonic()
@@ -293,7 +301,8 @@ class SecretsManagerAuth:
                     self.secret_id, now - cached.fetched_at, STALE_GRACE, exc,
                 )
                 secret = dataclasses.replace(cached, expires_at=now + STALE_GRACE)
-            self._secret = secret
+            if closes == self._closes:
+                self._secret = secret
             return secret
 
     async def _fetch(self, target: Target) -> _Secret:

@@ -27,7 +27,7 @@ from asyncpool.errors import PoolConfigError, config_errors_without_frames
 from asyncpool.integrations.lambda_workers import sigterm_when_parent_ends
 from asyncpool.options import PoolOptions, translate
 from asyncpool.pool import shutdown
-from asyncpool.pool.snapshot import empty_for_snapshot
+from asyncpool.pool.snapshot import empty_for_snapshot, resume_after_restore
 
 if TYPE_CHECKING:
     from asyncpool.pool import Pool
@@ -446,9 +446,11 @@ def register_snapstart_hooks(
     still held is closed under its holder, with a WARNING naming where it was taken), logins
     under way are stopped (a caller's logs in again after the restore), and the credentials
     provider drops what must not be cloned into many environments (its AWS client session, a
-    cached secret); both come back on first use. After a restore: the pool is marked stale, so
-    anything opened since is checked before use whatever the clock says. Both run on `loop`, the
-    loop the pool was opened on (`get_runner().loop`), which is idle during INIT.
+    cached secret); both come back on first use. An acquire still under way (in line, or
+    logging in) goes on after the restore, its ``acquire_timeout`` counted again, whole, from
+    there: the snapshot may be restored hours later. After a restore: the pool is marked stale,
+    so anything opened since is checked before use whatever the clock says. Both run on `loop`,
+    the loop the pool was opened on (`get_runner().loop`), which is idle during INIT.
 
     Returns False (and registers nothing) when ``snapshot_restore_py`` (installed with the Lambda
     Python runtimes and ``awslambdaric``) is missing, or when the environment is not being
@@ -463,7 +465,7 @@ def register_snapstart_hooks(
     except ImportError:
         return False
     register_before_snapshot(_before_snapshot, pool, loop)
-    register_after_restore(_after_restore, pool)
+    register_after_restore(_after_restore, pool, loop)
     return True
 
 
@@ -487,9 +489,13 @@ async def _prepare_snapshot(pool: Pool) -> None:
     logger.info("pool %r: connections closed for the snapshot (%d left)", pool.name, pool.stats().size)
 
 
-def _after_restore(pool: Pool) -> None:
+def _after_restore(pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
     if not pool.closed:
         pool.mark_stale()
+    if not loop.is_closed():
+        # First thing the loop runs when it runs again: the timers stopped at the snapshot
+        # start again from then (the loop is idle here, in the runtime's thread).
+        loop.call_soon_threadsafe(resume_after_restore, pool._slots)
 
 
 def _close_hooks(hooks: list[_PoolHook], deadline: float) -> None:

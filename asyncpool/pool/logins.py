@@ -85,6 +85,15 @@ async def connect_for(slots: Slots, frame: FrameType | None, progress: Progress)
             slots._release_slot()
 
 
+async def _after_any_snapshot(slots: Slots) -> None:
+    """Between a SnapStart snapshot and its restore (a caller handed the slot of a connection
+    the snapshot closed, a refill), wait for the restore: a login begun now would be in the
+    snapshot."""
+    if slots.restored is not None:
+        await slots.restored.wait()
+        slots._check_open()
+
+
 def new_record(slots: Slots, conn: Any) -> ConnectionRecord:
     assert slots.loop is not None
     slots.created_total += 1
@@ -135,6 +144,7 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
     loop = slots.loop
     assert loop is not None
     assert slots.connector is not None
+    await _after_any_snapshot(slots)
     cut_short = CutShort()
     connector = slots.connector
     attempt = loop.create_task(connector.connect(cut_short))

@@ -85,18 +85,20 @@ class Slots(_HotSlots):
     # Slots, not a __dict__: with more than 30 attributes an instance's dict no longer shares its
     # class's keys, and each read on the query path becomes a hashed lookup.
     __slots__ = (
-        "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "closed_total",
+        "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "checkouts",
+        "closed_total",
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
         "filling", "fills", "forks", "generation", "getting", "handed", "housekeeper", "leaked_total", "name",
         "observer", "opened_in", "opening", "pid", "provider_users",
-        "records", "replaced_credentials", "resets", "retrying", "state", "timeouts_total",
+        "records", "replaced_credentials", "resets", "restored", "retrying", "state",
+        "timeouts_total",
         "undoing_open", "validation_failures_total", "waiters",
     )
 
     replaced_credentials: list[Any]
     provider_users: dict[object, Any]
 
-    def __init__(self, name: str, config: PoolConfig) -> None:
+    def __init__(self, name: str, config: PoolConfig) -> None:  # noqa: PLR0915 - one per attribute
         # Idle connections, the most recently used last (taken from and put back at the end).
         # A deque, not a list: CPython gives a list's items back when it empties and allocates
         # them again at the next append (through libc: 880 instructions per query on a pool of
@@ -163,6 +165,11 @@ class Slots(_HotSlots):
         # Tasks in the slow checkout (checking an idle connection, logging in, in line) for a
         # Lambda invocation (`stragglers`): kept only where leaks are tracked, as leases' contexts.
         self.getting: set[asyncio.Task[Any]] = set()
+        # Every slow checkout under way, with its time limit (`snapshot` stops them all).
+        self.checkouts: set[slow_checkout.Progress] = set()
+        # From a SnapStart snapshot to its restore (`snapshot`): set at the restore, and logins
+        # wait for it (one begun in between would be in the snapshot).
+        self.restored: asyncio.Event | None = None
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
         # Those of them the pool makes on its own (min_size refills nobody waits on).

@@ -56,12 +56,18 @@ class Waiter:
 
 
 class Progress:
-    """What a slow checkout is doing, for the error it raises if its time runs out."""
+    """What a slow checkout is doing, for the error it raises if its time runs out, and its
+    time limit (`timer`, None until armed), which a SnapStart snapshot stops until the restore
+    (`asyncpool.pool.snapshot`)."""
 
-    __slots__ = ("deadline", "holding", "last_error", "phase", "queued")
+    __slots__ = ("deadline", "holding", "last_error", "phase", "queued", "started", "timeout",
+                 "timer")
 
-    def __init__(self, deadline: float | None) -> None:
-        self.deadline: float | None = deadline
+    def __init__(self, started: float, timeout: float | None) -> None:
+        self.started: float = started
+        self.timeout: float | None = timeout
+        self.deadline: float | None = None if timeout is None else started + timeout
+        self.timer: asyncio.Timeout | None = None
         self.phase: str = "waiting"
         self.last_error: BaseException | None = None
         self.holding: bool = False  # this caller holds a reserved slot (counted in `connecting`)
@@ -79,31 +85,32 @@ async def checkout(slots: Slots, timeout: float | None, frame: FrameType | None)
         raise misuse.other_loop_error(slots, loop)
     if timeout is UNSET:
         timeout = slots.config.acquire_timeout
-    started = loop.time()
-    progress = Progress(None if timeout is None else started + timeout)
+    progress = Progress(loop.time(), timeout)
     # A task of a Lambda invocation, known while it gets its connection: one the invocation
     # started and left behind holds it once it has it (`stragglers.free_stragglers`).
     getting = (asyncio.current_task() if slots.track_leaks and RESETS_END.get() is not None
                else None)
     if getting is not None:
         slots.getting.add(getting)
+    slots.checkouts.add(progress)
     try:
-        async with asyncio.timeout(timeout):
-            lease = await _obtain(slots, started, frame, progress)
+        async with asyncio.timeout(timeout) as progress.timer:
+            lease = await _obtain(slots, frame, progress)
     except TimeoutError:
         slots.timeouts_total += 1
         slots.observer.timed_out()
         raise _timeout_error(slots, timeout, progress) from None
     finally:
+        slots.checkouts.discard(progress)
         if getting is not None:
             slots.getting.discard(getting)
     slots.acquired_total += 1
     if slots.on_acquired is not None:
-        slots.on_acquired(loop.time() - started)
+        slots.on_acquired(loop.time() - progress.started)
     return lease
 
 
-async def _obtain(slots: Slots, started: float, frame: FrameType | None, progress: Progress) -> Lease:
+async def _obtain(slots: Slots, frame: FrameType | None, progress: Progress) -> Lease:
     loop = slots.loop
     assert loop is not None
     while True:
@@ -127,7 +134,7 @@ async def _obtain(slots: Slots, started: float, frame: FrameType | None, progres
             if lease_or_none is not None:
                 return lease_or_none
             continue
-        return await _wait(slots, started, frame, progress)
+        return await _wait(slots, frame, progress)
 
 
 async def _check(slots: Slots, record: ConnectionRecord, now: float, frame: FrameType | None,
@@ -214,10 +221,10 @@ def _count_failed_check(slots: Slots) -> None:
     slots.observer.validation_failed()
 
 
-async def _wait(slots: Slots, started: float, frame: FrameType | None, progress: Progress) -> Lease:
+async def _wait(slots: Slots, frame: FrameType | None, progress: Progress) -> Lease:
     """Queue until a connection is handed over or a slot is granted."""
     assert slots.loop is not None
-    waiter = Waiter(slots.loop.create_future(), frame, started, retrying=False)
+    waiter = Waiter(slots.loop.create_future(), frame, progress.started, retrying=False)
     slots.waiters.append(waiter)
     slots.fast = slots.fast_statements = False
     progress.phase = "waiting"
@@ -232,10 +239,10 @@ async def _wait(slots: Slots, started: float, frame: FrameType | None, progress:
         raise
     if got is GRANT:
         progress.holding = True
-        progress.queued = slots.loop.time() - started
+        progress.queued = slots.loop.time() - progress.started
         connected = await logins.connect_for(slots, frame, progress)
         if connected is None:
-            return await _obtain(slots, started, frame, progress)
+            return await _obtain(slots, frame, progress)
         return connected
     lease: Lease = got
     slots.handed.discard(lease)
@@ -244,7 +251,7 @@ async def _wait(slots: Slots, started: float, frame: FrameType | None, progress:
         undo_handoff(slots, lease)
         raise misuse.closed_error(slots)
     checked = await check_handed(slots, lease, frame, progress)
-    return checked if checked is not None else await _obtain(slots, started, frame, progress)
+    return checked if checked is not None else await _obtain(slots, frame, progress)
 
 
 def leave(slots: Slots, waiter: Waiter) -> Any:

@@ -5,6 +5,13 @@ connections: a socket kept in it is dead in each copy (or, where its peer still 
 server session shared by them all). So nothing that holds one is kept: idle connections say
 goodbye, held ones are closed under their holders, and logins under way are stopped (their
 callers log in again after the restore, with a new token or secret if the credentials give one).
+
+A caller still in a checkout (in line, or logging in) goes on after the restore: its
+``acquire_timeout`` stops at the snapshot and starts again, whole, at the restore
+(`resume_after_restore`). The snapshot may be restored hours later, and the monotonic clock is
+not known to stand still meanwhile: the deadline it had would have passed before the first
+invocation could serve it. No login begins in between (a caller handed the slot of a
+connection closed here waits for the restore to log in).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ async def empty_for_snapshot(slots: Slots, budget: float) -> None:
     `budget` seconds for the goodbyes and the logins' sockets to close."""
     for _ in range(_FIRST_TURNS):  # (a login just scheduled, open(wait=False)'s, is begun)
         await asyncio.sleep(0)
+    _stop_checkout_times(slots)
     before = set(slots.closing)
     housekeeping.expire_all(slots)  # (idle ones: a goodbye each)
     for record in slots.leased():
@@ -49,3 +57,32 @@ async def empty_for_snapshot(slots: Slots, budget: float) -> None:
         *stopped, *(task for task in slots.closing if task not in before and not task.done())]
     if waits:
         await asyncio.wait(waits, timeout=budget)
+
+
+def _stop_checkout_times(slots: Slots) -> None:
+    """Stop the time limit of every checkout under way until `resume_after_restore`, and hold
+    back the logins that begin meanwhile."""
+    if slots.restored is None:
+        slots.restored = asyncio.Event()
+    for progress in slots.checkouts:
+        if progress.timer is not None and not progress.timer.expired():
+            progress.timer.reschedule(None)
+            progress.deadline = None
+
+
+def resume_after_restore(slots: Slots) -> None:
+    """After a restore, on the pool's loop: each checkout under way at the snapshot gets its
+    whole ``acquire_timeout`` from now, and the logins held back go ahead."""
+    restored, slots.restored = slots.restored, None
+    if restored is None:
+        return
+    restored.set()
+    assert slots.loop is not None
+    now = slots.loop.time()
+    for progress in slots.checkouts:
+        timer = progress.timer
+        if (progress.deadline is None and progress.timeout is not None and timer is not None
+                and not timer.expired()):
+            progress.started = now
+            progress.deadline = now + progress.timeout
+            timer.reschedule(progress.deadline)

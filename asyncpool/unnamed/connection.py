@@ -408,12 +408,14 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                     return check.recorded
             return turned
 
-        result, decodable = self._feed_again(statement, executor, timeout, check, rows)
+        result, decodable = self._feed_again(statement, executor, timeout, check, rows,
+                                             columns=columns)
         if not decodable and to_turn is not None:
             timeout = _left(timeout, started)
             recorded = await self._turned_by_server(to_turn, check.recorded, timeout)
             if recorded is not None:
-                result, decodable = self._feed_again(statement, executor, timeout, check, rows)
+                result, decodable = self._feed_again(statement, executor, timeout, check, rows,
+                                                     columns=columns)
         if not decodable:
             self.retire_reason = RETIRE_REASON
             error = StaleStatementError(
@@ -430,13 +432,13 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
         return result, statement
 
     def _feed_again(self, statement: Any, executor: Any, timeout: float | None, check: Check,
-                    rows: Callable[[tuple[int, ...] | None], list[bytes] | None],
-                    ) -> tuple[Any, bool]:
-        """Run `executor` on `statement` with its writes swallowed, fed `check`'s reply with
-        the rows `rows` gives for the result formats its Bind asks for (none when it gives
-        None: asyncpg's call returns no rows, and False says they were not decoded)."""
+                    rows: Callable[[tuple[int, ...] | None], list[bytes] | None], *,
+                    columns: int) -> tuple[Any, bool]:
+        """Run `executor` on `statement` (of `columns` result columns) with its writes
+        swallowed, fed `check`'s reply with the rows `rows` gives for the result formats its
+        Bind asks for (none when it gives None: asyncpg's call returns no rows, and False says
+        they were not decoded)."""
         wire = self._wire
-        columns = len(statement._get_attributes())
         decodable = True
 
         def deliver() -> None:

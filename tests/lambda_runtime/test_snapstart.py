@@ -173,3 +173,59 @@ async def test_nothing_held_idle_or_logging_in_is_kept_in_the_snapshot(
         finally:
             del snapshot_restore_py.get_before_snapshot()[before:]
             del snapshot_restore_py.get_after_restore()[after:]
+
+
+async def test_an_acquire_waiting_at_the_snapshot_gets_its_timeout_from_the_restore(
+    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task INIT left waiting in line for a connection (max_size=1, the one connection held)
+    kept its acquire_timeout deadline across the snapshot: restored later, with the monotonic
+    clock past it, it failed at the first invocation with "no connection within 2s" without a
+    chance to be served. The snapshot also freed the held connection's slot and handed it to the
+    waiter, whose login then began during the hook and was under way in the snapshot."""
+    monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
+    before = len(snapshot_restore_py.get_before_snapshot())
+    after = len(snapshot_restore_py.get_after_restore())
+    timeout = 2.0
+    pool = env.runner.attach(env.pool(legacy.dsn(), min_size=1, max_size=1,
+                                      acquire_timeout=timeout, name="waited"))
+    release = asyncio.Event()
+
+    async def init() -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
+        await pool.open()
+        got = asyncio.Event()
+
+        async def hold() -> Any:
+            async with pool.acquire() as conn:
+                got.set()
+                await release.wait()
+                return await conn.fetchval("SELECT 1")
+
+        holder = asyncio.create_task(hold())
+        await got.wait()
+        waiter = asyncio.create_task(pool.fetchval("SELECT 2"))
+        while pool.stats().waiting < 1:
+            await asyncio.sleep(0.01)
+        return holder, waiter
+
+    try:
+        holder, waiter = await env.run(init)
+        await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
+        assert not pool._slots.attempts, "a login was under way in the snapshot"
+        # Restored later than the waiter's deadline, by the monotonic clock.
+        await asyncio.sleep(timeout * 1.25)
+        await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+
+        @async_handler(runner=env.runner)
+        async def first(event: Any, context: Any) -> tuple[Any, Any]:
+            release.set()
+            return await asyncio.gather(holder, waiter, return_exceptions=True)
+
+        kept, served = await env.invoke(first)
+        assert isinstance(kept, PoolError)  # held at the snapshot: closed under its holder
+        assert served == 2
+        assert pool.stats().timeouts_total == 0
+    finally:
+        release.set()
+        del snapshot_restore_py.get_before_snapshot()[before:]
+        del snapshot_restore_py.get_after_restore()[after:]
