@@ -257,3 +257,93 @@ async def test_a_cursors_row_count_that_is_no_count_is_refused_before_it_is_sent
         assert [row async for row in conn.cursor(query, prefetch=2)] == [(n,) for n in range(1, 6)]
         assert [row async for row in statement.cursor(prefetch=2**31 - 1)][-1] == (5,)
 
+
+_SLEEP = "SELECT pg_sleep(10) FROM generate_series(1, 2)"
+
+
+def _statements_and_cursors(conn: Any) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
+    """A prepared statement's and a cursor's steps that run until cut off (10 s a row), each
+    made through the held `conn` (in a transaction: cursors need one, and a transaction pooler
+    keeps a prepared statement only there)."""
+    async def prepared() -> object:
+        return await (await conn.prepare(_SLEEP)).fetch()
+
+    async def cursor_fetch() -> object:
+        return await (await conn.cursor(_SLEEP)).fetch(1)
+
+    async def cursor_iterator() -> object:
+        async for row in conn.cursor(_SLEEP, prefetch=1):
+            return row
+        return None
+
+    async def cursor_forward() -> object:
+        return await (await conn.cursor(_SLEEP)).forward(1)
+
+    async def prepared_cursor() -> object:
+        return await (await (await conn.prepare(_SLEEP)).cursor()).fetchrow()
+
+    return {"prepared": prepared, "cursor_fetch": cursor_fetch,
+            "cursor_iterator": cursor_iterator, "cursor_forward": cursor_forward,
+            "prepared_cursor": prepared_cursor}
+
+
+async def _sleeping(dsn: str, running: asyncio.Task[object]) -> None:
+    """Until `running`'s statement runs on the server (in its pg_sleep), or has ended."""
+    watch = await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        for _ in range(200):  # 10 s
+            if running.done() or await watch.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = $1 "
+                    "AND wait_event = 'PgSleep'", _SLEEP):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await watch.close()
+
+
+async def _cut_off_statements_and_cursors(dsn: str, mode: Any) -> None:
+    """A prepared statement or a cursor still running (in another task) when its connection is
+    given back, the pool terminated, or the checkout reclaimed as a leak got asyncpg's
+    ConnectionDoesNotExistError (or the QueryCanceledError of the pool's cancel request), where
+    the held connection's own statements get the pool's error: now they get it too."""
+    ends: dict[str, tuple[type[asyncpool.PoolError], str]] = {
+        "release": (asyncpool.PoolError, "released back to the pool"),
+        "terminate": (asyncpool.PoolClosedError, "was closed while this connection was held"),
+        "leak": (asyncpool.ConnectionLeakedError, "held past leak_timeout"),
+    }
+    for end, (error, message) in ends.items():
+        for name in _statements_and_cursors(None):
+            pool = Pool(dsn, max_size=1, telemetry=False, prepared_statements=mode,
+                        leak_timeout=1.5 if end == "leak" else None)
+            await pool.open()
+            conn = await pool.acquire()
+            transaction = conn.transaction()
+            await transaction.start()
+            running = asyncio.create_task(_statements_and_cursors(conn)[name]())
+            await _sleeping(dsn, running)
+            assert end == "leak" or not running.done(), name
+            if end == "release":
+                await pool.release(conn)
+            elif end == "terminate":
+                pool.terminate()
+            with pytest.raises(error, match=message) as info:
+                await asyncio.wait_for(running, 10)  # (the leak reclaim: within its timeout)
+            assert isinstance(info.value.__cause__, (asyncpg.ConnectionDoesNotExistError,
+                                                     asyncpg.QueryCanceledError)), (end, name)
+            await pool.release(conn)  # (a no-op now)
+            if end == "terminate":
+                continue
+            assert pool.stats().in_use == 0, (end, name)
+            await pool.close()
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so(
+        postgres: PostgresServer, mode: Any) -> None:
+    await _cut_off_statements_and_cursors(postgres.dsn(), mode)
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so_behind_pgbouncer(
+        pooler: Pooler, mode: Any) -> None:
+    await _cut_off_statements_and_cursors(pooler.dsn(), mode)

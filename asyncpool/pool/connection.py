@@ -257,8 +257,9 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
     After release it refuses use, so a stray reference (to it, or to one of its methods) cannot
     run a query on a connection that another task now holds; after a leak reclaim it raises
     `ConnectionLeakedError`. Prepared statements, cursors and transactions obtained through it
-    stop working on release too (asyncpg raises `InterfaceError`), and listeners it added are
-    removed.
+    stop working on release too (asyncpg raises `InterfaceError`; one still running when the
+    pool ends the checkout gets the pool's error, as the connection's statements do), and
+    listeners it added are removed.
 
     It has asyncpg's `Connection` API, typed with asyncpg's signatures (a misspelt method or a
     wrong argument fails type checking), and ``isinstance(conn, asyncpg.Connection)`` is true,
