@@ -40,7 +40,8 @@ def _copy_in_coroutines(task: asyncio.Task[Any]) -> list[Any]:
                 and code.co_filename == asyncpg.connection.__file__):
             # asyncpg's Connection awaiting its protocol's coroutine (through Cython's wrapper).
             found += [inner for inner in gc.get_referents(awaited)
-                      if getattr(inner, "__qualname__", None) == "BaseProtocol.copy_in"]
+                      if hasattr(inner, "cr_await")
+                      and getattr(inner, "__qualname__", None) == "BaseProtocol.copy_in"]
         coro = awaited
     return found
 
