@@ -4,6 +4,7 @@ thread or loop, must not reach the connection another holder has now."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -151,7 +152,22 @@ async def test_a_copy_cut_off_by_its_connections_release_or_the_pools_terminate_
     pool is terminated, failed inside asyncpg with ``AttributeError: 'NoneType' object has no
     attribute 'write'`` (``'resume_reading'`` for a COPY out): asyncpg's COPY goes on with the
     transport its closed connection dropped. It gets the pool's error for it, as any other
-    statement does: released, or the pool closed (for the query helpers too)."""
+    statement does: released, or the pool closed (for the query helpers too). Nor does asyncio
+    log "Future exception was never retrieved" for asyncpg's reply future of each COPY in."""
+    loop = asyncio.get_running_loop()
+    logged: list[dict[str, Any]] = []
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: logged.append(context))
+    try:
+        await _cut_off_copies(pooler, mode)
+        gc.collect()  # (an unretrieved future logs when it is collected)
+        await asyncio.sleep(0.1)
+    finally:
+        loop.set_exception_handler(handler)
+    assert [context["message"] for context in logged] == []
+
+
+async def _cut_off_copies(pooler: Pooler, mode: Any) -> None:
     table = f"copy_cut_{mode}"
     async with Pool(pooler.dsn(), max_size=1, telemetry=False, prepared_statements=mode) as pool:
         await pool.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (n int)")
@@ -240,3 +256,94 @@ async def test_a_cursors_row_count_that_is_no_count_is_refused_before_it_is_sent
         assert await cursor.forward(2) == 2
         assert [row async for row in conn.cursor(query, prefetch=2)] == [(n,) for n in range(1, 6)]
         assert [row async for row in statement.cursor(prefetch=2**31 - 1)][-1] == (5,)
+
+
+_SLEEP = "SELECT pg_sleep(10) FROM generate_series(1, 2)"
+
+
+def _statements_and_cursors(conn: Any) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
+    """A prepared statement's and a cursor's steps that run until cut off (10 s a row), each
+    made through the held `conn` (in a transaction: cursors need one, and a transaction pooler
+    keeps a prepared statement only there)."""
+    async def prepared() -> object:
+        return await (await conn.prepare(_SLEEP)).fetch()
+
+    async def cursor_fetch() -> object:
+        return await (await conn.cursor(_SLEEP)).fetch(1)
+
+    async def cursor_iterator() -> object:
+        async for row in conn.cursor(_SLEEP, prefetch=1):
+            return row
+        return None
+
+    async def cursor_forward() -> object:
+        return await (await conn.cursor(_SLEEP)).forward(1)
+
+    async def prepared_cursor() -> object:
+        return await (await (await conn.prepare(_SLEEP)).cursor()).fetchrow()
+
+    return {"prepared": prepared, "cursor_fetch": cursor_fetch,
+            "cursor_iterator": cursor_iterator, "cursor_forward": cursor_forward,
+            "prepared_cursor": prepared_cursor}
+
+
+async def _sleeping(dsn: str, running: asyncio.Task[object]) -> None:
+    """Until `running`'s statement runs on the server (in its pg_sleep), or has ended."""
+    watch = await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        for _ in range(200):  # 10 s
+            if running.done() or await watch.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = $1 "
+                    "AND wait_event = 'PgSleep'", _SLEEP):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await watch.close()
+
+
+async def _cut_off_statements_and_cursors(dsn: str, mode: Any) -> None:
+    """A prepared statement or a cursor still running (in another task) when its connection is
+    given back, the pool terminated, or the checkout reclaimed as a leak got asyncpg's
+    ConnectionDoesNotExistError (or the QueryCanceledError of the pool's cancel request), where
+    the held connection's own statements get the pool's error: now they get it too."""
+    ends: dict[str, tuple[type[asyncpool.PoolError], str]] = {
+        "release": (asyncpool.PoolError, "released back to the pool"),
+        "terminate": (asyncpool.PoolClosedError, "was closed while this connection was held"),
+        "leak": (asyncpool.ConnectionLeakedError, "held past leak_timeout"),
+    }
+    for end, (error, message) in ends.items():
+        for name in _statements_and_cursors(None):
+            pool = Pool(dsn, max_size=1, telemetry=False, prepared_statements=mode,
+                        leak_timeout=1.5 if end == "leak" else None)
+            await pool.open()
+            conn = await pool.acquire()
+            transaction = conn.transaction()
+            await transaction.start()
+            running = asyncio.create_task(_statements_and_cursors(conn)[name]())
+            await _sleeping(dsn, running)
+            assert end == "leak" or not running.done(), name
+            if end == "release":
+                await pool.release(conn)
+            elif end == "terminate":
+                pool.terminate()
+            with pytest.raises(error, match=message) as info:
+                await asyncio.wait_for(running, 10)  # (the leak reclaim: within its timeout)
+            assert isinstance(info.value.__cause__, (asyncpg.ConnectionDoesNotExistError,
+                                                     asyncpg.QueryCanceledError)), (end, name)
+            await pool.release(conn)  # (a no-op now)
+            if end == "terminate":
+                continue
+            assert pool.stats().in_use == 0, (end, name)
+            await pool.close()
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so(
+        postgres: PostgresServer, mode: Any) -> None:
+    await _cut_off_statements_and_cursors(postgres.dsn(), mode)
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so_behind_pgbouncer(
+        pooler: Pooler, mode: Any) -> None:
+    await _cut_off_statements_and_cursors(pooler.dsn(), mode)

@@ -20,7 +20,7 @@ from asyncpool.connect.failures import (
     closed_under_copy,
     stopped_by_pool,
 )
-from asyncpool.errors import ConnectionLeakedError, PoolClosedError, PoolError
+from asyncpool.errors import PoolError
 from asyncpool.options import (
     GIVEN_BACK,
     check_row_count,
@@ -29,13 +29,14 @@ from asyncpool.options import (
     in_seconds,
     timeout_error,
 )
-from asyncpool.pool.lease import ACTIVE, CLOSED, INHERITED, LEAKED, TERMINATED, Lease, task_of
+from asyncpool.pool.lease import ACTIVE, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind
 from asyncpool.pool.unsynced import (
     RUN_PER_ARGUMENT_SET,
     call_with_argument_sets,
     left_unsynced,
 )
+from asyncpool.pool.unusable import unusable
 
 if TYPE_CHECKING:
     from asyncpg.cursor import CursorFactory
@@ -256,8 +257,9 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
     After release it refuses use, so a stray reference (to it, or to one of its methods) cannot
     run a query on a connection that another task now holds; after a leak reclaim it raises
     `ConnectionLeakedError`. Prepared statements, cursors and transactions obtained through it
-    stop working on release too (asyncpg raises `InterfaceError`), and listeners it added are
-    removed.
+    stop working on release too (asyncpg raises `InterfaceError`; one still running when the
+    pool ends the checkout gets the pool's error, as the connection's statements do), and
+    listeners it added are removed.
 
     It has asyncpg's `Connection` API, typed with asyncpg's signatures (a misspelt method or a
     wrong argument fails type checking), and ``isinstance(conn, asyncpg.Connection)`` is true,
@@ -573,32 +575,7 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
         self._owner.discard(lease, "terminated by its holder", state=TERMINATED)
 
     def _unusable(self) -> PoolError:
-        state = self._lease.state
-        if state is LEAKED:
-            return ConnectionLeakedError(
-                f"pool {self._pool_name!r}: this connection was held past leak_timeout and "
-                "reclaimed; release connections promptly or raise leak_timeout"
-            )
-        if state is TERMINATED:
-            return PoolError(
-                f"pool {self._pool_name!r}: this connection was terminated (conn.terminate(), or "
-                "held by a task, a block in an async generator, or a `conn = await "
-                "pool.acquire()` not released, past the end of the Lambda invocation that took "
-                "it, or when a SnapStart snapshot was taken); acquire a new one"
-            )
-        if state is CLOSED:
-            return PoolClosedError(f"pool {self._pool_name!r} was closed while this connection was held")
-        if state is INHERITED:
-            return PoolError(
-                f"pool {self._pool_name!r}: this connection was held when this process was forked "
-                "from the one that opened the pool; it belongs to that parent process, which may "
-                "be using it. Open a pool in this process, after the fork, and use its connections "
-                "(releasing this one does nothing)"
-            )
-        return PoolError(
-            f"pool {self._pool_name!r}: this connection was released back to the pool; "
-            "acquire a new one"
-        )
+        return unusable(self._lease.state, self._pool_name)
 
     @property
     def raw(self) -> asyncpg.Connection[PoolRecordT_co]:

@@ -2,13 +2,16 @@
 made through a held connection, bound to the connection's event loop: used from another thread
 or loop, asyncpg would send the statement and only then fail waiting for its reply (it ran on the
 server while the caller got an error), so they refuse first, as the connection itself does
-(`PooledConnection`)."""
+(`PooledConnection`). Cut off by the pool (their connection given back from another task,
+``terminate()``, ``close()`` past its timeout, a leak reclaim), a prepared statement's or a
+cursor's step raises the pool's error, as the connection's own statements do (`stopped_under`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -16,17 +19,23 @@ from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
 from asyncpg.transaction import Transaction
 
-from asyncpool.connect.failures import broken_connection_error
+from asyncpool.connect.failures import broken_connection_error, stopped_by_pool
 from asyncpool.connect.forwarding import LoopView
 from asyncpool.errors import PoolError
 from asyncpool.options import check_row_count, check_statement_timeout
+from asyncpool.pool.lease import ACTIVE
 from asyncpool.pool.record import record_of
 from asyncpool.pool.unsynced import (
     RUN_PER_ARGUMENT_SET,
     call_with_argument_sets,
     left_unsynced,
 )
+from asyncpool.pool.unusable import unusable
 from asyncpool.unnamed.prepared import CheckedPreparedStatement
+
+if TYPE_CHECKING:
+    from asyncpool.pool.lease import Lease
+    from asyncpool.pool.record import ConnectionRecord
 
 R = TypeVar("R")
 
@@ -41,6 +50,31 @@ def on_its_loop(conn: Any) -> bool:
         thread: int | None = loop._thread_id  # type: ignore[attr-defined]
         return thread == get_ident()
     return asyncio._get_running_loop() is loop
+
+
+def stopped_under(record: ConnectionRecord, lease: Lease | None, exc: Exception
+                  ) -> PoolError | None:
+    """The pool's error for `exc`, what a statement or cursor of asyncpg's raised while its
+    checkout `lease` (of `record`, as the statement started) was active, if the pool ended
+    that checkout and closed the connection under it: released from another task,
+    ``terminate()``, ``close()`` past its timeout, a leak reclaim (as the held connection's own
+    statements say, `PooledConnection`); None for any other error."""
+    if lease is None or lease.state is ACTIVE or not stopped_by_pool(exc):
+        return None
+    return unusable(lease.state, record.owner.name)
+
+
+async def _said_by_pool(conn: Any, call: Awaitable[R]) -> R:
+    """`call`'s result, a step of a cursor on the pool connection `conn`; the pool's error if
+    the pool ends the checkout under it (`stopped_under`)."""
+    record = record_of(conn)
+    lease = record.lease if record is not None else None
+    try:
+        return await call
+    except Exception as exc:
+        if record is not None and (stopped := stopped_under(record, lease, exc)) is not None:
+            raise stopped from exc
+        raise
 
 
 class _OnItsLoop:
@@ -90,16 +124,24 @@ def _one_at_a_time(name: str, base: type = PreparedStatement
                 # (asyncpool.pool.unsynced).
                 self._check_conn_validity(name)
                 return None if name == "executemany" else []
-        section = getattr(self._connection, "_stmt_exclusive_section", None)
+        conn = self._connection
+        section = getattr(conn, "_stmt_exclusive_section", None)
+        record = record_of(conn)
+        lease = record.lease if record is not None else None  # (the pool may end it: below)
         try:
             if section is None:  # an asyncpg without it (asyncpool.connect.driver says so)
                 return await original(self, *args, **kwargs)
             with section:
                 return await original(self, *args, **kwargs)
         except Exception as exc:
+            if record is None:
+                raise
+            stopped = stopped_under(record, lease, exc)
+            if stopped is not None:
+                raise stopped from exc
             # Described afresh and not run (unnamed mode, after the schema changed): an
             # argument asyncpg's codec refused.
-            if left_unsynced(exc) and (record := record_of(self._connection)) is not None:
+            if left_unsynced(exc):
                 record.note_unsynced_parse()
             raise
 
@@ -141,17 +183,25 @@ class PooledCursor(_OnItsLoop, Cursor):
     if not TYPE_CHECKING:  # (asyncpg's signatures, as type checkers read them)
         async def fetch(self, n, *, timeout=None):
             check_row_count("Cursor.fetch", "n", n)
-            return await super().fetch(n, timeout=timeout)
+            return await _said_by_pool(self._connection, super().fetch(n, timeout=timeout))
+
+        async def fetchrow(self, *, timeout=None):
+            return await _said_by_pool(self._connection, super().fetchrow(timeout=timeout))
 
         async def forward(self, n, *, timeout=None):
             check_row_count("Cursor.forward", "n", n)
-            return await super().forward(n, timeout=timeout)
+            return await _said_by_pool(self._connection, super().forward(n, timeout=timeout))
 
         fetch.__doc__, forward.__doc__ = Cursor.fetch.__doc__, Cursor.forward.__doc__
+        fetchrow.__doc__ = Cursor.fetchrow.__doc__
 
 
 class PooledCursorIterator(_OnItsLoop, CursorIterator):
     __slots__ = ()
+
+    if not TYPE_CHECKING:
+        async def __anext__(self):
+            return await _said_by_pool(self._connection, super().__anext__())
 
 
 def _check_cursor_arguments(kwargs: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
+from asyncpool.connect.copy_waiter import retrieve_copy_waiters
 from asyncpool.connect.driver import BROKEN, BUSY, CLEAN, NEEDS_RESET, returned
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import closing, misuse, resets, slow_checkout
@@ -262,6 +263,9 @@ class Slots(_HotSlots):
         elif place is LEASED:
             lease = record.lease
             record.lease = None
+            if lease is not None:
+                # A COPY of the holder's cut off leaves asyncpg's reply future unretrieved.
+                retrieve_copy_waiters([lease.user, lease.task])
             if lease is not None and lease.state is ACTIVE:
                 lease.state = CLOSED
                 self._end_use(lease)

@@ -1,0 +1,59 @@
+"""The reply future of a COPY FROM STDIN that the pool cuts off (asyncpg's ``copy_in``),
+retrieved so that asyncio does not log "Future exception was never retrieved" for it.
+
+asyncpg's ``Protocol.copy_in`` waits for the server's reply on a future (its ``waiter``) that
+only the coroutine holds. Once its connection is closed under it (released or terminated from
+another task, the pool's ``terminate()``, ``close()`` past its timeout, a leak reclaim), the
+future gets the connection's error, and the COPY then fails writing to the transport its
+protocol dropped (``AttributeError``, `closed_under_copy`) on its way to the line that would
+retrieve it. Neither the coroutine's locals nor the protocol's ``waiter`` are reachable from
+Python but through the garbage collector's references: so they are read here, on a connection
+the pool is closing under a holder, never on a statement's path."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+import asyncpg.connection
+
+# A coroutine chain deeper than this is not walked.
+_MAX_DEPTH = 200
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # (marks it retrieved; whoever awaits it still gets it)
+
+
+def _copy_in_coroutines(task: asyncio.Task[Any]) -> list[Any]:
+    """asyncpg's ``copy_in`` coroutines `task` awaits (compiled: not in its chain of frames)."""
+    found: list[Any] = []
+    coro: Any = task.get_coro()
+    for _ in range(_MAX_DEPTH):
+        if coro is None:
+            break
+        awaited = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        code = getattr(coro, "cr_code", None)
+        if (awaited is not None and code is not None
+                and code.co_filename == asyncpg.connection.__file__):
+            # asyncpg's Connection awaiting its protocol's coroutine (through Cython's wrapper).
+            found += [inner for inner in gc.get_referents(awaited)
+                      if hasattr(inner, "cr_await")
+                      and getattr(inner, "__qualname__", None) == "BaseProtocol.copy_in"]
+        coro = awaited
+    return found
+
+
+def retrieve_copy_waiters(tasks: list[asyncio.Task[Any] | None]) -> None:
+    """Have the reply future of each asyncpg COPY FROM STDIN that one of `tasks` is running
+    retrieved once it is done: called as the pool closes their connection under them."""
+    for task in {task for task in tasks if task is not None and not task.done()}:
+        for coroutine in _copy_in_coroutines(task):
+            for scope in gc.get_referents(coroutine):  # its locals: Cython's closure
+                if isinstance(scope, type):
+                    continue
+                for value in gc.get_referents(scope):
+                    if isinstance(value, asyncio.Future):
+                        value.add_done_callback(_consume)
