@@ -778,6 +778,26 @@ class Samples:
         return ", ".join(f"{n}: {statistics.median(v[-passes:]):.1f}" for n, v in self.cpu.items())
 
 
+def asyncpool_build() -> str:
+    """Which asyncpool this run measures (``PYTHONPATH`` may point at another copy) and which of
+    its modules are compiled extensions (a mypyc or Cython build) rather than Python source:
+    printed with the figures, so that a run is not taken for the other kind. Read from the
+    folder, importing nothing more."""
+    import importlib.machinery
+    import os
+    import sys
+
+    import asyncpool
+
+    folder = os.path.dirname(asyncpool.__file__)
+    compiled = sorted(
+        os.path.relpath(os.path.join(where, name), folder).split(".")[0].replace(os.sep, ".")
+        for where, _, names in os.walk(folder) for name in names
+        if name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)))
+    kind = f"compiled: {', '.join(compiled)}" if compiled else "Python source"
+    return f"asyncpool from {folder} ({kind}), Python {sys.version.split()[0]}"
+
+
 def glibc_regime(raw: float, over_capped: float) -> str:
     """Which of glibc's regimes raw asyncpg ran in, from its CPU per query (`raw`) and its
     extra over the capped client (`over_capped`): asyncio's ``recv(256 KiB)`` maps and unmaps
@@ -917,6 +937,7 @@ def main() -> None:
     try:
         # Before any connection: a server's backends inherit the placement.
         print(f"placement: {place(args.pin, stack.pids())}", flush=True)
+        print(asyncpool_build(), flush=True)
         results = {}
         if args.only in (None, "python", "python-fleet"):
             many = args.only == "python-fleet"  # many pools: through PgBouncer, as the fleet
