@@ -347,3 +347,35 @@ async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so(
 async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so_behind_pgbouncer(
         pooler: Pooler, mode: Any) -> None:
     await _cut_off_statements_and_cursors(pooler.dsn(), mode)
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_cursor_whose_last_rows_came_as_the_pool_closed_it_says_so(
+        postgres: PostgresServer, mode: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool terminated as a cursor's last fetch came back (a race the cancellation hunt
+    met): asyncpg then asks the dropped protocol whether it is in a transaction before closing
+    the portal, an ``AttributeError`` that said nothing of the pool."""
+    pool = Pool(postgres.dsn(), min_size=0, max_size=1, prepared_statements=mode,
+                telemetry=False)
+    await pool.open()
+    original = asyncpg.cursor.BaseCursor._exec  # type: ignore[attr-defined]
+
+    async def exec_then_terminate(self: Any, n: int, timeout: float | None) -> Any:
+        rows = await original(self, n, timeout)
+        if self._exhausted:
+            # The last fetch's rows came in as the pool ended the checkout and closed the
+            # connection (close() past its timeout terminates one running a statement).
+            pool.terminate()
+            self._connection.terminate()
+        return rows
+
+    monkeypatch.setattr(asyncpg.cursor.BaseCursor, "_exec", exec_then_terminate)
+    got: list[int] = []
+    with pytest.raises(asyncpool.PoolClosedError) as info:
+        async with pool.acquire() as conn, conn.transaction():
+            async for row in conn.cursor("SELECT generate_series(1, 2) AS x", prefetch=2):
+                got.append(row["x"])
+    assert got == [1, 2]
+    # asyncpg's own word for a closed connection (or, in the on mode, its closed statement).
+    assert isinstance(info.value.__cause__,
+                      asyncpg.ConnectionDoesNotExistError | asyncpg.InterfaceError)

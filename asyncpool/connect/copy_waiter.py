@@ -5,7 +5,7 @@ asyncpg's ``Protocol.copy_in`` waits for the server's reply on a future (its ``w
 only the coroutine holds. Once its connection is closed under it (released or terminated from
 another task, the pool's ``terminate()``, ``close()`` past its timeout, a leak reclaim), the
 future gets the connection's error, and the COPY then fails writing to the transport its
-protocol dropped (``AttributeError``, `closed_under_copy`) on its way to the line that would
+protocol dropped (``AttributeError``, `dropped_transport_error`) on its way to the line that would
 retrieve it. Neither the coroutine's locals nor the protocol's ``waiter`` are reachable from
 Python but through the garbage collector's references: so they are read here, on a connection
 the pool is closing under a holder, never on a statement's path."""

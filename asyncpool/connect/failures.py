@@ -588,14 +588,16 @@ def protocol_out_of_step(exc: BaseException) -> bool:
 _OUT_OF_STEP = "cannot switch to state "
 
 
-def closed_under_copy(exc: Exception, conn: object) -> Exception:
-    """`exc` as a COPY method of asyncpg's raised it, or, for a COPY whose connection was
-    closed under it (released or terminated from another task, the pool's ``terminate()``,
+def dropped_transport_error(exc: Exception, conn: object) -> Exception:
+    """`exc` as a COPY method or a cursor step of asyncpg's raised it, or, when its connection
+    was closed under it (released or terminated from another task, the pool's ``terminate()``,
     ``close()`` past its timeout, a leak reclaim, a lost network), the error asyncpg's other
     statements raise then: asyncpg's COPY goes on writing to (or resuming) the transport its
-    protocol has dropped, and fails with ``AttributeError: 'NoneType' object has no attribute
-    'write'`` (or ``'resume_reading'``), which said nothing of the connection, and which the
-    pool's own error for it (`stopped_by_pool`, the lost connection's) did not replace."""
+    protocol has dropped, and a cursor whose last rows came in as it closed asks the dropped
+    protocol whether it is in a transaction; both fail with an ``AttributeError`` (``'NoneType'
+    object has no attribute 'write'``, ``'is_in_transaction'``) that says nothing of the
+    connection, and that the pool's own error for it (`stopped_by_pool`, the lost connection's)
+    did not replace."""
     if isinstance(exc, AttributeError) and conn.is_closed():  # type: ignore[attr-defined]
         return asyncpg.ConnectionDoesNotExistError(
             "connection was closed in the middle of operation")

@@ -17,7 +17,7 @@ from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, ConnectionProxyBase
 from asyncpool.connect.failures import (
     advise_on_prepared_statements,
-    closed_under_copy,
+    dropped_transport_error,
     stopped_by_pool,
 )
 from asyncpool.errors import PoolError
@@ -176,7 +176,7 @@ def _statement(name: str) -> Callable[..., Any]:  # noqa: PLR0915 - one closure,
                         )[1].decode()
             result = await conn._execute(query, args, limit, None)
         except Exception as raised:
-            exc = closed_under_copy(raised, conn) if synced else raised
+            exc = dropped_transport_error(raised, conn) if synced else raised
             if lease.state is not ACTIVE and stopped_by_pool(exc):
                 # The pool closed it under the statement (close() past its timeout,
                 # terminate(), a leak reclaim): its error, not the driver's.

@@ -19,7 +19,11 @@ from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
 from asyncpg.transaction import Transaction
 
-from asyncpool.connect.failures import broken_connection_error, stopped_by_pool
+from asyncpool.connect.failures import (
+    broken_connection_error,
+    dropped_transport_error,
+    stopped_by_pool,
+)
 from asyncpool.connect.forwarding import LoopView
 from asyncpool.errors import PoolError
 from asyncpool.options import check_row_count, check_statement_timeout
@@ -71,9 +75,12 @@ async def _said_by_pool(conn: Any, call: Awaitable[R]) -> R:
     lease = record.lease if record is not None else None
     try:
         return await call
-    except Exception as exc:
+    except Exception as raised:
+        exc = dropped_transport_error(raised, conn)
         if record is not None and (stopped := stopped_under(record, lease, exc)) is not None:
             raise stopped from exc
+        if exc is not raised:
+            raise exc from raised
         raise
 
 

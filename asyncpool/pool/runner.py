@@ -14,7 +14,7 @@ import asyncpg
 
 from asyncpool.connect import driver
 from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS
-from asyncpool.connect.failures import closed_under_copy
+from asyncpool.connect.failures import dropped_transport_error
 from asyncpool.options import check_statement_timeout
 from asyncpool.pool.checkout import AcquireContext, end_checkout
 from asyncpool.pool.lease import ACTIVE, RELEASED, STATEMENT_RUNNERS, spare_lease, task_of
@@ -66,7 +66,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
     own_read, own_execute = (None, own) if shape is STATUS else (own, None)
     # The name of the statement's parameter (``query``, ``command``, ``table_name``).
     first = list(inspect.signature(getattr(asyncpg.Connection, method)).parameters)[1]
-    copy = method.startswith("copy_")  # (its connection closed under it: `closed_under_copy`)
+    copy = method.startswith("copy_")  # (its connection closed under it: `dropped_transport_error`)
 
     async def one(self: Slots, query: str = BY_NAME, /, *args: Any,  # noqa: PLR0912, PLR0915
                   **kwargs: Any) -> Any:  # written out: see the docstring
@@ -125,7 +125,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
                     result = await getattr(conn, method)(query, *args)
             except BaseException as raised:
                 record.spare = None  # the lease may be kept (a leak report, an error's holder)
-                exc = (closed_under_copy(raised, conn) if copy and isinstance(raised, Exception)
+                exc = (dropped_transport_error(raised, conn) if copy and isinstance(raised, Exception)
                        else raised)
                 if lease.state is ACTIVE and left_unsynced(exc):
                     record.note_unsynced_parse()  # (an argument asyncpg's codec refused...)
