@@ -179,3 +179,22 @@ def test_an_env_file_in_a_folder_that_does_not_exist_is_refused_before_starting(
     assert f"{env_file.parent} is not a folder" in err
     assert "Traceback" not in err
     assert "Starting" not in out
+
+
+def test_the_env_file_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script waiting for the file (as the tests above do) never reads it half written: it
+    is not at its path while its lines are written (a loaded run read it empty: KeyError)."""
+    path = tmp_path / "local.env"
+    seen_while_writing: list[bool] = []
+    quote = shlex.quote
+
+    def quote_and_look(text: str) -> str:
+        seen_while_writing.append(path.exists())
+        return quote(text)
+
+    monkeypatch.setattr("asyncpool.cli.local_pgbouncer.shlex.quote", quote_and_look)
+    write_env_file(path, {DSN_VARIABLE: "postgresql://app@127.0.0.1:6432/app"})
+    assert seen_while_writing == [False]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "ASYNCPOOL_DSN=postgresql://app@127.0.0.1:6432/app\n" in path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["local.env"]  # (no draft left)

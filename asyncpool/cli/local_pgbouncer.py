@@ -100,13 +100,20 @@ def run(args: argparse.Namespace) -> int:
 def write_env_file(path: Path, values: dict[str, str]) -> None:
     """Write `values` as ``NAME=value`` lines (quoted for a shell) to a new file at `path`,
     readable by its owner only. A previous file of ours is replaced; the new one is created
-    exclusively, so it is never another file's mode, nor one a symlink points at."""
+    exclusively, so it is never another file's mode, nor one a symlink points at. It appears
+    whole: written under a temporary name beside it, then linked to `path` (a script waiting
+    for the file never reads it half written)."""
     if _ours(path):
         path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(_MARK + "\n")
-        file.writelines(f"{name}={shlex.quote(value)}\n" for name, value in values.items())
+    draft = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(_MARK + "\n")
+            file.writelines(f"{name}={shlex.quote(value)}\n" for name, value in values.items())
+        os.link(draft, path)  # (fails if `path` exists, as O_EXCL did)
+    finally:
+        draft.unlink()
 
 
 def _unusable(env_file: Path) -> str | None:
