@@ -25,17 +25,32 @@ trap 'wait; rm -rf "$before" "$logs"' EXIT
 .venv/bin/python scripts/check-no-leftover-servers.py --save "$before"
 status=0
 wait "$warm" || true  # a collection error shows in the run itself
+echo "== pytest"
+# Several workers: most of the suite waits on servers, timeouts and sleeps rather than on the CPU
+# (4 workers: about 4.5 instead of 10 minutes on a 2-core machine). ASYNCPOOL_TEST_WORKERS=0 runs
+# everything in one process. worksteal: a worker that runs out of tests takes some of another's
+# queue, so the last minutes do not run in one worker while the others sit idle.
+workers=${ASYNCPOOL_TEST_WORKERS:-4}
+dist=()
+[ "$workers" != 0 ] && dist=(--dist worksteal)
+.venv/bin/pytest -q -p no:cacheprovider -n "$workers" "${dist[@]}" "$@" || status=$?
+if [ $# -eq 0 ] && [ -x .cache/sqlalchemy-2.0/bin/python ]; then
+  echo "== SQLAlchemy 2.0 (the integration's tests; .venv has 2.1)"
+  .cache/sqlalchemy-2.0/bin/python -m pytest -q -p no:cacheprovider tests/test_sqlalchemy.py \
+    tests/test_sqlalchemy_example.py || status=$?
+fi
 # The Lambda and core suites again on Python 3.12 and 3.13 (the current Lambda runtimes, the only
 # ones with SnapStart), in the small venvs scripts/setup.sh builds, with the modules whose code paths
 # differ between Python versions: asyncio cancellation (Task.cancelling/uncancel, wait_for), the
 # lease's task lookup, and the transports that the read path, the login guard, TLS and the unnamed
 # mode wrap; and SQLAlchemy's async engine, FastAPI and Mangum, which Lambda functions on those
-# versions run the pool under. Both versions run in 2 pytest workers each, with the model test at
-# 200 examples instead of 1,000, and at the same time as the main run below: these suites mostly
-# wait on servers and subprocesses, so the 2 cores have room (MEASURED). The whole suite passes
-# there too, but takes 6 minutes per version in 2 workers on a 2-core machine, and needs the whole
-# dev environment: too long for every run. Only for a whole-suite run; ASYNCPOOL_TEST_MATRIX=0
-# skips them. Their output is printed after the main run's.
+# versions run the pool under. Both versions run at once, in 2 pytest workers each (the suites
+# mostly wait on servers and subprocesses), with the model test at 200 examples instead of 1,000:
+# about 2.5 minutes in all (4 in one worker each). Not beside the main run: on a machine loaded by
+# other work, that run had 8 timing tests fail or time out beside them, 5 without (load 10 to 20,
+# 2026-12-07). The whole suite passes there too, but takes 6 minutes per version in 2 workers on a
+# 2-core machine, and needs the whole dev environment: too long for every run. Only for a
+# whole-suite run; ASYNCPOOL_TEST_MATRIX=0 skips them.
 matrix_tests=(tests/unit tests/test_asyncpg_pool_api.py tests/lambda_runtime tests/test_lambda_runner.py
               tests/test_lambda_powertools.py
               tests/test_lambda_shutdown.py tests/test_lambda_config.py tests/test_freeze_thaw.py
@@ -53,25 +68,10 @@ if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
       echo "== pytest on Python $v: skipped ($venv missing: no Python $v for scripts/setup.sh)"
       continue
     fi
-    echo "== pytest on Python $v (Lambda and core suites): started, in the background"
     ASYNCPOOL_MODEL_EXAMPLES=${ASYNCPOOL_MODEL_EXAMPLES:-200} "$venv/bin/python" -m pytest -q \
       -n 2 --dist worksteal -p no:cacheprovider "${matrix_tests[@]}" > "$logs/python$v.log" 2>&1 &
     matrix+=("$v:$!")
   done
-fi
-echo "== pytest"
-# Several workers: most of the suite waits on servers, timeouts and sleeps rather than on the CPU
-# (4 workers: about 4.5 instead of 10 minutes on a 2-core machine). ASYNCPOOL_TEST_WORKERS=0 runs
-# everything in one process. worksteal: a worker that runs out of tests takes some of another's
-# queue, so the last minutes do not run in one worker while the others sit idle.
-workers=${ASYNCPOOL_TEST_WORKERS:-4}
-dist=()
-[ "$workers" != 0 ] && dist=(--dist worksteal)
-.venv/bin/pytest -q -p no:cacheprovider -n "$workers" "${dist[@]}" "$@" || status=$?
-if [ $# -eq 0 ] && [ -x .cache/sqlalchemy-2.0/bin/python ]; then
-  echo "== SQLAlchemy 2.0 (the integration's tests; .venv has 2.1)"
-  .cache/sqlalchemy-2.0/bin/python -m pytest -q -p no:cacheprovider tests/test_sqlalchemy.py \
-    tests/test_sqlalchemy_example.py || status=$?
 fi
 for entry in "${matrix[@]}"; do
   v=${entry%%:*}
