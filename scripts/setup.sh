@@ -36,8 +36,10 @@ py=${PYTHON:-python3}
 
 # The venvs other than .venv do not depend on it or on each other: each one that needs building
 # builds in the background, its output kept in a log of its own and printed when it is over, while
-# .venv installs in the foreground. On a 2-core machine that takes about XXX instead of the YYY
-# one after the other took (checkov alone, resolved without a lock, is the longest). A failed build
+# .venv installs in the foreground: one after the other they kept one core of two busy. Measured on
+# the 2-core machine with other work keeping its load at 8 to 12 (2026-12-07): 231 and 233 s, the
+# same as one after the other (233 s; checkov, resolved without a lock, took 82 s of it), as pip
+# was then short of CPU either way; an idle machine's second core was not measured. A failed build
 # fails the setup, after its log.
 jobs_dir=$(mktemp -d)
 job_names=()

@@ -27,9 +27,11 @@ status=0
 wait "$warm" || true  # a collection error shows in the run itself
 echo "== pytest"
 # Several workers: most of the suite waits on servers, timeouts and sleeps rather than on the CPU
-# (4 workers: about 4.5 instead of 10 minutes on a 2-core machine). ASYNCPOOL_TEST_WORKERS=0 runs
-# everything in one process. worksteal: a worker that runs out of tests takes some of another's
-# queue, so the last minutes do not run in one worker while the others sit idle.
+# (4 workers: about 4.5 instead of 10 minutes on an idle 2-core machine; 9 minutes at a load of 8
+# from other work, 2026-12-07). ASYNCPOOL_TEST_WORKERS=0 runs everything in one process.
+# worksteal: a worker that runs out of tests takes some of another's queue. With the default
+# scheduling the last 2 minutes ran in one worker (the secrets scans) while three sat idle; now
+# the four end within 30 s of each other.
 workers=${ASYNCPOOL_TEST_WORKERS:-4}
 dist=()
 [ "$workers" != 0 ] && dist=(--dist worksteal)
@@ -46,7 +48,7 @@ fi
 # mode wrap; and SQLAlchemy's async engine, FastAPI and Mangum, which Lambda functions on those
 # versions run the pool under. Both versions run at once, in 2 pytest workers each (the suites
 # mostly wait on servers and subprocesses), with the model test at 200 examples instead of 1,000:
-# about 2.5 minutes in all (4 in one worker each). Not beside the main run: on a machine loaded by
+# about 3 minutes in all at a load of 4 to 5 (4 in one worker each). Not beside the main run: on a machine loaded by
 # other work, that run had 8 timing tests fail or time out beside them, 5 without (load 10 to 20,
 # 2026-12-07). The whole suite passes there too, but takes 6 minutes per version in 2 workers on a
 # 2-core machine, and needs the whole dev environment: too long for every run. Only for a
