@@ -33,28 +33,51 @@ fi
 bash scripts/get-pgbouncer-current.sh >/dev/null
 
 py=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv" >&2
-  "$py" -m venv .venv
-fi
-stamp=.venv/.asyncpool-deps
-want=$(cat pyproject.toml requirements/dev.lock | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing Python dependencies into .venv" >&2
-  .venv/bin/python -m pip install -q --upgrade pip >&2
-  # The distribution was renamed asyncpool -> asyncpool-pg: drop an older editable install of it.
-  .venv/bin/python -m pip uninstall -q -y asyncpool >/dev/null 2>&1 || true
-  # checkov now lives in its own venv (below); an older .venv still has it and its urllib3 pin.
-  .venv/bin/python -m pip uninstall -q -y checkov >/dev/null 2>&1 || true
-  # First the locked development environment (every file checked against its hash), then the
-  # project itself, which finds its dependencies there.
-  .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.lock >&2
-  .venv/bin/python -m pip install -q -e '.[dev]' >&2
-  echo "$want" > "$stamp"
-fi
+
+# The venvs other than .venv do not depend on it or on each other: each one that needs building
+# builds in the background, its output kept in a log of its own and printed when it is over, while
+# .venv installs in the foreground: one after the other they kept one core of two busy. Measured on
+# the 2-core machine with other work keeping its load at 8 to 12 (2026-12-07): 231 and 233 s, the
+# same as one after the other (233 s; checkov, resolved without a lock, took 82 s of it), as pip
+# was then short of CPU either way; an idle machine's second core was not measured. A failed build
+# fails the setup, after its log.
+jobs_dir=$(mktemp -d)
+job_names=()
+job_pids=()
+# An early failure still waits for the builds under way (no half-built venv left being written).
+trap 'wait; rm -rf "$jobs_dir"' EXIT
+in_background() {  # in_background NAME COMMAND...: run COMMAND in the background, logged as NAME
+  local name=$1
+  shift
+  ( SECONDS=0; "$@"; echo "setup: $name built in ${SECONDS} s" ) > "$jobs_dir/$name.log" 2>&1 &
+  job_names+=("$name")
+  job_pids+=("$!")
+}
+wait_background() {  # waits for every in_background build; prints each log; fails if one failed
+  local i failed=()
+  for i in "${!job_pids[@]}"; do
+    if ! wait "${job_pids[$i]}"; then
+      failed+=("${job_names[$i]}")
+      echo "setup: building ${job_names[$i]} FAILED; its output:" >&2
+    fi
+    cat "$jobs_dir/${job_names[$i]}.log" >&2
+  done
+  if [ ${#failed[@]} -gt 0 ]; then
+    echo "setup: failed: ${failed[*]}" >&2
+    exit 1
+  fi
+}
+
 # Python 3.12 and 3.13 (the current Lambda runtimes, the only ones with SnapStart): small venvs with
 # what the Lambda and core suites need (requirements/matrix.lock), which scripts/test.sh runs there.
 # The interpreters come from pyenv (PYTHON312 / PYTHON313 override); without one, that run is skipped.
+build_matrix_venv() {  # build_matrix_venv INTERPRETER VENV STAMP
+  rm -rf "$2"
+  "$1" -m venv "$2"
+  "$2/bin/python" -m pip install -q --upgrade pip
+  "$2/bin/python" -m pip install -q --require-hashes -r requirements/matrix.lock
+  echo "$3" > "$2/.asyncpool-deps"
+}
 for v in 3.12 3.13; do
   var=PYTHON${v/./}
   interp=${!var:-}
@@ -69,44 +92,70 @@ for v in 3.12 3.13; do
   fi
   want=$(sha256sum requirements/matrix.lock | cut -d' ' -f1)
   if [ "$(cat "$venv/.asyncpool-deps" 2>/dev/null)" != "$want" ]; then
-    echo "setup: building $venv with $interp" >&2
-    rm -rf "$venv"
-    "$interp" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip >&2
-    "$venv/bin/python" -m pip install -q --require-hashes -r requirements/matrix.lock >&2
-    echo "$want" > "$venv/.asyncpool-deps"
+    echo "setup: building $venv with $interp (in the background)" >&2
+    in_background "$venv" build_matrix_venv "$interp" "$venv" "$want"
   fi
 done
 # checkov (tests/test_infra_checkov.py), in a venv of its own: it pins urllib3 1.26, which has
 # known vulnerabilities, so it stays out of the development environment.
 checkov_version=3.2.459
 ck=.cache/checkov-$checkov_version
-if [ ! -x "$ck/bin/checkov" ]; then
-  echo "setup: installing checkov $checkov_version into $ck" >&2
+install_checkov() {
   "$py" -m venv "$ck"
-  "$ck/bin/python" -m pip install -q "checkov==$checkov_version" >&2
+  "$ck/bin/python" -m pip install -q "checkov==$checkov_version"
+}
+if [ ! -x "$ck/bin/checkov" ]; then
+  echo "setup: installing checkov $checkov_version into $ck (in the background)" >&2
+  in_background checkov install_checkov
 fi
 # Yelp's detect-secrets, the one pre-commit runs (.pre-commit-config.yaml), in a venv of its own:
 # checkov installs a fork (bc-detect-secrets) over the same module in .venv. tests/test_secrets_scan.py
 # checks .secrets.baseline with both.
 ds_version=$(sed -n 's/^ *rev: v\([0-9.]*\) *# detect-secrets$/\1/p' .pre-commit-config.yaml)
 ds=.cache/detect-secrets-$ds_version
-if [ ! -x "$ds/bin/detect-secrets-hook" ]; then
-  echo "setup: installing detect-secrets $ds_version into $ds" >&2
+install_detect_secrets() {
   "$py" -m venv "$ds"
-  "$ds/bin/python" -m pip install -q "detect-secrets==$ds_version" >&2
+  "$ds/bin/python" -m pip install -q "detect-secrets==$ds_version"
+}
+if [ ! -x "$ds/bin/detect-secrets-hook" ]; then
+  echo "setup: installing detect-secrets $ds_version into $ds (in the background)" >&2
+  in_background detect-secrets install_detect_secrets
 fi
 # pyright (tests/typing/test_pyright.py: user code as Pylance users check it), in a venv of its own,
 # from its lock (requirements/pyright.lock); Node.js comes as a wheel with it, so it runs offline.
 pyright_version=$(sed -n 's/^pyright\[nodejs\]==\([0-9.]*\)$/\1/p' requirements/pyright.in)
 pr=.cache/pyright-$pyright_version
-if [ ! -x "$pr/bin/pyright" ]; then
-  echo "setup: installing pyright $pyright_version into $pr" >&2
+install_pyright() {
   "$py" -m venv "$pr"
-  "$pr/bin/python" -m pip install -q --require-hashes -r requirements/pyright.lock >&2
+  "$pr/bin/python" -m pip install -q --require-hashes -r requirements/pyright.lock
+}
+if [ ! -x "$pr/bin/pyright" ]; then
+  echo "setup: installing pyright $pyright_version into $pr (in the background)" >&2
+  in_background pyright install_pyright
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$py" -m venv .venv
+fi
+stamp=.venv/.asyncpool-deps
+want=$(cat pyproject.toml requirements/dev.lock | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python dependencies into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >&2
+  # The distribution was renamed asyncpool -> asyncpool-pg: drop an older editable install of it.
+  .venv/bin/python -m pip uninstall -q -y asyncpool >/dev/null 2>&1 || true
+  # checkov now lives in its own venv (above); an older .venv still has it and its urllib3 pin.
+  .venv/bin/python -m pip uninstall -q -y checkov >/dev/null 2>&1 || true
+  # First the locked development environment (every file checked against its hash), then the
+  # project itself, which finds its dependencies there.
+  .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.lock >&2
+  .venv/bin/python -m pip install -q -e '.[dev]' >&2
+  echo "$want" > "$stamp"
 fi
 # SQLAlchemy 2.0 for asyncpool.integrations.sqlalchemy's tests (.venv has 2.1): a venv holding only
-# SQLAlchemy 2.0, with .venv's packages behind it (a .pth file). docs/sqlalchemy.md has the command.
+# SQLAlchemy 2.0, with .venv's packages behind it (a .pth file), so built after .venv.
+# docs/sqlalchemy.md has the command.
 sa20_version=2.0.58
 sa20=.cache/sqlalchemy-2.0
 sa20_site=$sa20/lib/$(.venv/bin/python -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages
@@ -117,4 +166,5 @@ if [ ! -f "$sa20_site/sqlalchemy-$sa20_version.dist-info/METADATA" ]; then
   .venv/bin/python -c 'import os, sysconfig; print(os.path.realpath(sysconfig.get_path("purelib")))' \
     > "$sa20_site/_asyncpool_dev_venv.pth"
 fi
+wait_background
 echo "setup: ready" >&2

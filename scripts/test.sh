@@ -5,20 +5,37 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Bytecode: with PYTHONDONTWRITEBYTECODE (set on CI) each of the ten or so pytest processes below
+# (workers, the SQLAlchemy 2.0 and Python 3.12/3.13 runs) rewrote the asserts of every test module
+# again (about 9 s of CPU each) and every subprocess compiled asyncpool again: it is kept in
+# .cache/pycache instead (gitignored, out of the source tree), written by a collection that runs on
+# the second core while ruff, mypy and MkDocs run on the first.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=$PWD/.cache/pycache
+.venv/bin/python -m pytest -q --collect-only -p no:cacheprovider > /dev/null 2>&1 &
+warm=$!
+trap 'wait' EXIT
 echo "== ruff" && .venv/bin/ruff check --no-cache .
 echo "== mypy --strict" && .venv/bin/mypy
 echo "== docs (mkdocs build --strict: warnings are errors)"
 .venv/bin/mkdocs build --strict --site-dir .cache/site
 before=$(mktemp)
-trap 'rm -f "$before"' EXIT
+logs=$(mktemp -d)
+trap 'wait; rm -rf "$before" "$logs"' EXIT
 .venv/bin/python scripts/check-no-leftover-servers.py --save "$before"
-echo "== pytest"
 status=0
+wait "$warm" || true  # a collection error shows in the run itself
+echo "== pytest"
 # Several workers: most of the suite waits on servers, timeouts and sleeps rather than on the CPU
-# (4 workers: about 4.5 instead of 10 minutes on a 2-core machine). ASYNCPOOL_TEST_WORKERS=0 runs
-# everything in one process.
+# (4 workers: about 4.5 instead of 10 minutes on an idle 2-core machine; 9 minutes at a load of 8
+# from other work, 2026-12-07). ASYNCPOOL_TEST_WORKERS=0 runs everything in one process.
+# worksteal: a worker that runs out of tests takes some of another's queue. With the default
+# scheduling the last 2 minutes ran in one worker (the secrets scans) while three sat idle; now
+# the four end within 30 s of each other.
 workers=${ASYNCPOOL_TEST_WORKERS:-4}
-.venv/bin/pytest -q -p no:cacheprovider -n "$workers" "$@" || status=$?
+dist=()
+[ "$workers" != 0 ] && dist=(--dist worksteal)
+.venv/bin/pytest -q -p no:cacheprovider -n "$workers" "${dist[@]}" "$@" || status=$?
 if [ $# -eq 0 ] && [ -x .cache/sqlalchemy-2.0/bin/python ]; then
   echo "== SQLAlchemy 2.0 (the integration's tests; .venv has 2.1)"
   .cache/sqlalchemy-2.0/bin/python -m pytest -q -p no:cacheprovider tests/test_sqlalchemy.py \
@@ -31,9 +48,11 @@ fi
 # mode wrap; and SQLAlchemy's async engine, FastAPI and Mangum, which Lambda functions on those
 # versions run the pool under. Both versions run at once, in 2 pytest workers each (the suites
 # mostly wait on servers and subprocesses), with the model test at 200 examples instead of 1,000:
-# about 2.5 minutes in all (4 in one worker each). The whole suite passes there too, but takes 6 minutes per version in 2 workers on a 2-core
-# machine, and needs the whole dev environment: too long for every run. Only for a whole-suite run;
-# ASYNCPOOL_TEST_MATRIX=0 skips them.
+# about 3 minutes in all at a load of 4 to 5 (4 in one worker each). Not beside the main run: on a machine loaded by
+# other work, that run had 8 timing tests fail or time out beside them, 5 without (load 10 to 20,
+# 2026-12-07). The whole suite passes there too, but takes 6 minutes per version in 2 workers on a
+# 2-core machine, and needs the whole dev environment: too long for every run. Only for a
+# whole-suite run; ASYNCPOOL_TEST_MATRIX=0 skips them.
 matrix_tests=(tests/unit tests/test_asyncpg_pool_api.py tests/lambda_runtime tests/test_lambda_runner.py
               tests/test_lambda_powertools.py
               tests/test_lambda_shutdown.py tests/test_lambda_config.py tests/test_freeze_thaw.py
@@ -43,9 +62,8 @@ matrix_tests=(tests/unit tests/test_asyncpg_pool_api.py tests/lambda_runtime tes
               tests/test_unnamed_changes.py tests/test_unnamed_tls.py
               tests/test_sqlalchemy.py tests/test_sqlalchemy_example.py tests/test_fastapi_mangum.py
               tests/test_fastapi_testing.py)
+matrix=()
 if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
-  pids=()
-  logs=$(mktemp -d)
   for v in 3.12 3.13; do
     venv=.venv${v/./}
     if [ ! -x "$venv/bin/python" ]; then
@@ -53,17 +71,16 @@ if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
       continue
     fi
     ASYNCPOOL_MODEL_EXAMPLES=${ASYNCPOOL_MODEL_EXAMPLES:-200} "$venv/bin/python" -m pytest -q \
-      -n 2 -p no:cacheprovider "${matrix_tests[@]}" > "$logs/python$v.log" 2>&1 &
-    pids+=("$v:$!")
+      -n 2 --dist worksteal -p no:cacheprovider "${matrix_tests[@]}" > "$logs/python$v.log" 2>&1 &
+    matrix+=("$v:$!")
   done
-  for entry in "${pids[@]}"; do
-    v=${entry%%:*}
-    echo "== pytest on Python $v (Lambda and core suites)"
-    wait "${entry#*:}" || status=$?
-    tail -n 30 "$logs/python$v.log"
-  done
-  rm -rf "$logs"
 fi
+for entry in "${matrix[@]}"; do
+  v=${entry%%:*}
+  echo "== pytest on Python $v (Lambda and core suites)"
+  wait "${entry#*:}" || status=$?
+  tail -n 30 "$logs/python$v.log"
+done
 echo "== leftover servers"
 .venv/bin/python scripts/check-no-leftover-servers.py --since "$before" || status=1
 exit $status
