@@ -379,3 +379,35 @@ async def test_a_cursor_whose_last_rows_came_as_the_pool_closed_it_says_so(
     # asyncpg's own word for a closed connection (or, in the on mode, its closed statement).
     assert isinstance(info.value.__cause__,
                       asyncpg.ConnectionDoesNotExistError | asyncpg.InterfaceError)
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_transaction_block_of_a_held_connection_is_not_committed_after_terminate(
+        postgres: PostgresServer, mode: Any) -> None:
+    """As pool.transaction(): a pool terminated inside ``async with conn.transaction():`` does
+    not let the block's COMMIT through while the connection waits for its cancel request to go
+    (it committed, and the block ended without an error)."""
+    other = await asyncpg.connect(postgres.dsn())
+    try:
+        await other.execute("DROP TABLE IF EXISTS kept_tx; CREATE TABLE kept_tx (x int)")
+        pool = Pool(postgres.dsn(), min_size=0, max_size=1, prepared_statements=mode,
+                    telemetry=False)
+        await pool.open()
+        with pytest.raises(asyncpool.PoolClosedError, match="it was not committed"):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("INSERT INTO kept_tx VALUES (1)")
+                pool.terminate()
+        assert await other.fetch("SELECT x FROM kept_tx") == []
+        # A block that ends with an error is still rolled back, and says its own error.
+        pool = Pool(postgres.dsn(), min_size=0, max_size=1, prepared_statements=mode,
+                    telemetry=False)
+        await pool.open()
+        with pytest.raises(ZeroDivisionError):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("INSERT INTO kept_tx VALUES (2)")
+                pool.terminate()
+                1 / 0  # noqa: B018
+        assert await other.fetch("SELECT x FROM kept_tx") == []
+    finally:
+        await other.execute("DROP TABLE IF EXISTS kept_tx")
+        await other.close()

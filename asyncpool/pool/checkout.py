@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from collections import deque
 
     from asyncpool.pool.record import ConnectionRecord
+    from asyncpool.pool.state import PoolState
 
     _T = TypeVar("_T")
 
@@ -58,6 +59,8 @@ class Checkouts(Protocol):
     """
 
     name: str
+    #: Open, closing, closed... (`asyncpool.pool.state`).
+    state: PoolState
     #: Awaited with the connection at each checkout (asyncpg's ``setup``), or None.
     setup: SetupHook | None
     # What the clean end of an ``async with pool.acquire()`` block reads and writes itself, as

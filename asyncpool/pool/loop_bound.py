@@ -25,10 +25,11 @@ from asyncpool.connect.failures import (
     stopped_by_pool,
 )
 from asyncpool.connect.forwarding import LoopView
-from asyncpool.errors import PoolError
+from asyncpool.errors import PoolClosedError, PoolError
 from asyncpool.options import check_row_count, check_statement_timeout
-from asyncpool.pool.lease import ACTIVE
+from asyncpool.pool.lease import ACTIVE, TERMINATED
 from asyncpool.pool.record import record_of
+from asyncpool.pool.state import OPEN
 from asyncpool.pool.unsynced import (
     RUN_PER_ARGUMENT_SET,
     call_with_argument_sets,
@@ -156,10 +157,34 @@ def _one_at_a_time(name: str, base: type = PreparedStatement
     return method
 
 
+def _ended_by_pool(resource: Any) -> PoolError | None:
+    """The pool's error if it ended the checkout `resource` (asyncpg's transaction, made on a
+    held connection) belongs to while the holder still held it: ``terminate()``, ``close()``
+    past its timeout, the end of a Lambda invocation. None while it is held, and after a plain
+    release (asyncpg's own guard refuses then: the release counter)."""
+    conn = resource._connection
+    record = record_of(conn)
+    if record is None or resource._con_release_ctr != conn._pool_release_ctr:
+        return None
+    lease = record.lease
+    if lease is not None and lease.state is ACTIVE:
+        return None
+    name = record.owner.name
+    if lease is None and record.owner.state is not OPEN:
+        return PoolClosedError(
+            f"pool {name!r} was closed while this transaction was open: it was not committed")
+    # (Its lease is let go as the connection is retired: then terminated, at an invocation's end.)
+    return unusable(lease.state if lease is not None else TERMINATED, name)
+
+
 class PooledTransaction(_OnItsLoop, Transaction):
     __slots__ = ()
 
     async def __aexit__(self, extype: Any, ex: Any, tb: Any) -> None:
+        if extype is None and (ended := _ended_by_pool(self)) is not None:
+            # The pool closes the connection (a cancel request first: the COMMIT would get
+            # through in between); as pool.transaction(), it is not committed.
+            raise ended
         try:
             await super().__aexit__(extype, ex, tb)
         except Exception as failed:
