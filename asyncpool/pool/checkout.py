@@ -31,6 +31,7 @@ from asyncpool.pool.leaks import LEAK_CANCEL_MESSAGE
 from asyncpool.pool.lease import ACTIVE, CLOSED, GIVEN_BACK, LEAKED, RELEASED, TERMINATED, Lease, LeaseState
 from asyncpool.pool.record import IDLE
 from asyncpool.pool.resets import reset_timeout
+from asyncpool.pool.unusable import closed_before_commit
 
 if TYPE_CHECKING:
     from collections import deque
@@ -344,9 +345,7 @@ def _cancelled_before_reclaim(exc: BaseException | None) -> bool:
 
 def _not_committed(owner: Checkouts, lease: Lease | None) -> PoolError:
     if lease is not None and lease.state is CLOSED:
-        return PoolClosedError(
-            f"pool {owner.name!r} was closed while this transaction was open: it was not committed"
-        )
+        return closed_before_commit(owner.name)
     if lease is not None and lease.state is TERMINATED:
         return PoolError(
             f"pool {owner.name!r}: the connection was terminated inside pool.transaction(): "

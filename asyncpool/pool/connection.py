@@ -18,7 +18,6 @@ from asyncpool.connect.driver import BY_NAME, FIRST_ROW, ROWS, STATUS, Connectio
 from asyncpool.connect.failures import (
     advise_on_prepared_statements,
     dropped_transport_error,
-    stopped_by_pool,
 )
 from asyncpool.errors import PoolError
 from asyncpool.options import (
@@ -30,7 +29,7 @@ from asyncpool.options import (
     timeout_error,
 )
 from asyncpool.pool.lease import ACTIVE, INHERITED, LEAKED, TERMINATED, Lease, task_of
-from asyncpool.pool.loop_bound import bind
+from asyncpool.pool.loop_bound import bind, stopped_under
 from asyncpool.pool.unsynced import (
     RUN_PER_ARGUMENT_SET,
     call_with_argument_sets,
@@ -177,10 +176,10 @@ def _statement(name: str) -> Callable[..., Any]:  # noqa: PLR0915 - one closure,
             result = await conn._execute(query, args, limit, None)
         except Exception as raised:
             exc = dropped_transport_error(raised, conn) if synced else raised
-            if lease.state is not ACTIVE and stopped_by_pool(exc):
+            if (stopped := stopped_under(record, lease, exc)) is not None:
                 # The pool closed it under the statement (close() past its timeout,
                 # terminate(), a leak reclaim): its error, not the driver's.
-                raise self._unusable() from exc
+                raise stopped from exc
             if lease.state is ACTIVE and left_unsynced(exc):
                 # Described and not run: an argument asyncpg's codec refused, its `timeout=`
                 # (asyncpg's cancel, below).

@@ -25,7 +25,7 @@ from asyncpool.connect.failures import (
     stopped_by_pool,
 )
 from asyncpool.connect.forwarding import LoopView
-from asyncpool.errors import PoolClosedError, PoolError
+from asyncpool.errors import PoolError
 from asyncpool.options import check_row_count, check_statement_timeout
 from asyncpool.pool.lease import ACTIVE, TERMINATED
 from asyncpool.pool.record import record_of
@@ -35,7 +35,7 @@ from asyncpool.pool.unsynced import (
     call_with_argument_sets,
     left_unsynced,
 )
-from asyncpool.pool.unusable import unusable
+from asyncpool.pool.unusable import closed_before_commit, unusable
 from asyncpool.unnamed.prepared import CheckedPreparedStatement
 
 if TYPE_CHECKING:
@@ -171,8 +171,7 @@ def _ended_by_pool(resource: Any) -> PoolError | None:
         return None
     name = record.owner.name
     if lease is None and record.owner.state is not OPEN:
-        return PoolClosedError(
-            f"pool {name!r} was closed while this transaction was open: it was not committed")
+        return closed_before_commit(name)
     # (Its lease is let go as the connection is retired: then terminated, at an invocation's end.)
     return unusable(lease.state if lease is not None else TERMINATED, name)
 

@@ -35,3 +35,11 @@ def unusable(state: LeaseState, pool_name: str) -> PoolError:
         f"pool {pool_name!r}: this connection was released back to the pool; "
         "acquire a new one"
     )
+
+
+def closed_before_commit(pool_name: str) -> PoolClosedError:
+    """The error for a transaction still open when its pool was closed (or terminated): the
+    pool closes the connection, so it was not committed (`pool.transaction()`'s, and a held
+    connection's ``async with conn.transaction():``'s)."""
+    return PoolClosedError(
+        f"pool {pool_name!r} was closed while this transaction was open: it was not committed")
