@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Unpack, get_args
 
 from asyncpool.connect.dsn import (
     LIBPQ_ONLY,
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     import asyncpg
 
+    from asyncpool.config_options import PoolConfigOptions
     from asyncpool.credentials.provider import CredentialProvider
     from asyncpool.pool.connection import PooledConnection
 
@@ -180,8 +181,9 @@ class PoolConfig:
         until an application installs the OpenTelemetry SDK).
     """
 
-    # A new option also goes in asyncpool.options.PoolOptions (the typed keywords of Pool() and
-    # create_pool(); tests/test_asyncpg_options.py checks that every field is there).
+    # A new option also goes in asyncpool.config_options.PoolSettings (the typed keywords of
+    # Pool(), create_pool(), replace() and from_env(); tests/test_asyncpg_options.py checks that
+    # every field is there).
     dsn: str | None = field(default=None, repr=False)
     name: str = "asyncpool"
     min_size: int = 1
@@ -228,8 +230,10 @@ class PoolConfig:
         return PoolConfig.__repr__(self)
 
     @config_errors_without_frames
-    def replace(self, **changes: Any) -> PoolConfig:
-        """A copy with `changes` applied (and checked)."""
+    def replace(self, **changes: Unpack[PoolConfigOptions]) -> PoolConfig:
+        """A copy with `changes` applied (and checked). Typed (`PoolConfigOptions`): a type
+        checker refuses ``replace(max_size="5")`` and a misspelt option; at run time they are
+        a `PoolConfigError` (naming the closest option)."""
         copy = dataclasses.replace(self, **changes)
         kept = {k: v for k, v in self._set_by.items() if k not in changes}
         if kept:
@@ -248,11 +252,13 @@ class PoolConfig:
 
     @classmethod
     @config_errors_without_frames
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 **overrides: Unpack[PoolConfigOptions]) -> PoolConfig:
         """Options from ``ASYNCPOOL_<OPTION>`` variables (``ASYNCPOOL_MAX_SIZE=5``...).
 
         ``none`` turns an optional limit off; an empty variable is not set (the default), as
-        libpq takes an empty ``PG*`` variable. `overrides` win over the environment.
+        libpq takes an empty ``PG*`` variable. `overrides` (`PoolConfig`'s fields, typed as
+        `replace()`'s) win over the environment.
         """
         env = os.environ if environ is None else environ
         warn_unknown_variables(env)

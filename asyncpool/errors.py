@@ -81,11 +81,13 @@ class TransactionRolledBackError(PoolError):
 
 
 class StaleStatementError(PoolError):
-    """A reused statement's rows could not be decoded (``prepared_statements="unnamed"``):
-    a result column was retyped to a type asyncpg reads in the other format than the rows came
-    in, and the server did not turn the values (refused, or no answer within the timeout), or a
-    prepared statement's ``fetchmany`` met a changed result. It ran and was not re-run; the next
-    call describes the statement afresh."""
+    """A statement's rows could not be decoded with its description. With
+    ``prepared_statements="unnamed"``: a reused statement's result column was retyped to a type
+    asyncpg reads in the other format than the rows came in, and the server did not turn the
+    values (refused, or no answer within the timeout), or a prepared statement's ``fetchmany``
+    met a changed result. On asyncpg's own path (``"off"``): a migration landed between asyncpg's
+    describe and its run, and the rows did not fit (asyncpg's error is the cause). It ran and
+    was not re-run; the next call describes the statement afresh."""
 
     #: False when the server refused the statement before running it; True when it may have run.
     may_have_run: bool = True

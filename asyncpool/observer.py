@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 #: A per-checkout hook: `PoolObserver.acquired` or `.released`, given seconds.
 Hook = Callable[[float], None]
@@ -53,7 +53,9 @@ class ConnectAttempt:
 
 @dataclass(frozen=True, slots=True)
 class LeakReport:
-    """A connection held past `leak_timeout`."""
+    """A connection held past `leak_timeout` (`reclaimed`: the pool took it back, under
+    ``leak_action="reclaim"``), or dropped by its holder without being given back (`dropped`:
+    found by the garbage collector; the pool has it back, and no holder is left to tell)."""
 
     pool_name: str
     held_seconds: float
@@ -61,6 +63,14 @@ class LeakReport:
     acquire_site: str
     reclaimed: bool
     target: Target
+    dropped: bool = False
+
+    @property
+    def action(self) -> Literal["reclaim", "log", "dropped"]:
+        """What became of the connection: the telemetry's ``asyncpool.leak.action``."""
+        if self.dropped:
+            return "dropped"
+        return "reclaim" if self.reclaimed else "log"
 
 
 class PoolObserver:
@@ -115,7 +125,8 @@ class PoolObserver:
         """An idle connection failed its checkout check and was replaced."""
 
     def leaked(self, report: LeakReport) -> None:
-        """A connection was held past `leak_timeout` (reclaimed or only reported)."""
+        """A connection was held past `leak_timeout` (reclaimed or only reported), or its holder
+        was collected without giving it back (a SQLAlchemy session never closed)."""
 
 
 class ObserverGroup(PoolObserver):

@@ -15,62 +15,31 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from asyncpool.config import (
     FLOAT_MAX,
-    CancelRequests,
     InitHook,
-    LeakAction,
     PoolConfig,
-    PreparedStatements,
     SetupHook,
-    SslMode,
     as_number,
 )
+from asyncpool.config_options import PoolSettings
 from asyncpool.errors import PoolConfigError
 
 if TYPE_CHECKING:
-    import ssl as ssl_module
 
     import asyncpg
 
     from asyncpool.credentials.provider import CredentialProvider
 
 
-class PoolOptionsWithoutRows(TypedDict, total=False):
+class PoolOptionsWithoutRows(PoolSettings, total=False):
     """`PoolOptions` but ``record_class`` and the hooks given its rows (``init``, ``setup``),
     which `Pool()` and `create_pool()` name on their own: type checkers then give the pool's
-    rows that class (``Pool[Row]``), and its hooks connections of them."""
+    rows that class (``Pool[Row]``), and its hooks connections of them. asyncpool's own
+    options (`PoolSettings`: PoolConfig's fields but dsn and the hooks), and asyncpg's."""
 
-    # asyncpool's own (PoolConfig's fields but dsn)
-    name: str
-    min_size: int
-    init_size: int | None
-    max_size: int
-    acquire_timeout: float | None
-    connect_timeout: float
-    max_lifetime: float | None
-    lifetime_jitter: float
-    max_idle: float | None
-    validate_after: float | None
-    prepared_statements: PreparedStatements
-    statement_cache_size: int
-    statement_cache_ttl: float | None
-    leak_timeout: float | None
-    leak_action: LeakAction
-    credentials: CredentialProvider | None
-    ssl: SslMode | bool | ssl_module.SSLContext | None
-    ssl_root_cert: str | os.PathLike[str] | None
-    allow_iam_without_tls: bool
-    server_settings: Mapping[str, str] | None
-    command_timeout: float | None
-    max_queries: int | None
-    cancel_requests: CancelRequests
-    require_auth: str | None
-    allow_unprotected_credentials: bool
-    connect_kwargs: Mapping[str, Any]
-    telemetry: bool
     # asyncpg's names for asyncpool options
     timeout: float
     max_inactive_connection_lifetime: float
@@ -156,8 +125,10 @@ UNFIT = {
              "needed (ROLLBACK of an open transaction, UNLISTEN * after LISTEN); run per-checkout "
              "statements in setup= (direct connections), or, behind a transaction-mode pooler, "
              "in the transaction (SET LOCAL, pool.transaction())",
+    # (Pool() and create_pool() take loop=: `asyncpool.pool.given_loop`; lambda_config() not.)
     "loop": "a pool uses the event loop it is opened on: open it from the loop that uses it "
-            "(see asyncpool.integrations.lambda_runner)",
+            "(see asyncpool.integrations.lambda_runner), or give loop= to Pool() or "
+            "create_pool(), which check it when the pool opens",
 }
 
 #: psycopg_pool's AsyncConnectionPool options that asyncpool does not take, and its way to get

@@ -96,11 +96,21 @@ def ablated_classes(name: str) -> Callable[[Any], None]:
     edits: dict[str, list[tuple[str, str]]] = {part: [] for part in _SOURCES}
     for part, old, new in ACQUIRE_ABLATIONS[name]:
         edits[part].append((old, new))
-    connection_class = type("AblatedConnection", (connection.PooledConnection,), {
-        "__slots__": (), "fetchval": _compile("statement", edits["statement"], {})("fetchval")})
+    fetchval = _compile("statement", edits["statement"], {})("fetchval")
+    # By the proxy class each connection had (`PooledConnection`, or its subclass with a
+    # __getattr__ for a connection class with attributes of its own: `proxy_class_for`).
+    connection_classes: dict[type, type] = {}
+
+    def ablated_connection(proxy_class: type) -> type:
+        made = connection_classes.get(proxy_class)
+        if made is None:
+            made = connection_classes[proxy_class] = type(
+                "AblatedConnection", (proxy_class,), {"__slots__": (), "fetchval": fetchval})
+        return made
+
     context_class = type("AblatedContext", (checkout.AcquireContext,), {
         "__slots__": (),
-        "__aenter__": _compile("enter", edits["enter"], {"PooledConnection": connection_class}),
+        "__aenter__": _compile("enter", edits["enter"], {}),
         "__aexit__": _compile("exit", edits["exit"], {}),
     })
     slots_class = type("AblatedSlots", (slots.Slots,), {
@@ -111,5 +121,7 @@ def ablated_classes(name: str) -> Callable[[Any], None]:
     def swap(target: Any) -> None:
         target.__class__ = pool_class
         target._slots.__class__ = slots_class
+        for record in target._slots.records:  # (the proxies its checkouts hand out)
+            record.proxy_class = ablated_connection(record.proxy_class)
 
     return swap

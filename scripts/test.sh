@@ -36,10 +36,13 @@ workers=${ASYNCPOOL_TEST_WORKERS:-4}
 dist=()
 [ "$workers" != 0 ] && dist=(--dist worksteal)
 .venv/bin/pytest -q -p no:cacheprovider -n "$workers" "${dist[@]}" "$@" || status=$?
+# After the main run, the SQLAlchemy 2.0 run and the Python 3.12 and 3.13 runs below go at once
+# (each mostly waits on servers and subprocesses; one after another they took 40 s + 3 min 15 s).
+later=()
 if [ $# -eq 0 ] && [ -x .cache/sqlalchemy-2.0/bin/python ]; then
-  echo "== SQLAlchemy 2.0 (the integration's tests; .venv has 2.1)"
   .cache/sqlalchemy-2.0/bin/python -m pytest -q -p no:cacheprovider tests/test_sqlalchemy.py \
-    tests/test_sqlalchemy_example.py || status=$?
+    tests/test_sqlalchemy_example.py tests/test_web_clients_leaving.py > "$logs/sqlalchemy-2.0.log" 2>&1 &
+  later+=("SQLAlchemy 2.0 (the integration's tests; .venv has 2.1):sqlalchemy-2.0:$!")
 fi
 # The Lambda and core suites again on Python 3.12 and 3.13 (the current Lambda runtimes, the only
 # ones with SnapStart), in the small venvs scripts/setup.sh builds, with the modules whose code paths
@@ -61,8 +64,10 @@ matrix_tests=(tests/unit tests/test_asyncpg_pool_api.py tests/lambda_runtime tes
               tests/test_tls.py tests/test_unnamed_wire.py tests/test_unnamed_prepare.py
               tests/test_unnamed_changes.py tests/test_unnamed_tls.py
               tests/test_sqlalchemy.py tests/test_sqlalchemy_example.py tests/test_fastapi_mangum.py
-              tests/test_fastapi_testing.py)
-matrix=()
+              tests/test_fastapi_testing.py tests/test_web_clients_leaving.py
+              # (four processes of 50 sessions each, three times: a load test, the same code
+              # paths as the module's other tests; about a minute of both cores per version)
+              --deselect tests/test_sqlalchemy.py::test_200_concurrent_sessions_in_four_processes)
 if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
   for v in 3.12 3.13; do
     venv=.venv${v/./}
@@ -72,14 +77,14 @@ if [ $# -eq 0 ] && [ "${ASYNCPOOL_TEST_MATRIX:-1}" != 0 ]; then
     fi
     ASYNCPOOL_MODEL_EXAMPLES=${ASYNCPOOL_MODEL_EXAMPLES:-200} "$venv/bin/python" -m pytest -q \
       -n 2 --dist worksteal -p no:cacheprovider "${matrix_tests[@]}" > "$logs/python$v.log" 2>&1 &
-    matrix+=("$v:$!")
+    later+=("pytest on Python $v (Lambda and core suites):python$v:$!")
   done
 fi
-for entry in "${matrix[@]}"; do
-  v=${entry%%:*}
-  echo "== pytest on Python $v (Lambda and core suites)"
-  wait "${entry#*:}" || status=$?
-  tail -n 30 "$logs/python$v.log"
+for entry in "${later[@]}"; do
+  IFS=: read -r title log pid <<< "$entry"
+  echo "== $title"
+  wait "$pid" || status=$?
+  tail -n 30 "$logs/$log.log"
 done
 echo "== leftover servers"
 .venv/bin/python scripts/check-no-leftover-servers.py --since "$before" || status=1

@@ -459,6 +459,8 @@ def main(argv: list[str]) -> int:
             if error is not None:
                 failed += 1
                 print(error, file=sys.stderr, flush=True)
+                if os.environ.get("DOC_EXAMPLES_STOP_AT_FAILURE"):
+                    break  # (a page broken on purpose: the blocks after it need not run)
     return 1 if failed else 0
 
 

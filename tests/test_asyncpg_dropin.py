@@ -108,3 +108,59 @@ async def test_the_connection_a_failing_setup_hook_was_given_reads_as_closed(
         # Given back open (the next holder's now): still refused, as asyncpg refuses it.
         with pytest.raises(asyncpool.PoolError, match="released back to the pool"):
             conn.is_closed()
+
+
+# -- loop= ------------------------------------------------------------------------------------
+
+
+async def test_loop_given_as_the_running_loop_is_taken(postgres: PostgresServer) -> None:
+    """asyncpg's ``create_pool(dsn, loop=loop)``, the loop that opens the pool: taken (asyncpool
+    refused any loop before), by create_pool() and Pool()."""
+    loop = asyncio.get_running_loop()
+    async with asyncpool.create_pool(postgres.dsn(), loop=loop, max_size=1,
+                                     telemetry=False) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+    async with asyncpool.Pool(postgres.dsn(), loop=loop, max_size=1, telemetry=False) as pool:
+        assert await pool.fetchval("SELECT 2") == 2
+
+
+def test_loop_given_before_it_runs_is_taken_by_the_open_it_runs(postgres: PostgresServer) -> None:
+    """asyncpg's older style: the pool made outside any loop with ``loop=``, then opened and used
+    by ``loop.run_until_complete()``."""
+    loop = asyncio.new_event_loop()
+    try:
+        pool = asyncpool.Pool(postgres.dsn(), loop=loop, max_size=1, telemetry=False)
+        loop.run_until_complete(pool.open())
+        try:
+            assert loop.run_until_complete(pool.fetchval("SELECT 3")) == 3
+        finally:
+            loop.run_until_complete(pool.close())
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("state", ["another", "a closed"])
+async def test_loop_given_as_another_loop_is_refused_at_open_before_connecting(
+        postgres: PostgresServer, state: str) -> None:
+    """A ``loop=`` that is not the loop running open() (asyncpg's connections would be bound to
+    one loop and used from the other): refused by open(), before any login, and the pool stays
+    new (it opens on the loop given)."""
+    name = f"dropin-other-loop-{state.rsplit(maxsplit=1)[-1]}"
+    other = asyncio.new_event_loop()
+    if state == "a closed":
+        other.close()
+    try:
+        pool = asyncpool.Pool(postgres.dsn(), loop=other, min_size=1, max_size=1,
+                              server_settings={"application_name": name}, telemetry=False)
+        for _ in range(2):  # (open() again: refused again, nothing left behind)
+            with pytest.raises(PoolConfigError, match=(
+                    rf"^pool 'asyncpool': loop= names {state} event loop, not the one running "
+                    r"open\(\): a pool uses the loop it is opened on; open it on the loop given")):
+                await pool.open()
+        with pytest.raises(PoolConfigError, match=f"loop= names {state} event loop"):
+            await asyncpool.create_pool(postgres.dsn(), loop=other, telemetry=False)
+        assert (pool.get_size(), repr(pool).split()[2]) == (0, "new")
+        assert await _backends(postgres, name) == 0
+        await pool.close()
+    finally:
+        other.close()

@@ -11,7 +11,7 @@ import json
 import pickle
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -19,6 +19,7 @@ import pytest
 import asyncpool
 from asyncpool import Pool, PoolConfig, PoolConfigError, PooledConnection
 from asyncpool.config import PreparedStatements
+from asyncpool.integrations.aws_lambda import lambda_config
 from asyncpool.options import translate
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.conftest import Pooler
@@ -399,6 +400,74 @@ async def test_record_class(request: pytest.FixtureRequest, mode: PreparedStatem
             assert isinstance(rows[0], _Row)
 
 
+class _SubRow(_Row):
+    pass
+
+
+class _RowPool(Pool[_Row]):
+    """A subclass that declares its rows (``Pool[_Row]``) and leaves record_class to callers."""
+
+
+class _RowsGivenPool(Pool[_Row]):
+    """A subclass that declares its rows and gives their class itself."""
+
+    def __init__(self, dsn: str, **options: Any) -> None:
+        super().__init__(dsn, record_class=_Row, **options)
+
+
+_R = TypeVar("_R", bound=asyncpg.Record)
+
+
+class _GenericPool(Pool[_R]):
+    """A subclass generic in its rows: they are whatever it is made with."""
+
+
+class _RowGenericPool(_GenericPool[_Row]):
+    pass
+
+
+async def test_a_subclass_declaring_its_rows_made_with_their_class_returns_them(
+        postgres: PostgresServer) -> None:
+    """``class RowPool(Pool[Row])`` made with ``record_class=Row`` (or a subclass, or in its
+    `config`), or giving it itself, returns Rows; one generic in its rows takes any class."""
+    dsn = postgres.dsn()
+    pools: list[tuple[Pool[_Row], type[_Row]]] = [
+        (_RowPool(dsn, record_class=_Row), _Row),
+        (_RowPool(dsn, record_class=_SubRow), _SubRow),
+        (_RowPool(config=PoolConfig(dsn=dsn, connect_kwargs={"record_class": _Row})), _Row),
+        (_RowsGivenPool(dsn), _Row),
+        (_RowGenericPool(dsn, record_class=_Row), _Row),
+        (_GenericPool(dsn, record_class=_SubRow), _SubRow),
+    ]
+    for pool, record_class in pools:
+        async with pool:
+            row = await pool.fetchrow("SELECT $1::int AS n", 21)
+            assert type(row) is record_class
+            assert row.doubled() == 42
+    records: _GenericPool[asyncpg.Record] = _GenericPool(dsn, max_size=1, telemetry=False)
+    async with records:
+        assert type(await records.fetchrow("SELECT 1")) is asyncpg.Record
+
+
+@pytest.mark.parametrize("cls", [_RowPool, _RowGenericPool])
+def test_a_subclass_declaring_its_rows_is_refused_without_their_class(cls: type[Pool[_Row]]) -> None:
+    """Type checkers take ``RowPool(dsn)`` (a Pool[Row] is a Pool[Record]), whose rows would be
+    asyncpg's Records: refused when made, naming the record class to give."""
+    name = cls.__qualname__
+    dsn = "postgresql://a@h/d"
+    with pytest.raises(PoolConfigError, match=(
+            rf"^{name} is a Pool\[_Row\] but was made without record_class=: its rows would be "
+            rf"asyncpg.Record, not _Row. Give record_class=_Row \(or a subclass of it\) to "
+            rf"{name}\(\), or have {name}.__init__ pass it to Pool.__init__$")):
+        cls(dsn)
+    with pytest.raises(PoolConfigError, match=rf"^{name} is a Pool\[_Row\] but was made without"):
+        cls(config=PoolConfig(dsn=dsn))
+    with pytest.raises(PoolConfigError, match=(
+            rf"^{name} is a Pool\[_Row\] but was made with record_class=asyncpg.Record: its rows "
+            "would be asyncpg.Record, not _Row")):
+        cls(dsn, record_class=asyncpg.Record)  # type: ignore[arg-type]  # (refused by mypy too)
+
+
 async def test_server_settings(postgres: PostgresServer, legacy: PgBouncerServer) -> None:
     settings = {"application_name": "dropin-app", "search_path": "pg_catalog"}
     async with Pool(postgres.dsn(), name="server-settings", max_size=1, server_settings=settings,
@@ -554,12 +623,25 @@ def test_good_connect_values_are_taken() -> None:
     [
         ("connect", "credentials="),
         ("reset", "resets a returned connection itself"),
-        ("loop", "the event loop it is opened on"),
     ],
 )
 def test_options_that_do_not_fit_name_the_equivalent(name: str, equivalent: str) -> None:
     with pytest.raises(PoolConfigError, match=f"{name}=: not an asyncpool option; .*{equivalent}"):
         Pool("postgresql://a@h/d", **_options(name, object()))
+
+
+def test_loop_must_be_an_event_loop() -> None:
+    """asyncpg's ``loop=`` is taken by Pool() and create_pool() (tests/test_asyncpg_dropin.py);
+    something else than a loop is refused when the pool is made. lambda_config(), which makes
+    a PoolConfig (no loop in it), refuses it, naming where it is taken."""
+    with pytest.raises(PoolConfigError, match=(
+            r"^loop=object: must be an asyncio event loop \(the one that opens the pool\) or "
+            "None; a pool uses the event loop it is opened on$")):
+        Pool("postgresql://a@h/d", **_options("loop", object()))
+    with pytest.raises(PoolConfigError, match=(
+            r"loop=: not an asyncpool option; a pool uses the event loop it is opened on: .* "
+            r"or give loop= to Pool\(\) or create_pool\(\), which check it when the pool opens")):
+        lambda_config(**_options("loop", object()))
 
 
 def test_options_that_do_not_fit_take_asyncpgs_default() -> None:
@@ -607,6 +689,18 @@ def test_every_pool_config_field_is_a_typed_option() -> None:
     from asyncpool.options import PoolOptions
 
     assert {f.name for f in fields(PoolConfig)} - {"dsn"} <= set(PoolOptions.__annotations__)
+
+
+def test_replace_and_from_env_take_every_pool_config_field_with_its_type() -> None:
+    """PoolConfigOptions (what type checkers see of ``PoolConfig.replace()``'s and
+    ``from_env()``'s keywords) is PoolConfig's fields, each typed as the field is."""
+    from dataclasses import fields
+
+    from asyncpool.config_options import PoolConfigOptions
+
+    typed = {name: getattr(hint, "__forward_arg__", hint)
+             for name, hint in PoolConfigOptions.__annotations__.items()}
+    assert typed == {f.name: f.type for f in fields(PoolConfig)}
 
 
 def test_record_class_not_given_shows_its_meaning_and_survives_a_copy() -> None:

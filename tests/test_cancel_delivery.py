@@ -23,6 +23,7 @@ from asyncpool import ConnectionLeakedError, Pool
 from asyncpool.connect import driver
 from asyncpool.testing import PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
+from tests.pool_watchers import PoolWork
 
 FAST = 1.5  # seconds: far below RELEASE_TIMEOUT (5 s), the wait a lost cancel costs
 
@@ -216,5 +217,31 @@ async def test_closing_for_a_cut_short_statement_keeps_the_callers_error_in_conn
             with pytest.raises(TimeoutError if how == "timeout" else asyncio.CancelledError):
                 await asyncio.wait_for(task, 10)
             assert await asyncio.wait_for(pool.fetchval("SELECT 1"), FAST) == 1
+    finally:
+        await postgres.end_statements(token)
+
+
+@pytest.mark.parametrize("cancels", ["off", "keyless"])
+async def test_a_connection_closed_for_an_undeliverable_cancel_is_not_taken_for_lost(
+        postgres: PostgresServer, keyless: FaultProxy, cancels: str) -> None:
+    """The connection closed instead of cancelled, given back after its holder awaited
+    anything (a log, a fallback), was taken for one the server lost: every idle connection was
+    checked before its next checkout (a round trip each: validate_after ignored), and the
+    close reported as "broken" to observers. Found by the model (tests/unit/test_model.py)."""
+    token = f"t{uuid.uuid4().hex[:10]}"
+    dsn = postgres.dsn() if cancels == "off" else keyless.dsn(postgres.dsn())
+    closes = PoolWork()
+    try:
+        async with Pool(dsn, name="cancel-not-lost", min_size=2, max_size=2, telemetry=False,
+                        validate_after=60, observers=[closes],
+                        cancel_requests="off" if cancels == "off" else "auto") as pool:
+            async with pool.acquire() as conn:
+                with pytest.raises(TimeoutError):
+                    await conn.fetch(_sleep_sql(token), timeout=0.3)
+                await asyncio.sleep(0)
+                assert conn.is_closed()
+            assert closes.reasons == ["cancel undeliverable"]
+            assert await asyncio.wait_for(pool.fetchval("SELECT 1"), FAST) == 1  # (the idle one)
+            assert closes.counts["validate"] == 0
     finally:
         await postgres.end_statements(token)

@@ -64,7 +64,10 @@ def doc_dsn(stack: ServerStack) -> str:
     return stack.current.dsn(database=DATABASE)
 
 
-def _run_page(page: str, dsn: str, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def _run_page(page: str, dsn: str, root: Path = ROOT, *,
+              stop_at_failure: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `page`'s blocks in a process of their own; with `stop_at_failure`, none after the
+    first that fails (the page then fails as it would with them)."""
     env = {k: v for k, v in os.environ.items() if v is not None}
     for name, value in aws_environment(region="us-east-1").items():
         if value is None:
@@ -79,6 +82,8 @@ def _run_page(page: str, dsn: str, root: Path = ROOT) -> subprocess.CompletedPro
         DB_AUTH="iam",  # docs/poolers.md reads it
         AWS_LAMBDA_FUNCTION_NAME="doc-examples",  # the handlers run as on Lambda
     )
+    if stop_at_failure:
+        env["DOC_EXAMPLES_STOP_AT_FAILURE"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "tests.doc_examples", page, str(root)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, check=False,
@@ -293,7 +298,8 @@ def test_a_broken_example_fails(docs_copy: Path, doc_dsn: str, case: tuple[str, 
     path = docs_copy / page
     assert path.read_text().count(old) == 1
     path.write_text(path.read_text().replace(old, new))
-    result = _run_page(page, doc_dsn, docs_copy)
+    # The blocks after the broken one (seconds of them on docs/serverless.md) are not run.
+    result = _run_page(page, doc_dsn, docs_copy, stop_at_failure=True)
     assert result.returncode == 1
     assert "FAILED" in result.stdout
     assert says in result.stderr, result.stderr[-3000:]

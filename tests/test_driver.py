@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -122,6 +123,70 @@ async def test_aborted_and_is_connected_say_a_connection_is_gone(
         assert driver.returned(other) == driver.BROKEN
     finally:
         other.terminate()
+
+
+async def test_cleanup_runs_while_the_protocol_still_holds_the_reply_future(
+        postgres: PostgresServer) -> None:
+    """A connection lost under a statement: asyncpg calls `_cleanup` before it fails the reply
+    future its protocol holds, which `_cleanup_retrieving` (the pool's connection class) finds
+    there with the garbage collector's references; the statement still gets its error (the
+    COPY that never awaits its own: tests/faults/test_network.py)."""
+    pending: list[asyncio.Future[Any]] = []
+
+    def cleanup(self: Any) -> None:
+        pending.extend(value for value in gc.get_referents(self._protocol)
+                       if isinstance(value, asyncio.Future) and not value.done())
+        _cleanup_of_pool_class(self)
+
+    pool_class = driver.cancel_aware_class(None, cancels=True)
+    _cleanup_of_pool_class = pool_class._cleanup
+    watched = type("Watched", (pool_class,), {"__slots__": (), "_cleanup": cleanup})
+    conn: Any = await asyncpg.connect(postgres.dsn(), connection_class=watched)
+    other = await asyncpg.connect(postgres.dsn())
+    try:
+        running = asyncio.ensure_future(conn.fetchval("SELECT pg_sleep(10)"))
+        await asyncio.sleep(0.2)
+        await other.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+            await asyncio.wait_for(running, 5)
+        assert len(pending) == 1  # the statement's reply
+    finally:
+        conn.terminate()
+        await other.close()
+
+
+async def test_copy_in_holds_one_reply_future_and_drops_it_at_the_servers_error(
+        conn: Any) -> None:
+    """What `asyncpool.connect.copy_end` reads of asyncpg's COPY FROM STDIN: once the source is
+    first asked for a chunk, the protocol's only future is the COPY's reply, not done; the
+    server's error completes it and the protocol drops it (then holds no future) while the
+    COPY still waits for its source; a chunk written after that is ignored by the server, whose
+    error asyncpg then raises."""
+    from asyncpool.connect import copy_end
+
+    await conn.execute("CREATE TEMP TABLE copy_in_reply (x int)")
+    seen: list[Any] = []
+    ended = asyncio.Event()
+
+    async def source() -> AsyncIterator[bytes]:
+        seen.append(copy_end._reply_future(conn))
+        yield b"1\n"
+        yield b"not a number\n"  # (the server's error: it ends the COPY)
+        await ended.wait()
+        seen.append([value for value in gc.get_referents(conn._protocol)
+                     if isinstance(value, asyncio.Future)])
+        yield b"2\n"
+
+    copying = asyncio.ensure_future(conn.copy_to_table("copy_in_reply", source=source()))
+    async with asyncio.timeout(5):
+        while not (seen and seen[0].done()):
+            await asyncio.sleep(0.02)
+    assert isinstance(copy_end.server_error(seen[0]), asyncpg.InvalidTextRepresentationError)
+    ended.set()
+    with pytest.raises(asyncpg.InvalidTextRepresentationError):
+        await asyncio.wait_for(copying, 5)
+    assert seen[1] == []  # (dropped before the source's last chunk)
+    assert await conn.fetchval("SELECT count(*) FROM copy_in_reply") == 0
 
 
 async def test_the_probe_answers_as_is_closed_and_is_in_transaction(
@@ -337,8 +402,8 @@ def test_own_body_is_what_asyncpg_runs(method: str) -> None:
                               "execute": (0, driver.STATUS)}[method]
 
 
-#: asyncpg's ``Connection._cancel``: the steps `driver._cancel_as_connected` repeats for a
-#: connection made with direct TLS, with the request sent over direct TLS.
+#: asyncpg's ``Connection._cancel``: the steps `driver._cancel_as_connected` repeats, with the
+#: request sent as the connection was made (direct TLS too), by a task nothing cuts short.
 ASYNCPG_CANCEL = (
     "try:\n"
     "    async with compat.timeout(self._config.command_timeout):\n"

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
@@ -30,6 +31,10 @@ from tests.lambda_env import Environment, app_clients, local_port, scratch_table
 
 
 class HandlerFailed(Exception):
+    pass
+
+
+class Row(asyncpg.Record):
     pass
 
 
@@ -285,6 +290,32 @@ async def test_stacks_under_powertools_logger_and_metrics(
     assert [e["function_request_id"] for e in answered] == [c.aws_request_id for c in contexts]
     emf = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
     assert [doc["Answers"] for doc in emf] == [[1.0]] * 3
+
+
+async def test_current_connection_of_the_decorators_pool_is_the_invocations(
+        env: Environment, postgres: PostgresServer) -> None:
+    """``current_connection(pool)`` (typed by the pool's rows) is the invocation's connection
+    when `pool` is the decorator's; another pool's is a PoolError naming both, not a
+    connection of the wrong pool (or rows)."""
+    pool = env.pool(postgres.dsn(), name="served", record_class=Row)
+    other = env.pool(postgres.dsn(), name="other")
+
+    @pooled_connection(pool, runner=env.runner)
+    async def handler(event: dict[str, Any], context: Any) -> tuple[bool, str, str]:
+        conn = current_connection(pool)
+        row = await conn.fetchrow("SELECT 1 AS n")
+        try:
+            current_connection(other)
+        except PoolError as exc:
+            refused = str(exc)
+        else:
+            refused = "not refused"
+        return conn is current_connection(), type(row).__name__, refused
+
+    assert await env.invoke(handler) == (True, "Row", (
+        "current_connection(pool): pool 'other' is not the one this handler is decorated with "
+        "(@pooled_connection of pool 'served'), whose connection the invocation holds"))
+    assert pool.stats().in_use == 0
 
 
 def test_current_connection_outside_a_decorated_handler_says_how_to_get_one() -> None:

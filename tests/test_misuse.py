@@ -4,7 +4,9 @@ thread or loop, must not reach the connection another holder has now."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -258,83 +260,141 @@ async def test_a_cursors_row_count_that_is_no_count_is_refused_before_it_is_sent
         assert [row async for row in statement.cursor(prefetch=2**31 - 1)][-1] == (5,)
 
 
-_SLEEP = "SELECT pg_sleep(10) FROM generate_series(1, 2)"
-
-
-def _statements_and_cursors(conn: Any) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
+def _statements_and_cursors(conn: Any, tag: str
+                            ) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
     """A prepared statement's and a cursor's steps that run until cut off (10 s a row), each
     made through the held `conn` (in a transaction: cursors need one, and a transaction pooler
-    keeps a prepared statement only there)."""
+    keeps a prepared statement only there). Their queries name `tag`: a sleep, or the function
+    ``tag(n)`` (`_planned_sleep`), which the server calls as it plans the query (for a cursor,
+    as it is opened: its Bind)."""
+    sleep = f"SELECT pg_sleep(10) /* {tag} */ FROM generate_series(1, 2)"
+    planned, planned_with = f"SELECT {tag}(1)", f"SELECT {tag}($1::int)"
+
     async def prepared() -> object:
-        return await (await conn.prepare(_SLEEP)).fetch()
+        return await (await conn.prepare(sleep)).fetch()
 
     async def cursor_fetch() -> object:
-        return await (await conn.cursor(_SLEEP)).fetch(1)
+        return await (await conn.cursor(sleep)).fetch(1)
 
     async def cursor_iterator() -> object:
-        async for row in conn.cursor(_SLEEP, prefetch=1):
+        async for row in conn.cursor(sleep, prefetch=1):
             return row
         return None
 
     async def cursor_forward() -> object:
-        return await (await conn.cursor(_SLEEP)).forward(1)
+        return await (await conn.cursor(sleep)).forward(1)
 
     async def prepared_cursor() -> object:
-        return await (await (await conn.prepare(_SLEEP)).cursor()).fetchrow()
+        return await (await (await conn.prepare(sleep)).cursor()).fetchrow()
+
+    async def cursor_opening() -> object:
+        return await conn.cursor(planned)
+
+    async def cursor_iterator_opening() -> object:
+        async for row in conn.cursor(planned, prefetch=1):
+            return row
+        return None
+
+    async def prepared_cursor_opening() -> object:
+        return await (await conn.prepare(planned_with)).cursor(1)
+
+    async def explain() -> object:
+        return await (await conn.prepare(planned_with)).explain(1)
+
+    async def prepared_fetchmany() -> object:
+        return await (await conn.prepare(planned_with)).fetchmany([(1,)])
+
+    async def prepared_executemany() -> object:
+        return await (await conn.prepare(planned_with)).executemany([(1,)])
+
+    async def explain_analyze() -> object:
+        return await (await conn.prepare(sleep)).explain(analyze=True)
 
     return {"prepared": prepared, "cursor_fetch": cursor_fetch,
             "cursor_iterator": cursor_iterator, "cursor_forward": cursor_forward,
-            "prepared_cursor": prepared_cursor}
+            "prepared_cursor": prepared_cursor, "cursor_opening": cursor_opening,
+            "cursor_iterator_opening": cursor_iterator_opening,
+            "prepared_cursor_opening": prepared_cursor_opening, "explain": explain,
+            "explain_analyze": explain_analyze, "prepared_fetchmany": prepared_fetchmany,
+            "prepared_executemany": prepared_executemany}
 
 
-async def _sleeping(dsn: str, running: asyncio.Task[object]) -> None:
-    """Until `running`'s statement runs on the server (in its pg_sleep), or has ended."""
+async def _sleeping(dsn: str, running: asyncio.Task[object], tag: str) -> None:
+    """Until `running`'s statement (its query names `tag`) sleeps on the server, or has ended."""
     watch = await asyncpg.connect(dsn, statement_cache_size=0)
     try:
         for _ in range(200):  # 10 s
             if running.done() or await watch.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = $1 "
-                    "AND wait_event = 'PgSleep'", _SLEEP):
+                    "SELECT count(*) FROM pg_stat_activity WHERE strpos(query, $1) > 0 "
+                    "AND wait_event = 'PgSleep'", tag):
                 return
             await asyncio.sleep(0.05)
     finally:
         await watch.close()
 
 
+@contextlib.asynccontextmanager
+async def _planned_sleep(dsn: str) -> AsyncIterator[str]:
+    """The name of a function, made for the block, that sleeps 10 s and returns its argument;
+    immutable, so that the server calls it as it plans a query that calls it with a constant."""
+    name = f"cut_off_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        await admin.execute(f"CREATE FUNCTION {name}(n int) RETURNS int IMMUTABLE "
+                            "LANGUAGE plpgsql AS $$BEGIN PERFORM pg_sleep(10); RETURN n; END$$")
+        yield name
+    finally:
+        await admin.execute(f"DROP FUNCTION IF EXISTS {name}(int)")
+        await admin.close()
+
+
 async def _cut_off_statements_and_cursors(dsn: str, mode: Any) -> None:
     """A prepared statement or a cursor still running (in another task) when its connection is
     given back, the pool terminated, or the checkout reclaimed as a leak got asyncpg's
     ConnectionDoesNotExistError (or the QueryCanceledError of the pool's cancel request), where
-    the held connection's own statements get the pool's error: now they get it too."""
-    ends: dict[str, tuple[type[asyncpool.PoolError], str]] = {
-        "release": (asyncpool.PoolError, "released back to the pool"),
-        "terminate": (asyncpool.PoolClosedError, "was closed while this connection was held"),
-        "leak": (asyncpool.ConnectionLeakedError, "held past leak_timeout"),
-    }
-    for end, (error, message) in ends.items():
-        for name in _statements_and_cursors(None):
-            pool = Pool(dsn, max_size=1, telemetry=False, prepared_statements=mode,
-                        leak_timeout=1.5 if end == "leak" else None)
-            await pool.open()
-            conn = await pool.acquire()
-            transaction = conn.transaction()
-            await transaction.start()
-            running = asyncio.create_task(_statements_and_cursors(conn)[name]())
-            await _sleeping(dsn, running)
-            assert end == "leak" or not running.done(), name
-            if end == "release":
-                await pool.release(conn)
-            elif end == "terminate":
-                pool.terminate()
-            with pytest.raises(error, match=message) as info:
-                await asyncio.wait_for(running, 10)  # (the leak reclaim: within its timeout)
-            assert isinstance(info.value.__cause__, (asyncpg.ConnectionDoesNotExistError,
-                                                     asyncpg.QueryCanceledError)), (end, name)
-            await pool.release(conn)  # (a no-op now)
-            if end == "terminate":
-                continue
-            assert pool.stats().in_use == 0, (end, name)
-            await pool.close()
+    the held connection's own statements get the pool's error: now they get it too. So do a
+    cursor cut off as it is opened (``await conn.cursor(...)``, a prepared statement's) and a
+    prepared statement's ``explain()``, which asyncpg runs through the connection itself (and
+    ``explain(analyze=True)`` failed rolling back its savepoint: InterfaceError)."""
+    async with _planned_sleep(dsn) as tag:
+        for end in _ENDS:
+            for name in _statements_and_cursors(None, tag):
+                await _cut_off(dsn, mode, tag, end, name)
+
+
+_ENDS: dict[str, tuple[type[asyncpool.PoolError], str]] = {
+    "release": (asyncpool.PoolError, "released back to the pool"),
+    "terminate": (asyncpool.PoolClosedError, "was closed while this connection was held"),
+    "leak": (asyncpool.ConnectionLeakedError, "held past leak_timeout"),
+}
+
+
+async def _cut_off(dsn: str, mode: Any, tag: str, end: str, name: str) -> None:
+    """Statement or cursor `name` running in another task when the pool ends its checkout
+    (`end`): it gets the pool's error, with asyncpg's as the cause."""
+    error, message = _ENDS[end]
+    pool = Pool(dsn, max_size=1, telemetry=False, prepared_statements=mode,
+                leak_timeout=1.5 if end == "leak" else None)
+    await pool.open()
+    conn = await pool.acquire()
+    transaction = conn.transaction()
+    await transaction.start()
+    running = asyncio.create_task(_statements_and_cursors(conn, tag)[name]())
+    await _sleeping(dsn, running, tag)
+    assert end == "leak" or not running.done(), name
+    if end == "release":
+        await pool.release(conn)
+    elif end == "terminate":
+        pool.terminate()
+    with pytest.raises(error, match=message) as info:
+        await asyncio.wait_for(running, 10)  # (the leak reclaim: within its timeout)
+    assert isinstance(info.value.__cause__, (asyncpg.ConnectionDoesNotExistError,
+                                             asyncpg.QueryCanceledError)), (end, name)
+    await pool.release(conn)  # (a no-op now)
+    if end == "terminate":
+        return
+    assert pool.stats().in_use == 0, (end, name)
+    await pool.close()
 
 
 @pytest.mark.parametrize("mode", ["unnamed", "on", "off"])

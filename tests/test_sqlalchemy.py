@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import gc
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import asyncpg
@@ -27,11 +29,12 @@ from asyncpool import (
     PoolConfigError,
     PoolTimeoutError,
 )
-from asyncpool.config import PreparedStatements
+from asyncpool.config import LeakAction, PreparedStatements
 from asyncpool.integrations.sqlalchemy import LendingPool, create_async_engine
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from tests.cancel_support import cancelled_once_running
 from tests.conftest import Pooler
+from tests.pool_watchers import PoolWork
 from tests.test_unnamed_wire import CountingRelay
 
 #: (PgBouncer, statement mode) pairs that must work: 1.18 has no prepared statements.
@@ -546,8 +549,6 @@ async def test_a_session_collected_unclosed_frees_its_slot_at_once(
     session is collected, SQLAlchemy gives its connection back, as its own pool does. The
     acquire site the pool keeps (for a leak report) holds no frame, so the handler's locals (the
     session) are collectable; it waited for leak_timeout (30 s) before."""
-    import gc
-
     server = _pooler(request, "legacy")
     async with Pool(server.dsn(), name="sqla-gc", max_size=1, acquire_timeout=5,
                     telemetry=False) as pool:
@@ -567,14 +568,14 @@ async def test_a_session_collected_unclosed_frees_its_slot_at_once(
         await engine.dispose()
 
 
-async def test_a_connection_collected_in_another_thread_is_terminated_on_the_pools_loop(
+async def test_a_connection_collected_in_another_thread_is_given_back_on_the_pools_loop(
         postgres: PostgresServer, schema: None, caplog: pytest.LogCaptureFixture) -> None:
     """SQLAlchemy terminates a connection the garbage collector finds not given back, in the
     thread the collection runs in. From another thread, the pool's bookkeeping and asyncpg's
     transport were changed off their loop (in debug mode: "Non-thread-safe operation", the
     connection half retired). It is handed to the pool's loop, and a caller waiting for the
-    slot gets it."""
-    import gc
+    slot gets it: the same connection, its transaction rolled back (it was closed, and the
+    waiter logged in again)."""
     import threading
 
     asyncio.get_running_loop().set_debug(True)
@@ -604,8 +605,202 @@ async def test_a_connection_collected_in_another_thread_is_terminated_on_the_poo
             gc.enable()
         assert not [r for r in caplog.records if "Exception terminating" in r.getMessage()]
         assert await asyncio.wait_for(waiter, 3) == 2
-        assert pool.stats().closed_total == 1
+        stats = pool.stats()
+        assert (stats.created_total, stats.closed_total, stats.leaked_total) == (1, 0, 1), stats
         await engine.dispose()
+
+
+async def _use_every_connection(pool: Pool, count: int) -> list[str | None]:
+    """Take `count` connections at once (each idle one, when that many are idle), run a
+    statement on each, give them back: the mark a dropped transaction set on each, if any."""
+    held = [await pool.acquire() for _ in range(count)]
+    try:
+        return [await conn.fetchval("SELECT current_setting('asyncpool.dropped', true)")
+                for conn in held]
+    finally:
+        for conn in held:
+            await pool.release(conn)
+
+
+@contextlib.asynccontextmanager
+async def _warm_engine(dsn: str, name: str, size: int,
+                       **options: Any) -> AsyncIterator[tuple[Pool, Any, PoolWork]]:
+    """A pool with `size` connections logged in and idle, what it does on its own, and an engine
+    over it. validate_after: no connection is due a check by the clock, however slow the
+    machine."""
+    work = PoolWork()
+    async with Pool(dsn, name=name, min_size=0, max_size=size, validate_after=60,
+                    acquire_timeout=5, telemetry=False, observers=[work], **options) as pool:
+        engine = create_async_engine(pool)
+        await _use_every_connection(pool, size)
+        yield pool, engine, work
+        await engine.dispose()
+
+
+async def _left_in_a_transaction(engine: Any) -> None:
+    """Open a connection and a transaction that marks its session, and drop them."""
+    conn = await engine.connect()
+    await conn.execute(sa.text("SELECT set_config('asyncpool.dropped', 'left', true)"))
+
+
+async def _collected(pool: Pool, forgetful: Callable[[], Awaitable[object]],
+                     caplog: pytest.LogCaptureFixture | None = None) -> None:
+    """Run `forgetful`, which leaves a SQLAlchemy connection unclosed, collect it (SQLAlchemy
+    warns of that), and wait until the pool has it back; leak reports go to `caplog`."""
+    async def dropped() -> None:
+        await forgetful()
+        gc.collect()
+
+    with (caplog.at_level(logging.WARNING, logger="asyncpool.leaks") if caplog
+          else contextlib.nullcontext()), \
+            pytest.warns(sa.exc.SAWarning, match="garbage collector"):
+        await dropped()
+    await _settled(pool)
+
+
+@pytest.mark.parametrize("where", ["1.18", "postgres"])
+@pytest.mark.parametrize("dropped", ["connection, idle", "connection in a transaction",
+                                     "session in a transaction"])
+async def test_a_connection_dropped_unclosed_is_given_back_and_the_idle_ones_are_left_alone(
+        request: pytest.FixtureRequest, schema: None, caplog: pytest.LogCaptureFixture,
+        dropped: str, where: str) -> None:
+    """A SQLAlchemy connection (or session) the application drops without closing it is
+    terminated by SQLAlchemy when the garbage collector finds it. The pool took that as a lost
+    connection: it closed it (a login to replace it) and marked every idle connection for a
+    check (a round trip each: 4 here). It is given back now, its transaction rolled back in a
+    task of the pool's, and reported as a leak (the WARNING, ``leaked_total``), naming the
+    application's line; the idle connections are lent without a check."""
+    server: PostgresServer | PgBouncerServer = (
+        request.getfixturevalue("postgres") if where == "postgres" else _pooler(request, "legacy"))
+    async with _warm_engine(server.dsn(), "sqla-dropped", 5) as (pool, engine, work):
+        before = pool.stats()
+
+        async def forgetful() -> None:
+            mark = sa.text("SELECT set_config('asyncpool.dropped', 'left open', true)")
+            if dropped == "session in a transaction":
+                session = async_sessionmaker(engine)()
+                await session.execute(mark)
+            else:
+                conn = await engine.connect()
+                if dropped == "connection in a transaction":
+                    await conn.execute(mark)
+
+        await _collected(pool, forgetful, caplog)
+        # (Rolled back: the mark is gone, or was never set; '' once set in a session.)
+        assert not any(await _use_every_connection(pool, 5))
+        after = pool.stats()
+        # Logins, connections closed, idle ones checked, resets: (1, 1, 4, 0) before.
+        assert (after.created_total - before.created_total,
+                after.closed_total - before.closed_total, work.counts["validate"],
+                work.counts["reset"]) == (0, 0, 0, 0 if dropped == "connection, idle" else 1), \
+            work.counts
+        assert after.leaked_total == 1
+        reports = [r for r in caplog.records if r.name == "asyncpool.leaks"]
+        assert len(reports) == 1, [r.getMessage() for r in reports]
+        assert reports[0].asyncpool_dropped  # type: ignore[attr-defined]
+        assert "dropped without being given back" in reports[0].getMessage()
+        site: str = reports[0].asyncpool_acquire_site  # type: ignore[attr-defined]
+        assert f'File "{__file__}"' in site, site
+        assert "in forgetful" in site, site
+
+
+@pytest.mark.parametrize("leak_action", ["log", "reclaim"])
+async def test_a_connection_dropped_after_its_leak_report_is_reported_once(
+        request: pytest.FixtureRequest, schema: None, caplog: pytest.LogCaptureFixture,
+        leak_action: LeakAction) -> None:
+    """A connection held past leak_timeout, then dropped: with ``leak_action="log"`` it was
+    reported and left with its holder, and its collection gives it back (rolled back; closed
+    before, as lost) with the "returned after all" line, not a second report. Reclaimed
+    (``"reclaim"``), it was closed already: the collection takes nothing back twice."""
+    async with _warm_engine(_pooler(request, "legacy").dsn(), "sqla-dropped-late", 2,
+                            leak_timeout=1.0, leak_action=leak_action) as (pool, engine, work):
+
+        async def forgetful() -> None:
+            # (leak_timeout leaves this statement a second: reclaimed first, under a loaded
+            # machine's 0.2 s, it failed, and SQLAlchemy invalidated the connection.)
+            await _left_in_a_transaction(engine)
+            for _ in range(200):  # until it is reported (bounded: 10 s)
+                if pool.stats().leaked_total:
+                    break
+                await asyncio.sleep(0.05)
+
+        await _collected(pool, forgetful, caplog)
+        stats = pool.stats()
+        assert stats.leaked_total == 1
+        messages = [r.getMessage() for r in caplog.records if r.name == "asyncpool.leaks"]
+        if leak_action == "log":
+            assert len(messages) == 2, messages
+            assert "returned after" in messages[1], messages
+            assert (stats.created_total, stats.closed_total, stats.idle) == (2, 0, 2), stats
+            assert work.counts["reset"] == 1, work.counts
+        else:
+            assert len(messages) == 1, messages
+            assert "reclaimed it" in messages[0], messages
+            assert (stats.created_total, stats.closed_total) == (2, 1), stats
+        assert not any(await _use_every_connection(pool, 2))
+        assert work.counts["validate"] == 0, work.counts
+
+
+async def test_a_detached_connection_is_closed_alone(
+        request: pytest.FixtureRequest, schema: None) -> None:
+    """``Connection.detach()`` takes a connection out of SQLAlchemy's pool (its session state
+    must not reach another holder): closed, it is closed, as SQLAlchemy's own pools close it.
+    SQLAlchemy terminates it then, and the pool took that for a lost connection: every idle
+    connection was checked before its next checkout (a round trip each: 3 here)."""
+    async with _warm_engine(_pooler(request, "legacy").dsn(), "sqla-detached", 4) as (
+            pool, engine, work):
+        conn = await engine.connect()
+        await conn.execute(sa.text("SELECT 1"))
+        await conn.run_sync(lambda sync_conn: sync_conn.detach())
+        assert (await conn.execute(sa.text("SELECT 2"))).scalar() == 2  # still usable
+        await conn.close()
+        await _settled(pool)
+        assert pool.stats().idle == 3
+        await _use_every_connection(pool, 3)
+        stats = pool.stats()
+        # Logins, connections closed, idle ones checked: (4, 1, 3) before.
+        assert (stats.created_total, stats.closed_total, work.counts["validate"]) == (4, 1, 0), \
+            work.counts
+        assert work.counts["closed: detached from SQLAlchemy's pool"] == 1, work.counts
+
+
+async def test_a_connection_dropped_with_leak_detection_off_is_given_back_unreported(
+        request: pytest.FixtureRequest, schema: None, caplog: pytest.LogCaptureFixture) -> None:
+    """``leak_timeout=None`` turns leak reports off: a dropped connection is given back all the
+    same (it was closed as lost), and nothing is reported (SQLAlchemy's own warning stays)."""
+    async with _warm_engine(_pooler(request, "legacy").dsn(), "sqla-dropped-unreported", 2,
+                            leak_timeout=None) as (pool, engine, work):
+        await _collected(pool, lambda: _left_in_a_transaction(engine), caplog)
+        assert not any(await _use_every_connection(pool, 2))
+        stats = pool.stats()
+        assert (stats.created_total, stats.closed_total, stats.leaked_total) == (2, 0, 0), stats
+        assert (work.counts["validate"], work.counts["reset"]) == (0, 1), work.counts
+        assert not [r for r in caplog.records if r.name == "asyncpool.leaks"]
+
+
+async def test_a_connection_dropped_after_its_statement_was_cancelled_is_reset(
+        request: pytest.FixtureRequest, schema: None) -> None:
+    """A connection whose task was cancelled during a statement, then dropped: SQLAlchemy
+    invalidated it on the cancellation, which gives it back (the statement cancelled on the
+    server, the transaction rolled back), before the collector finds it; not a leak then,
+    and the idle connections are lent without a check."""
+    async with _warm_engine(_pooler(request, "legacy").dsn(), "sqla-dropped-cancelled", 3) as (
+            pool, engine, work):
+        running = asyncio.Event()
+
+        async def forgetful() -> None:
+            conn = await engine.connect()
+            await conn.execute(sa.text("SELECT set_config('asyncpool.dropped', 'left', true)"))
+            running.set()
+            await conn.execute(sa.text("SELECT pg_sleep(5)"))
+
+        await cancelled_once_running(forgetful, running, after=0.2)
+        gc.collect()  # (SQLAlchemy invalidated it already: no warning)
+        await _settled(pool)
+        stats = pool.stats()
+        assert (stats.created_total, stats.closed_total, stats.leaked_total) == (3, 0, 0), stats
+        assert not any(await _use_every_connection(pool, 3))
+        assert (work.counts["validate"], work.counts["reset"]) == (0, 1), work.counts
 
 
 @pytest.fixture

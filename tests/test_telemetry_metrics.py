@@ -194,6 +194,30 @@ async def test_two_pools_on_one_meter_report_side_by_side_until_closed(
         assert names == {"reader"}
 
 
+async def test_a_dropped_connection_is_counted_as_dropped_not_reclaimed(
+        postgres: PostgresServer, sdk: Sdk) -> None:
+    """A checkout its holder dropped unreturned (a SQLAlchemy connection the garbage collector
+    found: `leaks.report_dropped`) is given back, not reclaimed from a holder: it was counted
+    under ``asyncpool.leak.action="reclaim"``, with ``leak_action="log"`` too, and its span
+    marked the ConnectionLeakedError no holder got."""
+    from asyncpool.pool.leaks import report_dropped
+
+    async with sdk.pool(postgres.dsn(), name="dropped", min_size=0, max_size=1,
+                        leak_action="log") as pool:
+        conn = await pool.acquire()
+        report_dropped(pool._slots, conn._lease)
+        await pool.release(conn)
+        collected = sdk.collect()
+    assert pool.stats().leaked_total == 1
+    counts = {action: collected.value(sc.LEAKS.name, asyncpool__leak__action=action)
+              for action in ("reclaim", "log", "dropped")}
+    assert counts == {"reclaim": 0, "log": 0, "dropped": 1}, counts
+    [span] = sdk.spans(sc.LEAK_SPAN)
+    [event] = span.events
+    assert (event.attributes or {}).get(sc.LEAK_ACTION) == "dropped"
+    assert sc.ERROR_TYPE not in (span.attributes or {})
+
+
 async def test_an_observer_watches_one_pool(postgres: PostgresServer, sdk: Sdk) -> None:
     observer = sdk.observer()
     async with Pool(postgres.dsn(), name="first", min_size=0, telemetry=False,

@@ -19,7 +19,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from asyncpool import Pool
+from asyncpool import Pool, StaleStatementError
+from asyncpool.config import PreparedStatements
 from asyncpool.testing import PostgresServer
 from tests.migrations import migrate
 from tests.test_unnamed_prepare import Target, target  # noqa: F401 (a fixture)
@@ -317,3 +318,66 @@ async def test_a_text_codec_column_among_others_is_decoded(pool: Pool, table: st
         rows = await conn.fetch(select, 0)
     assert [tuple(r) for r in rows] == [(1, {"k": 1}, "0.5"), (2, {"k": None}, "1"),
                                         (3, {"k": 30}, None)]
+
+
+# A migration that lands while asyncpg looks up a type it has not seen (the enum's): between the
+# statement's describe and its run, on asyncpg's own path.
+SHAPE_CHANGES = {
+    "widened": ("d4", "ALTER TABLE {t} ALTER COLUMN d TYPE {t}_d8", (1, "a", 5)),
+    "narrowed": ("d8", "ALTER TABLE {t} ALTER COLUMN d TYPE {t}_d4", (1, "a", 5)),
+    "column added": ("d4", "ALTER TABLE {t} ADD COLUMN extra int DEFAULT 7", (1, "a", 5, 7)),
+}
+
+
+@pytest.mark.parametrize("via", ["pool.fetchrow", "conn.fetchrow"])
+@pytest.mark.parametrize("change", list(SHAPE_CHANGES))
+@pytest.mark.parametrize("mode", ["unnamed", "off"])
+async def test_a_migration_between_describe_and_run(
+        target: Target, postgres: PostgresServer,  # noqa: F811 (the fixture imported)
+        mode: PreparedStatements, change: str, via: str) -> None:
+    """"unnamed" checks the reply against the description and returns the new columns. "off"
+    (asyncpg's own path) decodes the rows with the description from before the migration; when
+    they do not fit, asyncpg's BufferError, AssertionError or ProtocolError becomes the pool's
+    StaleStatementError, which names the cause and the fix, with asyncpg's error as its cause;
+    the connection stays in step and the next call gets the new columns."""
+    t = f"mig_{mode}_{list(SHAPE_CHANGES).index(change)}_{via[0]}_{target.port}"
+    domain, ddl, expected = SHAPE_CHANGES[change]
+    await migrate(postgres, f"""
+        DROP TABLE IF EXISTS {t}; DROP TYPE IF EXISTS {t}_e; DROP DOMAIN IF EXISTS {t}_d4;
+        DROP DOMAIN IF EXISTS {t}_d8; CREATE TYPE {t}_e AS ENUM ('a');
+        CREATE DOMAIN {t}_d4 AS int4; CREATE DOMAIN {t}_d8 AS int8;
+        CREATE TABLE {t} (id int, m {t}_e, d {t}_{domain}); INSERT INTO {t} VALUES (1, 'a', 5)
+    """)
+    migrations: list[str] = [ddl.format(t=t)]
+
+    class MigratedWhileLookingUp(asyncpg.Connection):
+        async def _introspect_types(self, *args: Any, **kwargs: Any) -> Any:
+            found = await super()._introspect_types(*args, **kwargs)  # type: ignore[misc]
+            if migrations:
+                await migrate(postgres, migrations.pop())
+            return found
+
+    select = f"SELECT * FROM {t}"
+    async with Pool(target.dsn(), name=mode, prepared_statements=mode, min_size=1, max_size=1,
+                    connection_class=MigratedWhileLookingUp, telemetry=False) as pool:
+
+        async def fetchrow() -> Any:
+            if via == "pool.fetchrow":
+                return await pool.fetchrow(select)
+            async with pool.acquire() as conn:
+                return await conn.fetchrow(select)
+
+        if mode == "off":
+            with pytest.raises(StaleStatementError, match="could not be decoded") as raised:
+                await fetchrow()
+            assert raised.value.may_have_run
+            assert raised.value.query == select
+            assert isinstance(raised.value.__cause__, BufferError | AssertionError
+                              | asyncpg.ProtocolError)
+        row = await fetchrow()  # ("unnamed": the call that met the migration)
+        assert row is not None
+        assert tuple(row) == expected
+        assert not migrations, "the migration did not run between describe and run"
+        assert pool.stats().closed_total == 0
+    await migrate(postgres, f"DROP TABLE {t}; DROP TYPE {t}_e; DROP DOMAIN {t}_d4; "
+                            f"DROP DOMAIN {t}_d8")

@@ -1,5 +1,6 @@
-"""The reply future of a COPY FROM STDIN that the pool cuts off (asyncpg's ``copy_in``),
-retrieved so that asyncio does not log "Future exception was never retrieved" for it.
+"""The reply future of a COPY FROM STDIN that the pool cuts off (asyncpg's ``copy_in``) or
+whose connection is lost, or of a COPY that asyncpg refused and left on its protocol, retrieved
+so that asyncio does not log "Future exception was never retrieved" for it.
 
 asyncpg's ``Protocol.copy_in`` waits for the server's reply on a future (its ``waiter``) that
 only the coroutine holds. Once its connection is closed under it (released or terminated from
@@ -8,7 +9,15 @@ future gets the connection's error, and the COPY then fails writing to the trans
 protocol dropped (``AttributeError``, `dropped_transport_error`) on its way to the line that would
 retrieve it. Neither the coroutine's locals nor the protocol's ``waiter`` are reachable from
 Python but through the garbage collector's references: so they are read here, on a connection
-the pool is closing under a holder, never on a statement's path."""
+the pool is closing under a holder, never on a statement's path.
+
+A connection lost under the COPY (the network, ``pg_terminate_backend()``) fails the future
+while the protocol still holds it, and the COPY goes on sending its rows into the closed
+transport; when its timeout (``command_timeout``, ``timeout=``) comes before their end, asyncpg
+hands its ``_on_timeout`` the waiter the protocol has dropped (``AttributeError: 'NoneType'
+object has no attribute 'done'``) on its way to the line that would retrieve its own. That one
+is retrieved from the protocol as the connection is found lost (`retrieve_protocol_waiters`,
+from the pool's connection class: `asyncpool.connect.driver`)."""
 
 from __future__ import annotations
 
@@ -57,3 +66,22 @@ def retrieve_copy_waiters(tasks: list[asyncio.Task[Any] | None]) -> None:
                 for value in gc.get_referents(scope):
                     if isinstance(value, asyncio.Future):
                         value.add_done_callback(_consume)
+
+
+def retrieve_protocol_waiters(conn: Any) -> None:
+    """Have every reply future `conn`'s protocol still holds retrieved once done (whoever awaits
+    one still gets its error): called when a held connection's COPY is refused (the protocol
+    drops the future once the close is read, which may come before the release), as the pool
+    closes a connection that was in use, and as asyncpg finds a connection lost, before its
+    protocol fails and drops them. asyncpg's COPY (``copy_in`` and ``copy_out``) makes its reply
+    future, then switches the protocol's state, which a protocol out of step refuses (the FATAL
+    error a server or pooler sends an idle connection, read before its close: "another operation
+    (2) is in progress"); the COPY raises that and leaves the future on the protocol, where
+    closing the connection sets its error and nothing awaits it. The protocol's fields are not
+    reachable from Python but through the garbage collector's references."""
+    protocol = getattr(conn, "_protocol", None)
+    if protocol is None:
+        return
+    for value in gc.get_referents(protocol):
+        if isinstance(value, asyncio.Future) and not value.done():
+            value.add_done_callback(_consume)

@@ -33,7 +33,8 @@ import asyncpg
 import asyncpg.connection
 import asyncpg.protocol
 
-from asyncpool.connect import direct_cancel
+from asyncpool.connect import copy_end, direct_cancel
+from asyncpool.connect.copy_waiter import retrieve_protocol_waiters
 
 #: asyncpg versions the test suite runs against ([low, high)); pyproject pins the same range.
 TESTED = ((0, 29), (0, 33))
@@ -62,7 +63,7 @@ PROTOCOL_INTERNALS = ("_is_cancelling", "_wait_for_cancellation", "is_in_transac
 KEY_INTERNALS = ("backend_pid", "backend_secret")
 #: Connection methods called here (execute_described) or, per `own_body`, by the statement runner.
 METHOD_INTERNALS = ("_check_open", "_execute", "_Connection__execute", "_cancel_current_command",
-                    "_cancel")
+                    "_cancel", "_cleanup", "_copy_in")
 
 
 if TYPE_CHECKING:
@@ -350,7 +351,13 @@ def pending_cancellations(conn: Any) -> list[asyncio.Future[Any]]:
     still waits for the cancelled statement to end (which a closed connection ends, and which
     may never come by itself): for asyncpg's requests, the future is the one asyncpg completes
     when the socket is done, not that task."""
-    pending: list[asyncio.Future[Any]] = []
+    # Requests sent from a task of their own (`_send_request`) first, while nothing of ours
+    # closed the connection: asyncpg cancels and forgets the request task of a connection the
+    # server ended (a timed-out statement's request, then pg_terminate_backend), not the
+    # request, which a close then waits for as for any other. One we closed (terminate(), a
+    # close past its grace) leaves its request to go on alone (`requests_outlive_close`).
+    pending: list[asyncio.Future[Any]] = [] if getattr(conn, "_aborted", True) else [
+        task for task in _SENDING.get(conn, ()) if not task.done()]
     for task in getattr(conn, "_cancellations", ()):
         if task.done():
             continue
@@ -415,6 +422,8 @@ def cancel_deliverable(conn: Any) -> bool:
 
 
 def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> None:
+    if copy_end.settle_cancel(self, waiter, transport_of(self)):
+        return  # a COPY the server had already ended: nothing to cancel (`asyncpool.connect.copy_end`)
     if cancel_deliverable(self):
         before = set(self._cancellations)
         _ORIGINAL_CANCEL(self, waiter, cancel_waiter)
@@ -430,30 +439,42 @@ def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> N
     # is still updating the protocol's state around this call). Closing completes the waiters.
     if not waiter.done():
         waiter.set_result(None)
+    _CLOSED_UNCANCELLED.add(self)
     self._loop.call_soon(self.terminate)
+
+
+#: Connections `_cancel_or_terminate` closed (or is about to) for a statement cut short where no
+#: cancel request can arrive: closed by asyncpool, not lost (`closed_uncancelled`).
+_CLOSED_UNCANCELLED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def closed_uncancelled(conn: Any) -> bool:
+    """True when `conn` was closed by its own connection class because a statement of its was
+    cut short where no cancel request can arrive (`cancel_deliverable`): the pool closed it,
+    so nothing says the server or the network lost it (or the others)."""
+    return conn in _CLOSED_UNCANCELLED
 
 
 _ORIGINAL_CANCEL: Callable[..., None] = cast(Any, asyncpg.Connection)._cancel_current_command
 
 
 async def _cancel_as_connected(self: Any, waiter: Any, cancel_waiter: Any = None) -> None:
-    """asyncpg's ``Connection._cancel`` (the task `_cancel_current_command` starts), with the
-    request of a connection made with direct TLS sent with TLS from the first byte, as the
-    connection was (asyncpg's sends an SSLRequest first, which a server or front that takes
-    direct TLS only hangs up on, and the statement runs on). Its steps are asyncpg 0.32's:
-    `waiter` done once the request's socket is, then wait for the statement to end
-    (`cancel_waiter`); a request that fails closes the connection, whose state is then
-    unknown; all within ``command_timeout`` (`tests/test_driver.py` holds asyncpg's body to
-    them)."""
-    context = direct_tls_context(self)
-    if context is None:
-        await _ORIGINAL_REQUEST(self, waiter, cancel_waiter)
-        return
+    """asyncpg's ``Connection._cancel`` (the task `_cancel_current_command` starts), with two
+    changes. The request is sent as the connection was made: with TLS from the first byte for a
+    connection made with direct TLS (asyncpg's sends an SSLRequest first, which a server or
+    front that takes direct TLS only hangs up on, and the statement runs on). And the request
+    is sent by a task of its own that nothing but its own bound cuts short: asyncpg cancels this
+    task when the connection is terminated or lost (a server ending the connection while the
+    request is in flight: pg_terminate_backend, a failover, PgBouncer's "server conn
+    crashed?"), which closed the request's socket before the server had taken it, the close
+    that crashes PgBouncer 1.18 (pgbouncer#801). Its steps are asyncpg 0.32's: `waiter` done
+    once the request's socket is, then wait for the statement to end (`cancel_waiter`); a
+    request that fails closes the connection, whose state is then unknown; all within
+    ``command_timeout`` (`tests/test_driver.py` holds asyncpg's body to them)."""
     try:
         async with asyncio.timeout(self._config.command_timeout):
             with contextlib.suppress(ConnectionResetError):  # (some servers reset it)
-                await direct_cancel.send(self._addr, context, (self._protocol.backend_pid,
-                                                               self._protocol.backend_secret))
+                await asyncio.shield(_send_request(self))
             if not waiter.done():
                 waiter.set_result(None)
             if cancel_waiter is not None:
@@ -469,13 +490,65 @@ async def _cancel_as_connected(self: Any, waiter: Any, cancel_waiter: Any = None
             waiter.set_result(None)
 
 
+def requests_outlive_close(conn: Any) -> bool:
+    """Whether closing `conn` leaves its cancel requests in flight to finish by themselves: each
+    is sent by a task of its own (`_send_request`; asyncpg's through `_cancel_as_connected`,
+    the pool's through `request_cancel`), so the connection may be closed before the pooler has
+    taken them. False for a connection class with a ``_cancel`` of its own (or an untested
+    asyncpg): closing it would close a request's socket early, which crashes PgBouncer 1.18."""
+    return getattr(type(conn), "_cancel", None) is _cancel_as_connected
+
+
+#: Cancel requests being sent (`_send_request`), kept referenced until they end.
+_REQUESTS_IN_FLIGHT: set[asyncio.Task[None]] = set()
+#: The same, by connection: `pending_cancellations` counts them, so that closing the connection
+#: (and so closing its pool) waits for them even once asyncpg has dropped the request task
+#: that awaited one (a connection lost under it), and no loop shutdown cuts one short.
+_SENDING: weakref.WeakKeyDictionary[Any, set[asyncio.Task[None]]] = weakref.WeakKeyDictionary()
+
+
+def _send_request(conn: Any) -> asyncio.Task[None]:
+    """A task sending `conn`'s cancel request and waiting until the server has taken it (it
+    closes the request's connection), within `_CANCEL_REQUEST_TIMEOUT`: as asyncpg's, or with
+    TLS from the first byte for a connection made with direct TLS."""
+    from asyncpg import connect_utils
+
+    context = direct_tls_context(conn)
+    key = (conn._protocol.backend_pid, conn._protocol.backend_secret)
+
+    async def send() -> None:
+        async with asyncio.timeout(_CANCEL_REQUEST_TIMEOUT):
+            if context is not None:
+                await direct_cancel.send(conn._addr, context, key)
+            else:
+                await cast(Any, connect_utils)._cancel(
+                    loop=conn._loop, addr=conn._addr, params=conn._params,
+                    backend_pid=key[0], backend_secret=key[1])
+
+    task = asyncio.get_running_loop().create_task(send())
+    _REQUESTS_IN_FLIGHT.add(task)
+    sending = _SENDING.setdefault(conn, set())
+    sending.add(task)
+    task.add_done_callback(sending.discard)
+    task.add_done_callback(_request_sent)
+    return task
+
+
+def _request_sent(task: asyncio.Task[None]) -> None:
+    _REQUESTS_IN_FLIGHT.discard(task)
+    if not task.cancelled():
+        task.exception()  # (retrieved: the request task awaiting it may have ended first)
+
+
 _ORIGINAL_REQUEST: Callable[..., Any] = cast(Any, asyncpg.Connection)._cancel
 
 
 def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
     """An asyncpg ``connection_class`` (a subclass of `base`, asyncpg.Connection by default) whose
     connections send a cancel request only where it can be delivered (`cancel_deliverable`) and
-    are closed instead otherwise, and send it as the connection was made (direct TLS too).
+    are closed instead otherwise, and send it as the connection was made (direct TLS too); lost,
+    they leave no reply future unretrieved (`_cleanup_retrieving`); a COPY FROM STDIN from an
+    asynchronous iterable stops once the server has ended it (`asyncpool.connect.copy_end`).
     `cancels=False`: never send one (``cancel_requests="off"``).
 
     One class per (`base`, `cancels`) for the process, not one per pool: CPython's caches of
@@ -495,7 +568,26 @@ def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
         attrs["_cancel"] = _cancel_as_connected
     if hasattr(asyncpg.Connection, "_get_unique_id"):
         attrs["_get_unique_id"] = _unique_id
+    if hasattr(asyncpg.Connection, "_cleanup"):
+        attrs["_cleanup"] = _cleanup_retrieving
+    if hasattr(asyncpg.Connection, "_copy_in"):
+        attrs["_copy_in"] = copy_end.copy_in_watched
+        attrs["copy_records_to_table"] = copy_end.copy_records_watched
     return shared_subclass(base.__name__, (base,), attrs)
+
+
+def _cleanup_retrieving(self: Any) -> None:
+    """asyncpg's ``Connection._cleanup`` (run as the connection closes, and as its protocol
+    finds it lost, before it fails the reply future the statement waits on), first having
+    that future retrieved once it fails (`retrieve_protocol_waiters`): a COPY FROM STDIN whose
+    connection the network lost (or ``pg_terminate_backend()``) never awaits its own when its
+    timeout comes before its rows end."""
+    retrieve_protocol_waiters(self)
+    # Then the next class's own, after the one that set this (asyncpg's, or a user class's).
+    classes = type(self).__mro__
+    after = next(i for i, klass in enumerate(classes)
+                 if vars(klass).get("_cleanup") is _cleanup_retrieving) + 1
+    next(vars(klass)["_cleanup"] for klass in classes[after:] if "_cleanup" in vars(klass))(self)
 
 
 # asyncpg names its prepared statements (cursors, prepare()) and portals __asyncpg_stmt_<n>__,
@@ -564,27 +656,23 @@ def retrieve_negotiation_error(protocol: object) -> None:
 def request_cancel(conn: Any) -> asyncio.Task[Any] | None:
     """Send a cancel request for whatever `conn` is running, if one can be delivered; None if
     not. The task ends once the server (or pooler) has taken the request; it is tracked with
-    asyncpg's own requests, so `pending_cancellations` sees it and closing the connection waits
-    for it (leak reclaim: the statement is cancelled before the connection goes)."""
+    asyncpg's own requests, so `pending_cancellations` sees it and a close waits for it while
+    it has time (leak reclaim: the statement is cancelled before the connection goes). The
+    request itself is sent by a task of its own (`_send_request`), which closing the connection
+    does not cut short: its socket closed before PgBouncer 1.18 has forwarded it crashes
+    PgBouncer (pgbouncer#801), while the connection closed first does not (docs/faults.md)."""
     key = backend_key(conn)
     if key is None or not cancel_deliverable(conn) or conn.is_closed():
         return None
-    from asyncpg import connect_utils
-
     cancellations = getattr(conn, "_cancellations", None)
     if cancellations is None or not hasattr(conn, "_addr") or not hasattr(conn, "_params"):
         return None
-    context = direct_tls_context(conn)
+    sent = _send_request(conn)
 
     async def cancel() -> None:
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(_CANCEL_REQUEST_TIMEOUT):
-                if context is not None:
-                    await direct_cancel.send(conn._addr, context, key)
-                else:
-                    await cast(Any, connect_utils)._cancel(
-                        loop=conn._loop, addr=conn._addr, params=conn._params,
-                        backend_pid=key[0], backend_secret=key[1])
+        # Cancelled (the connection closed under it): the request goes on, detached.
+        with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
+            await asyncio.shield(sent)
 
     task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(cancel())
     cancellations.add(task)

@@ -110,6 +110,9 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
         error.transient = False
     elif unknown := _UNKNOWN_SETTING.search(text):
         error = _unknown_setting(where, unknown, text, settings)
+    elif (limit := connection_limit_advice(text)) is not None:
+        # PostgreSQL's 53300, or PgBouncer 1.18 relaying it at login as 08P01.
+        error = PoolerExhaustedError(f"{where}: {limit}")
     elif isinstance(exc, asyncpg.TooManyConnectionsError) or state == "53300":
         error = PoolerExhaustedError(
             f"{where}: the server has no connection slots left ({text}); put a pooler in front, "
@@ -120,6 +123,18 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
             f"{where}: the pooler refused the login, it has reached max_client_conn ({text}); "
             "raise PgBouncer's max_client_conn or lower the number/size of pools"
         )
+    elif (disabled := _DISABLED.search(text)) is not None:
+        error = ConnectError(
+            f"{where}: PgBouncer takes no new logins to database {disabled['name']!r}: an admin "
+            f"ran DISABLE on it ({text}); it takes them again after ENABLE {disabled['name']} "
+            "(connections already open still serve)")
+        error.transient = False
+    elif state == "55000" and "not currently accepting connections" in text:
+        error = ConnectError(
+            f"{where}: database {target.database!r} does not take connections ({text}): its "
+            f"datallowconn is off (ALTER DATABASE {target.database} ALLOW_CONNECTIONS true), "
+            "or it is being created or dropped")
+        error.transient = False
     elif state == "3D000":
         error = ConnectError(f"{where}: database {target.database!r} does not exist ({text})")
         error.transient = False
@@ -507,6 +522,30 @@ def _unknown_setting_parts(where: str, found: re.Match[str], text: str,
     return parts
 
 
+#: PgBouncer's refusal of a login to a database an admin ran DISABLE on.
+_DISABLED = re.compile(r'database "(?P<name>[^"]+)" is disabled')
+#: PostgreSQL's refusal of a login past a role's or a database's own CONNECTION LIMIT (53300,
+#: as for max_connections, whose advice does not help here).
+_OWN_LIMIT = re.compile(r'too many connections for (?P<kind>role|database) "(?P<name>[^"]+)"', re.I)
+
+
+def connection_limit_advice(text: str, *, quote: bool = True) -> str | None:
+    """What to do about a login refused over a role's or a database's CONNECTION LIMIT, named
+    in `text` (PostgreSQL's message, or PgBouncer's that carries it; quoted if `quote`); None
+    for any other."""
+    found = _OWN_LIMIT.search(text)
+    if found is None:
+        return None
+    kind, name = found["kind"].lower(), found["name"]
+    return (
+        f"{kind} {name!r} has reached its own connection limit{f' ({text})' if quote else ''}, "
+        "below the server's "
+        f"max_connections: every session of the {kind} counts, a pooler's server connections "
+        f"included. Raise it (ALTER {kind.upper()} {name} CONNECTION LIMIT n; -1 for none), or "
+        "lower max_size, the number of pools, or the pooler's pool size for it"
+    )
+
+
 def _refused_login(where: str, state: object, text: str, user: str,
                    auth_hint: str | None) -> AuthenticationError:
     """The error for a refused login, with advice for its cause."""
@@ -545,6 +584,12 @@ _POOLER_CLOSE_REASONS = {
     "query_wait_timeout": "PgBouncer found no free server connection within its "
     "query_wait_timeout: its server pool is saturated; shorten transactions, raise "
     "default_pool_size (within PostgreSQL's max_connections), or lower the number of clients",
+    # query_timeout's words for a transaction still waiting for a server connection (one that
+    # has a server and runs too long gets "query timeout", below).
+    "query_timeout": "PgBouncer's query_timeout ran out while this transaction waited for a free "
+    "server connection (its server pool was saturated), so nothing of it reached the server; "
+    "shorten transactions, raise default_pool_size (within PostgreSQL's max_connections), or "
+    "raise query_timeout",
     "server_login_retry": "PgBouncer cannot log in to PostgreSQL (down, restarting or refusing "
     "it) and turns clients away for server_login_retry seconds after each failed login",
     "idle transaction timeout": "a transaction sat idle longer than PgBouncer's "
@@ -556,6 +601,39 @@ _POOLER_CLOSE_REASONS = {
     "on it (new logins then wait until RESUME), or RELOAD found it removed from PgBouncer's "
     "[databases] (new logins fail until it is back); a statement under way may have completed "
     "on the server. Check the pooler's SHOW DATABASES, then retry",
+    # SUSPEND (an admin's, or an online restart, ``pgbouncer -R``) waits for every socket's
+    # buffer to empty; one still holding data (a statement half forwarded, a result the client
+    # had not read) when suspend_timeout (10 s by default) runs out is closed with these words.
+    "suspend_timeout": "PgBouncer was suspended (an admin's SUSPEND, or an online restart with "
+    "-R) while this connection had data in flight, and closed it when its suspend_timeout ran "
+    "out; the statement may or may not have reached the server. Retry once PgBouncer is resumed "
+    "or restarted; check its log for SUSPEND",
+    # PgBouncer 1.24's KILL_CLIENT <id>.
+    "admin forced disconnect": "a PgBouncer admin disconnected this client (KILL_CLIENT); a "
+    "statement under way may have completed on the server",
+    # PgBouncer gives a client's session parameters (application_name, client_encoding,
+    # DateStyle, TimeZone, standard_conforming_strings, and 1.20+'s track_extra_parameters) to
+    # the server connection it links the client to with a SET, before it forwards anything; an
+    # error to that SET closes the client. PgBouncer accepts any value at login, so a typo there
+    # fails here, on every transaction; a pg_cancel_backend that lands on the SET does too.
+    "invalid server parameter": "PgBouncer could not give this connection's session parameters "
+    "(server_settings or the DSN's application_name, client_encoding, DateStyle, TimeZone...) to "
+    "the server connection it picked: PostgreSQL refused a value PgBouncer had accepted at login "
+    "(check server_settings: PgBouncer's log names the parameter), or the SET was cancelled "
+    "(pg_cancel_backend); nothing of this transaction reached the server",
+    # PgBouncer 1.23+'s safe shutdown (SHUTDOWN WAIT_FOR_SERVERS, SIGINT): transactions under way
+    # finish, and a client that needs a server connection for a new one is closed with these
+    # words before anything is sent.
+    "server shutting down": "PgBouncer is shutting down (SHUTDOWN WAIT_FOR_SERVERS, or SIGINT: a "
+    "restart or a deploy): it lets transactions under way finish but starts no new one, so this "
+    "one did not reach the server; retry once PgBouncer, or whatever replaces it, takes logins "
+    "again (its address may be another: check the DSN)",
+    # PgBouncer's words when the server connection it gave this client closed under it.
+    "server conn crashed?": "PostgreSQL ended the server connection PgBouncer was using for "
+    "this client (pg_terminate_backend, a server-side limit such as "
+    "idle_in_transaction_session_timeout, the database dropped, or PostgreSQL crashed or "
+    "restarted); a statement under way may have completed on the server. PostgreSQL's log says "
+    "which",
 }
 
 
@@ -623,12 +701,27 @@ _CLOSED_BEFORE_HINT = (
 )
 
 
+#: asyncpg refused the statement because it had read a message it had not asked for: the
+#: FATAL error a server or pooler sends an idle connection as it ends it (asyncpg drops its
+#: text), read before the close.
+_GOODBYE_READ_HINT = (
+    " The server or pooler ended this connection while it sat idle between statements, and its "
+    "goodbye (an error asyncpg does not keep) was read before the close, so this statement was "
+    "not sent: PgBouncer's KILL, client_idle_timeout, idle_transaction_timeout or shutdown, or "
+    "PostgreSQL's pg_terminate_backend, idle_session_timeout, "
+    "idle_in_transaction_session_timeout or a restart (the server's or pooler's log says which)."
+)
+
+
 def lost_connection_hint(exc: BaseException) -> str:
     """What a pooler's reason for closing a connection in use means (" ..." or "")."""
     text = str(exc)
     for reason, hint in _POOLER_CLOSE_REASONS.items():
         if reason in text:
-            return f" {hint[0].upper()}{hint[1:]}."
+            limit = connection_limit_advice(text, quote=False)
+            return f" {hint[0].upper()}{hint[1:]}." + (f" Here the {limit}." if limit else "")
+    if protocol_out_of_step(exc):
+        return _GOODBYE_READ_HINT
     closed_before = isinstance(exc, asyncpg.InterfaceError) and text in _CLOSED_BEFORE
     return _CLOSED_BEFORE_HINT if closed_before else ""
 

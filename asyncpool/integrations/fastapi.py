@@ -76,6 +76,10 @@ def pool_connection(
     default scope FastAPI ends the dependency after the response is sent, so a COMMIT that
     fails would reach the client as success, and the connection is held while the response is
     sent. With `transaction`, the first request refuses any other scope (`PoolConfigError`).
+    A `StreamingResponse` takes its connection with the default scope instead (and opens its
+    transaction in the body's generator): the request then gives the connection back even when
+    its generator is never closed, as under a ``@app.middleware("http")`` once the client
+    leaves (docs/serverless.md).
 
     Opens the pool on first use if no lifespan did (``Mangum(app, lifespan="off")``). Under
     Mangum, the request's Lambda invocation is stamped on asyncpool's logs and spans.

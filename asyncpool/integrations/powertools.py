@@ -10,7 +10,7 @@
     @metrics.log_metrics
     @pooled_connection(pool)
     async def handler(event, context):
-        conn = current_connection()
+        conn = current_connection()          # current_connection(pool): typed by its rows
         return {"statusCode": 200, "body": str(await conn.fetchval("SELECT 1"))}
 
 Powertools middlewares are synchronous, so this one drives the invocation on a
@@ -29,12 +29,17 @@ import inspect
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
 from asyncpool.errors import PoolError, missing_dependency
 from asyncpool.integrations.lambda_runner import LambdaRunner, get_runner
 from asyncpool.pool import Pool
 from asyncpool.pool.connection import PooledConnection
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from asyncpool.pool.connection import RecordT
 
 try:
     from aws_lambda_powertools.middleware_factory import lambda_handler_decorator
@@ -43,19 +48,37 @@ except ModuleNotFoundError as exc:
 
 logger: logging.Logger = logging.getLogger("asyncpool.integrations.powertools")
 
-_connection: ContextVar[PooledConnection | None] = ContextVar(
+#: The invocation's pool and the connection taken from it.
+_connection: ContextVar[tuple[Pool[Any], PooledConnection[Any]] | None] = ContextVar(
     "asyncpool_invocation_connection", default=None
 )
 
 
-def current_connection() -> PooledConnection:
-    """The connection `pooled_connection` took for the invocation being served."""
-    conn = _connection.get()
-    if conn is None:
+@overload
+def current_connection() -> PooledConnection[asyncpg.Record]: ...
+@overload
+def current_connection(pool: Pool[RecordT]) -> PooledConnection[RecordT]: ...
+def current_connection(pool: Pool[Any] | None = None) -> PooledConnection[Any]:
+    """The connection `pooled_connection` took for the invocation being served.
+
+    Typed ``PooledConnection[asyncpg.Record]``; given the decorator's `pool`, typed by its
+    rows (``current_connection(pool)`` of a ``Pool[Row]`` is a ``PooledConnection[Row]``),
+    and checked to be that pool's (`PoolError` otherwise)."""
+    held = _connection.get()
+    if held is None:
         raise PoolError(
             "no pooled connection here: current_connection() works inside a handler decorated "
             "with @pooled_connection(pool)"
         )
+    served, conn = held
+    if pool is not None and pool is not served:
+        if not isinstance(pool, Pool):
+            raise TypeError(
+                f"current_connection() takes an asyncpool.Pool, not {type(pool).__name__}")
+        raise PoolError(
+            f"current_connection(pool): pool {pool.name!r} is not the one this handler is "
+            f"decorated with (@pooled_connection of pool {served.name!r}), whose connection "
+            "the invocation holds")
     return conn
 
 
@@ -159,7 +182,7 @@ def _serve_pooled(
         checkout = pool.transaction() if transaction else pool.acquire()
         try:
             async with checkout as conn:
-                token = _connection.set(conn)
+                token = _connection.set((pool, conn))
                 try:
                     result = handler(event, context, **handler_kwargs)
                     if inspect.isawaitable(result):

@@ -51,11 +51,13 @@ from asyncpool.errors import (
 from asyncpool.pool import Pool
 from asyncpool.pool.checkout import AcquireContext
 from asyncpool.pool.connection import PooledConnection
+from asyncpool.pool.leaks import report_dropped
 from asyncpool.pool.lease import ACTIVE, Site
 from asyncpool.pool.slow_checkout import UNSET
 
 try:
     import sqlalchemy
+    from sqlalchemy import event as sa_event
     from sqlalchemy import exc as sa_exc
     from sqlalchemy import pool as sa_pool
     from sqlalchemy.dialects import registry
@@ -297,11 +299,23 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
 
     _asyncpool: Pool
     _connection: PooledConnection
+    #: SQLAlchemy invalidated this connection because a cancellation cut its work short
+    #: (`_invalidated`), not because it was lost: `terminate` gives it back to be reset.
+    _cut_short: bool
+    #: SQLAlchemy terminates this connection because the garbage collector found it not
+    #: returned (`_before_terminate`), not because it was lost: `terminate` gives it back.
+    _dropped: bool
+    #: SQLAlchemy terminates this connection because it was detached from SQLAlchemy's pool
+    #: (``Connection.detach()``) and is now closed, not because it was lost: `terminate`
+    #: closes it alone.
+    _detached: bool
 
     def __init__(self, dbapi: Any, connection: PooledConnection, pool: Pool) -> None:
         # SQLAlchemy's own statement cache stays off: statements go through the pool's mode.
         super().__init__(dbapi, connection, prepared_statement_cache_size=0)
         self._asyncpool = pool
+        self._cut_short = False
+        self._dropped = self._detached = False
 
     def _in_transaction(self) -> bool:
         return bool(self._started) if SQLALCHEMY_20 else self._transaction is not None
@@ -356,6 +370,7 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
         """Take the next checkout's connection (LendingPool keeps this adapter between them)."""
         self._forget_transaction()
         self._connection = connection
+        self._cut_short = self._dropped = self._detached = False
 
     def _give_back(self) -> None:
         """Return this checkout's connection to the pool; the adapter waits for the next one."""
@@ -367,10 +382,13 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
 
     def terminate(self) -> None:
         """Discard the connection: the pool closes it (waiting for a cancel request in flight
-        first) and frees its slot. What SQLAlchemy calls when it invalidates a connection, and
-        when the garbage collector finds one not given back, in whatever thread it runs: off
-        the pool's loop, it is done on that loop (the transport and the pool's line of waiters
-        are the loop's alone)."""
+        first), frees its slot and checks each idle one before its next checkout, as after a
+        lost connection. One invalidated because a cancellation cut it short, and one the
+        garbage collector found not given back, are given back to be reset instead; one
+        detached from SQLAlchemy's pool is closed alone. What SQLAlchemy calls when it
+        invalidates a connection, closes a detached one, and when the garbage collector finds
+        one not given back, in whatever thread it runs: off the pool's loop, it is done on
+        that loop (the transport and the pool's line of waiters are the loop's alone)."""
         loop = self._asyncpool._slots.loop
         if loop is not None and asyncio._get_running_loop() is not loop:
             if not loop.is_closed():  # (closed: the pool's terminate() ends the connection)
@@ -379,10 +397,69 @@ class _Connection(_ConnectionBase):  # type: ignore[misc]
         self._forget_transaction()
         conn: PooledConnection = self._connection
         lease = conn._lease
+        cut_short, self._cut_short = self._cut_short, False
+        dropped, self._dropped = self._dropped, False
+        detached, self._detached = self._detached, False
+        if detached and lease.state is ACTIVE:
+            # Detached on purpose (a connection whose session state must not reach another
+            # holder): closed, as SQLAlchemy's own pools close it, and nothing more. Nothing
+            # says the idle connections were lost with it.
+            self._asyncpool._slots.retire(lease.record, "detached from SQLAlchemy's pool",
+                                          graceful=True)
+            return
+        if dropped:
+            # The application let go of it without closing it (`conn = await
+            # engine.connect()`, an AsyncSession never closed): nothing says it is broken.
+            # Closing it cost a login, and checking every idle one as after a lost connection
+            # a round trip each. The collector runs wherever an allocation sets it off, in the
+            # middle of the pool's own bookkeeping too: given back at the loop's next turn.
+            if loop is not None:
+                loop.call_soon(_give_back_dropped, self._asyncpool, conn)
+            return
+        if cut_short:
+            # A cancellation (a streaming response whose client left, uvicorn's shutdown,
+            # LambdaDeadline) stopped a statement or a rollback: SQLAlchemy cannot tell what
+            # state that left, the pool can. Returned as `async with pool.acquire()` returns a
+            # connection its holder was cancelled in: the statement cancelled on the server
+            # and the transaction rolled back in a task of the pool's, or the connection
+            # closed if that fails. Not a login for every client that leaves, nor a check of
+            # every idle connection as after a lost one.
+            _give_back_unawaited(self._asyncpool, conn)
+            return
         if lease.state is ACTIVE:
             # SQLAlchemy invalidates on a lost connection (or a ping that failed): its
             # reconnect, another checkout, must not take an idle one lost with it unchecked.
             self._asyncpool._slots.retire_lost(lease.record, "invalidated by SQLAlchemy")
+
+
+def _invalidated(dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
+    """SQLAlchemy's ``invalidate`` event, fired before it terminates the connection: note
+    whether a cancellation, not a lost connection, is the reason (SQLAlchemy invalidates on any
+    exit exception that cuts a statement or a reset short)."""
+    if isinstance(dbapi_connection, _Connection):
+        dbapi_connection._cut_short = isinstance(exception, asyncio.CancelledError)
+
+
+def _before_terminate(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+    """SQLAlchemy's ``reset`` event, which says (``terminate_only``) when it will terminate a
+    connection that was not lost (it is not fired for one invalidated), and why: with
+    ``asyncio_safe`` False, the garbage collector found it not returned (SQLAlchemy 2.0 and
+    2.1 document both); else it was detached from SQLAlchemy's pool and is being closed. Noted
+    for `_Connection.terminate`, which SQLAlchemy calls next."""
+    if reset_state.terminate_only and isinstance(dbapi_connection, _Connection):
+        if reset_state.asyncio_safe:
+            dbapi_connection._detached = True
+        else:
+            dbapi_connection._dropped = True
+
+
+def _give_back_dropped(pool: Pool, conn: PooledConnection) -> None:
+    """Take back a connection its SQLAlchemy connection was collected with: reported as a leak,
+    and returned as ``raw_connection().close()`` returns one (an open transaction rolled back
+    in a task of the pool's, closed if that fails); the other idle connections are left as
+    they are. Nothing happens if the pool took it back meanwhile (leak reclaim, close)."""
+    report_dropped(pool._slots, conn._lease)
+    _give_back_unawaited(pool, conn)
 
 
 def _give_back_unawaited(pool: Pool, conn: PooledConnection) -> None:
@@ -596,6 +673,11 @@ class LendingPool(sa_pool.Pool):
             f"Current Checked out connections: {stats.in_use} (connecting: {stats.connecting}, "
             f"waiting: {stats.waiting}; SQLAlchemy records kept: {len(self._spare)})"
         )
+
+
+# Every LendingPool, those `recreate()` makes too (a listener on the class).
+sa_event.listen(LendingPool, "invalidate", _invalidated)
+sa_event.listen(LendingPool, "reset", _before_terminate)
 
 
 # -- JSON: decoded by SQLAlchemy, so the pool's connections keep asyncpg's own codecs ---------

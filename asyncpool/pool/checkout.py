@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Generator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -67,6 +66,7 @@ class Checkouts(Protocol):
     # What the clean end of an ``async with pool.acquire()`` block reads and writes itself, as
     # `Slots.checkin_nowait` would (`AcquireContext.__aexit__`).
     idle: deque[ConnectionRecord]
+    #: The pool's clock (its loop's); the ``setup`` hook's share of a timeout is read by it too.
     clock: Callable[[], float]
     fast_statements: bool
     validate_after: float
@@ -94,6 +94,7 @@ class Checkouts(Protocol):
 
     async def checkin(self, lease: Lease, timeout: float | None = None) -> None: ...
 
+    # (It may point `conn` at a new checkout: a SnapStart snapshot closed the first under it.)
     async def set_up(self, conn: PooledConnection, timeout: float | None,
                      started: float) -> None: ...
 
@@ -125,7 +126,7 @@ class AcquireContext(Generic[PoolRecordT_co]):
         if self._lease is not None:
             raise _used_twice(owner)
         # The setup hook counts in the acquire's timeout (as in asyncpg).
-        started = time.monotonic() if owner.setup is not None else 0.0
+        started = owner.clock() if owner.setup is not None else 0.0
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         lease.scoped = True
         # What a reclaim's cancellation is told apart from the holder's own by (`_raise_leaked`).
@@ -134,16 +135,23 @@ class AcquireContext(Generic[PoolRecordT_co]):
         self._frame = None
         self._lease = lease
         conn: PooledConnection[PoolRecordT_co]
-        conn = self._conn = blank(PooledConnection)  # PooledConnection(lease, owner), no __init__
+        # PooledConnection(lease, owner) (or the subclass its connection class needs), no __init__
+        conn = self._conn = blank(lease.record.proxy_class)
         conn._lease = lease
         conn._owner = owner
         if owner.setup is not None:
             try:
                 await owner.set_up(conn, self._timeout, started)
             except BaseException as exc:
+                lease = conn._lease
                 if lease.state is LEAKED:  # the hook ran past leak_timeout: reclaimed under it
                     _raise_leaked(owner.name, lease, exc)
                 raise
+            if conn._lease is not lease:  # a new checkout: a snapshot closed the first (set_up)
+                self._lease = lease = conn._lease
+                lease.scoped = True
+                task = lease.task
+                lease.cancel_requests = task.cancelling() if task is not None else None
         return conn
 
     def __await__(self) -> Generator[Any, None, PooledConnection[PoolRecordT_co]]:
@@ -165,13 +173,14 @@ class AcquireContext(Generic[PoolRecordT_co]):
         owner = self._owner
         if self._lease is not None:
             raise _used_twice(owner)
-        started = time.monotonic() if owner.setup is not None else 0.0
+        started = owner.clock() if owner.setup is not None else 0.0
         lease = owner.checkout_nowait(self._frame) or await owner.checkout(self._timeout, self._frame)
         self._frame = None
         self._lease = lease  # (not ended by this object: no block)
-        conn: PooledConnection[PoolRecordT_co] = PooledConnection(lease, owner)
+        conn: PooledConnection[PoolRecordT_co] = lease.record.proxy_class(lease, owner)
         if owner.setup is not None:
             await owner.set_up(conn, self._timeout, started)
+            self._lease = conn._lease  # (a new one if a snapshot closed the first: set_up)
         return conn
 
     async def __aexit__(

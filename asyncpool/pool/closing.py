@@ -37,8 +37,10 @@ def close_connection(slots: Slots, conn: Any, graceful: bool) -> None:
         task.add_done_callback(functools.partial(_closed, slots))
         return
     if driver.pending_cancellations(conn):
-        # Closing the connection would cancel asyncpg's cancel request mid-flight, and closing
-        # that request's socket early crashes PgBouncer 1.18 (pgbouncer#801).
+        # Closed first, the pooler drops the request (its client is gone) and the statement
+        # runs on; and where the request does not go on by itself (a connection class of the
+        # user's), closing cuts it short, which crashes PgBouncer 1.18 (pgbouncer#801).
+        # (close() and terminate() stop waiting sooner: `lifecycle`.)
         # (in `closing` too: the end of a Lambda invocation waits for it, `resets.settle`)
         task = slots._spawn(_terminate_after(conn))
         slots.closing[task] = conn
@@ -55,7 +57,9 @@ async def _cancel_requests_done(conn: Any) -> None:
     """Wait (up to RELEASE_TIMEOUT) until no cancel request is in flight on `conn`: closing it
     would cut one short, and closing a cancel request's socket early crashes PgBouncer 1.18
     (pgbouncer#801). Asked again after each wait: a holder cancelled just before (a leak
-    reclaim) makes asyncpg send a request of its own once it runs, beside the pool's."""
+    reclaim) makes asyncpg send a request of its own once it runs, beside the pool's; and
+    after each request done, since the connection closed meanwhile (terminate()) leaves the
+    requests still in flight to go on alone (`driver.pending_cancellations`)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RELEASE_TIMEOUT
     while True:
@@ -64,7 +68,7 @@ async def _cancel_requests_done(conn: Any) -> None:
         remaining = deadline - loop.time()
         if not pending or remaining <= 0:
             return
-        await asyncio.wait(pending, timeout=remaining)
+        await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
 
 
 async def _close_gracefully(conn: Any) -> None:

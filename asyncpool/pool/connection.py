@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import weakref
 from asyncio import CancelledError, get_running_loop
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from threading import get_ident
@@ -30,6 +31,7 @@ from asyncpool.options import (
 )
 from asyncpool.pool.lease import ACTIVE, INHERITED, LEAKED, TERMINATED, Lease, task_of
 from asyncpool.pool.loop_bound import bind, stopped_under
+from asyncpool.pool.stale_rows import stale_rows_error
 from asyncpool.pool.unsynced import (
     RUN_PER_ARGUMENT_SET,
     call_with_argument_sets,
@@ -77,11 +79,11 @@ def _forward(name: str) -> Callable[..., Any]:
 
     A method of the proxy rather than the connection's own bound method handed out: a reference
     kept past release (``run = conn.fetchval``) must not run a statement on a connection that
-    another task now holds, as asyncpg's proxy refuses it. The query methods are class
-    attributes, found by normal lookup (`__getattr__` would cost ~0.6 µs on nearly every
-    checkout); the others are made on first use (`_forwarded`). Each looks like asyncpg's
-    method: name, docstring, signature, and a coroutine function where asyncpg's is one (for
-    ``inspect``, ``asyncio.iscoroutinefunction`` and ``mock.create_autospec``).
+    another task now holds, as asyncpg's proxy refuses it. Every method of asyncpg's Connection
+    is one, a class attribute of `PooledConnection` (`_forward_statically`); those of a
+    subclass's own are made on first use (`_forwarded`, `AnyAttributeConnection`). Each looks
+    like asyncpg's method: name, docstring, signature, and a coroutine function where asyncpg's
+    is one (for ``inspect``, ``asyncio.iscoroutinefunction`` and ``mock.create_autospec``).
     """
     original = getattr(asyncpg.Connection, name, None)
     if inspect.iscoroutinefunction(original):
@@ -137,8 +139,8 @@ def _statement(name: str) -> Callable[..., Any]:  # noqa: PLR0915 - one closure,
         if lease.state is not ACTIVE:
             raise self._unusable()
         record = lease.record
-        # (Not `self._owner`: every read of the proxy's attributes takes the generic lookup of
-        # a class with a __getattr__; the record's is a slot read.)
+        # (Not `self._owner`: on `AnyAttributeConnection`, a class with a __getattr__, every
+        # read of the proxy's attributes takes the generic lookup; the record's is a slot read.)
         owner = record.owner
         loop = owner.loop
         # From another thread or loop, asyncpg would send the statement, then fail waiting for
@@ -175,7 +177,8 @@ def _statement(name: str) -> Callable[..., Any]:  # noqa: PLR0915 - one closure,
                         )[1].decode()
             result = await conn._execute(query, args, limit, None)
         except Exception as raised:
-            exc = dropped_transport_error(raised, conn) if synced else raised
+            exc = (dropped_transport_error(raised, conn) if synced
+                   else stale_rows_error(raised, owner.name, query) or raised)
             if (stopped := stopped_under(record, lease, exc)) is not None:
                 # The pool closed it under the statement (close() past its timeout,
                 # terminate(), a leak reclaim): its error, not the driver's.
@@ -479,13 +482,6 @@ class PooledConnection(_Base, Generic[PoolRecordT_co]):
                 if self._lease.state is ACTIVE:
                     self.remove_query_logger(callback)
 
-        def __getattr__(self, name: str) -> Any:
-            raw = self.raw
-            value = getattr(raw, name)
-            if isinstance(value, MethodType) and value.__self__ is raw:
-                return MethodType(_forwarded(name), self)
-            return value
-
     def __init__(self, lease: Lease, owner: Checkouts) -> None:
         self._lease = lease
         self._owner = owner
@@ -601,3 +597,107 @@ for _name in ("prepare", "transaction", "add_listener", "remove_listener", "add_
               "remove_query_logger", "query_logger", "is_closed"):
     getattr(PooledConnection, _name).__doc__ = getattr(asyncpg.Connection, _name).__doc__
 del _name
+
+
+def _is_dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
+
+
+def _read_through(name: str) -> property:
+    """The held connection's attribute `name` that is not a method (one of asyncpg's slots,
+    ``conn._protocol``...), read while the lease is active, as the connection's methods are
+    called (`raw` refuses it afterwards)."""
+
+    def read(self: PooledConnection[Any]) -> Any:
+        return getattr(self.raw, name)
+
+    read.__name__ = read.__qualname__ = name
+    return property(read)
+
+
+def _forward_statically(proxy: type, conn_class: type) -> None:
+    """Give `proxy` every attribute of `conn_class` it does not have (dunders aside): its
+    methods as the proxy's (`_forwarded`), the rest read through (`_read_through`).
+
+    Class attributes, not a ``__getattr__``: Python 3.11 specializes no attribute read on a
+    class that has one (``conn.fetchval`` in the holder's code, ``self._lease`` in the proxy's
+    statement), which cost about 1,000 instructions per acquire + ``conn.fetchval``
+    (benchmarks/README.md, stop 55)."""
+    for name in dir(conn_class):
+        if _is_dunder(name) or hasattr(proxy, name):
+            continue
+        value = inspect.getattr_static(conn_class, name)
+        setattr(proxy, name, _forwarded(name) if inspect.isfunction(value) else _read_through(name))
+
+
+_forward_statically(PooledConnection, asyncpg.Connection)
+
+#: What a `PooledConnection` answers (tests/unit/test_proxy_class.py checks it against asyncpg's
+#: Connection): a connection class with nothing else can have it as its proxy.
+_ANSWERED = frozenset(name for name in dir(PooledConnection) if not _is_dunder(name))
+
+
+class AnyAttributeConnection(PooledConnection[PoolRecordT_co]):
+    """The proxy of a connection whose instances may have any attribute (a ``connection_class``
+    without ``__slots__``, which gives them a ``__dict__``), or whose class turns one of asyncpg's
+    methods into something else: forwards what it does not have by ``__getattr__``, while the
+    lease is active. Chosen by `proxy_class_for` only for such classes: on Python 3.11 a class
+    with a ``__getattr__`` costs every attribute read on it the generic lookup."""
+
+    __slots__ = ()
+
+    if not TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            raw = self.raw
+            value = getattr(raw, name)
+            if isinstance(value, MethodType) and value.__self__ is raw:
+                return MethodType(_forwarded(name), self)
+            return value
+
+
+_PROXY_CLASSES: weakref.WeakKeyDictionary[type, type[PooledConnection[Any]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def proxy_class_for(conn_class: type) -> type[PooledConnection[Any]]:
+    """The proxy class for connections of `conn_class`, decided once per class:
+
+    - `PooledConnection` when it answers every attribute they have: asyncpg's Connection and
+      its subclasses with ``__slots__`` that add nothing (asyncpool's cancel-aware class);
+    - a subclass of it (also named ``PooledConnection``) forwarding the attributes a subclass
+      with ``__slots__`` adds the same way (the "unnamed" mode's `describe_cache_stats`, a
+      ``connection_class``'s own methods), made once per class;
+    - `AnyAttributeConnection` for the others (instances with a ``__dict__``, a class that is
+      not asyncpg's, one of asyncpg's methods made something else).
+    """
+    chosen = _PROXY_CLASSES.get(conn_class)
+    if chosen is None:
+        chosen = _choose_proxy_class(conn_class)
+        _PROXY_CLASSES[conn_class] = chosen
+    return chosen
+
+
+def _choose_proxy_class(conn_class: type) -> type[PooledConnection[Any]]:
+    if getattr(conn_class, "__dictoffset__", 0) or not issubclass(conn_class, asyncpg.Connection):
+        return AnyAttributeConnection
+    adds = False
+    for name in dir(conn_class):
+        # (_asyncpool_*: markers asyncpool puts on the classes it makes, no API.)
+        if _is_dunder(name) or name.startswith("_asyncpool_"):
+            continue
+        if name not in _ANSWERED:
+            adds = True
+        elif name in _ASYNCPG_NAMES and inspect.isfunction(
+                inspect.getattr_static(conn_class, name)) != _ASYNCPG_NAMES[name]:
+            return AnyAttributeConnection  # (a method forwarded as a method would be wrong)
+    if not adds:
+        return PooledConnection
+    proxy: type[PooledConnection[Any]] = type("PooledConnection", (PooledConnection,),
+                                              {"__slots__": ()})
+    _forward_statically(proxy, conn_class)
+    return proxy
+
+
+#: asyncpg's Connection's attributes (dunders aside), by whether each is a method.
+_ASYNCPG_NAMES = {name: inspect.isfunction(inspect.getattr_static(asyncpg.Connection, name))
+                  for name in dir(asyncpg.Connection) if not _is_dunder(name)}

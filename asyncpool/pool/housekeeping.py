@@ -45,8 +45,6 @@ async def fill_in_background(slots: Slots, count: int) -> None:
     """`fill` for ``open(wait=False)``: a failure is logged, and housekeeping tries again."""
     try:
         await fill(slots, count, own=True)
-    except logins.FillGivenUp as exc:
-        logger.info("pool %r: %s", slots.name, exc)
     except Exception as exc:
         if _planned(exc):
             return
@@ -102,8 +100,6 @@ async def housekeep(slots: Slots) -> None:
     if slots.state is OPEN and slots.size() < slots.config.min_size:
         try:
             await fill(slots, slots.config.min_size, own=True)
-        except logins.FillGivenUp as exc:
-            logger.info("pool %r: %s", slots.name, exc)
         except (ConnectError, PoolClosedError) as exc:
             if _planned(exc):
                 return

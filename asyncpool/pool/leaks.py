@@ -1,5 +1,6 @@
 """Leak detection: notice a lease held past `leak_timeout`, with one alarm for the whole pool;
-then report it, or reclaim its connection (`on_leak`)."""
+then report it, or reclaim its connection (`on_leak`). A lease whose holder was collected
+without giving it back is reported when an integration finds it (`report_dropped`)."""
 
 from __future__ import annotations
 
@@ -121,9 +122,14 @@ class NoLeakTracker:
 
 
 def log_leak(pool_name: str, lease: Lease, held: float, reclaimed: bool, site: str, *,
-             holder_cancelled: bool) -> None:
-    """One structured WARNING on `asyncpool.leaks` with who held the connection and from where."""
-    if not reclaimed:
+             holder_cancelled: bool, dropped: bool = False) -> None:
+    """One structured WARNING on `asyncpool.leaks` with who held the connection and from where
+    (`dropped`: its holder let go of it without giving it back, `report_dropped`)."""
+    why = "past leak_timeout"
+    if dropped:
+        why = "then dropped without being given back (garbage-collected)"
+        action = "took it back: returned it to the pool, reset first where it needed one"
+    elif not reclaimed:
         action = "left it with the holder (leak_action='log')"
     elif holder_cancelled:
         action = "reclaimed it: cancelled the holder and closed the connection"
@@ -134,10 +140,11 @@ def log_leak(pool_name: str, lease: Lease, held: float, reclaimed: bool, site: s
         action = (f"reclaimed it: closed the connection; the holder is not cancelled{how}, and its "
                   "next use of the connection raises ConnectionLeakedError")
     logger.warning(
-        "pool %r: connection held for %.1fs by task %r, past leak_timeout; %s. Acquired at:\n%s",
+        "pool %r: connection held for %.1fs by task %r, %s; %s. Acquired at:\n%s",
         pool_name,
         held,
         lease.task_name(),
+        why,
         action,
         site,
         extra={
@@ -146,6 +153,7 @@ def log_leak(pool_name: str, lease: Lease, held: float, reclaimed: bool, site: s
             "asyncpool_task": lease.task_name(),
             "asyncpool_acquire_site": site,
             "asyncpool_reclaimed": reclaimed,
+            "asyncpool_dropped": dropped,
         },
     )
 
@@ -200,3 +208,26 @@ def on_leak(slots: Slots, lease: Lease) -> None:
     # arrive (closing the connection waits for the request); elsewhere it is just closed.
     driver.request_cancel(lease.record.conn)
     slots.retire(lease.record, "leaked")
+
+
+def report_dropped(slots: Slots, lease: Lease) -> None:
+    """Report a checkout its holder dropped without giving it back, found when the garbage
+    collector found the holder's object (a SQLAlchemy connection or session never closed), as
+    a leak is reported: the WARNING, ``leaked_total`` and the observers' `leaked`, whatever
+    `leak_timeout` says it was held (the caller gives the connection back). Not with leak
+    detection off, nor for a lease reported already (``leak_action="log"``: its return is
+    logged as such)."""
+    if (not slots.track_leaks or lease.state is not ACTIVE or lease.reported
+            or slots.loop is None or slots.connector is None):
+        return
+    held = slots.loop.time() - lease.acquired_at
+    site = lease.acquire_site(holder_now=False)
+    report = LeakReport(slots.name, held, lease.task_name(), site, True, slots.connector.target,
+                        dropped=True)
+    log_leak(slots.name, lease, held, True, site, holder_cancelled=False, dropped=True)
+    slots.leaked_total += 1
+    # In the holder's context (its span), as `LeakTracker` reports a leak.
+    if lease.context is None:
+        slots.observer.leaked(report)
+    else:
+        lease.context.run(slots.observer.leaked, report)

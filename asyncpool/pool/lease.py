@@ -27,6 +27,10 @@ class LeaseState(enum.Enum):
     # Held when the process forked, seen in the child: the connection is the parent's, and the
     # holder there must neither use it nor give it back (a reset would write to its socket).
     INHERITED = "inherited"
+    # Handed to a caller in line whose task had not yet run to take it when a SnapStart
+    # snapshot closed the connection: never a checkout; the slot is that caller's, to log in
+    # in after the restore (`asyncpool.pool.snapshot`).
+    WITHDRAWN = "withdrawn"
 
 
 # Module constants for the checkout path: looking a member up on an Enum class costs ~70 ns on
@@ -37,6 +41,7 @@ LEAKED = LeaseState.LEAKED
 CLOSED = LeaseState.CLOSED
 TERMINATED = LeaseState.TERMINATED
 INHERITED = LeaseState.INHERITED
+WITHDRAWN = LeaseState.WITHDRAWN
 
 # A coroutine chain deeper than this is cut in leak reports.
 _MAX_FRAMES = 200
@@ -137,21 +142,22 @@ class Lease:
             return task
         return user
 
-    def acquire_site(self) -> str:
+    def acquire_site(self, *, holder_now: bool = True) -> str:
         """The stack where the connection was acquired, outermost call first.
 
         Only a frame reference and an instruction offset are kept at checkout. The callers are
         read when a report needs them, from the holding task's chain of suspended coroutines:
         while the acquiring function still runs, each of its callers waits on the very line that
         leads to it. If it has returned, or is a generator suspended at a yield, the task's
-        current stack is shown after it.
+        current stack is shown after it (unless not `holder_now`: a holder that dropped the
+        connection is elsewhere for reasons of its own).
         """
         frame = self.frame
         chain = task_frames(self.task)
         # Where the holding task is now, in its own code: asyncpool's frames say nothing of
         # it, and a task reporting its own checkout (the end of a Lambda invocation) is in
         # asyncpool's code alone.
-        now = [] if self.task is _current_task() else _users(chain)
+        now = [] if not holder_now or self.task is _current_task() else _users(chain)
         if isinstance(frame, Site):
             text = _format(frame.summaries())
             if now:

@@ -171,15 +171,56 @@ async def close(slots: Slots, timeout: float | None) -> None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RELEASE_TIMEOUT):
                     await slots._drained.wait()
-        # Shielded: a close() cancelled here must not cancel a close or a terminate that has
-        # not started yet (its coroutine would never run, and its connection stay open).
-        await asyncio.shield(asyncio.gather(*slots.own_tasks(), return_exceptions=True))
+        await _end_own_tasks(slots, None if timeout is None else grace(timeout))
         for creds in _take_credentials(slots):
             await close_provider(creds, slots.name)
     except BaseException:
         terminate(slots)
         raise
     _finish(slots, close_credentials=False)
+
+
+#: What close(timeout=T) gives, after T, to the closes under way (a goodbye to the server, a
+#: cancel request to be taken before its connection goes): T, within these bounds. A pooler
+#: taking neither (PgBouncer SUSPENDed, a network gone) made close(timeout=0.5) take 5.5 s; the
+#: floor keeps close(timeout=0) polite where the pooler answers (in milliseconds).
+CLOSE_GRACE = (0.1, 1.0)
+
+
+def grace(timeout: float) -> float:
+    """How long close(`timeout`) waits for the closes under way once `timeout` is spent."""
+    low, high = CLOSE_GRACE
+    return min(max(timeout, low), high)
+
+
+async def _end_own_tasks(slots: Slots, within: float | None) -> None:
+    """Wait up to `within` (None: as long as they take, each bounded) for the pool's tasks
+    (closes, resets); then close the connections they close, at once, and end them.
+
+    A connection whose cancel request is still in flight is closed too, when that request
+    goes on by itself (`driver.requests_outlive_close`): measured against PgBouncer 1.18
+    (docs/faults.md), closing the cancel request's own socket early crashes it, closing the
+    connection the request is for does not. The request then ends by itself, within
+    ``driver._CANCEL_REQUEST_TIMEOUT``."""
+    tasks = slots.own_tasks()
+    if not tasks:
+        return
+    # (asyncio.wait: a close() cancelled here cancels none of them; one not started yet
+    # would never run, and its connection stay open.)
+    _, late = await asyncio.wait(tasks, timeout=within)
+    if not late:
+        return
+    kept: set[asyncio.Task[Any]] = set()
+    for task, conn in list(slots.closing.items()):
+        if driver.pending_cancellations(conn) and not driver.requests_outlive_close(conn):
+            kept.add(task)  # (its request would be cut short: left to its own bound)
+        else:
+            conn.terminate()
+    late -= kept
+    for task in late:
+        task.cancel()
+    if late:
+        await asyncio.wait(late, timeout=RELEASE_TIMEOUT)
 
 
 def _retire_the_callers_own(slots: Slots) -> None:
@@ -223,12 +264,18 @@ def terminate_together(pools: Sequence[Slots], cancel_within: float = 0.0) -> No
     for slots in live:
         _stop(slots, "pool terminated", graceful=False)
         _retire_all(slots, "pool terminated", cancelled)
+        loop = slots.loop
         for conn in list(slots.closing.values()):
             # Closes under way (graceful ones, and those waiting for a cancel request before
-            # terminating) end now, unless a cancel request is still in flight (they wait for
-            # it, bounded, then close).
+            # terminating) end now. One with a cancel request in flight waits for it, briefly:
+            # closed first, the pooler drops the request (its client is gone) and the statement
+            # runs on. At most `CLOSE_GRACE`'s upper bound where the request goes on by itself
+            # (closing its connection is safe, measured); else its own bound (a connection
+            # class of the user's: its request would be cut short).
             if not driver.pending_cancellations(conn):
                 conn.terminate()
+            elif driver.requests_outlive_close(conn) and loop is not None and not loop.is_closed():
+                loop.call_later(CLOSE_GRACE[1], conn.terminate)
         _finish(slots, close_credentials=True)
 
 

@@ -14,7 +14,8 @@ from asyncpool.connect.connector import CutShort
 from asyncpool.errors import ConnectError, PoolTimeoutError
 from asyncpool.pool import closing, misuse, slow_checkout
 from asyncpool.pool.backoff import Backoff
-from asyncpool.pool.lease import ACTIVE
+from asyncpool.pool.connection import proxy_class_for
+from asyncpool.pool.lease import ACTIVE, WITHDRAWN
 from asyncpool.pool.record import ConnectionRecord
 from asyncpool.pool.replaced_credentials import track_login
 from asyncpool.pool.state import OPEN
@@ -99,7 +100,8 @@ def new_record(slots: Slots, conn: Any) -> ConnectionRecord:
     slots.created_total += 1
     cfg = slots.config
     now = slots.loop.time()
-    record = ConnectionRecord(conn, now, cfg.max_lifetime, cfg.lifetime_jitter, slots)
+    record = ConnectionRecord(conn, now, cfg.max_lifetime, cfg.lifetime_jitter, slots,
+                              proxy_class=proxy_class_for(type(conn)))
     record.touch(now, slots.validate_after)
     slots.records.append(record)
     return record
@@ -129,6 +131,11 @@ async def _wait_between_attempts(slots: Slots, delay: float, progress: Progress)
     progress.holding = False
     lease: Lease = got
     slots.handed.discard(lease)
+    if lease.state is WITHDRAWN:
+        # Closed for a SnapStart snapshot before this task ran (`snapshot._withdraw`): the slot
+        # given back to this caller, which logs in again in it.
+        progress.holding = True
+        return None
     if lease.state is not ACTIVE or slots.state is not OPEN:
         slow_checkout.undo_handoff(slots, lease)
         raise misuse.closed_error(slots)
@@ -246,7 +253,17 @@ def give_up_fills(slots: Slots, why: str = AFTER_PAUSE) -> list[asyncio.Task[Any
     meanwhile, for up to connect_timeout, in a slot the next caller needs: with max_size=1 the
     next invocation failed (PoolTimeoutError) though the pooler was back. Its slot goes to the
     caller, which logs in itself. Before a pause (`BEFORE_PAUSE`), it would be cut part-way by
-    the freeze, holding a login slot at the pooler until the thaw."""
+    the freeze, holding a login slot at the pooler until the thaw.
+
+    The first call after a SnapStart restore (`Slots.since_restore`) stops none as begun before
+    a pause (`AFTER_PAUSE`, the first invocation's start): each began after the restore (the
+    snapshot stopped those under way, and held back those begun after it:
+    `_after_any_snapshot`), in the loop's run that serves the first invocation. Stopped there,
+    the refill the restore began was lost, and its slot's caller logged in again: two logins
+    per restore for one connection."""
+    since_restore, slots.since_restore = slots.since_restore, False
+    if since_restore and why == AFTER_PAUSE:
+        return []
     stopped = [attempt for attempt in slots.fills if not attempt.done()]
     for attempt in stopped:
         attempt.cancel(why)

@@ -3,8 +3,9 @@ made through a held connection, bound to the connection's event loop: used from 
 or loop, asyncpg would send the statement and only then fail waiting for its reply (it ran on the
 server while the caller got an error), so they refuse first, as the connection itself does
 (`PooledConnection`). Cut off by the pool (their connection given back from another task,
-``terminate()``, ``close()`` past its timeout, a leak reclaim), a prepared statement's or a
-cursor's step raises the pool's error, as the connection's own statements do (`stopped_under`).
+``terminate()``, ``close()`` past its timeout, a leak reclaim), a prepared statement's step or
+``explain()``, a cursor's opening or step raises the pool's error, as the connection's own
+statements do (`stopped_under`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import asyncpg
 from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
 from asyncpg.transaction import Transaction
@@ -70,8 +72,9 @@ def stopped_under(record: ConnectionRecord, lease: Lease | None, exc: Exception
 
 
 async def _said_by_pool(conn: Any, call: Awaitable[R]) -> R:
-    """`call`'s result, a step of a cursor on the pool connection `conn`; the pool's error if
-    the pool ends the checkout under it (`stopped_under`)."""
+    """`call`'s result, a step of a cursor (or a cursor opening, ``explain()``) on the pool
+    connection `conn`; the pool's error if the pool ends the checkout under it
+    (`stopped_under`)."""
     record = record_of(conn)
     lease = record.lease if record is not None else None
     try:
@@ -79,10 +82,21 @@ async def _said_by_pool(conn: Any, call: Awaitable[R]) -> R:
     except Exception as raised:
         exc = dropped_transport_error(raised, conn)
         if record is not None and (stopped := stopped_under(record, lease, exc)) is not None:
-            raise stopped from exc
+            raise stopped from _statements_own(exc)
         if exc is not raised:
             raise exc from raised
         raise
+
+
+def _statements_own(exc: Exception) -> Exception:
+    """The statement's own error under `exc`, asyncpg's refusal to clean up after it on the
+    closed connection (``explain(analyze=True)`` rolls back its savepoint in a ``finally``:
+    "cannot call Transaction.rollback(): the underlying connection is closed")."""
+    under = exc.__context__
+    if (isinstance(exc, asyncpg.InterfaceError) and isinstance(under, Exception)
+            and stopped_by_pool(under)):
+        return under
+    return exc
 
 
 class _OnItsLoop:
@@ -157,6 +171,19 @@ def _one_at_a_time(name: str, base: type = PreparedStatement
     return method
 
 
+def _explain(base: type[PreparedStatement[Any]]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """`base`'s (asyncpg's) ``explain()``, saying the pool's error if the pool ends the
+    checkout under it (`stopped_under`): its EXPLAIN plans the statement (and with
+    ``analyze=True`` runs it) through the connection's own statement, which does not say it."""
+    original = base.explain
+
+    async def explain(self: PooledPreparedStatement, *args: Any, analyze: bool = False) -> Any:
+        return await _said_by_pool(self._connection, original(self, *args, analyze=analyze))
+
+    functools.update_wrapper(explain, original)
+    return explain
+
+
 def _ended_by_pool(resource: Any) -> PoolError | None:
     """The pool's error if it ended the checkout `resource` (asyncpg's transaction, made on a
     held connection) belongs to while the holder still held it: ``terminate()``, ``close()``
@@ -196,6 +223,18 @@ class PooledTransaction(_OnItsLoop, Transaction):
             self._managed = False
 
 
+class _Steps:
+    """An awaitable of the steps of an ``__await__`` already begun (asyncpg's cursor opening)."""
+
+    __slots__ = ("_steps",)
+
+    def __init__(self, steps: Generator[Any, None, Any]) -> None:
+        self._steps = steps
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._steps
+
+
 class PooledCursorFactory(_OnItsLoop, CursorFactory):
     __slots__ = ()
 
@@ -204,7 +243,9 @@ class PooledCursorFactory(_OnItsLoop, CursorFactory):
         return bind(super().__aiter__())
 
     def __await__(self) -> Generator[Any, None, Any]:
-        cursor = yield from super().__await__()
+        # Opening sends the query's Parse and Bind (planned there: it may take a while).
+        opening = _said_by_pool(self._connection, _Steps(super().__await__()))
+        cursor = yield from opening.__await__()
         return bind(cursor)
 
 
@@ -249,9 +290,11 @@ class PooledPreparedStatement(_OnItsLoop, PreparedStatement):
         _check_cursor_arguments(kwargs)
         return bind(super().cursor(*args, **kwargs))
 
-    # Not explain(): it runs its statement through the connection's own, which takes the lock.
-    # Type checkers see asyncpg's methods, whose signatures these keep (`_one_at_a_time`).
+    # Not explain() (`_explain`): it runs its statement through the connection's own, which
+    # takes the lock. Type checkers see asyncpg's methods, whose signatures these keep
+    # (`_one_at_a_time`).
     if not TYPE_CHECKING:
+        explain = _explain(PreparedStatement)
         fetch = _one_at_a_time("fetch")
         fetchval = _one_at_a_time("fetchval")
         fetchrow = _one_at_a_time("fetchrow")
@@ -270,6 +313,7 @@ class PooledCheckedPreparedStatement(_OnItsLoop, CheckedPreparedStatement):
         return bind(super().cursor(*args, **kwargs))
 
     if not TYPE_CHECKING:  # (as in PooledPreparedStatement)
+        explain = _explain(CheckedPreparedStatement)
         fetch = _one_at_a_time("fetch", CheckedPreparedStatement)
         fetchval = _one_at_a_time("fetchval", CheckedPreparedStatement)
         fetchrow = _one_at_a_time("fetchrow", CheckedPreparedStatement)

@@ -9,7 +9,7 @@ from threading import get_ident
 from typing import TYPE_CHECKING
 
 from asyncpool.errors import PoolClosedError, PoolError
-from asyncpool.pool.state import NEW
+from asyncpool.pool.state import CLOSING, NEW
 
 if TYPE_CHECKING:
     from asyncpool.pool.slots import Slots
@@ -74,4 +74,9 @@ def closed_error(slots: Slots) -> PoolClosedError:
     if slots.state is NEW:
         return PoolClosedError(f"the pool {slots.name!r} is not open yet: await pool.open() first (or "
                                "'pool = await asyncpool.create_pool(...)')")
+    if slots.state is CLOSING:
+        # close() may wait seconds for held connections: "is closed" then sent readers of
+        # the log to look for a close that had not finished (asyncpg says "pool is closing").
+        return PoolClosedError(f"the pool {slots.name!r} is closing: close() or terminate() "
+                               "has begun, so it hands out no more connections")
     return PoolClosedError(f"the pool {slots.name!r} is closed")

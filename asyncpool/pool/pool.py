@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable, Sequence
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Generic, Self, Unpack, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, Unpack, overload
 
 from asyncpool.config import InitHook, PoolConfig, as_number, opened_by_open
 from asyncpool.connect.connector import Connector
@@ -36,7 +36,16 @@ from asyncpool.options import (
     with_connect_args,
     with_record_class,
 )
-from asyncpool.pool import forks, housekeeping, lifecycle, logins, misuse, pool_stats
+from asyncpool.pool import (
+    declared_rows,
+    forks,
+    given_loop,
+    housekeeping,
+    lifecycle,
+    logins,
+    misuse,
+    pool_stats,
+)
 from asyncpool.pool.checkout import AcquireContext, TransactionContext, blank
 from asyncpool.pool.connection import PooledConnection, PoolRecordT_co
 from asyncpool.pool.lease import ACTIVE, HELPER_METHODS
@@ -76,7 +85,11 @@ class Pool(Generic[PoolRecordT_co]):
 
     Typed by the class of its rows: ``Pool(dsn, record_class=Row)`` is a ``Pool[Row]``, whose
     ``fetch()`` (and its connections') returns ``list[Row]``; a bare ``Pool`` is a
-    ``Pool[asyncpg.Record]``, and takes a ``Pool[Row]``.
+    ``Pool[asyncpg.Record]``, and takes a ``Pool[Row]``. A subclass naming its rows
+    (``class RowPool(Pool[Row])``) must be made with ``record_class=Row`` (`PoolConfigError`).
+
+    `loop` (asyncpg's) is taken when it is the loop that opens the pool: `open()` refuses
+    another one. A pool uses the event loop it is opened on.
     """
 
     # Two signatures, each naming what the pool is: without `record_class` a Pool[Record],
@@ -89,6 +102,7 @@ class Pool(Generic[PoolRecordT_co]):
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
         init: Callable[[asyncpg.Connection[asyncpg.Record]], Awaitable[object]] | None = None,
         setup: Callable[[PooledConnection[asyncpg.Record]], Awaitable[object]] | None = None,
         **options: Unpack[PoolOptionsWithoutRows],
@@ -100,6 +114,7 @@ class Pool(Generic[PoolRecordT_co]):
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
         record_class: type[PoolRecordT_co],
         init: Callable[[asyncpg.Connection[PoolRecordT_co]], Awaitable[object]] | InitHook | None = None,
         setup: Callable[[PooledConnection[PoolRecordT_co]], Awaitable[object]] | None = None,
@@ -113,6 +128,7 @@ class Pool(Generic[PoolRecordT_co]):
         *,
         config: PoolConfig | None = None,
         observers: list[PoolObserver] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
         record_class: type[PoolRecordT_co] = NOT_GIVEN,
         **options: Unpack[PoolOptionsWithoutRecordClass],
     ) -> None:
@@ -121,7 +137,11 @@ class Pool(Generic[PoolRecordT_co]):
                                   "from the arguments and the ASYNCPOOL_* variables)")
         if not isinstance(observers, list | tuple | None):
             raise PoolConfigError(f"observers={observers!r}: must be a list of PoolObserver")
+        # asyncpg's loop=: only checked, at open() (`given_loop`); not a PoolConfig option.
+        self._given_loop = given_loop.checked(loop)
         config = resolve(dsn, config, with_record_class(options, record_class))
+        if type(self) is not Pool:
+            declared_rows.refuse_other_rows(type(self), self._declared_rows, config.connect_kwargs)
         self.config: PoolConfig = config
         self.name: str = config.name
         self._extra_observers = list(observers or [])
@@ -138,8 +158,13 @@ class Pool(Generic[PoolRecordT_co]):
                 if getattr(cls, name) is getattr(Pool, name):
                     setattr(self, name, MethodType(RUNNERS[name], slots))
 
+    #: The rows a subclass declares (``class RowPool(Pool[Row])``), held to its record class
+    #: when it is made (`declared_rows`); None: none declared.
+    _declared_rows: ClassVar[object] = None
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls._declared_rows = declared_rows.of(cls, Pool)
         if cls.acquire is not Pool.acquire:
             # A subclass's acquire() (asyncpg's pool helpers take their connection from it, and
             # such subclasses set up or tag each checkout there): every helper it does not
@@ -185,7 +210,8 @@ class Pool(Generic[PoolRecordT_co]):
         fails here rather than on the first query. An open() that fails or is cancelled (the
         credentials provider's first read, a login, `init`, a time limit around it) closes what
         it opened and leaves the pool as new: call open() again. Tasks calling open() meanwhile
-        get the same outcome, except a cancellation: then one of them opens the pool.
+        get the same outcome, except a cancellation: then one of them opens the pool. Given
+        ``loop=``, a pool opened on another loop is a `PoolConfigError`, before anything opens.
         """
         slots = self._slots
         if slots.state is OPEN or (slots.opening is not None and not slots.opening.done()):
@@ -200,9 +226,11 @@ class Pool(Generic[PoolRecordT_co]):
             if await asyncio.shield(opening):
                 return self
         if slots.state is CLOSING or slots.state is CLOSED_STATE:
-            raise PoolClosedError(f"pool {self.name!r} is closed; create a new pool")
+            raise PoolClosedError(f"pool {self.name!r} is {slots.state.value}; create a new pool")
         if slots.state is OPEN:
             return self
+        # (Here, not first: a pool open, or opening, elsewhere says where; a closed one, closed.)
+        given_loop.refuse_another(self.name, self._given_loop)
         observer = self._build_observer()
         await lifecycle.open(slots, observer, Connector(self.config, observer), wait)
         return self
@@ -239,10 +267,14 @@ class Pool(Generic[PoolRecordT_co]):
         Waiters and logins under way get `PoolClosedError`. Idle connections are closed at once.
         A connection still held after `timeout` is terminated and its holder gets
         `PoolClosedError` on next use; so is, at once and with a warning, one held by the task
-        calling close() itself (it could not be given back while close() waits). Cancelled
-        part-way, close() terminates what is left. Call it on the event loop the pool was
-        opened on. A bad `timeout` is a `PoolConfigError`, raised once the pool is closed with
-        the default.
+        calling close() itself (it could not be given back while close() waits). After
+        `timeout`, closes under way (a goodbye to the server, a cancel request for what a held
+        connection runs) get as long again as `timeout` (0.1 s to 1 s), then their connections
+        are closed at once: close() ends within about twice `timeout` even when the pooler
+        answers nothing (PgBouncer SUSPENDed); a cancel request not yet taken goes on by itself,
+        within 5 s. Cancelled part-way, close() terminates what is left. Call it on the event
+        loop the pool was opened on. A bad `timeout` is a `PoolConfigError`, raised once the
+        pool is closed with the default.
         """
         error = timeout_error(self.name, "close(timeout=...)", timeout,
                               done=f"; the pool was closed with the default {CLOSE_TIMEOUT:g} s")
@@ -288,7 +320,8 @@ class Pool(Generic[PoolRecordT_co]):
         holder (a caller waiting in line included) before that one gets it. Called on the pool's
         loop (`LambdaRunner` does, as each invocation starts), it also gives up the pool's own
         logins under way (min_size refills): one begun before the pause may wait on a socket that
-        died meanwhile, in the slot a caller needs; that caller logs in itself. From another
+        died meanwhile, in the slot a caller needs; that caller logs in itself (not the first
+        time after a SnapStart restore: those began after it). From another
         thread (a snapshot-restore hook) it only marks the connections."""
         housekeeping.mark_stale(self._slots)
         with contextlib.suppress(RuntimeError):  # (no running loop: another thread)
@@ -618,6 +651,7 @@ def create_pool(
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
     init: Callable[[asyncpg.Connection[asyncpg.Record]], Awaitable[object]] | None = None,
     setup: Callable[[PooledConnection[asyncpg.Record]], Awaitable[object]] | None = None,
     **options: Unpack[PoolOptionsWithoutRows],
@@ -628,6 +662,7 @@ def create_pool(
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
     record_class: type[RecordT],
     init: Callable[[asyncpg.Connection[RecordT]], Awaitable[object]] | InitHook | None = None,
     setup: Callable[[PooledConnection[RecordT]], Awaitable[object]] | None = None,
@@ -639,6 +674,7 @@ def create_pool(
     *,
     config: PoolConfig | None = None,
     observers: list[PoolObserver] | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
     record_class: type[PoolRecordT_co] = NOT_GIVEN,
     **options: Unpack[PoolOptionsWithoutRecordClass],
 ) -> Pool[PoolRecordT_co]:
@@ -649,4 +685,5 @@ def create_pool(
     Takes what `Pool` takes, and checks it here; with no `dsn`, ``ASYNCPOOL_DSN`` (and the other
     ``ASYNCPOOL_*`` variables) configure it. Like asyncpg's, it returns the pool (awaitable),
     not a coroutine: ``asyncio.ensure_future(create_pool(...))`` makes a task of it."""
-    return Pool(dsn, config=config, observers=observers, record_class=record_class, **options)
+    return Pool(dsn, config=config, observers=observers, loop=loop, record_class=record_class,
+                **options)

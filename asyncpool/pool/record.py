@@ -14,6 +14,7 @@ from asyncpool.connect.driver import DriverConnection, Probe, probe, queries_cou
 if TYPE_CHECKING:
 
     from asyncpool.pool.checkout import Checkouts
+    from asyncpool.pool.connection import PooledConnection
     from asyncpool.pool.lease import Lease
 
 
@@ -39,14 +40,20 @@ class ConnectionRecord:
     """One pooled connection. Times come from the event loop's monotonic clock."""
 
     __slots__ = ("__weakref__", "check_at", "conn", "created_at", "expires_at", "last_used",
-                 "lease", "owner", "place", "probe", "spare", "stale", "sync_after")
+                 "lease", "owner", "place", "probe", "proxy_class", "spare", "stale",
+                 "sync_after")
 
     def __init__(self, conn: DriverConnection, now: float, max_lifetime: float | None,
-                 jitter: float, owner: Checkouts) -> None:
+                 jitter: float, owner: Checkouts, *,
+                 proxy_class: type[PooledConnection[Any]]) -> None:
         self.conn: DriverConnection = conn
+        # What a checkout hands out for it: `PooledConnection`, or its subclass with a
+        # __getattr__ for a connection class that adds attributes (`proxy_class_for`).
+        self.proxy_class: type[PooledConnection[Any]] = proxy_class
         # The pool's slots owner, for a held connection's statements: the proxy's own `_owner`
-        # is a read on a class with a __getattr__, which Python 3.11 does not specialize (~325
-        # instructions per read; this one is a slot read: benchmarks/README.md).
+        # is, on `AnyAttributeConnection`, a read on a class with a __getattr__, which Python
+        # 3.11 does not specialize (~325 instructions per read; this one is a slot read:
+        # benchmarks/README.md).
         self.owner: Checkouts = owner
         # What the checkout fast path asks of the connection on every query, without a Python
         # call: `is_connected()` and `is_in_transaction()` (asyncpool.connect.driver.probe).

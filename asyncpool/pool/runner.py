@@ -20,6 +20,7 @@ from asyncpool.pool.checkout import AcquireContext, end_checkout
 from asyncpool.pool.lease import ACTIVE, RELEASED, STATEMENT_RUNNERS, spare_lease, task_of
 from asyncpool.pool.record import IDLE, LEASED
 from asyncpool.pool.slots import UNSET
+from asyncpool.pool.stale_rows import stale_rows_error
 from asyncpool.pool.unsynced import left_unsynced
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def statement_runner(method: str) -> Callable[..., Coroutine[Any, Any, Any]]:  #
             except BaseException as raised:
                 record.spare = None  # the lease may be kept (a leak report, an error's holder)
                 exc = (dropped_transport_error(raised, conn) if copy and isinstance(raised, Exception)
-                       else raised)
+                       else stale_rows_error(raised, self.name, query) or raised)
                 if lease.state is ACTIVE and left_unsynced(exc):
                     record.note_unsynced_parse()  # (an argument asyncpg's codec refused...)
                 await end_checkout(self, lease, exc)

@@ -32,7 +32,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from asyncpool.connect import driver
-from asyncpool.connect.copy_waiter import retrieve_copy_waiters
+from asyncpool.connect.copy_waiter import retrieve_copy_waiters, retrieve_protocol_waiters
 from asyncpool.connect.driver import BROKEN, BUSY, CLEAN, NEEDS_RESET, returned
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import closing, misuse, resets, slow_checkout
@@ -61,6 +61,9 @@ if TYPE_CHECKING:
 # RELEASE_TIMEOUT and UNSET live in `resets` and `slow_checkout`; runner.py and connection.py
 # still import them from here.
 __all__ = ["RELEASE_TIMEOUT", "UNSET", "Slots"]
+
+#: Why a connection whose statement was cut short where no cancel request can arrive is closed.
+UNDELIVERABLE = "cancel undeliverable"
 
 
 class _HotSlots:
@@ -91,7 +94,8 @@ class Slots(_HotSlots):
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
         "filling", "fills", "forks", "generation", "getting", "handed", "housekeeper", "leaked_total", "name",
         "observer", "opened_in", "opening", "pid", "provider_users",
-        "records", "replaced_credentials", "resets", "restored", "retrying", "state",
+        "records", "replaced_credentials", "resets", "restored", "restored_at", "retrying",
+        "since_restore", "state",
         "timeouts_total",
         "undoing_open", "validation_failures_total", "waiters",
     )
@@ -171,6 +175,12 @@ class Slots(_HotSlots):
         # From a SnapStart snapshot to its restore (`snapshot`): set at the restore, and logins
         # wait for it (one begun in between would be in the snapshot).
         self.restored: asyncio.Event | None = None
+        # `clock()` at the last restore (0.0: none): a `setup` hook's time counts from
+        # there for an acquire under way at the snapshot (`slow_checkout.set_up`).
+        self.restored_at: float = 0.0
+        # The loop has not paused since the last restore (set there; `logins.give_up_fills`
+        # clears it): a refill under way began after the restore, not before a pause.
+        self.since_restore: bool = False
         # Logins in progress, each with what its caller is told if it is stopped part-way.
         self.attempts: dict[asyncio.Task[Any], CutShort] = {}
         # Those of them the pool makes on its own (min_size refills nobody waits on).
@@ -248,12 +258,14 @@ class Slots(_HotSlots):
 
     # -- the one exit -------------------------------------------------------------------------
 
-    def retire(self, record: ConnectionRecord, reason: str, *, graceful: bool = False) -> None:
+    def retire(self, record: ConnectionRecord, reason: str, *, graceful: bool = False,
+               keep_slot: bool = False) -> None:
         """Take `record` out of the pool for good, from wherever it is: close its connection
         (politely if `graceful`), count it, and give its slot to the first waiter.
 
         A record being validated keeps its slot: the caller validating it owns that slot and
-        connects a replacement in it (or gives it back).
+        connects a replacement in it (or gives it back). So does one retired with `keep_slot`:
+        the caller has counted the slot in `connecting` (`snapshot._withdraw`).
         """
         place = record.place
         if place is RETIRED:
@@ -264,8 +276,10 @@ class Slots(_HotSlots):
             lease = record.lease
             record.lease = None
             if lease is not None:
-                # A COPY of the holder's cut off leaves asyncpg's reply future unretrieved.
+                # A COPY of the holder's cut off, or refused, leaves asyncpg's reply future
+                # unretrieved.
                 retrieve_copy_waiters([lease.user, lease.task])
+                retrieve_protocol_waiters(record.conn)
             if lease is not None and lease.state is ACTIVE:
                 lease.state = CLOSED
                 self._end_use(lease)
@@ -277,7 +291,7 @@ class Slots(_HotSlots):
         self.closed_total += 1
         self.observer.connection_closed(reason)
         closing.close_connection(self, record.conn, graceful)
-        if place is not CHECKING:
+        if place is not CHECKING and not keep_slot:
             self._grant_slot()
         if self.state is CLOSING:
             self._note_drained()
@@ -288,7 +302,12 @@ class Slots(_HotSlots):
         restarted) likely closed the others, and one that died within `validate_after` would be
         lent as it is: to the caller that retries, or to SQLAlchemy's ``pool_pre_ping``, whose
         reconnect takes the next connection unpinged. Not with ``validate_after=None`` (never
-        check), which the user chose."""
+        check), which the user chose; nor for one its own class closed for a statement cut
+        short where no cancel request can arrive (RDS Proxy, ``cancel_requests="off"``): the
+        pool closed that one, nothing was lost."""
+        if driver.closed_uncancelled(record.conn):
+            self.retire(record, UNDELIVERABLE if reason == "broken" else reason)
+            return
         self.retire(record, reason)
         if self.validate_after == math.inf:
             return
@@ -495,7 +514,7 @@ class Slots(_HotSlots):
                 # No cancel request was sent (none could arrive): the statement would run on and
                 # the wait last as long. The connection goes; the server's statement_timeout or
                 # idle_in_transaction_session_timeout ends what it was doing (docs/poolers.md).
-                self.retire(record, "cancel undeliverable")
+                self.retire(record, UNDELIVERABLE)
                 return False
             return True  # still in use (`record.lease`) until reset
         record.lease = None

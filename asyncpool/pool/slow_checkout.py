@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextvars import Context, copy_context
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -16,14 +16,12 @@ import asyncpg
 from asyncpool.config import hook_awaitable
 from asyncpool.errors import ConnectError, PoolTimeoutError
 from asyncpool.pool import forks, logins, misuse, pool_stats
-from asyncpool.pool.lease import ACTIVE, RELEASED
+from asyncpool.pool.lease import ACTIVE, RELEASED, WITHDRAWN
 from asyncpool.pool.record import CHECKING, MOVING
 from asyncpool.pool.resets import RESETS_END
 from asyncpool.pool.state import NEW, OPEN
 
 if TYPE_CHECKING:
-    from types import FrameType
-
     from asyncpool.pool.connection import PooledConnection
     from asyncpool.pool.lease import Lease
     from asyncpool.pool.record import ConnectionRecord
@@ -56,12 +54,12 @@ class Waiter:
 
 
 class Progress:
-    """What a slow checkout is doing, for the error it raises if its time runs out, and its
-    time limit (`timer`, None until armed), which a SnapStart snapshot stops until the restore
-    (`asyncpool.pool.snapshot`)."""
+    """What a slow checkout (or a `setup` hook) is doing, for the error it raises if its time
+    runs out, and its time limit (`timer`, None until armed), which a SnapStart snapshot stops
+    until the restore (`asyncpool.pool.snapshot`)."""
 
-    __slots__ = ("deadline", "holding", "last_error", "phase", "queued", "started", "timeout",
-                 "timer")
+    __slots__ = ("deadline", "holding", "last_error", "phase", "queued", "redo", "setting_up",
+                 "started", "timeout", "timer")
 
     def __init__(self, started: float, timeout: float | None) -> None:
         self.started: float = started
@@ -72,10 +70,17 @@ class Progress:
         self.last_error: BaseException | None = None
         self.holding: bool = False  # this caller holds a reserved slot (counted in `connecting`)
         self.queued: float = 0.0  # seconds spent in line before a slot or connection came
+        # The checkout a `setup` hook runs on (`set_up`), and whether a snapshot closed its
+        # connection under the hook (`snapshot.empty_for_snapshot`): then it runs again on a
+        # new one after the restore.
+        self.setting_up: Lease | None = None
+        self.redo: bool = False
 
 
-async def checkout(slots: Slots, timeout: float | None, frame: FrameType | None) -> Lease:
-    """The slow path: check an idle connection, open one, or wait in line."""
+async def checkout(slots: Slots, timeout: float | None, frame: FrameType | None, *,
+                   counted: bool = True) -> Lease:
+    """The slow path: check an idle connection, open one, or wait in line. Not `counted`:
+    the acquire it serves was counted already (a `setup` hook's second run: `_run_hook`)."""
     loop = slots.loop
     if slots.forks != forks.FORKS[0] and slots.state is not NEW:
         raise forks.forked_error(slots)
@@ -104,9 +109,10 @@ async def checkout(slots: Slots, timeout: float | None, frame: FrameType | None)
         slots.checkouts.discard(progress)
         if getting is not None:
             slots.getting.discard(getting)
-    slots.acquired_total += 1
-    if slots.on_acquired is not None:
-        slots.on_acquired(loop.time() - progress.started)
+    if counted:
+        slots.acquired_total += 1
+        if slots.on_acquired is not None:
+            slots.on_acquired(loop.time() - progress.started)
     return lease
 
 
@@ -164,7 +170,11 @@ async def _check(slots: Slots, record: ConnectionRecord, now: float, frame: Fram
         progress.holding = False
         slots._release_slot()
         raise
-    if record.place is not CHECKING:  # retired meanwhile (close, terminate)
+    if record.place is not CHECKING:  # retired meanwhile (close, terminate, a snapshot)
+        if slots.state is OPEN:
+            # By a SnapStart snapshot (`snapshot.empty_for_snapshot`): the slot is still this
+            # caller's, to log in after the restore.
+            return await logins.connect_for(slots, frame, progress)
         progress.holding = False
         slots._release_slot()
         raise misuse.closed_error(slots)
@@ -237,7 +247,9 @@ async def _wait(slots: Slots, frame: FrameType | None, progress: Progress) -> Le
         elif got is not None:
             undo_handoff(slots, got)
         raise
-    if got is GRANT:
+    if got is GRANT or got.state is WITHDRAWN:
+        # A slot (WITHDRAWN: that of a connection handed over here, then closed for a
+        # SnapStart snapshot before this task ran: `snapshot._withdraw`).
         progress.holding = True
         progress.queued = slots.loop.time() - progress.started
         connected = await logins.connect_for(slots, frame, progress)
@@ -275,7 +287,11 @@ def leave(slots: Slots, waiter: Waiter) -> Any:
 
 
 def undo_handoff(slots: Slots, lease: Lease) -> None:
-    """A lease handed to a waiter that gave up in the same instant goes to the next one."""
+    """A lease handed to a waiter that gave up in the same instant goes to the next one (the
+    slot, if a snapshot withdrew its connection: `snapshot._withdraw`)."""
+    if lease.state is WITHDRAWN:
+        slots._release_slot()
+        return
     if lease.state is not ACTIVE:
         return
     slots._put(_taken_back(lease), slots.loop.time() if slots.loop else 0.0)
@@ -334,31 +350,75 @@ def _timeout_error(slots: Slots, timeout: float | None, progress: Progress) -> P
 async def set_up(slots: Slots, conn: PooledConnection, timeout: float | None,
                  started: float) -> None:
     """Run the `setup` hook on a connection just checked out, within what is left of the
-    acquire's `timeout` (`UNSET`: ``acquire_timeout``; `started`: ``time.monotonic()`` when
-    the acquire began), which counts it as asyncpg's does. If it fails or runs out of time,
-    the connection is closed (what the hook left is unknown) and the error raised: out of
-    time, `PoolTimeoutError`."""
+    acquire's `timeout` (`UNSET`: ``acquire_timeout``; `started`: the pool's clock when
+    the acquire began, or the SnapStart restore since), which counts it as asyncpg's does. If
+    it fails or runs out of time, the connection is closed (what the hook left is unknown) and
+    the error raised: out of time, `PoolTimeoutError`.
+
+    A hook still running when a SnapStart snapshot is taken has its time stopped there and
+    counted again, whole, from the restore (as a checkout in line), and its connection, closed
+    for the snapshot, replaced: `conn` is pointed at a new checkout, and the hook runs again on
+    it (`_run_hook`)."""
     assert slots.setup is not None
+    assert slots.loop is not None
     if timeout is UNSET:
         timeout = slots.config.acquire_timeout
-    deadline = asyncio.timeout(None if timeout is None
-                               else timeout - (time.monotonic() - started))
+    # An acquire under way at a SnapStart snapshot had its whole timeout again from the restore
+    # (`snapshot.resume_after_restore`): the hook gets what is left of that one.
+    started = max(started, slots.restored_at)
+    left = None if timeout is None else timeout - (slots.clock() - started)
+    progress = Progress(slots.loop.time(), left)
+    progress.timeout = timeout  # (what a restore gives it again)
+    progress.phase = "setup"
+    deadline = asyncio.timeout(left)
+    slots.checkouts.add(progress)
     try:
-        async with deadline:
-            await hook_awaitable(slots.name, "setup", slots.setup(conn))
+        async with deadline as progress.timer:
+            await _run_hook(slots, conn, progress)
         return
     except BaseException as exc:
         slots.discard(conn._lease, "setup failed")
         if not (isinstance(exc, TimeoutError) and deadline.expired()):
             raise
         error = exc
+    finally:
+        slots.checkouts.discard(progress)
+        progress.setting_up = None
     slots.timeouts_total += 1
     slots.observer.timed_out()
+    doing = ("the setup hook was still running on it when the time ran out (the connection "
+             "was closed); make setup faster" if progress.phase == "setup" else
+             "the SnapStart snapshot closed the connection its setup hook was running on, and "
+             "no new one was checked out and set up in time after the restore; make setup "
+             "faster")
     raise PoolTimeoutError(
-        f"pool {slots.name!r}: no connection within {timeout:g}s: the setup hook was still "
-        "running on it when the time ran out (the connection was closed); make setup "
-        "faster or raise acquire_timeout"
-    ) from error
+        f"pool {slots.name!r}: no connection within {timeout:g}s: {doing} or raise "
+        "acquire_timeout") from error
+
+
+async def _run_hook(slots: Slots, conn: PooledConnection, progress: Progress) -> None:
+    """The `setup` hook on `conn`; if a snapshot closed its connection under it, once more,
+    after the restore, on a new checkout (within `progress`'s time limit, which a restore
+    re-arms). Whatever the first run raised then is moot: it was the closed connection's."""
+    assert slots.setup is not None
+    frame = conn._lease.frame
+    while True:
+        progress.setting_up = conn._lease
+        try:
+            await hook_awaitable(slots.name, "setup", slots.setup(conn))
+        except Exception:
+            if not progress.redo:
+                raise
+        if not progress.redo:
+            return
+        progress.redo = False
+        progress.setting_up = None
+        progress.phase = "checkout"
+        # (A login waits for the restore: `logins.log_in`.) The same acquire: counted once,
+        # its first checkout's use not ended (`snapshot._close_in_use`).
+        conn._lease = await checkout(slots, None, frame if isinstance(frame, FrameType) else None,
+                                     counted=False)
+        progress.phase = "setup"
 
 
 def _taken_back(lease: Lease) -> ConnectionRecord:

@@ -34,7 +34,7 @@ from asyncpool.telemetry.fork_locks import fork_safe_lock
 
 Attributes = Mapping[str, str]
 
-LEAK_ACTIONS = ("reclaim", "log")
+LEAK_ACTIONS = ("reclaim", "log", "dropped")
 
 
 def qualified_name(cls: type[BaseException]) -> str:

@@ -39,7 +39,8 @@ CODE_STACKTRACE = "code.stacktrace"
 POSTGRESQL = "postgresql"
 
 CREDENTIALS_PROVIDER = "asyncpool.credentials.provider"
-LEAK_ACTION = "asyncpool.leak.action"  # "reclaim" or "log", as `leak_action`
+# "reclaim" or "log", as `leak_action`; "dropped": given back by the garbage collector.
+LEAK_ACTION = "asyncpool.leak.action"
 LEAK_HELD_SECONDS = "asyncpool.leak.held_seconds"
 LEAK_TASK = "asyncpool.leak.task"
 # On a connect span whose caller was cancelled mid-login (no error: status UNSET).
@@ -98,7 +99,8 @@ USE_TIME = MetricSpec(
 )
 LEAKS = MetricSpec(
     "asyncpool.connection.leaks", "counter", "{connection}",
-    "Connections held past leak_timeout (attribute asyncpool.leak.action: reclaim or log).",
+    "Connections held past leak_timeout (attribute asyncpool.leak.action: reclaim or log), or "
+    "dropped by their holder unreturned (dropped).",
     recorded=False,
 )
 VALIDATION_FAILURES = MetricSpec(

@@ -76,9 +76,9 @@ class PoolSpans:
         The pool handles a leak in the holder's context, so that span is the current one. If it
         has ended or is not recorded, a span over the holding time carries the event instead.
         """
-        event = {
+        event: Attributes = {
             sc.POOL_NAME: self._pool_name,
-            sc.LEAK_ACTION: "reclaim" if report.reclaimed else "log",
+            sc.LEAK_ACTION: report.action,
             sc.LEAK_HELD_SECONDS: round(report.held_seconds, 6),
             sc.LEAK_TASK: report.task_name or "",
             sc.CODE_STACKTRACE: report.acquire_site,
@@ -94,7 +94,9 @@ class PoolSpans:
             start_time=now_ns - int(report.held_seconds * 1e9),
         )
         span.add_event(sc.LEAK_EVENT, event, timestamp=now_ns)
-        if report.reclaimed:  # the holder gets ConnectionLeakedError; under "log" it carries on
+        if report.action == "reclaim":
+            # The holder gets ConnectionLeakedError; under "log" it carries on, and a dropped
+            # connection has no holder left.
             span.set_attribute(sc.ERROR_TYPE, qualified_name(ConnectionLeakedError))
             span.set_status(_ERROR)
         span.end(end_time=now_ns)

@@ -192,7 +192,7 @@ class TelemetryObserver(PoolObserver):
         self._counts.validation_failed()
 
     def leaked(self, report: LeakReport) -> None:
-        self._counts.leaked("reclaim" if report.reclaimed else "log")
+        self._counts.leaked(report.action)
         self._spans.leak(report, time.time_ns())
 
 

@@ -49,7 +49,9 @@ class FaultProxy:
     - ``cancel_delay`` (seconds): a CancelRequest reaches the server only this long after it
       arrived, as when the pooler is too busy to accept it sooner (or its TCP or TLS handshake
       is slow); a client that closes its socket before then never gets it delivered, as one that
-      gave up before the server took its connection.
+      gave up before the server took its connection. Counted in `cancels_abandoned`: closing a
+      cancel request's socket before the server has taken it crashes PgBouncer 1.18
+      (pgbouncer#801), so a client that does so is caught here.
 
     With any of them set, the proxy answers a TLS request with "N" itself: those logins are
     plaintext.
@@ -79,6 +81,7 @@ class FaultProxy:
         self.cancels_seen = 0
         self.cancels_dropped = 0
         self.cancel_delay = 0.0
+        self.cancels_abandoned = 0
         self.close_delay = 0.0
         #: Chunks read from one end and held back by a stall (a request waiting at the partition).
         self.held = 0
@@ -172,6 +175,7 @@ class FaultProxy:
                     return  # a cancel request, lost
                 link.cancel = self.spare_cancels and _is_cancel(first)
                 if self.cancel_delay and _is_cancel(first) and not await _stays(reader, self.cancel_delay):
+                    self.cancels_abandoned += 1
                     return  # its client left before the server would have taken it
             try:
                 up_reader, up_writer = await asyncio.open_connection(

@@ -30,7 +30,8 @@ class PgBouncerServer(PgBouncerEndpoint):
     """PgBouncer from `binary`, pooling every database of `postgres`.
 
     `overrides` replace entries of the shared settings (for example a small `default_pool_size` so a
-    test can saturate it). `admin_dsn` reaches the admin console as `pgb_admin`.
+    test can saturate it). `upstream_port`: its server connections go there instead (a
+    `FaultProxy` in front of `postgres`). `admin_dsn` reaches the admin console as `pgb_admin`.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class PgBouncerServer(PgBouncerEndpoint):
         socket_dir: Path | None = None,
         extra_ini: list[str] | None = None,
         stats_only: bool = False,
+        upstream_port: int | None = None,
     ) -> None:
         self.binary = binary
         self.postgres = postgres
@@ -60,6 +62,8 @@ class PgBouncerServer(PgBouncerEndpoint):
         self.extra_ini: list[str] = list(extra_ini or ())
         #: The console user may only read (SHOW), as pgb_stats in compose and Terraform.
         self.stats_only = stats_only
+        #: Where its server connections go: `postgres`'s port, or a proxy's in front of it.
+        self.upstream_port = upstream_port or postgres.port
         self.workdir: Path | None = None
         self.process: ServerProcess | None = None
 
@@ -108,7 +112,7 @@ class PgBouncerServer(PgBouncerEndpoint):
         pg = self.postgres
         lines = [
             "[databases]",
-            f"* = host={pg.host} port={pg.port}",
+            f"* = host={pg.host} port={self.upstream_port}",
             "[pgbouncer]",
             f"listen_addr = {self.host}",
             f"listen_port = {self.port}",

@@ -130,6 +130,15 @@ def unwrapped(error: BaseException) -> BaseException:
     return orig if isinstance(orig, BaseException) else error
 
 
+async def stopped(stop: asyncio.Event, pause: float) -> bool:
+    """Wait `pause` seconds, or less if the round ends meanwhile: whether it ended. (A plain
+    sleep kept each round waiting seconds for leakers and expirers after it had ended.)"""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(pause):
+            await stop.wait()
+    return stop.is_set()
+
+
 class Hunt:
     def __init__(self, pool: Pool, table: str, marker: str, rng: random.Random, *,
                  findings: Findings, book: Book, sessions: Any = None) -> None:
@@ -422,8 +431,7 @@ class Hunt:
 
     async def leaker(self, stop: asyncio.Event) -> None:
         """Now and then a block held past leak_timeout: reclaimed, its holder told so."""
-        while not stop.is_set():
-            await asyncio.sleep(self.rng.uniform(0.5, 3))
+        while not await stopped(stop, self.rng.uniform(0.5, 3)):
 
             async def hold() -> None:
                 async with self.pool.acquire() as conn:
@@ -450,8 +458,7 @@ class Hunt:
             self.findings.outcomes[f"leak/{type(error).__name__}"] += 1
 
     async def expirer(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(self.rng.uniform(0.2, 1.5))
+        while not await stopped(stop, self.rng.uniform(0.2, 1.5)):
             if self.pool.closed:
                 return
             self.pool.expire_all()

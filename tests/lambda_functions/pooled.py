@@ -45,6 +45,30 @@ if os.environ.get("TEST_OPEN_AT_INIT"):
     # Opened (and connected) during INIT: what SnapStart snapshots ("nowait": the login left
     # under way, open(wait=False)).
     get_runner().run(pool.open(wait=os.environ["TEST_OPEN_AT_INIT"] != "nowait"))
+if os.environ.get("TEST_SETUP_AT_INIT"):
+    # A pool with a `setup` hook, and a task INIT leaves in an acquire whose hook is still on a
+    # statement when INIT ends: what SnapStart snapshots ("setup_result" awaits it).
+    hook_began = asyncio.Event()
+
+    async def _slow_setup(conn: Any) -> None:
+        hook_began.set()
+        await conn.execute("SELECT pg_sleep(1)")
+
+    setup_pool = get_runner().attach(Pool(config=lambda_config(
+        function_timeout=10, name="runtime-setup", setup=_slow_setup)))
+
+    async def _leave_in_setup() -> asyncio.Task[Any]:
+        await setup_pool.open()
+
+        async def acquire() -> Any:
+            async with setup_pool.acquire() as conn:
+                return await conn.fetchval("SELECT 'set up'")
+
+        task = asyncio.create_task(acquire(), name="init-acquirer")
+        await hook_began.wait()
+        return task
+
+    in_setup = get_runner().run(_leave_in_setup())
 if not os.environ.get("TEST_NO_SHUTDOWN_HOOK"):
     close_on_shutdown(pool, get_runner().loop)
 # A second pool with its own hook (TEST_SECOND_POOL): both must close at SIGTERM.
@@ -143,10 +167,17 @@ async def _modules(event: dict[str, Any], result: dict[str, Any]) -> None:
     result["aws_sdk_at_init"] = AWS_SDK_AT_INIT
 
 
+async def _setup_result(event: dict[str, Any], result: dict[str, Any]) -> None:
+    # What the acquire INIT left in its `setup` hook came to (TEST_SETUP_AT_INIT).
+    await asyncio.wait([in_setup], timeout=10)
+    result["setup_result"] = _outcome(in_setup)
+    result["setup_pool"] = dataclasses.asdict(setup_pool.stats())
+
+
 _MORE_OPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]] = {
     "generator": _generator, "try_query": _try_query,
     "background_results": _background_results, "modules": _modules, "use_kept": _use_kept,
-    "arm_late": _arm_late, "go": _go,
+    "arm_late": _arm_late, "go": _go, "setup_result": _setup_result,
 }
 
 

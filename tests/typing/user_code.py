@@ -5,6 +5,7 @@ Not run: it is type-checked only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any, TypeVar, assert_type
@@ -246,6 +247,26 @@ async def pool_record_class() -> None:
     assert_type(Pool("postgresql://app@db/app", max_size=2), Pool[asyncpg.Record])
     assert_type(Pool(config=PoolConfig(max_size=2)), Pool[asyncpg.Record])
     assert_type(GenericPool("postgresql://app@db/app", record_class=Row), GenericPool[Row])
+
+
+class RowPool(Pool[Row]):
+    """A subclass that names its rows: made with ``record_class=Row`` (refused at run time
+    without it, which type checkers cannot tell: a Pool[Row] is a Pool[Record])."""
+
+
+async def asyncpg_loop_and_config_options() -> None:
+    """asyncpg's ``loop=`` (the loop that opens the pool), and a config's typed options."""
+    loop = asyncio.get_running_loop()
+    async with asyncpool.create_pool("postgresql://app@db/app", loop=loop) as pool:
+        assert_type(pool, Pool[asyncpg.Record])
+    async with Pool("postgresql://app@db/app", loop=None, record_class=Row) as rows:
+        assert_type(rows, Pool[Row])
+    async with RowPool("postgresql://app@db/app", loop=loop, record_class=Row) as own:
+        assert_type(own, RowPool)
+        assert_type(await own.fetch("SELECT 1"), list[Row])
+    config = PoolConfig.from_env(max_size=5, prepared_statements="off", dsn=None)
+    assert_type(config.replace(max_size=2, validate_after=None, init=init, setup=setup), PoolConfig)
+    assert_type(PoolConfig.from_env({}, leak_action="log", ssl="verify-full"), PoolConfig)
 
 
 class GenericPool(Pool[RecordT]):

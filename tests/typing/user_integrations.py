@@ -94,6 +94,16 @@ async def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, int]:
     return {"n": await count(current_connection())}
 
 
+@pooled_connection(rows_pool)
+async def rows_handler(event: dict[str, Any], context: Any) -> int:
+    """Given the decorator's pool, the invocation's connection has its rows."""
+    conn = current_connection(rows_pool)
+    assert_type(conn, PooledConnection[Row])
+    assert_type(await conn.fetch("SELECT 1"), list[Row])
+    assert_type(current_connection(), PooledConnection[asyncpg.Record])
+    return await count(conn)
+
+
 @async_handler
 async def plain_handler(event: dict[str, Any], context: object) -> int:
     async with rows_pool.acquire() as conn:
@@ -102,6 +112,7 @@ async def plain_handler(event: dict[str, Any], context: object) -> int:
 
 answer: dict[str, int] = lambda_handler({}, None)
 number: int = plain_handler({}, None)
+counted: int = rows_handler({}, None)
 
 
 # -- SQLAlchemy --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import asyncpg
 
 import asyncpool
 from asyncpool import Pool, PoolConfig, PooledConnection
+from asyncpool.integrations.powertools import current_connection
 
 DSN = "postgresql://app@db/app"
 
@@ -62,6 +63,12 @@ async def rows_of_a_pool_made_without_record_class() -> None:
         awaited: PooledConnection[Row] = await pool.acquire()  # error: assignment / reportAssignmentType
         await pool.release(awaited)
     print(rows, row, held, many)
+
+
+def invocation_connection_of_a_pool_of_records() -> None:
+    """`current_connection(pool)` is typed by the pool's rows: a pool of Records' is no Row's."""
+    held: PooledConnection[Row] = current_connection(Pool(DSN))  # error: arg-type / reportAssignmentType
+    print(held)
 
 
 async def made_right() -> None:

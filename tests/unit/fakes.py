@@ -5,8 +5,10 @@ authentication or hang; connections that die, loudly or silently. `FakeConnectio
 of `asyncpg.Connection` the pool and its users touch, including the private ones
 `asyncpool.connect.driver` reads, and it behaves like asyncpg where the pool depends on it: one
 operation at a time, a cancelled or timed-out query is cancelled with a request of its own that
-takes a round trip, a Transaction whose BEGIN failed stays `_top_xact`, statements and transactions
-stop working after `_pool_release_ctr` moves (asyncpg's own `ConnectionResource` check).
+takes a round trip (the next operation waits for it), or where no request can arrive (no cancel
+key, as from RDS Proxy, or ``cancel_requests="off"``: `FakeServer.cancel_key`) its connection is
+closed, a Transaction whose BEGIN failed stays `_top_xact`, statements and transactions stop
+working after `_pool_release_ctr` moves (asyncpg's own `ConnectionResource` check).
 
 Use `install(monkeypatch)` (or `patched()`), then give the pool ``connect_kwargs={"fake_server":
 server}``. Every await takes virtual time under `VirtualClockLoop`, so tests run instantly.
@@ -18,9 +20,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import re
 import selectors
+import weakref
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
@@ -28,6 +33,7 @@ from asyncpg.connresource import ConnectionResource
 
 import asyncpool.pool.pool
 from asyncpool.config import PoolConfig
+from asyncpool.connect import driver
 from asyncpool.connect.dsn import Target
 from asyncpool.connect.failures import translate
 from asyncpool.connect.startup import StartupPlan
@@ -47,9 +53,30 @@ FAKE_TARGET = Target(host="fake", port=5432, user="app", database="app")
 class FakeServer:
     """The database side: what logins do and which connections exist."""
 
-    def __init__(self, *, latency: float = 0.001, login_latency: float = 0.003) -> None:
+    def __init__(self, *, latency: float = 0.001, login_latency: float = 0.003,
+                 requests_outlive: bool = False) -> None:
         self.latency = latency
         self.login_latency = login_latency
+        #: Connections as the real Connector's (`driver.cancel_aware_class`): every cancel
+        #: request is sent from a task of its own (`driver._send_request`, through
+        #: `fake_cancel_request`) that closing the connection does not cut short, and the
+        #: pool's own requests (`driver.request_cancel`) reach the server. Off: asyncpg's
+        #: plain class, whose request task a close cancels (`cancels_cut`).
+        self.requests_outlive = requests_outlive
+        #: How long a cancel request takes to be taken (None: `latency`; math.inf: never, a
+        #: pooler that does not answer: the request ends by its own bound).
+        self.cancel_latency: float | None = None
+        #: cancel requests taken by the server (`requests_outlive` connections)
+        self.cancels_taken = 0
+        #: What a connection gets for cancelling: "sent" (BackendKeyData, as PostgreSQL and
+        #: PgBouncer send it), "absent" (none: RDS Proxy; `backend_key` finds none), "off" (the
+        #: key, but the pool's ``cancel_requests="off"``: the real Connector's class says so,
+        #: `_asyncpool_cancels`). Without a deliverable key the real Connector's connections
+        #: send no request and close themselves instead (`driver._cancel_or_terminate`);
+        #: asyncpg's plain class (``requests_outlive=False``, what an untested asyncpg keeps)
+        #: knows no "off", and sends its request with the key it has (pid 0 when absent),
+        #: which the server ignores: it never reaches the fake server either way.
+        self.cancel_key = "sent"
         #: "ok", "refuse" (transient ConnectError), "auth" (AuthenticationError), "hang"
         self.login_mode = "ok"
         #: logins are refused (PoolerExhaustedError, transient) while this many are open
@@ -77,9 +104,26 @@ class FakeServer:
             raise PoolerExhaustedError(
                 f"could not connect to {FAKE_TARGET}: no more connections allowed (max_client_conn)"
             )
-        conn = FakeConnection(self, next(self._ids))
+        cls: type[FakeConnection] = FakeConnection
+        if self.requests_outlive:
+            cls = UncancellingFakeConnection if self.cancel_key == "off" else OutlivingFakeConnection
+        conn = cls(self, next(self._ids))
+        if self.cancel_key == "absent":  # (asyncpg keeps 0 for a key the server never sent)
+            conn._protocol.backend_pid = conn._protocol.backend_secret = 0
         self.connections.append(conn)
         return conn
+
+    async def take_cancel(self, pid: int) -> None:
+        """A cancel request for the connection whose backend pid is `pid`: the statement it
+        runs, if any, ends with QueryCanceledError once the request is taken."""
+        delay = self.latency if self.cancel_latency is None else self.cancel_latency
+        if math.isinf(delay):
+            await asyncio.get_running_loop().create_future()  # never taken: until its bound
+        await asyncio.sleep(delay)
+        self.cancels_taken += 1
+        for conn in self.connections:
+            if conn._protocol.backend_pid == pid and not conn.is_closed():
+                conn._cancelled_by_request()
 
 
 class FakeConnector:
@@ -153,6 +197,8 @@ class _FakeProtocol:
         # BackendKeyData (a test sets both to 0 for a pooler that sends none, like RDS Proxy).
         self.backend_pid = 1000 + conn.ident
         self.backend_secret = 4242
+        #: asyncpg's count of the queries sent (what ``max_queries`` compares with)
+        self.queries_count = 0
 
     def _is_cancelling(self) -> bool:
         return self._conn._cancel_waiter is not None
@@ -203,6 +249,9 @@ class FakeConnection:
         self._cancel_waiter: asyncio.Future[None] | None = None
         self._silently_dead = False
         self._vanished = False
+        self._goodbye = False
+        #: a statement in the current transaction failed: COMMIT is answered ROLLBACK
+        self._tx_failed = False
         self.queries: list[str] = []
         self.closed_how: str | None = None
         self.closing = False  # close() under way
@@ -219,6 +268,13 @@ class FakeConnection:
     def die_silently(self) -> None:
         """The server end went away unnoticed: the next operation fails."""
         self._silently_dead = True
+
+    def goodbye(self) -> None:
+        """The server said goodbye (a FATAL such as ``terminating connection due to
+        administrator command``) and closed the connection: a statement running gets the
+        server's error, not a lost connection's."""
+        self._goodbye = True
+        self._close("goodbye")
 
     def vanish(self) -> None:
         """The path to the server went away without a word (a NAT or proxy forgot it): nothing
@@ -251,11 +307,14 @@ class FakeConnection:
         self.closed_how = how
         if self._op is not None and not self._op.done():
             self._op.set_exception(
+                asyncpg.AdminShutdownError("terminating connection due to administrator command")
+                if self._goodbye else
                 asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
             )
         for task in self._cancellations:
             if not task.done():
-                self._server.cancels_cut += 1
+                if not driver.requests_outlive_close(self):
+                    self._server.cancels_cut += 1
                 task.cancel()
         if self._cancel_waiter is not None and not self._cancel_waiter.done():
             self._cancel_waiter.set_result(None)
@@ -270,12 +329,15 @@ class FakeConnection:
         if self._closed:
             raise asyncpg.InterfaceError("cannot perform operation: connection is closed")
         if self._cancel_waiter is not None:
-            raise asyncpg.InterfaceError("cannot perform operation: another operation is cancelling")
+            timeout = await self._cancellation_done(timeout)
+            if self._closed:  # (no key: the cancel closed it)
+                raise asyncpg.InterfaceError("cannot perform operation: connection is closed")
         if self._op is not None:
             raise asyncpg.InterfaceError("cannot perform operation: another operation is in progress")
         loop = self._loop
         op: asyncio.Future[None] = loop.create_future()
         self._op = op
+        self._protocol.queries_count += 1
         # "SELECT pg_sleep(s)" takes s seconds more, as on a server.
         slept = _SLEEP.match(query)
         delay = self._server.latency + (float(slept.group(1)) if slept else 0.0)
@@ -297,14 +359,48 @@ class FakeConnection:
         self.queries.append(query)
         for logger in list(self._query_loggers):
             logger(query)
+        return self._answer(query)
+
+    def _answer(self, query: str) -> str:
+        """The server's answer to `query` (its command tag), and what it does to the session."""
         word = query.split(None, 1)[0].upper() if query.strip() else ""
         if word in ("BEGIN", "START"):
             self._in_tx = True
+            self._tx_failed = False
         elif word in ("COMMIT", "ROLLBACK", "END", "ABORT"):
+            failed, self._tx_failed = self._tx_failed, False
+            if self._in_tx and failed and word in ("COMMIT", "END"):
+                self._in_tx = False
+                return "ROLLBACK"  # (as a server answers the COMMIT of a failed transaction)
             self._in_tx = False
+        elif query == FAILING_QUERY:
+            self._tx_failed = self._in_tx
+            raise asyncpg.DivisionByZeroError("division by zero")
         elif word == "UNLISTEN":
             self.queries.append("(unlistened)")
         return word or "EMPTY"
+
+    async def _cancellation_done(self, timeout: float | None) -> float | None:
+        """asyncpg's (0.32) before every operation: wait for a cancellation under way, within
+        the operation's `timeout` (what is left of it is returned); one not over by then
+        terminates the connection (the old statement may still run)."""
+        loop = self._loop
+        started = loop.time()
+        try:
+            async with asyncio.timeout(timeout):
+                while (waiter := self._cancel_waiter) is not None:
+                    if waiter.done():
+                        await asyncio.sleep(0)  # (its done callbacks clear it)
+                    else:
+                        await asyncio.shield(waiter)
+        except TimeoutError:
+            self.terminate()
+            raise
+        if timeout is not None:
+            timeout -= loop.time() - started
+            if timeout <= 0:
+                raise TimeoutError
+        return timeout
 
     def _start_cancel(self) -> None:
         """asyncpg sends a CancelRequest on a connection of its own and waits for the reply."""
@@ -322,6 +418,12 @@ class FakeConnection:
         task = loop.create_task(cancel_request())
         self._cancellations.add(task)
         task.add_done_callback(self._cancellations.discard)
+
+    def _cancelled_by_request(self) -> None:
+        """The server took a cancel request: the statement running ends with its error."""
+        op = self._op
+        if op is not None and not op.done():
+            op.set_exception(asyncpg.QueryCanceledError("canceling statement due to user request"))
 
     def is_in_transaction(self) -> bool:
         return self._in_tx
@@ -417,6 +519,81 @@ class FakeConnection:
 
 
 _SLEEP = re.compile(r"SELECT pg_sleep\(([0-9.]+)\)")
+#: A statement the fake server fails (DivisionByZeroError); in a transaction, it fails it.
+FAILING_QUERY = "SELECT 1/0"
+
+
+class OutlivingFakeConnection(FakeConnection):
+    """A fake connection as the real Connector makes them (`driver.cancel_aware_class`): its
+    cancel requests (asyncpg's for a timed-out or cancelled statement, and the pool's own,
+    `driver.request_cancel`) are sent by `driver._send_request` from tasks of their own, which
+    a close does not cut short, through `fake_cancel_request` (install with
+    `patched_cancel_requests`)."""
+
+    # What `driver.requests_outlive_close` reads: the real class's request body.
+    _cancel = driver._cancel_as_connected
+
+    def __init__(self, server: FakeServer, ident: int) -> None:
+        super().__init__(server, ident)
+        # Where `driver._send_request` sends the request: the fake server's, by this key.
+        self._addr = f"/nonexistent/asyncpool-fake-{id(server)}/.s.PGSQL.5432"
+        self._params = SimpleNamespace(ssl=None, sslmode=None)
+        self._config = SimpleNamespace(command_timeout=None)
+        _SERVERS[self._addr] = server
+
+    def _start_cancel(self) -> None:
+        """asyncpg's protocol asking to cancel (``_request_cancel``), through the real class's
+        `driver._cancel_or_terminate`: where a request can arrive, the request task
+        (`driver._cancel_as_connected`, tracked with its waiter); where none can (no
+        BackendKeyData, ``cancel_requests="off"``), none is sent and the connection is
+        terminated on the next turn of the loop. Until then it is still cancelling: asyncpg's
+        ``cancel_waiter`` waits for the statement's end, which only the close brings."""
+        loop = self._loop
+        sent: asyncio.Future[None] = loop.create_future()
+        if driver.cancel_deliverable(self):
+            self._cancel_waiter = sent
+
+            def taken(_: object) -> None:
+                if self._cancel_waiter is sent:
+                    self._cancel_waiter = None
+
+            sent.add_done_callback(taken)
+        else:
+            self._cancel_waiter = loop.create_future()  # (completed by `_close`)
+        driver._cancel_or_terminate(self, sent)
+
+
+class UncancellingFakeConnection(OutlivingFakeConnection):
+    """The real Connector's class for ``cancel_requests="off"``: it has BackendKeyData but never
+    sends a cancel request (`driver.cancel_deliverable`)."""
+
+    _asyncpool_cancels = False
+
+
+_SERVERS: weakref.WeakValueDictionary[str, FakeServer] = weakref.WeakValueDictionary()
+
+
+async def fake_cancel_request(*, loop: Any, addr: Any, params: Any, backend_pid: int,
+                              backend_secret: int) -> None:
+    """asyncpg's ``connect_utils._cancel`` for fake connections: the fake server takes it."""
+    server = _SERVERS.get(addr)
+    if server is None:
+        raise ConnectionRefusedError(f"no fake server at {addr}")
+    await server.take_cancel(backend_pid)
+
+
+@contextlib.contextmanager
+def patched_cancel_requests() -> Iterator[None]:
+    """Send `OutlivingFakeConnection`'s cancel requests to its fake server."""
+    from asyncpg import connect_utils
+
+    module: Any = connect_utils
+    saved = module._cancel
+    module._cancel = fake_cancel_request
+    try:
+        yield
+    finally:
+        module._cancel = saved
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -446,7 +623,8 @@ class FakeTransaction(_Resource):  # type: ignore[misc]
     async def commit(self) -> None:
         self._check_conn_validity("commit")
         conn: FakeConnection = self._connection
-        await conn._run("COMMIT" if self._top else "RELEASE SAVEPOINT sp")
+        # Through execute(), as asyncpg's: the pool reads the command tag there (`commit`).
+        await conn.execute("COMMIT" if self._top else "RELEASE SAVEPOINT sp")
         if self._top:
             conn._top_xact = None
 

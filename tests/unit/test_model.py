@@ -2,15 +2,24 @@
 checked after every step.
 
 Each example is a fresh pool (random sizes, timeouts, validation and leak settings) on the fake
-driver and a virtual clock, driven by hypothesis through a random sequence of: users that acquire
-(``async with``, ``await``, transactions that commit or fail, the query helpers (one that
-leaves a transaction open, one slow enough to be leaked), leaks), connections kept past
+driver and a virtual clock (its connections, at random, as the real Connector's: cancel requests
+sent from tasks of their own that a close does not cut short, the pool's own requests delivered;
+or as asyncpg's plain class; from a front that sends no BackendKeyData (RDS Proxy) or with
+``cancel_requests="off"``, where a statement cut short closes its connection instead; with
+``max_queries``, a ``setup`` hook, ``loop=`` given at random),
+driven by hypothesis through a random sequence of: users that acquire
+(``async with``, ``await``, transactions that commit or fail, or whose COMMIT is answered
+ROLLBACK, statements cut off by their ``timeout=`` (one whose user goes on with its next
+statement at once, while the cancel is under way), the query helpers (one that
+leaves a transaction open, one slow enough to be leaked, one timed out), leaks), connections kept past
 their checkouts and used by every way to the connection (statements, prepare, transaction,
 cursor, listeners, query loggers, one made in the block included, COPY, attributes, terminate),
 connections given to another pool's release() both ways, time
 passing, users cancelled at whatever await they are at, connections dying loudly or silently,
-logins that succeed, are refused, fail authentication or hang, ``expire_all``, ``mark_stale``,
-``close()`` (also cancelled half way) and ``terminate()``; a second thread reads ``stats()`` all
+logins that succeed, are refused, fail authentication or hang, servers that say goodbye, cancel
+requests slow or never taken, a held connection used from another event loop, a SnapStart
+snapshot and restore, ``expire_all``, ``mark_stale``, ``close()`` (also cancelled half way) and
+``terminate()`` (with ``cancel_within=`` too); a second thread reads ``stats()`` all
 along. After every step (with the loop run until nothing is ready):
 
 - size = idle + in use + connecting, and never above max_size; no count is negative;
@@ -20,11 +29,21 @@ along. After every step (with the loop run until nothing is ready):
   pool (or is waiting for its cancel request before it is terminated);
 - no waiter waits while a connection is idle or a slot is free;
 - while the pool is open its housekeeping task is alive;
+- where no cancel request can arrive (no BackendKeyData, ``cancel_requests="off"``), none is
+  sent, and no connection stays open waiting for a statement cut short;
+- idle connections are all checked before their next checkout (whatever ``validate_after``
+  says) only after ``mark_stale()`` or a connection lost, not one the pool closed itself;
 - users end with a result or an error a user may see (never a bare CancelledError they did not
-  ask for, never a driver "another operation is in progress");
-- after close() or terminate(): no waiter, nothing in use or connecting, no background task, every
-  connection closed and counted;
-- nothing reached the event loop's exception handler, and stats() never failed in the other thread.
+  ask for, never a driver "another operation is in progress"); a COMMIT answered ROLLBACK is
+  never a success;
+- a connection handed out has no statement running, no cancel pending, no transaction (but the
+  one ``pool.transaction()`` began); none that ran ``max_queries`` waits idle;
+- a snapshot keeps no socket (every one closed or closing);
+- after close() or terminate(): no waiter, nothing in use or connecting, no background task or
+  cancel request of the pool's, no lease still active, every connection closed and counted;
+  close(timeout=T) ended within T + ``CLOSE_GRACE``'s upper bound (virtual time);
+- nothing reached the event loop's exception handler (after a garbage collection: no future
+  left failed and unretrieved), and stats() never failed in the other thread.
 
 CI runs ASYNCPOOL_MODEL_EXAMPLES (default 1,000) examples. The long run:
 
@@ -34,6 +53,8 @@ CI runs ASYNCPOOL_MODEL_EXAMPLES (default 1,000) examples. The long run:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import inspect
 import logging
 import math
@@ -64,20 +85,34 @@ from asyncpool import (
     PoolClosedError,
     PoolError,
     PoolTimeoutError,
+    TransactionRolledBackError,
 )
 from asyncpool.connect import driver
-from asyncpool.pool import forks
-from asyncpool.pool.lease import RELEASED
+from asyncpool.pool import forks, snapshot
+from asyncpool.pool.lease import ACTIVE, RELEASED
+from asyncpool.pool.lifecycle import CLOSE_GRACE
 from asyncpool.pool.record import CHECKING, IDLE, LEASED
 from asyncpool.pool.state import CLOSED_STATE, OPEN
-from tests.unit.fakes import FakeConnection, FakeServer, VirtualClockLoop, fake_pool
+from tests.unit.fakes import (
+    FAILING_QUERY,
+    FakeConnection,
+    FakeServer,
+    VirtualClockLoop,
+    fake_pool,
+    patched_cancel_requests,
+)
 
 EXAMPLES = int(os.environ.get("ASYNCPOOL_MODEL_EXAMPLES", "1000"))
 MAX_USERS = 8
 # The proxies kept past their checkouts for `use_a_kept_connection` (the most recent), of the
 # users whose checkout is a block (it has ended when their task has).
 _KEPT = 8
-_BLOCKS = frozenset({"with", "listen", "tx", "tx_fail"})
+_BLOCKS = frozenset({"with", "listen", "tx", "tx_fail", "tx_caught", "timed", "timed_on"})
+#: The users whose statement has a `timeout=` shorter than it takes: TimeoutError is theirs.
+_TIMED = frozenset({"timed", "timed_on", "helper_timed"})
+#: What close(timeout=T) may take on top of T (`CLOSE_GRACE`, the module's docstring and the
+#: CHANGELOG: "at most T + 1 s"), and a margin for the loop's own steps under a virtual clock.
+_CLOSE_SLACK = CLOSE_GRACE[1] + 0.01
 BATCH = 2000
 
 
@@ -163,6 +198,12 @@ class _User:
         self.task = task
         self.cancelled_by_model = False
         self.conn: FakeConnection | None = None
+        #: the leases of the checkouts this user was handed (none may outlive close())
+        self.leases: list[Any] = []
+        #: tx_caught: its failing statement raised (and was caught) inside the block
+        self.caught = False
+        #: it held a connection when a SnapStart snapshot was taken
+        self.snapshotted = False
         # A query logger made in the user's block, not entered (`use_a_kept_connection`).
         self.logger: Any = None
 
@@ -173,6 +214,9 @@ class PoolModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         type(self).examples += 1
+        # The collection at the teardown then scans only what this example made: a full one
+        # (hypothesis keeps every example's data) took most of an example's time.
+        gc.freeze()
         self.loop = VirtualClockLoop()
         self.server = FakeServer()
         self.users: list[_User] = []
@@ -183,6 +227,14 @@ class PoolModel(RuleBasedStateMachine):
         self.pool: Pool | None = None
         self.closer: asyncio.Task[None] | None = None
         self.max_size = 1
+        self.max_queries: int | None = None
+        #: the virtual time close() was called at, and how long it may take (None: unbounded)
+        self.close_called = 0.0
+        self.close_bound: float | None = None
+        self.close_ended: float | None = None
+        #: A connection was lost (killed, or the server said goodbye): from then on the pool
+        #: may check every idle one (`Slots.retire_lost`).
+        self.lost_any = False
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -196,16 +248,38 @@ class PoolModel(RuleBasedStateMachine):
         max_lifetime=st.sampled_from([None, 0.3, 10.0]),
         max_idle=st.sampled_from([None, 0.2, 10.0]),
         wait=st.booleans(),
+        outlive=st.booleans(),
+        max_queries=st.sampled_from([None, None, 2, 5]),
+        setup=st.booleans(),
+        given_loop=st.booleans(),
+        cancel_key=st.sampled_from(["sent", "sent", "absent", "off"]),
     )
     def open_pool(  # noqa: PLR0917 - hypothesis passes each drawn option by name
         self, min_size: int, extra: int, acquire_timeout: float | None,
                   validate_after: float | None, leak_timeout: float | None, leak_action: str,
-                  max_lifetime: float | None, max_idle: float | None, wait: bool) -> None:
+                  max_lifetime: float | None, max_idle: float | None, wait: bool,
+                  outlive: bool, max_queries: int | None, setup: bool, given_loop: bool,
+                  cancel_key: str) -> None:
         self.max_size = max(1, min_size + extra)
+        self.max_queries = max_queries
+        # As the real Connector's connections (cancel requests from tasks of their own that a
+        # close does not cut short, the pool's own requests delivered), or asyncpg's own.
+        self.server.requests_outlive = outlive
+        # A front that sends no BackendKeyData (RDS Proxy), or cancel_requests="off": a statement
+        # cut short closes its connection instead of being cancelled (`FakeServer.cancel_key`).
+        self.server.cancel_key = cancel_key
+        options: dict[str, Any] = {}
+        if cancel_key == "off":
+            options["cancel_requests"] = "off"
+        if setup:
+            options["setup"] = _setup
+        if given_loop:
+            options["loop"] = self.loop
         self.pool = fake_pool(
             self.server, min_size=min_size, max_size=self.max_size, acquire_timeout=acquire_timeout,
             connect_timeout=0.05, validate_after=validate_after, leak_timeout=leak_timeout,
             leak_action=leak_action, max_lifetime=max_lifetime, max_idle=max_idle,
+            max_queries=max_queries, **options,
         )
         self.loop.run_until_complete(self.pool.open(wait=wait))
         reader = _CURRENT.get("reader")
@@ -215,15 +289,17 @@ class PoolModel(RuleBasedStateMachine):
     # -- users --------------------------------------------------------------------------------
 
     @precondition(lambda self: len([u for u in self.users if not u.task.done()]) < MAX_USERS)
-    @rule(kind=st.sampled_from(["with", "await", "tx", "tx_fail", "helper", "helper_begin",
-                                "helper_slow", "leak", "listen"]),
+    @rule(kind=st.sampled_from(["with", "await", "tx", "tx_fail", "tx_caught", "helper",
+                                "helper_begin", "helper_slow", "helper_timed", "timed",
+                                "timed_on", "leak",
+                                "listen"]),
           hold=st.sampled_from([0.0, 0.001, 0.01, 0.2, 2.0]),
           timeout=st.sampled_from(["default", None, 0.0, 0.02]))
     def start_user(self, kind: str, hold: float, timeout: Any) -> None:
         assert self.pool is not None
-        coro = self._user(kind, hold, timeout)
-        task = self.loop.create_task(coro)
-        user = _User(kind, task)
+        user = _User(kind, None)  # type: ignore[arg-type]
+        task = self.loop.create_task(self._user(kind, hold, timeout, user))
+        user.task = task
         self.users.append(user)
         self._user_of[task] = user
         self._settle()
@@ -237,14 +313,24 @@ class PoolModel(RuleBasedStateMachine):
         assert other is None or other is user, f"{raw} held by two users at once"
         # Marked stale before this user got it (`mark_stale`): checked first, which clears the
         # mark, even when it was handed over in line (`slow_checkout.check_handed`). Not for a
-        # transaction's user: its BEGIN is awaited after the checkout, and a mark then is one
-        # for the next checkout.
+        # transaction's user, nor with a `setup` hook: its BEGIN or the hook is awaited after
+        # the checkout, and a mark then is one for the next checkout.
         assert self.pool is not None
         [record] = [r for r in self.pool._slots.records if r.conn is raw]
-        assert user.kind.startswith("tx") or not record.stale, (
+        awaited = user.kind.startswith("tx") or self.pool._slots.setup is not None
+        assert awaited or not record.stale, (
             f"{raw} handed out unchecked after mark_stale()")
+        # Handed out in step: nothing running or being cancelled on it, and no transaction
+        # but the one pool.transaction() began for this user.
+        assert raw._op is None, f"{raw} handed out with a statement running"
+        assert raw._cancel_waiter is None, f"{raw} handed out while its cancel is pending"
+        assert not raw.is_closed() or raw.closed_how in ("died", "goodbye"), raw.closed_how
+        if not user.kind.startswith("tx"):
+            assert not raw.is_in_transaction(), f"{raw} handed out inside a transaction"
+            assert raw._top_xact is None, f"{raw} handed out with a transaction object open"
         self.holders[raw] = user
         user.conn = raw
+        user.leases.append(conn._lease)
         if user.kind in _BLOCKS:  # (a checkout without a block may outlive its user's task)
             self.kept = [*self.kept[-(_KEPT - 1):], (user, conn)]
             user.logger = conn.query_logger(print)
@@ -257,7 +343,7 @@ class PoolModel(RuleBasedStateMachine):
             del self.holders[user.conn]
         user.conn = None
 
-    async def _user(self, kind: str, hold: float, timeout: Any) -> None:
+    async def _user(self, kind: str, hold: float, timeout: Any, user: _User) -> None:
         pool = self.pool
         assert pool is not None
         args = () if timeout == "default" else (timeout,)
@@ -288,6 +374,8 @@ class PoolModel(RuleBasedStateMachine):
                     self._gave_back()
                     if kind == "tx_fail":
                         raise Boom()
+            elif kind in ("tx_caught", "timed", "timed_on", "helper_timed"):
+                await self._cut_short(pool, kind, hold, args, user)
             elif kind == "helper":
                 await pool.fetchval("SELECT 1")
             elif kind == "helper_begin":  # leaves a transaction open: the return must reset it
@@ -301,14 +389,58 @@ class PoolModel(RuleBasedStateMachine):
         finally:
             self._gave_back()
 
+    async def _cut_short(self, pool: Pool, kind: str, hold: float, args: tuple[Any, ...],
+                         user: _User) -> None:
+        """The users whose statement does not end well: one that fails inside a transaction
+        (caught: the COMMIT is answered ROLLBACK, TransactionRolledBackError), and ones cut
+        off by their `timeout=` (returned with their cancel request in flight)."""
+        if kind == "tx_caught":
+            async with pool.transaction(*args) as conn:
+                self._took(conn)
+                try:
+                    await conn.execute(FAILING_QUERY)
+                except asyncpg.DivisionByZeroError:
+                    user.caught = True
+                await asyncio.sleep(hold)
+                self._gave_back()
+        elif kind in ("timed", "timed_on"):
+            async with pool.acquire(*args) as conn:
+                self._took(conn)
+                with contextlib.suppress(TimeoutError):
+                    await conn.fetchval("SELECT pg_sleep(1)", timeout=0.002)
+                if kind == "timed_on":  # goes on at once: while the cancel is under way
+                    await conn.fetchval("SELECT 3")
+                await asyncio.sleep(hold)
+                self._gave_back()
+        else:
+            await pool.execute("SELECT pg_sleep(1)", timeout=0.002)
+
+    @precondition(lambda self: len([u for u in self.users if not u.task.done()]) < MAX_USERS)
+    @rule(kind=st.sampled_from(["timed", "timed_on", "helper_timed", "with", "tx", "leak"]),
+          hold=st.sampled_from([0.0, 0.001, 0.2]),
+          then=st.sampled_from([0.003, 0.004, 0.005, 0.006, 0.01]), cancel=st.booleans())
+    def cut_short(self, kind: str, hold: float, then: float, cancel: bool) -> None:
+        """A user whose statement is cut short (by its timeout, or cancelled at `then`), in one
+        step: as separate steps (a user, time, a cancel) they line up seldom, in about one
+        example in fifty, while that is where a front without cancel keys differs."""
+        self.start_user(kind, hold, "default")
+        user = self.users[-1]
+        self.loop.advance(then)
+        self._settle()
+        if cancel and not user.task.done():
+            user.cancelled_by_model = True
+            user.task.cancel()
+            self._settle()
+
     @precondition(lambda self: len([u for u in self.users if not u.task.done()]) < MAX_USERS)
     @rule(count=st.integers(2, MAX_USERS), hold=st.sampled_from([0.0, 0.01, 0.2]))
     def crowd(self, count: int, hold: float) -> None:
         """Several users at once, so that some queue."""
         live = len([u for u in self.users if not u.task.done()])
         for _ in range(min(count, MAX_USERS - live)):
-            task = self.loop.create_task(self._user("with", hold, "default"))
-            user = _User("with", task)
+            user = _User("with", None)  # type: ignore[arg-type]
+            task = self.loop.create_task(self._user("with", hold, "default", user))
+            user.task = task
             self.users.append(user)
             self._user_of[task] = user
         self._settle()
@@ -405,6 +537,7 @@ class PoolModel(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.server.open_connections()))
     @rule(index=st.integers(0, 20), silently=st.booleans())
     def kill_connection(self, index: int, silently: bool) -> None:
+        self.lost_any = True
         conns = self.server.open_connections()
         conn = conns[index % len(conns)]
         if silently:
@@ -439,6 +572,65 @@ class PoolModel(RuleBasedStateMachine):
         self.pool.mark_stale()
         self._settle()
 
+    @precondition(lambda self: bool(self.server.open_connections()))
+    @rule(index=st.integers(0, 20))
+    def server_goodbye(self, index: int) -> None:
+        """The server ends a connection with a FATAL (an administrator's command, a restart)."""
+        self.lost_any = True
+        conns = self.server.open_connections()
+        conns[index % len(conns)].goodbye()
+        self._settle()
+
+    @rule(seconds=st.sampled_from([None, None, 0.0005, 0.05, 2.0, math.inf]))
+    def cancel_time(self, seconds: float | None) -> None:
+        """How long a cancel request takes to be taken (inf: never; it ends by its bound)."""
+        self.server.cancel_latency = seconds
+
+    @precondition(lambda self: self.closer is None and any(
+        not u.task.done() and u.conn is not None for u in self.users))
+    @rule(index=st.integers(0, MAX_USERS - 1))
+    def use_from_another_loop(self, index: int) -> None:
+        """A held connection used from another event loop is refused before anything is sent
+        (its holder's statements go on)."""
+        holders = [u for u in self.users if not u.task.done() and u.conn is not None]
+        user = holders[index % len(holders)]
+        raw = user.conn
+        assert raw is not None
+        proxies = [conn for kept_user, conn in self.kept if kept_user is user]
+        if not proxies:
+            return  # (a checkout without a block: its proxy is not kept)
+        sent = len(raw.queries)
+        other = asyncio.new_event_loop()
+        try:
+            with pytest.raises(PoolError):
+                other.run_until_complete(proxies[-1].fetchval("SELECT 1"))
+        finally:
+            other.close()
+        assert len(raw.queries) == sent, "a statement from another loop reached the server"
+        self._settle()
+
+    @precondition(lambda self: self.closer is None)
+    @rule(budget=st.sampled_from([0.0, 0.01, 1.0]), frozen=st.sampled_from([0.0, 5.0, 600.0]))
+    def snapshot_and_restore(self, budget: float, frozen: float) -> None:
+        """A SnapStart snapshot (no connection left open), a freeze, then the restore."""
+        pool = self.pool
+        assert pool is not None
+        slots = pool._slots
+        for user in self.users:
+            if not user.task.done():
+                user.snapshotted = True  # (a connection it holds is closed under it: PoolError)
+        self.loop.run_until_complete(snapshot.empty_for_snapshot(slots, budget))
+        # Nothing else runs until the restore: every socket is closed, or closing (a goodbye
+        # `budget` did not wait for, a cancel request's connection waiting for it).
+        kept = [c for c in self.server.open_connections()
+                if not c.closing and not driver.pending_cancellations(c)]
+        assert kept == [], f"{kept} kept in the snapshot"
+        self.loop.now += frozen  # (no timer fires while frozen)
+        if not pool.closed:
+            pool.mark_stale()
+        self.loop.call_soon(snapshot.resume_after_restore, slots)
+        self._settle()
+
     # -- the end ------------------------------------------------------------------------------
 
     @precondition(lambda self: self.closer is None)
@@ -446,10 +638,22 @@ class PoolModel(RuleBasedStateMachine):
           cancel_after=st.sampled_from([None, None, 0.0, 0.0005, 0.005]))
     def close(self, timeout: float, cancel_after: float | None) -> None:
         assert self.pool is not None
+        self.close_called = self.loop.time()
+        self.close_bound = timeout + _CLOSE_SLACK if cancel_after is None else None
         self.closer = self.loop.create_task(self.pool.close(timeout=timeout))
+        self.closer.add_done_callback(lambda _: setattr(self, "close_ended", self.loop.time()))
         if cancel_after is not None:
             self.loop.advance(cancel_after)
             self.closer.cancel()
+        self._finish_closing()
+
+    @precondition(lambda self: self.closer is None)
+    @rule(cancel_within=st.sampled_from([0.0, 0.0, 0.01]))
+    def terminate_cancelling(self, cancel_within: float) -> None:
+        """terminate(cancel_within=): the held connections' statements cancelled first, from
+        this thread (the fake server's socket does not exist: none is sent, a warning says)."""
+        assert self.pool is not None
+        self.pool.terminate(cancel_within=cancel_within)
         self._finish_closing()
 
     @precondition(lambda self: self.closer is None)
@@ -467,6 +671,11 @@ class PoolModel(RuleBasedStateMachine):
             assert self.closer.done()
             if not self.closer.cancelled():
                 assert self.closer.exception() is None, repr(self.closer.exception())
+            if self.close_bound is not None:
+                assert self.close_ended is not None
+                took = self.close_ended - self.close_called
+                assert took <= self.close_bound, (
+                    f"close(timeout={self.close_bound - _CLOSE_SLACK}) took {took:.3f}s")
         else:
             self.closer = self.loop.create_task(asyncio.sleep(0))  # marks the pool as ended
             self._settle()
@@ -488,6 +697,10 @@ class PoolModel(RuleBasedStateMachine):
         assert others == [], others
         assert self.server.open_connections() == [], self.server.open_connections()
         assert s.created_total == s.closed_total, s
+        leases = [lease for user in self.users for lease in user.leases]
+        assert all(lease.state is not ACTIVE for lease in leases), "a lease outlived close()"
+        # No cancel request of this loop's left running (each ends by its own bound).
+        assert not [t for t in driver._REQUESTS_IN_FLIGHT if t.get_loop() is self.loop]
         for user in self.users:
             if user.task.done():
                 continue
@@ -507,6 +720,9 @@ class PoolModel(RuleBasedStateMachine):
                     user.task.cancel()
             self.loop.advance(1)
             self._check_users()
+            # A future or task that failed and was never awaited says so when collected: here,
+            # in this example, not in whichever one a collection happens to come in.
+            gc.collect()
             self._check_loop()
         finally:
             reader = _CURRENT.get("reader")
@@ -584,6 +800,39 @@ class PoolModel(RuleBasedStateMachine):
             assert driver.pending_cancellations(conn), f"{conn} is open but not in the pool"
 
     @invariant()
+    def no_cancel_without_a_key(self) -> None:
+        """Where no cancel request can arrive (no BackendKeyData, ``cancel_requests="off"``),
+        the real Connector's connections send none, and one whose statement was cut short is
+        closed at once: none stays open waiting for a statement nobody can stop."""
+        server = self.server
+        if server.cancel_key == "sent" or not server.requests_outlive:
+            return
+        assert server.cancels_taken == 0, f"{server.cancels_taken} cancel requests sent"
+        waiting = [c for c in server.open_connections() if c._protocol._is_cancelling()]
+        assert waiting == [], f"{waiting} left open with a statement nobody can cancel"
+
+    @invariant()
+    def idle_checks_forced_only_after_a_loss(self) -> None:
+        """Every idle connection is checked before its next checkout, whatever the clock says,
+        only after `mark_stale` or once a connection was found lost (`Slots.retire_lost`): not
+        for one the pool closed itself, such as one whose statement was cut short where no
+        cancel request can arrive."""
+        if self.pool is None or self.lost_any:
+            return
+        for record in self.pool._slots.idle:
+            assert record.check_at != -math.inf or record.stale, (
+                f"{record.conn} is due a check though no connection was lost")
+
+    @invariant()
+    def max_queries_holds(self) -> None:
+        """No connection that has run `max_queries` queries waits idle for another checkout."""
+        if self.pool is None or self.max_queries is None:
+            return
+        for record in self.pool._slots.idle:
+            count = driver.queries_count(record.conn)
+            assert count < self.max_queries, f"{record.conn} idle after {count} queries"
+
+    @invariant()
     def nobody_waits_for_what_is_free(self) -> None:
         if self.pool is None:
             return
@@ -654,8 +903,19 @@ class PoolModel(RuleBasedStateMachine):
                 assert user.cancelled_by_model, f"a {user.kind} user was cancelled by the pool"
                 continue
             exc = task.exception()
+            if user.kind == "tx_caught" and user.caught and exc is None:
+                raise AssertionError("a transaction whose COMMIT was answered ROLLBACK ended "
+                                     "as if it had committed")
             if exc is None or isinstance(exc, (*ALLOWED, Boom)):
                 continue
+            if isinstance(exc, TransactionRolledBackError) and user.kind == "tx_caught":
+                continue
+            if isinstance(exc, TimeoutError) and user.kind in _TIMED:
+                continue
+            if type(exc) is PoolError and user.snapshotted and "terminated" in str(exc):
+                continue  # its connection was closed for a SnapStart snapshot
+            if isinstance(exc, asyncpg.AdminShutdownError):
+                continue  # the server said goodbye under its statement
             if isinstance(exc, asyncpg.ConnectionDoesNotExistError | asyncpg.InterfaceError) and (
                 "closed" in str(exc)
             ):
@@ -669,6 +929,11 @@ class PoolModel(RuleBasedStateMachine):
             assert reader.errors == [], reader.errors
 
 
+async def _setup(conn: Any) -> None:
+    """A ``setup`` hook: a statement at every checkout."""
+    await conn.execute("SELECT 'setup'")
+
+
 def test_pool_model() -> None:
     PoolModel.examples = 0
     started = time.perf_counter()
@@ -678,8 +943,10 @@ def test_pool_model() -> None:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        _run_model()
+        with patched_cancel_requests():
+            _run_model()
     finally:
+        gc.unfreeze()
         quiet.setLevel(level)
     elapsed = time.perf_counter() - started
     print(f"\npool model: {PoolModel.examples} examples in {elapsed:.1f}s")

@@ -1,0 +1,180 @@
+"""A COPY FROM STDIN from an asynchronous iterable that the server ends before its source does.
+
+The server ends a COPY it is fed (``statement_timeout``, ``pg_cancel_backend()``, a row it
+refuses) as it reads the next chunk: it answers with its error and ReadyForQuery, and ignores the
+rest of the COPY's messages. asyncpg 0.32's ``copy_in`` does not look at its reply until the source
+ends: it goes on reading the source, and
+
+- when its ``timeout=`` comes while it waits for the source, it hands its timeout handler the
+  reply future the protocol has already dropped (``AttributeError: 'NoneType' object has no
+  attribute 'done'``): the caller gets that, and the server's error is logged as "Future exception
+  was never retrieved"; the connection is in step (nothing was left to cancel) and works;
+- when the task is cancelled (or the source raises), it asks the server to cancel a statement
+  that has already ended and waits for an answer that never comes: the connection is stuck until
+  the pool's reset gives up on it (`RELEASE_TIMEOUT`, 5 s) and closes it, and the caller's
+  cancellation waits as long.
+
+The pool's connection class (`asyncpool.connect.driver`) hands asyncpg a `WatchedSource` instead
+of the caller's iterable: it stops feeding the COPY at the next chunk once the server has ended it,
+so that asyncpg ends the COPY as when the source ends and raises the server's error; where asyncpg
+fails its own way first, the caller gets the server's error (`copy_in_watched`), and an
+interruption asks the server for nothing but a Sync (`settle_cancel`). The caller gets the server's
+error rather than its own timeout: the server's is what ended the COPY (no row was written after
+it), and it is what the caller gets when the source ends before the timeout.
+
+asyncpg's protocol keeps its reply future where Python cannot reach it but through the garbage
+collector's references (as `asyncpool.connect.copy_waiter` reads it): read once per COPY, when
+the source is first asked for a chunk, never on a statement's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+
+#: The reply came before the source was first asked for a chunk (the server refused the COPY).
+_ENDED: Any = object()
+#: Not watched: the protocol holds no reply future of its own we can tell (it is cancelling).
+_UNWATCHED: Any = object()
+#: A Sync message: the server answers ReadyForQuery, which ends asyncpg's wait for a cancel.
+_SYNC = b"S\x00\x00\x00\x04"
+#: The COPY each connection is running from a watched source (for `settle_cancel`).
+_RUNNING: dict[Any, WatchedSource] = {}
+
+
+def _next_in_mro(conn: Any, name: str, override: Callable[..., Any]) -> Any:
+    """The `name` method that `override` (set on a class in `conn`'s class's MRO) replaces:
+    asyncpg's, or a user's connection class's."""
+    classes = type(conn).__mro__
+    after = next(i for i, klass in enumerate(classes) if vars(klass).get(name) is override) + 1
+    return next(vars(klass)[name] for klass in classes[after:] if name in vars(klass))
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # (marks it retrieved; asyncpg, awaiting it, still gets it)
+
+
+def _reply_future(conn: Any) -> Any:
+    """The reply future of the COPY `conn` has just sent (asyncpg's protocol's ``waiter``, its
+    only future then), retrieved once done; `_ENDED` if the reply has come already."""
+    protocol = getattr(conn, "_protocol", None)
+    cancelling = getattr(protocol, "_is_cancelling", None)
+    if cancelling is None or cancelling():
+        return _UNWATCHED
+    futures = [value for value in gc.get_referents(protocol) if isinstance(value, asyncio.Future)]
+    if not futures:
+        # asyncpg drops the future as it reads the reply (or the connection's end, then closed).
+        return _UNWATCHED if conn.is_closed() else _ENDED
+    if len(futures) > 1 or futures[0].done():
+        return _UNWATCHED
+    futures[0].add_done_callback(_consume)
+    return futures[0]
+
+
+def server_error(reply: Any) -> BaseException | None:
+    """The server's error that ended the COPY whose reply future is `reply`, or None."""
+    if reply is None or reply is _UNWATCHED or reply is _ENDED:
+        return None
+    if not reply.done() or reply.cancelled():
+        return None
+    error = reply.exception()
+    return error if isinstance(error, asyncpg.PostgresError) else None
+
+
+class WatchedSource:
+    """The caller's asynchronous iterable as asyncpg's COPY reads it: it ends as soon as the
+    server has ended the COPY (asyncpg then sends CopyDone, which the server ignores, and raises
+    the server's error), and finds the COPY's reply future when first asked for a chunk (asyncpg
+    has sent the COPY by then)."""
+
+    __slots__ = ("_conn", "_iterator", "_source", "reply")
+
+    def __init__(self, source: AsyncIterable[Any], conn: Any) -> None:
+        self._source = source
+        self._conn = conn
+        self._iterator: AsyncIterator[Any] | None = None
+        self.reply: Any = None
+
+    def __aiter__(self) -> WatchedSource:
+        self._iterator = self._source.__aiter__()
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.reply is None:
+            self.reply = _reply_future(self._conn)
+        if self.reply is _ENDED or server_error(self.reply) is not None:
+            raise StopAsyncIteration
+        assert self._iterator is not None  # (asyncpg calls __aiter__ first)
+        return await self._iterator.__anext__()
+
+    def ended_by_server(self) -> bool:
+        """Whether the server has ended the COPY (its error read)."""
+        return self.reply is _ENDED or server_error(self.reply) is not None
+
+
+def _watchable(source: object) -> bool:
+    """Whether asyncpg's ``_copy_in`` takes `source` as an asynchronous iterable (in its order:
+    a path, then a file-like object, then an asynchronous iterable)."""
+    return (isinstance(source, AsyncIterable)
+            and not isinstance(source, (str, bytes, os.PathLike)) and not hasattr(source, "read"))
+
+
+async def _run_watched(conn: Any, watched: WatchedSource,
+                       copy: Callable[[], Any]) -> Any:
+    # (a second COPY at once on the connection, which asyncpg refuses, does not take its place)
+    _RUNNING.setdefault(conn, watched)
+    try:
+        return await copy()
+    except AttributeError:
+        # asyncpg's timeout handler given the reply future its protocol dropped as it read the
+        # server's error: the server's error is the caller's (the module's docstring).
+        error = server_error(watched.reply)
+        if error is None or conn.is_closed():
+            raise  # (a connection closed under the COPY: `dropped_transport_error`)
+        raise error from None
+    finally:
+        if _RUNNING.get(conn) is watched:
+            del _RUNNING[conn]
+
+
+async def copy_in_watched(self: Any, copy_stmt: str, source: Any, timeout: Any) -> Any:
+    """asyncpg's ``Connection._copy_in`` (``copy_to_table``), an asynchronous iterable source
+    watched (`WatchedSource`)."""
+    own = _next_in_mro(self, "_copy_in", copy_in_watched)
+    if not _watchable(source):
+        return await own(self, copy_stmt, source, timeout)
+    watched = WatchedSource(source, self)
+    return await _run_watched(self, watched, lambda: own(self, copy_stmt, watched, timeout))
+
+
+async def copy_records_watched(self: Any, table_name: str, *, records: Any, **kwargs: Any) -> Any:
+    """asyncpg's ``Connection.copy_records_to_table``, asynchronous iterable records watched
+    (`WatchedSource`)."""
+    own = _next_in_mro(self, "copy_records_to_table", copy_records_watched)
+    if not isinstance(records, AsyncIterable):
+        return await own(self, table_name, records=records, **kwargs)
+    watched = WatchedSource(records, self)
+    return await _run_watched(
+        self, watched, lambda: own(self, table_name, records=watched, **kwargs))
+
+
+def settle_cancel(conn: Any, sent: asyncio.Future[Any], transport: Any) -> bool:
+    """Called as asyncpg asks to cancel `conn`'s statement (its task cancelled, or its source
+    raised): if that statement is a COPY the server has already ended, send no cancel request
+    (there is nothing to cancel, and a late one could stop the connection's next statement) but
+    a Sync, whose ReadyForQuery is the answer asyncpg waits for before the connection's next
+    statement; `sent` (asyncpg's "request sent") is done at once. True if so."""
+    watched = _RUNNING.get(conn)
+    if (watched is None or transport is None or not watched.ended_by_server()
+            or conn.is_closed()):
+        return False  # (asyncpg's own way: a closed connection's waiters are completed anyway)
+    transport.write(_SYNC)
+    if not sent.done():
+        sent.set_result(None)
+    return True

@@ -1,0 +1,283 @@
+"""A COPY FROM STDIN from an asynchronous iterable that the server ends (here
+``pg_cancel_backend()``; ``statement_timeout`` ends it the same way) before its source ends, on
+real PostgreSQL and through both PgBouncers, in every ``prepared_statements`` mode they allow:
+the caller gets the server's error (or its own cancellation), nothing reaches the loop's
+exception handler ("Future exception was never retrieved"), and the connection, in step, is
+kept and answers its next statement (asyncpool.connect.copy_end)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+import asyncpg
+import pytest
+
+from asyncpool import Pool
+from asyncpool.testing import ServerStack
+
+Mode = Literal["off", "on", "unnamed"]
+# Every front, and each connection class the modes give (the unnamed mode's; asyncpg's, which
+# "off" and "on" share: a COPY is a simple query in both), not every pair: the module's cases
+# take about 2.5 s each.
+CASES: list[tuple[str, Mode]] = [
+    ("direct", "unnamed"), ("direct", "off"),
+    ("legacy", "unnamed"),
+    ("current", "unnamed"), ("current", "on"),
+]
+# Rows the steady source has: far more than the COPY takes once the server has ended it.
+STEADY_CHUNKS = 40
+# Each wait for the server (its cancel, its answer) ends well within this.
+SERVER_BOUND = 5.0
+# Without the fix a cancelled COPY the server had ended waits for the pool's reset to give up on
+# asyncpg's cancel (5 s) and loses its connection; with it, it ends at once.
+CANCEL_BOUND = 2.5
+
+
+class Feed:
+    """The COPY's source: what it has handed out, and when the server's cancel has landed."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.cancelled_on_server = asyncio.Event()
+
+    def row(self, k: int, records: bool) -> Any:
+        self.taken += 1
+        return (k, "y" * 600_000) if records else b"%d\n" % k  # (a record fills asyncpg's buffer)
+
+    async def stalled(self, records: bool = False) -> AsyncIterator[Any]:
+        """A row; once the server has been told to cancel, the row it ends the COPY on (it
+        reads the cancel as it reads data); then a stall longer than the test."""
+        yield self.row(0, records)
+        await self.cancelled_on_server.wait()
+        yield self.row(1, records)
+        await asyncio.sleep(60)
+        yield self.row(2, records)
+
+    async def steady(self, records: bool = False) -> AsyncIterator[Any]:
+        """A row every 50 ms, many more than the COPY needs once the server has ended it."""
+        for k in range(STEADY_CHUNKS):
+            yield self.row(k, records)
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture(params=CASES, ids=[f"{front}-{mode}" for front, mode in CASES])
+def front(request: pytest.FixtureRequest, stack: ServerStack) -> tuple[str, Mode]:
+    where, mode = request.param
+    dsn = stack.postgres.dsn() if where == "direct" else getattr(stack, where).dsn()
+    return dsn, mode
+
+
+@pytest.fixture
+async def table(stack: ServerStack) -> str:
+    name = f"copy_end_{uuid.uuid4().hex[:10]}"
+    setup = await asyncpg.connect(stack.postgres.dsn())
+    try:
+        await setup.execute(f"CREATE TABLE {name} (x int, t text)")
+    finally:
+        await setup.close()
+    return name
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What reaches the loop's exception handler ("Future exception was never retrieved")."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(old)
+
+
+async def _collected(errors: list[dict[str, Any]]) -> list[str]:
+    """The loop's errors once every dropped future has been collected (and would have logged)."""
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0.05)
+    return [f"{context.get('message')}: {context.get('exception')!r}" for context in errors]
+
+
+async def _cancel_on_server(stack: ServerStack, table: str, feed: Feed) -> None:
+    """pg_cancel_backend() of the backend running the COPY into `table`, then `feed` told."""
+    admin = await asyncpg.connect(stack.postgres.admin_dsn)
+    try:
+        async with asyncio.timeout(SERVER_BOUND):
+            while not await admin.fetchval(
+                    "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
+                    "WHERE state = 'active' AND query LIKE $1", f"COPY%{table}%"):
+                await asyncio.sleep(0.02)
+        feed.cancelled_on_server.set()
+        # Ended once the backend is no longer running the COPY (it read the next row).
+        async with asyncio.timeout(SERVER_BOUND):
+            while await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND query LIKE $1", f"COPY%{table}%"):
+                await asyncio.sleep(0.02)
+    finally:
+        await admin.close()
+
+
+def _copy(target: Any, table: str, source: Any, records: bool, timeout: float | None
+          ) -> Awaitable[Any]:
+    copy: Awaitable[Any] = (
+        target.copy_records_to_table(table, records=source, columns=["x", "t"], timeout=timeout)
+        if records else target.copy_to_table(table, source=source, columns=["x"], timeout=timeout))
+    return copy
+
+
+async def _run(pool: Pool, via: str, copy: Callable[[Any], Awaitable[Any]]) -> tuple[Any, str]:
+    """The COPY through `pool.copy_*` or `conn.copy_*` in an acquire block: what it raised, and
+    (in the block) what the same connection answers next."""
+    if via == "pool":
+        try:
+            await copy(pool)
+        except BaseException as exc:  # (what the caller gets is the subject)
+            return exc, ""
+        return None, ""
+    raised: BaseException | None = None
+    async with pool.acquire() as conn:
+        try:
+            await copy(conn)
+        except BaseException as exc:  # (the same)
+            raised = exc
+        try:
+            after = repr(await asyncio.wait_for(conn.fetchval("SELECT 7"), SERVER_BOUND))
+        except Exception as exc:  # (reported by the assertion)
+            after = f"{type(exc).__name__}: {exc}"
+    return raised, after
+
+
+async def _check_kept(pool: Pool, after: str, via: str) -> None:
+    """The connection was kept, idle, and the pool's next statement runs on it."""
+    if via != "pool":
+        assert after == "7", f"the COPY's connection then answered {after}"
+    stats = pool.stats()
+    assert (stats.in_use, stats.idle, stats.closed_total, stats.created_total) == (0, 1, 0, 1), stats
+    assert await pool.fetchval("SELECT 8") == 8
+
+
+@pytest.mark.parametrize("via", ["pool", "acquire"])
+async def test_server_ends_the_copy_then_its_timeout_runs_out(
+        front: tuple[str, Mode], via: str, table: str, stack: ServerStack,
+        loop_errors: list[dict[str, Any]]) -> None:
+    """The server ends the COPY, then the caller's ``timeout=`` runs out while the source stalls:
+    asyncpg 0.32 raised its own AttributeError and left the server's error unretrieved."""
+    dsn, mode = front
+    feed = Feed()
+    async with Pool(dsn, prepared_statements=mode, min_size=1, max_size=1,
+                    telemetry=False) as pool:
+        copying = asyncio.create_task(
+            _run(pool, via, lambda target: _copy(target, table, feed.stalled(), False, 2.0)))
+        await _cancel_on_server(stack, table, feed)
+        raised, after = await asyncio.wait_for(copying, SERVER_BOUND)
+        assert isinstance(raised, asyncpg.QueryCanceledError), repr(raised)
+        assert feed.taken == 2
+        await _check_kept(pool, after, via)
+    assert await _collected(loop_errors) == []
+
+
+@pytest.mark.parametrize("way", ["pool", "acquire", "acquire-records"])
+async def test_server_ends_the_copy_then_its_task_is_cancelled(
+        front: tuple[str, Mode], way: str, table: str, stack: ServerStack,
+        loop_errors: list[dict[str, Any]]) -> None:
+    """The server ends the COPY, then the caller's task is cancelled while the source stalls:
+    asyncpg asked the server to cancel the ended statement and waited for an answer that never
+    came, so the cancellation waited for the pool's reset to give up and the connection was
+    closed."""
+    dsn, mode = front
+    via, records = way.removesuffix("-records"), way.endswith("-records")
+    feed = Feed()
+    async with Pool(dsn, prepared_statements=mode, min_size=1, max_size=1,
+                    telemetry=False) as pool:
+        copying = asyncio.create_task(
+            _run(pool, via, lambda target: _copy(target, table, feed.stalled(records), records,
+                                                 None)))
+        await _cancel_on_server(stack, table, feed)
+        await asyncio.sleep(0.2)  # (the server's error read by the client)
+        copying.cancel()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # (`_run` hands back what the COPY raised, its cancellation too)
+        raised, after = await asyncio.wait_for(copying, SERVER_BOUND * 2)
+        assert isinstance(raised, asyncio.CancelledError), repr(raised)
+        assert loop.time() - started < CANCEL_BOUND
+        await _check_kept(pool, after, via)
+    assert await _collected(loop_errors) == []
+
+
+@pytest.mark.parametrize("way", ["pool", "acquire-records"])
+async def test_a_copy_the_server_ended_stops_taking_its_source(
+        front: tuple[str, Mode], way: str, table: str, stack: ServerStack,
+        loop_errors: list[dict[str, Any]]) -> None:
+    """A source that keeps producing: the COPY stops at the next row once the server has ended
+    it, and the caller gets the server's error then (asyncpg 0.32 read the source to its end)."""
+    dsn, mode = front
+    via, records = way.removesuffix("-records"), way.endswith("-records")
+    feed = Feed()
+    feed.cancelled_on_server.set()  # (not used by the steady source)
+    async with Pool(dsn, prepared_statements=mode, min_size=1, max_size=1,
+                    telemetry=False) as pool:
+        copying = asyncio.create_task(
+            _run(pool, via, lambda target: _copy(target, table, feed.steady(records), records,
+                                                 None)))
+        await _cancel_on_server(stack, table, feed)
+        raised, after = await asyncio.wait_for(copying, SERVER_BOUND)
+        assert isinstance(raised, asyncpg.QueryCanceledError), repr(raised)
+        assert feed.taken < STEADY_CHUNKS // 2, f"{feed.taken} rows of {STEADY_CHUNKS} taken"
+        await _check_kept(pool, after, via)
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+    assert await _collected(loop_errors) == []
+
+
+@pytest.mark.parametrize("via", ["pool", "acquire"])
+async def test_its_own_timeout_first_is_a_timeout(
+        front: tuple[str, Mode], via: str, table: str, loop_errors: list[dict[str, Any]]) -> None:
+    """The caller's ``timeout=`` runs out before the server ends anything: TimeoutError, as
+    before, and the connection is kept (the COPY was cancelled and answered)."""
+    dsn, mode = front
+    feed = Feed()
+    async with Pool(dsn, prepared_statements=mode, min_size=1, max_size=1,
+                    telemetry=False) as pool:
+        raised, after = await asyncio.wait_for(
+            _run(pool, via, lambda target: _copy(target, table, feed.stalled(), False, 0.5)),
+            SERVER_BOUND)
+        assert isinstance(raised, TimeoutError), repr(raised)
+        await _check_kept(pool, after, via)
+    assert await _collected(loop_errors) == []
+
+
+async def test_statement_timeout_ends_the_copy(
+        front: tuple[str, Mode], table: str, loop_errors: list[dict[str, Any]]) -> None:
+    """``statement_timeout`` (``SET LOCAL``, behind a pooler too) ends the COPY as the server
+    reads its next chunk; the caller's ``timeout=`` then runs out while the source stalls."""
+    dsn, mode = front
+    feed = Feed()
+    feed.cancelled_on_server.set()  # (the timeout is the server's own: the next row ends it)
+
+    async def copy(conn: Any) -> None:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL statement_timeout = 300")
+            await conn.copy_to_table(table, source=_until_stall(feed), columns=["x"], timeout=2.0)
+
+    async with Pool(dsn, prepared_statements=mode, min_size=1, max_size=1,
+                    telemetry=False) as pool:
+        raised, after = await asyncio.wait_for(_run(pool, "acquire", copy), SERVER_BOUND)
+        assert isinstance(raised, asyncpg.QueryCanceledError), repr(raised)
+        assert "statement timeout" in str(raised)
+        await _check_kept(pool, after, "acquire")
+    assert await _collected(loop_errors) == []
+
+
+async def _until_stall(feed: Feed) -> AsyncIterator[bytes]:
+    """Rows every 50 ms past the server's 300 ms, then a stall longer than the test."""
+    for k in range(12):
+        yield feed.row(k, records=False)
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(60)
+    yield feed.row(12, records=False)
