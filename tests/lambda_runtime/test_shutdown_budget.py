@@ -24,7 +24,7 @@ import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer
 from asyncpool.testing.faultproxy import FaultProxy
-from asyncpool.testing.lambda_runtime import RuntimeAPI
+from asyncpool.testing.lambda_runtime import LambdaProcess, RuntimeAPI
 from tests.lambda_runtime.support import environment, invoke, response, running
 
 #: What two_pools.py writes once it has blocked its loop.
@@ -64,8 +64,10 @@ async def test_sigterm_cancels_every_pools_statement_within_one_budget(  # noqa:
                 await asyncio.sleep(0.05)
             sent = time.monotonic()
             proc.signal(signal.SIGTERM)
-            status = await asyncio.to_thread(proc.wait, 3 * BUDGET)
-            took = time.monotonic() - sent
+            # (The end is read on the waiting thread: this loop, busy with the proxy, can be
+            # late to take the thread's answer on a loaded machine; it was once 0.7 s late.)
+            status, ended = await asyncio.to_thread(_wait_and_stamp, proc, 3 * BUDGET)
+            took = ended - sent
             assert status is not None, f"still running {3 * BUDGET}s after SIGTERM\n{proc.log()[-2000:]}"
         deadline = time.monotonic() + 1.0
         while (left := await running(postgres.dsn(), tag)) and time.monotonic() < deadline:
@@ -73,5 +75,11 @@ async def test_sigterm_cancels_every_pools_statement_within_one_budget(  # noqa:
     assert left == 0, f"{left} statements still run on the server\n{proc.log()[-2000:]}"
     assert proxy.cancels_seen >= 2
     # (Plus the process's own exit, slower on a loaded machine; two budgets in a row, the
-    # defect, take about BUDGET + CANCEL_DELAY.)
-    assert took < BUDGET + 0.25, f"the shutdown took {took:.2f}s, budget {BUDGET}s\n{proc.log()[-2000:]}"
+    # defect, take about BUDGET + CANCEL_DELAY, past this bound by over 0.4 s.)
+    assert took < BUDGET + 0.5, f"the shutdown took {took:.2f}s, budget {BUDGET}s\n{proc.log()[-2000:]}"
+
+
+def _wait_and_stamp(proc: LambdaProcess, timeout: float) -> tuple[int | None, float]:
+    """`proc.wait(timeout)`'s status, and when it returned."""
+    status: int | None = proc.wait(timeout)
+    return status, time.monotonic()
