@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Literal
 #: A per-checkout hook: `PoolObserver.acquired` or `.released`, given seconds.
 Hook = Callable[[float], None]
 
+#: What became of a leaked connection (`LeakReport.action`, the telemetry's ``asyncpool.leak.action``).
+LeakOutcome = Literal["reclaim", "log", "dropped"]
+
 if TYPE_CHECKING:
     from asyncpool.connect.dsn import Target
     from asyncpool.stats import PoolStats
@@ -66,7 +69,7 @@ class LeakReport:
     dropped: bool = False
 
     @property
-    def action(self) -> Literal["reclaim", "log", "dropped"]:
+    def action(self) -> LeakOutcome:
         """What became of the connection: the telemetry's ``asyncpool.leak.action``."""
         if self.dropped:
             return "dropped"

@@ -17,6 +17,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import get_args
 
 from opentelemetry import metrics
 from opentelemetry.metrics import (
@@ -28,13 +29,14 @@ from opentelemetry.metrics import (
 )
 
 from asyncpool.errors import AuthenticationError, ConnectError, PoolerExhaustedError
+from asyncpool.observer import LeakOutcome
 from asyncpool.stats import PoolStats, StatementCacheStats
 from asyncpool.telemetry import semconv as sc
 from asyncpool.telemetry.fork_locks import fork_safe_lock
 
 Attributes = Mapping[str, str]
 
-LEAK_ACTIONS = ("reclaim", "log", "dropped")
+LEAK_ACTIONS: tuple[LeakOutcome, ...] = get_args(LeakOutcome)
 
 
 def qualified_name(cls: type[BaseException]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -37,29 +38,59 @@ def run_hooks(registry: list[Any], start: int) -> None:
         func(*args, **kwargs)
 
 
+class Hooks:
+    """The SnapStart hooks registered during one test, run as the runtime runs them."""
+
+    def __init__(self) -> None:
+        self.before = len(snapshot_restore_py.get_before_snapshot())
+        self.after = len(snapshot_restore_py.get_after_restore())
+
+    def added(self) -> tuple[int, int]:
+        """How many before-snapshot and after-restore hooks the test registered."""
+        return (len(snapshot_restore_py.get_before_snapshot()) - self.before,
+                len(snapshot_restore_py.get_after_restore()) - self.after)
+
+    async def snapshot(self, env: Environment) -> None:
+        """The before-snapshot hooks, on the runtime's thread."""
+        await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), self.before)
+
+    async def restore(self, env: Environment) -> None:
+        """The after-restore hooks, on the runtime's thread."""
+        await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), self.after)
+
+    def drop(self) -> None:
+        del snapshot_restore_py.get_before_snapshot()[self.before:]
+        del snapshot_restore_py.get_after_restore()[self.after:]
+
+
+@pytest.fixture
+def hooks() -> Iterator[Hooks]:
+    """The test's SnapStart hooks; those it registered are dropped after it, whatever happens."""
+    registered = Hooks()
+    yield registered
+    registered.drop()
+
+
 async def test_attach_registers_hooks_that_close_connections_and_drop_credentials(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
     creds = CountingPassword(legacy.postgres.app.password)
     dsn = legacy.dsn().replace(f":{legacy.postgres.app.password}@", "@")
     pool = Pool(config=lambda_config(environ={}, dsn=dsn, credentials=creds))
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     try:
         env.runner.attach(pool)
         env.runner.attach(pool)  # once per pool
-        assert len(snapshot_restore_py.get_before_snapshot()) == before + 1
-        assert len(snapshot_restore_py.get_after_restore()) == after + 1
+        assert hooks.added() == (1, 1)
         await env.run(pool.open)
         assert pool.stats().size == 1
 
-        await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
+        await hooks.snapshot(env)
         stats = pool.stats()
         assert (stats.size, stats.closed_total) == (0, 1)
         assert creds.closed == 1
 
-        await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+        await hooks.restore(env)
 
         async def query() -> int:
             async with pool.acquire() as conn:
@@ -69,37 +100,29 @@ async def test_attach_registers_hooks_that_close_connections_and_drop_credential
         assert await env.run(query) == 1
         assert pool.stats().created_total == 2
     finally:
-        del snapshot_restore_py.get_before_snapshot()[before:]
-        del snapshot_restore_py.get_after_restore()[after:]
         await env.run(pool.close)
 
 
 async def test_a_pool_opened_by_the_first_invocation_is_restored_without_an_error(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture
 ) -> None:
     """The usual case: a pool attached at INIT (`pooled_connection` does) and opened lazily.
     Its after-restore step asserted that the pool had a loop, and logged an AssertionError
     traceback at ERROR ("Exception in callback resume_after_restore") at every restore."""
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     pool = env.runner.attach(env.pool(legacy.dsn(), name="lazy"))
-    try:
-        with caplog.at_level(logging.WARNING):
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+    with caplog.at_level(logging.WARNING):
+        await hooks.snapshot(env)
+        await hooks.restore(env)
 
-            @async_handler(runner=env.runner)
-            async def first(event: Any, context: Any) -> Any:
-                await pool.open()
-                return await pool.fetchval("SELECT 1")
+        @async_handler(runner=env.runner)
+        async def first(event: Any, context: Any) -> Any:
+            await pool.open()
+            return await pool.fetchval("SELECT 1")
 
-            assert await env.invoke(first) == 1
-        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-    finally:
-        del snapshot_restore_py.get_before_snapshot()[before:]
-        del snapshot_restore_py.get_after_restore()[after:]
+        assert await env.invoke(first) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_no_hooks_outside_a_snapstart_initialisation() -> None:
@@ -126,7 +149,7 @@ async def _closed(*proxies: FaultProxy, within: float = 2.0) -> list[int]:
 
 
 async def test_nothing_held_idle_or_logging_in_is_kept_in_the_snapshot(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture
 ) -> None:
     """The hooks run as SnapStart runs them (before the snapshot, then after a restore) on pools
@@ -138,8 +161,6 @@ async def test_nothing_held_idle_or_logging_in_is_kept_in_the_snapshot(
     the held one and both logins were kept. After the restore (the old sockets reset), the
     first invocation is served at once, the caller's login done anew."""
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     async with FaultProxy.to_dsn(legacy.dsn()) as network, \
             FaultProxy.to_dsn(legacy.dsn()) as slow:
         used = env.runner.attach(env.pool(network.dsn(legacy.dsn()), min_size=2, max_size=2,
@@ -167,57 +188,51 @@ async def test_nothing_held_idle_or_logging_in_is_kept_in_the_snapshot(
                 await asyncio.sleep(0.01)
             return holder, caller
 
-        try:
-            holder, caller = await env.run(init)
-            assert (used.stats().in_use, used.stats().idle, network.connections) == (1, 1, 2)
-            # A login counts as connecting before the proxy (on this loop) has accepted its socket:
-            # on a loaded machine the second was still on its way (1 == 2 in CI runs).
-            deadline = time.monotonic() + 5
-            while slow.connections < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            assert slow.connections == 2
-            with caplog.at_level(logging.WARNING, logger="asyncpool.pool"):
-                await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
-            assert await _closed(network, slow) == [0, 0]
-            assert used.stats().size == 0
-            assert filling.stats().created_total == 0
-            [held] = [r.getMessage() for r in caplog.records if "snapshot was taken" in r.getMessage()]
-            assert "async with used.acquire() as conn" in held, held
-            # The restore: the copies have none of the snapshot's sockets.
-            network.set_mode("reset")
-            slow.set_mode("reset")
-            network.set_mode("pass")
-            slow.set_mode("pass")
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+        holder, caller = await env.run(init)
+        assert (used.stats().in_use, used.stats().idle, network.connections) == (1, 1, 2)
+        # A login counts as connecting before the proxy (on this loop) has accepted its socket:
+        # on a loaded machine the second was still on its way (1 == 2 in CI runs).
+        deadline = time.monotonic() + 5
+        while slow.connections < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert slow.connections == 2
+        with caplog.at_level(logging.WARNING, logger="asyncpool.pool"):
+            await hooks.snapshot(env)
+        assert await _closed(network, slow) == [0, 0]
+        assert used.stats().size == 0
+        assert filling.stats().created_total == 0
+        [held] = [r.getMessage() for r in caplog.records if "snapshot was taken" in r.getMessage()]
+        assert "async with used.acquire() as conn" in held, held
+        # The restore: the copies have none of the snapshot's sockets.
+        network.set_mode("reset")
+        slow.set_mode("reset")
+        network.set_mode("pass")
+        slow.set_mode("pass")
+        await hooks.restore(env)
 
-            @async_handler(runner=env.runner)
-            async def first(event: Any, context: Any) -> tuple[tuple[Any, Any], int, int]:
-                release.set()
-                done = await asyncio.gather(holder, caller, return_exceptions=True)
-                return done, await used.fetchval("SELECT 3"), await filling.fetchval("SELECT 4")
+        @async_handler(runner=env.runner)
+        async def first(event: Any, context: Any) -> tuple[tuple[Any, Any], int, int]:
+            release.set()
+            done = await asyncio.gather(holder, caller, return_exceptions=True)
+            return done, await used.fetchval("SELECT 3"), await filling.fetchval("SELECT 4")
 
-            started = time.monotonic()
-            (kept, login), three, four = await env.invoke(first)
-            assert time.monotonic() - started < 1.0
-            assert isinstance(kept, PoolError)
-            assert "terminated" in str(kept)
-            assert (login, three, four) == (2, 3, 4)
-            assert (used.stats().in_use, filling.stats().in_use) == (0, 0)
-        finally:
-            del snapshot_restore_py.get_before_snapshot()[before:]
-            del snapshot_restore_py.get_after_restore()[after:]
+        started = time.monotonic()
+        (kept, login), three, four = await env.invoke(first)
+        assert time.monotonic() - started < 1.0
+        assert isinstance(kept, PoolError)
+        assert "terminated" in str(kept)
+        assert (login, three, four) == (2, 3, 4)
+        assert (used.stats().in_use, filling.stats().in_use) == (0, 0)
 
 
 async def test_a_connection_being_validated_at_the_snapshot_is_not_kept_in_it(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A caller's check of an idle connection (``SELECT 1``, here unanswered) under way at the
     snapshot: the connection was neither idle nor held, so the hook left its socket open in
     the snapshot until the check timed out. It is closed; the caller logs in after the restore
     (the stateful model's example, tests/unit/test_model_defects.py)."""
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     async with FaultProxy.to_dsn(legacy.dsn()) as network:
         pool = env.runner.attach(env.pool(network.dsn(legacy.dsn()), min_size=1, max_size=1,
                                           validate_after=0.0, connect_timeout=10.0,
@@ -234,28 +249,24 @@ async def test_a_connection_being_validated_at_the_snapshot_is_not_kept_in_it(
             assert pool._slots.checking, "the caller's check did not begin"
             return caller
 
-        try:
-            caller = await env.run(init)
-            assert network.connections == 1
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
-            assert await _closed(network) == [0]
-            network.set_mode("reset")
-            network.set_mode("pass")
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+        caller = await env.run(init)
+        assert network.connections == 1
+        await hooks.snapshot(env)
+        assert await _closed(network) == [0]
+        network.set_mode("reset")
+        network.set_mode("pass")
+        await hooks.restore(env)
 
-            @async_handler(runner=env.runner)
-            async def first(event: Any, context: Any) -> Any:
-                return await caller
+        @async_handler(runner=env.runner)
+        async def first(event: Any, context: Any) -> Any:
+            return await caller
 
-            assert await env.invoke(first) == 2
-        finally:
-            del snapshot_restore_py.get_before_snapshot()[before:]
-            del snapshot_restore_py.get_after_restore()[after:]
+        assert await env.invoke(first) == 2
 
 
 @pytest.mark.parametrize("with_setup", [False, True], ids=["no-setup", "setup"])
 async def test_an_acquire_waiting_at_the_snapshot_gets_its_timeout_from_the_restore(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch, with_setup: bool
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch, with_setup: bool
 ) -> None:
     """A task INIT left waiting in line for a connection (max_size=1, the one connection held)
     kept its acquire_timeout deadline across the snapshot: restored later, with the monotonic
@@ -266,8 +277,6 @@ async def test_an_acquire_waiting_at_the_snapshot_gets_its_timeout_from_the_rest
     from the acquire's start, before the snapshot: it timed out at once ("the setup hook was
     still running on it when the time ran out"); it gets what is left of the re-armed timeout."""
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     timeout = 2.0
     set_up: list[int] = []
 
@@ -298,11 +307,11 @@ async def test_an_acquire_waiting_at_the_snapshot_gets_its_timeout_from_the_rest
 
     try:
         holder, waiter = await env.run(init)
-        await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
+        await hooks.snapshot(env)
         assert not pool._slots.attempts, "a login was under way in the snapshot"
         # Restored later than the waiter's deadline, by the monotonic clock.
         await asyncio.sleep(timeout * 1.25)
-        await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+        await hooks.restore(env)
 
         @async_handler(runner=env.runner)
         async def first(event: Any, context: Any) -> tuple[Any, Any]:
@@ -316,13 +325,11 @@ async def test_an_acquire_waiting_at_the_snapshot_gets_its_timeout_from_the_rest
         assert set_up == ([3, 3] if with_setup else [])  # the holder's, then the waiter's
     finally:
         release.set()
-        del snapshot_restore_py.get_before_snapshot()[before:]
-        del snapshot_restore_py.get_after_restore()[after:]
 
 
 @pytest.mark.parametrize("waits_on", ["query", "other"])
-async def test_a_setup_hook_running_at_the_snapshot_runs_again_on_a_new_connection_after_the_restore(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
+async def test_a_setup_hook_running_at_the_snapshot_runs_again_on_a_new_connection_after_the_restore(  # noqa: PLR0917 - fixtures
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture, waits_on: str
 ) -> None:
     """A task INIT left in an acquire whose ``setup`` hook was still running (on a statement of
@@ -334,8 +341,6 @@ async def test_a_setup_hook_running_at_the_snapshot_runs_again_on_a_new_connecti
     out"). The hook's time stops at the snapshot, as a waiter's does; after the restore it runs
     again on a new connection, and the acquire is served."""
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     timeout = 2.0
     began = asyncio.Event()
     restored = asyncio.Event()
@@ -369,14 +374,14 @@ async def test_a_setup_hook_running_at_the_snapshot_runs_again_on_a_new_connecti
         try:
             acquiring = await env.run(init)
             with caplog.at_level(logging.INFO, logger="asyncpool.pool"):
-                await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
+                await hooks.snapshot(env)
             assert await _closed(network) == [0]
             # Restored later than the acquire's deadline, by the monotonic clock; the copies
             # have none of the snapshot's sockets.
             await asyncio.sleep(timeout * 1.25)
             network.set_mode("reset")
             network.set_mode("pass")
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+            await hooks.restore(env)
 
             @async_handler(runner=env.runner)
             async def first(event: Any, context: Any) -> Any:
@@ -396,13 +401,11 @@ async def test_a_setup_hook_running_at_the_snapshot_runs_again_on_a_new_connecti
             assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         finally:
             restored.set()
-            del snapshot_restore_py.get_before_snapshot()[before:]
-            del snapshot_restore_py.get_after_restore()[after:]
 
 
 @pytest.mark.parametrize("doing", ["validating", "resetting"])
 async def test_a_connection_being_checked_or_reset_is_not_kept_in_the_snapshot(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch, doing: str
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch, doing: str
 ) -> None:
     """A task INIT left checking an idle connection (its ``SELECT 1``, the pool marked stale)
     or returning one that needs a reset (its ROLLBACK), the pooler slow to answer. The snapshot
@@ -412,8 +415,6 @@ async def test_a_connection_being_checked_or_reset_is_not_kept_in_the_snapshot(
     soon the restore came. Both are closed for the snapshot now: the checking caller logs in
     after the restore in the slot it holds, and the returning one is done."""
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     timeout = 2.0
     async with FaultProxy.to_dsn(legacy.dsn()) as network:
         pool = env.runner.attach(env.pool(network.dsn(legacy.dsn()), min_size=1, max_size=1,
@@ -436,32 +437,28 @@ async def test_a_connection_being_checked_or_reset_is_not_kept_in_the_snapshot(
                 await asyncio.sleep(0.01)
             return task
 
-        try:
-            left = await env.run(init)
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
-            # Restored at once, the old sockets leading nowhere (a copy elsewhere). (A stalled
-            # proxy does not see its client leave: it does once it forwards again.)
-            network.set_mode("half-open")
-            assert await _closed(network) == [0]
-            network.set_mode("pass")
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+        left = await env.run(init)
+        await hooks.snapshot(env)
+        # Restored at once, the old sockets leading nowhere (a copy elsewhere). (A stalled
+        # proxy does not see its client leave: it does once it forwards again.)
+        network.set_mode("half-open")
+        assert await _closed(network) == [0]
+        network.set_mode("pass")
+        await hooks.restore(env)
 
-            @async_handler(runner=env.runner)
-            async def first(event: Any, context: Any) -> Any:
-                return await asyncio.gather(left, pool.fetchval("SELECT 2"), return_exceptions=True)
+        @async_handler(runner=env.runner)
+        async def first(event: Any, context: Any) -> Any:
+            return await asyncio.gather(left, pool.fetchval("SELECT 2"), return_exceptions=True)
 
-            started = time.monotonic()
-            done = await env.invoke(first)
-            assert done == [1 if doing == "validating" else None, 2]
-            assert time.monotonic() - started < 1.0
-            assert pool.stats().timeouts_total == 0
-        finally:
-            del snapshot_restore_py.get_before_snapshot()[before:]
-            del snapshot_restore_py.get_after_restore()[after:]
+        started = time.monotonic()
+        done = await env.invoke(first)
+        assert done == [1 if doing == "validating" else None, 2]
+        assert time.monotonic() - started < 1.0
+        assert pool.stats().timeouts_total == 0
 
 
 async def test_a_connection_given_back_in_the_snapshots_first_turns_serves_the_caller_in_line(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture
 ) -> None:
     """A task INIT left holding the one connection gives it back during the before-snapshot
@@ -470,8 +467,6 @@ async def test_a_connection_given_back_in_the_snapshots_first_turns_serves_the_c
     a held one (a WARNING to release it, though nobody held it) and the caller got
     PoolClosedError at the first invocation; it is served after the restore."""
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     pool = env.runner.attach(env.pool(legacy.dsn(), min_size=1, max_size=1, acquire_timeout=2.0,
                                       name="handed"))
 
@@ -492,67 +487,57 @@ async def test_a_connection_given_back_in_the_snapshots_first_turns_serves_the_c
             await asyncio.sleep(0.01)
         return holder, waiter, back
 
-    try:
-        holder, waiter, back = await env.run(init)
-        loop = env.runner.loop
-        # A timer already due, set ahead of the hook's task: it runs in the hook's second turn
-        # after the hook's own step, so the holder gives the connection back in the third,
-        # after the hook's step again, and the caller is handed it but runs only after the
-        # hook has closed the connections (`snapshot._FIRST_TURNS`). (Any other order fails
-        # below: the caller warned about as a holder, or the holder's connection closed.)
-        loop.call_soon_threadsafe(loop.call_at, 0.0, back.set_result, None)
-        with caplog.at_level(logging.WARNING, logger="asyncpool.pool"):
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
-        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-        assert pool.stats().size == 1  # (the caller's slot, to log in after the restore)
-        assert not pool._slots.attempts
-        await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+    holder, waiter, back = await env.run(init)
+    loop = env.runner.loop
+    # A timer already due, set ahead of the hook's task: it runs in the hook's second turn
+    # after the hook's own step, so the holder gives the connection back in the third,
+    # after the hook's step again, and the caller is handed it but runs only after the
+    # hook has closed the connections (`snapshot._FIRST_TURNS`). (Any other order fails
+    # below: the caller warned about as a holder, or the holder's connection closed.)
+    loop.call_soon_threadsafe(loop.call_at, 0.0, back.set_result, None)
+    with caplog.at_level(logging.WARNING, logger="asyncpool.pool"):
+        await hooks.snapshot(env)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert pool.stats().size == 1  # (the caller's slot, to log in after the restore)
+    assert not pool._slots.attempts
+    await hooks.restore(env)
 
-        @async_handler(runner=env.runner)
-        async def first(event: Any, context: Any) -> Any:
-            return await asyncio.gather(holder, waiter, return_exceptions=True)
+    @async_handler(runner=env.runner)
+    async def first(event: Any, context: Any) -> Any:
+        return await asyncio.gather(holder, waiter, return_exceptions=True)
 
-        assert await env.invoke(first) == [None, 2]
-        stats = pool.stats()
-        assert (stats.timeouts_total, stats.created_total, stats.in_use) == (0, 2, 0)
-    finally:
-        del snapshot_restore_py.get_before_snapshot()[before:]
-        del snapshot_restore_py.get_after_restore()[after:]
+    assert await env.invoke(first) == [None, 2]
+    stats = pool.stats()
+    assert (stats.timeouts_total, stats.created_total, stats.in_use) == (0, 2, 0)
 
 
 async def test_a_restore_logs_in_once_for_min_size(
-    env: Environment, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
+    env: Environment, hooks: Hooks, legacy: PgBouncerServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture
 ) -> None:
     """Restored later than the housekeeping period, the pool (min_size=1) began its refill as
     the first invocation's loop ran, and the invocation's start (`mark_stale`) gave that login
     up as one begun before a pause: the invocation's query logged in again. One login now."""
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
-    before = len(snapshot_restore_py.get_before_snapshot())
-    after = len(snapshot_restore_py.get_after_restore())
     async with FaultProxy.to_dsn(legacy.dsn()) as network:
         # max_idle: a housekeeping period of 0.1 s (nothing idle beyond min_size to close).
         pool = env.runner.attach(env.pool(network.dsn(legacy.dsn()), min_size=1, max_size=1,
                                           max_idle=0.2, name="refilled"))
-        try:
-            await env.run(pool.open)
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_before_snapshot(), before)
-            assert await _closed(network) == [0]
-            accepted = network.accepted_total
-            await asyncio.sleep(0.3)  # (restored after a housekeeping round was due)
-            await env.runtime.call(run_hooks, snapshot_restore_py.get_after_restore(), after)
+        await env.run(pool.open)
+        await hooks.snapshot(env)
+        assert await _closed(network) == [0]
+        accepted = network.accepted_total
+        await asyncio.sleep(0.3)  # (restored after a housekeeping round was due)
+        await hooks.restore(env)
 
-            @async_handler(runner=env.runner)
-            async def first(event: Any, context: Any) -> Any:
-                return await pool.fetchval("SELECT 1")
+        @async_handler(runner=env.runner)
+        async def first(event: Any, context: Any) -> Any:
+            return await pool.fetchval("SELECT 1")
 
-            with caplog.at_level(logging.INFO, logger="asyncpool.pool"):
-                assert await env.invoke(first) == 1
-            given_up = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
-            assert given_up == []
-            assert network.accepted_total - accepted == 1
-            stats = pool.stats()
-            assert (stats.created_total, stats.connect_errors_total) == (2, 0)
-        finally:
-            del snapshot_restore_py.get_before_snapshot()[before:]
-            del snapshot_restore_py.get_after_restore()[after:]
+        with caplog.at_level(logging.INFO, logger="asyncpool.pool"):
+            assert await env.invoke(first) == 1
+        given_up = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
+        assert given_up == []
+        assert network.accepted_total - accepted == 1
+        stats = pool.stats()
+        assert (stats.created_total, stats.connect_errors_total) == (2, 0)
