@@ -44,8 +44,10 @@ CANCEL_BOUND = 2.5
 # hold (the client's send buffer grows to 4 MB here, the proxy's receive buffer stays small when
 # it does not read): most of it stays in the client's transport, unsent.
 BACKED_UP = 16 * 1024 * 1024
-# The CopyData message of a one-row chunk ("1\n"): type, length, data.
-ONE_ROW_MESSAGE = 1 + 4 + 2
+# The CopyData message of the row the server ends the COPY on: type, length, data; the data of
+# a text row ("1\n"), or of binary COPY's header (signature, flags, extension length) and one
+# record (field count, then length and value of an int4 and of `Feed.row`'s text).
+ROW_MESSAGE = {False: 1 + 4 + 2, True: 1 + 4 + (11 + 4 + 4) + 2 + (4 + 4) + (4 + 600_000)}
 
 
 class Feed:
@@ -73,15 +75,18 @@ class Feed:
         await asyncio.sleep(60)
         yield self.row(2, records)
 
-    async def backed_up(self) -> AsyncIterator[bytes]:
+    async def backed_up(self, records: bool = False) -> AsyncIterator[Any]:
         """Once the server has been told to cancel, the row it ends the COPY on, then at once a
-        chunk the front will not take (`BACKED_UP`), then a stall longer than the test."""
+        chunk the front will not take (`BACKED_UP`), then rows without pause (each one waits
+        for room to be written), then a stall longer than the test."""
         await self.cancelled_on_server.wait()
-        yield self.row(1, False)
+        yield self.row(1, records)
         self.backing_up.set()
-        yield b"2\n" * (BACKED_UP // 2)
+        yield (2, "y" * BACKED_UP) if records else b"2\n" * (BACKED_UP // 2)
+        for k in range(3, STEADY_CHUNKS):
+            yield self.row(k, records)
         await asyncio.sleep(60)
-        yield self.row(3, False)
+        yield self.row(STEADY_CHUNKS, records)
 
     async def steady(self, records: bool = False) -> AsyncIterator[Any]:
         """A row every 50 ms, many more than the COPY needs once the server has ended it."""
@@ -342,8 +347,10 @@ async def _copy_reading(stack: ServerStack, table: str, feed: Feed) -> None:
         await admin.close()
 
 
-@pytest.mark.parametrize("way", [f"{via}-{landing}" for via in ("pool", "acquire")
-                                 for landing in ("error", "cancelled", "cancelled-first")])
+@pytest.mark.parametrize("way", [
+    *(f"{via}-{landing}" for via in ("pool", "acquire")
+      for landing in ("error", "cancelled", "cancelled-first")),
+    "pool-records-error", "acquire-records-cancelled", "acquire-records-cancelled-first"])
 async def test_a_copy_with_rows_unsent_ends_its_connection(
         front: tuple[str, Mode], way: str, table: str, stack: ServerStack,
         loop_errors: list[dict[str, Any]]) -> None:
@@ -361,8 +368,10 @@ async def test_a_copy_with_rows_unsent_ends_its_connection(
     replaced; the proxy then lets the rows through (to a real PgBouncer 1.18 too)."""
     dsn, mode = front
     via, _, landing = way.partition("-")
+    records = landing.startswith("records-")
+    landing = landing.removeprefix("records-")
     feed = Feed()
-    source = feed.backed_up()
+    source = feed.backed_up(records)
     seen: dict[str, Any] = {}
     async with FaultProxy.to_dsn(dsn) as proxy, Pool(
             proxy.dsn(dsn), prepared_statements=mode, min_size=1, max_size=1,
@@ -370,10 +379,10 @@ async def test_a_copy_with_rows_unsent_ends_its_connection(
 
         async def copy() -> Any:
             if via == "pool":
-                return await pool.copy_to_table(table, source=source, columns=["x"])
+                return await _copy(pool, table, source, records, None)
             async with pool.acquire() as conn:
                 try:
-                    return await conn.copy_to_table(table, source=source, columns=["x"])
+                    return await _copy(conn, table, source, records, None)
                 finally:
                     # The same connection's next statement: at once, whatever it answers.
                     try:
@@ -402,7 +411,7 @@ async def test_a_copy_with_rows_unsent_ends_its_connection(
 
             def hold() -> None:
                 # The row the server ends the COPY on goes on; nothing after it.
-                proxy.hold_requests(after=ONE_ROW_MESSAGE)
+                proxy.hold_requests(after=ROW_MESSAGE[records])
                 _, watched = _copying(source)
                 watched.reply.add_done_callback(on_reply)
 
