@@ -134,6 +134,12 @@ async def _collected(errors: list[dict[str, Any]]) -> list[str]:
     return [f"{context.get('message')}: {context.get('exception')!r}" for context in errors]
 
 
+# The backend running a COPY ($1: its text) that has read $2 bytes of rows and waits for more.
+_READING = ("FROM pg_stat_activity a JOIN pg_stat_progress_copy p ON p.pid = a.pid "
+            "WHERE a.state = 'active' AND a.query LIKE $1 "
+            "AND a.wait_event = 'ClientRead' AND p.bytes_processed >= $2")
+
+
 async def _cancel_on_server(stack: ServerStack, table: str, feed: Feed,
                             then: Callable[[], None] | None = None) -> None:
     """pg_cancel_backend() of the backend running the COPY into `table` once it has read all
@@ -144,10 +150,7 @@ async def _cancel_on_server(stack: ServerStack, table: str, feed: Feed,
     try:
         async with asyncio.timeout(SERVER_BOUND):
             while not await admin.fetchval(
-                    "SELECT count(pg_cancel_backend(a.pid)) FROM pg_stat_activity a "
-                    "JOIN pg_stat_progress_copy p ON p.pid = a.pid "
-                    "WHERE a.state = 'active' AND a.query LIKE $1 "
-                    "AND a.wait_event = 'ClientRead' AND p.bytes_processed >= $2",
+                    f"SELECT count(pg_cancel_backend(a.pid)) {_READING}",
                     f"COPY%{table}%", feed.handed_out):
                 await asyncio.sleep(0.02)
         if then is not None:
@@ -337,11 +340,7 @@ async def _copy_reading(stack: ServerStack, table: str, feed: Feed) -> None:
     try:
         async with asyncio.timeout(SERVER_BOUND):
             while not await admin.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity a "
-                    "JOIN pg_stat_progress_copy p ON p.pid = a.pid "
-                    "WHERE a.state = 'active' AND a.query LIKE $1 "
-                    "AND a.wait_event = 'ClientRead' AND p.bytes_processed >= $2",
-                    f"COPY%{table}%", feed.handed_out):
+                    f"SELECT count(*) {_READING}", f"COPY%{table}%", feed.handed_out):
                 await asyncio.sleep(0.02)
     finally:
         await admin.close()
