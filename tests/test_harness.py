@@ -318,3 +318,50 @@ async def test_fault_proxy_takes_a_client_reset_before_its_first_packet_quietly(
     finally:
         loop.set_exception_handler(old)
     assert errors == []
+
+
+async def test_fault_proxy_holds_requests_after_a_budget() -> None:
+    """`hold_requests(after=n)`: the client's next `n` bytes reach the server, then nothing more
+    (the proxy stops reading: the client's writes back up, its replies still arrive) until
+    `release_requests`, which forwards the rest in order."""
+    received = bytearray()
+    got = asyncio.Event()
+    server_writer: list[asyncio.StreamWriter] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server_writer.append(writer)
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                received.extend(data)
+                got.set()
+
+    async def received_at_least(n: int) -> None:
+        async with asyncio.timeout(5):
+            while len(received) < n:
+                got.clear()
+                await got.wait()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with FaultProxy("127.0.0.1", port) as proxy:
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(b"hello")
+            await received_at_least(5)
+            proxy.hold_requests(after=3)
+            backlog = b"abc" + b"x" * (16 * 1024 * 1024)
+            writer.write(backlog)
+            await received_at_least(8)
+            # Replies still flow while requests are held: once one has come back, the proxy
+            # has had every chance to forward more, and has not.
+            server_writer[0].write(b"reply")
+            async with asyncio.timeout(5):
+                assert await reader.readexactly(5) == b"reply"
+            assert bytes(received) == b"helloabc"
+            assert writer.transport.get_write_buffer_size() > 0  # (backed up in the client)
+            proxy.release_requests()
+            await received_at_least(5 + len(backlog))
+            assert bytes(received) == b"hello" + backlog
+            writer.close()
+    finally:
+        server.close()

@@ -22,6 +22,17 @@ interruption asks the server for nothing but a Sync (`settle_cancel`). The calle
 error rather than its own timeout: the server's is what ended the COPY (no row was written after
 it), and it is what the caller gets when the source ends before the timeout.
 
+A COPY fed faster than its front takes it leaves rows in the connection's transport, unsent,
+when the server ends it. PostgreSQL reads and drops them; PgBouncer 1.18 stops taking them once
+the server has left the COPY (it logs nothing), so a COPY waiting for room to write waits for
+good, and whatever is written after them (the Sync above, asyncpg's next statement) never
+arrives: the cancellation or the statement waits for the pool's bounded waits (5 s) or forever.
+Behind any transaction-mode pooler, rows arriving after the server's ReadyForQuery meet a server
+connection the pooler may have given another client. So such a connection is out of step with
+its front whatever the front: the COPY's writer is woken once the server has ended it (the COPY
+then ends with the server's error), and a COPY FROM STDIN that ends or is interrupted with
+unsent bytes closes its connection at once (`out_of_step`); the pool opens a new one.
+
 asyncpg's protocol keeps its reply future where Python cannot reach it but through the garbage
 collector's references (as `asyncpool.connect.copy_waiter` reads it): read once per COPY, when
 the source is first asked for a chunk, never on a statement's path.
@@ -32,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
@@ -43,8 +55,9 @@ _ENDED: Any = object()
 _UNWATCHED: Any = object()
 #: A Sync message: the server answers ReadyForQuery, which ends asyncpg's wait for a cancel.
 _SYNC = b"S\x00\x00\x00\x04"
-#: The COPY each connection is running from a watched source (for `settle_cancel`).
-_RUNNING: dict[Any, WatchedSource] = {}
+#: The COPY FROM STDIN each connection is running: its watched source, None for a source not
+#: watched (a file, bytes, records not asynchronous) (`settle_cancel`, `out_of_step`).
+_RUNNING: dict[Any, WatchedSource | None] = {}
 
 
 def _next_in_mro(conn: Any, name: str, override: Callable[..., Any]) -> Any:
@@ -74,7 +87,16 @@ def _reply_future(conn: Any) -> Any:
     if len(futures) > 1 or futures[0].done():
         return _UNWATCHED
     futures[0].add_done_callback(_consume)
+    futures[0].add_done_callback(lambda reply: _wake_writer(protocol, reply))
     return futures[0]
+
+
+def _wake_writer(protocol: Any, reply: asyncio.Future[Any]) -> None:
+    """The server has ended the COPY: a COPY waiting for room in its transport (flow control)
+    goes on at once to its source, which then ends (`WatchedSource`), rather than waiting for
+    a front that may never take the rest (PgBouncer 1.18: the module's docstring)."""
+    if server_error(reply) is not None:
+        protocol.resume_writing()  # (asyncio's protocol method: it only sets asyncpg's event)
 
 
 def server_error(reply: Any) -> BaseException | None:
@@ -125,21 +147,58 @@ def _watchable(source: object) -> bool:
             and not isinstance(source, (str, bytes, os.PathLike)) and not hasattr(source, "read"))
 
 
-async def _run_watched(conn: Any, watched: WatchedSource,
+def unsent(conn: Any) -> int:
+    """Bytes written to `conn`'s transport and not yet taken by the kernel (0 without one)."""
+    transport = getattr(conn, "_transport", None)  # (`driver.transport_of`, which imports us)
+    return int(transport.get_write_buffer_size()) if transport is not None else 0
+
+
+#: Connections closed by `end_out_of_step`: by asyncpool, not lost (`closed_out_of_step`).
+_CLOSED_OUT_OF_STEP: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def closed_out_of_step(conn: Any) -> bool:
+    """Whether `conn` was closed because a COPY ended with rows its front had not taken: the
+    pool closed it, nothing says the server or the network lost it (nor the others), and the
+    COPY's error (the server's) is the caller's, not a lost connection's."""
+    return conn in _CLOSED_OUT_OF_STEP
+
+
+def end_out_of_step(conn: Any, terminate: Callable[[], Any]) -> None:
+    """Close `conn`, out of step (`out_of_step`), with `terminate` (now, or soon)."""
+    _CLOSED_OUT_OF_STEP.add(conn)
+    terminate()
+
+
+def out_of_step(conn: Any) -> bool:
+    """Whether `conn` is running a COPY FROM STDIN (through the pool's connection class) whose
+    transport still holds bytes the front has not taken: interrupted now, the COPY would leave
+    them to arrive after its end (the module's docstring)."""
+    return conn in _RUNNING and not conn.is_closed() and unsent(conn) > 0
+
+
+async def _run_watched(conn: Any, watched: WatchedSource | None,
                        copy: Callable[[], Any]) -> Any:
     # (a second COPY at once on the connection, which asyncpg refuses, does not take its place)
-    _RUNNING.setdefault(conn, watched)
+    running = conn not in _RUNNING
+    if running:
+        _RUNNING[conn] = watched
     try:
         return await copy()
     except AttributeError:
         # asyncpg's timeout handler given the reply future its protocol dropped as it read the
         # server's error: the server's error is the caller's (the module's docstring).
-        error = server_error(watched.reply)
+        error = server_error(watched.reply if watched is not None else None)
         if error is None or conn.is_closed():
             raise  # (a connection closed under the COPY: `dropped_transport_error`)
         raise error from None
     finally:
-        if _RUNNING.get(conn) is watched:
+        if running:
+            # Ended (its error, a cancellation, a timeout) with rows unsent: the connection is
+            # out of step with its front, and goes now, not at its next statement. (A COPY that
+            # completes has had every byte taken: the server answered its CopyDone.)
+            if out_of_step(conn):
+                end_out_of_step(conn, conn.terminate)
             del _RUNNING[conn]
 
 
@@ -148,7 +207,7 @@ async def copy_in_watched(self: Any, copy_stmt: str, source: Any, timeout: Any) 
     watched (`WatchedSource`)."""
     own = _next_in_mro(self, "_copy_in", copy_in_watched)
     if not _watchable(source):
-        return await own(self, copy_stmt, source, timeout)
+        return await _run_watched(self, None, lambda: own(self, copy_stmt, source, timeout))
     watched = WatchedSource(source, self)
     return await _run_watched(self, watched, lambda: own(self, copy_stmt, watched, timeout))
 
@@ -158,7 +217,8 @@ async def copy_records_watched(self: Any, table_name: str, *, records: Any, **kw
     (`WatchedSource`)."""
     own = _next_in_mro(self, "copy_records_to_table", copy_records_watched)
     if not isinstance(records, AsyncIterable):
-        return await own(self, table_name, records=records, **kwargs)
+        return await _run_watched(
+            self, None, lambda: own(self, table_name, records=records, **kwargs))
     watched = WatchedSource(records, self)
     return await _run_watched(
         self, watched, lambda: own(self, table_name, records=watched, **kwargs))

@@ -422,6 +422,12 @@ def cancel_deliverable(conn: Any) -> bool:
 
 
 def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> None:
+    if copy_end.out_of_step(self):
+        # A COPY FROM STDIN cut short with rows its front has not taken: a cancel request (or
+        # the Sync below) would queue behind them, and PgBouncer 1.18 takes no more of them once
+        # the server has left the COPY. The connection goes, at once (`asyncpool.connect.copy_end`).
+        copy_end.end_out_of_step(self, lambda: _terminate_soon(self, waiter))
+        return
     if copy_end.settle_cancel(self, waiter, transport_of(self)):
         return  # a COPY the server had already ended: nothing to cancel (`asyncpool.connect.copy_end`)
     if cancel_deliverable(self):
@@ -435,12 +441,18 @@ def _cancel_or_terminate(self: Any, waiter: Any, cancel_waiter: Any = None) -> N
             task.add_done_callback(self._cancellations.discard)
             _REQUEST_WAITERS[task] = waiter
         return
-    # No request can arrive: close the connection instead (on the next loop iteration: asyncpg
-    # is still updating the protocol's state around this call). Closing completes the waiters.
+    # No request can arrive: close the connection instead.
+    _CLOSED_UNCANCELLED.add(self)
+    _terminate_soon(self, waiter)
+
+
+def _terminate_soon(conn: Any, waiter: Any) -> None:
+    """Close `conn` instead of cancelling its statement: on the next loop iteration (asyncpg is
+    still updating the protocol's state around `_cancel_or_terminate`); closing completes the
+    other waiters."""
     if not waiter.done():
         waiter.set_result(None)
-    _CLOSED_UNCANCELLED.add(self)
-    self._loop.call_soon(self.terminate)
+    conn._loop.call_soon(conn.terminate)
 
 
 #: Connections `_cancel_or_terminate` closed (or is about to) for a statement cut short where no
@@ -548,7 +560,8 @@ def cancel_aware_class(base: type[Any] | None, *, cancels: bool) -> type[Any]:
     connections send a cancel request only where it can be delivered (`cancel_deliverable`) and
     are closed instead otherwise, and send it as the connection was made (direct TLS too); lost,
     they leave no reply future unretrieved (`_cleanup_retrieving`); a COPY FROM STDIN from an
-    asynchronous iterable stops once the server has ended it (`asyncpool.connect.copy_end`).
+    asynchronous iterable stops once the server has ended it, and a COPY FROM STDIN that ends
+    with rows its front has not taken closes its connection (`asyncpool.connect.copy_end`).
     `cancels=False`: never send one (``cancel_requests="off"``).
 
     One class per (`base`, `cancels`) for the process, not one per pool: CPython's caches of

@@ -9,6 +9,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from asyncpool.config import SetupHook
+from asyncpool.connect.copy_end import closed_out_of_step
 from asyncpool.connect.driver import CLEAN, returned
 from asyncpool.connect.failures import (
     advise_on_prepared_statements,
@@ -266,9 +267,10 @@ async def end_checkout(owner: Checkouts, lease: Lease, exc: BaseException | None
             lease.record.note_unsynced_parse()
     # Only the driver's own failure becomes ConnectionLostError: the holder's exception (an HTTP
     # 404 raised in the block), a time limit, or a cancellation go on as they are, even if the
-    # connection died meanwhile.
+    # connection died meanwhile; so does the server's error that ended a COPY whose connection
+    # its class then closed, out of step with its front (`asyncpool.connect.copy_end`).
     lost = (exc is not None and lease.state is ACTIVE and broken_connection_error(exc)
-            and lease.record.conn.is_closed())
+            and lease.record.conn.is_closed() and not closed_out_of_step(lease.record.conn))
     if exc is not None and not lost and lease.state is ACTIVE and protocol_out_of_step(exc):
         # asyncpg's protocol is out of step with the server, and refuses every statement from
         # now on: it read a message it had not asked for, such as the FATAL error a server or

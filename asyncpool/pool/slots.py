@@ -31,7 +31,7 @@ from threading import get_ident
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from asyncpool.connect import driver
+from asyncpool.connect import copy_end, driver
 from asyncpool.connect.copy_waiter import retrieve_copy_waiters, retrieve_protocol_waiters
 from asyncpool.connect.driver import BROKEN, BUSY, CLEAN, NEEDS_RESET, returned
 from asyncpool.observer import PoolObserver
@@ -64,6 +64,8 @@ __all__ = ["RELEASE_TIMEOUT", "UNSET", "Slots"]
 
 #: Why a connection whose statement was cut short where no cancel request can arrive is closed.
 UNDELIVERABLE = "cancel undeliverable"
+#: Why a connection whose COPY ended with rows its front had not taken is closed.
+COPY_OUT_OF_STEP = "copy out of step"
 
 
 class _HotSlots:
@@ -307,6 +309,9 @@ class Slots(_HotSlots):
         pool closed that one, nothing was lost."""
         if driver.closed_uncancelled(record.conn):
             self.retire(record, UNDELIVERABLE if reason == "broken" else reason)
+            return
+        if copy_end.closed_out_of_step(record.conn):
+            self.retire(record, COPY_OUT_OF_STEP if reason == "broken" else reason)
             return
         self.retire(record, reason)
         if self.validate_after == math.inf:

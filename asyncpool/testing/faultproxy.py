@@ -61,6 +61,11 @@ class FaultProxy:
     is lost and sent again. The client reads a server's goodbye (a FATAL ErrorResponse) before it
     learns the connection is gone.
 
+    ``hold_requests(after=n)``: the clients' next `n` bytes go on, then the proxy stops reading
+    what clients send (replies still flow) until `release_requests`: the client's writes back up
+    into its socket and its transport, as behind a front that has stopped taking them. Held
+    bytes are forwarded, in order, once released.
+
     Bounded: at most `max_connections` at once (more are reset) and one buffered chunk per
     direction per connection while stalled.
     """
@@ -87,6 +92,10 @@ class FaultProxy:
         self.held = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
+        #: Request bytes still to forward before holding (`hold_requests`); None: not holding.
+        self._request_budget: int | None = None
+        self._requests_released = asyncio.Event()
+        self._requests_released.set()
         self._links: set[_Link] = set()
         self._server: asyncio.Server | None = None
 
@@ -121,6 +130,7 @@ class FaultProxy:
         links = list(self._links)
         for link in links:
             link.close(reset=False)
+        self.release_requests()  # (their pumps, closed, forward nothing)
         # Closed sockets end every pump; cancelling is only for a pump stuck past that.
         tasks = [link.task for link in links if link.task is not None]
         if tasks:
@@ -153,6 +163,30 @@ class FaultProxy:
         elif mode == "half-open":
             for link in self._links:
                 link.deafen(direction)
+
+    def hold_requests(self, *, after: int = 0) -> None:
+        """Forward the clients' next `after` bytes (all connections together), then read no
+        more from them until `release_requests`."""
+        self._request_budget = after
+        self._requests_released.clear()
+
+    def release_requests(self) -> None:
+        """Forward what `hold_requests` held, and read from clients again."""
+        self._request_budget = None
+        self._requests_released.set()
+
+    async def _within_budget(self, data: bytes, dst: asyncio.StreamWriter) -> bytes:
+        """What of `data` (read from a client) goes on now; the rest once released."""
+        budget = self._request_budget
+        if budget is None:
+            return data
+        self._request_budget = max(budget - len(data), 0)
+        if budget >= len(data):
+            return data
+        if budget:
+            dst.write(data[:budget])
+        await self._requests_released.wait()
+        return data[budget:]
 
     # -- forwarding ---------------------------------------------------------------------------
 
@@ -249,6 +283,8 @@ class FaultProxy:
                     direction: Direction) -> None:
         try:
             while not link.closed:
+                if direction == "requests" and self._request_budget == 0:
+                    await self._requests_released.wait()  # (not reading: the client backs up)
                 data = await src.read(_CHUNK)
                 if not data:
                     if direction == "replies" and self.close_delay:
@@ -264,7 +300,9 @@ class FaultProxy:
                     break
                 if direction in link.deaf:
                     continue
-                if dst.is_closing():  # (uvloop raises RuntimeError writing to a closed one)
+                if direction == "requests":
+                    data = await self._within_budget(data, dst)
+                if link.closed or dst.is_closing():  # (uvloop raises writing to a closed one)
                     break
                 dst.write(data)
                 await dst.drain()

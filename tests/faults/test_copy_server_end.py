@@ -3,7 +3,9 @@
 real PostgreSQL and through both PgBouncers, in every ``prepared_statements`` mode they allow:
 the caller gets the server's error (or its own cancellation), nothing reaches the loop's
 exception handler ("Future exception was never retrieved"), and the connection, in step, is
-kept and answers its next statement (asyncpool.connect.copy_end)."""
+kept and answers its next statement; a COPY whose front had not taken all its rows when the
+server ended it ends at once all the same, and its connection, out of step, is replaced
+(asyncpool.connect.copy_end)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import asyncpg
 import pytest
 
 from asyncpool import Pool
+from asyncpool.connect import copy_end, driver
 from asyncpool.testing import ServerStack
+from asyncpool.testing.faultproxy import FaultProxy
 
 Mode = Literal["off", "on", "unnamed"]
 # Every front, and each connection class the modes give (the unnamed mode's; asyncpg's, which
@@ -33,8 +37,17 @@ STEADY_CHUNKS = 40
 # Each wait for the server (its cancel, its answer) ends well within this.
 SERVER_BOUND = 5.0
 # Without the fix a cancelled COPY the server had ended waits for the pool's reset to give up on
-# asyncpg's cancel (5 s) and loses its connection; with it, it ends at once.
+# asyncpg's cancel (5 s) and loses its connection; with it, it ends at once. Generous (a loaded
+# machine), and still half the defect's wait.
 CANCEL_BOUND = 2.5
+# A chunk larger than what the sockets between the client and a front that stopped reading
+# hold (the client's send buffer grows to 4 MB here, the proxy's receive buffer stays small when
+# it does not read): most of it stays in the client's transport, unsent.
+BACKED_UP = 16 * 1024 * 1024
+# The CopyData message of the row the server ends the COPY on: type, length, data; the data of
+# a text row ("1\n"), or of binary COPY's header (signature, flags, extension length) and one
+# record (field count, then length and value of an int4 and of `Feed.row`'s text).
+ROW_MESSAGE = {False: 1 + 4 + 2, True: 1 + 4 + (11 + 4 + 4) + 2 + (4 + 4) + (4 + 600_000)}
 
 
 class Feed:
@@ -42,10 +55,15 @@ class Feed:
 
     def __init__(self) -> None:
         self.taken = 0
+        #: Bytes of row data handed out (what the server has read once it waits for more).
+        self.handed_out = 0
         self.cancelled_on_server = asyncio.Event()
+        #: Set as `backed_up` hands out its large chunk.
+        self.backing_up = asyncio.Event()
 
     def row(self, k: int, records: bool) -> Any:
         self.taken += 1
+        self.handed_out += 600_000 if records else len(b"%d\n" % k)
         return (k, "y" * 600_000) if records else b"%d\n" % k  # (a record fills asyncpg's buffer)
 
     async def stalled(self, records: bool = False) -> AsyncIterator[Any]:
@@ -56,6 +74,19 @@ class Feed:
         yield self.row(1, records)
         await asyncio.sleep(60)
         yield self.row(2, records)
+
+    async def backed_up(self, records: bool = False) -> AsyncIterator[Any]:
+        """Once the server has been told to cancel, the row it ends the COPY on, then at once a
+        chunk the front will not take (`BACKED_UP`), then rows without pause (each one waits
+        for room to be written), then a stall longer than the test."""
+        await self.cancelled_on_server.wait()
+        yield self.row(1, records)
+        self.backing_up.set()
+        yield (2, "y" * BACKED_UP) if records else b"2\n" * (BACKED_UP // 2)
+        for k in range(3, STEADY_CHUNKS):
+            yield self.row(k, records)
+        await asyncio.sleep(60)
+        yield self.row(STEADY_CHUNKS, records)
 
     async def steady(self, records: bool = False) -> AsyncIterator[Any]:
         """A row every 50 ms, many more than the COPY needs once the server has ended it."""
@@ -103,15 +134,27 @@ async def _collected(errors: list[dict[str, Any]]) -> list[str]:
     return [f"{context.get('message')}: {context.get('exception')!r}" for context in errors]
 
 
-async def _cancel_on_server(stack: ServerStack, table: str, feed: Feed) -> None:
-    """pg_cancel_backend() of the backend running the COPY into `table`, then `feed` told."""
+# The backend running a COPY ($1: its text) that has read $2 bytes of rows and waits for more.
+_READING = ("FROM pg_stat_activity a JOIN pg_stat_progress_copy p ON p.pid = a.pid "
+            "WHERE a.state = 'active' AND a.query LIKE $1 "
+            "AND a.wait_event = 'ClientRead' AND p.bytes_processed >= $2")
+
+
+async def _cancel_on_server(stack: ServerStack, table: str, feed: Feed,
+                            then: Callable[[], None] | None = None) -> None:
+    """pg_cancel_backend() of the backend running the COPY into `table` once it has read all
+    `feed` has handed out and waits for more (so it ends the COPY on the next row, which it
+    reads whole, not on one it had already read, leaving the next row to a front that may no
+    longer take it), then `then`, then `feed` told."""
     admin = await asyncpg.connect(stack.postgres.admin_dsn)
     try:
         async with asyncio.timeout(SERVER_BOUND):
             while not await admin.fetchval(
-                    "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
-                    "WHERE state = 'active' AND query LIKE $1", f"COPY%{table}%"):
+                    f"SELECT count(pg_cancel_backend(a.pid)) {_READING}",
+                    f"COPY%{table}%", feed.handed_out):
                 await asyncio.sleep(0.02)
+        if then is not None:
+            then()
         feed.cancelled_on_server.set()
         # Ended once the backend is no longer running the COPY (it read the next row).
         async with asyncio.timeout(SERVER_BOUND):
@@ -281,3 +324,119 @@ async def _until_stall(feed: Feed) -> AsyncIterator[bytes]:
         await asyncio.sleep(0.05)
     await asyncio.sleep(60)
     yield feed.row(12, records=False)
+
+
+
+def _copying(source: Any) -> tuple[Any, copy_end.WatchedSource]:
+    """The connection running the COPY that reads `source`, and asyncpool's watch of it."""
+    return next((conn, watched) for conn, watched in copy_end._RUNNING.items()
+                if watched is not None and watched._source is source)
+
+
+async def _copy_reading(stack: ServerStack, table: str, feed: Feed) -> None:
+    """Until the backend running the COPY into `table` has read all `feed` handed out and waits
+    for more."""
+    admin = await asyncpg.connect(stack.postgres.admin_dsn)
+    try:
+        async with asyncio.timeout(SERVER_BOUND):
+            while not await admin.fetchval(
+                    f"SELECT count(*) {_READING}", f"COPY%{table}%", feed.handed_out):
+                await asyncio.sleep(0.02)
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("way", [
+    *(f"{via}-{landing}" for via in ("pool", "acquire")
+      for landing in ("error", "cancelled", "cancelled-first")),
+    "pool-records-error", "acquire-records-cancelled", "acquire-records-cancelled-first"])
+async def test_a_copy_with_rows_unsent_ends_its_connection(
+        front: tuple[str, Mode], way: str, table: str, stack: ServerStack,
+        loop_errors: list[dict[str, Any]]) -> None:
+    """A source fed without pause, its rows backing up in the client's transport: a proxy stops
+    taking them, deterministically (behind PgBouncer 1.18 the front itself stops once the
+    server has left the COPY, logging nothing). ``error``: the server ends the COPY on the row
+    before them; the COPY waited for room to write for good (the reply had come); now it ends
+    with the server's error at once. ``cancelled``: the task is cancelled as the client reads
+    the server's error; its Sync queued behind the rows, and the next statement (or the pool's
+    reset: 5 s) waited for it. ``cancelled-first``: the task is cancelled before the server has
+    ended anything; asyncpg's cancel request (which a server waiting for the rest of the COPY
+    does not act on) and its CopyFail waited the same. Each time the connection, out of step
+    with its front (the rows would reach it after the COPY's end, where a transaction-mode
+    pooler may have given the server connection to another client), is closed at once and
+    replaced; the proxy then lets the rows through (to a real PgBouncer 1.18 too)."""
+    dsn, mode = front
+    via, _, landing = way.partition("-")
+    records = landing.startswith("records-")
+    landing = landing.removeprefix("records-")
+    feed = Feed()
+    source = feed.backed_up(records)
+    seen: dict[str, Any] = {}
+    async with FaultProxy.to_dsn(dsn) as proxy, Pool(
+            proxy.dsn(dsn), prepared_statements=mode, min_size=1, max_size=1,
+            telemetry=False) as pool:
+
+        async def copy() -> Any:
+            if via == "pool":
+                return await _copy(pool, table, source, records, None)
+            async with pool.acquire() as conn:
+                try:
+                    return await _copy(conn, table, source, records, None)
+                finally:
+                    # The same connection's next statement: at once, whatever it answers.
+                    try:
+                        seen["next"] = await asyncio.wait_for(conn.fetchval("SELECT 7"),
+                                                              SERVER_BOUND)
+                    except BaseException as exc:  # (reported by the assertion)
+                        seen["next"] = exc
+
+        copying = asyncio.create_task(copy())
+        loop = asyncio.get_running_loop()
+        if landing == "cancelled-first":
+            await _copy_reading(stack, table, feed)
+            proxy.hold_requests()
+            feed.cancelled_on_server.set()  # (not cancelled: the source goes on all the same)
+            await feed.backing_up.wait()  # (the COPY has written the chunk by then)
+            conn, _ = _copying(source)
+            seen["unsent"] = driver.transport_of(conn).get_write_buffer_size()
+            copying.cancel()
+        else:
+
+            def on_reply(reply: asyncio.Future[Any]) -> None:
+                conn, _ = _copying(source)
+                seen["unsent"] = driver.transport_of(conn).get_write_buffer_size()
+                if landing == "cancelled":
+                    copying.cancel()
+
+            def hold() -> None:
+                # The row the server ends the COPY on goes on; nothing after it.
+                proxy.hold_requests(after=ROW_MESSAGE[records])
+                _, watched = _copying(source)
+                watched.reply.add_done_callback(on_reply)
+
+            await _cancel_on_server(stack, table, feed, then=hold)
+        started = loop.time()
+        try:
+            await asyncio.wait_for(asyncio.shield(copying), SERVER_BOUND * 2)
+        except BaseException as exc:  # (what the caller gets is the subject)
+            raised: BaseException | None = exc
+        else:
+            raised = None
+        took = loop.time() - started
+        proxy.release_requests()  # (the rows held reach the front now)
+        if not copying.done():
+            copying.cancel()
+            await asyncio.gather(copying, return_exceptions=True)
+        assert seen.get("unsent", 0) > 0, "the rows were all taken: nothing was tested"
+        expected = asyncpg.QueryCanceledError if landing == "error" else asyncio.CancelledError
+        assert isinstance(raised, expected), repr(raised)
+        assert took < CANCEL_BOUND, f"the COPY took {took:.2f} s to end"
+        if via == "acquire":
+            # Closed under the COPY: the held connection says so, at once.
+            assert isinstance(seen["next"], asyncpg.InterfaceError), repr(seen["next"])
+        async with asyncio.timeout(SERVER_BOUND):
+            assert await pool.fetchval("SELECT 8") == 8
+        stats = pool.stats()
+        assert (stats.in_use, stats.closed_total, stats.created_total) == (0, 1, 2), stats
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+    assert await _collected(loop_errors) == []
