@@ -413,16 +413,19 @@ async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so_behind
     await _cut_off_statements_and_cursors(pooler.dsn(), mode)
 
 
+@pytest.mark.parametrize("end", ["terminate", "leak"])
 @pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
-async def test_a_cursor_or_prepared_statement_used_after_terminate_is_refused_before_it_is_sent(
-        pooler: Pooler, mode: Any) -> None:
+async def test_a_cursor_or_prepared_statement_used_after_the_pool_ended_its_checkout_is_refused(
+        pooler: Pooler, mode: Any, end: str) -> None:
     """The pool terminated, a held connection stays open until the cancel request the pool
     sends for it has been taken: asyncpg's own check (a connection closed, or given back)
     let a cursor's or prepared statement's next step through then, sent on the connection the
     pool was closing, and it got asyncpg's ConnectionDoesNotExistError (or the cancel's
-    QueryCanceledError), or even ran. Now the pool's error, and nothing is sent."""
+    QueryCanceledError), or even ran. Now the pool's error, and nothing is sent; after a leak
+    reclaim too (and once the connection is closed: asyncpg's InterfaceError before)."""
+    error, message = _ENDS[end]
     pool = Pool(pooler.dsn(), min_size=0, max_size=1, prepared_statements=mode,
-                telemetry=False)
+                telemetry=False, leak_timeout=0.5 if end == "leak" else None)
     await pool.open()
     conn = await pool.acquire()
     await conn.transaction().start()
@@ -431,9 +434,15 @@ async def test_a_cursor_or_prepared_statement_used_after_terminate_is_refused_be
     cursor = await conn.cursor(query)
     unopened, unread = conn.cursor(query), conn.cursor(query, prefetch=1)
     raw = conn.raw
-    sent = driver.queries_count(raw)
-    pool.terminate()
-    assert not raw.is_closed()  # (closed once its cancel request has gone)
+    if end == "terminate":
+        pool.terminate()
+        assert not raw.is_closed()  # (closed once its cancel request has gone)
+    else:
+        for _ in range(200):  # 10 s
+            if "leaked" in repr(conn):
+                break
+            await asyncio.sleep(0.05)
+    closed, sent = raw.is_closed(), driver.queries_count(raw)
 
     async def iterate() -> object:
         return [row async for row in unread]
@@ -450,11 +459,12 @@ async def test_a_cursor_or_prepared_statement_used_after_terminate_is_refused_be
         "prepared": statement.fetch, "explain": statement.explain,
         "prepared_cursor": prepared_cursor}
     for name, step in steps.items():
-        with pytest.raises(asyncpool.PoolClosedError,
-                           match="was closed while this connection was held"):
+        with pytest.raises(error, match=message):
             await step()
         assert driver.queries_count(raw) == sent, name
-        assert not raw.is_closed(), name
+        assert raw.is_closed() is closed, name
+    if end == "leak":
+        await pool.close()
 
 
 @pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
