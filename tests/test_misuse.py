@@ -15,6 +15,7 @@ import pytest
 
 import asyncpool
 from asyncpool import Pool
+from asyncpool.connect import driver
 from asyncpool.testing import PostgresServer
 from tests.conftest import Pooler
 
@@ -319,14 +320,16 @@ def _statements_and_cursors(conn: Any, tag: str
             "prepared_executemany": prepared_executemany}
 
 
-async def _sleeping(dsn: str, running: asyncio.Task[object], tag: str) -> None:
-    """Until `running`'s statement (its query names `tag`) sleeps on the server, or has ended."""
+async def _sleeping(dsn: str, running: asyncio.Task[object], pid: int) -> None:
+    """Until `running`'s statement sleeps on the server (in the backend `pid`: not by its
+    query's text, which a cursor's MOVE does not repeat, and which a statement of an earlier
+    case, left sleeping, had too), or has ended."""
     watch = await asyncpg.connect(dsn, statement_cache_size=0)
     try:
         for _ in range(200):  # 10 s
             if running.done() or await watch.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE strpos(query, $1) > 0 "
-                    "AND wait_event = 'PgSleep'", tag):
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 "
+                    "AND wait_event = 'PgSleep'", pid):
                 return
             await asyncio.sleep(0.05)
     finally:
@@ -379,8 +382,9 @@ async def _cut_off(dsn: str, mode: Any, tag: str, end: str, name: str) -> None:
     conn = await pool.acquire()
     transaction = conn.transaction()
     await transaction.start()
+    pid = await conn.fetchval("SELECT pg_backend_pid()")  # (the pooler's server, for the transaction)
     running = asyncio.create_task(_statements_and_cursors(conn, tag)[name]())
-    await _sleeping(dsn, running, tag)
+    await _sleeping(dsn, running, pid)
     assert end == "leak" or not running.done(), name
     if end == "release":
         await pool.release(conn)
@@ -407,6 +411,143 @@ async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so(
 async def test_a_prepared_statement_or_cursor_cut_off_by_the_pool_says_so_behind_pgbouncer(
         pooler: Pooler, mode: Any) -> None:
     await _cut_off_statements_and_cursors(pooler.dsn(), mode)
+
+
+@pytest.mark.parametrize("end", ["terminate", "leak"])
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_cursor_or_prepared_statement_used_after_the_pool_ended_its_checkout_is_refused(
+        pooler: Pooler, mode: Any, end: str) -> None:
+    """The pool terminated, a held connection stays open until the cancel request the pool
+    sends for it has been taken: asyncpg's own check (a connection closed, or given back)
+    let a cursor's or prepared statement's next step through then, sent on the connection the
+    pool was closing, and it got asyncpg's ConnectionDoesNotExistError (or the cancel's
+    QueryCanceledError), or even ran. Now the pool's error, and nothing is sent; after a leak
+    reclaim too (and once the connection is closed: asyncpg's InterfaceError before)."""
+    error, message = _ENDS[end]
+    pool = Pool(pooler.dsn(), min_size=0, max_size=1, prepared_statements=mode,
+                telemetry=False, leak_timeout=0.5 if end == "leak" else None)
+    await pool.open()
+    conn = await pool.acquire()
+    await conn.transaction().start()
+    query = "SELECT generate_series(1, 5) AS x"
+    statement = await conn.prepare(query)
+    cursor = await conn.cursor(query)
+    unopened, unread = conn.cursor(query), conn.cursor(query, prefetch=1)
+    raw = conn.raw
+    if end == "terminate":
+        pool.terminate()
+        assert not raw.is_closed()  # (closed once its cancel request has gone)
+    else:
+        for _ in range(200):  # 10 s
+            if "leaked" in repr(conn):
+                break
+            await asyncio.sleep(0.05)
+    closed, sent = raw.is_closed(), driver.queries_count(raw)
+
+    async def iterate() -> object:
+        return [row async for row in unread]
+
+    async def opening() -> object:
+        return await unopened
+
+    async def prepared_cursor() -> object:
+        return await statement.cursor()
+
+    steps: dict[str, Callable[[], Coroutine[Any, Any, object]]] = {
+        "forward": lambda: cursor.forward(1), "fetch": lambda: cursor.fetch(1),
+        "fetchrow": cursor.fetchrow, "iterator": iterate, "opening": opening,
+        "prepared": statement.fetch, "explain": statement.explain,
+        "prepared_cursor": prepared_cursor}
+    for name, step in steps.items():
+        with pytest.raises(error, match=message):
+            await step()
+        assert driver.queries_count(raw) == sent, name
+        assert raw.is_closed() is closed, name
+    if end == "leak":
+        await pool.close()
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+async def test_a_cursor_step_running_when_its_connection_is_given_back_is_cancelled(
+        pooler: Pooler, mode: Any) -> None:
+    """asyncpg takes no lock of the connection's for a cursor's step (``forward()`` is a MOVE,
+    a simple query of the protocol's own): given back while one ran (from another task), the
+    connection looked idle in a transaction, its ROLLBACK was refused ("another operation is
+    in progress"), and it was closed with no cancel request: the statement ran on at the server
+    (the backend went on sleeping, 30 s here). Now it is cancelled before the connection goes,
+    as a statement of the connection's own is; the step gets the pool's error."""
+    dsn = pooler.dsn()
+    query = "SELECT pg_sleep(30) FROM generate_series(1, 2)"
+    steps: dict[str, Callable[[Any], Coroutine[Any, Any, object]]] = {
+        "forward": lambda cursor: cursor.forward(1), "fetch": lambda cursor: cursor.fetch(1),
+        "fetchrow": lambda cursor: cursor.fetchrow()}
+    watch = await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        for name, step in steps.items():
+            async with Pool(dsn, max_size=1, prepared_statements=mode,
+                            telemetry=False) as pool:
+                conn = await pool.acquire()
+                await conn.transaction().start()
+                pid = await conn.fetchval("SELECT pg_backend_pid()")
+                running = asyncio.create_task(step(await conn.cursor(query)))
+                await _sleeping(dsn, running, pid)
+                assert not running.done(), name
+                await pool.release(conn)
+                with pytest.raises(asyncpool.PoolError, match="released back to the pool") as info:
+                    await asyncio.wait_for(running, 10)
+                assert isinstance(info.value.__cause__, (asyncpg.QueryCanceledError,
+                                                         asyncpg.ConnectionDoesNotExistError)), name
+                assert pool.stats().in_use == 0
+            # The cancel request is taken in milliseconds; 10 s stays well under the 30 s the
+            # statement would sleep on without it, on a loaded machine too.
+            for _ in range(100):
+                if not await watch.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 "
+                                            "AND wait_event = 'PgSleep'", pid):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"{name}: the statement still runs on the server")
+    finally:
+        await watch.close()
+
+
+@pytest.mark.parametrize("end", ["release", "terminate"])
+async def test_a_cursor_opening_answered_after_the_pool_ended_its_checkout_says_so(
+        postgres: PostgresServer, end: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cursor's opening (``await conn.cursor(...)``, in another task) whose Bind was
+    answered just as the pool ended the checkout returned the cursor of a checkout that was
+    over: its first step then failed with asyncpg's InterfaceError (after a release) or was
+    sent on the connection the pool was closing. Now the opening gets the pool's error."""
+    bound, go = asyncio.Event(), asyncio.Event()
+    original = asyncpg.cursor.BaseCursor._bind  # type: ignore[attr-defined]
+
+    async def bind_then_wait(self: Any, timeout: float | None) -> Any:
+        reply = await original(self, timeout)
+        bound.set()
+        await go.wait()  # (the pool ends the checkout now)
+        return reply
+
+    monkeypatch.setattr(asyncpg.cursor.BaseCursor, "_bind", bind_then_wait)
+    error, message = _ENDS[end]
+    pool = Pool(postgres.dsn(), min_size=0, max_size=1, telemetry=False)
+    await pool.open()
+    conn = await pool.acquire()
+    await conn.transaction().start()
+
+    async def opening() -> object:
+        return await conn.cursor("SELECT 1")
+
+    running = asyncio.create_task(opening())
+    await asyncio.wait_for(bound.wait(), 10)
+    if end == "release":
+        await pool.release(conn)
+    else:
+        pool.terminate()
+    go.set()
+    with pytest.raises(error, match=message):
+        await running
+    if end == "release":
+        await pool.close()
 
 
 @pytest.mark.parametrize("mode", ["unnamed", "on", "off"])

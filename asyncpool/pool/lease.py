@@ -118,8 +118,9 @@ class Lease:
         # are left than this, as `asyncio.timeout()` decides whether a cancellation is its own.
         # None: not counted (a query helper's statement; a block another task drives since).
         self.cancel_requests: int | None = None
-        # Statements the holder started through its `PooledConnection` and that have not ended
-        # (those that asyncpg's own lock, `driver.returned`, does not see).
+        # Statements the holder started through its `PooledConnection`, and steps of the
+        # cursors made through it (`loop_bound._said_by_pool`), that have not ended (those that
+        # asyncpg's own lock, `driver.returned`, does not see).
         self.running: int = 0
 
     @property

@@ -5,7 +5,7 @@ server while the caller got an error), so they refuse first, as the connection i
 (`PooledConnection`). Cut off by the pool (their connection given back from another task,
 ``terminate()``, ``close()`` past its timeout, a leak reclaim), a prepared statement's step or
 ``explain()``, a cursor's opening or step raises the pool's error, as the connection's own
-statements do (`stopped_under`).
+statements do (`stopped_under`), and so does the next step (`_OnItsLoop._refuse_ended`).
 """
 
 from __future__ import annotations
@@ -71,14 +71,23 @@ def stopped_under(record: ConnectionRecord, lease: Lease | None, exc: Exception
     return unusable(lease.state, record.owner.name)
 
 
-async def _said_by_pool(conn: Any, call: Awaitable[R]) -> R:
+async def _said_by_pool(conn: Any, call: Awaitable[R], *, opening: bool = False) -> R:
     """`call`'s result, a step of a cursor (or a cursor opening, ``explain()``) on the pool
     connection `conn`; the pool's error if the pool ends the checkout under it
-    (`stopped_under`)."""
+    (`stopped_under`), and for an `opening` answered after the pool ended it, in place of
+    its cursor (one of a checkout that is over).
+
+    Counted as running (`Lease.running`): asyncpg takes no lock for a cursor's step (a MOVE
+    is a simple query of its protocol's), so a return meanwhile saw a connection idle in a
+    transaction, asyncpg refused its ROLLBACK ("another operation is in progress"), and it
+    was closed with no cancel request: the statement ran on at the server. Now the return
+    cancels it, then closes the connection (`Slots._retire_busy`)."""
     record = record_of(conn)
     lease = record.lease if record is not None else None
+    if lease is not None:
+        lease.running += 1
     try:
-        return await call
+        result = await call
     except Exception as raised:
         exc = dropped_transport_error(raised, conn)
         if record is not None and (stopped := stopped_under(record, lease, exc)) is not None:
@@ -86,6 +95,12 @@ async def _said_by_pool(conn: Any, call: Awaitable[R]) -> R:
         if exc is not raised:
             raise exc from raised
         raise
+    finally:
+        if lease is not None:
+            lease.running -= 1
+    if opening and lease is not None and lease.state is not ACTIVE:
+        raise unusable(lease.state, lease.record.owner.name)
+    return result
 
 
 def _statements_own(exc: Exception) -> Exception:
@@ -104,11 +119,31 @@ class _OnItsLoop:
 
     __slots__ = ()
     _connection: Any
+    _con_release_ctr: int
 
     def _check_conn_validity(self, meth_name: str) -> None:
         if not meth_name.startswith("get_"):
             self._refuse_elsewhere(meth_name)
+            self._refuse_ended()
         super()._check_conn_validity(meth_name)  # type: ignore[misc]
+
+    def _refuse_ended(self) -> None:
+        """The pool's error if the pool itself ended the checkout this was made in
+        (``terminate()``, ``close()`` past its timeout, a leak reclaim; a return while a
+        ``prepare()`` ran, whose statement came after it). The connection stays open until
+        the pool's cancel request has gone (`closing.close_connection`), and asyncpg's check
+        (closed, or given back since this was made) let the step be sent on it: asyncpg's
+        error, or the step ran. Given back since, asyncpg's check refuses it, as in asyncpg."""
+        conn = self._connection
+        if self._con_release_ctr != conn._pool_release_ctr:
+            return
+        record = record_of(conn)
+        if record is None:
+            return
+        lease = record.lease
+        state = lease.state if lease is not None else record.ended
+        if state is not None and state is not ACTIVE:
+            raise unusable(state, record.owner.name)
 
     def _refuse_elsewhere(self, meth_name: str) -> None:
         if not on_its_loop(self._connection):
@@ -206,6 +241,9 @@ def _ended_by_pool(resource: Any) -> PoolError | None:
 class PooledTransaction(_OnItsLoop, Transaction):
     __slots__ = ()
 
+    def _refuse_ended(self) -> None:
+        pass  # (its block's end says it: `_ended_by_pool`)
+
     async def __aexit__(self, extype: Any, ex: Any, tb: Any) -> None:
         if extype is None and (ended := _ended_by_pool(self)) is not None:
             # The pool closes the connection (a cancel request first: the COMMIT would get
@@ -244,7 +282,7 @@ class PooledCursorFactory(_OnItsLoop, CursorFactory):
 
     def __await__(self) -> Generator[Any, None, Any]:
         # Opening sends the query's Parse and Bind (planned there: it may take a while).
-        opening = _said_by_pool(self._connection, _Steps(super().__await__()))
+        opening = _said_by_pool(self._connection, _Steps(super().__await__()), opening=True)
         cursor = yield from opening.__await__()
         return bind(cursor)
 

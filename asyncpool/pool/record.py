@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from asyncpool.pool.checkout import Checkouts
     from asyncpool.pool.connection import PooledConnection
-    from asyncpool.pool.lease import Lease
+    from asyncpool.pool.lease import Lease, LeaseState
 
 
 class Place(enum.Enum):
@@ -39,8 +39,8 @@ RETIRED = Place.RETIRED
 class ConnectionRecord:
     """One pooled connection. Times come from the event loop's monotonic clock."""
 
-    __slots__ = ("__weakref__", "check_at", "conn", "created_at", "expires_at", "last_used",
-                 "lease", "owner", "place", "probe", "proxy_class", "spare", "stale",
+    __slots__ = ("__weakref__", "check_at", "conn", "created_at", "ended", "expires_at",
+                 "last_used", "lease", "owner", "place", "probe", "proxy_class", "spare", "stale",
                  "sync_after")
 
     def __init__(self, conn: DriverConnection, now: float, max_lifetime: float | None,
@@ -69,6 +69,11 @@ class ConnectionRecord:
         # table of the pool's, which every checkout and return would write (a hashed insert and
         # delete, and two more objects to touch per query).
         self.lease: Lease | None = None
+        # How the checkout it was retired under ended, if it was held then (`Slots.retire`):
+        # what the prepared statements and cursors made through it are refused with
+        # (`loop_bound`) while the connection waits for the pool's cancel request to close.
+        # (The state, not the lease: that would hold the holder's task and frame.)
+        self.ended: LeaseState | None = None
         # The last lease on this connection that ended cleanly, in a statement runner or at
         # the end of an `async with pool.acquire()` block (whose proxy no longer refers to it:
         # `GIVEN_BACK`): the next checkout takes it instead of making one (`spare_lease`).

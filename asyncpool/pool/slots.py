@@ -285,6 +285,8 @@ class Slots(_HotSlots):
             if lease is not None and lease.state is ACTIVE:
                 lease.state = CLOSED
                 self._end_use(lease)
+            if lease is not None:
+                record.ended = lease.state
         elif place is CHECKING:
             self.checking.discard(record)
         record.place = RETIRED
