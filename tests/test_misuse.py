@@ -612,3 +612,38 @@ async def test_a_transaction_block_of_a_held_connection_is_not_committed_after_t
     finally:
         await other.execute("DROP TABLE IF EXISTS kept_tx")
         await other.close()
+
+
+@pytest.mark.parametrize("mode", ["unnamed", "on", "off"])
+@pytest.mark.parametrize("nested", [False, True], ids=["transaction", "savepoint"])
+async def test_an_explicit_commit_after_terminate_is_refused(
+        postgres: PostgresServer, mode: Any, nested: bool) -> None:
+    """``await tr.commit()`` (no block) after ``terminate()``: its COMMIT (or RELEASE SAVEPOINT)
+    was sent while the connection waited for its cancel request, and committed. Now the block's
+    error, nothing sent; an explicit rollback() then gets the pool's error, not asyncpg's."""
+    other = await asyncpg.connect(postgres.dsn())
+    table = f"kept_{uuid.uuid4().hex[:12]}"
+    try:
+        await other.execute(f"CREATE TABLE {table} (x int)")
+        pool = Pool(postgres.dsn(), min_size=0, max_size=1, prepared_statements=mode,
+                    telemetry=False)
+        await pool.open()
+        conn = await pool.acquire()
+        outer = conn.transaction()
+        await outer.start()
+        tr = conn.transaction() if nested else outer
+        if nested:
+            await tr.start()
+        await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        pool.terminate()
+        with pytest.raises(asyncpool.PoolClosedError, match="it was not committed"):
+            await tr.commit()
+        with pytest.raises(asyncpool.PoolClosedError, match="was closed"):
+            await outer.rollback()
+        if nested:
+            with pytest.raises(asyncpool.PoolClosedError, match="it was not committed"):
+                await outer.commit()
+        assert await other.fetch(f"SELECT x FROM {table}") == []
+    finally:
+        await other.execute(f"DROP TABLE IF EXISTS {table}")
+        await other.close()

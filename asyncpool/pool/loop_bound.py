@@ -124,10 +124,10 @@ class _OnItsLoop:
     def _check_conn_validity(self, meth_name: str) -> None:
         if not meth_name.startswith("get_"):
             self._refuse_elsewhere(meth_name)
-            self._refuse_ended()
+            self._refuse_ended(meth_name)
         super()._check_conn_validity(meth_name)  # type: ignore[misc]
 
-    def _refuse_ended(self) -> None:
+    def _refuse_ended(self, meth_name: str) -> None:
         """The pool's error if the pool itself ended the checkout this was made in
         (``terminate()``, ``close()`` past its timeout, a leak reclaim; a return while a
         ``prepare()`` ran, whose statement came after it). The connection stays open until
@@ -241,8 +241,14 @@ def _ended_by_pool(resource: Any) -> PoolError | None:
 class PooledTransaction(_OnItsLoop, Transaction):
     __slots__ = ()
 
-    def _refuse_ended(self) -> None:
-        pass  # (its block's end says it: `_ended_by_pool`)
+    def _refuse_ended(self, meth_name: str) -> None:
+        if meth_name == "__aexit__":
+            return  # (the block's end says it, after the block's own error: below)
+        if meth_name == "commit" and (ended := _ended_by_pool(self)) is not None:
+            # An explicit commit() as the block's end: the connection is closing (its cancel
+            # request first), and the COMMIT got through in between.
+            raise ended
+        super()._refuse_ended(meth_name)
 
     async def __aexit__(self, extype: Any, ex: Any, tb: Any) -> None:
         if extype is None and (ended := _ended_by_pool(self)) is not None:
