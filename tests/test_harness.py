@@ -269,7 +269,8 @@ def test_pg17_script_uses_its_cache_without_fetching(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(bindir)
     assert mark.exists()
-    assert sorted(p.name for p in cache.iterdir()) == ["root"], "a cached run fetched again"
+    assert (bindir / "postgres").read_text() == FAKE_PG, "a cached run fetched it again"
+    assert sorted(p.name for p in cache.iterdir()) == ["root"]
 
 
 def test_pg17_script_refuses_a_cache_others_can_change_without_running_it(tmp_path: Path) -> None:
