@@ -14,30 +14,9 @@ dest=${ASYNCPOOL_PGBOUNCER_CACHE:-$default_dest}
 launcher=$dest/pgbouncer
 me=$(id -u)
 
-# untrusted PATH: prints what in PATH, or in a folder above it, a user other than root or this one
-# could have changed (the same rule as asyncpool.testing.binaries.untrusted_paths). Root is about
-# to run what is there.
-untrusted() {
-  local p=$1 owner mode
-  while p=$(dirname "$p"); do
-    # a folder not made yet (a fresh machine) is made below by this user
-    if [ ! -e "$p" ]; then [ "$p" = / ] && break; continue; fi
-    read -r owner mode < <(stat -c '%u %a' "$p")
-    mode=$((8#$mode))
-    if [ "$owner" != 0 ] && [ "$owner" != "$me" ]; then echo "$p: owned by uid $owner"; fi
-    if (( (mode & 8#022) != 0 && (mode & 8#1000) == 0 )); then echo "$p: writable by group or others"; fi
-    [ "$p" = / ] && break
-  done
-  [ -e "$1" ] || return 0
-  find "$1" ! -type l \( \( ! -uid 0 ! -uid "$me" \) -o -perm /022 \) -printf '%p: not owned by root or uid '"$me"', or writable by group or others\n'
-}
-problems=$(untrusted "$dest")
-if [ -n "$problems" ]; then
-  echo "refusing to use $dest: someone else could change what runs from it:" >&2
-  echo "$problems" | head -5 >&2
-  echo "remove it (this script fetches it again) or fix the ownership" >&2
-  exit 1
-fi
+# shellcheck source=trixie-cache.sh
+source "$root_dir/scripts/trixie-cache.sh"
+refuse_untrusted "$dest"
 if [ -x "$launcher" ] && "$launcher" --version >/dev/null 2>&1; then
   echo "$launcher"; exit 0
 fi
@@ -53,15 +32,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 lists=$dest/lists
 mkdir -p "$lists/partial" "$work/debs" "$dest/root"
-uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-[ -n "$uri" ] || uri=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-[ -n "$uri" ] || { echo "cannot find the Debian mirror apt uses" >&2; exit 1; }
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" > "$work/trixie.list"
-opts=(-oDir::Etc::SourceList="$work/trixie.list" -oDir::Etc::SourceParts=/dev/null -oDir::State::Lists="$lists"
-      -oDir::Cache="$work/cache" -oAPT::Sandbox::User=root)
-mkdir -p "$work/cache/archives/partial"
-apt-get "${opts[@]}" -qq update >&2
-(cd "$work/debs" && apt-get "${opts[@]}" -qq download pgbouncer libc6 libcares2 libevent-2.1-7t64 \
+trixie_apt_options "$lists" "$work"
+trixie_update
+(cd "$work/debs" && apt-get "${trixie_opts[@]}" -qq download pgbouncer libc6 libcares2 libevent-2.1-7t64 \
   libssl3t64 libsystemd0 libpam0g libcap2 libgcrypt20 liblz4-1 liblzma5 libzstd1 libgpg-error0 \
   libaudit1 libcap-ng0 >&2)
 for f in "$work"/debs/*.deb; do dpkg -x "$f" "$dest/root"; done

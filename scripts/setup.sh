@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for asyncpool: PostgreSQL and PgBouncer binaries (apt), a current
-# PgBouncer (>= 1.21, unpacked from Debian trixie; see get-pgbouncer-current.sh), and the Python venv in .venv
+# PgBouncer (>= 1.21) and PostgreSQL 17 (unpacked from Debian trixie; see get-pgbouncer-current.sh
+# and get-postgres-17.sh), and the Python venv in .venv
 # with every extra. Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,10 @@ if ! command -v prometheus >/dev/null 2>&1 && [ ! -x /usr/bin/prometheus ]; then
 fi
 
 bash scripts/get-pgbouncer-current.sh >/dev/null
+# PostgreSQL 17 (what RDS also runs; bookworm has only 15) for scripts/test.sh's PostgreSQL 17 run,
+# unpacked from Debian trixie the same way (see get-postgres-17.sh). A failed fetch fails the setup,
+# as the PgBouncer's does: the run would be missing, not skipped.
+bash scripts/get-postgres-17.sh >/dev/null
 
 py=${PYTHON:-python3}
 

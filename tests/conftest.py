@@ -11,7 +11,9 @@ import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
 from asyncpool.testing.aws_endpoint import aws_environment
+from asyncpool.testing.binaries import postgres_bindir, postgres_version
 from asyncpool.testing.external import ExternalPgBouncer, external_poolers
+from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.leftovers import leftover_servers
 from asyncpool.testing.pki import TestPki, make_test_pki
 from tests.aws_support import set_environment
@@ -120,6 +122,16 @@ def tls_postgres(pki: TestPki) -> Iterator[PostgresServer]:
     server.start()
     yield server
     server.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which PostgreSQL the servers run (ASYNCPOOL_PG_BINDIR picks another: PostgreSQL 17)."""
+    try:
+        bindir = postgres_bindir()
+        major, minor = postgres_version(bindir)
+    except HarnessError as exc:
+        return f"postgresql: {exc}"
+    return f"postgresql: {major}.{minor} ({bindir})"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

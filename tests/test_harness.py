@@ -18,7 +18,13 @@ import asyncpg
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
-from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer, untrusted_paths
+from asyncpool.testing.binaries import (
+    current_pgbouncer,
+    postgres_bindir,
+    postgres_version,
+    system_pgbouncer,
+    untrusted_paths,
+)
 from asyncpool.testing.faultproxy import FaultMode, FaultProxy
 from asyncpool.testing.harness_error import HarnessError
 from asyncpool.testing.leftovers import leftover_servers
@@ -232,6 +238,59 @@ def test_fetch_script_leaves_an_overridden_cache_parent_alone(tmp_path: Path) ->
     assert out.stdout.strip() == str(cache / "pgbouncer")
     assert mark.exists()
     assert stat.S_IMODE(parent.stat().st_mode) == 0o700
+
+
+# -- PostgreSQL 17 (scripts/get-postgres-17.sh): cached, and refused when others could change it ----
+
+PG17_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "get-postgres-17.sh")
+FAKE_PG = '#!/bin/sh\n[ -n "$MARK" ] && touch "$MARK"\necho "$(basename "$0") (PostgreSQL) 17.12"\n'
+
+
+def plant_pg17_cache(folder: Path, mode: int = 0o755) -> tuple[Path, Path]:
+    cache = folder / "postgresql-17-trixie"
+    bindir = cache / "root" / "usr" / "lib" / "postgresql" / "17" / "bin"
+    bindir.mkdir(parents=True)
+    for name in ("postgres", "initdb"):
+        (bindir / name).write_text(FAKE_PG)
+        (bindir / name).chmod(mode)
+    return cache, bindir
+
+
+def run_pg17_script(cache: Path, mark: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ASYNCPOOL_PG17_CACHE": str(cache), "MARK": str(mark)}
+    return subprocess.run(["bash", PG17_SCRIPT], capture_output=True, text=True, env=env, check=False,
+                          timeout=30)
+
+
+def test_pg17_script_uses_its_cache_without_fetching(tmp_path: Path) -> None:
+    cache, bindir = plant_pg17_cache(tmp_path)
+    mark = tmp_path / "ran"
+    out = run_pg17_script(cache, mark)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(bindir)
+    assert mark.exists()
+    assert (bindir / "postgres").read_text() == FAKE_PG, "a cached run fetched it again"
+    assert sorted(p.name for p in cache.iterdir()) == ["root"]
+
+
+def test_pg17_script_refuses_a_cache_others_can_change_without_running_it(tmp_path: Path) -> None:
+    cache, _ = plant_pg17_cache(tmp_path, mode=0o777)
+    mark = tmp_path / "ran"
+    out = run_pg17_script(cache, mark)
+    assert out.returncode == 1
+    assert "writable by group or others" in out.stderr
+    assert not mark.exists(), "the script ran a program anyone could have replaced"
+
+
+async def test_postgres_is_the_version_in_the_bindir(postgres: PostgresServer) -> None:
+    """The servers run what postgres_bindir() names: with ASYNCPOOL_PG_BINDIR set to
+    scripts/get-postgres-17.sh's folder, PostgreSQL 17 (the launchers start the real server)."""
+    conn = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        number = int(await conn.fetchval("SHOW server_version_num"))
+    finally:
+        await conn.close()
+    assert (number // 10000, number % 10000) == postgres_version(postgres_bindir())
 
 
 @pytest.mark.parametrize("mode", ["drop", "reset"])

@@ -198,7 +198,12 @@ async def _cut_off_copies(pooler: Pooler, mode: Any) -> None:
             with pytest.raises(asyncpool.PoolClosedError, match="was closed while this "
                                "connection was") as closed:
                 await running
-            assert isinstance(closed.value.__cause__, asyncpg.ConnectionDoesNotExistError), name
+            # (Or the QueryCanceledError of the pool's cancel request, when the server's answer
+            # to it comes before the connection's close, which waits for the request to go: as
+            # for the statements and cursors below; seen once, with four other pytest workers
+            # running, 2026-12-07.)
+            assert isinstance(closed.value.__cause__, (asyncpg.ConnectionDoesNotExistError,
+                                                       asyncpg.QueryCanceledError)), name
             if held is not None:
                 await pool.release(held)  # (a no-op now)
     async with Pool(pooler.dsn(), max_size=1, telemetry=False) as pool:

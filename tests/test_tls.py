@@ -14,6 +14,7 @@ import pytest
 
 from asyncpool import ConnectError, Pool, PoolConfigError
 from asyncpool.testing import PostgresServer
+from asyncpool.testing.binaries import postgres_bindir, postgres_version
 from asyncpool.testing.pgbouncer import PgBouncerServer
 from asyncpool.testing.pki import TestPki
 from tests.cancelled_logins import cancel_logins, loop_messages
@@ -495,11 +496,25 @@ async def test_the_default_client_certificate_is_presented(
 # -- direct TLS (sslnegotiation=direct, PostgreSQL 17) ----------------------------------------
 
 
+def _server_major() -> int:
+    """The test servers' PostgreSQL major version (15; 17 with ASYNCPOOL_PG_BINDIR set to
+    scripts/get-postgres-17.sh's folder)."""
+    return postgres_version(postgres_bindir())[0]
+
+
+def _needs_postgresql_17() -> None:
+    if _server_major() < 17:
+        pytest.skip("needs PostgreSQL 17 (direct TLS): ASYNCPOOL_PG_BINDIR=$(bash "
+                    "scripts/get-postgres-17.sh), as scripts/test.sh's PostgreSQL 17 run does")
+
+
 async def test_direct_tls_to_a_server_without_it_fails_once_and_says_so(
     tls_postgres: PostgresServer, pki: TestPki
 ) -> None:
     """PostgreSQL 15 hangs up on a TLS hello: the pool said "ConnectionResetError: " and
     retried it as a network fault until acquire_timeout."""
+    if _server_major() >= 17:
+        pytest.skip("PostgreSQL 17 takes direct TLS (test_direct_tls_to_postgresql_17_...)")
     for direct in ({"sslnegotiation": "direct"}, {}):
         options: dict[str, Any] = {} if direct else {"connect_kwargs": {"direct_tls": True}}
         with pytest.raises(ConnectError) as info:
@@ -510,6 +525,80 @@ async def test_direct_tls_to_a_server_without_it_fails_once_and_says_so(
         assert "PostgreSQL accepts direct TLS from version 17" in message
         assert info.value.transient is False
         assert tls_postgres.app.password not in message
+
+
+@pytest.mark.parametrize("spelling", ["sslnegotiation", "direct_tls"])
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+async def test_direct_tls_to_postgresql_17_logs_in_and_cancels_statements(
+    tls_postgres: PostgresServer, pki: TestPki, mode: str, spelling: str
+) -> None:
+    """A real PostgreSQL 17 (the fronts below act as one): TLS from the first byte with the
+    context asyncpg builds (require) or the pool's (verify-full), and a statement's timeout
+    cancels it on the server over direct TLS, the connection going on."""
+    import uuid
+
+    _needs_postgresql_17()
+    root = {"sslrootcert": str(pki.ca_cert)} if mode == "verify-full" else {}
+    direct = {"sslnegotiation": "direct"} if spelling == "sslnegotiation" else {}
+    options: dict[str, Any] = {} if direct else {"connect_kwargs": {"direct_tls": True}}
+    token = f"pg17-direct-{uuid.uuid4().hex[:10]}"
+    try:
+        async with await _open(_dsn(tls_postgres, sslmode=mode, **root, **direct),
+                               **options) as pool:
+            assert (await _tls_facts(pool))[0]
+            async with pool.acquire() as conn:
+                with pytest.raises(TimeoutError):
+                    await conn.fetch(f"SELECT pg_sleep(30) /* {token} */", timeout=0.3)
+                assert await _ended(tls_postgres, token), "the cancelled statement ran on"
+                assert await conn.fetchval("SELECT 1") == 1
+            assert pool.stats().closed_total == 0
+    finally:
+        await tls_postgres.end_statements(token)
+
+
+async def test_direct_tls_with_a_context_offering_no_alpn_names_it_on_postgresql_17(
+    tls_postgres: PostgresServer, pki: TestPki
+) -> None:
+    """PostgreSQL 17 ends a direct TLS connection whose hello offers no ALPN protocol
+    'postgresql' right after the handshake, with nothing said to the client: with an
+    ssl.SSLContext of the user's (the pool's and asyncpg's offer it) the pool reported
+    "ConnectionDoesNotExistError: connection was closed in the middle of operation" and
+    retried it as the network's, every login alike."""
+    import ssl
+
+    _needs_postgresql_17()
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    with pytest.raises(ConnectError) as info:
+        await _open(_dsn(tls_postgres, sslnegotiation="direct"), ssl=context)
+    message = str(info.value)
+    assert "ALPN protocol 'postgresql'" in message
+    assert "context.set_alpn_protocols(['postgresql'])" in message
+    assert info.value.transient is False
+    assert tls_postgres.app.password not in message
+    context.set_alpn_protocols(["postgresql"])  # what the message says to do
+    async with await _open(_dsn(tls_postgres, sslnegotiation="direct"), ssl=context) as pool:
+        assert (await _tls_facts(pool))[0]
+
+
+@pytest.mark.parametrize(("own_context", "worked", "alpn"),
+                         [(True, False, True), (False, False, False), (True, True, False)])
+def test_a_close_after_the_direct_tls_handshake_names_alpn_only_for_a_context_of_the_users(
+    own_context: bool, worked: bool, alpn: bool
+) -> None:
+    """The translation the PostgreSQL 17 test above checks end to end, on any server: only an
+    ssl.SSLContext of the user's can lack the ALPN protocol, and only before a direct TLS login
+    has worked (after one, a close is the network's, retried)."""
+    import asyncpg
+
+    from asyncpool.connect.dsn import parse_dsn
+    from asyncpool.connect.failures import translate
+
+    exc = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+    error = translate(exc, parse_dsn("postgresql://app@db/app").target(), "p", 5.0,
+                      direct_tls="the DSN's sslnegotiation", direct_tls_worked=worked,
+                      own_context=own_context)
+    assert ("context.set_alpn_protocols(['postgresql'])" in str(error)) is alpn
+    assert error.transient is not alpn
 
 
 async def test_direct_tls_without_tls_on_every_connection_is_refused_before_dialling(

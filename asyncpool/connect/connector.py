@@ -292,7 +292,8 @@ class Connector:
                          settings=setting_sources(self._dsn, self.config.server_settings),
                          direct_tls=self.tls.direct_source, direct_tls_worked=self.logged_in,
                          root_cert_source=self.tls.root_cert_source,
-                         tls_optional=self.tls.optional, dialled=self._dialled,
+                         tls_optional=self.tls.optional,
+                         own_context=self.tls.context is not None, dialled=self._dialled,
                          tried=hosts.tries if hosts is not None else ())
 
     def timed_out(self, exc: TimeoutError, cut_short: CutShort) -> ConnectError:

@@ -45,8 +45,9 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     auth_hint: str | None = None, *, secrets: Iterable[str] = (),
     settings: Mapping[str, str] | None = None, direct_tls: str | None = None,
     direct_tls_worked: bool = False, root_cert_source: str | None = None,
-    tls_optional: bool = False, dialled: Sequence[tuple[str, int]] = (),
-    tried: Sequence[HostTry] = (), where: str | None = None,
+    tls_optional: bool = False, own_context: bool = False,
+    dialled: Sequence[tuple[str, int]] = (), tried: Sequence[HostTry] = (),
+    where: str | None = None,
 ) -> ConnectError:
     """The asyncpool error for a failed login to `target`.
 
@@ -62,6 +63,8 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
     `root_cert_source`: where the root certificate the chain was checked against came from.
     `tls_optional`: the ssl mode lets a server without TLS in (``allow``, ``prefer``), so a
     refused TLS request cannot come from PostgreSQL or PgBouncer (they say no, and are used so).
+    `own_context`: TLS is the user's own ``ssl.SSLContext``, which may offer no ALPN protocol
+    (the pool's and asyncpg's contexts offer the one PostgreSQL 17 needs for direct TLS).
     `dialled`: every host and port the login tried, in order, when there are several: asyncpg
     goes on to the next after a network error and raises the last host's error.
     `tried`: each host's own failure (`asyncpool.connect.hosts.HostLog`), when several were
@@ -74,7 +77,7 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
                              settings=settings, direct_tls=direct_tls,
                              direct_tls_worked=direct_tls_worked,
                              root_cert_source=root_cert_source, tls_optional=tls_optional,
-                             where=where)
+                             own_context=own_context, where=where)
 
         return _each_host(exc, target, pool_name, dialled, tried, one=one)
     where = where or f"pool {pool_name!r} could not connect to {target}"
@@ -258,6 +261,22 @@ def translate(  # noqa: PLR0912, PLR0915 - one branch per kind of failure reads 
             f"({text}); a pooler's login timeout does that (PgBouncer's client_login_timeout: "
             "a process frozen, or stalled, while it logged in)"
         )
+    elif (direct_tls is not None and own_context and not direct_tls_worked
+          and isinstance(exc, asyncpg.ConnectionDoesNotExistError)):
+        # PostgreSQL 17 completes the handshake, then ends a direct TLS connection whose hello
+        # offered no ALPN protocol 'postgresql' without a word to the client (its log: "received
+        # direct SSL connection request without ALPN protocol negotiation extension"): the same
+        # on every attempt, so not retried. A network lost just then looks the same: both named.
+        error = ConnectError(
+            f"{where}: the server closed the connection right after the direct TLS handshake "
+            f"asked for by {direct_tls} ({type(exc).__name__}: {text}), and no direct TLS login "
+            "to this server has worked yet in this pool. PostgreSQL 17 does that when the TLS "
+            "hello offers no ALPN protocol 'postgresql': the pool's and asyncpg's contexts offer "
+            "it, an ssl.SSLContext of yours must too: "
+            "context.set_alpn_protocols(['postgresql']). Or the network lost the connection: "
+            "try again."
+        )
+        error.transient = False
     elif isinstance(exc, ssl.SSLError) or "ssl" in text.lower():
         error = ConnectError(f"{where}: TLS failed ({text}); check the ssl mode and CA bundle")
         error.transient = False

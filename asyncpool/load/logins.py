@@ -56,6 +56,7 @@ class GuardedLogin:
                                          direct_tls=self.login.tls.direct_source,
                                          root_cert_source=self.login.tls.root_cert_source,
                                          tls_optional=self.login.tls.optional,
+                                         own_context=self.login.tls.context is not None,
                                          dialled=dialled(parsed, service=self.login.service),
                                          tried=hosts.tries if hosts is not None else ())
         raise error  # outside the except block: no __context__ either

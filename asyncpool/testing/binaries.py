@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -48,6 +49,17 @@ def postgres_bindir() -> Path:
         "PostgreSQL server binaries (initdb, postgres) not found: run scripts/setup.sh, "
         "install Debian's postgresql package, or set ASYNCPOOL_PG_BINDIR"
     )
+
+
+def postgres_version(bindir: Path) -> tuple[int, int]:
+    """The version of the PostgreSQL server in `bindir`, as (major, minor): (17, 12)."""
+    command = (str(bindir / "postgres"),)
+    out = subprocess.run([*command, "--version"], capture_output=True, text=True, check=False)
+    # "postgres (PostgreSQL) 17.12 (Debian 17.12-0+deb13u1)"
+    found = re.match(r"postgres \(PostgreSQL\) (\d+)(?:\.(\d+))?", out.stdout)
+    if found is None:
+        raise HarnessError(f"{command[0]} --version printed {(out.stdout or out.stderr)[:200]!r}")
+    return int(found[1]), int(found[2] or 0)
 
 
 def _version_of(command: tuple[str, ...]) -> tuple[int, int]:
