@@ -12,7 +12,6 @@ if [ "$(id -u)" -eq 0 ]; then default_dest=/var/cache/asyncpool/pgbouncer-trixie
 else default_dest=$root_dir/.cache/pgbouncer-trixie; fi
 dest=${ASYNCPOOL_PGBOUNCER_CACHE:-$default_dest}
 launcher=$dest/pgbouncer
-me=$(id -u)
 
 # shellcheck source=trixie-cache.sh
 source "$root_dir/scripts/trixie-cache.sh"
@@ -20,14 +19,7 @@ refuse_untrusted "$dest"
 if [ -x "$launcher" ] && "$launcher" --version >/dev/null 2>&1; then
   echo "$launcher"; exit 0
 fi
-if [ -z "${ASYNCPOOL_PGBOUNCER_CACHE:-}" ] && [ "$me" -eq 0 ]; then
-  # Our own folder: the unprivileged server user must be able to reach and run it whatever the
-  # umask. An overridden location's parent is the user's: its permissions are left alone.
-  mkdir -p /var/cache/asyncpool
-  chmod 755 /var/cache/asyncpool
-fi
-mkdir -p "$dest"
-chmod 755 "$dest"
+make_cache "$dest" "${ASYNCPOOL_PGBOUNCER_CACHE:-}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 lists=$dest/lists

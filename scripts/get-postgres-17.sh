@@ -20,7 +20,6 @@ if [ "$(id -u)" -eq 0 ]; then default_dest=/var/cache/asyncpool/postgresql-$majo
 else default_dest=$root_dir/.cache/postgresql-$major-trixie; fi
 dest=${ASYNCPOOL_PG17_CACHE:-$default_dest}
 bindir=$dest/root/usr/lib/postgresql/$major/bin
-me=$(id -u)
 
 # shellcheck source=trixie-cache.sh
 source "$root_dir/scripts/trixie-cache.sh"
@@ -29,14 +28,7 @@ works() { "$bindir/postgres" --version && "$bindir/initdb" --version; } >/dev/nu
 if [ -x "$bindir/postgres" ] && works; then
   echo "$bindir"; exit 0
 fi
-if [ -z "${ASYNCPOOL_PG17_CACHE:-}" ] && [ "$me" -eq 0 ]; then
-  # Our own folder: the unprivileged server user must be able to reach and run it whatever the
-  # umask. An overridden location's parent is the user's: its permissions are left alone.
-  mkdir -p /var/cache/asyncpool
-  chmod 755 /var/cache/asyncpool
-fi
-mkdir -p "$dest"
-chmod 755 "$dest"
+make_cache "$dest" "${ASYNCPOOL_PG17_CACHE:-}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # Unpacked beside the cache and moved in whole: an interrupted run leaves no half-made root.

@@ -32,6 +32,18 @@ refuse_untrusted() {
   fi
 }
 
+# make_cache DEST OVERRIDDEN: makes DEST, which the unprivileged server user must be able to reach
+# and run from whatever the umask; as root, with OVERRIDDEN empty (the default location), its
+# parent /var/cache/asyncpool too. An overridden location's parent is the user's: left alone.
+make_cache() {
+  if [ -z "$2" ] && [ "$(id -u)" -eq 0 ]; then
+    mkdir -p /var/cache/asyncpool
+    chmod 755 /var/cache/asyncpool
+  fi
+  mkdir -p "$1"
+  chmod 755 "$1"
+}
+
 # trixie_apt_options LISTS WORK: sets the array trixie_opts to apt-get options that read
 # trixie's package lists into LISTS and keep everything else under WORK, from the Debian mirror
 # apt already uses; nothing of the system's apt state is changed.
