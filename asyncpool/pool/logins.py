@@ -142,7 +142,8 @@ async def _wait_between_attempts(slots: Slots, delay: float, progress: Progress)
     return lease
 
 
-async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = False) -> Any:
+async def log_in(  # noqa: PLR0912, PLR0915 - one branch per way a login ends reads best
+        slots: Slots, deadline: float | None = None, *, own: bool = False) -> Any:
     """One login, within `connect_timeout`, in a task of its own that close() can stop.
 
     `deadline`: when the caller's acquire_timeout ends, if it has one. A login stopped
@@ -170,7 +171,11 @@ async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = Fal
             # Shielded so the login is stopped only after `cut_short` says why.
             conn = await asyncio.shield(attempt)
     except BaseException as exc:
-        del slots.attempts[attempt]
+        if slots.attempts.pop(attempt, None) is None:
+            # Let go by the pool: its loop was closed with this login pending (`lifecycle._stop`)
+            # and the coroutine is being closed, or this is a forked child (`forks`). Nothing is
+            # left to undo, and on a closed loop nothing could be.
+            raise
         closed = (isinstance(exc, asyncio.CancelledError) and attempt.cancelled()
                   and task is not None and task.cancelling() <= requests)
         error: BaseException | None = None
