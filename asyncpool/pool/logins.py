@@ -142,8 +142,7 @@ async def _wait_between_attempts(slots: Slots, delay: float, progress: Progress)
     return lease
 
 
-async def log_in(  # noqa: PLR0912, PLR0915 - one branch per way a login ends reads best
-        slots: Slots, deadline: float | None = None, *, own: bool = False) -> Any:
+async def log_in(slots: Slots, deadline: float | None = None, *, own: bool = False) -> Any:
     """One login, within `connect_timeout`, in a task of its own that close() can stop.
 
     `deadline`: when the caller's acquire_timeout ends, if it has one. A login stopped
@@ -178,46 +177,62 @@ async def log_in(  # noqa: PLR0912, PLR0915 - one branch per way a login ends re
             raise
         closed = (isinstance(exc, asyncio.CancelledError) and attempt.cancelled()
                   and task is not None and task.cancelling() <= requests)
-        error: BaseException | None = None
-        if isinstance(exc, TimeoutError):
-            if not cut_short.in_init:
-                error = slots.connector.timed_out(exc, cut_short)
-            elif limit.expired():
-                error = _slow_init_error(slots)
-            else:
-                # The hook's own time limit (a statement's timeout=): said so, and kept as
-                # the cause, rather than read by the caller as acquire_timeout running out.
-                error = ConnectError(
-                    f"pool {slots.name!r}: the init hook raised TimeoutError on a new "
-                    f"connection to {slots.connector.target} (a time limit of its own, not "
-                    f"connect_timeout); the connection was closed")
-                error.__cause__ = exc
-            cut_short.caller_error = type(error)
-        elif isinstance(exc, asyncio.CancelledError) and not closed and deadline is not None \
-                and loop.time() >= deadline - CLOCK_SLACK:
-            cut_short.caller_error = PoolTimeoutError
+        error = _cut_short(slots, exc, cut_short, limit, deadline, closed=closed)
         _abandon(slots, attempt)
-        if isinstance(exc, ConnectError):
+        if isinstance(exc, ConnectError) or error is not None:
             slots.connect_errors_total += 1
+        elif closed:
+            error = _stopped(slots, attempt, own=own)
+        if error is None:
             raise
-        if error is not None:
-            slots.connect_errors_total += 1
-            raise error from error.__cause__
-        if closed and own and slots.state is OPEN:
-            why = _cancel_reason(attempt)
-            raise FillGivenUp(  # `give_up_fills`
-                f"pool {slots.name!r}: a login of its own to {slots.connector.target} was given "
-                f"up: {why}; the next checkout logs in again") from None
-        if closed and slots.state is OPEN and _cancel_reason(attempt) == BEFORE_SNAPSHOT:
-            # `give_up_logins`: the caller's checkout logs in again (transient).
-            raise ConnectError(
-                f"pool {slots.name!r}: a login to {slots.connector.target} was given up: "
-                f"{BEFORE_SNAPSHOT}") from None
-        if closed:
-            raise misuse.closed_error(slots) from None  # close() stopped the login
-        raise
+        raise error from error.__cause__
     del slots.attempts[attempt]
     return conn
+
+
+def _cut_short(slots: Slots, exc: BaseException, cut_short: CutShort,
+               limit: asyncio.Timeout, deadline: float | None, *, closed: bool
+               ) -> BaseException | None:
+    """The caller's error for a login ended by a time limit (`exc`), None for any other end;
+    says what the caller is given in `cut_short` (telemetry reports the login with it)."""
+    connector, loop = slots.connector, slots.loop
+    assert connector is not None
+    assert loop is not None
+    error: BaseException | None = None
+    if isinstance(exc, TimeoutError):
+        if not cut_short.in_init:
+            error = connector.timed_out(exc, cut_short)
+        elif limit.expired():
+            error = _slow_init_error(slots)
+        else:
+            # The hook's own time limit (a statement's timeout=): said so, and kept as the
+            # cause, rather than read by the caller as acquire_timeout running out.
+            error = ConnectError(
+                f"pool {slots.name!r}: the init hook raised TimeoutError on a new connection "
+                f"to {connector.target} (a time limit of its own, not "
+                "connect_timeout); the connection was closed")
+            error.__cause__ = exc
+        cut_short.caller_error = type(error)
+    elif isinstance(exc, asyncio.CancelledError) and not closed and deadline is not None \
+            and loop.time() >= deadline - CLOCK_SLACK:
+        cut_short.caller_error = PoolTimeoutError
+    return error
+
+
+def _stopped(slots: Slots, attempt: asyncio.Task[Any], *, own: bool) -> Exception:
+    """The caller's error for a login the pool stopped (`give_up_fills`, `give_up_logins`,
+    ``close()``)."""
+    connector = slots.connector
+    assert connector is not None
+    if slots.state is OPEN and own:
+        return FillGivenUp(  # `give_up_fills`
+            f"pool {slots.name!r}: a login of its own to {connector.target} was given up: "
+            f"{_cancel_reason(attempt)}; the next checkout logs in again")
+    if slots.state is OPEN and _cancel_reason(attempt) == BEFORE_SNAPSHOT:
+        # `give_up_logins`: the caller's checkout logs in again (transient).
+        return ConnectError(f"pool {slots.name!r}: a login to {connector.target} was given "
+                            f"up: {BEFORE_SNAPSHOT}")
+    return misuse.closed_error(slots)  # close() stopped the login
 
 
 class FillGivenUp(ConnectError):

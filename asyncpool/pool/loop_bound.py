@@ -134,16 +134,8 @@ class _OnItsLoop:
         the pool's cancel request has gone (`closing.close_connection`), and asyncpg's check
         (closed, or given back since this was made) let the step be sent on it: asyncpg's
         error, or the step ran. Given back since, asyncpg's check refuses it, as in asyncpg."""
-        conn = self._connection
-        if self._con_release_ctr != conn._pool_release_ctr:
-            return
-        record = record_of(conn)
-        if record is None:
-            return
-        lease = record.lease
-        state = lease.state if lease is not None else record.ended
-        if state is not None and state is not ACTIVE:
-            raise unusable(state, record.owner.name)
+        if (ended := ended_by_pool(self)) is not None:
+            raise ended
 
     def _refuse_elsewhere(self, meth_name: str) -> None:
         if not on_its_loop(self._connection):
@@ -219,23 +211,29 @@ def _explain(base: type[PreparedStatement[Any]]) -> Callable[..., Coroutine[Any,
     return explain
 
 
-def _ended_by_pool(resource: Any) -> PoolError | None:
-    """The pool's error if it ended the checkout `resource` (asyncpg's transaction, made on a
-    held connection) belongs to while the holder still held it: ``terminate()``, ``close()``
-    past its timeout, the end of a Lambda invocation. None while it is held, and after a plain
-    release (asyncpg's own guard refuses then: the release counter)."""
+def ended_by_pool(resource: Any, *, committing: bool = False) -> PoolError | None:
+    """The pool's error if it ended the checkout `resource` (asyncpg's transaction, prepared
+    statement or cursor, made on a held connection) belongs to while the holder still held
+    it: ``terminate()``, ``close()`` past its timeout, a leak reclaim, the end of a Lambda
+    invocation. None while it is held, and after a plain release (asyncpg's own guard refuses
+    then: the release counter). `committing`: for a transaction's end, which a closed pool
+    says was not committed."""
     conn = resource._connection
     record = record_of(conn)
     if record is None or resource._con_release_ctr != conn._pool_release_ctr:
         return None
     lease = record.lease
-    if lease is not None and lease.state is ACTIVE:
+    state = lease.state if lease is not None else record.ended
+    if state is ACTIVE:
         return None
     name = record.owner.name
-    if lease is None and record.owner.state is not OPEN:
-        return closed_before_commit(name)
-    # (Its lease is let go as the connection is retired: then terminated, at an invocation's end.)
-    return unusable(lease.state if lease is not None else TERMINATED, name)
+    if committing and lease is None:
+        if record.owner.state is not OPEN:
+            return closed_before_commit(name)
+        # (Its lease is let go as the connection is retired: then terminated, at an
+        # invocation's end.)
+        state = state or TERMINATED
+    return unusable(state, name) if state is not None else None
 
 
 class PooledTransaction(_OnItsLoop, Transaction):
@@ -244,14 +242,13 @@ class PooledTransaction(_OnItsLoop, Transaction):
     def _refuse_ended(self, meth_name: str) -> None:
         if meth_name == "__aexit__":
             return  # (the block's end says it, after the block's own error: below)
-        if meth_name == "commit" and (ended := _ended_by_pool(self)) is not None:
-            # An explicit commit() as the block's end: the connection is closing (its cancel
-            # request first), and the COMMIT got through in between.
+        # An explicit commit() as the block's end: the connection is closing (its cancel
+        # request first), and the COMMIT got through in between.
+        if (ended := ended_by_pool(self, committing=meth_name == "commit")) is not None:
             raise ended
-        super()._refuse_ended(meth_name)
 
     async def __aexit__(self, extype: Any, ex: Any, tb: Any) -> None:
-        if extype is None and (ended := _ended_by_pool(self)) is not None:
+        if extype is None and (ended := ended_by_pool(self, committing=True)) is not None:
             # The pool closes the connection (a cancel request first: the COMMIT would get
             # through in between); as pool.transaction(), it is not committed.
             raise ended
