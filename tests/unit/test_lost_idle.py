@@ -8,7 +8,6 @@ import asyncio
 from typing import Any
 
 from asyncpool.connect import driver
-from asyncpool.pool.lost_idle import connection_cleaned_up
 from tests.pool_watchers import PoolWork
 from tests.unit.fakes import FakeConnection, FakeServer, VirtualClockLoop, fake_pool, run
 
@@ -90,7 +89,7 @@ def test_a_loss_reported_as_the_same_connection_is_checked_out(server: FakeServe
     async def main() -> None:
         async with fake_pool(server, min_size=1, max_size=1, observers=[work]) as pool:
             raw = server.connections[0]
-            connection_cleaned_up(raw)  # queued for the next turn
+            driver.cleaned_up(raw)  # (as if closed:) its retirement queued for the next turn
             async with pool.acquire() as conn:
                 assert conn.raw is raw
                 await _turns()
