@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from asyncpool import Pool
+from asyncpool import Pool, PoolConfig
 from asyncpool.observer import ConnectAttempt
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
 from asyncpool.testing.binaries import current_pgbouncer, system_pgbouncer
 from tests.pool_watchers import PoolWork
+from tests.telemetry_support import Sdk
 from tests.waiting import until
 
 # Well inside the housekeeping period (5 s), which would otherwise be what notices.
@@ -72,6 +73,31 @@ async def test_an_idle_connection_terminated_on_the_server_leaves_at_once(
         s = pool.stats()
         assert (s.created_total, s.closed_total, s.acquired_total) == (3, 1, 0), s
         assert await pool.fetchval("SELECT 1") == 1
+
+
+def _idle_gauge(sdk: Sdk) -> object:
+    """``db.client.connection.count{state=idle}`` as an OpenTelemetry reader collects it now."""
+    metric = sdk.collect().metrics["db.client.connection.count"]
+    return next(point.value for point in metric.data.data_points  # type: ignore[union-attr]
+                if point.attributes is not None
+                and point.attributes.get("db.client.connection.state") == "idle")
+
+
+async def test_the_idle_connection_gauge_drops_without_a_checkout(postgres: PostgresServer) -> None:
+    sdk = Sdk()
+    try:
+        # min_size=0: no refill, so the gauge is read while the pool has no connection.
+        config = PoolConfig(dsn=postgres.dsn(), name="gauge", min_size=0, max_size=1,
+                            validate_after=None, telemetry=False)
+        async with Pool(config=config, observers=[sdk.observer(config)]) as pool:
+            assert await pool.fetchval("SELECT 1") == 1
+            assert _idle_gauge(sdk) == 1
+            assert await postgres.terminate_backend(_pids(pool)[0])
+            await until(lambda: _idle_gauge(sdk) == 0, within=GONE_WITHIN)
+            s = pool.stats()
+            assert (s.size, s.acquired_total, s.created_total) == (0, 1, 1), s
+    finally:
+        sdk.shutdown()
 
 
 async def test_pgbouncer_kill_of_idle_connections_leaves_at_once(
