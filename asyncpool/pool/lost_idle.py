@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import weakref
 from typing import TYPE_CHECKING, cast
 
@@ -26,8 +25,6 @@ from asyncpool.pool.state import OPEN
 
 if TYPE_CHECKING:
     from asyncpool.pool.slots import Slots
-
-logger: logging.Logger = logging.getLogger("asyncpool.pool")
 
 #: Why such a connection is retired: as the checkout check and the housekeeping say of an idle
 #: connection found closed.
@@ -56,16 +53,18 @@ def retire_if_idle(record: ConnectionRecord) -> None:
     if record.place is not IDLE or slots.state is not OPEN or slots.forks != FORKS[0]:
         return
     slots.retire_lost(record, REASON)
-    refill(slots, lived=slots.clock() - record.created_at)
+    assert slots.loop is not None
+    refill(slots, lived=slots.loop.time() - record.created_at)  # (the clock `created_at` is on)
 
 
 def refill(slots: Slots, lived: float) -> None:
     """Open connections back up to `min_size` after one was lost, in a task of the pool's own,
     one at a time, each after a delay from `Slots.lost_backoff`: a server that closes every
-    connection as soon as it is made (or refuses logins) gets at most one login per delay,
-    growing to the backoff's cap. The delay starts over after a connection that lived longer
-    than that cap. Not between a SnapStart snapshot and its restore (`Slots.restored`): the
-    restore's housekeeping round refills."""
+    connection as soon as it is made gets at most one login per delay, growing to the backoff's
+    cap (the delay starts over after a connection that lived longer than that cap); one that
+    refuses the login leaves the next try to the housekeeping (`fill_in_background`). Not
+    between a SnapStart snapshot and its restore (`Slots.restored`): the restore's housekeeping
+    round refills."""
     if slots.size() >= slots.config.min_size or slots.restored is not None:
         return
     if slots.lost_refill is not None and not slots.lost_refill.done():
