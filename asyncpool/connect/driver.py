@@ -601,6 +601,21 @@ def _cleanup_retrieving(self: Any) -> None:
     after = next(i for i, klass in enumerate(classes)
                  if vars(klass).get("_cleanup") is _cleanup_retrieving) + 1
     next(vars(klass)["_cleanup"] for klass in classes[after:] if "_cleanup" in vars(klass))(self)
+    cleaned_up(self)
+
+
+#: Told of each connection of a `cancel_aware_class` as asyncpg cleans it up: closed or
+#: terminated by its owner, or found lost by its protocol (the server, the pooler or the network
+#: closed it). The pool's (`asyncpool.pool.lost_idle`) retires an idle one at once. Each listener
+#: is called on the thread that cleaned it up, inside asyncpg's protocol callback: it must not
+#: raise, and should only schedule its work.
+CLEANUP_LISTENERS: list[Callable[[Any], None]] = []
+
+
+def cleaned_up(conn: Any) -> None:
+    """Tell `CLEANUP_LISTENERS` that `conn` is closed (asyncpg's ``_cleanup`` has run)."""
+    for listener in CLEANUP_LISTENERS:
+        listener(conn)
 
 
 # asyncpg names its prepared statements (cursors, prepare()) and portals __asyncpg_stmt_<n>__,

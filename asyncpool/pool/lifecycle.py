@@ -19,7 +19,7 @@ from asyncpool.connect import blocking_cancel, driver
 from asyncpool.connect.connector import provider_call
 from asyncpool.errors import CredentialsError, PoolClosedError, PoolError
 from asyncpool.observer import PoolObserver
-from asyncpool.pool import forks, housekeeping, misuse
+from asyncpool.pool import forks, housekeeping, lost_idle, misuse
 from asyncpool.pool.alarms import loop_clock
 from asyncpool.pool.forks import FORKS, LIVE
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, on_leak
@@ -56,6 +56,7 @@ async def open(slots: Slots, observer: PoolObserver, connector: Connector, wait:
     observer.attach(slots.name, weak_stats(slots))
     slots.on_acquired, slots.on_released = observer.checkout_hooks()
     LIVE.add(slots)
+    lost_idle.listen()  # (its idle connections closed under it are retired as the close arrives)
     slots._set_state(OPEN)
     slots.opening = opening = slots.loop.create_future()
     try:
@@ -299,8 +300,10 @@ def _stop(slots: Slots, reason: str, graceful: bool) -> None:
     for attempt, cut_short in attempts:
         cut_short.caller_error = PoolClosedError
         attempt.cancel()
-    if slots.housekeeper is not None and not loop_gone:
-        slots.housekeeper.cancel()
+    if not loop_gone:
+        for task in (slots.housekeeper, slots.lost_refill):
+            if task is not None:
+                task.cancel()
     for record in list(slots.idle):
         slots.retire(record, reason, graceful=graceful)
 

@@ -36,6 +36,7 @@ from asyncpool.connect.copy_waiter import retrieve_copy_waiters, retrieve_protoc
 from asyncpool.connect.driver import BROKEN, BUSY, CLEAN, NEEDS_RESET, returned
 from asyncpool.observer import PoolObserver
 from asyncpool.pool import closing, misuse, resets, slow_checkout
+from asyncpool.pool.backoff import Backoff
 from asyncpool.pool.forks import FORKS
 from asyncpool.pool.leaks import LeakTracker, NoLeakTracker, log_returned
 from asyncpool.pool.lease import (
@@ -94,7 +95,8 @@ class Slots(_HotSlots):
         "__weakref__", "_closed", "_drained", "attempts", "background", "checking", "checkouts",
         "closed_total",
         "closing", "config", "connect_errors_total", "connecting", "connector", "created_total",
-        "filling", "fills", "forks", "generation", "getting", "handed", "housekeeper", "leaked_total", "name",
+        "filling", "fills", "forks", "generation", "getting", "handed", "housekeeper", "leaked_total",
+        "lost_backoff", "lost_refill", "name",
         "observer", "opened_in", "opening", "pid", "provider_users",
         "records", "replaced_credentials", "resets", "restored", "restored_at", "retrying",
         "since_restore", "state",
@@ -193,6 +195,11 @@ class Slots(_HotSlots):
         # Connections being closed politely, by the task doing it (terminate() cuts them short).
         self.closing: dict[asyncio.Task[Any], Any] = {}
         self.housekeeper: asyncio.Task[None] | None = None
+        # The refill after an idle connection was found closed (`lost_idle`), and the delays
+        # between such refills (a server closing each connection as it is made gets no tight
+        # loop of logins).
+        self.lost_refill: asyncio.Task[None] | None = None
+        self.lost_backoff: Backoff = Backoff()
         # The outcome of the open() under way (or done): a concurrent open() waits for it. True
         # once open, False if that open() was cancelled, its error if it failed.
         self.opening: asyncio.Future[bool] | None = None
@@ -322,11 +329,14 @@ class Slots(_HotSlots):
             idle.check_at = -math.inf
 
     def own_tasks(self) -> list[asyncio.Task[Any]]:
-        """The pool's tasks: its housekeeping and what `_spawn` started (resets, closes...);
-        not its logins (`attempts`, `fills`)."""
+        """The pool's tasks: its housekeeping, its refill after a lost idle connection
+        (`lost_idle`) and what `_spawn` started (resets, closes...); not its logins (`attempts`,
+        `fills`)."""
         tasks = list(self.background)
         if self.housekeeper is not None:
             tasks.append(self.housekeeper)
+        if self.lost_refill is not None:
+            tasks.append(self.lost_refill)
         return tasks
 
     def _spawn(self, coro: Any, context: Context | None = None) -> asyncio.Task[Any]:

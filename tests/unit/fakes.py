@@ -322,6 +322,9 @@ class FakeConnection:
         for callback in list(self._termination_listeners):
             callback(self)
         self._listeners.clear()
+        # As asyncpg's ``_cleanup`` in the real Connector's class (`driver._cleanup_retrieving`):
+        # closed, terminated, or found lost.
+        driver.cleaned_up(self)
 
     # -- queries ------------------------------------------------------------------------------
 
