@@ -28,12 +28,14 @@ import pytest
 from asyncpool import Pool
 from asyncpool.connect import copy_end, driver
 from asyncpool.pool.resets import RELEASE_TIMEOUT
-from asyncpool.testing import ServerStack
+from asyncpool.testing import PgBouncerServer, ServerStack
+from asyncpool.testing.binaries import system_pgbouncer
 from asyncpool.testing.faultproxy import FaultProxy
 
 Kind = Literal["records", "path", "file"]
 End = Literal["refused", "cancelled"]
 FRONTS = ["direct", "legacy", "current"]
+PROXIED_FRONTS = ["direct", "current"]
 KINDS: list[Kind] = ["records", "path", "file"]
 # A large row: a few of them fill every buffer between the client and a server that reads none.
 BIG = "y" * 600_000
@@ -54,10 +56,23 @@ SETTLED = 5
 TIMEOUT = 30.0
 
 
+def _dsn(stack: ServerStack, where: str) -> str:
+    return stack.postgres.dsn() if where == "direct" else str(getattr(stack, where).dsn())
+
+
 @pytest.fixture(params=FRONTS, ids=["direct", "pgbouncer-1.18", "pgbouncer-current"])
 def front(request: pytest.FixtureRequest, stack: ServerStack) -> str:
-    where: str = request.param
-    return stack.postgres.dsn() if where == "direct" else str(getattr(stack, where).dsn())
+    return _dsn(stack, request.param)
+
+
+@pytest.fixture(params=PROXIED_FRONTS, ids=["direct", "pgbouncer-current"])
+def proxied_front(request: pytest.FixtureRequest, stack: ServerStack) -> str:
+    """Where the proxy that stops taking rows leads. Not PgBouncer 1.18: the proxy cuts the
+    COPY part-way through a CopyData message and lets the rest through after the pool closed
+    the connection, and 1.18 then crashed (a libevent abort, "event_queue_remove_active: ...
+    not on queue 8") in 3 of 8 runs of this module, every later 1.18 test failing with it. The
+    proxy plays 1.18's part in front of the others; 1.18 itself has its own test below."""
+    return _dsn(stack, request.param)
 
 
 class Table:
@@ -194,12 +209,13 @@ def _reply_of(conn: Any) -> asyncio.Future[Any]:
     return futures[0]
 
 
-async def _held(table: Table, backed_up: Callable[[Any], bool]) -> tuple[Any, int]:
+async def _held(table: Table, backed_up: Callable[[Any], bool], bound: float = SERVER_BOUND
+                ) -> tuple[Any, int]:
     """Until the COPY waits at row 0 on the server, `backed_up(conn)`, and the client's
     transport has settled (its size unchanged for `SETTLED` polls: the sockets on the way take
     what they hold for a while after the proxy stops reading): its connection and backend."""
     sizes: list[int] = []
-    async with asyncio.timeout(SERVER_BOUND):
+    async with asyncio.timeout(bound):
         while True:
             conn = _running_copy()
             pid = await table.held_pid()
@@ -247,7 +263,7 @@ async def _stop(copying: asyncio.Task[Any]) -> None:
 @pytest.mark.parametrize("way", [f"{kind}-{via}-{end}" for kind in KINDS
                                  for via in ("pool", "acquire") for end in ("refused", "cancelled")])
 async def test_backed_up_rows_end_the_copy_and_its_connection(
-        front: str, way: str, table: Table, tmp_path: Path,
+        proxied_front: str, way: str, table: Table, tmp_path: Path,
         loop_errors: list[dict[str, Any]]) -> None:
     """Rows backed up in the client's transport when the server ends the COPY: without the fix
     asyncpg waited for room to write them (for good: the proxy, like PgBouncer 1.18, takes no
@@ -256,6 +272,7 @@ async def test_backed_up_rows_end_the_copy_and_its_connection(
     kind, via, end = cast(tuple[Kind, str, End], tuple(way.split("-")))
     copy = _copier(kind, table, _rows(BIG_ROWS), tmp_path, _timeout(via, end))
     seen: dict[str, Any] = {}
+    front = proxied_front
     async with FaultProxy.to_dsn(front) as proxy, Pool(
             proxy.dsn(front), min_size=1, max_size=1, telemetry=False) as pool:
         proxy.hold_requests(after=FORWARDED)
@@ -329,10 +346,20 @@ async def test_pgbouncer_118_itself_stops_taking_the_rows(
     (`RELEASE_TIMEOUT`) and closes it (1 run of 2 for a path here): asyncpool counts the bytes
     in the transport only, not those in the socket."""
     copy = _copier(kind, table, _rows(2 * BIG_ROWS), tmp_path, None)
-    async with Pool(stack.legacy.dsn(), min_size=1, max_size=1, telemetry=False) as pool:
+    # A PgBouncer 1.18 of its own: should it crash (above), no other test's goes with it.
+    with PgBouncerServer(system_pgbouncer(), stack.postgres) as bouncer:
+        await _copy_through_118(bouncer, copy, table)
+    assert await table.count() == 0
+    assert await _collected(loop_errors) == []
+
+
+async def _copy_through_118(bouncer: PgBouncerServer, copy: Callable[[Any], Awaitable[Any]],
+                            table: Table) -> None:
+    async with Pool(bouncer.dsn(), min_size=1, max_size=1, telemetry=False) as pool:
         copying = asyncio.create_task(_run(pool, "pool", copy, {}))
         try:
-            conn, pid = await _held(table, _paused)
+            # (A loaded machine fills the sockets on the way more slowly: a wider bound.)
+            conn, pid = await _held(table, _paused, bound=3 * SERVER_BOUND)
             unsent = driver.transport_of(conn).get_write_buffer_size()
             expected = await _end(table, "refused", pid)
             raised, took = await _outcome(copying)
@@ -344,9 +371,7 @@ async def test_pgbouncer_118_itself_stops_taking_the_rows(
         async with asyncio.timeout(SERVER_BOUND):
             assert await pool.fetchval("SELECT 8") == 8
         assert pool.stats().in_use == 0
-    assert await table.count() == 0
-    assert await _collected(loop_errors) == []
-
+        assert bouncer.running(), "PgBouncer 1.18 crashed"
 
 
 @pytest.fixture(autouse=True)
