@@ -33,9 +33,19 @@ its front whatever the front: the COPY's writer is woken once the server has end
 then ends with the server's error), and a COPY FROM STDIN that ends or is interrupted with
 unsent bytes closes its connection at once (`out_of_step`); the pool opens a new one.
 
+A source asyncpg reads itself (records not asynchronous, a path, a file object) cannot be
+watched so: asyncpg iterates the records, and reads a path or file through its own reader. Fed
+faster than PgBouncer 1.18 takes it, such a COPY that the server ended waited in asyncpg's flow
+control (``writing_allowed``) for room that never came: until its ``timeout=``, or for good. For
+those the pool's connection class puts a `FlowGate` in the place of the protocol's
+``writing_allowed`` for the COPY's length: asyncpg waits on it before it writes each chunk, and
+once the server has ended the COPY it raises there (`EndedByServer`), waiting or not, and the
+caller gets the server's error. asyncpg's own entry points get the caller's own arguments.
+
 asyncpg's protocol keeps its reply future where Python cannot reach it but through the garbage
 collector's references (as `asyncpool.connect.copy_waiter` reads it): read once per COPY, when
-the source is first asked for a chunk, never on a statement's path.
+the source is first asked for a chunk (or asyncpg first waits to write one), never on a
+statement's path.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import gc
 import os
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -55,9 +65,9 @@ _ENDED: Any = object()
 _UNWATCHED: Any = object()
 #: A Sync message: the server answers ReadyForQuery, which ends asyncpg's wait for a cancel.
 _SYNC = b"S\x00\x00\x00\x04"
-#: The COPY FROM STDIN each connection is running: its watched source, None for a source not
-#: watched (a file, bytes, records not asynchronous) (`settle_cancel`, `out_of_step`).
-_RUNNING: dict[Any, WatchedSource | None] = {}
+#: The COPY FROM STDIN each connection is running: its watched source or gated flow control,
+#: None for one not watched (asyncpg's flow control not found) (`settle_cancel`, `out_of_step`).
+_RUNNING: dict[Any, WatchedSource | FlowGate | None] = {}
 
 
 def _next_in_mro(conn: Any, name: str, override: Callable[..., Any]) -> Any:
@@ -140,6 +150,69 @@ class WatchedSource:
         return self.reply is _ENDED or server_error(self.reply) is not None
 
 
+class EndedByServer(Exception):
+    """Raised by a `FlowGate` into asyncpg's COPY: the server has ended it (the caller gets the
+    server's error, `_run_watched`)."""
+
+
+class FlowGate(asyncio.Event):
+    """The protocol's ``writing_allowed`` (asyncpg's flow control) during a COPY FROM STDIN whose
+    source asyncpg reads itself: asyncpg waits on it before it writes each chunk, the transport
+    clears and sets it (``pause_writing``, ``resume_writing``). Once the server has ended the
+    COPY it raises `EndedByServer` there, whether asyncpg was waiting for room or not: asyncpg
+    then stops reading the source, sends CopyFail and asks for a cancel (`settle_cancel`: a Sync;
+    or, rows unsent, the connection closed). Finds the COPY's reply future the first time asyncpg
+    waits (it has sent the COPY by then)."""
+
+    def __init__(self, conn: Any, protocol: Any, allowed: asyncio.Event) -> None:
+        super().__init__()
+        self._conn = conn
+        self._protocol = protocol
+        self._allowed = allowed
+        self.reply: Any = None
+        if allowed.is_set():
+            self.set()
+
+    @classmethod
+    def install(cls, conn: Any) -> FlowGate | None:
+        """In `conn`'s protocol, in the place of its ``writing_allowed``; None if this asyncpg
+        keeps none there."""
+        protocol: Any = getattr(conn, "_protocol", None)
+        allowed = getattr(protocol, "writing_allowed", None)
+        if type(allowed) is not asyncio.Event:  # (asyncpg's own, not a gate already)
+            return None
+        gate = cls(conn, protocol, allowed)
+        protocol.writing_allowed = gate
+        return gate
+
+    def remove(self) -> None:
+        """asyncpg's own ``writing_allowed`` back, in the state the transport left the gate."""
+        if self._protocol.writing_allowed is self:
+            if self.is_set():
+                self._allowed.set()
+            else:
+                self._allowed.clear()
+            self._protocol.writing_allowed = self._allowed
+
+    async def wait(self) -> Literal[True]:
+        if self.reply is None:
+            self.reply = _reply_future(self._conn)  # (wakes this gate: `_wake_writer`)
+        if not self.ended_by_server():
+            await super().wait()
+        if self.ended_by_server():
+            raise EndedByServer
+        return True
+
+    def ended_by_server(self) -> bool:
+        """Whether the server has ended the COPY (its error read). (Its reply cannot have come
+        before asyncpg first waits: it has not let the loop run since it sent the COPY.)"""
+        return server_error(self.reply) is not None
+
+    def server_error(self) -> BaseException | None:
+        """The server's error that ended the COPY, if read."""
+        return server_error(self.reply)
+
+
 def _watchable(source: object) -> bool:
     """Whether asyncpg's ``_copy_in`` takes `source` as an asynchronous iterable (in its order:
     a path, then a file-like object, then an asynchronous iterable)."""
@@ -179,16 +252,25 @@ def out_of_step(conn: Any) -> bool:
 
 async def _run_watched(conn: Any, watched: WatchedSource | None,
                        copy: Callable[[], Any]) -> Any:
+    """`copy`, asyncpg's COPY FROM STDIN on `conn`, reading `watched`; or, for a source that
+    asyncpg reads itself (`watched` None), with its flow control gated (`FlowGate`)."""
     # (a second COPY at once on the connection, which asyncpg refuses, does not take its place)
     running = conn not in _RUNNING
+    watch: WatchedSource | FlowGate | None = watched
     if running:
-        _RUNNING[conn] = watched
+        if watch is None:
+            watch = FlowGate.install(conn)
+        _RUNNING[conn] = watch
     try:
         return await copy()
+    except EndedByServer:
+        error = watch.server_error() if isinstance(watch, FlowGate) else None
+        assert error is not None  # (only a gate raises it, once the server's error is read)
+        raise error from None
     except AttributeError:
         # asyncpg's timeout handler given the reply future its protocol dropped as it read the
         # server's error: the server's error is the caller's (the module's docstring).
-        error = server_error(watched.reply if watched is not None else None)
+        error = server_error(watch.reply if watch is not None else None)
         if error is None or conn.is_closed():
             raise  # (a connection closed under the COPY: `dropped_transport_error`)
         raise error from None
@@ -200,11 +282,14 @@ async def _run_watched(conn: Any, watched: WatchedSource | None,
             if out_of_step(conn):
                 end_out_of_step(conn, conn.terminate)
             del _RUNNING[conn]
+            if isinstance(watch, FlowGate):
+                watch.remove()
 
 
 async def copy_in_watched(self: Any, copy_stmt: str, source: Any, timeout: Any) -> Any:
     """asyncpg's ``Connection._copy_in`` (``copy_to_table``), an asynchronous iterable source
-    watched (`WatchedSource`)."""
+    watched (`WatchedSource`), any other (a path, a file object, bytes) passed on as given, its
+    flow control gated (`FlowGate`)."""
     own = _next_in_mro(self, "_copy_in", copy_in_watched)
     if not _watchable(source):
         return await _run_watched(self, None, lambda: own(self, copy_stmt, source, timeout))
@@ -214,7 +299,7 @@ async def copy_in_watched(self: Any, copy_stmt: str, source: Any, timeout: Any) 
 
 async def copy_records_watched(self: Any, table_name: str, *, records: Any, **kwargs: Any) -> Any:
     """asyncpg's ``Connection.copy_records_to_table``, asynchronous iterable records watched
-    (`WatchedSource`)."""
+    (`WatchedSource`), others passed on as given, its flow control gated (`FlowGate`)."""
     own = _next_in_mro(self, "copy_records_to_table", copy_records_watched)
     if not isinstance(records, AsyncIterable):
         return await _run_watched(

@@ -330,7 +330,7 @@ async def _until_stall(feed: Feed) -> AsyncIterator[bytes]:
 def _copying(source: Any) -> tuple[Any, copy_end.WatchedSource]:
     """The connection running the COPY that reads `source`, and asyncpool's watch of it."""
     return next((conn, watched) for conn, watched in copy_end._RUNNING.items()
-                if watched is not None and watched._source is source)
+                if isinstance(watched, copy_end.WatchedSource) and watched._source is source)
 
 
 async def _copy_reading(stack: ServerStack, table: str, feed: Feed) -> None:
