@@ -10,9 +10,10 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
-import asyncpg
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "telemetry"))
 from prometheus_setup import serve_metrics
@@ -43,17 +44,27 @@ async def time_out(pool: asyncpool.Pool, stop: float) -> None:
 
 
 async def kill_idle_backends(pool: asyncpool.Pool, dsn: str, stop: float) -> None:
-    """Terminate the idle connection's backend: the next checkout's check fails and replaces it."""
+    """Terminate the idle connection's backend, unseen: the next checkout's check fails and
+    replaces it."""
     loop = asyncio.get_running_loop()
-    side = await asyncpg.connect(dsn)
-    try:
+    with psycopg.connect(dsn, autocommit=True) as side:
         while loop.time() < stop:
             pid = await pool.fetchval("SELECT pg_backend_pid()")
-            await side.execute("SELECT pg_terminate_backend($1)", pid)
-            await asyncio.sleep(0.3)
+            _end_unread(side, pid)
             await pool.fetchval("SELECT 1")
-    finally:
-        await side.close()
+            await asyncio.sleep(0.3)
+
+
+def _end_unread(side: psycopg.Connection, pid: int) -> None:
+    """End the backend `pid` and wait until it is gone, blocking the loop: read while the
+    connection is idle, its close would retire it at once, with no check to fail
+    (`asyncpool.pool.lost_idle`)."""
+    side.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    deadline = time.monotonic() + 5.0
+    while side.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"backend {pid} still there after 5 s")
+        time.sleep(0.005)
 
 
 async def leak(pool: asyncpool.Pool, stop: float) -> None:

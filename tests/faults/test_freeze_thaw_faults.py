@@ -120,10 +120,15 @@ async def test_thawed_pool_replaces_the_connection_unseen(
         after = await worker.call(op="stats")
         assert after["created_total"] == before["created_total"] + 1, (before, after)
         assert after["closed_total"] == before["closed_total"] + 1
+        failed_checks = after["validation_failures_total"] - before["validation_failures_total"]
         if fault == "lifetime-ended":
-            assert after["validation_failures_total"] == before["validation_failures_total"]
+            assert failed_checks == 0
+        elif fault == "half-open":
+            assert failed_checks == 1  # (nothing comes to say it is gone: only the check can)
         else:
-            assert after["validation_failures_total"] == before["validation_failures_total"] + 1
+            # The close is read at the thaw: retired as it arrives (`lost_idle`), or by the
+            # checkout's check if that came first.
+            assert failed_checks in (0, 1)
         assert (after["in_use"], after["size"]) == (0, 1)
         check = await ledger.verify()
         assert check.committed == 2
