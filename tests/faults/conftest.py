@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
 from asyncpool.testing.faultproxy import FaultProxy
 from asyncpool.testing.ledger import Ledger
+from tests.loop_errors import caught_by_loop
 
 # Small enough to saturate, large enough for a few pools at once.
 FAULT_POOL_SIZE = 6
@@ -61,3 +63,10 @@ async def proxy_to_postgres(postgres: PostgresServer) -> AsyncIterator[FaultProx
     """A fault proxy in front of the session's PostgreSQL."""
     async with FaultProxy(postgres.host, postgres.port) as proxy:
         yield proxy
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What reaches the loop's exception handler during the test (`tests.loop_errors`)."""
+    with caught_by_loop() as errors:
+        yield errors

@@ -10,7 +10,6 @@ server ended it ends at once all the same, and its connection, out of step, is r
 from __future__ import annotations
 
 import asyncio
-import gc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -22,6 +21,8 @@ from asyncpool import Pool
 from asyncpool.connect import copy_end, driver
 from asyncpool.testing import ServerStack
 from asyncpool.testing.faultproxy import FaultProxy
+from tests.faults.copy_support import assert_closed_and_replaced
+from tests.loop_errors import collected
 
 Mode = Literal["off", "on", "unnamed"]
 # Every front, and each connection class the modes give (the unnamed mode's; asyncpg's, which
@@ -113,27 +114,6 @@ async def table(stack: ServerStack) -> str:
     return name
 
 
-@pytest.fixture
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    """What reaches the loop's exception handler ("Future exception was never retrieved")."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    old = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: errors.append(context))
-    try:
-        yield errors
-    finally:
-        loop.set_exception_handler(old)
-
-
-async def _collected(errors: list[dict[str, Any]]) -> list[str]:
-    """The loop's errors once every dropped future has been collected (and would have logged)."""
-    for _ in range(3):
-        gc.collect()
-        await asyncio.sleep(0.05)
-    return [f"{context.get('message')}: {context.get('exception')!r}" for context in errors]
-
-
 # The backend running a COPY ($1: its text) that has read $2 bytes of rows and waits for more.
 _READING = ("FROM pg_stat_activity a JOIN pg_stat_progress_copy p ON p.pid = a.pid "
             "WHERE a.state = 'active' AND a.query LIKE $1 "
@@ -222,7 +202,7 @@ async def test_server_ends_the_copy_then_its_timeout_runs_out(
         assert isinstance(raised, asyncpg.QueryCanceledError), repr(raised)
         assert feed.taken == 2
         await _check_kept(pool, after, via)
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []
 
 
 @pytest.mark.parametrize("way", ["pool", "acquire", "acquire-records"])
@@ -251,7 +231,7 @@ async def test_server_ends_the_copy_then_its_task_is_cancelled(
         assert isinstance(raised, asyncio.CancelledError), repr(raised)
         assert loop.time() - started < CANCEL_BOUND
         await _check_kept(pool, after, via)
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []
 
 
 @pytest.mark.parametrize("way", ["pool", "acquire-records"])
@@ -275,7 +255,7 @@ async def test_a_copy_the_server_ended_stops_taking_its_source(
         assert feed.taken < STEADY_CHUNKS // 2, f"{feed.taken} rows of {STEADY_CHUNKS} taken"
         await _check_kept(pool, after, via)
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []
 
 
 @pytest.mark.parametrize("via", ["pool", "acquire"])
@@ -292,7 +272,7 @@ async def test_its_own_timeout_first_is_a_timeout(
             SERVER_BOUND)
         assert isinstance(raised, TimeoutError), repr(raised)
         await _check_kept(pool, after, via)
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []
 
 
 async def test_statement_timeout_ends_the_copy(
@@ -314,7 +294,7 @@ async def test_statement_timeout_ends_the_copy(
         assert isinstance(raised, asyncpg.QueryCanceledError), repr(raised)
         assert "statement timeout" in str(raised)
         await _check_kept(pool, after, "acquire")
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []
 
 
 async def _until_stall(feed: Feed) -> AsyncIterator[bytes]:
@@ -431,12 +411,6 @@ async def test_a_copy_with_rows_unsent_ends_its_connection(
         expected = asyncpg.QueryCanceledError if landing == "error" else asyncio.CancelledError
         assert isinstance(raised, expected), repr(raised)
         assert took < CANCEL_BOUND, f"the COPY took {took:.2f} s to end"
-        if via == "acquire":
-            # Closed under the COPY: the held connection says so, at once.
-            assert isinstance(seen["next"], asyncpg.InterfaceError), repr(seen["next"])
-        async with asyncio.timeout(SERVER_BOUND):
-            assert await pool.fetchval("SELECT 8") == 8
-        stats = pool.stats()
-        assert (stats.in_use, stats.closed_total, stats.created_total) == (0, 1, 2), stats
+        await assert_closed_and_replaced(pool, via, seen, SERVER_BOUND)
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []

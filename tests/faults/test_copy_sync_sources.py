@@ -31,6 +31,8 @@ from asyncpool.pool.resets import RELEASE_TIMEOUT
 from asyncpool.testing import PgBouncerServer, ServerStack
 from asyncpool.testing.binaries import system_pgbouncer
 from asyncpool.testing.faultproxy import FaultProxy
+from tests.faults.copy_support import assert_closed_and_replaced
+from tests.loop_errors import collected
 
 Kind = Literal["records", "path", "file"]
 End = Literal["refused", "cancelled"]
@@ -126,27 +128,6 @@ async def table(stack: ServerStack) -> AsyncIterator[Table]:
         yield made
     finally:
         await made.close()
-
-
-@pytest.fixture
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    """What reaches the loop's exception handler ("Future exception was never retrieved")."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    old = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: errors.append(context))
-    try:
-        yield errors
-    finally:
-        loop.set_exception_handler(old)
-
-
-async def _collected(errors: list[dict[str, Any]]) -> list[str]:
-    """The loop's errors once every dropped future has been collected (and would have logged)."""
-    for _ in range(3):
-        gc.collect()
-        await asyncio.sleep(0.05)
-    return [f"{context.get('message')}: {context.get('exception')!r}" for context in errors]
 
 
 def _rows(big_rows: int) -> list[tuple[int, str]]:
@@ -292,15 +273,9 @@ async def test_backed_up_rows_end_the_copy_and_its_connection(
         assert seen.get("unsent", 0) > 0, "the rows were all taken: nothing was tested"
         assert isinstance(raised, expected), repr(raised)
         assert took < END_BOUND, f"the COPY took {took:.2f} s to end"
-        if via == "acquire":
-            # Closed under the COPY: the held connection says so, at once.
-            assert isinstance(seen["next"], asyncpg.InterfaceError), repr(seen["next"])
-        async with asyncio.timeout(SERVER_BOUND):
-            assert await pool.fetchval("SELECT 8") == 8
-        stats = pool.stats()
-        assert (stats.in_use, stats.closed_total, stats.created_total) == (0, 1, 2), stats
+        await assert_closed_and_replaced(pool, via, seen, SERVER_BOUND)
     assert await table.count() == 0
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -329,7 +304,7 @@ async def test_rows_all_taken_keep_the_connection(
             0, 1, 0, 1), stats
         assert await pool.fetchval("SELECT 8") == 8
     assert await table.count() == 0
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -350,7 +325,7 @@ async def test_pgbouncer_118_itself_stops_taking_the_rows(
     with PgBouncerServer(system_pgbouncer(), stack.postgres) as bouncer:
         await _copy_through_118(bouncer, copy, table)
     assert await table.count() == 0
-    assert await _collected(loop_errors) == []
+    assert await collected(loop_errors) == []
 
 
 async def _copy_through_118(bouncer: PgBouncerServer, copy: Callable[[Any], Awaitable[Any]],
