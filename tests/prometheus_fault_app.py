@@ -10,15 +10,16 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "telemetry"))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 from prometheus_setup import serve_metrics
 
 import asyncpool
+from tests.backends import ended_unread
 
 
 async def hold_half_a_second(pool: asyncpool.Pool, holds: list[float], stop: float) -> None:
@@ -50,21 +51,9 @@ async def kill_idle_backends(pool: asyncpool.Pool, dsn: str, stop: float) -> Non
     with psycopg.connect(dsn, autocommit=True) as side:
         while loop.time() < stop:
             pid = await pool.fetchval("SELECT pg_backend_pid()")
-            _end_unread(side, pid)
+            ended_unread(side, pid)
             await pool.fetchval("SELECT 1")
             await asyncio.sleep(0.3)
-
-
-def _end_unread(side: psycopg.Connection, pid: int) -> None:
-    """End the backend `pid` and wait until it is gone, blocking the loop: read while the
-    connection is idle, its close would retire it at once, with no check to fail
-    (`asyncpool.pool.lost_idle`)."""
-    side.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    deadline = time.monotonic() + 5.0
-    while side.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"backend {pid} still there after 5 s")
-        time.sleep(0.005)
 
 
 async def leak(pool: asyncpool.Pool, stop: float) -> None:

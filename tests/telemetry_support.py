@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ from asyncpool import Pool, PoolConfig
 from asyncpool.connect.dsn import Target
 from asyncpool.telemetry import CheckoutTimes, TelemetryObserver
 from asyncpool.testing import PostgresServer
+from tests.backends import ended_unread
 
 
 @dataclass
@@ -184,23 +184,6 @@ class FirstPasswordWrong:
         return None
 
 
-def ended_unread(postgres: PostgresServer, pid: int) -> None:
-    """End the backend `pid` and wait until it is gone, blocking: the loop does not run until the
-    next checkout, so the pool reads the close only in that checkout's check, which fails. (Read
-    while the connection is idle, the close retires it at once, with no check to fail:
-    `asyncpool.pool.lost_idle`.)"""
-    import psycopg
-
-    with psycopg.connect(postgres.admin_dsn, autocommit=True) as admin:
-        row = admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
-        assert row is not None
-        assert row[0]
-        deadline = time.monotonic() + 5.0
-        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
-            assert time.monotonic() < deadline, f"backend {pid} still there after 5 s"
-            time.sleep(0.005)
-
-
 @contextlib.asynccontextmanager
 async def every_instrument_reported(
     sdk: Sdk, postgres: PostgresServer, name: str
@@ -217,7 +200,10 @@ async def every_instrument_reported(
         for i in range(3):
             assert await pool.fetchval("SELECT $1::int", i) == i
         pid = await pool.fetchval("SELECT pg_backend_pid()")
-        ended_unread(postgres, pid)
+        import psycopg
+
+        with psycopg.connect(postgres.admin_dsn, autocommit=True) as admin:
+            ended_unread(admin, pid)
         await pool.fetchval("SELECT 1")  # the dead idle connection fails its check
         async with pool.acquire():
             with pytest.raises(asyncpool.PoolTimeoutError):

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from asyncpool.testing import PgBouncerServer, PostgresServer, ServerStack
@@ -70,3 +71,17 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
     """What reaches the loop's exception handler during the test (`tests.loop_errors`)."""
     with caught_by_loop() as errors:
         yield errors
+
+
+@pytest.fixture
+async def limited_database(postgres: PostgresServer) -> AsyncIterator[str]:
+    """A database of the test's own, owned by the pool's role (free to take a CONNECTION
+    LIMIT), dropped after."""
+    name = f"limited_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} OWNER app")
+        yield name
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()

@@ -7,8 +7,7 @@ loop of them."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -139,19 +138,6 @@ async def test_pgbouncer_client_idle_timeout_leaves_at_once(
         # Each connection lives about 1 to 2 s: a refill after each close, at most.
         assert len(work.attempts) - before <= 8, len(work.attempts) - before
         assert pool.stats().acquired_total == 0
-
-
-@pytest.fixture
-async def limited_database(postgres: PostgresServer) -> AsyncIterator[str]:
-    """A database of the test's own, owned by the pool's role, dropped after."""
-    name = f"lost_idle_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} OWNER app")
-        yield name
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def test_a_server_refusing_the_refill_gets_no_tight_loop(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal
 
 import asyncpg
@@ -38,19 +38,6 @@ def own_pgbouncer(request: pytest.FixtureRequest, fault_stack: ServerStack) -> I
     binary = system_pgbouncer() if request.param == "legacy" else current_pgbouncer()
     with PgBouncerServer(binary, fault_stack.postgres) as bouncer:
         yield bouncer
-
-
-@pytest.fixture
-async def limited_database(postgres: PostgresServer) -> AsyncIterator[str]:
-    """A database of the test's own, owned by the pool's role, dropped after."""
-    name = f"limited_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} OWNER app")
-        yield name
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.close()
 
 
 async def _set_limit(postgres: PostgresServer, database: str, limit: int) -> None:
