@@ -273,8 +273,9 @@ async def confirm_in_step(conn: Any) -> None:
     (the client's send buffer, the front's receive buffer), several megabytes on loopback.
     PostgreSQL and PgBouncer 1.21+ read and drop them; PgBouncer 1.18, when they arrive after
     the server has left the COPY, may stop reading its client for good (the client's next
-    statement then waited for the pool's reset, 5 s; the front sometimes passed the rows on to
-    the server, which closed the connection). The answer comes after the rows in the stream:
+    statement then got no answer: until its timeout, then 5 s of the pool's reset, or until
+    ``leak_timeout``; the front sometimes passed the rows on to the server, which closed the
+    connection). The answer comes after the rows in the stream:
     once it has come, the front has taken them all and the connection is in step; if it does not
     come in time, the connection goes (`closed_out_of_step`)."""
     probe = asyncio.ensure_future(conn.execute("SELECT 1"))
