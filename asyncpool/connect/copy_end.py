@@ -266,7 +266,8 @@ IN_STEP_BOUND = 1.0
 async def confirm_in_step(conn: Any) -> None:
     """After a COPY FROM STDIN that ended with the server's error: close `conn` (out of step)
     unless its front answers a query within `IN_STEP_BOUND` (its answer or its error: in a
-    transaction the COPY's error has aborted, the server refuses it, which is an answer too).
+    transaction the COPY's error has aborted, the server refuses it, which is an answer too; a
+    connection lost meanwhile is left to the pool, which reports it lost).
 
     Rows the client had written when the server ended the COPY may still be on their way,
     whatever the client can count: once they have left its transport they wait in the sockets
@@ -286,20 +287,18 @@ async def confirm_in_step(conn: Any) -> None:
         if not probe.done():
             end_out_of_step(conn, conn.terminate)  # (its answer unread: it cannot be reused)
         raise
-    if not done or not _answered(probe):
-        if not conn.is_closed():
-            end_out_of_step(conn, conn.terminate)
-        if not done:
-            # (the close completes asyncpg's waiter at once; bounded all the same)
-            await asyncio.wait({probe}, timeout=IN_STEP_BOUND)
+    if not done:
+        end_out_of_step(conn, conn.terminate)
+        # (the close completes asyncpg's waiter at once; bounded all the same)
+        await asyncio.wait({probe}, timeout=IN_STEP_BOUND)
+    # (A probe that failed otherwise met a connection lost meanwhile: the pool sees it as such.)
 
 
-def _answered(probe: asyncio.Future[Any]) -> bool:
-    """Whether the server's answer to `probe` (done) came: its result or the server's error."""
-    if probe.cancelled():
-        return False
-    error = probe.exception()
-    return error is None or isinstance(error, asyncpg.PostgresError)
+def _ends_session(error: asyncpg.PostgresError) -> bool:
+    """Whether the server's `error` ends the connection (FATAL: ``pg_terminate_backend``...),
+    which is then lost, not out of step: the pool reports it as lost."""
+    severity = getattr(error, "severity_en", None) or getattr(error, "severity", None)
+    return severity in ("FATAL", "PANIC")
 
 
 async def _run_watched(conn: Any, watched: WatchedSource | None,
@@ -311,8 +310,8 @@ async def _run_watched(conn: Any, watched: WatchedSource | None,
     running = conn not in _RUNNING
     try:
         return await _run_gated(conn, watched, copy, running)
-    except asyncpg.PostgresError:
-        if running and not conn.is_closed():
+    except asyncpg.PostgresError as error:
+        if running and not conn.is_closed() and not _ends_session(error):
             await confirm_in_step(conn)
         raise
 

@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from asyncpool import Pool, PoolObserver
+from asyncpool import ConnectionLostError, Pool, PoolObserver
 from asyncpool.pool.slots import COPY_OUT_OF_STEP
 from asyncpool.testing import PgBouncerServer, ServerStack
 from asyncpool.testing.binaries import system_pgbouncer
@@ -157,4 +157,40 @@ async def test_a_front_that_reads_on_keeps_the_connection(
         stats = pool.stats()
         assert (stats.in_use, stats.idle, stats.closed_total, stats.created_total) == (
             0, 1, 0, 1), stats
+    assert await collected(loop_errors) == []
+
+
+async def test_a_copy_whose_server_ends_the_connection_is_lost_not_out_of_step(
+        stack: ServerStack, table: str, loop_errors: list[dict[str, Any]]) -> None:
+    """``pg_terminate_backend`` under a COPY: the server's FATAL error ends the connection, which
+    is not checked (nothing would answer) and is reported lost, as before, not out of step."""
+    terminated = asyncio.Event()
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"0\tfirst\n"
+        await terminated.wait()
+        yield b"2\tsecond\n"
+
+    closes = Closes()
+    admin = await asyncpg.connect(stack.postgres.admin_dsn)
+    try:
+        async with Pool(stack.postgres.dsn(), min_size=1, max_size=1, telemetry=False,
+                        observers=[closes]) as pool:
+            copying = asyncio.create_task(
+                pool.copy_to_table(table, source=source(), columns=["x", "t"]))
+            async with asyncio.timeout(NEXT_BOUND * 5):
+                while not await admin.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE query LIKE $1 AND state = 'active'", f"COPY%{table}%"):
+                    await asyncio.sleep(0.02)
+            terminated.set()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(ConnectionLostError):
+                await asyncio.wait_for(copying, COPY_BOUND)
+            assert loop.time() - started < ANSWERED_BOUND
+            await _next_statement(pool)
+            assert COPY_OUT_OF_STEP not in closes.reasons, closes.reasons
+    finally:
+        await admin.close()
     assert await collected(loop_errors) == []
