@@ -42,6 +42,12 @@ those the pool's connection class puts a `FlowGate` in the place of the protocol
 once the server has ended the COPY it raises there (`EndedByServer`), waiting or not, and the
 caller gets the server's error. asyncpg's own entry points get the caller's own arguments.
 
+Rows that have all left the transport are not counted: a COPY written whole before the server's
+error is read (the usual case up to a few MB: the transport hands each chunk to the socket at
+once) leaves them in the sockets, and PgBouncer 1.18 often stops reading them for good. So a
+COPY FROM STDIN that ends with the server's error keeps its connection only once the front has
+answered a query sent after them (`confirm_in_step`); otherwise the connection goes, out of step.
+
 asyncpg's protocol keeps its reply future where Python cannot reach it but through the garbage
 collector's references (as `asyncpool.connect.copy_waiter` reads it): read once per COPY, when
 the source is first asked for a chunk (or asyncpg first waits to write one), never on a
@@ -250,12 +256,68 @@ def out_of_step(conn: Any) -> bool:
     return conn in _RUNNING and not conn.is_closed() and unsent(conn) > 0
 
 
+#: How long a COPY the server ended waits for the answer to the query that shows its connection
+#: in step (`confirm_in_step`) before it closes the connection: a front that reads on answers in
+#: a round trip (PostgreSQL drops the rows left over at gigabytes a second), PgBouncer 1.18 stuck
+#: behind them never does. Past it, a loaded machine costs one reconnect, not a wrong answer.
+IN_STEP_BOUND = 1.0
+
+
+async def confirm_in_step(conn: Any) -> None:
+    """After a COPY FROM STDIN that ended with the server's error: close `conn` (out of step)
+    unless its front answers a query within `IN_STEP_BOUND` (its answer or its error: in a
+    transaction the COPY's error has aborted, the server refuses it, which is an answer too; a
+    connection lost meanwhile is left to the pool, which reports it lost).
+
+    Rows the client had written when the server ended the COPY may still be on their way,
+    whatever the client can count: once they have left its transport they wait in the sockets
+    (the client's send buffer, the front's receive buffer), several megabytes on loopback.
+    PostgreSQL and PgBouncer 1.21+ read and drop them; PgBouncer 1.18, when they arrive after
+    the server has left the COPY, may stop reading its client for good (the client's next
+    statement then got no answer: until its timeout, then 5 s of the pool's reset, or until
+    ``leak_timeout``; the front sometimes passed the rows on to the server, which closed the
+    connection). The answer comes after the rows in the stream:
+    once it has come, the front has taken them all and the connection is in step; if it does not
+    come in time, the connection goes (`closed_out_of_step`)."""
+    probe = asyncio.ensure_future(conn.execute("SELECT 1"))
+    probe.add_done_callback(_consume)
+    try:
+        done, _ = await asyncio.wait({probe}, timeout=IN_STEP_BOUND)
+    except BaseException:
+        if not probe.done():
+            end_out_of_step(conn, conn.terminate)  # (its answer unread: it cannot be reused)
+        raise
+    if not done:
+        end_out_of_step(conn, conn.terminate)
+        # (the close completes asyncpg's waiter at once; bounded all the same)
+        await asyncio.wait({probe}, timeout=IN_STEP_BOUND)
+    # (A probe that failed otherwise met a connection lost meanwhile: the pool sees it as such.)
+
+
+def _ends_session(error: asyncpg.PostgresError) -> bool:
+    """Whether the server's `error` ends the connection (FATAL: ``pg_terminate_backend``...),
+    which is then lost, not out of step: the pool reports it as lost."""
+    severity = getattr(error, "severity_en", None) or getattr(error, "severity", None)
+    return severity in ("FATAL", "PANIC")
+
+
 async def _run_watched(conn: Any, watched: WatchedSource | None,
                        copy: Callable[[], Any]) -> Any:
     """`copy`, asyncpg's COPY FROM STDIN on `conn`, reading `watched`; or, for a source that
-    asyncpg reads itself (`watched` None), with its flow control gated (`FlowGate`)."""
+    asyncpg reads itself (`watched` None), with its flow control gated (`FlowGate`). Ended by
+    the server's error, its connection is kept only once shown in step (`confirm_in_step`)."""
     # (a second COPY at once on the connection, which asyncpg refuses, does not take its place)
     running = conn not in _RUNNING
+    try:
+        return await _run_gated(conn, watched, copy, running)
+    except asyncpg.PostgresError as error:
+        if running and not conn.is_closed() and not _ends_session(error):
+            await confirm_in_step(conn)
+        raise
+
+
+async def _run_gated(conn: Any, watched: WatchedSource | None, copy: Callable[[], Any],
+                     running: bool) -> Any:
     watch: WatchedSource | FlowGate | None = watched
     if running:
         if watch is None:

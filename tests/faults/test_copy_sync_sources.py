@@ -27,7 +27,6 @@ import pytest
 
 from asyncpool import Pool
 from asyncpool.connect import copy_end, driver
-from asyncpool.pool.resets import RELEASE_TIMEOUT
 from asyncpool.testing import PgBouncerServer, ServerStack
 from asyncpool.testing.binaries import system_pgbouncer
 from asyncpool.testing.faultproxy import FaultProxy
@@ -316,10 +315,10 @@ async def test_pgbouncer_118_itself_stops_taking_the_rows(
     good (its writer paused); now it raises the server's error, and the pool serves.
 
     Not always at once: when the client's transport had handed all it held to its socket as the
-    COPY ended (its writer reading the file's next chunk), the connection is kept, and its Sync
-    waits behind rows PgBouncer 1.18 never reads, until the release's reset gives up
-    (`RELEASE_TIMEOUT`) and closes it (1 run of 2 for a path here): asyncpool counts the bytes
-    in the transport only, not those in the socket."""
+    COPY ended (its writer reading the file's next chunk), nothing is unsent, and the COPY ends
+    once its connection has failed to answer a query behind rows PgBouncer 1.18 never reads
+    (`copy_end.IN_STEP_BOUND`), closed. (Before, it was kept, and its next statement waited for
+    the release's reset to give up, 5 s: 1 run of 2 for a path here.)"""
     copy = _copier(kind, table, _rows(2 * BIG_ROWS), tmp_path, None)
     # A PgBouncer 1.18 of its own: should it crash (above), no other test's goes with it.
     with PgBouncerServer(system_pgbouncer(), stack.postgres) as bouncer:
@@ -342,7 +341,7 @@ async def _copy_through_118(bouncer: PgBouncerServer, copy: Callable[[Any], Awai
             await _stop(copying)
         assert unsent > 0, "the rows were all taken: nothing was tested"
         assert isinstance(raised, expected), repr(raised)
-        assert took < END_BOUND + RELEASE_TIMEOUT, f"the COPY took {took:.2f} s to end"
+        assert took < END_BOUND + copy_end.IN_STEP_BOUND, f"the COPY took {took:.2f} s to end"
         async with asyncio.timeout(SERVER_BOUND):
             assert await pool.fetchval("SELECT 8") == 8
         assert pool.stats().in_use == 0
