@@ -47,6 +47,10 @@ error is read (the usual case up to a few MB: the transport hands each chunk to 
 once) leaves them in the sockets, and PgBouncer 1.18 often stops reading them for good. So a
 COPY FROM STDIN that ends with the server's error keeps its connection only once the front has
 answered a query sent after them (`confirm_in_step`); otherwise the connection goes, out of step.
+A task cancelled once the server has ended the COPY cannot wait for that answer (nor should
+the pool's reset, or its holder's next statement, meet a front stuck behind the rows): its
+connection goes at once, out of step, whether asyncpg was waiting for the COPY's reply or for
+the source (then after the Sync of `settle_cancel`).
 
 asyncpg's protocol keeps its reply future where Python cannot reach it but through the garbage
 collector's references (as `asyncpool.connect.copy_waiter` reads it): read once per COPY, when
@@ -294,6 +298,13 @@ async def confirm_in_step(conn: Any) -> None:
     # (A probe that failed otherwise met a connection lost meanwhile: the pool sees it as such.)
 
 
+def _rows_after_end(watch: WatchedSource | FlowGate | None) -> bool:
+    """Whether the server ended the COPY `watch` watches with its error (not FATAL: that ends
+    the connection, lost) once rows were sent (a `WatchedSource`: once it was asked for one)."""
+    error = server_error(watch.reply) if watch is not None else None
+    return isinstance(error, asyncpg.PostgresError) and not _ends_session(error)
+
+
 def _ends_session(error: asyncpg.PostgresError) -> bool:
     """Whether the server's `error` ends the connection (FATAL: ``pg_terminate_backend``...),
     which is then lost, not out of step: the pool reports it as lost."""
@@ -325,6 +336,14 @@ async def _run_gated(conn: Any, watched: WatchedSource | None, copy: Callable[[]
         _RUNNING[conn] = watch
     try:
         return await copy()
+    except asyncio.CancelledError:
+        if running and _rows_after_end(watch) and not conn.is_closed():
+            # Cancelled once the server had ended the COPY: its rows may still be in the
+            # sockets, as after its error (`confirm_in_step`), but the check would hold the
+            # cancelled task up to `IN_STEP_BOUND` (and the pool's reset, or the holder's next
+            # statement, meets a stuck PgBouncer 1.18 all the same): the connection goes now.
+            end_out_of_step(conn, conn.terminate)
+        raise
     except EndedByServer:
         error = watch.server_error() if isinstance(watch, FlowGate) else None
         assert error is not None  # (only a gate raises it, once the server's error is read)
@@ -376,7 +395,9 @@ def settle_cancel(conn: Any, sent: asyncio.Future[Any], transport: Any) -> bool:
     raised): if that statement is a COPY the server has already ended, send no cancel request
     (there is nothing to cancel, and a late one could stop the connection's next statement) but
     a Sync, whose ReadyForQuery is the answer asyncpg waits for before the connection's next
-    statement; `sent` (asyncpg's "request sent") is done at once. True if so."""
+    statement; `sent` (asyncpg's "request sent") is done at once. True if so. (A cancelled
+    task's connection then goes all the same, `_run_gated`; a COPY its `FlowGate` stopped ends
+    with the server's error, and is checked, `confirm_in_step`.)"""
     watched = _RUNNING.get(conn)
     if (watched is None or transport is None or not watched.ended_by_server()
             or conn.is_closed()):

@@ -11,7 +11,10 @@ reset then giving up after 5 s; with none, until ``leak_timeout`` reclaimed it, 
 source) met a server connection PostgreSQL had closed on the rows' bytes. Now a COPY
 the server ended keeps its connection only once the front has answered a query sent after the
 rows (`asyncpool.connect.copy_end.confirm_in_step`): in a round trip where it reads them, else
-the connection is closed within `IN_STEP_BOUND` (1 s) and the next statement runs on a new one."""
+the connection is closed within `IN_STEP_BOUND` (1 s) and the next statement runs on a new one.
+A task cancelled once the server's error has arrived, before the COPY returned, cannot wait for
+that answer: its connection is closed at once (through 1.18 the cancellation used to wait 5 s for
+the pool's reset, whose statement got no answer)."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import asyncpg
 import pytest
 
 from asyncpool import ConnectionLostError, Pool, PoolObserver
+from asyncpool.connect import copy_end
 from asyncpool.pool.slots import COPY_OUT_OF_STEP
 from asyncpool.testing import PgBouncerServer, ServerStack
 from asyncpool.testing.binaries import system_pgbouncer
@@ -46,6 +50,11 @@ ATTEMPTS = 20
 NEXT_BOUND = 1.0
 # A refused COPY whose front answers ends within this (a round trip after the server's error).
 ANSWERED_BOUND = 1.0
+# Cancelled COPYs through PgBouncer 1.18, each once the server's error has arrived: without the
+# fix most runs (12 of 16) waited for the pool's reset, whose statement got no answer (5 s).
+CANCELLED_ATTEMPTS = 8
+# A cancelled COPY's task ends within this (without the fix: the pool's reset, 5 s).
+CANCEL_BOUND = 0.5
 # The refused COPY ends within this: at once, or after `copy_end.IN_STEP_BOUND` (1 s) where its
 # front is stuck. Generous, for a loaded machine.
 COPY_BOUND = 2.5
@@ -194,4 +203,62 @@ async def test_a_copy_whose_server_ends_the_connection_is_lost_not_out_of_step(
             assert COPY_OUT_OF_STEP not in closes.reasons, closes.reasons
     finally:
         await admin.close()
+    assert await collected(loop_errors) == []
+
+
+async def _rows_then_stall(total: int) -> AsyncIterator[bytes]:
+    """`_rows`, then a source that waits (for good) for its next row."""
+    async for chunk in _rows(total):
+        yield chunk
+    await asyncio.Event().wait()
+
+
+async def _cancelled_once_refused(pool: Pool, table: str, stalls: bool) -> float | None:
+    """The COPY refused at row 1, its task cancelled once the server's error has arrived and
+    before the call has returned (waiting for the COPY's reply, or for its source if `stalls`:
+    asyncpg then sends CopyFail, and the pool a Sync): how long the cancelled task took to end
+    (None: the window was missed, the COPY had returned)."""
+    source = _rows_then_stall(TOTAL) if stalls else _rows(TOTAL)
+    copying = asyncio.create_task(pool.copy_to_table(table, source=source, columns=["x", "t"]))
+    async with asyncio.timeout(COPY_BOUND):
+        # (the COPY is the only one running in this process: its watched source tells)
+        while not any(watch is not None and watch.ended_by_server()
+                      for watch in copy_end._RUNNING.values()):
+            if copying.done():
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    copying.result()
+                return None
+            await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    copying.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(copying, COPY_BOUND * 4)
+    return loop.time() - started
+
+
+@pytest.mark.parametrize("case", ["1.18", "1.18-stalled", "direct", "current-stalled"])
+async def test_a_copy_cancelled_after_the_servers_error_closes_its_connection_at_once(
+        stack: ServerStack, request: pytest.FixtureRequest, case: str, table: str,
+        loop_errors: list[dict[str, Any]]) -> None:
+    """A task cancelled after the server ended its COPY, before the call returned: it gets its
+    CancelledError at once and the connection is closed as out of step (the check would hold
+    the cancelled task; its rows may still be on their way). Through PgBouncer 1.18 the pool's
+    reset (or the holder's next statement) otherwise often got no answer: the cancellation
+    took 5 s. Directly and through a current PgBouncer it costs one reconnect. ("-stalled":
+    the source waits after its rows, asyncpg then cancelling the COPY, the pool sending a Sync.)"""
+    where, stalls = case.removesuffix("-stalled"), case.endswith("-stalled")
+    dsn = (request.getfixturevalue("bouncer_118").dsn() if where == "1.18"
+           else stack.postgres.dsn() if where == "direct" else stack.current.dsn())
+    closes = Closes()
+    tried = 0
+    async with Pool(dsn, min_size=1, max_size=1, telemetry=False, observers=[closes]) as pool:
+        for _ in range(CANCELLED_ATTEMPTS if where == "1.18" else 2):
+            took = await _cancelled_once_refused(pool, table, stalls)
+            if took is not None:
+                tried += 1
+                assert took < CANCEL_BOUND, f"the cancelled COPY took {took:.2f} s to end"
+            await _next_statement(pool)
+        assert tried, "the COPY always returned before its cancellation: nothing was tested"
+        assert closes.reasons == [COPY_OUT_OF_STEP] * tried, closes.reasons
     assert await collected(loop_errors) == []
