@@ -248,7 +248,9 @@ async def test_a_copy_cancelled_after_the_servers_error_closes_its_connection_at
     took 5 s. Directly and through a current PgBouncer it costs one reconnect. ("-stalled":
     the source waits after its rows, asyncpg then cancelling the COPY, the pool sending a Sync.)"""
     where, stalls = case.removesuffix("-stalled"), case.endswith("-stalled")
-    dsn = (request.getfixturevalue("bouncer_118").dsn() if where == "1.18"
+    bouncer: PgBouncerServer | None = (
+        request.getfixturevalue("bouncer_118") if where == "1.18" else None)
+    dsn = (bouncer.dsn() if bouncer is not None
            else stack.postgres.dsn() if where == "direct" else stack.current.dsn())
     closes = Closes()
     tried = 0
@@ -258,7 +260,16 @@ async def test_a_copy_cancelled_after_the_servers_error_closes_its_connection_at
             if took is not None:
                 tried += 1
                 assert took < CANCEL_BOUND, f"the cancelled COPY took {took:.2f} s to end"
-            await _next_statement(pool)
+            try:
+                await _next_statement(pool)
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+                # (seen twice in about 25 runs, not since: 1.18's port refused connections)
+                state = ("" if bouncer is None or bouncer.process is None else
+                         f"; PgBouncer 1.18 running: {bouncer.running()}, its log ends:\n"
+                         f"{bouncer.process.log_tail(3000)}")
+                raise AssertionError(f"the next statement failed after {tried} cancelled "
+                                     f"COPYs, closes {closes.reasons}{state}") from exc
         assert tried, "the COPY always returned before its cancellation: nothing was tested"
         assert closes.reasons == [COPY_OUT_OF_STEP] * tried, closes.reasons
+    assert bouncer is None or bouncer.running(), "PgBouncer 1.18 crashed"
     assert await collected(loop_errors) == []
