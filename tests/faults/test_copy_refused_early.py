@@ -50,8 +50,9 @@ ATTEMPTS = 20
 NEXT_BOUND = 1.0
 # A refused COPY whose front answers ends within this (a round trip after the server's error).
 ANSWERED_BOUND = 1.0
-# Cancelled COPYs through PgBouncer 1.18, each once the server's error has arrived: without the
-# fix most runs (12 of 16) waited for the pool's reset, whose statement got no answer (5 s).
+# COPYs through PgBouncer 1.18 until one was cancelled once the server's error had arrived
+# (the others returned first): without the fix most such (12 of 16) waited for the pool's reset,
+# whose statement got no answer (5 s).
 CANCELLED_ATTEMPTS = 8
 # A cancelled COPY's task ends within this (without the fix: the pool's reset, 5 s).
 CANCEL_BOUND = 0.5
@@ -269,6 +270,10 @@ async def test_a_copy_cancelled_after_the_servers_error_closes_its_connection_at
                          f"{bouncer.process.log_tail(3000)}")
                 raise AssertionError(f"the next statement failed after {tried} cancelled "
                                      f"COPYs, closes {closes.reasons}{state}") from exc
+            if tried:
+                # One is the test; each more is another connection closed mid-COPY, which
+                # PgBouncer 1.18 can crash on (docs/faults.md).
+                break
         assert tried, "the COPY always returned before its cancellation: nothing was tested"
         assert closes.reasons == [COPY_OUT_OF_STEP] * tried, closes.reasons
     assert bouncer is None or bouncer.running(), "PgBouncer 1.18 crashed"
