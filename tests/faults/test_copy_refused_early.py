@@ -26,12 +26,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from asyncpool import ConnectionLostError, Pool, PoolObserver
+from asyncpool import ConnectionLostError, Pool
 from asyncpool.connect import copy_end
 from asyncpool.pool.slots import COPY_OUT_OF_STEP
 from asyncpool.testing import PgBouncerServer, ServerStack
 from asyncpool.testing.binaries import system_pgbouncer
 from tests.loop_errors import collected
+from tests.pool_watchers import PoolWork
 
 # The COPY's size through PgBouncer 1.18, which stopped reading its client in most runs here at
 # this size (and in fewer at 256 KB and 1 MB). Rows of about 1 KB, 64 to a chunk of the source.
@@ -59,16 +60,6 @@ CANCEL_BOUND = 0.5
 # The refused COPY ends within this: at once, or after `copy_end.IN_STEP_BOUND` (1 s) where its
 # front is stuck. Generous, for a loaded machine.
 COPY_BOUND = 2.5
-
-
-class Closes(PoolObserver):
-    """The reasons the pool's connections left it."""
-
-    def __init__(self) -> None:
-        self.reasons: list[str] = []
-
-    def connection_closed(self, reason: str) -> None:
-        self.reasons.append(reason)
 
 
 async def _rows(total: int) -> AsyncIterator[bytes]:
@@ -129,7 +120,7 @@ async def test_pgbouncer_118_stuck_behind_the_rows_closes_the_connection(
     """Through PgBouncer 1.18: each refused COPY ends within `COPY_BOUND`, the next statement
     answers at once (without the fix it got no answer: `NEXT_BOUND` fails it), and a
     connection the front stopped reading was closed as out of step, not reused."""
-    closes = Closes()
+    closes = PoolWork()  # (its `reasons`: why connections left, in order)
     async with Pool(bouncer_118.dsn(), min_size=1, max_size=1, telemetry=False,
                     observers=[closes]) as pool:
         for _ in range(ATTEMPTS):
@@ -182,7 +173,7 @@ async def test_a_copy_whose_server_ends_the_connection_is_lost_not_out_of_step(
         await terminated.wait()
         yield b"2\tsecond\n"
 
-    closes = Closes()
+    closes = PoolWork()
     admin = await asyncpg.connect(stack.postgres.admin_dsn)
     try:
         async with Pool(stack.postgres.dsn(), min_size=1, max_size=1, telemetry=False,
@@ -253,7 +244,7 @@ async def test_a_copy_cancelled_after_the_servers_error_closes_its_connection_at
         request.getfixturevalue("bouncer_118") if where == "1.18" else None)
     dsn = (bouncer.dsn() if bouncer is not None
            else stack.postgres.dsn() if where == "direct" else stack.current.dsn())
-    closes = Closes()
+    closes = PoolWork()
     tried = 0
     async with Pool(dsn, min_size=1, max_size=1, telemetry=False, observers=[closes]) as pool:
         for _ in range(CANCELLED_ATTEMPTS if where == "1.18" else 2):
