@@ -164,6 +164,9 @@ async def checkin(slots: Slots, lease: Lease, timeout: float | None = None) -> N
     reset = slots._spawn(_reset(slots, record, reset_timeout(slots.loop, timeout)))
     slots.resets[reset] = record
     reset.add_done_callback(functools.partial(_reset_done, slots))
+    task = asyncio.current_task()
+    # The caller's cancel requests so far: only a new one means the caller was cancelled.
+    requests = task.cancelling() if task is not None else 0
     try:
         await asyncio.shield(reset)
     except asyncio.CancelledError:
@@ -171,6 +174,10 @@ async def checkin(slots: Slots, lease: Lease, timeout: float | None = None) -> N
             _put_reset(slots, record, reset)
         else:
             reset.add_done_callback(functools.partial(_put_reset, slots, record))
+        if reset.cancelled() and task is not None and task.cancelling() <= requests:
+            # The pool's close gave the reset up (`_end_resets`) and closed its connection:
+            # the shield passes that on as a cancellation, which is not the caller's.
+            return
         raise
     _put_reset(slots, record, reset)
 

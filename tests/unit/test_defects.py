@@ -37,6 +37,7 @@ from tests.unit.fakes import (
     VirtualClockLoop,
     fake_pool,
     leak_report,
+    patched_cancel_requests,
     run,
 )
 
@@ -944,3 +945,39 @@ def test_a_block_driven_by_another_task_that_its_caller_cancelled_ends_cancelled
             assert await pool.fetchval("SELECT 1") == 1
 
     run(main())
+
+
+def test_a_release_waiting_on_a_cancel_request_when_close_gives_up_is_not_cancelled(
+        server: FakeServer) -> None:
+    """A block whose statement ran out of its ``timeout=`` leaves with the cancel request still
+    on its way; the release waits for it (the reset). ``close(timeout=0)`` then gives up that
+    reset and cancels it: the holder's ``async with`` ended in CancelledError, though nobody had
+    cancelled its task (found by the model test, seed 54165758836249573978333436986123604707).
+    Now the block ends as it would have, and the connection is closed by the pool."""
+    server.requests_outlive = True  # (as the real Connector's connections: the request is waited for)
+    server.cancel_latency = 2.0
+
+    async def main() -> None:
+        pool = fake_pool(server, min_size=1, max_size=1)
+        await pool.open()
+        ended: list[str] = []
+
+        async def user() -> None:
+            async with pool.acquire() as conn:
+                with contextlib.suppress(TimeoutError):
+                    await conn.fetchval("SELECT pg_sleep(1)", timeout=0.002)
+            ended.append("block")
+
+        task = asyncio.create_task(user())
+        await asyncio.sleep(0.003)
+        assert not task.done()  # (its release waits for the cancel request)
+        await pool.close(timeout=0.0)
+        await asyncio.wait([task], timeout=5)
+        assert not task.cancelled(), "the holder's block ended cancelled by the pool's close"
+        assert task.result() is None
+        assert ended == ["block"]
+        stats = pool.stats()
+        assert (stats.in_use, stats.idle, stats.size) == (0, 0, 0), stats
+
+    with patched_cancel_requests():
+        run(main())
