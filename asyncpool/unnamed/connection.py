@@ -241,6 +241,12 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                 await self.reload_schema_state()  # as asyncpg's PreparedStatement does
                 statement.mark_closed()
                 raise
+            except (pg_exceptions.PostgresError, pg_exceptions.InterfaceError):
+                # Arguments refused before anything was sent, right after prepare()'s
+                # describe (Parse, Describe, Flush): its Sync, as `_reuse` sends (no-op if
+                # anything was written since).
+                await self._end_describe(timeout)
+                raise
         key: Key = (statement.query, statement.record_class, statement.ignore_custom_codec)
         check = Check(description, key, replay=call != _DISCARD)
         generation = self._describe_cache.generation()
@@ -304,7 +310,13 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                 raise
         else:
             if check.verdict == CHANGED and check.replay:
-                return await self._decode_again(check, executor, timeout, generation, many)
+                try:
+                    return await self._decode_again(check, executor, timeout, generation, many)
+                except pg_exceptions.OutdatedSchemaCacheError:
+                    # The same, met decoding the changed reply again: without the reload every
+                    # later statement reading that type failed too, where asyncpg's next works.
+                    await self.reload_schema_state()
+                    raise
             return result, check.description.statement
         finally:
             wire.disarm()
