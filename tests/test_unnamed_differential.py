@@ -880,3 +880,24 @@ async def test_a_prepared_executemany_with_an_enum_parameter_refused_leaves_no_l
          Call("fetch", "SELECT * FROM {t} WHERE id = $1", (1,))],
         what=f"prepared executemany refused ({label})", lock_timeout="2s")
     assert outcomes[1][1][:2] == ("error", "asyncpg.exceptions.DataError")
+
+
+async def test_a_result_with_a_text_format_column_changed_inside_a_transaction_block(
+        target: Target, postgres: PostgresServer,  # noqa: F811
+        oracle: asyncpg.Connection, request: pytest.FixtureRequest) -> None:
+    """Seed 101, case 6: a cached ``SELECT *`` of a table with a column asyncpg reads as text
+    (``money`` here; ``tsvector``, ``citext``, a ``jsonb`` with the usual ``json.loads`` codec
+    too) names each column's result format in its Bind, which the server refuses once a
+    column was added (``bind message has 3 result formats but query has 4 columns``, 08P01).
+    Outside a transaction block the call is then described afresh; inside one the refusal
+    aborted the transaction where asyncpg, describing afresh, returns the rows."""
+    label = str(request.node.callspec.params["target"])
+    select = Call("fetch", "SELECT * FROM {t} WHERE id = $1", (1,))
+    await differential(
+        target, postgres, oracle, prefix=f"dfm4{label[0]}",
+        setup="DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (id int, m money, v int);"
+        "INSERT INTO {t} VALUES (1, 12.5, 7)",
+        steps=[Block([select]), Ddl("ALTER TABLE {t} ADD COLUMN w int DEFAULT 3"),
+               Block([select, select]), Ddl("ALTER TABLE {t} DROP COLUMN v"),
+               Block([select]), select, select],
+        what=f"text-format column, a column added ({label})")

@@ -36,6 +36,7 @@ from asyncpool.unnamed.messages import (
     PARSE_COMPLETE_MESSAGE,
     READY_FOR_QUERY,
     ROW_DESCRIPTION,
+    bind_result_codes,
     bind_with_text_params,
     error_is_fatal,
     error_sqlstate,
@@ -282,6 +283,8 @@ class Wire(ForwardingProtocol):
             self.real.write(data)
             return
         bind = data[:head[1]]
+        if description.per_column_formats is None:
+            description.per_column_formats = len(bind_result_codes(bind)) > 1
         if description.text_params:
             bind = _text_params(bind, description)
         data = b"".join((description.prefix, bind, DESCRIBE_UNNAMED_PORTAL, data[head[1]:]))
