@@ -903,3 +903,29 @@ async def test_a_result_with_a_text_format_column_changed_inside_a_transaction_b
                Block([select, select]), Ddl("ALTER TABLE {t} DROP COLUMN v"),
                Block([select]), select, select],
         what=f"text-format column, a column added ({label})")
+
+
+async def test_an_executemany_row_past_a_widened_columns_cached_type(
+        target: Target, postgres: PostgresServer,  # noqa: F811
+        oracle: asyncpg.Connection, request: pytest.FixtureRequest) -> None:
+    """Seed 303, case 9: after ``int4`` was widened to ``int8``, an ``executemany`` whose first
+    row fits the cached ``int4`` and a later one does not. asyncpg's codec refuses that row
+    before anything of the statement was sent (it ends its pipeline with a ROLLBACK or a
+    Sync); the call must be described afresh and run, as for a first row that does not fit,
+    where unnamed raised the cached codec's DataError."""
+    label = str(request.node.callspec.params["target"])
+    insert = "INSERT INTO {t} (id, a) VALUES ($1, $2)"
+    rows = ((2, 5), (3, 2**40), (4, 6))
+    select = Call("fetch", "SELECT * FROM {t} ORDER BY id")
+    await differential(
+        target, postgres, oracle, prefix=f"dfm5{label[0]}",
+        setup="DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (id int, a int4)",
+        steps=[Call("executemany", insert, ((1, 1),)),
+               Ddl("ALTER TABLE {t} ALTER COLUMN a TYPE int8"),
+               Call("executemany", insert, rows), select,
+               Block([Call("executemany", insert, ((1, 1),))]),
+               Ddl("ALTER TABLE {t} ALTER COLUMN a TYPE int4; DELETE FROM {t}"),
+               Block([Call("executemany", insert, ((1, 1),))]),
+               Ddl("ALTER TABLE {t} ALTER COLUMN a TYPE int8"),
+               Block([Call("executemany", insert, rows), select])],
+        what=f"executemany row past the cached type ({label})")
