@@ -706,8 +706,13 @@ def _difference(got: Any, expected: Any) -> str:
     """Where two outcomes first differ, shortened."""
     path = []
     while (isinstance(got, list | tuple) and isinstance(expected, list | tuple)
-           and len(got) == len(expected) and type(got) is type(expected)):
-        index = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+           and type(got) is type(expected)):
+        index = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+        if index is None:  # one is the other cut short
+            index = min(len(got), len(expected))
+            path.append(index)
+            got, expected = got[index:], expected[index:]
+            break
         path.append(index)
         got, expected = got[index], expected[index]
     return (f"outcomes differ at {path}:\n      unnamed: {_short(got)}\n      asyncpg: "
@@ -772,7 +777,7 @@ async def differential(target: Target, postgres: PostgresServer,  # noqa: F811
         assert cache.misses > 0, fail(str(cache))
         print(f"{what}: {cache}")
     await oracle.execute("SELECT 1")  # (asyncpg's describe left unsynced, as before a migration)
-    assert await migrate(postgres, "DROP VIEW IF EXISTS {v}; DROP TABLE IF EXISTS {t};"
+    assert await migrate(postgres, "DROP VIEW IF EXISTS {v}; DROP TABLE IF EXISTS {t}, {t}2;"
                   "DROP FUNCTION IF EXISTS {f}(int); DROP FUNCTION IF EXISTS {g}(int);"
                   "DROP TYPE IF EXISTS {e}; DROP DOMAIN IF EXISTS {dm};"
                   "DROP DOMAIN IF EXISTS {dm}2; DROP TYPE IF EXISTS {c}",
@@ -898,10 +903,18 @@ async def test_a_result_with_a_text_format_column_changed_inside_a_transaction_b
     await differential(
         target, postgres, oracle, prefix=f"dfm4{label[0]}",
         setup="DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (id int, m money, v int);"
-        "INSERT INTO {t} VALUES (1, 12.5, 7)",
+        "INSERT INTO {t} VALUES (1, 12.5, 7);"
+        "DROP TABLE IF EXISTS {t}2; CREATE TABLE {t}2 AS SELECT 1 AS id",
         steps=[Block([select]), Ddl("ALTER TABLE {t} ADD COLUMN w int DEFAULT 3"),
                Block([select, select]), Ddl("ALTER TABLE {t} DROP COLUMN v"),
-               Block([select]), select, select],
+               Block([select]), select, select,
+               # The statement decoded again from a changed reply (a text-format column
+               # added) has not bound yet when the next column comes: Seed 707, case 34.
+               Call("fetch", "SELECT * FROM {t}2"),
+               Ddl("ALTER TABLE {t}2 ADD COLUMN m money DEFAULT 1"),
+               Block([Call("fetch", "SELECT * FROM {t}2")]),
+               Ddl("ALTER TABLE {t}2 ADD COLUMN w int DEFAULT 2"),
+               Block([Call("fetch", "SELECT * FROM {t}2")])],
         what=f"text-format column, a column added ({label})")
 
 

@@ -124,12 +124,14 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
             # executemany sends many Binds: an enum parameter sent as text would need each one
             # rewritten, so such a statement takes asyncpg's own path there.
             # In a transaction block, a statement whose Bind names each result column's
-            # format is described afresh too: once the number of its columns changed (a
-            # column added under SELECT *) the server refuses that Bind, and the refusal would
-            # abort the transaction; the describe's locks keep the new description true.
+            # format (or may: not bound since it was decoded again from a changed reply) is
+            # described afresh too: once the number of its columns changed (a column added
+            # under SELECT *) the server refuses that Bind, and the refusal would abort the
+            # transaction; the describe's locks keep the new description true.
             if (entry is not None and not self._protocol._is_cancelling()
                     and not (call == _DISCARD and entry.text_params)
-                    and not (entry.per_column_formats and self._protocol.is_in_transaction())):
+                    and not (entry.per_column_formats is not False
+                             and self._protocol.is_in_transaction())):
                 if entry.guards is None or fits(entry.guards, executor, call == _DISCARD):
                     check = Check(entry, key, replay=call == _ROWS)
                     return await self._reuse(check, executor, timeout, retry)

@@ -63,7 +63,7 @@ class Description:
         self.expires_at: float | None = expires_at
         #: asyncpg's Bind names each result column's format (some column is read as text):
         #: the server refuses it at Bind once the number of columns changed. Learned from the
-        #: first Bind sent (`Wire`); None until then.
+        #: first Bind sent (`Wire`); None until then (taken as True in a transaction block).
         self.per_column_formats: bool | None = None
         self.type_names: dict[int, str] = {a.type.oid: a.type.name for a in attributes}
 
