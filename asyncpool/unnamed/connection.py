@@ -123,8 +123,15 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
             # While asyncpg still waits for a cancelled query to finish, take its own path.
             # executemany sends many Binds: an enum parameter sent as text would need each one
             # rewritten, so such a statement takes asyncpg's own path there.
+            # In a transaction block, a statement whose Bind names each result column's
+            # format (or may: not bound since it was decoded again from a changed reply) is
+            # described afresh too: once the number of its columns changed (a column added
+            # under SELECT *) the server refuses that Bind, and the refusal would abort the
+            # transaction; the describe's locks keep the new description true.
             if (entry is not None and not self._protocol._is_cancelling()
-                    and not (call == _DISCARD and entry.text_params)):
+                    and not (call == _DISCARD and entry.text_params)
+                    and not (entry.per_column_formats is not False
+                             and self._protocol.is_in_transaction())):
                 if entry.guards is None or fits(entry.guards, executor, call == _DISCARD):
                     check = Check(entry, key, replay=call == _ROWS)
                     return await self._reuse(check, executor, timeout, retry)
@@ -241,6 +248,12 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                 await self.reload_schema_state()  # as asyncpg's PreparedStatement does
                 statement.mark_closed()
                 raise
+            except (pg_exceptions.PostgresError, pg_exceptions.InterfaceError):
+                # Arguments refused before anything was sent, right after prepare()'s
+                # describe (Parse, Describe, Flush): its Sync, as `_reuse` sends (no-op if
+                # anything was written since).
+                await self._end_describe(timeout)
+                raise
         key: Key = (statement.query, statement.record_class, statement.ignore_custom_codec)
         check = Check(description, key, replay=call != _DISCARD)
         generation = self._describe_cache.generation()
@@ -304,7 +317,13 @@ class DescribeCacheConnection(_AsyncpgConnection):  # type: ignore[misc]
                 raise
         else:
             if check.verdict == CHANGED and check.replay:
-                return await self._decode_again(check, executor, timeout, generation, many)
+                try:
+                    return await self._decode_again(check, executor, timeout, generation, many)
+                except pg_exceptions.OutdatedSchemaCacheError:
+                    # The same, met decoding the changed reply again: without the reload every
+                    # later statement reading that type failed too, where asyncpg's next works.
+                    await self.reload_schema_state()
+                    raise
             return result, check.description.statement
         finally:
             wire.disarm()

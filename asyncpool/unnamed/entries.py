@@ -40,8 +40,8 @@ class Description:
     again when a reply shows a changed result.
     """
 
-    __slots__ = ("columns", "expires_at", "guards", "param_message", "prefix", "row_message",
-                 "statement", "text_params", "type_names")
+    __slots__ = ("columns", "expires_at", "guards", "param_message", "per_column_formats",
+                 "prefix", "row_message", "statement", "text_params", "type_names")
 
     def __init__(self, statement: Any, expires_at: float | None,
                  enums: frozenset[int] | set[int] = frozenset()) -> None:
@@ -61,6 +61,10 @@ class Description:
         # A RowDescription already found to match `columns`: later ones are compared as bytes.
         self.row_message: bytes | None = None
         self.expires_at: float | None = expires_at
+        #: asyncpg's Bind names each result column's format (some column is read as text):
+        #: the server refuses it at Bind once the number of columns changed. Learned from the
+        #: first Bind sent (`Wire`); None until then (taken as True in a transaction block).
+        self.per_column_formats: bool | None = None
         self.type_names: dict[int, str] = {a.type.oid: a.type.name for a in attributes}
 
 

@@ -46,17 +46,8 @@ def bind_result_formats(data: bytes | bytearray, columns: int) -> tuple[int, ...
         (size,) = _INT32.unpack_from(data, pos + 1)
         end = pos + 1 + size
         if data[pos] == ord("B"):
-            at = data.index(b"\0", pos + 5) + 1  # portal
-            at = data.index(b"\0", at) + 1  # statement
-            (formats,) = _INT16.unpack_from(data, at)
-            at += 2 + 2 * formats
-            (params,) = _INT16.unpack_from(data, at)
-            at += 2
-            for _ in range(params):
-                (length,) = _INT32.unpack_from(data, at)
-                at += 4 + max(length, 0)
-            (count,) = _INT16.unpack_from(data, at)
-            codes = struct.unpack_from(f"!{count}h", data, at + 2)
+            codes = bind_result_codes(data, pos)
+            count = len(codes)
             if count == 0:
                 return (0,) * columns
             if count == 1:
@@ -64,6 +55,22 @@ def bind_result_formats(data: bytes | bytearray, columns: int) -> tuple[int, ...
             return codes if count == columns else None
         pos = end
     return None
+
+
+def bind_result_codes(data: bytes | bytearray, pos: int = 0) -> tuple[int, ...]:
+    """The result format codes of the Bind message at `pos` in `data`, as written: none (all
+    text), one (for every column), or one per column."""
+    at = data.index(b"\0", pos + 5) + 1  # portal
+    at = data.index(b"\0", at) + 1  # statement
+    (formats,) = _INT16.unpack_from(data, at)
+    at += 2 + 2 * formats
+    (params,) = _INT16.unpack_from(data, at)
+    at += 2
+    for _ in range(params):
+        (length,) = _INT32.unpack_from(data, at)
+        at += 4 + max(length, 0)
+    (count,) = _INT16.unpack_from(data, at)
+    return struct.unpack_from(f"!{count}h", data, at + 2)
 
 
 def bind_with_text_params(bind: bytes | bytearray | memoryview, params: int,

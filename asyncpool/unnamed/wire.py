@@ -36,6 +36,7 @@ from asyncpool.unnamed.messages import (
     PARSE_COMPLETE_MESSAGE,
     READY_FOR_QUERY,
     ROW_DESCRIPTION,
+    bind_result_codes,
     bind_with_text_params,
     error_is_fatal,
     error_sqlstate,
@@ -276,12 +277,15 @@ class Wire(ForwardingProtocol):
         data = b"".join(chunks)
         head = message_header(data, 0)
         if head is None or head[0] != ord("B"):
-            # executemany whose first arguments failed to encode sends only a Sync: the Parse
-            # must still go first, and there are no rows to read.
-            check.sent = data = description.prefix + data
+            # executemany whose arguments failed to encode before a Bind was written: asyncpg
+            # ends its pipeline (a ROLLBACK then Sync, or in a transaction block a Sync) and
+            # reads no ParseComplete. Nothing of the statement goes: `check.sent` stays None, so
+            # the call is described afresh and run, as when its first arguments fail.
             self.real.write(data)
             return
         bind = data[:head[1]]
+        if description.per_column_formats is None:
+            description.per_column_formats = len(bind_result_codes(bind)) > 1
         if description.text_params:
             bind = _text_params(bind, description)
         data = b"".join((description.prefix, bind, DESCRIBE_UNNAMED_PORTAL, data[head[1]:]))
