@@ -342,9 +342,10 @@ _ENV_FIELDS: dict[str, tuple[type, bool]] = {
     "telemetry": (bool, False),
 }
 
-#: ``ASYNCPOOL_*`` variables that are not pool options: read by the telemetry, the test harness
-#: and the benchmarks. Any other unknown one is warned about (a misspelt option).
+#: ``ASYNCPOOL_*`` variables that are not pool options: read by the telemetry, the command line,
+#: the test harness and the benchmarks. Any other unknown one is warned about (a misspelt option).
 OTHER_VARIABLES = frozenset({
+    "ASYNCPOOL_ADMIN_DSN",  # `asyncpool doctor`'s PgBouncer admin console (local-pgbouncer's)
     "ASYNCPOOL_OTEL_SEMCONV",
     "ASYNCPOOL_PG_BINDIR",
     "ASYNCPOOL_PG17_CACHE",

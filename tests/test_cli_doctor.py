@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -399,3 +400,22 @@ async def test_a_server_that_requires_tls_refuses_sslmode_disable(
     assert code == 2
     assert _finding(report, "connection")["level"] == "problem"
     assert server.app.password not in json.dumps(report)
+
+
+def test_the_admin_console_comes_from_the_environment_with_its_dsn(
+        current: PgBouncerServer, legacy: PgBouncerServer) -> None:
+    """ASYNCPOOL_ADMIN_DSN (written by `asyncpool local-pgbouncer` beside ASYNCPOOL_DSN) is
+    read for the DSN from the environment only: given another DSN, the doctor would report
+    the settings of the environment's PgBouncer as that one's."""
+    assert current.admin_dsn is not None
+    env = {**os.environ, "ASYNCPOOL_DSN": current.dsn(), "ASYNCPOOL_ADMIN_DSN": current.admin_dsn}
+    result = _cli(env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ok        pooler      PgBouncer {current.binary.version_text}" in result.stdout
+    password = urlsplit(current.admin_dsn).password
+    assert password
+    assert password not in result.stdout + result.stderr
+
+    other = _cli(legacy.dsn(), env=env)  # legacy's console refuses its app user: unchecked
+    assert "unchecked pooler" in other.stdout, other.stdout
+    assert current.binary.version_text not in other.stdout
