@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -419,3 +420,17 @@ def test_the_admin_console_comes_from_the_environment_with_its_dsn(
     other = _cli(legacy.dsn(), env=env)  # legacy's console refuses its app user: unchecked
     assert "unchecked pooler" in other.stdout, other.stdout
     assert current.binary.version_text not in other.stdout
+
+
+def test_a_dsn_with_no_password_is_told_so(current: PgBouncerServer, postgres: PostgresServer,
+                                           tmp_path: Path) -> None:
+    """`asyncpool doctor postgresql://app@host:port/app` (the quick start's form, no password)
+    said "check the password or credentials provider" of a password nobody gave."""
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("")
+    passfile.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGSERVICE")}
+    env["PGPASSFILE"] = str(passfile)
+    result = _cli(current.dsn().replace(f":{postgres.app.password}@", "@"), env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no password was given for user 'app'" in result.stdout, result.stdout

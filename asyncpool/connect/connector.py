@@ -25,7 +25,6 @@ from asyncpool.connect.failures import (
 )
 from asyncpool.connect.hosts import HostLog, HostsLoop
 from asyncpool.connect.negotiation import NegotiationLoop
-from asyncpool.connect.passfile import has_password_for, passfile_path
 from asyncpool.connect.poolers import is_rds_proxy
 from asyncpool.connect.reads import cap_reads
 from asyncpool.connect.startup import LOGIN_SAFE, UNSUPPORTED, StartupPlan, combined
@@ -36,6 +35,7 @@ from asyncpool.connect.tls import (
     TlsSetting,
     allowed_auth_methods,
     checked_hosts,
+    missing_password_hint,
     passfile_login,
     require_auth_setting,
     resolve_tls,
@@ -136,7 +136,7 @@ class Connector:
         #: The password file's password, when it may not be sent (`withheld_password`).
         self.withheld: str | None = withheld_password(config, self.tls, kind, hosts, service,
                                                       passfile=passfile)
-        # For a refused login's message only (`_no_password_hint`).
+        # For a refused login's message only (`missing_password_hint`).
         self._password_sources = (hosts, service, passfile)
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth: str | None = require_auth_setting(config, self._dsn.params if self._dsn else {})
@@ -290,7 +290,7 @@ class Connector:
 
     def _translate(self, exc: BaseException, hosts: HostLog | None = None) -> ConnectError:
         hint = (auth_failure_hint(self.credentials, self.target) if self.credentials
-                else self._no_password_hint())
+                else missing_password_hint(self.config, *self._password_sources) or None)
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
                          secrets=self._secrets,
                          settings=setting_sources(self._dsn, self.config.server_settings),
@@ -299,24 +299,6 @@ class Connector:
                          tls_optional=self.tls.optional,
                          own_context=self.tls.context is not None, dialled=self._dialled,
                          tried=hosts.tries if hosts is not None else ())
-
-    def _no_password_hint(self) -> str | None:
-        """What to do when a login with no password at all was refused: none in the DSN, the
-        options, ``PGPASSWORD``, a provider, the service file or the password file (asyncpg then
-        answers a password request with an empty one, and the server's words are only "password
-        authentication failed"). None when a password file or service may hold one."""
-        hosts, service, passfile = self._password_sources
-        if service is not None and service.has_password:
-            return None
-        path = passfile_path(self.config.connect_kwargs.get("passfile") or passfile.passfile
-                             or (service.passfile if service is not None else None), os.environ)
-        if has_password_for(path, hosts, passfile.ports, self.target.database, self.target.user):
-            return None
-        where = f", the password file {path}" if path is not None else ""
-        return (f"no password was given for user {self.target.user!r} (none in the DSN, "
-                f"password=, PGPASSWORD{where} or credentials=) and the server asks for one: "
-                "give it in one of them (postgresql://user:password@host/database), or check "
-                "the user name")
 
     def timed_out(self, exc: TimeoutError, cut_short: CutShort) -> ConnectError:
         """The error for a login `connect_timeout` stopped: with several hosts, it names the
