@@ -277,15 +277,21 @@ class PoolConfig:
         except PoolConfigError as exc:
             # Say which variable to fix when the refused value came from one.
             named = [ENV_PREFIX + name.upper() for name in sorted(from_env)
-                     if f"{name}=" in str(exc)]
+                     if f"{name}=" in str(exc) or (name == "dsn" and _about_the_dsn(exc))]
             if not named:
                 raise
-            raise PoolConfigError(f"{exc} (set by {', '.join(named)})") from None
+            # (The same class: a DsnError stays one.)
+            raise type(exc)(f"{exc} (set by {', '.join(named)})") from None
         # (Not the DSN's text: it may hold a password.)
         if read := sorted(from_env - {"dsn"}):
             object.__setattr__(config, "_set_by", {
                 name: f"{ENV_PREFIX}{name.upper()}={env_value(env, name)!r}" for name in read})
         return config
+
+
+def _about_the_dsn(exc: PoolConfigError) -> bool:
+    """Whether `exc` refuses the DSN (its messages name "the DSN", never an option ``dsn=``)."""
+    return isinstance(exc, DsnError) or "the DSN" in str(exc)
 
 
 def _refusing_unknown_options(init: Any) -> Any:
@@ -342,9 +348,10 @@ _ENV_FIELDS: dict[str, tuple[type, bool]] = {
     "telemetry": (bool, False),
 }
 
-#: ``ASYNCPOOL_*`` variables that are not pool options: read by the telemetry, the test harness
-#: and the benchmarks. Any other unknown one is warned about (a misspelt option).
+#: ``ASYNCPOOL_*`` variables that are not pool options: read by the telemetry, the command line,
+#: the test harness and the benchmarks. Any other unknown one is warned about (a misspelt option).
 OTHER_VARIABLES = frozenset({
+    "ASYNCPOOL_ADMIN_DSN",  # `asyncpool doctor`'s PgBouncer admin console (local-pgbouncer's)
     "ASYNCPOOL_OTEL_SEMCONV",
     "ASYNCPOOL_PG_BINDIR",
     "ASYNCPOOL_PG17_CACHE",

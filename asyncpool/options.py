@@ -136,7 +136,8 @@ UNFIT = {
 #: ``max_lifetime``). Its other names mean the same here (sizes, max_idle, max_lifetime, name),
 #: but for ``timeout``, asyncpg's connect timeout (psycopg_pool's is acquire_timeout).
 PSYCOPG_POOL = {
-    "conninfo": "the DSN is the first argument (dsn=), a postgresql:// URL",
+    "conninfo": ("the DSN is the first argument (dsn=): the same string, a postgresql:// URL "
+                 "or libpq's key=value form (host=... dbname=...)"),
     "kwargs": "give asyncpg.connect's arguments as keywords, or as connect_kwargs=",
     "open": "Pool() does not open: `await pool.open()` or `async with Pool(...)` does; "
             "create_pool() returns a pool that `await` opens",

@@ -668,7 +668,9 @@ async def test_unknown_options_name_the_closest(name: str, closest: str) -> None
 @pytest.mark.parametrize(
     ("name", "advice"),
     [("max_waiting", "waits at most acquire_timeout="), ("reconnect_timeout", "retried with backoff"),
-     ("conninfo", "the first argument"), ("open", "await pool.open()"), ("configure", "init="),
+     # conninfo is often libpq's key=value string, which the DSN takes too (it said "a URL").
+     ("conninfo", "the first argument (dsn=): the same string, a postgresql:// URL or libpq's "
+                  "key=value form"), ("open", "await pool.open()"), ("configure", "init="),
      ("check", "validate_after="), ("kwargs", "connect_kwargs="), ("num_workers", "no worker"),
      ("reconnect_failed", "ConnectError")],
 )

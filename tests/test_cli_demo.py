@@ -4,9 +4,11 @@ server connections than instances, then straight at PostgreSQL where logins are 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from asyncpool.testing import PgBouncerServer, PostgresServer
 
@@ -85,3 +87,30 @@ def test_a_pooled_phase_nobody_got_through_is_not_summed_up_as_fine() -> None:
     assert logins is not None
     assert f"; {logins[1]} failed logins; 0 queries/s." in summary
     assert "no errors" not in out
+
+
+def test_without_psycopg_pgbouncers_server_connections_are_still_counted(
+        legacy: PgBouncerServer, tmp_path: Path) -> None:
+    """`pip install asyncpool-pg` installs no psycopg, and the demo read PgBouncer's SHOW POOLS
+    with psycopg only: its table said "server connections used: not sampled" and nothing of
+    clients queued, the two figures the demo is for, with no word why. The rows are read on
+    asyncpg's transport then, as `asyncpool doctor` reads the console."""
+    hidden = tmp_path / "psycopg"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text("raise ImportError('psycopg is not installed here')\n")
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    check = subprocess.run([sys.executable, "-c", "import psycopg"], env=env, check=False,
+                           capture_output=True, text=True)
+    assert "psycopg is not installed here" in check.stderr  # the demo below runs without it
+    assert legacy.admin_dsn is not None
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncpool.cli", "demo", "--dsn", legacy.dsn(), "--admin-dsn",
+         legacy.admin_dsn, "--no-direct", "--clients", "30", "--processes", "1", "--duration",
+         "1", "--leaks", "0", "--json"],
+        env=env, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (pooled,) = json.loads(result.stdout)["runs"]
+    assert pooled["error_count"] == 0, pooled["errors"]
+    assert 1 <= pooled["server_connections_max"] <= legacy.pool_size, pooled
+    assert pooled["clients_waiting_max"] is not None, pooled

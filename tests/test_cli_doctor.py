@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -399,3 +401,36 @@ async def test_a_server_that_requires_tls_refuses_sslmode_disable(
     assert code == 2
     assert _finding(report, "connection")["level"] == "problem"
     assert server.app.password not in json.dumps(report)
+
+
+def test_the_admin_console_comes_from_the_environment_with_its_dsn(
+        current: PgBouncerServer, legacy: PgBouncerServer) -> None:
+    """ASYNCPOOL_ADMIN_DSN (written by `asyncpool local-pgbouncer` beside ASYNCPOOL_DSN) is
+    read for the DSN from the environment only: given another DSN, the doctor would report
+    the settings of the environment's PgBouncer as that one's."""
+    assert current.admin_dsn is not None
+    env = {**os.environ, "ASYNCPOOL_DSN": current.dsn(), "ASYNCPOOL_ADMIN_DSN": current.admin_dsn}
+    result = _cli(env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ok        pooler      PgBouncer {current.binary.version_text}" in result.stdout
+    password = urlsplit(current.admin_dsn).password
+    assert password
+    assert password not in result.stdout + result.stderr
+
+    other = _cli(legacy.dsn(), env=env)  # legacy's console refuses its app user: unchecked
+    assert "unchecked pooler" in other.stdout, other.stdout
+    assert current.binary.version_text not in other.stdout
+
+
+def test_a_dsn_with_no_password_is_told_so(current: PgBouncerServer, postgres: PostgresServer,
+                                           tmp_path: Path) -> None:
+    """`asyncpool doctor postgresql://app@host:port/app` (the quick start's form, no password)
+    said "check the password or credentials provider" of a password nobody gave."""
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("")
+    passfile.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGSERVICE")}
+    env["PGPASSFILE"] = str(passfile)
+    result = _cli(current.dsn().replace(f":{postgres.app.password}@", "@"), env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no password was given for user 'app'" in result.stdout, result.stdout

@@ -198,3 +198,36 @@ def test_the_env_file_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "ASYNCPOOL_DSN=postgresql://app@127.0.0.1:6432/app\n" in path.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["local.env"]  # (no draft left)
+
+
+def test_the_doctor_run_in_the_env_files_shell_checks_the_pooler(tmp_path: Path) -> None:
+    """The shell the command tells you to set up (`set -a; . FILE; set +a`) runs `asyncpool
+    doctor` with every check: the file held only the app's DSN, whose user PgBouncer's admin
+    console refuses, so the doctor left the pooler unchecked (exit 3) and asked for an
+    --admin-dsn nobody had been given. Pools made in that shell are not warned about the
+    admin console's variable."""
+    env_file = tmp_path / "local.env"
+    proc = _started_with(env_file, cwd=tmp_path)
+    try:
+        values = _read_env(env_file)
+        env = {"PATH": os.defpath,
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        script = (f'set -a; . "{env_file}"; set +a; '
+                  '"$0" -W error -c "import asyncpool; asyncpool.PoolConfig.from_env()" && '
+                  'exec "$0" -m asyncpool.cli doctor')
+        doctor = subprocess.run(["sh", "-c", script, sys.executable], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    report = doctor.stdout + doctor.stderr
+    assert doctor.returncode == 0, report
+    assert re.search(r"ok +pooler +PgBouncer [\d.]+: pool_mode=transaction", doctor.stdout), report
+    assert "No problems found." in doctor.stdout
+    passwords = [re.findall(r"//[^:]+:([^@]+)@", dsn)[0] for dsn in values.values()]
+    assert len(passwords) == 2  # the app's and the admin console's
+    assert not [p for p in passwords if p in report + out + err]
+    assert "ASYNCPOOL_ADMIN_DSN=postgresql://pgb_admin:***@" in out

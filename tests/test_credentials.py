@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,6 +106,34 @@ async def test_wrong_password_fails_once_with_advice_and_without_the_password(
         # A fixed password cannot get better: no second login.
         assert len(log.attempts) == 1
     assert wrong not in caplog.text
+
+
+async def test_a_login_refused_with_no_password_given_says_none_was_given(
+    postgres: PostgresServer, pooler: Pooler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick start's DSN has no password: refused, it said "check the password or
+    credentials provider" of a password nobody gave. With a password file line for the login,
+    the generic advice stays (that password may be the wrong one)."""
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    for dsn in (postgres.dsn(), pooler.dsn()):
+        pool = _pool(_without_password(dsn, postgres.app.password))
+        with pytest.raises(AuthenticationError) as info:
+            await pool.open()
+        assert ("no password was given for user 'app' (none in the DSN, password=, PGPASSWORD, "
+                f"the password file {passfile} or credentials=) and the server asks for one"
+                in str(info.value)), info.value
+    port = pooler.dsn().rsplit(":", 1)[1].split("/")[0]
+    passfile.write_text(f"127.0.0.1:{port}:*:app:not-the-password\n")  # pragma: allowlist secret
+    pool = _pool(_without_password(pooler.dsn(), postgres.app.password))
+    with pytest.raises(AuthenticationError) as info:
+        await pool.open()
+    assert "no password was given" not in str(info.value)
+    assert "check the password or credentials provider" in str(info.value)
 
 
 @dataclass

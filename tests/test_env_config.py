@@ -408,3 +408,25 @@ def test_asyncpool_ssl_takes_a_switch_with_ssl_true_s_meaning() -> None:
                 r"verify-ca, verify-full \(in any case\), or true \(verify-full: the certificate "
                 r"and the host name are checked\) / false \(disable\)")):
             PoolConfig.from_env({"ASYNCPOOL_SSL": word})
+
+
+@pytest.mark.parametrize(("dsn", "error"), [
+    ("garbage", "DsnError"),  # not read at all
+    ("postgresql://app:Secr3t-xyz@127.0.0.1:1/app?sslmod=require",  # pragma: allowlist secret
+     "PoolConfigError"),  # a misspelt keyword in it
+])
+def test_a_dsn_refused_from_the_environment_names_its_variable(
+        clean_env: pytest.MonkeyPatch, dsn: str, error: str) -> None:
+    """Every other option refused from its variable said "(set by ASYNCPOOL_...)"; a DSN from
+    ASYNCPOOL_DSN did not, so on Lambda nothing said where the DSN came from. The DSN itself is
+    still not shown; given in code, the variable is not named."""
+    clean_env.setenv("ASYNCPOOL_DSN", dsn)
+    for make in (lambda: Pool(telemetry=False), lambda: lambda_config(function_timeout=10)):
+        with pytest.raises(PoolConfigError) as refused:
+            make()
+        assert type(refused.value).__name__ == error
+        assert str(refused.value).endswith("(set by ASYNCPOOL_DSN)"), refused.value
+        assert "Secr3t" not in str(refused.value)
+    with pytest.raises(PoolConfigError) as given:
+        Pool(dsn, telemetry=False)
+    assert "ASYNCPOOL_DSN" not in str(given.value)

@@ -7,10 +7,12 @@ session's PostgreSQL and PgBouncers.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -695,3 +697,35 @@ async def test_connect_spans_carry_the_invocation(env: Environment, pooler: Pool
     assert not any(INVOCATION_ID in (a or {}) for a in outside)
     assert [(a or {}).get(INVOCATION_ID) for a in inside] == [contexts[0].aws_request_id] * 2
     assert [(a or {}).get(COLDSTART) for a in inside] == [True] * 2
+
+
+async def test_a_handler_called_from_a_running_loop_says_how_to_call_it() -> None:
+    """An async test calling the synchronous handler got asyncio.Runner's "Runner.run() cannot
+    be called from a running event loop" (naming neither the handler nor what to do) and a
+    "coroutine ... was never awaited" warning. From a thread of its own it serves."""
+    from asyncpool.integrations.lambda_runner import LambdaRunner
+
+    async def body() -> int:
+        return 1
+
+    async def serve(event: dict[str, Any], context: LocalContext) -> int:
+        return await body()
+
+    runner = LambdaRunner()
+    try:
+        handler = async_handler(serve, runner=runner)
+        calls: list[Callable[[], int]] = [lambda: handler({}, LocalContext(timeout=10)),
+                                          lambda: runner.run(body())]
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            for call in calls:
+                with pytest.raises(RuntimeError, match=(
+                        r"was called from code that is running an event loop \(an async test, "
+                        r"or one handler calling another\): it is synchronous.*Call it from "
+                        r"synchronous code \(a plain def test\), or from a thread of its own")):
+                    call()
+            gc.collect()
+        assert [str(w.message) for w in warned] == []  # no coroutine left never awaited
+        assert await asyncio.to_thread(handler, {}, LocalContext(timeout=10)) == 1
+    finally:
+        await asyncio.to_thread(runner.close)  # (its loop runs on that thread, not this one's)

@@ -945,6 +945,17 @@ def test_sqlalchemys_own_pool_options_are_refused() -> None:
             create_async_engine(pool, **{option: value})
 
 
+@pytest.mark.parametrize("given", ["str", "URL"])
+def test_a_dsn_given_for_the_pool_says_where_it_goes(given: str) -> None:
+    """``create_async_engine(dsn)``, as SQLAlchemy's own is called, said only "takes an
+    asyncpool.Pool, got str"; the DSN (and its password) is still not shown."""
+    dsn = "postgresql://app:Secr3t-xyz@127.0.0.1:1/db"  # pragma: allowlist secret
+    with pytest.raises(sa.exc.ArgumentError) as caught:
+        create_async_engine(dsn if given == "str" else sa.engine.make_url(dsn))  # type: ignore[arg-type]
+    assert "the DSN goes to the pool, create_async_engine(asyncpool.Pool(dsn))" in str(caught.value)
+    assert "Secr3t" not in str(caught.value)
+
+
 @pytest.mark.parametrize(("options", "instead"), [
     ({"poolclass": sa.pool.NullPool}, "keeps no connection between sessions here"),
     ({"pool_size": 5, "max_overflow": 0}, "pool_size: Pool(max_size=...)"),

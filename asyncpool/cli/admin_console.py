@@ -73,7 +73,7 @@ async def read_console(dsn: ParsedDsn, commands: list[str], timeout: float,
     try:
         transport = transport_of(conn)
         if transport is not None:
-            return {cmd: await _simple_query(transport, cmd, timeout) for cmd in commands}
+            return {cmd: await simple_query(transport, cmd, timeout) for cmd in commands}
     finally:
         # Never hand the connection back to asyncpg's protocol after reading on its transport.
         conn.terminate()
@@ -132,7 +132,7 @@ def _libpq_message(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
     return (fatal.group(1) if fatal else (text.splitlines() or [""])[-1]).strip()
 
 
-async def _simple_query(transport: Any, sql: str, timeout: float) -> list[Row]:
+async def simple_query(transport: Any, sql: str, timeout: float) -> list[Row]:
     """Send one ``Query`` message and read its rows on `transport`, then give it back."""
     reader = _SimpleQueryReader(asyncio.get_running_loop().create_future())
     previous = transport.get_protocol()

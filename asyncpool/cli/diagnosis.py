@@ -270,7 +270,7 @@ def _console_advice(f: Facts) -> str:
         return f"--admin-dsn did not work: {why}"
     why = f"the admin console said {f.admin_error!r}; " if f.admin_error else ""
     return (why + "pass --admin-dsn postgresql://ADMIN_USER@HOST:PORT/pgbouncer (a user in "
-            "admin_users or stats_users)")
+            "admin_users or stats_users), or set it in ASYNCPOOL_ADMIN_DSN beside ASYNCPOOL_DSN")
 
 
 def _prepared_text(f: Facts) -> str:

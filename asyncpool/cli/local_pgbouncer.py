@@ -17,6 +17,9 @@ from asyncpool.connect.dsn import redact, redact_dsn
 
 #: The variable the examples (and `lambda_config`, `asyncpool doctor`) read the DSN from.
 DSN_VARIABLE = "ASYNCPOOL_DSN"
+#: PgBouncer's admin console, which `asyncpool doctor` reads with the DSN above to check the
+#: pooler's settings (the app's user is not allowed there).
+ADMIN_DSN_VARIABLE = "ASYNCPOOL_ADMIN_DSN"
 DEFAULT_ENV_FILE = ".env.asyncpool"
 # First line of every env file this command writes: it replaces or deletes only files that
 # carry it, never a user's own .env.
@@ -64,19 +67,24 @@ def run(args: argparse.Namespace) -> int:
         for note in servers.notes:
             _say(out, f"note: {note}")
         dsn = bouncer.dsn()
+        values = {DSN_VARIABLE: dsn}
+        if bouncer.admin_dsn:
+            values[ADMIN_DSN_VARIABLE] = bouncer.admin_dsn
         try:
-            write_env_file(env_file, {DSN_VARIABLE: dsn})
+            write_env_file(env_file, values)
         except OSError as exc:  # (not writable, or a file created there meanwhile)
             print(f"asyncpool local-pgbouncer: could not write {env_file} ({exc.strerror}); pass "
                   "--env-file with a path you can write", file=sys.stderr)
             return 2
+        shown = [f"{name}={redact_dsn(value)}" for name, value in values.items()]
         _say(out, f"PostgreSQL on 127.0.0.1:{postgres.port}, PgBouncer "
              f"{bouncer.binary.version_text} on 127.0.0.1:{bouncer.port}\n"
-             f"{DSN_VARIABLE}={redact_dsn(dsn)}\n"
-             f"written, password included, to {env_file} (mode 0600). In the shell that runs "
+             + "\n".join(shown) + "\n"
+             f"written, passwords included, to {env_file} (mode 0600). In the shell that runs "
              "your app:\n"
              f"    set -a; . {shlex.quote(str(env_file))}; set +a\n"
              "    uvicorn mangum_app:app    # or any app that reads ASYNCPOOL_DSN\n"
+             "    asyncpool doctor          # which settings suit this PgBouncer\n"
              "Ctrl-C stops both servers and deletes the file.")
         while postgres.running() and bouncer.running():
             time.sleep(_POLL_SECONDS)

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("dsn", nargs="?", default=os.environ.get("ASYNCPOOL_DSN"),
                         help="postgresql://user[:password]@host:port/db (default $ASYNCPOOL_DSN)")
     doctor.add_argument("--admin-dsn",
-                        help="PgBouncer admin console (dbname=pgbouncer); default: try DSN's "
+                        help="PgBouncer admin console (dbname=pgbouncer); default: "
+                        "$ASYNCPOOL_ADMIN_DSN when the DSN is $ASYNCPOOL_DSN, else try DSN's "
                         "credentials on it")
     doctor.add_argument("--timeout", type=_seconds, default=5.0,
                         help="seconds per connection attempt (default 5)")
@@ -233,6 +234,17 @@ def _run_local_pgbouncer(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _admin_dsn_from_env(dsn: str | None) -> str | None:
+    """$ASYNCPOOL_ADMIN_DSN (what `asyncpool local-pgbouncer` writes beside $ASYNCPOOL_DSN), only
+    for the server $ASYNCPOOL_DSN names: given another DSN, the doctor would otherwise read
+    another PgBouncer's settings and report them as this one's."""
+    from asyncpool.cli.local_pgbouncer import ADMIN_DSN_VARIABLE, DSN_VARIABLE
+
+    if not dsn or dsn != os.environ.get(DSN_VARIABLE):
+        return None
+    return os.environ.get(ADMIN_DSN_VARIABLE) or None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `asyncpool` console script; returns the exit code."""
     parser = build_parser()
@@ -240,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor" and not args.dsn and not args.json:
         # (With --json the doctor says it in JSON, as every other outcome.)
         parser.error("doctor: give a DSN or set ASYNCPOOL_DSN")
+    if args.command == "doctor" and args.admin_dsn is None:
+        args.admin_dsn = _admin_dsn_from_env(args.dsn)
     try:
         code: int = args.run(args)
     except KeyboardInterrupt:

@@ -341,10 +341,12 @@ class Login:
         kind: tls.CredentialKind | None = (
             "password" if dsn.password or os.environ.get("PGPASSWORD") else None)
         hosts = tls.checked_hosts(config, self.tls, kind, [h for h, _ in dsn.hosts], service)
+        passfile = tls.passfile_login(dsn, dsn.target(service=service), service=service)
         #: The password file's password, when it may not be sent (`tls.withheld_password`).
-        self.withheld: str | None = tls.withheld_password(
-            config, self.tls, kind, hosts, service,
-            passfile=tls.passfile_login(dsn, dsn.target(service=service), service=service))
+        self.withheld: str | None = tls.withheld_password(config, self.tls, kind, hosts, service,
+                                                          passfile=passfile)
+        # For a refused login's message only: with no password given, say so.
+        self._no_password = None if kind is not None else (hosts, service, passfile)
         self.require_auth: str | None = tls.require_auth_setting(config, dsn.params)
         self.allowed: frozenset[str] = tls.allowed_auth_methods(
             config, self.tls, self.require_auth, withheld=self.withheld is not None)
@@ -358,6 +360,7 @@ class Login:
         nothing of the driver's error chained: its frames hold the password."""
         import asyncpg
 
+        from asyncpool.connect import tls
         from asyncpool.connect.dsn import dialled
         from asyncpool.connect.failures import setting_sources, translate
 
@@ -372,8 +375,10 @@ class Login:
             return conn
         except Exception as exc:
             target = dsn.target()
+            hint = (tls.missing_password_hint(self.config, *self._no_password) or None
+                    if self._no_password is not None else None)
             error = self.refusal(target) or translate(
-                exc, target, name, timeout, secrets=dsn.secrets,
+                exc, target, name, timeout, hint, secrets=dsn.secrets,
                 settings=setting_sources(dsn, None),
                 root_cert_source=self.tls.root_cert_source, tls_optional=self.tls.optional,
                 dialled=dialled(dsn, service=self.service),

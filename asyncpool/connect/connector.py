@@ -35,6 +35,7 @@ from asyncpool.connect.tls import (
     TlsSetting,
     allowed_auth_methods,
     checked_hosts,
+    missing_password_hint,
     passfile_login,
     require_auth_setting,
     resolve_tls,
@@ -130,11 +131,13 @@ class Connector:
                                        if credentials.requires_tls else "password")
         hosts = checked_hosts(config, self.tls, kind,
                               [h for h, _ in self._dsn.hosts] if self._dsn else None, service)
+        passfile = passfile_login(self._dsn, self.target, host=kw.get("host"),
+                                  port=kw.get("port"), service=service)
         #: The password file's password, when it may not be sent (`withheld_password`).
-        self.withheld: str | None = withheld_password(
-            config, self.tls, kind, hosts, service,
-            passfile=passfile_login(self._dsn, self.target, host=kw.get("host"),
-                                    port=kw.get("port"), service=service))
+        self.withheld: str | None = withheld_password(config, self.tls, kind, hosts, service,
+                                                      passfile=passfile)
+        # For a refused login's message only (`missing_password_hint`).
+        self._password_sources = (hosts, service, passfile)
         #: What the server may ask for (a cleartext or MD5 request otherwise is refused).
         self.require_auth: str | None = require_auth_setting(config, self._dsn.params if self._dsn else {})
         self.auth_methods: frozenset[str] = allowed_auth_methods(
@@ -286,7 +289,8 @@ class Connector:
             within)
 
     def _translate(self, exc: BaseException, hosts: HostLog | None = None) -> ConnectError:
-        hint = auth_failure_hint(self.credentials, self.target) if self.credentials else None
+        hint = (auth_failure_hint(self.credentials, self.target) if self.credentials
+                else missing_password_hint(self.config, *self._password_sources) or None)
         return translate(exc, self.target, self.config.name, self.config.connect_timeout, hint,
                          secrets=self._secrets,
                          settings=setting_sources(self._dsn, self.config.server_settings),

@@ -870,6 +870,25 @@ def withheld_password(config: PoolConfig, setting: TlsSetting, kind: CredentialK
     return None
 
 
+def missing_password_hint(config: PoolConfig, hosts: Sequence[str], service: Service | None,
+                          passfile: PassfileLogin) -> str:
+    """What to do about a refused login that had no password but what the password file or the
+    service may hold; "" when either holds one for it (that one may be the wrong one). asyncpg
+    answers a password request with an empty password then, and the server's words are only
+    "password authentication failed". For the caller that knows no other source was given."""
+    if service is not None and service.has_password:
+        return ""
+    path = passfile_path(config.connect_kwargs.get("passfile") or passfile.passfile
+                         or (service.passfile if service is not None else None), os.environ)
+    user = passfile.target.user
+    if has_password_for(path, hosts, passfile.ports, passfile.target.database, user):
+        return ""
+    where = f", the password file {path}" if path is not None else ""
+    return (f"no password was given for user {user!r} (none in the DSN, password=, "
+            f"PGPASSWORD{where} or credentials=) and the server asks for one: give it in one of "
+            "them (postgresql://user:password@host/database), or check the user name")
+
+
 @dataclass(frozen=True)
 class PassfileLogin:
     """What asyncpg matches a password file's lines against: the login's first `target`, every

@@ -130,10 +130,15 @@ class LambdaRunner:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` to completion on the runner's loop."""
+        if asyncio._get_running_loop() is not None:
+            coro.close()  # (not run: no "never awaited" warning on top of the error)
+            raise _called_from_a_loop()
         return self._own().run(coro)
 
     def invoke(self, call: Callable[[], Awaitable[T]], context: Any) -> T:
         """Serve one invocation: await ``call()`` within the invocation's scope and time budget."""
+        if asyncio._get_running_loop() is not None:
+            raise _called_from_a_loop()
         return self._own().run(self._serve(call, context))
 
     def _own(self) -> asyncio.Runner:
@@ -169,6 +174,18 @@ class LambdaRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _called_from_a_loop() -> RuntimeError:
+    # asyncio.Runner's own words ("Runner.run() cannot be called from a running event loop")
+    # name neither the handler nor what to do; the usual cause is an async test calling it.
+    return RuntimeError(
+        "a Lambda handler made by asyncpool (async_handler, pooled_connection) or "
+        "LambdaRunner.run() was called from code that is running an event loop (an async test, "
+        "or one handler calling another): it is synchronous, as Lambda calls it, and runs the "
+        "coroutine on the runner's own loop. Call it from synchronous code (a plain def test), "
+        "or from a thread of its own (one ThreadPoolExecutor(1) for the environment's life, "
+        "with loop.run_in_executor)")
 
 
 _default: list[LambdaRunner] = []

@@ -109,8 +109,11 @@ def create_async_engine(pool: Pool, **engine_kwargs: Any) -> AsyncEngine:
     The pool opens on first use if it is not open yet.
     """
     if not isinstance(pool, Pool):
+        # (A DSN or URL is the likeliest: say where it goes, without showing it.)
+        hint = (": the DSN goes to the pool, create_async_engine(asyncpool.Pool(dsn))"
+                if isinstance(pool, (str, sqlalchemy.engine.URL)) else "")
         raise sa_exc.ArgumentError(
-            f"create_async_engine() takes an asyncpool.Pool, got {type(pool).__name__}")
+            f"create_async_engine() takes an asyncpool.Pool, got {type(pool).__name__}{hint}")
     if engine_kwargs.get("connect_args") == {}:
         del engine_kwargs["connect_args"]  # (nothing to refuse: config code that always passes it)
     taken = sorted(set(engine_kwargs) & _INSTEAD.keys())

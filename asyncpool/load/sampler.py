@@ -29,8 +29,9 @@ class Sampler(Protocol):
 class PgBouncerSampler:
     """`SHOW POOLS` on PgBouncer's admin console, for the target's database and user.
 
-    The console speaks only the simple query protocol, so this uses psycopg's client-side
-    cursor (asyncpg cannot fetch rows there).
+    The console speaks only the simple query protocol: this uses psycopg's client-side cursor,
+    or, where psycopg is not installed (`pip install asyncpool-pg` alone, which `asyncpool demo`
+    runs with), reads the rows on asyncpg's transport as `asyncpool doctor` does.
     """
 
     source = "pgbouncer SHOW POOLS"
@@ -42,29 +43,53 @@ class PgBouncerSampler:
         self._database = database
         self._user = user
         self._conn: Any = None
+        self._transport: Any = None  # asyncpg's, when the rows are read on it
 
     async def open(self) -> None:
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:
+            await self._open_with_asyncpg()
+            return
         conninfo, kwargs = self._login.psycopg_args()
         self._conn = await psycopg.AsyncConnection.connect(
             conninfo, autocommit=True, cursor_factory=psycopg.AsyncClientCursor,
             connect_timeout=5, **kwargs,
         )
 
+    async def _open_with_asyncpg(self) -> None:
+        from asyncpool.cli.admin_console import INSTALL_HINT, ConsoleUnavailable, transport_of
+
+        conn = await self._login.connect_asyncpg(timeout=5, statement_cache_size=0)
+        transport = transport_of(conn)
+        if transport is None:
+            conn.terminate()
+            raise ConsoleUnavailable("this asyncpg cannot return rows from PgBouncer's admin "
+                                     f"console and psycopg is not installed: {INSTALL_HINT}")
+        self._conn, self._transport = conn, transport
+
     async def sample(self) -> tuple[int, int | None]:
-        cur = await self._conn.execute(b"SHOW POOLS")
-        assert cur.description is not None
-        names = [col.name for col in cur.description]
-        for values in await cur.fetchall():
-            row = dict(zip(names, values, strict=True))
+        for row in await self._rows():
             if row["database"] == self._database and row["user"] == self._user:
                 servers = sum(int(row.get(key) or 0) for key in _SERVER_STATES)
                 return servers, int(row.get("cl_waiting") or 0)
         return 0, 0
 
+    async def _rows(self) -> list[dict[str, Any]]:
+        if self._transport is not None:
+            from asyncpool.cli.admin_console import simple_query
+
+            return list(await simple_query(self._transport, "SHOW POOLS", 5.0))
+        cur = await self._conn.execute(b"SHOW POOLS")
+        assert cur.description is not None
+        names = [col.name for col in cur.description]
+        return [dict(zip(names, values, strict=True)) for values in await cur.fetchall()]
+
     async def close(self) -> None:
-        if self._conn is not None:
+        if self._transport is not None:
+            # Never handed back to asyncpg's protocol after reading on its transport.
+            self._conn.terminate()
+        elif self._conn is not None:
             await self._conn.close()
 
 

@@ -8,6 +8,8 @@ from collections.abc import Callable, Generator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+import asyncpg
+
 from asyncpool.config import SetupHook
 from asyncpool.connect.copy_end import closed_out_of_step
 from asyncpool.connect.driver import CLEAN, returned
@@ -238,6 +240,28 @@ class AcquireContext(Generic[PoolRecordT_co]):
 
 _ASYNC_ONLY = ("pool.acquire() is asynchronous: write `async with pool.acquire() as conn:`, or "
                "`conn = await pool.acquire()` and later `await pool.release(conn)`")
+
+
+def _not_a_connection(name: str) -> property:
+    """A connection's attribute read on the context itself (``conn = pool.acquire()``, the
+    `await` forgotten): an AttributeError that says what to write, not just that
+    'AcquireContext' has no attribute `name` (so `hasattr()` stays False)."""
+    def refuse(context: AcquireContext[Any]) -> Any:
+        made = "pool.transaction()" if isinstance(context, TransactionContext) else "pool.acquire()"
+        written = ("`async with pool.transaction() as conn:`" if made == "pool.transaction()"
+                   else "`async with pool.acquire() as conn:` or `conn = await pool.acquire()`")
+        raise AttributeError(
+            f"pool {context._owner.name!r}: {made} gives a connection, it is not one (no .{name}): "
+            f"write {written}, then conn.{name}", name=name, obj=context)
+    return property(refuse, doc=f"Refused: ``{name}`` is the connection's (await it first).")
+
+
+if not TYPE_CHECKING:  # type checkers already report these (AcquireContext has no such member)
+    # Properties, not a __getattr__ (see AcquireContext: that would slow every checkout).
+    for _name in (n for n in dir(asyncpg.Connection) if not n.startswith("_")):
+        if not hasattr(AcquireContext, _name):
+            setattr(AcquireContext, _name, _not_a_connection(_name))
+    del _name
 
 
 def _used_twice(owner: Checkouts) -> PoolError:

@@ -397,9 +397,14 @@ class Pool(Generic[PoolRecordT_co]):
         lease = connection._lease
         slots = self._slots
         if connection._owner is not slots:
+            owner = connection._owner.name
+            # Two pools left with the default name would read "pool 'asyncpool' ... of pool
+            # 'asyncpool'", which looks like the same pool: say it is another one.
+            which = (f"another pool, also named {owner!r} (give each pool its own name=)"
+                     if owner == self.name else f"pool {owner!r}")
             raise PoolError(
-                f"pool {self.name!r}: release() was given a connection of pool "
-                f"{connection._owner.name!r}; release it to the pool it came from"
+                f"pool {self.name!r}: release() was given a connection of {which}; release it "
+                "to the pool it came from"
             )
         if lease.state is ACTIVE:  # (a no-op otherwise: a fork's child gives back nothing)
             slots.refuse_other_loop()  # it stays held: released from its loop, it goes back

@@ -253,3 +253,57 @@ def test_a_dsn_the_pool_will_not_read_is_refused_when_the_pool_is_made(query: st
         Pool(dsn)
     with pytest.raises(PoolConfigError, match=match):
         PoolConfig.from_env({"ASYNCPOOL_DSN": dsn})
+
+
+@pytest.mark.parametrize("names", [("asyncpool", "asyncpool"), ("orders", "reports")])
+def test_a_connection_given_to_another_pools_release_names_that_pool(
+        server: FakeServer, names: tuple[str, str]) -> None:
+    """Two pools left with the default name said "pool 'asyncpool': release() was given a
+    connection of pool 'asyncpool'", as if one pool refused its own connection."""
+    mine, theirs = names
+
+    async def main() -> str:
+        pool = fake_pool(server, name=mine, min_size=0, max_size=1)
+        other = fake_pool(server, name=theirs, min_size=0, max_size=1)
+        async with pool, other:
+            conn = await other.acquire()
+            try:
+                with pytest.raises(PoolError) as refused:
+                    await pool.release(conn)
+            finally:
+                await other.release(conn)
+            assert (pool.stats().in_use, other.stats().in_use) == (0, 0)
+        return str(refused.value)
+
+    message = run(main())
+    assert "release it to the pool it came from" in message
+    if mine == theirs:
+        assert f"another pool, also named {theirs!r} (give each pool its own name=)" in message
+    else:
+        assert f"a connection of pool {theirs!r}" in message
+
+
+def test_a_connections_method_on_an_acquire_not_awaited_says_to_await_it(
+        server: FakeServer) -> None:
+    """``conn = pool.acquire()`` with the `await` forgotten, then ``await conn.fetchval(...)``,
+    was "AttributeError: 'AcquireContext' object has no attribute 'fetchval'"."""
+    async def main() -> None:
+        async with fake_pool(server, name="orders", min_size=0, max_size=1) as pool:
+            conn: Any = pool.acquire()
+            with pytest.raises(AttributeError, match=r"pool 'orders': pool\.acquire\(\) gives a "
+                               r"connection, it is not one \(no \.fetchval\): write `async with "
+                               r"pool\.acquire\(\) as conn:` or `conn = await pool\.acquire\(\)`, "
+                               r"then conn\.fetchval") as refused:
+                await conn.fetchval("SELECT 1")
+            assert (refused.value.name, refused.value.obj) == ("fetchval", conn)
+            assert not hasattr(conn, "execute")  # (a missing attribute, as before)
+            tx: Any = pool.transaction()
+            with pytest.raises(AttributeError, match=r"pool\.transaction\(\) gives a connection.*"
+                               r"write `async with pool\.transaction\(\) as conn:`, then "
+                               r"conn\.execute"):
+                await tx.execute("SELECT 1")
+            assert pool.stats().in_use == 0  # nothing was taken
+            async with pool.acquire() as held:  # the context itself still works
+                assert await held.fetchval("SELECT 1") == 1
+
+    run(main())
