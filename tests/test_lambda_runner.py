@@ -725,7 +725,9 @@ async def test_a_handler_called_from_a_running_loop_says_how_to_call_it() -> Non
                         r"synchronous code \(a plain def test\), or from a thread of its own")):
                     call()
             gc.collect()
-        assert [str(w.message) for w in warned] == []  # no coroutine left never awaited
+        # No coroutine left never awaited (only that: the collection may also find an event
+        # loop another test of this worker left unclosed, a ResourceWarning, seen on 3.12).
+        assert [str(w.message) for w in warned if "never awaited" in str(w.message)] == []
         assert await asyncio.to_thread(handler, {}, LocalContext(timeout=10)) == 1
     finally:
         await asyncio.to_thread(runner.close)  # (its loop runs on that thread, not this one's)
