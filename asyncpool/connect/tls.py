@@ -886,7 +886,8 @@ def missing_password_hint(config: PoolConfig, hosts: Sequence[str], service: Ser
     where = f", the password file {path}" if path is not None else ""
     return (f"no password was given for user {user!r} (none in the DSN, password=, "
             f"PGPASSWORD{where} or credentials=) and the server asks for one: give it in one of "
-            "them (postgresql://user:password@host/database), or check the user name")
+            "them (postgresql://user:password@host/database), "  # pragma: allowlist secret
+            "or check the user name")
 
 
 @dataclass(frozen=True)
