@@ -196,8 +196,11 @@ async def test_deadline_cancels_the_handler_and_returns_its_connection(
     pool = env.pool(pooler.dsn())
 
     @async_handler(runner=env.runner)
-    async def slow(event: Any, context: Any) -> int:
+    async def opened(event: Any, context: Any) -> None:
         await pool.open()
+
+    @async_handler(runner=env.runner)
+    async def slow(event: Any, context: Any) -> int:
         async with pool.acquire() as conn:
             await conn.execute("BEGIN")
             await asyncio.sleep(30)
@@ -209,6 +212,9 @@ async def test_deadline_cancels_the_handler_and_returns_its_connection(
         async with pool.acquire() as conn:
             return bool(conn.is_in_transaction())
 
+    # Opened first: under load the open alone took longer than the 0.2 s below, so the
+    # deadline cut the open and the next invocation found the pool not open (CI, 2026-12-07).
+    await env.invoke(opened)
     # 0.5 s margin before a 0.7 s Lambda deadline: cancelled after about 0.2 s.
     with pytest.raises(HandlerTimeoutError, match="before the Lambda timeout"):
         await env.invoke(slow, context=LocalContext(timeout=0.7))
