@@ -37,7 +37,9 @@ import pytest
 
 import asyncpool
 from asyncpool.testing import PostgresServer, ServerStack
-from tests.test_unnamed_differential import _difference, _short, norm, unnamed
+
+# (Call: a statement, here on the pool, `pool.fetch(...)`, or on a held connection.)
+from tests.test_unnamed_differential import Call, _difference, _short, norm, unnamed
 
 SEED = int(os.environ.get("ASYNCPOOL_TEST_POOLDIFF_SEED", "20261207"))
 CASES = int(os.environ.get("ASYNCPOOL_TEST_POOLDIFF_CASES", "20"))
@@ -83,18 +85,6 @@ def outcome_of_error(kind: str, exc: BaseException, names: dict[str, str],
 
 class Boom(Exception):
     """What a block raises to leave (its transaction rolled back)."""
-
-
-@dataclass
-class Call:
-    """A statement: on the pool (`pool.fetch(...)`) or on a held connection."""
-
-    method: str
-    sql: str
-    args: tuple[Any, ...] = ()
-
-    def describe(self) -> str:
-        return f"{self.method}({self.sql!r}, {_short(self.args)})"
 
 
 @dataclass
